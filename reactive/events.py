@@ -1,0 +1,178 @@
+"""Change packets, and how a window of them becomes batches.
+
+A change source turns what it sees into :class:`ChangePacket` objects. The handler takes
+every packet that is waiting, :func:`coalesce` s them to one :class:`Change` per row, and
+:func:`collate` s those into :class:`Batch` es of one table and one event each.
+"""
+
+from __future__ import annotations
+
+import dataclasses as dc
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from reactive.backends.base import ChangeSource
+
+
+class DBEvent(StrEnum):
+    """What happened to a row."""
+
+    insert = "insert"
+    update = "update"
+    delete = "delete"
+
+
+Row = Mapping[str, Any]
+
+
+@dc.dataclass(frozen=True, slots=True)
+class ChangePacket:
+    """Changes of one event type to some rows of one table.
+
+    ``rows``, when the source has them, is aligned with ``ids``. A packet without rows is
+    resolved by the handler, which reads the current rows when it processes the packet.
+    ``position`` is opaque to the engine: after the packet is processed the handler hands it
+    back to ``source.commit``. ``targets`` limits the packet to some components (a backfill
+    concerns only the listener being added); ``None`` means every component on the table.
+    ``on_processed`` is called by the handler once the packet is processed.
+
+    >>> p = ChangePacket("docs", DBEvent.insert, (1, 2))
+    >>> p.is_delete, len(p)
+    (False, 2)
+    """
+
+    table: str
+    event: DBEvent
+    ids: tuple[Any, ...]
+    rows: tuple[Row, ...] | None = None
+    position: Any = None
+    source: ChangeSource | None = None
+    targets: frozenset[str] | None = None
+    on_processed: Callable[[ChangePacket], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rows is not None and len(self.rows) != len(self.ids):
+            raise ValueError(f"packet for {self.table!r} has {len(self.ids)} ids but {len(self.rows)} rows")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def is_delete(self) -> bool:
+        return self.event is DBEvent.delete
+
+
+def id_key(value: Any) -> Hashable:
+    """A hashable key for a row id of any shape (MongoDB ids may be documents or lists).
+
+    >>> id_key({"b": 1, "a": [2, 3]}) == id_key({"a": [2, 3], "b": 1})
+    False
+    >>> id_key(7)
+    7
+    """
+    # Field order is significant for MongoDB document ids, so dicts keep their order.
+    if isinstance(value, Mapping):
+        return ("__doc__", tuple((k, id_key(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return ("__seq__", tuple(id_key(v) for v in value))
+    return value
+
+
+@dc.dataclass(slots=True)
+class Change:
+    """The net effect of every packet in a window on one row.
+
+    The net event compares the row before the window with the row after it: absent then
+    present is an insert, present then present an update, and anything that ends in a delete
+    is a delete (nothing is computed and the output ends up absent).
+    """
+
+    table: str
+    id: Any
+    event: DBEvent
+    row: Row | None
+    targets: frozenset[str] | None
+    existed_before: bool = True
+
+    def absorb(self, event: DBEvent, row: Row | None, targets: frozenset[str] | None) -> None:
+        """Fold a later event for the same row into this one."""
+        if event is DBEvent.delete:
+            self.event, self.row = DBEvent.delete, None
+        else:
+            self.event = DBEvent.update if self.existed_before else DBEvent.insert
+            self.row = row if row is not None else self.row
+        self.targets = None if self.targets is None or targets is None else self.targets | targets
+
+
+def coalesce(packets: Iterable[ChangePacket]) -> list[Change]:
+    """One :class:`Change` per (table, row id), in the order rows were first seen.
+
+    >>> ins = ChangePacket("t", DBEvent.insert, (1, 2), ({"x": 1}, {"x": 2}))
+    >>> upd = ChangePacket("t", DBEvent.update, (1,), ({"x": 9},))
+    >>> dele = ChangePacket("t", DBEvent.delete, (2,))
+    >>> [(c.id, c.event.value, c.row) for c in coalesce([ins, upd, dele])]
+    [(1, 'insert', {'x': 9}), (2, 'delete', None)]
+    """
+    changes: dict[tuple[str, Hashable], Change] = {}
+    for packet in packets:
+        rows: Sequence[Row | None] = packet.rows if packet.rows is not None else [None] * len(packet)
+        for row_id, row in zip(packet.ids, rows, strict=True):
+            key = (packet.table, id_key(row_id))
+            change = changes.get(key)
+            if change is None:
+                changes[key] = Change(
+                    packet.table,
+                    row_id,
+                    packet.event,
+                    None if packet.is_delete else row,
+                    packet.targets,
+                    existed_before=packet.event is not DBEvent.insert,
+                )
+            else:
+                change.absorb(packet.event, row, packet.targets)
+    return list(changes.values())
+
+
+@dc.dataclass(frozen=True, slots=True)
+class Batch:
+    """Rows of one table with one event, routed to the components in ``targets``.
+
+    ``rows`` is aligned with ``ids``; an entry is ``None`` when the source did not send the
+    row (the handler reads it before calling components).
+    """
+
+    table: str
+    event: DBEvent
+    ids: tuple[Any, ...]
+    rows: tuple[Row | None, ...]
+    targets: frozenset[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def collate(changes: Iterable[Change], max_rows: int) -> Iterator[Batch]:
+    """Group changes by (table, event, targets) in arrival order, at most ``max_rows`` each.
+
+    Event types are never mixed: a batch is all inserts, all updates or all deletes.
+
+    >>> cs = coalesce([ChangePacket("t", DBEvent.insert, (1, 2, 3)),
+    ...                ChangePacket("t", DBEvent.delete, (4,))])
+    >>> [(b.event.value, b.ids) for b in collate(cs, max_rows=2)]
+    [('insert', (1, 2)), ('insert', (3,)), ('delete', (4,))]
+    """
+    groups: dict[tuple[str, DBEvent, frozenset[str] | None], list[Change]] = {}
+    for change in changes:
+        groups.setdefault((change.table, change.event, change.targets), []).append(change)
+    for (table, event, targets), members in groups.items():
+        for start in range(0, len(members), max_rows):
+            chunk = members[start : start + max_rows]
+            yield Batch(
+                table=table,
+                event=event,
+                ids=tuple(c.id for c in chunk),
+                rows=tuple(c.row for c in chunk),
+                targets=targets,
+            )

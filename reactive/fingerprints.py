@@ -1,0 +1,50 @@
+"""Fingerprints of values: a stable 64-bit digest that tells whether a value changed."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import hashlib
+import json
+import uuid
+from typing import Any
+
+import numpy as np
+
+
+def plain_value(value: Any) -> Any:
+    """A JSON-serializable stand-in for a value json cannot encode."""
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": str(value.dtype), "v": value.tolist()}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, _dt.datetime | _dt.date | _dt.time):
+        return {"__dt__": value.isoformat()}
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"__bytes__": bytes(value).hex()}
+    if isinstance(value, decimal.Decimal | uuid.UUID):
+        return {"__str__": str(value)}
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=repr)
+    # bson types (ObjectId, Timestamp, Decimal128, ...) have a faithful str().
+    return {"__" + type(value).__name__ + "__": str(value)}
+
+
+def fingerprint_text(text: str) -> int:
+    """A signed 64-bit digest of ``text`` (fits an SQL BIGINT)."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def fingerprint(value: Any) -> int:
+    """A signed 64-bit digest of any JSON-like or BSON value.
+
+    Equal values give equal fingerprints; dict key order does not matter.
+
+    >>> fingerprint({"a": 1, "b": [1.5, "x"]}) == fingerprint({"b": [1.5, "x"], "a": 1})
+    True
+    >>> fingerprint("hello") == fingerprint("hello!")
+    False
+    """
+    text = json.dumps(value, sort_keys=True, default=plain_value, separators=(",", ":"))
+    return fingerprint_text(text)

@@ -1,0 +1,53 @@
+"""The one thread base class every ``reactive`` thread derives from."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+THREAD_PREFIX = "reactive-"
+
+log = logging.getLogger(__name__)
+
+
+class ReactiveThread(threading.Thread):
+    """A named daemon thread with a stop event.
+
+    Subclasses loop ``while self.should_keep_running()`` and wait with
+    ``self.wait(seconds)``, never ``time.sleep``, so :meth:`stop` takes effect at once.
+
+    >>> class Ticker(ReactiveThread):
+    ...     def run(self):
+    ...         while self.should_keep_running():
+    ...             self.wait(60)
+    >>> t = Ticker("ticker"); t.start(); t.stop(); t.join(1); t.is_alive()
+    False
+    """
+
+    def __init__(self, role: str) -> None:
+        super().__init__(name=f"{THREAD_PREFIX}{role}", daemon=True)
+        self._stopped_event = threading.Event()
+
+    @property
+    def stopped_event(self) -> threading.Event:
+        return self._stopped_event
+
+    def should_keep_running(self) -> bool:
+        return not self._stopped_event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; return False at once when the thread is being stopped."""
+        return not self._stopped_event.wait(seconds)
+
+    def stop(self) -> None:
+        """Ask the thread to stop; :meth:`on_stop` wakes anything it may be blocked on."""
+        self._stopped_event.set()
+        self.on_stop()
+
+    def on_stop(self) -> None:
+        """Hook: wake the thread from whatever it blocks on besides :meth:`wait`."""
+
+
+def reactive_threads() -> list[threading.Thread]:
+    """Every live thread that ``reactive`` started."""
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
