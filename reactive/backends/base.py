@@ -1,0 +1,255 @@
+"""What every backend answers, and the change listener every backend provides.
+
+A backend is one module under ``reactive/backends/``. It subclasses :class:`DataBackend`
+(connect, describe tables, read rows, write outputs, keep checkpoints) and
+:class:`BaseDatabaseListener` (a thread that turns what the database reports into
+:class:`~reactive.events.ChangePacket` s on the shared queue).
+"""
+
+from __future__ import annotations
+
+import dataclasses as dc
+import datetime as _dt
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Self
+
+from reactive.events import ChangePacket, DBEvent, Row, id_key
+from reactive.threads import ReactiveThread
+
+if TYPE_CHECKING:
+    from reactive.queue import CDCQueue
+
+log = logging.getLogger(__name__)
+
+OUTPUTS_PREFIX = "_outputs__"
+SOURCE_FIELD = "_source"
+OUTPUT_FIELD = "_output"
+FINGERPRINT_FIELD = "_fingerprint"
+
+
+def outputs_table(identifier: str) -> str:
+    """The name of the table (collection) holding a listener's outputs.
+
+    >>> outputs_table("embed__text")
+    '_outputs__embed__text'
+    """
+    return f"{OUTPUTS_PREFIX}{identifier}"
+
+
+@dc.dataclass(frozen=True, slots=True)
+class TableInfo:
+    """A watched table: its name, the column that identifies a row, and its columns."""
+
+    name: str
+    id_column: str
+    columns: tuple[str, ...] = ()
+
+
+@dc.dataclass(frozen=True, slots=True)
+class OutputRecord:
+    """One output to store: the source row id, the output, the fingerprint of the input."""
+
+    source: Any
+    output: Any
+    fingerprint: int
+
+
+@dc.dataclass(frozen=True, slots=True)
+class OutputRejected:
+    """An output the backend could not store (it does not fit the outputs' type)."""
+
+    error: str
+
+
+@dc.dataclass(frozen=True, slots=True)
+class ErrorRecord:
+    """A row a listener could not process."""
+
+    listener: str
+    table: str
+    source: Any
+    error: str
+    at: _dt.datetime = dc.field(default_factory=lambda: _dt.datetime.now(_dt.UTC))
+
+
+class DataBackend(ABC):
+    """A connection to one database, and the questions the engine asks it.
+
+    Implementations must be safe to call from several threads (the handler thread, the
+    change listener thread and the user's thread).
+    """
+
+    #: Registry name, used by :class:`~reactive.cdc.DatabaseListenerFactory`.
+    name: ClassVar[str]
+    #: URI schemes :func:`reactive.connect` routes to this backend.
+    schemes: ClassVar[tuple[str, ...]]
+    #: The change listener class this backend's changes come from.
+    listener_class: ClassVar[type[BaseDatabaseListener]]
+
+    @classmethod
+    @abstractmethod
+    def from_uri(cls, uri: str, **options: Any) -> Self:
+        """Connect. Errors name the URI with its password redacted."""
+
+    @property
+    @abstractmethod
+    def uri(self) -> str:
+        """The connection URI, password redacted."""
+
+    # -- tables ---------------------------------------------------------------------------
+    @abstractmethod
+    def describe(self, table: str, *, id_column: str | None = None) -> TableInfo:
+        """Describe ``table``; raise TableNotFoundError or MissingIdColumnError."""
+
+    @abstractmethod
+    def table_exists(self, table: str) -> bool: ...
+
+    @abstractmethod
+    def count(self, table: TableInfo) -> int: ...
+
+    @abstractmethod
+    def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
+        """The current rows with these ids, keyed by :func:`~reactive.events.id_key`."""
+
+    @abstractmethod
+    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
+        """Every row, in pages; each row includes the id column."""
+
+    # -- outputs --------------------------------------------------------------------------
+    @abstractmethod
+    def prepare_outputs(self, identifier: str, source: TableInfo, output_type: str | None) -> None:
+        """Create the outputs table if needed (when ``output_type`` is known)."""
+
+    @abstractmethod
+    def write_outputs(self, identifier: str, source: TableInfo, records: Sequence[OutputRecord]) -> list[Any]:
+        """Upsert outputs in bulk (idempotent); return the outputs as stored."""
+
+    @abstractmethod
+    def delete_outputs(self, identifier: str, ids: Sequence[Any]) -> None: ...
+
+    @abstractmethod
+    def output_fingerprints(self, identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
+        """Input fingerprints of the stored outputs for these source ids."""
+
+    @abstractmethod
+    def scan_output_ids(self, identifier: str, *, page_size: int) -> Iterator[list[Any]]: ...
+
+    @abstractmethod
+    def read_outputs(self, identifier: str) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def drop_outputs(self, identifier: str) -> None: ...
+
+    # -- errors and checkpoints -----------------------------------------------------------
+    @abstractmethod
+    def record_errors(self, records: Sequence[ErrorRecord]) -> None: ...
+
+    @abstractmethod
+    def read_errors(self, listener: str | None = None) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def load_checkpoint(self, name: str) -> dict[str, Any] | None: ...
+
+    @abstractmethod
+    def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # -- reconciliation -------------------------------------------------------------------
+    def reconcile(
+        self,
+        table: TableInfo,
+        *,
+        identifier: str,
+        columns: Sequence[str],
+        is_current: Callable[[Row, int | None], bool],
+        page_size: int,
+    ) -> Iterator[ChangePacket]:
+        """Compare a listener's outputs with the source and yield the difference.
+
+        Rows whose output is missing or stale (``is_current(row, stored_fingerprint)`` is
+        False) come back as insert packets *without rows*: the handler reads each row when
+        it processes the packet, so a reconciliation never writes an output older than a
+        live change processed before it. Outputs whose source row is gone come back as
+        delete packets.
+        """
+        for page in self.scan(table, columns=columns, page_size=page_size):
+            ids = [row[table.id_column] for row in page]
+            stored = self.output_fingerprints(identifier, ids)
+            stale = tuple(
+                row[table.id_column] for row in page if not is_current(row, stored.get(id_key(row[table.id_column])))
+            )
+            if stale:
+                yield ChangePacket(table.name, DBEvent.insert, stale)
+        for page in self.scan_output_ids(identifier, page_size=page_size):
+            present = self.read_rows(table, page)
+            gone = tuple(i for i in page if id_key(i) not in present)
+            if gone:
+                yield ChangePacket(table.name, DBEvent.delete, gone)
+
+
+class BaseDatabaseListener(ReactiveThread):
+    """A backend's change source: a thread that puts change packets on the shared queue.
+
+    One instance serves every watched table of a datalayer. The handler calls
+    :meth:`commit` with the ``position`` of each packet once the packet is processed; a
+    listener must never persist a position earlier than that.
+    """
+
+    def __init__(self, backend: DataBackend, queue: CDCQueue, *, poll_interval: float = 1.0) -> None:
+        super().__init__(f"{backend.name}-listener")
+        self.backend = backend
+        self.queue = queue
+        self.poll_interval = poll_interval
+        self._tables: dict[str, TableInfo] = {}
+        self._lock = threading.RLock()
+        self.counters = {"inserts": 0, "updates": 0, "deletes": 0}
+        self.last_error: str | None = None
+
+    @property
+    def tables(self) -> dict[str, TableInfo]:
+        with self._lock:
+            return dict(self._tables)
+
+    def watch(self, table: TableInfo) -> None:
+        """Start following ``table``. Changes made after this call are never missed."""
+        with self._lock:
+            self._tables[table.name] = table
+
+    def unwatch(self, table: str) -> None:
+        with self._lock:
+            self._tables.pop(table, None)
+
+    def emit(self, packet: ChangePacket) -> None:
+        """Put ``packet`` on the queue, waiting while the queue is full."""
+        self.queue.put(packet, abandon=self.stopped_event)
+        key = {"insert": "inserts", "update": "updates", "delete": "deletes"}[packet.event.value]
+        self.counters[key] += len(packet)
+
+    def on_stop(self) -> None:
+        self.queue.wake_producers()
+
+    @abstractmethod
+    def commit(self, positions: Sequence[Any]) -> None:
+        """Persist positions of processed packets (called from the handler thread)."""
+
+    @abstractmethod
+    def release(self, positions: Sequence[Any]) -> None:
+        """Packets with these positions were not processed: deliver their changes again."""
+
+    @abstractmethod
+    def sync(self, timeout: float | None) -> bool:
+        """Wait until every change committed in the database before this call is queued."""
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend.name,
+            "running": self.is_alive(),
+            "tables": sorted(self.tables),
+            **self.counters,
+            "last_error": self.last_error,
+        }

@@ -1,0 +1,492 @@
+"""The Ibis backend: DuckDB (the embedded default), SQLite and PostgreSQL through ibis."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import sqlite3
+import threading
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from typing import Any, Self
+from urllib.parse import parse_qsl, unquote
+
+import ibis
+import ibis.common.exceptions as ibis_exc
+import ibis.expr.datatypes as dt
+import ibis.expr.types as ir
+import pyarrow as pa
+import sqlglot as sg
+import sqlglot.expressions as sge
+
+from reactive.backends.base import (
+    FINGERPRINT_FIELD,
+    OUTPUT_FIELD,
+    OUTPUTS_PREFIX,
+    SOURCE_FIELD,
+    DataBackend,
+    ErrorRecord,
+    OutputRecord,
+    OutputRejected,
+    TableInfo,
+    outputs_table,
+)
+from reactive.backends.ibis.dialects import (
+    decode_for,
+    delete_where_in,
+    dialect_for,
+    encode_for,
+    timestamp_column,
+)
+from reactive.backends.ibis.listener import IbisPollingListener
+from reactive.errors import (
+    BackendError,
+    ConfigurationError,
+    MissingIdColumnError,
+    ReactiveError,
+    TableNotFoundError,
+)
+from reactive.events import Row, id_key
+from reactive.fingerprints import plain_value
+from reactive.outputs import infer_output_type, normalize_output
+from reactive.uri import redact, split
+
+SNAPSHOT_PREFIX = "_reactive_snapshot__"
+ERRORS_TABLE = "_reactive_errors"
+CHECKPOINTS_TABLE = "_reactive_checkpoints"
+ROW_ID, ROW_FINGERPRINT = "row_id", "fingerprint"
+_FP = "__reactive_fingerprint"
+#: Largest IN list sent in one statement.
+_CHUNK = 1_000
+
+
+def _chunks(values: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+def _file_path(uri: str) -> str:
+    """SQLAlchemy's convention: ``duckdb:///rel.db`` is relative, ``duckdb:////abs.db`` absolute."""
+    rest = uri.split("://", 1)[1]
+    path = rest[1:] if rest.startswith("/") else rest
+    path = path.split("?", 1)[0]
+    return ":memory:" if path in ("", ":memory:") else unquote(path)
+
+
+class IbisBackend(DataBackend):
+    """SQL databases through ibis. Change detection polls (see :class:`IbisPollingListener`).
+
+    >>> backend = IbisBackend.from_uri("duckdb://")
+    >>> _ = backend.con.raw_sql("create table docs (id integer primary key, text varchar)")
+    >>> backend.describe("docs")
+    TableInfo(name='docs', id_column='id', columns=('id', 'text'))
+    """
+
+    name = "ibis"
+    schemes = ("duckdb", "sqlite", "postgres", "postgresql")
+    listener_class = IbisPollingListener
+
+    def __init__(self, con: Any, *, uri: str) -> None:
+        self.con = con
+        self._uri = redact(uri)
+        self.dialect = dialect_for(con)
+        # One connection, one lock: every statement is short (reads are paged), so the
+        # handler, the poller and the user's thread take turns without starving.
+        self._lock = threading.RLock()
+        self._output_types: dict[str, str] = {}
+        self._fingerprints: dict[str, ir.IntegerValue] = {}
+
+    @classmethod
+    def from_uri(cls, uri: str, **options: Any) -> Self:
+        parts = split(uri)
+        scheme = parts.scheme.lower()
+        try:
+            if scheme == "duckdb":
+                con = ibis.duckdb.connect(_file_path(uri), **options)
+            elif scheme == "sqlite":
+                raw = sqlite3.connect(_file_path(uri), check_same_thread=False, timeout=30)
+                con = ibis.sqlite.from_connection(raw)
+            elif scheme in ("postgres", "postgresql"):
+                con = ibis.postgres.connect(
+                    host=parts.hostname or "localhost",
+                    port=parts.port or 5432,
+                    user=unquote(parts.username) if parts.username else None,
+                    password=unquote(parts.password) if parts.password else None,
+                    database=parts.path.lstrip("/") or None,
+                    **dict(parse_qsl(parts.query)),
+                    **options,
+                )
+            else:
+                raise ConfigurationError(
+                    f"the ibis backend does not handle {redact(uri)!r}; supported schemes: {', '.join(cls.schemes)}"
+                )
+        except ReactiveError:
+            raise
+        except Exception as exc:
+            message = str(exc)
+            if parts.password:
+                message = message.replace(unquote(parts.password), "***")
+            raise BackendError(f"could not connect to {redact(uri)!r}: {redact(message)}") from None
+        return cls(con, uri=uri)
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    def close(self) -> None:
+        with self._lock:
+            self.con.disconnect()
+
+    # -- tables ---------------------------------------------------------------------------
+    def _table(self, name: str) -> ir.Table:
+        try:
+            return self.con.table(name)
+        except ibis_exc.TableNotFound:
+            raise TableNotFoundError(f"table {name!r} does not exist in {self._uri}", table=name) from None
+
+    def table_exists(self, table: str) -> bool:
+        with self._lock:
+            return table in self.con.list_tables()
+
+    def describe(self, table: str, *, id_column: str | None = None) -> TableInfo:
+        with self._lock:
+            if not self.table_exists(table):
+                raise TableNotFoundError(f"table {table!r} does not exist in {self._uri}", table=table)
+            columns = tuple(self._table(table).columns)
+            if id_column is not None:
+                if id_column not in columns:
+                    raise ConfigurationError(
+                        f"id_column {id_column!r} is not a column of {table!r} (columns: {', '.join(columns)})",
+                        table=table,
+                    )
+                return TableInfo(table, id_column, columns)
+            key = self.dialect.primary_key(self.con, table)
+            if len(key) == 1:
+                return TableInfo(table, key[0], columns)
+            what = "has no primary key" if not key else f"has a composite primary key ({', '.join(key)})"
+            raise MissingIdColumnError(
+                f"table {table!r} {what}: pass the column that identifies a row, "
+                f"e.g. Listener(..., select={table!r}, id_column={columns[0]!r}); "
+                f"columns: {', '.join(columns)}",
+                table=table,
+            )
+
+    def count(self, table: TableInfo) -> int:
+        with self._lock:
+            return int(self._table(table.name).count().execute())
+
+    def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
+        rows: dict[Hashable, Row] = {}
+        with self._lock:
+            t = self._table(table.name)
+            for chunk in _chunks(list(ids)):
+                found = t.filter(t[table.id_column].isin(list(chunk))).to_pyarrow().to_pylist()
+                for row in self._decoded(table.name, found):
+                    rows[id_key(row[table.id_column])] = row
+        return rows
+
+    def _decoded(self, table: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows as components see them: outputs stored as JSON text come back decoded."""
+        if table.startswith(OUTPUTS_PREFIX) and rows and OUTPUT_FIELD in rows[0]:
+            logical = self._output_type(table[len(OUTPUTS_PREFIX) :])
+            if logical is not None:
+                for row in rows:
+                    row[OUTPUT_FIELD] = decode_for(self.dialect, logical, row[OUTPUT_FIELD])
+        return rows
+
+    def _pages(self, t: ir.Table, key: str, page_size: int) -> Iterator[list[dict[str, Any]]]:
+        """Keyset pagination: each page is one short statement, ordered by ``key``."""
+        last: Any = None
+        while True:
+            with self._lock:
+                expr = t if last is None else t.filter(t[key] > last)
+                page = expr.order_by(key).limit(page_size).to_pyarrow().to_pylist()
+            if page:
+                yield page
+            if len(page) < page_size:
+                return
+            last = page[-1][key]
+
+    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
+        with self._lock:
+            if not self.table_exists(table.name):
+                return
+            t = self._table(table.name)
+            wanted = dict.fromkeys([table.id_column, *(columns or t.columns)])
+            # A column the table lacks is left out: the rows then lack that field.
+            t = t.select(*[c for c in wanted if c in t.columns])
+        for page in self._pages(t, table.id_column, page_size):
+            yield self._decoded(table.name, page)
+
+    # -- row fingerprints and snapshots (the Ibis listener's position) ---------------------
+    def row_fingerprint(self, t: ir.Table, columns: Sequence[str]) -> ir.IntegerValue:
+        """A 64-bit fingerprint of each row, computed inside the database.
+
+        Each column is cast to text and length-prefixed (NULL has its own marker), so
+        moving text between columns always changes the fingerprint.
+        """
+        parts = []
+        for column in columns:
+            text = t[column].cast("string")
+            parts.append(ibis.ifelse(text.isnull(), ibis.literal("~"), text.length().cast("string") + ":" + text))
+        joined = parts[0]
+        for part in parts[1:]:
+            joined = joined + "|" + part
+        return self.dialect.hash_text(joined)
+
+    @staticmethod
+    def snapshot_table(table: str) -> str:
+        return f"{SNAPSHOT_PREFIX}{table}"
+
+    def ensure_snapshot(self, table: TableInfo) -> bool:
+        """Record every row's fingerprint now, unless a snapshot exists. True if created."""
+        with self._lock:
+            name = self.snapshot_table(table.name)
+            if self.table_exists(name):
+                return False
+            t = self._table(table.name)
+            fp = self.row_fingerprint(t, table.columns)
+            self.con.create_table(name, t.select(**{ROW_ID: t[table.id_column], ROW_FINGERPRINT: fp}))
+            return True
+
+    def snapshot_diff(self, table: TableInfo) -> list[tuple[Any, str]]:
+        """``(row id, "insert" | "update" | "delete")`` for every row that differs from the snapshot.
+
+        One full outer join inside the database; only the ids of changed rows come back.
+        """
+        with self._lock:
+            t = self._table(table.name)
+            snap = self._table(self.snapshot_table(table.name))
+            current = t.select(_cur_id=t[table.id_column], _cur_fp=self.row_fingerprint(t, table.columns))
+            joined = current.outer_join(snap, current._cur_id == snap[ROW_ID])
+            kind = ibis.cases(
+                (joined[ROW_ID].isnull(), "insert"),
+                (joined._cur_id.isnull(), "delete"),
+                else_="update",
+            )
+            diff = joined.filter(
+                joined[ROW_ID].isnull() | joined._cur_id.isnull() | (joined._cur_fp != joined[ROW_FINGERPRINT])
+            ).select(id=ibis.coalesce(joined._cur_id, joined[ROW_ID]), kind=kind)
+            return [(r["id"], r["kind"]) for r in diff.to_pyarrow().to_pylist()]
+
+    def rows_with_fingerprints(self, table: TableInfo, ids: Sequence[Any]) -> list[tuple[Row, int]]:
+        """The current rows with these ids, each with its fingerprint, read in one statement."""
+        with self._lock:
+            t = self._table(table.name)
+            fp = self.row_fingerprint(t, table.columns)
+            expr = t.filter(t[table.id_column].isin(list(ids))).mutate(**{_FP: fp})
+            found = self._decoded(table.name, expr.to_pyarrow().to_pylist())
+        return [(row, row.pop(_FP)) for row in found]
+
+    def advance_snapshot(self, table: str, upserts: Sequence[tuple[Any, int]], deletes: Sequence[Any]) -> None:
+        """Move a table's position: record processed rows' fingerprints, forget deleted rows."""
+        name = self.snapshot_table(table)
+        with self._lock:
+            schema = self._table(name).schema()
+            for chunk in _chunks(list(deletes)):
+                self.con.raw_sql(delete_where_in(name, ROW_ID, list(chunk)).sql(self.con.dialect))
+            if upserts:
+                latest = {id_key(i): (i, fp) for i, fp in upserts}
+                data = pa.table(
+                    {
+                        ROW_ID: pa.array([i for i, _ in latest.values()], type=schema[ROW_ID].to_pyarrow()),
+                        ROW_FINGERPRINT: pa.array([fp for _, fp in latest.values()], type=pa.int64()),
+                    }
+                )
+                self.dialect.upsert(self.con, name, ibis.memtable(data), ROW_ID)
+
+    # -- outputs --------------------------------------------------------------------------
+    def _create_keyed_table(self, name: str, columns: Mapping[str, dt.DataType], key: str) -> None:
+        mapper = self.con.compiler.type_mapper
+        defs = [
+            sge.ColumnDef(
+                this=sg.to_identifier(column, quoted=True),
+                kind=mapper.from_ibis(dtype),
+                constraints=[sge.ColumnConstraint(kind=sge.PrimaryKeyColumnConstraint())] if column == key else None,
+            )
+            for column, dtype in columns.items()
+        ]
+        create = sge.Create(
+            kind="TABLE",
+            exists=True,
+            this=sge.Schema(this=sg.table(name, quoted=True), expressions=defs),
+        )
+        self.con.raw_sql(create.sql(self.con.dialect))
+        if self.dialect.name == "sqlite":
+            self.con.con.commit()
+
+    def _output_type(self, identifier: str) -> str | None:
+        if identifier not in self._output_types:
+            saved = self.load_checkpoint(f"outputs/{identifier}")
+            if saved and self.table_exists(outputs_table(identifier)):
+                self._output_types[identifier] = saved["type"]
+        return self._output_types.get(identifier)
+
+    def _create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
+        if source.name == outputs_table(identifier):
+            raise ConfigurationError(f"listener {identifier!r} cannot read its own outputs", listener=identifier)
+        id_type = self._table(source.name).schema()[source.id_column] if self.table_exists(source.name) else dt.int64
+        self._create_keyed_table(
+            outputs_table(identifier),
+            {
+                SOURCE_FIELD: id_type,
+                OUTPUT_FIELD: self.dialect.storage_type(output_type),
+                FINGERPRINT_FIELD: dt.int64,
+            },
+            key=SOURCE_FIELD,
+        )
+        self.save_checkpoint(f"outputs/{identifier}", {"type": output_type, "source": source.name})
+        self._output_types[identifier] = output_type
+
+    def prepare_outputs(self, identifier: str, source: TableInfo, output_type: str | None) -> None:
+        with self._lock:
+            existing = self._output_type(identifier)
+            if existing is not None and output_type is not None and existing != output_type:
+                raise ConfigurationError(
+                    f"outputs of {identifier!r} are stored as {existing}, not {output_type}; "
+                    f"remove the listener with drop_outputs=True to change the type",
+                    listener=identifier,
+                )
+            if existing is None and output_type is not None:
+                self._create_outputs(identifier, source, output_type)
+
+    def write_outputs(self, identifier: str, source: TableInfo, records: Sequence[OutputRecord]) -> list[Any]:
+        with self._lock:
+            logical = self._output_type(identifier)
+            if logical is None:
+                sample = next((r.output for r in records if r.output is not None), None)
+                if sample is None:
+                    return [OutputRejected("the model returned None") for _ in records]
+                logical = infer_output_type(sample)
+                self._create_outputs(identifier, source, logical)
+            stored: list[Any] = []
+            kept: list[tuple[Any, Any, int]] = []
+            for record in records:
+                try:
+                    value = normalize_output(record.output, logical)
+                except (TypeError, ValueError) as exc:
+                    stored.append(OutputRejected(f"{exc} (outputs of {identifier!r} are {logical})"))
+                    continue
+                stored.append(value)
+                kept.append((record.source, encode_for(self.dialect, logical, value), record.fingerprint))
+            if kept:
+                name = outputs_table(identifier)
+                schema = self._table(name).schema()
+                data = pa.table(
+                    {
+                        SOURCE_FIELD: pa.array([k[0] for k in kept], type=schema[SOURCE_FIELD].to_pyarrow()),
+                        OUTPUT_FIELD: pa.array([k[1] for k in kept], type=schema[OUTPUT_FIELD].to_pyarrow()),
+                        FINGERPRINT_FIELD: pa.array([k[2] for k in kept], type=pa.int64()),
+                    }
+                )
+                self.dialect.upsert(self.con, name, ibis.memtable(data), SOURCE_FIELD)
+            return stored
+
+    def delete_outputs(self, identifier: str, ids: Sequence[Any]) -> None:
+        name = outputs_table(identifier)
+        with self._lock:
+            if not ids or not self.table_exists(name):
+                return
+            for chunk in _chunks(list(ids)):
+                self.con.raw_sql(delete_where_in(name, SOURCE_FIELD, list(chunk)).sql(self.con.dialect))
+            if self.dialect.name == "sqlite":
+                self.con.con.commit()
+
+    def output_fingerprints(self, identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
+        name = outputs_table(identifier)
+        found: dict[Hashable, int] = {}
+        with self._lock:
+            if not ids or not self.table_exists(name):
+                return found
+            o = self._table(name)
+            for chunk in _chunks(list(ids)):
+                expr = o.filter(o[SOURCE_FIELD].isin(list(chunk))).select(SOURCE_FIELD, FINGERPRINT_FIELD)
+                for row in expr.to_pyarrow().to_pylist():
+                    found[id_key(row[SOURCE_FIELD])] = row[FINGERPRINT_FIELD]
+        return found
+
+    def scan_output_ids(self, identifier: str, *, page_size: int) -> Iterator[list[Any]]:
+        name = outputs_table(identifier)
+        with self._lock:
+            if not self.table_exists(name):
+                return
+            o = self._table(name).select(SOURCE_FIELD)
+        for page in self._pages(o, SOURCE_FIELD, page_size):
+            yield [row[SOURCE_FIELD] for row in page]
+
+    def read_outputs(self, identifier: str) -> list[dict[str, Any]]:
+        name = outputs_table(identifier)
+        with self._lock:
+            if not self.table_exists(name):
+                return []
+            o = self._table(name)
+            rows = o.select(SOURCE_FIELD, OUTPUT_FIELD).order_by(SOURCE_FIELD).to_pyarrow().to_pylist()
+        return self._decoded(name, rows)
+
+    def drop_outputs(self, identifier: str) -> None:
+        with self._lock:
+            self.con.drop_table(outputs_table(identifier), force=True)
+            self._output_types.pop(identifier, None)
+
+    # -- errors and checkpoints -----------------------------------------------------------
+    def record_errors(self, records: Sequence[ErrorRecord]) -> None:
+        if not records:
+            return
+        schema = ibis.schema(
+            {
+                "listener": "string",
+                "table": "string",
+                "source": "string",
+                "error": "string",
+                "at": self.dialect.timestamp_type,
+            }
+        )
+        data = pa.table(
+            {
+                "listener": [r.listener for r in records],
+                "table": [r.table for r in records],
+                "source": [json.dumps(r.source, default=plain_value) for r in records],
+                "error": [r.error for r in records],
+                "at": timestamp_column(self.dialect, [r.at for r in records]),
+            }
+        )
+        with self._lock:
+            if not self.table_exists(ERRORS_TABLE):
+                self.con.create_table(ERRORS_TABLE, schema=schema)
+            self.con.insert(ERRORS_TABLE, ibis.memtable(data))
+
+    def read_errors(self, listener: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            if not self.table_exists(ERRORS_TABLE):
+                return []
+            t = self._table(ERRORS_TABLE)
+            if listener is not None:
+                t = t.filter(t.listener == listener)
+            rows = t.order_by("at").to_pyarrow().to_pylist()
+        for row in rows:
+            row["source"] = json.loads(row["source"])
+        return rows
+
+    def load_checkpoint(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            if not self.table_exists(CHECKPOINTS_TABLE):
+                return None
+            t = self._table(CHECKPOINTS_TABLE)
+            rows = t.filter(t.name == name).select("value").to_pyarrow().to_pylist()
+        return json.loads(rows[0]["value"]) if rows else None
+
+    def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None:
+        data = pa.table(
+            {
+                "name": [name],
+                "value": [json.dumps(dict(value), default=plain_value)],
+                "updated_at": timestamp_column(self.dialect, [_dt.datetime.now(_dt.UTC)]),
+            }
+        )
+        with self._lock:
+            if not self.table_exists(CHECKPOINTS_TABLE):
+                self._create_keyed_table(
+                    CHECKPOINTS_TABLE,
+                    {"name": dt.string, "value": dt.string, "updated_at": self.dialect.timestamp_type},
+                    key="name",
+                )
+            self.dialect.upsert(self.con, CHECKPOINTS_TABLE, ibis.memtable(data), "name")
