@@ -1,0 +1,179 @@
+"""``db.cdc``: the change-data-capture service, and the factory of change listeners."""
+
+from __future__ import annotations
+
+import dataclasses as dc
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from reactive.backends import load_backend
+from reactive.backends.base import BaseDatabaseListener, TableInfo
+from reactive.handler import CDCHandler, ComponentStats
+from reactive.queue import CDCQueue
+
+if TYPE_CHECKING:
+    from reactive.backends.base import DataBackend
+    from reactive.datalayer import Datalayer
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseListenerFactory:
+    """Builds the change listener of a backend, found by name in the backend registry.
+
+    >>> DatabaseListenerFactory("ibis").listener_class.__name__
+    'IbisPollingListener'
+    >>> DatabaseListenerFactory("oracle")
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: unknown backend 'oracle'; supported backends: ibis, mongodb
+    """
+
+    def __init__(self, db_type: str) -> None:
+        self.db_type = db_type
+        self.listener_class: type[BaseDatabaseListener] = load_backend(db_type).listener_class
+
+    def create(self, backend: DataBackend, queue: CDCQueue, **options: Any) -> BaseDatabaseListener:
+        return self.listener_class(backend, queue, **options)
+
+
+class DatabaseChangeDataCapture:
+    """Owns the queue, the handler thread and the backend's change listener thread.
+
+    >>> import reactive
+    >>> with reactive.connect("duckdb://") as db:
+    ...     db.cdc.start(); running = db.cdc.running; db.cdc.stop()
+    >>> running, db.cdc.running
+    (True, False)
+    """
+
+    def __init__(
+        self,
+        db: Datalayer,
+        *,
+        queue_rows: int = 10_000,
+        batch_rows: int = 1_000,
+        listener_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.db = db
+        self.queue = CDCQueue(max_rows=queue_rows)
+        self.batch_rows = batch_rows
+        self.listener_options = listener_options or {}
+        self.factory = DatabaseListenerFactory(db.backend.name)
+        self.stats: dict[str, ComponentStats] = {}
+        self._handler: CDCHandler | None = None
+        self._listener: BaseDatabaseListener | None = None
+        self._watched: dict[str, TableInfo] = {}
+        self._running = False
+        self._lock = threading.RLock()
+
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`stop`."""
+        return self._running
+
+    @property
+    def listener(self) -> BaseDatabaseListener | None:
+        """The backend's change listener (a thread once started)."""
+        return self._listener
+
+    def _ensure_listener(self) -> BaseDatabaseListener:
+        with self._lock:
+            if self._listener is None:
+                self._listener = self.factory.create(self.db.backend, self.queue, **self.listener_options)
+                for table in self._watched.values():
+                    self._listener.watch(table)
+            return self._listener
+
+    def ensure_handler(self) -> CDCHandler:
+        """Start the handler thread if it is not running (``db.add`` needs it for backfills)."""
+        with self._lock:
+            if self._handler is None or not self._handler.is_alive():
+                self.queue.reopen()
+                self._handler = CDCHandler(self.db, self.queue, batch_rows=self.batch_rows)
+                self._handler.stats = self.stats
+                self._handler.start()
+            return self._handler
+
+    def listen(self, table: TableInfo) -> BaseDatabaseListener:
+        """Follow ``table``'s changes from now on (the backend's listener watches it)."""
+        with self._lock:
+            self._watched[table.name] = table
+            listener = self._ensure_listener()
+            listener.watch(table)
+            return listener
+
+    def unlisten(self, table: str) -> None:
+        with self._lock:
+            self._watched.pop(table, None)
+            if self._listener is not None:
+                self._listener.unwatch(table)
+
+    def start(self) -> None:
+        """Start following every watched table. Calling it twice does nothing."""
+        with self._lock:
+            if self._running:
+                return
+            self.ensure_handler()
+            self._ensure_listener().start()
+            self._running = True
+            log.info("change data capture started on %s", self.db.backend.uri)
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop the listener, process everything already queued, stop the handler; join both."""
+        with self._lock:
+            listener, self._listener = self._listener, None
+            handler, self._handler = self._handler, None
+            self._running = False
+        if listener is not None and listener.is_alive():
+            listener.stop()
+            listener.join(timeout)
+        if handler is not None:
+            handler.stop()
+            handler.join(timeout)
+        for thread in (listener, handler):
+            if thread is not None and thread.is_alive():
+                log.error("thread %s did not stop within %s s", thread.name, timeout)
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until every change seen so far is processed and its outputs are written.
+
+        With the listener running, "seen" includes every change committed in the database
+        before the call. Returns False if ``timeout`` passes first (or the listener is
+        failing).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        listener = self._listener
+        if self._running and listener is not None and not listener.sync(remaining()):
+            return False
+        return self.queue.join(remaining())
+
+    def info(self) -> dict[str, Any]:
+        """Counters per listener, for the queue, the handler and the change listener."""
+        handler = self._handler
+        listener = self._listener
+        return {
+            "running": self._running,
+            "queue": {
+                "rows": self.queue.rows,
+                "packets": self.queue.packets,
+                "max_rows": self.queue.max_rows,
+                "put_packets": self.queue.put_packets,
+                "put_rows": self.queue.put_rows,
+                "producer_blocked_seconds": round(self.queue.blocked_seconds, 3),
+            },
+            "handler": {
+                "running": handler is not None and handler.is_alive(),
+                "processed_packets": handler.processed_packets if handler else 0,
+                "processed_rows": handler.processed_rows if handler else 0,
+                "internal_errors": handler.internal_errors if handler else 0,
+            },
+            "source": listener.info() if listener is not None else None,
+            "listeners": {name: dc.asdict(stats) for name, stats in self.stats.items()},
+        }

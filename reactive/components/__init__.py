@@ -1,0 +1,7 @@
+"""Components: what reacts to changes."""
+
+from reactive.components.base import Component, Refresh
+from reactive.components.listener import Listener
+from reactive.components.model import Failure, Model
+
+__all__ = ["Component", "Failure", "Listener", "Model", "Refresh"]

@@ -1,0 +1,59 @@
+"""What the handler routes batches to."""
+
+from __future__ import annotations
+
+import dataclasses as dc
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from reactive.backends.base import ErrorRecord, TableInfo
+    from reactive.datalayer import Datalayer
+    from reactive.events import Batch, ChangePacket
+
+
+@dc.dataclass(slots=True)
+class Refresh:
+    """What a component did with one batch."""
+
+    computed: int = 0
+    skipped: int = 0
+    written: list[tuple[Any, Any]] = dc.field(default_factory=list)
+    deleted: list[Any] = dc.field(default_factory=list)
+    errors: list[ErrorRecord] = dc.field(default_factory=list)
+
+
+class Component(ABC):
+    """A unit that reacts to the changes of one table.
+
+    Components never touch a socket or a thread: the handler calls
+    :meth:`refresh_outputs` with collated batches, and the component reads and writes
+    through ``db.backend``.
+    """
+
+    identifier: str
+
+    @property
+    @abstractmethod
+    def table(self) -> str:
+        """The table this component reads."""
+
+    @abstractmethod
+    def prepare(self, db: Datalayer) -> TableInfo:
+        """Check the declaration against the database (called by ``db.add``)."""
+
+    @abstractmethod
+    def refresh_outputs(self, batch: Batch, db: Datalayer, *, wait: Callable[[float], bool]) -> Refresh:
+        """Bring the outputs for ``batch`` up to date.
+
+        ``wait(seconds)`` sleeps for a retry backoff and returns False when the engine is
+        stopping.
+        """
+
+    @abstractmethod
+    def reconcile(self, db: Datalayer, *, page_size: int) -> Iterator[ChangePacket]:
+        """Packets that bring missing or stale outputs up to date (backfill and resume)."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"identifier": self.identifier, "type": type(self).__name__, "table": self.table}

@@ -1,0 +1,242 @@
+"""The datalayer: one database, its components, and ``db.cdc``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+from reactive.backends import backend_for_uri
+from reactive.backends.base import OUTPUTS_PREFIX, SOURCE_FIELD, DataBackend, TableInfo
+from reactive.cdc import DatabaseChangeDataCapture
+from reactive.components.base import Component
+from reactive.components.listener import Listener
+from reactive.errors import ConfigurationError
+from reactive.events import ChangePacket
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URI = "duckdb:///reactive.duckdb"
+
+Progress = Callable[[int, int], None]
+
+
+class Datalayer:
+    """A database and the components that react to its changes.
+
+    Build one with :func:`reactive.connect`. ``db.add`` declares a component and backfills
+    it; ``db.cdc.start()`` follows changes made by any client from then on.
+
+    >>> import duckdb, tempfile, reactive
+    >>> from reactive.components import Model, Listener
+    >>> path = tempfile.mkdtemp() + "/app.duckdb"
+    >>> client = duckdb.connect(path)      # any other client of the same database
+    >>> _ = client.execute("create table docs (id int primary key, text varchar)")
+    >>> with reactive.connect(f"duckdb:///{path}") as db:
+    ...     _ = db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+    ...     db.cdc.start()
+    ...     _ = client.execute("insert into docs values (1, 'four')")
+    ...     db.cdc.wait_idle(timeout=10)
+    ...     db.outputs("len__text")
+    True
+    [{'_source': 1, '_output': 4}]
+    """
+
+    def __init__(
+        self,
+        backend: DataBackend,
+        *,
+        queue_rows: int = 10_000,
+        batch_rows: int = 1_000,
+        page_size: int = 1_000,
+        poll_interval: float = 1.0,
+    ) -> None:
+        self.backend = backend
+        self.page_size = page_size
+        self._components: dict[str, Component] = {}
+        self._tables: dict[str, TableInfo] = {}
+        self._lock = threading.RLock()
+        listener_options: dict[str, Any] = {"poll_interval": poll_interval}
+        self.cdc = DatabaseChangeDataCapture(
+            self, queue_rows=queue_rows, batch_rows=batch_rows, listener_options=listener_options
+        )
+
+    def __repr__(self) -> str:
+        return f"Datalayer({self.backend.uri!r})"
+
+    # -- what the handler asks ------------------------------------------------------------
+    def components_for(self, table: str, targets: frozenset[str] | None) -> list[Component]:
+        """The components reading ``table`` (limited to ``targets`` when given), copied."""
+        with self._lock:
+            return [
+                c
+                for c in self._components.values()
+                if c.table == table and (targets is None or c.identifier in targets)
+            ]
+
+    def _internal_outputs(self, table: str) -> Listener | None:
+        """The registered listener writing ``table``, if it is an outputs table."""
+        if not table.startswith(OUTPUTS_PREFIX):
+            return None
+        component = self._components.get(table[len(OUTPUTS_PREFIX) :])
+        return component if isinstance(component, Listener) else None
+
+    def table_info(self, table: str, *, id_column: str | None = None) -> TableInfo:
+        """Describe ``table`` (cached once a component uses it)."""
+        with self._lock:
+            info = self._tables.get(table)
+            if info is not None and (id_column is None or id_column == info.id_column):
+                return info
+            internal = id_column is None and self._internal_outputs(table) is not None
+            if internal and not self.backend.table_exists(table):
+                # Outputs of a listener in this datalayer: their changes are routed from the
+                # handler directly, and the table may not exist until the first output.
+                return TableInfo(table, SOURCE_FIELD, ())
+            return self.backend.describe(table, id_column=id_column)
+
+    # -- the public API -------------------------------------------------------------------
+    def add(self, component: Component, *, progress: bool | Progress = True) -> Component:
+        """Declare ``component``, backfill its outputs, and follow its table from now on.
+
+        Adding a listener whose identifier exists resumes it: only rows whose outputs are
+        missing or stale are computed. Raises
+        :class:`~reactive.errors.TableNotFoundError` when the table does not exist and
+        :class:`~reactive.errors.MissingIdColumnError` when it has no primary key.
+
+        ``progress`` logs backfill progress (``True``) or is called with
+        ``(rows processed, rows in table)``.
+        """
+        if not isinstance(component, Component):
+            raise ConfigurationError(f"db.add takes a component (e.g. a Listener), not {type(component).__name__}")
+        with self._lock:
+            existing = self._components.get(component.identifier)
+            if existing is not None:
+                same = isinstance(existing, Listener) and isinstance(component, Listener)
+                if same and existing.same_declaration(component):
+                    return existing
+                raise ConfigurationError(
+                    f"a component {component.identifier!r} is already added with another declaration; "
+                    f"db.remove({component.identifier!r}) first",
+                    listener=component.identifier,
+                )
+            self._check_chain(component)
+            source = component.prepare(self)
+            internal = self._internal_outputs(source.name) is not None
+            if not internal:
+                # Follow the table before reading it for the backfill: nothing falls between.
+                self.cdc.listen(source)
+            self._tables[source.name] = source
+            self._components[component.identifier] = component
+        try:
+            self._backfill(component, source, progress)
+        except BaseException:
+            log.error("backfill of %s did not finish; adding it again resumes it", component.identifier)
+            raise
+        return component
+
+    def _check_chain(self, component: Component) -> None:
+        seen = {component.identifier}
+        table = component.table
+        while (upstream := self._internal_outputs(table)) is not None:
+            if upstream.identifier in seen:
+                raise ConfigurationError(f"listener {component.identifier!r} would read its own outputs")
+            seen.add(upstream.identifier)
+            table = upstream.table
+
+    def _backfill(self, component: Component, source: TableInfo, progress: bool | Progress) -> None:
+        total = self.backend.count(source) if source.columns or self.backend.table_exists(source.name) else 0
+        done = threading.Condition()
+        state = {"queued": 0, "processed": 0, "rows": 0}
+        report = progress if callable(progress) else None
+        last_log = [time.monotonic()]
+
+        def processed(packet: ChangePacket) -> None:
+            with done:
+                state["processed"] += 1
+                state["rows"] += len(packet)
+                done.notify_all()
+            if report is not None:
+                report(state["rows"], total)
+            elif progress and time.monotonic() - last_log[0] > 2.0:
+                last_log[0] = time.monotonic()
+                log.info("backfill %s: %d rows processed (table has %d)", component.identifier, state["rows"], total)
+
+        self.cdc.ensure_handler()
+        for packet in component.reconcile(self, page_size=self.page_size):
+            with done:
+                state["queued"] += 1
+            self.cdc.queue.put(
+                ChangePacket(packet.table, packet.event, packet.ids, targets=packet.targets, on_processed=processed)
+            )
+        with done:
+            while state["processed"] < state["queued"]:
+                done.wait()
+        if progress and state["rows"]:
+            log.info("backfill %s: done, %d rows brought up to date", component.identifier, state["rows"])
+
+    def remove(self, identifier: str, *, drop_outputs: bool = False) -> None:
+        """Stop routing changes to ``identifier``; with ``drop_outputs`` delete its outputs."""
+        with self._lock:
+            component = self._components.pop(identifier, None)
+            if component is None:
+                raise ConfigurationError(f"no component {identifier!r}; added: {', '.join(self._components) or 'none'}")
+            if not any(c.table == component.table for c in self._components.values()):
+                self.cdc.unlisten(component.table)
+                self._tables.pop(component.table, None)
+        if drop_outputs:
+            self.backend.drop_outputs(identifier)
+
+    def show(self) -> list[dict[str, Any]]:
+        """The components added to this datalayer."""
+        with self._lock:
+            return [c.describe() for c in self._components.values()]
+
+    def outputs(self, identifier: str) -> list[dict[str, Any]]:
+        """The stored outputs of listener ``identifier``: dicts with ``_source`` and ``_output``."""
+        with self._lock:
+            known = identifier in self._components
+        if not known and not self.backend.table_exists(f"{OUTPUTS_PREFIX}{identifier}"):
+            raise ConfigurationError(f"no listener {identifier!r}; added: {', '.join(self._components) or 'none'}")
+        return self.backend.read_outputs(identifier)
+
+    def errors(self, identifier: str | None = None) -> list[dict[str, Any]]:
+        """Rows that could not be processed: listener, table, source id, error, time."""
+        return self.backend.read_errors(identifier)
+
+    def close(self) -> None:
+        """Stop change data capture and close the connection."""
+        self.cdc.stop()
+        self.backend.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def connect(uri: str | None = None, **options: Any) -> Datalayer:
+    """Connect to a database and return its :class:`Datalayer`.
+
+    ``uri`` defaults to ``$REACTIVE_URI``, else a DuckDB file ``reactive.duckdb`` in the
+    working directory. Options: ``poll_interval`` (seconds between polls of SQL tables),
+    ``queue_rows`` (bound of the change queue), ``batch_rows`` (largest batch handed to a
+    component), ``page_size`` (rows per backfill page).
+
+    >>> import reactive
+    >>> reactive.connect("mysql://root:hunter2@db/app")
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: invalid database URI 'mysql://root:***@db/app'; supported schemes: ...
+    """
+    uri = uri or os.environ.get("REACTIVE_URI") or DEFAULT_URI
+    names = ("queue_rows", "batch_rows", "page_size", "poll_interval")
+    datalayer_options = {name: options.pop(name) for name in names if name in options}
+    backend = backend_for_uri(uri).from_uri(uri, **options)
+    return Datalayer(backend, **datalayer_options)

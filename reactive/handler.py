@@ -1,0 +1,176 @@
+"""The one consumer: takes packets off the queue, collates them and refreshes components."""
+
+from __future__ import annotations
+
+import dataclasses as dc
+import logging
+import traceback
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from reactive.backends.base import BaseDatabaseListener, ErrorRecord, outputs_table
+from reactive.events import Batch, ChangePacket, DBEvent, coalesce, collate, id_key
+from reactive.threads import ReactiveThread
+
+if TYPE_CHECKING:
+    from reactive.components.base import Component
+    from reactive.datalayer import Datalayer
+    from reactive.queue import CDCQueue
+
+log = logging.getLogger(__name__)
+
+
+@dc.dataclass(slots=True)
+class ComponentStats:
+    """Counters ``db.cdc.info()`` reports for one component."""
+
+    inserts: int = 0
+    updates: int = 0
+    deletes: int = 0
+    computed: int = 0
+    skipped: int = 0
+    errors: int = 0
+    batches: int = 0
+    last_error: str | None = None
+
+    def count(self, batch: Batch) -> None:
+        self.batches += 1
+        name = {"insert": "inserts", "update": "updates", "delete": "deletes"}[batch.event.value]
+        setattr(self, name, getattr(self, name) + len(batch))
+
+
+class CDCHandler(ReactiveThread):
+    """Turns every waiting packet into collated batches and routes them to components.
+
+    The handler never dies: a component that raises has its batch recorded in the errors
+    table, and processing goes on. :meth:`stop` closes the queue; everything already queued
+    is processed before the thread exits.
+    """
+
+    def __init__(self, db: Datalayer, queue: CDCQueue, *, batch_rows: int = 1_000) -> None:
+        super().__init__("cdc-handler")
+        self.db = db
+        self.queue = queue
+        self.batch_rows = batch_rows
+        self.stats: dict[str, ComponentStats] = {}
+        self.processed_packets = 0
+        self.processed_rows = 0
+        self.internal_errors = 0
+
+    def stop(self) -> None:
+        # Not the stop event: retry backoffs keep their length while the queue drains.
+        self.queue.close()
+
+    def run(self) -> None:
+        while True:
+            packets = self.queue.get_batch(max_rows=self.batch_rows)
+            if not packets:
+                if self.queue.closed:
+                    return
+                continue
+            try:
+                self.handle(packets)
+            except Exception:
+                self.internal_errors += 1
+                log.exception("the change handler failed on %d packets; they will be delivered again", len(packets))
+                self._release(packets)
+            finally:
+                self.queue.task_done(len(packets))
+
+    # -- one window of packets ------------------------------------------------------------
+    def handle(self, packets: Sequence[ChangePacket]) -> None:
+        """Coalesce, collate, refresh every component concerned, then commit positions."""
+        pending = deque(collate(coalesce(packets), self.batch_rows))
+        while pending:
+            batch = pending.popleft()
+            components = self.db.components_for(batch.table, batch.targets)
+            if not components:
+                continue
+            batch = self._resolve_rows(batch)
+            for component in components:
+                pending.extend(self._refresh(component, batch))
+        self._commit(packets)
+        self.processed_packets += len(packets)
+        self.processed_rows += sum(len(p) for p in packets)
+        for packet in packets:
+            if packet.on_processed is not None:
+                try:
+                    packet.on_processed(packet)
+                except Exception:
+                    log.exception("a packet callback failed")
+
+    def _resolve_rows(self, batch: Batch) -> Batch:
+        """Read the rows a packet did not carry (reconciliation packets carry none)."""
+        if batch.event is DBEvent.delete or all(row is not None for row in batch.rows):
+            return batch
+        missing = [i for i, row in zip(batch.ids, batch.rows, strict=True) if row is None]
+        found = self.db.backend.read_rows(self.db.table_info(batch.table), missing)
+        pairs = zip(batch.ids, batch.rows, strict=True)
+        return dc.replace(batch, rows=tuple(row if row is not None else found.get(id_key(i)) for i, row in pairs))
+
+    def _refresh(self, component: Component, batch: Batch) -> list[Batch]:
+        stats = self.stats.setdefault(component.identifier, ComponentStats())
+        stats.count(batch)
+        try:
+            refresh = component.refresh_outputs(batch, self.db, wait=self.wait)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            log.error("listener %s failed on %d rows of %r: %s", component.identifier, len(batch), batch.table, error)
+            log.debug("%s", traceback.format_exc())
+            refresh = None
+            errors = [ErrorRecord(component.identifier, batch.table, i, error) for i in batch.ids]
+        else:
+            stats.computed += refresh.computed
+            stats.skipped += refresh.skipped
+            errors = refresh.errors
+        if errors:
+            stats.errors += len(errors)
+            stats.last_error = errors[-1].error
+            try:
+                self.db.backend.record_errors(errors)
+            except Exception:
+                log.exception("could not record %d errors of %s", len(errors), component.identifier)
+        if refresh is None:
+            return []
+        return self._derived(component, refresh)
+
+    def _derived(self, component: Component, refresh: Any) -> list[Batch]:
+        """Batches for listeners chained on ``component``'s outputs table."""
+        table = outputs_table(component.identifier)
+        if not self.db.components_for(table, None):
+            return []
+        derived = []
+        if refresh.written:
+            ids = tuple(i for i, _ in refresh.written)
+            rows = tuple({"_source": i, "_output": out} for i, out in refresh.written)
+            derived.append(Batch(table, DBEvent.update, ids, rows))
+        if refresh.deleted:
+            ids = tuple(refresh.deleted)
+            derived.append(Batch(table, DBEvent.delete, ids, (None,) * len(ids)))
+        return derived
+
+    @staticmethod
+    def _by_source(packets: Sequence[ChangePacket]) -> list[tuple[BaseDatabaseListener, list[Any]]]:
+        by_source: dict[int, tuple[BaseDatabaseListener, list[Any]]] = {}
+        for packet in packets:
+            if packet.source is not None:
+                by_source.setdefault(id(packet.source), (packet.source, []))[1].append(packet.position)
+        return list(by_source.values())
+
+    def _commit(self, packets: Sequence[ChangePacket]) -> None:
+        """Hand each source the positions of its processed packets, in arrival order."""
+        for source, positions in self._by_source(packets):
+            try:
+                source.commit(positions)
+            except Exception:
+                self.internal_errors += 1
+                log.exception("could not save the position of %s", source.name)
+
+    def _release(self, packets: Sequence[ChangePacket]) -> None:
+        """Tell each source that its packets were not processed and must come again."""
+        for source, positions in self._by_source(packets):
+            try:
+                source.release(positions)
+            except Exception:
+                log.exception("could not release packets of %s", source.name)
