@@ -1,0 +1,124 @@
+"""Fixtures: real databases for every backend the tests cover.
+
+PostgreSQL runs at 127.0.0.1:5432 (override with REACTIVE_TEST_PG); each test gets a
+fresh database, dropped afterwards. DuckDB and SQLite use files in a temporary directory.
+A missing PostgreSQL is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import duckdb
+import psycopg
+import pytest
+
+import reactive
+from reactive.threads import reactive_threads
+
+PG_ADMIN = os.environ.get("REACTIVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+class SQLClient:
+    """A foreign client: the database's own driver, nothing from reactive."""
+
+    def __init__(self, kind: str, uri: str, raw: Any) -> None:
+        self.kind, self.uri, self.raw = kind, uri, raw
+
+    def execute(self, sql: str, params: tuple | list | None = None) -> list[tuple]:
+        if self.kind == "postgres":
+            sql = sql.replace("?", "%s")
+        cur = self.raw.cursor()
+        cur.execute(sql, params or ())
+        rows = cur.fetchall() if cur.description else []
+        if self.kind == "sqlite":
+            self.raw.commit()
+        return rows
+
+    def executemany(self, sql: str, rows: list[tuple]) -> None:
+        if self.kind == "postgres":
+            sql = sql.replace("?", "%s")
+        cur = self.raw.cursor()
+        cur.executemany(sql, rows)
+        if self.kind == "sqlite":
+            self.raw.commit()
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database; its URI."""
+    name = f"reactive_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["duckdb", "sqlite", "postgres"])
+def sql(request: pytest.FixtureRequest, tmp_path) -> Iterator[SQLClient]:
+    """A SQL database of each tested kind, with a foreign client connected to it."""
+    kind = request.param
+    if kind == "duckdb":
+        path = tmp_path / "app.duckdb"
+        client = SQLClient(kind, f"duckdb:///{path}", duckdb.connect(str(path)))
+    elif kind == "sqlite":
+        path = tmp_path / "app.sqlite"
+        client = SQLClient(kind, f"sqlite:///{path}", sqlite3.connect(str(path), check_same_thread=False))
+    else:
+        uri = request.getfixturevalue("pg_database")
+        client = SQLClient(kind, uri, psycopg.connect(uri, autocommit=True))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def duck(tmp_path) -> Iterator[SQLClient]:
+    path = tmp_path / "app.duckdb"
+    client = SQLClient("duckdb", f"duckdb:///{path}", duckdb.connect(str(path)))
+    yield client
+    client.close()
+
+
+class Recorder:
+    """A model's predict function that records every input it sees."""
+
+    def __init__(self, fn=None) -> None:
+        self.fn = fn or (lambda x: f"<{x}>")
+        self.inputs: list[Any] = []
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, values: list[Any]) -> list[Any]:
+        with self.lock:
+            self.calls += 1
+            self.inputs.extend(values)
+        return [self.fn(v) for v in values]
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture(autouse=True)
+def no_thread_left_behind() -> Iterator[None]:
+    """Every test must stop what it starts."""
+    yield
+    alive = [t.name for t in reactive_threads()]
+    assert not alive, f"threads left running: {alive}"
+
+
+def outputs_by_source(db: reactive.Datalayer, identifier: str) -> dict[Any, Any]:
+    return {row["_source"]: row["_output"] for row in db.outputs(identifier)}

@@ -1,0 +1,182 @@
+"""The engine end to end on DuckDB, SQLite and PostgreSQL, with writes by a foreign client."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import Recorder, SQLClient, outputs_by_source
+
+import reactive
+from reactive.components import Listener, Model
+from reactive.threads import reactive_threads
+
+
+def make_docs(sql: SQLClient, rows: list[tuple[int, str | None, str]]) -> None:
+    sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(200), lang VARCHAR(10))")
+    if rows:
+        sql.executemany("INSERT INTO docs VALUES (?, ?, ?)", rows)
+
+
+def connect(sql: SQLClient, **options) -> reactive.Datalayer:
+    return reactive.connect(sql.uri, poll_interval=options.pop("poll_interval", 0.05), **options)
+
+
+def test_backfill_then_inserts_updates_deletes_by_a_foreign_client(sql: SQLClient, recorder: Recorder) -> None:
+    make_docs(sql, [(1, "alpha", "en"), (2, "beta", "en")])
+    with connect(sql) as db:
+        db.add(Listener(model=Model("tag", predict=recorder), key="text", select="docs"))
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 2: "<beta>"}
+
+        db.cdc.start()
+        sql.execute("INSERT INTO docs VALUES (3, 'gamma', 'en')")
+        sql.execute("UPDATE docs SET text = 'BETA' WHERE id = 2")
+        sql.execute("DELETE FROM docs WHERE id = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "tag__text") == {2: "<BETA>", 3: "<gamma>"}
+
+        info = db.cdc.info()
+        stats = info["listeners"]["tag__text"]
+        assert (stats["inserts"], stats["deletes"], stats["errors"]) == (3, 1, 0)
+        assert info["source"]["tables"] == ["docs"]
+        assert sorted(recorder.inputs) == ["BETA", "alpha", "beta", "gamma"]
+        db.cdc.stop()
+    assert not reactive_threads()
+
+
+def test_update_of_another_column_does_not_recompute(sql: SQLClient, recorder: Recorder) -> None:
+    make_docs(sql, [(1, "alpha", "en")])
+    with connect(sql) as db:
+        db.add(Listener(model=Model("tag", predict=recorder), key="text", select="docs"))
+        db.cdc.start()
+        sql.execute("UPDATE docs SET lang = 'de' WHERE id = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        assert recorder.inputs == ["alpha"]
+        assert db.cdc.info()["listeners"]["tag__text"]["skipped"] == 1
+
+
+def test_filter_moves_rows_in_and_out(sql: SQLClient, recorder: Recorder) -> None:
+    make_docs(sql, [(1, "one", "en"), (2, "two", "de")])
+    with connect(sql) as db:
+        db.add(Listener(Model("tag", predict=recorder), "text", "docs", filter={"lang": "en"}))
+        assert outputs_by_source(db, "tag__text") == {1: "<one>"}
+        db.cdc.start()
+        sql.execute("UPDATE docs SET lang = 'en' WHERE id = 2")
+        sql.execute("UPDATE docs SET lang = 'fr' WHERE id = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "tag__text") == {2: "<two>"}
+
+
+def test_insert_then_delete_in_one_window_computes_nothing(duck: SQLClient, recorder: Recorder) -> None:
+    make_docs(duck, [])
+    with connect(duck, poll_interval=0.05) as db:
+        db.add(Listener(Model("tag", predict=recorder), "text", "docs"))
+        db.cdc.start()
+        duck.execute("INSERT INTO docs VALUES (1, 'short-lived', 'en'), (2, 'kept', 'en')")
+        duck.execute("DELETE FROM docs WHERE id = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "tag__text") == {2: "<kept>"}
+        assert "short-lived" not in recorder.inputs
+
+
+def test_chained_listeners(sql: SQLClient) -> None:
+    make_docs(sql, [(1, "a b c", "en")])
+    with connect(sql) as db:
+        words = Model("words", predict=lambda texts: [t.split() for t in texts])
+        count = Model("count", predict=lambda lists: [len(x) for x in lists])
+        db.add(Listener(words, "text", "docs"))
+        db.add(Listener(count, "_output", "_outputs__words__text"))
+        assert outputs_by_source(db, "count___output") == {1: 3}
+
+        db.cdc.start()
+        sql.execute("INSERT INTO docs VALUES (2, 'd e', 'en')")
+        sql.execute("UPDATE docs SET text = 'x' WHERE id = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "words__text") == {1: ["x"], 2: ["d", "e"]}
+        assert outputs_by_source(db, "count___output") == {1: 1, 2: 2}
+
+        sql.execute("DELETE FROM docs WHERE id = 2")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "count___output") == {1: 1}
+
+
+def test_failing_rows_are_recorded_and_the_rest_proceed(sql: SQLClient) -> None:
+    def fragile(texts: list[str]) -> list[str]:
+        if any("bad" in t for t in texts):
+            raise ValueError("cannot handle bad input")
+        return [t.upper() for t in texts]
+
+    make_docs(sql, [(i, "bad" if i in (3, 7) else f"ok{i}", "en") for i in range(1, 11)])
+    with connect(sql) as db:
+        model = Model("up", predict=fragile, batch_size=8, max_retries=1, retry_backoff=0.001)
+        db.add(Listener(model, "text", "docs"))
+        assert set(outputs_by_source(db, "up__text")) == {1, 2, 4, 5, 6, 8, 9, 10}
+        errors = db.errors("up__text")
+        assert sorted(e["source"] for e in errors) == [3, 7]
+        assert all("cannot handle bad input" in e["error"] for e in errors)
+
+        db.cdc.start()
+        sql.execute("INSERT INTO docs VALUES (11, 'fine', 'en')")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "up__text")[11] == "FINE"
+        assert db.cdc.info()["handler"]["running"]
+
+
+def test_clean_restart_processes_only_what_changed_while_down(sql: SQLClient) -> None:
+    make_docs(sql, [(i, f"doc {i}", "en") for i in range(1, 6)])
+    first = Recorder()
+    with connect(sql) as db:
+        db.add(Listener(Model("tag", predict=first), "text", "docs"))
+        db.cdc.start()
+        sql.execute("INSERT INTO docs VALUES (6, 'doc 6', 'en')")
+        assert db.cdc.wait_idle(timeout=30)
+    assert len(first.inputs) == 6
+
+    sql.execute("INSERT INTO docs VALUES (7, 'doc 7', 'en')")
+    sql.execute("UPDATE docs SET text = 'doc two' WHERE id = 2")
+    sql.execute("UPDATE docs SET lang = 'de' WHERE id = 3")
+    sql.execute("DELETE FROM docs WHERE id = 4")
+
+    second = Recorder()
+    with connect(sql) as db:
+        db.add(Listener(Model("tag", predict=second), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        assert sorted(second.inputs) == ["doc 7", "doc two"]
+        assert outputs_by_source(db, "tag__text") == {
+            1: "<doc 1>",
+            2: "<doc two>",
+            3: "<doc 3>",
+            5: "<doc 5>",
+            6: "<doc 6>",
+            7: "<doc 7>",
+        }
+
+
+def test_stop_drains_the_queue_and_leaves_no_thread(duck: SQLClient, recorder: Recorder) -> None:
+    make_docs(duck, [])
+    db = connect(duck)
+    db.add(Listener(Model("tag", predict=recorder), "text", "docs"))
+    db.cdc.start()
+    duck.executemany("INSERT INTO docs VALUES (?, ?, 'en')", [(i, f"t{i}") for i in range(200)])
+    assert db.cdc.wait_idle(timeout=30)
+    assert reactive_threads()
+    db.cdc.stop()
+    assert not db.cdc.running
+    assert not reactive_threads()
+    assert len(db.outputs("tag__text")) == 200
+    db.close()
+
+
+def test_add_twice_is_a_no_op_and_remove_drops_outputs(duck: SQLClient, recorder: Recorder) -> None:
+    make_docs(duck, [(1, "x", "en")])
+    with connect(duck) as db:
+        listener = Listener(Model("tag", predict=recorder), "text", "docs")
+        assert db.add(listener) is listener
+        assert db.add(Listener(Model("tag", predict=recorder), "text", "docs")) is listener
+        assert recorder.inputs == ["x"]
+        assert db.show() == [listener.describe()]
+        with pytest.raises(reactive.ConfigurationError, match="another declaration"):
+            db.add(Listener(Model("tag", predict=recorder), "text", "docs", filter={"lang": "de"}))
+        db.remove("tag__text", drop_outputs=True)
+        assert db.show() == []
+        with pytest.raises(reactive.ConfigurationError, match="no listener"):
+            db.outputs("tag__text")
