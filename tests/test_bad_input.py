@@ -86,7 +86,7 @@ def test_invalid_uri_is_clear_and_redacted(uri: str, message: str) -> None:
         reactive.connect(uri)
     assert message in str(excinfo.value)
     assert "hunter2" not in str(excinfo.value)
-    assert isinstance(excinfo.value, ValueError) or isinstance(excinfo.value, reactive.BackendError)
+    assert isinstance(excinfo.value, ValueError | reactive.BackendError)
 
 
 def test_filter_with_operators_is_refused() -> None:

@@ -93,7 +93,7 @@ class IbisBackend(DataBackend):
         # handler, the poller and the user's thread take turns without starving.
         self._lock = threading.RLock()
         self._output_types: dict[str, str] = {}
-        self._fingerprints: dict[str, ir.IntegerValue] = {}
+        self._handles: dict[str, ir.Table] = {}
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> Self:
@@ -138,17 +138,27 @@ class IbisBackend(DataBackend):
 
     # -- tables ---------------------------------------------------------------------------
     def _table(self, name: str) -> ir.Table:
-        try:
-            return self.con.table(name)
-        except ibis_exc.TableNotFound:
-            raise TableNotFoundError(f"table {name!r} does not exist in {self._uri}", table=name) from None
+        """An ibis handle on ``name``, cached: looking a table up costs a catalog query."""
+        handle = self._handles.get(name)
+        if handle is None:
+            try:
+                handle = self._handles[name] = self.con.table(name)
+            except ibis_exc.TableNotFound:
+                raise TableNotFoundError(f"table {name!r} does not exist in {self._uri}", table=name) from None
+        return handle
+
+    def forget(self, table: str) -> None:
+        """Drop the cached handle on ``table`` (after it was altered, dropped or failed)."""
+        with self._lock:
+            self._handles.pop(table, None)
 
     def table_exists(self, table: str) -> bool:
         with self._lock:
-            return table in self.con.list_tables()
+            return table in self._handles or table in self.con.list_tables()
 
     def describe(self, table: str, *, id_column: str | None = None) -> TableInfo:
         with self._lock:
+            self._handles.pop(table, None)
             if not self.table_exists(table):
                 raise TableNotFoundError(f"table {table!r} does not exist in {self._uri}", table=table)
             columns = tuple(self._table(table).columns)
@@ -425,6 +435,7 @@ class IbisBackend(DataBackend):
     def drop_outputs(self, identifier: str) -> None:
         with self._lock:
             self.con.drop_table(outputs_table(identifier), force=True)
+            self._handles.pop(outputs_table(identifier), None)
             self._output_types.pop(identifier, None)
 
     # -- errors and checkpoints -----------------------------------------------------------

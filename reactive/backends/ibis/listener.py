@@ -69,6 +69,8 @@ class IbisPollingListener(BaseDatabaseListener):
             except QueueClosedError:
                 break
             except Exception as exc:
+                for table in self.tables:
+                    self.backend.forget(table)
                 self.consecutive_failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("polling %s failed (%s); retrying", self.backend.uri, self.last_error)
