@@ -66,6 +66,8 @@ class DatabaseChangeDataCapture:
         self._handler: CDCHandler | None = None
         self._listener: BaseDatabaseListener | None = None
         self._watched: dict[str, TableInfo] = {}
+        #: Tables no longer followed, and why (dropped, renamed...).
+        self.table_states: dict[str, str] = {}
         self._running = False
         self._lock = threading.RLock()
 
@@ -82,10 +84,26 @@ class DatabaseChangeDataCapture:
     def _ensure_listener(self) -> BaseDatabaseListener:
         with self._lock:
             if self._listener is None:
-                self._listener = self.factory.create(self.db.backend, self.queue, **self.listener_options)
+                listener = self.factory.create(self.db.backend, self.queue, **self.listener_options)
+                listener.on_reconcile = self._reconcile
+                listener.on_table_gone = self._table_gone
                 for table in self._watched.values():
-                    self._listener.watch(table)
+                    listener.watch(table)
+                self._listener = listener
             return self._listener
+
+    def _reconcile(self, tables: list[str], abandon: threading.Event) -> None:
+        """Queue what brings every component on ``tables`` up to date with the source."""
+        for table in tables:
+            for component in self.db.components_for(table, None):
+                log.info("reconciling %s with %r", component.identifier, table)
+                for packet in component.reconcile(self.db, page_size=self.db.page_size):
+                    self.queue.put(packet, abandon=abandon)
+
+    def _table_gone(self, table: str, state: str) -> None:
+        with self._lock:
+            self._watched.pop(table, None)
+            self.table_states[table] = state
 
     def ensure_handler(self) -> CDCHandler:
         """Start the handler thread if it is not running (``db.add`` needs it for backfills)."""
@@ -101,6 +119,7 @@ class DatabaseChangeDataCapture:
         """Follow ``table``'s changes from now on (the backend's listener watches it)."""
         with self._lock:
             self._watched[table.name] = table
+            self.table_states.pop(table.name, None)
             listener = self._ensure_listener()
             listener.watch(table)
             return listener
@@ -116,8 +135,17 @@ class DatabaseChangeDataCapture:
         with self._lock:
             if self._running:
                 return
-            self.ensure_handler()
-            self._ensure_listener().start()
+            handler = self.ensure_handler()
+            listener = self._ensure_listener()
+            try:
+                listener.start()
+            except BaseException:
+                # Nothing is left half-started: the error (e.g. no change streams) is the answer.
+                self._listener = None
+                self._handler = None
+                handler.stop()
+                handler.join()
+                raise
             self._running = True
             log.info("change data capture started on %s", self.db.backend.uri)
 
@@ -175,5 +203,6 @@ class DatabaseChangeDataCapture:
                 "internal_errors": handler.internal_errors if handler else 0,
             },
             "source": listener.info() if listener is not None else None,
+            "stopped_tables": dict(self.table_states),
             "listeners": {name: dc.asdict(stats) for name, stats in self.stats.items()},
         }

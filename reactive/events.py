@@ -102,7 +102,8 @@ class Change:
             self.event, self.row = DBEvent.delete, None
         else:
             self.event = DBEvent.update if self.existed_before else DBEvent.insert
-            self.row = row if row is not None else self.row
+            # No row means "read it when processing": an older row must not stand in for it.
+            self.row = row
         self.targets = None if self.targets is None or targets is None else self.targets | targets
 
 

@@ -20,6 +20,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Longest wait between retries of a window while the database is unreachable.
+MAX_BACKOFF = 30.0
+#: Retries of a window after stop() was called, before it is released.
+STOPPING_RETRIES = 3
+
+
+class BackendUnavailableError(Exception):
+    """Raised inside the handler when a component failed because the database is unreachable."""
+
 
 @dc.dataclass(slots=True)
 class ComponentStats:
@@ -55,6 +64,7 @@ class CDCHandler(ReactiveThread):
         self.batch_rows = batch_rows
         self.stats: dict[str, ComponentStats] = {}
         self.processed_packets = 0
+        self.processed_windows = 0
         self.processed_rows = 0
         self.internal_errors = 0
 
@@ -70,13 +80,36 @@ class CDCHandler(ReactiveThread):
                     return
                 continue
             try:
+                self._handle_with_retries(packets)
+            finally:
+                self.queue.task_done(len(packets))
+
+    def _handle_with_retries(self, packets: Sequence[ChangePacket]) -> None:
+        """Handle a window; while the database is unreachable, retry it with backoff.
+
+        Writes are idempotent, so a window retried after a partial write ends the same.
+        A window that still fails (or fails for another reason) is released: its sources
+        deliver those changes again.
+        """
+        attempt = 0
+        while True:
+            try:
                 self.handle(packets)
+                return
+            except BackendUnavailableError as exc:
+                attempt += 1
+                if self.queue.closed and attempt > STOPPING_RETRIES:
+                    log.error("database still unreachable while stopping; releasing %d packets", len(packets))
+                    self._release(packets)
+                    return
+                delay = min(0.5 * 2 ** (attempt - 1), MAX_BACKOFF)
+                log.warning("database unreachable (%s); retrying %d packets in %.1f s", exc, len(packets), delay)
+                self.wait(delay)
             except Exception:
                 self.internal_errors += 1
                 log.exception("the change handler failed on %d packets; they will be delivered again", len(packets))
                 self._release(packets)
-            finally:
-                self.queue.task_done(len(packets))
+                return
 
     # -- one window of packets ------------------------------------------------------------
     def handle(self, packets: Sequence[ChangePacket]) -> None:
@@ -87,11 +120,17 @@ class CDCHandler(ReactiveThread):
             components = self.db.components_for(batch.table, batch.targets)
             if not components:
                 continue
-            batch = self._resolve_rows(batch)
+            try:
+                batch = self._resolve_rows(batch)
+            except Exception as exc:
+                if self.db.backend.is_transient(exc):
+                    raise BackendUnavailableError(str(exc)) from exc
+                raise
             for component in components:
                 pending.extend(self._refresh(component, batch))
         self._commit(packets)
         self.processed_packets += len(packets)
+        self.processed_windows += 1
         self.processed_rows += sum(len(p) for p in packets)
         for packet in packets:
             if packet.on_processed is not None:
@@ -115,6 +154,8 @@ class CDCHandler(ReactiveThread):
         try:
             refresh = component.refresh_outputs(batch, self.db, wait=self.wait)
         except Exception as exc:
+            if self.db.backend.is_transient(exc):
+                raise BackendUnavailableError(str(exc)) from exc
             error = f"{type(exc).__name__}: {exc}"
             log.error("listener %s failed on %d rows of %r: %s", component.identifier, len(batch), batch.table, error)
             log.debug("%s", traceback.format_exc())

@@ -159,6 +159,10 @@ class DataBackend(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means the database is unreachable for now (retry), not bad data."""
+        return False
+
     # -- reconciliation -------------------------------------------------------------------
     def reconcile(
         self,
@@ -209,6 +213,12 @@ class BaseDatabaseListener(ReactiveThread):
         self._lock = threading.RLock()
         self.counters = {"inserts": 0, "updates": 0, "deletes": 0}
         self.last_error: str | None = None
+        #: Set by ``db.cdc``: bring the outputs of these tables up to date from the source
+        #: (after lost history, or a table replaced under the listener). Puts packets on the
+        #: queue, giving up when the event is set.
+        self.on_reconcile: Callable[[list[str], threading.Event], None] | None = None
+        #: Set by ``db.cdc``: a watched table was dropped or renamed; the str says how.
+        self.on_table_gone: Callable[[str, str], None] | None = None
 
     @property
     def tables(self) -> dict[str, TableInfo]:
