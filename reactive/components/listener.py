@@ -16,6 +16,18 @@ if TYPE_CHECKING:
     from reactive.datalayer import Datalayer
 
 _MISSING = object()
+#: Inputs above this size are refused: models truncate long inputs anyway, and a huge
+#: payload should not stall the handler thread.
+DEFAULT_MAX_INPUT_BYTES = 4 * 1024 * 1024
+
+
+def _input_bytes(value: Any, limit: int) -> int:
+    """The size of a text or bytes input (others are not measured)."""
+    if isinstance(value, bytes | bytearray):
+        return len(value)
+    if isinstance(value, str) and len(value) * 4 > limit:
+        return len(value.encode("utf-8", "surrogatepass"))
+    return 0
 
 
 def _check_filter(filter: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -51,7 +63,8 @@ class Listener(Component):
     update that leaves ``key`` unchanged recomputes nothing; deleting a row deletes its
     output. ``filter`` (field -> value, equality only) limits the rows: a row updated out of
     the filter loses its output. ``id_column`` names the row id when the table has no
-    primary key.
+    primary key. A text or bytes input larger than ``max_input_bytes`` is recorded as an
+    error instead of being sent to the model.
     """
 
     def __init__(
@@ -63,6 +76,7 @@ class Listener(Component):
         filter: Mapping[str, Any] | None = None,
         identifier: str | None = None,
         id_column: str | None = None,
+        max_input_bytes: int | None = DEFAULT_MAX_INPUT_BYTES,
     ) -> None:
         if not isinstance(model, Model):
             raise ConfigurationError(f"model must be a reactive Model, not {type(model).__name__}")
@@ -76,6 +90,7 @@ class Listener(Component):
         self.filter = _check_filter(filter)
         self.identifier = identifier or f"{model.identifier}__{key}"
         self.id_column = id_column
+        self.max_input_bytes = max_input_bytes
         self.source: TableInfo | None = None
 
     def __repr__(self) -> str:
@@ -164,6 +179,11 @@ class Listener(Component):
             value = self._input(row)
             if value is _MISSING:
                 fail(row_id, f"row has no value for key {self.key!r}")
+                continue
+            if self.max_input_bytes is not None and (size := _input_bytes(value, self.max_input_bytes)) > (
+                self.max_input_bytes
+            ):
+                fail(row_id, f"input of {size:,} bytes is larger than max_input_bytes={self.max_input_bytes:,}")
                 continue
             try:
                 candidates.append((row_id, value, fingerprint(value)))
