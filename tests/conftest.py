@@ -122,3 +122,48 @@ def no_thread_left_behind() -> Iterator[None]:
 
 def outputs_by_source(db: reactive.Datalayer, identifier: str) -> dict[Any, Any]:
     return {row["_source"]: row["_output"] for row in db.outputs(identifier)}
+
+
+# -- MongoDB -------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def mongo_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A MongoDB-wire server with change streams: $MONGO_URI if set, else a SecantusDB process."""
+    from mongo_server import MongoServer
+
+    if os.environ.get("MONGO_URI"):
+        yield os.environ["MONGO_URI"]
+        return
+    server = MongoServer(tmp_path_factory.mktemp("secantus") / "data").start()
+    try:
+        yield server.uri
+    finally:
+        server.stop()
+
+
+def with_database(base: str, database: str) -> str:
+    """``base`` (a server URI) with ``database`` as its path."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(base)
+    query = "&".join(q for q in [parts.query, "serverSelectionTimeoutMS=3000"] if q)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{database}", query, ""))
+
+
+@pytest.fixture
+def mongo_uri(mongo_base: str) -> Iterator[str]:
+    """A fresh database on the shared server, dropped afterwards."""
+    from pymongo import MongoClient
+
+    database = f"reactive_test_{uuid.uuid4().hex[:12]}"
+    yield with_database(mongo_base, database)
+    with MongoClient(mongo_base) as client:
+        client.drop_database(database)
+
+
+@pytest.fixture
+def mongo(mongo_uri: str):
+    """A plain pymongo client on the test database (the foreign client)."""
+    from pymongo import MongoClient
+
+    with MongoClient(mongo_uri) as client:
+        yield client.get_default_database()

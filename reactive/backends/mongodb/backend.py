@@ -1,0 +1,254 @@
+"""The MongoDB backend: storage through pymongo, changes through change streams."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from typing import Any, Self
+
+import pymongo
+from pymongo import MongoClient, ReplaceOne
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    InvalidURI,
+    OperationFailure,
+    PyMongoError,
+)
+from pymongo.errors import (
+    ConfigurationError as PyMongoConfigurationError,
+)
+
+from reactive.backends.base import (
+    FINGERPRINT_FIELD,
+    OUTPUT_FIELD,
+    SOURCE_FIELD,
+    DataBackend,
+    ErrorRecord,
+    OutputRecord,
+    OutputRejected,
+    TableInfo,
+    outputs_table,
+)
+from reactive.backends.mongodb.listener import MongoChangeStreamListener
+from reactive.errors import BackendError, ConfigurationError, TableNotFoundError
+from reactive.events import Row, id_key
+from reactive.outputs import infer_output_type, normalize_output
+from reactive.uri import redact
+
+ERRORS_COLLECTION = "_reactive_errors"
+CHECKPOINTS_COLLECTION = "_reactive_checkpoints"
+#: Largest ``$in`` list sent in one query.
+_CHUNK = 1_000
+
+AUTH_FAILED = 18
+
+
+def _chunks(values: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+class MongoBackend(DataBackend):
+    """MongoDB (a replica set or sharded cluster: change streams need one).
+
+    The URI must name the database: ``mongodb://host:27017/app``. A row is a document
+    and its id is ``_id``, of any BSON type.
+    """
+
+    name = "mongodb"
+    schemes = ("mongodb", "mongodb+srv")
+    listener_class = MongoChangeStreamListener
+
+    def __init__(self, client: MongoClient, database: str, *, uri: str) -> None:
+        self.client = client
+        self.db = client[database]
+        self._uri = redact(uri)
+        self._output_types: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_uri(cls, uri: str, **options: Any) -> Self:
+        if "serverselectiontimeoutms" not in uri.lower():
+            options.setdefault("serverSelectionTimeoutMS", 5_000)
+        try:
+            client: MongoClient = MongoClient(uri, **options)
+        except (InvalidURI, PyMongoConfigurationError, ValueError) as exc:
+            raise ConfigurationError(f"invalid MongoDB URI {redact(uri)!r}: {redact(str(exc))}") from None
+        try:
+            database = client.get_default_database().name
+        except PyMongoConfigurationError:
+            client.close()
+            raise ConfigurationError(
+                f"the MongoDB URI {redact(uri)!r} names no database; add it as the path: mongodb://host:27017/app"
+            ) from None
+        try:
+            # Reads need the credentials, ping does not: check both now, not at the first change.
+            client.admin.command("ping")
+            client[database].list_collection_names(filter={"name": CHECKPOINTS_COLLECTION})
+        except OperationFailure as exc:
+            client.close()
+            what = "authentication failed" if exc.code == AUTH_FAILED else "the server refused access"
+            raise BackendError(f"{what} for {redact(uri)!r}: {redact(str(exc.details or exc))}") from None
+        except PyMongoError as exc:
+            client.close()
+            raise BackendError(f"could not connect to {redact(uri)!r}: {redact(str(exc))}") from None
+        return cls(client, database, uri=uri)
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    def close(self) -> None:
+        self.client.close()
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return isinstance(exc, ConnectionFailure)
+
+    # -- tables ---------------------------------------------------------------------------
+    def table_exists(self, table: str) -> bool:
+        return bool(self.db.list_collection_names(filter={"name": table}))
+
+    def describe(self, table: str, *, id_column: str | None = None) -> TableInfo:
+        if id_column not in (None, "_id"):
+            raise ConfigurationError(f"MongoDB documents are identified by _id, not {id_column!r}", table=table)
+        if not self.table_exists(table):
+            raise TableNotFoundError(f"collection {table!r} does not exist in {self._uri}", table=table)
+        return TableInfo(table, "_id", ())
+
+    def count(self, table: TableInfo) -> int:
+        return self.db[table.name].estimated_document_count()
+
+    def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
+        rows: dict[Hashable, Row] = {}
+        for chunk in _chunks(list(ids)):
+            for doc in self.db[table.name].find({"_id": {"$in": list(chunk)}}):
+                rows[id_key(doc["_id"])] = doc
+        return rows
+
+    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
+        projection = {c: 1 for c in columns} if columns else None
+        cursor = self.db[table.name].find({}, projection).sort("_id", pymongo.ASCENDING).batch_size(page_size)
+        page: list[Row] = []
+        with cursor:
+            for doc in cursor:
+                page.append(doc)
+                if len(page) == page_size:
+                    yield page
+                    page = []
+        if page:
+            yield page
+
+    # -- outputs --------------------------------------------------------------------------
+    def _output_type(self, identifier: str) -> str | None:
+        if identifier not in self._output_types:
+            saved = self.load_checkpoint(f"outputs/{identifier}")
+            if saved:
+                self._output_types[identifier] = saved["type"]
+        return self._output_types.get(identifier)
+
+    def _set_output_type(self, identifier: str, source: TableInfo, output_type: str) -> None:
+        self.save_checkpoint(f"outputs/{identifier}", {"type": output_type, "source": source.name})
+        self._output_types[identifier] = output_type
+
+    def prepare_outputs(self, identifier: str, source: TableInfo, output_type: str | None) -> None:
+        existing = self._output_type(identifier)
+        if existing is not None and output_type is not None and existing != output_type:
+            raise ConfigurationError(
+                f"outputs of {identifier!r} are stored as {existing}, not {output_type}; "
+                f"remove the listener with drop_outputs=True to change the type",
+                listener=identifier,
+            )
+        if existing is None and output_type is not None:
+            self._set_output_type(identifier, source, output_type)
+
+    def write_outputs(self, identifier: str, source: TableInfo, records: Sequence[OutputRecord]) -> list[Any]:
+        with self._lock:
+            logical = self._output_type(identifier)
+            if logical is None:
+                sample = next((r.output for r in records if r.output is not None), None)
+                if sample is None:
+                    return [OutputRejected("the model returned None") for _ in records]
+                logical = infer_output_type(sample)
+                self._set_output_type(identifier, source, logical)
+        stored: list[Any] = []
+        operations: list[ReplaceOne] = []
+        positions: list[int] = []
+        for index, record in enumerate(records):
+            try:
+                value = normalize_output(record.output, logical)
+            except (TypeError, ValueError) as exc:
+                stored.append(OutputRejected(f"{exc} (outputs of {identifier!r} are {logical})"))
+                continue
+            stored.append(value)
+            positions.append(index)
+            document = {"_id": record.source, SOURCE_FIELD: record.source, OUTPUT_FIELD: value}
+            document[FINGERPRINT_FIELD] = record.fingerprint
+            operations.append(ReplaceOne({"_id": record.source}, document, upsert=True))
+        if operations:
+            try:
+                self.db[outputs_table(identifier)].bulk_write(operations, ordered=False)
+            except BulkWriteError as exc:
+                # Unordered: every other write went through; only these are rejected.
+                for error in exc.details.get("writeErrors", []):
+                    stored[positions[error["index"]]] = OutputRejected(error.get("errmsg", "write rejected"))
+        return stored
+
+    def delete_outputs(self, identifier: str, ids: Sequence[Any]) -> None:
+        for chunk in _chunks(list(ids)):
+            self.db[outputs_table(identifier)].delete_many({"_id": {"$in": list(chunk)}})
+
+    def output_fingerprints(self, identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
+        found: dict[Hashable, int] = {}
+        for chunk in _chunks(list(ids)):
+            query = {"_id": {"$in": list(chunk)}}
+            for doc in self.db[outputs_table(identifier)].find(query, {FINGERPRINT_FIELD: 1}):
+                found[id_key(doc["_id"])] = doc.get(FINGERPRINT_FIELD)
+        return found
+
+    def scan_output_ids(self, identifier: str, *, page_size: int) -> Iterator[list[Any]]:
+        cursor = self.db[outputs_table(identifier)].find({}, {"_id": 1}).sort("_id", 1).batch_size(page_size)
+        page: list[Any] = []
+        with cursor:
+            for doc in cursor:
+                page.append(doc["_id"])
+                if len(page) == page_size:
+                    yield page
+                    page = []
+        if page:
+            yield page
+
+    def read_outputs(self, identifier: str) -> list[dict[str, Any]]:
+        projection = {"_id": 0, SOURCE_FIELD: 1, OUTPUT_FIELD: 1}
+        return list(self.db[outputs_table(identifier)].find({}, projection).sort("_id", 1))
+
+    def drop_outputs(self, identifier: str) -> None:
+        self.db.drop_collection(outputs_table(identifier))
+        self.db[CHECKPOINTS_COLLECTION].delete_one({"_id": f"outputs/{identifier}"})
+        self._output_types.pop(identifier, None)
+
+    # -- errors and checkpoints -----------------------------------------------------------
+    def record_errors(self, records: Sequence[ErrorRecord]) -> None:
+        if records:
+            documents = [
+                {"listener": r.listener, "table": r.table, "source": r.source, "error": r.error, "at": r.at}
+                for r in records
+            ]
+            self.db[ERRORS_COLLECTION].insert_many(documents, ordered=False)
+
+    def read_errors(self, listener: str | None = None) -> list[dict[str, Any]]:
+        query = {} if listener is None else {"listener": listener}
+        return list(self.db[ERRORS_COLLECTION].find(query, {"_id": 0}).sort("at", 1))
+
+    def load_checkpoint(self, name: str) -> dict[str, Any] | None:
+        doc = self.db[CHECKPOINTS_COLLECTION].find_one({"_id": name})
+        return None if doc is None else dict(doc["value"])
+
+    def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None:
+        self.db[CHECKPOINTS_COLLECTION].replace_one(
+            {"_id": name},
+            {"_id": name, "value": dict(value), "updated_at": _dt.datetime.now(_dt.UTC)},
+            upsert=True,
+        )
+

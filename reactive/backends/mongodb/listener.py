@@ -1,0 +1,388 @@
+"""One database-level change stream that follows every watched collection."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from bson import ObjectId
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+
+from reactive.backends.base import BaseDatabaseListener, TableInfo
+from reactive.errors import ChangeStreamUnsupportedError, QueueClosedError
+from reactive.events import ChangePacket, DBEvent
+
+if TYPE_CHECKING:
+    from pymongo.change_stream import DatabaseChangeStream
+
+    from reactive.backends.mongodb.backend import MongoBackend
+
+log = logging.getLogger(__name__)
+
+#: Where :meth:`MongoChangeStreamListener.sync` writes its barrier marks.
+MARKS_COLLECTION = "_reactive_marks"
+#: Server error codes this listener reacts to.
+NOT_A_REPLICA_SET = 40573
+HISTORY_LOST = 286
+#: Change events bigger than this lose their fullDocument (the handler reads the row
+#: instead), so an event never exceeds the server's 16 MB limit.
+LARGE_DOCUMENT_BYTES = 8 * 1024 * 1024
+MAX_BACKOFF = 30.0
+#: An idle stream saves its post-batch resume token at most this often.
+IDLE_SAVE_SECONDS = 1.0
+
+_EVENTS = {"insert": DBEvent.insert, "update": DBEvent.update, "replace": DBEvent.update, "delete": DBEvent.delete}
+
+
+class MongoChangeStreamListener(BaseDatabaseListener):
+    """Follows the watched collections with one ``db.watch()`` stream.
+
+    The position is the resume token of the last event whose packet was processed (saved
+    by :meth:`commit`), or the stream's post-batch resume token while it is idle and
+    nothing is in flight. A restarted process resumes from it with ``resume_after`` (or
+    ``start_after`` past an invalidate). If the token has aged out of the oplog, every
+    watched collection is reconciled and the stream restarts from now.
+    """
+
+    backend: MongoBackend
+
+    def __init__(self, backend: MongoBackend, queue: Any, *, poll_interval: float = 1.0, max_await_ms: int = 200):
+        super().__init__(backend, queue, poll_interval=poll_interval)
+        self.max_await_ms = max_await_ms
+        self.checkpoint_name = f"mongodb/{backend.db.name}/stream"
+        self._cond = threading.Condition(self._lock)
+        self._stream: DatabaseChangeStream | None = None
+        self._seen: dict[str, Any] | None = None
+        self._committed: dict[str, Any] | None = None
+        self._in_flight = 0
+        self._generation = 0
+        self._opened_generation = -1
+        self._rewind = False
+        self._mark_id = ObjectId()
+        self._marks_sent = 0
+        self._marks_seen = 0
+        self._last_idle_save = 0.0
+        self.table_states: dict[str, str] = {}
+        self.disconnected_since: _dt.datetime | None = None
+        #: Set while the server is unreachable; ``connected`` is its opposite.
+        self.disconnected = threading.Event()
+        self.connected = threading.Event()
+        self.history_lost = 0
+
+    # -- position -------------------------------------------------------------------------
+    def _position(self) -> dict[str, Any] | None:
+        if self._committed is None:
+            self._committed = self.backend.load_checkpoint(self.checkpoint_name)
+        return self._committed
+
+    def _save(self, position: dict[str, Any]) -> None:
+        self.backend.save_checkpoint(self.checkpoint_name, position)
+        self._committed = position
+
+    def _pipeline(self) -> list[dict[str, Any]]:
+        names = sorted(self.tables)
+        too_big = {"$gt": [{"$bsonSize": {"$ifNull": ["$fullDocument", {}]}}, LARGE_DOCUMENT_BYTES]}
+        return [
+            {
+                "$match": {
+                    "$or": [
+                        {"ns.coll": {"$in": [*names, MARKS_COLLECTION]}},
+                        {"to.coll": {"$in": names}},
+                        {"operationType": {"$in": ["dropDatabase", "invalidate"]}},
+                    ]
+                }
+            },
+            {"$set": {"fullDocument": {"$cond": [too_big, "$$REMOVE", "$fullDocument"]}}},
+        ]
+
+    def _open(self, position: dict[str, Any] | None) -> DatabaseChangeStream:
+        options: dict[str, Any] = {"full_document": "updateLookup", "max_await_time_ms": self.max_await_ms}
+        if position is not None:
+            options["start_after" if position.get("start_after") else "resume_after"] = position["token"]
+        try:
+            return self.backend.db.watch(self._pipeline(), **options)
+        except OperationFailure as exc:
+            if exc.code == NOT_A_REPLICA_SET:
+                reason = exc.details.get("errmsg") if exc.details else str(exc)
+                raise ChangeStreamUnsupportedError(
+                    f"{self.backend.uri} cannot produce change streams ({reason}). Run MongoDB as a replica "
+                    f"set (mongod --replSet, even with one member) or a sharded cluster."
+                ) from None
+            raise
+
+    def watch(self, table: TableInfo) -> None:
+        """Follow ``table``; its changes from now on are never missed.
+
+        Before the first backfill a position must exist, so the stream can start from a
+        point no later than the backfill's reads. Raises
+        :class:`~reactive.errors.ChangeStreamUnsupportedError` on a standalone server.
+        """
+        with self._cond:
+            new = table.name not in self._tables
+            super().watch(table)
+            self.table_states[table.name] = "watching"
+            if new:
+                self._generation += 1
+            generation = self._generation
+        if self._position() is None:
+            self._save_now()
+        elif not self.is_alive():
+            # Fail at db.add, not later, when the server cannot stream at all.
+            try:
+                with self._open(self._position()):
+                    pass
+            except OperationFailure as exc:
+                if exc.code != HISTORY_LOST:
+                    raise
+                # db.add reconciles this table right after; for the others, start() will.
+                log.warning("the saved position on %s is no longer in the oplog", self.backend.uri)
+        if new and self.is_alive():
+            with self._cond:
+                self._cond.wait_for(
+                    lambda: self._opened_generation >= generation or not self.is_alive(), timeout=30
+                )
+
+    def unwatch(self, table: str) -> None:
+        with self._cond:
+            super().unwatch(table)
+            self._generation += 1
+
+    def _save_now(self) -> None:
+        """Save the stream's current end as the position (nothing before it is needed)."""
+        with self._open(None) as stream:
+            self._save({"token": stream.resume_token, "start_after": False})
+
+    def start(self) -> None:
+        # Open the first stream here, in the caller's thread, so a server that cannot
+        # stream fails cdc.start() with a clear error instead of failing in the background.
+        with self._cond:
+            generation = self._generation
+        try:
+            self._stream = self._open(self._position())
+        except OperationFailure as exc:
+            if exc.code != HISTORY_LOST:
+                raise
+            self._recover_history()
+        self._opened_generation = generation
+        super().start()
+
+    # -- the thread -----------------------------------------------------------------------
+    def run(self) -> None:
+        backoff = 0.5
+        try:
+            while self.should_keep_running():
+                try:
+                    self._step()
+                    backoff = 0.5
+                except QueueClosedError:
+                    return
+                except OperationFailure as exc:
+                    if exc.code == HISTORY_LOST:
+                        self._recover_history()
+                        continue
+                    self._failed(exc)
+                except ConnectionFailure as exc:
+                    if self.disconnected_since is None:
+                        self.disconnected_since = _dt.datetime.now(_dt.UTC)
+                        self.connected.clear()
+                        self.disconnected.set()
+                        log.warning(
+                            "lost the connection to %s (%s); reconnecting with backoff", self.backend.uri, exc
+                        )
+                    self.last_error = f"disconnected since {self.disconnected_since.isoformat()}: {exc}"
+                    self._close_stream()
+                except (PyMongoError, ChangeStreamUnsupportedError) as exc:
+                    self._failed(exc)
+                else:
+                    continue
+                self.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+        finally:
+            self._close_stream()
+            with self._cond:
+                self._cond.notify_all()
+            try:
+                self.backend.db[MARKS_COLLECTION].delete_one({"_id": self._mark_id})
+            except PyMongoError:
+                log.debug("could not remove this listener's barrier mark", exc_info=True)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        log.error("change stream on %s failed: %s", self.backend.uri, self.last_error)
+        self._close_stream()
+
+    def _close_stream(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                stream.close()
+            except PyMongoError:
+                log.debug("closing a broken change stream failed", exc_info=True)
+
+    def _step(self) -> None:
+        with self._cond:
+            reopen = self._stream is None or self._opened_generation != self._generation or self._rewind
+            generation = self._generation
+            if self._rewind:
+                self._rewind, self._seen = False, None
+        if reopen:
+            self._close_stream()
+            self._stream = self._open(self._seen or self._position())
+            with self._cond:
+                self._opened_generation = generation
+                self._cond.notify_all()
+        assert self._stream is not None
+        change = self._stream.try_next()
+        if self.disconnected_since is not None:
+            log.warning("reconnected to %s (disconnected since %s)", self.backend.uri, self.disconnected_since)
+            self.disconnected_since = None
+            self.last_error = None
+            self.disconnected.clear()
+        self.connected.set()
+        if change is None:
+            if not self._stream.alive:
+                self._close_stream()
+                return
+            self._seen = {"token": self._stream.resume_token, "start_after": False}
+            self._save_idle_position()
+            return
+        self._handle(change)
+
+    def _save_idle_position(self) -> None:
+        """An idle stream moves the saved position forward too (its post-batch token)."""
+        now = time.monotonic()
+        with self._cond:
+            quiet = self._in_flight == 0
+        if quiet and self._seen is not None and self._seen != self._committed and now - self._last_idle_save > 1:
+            self._last_idle_save = now
+            self._save(self._seen)
+
+    def _handle(self, change: dict[str, Any]) -> None:
+        operation = change["operationType"]
+        token = change["_id"]
+        collection = change.get("ns", {}).get("coll")
+        event = _EVENTS.get(operation)
+        if collection == MARKS_COLLECTION:
+            self._seen = {"token": token, "start_after": False}
+            document = change.get("fullDocument") or {}
+            if change.get("documentKey", {}).get("_id") == self._mark_id and "n" in document:
+                with self._cond:
+                    self._marks_seen = max(self._marks_seen, document["n"])
+                    self._cond.notify_all()
+            return
+        if event is not None and collection in self._tables:
+            row = change.get("fullDocument") if event is not DBEvent.delete else None
+            row_id = change["documentKey"]["_id"]
+            packet = ChangePacket(
+                collection,
+                event,
+                (row_id,),
+                None if row is None else (row,),
+                position={"token": token, "start_after": False},
+                source=self,
+            )
+            with self._cond:
+                self._in_flight += 1
+            try:
+                self.emit(packet)
+            except BaseException:
+                with self._cond:
+                    self._in_flight -= 1
+                raise
+        elif operation in ("drop", "rename") and collection in self._tables:
+            state = "dropped" if operation == "drop" else f"renamed to {change['to']['coll']!r}"
+            self._table_gone(collection, state)
+        elif operation == "dropDatabase":
+            for name in list(self._tables):
+                self._table_gone(name, "dropped with its database")
+        elif operation == "invalidate":
+            self._seen = {"token": token, "start_after": True}
+            self._close_stream()
+            return
+        if operation == "rename" and change.get("to", {}).get("coll") in self._tables:
+            replaced = change["to"]["coll"]
+            log.warning("collection %r was replaced by a rename; reconciling its outputs", replaced)
+            if self.on_reconcile is not None:
+                self.on_reconcile([replaced], self.stopped_event)
+        self._seen = {"token": token, "start_after": False}
+
+    def _table_gone(self, table: str, state: str) -> None:
+        log.warning(
+            "collection %r of %s was %s: its listeners stop; their outputs are kept", table, self.backend.uri, state
+        )
+        self.unwatch(table)
+        self.table_states[table] = state
+        if self.on_table_gone is not None:
+            self.on_table_gone(table, state)
+
+    def _recover_history(self) -> None:
+        """The saved token aged out of the oplog: reconcile everything, then follow from now."""
+        self.history_lost += 1
+        self.last_error = "resume token aged out of the oplog (ChangeStreamHistoryLost); reconciled"
+        log.warning(
+            "the saved position on %s is no longer in the oplog; reconciling outputs with the source, "
+            "then following changes from now",
+            self.backend.uri,
+        )
+        self._close_stream()
+        self._seen = None
+        with self._cond:
+            generation = self._generation
+        # Open from now first, so nothing written during the reconciliation is missed.
+        self._stream = self._open(None)
+        with self._cond:
+            self._opened_generation = generation
+        self._save({"token": self._stream.resume_token, "start_after": False})
+        if self.on_reconcile is not None:
+            self.on_reconcile(sorted(self.tables), self.stopped_event)
+
+    # -- what the handler and db.cdc call -------------------------------------------------
+    def commit(self, positions: Sequence[Any]) -> None:
+        try:
+            self._save(positions[-1])
+        finally:
+            self._settle(len(positions))
+
+    def release(self, positions: Sequence[Any]) -> None:
+        """Unprocessed packets: reopen the stream at the last saved position."""
+        with self._cond:
+            self._rewind = True
+        self._settle(len(positions))
+
+    def _settle(self, packets: int) -> None:
+        with self._cond:
+            self._in_flight -= packets
+            self._cond.notify_all()
+
+    def sync(self, timeout: float | None) -> bool:
+        """Write a barrier mark and wait until the stream has passed it."""
+        with self._cond:
+            self._marks_sent += 1
+            mark = self._marks_sent
+        try:
+            self.backend.db[MARKS_COLLECTION].update_one({"_id": self._mark_id}, {"$set": {"n": mark}}, upsert=True)
+        except PyMongoError as exc:
+            log.warning("could not write a barrier mark: %s", exc)
+            return False
+        with self._cond:
+            return self._cond.wait_for(lambda: self._marks_seen >= mark or not self.is_alive(), timeout) and (
+                self._marks_seen >= mark
+            )
+
+    def on_stop(self) -> None:
+        super().on_stop()
+        with self._cond:
+            self._cond.notify_all()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            **super().info(),
+            "table_states": dict(self.table_states),
+            "disconnected_since": self.disconnected_since.isoformat() if self.disconnected_since else None,
+            "history_lost": self.history_lost,
+            "in_flight": self._in_flight,
+        }

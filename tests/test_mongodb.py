@@ -1,0 +1,278 @@
+"""The MongoDB backend against a real server (SecantusDB, or $MONGO_URI)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import Recorder, outputs_by_source
+from pymongo import InsertOne
+
+import reactive
+from reactive.components import Listener, Model
+from reactive.threads import reactive_threads
+
+
+def test_inserts_updates_replaces_deletes_by_a_plain_client(mongo_uri: str, mongo, recorder: Recorder) -> None:
+    mongo.docs.insert_many([{"_id": 1, "text": "alpha"}, {"_id": 2, "text": "beta"}])
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("tag", predict=recorder), "text", "docs"))
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 2: "<beta>"}
+        db.cdc.start()
+        mongo.docs.insert_one({"_id": 3, "text": "gamma"})
+        mongo.docs.update_one({"_id": 1}, {"$set": {"text": "ALPHA"}})
+        mongo.docs.replace_one({"_id": 2}, {"text": "bravo", "extra": True})
+        mongo.docs.delete_one({"_id": 3})
+        mongo.docs.insert_one({"_id": 4, "text": "delta"})
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "tag__text") == {1: "<ALPHA>", 2: "<bravo>", 4: "<delta>"}
+        stats = db.cdc.info()["listeners"]["tag__text"]
+        assert stats["errors"] == 0
+        stored = mongo["_outputs__tag__text"].find_one({"_id": 4})
+        assert stored["_source"] == 4 and stored["_output"] == "<delta>"
+    assert not reactive_threads()
+
+
+def test_update_of_another_field_does_not_recompute(mongo_uri: str, mongo, recorder: Recorder) -> None:
+    mongo.docs.insert_one({"_id": 1, "text": "alpha", "views": 0})
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("tag", predict=recorder), "text", "docs"))
+        db.cdc.start()
+        for _ in range(3):
+            mongo.docs.update_one({"_id": 1}, {"$inc": {"views": 1}})
+        assert db.cdc.wait_idle(timeout=30)
+        assert recorder.inputs == ["alpha"]
+        assert db.cdc.info()["listeners"]["tag__text"]["skipped"] >= 1
+
+
+def test_filter_moves_documents_in_and_out(mongo_uri: str, mongo, recorder: Recorder) -> None:
+    mongo.docs.insert_many([{"_id": "a", "text": "one", "lang": "en"}, {"_id": "b", "text": "two", "lang": "de"}])
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("tag", predict=recorder), "text", "docs", filter={"lang": "en"}))
+        assert outputs_by_source(db, "tag__text") == {"a": "<one>"}
+        db.cdc.start()
+        mongo.docs.update_one({"_id": "b"}, {"$set": {"lang": "en"}})
+        mongo.docs.update_one({"_id": "a"}, {"$set": {"lang": "fr"}})
+        mongo.docs.insert_one({"_id": "c", "text": "three", "lang": "de"})
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "tag__text") == {"b": "<two>"}
+
+
+def test_drop_and_rename_stop_that_listener_and_others_go_on(mongo_uri: str, mongo, recorder: Recorder) -> None:
+    for name in ("docs", "notes", "keep"):
+        mongo[name].insert_one({"_id": 1, "text": name})
+    with reactive.connect(mongo_uri) as db:
+        for name in ("docs", "notes", "keep"):
+            db.add(Listener(Model(name, predict=recorder), "text", name))
+        db.cdc.start()
+        mongo.docs.drop()
+        mongo.notes.rename("notes_old")
+        mongo.keep.insert_one({"_id": 2, "text": "still followed"})
+        assert db.cdc.wait_idle(timeout=30)
+        info = db.cdc.info()
+        assert info["stopped_tables"] == {"docs": "dropped", "notes": "renamed to 'notes_old'"}
+        assert info["source"]["tables"] == ["keep"]
+        assert outputs_by_source(db, "keep__text") == {1: "<keep>", 2: "<still followed>"}
+        # A collection created again under the old name is not followed until added again.
+        mongo.docs.insert_one({"_id": 9, "text": "new"})
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "docs__text") == {1: "<docs>"}
+
+
+def test_restart_catches_up_without_recomputing(mongo_uri: str, mongo) -> None:
+    mongo.docs.insert_many([{"_id": i, "text": f"doc {i}"} for i in range(5)])
+    first = Recorder()
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("tag", predict=first), "text", "docs"))
+        db.cdc.start()
+        mongo.docs.insert_one({"_id": 5, "text": "doc 5"})
+        assert db.cdc.wait_idle(timeout=30)
+    assert sorted(first.inputs) == [f"doc {i}" for i in range(6)]
+
+    mongo.docs.insert_one({"_id": 6, "text": "doc 6"})
+    mongo.docs.update_one({"_id": 1}, {"$set": {"text": "doc one"}})
+    mongo.docs.update_one({"_id": 2}, {"$set": {"other": 1}})
+    mongo.docs.delete_one({"_id": 3})
+
+    second = Recorder()
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("tag", predict=second), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        assert sorted(second.inputs) == ["doc 6", "doc one"]
+        assert set(outputs_by_source(db, "tag__text")) == {0, 1, 2, 4, 5, 6}
+
+
+def test_bad_documents_are_recorded_and_the_rest_proceed(mongo_uri: str, mongo) -> None:
+    def embed(texts: list[str]) -> list[list[float]]:
+        return [[float(len(t)), float(t.count(" "))] for t in texts]
+
+    with reactive.connect(mongo_uri) as db:
+        mongo.docs.insert_one({"_id": "seed", "text": "seed"})
+        db.add(Listener(Model("emb", predict=embed, max_retries=0), "text", "docs"))
+        db.cdc.start()
+        mongo.docs.insert_many(
+            [
+                {"_id": 1, "text": "int id"},
+                {"_id": "s", "text": "string id"},
+                {"_id": {"user": 7, "n": 1}, "text": "compound id"},
+                {"_id": 2, "body": "no text field"},
+                {"_id": 3, "text": 12345},
+                {"_id": 4, "text": "x" * (15 * 1024 * 1024)},
+                {"_id": 5, "text": "after the bad ones"},
+            ]
+        )
+        assert db.cdc.wait_idle(timeout=60)
+        outputs = {str(row["_source"]): row["_output"] for row in db.outputs("emb__text")}
+        assert set(outputs) == {"seed", "1", "s", "{'user': 7, 'n': 1}", "5"}
+        assert outputs["{'user': 7, 'n': 1}"] == [11.0, 1.0]
+        errors = {str(e["source"]): e["error"] for e in db.errors("emb__text")}
+        assert set(errors) == {"2", "3", "4"}
+        assert "no value for key 'text'" in errors["2"]
+        assert "TypeError" in errors["3"]
+        assert "larger than max_input_bytes" in errors["4"]
+
+
+def test_ten_thousand_documents_in_bulk(mongo_uri: str, mongo) -> None:
+    with reactive.connect(mongo_uri) as db:
+        mongo.create_collection("docs")
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+        db.cdc.start()
+        mongo.docs.bulk_write([InsertOne({"_id": i, "text": "x" * (i % 97)}) for i in range(10_000)])
+        assert db.cdc.wait_idle(timeout=120)
+        outputs = outputs_by_source(db, "len__text")
+        assert len(outputs) == 10_000
+        assert all(outputs[i] == i % 97 for i in range(10_000))
+
+
+def test_wait_idle_is_a_barrier_for_writes_made_before_it(mongo_uri: str, mongo) -> None:
+    mongo.create_collection("docs")
+    done = threading.Event()
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+        db.cdc.start()
+        for i in range(50):
+            mongo.docs.insert_one({"_id": i, "text": "y" * i})
+            assert db.cdc.wait_idle(timeout=30)
+            assert outputs_by_source(db, "len__text")[i] == i
+        done.set()
+    assert done.is_set()
+
+
+def test_select_of_a_missing_collection_fails_at_add(mongo_uri: str, recorder: Recorder) -> None:
+    with reactive.connect(mongo_uri) as db, pytest.raises(reactive.TableNotFoundError, match="'nope'"):
+        db.add(Listener(Model("m", predict=recorder), "text", "nope"))
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("mongodb://bob:hunter2@127.0.0.1:1/app?serverSelectionTimeoutMS=300", "could not connect to"),
+        ("mongodb://bob:hunter2@127.0.0.1:27017", "names no database"),
+        ("mongodb://bob:hunter2@[::1/app", "invalid MongoDB URI"),
+    ],
+)
+def test_bad_uri_is_clear_and_redacted(uri: str, message: str) -> None:
+    with pytest.raises(reactive.ReactiveError) as excinfo:
+        reactive.connect(uri)
+    assert message in str(excinfo.value)
+    assert "hunter2" not in str(excinfo.value)
+    assert "bob:***@" in str(excinfo.value)
+
+
+# -- servers the test controls: killed, standalone, with a tiny oplog ------------------------
+@pytest.fixture
+def own_server(tmp_path):
+    from mongo_server import MongoServer
+
+    servers: list[MongoServer] = []
+
+    def start(*args: str) -> MongoServer:
+        server = MongoServer(tmp_path / f"data{len(servers)}", args=args).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_server_killed_and_restarted_mid_stream_loses_nothing(own_server) -> None:
+    from pymongo import MongoClient
+
+    server = own_server()
+    uri = server.database_uri("app")
+    # j=True: the server acknowledges a write once it is in its journal, so a SIGKILL
+    # cannot take back a write the test made (without it SecantusDB loses the last ones).
+    with MongoClient(uri, journal=True) as client, reactive.connect(uri) as db:
+        docs = client.app.docs
+        docs.insert_one({"_id": 0, "text": "before"})
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+        db.cdc.start()
+        listener = db.cdc.listener
+        assert listener.connected.wait(30)
+
+        docs.insert_many([{"_id": i, "text": "x" * i} for i in range(1, 200)])
+        server.kill()
+        assert listener.disconnected.wait(60)
+        assert db.cdc.info()["source"]["disconnected_since"] is not None
+
+        server.start()
+        docs.insert_many([{"_id": i, "text": "y" * i} for i in range(200, 300)])
+        assert listener.connected.wait(60)
+        assert db.cdc.wait_idle(timeout=120)
+        outputs = outputs_by_source(db, "len__text")
+        assert outputs == {0: 6, **{i: i for i in range(1, 300)}}
+        assert db.cdc.info()["source"]["disconnected_since"] is None
+
+
+def test_standalone_server_is_a_clear_error_at_add(own_server, recorder: Recorder) -> None:
+    from pymongo import MongoClient
+
+    server = own_server("--standalone")
+    uri = server.database_uri("app")
+    with MongoClient(uri) as client:
+        client.app.docs.insert_one({"_id": 1, "text": "x"})
+    with reactive.connect(uri) as db:
+        with pytest.raises(reactive.ChangeStreamUnsupportedError, match="replica set"):
+            db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        assert db.show() == []
+        assert not db.cdc.running
+
+
+def test_aged_out_resume_token_falls_back_to_reconciliation(own_server, caplog) -> None:
+    from pymongo import MongoClient
+
+    server = own_server("--oplog-max-entries", "5", "--enable-test-commands")
+    uri = server.database_uri("app")
+    recorder = Recorder()
+    with MongoClient(uri) as client, reactive.connect(uri) as db:
+        docs = client.app.docs
+        docs.insert_many([{"_id": i, "text": f"doc {i}"} for i in range(5)])
+        db.add(Listener(Model("tag", predict=recorder), "text", "docs"))
+        db.cdc.start()
+        docs.insert_one({"_id": 5, "text": "doc 5"})
+        assert db.cdc.wait_idle(timeout=30)
+        db.cdc.stop()
+
+        # While stopped: more writes than the oplog keeps, then the oplog is trimmed.
+        docs.insert_many([{"_id": i, "text": f"doc {i}"} for i in range(6, 40)])
+        docs.update_one({"_id": 1}, {"$set": {"text": "doc one"}})
+        docs.delete_one({"_id": 2})
+        client.admin.command({"secantusAdmin.pruneOplog": 1})
+
+        recorder.inputs.clear()
+        with caplog.at_level("WARNING", logger="reactive"):
+            db.cdc.start()
+            assert db.cdc.wait_idle(timeout=60)
+        assert "no longer in the oplog" in caplog.text
+        assert db.cdc.info()["source"]["history_lost"] == 1
+        expected = {i: f"<doc {i}>" for i in range(40) if i != 2}
+        expected[1] = "<doc one>"
+        assert outputs_by_source(db, "tag__text") == expected
+        assert sorted(recorder.inputs) == sorted(["doc one", *[f"doc {i}" for i in range(6, 40)]])
+
+        # Changes after the fallback are followed from the new position.
+        docs.insert_one({"_id": 99, "text": "later"})
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "tag__text")[99] == "<later>"
