@@ -115,8 +115,14 @@ class DatabaseChangeDataCapture:
                 self._handler.start()
             return self._handler
 
-    def listen(self, table: TableInfo) -> BaseDatabaseListener:
-        """Follow ``table``'s changes from now on (the backend's listener watches it)."""
+    def listen(self, table: str | TableInfo, *, id_column: str | None = None) -> BaseDatabaseListener:
+        """Follow ``table``'s changes from now on; the backend's change listener watches it.
+
+        ``db.add`` calls this for the table a component reads. Changes of a table nobody
+        reads are queued and dropped by the handler (later: table monitors).
+        """
+        if isinstance(table, str):
+            table = self.db.table_info(table, id_column=id_column)
         with self._lock:
             self._watched[table.name] = table
             self.table_states.pop(table.name, None)

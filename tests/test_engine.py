@@ -1,0 +1,180 @@
+"""The engine's parts on their own: coalescing, collation, the bounded queue, the registry."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from conftest import Recorder, SQLClient, outputs_by_source
+
+import reactive
+from reactive.backends import backend_names, load_backend, register_backend
+from reactive.backends.ibis import IbisBackend
+from reactive.cdc import DatabaseListenerFactory
+from reactive.components import Listener, Model
+from reactive.errors import QueueClosedError
+from reactive.events import ChangePacket, DBEvent, coalesce, collate
+from reactive.queue import CDCQueue
+
+INS, UPD, DEL = DBEvent.insert, DBEvent.update, DBEvent.delete
+
+
+def packet(event: DBEvent, *ids: int, table: str = "t") -> ChangePacket:
+    rows = None if event is DEL else tuple({"id": i, "v": f"{event.value}{i}"} for i in ids)
+    return ChangePacket(table, event, ids, rows)
+
+
+@pytest.mark.parametrize(
+    ("events", "expected"),
+    [
+        ([INS, UPD], INS),
+        ([INS, DEL], DEL),
+        ([UPD, UPD], UPD),
+        ([UPD, DEL], DEL),
+        ([DEL, INS], UPD),
+        ([INS, DEL, INS], INS),
+        ([UPD, DEL, INS, UPD], UPD),
+    ],
+)
+def test_coalesce_gives_the_net_event(events: list[DBEvent], expected: DBEvent) -> None:
+    [change] = coalesce([packet(e, 1) for e in events])
+    assert change.event is expected
+    if expected is not DEL:
+        assert change.row == {"id": 1, "v": f"{events[-1].value}1"}
+
+
+def test_collate_keeps_arrival_order_and_never_mixes_events() -> None:
+    packets = [packet(INS, 1, 2), packet(DEL, 3), packet(INS, 4, table="u"), packet(UPD, 5), packet(INS, 6)]
+    batches = list(collate(coalesce(packets), max_rows=2))
+    assert [(b.table, b.event, b.ids) for b in batches] == [
+        ("t", INS, (1, 2)),
+        ("t", INS, (6,)),
+        ("t", DEL, (3,)),
+        ("u", INS, (4,)),
+        ("t", UPD, (5,)),
+    ]
+
+
+def test_an_update_without_a_row_is_read_at_processing_not_replaced_by_an_older_row() -> None:
+    [change] = coalesce([packet(INS, 1), ChangePacket("t", UPD, (1,))])
+    assert change.event is INS and change.row is None
+
+
+def test_queue_blocks_producers_when_full_and_loses_nothing() -> None:
+    queue = CDCQueue(max_rows=10)
+    produced = 200
+
+    def produce() -> None:
+        for i in range(produced):
+            queue.put(packet(INS, i))
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    seen: list[int] = []
+    peak = 0
+    while len(seen) < produced:
+        peak = max(peak, queue.rows)
+        batch = queue.get_batch(max_rows=3, timeout=10)
+        assert batch, "the producer stalled"
+        assert sum(len(p) for p in batch) <= 3
+        seen.extend(i for p in batch for i in p.ids)
+        queue.task_done(len(batch))
+    producer.join()
+    assert seen == list(range(produced))
+    assert peak <= 10
+    assert queue.join(timeout=1)
+
+
+def test_a_packet_larger_than_the_bound_passes_an_empty_queue() -> None:
+    queue = CDCQueue(max_rows=2)
+    queue.put(packet(INS, 1, 2, 3, 4))
+    assert [len(p) for p in queue.get_batch(max_rows=100)] == [4]
+
+
+def test_a_blocked_producer_is_released_by_close_or_abandon() -> None:
+    queue = CDCQueue(max_rows=1)
+    queue.put(packet(INS, 1))
+    abandon = threading.Event()
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            queue.put(packet(INS, 2), abandon=abandon)
+        except QueueClosedError as exc:
+            errors.append(exc)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    abandon.set()
+    queue.wake_producers()
+    producer.join(5)
+    assert not producer.is_alive() and len(errors) == 1
+    assert queue.rows == 1
+
+
+def test_unknown_backend_names_the_supported_ones() -> None:
+    with pytest.raises(ValueError, match="unknown backend 'kafka'; supported backends: ibis, mongodb"):
+        DatabaseListenerFactory("kafka")
+    assert DatabaseListenerFactory("mongodb").listener_class.__name__ == "MongoChangeStreamListener"
+
+
+def test_builtin_backends_are_registered_as_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    names = {ep.name for ep in entry_points(group="reactive.backends")}
+    assert {"ibis", "mongodb"} <= names
+    assert load_backend("ibis") is IbisBackend
+
+
+def test_a_third_party_backend_registers_and_connects(tmp_path) -> None:
+    class MemoryDuckDB(IbisBackend):
+        name = "memory-duckdb"
+        schemes = ("memduck",)
+
+        @classmethod
+        def from_uri(cls, uri: str, **options):
+            return super().from_uri("duckdb://", **options)
+
+    register_backend("memory-duckdb", MemoryDuckDB)
+    assert "memory-duckdb" in backend_names()
+    with reactive.connect("memduck://anything") as db:
+        assert isinstance(db.backend, MemoryDuckDB)
+        assert db.cdc.factory.listener_class is IbisBackend.listener_class
+
+
+def test_backfill_and_live_changes_meet_without_gap_or_double_work(duck: SQLClient) -> None:
+    """Writes made while the backfill runs are processed once, with their latest values."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"old {i}") for i in range(1, 41)])
+    calls: list[str] = []
+
+    def model(texts: list[str]) -> list[str]:
+        if not calls:
+            # A foreign client writes in the middle of the backfill: one row already read,
+            # one not yet read, one new row.
+            duck.execute("UPDATE docs SET text = 'new 1' WHERE id = 1")
+            duck.execute("UPDATE docs SET text = 'new 40' WHERE id = 40")
+            duck.execute("INSERT INTO docs VALUES (41, 'new 41')")
+        calls.extend(texts)
+        return [t.upper() for t in texts]
+
+    with reactive.connect(duck.uri, poll_interval=0.05, page_size=10, batch_rows=10) as db:
+        db.cdc.start()
+        db.add(Listener(Model("up", predict=model, batch_size=10), "text", "docs"))
+        assert db.cdc.wait_idle(timeout=30)
+        outputs = outputs_by_source(db, "up__text")
+        assert outputs == {**{i: f"OLD {i}" for i in range(2, 40)}, 1: "NEW 1", 40: "NEW 40", 41: "NEW 41"}
+        # Each final value computed once; "old 1" was computed before the update arrived.
+        assert sorted(calls) == sorted([*(t.lower() for t in outputs.values()), "old 1"])
+
+
+def test_backfill_reports_progress(duck: SQLClient, recorder: Recorder) -> None:
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"t{i}") for i in range(250)])
+    reports: list[tuple[int, int]] = []
+    with reactive.connect(duck.uri, page_size=100) as db:
+        listener = Listener(Model("m", predict=recorder), "text", "docs")
+        db.add(listener, progress=lambda done, total: reports.append((done, total)))
+    assert reports[-1] == (250, 250)
+    assert [done for done, _ in reports] == sorted(done for done, _ in reports)
+    assert len(reports) == 3
