@@ -180,3 +180,46 @@ def test_add_twice_is_a_no_op_and_remove_drops_outputs(duck: SQLClient, recorder
         assert db.show() == []
         with pytest.raises(reactive.ConfigurationError, match="no listener"):
             db.outputs("tag__text")
+
+
+def test_vectors_are_stored_as_native_arrays(sql: SQLClient) -> None:
+    make_docs(sql, [(1, "ab", "en")])
+    with connect(sql) as db:
+        embed = Model("emb", predict=lambda texts: [[float(len(t)), 0.5] for t in texts])
+        db.add(Listener(embed, "text", "docs"))
+        assert outputs_by_source(db, "emb__text") == {1: [2.0, 0.5]}
+    if sql.kind == "duckdb":
+        [(column_type,)] = sql.execute(
+            "SELECT data_type FROM information_schema.columns WHERE table_name = '_outputs__emb__text' "
+            "AND column_name = '_output'"
+        )
+        assert column_type == "DOUBLE[]"
+    elif sql.kind == "postgres":
+        [(column_type,)] = sql.execute(
+            "SELECT data_type FROM information_schema.columns WHERE table_name = '_outputs__emb__text' "
+            "AND column_name = '_output'"
+        )
+        assert column_type == "ARRAY"
+        [(values,)] = sql.execute('SELECT "_output" FROM "_outputs__emb__text"')
+        assert values == [2.0, 0.5]
+    else:
+        # SQLite has no array type: JSON text, decoded by db.outputs.
+        [(text,)] = sql.execute('SELECT "_output" FROM "_outputs__emb__text"')
+        assert text == "[2.0, 0.5]"
+
+
+def test_stop_wakes_a_poller_with_a_long_interval(duck: SQLClient, recorder: Recorder) -> None:
+    make_docs(duck, [(1, "a", "en")])
+    db = connect(duck, poll_interval=3600)
+    db.add(Listener(Model("tag", predict=recorder), "text", "docs"))
+    db.cdc.start()
+    assert db.cdc.wait_idle(timeout=30)  # wakes the poller for one poll, then it waits an hour
+    db.cdc.stop(timeout=30)
+    assert not reactive_threads()
+    db.close()
+
+
+def test_in_memory_duckdb() -> None:
+    with reactive.connect("duckdb://") as db:
+        assert db.backend.uri == "duckdb://"
+        assert db.cdc.wait_idle(timeout=1)
