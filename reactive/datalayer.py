@@ -60,6 +60,7 @@ class Datalayer:
         self._components: dict[str, Component] = {}
         self._tables: dict[str, TableInfo] = {}
         self._lock = threading.RLock()
+        self._declare_lock = threading.Lock()
         listener_options: dict[str, Any] = {"poll_interval": poll_interval}
         self.cdc = DatabaseChangeDataCapture(
             self, queue_rows=queue_rows, batch_rows=batch_rows, listener_options=listener_options
@@ -112,25 +113,28 @@ class Datalayer:
         """
         if not isinstance(component, Component):
             raise ConfigurationError(f"db.add takes a component (e.g. a Listener), not {type(component).__name__}")
-        with self._lock:
-            existing = self._components.get(component.identifier)
-            if existing is not None:
-                same = isinstance(existing, Listener) and isinstance(component, Listener)
-                if same and existing.same_declaration(component):
-                    return existing
-                raise ConfigurationError(
-                    f"a component {component.identifier!r} is already added with another declaration; "
-                    f"db.remove({component.identifier!r}) first",
-                    listener=component.identifier,
-                )
-            self._check_chain(component)
+        # Declarations are serialized by _declare_lock; _lock only guards the registry, so
+        # the handler is never held up while a table is described or a stream reopened.
+        with self._declare_lock:
+            with self._lock:
+                existing = self._components.get(component.identifier)
+                if existing is not None:
+                    same = isinstance(existing, Listener) and isinstance(component, Listener)
+                    if same and existing.same_declaration(component):
+                        return existing
+                    raise ConfigurationError(
+                        f"a component {component.identifier!r} is already added with another declaration; "
+                        f"db.remove({component.identifier!r}) first",
+                        listener=component.identifier,
+                    )
+                self._check_chain(component)
             source = component.prepare(self)
-            internal = self._internal_outputs(source.name) is not None
-            if not internal:
+            if self._internal_outputs(source.name) is None:
                 # Follow the table before reading it for the backfill: nothing falls between.
                 self.cdc.listen(source)
-            self._tables[source.name] = source
-            self._components[component.identifier] = component
+            with self._lock:
+                self._tables[source.name] = source
+                self._components[component.identifier] = component
         try:
             self._backfill(component, source, progress)
         except BaseException:
@@ -180,13 +184,17 @@ class Datalayer:
 
     def remove(self, identifier: str, *, drop_outputs: bool = False) -> None:
         """Stop routing changes to ``identifier``; with ``drop_outputs`` delete its outputs."""
-        with self._lock:
-            component = self._components.pop(identifier, None)
-            if component is None:
-                raise ConfigurationError(f"no component {identifier!r}; added: {', '.join(self._components) or 'none'}")
-            if not any(c.table == component.table for c in self._components.values()):
+        with self._declare_lock:
+            with self._lock:
+                component = self._components.pop(identifier, None)
+                if component is None:
+                    added = ", ".join(self._components) or "none"
+                    raise ConfigurationError(f"no component {identifier!r}; added: {added}")
+                unused = not any(c.table == component.table for c in self._components.values())
+                if unused:
+                    self._tables.pop(component.table, None)
+            if unused:
                 self.cdc.unlisten(component.table)
-                self._tables.pop(component.table, None)
         if drop_outputs:
             self.backend.drop_outputs(identifier)
 

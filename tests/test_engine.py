@@ -8,7 +8,7 @@ import pytest
 from conftest import Recorder, SQLClient, outputs_by_source
 
 import reactive
-from reactive.backends import backend_names, load_backend, register_backend
+from reactive.backends import backend_names, load_backend, register_backend, unregister_backend
 from reactive.backends.ibis import IbisBackend
 from reactive.cdc import DatabaseListenerFactory
 from reactive.components import Listener, Model
@@ -136,10 +136,14 @@ def test_a_third_party_backend_registers_and_connects(tmp_path) -> None:
             return super().from_uri("duckdb://", **options)
 
     register_backend("memory-duckdb", MemoryDuckDB)
-    assert "memory-duckdb" in backend_names()
-    with reactive.connect("memduck://anything") as db:
-        assert isinstance(db.backend, MemoryDuckDB)
-        assert db.cdc.factory.listener_class is IbisBackend.listener_class
+    try:
+        assert "memory-duckdb" in backend_names()
+        with reactive.connect("memduck://anything") as db:
+            assert isinstance(db.backend, MemoryDuckDB)
+            assert db.cdc.factory.listener_class is IbisBackend.listener_class
+    finally:
+        unregister_backend("memory-duckdb")
+    assert "memory-duckdb" not in backend_names()
 
 
 def test_backfill_and_live_changes_meet_without_gap_or_double_work(duck: SQLClient) -> None:

@@ -39,6 +39,12 @@ def register_backend(name: str, target: str | type[DataBackend]) -> None:
         _registry[name] = target
 
 
+def unregister_backend(name: str) -> None:
+    """Forget the backend registered under ``name`` (for tests of plugins)."""
+    with _lock:
+        _registry.pop(name, None)
+
+
 def _load_entry_points() -> None:
     global _entry_points_loaded
     with _lock:
