@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from reactive.backends import load_backend
 from reactive.backends.base import BaseDatabaseListener, TableInfo
-from reactive.handler import CDCHandler, ComponentStats
+from reactive.handler import CDCHandler, ComponentStats, HandlerTotals
 from reactive.queue import CDCQueue
 
 if TYPE_CHECKING:
@@ -63,6 +63,8 @@ class DatabaseChangeDataCapture:
         self.listener_options = listener_options or {}
         self.factory = DatabaseListenerFactory(db.backend.name)
         self.stats: dict[str, ComponentStats] = {}
+        self.totals = HandlerTotals()
+        self._last_source_info: dict[str, Any] | None = None
         self._handler: CDCHandler | None = None
         self._listener: BaseDatabaseListener | None = None
         self._watched: dict[str, TableInfo] = {}
@@ -112,6 +114,7 @@ class DatabaseChangeDataCapture:
                 self.queue.reopen()
                 self._handler = CDCHandler(self.db, self.queue, batch_rows=self.batch_rows)
                 self._handler.stats = self.stats
+                self._handler.totals = self.totals
                 self._handler.start()
             return self._handler
 
@@ -161,9 +164,11 @@ class DatabaseChangeDataCapture:
             listener, self._listener = self._listener, None
             handler, self._handler = self._handler, None
             self._running = False
-        if listener is not None and listener.is_alive():
-            listener.stop()
-            listener.join(timeout)
+        if listener is not None:
+            if listener.is_alive():
+                listener.stop()
+                listener.join(timeout)
+            self._last_source_info = listener.info()
         if handler is not None:
             handler.stop()
             handler.join(timeout)
@@ -202,13 +207,8 @@ class DatabaseChangeDataCapture:
                 "put_rows": self.queue.put_rows,
                 "producer_blocked_seconds": round(self.queue.blocked_seconds, 3),
             },
-            "handler": {
-                "running": handler is not None and handler.is_alive(),
-                "processed_packets": handler.processed_packets if handler else 0,
-                "processed_rows": handler.processed_rows if handler else 0,
-                "internal_errors": handler.internal_errors if handler else 0,
-            },
-            "source": listener.info() if listener is not None else None,
+            "handler": {"running": handler is not None and handler.is_alive(), **dc.asdict(self.totals)},
+            "source": listener.info() if listener is not None else self._last_source_info,
             "stopped_tables": dict(self.table_states),
             "listeners": {name: dc.asdict(stats) for name, stats in self.stats.items()},
         }

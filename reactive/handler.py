@@ -49,6 +49,16 @@ class ComponentStats:
         setattr(self, name, getattr(self, name) + len(batch))
 
 
+@dc.dataclass(slots=True)
+class HandlerTotals:
+    """What the handler processed since the datalayer was created."""
+
+    packets: int = 0
+    rows: int = 0
+    windows: int = 0
+    internal_errors: int = 0
+
+
 class CDCHandler(ReactiveThread):
     """Turns every waiting packet into collated batches and routes them to components.
 
@@ -62,11 +72,9 @@ class CDCHandler(ReactiveThread):
         self.db = db
         self.queue = queue
         self.batch_rows = batch_rows
+        #: Totals; ``db.cdc`` hands the same objects to every handler it starts.
         self.stats: dict[str, ComponentStats] = {}
-        self.processed_packets = 0
-        self.processed_windows = 0
-        self.processed_rows = 0
-        self.internal_errors = 0
+        self.totals = HandlerTotals()
 
     def stop(self) -> None:
         # Not the stop event: retry backoffs keep their length while the queue drains.
@@ -106,7 +114,7 @@ class CDCHandler(ReactiveThread):
                 log.warning("database unreachable (%s); retrying %d packets in %.1f s", exc, len(packets), delay)
                 self.wait(delay)
             except Exception:
-                self.internal_errors += 1
+                self.totals.internal_errors += 1
                 log.exception("the change handler failed on %d packets; they will be delivered again", len(packets))
                 self._release(packets)
                 return
@@ -129,9 +137,9 @@ class CDCHandler(ReactiveThread):
             for component in components:
                 pending.extend(self._refresh(component, batch))
         self._commit(packets)
-        self.processed_packets += len(packets)
-        self.processed_windows += 1
-        self.processed_rows += sum(len(p) for p in packets)
+        self.totals.packets += len(packets)
+        self.totals.windows += 1
+        self.totals.rows += sum(len(p) for p in packets)
         for packet in packets:
             if packet.on_processed is not None:
                 try:
@@ -205,7 +213,7 @@ class CDCHandler(ReactiveThread):
             try:
                 source.commit(positions)
             except Exception:
-                self.internal_errors += 1
+                self.totals.internal_errors += 1
                 log.exception("could not save the position of %s", source.name)
 
     def _release(self, packets: Sequence[ChangePacket]) -> None:

@@ -6,7 +6,7 @@ Every URI that appears in a log line, an error or ``info()`` goes through :func:
 from __future__ import annotations
 
 import re
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 _USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:@/]*):(?P<pw>[^@/]*)@")
 
@@ -31,6 +31,19 @@ def scheme_of(uri: str) -> str:
     if "://" not in uri:
         return ""
     return uri.split("://", 1)[0].lower()
+
+
+def file_path(uri: str) -> str:
+    """The file of a ``duckdb://`` or ``sqlite://`` URI, or ``":memory:"``.
+
+    SQLAlchemy's convention: three slashes then a relative path, four for an absolute one.
+
+    >>> file_path("duckdb:///app.duckdb"), file_path("sqlite:////tmp/app.db"), file_path("duckdb://")
+    ('app.duckdb', '/tmp/app.db', ':memory:')
+    """
+    rest = uri.split("://", 1)[1] if "://" in uri else uri
+    path = (rest[1:] if rest.startswith("/") else rest).split("?", 1)[0]
+    return ":memory:" if path in ("", ":memory:") else unquote(path)
 
 
 def split(uri: str) -> SplitResult:

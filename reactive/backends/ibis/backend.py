@@ -48,7 +48,7 @@ from reactive.errors import (
 from reactive.events import Row, id_key
 from reactive.fingerprints import plain_value
 from reactive.outputs import infer_output_type, normalize_output
-from reactive.uri import redact, split
+from reactive.uri import file_path, redact, split
 
 SNAPSHOT_PREFIX = "_reactive_snapshot__"
 ERRORS_TABLE = "_reactive_errors"
@@ -62,14 +62,6 @@ _CHUNK = 1_000
 def _chunks(values: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
-
-
-def _file_path(uri: str) -> str:
-    """SQLAlchemy's convention: ``duckdb:///rel.db`` is relative, ``duckdb:////abs.db`` absolute."""
-    rest = uri.split("://", 1)[1]
-    path = rest[1:] if rest.startswith("/") else rest
-    path = path.split("?", 1)[0]
-    return ":memory:" if path in ("", ":memory:") else unquote(path)
 
 
 class IbisBackend(DataBackend):
@@ -101,9 +93,9 @@ class IbisBackend(DataBackend):
         scheme = parts.scheme.lower()
         try:
             if scheme == "duckdb":
-                con = ibis.duckdb.connect(_file_path(uri), **options)
+                con = ibis.duckdb.connect(file_path(uri), **options)
             elif scheme == "sqlite":
-                raw = sqlite3.connect(_file_path(uri), check_same_thread=False, timeout=30)
+                raw = sqlite3.connect(file_path(uri), check_same_thread=False, timeout=30)
                 con = ibis.sqlite.from_connection(raw)
             elif scheme in ("postgres", "postgresql"):
                 con = ibis.postgres.connect(
