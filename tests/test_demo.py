@@ -1,0 +1,87 @@
+"""``reactive demo`` end to end, with the stand-in hash model (no torch needed)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from reactive import demo
+from reactive.cli import main
+
+
+def section(output: str, number: int) -> str:
+    """The text of the demo's numbered section ``number``."""
+    match = re.search(rf"^{number}\. .*?(?=^\d\. |^Timing: |\Z)", output, re.S | re.M)
+    assert match, f"no section {number} in:\n{output}"
+    return match.group(0)
+
+
+def test_demo_with_the_hash_model(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "demo.duckdb"
+    assert main(["demo", "--uri", f"duckdb:///{path}", "--model", "hash"]) == 0
+    out = capsys.readouterr().out
+    assert "not a real embedding model" in out
+
+    backfill = section(out, 1)
+    backfilled = re.findall(r"^\s+(\d+)\s+.+?\s+64\s+[+-]\d\.\d{4}", backfill, re.M)
+    assert [int(i) for i in backfilled] == [doc_id for doc_id, _ in demo.DOCS]
+
+    changes = section(out, 2)
+    assert sorted(int(i) for i in re.findall(r"^\s+new\s+(\d+)", changes, re.M)) == [i for i, _ in demo.INSERTS]
+    updated = {int(i): float(cos) for i, cos in re.findall(r"^\s+updated\s+(\d+)\s.*?(-?\d\.\d{3})$", changes, re.M)}
+    assert sorted(updated) == sorted(i for i, _ in demo.UPDATES)
+    assert all(cos < 0.99 for cos in updated.values()), "an updated doc kept its old embedding"
+    assert [int(i) for i in re.findall(r"^\s+removed\s+(\d+)", changes, re.M)] == list(demo.DELETES)
+    assert "FAILED" not in changes
+    assert changes.count("[ok]") == 3
+
+    neighbours = re.findall(r"^\s+(\d)\s+(\d+)\s+(-?\d\.\d{3})\s+\S", section(out, 3), re.M)
+    assert [int(rank) for rank, _, _ in neighbours] == [1, 2, 3]
+    alive = {i for i, _ in demo.DOCS + demo.INSERTS} - set(demo.DELETES)
+    assert {int(i) for _, i, _ in neighbours} <= alive
+    scores = [float(score) for _, _, score in neighbours]
+    assert scores == sorted(scores, reverse=True)
+
+    counters = re.search(r"^\s+embed__text((?:\s+\d+){7})$", section(out, 4), re.M)
+    assert counters, out
+    inserts, updates, deletes, computed, _, errors, _ = map(int, counters.group(1).split())
+    assert (inserts, updates, deletes, errors) == (len(demo.DOCS) + len(demo.INSERTS), len(demo.UPDATES), 1, 0)
+    assert computed == len(demo.DOCS) + len(demo.INSERTS) + len(demo.UPDATES)
+    assert re.search(r"^Timing: .*total \d+\.\d\d s$", out, re.M)
+
+
+def test_demo_refuses_an_existing_database_it_did_not_create(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "mine.duckdb"
+    path.write_bytes(b"precious")
+    assert main(["demo", "--uri", f"duckdb:///{path}", "--model", "hash"]) == 1
+    assert "exists" in capsys.readouterr().err
+    assert path.read_bytes() == b"precious"
+
+
+def test_demo_needs_a_duckdb_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--uri", "duckdb://", "--model", "hash"]) == 1
+    assert "DuckDB file" in capsys.readouterr().err
+    assert main(["demo", "--uri", "postgresql://localhost/test", "--model", "hash"]) == 1
+    assert "DuckDB file" in capsys.readouterr().err
+
+
+def test_missing_model_package_says_how_to_install_it(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in demo._QUIET_OFFLINE_ENV:  # restored afterwards: the loader sets them
+        monkeypatch.setenv(name, "")
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails
+    assert main(["demo", "--uri", f"duckdb:///{tmp_path / 'demo.duckdb'}"]) == 1
+    err = capsys.readouterr().err
+    assert "make demo" in err and "pip install -e '.[embed]'" in err
+    assert not (tmp_path / "demo.duckdb").exists()
+
+
+def test_python_dash_m_reactive_shows_the_demo_options() -> None:
+    done = subprocess.run([sys.executable, "-m", "reactive", "demo", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "--model {minilm,hash}" in done.stdout
+    assert "--uri" in done.stdout
