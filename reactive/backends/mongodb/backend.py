@@ -251,4 +251,3 @@ class MongoBackend(DataBackend):
             {"_id": name, "value": dict(value), "updated_at": _dt.datetime.now(_dt.UTC)},
             upsert=True,
         )
-

@@ -142,9 +142,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                 log.warning("the saved position on %s is no longer in the oplog", self.backend.uri)
         if new and self.is_alive():
             with self._cond:
-                self._cond.wait_for(
-                    lambda: self._opened_generation >= generation or not self.is_alive(), timeout=30
-                )
+                self._cond.wait_for(lambda: self._opened_generation >= generation or not self.is_alive(), timeout=30)
 
     def unwatch(self, table: str) -> None:
         with self._cond:
@@ -190,9 +188,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                         self.disconnected_since = _dt.datetime.now(_dt.UTC)
                         self.connected.clear()
                         self.disconnected.set()
-                        log.warning(
-                            "lost the connection to %s (%s); reconnecting with backoff", self.backend.uri, exc
-                        )
+                        log.warning("lost the connection to %s (%s); reconnecting with backoff", self.backend.uri, exc)
                     self.last_error = f"disconnected since {self.disconnected_since.isoformat()}: {exc}"
                     self._close_stream()
                 except (PyMongoError, ChangeStreamUnsupportedError) as exc:
