@@ -95,10 +95,14 @@ class SQLiteDialect(Dialect):
     def upsert(self, con: Any, table: str, rows: ir.Table, on: str) -> None:
         ids = rows[on].to_pyarrow().to_pylist()
         delete = delete_where_in(table, on, ids).sql(con.dialect)
-        # sqlite3 opens a transaction at the DELETE; ibis commits it after the INSERT (or
-        # rolls both back), so readers never see the row missing.
-        con.raw_sql(delete)
-        con.insert(table, rows)
+        # sqlite3 opens a transaction at the DELETE; ibis commits it after the INSERT, so
+        # readers never see the row missing. Any failure rolls both back.
+        try:
+            con.raw_sql(delete)
+            con.insert(table, rows)
+        except BaseException:
+            con.con.rollback()
+            raise
 
 
 def timestamp_column(dialect: Dialect, values: list[_dt.datetime]) -> pa.Array:
