@@ -276,3 +276,21 @@ def test_aged_out_resume_token_falls_back_to_reconciliation(own_server, caplog) 
         docs.insert_one({"_id": 99, "text": "later"})
         assert db.cdc.wait_idle(timeout=30)
         assert outputs_by_source(db, "tag__text")[99] == "<later>"
+
+
+def test_chained_listeners(mongo_uri: str, mongo) -> None:
+    mongo.docs.insert_one({"_id": 1, "text": "a b c"})
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("words", predict=lambda texts: [t.split() for t in texts]), "text", "docs"))
+        db.add(
+            Listener(Model("count", predict=lambda lists: [len(x) for x in lists]), "_output", "_outputs__words__text")
+        )
+        assert outputs_by_source(db, "count___output") == {1: 3}
+        db.cdc.start()
+        mongo.docs.insert_one({"_id": 2, "text": "d e"})
+        mongo.docs.update_one({"_id": 1}, {"$set": {"text": "x"}})
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "count___output") == {1: 1, 2: 2}
+        mongo.docs.delete_one({"_id": 2})
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "count___output") == {1: 1}
