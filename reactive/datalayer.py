@@ -15,7 +15,7 @@ from reactive.backends.base import OUTPUTS_PREFIX, SOURCE_FIELD, DataBackend, Ta
 from reactive.cdc import DatabaseChangeDataCapture
 from reactive.components.base import Component
 from reactive.components.listener import Listener
-from reactive.errors import ConfigurationError
+from reactive.errors import BackendError, ConfigurationError
 from reactive.events import ChangePacket
 
 log = logging.getLogger(__name__)
@@ -158,10 +158,14 @@ class Datalayer:
         report = progress if callable(progress) else None
         last_log = [time.monotonic()]
 
-        def processed(packet: ChangePacket) -> None:
+        failures: list[BaseException] = []
+
+        def processed(packet: ChangePacket, error: BaseException | None) -> None:
             with done:
                 state["processed"] += 1
                 state["rows"] += len(packet)
+                if error is not None:
+                    failures.append(error)
                 done.notify_all()
             if report is not None:
                 report(state["rows"], total)
@@ -179,6 +183,11 @@ class Datalayer:
         with done:
             while state["processed"] < state["queued"]:
                 done.wait()
+        if failures:
+            raise BackendError(
+                f"backfill of {component.identifier!r} failed for some rows: {failures[0]}; adding it again resumes it",
+                listener=component.identifier,
+            ) from failures[0]
         if progress and state["rows"]:
             log.info("backfill %s: done, %d rows brought up to date", component.identifier, state["rows"])
 

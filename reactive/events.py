@@ -36,7 +36,8 @@ class ChangePacket:
     ``position`` is opaque to the engine: after the packet is processed the handler hands it
     back to ``source.commit``. ``targets`` limits the packet to some components (a backfill
     concerns only the listener being added); ``None`` means every component on the table.
-    ``on_processed`` is called by the handler once the packet is processed.
+    ``on_processed(packet, error)`` is called by the handler once the packet is processed
+    (``error`` is None) or given up (``error`` says why).
 
     >>> p = ChangePacket("docs", DBEvent.insert, (1, 2))
     >>> p.is_delete, len(p)
@@ -50,7 +51,7 @@ class ChangePacket:
     position: Any = None
     source: ChangeSource | None = None
     targets: frozenset[str] | None = None
-    on_processed: Callable[[ChangePacket], None] | None = None
+    on_processed: Callable[[ChangePacket, BaseException | None], None] | None = None
 
     def __post_init__(self) -> None:
         if self.rows is not None and len(self.rows) != len(self.ids):

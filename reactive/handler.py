@@ -108,15 +108,15 @@ class CDCHandler(ReactiveThread):
                 attempt += 1
                 if self.queue.closed and attempt > STOPPING_RETRIES:
                     log.error("database still unreachable while stopping; releasing %d packets", len(packets))
-                    self._release(packets)
+                    self._release(packets, exc)
                     return
                 delay = min(0.5 * 2 ** (attempt - 1), MAX_BACKOFF)
                 log.warning("database unreachable (%s); retrying %d packets in %.1f s", exc, len(packets), delay)
                 self.wait(delay)
-            except Exception:
+            except Exception as exc:
                 self.totals.internal_errors += 1
                 log.exception("the change handler failed on %d packets; they will be delivered again", len(packets))
-                self._release(packets)
+                self._release(packets, exc)
                 return
 
     # -- one window of packets ------------------------------------------------------------
@@ -140,10 +140,14 @@ class CDCHandler(ReactiveThread):
         self.totals.packets += len(packets)
         self.totals.windows += 1
         self.totals.rows += sum(len(p) for p in packets)
+        self._notify(packets, None)
+
+    @staticmethod
+    def _notify(packets: Sequence[ChangePacket], error: BaseException | None) -> None:
         for packet in packets:
             if packet.on_processed is not None:
                 try:
-                    packet.on_processed(packet)
+                    packet.on_processed(packet, error)
                 except Exception:
                     log.exception("a packet callback failed")
 
@@ -216,10 +220,11 @@ class CDCHandler(ReactiveThread):
                 self.totals.internal_errors += 1
                 log.exception("could not save the position of %s", source.name)
 
-    def _release(self, packets: Sequence[ChangePacket]) -> None:
+    def _release(self, packets: Sequence[ChangePacket], error: BaseException) -> None:
         """Tell each source that its packets were not processed and must come again."""
         for source, positions in self._by_source(packets):
             try:
                 source.release(positions)
             except Exception:
                 log.exception("could not release packets of %s", source.name)
+        self._notify(packets, error)

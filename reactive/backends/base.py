@@ -115,6 +115,10 @@ class DataBackend(ABC):
         """The current rows with these ids, keyed by :func:`~reactive.events.id_key`."""
 
     @abstractmethod
+    def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
+        """The :func:`~reactive.events.id_key` of those ``ids`` that are rows of ``table``."""
+
+    @abstractmethod
     def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
         """Every row, in pages; each row includes the id column."""
 
@@ -175,12 +179,18 @@ class DataBackend(ABC):
     ) -> Iterator[ChangePacket]:
         """Compare a listener's outputs with the source and yield the difference.
 
-        Rows whose output is missing or stale (``is_current(row, stored_fingerprint)`` is
-        False) come back as insert packets *without rows*: the handler reads each row when
-        it processes the packet, so a reconciliation never writes an output older than a
-        live change processed before it. Outputs whose source row is gone come back as
-        delete packets.
+        Outputs whose source row is gone come back first, as delete packets (checked before
+        any output is written, so a new listener pays nothing for it). Rows whose output is
+        missing or stale (``is_current(row, stored_fingerprint)`` is False) come back as
+        insert packets *without rows*: the handler reads each row when it processes the
+        packet, so a reconciliation never writes an output older than a live change
+        processed before it.
         """
+        for page in self.scan_output_ids(identifier, page_size=page_size):
+            present = self.existing_ids(table, page)
+            gone = tuple(i for i in page if id_key(i) not in present)
+            if gone:
+                yield ChangePacket(table.name, DBEvent.delete, gone)
         for page in self.scan(table, columns=columns, page_size=page_size):
             ids = [row[table.id_column] for row in page]
             stored = self.output_fingerprints(identifier, ids)
@@ -189,11 +199,6 @@ class DataBackend(ABC):
             )
             if stale:
                 yield ChangePacket(table.name, DBEvent.insert, stale)
-        for page in self.scan_output_ids(identifier, page_size=page_size):
-            present = self.read_rows(table, page)
-            gone = tuple(i for i in page if id_key(i) not in present)
-            if gone:
-                yield ChangePacket(table.name, DBEvent.delete, gone)
 
 
 class BaseDatabaseListener(ReactiveThread):

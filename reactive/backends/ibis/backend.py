@@ -31,10 +31,11 @@ from reactive.backends.base import (
     outputs_table,
 )
 from reactive.backends.ibis.dialects import (
+    TableSQL,
     decode_for,
-    delete_where_in,
     dialect_for,
     encode_for,
+    prepare_sqlite,
     timestamp_column,
 )
 from reactive.backends.ibis.listener import IbisPollingListener
@@ -86,6 +87,7 @@ class IbisBackend(DataBackend):
         self._lock = threading.RLock()
         self._output_types: dict[str, str] = {}
         self._handles: dict[str, ir.Table] = {}
+        self._sql: dict[tuple[str, str, tuple[str, ...]], TableSQL] = {}
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> Self:
@@ -96,6 +98,7 @@ class IbisBackend(DataBackend):
                 con = ibis.duckdb.connect(file_path(uri), **options)
             elif scheme == "sqlite":
                 raw = sqlite3.connect(file_path(uri), check_same_thread=False, timeout=30)
+                prepare_sqlite(raw)
                 con = ibis.sqlite.from_connection(raw)
             elif scheme in ("postgres", "postgresql"):
                 con = ibis.postgres.connect(
@@ -143,6 +146,7 @@ class IbisBackend(DataBackend):
         """Drop the cached handle on ``table`` (after it was altered, dropped or failed)."""
         with self._lock:
             self._handles.pop(table, None)
+            self._sql = {k: v for k, v in self._sql.items() if k[0] != table}
 
     def table_exists(self, table: str) -> bool:
         with self._lock:
@@ -176,15 +180,37 @@ class IbisBackend(DataBackend):
         with self._lock:
             return int(self._table(table.name).count().execute())
 
+    def _statements(self, table: str, id_column: str, columns: Sequence[str]) -> TableSQL:
+        key = (table, id_column, tuple(columns))
+        statements = self._sql.get(key)
+        if statements is None:
+            snapshot = None if table.startswith(("_outputs__", "_reactive_")) else self.snapshot_table(table)
+            statements = self._sql[key] = TableSQL(self.dialect, table, id_column, columns, snapshot)
+        return statements
+
+    def _source_sql(self, table: TableInfo) -> TableSQL:
+        columns = table.columns or tuple(self._table(table.name).columns)
+        return self._statements(table.name, table.id_column, columns)
+
+    def _fetch(self, sql: str, *params: Any) -> list[dict[str, Any]]:
+        return self.dialect.fetch(self.con, sql, params)
+
     def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
         rows: dict[Hashable, Row] = {}
         with self._lock:
-            t = self._table(table.name)
+            sql = self._source_sql(table).by_ids
             for chunk in _chunks(list(ids)):
-                found = t.filter(t[table.id_column].isin(list(chunk))).to_pyarrow().to_pylist()
-                for row in self._decoded(table.name, found):
+                for row in self._decoded(table.name, self._fetch(sql, self.dialect.bind_ids(chunk))):
                     rows[id_key(row[table.id_column])] = row
         return rows
+
+    def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
+        found: set[Hashable] = set()
+        with self._lock:
+            sql = self._source_sql(table).ids_by_ids
+            for chunk in _chunks(list(ids)):
+                found.update(id_key(row[table.id_column]) for row in self._fetch(sql, self.dialect.bind_ids(chunk)))
+        return found
 
     def _decoded(self, table: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Rows as components see them: outputs stored as JSON text come back decoded."""
@@ -195,46 +221,31 @@ class IbisBackend(DataBackend):
                     row[OUTPUT_FIELD] = decode_for(self.dialect, logical, row[OUTPUT_FIELD])
         return rows
 
-    def _pages(self, t: ir.Table, key: str, page_size: int) -> Iterator[list[dict[str, Any]]]:
+    def _pages(self, statements: TableSQL, key: str, page_size: int) -> Iterator[list[dict[str, Any]]]:
         """Keyset pagination: each page is one short statement, ordered by ``key``."""
-        last: Any = None
-        while True:
-            with self._lock:
-                expr = t if last is None else t.filter(t[key] > last)
-                page = expr.order_by(key).limit(page_size).to_pyarrow().to_pylist()
-            if page:
-                yield page
+        page = self._locked_fetch(statements.first_page, page_size)
+        while page:
+            yield page
             if len(page) < page_size:
                 return
-            last = page[-1][key]
+            page = self._locked_fetch(statements.next_page, page[-1][key], page_size)
+
+    def _locked_fetch(self, sql: str, *params: Any) -> list[dict[str, Any]]:
+        with self._lock:
+            return self._fetch(sql, *params)
 
     def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
         with self._lock:
             if not self.table_exists(table.name):
                 return
-            t = self._table(table.name)
-            wanted = dict.fromkeys([table.id_column, *(columns or t.columns)])
+            present = self._table(table.name).columns
+            wanted = dict.fromkeys([table.id_column, *(columns or present)])
             # A column the table lacks is left out: the rows then lack that field.
-            t = t.select(*[c for c in wanted if c in t.columns])
-        for page in self._pages(t, table.id_column, page_size):
+            statements = self._statements(table.name, table.id_column, [c for c in wanted if c in present])
+        for page in self._pages(statements, table.id_column, page_size):
             yield self._decoded(table.name, page)
 
-    # -- row fingerprints and snapshots (the Ibis listener's position) ---------------------
-    def row_fingerprint(self, t: ir.Table, columns: Sequence[str]) -> ir.IntegerValue:
-        """A 64-bit fingerprint of each row, computed inside the database.
-
-        Each column is cast to text and length-prefixed (NULL has its own marker), so
-        moving text between columns always changes the fingerprint.
-        """
-        parts = []
-        for column in columns:
-            text = t[column].cast("string")
-            parts.append(ibis.ifelse(text.isnull(), ibis.literal("~"), text.length().cast("string") + ":" + text))
-        joined = parts[0]
-        for part in parts[1:]:
-            joined = joined + "|" + part
-        return self.dialect.hash_text(joined)
-
+    # -- snapshots: the Ibis listener's position ------------------------------------------
     @staticmethod
     def snapshot_table(table: str) -> str:
         return f"{SNAPSHOT_PREFIX}{table}"
@@ -245,9 +256,9 @@ class IbisBackend(DataBackend):
             name = self.snapshot_table(table.name)
             if self.table_exists(name):
                 return False
-            t = self._table(table.name)
-            fp = self.row_fingerprint(t, table.columns)
-            self.con.create_table(name, t.select(**{ROW_ID: t[table.id_column], ROW_FINGERPRINT: fp}))
+            id_type = self._table(table.name).schema()[table.id_column]
+            self._create_keyed_table(name, {ROW_ID: id_type, ROW_FINGERPRINT: self.dialect.fingerprint_type}, ROW_ID)
+            self.dialect.execute(self.con, self._source_sql(table).fill_snapshot)
             return True
 
     def snapshot_diff(self, table: TableInfo) -> list[tuple[Any, str]]:
@@ -256,27 +267,13 @@ class IbisBackend(DataBackend):
         One full outer join inside the database; only the ids of changed rows come back.
         """
         with self._lock:
-            t = self._table(table.name)
-            snap = self._table(self.snapshot_table(table.name))
-            current = t.select(_cur_id=t[table.id_column], _cur_fp=self.row_fingerprint(t, table.columns))
-            joined = current.outer_join(snap, current._cur_id == snap[ROW_ID])
-            kind = ibis.cases(
-                (joined[ROW_ID].isnull(), "insert"),
-                (joined._cur_id.isnull(), "delete"),
-                else_="update",
-            )
-            diff = joined.filter(
-                joined[ROW_ID].isnull() | joined._cur_id.isnull() | (joined._cur_fp != joined[ROW_FINGERPRINT])
-            ).select(id=ibis.coalesce(joined._cur_id, joined[ROW_ID]), kind=kind)
-            return [(r["id"], r["kind"]) for r in diff.to_pyarrow().to_pylist()]
+            return [(row["id"], row["kind"]) for row in self._fetch(self._source_sql(table).diff)]
 
     def rows_with_fingerprints(self, table: TableInfo, ids: Sequence[Any]) -> list[tuple[Row, int]]:
         """The current rows with these ids, each with its fingerprint, read in one statement."""
         with self._lock:
-            t = self._table(table.name)
-            fp = self.row_fingerprint(t, table.columns)
-            expr = t.filter(t[table.id_column].isin(list(ids))).mutate(**{_FP: fp})
-            found = self._decoded(table.name, expr.to_pyarrow().to_pylist())
+            sql = self._source_sql(table).by_ids_with_fingerprint
+            found = self._decoded(table.name, self._fetch(sql, self.dialect.bind_ids(ids)))
         return [(row, row.pop(_FP)) for row in found]
 
     def advance_snapshot(self, table: str, upserts: Sequence[tuple[Any, int]], deletes: Sequence[Any]) -> None:
@@ -284,20 +281,25 @@ class IbisBackend(DataBackend):
         name = self.snapshot_table(table)
         with self._lock:
             schema = self._table(name).schema()
-            for chunk in _chunks(list(deletes)):
-                self.con.raw_sql(delete_where_in(name, ROW_ID, list(chunk)).sql(self.con.dialect))
+            if deletes:
+                sql = self._statements(name, ROW_ID, (ROW_ID, ROW_FINGERPRINT)).delete_by_ids
+                for chunk in _chunks(list(deletes)):
+                    self.dialect.execute(self.con, sql, [self.dialect.bind_ids(chunk)])
             if upserts:
                 latest = {id_key(i): (i, fp) for i, fp in upserts}
                 data = pa.table(
                     {
                         ROW_ID: pa.array([i for i, _ in latest.values()], type=schema[ROW_ID].to_pyarrow()),
-                        ROW_FINGERPRINT: pa.array([fp for _, fp in latest.values()], type=pa.int64()),
+                        ROW_FINGERPRINT: pa.array(
+                            [fp for _, fp in latest.values()], type=schema[ROW_FINGERPRINT].to_pyarrow()
+                        ),
                     }
                 )
-                self.dialect.upsert(self.con, name, ibis.memtable(data), ROW_ID)
+                self.dialect.upsert(self.con, name, ROW_ID, data)
 
     # -- outputs --------------------------------------------------------------------------
     def _create_keyed_table(self, name: str, columns: Mapping[str, dt.DataType], key: str) -> None:
+        """CREATE TABLE with a primary key on ``key`` (ibis cannot declare one)."""
         mapper = self.con.compiler.type_mapper
         defs = [
             sge.ColumnDef(
@@ -312,9 +314,7 @@ class IbisBackend(DataBackend):
             exists=True,
             this=sge.Schema(this=sg.table(name, quoted=True), expressions=defs),
         )
-        self.con.raw_sql(create.sql(self.con.dialect))
-        if self.dialect.name == "sqlite":
-            self.con.con.commit()
+        self.dialect.execute(self.con, create.sql(self.dialect.name))
 
     def _output_type(self, identifier: str) -> str | None:
         if identifier not in self._output_types:
@@ -380,29 +380,29 @@ class IbisBackend(DataBackend):
                         FINGERPRINT_FIELD: pa.array([k[2] for k in kept], type=pa.int64()),
                     }
                 )
-                self.dialect.upsert(self.con, name, ibis.memtable(data), SOURCE_FIELD)
+                self.dialect.upsert(self.con, name, SOURCE_FIELD, data)
             return stored
 
+    def _outputs_sql(self, identifier: str) -> TableSQL:
+        columns = (SOURCE_FIELD, OUTPUT_FIELD, FINGERPRINT_FIELD)
+        return self._statements(outputs_table(identifier), SOURCE_FIELD, columns)
+
     def delete_outputs(self, identifier: str, ids: Sequence[Any]) -> None:
-        name = outputs_table(identifier)
         with self._lock:
-            if not ids or not self.table_exists(name):
+            if not ids or not self.table_exists(outputs_table(identifier)):
                 return
+            sql = self._outputs_sql(identifier).delete_by_ids
             for chunk in _chunks(list(ids)):
-                self.con.raw_sql(delete_where_in(name, SOURCE_FIELD, list(chunk)).sql(self.con.dialect))
-            if self.dialect.name == "sqlite":
-                self.con.con.commit()
+                self.dialect.execute(self.con, sql, [self.dialect.bind_ids(chunk)])
 
     def output_fingerprints(self, identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
-        name = outputs_table(identifier)
         found: dict[Hashable, int] = {}
         with self._lock:
-            if not ids or not self.table_exists(name):
+            if not ids or not self.table_exists(outputs_table(identifier)):
                 return found
-            o = self._table(name)
+            sql = self._statements(outputs_table(identifier), SOURCE_FIELD, (SOURCE_FIELD, FINGERPRINT_FIELD)).by_ids
             for chunk in _chunks(list(ids)):
-                expr = o.filter(o[SOURCE_FIELD].isin(list(chunk))).select(SOURCE_FIELD, FINGERPRINT_FIELD)
-                for row in expr.to_pyarrow().to_pylist():
+                for row in self._fetch(sql, self.dialect.bind_ids(chunk)):
                     found[id_key(row[SOURCE_FIELD])] = row[FINGERPRINT_FIELD]
         return found
 
@@ -411,8 +411,8 @@ class IbisBackend(DataBackend):
         with self._lock:
             if not self.table_exists(name):
                 return
-            o = self._table(name).select(SOURCE_FIELD)
-        for page in self._pages(o, SOURCE_FIELD, page_size):
+            statements = self._statements(name, SOURCE_FIELD, (SOURCE_FIELD,))
+        for page in self._pages(statements, SOURCE_FIELD, page_size):
             yield [row[SOURCE_FIELD] for row in page]
 
     def read_outputs(self, identifier: str) -> list[dict[str, Any]]:
@@ -428,6 +428,7 @@ class IbisBackend(DataBackend):
         with self._lock:
             self.con.drop_table(outputs_table(identifier), force=True)
             self._handles.pop(outputs_table(identifier), None)
+            self._sql = {k: v for k, v in self._sql.items() if k[0] != outputs_table(identifier)}
             self._output_types.pop(identifier, None)
 
     # -- errors and checkpoints -----------------------------------------------------------
@@ -492,4 +493,4 @@ class IbisBackend(DataBackend):
                     {"name": dt.string, "value": dt.string, "updated_at": self.dialect.timestamp_type},
                     key="name",
                 )
-            self.dialect.upsert(self.con, CHECKPOINTS_TABLE, ibis.memtable(data), "name")
+            self.dialect.upsert(self.con, CHECKPOINTS_TABLE, "name", data)

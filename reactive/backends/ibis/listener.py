@@ -60,6 +60,7 @@ class IbisPollingListener(BaseDatabaseListener):
 
     def run(self) -> None:
         while self.should_keep_running():
+            started = time.monotonic()
             with self._cycle:
                 self._cycles_started += 1
             try:
@@ -79,7 +80,8 @@ class IbisPollingListener(BaseDatabaseListener):
                     self._cycle.wait()
                 self._cycles_done += 1
                 self._cycle.notify_all()
-            delay = self.poll_interval
+            # Polls start every poll_interval: the time spent polling counts toward the wait.
+            delay = max(0.0, self.poll_interval - (time.monotonic() - started))
             if self.consecutive_failures:
                 delay = min(self.poll_interval * 2**self.consecutive_failures, MAX_BACKOFF)
             self._wake.wait(delay)

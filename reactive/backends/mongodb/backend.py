@@ -127,6 +127,13 @@ class MongoBackend(DataBackend):
                 rows[id_key(doc["_id"])] = doc
         return rows
 
+    def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
+        found: set[Hashable] = set()
+        for chunk in _chunks(list(ids)):
+            cursor = self.db[table.name].find({"_id": {"$in": list(chunk)}}, {"_id": 1})
+            found.update(id_key(doc["_id"]) for doc in cursor)
+        return found
+
     def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
         projection = {c: 1 for c in columns} if columns else None
         cursor = self.db[table.name].find({}, projection).sort("_id", pymongo.ASCENDING).batch_size(page_size)
