@@ -33,6 +33,34 @@ def test_inserts_updates_replaces_deletes_by_a_plain_client(mongo_uri: str, mong
     assert not reactive_threads()
 
 
+def test_insert_then_delete_in_one_window_computes_nothing(mongo_uri: str, mongo) -> None:
+    """The handler coalesces an insert and a delete of one row that arrive in the same window."""
+    entered, release = threading.Event(), threading.Event()
+    seen: list[str] = []
+
+    def model(texts: list[str]) -> list[str]:
+        seen.extend(texts)
+        if "blocker" in texts:
+            entered.set()
+            assert release.wait(30), "the test never released the model"
+        return texts
+
+    mongo.create_collection("docs")
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("m", predict=model), "text", "docs"))
+        db.cdc.start()
+        mongo.docs.insert_one({"_id": 0, "text": "blocker"})
+        assert entered.wait(30)  # the handler is held inside the model
+        mongo.docs.insert_one({"_id": 1, "text": "short-lived"})
+        mongo.docs.insert_one({"_id": 2, "text": "kept"})
+        mongo.docs.delete_one({"_id": 1})
+        assert db.cdc.listener.sync(timeout=30)  # every event above is queued behind the blocker
+        release.set()
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {0: "blocker", 2: "kept"}
+        assert "short-lived" not in seen
+
+
 def test_update_of_another_field_does_not_recompute(mongo_uri: str, mongo, recorder: Recorder) -> None:
     mongo.docs.insert_one({"_id": 1, "text": "alpha", "views": 0})
     with reactive.connect(mongo_uri) as db:
