@@ -53,8 +53,8 @@ class DatabaseChangeDataCapture:
         self,
         db: Datalayer,
         *,
-        queue_rows: int = 10_000,
-        batch_rows: int = 1_000,
+        queue_rows: int = 20_000,
+        batch_rows: int = 5_000,
         listener_options: dict[str, Any] | None = None,
     ) -> None:
         self.db = db

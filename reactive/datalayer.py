@@ -50,9 +50,9 @@ class Datalayer:
         self,
         backend: DataBackend,
         *,
-        queue_rows: int = 10_000,
-        batch_rows: int = 1_000,
-        page_size: int = 1_000,
+        queue_rows: int = 20_000,
+        batch_rows: int = 5_000,
+        page_size: int = 5_000,
         poll_interval: float = 1.0,
     ) -> None:
         self.backend = backend
@@ -61,7 +61,7 @@ class Datalayer:
         self._tables: dict[str, TableInfo] = {}
         self._lock = threading.RLock()
         self._declare_lock = threading.Lock()
-        listener_options: dict[str, Any] = {"poll_interval": poll_interval}
+        listener_options: dict[str, Any] = {"poll_interval": poll_interval, "page_size": page_size}
         self.cdc = DatabaseChangeDataCapture(
             self, queue_rows=queue_rows, batch_rows=batch_rows, listener_options=listener_options
         )

@@ -67,7 +67,7 @@ class CDCHandler(ReactiveThread):
     is processed before the thread exits.
     """
 
-    def __init__(self, db: Datalayer, queue: CDCQueue, *, batch_rows: int = 1_000) -> None:
+    def __init__(self, db: Datalayer, queue: CDCQueue, *, batch_rows: int = 5_000) -> None:
         super().__init__("cdc-handler")
         self.db = db
         self.queue = queue

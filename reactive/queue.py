@@ -24,7 +24,7 @@ class CDCQueue:
     ([2], 0)
     """
 
-    def __init__(self, max_rows: int = 10_000) -> None:
+    def __init__(self, max_rows: int = 20_000) -> None:
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
         self.max_rows = max_rows

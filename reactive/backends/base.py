@@ -209,11 +209,14 @@ class BaseDatabaseListener(ReactiveThread):
     listener must never persist a position earlier than that.
     """
 
-    def __init__(self, backend: DataBackend, queue: CDCQueue, *, poll_interval: float = 1.0) -> None:
+    def __init__(
+        self, backend: DataBackend, queue: CDCQueue, *, poll_interval: float = 1.0, page_size: int = 5_000
+    ) -> None:
         super().__init__(f"{backend.name}-listener")
         self.backend = backend
         self.queue = queue
         self.poll_interval = poll_interval
+        self.page_size = page_size
         self._tables: dict[str, TableInfo] = {}
         self._lock = threading.RLock()
         self.counters = {"inserts": 0, "updates": 0, "deletes": 0}

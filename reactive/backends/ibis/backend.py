@@ -57,7 +57,7 @@ CHECKPOINTS_TABLE = "_reactive_checkpoints"
 ROW_ID, ROW_FINGERPRINT = "row_id", "fingerprint"
 _FP = "__reactive_fingerprint"
 #: Largest IN list sent in one statement.
-_CHUNK = 1_000
+_CHUNK = 10_000
 
 
 def _chunks(values: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:

@@ -34,9 +34,8 @@ class IbisPollingListener(BaseDatabaseListener):
 
     backend: IbisBackend
 
-    def __init__(self, backend: IbisBackend, queue: Any, *, poll_interval: float = 1.0, page_size: int = 1_000) -> None:
-        super().__init__(backend, queue, poll_interval=poll_interval)
-        self.page_size = page_size
+    def __init__(self, backend: IbisBackend, queue: Any, **options: Any) -> None:
+        super().__init__(backend, queue, **options)
         self._cycle = threading.Condition()
         self._cycles_started = 0
         self._cycles_done = 0

@@ -40,7 +40,7 @@ from reactive.uri import redact
 ERRORS_COLLECTION = "_reactive_errors"
 CHECKPOINTS_COLLECTION = "_reactive_checkpoints"
 #: Largest ``$in`` list sent in one query.
-_CHUNK = 1_000
+_CHUNK = 10_000
 
 AUTH_FAILED = 18
 

@@ -50,8 +50,8 @@ class MongoChangeStreamListener(BaseDatabaseListener):
 
     backend: MongoBackend
 
-    def __init__(self, backend: MongoBackend, queue: Any, *, poll_interval: float = 1.0, max_await_ms: int = 200):
-        super().__init__(backend, queue, poll_interval=poll_interval)
+    def __init__(self, backend: MongoBackend, queue: Any, *, max_await_ms: int = 200, **options: Any) -> None:
+        super().__init__(backend, queue, **options)
         self.max_await_ms = max_await_ms
         self.checkpoint_name = f"mongodb/{backend.db.name}/stream"
         self._cond = threading.Condition(self._lock)
