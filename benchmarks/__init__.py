@@ -1,0 +1,1 @@
+"""Benchmarks of reactive against hand-written references: ``python -m benchmarks``."""

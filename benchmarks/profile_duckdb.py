@@ -1,0 +1,218 @@
+"""Where reactive's time goes on DuckDB: wall time per backend call, by thread; optionally cProfile.
+
+``python -m benchmarks.profile_duckdb [--scenario bulk|backfill|poll] [--rows N] [--cprofile]``
+
+*bulk*: change capture running, one INSERT of ``rows`` rows, until idle. *backfill*:
+``db.add`` on a table of ``rows`` rows. *poll*: one poll of a ``rows``-row table with 1% of
+its rows updated, five times. The stage table is the wall time inside each backend method,
+per thread: it includes waiting for the backend's lock (one connection, one lock), so the
+threads' columns can add up to more than the run. ``ibis compile`` is the part of those
+calls spent turning ibis expressions into SQL. With ``--cprofile`` the handler's and the
+listener's (or, for *poll*, the main thread's) functions are printed by cumulative time;
+cProfile slows Python-heavy code, so use it for shares, not for speeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import io
+import pstats
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import reactive
+from reactive.backends.ibis.listener import IbisPollingListener
+from reactive.components import Listener
+from reactive.handler import CDCHandler
+
+from . import sql_duckdb as bench
+from .common import markdown_table, scratch_dir
+
+STAGES = (
+    "ensure_snapshot",
+    "snapshot_diff",
+    "rows_with_fingerprints",
+    "read_rows",
+    "output_fingerprints",
+    "write_outputs",
+    "advance_snapshot",
+    "delete_outputs",
+    "count",
+)
+
+
+class StageClock:
+    """Accumulates wall time and calls per (thread, stage)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
+        self._lock = threading.Lock()
+
+    def wrap(self, owner: Any, name: str, label: str | None = None) -> None:
+        """Time ``owner.name`` on this instance only."""
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.add(label or name, time.perf_counter() - started)
+
+        setattr(owner, name, timed_call)
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            total = self.totals[(threading.current_thread().name, stage)]
+            total[0] += 1
+            total[1] += seconds
+
+    def instrument(self, db: reactive.Datalayer) -> None:
+        for stage in STAGES:
+            self.wrap(db.backend, stage)
+        self.wrap(db.backend.con, "compile", "(ibis compile, inside the calls above)")
+
+    def markdown(self, wall: float) -> str:
+        rows = [
+            [thread, stage, int(calls), f"{seconds * 1000:,.0f} ms", f"{seconds / wall:.0%}"]
+            for (thread, stage), (calls, seconds) in sorted(self.totals.items(), key=lambda kv: -kv[1][1])
+        ]
+        return markdown_table(["thread", "stage", "calls", "wall time", "share of run"], rows)
+
+
+class ThreadProfiles:
+    """cProfile of the handler's ``handle`` and the listener's ``_poll``, in their own threads."""
+
+    def __init__(self) -> None:
+        self.profiles = {"handler": cProfile.Profile(), "listener": cProfile.Profile()}
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        originals = CDCHandler.handle, IbisPollingListener._poll
+        CDCHandler.handle = self._profiled(self.profiles["handler"], CDCHandler.handle)  # type: ignore[method-assign]
+        IbisPollingListener._poll = self._profiled(self.profiles["listener"], IbisPollingListener._poll)  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            CDCHandler.handle, IbisPollingListener._poll = originals  # type: ignore[method-assign]
+
+    @staticmethod
+    def _profiled(profile: cProfile.Profile, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            profile.enable()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                profile.disable()
+
+        return wrapper
+
+
+def top_functions(profile: cProfile.Profile, limit: int = 30) -> str:
+    out = io.StringIO()
+    try:
+        stats = pstats.Stats(profile, stream=out)
+    except TypeError:  # never enabled: nothing ran in that thread
+        return "(no samples)"
+    stats.sort_stats("cumulative").print_stats(limit)
+    return out.getvalue()
+
+
+def run_bulk(rows: int, clock: StageClock) -> float:
+    with scratch_dir() as workdir:
+        path = workdir / "bulk.duckdb"
+        client = bench.create_docs(path, 0)
+        with bench.connect(path) as db:
+            db.add(Listener(bench.make_model(), "text", "docs"), progress=False)
+            clock.instrument(db)
+            db.cdc.start()
+            db.cdc.wait_idle(timeout=bench.CATCH_UP_TIMEOUT)
+            started = time.perf_counter()
+            bench.insert_docs(client, 0, rows)
+            db.cdc.wait_idle(timeout=bench.CATCH_UP_TIMEOUT)
+            wall = time.perf_counter() - started
+            db.cdc.stop()
+        client.close()
+    return wall
+
+
+def run_backfill(rows: int, clock: StageClock) -> float:
+    with scratch_dir() as workdir:
+        path = workdir / "backfill.duckdb"
+        client = bench.create_docs(path, rows)
+        with bench.connect(path) as db:
+            clock.instrument(db)
+            started = time.perf_counter()
+            db.add(Listener(bench.make_model(), "text", "docs"), progress=False)
+            wall = time.perf_counter() - started
+            db.cdc.stop()
+        client.close()
+    return wall
+
+
+def run_poll(rows: int, clock: StageClock, profile: cProfile.Profile | None) -> float:
+    with scratch_dir() as workdir:
+        path = workdir / "poll.duckdb"
+        client = bench.create_docs(path, rows)
+        probe = bench.PollProbe(path, client)
+        try:
+            probe.create_snapshot()
+            client.execute("UPDATE docs SET text = text || ' (edited)' WHERE id % 100 = 0")
+            for stage in STAGES:
+                clock.wrap(probe.backend, stage)
+            clock.wrap(probe.backend.con, "compile", "(ibis compile, inside the calls above)")
+            started = time.perf_counter()
+            for _ in range(5):
+                if profile is not None:
+                    profile.enable()
+                probe.reactive_poll()
+                if profile is not None:
+                    profile.disable()
+                probe.drain()
+            return time.perf_counter() - started
+        finally:
+            probe.close()
+            client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_duckdb", description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", choices=("bulk", "backfill", "poll"), default="bulk")
+    parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument("--cprofile", action="store_true", help="also print cProfile's top functions per thread")
+    args = parser.parse_args(argv)
+    clock = StageClock()
+    profiles = ThreadProfiles()
+    main_profile = cProfile.Profile() if args.cprofile and args.scenario == "poll" else None
+    if args.scenario == "poll":
+        wall = run_poll(args.rows, clock, main_profile)
+    else:
+        run = run_bulk if args.scenario == "bulk" else run_backfill
+        if args.cprofile:
+            with profiles.installed():
+                wall = run(args.rows, clock)
+        else:
+            wall = run(args.rows, clock)
+    if args.scenario == "poll":
+        print(f"### 5 polls of {args.rows:,} rows, 1% updated: {wall:.2f} s ({wall / 5 * 1000:,.0f} ms per poll)\n")
+    else:
+        print(f"### {args.scenario}, {args.rows:,} rows: {wall:.2f} s ({args.rows / wall:,.0f} rows/s)\n")
+    print(clock.markdown(wall))
+    if main_profile is not None:
+        print("\n#### cProfile: main thread (5 polls)\n\n```\n" + top_functions(main_profile) + "```")
+    elif args.cprofile:
+        for name, profile in profiles.profiles.items():
+            print(f"\n#### cProfile: {name} thread\n\n```\n" + top_functions(profile) + "```")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
