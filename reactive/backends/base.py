@@ -50,11 +50,16 @@ class TableInfo:
 
 @dc.dataclass(frozen=True, slots=True)
 class OutputRecord:
-    """One output to store: the source row id, the output, the fingerprint of the input."""
+    """One output to store: the source row id, the output, the fingerprint of the input.
+
+    ``new`` says no output was stored for this row when the batch started, so a backend may
+    insert instead of upsert (it must still cope with a row that exists after all).
+    """
 
     source: Any
     output: Any
     fingerprint: int
+    new: bool = False
 
 
 @dc.dataclass(frozen=True, slots=True)

@@ -200,7 +200,7 @@ class Listener(Component):
                 if isinstance(result, Failure):
                     fail(row_id, result.error)
                 else:
-                    records.append(OutputRecord(row_id, result, fp))
+                    records.append(OutputRecord(row_id, result, fp, new=id_key(row_id) not in stored))
                     computed.append(row_id)
             refresh.computed = len(computed)
             if records:

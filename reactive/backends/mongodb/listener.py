@@ -28,9 +28,11 @@ MARKS_COLLECTION = "_reactive_marks"
 #: Server error codes this listener reacts to.
 NOT_A_REPLICA_SET = 40573
 HISTORY_LOST = 286
-#: Change events bigger than this lose their fullDocument (the handler reads the row
-#: instead), so an event never exceeds the server's 16 MB limit.
+#: After the server refused an event over its 16 MB limit (error 10334), events bigger than
+#: this lose their fullDocument (the handler reads the row instead). The stage is not used
+#: until then: it halves how fast a stream delivers on some servers.
 LARGE_DOCUMENT_BYTES = 8 * 1024 * 1024
+EVENT_TOO_LARGE = 10334
 MAX_BACKOFF = 30.0
 #: An idle stream saves its post-batch resume token at most this often.
 IDLE_SAVE_SECONDS = 1.0
@@ -66,6 +68,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         self._marks_sent = 0
         self._marks_seen = 0
         self._last_idle_save = 0.0
+        self._strip_large_documents = False
         self.table_states: dict[str, str] = {}
         self.disconnected_since: _dt.datetime | None = None
         #: Set while the server is unreachable; ``connected`` is its opposite.
@@ -85,8 +88,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
 
     def _pipeline(self) -> list[dict[str, Any]]:
         names = sorted(self.tables)
-        too_big = {"$gt": [{"$bsonSize": {"$ifNull": ["$fullDocument", {}]}}, LARGE_DOCUMENT_BYTES]}
-        return [
+        stages: list[dict[str, Any]] = [
             {
                 "$match": {
                     "$or": [
@@ -95,9 +97,12 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                         {"operationType": {"$in": ["dropDatabase", "invalidate"]}},
                     ]
                 }
-            },
-            {"$set": {"fullDocument": {"$cond": [too_big, "$$REMOVE", "$fullDocument"]}}},
+            }
         ]
+        if self._strip_large_documents:
+            too_big = {"$gt": [{"$bsonSize": {"$ifNull": ["$fullDocument", {}]}}, LARGE_DOCUMENT_BYTES]}
+            stages.append({"$set": {"fullDocument": {"$cond": [too_big, "$$REMOVE", "$fullDocument"]}}})
+        return stages
 
     def _open(self, position: dict[str, Any] | None) -> DatabaseChangeStream:
         options: dict[str, Any] = {"full_document": "updateLookup", "max_await_time_ms": self.max_await_ms}
@@ -181,6 +186,11 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                 except OperationFailure as exc:
                     if exc.code == HISTORY_LOST:
                         self._recover_history()
+                        continue
+                    if exc.code == EVENT_TOO_LARGE and not self._strip_large_documents:
+                        log.warning("a change event exceeded 16 MB; large documents are now read separately")
+                        self._strip_large_documents = True
+                        self._close_stream()
                         continue
                     self._failed(exc)
                 except ConnectionFailure as exc:
