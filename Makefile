@@ -6,12 +6,13 @@ VENV = .venv
 BIN = $(VENV)/bin
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test lint
+.PHONY: help demo test lint bench
 
 help:
 	@echo "make demo   install the demo's embedding model into $(VENV) and run 'reactive demo'"
 	@echo "make test   install the test tools into $(VENV), make sure PostgreSQL runs, run pytest"
 	@echo "make lint   ruff check and ruff format --check"
+	@echo "make bench  the benchmarks (DuckDB, then MongoDB against SecantusDB); a few minutes"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,3 +35,7 @@ test: $(VENV)/.test-installed
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+bench: $(VENV)/.test-installed
+	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks.mongo_changestream

@@ -1,0 +1,1063 @@
+"""MongoDB benchmark: ``reactive``'s change-stream path next to a hand-written pymongo loop.
+
+Run ``python -m benchmarks.mongo_changestream [--quick] [--profile] [--uri mongodb://...]``. It
+prints Markdown tables and writes every figure as JSON (``results/mongodb.json`` for a full
+run, ``results/mongodb-partial.json`` with ``--quick``). Nothing here asserts a speed; the
+only checks are for correctness (every document got its output).
+
+Server
+    One SecantusDB process (``tests/mongo_server.py``), started once and shared by every
+    scenario, so the server and the clients do not share a GIL. ``--uri`` uses another
+    server instead (a replica set: change streams need one). Every scenario runs on a fresh
+    database of that server, dropped afterwards, and the systems run one after another,
+    never at the same time. Every client connects with ``retryWrites=false`` (``--retry-writes``
+    keeps them): SecantusDB 0.7.0b3 scans all its retryable-write records of the last 30
+    minutes on every retryable write (and sorts them past 10,000), so with them each
+    scenario would slow down every later one, the per-event raw loop most of all.
+
+Model
+    ``[float(len(t)) for t in texts]`` on field ``text``, in every system.
+
+Systems
+    ``reactive``: ``reactive.connect(uri)``, ``db.add(Listener(Model("len", ...), key="text",
+    select="docs"))``, ``db.cdc.start()`` (one database-level change stream, a bounded queue,
+    a handler thread that coalesces a window, reads stored fingerprints, runs the model,
+    bulk-upserts the outputs and saves the resume token).
+
+    ``raw loop`` (the reference of the ratios): the loop a developer writes by hand, in one
+    thread with its own ``MongoClient``: ``docs.watch(full_document="updateLookup")`` (a
+    collection-level stream) and, for each event, compute and
+    ``outputs.replace_one({"_id": id}, {...}, upsert=True)``.
+
+    ``raw batched`` (labelled, for context): a reader thread puts the events of the same
+    stream on an unbounded ``queue.SimpleQueue``; a writer thread takes everything waiting
+    (at most 1,000), computes and writes it with one unordered ``bulk_write`` of upserts. No
+    fingerprints, no checkpoint, no backpressure.
+
+When an output is "visible"
+    ``reactive``: ``db.backend.write_outputs`` is wrapped *on the instance* (not the class);
+    the wrapper calls the original, which returns once the server acknowledged the bulk
+    write, then timestamps every source id of that call (``time.perf_counter``). The raw
+    loops timestamp right after ``replace_one`` / ``bulk_write`` returns. The first
+    timestamp of an id counts.
+
+Latency
+    One writer client (the main thread) inserts single documents paced ``interval`` apart
+    (start to start), timestamping right before ``insert_one``; latency = output visible -
+    insert started, so it includes the insert itself (its acknowledgement time is reported
+    too). A few inserts before the measured ones warm each system up and are not counted.
+    Each system runs ``rounds`` times, alternating with the other; the figures are over the
+    samples of every round.
+
+Throughput
+    ``docs`` documents inserted by the writer with ``insert_many`` in batches of ``batch``
+    (the documents are built beforehand); time from the first insert to the last output
+    visible. The insert phase alone and the lag of outputs after the last insert are
+    reported, as is the CPU time of every thread involved and of the server process over
+    the run (``/proc``), to tell where the time goes. Each system runs ``rounds`` times,
+    alternating; the median round is reported.
+
+Profile (``--profile``)
+    * Latency breakdown: the latency run again with timestamps in between: when the event
+      was read from the stream (``reactive``: its listener's ``emit``; raw loop: right after
+      ``try_next``), and for ``reactive`` around its one read of stored fingerprints
+      (``output_fingerprints``), each wrapped on the instance like ``write_outputs``.
+    * Stream delivery: how many events/s a change stream delivers to a bare ``try_next``
+      loop, reading a history of ``docs`` inserts written beforehand (so the insert rate does
+      not limit it): collection-level, database-level bare, with ``reactive``'s ``$match``
+      only, with its whole pipeline (``$match`` + ``$set``, taken from the listener itself),
+      and with that pipeline but without ``updateLookup``. Once on a history of inserts
+      only, once on a history where every batch of inserts is followed by the upserts of
+      its outputs in the same database (what the database-level stream reads past when
+      ``reactive`` runs).
+    * Backlog drain: the same history processed from the stream by each system, so the
+      figure is its processing capacity, not the insert rate.
+    * ``cProfile`` of the listener thread and the handler thread (each enables its own
+      profiler; the class ``run`` methods are wrapped only for that run) during one
+      throughput run: the functions with the most own time and the most cumulative time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import dataclasses as dc
+import datetime as _dt
+import functools
+import importlib.metadata
+import importlib.util
+import io
+import itertools
+import json
+import os
+import pstats
+import queue
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from pymongo import MongoClient, ReplaceOne
+from pymongo.collection import Collection
+
+import reactive
+from reactive.backends.base import TableInfo
+from reactive.backends.mongodb.backend import MongoBackend
+from reactive.backends.mongodb.listener import MongoChangeStreamListener
+from reactive.components import Listener, Model
+from reactive.handler import CDCHandler
+from reactive.queue import CDCQueue
+
+from .common import machine_info, markdown_table, scratch_dir, summarize_seconds
+
+RESULTS = Path(__file__).parent / "results"
+MONGO_SERVER = Path(__file__).resolve().parent.parent / "tests" / "mongo_server.py"
+IDENTIFIER = "len__text"
+OUTPUTS = f"_outputs__{IDENTIFIER}"
+#: Longest wait for outputs before a run is reported as incomplete.
+TIMEOUT = 300.0
+#: ``maxAwaitTimeMS`` of the raw loops' streams: the same as ``reactive``'s listener.
+MAX_AWAIT_MS = 200
+#: The latency goal (reactive/raw, at most) and the throughput goal (reactive/raw, at least).
+LATENCY_GOAL = 1.5
+THROUGHPUT_GOAL = 0.8
+
+
+def model(texts: list[str]) -> list[float]:
+    """The trivial model every system computes."""
+    return [float(len(t)) for t in texts]
+
+
+def document(i: int) -> dict[str, Any]:
+    return {"_id": i, "text": f"document {i} about {i * 7919 % 10007}", "lang": ("en", "de", "fr")[i % 3]}
+
+
+@dc.dataclass(frozen=True)
+class Sizes:
+    """How big each measurement is; :meth:`quick` is a smoke run."""
+
+    latency_inserts: int = 200
+    warmup_inserts: int = 10
+    interval: float = 0.020
+    throughput_docs: int = 20_000
+    batch: int = 1_000
+    rounds: int = 3
+    stream_repeat: int = 3
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(latency_inserts=40, warmup_inserts=5, throughput_docs=5_000, rounds=1, stream_repeat=1)
+
+
+# -- the server -------------------------------------------------------------------------------
+@dc.dataclass(frozen=True)
+class Server:
+    """A MongoDB-wire server: its base URI and, when this run started it, its process id.
+
+    Unless ``retry_writes``, every client of the benchmark connects with
+    ``retryWrites=false``: SecantusDB 0.7.0b3 prunes its retryable-write records (kept 30
+    minutes) by scanning them all on every retryable write, and sorting them all once there
+    are more than 10,000, so each retryable write makes the server slower for the following
+    scenarios and the order of the scenarios would decide the figures. It is the same for
+    every system.
+    """
+
+    uri: str
+    pid: int | None
+    description: str
+    retry_writes: bool = False
+
+    def database_uri(self, database: str) -> str:
+        parts = urlsplit(self.uri)
+        query = parts.query if self.retry_writes else "&".join(q for q in (parts.query, "retryWrites=false") if q)
+        return urlunsplit((parts.scheme, parts.netloc, f"/{database}", query, parts.fragment))
+
+
+@contextlib.contextmanager
+def mongo_server(uri: str | None, *, retry_writes: bool = False) -> Iterator[Server]:
+    """``uri`` as given, else a SecantusDB process on a scratch directory (stopped afterwards)."""
+    if uri:
+        yield Server(uri, None, "external server given by --uri", retry_writes)
+        return
+    spec = importlib.util.spec_from_file_location("mongo_server", MONGO_SERVER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with scratch_dir("reactive-bench-mongo-") as tmp:
+        server = module.MongoServer(tmp / "data").start()
+        try:
+            description = f"SecantusDB {_version('SecantusDB')} (secantusd-py, separate process)"
+            yield Server(server.uri, server.process.pid, description, retry_writes)
+        finally:
+            server.stop()
+
+
+@contextlib.contextmanager
+def fresh_database(server: Server, scenario: str) -> Iterator[tuple[str, Any]]:
+    """A new database of ``server`` holding collection ``docs`` with one seed document.
+
+    The collection must exist before ``db.add``; the seed is inserted before any system
+    starts, so only ``reactive``'s backfill sees it. Yields the URI and a plain client's
+    database (the writer), and drops the database afterwards.
+    """
+    name = f"bench_{scenario}_{uuid.uuid4().hex[:8]}"
+    uri = server.database_uri(name)
+    with MongoClient(uri) as client:
+        database = client.get_default_database()
+        database.docs.insert_one({"_id": "seed", "text": "seed"})
+        try:
+            yield uri, database
+        finally:
+            client.drop_database(name)
+
+
+# -- when outputs became visible -------------------------------------------------------------
+class OutputClock:
+    """When each source id's output was first visible (``perf_counter`` seconds).
+
+    Every system calls :meth:`record` right after a write of outputs returned.
+    """
+
+    def __init__(self) -> None:
+        self._times: dict[Hashable, float] = {}
+        self._waiting: set[Hashable] = set()
+        self._cond = threading.Condition()
+        self.writes = 0
+        self.written = 0
+
+    def record(self, ids: Iterable[Hashable]) -> None:
+        now = time.perf_counter()
+        with self._cond:
+            self.writes += 1
+            for i in ids:
+                self.written += 1
+                self._times.setdefault(i, now)
+                self._waiting.discard(i)
+            if not self._waiting:
+                self._cond.notify_all()
+
+    def wait_for(self, ids: Iterable[Hashable], timeout: float) -> bool:
+        """Wait until every id in ``ids`` has an output; False if ``timeout`` passed first."""
+        with self._cond:
+            self._waiting = {i for i in ids if i not in self._times}
+            return self._cond.wait_for(lambda: not self._waiting, timeout)
+
+    def time(self, i: Hashable) -> float | None:
+        with self._cond:
+            return self._times.get(i)
+
+    def counters(self) -> tuple[int, int]:
+        """Writes so far and rows written so far."""
+        with self._cond:
+            return self.writes, self.written
+
+
+class StageClock:
+    """When each id first passed each intermediate stage, for the latency breakdown."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.times: dict[str, dict[Hashable, float]] = {}
+
+    def stamp(self, stage: str, ids: Iterable[Hashable]) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            seen = self.times.setdefault(stage, {})
+            for i in ids:
+                seen.setdefault(i, now)
+
+    def segments(self, ids: Iterable[Hashable], started: dict[Any, float], clock: OutputClock) -> dict[str, Any]:
+        """Latency figures of every segment: insert started -> stages in order -> output visible."""
+        with self._lock:
+            stages = {"insert started": started, **self.times, "output visible": {}}
+        names = list(stages)
+        spans: dict[str, list[float]] = {f"{a} -> {b}": [] for a, b in itertools.pairwise(names)}
+        for i in ids:
+            times = [stages[name].get(i) for name in names[:-1]] + [clock.time(i)]
+            if all(t is not None for t in times):
+                for span, (a, b) in zip(spans, itertools.pairwise(times), strict=True):
+                    spans[span].append(b - a)  # type: ignore[operator]
+        return {span: summarize_seconds(values) for span, values in spans.items() if values}
+
+
+# -- the systems ------------------------------------------------------------------------------
+class System(Protocol):
+    label: str
+
+    def threads(self) -> dict[str, threading.Thread]: ...
+
+    def close(self) -> None: ...
+
+
+class ReactiveSystem:
+    """``reactive`` on the database, with ``write_outputs`` wrapped on the backend instance.
+
+    ``options`` go to ``reactive.connect`` (the benchmark uses the defaults).
+    """
+
+    label = "reactive"
+
+    def __init__(self, uri: str, clock: OutputClock, **options: Any) -> None:
+        self.db = reactive.connect(uri, **options)
+        original = self.db.backend.write_outputs
+
+        def write_outputs(identifier: str, source: TableInfo, records: Sequence[Any]) -> list[Any]:
+            stored = original(identifier, source, records)
+            clock.record(record.source for record in records)
+            return stored
+
+        self.db.backend.write_outputs = write_outputs  # type: ignore[method-assign]
+        self.db.add(Listener(Model("len", predict=model), key="text", select="docs"), progress=False)
+        self.db.cdc.start()
+
+    def threads(self) -> dict[str, threading.Thread]:
+        listener = self.db.cdc.listener
+        handler = self.db.cdc.ensure_handler()  # the running handler (started by cdc.start)
+        return {"listener": listener, "handler": handler} if listener is not None else {"handler": handler}
+
+    def close(self) -> None:
+        assert self.db.cdc.wait_idle(TIMEOUT), "reactive did not become idle"
+        self.db.close()
+
+
+class RawLoop:
+    """The hand-written reference: one thread, a collection stream, one upsert per event.
+
+    The stream is opened in the constructor, so every insert made after it returns is seen
+    (or every insert after ``resume_after``, a resume token).
+    """
+
+    label = "raw loop"
+
+    def __init__(self, uri: str, clock: OutputClock, *, resume_after: Any = None) -> None:
+        self.client: MongoClient = MongoClient(uri)
+        self.database = self.client.get_default_database()
+        self.clock = clock
+        self.stopping = threading.Event()
+        self.stream = self.database.docs.watch(
+            full_document="updateLookup", max_await_time_ms=MAX_AWAIT_MS, resume_after=resume_after
+        )
+        self.thread = threading.Thread(target=self.run, name="raw-loop", daemon=True)
+        self.thread.start()
+
+    def changes(self) -> Iterator[dict[str, Any]]:
+        """Insert, update and replace events, until :meth:`close`."""
+        with self.stream:
+            while not self.stopping.is_set():
+                change = self.stream.try_next()
+                if change is not None and change["operationType"] in ("insert", "update", "replace"):
+                    yield change
+
+    def run(self) -> None:
+        outputs = self.database[OUTPUTS]
+        for change in self.changes():
+            doc = change["fullDocument"]
+            [value] = model([doc["text"]])
+            outputs.replace_one(
+                {"_id": doc["_id"]}, {"_id": doc["_id"], "_source": doc["_id"], "_output": value}, upsert=True
+            )
+            self.clock.record((doc["_id"],))
+
+    def threads(self) -> dict[str, threading.Thread]:
+        return {"loop": self.thread}
+
+    def close(self) -> None:
+        self.stopping.set()
+        for thread in self.threads().values():
+            thread.join(TIMEOUT)
+        self.client.close()
+
+
+class RawBatchedLoop(RawLoop):
+    """The reference, batched by hand: reader thread -> unbounded queue -> bulk-writing thread."""
+
+    label = "raw batched"
+    _END = object()
+
+    def __init__(self, uri: str, clock: OutputClock, *, resume_after: Any = None, batch: int = 1_000) -> None:
+        self.batch = batch
+        self.pending: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.writer = threading.Thread(target=self.write, name="raw-writer", daemon=True)
+        self.writer.start()
+        super().__init__(uri, clock, resume_after=resume_after)
+
+    def run(self) -> None:
+        try:
+            for change in self.changes():
+                self.pending.put(change["fullDocument"])
+        finally:
+            self.pending.put(self._END)
+
+    def write(self) -> None:
+        while True:
+            docs = [self.pending.get()]
+            while len(docs) < self.batch:
+                try:
+                    docs.append(self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            end = any(d is self._END for d in docs)
+            docs = [d for d in docs if d is not self._END]
+            if docs:
+                values = model([d["text"] for d in docs])
+                operations = [
+                    ReplaceOne({"_id": d["_id"]}, {"_id": d["_id"], "_source": d["_id"], "_output": v}, upsert=True)
+                    for d, v in zip(docs, values, strict=True)
+                ]
+                self.database[OUTPUTS].bulk_write(operations, ordered=False)
+                self.clock.record(d["_id"] for d in docs)
+            if end:
+                return
+
+    def threads(self) -> dict[str, threading.Thread]:
+        return {"reader": self.thread, "writer": self.writer}
+
+
+RAW_LOOPS: dict[str, type[RawLoop]] = {"raw loop": RawLoop, "raw batched": RawBatchedLoop}
+SYSTEMS: dict[str, Callable[[str, OutputClock], System]] = {"reactive": ReactiveSystem, **RAW_LOOPS}
+
+
+class TimedRawLoop(RawLoop):
+    """The raw loop, stamping when each event is read from the stream (profile only)."""
+
+    def __init__(self, uri: str, clock: OutputClock, stages: StageClock) -> None:
+        self.stages = stages
+        super().__init__(uri, clock)
+
+    def changes(self) -> Iterator[dict[str, Any]]:
+        for change in super().changes():
+            self.stages.stamp("event read", (change["documentKey"]["_id"],))
+            yield change
+
+
+def timed_reactive(uri: str, clock: OutputClock, stages: StageClock) -> ReactiveSystem:
+    """``reactive``, stamping when the listener emits an event and around the fingerprint read.
+
+    ``emit`` and ``output_fingerprints`` are wrapped on the instances, like ``write_outputs``.
+    """
+    system = ReactiveSystem(uri, clock)
+    listener = system.db.cdc.listener
+    assert listener is not None
+    emit = listener.emit
+
+    def stamped_emit(packet: Any) -> None:
+        stages.stamp("event read", packet.ids)
+        emit(packet)
+
+    backend = system.db.backend
+    fingerprints = backend.output_fingerprints
+
+    def stamped_fingerprints(identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
+        stages.stamp("window started", ids)
+        found = fingerprints(identifier, ids)
+        stages.stamp("fingerprints read", ids)
+        return found
+
+    listener.emit = stamped_emit  # type: ignore[method-assign]
+    backend.output_fingerprints = stamped_fingerprints  # type: ignore[method-assign]
+    return system
+
+
+# -- CPU accounting ---------------------------------------------------------------------------
+def _cpu_seconds(stat_path: str) -> float | None:
+    """User + system CPU seconds from a ``/proc/.../stat`` file (None when unavailable)."""
+    try:
+        with open(stat_path, encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds used by some threads of this process, the whole process and the server."""
+
+    def __init__(self, threads: dict[str, threading.Thread], server_pid: int | None) -> None:
+        self.paths = {name: f"/proc/self/task/{t.native_id}/stat" for name, t in threads.items()}
+        if server_pid is not None:
+            self.paths["server process"] = f"/proc/{server_pid}/stat"
+        self.paths["client process"] = "/proc/self/stat"
+        self.started = time.perf_counter()
+        self.before = {name: _cpu_seconds(path) for name, path in self.paths.items()}
+
+    def used(self) -> dict[str, dict[str, float]]:
+        """Per name: CPU seconds since the meter started, and that as a share of the wall time."""
+        wall = time.perf_counter() - self.started
+        result = {}
+        for name, path in self.paths.items():
+            now, before = _cpu_seconds(path), self.before[name]
+            if now is not None and before is not None:
+                result[name] = {"cpu_seconds": round(now - before, 2), "cpu_share": round((now - before) / wall, 2)}
+        return result
+
+
+# -- latency ----------------------------------------------------------------------------------
+def paced_inserts(docs: Collection, ids: Sequence[int], interval: float) -> tuple[dict[int, float], list[float]]:
+    """Insert ``ids`` one by one, ``interval`` apart start to start.
+
+    Returns when each insert started and how long each took to be acknowledged.
+    """
+    started: dict[int, float] = {}
+    acks: list[float] = []
+    next_at = time.perf_counter()
+    for i in ids:
+        delay = next_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        start = time.perf_counter()
+        docs.insert_one(document(i))
+        acks.append(time.perf_counter() - start)
+        started[i] = start
+        next_at = max(next_at + interval, start)
+    return started, acks
+
+
+def bench_latency(
+    server: Server, factory: Callable[[str, OutputClock], System], sizes: Sizes, *, stages: StageClock | None = None
+) -> dict[str, Any]:
+    """Insert-to-output latency of single inserts ``sizes.interval`` apart.
+
+    With ``stages`` (filled by an instrumented system), the latency is also broken down
+    into the segments between consecutive stages.
+    """
+    with fresh_database(server, "latency") as (uri, database):
+        clock = OutputClock()
+        system = factory(uri, clock)
+        try:
+            warmup = range(-sizes.warmup_inserts, 0)
+            paced_inserts(database.docs, warmup, sizes.interval)
+            assert clock.wait_for(warmup, TIMEOUT), f"{system.label}: the warm-up inserts got no outputs"
+            ids = range(sizes.latency_inserts)
+            started, acks = paced_inserts(database.docs, ids, sizes.interval)
+            clock.wait_for(ids, TIMEOUT)
+        finally:
+            system.close()
+    latencies = [t - started[i] for i in ids if (t := clock.time(i)) is not None]
+    result = {
+        **summarize_seconds(latencies),
+        "missing": len(ids) - len(latencies),
+        "insert_ack": summarize_seconds(acks),
+        "samples": {"latency": latencies, "insert_ack": acks},
+    }
+    if stages is not None:
+        result["segments"] = stages.segments(ids, started, clock)
+    return result
+
+
+def pool_latency(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Figures over the samples of every round, with each round's p50 alongside (samples dropped)."""
+    latencies = [v for r in rounds for v in r["samples"]["latency"]]
+    acks = [v for r in rounds for v in r["samples"]["insert_ack"]]
+    return {
+        **summarize_seconds(latencies),
+        "missing": sum(r["missing"] for r in rounds),
+        "insert_ack": summarize_seconds(acks),
+        "rounds_p50_ms": [r["p50_ms"] for r in rounds],
+    }
+
+
+# -- throughput -------------------------------------------------------------------------------
+def bench_throughput(
+    server: Server, factory: Callable[[str, OutputClock], System], sizes: Sizes, *, profile: bool = False
+) -> dict[str, Any]:
+    """Time from the first ``insert_many`` to the last output of ``sizes.throughput_docs`` documents.
+
+    With ``profile``, the listener and handler threads of ``reactive`` run under
+    ``cProfile`` and their statistics are returned too.
+    """
+    batches = [
+        [document(i) for i in range(start, min(start + sizes.batch, sizes.throughput_docs))]
+        for start in range(0, sizes.throughput_docs, sizes.batch)
+    ]
+    ids = range(sizes.throughput_docs)
+    profiling = profiled_threads() if profile else contextlib.nullcontext({})
+    with fresh_database(server, "throughput") as (uri, database), profiling as profiles:
+        clock = OutputClock()
+        system = factory(uri, clock)
+        try:
+            warmup = range(-sizes.warmup_inserts, 0)
+            paced_inserts(database.docs, warmup, sizes.interval)
+            assert clock.wait_for(warmup, TIMEOUT), f"{system.label}: the warm-up inserts got no outputs"
+            writes_before, rows_before = clock.counters()
+            meter = CpuMeter({"writer (main thread)": threading.main_thread(), **system.threads()}, server.pid)
+            started = time.perf_counter()
+            for batch in batches:
+                database.docs.insert_many(batch)
+            inserted = time.perf_counter()
+            complete = clock.wait_for(ids, TIMEOUT)
+            cpu = meter.used()
+            writes, rows = clock.counters()
+        finally:
+            system.close()
+        stored = database[OUTPUTS].count_documents({"_id": {"$gte": 0, "$lt": sizes.throughput_docs}})
+        times = [t for i in ids if (t := clock.time(i)) is not None]
+        finished = max(times) if complete else time.perf_counter()
+        seconds = finished - started
+        result: dict[str, Any] = {
+            "docs": sizes.throughput_docs,
+            "complete": complete,
+            "outputs_stored": stored,
+            "seconds": seconds,
+            "docs_per_second": sizes.throughput_docs / seconds,
+            "insert_seconds": inserted - started,
+            "inserts_per_second": sizes.throughput_docs / (inserted - started),
+            "lag_after_last_insert_seconds": finished - inserted,
+            "output_writes": writes - writes_before,
+            "rows_per_output_write": (rows - rows_before) / max(1, writes - writes_before),
+            "cpu": cpu,
+        }
+    if profiles:
+        result["profile"] = {label: profile_summary(p) for label, p in profiles.items()}
+    return result
+
+
+def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median throughput, with every round's figure alongside."""
+    ordered = sorted(rounds, key=lambda r: r["docs_per_second"])
+    return {**ordered[(len(ordered) - 1) // 2], "rounds_docs_per_second": [r["docs_per_second"] for r in rounds]}
+
+
+# -- profile ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def profiled_threads() -> Iterator[dict[str, cProfile.Profile]]:
+    """Run the listener and handler threads started meanwhile under their own ``cProfile``.
+
+    ``run`` is wrapped on the classes for the duration only (cProfile profiles the thread
+    that enables it).
+    """
+    profiles: dict[str, cProfile.Profile] = {}
+    classes: dict[str, type[threading.Thread]] = {"listener": MongoChangeStreamListener, "handler": CDCHandler}
+    originals = {label: cls.run for label, cls in classes.items()}
+
+    def wrap(label: str, original: Callable[[Any], None]) -> Callable[[Any], None]:
+        def run(self: Any) -> None:
+            profile = profiles.setdefault(label, cProfile.Profile())
+            profile.enable()
+            try:
+                original(self)
+            finally:
+                profile.disable()
+
+        return run
+
+    for label, cls in classes.items():
+        cls.run = wrap(label, originals[label])  # type: ignore[method-assign]
+    try:
+        yield profiles
+    finally:
+        for label, cls in classes.items():
+            cls.run = originals[label]  # type: ignore[method-assign]
+
+
+def profile_summary(profile: cProfile.Profile, top: int = 15) -> dict[str, Any]:
+    """The functions with the most own time and the most cumulative time."""
+    stats = pstats.Stats(profile, stream=io.StringIO())
+    entries = []
+    for (filename, line, function), (_, calls, own, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
+        where = f"{_short_path(filename)}:{line}({function})" if line else function
+        entries.append(
+            {"function": where, "calls": calls, "own_s": round(own, 3), "cumulative_s": round(cumulative, 3)}
+        )
+    return {
+        "total_s": round(stats.total_tt, 3),  # type: ignore[attr-defined]
+        "by_own_time": sorted(entries, key=lambda e: -e["own_s"])[:top],
+        "by_cumulative_time": sorted(entries, key=lambda e: -e["cumulative_s"])[:top],
+    }
+
+
+def _short_path(filename: str) -> str:
+    """A file name relative to the repository or to site-packages / the standard library."""
+    for root in (str(Path(__file__).resolve().parent.parent) + "/", "site-packages/", "/lib/python3.11/"):
+        if root in filename:
+            return filename.split(root, 1)[1]
+    return filename
+
+
+def reactive_pipeline(uri: str) -> list[dict[str, Any]]:
+    """The pipeline ``reactive``'s listener sends for a database where it follows ``docs``.
+
+    Taken from a listener instance (``_pipeline()``), so the measurement follows the code.
+    """
+    backend = MongoBackend.from_uri(uri)
+    try:
+        listener = MongoChangeStreamListener(backend, CDCQueue())
+        listener.watch(TableInfo("docs", "_id", ()))
+        return listener._pipeline()
+    finally:
+        backend.close()
+
+
+def write_history(database: Any, sizes: Sizes, *, with_outputs: bool) -> None:
+    """``sizes.throughput_docs`` inserts into ``docs`` in batches; with ``with_outputs``, each
+    batch is followed by the upserts of its outputs into the outputs collection."""
+    for start in range(0, sizes.throughput_docs, sizes.batch):
+        batch = [document(i) for i in range(start, min(start + sizes.batch, sizes.throughput_docs))]
+        database.docs.insert_many(batch)
+        if with_outputs:
+            values = model([d["text"] for d in batch])
+            database[OUTPUTS].bulk_write(
+                [
+                    ReplaceOne({"_id": d["_id"]}, {"_id": d["_id"], "_source": d["_id"], "_output": v}, upsert=True)
+                    for d, v in zip(batch, values, strict=True)
+                ],
+                ordered=False,
+            )
+
+
+def read_rate(open_stream: Callable[[], Any], docs: int) -> float:
+    """Events of ``docs`` per second that a bare ``try_next`` loop reads from ``open_stream()``."""
+    seen = 0
+    started = time.perf_counter()
+    with open_stream() as stream:
+        while seen < docs:
+            change = stream.try_next()
+            if change is not None and change.get("ns", {}).get("coll") == "docs":
+                seen += 1
+    return docs / (time.perf_counter() - started)
+
+
+def stream_variants(database: Any, pipeline: list[dict[str, Any]], token: Any) -> dict[str, Callable[[], Any]]:
+    """Openers of the streams compared, all resuming after ``token``.
+
+    All use ``full_document="updateLookup"`` (what both systems use) but the last, which
+    shows what the lookups cost (an insert event carries its document either way).
+    """
+    options = {"full_document": "updateLookup", "resume_after": token, "max_await_time_ms": MAX_AWAIT_MS}
+    default = {**options, "full_document": "default"}
+    return {
+        "collection-level": lambda: database.docs.watch(**options),
+        "database-level, no pipeline": lambda: database.watch(**options),
+        "database-level, reactive's $match": lambda: database.watch(pipeline[:1], **options),
+        "database-level, reactive's $match + $set (reactive today)": lambda: database.watch(pipeline, **options),
+        "database-level, reactive's $match + $set, no updateLookup": lambda: database.watch(pipeline, **default),
+    }
+
+
+def bench_stream_delivery(server: Server, sizes: Sizes) -> dict[str, Any]:
+    """Events/s that each kind of change stream delivers, reading a history written beforehand."""
+    results: dict[str, Any] = {}
+    for history in ("inserts only", "inserts + output upserts"):
+        with fresh_database(server, "stream") as (uri, database):
+            pipeline = reactive_pipeline(uri)
+            with database.docs.watch() as stream:
+                token = stream.resume_token
+            write_history(database, sizes, with_outputs=history != "inserts only")
+            variants = stream_variants(database, pipeline, token)
+            rates: dict[str, list[float]] = {label: [] for label in variants}
+            for _ in range(sizes.stream_repeat):
+                for label, open_stream in variants.items():
+                    rates[label].append(read_rate(open_stream, sizes.throughput_docs))
+            results[history] = {
+                label: {"events_per_second": statistics.median(r), "rounds": r} for label, r in rates.items()
+            }
+    return results
+
+
+def bench_backlog(server: Server, name: str, sizes: Sizes) -> dict[str, Any]:
+    """Docs/s a system processes when the changes are already in the stream's history.
+
+    ``reactive`` is started, then its change capture stopped (its position is saved), the
+    documents inserted, and the change capture started again: it resumes from the saved
+    position. The raw loops are started on a stream resumed from a token taken before the
+    inserts. Time from the (re)start to the last output.
+    """
+    ids = range(sizes.throughput_docs)
+    with fresh_database(server, "backlog") as (uri, database):
+        clock = OutputClock()
+        if name == "reactive":
+            system = ReactiveSystem(uri, clock)
+            assert system.db.cdc.wait_idle(TIMEOUT)
+            system.db.cdc.stop()
+            write_history(database, sizes, with_outputs=False)
+            started = time.perf_counter()
+            system.db.cdc.start()
+        else:
+            with database.docs.watch() as stream:
+                token = stream.resume_token
+            write_history(database, sizes, with_outputs=False)
+            started = time.perf_counter()
+            system = RAW_LOOPS[name](uri, clock, resume_after=token)
+        try:
+            complete = clock.wait_for(ids, TIMEOUT)
+        finally:
+            system.close()
+        finished = max(t for i in ids if (t := clock.time(i)) is not None) if complete else time.perf_counter()
+        return {"complete": complete, "seconds": finished - started, "docs_per_second": len(ids) / (finished - started)}
+
+
+# -- the report -------------------------------------------------------------------------------
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    """The commit of the measured working tree (read-only ``git rev-parse``), if known."""
+    try:
+        found = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return found.stdout.strip() or None
+
+
+def _ratio(ours: float, reference: float) -> float:
+    return round(ours / reference, 3) if reference > 0 else float("nan")
+
+
+def ratios(report: dict[str, Any]) -> dict[str, Any]:
+    """reactive / raw loop for every latency figure and for throughput, and the goals."""
+    ours, ref = report["latency"]["reactive"], report["latency"]["raw loop"]
+    result: dict[str, Any] = {f"latency_{k}": _ratio(ours[k], ref[k]) for k in ("p50_ms", "p99_ms", "mean_ms")}
+    result["throughput"] = _ratio(
+        report["throughput"]["reactive"]["docs_per_second"], report["throughput"]["raw loop"]["docs_per_second"]
+    )
+    result["throughput_vs_raw_batched"] = _ratio(
+        report["throughput"]["reactive"]["docs_per_second"], report["throughput"]["raw batched"]["docs_per_second"]
+    )
+    result["latency_goal_met"] = result["latency_p50_ms"] <= LATENCY_GOAL and result["latency_p99_ms"] <= LATENCY_GOAL
+    result["throughput_goal_met"] = result["throughput"] >= THROUGHPUT_GOAL
+    return result
+
+
+def render(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    sizes = report["settings"]["sizes"]
+    out = [
+        f"Machine: {m['cpu']}, {m['cores_usable']} cores, {m['ram_gb']} GB RAM, {m['os']}  ",
+        f"Python {m['python']}, pymongo {m['pymongo']}, reactive {m['reactive']} ({(m['commit'] or '?')[:7]}); "
+        f"server: {report['server']}",
+        "",
+        f"### Insert-to-output latency ({sizes['rounds']} x {sizes['latency_inserts']} single inserts "
+        f"{sizes['interval'] * 1000:.0f} ms apart, pooled)",
+        "",
+    ]
+    lat = report["latency"]
+    out.append(
+        markdown_table(
+            ["system", "p50", "p99", "mean", "max", "missing", "insert ack p50"],
+            [
+                [
+                    name,
+                    f"{r['p50_ms']:.2f} ms",
+                    f"{r['p99_ms']:.2f} ms",
+                    f"{r['mean_ms']:.2f} ms",
+                    f"{r['max_ms']:.2f} ms",
+                    r["missing"],
+                    f"{r['insert_ack']['p50_ms']:.2f} ms",
+                ]
+                for name, r in lat.items()
+            ],
+        )
+    )
+    out += [
+        "",
+        f"### Throughput ({sizes['throughput_docs']:,} docs, insert_many batches of {sizes['batch']:,}; "
+        f"median of {sizes['rounds']} rounds)",
+        "",
+    ]
+    rows = []
+    for name, r in report["throughput"].items():
+        rows.append(
+            [
+                name,
+                f"{r['docs_per_second']:,.0f} docs/s",
+                f"{r['seconds']:.2f} s",
+                f"{r['insert_seconds']:.2f} s",
+                f"{r['lag_after_last_insert_seconds']:.2f} s",
+                f"{r['rows_per_output_write']:.0f}",
+                ", ".join(f"{k} {v['cpu_share']:.0%}" for k, v in r["cpu"].items()),
+                "" if r["complete"] and r["outputs_stored"] == r["docs"] else "INCOMPLETE",
+            ]
+        )
+    out.append(
+        markdown_table(
+            [
+                "system",
+                "throughput",
+                "first insert → last output",
+                "insert phase",
+                "lag after",
+                "rows/write",
+                "CPU (share of wall time)",
+                "",
+            ],
+            rows,
+        )
+    )
+    r = report["ratios"]
+    out += [
+        "",
+        "### reactive / raw loop",
+        "",
+        markdown_table(
+            ["figure", "ratio", "goal", "met"],
+            [
+                [
+                    "latency p50",
+                    f"{r['latency_p50_ms']:.2f}x",
+                    f"<= {LATENCY_GOAL}x",
+                    _yes(r["latency_p50_ms"] <= LATENCY_GOAL),
+                ],
+                [
+                    "latency p99",
+                    f"{r['latency_p99_ms']:.2f}x",
+                    f"<= {LATENCY_GOAL}x",
+                    _yes(r["latency_p99_ms"] <= LATENCY_GOAL),
+                ],
+                ["latency mean", f"{r['latency_mean_ms']:.2f}x", "", ""],
+                ["throughput", f"{r['throughput']:.2f}x", f">= {THROUGHPUT_GOAL}x", _yes(r["throughput_goal_met"])],
+                ["throughput vs raw batched", f"{r['throughput_vs_raw_batched']:.2f}x", "", ""],
+            ],
+        ),
+    ]
+    if "profile" in report:
+        out += ["", render_profile(report["profile"])]
+    return "\n".join(out)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def render_profile(profile: dict[str, Any]) -> str:
+    out = ["### Profile", "", "Latency breakdown (an instrumented run of each; ms):", ""]
+    rows = []
+    for name, run in profile["latency_breakdown"].items():
+        rows.append([name, "**insert started -> output visible**", f"{run['p50_ms']:.2f}", f"{run['p99_ms']:.2f}"])
+        rows += [[name, span, f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}"] for span, r in run["segments"].items()]
+    out += [markdown_table(["system", "segment", "p50", "p99"], rows), ""]
+    out += ["Change stream delivery to a bare `try_next` loop (events/s, median):", ""]
+    histories = list(profile["stream_delivery"])
+    variants = list(profile["stream_delivery"][histories[0]])
+    out.append(
+        markdown_table(
+            ["stream", *(f"history: {h}" for h in histories)],
+            [
+                [v, *(f"{profile['stream_delivery'][h][v]['events_per_second']:,.0f}" for h in histories)]
+                for v in variants
+            ],
+        )
+    )
+    out += ["", "Backlog drain (changes already in the stream's history):", ""]
+    out.append(
+        markdown_table(
+            ["system", "docs/s", "seconds"],
+            [[n, f"{r['docs_per_second']:,.0f}", f"{r['seconds']:.2f}"] for n, r in profile["backlog"].items()],
+        )
+    )
+    run = profile["profiled_throughput"]
+    out += [
+        "",
+        f"cProfile of reactive's threads during one throughput run ({run['docs_per_second']:,.0f} docs/s under the "
+        "profiler):",
+    ]
+    for label, stats in run.get("profile", {}).items():
+        out += ["", f"{label} thread, by cumulative time (total own time {stats['total_s']:.2f} s):", ""]
+        out.append(
+            markdown_table(
+                ["function", "calls", "own s", "cumulative s"],
+                [[e["function"], e["calls"], e["own_s"], e["cumulative_s"]] for e in stats["by_cumulative_time"]],
+            )
+        )
+        out += ["", f"{label} thread, by own time:", ""]
+        out.append(
+            markdown_table(
+                ["function", "calls", "own s", "cumulative s"],
+                [[e["function"], e["calls"], e["own_s"], e["cumulative_s"]] for e in stats["by_own_time"][:10]],
+            )
+        )
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.mongo_changestream", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--profile", action="store_true", help="also profile reactive's path (see the docstring)")
+    parser.add_argument("--uri", help="a MongoDB server (replica set) to use instead of starting SecantusDB")
+    parser.add_argument(
+        "--retry-writes", action="store_true", help="keep retryable writes on (see Server; off by default)"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="JSON file to write (default: results/mongodb.json, results/mongodb-partial.json with --quick)",
+    )
+    args = parser.parse_args(argv)
+    sizes = Sizes.quick() if args.quick else Sizes()
+    output = args.output or RESULTS / ("mongodb-partial.json" if args.quick else "mongodb.json")
+    machine = {
+        **machine_info(),
+        "pymongo": _version("pymongo"),
+        "secantusdb": _version("SecantusDB"),
+        "commit": _git_commit(),
+    }
+    begun = time.perf_counter()
+    report: dict[str, Any] = {
+        "started_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine,
+        "settings": {
+            "quick": args.quick,
+            "sizes": dc.asdict(sizes),
+            "max_await_ms": MAX_AWAIT_MS,
+            "retry_writes": args.retry_writes,
+        },
+    }
+
+    def progress(message: str) -> None:
+        print(f"<!-- {message} ({time.perf_counter() - begun:.0f} s) -->", file=sys.stderr, flush=True)
+
+    with mongo_server(args.uri, retry_writes=args.retry_writes) as server:
+        report["server"] = server.description
+        latency: dict[str, list[dict[str, Any]]] = {"raw loop": [], "reactive": []}
+        for round_ in range(sizes.rounds):
+            for name, runs in latency.items():
+                progress(f"latency round {round_ + 1}: {name}")
+                runs.append(bench_latency(server, SYSTEMS[name], sizes))
+        report["latency"] = {name: pool_latency(runs) for name, runs in latency.items()}
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in SYSTEMS}
+        for round_ in range(sizes.rounds):
+            for name in SYSTEMS:
+                progress(f"throughput round {round_ + 1}: {name}")
+                rounds[name].append(bench_throughput(server, SYSTEMS[name], sizes))
+        report["throughput"] = {name: median_round(r) for name, r in rounds.items()}
+        report["ratios"] = ratios(report)
+        if args.profile:
+            profile: dict[str, Any] = {"latency_breakdown": {}, "backlog": {}}
+            for name, timed in (("raw loop", TimedRawLoop), ("reactive", timed_reactive)):
+                progress(f"profile: latency breakdown, {name}")
+                stages = StageClock()
+                factory = functools.partial(timed, stages=stages)
+                run = bench_latency(server, factory, sizes, stages=stages)
+                run.pop("samples")
+                profile["latency_breakdown"][name] = run
+            progress("profile: stream delivery")
+            profile["stream_delivery"] = bench_stream_delivery(server, sizes)
+            for name in SYSTEMS:
+                progress(f"profile: backlog drain, {name}")
+                profile["backlog"][name] = bench_backlog(server, name, sizes)
+            progress("profile: cProfile of a reactive throughput run")
+            profile["profiled_throughput"] = bench_throughput(server, ReactiveSystem, sizes, profile=True)
+            report["profile"] = profile
+    report["total_seconds"] = round(time.perf_counter() - begun, 1)
+    print(render(report), flush=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    progress(f"results written to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
