@@ -16,7 +16,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
+from reactive.errors import ConfigurationError
 from reactive.events import ChangePacket, DBEvent, Row, id_key
+from reactive.outputs import infer_output_type, normalize_output
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -94,6 +96,10 @@ class DataBackend(ABC):
     #: The change listener class this backend's changes come from.
     listener_class: ClassVar[type[BaseDatabaseListener]]
 
+    def __init__(self) -> None:
+        self._output_types: dict[str, str] = {}
+        self._output_types_lock = threading.RLock()
+
     @classmethod
     @abstractmethod
     def from_uri(cls, uri: str, **options: Any) -> Self:
@@ -128,13 +134,75 @@ class DataBackend(ABC):
         """Every row, in pages; each row includes the id column."""
 
     # -- outputs --------------------------------------------------------------------------
-    @abstractmethod
+    def output_type(self, identifier: str) -> str | None:
+        """The type of ``identifier``'s stored outputs (an ibis type string), once known."""
+        with self._output_types_lock:
+            if identifier not in self._output_types:
+                saved = self.load_checkpoint(f"outputs/{identifier}")
+                if saved:
+                    self._output_types[identifier] = saved["type"]
+            return self._output_types.get(identifier)
+
+    def _set_output_type(self, identifier: str, source: TableInfo, output_type: str) -> None:
+        with self._output_types_lock:
+            self.create_outputs(identifier, source, output_type)
+            self.save_checkpoint(f"outputs/{identifier}", {"type": output_type, "source": source.name})
+            self._output_types[identifier] = output_type
+
+    def _forget_output_type(self, identifier: str) -> None:
+        with self._output_types_lock:
+            self.delete_checkpoint(f"outputs/{identifier}")
+            self._output_types.pop(identifier, None)
+
     def prepare_outputs(self, identifier: str, source: TableInfo, output_type: str | None) -> None:
-        """Create the outputs table if needed (when ``output_type`` is known)."""
+        """Fix the outputs' type when the model declares it (``db.add``); refuse a change."""
+        existing = self.output_type(identifier)
+        if existing is not None and output_type is not None and existing != output_type:
+            raise ConfigurationError(
+                f"outputs of {identifier!r} are stored as {existing}, not {output_type}; "
+                f"remove the listener with drop_outputs=True to change the type",
+                listener=identifier,
+            )
+        if existing is None and output_type is not None:
+            self._set_output_type(identifier, source, output_type)
+
+    def write_outputs(self, identifier: str, source: TableInfo, records: Sequence[OutputRecord]) -> list[Any]:
+        """Store outputs in bulk (idempotent); return each output as stored, or why not.
+
+        The outputs' type is inferred from the first batch when the model did not declare
+        it; an output that does not fit it comes back as :class:`OutputRejected`.
+        """
+        logical = self.output_type(identifier)
+        if logical is None:
+            sample = next((r.output for r in records if r.output is not None), None)
+            if sample is None:
+                return [OutputRejected("the model returned None") for _ in records]
+            logical = infer_output_type(sample)
+            self._set_output_type(identifier, source, logical)
+        stored: list[Any] = []
+        kept: list[tuple[int, OutputRecord, Any]] = []
+        for index, record in enumerate(records):
+            try:
+                value = normalize_output(record.output, logical)
+            except (TypeError, ValueError) as exc:
+                stored.append(OutputRejected(f"{exc} (outputs of {identifier!r} are {logical})"))
+                continue
+            stored.append(value)
+            kept.append((index, record, value))
+        if kept:
+            self.store_outputs(identifier, logical, kept, stored)
+        return stored
 
     @abstractmethod
-    def write_outputs(self, identifier: str, source: TableInfo, records: Sequence[OutputRecord]) -> list[Any]:
-        """Upsert outputs in bulk (idempotent); return the outputs as stored."""
+    def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
+        """Create where ``identifier``'s outputs of ``output_type`` go (if the store needs it)."""
+
+    @abstractmethod
+    def store_outputs(
+        self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
+    ) -> None:
+        """Upsert ``(index, record, normalized output)``; put an :class:`OutputRejected` at
+        ``stored[index]`` for a write the database refused."""
 
     @abstractmethod
     def delete_outputs(self, identifier: str, ids: Sequence[Any]) -> None: ...
@@ -164,6 +232,9 @@ class DataBackend(ABC):
 
     @abstractmethod
     def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None: ...
+
+    @abstractmethod
+    def delete_checkpoint(self, name: str) -> None: ...
 
     @abstractmethod
     def close(self) -> None: ...

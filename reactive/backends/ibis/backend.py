@@ -26,7 +26,6 @@ from reactive.backends.base import (
     DataBackend,
     ErrorRecord,
     OutputRecord,
-    OutputRejected,
     TableInfo,
     outputs_table,
 )
@@ -48,7 +47,6 @@ from reactive.errors import (
 )
 from reactive.events import Row, id_key
 from reactive.fingerprints import plain_value
-from reactive.outputs import infer_output_type, normalize_output
 from reactive.uri import file_path, redact, split
 
 SNAPSHOT_PREFIX = "_reactive_snapshot__"
@@ -79,13 +77,13 @@ class IbisBackend(DataBackend):
     listener_class = IbisPollingListener
 
     def __init__(self, con: Any, *, uri: str) -> None:
+        super().__init__()
         self.con = con
         self._uri = redact(uri)
         self.dialect = dialect_for(con)
         # One connection, one lock: every statement is short (reads are paged), so the
         # handler, the poller and the user's thread take turns without starving.
         self._lock = threading.RLock()
-        self._output_types: dict[str, str] = {}
         self._handles: dict[str, ir.Table] = {}
         self._sql: dict[tuple[str, str, tuple[str, ...]], TableSQL] = {}
 
@@ -215,7 +213,7 @@ class IbisBackend(DataBackend):
     def _decoded(self, table: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Rows as components see them: outputs stored as JSON text come back decoded."""
         if table.startswith(OUTPUTS_PREFIX) and rows and OUTPUT_FIELD in rows[0]:
-            logical = self._output_type(table[len(OUTPUTS_PREFIX) :])
+            logical = self.output_type(table[len(OUTPUTS_PREFIX) :])
             if logical is not None:
                 for row in rows:
                     row[OUTPUT_FIELD] = decode_for(self.dialect, logical, row[OUTPUT_FIELD])
@@ -316,72 +314,39 @@ class IbisBackend(DataBackend):
         )
         self.dialect.execute(self.con, create.sql(self.dialect.name))
 
-    def _output_type(self, identifier: str) -> str | None:
-        if identifier not in self._output_types:
-            saved = self.load_checkpoint(f"outputs/{identifier}")
-            if saved and self.table_exists(outputs_table(identifier)):
-                self._output_types[identifier] = saved["type"]
-        return self._output_types.get(identifier)
-
-    def _create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
+    def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
         if source.name == outputs_table(identifier):
             raise ConfigurationError(f"listener {identifier!r} cannot read its own outputs", listener=identifier)
-        id_type = self._table(source.name).schema()[source.id_column] if self.table_exists(source.name) else dt.int64
-        self._create_keyed_table(
-            outputs_table(identifier),
-            {
-                SOURCE_FIELD: id_type,
-                OUTPUT_FIELD: self.dialect.storage_type(output_type),
-                FINGERPRINT_FIELD: dt.int64,
-            },
-            key=SOURCE_FIELD,
-        )
-        self.save_checkpoint(f"outputs/{identifier}", {"type": output_type, "source": source.name})
-        self._output_types[identifier] = output_type
-
-    def prepare_outputs(self, identifier: str, source: TableInfo, output_type: str | None) -> None:
         with self._lock:
-            existing = self._output_type(identifier)
-            if existing is not None and output_type is not None and existing != output_type:
-                raise ConfigurationError(
-                    f"outputs of {identifier!r} are stored as {existing}, not {output_type}; "
-                    f"remove the listener with drop_outputs=True to change the type",
-                    listener=identifier,
-                )
-            if existing is None and output_type is not None:
-                self._create_outputs(identifier, source, output_type)
+            exists = self.table_exists(source.name)
+            id_type = self._table(source.name).schema()[source.id_column] if exists else dt.int64
+            self._create_keyed_table(
+                outputs_table(identifier),
+                {
+                    SOURCE_FIELD: id_type,
+                    OUTPUT_FIELD: self.dialect.storage_type(output_type),
+                    FINGERPRINT_FIELD: dt.int64,
+                },
+                key=SOURCE_FIELD,
+            )
 
-    def write_outputs(self, identifier: str, source: TableInfo, records: Sequence[OutputRecord]) -> list[Any]:
+    def store_outputs(
+        self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
+    ) -> None:
+        name = outputs_table(identifier)
         with self._lock:
-            logical = self._output_type(identifier)
-            if logical is None:
-                sample = next((r.output for r in records if r.output is not None), None)
-                if sample is None:
-                    return [OutputRejected("the model returned None") for _ in records]
-                logical = infer_output_type(sample)
-                self._create_outputs(identifier, source, logical)
-            stored: list[Any] = []
-            kept: list[tuple[Any, Any, int]] = []
-            for record in records:
-                try:
-                    value = normalize_output(record.output, logical)
-                except (TypeError, ValueError) as exc:
-                    stored.append(OutputRejected(f"{exc} (outputs of {identifier!r} are {logical})"))
-                    continue
-                stored.append(value)
-                kept.append((record.source, encode_for(self.dialect, logical, value), record.fingerprint))
-            if kept:
-                name = outputs_table(identifier)
-                schema = self._table(name).schema()
-                data = pa.table(
-                    {
-                        SOURCE_FIELD: pa.array([k[0] for k in kept], type=schema[SOURCE_FIELD].to_pyarrow()),
-                        OUTPUT_FIELD: pa.array([k[1] for k in kept], type=schema[OUTPUT_FIELD].to_pyarrow()),
-                        FINGERPRINT_FIELD: pa.array([k[2] for k in kept], type=pa.int64()),
-                    }
-                )
-                self.dialect.upsert(self.con, name, SOURCE_FIELD, data)
-            return stored
+            schema = self._table(name).schema()
+            data = pa.table(
+                {
+                    SOURCE_FIELD: pa.array([r.source for _, r, _ in kept], type=schema[SOURCE_FIELD].to_pyarrow()),
+                    OUTPUT_FIELD: pa.array(
+                        [encode_for(self.dialect, output_type, v) for _, _, v in kept],
+                        type=schema[OUTPUT_FIELD].to_pyarrow(),
+                    ),
+                    FINGERPRINT_FIELD: pa.array([r.fingerprint for _, r, _ in kept], type=pa.int64()),
+                }
+            )
+            self.dialect.upsert(self.con, name, SOURCE_FIELD, data)
 
     def _outputs_sql(self, identifier: str) -> TableSQL:
         columns = (SOURCE_FIELD, OUTPUT_FIELD, FINGERPRINT_FIELD)
@@ -429,7 +394,7 @@ class IbisBackend(DataBackend):
             self.con.drop_table(outputs_table(identifier), force=True)
             self._handles.pop(outputs_table(identifier), None)
             self._sql = {k: v for k, v in self._sql.items() if k[0] != outputs_table(identifier)}
-            self._output_types.pop(identifier, None)
+        self._forget_output_type(identifier)
 
     # -- errors and checkpoints -----------------------------------------------------------
     def record_errors(self, records: Sequence[ErrorRecord]) -> None:
@@ -477,6 +442,12 @@ class IbisBackend(DataBackend):
             t = self._table(CHECKPOINTS_TABLE)
             rows = t.filter(t.name == name).select("value").to_pyarrow().to_pylist()
         return json.loads(rows[0]["value"]) if rows else None
+
+    def delete_checkpoint(self, name: str) -> None:
+        with self._lock:
+            if self.table_exists(CHECKPOINTS_TABLE):
+                sql = self._statements(CHECKPOINTS_TABLE, "name", ("name",)).delete_by_ids
+                self.dialect.execute(self.con, sql, [self.dialect.bind_ids([name])])
 
     def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None:
         data = pa.table(

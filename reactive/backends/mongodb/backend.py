@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import threading
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any, Self
 
@@ -34,7 +33,6 @@ from reactive.backends.base import (
 from reactive.backends.mongodb.listener import MongoChangeStreamListener
 from reactive.errors import BackendError, ConfigurationError, TableNotFoundError
 from reactive.events import Row, id_key
-from reactive.outputs import infer_output_type, normalize_output
 from reactive.uri import redact
 
 ERRORS_COLLECTION = "_reactive_errors"
@@ -64,11 +62,10 @@ class MongoBackend(DataBackend):
     listener_class = MongoChangeStreamListener
 
     def __init__(self, client: MongoClient, database: str, *, uri: str) -> None:
+        super().__init__()
         self.client = client
         self.db = client[database]
         self._uri = redact(uri)
-        self._output_types: dict[str, str] = {}
-        self._lock = threading.Lock()
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> Self:
@@ -150,55 +147,30 @@ class MongoBackend(DataBackend):
             yield page
 
     # -- outputs --------------------------------------------------------------------------
-    def _output_type(self, identifier: str) -> str | None:
-        if identifier not in self._output_types:
-            saved = self.load_checkpoint(f"outputs/{identifier}")
-            if saved:
-                self._output_types[identifier] = saved["type"]
-        return self._output_types.get(identifier)
+    def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
+        """Nothing to create: the collection appears with its first output."""
 
-    def _set_output_type(self, identifier: str, source: TableInfo, output_type: str) -> None:
-        self.save_checkpoint(f"outputs/{identifier}", {"type": output_type, "source": source.name})
-        self._output_types[identifier] = output_type
-
-    def prepare_outputs(self, identifier: str, source: TableInfo, output_type: str | None) -> None:
-        existing = self._output_type(identifier)
-        if existing is not None and output_type is not None and existing != output_type:
-            raise ConfigurationError(
-                f"outputs of {identifier!r} are stored as {existing}, not {output_type}; "
-                f"remove the listener with drop_outputs=True to change the type",
-                listener=identifier,
+    def store_outputs(
+        self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
+    ) -> None:
+        documents = [
+            (
+                index,
+                record.new,
+                {
+                    "_id": record.source,
+                    SOURCE_FIELD: record.source,
+                    OUTPUT_FIELD: value,
+                    FINGERPRINT_FIELD: record.fingerprint,
+                },
             )
-        if existing is None and output_type is not None:
-            self._set_output_type(identifier, source, output_type)
-
-    def write_outputs(self, identifier: str, source: TableInfo, records: Sequence[OutputRecord]) -> list[Any]:
-        with self._lock:
-            logical = self._output_type(identifier)
-            if logical is None:
-                sample = next((r.output for r in records if r.output is not None), None)
-                if sample is None:
-                    return [OutputRejected("the model returned None") for _ in records]
-                logical = infer_output_type(sample)
-                self._set_output_type(identifier, source, logical)
-        stored: list[Any] = []
-        documents: list[tuple[int, bool, dict[str, Any]]] = []
-        for index, record in enumerate(records):
-            try:
-                value = normalize_output(record.output, logical)
-            except (TypeError, ValueError) as exc:
-                stored.append(OutputRejected(f"{exc} (outputs of {identifier!r} are {logical})"))
-                continue
-            stored.append(value)
-            document = {"_id": record.source, SOURCE_FIELD: record.source, OUTPUT_FIELD: value}
-            document[FINGERPRINT_FIELD] = record.fingerprint
-            documents.append((index, record.new, document))
+            for index, record, value in kept
+        ]
         # New outputs are inserted (cheaper than upserts on some servers); an insert that
         # meets an existing output after all is retried as a replacement.
         retry = self._write(identifier, documents, stored)
         if retry:
             self._write(identifier, [(i, False, d) for i, _, d in retry], stored)
-        return stored
 
     def _write(
         self, identifier: str, documents: list[tuple[int, bool, dict[str, Any]]], stored: list[Any]
@@ -251,8 +223,7 @@ class MongoBackend(DataBackend):
 
     def drop_outputs(self, identifier: str) -> None:
         self.db.drop_collection(outputs_table(identifier))
-        self.db[CHECKPOINTS_COLLECTION].delete_one({"_id": f"outputs/{identifier}"})
-        self._output_types.pop(identifier, None)
+        self._forget_output_type(identifier)
 
     # -- errors and checkpoints -----------------------------------------------------------
     def record_errors(self, records: Sequence[ErrorRecord]) -> None:
@@ -270,6 +241,9 @@ class MongoBackend(DataBackend):
     def load_checkpoint(self, name: str) -> dict[str, Any] | None:
         doc = self.db[CHECKPOINTS_COLLECTION].find_one({"_id": name})
         return None if doc is None else dict(doc["value"])
+
+    def delete_checkpoint(self, name: str) -> None:
+        self.db[CHECKPOINTS_COLLECTION].delete_one({"_id": name})
 
     def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None:
         self.db[CHECKPOINTS_COLLECTION].replace_one(
