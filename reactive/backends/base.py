@@ -295,6 +295,9 @@ class BaseDatabaseListener(ReactiveThread):
         self.page_size = page_size
         self._tables: dict[str, TableInfo] = {}
         self._lock = threading.RLock()
+        #: Notified whenever the listener's state changes (packets settled, a stop, ...).
+        self._changed = threading.Condition(self._lock)
+        self._in_flight = 0
         self.counters = {"inserts": 0, "updates": 0, "deletes": 0}
         self.last_error: str | None = None
         #: Set by ``db.cdc``: bring the outputs of these tables up to date from the source
@@ -319,21 +322,49 @@ class BaseDatabaseListener(ReactiveThread):
             self._tables.pop(table, None)
 
     def emit(self, packet: ChangePacket) -> None:
-        """Put ``packet`` on the queue, waiting while the queue is full."""
-        self.queue.put(packet, abandon=self.stopped_event)
+        """Put ``packet`` on the queue, waiting while the queue is full; it is in flight
+        until the handler commits or releases it."""
+        with self._changed:
+            self._in_flight += 1
+        try:
+            self.queue.put(packet, abandon=self.stopped_event)
+        except BaseException:
+            self._settle(1)
+            raise
         key = {"insert": "inserts", "update": "updates", "delete": "deletes"}[packet.event.value]
         self.counters[key] += len(packet)
 
+    def _settle(self, packets: int) -> None:
+        with self._changed:
+            self._in_flight -= packets
+            self._changed.notify_all()
+
     def on_stop(self) -> None:
         self.queue.wake_producers()
+        with self._changed:
+            self._changed.notify_all()
 
-    @abstractmethod
     def commit(self, positions: Sequence[Any]) -> None:
-        """Persist positions of processed packets (called from the handler thread)."""
+        """The handler processed packets with these positions (in arrival order): save them."""
+        try:
+            self.save_positions(positions)
+        finally:
+            self._settle(len(positions))
+
+    def release(self, positions: Sequence[Any]) -> None:
+        """The handler gave up on packets with these positions: deliver their changes again."""
+        try:
+            self.redeliver(positions)
+        finally:
+            self._settle(len(positions))
 
     @abstractmethod
-    def release(self, positions: Sequence[Any]) -> None:
-        """Packets with these positions were not processed: deliver their changes again."""
+    def save_positions(self, positions: Sequence[Any]) -> None:
+        """Persist the positions of processed packets (called from the handler thread)."""
+
+    @abstractmethod
+    def redeliver(self, positions: Sequence[Any]) -> None:
+        """Arrange for the changes of unprocessed packets to be queued again."""
 
     @abstractmethod
     def sync(self, timeout: float | None) -> bool:

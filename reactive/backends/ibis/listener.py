@@ -36,10 +36,8 @@ class IbisPollingListener(BaseDatabaseListener):
 
     def __init__(self, backend: IbisBackend, queue: Any, **options: Any) -> None:
         super().__init__(backend, queue, **options)
-        self._cycle = threading.Condition()
-        self._cycles_started = 0
-        self._cycles_done = 0
-        self._in_flight = 0
+        self._changeds_started = 0
+        self._changeds_done = 0
         self._wake = threading.Event()
         self.polls = 0
         self.last_poll_seconds: float | None = None
@@ -54,14 +52,12 @@ class IbisPollingListener(BaseDatabaseListener):
     def on_stop(self) -> None:
         super().on_stop()
         self._wake.set()
-        with self._cycle:
-            self._cycle.notify_all()
 
     def run(self) -> None:
         while self.should_keep_running():
             started = time.monotonic()
-            with self._cycle:
-                self._cycles_started += 1
+            with self._changed:
+                self._changeds_started += 1
             try:
                 self._poll_all()
                 self.consecutive_failures = 0
@@ -74,19 +70,19 @@ class IbisPollingListener(BaseDatabaseListener):
                 self.consecutive_failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("polling %s failed (%s); retrying", self.backend.uri, self.last_error)
-            with self._cycle:
+            with self._changed:
                 while self._in_flight and self.should_keep_running():
-                    self._cycle.wait()
-                self._cycles_done += 1
-                self._cycle.notify_all()
+                    self._changed.wait()
+                self._changeds_done += 1
+                self._changed.notify_all()
             # Polls start every poll_interval: the time spent polling counts toward the wait.
             delay = max(0.0, self.poll_interval - (time.monotonic() - started))
             if self.consecutive_failures:
                 delay = min(self.poll_interval * 2**self.consecutive_failures, MAX_BACKOFF)
             self._wake.wait(delay)
             self._wake.clear()
-        with self._cycle:
-            self._cycle.notify_all()
+        with self._changed:
+            self._changed.notify_all()
 
     def _poll_all(self) -> None:
         for table in self.tables.values():
@@ -131,54 +127,37 @@ class IbisPollingListener(BaseDatabaseListener):
         fingerprints: Sequence[int] | None = None,
     ) -> None:
         position = (table.name, ids, None if fingerprints is None else tuple(fingerprints))
-        packet = ChangePacket(table.name, event, ids, rows, position=position, source=self)
-        with self._cycle:
-            self._in_flight += 1
-        try:
-            self.emit(packet)
-        except BaseException:
-            with self._cycle:
-                self._in_flight -= 1
-            raise
+        self.emit(ChangePacket(table.name, event, ids, rows, position=position, source=self))
 
-    def commit(self, positions: Sequence[Any]) -> None:
-        """Move each table's snapshot past the processed rows (called by the handler)."""
-        try:
-            by_table: dict[str, tuple[list[tuple[Any, int]], list[Any]]] = {}
-            for table, ids, fingerprints in positions:
-                upserts, deletes = by_table.setdefault(table, ([], []))
-                if fingerprints is None:
-                    deletes.extend(ids)
-                else:
-                    upserts.extend(zip(ids, fingerprints, strict=True))
-            for table, (upserts, deletes) in by_table.items():
-                self.backend.advance_snapshot(table, upserts, deletes)
-        finally:
-            self._settle(len(positions))
+    def save_positions(self, positions: Sequence[Any]) -> None:
+        """Move each table's snapshot past the processed rows."""
+        by_table: dict[str, tuple[list[tuple[Any, int]], list[Any]]] = {}
+        for table, ids, fingerprints in positions:
+            upserts, deletes = by_table.setdefault(table, ([], []))
+            if fingerprints is None:
+                deletes.extend(ids)
+            else:
+                upserts.extend(zip(ids, fingerprints, strict=True))
+        for table, (upserts, deletes) in by_table.items():
+            self.backend.advance_snapshot(table, upserts, deletes)
 
-    def release(self, positions: Sequence[Any]) -> None:
-        """The snapshot stays where it is, so the next poll finds these rows again."""
-        self._settle(len(positions))
-
-    def _settle(self, packets: int) -> None:
-        with self._cycle:
-            self._in_flight -= packets
-            self._cycle.notify_all()
+    def redeliver(self, positions: Sequence[Any]) -> None:
+        """Nothing to do: the snapshot stays where it is, so the next poll finds the rows again."""
 
     def sync(self, timeout: float | None) -> bool:
         """Wait for a full poll that started after this call, with its packets queued."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cycle:
-            target = self._cycles_started + 1
+        with self._changed:
+            target = self._changeds_started + 1
         self._wake.set()
-        with self._cycle:
-            while self._cycles_done < target:
+        with self._changed:
+            while self._changeds_done < target:
                 if not self.is_alive():
                     return False
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                self._cycle.wait(remaining)
+                self._changed.wait(remaining)
         return self.last_error is None
 
     def info(self) -> dict[str, Any]:

@@ -56,11 +56,9 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         super().__init__(backend, queue, **options)
         self.max_await_ms = max_await_ms
         self.checkpoint_name = f"mongodb/{backend.db.name}/stream"
-        self._cond = threading.Condition(self._lock)
         self._stream: DatabaseChangeStream | None = None
         self._seen: dict[str, Any] | None = None
         self._committed: dict[str, Any] | None = None
-        self._in_flight = 0
         self._generation = 0
         self._opened_generation = -1
         self._rewind = False
@@ -126,7 +124,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         point no later than the backfill's reads. Raises
         :class:`~reactive.errors.ChangeStreamUnsupportedError` on a standalone server.
         """
-        with self._cond:
+        with self._changed:
             new = table.name not in self._tables
             super().watch(table)
             self.table_states[table.name] = "watching"
@@ -146,11 +144,11 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                 # db.add reconciles this table right after; for the others, start() will.
                 log.warning("the saved position on %s is no longer in the oplog", self.backend.uri)
         if new and self.is_alive():
-            with self._cond:
-                self._cond.wait_for(lambda: self._opened_generation >= generation or not self.is_alive(), timeout=30)
+            with self._changed:
+                self._changed.wait_for(lambda: self._opened_generation >= generation or not self.is_alive(), timeout=30)
 
     def unwatch(self, table: str) -> None:
-        with self._cond:
+        with self._changed:
             super().unwatch(table)
             self._generation += 1
 
@@ -162,7 +160,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
     def start(self) -> None:
         # Open the first stream here, in the caller's thread, so a server that cannot
         # stream fails cdc.start() with a clear error instead of failing in the background.
-        with self._cond:
+        with self._changed:
             generation = self._generation
         try:
             self._stream = self._open(self._position())
@@ -209,8 +207,8 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                 backoff = min(backoff * 2, MAX_BACKOFF)
         finally:
             self._close_stream()
-            with self._cond:
-                self._cond.notify_all()
+            with self._changed:
+                self._changed.notify_all()
             try:
                 self.backend.db[MARKS_COLLECTION].delete_one({"_id": self._mark_id})
             except PyMongoError:
@@ -230,7 +228,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                 log.debug("closing a broken change stream failed", exc_info=True)
 
     def _step(self) -> None:
-        with self._cond:
+        with self._changed:
             reopen = self._stream is None or self._opened_generation != self._generation or self._rewind
             generation = self._generation
             if self._rewind:
@@ -238,9 +236,9 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         if reopen:
             self._close_stream()
             self._stream = self._open(self._seen or self._position())
-            with self._cond:
+            with self._changed:
                 self._opened_generation = generation
-                self._cond.notify_all()
+                self._changed.notify_all()
         assert self._stream is not None
         change = self._stream.try_next()
         if self.disconnected_since is not None:
@@ -261,7 +259,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
     def _save_idle_position(self) -> None:
         """An idle stream moves the saved position forward too (its post-batch token)."""
         now = time.monotonic()
-        with self._cond:
+        with self._changed:
             quiet = self._in_flight == 0
         if quiet and self._seen is not None and self._seen != self._committed and now - self._last_idle_save > 1:
             self._last_idle_save = now
@@ -276,9 +274,9 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             self._seen = {"token": token, "start_after": False}
             document = change.get("fullDocument") or {}
             if change.get("documentKey", {}).get("_id") == self._mark_id and "n" in document:
-                with self._cond:
+                with self._changed:
                     self._marks_seen = max(self._marks_seen, document["n"])
-                    self._cond.notify_all()
+                    self._changed.notify_all()
             return
         if event is not None and collection in self._tables:
             row = change.get("fullDocument") if event is not DBEvent.delete else None
@@ -291,14 +289,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                 position={"token": token, "start_after": False},
                 source=self,
             )
-            with self._cond:
-                self._in_flight += 1
-            try:
-                self.emit(packet)
-            except BaseException:
-                with self._cond:
-                    self._in_flight -= 1
-                raise
+            self.emit(packet)
         elif operation in ("drop", "rename") and collection in self._tables:
             state = "dropped" if operation == "drop" else f"renamed to {change['to']['coll']!r}"
             self._table_gone(collection, state)
@@ -336,37 +327,28 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         )
         self._close_stream()
         self._seen = None
-        with self._cond:
+        with self._changed:
             generation = self._generation
         # Open from now first, so nothing written during the reconciliation is missed.
         self._stream = self._open(None)
-        with self._cond:
+        with self._changed:
             self._opened_generation = generation
         self._save({"token": self._stream.resume_token, "start_after": False})
         if self.on_reconcile is not None:
             self.on_reconcile(sorted(self.tables), self.stopped_event)
 
     # -- what the handler and db.cdc call -------------------------------------------------
-    def commit(self, positions: Sequence[Any]) -> None:
-        try:
-            self._save(positions[-1])
-        finally:
-            self._settle(len(positions))
+    def save_positions(self, positions: Sequence[Any]) -> None:
+        self._save(positions[-1])
 
-    def release(self, positions: Sequence[Any]) -> None:
-        """Unprocessed packets: reopen the stream at the last saved position."""
-        with self._cond:
+    def redeliver(self, positions: Sequence[Any]) -> None:
+        """Reopen the stream at the last saved position; later events come again too."""
+        with self._changed:
             self._rewind = True
-        self._settle(len(positions))
-
-    def _settle(self, packets: int) -> None:
-        with self._cond:
-            self._in_flight -= packets
-            self._cond.notify_all()
 
     def sync(self, timeout: float | None) -> bool:
         """Write a barrier mark and wait until the stream has passed it."""
-        with self._cond:
+        with self._changed:
             self._marks_sent += 1
             mark = self._marks_sent
         try:
@@ -374,15 +356,10 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         except PyMongoError as exc:
             log.warning("could not write a barrier mark: %s", exc)
             return False
-        with self._cond:
-            return self._cond.wait_for(lambda: self._marks_seen >= mark or not self.is_alive(), timeout) and (
+        with self._changed:
+            return self._changed.wait_for(lambda: self._marks_seen >= mark or not self.is_alive(), timeout) and (
                 self._marks_seen >= mark
             )
-
-    def on_stop(self) -> None:
-        super().on_stop()
-        with self._cond:
-            self._cond.notify_all()
 
     def info(self) -> dict[str, Any]:
         return {
