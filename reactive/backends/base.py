@@ -32,6 +32,16 @@ OUTPUT_FIELD = "_output"
 FINGERPRINT_FIELD = "_fingerprint"
 
 
+def chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """``values`` in slices of at most ``size`` (one id list per statement).
+
+    >>> [list(c) for c in chunks([1, 2, 3], 2)]
+    [[1, 2], [3]]
+    """
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
 def outputs_table(identifier: str) -> str:
     """The name of the table (collection) holding a listener's outputs.
 

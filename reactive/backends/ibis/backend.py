@@ -27,6 +27,7 @@ from reactive.backends.base import (
     ErrorRecord,
     OutputRecord,
     TableInfo,
+    chunks,
     outputs_table,
 )
 from reactive.backends.ibis.dialects import (
@@ -56,11 +57,6 @@ ROW_ID, ROW_FINGERPRINT = "row_id", "fingerprint"
 _FP = "__reactive_fingerprint"
 #: Largest IN list sent in one statement.
 _CHUNK = 10_000
-
-
-def _chunks(values: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
 
 
 class IbisBackend(DataBackend):
@@ -197,7 +193,7 @@ class IbisBackend(DataBackend):
         rows: dict[Hashable, Row] = {}
         with self._lock:
             sql = self._source_sql(table).by_ids
-            for chunk in _chunks(list(ids)):
+            for chunk in chunks(list(ids), _CHUNK):
                 for row in self._decoded(table.name, self._fetch(sql, self.dialect.bind_ids(chunk))):
                     rows[id_key(row[table.id_column])] = row
         return rows
@@ -206,7 +202,7 @@ class IbisBackend(DataBackend):
         found: set[Hashable] = set()
         with self._lock:
             sql = self._source_sql(table).ids_by_ids
-            for chunk in _chunks(list(ids)):
+            for chunk in chunks(list(ids), _CHUNK):
                 found.update(id_key(row[table.id_column]) for row in self._fetch(sql, self.dialect.bind_ids(chunk)))
         return found
 
@@ -281,7 +277,7 @@ class IbisBackend(DataBackend):
             schema = self._table(name).schema()
             if deletes:
                 sql = self._statements(name, ROW_ID, (ROW_ID, ROW_FINGERPRINT)).delete_by_ids
-                for chunk in _chunks(list(deletes)):
+                for chunk in chunks(list(deletes), _CHUNK):
                     self.dialect.execute(self.con, sql, [self.dialect.bind_ids(chunk)])
             if upserts:
                 latest = {id_key(i): (i, fp) for i, fp in upserts}
@@ -357,7 +353,7 @@ class IbisBackend(DataBackend):
             if not ids or not self.table_exists(outputs_table(identifier)):
                 return
             sql = self._outputs_sql(identifier).delete_by_ids
-            for chunk in _chunks(list(ids)):
+            for chunk in chunks(list(ids), _CHUNK):
                 self.dialect.execute(self.con, sql, [self.dialect.bind_ids(chunk)])
 
     def output_fingerprints(self, identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
@@ -366,7 +362,7 @@ class IbisBackend(DataBackend):
             if not ids or not self.table_exists(outputs_table(identifier)):
                 return found
             sql = self._statements(outputs_table(identifier), SOURCE_FIELD, (SOURCE_FIELD, FINGERPRINT_FIELD)).by_ids
-            for chunk in _chunks(list(ids)):
+            for chunk in chunks(list(ids), _CHUNK):
                 for row in self._fetch(sql, self.dialect.bind_ids(chunk)):
                     found[id_key(row[SOURCE_FIELD])] = row[FINGERPRINT_FIELD]
         return found

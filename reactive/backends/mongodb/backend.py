@@ -28,6 +28,7 @@ from reactive.backends.base import (
     OutputRecord,
     OutputRejected,
     TableInfo,
+    chunks,
     outputs_table,
 )
 from reactive.backends.mongodb.listener import MongoChangeStreamListener
@@ -43,11 +44,6 @@ _CHUNK = 500
 
 AUTH_FAILED = 18
 DUPLICATE_KEY = 11000
-
-
-def _chunks(values: Sequence[Any], size: int = _CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
 
 
 class MongoBackend(DataBackend):
@@ -121,14 +117,14 @@ class MongoBackend(DataBackend):
 
     def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
         rows: dict[Hashable, Row] = {}
-        for chunk in _chunks(list(ids)):
+        for chunk in chunks(list(ids), _CHUNK):
             for doc in self.db[table.name].find({"_id": {"$in": list(chunk)}}):
                 rows[id_key(doc["_id"])] = doc
         return rows
 
     def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
         found: set[Hashable] = set()
-        for chunk in _chunks(list(ids)):
+        for chunk in chunks(list(ids), _CHUNK):
             cursor = self.db[table.name].find({"_id": {"$in": list(chunk)}}, {"_id": 1})
             found.update(id_key(doc["_id"]) for doc in cursor)
         return found
@@ -194,12 +190,12 @@ class MongoBackend(DataBackend):
         return []
 
     def delete_outputs(self, identifier: str, ids: Sequence[Any]) -> None:
-        for chunk in _chunks(list(ids)):
+        for chunk in chunks(list(ids), _CHUNK):
             self.db[outputs_table(identifier)].delete_many({"_id": {"$in": list(chunk)}})
 
     def output_fingerprints(self, identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
         found: dict[Hashable, int] = {}
-        for chunk in _chunks(list(ids)):
+        for chunk in chunks(list(ids), _CHUNK):
             query = {"_id": {"$in": list(chunk)}}
             for doc in self.db[outputs_table(identifier)].find(query, {FINGERPRINT_FIELD: 1}):
                 found[id_key(doc["_id"])] = doc.get(FINGERPRINT_FIELD)
