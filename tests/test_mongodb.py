@@ -322,3 +322,58 @@ def test_chained_listeners(mongo_uri: str, mongo) -> None:
         mongo.docs.delete_one({"_id": 2})
         assert db.cdc.wait_idle(timeout=30)
         assert outputs_by_source(db, "count___output") == {1: 1}
+
+
+def test_an_idle_stream_moves_the_saved_position_forward(mongo_uri: str, mongo, recorder: Recorder) -> None:
+    mongo.docs.insert_one({"_id": 1, "text": "a"})
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        db.cdc.start()
+        listener = db.cdc.listener
+        assert db.cdc.wait_idle(timeout=30)
+        before = listener.position
+        # Writes the listener does not follow still move the stream's post-batch token.
+        mongo.other.insert_many([{"n": i} for i in range(5)])
+        assert listener.wait_for(lambda: listener.position != before, timeout=30)
+        saved = mongo["_reactive_checkpoints"].find_one({"_id": listener.checkpoint_name})["value"]
+        assert saved == listener.position
+        assert recorder.inputs == ["a"]
+
+
+def test_drop_database_stops_every_listener_cleanly(mongo_uri: str, mongo, recorder: Recorder, caplog) -> None:
+    for name in ("docs", "notes"):
+        mongo[name].insert_one({"_id": 1, "text": name})
+    with reactive.connect(mongo_uri) as db:
+        for name in ("docs", "notes"):
+            db.add(Listener(Model(name, predict=recorder), "text", name))
+        db.cdc.start()
+        with caplog.at_level("WARNING", logger="reactive"):
+            mongo.client.drop_database(mongo.name)
+            listener = db.cdc.listener
+            assert listener.wait_for(lambda: not listener.tables, timeout=30)
+        assert db.cdc.info()["stopped_tables"] == {"docs": "dropped", "notes": "dropped"}
+        assert "collection 'docs'" in caplog.text and "was dropped" in caplog.text
+        # The stream goes on past the invalidate: a new collection can be added and followed.
+        mongo.fresh.insert_one({"_id": 1, "text": "again"})
+        db.add(Listener(Model("fresh", predict=recorder), "text", "fresh"))
+        mongo.fresh.insert_one({"_id": 2, "text": "live"})
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "fresh__text") == {1: "<again>", 2: "<live>"}
+
+
+def test_bad_credentials_are_a_clear_error_with_the_password_redacted(own_server) -> None:
+    from pymongo import MongoClient
+
+    server = own_server()
+    with MongoClient(server.uri) as client:
+        client.app.command("createUser", "alice", pwd="right-secret", roles=["readWrite"])
+    server.stop()
+    server.args = ("--auth",)
+    server.start()
+    base = f"mongodb://alice:{{}}@127.0.0.1:{server.port}/app?directConnection=true&serverSelectionTimeoutMS=2000"
+    with pytest.raises(reactive.BackendError) as excinfo:
+        reactive.connect(base.format("wrong-secret"))
+    assert "authentication failed" in str(excinfo.value)
+    assert "wrong-secret" not in str(excinfo.value) and "alice:***@" in str(excinfo.value)
+    with reactive.connect(base.format("right-secret")) as db:
+        assert db.backend.uri.startswith("mongodb://alice:***@")

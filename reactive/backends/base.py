@@ -344,6 +344,14 @@ class BaseDatabaseListener(ReactiveThread):
         key = {"insert": "inserts", "update": "updates", "delete": "deletes"}[packet.event.value]
         self.counters[key] += len(packet)
 
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Wait until ``predicate()`` holds; it is checked whenever the listener's state changes.
+
+        >>> # db.cdc.listener.wait_for(lambda: db.cdc.listener.history_lost > 0, timeout=30)
+        """
+        with self._changed:
+            return self._changed.wait_for(predicate, timeout)
+
     def _settle(self, packets: int) -> None:
         with self._changed:
             self._in_flight -= packets

@@ -73,6 +73,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         self.disconnected = threading.Event()
         self.connected = threading.Event()
         self.history_lost = 0
+        self.positions_saved = 0
 
     # -- position -------------------------------------------------------------------------
     def _position(self) -> dict[str, Any] | None:
@@ -82,7 +83,15 @@ class MongoChangeStreamListener(BaseDatabaseListener):
 
     def _save(self, position: dict[str, Any]) -> None:
         self.backend.save_checkpoint(self.checkpoint_name, position)
-        self._committed = position
+        with self._changed:
+            self._committed = position
+            self.positions_saved += 1
+            self._changed.notify_all()
+
+    @property
+    def position(self) -> dict[str, Any] | None:
+        """The saved position: ``{"token": <resume token>, "start_after": bool}``."""
+        return self._position()
 
     def _pipeline(self) -> list[dict[str, Any]]:
         names = sorted(self.tables)
