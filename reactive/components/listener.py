@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from reactive.backends.base import ErrorRecord, OutputRecord, OutputRejected, TableInfo, outputs_table
@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from reactive.datalayer import Datalayer
 
 _MISSING = object()
+#: How many reconciled ids a listener remembers before it looks every live insert up.
+RECONCILED_MEMORY = 200_000
 #: Inputs above this size are refused: models truncate long inputs anyway, and a huge
 #: payload should not stall the handler thread.
 DEFAULT_MAX_INPUT_BYTES = 4 * 1024 * 1024
@@ -92,6 +94,8 @@ class Listener(Component):
         self.id_column = id_column
         self.max_input_bytes = max_input_bytes
         self.source: TableInfo | None = None
+        # Ids whose output a reconciliation wrote in this process (None: too many to keep).
+        self._reconciled: set[Hashable] | None = set()
 
     def __repr__(self) -> str:
         return f"Listener({self.identifier!r}, select={self.select!r}, key={self.key!r})"
@@ -149,6 +153,25 @@ class Listener(Component):
         value = self._input(row)
         return value is not _MISSING and stored == fingerprint(value)
 
+    def _known_absent(self, batch: Batch) -> set[Hashable]:
+        """Ids of a live insert batch that certainly have no output yet.
+
+        A row a change source reports as inserted has no output, unless a reconciliation
+        computed it first (a backfill racing live inserts, or rows inserted while the
+        process was down, which the source reports again after the restart). Those ids are
+        remembered, so only they are looked up; the rest skip a database round trip.
+        """
+        if batch.event is not DBEvent.insert or batch.targets is not None or self._reconciled is None:
+            return set()
+        return {key for key in map(id_key, batch.ids) if key not in self._reconciled}
+
+    def _remember_reconciled(self, ids: Iterable[Any]) -> None:
+        if self._reconciled is not None:
+            self._reconciled.update(map(id_key, ids))
+            if len(self._reconciled) > RECONCILED_MEMORY:
+                # Past this many, remembering costs more than looking every insert up.
+                self._reconciled = None
+
     def reconcile(self, db: Datalayer, *, page_size: int) -> Iterator[ChangePacket]:
         assert self.source is not None, "prepare() first"
         columns = [self.key, *self.filter]
@@ -190,7 +213,9 @@ class Listener(Component):
             except (TypeError, ValueError) as exc:
                 fail(row_id, f"cannot fingerprint key {self.key!r}: {exc}")
 
-        stored = backend.output_fingerprints(self.identifier, [c[0] for c in candidates])
+        absent = self._known_absent(batch)
+        looked_up = [c[0] for c in candidates if id_key(c[0]) not in absent]
+        stored = backend.output_fingerprints(self.identifier, looked_up) if looked_up else {}
         todo = [c for c in candidates if stored.get(id_key(c[0])) != c[2]]
         refresh.skipped = len(candidates) - len(todo)
         if todo:
@@ -210,6 +235,9 @@ class Listener(Component):
                         fail(record.source, kept.error)
                     else:
                         refresh.written.append((record.source, kept))
+                if batch.targets is not None:
+                    self._remember_reconciled(record.source for record in records)
+        remove = [i for i in remove if id_key(i) not in absent]
         if remove:
             # A row that left the filter, vanished or failed has no current output.
             backend.delete_outputs(self.identifier, remove)
