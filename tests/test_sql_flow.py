@@ -225,3 +225,25 @@ def test_in_memory_duckdb() -> None:
     with reactive.connect("duckdb://") as db:
         assert db.backend.uri == "duckdb://"
         assert db.cdc.wait_idle(timeout=1)
+
+
+def test_a_dropped_postgres_connection_is_reopened_and_nothing_is_lost(pg_database: str, recorder: Recorder) -> None:
+    import psycopg
+
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        client.execute("INSERT INTO docs VALUES (1, 'before')")
+        with reactive.connect(pg_database, poll_interval=0.05) as db:
+            db.add(Listener(Model("tag", predict=recorder), "text", "docs"))
+            db.cdc.start()
+            assert db.cdc.wait_idle(timeout=30)
+            # The server drops reactive's connection (as a restart or an administrator would).
+            [(dropped,)] = client.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchall()
+            assert dropped == 1
+            client.execute("INSERT INTO docs VALUES (2, 'after')")
+            client.execute("UPDATE docs SET text = 'BEFORE' WHERE id = 1")
+            assert db.cdc.wait_idle(timeout=60)
+            assert outputs_by_source(db, "tag__text") == {1: "<BEFORE>", 2: "<after>"}

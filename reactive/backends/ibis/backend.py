@@ -125,6 +125,9 @@ class IbisBackend(DataBackend):
         with self._lock:
             self.con.disconnect()
 
+    def is_transient(self, exc: BaseException) -> bool:
+        return self.dialect.is_transient(exc)
+
     # -- tables ---------------------------------------------------------------------------
     def _table(self, name: str) -> ir.Table:
         """An ibis handle on ``name``, cached: looking a table up costs a catalog query."""

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import sqlite3
-from collections.abc import Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import ibis
 import ibis.expr.datatypes as dt
@@ -25,6 +26,9 @@ import sqlglot.expressions as sge
 from reactive.fingerprints import fingerprint_text
 
 Row = dict[str, Any]
+_T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 
 def _template(sql: str, dialect: str, **names: str | sge.Expression) -> str:
@@ -87,6 +91,10 @@ class Dialect:
         return list(ids)
 
     # -- execution ------------------------------------------------------------------------
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means the database is unreachable for now, not that the data is bad."""
+        return False
+
     def fetch(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return con.con.execute(sql, list(params)).to_arrow_table().to_pylist()
 
@@ -123,10 +131,29 @@ class Dialect:
 
 
 class PostgresDialect(Dialect):
-    """PostgreSQL: ``hashtextextended`` of the row's text form, ``= ANY(array)``, executemany."""
+    """PostgreSQL: ``hashtextextended`` of the row's text form, ``= ANY(array)``, executemany.
+
+    A connection the server dropped (a restart, ``pg_terminate_backend``) is reopened once
+    per statement; the statements are idempotent, so running one again is safe.
+    """
 
     name = "postgres"
     fingerprint_type = dt.int64
+
+    def is_transient(self, exc: BaseException) -> bool:
+        import psycopg
+
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+    def _reconnecting(self, con: Any, run: Callable[[], _T]) -> _T:
+        try:
+            return run()
+        except Exception as exc:
+            if not self.is_transient(exc) or not (con.con.closed or con.con.broken):
+                raise
+            log.warning("the PostgreSQL connection was lost (%s); reconnecting", exc)
+            con.reconnect()
+            return run()
 
     def row_hash(self, columns: Sequence[str]) -> sge.Expression:
         row = sge.Anonymous(this="ROW", expressions=[_column(c) for c in columns])
@@ -136,19 +163,30 @@ class PostgresDialect(Dialect):
         return sge.EQ(this=_column(column), expression=sge.Any(this=sge.Paren(this=sge.Placeholder())))
 
     def fetch(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        with con.con.cursor() as cur:
-            cur.execute(sql, list(params))
-            names = [d.name for d in cur.description]
-            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        def run() -> list[Row]:
+            with con.con.cursor() as cur:
+                cur.execute(sql, list(params))
+                names = [d.name for d in cur.description]
+                return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+        return self._reconnecting(con, run)
 
     def execute(self, con: Any, sql: str, params: Sequence[Any] = ()) -> None:
-        with con.con.cursor() as cur:
-            cur.execute(sql, list(params))
+        def run() -> None:
+            with con.con.cursor() as cur:
+                cur.execute(sql, list(params))
+
+        self._reconnecting(con, run)
 
     def upsert(self, con: Any, table: str, key: str, rows: pa.Table) -> None:
         sql = self.upsert_sql(table, key, rows.column_names)
-        with con.con.transaction(), con.con.cursor() as cur:
-            cur.executemany(sql, [tuple(r.values()) for r in rows.to_pylist()])
+        values = [tuple(r.values()) for r in rows.to_pylist()]
+
+        def run() -> None:
+            with con.con.transaction(), con.con.cursor() as cur:
+                cur.executemany(sql, values)
+
+        self._reconnecting(con, run)
 
     def upsert_sql(self, table: str, key: str, columns: Sequence[str], *, source: str | None = None) -> str:
         return super().upsert_sql(table, key, columns, source=source).replace("?", "%s")
@@ -191,6 +229,10 @@ class SQLiteDialect(Dialect):
 
     def bind_ids(self, ids: Sequence[Any]) -> Any:
         return json.dumps(list(ids))
+
+    def is_transient(self, exc: BaseException) -> bool:
+        # Another connection holds the write lock for longer than the busy timeout.
+        return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
 
     def fetch(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         cur = con.con.execute(sql, list(params))
