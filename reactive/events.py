@@ -65,6 +65,9 @@ class ChangePacket:
         return self.event is DBEvent.delete
 
 
+_SCALAR_IDS = frozenset({int, str, bytes, float})
+
+
 def id_key(value: Any) -> Hashable:
     """A hashable key for a row id of any shape (MongoDB ids may be documents or lists).
 
@@ -73,6 +76,8 @@ def id_key(value: Any) -> Hashable:
     >>> id_key(7)
     7
     """
+    if type(value) in _SCALAR_IDS:
+        return value
     # Field order is significant for MongoDB document ids, so dicts keep their order.
     if isinstance(value, Mapping):
         return ("__doc__", tuple((k, id_key(v)) for k, v in value.items()))

@@ -46,5 +46,8 @@ def fingerprint(value: Any) -> int:
     >>> fingerprint("hello") == fingerprint("hello!")
     False
     """
+    if type(value) is str:
+        # The common case (a text key), without JSON; no JSON text starts with NUL.
+        return fingerprint_text("\x00" + value)
     text = json.dumps(value, sort_keys=True, default=plain_value, separators=(",", ":"))
     return fingerprint_text(text)

@@ -17,6 +17,7 @@ import numpy as np
 from reactive.fingerprints import plain_value
 
 _SCALARS = {bool: "boolean", int: "int64", float: "float64", str: "string", bytes: "binary"}
+_PYTHON_TYPES = {name: kind for kind, name in _SCALARS.items()}
 
 
 def infer_output_type(value: Any) -> str:
@@ -82,7 +83,7 @@ def normalize_output(value: Any, output_type: str) -> Any:
         return [normalize_output(v, inner) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
-    expected = {v: k for k, v in _SCALARS.items()}.get(output_type)
+    expected = _PYTHON_TYPES.get(output_type)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if expected is not None and type(value) is not expected:

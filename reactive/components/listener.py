@@ -140,7 +140,7 @@ class Listener(Component):
         return source
 
     def matches(self, row: Row) -> bool:
-        return all(row.get(field, _MISSING) == value for field, value in self.filter.items())
+        return not self.filter or all(row.get(field, _MISSING) == value for field, value in self.filter.items())
 
     def _input(self, row: Row) -> Any:
         value = row.get(self.key, _MISSING)

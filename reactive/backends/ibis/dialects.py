@@ -11,6 +11,7 @@ lookup. A name is never pasted into SQL text.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import logging
 import sqlite3
@@ -106,11 +107,12 @@ class Dialect:
         view = "__reactive_upsert"
         con.con.register(view, rows)
         try:
-            con.con.execute(self.upsert_sql(table, key, rows.column_names, source=view))
+            con.con.execute(self.upsert_sql(table, key, tuple(rows.column_names), source=view))
         finally:
             con.con.unregister(view)
 
-    def upsert_sql(self, table: str, key: str, columns: Sequence[str], *, source: str | None = None) -> str:
+    @functools.lru_cache(maxsize=256)  # noqa: B019 - dialects live as long as the process
+    def upsert_sql(self, table: str, key: str, columns: tuple[str, ...], *, source: str | None = None) -> str:
         if source is None:
             values = sge.Values(expressions=[sge.Tuple(expressions=[sge.Placeholder() for _ in columns])])
             body: sge.Expression = values
@@ -179,7 +181,7 @@ class PostgresDialect(Dialect):
         self._reconnecting(con, run)
 
     def upsert(self, con: Any, table: str, key: str, rows: pa.Table) -> None:
-        sql = self.upsert_sql(table, key, rows.column_names)
+        sql = self.upsert_sql(table, key, tuple(rows.column_names))
         values = [tuple(r.values()) for r in rows.to_pylist()]
 
         def run() -> None:
@@ -188,7 +190,8 @@ class PostgresDialect(Dialect):
 
         self._reconnecting(con, run)
 
-    def upsert_sql(self, table: str, key: str, columns: Sequence[str], *, source: str | None = None) -> str:
+    @functools.lru_cache(maxsize=256)  # noqa: B019
+    def upsert_sql(self, table: str, key: str, columns: tuple[str, ...], *, source: str | None = None) -> str:
         return super().upsert_sql(table, key, columns, source=source).replace("?", "%s")
 
 
@@ -247,7 +250,7 @@ class SQLiteDialect(Dialect):
         raw = con.con
         values = [tuple(r.values()) for r in rows.to_pylist()]
         try:
-            raw.executemany(self.upsert_sql(table, key, rows.column_names), values)
+            raw.executemany(self.upsert_sql(table, key, tuple(rows.column_names)), values)
         except BaseException:
             raw.rollback()
             raise
