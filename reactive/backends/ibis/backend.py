@@ -181,8 +181,7 @@ class IbisBackend(DataBackend):
         key = (table, id_column, tuple(columns))
         statements = self._sql.get(key)
         if statements is None:
-            snapshot = None if table.startswith(("_outputs__", "_reactive_")) else self.snapshot_table(table)
-            statements = self._sql[key] = TableSQL(self.dialect, table, id_column, columns, snapshot)
+            statements = self._sql[key] = TableSQL(self.dialect, table, id_column, columns, self.snapshot_table(table))
         return statements
 
     def _source_sql(self, table: TableInfo) -> TableSQL:

@@ -265,9 +265,7 @@ def prepare_sqlite(raw: sqlite3.Connection) -> None:
 class TableSQL:
     """The statements for one table, built once."""
 
-    def __init__(
-        self, dialect: Dialect, table: str, id_column: str, columns: Sequence[str], snapshot: str | None = None
-    ) -> None:
+    def __init__(self, dialect: Dialect, table: str, id_column: str, columns: Sequence[str], snapshot: str) -> None:
         d = dialect.name
         self.dialect = dialect
         select = sg.select(*(_column(c) for c in columns)).from_(sg.table(table, quoted=True))
@@ -283,8 +281,6 @@ class TableSQL:
         if d == "postgres":
             for name in ("by_ids", "ids_by_ids", "by_ids_with_fingerprint", "first_page", "next_page", "delete_by_ids"):
                 setattr(self, name, getattr(self, name).replace("?", "%s"))
-        if snapshot is None:
-            return
         self.fill_snapshot = _template(
             "INSERT INTO :snap (row_id, fingerprint) SELECT :id, :fp FROM :t",
             d,

@@ -67,7 +67,6 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         self._marks_seen = 0
         self._last_idle_save = 0.0
         self._strip_large_documents = False
-        self.table_states: dict[str, str] = {}
         self.disconnected_since: _dt.datetime | None = None
         #: Set while the server is unreachable; ``connected`` is its opposite.
         self.disconnected = threading.Event()
@@ -136,7 +135,6 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         with self._changed:
             new = table.name not in self._tables
             super().watch(table)
-            self.table_states[table.name] = "watching"
             if new:
                 self._generation += 1
             generation = self._generation
@@ -166,18 +164,25 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         with self._open(None) as stream:
             self._save({"token": stream.resume_token, "start_after": False})
 
+    def _reopen(self, position: dict[str, Any] | None) -> None:
+        """Open the stream at ``position`` with the current watched set, and say so."""
+        with self._changed:
+            generation = self._generation
+        self._close_stream()
+        self._stream = self._open(position)
+        with self._changed:
+            self._opened_generation = generation
+            self._changed.notify_all()
+
     def start(self) -> None:
         # Open the first stream here, in the caller's thread, so a server that cannot
         # stream fails cdc.start() with a clear error instead of failing in the background.
-        with self._changed:
-            generation = self._generation
         try:
-            self._stream = self._open(self._position())
+            self._reopen(self._position())
         except OperationFailure as exc:
             if exc.code != HISTORY_LOST:
                 raise
             self._recover_history()
-        self._opened_generation = generation
         super().start()
 
     # -- the thread -----------------------------------------------------------------------
@@ -239,15 +244,10 @@ class MongoChangeStreamListener(BaseDatabaseListener):
     def _step(self) -> None:
         with self._changed:
             reopen = self._stream is None or self._opened_generation != self._generation or self._rewind
-            generation = self._generation
             if self._rewind:
                 self._rewind, self._seen = False, None
         if reopen:
-            self._close_stream()
-            self._stream = self._open(self._seen or self._position())
-            with self._changed:
-                self._opened_generation = generation
-                self._changed.notify_all()
+            self._reopen(self._seen or self._position())
         assert self._stream is not None
         change = self._stream.try_next()
         if self.disconnected_since is not None:
@@ -321,7 +321,6 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             "collection %r of %s was %s: its listeners stop; their outputs are kept", table, self.backend.uri, state
         )
         self.unwatch(table)
-        self.table_states[table] = state
         if self.on_table_gone is not None:
             self.on_table_gone(table, state)
 
@@ -334,14 +333,10 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             "then following changes from now",
             self.backend.uri,
         )
-        self._close_stream()
         self._seen = None
-        with self._changed:
-            generation = self._generation
         # Open from now first, so nothing written during the reconciliation is missed.
-        self._stream = self._open(None)
-        with self._changed:
-            self._opened_generation = generation
+        self._reopen(None)
+        assert self._stream is not None
         self._save({"token": self._stream.resume_token, "start_after": False})
         if self.on_reconcile is not None:
             self.on_reconcile(sorted(self.tables), self.stopped_event)
@@ -373,7 +368,6 @@ class MongoChangeStreamListener(BaseDatabaseListener):
     def info(self) -> dict[str, Any]:
         return {
             **super().info(),
-            "table_states": dict(self.table_states),
             "disconnected_since": self.disconnected_since.isoformat() if self.disconnected_since else None,
             "history_lost": self.history_lost,
             "in_flight": self._in_flight,
