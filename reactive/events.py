@@ -23,6 +23,11 @@ class DBEvent(StrEnum):
     update = "update"
     delete = "delete"
 
+    @property
+    def counter(self) -> str:
+        """The name counters use for this event: ``inserts``, ``updates``, ``deletes``."""
+        return f"{self.value}s"
+
 
 Row = Mapping[str, Any]
 

@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from reactive.backends.base import BaseDatabaseListener, ErrorRecord, outputs_table
+from reactive.backends.base import OUTPUT_FIELD, SOURCE_FIELD, BaseDatabaseListener, ErrorRecord, outputs_table
 from reactive.events import Batch, ChangePacket, DBEvent, coalesce, collate, id_key
 from reactive.threads import ReactiveThread
 
@@ -45,8 +45,7 @@ class ComponentStats:
 
     def count(self, batch: Batch) -> None:
         self.batches += 1
-        name = {"insert": "inserts", "update": "updates", "delete": "deletes"}[batch.event.value]
-        setattr(self, name, getattr(self, name) + len(batch))
+        setattr(self, batch.event.counter, getattr(self, batch.event.counter) + len(batch))
 
 
 @dc.dataclass(slots=True)
@@ -196,7 +195,7 @@ class CDCHandler(ReactiveThread):
         derived = []
         if refresh.written:
             ids = tuple(i for i, _ in refresh.written)
-            rows = tuple({"_source": i, "_output": out} for i, out in refresh.written)
+            rows = tuple({SOURCE_FIELD: i, OUTPUT_FIELD: out} for i, out in refresh.written)
             derived.append(Batch(table, DBEvent.update, ids, rows))
         if refresh.deleted:
             ids = tuple(refresh.deleted)

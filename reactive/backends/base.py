@@ -341,8 +341,7 @@ class BaseDatabaseListener(ReactiveThread):
         except BaseException:
             self._settle(1)
             raise
-        key = {"insert": "inserts", "update": "updates", "delete": "deletes"}[packet.event.value]
-        self.counters[key] += len(packet)
+        self.counters[packet.event.counter] += len(packet)
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
         """Wait until ``predicate()`` holds; it is checked whenever the listener's state changes.

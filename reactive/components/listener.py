@@ -220,14 +220,13 @@ class Listener(Component):
         refresh.skipped = len(candidates) - len(todo)
         if todo:
             results = self.model.compute([value for _, value, _ in todo], wait=wait)
-            records, computed = [], []
+            records = []
             for (row_id, _, fp), result in zip(todo, results, strict=True):
                 if isinstance(result, Failure):
                     fail(row_id, result.error)
                 else:
                     records.append(OutputRecord(row_id, result, fp, new=id_key(row_id) not in stored))
-                    computed.append(row_id)
-            refresh.computed = len(computed)
+            refresh.computed = len(records)
             if records:
                 stored_outputs = backend.write_outputs(self.identifier, self.source, records)
                 for record, kept in zip(records, stored_outputs, strict=True):
