@@ -1,0 +1,64 @@
+"""The one place that decides what a MongoDB error means (as pymongo's ``_resumable`` does).
+
+>>> from pymongo.errors import AutoReconnect, OperationFailure
+>>> classify(AutoReconnect("primary stepped down")) is Fault.TRANSIENT
+True
+>>> classify(OperationFailure("history lost", code=286)) is Fault.HISTORY_LOST
+True
+>>> classify(ValueError("not a server error")) is Fault.OTHER
+True
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure
+
+
+class Fault(Enum):
+    """What a MongoDB error means for ``reactive``."""
+
+    #: The server is unreachable for now: retry with backoff, nothing is lost.
+    TRANSIENT = "transient"
+    #: A resume token aged out of the oplog (``ChangeStreamHistoryLost``): reconcile.
+    HISTORY_LOST = "history lost"
+    #: A change event exceeded 16 MB: large documents must be read separately.
+    EVENT_TOO_LARGE = "event too large"
+    #: The server cannot produce change streams (a standalone server).
+    NO_CHANGE_STREAMS = "no change streams"
+    #: The credentials were refused.
+    AUTH_FAILED = "authentication failed"
+    #: An insert met an existing ``_id``.
+    DUPLICATE_KEY = "duplicate key"
+    #: Anything else: a real error of this operation.
+    OTHER = "other"
+
+
+_CODES = {
+    286: Fault.HISTORY_LOST,
+    10334: Fault.EVENT_TOO_LARGE,
+    40573: Fault.NO_CHANGE_STREAMS,
+    18: Fault.AUTH_FAILED,
+    11000: Fault.DUPLICATE_KEY,
+}
+
+
+def classify(exc: BaseException) -> Fault:
+    """What ``exc`` means: a :class:`Fault`."""
+    if isinstance(exc, ConnectionFailure):
+        return Fault.TRANSIENT
+    if isinstance(exc, BulkWriteError):
+        return Fault.OTHER
+    if isinstance(exc, OperationFailure):
+        return _CODES.get(exc.code or 0, Fault.OTHER)
+    return Fault.OTHER
+
+
+def classify_code(code: int | None) -> Fault:
+    """What a server error code (as found in a bulk write's ``writeErrors``) means.
+
+    >>> classify_code(11000) is Fault.DUPLICATE_KEY
+    True
+    """
+    return _CODES.get(code or 0, Fault.OTHER)
