@@ -143,7 +143,7 @@ def poll_markdown(results: list[dict[str, Any]]) -> str:
     return (
         "### Poll cost (one poll of a 5-column table; median)\n\n"
         "Reactive poll = full outer join of row fingerprints against the snapshot, then reading the changed "
-        "rows (`IbisPollingListener._poll`); its diff query alone is `snapshot_diff`. The watermark reference "
+        "rows (`IbisPollingListener._poll`); its diff query alone is `snapshots.diff`. The watermark reference "
         "sees inserts only; the full-diff reference keeps a full copy of the table. All four are timed "
         "round-robin on the same table.\n\n" + table
     )

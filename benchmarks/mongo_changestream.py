@@ -35,7 +35,7 @@ Systems
     fingerprints, no checkpoint, no backpressure.
 
 When an output is "visible"
-    ``reactive``: ``db.backend.write_outputs`` is wrapped *on the instance* (not the class);
+    ``reactive``: ``db.writer.write`` is wrapped *on the instance* (not the class);
     the wrapper calls the original, which returns once the server acknowledged the bulk
     write, then timestamps every source id of that call (``time.perf_counter``). The raw
     loops timestamp right after ``replace_one`` / ``bulk_write`` returns. The first
@@ -61,7 +61,7 @@ Profile (``--profile``)
     * Latency breakdown: the latency run again with timestamps in between: when the event
       was read from the stream (``reactive``: its listener's ``emit``; raw loop: right after
       ``try_next``), and for ``reactive`` around its one read of stored fingerprints
-      (``output_fingerprints``), each wrapped on the instance like ``write_outputs``.
+      (``output_fingerprints``), each wrapped on the instance like ``db.writer.write``.
     * Stream delivery: how many events/s a change stream delivers to a bare ``try_next``
       loop, reading a history of ``docs`` inserts written beforehand (so the insert rate does
       not limit it): collection-level, database-level bare, with ``reactive``'s ``$match``
@@ -108,7 +108,7 @@ from pymongo import MongoClient, ReplaceOne
 from pymongo.collection import Collection
 
 import reactive
-from reactive.backends.base import TableInfo
+from reactive.backends.base import ListenerHooks, TableInfo
 from reactive.backends.mongodb.backend import MongoBackend
 from reactive.backends.mongodb.listener import MongoChangeStreamListener
 from reactive.components import Listener, Model
@@ -297,7 +297,7 @@ class System(Protocol):
 
 
 class ReactiveSystem:
-    """``reactive`` on the database, with ``write_outputs`` wrapped on the backend instance.
+    """``reactive`` on the database, with ``db.writer.write`` wrapped on the instance.
 
     ``options`` go to ``reactive.connect`` (the benchmark uses the defaults).
     """
@@ -306,14 +306,14 @@ class ReactiveSystem:
 
     def __init__(self, uri: str, clock: OutputClock, **options: Any) -> None:
         self.db = reactive.connect(uri, **options)
-        original = self.db.backend.write_outputs
+        original = self.db.writer.write
 
-        def write_outputs(identifier: str, source: TableInfo, records: Sequence[Any]) -> list[Any]:
+        def write(identifier: str, source: TableInfo, records: Sequence[Any]) -> list[Any]:
             stored = original(identifier, source, records)
             clock.record(record.source for record in records)
             return stored
 
-        self.db.backend.write_outputs = write_outputs  # type: ignore[method-assign]
+        self.db.writer.write = write  # type: ignore[method-assign]
         self.db.add(Listener(Model("len", predict=model), key="text", select="docs"), progress=False)
         self.db.cdc.start()
 
@@ -440,7 +440,7 @@ class TimedRawLoop(RawLoop):
 def timed_reactive(uri: str, clock: OutputClock, stages: StageClock) -> ReactiveSystem:
     """``reactive``, stamping when the listener emits an event and around the fingerprint read.
 
-    ``emit`` and ``output_fingerprints`` are wrapped on the instances, like ``write_outputs``.
+    ``emit`` and ``output_fingerprints`` are wrapped on the instances, like ``db.writer.write``.
     """
     system = ReactiveSystem(uri, clock)
     listener = system.db.cdc.listener
@@ -451,8 +451,8 @@ def timed_reactive(uri: str, clock: OutputClock, stages: StageClock) -> Reactive
         stages.stamp("event read", packet.ids)
         emit(packet)
 
-    backend = system.db.backend
-    fingerprints = backend.output_fingerprints
+    store = system.db.backend.outputs
+    fingerprints = store.output_fingerprints
 
     def stamped_fingerprints(identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
         stages.stamp("window started", ids)
@@ -461,7 +461,7 @@ def timed_reactive(uri: str, clock: OutputClock, stages: StageClock) -> Reactive
         return found
 
     listener.emit = stamped_emit  # type: ignore[method-assign]
-    backend.output_fingerprints = stamped_fingerprints  # type: ignore[method-assign]
+    store.output_fingerprints = stamped_fingerprints  # type: ignore[method-assign]
     return system
 
 
@@ -687,7 +687,7 @@ def reactive_pipeline(uri: str) -> list[dict[str, Any]]:
     """
     backend = MongoBackend.from_uri(uri)
     try:
-        listener = MongoChangeStreamListener(backend, CDCQueue())
+        listener = backend.create_listener(CDCQueue(), ListenerHooks())
         listener.watch(TableInfo("docs", "_id", ()))
         return listener._pipeline()
     finally:

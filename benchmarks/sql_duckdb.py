@@ -127,22 +127,22 @@ def connect(path: Path) -> reactive.Datalayer:
 def record_output_times(db: reactive.Datalayer) -> dict[Any, float]:
     """Time (``perf_counter``) at which each source id's output was committed, filled as it happens.
 
-    Wraps ``db.backend.write_outputs`` on this instance only: the time is taken right after
+    Wraps ``db.writer.write`` on this instance only: the time is taken right after
     the upsert returned, i.e. when any other connection can read the output. It is the same
     instant the reference records after its insert. Nothing polls the outputs table, so the
     measurement adds no load of its own.
     """
     written: dict[Any, float] = {}
-    original = db.backend.write_outputs
+    original = db.writer.write
 
-    def write_outputs(identifier: str, source: Any, records: Sequence[OutputRecord]) -> list[Any]:
+    def write(identifier: str, source: Any, records: Sequence[OutputRecord]) -> list[Any]:
         stored = original(identifier, source, records)
         now = time.perf_counter()
         for record in records:
             written.setdefault(record.source, now)
         return stored
 
-    db.backend.write_outputs = write_outputs  # type: ignore[method-assign]
+    db.writer.write = write  # type: ignore[method-assign]
     return written
 
 
@@ -450,24 +450,23 @@ class PollProbe:
     runs per table and cycle: the diff query, then reading changed rows with their
     fingerprints (pages of 1,000) and queueing them. The queue is drained and the packets
     released after each call, so the snapshot never moves and every repetition sees the same
-    changes. ``reactive_diff`` is the diff query alone (``backend.snapshot_diff``).
+    changes. ``reactive_diff`` is the diff query alone (``backend.snapshots.diff``).
     """
 
     def __init__(self, path: Path, client: duckdb.DuckDBPyConnection) -> None:
         self.client = client
         self.backend = IbisBackend.from_uri(uri_of(path))
-        self.table = self.backend.describe("docs")
+        self.table = self.backend.source.describe("docs")
         self.queue = CDCQueue(max_rows=10**12)
-        self.listener = IbisPollingListener(self.backend, self.queue, poll_interval=POLL_INTERVAL)
+        self.listener = IbisPollingListener(self.backend.snapshots, self.queue, poll_interval=POLL_INTERVAL)
         self.watermark = self.max_id()
 
     def close(self) -> None:
         self.backend.close()
 
     def create_snapshot(self) -> None:
-        self.backend.con.drop_table(self.backend.snapshot_table("docs"), force=True)
-        self.backend.forget(self.backend.snapshot_table("docs"))
-        self.backend.ensure_snapshot(self.table)
+        self.backend.snapshots.drop("docs")
+        self.backend.snapshots.ensure(self.table)
 
     def max_id(self) -> int:
         """The watermark reference's only setup: where to start."""
@@ -486,7 +485,7 @@ class PollProbe:
         self.listener.release([p.position for p in packets])
 
     def reactive_diff(self) -> int:
-        return len(self.backend.snapshot_diff(self.table))
+        return len(self.backend.snapshots.diff(self.table))
 
     def watermark_query(self) -> int:
         query = "SELECT id, text, lang, score, views FROM docs WHERE id > ? ORDER BY id"

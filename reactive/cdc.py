@@ -9,13 +9,17 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from reactive.backends import load_backend
-from reactive.backends.base import BaseDatabaseListener, TableInfo
+from reactive.backends.base import BaseDatabaseListener, ListenerHooks, TableInfo
 from reactive.handler import CDCHandler, ComponentStats, HandlerTotals
 from reactive.queue import CDCQueue
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from reactive.backends.base import DataBackend
+    from reactive.components.base import Component
     from reactive.datalayer import Datalayer
+    from reactive.reconcile import OnProcessed
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +39,11 @@ class DatabaseListenerFactory:
         self.db_type = db_type
         self.listener_class: type[BaseDatabaseListener] = load_backend(db_type).listener_class
 
-    def create(self, backend: DataBackend, queue: CDCQueue, **options: Any) -> BaseDatabaseListener:
-        return self.listener_class(backend, queue, **options)
+    def create(
+        self, backend: DataBackend, queue: CDCQueue, hooks: ListenerHooks, **options: Any
+    ) -> BaseDatabaseListener:
+        """The backend's change listener, wired to ``queue`` and to ``db.cdc`` by ``hooks``."""
+        return backend.create_listener(queue, hooks, **options)
 
 
 class DatabaseChangeDataCapture:
@@ -86,21 +93,36 @@ class DatabaseChangeDataCapture:
     def _ensure_listener(self) -> BaseDatabaseListener:
         with self._lock:
             if self._listener is None:
-                listener = self.factory.create(self.db.backend, self.queue, **self.listener_options)
-                listener.on_reconcile = self._reconcile
-                listener.on_table_gone = self._table_gone
+                hooks = ListenerHooks(reconcile=self._reconcile_tables, table_gone=self._table_gone)
+                listener = self.factory.create(self.db.backend, self.queue, hooks, **self.listener_options)
                 for table in self._watched.values():
                     listener.watch(table)
                 self._listener = listener
             return self._listener
 
-    def _reconcile(self, tables: list[str], abandon: threading.Event) -> None:
-        """Queue what brings every component on ``tables`` up to date with the source."""
-        for table in tables:
-            for component in self.db.components_for(table, None):
-                log.info("reconciling %s with %r", component.identifier, table)
-                for packet in component.reconcile(self.db, page_size=self.db.page_size):
-                    self.queue.put(packet, abandon=abandon)
+    def reconcile(
+        self,
+        components: Iterable[Component],
+        *,
+        on_processed: OnProcessed | None = None,
+        abandon: threading.Event | None = None,
+    ) -> int:
+        """Queue what brings ``components`` up to date with their source; the packets queued.
+
+        The one path of every reconciliation: the backfill of ``db.add`` and a change
+        listener that lost track of changes. Waits while the queue is full; gives up when
+        ``abandon`` is set. The handler must be running (``db.add`` starts it).
+        """
+        queued = 0
+        for component in components:
+            log.info("reconciling %s with %r", component.identifier, component.table)
+            for packet in component.reconcile(self.db, page_size=self.db.page_size, on_processed=on_processed):
+                self.queue.put(packet, abandon=abandon)
+                queued += 1
+        return queued
+
+    def _reconcile_tables(self, tables: list[str], abandon: threading.Event) -> None:
+        self.reconcile([c for table in tables for c in self.db.components_for(table, None)], abandon=abandon)
 
     def _table_gone(self, table: str, state: str) -> None:
         with self._lock:
@@ -112,9 +134,9 @@ class DatabaseChangeDataCapture:
         with self._lock:
             if self._handler is None or not self._handler.is_alive():
                 self.queue.reopen()
-                self._handler = CDCHandler(self.db, self.queue, batch_rows=self.batch_rows)
-                self._handler.stats = self.stats
-                self._handler.totals = self.totals
+                self._handler = CDCHandler(
+                    self.db, self.queue, batch_rows=self.batch_rows, stats=self.stats, totals=self.totals
+                )
                 self._handler.start()
             return self._handler
 

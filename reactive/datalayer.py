@@ -17,6 +17,7 @@ from reactive.components.base import Component
 from reactive.components.listener import Listener
 from reactive.errors import BackendError, ConfigurationError
 from reactive.events import ChangePacket
+from reactive.outputs import OutputWriter
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class Datalayer:
         poll_interval: float = 1.0,
     ) -> None:
         self.backend = backend
+        #: Where listeners' outputs go: their type fixed once, each output normalized.
+        self.writer = OutputWriter(backend.outputs, backend.output_types)
         self.page_size = page_size
         self._components: dict[str, Component] = {}
         self._tables: dict[str, TableInfo] = {}
@@ -93,11 +96,11 @@ class Datalayer:
             if info is not None and (id_column is None or id_column == info.id_column):
                 return info
             internal = id_column is None and self._internal_outputs(table) is not None
-            if internal and not self.backend.table_exists(table):
+            if internal and not self.backend.source.table_exists(table):
                 # Outputs of a listener in this datalayer: their changes are routed from the
                 # handler directly, and the table may not exist until the first output.
                 return TableInfo(table, SOURCE_FIELD, ())
-            return self.backend.describe(table, id_column=id_column)
+            return self.backend.source.describe(table, id_column=id_column)
 
     # -- the public API -------------------------------------------------------------------
     def add(self, component: Component, *, progress: bool | Progress = True) -> Component:
@@ -152,44 +155,11 @@ class Datalayer:
             table = upstream.table
 
     def _backfill(self, component: Component, source: TableInfo, progress: bool | Progress) -> None:
-        total = self.backend.count(source) if source.columns or self.backend.table_exists(source.name) else 0
-        done = threading.Condition()
-        state = {"queued": 0, "processed": 0, "rows": 0}
-        report = progress if callable(progress) else None
-        last_log = [time.monotonic()]
-
-        failures: list[BaseException] = []
-
-        def processed(packet: ChangePacket, error: BaseException | None) -> None:
-            with done:
-                state["processed"] += 1
-                state["rows"] += len(packet)
-                if error is not None:
-                    failures.append(error)
-                done.notify_all()
-            if report is not None:
-                report(state["rows"], total)
-            elif progress and time.monotonic() - last_log[0] > 2.0:
-                last_log[0] = time.monotonic()
-                log.info("backfill %s: %d rows processed (table has %d)", component.identifier, state["rows"], total)
-
+        reader = self.backend.source
+        total = reader.count(source) if source.columns or reader.table_exists(source.name) else 0
+        tracker = _Backfill(component.identifier, total, progress)
         self.cdc.ensure_handler()
-        for packet in component.reconcile(self, page_size=self.page_size):
-            with done:
-                state["queued"] += 1
-            self.cdc.queue.put(
-                ChangePacket(packet.table, packet.event, packet.ids, targets=packet.targets, on_processed=processed)
-            )
-        with done:
-            while state["processed"] < state["queued"]:
-                done.wait()
-        if failures:
-            raise BackendError(
-                f"backfill of {component.identifier!r} failed for some rows: {failures[0]}; adding it again resumes it",
-                listener=component.identifier,
-            ) from failures[0]
-        if progress and state["rows"]:
-            log.info("backfill %s: done, %d rows brought up to date", component.identifier, state["rows"])
+        tracker.wait_for(self.cdc.reconcile([component], on_processed=tracker.processed))
 
     def remove(self, identifier: str, *, drop_outputs: bool = False) -> None:
         """Stop routing changes to ``identifier``; with ``drop_outputs`` delete its outputs."""
@@ -205,7 +175,7 @@ class Datalayer:
             if unused:
                 self.cdc.unlisten(component.table)
         if drop_outputs:
-            self.backend.drop_outputs(identifier)
+            self.writer.drop(identifier)
 
     def show(self) -> list[dict[str, Any]]:
         """The components added to this datalayer."""
@@ -216,13 +186,13 @@ class Datalayer:
         """The stored outputs of listener ``identifier``: dicts with ``_source`` and ``_output``."""
         with self._lock:
             known = identifier in self._components
-        if not known and not self.backend.table_exists(f"{OUTPUTS_PREFIX}{identifier}"):
+        if not known and not self.backend.source.table_exists(f"{OUTPUTS_PREFIX}{identifier}"):
             raise ConfigurationError(f"no listener {identifier!r}; added: {', '.join(self._components) or 'none'}")
-        return self.backend.read_outputs(identifier)
+        return self.backend.outputs.read_outputs(identifier)
 
     def errors(self, identifier: str | None = None) -> list[dict[str, Any]]:
         """Rows that could not be processed: listener, table, source id, error, time."""
-        return self.backend.read_errors(identifier)
+        return self.backend.errors.read_errors(identifier)
 
     def close(self) -> None:
         """Stop change data capture and close the connection."""
@@ -236,6 +206,45 @@ class Datalayer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class _Backfill:
+    """Counts a backfill's packets as the handler processes them, and reports progress."""
+
+    def __init__(self, identifier: str, total: int, progress: bool | Progress) -> None:
+        self.identifier = identifier
+        self.total = total
+        self.progress = progress
+        self.packets = 0
+        self.rows = 0
+        self.failures: list[BaseException] = []
+        self._done = threading.Condition()
+        self._last_log = time.monotonic()
+
+    def processed(self, packet: ChangePacket, error: BaseException | None) -> None:
+        with self._done:
+            self.packets += 1
+            self.rows += len(packet)
+            if error is not None:
+                self.failures.append(error)
+            self._done.notify_all()
+        if callable(self.progress):
+            self.progress(self.rows, self.total)
+        elif self.progress and time.monotonic() - self._last_log > 2.0:
+            self._last_log = time.monotonic()
+            log.info("backfill %s: %d rows processed (table has %d)", self.identifier, self.rows, self.total)
+
+    def wait_for(self, queued: int) -> None:
+        """Wait until ``queued`` packets are processed; raise if any failed."""
+        with self._done:
+            self._done.wait_for(lambda: self.packets >= queued)
+        if self.failures:
+            raise BackendError(
+                f"backfill of {self.identifier!r} failed for some rows: {self.failures[0]}; adding it again resumes it",
+                listener=self.identifier,
+            ) from self.failures[0]
+        if self.progress and self.rows:
+            log.info("backfill %s: done, %d rows brought up to date", self.identifier, self.rows)
 
 
 def connect(uri: str | None = None, **options: Any) -> Datalayer:

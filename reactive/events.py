@@ -10,10 +10,7 @@ from __future__ import annotations
 import dataclasses as dc
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from reactive.backends.base import ChangeSource
+from typing import Any, Protocol
 
 
 class DBEvent(StrEnum):
@@ -30,6 +27,22 @@ class DBEvent(StrEnum):
 
 
 Row = Mapping[str, Any]
+
+
+class ChangeSource(Protocol):
+    """Where packets come from: the handler hands each packet's position back to it.
+
+    ``commit`` gets the positions of processed packets, in arrival order, once their
+    outputs are written; the source may persist them. ``release`` gets the positions of
+    packets the handler gave up on; the source delivers those changes again.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    def commit(self, positions: Sequence[Any]) -> None: ...
+
+    def release(self, positions: Sequence[Any]) -> None: ...
 
 
 @dc.dataclass(frozen=True, slots=True)
@@ -68,6 +81,30 @@ class ChangePacket:
     @property
     def is_delete(self) -> bool:
         return self.event is DBEvent.delete
+
+
+@dc.dataclass(frozen=True, slots=True)
+class SourceChange:
+    """A change as a source reported it, before any coalescing: what table monitors see.
+
+    ``ids`` and ``rows`` are None when the source knows only a ``count`` (Kinetica's update
+    and delete monitors); ``frames`` are the records exactly as published, when the source
+    publishes encoded records (Kinetica's insert monitors).
+
+    >>> SourceChange.of(ChangePacket("docs", DBEvent.delete, (1, 2))).count
+    2
+    """
+
+    table: str
+    event: DBEvent
+    count: int
+    ids: tuple[Any, ...] | None = None
+    rows: tuple[Row, ...] | None = None
+    frames: tuple[bytes, ...] | None = None
+
+    @classmethod
+    def of(cls, packet: ChangePacket) -> SourceChange:
+        return cls(packet.table, packet.event, len(packet), packet.ids, packet.rows)
 
 
 _SCALAR_IDS = frozenset({int, str, bytes, float})

@@ -9,8 +9,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from reactive.backends.base import OUTPUT_FIELD, SOURCE_FIELD, BaseDatabaseListener, ErrorRecord, outputs_table
-from reactive.events import Batch, ChangePacket, DBEvent, coalesce, collate, id_key
+from reactive.backends.base import OUTPUT_FIELD, SOURCE_FIELD, ErrorRecord, outputs_table
+from reactive.events import Batch, ChangePacket, ChangeSource, DBEvent, coalesce, collate, id_key
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -63,17 +63,25 @@ class CDCHandler(ReactiveThread):
 
     The handler never dies: a component that raises has its batch recorded in the errors
     table, and processing goes on. :meth:`stop` closes the queue; everything already queued
-    is processed before the thread exits.
+    is processed before the thread exits. ``stats`` and ``totals`` are the counters it adds
+    to (``db.cdc`` hands the same ones to every handler it starts, so they outlive a stop).
     """
 
-    def __init__(self, db: Datalayer, queue: CDCQueue, *, batch_rows: int = 5_000) -> None:
+    def __init__(
+        self,
+        db: Datalayer,
+        queue: CDCQueue,
+        *,
+        batch_rows: int = 5_000,
+        stats: dict[str, ComponentStats] | None = None,
+        totals: HandlerTotals | None = None,
+    ) -> None:
         super().__init__("cdc-handler")
         self.db = db
         self.queue = queue
         self.batch_rows = batch_rows
-        #: Totals; ``db.cdc`` hands the same objects to every handler it starts.
-        self.stats: dict[str, ComponentStats] = {}
-        self.totals = HandlerTotals()
+        self.stats = {} if stats is None else stats
+        self.totals = HandlerTotals() if totals is None else totals
 
     def stop(self) -> None:
         # Not the stop event: retry backoffs keep their length while the queue drains.
@@ -155,7 +163,7 @@ class CDCHandler(ReactiveThread):
         if batch.event is DBEvent.delete or all(row is not None for row in batch.rows):
             return batch
         missing = [i for i, row in zip(batch.ids, batch.rows, strict=True) if row is None]
-        found = self.db.backend.read_rows(self.db.table_info(batch.table), missing)
+        found = self.db.backend.source.read_rows(self.db.table_info(batch.table), missing)
         pairs = zip(batch.ids, batch.rows, strict=True)
         return dc.replace(batch, rows=tuple(row if row is not None else found.get(id_key(i)) for i, row in pairs))
 
@@ -180,7 +188,7 @@ class CDCHandler(ReactiveThread):
             stats.errors += len(errors)
             stats.last_error = errors[-1].error
             try:
-                self.db.backend.record_errors(errors)
+                self.db.backend.errors.record_errors(errors)
             except Exception:
                 log.exception("could not record %d errors of %s", len(errors), component.identifier)
         if refresh is None:
@@ -203,8 +211,8 @@ class CDCHandler(ReactiveThread):
         return derived
 
     @staticmethod
-    def _by_source(packets: Sequence[ChangePacket]) -> list[tuple[BaseDatabaseListener, list[Any]]]:
-        by_source: dict[int, tuple[BaseDatabaseListener, list[Any]]] = {}
+    def _by_source(packets: Sequence[ChangePacket]) -> list[tuple[ChangeSource, list[Any]]]:
+        by_source: dict[int, tuple[ChangeSource, list[Any]]] = {}
         for packet in packets:
             if packet.source is not None:
                 by_source.setdefault(id(packet.source), (packet.source, []))[1].append(packet.position)

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
-from typing import Any
+import threading
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from reactive.backends.base import OutputRecord, OutputRejected, TableInfo
+from reactive.errors import ConfigurationError
 from reactive.fingerprints import plain_value
+
+if TYPE_CHECKING:
+    from reactive.backends.base import CheckpointStore, OutputStore
 
 _SCALARS = {bool: "boolean", int: "int64", float: "float64", str: "string", bytes: "binary"}
 _PYTHON_TYPES = {name: kind for kind, name in _SCALARS.items()}
@@ -91,3 +97,96 @@ def normalize_output(value: Any, output_type: str) -> Any:
     if expected is float and not math.isfinite(value):
         raise ValueError("output is NaN or infinity")
     return value
+
+
+class OutputTypes:
+    """The type of each listener's stored outputs, kept in the checkpoint store.
+
+    A type is fixed once: declared by the model (``Model(output_type=...)``) or inferred
+    from the first outputs, and read back after a restart.
+    """
+
+    def __init__(self, checkpoints: CheckpointStore) -> None:
+        self.checkpoints = checkpoints
+        self._types: dict[str, str] = {}
+        self._lock = threading.RLock()
+
+    @staticmethod
+    def _checkpoint(identifier: str) -> str:
+        return f"outputs/{identifier}"
+
+    def get(self, identifier: str) -> str | None:
+        """The type of ``identifier``'s stored outputs (an ibis type string), once known."""
+        with self._lock:
+            if identifier not in self._types:
+                saved = self.checkpoints.load_checkpoint(self._checkpoint(identifier))
+                if saved:
+                    self._types[identifier] = saved["type"]
+            return self._types.get(identifier)
+
+    def set(self, identifier: str, source: TableInfo, output_type: str, store: OutputStore) -> None:
+        """Create ``identifier``'s outputs in ``store`` with this type, and remember it."""
+        with self._lock:
+            store.create_outputs(identifier, source, output_type)
+            self.checkpoints.save_checkpoint(self._checkpoint(identifier), {"type": output_type, "source": source.name})
+            self._types[identifier] = output_type
+
+    def forget(self, identifier: str) -> None:
+        with self._lock:
+            self.checkpoints.delete_checkpoint(self._checkpoint(identifier))
+            self._types.pop(identifier, None)
+
+
+class OutputWriter:
+    """Writes listeners' outputs to a store: the type is fixed once, every output normalized.
+
+    This is the one place that decides what an output becomes before any backend stores it.
+    """
+
+    def __init__(self, store: OutputStore, types: OutputTypes) -> None:
+        self.store = store
+        self.types = types
+
+    def prepare(self, identifier: str, source: TableInfo, output_type: str | None) -> None:
+        """Fix the outputs' type when the model declares it (``db.add``); refuse a change."""
+        existing = self.types.get(identifier)
+        if existing is not None and output_type is not None and existing != output_type:
+            raise ConfigurationError(
+                f"outputs of {identifier!r} are stored as {existing}, not {output_type}; "
+                f"remove the listener with drop_outputs=True to change the type",
+                listener=identifier,
+            )
+        if existing is None and output_type is not None:
+            self.types.set(identifier, source, output_type, self.store)
+
+    def write(self, identifier: str, source: TableInfo, records: Sequence[OutputRecord]) -> list[Any]:
+        """Store outputs in bulk (idempotent); return each output as stored, or why not.
+
+        The outputs' type is inferred from the first batch when the model did not declare
+        it; an output that does not fit it comes back as :class:`OutputRejected`.
+        """
+        logical = self.types.get(identifier)
+        if logical is None:
+            sample = next((r.output for r in records if r.output is not None), None)
+            if sample is None:
+                return [OutputRejected("the model returned None") for _ in records]
+            logical = infer_output_type(sample)
+            self.types.set(identifier, source, logical, self.store)
+        stored: list[Any] = []
+        kept: list[tuple[int, OutputRecord, Any]] = []
+        for index, record in enumerate(records):
+            try:
+                value = normalize_output(record.output, logical)
+            except (TypeError, ValueError) as exc:
+                stored.append(OutputRejected(f"{exc} (outputs of {identifier!r} are {logical})"))
+                continue
+            stored.append(value)
+            kept.append((index, record, value))
+        if kept:
+            self.store.store_outputs(identifier, logical, kept, stored)
+        return stored
+
+    def drop(self, identifier: str) -> None:
+        """Drop ``identifier``'s outputs and forget their type."""
+        self.store.drop_outputs(identifier)
+        self.types.forget(identifier)

@@ -12,27 +12,28 @@ import threading
 from mockupdb import MockupDB
 from pymongo import MongoClient
 
-from reactive.backends.mongodb.listener import EVENT_TOO_LARGE, LARGE_DOCUMENT_BYTES, MongoChangeStreamListener
+from reactive.backends.mongodb.listener import LARGE_DOCUMENT_BYTES, MongoChangeStreamListener
 from reactive.queue import CDCQueue
 
 TOKEN = {"_data": "0001"}
+#: mongod's BSONObjectTooLarge: a change event over 16 MB.
+EVENT_TOO_LARGE = 10334
 
 
-class ScriptedBackend:
-    """The slice of MongoBackend the listener uses, on a client of the scripted server."""
+class MemoryCheckpoints:
+    """A checkpoint store in memory, holding the stream position the listener resumes from."""
 
-    name = "mongodb"
-
-    def __init__(self, client: MongoClient) -> None:
-        self.db = client.app
-        self.uri = "mongodb://scripted/app"
-        self.checkpoints = {"mongodb/app/stream": {"token": TOKEN, "start_after": False}}
+    def __init__(self) -> None:
+        self.saved = {"mongodb/app/stream": {"token": TOKEN, "start_after": False}}
 
     def load_checkpoint(self, name: str):
-        return self.checkpoints.get(name)
+        return self.saved.get(name)
 
     def save_checkpoint(self, name: str, value) -> None:
-        self.checkpoints[name] = dict(value)
+        self.saved[name] = dict(value)
+
+    def delete_checkpoint(self, name: str) -> None:
+        self.saved.pop(name, None)
 
 
 def receive(server: MockupDB, command: str):
@@ -48,7 +49,9 @@ def test_an_event_over_16_mb_reopens_the_stream_with_large_documents_stripped() 
     server = MockupDB(auto_ismaster={"setName": "rs", "maxWireVersion": 21, "minWireVersion": 0})
     server.run()
     client = MongoClient(server.uri, directConnection=True, serverSelectionTimeoutMS=500)
-    listener = MongoChangeStreamListener(ScriptedBackend(client), CDCQueue(), max_await_ms=50)
+    listener = MongoChangeStreamListener(
+        client.app, MemoryCheckpoints(), CDCQueue(), uri="mongodb://scripted/app", max_await_ms=50
+    )
     try:
         starting = threading.Thread(target=listener.start)
         starting.start()

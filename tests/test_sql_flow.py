@@ -247,3 +247,27 @@ def test_a_dropped_postgres_connection_is_reopened_and_nothing_is_lost(pg_databa
             client.execute("UPDATE docs SET text = 'BEFORE' WHERE id = 1")
             assert db.cdc.wait_idle(timeout=60)
             assert outputs_by_source(db, "tag__text") == {1: "<BEFORE>", 2: "<after>"}
+
+
+def test_a_dropped_table_stops_alone_and_is_reported(sql: SQLClient, recorder: Recorder) -> None:
+    """Each watched table fails alone: dropping one leaves the others followed."""
+    for name in ("a", "b"):
+        sql.execute(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY, text VARCHAR(100))")
+        sql.execute(f"INSERT INTO {name} VALUES (1, '{name} one')")
+    with connect(sql) as db:
+        for name in ("a", "b"):
+            db.add(Listener(Model(name, predict=recorder), "text", name))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        sql.execute("DROP TABLE a")
+        sql.execute("INSERT INTO b VALUES (2, 'b two')")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "b__text") == {1: "<b one>", 2: "<b two>"}
+        info = db.cdc.info()
+        assert info["stopped_tables"] == {"a": "dropped"}
+        assert info["source"]["tables"] == ["b"]
+        # The outputs of the dropped table are kept, as on MongoDB.
+        assert outputs_by_source(db, "a__text") == {1: "<a one>"}
+        sql.execute("INSERT INTO b VALUES (3, 'b three')")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "b__text")[3] == "<b three>"

@@ -1,9 +1,16 @@
-"""What every backend answers, and the change listener every backend provides.
+"""What a backend provides: small roles, and the change listener every backend runs.
 
-A backend is one module under ``reactive/backends/``. It subclasses :class:`DataBackend`
-(connect, describe tables, read rows, write outputs, keep checkpoints) and
-:class:`BaseDatabaseListener` (a thread that turns what the database reports into
-:class:`~reactive.events.ChangePacket` s on the shared queue).
+A backend is one package under ``reactive/backends/``. It provides:
+
+- a :class:`SourceReader`: describe a table, read rows by id and in pages;
+- an :class:`OutputStore`: where a listener's outputs live (bulk upsert, delete, fingerprints);
+- an :class:`ErrorStore` and a :class:`CheckpointStore` (``_reactive_errors``,
+  ``_reactive_checkpoints``);
+- a change listener, a :class:`BaseDatabaseListener` thread that turns what the database
+  reports into :class:`~reactive.events.ChangePacket` s on the shared queue.
+
+:class:`DataBackend` ties these to one connection. The engine decides everything else
+(output types, reconciliation, batching, retries) in one place for every backend.
 """
 
 from __future__ import annotations
@@ -14,14 +21,14 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
-from reactive.errors import ConfigurationError
-from reactive.events import ChangePacket, DBEvent, Row, id_key
-from reactive.outputs import infer_output_type, normalize_output
+from reactive.events import ChangePacket, Row, SourceChange
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
+    from reactive.monitor import MonitorSink
+    from reactive.outputs import OutputTypes
     from reactive.queue import CDCQueue
 
 log = logging.getLogger(__name__)
@@ -64,7 +71,7 @@ class TableInfo:
 class OutputRecord:
     """One output to store: the source row id, the output, the fingerprint of the input.
 
-    ``new`` says no output was stored for this row when the batch started, so a backend may
+    ``new`` says no output was stored for this row when the batch started, so a store may
     insert instead of upsert (it must still cope with a row that exists after all).
     """
 
@@ -76,7 +83,7 @@ class OutputRecord:
 
 @dc.dataclass(frozen=True, slots=True)
 class OutputRejected:
-    """An output the backend could not store (it does not fit the outputs' type)."""
+    """An output the store could not keep (it does not fit the outputs' type)."""
 
     error: str
 
@@ -92,11 +99,89 @@ class ErrorRecord:
     at: _dt.datetime = dc.field(default_factory=lambda: _dt.datetime.now(_dt.UTC))
 
 
-class DataBackend(ABC):
-    """A connection to one database, and the questions the engine asks it.
+# -- the roles a backend provides ---------------------------------------------------------
+class SourceReader(Protocol):
+    """Reads the tables listeners watch. Safe to call from several threads."""
 
-    Implementations must be safe to call from several threads (the handler thread, the
-    change listener thread and the user's thread).
+    def describe(self, table: str, *, id_column: str | None = None) -> TableInfo:
+        """Describe ``table``; raise TableNotFoundError or MissingIdColumnError."""
+
+    def table_exists(self, table: str) -> bool: ...
+
+    def count(self, table: TableInfo) -> int: ...
+
+    def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
+        """The current rows with these ids, keyed by :func:`~reactive.events.id_key`."""
+
+    def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
+        """The :func:`~reactive.events.id_key` of those ``ids`` that are rows of ``table``."""
+
+    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
+        """Every row, in pages ordered by id; each row includes the id column."""
+
+
+class OutputStore(Protocol):
+    """Where a listener's outputs live: ``_source``, ``_output``, ``_fingerprint`` per row."""
+
+    def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
+        """Create where ``identifier``'s outputs of ``output_type`` go (if the store needs it)."""
+
+    def store_outputs(
+        self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
+    ) -> None:
+        """Upsert ``(index, record, normalized output)``; put an :class:`OutputRejected` at
+        ``stored[index]`` for a write the database refused."""
+
+    def delete_outputs(self, identifier: str, ids: Sequence[Any]) -> None: ...
+
+    def output_fingerprints(self, identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
+        """Input fingerprints of the stored outputs for these source ids."""
+
+    def scan_output_ids(self, identifier: str, *, page_size: int) -> Iterator[list[Any]]: ...
+
+    def read_outputs(self, identifier: str) -> list[dict[str, Any]]: ...
+
+    def drop_outputs(self, identifier: str) -> None: ...
+
+
+class ErrorStore(Protocol):
+    """``_reactive_errors``: rows a listener could not process."""
+
+    def record_errors(self, records: Sequence[ErrorRecord]) -> None: ...
+
+    def read_errors(self, listener: str | None = None) -> list[dict[str, Any]]: ...
+
+
+class CheckpointStore(Protocol):
+    """``_reactive_checkpoints``: named JSON-like values (positions, output types)."""
+
+    def load_checkpoint(self, name: str) -> dict[str, Any] | None: ...
+
+    def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None: ...
+
+    def delete_checkpoint(self, name: str) -> None: ...
+
+
+@dc.dataclass(frozen=True, slots=True)
+class ListenerHooks:
+    """What a change listener may ask of ``db.cdc`` (passed to its constructor).
+
+    ``reconcile(tables, abandon)`` queues what brings every component on ``tables`` up to
+    date with the source (after lost history, missed notifications, or a table replaced
+    under the listener), giving up when ``abandon`` is set. ``table_gone(table, why)``
+    reports a watched table that was dropped or renamed: its components stop.
+    """
+
+    reconcile: Callable[[list[str], threading.Event], None] = lambda tables, abandon: None
+    table_gone: Callable[[str, str], None] = lambda table, why: None
+
+
+class DataBackend(ABC):
+    """A connection to one database, and the roles the engine uses.
+
+    Subclasses set the roles in their constructor and say how to connect and which change
+    listener follows their tables. Every role must be safe to call from several threads
+    (the handler thread, the change listener thread and the user's thread).
     """
 
     #: Registry name, used by :class:`~reactive.cdc.DatabaseListenerFactory`.
@@ -106,9 +191,13 @@ class DataBackend(ABC):
     #: The change listener class this backend's changes come from.
     listener_class: ClassVar[type[BaseDatabaseListener]]
 
-    def __init__(self) -> None:
-        self._output_types: dict[str, str] = {}
-        self._output_types_lock = threading.RLock()
+    source: SourceReader
+    outputs: OutputStore
+    errors: ErrorStore
+    checkpoints: CheckpointStore
+    #: Built on ``checkpoints`` (``OutputTypes(self.checkpoints)``); a store may need it to
+    #: decode what it reads back.
+    output_types: OutputTypes
 
     @classmethod
     @abstractmethod
@@ -120,131 +209,9 @@ class DataBackend(ABC):
     def uri(self) -> str:
         """The connection URI, password redacted."""
 
-    # -- tables ---------------------------------------------------------------------------
     @abstractmethod
-    def describe(self, table: str, *, id_column: str | None = None) -> TableInfo:
-        """Describe ``table``; raise TableNotFoundError or MissingIdColumnError."""
-
-    @abstractmethod
-    def table_exists(self, table: str) -> bool: ...
-
-    @abstractmethod
-    def count(self, table: TableInfo) -> int: ...
-
-    @abstractmethod
-    def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
-        """The current rows with these ids, keyed by :func:`~reactive.events.id_key`."""
-
-    @abstractmethod
-    def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
-        """The :func:`~reactive.events.id_key` of those ``ids`` that are rows of ``table``."""
-
-    @abstractmethod
-    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
-        """Every row, in pages; each row includes the id column."""
-
-    # -- outputs --------------------------------------------------------------------------
-    def output_type(self, identifier: str) -> str | None:
-        """The type of ``identifier``'s stored outputs (an ibis type string), once known."""
-        with self._output_types_lock:
-            if identifier not in self._output_types:
-                saved = self.load_checkpoint(f"outputs/{identifier}")
-                if saved:
-                    self._output_types[identifier] = saved["type"]
-            return self._output_types.get(identifier)
-
-    def _set_output_type(self, identifier: str, source: TableInfo, output_type: str) -> None:
-        with self._output_types_lock:
-            self.create_outputs(identifier, source, output_type)
-            self.save_checkpoint(f"outputs/{identifier}", {"type": output_type, "source": source.name})
-            self._output_types[identifier] = output_type
-
-    def _forget_output_type(self, identifier: str) -> None:
-        with self._output_types_lock:
-            self.delete_checkpoint(f"outputs/{identifier}")
-            self._output_types.pop(identifier, None)
-
-    def prepare_outputs(self, identifier: str, source: TableInfo, output_type: str | None) -> None:
-        """Fix the outputs' type when the model declares it (``db.add``); refuse a change."""
-        existing = self.output_type(identifier)
-        if existing is not None and output_type is not None and existing != output_type:
-            raise ConfigurationError(
-                f"outputs of {identifier!r} are stored as {existing}, not {output_type}; "
-                f"remove the listener with drop_outputs=True to change the type",
-                listener=identifier,
-            )
-        if existing is None and output_type is not None:
-            self._set_output_type(identifier, source, output_type)
-
-    def write_outputs(self, identifier: str, source: TableInfo, records: Sequence[OutputRecord]) -> list[Any]:
-        """Store outputs in bulk (idempotent); return each output as stored, or why not.
-
-        The outputs' type is inferred from the first batch when the model did not declare
-        it; an output that does not fit it comes back as :class:`OutputRejected`.
-        """
-        logical = self.output_type(identifier)
-        if logical is None:
-            sample = next((r.output for r in records if r.output is not None), None)
-            if sample is None:
-                return [OutputRejected("the model returned None") for _ in records]
-            logical = infer_output_type(sample)
-            self._set_output_type(identifier, source, logical)
-        stored: list[Any] = []
-        kept: list[tuple[int, OutputRecord, Any]] = []
-        for index, record in enumerate(records):
-            try:
-                value = normalize_output(record.output, logical)
-            except (TypeError, ValueError) as exc:
-                stored.append(OutputRejected(f"{exc} (outputs of {identifier!r} are {logical})"))
-                continue
-            stored.append(value)
-            kept.append((index, record, value))
-        if kept:
-            self.store_outputs(identifier, logical, kept, stored)
-        return stored
-
-    @abstractmethod
-    def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
-        """Create where ``identifier``'s outputs of ``output_type`` go (if the store needs it)."""
-
-    @abstractmethod
-    def store_outputs(
-        self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
-    ) -> None:
-        """Upsert ``(index, record, normalized output)``; put an :class:`OutputRejected` at
-        ``stored[index]`` for a write the database refused."""
-
-    @abstractmethod
-    def delete_outputs(self, identifier: str, ids: Sequence[Any]) -> None: ...
-
-    @abstractmethod
-    def output_fingerprints(self, identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
-        """Input fingerprints of the stored outputs for these source ids."""
-
-    @abstractmethod
-    def scan_output_ids(self, identifier: str, *, page_size: int) -> Iterator[list[Any]]: ...
-
-    @abstractmethod
-    def read_outputs(self, identifier: str) -> list[dict[str, Any]]: ...
-
-    @abstractmethod
-    def drop_outputs(self, identifier: str) -> None: ...
-
-    # -- errors and checkpoints -----------------------------------------------------------
-    @abstractmethod
-    def record_errors(self, records: Sequence[ErrorRecord]) -> None: ...
-
-    @abstractmethod
-    def read_errors(self, listener: str | None = None) -> list[dict[str, Any]]: ...
-
-    @abstractmethod
-    def load_checkpoint(self, name: str) -> dict[str, Any] | None: ...
-
-    @abstractmethod
-    def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None: ...
-
-    @abstractmethod
-    def delete_checkpoint(self, name: str) -> None: ...
+    def create_listener(self, queue: CDCQueue, hooks: ListenerHooks, **options: Any) -> BaseDatabaseListener:
+        """The change listener that follows this database's tables."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -253,69 +220,43 @@ class DataBackend(ABC):
         """Whether ``exc`` means the database is unreachable for now (retry), not bad data."""
         return False
 
-    # -- reconciliation -------------------------------------------------------------------
-    def reconcile(
-        self,
-        table: TableInfo,
-        *,
-        identifier: str,
-        columns: Sequence[str],
-        is_current: Callable[[Row, int | None], bool],
-        page_size: int,
-    ) -> Iterator[ChangePacket]:
-        """Compare a listener's outputs with the source and yield the difference.
-
-        Outputs whose source row is gone come back first, as delete packets (checked before
-        any output is written, so a new listener pays nothing for it). Rows whose output is
-        missing or stale (``is_current(row, stored_fingerprint)`` is False) come back as
-        insert packets *without rows*: the handler reads each row when it processes the
-        packet, so a reconciliation never writes an output older than a live change
-        processed before it.
-        """
-        for page in self.scan_output_ids(identifier, page_size=page_size):
-            present = self.existing_ids(table, page)
-            gone = tuple(i for i in page if id_key(i) not in present)
-            if gone:
-                yield ChangePacket(table.name, DBEvent.delete, gone)
-        for page in self.scan(table, columns=columns, page_size=page_size):
-            ids = [row[table.id_column] for row in page]
-            stored = self.output_fingerprints(identifier, ids)
-            stale = tuple(
-                row[table.id_column] for row in page if not is_current(row, stored.get(id_key(row[table.id_column])))
-            )
-            if stale:
-                yield ChangePacket(table.name, DBEvent.insert, stale)
-
 
 class BaseDatabaseListener(ReactiveThread):
     """A backend's change source: a thread that puts change packets on the shared queue.
 
-    One instance serves every watched table of a datalayer. The handler calls
-    :meth:`commit` with the ``position`` of each packet once the packet is processed; a
-    listener must never persist a position earlier than that.
+    One instance serves every watched table of a datalayer. It is the
+    :class:`~reactive.events.ChangeSource` of its packets: the handler calls :meth:`commit`
+    with the ``position`` of each packet once the packet is processed (a listener never
+    persists a position earlier than that), or :meth:`release` when it gave up on it.
+
+    Table monitors (:mod:`reactive.monitor`) subscribe to a table with :meth:`subscribe`:
+    they receive every change as the source reports it, before the handler coalesces
+    anything, on their own threads.
     """
 
     def __init__(
-        self, backend: DataBackend, queue: CDCQueue, *, poll_interval: float = 1.0, page_size: int = 5_000
+        self,
+        queue: CDCQueue,
+        *,
+        name: str,
+        hooks: ListenerHooks | None = None,
+        poll_interval: float = 1.0,
+        page_size: int = 5_000,
     ) -> None:
-        super().__init__(f"{backend.name}-listener")
-        self.backend = backend
+        super().__init__(f"{name}-listener")
+        self.backend_name = name
         self.queue = queue
+        self.hooks = hooks or ListenerHooks()
         self.poll_interval = poll_interval
         self.page_size = page_size
         self._tables: dict[str, TableInfo] = {}
+        self._monitors: dict[str, list[MonitorSink]] = {}
         self._lock = threading.RLock()
         #: Notified whenever the listener's state changes (packets settled, a stop, ...).
         self._changed = threading.Condition(self._lock)
         self._in_flight = 0
         self.counters = {"inserts": 0, "updates": 0, "deletes": 0}
         self.last_error: str | None = None
-        #: Set by ``db.cdc``: bring the outputs of these tables up to date from the source
-        #: (after lost history, or a table replaced under the listener). Puts packets on the
-        #: queue, giving up when the event is set.
-        self.on_reconcile: Callable[[list[str], threading.Event], None] | None = None
-        #: Set by ``db.cdc``: a watched table was dropped or renamed; the str says how.
-        self.on_table_gone: Callable[[str, str], None] | None = None
 
     @property
     def tables(self) -> dict[str, TableInfo]:
@@ -330,6 +271,54 @@ class BaseDatabaseListener(ReactiveThread):
     def unwatch(self, table: str) -> None:
         with self._lock:
             self._tables.pop(table, None)
+
+    # -- table monitors -------------------------------------------------------------------
+    def subscribe(self, table: TableInfo, sink: MonitorSink) -> None:
+        """Deliver ``table``'s changes to ``sink`` from now on (the table is watched too).
+
+        Returns once the source follows the table for the sink: on a push backend once the
+        stream or server-side monitor is subscribed, on a polling backend once a poll that
+        started after this call has finished (its baseline).
+        """
+        with self._lock:
+            self._monitors.setdefault(table.name, []).append(sink)
+        if table.name not in self.tables:
+            self.watch(table)
+
+    def unsubscribe(self, table: str, sink: MonitorSink) -> None:
+        """Stop delivering to ``sink``; nothing is delivered to it after this returns."""
+        with self._lock:
+            sinks = self._monitors.get(table, [])
+            if sink in sinks:
+                sinks.remove(sink)
+            if not sinks:
+                self._monitors.pop(table, None)
+
+    def monitors(self, table: str) -> list[MonitorSink]:
+        """The sinks subscribed to ``table`` (a copy)."""
+        with self._lock:
+            return list(self._monitors.get(table, ()))
+
+    #: What the database calls a table, in log lines.
+    table_noun: ClassVar[str] = "table"
+
+    def _report_gone(self, table: str, why: str) -> None:
+        """A watched table was dropped or renamed (``why``): stop following it and say so once."""
+        log.warning("%s %r was %s: its listeners stop; their outputs are kept", self.table_noun, table, why)
+        self.unwatch(table)
+        for sink in self.monitors(table):
+            sink.table_dropped(why)
+        self.hooks.table_gone(table, why)
+
+    # -- packets --------------------------------------------------------------------------
+    def report(self, packet: ChangePacket) -> None:
+        """A change as the source reported it: the table's monitors see it, then it is queued."""
+        sinks = self.monitors(packet.table)
+        if sinks:
+            change = SourceChange.of(packet)
+            for sink in sinks:
+                sink.deliver(change)
+        self.emit(packet)
 
     def emit(self, packet: ChangePacket) -> None:
         """Put ``packet`` on the queue, waiting while the queue is full; it is in flight
@@ -389,7 +378,7 @@ class BaseDatabaseListener(ReactiveThread):
 
     def info(self) -> dict[str, Any]:
         return {
-            "backend": self.backend.name,
+            "backend": self.backend_name,
             "running": self.is_alive(),
             "tables": sorted(self.tables),
             **self.counters,

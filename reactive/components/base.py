@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from reactive.backends.base import ErrorRecord, TableInfo
     from reactive.datalayer import Datalayer
     from reactive.events import Batch, ChangePacket
+    from reactive.reconcile import OnProcessed
 
 
 @dc.dataclass(slots=True)
@@ -29,7 +30,7 @@ class Component(ABC):
 
     Components never touch a socket or a thread: the handler calls
     :meth:`refresh_outputs` with collated batches, and the component reads and writes
-    through ``db.backend``.
+    through ``db.backend`` and ``db.writer``.
     """
 
     identifier: str
@@ -52,8 +53,13 @@ class Component(ABC):
         """
 
     @abstractmethod
-    def reconcile(self, db: Datalayer, *, page_size: int) -> Iterator[ChangePacket]:
-        """Packets that bring missing or stale outputs up to date (backfill and resume)."""
+    def reconcile(
+        self, db: Datalayer, *, page_size: int, on_processed: OnProcessed | None = None
+    ) -> Iterator[ChangePacket]:
+        """Packets that bring missing or stale outputs up to date (backfill and resume).
+
+        Built by :func:`reactive.reconcile.reconcile`; ``on_processed`` is set on each.
+        """
 
     def describe(self) -> dict[str, Any]:
         return {"identifier": self.identifier, "type": type(self).__name__, "table": self.table}

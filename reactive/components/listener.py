@@ -11,6 +11,7 @@ from reactive.components.model import Failure, Model
 from reactive.errors import ConfigurationError
 from reactive.events import Batch, ChangePacket, DBEvent, Row, id_key
 from reactive.fingerprints import fingerprint
+from reactive.reconcile import OnProcessed, reconcile
 
 if TYPE_CHECKING:
     from reactive.datalayer import Datalayer
@@ -135,7 +136,7 @@ class Listener(Component):
                 table=self.select,
                 listener=self.identifier,
             )
-        db.backend.prepare_outputs(self.identifier, source, self.model.output_type)
+        db.writer.prepare(self.identifier, source, self.model.output_type)
         self.source = source
         return source
 
@@ -172,20 +173,27 @@ class Listener(Component):
                 # Past this many, remembering costs more than looking every insert up.
                 self._reconciled = None
 
-    def reconcile(self, db: Datalayer, *, page_size: int) -> Iterator[ChangePacket]:
+    def reconcile(
+        self, db: Datalayer, *, page_size: int, on_processed: OnProcessed | None = None
+    ) -> Iterator[ChangePacket]:
         assert self.source is not None, "prepare() first"
-        columns = [self.key, *self.filter]
-        for packet in db.backend.reconcile(
-            self.source, identifier=self.identifier, columns=columns, is_current=self.is_current, page_size=page_size
-        ):
-            yield ChangePacket(packet.table, packet.event, packet.ids, targets=frozenset({self.identifier}))
+        return reconcile(
+            db.backend.source,
+            db.backend.outputs,
+            self.source,
+            identifier=self.identifier,
+            columns=[self.key, *self.filter],
+            is_current=self.is_current,
+            page_size=page_size,
+            on_processed=on_processed,
+        )
 
     def refresh_outputs(self, batch: Batch, db: Datalayer, *, wait: Callable[[float], bool]) -> Refresh:
         assert self.source is not None, "prepare() first"
-        backend = db.backend
+        store = db.backend.outputs
         refresh = Refresh()
         if batch.event is DBEvent.delete:
-            backend.delete_outputs(self.identifier, batch.ids)
+            store.delete_outputs(self.identifier, batch.ids)
             refresh.deleted.extend(batch.ids)
             return refresh
 
@@ -215,7 +223,7 @@ class Listener(Component):
 
         absent = self._known_absent(batch)
         looked_up = [c[0] for c in candidates if id_key(c[0]) not in absent]
-        stored = backend.output_fingerprints(self.identifier, looked_up) if looked_up else {}
+        stored = store.output_fingerprints(self.identifier, looked_up) if looked_up else {}
         todo = [c for c in candidates if stored.get(id_key(c[0])) != c[2]]
         refresh.skipped = len(candidates) - len(todo)
         if todo:
@@ -228,7 +236,7 @@ class Listener(Component):
                     records.append(OutputRecord(row_id, result, fp, new=id_key(row_id) not in stored))
             refresh.computed = len(records)
             if records:
-                stored_outputs = backend.write_outputs(self.identifier, self.source, records)
+                stored_outputs = db.writer.write(self.identifier, self.source, records)
                 for record, kept in zip(records, stored_outputs, strict=True):
                     if isinstance(kept, OutputRejected):
                         fail(record.source, kept.error)
@@ -239,6 +247,6 @@ class Listener(Component):
         remove = [i for i in remove if id_key(i) not in absent]
         if remove:
             # A row that left the filter, vanished or failed has no current output.
-            backend.delete_outputs(self.identifier, remove)
+            store.delete_outputs(self.identifier, remove)
             refresh.deleted.extend(remove)
         return refresh

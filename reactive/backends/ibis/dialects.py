@@ -262,33 +262,49 @@ def prepare_sqlite(raw: sqlite3.Connection) -> None:
     raw.create_function("reactive_fingerprint", 1, fingerprint_text, deterministic=True)
 
 
+def _placeholders(dialect: Dialect, sql: str) -> str:
+    """psycopg binds ``%s``, the others ``?``."""
+    return sql.replace("?", "%s") if dialect.name == "postgres" else sql
+
+
 class TableSQL:
-    """The statements for one table, built once."""
+    """The statements that read and delete rows of one table by id, built once."""
+
+    def __init__(self, dialect: Dialect, table: str, id_column: str, columns: Sequence[str]) -> None:
+        d = dialect.name
+        select = sg.select(*(_column(c) for c in columns)).from_(sg.table(table, quoted=True))
+        by_ids = dialect.ids_condition(id_column)
+        ordered = select.order_by(_column(id_column)).limit(sge.Placeholder())
+        self.by_ids = _placeholders(dialect, select.where(by_ids).sql(d))
+        self.ids_by_ids = _placeholders(
+            dialect, sg.select(_column(id_column)).from_(sg.table(table, quoted=True)).where(by_ids).sql(d)
+        )
+        self.first_page = _placeholders(dialect, ordered.sql(d))
+        self.next_page = _placeholders(dialect, ordered.where(_column(id_column) > sge.Placeholder()).sql(d))
+        self.delete_by_ids = _placeholders(dialect, sge.delete(sg.table(table, quoted=True), where=by_ids).sql(d))
+
+
+#: The column a row's fingerprint comes back in from :attr:`SnapshotSQL.by_ids_with_fingerprint`.
+FINGERPRINT_ALIAS = "__reactive_fingerprint"
+
+
+class SnapshotSQL:
+    """The statements of the polling listener for one table and its snapshot, built once."""
 
     def __init__(self, dialect: Dialect, table: str, id_column: str, columns: Sequence[str], snapshot: str) -> None:
         d = dialect.name
-        self.dialect = dialect
         select = sg.select(*(_column(c) for c in columns)).from_(sg.table(table, quoted=True))
-        by_ids = dialect.ids_condition(id_column)
-        self.by_ids = select.where(by_ids).sql(d)
-        self.ids_by_ids = sg.select(_column(id_column)).from_(sg.table(table, quoted=True)).where(by_ids).sql(d)
-        fingerprint = sge.alias_(dialect.row_hash(columns), "__reactive_fingerprint", quoted=True)
-        self.by_ids_with_fingerprint = select.select(fingerprint).where(by_ids).sql(d)
-        ordered = select.order_by(_column(id_column)).limit(sge.Placeholder())
-        self.first_page = ordered.sql(d)
-        self.next_page = ordered.where(_column(id_column) > sge.Placeholder()).sql(d)
-        self.delete_by_ids = sge.delete(sg.table(table, quoted=True), where=by_ids).sql(d)
-        if d == "postgres":
-            for name in ("by_ids", "ids_by_ids", "by_ids_with_fingerprint", "first_page", "next_page", "delete_by_ids"):
-                setattr(self, name, getattr(self, name).replace("?", "%s"))
-        self.fill_snapshot = _template(
-            "INSERT INTO :snap (row_id, fingerprint) SELECT :id, :fp FROM :t",
-            d,
-            snap=sg.table(snapshot, quoted=True),
-            t=sg.table(table, quoted=True),
-            id=_column(id_column),
-            fp=dialect.row_hash(columns),
+        fingerprint = sge.alias_(dialect.row_hash(columns), FINGERPRINT_ALIAS, quoted=True)
+        self.by_ids_with_fingerprint = _placeholders(
+            dialect, select.select(fingerprint).where(dialect.ids_condition(id_column)).sql(d)
         )
+        names = {
+            "snap": sg.table(snapshot, quoted=True),
+            "t": sg.table(table, quoted=True),
+            "id": _column(id_column),
+            "fp": dialect.row_hash(columns),
+        }
+        self.fill = _template("INSERT INTO :snap (row_id, fingerprint) SELECT :id, :fp FROM :t", d, **names)
         self.diff = _template(
             """
             SELECT COALESCE(c.cur_id, s.row_id) AS id,
@@ -299,10 +315,7 @@ class TableSQL:
             WHERE s.row_id IS NULL OR c.cur_id IS NULL OR c.cur_fp <> s.fingerprint
             """,
             d,
-            snap=sg.table(snapshot, quoted=True),
-            t=sg.table(table, quoted=True),
-            id=_column(id_column),
-            fp=dialect.row_hash(columns),
+            **names,
         )
 
 

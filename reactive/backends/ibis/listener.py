@@ -5,20 +5,41 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from reactive.backends.base import BaseDatabaseListener, TableInfo
 from reactive.errors import QueueClosedError
-from reactive.events import ChangePacket, DBEvent
-
-if TYPE_CHECKING:
-    from reactive.backends.ibis.backend import IbisBackend
+from reactive.events import ChangePacket, DBEvent, Row
 
 log = logging.getLogger(__name__)
 
 #: Longest wait between attempts while the database keeps failing.
 MAX_BACKOFF = 30.0
+
+
+class Snapshots(Protocol):
+    """All the poller needs from a database: the snapshot of each watched table."""
+
+    def ensure(self, table: TableInfo) -> bool:
+        """Take a snapshot of ``table`` unless one exists; True if it was taken now."""
+
+    def diff(self, table: TableInfo) -> list[tuple[Any, str]]:
+        """``(row id, "insert" | "update" | "delete")`` of every row that differs from the snapshot."""
+
+    def rows_with_fingerprints(self, table: TableInfo, ids: Sequence[Any]) -> list[tuple[Row, int]]: ...
+
+    def advance(self, table: str, upserts: Sequence[tuple[Any, int]], deletes: Sequence[Any]) -> None:
+        """Record processed rows' fingerprints and forget deleted rows: the position moves."""
+
+    def exists(self, table: str) -> bool:
+        """Whether the watched table still exists (a failing poll asks)."""
+
+    def forget(self, table: str) -> None:
+        """Drop what is cached about ``table`` (after a failure)."""
+
+    def drop(self, table: str) -> None:
+        """Forget the position of a table that is gone (a table created again starts afresh)."""
 
 
 class IbisPollingListener(BaseDatabaseListener):
@@ -30,24 +51,48 @@ class IbisPollingListener(BaseDatabaseListener):
     position. The handler hands positions back to :meth:`commit` once processed, and only
     then is the snapshot moved. The next poll starts after every packet of the previous
     one is committed, so a change is never queued twice by the same listener.
+
+    Each table fails alone: a table whose poll fails is retried at the next poll while the
+    others go on; a table that no longer exists is reported gone and no longer followed.
+    ``is_transient`` tells a database that is unreachable (every table waits, with backoff)
+    from a table that is broken.
     """
 
-    backend: IbisBackend
-
-    def __init__(self, backend: IbisBackend, queue: Any, **options: Any) -> None:
-        super().__init__(backend, queue, **options)
-        self._changeds_started = 0
-        self._changeds_done = 0
+    def __init__(
+        self,
+        snapshots: Snapshots,
+        queue: Any,
+        *,
+        is_transient: Callable[[BaseException], bool] = lambda exc: False,
+        **options: Any,
+    ) -> None:
+        super().__init__(queue, name="ibis", **options)
+        self.snapshots = snapshots
+        self.is_transient = is_transient
+        self._polls_started = 0
+        self._polls_done = 0
         self._wake = threading.Event()
         self.polls = 0
         self.last_poll_seconds: float | None = None
         self.consecutive_failures = 0
+        #: Watched tables whose last poll failed, and why (retried at every poll).
+        self.failing_tables: dict[str, str] = {}
 
     def watch(self, table: TableInfo) -> None:
-        created = self.backend.ensure_snapshot(table)
-        if created:
+        if self.snapshots.ensure(table):
             log.info("recorded a snapshot of %r; changes from now on are followed", table.name)
         super().watch(table)
+
+    def unwatch(self, table: str) -> None:
+        super().unwatch(table)
+        with self._lock:
+            self.failing_tables.pop(table, None)
+
+    def subscribe(self, table: TableInfo, sink: Any) -> None:
+        """Deliver ``table``'s changes to ``sink``; returns after a full poll (the baseline)."""
+        super().subscribe(table, sink)
+        if self.is_alive():
+            self.sync(None)
 
     def on_stop(self) -> None:
         super().on_stop()
@@ -57,7 +102,7 @@ class IbisPollingListener(BaseDatabaseListener):
         while self.should_keep_running():
             started = time.monotonic()
             with self._changed:
-                self._changeds_started += 1
+                self._polls_started += 1
             try:
                 self._poll_all()
                 self.consecutive_failures = 0
@@ -66,14 +111,14 @@ class IbisPollingListener(BaseDatabaseListener):
                 break
             except Exception as exc:
                 for table in self.tables:
-                    self.backend.forget(table)
+                    self.snapshots.forget(table)
                 self.consecutive_failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("polling %s failed (%s); retrying", self.backend.uri, self.last_error)
+                log.warning("polling failed (%s); retrying", self.last_error)
             with self._changed:
                 while self._in_flight and self.should_keep_running():
                     self._changed.wait()
-                self._changeds_done += 1
+                self._polls_done += 1
                 self._changed.notify_all()
             # Polls start every poll_interval: the time spent polling counts toward the wait.
             delay = max(0.0, self.poll_interval - (time.monotonic() - started))
@@ -89,12 +134,36 @@ class IbisPollingListener(BaseDatabaseListener):
             if not self.should_keep_running():
                 return
             started = time.perf_counter()
-            self._poll(table)
+            try:
+                self._poll(table)
+            except QueueClosedError:
+                raise
+            except Exception as exc:
+                if self.is_transient(exc):
+                    raise
+                self._table_failed(table, exc)
+                continue
             self.last_poll_seconds = time.perf_counter() - started
             self.polls += 1
+            with self._lock:
+                self.failing_tables.pop(table.name, None)
+
+    def _table_failed(self, table: TableInfo, exc: Exception) -> None:
+        """One table's poll failed: report it gone if it was dropped, else retry it next poll."""
+        self.snapshots.forget(table.name)
+        if not self.snapshots.exists(table.name):
+            self.snapshots.drop(table.name)
+            self._report_gone(table.name, "dropped")
+            return
+        error = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            first = table.name not in self.failing_tables
+            self.failing_tables[table.name] = error
+        if first:
+            log.warning("polling table %r failed (%s); the other tables go on, it is retried", table.name, error)
 
     def _poll(self, table: TableInfo) -> None:
-        diff = self.backend.snapshot_diff(table)
+        diff = self.snapshots.diff(table)
         if not diff:
             return
         by_kind: dict[str, list[Any]] = {"insert": [], "update": [], "delete": []}
@@ -103,31 +172,31 @@ class IbisPollingListener(BaseDatabaseListener):
         for kind in ("insert", "update"):
             ids = by_kind[kind]
             for start in range(0, len(ids), self.page_size):
-                found = self.backend.rows_with_fingerprints(table, ids[start : start + self.page_size])
+                found = self.snapshots.rows_with_fingerprints(table, ids[start : start + self.page_size])
                 if found:
                     # A row deleted since the diff is simply absent; the next poll sees it.
-                    self._emit(
+                    self._report(
                         table,
                         DBEvent(kind),
                         tuple(row[table.id_column] for row, _ in found),
                         rows=tuple(row for row, _ in found),
-                        fingerprints=[fp for _, fp in found],
+                        fingerprints=tuple(fp for _, fp in found),
                     )
         deleted = by_kind["delete"]
         for start in range(0, len(deleted), self.page_size):
-            self._emit(table, DBEvent.delete, tuple(deleted[start : start + self.page_size]))
+            self._report(table, DBEvent.delete, tuple(deleted[start : start + self.page_size]))
 
-    def _emit(
+    def _report(
         self,
         table: TableInfo,
         event: DBEvent,
         ids: tuple[Any, ...],
         *,
         rows: tuple[Any, ...] | None = None,
-        fingerprints: Sequence[int] | None = None,
+        fingerprints: tuple[int, ...] | None = None,
     ) -> None:
-        position = (table.name, ids, None if fingerprints is None else tuple(fingerprints))
-        self.emit(ChangePacket(table.name, event, ids, rows, position=position, source=self))
+        position = (table.name, ids, fingerprints)
+        self.report(ChangePacket(table.name, event, ids, rows, position=position, source=self))
 
     def save_positions(self, positions: Sequence[Any]) -> None:
         """Move each table's snapshot past the processed rows."""
@@ -139,32 +208,40 @@ class IbisPollingListener(BaseDatabaseListener):
             else:
                 upserts.extend(zip(ids, fingerprints, strict=True))
         for table, (upserts, deletes) in by_table.items():
-            self.backend.advance_snapshot(table, upserts, deletes)
+            if table in self.tables:
+                self.snapshots.advance(table, upserts, deletes)
 
     def redeliver(self, positions: Sequence[Any]) -> None:
         """Nothing to do: the snapshot stays where it is, so the next poll finds the rows again."""
 
     def sync(self, timeout: float | None) -> bool:
-        """Wait for a full poll that started after this call, with its packets queued."""
+        """Wait for a full poll that started after this call, with its packets queued.
+
+        False when ``timeout`` passes first, when the database is failing, or when a watched
+        table is failing (its changes cannot be said to be queued).
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._changed:
-            target = self._changeds_started + 1
+            target = self._polls_started + 1
         self._wake.set()
         with self._changed:
-            while self._changeds_done < target:
+            while self._polls_done < target:
                 if not self.is_alive():
                     return False
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 self._changed.wait(remaining)
-        return self.last_error is None
+            return self.last_error is None and not self.failing_tables
 
     def info(self) -> dict[str, Any]:
+        with self._lock:
+            failing = dict(self.failing_tables)
         return {
             **super().info(),
             "poll_interval": self.poll_interval,
             "polls": self.polls,
             "last_poll_seconds": self.last_poll_seconds,
             "consecutive_failures": self.consecutive_failures,
+            "failing_tables": failing,
         }

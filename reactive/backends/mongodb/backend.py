@@ -8,16 +8,9 @@ from typing import Any, Self
 
 import pymongo
 from pymongo import InsertOne, MongoClient, ReplaceOne
-from pymongo.errors import (
-    BulkWriteError,
-    ConnectionFailure,
-    InvalidURI,
-    OperationFailure,
-    PyMongoError,
-)
-from pymongo.errors import (
-    ConfigurationError as PyMongoConfigurationError,
-)
+from pymongo.database import Database
+from pymongo.errors import BulkWriteError, InvalidURI, OperationFailure, PyMongoError
+from pymongo.errors import ConfigurationError as PyMongoConfigurationError
 
 from reactive.backends.base import (
     FINGERPRINT_FIELD,
@@ -25,15 +18,19 @@ from reactive.backends.base import (
     SOURCE_FIELD,
     DataBackend,
     ErrorRecord,
+    ListenerHooks,
     OutputRecord,
     OutputRejected,
     TableInfo,
     chunks,
     outputs_table,
 )
+from reactive.backends.mongodb.errors import Fault, classify, classify_code
 from reactive.backends.mongodb.listener import MongoChangeStreamListener
 from reactive.errors import BackendError, ConfigurationError, TableNotFoundError
 from reactive.events import Row, id_key
+from reactive.outputs import OutputTypes
+from reactive.queue import CDCQueue
 from reactive.uri import redact
 
 ERRORS_COLLECTION = "_reactive_errors"
@@ -42,66 +39,27 @@ CHECKPOINTS_COLLECTION = "_reactive_checkpoints"
 #: matching ids: 1,000 take 0.8 s, 5,000 take 18 s; on mongod small chunks cost nothing).
 _CHUNK = 500
 
-AUTH_FAILED = 18
-DUPLICATE_KEY = 11000
+
+def _pages(cursor: Any, page_size: int) -> Iterator[list[Any]]:
+    """A cursor's documents in lists of ``page_size``."""
+    page: list[Any] = []
+    with cursor:
+        for doc in cursor:
+            page.append(doc)
+            if len(page) == page_size:
+                yield page
+                page = []
+    if page:
+        yield page
 
 
-class MongoBackend(DataBackend):
-    """MongoDB (a replica set or sharded cluster: change streams need one).
+class MongoSource:
+    """The :class:`~reactive.backends.base.SourceReader`: a row is a document, its id ``_id``."""
 
-    The URI must name the database: ``mongodb://host:27017/app``. A row is a document
-    and its id is ``_id``, of any BSON type.
-    """
+    def __init__(self, db: Database, *, uri: str) -> None:
+        self.db = db
+        self.uri = uri
 
-    name = "mongodb"
-    schemes = ("mongodb", "mongodb+srv")
-    listener_class = MongoChangeStreamListener
-
-    def __init__(self, client: MongoClient, database: str, *, uri: str) -> None:
-        super().__init__()
-        self.client = client
-        self.db = client[database]
-        self._uri = redact(uri)
-
-    @classmethod
-    def from_uri(cls, uri: str, **options: Any) -> Self:
-        if "serverselectiontimeoutms" not in uri.lower():
-            options.setdefault("serverSelectionTimeoutMS", 5_000)
-        try:
-            client: MongoClient = MongoClient(uri, **options)
-        except (InvalidURI, PyMongoConfigurationError, ValueError) as exc:
-            raise ConfigurationError(f"invalid MongoDB URI {redact(uri)!r}: {redact(str(exc))}") from None
-        try:
-            database = client.get_default_database().name
-        except PyMongoConfigurationError:
-            client.close()
-            raise ConfigurationError(
-                f"the MongoDB URI {redact(uri)!r} names no database; add it as the path: mongodb://host:27017/app"
-            ) from None
-        try:
-            # Reads need the credentials, ping does not: check both now, not at the first change.
-            client.admin.command("ping")
-            client[database].list_collection_names(filter={"name": CHECKPOINTS_COLLECTION})
-        except OperationFailure as exc:
-            client.close()
-            what = "authentication failed" if exc.code == AUTH_FAILED else "the server refused access"
-            raise BackendError(f"{what} for {redact(uri)!r}: {redact(str(exc.details or exc))}") from None
-        except PyMongoError as exc:
-            client.close()
-            raise BackendError(f"could not connect to {redact(uri)!r}: {redact(str(exc))}") from None
-        return cls(client, database, uri=uri)
-
-    @property
-    def uri(self) -> str:
-        return self._uri
-
-    def close(self) -> None:
-        self.client.close()
-
-    def is_transient(self, exc: BaseException) -> bool:
-        return isinstance(exc, ConnectionFailure)
-
-    # -- tables ---------------------------------------------------------------------------
     def table_exists(self, table: str) -> bool:
         return bool(self.db.list_collection_names(filter={"name": table}))
 
@@ -109,7 +67,7 @@ class MongoBackend(DataBackend):
         if id_column not in (None, "_id"):
             raise ConfigurationError(f"MongoDB documents are identified by _id, not {id_column!r}", table=table)
         if not self.table_exists(table):
-            raise TableNotFoundError(f"collection {table!r} does not exist in {self._uri}", table=table)
+            raise TableNotFoundError(f"collection {table!r} does not exist in {self.uri}", table=table)
         return TableInfo(table, "_id", ())
 
     def count(self, table: TableInfo) -> int:
@@ -132,17 +90,15 @@ class MongoBackend(DataBackend):
     def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
         projection = {c: 1 for c in columns} if columns else None
         cursor = self.db[table.name].find({}, projection).sort("_id", pymongo.ASCENDING).batch_size(page_size)
-        page: list[Row] = []
-        with cursor:
-            for doc in cursor:
-                page.append(doc)
-                if len(page) == page_size:
-                    yield page
-                    page = []
-        if page:
-            yield page
+        yield from _pages(cursor, page_size)
 
-    # -- outputs --------------------------------------------------------------------------
+
+class MongoOutputs:
+    """The :class:`~reactive.backends.base.OutputStore`: one collection per listener, ``_id`` = source id."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
     def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
         """Nothing to create: the collection appears with its first output."""
 
@@ -182,7 +138,7 @@ class MongoBackend(DataBackend):
             # Unordered: every other write went through; only these failed.
             for error in exc.details.get("writeErrors", []):
                 index, new, document = documents[error["index"]]
-                if new and error.get("code") == DUPLICATE_KEY:
+                if new and classify_code(error.get("code")) is Fault.DUPLICATE_KEY:
                     retry.append((index, new, document))
                 else:
                     stored[index] = OutputRejected(error.get("errmsg", "write rejected"))
@@ -203,15 +159,8 @@ class MongoBackend(DataBackend):
 
     def scan_output_ids(self, identifier: str, *, page_size: int) -> Iterator[list[Any]]:
         cursor = self.db[outputs_table(identifier)].find({}, {"_id": 1}).sort("_id", 1).batch_size(page_size)
-        page: list[Any] = []
-        with cursor:
-            for doc in cursor:
-                page.append(doc["_id"])
-                if len(page) == page_size:
-                    yield page
-                    page = []
-        if page:
-            yield page
+        for page in _pages(cursor, page_size):
+            yield [doc["_id"] for doc in page]
 
     def read_outputs(self, identifier: str) -> list[dict[str, Any]]:
         projection = {"_id": 0, SOURCE_FIELD: 1, OUTPUT_FIELD: 1}
@@ -219,9 +168,14 @@ class MongoBackend(DataBackend):
 
     def drop_outputs(self, identifier: str) -> None:
         self.db.drop_collection(outputs_table(identifier))
-        self._forget_output_type(identifier)
 
-    # -- errors and checkpoints -----------------------------------------------------------
+
+class MongoErrors:
+    """The :class:`~reactive.backends.base.ErrorStore`: ``_reactive_errors``."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
     def record_errors(self, records: Sequence[ErrorRecord]) -> None:
         if records:
             documents = [
@@ -233,6 +187,13 @@ class MongoBackend(DataBackend):
     def read_errors(self, listener: str | None = None) -> list[dict[str, Any]]:
         query = {} if listener is None else {"listener": listener}
         return list(self.db[ERRORS_COLLECTION].find(query, {"_id": 0}).sort("at", 1))
+
+
+class MongoCheckpoints:
+    """The :class:`~reactive.backends.base.CheckpointStore`: ``_reactive_checkpoints``."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
 
     def load_checkpoint(self, name: str) -> dict[str, Any] | None:
         doc = self.db[CHECKPOINTS_COLLECTION].find_one({"_id": name})
@@ -247,3 +208,66 @@ class MongoBackend(DataBackend):
             {"_id": name, "value": dict(value), "updated_at": _dt.datetime.now(_dt.UTC)},
             upsert=True,
         )
+
+
+class MongoBackend(DataBackend):
+    """MongoDB (a replica set or sharded cluster: change streams need one).
+
+    The URI must name the database: ``mongodb://host:27017/app``. A row is a document
+    and its id is ``_id``, of any BSON type.
+    """
+
+    name = "mongodb"
+    schemes = ("mongodb", "mongodb+srv")
+    listener_class = MongoChangeStreamListener
+
+    def __init__(self, client: MongoClient, database: str, *, uri: str) -> None:
+        self.client = client
+        self.db = client[database]
+        self._uri = redact(uri)
+        self.source = MongoSource(self.db, uri=self._uri)
+        self.outputs = MongoOutputs(self.db)
+        self.errors = MongoErrors(self.db)
+        self.checkpoints = MongoCheckpoints(self.db)
+        self.output_types = OutputTypes(self.checkpoints)
+
+    @classmethod
+    def from_uri(cls, uri: str, **options: Any) -> Self:
+        if "serverselectiontimeoutms" not in uri.lower():
+            options.setdefault("serverSelectionTimeoutMS", 5_000)
+        try:
+            client: MongoClient = MongoClient(uri, **options)
+        except (InvalidURI, PyMongoConfigurationError, ValueError) as exc:
+            raise ConfigurationError(f"invalid MongoDB URI {redact(uri)!r}: {redact(str(exc))}") from None
+        try:
+            database = client.get_default_database().name
+        except PyMongoConfigurationError:
+            client.close()
+            raise ConfigurationError(
+                f"the MongoDB URI {redact(uri)!r} names no database; add it as the path: mongodb://host:27017/app"
+            ) from None
+        try:
+            # Reads need the credentials, ping does not: check both now, not at the first change.
+            client.admin.command("ping")
+            client[database].list_collection_names(filter={"name": CHECKPOINTS_COLLECTION})
+        except OperationFailure as exc:
+            client.close()
+            what = "authentication failed" if classify(exc) is Fault.AUTH_FAILED else "the server refused access"
+            raise BackendError(f"{what} for {redact(uri)!r}: {redact(str(exc.details or exc))}") from None
+        except PyMongoError as exc:
+            client.close()
+            raise BackendError(f"could not connect to {redact(uri)!r}: {redact(str(exc))}") from None
+        return cls(client, database, uri=uri)
+
+    @property
+    def uri(self) -> str:
+        return self._uri
+
+    def create_listener(self, queue: CDCQueue, hooks: ListenerHooks, **options: Any) -> MongoChangeStreamListener:
+        return MongoChangeStreamListener(self.db, self.checkpoints, queue, uri=self._uri, hooks=hooks, **options)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return classify(exc) is Fault.TRANSIENT

@@ -10,29 +10,25 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
-from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+from pymongo.errors import OperationFailure, PyMongoError
 
-from reactive.backends.base import BaseDatabaseListener, TableInfo
+from reactive.backends.base import BaseDatabaseListener, CheckpointStore, TableInfo
+from reactive.backends.mongodb.errors import Fault, classify
 from reactive.errors import ChangeStreamUnsupportedError, QueueClosedError
 from reactive.events import ChangePacket, DBEvent
 
 if TYPE_CHECKING:
     from pymongo.change_stream import DatabaseChangeStream
-
-    from reactive.backends.mongodb.backend import MongoBackend
+    from pymongo.database import Database
 
 log = logging.getLogger(__name__)
 
 #: Where :meth:`MongoChangeStreamListener.sync` writes its barrier marks.
 MARKS_COLLECTION = "_reactive_marks"
-#: Server error codes this listener reacts to.
-NOT_A_REPLICA_SET = 40573
-HISTORY_LOST = 286
 #: After the server refused an event over its 16 MB limit (error 10334), events bigger than
 #: this lose their fullDocument (the handler reads the row instead). The stage is not used
 #: until then: it halves how fast a stream delivers on some servers.
 LARGE_DOCUMENT_BYTES = 8 * 1024 * 1024
-EVENT_TOO_LARGE = 10334
 MAX_BACKOFF = 30.0
 #: An idle stream saves its post-batch resume token at most this often.
 IDLE_SAVE_SECONDS = 1.0
@@ -50,12 +46,24 @@ class MongoChangeStreamListener(BaseDatabaseListener):
     watched collection is reconciled and the stream restarts from now.
     """
 
-    backend: MongoBackend
+    table_noun = "collection"
 
-    def __init__(self, backend: MongoBackend, queue: Any, *, max_await_ms: int = 200, **options: Any) -> None:
-        super().__init__(backend, queue, **options)
+    def __init__(
+        self,
+        database: Database,
+        checkpoints: CheckpointStore,
+        queue: Any,
+        *,
+        uri: str,
+        max_await_ms: int = 200,
+        **options: Any,
+    ) -> None:
+        super().__init__(queue, name="mongodb", **options)
+        self.database = database
+        self.checkpoints = checkpoints
+        self.uri = uri
         self.max_await_ms = max_await_ms
-        self.checkpoint_name = f"mongodb/{backend.db.name}/stream"
+        self.checkpoint_name = f"mongodb/{database.name}/stream"
         self._stream: DatabaseChangeStream | None = None
         self._seen: dict[str, Any] | None = None
         self._committed: dict[str, Any] | None = None
@@ -77,11 +85,11 @@ class MongoChangeStreamListener(BaseDatabaseListener):
     # -- position -------------------------------------------------------------------------
     def _position(self) -> dict[str, Any] | None:
         if self._committed is None:
-            self._committed = self.backend.load_checkpoint(self.checkpoint_name)
+            self._committed = self.checkpoints.load_checkpoint(self.checkpoint_name)
         return self._committed
 
     def _save(self, position: dict[str, Any]) -> None:
-        self.backend.save_checkpoint(self.checkpoint_name, position)
+        self.checkpoints.save_checkpoint(self.checkpoint_name, position)
         with self._changed:
             self._committed = position
             self.positions_saved += 1
@@ -115,12 +123,12 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         if position is not None:
             options["start_after" if position.get("start_after") else "resume_after"] = position["token"]
         try:
-            return self.backend.db.watch(self._pipeline(), **options)
+            return self.database.watch(self._pipeline(), **options)
         except OperationFailure as exc:
-            if exc.code == NOT_A_REPLICA_SET:
+            if classify(exc) is Fault.NO_CHANGE_STREAMS:
                 reason = exc.details.get("errmsg") if exc.details else str(exc)
                 raise ChangeStreamUnsupportedError(
-                    f"{self.backend.uri} cannot produce change streams ({reason}). Run MongoDB as a replica "
+                    f"{self.uri} cannot produce change streams ({reason}). Run MongoDB as a replica "
                     f"set (mongod --replSet, even with one member) or a sharded cluster."
                 ) from None
             raise
@@ -146,10 +154,10 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                 with self._open(self._position()):
                     pass
             except OperationFailure as exc:
-                if exc.code != HISTORY_LOST:
+                if classify(exc) is not Fault.HISTORY_LOST:
                     raise
                 # db.add reconciles this table right after; for the others, start() will.
-                log.warning("the saved position on %s is no longer in the oplog", self.backend.uri)
+                log.warning("the saved position on %s is no longer in the oplog", self.uri)
         if new and self.is_alive():
             with self._changed:
                 self._changed.wait_for(lambda: self._opened_generation >= generation or not self.is_alive(), timeout=30)
@@ -180,7 +188,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         try:
             self._reopen(self._position())
         except OperationFailure as exc:
-            if exc.code != HISTORY_LOST:
+            if classify(exc) is not Fault.HISTORY_LOST:
                 raise
             self._recover_history()
         super().start()
@@ -195,26 +203,20 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                     backoff = 0.5
                 except QueueClosedError:
                     return
-                except OperationFailure as exc:
-                    if exc.code == HISTORY_LOST:
+                except (PyMongoError, ChangeStreamUnsupportedError) as exc:
+                    fault = classify(exc)
+                    if fault is Fault.HISTORY_LOST:
                         self._recover_history()
                         continue
-                    if exc.code == EVENT_TOO_LARGE and not self._strip_large_documents:
+                    if fault is Fault.EVENT_TOO_LARGE and not self._strip_large_documents:
                         log.warning("a change event exceeded 16 MB; large documents are now read separately")
                         self._strip_large_documents = True
                         self._close_stream()
                         continue
-                    self._failed(exc)
-                except ConnectionFailure as exc:
-                    if self.disconnected_since is None:
-                        self.disconnected_since = _dt.datetime.now(_dt.UTC)
-                        self.connected.clear()
-                        self.disconnected.set()
-                        log.warning("lost the connection to %s (%s); reconnecting with backoff", self.backend.uri, exc)
-                    self.last_error = f"disconnected since {self.disconnected_since.isoformat()}: {exc}"
-                    self._close_stream()
-                except (PyMongoError, ChangeStreamUnsupportedError) as exc:
-                    self._failed(exc)
+                    if fault is Fault.TRANSIENT:
+                        self._disconnected(exc)
+                    else:
+                        self._failed(exc)
                 else:
                     continue
                 self.wait(backoff)
@@ -224,13 +226,22 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             with self._changed:
                 self._changed.notify_all()
             try:
-                self.backend.db[MARKS_COLLECTION].delete_one({"_id": self._mark_id})
+                self.database[MARKS_COLLECTION].delete_one({"_id": self._mark_id})
             except PyMongoError:
                 log.debug("could not remove this listener's barrier mark", exc_info=True)
 
+    def _disconnected(self, exc: BaseException) -> None:
+        if self.disconnected_since is None:
+            self.disconnected_since = _dt.datetime.now(_dt.UTC)
+            self.connected.clear()
+            self.disconnected.set()
+            log.warning("lost the connection to %s (%s); reconnecting with backoff", self.uri, exc)
+        self.last_error = f"disconnected since {self.disconnected_since.isoformat()}: {exc}"
+        self._close_stream()
+
     def _failed(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
-        log.error("change stream on %s failed: %s", self.backend.uri, self.last_error)
+        log.error("change stream on %s failed: %s", self.uri, self.last_error)
         self._close_stream()
 
     def _close_stream(self) -> None:
@@ -251,7 +262,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         assert self._stream is not None
         change = self._stream.try_next()
         if self.disconnected_since is not None:
-            log.warning("reconnected to %s (disconnected since %s)", self.backend.uri, self.disconnected_since)
+            log.warning("reconnected to %s (disconnected since %s)", self.uri, self.disconnected_since)
             self.disconnected_since = None
             self.last_error = None
             self.disconnected.clear()
@@ -298,13 +309,13 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                 position={"token": token, "start_after": False},
                 source=self,
             )
-            self.emit(packet)
+            self.report(packet)
         elif operation in ("drop", "rename") and collection in self._tables:
             state = "dropped" if operation == "drop" else f"renamed to {change['to']['coll']!r}"
-            self._table_gone(collection, state)
+            self._report_gone(collection, state)
         elif operation == "dropDatabase":
             for name in list(self._tables):
-                self._table_gone(name, "dropped with its database")
+                self._report_gone(name, "dropped with its database")
         elif operation == "invalidate":
             self._seen = {"token": token, "start_after": True}
             self._close_stream()
@@ -312,17 +323,8 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         if operation == "rename" and change.get("to", {}).get("coll") in self._tables:
             replaced = change["to"]["coll"]
             log.warning("collection %r was replaced by a rename; reconciling its outputs", replaced)
-            if self.on_reconcile is not None:
-                self.on_reconcile([replaced], self.stopped_event)
+            self.hooks.reconcile([replaced], self.stopped_event)
         self._seen = {"token": token, "start_after": False}
-
-    def _table_gone(self, table: str, state: str) -> None:
-        log.warning(
-            "collection %r of %s was %s: its listeners stop; their outputs are kept", table, self.backend.uri, state
-        )
-        self.unwatch(table)
-        if self.on_table_gone is not None:
-            self.on_table_gone(table, state)
 
     def _recover_history(self) -> None:
         """The saved token aged out of the oplog: reconcile everything, then follow from now."""
@@ -331,15 +333,14 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         log.warning(
             "the saved position on %s is no longer in the oplog; reconciling outputs with the source, "
             "then following changes from now",
-            self.backend.uri,
+            self.uri,
         )
         self._seen = None
         # Open from now first, so nothing written during the reconciliation is missed.
         self._reopen(None)
         assert self._stream is not None
         self._save({"token": self._stream.resume_token, "start_after": False})
-        if self.on_reconcile is not None:
-            self.on_reconcile(sorted(self.tables), self.stopped_event)
+        self.hooks.reconcile(sorted(self.tables), self.stopped_event)
 
     # -- what the handler and db.cdc call -------------------------------------------------
     def save_positions(self, positions: Sequence[Any]) -> None:
@@ -356,7 +357,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             self._marks_sent += 1
             mark = self._marks_sent
         try:
-            self.backend.db[MARKS_COLLECTION].update_one({"_id": self._mark_id}, {"$set": {"n": mark}}, upsert=True)
+            self.database[MARKS_COLLECTION].update_one({"_id": self._mark_id}, {"$set": {"n": mark}}, upsert=True)
         except PyMongoError as exc:
             log.warning("could not write a barrier mark: %s", exc)
             return False

@@ -1,0 +1,125 @@
+"""One ibis connection, its lock, and the caches every Ibis role shares."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import ibis.common.exceptions as ibis_exc
+import ibis.expr.datatypes as dt
+import ibis.expr.types as ir
+import pyarrow as pa
+import sqlglot as sg
+import sqlglot.expressions as sge
+
+from reactive.backends.ibis.dialects import Dialect, TableSQL, dialect_for
+from reactive.errors import TableNotFoundError
+
+#: Largest IN list sent in one statement.
+ID_CHUNK = 10_000
+
+
+class IbisConnection:
+    """An ibis connection shared by the source reader, the stores and the snapshots.
+
+    One connection, one lock: every statement is short (reads are paged), so the handler,
+    the poller and the user's thread take turns without starving. Table handles and the
+    hot-path statements of each table are built once and cached; :meth:`forget` drops them
+    when a table changed under us.
+    """
+
+    def __init__(self, con: Any, *, uri: str) -> None:
+        self.con = con
+        self.uri = uri
+        self.dialect: Dialect = dialect_for(con)
+        self.lock = threading.RLock()
+        self._handles: dict[str, ir.Table] = {}
+        self._sql: dict[tuple[str, str, tuple[str, ...]], TableSQL] = {}
+
+    def close(self) -> None:
+        with self.lock:
+            self.con.disconnect()
+
+    def table(self, name: str) -> ir.Table:
+        """An ibis handle on ``name``, cached: looking a table up costs a catalog query."""
+        with self.lock:
+            handle = self._handles.get(name)
+            if handle is None:
+                try:
+                    handle = self._handles[name] = self.con.table(name)
+                except ibis_exc.TableNotFound:
+                    raise TableNotFoundError(f"table {name!r} does not exist in {self.uri}", table=name) from None
+            return handle
+
+    def table_exists(self, name: str) -> bool:
+        with self.lock:
+            return name in self._handles or name in self.con.list_tables()
+
+    def forget(self, name: str) -> None:
+        """Drop the cached handle and statements of ``name`` (it was altered, dropped or failed)."""
+        with self.lock:
+            self._handles.pop(name, None)
+            self._sql = {k: v for k, v in self._sql.items() if k[0] != name}
+
+    def statements(self, table: str, id_column: str, columns: Sequence[str]) -> TableSQL:
+        """The hot-path statements reading ``columns`` of ``table`` by ``id_column``, built once."""
+        key = (table, id_column, tuple(columns))
+        with self.lock:
+            built = self._sql.get(key)
+            if built is None:
+                built = self._sql[key] = TableSQL(self.dialect, table, id_column, columns)
+            return built
+
+    def fetch(self, sql: str, *params: Any) -> list[dict[str, Any]]:
+        with self.lock:
+            return self.dialect.fetch(self.con, sql, params)
+
+    def execute(self, sql: str, *params: Any) -> None:
+        with self.lock:
+            self.dialect.execute(self.con, sql, params)
+
+    def delete_by_ids(self, sql: str, ids: Sequence[Any]) -> None:
+        """Run a ``delete_by_ids`` statement for every id, in bounded chunks."""
+        with self.lock:
+            for start in range(0, len(ids), ID_CHUNK):
+                self.dialect.execute(self.con, sql, [self.dialect.bind_ids(ids[start : start + ID_CHUNK])])
+
+    def fetch_by_ids(self, sql: str, ids: Sequence[Any]) -> Iterator[dict[str, Any]]:
+        """Rows of a ``by_ids`` statement for every id, in bounded chunks."""
+        for start in range(0, len(ids), ID_CHUNK):
+            yield from self.fetch(sql, self.dialect.bind_ids(ids[start : start + ID_CHUNK]))
+
+    def pages(self, statements: TableSQL, key: str, page_size: int) -> Iterator[list[dict[str, Any]]]:
+        """Keyset pagination: each page is one short statement, ordered by ``key``."""
+        page = self.fetch(statements.first_page, page_size)
+        while page:
+            yield page
+            if len(page) < page_size:
+                return
+            page = self.fetch(statements.next_page, page[-1][key], page_size)
+
+    def upsert(self, table: str, key: str, rows: pa.Table) -> None:
+        with self.lock:
+            self.dialect.upsert(self.con, table, key, rows)
+
+    def create_keyed_table(self, name: str, columns: Mapping[str, dt.DataType], key: str) -> None:
+        """CREATE TABLE IF NOT EXISTS with a primary key on ``key`` (ibis cannot declare one)."""
+        mapper = self.con.compiler.type_mapper
+        defs = [
+            sge.ColumnDef(
+                this=sg.to_identifier(column, quoted=True),
+                kind=mapper.from_ibis(dtype),
+                constraints=[sge.ColumnConstraint(kind=sge.PrimaryKeyColumnConstraint())] if column == key else None,
+            )
+            for column, dtype in columns.items()
+        ]
+        create = sge.Create(
+            kind="TABLE", exists=True, this=sge.Schema(this=sg.table(name, quoted=True), expressions=defs)
+        )
+        self.execute(create.sql(self.dialect.name))
+
+    def drop_table(self, name: str) -> None:
+        with self.lock:
+            self.con.drop_table(name, force=True)
+            self.forget(name)

@@ -1,0 +1,91 @@
+"""Reading the tables listeners watch, through one :class:`IbisConnection`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any
+
+from reactive.backends.base import OUTPUT_FIELD, OUTPUTS_PREFIX, TableInfo
+from reactive.backends.ibis.connection import IbisConnection
+from reactive.backends.ibis.dialects import decode_for
+from reactive.errors import ConfigurationError, MissingIdColumnError, TableNotFoundError
+from reactive.events import Row, id_key
+
+
+class IbisSource:
+    """The :class:`~reactive.backends.base.SourceReader` of SQL databases.
+
+    ``output_type(identifier)`` says how a listener's outputs are stored, so that rows read
+    from an outputs table (a chained listener's source) come back decoded.
+    """
+
+    def __init__(self, conn: IbisConnection, *, output_type: Callable[[str], str | None]) -> None:
+        self.conn = conn
+        self.output_type = output_type
+
+    def table_exists(self, table: str) -> bool:
+        return self.conn.table_exists(table)
+
+    def columns(self, table: str) -> tuple[str, ...]:
+        return tuple(self.conn.table(table).columns)
+
+    def describe(self, table: str, *, id_column: str | None = None) -> TableInfo:
+        conn = self.conn
+        with conn.lock:
+            conn.forget(table)
+            if not conn.table_exists(table):
+                raise TableNotFoundError(f"table {table!r} does not exist in {conn.uri}", table=table)
+            columns = self.columns(table)
+            if id_column is not None:
+                if id_column not in columns:
+                    raise ConfigurationError(
+                        f"id_column {id_column!r} is not a column of {table!r} (columns: {', '.join(columns)})",
+                        table=table,
+                    )
+                return TableInfo(table, id_column, columns)
+            key = conn.dialect.primary_key(conn.con, table)
+        if len(key) == 1:
+            return TableInfo(table, key[0], columns)
+        what = "has no primary key" if not key else f"has a composite primary key ({', '.join(key)})"
+        raise MissingIdColumnError(
+            f"table {table!r} {what}: pass the column that identifies a row, "
+            f"e.g. Listener(..., select={table!r}, id_column={columns[0]!r}); "
+            f"columns: {', '.join(columns)}",
+            table=table,
+        )
+
+    def count(self, table: TableInfo) -> int:
+        with self.conn.lock:
+            return int(self.conn.table(table.name).count().execute())
+
+    def _statements(self, table: TableInfo) -> Any:
+        return self.conn.statements(table.name, table.id_column, table.columns or self.columns(table.name))
+
+    def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
+        sql = self._statements(table).by_ids
+        rows = self.decoded(table.name, list(self.conn.fetch_by_ids(sql, list(ids))))
+        return {id_key(row[table.id_column]): row for row in rows}
+
+    def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
+        sql = self._statements(table).ids_by_ids
+        return {id_key(row[table.id_column]) for row in self.conn.fetch_by_ids(sql, list(ids))}
+
+    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
+        with self.conn.lock:
+            if not self.conn.table_exists(table.name):
+                return
+            present = self.columns(table.name)
+            wanted = dict.fromkeys([table.id_column, *(columns or present)])
+            # A column the table lacks is left out: the rows then lack that field.
+            statements = self.conn.statements(table.name, table.id_column, [c for c in wanted if c in present])
+        for page in self.conn.pages(statements, table.id_column, page_size):
+            yield self.decoded(table.name, page)
+
+    def decoded(self, table: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows as components see them: outputs stored as JSON text come back decoded."""
+        if table.startswith(OUTPUTS_PREFIX) and rows and OUTPUT_FIELD in rows[0]:
+            logical = self.output_type(table[len(OUTPUTS_PREFIX) :])
+            if logical is not None:
+                for row in rows:
+                    row[OUTPUT_FIELD] = decode_for(self.conn.dialect, logical, row[OUTPUT_FIELD])
+        return rows

@@ -1,0 +1,198 @@
+"""What ``reactive`` writes into a SQL database: outputs, errors and checkpoints."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from typing import Any
+
+import ibis
+import ibis.expr.datatypes as dt
+import pyarrow as pa
+
+from reactive.backends.base import (
+    FINGERPRINT_FIELD,
+    OUTPUT_FIELD,
+    SOURCE_FIELD,
+    ErrorRecord,
+    OutputRecord,
+    TableInfo,
+    outputs_table,
+)
+from reactive.backends.ibis.connection import IbisConnection
+from reactive.backends.ibis.dialects import encode_for, timestamp_column
+from reactive.errors import ConfigurationError
+from reactive.events import Row, id_key
+from reactive.fingerprints import plain_value
+
+ERRORS_TABLE = "_reactive_errors"
+CHECKPOINTS_TABLE = "_reactive_checkpoints"
+
+
+class IbisOutputs:
+    """The :class:`~reactive.backends.base.OutputStore`: one keyed table per listener.
+
+    ``decoded(table, rows)`` turns stored JSON text back into values (the source reader's).
+    """
+
+    def __init__(self, conn: IbisConnection, *, decoded: Callable[[str, list[Row]], list[Row]]) -> None:
+        self.conn = conn
+        self.decoded = decoded
+
+    def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
+        if source.name == outputs_table(identifier):
+            raise ConfigurationError(f"listener {identifier!r} cannot read its own outputs", listener=identifier)
+        conn = self.conn
+        with conn.lock:
+            exists = conn.table_exists(source.name)
+            id_type = conn.table(source.name).schema()[source.id_column] if exists else dt.int64
+            conn.create_keyed_table(
+                outputs_table(identifier),
+                {
+                    SOURCE_FIELD: id_type,
+                    OUTPUT_FIELD: conn.dialect.storage_type(output_type),
+                    FINGERPRINT_FIELD: dt.int64,
+                },
+                key=SOURCE_FIELD,
+            )
+
+    def store_outputs(
+        self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
+    ) -> None:
+        name = outputs_table(identifier)
+        conn = self.conn
+        with conn.lock:
+            schema = conn.table(name).schema()
+            data = pa.table(
+                {
+                    SOURCE_FIELD: pa.array([r.source for _, r, _ in kept], type=schema[SOURCE_FIELD].to_pyarrow()),
+                    OUTPUT_FIELD: pa.array(
+                        [encode_for(conn.dialect, output_type, v) for _, _, v in kept],
+                        type=schema[OUTPUT_FIELD].to_pyarrow(),
+                    ),
+                    FINGERPRINT_FIELD: pa.array([r.fingerprint for _, r, _ in kept], type=pa.int64()),
+                }
+            )
+            conn.upsert(name, SOURCE_FIELD, data)
+
+    def _statements(self, identifier: str, *columns: str) -> Any:
+        return self.conn.statements(outputs_table(identifier), SOURCE_FIELD, columns or (SOURCE_FIELD,))
+
+    def delete_outputs(self, identifier: str, ids: Sequence[Any]) -> None:
+        with self.conn.lock:
+            if ids and self.conn.table_exists(outputs_table(identifier)):
+                self.conn.delete_by_ids(self._statements(identifier).delete_by_ids, list(ids))
+
+    def output_fingerprints(self, identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
+        with self.conn.lock:
+            if not ids or not self.conn.table_exists(outputs_table(identifier)):
+                return {}
+            sql = self._statements(identifier, SOURCE_FIELD, FINGERPRINT_FIELD).by_ids
+            return {id_key(row[SOURCE_FIELD]): row[FINGERPRINT_FIELD] for row in self.conn.fetch_by_ids(sql, ids)}
+
+    def scan_output_ids(self, identifier: str, *, page_size: int) -> Iterator[list[Any]]:
+        with self.conn.lock:
+            if not self.conn.table_exists(outputs_table(identifier)):
+                return
+            statements = self._statements(identifier)
+        for page in self.conn.pages(statements, SOURCE_FIELD, page_size):
+            yield [row[SOURCE_FIELD] for row in page]
+
+    def read_outputs(self, identifier: str) -> list[dict[str, Any]]:
+        name = outputs_table(identifier)
+        with self.conn.lock:
+            if not self.conn.table_exists(name):
+                return []
+            o = self.conn.table(name)
+            rows = o.select(SOURCE_FIELD, OUTPUT_FIELD).order_by(SOURCE_FIELD).to_pyarrow().to_pylist()
+        return self.decoded(name, rows)
+
+    def drop_outputs(self, identifier: str) -> None:
+        self.conn.drop_table(outputs_table(identifier))
+
+
+class IbisErrors:
+    """The :class:`~reactive.backends.base.ErrorStore`: ``_reactive_errors``."""
+
+    def __init__(self, conn: IbisConnection) -> None:
+        self.conn = conn
+
+    def record_errors(self, records: Sequence[ErrorRecord]) -> None:
+        if not records:
+            return
+        dialect = self.conn.dialect
+        schema = ibis.schema(
+            {
+                "listener": "string",
+                "table": "string",
+                "source": "string",
+                "error": "string",
+                "at": dialect.timestamp_type,
+            }
+        )
+        data = pa.table(
+            {
+                "listener": [r.listener for r in records],
+                "table": [r.table for r in records],
+                "source": [json.dumps(r.source, default=plain_value) for r in records],
+                "error": [r.error for r in records],
+                "at": timestamp_column(dialect, [r.at for r in records]),
+            }
+        )
+        with self.conn.lock:
+            if not self.conn.table_exists(ERRORS_TABLE):
+                self.conn.con.create_table(ERRORS_TABLE, schema=schema)
+            self.conn.con.insert(ERRORS_TABLE, ibis.memtable(data))
+
+    def read_errors(self, listener: str | None = None) -> list[dict[str, Any]]:
+        with self.conn.lock:
+            if not self.conn.table_exists(ERRORS_TABLE):
+                return []
+            t = self.conn.table(ERRORS_TABLE)
+            if listener is not None:
+                t = t.filter(t.listener == listener)
+            rows = t.order_by("at").to_pyarrow().to_pylist()
+        for row in rows:
+            row["source"] = json.loads(row["source"])
+        return rows
+
+
+class IbisCheckpoints:
+    """The :class:`~reactive.backends.base.CheckpointStore`: ``_reactive_checkpoints``."""
+
+    def __init__(self, conn: IbisConnection) -> None:
+        self.conn = conn
+
+    def load_checkpoint(self, name: str) -> dict[str, Any] | None:
+        with self.conn.lock:
+            if not self.conn.table_exists(CHECKPOINTS_TABLE):
+                return None
+            sql = self.conn.statements(CHECKPOINTS_TABLE, "name", ("name", "value")).by_ids
+            rows = self.conn.fetch(sql, self.conn.dialect.bind_ids([name]))
+        return json.loads(rows[0]["value"]) if rows else None
+
+    def delete_checkpoint(self, name: str) -> None:
+        with self.conn.lock:
+            if self.conn.table_exists(CHECKPOINTS_TABLE):
+                self.conn.delete_by_ids(
+                    self.conn.statements(CHECKPOINTS_TABLE, "name", ("name",)).delete_by_ids, [name]
+                )
+
+    def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None:
+        dialect = self.conn.dialect
+        data = pa.table(
+            {
+                "name": [name],
+                "value": [json.dumps(dict(value), default=plain_value)],
+                "updated_at": timestamp_column(dialect, [_dt.datetime.now(_dt.UTC)]),
+            }
+        )
+        with self.conn.lock:
+            if not self.conn.table_exists(CHECKPOINTS_TABLE):
+                self.conn.create_keyed_table(
+                    CHECKPOINTS_TABLE,
+                    {"name": dt.string, "value": dt.string, "updated_at": dialect.timestamp_type},
+                    key="name",
+                )
+            self.conn.upsert(CHECKPOINTS_TABLE, "name", data)
