@@ -1,0 +1,1 @@
+"""The Kinetica backend: storage over the REST API, changes through table monitors."""
