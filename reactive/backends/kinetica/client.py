@@ -364,7 +364,7 @@ def record_type_schema(name: str, columns: Sequence[tuple[str, str, bool]]) -> s
         fields.append({"name": column, "type": [avro_type, "null"] if nullable else avro_type})
     if not fields:
         raise ValueError("a table type needs at least one column")
-    return _compact_json({"type": "record", "name": name, "fields": fields})
+    return json.dumps({"type": "record", "name": name, "fields": fields}, separators=(",", ":"), ensure_ascii=False)
 
 
 class RecordCodec:
@@ -474,21 +474,90 @@ def _base_type(avro_type: Any) -> Any:
 
 
 # -- the protocol's records (from the official client's embedded schemas) ------------------
+#
+# Written compactly: ``name:type`` fields, where ``[t]`` is an array of ``t`` and ``{t}`` a
+# map from strings to ``t``. tests/test_kinetica_client.py checks every one against the
+# schemas the official ``gpudb`` client embeds.
 
-_MAP = {"type": "map", "values": "string"}
-_MAP_OF_LISTS = {"type": "map", "values": {"type": "array", "items": "string"}}
+_PROTOCOL = {
+    "/show/system/properties": ("show_system_properties", "options:{string}", "property_map:{string} info:{string}"),
+    "/show/system/status": ("show_system_status", "options:{string}", "status_map:{string} info:{string}"),
+    "/has/table": (
+        "has_table",
+        "table_name:string options:{string}",
+        "table_name:string table_exists:boolean info:{string}",
+    ),
+    "/show/table": (
+        "show_table",
+        "table_name:string options:{string}",
+        "table_name:string table_names:[string] table_descriptions:[[string]] type_ids:[string] type_schemas:[string]"
+        " type_labels:[string] properties:[{[string]}] additional_info:[{string}] sizes:[long] full_sizes:[long]"
+        " join_sizes:[double] total_size:long total_full_size:long info:{string}",
+    ),
+    "/create/type": (
+        "create_type",
+        "type_definition:string label:string properties:{[string]} options:{string}",
+        "type_id:string type_definition:string label:string properties:{[string]} info:{string}",
+    ),
+    "/show/types": (
+        "show_types",
+        "type_id:string label:string options:{string}",
+        "type_ids:[string] type_schemas:[string] labels:[string] properties:[{[string]}] info:{string}",
+    ),
+    "/has/type": ("has_type", "type_id:string options:{string}", "type_id:string type_exists:boolean info:{string}"),
+    "/create/table": (
+        "create_table",
+        "table_name:string type_id:string options:{string}",
+        "table_name:string type_id:string is_collection:boolean info:{string}",
+    ),
+    "/insert/records": (
+        "insert_records",
+        "table_name:string list:[bytes] list_str:[string] list_encoding:string options:{string}",
+        "record_ids:[string] count_inserted:int count_updated:int info:{string}",
+    ),
+    "/get/records": (
+        "get_records",
+        "table_name:string offset:long limit:long encoding:string options:{string}",
+        "table_name:string type_name:string type_schema:string records_binary:[bytes] records_json:[string]"
+        " total_number_of_records:long has_more_records:boolean info:{string}",
+    ),
+    "/delete/records": (
+        "delete_records",
+        "table_name:string expressions:[string] options:{string}",
+        "count_deleted:long counts_deleted:[long] info:{string}",
+    ),
+    "/clear/table": (
+        "clear_table",
+        "table_name:string authorization:string options:{string}",
+        "table_name:string info:{string}",
+    ),
+    "/create/tablemonitor": (
+        "create_table_monitor",
+        "table_name:string options:{string}",
+        "topic_id:string table_name:string type_schema:string info:{string}",
+    ),
+    "/clear/tablemonitor": ("clear_table_monitor", "topic_id:string options:{string}", "topic_id:string info:{string}"),
+}
+_ENVELOPE_SPEC = "status:string message:string data_type:string data:bytes data_str:string"
 
 
-def _array(items: Any) -> dict[str, Any]:
-    return {"type": "array", "items": items}
+def _avro_type(text: str) -> Any:
+    if text.startswith("[") and text.endswith("]"):
+        return {"type": "array", "items": _avro_type(text[1:-1])}
+    if text.startswith("{") and text.endswith("}"):
+        return {"type": "map", "values": _avro_type(text[1:-1])}
+    return text
 
 
-def _record(name: str, **fields: Any) -> dict[str, Any]:
-    return {"type": "record", "name": name, "fields": [{"name": k, "type": v} for k, v in fields.items()]}
+def _record_schema(name: str, spec: str) -> dict[str, Any]:
+    fields = [field.split(":") for field in spec.split()]
+    return {"type": "record", "name": name, "fields": [{"name": k, "type": _avro_type(t)} for k, t in fields]}
 
 
 @dc.dataclass(frozen=True, slots=True)
 class _Endpoint:
+    """One endpoint's request and response records, parsed once."""
+
     path: str
     request: dict[str, Any]
     response: dict[str, Any]
@@ -496,155 +565,19 @@ class _Endpoint:
     response_fields: tuple[str, ...]
 
     @classmethod
-    def define(cls, path: str, request: dict[str, Any], response: dict[str, Any]) -> _Endpoint:
+    def define(cls, path: str, name: str, request: str, response: str) -> _Endpoint:
         return cls(
             path,
-            fastavro.parse_schema(request),
-            fastavro.parse_schema(response),
-            tuple(f["name"] for f in request["fields"]),
-            tuple(f["name"] for f in response["fields"]),
+            fastavro.parse_schema(_record_schema(f"{name}_request", request)),
+            fastavro.parse_schema(_record_schema(f"{name}_response", response)),
+            tuple(field.split(":")[0] for field in request.split()),
+            tuple(field.split(":")[0] for field in response.split()),
         )
 
 
-_ENVELOPE = fastavro.parse_schema(
-    _record("gpudb_response", status="string", message="string", data_type="string", data="bytes", data_str="string")
-)
+_ENDPOINTS = {path: _Endpoint.define(path, *spec) for path, spec in _PROTOCOL.items()}
+_ENVELOPE = fastavro.parse_schema(_record_schema("gpudb_response", _ENVELOPE_SPEC))
 _ENVELOPE_FIELDS = ("status", "message", "data_type", "data_str")
-
-_ENDPOINTS = {
-    e.path: e
-    for e in (
-        _Endpoint.define(
-            "/show/system/properties",
-            _record("show_system_properties_request", options=_MAP),
-            _record("show_system_properties_response", property_map=_MAP, info=_MAP),
-        ),
-        _Endpoint.define(
-            "/show/system/status",
-            _record("show_system_status_request", options=_MAP),
-            _record("show_system_status_response", status_map=_MAP, info=_MAP),
-        ),
-        _Endpoint.define(
-            "/has/table",
-            _record("has_table_request", table_name="string", options=_MAP),
-            _record("has_table_response", table_name="string", table_exists="boolean", info=_MAP),
-        ),
-        _Endpoint.define(
-            "/show/table",
-            _record("show_table_request", table_name="string", options=_MAP),
-            _record(
-                "show_table_response",
-                table_name="string",
-                table_names=_array("string"),
-                table_descriptions=_array(_array("string")),
-                type_ids=_array("string"),
-                type_schemas=_array("string"),
-                type_labels=_array("string"),
-                properties=_array(_MAP_OF_LISTS),
-                additional_info=_array(_MAP),
-                sizes=_array("long"),
-                full_sizes=_array("long"),
-                join_sizes=_array("double"),
-                total_size="long",
-                total_full_size="long",
-                info=_MAP,
-            ),
-        ),
-        _Endpoint.define(
-            "/create/type",
-            _record(
-                "create_type_request", type_definition="string", label="string", properties=_MAP_OF_LISTS, options=_MAP
-            ),
-            _record(
-                "create_type_response",
-                type_id="string",
-                type_definition="string",
-                label="string",
-                properties=_MAP_OF_LISTS,
-                info=_MAP,
-            ),
-        ),
-        _Endpoint.define(
-            "/show/types",
-            _record("show_types_request", type_id="string", label="string", options=_MAP),
-            _record(
-                "show_types_response",
-                type_ids=_array("string"),
-                type_schemas=_array("string"),
-                labels=_array("string"),
-                properties=_array(_MAP_OF_LISTS),
-                info=_MAP,
-            ),
-        ),
-        _Endpoint.define(
-            "/has/type",
-            _record("has_type_request", type_id="string", options=_MAP),
-            _record("has_type_response", type_id="string", type_exists="boolean", info=_MAP),
-        ),
-        _Endpoint.define(
-            "/create/table",
-            _record("create_table_request", table_name="string", type_id="string", options=_MAP),
-            _record("create_table_response", table_name="string", type_id="string", is_collection="boolean", info=_MAP),
-        ),
-        _Endpoint.define(
-            "/insert/records",
-            _record(
-                "insert_records_request",
-                table_name="string",
-                list=_array("bytes"),
-                list_str=_array("string"),
-                list_encoding="string",
-                options=_MAP,
-            ),
-            _record(
-                "insert_records_response",
-                record_ids=_array("string"),
-                count_inserted="int",
-                count_updated="int",
-                info=_MAP,
-            ),
-        ),
-        _Endpoint.define(
-            "/get/records",
-            _record(
-                "get_records_request", table_name="string", offset="long", limit="long", encoding="string", options=_MAP
-            ),
-            _record(
-                "get_records_response",
-                table_name="string",
-                type_name="string",
-                type_schema="string",
-                records_binary=_array("bytes"),
-                records_json=_array("string"),
-                total_number_of_records="long",
-                has_more_records="boolean",
-                info=_MAP,
-            ),
-        ),
-        _Endpoint.define(
-            "/delete/records",
-            _record("delete_records_request", table_name="string", expressions=_array("string"), options=_MAP),
-            _record("delete_records_response", count_deleted="long", counts_deleted=_array("long"), info=_MAP),
-        ),
-        _Endpoint.define(
-            "/clear/table",
-            _record("clear_table_request", table_name="string", authorization="string", options=_MAP),
-            _record("clear_table_response", table_name="string", info=_MAP),
-        ),
-        _Endpoint.define(
-            "/create/tablemonitor",
-            _record("create_table_monitor_request", table_name="string", options=_MAP),
-            _record(
-                "create_table_monitor_response", topic_id="string", table_name="string", type_schema="string", info=_MAP
-            ),
-        ),
-        _Endpoint.define(
-            "/clear/tablemonitor",
-            _record("clear_table_monitor_request", topic_id="string", options=_MAP),
-            _record("clear_table_monitor_response", topic_id="string", info=_MAP),
-        ),
-    )
-}
 
 
 def encode_request(endpoint: str, request: Mapping[str, Any], encoding: Encoding) -> bytes:
@@ -736,10 +669,6 @@ def _describe(exc: BaseException) -> str:
     text = str(exc)
     text = text if len(text) <= 300 else text[:300] + "..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _compact_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def _options(options: Mapping[str, Any] | None) -> dict[str, str]:
