@@ -737,3 +737,235 @@ def test_argument_checks_send_nothing(heads) -> None:
     with pytest.raises(ConfigurationError):
         KineticaClient(f"kinetica://{head.address}", encoding="snappy")  # type: ignore[arg-type]
     assert not head.requests
+
+
+# -- against the Kinetica test server ----------------------------------------------------------
+
+HOSTILE_COLUMNS = [
+    ("id", "long", False),
+    ('we"ird; col', "string", True),
+    ("ünï 😀", "double", True),
+    ("raw bytes", "bytes", True),
+    ("n", "int", True),
+]
+HOSTILE_TABLE = 't\'; drop "x" ünï 😀'
+HOSTILE_ROWS = [
+    {"id": 1, 'we"ird; col': 'it\'s; "quoted" -- ünï 😀', "ünï 😀": 0.5, "raw bytes": bytes(range(256)), "n": -7},
+    {"id": 2, 'we"ird; col': "'; delete from t; --", "ünï 😀": None, "raw bytes": b"\x00", "n": None},
+    {"id": 3, 'we"ird; col': None, "ünï 😀": -1e300, "raw bytes": None, "n": 2**31 - 1},
+    {"id": 4, 'we"ird; col': "back\\slash and spaces  ", "ünï 😀": 1 / 3, "raw bytes": b"", "n": 0},
+]
+
+
+def kinetica_uri(*servers: Any, credentials: str = "", **query: Any) -> str:
+    hosts = ",".join(server.url.split("://", 1)[1] for server in servers)
+    options = "&".join(f"{key}={value}" for key, value in query.items())
+    return f"kinetica://{credentials}{hosts}" + (f"?{options}" if options else "")
+
+
+def make_table(client: KineticaClient, name: str = HOSTILE_TABLE) -> str:
+    """Create ``name`` with the hostile columns; its type schema."""
+    schema = record_type_schema("hostile", HOSTILE_COLUMNS)
+    type_id = client.create_type(schema, "hostile label ü", {"id": ["primary_key"]})
+    client.create_table(name, type_id, {"no_error_if_exists": True})
+    return schema
+
+
+@pytest.fixture(params=["binary", "json"])
+def client(request: pytest.FixtureRequest, kinetica_server: Any) -> Iterator[KineticaClient]:
+    uri = kinetica_uri(kinetica_server, monitor_port=kinetica_server.zmq_port)
+    with KineticaClient(uri, encoding=request.param) as kinetica:
+        yield kinetica
+
+
+def test_system_endpoints(client: KineticaClient) -> None:
+    status = client.show_system_status()
+    assert json.loads(status["system"])["status"] == "running"
+    properties = client.show_system_properties()
+    assert properties["version.gpudb_core_version"].startswith("7.2")
+
+
+def test_types_and_tables(client: KineticaClient, kinetica_server: Any) -> None:
+    schema = record_type_schema("hostile", HOSTILE_COLUMNS)
+    type_id = client.create_type(schema, "hostile label ü", {"id": ["primary_key"], "ünï 😀": ["store_only"]})
+    assert client.has_type(type_id) and not client.has_type("404")
+    [described] = client.show_types(type_id, "")
+    assert (described.type_id, described.label) == (type_id, "hostile label ü")
+    assert RecordCodec(described.type_schema).columns == RecordCodec(schema).columns
+    assert "primary_key" in described.properties["id"]
+    assert type_id in [t.type_id for t in client.show_types(label="hostile label ü")]
+
+    assert not client.has_table(HOSTILE_TABLE)
+    client.create_table(HOSTILE_TABLE, type_id)
+    client.create_table(HOSTILE_TABLE, type_id, {"no_error_if_exists": True})
+    with pytest.raises(KineticaError, match="already exists") as info:
+        client.create_table(HOSTILE_TABLE, type_id)
+    assert info.value.table == HOSTILE_TABLE
+    assert client.has_table(HOSTILE_TABLE)
+    table = client.show_table(HOSTILE_TABLE)
+    assert table.name.endswith(HOSTILE_TABLE)  # Kinetica qualifies it with its schema
+    assert (table.type_id, table.columns, table.primary_key, table.size) == (
+        type_id,
+        tuple(c for c, _, _ in HOSTILE_COLUMNS),
+        ("id",),
+        0,
+    )
+    assert "store_only" in table.properties["ünï 😀"]
+    assert RecordCodec(table.type_schema).columns == table.columns
+
+    client.clear_table(HOSTILE_TABLE)
+    assert not client.has_table(HOSTILE_TABLE)
+    client.clear_table(HOSTILE_TABLE)
+    with pytest.raises(KineticaError, match="does not exist"):
+        client.clear_table(HOSTILE_TABLE, no_error_if_not_exists=False)
+    with pytest.raises(KineticaError, match="does not exist") as info:
+        client.show_table(HOSTILE_TABLE)
+    assert info.value.endpoint == "/show/table"
+
+
+def test_hostile_rows_round_trip(client: KineticaClient, kinetica_server: Any) -> None:
+    schema = make_table(client)
+    assert client.insert_records(HOSTILE_TABLE, HOSTILE_ROWS, schema) == (4, 0)
+    page = client.get_records(HOSTILE_TABLE, schema)
+    assert page == (HOSTILE_ROWS, 4, False)
+    assert client.show_table(HOSTILE_TABLE).size == 4
+
+    for row in HOSTILE_ROWS:
+        for column in ('we"ird; col', "ünï 😀", "n", "id"):
+            expression = equals_expression(column, row[column])
+            matching = [r for r in HOSTILE_ROWS if r[column] == row[column]]
+            assert client.get_records(HOSTILE_TABLE, schema, expression=expression).records == matching, expression
+
+    texts = [r['we"ird; col'] for r in HOSTILE_ROWS if r['we"ird; col'] is not None]
+    page = client.get_records(HOSTILE_TABLE, schema, expression=in_expression('we"ird; col', texts))
+    assert [r["id"] for r in page.records] == [1, 2, 4]
+
+    by_n = client.get_records(HOSTILE_TABLE, schema, sort_by="n", sort_order="descending")
+    assert [r["id"] for r in by_n.records][:3] == [3, 4, 1]
+    first = client.get_records(HOSTILE_TABLE, schema, limit=3, sort_by="id")
+    rest = client.get_records(HOSTILE_TABLE, schema, offset=3, limit=3, sort_by="id")
+    assert (first.total_number_of_records, first.has_more_records, rest.has_more_records) == (4, True, False)
+    assert first.records + rest.records == HOSTILE_ROWS
+
+    deleted = client.delete_records(HOSTILE_TABLE, [in_expression('we"ird; col', texts[:2]), equals_expression("n", 0)])
+    assert deleted == 3
+    assert client.get_records(HOSTILE_TABLE, schema).records == [HOSTILE_ROWS[2]]
+    assert client.delete_records(HOSTILE_TABLE, [equals_expression("id", 99)]) == 0
+
+
+def test_upsert_on_the_primary_key(client: KineticaClient) -> None:
+    schema = make_table(client)
+    client.insert_records(HOSTILE_TABLE, HOSTILE_ROWS[:2], schema)
+    with pytest.raises(KineticaError, match="duplicate primary key"):
+        client.insert_records(HOSTILE_TABLE, HOSTILE_ROWS[:1], schema)
+    changed = {**HOSTILE_ROWS[0], "n": 42}
+    assert client.insert_records(HOSTILE_TABLE, [changed], schema, update_on_existing_pk=True) == (0, 1)
+    assert client.get_records(HOSTILE_TABLE, schema, expression=equals_expression("id", 1)).records == [changed]
+
+
+def test_bad_expressions_are_kinetica_errors(client: KineticaClient) -> None:
+    schema = make_table(client)
+    with pytest.raises(KineticaError) as info:
+        client.get_records(HOSTILE_TABLE, schema, expression="id = = 1")
+    assert info.value.endpoint == "/get/records" and info.value.table == HOSTILE_TABLE
+    with pytest.raises(KineticaError, match="unknown column"):
+        client.delete_records(HOSTILE_TABLE, [equals_expression("nope", 1)])
+
+
+def test_table_monitors_and_their_frames(client: KineticaClient, kinetica_server: Any) -> None:
+    import zmq
+
+    schema = make_table(client)
+    monitor = client.create_table_monitor(HOSTILE_TABLE, "insert")
+    assert kinetica_server.monitors()[monitor.topic_id][1] == "insert"
+    assert RecordCodec(monitor.type_schema).columns == RecordCodec(schema).columns
+    counts = client.create_table_monitor(HOSTILE_TABLE, "delete", monitor_id="my-delete-topic")
+    assert counts.topic_id == "my-delete-topic"
+    assert RecordCodec(counts.type_schema).columns == ("count",)
+
+    context = zmq.Context()
+    subscriber = context.socket(zmq.SUB)
+    try:
+        subscriber.connect(client.monitor_address())
+        subscriber.setsockopt_string(zmq.SUBSCRIBE, monitor.topic_id)
+        assert kinetica_server.wait_subscribed(monitor.topic_id)
+        client.insert_records(HOSTILE_TABLE, HOSTILE_ROWS, schema)
+        assert subscriber.poll(5000)
+        topic, *frames = subscriber.recv_multipart()
+        assert topic == monitor.topic_id.encode()
+        codec = RecordCodec(client.show_table(HOSTILE_TABLE).type_schema)
+        assert [codec.decode(frame) for frame in frames] == HOSTILE_ROWS
+    finally:
+        subscriber.close(linger=0)
+        context.term()
+
+    client.clear_table_monitor(monitor.topic_id)
+    client.clear_table_monitor(counts.topic_id)
+    assert kinetica_server.monitors() == {}
+    with pytest.raises(KineticaError):
+        client.clear_table_monitor(monitor.topic_id)
+
+
+def test_server_error_and_failover_messages(client: KineticaClient, kinetica_server: Any) -> None:
+    kinetica_server.fail_next("/has/table", "Insufficient permissions: user lacks table_read")
+    with pytest.raises(KineticaError, match="Insufficient permissions") as info:
+        client.has_table("t")
+    assert not is_transient(info.value)
+    kinetica_server.fail_next("/has/table", "Kinetica is exiting")
+    with pytest.raises(KineticaUnavailableError) as unavailable:
+        client.has_table("t")
+    assert is_transient(unavailable.value)
+    assert client.has_table("t") is False
+
+
+def test_stopped_server_is_unavailable_then_back(kinetica_server: Any) -> None:
+    with KineticaClient(kinetica_uri(kinetica_server)) as client:
+        assert client.has_table("t") is False
+        kinetica_server.stop()
+        with pytest.raises(KineticaUnavailableError, match="Connection refused") as info:
+            client.has_table("t")
+        assert is_transient(info.value)
+        kinetica_server.start()
+        assert client.has_table("t") is False
+        assert client.head_changes == 0
+
+
+def test_failover_between_two_servers(kinetica_server: Any) -> None:
+    from kinetica_server import KineticaTestServer
+
+    with KineticaTestServer() as second, KineticaClient(kinetica_uri(kinetica_server, second)) as client:
+        schema = make_table(client)  # on the first server only
+        assert client.has_table(HOSTILE_TABLE)
+        kinetica_server.stop()
+        assert client.has_table(HOSTILE_TABLE) is False  # answered by the second server
+        assert (client.current_head, client.head_changes) == (second.url, 1)
+        make_table(client)
+        assert client.insert_records(HOSTILE_TABLE, HOSTILE_ROWS, schema) == (4, 0)
+        assert client.head_changes == 1
+        second.stop()
+        with pytest.raises(KineticaUnavailableError, match="every head tried"):
+            client.has_table(HOSTILE_TABLE)
+        kinetica_server.start()
+        assert client.has_table(HOSTILE_TABLE)  # the first server kept its tables
+        assert client.current_head == kinetica_server.url
+
+
+@pytest.mark.parametrize("encoding", ["binary", "json"])
+def test_credentials(encoding: str, caplog) -> None:
+    from kinetica_server import KineticaTestServer
+
+    caplog.set_level(logging.DEBUG)
+    with KineticaTestServer(username=USER, password=PASSWORD) as server:
+        right = f"{quote(USER, safe='')}:{quote(PASSWORD, safe='')}@"
+        with KineticaClient(kinetica_uri(server, credentials=right), encoding=encoding) as client:
+            assert client.has_table("t") is False
+        wrong_password = PASSWORD[::-1]
+        wrong = f"{quote(USER, safe='')}:{quote(wrong_password, safe='')}@"
+        with KineticaClient(kinetica_uri(server, credentials=wrong), encoding=encoding) as client:
+            with pytest.raises(KineticaAuthError, match="credentials refused for kinetica://") as info:
+                client.has_table("t")
+            assert not is_transient(info.value)
+            for text in (str(info.value), repr(info.value), repr(client), caplog.text):
+                assert wrong_password not in text
+                assert quote(wrong_password, safe="") not in text
+                assert_no_password(text)
