@@ -113,7 +113,7 @@ def test_a_blocked_producer_is_released_by_close_or_abandon() -> None:
 
 
 def test_unknown_backend_names_the_supported_ones() -> None:
-    with pytest.raises(ValueError, match="unknown backend 'kafka'; supported backends: ibis, mongodb"):
+    with pytest.raises(ValueError, match="unknown backend 'kafka'; supported backends: ibis, kinetica, mongodb"):
         DatabaseListenerFactory("kafka")
     assert DatabaseListenerFactory("mongodb").listener_class.__name__ == "MongoChangeStreamListener"
 
@@ -122,7 +122,7 @@ def test_builtin_backends_are_registered_as_entry_points() -> None:
     from importlib.metadata import entry_points
 
     names = {ep.name for ep in entry_points(group="reactive.backends")}
-    assert {"ibis", "mongodb"} <= names
+    assert {"ibis", "kinetica", "mongodb"} <= names
     assert load_backend("ibis") is IbisBackend
 
 

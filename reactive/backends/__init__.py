@@ -27,6 +27,7 @@ ENTRY_POINT_GROUP = "reactive.backends"
 _BUILTIN = {
     "ibis": "reactive.backends.ibis:IbisBackend",
     "mongodb": "reactive.backends.mongodb:MongoBackend",
+    "kinetica": "reactive.backends.kinetica:KineticaBackend",
 }
 _registry: dict[str, str | type[DataBackend]] = dict(_BUILTIN)
 _lock = threading.Lock()

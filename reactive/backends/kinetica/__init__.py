@@ -1,1 +1,5 @@
-"""The Kinetica backend: storage over the REST API, changes through table monitors."""
+"""The Kinetica backend: REST reads and writes, changes through table monitors (ZMQ + Avro)."""
+
+from reactive.backends.kinetica.backend import KineticaBackend
+
+__all__ = ["KineticaBackend"]

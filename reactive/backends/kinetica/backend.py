@@ -1,0 +1,106 @@
+"""The Kinetica backend: REST for reads and writes, table monitors (ZMQ + Avro) for changes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Self
+
+from reactive.backends.base import DataBackend, ListenerHooks, TableInfo
+from reactive.backends.kinetica.client import KineticaAuthError, KineticaClient, KineticaURI, is_transient
+from reactive.backends.kinetica.listener import KineticaMonitorListener
+from reactive.backends.kinetica.stores import KineticaCheckpoints, KineticaErrors, KineticaOutputs, KineticaSource
+from reactive.backends.kinetica.tables import TableCatalog
+from reactive.errors import BackendError, ReactiveError
+from reactive.outputs import OutputTypes
+from reactive.queue import CDCQueue
+from reactive.rowformat import RowFormat
+
+
+class KineticaBackend(DataBackend):
+    """Kinetica: ``kinetica://[user:password@]host:9191[,host2:9191][?monitor_port=9002]``.
+
+    ``kinetica+https://`` talks HTTPS. Several comma-separated heads form an HA ring: a head
+    that stops answering is left for the next one. ``monitor_port`` is the server's table
+    monitor (ZMQ) port. Table names may be schema-qualified (``ki_home.docs``); a row's id
+    is the table's primary key.
+
+    Options of :func:`reactive.connect`: ``encoding`` (``"binary"``, the default, or
+    ``"json"``), ``inactivity_timeout`` (seconds without a monitor message after which a
+    table is checked for existence; default 60), ``reconcile_interval`` (seconds between
+    periodic reconciliations of every table; off by default), ``connect_timeout`` (seconds
+    ``db.cdc.start()`` waits for the first monitor message; default 10).
+    """
+
+    name = "kinetica"
+    schemes = ("kinetica", "kinetica+http", "kinetica+https")
+    listener_class = KineticaMonitorListener
+    monitors_need_ids = False
+
+    def __init__(self, client: KineticaClient, *, listener_options: dict[str, Any] | None = None) -> None:
+        self.client = client
+        self.catalog = TableCatalog(client)
+        self.checkpoints = KineticaCheckpoints(self.catalog)
+        self.output_types = OutputTypes(self.checkpoints)
+        self.source = KineticaSource(self.catalog, output_type=self.output_types.get)
+        self.outputs = KineticaOutputs(self.catalog, decoded=self.source.decoded)
+        self.errors = KineticaErrors(self.catalog)
+        self.listener_options = listener_options or {}
+
+    @classmethod
+    def from_uri(
+        cls,
+        uri: str,
+        *,
+        encoding: str = "binary",
+        inactivity_timeout: float = 60.0,
+        reconcile_interval: float | None = None,
+        connect_timeout: float = 10.0,
+    ) -> Self:
+        parsed = KineticaURI.parse(uri)
+        client = KineticaClient(parsed, encoding=encoding)  # type: ignore[arg-type]
+        try:
+            status = client.show_system_status()
+        except KineticaAuthError:
+            client.close()
+            raise
+        except ReactiveError as exc:
+            client.close()
+            raise BackendError(f"could not connect to {parsed.redacted!r}: {exc}") from None
+        if _system_status(status) != "running":
+            client.close()
+            raise BackendError(f"Kinetica at {parsed.redacted!r} is not running: {status.get('system')!r}")
+        options = {
+            "inactivity_timeout": inactivity_timeout,
+            "reconcile_interval": reconcile_interval,
+            "connect_timeout": connect_timeout,
+        }
+        return cls(client, listener_options=options)
+
+    @property
+    def uri(self) -> str:
+        return self.client.uri.redacted
+
+    def create_listener(self, queue: CDCQueue, hooks: ListenerHooks, **options: Any) -> KineticaMonitorListener:
+        options.pop("poll_interval", None)  # monitors push; nothing polls
+        return KineticaMonitorListener(
+            self.client, self.catalog, self.checkpoints, queue, hooks=hooks, **self.listener_options, **options
+        )
+
+    def row_format(self, table: TableInfo) -> RowFormat:
+        """The table's own type: INSERT_RAW gets the records exactly as the server publishes them."""
+        self.catalog.forget(table.name)
+        return RowFormat(json.loads(self.catalog.describe(table.name).type_schema), dict)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return is_transient(exc)
+
+
+def _system_status(status: dict[str, str]) -> str | None:
+    """``status_map["system"]["status"]`` (``"running"`` when the server is up)."""
+    try:
+        return json.loads(status["system"]).get("status")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None

@@ -1,0 +1,303 @@
+"""Reading Kinetica tables, and what ``reactive`` writes into Kinetica: outputs, errors, checkpoints.
+
+Outputs live in a table ``_outputs__<identifier>`` with ``_source`` (the source row id, the
+primary key, of the source id's type), ``_output`` and ``_fingerprint`` (long). How an output
+type is stored in ``_output``:
+
+=====================================  ================================================
+output type                            column
+=====================================  ================================================
+``string``, ``binary``                 ``string``, ``bytes``
+``int64``, ``int32``, ``int16``, ...   ``long`` or ``int`` (with ``int16``/``int8``)
+``float64``, ``float32``               ``double``, ``float``
+``boolean``                            ``int`` with the ``boolean`` property (0 or 1)
+``array<float32>``, other numeric      ``bytes``: the values packed little-endian in the
+arrays                                 array's own width (float32: 4 bytes each), as
+                                       Kinetica's vector columns store them
+``json``, ``array<string>``, others    ``string`` holding JSON text
+=====================================  ================================================
+
+Every value is decoded back when read, so chained listeners and ``db.outputs`` see the
+same values on every backend.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from reactive.backends.base import (
+    FINGERPRINT_FIELD,
+    OUTPUT_FIELD,
+    OUTPUTS_PREFIX,
+    SOURCE_FIELD,
+    ErrorRecord,
+    OutputRecord,
+    TableInfo,
+    outputs_table,
+)
+from reactive.backends.kinetica.client import equals_expression
+from reactive.backends.kinetica.tables import TableCatalog, id_type
+from reactive.errors import ConfigurationError, MissingIdColumnError
+from reactive.events import Row, id_key
+from reactive.fingerprints import plain_value
+
+ERRORS_TABLE = "_reactive_errors"
+CHECKPOINTS_TABLE = "_reactive_checkpoints"
+
+_SCALAR_COLUMNS = {
+    "string": "string",
+    "binary": "bytes",
+    "int64": "long",
+    "int32": "int",
+    "int16": "int",
+    "int8": "int",
+    "float64": "double",
+    "float32": "float",
+    "boolean": "int",
+}
+_PACKED = {"float32": "<f4", "float64": "<f8", "int64": "<i8", "int32": "<i4", "int16": "<i2", "int8": "<i1"}
+
+
+class OutputColumn:
+    """How one output type is stored in the ``_output`` column, and read back.
+
+    >>> column = OutputColumn("array<float32>")
+    >>> column.avro_type, column.decode(column.encode([0.5, 1.0]))
+    ('bytes', [0.5, 1.0])
+    >>> OutputColumn("json").encode({"label": "spam"})
+    '{"label": "spam"}'
+    """
+
+    def __init__(self, output_type: str) -> None:
+        self.output_type = output_type
+        self.properties: list[str] = []
+        self._encode: Callable[[Any], Any] = lambda value: value
+        self._decode: Callable[[Any], Any] = lambda value: value
+        inner = output_type[6:-1] if output_type.startswith("array<") else None
+        if output_type in _SCALAR_COLUMNS:
+            self.avro_type = _SCALAR_COLUMNS[output_type]
+            if output_type in ("int16", "int8", "boolean"):
+                self.properties.append(output_type)
+            if output_type == "boolean":
+                self._encode, self._decode = int, bool
+        elif inner in _PACKED:
+            dtype = np.dtype(_PACKED[inner])
+            self.avro_type = "bytes"
+            self._encode = lambda value: np.asarray(value, dtype=dtype).tobytes()
+            self._decode = lambda value: np.frombuffer(value, dtype=dtype).tolist()
+        else:
+            self.avro_type = "string"
+            self._encode = json.dumps
+            self._decode = json.loads
+
+    def encode(self, value: Any) -> Any:
+        return None if value is None else self._encode(value)
+
+    def decode(self, value: Any) -> Any:
+        return None if value is None else self._decode(value)
+
+
+class KineticaSource:
+    """The :class:`~reactive.backends.base.SourceReader` of Kinetica tables.
+
+    A row's id is the table's primary key (from ``/show/table``'s column properties).
+    ``output_type(identifier)`` says how a listener's outputs are stored, so that rows read
+    from an outputs table (a chained listener's source) come back decoded.
+    """
+
+    def __init__(self, catalog: TableCatalog, *, output_type: Callable[[str], str | None]) -> None:
+        self.catalog = catalog
+        self.output_type = output_type
+
+    def table_exists(self, table: str) -> bool:
+        return self.catalog.exists(table)
+
+    def describe(self, table: str, *, id_column: str | None = None) -> TableInfo:
+        self.catalog.forget(table)
+        description = self.catalog.describe(table)
+        columns = description.columns
+        if id_column is not None:
+            if id_column not in columns:
+                raise ConfigurationError(
+                    f"id_column {id_column!r} is not a column of {table!r} (columns: {', '.join(columns)})", table=table
+                )
+            return TableInfo(table, id_column, columns)
+        key = description.primary_key
+        if len(key) == 1:
+            return TableInfo(table, key[0], columns)
+        what = "has no primary key" if not key else f"has a composite primary key ({', '.join(key)})"
+        raise MissingIdColumnError(
+            f"table {table!r} {what}: pass the column that identifies a row, "
+            f"e.g. Listener(..., select={table!r}, id_column={columns[0]!r}); columns: {', '.join(columns)}",
+            table=table,
+        )
+
+    def count(self, table: TableInfo) -> int:
+        self.catalog.forget(table.name)
+        return self.catalog.describe(table.name).size
+
+    def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
+        rows = self.decoded(table.name, list(self.catalog.records_by_ids(table.name, table.id_column, list(ids))))
+        return {id_key(row[table.id_column]): row for row in rows}
+
+    def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
+        return {id_key(r[table.id_column]) for r in self.catalog.records_by_ids(table.name, table.id_column, list(ids))}
+
+    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
+        if not self.catalog.exists(table.name):
+            return
+        for page in self.catalog.pages(table.name, table.id_column, page_size):
+            yield self.decoded(table.name, page)
+
+    def decoded(self, table: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Rows as components see them: stored outputs come back as the values they were."""
+        if table.startswith(OUTPUTS_PREFIX) and rows and OUTPUT_FIELD in rows[0]:
+            logical = self.output_type(table[len(OUTPUTS_PREFIX) :])
+            if logical is not None:
+                column = OutputColumn(logical)
+                for row in rows:
+                    row[OUTPUT_FIELD] = column.decode(row[OUTPUT_FIELD])
+        return rows
+
+
+class KineticaOutputs:
+    """The :class:`~reactive.backends.base.OutputStore`: one table per listener, keyed by ``_source``."""
+
+    def __init__(self, catalog: TableCatalog, *, decoded: Callable[[str, list[Row]], list[Row]]) -> None:
+        self.catalog = catalog
+        self.decoded = decoded
+
+    def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
+        name = outputs_table(identifier)
+        if source.name == name:
+            raise ConfigurationError(f"listener {identifier!r} cannot read its own outputs", listener=identifier)
+        source_type = id_type(self.catalog.describe(source.name), source.id_column)
+        column = OutputColumn(output_type)
+        self.catalog.create(
+            name,
+            [
+                (SOURCE_FIELD, source_type, False),
+                (OUTPUT_FIELD, column.avro_type, True),
+                (FINGERPRINT_FIELD, "long", False),
+            ],
+            {SOURCE_FIELD: ["primary_key"], OUTPUT_FIELD: [*column.properties, "nullable"]},
+        )
+
+    def store_outputs(
+        self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
+    ) -> None:
+        column = OutputColumn(output_type)
+        records = [
+            {SOURCE_FIELD: record.source, OUTPUT_FIELD: column.encode(value), FINGERPRINT_FIELD: record.fingerprint}
+            for _, record, value in kept
+        ]
+        name = outputs_table(identifier)
+        self.catalog.client.insert_records(name, records, self.catalog.codec(name), update_on_existing_pk=True)
+
+    def delete_outputs(self, identifier: str, ids: Sequence[Any]) -> None:
+        name = outputs_table(identifier)
+        if ids and self.catalog.exists(name):
+            self.catalog.delete_by_ids(name, SOURCE_FIELD, list(ids))
+
+    def output_fingerprints(self, identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
+        name = outputs_table(identifier)
+        if not ids or not self.catalog.exists(name):
+            return {}
+        records = self.catalog.records_by_ids(name, SOURCE_FIELD, list(ids))
+        return {id_key(r[SOURCE_FIELD]): r[FINGERPRINT_FIELD] for r in records}
+
+    def scan_output_ids(self, identifier: str, *, page_size: int) -> Iterator[list[Any]]:
+        name = outputs_table(identifier)
+        if not self.catalog.exists(name):
+            return
+        for page in self.catalog.pages(name, SOURCE_FIELD, page_size):
+            yield [r[SOURCE_FIELD] for r in page]
+
+    def read_outputs(self, identifier: str) -> list[dict[str, Any]]:
+        name = outputs_table(identifier)
+        if not self.catalog.exists(name):
+            return []
+        rows = [row for page in self.catalog.pages(name, SOURCE_FIELD, 10_000) for row in page]
+        return [{SOURCE_FIELD: r[SOURCE_FIELD], OUTPUT_FIELD: r[OUTPUT_FIELD]} for r in self.decoded(name, rows)]
+
+    def drop_outputs(self, identifier: str) -> None:
+        self.catalog.drop(outputs_table(identifier))
+
+
+def _epoch_ms(moment: _dt.datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+class KineticaErrors:
+    """The :class:`~reactive.backends.base.ErrorStore`: ``_reactive_errors`` (``at`` in epoch ms)."""
+
+    COLUMNS = (("listener", "string", False), ("table", "string", False), ("source", "string", False))
+
+    def __init__(self, catalog: TableCatalog) -> None:
+        self.catalog = catalog
+
+    def _table(self) -> Any:
+        columns = [*self.COLUMNS, ("error", "string", False), ("at", "long", False)]
+        return self.catalog.create(ERRORS_TABLE, columns, {"at": ["timestamp"]})
+
+    def record_errors(self, records: Sequence[ErrorRecord]) -> None:
+        if not records:
+            return
+        self._table()
+        rows = [
+            {
+                "listener": r.listener,
+                "table": r.table,
+                "source": json.dumps(r.source, default=plain_value),
+                "error": r.error,
+                "at": _epoch_ms(r.at),
+            }
+            for r in records
+        ]
+        self.catalog.client.insert_records(ERRORS_TABLE, rows, self.catalog.codec(ERRORS_TABLE))
+
+    def read_errors(self, listener: str | None = None) -> list[dict[str, Any]]:
+        if not self.catalog.exists(ERRORS_TABLE):
+            return []
+        expression = "" if listener is None else equals_expression("listener", listener)
+        rows = list(self.catalog.all_records(ERRORS_TABLE, expression=expression, sort_by="at"))
+        for row in rows:
+            row["source"] = json.loads(row["source"])
+            row["at"] = _dt.datetime.fromtimestamp(row["at"] / 1000, _dt.UTC)
+        return rows
+
+
+class KineticaCheckpoints:
+    """The :class:`~reactive.backends.base.CheckpointStore`: ``_reactive_checkpoints`` (JSON values)."""
+
+    def __init__(self, catalog: TableCatalog) -> None:
+        self.catalog = catalog
+
+    def _table(self) -> Any:
+        columns = [("name", "string", False), ("value", "string", False), ("updated_at", "long", False)]
+        return self.catalog.create(CHECKPOINTS_TABLE, columns, {"name": ["primary_key"], "updated_at": ["timestamp"]})
+
+    def load_checkpoint(self, name: str) -> dict[str, Any] | None:
+        if not self.catalog.exists(CHECKPOINTS_TABLE):
+            return None
+        found = list(self.catalog.records_by_ids(CHECKPOINTS_TABLE, "name", [name]))
+        return json.loads(found[0]["value"]) if found else None
+
+    def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None:
+        self._table()
+        record = {
+            "name": name,
+            "value": json.dumps(dict(value), default=plain_value),
+            "updated_at": _epoch_ms(_dt.datetime.now(_dt.UTC)),
+        }
+        codec = self.catalog.codec(CHECKPOINTS_TABLE)
+        self.catalog.client.insert_records(CHECKPOINTS_TABLE, [record], codec, update_on_existing_pk=True)
+
+    def delete_checkpoint(self, name: str) -> None:
+        if self.catalog.exists(CHECKPOINTS_TABLE):
+            self.catalog.delete_by_ids(CHECKPOINTS_TABLE, "name", [name])

@@ -1,0 +1,139 @@
+"""What the Kinetica backend knows about tables: descriptions and record codecs, cached."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from reactive.backends.kinetica.client import (
+    KineticaClient,
+    KineticaError,
+    RecordCodec,
+    TableDescription,
+    in_expression,
+    quote_identifier,
+    quote_literal,
+    record_type_schema,
+)
+from reactive.errors import TableNotFoundError
+
+#: Ids per ``in (...)`` expression.
+ID_CHUNK = 1_000
+
+
+def id_type(description: TableDescription, column: str) -> str:
+    """The Avro type of ``column`` in a table's type schema (nullability dropped).
+
+    >>> d = TableDescription("t", "1", '{"type":"record","name":"t","fields":[{"name":"id","type":["long","null"]}]}',
+    ...                      ("id",), {}, (), 0)
+    >>> id_type(d, "id")
+    'long'
+    """
+    for field in json.loads(description.type_schema)["fields"]:
+        if field["name"] == column:
+            kind = field["type"]
+            return next(t for t in kind if t != "null") if isinstance(kind, list) else kind
+    raise KeyError(column)
+
+
+class TableCatalog:
+    """Descriptions (``/show/table``) and codecs of the tables this backend touches.
+
+    A description is cached until :meth:`forget` (a table that changed shape, or was
+    dropped); tables ``reactive`` creates are created once per process.
+    """
+
+    def __init__(self, client: KineticaClient) -> None:
+        self.client = client
+        self._descriptions: dict[str, TableDescription] = {}
+        self._lock = threading.Lock()
+
+    def describe(self, table: str) -> TableDescription:
+        """The table's description; :class:`TableNotFoundError` when it does not exist."""
+        with self._lock:
+            cached = self._descriptions.get(table)
+        if cached is not None:
+            return cached
+        if not self.client.has_table(table):
+            raise TableNotFoundError(f"table {table!r} does not exist in {self.client.uri.redacted}", table=table)
+        try:
+            description = self.client.show_table(table)
+        except KineticaError as exc:
+            if not self.client.has_table(table):
+                raise TableNotFoundError(f"table {table!r} does not exist in {self.client.uri.redacted}") from exc
+            raise
+        with self._lock:
+            self._descriptions[table] = description
+        return description
+
+    def codec(self, table: str) -> RecordCodec:
+        return RecordCodec.for_schema(self.describe(table).type_schema)
+
+    def forget(self, table: str) -> None:
+        with self._lock:
+            self._descriptions.pop(table, None)
+
+    def exists(self, table: str) -> bool:
+        with self._lock:
+            if table in self._descriptions:
+                return True
+        return self.client.has_table(table)
+
+    def create(
+        self,
+        table: str,
+        columns: Sequence[tuple[str, str, bool]],
+        properties: Mapping[str, Sequence[str]],
+    ) -> TableDescription:
+        """Create ``table`` with ``columns`` ``(name, avro type, nullable)`` unless it exists."""
+        if not self.exists(table):
+            type_id = self.client.create_type(record_type_schema(table, columns), table, properties)
+            self.client.create_table(table, type_id, {"no_error_if_exists": True})
+        return self.describe(table)
+
+    def drop(self, table: str) -> None:
+        self.client.clear_table(table)
+        self.forget(table)
+
+    def all_records(self, table: str, *, expression: str = "", sort_by: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every record matching ``expression``, however many pages the server answers in."""
+        codec = self.codec(table)
+        offset = 0
+        while True:
+            page = self.client.get_records(table, codec, expression=expression, offset=offset, sort_by=sort_by)
+            yield from page.records
+            if not page.has_more_records or not page.records:
+                return
+            offset += len(page.records)
+
+    def records_by_ids(self, table: str, column: str, ids: Sequence[Any]) -> Iterator[dict[str, Any]]:
+        """The records whose ``column`` is one of ``ids`` (one request per chunk of ids)."""
+        for start in range(0, len(ids), ID_CHUNK):
+            yield from self.all_records(table, expression=in_expression(column, ids[start : start + ID_CHUNK]))
+
+    def pages(self, table: str, key: str, page_size: int, *, expression: str = "") -> Iterator[list[dict[str, Any]]]:
+        """Every record in pages ordered by ``key``: keyset pagination (``key > last``).
+
+        Keyset pages stay right while other clients insert and delete (an offset would skip
+        or repeat rows); the key must be unique, as a primary key is.
+        """
+        codec = self.codec(table)
+        last: Any = None
+        while True:
+            conditions = [f"({expression})"] if expression else []
+            if last is not None:
+                conditions.append(f"{quote_identifier(key)} > {quote_literal(last)}")
+            page = self.client.get_records(
+                table, codec, expression=" and ".join(conditions), limit=page_size, sort_by=key
+            ).records
+            if page:
+                yield page
+            if len(page) < page_size:
+                return
+            last = page[-1][key]
+
+    def delete_by_ids(self, table: str, column: str, ids: Sequence[Any]) -> None:
+        for start in range(0, len(ids), ID_CHUNK):
+            self.client.delete_records(table, [in_expression(column, ids[start : start + ID_CHUNK])])
