@@ -16,6 +16,7 @@ from reactive.errors import (
     TableNotFoundError,
 )
 from reactive.events import ChangePacket, DBEvent
+from reactive.monitor import TableMonitor
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "MissingIdColumnError",
     "ModelOutputError",
     "ReactiveError",
+    "TableMonitor",
     "TableNotFoundError",
     "__version__",
     "connect",

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from reactive.backends import load_backend
 from reactive.backends.base import BaseDatabaseListener, ListenerHooks, TableInfo
+from reactive.errors import BackendError
 from reactive.handler import CDCHandler, ComponentStats, HandlerTotals
 from reactive.queue import CDCQueue
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from reactive.backends.base import DataBackend
     from reactive.components.base import Component
     from reactive.datalayer import Datalayer
+    from reactive.monitor import MonitorSink
     from reactive.reconcile import OnProcessed
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ class DatabaseListenerFactory:
     >>> DatabaseListenerFactory("oracle")
     Traceback (most recent call last):
     ...
-    reactive.errors.ConfigurationError: unknown backend 'oracle'; supported backends: ibis, mongodb
+    reactive.errors.ConfigurationError: unknown backend 'oracle'; supported backends: ibis, kinetica, mongodb
     """
 
     def __init__(self, db_type: str) -> None:
@@ -155,6 +157,29 @@ class DatabaseChangeDataCapture:
             listener.watch(table)
             return listener
 
+    def monitor(self, table: TableInfo, sink: MonitorSink) -> None:
+        """Deliver ``table``'s changes to ``sink`` (a table monitor) as the source reports them.
+
+        Starts change data capture when it is not running; returns once the source follows
+        the table for the sink (see :meth:`BaseDatabaseListener.subscribe`).
+        """
+        self.start()
+        listener = self._listener
+        if listener is None:
+            raise BackendError("change data capture stopped while a table monitor was starting")
+        listener.subscribe(table, sink)
+
+    def unmonitor(self, table: TableInfo, sink: MonitorSink) -> None:
+        """Stop delivering to ``sink``; a table no component or monitor needs is let go."""
+        listener = self._listener
+        if listener is None:
+            return
+        listener.unsubscribe(table.name, sink)
+        with self._lock:
+            needed = table.name in self._watched or listener.monitors(table.name)
+        if not needed:
+            listener.unwatch(table.name)
+
     def unlisten(self, table: str) -> None:
         with self._lock:
             self._watched.pop(table, None)
@@ -191,6 +216,8 @@ class DatabaseChangeDataCapture:
                 listener.stop()
                 listener.join(timeout)
             self._last_source_info = listener.info()
+            for sink in listener.all_monitors():
+                sink.closed()
         if handler is not None:
             handler.stop()
             handler.join(timeout)

@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
+from reactive.errors import ConfigurationError
 from reactive.events import ChangePacket, Row, SourceChange
 from reactive.threads import ReactiveThread
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from reactive.monitor import MonitorSink
     from reactive.outputs import OutputTypes
     from reactive.queue import CDCQueue
+    from reactive.rowformat import RowFormat
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +192,9 @@ class DataBackend(ABC):
     schemes: ClassVar[tuple[str, ...]]
     #: The change listener class this backend's changes come from.
     listener_class: ClassVar[type[BaseDatabaseListener]]
+    #: Whether a table monitor needs the table's row ids (polling and streams report rows by
+    #: id; Kinetica's monitors publish records and counts, so a table without a key works).
+    monitors_need_ids: ClassVar[bool] = True
 
     source: SourceReader
     outputs: OutputStore
@@ -219,6 +224,10 @@ class DataBackend(ABC):
     def is_transient(self, exc: BaseException) -> bool:
         """Whether ``exc`` means the database is unreachable for now (retry), not bad data."""
         return False
+
+    def row_format(self, table: TableInfo) -> RowFormat:
+        """The Avro record a row of ``table`` is written in for ``INSERT_RAW`` monitor callbacks."""
+        raise ConfigurationError(f"the {self.name} backend offers no table monitors")
 
 
 class BaseDatabaseListener(ReactiveThread):
@@ -298,6 +307,10 @@ class BaseDatabaseListener(ReactiveThread):
         """The sinks subscribed to ``table`` (a copy)."""
         with self._lock:
             return list(self._monitors.get(table, ()))
+
+    def all_monitors(self) -> list[MonitorSink]:
+        with self._lock:
+            return [sink for sinks in self._monitors.values() for sink in sinks]
 
     #: What the database calls a table, in log lines.
     table_noun: ClassVar[str] = "table"

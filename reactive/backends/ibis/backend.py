@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl, unquote
 
 import ibis
 
-from reactive.backends.base import DataBackend, ListenerHooks
+from reactive.backends.base import DataBackend, ListenerHooks, TableInfo
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import prepare_sqlite
 from reactive.backends.ibis.listener import IbisPollingListener
@@ -18,6 +18,7 @@ from reactive.backends.ibis.stores import IbisCheckpoints, IbisErrors, IbisOutpu
 from reactive.errors import BackendError, ConfigurationError, ReactiveError
 from reactive.outputs import OutputTypes
 from reactive.queue import CDCQueue
+from reactive.rowformat import RowFormat
 from reactive.uri import file_path, redact, split
 
 
@@ -83,6 +84,9 @@ class IbisBackend(DataBackend):
 
     def create_listener(self, queue: CDCQueue, hooks: ListenerHooks, **options: Any) -> IbisPollingListener:
         return IbisPollingListener(self.snapshots, queue, hooks=hooks, is_transient=self.is_transient, **options)
+
+    def row_format(self, table: TableInfo) -> RowFormat:
+        return self.source.row_format(table)
 
     def close(self) -> None:
         self.conn.close()

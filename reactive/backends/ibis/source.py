@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
+import ibis.expr.datatypes as dt
+
 from reactive.backends.base import OUTPUT_FIELD, OUTPUTS_PREFIX, TableInfo
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import decode_for
 from reactive.errors import ConfigurationError, MissingIdColumnError, TableNotFoundError
 from reactive.events import Row, id_key
+from reactive.rowformat import RowFormat, as_json_text
 
 
 class IbisSource:
@@ -81,6 +84,11 @@ class IbisSource:
         for page in self.conn.pages(statements, table.id_column, page_size):
             yield self.decoded(table.name, page)
 
+    def row_format(self, table: TableInfo) -> RowFormat:
+        """The Avro record ``INSERT_RAW`` monitor callbacks get for a row (see :mod:`reactive.rowformat`)."""
+        schema = self.conn.table(table.name).schema()
+        return RowFormat.of_fields(table.name, [(column, *_avro_of(dtype)) for column, dtype in schema.items()])
+
     def decoded(self, table: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Rows as components see them: outputs stored as JSON text come back decoded."""
         if table.startswith(OUTPUTS_PREFIX) and rows and OUTPUT_FIELD in rows[0]:
@@ -89,3 +97,29 @@ class IbisSource:
                 for row in rows:
                     row[OUTPUT_FIELD] = decode_for(self.conn.dialect, logical, row[OUTPUT_FIELD])
         return rows
+
+
+def _avro_of(dtype: dt.DataType) -> tuple[Any, Any]:
+    """The Avro type of a column of ``dtype``, and how a value becomes one (None: as it is)."""
+    if dtype.is_array():
+        inner, convert = _avro_of(dtype.value_type)
+        if isinstance(inner, str) and convert is None:
+            return {"type": "array", "items": [inner, "null"]}, None
+        return "string", as_json_text
+    if dtype.is_boolean():
+        return "boolean", None
+    if dtype.is_integer():
+        if dtype.is_unsigned_integer() and dtype.nbytes >= 8:
+            return "string", str
+        return ("int" if dtype.nbytes < 4 or (dtype.nbytes == 4 and dtype.is_signed_integer()) else "long"), int
+    if dtype.is_floating():
+        return ("float" if dtype.nbytes == 4 else "double"), float
+    if dtype.is_string():
+        return "string", str
+    if dtype.is_binary():
+        return "bytes", bytes
+    if dtype.is_timestamp():
+        return {"type": "long", "logicalType": "timestamp-micros"}, None
+    if dtype.is_date():
+        return {"type": "int", "logicalType": "date"}, None
+    return "string", as_json_text

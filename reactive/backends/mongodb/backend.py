@@ -31,6 +31,7 @@ from reactive.errors import BackendError, ConfigurationError, TableNotFoundError
 from reactive.events import Row, id_key
 from reactive.outputs import OutputTypes
 from reactive.queue import CDCQueue
+from reactive.rowformat import RowFormat, mongo_format
 from reactive.uri import redact
 
 ERRORS_COLLECTION = "_reactive_errors"
@@ -265,6 +266,9 @@ class MongoBackend(DataBackend):
 
     def create_listener(self, queue: CDCQueue, hooks: ListenerHooks, **options: Any) -> MongoChangeStreamListener:
         return MongoChangeStreamListener(self.db, self.checkpoints, queue, uri=self._uri, hooks=hooks, **options)
+
+    def row_format(self, table: TableInfo) -> RowFormat:
+        return mongo_format()
 
     def close(self) -> None:
         self.client.close()
