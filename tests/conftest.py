@@ -21,6 +21,7 @@ import pytest
 import reactive
 from reactive.threads import reactive_threads
 
+pytest_plugins = ["kinetica_fixtures"]
 PG_ADMIN = os.environ.get("REACTIVE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
