@@ -70,6 +70,7 @@ forgets the server-side monitors, like a restarted Kinetica.
 from __future__ import annotations
 
 import base64
+import bisect
 import contextlib
 import hashlib
 import io
@@ -601,6 +602,12 @@ class Table:
     def matching(self, predicate: Callable[[dict[str, Any]], bool]) -> list[int]:
         return [row_id for row_id, row in self.rows.items() if predicate(row)]
 
+    @cached_property
+    def sorted_keys(self) -> list[Any]:
+        """The single-column primary key's values, sorted (a write makes a new Table, so this
+        is built at most once per version of the table)."""
+        return sorted(key[0] for key in self.index)
+
 
 # -- expressions ---------------------------------------------------------------------------------
 class _Token(NamedTuple):
@@ -713,6 +720,24 @@ class _Parser:
     def finish(self) -> None:
         if self.peek().kind != "end":
             self.fail(self.peek(), "expected end of expression")
+
+    # primary-key access, as a real server's index serves it
+    def key_access(self) -> tuple[str, list[Any]] | None:
+        """``("in", values)`` for ``pk = v`` / ``pk in (...)``, ``(">", [v])`` for ``pk > v``, else None."""
+        key = self.type.primary_key
+        first = self.peek()
+        if len(key) != 1 or first.kind != "ident" or first.value != key[0]:
+            return None
+        column = self.column(self.take())
+        if self.accept("keyword", "in"):
+            plan = ("in", self.literal_list(column))
+        elif self.accept("op", "=") or self.accept("op", "=="):
+            plan = ("in", [self.literal(column)])
+        elif self.accept("op", ">"):
+            plan = (">", [self.literal(column)])
+        else:
+            return None
+        return plan if self.peek().kind == "end" else None
 
     # filters
     def disjunction(self) -> Predicate:
@@ -1381,16 +1406,16 @@ class KineticaTestServer:
             raise KineticaError(f"unsupported encoding {req['encoding']!r}")
         if offset < 0 or (limit < 0 and limit != END_OF_SET):
             raise KineticaError(f"invalid offset {offset} or limit {limit}")
-        match = compile_filter(options.get("expression", ""), table.type)
-        rows = [row for row in table.rows.values() if match(row)]
+        if limit == END_OF_SET or limit > self.max_get_records:
+            limit = self.max_get_records
+        keyed = self._key_rows(table, options, offset + limit)
+        rows, total = keyed if keyed is not None else self._filtered_rows(table, options)
         if sort_by := options.get("sort_by", ""):
             name = table.type.column(sort_by).name
             order = options.get("sort_order", "ascending").lower()
             if order not in ("ascending", "descending"):
                 raise KineticaError(f"sort_order must be ascending or descending, not {order!r}")
             rows.sort(key=lambda r: (r[name] is not None, r[name]), reverse=order == "descending")
-        if limit == END_OF_SET or limit > self.max_get_records:
-            limit = self.max_get_records
         page = rows[offset : offset + limit]
         return {
             "table_name": req["table_name"],
@@ -1398,10 +1423,42 @@ class KineticaTestServer:
             "type_schema": table.type.schema_json,
             "records_binary": [table.type.encode(r) for r in page] if encoding == "binary" else [],
             "records_json": [table.type.to_json(r) for r in page] if encoding == "json" else [],
-            "total_number_of_records": len(rows),
-            "has_more_records": offset + len(page) < len(rows),
+            "total_number_of_records": total,
+            "has_more_records": offset + len(page) < total,
             "info": {},
         }
+
+    @staticmethod
+    def _filtered_rows(table: Table, options: dict[str, str]) -> tuple[list[Row], int]:
+        match = compile_filter(options.get("expression", ""), table.type)
+        rows = [row for row in table.rows.values() if match(row)]
+        return rows, len(rows)
+
+    @staticmethod
+    def _key_rows(table: Table, options: dict[str, str], needed: int) -> tuple[list[Row], int] | None:
+        """Rows found through the primary-key index (a real server does not scan for these), and
+        how many match; None when the expression is not a key lookup: ``pk in (...)``,
+        ``pk = v``, or ``pk > v`` sorted by ``pk`` (keyset paging: only the first ``needed``
+        rows are built)."""
+        text = options.get("expression", "")
+        try:
+            plan = _Parser(text, table.type).key_access() if text.strip() else (">", [])
+        except KineticaError:
+            return None
+        if plan is None:
+            return None
+        kind, values = plan
+        if kind == "in":
+            found = sorted({table.index[(v,)] for v in values if (v,) in table.index})
+            return [table.rows[row_id] for row_id in found], len(found)
+        key = table.type.primary_key[0] if table.type.primary_key else None
+        if key is None or options.get("sort_by") != key or options.get("sort_order", "ascending").lower() != "ascending":
+            return None
+        if len(table.type.primary_key) != 1:
+            return None
+        keys = table.sorted_keys
+        start = bisect.bisect_right(keys, values[0]) if values else 0
+        return [table.rows[table.index[(k,)]] for k in keys[start : start + needed]], len(keys) - start
 
     def _setters(self, table_type: TableType, values: dict[str, str | None], as_expressions: bool) -> dict[str, Value]:
         setters: dict[str, Value] = {}
