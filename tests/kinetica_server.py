@@ -1451,10 +1451,8 @@ class KineticaTestServer:
         if kind == "in":
             found = sorted({table.index[(v,)] for v in values if (v,) in table.index})
             return [table.rows[row_id] for row_id in found], len(found)
-        key = table.type.primary_key[0] if table.type.primary_key else None
-        if key is None or options.get("sort_by") != key or options.get("sort_order", "ascending").lower() != "ascending":
-            return None
-        if len(table.type.primary_key) != 1:
+        ascending = options.get("sort_order", "ascending").lower() == "ascending"
+        if table.type.primary_key != (options.get("sort_by"),) or not ascending:
             return None
         keys = table.sorted_keys
         start = bisect.bisect_right(keys, values[0]) if values else 0
