@@ -1604,3 +1604,27 @@ class KineticaTestServer:
         if self._monitors.pop(topic_id, None) is None:
             raise KineticaError(f"Table monitor '{topic_id}' does not exist")
         return {"topic_id": topic_id, "info": {}}
+
+
+def main() -> None:
+    """Run a server as its own process (the benchmarks do, so server and clients do not share a GIL).
+
+    Prints one JSON line ``{"url": ..., "zmq_port": ...}`` once it is listening, and stops when
+    its standard input closes.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--http-port", type=int, default=0)
+    parser.add_argument("--zmq-port", type=int, default=0)
+    args = parser.parse_args()
+    server = KineticaTestServer(http_port=args.http_port, zmq_port=args.zmq_port).start()
+    try:
+        print(json.dumps({"url": server.url, "zmq_port": server.zmq_port}), flush=True)
+        sys.stdin.read()
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
