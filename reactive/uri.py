@@ -8,18 +8,32 @@ from __future__ import annotations
 import re
 from urllib.parse import SplitResult, unquote, urlsplit
 
-_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:@/]*):(?P<pw>[^@/]*)@")
+_SECRET_QUERY_VALUE = re.compile(r"(?i)([?&][^=&#]*(?:pass|pwd|secret|token)[^=&#]*=)[^&#]*")
 
 
 def redact(uri: str) -> str:
-    """Return ``uri`` with any password replaced by ``***``.
+    """Return ``uri`` with any password (and password-like query value) replaced by ``***``.
+
+    A password that was not percent-encoded (a raw ``/``, ``@``, ``?`` or ``#``) is hidden too:
+    a URI that fails to parse is exactly the one an error shows, so everything up to the last
+    ``@`` counts as credentials.
 
     >>> redact("postgres://alice:s3cret@db:5432/app")
     'postgres://alice:***@db:5432/app'
     >>> redact("duckdb:///app.duckdb")
     'duckdb:///app.duckdb'
+    >>> redact("kinetica://alice:raw/pass@word@host:9191,h2:9191")
+    'kinetica://alice:***@host:9191,h2:9191'
+    >>> redact("postgres://bob@db/app?password=hunter2&sslmode=require")
+    'postgres://bob@db/app?password=***&sslmode=require'
     """
-    return _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", uri, count=1)
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        scheme, rest = "", uri
+    userinfo, at, hosts = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.partition(':')[0]}:***@{hosts}"
+    return _SECRET_QUERY_VALUE.sub(r"\1***", f"{scheme}{sep}{rest}")
 
 
 def scheme_of(uri: str) -> str:

@@ -43,7 +43,6 @@ from reactive.backends.kinetica.client import (
     record_type_schema,
 )
 from reactive.errors import BackendError, ConfigurationError
-from reactive.uri import redact as shared_redact
 
 PASSWORD = "p/ss@wörd:ü?#x"
 USER = "ál ice"
@@ -133,22 +132,13 @@ def test_password_like_query_values_are_hidden() -> None:
 
 
 @pytest.mark.parametrize(
-    "uri",
-    [
-        SECRET_URI,
-        f"kinetica://u:{quote(PASSWORD, safe='')}@h1:9191,h2:9191?monitor_port=9002",
-        "kinetica+https://u:pw%3Aword@db:8082/gpudb-0",
-        "kinetica://db:9191",
-    ],
+    "raw",
+    ["kinetica://u:se/cr@et@host:9191", "kinetica://u:p@ss@host:9191,h2:9191", "kinetica://u:a?b#c@host:9191"],
 )
-def test_local_redaction_agrees_with_the_shared_one_on_valid_uris(uri: str) -> None:
-    assert kc.redact(uri) == shared_redact(uri)
-
-
-def test_local_redaction_hides_raw_passwords_the_shared_one_leaks() -> None:
-    raw = "kinetica://u:se/cr@et@host:9191"
-    assert "et@host" in shared_redact(raw) or "se/cr" in shared_redact(raw)
-    assert kc.redact(raw) == "kinetica://u:***@host:9191"
+def test_redaction_hides_a_password_that_was_not_percent_encoded(raw: str) -> None:
+    shown = kc.redact(raw)
+    assert shown.startswith("kinetica://u:***@host:9191")
+    assert not any(part in shown for part in ("se/cr", "p@ss", "a?b"))
 
 
 # -- expressions -----------------------------------------------------------------------------

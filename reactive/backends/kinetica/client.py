@@ -44,6 +44,7 @@ import requests
 from fastavro import schemaless_reader, schemaless_writer
 
 from reactive.errors import BackendError, ConfigurationError
+from reactive.uri import redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -133,30 +134,6 @@ def is_transient(exc: BaseException) -> bool:
 
 _SCHEMES = {"kinetica": "http", "kinetica+http": "http", "kinetica+https": "https"}
 _HOSTNAME = re.compile(r"[\w.\-]+|[0-9a-f:.]+")
-_SECRET_QUERY_VALUE = re.compile(r"(?i)([?&][^=&#]*(?:pass|pwd|secret|token)[^=&#]*=)[^&#]*")
-
-
-def redact(uri: str) -> str:
-    """``uri`` with its password (and any password-like query value) replaced by ``***``.
-
-    Unlike :func:`reactive.uri.redact` it also hides a password that was not percent-encoded
-    (``/``, ``@``, ``?`` or ``#`` in it), because a URI that fails to parse is exactly the one
-    shown in an error. Everything up to the last ``@`` counts as credentials.
-
-    >>> redact("kinetica://alice:s%2Fcr%40t@h1:9191,h2:9191?monitor_port=9002")
-    'kinetica://alice:***@h1:9191,h2:9191?monitor_port=9002'
-    >>> redact("kinetica://alice:raw/pass@word@host:9191")
-    'kinetica://alice:***@host:9191'
-    >>> redact("kinetica://host:9191?password=x")
-    'kinetica://host:9191?password=***'
-    """
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        scheme, rest = "", uri
-    userinfo, at, hosts = rest.rpartition("@")
-    if at and ":" in userinfo:
-        rest = f"{userinfo.partition(':')[0]}:***@{hosts}"
-    return _SECRET_QUERY_VALUE.sub(r"\1***", f"{scheme}{sep}{rest}")
 
 
 @dc.dataclass(frozen=True, slots=True)
