@@ -558,6 +558,7 @@ class KineticaMonitorListener(BaseDatabaseListener):
             raise
         with self._changed:
             self._reconcile_done = max(self._reconcile_done, requested)
+            self.failing = None  # now, before sync() wakes: it would take the failure just overcome for a current one
             self._changed.notify_all()
 
     def check_inactivity(self) -> None:
@@ -601,15 +602,21 @@ class KineticaMonitorListener(BaseDatabaseListener):
             return
         self._reconnected = False
         self._head_changes = self.client.head_changes
-        self.recoveries += 1
         log.warning("re-creating Kinetica table monitors on %s and reconciling every table", self.client.current_head)
+        # Requested before a mark can arrive on the new topics: a barrier passed after the
+        # swap then waits for this reconciliation, which catches what no monitor published.
+        self._mark_dirty(list(self.tables))
         with self._lock:
             old = list(self._routes.values())
-        fresh = []
-        for route in old:
-            created = self._create_routes(route.table, (route.event,), route.sink)
-            fresh.extend(created)
-        address = self.client.monitor_address()
+        fresh: list[Route] = []
+        try:
+            for route in old:
+                fresh.extend(self._create_routes(route.table, (route.event,), route.sink))
+            address = self.client.monitor_address()
+        except BaseException:
+            self._clear_server_side([r.topic for r in fresh])
+            self._reconnected = True  # the next round tries again
+            raise
 
         def swap() -> None:
             with self._lock:
@@ -631,7 +638,7 @@ class KineticaMonitorListener(BaseDatabaseListener):
         self._clear_server_side([r.topic for r in old])
         self._record_monitors()
         self._last_reconcile_all = time.monotonic()
-        self._mark_dirty(list(self.tables))
+        self.recoveries += 1
 
     # -- the barrier ----------------------------------------------------------------------
     def _barrier(self, timeout: float | None) -> bool:

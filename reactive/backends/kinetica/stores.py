@@ -166,7 +166,13 @@ class KineticaSource:
 
 
 class KineticaOutputs:
-    """The :class:`~reactive.backends.base.OutputStore`: one table per listener, keyed by ``_source``."""
+    """The :class:`~reactive.backends.base.OutputStore`: one table per listener, keyed by ``_source``.
+
+    A write the server answers with ERROR raises (it may be permanent, so it is not retried):
+    the handler records that batch's rows in ``_reactive_errors``, and they stay without an
+    output until the next reconciliation of their table (an update or delete count, a restart,
+    ``reconcile_interval``) computes them again. An unreachable server is retried instead.
+    """
 
     def __init__(self, catalog: TableCatalog, *, decoded: Callable[[str, list[Row]], list[Row]]) -> None:
         self.catalog = catalog
