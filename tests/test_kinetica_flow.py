@@ -1,0 +1,642 @@
+"""The listener flow on Kinetica, with every write made by a foreign client: the official ``gpudb``.
+
+``reactive`` runs against tests/kinetica_server.py (REST + ZMQ table monitors); the rows are
+inserted, updated and deleted with ``GPUdb`` / ``GPUdbTable`` as another application would.
+Processing is awaited with ``db.cdc.wait_idle`` (a barrier through the server) or an Event,
+never with a sleep.
+"""
+
+from __future__ import annotations
+
+import dataclasses as dc
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any
+
+import fastavro
+import numpy as np
+import pytest
+from conftest import Recorder, outputs_by_source
+from gpudb import GPUdb, GPUdbColumnProperty, GPUdbRecordColumn, GPUdbRecordType, GPUdbTable
+from kinetica_server import KineticaTestServer
+
+import reactive
+from reactive.backends.kinetica.listener import MONITORS_CHECKPOINT
+from reactive.components import Listener, Model
+from reactive.errors import BackendError, MissingIdColumnError, TableNotFoundError
+from reactive.threads import reactive_threads
+
+WAIT = 10.0  # seconds: the upper bound for any one wait; normally well under a second
+
+
+def docs_type(*, primary_key: bool = True) -> GPUdbRecordType:
+    key = [GPUdbColumnProperty.PRIMARY_KEY] if primary_key else []
+    return GPUdbRecordType(
+        [
+            GPUdbRecordColumn("id", "int", key),
+            GPUdbRecordColumn("text", "string", is_nullable=True),
+            GPUdbRecordColumn("lang", "string"),
+        ],
+        label="docs",
+    )
+
+
+@pytest.fixture
+def foreign(kinetica_server: KineticaTestServer) -> GPUdb:
+    """The official client on the test server: the application that writes the rows."""
+    return GPUdb(host=kinetica_server.url, options=GPUdb.Options({"disable_failover": True}))
+
+
+def create_table(db: GPUdb, name: str, rows: list[list[Any]], *, primary_key: bool = True) -> GPUdbTable:
+    table = GPUdbTable(docs_type(primary_key=primary_key), name, db=db)
+    if rows:
+        table.insert_records(rows)
+    return table
+
+
+def uri_of(server: KineticaTestServer, *, monitor_port: int | None = None, userinfo: str = "") -> str:
+    port = server.zmq_port if monitor_port is None else monitor_port
+    return f"kinetica://{userinfo}127.0.0.1:{server.http_port}?monitor_port={port}"
+
+
+def connect(server: KineticaTestServer, **options: Any) -> reactive.Datalayer:
+    options.setdefault("inactivity_timeout", 30.0)
+    options.setdefault("connect_timeout", 5.0)
+    return reactive.connect(uri_of(server), **options)
+
+
+def tag(recorder: Recorder) -> Model:
+    return Model("tag", predict=recorder)
+
+
+def topics_of(server: KineticaTestServer, table: str) -> dict[str, str]:
+    """event -> topic of the server-side monitors on ``table`` (a qualified name)."""
+    return {event: topic for topic, (name, event) in server.monitors().items() if name == table}
+
+
+def watched_on_server(server: KineticaTestServer) -> set[str]:
+    """The tables the server has monitors on."""
+    return {table for table, _ in server.monitors().values()}
+
+
+def source_info(db: reactive.Datalayer) -> dict[str, Any]:
+    return db.cdc.info()["source"]
+
+
+# -- 1. the flow ---------------------------------------------------------------------------------
+def test_inserts_updates_and_deletes_by_the_official_client(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"], [2, "beta", "en"], [3, "gamma", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 2: "<beta>", 3: "<gamma>"}
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert sorted(recorder.inputs) == ["alpha", "beta", "gamma"]  # the start reconciliation computed nothing
+
+        docs.insert_records([[4, "delta", "en"], [5, "epsilon", "en"]])
+        docs.update_records(["id = 2"], [{"text": "BETA"}])  # the listener's key
+        docs.update_records(["id = 3"], [{"lang": "de"}])  # another column: nothing to compute
+        docs.update_records(["id = 5"], [{"id": "50"}])  # the primary key: a row leaves, another comes
+        docs.delete_records(["id = 1"])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        expected = {2: "<BETA>", 3: "<gamma>", 4: "<delta>", 50: "<epsilon>"}
+        assert outputs_by_source(db, "tag__text") == expected
+        assert sorted(recorder.inputs) == ["BETA", "alpha", "beta", "delta", "epsilon", "epsilon", "gamma"]
+
+        docs.delete_records(["lang = 'en'"])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {3: "<gamma>"}
+        assert len(recorder.inputs) == 7
+
+        info = db.cdc.info()
+        source = info["source"]
+        assert (source["inserts"], source["updates"], source["deletes"]) == (2, 3, 4)
+        assert source["reconciliations"] >= 2 and source["running"]
+        assert (source["decode_errors"], source["unknown_frames"], source["recoveries"]) == (0, 0, 0)
+        assert source["tables"] == ["docs"] and source["server_monitors"] == 4
+        stats = info["listeners"]["tag__text"]
+        assert stats["computed"] == 7 and stats["errors"] == 0
+        assert stats["deletes"] >= 4
+        assert info["handler"]["internal_errors"] == 0 and info["queue"]["rows"] == 0
+        assert db.errors() == []
+    assert not reactive_threads()
+
+
+# -- 2. table names ------------------------------------------------------------------------------
+def test_schema_qualified_and_unqualified_table_names(kinetica_server: KineticaTestServer, foreign: GPUdb) -> None:
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"]])  # lives in ki_home: ki_home.docs
+    notes = create_table(foreign, "app.notes", [[1, "note", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(Model("up", predict=lambda xs: [x.upper() for x in xs]), "text", "docs", identifier="plain"))
+        db.add(Listener(Model("up", predict=lambda xs: [x.upper() for x in xs]), "text", "ki_home.docs"))
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "app.notes"))
+        db.cdc.start()
+        docs.insert_records([[2, "beta", "en"]])
+        docs.update_records(["id = 1"], [{"text": "first"}])
+        notes.insert_records([[2, "longer note", "en"]])
+        notes.delete_records(["id = 1"])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "plain") == {1: "FIRST", 2: "BETA"}
+        assert outputs_by_source(db, "up__text") == {1: "FIRST", 2: "BETA"}
+        assert outputs_by_source(db, "len__text") == {2: 11}
+        assert sorted(source_info(db)["tables"]) == ["app.notes", "docs", "ki_home.docs"]
+        assert watched_on_server(kinetica_server) == {"ki_home._reactive_marks", "ki_home.docs", "app.notes"}
+    assert kinetica_server.monitors() == {}
+
+
+# -- 3. chains -----------------------------------------------------------------------------------
+def test_chained_listeners(kinetica_server: KineticaTestServer, foreign: GPUdb) -> None:
+    docs = create_table(foreign, "docs", [[1, "a b c", "en"]])
+    counted: list[list[str]] = []
+
+    def count(lists: list[list[str]]) -> list[int]:
+        counted.extend(lists)
+        return [len(words) for words in lists]
+
+    with connect(kinetica_server) as db:
+        db.add(Listener(Model("words", predict=lambda texts: [t.split() for t in texts]), "text", "docs"))
+        db.add(Listener(Model("count", predict=count), "_output", "_outputs__words__text"))
+        assert outputs_by_source(db, "count___output") == {1: 3}
+        db.cdc.start()
+        docs.insert_records([[2, "d e", "en"]])
+        docs.update_records(["id = 1"], [{"text": "x"}])
+        docs.update_records(["id = 2"], [{"lang": "de"}])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "words__text") == {1: ["x"], 2: ["d", "e"]}
+        assert outputs_by_source(db, "count___output") == {1: 1, 2: 2}
+
+        docs.delete_records(["id = 2"])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "words__text") == {1: ["x"]}
+        assert outputs_by_source(db, "count___output") == {1: 1}
+        assert counted == [["a", "b", "c"], ["d", "e"], ["x"]]
+
+
+# -- 4. and 5. restarts of reactive --------------------------------------------------------------
+def test_a_restart_without_changes_computes_nothing(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"], [2, "beta", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.cdc.start()
+        docs.insert_records([[3, "gamma", "en"]])
+        docs.update_records(["id = 1"], [{"text": "ALPHA"}])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        before = outputs_by_source(db, "tag__text")
+    assert kinetica_server.monitors() == {}
+    calls = recorder.calls
+
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert recorder.calls == calls
+        assert outputs_by_source(db, "tag__text") == before == {1: "<ALPHA>", 2: "<beta>", 3: "<gamma>"}
+        assert db.cdc.info()["listeners"].get("tag__text", {}).get("computed", 0) == 0
+
+
+def test_changes_made_while_stopped_are_caught_at_start_and_computed_once(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"], [2, "beta", "en"], [3, "gamma", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        db.cdc.stop()
+        assert kinetica_server.monitors() == {}  # nobody listens: the server publishes nothing
+
+        recorder.inputs.clear()
+        docs.insert_records([[4, "delta", "en"]])
+        docs.update_records(["id = 1"], [{"text": "ALPHA"}])
+        docs.update_records(["id = 2"], [{"lang": "de"}])
+        docs.delete_records(["id = 3"])
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<ALPHA>", 2: "<beta>", 4: "<delta>"}
+        assert sorted(recorder.inputs) == ["ALPHA", "delta"]
+
+    # and across processes: closed, changed, connected again, added, started
+    recorder.inputs.clear()
+    docs.insert_records([[5, "epsilon", "en"]])
+    docs.update_records(["id = 4"], [{"text": "DELTA"}])
+    docs.delete_records(["id = 1"])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {2: "<beta>", 4: "<DELTA>", 5: "<epsilon>"}
+        assert sorted(recorder.inputs) == ["DELTA", "epsilon"]
+
+
+# -- 6. the server restarts ----------------------------------------------------------------------
+def test_a_server_restart_mid_stream(kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder) -> None:
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"], [2, "beta", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.cdc.start()
+        docs.insert_records([[3, "gamma", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+
+        kinetica_server.stop()
+        kinetica_server.start()  # same ports, same tables, no table monitors
+        docs.insert_records([[4, "delta", "en"]])
+        docs.update_records(["id = 1"], [{"text": "ALPHA"}])
+        docs.delete_records(["id = 2"])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<ALPHA>", 3: "<gamma>", 4: "<delta>"}
+
+        # the monitors are live again: later writes arrive as frames
+        docs.insert_records([[5, "epsilon", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<ALPHA>", 3: "<gamma>", 4: "<delta>", 5: "<epsilon>"}
+        source = source_info(db)
+        assert source["recoveries"] == 1 and source["running"]
+        assert len(kinetica_server.monitors()) == 4  # the old ones are not leaked
+        assert sorted(recorder.inputs) == ["ALPHA", "alpha", "beta", "delta", "epsilon", "gamma"]
+    assert kinetica_server.monitors() == {}
+
+
+def test_a_refused_monitor_recreation_after_a_server_restart_is_retried(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+
+        kinetica_server.stop()
+        kinetica_server.fail_next("/create/tablemonitor", "the server is still starting")
+        kinetica_server.start()
+        docs.insert_records([[2, "beta", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        docs.insert_records([[3, "gamma", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 2: "<beta>", 3: "<gamma>"}
+        assert len(kinetica_server.monitors()) == 4
+        assert source_info(db)["recoveries"] == 1
+    assert kinetica_server.monitors() == {}
+
+
+# -- 7. vectors ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("output_type", "dtype"), [(None, "<f8"), ("array<float32>", "<f4")])
+def test_vectors_are_stored_packed_and_read_back_equal(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, output_type: str | None, dtype: str
+) -> None:
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
+    expected: dict[int, list[float]] = {}
+
+    def model(texts: list[str]) -> list[list[float]]:
+        return [[len(t) / 3, -1.25, 0.1, 1e-30] for t in texts]
+
+    with connect(kinetica_server) as db:
+        db.add(Listener(Model("vec", predict=model, output_type=output_type), "text", "docs"))
+        db.cdc.start()
+        docs.insert_records([[2, "beta", "en"]])
+        docs.update_records(["id = 1"], [{"text": "a much longer text"}])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        for row_id, text in ((1, "a much longer text"), (2, "beta")):
+            expected[row_id] = np.asarray(model([text])[0], dtype=dtype).tolist()
+        assert outputs_by_source(db, "vec__text") == expected
+        stored = {r["_source"]: r["_output"] for r in kinetica_server.tables["ki_home._outputs__vec__text"]}
+        assert stored == {i: np.asarray(v, dtype=dtype).tobytes() for i, v in expected.items()}
+
+
+# -- 8. bad input --------------------------------------------------------------------------------
+def test_a_table_without_primary_key_needs_id_column(kinetica_server: KineticaTestServer, foreign: GPUdb) -> None:
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"]], primary_key=False)
+    with connect(kinetica_server) as db:
+        with pytest.raises(MissingIdColumnError, match=r"id_column=") as raised:
+            db.add(Listener(Model("up", predict=lambda xs: [x.upper() for x in xs]), "text", "docs"))
+        assert "id, text, lang" in str(raised.value) and "no primary key" in str(raised.value)
+
+        db.add(Listener(Model("up", predict=lambda xs: [x.upper() for x in xs]), "text", "docs", id_column="id"))
+        db.cdc.start()
+        docs.insert_records([[2, "beta", "en"]])
+        docs.update_records(["id = 1"], [{"text": "first"}])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "up__text") == {1: "FIRST", 2: "BETA"}
+
+
+def test_a_missing_table_fails_at_add(kinetica_server: KineticaTestServer, recorder: Recorder) -> None:
+    with connect(kinetica_server) as db:
+        with pytest.raises(TableNotFoundError, match="'nope' does not exist"):
+            db.add(Listener(tag(recorder), "text", "nope"))
+        with pytest.raises(TableNotFoundError, match=r"'app\.nope' does not exist"):
+            db.add(Listener(tag(recorder), "text", "app.nope"))
+        assert db.show() == [] and recorder.calls == 0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rendered(exc: BaseException | None) -> str:
+    """What a user sees of ``exc`` and every exception chained to it: messages and reprs."""
+    shown = []
+    while exc is not None:
+        shown.append(f"{exc!s} {exc!r}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(shown)
+
+
+def test_a_refused_connection_is_a_clear_error_without_the_password() -> None:
+    uri = f"kinetica://u:hunter2@127.0.0.1:{free_port()}?monitor_port=1"
+    with pytest.raises(BackendError, match=r"could not connect to 'kinetica://u:\*\*\*@127\.0\.0\.1") as raised:
+        reactive.connect(uri, connect_timeout=1)
+    assert "hunter2" not in rendered(raised.value)
+    assert "refused" in str(raised.value).lower()
+
+
+def test_a_wrong_password_is_a_clear_error_without_the_password(recorder: Recorder) -> None:
+    with KineticaTestServer(username="alice", password="s3cret") as server:
+        with pytest.raises(BackendError, match="credentials refused") as raised:
+            reactive.connect(uri_of(server, userinfo="alice:wrong-pass@"))
+        assert "wrong-pass" not in rendered(raised.value) and "alice:***@" in str(raised.value)
+
+        with reactive.connect(uri_of(server, userinfo="alice:s3cret@"), connect_timeout=5) as db:
+            assert "s3cret" not in repr(db) and "s3cret" not in db.backend.uri
+            credentials = {"disable_failover": True, "username": "alice", "password": "s3cret"}
+            foreign = GPUdb(host=server.url, options=GPUdb.Options(credentials))
+            docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
+            db.add(Listener(tag(recorder), "text", "docs"))
+            db.cdc.start()
+            docs.insert_records([[2, "beta", "en"]])
+            assert db.cdc.wait_idle(timeout=WAIT)
+            assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 2: "<beta>"}
+
+
+def test_an_error_answer_to_an_output_write_records_the_rows_until_a_reconciliation(
+    kinetica_server: KineticaTestServer, foreign: GPUdb
+) -> None:
+    """The server answers ERROR to the handler's upsert of one batch's outputs: those rows are
+    recorded in ``_reactive_errors`` and have no output (an ERROR is not retried: it may be
+    permanent); the next reconciliation of their table (an update or delete count, a restart,
+    ``reconcile_interval``) computes them again. Nothing stops."""
+    entered, release = threading.Event(), threading.Event()
+
+    def model(texts: list[str]) -> list[str]:
+        if "beta" in texts:
+            entered.set()
+            assert release.wait(WAIT), "the test never released the model"
+        return [f"<{t}>" for t in texts]
+
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(Model("tag", predict=model), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        docs.insert_records([[2, "beta", "en"]])
+        assert entered.wait(WAIT)  # the handler holds beta's output: its upsert is the next insert call
+        kinetica_server.fail_next("/insert/records", "boom")
+        release.set()
+        # not wait_idle yet: its barrier mark is an insert too, and could take the ERROR first
+        assert db.cdc.queue.join(timeout=WAIT)
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>"}
+        errors = db.errors("tag__text")
+        assert [(e["source"], e["table"]) for e in errors] == [(2, "docs")] and "boom" in errors[0]["error"]
+        info = db.cdc.info()
+        assert info["listeners"]["tag__text"]["errors"] == 1 and info["handler"]["running"]
+        assert info["source"]["running"]
+
+        docs.update_records(["id = 1"], [{"lang": "de"}])  # any count reconciles the table
+        docs.insert_records([[3, "gamma", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 2: "<beta>", 3: "<gamma>"}
+
+
+def test_an_error_answer_during_a_reconciliation_is_retried(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"], [2, "beta", "en"]])
+    with connect(kinetica_server, inactivity_timeout=0.2) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        # the reconciliation's first read fails; its retry comes after the 0.5 s backoff, when the
+        # inactivity check also runs: wait_idle must not mistake the overcome failure for a current one
+        kinetica_server.fail_next("/get/records", "boom")
+        docs.update_records(["id = 1"], [{"text": "ALPHA"}])
+        docs.delete_records(["id = 2"])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<ALPHA>"}
+        source = source_info(db)
+        assert "boom" in source["last_error"] and source["running"] and source["pending_reconciliation"] == []
+        assert recorder.inputs.count("ALPHA") == 1
+
+
+def test_corrupted_frames_are_counted_and_the_table_reconciled(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        topics = topics_of(kinetica_server, "ki_home.docs")
+        reconciliations = source_info(db)["reconciliations"]
+
+        kinetica_server.publish_raw(topics["insert"], [b"garbage"])
+        kinetica_server.publish_raw(topics["update"], [b"\xff"])  # a count that does not decode
+        kinetica_server.publish_raw(topics["delete"], [])  # a message without a count
+        docs.insert_records([[2, "beta", "en"]])
+        docs.update_records(["id = 1"], [{"text": "ALPHA"}])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<ALPHA>", 2: "<beta>"}
+        source = source_info(db)
+        assert source["decode_errors"] == 3 and source["reconciliations"] > reconciliations
+        assert "did not decode" in source["last_error"]
+        assert source["running"] and db.cdc.listener is not None and db.cdc.listener.is_alive()
+
+        docs.insert_records([[3, "gamma", "en"]])  # frames still flow
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<ALPHA>", 2: "<beta>", 3: "<gamma>"}
+        assert sorted(recorder.inputs) == ["ALPHA", "alpha", "beta", "gamma"]
+
+
+def test_frames_on_topics_the_listener_does_not_know_are_ignored_and_counted(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        insert_topic = topics_of(kinetica_server, "ki_home.docs")["insert"]
+        # SUB filters by prefix: a longer topic that starts with ours reaches the listener
+        ghost = avro_row(foreign, "docs", {"id": 9, "text": "ghost", "lang": "en"})
+        kinetica_server.publish_raw(insert_topic + "-other", [ghost])
+        kinetica_server.publish_raw(f"reactive-{uuid.uuid4().hex}", [b"x"])  # filtered out by ZMQ
+        docs.insert_records([[2, "beta", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 2: "<beta>"}
+        source = source_info(db)
+        assert (source["unknown_frames"], source["decode_errors"], source["inserts"]) == (1, 0, 1)
+        assert sorted(recorder.inputs) == ["alpha", "beta"]  # the ghost row was not computed
+
+
+def avro_row(db: GPUdb, table: str, record: dict[str, Any]) -> bytes:
+    """``record`` as an insert frame of ``table`` (schemaless Avro in the table's type)."""
+    schema = fastavro.parse_schema(json.loads(db.show_table(table)["type_schemas"][0]))
+    out = io.BytesIO()
+    fastavro.schemaless_writer(out, schema, record)
+    return out.getvalue()
+
+
+def test_a_wrong_monitor_port_fails_start_within_connect_timeout(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    create_table(foreign, "docs", [[1, "alpha", "en"]])
+    with reactive.connect(uri_of(kinetica_server, monitor_port=1), connect_timeout=0.5) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        started = time.monotonic()
+        with pytest.raises(BackendError, match=r"from tcp://127\.0\.0\.1:1 within 0\.5 s") as raised:
+            db.cdc.start()
+        assert time.monotonic() - started < 0.5 + 2.0
+        assert "monitor_port=" in str(raised.value)
+        assert not db.cdc.running and not reactive_threads()
+        assert kinetica_server.monitors() == {} and kinetica_server.tables["ki_home._reactive_marks"] == []
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>"}  # the backfill needs no monitor
+
+
+# -- 9. server-side monitors ---------------------------------------------------------------------
+def test_close_clears_every_server_side_monitor_this_process_created(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    create_table(foreign, "docs", [[1, "alpha", "en"]])
+    create_table(foreign, "notes", [[1, "note", "en"]])
+    foreign_topic = foreign.create_table_monitor("docs", {"event": "insert"})["topic_id"]  # not ours
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.cdc.start()
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "notes"))
+        db.add(Listener(Model("twice", predict=lambda xs: [x * 2 for x in xs]), "_output", "_outputs__len__text"))
+        assert db.cdc.wait_idle(timeout=WAIT)
+        ours = set(kinetica_server.monitors()) - {foreign_topic}
+        assert len(ours) == 1 + 3 + 3  # the marks' insert monitor, three per watched table
+        owners = db.backend.checkpoints.load_checkpoint(MONITORS_CHECKPOINT)
+        assert [set(entry["topics"]) for entry in owners.values()] == [ours]
+        assert source_info(db)["server_monitors"] == len(ours)
+
+        db.remove("twice___output")
+        db.remove("len__text")  # nobody reads notes any more: its monitors go
+        assert watched_on_server(kinetica_server) == {"ki_home._reactive_marks", "ki_home.docs"}
+        assert len(kinetica_server.monitors()) == 1 + 3 + 1
+    assert kinetica_server.monitors() == {foreign_topic: ("ki_home.docs", "insert")}
+    assert kinetica_server.tables["ki_home._reactive_marks"] == []  # the barrier's marks go too
+    checkpoints = {r["name"]: json.loads(r["value"]) for r in kinetica_server.tables["ki_home._reactive_checkpoints"]}
+    assert checkpoints[MONITORS_CHECKPOINT] == {}
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_monitors_left_by_a_killed_process_are_cleared_at_the_next_start(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
+
+    def leftover() -> str:
+        return foreign.create_table_monitor("docs", {"event": "insert"})["topic_id"]
+
+    host, pid = socket.gethostname(), dead_pid()
+    dead, alive, elsewhere = [leftover(), leftover()], [leftover()], [leftover()]
+    killed, running, remote = f"{host}/{pid}/killed", f"{host}/{os.getppid()}/running", f"far-away/{pid}/unknown"
+    owners = {  # as _record_monitors writes them: a killed process, a live one, one on another host
+        killed: {"host": host, "pid": pid, "topics": dead},
+        running: {"host": host, "pid": os.getppid(), "topics": alive},
+        remote: {"host": "far-away", "pid": pid, "topics": elsewhere},
+    }
+    with connect(kinetica_server) as db:
+        db.backend.checkpoints.save_checkpoint(MONITORS_CHECKPOINT, owners)
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.cdc.start()
+        assert not set(dead) & set(kinetica_server.monitors())
+        assert set(alive + elsewhere) <= set(kinetica_server.monitors())
+        saved = db.backend.checkpoints.load_checkpoint(MONITORS_CHECKPOINT)
+        assert killed not in saved and saved[running] == owners[running] and saved[remote] == owners[remote]
+        assert len(saved) == 3  # and this process's own
+        docs.insert_records([[2, "beta", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 2: "<beta>"}
+    assert set(kinetica_server.monitors()) == set(alive + elsewhere)
+
+
+# -- 10. dropped tables --------------------------------------------------------------------------
+def test_a_dropped_table_is_reported_and_another_goes_on(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    create_table(foreign, "docs", [[1, "alpha", "en"]])
+    notes = create_table(foreign, "notes", [[1, "note", "en"]])
+    with connect(kinetica_server, inactivity_timeout=0.2) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "notes"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        listener = db.cdc.listener
+        assert listener is not None
+        gone = threading.Event()
+        report = listener.hooks.table_gone
+
+        def table_gone(table: str, why: str) -> None:
+            report(table, why)
+            gone.set()
+
+        listener.hooks = dc.replace(listener.hooks, table_gone=table_gone)
+        foreign.clear_table("docs")
+        assert gone.wait(WAIT)
+        info = db.cdc.info()
+        assert info["stopped_tables"] == {"docs": "dropped"}
+        assert info["source"]["tables"] == ["notes"] and info["source"]["running"]
+        assert watched_on_server(kinetica_server) == {"ki_home._reactive_marks", "ki_home.notes"}
+
+        notes.insert_records([[2, "a longer note", "en"]])
+        notes.delete_records(["id = 1"])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "len__text") == {2: 13}
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>"}  # a dropped table's outputs are kept
+
+
+@pytest.mark.xfail(
+    reason="a table dropped and created again between two inactivity checks is never followed again: its "
+    "server-side monitors went with the old table, has_table() is all the check asks, so no frame and no "
+    "count ever comes and wait_idle() says True over stale outputs (Kinetica's /show/tablemonitors, which "
+    "neither the client nor the test server offers, would tell that the monitors are gone)",
+    strict=True,
+)
+def test_a_table_dropped_and_created_again_is_followed_again(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    create_table(foreign, "docs", [[1, "alpha", "en"]])
+    with connect(kinetica_server, inactivity_timeout=0.2) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        listener = db.cdc.listener
+        assert listener is not None
+        reconciliations = source_info(db)["reconciliations"]
+        foreign.clear_table("docs")
+        docs = create_table(foreign, "docs", [[2, "beta", "en"]])
+        # several inactivity checks pass within this bound
+        assert listener.wait_for(lambda: listener.reconciliations > reconciliations, timeout=1.5)
+        docs.insert_records([[3, "gamma", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {2: "<beta>", 3: "<gamma>"}
