@@ -615,13 +615,6 @@ def test_a_dropped_table_is_reported_and_another_goes_on(
         assert outputs_by_source(db, "tag__text") == {1: "<alpha>"}  # a dropped table's outputs are kept
 
 
-@pytest.mark.xfail(
-    reason="a table dropped and created again between two inactivity checks is never followed again: its "
-    "server-side monitors went with the old table, has_table() is all the check asks, so no frame and no "
-    "count ever comes and wait_idle() says True over stale outputs (Kinetica's /show/tablemonitors, which "
-    "neither the client nor the test server offers, would tell that the monitors are gone)",
-    strict=True,
-)
 def test_a_table_dropped_and_created_again_is_followed_again(
     kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
 ) -> None:

@@ -197,15 +197,19 @@ class KineticaMonitorListener(BaseDatabaseListener):
             raise
         return routes
 
-    def _clear_server_side(self, topics: Sequence[str]) -> None:
-        """Clear server-side monitors; one the server no longer has is not an error."""
+    def _clear_server_side(self, topics: Sequence[str]) -> int:
+        """Clear server-side monitors; one the server no longer has is not an error. Returns
+        how many were already gone."""
+        gone = 0
         for topic in topics:
             try:
                 self.client.clear_table_monitor(topic)
             except KineticaError as exc:
+                gone += 1
                 log.debug("monitor %s was already gone: %s", topic, exc)
             except BackendError as exc:
                 log.warning("could not clear table monitor %s: %s", topic, exc)
+        return gone
 
     def _record_monitors(self) -> None:
         """Keep the checkpoint of this process's monitors current (for leftover clean-up)."""
@@ -234,8 +238,12 @@ class KineticaMonitorListener(BaseDatabaseListener):
             self.checkpoints.save_checkpoint(MONITORS_CHECKPOINT, saved)
 
     # -- commands for the ZMQ thread ------------------------------------------------------
-    def _on_socket_thread(self, action: Callable[[], None], timeout: float | None = 30.0) -> None:
-        """Run ``action`` on the listener thread (now, if not running or if this is it)."""
+    def _on_socket_thread(self, action: Callable[[], None], timeout: float = 30.0) -> None:
+        """Run ``action`` on the listener thread (now, if not running or if this is it).
+
+        While the listener is stopping the action is dropped: its socket goes away with it,
+        and the thread may be waiting for the caller (the maintenance thread) to end.
+        """
         if not self.is_alive() or threading.current_thread() is self:
             action()
             return
@@ -244,8 +252,12 @@ class KineticaMonitorListener(BaseDatabaseListener):
         except OSError:
             action()  # the thread has shut down: the socket is gone and the action sees that
             return
-        if not done.wait(timeout):
-            raise BackendError("the Kinetica listener thread did not answer")
+        deadline = time.monotonic() + timeout
+        while not done.wait(0.05):
+            if not self.should_keep_running():
+                return
+            if time.monotonic() > deadline:
+                raise BackendError("the Kinetica listener thread did not answer")
 
     def _add_routes(self, routes: Sequence[Route]) -> None:
         def subscribe() -> None:
@@ -261,7 +273,8 @@ class KineticaMonitorListener(BaseDatabaseListener):
             self._on_socket_thread(subscribe)
         self._maintenance_wake.set()  # a new table may need an earlier inactivity check
 
-    def _drop_routes(self, routes: Sequence[Route]) -> None:
+    def _drop_routes(self, routes: Sequence[Route]) -> int:
+        """Forget ``routes`` and clear their server-side monitors; how many were already gone."""
         def unsubscribe() -> None:
             if self._sub is not None:
                 for route in routes:
@@ -272,7 +285,7 @@ class KineticaMonitorListener(BaseDatabaseListener):
                 self._routes.pop(route.topic, None)
         if self._sub is not None:
             self._on_socket_thread(unsubscribe)
-        self._clear_server_side([r.topic for r in routes])
+        return self._clear_server_side([r.topic for r in routes])
 
     def _routes_of(self, table: str, sink: MonitorSink | None) -> list[Route]:
         with self._lock:
@@ -572,10 +585,26 @@ class KineticaMonitorListener(BaseDatabaseListener):
             if self.client.has_table(table):
                 with self._lock:
                     self._last_activity[table] = now
+                if table in self.tables:
+                    self._renew_monitors(table)
                 continue
             self.catalog.forget(table)
             log.info("table %r no longer exists (checked after %g s without messages)", table, timeouts[table])
             self._report_gone(table, "dropped")
+
+    def _renew_monitors(self, table: str) -> None:
+        """Monitors of a quiet table again: a table dropped and created again between two checks
+        lost its monitors with the old table, and nothing else would say so. The old monitors
+        are cleared once the new ones are subscribed; if the server no longer had them, the
+        table is reconciled (the engine's writes are idempotent, so frames both monitors may
+        deliver in between cost nothing)."""
+        old = self._routes_of(table, None)
+        self._add_routes(self._create_routes(table, ("insert", "update", "delete"), None))
+        if self._drop_routes(old):
+            log.warning("the table monitors of %r were gone (was it dropped and created again?); reconciling", table)
+            self.catalog.forget(table)
+            self._mark_dirty([table])
+        self._record_monitors()
 
     def _timeout_of(self, table: str) -> float:
         sinks = [s.inactivity_timeout for s in self._monitors.get(table, ()) if s.inactivity_timeout is not None]
@@ -590,7 +619,7 @@ class KineticaMonitorListener(BaseDatabaseListener):
             waits = [self._last_activity.get(t, now) + self._timeout_of(t) - now for t in tables]
         if self.reconcile_interval:
             waits.append(self._last_reconcile_all + self.reconcile_interval - now)
-        return max(0.05, min(waits or [self.inactivity_timeout]))
+        return min(max(0.05, min(waits or [self.inactivity_timeout])), threading.TIMEOUT_MAX)
 
     def recover_if_needed(self) -> None:
         """After a reconnect or a move to another head: monitors again, then reconcile all."""
