@@ -52,6 +52,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -146,8 +147,8 @@ class TableMonitor:
                 value = float(minutes)
             except (TypeError, ValueError):
                 raise ConfigurationError(f"inactivity_timeout must be minutes as a number, not {minutes!r}") from None
-            if isinstance(minutes, bool) or not value > 0 or value != value:
-                raise ConfigurationError(f"inactivity_timeout must be more than 0 minutes, not {minutes!r}")
+            if isinstance(minutes, bool) or not value > 0 or not math.isfinite(value):
+                raise ConfigurationError(f"inactivity_timeout must be finite and more than 0 minutes, not {minutes!r}")
             self._minutes = value
 
         def as_dict(self) -> dict[str, Any]:
@@ -277,15 +278,19 @@ class TableMonitor:
             self.options = options or TableMonitor.Options.default()
             self._callbacks = _check_callbacks(callback_list, db)
             _check_monitor_port(self.options, db)
-            try:
-                self.table: TableInfo = db.table_info(table_name)
-            except MissingIdColumnError:
-                if db.backend.monitors_need_ids:
-                    raise
-                self.table = TableInfo(table_name, "", ())
+            self.table: TableInfo = self._describe()
             self._format: RowFormat = db.backend.row_format(self.table)
             self._monitor: _Monitor | None = None
             self._lock = threading.Lock()
+
+        def _describe(self) -> TableInfo:
+            """The table as it is now; TableNotFoundError when it does not exist."""
+            try:
+                return self.db.table_info(self.table_name)
+            except MissingIdColumnError:
+                if self.db.backend.monitors_need_ids:
+                    raise
+                return TableInfo(self.table_name, "", ())
 
         @property
         def type_schema(self) -> str:
@@ -312,11 +317,13 @@ class TableMonitor:
             On Kinetica its server-side monitors exist and are subscribed; on polling backends
             a poll has taken the baseline. Rows present before are not reported. Starts what
             it needs in ``db.cdc`` (no Listener and no ``db.cdc.start()`` needed). Calling it
-            while running does nothing.
+            while running does nothing. Raises :class:`~reactive.errors.TableNotFoundError`,
+            starting nothing, when the table was dropped since the client was made.
             """
             with self._lock:
                 if self._monitor is not None and self._monitor.is_alive():
                     return
+                self.table = self._describe()  # dropped since the client was made: nothing starts
                 monitor = _Monitor(self)
                 monitor.start()
                 try:
