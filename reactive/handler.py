@@ -136,13 +136,14 @@ class CDCHandler(ReactiveThread):
             if not components:
                 continue
             try:
-                batch = self._resolve_rows(batch)
+                resolved = self._resolve_rows(batch)
             except Exception as exc:
                 if self.db.backend.is_transient(exc):
                     raise BackendUnavailableError(str(exc)) from exc
                 raise
-            for component in components:
-                pending.extend(self._refresh(component, batch))
+            for part in resolved:
+                for component in components:
+                    pending.extend(self._refresh(component, part))
         self._commit(packets)
         self.totals.packets += len(packets)
         self.totals.windows += 1
@@ -158,14 +159,31 @@ class CDCHandler(ReactiveThread):
                 except Exception:
                     log.exception("a packet callback failed")
 
-    def _resolve_rows(self, batch: Batch) -> Batch:
-        """Read the rows a packet did not carry (reconciliation packets carry none)."""
+    def _resolve_rows(self, batch: Batch) -> list[Batch]:
+        """Read the rows a packet did not carry (reconciliation packets carry none).
+
+        A row that is gone by now is a delete: those ids come back as a delete batch, so a
+        reconciliation that found an orphaned output, or a change whose row vanished before
+        it was processed, removes the output and is counted as a delete.
+        """
         if batch.event is DBEvent.delete or all(row is not None for row in batch.rows):
-            return batch
+            return [batch]
         missing = [i for i, row in zip(batch.ids, batch.rows, strict=True) if row is None]
         found = self.db.backend.source.read_rows(self.db.table_info(batch.table), missing)
-        pairs = zip(batch.ids, batch.rows, strict=True)
-        return dc.replace(batch, rows=tuple(row if row is not None else found.get(id_key(i)) for i, row in pairs))
+        present: list[tuple[Any, Any]] = []
+        gone: list[Any] = []
+        for row_id, row in zip(batch.ids, batch.rows, strict=True):
+            row = row if row is not None else found.get(id_key(row_id))
+            if row is None:
+                gone.append(row_id)
+            else:
+                present.append((row_id, row))
+        parts = []
+        if present:
+            parts.append(dc.replace(batch, ids=tuple(i for i, _ in present), rows=tuple(r for _, r in present)))
+        if gone:
+            parts.append(dc.replace(batch, event=DBEvent.delete, ids=tuple(gone), rows=(None,) * len(gone)))
+        return parts
 
     def _refresh(self, component: Component, batch: Batch) -> list[Batch]:
         stats = self.stats.setdefault(component.identifier, ComponentStats())

@@ -9,8 +9,8 @@ through :meth:`reactive.cdc.DatabaseChangeDataCapture.reconcile`, which queues w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from reactive.events import ChangePacket, DBEvent, Row, id_key
 
@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from reactive.backends.base import OutputStore, SourceReader, TableInfo
 
 OnProcessed = Callable[[ChangePacket, BaseException | None], None]
+#: Stored outputs held in memory while a reconciliation compares (about 150 bytes each);
+#: beyond this many, it looks fingerprints up page by page.
+MEMORY_LIMIT = 1_000_000
 
 
 def reconcile(
@@ -30,27 +33,65 @@ def reconcile(
     is_current: Callable[[Row, int | None], bool],
     page_size: int,
     on_processed: OnProcessed | None = None,
+    memory_limit: int = MEMORY_LIMIT,
 ) -> Iterator[ChangePacket]:
     """Packets that bring ``identifier``'s outputs of ``table`` up to date.
 
-    Outputs whose source row is gone come back first, as delete packets (checked before any
-    output is written, so a new listener pays nothing for it). Rows whose output is missing
-    or stale (``is_current(row, stored_fingerprint)`` is False) come back as insert packets
-    *without rows*: the handler reads each row when it processes the packet, so a
-    reconciliation never writes an output older than a live change processed before it.
-    Every packet targets ``identifier`` only.
+    The stored ``(source id, fingerprint)`` pairs are read once, then the source is scanned
+    once: a row whose output is missing or stale (``is_current(row, stored_fingerprint)`` is
+    False) is queued, and so is every stored output no row claimed (its row is gone). With more
+    than ``memory_limit`` outputs, stored fingerprints are looked up page by page instead.
+
+    Every packet is an insert *without rows* targeting ``identifier`` only: the handler reads
+    each row when it processes the packet, so a reconciliation never writes an output older
+    than a live change processed before it, and an output whose row is gone by then is
+    deleted, while one whose row came back (a delete, then an insert during the scan) is
+    computed rather than deleted.
     """
     targets = frozenset({identifier})
-    for page in outputs.scan_output_ids(identifier, page_size=page_size):
-        present = source.existing_ids(table, page)
-        gone = tuple(i for i in page if id_key(i) not in present)
-        if gone:
-            yield ChangePacket(table.name, DBEvent.delete, gone, targets=targets, on_processed=on_processed)
+
+    def packet(ids: Sequence[Any]) -> ChangePacket:
+        return ChangePacket(table.name, DBEvent.insert, tuple(ids), targets=targets, on_processed=on_processed)
+
+    stored: dict[Hashable, tuple[Any, int]] = {}
+    for page in outputs.scan_output_fingerprints(identifier, page_size=page_size):
+        stored.update((id_key(source_id), (source_id, fp)) for source_id, fp in page)
+        if len(stored) > memory_limit:
+            yield from _reconcile_by_lookups(source, outputs, table, identifier, columns, is_current, page_size, packet)
+            return
     for page in source.scan(table, columns=columns, page_size=page_size):
-        ids = [row[table.id_column] for row in page]
-        stored = outputs.output_fingerprints(identifier, ids)
-        stale = tuple(
-            row[table.id_column] for row in page if not is_current(row, stored.get(id_key(row[table.id_column])))
-        )
+        stale = []
+        for row in page:
+            row_id = row[table.id_column]
+            _, fingerprint = stored.pop(id_key(row_id), (None, None))
+            if not is_current(row, fingerprint):
+                stale.append(row_id)
         if stale:
-            yield ChangePacket(table.name, DBEvent.insert, stale, targets=targets, on_processed=on_processed)
+            yield packet(stale)
+    orphans = [source_id for source_id, _ in stored.values()]
+    for start in range(0, len(orphans), page_size):
+        yield packet(orphans[start : start + page_size])
+
+
+def _reconcile_by_lookups(
+    source: SourceReader,
+    outputs: OutputStore,
+    table: TableInfo,
+    identifier: str,
+    columns: Sequence[str],
+    is_current: Callable[[Row, int | None], bool],
+    page_size: int,
+    packet: Callable[[Sequence[Any]], ChangePacket],
+) -> Iterator[ChangePacket]:
+    """The same difference in bounded memory: a lookup per page, in both directions."""
+    for page in outputs.scan_output_fingerprints(identifier, page_size=page_size):
+        ids = [source_id for source_id, _ in page]
+        present = source.existing_ids(table, ids)
+        gone = [i for i in ids if id_key(i) not in present]
+        if gone:
+            yield packet(gone)
+    for page in source.scan(table, columns=columns, page_size=page_size):
+        stored = outputs.output_fingerprints(identifier, [row[table.id_column] for row in page])
+        stale = [row[table.id_column] for row in page if not is_current(row, stored.get(id_key(row[table.id_column])))]
+        if stale:
+            yield packet(stale)

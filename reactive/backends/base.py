@@ -139,7 +139,8 @@ class OutputStore(Protocol):
     def output_fingerprints(self, identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
         """Input fingerprints of the stored outputs for these source ids."""
 
-    def scan_output_ids(self, identifier: str, *, page_size: int) -> Iterator[list[Any]]: ...
+    def scan_output_fingerprints(self, identifier: str, *, page_size: int) -> Iterator[list[tuple[Any, int]]]:
+        """Every stored ``(source id, input fingerprint)``, in pages ordered by source id."""
 
     def read_outputs(self, identifier: str) -> list[dict[str, Any]]: ...
 

@@ -91,13 +91,13 @@ class IbisOutputs:
             sql = self._statements(identifier, SOURCE_FIELD, FINGERPRINT_FIELD).by_ids
             return {id_key(row[SOURCE_FIELD]): row[FINGERPRINT_FIELD] for row in self.conn.fetch_by_ids(sql, ids)}
 
-    def scan_output_ids(self, identifier: str, *, page_size: int) -> Iterator[list[Any]]:
+    def scan_output_fingerprints(self, identifier: str, *, page_size: int) -> Iterator[list[tuple[Any, int]]]:
         with self.conn.lock:
             if not self.conn.table_exists(outputs_table(identifier)):
                 return
-            statements = self._statements(identifier)
+            statements = self._statements(identifier, SOURCE_FIELD, FINGERPRINT_FIELD)
         for page in self.conn.pages(statements, SOURCE_FIELD, page_size):
-            yield [row[SOURCE_FIELD] for row in page]
+            yield [(row[SOURCE_FIELD], row[FINGERPRINT_FIELD]) for row in page]
 
     def read_outputs(self, identifier: str) -> list[dict[str, Any]]:
         name = outputs_table(identifier)

@@ -217,12 +217,12 @@ class KineticaOutputs:
         records = self.catalog.records_by_ids(name, SOURCE_FIELD, list(ids))
         return {id_key(r[SOURCE_FIELD]): r[FINGERPRINT_FIELD] for r in records}
 
-    def scan_output_ids(self, identifier: str, *, page_size: int) -> Iterator[list[Any]]:
+    def scan_output_fingerprints(self, identifier: str, *, page_size: int) -> Iterator[list[tuple[Any, int]]]:
         name = outputs_table(identifier)
         if not self.catalog.exists(name):
             return
         for page in self.catalog.pages(name, SOURCE_FIELD, page_size):
-            yield [r[SOURCE_FIELD] for r in page]
+            yield [(r[SOURCE_FIELD], r[FINGERPRINT_FIELD]) for r in page]
 
     def read_outputs(self, identifier: str) -> list[dict[str, Any]]:
         name = outputs_table(identifier)

@@ -158,10 +158,11 @@ class MongoOutputs:
                 found[id_key(doc["_id"])] = doc.get(FINGERPRINT_FIELD)
         return found
 
-    def scan_output_ids(self, identifier: str, *, page_size: int) -> Iterator[list[Any]]:
-        cursor = self.db[outputs_table(identifier)].find({}, {"_id": 1}).sort("_id", 1).batch_size(page_size)
+    def scan_output_fingerprints(self, identifier: str, *, page_size: int) -> Iterator[list[tuple[Any, int]]]:
+        projection = {"_id": 1, FINGERPRINT_FIELD: 1}
+        cursor = self.db[outputs_table(identifier)].find({}, projection).sort("_id", 1).batch_size(page_size)
         for page in _pages(cursor, page_size):
-            yield [doc["_id"] for doc in page]
+            yield [(doc["_id"], doc.get(FINGERPRINT_FIELD)) for doc in page]
 
     def read_outputs(self, identifier: str) -> list[dict[str, Any]]:
         projection = {"_id": 0, SOURCE_FIELD: 1, OUTPUT_FIELD: 1}
