@@ -38,10 +38,6 @@ WAIT = 10.0  # seconds: the upper bound for any one event; normally milliseconds
 QUICK = 0.01  # minutes (0.6 s): the inactivity timeout after which Kinetica notices a dropped table
 SQL = ["duckdb", "sqlite", "postgres"]
 PUSH = ["mongodb", "kinetica"]
-SNAPSHOT_KEPT = (
-    "the Ibis poller keeps a table's snapshot when it stops following it and across processes, so a "
-    "monitor started later is first told about every row changed since (rows present before start_monitor)"
-)
 
 
 # -- sources: a table, and a foreign client that writes to it ----------------------------------
@@ -360,13 +356,6 @@ def test_kinetica_one_server_side_monitor_per_event_type_asked_for(
 
 
 # -- INSERT_RAW on SQL tables: the column types of reactive/rowformat.py ---------------------------
-SQLITE_TYPES = (
-    "ibis types SQLite boolean, timestamp and date columns (Avro boolean, timestamp-micros, date) but the rows "
-    "hold 1/0 and ISO text, and _avro_of (reactive/backends/ibis/source.py) gives them no converter: every "
-    "INSERT_RAW of such a table fails with 'cannot be written as Avro'"
-)
-
-
 def wide_columns(kind: str) -> list[tuple[str, str, Any, Any]]:
     """(column, SQL type, a value, that value as an Avro reader gives it back from INSERT_RAW bytes)."""
     stamp, day = dt.datetime(2024, 1, 2, 3, 4, 5, 123456), dt.date(2024, 1, 2)
@@ -395,7 +384,7 @@ def wide_columns(kind: str) -> list[tuple[str, str, Any, Any]]:
 
 @pytest.mark.parametrize(
     "source",
-    ["duckdb", "postgres", pytest.param("sqlite", marks=pytest.mark.xfail(reason=SQLITE_TYPES, strict=True))],
+    SQL,
     indirect=True,
 )
 def test_insert_raw_writes_sql_column_types_as_documented(source: SQLSource, db: reactive.Datalayer) -> None:
@@ -421,12 +410,6 @@ def test_insert_raw_writes_sql_column_types_as_documented(source: SQLSource, db:
 
 
 @only("duckdb", "postgres")
-@pytest.mark.xfail(
-    reason="rowformat.py documents arrays of the simple types as Avro arrays, but _avro_of "
-    "(reactive/backends/ibis/source.py) makes an Avro array only when the element type has no converter "
-    "(boolean): int, float and text arrays, embeddings included, become JSON text",
-    strict=True,
-)
 def test_insert_raw_writes_arrays_as_avro_arrays(source: SQLSource, db: reactive.Datalayer) -> None:
     source.client.execute("create table vecs (id integer primary key, embedding real[], tags text[])")
     events = Events()
@@ -677,11 +660,7 @@ def test_closing_the_datalayer_ends_a_running_monitor(source: Source, db: reacti
         assert source.server.monitors() == {}
 
 
-def xfail_on_sql(reason: str) -> list[Any]:
-    return [pytest.param(name, marks=pytest.mark.xfail(reason=reason, strict=True)) for name in SQL] + PUSH
-
-
-@pytest.mark.parametrize("source", xfail_on_sql(SNAPSHOT_KEPT), indirect=True)
+@pytest.mark.parametrize("source", [*SQL, *PUSH], indirect=True)
 def test_a_monitor_started_again_reports_only_rows_changed_after(source: Source, db: reactive.Datalayer) -> None:
     events = Events()
     client = TableMonitor.Client(db, "docs", events.callbacks(Type.INSERT_DECODED))
@@ -698,7 +677,7 @@ def test_a_monitor_started_again_reports_only_rows_changed_after(source: Source,
         client.stop_monitor()
 
 
-@pytest.mark.parametrize("source", xfail_on_sql(SNAPSHOT_KEPT), indirect=True)
+@pytest.mark.parametrize("source", [*SQL, *PUSH], indirect=True)
 def test_a_monitor_in_a_new_process_reports_only_rows_changed_after(source: Source) -> None:
     for process in (1, 2):
         events = Events()

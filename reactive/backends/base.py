@@ -261,6 +261,8 @@ class BaseDatabaseListener(ReactiveThread):
         self.page_size = page_size
         self._tables: dict[str, TableInfo] = {}
         self._monitors: dict[str, list[MonitorSink]] = {}
+        #: Sinks subscribed but not yet delivered to, by id, with the barrier that arms them.
+        self._arming: dict[int, Any] = {}
         self._lock = threading.RLock()
         #: Notified whenever the listener's state changes (packets settled, a stop, ...).
         self._changed = threading.Condition(self._lock)
@@ -292,8 +294,32 @@ class BaseDatabaseListener(ReactiveThread):
         """
         with self._lock:
             self._monitors.setdefault(table.name, []).append(sink)
-        if table.name not in self.tables:
-            self.watch(table)
+            self._arming[id(sink)] = None
+        try:
+            if table.name not in self.tables:
+                self.watch(table)
+            self._arm_after_barrier(sink)
+        except BaseException:
+            self.unsubscribe(table.name, sink)
+            raise
+
+    def _arm_after_barrier(self, sink: MonitorSink) -> None:
+        """Start delivering to ``sink`` at a point of the source that comes after this call.
+
+        Until it is armed, :meth:`monitors` leaves it out: what the source reports from before
+        the monitor started (a poll against an old snapshot, a stream reopened a little in the
+        past) never reaches it. Backends arm it on their own thread at a barrier; this default
+        arms it at once.
+        """
+        self._arm(lambda target: True)
+
+    def _arm(self, reached: Callable[[Any], bool]) -> None:
+        """Arm every pending sink whose target ``reached(target)`` says is passed."""
+        with self._changed:
+            for key, target in list(self._arming.items()):
+                if reached(target):
+                    del self._arming[key]
+            self._changed.notify_all()
 
     def unsubscribe(self, table: str, sink: MonitorSink) -> None:
         """Stop delivering to ``sink``; nothing is delivered to it after this returns."""
@@ -303,11 +329,12 @@ class BaseDatabaseListener(ReactiveThread):
                 sinks.remove(sink)
             if not sinks:
                 self._monitors.pop(table, None)
+            self._arming.pop(id(sink), None)
 
     def monitors(self, table: str) -> list[MonitorSink]:
-        """The sinks subscribed to ``table`` (a copy)."""
+        """The armed sinks subscribed to ``table`` (a copy)."""
         with self._lock:
-            return list(self._monitors.get(table, ()))
+            return [sink for sink in self._monitors.get(table, ()) if id(sink) not in self._arming]
 
     def all_monitors(self) -> list[MonitorSink]:
         with self._lock:

@@ -88,11 +88,15 @@ class IbisPollingListener(BaseDatabaseListener):
         with self._lock:
             self.failing_tables.pop(table, None)
 
-    def subscribe(self, table: TableInfo, sink: Any) -> None:
-        """Deliver ``table``'s changes to ``sink``; returns after a full poll (the baseline)."""
-        super().subscribe(table, sink)
+    def _arm_after_barrier(self, sink: Any) -> None:
+        """Arm ``sink`` when a poll that starts after now has finished (its baseline), and
+        return then: that poll's differences (an old snapshot's, say) are not the monitor's."""
+        with self._changed:
+            self._arming[id(sink)] = self._polls_started + 1
         if self.is_alive():
             self.sync(None)
+        else:
+            self._arm(lambda target: True)
 
     def on_stop(self) -> None:
         super().on_stop()
@@ -120,6 +124,7 @@ class IbisPollingListener(BaseDatabaseListener):
                     self._changed.wait()
                 self._polls_done += 1
                 self._changed.notify_all()
+            self._arm(lambda target: target is not None and target <= self._polls_done)
             # Polls start every poll_interval: the time spent polling counts toward the wait.
             delay = max(0.0, self.poll_interval - (time.monotonic() - started))
             if self.consecutive_failures:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
@@ -100,14 +101,22 @@ class IbisSource:
 
 
 def _avro_of(dtype: dt.DataType) -> tuple[Any, Any]:
-    """The Avro type of a column of ``dtype``, and how a value becomes one (None: as it is)."""
+    """The Avro type of a column of ``dtype``, and how a value becomes one (None: as it is).
+
+    Converters accept what the engines hand back, SQLite's included (1/0 for booleans, ISO
+    text for timestamps and dates).
+    """
     if dtype.is_array():
         inner, convert = _avro_of(dtype.value_type)
-        if isinstance(inner, str) and convert is None:
+        if not isinstance(inner, str) or (inner == "string" and convert is as_json_text):
+            return "string", as_json_text
+        if convert is None:
             return {"type": "array", "items": [inner, "null"]}, None
-        return "string", as_json_text
+        return {"type": "array", "items": [inner, "null"]}, lambda values: [
+            None if v is None else convert(v) for v in values
+        ]
     if dtype.is_boolean():
-        return "boolean", None
+        return "boolean", bool
     if dtype.is_integer():
         if dtype.is_unsigned_integer() and dtype.nbytes >= 8:
             return "string", str
@@ -119,7 +128,15 @@ def _avro_of(dtype: dt.DataType) -> tuple[Any, Any]:
     if dtype.is_binary():
         return "bytes", bytes
     if dtype.is_timestamp():
-        return {"type": "long", "logicalType": "timestamp-micros"}, None
+        return {"type": "long", "logicalType": "timestamp-micros"}, _timestamp
     if dtype.is_date():
-        return {"type": "int", "logicalType": "date"}, None
+        return {"type": "int", "logicalType": "date"}, _date
     return "string", as_json_text
+
+
+def _timestamp(value: Any) -> _dt.datetime:
+    return _dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+def _date(value: Any) -> _dt.date:
+    return _dt.date.fromisoformat(value) if isinstance(value, str) else value

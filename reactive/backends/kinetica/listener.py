@@ -275,6 +275,7 @@ class KineticaMonitorListener(BaseDatabaseListener):
 
     def _drop_routes(self, routes: Sequence[Route]) -> int:
         """Forget ``routes`` and clear their server-side monitors; how many were already gone."""
+
         def unsubscribe() -> None:
             if self._sub is not None:
                 for route in routes:

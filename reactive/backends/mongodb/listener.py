@@ -297,6 +297,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                 with self._changed:
                     self._marks_seen = max(self._marks_seen, document["n"])
                     self._changed.notify_all()
+                self._arm(lambda target: target is not None and target <= self._marks_seen)
             return
         if event is not None and collection in self._tables:
             row = change.get("fullDocument") if event is not DBEvent.delete else None
@@ -351,11 +352,21 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         with self._changed:
             self._rewind = True
 
-    def sync(self, timeout: float | None) -> bool:
-        """Write a barrier mark and wait until the stream has passed it."""
+    def _arm_after_barrier(self, sink: Any) -> None:
+        """Arm ``sink`` when the stream passes a mark written now: events before it (a stream
+        reopened a little in the past for the new collection) are not the monitor's."""
+        if self.is_alive():
+            self.sync(None, arming=sink)
+        else:
+            self._arm(lambda target: True)
+
+    def sync(self, timeout: float | None, *, arming: Any = None) -> bool:
+        """Write a barrier mark and wait until the stream has passed it (and armed ``arming``)."""
         with self._changed:
             self._marks_sent += 1
             mark = self._marks_sent
+            if arming is not None and id(arming) in self._arming:
+                self._arming[id(arming)] = mark
         try:
             self.database[MARKS_COLLECTION].update_one({"_id": self._mark_id}, {"$set": {"n": mark}}, upsert=True)
         except PyMongoError as exc:
