@@ -465,7 +465,7 @@ class _Monitor(ReactiveThread):
         t = TableMonitor.Callback.Type
         if change.event is DBEvent.insert:
             if change.frames is not None:
-                return all(self._inserted_frame(frame) for frame in change.frames)
+                return self._inserted_frames(change.frames)
             for row in change.rows or ():
                 if t.INSERT_RAW in self.callbacks:
                     try:
@@ -488,6 +488,41 @@ class _Monitor(ReactiveThread):
         else:
             self._call(kind, change.count)
         return True
+
+    def _inserted_frames(self, frames: Sequence[bytes]) -> bool:
+        """Records as published (Kinetica), raw then decoded each; False to stop (ABORT).
+
+        The frames of one message are decoded in one pass; only when one of them does not
+        decode are they taken one by one (reload, TABLE_ALTERED, SKIP or ABORT).
+        """
+        t = TableMonitor.Callback.Type
+        records = self.format.decode_all(frames) if t.INSERT_DECODED in self.callbacks else None
+        if records is None and t.INSERT_DECODED in self.callbacks:
+            return all(self._inserted_frame(frame) for frame in frames)
+        if records is not None and t.INSERT_RAW in self.callbacks:
+            for frame, record in zip(frames, records, strict=True):
+                self._call(t.INSERT_RAW, frame)
+                self._call(t.INSERT_DECODED, record)
+        else:
+            self._call_each(t.INSERT_DECODED if records is not None else t.INSERT_RAW, records or frames)
+        return True
+
+    def _call_each(self, kind: TableMonitor.Callback.Type, arguments: Sequence[Any]) -> None:
+        """``_call`` for each argument, without a ``try`` per call (the hot path of a stream)."""
+        callback = self.callbacks.get(kind)
+        if callback is None:
+            return
+        function, start, end = callback.event_callback, 0, len(arguments)
+        while start < end:
+            index = start
+            try:
+                for index in range(start, end):  # index tells which call raised
+                    function(arguments[index])
+                return
+            except Exception as exc:
+                log.debug("the %s callback of the monitor on %s raised", kind.name, self.table, exc_info=True)
+                self._error(kind, f"{type(exc).__name__}: {exc}")
+                start = index + 1
 
     def _inserted_frame(self, frame: bytes) -> bool:
         """One record as published (Kinetica): raw, then decoded; False to stop (ABORT)."""

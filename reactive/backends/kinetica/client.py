@@ -44,6 +44,7 @@ import requests
 from fastavro import schemaless_reader, schemaless_writer
 
 from reactive.errors import BackendError, ConfigurationError
+from reactive.rowformat import array_schema, decode_all
 from reactive.uri import redact
 
 log = logging.getLogger(__name__)
@@ -359,7 +360,7 @@ class RecordCodec:
     ('id', 'name')
     """
 
-    __slots__ = ("_bytes_columns", "_column_set", "_parsed", "columns", "name", "type_schema")
+    __slots__ = ("_array", "_bytes_columns", "_column_set", "_parsed", "columns", "name", "type_schema")
 
     def __init__(self, type_schema: str) -> None:
         try:
@@ -367,6 +368,7 @@ class RecordCodec:
             if not isinstance(schema, dict) or schema.get("type") != "record":
                 raise ValueError("not a record schema")
             self._parsed = fastavro.parse_schema(schema)
+            self._array = array_schema(schema)
             fields = schema["fields"]
             self.columns: tuple[str, ...] = tuple(field["name"] for field in fields)
         except Exception as exc:
@@ -412,6 +414,11 @@ class RecordCodec:
                 f"a record of type {self.name!r} has {len(data) - stream.tell()} bytes left over (table altered?)"
             )
         return record
+
+    def decode_all(self, frames: Sequence[bytes]) -> list[dict[str, Any]] | None:
+        """Every frame decoded in one pass, or None when one does not decode exactly (then
+        :meth:`decode` them one by one to find it)."""
+        return decode_all(self._array, frames)
 
     def to_json(self, record: Mapping[str, Any]) -> str:
         """``record`` as the JSON text of JSON mode (bytes as one character per byte, like Avro JSON)."""
@@ -892,7 +899,8 @@ class KineticaClient:
             if self.encoding == "json":
                 records = [codec.from_json(text) for text in response["records_json"]]
             else:
-                records = [codec.decode(data) for data in response["records_binary"]]
+                binary = response["records_binary"]
+                records = codec.decode_all(binary) or [codec.decode(data) for data in binary]
             total = _integer(response["total_number_of_records"])
             return RecordPage(records, total, _boolean(response["has_more_records"]))
 

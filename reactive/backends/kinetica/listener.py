@@ -487,9 +487,12 @@ class KineticaMonitorListener(BaseDatabaseListener):
 
     def _decode(self, table: str, frames: list[bytes]) -> tuple[list[dict[str, Any]], int]:
         """Decode insert frames with the table's type; reload the type once if one fails."""
+        codec = self.catalog.codec(table)
+        decoded = codec.decode_all(frames)
+        if decoded is not None:
+            return decoded, 0
         rows: list[dict[str, Any]] = []
         failed = 0
-        codec = self.catalog.codec(table)
         for frame in frames:
             try:
                 rows.append(codec.decode(frame))
