@@ -40,7 +40,8 @@ def reconcile(
     The stored ``(source id, fingerprint)`` pairs are read once, then the source is scanned
     once: a row whose output is missing or stale (``is_current(row, stored_fingerprint)`` is
     False) is queued, and so is every stored output no row claimed (its row is gone). With more
-    than ``memory_limit`` outputs, stored fingerprints are looked up page by page instead.
+    than ``memory_limit`` outputs, the fingerprints of each page are looked up instead, and a
+    second pass over the outputs asks the source which rows still exist.
 
     Every packet is an insert *without rows* targeting ``identifier`` only: the handler reads
     each row when it processes the packet, so a reconciliation never writes an output older
@@ -53,45 +54,35 @@ def reconcile(
     def packet(ids: Sequence[Any]) -> ChangePacket:
         return ChangePacket(table.name, DBEvent.insert, tuple(ids), targets=targets, on_processed=on_processed)
 
-    stored: dict[Hashable, tuple[Any, int]] = {}
-    for page in outputs.scan_output_fingerprints(identifier, page_size=page_size):
-        stored.update((id_key(source_id), (source_id, fp)) for source_id, fp in page)
-        if len(stored) > memory_limit:
-            yield from _reconcile_by_lookups(source, outputs, table, identifier, columns, is_current, page_size, packet)
-            return
+    stored = _stored_fingerprints(outputs, identifier, page_size, memory_limit)
     for page in source.scan(table, columns=columns, page_size=page_size):
-        stale = []
-        for row in page:
-            row_id = row[table.id_column]
-            _, fingerprint = stored.pop(id_key(row_id), (None, None))
-            if not is_current(row, fingerprint):
-                stale.append(row_id)
+        ids = [row[table.id_column] for row in page]
+        if stored is None:
+            found = outputs.output_fingerprints(identifier, ids)
+        else:
+            found = {key: stored.pop(key)[1] for key in map(id_key, ids) if key in stored}
+        stale = [i for i, row in zip(ids, page, strict=True) if not is_current(row, found.get(id_key(i)))]
         if stale:
             yield packet(stale)
-    orphans = [source_id for source_id, _ in stored.values()]
-    for start in range(0, len(orphans), page_size):
-        yield packet(orphans[start : start + page_size])
-
-
-def _reconcile_by_lookups(
-    source: SourceReader,
-    outputs: OutputStore,
-    table: TableInfo,
-    identifier: str,
-    columns: Sequence[str],
-    is_current: Callable[[Row, int | None], bool],
-    page_size: int,
-    packet: Callable[[Sequence[Any]], ChangePacket],
-) -> Iterator[ChangePacket]:
-    """The same difference in bounded memory: a lookup per page, in both directions."""
+    if stored is not None:
+        orphans = [source_id for source_id, _ in stored.values()]
+        for start in range(0, len(orphans), page_size):
+            yield packet(orphans[start : start + page_size])
+        return
     for page in outputs.scan_output_fingerprints(identifier, page_size=page_size):
-        ids = [source_id for source_id, _ in page]
-        present = source.existing_ids(table, ids)
-        gone = [i for i in ids if id_key(i) not in present]
+        present = source.existing_ids(table, [source_id for source_id, _ in page])
+        gone = [source_id for source_id, _ in page if id_key(source_id) not in present]
         if gone:
             yield packet(gone)
-    for page in source.scan(table, columns=columns, page_size=page_size):
-        stored = outputs.output_fingerprints(identifier, [row[table.id_column] for row in page])
-        stale = [row[table.id_column] for row in page if not is_current(row, stored.get(id_key(row[table.id_column])))]
-        if stale:
-            yield packet(stale)
+
+
+def _stored_fingerprints(
+    outputs: OutputStore, identifier: str, page_size: int, limit: int
+) -> dict[Hashable, tuple[Any, int]] | None:
+    """Every stored ``id key -> (source id, fingerprint)``, or None past ``limit`` outputs."""
+    stored: dict[Hashable, tuple[Any, int]] = {}
+    for page in outputs.scan_output_fingerprints(identifier, page_size=page_size):
+        stored.update((id_key(source_id), (source_id, fingerprint)) for source_id, fingerprint in page)
+        if len(stored) > limit:
+            return None
+    return stored

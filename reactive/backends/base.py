@@ -23,7 +23,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
-from reactive.errors import ConfigurationError
+from reactive.errors import ConfigurationError, MissingIdColumnError
 from reactive.events import ChangePacket, Row, SourceChange
 from reactive.threads import ReactiveThread
 
@@ -67,6 +67,38 @@ class TableInfo:
     name: str
     id_column: str
     columns: tuple[str, ...] = ()
+
+
+def identify_rows(
+    table: str, columns: Sequence[str], primary_key: Sequence[str], id_column: str | None = None
+) -> TableInfo:
+    """The one place that decides which column identifies a table's rows.
+
+    ``id_column`` when given (it must be a column), else a one-column primary key; a table
+    without one gets :class:`~reactive.errors.MissingIdColumnError` saying what to pass.
+
+    >>> identify_rows("docs", ("id", "text"), ("id",))
+    TableInfo(name='docs', id_column='id', columns=('id', 'text'))
+    >>> identify_rows("notes", ("note_id", "body"), ())
+    Traceback (most recent call last):
+    ...
+    reactive.errors.MissingIdColumnError: table 'notes' has no primary key: pass the column ... id_column='note_id'...
+    """
+    columns = tuple(columns)
+    if id_column is not None:
+        if id_column not in columns:
+            raise ConfigurationError(
+                f"id_column {id_column!r} is not a column of {table!r} (columns: {', '.join(columns)})", table=table
+            )
+        return TableInfo(table, id_column, columns)
+    if len(primary_key) == 1:
+        return TableInfo(table, primary_key[0], columns)
+    what = "has no primary key" if not primary_key else f"has a composite primary key ({', '.join(primary_key)})"
+    raise MissingIdColumnError(
+        f"table {table!r} {what}: pass the column that identifies a row, "
+        f"e.g. Listener(..., select={table!r}, id_column={columns[0]!r}); columns: {', '.join(columns)}",
+        table=table,
+    )
 
 
 @dc.dataclass(frozen=True, slots=True)

@@ -8,10 +8,10 @@ from typing import Any
 
 import ibis.expr.datatypes as dt
 
-from reactive.backends.base import OUTPUT_FIELD, OUTPUTS_PREFIX, TableInfo
+from reactive.backends.base import OUTPUT_FIELD, OUTPUTS_PREFIX, TableInfo, identify_rows
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import decode_for
-from reactive.errors import ConfigurationError, MissingIdColumnError, TableNotFoundError
+from reactive.errors import TableNotFoundError
 from reactive.events import Row, id_key
 from reactive.rowformat import RowFormat, as_json_text
 
@@ -40,23 +40,8 @@ class IbisSource:
             if not conn.table_exists(table):
                 raise TableNotFoundError(f"table {table!r} does not exist in {conn.uri}", table=table)
             columns = self.columns(table)
-            if id_column is not None:
-                if id_column not in columns:
-                    raise ConfigurationError(
-                        f"id_column {id_column!r} is not a column of {table!r} (columns: {', '.join(columns)})",
-                        table=table,
-                    )
-                return TableInfo(table, id_column, columns)
-            key = conn.dialect.primary_key(conn.con, table)
-        if len(key) == 1:
-            return TableInfo(table, key[0], columns)
-        what = "has no primary key" if not key else f"has a composite primary key ({', '.join(key)})"
-        raise MissingIdColumnError(
-            f"table {table!r} {what}: pass the column that identifies a row, "
-            f"e.g. Listener(..., select={table!r}, id_column={columns[0]!r}); "
-            f"columns: {', '.join(columns)}",
-            table=table,
-        )
+            key = conn.dialect.primary_key(conn.con, table) if id_column is None else []
+        return identify_rows(table, columns, key, id_column)
 
     def count(self, table: TableInfo) -> int:
         with self.conn.lock:

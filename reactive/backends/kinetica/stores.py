@@ -38,11 +38,12 @@ from reactive.backends.base import (
     ErrorRecord,
     OutputRecord,
     TableInfo,
+    identify_rows,
     outputs_table,
 )
 from reactive.backends.kinetica.client import equals_expression
 from reactive.backends.kinetica.tables import TableCatalog, id_type
-from reactive.errors import ConfigurationError, MissingIdColumnError
+from reactive.errors import ConfigurationError
 from reactive.events import Row, id_key
 from reactive.fingerprints import plain_value
 
@@ -120,22 +121,7 @@ class KineticaSource:
     def describe(self, table: str, *, id_column: str | None = None) -> TableInfo:
         self.catalog.forget(table)
         description = self.catalog.describe(table)
-        columns = description.columns
-        if id_column is not None:
-            if id_column not in columns:
-                raise ConfigurationError(
-                    f"id_column {id_column!r} is not a column of {table!r} (columns: {', '.join(columns)})", table=table
-                )
-            return TableInfo(table, id_column, columns)
-        key = description.primary_key
-        if len(key) == 1:
-            return TableInfo(table, key[0], columns)
-        what = "has no primary key" if not key else f"has a composite primary key ({', '.join(key)})"
-        raise MissingIdColumnError(
-            f"table {table!r} {what}: pass the column that identifies a row, "
-            f"e.g. Listener(..., select={table!r}, id_column={columns[0]!r}); columns: {', '.join(columns)}",
-            table=table,
-        )
+        return identify_rows(table, description.columns, description.primary_key, id_column)
 
     def count(self, table: TableInfo) -> int:
         self.catalog.forget(table.name)
