@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import dataclasses as dc
 import json
+import logging
 import statistics
 import subprocess
 import sys
@@ -188,6 +189,7 @@ def official_monitor(server: Server, table: str, callback: Callable[[Any], None]
         thread.start()
         thread.join(10)
         if built and not isinstance(built[0], Exception):
+            built[0].logging_level = logging.WARNING  # it logs every message at INFO by default
             built[0].start_monitor()
             return built[0]
     raise RuntimeError("GPUdbTableMonitor.Client() hung five times")

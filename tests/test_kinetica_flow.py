@@ -8,6 +8,7 @@ never with a sleep.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses as dc
 import io
 import json
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fastavro
@@ -74,6 +76,16 @@ def connect(server: KineticaTestServer, **options: Any) -> reactive.Datalayer:
 
 def tag(recorder: Recorder) -> Model:
     return Model("tag", predict=recorder)
+
+
+@contextlib.contextmanager
+def following(server: KineticaTestServer, recorder: Recorder, **options: Any) -> Iterator[reactive.Datalayer]:
+    """A datalayer whose listener ``tag__text`` follows ``docs``, started and caught up."""
+    with connect(server, **options) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        yield db
 
 
 def topics_of(server: KineticaTestServer, table: str) -> dict[str, str]:
@@ -196,10 +208,7 @@ def test_a_restart_without_changes_computes_nothing(
     assert kinetica_server.monitors() == {}
     calls = recorder.calls
 
-    with connect(kinetica_server) as db:
-        db.add(Listener(tag(recorder), "text", "docs"))
-        db.cdc.start()
-        assert db.cdc.wait_idle(timeout=WAIT)
+    with following(kinetica_server, recorder) as db:
         assert recorder.calls == calls
         assert outputs_by_source(db, "tag__text") == before == {1: "<ALPHA>", 2: "<beta>", 3: "<gamma>"}
         assert db.cdc.info()["listeners"].get("tag__text", {}).get("computed", 0) == 0
@@ -209,10 +218,7 @@ def test_changes_made_while_stopped_are_caught_at_start_and_computed_once(
     kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
 ) -> None:
     docs = create_table(foreign, "docs", [[1, "alpha", "en"], [2, "beta", "en"], [3, "gamma", "en"]])
-    with connect(kinetica_server) as db:
-        db.add(Listener(tag(recorder), "text", "docs"))
-        db.cdc.start()
-        assert db.cdc.wait_idle(timeout=WAIT)
+    with following(kinetica_server, recorder) as db:
         db.cdc.stop()
         assert kinetica_server.monitors() == {}  # nobody listens: the server publishes nothing
 
@@ -231,10 +237,7 @@ def test_changes_made_while_stopped_are_caught_at_start_and_computed_once(
     docs.insert_records([[5, "epsilon", "en"]])
     docs.update_records(["id = 4"], [{"text": "DELTA"}])
     docs.delete_records(["id = 1"])
-    with connect(kinetica_server) as db:
-        db.add(Listener(tag(recorder), "text", "docs"))
-        db.cdc.start()
-        assert db.cdc.wait_idle(timeout=WAIT)
+    with following(kinetica_server, recorder) as db:
         assert outputs_by_source(db, "tag__text") == {2: "<beta>", 4: "<DELTA>", 5: "<epsilon>"}
         assert sorted(recorder.inputs) == ["DELTA", "epsilon"]
 
@@ -271,11 +274,7 @@ def test_a_refused_monitor_recreation_after_a_server_restart_is_retried(
     kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
 ) -> None:
     docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
-    with connect(kinetica_server) as db:
-        db.add(Listener(tag(recorder), "text", "docs"))
-        db.cdc.start()
-        assert db.cdc.wait_idle(timeout=WAIT)
-
+    with following(kinetica_server, recorder) as db:
         kinetica_server.stop()
         kinetica_server.fail_next("/create/tablemonitor", "the server is still starting")
         kinetica_server.start()
@@ -423,10 +422,7 @@ def test_an_error_answer_during_a_reconciliation_is_retried(
     kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
 ) -> None:
     docs = create_table(foreign, "docs", [[1, "alpha", "en"], [2, "beta", "en"]])
-    with connect(kinetica_server, inactivity_timeout=0.2) as db:
-        db.add(Listener(tag(recorder), "text", "docs"))
-        db.cdc.start()
-        assert db.cdc.wait_idle(timeout=WAIT)
+    with following(kinetica_server, recorder, inactivity_timeout=0.2) as db:
         # the reconciliation's first read fails; its retry comes after the 0.5 s backoff, when the
         # inactivity check also runs: wait_idle must not mistake the overcome failure for a current one
         kinetica_server.fail_next("/get/records", "boom")
@@ -443,10 +439,7 @@ def test_corrupted_frames_are_counted_and_the_table_reconciled(
     kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
 ) -> None:
     docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
-    with connect(kinetica_server) as db:
-        db.add(Listener(tag(recorder), "text", "docs"))
-        db.cdc.start()
-        assert db.cdc.wait_idle(timeout=WAIT)
+    with following(kinetica_server, recorder) as db:
         topics = topics_of(kinetica_server, "ki_home.docs")
         reconciliations = source_info(db)["reconciliations"]
 
@@ -472,10 +465,7 @@ def test_frames_on_topics_the_listener_does_not_know_are_ignored_and_counted(
     kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
 ) -> None:
     docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
-    with connect(kinetica_server) as db:
-        db.add(Listener(tag(recorder), "text", "docs"))
-        db.cdc.start()
-        assert db.cdc.wait_idle(timeout=WAIT)
+    with following(kinetica_server, recorder) as db:
         insert_topic = topics_of(kinetica_server, "ki_home.docs")["insert"]
         # SUB filters by prefix: a longer topic that starts with ours reaches the listener
         ghost = avro_row(foreign, "docs", {"id": 9, "text": "ghost", "lang": "en"})
@@ -619,10 +609,7 @@ def test_a_table_dropped_and_created_again_is_followed_again(
     kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
 ) -> None:
     create_table(foreign, "docs", [[1, "alpha", "en"]])
-    with connect(kinetica_server, inactivity_timeout=0.2) as db:
-        db.add(Listener(tag(recorder), "text", "docs"))
-        db.cdc.start()
-        assert db.cdc.wait_idle(timeout=WAIT)
+    with following(kinetica_server, recorder, inactivity_timeout=0.2) as db:
         listener = db.cdc.listener
         assert listener is not None
         reconciliations = source_info(db)["reconciliations"]
