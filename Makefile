@@ -12,7 +12,7 @@ help:
 	@echo "make demo   install the demo's embedding model into $(VENV) and run 'reactive demo'"
 	@echo "make test   install the test tools into $(VENV), make sure PostgreSQL runs, run pytest"
 	@echo "make lint   ruff check and ruff format --check"
-	@echo "make bench  the benchmarks (DuckDB, then MongoDB against SecantusDB); a few minutes"
+	@echo "make bench  the benchmarks (DuckDB, MongoDB against SecantusDB, Kinetica); about ten minutes"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,4 @@ lint: $(VENV)/.test-installed
 bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks
 	$(BIN)/python -m benchmarks.mongo_changestream
+	$(BIN)/python -m benchmarks.kinetica_monitor
