@@ -186,6 +186,9 @@ class ErrorStore(Protocol):
 
     def read_errors(self, listener: str | None = None) -> list[dict[str, Any]]: ...
 
+    def clear_errors(self, listener: str, sources: Sequence[Any] | None = None) -> None:
+        """Forget ``listener``'s errors (of these source ids only, when given)."""
+
 
 class CheckpointStore(Protocol):
     """``_reactive_checkpoints``: named JSON-like values (positions, output types)."""

@@ -9,12 +9,13 @@ from urllib.parse import parse_qsl, unquote
 import ibis
 
 from reactive.backends.base import DataBackend, ListenerHooks, TableInfo
+from reactive.backends.ibis.checkpoints import IbisCheckpoints
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import prepare_sqlite
 from reactive.backends.ibis.listener import IbisPollingListener
 from reactive.backends.ibis.snapshots import SnapshotStore
 from reactive.backends.ibis.source import IbisSource
-from reactive.backends.ibis.stores import IbisCheckpoints, IbisErrors, IbisOutputs
+from reactive.backends.ibis.stores import IbisErrors, IbisOutputs
 from reactive.errors import BackendError, ConfigurationError, ReactiveError
 from reactive.outputs import OutputTypes
 from reactive.queue import CDCQueue

@@ -1,15 +1,16 @@
-"""What ``reactive`` writes into a SQL database: outputs, errors and checkpoints."""
+"""What ``reactive`` writes into a SQL database: outputs and errors."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import ibis
 import ibis.expr.datatypes as dt
 import pyarrow as pa
+import sqlglot as sg
+import sqlglot.expressions as sge
 
 from reactive.backends.base import (
     FINGERPRINT_FIELD,
@@ -27,7 +28,6 @@ from reactive.events import Row, id_key
 from reactive.fingerprints import plain_value
 
 ERRORS_TABLE = "_reactive_errors"
-CHECKPOINTS_TABLE = "_reactive_checkpoints"
 
 
 class IbisOutputs:
@@ -145,6 +145,19 @@ class IbisErrors:
                 self.conn.con.create_table(ERRORS_TABLE, schema=schema)
             self.conn.con.insert(ERRORS_TABLE, ibis.memtable(data))
 
+    def clear_errors(self, listener: str, sources: Sequence[Any] | None = None) -> None:
+        """Forget ``listener``'s errors (of these source ids only, when given)."""
+        dialect = self.conn.dialect
+        where = sg.column("listener", quoted=True).eq(sge.Placeholder())
+        params: list[Any] = [listener]
+        if sources is not None:
+            where = sg.and_(where, dialect.ids_condition("source"))
+            params.append(dialect.bind_ids([json.dumps(s, default=plain_value) for s in sources]))
+        sql = sge.delete(sg.table(ERRORS_TABLE, quoted=True), where=where).sql(dialect.name)
+        with self.conn.lock:
+            if self.conn.table_exists(ERRORS_TABLE):
+                self.conn.execute(sql.replace("?", "%s") if dialect.name == "postgres" else sql, *params)
+
     def read_errors(self, listener: str | None = None) -> list[dict[str, Any]]:
         with self.conn.lock:
             if not self.conn.table_exists(ERRORS_TABLE):
@@ -156,43 +169,3 @@ class IbisErrors:
         for row in rows:
             row["source"] = json.loads(row["source"])
         return rows
-
-
-class IbisCheckpoints:
-    """The :class:`~reactive.backends.base.CheckpointStore`: ``_reactive_checkpoints``."""
-
-    def __init__(self, conn: IbisConnection) -> None:
-        self.conn = conn
-
-    def load_checkpoint(self, name: str) -> dict[str, Any] | None:
-        with self.conn.lock:
-            if not self.conn.table_exists(CHECKPOINTS_TABLE):
-                return None
-            sql = self.conn.statements(CHECKPOINTS_TABLE, "name", ("name", "value")).by_ids
-            rows = self.conn.fetch(sql, self.conn.dialect.bind_ids([name]))
-        return json.loads(rows[0]["value"]) if rows else None
-
-    def delete_checkpoint(self, name: str) -> None:
-        with self.conn.lock:
-            if self.conn.table_exists(CHECKPOINTS_TABLE):
-                self.conn.delete_by_ids(
-                    self.conn.statements(CHECKPOINTS_TABLE, "name", ("name",)).delete_by_ids, [name]
-                )
-
-    def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None:
-        dialect = self.conn.dialect
-        data = pa.table(
-            {
-                "name": [name],
-                "value": [json.dumps(dict(value), default=plain_value)],
-                "updated_at": timestamp_column(dialect, [_dt.datetime.now(_dt.UTC)]),
-            }
-        )
-        with self.conn.lock:
-            if not self.conn.table_exists(CHECKPOINTS_TABLE):
-                self.conn.create_keyed_table(
-                    CHECKPOINTS_TABLE,
-                    {"name": dt.string, "value": dt.string, "updated_at": dialect.timestamp_type},
-                    key="name",
-                )
-            self.conn.upsert(CHECKPOINTS_TABLE, "name", data)

@@ -6,9 +6,10 @@ import json
 from typing import Any, Self
 
 from reactive.backends.base import DataBackend, ListenerHooks, TableInfo
+from reactive.backends.kinetica.checkpoints import KineticaCheckpoints
 from reactive.backends.kinetica.client import KineticaAuthError, KineticaClient, KineticaURI, is_transient
 from reactive.backends.kinetica.listener import KineticaMonitorListener
-from reactive.backends.kinetica.stores import KineticaCheckpoints, KineticaErrors, KineticaOutputs, KineticaSource
+from reactive.backends.kinetica.stores import KineticaErrors, KineticaOutputs, KineticaSource
 from reactive.backends.kinetica.tables import TableCatalog
 from reactive.errors import BackendError, ReactiveError
 from reactive.outputs import OutputTypes

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,14 +41,13 @@ from reactive.backends.base import (
     identify_rows,
     outputs_table,
 )
-from reactive.backends.kinetica.client import equals_expression
-from reactive.backends.kinetica.tables import TableCatalog, id_type
+from reactive.backends.kinetica.client import equals_expression, in_expression
+from reactive.backends.kinetica.tables import ID_CHUNK, TableCatalog, epoch_ms, id_type
 from reactive.errors import ConfigurationError
 from reactive.events import Row, id_key
 from reactive.fingerprints import plain_value
 
 ERRORS_TABLE = "_reactive_errors"
-CHECKPOINTS_TABLE = "_reactive_checkpoints"
 
 _SCALAR_COLUMNS = {
     "string": "string",
@@ -221,10 +220,6 @@ class KineticaOutputs:
         self.catalog.drop(outputs_table(identifier))
 
 
-def _epoch_ms(moment: _dt.datetime) -> int:
-    return int(moment.timestamp() * 1000)
-
-
 class KineticaErrors:
     """The :class:`~reactive.backends.base.ErrorStore`: ``_reactive_errors`` (``at`` in epoch ms)."""
 
@@ -247,11 +242,23 @@ class KineticaErrors:
                 "table": r.table,
                 "source": json.dumps(r.source, default=plain_value),
                 "error": r.error,
-                "at": _epoch_ms(r.at),
+                "at": epoch_ms(r.at),
             }
             for r in records
         ]
         self.catalog.client.insert_records(ERRORS_TABLE, rows, self.catalog.codec(ERRORS_TABLE))
+
+    def clear_errors(self, listener: str, sources: Sequence[Any] | None = None) -> None:
+        if not self.catalog.exists(ERRORS_TABLE):
+            return
+        condition = equals_expression("listener", listener)
+        if sources is None:
+            self.catalog.client.delete_records(ERRORS_TABLE, [condition])
+            return
+        texts = [json.dumps(s, default=plain_value) for s in sources]
+        for start in range(0, len(texts), ID_CHUNK):
+            chunk = in_expression("source", texts[start : start + ID_CHUNK])
+            self.catalog.client.delete_records(ERRORS_TABLE, [f"{condition} and {chunk}"])
 
     def read_errors(self, listener: str | None = None) -> list[dict[str, Any]]:
         if not self.catalog.exists(ERRORS_TABLE):
@@ -262,34 +269,3 @@ class KineticaErrors:
             row["source"] = json.loads(row["source"])
             row["at"] = _dt.datetime.fromtimestamp(row["at"] / 1000, _dt.UTC)
         return rows
-
-
-class KineticaCheckpoints:
-    """The :class:`~reactive.backends.base.CheckpointStore`: ``_reactive_checkpoints`` (JSON values)."""
-
-    def __init__(self, catalog: TableCatalog) -> None:
-        self.catalog = catalog
-
-    def _table(self) -> Any:
-        columns = [("name", "string", False), ("value", "string", False), ("updated_at", "long", False)]
-        return self.catalog.create(CHECKPOINTS_TABLE, columns, {"name": ["primary_key"], "updated_at": ["timestamp"]})
-
-    def load_checkpoint(self, name: str) -> dict[str, Any] | None:
-        if not self.catalog.exists(CHECKPOINTS_TABLE):
-            return None
-        found = list(self.catalog.records_by_ids(CHECKPOINTS_TABLE, "name", [name]))
-        return json.loads(found[0]["value"]) if found else None
-
-    def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None:
-        self._table()
-        record = {
-            "name": name,
-            "value": json.dumps(dict(value), default=plain_value),
-            "updated_at": _epoch_ms(_dt.datetime.now(_dt.UTC)),
-        }
-        codec = self.catalog.codec(CHECKPOINTS_TABLE)
-        self.catalog.client.insert_records(CHECKPOINTS_TABLE, [record], codec, update_on_existing_pk=True)
-
-    def delete_checkpoint(self, name: str) -> None:
-        if self.catalog.exists(CHECKPOINTS_TABLE):
-            self.catalog.delete_by_ids(CHECKPOINTS_TABLE, "name", [name])

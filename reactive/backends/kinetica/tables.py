@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -21,6 +22,11 @@ from reactive.errors import TableNotFoundError
 
 #: Ids per ``in (...)`` expression.
 ID_CHUNK = 1_000
+
+
+def epoch_ms(moment: _dt.datetime) -> int:
+    """Milliseconds since the epoch: how Kinetica's ``timestamp`` columns hold a time."""
+    return int(moment.timestamp() * 1000)
 
 
 def id_type(description: TableDescription, column: str) -> str:

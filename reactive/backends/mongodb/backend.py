@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import datetime as _dt
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any, Self
 
 import pymongo
@@ -25,6 +24,7 @@ from reactive.backends.base import (
     chunks,
     outputs_table,
 )
+from reactive.backends.mongodb.checkpoints import CHECKPOINTS_COLLECTION, MongoCheckpoints
 from reactive.backends.mongodb.errors import Fault, classify, classify_code
 from reactive.backends.mongodb.listener import MongoChangeStreamListener
 from reactive.errors import BackendError, ConfigurationError, TableNotFoundError
@@ -35,7 +35,6 @@ from reactive.rowformat import RowFormat, mongo_format
 from reactive.uri import redact
 
 ERRORS_COLLECTION = "_reactive_errors"
-CHECKPOINTS_COLLECTION = "_reactive_checkpoints"
 #: Largest ``$in`` list sent in one query (SecantusDB's ``$in`` is quadratic in the
 #: matching ids: 1,000 take 0.8 s, 5,000 take 18 s; on mongod small chunks cost nothing).
 _CHUNK = 500
@@ -186,30 +185,15 @@ class MongoErrors:
             ]
             self.db[ERRORS_COLLECTION].insert_many(documents, ordered=False)
 
+    def clear_errors(self, listener: str, sources: Sequence[Any] | None = None) -> None:
+        query: dict[str, Any] = {"listener": listener}
+        if sources is not None:
+            query["source"] = {"$in": list(sources)}
+        self.db[ERRORS_COLLECTION].delete_many(query)
+
     def read_errors(self, listener: str | None = None) -> list[dict[str, Any]]:
         query = {} if listener is None else {"listener": listener}
         return list(self.db[ERRORS_COLLECTION].find(query, {"_id": 0}).sort("at", 1))
-
-
-class MongoCheckpoints:
-    """The :class:`~reactive.backends.base.CheckpointStore`: ``_reactive_checkpoints``."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    def load_checkpoint(self, name: str) -> dict[str, Any] | None:
-        doc = self.db[CHECKPOINTS_COLLECTION].find_one({"_id": name})
-        return None if doc is None else dict(doc["value"])
-
-    def delete_checkpoint(self, name: str) -> None:
-        self.db[CHECKPOINTS_COLLECTION].delete_one({"_id": name})
-
-    def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None:
-        self.db[CHECKPOINTS_COLLECTION].replace_one(
-            {"_id": name},
-            {"_id": name, "value": dict(value), "updated_at": _dt.datetime.now(_dt.UTC)},
-            upsert=True,
-        )
 
 
 class MongoBackend(DataBackend):
