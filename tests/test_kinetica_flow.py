@@ -8,6 +8,7 @@ never with a sleep.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses as dc
 import io
@@ -528,7 +529,8 @@ def test_close_clears_every_server_side_monitor_this_process_created(
         assert len(kinetica_server.monitors()) == 1 + 3 + 1
     assert kinetica_server.monitors() == {foreign_topic: ("ki_home.docs", "insert")}
     assert kinetica_server.tables["ki_home._reactive_marks"] == []  # the barrier's marks go too
-    checkpoints = {r["name"]: json.loads(r["value"]) for r in kinetica_server.tables["ki_home._reactive_checkpoints"]}
+    stored = kinetica_server.tables["ki_home._reactive_checkpoints"]  # one record per section, data in base64
+    checkpoints = {r["section"]: json.loads(base64.b64decode(r["data"])) for r in stored}
     assert checkpoints[MONITORS_CHECKPOINT] == {}
 
 

@@ -9,6 +9,8 @@ from conftest import Recorder, outputs_by_source
 from pymongo import InsertOne
 
 import reactive
+from reactive.backends.mongodb.checkpoints import MongoSections
+from reactive.checkpoints import Positions
 from reactive.components import Listener, Model
 from reactive.threads import reactive_threads
 
@@ -332,7 +334,8 @@ def test_an_idle_stream_moves_the_saved_position_forward(mongo_uri: str, mongo, 
         # Writes the listener does not follow still move the stream's post-batch token.
         mongo.other.insert_many([{"n": i} for i in range(5)])
         assert listener.wait_for(lambda: listener.position != before, timeout=30)
-        saved = mongo["_reactive_checkpoints"].find_one({"_id": listener.checkpoint_name})["value"]
+        # What the database holds, read with the test's own client.
+        saved = Positions(MongoSections(mongo)).load_checkpoint(listener.checkpoint_name)
         assert saved == listener.position
         assert recorder.inputs == ["a"]
 

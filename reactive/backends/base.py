@@ -28,6 +28,7 @@ from reactive.events import ChangePacket, Row, SourceChange
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
+    from reactive.checkpoints import SectionStore
     from reactive.monitor import MonitorSink
     from reactive.outputs import OutputTypes
     from reactive.queue import CDCQueue
@@ -191,7 +192,8 @@ class ErrorStore(Protocol):
 
 
 class CheckpointStore(Protocol):
-    """``_reactive_checkpoints``: named JSON-like values (positions, output types)."""
+    """The engine's named JSON values (positions, output types): :class:`reactive.checkpoints.Positions`
+    over the backend's :class:`~reactive.checkpoints.SectionStore` (``_reactive_checkpoints``)."""
 
     def load_checkpoint(self, name: str) -> dict[str, Any] | None: ...
 
@@ -235,6 +237,9 @@ class DataBackend(ABC):
     source: SourceReader
     outputs: OutputStore
     errors: ErrorStore
+    #: Where every checkpoint lives (``reactive.checkpoints.Table`` and the engine's positions).
+    sections: SectionStore
+    #: ``Positions(self.sections)``: the engine's named JSON values.
     checkpoints: CheckpointStore
     #: Built on ``checkpoints`` (``OutputTypes(self.checkpoints)``); a store may need it to
     #: decode what it reads back.

@@ -9,13 +9,14 @@ from urllib.parse import parse_qsl, unquote
 import ibis
 
 from reactive.backends.base import DataBackend, ListenerHooks, TableInfo
-from reactive.backends.ibis.checkpoints import IbisCheckpoints
+from reactive.backends.ibis.checkpoints import IbisSections
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import prepare_sqlite
 from reactive.backends.ibis.listener import IbisPollingListener
 from reactive.backends.ibis.snapshots import SnapshotStore
 from reactive.backends.ibis.source import IbisSource
 from reactive.backends.ibis.stores import IbisErrors, IbisOutputs
+from reactive.checkpoints import Positions
 from reactive.errors import BackendError, ConfigurationError, ReactiveError
 from reactive.outputs import OutputTypes
 from reactive.queue import CDCQueue
@@ -38,7 +39,8 @@ class IbisBackend(DataBackend):
 
     def __init__(self, con: Any, *, uri: str) -> None:
         self.conn = IbisConnection(con, uri=redact(uri))
-        self.checkpoints = IbisCheckpoints(self.conn)
+        self.sections = IbisSections(self.conn)
+        self.checkpoints = Positions(self.sections)
         self.output_types = OutputTypes(self.checkpoints)
         self.source = IbisSource(self.conn, output_type=self.output_types.get)
         self.outputs = IbisOutputs(self.conn, decoded=self.source.decoded)

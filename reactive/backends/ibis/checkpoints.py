@@ -1,57 +1,195 @@
-"""``_reactive_checkpoints`` in a SQL database: named JSON values (positions, output types)."""
+"""``_reactive_checkpoints`` in a SQL database: the sections of every checkpoint.
+
+One row per section: ``key`` (the primary key, ``["checkpoint", "section"]`` as JSON text),
+``checkpoint``, ``section``, ``data`` (binary), ``is_text`` (written as ``str``), ``written_at``
+(seconds since the epoch). A write is one statement (an upsert of every section of the call),
+so it is atomic; the lease's compare-and-set is one ``UPDATE ... WHERE data = ? RETURNING``.
+
+A table in the format of reactive 0.1 (``name``, ``value``, ``updated_at``) is migrated the
+first time it is used: its values become sections of the checkpoint ``reactive``.
+"""
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ibis.expr.datatypes as dt
 import pyarrow as pa
+import sqlglot as sg
+import sqlglot.expressions as sge
 
 from reactive.backends.ibis.connection import IbisConnection
-from reactive.backends.ibis.dialects import timestamp_column
-from reactive.fingerprints import plain_value
+from reactive.checkpoints import ENGINE_CHECKPOINT, Section
 
 CHECKPOINTS_TABLE = "_reactive_checkpoints"
+_COLUMNS = {
+    "key": dt.string,
+    "checkpoint": dt.string,
+    "section": dt.string,
+    "data": dt.binary,
+    "is_text": dt.boolean,
+    "written_at": dt.float64,
+}
 
 
-class IbisCheckpoints:
-    """The :class:`~reactive.backends.base.CheckpointStore`: ``_reactive_checkpoints``."""
+def section_key(checkpoint: str, section: str) -> str:
+    """
+    >>> section_key("reactive", "outputs/a")
+    '["reactive", "outputs/a"]'
+    """
+    return json.dumps([checkpoint, section], ensure_ascii=False)
+
+
+class IbisSections:
+    """The :class:`~reactive.checkpoints.SectionStore` of a SQL database."""
 
     def __init__(self, conn: IbisConnection) -> None:
         self.conn = conn
+        self._ready = False
+        self._ready_lock = threading.Lock()
+        self._sql: dict[str, str] = {}
 
-    def load_checkpoint(self, name: str) -> dict[str, Any] | None:
-        with self.conn.lock:
-            if not self.conn.table_exists(CHECKPOINTS_TABLE):
-                return None
-            sql = self.conn.statements(CHECKPOINTS_TABLE, "name", ("name", "value")).by_ids
-            rows = self.conn.fetch(sql, self.conn.dialect.bind_ids([name]))
-        return json.loads(rows[0]["value"]) if rows else None
-
-    def delete_checkpoint(self, name: str) -> None:
-        with self.conn.lock:
+    # -- the table ------------------------------------------------------------------------------
+    def _ensure(self, *, create: bool) -> bool:
+        """Whether the table exists (created, or migrated from 0.1, when ``create``)."""
+        if self._ready:
+            return True
+        with self._ready_lock, self.conn.lock:
+            if self._ready:
+                return True
             if self.conn.table_exists(CHECKPOINTS_TABLE):
-                self.conn.delete_by_ids(
-                    self.conn.statements(CHECKPOINTS_TABLE, "name", ("name",)).delete_by_ids, [name]
-                )
+                columns = set(self.conn.table(CHECKPOINTS_TABLE).columns)
+                if "name" in columns and "section" not in columns:
+                    self._migrate()
+                self._ready = True
+                return True
+            if not create:
+                return False
+            self.conn.create_keyed_table(CHECKPOINTS_TABLE, _COLUMNS, key="key")
+            self._ready = True
+            return True
 
-    def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None:
-        dialect = self.conn.dialect
+    def _migrate(self) -> None:
+        """A 0.1 table (``name``, ``value`` JSON text): its values become sections of ``reactive``."""
+        old = self.conn.table(CHECKPOINTS_TABLE).select("name", "value").to_pyarrow().to_pylist()
+        self.conn.drop_table(CHECKPOINTS_TABLE)
+        self.conn.create_keyed_table(CHECKPOINTS_TABLE, _COLUMNS, key="key")
+        if old:
+            self._upsert({row["name"]: Section.of(row["value"]) for row in old}, ENGINE_CHECKPOINT)
+
+    def _statement(self, name: str, build: Any) -> str:
+        sql = self._sql.get(name)
+        if sql is None:
+            dialect = self.conn.dialect
+            sql = build().sql(dialect.name)
+            if dialect.name == "postgres":
+                sql = sql.replace("?", "%s")
+            self._sql[name] = sql
+        return sql
+
+    # -- SectionStore ---------------------------------------------------------------------------
+    def read_sections(self, checkpoint: str, keys: Sequence[str] | None = None) -> dict[str, Section]:
+        if not self._ensure(create=False):
+            return {}
+        columns = [sg.column(c, quoted=True) for c in ("section", "data", "is_text", "written_at")]
+        table = sg.table(CHECKPOINTS_TABLE, quoted=True)
+        if keys is None:
+            sql = self._statement(
+                "all",
+                lambda: (
+                    sg.select(*columns).from_(table).where(sg.column("checkpoint", quoted=True).eq(sge.Placeholder()))
+                ),
+            )
+            rows = self.conn.fetch(sql, checkpoint)
+        else:
+            if not keys:
+                return {}
+            condition = self.conn.dialect.ids_condition("key")
+            sql = self._statement("some", lambda: sg.select(*columns).from_(table).where(condition))
+            rows = self.conn.fetch(sql, self.conn.dialect.bind_ids([section_key(checkpoint, k) for k in keys]))
+        return {
+            row["section"]: Section(bytes(row["data"]), bool(row["is_text"]), float(row["written_at"])) for row in rows
+        }
+
+    def write_sections(self, checkpoint: str, sections: Mapping[str, Section]) -> None:
+        if sections:
+            self._ensure(create=True)
+            self._upsert(sections, checkpoint)
+
+    def _upsert(self, sections: Mapping[str, Section], checkpoint: str) -> None:
         data = pa.table(
             {
-                "name": [name],
-                "value": [json.dumps(dict(value), default=plain_value)],
-                "updated_at": timestamp_column(dialect, [_dt.datetime.now(_dt.UTC)]),
+                "key": [section_key(checkpoint, key) for key in sections],
+                "checkpoint": [checkpoint] * len(sections),
+                "section": list(sections),
+                "data": pa.array([s.data for s in sections.values()], type=pa.binary()),
+                "is_text": [s.text for s in sections.values()],
+                "written_at": [s.written_at for s in sections.values()],
             }
         )
+        self.conn.upsert(CHECKPOINTS_TABLE, "key", data)
+
+    def delete_sections(self, checkpoint: str, keys: Sequence[str] | None = None) -> None:
+        if not self._ensure(create=False):
+            return
+        table = sg.table(CHECKPOINTS_TABLE, quoted=True)
+        if keys is None:
+            where = sg.column("checkpoint", quoted=True).eq(sge.Placeholder())
+            self.conn.execute(self._statement("delete all", lambda: sge.delete(table, where=where)), checkpoint)
+        elif keys:
+            sql = self.conn.statements(CHECKPOINTS_TABLE, "key", ("key",)).delete_by_ids
+            self.conn.delete_by_ids(sql, [section_key(checkpoint, k) for k in keys])
+
+    def replace_section(self, checkpoint: str, key: str, expected: bytes | None, new: Section | None) -> bool:
+        self._ensure(create=True)
+        table = sg.table(CHECKPOINTS_TABLE, quoted=True)
+        column = sg.column
+        matches = sg.and_(
+            column("key", quoted=True).eq(sge.Placeholder()), column("data", quoted=True).eq(sge.Placeholder())
+        )
+        returning = sge.Returning(expressions=[column("key", quoted=True)])
+        full_key = section_key(checkpoint, key)
+        dialect = self.conn.dialect
         with self.conn.lock:
-            if not self.conn.table_exists(CHECKPOINTS_TABLE):
-                self.conn.create_keyed_table(
-                    CHECKPOINTS_TABLE,
-                    {"name": dt.string, "value": dt.string, "updated_at": dialect.timestamp_type},
-                    key="name",
-                )
-            self.conn.upsert(CHECKPOINTS_TABLE, "name", data)
+            if expected is None and new is None:
+                return not self.read_sections(checkpoint, [key])
+            if expected is None:
+                assert new is not None
+                values = (full_key, checkpoint, key, new.data, new.text, new.written_at)
+                sql = self._statement("insert new", lambda: self._insert_if_absent())
+            elif new is None:
+                values = (full_key, expected)
+                sql = self._statement("delete if", lambda: _returning(sge.delete(table, where=matches), returning))
+            else:
+                values = (new.data, new.text, new.written_at, full_key, expected)
+                sql = self._statement("update if", lambda: self._update_if(matches, returning))
+            return bool(dialect.fetch_written(self.conn.con, sql, values))
+
+    def _insert_if_absent(self) -> sge.Expression:
+        names = list(_COLUMNS)
+        insert = sge.insert(
+            sge.Values(expressions=[sge.Tuple(expressions=[sge.Placeholder() for _ in names])]),
+            sg.table(CHECKPOINTS_TABLE, quoted=True),
+            columns=[sg.to_identifier(n, quoted=True) for n in names],
+        )
+        insert.set(
+            "conflict",
+            sge.OnConflict(conflict_keys=[sg.to_identifier("key", quoted=True)], action=sge.var("DO NOTHING")),
+        )
+        return _returning(insert, sge.Returning(expressions=[sg.column("key", quoted=True)]))
+
+    def _update_if(self, matches: sge.Expression, returning: sge.Expression) -> sge.Expression:
+        update = sge.update(
+            sg.table(CHECKPOINTS_TABLE, quoted=True),
+            {c: sge.Placeholder() for c in ("data", "is_text", "written_at")},
+            where=matches,
+        )
+        return _returning(update, returning)
+
+
+def _returning(statement: sge.Expression, returning: sge.Expression) -> sge.Expression:
+    statement.set("returning", returning)
+    return statement

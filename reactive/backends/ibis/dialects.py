@@ -102,6 +102,10 @@ class Dialect:
     def execute(self, con: Any, sql: str, params: Sequence[Any] = ()) -> None:
         con.con.execute(sql, list(params))
 
+    def fetch_written(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """The rows a writing statement returns (``... RETURNING``), its write committed."""
+        return self.fetch(con, sql, params)
+
     def upsert(self, con: Any, table: str, key: str, rows: pa.Table) -> None:
         """Insert ``rows``, replacing those whose ``key`` exists (needs a unique ``key``)."""
         view = "__reactive_upsert"
@@ -245,6 +249,15 @@ class SQLiteDialect(Dialect):
     def execute(self, con: Any, sql: str, params: Sequence[Any] = ()) -> None:
         con.con.execute(sql, list(params))
         con.con.commit()
+
+    def fetch_written(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        try:
+            rows = self.fetch(con, sql, params)
+        except BaseException:
+            con.con.rollback()
+            raise
+        con.con.commit()
+        return rows
 
     def upsert(self, con: Any, table: str, key: str, rows: pa.Table) -> None:
         raw = con.con

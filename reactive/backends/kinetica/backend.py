@@ -6,11 +6,12 @@ import json
 from typing import Any, Self
 
 from reactive.backends.base import DataBackend, ListenerHooks, TableInfo
-from reactive.backends.kinetica.checkpoints import KineticaCheckpoints
+from reactive.backends.kinetica.checkpoints import KineticaSections
 from reactive.backends.kinetica.client import KineticaAuthError, KineticaClient, KineticaURI, is_transient
 from reactive.backends.kinetica.listener import KineticaMonitorListener
 from reactive.backends.kinetica.stores import KineticaErrors, KineticaOutputs, KineticaSource
 from reactive.backends.kinetica.tables import TableCatalog
+from reactive.checkpoints import Positions
 from reactive.errors import BackendError, ReactiveError
 from reactive.outputs import OutputTypes
 from reactive.queue import CDCQueue
@@ -40,7 +41,8 @@ class KineticaBackend(DataBackend):
     def __init__(self, client: KineticaClient, *, listener_options: dict[str, Any] | None = None) -> None:
         self.client = client
         self.catalog = TableCatalog(client)
-        self.checkpoints = KineticaCheckpoints(self.catalog)
+        self.sections = KineticaSections(self.catalog)
+        self.checkpoints = Positions(self.sections)
         self.output_types = OutputTypes(self.checkpoints)
         self.source = KineticaSource(self.catalog, output_type=self.output_types.get)
         self.outputs = KineticaOutputs(self.catalog, decoded=self.source.decoded)

@@ -1,44 +1,136 @@
-"""``_reactive_checkpoints`` in Kinetica: named JSON values (positions, output types, monitors)."""
+"""``_reactive_checkpoints`` in Kinetica: the sections of every checkpoint.
+
+One record per section: ``key`` (the primary key, ``["checkpoint", "section"]`` as JSON text),
+``checkpoint``, ``section``, ``data`` (base64 text: the official protocol's expressions compare
+strings, which the lease's compare-and-set needs), ``is_text`` and ``written_at`` (epoch ms).
+
+A write of several sections is one ``/insert/records`` with ``update_on_existing_pk``; the
+protocol does not say that a multi-record insert is atomic, so on Kinetica each *section* is
+written atomically, not each call. The compare-and-set uses only the protocol's endpoints: a
+conditional ``/delete/records`` (``"key" = ... and "data" = ...``) followed by an insert that
+fails when the key exists, so at most one of two racing processes wins.
+
+A table in the format of reactive 0.1 (``name``, ``value``, ``updated_at``) is migrated the first
+time it is used.
+"""
 
 from __future__ import annotations
 
-import datetime as _dt
+import base64
 import json
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from reactive.backends.kinetica.tables import TableCatalog, epoch_ms
-from reactive.fingerprints import plain_value
+from reactive.backends.kinetica.client import KineticaError, equals_expression
+from reactive.backends.kinetica.tables import TableCatalog
+from reactive.checkpoints import ENGINE_CHECKPOINT, Section
 
 CHECKPOINTS_TABLE = "_reactive_checkpoints"
+_COLUMNS = [
+    ("key", "string", False),
+    ("checkpoint", "string", False),
+    ("section", "string", False),
+    ("data", "string", False),
+    ("is_text", "int", False),
+    ("written_at", "double", False),
+]
 
 
-class KineticaCheckpoints:
-    """The :class:`~reactive.backends.base.CheckpointStore`: ``_reactive_checkpoints`` (JSON values)."""
+def _key(checkpoint: str, section: str) -> str:
+    return json.dumps([checkpoint, section], ensure_ascii=False)
+
+
+def _record(checkpoint: str, key: str, section: Section) -> dict[str, Any]:
+    return {
+        "key": _key(checkpoint, key),
+        "checkpoint": checkpoint,
+        "section": key,
+        "data": base64.b64encode(section.data).decode("ascii"),
+        "is_text": int(section.text),
+        "written_at": section.written_at,
+    }
+
+
+class KineticaSections:
+    """The :class:`~reactive.checkpoints.SectionStore` of a Kinetica database."""
 
     def __init__(self, catalog: TableCatalog) -> None:
         self.catalog = catalog
+        self._ready = False
+        self._lock = threading.Lock()
 
-    def _table(self) -> Any:
-        columns = [("name", "string", False), ("value", "string", False), ("updated_at", "long", False)]
-        return self.catalog.create(CHECKPOINTS_TABLE, columns, {"name": ["primary_key"], "updated_at": ["timestamp"]})
+    def _ensure(self, *, create: bool) -> bool:
+        if self._ready:
+            return True
+        with self._lock:
+            if self._ready:
+                return True
+            if self.catalog.exists(CHECKPOINTS_TABLE):
+                if "name" in self.catalog.describe(CHECKPOINTS_TABLE).columns:
+                    self._migrate()
+                self._ready = True
+                return True
+            if not create:
+                return False
+            self.catalog.create(CHECKPOINTS_TABLE, _COLUMNS, {"key": ["primary_key"]})
+            self._ready = True
+            return True
 
-    def load_checkpoint(self, name: str) -> dict[str, Any] | None:
-        if not self.catalog.exists(CHECKPOINTS_TABLE):
-            return None
-        found = list(self.catalog.records_by_ids(CHECKPOINTS_TABLE, "name", [name]))
-        return json.loads(found[0]["value"]) if found else None
+    def _migrate(self) -> None:
+        old = list(self.catalog.all_records(CHECKPOINTS_TABLE))
+        self.catalog.drop(CHECKPOINTS_TABLE)
+        self.catalog.create(CHECKPOINTS_TABLE, _COLUMNS, {"key": ["primary_key"]})
+        if old:
+            self._insert(ENGINE_CHECKPOINT, {r["name"]: Section.of(r["value"]) for r in old}, upsert=True)
 
-    def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None:
-        self._table()
-        record = {
-            "name": name,
-            "value": json.dumps(dict(value), default=plain_value),
-            "updated_at": epoch_ms(_dt.datetime.now(_dt.UTC)),
-        }
+    def _insert(self, checkpoint: str, sections: Mapping[str, Section], *, upsert: bool) -> int:
+        records = [_record(checkpoint, key, section) for key, section in sections.items()]
         codec = self.catalog.codec(CHECKPOINTS_TABLE)
-        self.catalog.client.insert_records(CHECKPOINTS_TABLE, [record], codec, update_on_existing_pk=True)
+        counts = self.catalog.client.insert_records(CHECKPOINTS_TABLE, records, codec, update_on_existing_pk=upsert)
+        return counts.count_inserted
 
-    def delete_checkpoint(self, name: str) -> None:
-        if self.catalog.exists(CHECKPOINTS_TABLE):
-            self.catalog.delete_by_ids(CHECKPOINTS_TABLE, "name", [name])
+    def read_sections(self, checkpoint: str, keys: Sequence[str] | None = None) -> dict[str, Section]:
+        if not self._ensure(create=False):
+            return {}
+        if keys is None:
+            records = self.catalog.all_records(
+                CHECKPOINTS_TABLE, expression=equals_expression("checkpoint", checkpoint)
+            )
+        else:
+            records = self.catalog.records_by_ids(CHECKPOINTS_TABLE, "key", [_key(checkpoint, k) for k in keys])
+        return {
+            r["section"]: Section(base64.b64decode(r["data"]), bool(r["is_text"]), float(r["written_at"]))
+            for r in records
+        }
+
+    def write_sections(self, checkpoint: str, sections: Mapping[str, Section]) -> None:
+        if sections:
+            self._ensure(create=True)
+            self._insert(checkpoint, sections, upsert=True)
+
+    def delete_sections(self, checkpoint: str, keys: Sequence[str] | None = None) -> None:
+        if not self._ensure(create=False):
+            return
+        if keys is None:
+            self.catalog.client.delete_records(CHECKPOINTS_TABLE, [equals_expression("checkpoint", checkpoint)])
+        elif keys:
+            self.catalog.delete_by_ids(CHECKPOINTS_TABLE, "key", [_key(checkpoint, k) for k in keys])
+
+    def replace_section(self, checkpoint: str, key: str, expected: bytes | None, new: Section | None) -> bool:
+        self._ensure(create=True)
+        if expected is not None:
+            matches = (
+                f"{equals_expression('key', _key(checkpoint, key))} and "
+                f"{equals_expression('data', base64.b64encode(expected).decode('ascii'))}"
+            )
+            if self.catalog.client.delete_records(CHECKPOINTS_TABLE, [matches]) != 1:
+                return False
+        elif new is None:
+            return key not in self.read_sections(checkpoint, [key])
+        if new is None:
+            return True
+        try:
+            return self._insert(checkpoint, {key: new}, upsert=False) == 1
+        except KineticaError:
+            return False  # the key exists: another process got there first

@@ -61,6 +61,7 @@ from reactive.backends.kinetica.client import (
     is_transient,
 )
 from reactive.backends.kinetica.tables import TableCatalog
+from reactive.checkpoints import CorruptCheckpointError, process_alive
 from reactive.errors import BackendError, QueueClosedError
 from reactive.events import ChangePacket, DBEvent, SourceChange
 from reactive.threads import ReactiveThread
@@ -216,7 +217,10 @@ class KineticaMonitorListener(BaseDatabaseListener):
         with self._lock:
             topics = sorted(self._routes)
         try:
-            saved = dict(self.checkpoints.load_checkpoint(MONITORS_CHECKPOINT) or {})
+            try:
+                saved = dict(self.checkpoints.load_checkpoint(MONITORS_CHECKPOINT) or {})
+            except CorruptCheckpointError:
+                saved = {}  # written again whole below
             if topics:
                 saved[self._owner] = {"host": socket.gethostname(), "pid": os.getpid(), "topics": topics}
             else:
@@ -227,9 +231,13 @@ class KineticaMonitorListener(BaseDatabaseListener):
 
     def _clear_leftovers(self) -> None:
         """Clear the monitors of processes on this host that died without clearing them."""
-        saved = dict(self.checkpoints.load_checkpoint(MONITORS_CHECKPOINT) or {})
+        try:
+            saved = dict(self.checkpoints.load_checkpoint(MONITORS_CHECKPOINT) or {})
+        except CorruptCheckpointError as exc:
+            log.error("the record of table monitors is unreadable (%s); monitors left by dead processes stay", exc)
+            saved = {}
         host = socket.gethostname()
-        dead = [owner for owner, entry in saved.items() if entry.get("host") == host and not _alive(entry.get("pid"))]
+        dead = [o for o, entry in saved.items() if entry.get("host") == host and not process_alive(entry.get("pid"))]
         for owner in dead:
             log.info("clearing %d table monitors left by a process that died", len(saved[owner]["topics"]))
             self._clear_server_side(saved[owner]["topics"])
@@ -786,15 +794,3 @@ class _Maintenance(ReactiveThread):
             else:
                 listener.failing = None
                 backoff = 0.5
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -24,9 +24,10 @@ from reactive.backends.base import (
     chunks,
     outputs_table,
 )
-from reactive.backends.mongodb.checkpoints import CHECKPOINTS_COLLECTION, MongoCheckpoints
+from reactive.backends.mongodb.checkpoints import CHECKPOINTS_COLLECTION, MongoSections
 from reactive.backends.mongodb.errors import Fault, classify, classify_code
 from reactive.backends.mongodb.listener import MongoChangeStreamListener
+from reactive.checkpoints import Positions
 from reactive.errors import BackendError, ConfigurationError, TableNotFoundError
 from reactive.events import Row, id_key
 from reactive.outputs import OutputTypes
@@ -214,7 +215,8 @@ class MongoBackend(DataBackend):
         self.source = MongoSource(self.db, uri=self._uri)
         self.outputs = MongoOutputs(self.db)
         self.errors = MongoErrors(self.db)
-        self.checkpoints = MongoCheckpoints(self.db)
+        self.sections = MongoSections(self.db)
+        self.checkpoints = Positions(self.sections)
         self.output_types = OutputTypes(self.checkpoints)
 
     @classmethod

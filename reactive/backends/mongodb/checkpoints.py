@@ -1,32 +1,101 @@
-"""``_reactive_checkpoints`` in MongoDB: named values (positions, output types)."""
+"""``_reactive_checkpoints`` in MongoDB: one document per checkpoint, its sections as fields.
+
+A checkpoint is one document ``{_id: <checkpoint>, sections: {<key>: {data, text, written_at}}}``
+so that a ``Write`` of several sections is one ``update_one``, atomic on every server (no
+multi-document transaction needed), and the lease's compare-and-set is one conditional update.
+Section keys are stored hex-encoded (a field name cannot hold ``.`` or start with ``$``). A
+checkpoint document is limited to MongoDB's 16 MB.
+
+Every write asks for a journaled acknowledgement (``j=True``): a position the server
+acknowledged survives the server's crash.
+
+Documents in the format of reactive 0.1 (``{_id: <name>, value: {...}}``) are migrated the first
+time the store is used: their values become sections of the checkpoint ``reactive``.
+"""
 
 from __future__ import annotations
 
-import datetime as _dt
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from bson import Binary
+from pymongo import WriteConcern
 from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError
+
+from reactive.checkpoints import ENGINE_CHECKPOINT, Section
+from reactive.fingerprints import plain_value
 
 CHECKPOINTS_COLLECTION = "_reactive_checkpoints"
+#: Acknowledged once in the server's journal: survives a crash of the server.
+DURABLE = WriteConcern(j=True)
 
 
-class MongoCheckpoints:
-    """The :class:`~reactive.backends.base.CheckpointStore`: ``_reactive_checkpoints``."""
+def _field(key: str) -> str:
+    """
+    >>> _field("a.b")
+    'sections.612e62'
+    """
+    return "sections." + key.encode("utf-8", "surrogatepass").hex()
+
+
+def _key(field: str) -> str:
+    return bytes.fromhex(field).decode("utf-8", "surrogatepass")
+
+
+def _stored(section: Section) -> dict[str, Any]:
+    return {"data": Binary(section.data), "text": section.text, "written_at": section.written_at}
+
+
+class MongoSections:
+    """The :class:`~reactive.checkpoints.SectionStore` of a MongoDB database."""
 
     def __init__(self, db: Database) -> None:
-        self.db = db
+        self.collection = db.get_collection(CHECKPOINTS_COLLECTION, write_concern=DURABLE)
+        self._migrated = False
 
-    def load_checkpoint(self, name: str) -> dict[str, Any] | None:
-        doc = self.db[CHECKPOINTS_COLLECTION].find_one({"_id": name})
-        return None if doc is None else dict(doc["value"])
+    def _migrate(self) -> None:
+        if self._migrated:
+            return
+        old = list(self.collection.find({"value": {"$exists": True}}))
+        if old:
+            values = {doc["_id"]: json.dumps(doc["value"], default=plain_value) for doc in old}
+            self.write_sections(ENGINE_CHECKPOINT, {name: Section.of(v) for name, v in values.items()})
+            self.collection.delete_many({"_id": {"$in": [doc["_id"] for doc in old]}})
+        self._migrated = True
 
-    def delete_checkpoint(self, name: str) -> None:
-        self.db[CHECKPOINTS_COLLECTION].delete_one({"_id": name})
+    def read_sections(self, checkpoint: str, keys: Sequence[str] | None = None) -> dict[str, Section]:
+        self._migrate()
+        projection = None if keys is None else {_field(k): 1 for k in keys} or {"_id": 1}
+        doc = self.collection.find_one({"_id": checkpoint}, projection)
+        if doc is None:
+            return {}
+        return {
+            _key(field): Section(bytes(s["data"]), bool(s["text"]), float(s["written_at"]))
+            for field, s in (doc.get("sections") or {}).items()
+        }
 
-    def save_checkpoint(self, name: str, value: Mapping[str, Any]) -> None:
-        self.db[CHECKPOINTS_COLLECTION].replace_one(
-            {"_id": name},
-            {"_id": name, "value": dict(value), "updated_at": _dt.datetime.now(_dt.UTC)},
-            upsert=True,
-        )
+    def write_sections(self, checkpoint: str, sections: Mapping[str, Section]) -> None:
+        if sections:
+            update = {"$set": {_field(k): _stored(s) for k, s in sections.items()}}
+            self.collection.update_one({"_id": checkpoint}, update, upsert=True)
+
+    def delete_sections(self, checkpoint: str, keys: Sequence[str] | None = None) -> None:
+        if keys is None:
+            self.collection.delete_one({"_id": checkpoint})
+        elif keys:
+            self.collection.update_one({"_id": checkpoint}, {"$unset": {_field(k): "" for k in keys}})
+
+    def replace_section(self, checkpoint: str, key: str, expected: bytes | None, new: Section | None) -> bool:
+        if expected is None and new is None:
+            return key not in self.read_sections(checkpoint, [key])
+        field = _field(key)
+        condition: dict[str, Any] = {"_id": checkpoint}
+        condition[f"{field}.data"] = {"$exists": False} if expected is None else Binary(expected)
+        change = {"$unset": {field: ""}} if new is None else {"$set": {field: _stored(new)}}
+        try:
+            result = self.collection.update_one(condition, change, upsert=expected is None and new is not None)
+        except DuplicateKeyError:
+            return False  # the document exists and the section is not absent: someone else's
+        return result.matched_count == 1 or result.upserted_id is not None

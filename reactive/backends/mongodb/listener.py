@@ -14,6 +14,7 @@ from pymongo.errors import OperationFailure, PyMongoError
 
 from reactive.backends.base import BaseDatabaseListener, CheckpointStore, TableInfo
 from reactive.backends.mongodb.errors import Fault, classify
+from reactive.checkpoints import CorruptCheckpointError
 from reactive.errors import ChangeStreamUnsupportedError, QueueClosedError
 from reactive.events import ChangePacket, DBEvent
 
@@ -80,12 +81,22 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         self.disconnected = threading.Event()
         self.connected = threading.Event()
         self.history_lost = 0
+        #: The saved position could not be read: the next start reconciles everything.
+        self._unknown_history = False
         self.positions_saved = 0
 
     # -- position -------------------------------------------------------------------------
     def _position(self) -> dict[str, Any] | None:
         if self._committed is None:
-            self._committed = self.checkpoints.load_checkpoint(self.checkpoint_name)
+            try:
+                self._committed = self.checkpoints.load_checkpoint(self.checkpoint_name)
+            except CorruptCheckpointError as exc:
+                # Never "no position" (that would start from now and skip what happened): the
+                # next start follows from now AND reconciles every collection.
+                self.last_error = f"unreadable stream position, every collection is reconciled: {exc}"
+                log.error("%s on %s", self.last_error, self.uri)
+                self.checkpoints.delete_checkpoint(self.checkpoint_name)
+                self._unknown_history = True
         return self._committed
 
     def _save(self, position: dict[str, Any]) -> None:
@@ -186,7 +197,11 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         # Open the first stream here, in the caller's thread, so a server that cannot
         # stream fails cdc.start() with a clear error instead of failing in the background.
         try:
-            self._reopen(self._position())
+            position = self._position()
+            if self._unknown_history:
+                self._recover_history()
+            else:
+                self._reopen(position)
         except OperationFailure as exc:
             if classify(exc) is not Fault.HISTORY_LOST:
                 raise
@@ -330,7 +345,9 @@ class MongoChangeStreamListener(BaseDatabaseListener):
     def _recover_history(self) -> None:
         """The saved token aged out of the oplog: reconcile everything, then follow from now."""
         self.history_lost += 1
-        self.last_error = "resume token aged out of the oplog (ChangeStreamHistoryLost); reconciled"
+        if not self._unknown_history:
+            self.last_error = "resume token aged out of the oplog (ChangeStreamHistoryLost); reconciled"
+        self._unknown_history = False
         log.warning(
             "the saved position on %s is no longer in the oplog; reconciling outputs with the source, "
             "then following changes from now",

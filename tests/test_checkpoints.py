@@ -1,0 +1,279 @@
+"""reactive.checkpoints.Table: the seed's API on every store, its limits, flags, lease and atomicity."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import outputs_by_source
+
+import reactive
+from reactive.checkpoints import (
+    ENGINE_CHECKPOINT,
+    CheckpointLimitError,
+    NotActiveError,
+    Section,
+    Table,
+    section_store,
+)
+from reactive.components import Listener, Model
+
+LIMITS = (None, 8, 64, 32)  # retention_ms, max_sections, max_section_size_bytes, max_section_id_size_bytes
+
+
+@pytest.fixture(params=["file", "duckdb", "postgres", "mongodb", "kinetica"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Where a Table lives: the embedded SQLite file (store=None), or a datalayer of each backend."""
+    kind = request.param
+    if kind == "file":
+        monkeypatch.setenv("REACTIVE_CHECKPOINTS", str(tmp_path / "checkpoints.sqlite"))
+        yield None
+        return
+    if kind == "duckdb":
+        uri = f"duckdb:///{tmp_path / 'app.duckdb'}"
+    elif kind == "postgres":
+        uri = request.getfixturevalue("pg_database")
+    elif kind == "mongodb":
+        uri = request.getfixturevalue("mongo_uri")
+    else:
+        server = request.getfixturevalue("kinetica_server")
+        uri = f"kinetica://127.0.0.1:{server.url.rsplit(':', 1)[1]}?monitor_port={server.zmq_port}"
+    with reactive.connect(uri) as db:
+        yield db
+
+
+def table(store: Any, name: str = "t", flags: int = Table.WR_ALL_REPLICAS, limits: tuple = LIMITS, **kw: Any) -> Table:
+    return Table(name, flags, *limits, store=store, **kw)
+
+
+def test_write_read_delete_keep_data_as_written(store: Any) -> None:
+    t = table(store)
+    t.Write("text", "héllo")
+    t.Write("bytes", b"\x00\xff")
+    assert t.Read(["text", "bytes", "missing"]) == {"text": "héllo", "bytes": b"\x00\xff"}
+    t.Delete("text")
+    t.Delete("never written")  # not an error
+    assert t.Read(["text", "bytes"]) == {"bytes": b"\x00\xff"}
+    assert table(store, "other").Read(["bytes"]) == {}  # checkpoints are separate
+
+
+def test_the_single_key_form_truncates_the_container_forms_do_not(store: Any) -> None:
+    t = table(store)
+    t.Write("k", "abcdef")
+    t.Write([("k", "XY")])
+    assert t.Read(["k"]) == {"k": "XYcdef"}
+    t.Write({"k": "Z"})
+    assert t.Read(["k"]) == {"k": "ZYcdef"}
+    t.Write("k", "Q")
+    assert t.Read(["k"]) == {"k": "Q"}
+    t.Write([("k", b"bytes"), ("new", "n")])  # another kind replaces
+    assert t.Read(["k", "new"]) == {"k": b"bytes", "new": "n"}
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda t: t.Write("x" * 33, "v"), "max_section_id_size_bytes=32"),
+        (lambda t: t.Write("k", "v" * 65), "max_section_size_bytes=64"),
+        (lambda t: t.Write({f"k{i}": "v" for i in range(9)}), "max_sections=8"),
+        (lambda t: t.Write([("ok", "v"), ("é" * 17, "v")]), "max_section_id_size_bytes"),
+    ],
+)
+def test_limits_are_clear_errors_and_nothing_is_written(store: Any, write: Any, message: str) -> None:
+    t = table(store)
+    t.Write("before", "kept")
+    with pytest.raises(CheckpointLimitError, match=message) as raised:
+        write(t)
+    assert isinstance(raised.value, ValueError)
+    assert t.Read(["before", "ok", "k", "k0"]) == {"before": "kept"}
+
+
+def test_sections_not_written_for_retention_ms_expire(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = table(store, limits=(1_000, 8, 64, 32))
+    t.Write("old", "o")
+    later = time.time() + 2
+    monkeypatch.setattr("reactive.checkpoints.time.time", lambda: later)
+    t.Write("new", "n")
+    assert t.Read(["old", "new"]) == {"new": "n"}
+    assert "old" not in t.store.read_sections("t", None)  # the write removed it
+
+
+def test_asynchronous_writes_are_written_behind_in_order(store: Any) -> None:
+    writer = table(store, flags=Table.WR_ACTIVE_REPLICA)
+    assert writer.GetActiveStatus()  # not collocated: it activated itself
+    for i in range(50):
+        writer.Write({"counter": str(i), f"k{i % 3}": str(i)})
+    assert writer.Synchronize(30)
+    reader = table(store)
+    assert reader.Read(["counter", "k0", "k1", "k2"]) == {"counter": "49", "k0": "48", "k1": "49", "k2": "47"}
+    writer.Deactivate()
+
+
+def test_a_collocated_checkpoint_has_no_active_replica_until_activate(store: Any) -> None:
+    t = table(store, flags=Table.WR_ACTIVE_REPLICA_WEAK | Table.CHECKPOINT_COLLOCATED)
+    assert not t.GetActiveStatus()
+    with pytest.raises(NotActiveError, match="Activate"):
+        t.Write("k", "v")
+    assert t.Activate() and t.GetActiveStatus()
+    t.Write("k", "v")
+    assert t.Synchronize(30) and t.Read(["k"]) == {"k": "v"}
+    t.Deactivate()
+
+
+def test_one_active_replica_and_a_standby_that_takes_over(store: Any) -> None:
+    first = table(store, flags=Table.WR_ALL_REPLICAS, lease_ms=60_000)
+    second = table(store, flags=Table.WR_ALL_REPLICAS, lease_ms=60_000)
+    assert first.Activate()
+    assert not second.Activate()  # another live process holds it
+    second.SetAutoActivate(True)
+    assert not second.WaitActive(0.5)
+    first.Deactivate()
+    assert second.WaitActive(10)  # long before the 60 s lease could expire
+    assert not first.GetActiveStatus() and second.GetActiveStatus()
+    assert not first.Activate()
+    second.Deactivate()
+
+
+def test_an_expired_lease_is_taken_over(store: Any) -> None:
+    holder = table(store, lease_ms=300)
+    assert holder.Activate()
+    holder.lease.renew = lambda: True  # type: ignore[method-assign]  # a paused holder: it renews nothing
+    holder.lease._held = None  # and its keeper stops trying
+    standby = table(store, lease_ms=300)
+    standby.SetAutoActivate(True)
+    assert standby.WaitActive(10)
+    standby.Deactivate()
+
+
+def test_flags_and_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="flags"):
+        Table("t", Table.WR_ALL_REPLICAS | Table.WR_ACTIVE_REPLICA, *LIMITS, store="duckdb://")
+    with pytest.raises(ValueError, match="max_sections"):
+        Table("t", Table.WR_ALL_REPLICAS, None, 0, 1, 1, store="duckdb://")
+    with pytest.raises(ValueError, match="retention_ms"):
+        Table("t", Table.WR_ALL_REPLICAS, -5, 1, 1, 1, store="duckdb://")
+    with pytest.raises(ValueError, match="store must be"):
+        Table("t", Table.WR_ALL_REPLICAS, *LIMITS, store=42)  # type: ignore[arg-type]
+    assert (Table.WR_ALL_REPLICAS, Table.WR_ACTIVE_REPLICA, Table.WR_ACTIVE_REPLICA_WEAK) == (1, 2, 4)
+    assert Table.CHECKPOINT_COLLOCATED == 8
+
+
+# -- processes: a holder killed, a writer killed -----------------------------------------------------
+def _process(code: str, tmp_path: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    )
+
+
+def test_a_standby_takes_over_at_once_when_the_holder_is_killed(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'checkpoints.sqlite'}"
+    holder = _process(
+        f"""
+        import sys, time
+        from reactive.checkpoints import Table
+        t = Table("jobs", Table.WR_ALL_REPLICAS, None, 8, 64, 32, store={uri!r}, lease_ms=60_000)
+        assert t.Activate()
+        print("active", flush=True)
+        sys.stdin = None
+        time.sleep(600)
+        """,
+        tmp_path,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "active"
+        standby = Table("jobs", Table.WR_ALL_REPLICAS, None, 8, 64, 32, store=uri, lease_ms=60_000)
+        assert not standby.Activate()
+        standby.SetAutoActivate(True)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+        killed = time.monotonic()
+        assert standby.WaitActive(10)
+        assert time.monotonic() - killed < 2  # its pid is gone: no need to wait for the 60 s lease
+        standby.Deactivate()
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def test_a_write_killed_midway_leaves_old_or_new_values_never_a_mix(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'checkpoints.sqlite'}"
+    writer = _process(
+        f"""
+        from reactive.checkpoints import Table
+        t = Table("gen", Table.WR_ALL_REPLICAS, None, 8, 100_000, 32, store={uri!r})
+        for i in range(10**9):
+            t.Write({{"a": str(i) * 5000, "b": str(i) * 5000}})
+            if i == 20:
+                print("writing", flush=True)
+        """,
+        tmp_path,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "writing"
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait(10)
+    finally:
+        writer.kill()
+        writer.wait(10)
+    found = Table("gen", Table.WR_ALL_REPLICAS, None, 8, 100_000, 32, store=uri).Read(["a", "b"])
+    generation = found["a"][: len(found["a"]) // 5000]
+    assert found == {"a": generation * 5000, "b": generation * 5000}  # one call's values, whole
+
+
+# -- the engine's own positions ----------------------------------------------------------------------
+def test_the_engine_keeps_its_positions_in_the_checkpoint_table(mongo_uri: str, mongo) -> None:
+    mongo.docs.insert_one({"_id": 1, "text": "a"})
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("up", predict=lambda xs: [x.upper() for x in xs]), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        name = db.cdc.listener.checkpoint_name
+    sections = Table(ENGINE_CHECKPOINT, Table.WR_ALL_REPLICAS, None, 1000, 1 << 20, 1024, store=mongo_uri).Read(
+        [name, "outputs/up__text"]
+    )
+    assert set(sections) == {name, "outputs/up__text"} and '"token"' in sections[name]
+
+
+def test_an_unreadable_stream_position_is_said_and_everything_reconciled(mongo_uri: str, mongo) -> None:
+    mongo.docs.insert_many([{"_id": i, "text": f"t{i}"} for i in range(3)])
+    model = Model("up", predict=lambda xs: [x.upper() for x in xs])
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(model, "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        name = db.cdc.listener.checkpoint_name
+    mongo.docs.update_one({"_id": 1}, {"$set": {"text": "changed while stopped"}})
+    mongo.docs.delete_one({"_id": 2})
+    section_store(reactive.connect(mongo_uri)).write_sections(
+        ENGINE_CHECKPOINT, {name: Section(b"{not json", True, time.time())}
+    )
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(model, "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "up__text") == {0: "T0", 1: "CHANGED WHILE STOPPED"}
+        source = db.cdc.info()["source"]
+        assert "unreadable stream position" in source["last_error"] and source["history_lost"] == 1
+
+
+def test_a_checkpoint_table_of_reactive_0_1_is_migrated(tmp_path: Path) -> None:
+    import duckdb
+
+    path = tmp_path / "app.duckdb"
+    with duckdb.connect(str(path)) as client:
+        client.execute(
+            'CREATE TABLE "_reactive_checkpoints" (name VARCHAR PRIMARY KEY, value VARCHAR, updated_at TIMESTAMP)'
+        )
+        client.execute("""INSERT INTO "_reactive_checkpoints" VALUES ('outputs/x', '{"type": "string"}', now())""")
+    with reactive.connect(f"duckdb:///{path}") as db:
+        assert db.backend.checkpoints.load_checkpoint("outputs/x") == {"type": "string"}
+        assert db.backend.output_types.get("x") == "string"
