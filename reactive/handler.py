@@ -42,6 +42,8 @@ class ComponentStats:
     errors: int = 0
     batches: int = 0
     last_error: str | None = None
+    #: The component's model calls, live: the call running and since when, a call stuck.
+    model_calls: Any = None
 
     def count(self, batch: Batch) -> None:
         self.batches += 1
@@ -188,6 +190,7 @@ class CDCHandler(ReactiveThread):
     def _refresh(self, component: Component, batch: Batch) -> list[Batch]:
         stats = self.stats.setdefault(component.identifier, ComponentStats())
         stats.count(batch)
+        stats.model_calls = component.model_calls
         try:
             refresh = component.refresh_outputs(batch, self.db, wait=self.wait)
         except Exception as exc:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from reactive.backends.base import ErrorRecord, TableInfo
+    from reactive.components.model import ModelCalls
     from reactive.datalayer import Datalayer
     from reactive.events import Batch, ChangePacket
     from reactive.reconcile import OnProcessed
@@ -60,6 +61,11 @@ class Component(ABC):
 
         Built by :func:`reactive.reconcile.reconcile`; ``on_processed`` is set on each.
         """
+
+    @property
+    def model_calls(self) -> ModelCalls | None:
+        """A live view of the component's model calls (``db.cdc.info()`` shows it), if it has a model."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {"identifier": self.identifier, "type": type(self).__name__, "table": self.table}

@@ -7,10 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 from reactive.backends.base import ErrorRecord, OutputRecord, OutputRejected, TableInfo, outputs_table
 from reactive.components.base import Component, Refresh
-from reactive.components.model import Failure, Model
+from reactive.components.model import Failure, Model, ModelCalls
 from reactive.errors import ConfigurationError
 from reactive.events import Batch, ChangePacket, DBEvent, Row, id_key
-from reactive.fingerprints import fingerprint
 from reactive.reconcile import OnProcessed, reconcile
 
 if TYPE_CHECKING:
@@ -19,6 +18,8 @@ if TYPE_CHECKING:
 _MISSING = object()
 #: How many reconciled ids a listener remembers before it looks every live insert up.
 RECONCILED_MEMORY = 200_000
+#: How many failed row ids a listener remembers to clear their errors once they succeed.
+FAILED_MEMORY = 100_000
 #: Inputs above this size are refused: models truncate long inputs anyway, and a huge
 #: payload should not stall the handler thread.
 DEFAULT_MAX_INPUT_BYTES = 4 * 1024 * 1024
@@ -68,6 +69,9 @@ class Listener(Component):
     the filter loses its output. ``id_column`` names the row id when the table has no
     primary key. A text or bytes input larger than ``max_input_bytes`` is recorded as an
     error instead of being sent to the model.
+
+    A stored fingerprint is :meth:`Model.fingerprint` of the input: it includes the model's
+    ``version``, so outputs of another version are stale and computed again.
     """
 
     def __init__(
@@ -97,6 +101,10 @@ class Listener(Component):
         self.source: TableInfo | None = None
         # Ids whose output a reconciliation wrote in this process (None: too many to keep).
         self._reconciled: set[Hashable] | None = set()
+        # Whether live inserts may be replays of work already written (see _known_absent).
+        self._replaying = True
+        # Ids with recorded errors (see _settle_errors; None: too many to keep).
+        self._failed: set[Hashable] | None = set()
 
     def __repr__(self) -> str:
         return f"Listener({self.identifier!r}, select={self.select!r}, key={self.key!r})"
@@ -118,7 +126,12 @@ class Listener(Component):
             "outputs": self.outputs_table,
         }
 
+    @property
+    def model_calls(self) -> ModelCalls:
+        return self.model.calls
+
     def same_declaration(self, other: Listener) -> bool:
+        """Whether ``other`` declares the same outputs (model name, key, table, filter, id column)."""
         return (self.model.identifier, self.key, self.select, self.filter, self.id_column) == (
             other.model.identifier,
             other.key,
@@ -126,6 +139,10 @@ class Listener(Component):
             other.filter,
             other.id_column,
         )
+
+    def same_settings(self, other: Listener) -> bool:
+        """Whether ``other`` also computes them the same way (:meth:`Model.same_model`, input limit)."""
+        return self.model.same_model(other.model) and self.max_input_bytes == other.max_input_bytes
 
     def prepare(self, db: Datalayer) -> TableInfo:
         source = db.table_info(self.select, id_column=self.id_column)
@@ -138,6 +155,9 @@ class Listener(Component):
             )
         db.writer.prepare(self.identifier, source, self.model.output_type)
         self.source = source
+        self._replaying = True
+        failed = {id_key(error["source"]) for error in db.backend.errors.read_errors(self.identifier)}
+        self._failed = failed if len(failed) <= FAILED_MEMORY else None
         return source
 
     def matches(self, row: Row) -> bool:
@@ -152,7 +172,7 @@ class Listener(Component):
         if not self.matches(row):
             return stored is None
         value = self._input(row)
-        return value is not _MISSING and stored == fingerprint(value)
+        return value is not _MISSING and stored == self.model.fingerprint(value)
 
     def _known_absent(self, batch: Batch) -> set[Hashable]:
         """Ids of a live insert batch that certainly have no output yet.
@@ -161,10 +181,22 @@ class Listener(Component):
         computed it first (a backfill racing live inserts, or rows inserted while the
         process was down, which the source reports again after the restart). Those ids are
         remembered, so only they are looked up; the rest skip a database round trip.
+
+        Replays are looked up too. A crash between writing a window's outputs and saving
+        its position makes the source deliver that window again after the restart, before
+        anything newer. So after each :meth:`prepare` (each ``db.add``, so each start of a
+        process) every live insert is looked up until one looked-up batch of live inserts
+        has none of its rows stored: from then on inserts are new.
         """
-        if batch.event is not DBEvent.insert or batch.targets is not None or self._reconciled is None:
+        live_insert = batch.event is DBEvent.insert and batch.targets is None
+        if not live_insert or self._replaying or self._reconciled is None:
             return set()
         return {key for key in map(id_key, batch.ids) if key not in self._reconciled}
+
+    def _replay_ended(self, batch: Batch, looked_up: list[Any], stored: Mapping[Hashable, int]) -> None:
+        """A batch of live inserts whose rows are all unknown ends the replay (see :meth:`_known_absent`)."""
+        if self._replaying and batch.event is DBEvent.insert and batch.targets is None and looked_up and not stored:
+            self._replaying = False
 
     def _remember_reconciled(self, ids: Iterable[Any]) -> None:
         if self._reconciled is not None:
@@ -190,18 +222,25 @@ class Listener(Component):
 
     def refresh_outputs(self, batch: Batch, db: Datalayer, *, wait: Callable[[float], bool]) -> Refresh:
         assert self.source is not None, "prepare() first"
-        store = db.backend.outputs
         refresh = Refresh()
         if batch.event is DBEvent.delete:
-            store.delete_outputs(self.identifier, batch.ids)
+            db.backend.outputs.delete_outputs(self.identifier, batch.ids)
             refresh.deleted.extend(batch.ids)
-            return refresh
+        else:
+            remove: list[Any] = []
+            absent = self._known_absent(batch)
+            candidates = self._candidates(batch, refresh, remove)
+            self._compute(batch, db, refresh, remove, candidates, absent, wait)
+            remove = [i for i in remove if id_key(i) not in absent]
+            if remove:
+                # A row that left the filter, vanished or failed has no current output.
+                db.backend.outputs.delete_outputs(self.identifier, remove)
+                refresh.deleted.extend(remove)
+        self._settle_errors(batch, db, refresh)
+        return refresh
 
-        def fail(row_id: Any, error: str) -> None:
-            refresh.errors.append(ErrorRecord(self.identifier, self.select, row_id, error))
-            remove.append(row_id)
-
-        remove: list[Any] = []
+    def _candidates(self, batch: Batch, refresh: Refresh, remove: list[Any]) -> list[tuple[Any, Any, int]]:
+        """``(row id, input, fingerprint)`` of the rows to compute; the others go to ``remove``."""
         candidates: list[tuple[Any, Any, int]] = []
         for row_id, row in zip(batch.ids, batch.rows, strict=True):
             if row is None or not self.matches(row):
@@ -209,44 +248,78 @@ class Listener(Component):
                 continue
             value = self._input(row)
             if value is _MISSING:
-                fail(row_id, f"row has no value for key {self.key!r}")
-                continue
-            if self.max_input_bytes is not None and (size := _input_bytes(value, self.max_input_bytes)) > (
+                error = f"row has no value for key {self.key!r}"
+            elif self.max_input_bytes is not None and (size := _input_bytes(value, self.max_input_bytes)) > (
                 self.max_input_bytes
             ):
-                fail(row_id, f"input of {size:,} bytes is larger than max_input_bytes={self.max_input_bytes:,}")
-                continue
-            try:
-                candidates.append((row_id, value, fingerprint(value)))
-            except (TypeError, ValueError) as exc:
-                fail(row_id, f"cannot fingerprint key {self.key!r}: {exc}")
+                error = f"input of {size:,} bytes is larger than max_input_bytes={self.max_input_bytes:,}"
+            else:
+                try:
+                    candidates.append((row_id, value, self.model.fingerprint(value)))
+                    continue
+                except (TypeError, ValueError) as exc:
+                    error = f"cannot fingerprint key {self.key!r}: {exc}"
+            self._fail(refresh, remove, row_id, error)
+        return candidates
 
-        absent = self._known_absent(batch)
+    def _settle_errors(self, batch: Batch, db: Datalayer, refresh: Refresh) -> None:
+        """Keep ``_reactive_errors`` to the current failures of this listener's rows.
+
+        A row recorded as failed that now has an output, or is gone, loses its records; one
+        that failed again keeps only the new record (the handler records it after this).
+        Only the failures this listener knows of are settled: those recorded when it was
+        added (up to :data:`FAILED_MEMORY`) and those since.
+        """
+        if self._failed is None:
+            return
+        settled = [row_id for row_id in batch.ids if id_key(row_id) in self._failed] if self._failed else []
+        if settled:
+            db.backend.errors.clear_errors(self.identifier, settled)
+            self._failed.difference_update(map(id_key, settled))
+        self._failed.update(id_key(error.source) for error in refresh.errors)
+        if len(self._failed) > FAILED_MEMORY:
+            self._failed = None
+
+    def _fail(self, refresh: Refresh, remove: list[Any], row_id: Any, error: str) -> None:
+        """``row_id`` failed: record why, and remove its output (it has no current one)."""
+        refresh.errors.append(ErrorRecord(self.identifier, self.select, row_id, error))
+        remove.append(row_id)
+
+    def _compute(
+        self,
+        batch: Batch,
+        db: Datalayer,
+        refresh: Refresh,
+        remove: list[Any],
+        candidates: list[tuple[Any, Any, int]],
+        absent: set[Hashable],
+        wait: Callable[[float], bool],
+    ) -> None:
+        """Compute and write the candidates whose stored fingerprint is not theirs."""
+        assert self.source is not None
         looked_up = [c[0] for c in candidates if id_key(c[0]) not in absent]
-        stored = store.output_fingerprints(self.identifier, looked_up) if looked_up else {}
+        stored = db.backend.outputs.output_fingerprints(self.identifier, looked_up) if looked_up else {}
+        self._replay_ended(batch, looked_up, stored)
         todo = [c for c in candidates if stored.get(id_key(c[0])) != c[2]]
         refresh.skipped = len(candidates) - len(todo)
-        if todo:
-            results = self.model.compute([value for _, value, _ in todo], wait=wait)
-            records = []
-            for (row_id, _, fp), result in zip(todo, results, strict=True):
-                if isinstance(result, Failure):
-                    fail(row_id, result.error)
+        if not todo:
+            return
+        # A closed queue means the handler is draining it to stop: a hung call is given up.
+        queue = db.cdc.queue
+        results = self.model.compute([v for _, v, _ in todo], wait=wait, stopping=lambda: queue.closed)
+        records = []
+        for (row_id, _, fp), result in zip(todo, results, strict=True):
+            if isinstance(result, Failure):
+                self._fail(refresh, remove, row_id, result.error)
+            else:
+                records.append(OutputRecord(row_id, result, fp, new=id_key(row_id) not in stored))
+        refresh.computed = len(records)
+        if records:
+            kept = db.writer.write(self.identifier, self.source, records)
+            for record, output in zip(records, kept, strict=True):
+                if isinstance(output, OutputRejected):
+                    self._fail(refresh, remove, record.source, output.error)
                 else:
-                    records.append(OutputRecord(row_id, result, fp, new=id_key(row_id) not in stored))
-            refresh.computed = len(records)
-            if records:
-                stored_outputs = db.writer.write(self.identifier, self.source, records)
-                for record, kept in zip(records, stored_outputs, strict=True):
-                    if isinstance(kept, OutputRejected):
-                        fail(record.source, kept.error)
-                    else:
-                        refresh.written.append((record.source, kept))
-                if batch.targets is not None:
-                    self._remember_reconciled(record.source for record in records)
-        remove = [i for i in remove if id_key(i) not in absent]
-        if remove:
-            # A row that left the filter, vanished or failed has no current output.
-            store.delete_outputs(self.identifier, remove)
-            refresh.deleted.extend(remove)
-        return refresh
+                    refresh.written.append((record.source, output))
+            if batch.targets is not None:
+                self._remember_reconciled(record.source for record in records)

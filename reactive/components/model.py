@@ -1,15 +1,39 @@
-"""``Model``: a batch prediction function, and the failure isolation around it."""
+"""``Model``: a batch prediction function, and the failure handling around its calls.
+
+Every call of ``predict`` runs on its own short-lived thread (``reactive-model-<identifier>``)
+while the handler waits for it. That is what lets the handler give a call up: after the
+model's ``timeout``, or when change data capture stops while a call hangs. Python cannot
+kill a thread, so a call that was given up runs on until ``predict`` returns; until then
+the model is not called again (``predict`` is never called twice at once) and its batches
+fail at once, recorded like any failure.
+"""
 
 from __future__ import annotations
 
 import dataclasses as dc
+import datetime as _dt
 import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from reactive.errors import ConfigurationError, ModelOutputError
+from reactive.errors import ConfigurationError
+from reactive.fingerprints import fingerprint, fingerprint_text
+from reactive.threads import ReactiveThread
 
 log = logging.getLogger(__name__)
+
+#: Longest wait between two tries of a batch that failed with a transient error.
+MAX_RETRY_BACKOFF = 30.0
+#: Seconds a running call may go on once change data capture is stopping.
+STOP_GRACE = 10.0
+#: How often a handler waiting for a call checks whether change data capture is stopping.
+STOP_CHECK = 0.1
+#: A call running this long is logged (once), so a hang without a timeout is visible.
+LONG_CALL = 60.0
+
+Transient = type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
 
 
 @dc.dataclass(frozen=True, slots=True)
@@ -17,6 +41,71 @@ class Failure:
     """Why one input produced no output."""
 
     error: str
+
+
+@dc.dataclass(frozen=True, slots=True)
+class CallInfo:
+    """One call of ``predict``: its thread, when it started, how many inputs it got.
+
+    ``abandoned`` says why the handler stopped waiting for it (None while it waits).
+    """
+
+    thread: str
+    since: _dt.datetime
+    inputs: int
+    abandoned: str | None = None
+
+
+@dc.dataclass(slots=True)
+class ModelCalls:
+    """What a model's calls are doing: shown per listener in ``db.cdc.info()``.
+
+    ``running`` is the call the handler is waiting for; ``stuck`` a call it gave up that has
+    not returned yet (the model is not called again until it does).
+    """
+
+    running: CallInfo | None = None
+    stuck: CallInfo | None = None
+    timeouts: int = 0
+    transient_retries: int = 0
+
+
+class _BatchFailed(Exception):
+    """A failure that belongs to the whole batch: it is neither split nor retried."""
+
+
+class _Call(ReactiveThread):
+    """One call of ``predict`` on its own thread, which ends when ``predict`` returns or raises."""
+
+    def __init__(self, model: Model, values: list[Any]) -> None:
+        super().__init__(f"model-{model.identifier}")
+        self.model = model
+        self.values = values
+        self.outputs: Any = None
+        self.error: BaseException | None = None
+        self.started = time.monotonic()
+        self.info = CallInfo(self.name, _dt.datetime.now(_dt.UTC), len(values))
+
+    def run(self) -> None:
+        try:
+            self.outputs = self.model.predict(self.values)
+        except BaseException as exc:  # handed to the waiting handler, which decides
+            self.error = exc
+        finally:
+            self.model._returned(self)
+
+
+def _transient_predicate(transient: Transient) -> Callable[[BaseException], bool]:
+    if isinstance(transient, type) and issubclass(transient, BaseException):
+        transient = (transient,)
+    if isinstance(transient, tuple):
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in transient):
+            raise ConfigurationError("transient must be exception types or a predicate on an exception")
+        types = transient
+        return lambda exc: isinstance(exc, types)
+    if callable(transient):
+        return transient
+    raise ConfigurationError("transient must be exception types or a predicate on an exception")
 
 
 class Model:
@@ -29,11 +118,38 @@ class Model:
     ``output_type`` (an ibis type string such as ``"array<float32>"``) fixes the type of the
     stored outputs; by default it is inferred from the first outputs.
 
-    When ``predict`` raises, :meth:`compute` splits the batch to isolate the failing
-    inputs, retries each failing input ``max_retries`` times with exponential backoff
-    starting at ``retry_backoff`` seconds, and reports it as a :class:`Failure`. A
-    ``predict`` that returns the wrong number of outputs fails the whole batch with a
-    :class:`~reactive.errors.ModelOutputError` message.
+    **Errors.** When ``predict`` raises, :meth:`compute` splits the batch to isolate the
+    failing inputs, retries each failing input ``max_retries`` times with exponential
+    backoff starting at ``retry_backoff`` seconds, and reports it as a :class:`Failure`. An
+    error ``transient`` declares (exception types, or a predicate) is not the inputs' fault
+    (a remote model timing out, say): the batch is kept together and tried again up to
+    ``transient_retries`` times, the backoff doubling from ``retry_backoff`` up to 30 s;
+    after that every input of the batch fails with that error. A ``predict`` that returns
+    the wrong number of outputs fails the whole batch (``model 'm' returned 4 outputs for 5
+    inputs``).
+
+    >>> calls = []
+    >>> def remote(texts):
+    ...     calls.append(len(texts))
+    ...     if len(calls) == 1:
+    ...         raise TimeoutError("the server is busy")
+    ...     return [len(t) for t in texts]
+    >>> Model("len", predict=remote, transient=TimeoutError).compute(["ab", "c"], wait=lambda s: True)
+    [2, 1]
+    >>> calls  # tried again as one batch, not split
+    [2, 2]
+
+    **Hangs.** ``timeout`` (seconds) bounds each call: a call that has not answered by then
+    fails its batch (``did not answer within ...``) and the handler goes on. The call itself
+    cannot be killed: it goes on in its thread, its outputs are discarded when it returns,
+    and until then the model's batches fail at once. Without a timeout a call may run as
+    long as it needs; it is given up only when change data capture stops (after 10 s).
+    :attr:`calls` shows the running and stuck call.
+
+    **Versions.** ``version`` names what the model computes. It is part of every stored
+    output's fingerprint (:meth:`fingerprint`), so a listener added with a model of another
+    version finds every output stale and computes it again. Change it whenever ``predict``
+    would give other outputs for the same inputs.
     """
 
     def __init__(
@@ -45,6 +161,10 @@ class Model:
         output_type: str | None = None,
         max_retries: int = 2,
         retry_backoff: float = 0.05,
+        transient: Transient = (),
+        transient_retries: int = 6,
+        timeout: float | None = None,
+        version: str | int | None = None,
     ) -> None:
         if not identifier or not isinstance(identifier, str):
             raise ConfigurationError("a Model needs a non-empty string identifier")
@@ -52,61 +172,211 @@ class Model:
             raise ConfigurationError(f"Model {identifier!r}: predict must be callable")
         if batch_size < 1:
             raise ConfigurationError(f"Model {identifier!r}: batch_size must be at least 1")
+        if timeout is not None and not timeout > 0:
+            raise ConfigurationError(f"Model {identifier!r}: timeout must be a positive number of seconds or None")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, str | int)):
+            raise ConfigurationError(f"Model {identifier!r}: version must be a string or an int")
         self.identifier = identifier
         self.predict = predict
         self.batch_size = batch_size
         self.output_type = output_type
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
+        self.transient = transient
+        self.is_transient = _transient_predicate(transient)
+        self.transient_retries = transient_retries
+        self.timeout = timeout
+        self.version = None if version is None else str(version)
+        #: The running and stuck call, and counters (a live view).
+        self.calls = ModelCalls()
+        self._lock = threading.Lock()
+        self._returned_calls = threading.Condition(self._lock)
+        self._in_flight: _Call | None = None
 
     def __repr__(self) -> str:
-        return f"Model({self.identifier!r}, batch_size={self.batch_size})"
+        version = "" if self.version is None else f", version={self.version!r}"
+        return f"Model({self.identifier!r}, batch_size={self.batch_size}{version})"
 
-    def compute(self, inputs: Sequence[Any], *, wait: Callable[[float], bool]) -> list[Any]:
-        """Outputs for ``inputs`` in order; an input that failed gets a :class:`Failure`."""
+    def same_model(self, other: Model) -> bool:
+        """Whether ``other`` computes the same thing with the same settings.
+
+        >>> def f(xs): return xs
+        >>> Model("m", f).same_model(Model("m", f)), Model("m", f).same_model(Model("m", f, version=2))
+        (True, False)
+        """
+        settings = ("identifier", "batch_size", "output_type", "max_retries", "retry_backoff", "transient")
+        more = ("transient_retries", "timeout", "version")
+        return self.predict is other.predict and all(getattr(self, s) == getattr(other, s) for s in settings + more)
+
+    def fingerprint(self, value: Any) -> int:
+        """The fingerprint an output of this model computed from ``value`` is stored with.
+
+        It depends on the input and on :attr:`version`: a new version makes every stored
+        output stale.
+
+        >>> Model("m", predict=list).fingerprint("x") == fingerprint("x")
+        True
+        >>> Model("m", predict=list, version="2").fingerprint("x") == fingerprint("x")
+        False
+        """
+        digest = fingerprint(value)
+        if self.version is None:
+            return digest
+        # No unversioned fingerprint's text starts with \x01 (see fingerprints.fingerprint).
+        return fingerprint_text(f"\x01{self.version}\x01{digest}")
+
+    # -- computing ------------------------------------------------------------------------
+    def compute(
+        self,
+        inputs: Sequence[Any],
+        *,
+        wait: Callable[[float], bool],
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> list[Any]:
+        """Outputs for ``inputs`` in order; an input that failed gets a :class:`Failure`.
+
+        ``wait(seconds)`` sleeps between retries and returns False to give them up;
+        ``stopping()`` says change data capture is stopping (transient retries stop, and a
+        running call gets :data:`STOP_GRACE` more seconds).
+        """
         results: list[Any] = [None] * len(inputs)
         for start in range(0, len(inputs), self.batch_size):
             indexed = list(enumerate(inputs[start : start + self.batch_size], start))
-            self._isolate(indexed, results, wait)
+            self._isolate(indexed, results, wait, stopping)
         return results
 
-    def _predict(self, values: list[Any]) -> list[Any]:
-        outputs = self.predict(values)
-        try:
-            outputs = list(outputs)
-        except TypeError:
-            raise ModelOutputError(
-                f"model {self.identifier!r} returned {type(outputs).__name__}, not a list of outputs"
-            ) from None
-        if len(outputs) != len(values):
-            raise ModelOutputError(
-                f"model {self.identifier!r} returned {len(outputs)} outputs for {len(values)} inputs"
-            )
-        return outputs
+    def wait_calls(self, timeout: float | None = None) -> bool:
+        """Wait until no call of this model is running (a stuck call has returned).
 
-    def _isolate(self, indexed: list[tuple[int, Any]], results: list[Any], wait: Callable[[float], bool]) -> None:
+        >>> Model("m", predict=list).wait_calls(timeout=1)
+        True
+        """
+        with self._returned_calls:
+            return self._returned_calls.wait_for(lambda: self._in_flight is None, timeout)
+
+    def _isolate(
+        self,
+        indexed: list[tuple[int, Any]],
+        results: list[Any],
+        wait: Callable[[float], bool],
+        stopping: Callable[[], bool],
+    ) -> None:
         values = [v for _, v in indexed]
-        attempt = 0
+        attempt = transient_attempt = 0
         while True:
             try:
-                outputs = self._predict(values)
-            except ModelOutputError as exc:
-                # A count mismatch is a property of the batch: record it for every input.
-                for i, _ in indexed:
-                    results[i] = Failure(str(exc))
+                outputs = self._call(values, stopping)
+            except _BatchFailed as exc:
+                self._fail_all(indexed, results, str(exc))
                 return
             except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                if self.is_transient(exc):
+                    delay = min(self.retry_backoff * 2**transient_attempt, MAX_RETRY_BACKOFF)
+                    if transient_attempt < self.transient_retries and _pause(delay, wait, stopping):
+                        transient_attempt += 1
+                        with self._lock:
+                            self.calls.transient_retries += 1
+                        log.info("model %s: transient error (%s); trying the batch again", self.identifier, error)
+                        continue
+                    self._fail_all(indexed, results, f"{error} (transient; gave up after {transient_attempt} retries)")
+                    return
                 if len(indexed) > 1:
                     middle = len(indexed) // 2
-                    self._isolate(indexed[:middle], results, wait)
-                    self._isolate(indexed[middle:], results, wait)
+                    self._isolate(indexed[:middle], results, wait, stopping)
+                    self._isolate(indexed[middle:], results, wait, stopping)
                     return
                 if attempt < self.max_retries and wait(self.retry_backoff * 2**attempt):
                     attempt += 1
                     continue
-                results[indexed[0][0]] = Failure(f"{type(exc).__name__}: {exc}")
+                results[indexed[0][0]] = Failure(error)
                 log.debug("model %s failed on one input", self.identifier, exc_info=True)
                 return
             for (i, _), output in zip(indexed, outputs, strict=True):
                 results[i] = output
             return
+
+    @staticmethod
+    def _fail_all(indexed: list[tuple[int, Any]], results: list[Any], error: str) -> None:
+        for i, _ in indexed:
+            results[i] = Failure(error)
+
+    def _call(self, values: list[Any], stopping: Callable[[], bool]) -> list[Any]:
+        """One call of ``predict`` on its own thread; what it returned, checked."""
+        with self._lock:
+            if self._in_flight is not None:
+                stuck = self.calls.stuck
+                since = f" since {stuck.since:%H:%M:%S} UTC" if stuck else ""
+                raise _BatchFailed(
+                    f"model {self.identifier!r} is not called: a call given up earlier is still running{since}"
+                )
+            call = self._in_flight = _Call(self, values)
+            self.calls.running = call.info
+        call.start()
+        abandoned = self._await(call, stopping)
+        with self._lock:
+            self.calls.running = None
+            if abandoned is not None and self._in_flight is call:
+                self.calls.stuck = dc.replace(call.info, abandoned=abandoned)
+                raise _BatchFailed(abandoned)
+        if call.error is not None:
+            raise call.error
+        return self._checked(call.outputs, values)
+
+    def _await(self, call: _Call, stopping: Callable[[], bool]) -> str | None:
+        """Wait for ``call``; why it was given up, or None once it returned."""
+        deadline = None if self.timeout is None else call.started + self.timeout
+        stop_deadline: float | None = None
+        warned = False
+        while True:
+            now = time.monotonic()
+            slice_ = STOP_CHECK if deadline is None else max(0.0, min(STOP_CHECK, deadline - now))
+            call.join(slice_)  # returns when the thread ended: no thread of a finished call lingers
+            if not call.is_alive():
+                return None
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                with self._lock:
+                    self.calls.timeouts += 1
+                log.warning("model %s did not answer within %g s; its call goes on", self.identifier, self.timeout)
+                return f"model {self.identifier!r} did not answer within {self.timeout:g} s"
+            if stop_deadline is None and stopping():
+                stop_deadline = now + STOP_GRACE
+            if stop_deadline is not None and now >= stop_deadline:
+                log.warning("model %s still running %g s into a stop; its call goes on", self.identifier, STOP_GRACE)
+                return f"model {self.identifier!r} was still running when change data capture stopped"
+            if not warned and now - call.started >= LONG_CALL:
+                warned = True
+                seconds = now - call.started
+                log.warning("model %s has run for %.0f s on %d inputs", self.identifier, seconds, call.info.inputs)
+
+    def _returned(self, call: _Call) -> None:
+        """``call`` returned (on its own thread): the model may be called again."""
+        with self._returned_calls:
+            if self._in_flight is call:
+                self._in_flight = None
+                if self.calls.stuck is not None:
+                    log.warning("model %s: a call given up earlier returned; outputs discarded", self.identifier)
+                    self.calls.stuck = None
+            self._returned_calls.notify_all()
+
+    def _checked(self, outputs: Any, values: list[Any]) -> list[Any]:
+        """``outputs`` as a list matched to ``values``; a count mismatch fails the batch."""
+        try:
+            outputs = list(outputs)
+        except TypeError:
+            raise _BatchFailed(
+                f"model {self.identifier!r} returned {type(outputs).__name__}, not a list of outputs"
+            ) from None
+        if len(outputs) != len(values):
+            raise _BatchFailed(f"model {self.identifier!r} returned {len(outputs)} outputs for {len(values)} inputs")
+        return outputs
+
+
+def _pause(seconds: float, wait: Callable[[float], bool], stopping: Callable[[], bool]) -> bool:
+    """Sleep ``seconds`` in slices; False as soon as ``wait`` or ``stopping`` says to give up."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if stopping() or not wait(min(left, STOP_CHECK)):
+            return False
+    return not stopping()
