@@ -16,7 +16,7 @@ from reactive.cdc import DatabaseChangeDataCapture
 from reactive.components.base import Component
 from reactive.components.listener import Listener
 from reactive.errors import BackendError, ConfigurationError
-from reactive.events import ChangePacket
+from reactive.events import ChangePacket, id_key
 from reactive.outputs import OutputWriter
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,10 @@ class Datalayer:
         self._tables: dict[str, TableInfo] = {}
         self._lock = threading.RLock()
         self._declare_lock = threading.Lock()
+        #: Components whose backfill has not finished (adding them again resumes it).
+        self._unfinished: set[str] = set()
+        #: Components whose interrupted backfill the handler skips while db.cdc stops.
+        self._abandoned: set[str] = set()
         listener_options: dict[str, Any] = {"poll_interval": poll_interval, "page_size": page_size}
         self.cdc = DatabaseChangeDataCapture(
             self, queue_rows=queue_rows, batch_rows=batch_rows, listener_options=listener_options
@@ -79,7 +83,8 @@ class Datalayer:
             return [
                 c
                 for c in self._components.values()
-                if c.table == table and (targets is None or c.identifier in targets)
+                if c.table == table
+                and (targets is None or (c.identifier in targets and c.identifier not in self._abandoned))
             ]
 
     def _internal_outputs(self, table: str) -> Listener | None:
@@ -107,12 +112,20 @@ class Datalayer:
         """Declare ``component``, backfill its outputs, and follow its table from now on.
 
         Adding a listener whose identifier exists resumes it: only rows whose outputs are
-        missing or stale are computed. Raises
-        :class:`~reactive.errors.TableNotFoundError` when the table does not exist and
-        :class:`~reactive.errors.MissingIdColumnError` when it has no primary key.
+        missing or stale are computed. Adding an equal declaration again does nothing, and
+        returns the component already added, unless its model changed (another ``predict``,
+        ``version`` or setting): then the new listener replaces the old one, and a new
+        ``version`` computes every output again before ``add`` returns. A backfill that did
+        not finish (an error, Ctrl-C) is resumed by adding the listener again.
 
-        ``progress`` logs backfill progress (``True``) or is called with
+        Raises :class:`~reactive.errors.TableNotFoundError` when the table does not exist,
+        :class:`~reactive.errors.MissingIdColumnError` when it has no primary key, and
+        :class:`~reactive.errors.ConfigurationError` when the identifier is taken by another
+        declaration. ``progress`` logs backfill progress (``True``) or is called with
         ``(rows processed, rows in table)``.
+
+        Ctrl-C (or ``SystemExit``) during the backfill stops ``db.cdc`` before it goes on, so
+        no thread of ``reactive`` is left inside the database when the interpreter exits.
         """
         if not isinstance(component, Component):
             raise ConfigurationError(f"db.add takes a component (e.g. a Listener), not {type(component).__name__}")
@@ -122,14 +135,9 @@ class Datalayer:
             with self._lock:
                 existing = self._components.get(component.identifier)
                 if existing is not None:
-                    same = isinstance(existing, Listener) and isinstance(component, Listener)
-                    if same and existing.same_declaration(component):
+                    component = self._redeclared(existing, component)
+                    if component is existing and existing.identifier not in self._unfinished:
                         return existing
-                    raise ConfigurationError(
-                        f"a component {component.identifier!r} is already added with another declaration; "
-                        f"db.remove({component.identifier!r}) first",
-                        listener=component.identifier,
-                    )
                 self._check_chain(component)
             source = component.prepare(self)
             if self._internal_outputs(source.name) is None:
@@ -138,11 +146,37 @@ class Datalayer:
             with self._lock:
                 self._tables[source.name] = source
                 self._components[component.identifier] = component
-        try:
-            self._backfill(component, source, progress)
-        except BaseException:
-            log.error("backfill of %s did not finish; adding it again resumes it", component.identifier)
-            raise
+                self._unfinished.add(component.identifier)
+        self._backfill(component, source, progress)
+        return component
+
+    @staticmethod
+    def _redeclared(existing: Component, component: Component) -> Component:
+        """The component to keep when ``component`` is added under a taken identifier.
+
+        The one already added when nothing differs; the new one when only its model or
+        settings differ (a model is never swapped silently); an error for another declaration.
+        """
+        if not (
+            isinstance(existing, Listener) and isinstance(component, Listener) and existing.same_declaration(component)
+        ):
+            raise ConfigurationError(
+                f"a component {component.identifier!r} is already added with another declaration; "
+                f"db.remove({component.identifier!r}) first",
+                listener=component.identifier,
+            )
+        if existing.same_settings(component):
+            return existing
+        old, new = existing.model, component.model
+        if old.version == new.version and old.predict is not new.predict:
+            log.warning(
+                "listener %s: the new model %r has the version of the old one (%r), so the stored outputs are "
+                "kept; give it a new version= to compute them again",
+                component.identifier,
+                new,
+                new.version,
+            )
+        log.info("listener %s: %r replaces %r", component.identifier, new, old)
         return component
 
     def _check_chain(self, component: Component) -> None:
@@ -155,11 +189,41 @@ class Datalayer:
             table = upstream.table
 
     def _backfill(self, component: Component, source: TableInfo, progress: bool | Progress) -> None:
+        """Reconcile ``component`` and wait until the handler processed what that queued."""
         reader = self.backend.source
         total = reader.count(source) if source.columns or reader.table_exists(source.name) else 0
         tracker = _Backfill(component.identifier, total, progress)
-        self.cdc.ensure_handler()
-        tracker.wait_for(self.cdc.reconcile([component], on_processed=tracker.processed))
+        try:
+            self.cdc.ensure_handler()
+            tracker.wait_for(self.cdc.reconcile([component], on_processed=tracker.processed))
+        except BaseException as exc:
+            interrupt = _interrupt_in(exc)
+            if interrupt is None:
+                log.error("backfill of %s did not finish; adding it again resumes it", component.identifier)
+                raise
+            self._interrupted(component)
+            if interrupt is exc:
+                raise
+            # A driver's error for Ctrl-C (DuckDB's "Query interrupted") ends as the Ctrl-C it was.
+            raise type(interrupt)(*interrupt.args) from exc
+        with self._lock:
+            self._unfinished.discard(component.identifier)
+
+    def _interrupted(self, component: Component) -> None:
+        """Ctrl-C during a backfill: skip the rest of it and stop ``db.cdc`` before the
+        interrupt goes on. A script that ends there would otherwise exit while the handler is
+        inside the database, and an embedded database aborts the process (DuckDB: SIGABRT)."""
+        log.warning(
+            "backfill of %s interrupted: change data capture stops; add it again to resume the backfill",
+            component.identifier,
+        )
+        with self._lock:
+            self._abandoned.add(component.identifier)
+        try:
+            self.cdc.stop()
+        finally:
+            with self._lock:
+                self._abandoned.discard(component.identifier)
 
     def remove(self, identifier: str, *, drop_outputs: bool = False) -> None:
         """Stop routing changes to ``identifier``; with ``drop_outputs`` delete its outputs."""
@@ -169,6 +233,7 @@ class Datalayer:
                 if component is None:
                     added = ", ".join(self._components) or "none"
                     raise ConfigurationError(f"no component {identifier!r}; added: {added}")
+                self._unfinished.discard(identifier)
                 unused = not any(c.table == component.table for c in self._components.values())
                 if unused:
                     self._tables.pop(component.table, None)
@@ -194,6 +259,33 @@ class Datalayer:
         """Rows that could not be processed: listener, table, source id, error, time."""
         return self.backend.errors.read_errors(identifier)
 
+    def retry_errors(self, identifier: str | None = None) -> int:
+        """Compute again the rows that failed, and return how many failed rows were retried.
+
+        For listener ``identifier`` (default: every component added here), the recorded
+        errors are cleared, then the listener is reconciled, like a resumed ``db.add``: a
+        failed row has no output, so it is queued again (read when processed; a row gone by
+        then is a delete), with anything else missing or stale. Waits until those rows are
+        processed; a row that fails again is recorded again. Errors of listeners not added
+        in this process are left alone: retrying needs the model.
+
+        Raises :class:`~reactive.errors.ConfigurationError` for an identifier not added.
+        """
+        with self._lock:
+            if identifier is not None and identifier not in self._components:
+                added = ", ".join(self._components) or "none"
+                raise ConfigurationError(f"no component {identifier!r} to retry; added: {added}")
+            components = [c for c in self._components.values() if identifier in (None, c.identifier)]
+        retried = 0
+        for component in components:
+            sources = [error["source"] for error in self.backend.errors.read_errors(component.identifier)]
+            if not sources:
+                continue
+            self.backend.errors.clear_errors(component.identifier, sources)
+            retried += len({id_key(source) for source in sources})
+            self._backfill(component, self.table_info(component.table), progress=False)
+        return retried
+
     def close(self) -> None:
         """Stop change data capture and close the connection."""
         self.cdc.stop()
@@ -206,6 +298,31 @@ class Datalayer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | SystemExit | None:
+    """The Ctrl-C or exit ``exc`` is, or that a driver raised ``exc`` for; None if neither.
+
+    DuckDB turns a KeyboardInterrupt during a query into ``RuntimeError('Query
+    interrupted')`` caused by it.
+
+    >>> try:
+    ...     try:
+    ...         raise KeyboardInterrupt
+    ...     except KeyboardInterrupt as interrupt:
+    ...         raise RuntimeError("Query interrupted") from interrupt
+    ... except RuntimeError as exc:
+    ...     _interrupt_in(exc), _interrupt_in(ValueError("bad"))
+    (KeyboardInterrupt(), None)
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt | SystemExit):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 class _Backfill:
