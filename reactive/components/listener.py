@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,8 @@ from reactive.reconcile import OnProcessed, reconcile
 
 if TYPE_CHECKING:
     from reactive.datalayer import Datalayer
+
+log = logging.getLogger(__name__)
 
 _MISSING = object()
 #: How many reconciled ids a listener remembers before it looks every live insert up.
@@ -274,7 +277,14 @@ class Listener(Component):
             return
         settled = [row_id for row_id in batch.ids if id_key(row_id) in self._failed] if self._failed else []
         if settled:
-            db.backend.errors.clear_errors(self.identifier, settled)
+            try:
+                db.backend.errors.clear_errors(self.identifier, settled)
+            except Exception as exc:
+                if db.backend.is_transient(exc):
+                    raise
+                # Bookkeeping must not fail a batch whose outputs are written; tried again later.
+                log.warning("could not clear %d settled errors of %s: %s", len(settled), self.identifier, exc)
+                return
             self._failed.difference_update(map(id_key, settled))
         self._failed.update(id_key(error.source) for error in refresh.errors)
         if len(self._failed) > FAILED_MEMORY:
