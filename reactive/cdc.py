@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from reactive.backends import load_backend
 from reactive.backends.base import BaseDatabaseListener, ListenerHooks, TableInfo
-from reactive.errors import BackendError
+from reactive.checkpoints import Lease, LeaseKeeper
+from reactive.errors import BackendError, LeaseLostError
 from reactive.handler import CDCHandler, ComponentStats, HandlerTotals
 from reactive.queue import CDCQueue
 
@@ -65,8 +66,15 @@ class DatabaseChangeDataCapture:
         queue_rows: int = 20_000,
         batch_rows: int = 5_000,
         listener_options: dict[str, Any] | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self.db = db
+        #: The database's lease: only the process holding it runs the listener and writes.
+        self.lease = lease
+        self._keeper: LeaseKeeper | None = None
+        #: Clear while this process waits for the lease (a standby): wait_idle waits for it.
+        self._activated = threading.Event()
+        self._activated.set()
         self.queue = CDCQueue(max_rows=queue_rows)
         self.batch_rows = batch_rows
         self.listener_options = listener_options or {}
@@ -84,8 +92,76 @@ class DatabaseChangeDataCapture:
 
     @property
     def running(self) -> bool:
-        """True between :meth:`start` and :meth:`stop`."""
+        """True between :meth:`start` and :meth:`stop` (a standby runs too: it waits to take over)."""
         return self._running
+
+    # -- the lease ------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """Whether this process runs the listeners: it holds the lease (or there is none)."""
+        return self.lease is None or self.lease.held is not None
+
+    def acquire(self) -> bool:
+        """Take the lease if it is free (kept, and renewed, until :meth:`stop`); False on a
+        standby. ``db.add`` calls it: only the process holding the lease computes and writes."""
+        if self.lease is None:
+            return True
+        with self._lock:
+            if self.lease.held is None and not self.lease.acquire():
+                self._activated.clear()  # a standby: something waits for the lease
+                return False
+            self._keep()
+            return True
+
+    def fence(self) -> None:
+        """Raise :class:`~reactive.errors.LeaseLostError` unless this process may write now.
+
+        Called right before every write of an output and of a position. A holder renews its
+        lease every third of ``lease_ms``; a write needs a third of it still ahead, so a
+        process paused past its lease (while a standby took over) writes nothing afterwards.
+        """
+        if self.lease is not None and not self.lease.valid(self.lease.lease_ms / 3000):
+            raise LeaseLostError(f"this process does not hold the lease of {self.db.backend.uri}: it writes nothing")
+
+    def _keep(self) -> LeaseKeeper:
+        """The thread that renews the lease and, while :attr:`running`, takes it when free."""
+        assert self.lease is not None
+        with self._lock:
+            if self._keeper is None or not self._keeper.alive:
+                self._keeper = LeaseKeeper(
+                    self.lease, auto_activate=self._running, on_change=self._lease_changed, name="database"
+                )
+                self._keeper.start()
+            self._keeper.auto_activate = self._running
+            return self._keeper
+
+    def _lease_changed(self, held: bool) -> None:
+        """On the lease thread: took the lease over, or lost it. The work runs on its own thread
+        so that the lease keeps being renewed meanwhile."""
+        target = self._take_over if held else self._stand_down
+        threading.Thread(target=target, name=f"reactive-{'takeover' if held else 'standdown'}", daemon=True).start()
+
+    def _take_over(self) -> None:
+        """This process now holds the lease: follow every table, then backfill what was deferred."""
+        log.warning("this process now holds the lease of %s: it runs the listeners", self.db.backend.uri)
+        try:
+            with self._lock:
+                if not self._running:
+                    return
+            self.db.activate_components(start=self._start_threads)
+            self._activated.set()
+        except Exception:
+            log.exception("taking over %s failed; another process may take over", self.db.backend.uri)
+            self._stop_threads(30.0)
+            if self.lease is not None:
+                self.lease.release()
+
+    def _stand_down(self) -> None:
+        """The lease is lost (it expired, another process took it): stop writing at once."""
+        log.error("this process lost the lease of %s: it stops and waits as a standby", self.db.backend.uri)
+        self._activated.clear()
+        self.db.deactivate_components()
+        self._stop_threads(30.0)
 
     @property
     def listener(self) -> BaseDatabaseListener | None:
@@ -165,6 +241,10 @@ class DatabaseChangeDataCapture:
         """
         self.start()
         listener = self._listener
+        if not self.active:
+            raise LeaseLostError(
+                f"another process holds the lease of {self.db.backend.uri}: table monitors run in that process"
+            )
         if listener is None:
             raise BackendError("change data capture stopped while a table monitor was starting")
         listener.subscribe(table, sink)
@@ -187,9 +267,34 @@ class DatabaseChangeDataCapture:
                 self._listener.unwatch(table)
 
     def start(self) -> None:
-        """Start following every watched table. Calling it twice does nothing."""
+        """Start following every watched table. Calling it twice does nothing.
+
+        On a standby (another process holds the lease) this returns at once: the process takes
+        over, follows every table and runs the backfills it deferred when the holder stops or
+        dies (noticed at once on the same host, otherwise when its lease expires).
+        """
         with self._lock:
             if self._running:
+                return
+            self._running = True
+        if self.acquire():
+            try:
+                self._start_threads()
+            except BaseException:
+                with self._lock:
+                    self._running = False
+                raise
+        else:
+            log.info(
+                "another process holds the lease of %s: this one waits as a standby and takes over when it stops",
+                self.db.backend.uri,
+            )
+        if self.lease is not None:
+            self._keep()
+
+    def _start_threads(self) -> None:
+        with self._lock:
+            if self._listener is not None and self._listener.is_alive():
                 return
             handler = self.ensure_handler()
             listener = self._ensure_listener()
@@ -202,15 +307,28 @@ class DatabaseChangeDataCapture:
                 handler.stop()
                 handler.join()
                 raise
-            self._running = True
             log.info("change data capture started on %s", self.db.backend.uri)
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop the listener, process everything already queued, stop the handler; join both."""
+        """Stop the listener, process everything already queued, stop the handler; join both.
+        Then give the lease up: a standby takes over at once."""
+        with self._lock:
+            self._running = False
+            keeper, self._keeper = self._keeper, None
+        self._stop_threads(timeout)
+        if keeper is not None:
+            keeper.stop()
+        if self.lease is not None:
+            self._activated.set()  # nothing waits for the lease any more
+            try:
+                self.lease.release()
+            except Exception as exc:  # the database is gone: the lease expires by itself
+                log.warning("could not give the lease of %s up: %s", self.db.backend.uri, exc)
+
+    def _stop_threads(self, timeout: float | None) -> None:
         with self._lock:
             listener, self._listener = self._listener, None
             handler, self._handler = self._handler, None
-            self._running = False
         if listener is not None:
             if listener.is_alive():
                 listener.stop()
@@ -237,6 +355,8 @@ class DatabaseChangeDataCapture:
         def remaining() -> float | None:
             return None if deadline is None else max(0.0, deadline - time.monotonic())
 
+        if not self._activated.wait(remaining()):
+            return False  # a standby: another process runs the listeners
         listener = self._listener
         if self._running and listener is not None and not listener.sync(remaining()):
             return False
@@ -260,4 +380,19 @@ class DatabaseChangeDataCapture:
             "source": listener.info() if listener is not None else self._last_source_info,
             "stopped_tables": dict(self.table_states),
             "listeners": {name: dc.asdict(stats) for name, stats in self.stats.items()},
+            "lease": self._lease_info(),
+        }
+
+    def _lease_info(self) -> dict[str, Any] | None:
+        if self.lease is None:
+            return None
+        try:
+            holder = self.lease.current()
+        except Exception as exc:
+            return {"this_process": self.active, "holder": None, "error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "this_process": self.active,
+            "holder": None if holder is None else dc.asdict(holder),
+            "lease_ms": self.lease.lease_ms,
+            "last_error": None if self._keeper is None else self._keeper.last_error,
         }

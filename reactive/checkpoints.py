@@ -194,6 +194,12 @@ class Lease:
                 self._held = self._raw = None
             return self._held
 
+    def valid(self, margin: float) -> bool:
+        """Whether we hold the lease for at least ``margin`` more seconds (the fence before a
+        write: a process paused past its lease's expiry fails it, without asking the store)."""
+        held = self.held
+        return held is not None and held.expires - time.time() > margin
+
     def current(self) -> Holder | None:
         """Who holds it according to the store (None: nobody, or unreadable)."""
         found = self.store.read_sections(self.checkpoint, [LEASE_SECTION]).get(LEASE_SECTION)

@@ -13,9 +13,10 @@ from typing import Any, Self
 from reactive.backends import backend_for_uri
 from reactive.backends.base import OUTPUTS_PREFIX, SOURCE_FIELD, DataBackend, TableInfo
 from reactive.cdc import DatabaseChangeDataCapture
+from reactive.checkpoints import DEFAULT_LEASE_MS, ENGINE_CHECKPOINT, Lease
 from reactive.components.base import Component
 from reactive.components.listener import Listener
-from reactive.errors import BackendError, ConfigurationError
+from reactive.errors import BackendError, ConfigurationError, LeaseLostError
 from reactive.events import ChangePacket, id_key
 from reactive.outputs import OutputWriter
 
@@ -55,10 +56,13 @@ class Datalayer:
         batch_rows: int = 5_000,
         page_size: int = 5_000,
         poll_interval: float = 1.0,
+        lease: bool = True,
+        lease_ms: int = DEFAULT_LEASE_MS,
     ) -> None:
         self.backend = backend
-        #: Where listeners' outputs go: their type fixed once, each output normalized.
-        self.writer = OutputWriter(backend.outputs, backend.output_types)
+        #: Where listeners' outputs go: their type fixed once, each output normalized, every
+        #: write fenced by the lease (a process that lost it writes nothing).
+        self.writer = OutputWriter(backend.outputs, backend.output_types, fence=lambda: self.cdc.fence())
         self.page_size = page_size
         self._components: dict[str, Component] = {}
         self._tables: dict[str, TableInfo] = {}
@@ -68,9 +72,15 @@ class Datalayer:
         self._unfinished: set[str] = set()
         #: Components whose interrupted backfill the handler skips while db.cdc stops.
         self._abandoned: set[str] = set()
+        #: Components declared while another process held the lease: activated at takeover.
+        self._deferred: set[str] = set()
         listener_options: dict[str, Any] = {"poll_interval": poll_interval, "page_size": page_size}
         self.cdc = DatabaseChangeDataCapture(
-            self, queue_rows=queue_rows, batch_rows=batch_rows, listener_options=listener_options
+            self,
+            queue_rows=queue_rows,
+            batch_rows=batch_rows,
+            listener_options=listener_options,
+            lease=Lease(backend.sections, ENGINE_CHECKPOINT, lease_ms=lease_ms) if lease else None,
         )
 
     def __repr__(self) -> str:
@@ -140,15 +150,50 @@ class Datalayer:
                         return existing
                 self._check_chain(component)
             source = component.prepare(self)
-            if self._internal_outputs(source.name) is None:
-                # Follow the table before reading it for the backfill: nothing falls between.
-                self.cdc.listen(source)
+            active = self.cdc.acquire()
+            if active:
+                self._follow(component, source)
             with self._lock:
                 self._tables[source.name] = source
                 self._components[component.identifier] = component
                 self._unfinished.add(component.identifier)
+                if not active:
+                    self._deferred.add(component.identifier)
+        if not active:
+            log.info(
+                "%s is declared; another process holds the lease of %s, so its backfill waits until this one "
+                "takes over",
+                component.identifier,
+                self.backend.uri,
+            )
+            return component
         self._backfill(component, source, progress)
         return component
+
+    def _follow(self, component: Component, source: TableInfo) -> None:
+        """Create what ``component`` writes to and follow its table (this process holds the lease)."""
+        component.activate(self)
+        if self._internal_outputs(source.name) is None:
+            # Follow the table before reading it for the backfill: nothing falls between.
+            self.cdc.listen(source)
+
+    def activate_components(self, *, start: Callable[[], None]) -> None:
+        """At a takeover: follow the tables of the deferred components, ``start()`` the change
+        listener, then run their backfills (``db.cdc`` calls this)."""
+        with self._lock:
+            deferred = [self._components[i] for i in self._deferred if i in self._components]
+        for component in deferred:
+            self._follow(component, self.table_info(component.table))
+        start()
+        for component in deferred:
+            self._backfill(component, self.table_info(component.table), progress=True)
+            with self._lock:
+                self._deferred.discard(component.identifier)
+
+    def deactivate_components(self) -> None:
+        """The lease was lost: every component is activated again at the next takeover."""
+        with self._lock:
+            self._deferred.update(self._components)
 
     @staticmethod
     def _redeclared(existing: Component, component: Component) -> Component:
@@ -234,6 +279,7 @@ class Datalayer:
                     added = ", ".join(self._components) or "none"
                     raise ConfigurationError(f"no component {identifier!r}; added: {added}")
                 self._unfinished.discard(identifier)
+                self._deferred.discard(identifier)
                 unused = not any(c.table == component.table for c in self._components.values())
                 if unused:
                     self._tables.pop(component.table, None)
@@ -271,6 +317,8 @@ class Datalayer:
 
         Raises :class:`~reactive.errors.ConfigurationError` for an identifier not added.
         """
+        if not self.cdc.acquire():
+            raise LeaseLostError(f"another process holds the lease of {self.backend.uri}: retry the errors there")
         with self._lock:
             if identifier is not None and identifier not in self._components:
                 added = ", ".join(self._components) or "none"
@@ -370,7 +418,9 @@ def connect(uri: str | None = None, **options: Any) -> Datalayer:
     ``uri`` defaults to ``$REACTIVE_URI``, else a DuckDB file ``reactive.duckdb`` in the
     working directory. Options: ``poll_interval`` (seconds between polls of SQL tables),
     ``queue_rows`` (bound of the change queue), ``batch_rows`` (largest batch handed to a
-    component), ``page_size`` (rows per backfill page).
+    component), ``page_size`` (rows per backfill page), ``lease`` (default True: only the
+    process holding the database's lease runs listeners; others wait as standbys) and
+    ``lease_ms`` (how long a lease lasts unrenewed, default 5,000).
 
     >>> import reactive
     >>> reactive.connect("mysql://root:hunter2@db/app")
@@ -379,7 +429,7 @@ def connect(uri: str | None = None, **options: Any) -> Datalayer:
     reactive.errors.ConfigurationError: invalid database URI 'mysql://root:***@db/app'; supported schemes: ...
     """
     uri = uri or os.environ.get("REACTIVE_URI") or DEFAULT_URI
-    names = ("queue_rows", "batch_rows", "page_size", "poll_interval")
+    names = ("queue_rows", "batch_rows", "page_size", "poll_interval", "lease", "lease_ms")
     datalayer_options = {name: options.pop(name) for name in names if name in options}
     backend = backend_for_uri(uri).from_uri(uri, **options)
     return Datalayer(backend, **datalayer_options)

@@ -42,3 +42,7 @@ class ChangeStreamUnsupportedError(BackendError):
 
 class QueueClosedError(ReactiveError):
     """A producer tried to put a change on a queue that is shutting down."""
+
+
+class LeaseLostError(ReactiveError):
+    """This process does not hold the lease of its database (any more): it writes nothing."""

@@ -240,7 +240,9 @@ class CDCHandler(ReactiveThread):
         return list(by_source.values())
 
     def _commit(self, packets: Sequence[ChangePacket]) -> None:
-        """Hand each source the positions of its processed packets, in arrival order."""
+        """Hand each source the positions of its processed packets, in arrival order (only while
+        this process holds the lease: otherwise the window is released, its changes come again)."""
+        self.db.cdc.fence()
         for source, positions in self._by_source(packets):
             try:
                 source.commit(positions)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -140,15 +140,19 @@ class OutputTypes:
 class OutputWriter:
     """Writes listeners' outputs to a store: the type is fixed once, every output normalized.
 
-    This is the one place that decides what an output becomes before any backend stores it.
+    This is the one place that decides what an output becomes before any backend stores it,
+    and every write of an output goes through it: ``fence()`` is called right before each one
+    and raises when this process may no longer write (it lost the lease of ``db.cdc``).
     """
 
-    def __init__(self, store: OutputStore, types: OutputTypes) -> None:
+    def __init__(self, store: OutputStore, types: OutputTypes, *, fence: Callable[[], None] | None = None) -> None:
         self.store = store
         self.types = types
+        self.fence = fence or (lambda: None)
 
     def prepare(self, identifier: str, source: TableInfo, output_type: str | None) -> None:
         """Fix the outputs' type when the model declares it (``db.add``); refuse a change."""
+        self.fence()
         existing = self.types.get(identifier)
         if existing is not None and output_type is not None and existing != output_type:
             raise ConfigurationError(
@@ -165,6 +169,7 @@ class OutputWriter:
         The outputs' type is inferred from the first batch when the model did not declare
         it; an output that does not fit it comes back as :class:`OutputRejected`.
         """
+        self.fence()
         logical = self.types.get(identifier)
         if logical is None:
             sample = next((r.output for r in records if r.output is not None), None)
@@ -183,10 +188,18 @@ class OutputWriter:
             stored.append(value)
             kept.append((index, record, value))
         if kept:
+            self.fence()
             self.store.store_outputs(identifier, logical, kept, stored)
         return stored
 
+    def delete(self, identifier: str, ids: Sequence[Any]) -> None:
+        """Delete the outputs of these source ids."""
+        if ids:
+            self.fence()
+            self.store.delete_outputs(identifier, ids)
+
     def drop(self, identifier: str) -> None:
         """Drop ``identifier``'s outputs and forget their type."""
+        self.fence()
         self.store.drop_outputs(identifier)
         self.types.forget(identifier)

@@ -43,7 +43,11 @@ class Component(ABC):
 
     @abstractmethod
     def prepare(self, db: Datalayer) -> TableInfo:
-        """Check the declaration against the database (called by ``db.add``)."""
+        """Check the declaration against the database (called by ``db.add``); writes nothing:
+        a standby prepares the components it will run once it holds the lease."""
+
+    def activate(self, db: Datalayer) -> None:  # noqa: B027 - most components need nothing here
+        """Create what the component writes to (the process holds the lease: it runs it)."""
 
     @abstractmethod
     def refresh_outputs(self, batch: Batch, db: Datalayer, *, wait: Callable[[float], bool]) -> Refresh:

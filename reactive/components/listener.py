@@ -147,6 +147,11 @@ class Listener(Component):
         """Whether ``other`` also computes them the same way (:meth:`Model.same_model`, input limit)."""
         return self.model.same_model(other.model) and self.max_input_bytes == other.max_input_bytes
 
+    def activate(self, db: Datalayer) -> None:
+        """Fix the outputs' type when the model declares one (creates the outputs table)."""
+        assert self.source is not None, "prepare() first"
+        db.writer.prepare(self.identifier, self.source, self.model.output_type)
+
     def prepare(self, db: Datalayer) -> TableInfo:
         source = db.table_info(self.select, id_column=self.id_column)
         if source.columns and self.key not in source.columns:
@@ -156,7 +161,6 @@ class Listener(Component):
                 table=self.select,
                 listener=self.identifier,
             )
-        db.writer.prepare(self.identifier, source, self.model.output_type)
         self.source = source
         self._replaying = True
         failed = {id_key(error["source"]) for error in db.backend.errors.read_errors(self.identifier)}
@@ -227,7 +231,7 @@ class Listener(Component):
         assert self.source is not None, "prepare() first"
         refresh = Refresh()
         if batch.event is DBEvent.delete:
-            db.backend.outputs.delete_outputs(self.identifier, batch.ids)
+            db.writer.delete(self.identifier, batch.ids)
             refresh.deleted.extend(batch.ids)
         else:
             remove: list[Any] = []
@@ -237,7 +241,7 @@ class Listener(Component):
             remove = [i for i in remove if id_key(i) not in absent]
             if remove:
                 # A row that left the filter, vanished or failed has no current output.
-                db.backend.outputs.delete_outputs(self.identifier, remove)
+                db.writer.delete(self.identifier, remove)
                 refresh.deleted.extend(remove)
         self._settle_errors(batch, db, refresh)
         return refresh
