@@ -1,0 +1,166 @@
+"""The lease: one process runs the listeners, standbys wait and take over, writes are fenced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Recorder, outputs_by_source
+
+import reactive
+from reactive.components import Listener, Model
+from reactive.errors import LeaseLostError
+
+WAIT = 30.0
+
+
+@pytest.fixture
+def sqlite_file(tmp_path: Path) -> Iterator[tuple[str, sqlite3.Connection]]:
+    """A SQLite file several processes can open, with a foreign client on it."""
+    path = tmp_path / "app.sqlite"
+    client = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+    client.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"doc {i}") for i in range(1, 6)])
+    yield f"sqlite:///{path}", client
+    client.close()
+
+
+def listener(recorder: Recorder) -> Listener:
+    return Listener(Model("tag", predict=recorder), "text", "docs")
+
+
+def test_a_standby_defers_its_backfill_and_takes_over_when_the_holder_stops(
+    sqlite_file: tuple[str, sqlite3.Connection],
+) -> None:
+    uri, client = sqlite_file
+    first, second = Recorder(), Recorder()
+    holder = reactive.connect(uri, poll_interval=0.05)
+    standby = reactive.connect(uri, poll_interval=0.05)
+    try:
+        holder.add(listener(first))
+        holder.cdc.start()
+        assert holder.cdc.info()["lease"]["this_process"]
+
+        standby.add(listener(second))  # declared, backfill deferred: it never calls the model
+        standby.cdc.start()
+        assert not standby.cdc.active and not standby.cdc.wait_idle(timeout=0.5)
+        client.execute("INSERT INTO docs VALUES (6, 'doc 6')")
+        assert holder.cdc.wait_idle(timeout=WAIT)
+        assert second.inputs == []
+        lease = standby.cdc.info()["lease"]
+        assert not lease["this_process"] and lease["holder"]["pid"] == os.getpid()
+
+        holder.close()  # gives the lease up: the standby takes over at once
+        client.execute("INSERT INTO docs VALUES (7, 'doc 7')")
+        client.execute("UPDATE docs SET text = 'doc one' WHERE id = 1")
+        assert standby.cdc.wait_idle(timeout=WAIT)
+        assert standby.cdc.active
+        expected = {i: f"<doc {i}>" for i in range(2, 8)} | {1: "<doc one>"}
+        assert outputs_by_source(standby, "tag__text") == expected
+        assert sorted(second.inputs) == ["doc 7", "doc one"]  # the rest was current: nothing recomputed
+    finally:
+        holder.close()
+        standby.close()
+
+
+def test_a_process_that_lost_its_lease_writes_nothing(sqlite_file: tuple[str, sqlite3.Connection]) -> None:
+    uri, _ = sqlite_file
+    with reactive.connect(uri, lease_ms=600) as db:
+        db.add(listener(Recorder()))
+        assert db.cdc.active
+        keeper = db.cdc._keeper
+        assert keeper is not None
+        keeper.stop()  # a paused process: nothing renews its lease
+        with reactive.connect(uri, lease_ms=600) as other:
+            other.add(listener(Recorder()))  # a standby...
+            other.cdc.start()
+            assert other.cdc.wait_idle(timeout=WAIT)  # ...takes over once the lease has expired
+            with pytest.raises(LeaseLostError, match="does not hold the lease"):
+                db.writer.delete("tag__text", [1])
+            assert len(db.outputs("tag__text")) == 5  # the delete was refused, the outputs are there
+
+
+def test_a_standby_cannot_run_a_table_monitor(sqlite_file: tuple[str, sqlite3.Connection]) -> None:
+    uri, _ = sqlite_file
+    with reactive.connect(uri) as holder, reactive.connect(uri) as standby:
+        holder.add(listener(Recorder()))
+        monitor = reactive.TableMonitor.Client(
+            standby, "docs", [reactive.TableMonitor.Callback(reactive.TableMonitor.Callback.Type.DELETED, print)]
+        )
+        with pytest.raises(LeaseLostError, match="table monitors run in that process"):
+            monitor.start_monitor()
+
+
+# -- real processes: the holder is killed again and again while a standby runs ----------------------
+HOLDER = """
+import sys, time
+import reactive
+from reactive.components import Listener, Model
+db = reactive.connect(sys.argv[1], poll_interval=0.05, lease_ms=10_000)
+db.add(Listener(Model("tag", predict=lambda texts: [f"<{t}>" for t in texts]), "text", "docs"), progress=False)
+db.cdc.start()
+print("active" if db.cdc.active else "standby", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def _holder(uri: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    command = [sys.executable, "-c", textwrap.dedent(HOLDER), uri]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _holder_pid(db: reactive.Datalayer) -> int | None:
+    holder = db.cdc.lease.current() if db.cdc.lease is not None else None
+    return None if holder is None or holder.gone(time.time()) else holder.pid
+
+
+def test_killed_holders_are_replaced_by_their_standby_and_outputs_stay_exact(
+    sqlite_file: tuple[str, sqlite3.Connection],
+) -> None:
+    uri, client = sqlite_file
+    processes = [_holder(uri)]
+    takeovers: list[float] = []
+    try:
+        assert processes[0].stdout is not None and processes[0].stdout.readline().strip() == "active"
+        with reactive.connect(uri) as observer:  # reads the lease; never adds anything
+            for round_ in range(4):
+                standby = _holder(uri)
+                processes.append(standby)
+                assert standby.stdout is not None and standby.stdout.readline().strip() == "standby"
+                client.execute("INSERT INTO docs VALUES (?, ?)", (100 + round_, f"before kill {round_}"))
+                client.execute("UPDATE docs SET text = ? WHERE id = 1", (f"edit {round_}",))
+                os.kill(processes[-2].pid, signal.SIGKILL)  # the holder dies mid-stream
+                processes[-2].wait(WAIT)
+                killed = time.monotonic()
+                deadline = killed + WAIT
+                while _holder_pid(observer) != standby.pid:
+                    assert time.monotonic() < deadline, "the standby did not take over"
+                    time.sleep(0.02)  # polling the lease record of another process
+                takeovers.append(time.monotonic() - killed)
+                client.execute("DELETE FROM docs WHERE id = ?", (2 + round_,))
+        # The last holder runs on; a reactive process of our own (a standby) checks the outputs.
+        with reactive.connect(uri, poll_interval=0.05) as db:
+            db.add(listener(Recorder()))
+            os.kill(processes[-1].pid, signal.SIGKILL)
+            processes[-1].wait(WAIT)
+            db.cdc.start()
+            assert db.cdc.wait_idle(timeout=WAIT)
+            rows = dict(client.execute("SELECT id, text FROM docs").fetchall())
+            assert outputs_by_source(db, "tag__text") == {i: f"<{t}>" for i, t in rows.items()}
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait(WAIT)
+    print("takeover seconds:", [round(t, 3) for t in takeovers])
+    # A killed holder on this host is noticed at once (its pid is gone), not after the 10 s lease.
+    assert max(takeovers) < 5, takeovers
