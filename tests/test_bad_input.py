@@ -92,3 +92,93 @@ def test_invalid_uri_is_clear_and_redacted(uri: str, message: str) -> None:
 def test_filter_with_operators_is_refused() -> None:
     with pytest.raises(reactive.ConfigurationError, match="only equality"):
         Listener(Model("m", predict=list), "text", "docs", filter={"n": {"$gt": 3}})
+
+
+# -- schema changes of a watched SQL table -----------------------------------------------------
+def make_table(sql: SQLClient, name: str, rows: list[tuple[int, str]]) -> None:
+    sql.execute(f"CREATE TABLE {name} (id INTEGER PRIMARY KEY, text VARCHAR(100))")
+    sql.executemany(f"INSERT INTO {name} VALUES (?, ?)", rows)
+
+
+@pytest.mark.parametrize("column", ["id", "text"])
+def test_a_renamed_column_stops_its_table_and_deletes_no_output(
+    sql: SQLClient, recorder: Recorder, column: str
+) -> None:
+    """The id column or the listener's key renamed: the table stops with why, the others go on.
+
+    SQLite reads a double-quoted name that is not a column as a string literal: a poll that
+    named the old column would see every row change to that literal (every output deleted,
+    or the literal computed), so every statement qualifies its columns.
+    """
+    make_table(sql, "docs", [(1, "a"), (2, "b")])
+    make_table(sql, "other", [(1, "x")])
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        db.add(Listener(Model("o", predict=recorder), "text", "other"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        sql.execute(f"ALTER TABLE docs RENAME COLUMN {column} TO renamed")
+        sql.execute("INSERT INTO docs VALUES (3, 'c')")
+        sql.execute("INSERT INTO other VALUES (2, 'y')")
+        assert db.cdc.wait_idle(timeout=30)
+        info = db.cdc.info()
+        assert info["stopped_tables"] == {"docs": f"altered: column {column!r} no longer exists (renamed or dropped)"}
+        assert info["source"]["tables"] == ["other"] and info["source"]["failing_tables"] == {}
+        assert outputs_by_source(db, "m__text") == {1: "<a>", 2: "<b>"}
+        assert outputs_by_source(db, "o__text") == {1: "<x>", 2: "<y>"}
+        assert sorted(recorder.inputs) == ["a", "b", "x", "y"] and db.errors() == []
+
+
+def test_an_id_column_of_another_type_stops_its_table(sql: SQLClient, recorder: Recorder) -> None:
+    """The snapshot is keyed by the old type: the table stops instead of failing every poll."""
+    if sql.kind == "sqlite":
+        pytest.skip("SQLite cannot change a column's type")
+    sql.execute("CREATE TABLE notes (note_id INTEGER, body VARCHAR(100))")
+    sql.executemany("INSERT INTO notes VALUES (?, ?)", [(1, "a"), (2, "b")])
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("m", predict=recorder), "body", "notes", id_column="note_id"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        sql.execute("ALTER TABLE notes ALTER COLUMN note_id TYPE VARCHAR(10)")
+        sql.execute("INSERT INTO notes VALUES ('x3', 'c')")
+        assert db.cdc.wait_idle(timeout=30)
+        why = db.cdc.info()["stopped_tables"]["notes"]
+        assert why.startswith("altered: its id column 'note_id' is now string") and why.endswith("was int32")
+        assert outputs_by_source(db, "m__body") == {1: "<a>", 2: "<b>"}
+
+
+def test_a_key_column_of_another_type_is_computed_again(sql: SQLClient) -> None:
+    """Every row's input changed (its type did): each is computed again, nothing stops."""
+    make_table(sql, "docs", [(1, "a"), (2, "bb")])
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("m", predict=lambda xs: [repr(x) for x in xs]), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        if sql.kind == "sqlite":
+            # SQLite changes a type by rebuilding the table under the same name.
+            sql.execute("CREATE TABLE docs_new (id INTEGER PRIMARY KEY, text INTEGER)")
+            sql.execute("INSERT INTO docs_new SELECT id, length(text) FROM docs")
+            sql.execute("DROP TABLE docs")
+            sql.execute("ALTER TABLE docs_new RENAME TO docs")
+        else:
+            sql.execute("ALTER TABLE docs ALTER COLUMN text TYPE INTEGER USING length(text)")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: "1", 2: "2"}
+        assert db.cdc.info()["stopped_tables"] == {}
+
+
+def test_blob_ids_work_end_to_end(sql: SQLClient, recorder: Recorder) -> None:
+    blob = "BYTEA" if sql.kind == "postgres" else "BLOB"
+    sql.execute(f"CREATE TABLE docs (id {blob} PRIMARY KEY, text VARCHAR(100))")
+    sql.executemany("INSERT INTO docs VALUES (?, ?)", [(b"\x00\x01", "a"), (b"\xff", None)])
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        assert outputs_by_source(db, "m__text") == {b"\x00\x01": "<a>"}
+        [error] = db.errors("m__text")
+        assert error["source"] == b"\xff" and "no value for key 'text'" in error["error"]
+        db.cdc.start()
+        sql.execute("INSERT INTO docs VALUES (?, ?)", (b"\x02", "c"))
+        sql.execute("UPDATE docs SET text = 'b' WHERE id = ?", (b"\xff",))
+        sql.execute("DELETE FROM docs WHERE id = ?", (b"\x00\x01",))
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {b"\x02": "<c>", b"\xff": "<b>"}

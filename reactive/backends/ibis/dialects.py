@@ -6,6 +6,11 @@ table** as sqlglot expressions (ibis's own SQL layer) with every identifier quot
 text, and run through the DB-API driver with the row ids bound as one parameter. Building and
 compiling an ibis expression costs tens of milliseconds; these statements cost a dictionary
 lookup. A name is never pasted into SQL text.
+
+Columns of a user's table are always qualified with the table (``"docs"."id"``): SQLite reads
+a double-quoted name that is not a column as a string literal, so a renamed column would
+silently become the same constant in every row; a qualified name that is not a column is an
+error on every engine.
 """
 
 from __future__ import annotations
@@ -80,13 +85,13 @@ class Dialect:
         return dt.string if logical == "json" else ibis.dtype(logical)
 
     # -- statement pieces -----------------------------------------------------------------
-    def row_hash(self, columns: Sequence[str]) -> sge.Expression:
+    def row_hash(self, columns: Sequence[str], table: str | None = None) -> sge.Expression:
         """A 64-bit fingerprint of a row, computed by the engine."""
-        return sge.Anonymous(this="hash", expressions=[_column(c) for c in columns])
+        return sge.Anonymous(this="hash", expressions=[_column(c, table) for c in columns])
 
-    def ids_condition(self, column: str) -> sge.Condition:
+    def ids_condition(self, column: str, table: str | None = None) -> sge.Condition:
         """``column`` is one of the ids bound as the statement's single parameter."""
-        return _column(column).isin(query=sg.select(sge.Unnest(expressions=[sge.Placeholder()])))
+        return _column(column, table).isin(query=sg.select(sge.Unnest(expressions=[sge.Placeholder()])))
 
     def bind_ids(self, ids: Sequence[Any]) -> Any:
         return list(ids)
@@ -161,12 +166,12 @@ class PostgresDialect(Dialect):
             con.reconnect()
             return run()
 
-    def row_hash(self, columns: Sequence[str]) -> sge.Expression:
-        row = sge.Anonymous(this="ROW", expressions=[_column(c) for c in columns])
+    def row_hash(self, columns: Sequence[str], table: str | None = None) -> sge.Expression:
+        row = sge.Anonymous(this="ROW", expressions=[_column(c, table) for c in columns])
         return sge.Anonymous(this="hashtextextended", expressions=[sge.cast(row, "text"), sge.convert(0)])
 
-    def ids_condition(self, column: str) -> sge.Condition:
-        return sge.EQ(this=_column(column), expression=sge.Any(this=sge.Paren(this=sge.Placeholder())))
+    def ids_condition(self, column: str, table: str | None = None) -> sge.Condition:
+        return sge.EQ(this=_column(column, table), expression=sge.Any(this=sge.Paren(this=sge.Placeholder())))
 
     def fetch(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         def run() -> list[Row]:
@@ -221,21 +226,37 @@ class SQLiteDialect(Dialect):
         dtype = super().storage_type(logical)
         return dt.string if dtype.is_array() else dtype
 
-    def row_hash(self, columns: Sequence[str]) -> sge.Expression:
+    def row_hash(self, columns: Sequence[str], table: str | None = None) -> sge.Expression:
         # quote() renders each value as an SQL literal: NULL, numbers, 'text' and X'blob'
         # never collide, so the joined text identifies the row.
-        parts: list[sge.Expression] = [sge.Anonymous(this="quote", expressions=[_column(c)]) for c in columns]
+        parts: list[sge.Expression] = [sge.Anonymous(this="quote", expressions=[_column(c, table)]) for c in columns]
         joined = sge.DPipe(this=parts[0], expression=sge.convert("")) if len(parts) == 1 else parts[0]
         for part in parts[1:]:
             joined = sge.DPipe(this=sge.DPipe(this=joined, expression=sge.convert(",")), expression=part)
         return sge.Anonymous(this="reactive_fingerprint", expressions=[joined])
 
-    def ids_condition(self, column: str) -> sge.Condition:
-        each = sg.select("value").from_(sge.Anonymous(this="json_each", expressions=[sge.Placeholder()]))
-        return _column(column).isin(query=each)
+    def ids_condition(self, column: str, table: str | None = None) -> sge.Condition:
+        # The ids come as one JSON array; JSON has no bytes, so a BLOB id travels as
+        # {"blob": hex} and becomes bytes again here (see bind_ids).
+        value = sge.Case(
+            ifs=[
+                sge.If(
+                    this=sg.column("type").eq(sge.convert("object")),
+                    true=sge.Anonymous(
+                        this="reactive_blob",
+                        expressions=[
+                            sge.Anonymous(this="json_extract", expressions=[sg.column("value"), sge.convert("$.blob")])
+                        ],
+                    ),
+                )
+            ],
+            default=sg.column("value"),
+        )
+        each = sg.select(value).from_(sge.Anonymous(this="json_each", expressions=[sge.Placeholder()]))
+        return _column(column, table).isin(query=each)
 
     def bind_ids(self, ids: Sequence[Any]) -> Any:
-        return json.dumps(list(ids))
+        return json.dumps([{"blob": bytes(i).hex()} if isinstance(i, bytes | bytearray) else i for i in ids])
 
     def is_transient(self, exc: BaseException) -> bool:
         # Another connection holds the write lock for longer than the busy timeout.
@@ -271,8 +292,9 @@ class SQLiteDialect(Dialect):
 
 
 def prepare_sqlite(raw: sqlite3.Connection) -> None:
-    """Register the fingerprint function SQLite lacks."""
+    """Register the functions SQLite lacks: a row fingerprint, and hex text to a BLOB id."""
     raw.create_function("reactive_fingerprint", 1, fingerprint_text, deterministic=True)
+    raw.create_function("reactive_blob", 1, bytes.fromhex, deterministic=True)
 
 
 def _placeholders(dialect: Dialect, sql: str) -> str:
@@ -280,20 +302,25 @@ def _placeholders(dialect: Dialect, sql: str) -> str:
     return sql.replace("?", "%s") if dialect.name == "postgres" else sql
 
 
+def _select(table: str, columns: Sequence[str]) -> sge.Select:
+    """``SELECT "t"."c" AS "c", ... FROM "t"``: qualified, so a missing column is an error everywhere."""
+    names = (sge.alias_(_column(c, table), c, quoted=True) for c in columns)
+    return sg.select(*names).from_(sg.table(table, quoted=True))
+
+
 class TableSQL:
     """The statements that read and delete rows of one table by id, built once."""
 
     def __init__(self, dialect: Dialect, table: str, id_column: str, columns: Sequence[str]) -> None:
         d = dialect.name
-        select = sg.select(*(_column(c) for c in columns)).from_(sg.table(table, quoted=True))
-        by_ids = dialect.ids_condition(id_column)
-        ordered = select.order_by(_column(id_column)).limit(sge.Placeholder())
+        select = _select(table, columns)
+        key = _column(id_column, table)
+        by_ids = dialect.ids_condition(id_column, table)
+        ordered = select.order_by(key).limit(sge.Placeholder())
         self.by_ids = _placeholders(dialect, select.where(by_ids).sql(d))
-        self.ids_by_ids = _placeholders(
-            dialect, sg.select(_column(id_column)).from_(sg.table(table, quoted=True)).where(by_ids).sql(d)
-        )
+        self.ids_by_ids = _placeholders(dialect, _select(table, [id_column]).where(by_ids).sql(d))
         self.first_page = _placeholders(dialect, ordered.sql(d))
-        self.next_page = _placeholders(dialect, ordered.where(_column(id_column) > sge.Placeholder()).sql(d))
+        self.next_page = _placeholders(dialect, ordered.where(key > sge.Placeholder()).sql(d))
         self.delete_by_ids = _placeholders(dialect, sge.delete(sg.table(table, quoted=True), where=by_ids).sql(d))
 
 
@@ -306,16 +333,15 @@ class SnapshotSQL:
 
     def __init__(self, dialect: Dialect, table: str, id_column: str, columns: Sequence[str], snapshot: str) -> None:
         d = dialect.name
-        select = sg.select(*(_column(c) for c in columns)).from_(sg.table(table, quoted=True))
-        fingerprint = sge.alias_(dialect.row_hash(columns), FINGERPRINT_ALIAS, quoted=True)
+        fingerprint = sge.alias_(dialect.row_hash(columns, table), FINGERPRINT_ALIAS, quoted=True)
         self.by_ids_with_fingerprint = _placeholders(
-            dialect, select.select(fingerprint).where(dialect.ids_condition(id_column)).sql(d)
+            dialect, _select(table, columns).select(fingerprint).where(dialect.ids_condition(id_column, table)).sql(d)
         )
         names = {
             "snap": sg.table(snapshot, quoted=True),
             "t": sg.table(table, quoted=True),
-            "id": _column(id_column),
-            "fp": dialect.row_hash(columns),
+            "id": _column(id_column, table),
+            "fp": dialect.row_hash(columns, table),
         }
         self.fill = _template("INSERT INTO :snap (row_id, fingerprint) SELECT :id, :fp FROM :t", d, **names)
         self.diff = _template(

@@ -32,8 +32,10 @@ class Snapshots(Protocol):
     def advance(self, table: str, upserts: Sequence[tuple[Any, int]], deletes: Sequence[Any]) -> None:
         """Record processed rows' fingerprints and forget deleted rows: the position moves."""
 
-    def exists(self, table: str) -> bool:
-        """Whether the watched table still exists (a failing poll asks)."""
+    def lost(self, table: TableInfo) -> str | None:
+        """Why a table whose poll failed can no longer be followed (dropped, altered), or None.
+
+        Forgets what is cached about the table first, as :meth:`forget` does."""
 
     def forget(self, table: str) -> None:
         """Drop what is cached about ``table`` (after a failure)."""
@@ -53,7 +55,8 @@ class IbisPollingListener(BaseDatabaseListener):
     one is committed, so a change is never queued twice by the same listener.
 
     Each table fails alone: a table whose poll fails is retried at the next poll while the
-    others go on; a table that no longer exists is reported gone and no longer followed.
+    others go on; a table that no longer exists, or no longer has the columns it was
+    described with, is reported gone (with why) and no longer followed.
     ``is_transient`` tells a database that is unreachable (every table waits, with backoff)
     from a table that is broken.
     """
@@ -154,11 +157,12 @@ class IbisPollingListener(BaseDatabaseListener):
                 self.failing_tables.pop(table.name, None)
 
     def _table_failed(self, table: TableInfo, exc: Exception) -> None:
-        """One table's poll failed: report it gone if it was dropped, else retry it next poll."""
-        self.snapshots.forget(table.name)
-        if not self.snapshots.exists(table.name):
+        """One table's poll failed: stop it if it cannot heal (dropped, altered), else retry it next poll."""
+        why = self.snapshots.lost(table)
+        if why is not None:
+            # Its snapshot no longer fits: a listener added again starts from a fresh one.
             self.snapshots.drop(table.name)
-            self._report_gone(table.name, "dropped")
+            self._report_gone(table.name, why)
             return
         error = f"{type(exc).__name__}: {exc}"
         with self._lock:

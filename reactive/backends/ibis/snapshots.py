@@ -49,9 +49,30 @@ class SnapshotStore:
                 )
             return built
 
-    def exists(self, table: str) -> bool:
-        """Whether the watched table itself still exists."""
-        return self.conn.table_exists(table)
+    def lost(self, table: TableInfo) -> str | None:
+        """Why ``table`` can no longer be followed as it was described, or None.
+
+        Asked after its poll failed. A dropped table, a column that is gone (renamed or
+        dropped) and an id column of another type do not heal by themselves: the snapshot and
+        the statements no longer fit the table. Anything else may (a lock, a permission).
+        """
+        conn = self.conn
+        with conn.lock:
+            self.forget(table.name)
+            if not conn.table_exists(table.name):
+                return "dropped"
+            schema = conn.table(table.name).schema()
+            missing = [column for column in table.columns or (table.id_column,) if column not in schema]
+            if missing:
+                names = ", ".join(repr(column) for column in missing)
+                return f"altered: column {names} no longer exists (renamed or dropped)"
+            snapshot = snapshot_table(table.name)
+            if conn.table_exists(snapshot):
+                was = conn.table(snapshot).schema()[ROW_ID].copy(nullable=True)
+                now = schema[table.id_column].copy(nullable=True)
+                if was != now:
+                    return f"altered: its id column {table.id_column!r} is now {now}, was {was}"
+        return None
 
     def forget(self, table: str) -> None:
         """Drop cached statements and handles of ``table`` (it failed, was altered or dropped)."""

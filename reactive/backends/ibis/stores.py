@@ -167,5 +167,12 @@ class IbisErrors:
                 t = t.filter(t.listener == listener)
             rows = t.order_by("at").to_pyarrow().to_pylist()
         for row in rows:
-            row["source"] = json.loads(row["source"])
+            row["source"] = json.loads(row["source"], object_hook=_decode_bytes)
         return rows
+
+
+def _decode_bytes(value: dict[str, Any]) -> Any:
+    """A BLOB row id comes back as the bytes it was (it is stored as ``plain_value``'s JSON)."""
+    if value.keys() == {"__bytes__"}:
+        return bytes.fromhex(value["__bytes__"])
+    return value
