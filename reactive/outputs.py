@@ -8,7 +8,6 @@ from a live write or from a read, so their input fingerprints agree.
 from __future__ import annotations
 
 import json
-import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,15 @@ if TYPE_CHECKING:
 
 _SCALARS = {bool: "boolean", int: "int64", float: "float64", str: "string", bytes: "binary"}
 _PYTHON_TYPES = {name: kind for kind, name in _SCALARS.items()}
+#: Output types whose values are numbers (or booleans), each checked to be stored unchanged.
+_NUMPY_TYPES = {
+    "boolean": np.dtype(np.bool_),
+    **{name: np.dtype(name) for name in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")},
+    **{name: np.dtype(name) for name in ("float16", "float32", "float64")},
+}
+#: Numeric types a first batch may mix: whole numbers give way to fractional ones.
+_INTS = ("int32", "int64")
+_FLOATS = ("float32", "float64")
 
 
 def infer_output_type(value: Any) -> str:
@@ -31,8 +39,8 @@ def infer_output_type(value: Any) -> str:
 
     >>> infer_output_type(np.zeros(3, dtype=np.float32)), infer_output_type([1, 2.5])
     ('array<float32>', 'array<float64>')
-    >>> infer_output_type({"label": "spam"}), infer_output_type("x")
-    ('json', 'string')
+    >>> infer_output_type({"label": "spam"}), infer_output_type("x"), infer_output_type(np.eye(2))
+    ('json', 'string', 'json')
     """
     if isinstance(value, np.ndarray):
         if value.ndim == 1 and value.dtype.kind in "fiub":
@@ -45,23 +53,61 @@ def infer_output_type(value: Any) -> str:
     for kind, name in _SCALARS.items():
         if type(value) is kind:
             return name
-    if isinstance(value, list | tuple) and value:
-        if all(isinstance(v, bool) for v in value):
+    # A None among the items is a bad item (refused by normalize_output), not another type.
+    items = [v for v in value if v is not None] if isinstance(value, list | tuple) else []
+    if items:
+        if all(isinstance(v, bool | np.bool_) for v in items):
             return "array<boolean>"
-        if all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in value):
+        if all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in items):
             return "array<int64>"
-        if all(isinstance(v, int | float | np.integer | np.floating) for v in value):
+        if all(isinstance(v, int | float | np.integer | np.floating) for v in items):
             return "array<float64>"
-        if all(isinstance(v, str) for v in value):
+        if all(isinstance(v, str) for v in items):
             return "array<string>"
     return "json"
+
+
+def infer_outputs_type(values: Sequence[Any]) -> str | None:
+    """The type of a listener's first outputs (None when every one is None).
+
+    Each output's own type, except that numbers of one batch share the widest: whole numbers
+    next to fractional ones are floats, so a model whose first vector happens to be whole
+    does not fix an integer type that truncates the next ones. Otherwise the first decides.
+
+    >>> infer_outputs_type([[1, 2], [0.5, 1.5]]), infer_outputs_type([3, None, 4]), infer_outputs_type([None])
+    ('array<float64>', 'int64', None)
+    """
+    kinds = [infer_output_type(v) for v in values if v is not None]
+    if not kinds:
+        return None
+    for form in ("{}", "array<{}>"):
+        numbers = {number for number in (*_INTS, *_FLOATS) if form.format(number) in kinds}
+        if numbers and len(numbers) == len(set(kinds)):
+            if numbers <= set(_INTS):
+                return form.format(max(numbers, key=_INTS.index))
+            return form.format("float32" if numbers == {"float32"} else "float64")
+    return kinds[0]
 
 
 def normalize_output(value: Any, output_type: str) -> Any:
     """``value`` as a plain Python value of ``output_type``; ValueError if it does not fit.
 
+    A value is never changed to fit: a number is stored when the type holds it exactly (a
+    whole float as an integer, an integer as a float), a float vector may be rounded to
+    float32 when that is the type, and anything else is refused with the reason.
+
     >>> normalize_output(np.array([0.1, 0.2], dtype=np.float32), "array<float32>")[0] == float(np.float32(0.1))
     True
+    >>> normalize_output([2.0, 3], "array<int64>"), normalize_output(np.eye(2), "json")
+    ([2, 3], [[1.0, 0.0], [0.0, 1.0]])
+    >>> normalize_output([0.9, 1.5], "array<int64>")
+    Traceback (most recent call last):
+    ...
+    ValueError: output has 0.9 at position 0, which array<int64> cannot hold
+    >>> normalize_output(2.5, "int64")
+    Traceback (most recent call last):
+    ...
+    ValueError: output has 2.5, which int64 cannot hold
     >>> normalize_output("x", "array<float64>")
     Traceback (most recent call last):
     ...
@@ -70,33 +116,92 @@ def normalize_output(value: Any, output_type: str) -> Any:
     if value is None:
         return None
     if output_type == "json":
-        return json.loads(json.dumps(value, default=plain_value))
+        return _json_output(value)
     if output_type.startswith("array<"):
-        inner = output_type[6:-1]
-        if isinstance(value, str | bytes | Mapping) or not hasattr(value, "__len__"):
-            raise ValueError(f"output of type {type(value).__name__} does not fit {output_type}")
-        if inner.startswith(("float", "int", "boolean")):
-            numpy_type = {"boolean": np.bool_}.get(inner, inner)
-            try:
-                array = np.asarray(value, dtype=numpy_type)
-            except (TypeError, ValueError):
-                raise ValueError(f"output does not fit {output_type}") from None
-            if array.ndim != 1:
-                raise ValueError(f"output of shape {array.shape} does not fit {output_type}")
-            if inner.startswith("float") and not np.all(np.isfinite(array)):
-                raise ValueError("output contains NaN or infinity")
-            return array.tolist()
+        return _vector_output(value, output_type)
+    return _scalar_output(value, output_type)
+
+
+def _json_default(value: Any) -> Any:
+    """A JSON stand-in: arrays of any shape as nested lists, other values as fingerprints encode them."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return plain_value(value)
+
+
+def _json_output(value: Any) -> Any:
+    try:
+        text = json.dumps(value, default=_json_default, allow_nan=False)
+    except ValueError:
+        # json.dumps would write NaN, which is not JSON: the stored text could not be read back.
+        raise ValueError("output contains NaN or infinity, which JSON cannot hold") from None
+    return json.loads(text)
+
+
+def _vector_output(value: Any, output_type: str) -> list[Any]:
+    inner = output_type[6:-1]
+    if isinstance(value, str | bytes | Mapping) or not hasattr(value, "__len__"):
+        raise ValueError(f"output of type {type(value).__name__} does not fit {output_type}")
+    if inner not in _NUMPY_TYPES:
         return [normalize_output(v, inner) for v in value]
+    if not isinstance(value, np.ndarray):
+        gap = next((i for i, v in enumerate(value) if v is None), None)
+        if gap is not None:
+            raise ValueError(f"output has None at position {gap}; a vector of {inner} cannot hold None")
+    source = _numbers(value, output_type)
+    if source.ndim != 1:
+        raise ValueError(f"output of shape {source.shape} does not fit {output_type}")
+    if source.dtype.kind not in "biuf":
+        held = ", ".join(sorted({type(v).__name__ for v in value}))
+        raise ValueError(f"output holds {held} values, which {output_type} cannot hold")
+    return _exactly(source, inner, output_type, lambda i: f" at position {i}").tolist()
+
+
+def _scalar_output(value: Any, output_type: str) -> Any:
     if isinstance(value, np.generic):
         value = value.item()
+    if output_type in _NUMPY_TYPES:
+        if type(value) not in (bool, int, float):
+            raise ValueError(f"output of type {type(value).__name__} does not fit {output_type}")
+        return _exactly(_numbers([value], output_type), output_type, output_type, lambda i: "").tolist()[0]
     expected = _PYTHON_TYPES.get(output_type)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
     if expected is not None and type(value) is not expected:
         raise ValueError(f"output of type {type(value).__name__} does not fit {output_type}")
-    if expected is float and not math.isfinite(value):
-        raise ValueError("output is NaN or infinity")
     return value
+
+
+def _numbers(values: Any, output_type: str) -> np.ndarray:
+    """``values`` as a numpy array; what numpy keeps as objects (huge ints, decimals) as floats."""
+    try:
+        array = np.asarray(values)
+        return array.astype(np.float64) if array.dtype.kind == "O" else array
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"output does not fit {output_type}") from None
+
+
+def _exactly(source: np.ndarray, inner: str, output_type: str, at: Callable[[int], str]) -> np.ndarray:
+    """``source`` as numbers of type ``inner``, every value unchanged; else ValueError naming the first.
+
+    Floats may round to a narrower float type (that is what the type asks for); NaN and
+    infinity are refused (JSON, and so SQLite's storage, cannot hold them).
+    """
+    target = _NUMPY_TYPES[inner]
+    if (source.dtype.kind == "b") != (target.kind == "b"):
+        # True is not the number 1 here: booleans and numbers are different outputs.
+        raise ValueError(f"output of {source.dtype} values does not fit {output_type}")
+    if source.dtype.kind == "f" and not np.all(np.isfinite(source)):
+        raise ValueError(f"output has NaN or infinity{at(_first(~np.isfinite(source)))}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        array = source.astype(target)
+    changed = ~np.isfinite(array) if target.kind == "f" and source.dtype.kind == "f" else array != source
+    if np.any(changed):
+        position = _first(changed)
+        raise ValueError(f"output has {source[position].item()!r}{at(position)}, which {output_type} cannot hold")
+    return array
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
 
 
 class OutputTypes:
@@ -167,15 +272,15 @@ class OutputWriter:
         """Store outputs in bulk (idempotent); return each output as stored, or why not.
 
         The outputs' type is inferred from the first batch when the model did not declare
-        it; an output that does not fit it comes back as :class:`OutputRejected`.
+        it (:func:`infer_outputs_type`); an output that does not fit it comes back as
+        :class:`OutputRejected` (:func:`normalize_output` says why).
         """
         self.fence()
         logical = self.types.get(identifier)
         if logical is None:
-            sample = next((r.output for r in records if r.output is not None), None)
-            if sample is None:
+            logical = infer_outputs_type([r.output for r in records])
+            if logical is None:
                 return [OutputRejected("the model returned None") for _ in records]
-            logical = infer_output_type(sample)
             self.types.set(identifier, source, logical, self.store)
         stored: list[Any] = []
         kept: list[tuple[int, OutputRecord, Any]] = []
@@ -183,7 +288,8 @@ class OutputWriter:
             try:
                 value = normalize_output(record.output, logical)
             except (TypeError, ValueError) as exc:
-                stored.append(OutputRejected(f"{exc} (outputs of {identifier!r} are {logical})"))
+                why = f"outputs of {identifier!r} are {logical}, fixed by the first outputs or Model(output_type=...)"
+                stored.append(OutputRejected(f"{exc} ({why})"))
                 continue
             stored.append(value)
             kept.append((index, record, value))

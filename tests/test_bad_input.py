@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import Recorder, SQLClient, outputs_by_source
 
@@ -182,3 +183,43 @@ def test_blob_ids_work_end_to_end(sql: SQLClient, recorder: Recorder) -> None:
         sql.execute("DELETE FROM docs WHERE id = ?", (b"\x00\x01",))
         assert db.cdc.wait_idle(timeout=30)
         assert outputs_by_source(db, "m__text") == {b"\x02": "<c>", b"\xff": "<b>"}
+
+
+# -- outputs are never changed to fit their type -------------------------------------------------
+VECTORS = {"whole": [1, 2, 3], "frac": [0.9, 1.5, 2.7], "gap": [1.0, None, 3.0], "short": [4, 5]}
+
+
+def test_a_fractional_vector_is_refused_by_an_integer_type_never_truncated(sql: SQLClient) -> None:
+    make_table(sql, "docs", [(1, "whole"), (2, "short")])
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        vectors = Model("v", predict=lambda keys: [VECTORS[k] for k in keys])
+        db.add(Listener(vectors, "text", "docs"))  # whole numbers only: array<int64>
+        db.cdc.start()
+        sql.executemany("INSERT INTO docs VALUES (?, ?)", [(3, "frac"), (4, "gap")])
+        assert db.cdc.wait_idle(timeout=30)
+        # Vectors may change length: arrays are variable-length lists on every backend.
+        assert outputs_by_source(db, "v__text") == {1: [1, 2, 3], 2: [4, 5]}
+        errors = {e["source"]: e["error"] for e in db.errors("v__text")}
+        fixed = "(outputs of 'v__text' are array<int64>, fixed by the first outputs or Model(output_type=...))"
+        assert errors == {
+            3: f"output has 0.9 at position 0, which array<int64> cannot hold {fixed}",
+            4: f"output has None at position 1; a vector of int64 cannot hold None {fixed}",
+        }
+
+
+def test_whole_and_fractional_vectors_of_the_first_batch_are_floats(sql: SQLClient) -> None:
+    make_table(sql, "docs", [(1, "whole"), (2, "frac")])
+    with reactive.connect(sql.uri) as db:
+        db.add(Listener(Model("v", predict=lambda keys: [VECTORS[k] for k in keys]), "text", "docs"))
+        assert outputs_by_source(db, "v__text") == {1: [1.0, 2.0, 3.0], 2: [0.9, 1.5, 2.7]}
+        assert db.backend.output_types.get("v__text") == "array<float64>"
+
+
+def test_json_outputs_hold_arrays_as_lists_and_refuse_nan(sql: SQLClient) -> None:
+    make_table(sql, "docs", [(1, "matrix"), (2, "nan")])
+    outputs = {"matrix": np.arange(4.0).reshape(2, 2), "nan": {"m": float("nan")}}
+    with reactive.connect(sql.uri) as db:
+        db.add(Listener(Model("j", predict=lambda keys: [outputs[k] for k in keys]), "text", "docs"))
+        assert outputs_by_source(db, "j__text") == {1: [[0.0, 1.0], [2.0, 3.0]]}
+        [error] = db.errors("j__text")
+        assert error["source"] == 2 and error["error"].startswith("output contains NaN or infinity, which JSON")
