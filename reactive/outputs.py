@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reactive.backends.base import OutputRecord, OutputRejected, TableInfo
+from reactive.backends.base import OUTPUTS_PREFIX, OutputRecord, OutputRejected, TableInfo, outputs_table
 from reactive.errors import ConfigurationError
 from reactive.fingerprints import plain_value
 
@@ -214,6 +214,8 @@ class OutputTypes:
     def __init__(self, checkpoints: CheckpointStore) -> None:
         self.checkpoints = checkpoints
         self._types: dict[str, str] = {}
+        #: Outputs table -> identifier, for every identifier whose type is known.
+        self._identifiers: dict[str, str] = {}
         self._lock = threading.RLock()
 
     @staticmethod
@@ -226,20 +228,39 @@ class OutputTypes:
             if identifier not in self._types:
                 saved = self.checkpoints.load_checkpoint(self._checkpoint(identifier))
                 if saved:
-                    self._types[identifier] = saved["type"]
+                    self._remember(identifier, saved["type"])
             return self._types.get(identifier)
+
+    def of_table(self, table: str) -> str | None:
+        """The type of the outputs stored in ``table``, if it is the outputs table of a listener.
+
+        A long identifier's table name is shortened with a hash, so the identifier is looked
+        up among those whose type is known (every listener added in this process).
+        """
+        if not table.startswith(OUTPUTS_PREFIX):
+            return None
+        with self._lock:
+            identifier = self._identifiers.get(table)
+        if identifier is None and outputs_table(table[len(OUTPUTS_PREFIX) :]) == table:
+            identifier = table[len(OUTPUTS_PREFIX) :]
+        return None if identifier is None else self.get(identifier)
+
+    def _remember(self, identifier: str, output_type: str) -> None:
+        self._types[identifier] = output_type
+        self._identifiers[outputs_table(identifier)] = identifier
 
     def set(self, identifier: str, source: TableInfo, output_type: str, store: OutputStore) -> None:
         """Create ``identifier``'s outputs in ``store`` with this type, and remember it."""
         with self._lock:
             store.create_outputs(identifier, source, output_type)
             self.checkpoints.save_checkpoint(self._checkpoint(identifier), {"type": output_type, "source": source.name})
-            self._types[identifier] = output_type
+            self._remember(identifier, output_type)
 
     def forget(self, identifier: str) -> None:
         with self._lock:
             self.checkpoints.delete_checkpoint(self._checkpoint(identifier))
             self._types.pop(identifier, None)
+            self._identifiers.pop(outputs_table(identifier), None)
 
 
 class OutputWriter:

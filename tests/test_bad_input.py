@@ -223,3 +223,31 @@ def test_json_outputs_hold_arrays_as_lists_and_refuse_nan(sql: SQLClient) -> Non
         assert outputs_by_source(db, "j__text") == {1: [[0.0, 1.0], [2.0, 3.0]]}
         [error] = db.errors("j__text")
         assert error["source"] == 2 and error["error"].startswith("output contains NaN or infinity, which JSON")
+
+
+# -- long names (PostgreSQL keeps 63 bytes) ---------------------------------------------------------
+def test_long_table_and_listener_names_stay_distinct(sql: SQLClient, recorder: Recorder) -> None:
+    """A 50-character table is watched (its snapshot's name would pass 63 bytes), and two
+    identifiers sharing their first 60 characters write to two outputs tables."""
+    table = "t" * 50
+    make_table(sql, table, [(1, "a")])
+    shared = "m" * 60
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("one", predict=recorder), "text", table, identifier=f"{shared}_one"))
+        db.add(
+            Listener(Model("two", predict=lambda xs: [x * 2 for x in xs]), "text", table, identifier=f"{shared}_two")
+        )
+        db.cdc.start()
+        sql.execute(f"INSERT INTO {table} VALUES (2, 'b')")
+        sql.execute(f"UPDATE {table} SET text = 'A' WHERE id = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, f"{shared}_one") == {1: "<A>", 2: "<b>"}
+        assert outputs_by_source(db, f"{shared}_two") == {1: "AA", 2: "bb"}
+        names = [row["outputs"] for row in db.show()]
+        assert len(set(names)) == 2 and all(len(name.encode()) <= 63 for name in names)
+        assert db.cdc.info()["source"]["failing_tables"] == {}
+
+
+def test_a_postgres_name_over_63_bytes_is_refused_clearly(pg_database: str, recorder: Recorder) -> None:
+    with reactive.connect(pg_database) as db, pytest.raises(reactive.ConfigurationError, match="at most 63 bytes"):
+        db.add(Listener(Model("m", predict=recorder), "text", "d" * 64))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses as dc
 import datetime as _dt
+import hashlib
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -57,8 +58,37 @@ def outputs_table(identifier: str) -> str:
 
     >>> outputs_table("embed__text")
     '_outputs__embed__text'
+    >>> outputs_table("sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2__text")
+    '_outputs__sentence-transformers/paraphrase-multili_5df839e5d409'
     """
-    return f"{OUTPUTS_PREFIX}{identifier}"
+    return bounded_name(OUTPUTS_PREFIX, identifier)
+
+
+#: Longest name ``reactive`` gives a table or collection, in UTF-8 bytes: PostgreSQL's limit
+#: (it silently truncates longer names, so two of them could become one table), the
+#: shortest of the engines, so a database keeps its names on every engine.
+MAX_NAME_BYTES = 63
+
+
+def bounded_name(prefix: str, name: str) -> str:
+    """``prefix + name``, or, past :data:`MAX_NAME_BYTES`, its start and a hash of all of it.
+
+    Names that fit are unchanged, so existing databases keep theirs; longer ones stay
+    readable and distinct however much they share.
+
+    >>> bounded_name("_reactive_snapshot__", "docs")
+    '_reactive_snapshot__docs'
+    >>> [len(bounded_name("_p_", c * 80).encode()) for c in "aé"]
+    [63, 62]
+    """
+    full = prefix + name
+    encoded = full.encode("utf-8", "surrogatepass")
+    if len(encoded) <= MAX_NAME_BYTES:
+        return full
+    digest = hashlib.sha256(encoded).hexdigest()[:12]
+    # Cut at a character boundary: a UTF-8 sequence split in two is dropped whole.
+    start = encoded[: MAX_NAME_BYTES - len(digest) - 1].decode("utf-8", "ignore")
+    return f"{start}_{digest}"
 
 
 @dc.dataclass(frozen=True, slots=True)

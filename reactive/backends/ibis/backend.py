@@ -42,7 +42,7 @@ class IbisBackend(DataBackend):
         self.sections = IbisSections(self.conn)
         self.checkpoints = Positions(self.sections)
         self.output_types = OutputTypes(self.checkpoints)
-        self.source = IbisSource(self.conn, output_type=self.output_types.get)
+        self.source = IbisSource(self.conn, output_type=self.output_types.of_table)
         self.outputs = IbisOutputs(self.conn, decoded=self.source.decoded)
         self.errors = IbisErrors(self.conn)
         self.snapshots = SnapshotStore(self.conn, decoded=self.source.decoded)

@@ -29,6 +29,7 @@ import pyarrow as pa
 import sqlglot as sg
 import sqlglot.expressions as sge
 
+from reactive.errors import ConfigurationError
 from reactive.fingerprints import fingerprint_text
 
 Row = dict[str, Any]
@@ -56,6 +57,19 @@ class Dialect:
     timestamp_type: ClassVar[dt.DataType] = dt.Timestamp(timezone="UTC")
     #: Column type of a row fingerprint in a snapshot (DuckDB's hash is unsigned).
     fingerprint_type: ClassVar[dt.DataType] = dt.uint64
+    #: Longest table or column name the engine keeps, in UTF-8 bytes (None: no limit).
+    max_name_bytes: ClassVar[int | None] = None
+
+    def check_name(self, name: str, *, table: str) -> None:
+        """Refuse a user's name the engine cannot hold: it would have kept a shorter one."""
+        size = len(name.encode("utf-8", "surrogatepass"))
+        if self.max_name_bytes is not None and size > self.max_name_bytes:
+            kept = name.encode("utf-8", "surrogatepass")[: self.max_name_bytes].decode("utf-8", "ignore")
+            raise ConfigurationError(
+                f"{name!r} is {size} bytes long: {self.name} keeps names of at most {self.max_name_bytes} bytes "
+                f"(it truncates longer ones, to {kept!r})",
+                table=table,
+            )
 
     # -- catalog --------------------------------------------------------------------------
     def primary_key(self, con: Any, table: str) -> list[str]:
@@ -150,6 +164,7 @@ class PostgresDialect(Dialect):
 
     name = "postgres"
     fingerprint_type = dt.int64
+    max_name_bytes = 63
 
     def is_transient(self, exc: BaseException) -> bool:
         import psycopg

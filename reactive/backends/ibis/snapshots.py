@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from reactive.backends.base import TableInfo
+from reactive.backends.base import TableInfo, bounded_name
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import FINGERPRINT_ALIAS, SnapshotSQL
 from reactive.events import Row, id_key
@@ -17,11 +17,12 @@ ROW_ID, ROW_FINGERPRINT = "row_id", "fingerprint"
 
 
 def snapshot_table(table: str) -> str:
-    """
+    """The snapshot of ``table`` (a long name is shortened, see :func:`bounded_name`).
+
     >>> snapshot_table("docs")
     '_reactive_snapshot__docs'
     """
-    return f"{SNAPSHOT_PREFIX}{table}"
+    return bounded_name(SNAPSHOT_PREFIX, table)
 
 
 class SnapshotStore:

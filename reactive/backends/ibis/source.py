@@ -8,7 +8,7 @@ from typing import Any
 
 import ibis.expr.datatypes as dt
 
-from reactive.backends.base import OUTPUT_FIELD, OUTPUTS_PREFIX, TableInfo, identify_rows
+from reactive.backends.base import OUTPUT_FIELD, TableInfo, identify_rows
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import decode_for
 from reactive.errors import TableNotFoundError
@@ -19,8 +19,9 @@ from reactive.rowformat import RowFormat, as_json_text
 class IbisSource:
     """The :class:`~reactive.backends.base.SourceReader` of SQL databases.
 
-    ``output_type(identifier)`` says how a listener's outputs are stored, so that rows read
-    from an outputs table (a chained listener's source) come back decoded.
+    ``output_type(table)`` says how the outputs in ``table`` are stored (None: it holds no
+    outputs), so that rows read from an outputs table (a chained listener's source) come
+    back decoded.
     """
 
     def __init__(self, conn: IbisConnection, *, output_type: Callable[[str], str | None]) -> None:
@@ -35,6 +36,8 @@ class IbisSource:
 
     def describe(self, table: str, *, id_column: str | None = None) -> TableInfo:
         conn = self.conn
+        for name in (table, id_column or table):
+            conn.dialect.check_name(name, table=table)
         with conn.lock:
             conn.forget(table)
             if not conn.table_exists(table):
@@ -77,8 +80,8 @@ class IbisSource:
 
     def decoded(self, table: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Rows as components see them: outputs stored as JSON text come back decoded."""
-        if table.startswith(OUTPUTS_PREFIX) and rows and OUTPUT_FIELD in rows[0]:
-            logical = self.output_type(table[len(OUTPUTS_PREFIX) :])
+        if rows and OUTPUT_FIELD in rows[0]:
+            logical = self.output_type(table)
             if logical is not None:
                 for row in rows:
                     row[OUTPUT_FIELD] = decode_for(self.conn.dialect, logical, row[OUTPUT_FIELD])
