@@ -68,5 +68,14 @@ def split(uri: str) -> SplitResult:
     except ValueError as exc:
         from reactive.errors import ConfigurationError
 
-        raise ConfigurationError(f"invalid URI {redact(uri)!r}: {exc}") from None
+        raise ConfigurationError(f"invalid URI {redact(uri)!r}: {_parse_error(uri, exc)}") from None
     return parts
+
+
+def _parse_error(uri: str, exc: ValueError) -> str:
+    """What the parser said, unless it quotes a piece of the credentials (a raw ``/`` in a
+    password ends the host part early, and the rest is read as a port)."""
+    credentials = uri.partition("://")[2].rpartition("@")[0]
+    if credentials and any(quoted and quoted in credentials for quoted in re.findall(r"'([^']*)'", str(exc))):
+        return "a password with '/', '@', '?' or '#' must be percent-encoded"
+    return str(exc)

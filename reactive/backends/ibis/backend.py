@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 from typing import Any, Self
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import SplitResult, parse_qsl, unquote
 
 import ibis
 
@@ -59,15 +59,7 @@ class IbisBackend(DataBackend):
                 prepare_sqlite(raw)
                 con = ibis.sqlite.from_connection(raw)
             elif scheme in ("postgres", "postgresql"):
-                con = ibis.postgres.connect(
-                    host=parts.hostname or "localhost",
-                    port=parts.port or 5432,
-                    user=unquote(parts.username) if parts.username else None,
-                    password=unquote(parts.password) if parts.password else None,
-                    database=parts.path.lstrip("/") or None,
-                    **dict(parse_qsl(parts.query)),
-                    **options,
-                )
+                con = ibis.postgres.connect(**{**_postgres_parameters(uri, parts), **options})
             else:
                 raise ConfigurationError(
                     f"the ibis backend does not handle {redact(uri)!r}; supported schemes: {', '.join(cls.schemes)}"
@@ -76,8 +68,8 @@ class IbisBackend(DataBackend):
             raise
         except Exception as exc:
             message = str(exc)
-            if parts.password:
-                message = message.replace(unquote(parts.password), "***")
+            for secret in _secrets(parts):
+                message = message.replace(secret, "***")
             raise BackendError(f"could not connect to {redact(uri)!r}: {redact(message)}") from None
         return cls(con, uri=uri)
 
@@ -96,3 +88,32 @@ class IbisBackend(DataBackend):
 
     def is_transient(self, exc: BaseException) -> bool:
         return self.conn.dialect.is_transient(exc)
+
+
+#: Query parameters of a PostgreSQL URI that hold secrets (libpq's names).
+_SECRET_PARAMETERS = ("password", "sslpassword")
+
+
+def _postgres_parameters(uri: str, parts: SplitResult) -> dict[str, Any]:
+    """``ibis.postgres.connect``'s keywords: the URI's user, password, host, port and database,
+    then its query (``?password=``, ``?sslmode=``, ...). A parameter given both ways is refused:
+    which one was meant cannot be guessed."""
+    given = {
+        "host": parts.hostname,
+        "port": parts.port,
+        "user": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password else None,
+        "database": parts.path.lstrip("/") or None,
+    }
+    parameters: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
+    for key, value in parse_qsl(parts.query):
+        if key in parameters:
+            raise ConfigurationError(f"the URI {redact(uri)!r} gives {key!r} twice")
+        parameters[key] = value
+    return {"host": "localhost", "port": 5432, **parameters}
+
+
+def _secrets(parts: SplitResult) -> list[str]:
+    """The secrets a URI holds, as a driver could quote them in an error."""
+    found = [unquote(parts.password)] if parts.password else []
+    return found + [value for key, value in parse_qsl(parts.query) if key.lower() in _SECRET_PARAMETERS and value]

@@ -117,7 +117,7 @@ class IbisConnection:
         create = sge.Create(
             kind="TABLE", exists=True, this=sge.Schema(this=sg.table(name, quoted=True), expressions=defs)
         )
-        self.execute(create.sql(self.dialect.name))
+        self.execute(self.dialect.render(create))
 
     def drop_table(self, name: str) -> None:
         with self.lock:

@@ -38,11 +38,10 @@ _T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 
-def _template(sql: str, dialect: str, **names: str | sge.Expression) -> str:
+def _template(sql: str, **names: str | sge.Expression) -> sge.Expression:
     """Parse a fixed template and put quoted identifiers where its ``:placeholders`` are."""
     values = {k: (sg.to_identifier(v, quoted=True) if isinstance(v, str) else v) for k, v in names.items()}
-    tree = sge.replace_placeholders(sg.parse_one(sql, read="duckdb"), **values)
-    return tree.sql(dialect)
+    return sge.replace_placeholders(sg.parse_one(sql, read="duckdb"), **values)
 
 
 def _column(name: str, table: str | None = None) -> sge.Column:
@@ -111,6 +110,10 @@ class Dialect:
         return list(ids)
 
     # -- execution ------------------------------------------------------------------------
+    def render(self, statement: sge.Expression) -> str:
+        """The text of ``statement`` for this engine's driver, its ``sge.Placeholder`` s bound in order."""
+        return statement.sql(self.name)
+
     def is_transient(self, exc: BaseException) -> bool:
         """Whether ``exc`` means the database is unreachable for now, not that the data is bad."""
         return False
@@ -152,7 +155,7 @@ class Dialect:
                 expressions=update or None,
             ),
         )
-        return statement.sql(self.name)
+        return self.render(statement)
 
 
 class PostgresDialect(Dialect):
@@ -165,6 +168,18 @@ class PostgresDialect(Dialect):
     name = "postgres"
     fingerprint_type = dt.int64
     max_name_bytes = 63
+
+    def render(self, statement: sge.Expression) -> str:
+        # psycopg reads every "%" of a statement run with parameters as the start of a
+        # placeholder, even inside a quoted name: names and literals double theirs.
+        def escape(node: sge.Expression) -> sge.Expression:
+            if isinstance(node, sge.Placeholder):
+                return sge.Var(this="%s")
+            if isinstance(node, sge.Identifier | sge.Literal) and "%" in str(node.this):
+                return type(node)(**{**node.args, "this": node.this.replace("%", "%%")})
+            return node
+
+        return statement.transform(escape).sql(self.name)
 
     def is_transient(self, exc: BaseException) -> bool:
         import psycopg
@@ -214,10 +229,6 @@ class PostgresDialect(Dialect):
 
         self._reconnecting(con, run)
 
-    @functools.lru_cache(maxsize=256)  # noqa: B019
-    def upsert_sql(self, table: str, key: str, columns: tuple[str, ...], *, source: str | None = None) -> str:
-        return super().upsert_sql(table, key, columns, source=source).replace("?", "%s")
-
 
 class SQLiteDialect(Dialect):
     """SQLite: pragma_table_info, a Python hash function, JSON text for arrays and id lists."""
@@ -235,7 +246,7 @@ class SQLiteDialect(Dialect):
             .where(sg.column("pk").neq(0))
             .order_by("pk")
         )
-        return [row["name"] for row in self.fetch(con, query.sql(self.name))]
+        return [row["name"] for row in self.fetch(con, self.render(query))]
 
     def storage_type(self, logical: str) -> dt.DataType:
         dtype = super().storage_type(logical)
@@ -312,11 +323,6 @@ def prepare_sqlite(raw: sqlite3.Connection) -> None:
     raw.create_function("reactive_blob", 1, bytes.fromhex, deterministic=True)
 
 
-def _placeholders(dialect: Dialect, sql: str) -> str:
-    """psycopg binds ``%s``, the others ``?``."""
-    return sql.replace("?", "%s") if dialect.name == "postgres" else sql
-
-
 def _select(table: str, columns: Sequence[str]) -> sge.Select:
     """``SELECT "t"."c" AS "c", ... FROM "t"``: qualified, so a missing column is an error everywhere."""
     names = (sge.alias_(_column(c, table), c, quoted=True) for c in columns)
@@ -327,16 +333,15 @@ class TableSQL:
     """The statements that read and delete rows of one table by id, built once."""
 
     def __init__(self, dialect: Dialect, table: str, id_column: str, columns: Sequence[str]) -> None:
-        d = dialect.name
         select = _select(table, columns)
         key = _column(id_column, table)
         by_ids = dialect.ids_condition(id_column, table)
         ordered = select.order_by(key).limit(sge.Placeholder())
-        self.by_ids = _placeholders(dialect, select.where(by_ids).sql(d))
-        self.ids_by_ids = _placeholders(dialect, _select(table, [id_column]).where(by_ids).sql(d))
-        self.first_page = _placeholders(dialect, ordered.sql(d))
-        self.next_page = _placeholders(dialect, ordered.where(key > sge.Placeholder()).sql(d))
-        self.delete_by_ids = _placeholders(dialect, sge.delete(sg.table(table, quoted=True), where=by_ids).sql(d))
+        self.by_ids = dialect.render(select.where(by_ids))
+        self.ids_by_ids = dialect.render(_select(table, [id_column]).where(by_ids))
+        self.first_page = dialect.render(ordered)
+        self.next_page = dialect.render(ordered.where(key > sge.Placeholder()))
+        self.delete_by_ids = dialect.render(sge.delete(sg.table(table, quoted=True), where=by_ids))
 
 
 #: The column a row's fingerprint comes back in from :attr:`SnapshotSQL.by_ids_with_fingerprint`.
@@ -347,10 +352,9 @@ class SnapshotSQL:
     """The statements of the polling listener for one table and its snapshot, built once."""
 
     def __init__(self, dialect: Dialect, table: str, id_column: str, columns: Sequence[str], snapshot: str) -> None:
-        d = dialect.name
         fingerprint = sge.alias_(dialect.row_hash(columns, table), FINGERPRINT_ALIAS, quoted=True)
-        self.by_ids_with_fingerprint = _placeholders(
-            dialect, _select(table, columns).select(fingerprint).where(dialect.ids_condition(id_column, table)).sql(d)
+        self.by_ids_with_fingerprint = dialect.render(
+            _select(table, columns).select(fingerprint).where(dialect.ids_condition(id_column, table))
         )
         names = {
             "snap": sg.table(snapshot, quoted=True),
@@ -358,8 +362,10 @@ class SnapshotSQL:
             "id": _column(id_column, table),
             "fp": dialect.row_hash(columns, table),
         }
-        self.fill = _template("INSERT INTO :snap (row_id, fingerprint) SELECT :id, :fp FROM :t", d, **names)
-        self.diff = _template(
+        self.fill = dialect.render(
+            _template("INSERT INTO :snap (row_id, fingerprint) SELECT :id, :fp FROM :t", **names)
+        )
+        diff = _template(
             """
             SELECT COALESCE(c.cur_id, s.row_id) AS id,
                    CASE WHEN s.row_id IS NULL THEN 'insert' WHEN c.cur_id IS NULL THEN 'delete' ELSE 'update' END
@@ -368,9 +374,9 @@ class SnapshotSQL:
             FULL OUTER JOIN :snap AS s ON c.cur_id = s.row_id
             WHERE s.row_id IS NULL OR c.cur_id IS NULL OR c.cur_fp <> s.fingerprint
             """,
-            d,
             **names,
         )
+        self.diff = dialect.render(diff)
 
 
 def timestamp_column(dialect: Dialect, values: list[_dt.datetime]) -> pa.Array:

@@ -153,10 +153,10 @@ class IbisErrors:
         if sources is not None:
             where = sg.and_(where, dialect.ids_condition("source"))
             params.append(dialect.bind_ids([json.dumps(s, default=plain_value) for s in sources]))
-        sql = sge.delete(sg.table(ERRORS_TABLE, quoted=True), where=where).sql(dialect.name)
+        sql = dialect.render(sge.delete(sg.table(ERRORS_TABLE, quoted=True), where=where))
         with self.conn.lock:
             if self.conn.table_exists(ERRORS_TABLE):
-                self.conn.execute(sql.replace("?", "%s") if dialect.name == "postgres" else sql, *params)
+                self.conn.execute(sql, *params)
 
     def read_errors(self, listener: str | None = None) -> list[dict[str, Any]]:
         with self.conn.lock:

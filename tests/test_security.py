@@ -1,0 +1,126 @@
+"""Security: names are quoted, never pasted into SQL; credentials never leave the process."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import Recorder, SQLClient, outputs_by_source
+
+import reactive
+from reactive.components import Listener, Model
+
+#: Quotes, a statement separator, a comment, placeholders of every driver, spaces, unicode.
+TABLE = "dö\"cs'; DROP TABLE canary; -- ?%s"
+ID = 'i"d ?%'
+KEY = "te\"xt'; --%(x)s ü"
+
+
+def quoted(name: str, sql: SQLClient) -> str:
+    """How the foreign client writes a name: SQL's own quoting, nothing from reactive (psycopg
+    reads a "%" as a placeholder even inside a quoted name)."""
+    text = '"' + name.replace('"', '""') + '"'
+    return text.replace("%", "%%") if sql.kind == "postgres" else text
+
+
+def run(sql: SQLClient, statement: str, *rows: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    """``statement`` with ``{p}`` for each parameter, through the database's own driver
+    (the suite's client turns every "?" into "%s" for psycopg, names included)."""
+    text = statement.format(p="%s" if sql.kind == "postgres" else "?")
+    cursor = sql.raw.cursor()
+    if len(rows) > 1:
+        cursor.executemany(text, rows)
+    else:
+        cursor.execute(text, rows[0] if rows else ())
+    result = cursor.fetchall() if cursor.description else []
+    if sql.kind == "sqlite":
+        sql.raw.commit()
+    return result
+
+
+def test_hostile_names_go_through_the_whole_flow(sql: SQLClient, recorder: Recorder) -> None:
+    t, i, k = (quoted(name, sql) for name in (TABLE, ID, KEY))
+    run(sql, "CREATE TABLE canary (id INTEGER PRIMARY KEY)")
+    run(sql, f"CREATE TABLE {t} ({i} INTEGER PRIMARY KEY, {k} VARCHAR(100))")
+    run(sql, f"INSERT INTO {t} VALUES ({{p}}, {{p}})", (1, "a'; DROP TABLE canary; --"), (2, 'b"'))
+    model = Model("m", predict=recorder)
+    identifier = f"m__{KEY}"
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(model, KEY, TABLE))
+        assert outputs_by_source(db, identifier) == {1: "<a'; DROP TABLE canary; -->", 2: '<b">'}
+        db.cdc.start()
+        run(sql, f"INSERT INTO {t} VALUES ({{p}}, {{p}})", (3, "c ü"))
+        run(sql, f"UPDATE {t} SET {k} = {{p}} WHERE {i} = {{p}}", ("B", 2))
+        run(sql, f"DELETE FROM {t} WHERE {i} = {{p}}", (1,))
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, identifier) == {2: "<B>", 3: "<c ü>"}
+        info = db.cdc.info()
+        assert info["source"]["tables"] == [TABLE] and info["source"]["failing_tables"] == {}
+        assert info["stopped_tables"] == {} and db.errors() == []
+        # A row whose key is NULL is recorded under the hostile names, and read back.
+        run(sql, f"INSERT INTO {t} VALUES ({{p}}, {{p}})", (4, None))
+        assert db.cdc.wait_idle(timeout=30)
+        [error] = db.errors(identifier)
+        assert (error["listener"], error["table"], error["source"]) == (identifier, TABLE, 4)
+    assert run(sql, "SELECT count(*) FROM canary") == [(0,)]
+
+
+# -- credentials ---------------------------------------------------------------------------------
+SECRET = "s3cr3t-Pa55"
+
+
+def assert_hidden(text: str) -> None:
+    assert SECRET not in text
+    assert "s3cr3t" not in text
+
+
+@pytest.fixture
+def pg_with_password(pg_database: str) -> str:
+    """``pg_database`` as a URI with a password in the query (the server's trust rules ignore it)."""
+    return f"{pg_database}?password={SECRET}"
+
+
+def test_a_password_given_as_a_query_parameter_connects_and_never_shows(
+    pg_with_password: str, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with psycopg.connect(pg_with_password.split("?")[0], autocommit=True) as client:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        client.execute("INSERT INTO docs VALUES (1, 'a')")
+        with reactive.connect(pg_with_password, poll_interval=0.05) as db:
+            db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+            db.cdc.start()
+            client.execute("INSERT INTO docs VALUES (2, 'b')")
+            assert db.cdc.wait_idle(timeout=30)
+            assert outputs_by_source(db, "m__text") == {1: "<a>", 2: "<b>"}
+            assert "password=***" in repr(db)
+            assert_hidden(repr(db))
+            assert_hidden(repr(db.cdc.info()))
+            assert_hidden(db.backend.uri)
+            with pytest.raises(reactive.TableNotFoundError) as missing:
+                db.add(Listener(Model("m", predict=recorder), "text", "nope", identifier="other"))
+            assert_hidden(str(missing.value))
+    assert caplog.records and all(SECRET not in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        f"postgres://bob:{SECRET}@127.0.0.1:1/app",
+        f"postgres://bob:{SECRET}/x@127.0.0.1:1/app",  # a raw "/" in the password
+        f"postgres://bob:{SECRET}@x@127.0.0.1:1/app",  # a raw "@" in the password
+        f"postgres://bob@127.0.0.1:1/app?password={SECRET}",
+        f"postgres://bob@127.0.0.1:1/app?sslmode=disable&password={SECRET}",
+        f"postgres://bob:{SECRET}@127.0.0.1:1/app?password={SECRET}",  # given twice: refused
+    ],
+)
+def test_a_failed_connection_never_shows_the_password(uri: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(reactive.ReactiveError) as failure:
+        reactive.connect(uri, connect_timeout=5)
+    # Everything a traceback shows, chained exceptions included.
+    assert_hidden("".join(traceback.format_exception(failure.value)))
+    assert all(SECRET not in record.getMessage() for record in caplog.records)
