@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import queue
+
 import numpy as np
 import pytest
 from conftest import Recorder, SQLClient, outputs_by_source
 
 import reactive
+from reactive import TableMonitor
 from reactive.components import Listener, Model
+
+Type = TableMonitor.Callback.Type
 
 
 def test_select_of_a_missing_table_fails_at_add(sql: SQLClient, recorder: Recorder) -> None:
@@ -251,3 +256,25 @@ def test_long_table_and_listener_names_stay_distinct(sql: SQLClient, recorder: R
 def test_a_postgres_name_over_63_bytes_is_refused_clearly(pg_database: str, recorder: Recorder) -> None:
     with reactive.connect(pg_database) as db, pytest.raises(reactive.ConfigurationError, match="at most 63 bytes"):
         db.add(Listener(Model("m", predict=recorder), "text", "d" * 64))
+
+
+# -- MongoDB ------------------------------------------------------------------------------------------
+def test_a_collection_that_does_not_exist_yet_is_an_empty_one(mongo_uri: str, mongo, recorder: Recorder) -> None:
+    """MongoDB creates a collection at its first insert: listeners are declared before data arrives."""
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "later"))
+        assert db.outputs("m__text") == []
+        db.cdc.start()
+        mongo.later.insert_one({"_id": 1, "text": "first"})
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: "<first>"}
+
+
+def test_a_table_monitor_on_a_collection_that_does_not_exist_yet_sees_its_first_insert(mongo_uri: str, mongo) -> None:
+    seen: queue.Queue[dict] = queue.Queue()
+    with reactive.connect(mongo_uri) as db:
+        monitor = TableMonitor.Client(db, "later", [TableMonitor.Callback(Type.INSERT_DECODED, seen.put)])
+        monitor.start_monitor()
+        mongo.later.insert_one({"_id": 1, "text": "first"})
+        assert seen.get(timeout=30) == {"_id": 1, "text": "first"}
+        monitor.stop_monitor()

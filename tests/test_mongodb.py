@@ -186,11 +186,6 @@ def test_wait_idle_is_a_barrier_for_writes_made_before_it(mongo_uri: str, mongo)
             assert outputs_by_source(db, "len__text")[i] == i
 
 
-def test_select_of_a_missing_collection_fails_at_add(mongo_uri: str, recorder: Recorder) -> None:
-    with reactive.connect(mongo_uri) as db, pytest.raises(reactive.TableNotFoundError, match="'nope'"):
-        db.add(Listener(Model("m", predict=recorder), "text", "nope"))
-
-
 @pytest.mark.parametrize(
     ("uri", "message"),
     [

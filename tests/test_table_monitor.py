@@ -839,6 +839,8 @@ def test_kinetica_refuses_a_gpudb_connection_and_another_monitor_port(source: Ki
 
 
 def test_a_missing_table_is_refused_and_nothing_is_created(source: Source, db: reactive.Datalayer) -> None:
+    if isinstance(source, MongoSource):
+        pytest.skip("MongoDB creates a collection at its first insert: a missing one is followed (test_bad_input)")
     with pytest.raises(TableNotFoundError, match="no_such_table"):
         TableMonitor.Client(db, "no_such_table", [callback(Type.INSERT_DECODED)])
     assert not db.cdc.running and not reactive_threads()
@@ -849,6 +851,8 @@ def test_a_missing_table_is_refused_and_nothing_is_created(source: Source, db: r
 def test_a_table_dropped_before_start_monitor_is_refused_and_nothing_starts(
     source: Source, db: reactive.Datalayer
 ) -> None:
+    if isinstance(source, MongoSource):
+        pytest.skip("MongoDB creates a collection at its first insert: a missing one is followed (test_bad_input)")
     client = TableMonitor.Client(db, "docs", [callback(Type.INSERT_DECODED)])
     source.drop()
     with pytest.raises(TableNotFoundError, match="docs"):

@@ -28,7 +28,7 @@ from reactive.backends.mongodb.checkpoints import CHECKPOINTS_COLLECTION, MongoS
 from reactive.backends.mongodb.errors import Fault, classify, classify_code
 from reactive.backends.mongodb.listener import MongoChangeStreamListener
 from reactive.checkpoints import Positions
-from reactive.errors import BackendError, ConfigurationError, TableNotFoundError
+from reactive.errors import BackendError, ConfigurationError
 from reactive.events import Row, id_key
 from reactive.outputs import OutputTypes
 from reactive.queue import CDCQueue
@@ -65,10 +65,10 @@ class MongoSource:
         return bool(self.db.list_collection_names(filter={"name": table}))
 
     def describe(self, table: str, *, id_column: str | None = None) -> TableInfo:
+        """A collection, whether or not it exists yet: MongoDB creates one at its first insert,
+        so listeners are declared before data arrives (one that does not exist is empty)."""
         if id_column not in (None, "_id"):
             raise ConfigurationError(f"MongoDB documents are identified by _id, not {id_column!r}", table=table)
-        if not self.table_exists(table):
-            raise TableNotFoundError(f"collection {table!r} does not exist in {self.uri}", table=table)
         return TableInfo(table, "_id", ())
 
     def count(self, table: TableInfo) -> int:
