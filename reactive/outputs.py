@@ -277,7 +277,11 @@ class OutputWriter:
         self.fence = fence or (lambda: None)
 
     def prepare(self, identifier: str, source: TableInfo, output_type: str | None) -> None:
-        """Fix the outputs' type when the model declares it (``db.add``); refuse a change."""
+        """Fix the outputs' type when the model declares it (``db.add``); refuse a change.
+
+        Outputs of a known type are created again if they are gone (dropped by someone else
+        while the process was down): the backfill then fills them.
+        """
         self.fence()
         existing = self.types.get(identifier)
         if existing is not None and output_type is not None and existing != output_type:
@@ -286,7 +290,9 @@ class OutputWriter:
                 f"remove the listener with drop_outputs=True to change the type",
                 listener=identifier,
             )
-        if existing is None and output_type is not None:
+        if existing is not None:
+            self.store.create_outputs(identifier, source, existing)
+        elif output_type is not None:
             self.types.set(identifier, source, output_type, self.store)
 
     def write(self, identifier: str, source: TableInfo, records: Sequence[OutputRecord]) -> list[Any]:

@@ -11,6 +11,7 @@ from conftest import Recorder, SQLClient, outputs_by_source
 import reactive
 from reactive import TableMonitor
 from reactive.components import Listener, Model
+from reactive.threads import reactive_threads
 
 Type = TableMonitor.Callback.Type
 
@@ -258,6 +259,29 @@ def test_a_postgres_name_over_63_bytes_is_refused_clearly(pg_database: str, reco
         db.add(Listener(Model("m", predict=recorder), "text", "d" * 64))
 
 
+# -- an outputs table dropped by someone else -------------------------------------------------------
+def test_a_dropped_outputs_table_is_created_and_filled_again(sql: SQLClient, recorder: Recorder) -> None:
+    make_table(sql, "docs", [(1, "a"), (2, "b")])
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        sql.execute('DROP TABLE "_outputs__m__text"')
+        assert db.outputs("m__text") == []
+        sql.execute("INSERT INTO docs VALUES (3, 'c')")
+        # The next change recreates the table; the rows nobody touched are computed again.
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: "<a>", 2: "<b>", 3: "<c>"}
+        assert db.errors() == []
+        db.cdc.stop()
+        sql.execute('DROP TABLE "_outputs__m__text"')
+    # Dropped while nothing ran: db.add after a restart creates and fills it again.
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        assert outputs_by_source(db, "m__text") == {1: "<a>", 2: "<b>", 3: "<c>"}
+        assert db.errors() == []
+
+
 # -- MongoDB ------------------------------------------------------------------------------------------
 def test_a_collection_that_does_not_exist_yet_is_an_empty_one(mongo_uri: str, mongo, recorder: Recorder) -> None:
     """MongoDB creates a collection at its first insert: listeners are declared before data arrives."""
@@ -278,3 +302,25 @@ def test_a_table_monitor_on_a_collection_that_does_not_exist_yet_sees_its_first_
         mongo.later.insert_one({"_id": 1, "text": "first"})
         assert seen.get(timeout=30) == {"_id": 1, "text": "first"}
         monitor.stop_monitor()
+
+
+def test_a_dropped_outputs_collection_is_filled_again(mongo_uri: str, mongo, recorder: Recorder) -> None:
+    mongo.docs.insert_many([{"_id": 1, "text": "a"}, {"_id": 2, "text": "b"}])
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        db.cdc.start()
+        mongo.drop_collection("_outputs__m__text")
+        mongo.docs.insert_one({"_id": 3, "text": "c"})
+        assert db.cdc.wait_idle(timeout=30)
+        # The change that reveals the loss starts the refill; it runs beside the handler.
+        for thread in reactive_threads():
+            if thread.name == "reactive-outputs-refill":
+                thread.join(30)
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: "<a>", 2: "<b>", 3: "<c>"}
+        db.cdc.stop()
+        mongo.drop_collection("_outputs__m__text")
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        assert outputs_by_source(db, "m__text") == {1: "<a>", 2: "<b>", 3: "<c>"}
+        assert db.errors() == []

@@ -43,9 +43,10 @@ class IbisBackend(DataBackend):
         self.checkpoints = Positions(self.sections)
         self.output_types = OutputTypes(self.checkpoints)
         self.source = IbisSource(self.conn, output_type=self.output_types.of_table)
-        self.outputs = IbisOutputs(self.conn, decoded=self.source.decoded)
+        self.outputs = IbisOutputs(self.conn, decoded=self.source.decoded, outputs_lost=self._outputs_lost)
         self.errors = IbisErrors(self.conn)
         self.snapshots = SnapshotStore(self.conn, decoded=self.source.decoded)
+        self._listener: IbisPollingListener | None = None
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> Self:
@@ -78,7 +79,16 @@ class IbisBackend(DataBackend):
         return self.conn.uri
 
     def create_listener(self, queue: CDCQueue, hooks: ListenerHooks, **options: Any) -> IbisPollingListener:
-        return IbisPollingListener(self.snapshots, queue, hooks=hooks, is_transient=self.is_transient, **options)
+        self._listener = IbisPollingListener(
+            self.snapshots, queue, hooks=hooks, is_transient=self.is_transient, **options
+        )
+        return self._listener
+
+    def _outputs_lost(self, table: str) -> None:
+        """Outputs of ``table``'s components were dropped: the poller reconciles it (the backfill
+        of ``db.add`` does when nothing follows changes yet)."""
+        if self._listener is not None:
+            self._listener.reconcile_soon(table)
 
     def row_format(self, table: TableInfo) -> RowFormat:
         return self.source.row_format(table)

@@ -80,6 +80,8 @@ class IbisPollingListener(BaseDatabaseListener):
         self.consecutive_failures = 0
         #: Watched tables whose last poll failed, and why (retried at every poll).
         self.failing_tables: dict[str, str] = {}
+        #: Tables whose components lost outputs (an outputs table dropped): reconciled after a poll.
+        self._to_reconcile: set[str] = set()
 
     def watch(self, table: TableInfo) -> None:
         if self.snapshots.ensure(table):
@@ -105,6 +107,17 @@ class IbisPollingListener(BaseDatabaseListener):
         super().on_stop()
         self._wake.set()
 
+    def reconcile_soon(self, table: str) -> None:
+        """Reconcile ``table``'s components after the poll in progress (their outputs were lost).
+
+        Called from the handler thread, which cannot queue a reconciliation itself (it would
+        wait on the queue it drains). The poller queues it before the poll counts as done, so
+        a ``wait_idle`` that saw the loss waits for the outputs computed again.
+        """
+        with self._lock:
+            self._to_reconcile.add(table)
+        self._wake.set()
+
     def run(self) -> None:
         while self.should_keep_running():
             started = time.monotonic()
@@ -125,6 +138,11 @@ class IbisPollingListener(BaseDatabaseListener):
             with self._changed:
                 while self._in_flight and self.should_keep_running():
                     self._changed.wait()
+            try:
+                self._reconcile_requested()
+            except QueueClosedError:
+                break
+            with self._changed:
                 self._polls_done += 1
                 self._changed.notify_all()
             self._arm(lambda target: target is not None and target <= self._polls_done)
@@ -136,6 +154,23 @@ class IbisPollingListener(BaseDatabaseListener):
             self._wake.clear()
         with self._changed:
             self._changed.notify_all()
+
+    def _reconcile_requested(self) -> None:
+        with self._lock:
+            tables, self._to_reconcile = sorted(self._to_reconcile), set()
+        if not tables:
+            return
+        log.warning("outputs of listeners on %s were dropped; computing them again", ", ".join(map(repr, tables)))
+        try:
+            self.hooks.reconcile(tables, self.stopped_event)
+        except QueueClosedError:
+            raise
+        except Exception as exc:
+            with self._lock:
+                self._to_reconcile.update(tables)
+            log.warning(
+                "reconciling %s failed (%s: %s); tried again after the next poll", tables, type(exc).__name__, exc
+            )
 
     def _poll_all(self) -> None:
         for table in self.tables.values():

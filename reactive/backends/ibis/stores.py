@@ -34,11 +34,23 @@ class IbisOutputs:
     """The :class:`~reactive.backends.base.OutputStore`: one keyed table per listener.
 
     ``decoded(table, rows)`` turns stored JSON text back into values (the source reader's).
+    An outputs table dropped by someone else reads as empty and is created again at the next
+    write; ``outputs_lost(source table)`` is then told, so the outputs of every other row
+    are computed again.
     """
 
-    def __init__(self, conn: IbisConnection, *, decoded: Callable[[str, list[Row]], list[Row]]) -> None:
+    def __init__(
+        self,
+        conn: IbisConnection,
+        *,
+        decoded: Callable[[str, list[Row]], list[Row]],
+        outputs_lost: Callable[[str], None] = lambda table: None,
+    ) -> None:
         self.conn = conn
         self.decoded = decoded
+        self.outputs_lost = outputs_lost
+        #: What each listener's outputs table is created from (``create_outputs`` comes first).
+        self._declared: dict[str, tuple[TableInfo, str]] = {}
 
     def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
         if source.name == outputs_table(identifier):
@@ -56,60 +68,101 @@ class IbisOutputs:
                 },
                 key=SOURCE_FIELD,
             )
+            self._declared[identifier] = (source, output_type)
 
     def store_outputs(
         self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
     ) -> None:
         name = outputs_table(identifier)
+        with self.conn.lock:
+            try:
+                self._upsert(name, output_type, kept)
+            except Exception:
+                if identifier not in self._declared or not self._gone(name):
+                    raise
+                source, _ = self._declared[identifier]
+                self.create_outputs(identifier, source, output_type)
+                self._upsert(name, output_type, kept)
+                self.outputs_lost(source.name)
+
+    def _upsert(self, name: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]]) -> None:
         conn = self.conn
-        with conn.lock:
-            schema = conn.table(name).schema()
-            data = pa.table(
-                {
-                    SOURCE_FIELD: pa.array([r.source for _, r, _ in kept], type=schema[SOURCE_FIELD].to_pyarrow()),
-                    OUTPUT_FIELD: pa.array(
-                        [encode_for(conn.dialect, output_type, v) for _, _, v in kept],
-                        type=schema[OUTPUT_FIELD].to_pyarrow(),
-                    ),
-                    FINGERPRINT_FIELD: pa.array([r.fingerprint for _, r, _ in kept], type=pa.int64()),
-                }
-            )
-            conn.upsert(name, SOURCE_FIELD, data)
+        schema = conn.table(name).schema()
+        data = pa.table(
+            {
+                SOURCE_FIELD: pa.array([r.source for _, r, _ in kept], type=schema[SOURCE_FIELD].to_pyarrow()),
+                OUTPUT_FIELD: pa.array(
+                    [encode_for(conn.dialect, output_type, v) for _, _, v in kept],
+                    type=schema[OUTPUT_FIELD].to_pyarrow(),
+                ),
+                FINGERPRINT_FIELD: pa.array([r.fingerprint for _, r, _ in kept], type=pa.int64()),
+            }
+        )
+        conn.upsert(name, SOURCE_FIELD, data)
+
+    def _gone(self, name: str) -> bool:
+        """After a statement on ``name`` failed: whether the table was dropped (by someone else)."""
+        self.conn.forget(name)
+        return not self.conn.table_exists(name)
 
     def _statements(self, identifier: str, *columns: str) -> Any:
         return self.conn.statements(outputs_table(identifier), SOURCE_FIELD, columns or (SOURCE_FIELD,))
 
     def delete_outputs(self, identifier: str, ids: Sequence[Any]) -> None:
+        name = outputs_table(identifier)
         with self.conn.lock:
-            if ids and self.conn.table_exists(outputs_table(identifier)):
+            if not ids or not self.conn.table_exists(name):
+                return
+            try:
                 self.conn.delete_by_ids(self._statements(identifier).delete_by_ids, list(ids))
+            except Exception:
+                if not self._gone(name):
+                    raise
 
     def output_fingerprints(self, identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
+        name = outputs_table(identifier)
         with self.conn.lock:
-            if not ids or not self.conn.table_exists(outputs_table(identifier)):
+            if not ids or not self.conn.table_exists(name):
                 return {}
             sql = self._statements(identifier, SOURCE_FIELD, FINGERPRINT_FIELD).by_ids
-            return {id_key(row[SOURCE_FIELD]): row[FINGERPRINT_FIELD] for row in self.conn.fetch_by_ids(sql, ids)}
+            try:
+                rows = list(self.conn.fetch_by_ids(sql, ids))
+            except Exception:
+                if not self._gone(name):
+                    raise
+                return {}
+        return {id_key(row[SOURCE_FIELD]): row[FINGERPRINT_FIELD] for row in rows}
 
     def scan_output_fingerprints(self, identifier: str, *, page_size: int) -> Iterator[list[tuple[Any, int]]]:
+        name = outputs_table(identifier)
         with self.conn.lock:
-            if not self.conn.table_exists(outputs_table(identifier)):
+            if not self.conn.table_exists(name):
                 return
             statements = self._statements(identifier, SOURCE_FIELD, FINGERPRINT_FIELD)
-        for page in self.conn.pages(statements, SOURCE_FIELD, page_size):
-            yield [(row[SOURCE_FIELD], row[FINGERPRINT_FIELD]) for row in page]
+        try:
+            for page in self.conn.pages(statements, SOURCE_FIELD, page_size):
+                yield [(row[SOURCE_FIELD], row[FINGERPRINT_FIELD]) for row in page]
+        except Exception:
+            if not self._gone(name):
+                raise
 
     def read_outputs(self, identifier: str) -> list[dict[str, Any]]:
         name = outputs_table(identifier)
         with self.conn.lock:
             if not self.conn.table_exists(name):
                 return []
-            o = self.conn.table(name)
-            rows = o.select(SOURCE_FIELD, OUTPUT_FIELD).order_by(SOURCE_FIELD).to_pyarrow().to_pylist()
+            try:
+                o = self.conn.table(name)
+                rows = o.select(SOURCE_FIELD, OUTPUT_FIELD).order_by(SOURCE_FIELD).to_pyarrow().to_pylist()
+            except Exception:
+                if not self._gone(name):
+                    raise
+                return []
         return self.decoded(name, rows)
 
     def drop_outputs(self, identifier: str) -> None:
         self.conn.drop_table(outputs_table(identifier))
+        self._declared.pop(identifier, None)
 
 
 class IbisErrors:

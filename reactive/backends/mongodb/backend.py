@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+import logging
+import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, Self
 
 import pymongo
@@ -28,12 +30,15 @@ from reactive.backends.mongodb.checkpoints import CHECKPOINTS_COLLECTION, MongoS
 from reactive.backends.mongodb.errors import Fault, classify, classify_code
 from reactive.backends.mongodb.listener import MongoChangeStreamListener
 from reactive.checkpoints import Positions
-from reactive.errors import BackendError, ConfigurationError
+from reactive.errors import BackendError, ConfigurationError, QueueClosedError
 from reactive.events import Row, id_key
 from reactive.outputs import OutputTypes
 from reactive.queue import CDCQueue
 from reactive.rowformat import RowFormat, mongo_format
+from reactive.threads import ReactiveThread
 from reactive.uri import redact
+
+log = logging.getLogger(__name__)
 
 ERRORS_COLLECTION = "_reactive_errors"
 #: Largest ``$in`` list sent in one query (SecantusDB's ``$in`` is quadratic in the
@@ -95,17 +100,36 @@ class MongoSource:
 
 
 class MongoOutputs:
-    """The :class:`~reactive.backends.base.OutputStore`: one collection per listener, ``_id`` = source id."""
+    """The :class:`~reactive.backends.base.OutputStore`: one collection per listener, ``_id`` = source id.
 
-    def __init__(self, db: Database) -> None:
+    A write recreates a collection someone dropped, silently: so before writing to a
+    collection it wrote before, the store checks that it is still there, and tells
+    ``outputs_lost(source collection)`` when it is not (the other rows' outputs are gone too).
+    """
+
+    def __init__(self, db: Database, *, outputs_lost: Callable[[str], None] = lambda table: None) -> None:
         self.db = db
+        self.outputs_lost = outputs_lost
+        #: The source collection of each listener (``create_outputs`` comes first).
+        self._sources: dict[str, str] = {}
+        #: Listeners whose outputs this process wrote: their collection exists unless dropped.
+        self._written: set[str] = set()
 
     def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
-        """Nothing to create: the collection appears with its first output."""
+        """Nothing to create (the collection appears with its first output): remember the source."""
+        self._sources[identifier] = source.name
 
     def store_outputs(
         self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
     ) -> None:
+        name = outputs_table(identifier)
+        lost = identifier in self._written and not self.db.list_collection_names(filter={"name": name})
+        self._store(identifier, kept, stored)
+        self._written.add(identifier)
+        if lost and identifier in self._sources:
+            self.outputs_lost(self._sources[identifier])
+
+    def _store(self, identifier: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]) -> None:
         documents = [
             (
                 index,
@@ -170,6 +194,7 @@ class MongoOutputs:
 
     def drop_outputs(self, identifier: str) -> None:
         self.db.drop_collection(outputs_table(identifier))
+        self._written.discard(identifier)
 
 
 class MongoErrors:
@@ -197,6 +222,28 @@ class MongoErrors:
         return list(self.db[ERRORS_COLLECTION].find(query, {"_id": 0}).sort("at", 1))
 
 
+class OutputsRefill(ReactiveThread):
+    """Reconciles collections whose listeners' outputs were dropped, then ends.
+
+    The handler notices the loss (:class:`MongoOutputs`) but cannot queue a reconciliation
+    itself: it would wait on the queue it drains. This thread queues it as a producer does,
+    and gives up when stopped (``db.close()``) or when the queue closes (``db.cdc.stop()``).
+    """
+
+    def __init__(self, reconcile: Callable[[list[str], threading.Event], None], tables: list[str]) -> None:
+        super().__init__("outputs-refill")
+        self.reconcile = reconcile
+        self.tables = tables
+
+    def run(self) -> None:
+        try:
+            self.reconcile(self.tables, self.stopped_event)
+        except QueueClosedError:
+            log.info("computing the dropped outputs of %s again stopped with change data capture", self.tables)
+        except Exception:
+            log.exception("could not compute the dropped outputs of %s again; adding them again does", self.tables)
+
+
 class MongoBackend(DataBackend):
     """MongoDB (a replica set or sharded cluster: change streams need one).
 
@@ -213,7 +260,11 @@ class MongoBackend(DataBackend):
         self.db = client[database]
         self._uri = redact(uri)
         self.source = MongoSource(self.db, uri=self._uri)
-        self.outputs = MongoOutputs(self.db)
+        self.outputs = MongoOutputs(self.db, outputs_lost=self._outputs_lost)
+        self._hooks: ListenerHooks | None = None
+        self._queue: CDCQueue | None = None
+        self._refills: list[OutputsRefill] = []
+        self._lock = threading.Lock()
         self.errors = MongoErrors(self.db)
         self.sections = MongoSections(self.db)
         self.checkpoints = Positions(self.sections)
@@ -252,12 +303,32 @@ class MongoBackend(DataBackend):
         return self._uri
 
     def create_listener(self, queue: CDCQueue, hooks: ListenerHooks, **options: Any) -> MongoChangeStreamListener:
+        self._hooks, self._queue = hooks, queue
         return MongoChangeStreamListener(self.db, self.checkpoints, queue, uri=self._uri, hooks=hooks, **options)
+
+    def _outputs_lost(self, table: str) -> None:
+        """Outputs of ``table``'s listeners were dropped: reconcile it in the background (the
+        backfill of ``db.add`` does when nothing follows changes yet)."""
+        if self._hooks is None:
+            return
+        log.warning("outputs of listeners on %r were dropped; computing them again", table)
+        refill = OutputsRefill(self._hooks.reconcile, [table])
+        with self._lock:
+            self._refills = [*(r for r in self._refills if r.is_alive()), refill]
+        refill.start()
 
     def row_format(self, table: TableInfo) -> RowFormat:
         return mongo_format()
 
     def close(self) -> None:
+        with self._lock:
+            refills, self._refills = self._refills, []
+        for refill in refills:
+            refill.stop()
+        if self._queue is not None:
+            self._queue.wake_producers()
+        for refill in refills:
+            refill.join()
         self.client.close()
 
     def is_transient(self, exc: BaseException) -> bool:
