@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import sqlite3
 
 import numpy as np
 import pytest
@@ -282,6 +283,19 @@ def test_a_dropped_outputs_table_is_created_and_filled_again(sql: SQLClient, rec
         assert db.errors() == []
 
 
+def test_a_key_of_a_type_the_model_cannot_take_is_recorded_for_its_row(tmp_path, recorder: Recorder) -> None:
+    """SQLite keeps any value in an untyped column; MongoDB's case is in test_mongodb."""
+    path = tmp_path / "app.sqlite"
+    with sqlite3.connect(path) as client:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text)")
+        client.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, 7), (3, "c")])
+    with reactive.connect(f"sqlite:///{path}") as db:
+        db.add(Listener(Model("up", predict=lambda xs: [x.upper() for x in xs], max_retries=0), "text", "docs"))
+        assert outputs_by_source(db, "up__text") == {1: "A", 3: "C"}
+        [error] = db.errors("up__text")
+        assert error["source"] == 2 and error["error"] == "AttributeError: 'int' object has no attribute 'upper'"
+
+
 # -- MongoDB ------------------------------------------------------------------------------------------
 def test_a_collection_that_does_not_exist_yet_is_an_empty_one(mongo_uri: str, mongo, recorder: Recorder) -> None:
     """MongoDB creates a collection at its first insert: listeners are declared before data arrives."""
@@ -324,3 +338,16 @@ def test_a_dropped_outputs_collection_is_filled_again(mongo_uri: str, mongo, rec
         db.add(Listener(Model("m", predict=recorder), "text", "docs"))
         assert outputs_by_source(db, "m__text") == {1: "<a>", 2: "<b>", 3: "<c>"}
         assert db.errors() == []
+
+
+def test_a_document_whose_fields_are_reordered_is_not_computed_again(mongo_uri: str, mongo, recorder: Recorder) -> None:
+    """Field order is not part of a value: inputs are fingerprinted with sorted keys, so a
+    reordered document (or key) is the same input. Ids keep their order (see id_key)."""
+    mongo.docs.insert_one({"_id": 1, "meta": {"a": 1, "b": 2}, "text": "x"})
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("m", predict=recorder), "meta", "docs"))
+        db.cdc.start()
+        mongo.docs.replace_one({"_id": 1}, {"text": "x", "meta": {"b": 2, "a": 1}})
+        assert db.cdc.wait_idle(timeout=30)
+        assert recorder.inputs == [{"a": 1, "b": 2}]
+        assert db.cdc.info()["listeners"]["m__meta"]["skipped"] == 1
