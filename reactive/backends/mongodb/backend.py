@@ -112,20 +112,25 @@ class MongoOutputs:
         self.outputs_lost = outputs_lost
         #: The source collection of each listener (``create_outputs`` comes first).
         self._sources: dict[str, str] = {}
-        #: Listeners whose outputs this process wrote: their collection exists unless dropped.
-        self._written: set[str] = set()
+        #: Listeners whose outputs collection exists, unless someone dropped it since.
+        self._present: set[str] = set()
+
+    def _exists(self, identifier: str) -> bool:
+        return bool(self.db.list_collection_names(filter={"name": outputs_table(identifier)}))
 
     def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
         """Nothing to create (the collection appears with its first output): remember the source."""
         self._sources[identifier] = source.name
+        if self._exists(identifier):
+            self._present.add(identifier)
 
     def store_outputs(
         self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
     ) -> None:
-        name = outputs_table(identifier)
-        lost = identifier in self._written and not self.db.list_collection_names(filter={"name": name})
+        # One round trip per write: the only sign of a drop, since the write recreates it.
+        lost = identifier in self._present and not self._exists(identifier)
         self._store(identifier, kept, stored)
-        self._written.add(identifier)
+        self._present.add(identifier)
         if lost and identifier in self._sources:
             self.outputs_lost(self._sources[identifier])
 
@@ -194,7 +199,7 @@ class MongoOutputs:
 
     def drop_outputs(self, identifier: str) -> None:
         self.db.drop_collection(outputs_table(identifier))
-        self._written.discard(identifier)
+        self._present.discard(identifier)
 
 
 class MongoErrors:
