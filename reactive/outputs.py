@@ -8,6 +8,7 @@ from a live write or from a read, so their input fingerprints agree.
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -144,10 +145,6 @@ def _vector_output(value: Any, output_type: str) -> list[Any]:
         raise ValueError(f"output of type {type(value).__name__} does not fit {output_type}")
     if inner not in _NUMPY_TYPES:
         return [normalize_output(v, inner) for v in value]
-    if not isinstance(value, np.ndarray):
-        gap = next((i for i, v in enumerate(value) if v is None), None)
-        if gap is not None:
-            raise ValueError(f"output has None at position {gap}; a vector of {inner} cannot hold None")
     source = _numbers(value, output_type)
     if source.ndim != 1:
         raise ValueError(f"output of shape {source.shape} does not fit {output_type}")
@@ -160,6 +157,8 @@ def _vector_output(value: Any, output_type: str) -> list[Any]:
 def _scalar_output(value: Any, output_type: str) -> Any:
     if isinstance(value, np.generic):
         value = value.item()
+    if type(value) is _PYTHON_TYPES.get(output_type) and _fits_plainly(value):
+        return value  # the common case, without numpy's cost per value
     if output_type in _NUMPY_TYPES:
         if type(value) not in (bool, int, float):
             raise ValueError(f"output of type {type(value).__name__} does not fit {output_type}")
@@ -170,11 +169,29 @@ def _scalar_output(value: Any, output_type: str) -> Any:
     return value
 
 
+def _fits_plainly(value: bool | int | float | str | bytes) -> bool:
+    """Whether a value of the output type's own Python type fits it (int64's range, a finite float)."""
+    if type(value) is int:
+        return -(2**63) <= value < 2**63
+    return type(value) is not float or math.isfinite(value)
+
+
 def _numbers(values: Any, output_type: str) -> np.ndarray:
-    """``values`` as a numpy array; what numpy keeps as objects (huge ints, decimals) as floats."""
+    """``values`` as a numpy array; what numpy keeps as objects (huge ints, decimals) as floats.
+
+    A None is refused here: numpy would read it as NaN, a value the output never had.
+    """
     try:
         array = np.asarray(values)
-        return array.astype(np.float64) if array.dtype.kind == "O" else array
+    except (TypeError, ValueError):
+        raise ValueError(f"output does not fit {output_type}") from None
+    if array.dtype.kind != "O":
+        return array
+    gap = next((i for i, v in enumerate(values) if v is None), None)
+    if gap is not None:
+        raise ValueError(f"output has None at position {gap}, which {output_type} cannot hold")
+    try:
+        return array.astype(np.float64)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"output does not fit {output_type}") from None
 
@@ -191,6 +208,8 @@ def _exactly(source: np.ndarray, inner: str, output_type: str, at: Callable[[int
         raise ValueError(f"output of {source.dtype} values does not fit {output_type}")
     if source.dtype.kind == "f" and not np.all(np.isfinite(source)):
         raise ValueError(f"output has NaN or infinity{at(_first(~np.isfinite(source)))}")
+    if source.dtype == target:
+        return source
     with np.errstate(over="ignore", invalid="ignore"):
         array = source.astype(target)
     changed = ~np.isfinite(array) if target.kind == "f" and source.dtype.kind == "f" else array != source

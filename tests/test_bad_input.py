@@ -210,7 +210,7 @@ def test_a_fractional_vector_is_refused_by_an_integer_type_never_truncated(sql: 
         fixed = "(outputs of 'v__text' are array<int64>, fixed by the first outputs or Model(output_type=...))"
         assert errors == {
             3: f"output has 0.9 at position 0, which array<int64> cannot hold {fixed}",
-            4: f"output has None at position 1; a vector of int64 cannot hold None {fixed}",
+            4: f"output has None at position 1, which array<int64> cannot hold {fixed}",
         }
 
 

@@ -36,7 +36,7 @@ class IbisSource:
 
     def describe(self, table: str, *, id_column: str | None = None) -> TableInfo:
         conn = self.conn
-        for name in (table, id_column or table):
+        for name in filter(None, (table, id_column)):
             conn.dialect.check_name(name, table=table)
         with conn.lock:
             conn.forget(table)

@@ -50,7 +50,7 @@ class IbisOutputs:
         self.decoded = decoded
         self.outputs_lost = outputs_lost
         #: What each listener's outputs table is created from (``create_outputs`` comes first).
-        self._declared: dict[str, tuple[TableInfo, str]] = {}
+        self._declared: dict[str, TableInfo] = {}
 
     def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
         if source.name == outputs_table(identifier):
@@ -68,7 +68,7 @@ class IbisOutputs:
                 },
                 key=SOURCE_FIELD,
             )
-            self._declared[identifier] = (source, output_type)
+            self._declared[identifier] = source
 
     def store_outputs(
         self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
@@ -80,7 +80,7 @@ class IbisOutputs:
             except Exception:
                 if identifier not in self._declared or not self._gone(name):
                     raise
-                source, _ = self._declared[identifier]
+                source = self._declared[identifier]
                 self.create_outputs(identifier, source, output_type)
                 self._upsert(name, output_type, kept)
                 self.outputs_lost(source.name)

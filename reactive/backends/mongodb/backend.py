@@ -103,7 +103,7 @@ class MongoOutputs:
     """The :class:`~reactive.backends.base.OutputStore`: one collection per listener, ``_id`` = source id.
 
     A write recreates a collection someone dropped, silently: so before writing to a
-    collection it wrote before, the store checks that it is still there, and tells
+    collection it knows to exist, the store checks that it is still there, and tells
     ``outputs_lost(source collection)`` when it is not (the other rows' outputs are gone too).
     """
 
