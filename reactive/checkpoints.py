@@ -227,12 +227,27 @@ class Lease:
             return True
 
     def renew(self) -> bool:
-        """Extend our lease; False (and no longer held) if another process took it."""
+        """Extend our lease; False (and no longer held) if another process took it.
+
+        A renewal whose acknowledgement was lost (the server restarted, the connection broke)
+        may still have been written: if the stored record is ours, with our epoch, it is taken
+        as the one to replace.
+        """
         with self._lock:
             if self._held is None or self._raw is None:
                 return False
             holder, section = self._record(self._held.epoch)
             if self.store.replace_section(self.checkpoint, LEASE_SECTION, self._raw, section):
+                self._held, self._raw = holder, section.data
+                return True
+            found = self.store.read_sections(self.checkpoint, [LEASE_SECTION]).get(LEASE_SECTION)
+            current = None if found is None else Holder.decode(found.data)
+            ours = current is not None and (current.owner, current.epoch) == (self.owner, self._held.epoch)
+            if (
+                found is not None
+                and ours
+                and self.store.replace_section(self.checkpoint, LEASE_SECTION, found.data, section)
+            ):
                 self._held, self._raw = holder, section.data
                 return True
             self._held = self._raw = None

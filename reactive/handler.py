@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from reactive.backends.base import OUTPUT_FIELD, SOURCE_FIELD, ErrorRecord, outputs_table
+from reactive.errors import LeaseLostError
 from reactive.events import Batch, ChangePacket, ChangeSource, DBEvent, coalesce, collate, id_key
 from reactive.threads import ReactiveThread
 
@@ -113,14 +114,17 @@ class CDCHandler(ReactiveThread):
             try:
                 self.handle(packets)
                 return
-            except BackendUnavailableError as exc:
+            except (BackendUnavailableError, LeaseLostError) as exc:
+                # Unreachable, or this process may not write right now (its lease is not renewed:
+                # the database is slow or down, or another process takes over, and then db.cdc
+                # stops this handler): nothing was committed, so the same window is tried again.
                 attempt += 1
                 if self.queue.closed and attempt > STOPPING_RETRIES:
-                    log.error("database still unreachable while stopping; releasing %d packets", len(packets))
+                    log.error("%s while stopping; releasing %d packets", exc, len(packets))
                     self._release(packets, exc)
                     return
                 delay = min(0.5 * 2 ** (attempt - 1), MAX_BACKOFF)
-                log.warning("database unreachable (%s); retrying %d packets in %.1f s", exc, len(packets), delay)
+                log.warning("%s; retrying %d packets in %.1f s", exc, len(packets), delay)
                 self.wait(delay)
             except Exception as exc:
                 self.totals.internal_errors += 1
@@ -141,7 +145,7 @@ class CDCHandler(ReactiveThread):
                 resolved = self._resolve_rows(batch)
             except Exception as exc:
                 if self.db.backend.is_transient(exc):
-                    raise BackendUnavailableError(str(exc)) from exc
+                    raise BackendUnavailableError(f"database unreachable ({exc})") from exc
                 raise
             for part in resolved:
                 for component in components:
@@ -193,9 +197,11 @@ class CDCHandler(ReactiveThread):
         stats.model_calls = component.model_calls
         try:
             refresh = component.refresh_outputs(batch, self.db, wait=self.wait)
+        except LeaseLostError:
+            raise  # not the rows' fault: the window waits (see _handle_with_retries)
         except Exception as exc:
             if self.db.backend.is_transient(exc):
-                raise BackendUnavailableError(str(exc)) from exc
+                raise BackendUnavailableError(f"database unreachable ({exc})") from exc
             error = f"{type(exc).__name__}: {exc}"
             log.error("listener %s failed on %d rows of %r: %s", component.identifier, len(batch), batch.table, error)
             log.debug("%s", traceback.format_exc())

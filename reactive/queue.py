@@ -52,6 +52,11 @@ class CDCQueue:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def idle(self) -> bool:
+        """Whether every packet put so far has been processed."""
+        return self._unfinished == 0
+
     def put(self, packet: ChangePacket, *, abandon: threading.Event | None = None) -> None:
         """Append ``packet``, waiting while the queue is full.
 

@@ -838,9 +838,8 @@ def test_kinetica_refuses_a_gpudb_connection_and_another_monitor_port(source: Ki
         assert source.server.monitors() == {} and not reactive_threads()
 
 
+@pytest.mark.parametrize("source", [*SQL, "kinetica"], indirect=True)  # MongoDB: the next test
 def test_a_missing_table_is_refused_and_nothing_is_created(source: Source, db: reactive.Datalayer) -> None:
-    if isinstance(source, MongoSource):
-        pytest.skip("MongoDB creates a collection at its first insert: a missing one is followed (test_bad_input)")
     with pytest.raises(TableNotFoundError, match="no_such_table"):
         TableMonitor.Client(db, "no_such_table", [callback(Type.INSERT_DECODED)])
     assert not db.cdc.running and not reactive_threads()
@@ -848,11 +847,19 @@ def test_a_missing_table_is_refused_and_nothing_is_created(source: Source, db: r
         assert source.server.monitors() == {}
 
 
+@pytest.mark.parametrize("source", ["mongodb"], indirect=True)
+def test_a_missing_mongodb_collection_is_followed_once_it_is_created(source: Source, db: reactive.Datalayer) -> None:
+    """MongoDB creates a collection at its first insert: a monitor may be started before."""
+    events = Events()
+    with TableMonitor.Client(db, "not_yet", events.callbacks(Type.INSERT_DECODED)):
+        source.insert(1, "first", table="not_yet")
+        assert events.next() == ("INSERT_DECODED", source.row(1, "first"))
+
+
+@pytest.mark.parametrize("source", [*SQL, "kinetica"], indirect=True)
 def test_a_table_dropped_before_start_monitor_is_refused_and_nothing_starts(
     source: Source, db: reactive.Datalayer
 ) -> None:
-    if isinstance(source, MongoSource):
-        pytest.skip("MongoDB creates a collection at its first insert: a missing one is followed (test_bad_input)")
     client = TableMonitor.Client(db, "docs", [callback(Type.INSERT_DECODED)])
     source.drop()
     with pytest.raises(TableNotFoundError, match="docs"):

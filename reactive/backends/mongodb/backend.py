@@ -26,7 +26,7 @@ from reactive.backends.base import (
     chunks,
     outputs_table,
 )
-from reactive.backends.mongodb.checkpoints import CHECKPOINTS_COLLECTION, MongoSections
+from reactive.backends.mongodb.checkpoints import CHECKPOINTS_COLLECTION, DURABLE, MongoSections
 from reactive.backends.mongodb.errors import Fault, classify, classify_code
 from reactive.backends.mongodb.listener import MongoChangeStreamListener
 from reactive.checkpoints import Positions
@@ -102,13 +102,17 @@ class MongoSource:
 class MongoOutputs:
     """The :class:`~reactive.backends.base.OutputStore`: one collection per listener, ``_id`` = source id.
 
+    Outputs are written with a journaled acknowledgement (``j=True``), like positions: an output
+    the server acknowledged survives the server's crash, so a position saved after it never
+    covers an output the server lost.
+
     A write recreates a collection someone dropped, silently: so before writing to a
     collection it knows to exist, the store checks that it is still there, and tells
     ``outputs_lost(source collection)`` when it is not (the other rows' outputs are gone too).
     """
 
     def __init__(self, db: Database, *, outputs_lost: Callable[[str], None] = lambda table: None) -> None:
-        self.db = db
+        self.db = db.with_options(write_concern=DURABLE)
         self.outputs_lost = outputs_lost
         #: The source collection of each listener (``create_outputs`` comes first).
         self._sources: dict[str, str] = {}

@@ -83,6 +83,9 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         self.history_lost = 0
         #: The saved position could not be read: the next start reconciles everything.
         self._unknown_history = False
+        #: The primary's process id last seen: a change means a restart (or a new primary).
+        self._server_process: str | None = None
+        self.server_restarts = 0
         self.positions_saved = 0
 
     # -- position -------------------------------------------------------------------------
@@ -198,7 +201,9 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         # stream fails cdc.start() with a clear error instead of failing in the background.
         try:
             position = self._position()
-            if self._unknown_history:
+            if position is not None and position.get("reconcile"):
+                self._recover_history("a reconciliation after lost history did not finish before the last stop")
+            elif self._unknown_history:
                 self._recover_history()
             else:
                 self._reopen(position)
@@ -281,8 +286,10 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             self.disconnected_since = None
             self.last_error = None
             self.disconnected.clear()
+            self._check_server_restart()
         self.connected.set()
         if change is None:
+            self._check_server_restart()
             if not self._stream.alive:
                 self._close_stream()
                 return
@@ -295,7 +302,9 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         """An idle stream moves the saved position forward too (its post-batch token)."""
         now = time.monotonic()
         with self._changed:
-            quiet = self._in_flight == 0
+            # Nothing in flight, and nothing queued by others (a reconciliation): a position
+            # saved now covers only what is processed.
+            quiet = self._in_flight == 0 and self.queue.idle
         if quiet and self._seen is not None and self._seen != self._committed and now - self._last_idle_save > 1:
             self._last_idle_save = now
             self._save(self._seen)
@@ -309,6 +318,8 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             self._seen = {"token": token, "start_after": False}
             document = change.get("fullDocument") or {}
             if change.get("documentKey", {}).get("_id") == self._mark_id and "n" in document:
+                # A barrier passes only once a server restart, if any, is reconciled.
+                self._check_server_restart(ask=True)
                 with self._changed:
                     self._marks_seen = max(self._marks_seen, document["n"])
                     self._changed.notify_all()
@@ -342,22 +353,53 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             self.hooks.reconcile([replaced], self.stopped_event)
         self._seen = {"token": token, "start_after": False}
 
-    def _recover_history(self) -> None:
-        """The saved token aged out of the oplog: reconcile everything, then follow from now."""
+    def _primary_process(self, *, ask: bool) -> str | None:
+        """The process id the writable server reports (``hello``'s ``topologyVersion``): from
+        pymongo's view of the topology (no round trip), or asked now when ``ask``."""
+        if ask:
+            version = self.database.client.admin.command("hello").get("topologyVersion") or {}
+            return str(version["processId"]) if "processId" in version else None
+        descriptions = self.database.client.topology_description.server_descriptions().values()
+        found = [d.topology_version for d in descriptions if d.is_writable and d.topology_version]
+        return str(found[0]["processId"]) if found else None
+
+    def _check_server_restart(self, *, ask: bool = False) -> None:
+        """A server that restarted (or a new primary) may have lost writes it acknowledged
+        without journaling, and the stream's position may point into that lost history, which
+        a server can resume from without an error (pymongo resumes by itself): every collection
+        is reconciled. A barrier asks the server (``ask``); idle steps look at pymongo's view."""
+        process = self._primary_process(ask=ask)
+        previous, self._server_process = self._server_process, process or self._server_process
+        if previous is None or process is None or process == previous:
+            return
+        self.server_restarts += 1
+        self._recover_history(f"{self.uri} restarted or changed primary: writes it acknowledged may be lost")
+
+    def _recover_history(self, why: str | None = None) -> None:
+        """The position is not to be trusted (aged out of the oplog, unreadable, or from before
+        a server restart): follow from now, and reconcile every collection."""
         self.history_lost += 1
-        if not self._unknown_history:
+        if why is not None:
+            self.last_error = why
+        elif not self._unknown_history:
             self.last_error = "resume token aged out of the oplog (ChangeStreamHistoryLost); reconciled"
         self._unknown_history = False
         log.warning(
-            "the saved position on %s is no longer in the oplog; reconciling outputs with the source, "
-            "then following changes from now",
-            self.uri,
+            "%s; reconciling outputs with the source, then following changes from now",
+            why or f"the saved position on {self.uri} is no longer in the oplog",
         )
         self._seen = None
         # Open from now first, so nothing written during the reconciliation is missed.
         self._reopen(None)
         assert self._stream is not None
-        self._save({"token": self._stream.resume_token, "start_after": False})
+        # Flagged until a later position is saved, which happens only once the reconciliation's
+        # packets (queued before anything the new stream reads) are processed: a process that
+        # stops before then reconciles again at its next start.
+        self._save({"token": self._stream.resume_token, "start_after": False, "reconcile": True})
+        # Windows in flight were read before: let them be written, so that the reconciliation
+        # sees their outputs (an output of a row the server lost is then an orphan it removes).
+        with self._changed:
+            self._changed.wait_for(lambda: self._in_flight == 0 or not self.should_keep_running())
         self.hooks.reconcile(sorted(self.tables), self.stopped_event)
 
     # -- what the handler and db.cdc call -------------------------------------------------
@@ -399,5 +441,6 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             **super().info(),
             "disconnected_since": self.disconnected_since.isoformat() if self.disconnected_since else None,
             "history_lost": self.history_lost,
+            "server_restarts": self.server_restarts,
             "in_flight": self._in_flight,
         }
