@@ -113,14 +113,19 @@ class DatabaseChangeDataCapture:
             self._keep()
             return True
 
-    def fence(self) -> None:
+    def fence(self, *, atomic: bool = False) -> None:
         """Raise :class:`~reactive.errors.LeaseLostError` unless this process may write now.
 
         Called right before every write of an output and of a position. A holder renews its
         lease every third of ``lease_ms``; a write needs a third of it still ahead, so a
         process paused past its lease (while a standby took over) writes nothing afterwards.
+        ``atomic`` (inside the transaction of a window's writes, on SQL databases) also reads
+        the lease in that transaction, locking it: a takeover is then ordered before or after
+        the whole window, never in the middle.
         """
-        if self.lease is not None and not self.lease.valid(self.lease.lease_ms / 3000):
+        if self.lease is None:
+            return
+        if not self.lease.valid(self.lease.lease_ms / 3000) or (atomic and not self.lease.check(lock=True)):
             raise LeaseLostError(f"this process does not hold the lease of {self.db.backend.uri}: it writes nothing")
 
     def _keep(self) -> LeaseKeeper:

@@ -131,8 +131,11 @@ class SectionStore(Protocol):
     ``expected`` (absent when ``expected`` is None), and says whether it did.
     """
 
-    def read_sections(self, checkpoint: str, keys: Sequence[str] | None = None) -> dict[str, Section]:
-        """Sections of ``checkpoint`` (those of ``keys`` that exist, or all)."""
+    def read_sections(
+        self, checkpoint: str, keys: Sequence[str] | None = None, *, lock: bool = False
+    ) -> dict[str, Section]:
+        """Sections of ``checkpoint`` (those of ``keys`` that exist, or all). ``lock``: inside a
+        transaction of the store, lock those rows until it ends (where the store can)."""
 
     def write_sections(self, checkpoint: str, sections: Mapping[str, Section]) -> None:
         """Write every section, all or none."""
@@ -211,21 +214,22 @@ class Lease:
 
     def acquire(self) -> bool:
         """Take the lease if it is free, expired, or left by a process of this host that is gone."""
+        if self.held is not None:
+            return self.renew()
+        found = self.store.read_sections(self.checkpoint, [LEASE_SECTION]).get(LEASE_SECTION)
+        current = None if found is None else Holder.decode(found.data)
+        if current is not None and current.owner != self.owner and not current.gone(time.time()):
+            return False
+        holder, section = self._record((current.epoch if current else 0) + 1)
+        expected = None if found is None else found.data
+        if not self.store.replace_section(self.checkpoint, LEASE_SECTION, expected, section):
+            return False
         with self._lock:
-            if self.held is not None:
-                return self.renew()
-            found = self.store.read_sections(self.checkpoint, [LEASE_SECTION]).get(LEASE_SECTION)
-            current = None if found is None else Holder.decode(found.data)
-            if current is not None and current.owner != self.owner and not current.gone(time.time()):
-                return False
-            holder, section = self._record((current.epoch if current else 0) + 1)
-            if not self.store.replace_section(
-                self.checkpoint, LEASE_SECTION, None if found is None else found.data, section
-            ):
-                return False
             self._held, self._raw = holder, section.data
-            return True
+        return True
 
+    # The store is never called with self._lock held: a writer holding the database's lock (a
+    # window's transaction) checks the lease, and the keeper renews it through that database.
     def renew(self) -> bool:
         """Extend our lease; False (and no longer held) if another process took it.
 
@@ -234,42 +238,46 @@ class Lease:
         as the one to replace.
         """
         with self._lock:
-            if self._held is None or self._raw is None:
-                return False
-            holder, section = self._record(self._held.epoch)
-            if self.store.replace_section(self.checkpoint, LEASE_SECTION, self._raw, section):
-                self._held, self._raw = holder, section.data
-                return True
+            held, raw = self._held, self._raw
+        if held is None or raw is None:
+            return False
+        holder, section = self._record(held.epoch)
+        replaced = self.store.replace_section(self.checkpoint, LEASE_SECTION, raw, section)
+        if not replaced:
             found = self.store.read_sections(self.checkpoint, [LEASE_SECTION]).get(LEASE_SECTION)
             current = None if found is None else Holder.decode(found.data)
-            ours = current is not None and (current.owner, current.epoch) == (self.owner, self._held.epoch)
-            if (
+            ours = current is not None and (current.owner, current.epoch) == (self.owner, held.epoch)
+            replaced = (
                 found is not None
                 and ours
                 and self.store.replace_section(self.checkpoint, LEASE_SECTION, found.data, section)
-            ):
-                self._held, self._raw = holder, section.data
-                return True
-            self._held = self._raw = None
-            return False
+            )
+        with self._lock:
+            if self._raw is raw:  # not released meanwhile
+                self._held, self._raw = (holder, section.data) if replaced else (None, None)
+        return bool(replaced)
 
     def release(self) -> None:
         """Give the lease up (a standby takes over at once)."""
         with self._lock:
-            if self._raw is not None:
-                self.store.replace_section(self.checkpoint, LEASE_SECTION, self._raw, None)
-            self._held = self._raw = None
+            raw, self._held, self._raw = self._raw, None, None
+        if raw is not None:
+            self.store.replace_section(self.checkpoint, LEASE_SECTION, raw, None)
 
-    def check(self) -> bool:
-        """Whether we still hold the lease according to the store (the fence before a write)."""
+    def check(self, *, lock: bool = False) -> bool:
+        """Whether we still hold the lease according to the store (the fence before a write);
+        ``lock`` locks the lease's row until the end of the store's open transaction."""
+        if self.held is None:
+            return False
         with self._lock:
-            if self.held is None:
-                return False
-            found = self.store.read_sections(self.checkpoint, [LEASE_SECTION]).get(LEASE_SECTION)
-            if found is None or found.data != self._raw:
-                self._held = self._raw = None
-                return False
+            raw = self._raw
+        found = self.store.read_sections(self.checkpoint, [LEASE_SECTION], lock=lock).get(LEASE_SECTION)
+        if found is not None and found.data == raw:
             return True
+        with self._lock:
+            if self._raw is raw:
+                self._held = self._raw = None
+        return False
 
 
 class LeaseKeeper:

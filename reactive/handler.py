@@ -134,23 +134,40 @@ class CDCHandler(ReactiveThread):
 
     # -- one window of packets ------------------------------------------------------------
     def handle(self, packets: Sequence[ChangePacket]) -> None:
-        """Coalesce, collate, refresh every component concerned, then commit positions."""
+        """Coalesce, collate, refresh every component concerned, then commit positions.
+
+        Where the database has transactions (``backend.transactional``), the window's output
+        writes are collected while its models compute, then written with its positions in one
+        transaction that first checks the lease: outputs and positions move together, and only
+        while this process holds the lease.
+        """
+        backend = self.db.backend
         pending = deque(collate(coalesce(packets), self.batch_rows))
-        while pending:
-            batch = pending.popleft()
-            components = self.db.components_for(batch.table, batch.targets)
-            if not components:
-                continue
-            try:
-                resolved = self._resolve_rows(batch)
-            except Exception as exc:
-                if self.db.backend.is_transient(exc):
-                    raise BackendUnavailableError(f"database unreachable ({exc})") from exc
-                raise
-            for part in resolved:
-                for component in components:
-                    pending.extend(self._refresh(component, part))
-        self._commit(packets)
+        with self.db.writer.deferring(backend.transactional) as writes:
+            while pending:
+                batch = pending.popleft()
+                components = self.db.components_for(batch.table, batch.targets)
+                if not components:
+                    continue
+                try:
+                    resolved = self._resolve_rows(batch)
+                except Exception as exc:
+                    if backend.is_transient(exc):
+                        raise BackendUnavailableError(f"database unreachable ({exc})") from exc
+                    raise
+                for part in resolved:
+                    for component in components:
+                        pending.extend(self._refresh(component, part))
+        try:
+            with backend.transaction():
+                self.db.cdc.fence(atomic=backend.transactional)
+                for write in writes:
+                    write()
+                self._commit(packets, strict=backend.transactional)
+        except Exception as exc:
+            if backend.is_transient(exc):
+                raise BackendUnavailableError(f"database unreachable ({exc})") from exc
+            raise
         self.totals.packets += len(packets)
         self.totals.windows += 1
         self.totals.rows += sum(len(p) for p in packets)
@@ -245,14 +262,19 @@ class CDCHandler(ReactiveThread):
                 by_source.setdefault(id(packet.source), (packet.source, []))[1].append(packet.position)
         return list(by_source.values())
 
-    def _commit(self, packets: Sequence[ChangePacket]) -> None:
-        """Hand each source the positions of its processed packets, in arrival order (only while
-        this process holds the lease: otherwise the window is released, its changes come again)."""
-        self.db.cdc.fence()
+    def _commit(self, packets: Sequence[ChangePacket], *, strict: bool = False) -> None:
+        """Hand each source the positions of its processed packets, in arrival order.
+
+        Outside a transaction a position that cannot be saved is logged (the outputs are
+        written; the changes come again and are found current). Inside one (``strict``) it
+        fails the whole window, outputs included.
+        """
         for source, positions in self._by_source(packets):
             try:
                 source.commit(positions)
             except Exception:
+                if strict:
+                    raise
                 self.totals.internal_errors += 1
                 log.exception("could not save the position of %s", source.name)
 

@@ -7,10 +7,12 @@ from a live write or from a read, so their input fingerprints agree.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -294,6 +296,30 @@ class OutputWriter:
         self.store = store
         self.types = types
         self.fence = fence or (lambda: None)
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def deferring(self, enabled: bool = True) -> Iterator[list[Callable[[], None]]]:
+        """Writes made on this thread inside are not made: they are collected, in order, for the
+        caller to make later (the handler makes a window's writes in one transaction with its
+        positions). Outputs are still normalized, and rejected, at once."""
+        pending: list[Callable[[], None]] = []
+        if not enabled:
+            yield pending
+            return
+        self._local.pending = pending
+        try:
+            yield pending
+        finally:
+            self._local.pending = None
+
+    def _write(self, write: Callable[[], None]) -> None:
+        pending = getattr(self._local, "pending", None)
+        if pending is not None:
+            pending.append(write)
+        else:
+            self.fence()
+            write()
 
     def prepare(self, identifier: str, source: TableInfo, output_type: str | None) -> None:
         """Fix the outputs' type when the model declares it (``db.add``); refuse a change.
@@ -340,15 +366,13 @@ class OutputWriter:
             stored.append(value)
             kept.append((index, record, value))
         if kept:
-            self.fence()
-            self.store.store_outputs(identifier, logical, kept, stored)
+            self._write(functools.partial(self.store.store_outputs, identifier, logical, kept, stored))
         return stored
 
     def delete(self, identifier: str, ids: Sequence[Any]) -> None:
         """Delete the outputs of these source ids."""
         if ids:
-            self.fence()
-            self.store.delete_outputs(identifier, ids)
+            self._write(functools.partial(self.store.delete_outputs, identifier, list(ids)))
 
     def drop(self, identifier: str) -> None:
         """Drop ``identifier``'s outputs and forget their type."""

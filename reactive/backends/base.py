@@ -15,6 +15,7 @@ A backend is one package under ``reactive/backends/``. It provides:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses as dc
 import datetime as _dt
 import hashlib
@@ -22,6 +23,7 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
 from reactive.errors import ConfigurationError, MissingIdColumnError
@@ -295,6 +297,14 @@ class DataBackend(ABC):
     def is_transient(self, exc: BaseException) -> bool:
         """Whether ``exc`` means the database is unreachable for now (retry), not bad data."""
         return False
+
+    #: Whether :meth:`transaction` is atomic: then the handler writes a window's outputs and
+    #: positions together in one (and checks the lease inside it).
+    transactional: ClassVar[bool] = False
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """A context whose writes are atomic, where the database has transactions."""
+        return contextlib.nullcontext()
 
     def row_format(self, table: TableInfo) -> RowFormat:
         """The Avro record a row of ``table`` is written in for ``INSERT_RAW`` monitor callbacks."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from contextlib import AbstractContextManager
 from typing import Any, Self
 from urllib.parse import SplitResult, parse_qsl, unquote
 
@@ -77,6 +78,12 @@ class IbisBackend(DataBackend):
     @property
     def uri(self) -> str:
         return self.conn.uri
+
+    #: Outputs, snapshot rows and the lease check of one window go in one transaction.
+    transactional = True
+
+    def transaction(self) -> AbstractContextManager[None]:
+        return self.conn.transaction()
 
     def create_listener(self, queue: CDCQueue, hooks: ListenerHooks, **options: Any) -> IbisPollingListener:
         self._listener = IbisPollingListener(

@@ -91,7 +91,11 @@ class IbisSections:
         return sql
 
     # -- SectionStore ---------------------------------------------------------------------------
-    def read_sections(self, checkpoint: str, keys: Sequence[str] | None = None) -> dict[str, Section]:
+    def read_sections(
+        self, checkpoint: str, keys: Sequence[str] | None = None, *, lock: bool = False
+    ) -> dict[str, Section]:
+        """``lock`` (PostgreSQL): ``FOR UPDATE``, the rows locked until the transaction ends. SQLite
+        needs nothing (a transaction takes the database's write lock) nor does DuckDB (one process)."""
         if not self._ensure(create=False):
             return {}
         columns = [sg.column(c, quoted=True) for c in ("section", "data", "is_text", "written_at")]
@@ -108,7 +112,11 @@ class IbisSections:
             if not keys:
                 return {}
             condition = self.conn.dialect.ids_condition("key")
-            sql = self._statement("some", lambda: sg.select(*columns).from_(table).where(condition))
+            locking = lock and self.conn.dialect.name == "postgres"
+            sql = self._statement(
+                "some locked" if locking else "some",
+                lambda: _locked(sg.select(*columns).from_(table).where(condition), locking),
+            )
             rows = self.conn.fetch(sql, self.conn.dialect.bind_ids([section_key(checkpoint, k) for k in keys]))
         return {
             row["section"]: Section(bytes(row["data"]), bool(row["is_text"]), float(row["written_at"])) for row in rows
@@ -193,3 +201,7 @@ class IbisSections:
 def _returning(statement: sge.Expression, returning: sge.Expression) -> sge.Expression:
     statement.set("returning", returning)
     return statement
+
+
+def _locked(select: sge.Select, lock: bool) -> sge.Select:
+    return select.lock(update=True) if lock else select

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -36,6 +37,18 @@ class IbisConnection:
         self.lock = threading.RLock()
         self._handles: dict[str, ir.Table] = {}
         self._sql: dict[tuple[str, str, tuple[str, ...]], TableSQL] = {}
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Every statement inside is written atomically (this connection's lock held throughout)."""
+        with self.lock:
+            self.dialect.begin(self.con)
+            try:
+                yield
+            except BaseException:
+                self.dialect.rollback(self.con)
+                raise
+            self.dialect.commit(self.con)
 
     def close(self) -> None:
         with self.lock:

@@ -118,6 +118,29 @@ class Dialect:
         """Whether ``exc`` means the database is unreachable for now, not that the data is bad."""
         return False
 
+    #: Open transactions (``begin`` nests): statements commit on their own only outside one.
+    depth: int = 0
+
+    def begin(self, con: Any) -> None:
+        """Open a transaction (or nest in the open one): every statement until :meth:`commit`
+        is written atomically with the others."""
+        if self.depth == 0:
+            self.execute(con, self.begin_sql)
+        self.depth += 1
+
+    #: What opens a transaction.
+    begin_sql: ClassVar[str] = "BEGIN TRANSACTION"
+
+    def commit(self, con: Any) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self.execute(con, "COMMIT")
+
+    def rollback(self, con: Any) -> None:
+        if self.depth:
+            self.depth = 0
+            self.execute(con, "ROLLBACK")
+
     def fetch(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return con.con.execute(sql, list(params)).to_arrow_table().to_pylist()
 
@@ -190,8 +213,8 @@ class PostgresDialect(Dialect):
         try:
             return run()
         except Exception as exc:
-            if not self.is_transient(exc) or not (con.con.closed or con.con.broken):
-                raise
+            if self.depth or not self.is_transient(exc) or not (con.con.closed or con.con.broken):
+                raise  # inside a transaction the whole unit is retried, not one statement
             log.warning("the PostgreSQL connection was lost (%s); reconnecting", exc)
             con.reconnect()
             return run()
@@ -284,9 +307,22 @@ class SQLiteDialect(Dialect):
     def bind_ids(self, ids: Sequence[Any]) -> Any:
         return json.dumps([{"blob": bytes(i).hex()} if isinstance(i, bytes | bytearray) else i for i in ids])
 
+    # Take the write lock at once: the lease's check inside the transaction then holds.
+    begin_sql = "BEGIN IMMEDIATE"
+
     def is_transient(self, exc: BaseException) -> bool:
         # Another connection holds the write lock for longer than the busy timeout.
         return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+    def commit(self, con: Any) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            con.con.commit()
+
+    def rollback(self, con: Any) -> None:
+        if self.depth:
+            self.depth = 0
+            con.con.rollback()
 
     def fetch(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         cur = con.con.execute(sql, list(params))
@@ -295,15 +331,18 @@ class SQLiteDialect(Dialect):
 
     def execute(self, con: Any, sql: str, params: Sequence[Any] = ()) -> None:
         con.con.execute(sql, list(params))
-        con.con.commit()
+        if not self.depth:
+            con.con.commit()
 
     def fetch_written(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         try:
             rows = self.fetch(con, sql, params)
         except BaseException:
-            con.con.rollback()
+            if not self.depth:
+                con.con.rollback()
             raise
-        con.con.commit()
+        if not self.depth:
+            con.con.commit()
         return rows
 
     def upsert(self, con: Any, table: str, key: str, rows: pa.Table) -> None:
@@ -312,9 +351,11 @@ class SQLiteDialect(Dialect):
         try:
             raw.executemany(self.upsert_sql(table, key, tuple(rows.column_names)), values)
         except BaseException:
-            raw.rollback()
+            if not self.depth:
+                raw.rollback()
             raise
-        raw.commit()
+        if not self.depth:
+            raw.commit()
 
 
 def prepare_sqlite(raw: sqlite3.Connection) -> None:

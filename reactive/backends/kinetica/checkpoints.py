@@ -90,7 +90,9 @@ class KineticaSections:
         counts = self.catalog.client.insert_records(CHECKPOINTS_TABLE, records, codec, update_on_existing_pk=upsert)
         return counts.count_inserted
 
-    def read_sections(self, checkpoint: str, keys: Sequence[str] | None = None) -> dict[str, Section]:
+    def read_sections(
+        self, checkpoint: str, keys: Sequence[str] | None = None, *, lock: bool = False
+    ) -> dict[str, Section]:
         if not self._ensure(create=False):
             return {}
         if keys is None:

@@ -65,7 +65,9 @@ class MongoSections:
             self.collection.delete_many({"_id": {"$in": [doc["_id"] for doc in old]}})
         self._migrated = True
 
-    def read_sections(self, checkpoint: str, keys: Sequence[str] | None = None) -> dict[str, Section]:
+    def read_sections(
+        self, checkpoint: str, keys: Sequence[str] | None = None, *, lock: bool = False
+    ) -> dict[str, Section]:
         self._migrate()
         projection = None if keys is None else {_field(k): 1 for k in keys} or {"_id": 1}
         doc = self.collection.find_one({"_id": checkpoint}, projection)
