@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
 
 from reactive.backends import backend_for_uri
-from reactive.backends.base import OUTPUTS_PREFIX, SOURCE_FIELD, DataBackend, TableInfo
+from reactive.backends.base import OUTPUTS_PREFIX, SOURCE_FIELD, DataBackend, TableInfo, outputs_table
 from reactive.cdc import DatabaseChangeDataCapture
 from reactive.checkpoints import DEFAULT_LEASE_MS, ENGINE_CHECKPOINT, Lease
 from reactive.components.base import Component
@@ -83,6 +85,8 @@ class Datalayer:
             lease=Lease(backend.sections, ENGINE_CHECKPOINT, lease_ms=lease_ms) if lease else None,
         )
 
+        _OPEN.add(self)
+
     def __repr__(self) -> str:
         return f"Datalayer({self.backend.uri!r})"
 
@@ -101,8 +105,10 @@ class Datalayer:
         """The registered listener writing ``table``, if it is an outputs table."""
         if not table.startswith(OUTPUTS_PREFIX):
             return None
-        component = self._components.get(table[len(OUTPUTS_PREFIX) :])
-        return component if isinstance(component, Listener) else None
+        with self._lock:  # a long identifier's table is named with a hash: compare table names
+            return next(
+                (c for c in self._components.values() if isinstance(c, Listener) and c.outputs_table == table), None
+            )
 
     def table_info(self, table: str, *, id_column: str | None = None) -> TableInfo:
         """Describe ``table`` (cached once a component uses it)."""
@@ -297,7 +303,7 @@ class Datalayer:
         """The stored outputs of listener ``identifier``: dicts with ``_source`` and ``_output``."""
         with self._lock:
             known = identifier in self._components
-        if not known and not self.backend.source.table_exists(f"{OUTPUTS_PREFIX}{identifier}"):
+        if not known and not self.backend.source.table_exists(outputs_table(identifier)):
             raise ConfigurationError(f"no listener {identifier!r}; added: {', '.join(self._components) or 'none'}")
         return self.backend.outputs.read_outputs(identifier)
 
@@ -346,6 +352,20 @@ class Datalayer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+#: Datalayers not closed yet: at interpreter exit their change data capture is stopped, so no
+#: thread of reactive is inside the database when it goes (DuckDB aborts the process then).
+_OPEN: weakref.WeakSet[Datalayer] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    for db in list(_OPEN):
+        try:
+            db.cdc.stop(timeout=10)
+        except Exception:
+            log.exception("stopping %r at exit failed", db)
 
 
 def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | SystemExit | None:

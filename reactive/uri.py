@@ -26,14 +26,17 @@ def redact(uri: str) -> str:
     'kinetica://alice:***@host:9191,h2:9191'
     >>> redact("postgres://bob@db/app?password=hunter2&sslmode=require")
     'postgres://bob@db/app?password=***&sslmode=require'
+    >>> redact("postgres://bob@127.0.0.1:1/x?password=hun/ter@2")
+    'postgres://bob@127.0.0.1:1/x?password=***'
     """
-    scheme, sep, rest = uri.partition("://")
+    # Query secrets first: a raw "@" in one must not be taken for the end of the credentials.
+    scheme, sep, rest = _SECRET_QUERY_VALUE.sub(r"\1***", uri).partition("://")
     if not sep:
-        scheme, rest = "", uri
+        scheme, rest = "", scheme
     userinfo, at, hosts = rest.rpartition("@")
     if at and ":" in userinfo:
         rest = f"{userinfo.partition(':')[0]}:***@{hosts}"
-    return _SECRET_QUERY_VALUE.sub(r"\1***", f"{scheme}{sep}{rest}")
+    return f"{scheme}{sep}{rest}"
 
 
 def scheme_of(uri: str) -> str:

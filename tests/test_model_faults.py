@@ -434,6 +434,36 @@ def test_ctrl_c_in_a_script_without_with_exits_cleanly_and_a_restart_resumes(tmp
         assert len(recorder.inputs) == 200000 - before
 
 
+CTRL_C_WHILE_FOLLOWING = """
+import os, signal, sys, threading, time
+import reactive
+from reactive.components import Listener, Model
+
+db = reactive.connect(sys.argv[1], poll_interval=0.01)  # no `with`: nothing closes it
+db.add(Listener(Model("m", predict=lambda texts: [len(t) for t in texts]), "text", "docs"), progress=False)
+db.cdc.start()
+threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()  # the user presses Ctrl-C
+while True:
+    time.sleep(0.01)
+"""
+
+
+def test_ctrl_c_while_change_data_capture_runs_exits_cleanly(tmp_path: Path) -> None:
+    """db.cdc is stopped at interpreter exit: no thread of reactive is inside DuckDB when it goes."""
+    path = tmp_path / "app.duckdb"
+    with duckdb.connect(str(path)) as client:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+        client.execute("INSERT INTO docs SELECT i, 'doc ' || i FROM range(50000) t(i)")
+    script = tmp_path / "follow.py"
+    script.write_text(CTRL_C_WHILE_FOLLOWING)
+    for _ in range(3):
+        done = subprocess.run(
+            [sys.executable, str(script), f"duckdb:///{path}"], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == -signal.SIGINT, done.stderr[-2000:]
+        assert "KeyboardInterrupt" in done.stderr and "terminate called" not in done.stderr
+
+
 # -- a crash between writing outputs and saving the position ------------------------------
 CRASH_SCRIPT = """
 import os, signal, sys

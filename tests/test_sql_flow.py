@@ -271,3 +271,20 @@ def test_a_dropped_table_stops_alone_and_is_reported(sql: SQLClient, recorder: R
         sql.execute("INSERT INTO b VALUES (3, 'b three')")
         assert db.cdc.wait_idle(timeout=30)
         assert outputs_by_source(db, "b__text")[3] == "<b three>"
+
+
+def test_a_chain_on_the_outputs_of_a_long_identifier(duck: SQLClient) -> None:
+    """A long identifier's outputs table is named with a hash: the chain still finds its listener."""
+    make_docs(duck, [(1, "a b c", "en")])
+    words = Recorder(lambda text: text.split())
+    counts = Recorder(len)
+    with connect(duck) as db:
+        first = db.add(Listener(Model("words", predict=words), "text", "docs", identifier="w" * 70))
+        assert first.outputs_table != f"_outputs__{'w' * 70}"  # shortened
+        db.add(Listener(Model("count", predict=counts), "_output", first.outputs_table))
+        db.cdc.start()
+        duck.execute("INSERT INTO docs VALUES (2, 'd e', 'en')")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "count___output") == {1: 3, 2: 2}
+        assert counts.inputs == [["a", "b", "c"], ["d", "e"]]  # each computed once: the chain is not polled
+        assert db.cdc.info()["source"]["tables"] == ["docs"]

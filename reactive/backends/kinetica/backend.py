@@ -44,7 +44,7 @@ class KineticaBackend(DataBackend):
         self.sections = KineticaSections(self.catalog)
         self.checkpoints = Positions(self.sections)
         self.output_types = OutputTypes(self.checkpoints)
-        self.source = KineticaSource(self.catalog, output_type=self.output_types.get)
+        self.source = KineticaSource(self.catalog, output_type=self.output_types.of_table)
         self.outputs = KineticaOutputs(self.catalog, decoded=self.source.decoded)
         self.errors = KineticaErrors(self.catalog)
         self.listener_options = listener_options or {}

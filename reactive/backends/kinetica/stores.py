@@ -33,7 +33,6 @@ import numpy as np
 from reactive.backends.base import (
     FINGERPRINT_FIELD,
     OUTPUT_FIELD,
-    OUTPUTS_PREFIX,
     SOURCE_FIELD,
     ErrorRecord,
     OutputRecord,
@@ -106,7 +105,7 @@ class KineticaSource:
     """The :class:`~reactive.backends.base.SourceReader` of Kinetica tables.
 
     A row's id is the table's primary key (from ``/show/table``'s column properties).
-    ``output_type(identifier)`` says how a listener's outputs are stored, so that rows read
+    ``output_type(table)`` says how a listener's outputs are stored in ``table``, so that rows read
     from an outputs table (a chained listener's source) come back decoded.
     """
 
@@ -141,8 +140,8 @@ class KineticaSource:
 
     def decoded(self, table: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Rows as components see them: stored outputs come back as the values they were."""
-        if table.startswith(OUTPUTS_PREFIX) and rows and OUTPUT_FIELD in rows[0]:
-            logical = self.output_type(table[len(OUTPUTS_PREFIX) :])
+        if rows and OUTPUT_FIELD in rows[0]:
+            logical = self.output_type(table)
             if logical is not None:
                 column = OutputColumn(logical)
                 for row in rows:
