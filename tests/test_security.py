@@ -124,3 +124,21 @@ def test_a_failed_connection_never_shows_the_password(uri: str, caplog: pytest.L
     # Everything a traceback shows, chained exceptions included.
     assert_hidden("".join(traceback.format_exception(failure.value)))
     assert all(SECRET not in record.getMessage() for record in caplog.records)
+
+
+def test_nothing_read_is_unpickled_or_evaluated() -> None:
+    """Rows, documents, frames and checkpoints are decoded as JSON, Avro or BSON only: the
+    package never imports a deserializer that runs code, nor calls eval or exec."""
+    import ast
+    from pathlib import Path
+
+    forbidden_modules = {"pickle", "cPickle", "dill", "marshal", "shelve", "yaml", "jsonpickle"}
+    found = []
+    for path in sorted((Path(__file__).parent.parent / "reactive").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                found += [f"{path.name}: import {n}" for n in names if n.split(".")[0] in forbidden_modules]
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("eval", "exec"):
+                found.append(f"{path.name}:{node.lineno}: {node.func.id}()")
+    assert found == []
