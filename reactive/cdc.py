@@ -72,6 +72,8 @@ class DatabaseChangeDataCapture:
         #: The database's lease: only the process holding it runs the listener and writes.
         self.lease = lease
         self._keeper: LeaseKeeper | None = None
+        #: One lease transition (takeover, stand-down) at a time.
+        self._transitions = threading.Lock()
         #: Clear while this process waits for the lease (a standby): wait_idle waits for it.
         self._activated = threading.Event()
         self._activated.set()
@@ -142,17 +144,27 @@ class DatabaseChangeDataCapture:
 
     def _lease_changed(self, held: bool) -> None:
         """On the lease thread: took the lease over, or lost it. The work runs on its own thread
-        so that the lease keeps being renewed meanwhile."""
-        target = self._take_over if held else self._stand_down
-        threading.Thread(target=target, name=f"reactive-{'takeover' if held else 'standdown'}", daemon=True).start()
+        so that the lease keeps being renewed meanwhile; transitions run one at a time, each on
+        the lease as it is when it runs (a loss quickly followed by a takeover may arrive in
+        either order)."""
+        threading.Thread(target=self._transition, name="reactive-lease-change", daemon=True).start()
+
+    def _transition(self) -> None:
+        with self._transitions:
+            if self.lease is None or not self._running:
+                return
+            # Lost and taken back before this ran: this process goes on as it was (its writes
+            # were fenced meanwhile; its listener still follows every change); and vice versa.
+            active = self._activated.is_set()
+            if self.lease.held is not None and not active:
+                self._take_over()
+            elif self.lease.held is None and active:
+                self._stand_down()
 
     def _take_over(self) -> None:
         """This process now holds the lease: follow every table, then backfill what was deferred."""
         log.warning("this process now holds the lease of %s: it runs the listeners", self.db.backend.uri)
         try:
-            with self._lock:
-                if not self._running:
-                    return
             self.db.activate_components(start=self._start_threads)
             self._activated.set()
         except Exception:

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +87,28 @@ def test_a_process_that_lost_its_lease_writes_nothing(sqlite_file: tuple[str, sq
             with pytest.raises(LeaseLostError, match="does not hold the lease"):
                 db.writer.delete("tag__text", [1])
             assert len(db.outputs("tag__text")) == 5  # the delete was refused, the outputs are there
+
+
+def test_a_lease_lost_and_taken_back_before_the_change_runs_keeps_the_listeners(
+    sqlite_file: tuple[str, sqlite3.Connection],
+) -> None:
+    # The keeper reports a loss, then a takeover, each handled on its own thread: the loss
+    # may run when the lease is held again. Found by the PostgreSQL-terminations torture run:
+    # a second set of listener threads was started, and wait_idle never returned.
+    uri, client = sqlite_file
+    recorder = Recorder()
+    with reactive.connect(uri, poll_interval=0.05) as db:
+        db.add(listener(recorder))
+        db.cdc.start()
+        following = db.cdc.listener
+        db.cdc._lease_changed(False)  # the lease is held: nothing to stand down from
+        db.cdc._lease_changed(True)  # already running: nothing to take over
+        client.execute("INSERT INTO docs VALUES (6, 'doc 6')")
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert db.cdc.listener is following and following.is_alive()
+        assert recorder.inputs.count("doc 6") == 1
+        names = [t.name for t in threading.enumerate()]
+        assert names.count(following.name) == 1
 
 
 def test_a_standby_cannot_run_a_table_monitor(sqlite_file: tuple[str, sqlite3.Connection]) -> None:
