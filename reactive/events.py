@@ -32,13 +32,17 @@ Row = Mapping[str, Any]
 class ChangeSource(Protocol):
     """Where packets come from: the handler hands each packet's position back to it.
 
-    ``commit`` gets the positions of processed packets, in arrival order, once their
-    outputs are written; the source may persist them. ``release`` gets the positions of
-    packets the handler gave up on; the source delivers those changes again.
+    ``save_positions`` gets the positions of processed packets, in arrival order, to persist
+    with their outputs: on a database with transactions it runs in the window's transaction,
+    and runs again if that transaction fails and the window is retried. Then each packet is
+    settled exactly once: ``commit`` once its window is written for good, or ``release``
+    when the handler gives up on it (the source delivers those changes again).
     """
 
     @property
     def name(self) -> str: ...
+
+    def save_positions(self, positions: Sequence[Any]) -> None: ...
 
     def commit(self, positions: Sequence[Any]) -> None: ...
 

@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from reactive.backends.base import OUTPUT_FIELD, SOURCE_FIELD, ErrorRecord, outputs_table
+from reactive.backends.base import MAX_BACKOFF, OUTPUT_FIELD, SOURCE_FIELD, ErrorRecord, outputs_table
 from reactive.errors import LeaseLostError
 from reactive.events import Batch, ChangePacket, ChangeSource, DBEvent, coalesce, collate, id_key
 from reactive.threads import ReactiveThread
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Longest wait between retries of a window while the database is unreachable.
-MAX_BACKOFF = 30.0
 #: Retries of a window after stop() was called, before it is released.
 STOPPING_RETRIES = 3
 
@@ -163,11 +162,13 @@ class CDCHandler(ReactiveThread):
                 self.db.cdc.fence(atomic=backend.transactional)
                 for write in writes:
                     write()
-                self._commit(packets, strict=backend.transactional)
+                self._save_positions(packets, strict=backend.transactional)
         except Exception as exc:
             if backend.is_transient(exc):
                 raise BackendUnavailableError(f"database unreachable ({exc})") from exc
             raise
+        for source, positions in self._by_source(packets):
+            source.commit(positions)  # once, now that the window is written for good
         self.totals.packets += len(packets)
         self.totals.windows += 1
         self.totals.rows += sum(len(p) for p in packets)
@@ -262,16 +263,16 @@ class CDCHandler(ReactiveThread):
                 by_source.setdefault(id(packet.source), (packet.source, []))[1].append(packet.position)
         return list(by_source.values())
 
-    def _commit(self, packets: Sequence[ChangePacket], *, strict: bool = False) -> None:
-        """Hand each source the positions of its processed packets, in arrival order.
+    def _save_positions(self, packets: Sequence[ChangePacket], *, strict: bool = False) -> None:
+        """Have each source persist the positions of its processed packets, in arrival order.
 
         Outside a transaction a position that cannot be saved is logged (the outputs are
         written; the changes come again and are found current). Inside one (``strict``) it
-        fails the whole window, outputs included.
+        fails the whole window, outputs included, and the window is tried again.
         """
         for source, positions in self._by_source(packets):
             try:
-                source.commit(positions)
+                source.save_positions(positions)
             except Exception:
                 if strict:
                     raise

@@ -249,6 +249,41 @@ def test_a_dropped_postgres_connection_is_reopened_and_nothing_is_lost(pg_databa
             assert outputs_by_source(db, "tag__text") == {1: "<BEFORE>", 2: "<after>"}
 
 
+def test_a_window_whose_transaction_is_lost_is_retried_and_settled_once(pg_database: str, recorder: Recorder) -> None:
+    # The connection dies while a window's positions are saved, inside its transaction: the
+    # window is rolled back and retried. Its packets are settled once, when it commits (they
+    # were settled on each try, and the poller then waited forever for a negative count).
+    import psycopg
+
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        with reactive.connect(pg_database, poll_interval=0.05) as db:
+            db.add(Listener(Model("tag", predict=recorder), "text", "docs"))
+            db.cdc.start()
+            listener = db.cdc.listener
+            save = listener.save_positions
+            tries = []
+
+            def save_on_a_dropped_connection(positions):
+                tries.append(list(positions))
+                if len(tries) == 1:
+                    client.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                save(positions)
+
+            listener.save_positions = save_on_a_dropped_connection
+            client.execute("INSERT INTO docs VALUES (1, 'one'), (2, 'two')")
+            assert db.cdc.wait_idle(timeout=60)
+            assert len(tries) >= 2 and tries[0] == tries[1]  # the same window, tried again
+            assert db.cdc.info()["source"]["in_flight"] == 0
+            client.execute("INSERT INTO docs VALUES (3, 'three')")
+            assert db.cdc.wait_idle(timeout=60)  # the poller goes on
+            assert db.cdc.info()["source"]["in_flight"] == 0
+            assert outputs_by_source(db, "tag__text") == {1: "<one>", 2: "<two>", 3: "<three>"}
+
+
 def test_a_dropped_table_stops_alone_and_is_reported(sql: SQLClient, recorder: Recorder) -> None:
     """Each watched table fails alone: dropping one leaves the others followed."""
     for name in ("a", "b"):

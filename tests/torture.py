@@ -72,6 +72,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses as dc
+import faulthandler
 import json
 import os
 import random
@@ -475,6 +476,8 @@ def worker_main(args: argparse.Namespace) -> int:
     idle = False
     while not idle and time.monotonic() - finishing < FINISH_TIMEOUT:
         idle = db.cdc.wait_idle(timeout=10)
+    if not idle:  # where each thread is stuck goes into the worker's log
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     info = db.cdc.info()
     errors = db.errors()
     db.close()

@@ -44,6 +44,10 @@ SOURCE_FIELD = "_source"
 OUTPUT_FIELD = "_output"
 FINGERPRINT_FIELD = "_fingerprint"
 
+#: Longest wait between attempts while the database keeps failing (the listeners' reconnection,
+#: the handler's retry of a window): once the database is back, work resumes within this.
+MAX_BACKOFF = 5.0
+
 
 def chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     """``values`` in slices of at most ``size`` (one id list per statement).
@@ -472,11 +476,8 @@ class BaseDatabaseListener(ReactiveThread):
             self._changed.notify_all()
 
     def commit(self, positions: Sequence[Any]) -> None:
-        """The handler processed packets with these positions (in arrival order): save them."""
-        try:
-            self.save_positions(positions)
-        finally:
-            self._settle(len(positions))
+        """The packets with these positions are processed and their positions saved."""
+        self._settle(len(positions))
 
     def release(self, positions: Sequence[Any]) -> None:
         """The handler gave up on packets with these positions: deliver their changes again."""
@@ -487,7 +488,8 @@ class BaseDatabaseListener(ReactiveThread):
 
     @abstractmethod
     def save_positions(self, positions: Sequence[Any]) -> None:
-        """Persist the positions of processed packets (called from the handler thread)."""
+        """Persist the positions of processed packets (called from the handler thread, in
+        the window's transaction where there is one: it may run again for the same positions)."""
 
     @abstractmethod
     def redeliver(self, positions: Sequence[Any]) -> None:
@@ -503,5 +505,6 @@ class BaseDatabaseListener(ReactiveThread):
             "running": self.is_alive(),
             "tables": sorted(self.tables),
             **self.counters,
+            "in_flight": self._in_flight,  # packets queued, not yet committed or released
             "last_error": self.last_error,
         }

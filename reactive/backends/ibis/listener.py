@@ -8,14 +8,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from reactive.backends.base import BaseDatabaseListener, TableInfo
+from reactive.backends.base import MAX_BACKOFF, BaseDatabaseListener, TableInfo
 from reactive.errors import QueueClosedError
 from reactive.events import ChangePacket, DBEvent, Row
 
 log = logging.getLogger(__name__)
-
-#: Longest wait between attempts while the database keeps failing.
-MAX_BACKOFF = 30.0
 
 
 class Snapshots(Protocol):

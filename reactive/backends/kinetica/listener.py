@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from reactive.backends.base import BaseDatabaseListener, CheckpointStore, TableInfo
+from reactive.backends.base import MAX_BACKOFF, BaseDatabaseListener, CheckpointStore, TableInfo
 from reactive.backends.kinetica.client import (
     KineticaClient,
     KineticaError,
@@ -75,7 +75,6 @@ MARKS_TABLE = "_reactive_marks"
 MONITORS_CHECKPOINT = "kinetica/monitors"
 _EVENTS = {"insert": DBEvent.insert, "update": DBEvent.update, "delete": DBEvent.delete}
 _POLL_MS = 250
-MAX_BACKOFF = 30.0
 
 
 def monitor_id() -> str:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from bson import ObjectId
 from pymongo.errors import OperationFailure, PyMongoError
 
-from reactive.backends.base import BaseDatabaseListener, CheckpointStore, TableInfo
+from reactive.backends.base import MAX_BACKOFF, BaseDatabaseListener, CheckpointStore, TableInfo
 from reactive.backends.mongodb.errors import Fault, classify
 from reactive.checkpoints import CorruptCheckpointError
 from reactive.errors import ChangeStreamUnsupportedError, QueueClosedError
@@ -30,7 +30,6 @@ MARKS_COLLECTION = "_reactive_marks"
 #: this lose their fullDocument (the handler reads the row instead). The stage is not used
 #: until then: it halves how fast a stream delivers on some servers.
 LARGE_DOCUMENT_BYTES = 8 * 1024 * 1024
-MAX_BACKOFF = 30.0
 #: An idle stream saves its post-batch resume token at most this often.
 IDLE_SAVE_SECONDS = 1.0
 
@@ -442,5 +441,4 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             "disconnected_since": self.disconnected_since.isoformat() if self.disconnected_since else None,
             "history_lost": self.history_lost,
             "server_restarts": self.server_restarts,
-            "in_flight": self._in_flight,
         }
