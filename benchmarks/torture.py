@@ -19,12 +19,12 @@ Scenarios and parameters (full run; ``--quick`` in brackets)
         restarted ``faults`` = 15 [4] times, ``uniform(0.3, 1.2)`` s apart, down for
         ``uniform(0.1, 0.6)`` s (every fourth time 4 s, past the URI's 3 s server selection
         timeout); the writer writes with ``j=True``. Unlike the suite's test the server is not
-        flushed before a kill, so reactive's own unjournaled output writes can be lost: known
-        to fail (``test_mongodb_server_crash_between_output_and_position``).
+        flushed before a kill: reactive's output writes are journaled (``j=True``), so they
+        survive it.
     server restarts, writes lost (MongoDB): the same with the writer at ``j=false``: each kill
-        takes back the server's last writes. Known to fail (see the strict xfails in
-        ``tests/test_torture.py``); not in the suite because whether a kill lands in the
-        window that shows it is chance.
+        takes back the server's last writes, which a change stream may already have shown;
+        the listener sees the server's new process id and reconciles. Not in the suite
+        because whether a kill lands in the window that shows it is chance.
     connections terminated (PostgreSQL): ``pg_terminate_backend`` of every connection of
         the worker's, ``faults`` = 30 [8] times, ``uniform(0.3, 0.8)`` s apart.
 
