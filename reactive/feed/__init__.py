@@ -1,0 +1,217 @@
+"""``reactive.feed``: the change feed other processes subscribe to.
+
+Services publish tables and subscribe to other services' tables (OpenStack Congress's
+``DataService``, the seed in ``shared/seeds``, with its names): every delivery carries a
+sequence number, a new subscriber gets a snapshot and then the deltas, a subscriber that
+misses a delta resubscribes. Services live on a :class:`Node`; nodes talk over ZMQ (PUB/SUB
+for data, ROUTER/DEALER for RPCs), in one process or across machines.
+
+``db.cdc.publish(address)`` publishes a datalayer's watched tables and its listeners' outputs;
+:func:`subscribe` follows one of them from another process in a few lines::
+
+    sub = reactive.feed.subscribe("tcp://127.0.0.1:5560", "embed__text", print)
+    ...
+    sub.close()
+
+**The wire** (for a client in another language). All bodies are UTF-8 JSON, with the value
+encoding of :mod:`reactive.feed.wire`; ``v`` is 1.
+
+- Data: a ZMQ SUB socket connected to the node's data address (``data_address`` in the
+  ``services`` answer below), subscribed to the topic ``<service>\\0<table>\\0``, receives
+  two-frame messages ``[topic, body]``. A delta body is ``{"v": 1, "kind": "delta",
+  "publisher", "table", "epoch", "seqnum", "sent", "changes": [[event, id, value], ...]}``
+  (event ``insert``, ``update`` or ``delete``; value null for a delete); a heartbeat is
+  ``{"v": 1, "kind": "heartbeat", "publisher", "table", "epoch", "seqnum"}`` with the last
+  sequence number, sent every ``heartbeat_interval``.
+- RPC: a ZMQ DEALER connected to the node's address sends ``[request id, body]`` with body
+  ``{"v": 1, "service", "action", "kwargs"}`` and gets ``[request id, {"v": 1, "ok": true,
+  "result"}]`` or ``{"v": 1, "ok": false, "message"}``. Service ``__node__`` answers
+  ``services`` (``{"node_id", "data_address", "services": {id: DataServiceInfo}}``) and
+  ``probe`` (``{"service", "table"}``: publish a heartbeat of that table now). Every service
+  answers ``get_last_published_data_with_seqnum`` (``{"table"}`` -> ``{"epoch", "seqnum",
+  "data": [[id, value], ...]}``), ``get_snapshot`` and ``ping``.
+- To follow a table: subscribe the SUB socket, call ``probe`` until a message of the topic
+  arrives (ZMQ drops what is published before a subscription reaches the publisher), fetch
+  the snapshot, then apply each delta whose ``seqnum`` is one more than the last applied;
+  keep later ones aside; on a gap that stays open, a heartbeat ahead of you, or a new
+  ``epoch``, fetch the snapshot again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from reactive.errors import ConfigurationError
+from reactive.events import id_key
+from reactive.feed.node import Node, NodeStats, RpcError, RpcTimeoutError, check_address
+from reactive.feed.service import Change, DataService, DataServiceEndPoints, DataServiceInfo, check_name
+from reactive.feed.wire import FeedDecodeError, FeedEncodeError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Change",
+    "DataService",
+    "DataServiceEndPoints",
+    "DataServiceInfo",
+    "FeedDecodeError",
+    "FeedEncodeError",
+    "Node",
+    "NodeStats",
+    "RpcError",
+    "RpcTimeoutError",
+    "Subscription",
+    "subscribe",
+]
+
+
+class Subscription(DataService):
+    """A subscription to one table: ``on_change`` gets every :class:`Change` in order.
+
+    The first delivery is the snapshot, one ``"snapshot"`` change per row; then every insert,
+    update and delete. After a resubscription (a gap, a publisher restart) the view is brought
+    to the publisher's state: rows that changed arrive as ``"update"`` (or ``"insert"``), rows
+    that disappeared as ``"delete"``, rows unchanged not at all. ``on_change`` runs on the
+    node's receiving thread; an exception it raises is logged and counted, and delivery goes on.
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        publisher: str,
+        table: str,
+        on_change: Callable[[Change], Any],
+        *,
+        service_id: str | None = None,
+        gap_timeout: float = 0.5,
+        own_node: bool = False,
+    ) -> None:
+        super().__init__(service_id or f"subscriber-{uuid.uuid4().hex[:12]}", node, gap_timeout=gap_timeout)
+        if not callable(on_change):
+            raise ConfigurationError(f"on_change must be callable, not {type(on_change).__name__}")
+        self.publisher = check_name("service", publisher)
+        self.table = check_name("table", table)
+        self.on_change = on_change
+        self._closes_node = own_node
+        self._view: dict[Hashable, tuple[Any, Any]] = {}
+        self._started_once = False
+        self._view_lock = threading.Lock()
+        self.callback_errors = 0
+
+    def open(self) -> Subscription:
+        self.start()
+        self.subscribe(self.publisher, self.table)
+        return self
+
+    def _receive(self, sub: Any, data: Any, seqnum: int, snapshot: bool) -> None:
+        if snapshot:
+            changes = self._resync(data, seqnum)
+        else:
+            changes = data
+            with self._view_lock:
+                for change in changes:
+                    key = id_key(change.id)
+                    if change.event == "delete":
+                        self._view.pop(key, None)
+                    else:
+                        self._view[key] = (change.id, change.value)
+        for change in changes:
+            try:
+                self.on_change(change)
+            except Exception:
+                self.callback_errors += 1
+                log.exception("on_change failed on %s %r of %s", change.event, change.id, self.table)
+
+    def _resync(self, data: dict[Any, Any], seqnum: int) -> list[Change]:
+        """Changes that turn the current view into the snapshot ``data``."""
+        with self._view_lock:
+            first, self._started_once = not self._started_once, True
+            old = self._view
+            self._view = {id_key(i): (i, v) for i, v in data.items()}
+            if first:
+                return [Change("snapshot", i, v, seqnum, self.table, self.publisher) for i, v in data.items()]
+            changes = []
+            for key, (row_id, value) in self._view.items():
+                before = old.get(key)
+                if before is None:
+                    changes.append(Change("insert", row_id, value, seqnum, self.table, self.publisher))
+                elif before[1] != value:
+                    changes.append(Change("update", row_id, value, seqnum, self.table, self.publisher))
+            changes.extend(
+                Change("delete", row_id, None, seqnum, self.table, self.publisher)
+                for key, (row_id, _) in old.items()
+                if key not in self._view
+            )
+            return changes
+
+    @property
+    def view(self) -> dict[Any, Any]:
+        """The table as this subscriber sees it now: ``{row id: value}``."""
+        with self._view_lock:
+            return {row_id: value for row_id, value in self._view.values()}
+
+    @property
+    def seqnum(self) -> int | None:
+        return self.status["subscriptions"].get(f"{self.publisher}:{self.table}", {}).get("seqnum")
+
+    def close(self) -> None:
+        """Stop delivering; the private node's threads and sockets are gone when this returns."""
+        node = self.node
+        self.stop()
+        if self._closes_node and node is not None:
+            node.stop()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def subscribe(
+    address: str,
+    table: str,
+    on_change: Callable[[Change], Any],
+    *,
+    service: str | None = None,
+    gap_timeout: float = 0.5,
+    **node_options: Any,
+) -> Subscription:
+    """Follow ``table`` published by the node at ``address``; see :class:`Subscription`.
+
+    ``service`` names the publishing service when the node has several that publish
+    ``table``. ``node_options`` go to the subscriber's private :class:`Node` (``rpc_timeout``,
+    ``receive_filter``...). Raises :class:`RpcTimeoutError` when nothing answers at
+    ``address`` and :class:`RpcError` when no service there publishes ``table``.
+    """
+    check_address(address)
+    check_name("table", table)
+    node = Node(None, peers=[address], **node_options)
+    node.start()
+    try:
+        services = node.refresh_peer(address)
+        publisher = _publisher_of(address, table, service, services)
+        return Subscription(node, publisher, table, on_change, gap_timeout=gap_timeout, own_node=True).open()
+    except BaseException:
+        node.stop()
+        raise
+
+
+def _publisher_of(address: str, table: str, service: str | None, services: dict[str, Any]) -> str:
+    if service is not None:
+        if service not in services:
+            raise RpcError(f"no service {service!r} at {address} (services: {', '.join(sorted(services)) or 'none'})")
+        return service
+    publishing = [sid for sid, info in services.items() if table in (info.get("published_tables") or [])]
+    if len(publishing) == 1:
+        return publishing[0]
+    if not publishing and len(services) == 1:
+        return next(iter(services))  # the table is not published yet: its first delta will come
+    if not publishing:
+        names = ", ".join(sorted(services)) or "none"
+        raise RpcError(f"no service at {address} publishes {table!r} (services: {names})")
+    raise RpcError(f"several services at {address} publish {table!r} ({', '.join(sorted(publishing))}): pass service=")

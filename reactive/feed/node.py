@@ -1,0 +1,824 @@
+"""``Node``: where services live, and how they reach services of other processes (ZMQ).
+
+A node binds two sockets: a ROUTER at :attr:`Node.address` for RPCs (snapshots, the list of
+its services, probes), and a PUB at :attr:`Node.data_address` for deltas and heartbeats. A
+node that subscribes connects one SUB socket to the PUB of every node it follows (its own
+included: a local subscription takes the same path as a remote one) and a DEALER to the
+ROUTER of every peer. Three named threads do the work: ``reactive-feed-server`` answers
+RPCs, ``reactive-feed-receiver`` reads deltas, sends heartbeats and checks subscriptions,
+``reactive-feed-fetcher`` fetches snapshots, so a dead publisher never stalls deliveries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses as dc
+import itertools
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import zmq
+
+from reactive.errors import ConfigurationError, ReactiveError
+from reactive.feed import wire
+from reactive.feed.service import EVENTS, Change
+from reactive.threads import ReactiveThread
+
+if TYPE_CHECKING:
+    from reactive.feed.service import DataService, Delta
+
+log = logging.getLogger(__name__)
+
+NODE_SERVICE = "__node__"
+#: A hook on the receiving side of a node, for tests of loss and reordering: it gets the
+#: frames of each data message and returns the messages to process now (none: dropped).
+ReceiveFilter = Callable[[list[bytes]], Sequence[list[bytes]]]
+
+
+class RpcError(ReactiveError):
+    """An RPC was refused: unknown service or action, bad arguments, or the action raised."""
+
+
+class RpcTimeoutError(RpcError, TimeoutError):
+    """No answer came in time: the node is not running, unreachable, or too busy."""
+
+
+def topic(publisher: str, table: str) -> bytes:
+    """The PUB/SUB topic of a table: both names, each ended by a NUL (no prefix of another).
+
+    >>> topic("svc", "t")
+    b'svc\\x00t\\x00'
+    """
+    return f"{publisher}\x00{table}\x00".encode()
+
+
+def check_address(address: str) -> str:
+    """A ZMQ endpoint to bind or connect: ``tcp://host:port`` or ``ipc://path``.
+
+    >>> check_address("tcp://127.0.0.1:0")
+    'tcp://127.0.0.1:0'
+    >>> check_address("http://x")
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: a feed address is tcp://host:port or ipc://path, not 'http://x'
+    """
+    if isinstance(address, str):
+        parts = urlsplit(address)
+        if parts.scheme == "ipc" and address[6:]:
+            return address
+        if parts.scheme == "tcp":
+            try:
+                port = parts.port
+            except ValueError:
+                port = None
+            if parts.hostname and port is not None:
+                return address
+    raise ConfigurationError(f"a feed address is tcp://host:port or ipc://path, not {address!r}")
+
+
+def _data_endpoint(address: str) -> str:
+    parts = urlsplit(address)
+    if parts.scheme == "ipc":
+        return address + ".data"
+    host = parts.hostname or "127.0.0.1"
+    return f"tcp://{'[' + host + ']' if ':' in host else host}:0"
+
+
+def _reachable(data_address: str, via: str) -> str:
+    """The data address a peer gave, with a wildcard host replaced by the one we reached it at."""
+    parts = urlsplit(data_address)
+    if parts.scheme == "tcp" and parts.hostname in ("0.0.0.0", "::", "*"):
+        host = urlsplit(via).hostname
+        return f"tcp://{host}:{parts.port}"
+    return data_address
+
+
+@dc.dataclass
+class NodeStats:
+    """What the receiving side of a node dropped, and why."""
+
+    received: int = 0
+    malformed: int = 0
+    oversized: int = 0
+    filtered: int = 0
+    last_dropped: str | None = None
+
+
+class _Peer:
+    """Another node: a DEALER to its ROUTER, used by one thread at a time."""
+
+    def __init__(self, context: zmq.Context, address: str) -> None:
+        self.address = address
+        self._socket = context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.IMMEDIATE, 1)
+        self._socket.connect(address)
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self.services: dict[str, Any] = {}
+        self.data_address: str | None = None
+        self.node_id: str | None = None
+        self.refreshed = 0.0
+
+    def request(self, body: bytes, timeout: float, max_bytes: int) -> Any:
+        """Send one request and wait for its answer; returns the decoded result."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._socket.closed:
+                raise RpcError("the node is stopped")
+            request_id = str(next(self._ids)).encode()
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RpcTimeoutError(f"no connection to the node at {self.address} within {timeout} s")
+                if self._socket.poll(int(remaining * 1000) + 1, zmq.POLLOUT):
+                    try:
+                        self._socket.send_multipart([request_id, body], zmq.NOBLOCK)
+                        break
+                    except zmq.Again:
+                        continue
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._socket.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                    raise RpcTimeoutError(f"no answer from the node at {self.address} within {timeout} s")
+                frames = self._socket.recv_multipart()
+                if len(frames) == 2 and frames[0] == request_id:
+                    if len(frames[1]) > max_bytes:
+                        raise RpcError(f"the answer of {self.address} is {len(frames[1])} bytes, over {max_bytes}")
+                    return _answer(frames[1])
+                # an answer to an earlier request that timed out: dropped
+
+    def close(self) -> None:
+        with self._lock:
+            self._socket.close(0)
+
+
+def _answer(body: bytes) -> Any:
+    reply = wire.parse(body)
+    if not isinstance(reply, dict) or reply.get("v") != wire.WIRE_VERSION:
+        raise RpcError(f"not a reactive feed answer: {body[:80]!r}")
+    if reply.get("ok") is True:
+        return wire.from_wire(reply.get("result"))
+    raise RpcError(str(reply.get("message") or "the RPC failed"))
+
+
+def _reply(result: Any) -> bytes:
+    if isinstance(result, wire.RawJSON):
+        text = str.__str__(result)
+    else:
+        text = json.dumps(wire.to_wire(result), separators=(",", ":"), allow_nan=False)
+    return f'{{"v":{wire.WIRE_VERSION},"ok":true,"result":{text}}}'.encode()
+
+
+def _error(message: str) -> bytes:
+    return json.dumps({"v": wire.WIRE_VERSION, "ok": False, "message": message}).encode()
+
+
+class Node:
+    """A node services attach to: one process, or many on many machines over ZMQ.
+
+    ``address`` is where its RPC socket binds (``tcp://127.0.0.1:0`` by default: loopback,
+    any free port; :attr:`address` gives the bound one); None for a node that only
+    subscribes. ``peers`` are addresses of other nodes whose services this one may use.
+    ``heartbeat_interval``: how often each published table's last sequence number is sent
+    (a subscriber learns from it that it missed a delta); ``quiet_after``: a subscription
+    heard from for this long resubscribes; ``rpc_timeout``: the default wait for an RPC;
+    ``max_message_bytes``: larger messages are dropped (and logged); ``receive_filter``: a
+    hook on incoming data (see :data:`ReceiveFilter`); ``hwm``: messages queued per peer
+    before ZMQ drops (a dropped delta is a gap, repaired by resubscription).
+    """
+
+    def __init__(
+        self,
+        address: str | None = "tcp://127.0.0.1:0",
+        *,
+        peers: Sequence[str] = (),
+        node_id: str | None = None,
+        data_address: str | None = None,
+        heartbeat_interval: float = 0.5,
+        quiet_after: float | None = None,
+        rpc_timeout: float = 5.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        receive_filter: ReceiveFilter | None = None,
+        hwm: int = 100_000,
+        check_interval: float = 0.05,
+    ) -> None:
+        if address is not None:
+            check_address(address)
+        if data_address is not None:
+            check_address(data_address)
+        for peer in peers:
+            check_address(peer)
+        for name, value in (("heartbeat_interval", heartbeat_interval), ("rpc_timeout", rpc_timeout)):
+            if not isinstance(value, int | float) or value <= 0:
+                raise ConfigurationError(f"{name} must be a positive number of seconds, not {value!r}")
+        if not isinstance(max_message_bytes, int) or max_message_bytes < 1024:
+            raise ConfigurationError(f"max_message_bytes must be an int of at least 1024, not {max_message_bytes!r}")
+        self.node_id = node_id or f"node-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.heartbeat_interval = float(heartbeat_interval)
+        self.quiet_after = float(quiet_after) if quiet_after is not None else 4 * self.heartbeat_interval + 1.0
+        self.rpc_timeout = float(rpc_timeout)
+        self.max_message_bytes = max_message_bytes
+        self.check_interval = check_interval
+        self.stats = NodeStats()
+        self._bind = address
+        self._bind_data = data_address or (None if address is None else _data_endpoint(address))
+        self._peer_addresses = list(peers)
+        self._receive_filter = receive_filter
+        self._hwm = hwm
+        self._context: zmq.Context | None = None
+        self._pub: zmq.Socket | None = None
+        self._pub_lock = threading.Lock()
+        self._peers: dict[str, _Peer] = {}
+        self._peers_lock = threading.Lock()
+        self._services: dict[str, DataService] = {}
+        self._lock = threading.RLock()
+        #: topic -> local services subscribed, and whether anything was heard on it yet.
+        self._topics: dict[bytes, set[str]] = {}
+        self._heard: dict[bytes, threading.Event] = {}
+        self._server: _Server | None = None
+        self._receiver: _Receiver | None = None
+        self._fetcher: _Fetcher | None = None
+        self.address: str | None = None
+        self.data_address: str | None = None
+        self._started = False
+
+    def __repr__(self) -> str:
+        return f"Node({self.node_id!r}, address={self.address!r})"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind the sockets and start the threads. Calling it twice does nothing."""
+        with self._lock:
+            if self._started:
+                return
+            context = zmq.Context()
+            try:
+                server = None
+                if self._bind is not None:
+                    router = self._bound(context, zmq.ROUTER, self._bind)
+                    self.address = router.getsockopt_string(zmq.LAST_ENDPOINT)
+                    assert self._bind_data is not None
+                    self._pub = self._bound(context, zmq.PUB, self._bind_data)
+                    self._pub.setsockopt(zmq.SNDHWM, self._hwm)
+                    self.data_address = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+                    server = _Server(self, router)
+                sub = context.socket(zmq.SUB)
+                sub.setsockopt(zmq.LINGER, 0)
+                sub.setsockopt(zmq.RCVHWM, self._hwm)
+            except BaseException:
+                context.destroy(0)
+                self._pub = None
+                raise
+            self._context = context
+            self._server = server
+            self._receiver = _Receiver(self, sub)
+            self._fetcher = _Fetcher(self)
+            self._started = True
+            if server is not None:
+                server.start()
+            self._receiver.start()
+            self._fetcher.start()
+            for peer in self._peer_addresses:
+                self._peer(peer)
+
+    @staticmethod
+    def _bound(context: zmq.Context, kind: int, address: str) -> zmq.Socket:
+        socket = context.socket(kind)
+        socket.setsockopt(zmq.LINGER, 0)
+        try:
+            socket.bind(address)
+        except zmq.ZMQError as exc:
+            socket.close(0)
+            raise ConfigurationError(f"the feed cannot listen at {address}: {exc}") from None
+        return socket
+
+    def stop(self) -> None:
+        """Stop the threads, close every socket; the node can be started again."""
+        with self._lock:
+            if not self._started:
+                return
+            self._started = False
+            threads = [t for t in (self._server, self._receiver, self._fetcher) if t is not None]
+        for thread in threads:
+            thread.stop()
+        for thread in threads:
+            thread.join(10)
+            if thread.is_alive():
+                log.error("thread %s did not stop", thread.name)
+        with self._peers_lock:
+            for peer in self._peers.values():
+                peer.close()
+            self._peers.clear()
+        with self._pub_lock:
+            if self._pub is not None:
+                self._pub.close(0)
+                self._pub = None
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+        with self._lock:
+            self._server = self._receiver = self._fetcher = None
+            self._topics.clear()
+            self._heard.clear()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the node's threads to end (after :meth:`stop`)."""
+        for thread in (self._server, self._receiver, self._fetcher):
+            if thread is not None:
+                thread.join(timeout)
+
+    def __enter__(self) -> Node:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._started
+
+    # -- services -----------------------------------------------------------------------------
+    def register_service(self, service: DataService) -> None:
+        """Attach ``service``: its tables and RPC endpoints are reachable from now on."""
+        self.start()
+        with self._lock:
+            other = self._services.get(service.service_id)
+            if other is not None and other is not service:
+                raise ConfigurationError(f"node {self.node_id} already has a service {service.service_id!r}")
+            self._services[service.service_id] = service
+
+    def unregister_service(self, service: DataService) -> None:
+        with self._lock:
+            if self._services.get(service.service_id) is service:
+                del self._services[service.service_id]
+        for publisher, table in service.subscription_list():
+            self.unsubscribe(service, publisher, table)
+
+    def services(self) -> dict[str, DataService]:
+        with self._lock:
+            return dict(self._services)
+
+    def info(self) -> dict[str, Any]:
+        """This node, its services and what its receiving side dropped."""
+        return {
+            "node_id": self.node_id,
+            "address": self.address,
+            "data_address": self.data_address,
+            "services": {sid: s.info.to_dict() for sid, s in self.services().items()},
+            "peers": sorted(self._peers),
+            "received": dc.asdict(self.stats),
+        }
+
+    # -- publishing (any thread) ------------------------------------------------------------------
+    def send_delta(self, service: DataService, table: str, seqnum: int, changes: Delta) -> None:
+        """Send one delta of ``service``'s ``table`` (called under the service's lock, so deltas
+        leave in sequence order)."""
+        parts = [
+            f'["delete",{row.id_text},null]' if event == "delete" else f'["{event}",{row.id_text},{row.value_text}]'
+            for event, _, row in changes
+        ]
+        body = (
+            f'{{"v":{wire.WIRE_VERSION},"kind":"delta","publisher":{json.dumps(service.service_id)},'
+            f'"table":{json.dumps(table)},"epoch":"{service.epoch}","seqnum":{seqnum},'
+            f'"sent":{time.time():.6f},"changes":[{",".join(parts)}]}}'
+        )
+        self._send(topic(service.service_id, table), body.encode())
+
+    def send_heartbeat(self, service: DataService, table: str, seqnum: int) -> None:
+        body = (
+            f'{{"v":{wire.WIRE_VERSION},"kind":"heartbeat","publisher":{json.dumps(service.service_id)},'
+            f'"table":{json.dumps(table)},"epoch":"{service.epoch}","seqnum":{seqnum}}}'
+        )
+        self._send(topic(service.service_id, table), body.encode())
+
+    def _send(self, name: bytes, body: bytes) -> None:
+        with self._pub_lock:
+            if self._pub is None:
+                return
+            # PUB drops past its high-water mark; subscribers see a gap and resubscribe.
+            with contextlib.suppress(zmq.Again):
+                self._pub.send_multipart([name, body], zmq.NOBLOCK)
+
+    # -- subscribing --------------------------------------------------------------------------
+    def subscribe(self, service: DataService, publisher: str, table: str) -> None:
+        """Deliver ``publisher``'s ``table`` to ``service``: connect, then fetch the snapshot."""
+        name = topic(publisher, table)
+        data_address = self._data_address_of(publisher)
+        with self._lock:
+            first = name not in self._topics
+            self._topics.setdefault(name, set()).add(service.service_id)
+            self._heard.setdefault(name, threading.Event())
+            receiver = self._require(self._receiver)
+        if first:
+            receiver.command(("subscribe", data_address, name))
+        self.fetch_snapshot(service, publisher, table)
+
+    def unsubscribe(self, service: DataService, publisher: str, table: str) -> None:
+        name = topic(publisher, table)
+        with self._lock:
+            subscribers = self._topics.get(name)
+            if subscribers is None:
+                return
+            subscribers.discard(service.service_id)
+            if subscribers:
+                return
+            del self._topics[name]
+            self._heard.pop(name, None)
+            receiver = self._receiver
+        if receiver is not None:
+            receiver.command(("unsubscribe", None, name))
+        # The publisher's list of subscribers is informative only: best effort.
+        with contextlib.suppress(RpcError):
+            kwargs = {"service": publisher, "table": table, "subscriber": service.service_id}
+            self.rpc(NODE_SERVICE, "unsubscribed", kwargs, timeout=1.0, node_of=publisher)
+
+    def fetch_snapshot(self, service: DataService, publisher: str, table: str) -> None:
+        """Fetch the snapshot on the fetcher thread; deliver it on the receiver thread."""
+        self._require(self._fetcher).put((service, publisher, table))
+
+    def _data_address_of(self, publisher: str) -> str:
+        with self._lock:
+            if publisher in self._services:
+                if self.data_address is None:
+                    raise ConfigurationError(f"node {self.node_id} has no address: it cannot publish")
+                return self.data_address
+        peer = self._peer_of(publisher)
+        assert peer.data_address is not None
+        return peer.data_address
+
+    # -- RPC ---------------------------------------------------------------------------------------
+    def rpc(
+        self,
+        service: str,
+        action: str,
+        kwargs: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+        *,
+        caller: str | None = None,
+        node_of: str | None = None,
+    ) -> Any:
+        """Call ``action`` of ``service`` on this node or a peer; see :meth:`DataService.rpc`."""
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise RpcError(f"kwargs must be a mapping, not {type(kwargs).__name__}")
+        timeout = self.rpc_timeout if timeout is None else timeout
+        request = {"v": wire.WIRE_VERSION, "service": service, "action": action, "kwargs": dict(kwargs or {})}
+        if caller is not None:
+            request["caller"] = caller
+        body = wire.dumps(request).encode()
+        where = node_of or service
+        with self._lock:
+            local = where in self._services or (where == NODE_SERVICE and self.address is not None)
+        if local:
+            return _answer(self.handle_request(body))
+        return self._peer_of(where).request(body, timeout, self.max_message_bytes)
+
+    def handle_request(self, body: bytes) -> bytes:
+        """Answer one RPC request (on the server thread, or in the caller for a local service)."""
+        try:
+            request = wire.loads(body)
+            if not isinstance(request, dict) or request.get("v") != wire.WIRE_VERSION:
+                return _error("not a reactive feed request")
+            service_id, action = request.get("service"), request.get("action")
+            kwargs = request.get("kwargs") or {}
+            if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+                return _error("kwargs must be an object")
+            if service_id == NODE_SERVICE:
+                return _reply(self._node_action(action, kwargs))
+            service = self.services().get(service_id)
+            if service is None:
+                names = ", ".join(sorted(self.services())) or "none"
+                return _error(f"no service {service_id!r} on node {self.node_id} (services: {names})")
+            method = _endpoint_method(service, action)
+            if method is None:
+                actions = sorted({a for e in service.rpc_endpoints() for a in _public(e)})
+                return _error(f"service {service_id!r} has no action {action!r} (actions: {', '.join(actions)})")
+            caller = request.get("caller")
+            if caller and action in ("get_snapshot", "get_last_published_data_with_seqnum"):
+                service._add_subscriber(str(caller), str(kwargs.get("table")))
+            return _reply(method(None, **kwargs))
+        except TypeError as exc:
+            return _error(f"bad arguments: {exc}")
+        except Exception as exc:
+            log.debug("an RPC failed", exc_info=True)
+            return _error(f"{type(exc).__name__}: {exc}")
+
+    def _node_action(self, action: Any, kwargs: dict[str, Any]) -> Any:
+        if action == "services":
+            return {
+                "node_id": self.node_id,
+                "data_address": self.data_address,
+                "services": {sid: s.info.to_dict() for sid, s in self.services().items()},
+            }
+        if action == "probe":
+            service = self.services().get(kwargs.get("service"))
+            table = kwargs.get("table")
+            if service is not None and isinstance(table, str):
+                self.send_heartbeat(service, table, service.get_last_published_data_with_seqnum(table)[0])
+            return None
+        if action == "unsubscribed":
+            service = self.services().get(kwargs.get("service"))
+            if service is not None:
+                service._remove_subscriber(str(kwargs.get("subscriber")), str(kwargs.get("table")))
+            return None
+        raise RpcError(f"the node has no action {action!r} (services, probe, unsubscribed)")
+
+    def _peer(self, address: str) -> _Peer:
+        with self._peers_lock:
+            peer = self._peers.get(address)
+            if peer is None:
+                if self._context is None:
+                    raise RpcError("the node is not started")
+                peer = self._peers[address] = _Peer(self._context, address)
+            return peer
+
+    def _peer_of(self, service: str) -> _Peer:
+        """The peer whose node runs ``service`` (asking each peer when not known yet)."""
+        with self._peers_lock:
+            peers = list(self._peers.values())
+        for peer in peers:
+            if service in peer.services:
+                return peer
+        errors = []
+        for peer in peers:
+            try:
+                self.refresh_peer(peer)
+            except RpcError as exc:
+                errors.append(str(exc))
+                continue
+            if service in peer.services:
+                return peer
+        where = ", ".join(p.address for p in peers) or "no peers"
+        why = f" ({'; '.join(errors)})" if errors else ""
+        if errors and len(errors) == len(peers):
+            raise RpcTimeoutError(f"no node answered for service {service!r}: {where}{why}")
+        raise RpcError(f"no service {service!r} on node {self.node_id} or its peers ({where}){why}")
+
+    def refresh_peer(self, peer: _Peer | str) -> dict[str, Any]:
+        """Ask a peer which services it runs; returns their infos."""
+        if isinstance(peer, str):
+            peer = self._peer(check_address(peer))
+        body = wire.dumps({"v": wire.WIRE_VERSION, "service": NODE_SERVICE, "action": "services", "kwargs": {}})
+        answer = peer.request(body.encode(), self.rpc_timeout, self.max_message_bytes)
+        if not isinstance(answer, dict) or not isinstance(answer.get("services"), dict):
+            raise RpcError(f"the node at {peer.address} gave a malformed list of services")
+        peer.services = answer["services"]
+        peer.node_id = answer.get("node_id")
+        if answer.get("data_address"):
+            peer.data_address = _reachable(str(answer["data_address"]), peer.address)
+        peer.refreshed = time.monotonic()
+        return dict(peer.services)
+
+    @staticmethod
+    def _require(thread: Any) -> Any:
+        if thread is None:
+            raise ConfigurationError("the node is not started")
+        return thread
+
+    # -- what the receiver thread does ----------------------------------------------------------
+    def _on_message(self, frames: list[bytes]) -> None:
+        self.stats.received += 1
+        size = sum(len(f) for f in frames)
+        if size > self.max_message_bytes:
+            self._dropped("oversized", f"a message of {size} bytes (max_message_bytes={self.max_message_bytes})")
+            return
+        if len(frames) != 2:
+            self._dropped("malformed", f"a message of {len(frames)} frames")
+            return
+        name, body = frames
+        with self._lock:
+            subscribers = self._topics.get(name)
+            heard = self._heard.get(name)
+        if not subscribers:
+            return
+        try:
+            message = _parse_data(body)
+        except wire.FeedDecodeError as exc:
+            self._dropped("malformed", str(exc))
+            return
+        publisher, table, epoch, seqnum, changes = message
+        if topic(publisher, table) != name:
+            self._dropped("malformed", f"a message for {publisher}:{table} under another topic")
+            return
+        if heard is not None:
+            heard.set()
+        for service_id in list(subscribers):
+            service = self.services().get(service_id)
+            if service is not None:
+                service._heard(publisher, table, epoch, seqnum, changes)
+
+    def _dropped(self, why: str, what: str) -> None:
+        setattr(self.stats, why, getattr(self.stats, why) + 1)
+        self.stats.last_dropped = f"{why}: {what}"
+        log.warning("the feed dropped %s", what)
+
+    def _tick(self, now: float, last_heartbeat: float) -> float:
+        """Heartbeats for every published table, and the periodic check_resub_all."""
+        services = list(self.services().values())
+        if self._pub is not None and now - last_heartbeat >= self.heartbeat_interval:
+            for service in services:
+                for table in service.published_tables():
+                    self.send_heartbeat(service, table, service.get_last_published_data_with_seqnum(table)[0])
+            last_heartbeat = now
+        for service in services:
+            try:
+                service.check_resub_all()
+            except Exception:
+                log.exception("check_resub_all of %s failed", service.service_id)
+        return last_heartbeat
+
+
+def _endpoint_method(service: DataService, action: Any) -> Callable[..., Any] | None:
+    if not isinstance(action, str) or action.startswith("_"):
+        return None
+    for endpoint in service.rpc_endpoints():
+        method = getattr(endpoint, action, None)
+        if callable(method):
+            return method
+    return None
+
+
+def _public(endpoint: Any) -> list[str]:
+    return [n for n in dir(endpoint) if not n.startswith("_") and callable(getattr(endpoint, n, None))]
+
+
+def _parse_data(body: bytes) -> tuple[str, str, str, int, list[Change] | None]:
+    """``(publisher, table, epoch, seqnum, changes)`` of a data message (changes None: a heartbeat)."""
+    message = wire.parse(body)
+    if not isinstance(message, dict) or message.get("v") != wire.WIRE_VERSION:
+        raise wire.FeedDecodeError("not a reactive feed message (or another version)")
+    kind, publisher, table = message.get("kind"), message.get("publisher"), message.get("table")
+    epoch, seqnum = message.get("epoch"), message.get("seqnum")
+    if not (isinstance(publisher, str) and isinstance(table, str) and isinstance(epoch, str)):
+        raise wire.FeedDecodeError("a data message without publisher, table or epoch")
+    if type(seqnum) is not int or seqnum < 0:
+        raise wire.FeedDecodeError(f"bad sequence number {seqnum!r}")
+    if kind == "heartbeat":
+        return publisher, table, epoch, seqnum, None
+    raw = message.get("changes")
+    if kind != "delta" or not isinstance(raw, list):
+        raise wire.FeedDecodeError(f"unknown message kind {kind!r}")
+    changes = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 3 and item[0] in EVENTS):
+            raise wire.FeedDecodeError(f"bad change {str(item)[:80]!r}")
+        event, row_id, value = item
+        changes.append(Change(event, _key(wire.from_wire(row_id)), wire.from_wire(value), seqnum, table, publisher))
+    return publisher, table, epoch, seqnum, changes
+
+
+def _key(value: Any) -> Any:
+    return tuple(_key(v) for v in value) if isinstance(value, list) else value
+
+
+class _Receiver(ReactiveThread):
+    """Reads deltas and heartbeats, runs commands from other threads, ticks the timers."""
+
+    def __init__(self, node: Node, socket: zmq.Socket) -> None:
+        super().__init__("feed-receiver")
+        self.node = node
+        self.socket = socket
+        self.commands: queue.SimpleQueue[tuple[str, Any, Any]] = queue.SimpleQueue()
+        self.connected: set[str] = set()
+
+    def command(self, command: tuple[str, Any, Any]) -> None:
+        self.commands.put(command)
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        interval_ms = int(self.node.check_interval * 1000)
+        last_tick = last_heartbeat = 0.0
+        try:
+            while self.should_keep_running():
+                self._run_commands()
+                if poller.poll(interval_ms):
+                    for _ in range(1000):  # then the timers get a turn
+                        try:
+                            frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._receive(frames)
+                now = time.monotonic()
+                if now - last_tick >= self.node.check_interval:
+                    last_heartbeat = self.node._tick(now, last_heartbeat)
+                    last_tick = now
+        finally:
+            self.socket.close(0)
+
+    def _receive(self, frames: list[bytes]) -> None:
+        messages = [frames] if self.node._receive_filter is None else self.node._receive_filter(frames)
+        if not messages:
+            self.node.stats.filtered += 1
+        for message in messages:
+            try:
+                self.node._on_message(message)
+            except Exception:
+                log.exception("a feed message could not be handled")
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                kind, address, arg = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if kind == "subscribe":
+                    if address not in self.connected:
+                        self.socket.connect(address)
+                        self.connected.add(address)
+                    self.socket.setsockopt(zmq.SUBSCRIBE, arg)
+                elif kind == "unsubscribe":
+                    self.socket.setsockopt(zmq.UNSUBSCRIBE, arg)
+                elif kind == "call":
+                    arg()
+            except Exception:
+                log.exception("feed receiver command %s failed", kind)
+
+
+class _Fetcher(ReactiveThread):
+    """Fetches snapshots (after making sure the subscription hears the publisher)."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__("feed-fetcher")
+        self.node = node
+        self.jobs: queue.SimpleQueue[tuple[DataService, str, str] | None] = queue.SimpleQueue()
+
+    def put(self, job: tuple[DataService, str, str]) -> None:
+        self.jobs.put(job)
+
+    def on_stop(self) -> None:
+        self.jobs.put(None)
+
+    def run(self) -> None:
+        while self.should_keep_running():
+            job = self.jobs.get()
+            if job is None or not self.should_keep_running():
+                return
+            service, publisher, table = job
+            try:
+                self._fetch(service, publisher, table)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                self._post(lambda s=service, p=publisher, t=table, e=error: s._snapshot_failed(p, t, e))
+
+    def _fetch(self, service: DataService, publisher: str, table: str) -> None:
+        node = self.node
+        heard = node._heard.get(topic(publisher, table))
+        deadline = time.monotonic() + node.rpc_timeout
+        # Until the SUB socket hears this topic, a delta published now could be missed (ZMQ
+        # drops what is sent before a subscription arrives): ask for a heartbeat and wait.
+        while heard is not None and not heard.is_set() and time.monotonic() < deadline and self.should_keep_running():
+            node.rpc(NODE_SERVICE, "probe", {"service": publisher, "table": table}, node_of=publisher)
+            heard.wait(0.05)
+        answer = node.rpc(publisher, "get_last_published_data_with_seqnum", {"table": table}, caller=service.service_id)
+        if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
+            raise RpcError(f"{publisher} gave a malformed snapshot of {table}")
+        epoch, seqnum = answer.get("epoch"), answer.get("seqnum")
+        data = {_key(row_id): value for row_id, value in answer["data"]}
+        self._post(lambda: service._snapshot_arrived(publisher, table, epoch, seqnum, data))
+
+    def _post(self, call: Callable[[], None]) -> None:
+        receiver = self.node._receiver
+        if receiver is not None:
+            receiver.command(("call", None, call))
+
+
+class _Server(ReactiveThread):
+    """Answers RPCs on the node's ROUTER socket."""
+
+    def __init__(self, node: Node, socket: zmq.Socket) -> None:
+        super().__init__("feed-server")
+        self.node = node
+        self.socket = socket
+
+    def run(self) -> None:
+        interval_ms = int(self.node.check_interval * 1000)
+        try:
+            while self.should_keep_running():
+                if not self.socket.poll(interval_ms, zmq.POLLIN):
+                    continue
+                frames = self.socket.recv_multipart()
+                if len(frames) != 3:
+                    self.node._dropped("malformed", f"an RPC request of {len(frames) - 1} frames")
+                    continue
+                peer, request_id, body = frames
+                if len(body) > self.node.max_message_bytes:
+                    answer = _error(f"request of {len(body)} bytes is over max_message_bytes")
+                else:
+                    answer = self.node.handle_request(body)
+                try:
+                    self.socket.send_multipart([peer, request_id, answer], zmq.NOBLOCK)
+                except zmq.ZMQError as exc:
+                    log.debug("could not answer an RPC: %s", exc)
+        finally:
+            self.socket.close(0)
