@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 from reactive.backends import load_backend
 from reactive.backends.base import BaseDatabaseListener, ListenerHooks, TableInfo
 from reactive.checkpoints import Lease, LeaseKeeper
-from reactive.errors import BackendError, LeaseLostError
+from reactive.errors import BackendError, ConfigurationError, LeaseLostError
+from reactive.feed.publisher import FeedHub, FeedPublisher
+from reactive.feed.source import FeedSource
 from reactive.handler import CDCHandler, ComponentStats, HandlerTotals
 from reactive.queue import CDCQueue
 
@@ -87,6 +89,11 @@ class DatabaseChangeDataCapture:
         self._handler: CDCHandler | None = None
         self._listener: BaseDatabaseListener | None = None
         self._watched: dict[str, TableInfo] = {}
+        #: Between the handler and the change feeds (``publish``).
+        self.feed_hub = FeedHub()
+        self._feeds: list[FeedPublisher] = []
+        #: Tables followed from other processes' feeds (``follow``), by local name.
+        self._followed: dict[str, FeedSource] = {}
         #: Tables no longer followed, and why (dropped, renamed...).
         self.table_states: dict[str, str] = {}
         self._running = False
@@ -230,10 +237,116 @@ class DatabaseChangeDataCapture:
             if self._handler is None or not self._handler.is_alive():
                 self.queue.reopen()
                 self._handler = CDCHandler(
-                    self.db, self.queue, batch_rows=self.batch_rows, stats=self.stats, totals=self.totals
+                    self.db,
+                    self.queue,
+                    batch_rows=self.batch_rows,
+                    stats=self.stats,
+                    totals=self.totals,
+                    feed=self.feed_hub,
                 )
                 self._handler.start()
             return self._handler
+
+    # -- the change feed ----------------------------------------------------------------------
+    def publish(
+        self,
+        address: str = "tcp://127.0.0.1:0",
+        *,
+        tables: Iterable[str] | None = None,
+        service_id: str = "reactive",
+        queue_windows: int = 1_000,
+        **node_options: Any,
+    ) -> FeedPublisher:
+        """Publish every watched table (under its name) and every listener's outputs (under
+        its identifier) on a change feed at ``address``; returns the feed (``feed.address`` is
+        the bound address, ``feed.close()`` stops it).
+
+        Changes go out after the handler commits them, in commit order, deletes included;
+        other processes follow them with :func:`reactive.feed.subscribe`. ``tables`` limits
+        what is published. May be called before :meth:`start`. The sequence numbers of each
+        published table are kept in this database's checkpoints, so a restart numbers on.
+        ``node_options`` go to the :class:`~reactive.feed.Node` (``heartbeat_interval``...).
+        """
+        from reactive.feed import DataService, Node
+
+        if isinstance(tables, str):
+            raise ConfigurationError("tables is a list of names, not one str")
+        wanted = None if tables is None else set(tables)
+        node = Node(address, **node_options)
+        node.start()
+        try:
+            service = DataService(service_id, node, checkpoints=self.db.backend.sections)
+            service.start()
+            feed = FeedPublisher(
+                self.db, self.feed_hub, service, tables=wanted, queue_windows=queue_windows, owns_node=node
+            )
+        except BaseException:
+            node.stop()
+            raise
+        self.feed_hub.attach(feed)
+        feed.start()
+        with self._lock:
+            self._feeds.append(feed)
+        log.info("publishing %s on the change feed at %s", self.db.backend.uri, node.address)
+        return feed
+
+    def follow(
+        self,
+        address: str,
+        table: str,
+        *,
+        as_table: str | None = None,
+        service: str | None = None,
+        **node_options: Any,
+    ) -> FeedSource:
+        """Follow ``table`` published at ``address`` (another process's :meth:`publish`) as
+        the table ``as_table`` (default: the same name) of this datalayer: listeners select it
+        like any table. Rows carry their id as ``_source``; a published output ``v`` is the
+        row ``{"_source": id, "_output": v}``. Starts with :meth:`start` (at once if running).
+        """
+        from reactive.feed.service import check_name
+
+        name = check_name("table", as_table or table)
+        check_name("table", table)
+        with self._lock:
+            if name in self._followed:
+                raise ConfigurationError(f"{name!r} is already followed from {self._followed[name].address}")
+        if self.db.backend.source.table_exists(name):
+            raise ConfigurationError(
+                f"{name!r} is a table of {self.db.backend.uri}: follow the feed under another name (as_table=...)",
+                table=name,
+            )
+        source = FeedSource(
+            name,
+            address,
+            table,
+            self.queue,
+            lambda names: self._reconcile_tables(names, threading.Event()),
+            service=service,
+            node_options=node_options,
+        )
+        with self._lock:
+            self._followed[name] = source
+            running = self._running and self.active
+        if running:
+            self.ensure_handler()
+            source.start()
+        return source
+
+    def followed(self, table: str) -> FeedSource | None:
+        """The feed source of ``table``, if it is followed from a change feed."""
+        return self._followed.get(table)
+
+    @property
+    def feeds(self) -> list[FeedPublisher]:
+        with self._lock:
+            return [f for f in self._feeds if f.is_alive()]
+
+    def close_feeds(self) -> None:
+        with self._lock:
+            feeds, self._feeds = self._feeds, []
+        for feed in feeds:
+            feed.close()
 
     def listen(self, table: str | TableInfo, *, id_column: str | None = None) -> BaseDatabaseListener:
         """Follow ``table``'s changes from now on; the backend's change listener watches it.
@@ -324,6 +437,11 @@ class DatabaseChangeDataCapture:
                 handler.stop()
                 handler.join()
                 raise
+            for source in self._followed.values():
+                try:
+                    source.start()
+                except Exception as exc:
+                    log.error("could not follow %s: %s (retried at the next start)", source, exc)
             log.info("change data capture started on %s", self.db.backend.uri)
 
     def stop(self, timeout: float | None = 30.0) -> None:
@@ -346,6 +464,9 @@ class DatabaseChangeDataCapture:
         with self._lock:
             listener, self._listener = self._listener, None
             handler, self._handler = self._handler, None
+            followed = list(self._followed.values())
+        for source in followed:
+            source.stop()
         if listener is not None:
             if listener.is_alive():
                 listener.stop()
@@ -377,7 +498,12 @@ class DatabaseChangeDataCapture:
         listener = self._listener
         if self._running and listener is not None and not listener.sync(remaining()):
             return False
-        return self.queue.join(remaining())
+        for source in list(self._followed.values()):
+            if not source.sync(remaining()):
+                return False
+        if not self.queue.join(remaining()):
+            return False
+        return all(feed.wait_published(remaining()) for feed in self.feeds)
 
     def info(self) -> dict[str, Any]:
         """Counters per listener, for the queue, the handler and the change listener."""
@@ -398,6 +524,8 @@ class DatabaseChangeDataCapture:
             "stopped_tables": dict(self.table_states),
             "listeners": {name: dc.asdict(stats) for name, stats in self.stats.items()},
             "lease": self._lease_info(),
+            "feeds": [feed.info() for feed in self.feeds],
+            "followed": {name: source.info() for name, source in self._followed.items()},
         }
 
     def _lease_info(self) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from reactive.backends import backend_for_uri
-from reactive.backends.base import OUTPUTS_PREFIX, SOURCE_FIELD, DataBackend, TableInfo, outputs_table
+from reactive.backends.base import OUTPUTS_PREFIX, SOURCE_FIELD, DataBackend, SourceReader, TableInfo, outputs_table
 from reactive.cdc import DatabaseChangeDataCapture
 from reactive.checkpoints import DEFAULT_LEASE_MS, ENGINE_CHECKPOINT, Lease
 from reactive.components.base import Component
@@ -116,12 +116,19 @@ class Datalayer:
             info = self._tables.get(table)
             if info is not None and (id_column is None or id_column == info.id_column):
                 return info
+            followed = self.cdc.followed(table)
+            if followed is not None:
+                return followed.describe(table)
             internal = id_column is None and self._internal_outputs(table) is not None
             if internal and not self.backend.source.table_exists(table):
                 # Outputs of a listener in this datalayer: their changes are routed from the
                 # handler directly, and the table may not exist until the first output.
                 return TableInfo(table, SOURCE_FIELD, ())
             return self.backend.source.describe(table, id_column=id_column)
+
+    def source_for(self, table: str) -> SourceReader:
+        """What reads ``table``: the database, or the change feed it is followed from."""
+        return self.cdc.followed(table) or self.backend.source
 
     # -- the public API -------------------------------------------------------------------
     def add(self, component: Component, *, progress: bool | Progress = True) -> Component:
@@ -179,7 +186,7 @@ class Datalayer:
     def _follow(self, component: Component, source: TableInfo) -> None:
         """Create what ``component`` writes to and follow its table (this process holds the lease)."""
         component.activate(self)
-        if self._internal_outputs(source.name) is None:
+        if self._internal_outputs(source.name) is None and self.cdc.followed(source.name) is None:
             # Follow the table before reading it for the backfill: nothing falls between.
             self.cdc.listen(source)
 
@@ -241,7 +248,7 @@ class Datalayer:
 
     def _backfill(self, component: Component, source: TableInfo, progress: bool | Progress) -> None:
         """Reconcile ``component`` and wait until the handler processed what that queued."""
-        reader = self.backend.source
+        reader = self.source_for(source.name)
         total = reader.count(source) if source.columns or reader.table_exists(source.name) else 0
         tracker = _Backfill(component.identifier, total, progress)
         try:
@@ -340,9 +347,15 @@ class Datalayer:
             self._backfill(component, self.table_info(component.table), progress=False)
         return retried
 
+    def components(self) -> list[Component]:
+        """The components added to this datalayer (a copy)."""
+        with self._lock:
+            return list(self._components.values())
+
     def close(self) -> None:
-        """Stop change data capture and close the connection."""
+        """Stop change data capture and its feeds, and close the connection."""
         self.cdc.stop()
+        self.cdc.close_feeds()
         self.backend.close()
 
     def __enter__(self) -> Self:

@@ -17,6 +17,7 @@ from reactive.threads import ReactiveThread
 if TYPE_CHECKING:
     from reactive.components.base import Component
     from reactive.datalayer import Datalayer
+    from reactive.feed.publisher import Committed, FeedHub
     from reactive.queue import CDCQueue
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class CDCHandler(ReactiveThread):
         batch_rows: int = 5_000,
         stats: dict[str, ComponentStats] | None = None,
         totals: HandlerTotals | None = None,
+        feed: FeedHub | None = None,
     ) -> None:
         super().__init__("cdc-handler")
         self.db = db
@@ -84,6 +86,10 @@ class CDCHandler(ReactiveThread):
         self.batch_rows = batch_rows
         self.stats = {} if stats is None else stats
         self.totals = HandlerTotals() if totals is None else totals
+        #: Where committed changes go for ``db.cdc.publish`` (the change feed), if anywhere.
+        self.feed = feed
+        #: The current window's committed changes, while a feed is attached.
+        self._committed: Committed | None = None
 
     def stop(self) -> None:
         # Not the stop event: retry backoffs keep their length while the queue drains.
@@ -133,6 +139,26 @@ class CDCHandler(ReactiveThread):
 
     # -- one window of packets ------------------------------------------------------------
     def handle(self, packets: Sequence[ChangePacket]) -> None:
+        """Handle one window; with a feed attached, hand what it committed to the feed after.
+
+        The feed's window lock is held meanwhile (uncontended but while a feed reads a table
+        whole), so that what a feed reads is a state between two windows.
+        """
+        feed = self.feed
+        if feed is None:
+            self._handle(packets)
+            return
+        with feed.window():
+            self._committed = [] if feed.active else None
+            try:
+                self._handle(packets)
+                window = feed.count_window()
+            finally:
+                committed, self._committed = self._committed, None
+        if committed:
+            feed.committed(window, committed)
+
+    def _handle(self, packets: Sequence[ChangePacket]) -> None:
         """Coalesce, collate, refresh every component concerned, then commit positions.
 
         Where the database has transactions (``backend.transactional``), the window's output
@@ -142,9 +168,12 @@ class CDCHandler(ReactiveThread):
         """
         backend = self.db.backend
         pending = deque(collate(coalesce(packets), self.batch_rows))
+        sources = len(pending)  # the batches after these are chained listeners' outputs
+        committed = self._committed
         with self.db.writer.deferring(backend.transactional) as writes:
             while pending:
                 batch = pending.popleft()
+                sources -= 1
                 components = self.db.components_for(batch.table, batch.targets)
                 if not components:
                     continue
@@ -155,6 +184,10 @@ class CDCHandler(ReactiveThread):
                         raise BackendUnavailableError(f"database unreachable ({exc})") from exc
                     raise
                 for part in resolved:
+                    if committed is not None and sources >= 0:
+                        event = "delete" if part.event is DBEvent.delete else "upsert"
+                        rows = zip(part.ids, part.rows, strict=True)
+                        committed.extend(("table", part.table, event, i, r) for i, r in rows)
                     for component in components:
                         pending.extend(self._refresh(component, part))
         try:
@@ -193,7 +226,7 @@ class CDCHandler(ReactiveThread):
         if batch.event is DBEvent.delete or all(row is not None for row in batch.rows):
             return [batch]
         missing = [i for i, row in zip(batch.ids, batch.rows, strict=True) if row is None]
-        found = self.db.backend.source.read_rows(self.db.table_info(batch.table), missing)
+        found = self.db.source_for(batch.table).read_rows(self.db.table_info(batch.table), missing)
         present: list[tuple[Any, Any]] = []
         gone: list[Any] = []
         for row_id, row in zip(batch.ids, batch.rows, strict=True):
@@ -238,6 +271,10 @@ class CDCHandler(ReactiveThread):
                 log.exception("could not record %d errors of %s", len(errors), component.identifier)
         if refresh is None:
             return []
+        if self._committed is not None:
+            name = component.identifier
+            self._committed.extend(("outputs", name, "upsert", i, out) for i, out in refresh.written)
+            self._committed.extend(("outputs", name, "delete", i, None) for i in refresh.deleted)
         return self._derived(component, refresh)
 
     def _derived(self, component: Component, refresh: Any) -> list[Batch]:

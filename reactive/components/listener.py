@@ -217,7 +217,7 @@ class Listener(Component):
     ) -> Iterator[ChangePacket]:
         assert self.source is not None, "prepare() first"
         return reconcile(
-            db.backend.source,
+            db.source_for(self.source.name),
             db.backend.outputs,
             self.source,
             identifier=self.identifier,

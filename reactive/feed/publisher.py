@@ -1,0 +1,275 @@
+"""``db.cdc.publish(address)``: a datalayer's tables and outputs on the change feed.
+
+The handler hands each committed window's changes to a :class:`FeedHub` (a put on a bounded
+queue, after the window's transaction, outside every lock); a ``reactive-feed-publisher``
+thread turns them into deltas of a :class:`~reactive.feed.DataService`. A slow subscriber
+never slows this thread (ZMQ's PUB drops for it, and it resubscribes), so the handler waits
+only if this thread falls ``queue_windows`` windows behind.
+
+A table or listener is *loaded* the first time the feed needs it (at ``publish``, or when a
+change for a listener added later arrives): its current rows, or stored outputs, are read
+while the handler is between windows, and windows committed before that read are skipped for
+it. Each published table's deltas therefore follow the committed state exactly, in commit
+order, with nothing applied twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses as dc
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from reactive.backends.base import OUTPUT_FIELD, SOURCE_FIELD
+from reactive.feed.service import DataService
+from reactive.feed.wire import FeedEncodeError
+from reactive.threads import ReactiveThread
+
+if TYPE_CHECKING:
+    from reactive.datalayer import Datalayer
+    from reactive.feed.node import Node
+
+log = logging.getLogger(__name__)
+
+#: What a committed window changed: ``(kind, name, event, id, value)`` with kind ``"table"``
+#: (a watched table's row) or ``"outputs"`` (a listener's output), event ``"upsert"`` or
+#: ``"delete"``.
+Committed = list[tuple[str, str, str, Any, Any]]
+
+
+class FeedHub:
+    """Between the handler and the feeds: the window lock, the window count, the hand-off.
+
+    The handler holds :meth:`window` while it handles a window and calls :meth:`committed`
+    after it. With no feed attached, that is one uncontended lock per window.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        #: Windows committed so far (the hand-offs carry it).
+        self.windows = 0
+        self._publishers: list[FeedPublisher] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._publishers)
+
+    @contextmanager
+    def window(self) -> Iterator[None]:
+        with self._lock:
+            yield
+
+    def count_window(self) -> int:
+        """Inside :meth:`window`, once the window is committed: its number."""
+        self.windows += 1
+        return self.windows
+
+    def committed(self, window: int, changes: Committed) -> None:
+        """After window ``window`` committed (outside :meth:`window`): hand its changes to each feed."""
+        for publisher in list(self._publishers):
+            publisher.hand_off(window, changes)
+
+    @contextmanager
+    def between_windows(self) -> Iterator[int]:
+        """Hold the handler between two windows; yields the number of windows committed."""
+        with self._lock:
+            yield self.windows
+
+    def attach(self, publisher: FeedPublisher) -> None:
+        with self._lock:
+            self._publishers.append(publisher)
+
+    def detach(self, publisher: FeedPublisher) -> None:
+        with self._lock:
+            if publisher in self._publishers:
+                self._publishers.remove(publisher)
+
+
+@dc.dataclass
+class FeedStats:
+    windows: int = 0
+    deltas: int = 0
+    skipped_windows: int = 0
+    loads: int = 0
+    unencodable: int = 0
+    handler_waits: int = 0
+    last_error: str | None = None
+
+
+class FeedPublisher(ReactiveThread):
+    """Publishes one datalayer on a :class:`~reactive.feed.DataService` (``db.cdc.publish``).
+
+    ``tables``: the names to publish (watched tables and listener identifiers); None: all.
+    """
+
+    def __init__(
+        self,
+        db: Datalayer,
+        hub: FeedHub,
+        service: DataService,
+        *,
+        tables: set[str] | None = None,
+        queue_windows: int = 1_000,
+        owns_node: Node | None = None,
+    ) -> None:
+        super().__init__("feed-publisher")
+        self.db = db
+        self.hub = hub
+        self.service = service
+        self.tables = tables
+        self._queue: queue.Queue[tuple[int, Committed] | None] = queue.Queue(maxsize=queue_windows)
+        self._loaded: dict[str, int] = {}
+        self._owns_node = owns_node
+        self.stats = FeedStats()
+        self._idle = threading.Condition()
+        self._handed = 0
+        self._done = 0
+
+    @property
+    def address(self) -> str:
+        """The address subscribers connect to (``tcp://host:port``)."""
+        node = self.service.node
+        assert node is not None and node.address is not None
+        return node.address
+
+    def hand_off(self, window: int, changes: Committed) -> None:
+        """On the handler thread: queue a committed window (waits only if this feed is far behind)."""
+        with self._idle:
+            self._handed += 1
+        try:
+            self._queue.put_nowait((window, changes))
+        except queue.Full:
+            self.stats.handler_waits += 1
+            self._queue.put((window, changes))
+
+    def wait_published(self, timeout: float | None = None) -> bool:
+        """Wait until every window handed off so far is published."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._done >= self._handed, timeout)
+
+    def on_stop(self) -> None:
+        with contextlib.suppress(queue.Full):  # full: the loop sees the stop event after the next item
+            self._queue.put_nowait(None)
+
+    def run(self) -> None:
+        try:
+            for name in self._known_names():
+                self._load(name)
+            while self.should_keep_running():
+                item = self._queue.get()
+                if item is None:
+                    break
+                try:
+                    self._publish(*item)
+                except Exception as exc:
+                    self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                    log.exception("the feed could not publish a window")
+                finally:
+                    with self._idle:
+                        self._done += 1
+                        self._idle.notify_all()
+        finally:
+            self.hub.detach(self)
+            self.service.stop()
+            if self._owns_node is not None:
+                self._owns_node.stop()
+            with self._idle:
+                self._done = self._handed
+                self._idle.notify_all()
+
+    # -- what goes out -------------------------------------------------------------------------
+    def _known_names(self) -> list[tuple[str, str]]:
+        names: list[tuple[str, str]] = []
+        for component in self.db.components():
+            if self._wanted(component.table) and not component.table.startswith("_outputs__"):
+                names.append(("table", component.table))
+            if self._wanted(component.identifier):
+                names.append(("outputs", component.identifier))
+        return list(dict.fromkeys(names))
+
+    def _wanted(self, name: str) -> bool:
+        return self.tables is None or name in self.tables
+
+    def _publish(self, window: int, changes: Committed) -> None:
+        self.stats.windows += 1
+        grouped: dict[tuple[str, str], list[tuple[str, Any, Any]]] = {}
+        for kind, name, event, row_id, value in changes:
+            if self._wanted(name):
+                grouped.setdefault((kind, name), []).append((event, row_id, value))
+        for (kind, name), delta in grouped.items():
+            if name not in self._loaded:
+                self._load((kind, name))
+            if window <= self._loaded[name]:
+                self.stats.skipped_windows += 1
+                continue  # the load already saw this window
+            self._send(name, delta)
+
+    def _send(self, name: str, delta: list[tuple[str, Any, Any]]) -> None:
+        try:
+            before = self.service.last_seqnum(name)
+            if self.service.publish(name, delta, use_snapshot=False) != before:
+                self.stats.deltas += 1
+        except FeedEncodeError:
+            # One value the wire cannot carry: publish the others, count and log the rest.
+            for change in delta:
+                try:
+                    self.service.publish(name, [change], use_snapshot=False)
+                except FeedEncodeError as exc:
+                    self.stats.unencodable += 1
+                    self.stats.last_error = str(exc)
+                    log.error("the feed cannot publish %r of %s: %s", change[1], name, exc)
+
+    def _load(self, item: tuple[str, str]) -> None:
+        """Publish ``name``'s current content (read between two windows) as its new state."""
+        kind, name = item
+        read = self._reader(kind, name)
+        with self.hub.between_windows() as windows:
+            try:
+                data = read()
+            except Exception as exc:
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("the feed could not read %s; it follows its changes from now on", name)
+                data = None
+            self._loaded[name] = windows
+        self.stats.loads += 1
+        if data is not None:
+            try:
+                self.service.publish(name, data, use_snapshot=True)
+            except FeedEncodeError as exc:
+                self.stats.last_error = str(exc)
+                self._send(name, [("upsert", k, v) for k, v in data.items()])
+
+    def _reader(self, kind: str, name: str) -> Callable[[], dict[Any, Any]]:
+        db = self.db
+        if kind == "outputs":
+            return lambda: {row[SOURCE_FIELD]: row[OUTPUT_FIELD] for row in db.backend.outputs.read_outputs(name)}
+
+        def read_table() -> dict[Any, Any]:
+            info = db.table_info(name)
+            rows: dict[Any, Any] = {}
+            for page in db.backend.source.scan(info, columns=None, page_size=db.page_size):
+                rows.update((row[info.id_column], row) for row in page)
+            return rows
+
+        return read_table
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "address": self.address,
+            "queued_windows": self._queue.qsize(),
+            **dc.asdict(self.stats),
+            "service": self.service.status,
+        }
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Stop publishing; the node's threads and sockets are gone when this returns."""
+        self.stop()
+        if self.is_alive():
+            self.join(timeout)
+        elif self._owns_node is not None:
+            self.service.stop()
+            self._owns_node.stop()

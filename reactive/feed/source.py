@@ -1,0 +1,229 @@
+"""A table another process publishes, as a change source of this datalayer (``db.cdc.follow``).
+
+Process A publishes (``db.cdc.publish``); process B follows one of its tables or listeners'
+outputs under a local name, and its listeners select that name like any table, so chains of
+models span processes::
+
+    db_b.cdc.follow("tcp://host-a:5560", "embed__text", as_table="a_embeddings")
+    db_b.add(Listener(model=cluster, key="_output", select="a_embeddings"))
+
+A followed row is the published value with its id under ``_source`` (a table's row keeps its
+own columns; an output ``v`` becomes ``{"_source": id, "_output": v}``, as a chained listener
+sees outputs in one process). The subscription's view of the table is the source a listener's
+backfill and reconciliation read. Each (re)start of the subscription reconciles the listeners
+with the snapshot (outputs of rows gone meanwhile are deleted, stale ones computed), then every
+delta becomes a change packet on the datalayer's queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from reactive.backends.base import OUTPUT_FIELD, SOURCE_FIELD, TableInfo
+from reactive.events import ChangePacket, DBEvent, Row, id_key
+from reactive.feed import Change, Node, Subscription, _publisher_of
+from reactive.feed.node import check_address
+
+if TYPE_CHECKING:
+    from reactive.queue import CDCQueue
+
+log = logging.getLogger(__name__)
+
+_EVENTS = {"insert": DBEvent.insert, "update": DBEvent.update, "delete": DBEvent.delete}
+
+
+def feed_row(row_id: Any, value: Any) -> Row:
+    """The row a listener sees for a published value.
+
+    >>> feed_row(7, {"text": "hi"})
+    {'text': 'hi', '_source': 7}
+    >>> feed_row(7, [0.5, 0.25])
+    {'_source': 7, '_output': [0.5, 0.25]}
+    """
+    if isinstance(value, dict):
+        return {**value, SOURCE_FIELD: row_id}
+    return {SOURCE_FIELD: row_id, OUTPUT_FIELD: value}
+
+
+class FeedSource:
+    """Follows one published table; a :class:`~reactive.events.ChangeSource` and a
+    :class:`~reactive.backends.base.SourceReader` of the datalayer for ``name``.
+
+    ``reconcile(names)`` is ``db.cdc``'s: it queues what brings the listeners of ``name`` up to
+    date with this source's view (at each snapshot, and for packets the handler released).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        table: str,
+        queue: CDCQueue,
+        reconcile: Callable[[list[str]], None],
+        *,
+        service: str | None = None,
+        node_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.table_name = name
+        self.address = check_address(address)
+        self.table = table
+        self.service = service
+        self._queue = queue
+        self._reconcile = reconcile
+        self._node_options = dict(node_options or {})
+        self._subscription: _FeedSubscription | None = None
+        self._lock = threading.Lock()
+        self.packets = 0
+
+    @property
+    def name(self) -> str:
+        return f"feed {self.address} {self.table}"
+
+    def __repr__(self) -> str:
+        return f"FeedSource({self.table_name!r} <- {self.address} {self.table!r})"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Subscribe (the first snapshot reconciles the listeners of this table)."""
+        with self._lock:
+            if self._subscription is not None:
+                return
+            node = Node(None, peers=[self.address], **self._node_options)
+            node.start()
+            try:
+                publisher = _publisher_of(self.address, self.table, self.service, node.refresh_peer(self.address))
+                subscription = _FeedSubscription(self, node, publisher, self.table)
+                subscription.open()
+            except BaseException:
+                node.stop()
+                raise
+            self._subscription = subscription
+
+    def stop(self) -> None:
+        with self._lock:
+            subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            subscription.close()
+
+    def sync(self, timeout: float | None) -> bool:
+        """Wait until every change published before the call is on the queue (or handled)."""
+        subscription = self._subscription
+        if subscription is None:
+            return True
+        try:
+            answer = subscription.rpc(subscription.publisher, "get_seqnum", {"table": self.table}, timeout=timeout)
+        except Exception as exc:
+            log.warning("%s: the publisher did not answer: %s", self.name, exc)
+            return False
+        return subscription.wait_delivered(int(answer["seqnum"]), timeout)
+
+    # -- what the subscription delivers (on its node's receiving thread) -----------------------
+    def _deliver(self, changes: list[Change], first_snapshot: bool) -> None:
+        if first_snapshot:
+            self._reconcile([self.table_name])
+            return
+        for event, ids, rows, seqnum in _packets(changes):
+            self._queue.put(ChangePacket(self.table_name, _EVENTS[event], ids, rows, source=self, position=seqnum))
+            self.packets += 1
+
+    # -- ChangeSource -----------------------------------------------------------------------------
+    def save_positions(self, positions: Sequence[Any]) -> None:
+        """Nothing to keep: a restart resubscribes and reconciles with the snapshot."""
+
+    def commit(self, positions: Sequence[Any]) -> None:
+        """Nothing to settle."""
+
+    def release(self, positions: Sequence[Any]) -> None:
+        """The handler gave up on some changes: bring the listeners up to date with the view."""
+        threading.Thread(
+            target=self._reconcile, args=([self.table_name],), name="reactive-feed-release", daemon=True
+        ).start()
+
+    # -- SourceReader, over the subscription's view ---------------------------------------------
+    def _view(self) -> dict[Any, Any]:
+        subscription = self._subscription
+        return {} if subscription is None else subscription.view
+
+    def describe(self, table: str, *, id_column: str | None = None) -> TableInfo:
+        return TableInfo(self.table_name, SOURCE_FIELD, ())
+
+    def table_exists(self, table: str) -> bool:
+        return True
+
+    def count(self, table: TableInfo) -> int:
+        return len(self._view())
+
+    def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
+        subscription = self._subscription
+        if subscription is None:
+            return {}
+        found = subscription.values(ids)
+        return {id_key(row_id): feed_row(row_id, value) for row_id, value in found}
+
+    def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
+        return {key for key, _ in self.read_rows(table, ids).items()}
+
+    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
+        rows = [feed_row(row_id, value) for row_id, value in self._view().items()]
+        for start in range(0, len(rows), page_size):
+            yield rows[start : start + page_size]
+
+    def info(self) -> dict[str, Any]:
+        subscription = self._subscription
+        return {
+            "address": self.address,
+            "table": self.table,
+            "packets": self.packets,
+            "subscription": None if subscription is None else subscription.status,
+        }
+
+
+class _FeedSubscription(Subscription):
+    """The subscription of a :class:`FeedSource`: whole deliveries, not one change at a time."""
+
+    def __init__(self, source: FeedSource, node: Node, publisher: str, table: str) -> None:
+        super().__init__(node, publisher, table, lambda change: None, own_node=True)
+        self.source = source
+        self._snapshots = 0
+
+    def _receive(self, sub: Any, data: Any, seqnum: int, snapshot: bool) -> None:
+        if snapshot:
+            changes = self._resync(data, seqnum)
+            self._snapshots += 1
+            self.source._deliver(changes, first_snapshot=self._snapshots == 1)
+            return
+        self._apply(data)
+        self.source._deliver(data, first_snapshot=False)
+
+    def values(self, ids: Sequence[Any]) -> list[tuple[Any, Any]]:
+        with self._view_lock:
+            found = (self._view.get(id_key(i)) for i in ids)
+            return [row for row in found if row is not None]
+
+
+def _packets(changes: list[Change]) -> Iterator[tuple[str, tuple[Any, ...], tuple[Any, ...], int]]:
+    """Consecutive changes of one event as one packet: ``(event, ids, rows, seqnum)``.
+
+    >>> [(e, ids) for e, ids, _, _ in _packets([Change("insert", 1, {}, 5), Change("insert", 2, {}, 5),
+    ...                                            Change("delete", 1, None, 6)])]
+    [('insert', (1, 2)), ('delete', (1,))]
+    """
+    run: list[Change] = []
+    for change in changes:
+        event = "insert" if change.event == "snapshot" else change.event
+        if run and (event != ("insert" if run[0].event == "snapshot" else run[0].event)):
+            yield _packet(run)
+            run = []
+        run.append(change)
+    if run:
+        yield _packet(run)
+
+
+def _packet(run: list[Change]) -> tuple[str, tuple[Any, ...], tuple[Any, ...], int]:
+    event = "insert" if run[0].event == "snapshot" else run[0].event
+    ids = tuple(c.id for c in run)
+    rows = tuple(None if event == "delete" else feed_row(c.id, c.value) for c in run)
+    return event, ids, rows, run[-1].seqnum
