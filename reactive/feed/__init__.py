@@ -112,19 +112,22 @@ class Subscription(DataService):
             changes = self._resync(data, seqnum)
         else:
             changes = data
-            with self._view_lock:
-                for change in changes:
-                    key = id_key(change.id)
-                    if change.event == "delete":
-                        self._view.pop(key, None)
-                    else:
-                        self._view[key] = (change.id, change.value)
+            self._apply(changes)
         for change in changes:
             try:
                 self.on_change(change)
             except Exception:
                 self.callback_errors += 1
                 log.exception("on_change failed on %s %r of %s", change.event, change.id, self.table)
+
+    def _apply(self, changes: list[Change]) -> None:
+        with self._view_lock:
+            for change in changes:
+                key = id_key(change.id)
+                if change.event == "delete":
+                    self._view.pop(key, None)
+                else:
+                    self._view[key] = (change.id, change.value)
 
     def _resync(self, data: dict[Any, Any], seqnum: int) -> list[Change]:
         """Changes that turn the current view into the snapshot ``data``."""

@@ -446,6 +446,21 @@ class Node:
         """Fetch the snapshot on the fetcher thread; deliver it on the receiver thread."""
         self._require(self._fetcher).put((service, publisher, table))
 
+    def _follow_data_address(self, publisher: str, heard: threading.Event | None) -> None:
+        """Before a snapshot is fetched: ask the publisher's node where it publishes now, and
+        connect there. A node that restarted at the same address binds its PUB on a new port."""
+        with self._lock:
+            if publisher in self._services:
+                return
+            receiver = self._receiver
+        peer = self._peer_of(publisher)
+        self.refresh_peer(peer)
+        if receiver is None or peer.data_address is None or peer.data_address in receiver.connected:
+            return
+        if heard is not None:
+            heard.clear()  # the probes must be heard on the new connection
+        receiver.command(("connect", peer.data_address, None))
+
     def _data_address_of(self, publisher: str) -> str:
         with self._lock:
             if publisher in self._services:
@@ -523,7 +538,7 @@ class Node:
             service = self.services().get(kwargs.get("service"))
             table = kwargs.get("table")
             if service is not None and isinstance(table, str):
-                self.send_heartbeat(service, table, service.get_last_published_data_with_seqnum(table)[0])
+                self.send_heartbeat(service, table, service.last_seqnum(table))
             return None
         if action == "unsubscribed":
             service = self.services().get(kwargs.get("service"))
@@ -627,7 +642,7 @@ class Node:
         if self._pub is not None and now - last_heartbeat >= self.heartbeat_interval:
             for service in services:
                 for table in service.published_tables():
-                    self.send_heartbeat(service, table, service.get_last_published_data_with_seqnum(table)[0])
+                    self.send_heartbeat(service, table, service.last_seqnum(table))
             last_heartbeat = now
         for service in services:
             try:
@@ -737,6 +752,10 @@ class _Receiver(ReactiveThread):
                         self.socket.connect(address)
                         self.connected.add(address)
                     self.socket.setsockopt(zmq.SUBSCRIBE, arg)
+                elif kind == "connect":
+                    if address not in self.connected:
+                        self.socket.connect(address)
+                        self.connected.add(address)
                 elif kind == "unsubscribe":
                     self.socket.setsockopt(zmq.UNSUBSCRIBE, arg)
                 elif kind == "call":
@@ -774,6 +793,7 @@ class _Fetcher(ReactiveThread):
     def _fetch(self, service: DataService, publisher: str, table: str) -> None:
         node = self.node
         heard = node._heard.get(topic(publisher, table))
+        node._follow_data_address(publisher, heard)
         deadline = time.monotonic() + node.rpc_timeout
         # Until the SUB socket hears this topic, a delta published now could be missed (ZMQ
         # drops what is sent before a subscription arrives): ask for a heartbeat and wait.

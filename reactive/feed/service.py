@@ -98,6 +98,8 @@ class _Subscription:
     epoch: str | None = None
     #: The last sequence number applied; None until the first snapshot arrives.
     seqnum: int | None = None
+    #: The last sequence number whose delivery (receive_data) finished.
+    delivered: int | None = None
     #: Deltas that came early (after a gap), by sequence number: (epoch, changes, receipt time).
     pending: dict[int, tuple[str, list[Change], float]] = dc.field(default_factory=dict)
     gap_since: float | None = None
@@ -123,6 +125,10 @@ class DataServiceEndPoints:
         """``{"epoch", "seqnum", "data": [[id, value], ...]}``, consistent with each other."""
         epoch, seqnum, text = self.service._snapshot_text(table)
         return wire.RawJSON(f'{{"epoch":{json.dumps(epoch)},"seqnum":{seqnum},"data":{text}}}')
+
+    def get_seqnum(self, context: Any, table: str) -> Any:
+        """``{"epoch", "seqnum"}``: the table's last sequence number (a subscriber waits for it)."""
+        return {"epoch": self.service.epoch, "seqnum": self.service.last_seqnum(table)}
 
     def ping(self, context: Any, **kwargs: Any) -> Any:
         """Echo the arguments."""
@@ -209,8 +215,11 @@ class DataService:
         *,
         checkpoints: SectionStore | None = None,
         gap_timeout: float = 0.5,
+        max_delta_rows: int = 10_000,
     ) -> None:
         self.service_id = check_name("service", service_id)
+        #: A publication changing more rows than this goes to subscribers as a snapshot.
+        self.max_delta_rows = max_delta_rows
         self._node = node
         self._own_node = node is None
         self._checkpoints = checkpoints
@@ -254,6 +263,8 @@ class DataService:
             node.unregister_service(self)
             if self._own_node:
                 node.stop()
+        with self._lock:
+            self._subscriptions.clear()  # they ended: a start() and subscribe() begin anew
         self._save_all()
 
     def wait(self) -> None:
@@ -340,7 +351,9 @@ class DataService:
             _apply(state.rows, changes)
             state.seqnum += 1
             self._reserve(table, state)
-            if self._node is not None and self._running:
+            # A delta too large for one message is not sent: subscribers see the sequence
+            # number move on (the next heartbeat) and fetch the snapshot instead.
+            if self._node is not None and self._running and len(changes) <= self.max_delta_rows:
                 self._node.send_delta(self, table, state.seqnum, changes)
             self._changed.notify_all()
             return state.seqnum
@@ -384,6 +397,12 @@ class DataService:
                     positions.save_checkpoint(table, {"reserved": state.seqnum, "epoch": self.epoch})
                 except Exception as exc:
                     log.warning("could not save the sequence number of %s: %s", table, exc)
+
+    def last_seqnum(self, table: str) -> int:
+        """The sequence number of ``table``'s last delta (0, or the saved one, before any)."""
+        with self._lock:
+            state = self._published.get(table)
+            return self._load_seqnum(table) if state is None else state.seqnum
 
     def published_tables(self) -> list[str]:
         with self._lock:
@@ -507,6 +526,7 @@ class DataService:
             sub.last_error = f"{type(exc).__name__}: {exc}"
             log.exception("receive_data of %s failed on %s:%s #%d", self.service_id, sub.publisher, sub.table, seqnum)
         with self._changed:
+            sub.delivered = seqnum  # after receive_data returned: what waiters wait for
             self._changed.notify_all()
 
     def _receive(self, sub: _Subscription, data: Any, seqnum: int, snapshot: bool) -> None:
@@ -593,7 +613,7 @@ class DataService:
     def wait_synced(self, timeout: float | None = None) -> bool:
         """Wait until every subscription has its snapshot and no gap; False on timeout."""
         return self._wait_for(
-            lambda: all(s.seqnum is not None and not s.pending for s in self._subscriptions.values()), timeout
+            lambda: all(s.delivered is not None and not s.pending for s in self._subscriptions.values()), timeout
         )
 
     def wait_delivered(self, seqnum: int, timeout: float | None = None, *, publisher=None, table=None) -> bool:
@@ -605,7 +625,7 @@ class DataService:
                 for s in self._subscriptions.values()
                 if (publisher is None or s.publisher == publisher) and (table is None or s.table == table)
             ]
-            return bool(subs) and all(s.seqnum is not None and s.seqnum >= seqnum for s in subs)
+            return bool(subs) and all(s.delivered is not None and s.delivered >= seqnum for s in subs)
 
         return self._wait_for(reached, timeout)
 
