@@ -1,0 +1,326 @@
+"""The change feed tied into reactive: ``db.cdc.publish`` and ``db.cdc.follow``, across processes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Recorder, outputs_by_source
+
+import reactive
+import reactive.feed
+from reactive.components import Listener, Model
+from reactive.errors import ConfigurationError
+from reactive.feed import Change, RpcTimeoutError
+
+WAIT = 30.0
+WORKER = Path(__file__).with_name("feed_worker.py")
+
+
+def length(texts: list[str]) -> list[int]:
+    return [len(t) for t in texts]
+
+
+class Collector:
+    """An ``on_change`` that keeps every change and replays them into a view."""
+
+    def __init__(self) -> None:
+        self.changes: list[Change] = []
+        self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)
+
+    def __call__(self, change: Change) -> None:
+        with self.arrived:
+            self.changes.append(change)
+            self.arrived.notify_all()
+
+    def replayed(self) -> dict[Any, Any]:
+        """The view the changes build, checking each against it: no duplicate, no missing."""
+        view: dict[Any, Any] = {}
+        for change in self.changes:
+            if change.event in ("snapshot", "insert"):
+                assert change.id not in view, f"duplicate {change}"
+                view[change.id] = change.value
+            elif change.event == "update":
+                assert change.id in view, f"update of a row never seen: {change}"
+                view[change.id] = change.value
+            else:
+                assert change.id in view, f"delete of a row never seen: {change}"
+                del view[change.id]
+        return view
+
+
+@pytest.fixture
+def sqlite_file(tmp_path: Path) -> Iterator[tuple[str, sqlite3.Connection]]:
+    path = tmp_path / "a.sqlite"
+    client = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+    client.executemany("INSERT INTO docs VALUES (?, ?)", [(i, "x" * i) for i in range(1, 6)])
+    yield f"sqlite:///{path}", client
+    client.close()
+
+
+class Worker:
+    """A publishing process (tests/feed_worker.py)."""
+
+    def __init__(self, uri: str, address: str = "tcp://127.0.0.1:0") -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(WORKER), uri, address],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.address = self._line()
+
+    def _line(self) -> str:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        assert line, f"the worker ended (exit {self.process.poll()})"
+        return line
+
+    def ask(self, command: str) -> str:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self._line()
+
+    def idle(self) -> None:
+        assert self.ask("idle") == "ok"
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(WAIT)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.write("quit\n")
+            self.process.stdin.flush()
+            self.process.wait(WAIT)
+
+
+def wait_for(condition: threading.Condition, predicate, timeout: float = WAIT) -> bool:
+    with condition:
+        return condition.wait_for(predicate, timeout)
+
+
+def test_a_subscriber_in_another_process_gets_the_snapshot_then_every_change_in_commit_order(
+    sqlite_file: tuple[str, sqlite3.Connection],
+) -> None:
+    uri, client = sqlite_file
+    worker = Worker(uri)
+    outputs, rows = Collector(), Collector()
+    try:
+        with (
+            reactive.feed.subscribe(worker.address, "len__text", outputs) as out_sub,
+            reactive.feed.subscribe(worker.address, "docs", rows) as row_sub,
+        ):
+            assert out_sub.wait_synced(WAIT) and row_sub.wait_synced(WAIT)
+            assert [c.event for c in outputs.changes] == ["snapshot"] * 5  # the late joiner's snapshot
+            assert {c.seqnum for c in outputs.changes} == {out_sub.seqnum}
+            client.execute("INSERT INTO docs VALUES (6, 'six...')")
+            client.execute("UPDATE docs SET text = 'yy' WHERE id = 1")
+            client.execute("DELETE FROM docs WHERE id = 2")
+            worker.idle()
+            last = int(worker.ask("seqnum len__text"))
+            assert out_sub.wait_delivered(last, WAIT)
+            assert row_sub.wait_delivered(int(worker.ask("seqnum docs")), WAIT)
+
+            expected = {1: 2, 3: 3, 4: 4, 5: 5, 6: 6}
+            assert outputs.replayed() == out_sub.view == expected
+            assert rows.replayed() == {i: {"id": i, "text": t} for i, t in client.execute("SELECT id, text FROM docs")}
+            deltas = [c for c in outputs.changes if c.event != "snapshot"]
+            assert {(c.event, c.id) for c in deltas} == {("insert", 6), ("update", 1), ("delete", 2)}
+            numbers = sorted({c.seqnum for c in outputs.changes})
+            assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # consecutive
+            assert out_sub.status["subscriptions"]["reactive:len__text"]["resubscriptions"] == 0
+    finally:
+        worker.close()
+
+
+def test_a_publisher_restart_is_a_new_epoch_and_numbering_goes_on(
+    sqlite_file: tuple[str, sqlite3.Connection],
+) -> None:
+    uri, client = sqlite_file
+    worker = Worker(uri)
+    port = worker.address.rsplit(":", 1)[1]
+    collected = Collector()
+    try:
+        with reactive.feed.subscribe(worker.address, "len__text", collected, rpc_timeout=2.0) as sub:
+            assert sub.wait_synced(WAIT)
+            client.execute("INSERT INTO docs VALUES (6, 'six...')")
+            worker.idle()
+            before = int(worker.ask("seqnum len__text"))
+            assert sub.wait_delivered(before, WAIT)
+            epoch = sub.status["subscriptions"]["reactive:len__text"]["epoch"]
+
+            worker.kill()  # SIGKILL: nothing saved at exit
+            client.execute("DELETE FROM docs WHERE id = 3")
+            client.execute("UPDATE docs SET text = 'z' WHERE id = 4")
+            worker = Worker(uri, f"tcp://127.0.0.1:{port}")  # the same address, a new epoch
+            worker.idle()
+            after = int(worker.ask("seqnum len__text"))
+            assert after > before  # numbers reserved in the checkpoint store: never reused
+
+            expected = {1: 1, 2: 2, 4: 1, 5: 5, 6: 6}
+            assert wait_for(collected.arrived, lambda: collected.replayed() == expected)
+            status = sub.status["subscriptions"]["reactive:len__text"]
+            assert status["epoch"] != epoch and status["resubscriptions"] >= 1
+            assert ("delete", 3) in {(c.event, c.id) for c in collected.changes}
+    finally:
+        worker.close()
+
+
+def test_a_listener_in_another_process_takes_a_published_table_as_its_source(
+    sqlite_file: tuple[str, sqlite3.Connection], tmp_path: Path
+) -> None:
+    uri, client = sqlite_file
+    worker = Worker(uri)
+    doubled = Recorder(lambda x: 2 * x)
+    try:
+        with reactive.connect(f"duckdb:///{tmp_path}/b.duckdb") as b:
+            b.cdc.follow(worker.address, "len__text", as_table="lengths")
+            b.add(Listener(Model("double", predict=doubled), "_output", "lengths"))
+            b.cdc.start()
+            assert b.cdc.wait_idle(WAIT)
+            assert outputs_by_source(b, "double___output") == {i: 2 * i for i in range(1, 6)}
+
+            client.execute("INSERT INTO docs VALUES (6, 'six...')")
+            client.execute("UPDATE docs SET text = 'y' WHERE id = 1")
+            client.execute("DELETE FROM docs WHERE id = 2")
+            worker.idle()
+            assert b.cdc.wait_idle(WAIT)
+            assert outputs_by_source(b, "double___output") == {1: 2, 3: 6, 4: 8, 5: 10, 6: 12}
+
+            b.cdc.stop()  # B is away while A changes
+            client.execute("DELETE FROM docs WHERE id = 3")
+            client.execute("UPDATE docs SET text = 'zz' WHERE id = 4")
+            worker.idle()
+            calls = len(doubled.inputs)
+            b.cdc.start()  # the new subscription's snapshot reconciles B's outputs
+            assert b.cdc.wait_idle(WAIT)
+            assert outputs_by_source(b, "double___output") == {1: 2, 4: 4, 5: 10, 6: 12}
+            assert doubled.inputs[calls:] == [2]  # only the row that changed was computed again
+    finally:
+        worker.close()
+
+
+def test_publish_before_start_loads_existing_outputs_and_follows_a_listener_added_later(duck) -> None:
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'bb')")
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("len", predict=length), "text", "docs"))
+        feed = db.cdc.publish()  # before start
+        collected, later = Collector(), Collector()
+        with reactive.feed.subscribe(feed.address, "len__text", collected) as sub:
+            assert sub.wait_synced(WAIT)
+            assert collected.replayed() == {1: 1, 2: 2}
+            db.cdc.start()
+            db.add(Listener(Model("upper", predict=lambda xs: [x.upper() for x in xs]), "text", "docs"))
+            assert db.cdc.wait_idle(WAIT)
+            with reactive.feed.subscribe(feed.address, "upper__text", later) as sub2:
+                assert sub2.wait_synced(WAIT)
+                duck.execute("INSERT INTO docs VALUES (3, 'ccc')")
+                assert db.cdc.wait_idle(WAIT)  # includes publishing
+                assert sub2.wait_delivered(feed.service.last_seqnum("upper__text"), WAIT)
+                assert sub.wait_delivered(feed.service.last_seqnum("len__text"), WAIT)
+                assert later.replayed() == {1: "A", 2: "BB", 3: "CCC"}
+                assert collected.replayed() == {1: 1, 2: 2, 3: 3}
+        info = db.cdc.info()["feeds"][0]
+        assert info["address"] == feed.address and info["last_error"] is None
+
+
+def test_a_slow_subscriber_never_stalls_the_handler(sqlite_file: tuple[str, sqlite3.Connection]) -> None:
+    uri, client = sqlite_file
+    release = threading.Event()
+    collected = Collector()
+
+    def slow(change: Change) -> None:
+        release.wait(WAIT)
+        collected(change)
+
+    with reactive.connect(uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("len", predict=length), "text", "docs"))
+        feed = db.cdc.publish(heartbeat_interval=0.2)
+        db.cdc.start()
+        with reactive.feed.subscribe(feed.address, "len__text", slow) as sub:
+            for i in range(6, 206):
+                client.execute("INSERT INTO docs VALUES (?, ?)", (i, "t" * (i % 17)))
+            assert db.cdc.wait_idle(WAIT)  # while the subscriber is stuck in its first call
+            assert not release.is_set() and len(collected.changes) == 0
+            release.set()
+            expected = outputs_by_source(db, "len__text")
+            assert len(expected) == 205
+            assert wait_for(collected.arrived, lambda: collected.replayed() == expected)
+            assert sub.view == expected
+
+
+def test_mongodb_values_travel_with_their_types(mongo_uri: str, mongo) -> None:
+    from bson import ObjectId
+
+    when = dt.datetime(2026, 11, 26, 10, 30, tzinfo=dt.UTC)
+    oid = ObjectId()
+    mongo.docs.insert_one({"_id": oid, "text": "hello", "at": when, "tags": ["a", "b"]})
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("len", predict=length), "text", "docs"))
+        feed = db.cdc.publish()
+        db.cdc.start()
+        rows, outputs = Collector(), Collector()
+        with (
+            reactive.feed.subscribe(feed.address, "docs", rows) as row_sub,
+            reactive.feed.subscribe(feed.address, "len__text", outputs) as out_sub,
+        ):
+            assert row_sub.wait_synced(WAIT) and out_sub.wait_synced(WAIT)
+            mongo.docs.update_one({"_id": oid}, {"$set": {"text": "hello world"}})
+            assert db.cdc.wait_idle(WAIT)
+            assert out_sub.wait_delivered(feed.service.last_seqnum("len__text"), WAIT)
+            assert row_sub.wait_delivered(feed.service.last_seqnum("docs"), WAIT)
+            ((row_id, row),) = rows.replayed().items()
+            assert row_id == oid and isinstance(row_id, ObjectId)
+            assert row["at"].replace(tzinfo=dt.UTC) == when and row["tags"] == ["a", "b"]
+            assert row["text"] == "hello world"
+            assert outputs.replayed() == {oid: 11}
+
+
+def test_feed_bad_input_gets_clear_errors(sqlite_file: tuple[str, sqlite3.Connection]) -> None:
+    uri, _ = sqlite_file
+    with reactive.connect(uri) as db:
+        db.add(Listener(Model("len", predict=length), "text", "docs"))
+        with pytest.raises(ConfigurationError, match="tcp://host:port"):
+            db.cdc.publish("http://127.0.0.1:80")
+        with pytest.raises(ConfigurationError, match="list of names"):
+            db.cdc.publish(tables="docs")
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        try:
+            with pytest.raises(ConfigurationError, match="cannot listen"):
+                db.cdc.publish(f"tcp://127.0.0.1:{taken.getsockname()[1]}")
+        finally:
+            taken.close()
+        with pytest.raises(ConfigurationError, match="is a table of"):
+            db.cdc.follow("tcp://127.0.0.1:1", "docs")
+        with pytest.raises(ConfigurationError, match="NUL"):
+            db.cdc.follow("tcp://127.0.0.1:1", "a\x00b", as_table="elsewhere")
+        # Nothing listens there: a clear error within the timeout, and nothing left running.
+        with pytest.raises(RpcTimeoutError, match=r"no node answered|no connection|no answer"):
+            reactive.feed.subscribe("tcp://127.0.0.1:1", "docs", print, rpc_timeout=0.5)
+        feed = db.cdc.publish(tables=["docs"])
+        collected = Collector()
+        with reactive.feed.subscribe(feed.address, "docs", collected) as sub:
+            assert sub.wait_synced(WAIT) and len(collected.replayed()) == 5
+        services = reactive.feed.Node(None, peers=[feed.address])
+        with services:
+            published = services.refresh_peer(feed.address)["reactive"]["published_tables"]
+        assert published == ["docs"]  # tables= limits what is published
+    # The datalayer closed its feed with it.
+    assert not [t for t in threading.enumerate() if t.name.startswith("reactive-")]
