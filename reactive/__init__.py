@@ -5,6 +5,7 @@
 >>> db = reactive.connect("duckdb://")     # doctest: +SKIP
 """
 
+from reactive import feed
 from reactive.datalayer import Datalayer, connect
 from reactive.errors import (
     BackendError,
@@ -34,4 +35,5 @@ __all__ = [
     "TableNotFoundError",
     "__version__",
     "connect",
+    "feed",
 ]

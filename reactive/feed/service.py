@@ -119,7 +119,7 @@ class DataServiceEndPoints:
 
     def get_snapshot(self, context: Any, table: str) -> Any:
         """The table's current data: ``[[id, value], ...]``."""
-        return wire.RawJSON(self.service._snapshot_text(table)[1])
+        return wire.RawJSON(self.service._snapshot_text(table)[2])
 
     def get_last_published_data_with_seqnum(self, context: Any, table: str) -> Any:
         """``{"epoch", "seqnum", "data": [[id, value], ...]}``, consistent with each other."""
@@ -201,8 +201,7 @@ class DataService:
     >>> printer.subscribe("source", "t"); printer.wait_synced(5)
     snapshot {1: 'one'}
     True
-    >>> source.publish("t", {1: "one", 2: "two"}); printer.wait_delivered(2, 5)
-    2
+    >>> seqnum = source.publish("t", {1: "one", 2: "two"}); printer.wait_delivered(seqnum, 5)
     delta [Change(event='insert', id=2, value='two', seqnum=2, table='t', publisher='source')]
     True
     >>> node.stop()
@@ -336,16 +335,18 @@ class DataService:
         """
         check_name("table", table)
         with self._lock:
-            state = self._table_state(table)
+            current = self._published.get(table)
+            rows = {} if current is None else current.rows
             if use_snapshot:
                 if not isinstance(data, Mapping):
                     raise ConfigurationError(
                         f"publish({table!r}, data): with use_snapshot=True data is a mapping of row id to value, "
                         f"not {type(data).__name__}"
                     )
-                changes = _snapshot_delta(state.rows, data)
+                changes = _snapshot_delta(rows, data)
             else:
-                changes = _normalize(state.rows, data, table)
+                changes = _normalize(rows, data, table)
+            state = self._table_state(table)  # only now: a refused publication leaves no table behind
             if not changes:
                 return state.seqnum
             _apply(state.rows, changes)
@@ -448,11 +449,18 @@ class DataService:
         """Follow ``service``'s ``table``: a snapshot first, then every delta in order."""
         check_name("service", service)
         check_name("table", table)
+        node = self._require_node()
         with self._lock:
             if (service, table) in self._subscriptions:
                 return
-            self._subscriptions[(service, table)] = _Subscription(service, table)
-        self._require_node().subscribe(self, service, table)
+            sub = self._subscriptions[(service, table)] = _Subscription(service, table)
+        try:
+            node.subscribe(self, service, table)
+        except BaseException:  # refused (unknown publisher...): no subscription is left behind
+            with self._lock:
+                if self._subscriptions.get((service, table)) is sub:
+                    del self._subscriptions[(service, table)]
+            raise
 
     def unsubscribe(self, service: str, table: str) -> None:
         with self._lock:
@@ -595,6 +603,10 @@ class DataService:
             sub.resubscribing = False
             if not first:
                 sub.resubscriptions += 1
+            if not first and epoch == sub.epoch and seqnum < sub.seqnum:
+                # Deltas that arrived while it was fetched went past it: the view is newer.
+                self._changed.notify_all()
+                return
             if sub.epoch != epoch:
                 sub.pending = {n: p for n, p in sub.pending.items() if p[0] == epoch}
             sub.epoch = epoch
@@ -607,6 +619,7 @@ class DataService:
             if sub is not None:
                 sub.resubscribing = False
                 sub.last_error = error
+            self._changed.notify_all()  # a waiter may be waiting for the status
         log.warning("%s could not fetch the snapshot of %s:%s: %s", self.service_id, publisher, table, error)
 
     # -- waiting (tests, benchmarks, applications) ----------------------------------------------
