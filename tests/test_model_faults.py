@@ -553,3 +553,32 @@ def test_a_replay_after_a_crash_looks_stored_fingerprints_up_on_mongodb(mongo_ur
     listener = "reactive.backends.mongodb.listener.MongoChangeStreamListener"
     _crash_after_writing_outputs(mongo_uri, listener, insert, mongo_uri, tmp_path=tmp_path)
     _restart_recomputes_no_replay(mongo_uri)
+
+
+def test_text_inputs_are_batched_longest_first_and_outputs_keep_their_rows() -> None:
+    batches: list[list[str]] = []
+
+    def predict(texts: list[str]) -> list[str]:
+        batches.append(list(texts))
+        if "boom" in texts:
+            raise ValueError("boom")  # the batch is split; the other rows still get outputs
+        return [t.upper() for t in texts]
+
+    inputs = ["a", "dddd", "bb", "boom", "ccc", "e", "ffffff"]
+    results = Model("m", predict=predict, batch_size=3, max_retries=0).compute(inputs, wait=lambda s: True)
+    assert [r if isinstance(r, str) else "failed" for r in results] == [
+        "A",
+        "DDDD",
+        "BB",
+        "failed",
+        "CCC",
+        "E",
+        "FFFFFF",
+    ]
+    assert batches[0] == ["ffffff", "dddd", "boom"]  # the longest first
+    assert batches[-2:] == [["ccc", "bb", "a"], ["e"]]  # ties keep their order
+    unsorted: list[list[str]] = []
+    Model("n", predict=lambda t: unsorted.append(t) or t, batch_size=3, sort_by_length=False).compute(
+        inputs, wait=lambda s: True
+    )
+    assert unsorted[0] == ["a", "dddd", "bb"]

@@ -165,6 +165,7 @@ class Model:
         transient_retries: int = 6,
         timeout: float | None = None,
         version: str | int | None = None,
+        sort_by_length: bool = True,
     ) -> None:
         if not identifier or not isinstance(identifier, str):
             raise ConfigurationError("a Model needs a non-empty string identifier")
@@ -187,6 +188,9 @@ class Model:
         self.transient_retries = transient_retries
         self.timeout = timeout
         self.version = None if version is None else str(version)
+        #: Cut text inputs into batches longest first, as ``SentenceTransformer.encode`` does
+        #: over its whole list: a batch of similar lengths pads less.
+        self.sort_by_length = sort_by_length
         #: The running and stuck call, and counters (a live view).
         self.calls = ModelCalls()
         self._lock = threading.Lock()
@@ -240,8 +244,9 @@ class Model:
         running call gets :data:`STOP_GRACE` more seconds).
         """
         results: list[Any] = [None] * len(inputs)
+        order = length_order(inputs) if self.sort_by_length else range(len(inputs))
         for start in range(0, len(inputs), self.batch_size):
-            indexed = list(enumerate(inputs[start : start + self.batch_size], start))
+            indexed = [(i, inputs[i]) for i in order[start : start + self.batch_size]]
             self._isolate(indexed, results, wait, stopping)
         return results
 
@@ -371,6 +376,20 @@ class Model:
         if len(outputs) != len(values):
             raise _BatchFailed(f"model {self.identifier!r} returned {len(outputs)} outputs for {len(values)} inputs")
         return outputs
+
+
+def length_order(inputs: Sequence[Any]) -> Sequence[int]:
+    """Indices of ``inputs`` longest first when they are all text (else in order); ties keep
+    their order.
+
+    >>> length_order(["a", "ccc", "bb", "dd"])
+    [1, 2, 3, 0]
+    >>> length_order([3, "ccc"])
+    range(0, 2)
+    """
+    if not all(isinstance(v, str | bytes) for v in inputs):
+        return range(len(inputs))
+    return sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
 
 
 def _pause(seconds: float, wait: Callable[[float], bool], stopping: Callable[[], bool]) -> bool:
