@@ -34,6 +34,8 @@ EVENTS = ("insert", "update", "delete")
 #: Sequence numbers reserved in the checkpoint store at a time: a restart (even after a
 #: SIGKILL) numbers on from the end of the block, so numbers only grow.
 SEQNUM_BLOCK = 10_000
+#: Longest wait between two failed snapshot fetches of a subscription.
+MAX_RETRY_BACKOFF = 5.0
 MAX_NAME_LENGTH = 256
 
 
@@ -105,6 +107,9 @@ class _Subscription:
     gap_since: float | None = None
     last_heard: float = dc.field(default_factory=time.monotonic)
     resubscribing: bool = False
+    #: Failed snapshot fetches in a row, and when the next may start.
+    failures: int = 0
+    retry_at: float = 0.0
     resubscriptions: int = 0
     duplicates: int = 0
     deltas: int = 0
@@ -427,7 +432,9 @@ class DataService:
         """``(epoch, seqnum, "[[id, value], ...]")``, encoded once per row when published."""
         check_name("table", table)
         with self._lock:
-            state = self._table_state(table)
+            state = self._published.get(table)
+            if state is None:  # asking does not make a table published
+                return self.epoch, self._load_seqnum(table), "[]"
             text = "[" + ",".join(f"[{r.id_text},{r.value_text}]" for r in state.rows.values()) + "]"
             return self.epoch, state.seqnum, text
 
@@ -551,7 +558,7 @@ class DataService:
         due: list[tuple[str, str, str]] = []
         with self._lock:
             for sub in self._subscriptions.values():
-                if sub.resubscribing:
+                if sub.resubscribing or now < sub.retry_at:
                     continue
                 if sub.gap_since is not None and now - sub.gap_since > self.gap_timeout:
                     due.append((sub.publisher, sub.table, f"a gap after #{sub.seqnum} open for {self.gap_timeout} s"))
@@ -601,6 +608,7 @@ class DataService:
                 return
             first = sub.seqnum is None
             sub.resubscribing = False
+            sub.failures = 0
             if not first:
                 sub.resubscriptions += 1
             if not first and epoch == sub.epoch and seqnum < sub.seqnum:
@@ -619,6 +627,10 @@ class DataService:
             if sub is not None:
                 sub.resubscribing = False
                 sub.last_error = error
+                # Tried again at the next check, backing off: a publisher that is down or a
+                # snapshot over max_message_bytes is not fetched every 50 ms.
+                sub.failures += 1
+                sub.retry_at = time.monotonic() + min(0.1 * 2**sub.failures, MAX_RETRY_BACKOFF)
             self._changed.notify_all()  # a waiter may be waiting for the status
         log.warning("%s could not fetch the snapshot of %s:%s: %s", self.service_id, publisher, table, error)
 
