@@ -323,3 +323,36 @@ def test_a_chain_on_the_outputs_of_a_long_identifier(duck: SQLClient) -> None:
         assert outputs_by_source(db, "count___output") == {1: 3, 2: 2}
         assert counts.inputs == [["a", "b", "c"], ["d", "e"]]  # each computed once: the chain is not polled
         assert db.cdc.info()["source"]["tables"] == ["docs"]
+
+
+@pytest.mark.parametrize("ids", ["int", "text"])
+def test_a_sqlite_poll_in_id_ranges_sees_every_change_at_the_edges(tmp_path, monkeypatch, ids: str) -> None:
+    # SQLite blocks writers while a statement reads: its polls diff a range of ids at a time.
+    # Three rows per range here, so inserts, updates and deletes fall on every edge, below
+    # the first id and past the last.
+    import sqlite3
+
+    from reactive.backends.ibis.dialects import SQLiteDialect
+
+    monkeypatch.setattr(SQLiteDialect, "diff_range_rows", 3)
+    path = tmp_path / "r.sqlite"
+    client = sqlite3.connect(str(path), isolation_level=None)
+    kind = "INTEGER" if ids == "int" else "TEXT"
+    key = (lambda i: i) if ids == "int" else (lambda i: f"k{i:03d}")
+    client.execute(f"CREATE TABLE docs (id {kind} PRIMARY KEY, text TEXT)")
+    client.executemany("INSERT INTO docs VALUES (?, ?)", [(key(i), f"t{i}") for i in range(10, 30)])
+    recorder = Recorder()
+    with reactive.connect(f"sqlite:///{path}", poll_interval=0.05) as db:
+        db.add(Listener(model=Model("tag", predict=recorder), key="text", select="docs"))
+        db.cdc.start()
+        client.executemany("INSERT INTO docs VALUES (?, ?)", [(key(i), f"new{i}") for i in (1, 2, 35, 40)])
+        client.executemany("UPDATE docs SET text = ? WHERE id = ?", [(f"u{i}", key(i)) for i in (10, 12, 13, 29)])
+        client.executemany("DELETE FROM docs WHERE id = ?", [(key(i),) for i in (11, 15, 16, 28)])
+        assert db.cdc.wait_idle(timeout=30)
+        expected = {row_id: f"<{text}>" for row_id, text in client.execute("SELECT id, text FROM docs")}
+        assert outputs_by_source(db, "tag__text") == expected
+        client.execute("DELETE FROM docs WHERE id = ?", (key(40),))  # the last id, in the open range
+        client.execute("DELETE FROM docs WHERE id = ?", (key(1),))  # the first
+        assert db.cdc.wait_idle(timeout=30)
+        assert key(40) not in outputs_by_source(db, "tag__text") and len(db.outputs("tag__text")) == 18
+    client.close()

@@ -58,6 +58,10 @@ class Dialect:
     fingerprint_type: ClassVar[dt.DataType] = dt.uint64
     #: Longest table or column name the engine keeps, in UTF-8 bytes (None: no limit).
     max_name_bytes: ClassVar[int | None] = None
+    #: Rows per statement of a poll's diff (None: one statement for the whole table). SQLite
+    #: in its default journal mode blocks every writer while a statement reads: a diff in id
+    #: ranges, each its own statement, keeps that wait to one range.
+    diff_range_rows: ClassVar[int | None] = None
 
     def check_name(self, name: str, *, table: str) -> None:
         """Refuse a user's name the engine cannot hold: it would have kept a shorter one."""
@@ -257,6 +261,7 @@ class SQLiteDialect(Dialect):
     """SQLite: pragma_table_info, a Python hash function, JSON text for arrays and id lists."""
 
     name = "sqlite"
+    diff_range_rows = 5_000
     native_arrays = False
     # Python's sqlite3 cannot bind timestamps; ISO-8601 text sorts the same way.
     timestamp_type = dt.string
@@ -418,6 +423,41 @@ class SnapshotSQL:
             **names,
         )
         self.diff = dialect.render(diff)
+        # The same diff over the ids in (lower, upper] (a bound None: open), as two statements
+        # that each walk an index: rows of the table in the range against the snapshot (inserts,
+        # updates), and snapshot rows in the range without a row (deletes). Keyed by which
+        # bounds there are, so that no "? IS NULL OR" keeps SQLite from using the index.
+        self.ranged_diff: dict[tuple[bool, bool], tuple[str, str]] = {}
+        for lower in (False, True):
+            for upper in (False, True):
+                bounds = (["{0} > :lo"] if lower else []) + (["{0} <= :hi"] if upper else [])
+                table_range = " AND ".join(bounds).format(":id") or "TRUE"
+                snap_range = " AND ".join(bounds).format("s.row_id") or "TRUE"
+                changed = _template(
+                    f"""
+                    SELECT c.cur_id AS id, CASE WHEN s.row_id IS NULL THEN 'insert' ELSE 'update' END AS kind
+                    FROM (SELECT :id AS cur_id, :fp AS cur_fp FROM :t WHERE {table_range}) AS c
+                    LEFT JOIN :snap AS s ON c.cur_id = s.row_id
+                    WHERE s.row_id IS NULL OR c.cur_fp <> s.fingerprint
+                    """,
+                    **names,
+                    lo=sge.Placeholder(),
+                    hi=sge.Placeholder(),
+                )
+                gone = _template(
+                    f"""
+                    SELECT s.row_id AS id, 'delete' AS kind FROM :snap AS s
+                    WHERE {snap_range} AND NOT EXISTS (SELECT 1 FROM :t WHERE :id = s.row_id)
+                    """,
+                    **names,
+                    lo=sge.Placeholder(),
+                    hi=sge.Placeholder(),
+                )
+                self.ranged_diff[(lower, upper)] = (dialect.render(changed), dialect.render(gone))
+        key = names["id"]
+        bound = _select(table, [id_column]).order_by(key).limit(1).offset(sge.Placeholder())
+        self.first_bound = dialect.render(bound)
+        self.next_bound = dialect.render(bound.where(key > sge.Placeholder()))
 
 
 def timestamp_column(dialect: Dialect, values: list[_dt.datetime]) -> pa.Array:

@@ -100,9 +100,27 @@ class SnapshotStore:
     def diff(self, table: TableInfo) -> list[tuple[Any, str]]:
         """``(row id, "insert" | "update" | "delete")`` for every row that differs from the snapshot.
 
-        One full outer join inside the database; only the ids of changed rows come back.
+        One full outer join inside the database; only the ids of changed rows come back. Where
+        the dialect says so (SQLite), one join per range of ids, each its own short statement.
         """
-        return [(row["id"], row["kind"]) for row in self.conn.fetch(self._statements(table).diff)]
+        statements = self._statements(table)
+        size = self.conn.dialect.diff_range_rows
+        if size is None:
+            return [(row["id"], row["kind"]) for row in self.conn.fetch(statements.diff)]
+        changed: list[tuple[Any, str]] = []
+        lower = None
+        while True:
+            if lower is None:
+                found = self.conn.fetch(statements.first_bound, size - 1)
+            else:
+                found = self.conn.fetch(statements.next_bound, lower, size - 1)
+            upper = found[0][table.id_column] if found else None
+            bounds = [b for b in (lower, upper) if b is not None]
+            for sql in statements.ranged_diff[(lower is not None, upper is not None)]:
+                changed.extend((row["id"], row["kind"]) for row in self.conn.fetch(sql, *bounds))
+            if upper is None:
+                return changed
+            lower = upper
 
     def rows_with_fingerprints(self, table: TableInfo, ids: Sequence[Any]) -> list[tuple[Row, int]]:
         """The current rows with these ids, each with its fingerprint, read in one statement."""

