@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NODE_SERVICE = "__node__"
+#: Flags as plain ints: pyzmq's are enum.Flag members, and each use per message costs a microsecond or two.
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 #: A hook on the receiving side of a node, for tests of loss and reordering: it gets the
 #: frames of each data message and returns the messages to process now (none: dropped).
 ReceiveFilter = Callable[[list[bytes]], Sequence[list[bytes]]]
@@ -407,7 +410,9 @@ class Node:
                 return
             # PUB drops past its high-water mark; subscribers see a gap and resubscribe.
             with contextlib.suppress(zmq.Again):
-                self._pub.send_multipart([name, body], zmq.NOBLOCK)
+                # what send_multipart does, without its per-call checks
+                self._pub.send(name, _MORE_NOBLOCK)
+                self._pub.send(body, _NOBLOCK)
 
     # -- subscribing --------------------------------------------------------------------------
     def subscribe(self, service: DataService, publisher: str, table: str) -> None:
@@ -454,11 +459,15 @@ class Node:
                 return
             receiver = self._receiver
         peer = self._peer_of(publisher)
+        before = peer.data_address
         self.refresh_peer(peer)
         if receiver is None or peer.data_address is None or peer.data_address in receiver.connected:
             return
         if heard is not None:
             heard.clear()  # the probes must be heard on the new connection
+        if before is not None and before != peer.data_address:
+            # The old port is let go: another process may bind it later.
+            receiver.command(("disconnect", before, None))
         receiver.command(("connect", peer.data_address, None))
 
     def _data_address_of(self, publisher: str) -> str:
@@ -495,7 +504,11 @@ class Node:
             local = where in self._services or (where == NODE_SERVICE and self.address is not None)
         if local:
             return _answer(self.handle_request(body))
-        return self._peer_of(where).request(body, timeout, self.max_message_bytes)
+        peer = self._peer_of(where, timeout)
+        try:
+            return peer.request(body, timeout, self.max_message_bytes)
+        except RpcTimeoutError as exc:
+            raise RpcTimeoutError(f"{action!r} of service {where!r}: {exc}") from None
 
     def handle_request(self, body: bytes) -> bytes:
         """Answer one RPC request (on the server thread, or in the caller for a local service)."""
@@ -556,8 +569,9 @@ class Node:
                 peer = self._peers[address] = _Peer(self._context, address)
             return peer
 
-    def _peer_of(self, service: str) -> _Peer:
-        """The peer whose node runs ``service`` (asking each peer when not known yet)."""
+    def _peer_of(self, service: str, timeout: float | None = None) -> _Peer:
+        """The peer whose node runs ``service`` (asking each peer when not known yet, waiting
+        ``timeout`` seconds for each: the node's ``rpc_timeout`` when None)."""
         with self._peers_lock:
             peers = list(self._peers.values())
         for peer in peers:
@@ -566,7 +580,7 @@ class Node:
         errors = []
         for peer in peers:
             try:
-                self.refresh_peer(peer)
+                self.refresh_peer(peer, timeout)
             except RpcError as exc:
                 errors.append(str(exc))
                 continue
@@ -578,12 +592,14 @@ class Node:
             raise RpcTimeoutError(f"no node answered for service {service!r}: {where}{why}")
         raise RpcError(f"no service {service!r} on node {self.node_id} or its peers ({where}){why}")
 
-    def refresh_peer(self, peer: _Peer | str) -> dict[str, Any]:
-        """Ask a peer which services it runs; returns their infos."""
+    def refresh_peer(self, peer: _Peer | str, timeout: float | None = None) -> dict[str, Any]:
+        """Ask a peer which services it runs (waiting ``timeout`` seconds, the node's
+        ``rpc_timeout`` when None); returns their infos."""
         if isinstance(peer, str):
             peer = self._peer(check_address(peer))
         body = wire.dumps({"v": wire.WIRE_VERSION, "service": NODE_SERVICE, "action": "services", "kwargs": {}})
-        answer = peer.request(body.encode(), self.rpc_timeout, self.max_message_bytes)
+        timeout = self.rpc_timeout if timeout is None else timeout
+        answer = peer.request(body.encode(), timeout, self.max_message_bytes)
         if not isinstance(answer, dict) or not isinstance(answer.get("services"), dict):
             raise RpcError(f"the node at {peer.address} gave a malformed list of services")
         peer.services = answer["services"]
@@ -624,7 +640,7 @@ class Node:
         if topic(publisher, table) != name:
             self._dropped("malformed", f"a message for {publisher}:{table} under another topic")
             return
-        if heard is not None:
+        if heard is not None and not heard.is_set():  # set() takes a lock: not on every message
             heard.set()
         for service_id in list(subscribers):
             service = self.services().get(service_id)
@@ -719,7 +735,7 @@ class _Receiver(ReactiveThread):
                 if poller.poll(interval_ms):
                     for _ in range(1000):  # then the timers get a turn
                         try:
-                            frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                            frames = self.socket.recv_multipart(_NOBLOCK)
                         except zmq.Again:
                             break
                         self._receive(frames)
@@ -756,6 +772,10 @@ class _Receiver(ReactiveThread):
                     if address not in self.connected:
                         self.socket.connect(address)
                         self.connected.add(address)
+                elif kind == "disconnect":
+                    if address in self.connected:
+                        self.socket.disconnect(address)
+                        self.connected.discard(address)
                 elif kind == "unsubscribe":
                     self.socket.setsockopt(zmq.UNSUBSCRIBE, arg)
                 elif kind == "call":
