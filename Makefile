@@ -12,7 +12,7 @@ help:
 	@echo "make demo   install the demo's embedding model into $(VENV) and run 'reactive demo'"
 	@echo "make test   install the test tools into $(VENV), make sure PostgreSQL runs, run pytest"
 	@echo "make lint   ruff check and ruff format --check"
-	@echo "make bench  the benchmarks (DuckDB, MongoDB against SecantusDB, Kinetica); about ten minutes"
+	@echo "make bench  the benchmarks (DuckDB, MongoDB, Kinetica, the change feed, foreign writers); about twenty minutes"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,5 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python -m benchmarks
 	$(BIN)/python -m benchmarks.mongo_changestream
 	$(BIN)/python -m benchmarks.kinetica_monitor
+	$(BIN)/python -m benchmarks.feed
+	$(BIN)/python -m benchmarks.foreign_writer
