@@ -326,7 +326,10 @@ class Node:
                 self._pub.close(0)
                 self._pub = None
         if self._context is not None:
-            self._context.term()
+            if any(thread.is_alive() for thread in threads):
+                self._context.destroy(0)  # a thread that did not stop would make term() hang
+            else:
+                self._context.term()
             self._context = None
         with self._lock:
             self._server = self._receiver = self._fetcher = None
