@@ -131,11 +131,26 @@ class CDCHandler(ReactiveThread):
                 delay = min(0.5 * 2 ** (attempt - 1), MAX_BACKOFF)
                 log.warning("%s; retrying %d packets in %.1f s", exc, len(packets), delay)
                 self.wait(delay)
+                if isinstance(exc, LeaseLostError):
+                    self._retake_lease()
             except Exception as exc:
                 self.totals.internal_errors += 1
                 log.exception("the change handler failed on %d packets; they will be delivered again", len(packets))
                 self._release(packets, exc)
                 return
+
+    def _retake_lease(self) -> None:
+        """Before db.cdc starts (a backfill of ``db.add``), nothing else takes a lapsed lease
+        back (once started, the lease keeper does, and a takeover restarts this handler): take
+        it if it is free, so the window can be written. Held by another process: it is not."""
+        cdc = self.db.cdc
+        if cdc.running or cdc.lease is None or cdc.lease.held is not None:
+            return
+        try:
+            if cdc.acquire():
+                log.warning("took the lease of %s back after it lapsed", self.db.backend.uri)
+        except Exception as exc:  # the database is down: tried again at the next retry
+            log.warning("could not take the lease of %s back: %s", self.db.backend.uri, exc)
 
     # -- one window of packets ------------------------------------------------------------
     def handle(self, packets: Sequence[ChangePacket]) -> None:

@@ -187,3 +187,35 @@ def test_killed_holders_are_replaced_by_their_standby_and_outputs_stay_exact(
     print("takeover seconds:", [round(t, 3) for t in takeovers])
     # A killed holder on this host is noticed at once (its pid is gone), not after the 10 s lease.
     assert max(takeovers) < 5, takeovers
+
+
+@pytest.mark.timeout(60)
+def test_a_lease_that_lapses_during_a_backfill_before_start_is_taken_back(
+    sqlite_file: tuple[str, sqlite3.Connection],
+) -> None:
+    # Found by a 100k-row DuckDB backfill (the GPU benchmark's rehearsal): a write transaction
+    # held the connection while the lease renewal waited, the lease lapsed, and its keeper,
+    # which re-takes a lease only while db.cdc runs, ended. db.add retried its window forever.
+    uri, client = sqlite_file
+    client.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"doc {i}") for i in range(6, 30)])
+    paused = threading.Event()
+
+    with reactive.connect(uri, lease_ms=600) as db:
+
+        def stalls_once(texts: list[str]) -> list[str]:
+            if not paused.is_set():
+                paused.set()
+                keeper = db.cdc._keeper
+                assert keeper is not None
+                keeper.stop()  # nothing renews the lease: it lapses during this call
+                lease = db.cdc.lease
+                assert lease is not None
+                deadline = time.monotonic() + 10
+                while lease.held is not None and time.monotonic() < deadline:
+                    threading.Event().wait(0.05)  # a stalled process, not a wait for processing
+            return [f"<{t}>" for t in texts]
+
+        db.add(Listener(Model("tag", predict=stalls_once), "text", "docs"), progress=False)
+        assert paused.is_set()
+        assert outputs_by_source(db, "tag__text") == {i: f"<doc {i}>" for i in range(1, 30)}
+        assert db.cdc.active  # this process holds the lease again
