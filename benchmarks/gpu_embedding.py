@@ -23,9 +23,11 @@ package); its weights may be stored in fp16: they are converted to fp32 after lo
 ``--fake-model`` replaces the model by random vectors (no torch), to smoke-test the database path.
 ``--rows 500`` is a smoke run on CPU.
 
-``--lease-ms`` (default 60,000) is passed to ``reactive.connect``: with reactive's 5 s default a
-100k-row DuckDB backfill was seen to hang for good on a slow machine (a lease renewal waited
-behind a write, the lease lapsed, and nothing takes it back during ``db.add``). A watchdog
+``--lease-ms`` (default 60,000; the H100 figures in the README were taken with it) is passed to
+``reactive.connect``: with reactive's 5 s default a 100k-row DuckDB backfill was seen to hang for
+good on a slow machine (a lease renewal waited behind a write, the lease lapsed, and nothing took
+it back during ``db.add``; fixed since: the handler takes it back, but the window is computed
+again, which would distort the figures). A watchdog
 (``--phase-timeout-s``, ``--deadline-s``) writes what was measured and exits with code 3 rather
 than let a hung run use up a device lease.
 """
@@ -294,8 +296,8 @@ class Watchdog:
     """Ends the process (exit code 3) when a phase or the whole run outlasts its limit, after
     ``on_fire`` wrote what was measured: a hung run must not eat a device lease.
 
-    (reactive's DuckDB backfill was seen to hang for good here once its 5 s lease lapsed:
-    a renewal waited behind a write, and nothing takes a lapsed lease back during ``db.add``.)
+    (reactive's DuckDB backfill was seen to hang for good here once its 5 s lease lapsed, before
+    the handler learned to take a lapsed lease back during ``db.add``.)
     """
 
     def __init__(self, *, phase_s: float, deadline_s: float, on_fire: Callable[[str], None]) -> None:
