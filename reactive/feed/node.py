@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import zmq
 
 from reactive.errors import ConfigurationError, ReactiveError
+from reactive.events import id_key
 from reactive.feed import wire
 from reactive.feed.service import EVENTS, Change
 from reactive.threads import ReactiveThread
@@ -710,8 +711,28 @@ def _parse_data(body: bytes) -> tuple[str, str, str, int, list[Change] | None]:
     return publisher, table, epoch, seqnum, changes
 
 
+class DocumentId(dict):
+    """A row id that is a document (a MongoDB ``_id`` may be one): a dict that can key a view.
+
+    >>> row_id = DocumentId({"a": 1, "tags": [2, 3]})
+    >>> {row_id: "x"}[DocumentId({"tags": [2, 3], "a": 1})]
+    'x'
+    >>> row_id == {"a": 1, "tags": [2, 3]}
+    True
+    """
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset((k, id_key(v)) for k, v in self.items()))
+
+
 def _key(value: Any) -> Any:
-    return tuple(_key(v) for v in value) if isinstance(value, list) else value
+    """A received row id in a form that can key a snapshot: lists become tuples, documents
+    :class:`DocumentId` (still dicts)."""
+    if isinstance(value, list):
+        return tuple(_key(v) for v in value)
+    if isinstance(value, dict):
+        return DocumentId(value)
+    return value
 
 
 class _Receiver(ReactiveThread):
