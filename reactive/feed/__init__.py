@@ -159,7 +159,10 @@ class Subscription(DataService):
 
     @property
     def seqnum(self) -> int | None:
-        return self.status["subscriptions"].get(f"{self.publisher}:{self.table}", {}).get("seqnum")
+        """The last sequence number applied (None before the snapshot)."""
+        with self._lock:
+            sub = self._subscriptions.get((self.publisher, self.table))
+            return None if sub is None else sub.seqnum
 
     def close(self) -> None:
         """Stop delivering; the private node's threads and sockets are gone when this returns."""

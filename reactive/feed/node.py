@@ -30,7 +30,7 @@ import zmq
 from reactive.errors import ConfigurationError, ReactiveError
 from reactive.events import id_key
 from reactive.feed import wire
-from reactive.feed.service import EVENTS, Change
+from reactive.feed.service import EVENTS, Change, endpoint_actions
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -532,7 +532,7 @@ class Node:
                 return _error(f"no service {service_id!r} on node {self.node_id} (services: {names})")
             method = _endpoint_method(service, action)
             if method is None:
-                actions = sorted({a for e in service.rpc_endpoints() for a in _public(e)})
+                actions = sorted({a for e in service.rpc_endpoints() for a in endpoint_actions(e)})
                 return _error(f"service {service_id!r} has no action {action!r} (actions: {', '.join(actions)})")
             caller = request.get("caller")
             if caller and action in ("get_snapshot", "get_last_published_data_with_seqnum"):
@@ -630,10 +630,10 @@ class Node:
             self._dropped("malformed", f"a message of {len(frames)} frames")
             return
         name, body = frames
-        with self._lock:
-            subscribers = self._topics.get(name)
+        with self._lock:  # the services subscribed, looked up once per message
+            services = [self._services.get(sid) for sid in self._topics.get(name, ())]
             heard = self._heard.get(name)
-        if not subscribers:
+        if not services:
             return
         try:
             message = _parse_data(body)
@@ -646,8 +646,7 @@ class Node:
             return
         if heard is not None and not heard.is_set():  # set() takes a lock: not on every message
             heard.set()
-        for service_id in list(subscribers):
-            service = self.services().get(service_id)
+        for service in services:
             if service is not None:
                 service._heard(publisher, table, epoch, seqnum, changes)
 
@@ -680,10 +679,6 @@ def _endpoint_method(service: DataService, action: Any) -> Callable[..., Any] | 
         if callable(method):
             return method
     return None
-
-
-def _public(endpoint: Any) -> list[str]:
-    return [n for n in dir(endpoint) if not n.startswith("_") and callable(getattr(endpoint, n, None))]
 
 
 def _parse_data(body: bytes) -> tuple[str, str, str, int, list[Change] | None]:

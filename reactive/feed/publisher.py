@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from reactive.backends.base import OUTPUT_FIELD, SOURCE_FIELD
+from reactive.backends.base import OUTPUT_FIELD, OUTPUTS_PREFIX, SOURCE_FIELD
 from reactive.feed.service import DataService
 from reactive.feed.wire import FeedEncodeError
 from reactive.threads import ReactiveThread
@@ -185,7 +185,7 @@ class FeedPublisher(ReactiveThread):
     def _known_names(self) -> list[tuple[str, str]]:
         names: list[tuple[str, str]] = []
         for component in self.db.components():
-            if self._wanted(component.table) and not component.table.startswith("_outputs__"):
+            if self._wanted(component.table) and not component.table.startswith(OUTPUTS_PREFIX):
                 names.append(("table", component.table))
             if self._wanted(component.identifier):
                 names.append(("outputs", component.identifier))

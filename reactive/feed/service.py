@@ -307,7 +307,9 @@ class DataService:
                 node_id=None if self._node is None else self._node.node_id,
                 published_tables=sorted(self._published),
                 subscribed_tables=[[s.publisher, s.table] for s in self._subscriptions.values()],
-                rpc_endpoints_info=[{"name": type(e).__name__, "actions": _actions(e)} for e in self._endpoints],
+                rpc_endpoints_info=[
+                    {"name": type(e).__name__, "actions": endpoint_actions(e)} for e in self._endpoints
+                ],
             )
 
     # -- RPC -------------------------------------------------------------------------------
@@ -668,8 +670,9 @@ def _checkpoint_name(service_id: str) -> str:
     return f"feed:{service_id}"
 
 
-def _actions(endpoint: Any) -> list[str]:
-    return sorted(n for n in dir(endpoint) if not n.startswith("_") and callable(getattr(endpoint, n)))
+def endpoint_actions(endpoint: Any) -> list[str]:
+    """The RPC actions an endpoint object offers: its public methods."""
+    return sorted(n for n in dir(endpoint) if not n.startswith("_") and callable(getattr(endpoint, n, None)))
 
 
 # -- pure functions: deltas ------------------------------------------------------------------

@@ -164,7 +164,8 @@ class FeedSource:
         return {id_key(row_id): feed_row(row_id, value) for row_id, value in found}
 
     def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
-        return {key for key, _ in self.read_rows(table, ids).items()}
+        subscription = self._subscription
+        return set() if subscription is None else {id_key(row_id) for row_id, _ in subscription.values(ids)}
 
     def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
         rows = [feed_row(row_id, value) for row_id, value in self._view().items()]

@@ -156,11 +156,6 @@ def dumps(value: Any) -> str:
     return _ENCODER.encode(data)
 
 
-def dumps_many(values: list[Any]) -> list[str]:
-    """Each value as wire JSON text."""
-    return [dumps(v) for v in values]
-
-
 def from_wire(value: Any) -> Any:
     """The Python value of wire data (the inverse of :func:`to_wire`)."""
     if type(value) is list:
