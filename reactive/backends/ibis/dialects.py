@@ -136,14 +136,23 @@ class Dialect:
     begin_sql: ClassVar[str] = "BEGIN TRANSACTION"
 
     def commit(self, con: Any) -> None:
-        self.depth -= 1
-        if self.depth == 0:
+        if self.depth > 1:
+            self.depth -= 1
+            return
+        try:
+            # Still inside the transaction while COMMIT runs: a connection lost here fails the
+            # transaction (it is retried whole), never a COMMIT run again on a new connection,
+            # which would commit nothing and report success.
             self.execute(con, "COMMIT")
+        finally:
+            self.depth = 0
 
     def rollback(self, con: Any) -> None:
         if self.depth:
-            self.depth = 0
-            self.execute(con, "ROLLBACK")
+            try:
+                self.execute(con, "ROLLBACK")
+            finally:
+                self.depth = 0
 
     def fetch(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return con.con.execute(sql, list(params)).to_arrow_table().to_pylist()
