@@ -6,6 +6,7 @@
 """
 
 from reactive import feed
+from reactive.compute import Compute, LocalCompute
 from reactive.datalayer import Datalayer, connect
 from reactive.errors import (
     BackendError,
@@ -25,9 +26,11 @@ __all__ = [
     "BackendError",
     "ChangePacket",
     "ChangeStreamUnsupportedError",
+    "Compute",
     "ConfigurationError",
     "DBEvent",
     "Datalayer",
+    "LocalCompute",
     "MissingIdColumnError",
     "ModelOutputError",
     "ReactiveError",

@@ -67,9 +67,12 @@ class DatabaseChangeDataCapture:
         *,
         queue_rows: int = 20_000,
         batch_rows: int = 5_000,
+        pipeline: int = 2,
         listener_options: dict[str, Any] | None = None,
         lease: Lease | None = None,
     ) -> None:
+        if pipeline < 1:
+            raise ConfigurationError("pipeline must be at least 1 (windows in flight in the handler)")
         self.db = db
         #: The database's lease: only the process holding it runs the listener and writes.
         self.lease = lease
@@ -81,6 +84,7 @@ class DatabaseChangeDataCapture:
         self._activated.set()
         self.queue = CDCQueue(max_rows=queue_rows)
         self.batch_rows = batch_rows
+        self.pipeline = pipeline
         self.listener_options = listener_options or {}
         self.factory = DatabaseListenerFactory(db.backend.name)
         self.stats: dict[str, ComponentStats] = {}
@@ -239,7 +243,9 @@ class DatabaseChangeDataCapture:
                 self._handler = CDCHandler(
                     self.db,
                     self.queue,
+                    compute=self.db.compute,
                     batch_rows=self.batch_rows,
+                    pipeline=self.pipeline,
                     stats=self.stats,
                     totals=self.totals,
                     feed=self.feed_hub,
@@ -434,8 +440,7 @@ class DatabaseChangeDataCapture:
                 # Nothing is left half-started: the error (e.g. no change streams) is the answer.
                 self._listener = None
                 self._handler = None
-                handler.stop()
-                handler.join()
+                self._stop_handler(handler, None)
                 raise
             for source in self._followed.values():
                 try:
@@ -475,11 +480,17 @@ class DatabaseChangeDataCapture:
             for sink in listener.all_monitors():
                 sink.closed()
         if handler is not None:
-            handler.stop()
-            handler.join(timeout)
+            self._stop_handler(handler, timeout)
         for thread in (listener, handler):
             if thread is not None and thread.is_alive():
                 log.error("thread %s did not stop within %s s", thread.name, timeout)
+
+    def _stop_handler(self, handler: CDCHandler, timeout: float | None) -> None:
+        """Stop ``handler`` once it processed what is queued, then the compute it used (its
+        thread, or actors, start again with the next model work)."""
+        handler.stop()
+        handler.join(timeout)
+        self.db.compute.close(timeout)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until every change seen so far is processed and its outputs are written.

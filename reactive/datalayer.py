@@ -18,6 +18,7 @@ from reactive.cdc import DatabaseChangeDataCapture
 from reactive.checkpoints import DEFAULT_LEASE_MS, ENGINE_CHECKPOINT, Lease
 from reactive.components.base import Component
 from reactive.components.listener import Listener
+from reactive.compute import Compute, LocalCompute
 from reactive.errors import BackendError, ConfigurationError, LeaseLostError
 from reactive.events import ChangePacket, id_key
 from reactive.outputs import OutputWriter
@@ -60,8 +61,12 @@ class Datalayer:
         poll_interval: float = 1.0,
         lease: bool = True,
         lease_ms: int = DEFAULT_LEASE_MS,
+        compute: Compute | None = None,
+        pipeline: int = 2,
     ) -> None:
         self.backend = backend
+        #: Where model work runs (``LocalCompute``, a thread of this process, by default).
+        self.compute: Compute = LocalCompute() if compute is None else compute
         #: Where listeners' outputs go: their type fixed once, each output normalized, every
         #: write fenced by the lease (a process that lost it writes nothing).
         self.writer = OutputWriter(backend.outputs, backend.output_types, fence=lambda: self.cdc.fence())
@@ -81,6 +86,7 @@ class Datalayer:
             self,
             queue_rows=queue_rows,
             batch_rows=batch_rows,
+            pipeline=pipeline,
             listener_options=listener_options,
             lease=Lease(backend.sections, ENGINE_CHECKPOINT, lease_ms=lease_ms) if lease else None,
         )
@@ -453,7 +459,10 @@ def connect(uri: str | None = None, **options: Any) -> Datalayer:
     ``queue_rows`` (bound of the change queue), ``batch_rows`` (largest batch handed to a
     component), ``page_size`` (rows per backfill page), ``lease`` (default True: only the
     process holding the database's lease runs listeners; others wait as standbys) and
-    ``lease_ms`` (how long a lease lasts unrenewed, default 5,000).
+    ``lease_ms`` (how long a lease lasts unrenewed, default 5,000), ``compute`` (where model
+    work runs: a :class:`~reactive.compute.Compute`, default :class:`~reactive.compute.LocalCompute`)
+    and ``pipeline`` (windows of changes in flight in the handler, default 2: while the model
+    computes one, the next is read and the one before is written; 1 turns pipelining off).
 
     >>> import reactive
     >>> reactive.connect("mysql://root:hunter2@db/app")
@@ -462,7 +471,7 @@ def connect(uri: str | None = None, **options: Any) -> Datalayer:
     reactive.errors.ConfigurationError: invalid database URI 'mysql://root:***@db/app'; supported schemes: ...
     """
     uri = uri or os.environ.get("REACTIVE_URI") or DEFAULT_URI
-    names = ("queue_rows", "batch_rows", "page_size", "poll_interval", "lease", "lease_ms")
+    names = ("queue_rows", "batch_rows", "page_size", "poll_interval", "lease", "lease_ms", "compute", "pipeline")
     datalayer_options = {name: options.pop(name) for name in names if name in options}
     backend = backend_for_uri(uri).from_uri(uri, **options)
     return Datalayer(backend, **datalayer_options)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses as dc
+import functools
 import logging
 import traceback
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from reactive.backends.base import MAX_BACKOFF, OUTPUT_FIELD, SOURCE_FIELD, ErrorRecord, outputs_table
@@ -15,7 +17,8 @@ from reactive.events import Batch, ChangePacket, ChangeSource, DBEvent, coalesce
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
-    from reactive.components.base import Component
+    from reactive.components.base import Component, PlannedRefresh
+    from reactive.compute import Compute
     from reactive.datalayer import Datalayer
     from reactive.feed.publisher import Committed, FeedHub
     from reactive.queue import CDCQueue
@@ -61,8 +64,53 @@ class HandlerTotals:
     internal_errors: int = 0
 
 
+@dc.dataclass(eq=False)
+class _Step:
+    """One batch of a window's source changes, and each component's refresh of it under way
+    (or why planning it failed: recorded against its rows when the window is finished)."""
+
+    batch: Batch
+    plans: list[tuple[Component, PlannedRefresh | Exception]]
+
+
+@dc.dataclass(eq=False)
+class _Window:
+    """Packets taken off the queue together, and their refreshes once planned."""
+
+    packets: Sequence[ChangePacket]
+    #: None until planned, and when planning failed (it is planned again at its turn).
+    steps: list[_Step] | None = None
+
+    @functools.cached_property
+    def keys(self) -> dict[str, set[Hashable]]:
+        """The id keys each table's packets change: in flight until the window is finished."""
+        keys: dict[str, set[Hashable]] = {}
+        for packet in self.packets:
+            keys.setdefault(packet.table, set()).update(map(id_key, packet.ids))
+        return keys
+
+    @property
+    def work(self) -> list[Future[Any]]:
+        """The futures of its model work."""
+        plans = [plan for step in self.steps or () for _, plan in step.plans]
+        return [future for plan in plans if not isinstance(plan, Exception) for future in plan.work]
+
+    def ready(self) -> bool:
+        """Whether its model work is done (or it has none): finishing it will not wait."""
+        return all(future.done() for future in self.work)
+
+
 class CDCHandler(ReactiveThread):
     """Turns every waiting packet into collated batches and routes them to components.
+
+    **Pipelining.** Model work runs on ``compute`` (a :class:`~reactive.compute.Compute`),
+    not on this thread: while the model computes window N, the handler reads and plans
+    window N+1 (up to ``pipeline`` windows in flight) and writes window N-1. Windows are
+    finished (outputs written, then positions saved and committed) strictly in the order
+    they were taken, so positions never pass an unwritten window; and a window planned while
+    an earlier one is in flight does not trust the stored outputs of the rows that window
+    changes (they are computed again), so an output from an older version of a row never
+    lands over a newer one. ``pipeline=1`` finishes each window before taking the next.
 
     The handler never dies: a component that raises has its batch recorded in the errors
     table, and processing goes on. :meth:`stop` closes the queue; everything already queued
@@ -75,15 +123,21 @@ class CDCHandler(ReactiveThread):
         db: Datalayer,
         queue: CDCQueue,
         *,
+        compute: Compute,
         batch_rows: int = 5_000,
+        pipeline: int = 2,
         stats: dict[str, ComponentStats] | None = None,
         totals: HandlerTotals | None = None,
         feed: FeedHub | None = None,
     ) -> None:
         super().__init__("cdc-handler")
+        if pipeline < 1:
+            raise ValueError("pipeline must be at least 1 window")
         self.db = db
         self.queue = queue
+        self.compute = compute
         self.batch_rows = batch_rows
+        self.pipeline = pipeline
         self.stats = {} if stats is None else stats
         self.totals = HandlerTotals() if totals is None else totals
         #: Where committed changes go for ``db.cdc.publish`` (the change feed), if anywhere.
@@ -96,33 +150,63 @@ class CDCHandler(ReactiveThread):
         self.queue.close()
 
     def run(self) -> None:
+        ahead: deque[_Window] = deque()  # taken, planned, not finished yet: oldest first
         while True:
-            packets = self.queue.get_batch(max_rows=self.batch_rows)
-            if not packets:
-                if self.queue.closed:
-                    return
+            queue = self.queue
+            if ahead and (ahead[0].ready() or len(ahead) >= self.pipeline or (queue.closed and not queue.packets)):
+                self._complete(ahead.popleft())
                 continue
-            try:
-                self._handle_with_retries(packets)
-            finally:
-                self.queue.task_done(len(packets))
+            packets = queue.get_batch(max_rows=self.batch_rows)  # also returns when model work ends
+            if packets:
+                ahead.append(self._open(packets, ahead))
+            elif queue.closed and not ahead and not queue.packets:
+                return
 
-    def _handle_with_retries(self, packets: Sequence[ChangePacket]) -> None:
-        """Handle a window; while the database is unreachable, retry it with backoff.
+    def _open(self, packets: Sequence[ChangePacket], ahead: Sequence[_Window]) -> _Window:
+        """Take a window: plan it now (its model work starts) unless that fails; it is then
+        planned again when its turn comes."""
+        window = _Window(packets)
+        in_flight: dict[str, set[Hashable]] = {}
+        for earlier in ahead:
+            for table, keys in earlier.keys.items():
+                in_flight.setdefault(table, set()).update(keys)
+        if in_flight:
+            window.keys  # noqa: B018 - known now, for the windows planned while it is in flight
+        try:
+            window.steps = self._plan(packets, in_flight)
+        except Exception as exc:
+            log.debug("planning a window of %d packets failed (%s); it is planned again at its turn", len(packets), exc)
+            return window
+        for future in window.work:
+            future.add_done_callback(lambda _: self.queue.wake_consumer())
+        return window
 
-        Writes are idempotent, so a window retried after a partial write ends the same.
-        A window that still fails (or fails for another reason) is released: its sources
-        deliver those changes again.
+    def _complete(self, window: _Window) -> None:
+        try:
+            self._handle_with_retries(window)
+        finally:
+            self.queue.task_done(len(window.packets))
+
+    def _handle_with_retries(self, window: _Window) -> None:
+        """Finish a window; while the database is unreachable, retry it with backoff.
+
+        Writes are idempotent, so a window retried after a partial write ends the same; a
+        retry plans the window again (its model work is done again). A window that still
+        fails (or fails for another reason) is released: its sources deliver those changes
+        again.
         """
+        packets = window.packets
+        steps = window.steps
         attempt = 0
         while True:
             try:
-                self.handle(packets)
+                self._finish(packets, self._plan(packets, {}) if steps is None else steps)
                 return
             except (BackendUnavailableError, LeaseLostError) as exc:
                 # Unreachable, or this process may not write right now (its lease is not renewed:
                 # the database is slow or down, or another process takes over, and then db.cdc
                 # stops this handler): nothing was committed, so the same window is tried again.
+                steps = None
                 attempt += 1
                 if self.queue.closed and attempt > STOPPING_RETRIES:
                     log.error("%s while stopping; releasing %d packets", exc, len(packets))
@@ -154,57 +238,85 @@ class CDCHandler(ReactiveThread):
 
     # -- one window of packets ------------------------------------------------------------
     def handle(self, packets: Sequence[ChangePacket]) -> None:
-        """Handle one window; with a feed attached, hand what it committed to the feed after.
+        """Handle one window now: plan it, wait for its model work, finish it."""
+        self._finish(packets, self._plan(packets, {}))
+
+    def _plan(self, packets: Sequence[ChangePacket], in_flight: Mapping[str, set[Hashable]]) -> list[_Step]:
+        """Coalesce, collate, read the rows packets do not carry, and plan every component's
+        refresh (its model work starts); nothing is written."""
+        steps = []
+        for batch in collate(coalesce(packets), self.batch_rows):
+            components = self.db.components_for(batch.table, batch.targets)
+            if not components:
+                continue
+            try:
+                resolved = self._resolve_rows(batch)
+            except Exception as exc:
+                if self.db.backend.is_transient(exc):
+                    raise BackendUnavailableError(f"database unreachable ({exc})") from exc
+                raise
+            busy = in_flight.get(batch.table, frozenset())
+            for part in resolved:
+                steps.append(_Step(part, [(c, self._plan_one(c, part, busy)) for c in components]))
+        return steps
+
+    def _plan_one(
+        self, component: Component, batch: Batch, in_flight: Collection[Hashable]
+    ) -> PlannedRefresh | Exception:
+        try:
+            return component.plan_refresh(batch, self.db, compute=self.compute, wait=self.wait, in_flight=in_flight)
+        except LeaseLostError:
+            raise
+        except Exception as exc:
+            if self.db.backend.is_transient(exc):
+                raise BackendUnavailableError(f"database unreachable ({exc})") from exc
+            return exc  # the rows' failure, recorded when the window is finished
+
+    def _finish(self, packets: Sequence[ChangePacket], steps: list[_Step]) -> None:
+        """Finish a planned window; with a feed attached, hand what it committed to the feed after.
 
         The feed's window lock is held meanwhile (uncontended but while a feed reads a table
         whole), so that what a feed reads is a state between two windows.
         """
         feed = self.feed
         if feed is None:
-            self._handle(packets)
+            self._write(packets, steps)
             return
         with feed.window():
             self._committed = [] if feed.active else None
             try:
-                self._handle(packets)
+                self._write(packets, steps)
                 window = feed.count_window()
             finally:
                 committed, self._committed = self._committed, None
         if committed:
             feed.committed(window, committed)
 
-    def _handle(self, packets: Sequence[ChangePacket]) -> None:
-        """Coalesce, collate, refresh every component concerned, then commit positions.
+    def _write(self, packets: Sequence[ChangePacket], steps: list[_Step]) -> None:
+        """Wait for each refresh's model work and write it, refresh chained listeners, then
+        commit positions.
 
         Where the database has transactions (``backend.transactional``), the window's output
-        writes are collected while its models compute, then written with its positions in one
-        transaction that first checks the lease: outputs and positions move together, and only
-        while this process holds the lease.
+        writes are collected, then written with its positions in one transaction that first
+        checks the lease: outputs and positions move together, and only while this process
+        holds the lease.
         """
         backend = self.db.backend
-        pending = deque(collate(coalesce(packets), self.batch_rows))
-        sources = len(pending)  # the batches after these are chained listeners' outputs
         committed = self._committed
         with self.db.writer.deferring(backend.transactional) as writes:
-            while pending:
-                batch = pending.popleft()
-                sources -= 1
-                components = self.db.components_for(batch.table, batch.targets)
-                if not components:
-                    continue
-                try:
-                    resolved = self._resolve_rows(batch)
-                except Exception as exc:
-                    if backend.is_transient(exc):
-                        raise BackendUnavailableError(f"database unreachable ({exc})") from exc
-                    raise
-                for part in resolved:
-                    if committed is not None and sources >= 0:
-                        event = "delete" if part.event is DBEvent.delete else "upsert"
-                        rows = zip(part.ids, part.rows, strict=True)
-                        committed.extend(("table", part.table, event, i, r) for i, r in rows)
-                    for component in components:
-                        pending.extend(self._refresh(component, part))
+            chained: deque[Batch] = deque()
+            for step in steps:
+                part = step.batch
+                if committed is not None:
+                    event = "delete" if part.event is DBEvent.delete else "upsert"
+                    rows = zip(part.ids, part.rows, strict=True)
+                    committed.extend(("table", part.table, event, i, r) for i, r in rows)
+                for component, plan in step.plans:
+                    chained.extend(self._refreshed(component, part, plan))
+            while chained:  # listeners on the outputs just computed: planned and finished at once
+                batch = chained.popleft()
+                for component in self.db.components_for(batch.table, batch.targets):
+                    chained.extend(self._refreshed(component, batch, self._plan_one(component, batch, ())))
         try:
             with backend.transaction():
                 self.db.cdc.fence(atomic=backend.transactional)
@@ -257,12 +369,15 @@ class CDCHandler(ReactiveThread):
             parts.append(dc.replace(batch, event=DBEvent.delete, ids=tuple(gone), rows=(None,) * len(gone)))
         return parts
 
-    def _refresh(self, component: Component, batch: Batch) -> list[Batch]:
+    def _refreshed(self, component: Component, batch: Batch, plan: PlannedRefresh | Exception) -> list[Batch]:
+        """Finish ``component``'s planned refresh of ``batch``; the batches for listeners chained on it."""
         stats = self.stats.setdefault(component.identifier, ComponentStats())
         stats.count(batch)
         stats.model_calls = component.model_calls
         try:
-            refresh = component.refresh_outputs(batch, self.db, wait=self.wait)
+            if isinstance(plan, Exception):
+                raise plan
+            refresh = plan.finish()
         except LeaseLostError:
             raise  # not the rows' fault: the window waits (see _handle_with_retries)
         except Exception as exc:

@@ -32,6 +32,8 @@ class CDCQueue:
         self._rows = 0
         self._unfinished = 0
         self._closed = False
+        #: Set by :meth:`wake_consumer`: the waiting (or next) :meth:`get_batch` returns at once.
+        self._wake = False
         self._lock = threading.Lock()
         self._not_empty = threading.Condition(self._lock)
         self._not_full = threading.Condition(self._lock)
@@ -88,11 +90,12 @@ class CDCQueue:
 
         There is no fixed wait: one change on an idle queue is returned at once, and under
         load the batch grows to whatever has accumulated. Returns ``[]`` when the queue is
-        closed and empty, or when ``timeout`` passes.
+        closed and empty, when ``timeout`` passes, or when :meth:`wake_consumer` was called.
         """
         with self._not_empty:
-            if not self._packets and not self._closed:
+            if not self._packets and not self._closed and not self._wake:
                 self._not_empty.wait(timeout)
+            self._wake = False
             taken: list[ChangePacket] = []
             rows = 0
             while self._packets and (not taken or rows + len(self._packets[0]) <= max_rows):
@@ -122,6 +125,13 @@ class CDCQueue:
                     return False
                 self._all_done.wait(remaining)
             return True
+
+    def wake_consumer(self) -> None:
+        """Make the consumer's waiting :meth:`get_batch` return, empty-handed if nothing is queued
+        (the handler waits for packets and for its model work at once; this says work finished)."""
+        with self._lock:
+            self._wake = True
+            self._not_empty.notify_all()
 
     def wake_producers(self) -> None:
         """Wake blocked producers so they can notice their ``abandon`` event."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses as dc
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from reactive.backends.base import ErrorRecord, TableInfo
     from reactive.components.model import ModelCalls
+    from reactive.compute import Compute
     from reactive.datalayer import Datalayer
     from reactive.events import Batch, ChangePacket
     from reactive.reconcile import OnProcessed
@@ -26,12 +28,24 @@ class Refresh:
     errors: list[ErrorRecord] = dc.field(default_factory=list)
 
 
+@dc.dataclass(frozen=True, slots=True)
+class PlannedRefresh:
+    """A batch's refresh under way: its model work, and what finishes it once that is done.
+
+    ``work`` are the futures of the model calls (empty when nothing is computed);
+    ``finish()`` waits for them, writes the outputs and returns what was done.
+    """
+
+    work: Sequence[Future[Any]]
+    finish: Callable[[], Refresh]
+
+
 class Component(ABC):
     """A unit that reacts to the changes of one table.
 
-    Components never touch a socket or a thread: the handler calls
-    :meth:`refresh_outputs` with collated batches, and the component reads and writes
-    through ``db.backend`` and ``db.writer``.
+    Components never touch a socket or a thread: the handler calls :meth:`plan_refresh`
+    with collated batches, and the component reads and writes through ``db.backend`` and
+    ``db.writer`` and hands model work to the handler's :class:`~reactive.compute.Compute`.
     """
 
     identifier: str
@@ -50,10 +64,22 @@ class Component(ABC):
         """Create what the component writes to (the process holds the lease: it runs it)."""
 
     @abstractmethod
-    def refresh_outputs(self, batch: Batch, db: Datalayer, *, wait: Callable[[float], bool]) -> Refresh:
-        """Bring the outputs for ``batch`` up to date.
+    def plan_refresh(
+        self,
+        batch: Batch,
+        db: Datalayer,
+        *,
+        compute: Compute,
+        wait: Callable[[float], bool],
+        in_flight: Collection[Hashable] = frozenset(),
+    ) -> PlannedRefresh:
+        """Start bringing the outputs for ``batch`` up to date: read what is needed, submit the
+        model work to ``compute``; write nothing (``finish()`` of the result writes).
 
-        ``wait(seconds)`` sleeps for a retry backoff and returns False when the engine is
+        The handler plans a window while the one before it is still computing, so the stored
+        outputs of the ids in ``in_flight`` (id keys of ``batch.table`` that an earlier,
+        unfinished window changes) cannot be trusted: they may be rewritten before this batch
+        is. ``wait(seconds)`` sleeps for a retry backoff and returns False when the engine is
         stopping.
         """
 

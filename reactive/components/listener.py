@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from reactive.backends.base import ErrorRecord, OutputRecord, OutputRejected, TableInfo, outputs_table
-from reactive.components.base import Component, Refresh
+from reactive.components.base import Component, PlannedRefresh, Refresh
 from reactive.components.model import Failure, Model, ModelCalls
 from reactive.errors import ConfigurationError
 from reactive.events import Batch, ChangePacket, DBEvent, Row, id_key
 from reactive.reconcile import OnProcessed, reconcile
 
 if TYPE_CHECKING:
+    from reactive.compute import Compute
     from reactive.datalayer import Datalayer
 
 log = logging.getLogger(__name__)
@@ -227,22 +229,62 @@ class Listener(Component):
             on_processed=on_processed,
         )
 
-    def refresh_outputs(self, batch: Batch, db: Datalayer, *, wait: Callable[[float], bool]) -> Refresh:
+    def plan_refresh(
+        self,
+        batch: Batch,
+        db: Datalayer,
+        *,
+        compute: Compute,
+        wait: Callable[[float], bool],
+        in_flight: Collection[Hashable] = frozenset(),
+    ) -> PlannedRefresh:
         assert self.source is not None, "prepare() first"
         refresh = Refresh()
         if batch.event is DBEvent.delete:
-            db.writer.delete(self.identifier, batch.ids)
-            refresh.deleted.extend(batch.ids)
-        else:
-            remove: list[Any] = []
-            absent = self._known_absent(batch)
-            candidates = self._candidates(batch, refresh, remove)
-            self._compute(batch, db, refresh, remove, candidates, absent, wait)
-            remove = [i for i in remove if id_key(i) not in absent]
-            if remove:
+            return PlannedRefresh((), lambda: self._finish_delete(batch, db, refresh))
+        remove: list[Any] = []
+        absent = self._known_absent(batch).difference(in_flight)
+        candidates = self._candidates(batch, refresh, remove)
+        # The stored output of a row an earlier window still computes may be replaced before
+        # this batch is written (a row changed and changed back): such rows are looked up
+        # again, and computed if stale, when this batch is finished, after that window.
+        unsure = [c for c in candidates if id_key(c[0]) in in_flight]
+        sure = [c for c in candidates if id_key(c[0]) not in in_flight] if unsure else candidates
+        looked_up = [c[0] for c in sure if id_key(c[0]) not in absent]
+        stored = db.backend.outputs.output_fingerprints(self.identifier, looked_up) if looked_up else {}
+        self._replay_ended(batch, looked_up, stored)
+        todo = [c for c in sure if stored.get(id_key(c[0])) != c[2]]
+        # A closed queue means the handler is draining it to stop: a hung call is given up.
+        queue = db.cdc.queue
+
+        def submit(rows: list[tuple[Any, Any, int]]) -> Future[list[Any]]:
+            return compute.submit(self.model, [v for _, v, _ in rows], wait=wait, stopping=lambda: queue.closed)
+
+        work = submit(todo) if todo else None
+
+        def finish() -> Refresh:
+            if work is not None:
+                self._write(batch, db, refresh, remove, todo, work.result(), stored)
+            late = []
+            if unsure:
+                now = db.backend.outputs.output_fingerprints(self.identifier, [c[0] for c in unsure])
+                late = [c for c in unsure if now.get(id_key(c[0])) != c[2]]
+                if late:
+                    self._write(batch, db, refresh, remove, late, submit(late).result(), now)
+            refresh.skipped = len(candidates) - len(todo) - len(late)
+            kept = [i for i in remove if id_key(i) not in absent]
+            if kept:
                 # A row that left the filter, vanished or failed has no current output.
-                db.writer.delete(self.identifier, remove)
-                refresh.deleted.extend(remove)
+                db.writer.delete(self.identifier, kept)
+                refresh.deleted.extend(kept)
+            self._settle_errors(batch, db, refresh)
+            return refresh
+
+        return PlannedRefresh(() if work is None else (work,), finish)
+
+    def _finish_delete(self, batch: Batch, db: Datalayer, refresh: Refresh) -> Refresh:
+        db.writer.delete(self.identifier, batch.ids)
+        refresh.deleted.extend(batch.ids)
         self._settle_errors(batch, db, refresh)
         return refresh
 
@@ -299,35 +341,26 @@ class Listener(Component):
         refresh.errors.append(ErrorRecord(self.identifier, self.select, row_id, error))
         remove.append(row_id)
 
-    def _compute(
+    def _write(
         self,
         batch: Batch,
         db: Datalayer,
         refresh: Refresh,
         remove: list[Any],
-        candidates: list[tuple[Any, Any, int]],
-        absent: set[Hashable],
-        wait: Callable[[float], bool],
+        todo: list[tuple[Any, Any, int]],
+        results: list[Any],
+        stored: Mapping[Hashable, int],
     ) -> None:
-        """Compute and write the candidates whose stored fingerprint is not theirs."""
+        """Write the outputs the model computed for ``todo`` (``stored``: the fingerprints found
+        before); a failed row goes to ``remove``."""
         assert self.source is not None
-        looked_up = [c[0] for c in candidates if id_key(c[0]) not in absent]
-        stored = db.backend.outputs.output_fingerprints(self.identifier, looked_up) if looked_up else {}
-        self._replay_ended(batch, looked_up, stored)
-        todo = [c for c in candidates if stored.get(id_key(c[0])) != c[2]]
-        refresh.skipped = len(candidates) - len(todo)
-        if not todo:
-            return
-        # A closed queue means the handler is draining it to stop: a hung call is given up.
-        queue = db.cdc.queue
-        results = self.model.compute([v for _, v, _ in todo], wait=wait, stopping=lambda: queue.closed)
         records = []
         for (row_id, _, fp), result in zip(todo, results, strict=True):
             if isinstance(result, Failure):
                 self._fail(refresh, remove, row_id, result.error)
             else:
                 records.append(OutputRecord(row_id, result, fp, new=id_key(row_id) not in stored))
-        refresh.computed = len(records)
+        refresh.computed += len(records)
         if records:
             kept = db.writer.write(self.identifier, self.source, records)
             for record, output in zip(records, kept, strict=True):

@@ -1,0 +1,282 @@
+"""Pipelining: model work of one window overlaps the reading and writing of others, and no
+result changes: outputs land in row-version order, positions only after their outputs.
+
+Packets are put on the handler's queue by a recording change source (the ``ChangeSource``
+seam), so the tests choose exactly which windows are in flight; outputs go to real DuckDB
+and PostgreSQL databases.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import psycopg
+import pytest
+
+import reactive
+from reactive.components import Listener, Model
+from reactive.components.base import PlannedRefresh
+from reactive.compute import LocalCompute
+from reactive.events import Batch, ChangePacket, DBEvent
+from reactive.threads import reactive_threads
+from tests.conftest import SQLClient, outputs_by_source
+
+
+class RecordingSource:
+    """A change source whose positions are numbers: it records what the handler does with them."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.saved: list[list[int]] = []
+        self.committed: list[int] = []
+        self.released: list[int] = []
+        #: Called with the positions before they are saved (inside the window's transaction).
+        self.before_save: Callable[[Sequence[int]], None] = lambda positions: None
+
+    def save_positions(self, positions: Sequence[int]) -> None:
+        self.before_save(positions)
+        self.saved.append(list(positions))
+
+    def commit(self, positions: Sequence[int]) -> None:
+        self.committed.extend(positions)
+
+    def release(self, positions: Sequence[int]) -> None:
+        self.released.extend(positions)
+
+
+def update(source: RecordingSource, position: int, row_id: int, text: str) -> ChangePacket:
+    row = {"id": row_id, "text": text}
+    return ChangePacket("docs", DBEvent.update, (row_id,), (row,), source=source, position=position)
+
+
+class Watching(LocalCompute):
+    """Local model work that records what is submitted, and when, to whoever waits for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.submitted: list[list[Any]] = []
+        self.changed = threading.Condition()
+
+    def submit(self, model: Model, inputs: Sequence[Any], **options: Any) -> Future[list[Any]]:
+        with self.changed:
+            self.submitted.append(list(inputs))
+            self.changed.notify_all()
+        return super().submit(model, inputs, **options)
+
+    def wait_for(self, predicate: Callable[[list[list[Any]]], bool], timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: predicate(self.submitted), timeout)
+
+
+class OutOfOrder(LocalCompute):
+    """Model work computed in order, whose futures complete in a shuffled order (as a pool of
+    remote workers would finish them): each result is handed on after a random delay."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.random = random.Random(seed)
+        self.submitted = 0
+        self.completed: list[int] = []
+        self.lock = threading.Lock()
+
+    def submit(self, model: Model, inputs: Sequence[Any], **options: Any) -> Future[list[Any]]:
+        outer: Future[list[Any]] = Future()
+        with self.lock:
+            number, self.submitted = self.submitted, self.submitted + 1
+            delay = self.random.uniform(0.0, 0.03)
+
+        def hand_on(inner: Future[list[Any]]) -> None:
+            def complete() -> None:
+                with self.lock:
+                    self.completed.append(number)
+                outer.set_result(inner.result())
+
+            threading.Timer(delay, complete).start()
+
+        super().submit(model, inputs, **options).add_done_callback(hand_on)
+        return outer
+
+
+class Planning(Listener):
+    """A listener that says when the handler has planned a batch (its model work submitted)."""
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        super().__init__(*args, **options)
+        self.planned: list[tuple[DBEvent, tuple[Any, ...]]] = []
+        self.changed = threading.Condition()
+
+    def plan_refresh(self, batch: Batch, db: reactive.Datalayer, **options: Any) -> PlannedRefresh:
+        planned = super().plan_refresh(batch, db, **options)
+        with self.changed:
+            self.planned.append((batch.event, tuple(row and row["text"] for row in batch.rows)))
+            self.changed.notify_all()
+        return planned
+
+    def wait_planned(self, event: DBEvent, texts: tuple[Any, ...], timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: (event, texts) in self.planned, timeout)
+
+
+def docs(duck: SQLClient, rows: int) -> None:
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    if rows:
+        duck.executemany("INSERT INTO docs VALUES (?, ?)", [(i, "v0") for i in range(rows)])
+
+
+def test_windows_whose_model_work_completes_out_of_order_are_written_in_order(duck: SQLClient) -> None:
+    docs(duck, 20)
+    compute = OutOfOrder(seed=11)
+    source = RecordingSource()
+    rng = random.Random(5)
+    latest = {i: "v0" for i in range(20)}
+    with reactive.connect(duck.uri, compute=compute, pipeline=4, batch_rows=1) as db:
+        db.add(Listener(Model("tag", predict=lambda xs: [f"<{x}>" for x in xs]), "text", "docs"))
+        packets = []
+        for position in range(200):
+            row_id = rng.randrange(20)
+            latest[row_id] = f"v{position + 1}"
+            packets.append(update(source, position, row_id, latest[row_id]))
+        db.cdc.ensure_handler()
+        for packet in packets:
+            db.cdc.queue.put(packet)
+        assert db.cdc.wait_idle(timeout=60)
+        assert outputs_by_source(db, "tag__text") == {i: f"<{text}>" for i, text in latest.items()}
+    # Futures did complete out of order, and windows were finished in arrival order all the same.
+    assert compute.completed != sorted(compute.completed)
+    assert source.committed == list(range(200))
+    assert [p for saved in source.saved for p in saved] == list(range(200))
+    assert not source.released
+
+
+def test_a_row_changed_back_while_its_older_version_computes_gets_the_newest_output(duck: SQLClient) -> None:
+    # Row 1 is 'a' (output stored), changes to 'b', then back to 'a' while 'b' computes. The
+    # window with 'a' is planned before 'b' is written: the stored output (of 'a') matches
+    # it, yet it must be computed again, or the output of 'b' lands last and stays.
+    docs(duck, 0)
+    duck.execute("INSERT INTO docs VALUES (1, 'a')")
+    computing_b, release = threading.Event(), threading.Event()
+
+    def predict(texts: list[str]) -> list[str]:
+        if "b" in texts:
+            computing_b.set()
+            assert release.wait(60)
+        return [f"<{t}>" for t in texts]
+
+    source = RecordingSource()
+    with reactive.connect(duck.uri) as db:
+        listener = db.add(Planning(Model("tag", predict=predict), "text", "docs"))
+        assert outputs_by_source(db, "tag__text") == {1: "<a>"}
+        db.cdc.ensure_handler()
+        db.cdc.queue.put(update(source, 0, 1, "b"))
+        assert computing_b.wait(30)
+        db.cdc.queue.put(update(source, 1, 1, "a"))
+        planned = listener.wait_planned(DBEvent.update, ("a",), timeout=30)
+        release.set()
+        assert planned, "the newer version was not planned while the older one computed"
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "tag__text") == {1: "<a>"}
+    assert source.committed == [0, 1]
+
+
+def test_a_deleted_row_inserted_again_while_the_delete_is_in_flight_keeps_its_output(duck: SQLClient) -> None:
+    # The delete's window has not written when the insert's window is planned: the stored
+    # output of the insert's value must not be taken as current (the delete removes it next).
+    docs(duck, 0)
+    duck.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'x')")
+    computing, release = threading.Event(), threading.Event()
+
+    def predict(texts: list[str]) -> list[str]:
+        if "y" in texts:
+            computing.set()
+            assert release.wait(60)
+        return [f"<{t}>" for t in texts]
+
+    source = RecordingSource()
+    with reactive.connect(duck.uri) as db:
+        listener = db.add(Planning(Model("tag", predict=predict), "text", "docs"))
+        db.cdc.ensure_handler()
+        # One window: row 2 computes (and blocks), row 1 is deleted.
+        db.cdc.queue.put(update(source, 0, 2, "y"))
+        db.cdc.queue.put(ChangePacket("docs", DBEvent.delete, (1,), source=source, position=1))
+        assert computing.wait(30)
+        db.cdc.queue.put(
+            ChangePacket("docs", DBEvent.insert, (1,), ({"id": 1, "text": "a"},), source=source, position=2)
+        )
+        planned = listener.wait_planned(DBEvent.insert, ("a",), timeout=30)
+        release.set()
+        assert planned, "the insert was not planned while the delete was in flight"
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "tag__text") == {1: "<a>", 2: "<y>"}
+    assert source.committed == [0, 1, 2]
+
+
+def test_a_window_that_fails_in_the_middle_of_a_pipeline_is_retried_before_the_next_is_written(
+    pg_database: str,
+) -> None:
+    # Window 0 computes while window 1 is planned; then the server drops reactive's connection
+    # inside window 0's transaction, so its commit fails. It is tried again, and window 1 is
+    # written only after it: positions are saved in order, each with its outputs.
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        client.execute("INSERT INTO docs VALUES (1, 'one'), (2, 'two')")
+        computing, release = threading.Event(), threading.Event()
+
+        def predict(texts: list[str]) -> list[str]:
+            if "ONE" in texts and not release.is_set():
+                computing.set()
+                assert release.wait(60)
+            return [f"<{t}>" for t in texts]
+
+        def drop_the_connection_once(positions: Sequence[int]) -> None:
+            if not source.saved:
+                client.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+
+        compute = Watching()
+        source = RecordingSource()
+        source.before_save = drop_the_connection_once
+        with reactive.connect(pg_database, compute=compute, lease=False) as db:
+            db.add(Listener(Model("tag", predict=predict), "text", "docs"))
+            db.cdc.ensure_handler()
+            db.cdc.queue.put(update(source, 0, 1, "ONE"))
+            assert computing.wait(30)
+            db.cdc.queue.put(update(source, 1, 2, "TWO"))
+            assert compute.wait_for(lambda submitted: ["TWO"] in submitted, timeout=30)
+            release.set()
+            assert db.cdc.wait_idle(timeout=60)
+            assert outputs_by_source(db, "tag__text") == {1: "<ONE>", 2: "<TWO>"}
+            assert db.cdc.info()["handler"]["internal_errors"] == 0
+        # Window 0's first transaction was lost after its positions were saved in it; it was
+        # tried again (and computed again), and only then was window 1 written.
+        assert source.saved == [[0], [0], [1]]
+        assert compute.submitted.count(["ONE"]) == 2
+        assert source.committed == [0, 1] and not source.released
+
+
+@pytest.mark.parametrize("pipeline", [1, 3])
+def test_pipeline_depth_changes_no_result_and_the_compute_thread_stops(duck: SQLClient, pipeline: int) -> None:
+    docs(duck, 50)
+    source = RecordingSource()
+    with reactive.connect(duck.uri, pipeline=pipeline, batch_rows=7) as db:
+        db.add(Listener(Model("tag", predict=lambda xs: [f"<{x}>" for x in xs], batch_size=3), "text", "docs"))
+        db.cdc.ensure_handler()
+        for position in range(50):
+            db.cdc.queue.put(update(source, position, position, f"w{position}"))
+        assert db.cdc.wait_idle(timeout=60)
+        assert outputs_by_source(db, "tag__text") == {i: f"<w{i}>" for i in range(50)}
+        assert "reactive-compute" in [t.name for t in reactive_threads()]
+        db.cdc.stop()
+        assert "reactive-compute" not in [t.name for t in reactive_threads()]
+    assert source.committed == list(range(50))
+
+
+def test_a_pipeline_of_no_windows_is_refused() -> None:
+    with pytest.raises(reactive.ConfigurationError, match="pipeline must be at least 1"):
+        reactive.connect("duckdb://", pipeline=0)
