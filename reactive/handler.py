@@ -11,6 +11,8 @@ from collections.abc import Collection, Hashable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from reactive.backends.base import MAX_BACKOFF, OUTPUT_FIELD, SOURCE_FIELD, ErrorRecord, outputs_table
 from reactive.errors import LeaseLostError
 from reactive.events import Batch, ChangePacket, ChangeSource, DBEvent, coalesce, collate, id_key
@@ -62,6 +64,11 @@ class HandlerTotals:
     rows: int = 0
     windows: int = 0
     internal_errors: int = 0
+
+
+def _as_read(output: Any) -> Any:
+    """An output as a read of its table gives it back (a vector stored from an array: a list)."""
+    return output.tolist() if isinstance(output, np.ndarray) else output
 
 
 @dc.dataclass(eq=False)
@@ -263,6 +270,9 @@ class CDCHandler(ReactiveThread):
     def _plan_one(
         self, component: Component, batch: Batch, in_flight: Collection[Hashable]
     ) -> PlannedRefresh | Exception:
+        stats = self.stats.setdefault(component.identifier, ComponentStats())
+        stats.count(batch)
+        stats.model_calls = component.model_calls  # a live view: info() shows the calls as they run
         try:
             return component.plan_refresh(batch, self.db, compute=self.compute, wait=self.wait, in_flight=in_flight)
         except LeaseLostError:
@@ -371,9 +381,7 @@ class CDCHandler(ReactiveThread):
 
     def _refreshed(self, component: Component, batch: Batch, plan: PlannedRefresh | Exception) -> list[Batch]:
         """Finish ``component``'s planned refresh of ``batch``; the batches for listeners chained on it."""
-        stats = self.stats.setdefault(component.identifier, ComponentStats())
-        stats.count(batch)
-        stats.model_calls = component.model_calls
+        stats = self.stats[component.identifier]
         try:
             if isinstance(plan, Exception):
                 raise plan
@@ -415,7 +423,8 @@ class CDCHandler(ReactiveThread):
         derived = []
         if refresh.written:
             ids = tuple(i for i, _ in refresh.written)
-            rows = tuple({SOURCE_FIELD: i, OUTPUT_FIELD: out} for i, out in refresh.written)
+            # As a read of the outputs table gives them: a vector written as an array is a list.
+            rows = tuple({SOURCE_FIELD: i, OUTPUT_FIELD: _as_read(out)} for i, out in refresh.written)
             derived.append(Batch(table, DBEvent.update, ids, rows))
         if refresh.deleted:
             ids = tuple(refresh.deleted)

@@ -2,7 +2,11 @@
 
 A stored output is a plain Python value (vectors are lists of floats), equal to what the
 database gives back when it is read. Chained listeners see the same value whether it came
-from a live write or from a read, so their input fingerprints agree.
+from a live write or from a read, so their input fingerprints agree. One exception, for
+speed: a batch of float vectors (an embedding model's) is checked as one 2-D array, and a
+store that takes arrays (``takes_arrays = True``: the SQL stores, which write the batch as
+one Arrow column) gets each vector as a 1-D numpy array; lists are made only for what needs
+them (a chained listener's inputs).
 """
 
 from __future__ import annotations
@@ -154,6 +158,33 @@ def _vector_output(value: Any, output_type: str) -> list[Any]:
         held = ", ".join(sorted({type(v).__name__ for v in value}))
         raise ValueError(f"output holds {held} values, which {output_type} cannot hold")
     return _exactly(source, inner, output_type, lambda i: f" at position {i}").tolist()
+
+
+def vector_block(outputs: Sequence[Any], output_type: str) -> np.ndarray | None:
+    """A batch of float vectors as one 2-D array of the type's floats, checked at once.
+
+    For outputs that are 1-D float arrays of one length whose values are finite in the
+    type (what an embedding model returns), this gives what :func:`normalize_output` gives
+    each of them, at numpy's speed; for anything else it is None, and each output is
+    normalized alone (and refused with its own reason).
+
+    >>> vector_block([np.array([0.5, 1.0]), np.array([2.0, 3.0])], "array<float32>")
+    array([[0.5, 1. ],
+           [2. , 3. ]], dtype=float32)
+    >>> vector_block([np.array([0.5, np.nan])], "array<float32>") is None
+    True
+    """
+    inner = output_type[6:-1] if output_type.startswith("array<") else None
+    if inner not in _FLOATS or not outputs:
+        return None
+    shape = getattr(outputs[0], "shape", None)
+    for value in outputs:
+        if type(value) is not np.ndarray or value.ndim != 1 or value.shape != shape or value.dtype.kind != "f":
+            return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        block = np.stack(outputs).astype(_NUMPY_TYPES[inner], copy=False)
+    # Not finite (NaN, or a float64 too large for float32): each is refused alone, with why.
+    return block if np.isfinite(block).all() else None
 
 
 def _scalar_output(value: Any, output_type: str) -> Any:
@@ -354,6 +385,21 @@ class OutputWriter:
             if logical is None:
                 return [OutputRejected("the model returned None") for _ in records]
             self.types.set(identifier, source, logical, self.store)
+        block = vector_block([r.output for r in records], logical)
+        if block is not None:
+            stored: list[Any] = list(block) if getattr(self.store, "takes_arrays", False) else block.tolist()
+            kept = [(index, record, stored[index]) for index, record in enumerate(records)]
+        else:
+            stored, kept = self._normalized(identifier, logical, records)
+        if kept:
+            self._write(functools.partial(self.store.store_outputs, identifier, logical, kept, stored))
+        return stored
+
+    @staticmethod
+    def _normalized(
+        identifier: str, logical: str, records: Sequence[OutputRecord]
+    ) -> tuple[list[Any], list[tuple[int, OutputRecord, Any]]]:
+        """Each output normalized alone: what is stored (or why not), and what to write."""
         stored: list[Any] = []
         kept: list[tuple[int, OutputRecord, Any]] = []
         for index, record in enumerate(records):
@@ -365,9 +411,7 @@ class OutputWriter:
                 continue
             stored.append(value)
             kept.append((index, record, value))
-        if kept:
-            self._write(functools.partial(self.store.store_outputs, identifier, logical, kept, stored))
-        return stored
+        return stored, kept
 
     def delete(self, identifier: str, ids: Sequence[Any]) -> None:
         """Delete the outputs of these source ids."""

@@ -8,6 +8,7 @@ from typing import Any
 
 import ibis
 import ibis.expr.datatypes as dt
+import numpy as np
 import pyarrow as pa
 import sqlglot as sg
 import sqlglot.expressions as sge
@@ -33,6 +34,9 @@ ERRORS_TABLE = "_reactive_errors"
 class IbisOutputs:
     """The :class:`~reactive.backends.base.OutputStore`: one keyed table per listener.
 
+    It takes a batch of vectors as numpy arrays (``takes_arrays``) and writes them as one
+    Arrow column, without a Python list per vector.
+
     ``decoded(table, rows)`` turns stored JSON text back into values (the source reader's).
     An outputs table dropped by someone else reads as empty and is created again at the next
     write; ``outputs_lost(source table)`` is then told, so the outputs of every other row
@@ -51,6 +55,8 @@ class IbisOutputs:
         self.outputs_lost = outputs_lost
         #: What each listener's outputs table is created from (``create_outputs`` comes first).
         self._declared: dict[str, TableInfo] = {}
+
+    takes_arrays = True
 
     def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
         if source.name == outputs_table(identifier):
@@ -91,14 +97,22 @@ class IbisOutputs:
         data = pa.table(
             {
                 SOURCE_FIELD: pa.array([r.source for _, r, _ in kept], type=schema[SOURCE_FIELD].to_pyarrow()),
-                OUTPUT_FIELD: pa.array(
-                    [encode_for(conn.dialect, output_type, v) for _, _, v in kept],
-                    type=schema[OUTPUT_FIELD].to_pyarrow(),
-                ),
+                OUTPUT_FIELD: self._column([v for _, _, v in kept], output_type, schema[OUTPUT_FIELD].to_pyarrow()),
                 FINGERPRINT_FIELD: pa.array([r.fingerprint for _, r, _ in kept], type=pa.int64()),
             }
         )
         conn.upsert(name, SOURCE_FIELD, data)
+
+    def _column(self, values: list[Any], output_type: str, arrow_type: pa.DataType) -> pa.Array:
+        """The outputs as an Arrow column of the table's type: a batch of vectors from one
+        numpy block (they come as arrays, see ``takes_arrays``), anything else value by value."""
+        dialect = self.conn.dialect
+        if values and all(type(v) is np.ndarray for v in values):
+            block = np.stack(values)
+            if dialect.native_arrays:
+                return pa.FixedSizeListArray.from_arrays(pa.array(block.ravel()), block.shape[1]).cast(arrow_type)
+            values = block.tolist()
+        return pa.array([encode_for(dialect, output_type, v) for v in values], type=arrow_type)
 
     def _gone(self, name: str) -> bool:
         """After a statement on ``name`` failed: whether the table was dropped (by someone else)."""
