@@ -158,9 +158,12 @@ class CDCHandler(ReactiveThread):
 
     def run(self) -> None:
         ahead: deque[_Window] = deque()  # taken, planned, not finished yet: oldest first
+        queue = self.queue
         while True:
-            queue = self.queue
-            if ahead and (ahead[0].ready() or len(ahead) >= self.pipeline or (queue.closed and not queue.packets)):
+            # Plan what waits while there is room (so the model always has work queued); else
+            # finish the oldest window once its work is done, the pipeline is full, or on a stop.
+            plan_first = queue.packets > 0 and len(ahead) < self.pipeline
+            if ahead and not plan_first and (ahead[0].ready() or len(ahead) >= self.pipeline or queue.closed):
                 self._complete(ahead.popleft())
                 continue
             packets = queue.get_batch(max_rows=self.batch_rows)  # also returns when model work ends
@@ -177,8 +180,6 @@ class CDCHandler(ReactiveThread):
         for earlier in ahead:
             for table, keys in earlier.keys.items():
                 in_flight.setdefault(table, set()).update(keys)
-        if in_flight:
-            window.keys  # noqa: B018 - known now, for the windows planned while it is in flight
         try:
             window.steps = self._plan(packets, in_flight)
         except Exception as exc:

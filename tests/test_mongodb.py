@@ -48,11 +48,12 @@ def test_insert_then_delete_in_one_window_computes_nothing(mongo_uri: str, mongo
         return texts
 
     mongo.create_collection("docs")
-    with reactive.connect(mongo_uri) as db:
+    # pipeline=1: the handler waits for the blocker's window before it takes the next.
+    with reactive.connect(mongo_uri, pipeline=1) as db:
         db.add(Listener(Model("m", predict=model), "text", "docs"))
         db.cdc.start()
         mongo.docs.insert_one({"_id": 0, "text": "blocker"})
-        assert entered.wait(30)  # the handler is held inside the model
+        assert entered.wait(30)  # the handler waits for the model
         mongo.docs.insert_one({"_id": 1, "text": "short-lived"})
         mongo.docs.insert_one({"_id": 2, "text": "kept"})
         mongo.docs.delete_one({"_id": 1})
