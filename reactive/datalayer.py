@@ -8,7 +8,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -17,13 +17,14 @@ from reactive.backends.base import OUTPUTS_PREFIX, SOURCE_FIELD, DataBackend, So
 from reactive.cdc import DatabaseChangeDataCapture
 from reactive.checkpoints import DEFAULT_LEASE_MS, ENGINE_CHECKPOINT, Lease
 from reactive.components.base import Component
-from reactive.components.listener import Listener
+from reactive.components.listener import Listener, _check_filter
 from reactive.compute import Compute, LocalCompute
-from reactive.errors import BackendError, ConfigurationError, LeaseLostError
-from reactive.events import ChangePacket, id_key
+from reactive.errors import BackendError, ConfigurationError, LeaseLostError, SearchError
+from reactive.events import ChangePacket, Row, id_key
 from reactive.outputs import OutputWriter
 
 log = logging.getLogger(__name__)
+_ABSENT = object()
 
 DEFAULT_URI = "duckdb:///reactive.duckdb"
 
@@ -305,7 +306,7 @@ class Datalayer:
             if unused:
                 self.cdc.unlisten(component.table)
         if drop_outputs:
-            self.writer.drop(identifier)
+            component.drop(self)
 
     def show(self) -> list[dict[str, Any]]:
         """The components added to this datalayer."""
@@ -353,15 +354,68 @@ class Datalayer:
             self._backfill(component, self.table_info(component.table), progress=False)
         return retried
 
+    def search(
+        self,
+        index: str,
+        query: Any,
+        k: int = 10,
+        *,
+        filter: Mapping[str, Any] | None = None,
+        rows: bool = False,
+    ) -> list[dict[str, Any]]:
+        """The ``k`` rows nearest to ``query`` in :class:`~reactive.components.VectorIndex` ``index``.
+
+        ``query`` is a vector, or text when the index has a ``query_model``. Each result is
+        ``{"_source": <row id>, "_distance": <float>}``, nearest first, with the source row
+        under ``"row"`` when ``rows`` is True. ``filter`` (field -> value, equality on the
+        source rows' fields) keeps only matching rows: the graph is asked for more candidates
+        until ``k`` match (or every row was considered), so a filter does not cost recall. A
+        bad query raises :class:`~reactive.errors.SearchError` (a ``ValueError``).
+        """
+        from reactive.components.vector_index import VectorIndex
+
+        with self._lock:
+            component = self._components.get(index)
+            indexes = [i for i, c in self._components.items() if isinstance(c, VectorIndex)]
+        if not isinstance(component, VectorIndex):
+            raise SearchError(f"no index {index!r}; indexes: {', '.join(indexes) or 'none'}")
+        listener = self._components.get(component.listener)
+        conditions = _check_filter(filter)
+        need_rows = rows or bool(conditions)
+        found: dict[Hashable, Row] = {}
+
+        def keep(candidates: list[Any]) -> set[Hashable]:
+            missing = [c for c in candidates if id_key(c) not in found]
+            if missing and isinstance(listener, Listener):
+                found.update(self.source_for(listener.select).read_rows(self.table_info(listener.select), missing))
+            return {
+                key
+                for key in map(id_key, candidates)
+                if key in found and all(found[key].get(f, _ABSENT) == v for f, v in conditions.items())
+            }
+
+        hits = component.search(query, k, keep=keep if need_rows else None)
+        results = [{SOURCE_FIELD: hit.source, "_distance": hit.distance} for hit in hits]
+        if rows:
+            for result, hit in zip(results, hits, strict=True):
+                result["row"] = found.get(id_key(hit.source))
+        return results
+
     def components(self) -> list[Component]:
         """The components added to this datalayer (a copy)."""
         with self._lock:
             return list(self._components.values())
 
     def close(self) -> None:
-        """Stop change data capture and its feeds, and close the connection."""
+        """Stop change data capture and its feeds, save what components hold (indexes), and close
+        the connection."""
         self.cdc.stop()
         self.cdc.close_feeds()
+        for component in self.components():
+            try:
+                component.close(self)
+            except Exception:
+                log.exception("could not close %s", component.identifier)
         self.backend.close()
 
     def __enter__(self) -> Self:

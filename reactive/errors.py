@@ -44,5 +44,9 @@ class QueueClosedError(ReactiveError):
     """A producer tried to put a change on a queue that is shutting down."""
 
 
+class SearchError(ReactiveError, ValueError):
+    """A search that cannot be answered as asked (unknown index, a query of the wrong length, k < 1...)."""
+
+
 class LeaseLostError(ReactiveError):
     """This process does not hold the lease of its database (any more): it writes nothing."""

@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reactive.backends.base import MAX_BACKOFF, OUTPUT_FIELD, SOURCE_FIELD, ErrorRecord, outputs_table
+from reactive.backends.base import (
+    FINGERPRINT_FIELD,
+    MAX_BACKOFF,
+    OUTPUT_FIELD,
+    SOURCE_FIELD,
+    ErrorRecord,
+    outputs_table,
+)
 from reactive.errors import LeaseLostError
 from reactive.events import Batch, ChangePacket, ChangeSource, DBEvent, coalesce, collate, id_key
 from reactive.threads import ReactiveThread
@@ -412,7 +419,7 @@ class CDCHandler(ReactiveThread):
             return []
         if self._committed is not None:
             name = component.identifier
-            self._committed.extend(("outputs", name, "upsert", i, out) for i, out in refresh.written)
+            self._committed.extend(("outputs", name, "upsert", i, out) for i, out, _ in refresh.written)
             self._committed.extend(("outputs", name, "delete", i, None) for i in refresh.deleted)
         return self._derived(component, refresh)
 
@@ -423,9 +430,11 @@ class CDCHandler(ReactiveThread):
             return []
         derived = []
         if refresh.written:
-            ids = tuple(i for i, _ in refresh.written)
+            ids = tuple(i for i, _, _ in refresh.written)
             # As a read of the outputs table gives them: a vector written as an array is a list.
-            rows = tuple({SOURCE_FIELD: i, OUTPUT_FIELD: _as_read(out)} for i, out in refresh.written)
+            rows = tuple(
+                {SOURCE_FIELD: i, OUTPUT_FIELD: _as_read(out), FINGERPRINT_FIELD: fp} for i, out, fp in refresh.written
+            )
             derived.append(Batch(table, DBEvent.update, ids, rows))
         if refresh.deleted:
             ids = tuple(refresh.deleted)

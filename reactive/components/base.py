@@ -23,7 +23,8 @@ class Refresh:
 
     computed: int = 0
     skipped: int = 0
-    written: list[tuple[Any, Any]] = dc.field(default_factory=list)
+    #: ``(source id, output as stored, fingerprint of the input)`` of each output written.
+    written: list[tuple[Any, Any, int]] = dc.field(default_factory=list)
     deleted: list[Any] = dc.field(default_factory=list)
     errors: list[ErrorRecord] = dc.field(default_factory=list)
 
@@ -91,6 +92,12 @@ class Component(ABC):
 
         Built by :func:`reactive.reconcile.reconcile`; ``on_processed`` is set on each.
         """
+
+    def close(self, db: Datalayer) -> None:  # noqa: B027 - most components hold nothing
+        """Release what the component holds in this process (``db.close()`` calls it)."""
+
+    def drop(self, db: Datalayer) -> None:  # noqa: B027 - a listener's outputs are dropped by db.writer
+        """Delete what the component keeps outside the database (``db.remove(..., drop_outputs=True)``)."""
 
     @property
     def model_calls(self) -> ModelCalls | None:

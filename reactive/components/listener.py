@@ -149,6 +149,10 @@ class Listener(Component):
         """Whether ``other`` also computes them the same way (:meth:`Model.same_model`, input limit)."""
         return self.model.same_model(other.model) and self.max_input_bytes == other.max_input_bytes
 
+    def drop(self, db: Datalayer) -> None:
+        """Drop the outputs table and forget the outputs' type."""
+        db.writer.drop(self.identifier)
+
     def activate(self, db: Datalayer) -> None:
         """Fix the outputs' type when the model declares one (creates the outputs table)."""
         assert self.source is not None, "prepare() first"
@@ -367,6 +371,6 @@ class Listener(Component):
                 if isinstance(output, OutputRejected):
                     self._fail(refresh, remove, record.source, output.error)
                 else:
-                    refresh.written.append((record.source, output))
+                    refresh.written.append((record.source, output, record.fingerprint))
             if batch.targets is not None:
                 self._remember_reconciled(record.source for record in records)

@@ -1,0 +1,196 @@
+"""VectorIndex: search over the vectors a listener keeps fresh, on real databases."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import reactive
+from reactive.components import Listener, Model, VectorIndex
+from reactive.errors import ConfigurationError, SearchError
+from tests.conftest import SQLClient
+
+LETTERS = "abcdefgh"
+
+
+def letters(text: str) -> list[float]:
+    """A deterministic 'embedding': how often each of a..h occurs, plus a little of everything."""
+    return [text.count(c) + 0.01 for c in LETTERS]
+
+
+def embed_model(**options: Any) -> Model:
+    return Model("embed", predict=lambda texts: [letters(t) for t in texts], output_type="array<float32>", **options)
+
+
+def nearest(db: reactive.Datalayer, query: Any, k: int = 10, **options: Any) -> list[Any]:
+    return [hit["_source"] for hit in db.search("near", query, k=k, **options)]
+
+
+def connect(sql: SQLClient, **options: Any) -> reactive.Datalayer:
+    return reactive.connect(sql.uri, poll_interval=0.05, **options)
+
+
+def make_docs(sql: SQLClient, rows: list[tuple[int, str, str]]) -> None:
+    sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(100), lang VARCHAR(10))")
+    for row in rows:
+        sql.execute("INSERT INTO docs VALUES (?, ?, ?)", row)
+
+
+def test_the_index_follows_inserts_updates_and_deletes(sql: SQLClient, tmp_path: Path) -> None:
+    make_docs(sql, [(1, "aaa", "en"), (2, "bbb", "en"), (3, "abab", "de")])
+    with connect(sql) as db:
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", metric="l2sq", directory=tmp_path))
+        assert nearest(db, letters("aaa"), k=1) == [1]  # works before db.cdc.start()
+        db.cdc.start()
+        sql.execute("INSERT INTO docs VALUES (4, 'hhhh', 'en')")
+        sql.execute("UPDATE docs SET text = 'ggg' WHERE id = 2")
+        sql.execute("DELETE FROM docs WHERE id = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        assert nearest(db, letters("hhhh"), k=1) == [4]
+        assert nearest(db, letters("ggg"), k=1) == [2]
+        assert 1 not in nearest(db, letters("aaa"))  # a deleted row is never returned
+        assert sorted(nearest(db, letters("aaa"))) == [2, 3, 4]
+        hits = db.search("near", letters("abab"), k=2, rows=True)
+        assert hits[0] == {"_source": 3, "_distance": pytest.approx(0.0, abs=1e-6), "row": hits[0]["row"]}
+        assert hits[0]["row"]["text"] == "abab"
+
+
+def test_the_index_follows_a_mongodb_collection(mongo_uri: str, mongo, tmp_path: Path) -> None:
+    mongo.docs.insert_many([{"_id": 1, "text": "aaa"}, {"_id": "two", "text": "bbb"}])
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", directory=tmp_path))
+        db.cdc.start()
+        mongo.docs.insert_one({"_id": 3, "text": "hhh"})
+        mongo.docs.update_one({"_id": "two"}, {"$set": {"text": "ggg"}})
+        mongo.docs.delete_one({"_id": 1})
+        assert db.cdc.wait_idle(timeout=30)
+        assert nearest(db, letters("hhh"), k=1) == [3]
+        assert nearest(db, letters("ggg"), k=1) == ["two"]
+        assert sorted(map(str, nearest(db, letters("aaa")))) == ["3", "two"]
+
+
+def test_a_restart_loads_the_saved_index_and_catches_up_what_it_missed(duck: SQLClient, tmp_path: Path) -> None:
+    make_docs(duck, [(i, LETTERS[i % 8] * (1 + i % 3), "en") for i in range(40)])
+    index = tmp_path / "indexes"
+    with connect(duck) as db:
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", directory=index))
+    saved = tmp_path / "saved"
+    shutil.copytree(index, saved)  # the index as saved at the first close
+
+    with connect(duck) as db:  # a restart: the index is loaded, nothing is indexed again
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", directory=index))
+        assert db.cdc.info()["listeners"].get("near", {}).get("computed", 0) == 0
+        assert len(nearest(db, letters("a"), k=100)) == 40
+        db.cdc.start()
+        duck.execute("UPDATE docs SET text = 'hhhhhhhh' WHERE id = 0")
+        duck.execute("DELETE FROM docs WHERE id = 1")
+        assert db.cdc.wait_idle(timeout=30)
+
+    # As if the process had died before saving those changes: the older file comes back.
+    shutil.rmtree(index)
+    shutil.copytree(saved, index)
+    with connect(duck) as db:
+        db.add(Listener(embed_model(), "text", "docs"))
+        near = db.add(VectorIndex("near", listener="embed__text", directory=index))
+        stats = db.cdc.info()["listeners"]["near"]
+        assert (stats["computed"], stats["deletes"]) == (1, 1)  # caught up: one row changed, one gone
+        assert len(near) == 39
+        assert nearest(db, letters("hhhhhhhh"), k=1) == [0]
+        assert 1 not in nearest(db, letters("b"), k=100)
+
+
+def test_a_corrupt_index_file_is_detected_and_rebuilt(duck: SQLClient, tmp_path: Path, caplog) -> None:
+    make_docs(duck, [(1, "aaa", "en"), (2, "bbb", "en")])
+    with connect(duck) as db:
+        db.add(Listener(embed_model(), "text", "docs"))
+        near = db.add(VectorIndex("near", listener="embed__text", directory=tmp_path))
+        path = near.path
+    assert path is not None and path.exists()
+    path.write_bytes(path.read_bytes()[:50] + b"garbage")
+    with caplog.at_level(logging.WARNING, logger="reactive"), connect(duck) as db:
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", directory=tmp_path))
+        assert "is not usable" in caplog.text and "corrupt" in caplog.text
+        assert db.cdc.info()["listeners"]["near"]["computed"] == 2
+        assert nearest(db, letters("bbb"), k=1) == [2]
+
+
+def test_a_filter_keeps_k_matching_rows_even_when_the_nearest_do_not_match(duck: SQLClient, tmp_path: Path) -> None:
+    # The 30 rows nearest the query are German; 5 English rows are far away.
+    rows = [(i, "a" * (1 + i % 5), "de") for i in range(30)] + [(100 + i, "h" * (1 + i), "en") for i in range(5)]
+    make_docs(duck, rows)
+    with connect(duck) as db:
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", metric="l2sq", directory=tmp_path))
+        found = db.search("near", letters("a"), k=3, filter={"lang": "en"}, rows=True)
+        assert [hit["_source"] for hit in found] == [100, 101, 102]
+        assert all(hit["row"]["lang"] == "en" for hit in found)
+        assert db.search("near", letters("a"), k=3, filter={"lang": "fr"}) == []
+        with pytest.raises(ConfigurationError, match="only equality"):
+            db.search("near", letters("a"), filter={"lang": {"$ne": "de"}})
+
+
+def test_text_queries_are_embedded_by_the_query_model(duck: SQLClient, tmp_path: Path) -> None:
+    make_docs(duck, [(1, "aaa", "en"), (2, "hhh", "en")])
+    with connect(duck) as db:
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", query_model=embed_model(), directory=tmp_path))
+        assert nearest(db, "hh", k=1) == [2]
+
+
+def test_bad_queries_and_declarations_get_clear_errors_and_write_nothing(duck: SQLClient, tmp_path: Path) -> None:
+    make_docs(duck, [(1, "aaa", "en")])
+    indexes = tmp_path / "indexes"
+    with connect(duck) as db:
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(Listener(Model("upper", predict=lambda xs: [x.upper() for x in xs]), "text", "docs"))
+        with pytest.raises(ConfigurationError, match="outputs of 'upper__text' are string, not vectors"):
+            db.add(VectorIndex("bad", listener="upper__text", directory=indexes))
+        with pytest.raises(ConfigurationError, match="no listener 'nope'"):
+            db.add(VectorIndex("bad", listener="nope", directory=indexes))
+        with pytest.raises(ConfigurationError, match="metric must be one of"):
+            VectorIndex("bad", listener="embed__text", metric="hamming")
+        with pytest.raises(ConfigurationError, match="plain name"):
+            VectorIndex("../escape", listener="embed__text")
+        # Nothing written, nothing added, for a refused declaration.
+        assert not indexes.exists() and [c["identifier"] for c in db.show()] == ["embed__text", "upper__text"]
+
+        db.add(VectorIndex("near", listener="embed__text", directory=indexes))
+        with pytest.raises(SearchError, match="the query has 3 numbers; index 'near' holds vectors of 8"):
+            db.search("near", [1.0, 2.0, 3.0])
+        for k in (0, -1, 2.5, True, "3"):
+            with pytest.raises(SearchError, match="k must be a whole number"):
+                db.search("near", letters("a"), k=k)
+        with pytest.raises(SearchError, match="no index 'nowhere'; indexes: near"):
+            db.search("nowhere", letters("a"))
+        with pytest.raises(SearchError, match="no query_model"):
+            db.search("near", "aaa")
+        with pytest.raises(SearchError, match="NaN"):
+            db.search("near", [np.nan] * 8)
+        with pytest.raises(SearchError, match="one vector"):
+            db.search("near", [letters("a"), letters("b")])
+        assert isinstance(SearchError("x"), ValueError)
+
+
+def test_a_vector_of_another_length_is_an_error_of_its_row_and_is_not_indexed(duck: SQLClient, tmp_path: Path) -> None:
+    make_docs(duck, [(1, "aaa", "en"), (2, "bbb", "en")])
+    # A model whose vectors change length on one input (a bug a user may well have).
+    model = Model("embed", predict=lambda texts: [letters(t)[: 3 if t == "ccc" else 8] for t in texts])
+    with connect(duck) as db:
+        db.add(Listener(model, "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", directory=tmp_path))
+        db.cdc.start()
+        duck.execute("INSERT INTO docs VALUES (3, 'ccc', 'en')")
+        assert db.cdc.wait_idle(timeout=30)
+        assert sorted(nearest(db, letters("aaa"))) == [1, 2]
+        [error] = db.errors("near")
+        assert error["source"] == 3 and "a vector of 3 numbers, where the index holds vectors of 8" in error["error"]
