@@ -1,0 +1,66 @@
+"""examples/search_app.py: a search endpoint over a table another process keeps editing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+APP = Path(__file__).resolve().parents[1] / "examples" / "search_app.py"
+
+
+def get(base: str, path: str) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(base + path, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_the_search_app_answers_follow_another_process_edits(tmp_path: Path) -> None:
+    database = tmp_path / "docs.sqlite"
+    app = subprocess.Popen(
+        [sys.executable, str(APP), "--uri", f"sqlite:///{database}", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(APP.parents[1])},
+    )
+    try:
+        assert app.stdout is not None
+        line = app.stdout.readline()
+        assert line.startswith("listening on http://"), line
+        base = line.split()[2]
+        assert get(base, "/health") == (200, {"ok": True, "rows": 4})
+        status, body = get(base, "/search?q=cat+sleeps+windowsill&k=1")
+        assert status == 200 and body["results"][0]["id"] == 1
+
+        # Another process (this one, with plain sqlite3) edits the table.
+        with sqlite3.connect(database) as editor:
+            editor.execute("INSERT INTO docs VALUES (10, 'a parrot repeats every word it hears')")
+            editor.execute("UPDATE docs SET text = 'stock markets fell sharply' WHERE id = 2")
+            editor.execute("DELETE FROM docs WHERE id = 1")
+        status, body = get(base, "/search?q=parrot+repeats+word&k=1&fresh=1")
+        assert (status, body["results"][0]["id"]) == (200, 10)
+        status, body = get(base, "/search?q=stock+markets+fell&k=1&fresh=1")
+        assert body["results"][0] == {
+            "id": 2,
+            "distance": body["results"][0]["distance"],
+            "text": "stock markets fell sharply",
+        }
+        status, body = get(base, "/search?q=cat+sleeps+windowsill&k=10&fresh=1")
+        assert 1 not in [hit["id"] for hit in body["results"]] and len(body["results"]) == 4
+
+        assert get(base, "/search?q=x&k=0")[0] == 400  # a bad query is the client's error
+        assert get(base, "/search")[0] == 400
+        assert get(base, "/nowhere")[0] == 404
+    finally:
+        app.send_signal(signal.SIGTERM)
+        assert app.wait(timeout=60) == 0
+    assert (tmp_path / "docs.sqlite.reactive-indexes" / "docs_search.usearch").exists()  # saved at close
