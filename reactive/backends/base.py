@@ -139,6 +139,102 @@ def identify_rows(
 
 
 @dc.dataclass(frozen=True, slots=True)
+class VersionColumn:
+    """A column the application moves forward on every write of a row: polls then read only
+    the rows past the last version seen, not the whole table (the SQL backends).
+
+    ``column`` is a timestamp (``updated_at``) or an integer counter that the application, or
+    a trigger, sets on every insert and update. Given per table when connecting, as a name
+    (the defaults below) or as a ``VersionColumn``::
+
+        db = reactive.connect(uri, version_columns={"docs": "updated_at"})
+        db = reactive.connect(uri, version_columns={"docs": VersionColumn("rev", overlap=100, full_diff_every=600)})
+
+    **What a poll reads**: the rows whose version is at least *the highest version seen,
+    minus* ``overlap``, and the rows whose version is NULL (a NULL version counts as
+    "maybe changed": such rows are read by every poll). Each row read is compared with its
+    fingerprint in the snapshot, so a row read again is reported only if it changed. The
+    ``>=`` (not ``>``) is what keeps a row written later *with the same version* as the
+    highest seen (two writes in one clock tick, a counter value taken twice) from being
+    missed. ``overlap`` widens the window for writers whose versions commit out of order: a
+    timestamp taken at the start of a transaction that commits later (PostgreSQL's ``now()``
+    is the transaction's start), a sequence value taken before a slow commit. A row
+    committed with a version older than the window is found by the next full diff.
+
+    ``overlap``: in seconds (or a ``timedelta``) for a timestamp, in units for an integer;
+    default 1 second for a timestamp, 0 for an integer. ``full_diff_every``: seconds between
+    full diffs (the whole table against the snapshot, as without a version column), which
+    find **deletes** and rows written without moving the version; default 60; 0 makes every
+    poll a full diff; None never runs one on a timer (deletes are then never seen, except
+    after ``db.cdc.listener.request_full_diff()``).
+
+    The highest version seen and the time of the last full diff are saved in the
+    checkpoint ``reactive`` (section ``snapshot/<table>``) once the changes they cover are
+    processed, so a restart goes on from there. **Index the column** (``CREATE INDEX ON
+    docs (updated_at)``): without an index PostgreSQL and SQLite read the whole table to
+    find the recent rows (DuckDB needs none). A version column that does not exist, or is
+    neither a timestamp nor an integer, is refused by ``db.add``.
+
+    >>> VersionColumn("updated_at")
+    VersionColumn(column='updated_at', overlap=None, full_diff_every=60.0)
+    >>> VersionColumn("rev", overlap=-1)
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: version column 'rev': overlap must be a number >= 0 or a timedelta, not -1
+    """
+
+    column: str
+    overlap: float | int | _dt.timedelta | None = None
+    full_diff_every: float | None = 60.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.column, str) or not self.column:
+            raise ConfigurationError(f"a version column is a column name, not {self.column!r}")
+        overlap = self.overlap
+        if not (
+            overlap is None
+            or (isinstance(overlap, _dt.timedelta) and overlap >= _dt.timedelta(0))
+            or (isinstance(overlap, int | float) and not isinstance(overlap, bool) and overlap >= 0)
+        ):
+            raise ConfigurationError(
+                f"version column {self.column!r}: overlap must be a number >= 0 or a timedelta, not {overlap!r}"
+            )
+        every = self.full_diff_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int | float) or every < 0):
+            raise ConfigurationError(
+                f"version column {self.column!r}: full_diff_every must be seconds >= 0 or None, not {every!r}"
+            )
+
+
+def version_columns(value: Mapping[str, str | VersionColumn] | None) -> dict[str, VersionColumn]:
+    """The ``version_columns`` connect option, checked: table name -> :class:`VersionColumn`.
+
+    >>> version_columns({"docs": "updated_at"})
+    {'docs': VersionColumn(column='updated_at', overlap=None, full_diff_every=60.0)}
+    >>> version_columns({"docs": 3})
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: version_columns['docs'] must be a column name or a VersionColumn, not 3
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"version_columns maps table names to version columns, not {value!r}")
+    checked: dict[str, VersionColumn] = {}
+    for table, spec in value.items():
+        if not isinstance(table, str) or not table:
+            raise ConfigurationError(f"version_columns: {table!r} is not a table name")
+        if isinstance(spec, str):
+            spec = VersionColumn(spec)
+        if not isinstance(spec, VersionColumn):
+            raise ConfigurationError(
+                f"version_columns[{table!r}] must be a column name or a VersionColumn, not {spec!r}", table=table
+            )
+        checked[table] = spec
+    return checked
+
+
+@dc.dataclass(frozen=True, slots=True)
 class OutputRecord:
     """One output to store: the source row id, the output, the fingerprint of the input.
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from typing import Any, Self
 from urllib.parse import SplitResult, parse_qsl, unquote
 
 import ibis
 
-from reactive.backends.base import DataBackend, ListenerHooks, TableInfo
+from reactive.backends.base import DataBackend, ListenerHooks, TableInfo, VersionColumn
+from reactive.backends.base import version_columns as _version_columns
 from reactive.backends.ibis.checkpoints import IbisSections
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import prepare_sqlite
@@ -32,25 +34,61 @@ class IbisBackend(DataBackend):
     >>> _ = backend.conn.con.raw_sql("create table docs (id integer primary key, text varchar)")
     >>> backend.source.describe("docs")
     TableInfo(name='docs', id_column='id', columns=('id', 'text'))
+
+    ``version_columns`` (a connect option: table name -> column name or
+    :class:`~reactive.backends.base.VersionColumn`) makes polls of those tables read only
+    the rows whose version moved; a full diff every ``full_diff_every`` seconds finds deletes
+    and rows written without moving it:
+
+    >>> import duckdb, tempfile, reactive
+    >>> from reactive.components import Model, Listener
+    >>> path = tempfile.mkdtemp() + "/app.duckdb"
+    >>> client = duckdb.connect(path)      # the application, another client
+    >>> _ = client.execute("create table docs (id int primary key, text varchar, updated_at timestamp)")
+    >>> _ = client.execute("create index docs_updated_at on docs (updated_at)")  # yours to create
+    >>> db = reactive.connect(f"duckdb:///{path}", version_columns={"docs": "updated_at"})
+    >>> _ = db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+    >>> db.cdc.start()
+    >>> _ = client.execute("insert into docs values (1, 'four', now())")      # writes move updated_at
+    >>> _ = client.execute("update docs set text = 'seven', updated_at = now() where id = 1")
+    >>> db.cdc.wait_idle(timeout=10), db.outputs("len__text")
+    (True, [{'_source': 1, '_output': 5}])
+    >>> db.cdc.info()["source"]["versions"]["docs"]["full_diffs"]   # polls so far read only new versions
+    0
+    >>> _ = client.execute("delete from docs")    # a delete moves no version: the full diff finds it
+    >>> db.cdc.listener.request_full_diff("docs")  # now, rather than within full_diff_every (60 s)
+    >>> db.cdc.wait_idle(timeout=10), db.outputs("len__text")
+    (True, [])
+    >>> db.close()
     """
 
     name = "ibis"
     schemes = ("duckdb", "sqlite", "postgres", "postgresql")
     listener_class = IbisPollingListener
 
-    def __init__(self, con: Any, *, uri: str) -> None:
+    def __init__(self, con: Any, *, uri: str, version_columns: Mapping[str, str | VersionColumn] | None = None) -> None:
         self.conn = IbisConnection(con, uri=redact(uri))
         self.sections = IbisSections(self.conn)
         self.checkpoints = Positions(self.sections)
         self.output_types = OutputTypes(self.checkpoints)
-        self.source = IbisSource(self.conn, output_type=self.output_types.of_table)
+        self.source = IbisSource(
+            self.conn, output_type=self.output_types.of_table, check=lambda table: self.snapshots.check(table)
+        )
         self.outputs = IbisOutputs(self.conn, decoded=self.source.decoded, outputs_lost=self._outputs_lost)
         self.errors = IbisErrors(self.conn)
-        self.snapshots = SnapshotStore(self.conn, decoded=self.source.decoded)
+        self.snapshots = SnapshotStore(
+            self.conn,
+            decoded=self.source.decoded,
+            positions=self.checkpoints,
+            versions=_version_columns(version_columns),
+        )
         self._listener: IbisPollingListener | None = None
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> Self:
+        """Connect; ``version_columns`` is ours (see :class:`~reactive.backends.base.VersionColumn`),
+        every other option goes to ``ibis.<engine>.connect``."""
+        versions = _version_columns(options.pop("version_columns", None))
         parts = split(uri)
         scheme = parts.scheme.lower()
         try:
@@ -73,7 +111,7 @@ class IbisBackend(DataBackend):
             for secret in _secrets(parts):
                 message = message.replace(secret, "***")
             raise BackendError(f"could not connect to {redact(uri)!r}: {redact(message)}") from None
-        return cls(con, uri=uri)
+        return cls(con, uri=uri, version_columns=versions)
 
     @property
     def uri(self) -> str:

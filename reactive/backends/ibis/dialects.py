@@ -406,7 +406,15 @@ FINGERPRINT_ALIAS = "__reactive_fingerprint"
 class SnapshotSQL:
     """The statements of the polling listener for one table and its snapshot, built once."""
 
-    def __init__(self, dialect: Dialect, table: str, id_column: str, columns: Sequence[str], snapshot: str) -> None:
+    def __init__(
+        self,
+        dialect: Dialect,
+        table: str,
+        id_column: str,
+        columns: Sequence[str],
+        snapshot: str,
+        version: str | None = None,
+    ) -> None:
         fingerprint = sge.alias_(dialect.row_hash(columns, table), FINGERPRINT_ALIAS, quoted=True)
         self.by_ids_with_fingerprint = dialect.render(
             _select(table, columns).select(fingerprint).where(dialect.ids_condition(id_column, table))
@@ -467,6 +475,31 @@ class SnapshotSQL:
         bound = _select(table, [id_column]).order_by(key).limit(1).offset(sge.Placeholder())
         self.first_bound = dialect.render(bound)
         self.next_bound = dialect.render(bound.where(key > sge.Placeholder()))
+        #: With a version column: its highest value, and the rows from a version on (those
+        #: whose version is NULL too) against the snapshot. ``kind`` is NULL for a row that
+        #: has not changed; ``top`` is the highest version among the rows read. Both walk an
+        #: index on the version column where there is one (PostgreSQL, SQLite).
+        #: ``since_all`` is the same over every row (no version was known: the table had none).
+        self.top: str | None = None
+        self.since: str | None = None
+        self.since_all: str | None = None
+        if version is not None:
+            names["v"] = _column(version, table)
+            self.top = dialect.render(_template("SELECT MAX(:v) AS top FROM :t", **names))
+            for attribute, condition in (("since", ":v >= :lo OR :v IS NULL"), ("since_all", "TRUE")):
+                since = _template(
+                    f"""
+                    SELECT c.cur_id AS id,
+                           CASE WHEN s.row_id IS NULL THEN 'insert' WHEN c.cur_fp <> s.fingerprint THEN 'update' END
+                           AS kind,
+                           c.cur_v AS version, MAX(c.cur_v) OVER () AS top
+                    FROM (SELECT :id AS cur_id, :fp AS cur_fp, :v AS cur_v FROM :t WHERE {condition}) AS c
+                    LEFT JOIN :snap AS s ON c.cur_id = s.row_id
+                    """,
+                    **names,
+                    lo=sge.Placeholder(),
+                )
+                setattr(self, attribute, dialect.render(since))
 
 
 def timestamp_column(dialect: Dialect, values: list[_dt.datetime]) -> pa.Array:

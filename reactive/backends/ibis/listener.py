@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from reactive.backends.base import MAX_BACKOFF, BaseDatabaseListener, TableInfo
 from reactive.errors import QueueClosedError
-from reactive.events import ChangePacket, DBEvent, Row
+from reactive.events import ChangePacket, DBEvent, Row, id_key
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,19 @@ class Snapshots(Protocol):
 
     def diff(self, table: TableInfo) -> list[tuple[Any, str]]:
         """``(row id, "insert" | "update" | "delete")`` of every row that differs from the snapshot."""
+
+    def poll(self, table: TableInfo) -> tuple[list[tuple[Any, str]], Any]:
+        """What changed since the position (:meth:`diff`, or only the rows past a version column's
+        last version), and a mark to :meth:`save_mark` once those changes are processed (or None)."""
+
+    def save_mark(self, table: str, mark: Any) -> None:
+        """Save a mark :meth:`poll` returned: every change it covers is processed."""
+
+    def request_full_diff(self, table: str) -> None:
+        """Make the next poll of ``table`` a full :meth:`diff`."""
+
+    def version_info(self, table: str) -> dict[str, Any] | None:
+        """How ``table`` is polled through a version column (None: it has none)."""
 
     def rows_with_fingerprints(self, table: TableInfo, ids: Sequence[Any]) -> list[tuple[Row, int]]: ...
 
@@ -56,6 +69,14 @@ class IbisPollingListener(BaseDatabaseListener):
     described with, is reported gone (with why) and no longer followed.
     ``is_transient`` tells a database that is unreachable (every table waits, with backoff)
     from a table that is broken.
+
+    A table with a version column (``reactive.connect(uri, version_columns={"docs":
+    "updated_at"})``, see :class:`~reactive.backends.base.VersionColumn`) is diffed whole
+    only every ``full_diff_every`` seconds; the polls between read the rows from its last
+    version seen on, and compare only those with the snapshot. The version a poll reached
+    is saved (``save_mark``) after every packet of that poll is committed, and not at all
+    when one was released, so the next poll reads from the older version again; a version
+    saved late (a crash in between) only makes a poll read rows it then finds unchanged.
     """
 
     def __init__(
@@ -79,6 +100,10 @@ class IbisPollingListener(BaseDatabaseListener):
         self.failing_tables: dict[str, str] = {}
         #: Tables whose components lost outputs (an outputs table dropped): reconciled after a poll.
         self._to_reconcile: set[str] = set()
+        #: Version marks of this poll's tables, saved once its packets are committed.
+        self._marks: dict[str, Any] = {}
+        #: Tables some of whose packets were released since the last poll: their marks stay.
+        self._released: set[str] = set()
 
     def watch(self, table: TableInfo) -> None:
         if self.snapshots.ensure(table):
@@ -102,6 +127,18 @@ class IbisPollingListener(BaseDatabaseListener):
 
     def on_stop(self) -> None:
         super().on_stop()
+        self._wake.set()
+
+    def request_full_diff(self, table: str | None = None) -> None:
+        """Diff ``table`` (default: every watched table) whole at the next poll, and poll soon.
+
+        For tables with a version column: their deletes, and rows written without moving the
+        version, are found then rather than at the next ``full_diff_every``. Every poll of a
+        table without a version column is a full diff already. ``db.cdc.wait_idle()`` after
+        this call returns once that diff's changes are processed.
+        """
+        for name in [table] if table is not None else list(self.tables):
+            self.snapshots.request_full_diff(name)
         self._wake.set()
 
     def reconcile_soon(self, table: str) -> None:
@@ -135,6 +172,8 @@ class IbisPollingListener(BaseDatabaseListener):
             with self._changed:
                 while self._in_flight and self.should_keep_running():
                     self._changed.wait()
+                drained = not self._in_flight
+            self._save_marks(drained)
             try:
                 self._reconcile_requested()
             except QueueClosedError:
@@ -151,6 +190,27 @@ class IbisPollingListener(BaseDatabaseListener):
             self._wake.clear()
         with self._changed:
             self._changed.notify_all()
+
+    def _save_marks(self, drained: bool) -> None:
+        """Save the version marks of the tables this poll read, now that its packets are committed.
+
+        A table with a released packet keeps its old mark (the next poll reads those rows
+        again); so does every table when the listener stops with packets still in flight.
+        """
+        with self._lock:
+            marks, self._marks = self._marks, {}
+            released, self._released = self._released, set()
+        if not drained:
+            return
+        watched = self.tables
+        for table, mark in marks.items():
+            if table in released or table not in watched:
+                continue
+            try:
+                self.snapshots.save_mark(table, mark)
+            except Exception as exc:
+                # Harmless: the next poll reads from the older version and finds those rows unchanged.
+                log.warning("could not save the version reached in %r (%s: %s)", table, type(exc).__name__, exc)
 
     def _reconcile_requested(self) -> None:
         with self._lock:
@@ -204,7 +264,13 @@ class IbisPollingListener(BaseDatabaseListener):
             log.warning("polling table %r failed (%s); the other tables go on, it is retried", table.name, error)
 
     def _poll(self, table: TableInfo) -> None:
-        diff = self.snapshots.diff(table)
+        diff, mark = self.snapshots.poll(table)
+        self._report_diff(table, diff)
+        if mark is not None:
+            with self._lock:
+                self._marks[table.name] = mark
+
+    def _report_diff(self, table: TableInfo, diff: list[tuple[Any, str]]) -> None:
         if not diff:
             return
         by_kind: dict[str, list[Any]] = {"insert": [], "update": [], "delete": []}
@@ -213,9 +279,15 @@ class IbisPollingListener(BaseDatabaseListener):
         for kind in ("insert", "update"):
             ids = by_kind[kind]
             for start in range(0, len(ids), self.page_size):
-                found = self.snapshots.rows_with_fingerprints(table, ids[start : start + self.page_size])
+                page = ids[start : start + self.page_size]
+                found = self.snapshots.rows_with_fingerprints(table, page)
+                if kind == "update" and len(found) < len(page):
+                    # Updated, then deleted since the diff: a delete now (a poll that reads
+                    # only recent versions would not see it until the next full diff).
+                    present = {id_key(row[table.id_column]) for row, _ in found}
+                    by_kind["delete"].extend(i for i in page if id_key(i) not in present)
                 if found:
-                    # A row deleted since the diff is simply absent; the next poll sees it.
+                    # A row inserted and deleted since the diff is simply absent.
                     self._report(
                         table,
                         DBEvent(kind),
@@ -253,7 +325,10 @@ class IbisPollingListener(BaseDatabaseListener):
                 self.snapshots.advance(table, upserts, deletes)
 
     def redeliver(self, positions: Sequence[Any]) -> None:
-        """Nothing to do: the snapshot stays where it is, so the next poll finds the rows again."""
+        """The snapshot stays where it is, so the next poll finds the rows again; a version
+        column's mark stays too (the next poll reads from the older version)."""
+        with self._lock:
+            self._released.update(table for table, _, _ in positions)
 
     def sync(self, timeout: float | None) -> bool:
         """Wait for a full poll that started after this call, with its packets queued.
@@ -278,6 +353,11 @@ class IbisPollingListener(BaseDatabaseListener):
     def info(self) -> dict[str, Any]:
         with self._lock:
             failing = dict(self.failing_tables)
+        versions = {}
+        for table in self.tables:
+            version = self.snapshots.version_info(table)
+            if version is not None:
+                versions[table] = version
         return {
             **super().info(),
             "poll_interval": self.poll_interval,
@@ -285,4 +365,5 @@ class IbisPollingListener(BaseDatabaseListener):
             "last_poll_seconds": self.last_poll_seconds,
             "consecutive_failures": self.consecutive_failures,
             "failing_tables": failing,
+            "versions": versions,
         }

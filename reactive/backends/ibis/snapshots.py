@@ -1,19 +1,177 @@
-"""The polling listener's position: a snapshot of every row's fingerprint, per table."""
+"""The polling listener's position: a snapshot of every row's fingerprint, per table.
+
+A table with a version column (:class:`~reactive.backends.base.VersionColumn`) has one more
+piece of position, its :class:`VersionMark` (the highest version seen, and when the last full
+diff ran), kept in the checkpoint ``reactive`` as section ``snapshot/<table>``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses as dc
+import datetime as _dt
+import logging
+import math
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
 
-from reactive.backends.base import TableInfo, bounded_name
+from reactive.backends.base import CheckpointStore, TableInfo, VersionColumn, bounded_name
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import FINGERPRINT_ALIAS, SnapshotSQL
+from reactive.checkpoints import CorruptCheckpointError
+from reactive.errors import ConfigurationError
 from reactive.events import Row, id_key
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT_PREFIX = "_reactive_snapshot__"
 ROW_ID, ROW_FINGERPRINT = "row_id", "fingerprint"
+#: Checkpoint sections (of checkpoint ``reactive``) holding each table's :class:`VersionMark`.
+MARK_PREFIX = "snapshot/"
+#: Default overlap of a timestamp version column, in seconds (an integer's is 0).
+TIMESTAMP_OVERLAP = 1.0
+#: Rows with a NULL version read by one poll past which a warning says what they cost.
+NULL_VERSIONS_WARNING = 10_000
+
+#: ``(row id, "insert" | "update" | "delete")`` of the rows a poll found changed.
+Changes = list[tuple[Any, str]]
+
+
+@dc.dataclass(frozen=True, slots=True)
+class VersionMark:
+    """Where version polling of a table stands (saved once the changes it covers are processed).
+
+    ``version``: the highest version seen, as the database returns it (None: no row had one,
+    so the next poll reads every row); ``full_diff_at``: when the last full diff started
+    (seconds since the epoch; None: never, so the next poll is a full diff).
+    """
+
+    column: str
+    version: Any
+    full_diff_at: float | None
+
+    def encoded(self) -> dict[str, Any]:
+        """As JSON, the version's type kept.
+
+        >>> mark = VersionMark("at", _dt.datetime(2024, 5, 1, 12, 0, 0, 250, tzinfo=_dt.UTC), 1.5)
+        >>> VersionMark.decoded(mark.encoded()) == mark
+        True
+        """
+        return {"column": self.column, "version": _encode_version(self.version), "full_diff_at": self.full_diff_at}
+
+    @classmethod
+    def decoded(cls, value: Mapping[str, Any]) -> VersionMark:
+        full_diff_at = value.get("full_diff_at")
+        return cls(
+            str(value["column"]),
+            _decode_version(value.get("version")),
+            None if full_diff_at is None else float(full_diff_at),
+        )
+
+
+def _plain(value: Any) -> Any:
+    """A version as a plain Python value (a pandas ``Timestamp`` becomes a ``datetime``)."""
+    if value is None or isinstance(value, int | float | str | _dt.datetime):
+        return value
+    to_datetime = getattr(value, "to_pydatetime", None)
+    if to_datetime is not None:
+        with warnings.catch_warnings():  # nanoseconds dropped: the version read is then lower, never missed
+            warnings.simplefilter("ignore")
+            return to_datetime()
+    return value
+
+
+def _encode_version(value: Any) -> Any:
+    """
+    >>> [_encode_version(v) for v in (None, 7, 2.5, "2024-05-01 12:00:00")]
+    [None, {'int': 7}, {'float': 2.5}, {'text': '2024-05-01 12:00:00'}]
+    """
+    value = _plain(value)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise TypeError(f"a version cannot be a boolean ({value!r})")
+    if isinstance(value, int):
+        return {"int": value}
+    if isinstance(value, float):
+        return {"float": value}
+    if isinstance(value, str):
+        return {"text": value}
+    if isinstance(value, _dt.datetime):
+        return {"datetime": value.isoformat()}
+    raise TypeError(f"a version of type {type(value).__name__} cannot be saved ({value!r})")
+
+
+def _decode_version(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or len(value) != 1:
+        raise CorruptCheckpointError(f"a saved version is not what reactive wrote: {value!r}")
+    ((kind, raw),) = value.items()
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "text":
+        return str(raw)
+    if kind == "datetime":
+        return _dt.datetime.fromisoformat(raw)
+    raise CorruptCheckpointError(f"a saved version is not what reactive wrote: {value!r}")
+
+
+def lower_bound(version: Any, overlap: float | int | _dt.timedelta, *, integer: bool) -> Any:
+    """The lowest version a poll reads: ``version`` minus ``overlap``, in the version's own terms.
+
+    A timestamp stored as ISO text (SQLite) stays text of the same shape, so that the
+    database compares it as it compares its values.
+
+    >>> lower_bound(100, 5, integer=True), lower_bound(100, 0.5, integer=True)
+    (95, 99)
+    >>> lower_bound(_dt.datetime(2024, 5, 1, 12, 0, 1), 1.5, integer=False)
+    datetime.datetime(2024, 5, 1, 11, 59, 59, 500000)
+    >>> lower_bound("2024-05-01 12:00:01", 1, integer=False)
+    '2024-05-01 12:00:00'
+    >>> lower_bound("2024-05-01T12:00:00Z", 2, integer=False)
+    '2024-05-01T11:59:58Z'
+    >>> lower_bound("not a time", 2, integer=False)
+    'not a time'
+    """
+    seconds = overlap.total_seconds() if isinstance(overlap, _dt.timedelta) else float(overlap)
+    if version is None or seconds <= 0:
+        return version
+    if isinstance(version, _dt.datetime):
+        return version - _dt.timedelta(seconds=seconds)
+    if isinstance(version, int) and not isinstance(version, bool):
+        return version - math.ceil(seconds) if integer else version - seconds
+    if isinstance(version, float):
+        return version - seconds
+    if isinstance(version, str):
+        try:
+            parsed = _dt.datetime.fromisoformat(version)
+        except ValueError:
+            return version  # not a time we can read: no overlap (the full diff still catches late rows)
+        sep = version[10] if len(version) > 10 and version[10] in "T " else "T"
+        text = (parsed - _dt.timedelta(seconds=seconds)).isoformat(sep=sep)
+        if version.endswith("Z") and text.endswith("+00:00"):
+            text = text[: -len("+00:00")] + "Z"
+        return text
+    return version
+
+
+def _later(candidate: Any, current: Any) -> Any:
+    """The higher of two versions (``candidate`` when they cannot be compared: the database's order)."""
+    if current is None:
+        return candidate
+    if candidate is None:
+        return current
+    try:
+        return candidate if candidate > current else current
+    except TypeError:
+        return candidate
 
 
 def snapshot_table(table: str) -> str:
@@ -34,21 +192,209 @@ class SnapshotStore:
     ``decoded`` turns stored JSON text back into values (the source reader's).
     """
 
-    def __init__(self, conn: IbisConnection, *, decoded: Callable[[str, list[Row]], list[Row]]) -> None:
+    def __init__(
+        self,
+        conn: IbisConnection,
+        *,
+        decoded: Callable[[str, list[Row]], list[Row]],
+        positions: CheckpointStore | None = None,
+        versions: Mapping[str, VersionColumn] | None = None,
+    ) -> None:
         self.conn = conn
         self.decoded = decoded
-        self._sql: dict[tuple[str, str, tuple[str, ...]], SnapshotSQL] = {}
+        #: Where version marks are saved (None: kept in memory only).
+        self.positions = positions
+        #: The tables polled through a version column (the ``version_columns`` connect option).
+        self.versions: dict[str, VersionColumn] = dict(versions or {})
+        self._sql: dict[tuple[str, str, tuple[str, ...], str | None], SnapshotSQL] = {}
+        self._state_lock = threading.Lock()
+        self._marks: dict[str, VersionMark] = {}
+        self._integer: dict[str, bool] = {}
+        #: Full diffs asked for, per table (a count: one asked for during a diff is not lost).
+        self._full_requested: dict[str, int] = {}
+        self._stats: dict[str, dict[str, int]] = {}
+        self._warned: set[tuple[str, str]] = set()
 
     def _statements(self, table: TableInfo) -> SnapshotSQL:
         columns = table.columns or tuple(self.conn.table(table.name).columns)
-        key = (table.name, table.id_column, columns)
+        spec = self.versions.get(table.name)
+        version = None if spec is None else spec.column
+        key = (table.name, table.id_column, columns, version)
         with self.conn.lock:
             built = self._sql.get(key)
             if built is None:
                 built = self._sql[key] = SnapshotSQL(
-                    self.conn.dialect, table.name, table.id_column, columns, snapshot_table(table.name)
+                    self.conn.dialect, table.name, table.id_column, columns, snapshot_table(table.name), version
                 )
             return built
+
+    # -- version columns ---------------------------------------------------------------------
+    def check(self, table: TableInfo) -> None:
+        """Refuse a version column declared for ``table`` that is not a timestamp or integer column.
+
+        Called when the table is described (``db.add``) and when its snapshot is taken.
+        """
+        spec = self.versions.get(table.name)
+        if spec is None:
+            return
+        with self.conn.lock:
+            schema = self.conn.table(table.name).schema()
+        if spec.column not in schema:
+            raise ConfigurationError(
+                f"version column {spec.column!r} is not a column of {table.name!r} "
+                f"(columns: {', '.join(schema.names)})",
+                table=table.name,
+            )
+        dtype = schema[spec.column]
+        if not (dtype.is_timestamp() or dtype.is_integer()):
+            raise ConfigurationError(
+                f"version column {spec.column!r} of {table.name!r} is of type {dtype}: a version column must be "
+                "a timestamp or an integer that every insert and update moves forward",
+                table=table.name,
+            )
+        if dtype.is_integer() and isinstance(spec.overlap, _dt.timedelta):
+            raise ConfigurationError(
+                f"version column {spec.column!r} of {table.name!r} is an integer: its overlap is a number, "
+                f"not {spec.overlap!r}",
+                table=table.name,
+            )
+        with self._state_lock:
+            self._integer[table.name] = dtype.is_integer()
+
+    def request_full_diff(self, table: str) -> None:
+        """Make the next poll of ``table`` a full diff (it has a version column; else every poll is one)."""
+        with self._state_lock:
+            self._full_requested[table] = self._full_requested.get(table, 0) + 1
+
+    def _mark(self, table: str, spec: VersionColumn) -> VersionMark:
+        """The saved mark of ``table`` (cached); an unknown one when none fits ``spec``."""
+        with self._state_lock:
+            mark = self._marks.get(table)
+        if mark is not None and mark.column == spec.column:
+            return mark
+        mark = None
+        if self.positions is not None:
+            try:
+                saved = self.positions.load_checkpoint(MARK_PREFIX + table)
+                mark = None if saved is None else VersionMark.decoded(saved)
+            except (CorruptCheckpointError, KeyError, TypeError, ValueError) as exc:
+                log.warning("the saved version of %r cannot be read (%s): its next poll is a full diff", table, exc)
+        if mark is None or mark.column != spec.column:
+            mark = VersionMark(spec.column, None, None)
+        with self._state_lock:
+            # A mark saved meanwhile (by the poller, while this read) is newer than what was read.
+            current = self._marks.get(table)
+            if current is not None and current.column == spec.column:
+                return current
+            self._marks[table] = mark
+        return mark
+
+    def save_mark(self, table: str, mark: VersionMark) -> None:
+        """Save where ``table``'s version polling stands: its changes up to ``mark`` are processed."""
+        if self.positions is not None:
+            self.positions.save_checkpoint(MARK_PREFIX + table, mark.encoded())
+        with self._state_lock:
+            self._marks[table] = mark
+
+    def version_info(self, table: str) -> dict[str, Any] | None:
+        """How ``table`` is polled through its version column (None: it has none)."""
+        spec = self.versions.get(table)
+        if spec is None:
+            return None
+        try:
+            mark: VersionMark | None = self._mark(table, spec)
+        except Exception:  # the database is unreachable: say what is known
+            with self._state_lock:
+                mark = self._marks.get(table)
+        with self._state_lock:
+            stats = dict(self._stats.get(table, {}))
+            requested = self._full_requested.get(table, 0) > 0
+        at = None if mark is None or mark.full_diff_at is None else mark.full_diff_at
+        return {
+            "column": spec.column,
+            "version": None if mark is None or mark.version is None else str(mark.version),
+            "last_full_diff": None if at is None else _dt.datetime.fromtimestamp(at, _dt.UTC).isoformat(),
+            "full_diff_every": spec.full_diff_every,
+            "full_diffs": stats.get("full_diffs", 0),
+            "version_polls": stats.get("version_polls", 0),
+            "full_diff_requested": requested,
+        }
+
+    def _count(self, table: str, what: str) -> None:
+        with self._state_lock:
+            stats = self._stats.setdefault(table, {})
+            stats[what] = stats.get(what, 0) + 1
+
+    def poll(self, table: TableInfo) -> tuple[Changes, VersionMark | None]:
+        """What changed in ``table`` since its position, and the mark to save once those
+        changes are processed (None: nothing to save).
+
+        Without a version column, :meth:`diff`. With one, a full diff when one is due
+        (``full_diff_every`` seconds after the last, when requested, or when nothing is
+        known of the table), else only the rows from the last version seen on (see
+        :class:`~reactive.backends.base.VersionColumn`). A full diff's mark holds the
+        highest version read *before* the diff started, so that a row committed during the
+        diff is read again by the next poll rather than missed.
+        """
+        spec = self.versions.get(table.name)
+        if spec is None:
+            return self.diff(table), None
+        with self._state_lock:
+            known = table.name in self._integer
+            requested = self._full_requested.get(table.name, 0)
+        if not known:
+            self.check(table)
+        mark = self._mark(table.name, spec)
+        statements = self._statements(table)
+        assert statements.top is not None and statements.since is not None and statements.since_all is not None
+        now = time.time()
+        due = (
+            requested
+            or mark.full_diff_at is None
+            or (spec.full_diff_every is not None and now - mark.full_diff_at >= spec.full_diff_every)
+        )
+        if due:
+            top = _plain(self.conn.fetch(statements.top)[0]["top"])
+            changes = self.diff(table)
+            if requested:
+                with self._state_lock:
+                    left = self._full_requested.get(table.name, 0) - requested
+                    if left > 0:
+                        self._full_requested[table.name] = left
+                    else:
+                        self._full_requested.pop(table.name, None)
+            self._count(table.name, "full_diffs")
+            return changes, VersionMark(spec.column, top, now)
+        with self._state_lock:
+            integer = self._integer.get(table.name, False)
+        overlap = spec.overlap if spec.overlap is not None else (0 if integer else TIMESTAMP_OVERLAP)
+        lower = lower_bound(mark.version, overlap, integer=integer)
+        if isinstance(mark.version, str) and lower == mark.version and overlap:
+            self._warn_once(table.name, "text", f"the versions of {table.name!r} are text that is not an ISO time")
+        if mark.version is None:  # no row had a version at the last full diff: every row is new
+            rows = self.conn.fetch(statements.since_all)
+        else:
+            rows = self.conn.fetch(statements.since, lower)
+        changes = [(row["id"], row["kind"]) for row in rows if row["kind"] is not None]
+        version = _later(_plain(rows[0]["top"]), mark.version) if rows else mark.version
+        nulls = sum(1 for row in rows if row["version"] is None)
+        if nulls >= NULL_VERSIONS_WARNING:
+            self._warn_once(
+                table.name,
+                "nulls",
+                f"{nulls} rows of {table.name!r} have a NULL {spec.column!r}: every poll reads them; give them a "
+                "version",
+            )
+        self._count(table.name, "version_polls")
+        moved = VersionMark(spec.column, version, mark.full_diff_at)
+        return changes, (None if moved == mark else moved)
+
+    def _warn_once(self, table: str, what: str, message: str) -> None:
+        with self._state_lock:
+            if (table, what) in self._warned:
+                return
+            self._warned.add((table, what))
+        log.warning("%s", message)
 
     def lost(self, table: TableInfo) -> str | None:
         """Why ``table`` can no longer be followed as it was described, or None.
@@ -81,20 +427,39 @@ class SnapshotStore:
             self.conn.forget(table)
             self.conn.forget(snapshot_table(table))
             self._sql = {k: v for k, v in self._sql.items() if k[0] != table}
+        with self._state_lock:
+            self._marks.pop(table, None)  # read again from its checkpoint
+            self._integer.pop(table, None)
 
     def drop(self, table: str) -> None:
         self.conn.drop_table(snapshot_table(table))
+        with self._state_lock:
+            self._marks.pop(table, None)
+        if self.positions is not None:
+            self.positions.delete_checkpoint(MARK_PREFIX + table)
 
     def ensure(self, table: TableInfo) -> bool:
-        """Record every row's fingerprint now, unless a snapshot exists. True if created."""
+        """Record every row's fingerprint now, unless a snapshot exists. True if created.
+
+        With a version column, the highest version is read first and saved with the snapshot:
+        the first poll reads only what was written since.
+        """
         conn = self.conn
         name = snapshot_table(table.name)
+        spec = self.versions.get(table.name)
+        if spec is not None:
+            self.check(table)
         with conn.lock:
             if conn.table_exists(name):
                 return False
+            statements = self._statements(table)
+            top = None if statements.top is None else _plain(conn.fetch(statements.top)[0]["top"])
+            started = time.time()
             id_type = conn.table(table.name).schema()[table.id_column]
             conn.create_keyed_table(name, {ROW_ID: id_type, ROW_FINGERPRINT: conn.dialect.fingerprint_type}, ROW_ID)
-            conn.execute(self._statements(table).fill)
+            conn.execute(statements.fill)
+            if spec is not None:
+                self.save_mark(table.name, VersionMark(spec.column, top, started))
             return True
 
     def diff(self, table: TableInfo) -> list[tuple[Any, str]]:

@@ -24,9 +24,17 @@ class IbisSource:
     back decoded.
     """
 
-    def __init__(self, conn: IbisConnection, *, output_type: Callable[[str], str | None]) -> None:
+    def __init__(
+        self,
+        conn: IbisConnection,
+        *,
+        output_type: Callable[[str], str | None],
+        check: Callable[[TableInfo], None] | None = None,
+    ) -> None:
         self.conn = conn
         self.output_type = output_type
+        #: Checks a described table against the connection's settings (its version column).
+        self.check = check
 
     def table_exists(self, table: str) -> bool:
         return self.conn.table_exists(table)
@@ -44,7 +52,10 @@ class IbisSource:
                 raise TableNotFoundError(f"table {table!r} does not exist in {conn.uri}", table=table)
             columns = self.columns(table)
             key = conn.dialect.primary_key(conn.con, table) if id_column is None else []
-        return identify_rows(table, columns, key, id_column)
+        info = identify_rows(table, columns, key, id_column)
+        if self.check is not None:
+            self.check(info)
+        return info
 
     def count(self, table: TableInfo) -> int:
         with self.conn.lock:
