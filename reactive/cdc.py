@@ -15,6 +15,7 @@ from reactive.errors import BackendError, ConfigurationError, LeaseLostError
 from reactive.feed.publisher import FeedHub, FeedPublisher
 from reactive.feed.source import FeedSource
 from reactive.handler import CDCHandler, ComponentStats, HandlerTotals
+from reactive.metrics import LagQueue, listener_lag
 from reactive.queue import CDCQueue
 
 if TYPE_CHECKING:
@@ -82,7 +83,9 @@ class DatabaseChangeDataCapture:
         #: Clear while this process waits for the lease (a standby): wait_idle waits for it.
         self._activated = threading.Event()
         self._activated.set()
-        self.queue = CDCQueue(max_rows=queue_rows)
+        #: A CDCQueue that also knows when each unprocessed packet was queued (``info()``'s lag).
+        self.queue: CDCQueue = LagQueue(max_rows=queue_rows)
+        self._metrics: Any = None
         self.batch_rows = batch_rows
         self.pipeline = pipeline
         self.listener_options = listener_options or {}
@@ -517,9 +520,16 @@ class DatabaseChangeDataCapture:
         return all(feed.wait_published(remaining()) for feed in self.feeds)
 
     def info(self) -> dict[str, Any]:
-        """Counters per listener, for the queue, the handler and the change listener."""
+        """Counters per listener, for the queue, the handler and the change listener.
+
+        Each listener's ``lag``: ``rows``, the row changes queued or in flight for it (a row
+        changed twice counts twice), and ``seconds``, since the oldest of them was queued (None
+        when none waits). Every component added is listed, counters at 0 until it processes rows.
+        """
         handler = self._handler
         listener = self._listener
+        lag = listener_lag(self.db, self.queue)
+        stats = dict(self.stats)
         return {
             "running": self._running,
             "queue": {
@@ -533,11 +543,30 @@ class DatabaseChangeDataCapture:
             "handler": {"running": handler is not None and handler.is_alive(), **dc.asdict(self.totals)},
             "source": listener.info() if listener is not None else self._last_source_info,
             "stopped_tables": dict(self.table_states),
-            "listeners": {name: dc.asdict(stats) for name, stats in self.stats.items()},
+            "listeners": {
+                name: {
+                    **dc.asdict(stats.get(name) or ComponentStats()),
+                    "lag": lag.get(name, {"rows": 0, "seconds": None}),
+                }
+                for name in [*stats, *(name for name in lag if name not in stats)]
+            },
             "lease": self._lease_info(),
             "feeds": [feed.info() for feed in self.feeds],
             "followed": {name: source.info() for name, source in self._followed.items()},
         }
+
+    def metrics(self) -> Any:
+        """A ``prometheus_client.CollectorRegistry`` holding these counters as Prometheus metrics,
+        read from :meth:`info` at each scrape (the same one at every call). Serve it with
+        :func:`reactive.metrics.serve`, or ``prometheus_client.start_http_server(port, registry=...)``.
+        Needs the ``metrics`` extra (``prometheus_client``).
+        """
+        with self._lock:
+            if self._metrics is None:
+                from reactive.metrics import registry
+
+                self._metrics = registry(self.db)
+            return self._metrics
 
     def _lease_info(self) -> dict[str, Any] | None:
         if self.lease is None:

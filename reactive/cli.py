@@ -21,6 +21,13 @@ RETRY_NOTE = (
     "process that runs the listener computes it again at its next reconciliation: its next start "
     "(db.add), or db.retry_errors() in it. A row that fails again is recorded again."
 )
+#: The same on SQL, where the failed rows are also taken out of the poller's snapshot.
+RETRY_NOTE_SQL = (
+    "Nothing was computed here: this command has no models. The failed rows were also taken out of the "
+    "poller's snapshot, so a process running the listener sees them as changed at its next poll (a table "
+    "with a version column: at its next full diff) and computes them; with none running, the next start "
+    "(db.add) does. A row that fails again is recorded again."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,27 +80,93 @@ def build_parser() -> argparse.ArgumentParser:
     errors.add_argument("--listener", metavar="ID", help="only the errors of this listener")
     errors.add_argument("--retry", action="store_true", help="clear the listed errors so they are retried")
     errors.add_argument("--json", action="store_true", help="print the errors as a JSON list")
+    status = commands.add_parser(
+        "status",
+        help="the listeners of a database: rows, outputs, errors, lag, position, and the process running them",
+        description=(
+            "What the database holds about the listeners that write to it, read from reactive's own tables "
+            "(_reactive_checkpoints, _reactive_errors, the outputs tables), with no models: per listener its "
+            "source table, rows, outputs, errors, lag (rows of the source minus outputs stored) and position, "
+            "and the lease (which process runs them, renewed when). Works while another process runs them; a "
+            "DuckDB file that process holds is read from a copy."
+        ),
+    )
+    status.add_argument("--uri", help="the database (default: $REACTIVE_URI, else duckdb:///reactive.duckdb)")
+    status.add_argument("--json", action="store_true", help="print the status as a JSON object")
     return parser
+
+
+def run_status(uri: str | None, *, as_json: bool, out: TextIO) -> int:
+    """``reactive status``: print what the database holds about its listeners. The exit status."""
+    from reactive.datalayer import DEFAULT_URI
+    from reactive.status import database_status, format_status
+
+    status = database_status(uri or os.environ.get("REACTIVE_URI") or DEFAULT_URI)
+    if as_json:
+        print(json.dumps(status, indent=2, default=_json_value), file=out)
+    else:
+        print(format_status(status), file=out)
+    return 0
 
 
 def run_errors(uri: str | None, listener: str | None, *, retry: bool, as_json: bool, out: TextIO) -> int:
     """``reactive errors``: print the recorded errors; with ``retry``, clear them. The exit status."""
     from reactive.datalayer import DEFAULT_URI, connect
+    from reactive.status import opened
 
     uri = uri or os.environ.get("REACTIVE_URI") or DEFAULT_URI
     _refuse_missing_file(uri)
-    with connect(uri) as db:
-        errors = db.errors(listener)
-        if retry:
+    if not retry:  # read-only, as `reactive status` reads: works while another process holds a DuckDB file
+        with opened(uri) as (backend, _):
+            errors = backend.errors.read_errors(listener)
+    else:
+        with _writable(uri, connect) as db:
+            errors = db.errors(listener)
             for name in sorted({error["listener"] for error in errors}):
                 db.backend.errors.clear_errors(name, [e["source"] for e in errors if e["listener"] == name])
+            requeued = _requeue(db.backend, errors)
     if as_json:
         print(json.dumps(errors, default=_json_value, indent=2), file=out)
     else:
         _print_errors(errors, out)
     if retry and errors:
-        print(f"cleared {len(errors)} errors. {RETRY_NOTE}", file=sys.stderr if as_json else out)
+        note = RETRY_NOTE_SQL if requeued else RETRY_NOTE
+        print(f"cleared {len(errors)} errors. {note}", file=sys.stderr if as_json else out)
     return 0
+
+
+def _requeue(backend: Any, errors: list[dict[str, Any]]) -> bool:
+    """On SQL, take the failed rows out of their table's snapshot (the poller's position), so
+    that a running process sees them as changed at its next poll and computes them. A row
+    taken out that was current is only compared again (its listeners find their outputs
+    current). False where the backend has no such position."""
+    from reactive.backends.base import bounded_name
+    from reactive.backends.ibis.snapshots import ROW_FINGERPRINT, ROW_ID, SNAPSHOT_PREFIX
+
+    conn = getattr(backend, "conn", None)
+    if backend.name != "ibis" or conn is None:
+        return False
+    by_table: dict[str, list[Any]] = {}
+    for error in errors:
+        by_table.setdefault(error["table"], []).append(error["source"])
+    for table, ids in by_table.items():
+        snapshot = bounded_name(SNAPSHOT_PREFIX, table)
+        if conn.table_exists(snapshot):
+            conn.delete_by_ids(conn.statements(snapshot, ROW_ID, (ROW_ID, ROW_FINGERPRINT)).delete_by_ids, ids)
+    return True
+
+
+def _writable(uri: str, connect: Any) -> Any:
+    """``connect(uri)``; a DuckDB file another process holds says what to do instead."""
+    try:
+        return connect(uri)
+    except ReactiveError as exc:
+        if scheme_of(uri) != "duckdb" or "lock" not in str(exc).lower():
+            raise
+        raise ReactiveError(
+            f"another process holds {file_path(uri)!r} (DuckDB opens a file in one process at a time): "
+            f"retry in that process with db.retry_errors(), or stop it first ({exc})"
+        ) from None
 
 
 def _refuse_missing_file(uri: str) -> None:
@@ -139,6 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "errors":
             return run_errors(args.uri, args.listener, retry=args.retry, as_json=args.json, out=sys.stdout)
+        if args.command == "status":
+            return run_status(args.uri, as_json=args.json, out=sys.stdout)
         return run(args.uri, args.model)
     except (DemoError, ReactiveError) as exc:
         print(f"reactive {args.command}: error: {exc}", file=sys.stderr)

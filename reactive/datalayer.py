@@ -6,7 +6,6 @@ import atexit
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Callable, Hashable, Mapping
 from types import TracebackType
@@ -21,7 +20,9 @@ from reactive.components.listener import Listener, _check_filter
 from reactive.compute import Compute, LocalCompute
 from reactive.errors import BackendError, ConfigurationError, LeaseLostError, SearchError
 from reactive.events import ChangePacket, Row, id_key
+from reactive.metrics import LagQueue
 from reactive.outputs import OutputWriter
+from reactive.progress import progress_for
 
 log = logging.getLogger(__name__)
 _ABSENT = object()
@@ -258,10 +259,16 @@ class Datalayer:
         reader = self.source_for(source.name)
         total = reader.count(source) if source.columns or reader.table_exists(source.name) else 0
         tracker = _Backfill(component.identifier, total, progress)
+        queue = self.cdc.queue
+        queued_before = queue.rows_put_for(component.identifier) if isinstance(queue, LagQueue) else None
         try:
             self.cdc.ensure_handler()
-            tracker.wait_for(self.cdc.reconcile([component], on_processed=tracker.processed))
+            packets = self.cdc.reconcile([component], on_processed=tracker.processed)
+            if queued_before is not None and isinstance(queue, LagQueue):
+                tracker.queued(queue.rows_put_for(component.identifier) - queued_before)
+            tracker.wait_for(packets)
         except BaseException as exc:
+            tracker.close(done=False)
             interrupt = _interrupt_in(exc)
             if interrupt is None:
                 log.error("backfill of %s did not finish; adding it again resumes it", component.identifier)
@@ -467,7 +474,8 @@ def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | SystemExit | None:
 
 
 class _Backfill:
-    """Counts a backfill's packets as the handler processes them, and reports progress."""
+    """Counts a backfill's packets as the handler processes them, and reports progress
+    (:mod:`reactive.progress`: a bar on a terminal, log lines otherwise, or the callable)."""
 
     def __init__(self, identifier: str, total: int, progress: bool | Progress) -> None:
         self.identifier = identifier
@@ -477,32 +485,40 @@ class _Backfill:
         self.rows = 0
         self.failures: list[BaseException] = []
         self._done = threading.Condition()
-        self._last_log = time.monotonic()
+        self.reporter = progress_for(identifier, total, progress)
+        self._closed = False
 
     def processed(self, packet: ChangePacket, error: BaseException | None) -> None:
         with self._done:
             self.packets += 1
             self.rows += len(packet)
+            rows = self.rows
             if error is not None:
                 self.failures.append(error)
             self._done.notify_all()
-        if callable(self.progress):
-            self.progress(self.rows, self.total)
-        elif self.progress and time.monotonic() - self._last_log > 2.0:
-            self._last_log = time.monotonic()
-            log.info("backfill %s: %d rows processed (table has %d)", self.identifier, self.rows, self.total)
+        self.reporter.update(rows)
+
+    def queued(self, rows: int) -> None:
+        """Every packet is queued, ``rows`` rows in all (fewer than the table's when most outputs
+        are current): the total that progress is measured against from now on."""
+        self.reporter.set_total(rows)
+
+    def close(self, *, done: bool) -> None:
+        """End the progress report (once)."""
+        if not self._closed:
+            self._closed = True
+            self.reporter.close(done=done)
 
     def wait_for(self, queued: int) -> None:
         """Wait until ``queued`` packets are processed; raise if any failed."""
         with self._done:
             self._done.wait_for(lambda: self.packets >= queued)
+        self.close(done=not self.failures)
         if self.failures:
             raise BackendError(
                 f"backfill of {self.identifier!r} failed for some rows: {self.failures[0]}; adding it again resumes it",
                 listener=self.identifier,
             ) from self.failures[0]
-        if self.progress and self.rows:
-            log.info("backfill %s: done, %d rows brought up to date", self.identifier, self.rows)
 
 
 def connect(uri: str | None = None, **options: Any) -> Datalayer:

@@ -1,0 +1,575 @@
+"""``reactive status``: what a database holds about the listeners that write to it.
+
+It reads only what reactive keeps in the database, so it works from any process, with no
+models and no listener declared:
+
+- the checkpoint ``reactive`` (``_reactive_checkpoints``): section ``outputs/<identifier>`` of
+  each listener (its output type and source table, written when its outputs were created),
+  the lease (``__lease__``: which process runs the listeners, renewed when, until when), and
+  the positions (a MongoDB resume token, a SQL table's version mark);
+- ``_reactive_errors`` (failures recorded per listener);
+- the outputs tables ``_outputs__<identifier>``, the source tables, and on SQL the snapshot
+  tables ``_reactive_snapshot__<table>`` (counted).
+
+**Lag** is estimated cheaply: the rows of the source minus the outputs stored, never below 0.
+A row that failed (see ``errors``) and a row a listener's filter leaves out have no output, so
+they count in it; a row changed since its output was computed does not (finding those needs
+the whole comparison a backfill makes). ``last_write`` is when the listener's position was last
+saved, where reactive records a time for it (MongoDB's resume token; a SQL table with a
+version column); None otherwise.
+
+**DuckDB** opens a file in one process at a time. The status opens it read-only; when another
+process holds it (a running listener), it reads a copy of the file taken for the purpose
+(checked unchanged while it was copied; at most :data:`COPY_LIMIT_BYTES`) and says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import socket
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import quote
+
+from reactive.backends.base import OUTPUTS_PREFIX, DataBackend, TableInfo, bounded_name, outputs_table
+from reactive.backends.ibis.snapshots import SNAPSHOT_PREFIX
+from reactive.checkpoints import ENGINE_CHECKPOINT, LEASE_SECTION, Section, process_alive
+from reactive.errors import ReactiveError
+from reactive.uri import file_path, redact, scheme_of
+
+#: A DuckDB file held by another process is copied to be read, up to this size.
+COPY_LIMIT_BYTES = 2 * 1024**3
+#: Attempts at copying a DuckDB file that does not change while it is copied.
+COPY_ATTEMPTS = 5
+ERRORS_TABLE = "_reactive_errors"
+OUTPUTS_SECTION = "outputs/"
+#: A SQL table's version mark (a table with a version column): section ``snapshot/<table>``.
+MARK_PREFIX = "snapshot/"
+
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.*?) \(PID (?P<pid>\d+)\)")
+
+
+class StatusError(ReactiveError):
+    """The database cannot be opened or read for a status."""
+
+
+def database_status(uri: str) -> dict[str, Any]:
+    """The status of the database at ``uri``: its lease, and per listener its source table,
+    rows, outputs, errors, lag and position (see the module docstring). Values are plain JSON
+    (times as ISO 8601 strings in UTC); the URI is shown with its password redacted."""
+    with opened(uri) as (backend, read_from):
+        return _status(backend, redact(uri), read_from)
+
+
+@contextlib.contextmanager
+def opened(uri: str) -> Iterator[tuple[DataBackend, dict[str, Any] | None]]:
+    """The backend of ``uri`` opened for reading, and how it was read when not directly
+    (a copy of a DuckDB file another process holds)."""
+    scheme = scheme_of(uri)
+    if scheme in ("duckdb", "sqlite"):
+        path = file_path(uri)
+        if path == ":memory:":
+            raise StatusError(f"{redact(uri)!r} is an in-memory database: it exists only inside its process")
+        if not os.path.exists(path):
+            raise StatusError(f"no database file at {path!r}")
+    if scheme == "duckdb":
+        with _duckdb(uri, file_path(uri)) as found:
+            yield found
+        return
+    if scheme == "sqlite":
+        backend = _sqlite(uri, file_path(uri))
+    else:
+        from reactive.backends import backend_for_uri
+
+        backend = backend_for_uri(uri).from_uri(uri)
+    try:
+        yield backend, None
+    finally:
+        backend.close()
+
+
+def _sqlite(uri: str, path: str) -> DataBackend:
+    """A read-only SQLite connection (``mode=ro``): a status never writes."""
+    import ibis
+
+    from reactive.backends.ibis import IbisBackend
+    from reactive.backends.ibis.dialects import prepare_sqlite
+
+    try:
+        raw = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True, check_same_thread=False)
+        prepare_sqlite(raw)
+        return IbisBackend(ibis.sqlite.from_connection(raw), uri=uri)
+    except sqlite3.Error as exc:
+        raise StatusError(f"could not open {redact(uri)!r}: {exc}") from None
+
+
+@contextlib.contextmanager
+def _duckdb(uri: str, path: str) -> Iterator[tuple[DataBackend, dict[str, Any] | None]]:
+    import duckdb
+    import ibis
+
+    from reactive.backends.ibis import IbisBackend
+
+    try:
+        con = ibis.duckdb.connect(path, read_only=True)
+    except duckdb.Error as exc:
+        if "different configuration" in str(exc):
+            # This process has the file open already (database_status beside a datalayer): share it.
+            con = ibis.duckdb.connect(path)
+            backend = IbisBackend(con, uri=uri)
+            try:
+                yield backend, None
+            finally:
+                backend.close()
+            return
+        holder = _LOCK_HOLDER.search(str(exc))
+        if holder is None and "lock" not in str(exc).lower():
+            raise StatusError(f"could not open {redact(uri)!r}: {exc}") from None
+        pid = int(holder["pid"]) if holder else None
+        program = holder["program"] if holder else None
+        with tempfile.TemporaryDirectory(prefix="reactive-status-") as scratch:
+            copy, taken = _stable_copy(path, scratch, pid)
+            try:
+                con = ibis.duckdb.connect(copy, read_only=True)
+            except duckdb.Error as copy_error:
+                raise StatusError(
+                    f"{path!r} is held by process {pid} and its copy could not be read ({copy_error})"
+                ) from None
+            backend = IbisBackend(con, uri=uri)
+            read_from = {
+                "copy_taken_at": _iso(taken),
+                "held_by": {"pid": pid, "program": program, "host": socket.gethostname()},
+                "why": "DuckDB opens a file in one process at a time, and another process holds it",
+            }
+            try:
+                yield backend, read_from
+            finally:
+                backend.close()
+        return
+    backend = IbisBackend(con, uri=uri)
+    try:
+        yield backend, None
+    finally:
+        backend.close()
+
+
+def _stable_copy(path: str, into: str, pid: int | None) -> tuple[str, float]:
+    """Copy a DuckDB file (and its write-ahead log) that another process holds, until a copy is
+    taken while neither changed; the copy's path and when it was taken."""
+    size = os.path.getsize(path) + (os.path.getsize(path + ".wal") if os.path.exists(path + ".wal") else 0)
+    if size > COPY_LIMIT_BYTES:
+        raise StatusError(
+            f"{path!r} is held by process {pid} (DuckDB opens a file in one process at a time), and at "
+            f"{size / 1024**3:.1f} GiB it is too large to copy for a status: ask that process (db.cdc.info(), "
+            "reactive.metrics.serve) or stop it"
+        )
+    copy = os.path.join(into, os.path.basename(path))
+    for attempt in range(COPY_ATTEMPTS):
+        before = _stamps(path)
+        taken = time.time()
+        for suffix in ("", ".wal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(copy + suffix)
+            if os.path.exists(path + suffix):
+                with contextlib.suppress(FileNotFoundError):  # the log went away: checkpointed
+                    shutil.copyfile(path + suffix, copy + suffix)
+        if _stamps(path) == before:
+            return copy, taken
+        time.sleep(0.05 * (attempt + 1))  # written meanwhile: try again
+    raise StatusError(
+        f"{path!r} is held by process {pid} and kept changing while it was copied ({COPY_ATTEMPTS} attempts): "
+        "try again, or ask that process (db.cdc.info(), reactive.metrics.serve)"
+    )
+
+
+def _stamps(path: str) -> list[tuple[int, int] | None]:
+    stamps: list[tuple[int, int] | None] = []
+    for name in (path, path + ".wal"):
+        try:
+            found = os.stat(name)
+        except FileNotFoundError:
+            stamps.append(None)
+        else:
+            stamps.append((found.st_size, found.st_mtime_ns))
+    return stamps
+
+
+# -- what the database says -------------------------------------------------------------------------
+def _status(backend: DataBackend, uri: str, read_from: dict[str, Any] | None) -> dict[str, Any]:
+    try:
+        sections = backend.sections.read_sections(ENGINE_CHECKPOINT, None)
+    except ReactiveError:
+        raise
+    except Exception as exc:
+        raise StatusError(
+            f"could not read the checkpoints of {uri}: {type(exc).__name__}: {redact(str(exc))}"
+        ) from None
+    lease = lease_status(sections.get(LEASE_SECTION))
+    running_in = f"{lease['host']}/{lease['pid']}" if lease["state"] == "held" else None
+    declared: dict[str, dict[str, Any]] = {}
+    for key, section in sections.items():
+        if key.startswith(OUTPUTS_SECTION):
+            value = _json(section)
+            declared[key[len(OUTPUTS_SECTION) :]] = {
+                "source": value.get("source"),
+                "output_type": value.get("type"),
+                "declared_at": _iso(section.written_at),
+            }
+    errors = _error_counts(backend)
+    tables = _table_names(backend)
+    by_table = {outputs_table(identifier): identifier for identifier in declared}
+    undeclared = {
+        name[len(OUTPUTS_PREFIX) :]: name
+        for name in tables or ()
+        if name.startswith(OUTPUTS_PREFIX) and name not in by_table
+    }
+    listeners = []
+    names = sorted({*declared, *errors, *undeclared})
+    position_of, stream = _position_reader(backend, sections)
+    counts: dict[str, int | None] = {}
+
+    def count(table: str | None) -> int | None:
+        if table is None:
+            return None
+        if table not in counts:
+            counts[table] = _count(backend, table, tables)
+        return counts[table]
+
+    for identifier in names:
+        recorded = declared.get(identifier, {})
+        failed = errors.get(identifier, {})
+        source = recorded.get("source") or failed.get("table")
+        table = undeclared.get(identifier) or outputs_table(identifier)
+        rows, outputs = count(source), count(table)
+        position = position_of(source) if source is not None else None
+        if identifier in declared:
+            kind = "listener"
+        elif identifier in undeclared:
+            kind = "listener (outputs table without a checkpoint)"
+        else:
+            kind = "component (errors only)"
+        listeners.append(
+            {
+                "identifier": identifier,
+                "kind": kind,
+                "source": source,
+                "output_type": recorded.get("output_type"),
+                "outputs_table": table,
+                "rows": rows,
+                "outputs": outputs,
+                "errors": failed.get("errors", 0),
+                "last_error_at": failed.get("last_error_at"),
+                "lag": None if rows is None or outputs is None else max(rows - outputs, 0),
+                "last_write": (position or {}).get("saved_at"),
+                "position": position,
+                "declared_at": recorded.get("declared_at"),
+                "running_in": running_in,
+            }
+        )
+    status: dict[str, Any] = {
+        "uri": uri,
+        "backend": backend.name,
+        "read_from": read_from or "the database",
+        "lease": lease,
+        "running": lease["state"] == "held",
+        "listeners": listeners,
+        "errors": sum(failed.get("errors", 0) for failed in errors.values()),
+    }
+    if stream is not None:
+        status["stream"] = stream
+    return status
+
+
+def lease_status(section: Section | None, *, now: float | None = None) -> dict[str, Any]:
+    """Who holds the lease, as the section says: ``state`` is ``held``, ``expired`` (not renewed
+    in time: the next process takes over), ``gone`` (its process, on this host, no longer
+    exists), ``free`` (nobody: given up at a stop, or never taken) or ``unreadable``.
+
+    >>> lease_status(None)["state"]
+    'free'
+    >>> held = Section(b'{"epoch": 2, "expires": 4e9, "host": "elsewhere", "owner": "o", "pid": 7}', False, 0.0)
+    >>> {k: lease_status(held)[k] for k in ("state", "host", "pid", "epoch")}
+    {'state': 'held', 'host': 'elsewhere', 'pid': 7, 'epoch': 2}
+    """
+    if section is None:
+        return {"state": "free"}
+    now = time.time() if now is None else now
+    try:
+        record = json.loads(section.data)
+        host, pid, expires = record["host"], record["pid"], float(record["expires"])
+    except (ValueError, KeyError, TypeError):
+        return {"state": "unreadable", "renewed_at": _iso(section.written_at)}
+    local = host == socket.gethostname()
+    alive = process_alive(pid) if local else None
+    state = "expired" if expires < now else "gone" if local and not alive else "held"
+    since = record.get("since")
+    return {
+        "state": state,
+        "host": host,
+        "pid": pid,
+        "owner": record.get("owner"),
+        "epoch": record.get("epoch"),
+        # Not recorded by this version of the lease: None unless a holder writes it.
+        "since": _iso(since) if isinstance(since, int | float) else since,
+        "process_started": _process_started(pid) if local and alive else None,
+        "renewed_at": _iso(section.written_at),
+        "renewed_seconds_ago": round(max(now - section.written_at, 0.0), 3),
+        "expires_at": _iso(expires),
+        "expires_in_seconds": round(expires - now, 3),
+        "this_host": local,
+    }
+
+
+def _position_reader(
+    backend: DataBackend, sections: dict[str, Section]
+) -> tuple[Callable[[str], dict[str, Any] | None], dict[str, Any] | None]:
+    """What gives a source table's position, and the database's own position (a MongoDB stream's)."""
+    if backend.name == "mongodb":
+        database = getattr(getattr(backend, "db", None), "name", None)
+        saved = sections.get(f"mongodb/{database}/stream")
+        token = None if saved is None else _json(saved).get("token")
+        stream = {
+            "kind": "change stream",
+            "saved_at": None if saved is None else _iso(saved.written_at),
+            "token": None if token is None else _shorten(json.dumps(token, default=str)),
+        }
+        return lambda table: stream, stream
+    if backend.name == "kinetica":
+        return lambda table: {"kind": "none kept: every start reconciles each table", "saved_at": None}, None
+    if backend.name != "ibis":
+        return lambda table: None, None
+    cache: dict[str, dict[str, Any]] = {}
+
+    def snapshot(table: str) -> dict[str, Any]:
+        if table not in cache:
+            name = bounded_name(SNAPSHOT_PREFIX, table)
+            position: dict[str, Any] = {
+                "kind": "snapshot",
+                "snapshot_table": name,
+                "snapshot_rows": _count(backend, name, None),
+                "saved_at": None,
+            }
+            mark = sections.get(MARK_PREFIX + table)
+            if mark is not None:
+                value = _json(mark)
+                position["version_column"] = value.get("column")
+                position["version"] = _shorten(json.dumps(value.get("version"), default=str))
+                position["saved_at"] = _iso(mark.written_at)
+            cache[table] = position
+        return cache[table]
+
+    return snapshot, None
+
+
+def _count(backend: DataBackend, table: str, tables: set[str] | None) -> int | None:
+    """Rows of ``table`` (None when it does not exist)."""
+    try:
+        if tables is not None and table not in tables:
+            return None
+        if tables is None and not backend.source.table_exists(table):
+            return None
+        return int(backend.source.count(TableInfo(table, "_id")))
+    except ReactiveError:
+        return None
+
+
+def _table_names(backend: DataBackend) -> set[str] | None:
+    """Every table (collection) of the database, where the backend can list them cheaply."""
+    conn = getattr(backend, "conn", None)
+    if conn is not None and hasattr(conn, "con"):
+        return set(conn.con.list_tables())
+    database = getattr(backend, "db", None)
+    if database is not None and hasattr(database, "list_collection_names"):
+        return set(database.list_collection_names())
+    return None
+
+
+def _error_counts(backend: DataBackend) -> dict[str, dict[str, Any]]:
+    """Per listener: errors recorded and the time of the last one; counted in the database."""
+    found: dict[str, dict[str, Any]] = {}
+    conn = getattr(backend, "conn", None)
+    database = getattr(backend, "db", None)
+    if conn is not None and hasattr(conn, "con"):
+        if not conn.table_exists(ERRORS_TABLE):
+            return {}
+        t = conn.table(ERRORS_TABLE)
+        rows = t.group_by("listener").aggregate(errors=t.count(), last=t.at.max(), table=t.table.max())
+        for row in rows.to_pyarrow().to_pylist():
+            found[row["listener"]] = {
+                "errors": int(row["errors"]),
+                "last_error_at": _iso(row["last"]),
+                "table": row["table"],
+            }
+        return found
+    if database is not None and hasattr(database, "list_collection_names"):
+        pipeline = [
+            {
+                "$group": {
+                    "_id": "$listener",
+                    "errors": {"$sum": 1},
+                    "last": {"$max": "$at"},
+                    "table": {"$first": "$table"},
+                }
+            }
+        ]
+        for row in database[ERRORS_TABLE].aggregate(pipeline):
+            found[row["_id"]] = {
+                "errors": int(row["errors"]),
+                "last_error_at": _iso(row["last"]),
+                "table": row["table"],
+            }
+        return found
+    for error in backend.errors.read_errors(None):
+        entry = found.setdefault(error["listener"], {"errors": 0, "last_error_at": None, "table": error["table"]})
+        entry["errors"] += 1
+        entry["last_error_at"] = _iso(error["at"])
+    return found
+
+
+def _json(section: Section) -> dict[str, Any]:
+    try:
+        value = json.loads(section.data)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _iso(value: Any) -> str | None:
+    """A time as ISO 8601 in UTC (seconds since the epoch, or a datetime; naive ones are UTC)."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        value = _dt.datetime.fromtimestamp(value, _dt.UTC)
+    if isinstance(value, str):  # SQLite keeps timestamps as text
+        with contextlib.suppress(ValueError):
+            value = _dt.datetime.fromisoformat(value)
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.UTC)
+        return value.astimezone(_dt.UTC).isoformat(timespec="milliseconds")
+    return str(value)
+
+
+def _shorten(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _process_started(pid: Any) -> str | None:
+    """When process ``pid`` of this host started (Linux), or None."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as system:
+            boot = next(int(line.split()[1]) for line in system if line.startswith("btime "))
+        return _iso(boot + int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+# -- text ---------------------------------------------------------------------------------------------
+def format_status(status: dict[str, Any]) -> str:
+    """The status as the ``reactive status`` command prints it."""
+    from reactive.demo import format_table
+
+    lines = [f"database  {status['uri']} ({status['backend']})"]
+    read_from = status["read_from"]
+    if isinstance(read_from, dict):
+        held = read_from["held_by"]
+        lines.append(
+            f"read from a copy taken at {_short_time(read_from['copy_taken_at'])}: process {held['pid']} "
+            f"({held['program'] or 'unknown program'}) holds the DuckDB file, which opens in one process at a time"
+        )
+    lines.append(f"lease     {_lease_line(status['lease'])}")
+    stream = status.get("stream")
+    if stream is not None:
+        lines.append(f"position  {_position_text(stream)}")
+    lines.append("")
+    listeners = status["listeners"]
+    if not listeners:
+        lines.append("no listeners recorded in this database")
+        return "\n".join(lines)
+    rows = [
+        [
+            entry["identifier"],
+            entry["source"] or "?",
+            _number(entry["rows"]),
+            _number(entry["outputs"]),
+            entry["errors"],
+            _number(entry["lag"]),
+            _short_time(entry["last_write"]) or "-",
+            entry["running_in"] or "-",
+        ]
+        for entry in listeners
+    ]
+    headers = ["listener", "source", "rows", "outputs", "errors", "lag", "last write", "running in"]
+    lines.append(format_table(headers, rows, indent=""))
+    if stream is None:
+        positions = {entry["source"]: entry["position"] for entry in listeners if entry["position"]}
+        if positions:
+            lines.append("")
+            lines.append("positions")
+            lines.extend(f"  {table}: {_position_text(position)}" for table, position in positions.items())
+    others = [entry for entry in listeners if entry["kind"] != "listener"]
+    for entry in others:
+        lines.append(f"note: {entry['identifier']} is a {entry['kind']}")
+    lines.append("")
+    lines.append("lag: rows of the source minus outputs stored (failed and filtered-out rows count in it)")
+    return "\n".join(lines)
+
+
+def _lease_line(lease: dict[str, Any]) -> str:
+    state = lease["state"]
+    if state == "free":
+        return "free: no process runs the listeners"
+    if state == "unreadable":
+        return "unreadable"
+    who = f"{lease['host']} pid {lease['pid']} (epoch {lease['epoch']})"
+    since = lease.get("since") or lease.get("process_started")
+    since_text = (
+        f", since {_short_time(since)}" + (" (process start)" if not lease.get("since") else "") if since else ""
+    )
+    renewed = f"renewed {lease['renewed_seconds_ago']:.1f} s ago"
+    if state == "held":
+        return f"held by {who}{since_text}, {renewed}, expires in {lease['expires_in_seconds']:.1f} s"
+    if state == "gone":
+        return f"left by {who}, whose process is gone: the next process takes over at once"
+    return f"expired {-lease['expires_in_seconds']:.1f} s ago, last held by {who}: the next process takes over"
+
+
+def _position_text(position: dict[str, Any]) -> str:
+    if position["kind"] == "snapshot":
+        rows = position["snapshot_rows"]
+        text = (
+            f"snapshot of {_number(rows)} rows ({position['snapshot_table']})"
+            if rows is not None
+            else "no snapshot yet"
+        )
+        if position.get("version_column"):
+            text += f", version {position['version_column']} at {position['version']}"
+        if position.get("saved_at"):
+            text += f", saved {_short_time(position['saved_at'])}"
+        return text
+    if position["kind"] == "change stream":
+        if position["token"] is None:
+            return "change stream, no position saved yet"
+        return f"change stream resume token saved {_short_time(position['saved_at'])}"
+    return position["kind"]
+
+
+def _number(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+def _short_time(value: str | None) -> str | None:
+    """``2026-11-26T13:55:01.123+00:00`` as ``2026-11-26 13:55:01 UTC``."""
+    if not value:
+        return None
+    return value[:19].replace("T", " ") + " UTC"

@@ -1,0 +1,356 @@
+"""``reactive status`` and ``reactive errors`` from a second process, backfill progress, lag, metrics.
+
+The test process is the first process: it runs the listener (and holds a DuckDB file, as a
+running listener does). The commands run as a second process (``python -m reactive ...``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import logging
+import os
+import pty
+import re
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import SQLClient, outputs_by_source
+
+import reactive
+import reactive.metrics
+import reactive.progress
+from reactive.checkpoints import Section
+from reactive.cli import main
+from reactive.components import Listener, Model
+from reactive.errors import ConfigurationError
+from reactive.status import database_status, format_status, lease_status
+
+ROOT = Path(__file__).parent.parent
+
+
+def command(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m reactive ARGS`` in another process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "reactive", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def status_of(uri: str) -> dict[str, Any]:
+    done = command("status", "--uri", uri, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+class Switch:
+    """A model that fails on inputs containing ``"bad"`` while ``broken``."""
+
+    def __init__(self) -> None:
+        self.broken = True
+
+    def __call__(self, texts: list[str]) -> list[int]:
+        if self.broken and any("bad" in t for t in texts):
+            raise ValueError("cannot handle bad input")
+        return [len(t) for t in texts]
+
+
+def make_docs(client: SQLClient) -> None:
+    client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    client.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, "bb"), (3, "ccc"), (4, None)])
+
+
+# -- reactive status -------------------------------------------------------------------------------------
+def test_status_from_a_second_process_while_a_listener_runs(sql: SQLClient) -> None:
+    make_docs(sql)
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("len", predict=Switch(), max_retries=0), "text", "docs"))
+        db.cdc.start()
+        sql.execute("INSERT INTO docs VALUES (5, 'eeeee')")
+        assert db.cdc.wait_idle(timeout=30)
+        uri = sql.uri.replace("postgres@", "postgres:s3cret@") if sql.kind == "postgres" else sql.uri
+        done = command("status", "--uri", uri, "--json")
+        assert done.returncode == 0, done.stderr
+        assert "s3cret" not in done.stdout + done.stderr
+        status = json.loads(done.stdout)
+
+        assert status["uri"] == (uri.replace("s3cret", "***") if sql.kind == "postgres" else uri)
+        lease = status["lease"]
+        assert status["running"] and lease["state"] == "held"
+        assert (lease["host"], lease["pid"]) == (socket.gethostname(), os.getpid())
+        assert lease["renewed_seconds_ago"] < 5 and lease["expires_in_seconds"] > 0
+        assert lease["process_started"] is not None
+        [entry] = status["listeners"]
+        assert entry["identifier"] == "len__text" and entry["source"] == "docs" and entry["kind"] == "listener"
+        assert (entry["rows"], entry["outputs"], entry["errors"], entry["lag"]) == (5, 4, 1, 1)
+        assert entry["output_type"] == "int64" and entry["last_error_at"] is not None
+        assert entry["running_in"] == f"{socket.gethostname()}/{os.getpid()}"
+        assert entry["position"]["kind"] == "snapshot" and entry["position"]["snapshot_rows"] == 5
+        if sql.kind == "duckdb":  # the test process holds the file: the status read a copy of it
+            assert status["read_from"]["held_by"]["pid"] == os.getpid()
+        else:
+            assert status["read_from"] == "the database"
+
+        if sql.kind == "sqlite":
+            text = command("status", "--uri", uri)
+            assert text.returncode == 0, text.stderr
+            assert re.search(
+                rf"^lease +held by {re.escape(socket.gethostname())} pid {os.getpid()} ", text.stdout, re.M
+            )
+            row = rf"^len__text +docs +5 +4 +1 +1 +- +{re.escape(socket.gethostname())}/{os.getpid()}$"
+            assert re.search(row, text.stdout, re.M), text.stdout
+            assert "docs: snapshot of 5 rows (_reactive_snapshot__docs)" in text.stdout
+        if sql.kind == "duckdb":
+            text = format_status(status)
+            assert f"read from a copy taken at {status['read_from']['copy_taken_at'][:10]}" in text
+            assert f"process {os.getpid()} (" in text
+    # Stopped: the lease is given up, and the counts stay (in this process, which still has the
+    # DuckDB file open through the foreign client: the status shares that connection).
+    after = database_status(sql.uri)
+    assert after["lease"]["state"] == "free" and not after["running"]
+    assert after["listeners"][0]["running_in"] is None and after["listeners"][0]["outputs"] == 4
+
+
+def test_status_of_mongodb_from_a_second_process(mongo_uri: str, mongo) -> None:
+    mongo.docs.insert_many([{"_id": 1, "text": "a"}, {"_id": 2, "text": "bad"}])
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("len", predict=Switch(), max_retries=0), "text", "docs"))
+        db.cdc.start()
+        mongo.docs.insert_one({"_id": 3, "text": "ccc"})
+        assert db.cdc.wait_idle(timeout=30)
+        status = status_of(mongo_uri)
+    assert status["backend"] == "mongodb" and status["running"]
+    assert status["lease"]["pid"] == os.getpid()
+    [entry] = status["listeners"]
+    assert (entry["source"], entry["rows"], entry["outputs"], entry["errors"], entry["lag"]) == ("docs", 3, 2, 1, 1)
+    assert entry["position"]["kind"] == "change stream" and entry["position"]["token"]
+    assert entry["last_write"] == status["stream"]["saved_at"] is not None
+    text = format_status(status)
+    assert re.search(r"^position +change stream resume token saved \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$", text, re.M)
+    assert re.search(r"^len__text +docs +3 +2 +1 +1 +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC +\S+/\d+$", text, re.M), text
+
+
+def test_status_of_what_cannot_be_opened(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--uri", f"duckdb:///{tmp_path / 'missing.duckdb'}"]) == 1
+    assert "no database file" in capsys.readouterr().err
+    assert not (tmp_path / "missing.duckdb").exists()
+    assert main(["status", "--uri", "postgresql://bob:hunter2@127.0.0.1:1/x"]) == 1
+    err = capsys.readouterr().err
+    assert "reactive status: error: could not connect to 'postgresql://bob:***@127.0.0.1:1/x'" in err
+    assert "hunter2" not in err
+    assert main(["status", "--uri", "duckdb://"]) == 1
+    assert "in-memory" in capsys.readouterr().err
+    assert main(["status", "--uri", "mysql://root:pw@db/app"]) == 1
+    assert "supported schemes" in capsys.readouterr().err
+
+
+def test_a_database_without_listeners(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "empty.sqlite"
+    path.touch()
+    assert main(["status", "--uri", f"sqlite:///{path}"]) == 0
+    out = capsys.readouterr().out
+    assert "free: no process runs the listeners" in out and "no listeners recorded" in out
+
+
+def test_lease_states() -> None:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    here = socket.gethostname()
+
+    def lease(pid: int, expires: float, host: str = here) -> Section:
+        record = {"epoch": 3, "expires": expires, "host": host, "owner": "o", "pid": pid}
+        return Section(json.dumps(record).encode(), False, 1000.0)
+
+    assert lease_status(lease(os.getpid(), 2000.0), now=1001.0)["state"] == "held"
+    assert lease_status(lease(gone.pid, 2000.0), now=1001.0)["state"] == "gone"
+    assert lease_status(lease(os.getpid(), 1000.5), now=1001.0)["state"] == "expired"
+    assert lease_status(lease(gone.pid, 2000.0, host="elsewhere"), now=1001.0)["state"] == "held"
+    assert lease_status(Section(b"garbage", False, 0.0))["state"] == "unreadable"
+
+
+# -- reactive errors from a second process ----------------------------------------------------------------
+def test_errors_listed_and_retried_from_a_second_process(tmp_path: Path) -> None:
+    """The running process computes the rows `reactive errors --retry` queued, at its next poll."""
+    import sqlite3
+
+    path = tmp_path / "app.sqlite"
+    client = sqlite3.connect(path, isolation_level=None)
+    client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+    client.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "ok"), (2, "bad"), (3, "bad too")])
+    uri = f"sqlite:///{path}"
+    model = Switch()
+    with reactive.connect(uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("len", predict=model, max_retries=0), "text", "docs"))
+        db.cdc.start()
+        listed = command("errors", "--uri", uri, "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert sorted(e["source"] for e in json.loads(listed.stdout)) == [2, 3]
+        model.broken = False
+        retried = command("errors", "--uri", uri, "--retry")
+        assert retried.returncode == 0, retried.stderr
+        assert "cleared 2 errors." in retried.stdout and "next poll" in retried.stdout
+        assert db.cdc.wait_idle(timeout=30)  # its poll started after the retry: the rows are computed
+        assert outputs_by_source(db, "len__text") == {1: 2, 2: 3, 3: 7}
+        assert db.errors() == []
+    client.close()
+
+
+def test_errors_of_a_duckdb_file_another_process_holds(duck: SQLClient) -> None:
+    make_docs(duck)
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(Model("len", predict=Switch(), max_retries=0), "text", "docs"))
+        db.cdc.start()
+        listed = command("errors", "--uri", duck.uri, "--json")
+        assert listed.returncode == 0, listed.stderr
+        [error] = json.loads(listed.stdout)
+        assert error["source"] == 4 and "row has no value for key 'text'" in error["error"]
+        retried = command("errors", "--uri", duck.uri, "--retry")
+        assert retried.returncode == 1
+        assert "another process holds" in retried.stderr and "db.retry_errors()" in retried.stderr
+
+
+# -- progress ----------------------------------------------------------------------------------------------
+BACKFILL = """
+import sqlite3, sys
+import reactive
+from reactive.components import Listener, Model
+
+client = sqlite3.connect(sys.argv[1])
+client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+client.executemany("INSERT INTO docs VALUES (?, ?)", [(i, "x" * (i % 7)) for i in range(300)])
+client.commit()
+with reactive.connect("sqlite:///" + sys.argv[1], page_size=100, batch_rows=100) as db:
+    db.add(Listener(Model("len", predict=lambda texts: [len(t) for t in texts]), "text", "docs"))
+print("added")
+"""
+
+
+def test_a_backfill_shows_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    script = tmp_path / "backfill.py"
+    script.write_text(BACKFILL)
+    main_fd, child_fd = pty.openpty()
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TQDM_DISABLE", None)
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "app.sqlite")],
+        stdin=child_fd,
+        stdout=child_fd,
+        stderr=child_fd,
+        env=env,
+        close_fds=True,
+    )
+    os.close(child_fd)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(main_fd)
+    assert child.wait(60) == 0, output.decode(errors="replace")
+    text = output.decode(errors="replace")
+    # tqdm's bar: description, percentage, rows done / total, [elapsed<left, rate]
+    assert re.search(r"backfill len__text: +100%\|.*\| 300/300 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+k?rows/s\]", text), text
+    assert "added" in text
+
+
+def test_without_a_terminal_a_backfill_logs_plain_lines(
+    duck: SQLClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, whatever runs the tests
+    monkeypatch.setattr(reactive.progress, "LOG_EVERY", 0.0)
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"t{i}") for i in range(250)])
+    with caplog.at_level(logging.INFO, logger="reactive.progress"), reactive.connect(duck.uri, page_size=100) as db:
+        db.add(Listener(Model("m", predict=lambda texts: [len(t) for t in texts]), "text", "docs"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "reactive.progress"]
+    assert lines[0] == "backfill m__text: started (table has 250 rows)"
+    assert re.fullmatch(r"backfill m__text: 100 of 250 rows \(40%\), [\d,]+ rows/s, about [\d,]+ s left", lines[1])
+    assert re.fullmatch(r"backfill m__text: done, 250 rows in [\d.]+ s, [\d,]+ rows/s", lines[-1])
+    assert sys.stderr.getvalue() == ""  # no bar
+
+
+def test_a_resumed_backfill_measures_progress_against_the_rows_it_queued(
+    duck: SQLClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"t{i}") for i in range(200)])
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(Model("m", predict=lambda texts: [len(t) for t in texts]), "text", "docs"), progress=False)
+    duck.execute("UPDATE docs SET text = 'changed' WHERE id < 3")  # while no process ran
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(reactive.progress, "_is_terminal", lambda stream: True)
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(Model("m", predict=lambda texts: [len(t) for t in texts]), "text", "docs"))
+    # The bar started at the table's 200 rows; once everything was queued, its total became 3.
+    final = terminal.getvalue().replace("\r", "\n").splitlines()
+    assert any(re.search(r"backfill m__text: 100%.*\| 3/3 \[", line) for line in final), terminal.getvalue()
+
+
+# -- lag in info(), and the metrics over HTTP ----------------------------------------------------------------
+class Held:
+    """A model that holds its first call until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, texts: list[str]) -> list[int]:
+        self.entered.set()
+        assert self.release.wait(30), "the test never released the model"
+        return [len(t) for t in texts]
+
+
+def test_info_lag_and_prometheus_metrics_over_http(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "app.sqlite"
+    client = sqlite3.connect(path, isolation_level=None)
+    client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+    model = Held()
+    with reactive.connect(f"sqlite:///{path}", poll_interval=0.05) as db:
+        db.add(Listener(Model("len", predict=model), "text", "docs"))
+        assert db.cdc.info()["listeners"]["len__text"]["lag"] == {"rows": 0, "seconds": None}
+        db.cdc.start()
+        server = reactive.metrics.serve(db, 0)
+        try:
+            client.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, "bb"), (3, "ccc")])
+            assert model.entered.wait(30)
+            lag = db.cdc.info()["listeners"]["len__text"]["lag"]
+            assert lag["rows"] == 3 and lag["seconds"] >= 0
+            scraped = urllib.request.urlopen(server.url, timeout=10).read().decode()
+            assert 'reactive_listener_lag_rows{listener="len__text"} 3.0' in scraped
+            assert "reactive_running 1.0" in scraped and "reactive_lease_held 1.0" in scraped
+            model.release.set()
+            assert db.cdc.wait_idle(timeout=30)
+            assert db.cdc.info()["listeners"]["len__text"]["lag"] == {"rows": 0, "seconds": None}
+            scraped = urllib.request.urlopen(server.url, timeout=10).read().decode()
+            assert 'reactive_listener_computed_total{listener="len__text"} 3.0' in scraped
+            assert 'reactive_listener_changes_total{event="insert",listener="len__text"} 3.0' in scraped
+            assert 'reactive_listener_lag_rows{listener="len__text"} 0.0' in scraped
+            assert "reactive_handler_rows_total 3.0" in scraped
+        finally:
+            model.release.set()
+            server.close()
+        assert db.cdc.metrics() is server.registry  # one registry per datalayer
+    client.close()
+
+
+def test_metrics_without_prometheus_client_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails
+    with reactive.connect("duckdb://") as db, pytest.raises(ConfigurationError, match=r"reactive-ml\[metrics\]"):
+        db.cdc.metrics()
