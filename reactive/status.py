@@ -359,14 +359,24 @@ def _position_reader(
             }
             mark = sections.get(MARK_PREFIX + table)
             if mark is not None:
-                value = _json(mark)
-                position["version_column"] = value.get("column")
-                position["version"] = _shorten(json.dumps(value.get("version"), default=str))
+                position.update(_version_mark(_json(mark)))
                 position["saved_at"] = _iso(mark.written_at)
             cache[table] = position
         return cache[table]
 
     return snapshot, None
+
+
+def _version_mark(value: dict[str, Any]) -> dict[str, Any]:
+    """A table's version mark: its version column, the highest version seen, the last full diff."""
+    from reactive.backends.ibis.snapshots import VersionMark
+
+    try:
+        mark = VersionMark.decoded(value)
+    except (KeyError, TypeError, ValueError):
+        return {"version_column": value.get("column"), "version": None, "full_diff_at": None}
+    version = mark.version.isoformat() if isinstance(mark.version, _dt.datetime) else mark.version
+    return {"version_column": mark.column, "version": version, "full_diff_at": _iso(mark.full_diff_at)}
 
 
 def _count(backend: DataBackend, table: str, tables: set[str] | None) -> int | None:
@@ -553,7 +563,9 @@ def _position_text(position: dict[str, Any]) -> str:
             else "no snapshot yet"
         )
         if position.get("version_column"):
-            text += f", version {position['version_column']} at {position['version']}"
+            text += f", {position['version_column']} up to {position['version']}"
+            if position.get("full_diff_at"):
+                text += f" (last full diff {_short_time(position['full_diff_at'])})"
         if position.get("saved_at"):
             text += f", saved {_short_time(position['saved_at'])}"
         return text

@@ -354,3 +354,25 @@ def test_metrics_without_prometheus_client_say_what_to_install(monkeypatch: pyte
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails
     with reactive.connect("duckdb://") as db, pytest.raises(ConfigurationError, match=r"reactive-ml\[metrics\]"):
         db.cdc.metrics()
+
+
+def test_the_position_of_a_table_with_a_version_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "app.sqlite"
+    client = sqlite3.connect(path, isolation_level=None)
+    client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT, rev INTEGER)")
+    client.execute("INSERT INTO docs VALUES (1, 'a', 1)")
+    uri = f"sqlite:///{path}"
+    with reactive.connect(uri, version_columns={"docs": "rev"}, poll_interval=0.05) as db:
+        db.add(Listener(Model("len", predict=lambda texts: [len(t) for t in texts]), "text", "docs"))
+        db.cdc.start()
+        client.execute("INSERT INTO docs VALUES (2, 'bb', 7)")
+        assert db.cdc.wait_idle(timeout=30)
+        status = database_status(uri)
+    [entry] = status["listeners"]
+    position = entry["position"]
+    assert (position["version_column"], position["version"], position["snapshot_rows"]) == ("rev", 7, 2)
+    assert entry["last_write"] == position["saved_at"] is not None
+    assert "docs: snapshot of 2 rows (_reactive_snapshot__docs), rev up to 7 (last full diff " in format_status(status)
+    client.close()
