@@ -7,7 +7,8 @@ Futures may complete in any order; the handler writes windows in the order they 
 whatever order their futures finish in.
 
 :class:`LocalCompute`, the default, runs the calls in this process on one thread,
-``reactive-compute``, in the order they were submitted.
+``reactive-compute``, in the order they were submitted. :class:`RayCompute` runs them on Ray
+actors (``pip install 'reactive-ml[ray]'``), many batches at once.
 
 >>> from reactive.components.model import Model
 >>> compute = LocalCompute()
@@ -19,13 +20,16 @@ whatever order their futures finish in.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Protocol
 
+from reactive.errors import ComputeUnavailableError, ConfigurationError
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -123,3 +127,243 @@ class LocalCompute:
         worker.join(timeout)
         if worker.is_alive():
             log.error("thread %s did not stop within %s s", worker.name, timeout)
+
+
+class _ModelActor:
+    """A Ray actor holding one model: built once (``load`` runs here), then called per batch."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+
+    def ready(self) -> bool:
+        self.model.predict  # noqa: B018 - load() runs now, so a broken loader fails the start
+        return True
+
+    def compute(self, inputs: list[Any]) -> list[Any]:
+        # Errors are isolated per input here, exactly as in-process (Model.compute).
+        return self.model.compute(inputs, wait=_sleep)
+
+
+def _sleep(seconds: float) -> bool:
+    threading.Event().wait(seconds)
+    return True
+
+
+class RayCompute:
+    """Model work on Ray actors: many batches in flight, on this machine or a cluster.
+
+    ``address`` is passed to ``ray.init`` when this process has no Ray instance yet (None:
+    start a local one, shut down again by :meth:`close`); an instance the application started
+    is used and left running. Each model gets ``actors`` actors, each asking for ``num_cpus``
+    CPUs and ``num_gpus`` GPUs; the model is sent once per actor (``Model(load=...)`` builds it
+    there). A window's inputs are cut into the model's batches (longest texts first, as in
+    process) and spread over the actors, at most ``max_in_flight`` batches at once (default:
+    two per actor, so each actor has its next batch waiting), the rest queued in this process
+    oldest window first; :meth:`submit` itself never waits. Results come back in input order.
+
+    Faults: an actor that dies mid-batch (killed, out of memory) is restarted by Ray and its
+    batch run again; a cluster that cannot be reached fails the window with
+    :class:`~reactive.errors.ComputeUnavailableError`, which the handler retries with backoff
+    like an unreachable database; a model's own errors are isolated per row as in process.
+    Actors that cannot be placed (too few CPUs or GPUs) fail the first batch with a
+    ``ConfigurationError`` after ``placement_timeout`` seconds instead of hanging.
+
+    Ray moves the inputs and outputs with its own serialization, between its own processes;
+    ``reactive`` unpickles nothing read from the database.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        actors: int = 1,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+        max_in_flight: int | None = None,
+        placement_timeout: float = 60.0,
+        init_options: dict[str, Any] | None = None,
+        actor_options: dict[str, Any] | None = None,
+    ) -> None:
+        if isinstance(actors, bool) or not isinstance(actors, int) or actors < 1:
+            raise ConfigurationError(f"RayCompute needs at least one actor, not {actors!r}")
+        if num_cpus < 0 or num_gpus < 0:
+            raise ConfigurationError("num_cpus and num_gpus cannot be negative")
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ConfigurationError("max_in_flight must be at least 1")
+        self.address = address
+        self.actors = actors
+        self.num_cpus = num_cpus
+        self.num_gpus = num_gpus
+        self.max_in_flight = max_in_flight or 2 * actors
+        self.placement_timeout = placement_timeout
+        self.init_options = dict(init_options or {})
+        #: More options of each actor (``runtime_env``, ``resources``, ``scheduling_strategy``...).
+        self.actor_options = dict(actor_options or {})
+        self._lock = threading.Lock()
+        self._started_ray = False
+        #: Per model identifier: the model object the actors were built from, and the actors.
+        self._pools: dict[str, tuple[Model, list[Any]]] = {}
+        self._next = 0
+        #: Batches waiting for a free slot: (actors, inputs, what to call when done).
+        self._pending: deque[tuple[list[Any], list[Any], Callable[[Future[list[Any]]], None]]] = deque()
+        self._in_flight = 0
+
+    def __repr__(self) -> str:
+        return f"RayCompute(actors={self.actors}, num_cpus={self.num_cpus}, num_gpus={self.num_gpus})"
+
+    def _ray(self) -> Any:
+        try:
+            import ray
+        except ImportError:  # pragma: no cover - the ray extra is installed with the tests
+            raise ConfigurationError("RayCompute needs Ray: pip install 'reactive-ml[ray]'") from None
+        if not ray.is_initialized():
+            options = {"include_dashboard": False, "log_to_driver": False, **self.init_options}
+            ray.init(address=self.address, **options)
+            self._started_ray = True
+        return ray
+
+    def _pool(self, model: Model) -> list[Any]:
+        """The actors of ``model`` (started at its first batch, again if the model was replaced)."""
+        ray = self._ray()
+        with self._lock:
+            pool = self._pools.get(model.identifier)
+            if pool is not None and pool[0] is model:
+                return pool[1]
+            if pool is not None:
+                for actor in pool[1]:
+                    ray.kill(actor)
+            needed = {"CPU": self.num_cpus * self.actors, "GPU": self.num_gpus * self.actors}
+            total = ray.cluster_resources()
+            short = {k: v for k, v in needed.items() if v > total.get(k, 0)}
+            if short:
+                have = ", ".join(f"{total.get(k, 0):g} {k}" for k in short)
+                raise ConfigurationError(
+                    f"RayCompute asks for {self.actors} actors x {self.num_cpus:g} CPU / {self.num_gpus:g} GPU for "
+                    f"model {model.identifier!r}; the Ray cluster has {have}"
+                )
+            remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=-1, max_task_retries=-1)(
+                _ModelActor
+            )
+            actors = [remote.remote(model) for _ in range(self.actors)]
+            try:
+                ray.get([actor.ready.remote() for actor in actors], timeout=self.placement_timeout)
+            except ray.exceptions.GetTimeoutError:
+                for actor in actors:
+                    ray.kill(actor)
+                raise ConfigurationError(
+                    f"the actors of model {model.identifier!r} were not placed within {self.placement_timeout:g} s "
+                    "(the Ray cluster's CPUs or GPUs are taken)"
+                ) from None
+            self._pools[model.identifier] = (model, actors)
+            return actors
+
+    def actors_of(self, identifier: str) -> list[Any]:
+        """The actor handles running model ``identifier`` (none before its first batch)."""
+        with self._lock:
+            pool = self._pools.get(identifier)
+            return list(pool[1]) if pool else []
+
+    def _forget(self, model: Model, actors: list[Any]) -> None:
+        """Actors Ray could not keep alive: the next batch of ``model`` starts new ones."""
+        with self._lock:
+            pool = self._pools.get(model.identifier)
+            if pool is not None and pool[1] is actors:
+                del self._pools[model.identifier]
+
+    def submit(
+        self,
+        model: Model,
+        inputs: Sequence[Any],
+        *,
+        wait: Callable[[float], bool],
+        stopping: Callable[[], bool] = lambda: False,
+    ) -> Future[list[Any]]:
+        from reactive.components.model import length_order
+
+        outer: Future[list[Any]] = Future()
+        outer.set_running_or_notify_cancel()
+        if not inputs:
+            outer.set_result([])
+            return outer
+        try:
+            actors = self._pool(model)
+        except Exception as exc:
+            outer.set_exception(exc)
+            return outer
+        order = list(length_order(inputs) if model.sort_by_length else range(len(inputs)))
+        parts = [order[start : start + model.batch_size] for start in range(0, len(order), model.batch_size)]
+        results: list[Any] = [None] * len(inputs)
+        remaining = [len(parts)]
+        lock = threading.Lock()
+
+        def settled(indices: list[int], future: Future[list[Any]]) -> None:
+            with self._lock:
+                self._in_flight -= 1
+            self._pump()
+            error = future.exception()
+            with lock:
+                if outer.done():
+                    return
+                if error is not None:
+                    error = _compute_error(error, model)
+                    if isinstance(error, ComputeUnavailableError):
+                        self._forget(model, actors)
+                    outer.set_exception(error)
+                    return
+                for index, output in zip(indices, future.result(), strict=True):
+                    results[index] = output
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    outer.set_result(results)
+
+        with self._lock:
+            for indices in parts:
+                self._pending.append((actors, [inputs[i] for i in indices], functools.partial(settled, indices)))
+        self._pump()
+        return outer
+
+    def _pump(self) -> None:
+        """Send waiting batches, oldest first, while fewer than ``max_in_flight`` compute."""
+        while True:
+            with self._lock:
+                if self._in_flight >= self.max_in_flight or not self._pending:
+                    return
+                actors, batch, settled = self._pending.popleft()
+                actor = actors[self._next % len(actors)]
+                self._next += 1
+                self._in_flight += 1
+            try:
+                future = actor.compute.remote(batch).future()
+            except Exception as exc:  # the cluster is gone: this batch fails, the window is retried
+                future = Future()
+                future.set_exception(exc)
+            future.add_done_callback(settled)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Kill this executor's actors; shut Ray down if this executor started it."""
+        with self._lock:
+            pools, self._pools = self._pools, {}
+            started, self._started_ray = self._started_ray, False
+            self._pending.clear()
+        if not pools and not started:
+            return
+        import ray
+
+        if ray.is_initialized():
+            for _, actors in pools.values():
+                for actor in actors:
+                    ray.kill(actor)
+            if started:
+                ray.shutdown()
+
+
+def _compute_error(error: BaseException, model: Model) -> BaseException:
+    """An error of Ray's own (an actor or node gone, the cluster unreachable) as the transient
+    ComputeUnavailableError; a bug in the actor as itself."""
+    import ray.exceptions
+
+    if isinstance(error, ray.exceptions.RayTaskError):
+        return error
+    if isinstance(error, ray.exceptions.RayError | ConnectionError):
+        return ComputeUnavailableError(f"Ray could not run model {model.identifier!r}: {error}")
+    return error

@@ -234,7 +234,7 @@ class Datalayer:
         if existing.same_settings(component):
             return existing
         old, new = existing.model, component.model
-        if old.version == new.version and old.predict is not new.predict:
+        if old.version == new.version and not old.same_function(new):
             log.warning(
                 "listener %s: the new model %r has the version of the old one (%r), so the stored outputs are "
                 "kept; give it a new version= to compute them again",

@@ -44,6 +44,11 @@ class QueueClosedError(ReactiveError):
     """A producer tried to put a change on a queue that is shutting down."""
 
 
+class ComputeUnavailableError(ReactiveError):
+    """Model work could not run because its executor is unreachable (a Ray cluster gone): the
+    handler retries the window with backoff, as when the database is unreachable."""
+
+
 class SearchError(ReactiveError, ValueError):
     """A search that cannot be answered as asked (unknown index, a query of the wrong length, k < 1...)."""
 

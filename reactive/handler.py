@@ -21,7 +21,7 @@ from reactive.backends.base import (
     ErrorRecord,
     outputs_table,
 )
-from reactive.errors import LeaseLostError
+from reactive.errors import ComputeUnavailableError, LeaseLostError
 from reactive.events import Batch, ChangePacket, ChangeSource, DBEvent, coalesce, collate, id_key
 from reactive.threads import ReactiveThread
 
@@ -396,6 +396,8 @@ class CDCHandler(ReactiveThread):
             refresh = plan.finish()
         except LeaseLostError:
             raise  # not the rows' fault: the window waits (see _handle_with_retries)
+        except ComputeUnavailableError as exc:
+            raise BackendUnavailableError(str(exc)) from exc  # the same retries as a database gone
         except Exception as exc:
             if self.db.backend.is_transient(exc):
                 raise BackendUnavailableError(f"database unreachable ({exc})") from exc

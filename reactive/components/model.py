@@ -146,6 +146,14 @@ class Model:
     long as it needs; it is given up only when change data capture stops (after 10 s).
     :attr:`calls` shows the running and stuck call.
 
+    **Loading.** A large model is better built where it runs than shipped with every call:
+    ``Model("embed", load=make_encoder)`` calls ``make_encoder()`` once, at the model's first
+    use in a process (with :class:`~reactive.compute.RayCompute`, once in each actor), and uses
+    what it returns as ``predict``. Give ``predict`` or ``load``, not both.
+
+    >>> Model("len", load=lambda: lambda texts: [len(t) for t in texts]).compute(["ab"], wait=lambda s: True)
+    [2]
+
     **Versions.** ``version`` names what the model computes. It is part of every stored
     output's fingerprint (:meth:`fingerprint`), so a listener added with a model of another
     version finds every output stale and computes it again. Change it whenever ``predict``
@@ -155,8 +163,9 @@ class Model:
     def __init__(
         self,
         identifier: str,
-        predict: Callable[[list[Any]], Sequence[Any]],
+        predict: Callable[[list[Any]], Sequence[Any]] | None = None,
         *,
+        load: Callable[[], Callable[[list[Any]], Sequence[Any]]] | None = None,
         batch_size: int = 64,
         output_type: str | None = None,
         max_retries: int = 2,
@@ -169,8 +178,10 @@ class Model:
     ) -> None:
         if not identifier or not isinstance(identifier, str):
             raise ConfigurationError("a Model needs a non-empty string identifier")
-        if not callable(predict):
-            raise ConfigurationError(f"Model {identifier!r}: predict must be callable")
+        if (predict is None) == (load is None):
+            raise ConfigurationError(f"Model {identifier!r}: give predict (a function) or load (what builds it), one")
+        if not callable(predict if load is None else load):
+            raise ConfigurationError(f"Model {identifier!r}: {'predict' if load is None else 'load'} must be callable")
         if batch_size < 1:
             raise ConfigurationError(f"Model {identifier!r}: batch_size must be at least 1")
         if timeout is not None and not timeout > 0:
@@ -178,7 +189,9 @@ class Model:
         if version is not None and (isinstance(version, bool) or not isinstance(version, str | int)):
             raise ConfigurationError(f"Model {identifier!r}: version must be a string or an int")
         self.identifier = identifier
-        self.predict = predict
+        #: What builds ``predict`` where the model runs (once per process, or per Ray actor).
+        self.load = load
+        self._predict = predict
         self.batch_size = batch_size
         self.output_type = output_type
         self.max_retries = max_retries
@@ -191,11 +204,47 @@ class Model:
         #: Cut text inputs into batches longest first, as ``SentenceTransformer.encode`` does
         #: over its whole list: a batch of similar lengths pads less.
         self.sort_by_length = sort_by_length
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        """What a model holds while it runs in a process (not pickled: see ``__getstate__``)."""
         #: The running and stuck call, and counters (a live view).
         self.calls = ModelCalls()
         self._lock = threading.Lock()
         self._returned_calls = threading.Condition(self._lock)
         self._in_flight: _Call | None = None
+        self._loading = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The declaration only: a model sent to another process (a Ray actor) builds its own
+        calls, locks and, with ``load``, its own ``predict`` there."""
+        runtime = ("calls", "_lock", "_returned_calls", "_in_flight", "_loading")
+        state = {k: v for k, v in self.__dict__.items() if k not in runtime}
+        if self.load is not None:
+            state["_predict"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    @property
+    def predict(self) -> Callable[[list[Any]], Sequence[Any]]:
+        """The batch function: ``predict`` as given, or what ``load()`` returns (called once, at
+        the first use in this process)."""
+        predict = self._predict
+        if predict is None:
+            with self._loading:
+                if self._predict is None:
+                    assert self.load is not None
+                    loaded = self.load()
+                    if not callable(loaded):
+                        raise ConfigurationError(
+                            f"Model {self.identifier!r}: load() returned {type(loaded).__name__}, not a function"
+                        )
+                    self._predict = loaded
+                predict = self._predict
+        return predict
 
     def __repr__(self) -> str:
         version = "" if self.version is None else f", version={self.version!r}"
@@ -210,7 +259,13 @@ class Model:
         """
         settings = ("identifier", "batch_size", "output_type", "max_retries", "retry_backoff", "transient")
         more = ("transient_retries", "timeout", "version")
-        return self.predict is other.predict and all(getattr(self, s) == getattr(other, s) for s in settings + more)
+        return self.same_function(other) and all(getattr(self, s) == getattr(other, s) for s in settings + more)
+
+    def same_function(self, other: Model) -> bool:
+        """Whether ``other`` has the same ``predict`` (or the same ``load``); nothing is loaded."""
+        if self.load is not None or other.load is not None:
+            return self.load is other.load
+        return self._predict is other._predict
 
     def fingerprint(self, value: Any) -> int:
         """The fingerprint an output of this model computed from ``value`` is stored with.
