@@ -239,3 +239,16 @@ def test_a_window_is_retried_when_ray_is_unreachable(duck: SQLClient) -> None:
         assert db.cdc.wait_idle(timeout=60)  # the retry found the dead actor replaced
         assert outputs_by_source(db, "tag__text") == {1: "<warm>", 2: "<x>"}
         assert db.errors() == []
+
+
+def test_one_model_on_ray_while_the_datalayer_computes_in_process(duck: SQLClient) -> None:
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"t{i}") for i in range(6)])
+    executor = RayCompute(actors=1)
+    with reactive.connect(duck.uri) as db:  # LocalCompute for every other model
+        db.add(Listener(Model("remote", load=_loaded_predict, executor=executor), "text", "docs"))
+        db.add(Listener(Model("here", load=_loaded_predict), "text", "docs"))
+        remote, here = outputs_by_source(db, "remote__text"), outputs_by_source(db, "here__text")
+    assert {o.split(":")[1] for o in remote.values()} != {str(os.getpid())}
+    assert {o.split(":")[1] for o in here.values()} == {str(os.getpid())}
+    assert executor.actors_of("remote") == []  # db.close() closed the model's executor

@@ -149,6 +149,11 @@ class Listener(Component):
         """Whether ``other`` also computes them the same way (:meth:`Model.same_model`, input limit)."""
         return self.model.same_model(other.model) and self.max_input_bytes == other.max_input_bytes
 
+    def close(self, db: Datalayer) -> None:
+        """Close the model's own executor, if it has one (``Model(executor=...)``)."""
+        if self.model.executor is not None:
+            self.model.executor.close()
+
     def drop(self, db: Datalayer) -> None:
         """Drop the outputs table and forget the outputs' type."""
         db.writer.drop(self.identifier)
@@ -262,7 +267,8 @@ class Listener(Component):
         queue = db.cdc.queue
 
         def submit(rows: list[tuple[Any, Any, int]]) -> Future[list[Any]]:
-            return compute.submit(self.model, [v for _, v, _ in rows], wait=wait, stopping=lambda: queue.closed)
+            executor = self.model.executor or compute
+            return executor.submit(self.model, [v for _, v, _ in rows], wait=wait, stopping=lambda: queue.closed)
 
         work = submit(todo) if todo else None
 

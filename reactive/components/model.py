@@ -16,11 +16,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reactive.errors import ConfigurationError
 from reactive.fingerprints import fingerprint, fingerprint_text
 from reactive.threads import ReactiveThread
+
+if TYPE_CHECKING:
+    from reactive.compute import Compute
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +157,9 @@ class Model:
     >>> Model("len", load=lambda: lambda texts: [len(t) for t in texts]).compute(["ab"], wait=lambda s: True)
     [2]
 
+    ``executor`` runs this model's work somewhere else than the datalayer's ``compute`` (for
+    instance on Ray actors with GPUs, while the other models run in process).
+
     **Versions.** ``version`` names what the model computes. It is part of every stored
     output's fingerprint (:meth:`fingerprint`), so a listener added with a model of another
     version finds every output stale and computes it again. Change it whenever ``predict``
@@ -175,6 +181,7 @@ class Model:
         timeout: float | None = None,
         version: str | int | None = None,
         sort_by_length: bool = True,
+        executor: Compute | None = None,
     ) -> None:
         if not identifier or not isinstance(identifier, str):
             raise ConfigurationError("a Model needs a non-empty string identifier")
@@ -204,6 +211,9 @@ class Model:
         #: Cut text inputs into batches longest first, as ``SentenceTransformer.encode`` does
         #: over its whole list: a batch of similar lengths pads less.
         self.sort_by_length = sort_by_length
+        #: Where this model's work runs, when not on the datalayer's ``compute`` (e.g. a
+        #: :class:`~reactive.compute.RayCompute` for the one model that needs GPUs).
+        self.executor = executor
         self._init_runtime()
 
     def _init_runtime(self) -> None:
@@ -218,7 +228,7 @@ class Model:
     def __getstate__(self) -> dict[str, Any]:
         """The declaration only: a model sent to another process (a Ray actor) builds its own
         calls, locks and, with ``load``, its own ``predict`` there."""
-        runtime = ("calls", "_lock", "_returned_calls", "_in_flight", "_loading")
+        runtime = ("calls", "_lock", "_returned_calls", "_in_flight", "_loading", "executor")
         state = {k: v for k, v in self.__dict__.items() if k not in runtime}
         if self.load is not None:
             state["_predict"] = None
@@ -226,6 +236,7 @@ class Model:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.executor = None
         self._init_runtime()
 
     @property
