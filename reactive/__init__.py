@@ -6,6 +6,7 @@
 """
 
 from reactive import feed
+from reactive.backends.base import VersionColumn
 from reactive.compute import Compute, LocalCompute
 from reactive.datalayer import Datalayer, connect
 from reactive.errors import (
@@ -36,6 +37,7 @@ __all__ = [
     "ReactiveError",
     "TableMonitor",
     "TableNotFoundError",
+    "VersionColumn",
     "__version__",
     "connect",
     "feed",
