@@ -533,6 +533,8 @@ def connect(uri: str | None = None, **options: Any) -> Datalayer:
     work runs: a :class:`~reactive.compute.Compute`, default :class:`~reactive.compute.LocalCompute`)
     and ``pipeline`` (windows of changes in flight in the handler, default 2: while the model
     computes one, the next is read and the one before is written; 1 turns pipelining off).
+    SQL backends also take ``version_columns`` (table -> column or
+    :class:`~reactive.VersionColumn`: polls read only rows past the last version seen).
 
     >>> import reactive
     >>> reactive.connect("mysql://root:hunter2@db/app")
