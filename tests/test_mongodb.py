@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from conftest import Recorder, outputs_by_source
-from pymongo import InsertOne
+from pymongo import InsertOne, monitoring
 
 import reactive
+from reactive.backends.mongodb import listener as mongo_listener
 from reactive.backends.mongodb.checkpoints import MongoSections
-from reactive.checkpoints import Positions
+from reactive.checkpoints import Lease, Positions
 from reactive.components import Listener, Model
 from reactive.threads import reactive_threads
 
@@ -373,3 +375,177 @@ def test_bad_credentials_are_a_clear_error_with_the_password_redacted(own_server
     assert "wrong-secret" not in str(excinfo.value) and "alice:***@" in str(excinfo.value)
     with reactive.connect(base.format("right-secret")) as db:
         assert db.backend.uri.startswith("mongodb://alice:***@")
+
+
+class Commands(monitoring.CommandListener):
+    """Every command a client sent: (name, its collection, started, ended) by request id."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sent: dict[int, list] = {}
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        collection = event.command.get(event.command_name)
+        if event.command_name == "getMore":
+            collection = event.command.get("collection")
+        with self.lock:
+            self.sent[event.request_id] = [event.command_name, collection, time.monotonic(), None]
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        with self.lock:
+            if event.request_id in self.sent:
+                self.sent[event.request_id][3] = time.monotonic()
+
+    failed = succeeded
+
+    def names(self) -> list[str]:
+        with self.lock:
+            return [name for name, *_ in self.sent.values()]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.sent.clear()
+
+
+def test_a_dropped_outputs_collection_is_reported_by_the_stream_not_checked_per_write(
+    mongo_uri: str, mongo, recorder: Recorder
+) -> None:
+    """While the stream runs, writing outputs costs no round trip to check that the outputs
+    collection still exists: the stream reports its drop, and the outputs are computed again
+    with no further change."""
+    commands = Commands()
+    mongo.docs.insert_many([{"_id": 1, "text": "a"}, {"_id": 2, "text": "b"}])
+    with reactive.connect(mongo_uri, event_listeners=[commands]) as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        commands.clear()
+        for i in (3, 4):
+            mongo.docs.insert_one({"_id": i, "text": f"doc {i}"})
+            assert db.cdc.wait_idle(timeout=30)
+        assert "listCollections" not in commands.names()
+        assert outputs_by_source(db, "m__text") == {1: "<a>", 2: "<b>", 3: "<doc 3>", 4: "<doc 4>"}
+        mongo.drop_collection("_outputs__m__text")
+        # The drop comes before wait_idle's barrier in the stream: the refill has started.
+        assert db.cdc.wait_idle(timeout=30)
+        for thread in reactive_threads():
+            if thread.name == "reactive-outputs-refill":
+                thread.join(30)
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: "<a>", 2: "<b>", 3: "<doc 3>", 4: "<doc 4>"}
+
+
+def test_outputs_dropped_by_removing_their_listener_are_not_computed_again(mongo_uri: str, mongo, caplog) -> None:
+    mongo.docs.insert_one({"_id": 1, "text": "a"})
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("m", predict=Recorder()), "text", "docs"))
+        db.add(Listener(Model("n", predict=Recorder()), "text", "docs"))
+        db.cdc.start()
+        with caplog.at_level("WARNING", logger="reactive"):
+            db.remove("m__text", drop_outputs=True)
+            mongo.docs.insert_one({"_id": 2, "text": "b"})
+            assert db.cdc.wait_idle(timeout=30)  # the stream has passed the drop
+        assert "were dropped" not in caplog.text
+        assert "_outputs__m__text" not in mongo.list_collection_names()
+        assert outputs_by_source(db, "n__text") == {1: "<a>", 2: "<b>"}
+
+
+def test_a_backlog_saves_its_position_once_not_once_per_window(mongo_uri: str, mongo, monkeypatch) -> None:
+    """Each window's outputs are journaled; its position need not be: while changes keep
+    coming the position is saved at most every BUSY_SAVE_SECONDS, and once the stream has
+    nothing new, at once. A restart then resumes after the last window."""
+    monkeypatch.setattr(mongo_listener, "BUSY_SAVE_SECONDS", 3600.0)
+    entered, release = threading.Event(), threading.Event()
+    seen = Recorder()
+
+    def model(texts: list[str]) -> list[str]:
+        seen(texts)
+        if "blocker" in texts:
+            entered.set()
+            assert release.wait(30), "the test never released the model"
+        return texts
+
+    mongo.create_collection("docs")
+    # One packet per window, each finished before the next is taken.
+    with reactive.connect(mongo_uri, pipeline=1, batch_rows=1) as db:
+        db.add(Listener(Model("m", predict=model), "text", "docs"))
+        db.cdc.start()
+        listener = db.cdc.listener
+        mongo.docs.insert_one({"_id": 0, "text": "blocker"})
+        assert entered.wait(30)
+        mongo.docs.insert_many([{"_id": i, "text": f"doc {i}"} for i in range(1, 11)])
+        assert listener.sync(timeout=30)  # all ten are queued behind the blocker
+        saves, windows = listener.positions_saved, db.cdc.info()["handler"]["windows"]
+        release.set()
+        assert db.cdc.wait_idle(timeout=30)
+        assert db.cdc.info()["handler"]["windows"] - windows == 11
+        # Saved once the stream had nothing new; the checkpoint holds it.
+        assert listener.wait_for(lambda: listener.positions_saved > saves, timeout=30)
+        assert listener.positions_saved - saves <= 3  # not 11
+        saved = Positions(MongoSections(mongo)).load_checkpoint(listener.checkpoint_name)
+        assert saved == listener.position
+    assert len(seen.inputs) == 11
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("m", predict=seen), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {0: "blocker", **{i: f"doc {i}" for i in range(1, 11)}}
+    assert len(seen.inputs) == 11  # nothing computed again
+
+
+def test_the_stream_saves_no_position_of_its_own_without_the_lease(mongo_uri: str, mongo, recorder: Recorder) -> None:
+    mongo.docs.insert_one({"_id": 1, "text": "a"})
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        db.cdc.start()
+        listener = db.cdc.listener
+        assert db.cdc.wait_idle(timeout=30)
+        refused = threading.Event()
+        listener.fence = lambda: refused.set() or False  # as if the lease were lost
+        # Writes the listener does not follow move the stream's post-batch token: it would save it.
+        mongo.other.insert_one({"n": 0})
+        assert refused.wait(30)  # the listener's thread asked, was refused, and saves nothing since
+        saves = listener.positions_saved
+        refused.clear()
+        mongo.other.insert_many([{"n": i} for i in range(1, 5)])
+        assert refused.wait(30)
+        assert listener.positions_saved == saves
+
+
+def test_the_store_knows_whether_this_process_holds_the_lease(mongo) -> None:
+    """What the stream's fence reads: the lease records this process wrote through the store."""
+    sections, others = MongoSections(mongo), MongoSections(mongo)
+    assert sections.lease_held()  # no lease written by this process: nothing to fence
+    lease = Lease(sections, "reactive", lease_ms=60_000)
+    other = Lease(others, "reactive", lease_ms=60_000)
+    assert lease.acquire() and sections.lease_held()
+    assert lease.renew() and sections.lease_held()
+    assert not other.acquire()  # held by the first
+    lease.release()
+    assert not sections.lease_held()
+    assert other.acquire() and others.lease_held()
+    assert not lease.acquire() and not sections.lease_held()
+
+
+def test_a_lone_change_is_read_then_written_with_no_getmore_waiting_meanwhile(
+    mongo_uri: str, mongo, recorder: Recorder, monkeypatch
+) -> None:
+    """While the outputs of a few changes are written, the listener asks the server for
+    nothing: a getMore waiting on the server would be woken by that very write."""
+    monkeypatch.setattr(mongo_listener, "HOLD_SECONDS", 30.0)
+    commands = Commands()
+    mongo.docs.insert_one({"_id": 0, "text": "first"})
+    with reactive.connect(mongo_uri, event_listeners=[commands]) as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        commands.clear()
+        mongo.docs.insert_one({"_id": 1, "text": "lone"})
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {0: "<first>", 1: "<lone>"}
+    with commands.lock:
+        sent = list(commands.sent.values())
+    [(_, _, write_started, write_ended)] = [c for c in sent if c[0] == "insert" and c[1] == "_outputs__m__text"]
+    getmores = [(started, ended) for name, _, started, ended in sent if name == "getMore"]
+    assert getmores
+    assert not [g for g in getmores if g[0] < write_ended and (g[1] is None or g[1] > write_started)]

@@ -106,14 +106,24 @@ class MongoOutputs:
     the server acknowledged survives the server's crash, so a position saved after it never
     covers an output the server lost.
 
-    A write recreates a collection someone dropped, silently: so before writing to a
-    collection it knows to exist, the store checks that it is still there, and tells
-    ``outputs_lost(source collection)`` when it is not (the other rows' outputs are gone too).
+    A write recreates a collection someone dropped, silently, and the other rows' outputs are
+    gone with it: the store tells ``outputs_lost(source collection)``. While the change stream
+    runs (``followed()``), the stream reports the drop (:meth:`dropped`), so a write costs no
+    extra round trip; otherwise (a backfill before ``db.cdc.start``), before writing to a
+    collection it knows to exist, the store checks that it is still there.
     """
 
-    def __init__(self, db: Database, *, outputs_lost: Callable[[str], None] = lambda table: None) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        outputs_lost: Callable[[str], None] = lambda table: None,
+        followed: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.db = db.with_options(write_concern=DURABLE)
         self.outputs_lost = outputs_lost
+        #: Whether a change stream that reports drops of outputs collections is running.
+        self.followed = followed
         #: The source collection of each listener (``create_outputs`` comes first).
         self._sources: dict[str, str] = {}
         #: Listeners whose outputs collection exists, unless someone dropped it since.
@@ -131,12 +141,21 @@ class MongoOutputs:
     def store_outputs(
         self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
     ) -> None:
-        # One round trip per write: the only sign of a drop, since the write recreates it.
-        lost = identifier in self._present and not self._exists(identifier)
+        # Without a stream, one round trip per write: the only sign of a drop, since the write
+        # recreates it. With one, the stream reports the drop (before this write's changes).
+        lost = identifier in self._present and not self.followed() and not self._exists(identifier)
         self._store(identifier, kept, stored)
         self._present.add(identifier)
         if lost and identifier in self._sources:
             self.outputs_lost(self._sources[identifier])
+
+    def dropped(self, collection: str) -> None:
+        """The change stream saw ``collection`` dropped, or renamed away or replaced by a rename:
+        if it holds a listener's outputs, they are lost."""
+        for identifier, source in list(self._sources.items()):
+            if outputs_table(identifier) == collection:
+                self._present.discard(identifier)
+                self.outputs_lost(source)
 
     def _store(self, identifier: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]) -> None:
         documents = [
@@ -202,8 +221,10 @@ class MongoOutputs:
         return list(self.db[outputs_table(identifier)].find({}, projection).sort("_id", 1))
 
     def drop_outputs(self, identifier: str) -> None:
-        self.db.drop_collection(outputs_table(identifier))
+        # Forgotten first: the stream reports this drop too, and it is not a loss.
+        self._sources.pop(identifier, None)
         self._present.discard(identifier)
+        self.db.drop_collection(outputs_table(identifier))
 
 
 class MongoErrors:
@@ -269,8 +290,9 @@ class MongoBackend(DataBackend):
         self.db = client[database]
         self._uri = redact(uri)
         self.source = MongoSource(self.db, uri=self._uri)
-        self.outputs = MongoOutputs(self.db, outputs_lost=self._outputs_lost)
+        self.outputs = MongoOutputs(self.db, outputs_lost=self._outputs_lost, followed=self._stream_running)
         self._hooks: ListenerHooks | None = None
+        self._listener: MongoChangeStreamListener | None = None
         self._queue: CDCQueue | None = None
         self._refills: list[OutputsRefill] = []
         self._lock = threading.Lock()
@@ -313,7 +335,23 @@ class MongoBackend(DataBackend):
 
     def create_listener(self, queue: CDCQueue, hooks: ListenerHooks, **options: Any) -> MongoChangeStreamListener:
         self._hooks, self._queue = hooks, queue
-        return MongoChangeStreamListener(self.db, self.checkpoints, queue, uri=self._uri, hooks=hooks, **options)
+        self._listener = MongoChangeStreamListener(
+            self.db,
+            self.checkpoints,
+            queue,
+            uri=self._uri,
+            hooks=hooks,
+            collection_dropped=self.outputs.dropped,
+            fence=self.sections.lease_held,
+            **options,
+        )
+        return self._listener
+
+    def _stream_running(self) -> bool:
+        """Whether the listener's stream runs: it reports every drop after its position, so
+        also every drop after any write made now."""
+        listener = self._listener
+        return listener is not None and listener.is_alive()
 
     def _outputs_lost(self, table: str) -> None:
         """Outputs of ``table``'s listeners were dropped: reconcile it in the background (the

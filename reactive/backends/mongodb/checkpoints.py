@@ -9,6 +9,11 @@ checkpoint document is limited to MongoDB's 16 MB.
 Every write asks for a journaled acknowledgement (``j=True``): a position the server
 acknowledged survives the server's crash.
 
+The store sees every lease record this process writes (a lease is a section too), so it can
+say whether this process holds a checkpoint's lease with a third of it still ahead
+(:meth:`MongoSections.lease_held`), the fence ``db.cdc`` applies before its writes: the change
+stream checks it before the positions it saves on its own thread.
+
 Documents in the format of reactive 0.1 (``{_id: <name>, value: {...}}``) are migrated the first
 time the store is used: their values become sections of the checkpoint ``reactive``.
 """
@@ -16,6 +21,7 @@ time the store is used: their values become sections of the checkpoint ``reactiv
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,7 +30,7 @@ from pymongo import WriteConcern
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
-from reactive.checkpoints import ENGINE_CHECKPOINT, Section
+from reactive.checkpoints import ENGINE_CHECKPOINT, LEASE_SECTION, Holder, Section
 from reactive.fingerprints import plain_value
 
 CHECKPOINTS_COLLECTION = "_reactive_checkpoints"
@@ -54,6 +60,9 @@ class MongoSections:
     def __init__(self, db: Database) -> None:
         self.collection = db.get_collection(CHECKPOINTS_COLLECTION, write_concern=DURABLE)
         self._migrated = False
+        #: Per checkpoint, the lease record this process last wrote, and when it wrote it
+        #: (None: it gave the lease up, or failed to take or renew it).
+        self._leases: dict[str, tuple[Holder | None, float]] = {}
 
     def _migrate(self) -> None:
         if self._migrated:
@@ -99,5 +108,21 @@ class MongoSections:
         try:
             result = self.collection.update_one(condition, change, upsert=expected is None and new is not None)
         except DuplicateKeyError:
-            return False  # the document exists and the section is not absent: someone else's
-        return result.matched_count == 1 or result.upserted_id is not None
+            replaced = False  # the document exists and the section is not absent: someone else's
+        else:
+            replaced = result.matched_count == 1 or result.upserted_id is not None
+        if key == LEASE_SECTION:
+            self._leases[checkpoint] = (
+                (Holder.decode(new.data), new.written_at) if replaced and new is not None else (None, 0.0)
+            )
+        return replaced
+
+    def lease_held(self, checkpoint: str = ENGINE_CHECKPOINT) -> bool:
+        """Whether this process holds ``checkpoint``'s lease with a third of it still ahead,
+        judging by the lease records it wrote (True when it never wrote one: no lease)."""
+        if checkpoint not in self._leases:
+            return True
+        holder, written_at = self._leases[checkpoint]
+        if holder is None:
+            return False
+        return holder.expires - time.time() > (holder.expires - written_at) / 3

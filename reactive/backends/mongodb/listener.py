@@ -6,7 +6,7 @@ import datetime as _dt
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from bson import ObjectId
@@ -32,6 +32,33 @@ MARKS_COLLECTION = "_reactive_marks"
 LARGE_DOCUMENT_BYTES = 8 * 1024 * 1024
 #: An idle stream saves its post-batch resume token at most this often.
 IDLE_SAVE_SECONDS = 1.0
+#: While the stream is busy, the position of processed windows is saved at most this often
+#: (each save is a journaled write); once the stream is quiet, at once.
+BUSY_SAVE_SECONDS = 1.0
+
+#: With at most this many packets in flight and nothing received left to read, the listener
+#: waits until their outputs are written before it asks the server for more (see ``_hold``).
+HOLD_BELOW = 16
+#: The longest such wait (a slow model does not stop the stream being read for long).
+HOLD_SECONDS = 0.05
+
+
+class _Position(dict[str, Any]):
+    """A packet's position, ``{"token": ..., "start_after": False}``, and the recovery epoch
+    it was read in (not saved)."""
+
+    __slots__ = ("epoch",)
+
+    def __init__(self, token: Any, epoch: int) -> None:
+        super().__init__(token=token, start_after=False)
+        self.epoch = epoch
+
+
+def _buffered(stream: Any) -> bool:
+    """Whether the stream holds events already received (the next ``try_next`` asks nothing)."""
+    has_next = getattr(getattr(stream, "_cursor", None), "_has_next", None)
+    return bool(has_next()) if has_next is not None else False
+
 
 _EVENTS = {"insert": DBEvent.insert, "update": DBEvent.update, "replace": DBEvent.update, "delete": DBEvent.delete}
 
@@ -39,11 +66,17 @@ _EVENTS = {"insert": DBEvent.insert, "update": DBEvent.update, "replace": DBEven
 class MongoChangeStreamListener(BaseDatabaseListener):
     """Follows the watched collections with one ``db.watch()`` stream.
 
-    The position is the resume token of the last event whose packet was processed (saved
-    by :meth:`commit`), or the stream's post-batch resume token while it is idle and
-    nothing is in flight. A restarted process resumes from it with ``resume_after`` (or
-    ``start_after`` past an invalidate). If the token has aged out of the oplog, every
-    watched collection is reconciled and the stream restarts from now.
+    The position is the resume token of the last event whose packet was processed, or the
+    stream's post-batch resume token while it is idle and nothing is in flight. It is saved
+    (journaled) only after the outputs it covers are written, and only while ``fence()``
+    says this process may write (it holds the lease): by the handler at most every
+    :data:`BUSY_SAVE_SECONDS` while changes keep coming, and by this thread as soon as the
+    stream has nothing new (and when it stops), so a window costs one journaled write, its
+    outputs, not two. A crash replays at most that much, and the stored fingerprints of
+    what comes again are looked up (nothing is computed twice). A restarted process resumes
+    from it with ``resume_after`` (or ``start_after`` past an invalidate). If the token has
+    aged out of the oplog, every watched collection is reconciled and the stream restarts
+    from now.
     """
 
     table_noun = "collection"
@@ -56,10 +89,18 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         *,
         uri: str,
         max_await_ms: int = 200,
+        collection_dropped: Callable[[str], None] = lambda collection: None,
+        fence: Callable[[], bool] = lambda: True,
         **options: Any,
     ) -> None:
         super().__init__(queue, name="mongodb", **options)
         self.database = database
+        #: Told of every collection of the database dropped, renamed away or replaced by a
+        #: rename (the backend's outputs collections among them).
+        self.collection_dropped = collection_dropped
+        #: Whether this process may write positions now (it holds the lease, with a third of
+        #: it ahead): checked before every save this thread makes on its own.
+        self.fence = fence
         self.checkpoints = checkpoints
         self.uri = uri
         self.max_await_ms = max_await_ms
@@ -67,6 +108,20 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         self._stream: DatabaseChangeStream | None = None
         self._seen: dict[str, Any] | None = None
         self._committed: dict[str, Any] | None = None
+        #: The position of the last processed packet, saved or not (a rewind goes back to it).
+        self._processed: dict[str, Any] | None = None
+        #: How many windows' positions were processed, and how many of them a save covers.
+        self._processed_count = 0
+        self._saved_count = 0
+        #: One save at a time, never one older than the last (see :meth:`_save`).
+        self._save_lock = threading.Lock()
+        self._last_save = 0.0
+        #: Set when this thread has made its last save: the handler then saves every window.
+        self._finished = False
+        #: Bumped when the history is recovered: positions of packets read before are stale.
+        self._epoch = 0
+        #: The positions (by ``id``) of packets whose outputs are written, not yet settled.
+        self._written: set[int] = set()
         self._generation = 0
         self._opened_generation = -1
         self._rewind = False
@@ -101,12 +156,22 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                 self._unknown_history = True
         return self._committed
 
-    def _save(self, position: dict[str, Any]) -> None:
-        self.checkpoints.save_checkpoint(self.checkpoint_name, position)
-        with self._changed:
-            self._committed = position
-            self.positions_saved += 1
-            self._changed.notify_all()
+    def _save(self, position: dict[str, Any], covers: int | None = None) -> None:
+        """Save ``position``, which covers the first ``covers`` processed windows (default:
+        all of them so far). Saves run one at a time; one that covers fewer windows than a
+        save made meanwhile is dropped (the handler's and this thread's saves may cross)."""
+        with self._save_lock:
+            with self._changed:
+                covers = self._processed_count if covers is None else covers
+                if covers < self._saved_count:
+                    return
+            self.checkpoints.save_checkpoint(self.checkpoint_name, position)
+            with self._changed:
+                self._committed = position
+                self._saved_count = covers
+                self._last_save = time.monotonic()
+                self.positions_saved += 1
+                self._changed.notify_all()
 
     @property
     def position(self) -> dict[str, Any] | None:
@@ -118,10 +183,12 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         stages: list[dict[str, Any]] = [
             {
                 "$match": {
+                    # Two branches, not three: some servers (SecantusDB) evaluate the match in
+                    # Python on every event of the database, the handler's outputs included.
                     "$or": [
                         {"ns.coll": {"$in": [*names, MARKS_COLLECTION]}},
-                        {"to.coll": {"$in": names}},
-                        {"operationType": {"$in": ["dropDatabase", "invalidate"]}},
+                        # Every drop and rename (rare): of outputs collections, onto watched ones.
+                        {"operationType": {"$in": ["drop", "rename", "dropDatabase", "invalidate"]}},
                     ]
                 }
             }
@@ -243,7 +310,16 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         finally:
             self._close_stream()
             with self._changed:
+                # From now on the handler saves every window's position itself.
+                self._finished = True
+                unsaved = self._processed if self._processed_count > self._saved_count else None
+                covers = self._processed_count
                 self._changed.notify_all()
+            if unsaved is not None:
+                try:
+                    self._save_fenced(unsaved, covers)
+                except PyMongoError as exc:
+                    log.warning("could not save the stream position of %s: %s", self.uri, exc)
             try:
                 self.database[MARKS_COLLECTION].delete_one({"_id": self._mark_id})
             except PyMongoError:
@@ -277,8 +353,10 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             if self._rewind:
                 self._rewind, self._seen = False, None
         if reopen:
-            self._reopen(self._seen or self._position())
+            self._reopen(self._seen or self._processed or self._position())
         assert self._stream is not None
+        if not _buffered(self._stream):
+            self._hold()
         change = self._stream.try_next()
         if self.disconnected_since is not None:
             log.warning("reconnected to %s (disconnected since %s)", self.uri, self.disconnected_since)
@@ -297,16 +375,49 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             return
         self._handle(change)
 
+    def _hold(self) -> None:
+        """Before asking the server for more: while a few packets are in flight, wait (at most
+        :data:`HOLD_SECONDS`) until the handler has written their outputs.
+
+        A getMore waiting on the server is woken by every write to the database, the
+        handler's own among them: the server then builds and filters those events and the
+        two threads compete for the interpreter, all while the handler waits for its write
+        to be acknowledged. Asking once the outputs are written (the position is saved
+        meanwhile) costs a lone change nothing, and a burst is read in one getMore instead of
+        many. Many packets in flight (a backlog) are not waited for: reading ahead pays.
+        """
+        with self._changed:
+            if 0 < self._unwritten() <= HOLD_BELOW:
+                self._changed.wait_for(lambda: self._unwritten() <= 0 or not self.should_keep_running(), HOLD_SECONDS)
+
+    def _unwritten(self) -> int:
+        """Packets in flight whose outputs are not written yet."""
+        return self._in_flight - len(self._written)
+
     def _save_idle_position(self) -> None:
-        """An idle stream moves the saved position forward too (its post-batch token)."""
+        """The stream has nothing new: save the position of what is processed, if the handler
+        left it unsaved, and move it forward to the post-batch token when nothing is in flight
+        (the latter at most every :data:`IDLE_SAVE_SECONDS`)."""
         now = time.monotonic()
         with self._changed:
             # Nothing in flight, and nothing queued by others (a reconciliation): a position
             # saved now covers only what is processed.
             quiet = self._in_flight == 0 and self.queue.idle
-        if quiet and self._seen is not None and self._seen != self._committed and now - self._last_idle_save > 1:
+            unsaved = self._processed_count > self._saved_count
+            position = self._seen if quiet and self._seen is not None else self._processed
+            covers = self._processed_count
+        if position is None or position == self._committed:
+            return
+        if unsaved or now - self._last_idle_save > IDLE_SAVE_SECONDS:
             self._last_idle_save = now
-            self._save(self._seen)
+            self._save_fenced(position, covers)
+
+    def _save_fenced(self, position: dict[str, Any], covers: int) -> None:
+        """Save ``position`` from this thread, unless this process may not write now."""
+        if self.fence():
+            self._save(position, covers)
+        else:
+            log.debug("not saving the stream position of %s: this process does not hold the lease", self.uri)
 
     def _handle(self, change: dict[str, Any]) -> None:
         operation = change["operationType"]
@@ -332,7 +443,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                 event,
                 (row_id,),
                 None if row is None else (row,),
-                position={"token": token, "start_after": False},
+                position=_Position(token, self._epoch),
                 source=self,
             )
             self.report(packet)
@@ -346,6 +457,10 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             self._seen = {"token": token, "start_after": True}
             self._close_stream()
             return
+        if operation in ("drop", "rename"):
+            self.collection_dropped(collection)
+            if operation == "rename":
+                self.collection_dropped(change.get("to", {}).get("coll", ""))
         if operation == "rename" and change.get("to", {}).get("coll") in self._tables:
             replaced = change["to"]["coll"]
             log.warning("collection %r was replaced by a rename; reconciling its outputs", replaced)
@@ -387,7 +502,9 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             "%s; reconciling outputs with the source, then following changes from now",
             why or f"the saved position on {self.uri} is no longer in the oplog",
         )
-        self._seen = None
+        with self._changed:
+            self._seen = self._processed = None
+            self._epoch += 1
         # Open from now first, so nothing written during the reconciliation is missed.
         self._reopen(None)
         assert self._stream is not None
@@ -403,10 +520,35 @@ class MongoChangeStreamListener(BaseDatabaseListener):
 
     # -- what the handler and db.cdc call -------------------------------------------------
     def save_positions(self, positions: Sequence[Any]) -> None:
-        self._save(positions[-1])
+        """These packets are processed, their outputs written (the handler checked the lease
+        just before): their position is saved now if the last save is
+        :data:`BUSY_SAVE_SECONDS` old or this thread no longer runs, else by this thread as
+        soon as the stream has nothing new (see :meth:`_save_idle_position`)."""
+        with self._changed:
+            # Their outputs are written: the stream may be read again (see _hold).
+            self._written.update(map(id, positions))
+            self._changed.notify_all()
+            if getattr(positions[-1], "epoch", self._epoch) != self._epoch:
+                return  # read before the history was recovered: never saved over its position
+            self._processed = positions[-1]
+            self._processed_count += 1
+            covers = self._processed_count
+            due = self._finished or time.monotonic() - self._last_save >= BUSY_SAVE_SECONDS
+        if due:
+            self._save(positions[-1], covers)
+
+    def commit(self, positions: Sequence[Any]) -> None:
+        with self._changed:
+            self._written.difference_update(map(id, positions))
+        super().commit(positions)
+
+    def release(self, positions: Sequence[Any]) -> None:
+        with self._changed:
+            self._written.difference_update(map(id, positions))
+        super().release(positions)
 
     def redeliver(self, positions: Sequence[Any]) -> None:
-        """Reopen the stream at the last saved position; later events come again too."""
+        """Reopen the stream after the last processed packet; later events come again too."""
         with self._changed:
             self._rewind = True
 
