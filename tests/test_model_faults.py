@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -377,7 +378,20 @@ def interrupting(texts):
 """
 
 
-def test_ctrl_c_during_a_backfill_stops_cleanly_and_adding_again_resumes(duck: SQLClient) -> None:
+def _sigint_default() -> None:
+    """In a child: Ctrl-C acts, even if this run inherited SIGINT ignored (a shell's background job)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def sigint_handled() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt here, even if this run inherited SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_a_backfill_stops_cleanly_and_adding_again_resumes(duck: SQLClient, sigint_handled) -> None:
     duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
     duck.execute("INSERT INTO docs SELECT i, 'doc ' || i FROM range(20000) t(i)")
     namespace: dict[str, Any] = {}
@@ -421,7 +435,9 @@ def test_ctrl_c_in_a_script_without_with_exits_cleanly_and_a_restart_resumes(tmp
     script.write_text(CTRL_C_SCRIPT)
     uri = f"duckdb:///{path}"
     for _ in range(3):  # the abort depended on timing; three runs made it near certain
-        done = subprocess.run([sys.executable, str(script), uri], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, str(script), uri], capture_output=True, text=True, timeout=120, preexec_fn=_sigint_default
+        )
         assert done.returncode == -signal.SIGINT, done.stderr[-2000:]
         assert "KeyboardInterrupt" in done.stderr and "terminate called" not in done.stderr
         assert "the backfill finished" not in done.stdout
@@ -458,7 +474,11 @@ def test_ctrl_c_while_change_data_capture_runs_exits_cleanly(tmp_path: Path) -> 
     script.write_text(CTRL_C_WHILE_FOLLOWING)
     for _ in range(3):
         done = subprocess.run(
-            [sys.executable, str(script), f"duckdb:///{path}"], capture_output=True, text=True, timeout=120
+            [sys.executable, str(script), f"duckdb:///{path}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=_sigint_default,
         )
         assert done.returncode == -signal.SIGINT, done.stderr[-2000:]
         assert "KeyboardInterrupt" in done.stderr and "terminate called" not in done.stderr
