@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import hashlib
 import json
 import logging
 import sqlite3
@@ -30,6 +31,7 @@ import sqlglot as sg
 import sqlglot.expressions as sge
 
 from reactive.errors import ConfigurationError
+from reactive.events import id_key
 from reactive.fingerprints import fingerprint_text
 
 Row = dict[str, Any]
@@ -256,14 +258,71 @@ class PostgresDialect(Dialect):
         self._reconnecting(con, run)
 
     def upsert(self, con: Any, table: str, key: str, rows: pa.Table) -> None:
-        sql = self.upsert_sql(table, key, tuple(rows.column_names))
-        values = [tuple(r.values()) for r in rows.to_pylist()]
+        """``COPY`` the rows into a temporary table, then one ``INSERT ... SELECT ... ON CONFLICT``:
+        binary COPY where every column's type is known (vectors as ``float4[]``), text COPY
+        otherwise. About 8x the rows/s of one ``INSERT`` per row for narrow rows, 10x for
+        384-float vectors (measured 25k -> 193k and 1.1k -> 11.8k rows/s)."""
+        from psycopg import sql
+
+        columns = tuple(rows.column_names)
+        types = [_postgres_type(field.type) for field in rows.schema]
+        # The last row of an id wins, as it would with one upsert per row (one INSERT ... SELECT
+        # cannot update a row twice).
+        position = columns.index(key)
+        latest = {id_key(row[position]): row for row in zip(*(rows[c].to_pylist() for c in columns), strict=True)}
+        staging = sql.Identifier("__reactive_upsert_" + hashlib.sha1(table.encode()).hexdigest()[:16])
+        names = sql.SQL(", ").join(map(sql.Identifier, columns))
+        updates = [sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in columns if c != key]
+        action = sql.SQL("DO UPDATE SET ") + sql.SQL(", ").join(updates) if updates else sql.SQL("DO NOTHING")
+        statements = (
+            sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {}) ON COMMIT DROP").format(staging, sql.Identifier(table)),
+            sql.SQL("COPY {} ({}) FROM STDIN{}").format(
+                staging, names, sql.SQL(" (FORMAT BINARY)" if all(types) else "")
+            ),
+            sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT ({}) ").format(
+                sql.Identifier(table), names, names, staging, sql.Identifier(key)
+            )
+            + action,
+            sql.SQL("DROP TABLE {}").format(staging),
+        )
 
         def run() -> None:
             with con.con.transaction(), con.con.cursor() as cur:
-                cur.executemany(sql, values)
+                cur.execute(statements[0])
+                with cur.copy(statements[1]) as copy:
+                    if all(types):
+                        copy.set_types(types)
+                    for row in latest.values():
+                        copy.write_row(row)
+                cur.execute(statements[2])
+                cur.execute(statements[3])
 
         self._reconnecting(con, run)
+
+
+_POSTGRES_TYPES = {
+    pa.bool_(): "bool",
+    pa.int16(): "int2",
+    pa.int32(): "int4",
+    pa.int64(): "int8",
+    pa.float32(): "float4",
+    pa.float64(): "float8",
+    pa.string(): "text",
+    pa.large_string(): "text",
+    pa.binary(): "bytea",
+    pa.large_binary(): "bytea",
+}
+
+
+def _postgres_type(arrow_type: pa.DataType) -> str | None:
+    """The PostgreSQL type binary COPY sends a column of ``arrow_type`` as (None: not known here)."""
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
+        # A binary array carries its element type's OID, which must be the column's exactly:
+        # numbers only (text arrays may be varchar[] columns; they go as text COPY).
+        inner = arrow_type.value_type
+        numeric = pa.types.is_integer(inner) or pa.types.is_floating(inner) or pa.types.is_boolean(inner)
+        return _POSTGRES_TYPES[inner] + "[]" if numeric and inner in _POSTGRES_TYPES else None
+    return _POSTGRES_TYPES.get(arrow_type)
 
 
 class SQLiteDialect(Dialect):
