@@ -203,7 +203,7 @@ class Probe:
         return self._drain(self.version)
 
     def full_diff_query(self) -> int:
-        return len(self.backend.snapshots.diff(self.table))
+        return sum(map(len, self.backend.snapshots.diff(self.table).values()))
 
     def version_query(self) -> int:
         changes, _ = self.versioned.poll(self.table)

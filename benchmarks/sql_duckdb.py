@@ -485,7 +485,7 @@ class PollProbe:
         self.listener.release([p.position for p in packets])
 
     def reactive_diff(self) -> int:
-        return len(self.backend.snapshots.diff(self.table))
+        return sum(map(len, self.backend.snapshots.diff(self.table).values()))
 
     def watermark_query(self) -> int:
         query = "SELECT id, text, lang, score, views FROM docs WHERE id > ? ORDER BY id"

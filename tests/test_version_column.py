@@ -319,11 +319,11 @@ def test_bad_settings_are_refused() -> None:
 
 # -- the listener's bookkeeping, without a database ----------------------------------------
 class FakeSnapshots:
-    def __init__(self, changes: list[tuple[Any, str]], rows: dict[Any, str]) -> None:
+    def __init__(self, changes: dict[str, list[Any]], rows: dict[Any, str]) -> None:
         self.changes, self.rows = changes, rows
         self.saved: list[tuple[str, Any]] = []
 
-    def poll(self, table: TableInfo) -> tuple[list[tuple[Any, str]], Any]:
+    def poll(self, table: TableInfo) -> tuple[dict[str, list[Any]], Any]:
         return self.changes, "mark"
 
     def rows_with_fingerprints(self, table: TableInfo, ids: Any) -> list[tuple[dict[str, Any], int]]:
@@ -338,7 +338,7 @@ class FakeSnapshots:
 
 def test_a_mark_is_not_saved_when_a_packet_of_its_poll_was_released() -> None:
     docs = TableInfo("docs", "id", ("id", "text"))
-    snapshots = FakeSnapshots([(1, "insert")], {1: "one"})
+    snapshots = FakeSnapshots({"insert": [1]}, {1: "one"})
     listener = IbisPollingListener(snapshots, CDCQueue(max_rows=100))  # type: ignore[arg-type]
     listener._tables["docs"] = docs
     listener._poll(docs)
@@ -355,7 +355,7 @@ def test_a_mark_is_not_saved_when_a_packet_of_its_poll_was_released() -> None:
 
 def test_an_updated_row_gone_before_it_is_read_is_a_delete() -> None:
     docs = TableInfo("docs", "id", ("id", "text"))
-    snapshots = FakeSnapshots([(1, "update"), (2, "update")], {2: "two"})
+    snapshots = FakeSnapshots({"update": [1, 2]}, {2: "two"})
     listener = IbisPollingListener(snapshots, CDCQueue(max_rows=100))  # type: ignore[arg-type]
     listener._tables["docs"] = docs
     listener._poll(docs)

@@ -88,6 +88,11 @@ class IbisConnection:
         with self.lock:
             return self.dialect.fetch(self.con, sql, params)
 
+    def fetch_grouped(self, sql: str, *params: Any, value: str, by: str) -> dict[Any, list[Any]]:
+        """Column ``value`` of the rows grouped by column ``by`` (see ``Dialect.fetch_grouped``)."""
+        with self.lock:
+            return self.dialect.fetch_grouped(self.con, sql, params, value, by)
+
     def execute(self, sql: str, *params: Any) -> None:
         with self.lock:
             self.dialect.execute(self.con, sql, params)

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, TypeVar
 import ibis
 import ibis.expr.datatypes as dt
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlglot as sg
 import sqlglot.expressions as sge
 
@@ -162,6 +163,13 @@ class Dialect:
     def execute(self, con: Any, sql: str, params: Sequence[Any] = ()) -> None:
         con.con.execute(sql, list(params))
 
+    def fetch_grouped(self, con: Any, sql: str, params: Sequence[Any], value: str, by: str) -> dict[Any, list[Any]]:
+        """Column ``value`` of the rows, grouped by column ``by``, with no object per row (a diff
+        of a million changed rows: its ids, not a million dicts). DuckDB: through Arrow."""
+        table = con.con.execute(sql, list(params)).to_arrow_table()
+        groups = table[by].unique().to_pylist()
+        return {group: table[value].filter(pc.equal(table[by], group)).to_pylist() for group in groups}
+
     def fetch_written(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """The rows a writing statement returns (``... RETURNING``), its write committed."""
         return self.fetch(con, sql, params)
@@ -257,6 +265,14 @@ class PostgresDialect(Dialect):
 
         self._reconnecting(con, run)
 
+    def fetch_grouped(self, con: Any, sql: str, params: Sequence[Any], value: str, by: str) -> dict[Any, list[Any]]:
+        def run() -> dict[Any, list[Any]]:
+            with con.con.cursor() as cur:
+                cur.execute(sql, list(params))
+                return _grouped(cur, value, by)
+
+        return self._reconnecting(con, run)
+
     def upsert(self, con: Any, table: str, key: str, rows: pa.Table) -> None:
         """``COPY`` the rows into a temporary table, then one ``INSERT ... SELECT ... ON CONFLICT``:
         binary COPY where every column's type is known (vectors as ``float4[]``), text COPY
@@ -298,6 +314,17 @@ class PostgresDialect(Dialect):
                 cur.execute(statements[3])
 
         self._reconnecting(con, run)
+
+
+def _grouped(cursor: Any, value: str, by: str) -> dict[Any, list[Any]]:
+    """A DB-API cursor's rows, column ``value`` grouped by column ``by``, read in chunks."""
+    names = [d[0] for d in cursor.description]
+    at, key = names.index(value), names.index(by)
+    groups: dict[Any, list[Any]] = {}
+    while rows := cursor.fetchmany(10_000):
+        for row in rows:
+            groups.setdefault(row[key], []).append(row[at])
+    return groups
 
 
 _POSTGRES_TYPES = {
@@ -406,6 +433,9 @@ class SQLiteDialect(Dialect):
         con.con.execute(sql, list(params))
         if not self.depth:
             con.con.commit()
+
+    def fetch_grouped(self, con: Any, sql: str, params: Sequence[Any], value: str, by: str) -> dict[Any, list[Any]]:
+        return _grouped(con.con.execute(sql, list(params)), value, by)
 
     def fetch_written(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         try:

@@ -21,10 +21,11 @@ class Snapshots(Protocol):
     def ensure(self, table: TableInfo) -> bool:
         """Take a snapshot of ``table`` unless one exists; True if it was taken now."""
 
-    def diff(self, table: TableInfo) -> list[tuple[Any, str]]:
-        """``(row id, "insert" | "update" | "delete")`` of every row that differs from the snapshot."""
+    def diff(self, table: TableInfo) -> dict[str, list[Any]]:
+        """The ids of every row that differs from the snapshot, by kind: ``{"insert": [...],
+        "update": [...], "delete": [...]}``."""
 
-    def poll(self, table: TableInfo) -> tuple[list[tuple[Any, str]], Any]:
+    def poll(self, table: TableInfo) -> tuple[dict[str, list[Any]], Any]:
         """What changed since the position (:meth:`diff`, or only the rows past a version column's
         last version), and a mark to :meth:`save_mark` once those changes are processed (or None)."""
 
@@ -270,12 +271,10 @@ class IbisPollingListener(BaseDatabaseListener):
             with self._lock:
                 self._marks[table.name] = mark
 
-    def _report_diff(self, table: TableInfo, diff: list[tuple[Any, str]]) -> None:
-        if not diff:
+    def _report_diff(self, table: TableInfo, diff: dict[str, list[Any]]) -> None:
+        if not any(diff.values()):
             return
-        by_kind: dict[str, list[Any]] = {"insert": [], "update": [], "delete": []}
-        for row_id, kind in diff:
-            by_kind[kind].append(row_id)
+        by_kind: dict[str, list[Any]] = {kind: list(diff.get(kind, ())) for kind in ("insert", "update", "delete")}
         for kind in ("insert", "update"):
             ids = by_kind[kind]
             for start in range(0, len(ids), self.page_size):
