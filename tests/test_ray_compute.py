@@ -252,3 +252,19 @@ def test_one_model_on_ray_while_the_datalayer_computes_in_process(duck: SQLClien
     assert {o.split(":")[1] for o in remote.values()} != {str(os.getpid())}
     assert {o.split(":")[1] for o in here.values()} == {str(os.getpid())}
     assert executor.actors_of("remote") == []  # db.close() closed the model's executor
+
+
+def fails_on_bad(texts: list[str]) -> list[str]:
+    if "bad" in texts:
+        raise ValueError("cannot tag 'bad'")
+    return [f"<{t}>" for t in texts]
+
+
+def test_a_model_error_on_ray_is_isolated_to_its_row_as_in_process(duck: SQLClient) -> None:
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, "bad"), (3, "c"), (4, "d")])
+    with reactive.connect(duck.uri, compute=RayCompute(actors=2)) as db:
+        db.add(Listener(Model("tag", predict=fails_on_bad, batch_size=4, retry_backoff=0.001), "text", "docs"))
+        assert outputs_by_source(db, "tag__text") == {1: "<a>", 3: "<c>", 4: "<d>"}
+        [error] = db.errors("tag__text")
+        assert error["source"] == 2 and error["error"] == "ValueError: cannot tag 'bad'"
