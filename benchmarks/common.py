@@ -198,3 +198,19 @@ def slower(ours: float, reference: float) -> str:
         return "n/a"
     factor = ours / reference
     return f"{factor:.2f}x" if factor < 10 else f"{factor:.0f}x"
+
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def write_results(name: str, figures: Mapping[str, Any]) -> Path:
+    """Write ``figures`` to ``results/<name>.json``, with when and on what machine they were
+    measured (``figures`` may give its own ``machine``, e.g. described before the run)."""
+    import datetime as _dt
+    import json
+
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = {"when": _dt.datetime.now(_dt.UTC).isoformat(), "machine": machine_info(), **figures}
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    return path

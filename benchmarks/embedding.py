@@ -17,7 +17,6 @@ Requires ``pip install -e '.[embed]'``; ``--quick`` is a smoke run.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import random
 import statistics
@@ -26,9 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import machine_info, machine_markdown, markdown_table
+from .common import machine_info, machine_markdown, markdown_table, write_results
 
-RESULTS = Path(__file__).parent / "results"
 WORDS = [
     "data",
     "model",
@@ -137,15 +135,7 @@ def main() -> None:
     print(f"{rows:,} texts, median of {rounds} interleaved rounds")
     print(table)
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        payload = {
-            "when": _dt.datetime.now(_dt.UTC).isoformat(),
-            "machine": machine_info(),
-            "rows": rows,
-            "rounds": figures,
-            "rows_per_second": rate,
-        }
-        (RESULTS / "embedding.json").write_text(json.dumps(payload, indent=2))
+        write_results("embedding", {"rows": rows, "rounds": figures, "rows_per_second": rate})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ process so that the GIL of the polling process cannot be what it waits for.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import sqlite3
 import subprocess
@@ -26,9 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import machine_info, machine_markdown, markdown_table, summarize_seconds
+from .common import machine_info, machine_markdown, markdown_table, summarize_seconds, write_results
 
-RESULTS = Path(__file__).parent / "results"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 WRITER = textwrap.dedent(
@@ -165,9 +163,7 @@ def main() -> None:
     print(machine_markdown(machine_info()))
     print(table)
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        payload = {"when": _dt.datetime.now(_dt.UTC).isoformat(), "machine": machine_info(), "results": results}
-        (RESULTS / "foreign_writer.json").write_text(json.dumps(payload, indent=2))
+        write_results("foreign_writer", {"results": results})
 
 
 if __name__ == "__main__":

@@ -10,16 +10,12 @@ the insert). The goal of issue 9 is 300 MB or less for 1M rows.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from .common import machine_info, machine_markdown
-
-RESULTS = Path(__file__).parent / "results"
+from .common import machine_info, machine_markdown, write_results
 
 
 def rss_mb() -> float:
@@ -83,9 +79,7 @@ def main() -> None:
         f"peak RSS {result['peak_mb']:.0f} MB, {result['over_idle_mb']:.0f} MB over the idle process"
     )
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        payload = {"when": _dt.datetime.now(_dt.UTC).isoformat(), "machine": machine_info(), **result}
-        (RESULTS / "memory.json").write_text(json.dumps(payload, indent=2))
+        write_results("memory", result)
 
 
 if __name__ == "__main__":

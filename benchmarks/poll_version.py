@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import sqlite3
 import time
 from pathlib import Path
@@ -51,9 +50,8 @@ from reactive.backends.ibis.listener import IbisPollingListener
 from reactive.backends.ibis.snapshots import SnapshotStore
 from reactive.queue import CDCQueue
 
-from .common import interleaved, machine_info, machine_markdown, markdown_table, ms, scratch_dir
+from .common import interleaved, machine_info, machine_markdown, markdown_table, ms, scratch_dir, write_results
 
-RESULTS = Path(__file__).parent / "results"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 BASE = _dt.datetime(2024, 1, 1)
 FULL_DIFF_EVERY_POLLS = 60
@@ -349,15 +347,16 @@ def main() -> None:
     print(machine_markdown(machine))
     print(summary(results))
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        payload = {
-            "when": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "machine": machine,
-            "load_average_at_end": machine_info()["load_average"],
-            "note": "shared 2-core machine: figures are noisy; compare figures of one backend within this run",
-            "results": results,
-        }
-        (RESULTS / "poll_version.json").write_text(json.dumps(payload, indent=2, default=str))
+        note = "shared 2-core machine: figures are noisy; compare figures of one backend within this run"
+        write_results(
+            "poll_version",
+            {
+                "machine": machine,
+                "load_average_at_end": machine_info()["load_average"],
+                "note": note,
+                "results": results,
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ difference per batch is what a batch costs to send and get back.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import statistics
 import tempfile
@@ -24,9 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import machine_info, machine_markdown, markdown_table
-
-RESULTS = Path(__file__).parent / "results"
+from .common import machine_info, machine_markdown, markdown_table, write_results
 
 
 class Burn:
@@ -161,17 +158,8 @@ def main() -> None:
         )
     )
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        payload = {
-            "when": _dt.datetime.now(_dt.UTC).isoformat(),
-            "machine": machine_info(),
-            "rows": rows,
-            "cost_us": args.cost_us,
-            "rounds": figures,
-            "rows_per_second": rate,
-            "overhead": overhead,
-        }
-        (RESULTS / "ray_compute.json").write_text(json.dumps(payload, indent=2))
+        figures_out = {"rows": rows, "cost_us": args.cost_us, "rounds": figures, "rows_per_second": rate}
+        write_results("ray_compute", {**figures_out, "overhead": overhead})
 
 
 if __name__ == "__main__":

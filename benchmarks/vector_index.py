@@ -19,7 +19,6 @@ faiss is imported only here (``pip install faiss-cpu``); without it its rows are
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import tempfile
 import time
@@ -28,9 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .common import machine_info, machine_markdown, markdown_table, summarize_seconds
+from .common import machine_info, machine_markdown, markdown_table, summarize_seconds, write_results
 
-RESULTS = Path(__file__).parent / "results"
 DIM = 384
 K = 10
 
@@ -181,16 +179,8 @@ def main() -> None:
         f"p99 {searchable['p99_ms']:.0f} ms over {inserts} inserts"
     )
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        payload = {
-            "when": _dt.datetime.now(_dt.UTC).isoformat(),
-            "machine": machine_info(),
-            "rows": rows,
-            "queries": queries_n,
-            "indexes": results,
-            "insert_to_searchable": searchable,
-        }
-        (RESULTS / "vector_index.json").write_text(json.dumps(payload, indent=2))
+        figures = {"rows": rows, "queries": queries_n, "indexes": results, "insert_to_searchable": searchable}
+        write_results("vector_index", figures)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ The GPU benchmark (``benchmarks/gpu_embedding.py``) measures the same with the r
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import statistics
 import tempfile
@@ -26,10 +25,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import machine_info, machine_markdown, markdown_table
+from .common import machine_info, machine_markdown, markdown_table, write_results
 from .embedding import texts
 
-RESULTS = Path(__file__).parent / "results"
 DIM = 384
 BATCH = 1024
 
@@ -111,15 +109,7 @@ def main() -> None:
     print(f"{rows:,} vectors of {DIM} float32, batches of {BATCH}, median of {rounds} interleaved rounds")
     print(table)
     if not args.quick:
-        RESULTS.mkdir(exist_ok=True)
-        payload = {
-            "when": _dt.datetime.now(_dt.UTC).isoformat(),
-            "machine": machine_info(),
-            "rows": rows,
-            "rounds": figures,
-            "rows_per_second": rate,
-        }
-        (RESULTS / "vector_writes.json").write_text(json.dumps(payload, indent=2))
+        write_results("vector_writes", {"rows": rows, "rounds": figures, "rows_per_second": rate})
 
 
 if __name__ == "__main__":
