@@ -200,6 +200,8 @@ class RayCompute:
         #: More options of each actor (``runtime_env``, ``resources``, ``scheduling_strategy``...).
         self.actor_options = dict(actor_options or {})
         self._lock = threading.Lock()
+        #: Held while a model's actors start (see _pool).
+        self._starting = threading.Lock()
         self._started_ray = False
         #: Per model identifier: the model object the actors were built from, and the actors.
         self._pools: dict[str, tuple[Model, list[Any]]] = {}
@@ -223,10 +225,14 @@ class RayCompute:
         return ray
 
     def _pool(self, model: Model) -> list[Any]:
-        """The actors of ``model`` (started at its first batch, again if the model was replaced)."""
+        """The actors of ``model`` (started at its first batch, again if the model was replaced).
+
+        Actors start under their own lock, not the one ``_pump`` takes: other models' batches
+        keep flowing while these wait to be placed (up to ``placement_timeout``)."""
         ray = self._ray()
-        with self._lock:
-            pool = self._pools.get(model.identifier)
+        with self._starting:
+            with self._lock:
+                pool = self._pools.get(model.identifier)
             if pool is not None and pool[0] is model:
                 return pool[1]
             if pool is not None:
@@ -241,9 +247,8 @@ class RayCompute:
                     f"RayCompute asks for {self.actors} actors x {self.num_cpus:g} CPU / {self.num_gpus:g} GPU for "
                     f"model {model.identifier!r}; the Ray cluster has {have}"
                 )
-            remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=-1, max_task_retries=-1)(
-                _ModelActor
-            )
+            options = {"max_restarts": -1, "max_task_retries": -1, **self.actor_options}
+            remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, **options)(_ModelActor)
             actors = [remote.remote(model) for _ in range(self.actors)]
             try:
                 ray.get([actor.ready.remote() for actor in actors], timeout=self.placement_timeout)
@@ -254,7 +259,8 @@ class RayCompute:
                     f"the actors of model {model.identifier!r} were not placed within {self.placement_timeout:g} s "
                     "(the Ray cluster's CPUs or GPUs are taken)"
                 ) from None
-            self._pools[model.identifier] = (model, actors)
+            with self._lock:
+                self._pools[model.identifier] = (model, actors)
             return actors
 
     def actors_of(self, identifier: str) -> list[Any]:

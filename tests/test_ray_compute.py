@@ -268,3 +268,18 @@ def test_a_model_error_on_ray_is_isolated_to_its_row_as_in_process(duck: SQLClie
         assert outputs_by_source(db, "tag__text") == {1: "<a>", 3: "<c>", 4: "<d>"}
         [error] = db.errors("tag__text")
         assert error["source"] == 2 and error["error"] == "ValueError: cannot tag 'bad'"
+
+
+def _marked(texts: list[str]) -> list[str]:
+    return [f"{t}:{os.environ.get('REACTIVE_TEST_MARK')}" for t in texts]
+
+
+def test_actor_options_reach_the_actors(duck: SQLClient) -> None:
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES (1, 'a')")
+    root = Path(__file__).resolve().parents[1]
+    env = {"REACTIVE_TEST_MARK": "set", "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    compute = RayCompute(actors=1, actor_options={"runtime_env": {"env_vars": env}})
+    with reactive.connect(duck.uri, compute=compute) as db:
+        db.add(Listener(Model("mark", predict=_marked), "text", "docs"))
+        assert outputs_by_source(db, "mark__text") == {1: "a:set"}
