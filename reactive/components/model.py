@@ -344,10 +344,15 @@ class Model:
         return results
 
     def _release_caller(self) -> None:
-        """End this compute()'s caller thread (at once: it is idle; a call it gave up ends it)."""
+        """End this compute()'s caller thread: at once when it is idle; one whose call is still
+        running (given up, or compute() interrupted) ends when ``predict`` returns."""
         caller, self._local.caller = getattr(self._local, "caller", None), None
-        if caller is not None:
-            caller.stop()
+        if caller is None:
+            return
+        caller.stop()
+        with self._lock:
+            running = self._in_flight is not None  # compute() was interrupted (Ctrl-C) mid-call
+        if not running:
             caller.join()
 
     def wait_calls(self, timeout: float | None = None) -> bool:

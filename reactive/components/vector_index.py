@@ -440,24 +440,25 @@ class VectorIndex(Component):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise SearchError(f"k must be a whole number of at least 1, not {k!r}")
         vector = self.query_vector(query)
-        with self._lock:
-            if self._index is None or not len(self._entries):
-                return []
-            total = len(self._entries)
-            want = min(total, k if keep is None else k * OVERFETCH)
-            while True:
+        want = k if keep is None else k * OVERFETCH
+        while True:
+            with self._lock:  # the graph only: a filter reads rows without holding up the handler
+                total = len(self._entries)
+                if self._index is None or not total:
+                    return []
+                want = min(total, want)
                 matches = self._index.search(vector, want)
                 hits = [
                     SearchHit(self._entries.sources[int(key)], float(distance))
                     for key, distance in zip(matches.keys, matches.distances, strict=True)
                     if int(key) in self._entries.sources
                 ]
-                if keep is not None:
-                    kept = keep([hit.source for hit in hits])
-                    hits = [hit for hit in hits if id_key(hit.source) in kept]
-                if len(hits) >= k or want >= total:
-                    return hits[:k]
-                want = min(total, want * 2)
+            if keep is not None:
+                kept = keep([hit.source for hit in hits])
+                hits = [hit for hit in hits if id_key(hit.source) in kept]
+            if len(hits) >= k or want >= total:
+                return hits[:k]
+            want *= 2
 
 
 def _replace(path: Path, data: bytes) -> None:
