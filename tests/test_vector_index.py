@@ -159,8 +159,9 @@ def test_bad_queries_and_declarations_get_clear_errors_and_write_nothing(duck: S
             db.add(VectorIndex("bad", listener="nope", directory=indexes))
         with pytest.raises(ConfigurationError, match="metric must be one of"):
             VectorIndex("bad", listener="embed__text", metric="hamming")
-        with pytest.raises(ConfigurationError, match="plain name"):
-            VectorIndex("../escape", listener="embed__text")
+        for name in ("../escape", ".hidden", "back\\slash", "nul\x00", "x" * 201, ""):
+            with pytest.raises(ConfigurationError, match="plain name"):
+                VectorIndex(name, listener="embed__text")
         # Nothing written, nothing added, for a refused declaration.
         assert not indexes.exists() and [c["identifier"] for c in db.show()] == ["embed__text", "upper__text"]
 

@@ -45,6 +45,8 @@ METRICS = ("cos", "ip", "l2sq")
 DEFAULT_SAVE_EVERY = 10.0
 #: A filtered search asks the graph for this many times ``k`` first, then twice as many...
 OVERFETCH = 4
+#: The longest index name (a file name is at most 255 bytes, and a suffix is added).
+MAX_NAME_BYTES = 200
 _FORMAT = 1
 _VECTOR_TYPES = ("array<float16>", "array<float32>", "array<float64>")
 
@@ -161,8 +163,12 @@ class VectorIndex(Component):
         connectivity: int | None = None,
         expansion_search: int | None = None,
     ) -> None:
-        if not isinstance(identifier, str) or not identifier or "/" in identifier or identifier.startswith("."):
-            raise ConfigurationError(f"an index needs a plain name, not {identifier!r}")
+        # The name is the index's file name: no path, no hidden file, no NUL, and short enough.
+        plain = isinstance(identifier, str) and identifier and not identifier.startswith(".")
+        if not plain or any(c in identifier for c in "/\\\x00") or len(identifier.encode()) > MAX_NAME_BYTES:
+            raise ConfigurationError(
+                f"an index needs a plain name of at most {MAX_NAME_BYTES} bytes (it names its file), not {identifier!r}"
+            )
         if not isinstance(listener, str) or not listener:
             raise ConfigurationError("listener must be the identifier of a listener whose outputs are vectors")
         if metric not in METRICS:
