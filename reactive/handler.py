@@ -252,10 +252,6 @@ class CDCHandler(ReactiveThread):
             log.warning("could not take the lease of %s back: %s", self.db.backend.uri, exc)
 
     # -- one window of packets ------------------------------------------------------------
-    def handle(self, packets: Sequence[ChangePacket]) -> None:
-        """Handle one window now: plan it, wait for its model work, finish it."""
-        self._finish(packets, self._plan(packets, {}))
-
     def _plan(self, packets: Sequence[ChangePacket], in_flight: Mapping[str, set[Hashable]]) -> list[_Step]:
         """Coalesce, collate, read the rows packets do not carry, and plan every component's
         refresh (its model work starts); nothing is written."""
