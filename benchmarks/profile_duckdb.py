@@ -96,20 +96,29 @@ class StageClock:
 
 
 class ThreadProfiles:
-    """cProfile of the handler's ``handle`` and the listener's ``_poll``, in their own threads."""
+    """cProfile of the handler (planning and finishing windows) and the listener's ``_poll``,
+    in their own threads."""
+
+    #: (profile, class, method): the handler plans a window in ``_open``, writes it in ``_complete``.
+    HOOKS = (
+        ("handler", CDCHandler, "_open"),
+        ("handler", CDCHandler, "_complete"),
+        ("listener", IbisPollingListener, "_poll"),
+    )
 
     def __init__(self) -> None:
         self.profiles = {"handler": cProfile.Profile(), "listener": cProfile.Profile()}
 
     @contextmanager
     def installed(self) -> Iterator[None]:
-        originals = CDCHandler.handle, IbisPollingListener._poll
-        CDCHandler.handle = self._profiled(self.profiles["handler"], CDCHandler.handle)  # type: ignore[method-assign]
-        IbisPollingListener._poll = self._profiled(self.profiles["listener"], IbisPollingListener._poll)  # type: ignore[method-assign]
+        originals = [(cls, name, getattr(cls, name)) for _, cls, name in self.HOOKS]
+        for profile, cls, name in self.HOOKS:
+            setattr(cls, name, self._profiled(self.profiles[profile], getattr(cls, name)))
         try:
             yield
         finally:
-            CDCHandler.handle, IbisPollingListener._poll = originals  # type: ignore[method-assign]
+            for cls, name, original in originals:
+                setattr(cls, name, original)
 
     @staticmethod
     def _profiled(profile: cProfile.Profile, fn: Callable[..., Any]) -> Callable[..., Any]:

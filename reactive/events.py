@@ -12,6 +12,8 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Seq
 from enum import StrEnum
 from typing import Any, Protocol
 
+from reactive.rows import TableRows
+
 
 class DBEvent(StrEnum):
     """What happened to a row."""
@@ -69,7 +71,7 @@ class ChangePacket:
     table: str
     event: DBEvent
     ids: tuple[Any, ...]
-    rows: tuple[Row, ...] | None = None
+    rows: Sequence[Row] | None = None
     position: Any = None
     source: ChangeSource | None = None
     targets: frozenset[str] | None = None
@@ -199,11 +201,69 @@ class Batch:
     table: str
     event: DBEvent
     ids: tuple[Any, ...]
-    rows: tuple[Row | None, ...]
+    rows: Sequence[Row | None]
     targets: frozenset[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def window_batches(packets: Sequence[ChangePacket], max_rows: int) -> list[Batch]:
+    """``collate(coalesce(packets), max_rows)``, without an object per row when no row id
+    appears twice in a table of the window (a bulk insert, a backfill): each row's net change
+    is then its packet's, and batches are cut from the packets' ids and rows as they are
+    (rows read as one Arrow table stay one, see :class:`~reactive.rows.TableRows`).
+
+    >>> ps = [ChangePacket("t", DBEvent.insert, (1, 2, 3), ({"x": 1}, {"x": 2}, {"x": 3})),
+    ...       ChangePacket("t", DBEvent.delete, (4,)), ChangePacket("t", DBEvent.insert, (5,))]
+    >>> window_batches(ps, 2) == list(collate(coalesce(ps), 2))
+    True
+    >>> [(b.event.value, b.ids, b.rows) for b in window_batches(ps, 2)]
+    [('insert', (1, 2), ({'x': 1}, {'x': 2})), ('insert', (3, 5), ({'x': 3}, None)), ('delete', (4,), (None,))]
+    """
+    if not _unique_ids(packets):
+        return list(collate(coalesce(packets), max_rows))
+    groups: dict[tuple[str, DBEvent, frozenset[str] | None], list[ChangePacket]] = {}
+    for packet in packets:
+        if len(packet):
+            groups.setdefault((packet.table, packet.event, packet.targets), []).append(packet)
+    batches = []
+    for (table, event, targets), members in groups.items():
+        ids = members[0].ids if len(members) == 1 else tuple(i for p in members for i in p.ids)
+        rows = _joined_rows(members, event)
+        for start in range(0, len(ids), max_rows):
+            end = start + max_rows
+            batches.append(Batch(table, event, ids[start:end], rows[start:end], targets))
+    return batches
+
+
+def _unique_ids(packets: Sequence[ChangePacket]) -> bool:
+    """Whether no row id appears twice in a table; False too for ids that are not hashable
+    as they are (documents, lists: they are compared by :func:`id_key`)."""
+    seen: dict[str, set[Any]] = {}
+    for packet in packets:
+        ids = seen.setdefault(packet.table, set())
+        before = len(ids)
+        try:
+            ids.update(packet.ids)
+        except TypeError:
+            return False
+        if len(ids) != before + len(packet.ids):
+            return False
+    return True
+
+
+def _joined_rows(packets: Sequence[ChangePacket], event: DBEvent) -> Sequence[Row | None]:
+    """The rows of ``packets`` (all of one event) in order; None where a packet has none."""
+    if event is DBEvent.delete:
+        return (None,) * sum(len(p) for p in packets)
+    parts = [p.rows for p in packets]
+    if all(isinstance(part, TableRows) for part in parts):
+        try:
+            return TableRows.concat(parts)  # type: ignore[arg-type]
+        except (ValueError, TypeError):  # schemas differ (a column added between reads): as dicts
+            pass
+    return tuple(row for p, part in zip(packets, parts, strict=True) for row in (part or (None,) * len(p)))
 
 
 def collate(changes: Iterable[Change], max_rows: int) -> Iterator[Batch]:

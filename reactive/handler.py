@@ -22,7 +22,7 @@ from reactive.backends.base import (
     outputs_table,
 )
 from reactive.errors import ComputeUnavailableError, LeaseLostError
-from reactive.events import Batch, ChangePacket, ChangeSource, DBEvent, coalesce, collate, id_key
+from reactive.events import Batch, ChangePacket, ChangeSource, DBEvent, id_key, window_batches
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -256,7 +256,7 @@ class CDCHandler(ReactiveThread):
         """Coalesce, collate, read the rows packets do not carry, and plan every component's
         refresh (its model work starts); nothing is written."""
         steps = []
-        for batch in collate(coalesce(packets), self.batch_rows):
+        for batch in window_batches(packets, self.batch_rows):
             components = self.db.components_for(batch.table, batch.targets)
             if not components:
                 continue

@@ -326,8 +326,9 @@ class FakeSnapshots:
     def poll(self, table: TableInfo) -> tuple[dict[str, list[Any]], Any]:
         return self.changes, "mark"
 
-    def rows_with_fingerprints(self, table: TableInfo, ids: Any) -> list[tuple[dict[str, Any], int]]:
-        return [({"id": i, "text": self.rows[i]}, 7) for i in ids if i in self.rows]
+    def rows_with_fingerprints(self, table: TableInfo, ids: Any) -> tuple[list[dict[str, Any]], list[int]]:
+        found = [i for i in ids if i in self.rows]
+        return [{"id": i, "text": self.rows[i]} for i in found], [7] * len(found)
 
     def save_mark(self, table: str, mark: Any) -> None:
         self.saved.append((table, mark))

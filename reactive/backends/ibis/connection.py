@@ -88,6 +88,11 @@ class IbisConnection:
         with self.lock:
             return self.dialect.fetch(self.con, sql, params)
 
+    def fetch_rows(self, sql: str, *params: Any) -> Sequence[dict[str, Any]]:
+        """Rows as the driver gives them, possibly one Arrow table (see ``Dialect.fetch_rows``)."""
+        with self.lock:
+            return self.dialect.fetch_rows(self.con, sql, params)
+
     def fetch_grouped(self, sql: str, *params: Any, value: str, by: str) -> dict[Any, list[Any]]:
         """Column ``value`` of the rows grouped by column ``by`` (see ``Dialect.fetch_grouped``)."""
         with self.lock:

@@ -34,6 +34,7 @@ import sqlglot.expressions as sge
 from reactive.errors import ConfigurationError
 from reactive.events import id_key
 from reactive.fingerprints import fingerprint_text
+from reactive.rows import TableRows
 
 Row = dict[str, Any]
 _T = TypeVar("_T")
@@ -160,6 +161,11 @@ class Dialect:
     def fetch(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return con.con.execute(sql, list(params)).to_arrow_table().to_pylist()
 
+    def fetch_rows(self, con: Any, sql: str, params: Sequence[Any] = ()) -> Sequence[Row]:
+        """The rows of ``sql`` in the driver's own shape: DuckDB's Arrow table, kept as one
+        (:class:`~reactive.rows.TableRows`); engines whose driver gives rows give dicts."""
+        return TableRows(con.con.execute(sql, list(params)).to_arrow_table())
+
     def execute(self, con: Any, sql: str, params: Sequence[Any] = ()) -> None:
         con.con.execute(sql, list(params))
 
@@ -257,6 +263,9 @@ class PostgresDialect(Dialect):
                 return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
         return self._reconnecting(con, run)
+
+    def fetch_rows(self, con: Any, sql: str, params: Sequence[Any] = ()) -> Sequence[Row]:
+        return self.fetch(con, sql, params)
 
     def execute(self, con: Any, sql: str, params: Sequence[Any] = ()) -> None:
         def run() -> None:
@@ -428,6 +437,9 @@ class SQLiteDialect(Dialect):
         cur = con.con.execute(sql, list(params))
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+    def fetch_rows(self, con: Any, sql: str, params: Sequence[Any] = ()) -> Sequence[Row]:
+        return self.fetch(con, sql, params)
 
     def execute(self, con: Any, sql: str, params: Sequence[Any] = ()) -> None:
         con.con.execute(sql, list(params))

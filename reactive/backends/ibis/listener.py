@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from reactive.backends.base import MAX_BACKOFF, BaseDatabaseListener, TableInfo
 from reactive.errors import QueueClosedError
 from reactive.events import ChangePacket, DBEvent, Row, id_key
+from reactive.rows import column_of
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,12 @@ class Snapshots(Protocol):
     def version_info(self, table: str) -> dict[str, Any] | None:
         """How ``table`` is polled through a version column (None: it has none)."""
 
-    def rows_with_fingerprints(self, table: TableInfo, ids: Sequence[Any]) -> list[tuple[Row, int]]: ...
+    def rows_with_fingerprints(self, table: TableInfo, ids: Sequence[Any]) -> tuple[Sequence[Row], list[int]]:
+        """The current rows with these ids and their fingerprints, aligned."""
 
-    def advance(self, table: str, upserts: Sequence[tuple[Any, int]], deletes: Sequence[Any]) -> None:
-        """Record processed rows' fingerprints and forget deleted rows: the position moves."""
+    def advance(self, table: str, ids: Sequence[Any], fingerprints: Sequence[int], deletes: Sequence[Any]) -> None:
+        """Record processed rows' fingerprints (``ids`` and ``fingerprints`` aligned; where an
+        id repeats, its last one) and forget deleted rows: the position moves."""
 
     def lost(self, table: TableInfo) -> str | None:
         """Why a table whose poll failed can no longer be followed (dropped, altered), or None.
@@ -279,21 +282,16 @@ class IbisPollingListener(BaseDatabaseListener):
             ids = by_kind[kind]
             for start in range(0, len(ids), self.page_size):
                 page = ids[start : start + self.page_size]
-                found = self.snapshots.rows_with_fingerprints(table, page)
+                rows, fingerprints = self.snapshots.rows_with_fingerprints(table, page)
+                found = column_of(rows, table.id_column)
                 if kind == "update" and len(found) < len(page):
                     # Updated, then deleted since the diff: a delete now (a poll that reads
                     # only recent versions would not see it until the next full diff).
-                    present = {id_key(row[table.id_column]) for row, _ in found}
+                    present = set(map(id_key, found))
                     by_kind["delete"].extend(i for i in page if id_key(i) not in present)
                 if found:
                     # A row inserted and deleted since the diff is simply absent.
-                    self._report(
-                        table,
-                        DBEvent(kind),
-                        tuple(row[table.id_column] for row, _ in found),
-                        rows=tuple(row for row, _ in found),
-                        fingerprints=tuple(fp for _, fp in found),
-                    )
+                    self._report(table, DBEvent(kind), tuple(found), rows=rows, fingerprints=tuple(fingerprints))
         deleted = by_kind["delete"]
         for start in range(0, len(deleted), self.page_size):
             self._report(table, DBEvent.delete, tuple(deleted[start : start + self.page_size]))
@@ -304,7 +302,7 @@ class IbisPollingListener(BaseDatabaseListener):
         event: DBEvent,
         ids: tuple[Any, ...],
         *,
-        rows: tuple[Any, ...] | None = None,
+        rows: Sequence[Row] | None = None,
         fingerprints: tuple[int, ...] | None = None,
     ) -> None:
         position = (table.name, ids, fingerprints)
@@ -312,16 +310,17 @@ class IbisPollingListener(BaseDatabaseListener):
 
     def save_positions(self, positions: Sequence[Any]) -> None:
         """Move each table's snapshot past the processed rows."""
-        by_table: dict[str, tuple[list[tuple[Any, int]], list[Any]]] = {}
+        by_table: dict[str, tuple[list[Any], list[int], list[Any]]] = {}
         for table, ids, fingerprints in positions:
-            upserts, deletes = by_table.setdefault(table, ([], []))
+            upserted, upserted_fingerprints, deletes = by_table.setdefault(table, ([], [], []))
             if fingerprints is None:
                 deletes.extend(ids)
             else:
-                upserts.extend(zip(ids, fingerprints, strict=True))
-        for table, (upserts, deletes) in by_table.items():
+                upserted.extend(ids)
+                upserted_fingerprints.extend(fingerprints)
+        for table, (upserted, upserted_fingerprints, deletes) in by_table.items():
             if table in self.tables:
-                self.snapshots.advance(table, upserts, deletes)
+                self.snapshots.advance(table, upserted, upserted_fingerprints, deletes)
 
     def redeliver(self, positions: Sequence[Any]) -> None:
         """The snapshot stays where it is, so the next poll finds the rows again; a version

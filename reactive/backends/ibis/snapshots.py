@@ -25,6 +25,7 @@ from reactive.backends.ibis.dialects import FINGERPRINT_ALIAS, SnapshotSQL
 from reactive.checkpoints import CorruptCheckpointError
 from reactive.errors import ConfigurationError
 from reactive.events import Row, id_key
+from reactive.rows import TableRows
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class SnapshotStore:
         self,
         conn: IbisConnection,
         *,
-        decoded: Callable[[str, list[Row]], list[Row]],
+        decoded: Callable[[str, Sequence[Row]], Sequence[Row]],
         positions: CheckpointStore | None = None,
         versions: Mapping[str, VersionColumn] | None = None,
     ) -> None:
@@ -494,13 +495,19 @@ class SnapshotStore:
                 return changed
             lower = upper
 
-    def rows_with_fingerprints(self, table: TableInfo, ids: Sequence[Any]) -> list[tuple[Row, int]]:
-        """The current rows with these ids, each with its fingerprint, read in one statement."""
+    def rows_with_fingerprints(self, table: TableInfo, ids: Sequence[Any]) -> tuple[Sequence[Row], list[int]]:
+        """The current rows with these ids and their fingerprints, aligned, read in one statement
+        (on DuckDB the rows stay one Arrow table: see :class:`~reactive.rows.TableRows`)."""
         sql = self._statements(table).by_ids_with_fingerprint
-        found = self.decoded(table.name, self.conn.fetch(sql, self.conn.dialect.bind_ids(ids)))
-        return [(row, row.pop(FINGERPRINT_ALIAS)) for row in found]
+        found = self.conn.fetch_rows(sql, self.conn.dialect.bind_ids(ids))
+        if isinstance(found, TableRows):
+            fingerprints = found.column(FINGERPRINT_ALIAS)
+            found = TableRows(found.table.drop_columns([FINGERPRINT_ALIAS]))
+        else:
+            fingerprints = [row.pop(FINGERPRINT_ALIAS) for row in found]
+        return self.decoded(table.name, found), fingerprints
 
-    def advance(self, table: str, upserts: Sequence[tuple[Any, int]], deletes: Sequence[Any]) -> None:
+    def advance(self, table: str, ids: Sequence[Any], fingerprints: Sequence[int], deletes: Sequence[Any]) -> None:
         """Move a table's position: record processed rows' fingerprints, forget deleted rows."""
         name = snapshot_table(table)
         conn = self.conn
@@ -510,14 +517,26 @@ class SnapshotStore:
                 conn.delete_by_ids(
                     conn.statements(name, ROW_ID, (ROW_ID, ROW_FINGERPRINT)).delete_by_ids, list(deletes)
                 )
-            if upserts:
-                latest = {id_key(i): (i, fp) for i, fp in upserts}
+            if ids:
+                if not _unique(ids):  # one statement may not upsert a row twice: the last one counts
+                    latest = {id_key(i): (i, fp) for i, fp in zip(ids, fingerprints, strict=True)}
+                    ids, fingerprints = [i for i, _ in latest.values()], [fp for _, fp in latest.values()]
                 data = pa.table(
                     {
-                        ROW_ID: pa.array([i for i, _ in latest.values()], type=schema[ROW_ID].to_pyarrow()),
-                        ROW_FINGERPRINT: pa.array(
-                            [fp for _, fp in latest.values()], type=schema[ROW_FINGERPRINT].to_pyarrow()
-                        ),
+                        ROW_ID: pa.array(ids, type=schema[ROW_ID].to_pyarrow()),
+                        ROW_FINGERPRINT: pa.array(fingerprints, type=schema[ROW_FINGERPRINT].to_pyarrow()),
                     }
                 )
                 conn.upsert(name, ROW_ID, data)
+
+
+def _unique(ids: Sequence[Any]) -> bool:
+    """Whether no id repeats (ids not hashable as they are count as repeating).
+
+    >>> _unique([1, 2, 3]), _unique([1, 2, 1]), _unique([[1], [2]])
+    (True, False, False)
+    """
+    try:
+        return len(set(ids)) == len(ids)
+    except TypeError:
+        return False

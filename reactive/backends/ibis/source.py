@@ -14,6 +14,7 @@ from reactive.backends.ibis.dialects import decode_for
 from reactive.errors import TableNotFoundError
 from reactive.events import Row, id_key
 from reactive.rowformat import RowFormat, as_json_text
+from reactive.rows import TableRows
 
 
 class IbisSource:
@@ -89,14 +90,17 @@ class IbisSource:
         schema = self.conn.table(table.name).schema()
         return RowFormat.of_fields(table.name, [(column, *_avro_of(dtype)) for column, dtype in schema.items()])
 
-    def decoded(self, table: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Rows as components see them: outputs stored as JSON text come back decoded."""
-        if rows and OUTPUT_FIELD in rows[0]:
-            logical = self.output_type(table)
-            if logical is not None:
-                for row in rows:
-                    row[OUTPUT_FIELD] = decode_for(self.conn.dialect, logical, row[OUTPUT_FIELD])
-        return rows
+    def decoded(self, table: str, rows: Sequence[Row]) -> Sequence[Row]:
+        """Rows as components see them: outputs stored as JSON text come back decoded (as
+        dicts; rows of any other table stay as they were read)."""
+        columns = rows.columns if isinstance(rows, TableRows) else rows[0] if rows else ()
+        logical = self.output_type(table) if OUTPUT_FIELD in columns else None
+        if logical is None:
+            return rows
+        decoded = [dict(row) for row in rows]
+        for row in decoded:
+            row[OUTPUT_FIELD] = decode_for(self.conn.dialect, logical, row[OUTPUT_FIELD])
+        return decoded
 
 
 def _avro_of(dtype: dt.DataType) -> tuple[Any, Any]:
