@@ -7,6 +7,7 @@ import decimal
 import hashlib
 import json
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,21 @@ def fingerprint_text(text: str) -> int:
     """A signed 64-bit digest of ``text`` (fits an SQL BIGINT)."""
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little", signed=True)
+
+
+def fingerprints(values: Iterable[Any]) -> list[int]:
+    """:func:`fingerprint` of each value; texts (the common input) without a call per value.
+
+    >>> fingerprints(["a", 1, {"b": None}]) == [fingerprint("a"), fingerprint(1), fingerprint({"b": None})]
+    True
+    """
+    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+    return [
+        from_bytes(blake2b(b"\x00" + v.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little", signed=True)
+        if type(v) is str
+        else fingerprint(v)
+        for v in values
+    ]
 
 
 def fingerprint(value: Any) -> int:

@@ -19,10 +19,12 @@ from reactive.backends.base import (
     OUTPUT_FIELD,
     SOURCE_FIELD,
     ErrorRecord,
+    TableReader,
     outputs_table,
 )
 from reactive.errors import ComputeUnavailableError, LeaseLostError
 from reactive.events import Batch, ChangePacket, ChangeSource, DBEvent, id_key, window_batches
+from reactive.rows import TableRows
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -364,10 +366,15 @@ class CDCHandler(ReactiveThread):
         reconciliation that found an orphaned output, or a change whose row vanished before
         it was processed, removes the output and is counted as a delete.
         """
-        if batch.event is DBEvent.delete or all(row is not None for row in batch.rows):
+        if batch.event is DBEvent.delete or isinstance(batch.rows, TableRows) or None not in batch.rows:
             return [batch]
+        source, table = self.db.source_for(batch.table), self.db.table_info(batch.table)
+        if isinstance(source, TableReader) and not any(batch.rows):  # none sent (a backfill): read as one table
+            rows = source.read_table(table, batch.ids)
+            if rows is not None:
+                return self._split_gone(batch, rows, table.id_column)
         missing = [i for i, row in zip(batch.ids, batch.rows, strict=True) if row is None]
-        found = self.db.source_for(batch.table).read_rows(self.db.table_info(batch.table), missing)
+        found = source.read_rows(table, missing)
         present: list[tuple[Any, Any]] = []
         gone: list[Any] = []
         for row_id, row in zip(batch.ids, batch.rows, strict=True):
@@ -381,6 +388,17 @@ class CDCHandler(ReactiveThread):
             parts.append(dc.replace(batch, ids=tuple(i for i, _ in present), rows=tuple(r for _, r in present)))
         if gone:
             parts.append(dc.replace(batch, event=DBEvent.delete, ids=tuple(gone), rows=(None,) * len(gone)))
+        return parts
+
+    @staticmethod
+    def _split_gone(batch: Batch, rows: TableRows, id_column: str) -> list[Batch]:
+        """``batch`` as the rows read (in their order), and a delete of the ids not found."""
+        ids = rows.column(id_column)
+        parts = [dc.replace(batch, ids=tuple(ids), rows=rows)] if ids else []
+        if len(ids) < len(batch.ids):
+            present = set(map(id_key, ids))
+            gone = tuple(i for i in batch.ids if id_key(i) not in present)
+            parts.append(dc.replace(batch, event=DBEvent.delete, ids=gone, rows=(None,) * len(gone)))
         return parts
 
     def _refreshed(self, component: Component, batch: Batch, plan: PlannedRefresh | Exception) -> list[Batch]:

@@ -187,6 +187,25 @@ def vector_block(outputs: Sequence[Any], output_type: str) -> np.ndarray | None:
     return block if np.isfinite(block).all() else None
 
 
+def plain_scalars(values: Sequence[Any], output_type: str) -> bool:
+    """Whether every value is already what :func:`normalize_output` would store: all of the
+    type's own Python type and in its range (checked in one pass, not value by value).
+
+    >>> plain_scalars([1.5, 2.0], "float64"), plain_scalars([1.5, 2], "float64"), plain_scalars([2**63], "int64")
+    (True, False, False)
+    >>> plain_scalars([float("nan")], "float64"), plain_scalars(["a", "b"], "string")
+    (False, True)
+    """
+    kind = _PYTHON_TYPES.get(output_type)
+    if kind is None or not values or set(map(type, values)) != {kind}:
+        return False
+    if kind is float:
+        return bool(np.isfinite(np.fromiter(values, float, len(values))).all())
+    if kind is int:
+        return np.array(values).dtype == np.int64
+    return True
+
+
 def _scalar_output(value: Any, output_type: str) -> Any:
     if isinstance(value, np.generic):
         value = value.item()
@@ -385,10 +404,13 @@ class OutputWriter:
             if logical is None:
                 return [OutputRejected("the model returned None") for _ in records]
             self.types.set(identifier, source, logical, self.store)
-        block = vector_block([r.output for r in records], logical)
+        outputs = [r.output for r in records]
+        block = vector_block(outputs, logical)
         if block is not None:
             stored: list[Any] = list(block) if getattr(self.store, "takes_arrays", False) else block.tolist()
-            kept = [(index, record, stored[index]) for index, record in enumerate(records)]
+            kept = list(zip(range(len(records)), records, stored, strict=True))
+        elif plain_scalars(outputs, logical):
+            stored, kept = outputs, list(zip(range(len(records)), records, outputs, strict=True))
         else:
             stored, kept = self._normalized(identifier, logical, records)
         if kept:

@@ -34,6 +34,7 @@ def reconcile(
     page_size: int,
     on_processed: OnProcessed | None = None,
     memory_limit: int = MEMORY_LIMIT,
+    absent_is_stale: bool = False,
 ) -> Iterator[ChangePacket]:
     """Packets that bring ``identifier``'s outputs of ``table`` up to date.
 
@@ -41,7 +42,9 @@ def reconcile(
     once: a row whose output is missing or stale (``is_current(row, stored_fingerprint)`` is
     False) is queued, and so is every stored output no row claimed (its row is gone). With more
     than ``memory_limit`` outputs, the fingerprints of each page are looked up instead, and a
-    second pass over the outputs asks the source which rows still exist.
+    second pass over the outputs asks the source which rows still exist. ``absent_is_stale``
+    says that a row without an output always needs one (``is_current(row, None)`` is False
+    for every row): with no output stored at all (a first backfill), only ids are read.
 
     Every packet is an insert *without rows* targeting ``identifier`` only: the handler reads
     each row when it processes the packet, so a reconciliation never writes an output older
@@ -55,6 +58,10 @@ def reconcile(
         return ChangePacket(table.name, DBEvent.insert, tuple(ids), targets=targets, on_processed=on_processed)
 
     stored = _stored_fingerprints(outputs, identifier, page_size, memory_limit)
+    if absent_is_stale and stored == {}:
+        for page in source.scan(table, columns=[table.id_column], page_size=page_size):
+            yield packet([row[table.id_column] for row in page])
+        return
     for page in source.scan(table, columns=columns, page_size=page_size):
         ids = [row[table.id_column] for row in page]
         if stored is None:

@@ -37,6 +37,11 @@ class TableRows(Sequence[Row]):
         self._dicts: list[dict[str, Any]] | None = None
 
     @classmethod
+    def of_rows(cls, rows: Sequence[Row]) -> TableRows:
+        """Rows given as dicts, as one table (their values must fit one Arrow type per field)."""
+        return cls(pa.Table.from_pylist(list(rows)))
+
+    @classmethod
     def concat(cls, parts: Sequence[TableRows]) -> TableRows:
         """One sequence of ``parts``' rows, in order (their tables must have one schema)."""
         if len(parts) == 1:

@@ -24,7 +24,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, runtime_checkable
 
 from reactive.errors import ConfigurationError, MissingIdColumnError
 from reactive.events import ChangePacket, Row, SourceChange
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from reactive.outputs import OutputTypes
     from reactive.queue import CDCQueue
     from reactive.rowformat import RowFormat
+    from reactive.rows import TableRows
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,15 @@ class SourceReader(Protocol):
 
     def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
         """Every row, in pages ordered by id; each row includes the id column."""
+
+
+@runtime_checkable
+class TableReader(Protocol):
+    """A :class:`SourceReader` that can also return rows as one Arrow table."""
+
+    def read_table(self, table: TableInfo, ids: Sequence[Any]) -> TableRows | None:
+        """The current rows with these ids, in any order, as one table; None where this table's
+        rows do not come as one (the engine's driver gives rows, or they need decoding)."""
 
 
 class OutputStore(Protocol):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from reactive.backends.base import ErrorRecord, OutputRecord, OutputRejected, TableInfo, outputs_table
 from reactive.components.base import Component, PlannedRefresh, Refresh
@@ -13,6 +16,7 @@ from reactive.components.model import Failure, Model, ModelCalls
 from reactive.errors import ConfigurationError
 from reactive.events import Batch, ChangePacket, DBEvent, Row, id_key
 from reactive.reconcile import OnProcessed, reconcile
+from reactive.rows import TableRows
 
 if TYPE_CHECKING:
     from reactive.compute import Compute
@@ -37,6 +41,12 @@ def _input_bytes(value: Any, limit: int) -> int:
     if isinstance(value, str) and len(value) * 4 > limit:
         return len(value.encode("utf-8", "surrogatepass"))
     return 0
+
+
+#: Arrow types whose values come as ``str`` or ``bytes`` (their size is checked in one call),
+#: and types whose values never do (nothing to check).
+_TEXT = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+_NEVER_TEXT = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_temporal)
 
 
 def _check_filter(filter: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -236,6 +246,7 @@ class Listener(Component):
             is_current=self.is_current,
             page_size=page_size,
             on_processed=on_processed,
+            absent_is_stale=not self.filter,
         )
 
     def plan_refresh(
@@ -300,7 +311,11 @@ class Listener(Component):
 
     def _candidates(self, batch: Batch, refresh: Refresh, remove: list[Any]) -> list[tuple[Any, Any, int]]:
         """``(row id, input, fingerprint)`` of the rows to compute; the others go to ``remove``."""
-        candidates: list[tuple[Any, Any, int]] = []
+        if isinstance(batch.rows, TableRows):
+            candidates = self._column_candidates(batch.ids, batch.rows)
+            if candidates is not None:
+                return candidates
+        candidates = []
         for row_id, row in zip(batch.ids, batch.rows, strict=True):
             if row is None or not self.matches(row):
                 remove.append(row_id)
@@ -320,6 +335,27 @@ class Listener(Component):
                     error = f"cannot fingerprint key {self.key!r}: {exc}"
             self._fail(refresh, remove, row_id, error)
         return candidates
+
+    def _column_candidates(self, ids: Sequence[Any], rows: TableRows) -> list[tuple[Any, Any, int]] | None:
+        """:meth:`_candidates` of rows read as one Arrow table, from the key's column: every row
+        is a candidate, or None when some row is not (a filter, a missing value, an input too
+        large or that cannot be fingerprinted): those rows then go one by one."""
+        if self.filter or self.key not in rows.columns:
+            return None
+        column = rows.table.column(self.key)
+        if column.null_count:
+            return None
+        limit, kind = self.max_input_bytes, column.type
+        if limit is not None and not any(plain(kind) for plain in _NEVER_TEXT):
+            sized = any(text(kind) for text in _TEXT)
+            if not sized or (len(column) and pc.max(pc.binary_length(column)).as_py() > limit):
+                return None
+        values = column.to_pylist()
+        try:
+            digests = self.model.fingerprints(values)
+        except (TypeError, ValueError):
+            return None
+        return list(zip(ids, values, digests, strict=True))
 
     def _settle_errors(self, batch: Batch, db: Datalayer, refresh: Refresh) -> None:
         """Keep ``_reactive_errors`` to the current failures of this listener's rows.
@@ -364,19 +400,27 @@ class Listener(Component):
         """Write the outputs the model computed for ``todo`` (``stored``: the fingerprints found
         before); a failed row goes to ``remove``."""
         assert self.source is not None
-        records = []
-        for (row_id, _, fp), result in zip(todo, results, strict=True):
-            if isinstance(result, Failure):
-                self._fail(refresh, remove, row_id, result.error)
-            else:
-                records.append(OutputRecord(row_id, result, fp, new=id_key(row_id) not in stored))
+        if Failure in set(map(type, results)):
+            for (row_id, _, _), result in zip(todo, results, strict=True):
+                if isinstance(result, Failure):
+                    self._fail(refresh, remove, row_id, result.error)
+            ok = [(c, r) for c, r in zip(todo, results, strict=True) if not isinstance(r, Failure)]
+            todo, results = [c for c, _ in ok], [r for _, r in ok]
+        pairs = zip(todo, results, strict=True)
+        if stored:
+            records = [OutputRecord(i, r, fp, id_key(i) not in stored) for (i, _, fp), r in pairs]
+        else:  # nothing was stored for any of these rows (new rows, a first backfill)
+            records = [OutputRecord(i, r, fp, True) for (i, _, fp), r in pairs]
         refresh.computed += len(records)
         if records:
             kept = db.writer.write(self.identifier, self.source, records)
-            for record, output in zip(records, kept, strict=True):
-                if isinstance(output, OutputRejected):
-                    self._fail(refresh, remove, record.source, output.error)
-                else:
-                    refresh.written.append((record.source, output, record.fingerprint))
+            if OutputRejected in set(map(type, kept)):
+                for record, output in zip(records, kept, strict=True):
+                    if isinstance(output, OutputRejected):
+                        self._fail(refresh, remove, record.source, output.error)
+                    else:
+                        refresh.written.append((record.source, output, record.fingerprint))
+            else:
+                refresh.written.extend(zip([c[0] for c in todo], kept, [c[2] for c in todo], strict=True))
             if batch.targets is not None:
                 self._remember_reconciled(record.source for record in records)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from reactive.errors import ConfigurationError
-from reactive.fingerprints import fingerprint, fingerprint_text
+from reactive.fingerprints import fingerprint, fingerprint_text, fingerprints
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -317,6 +317,18 @@ class Model:
             return digest
         # No unversioned fingerprint's text starts with \x01 (see fingerprints.fingerprint).
         return fingerprint_text(f"\x01{self.version}\x01{digest}")
+
+    def fingerprints(self, values: Sequence[Any]) -> list[int]:
+        """:meth:`fingerprint` of each value, in one call.
+
+        >>> m = Model("m", predict=list, version="2")
+        >>> m.fingerprints(["x", 1]) == [m.fingerprint("x"), m.fingerprint(1)]
+        True
+        """
+        digests = fingerprints(values)
+        if self.version is None:
+            return digests
+        return [fingerprint_text(f"\x01{self.version}\x01{digest}") for digest in digests]
 
     # -- computing ------------------------------------------------------------------------
     def compute(

@@ -57,6 +57,8 @@ class Dialect:
 
     name: ClassVar[str] = "duckdb"
     native_arrays: ClassVar[bool] = True
+    #: Whether the driver returns result sets as Arrow tables (rows then stay one: see ``fetch_rows``).
+    arrow_results: ClassVar[bool] = True
     timestamp_type: ClassVar[dt.DataType] = dt.Timestamp(timezone="UTC")
     #: Column type of a row fingerprint in a snapshot (DuckDB's hash is unsigned).
     fingerprint_type: ClassVar[dt.DataType] = dt.uint64
@@ -164,6 +166,8 @@ class Dialect:
     def fetch_rows(self, con: Any, sql: str, params: Sequence[Any] = ()) -> Sequence[Row]:
         """The rows of ``sql`` in the driver's own shape: DuckDB's Arrow table, kept as one
         (:class:`~reactive.rows.TableRows`); engines whose driver gives rows give dicts."""
+        if not self.arrow_results:
+            return self.fetch(con, sql, params)
         return TableRows(con.con.execute(sql, list(params)).to_arrow_table())
 
     def execute(self, con: Any, sql: str, params: Sequence[Any] = ()) -> None:
@@ -218,6 +222,7 @@ class PostgresDialect(Dialect):
     """
 
     name = "postgres"
+    arrow_results = False
     fingerprint_type = dt.int64
     max_name_bytes = 63
 
@@ -263,9 +268,6 @@ class PostgresDialect(Dialect):
                 return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
         return self._reconnecting(con, run)
-
-    def fetch_rows(self, con: Any, sql: str, params: Sequence[Any] = ()) -> Sequence[Row]:
-        return self.fetch(con, sql, params)
 
     def execute(self, con: Any, sql: str, params: Sequence[Any] = ()) -> None:
         def run() -> None:
@@ -364,6 +366,7 @@ def _postgres_type(arrow_type: pa.DataType) -> str | None:
 class SQLiteDialect(Dialect):
     """SQLite: pragma_table_info, a Python hash function, JSON text for arrays and id lists."""
 
+    arrow_results = False
     name = "sqlite"
     diff_range_rows = 5_000
     native_arrays = False
@@ -437,9 +440,6 @@ class SQLiteDialect(Dialect):
         cur = con.con.execute(sql, list(params))
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-
-    def fetch_rows(self, con: Any, sql: str, params: Sequence[Any] = ()) -> Sequence[Row]:
-        return self.fetch(con, sql, params)
 
     def execute(self, con: Any, sql: str, params: Sequence[Any] = ()) -> None:
         con.con.execute(sql, list(params))

@@ -9,7 +9,7 @@ from typing import Any
 import ibis.expr.datatypes as dt
 
 from reactive.backends.base import OUTPUT_FIELD, TableInfo, identify_rows
-from reactive.backends.ibis.connection import IbisConnection
+from reactive.backends.ibis.connection import ID_CHUNK, IbisConnection
 from reactive.backends.ibis.dialects import decode_for
 from reactive.errors import TableNotFoundError
 from reactive.events import Row, id_key
@@ -69,6 +69,18 @@ class IbisSource:
         sql = self._statements(table).by_ids
         rows = self.decoded(table.name, list(self.conn.fetch_by_ids(sql, list(ids))))
         return {id_key(row[table.id_column]): row for row in rows}
+
+    def read_table(self, table: TableInfo, ids: Sequence[Any]) -> TableRows | None:
+        """The rows with these ids as one Arrow table (:class:`~reactive.backends.base.TableReader`),
+        where the engine returns Arrow (DuckDB) and the table holds no outputs to decode."""
+        if not self.conn.dialect.arrow_results or self.output_type(table.name) is not None:
+            return None
+        sql, ids = self._statements(table).by_ids, list(ids)
+        parts = [
+            self.conn.fetch_rows(sql, self.conn.dialect.bind_ids(ids[start : start + ID_CHUNK]))
+            for start in range(0, len(ids), ID_CHUNK)
+        ]
+        return TableRows.concat(parts) if parts else None  # type: ignore[arg-type]
 
     def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
         sql = self._statements(table).ids_by_ids
