@@ -221,7 +221,7 @@ def window_batches(packets: Sequence[ChangePacket], max_rows: int) -> list[Batch
     >>> [(b.event.value, b.ids, b.rows) for b in window_batches(ps, 2)]
     [('insert', (1, 2), ({'x': 1}, {'x': 2})), ('insert', (3, 5), ({'x': 3}, None)), ('delete', (4,), (None,))]
     """
-    if not _unique_ids(packets):
+    if not _unique_in_tables(packets):
         return list(collate(coalesce(packets), max_rows))
     groups: dict[tuple[str, DBEvent, frozenset[str] | None], list[ChangePacket]] = {}
     for packet in packets:
@@ -237,20 +237,28 @@ def window_batches(packets: Sequence[ChangePacket], max_rows: int) -> list[Batch
     return batches
 
 
-def _unique_ids(packets: Sequence[ChangePacket]) -> bool:
-    """Whether no row id appears twice in a table; False too for ids that are not hashable
-    as they are (documents, lists: they are compared by :func:`id_key`)."""
-    seen: dict[str, set[Any]] = {}
+def unique_ids(ids: Sequence[Any]) -> bool:
+    """Whether no id appears twice; False too for ids that are not hashable as they are
+    (documents, lists: those are compared by :func:`id_key`, so their check is left to it).
+
+    >>> unique_ids([1, 2, 3]), unique_ids([1, 2, 1]), unique_ids([{"a": 1}, {"a": 2}])
+    (True, False, False)
+    """
+    try:
+        return len(set(ids)) == len(ids)
+    except TypeError:
+        return False
+
+
+def _unique_in_tables(packets: Sequence[ChangePacket]) -> bool:
+    """Whether no row id appears twice in a table of the window (see :func:`unique_ids`)."""
+    by_table: dict[str, list[ChangePacket]] = {}
     for packet in packets:
-        ids = seen.setdefault(packet.table, set())
-        before = len(ids)
-        try:
-            ids.update(packet.ids)
-        except TypeError:
-            return False
-        if len(ids) != before + len(packet.ids):
-            return False
-    return True
+        by_table.setdefault(packet.table, []).append(packet)
+    return all(
+        unique_ids(members[0].ids if len(members) == 1 else [i for p in members for i in p.ids])
+        for members in by_table.values()
+    )
 
 
 def _joined_rows(packets: Sequence[ChangePacket], event: DBEvent) -> Sequence[Row | None]:

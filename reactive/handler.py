@@ -75,6 +75,11 @@ class HandlerTotals:
     internal_errors: int = 0
 
 
+def _deleted(batch: Batch, ids: Sequence[Any]) -> Batch:
+    """A delete of ``ids`` (rows of ``batch`` found gone when it was read)."""
+    return dc.replace(batch, event=DBEvent.delete, ids=tuple(ids), rows=(None,) * len(ids))
+
+
 def _as_read(output: Any) -> Any:
     """An output as a read of its table gives it back (a vector stored from an array: a list)."""
     return output.tolist() if isinstance(output, np.ndarray) else output
@@ -369,7 +374,7 @@ class CDCHandler(ReactiveThread):
         if batch.event is DBEvent.delete or isinstance(batch.rows, TableRows) or None not in batch.rows:
             return [batch]
         source, table = self.db.source_for(batch.table), self.db.table_info(batch.table)
-        if isinstance(source, TableReader) and not any(batch.rows):  # none sent (a backfill): read as one table
+        if isinstance(source, TableReader) and all(row is None for row in batch.rows):  # a backfill's: one table
             rows = source.read_table(table, batch.ids)
             if rows is not None:
                 return self._split_gone(batch, rows, table.id_column)
@@ -387,7 +392,7 @@ class CDCHandler(ReactiveThread):
         if present:
             parts.append(dc.replace(batch, ids=tuple(i for i, _ in present), rows=tuple(r for _, r in present)))
         if gone:
-            parts.append(dc.replace(batch, event=DBEvent.delete, ids=tuple(gone), rows=(None,) * len(gone)))
+            parts.append(_deleted(batch, gone))
         return parts
 
     @staticmethod
@@ -397,8 +402,7 @@ class CDCHandler(ReactiveThread):
         parts = [dc.replace(batch, ids=tuple(ids), rows=rows)] if ids else []
         if len(ids) < len(batch.ids):
             present = set(map(id_key, ids))
-            gone = tuple(i for i in batch.ids if id_key(i) not in present)
-            parts.append(dc.replace(batch, event=DBEvent.delete, ids=gone, rows=(None,) * len(gone)))
+            parts.append(_deleted(batch, [i for i in batch.ids if id_key(i) not in present]))
         return parts
 
     def _refreshed(self, component: Component, batch: Batch, plan: PlannedRefresh | Exception) -> list[Batch]:

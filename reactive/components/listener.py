@@ -421,6 +421,6 @@ class Listener(Component):
                     else:
                         refresh.written.append((record.source, output, record.fingerprint))
             else:
-                refresh.written.extend(zip([c[0] for c in todo], kept, [c[2] for c in todo], strict=True))
+                refresh.written.extend((r.source, out, r.fingerprint) for r, out in zip(records, kept, strict=True))
             if batch.targets is not None:
                 self._remember_reconciled(record.source for record in records)

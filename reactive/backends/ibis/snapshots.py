@@ -24,7 +24,7 @@ from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import FINGERPRINT_ALIAS, SnapshotSQL
 from reactive.checkpoints import CorruptCheckpointError
 from reactive.errors import ConfigurationError
-from reactive.events import Row, id_key
+from reactive.events import Row, id_key, unique_ids
 from reactive.rows import TableRows
 
 log = logging.getLogger(__name__)
@@ -518,7 +518,7 @@ class SnapshotStore:
                     conn.statements(name, ROW_ID, (ROW_ID, ROW_FINGERPRINT)).delete_by_ids, list(deletes)
                 )
             if ids:
-                if not _unique(ids):  # one statement may not upsert a row twice: the last one counts
+                if not unique_ids(ids):  # one statement may not upsert a row twice: the last one counts
                     latest = {id_key(i): (i, fp) for i, fp in zip(ids, fingerprints, strict=True)}
                     ids, fingerprints = [i for i, _ in latest.values()], [fp for _, fp in latest.values()]
                 data = pa.table(
@@ -528,15 +528,3 @@ class SnapshotStore:
                     }
                 )
                 conn.upsert(name, ROW_ID, data)
-
-
-def _unique(ids: Sequence[Any]) -> bool:
-    """Whether no id repeats (ids not hashable as they are count as repeating).
-
-    >>> _unique([1, 2, 3]), _unique([1, 2, 1]), _unique([[1], [2]])
-    (True, False, False)
-    """
-    try:
-        return len(set(ids)) == len(ids)
-    except TypeError:
-        return False

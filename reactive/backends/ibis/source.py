@@ -109,7 +109,7 @@ class IbisSource:
         logical = self.output_type(table) if OUTPUT_FIELD in columns else None
         if logical is None:
             return rows
-        decoded = [dict(row) for row in rows]
+        decoded = list(rows)  # dicts, decoded in place (a TableRows builds its own)
         for row in decoded:
             row[OUTPUT_FIELD] = decode_for(self.conn.dialect, logical, row[OUTPUT_FIELD])
         return decoded
