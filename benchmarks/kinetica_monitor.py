@@ -266,11 +266,11 @@ def latency_reactive(server: Server, sizes: Sizes, table: str) -> list[float]:
         db.add(Listener(Model("len", predict=lambda texts: [len(t) for t in texts]), "text", table), progress=False)
         original = db.writer.write
 
-        def write(identifier: str, source: Any, batch: Sequence[Any]) -> list[Any]:
+        def write(identifier: str, source: Any, batch: Any) -> list[Any]:
             result = original(identifier, source, batch)
             now = time.perf_counter()
-            for record in batch:
-                stored.setdefault(record.source, now)
+            for source_id in batch.sources:
+                stored.setdefault(source_id, now)
             return result
 
         db.writer.write = write  # type: ignore[method-assign]

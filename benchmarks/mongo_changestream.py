@@ -328,9 +328,9 @@ class ReactiveSystem:
         self.db = reactive.connect(uri, **options)
         original = self.db.writer.write
 
-        def write(identifier: str, source: TableInfo, records: Sequence[Any]) -> list[Any]:
-            stored = original(identifier, source, records)
-            clock.record(record.source for record in records)
+        def write(identifier: str, source: TableInfo, batch: Any) -> list[Any]:
+            stored = original(identifier, source, batch)
+            clock.record(batch.sources)
             return stored
 
         self.db.writer.write = write  # type: ignore[method-assign]
@@ -474,9 +474,9 @@ class TimedReactive(ReactiveSystem):
             stages.stamp("handler took the window", [i for p in packets for i in p.ids])
             return packets
 
-        def stamped_store(identifier: str, output_type: str, kept: Any, stored: Any) -> None:
-            stages.stamp("output write started", [record.source for _, record, _ in kept])
-            store_outputs(identifier, output_type, kept, stored)
+        def stamped_store(identifier: str, output_type: str, batch: Any, stored: Any, positions: Any) -> None:
+            stages.stamp("output write started", list(batch.sources))
+            store_outputs(identifier, output_type, batch, stored, positions)
 
         def stamped_save(positions: Sequence[Any]) -> None:
             save(positions)

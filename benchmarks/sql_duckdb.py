@@ -31,7 +31,7 @@ import duckdb
 import pyarrow as pa
 
 import reactive
-from reactive.backends.base import OutputRecord
+from reactive.backends.base import OutputBatch
 from reactive.backends.ibis.backend import IbisBackend
 from reactive.backends.ibis.listener import IbisPollingListener
 from reactive.components import Listener, Model
@@ -135,11 +135,11 @@ def record_output_times(db: reactive.Datalayer) -> dict[Any, float]:
     written: dict[Any, float] = {}
     original = db.writer.write
 
-    def write(identifier: str, source: Any, records: Sequence[OutputRecord]) -> list[Any]:
-        stored = original(identifier, source, records)
+    def write(identifier: str, source: Any, batch: OutputBatch) -> list[Any]:
+        stored = original(identifier, source, batch)
         now = time.perf_counter()
-        for record in records:
-            written.setdefault(record.source, now)
+        for source_id in batch.sources:
+            written.setdefault(source_id, now)
         return stored
 
     db.writer.write = write  # type: ignore[method-assign]

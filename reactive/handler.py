@@ -450,7 +450,7 @@ class CDCHandler(ReactiveThread):
             return []
         derived = []
         if refresh.written:
-            ids = tuple(i for i, _, _ in refresh.written)
+            ids = tuple(refresh.written.ids)
             # As a read of the outputs table gives them: a vector written as an array is a list.
             rows = tuple(
                 {SOURCE_FIELD: i, OUTPUT_FIELD: _as_read(out), FINGERPRINT_FIELD: fp} for i, out, fp in refresh.written

@@ -12,6 +12,7 @@ them (a chained listener's inputs).
 from __future__ import annotations
 
 import contextlib
+import dataclasses as dc
 import functools
 import json
 import math
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from reactive.backends.base import OUTPUTS_PREFIX, OutputRecord, OutputRejected, TableInfo, outputs_table
+from reactive.backends.base import OUTPUTS_PREFIX, OutputBatch, OutputRejected, TableInfo, outputs_table
 from reactive.errors import ConfigurationError
 from reactive.fingerprints import plain_value
 
@@ -390,8 +391,8 @@ class OutputWriter:
         elif output_type is not None:
             self.types.set(identifier, source, output_type, self.store)
 
-    def write(self, identifier: str, source: TableInfo, records: Sequence[OutputRecord]) -> list[Any]:
-        """Store outputs in bulk (idempotent); return each output as stored, or why not.
+    def write(self, identifier: str, source: TableInfo, batch: OutputBatch) -> list[Any]:
+        """Store a batch of outputs (idempotent); return each output as stored, or why not.
 
         The outputs' type is inferred from the first batch when the model did not declare
         it (:func:`infer_outputs_type`); an output that does not fit it comes back as
@@ -399,40 +400,40 @@ class OutputWriter:
         """
         self.fence()
         logical = self.types.get(identifier)
+        outputs = batch.outputs
         if logical is None:
-            logical = infer_outputs_type([r.output for r in records])
+            logical = infer_outputs_type(outputs)
             if logical is None:
-                return [OutputRejected("the model returned None") for _ in records]
+                return [OutputRejected("the model returned None") for _ in outputs]
             self.types.set(identifier, source, logical, self.store)
-        outputs = [r.output for r in records]
+        positions: Sequence[int] = range(len(batch))
         block = vector_block(outputs, logical)
         if block is not None:
             stored: list[Any] = list(block) if getattr(self.store, "takes_arrays", False) else block.tolist()
-            kept = list(zip(range(len(records)), records, stored, strict=True))
+            kept = dc.replace(batch, outputs=stored)
         elif plain_scalars(outputs, logical):
-            stored, kept = outputs, list(zip(range(len(records)), records, outputs, strict=True))
+            stored, kept = list(outputs), batch
         else:
-            stored, kept = self._normalized(identifier, logical, records)
-        if kept:
-            self._write(functools.partial(self.store.store_outputs, identifier, logical, kept, stored))
+            stored, positions = self._normalized(identifier, logical, outputs)
+            kept = batch.take(positions, [stored[i] for i in positions])
+        if len(kept):
+            self._write(functools.partial(self.store.store_outputs, identifier, logical, kept, stored, positions))
         return stored
 
     @staticmethod
-    def _normalized(
-        identifier: str, logical: str, records: Sequence[OutputRecord]
-    ) -> tuple[list[Any], list[tuple[int, OutputRecord, Any]]]:
-        """Each output normalized alone: what is stored (or why not), and what to write."""
+    def _normalized(identifier: str, logical: str, outputs: Sequence[Any]) -> tuple[list[Any], list[int]]:
+        """Each output normalized alone: what is stored (or why not), and the positions kept."""
         stored: list[Any] = []
-        kept: list[tuple[int, OutputRecord, Any]] = []
-        for index, record in enumerate(records):
+        kept: list[int] = []
+        for index, output in enumerate(outputs):
             try:
-                value = normalize_output(record.output, logical)
+                value = normalize_output(output, logical)
             except (TypeError, ValueError) as exc:
                 why = f"outputs of {identifier!r} are {logical}, fixed by the first outputs or Model(output_type=...)"
                 stored.append(OutputRejected(f"{exc} ({why})"))
                 continue
             stored.append(value)
-            kept.append((index, record, value))
+            kept.append(index)
         return stored, kept
 
     def delete(self, identifier: str, ids: Sequence[Any]) -> None:

@@ -236,17 +236,40 @@ def version_columns(value: Mapping[str, str | VersionColumn] | None) -> dict[str
 
 
 @dc.dataclass(frozen=True, slots=True)
-class OutputRecord:
-    """One output to store: the source row id, the output, the fingerprint of the input.
+class OutputBatch:
+    """Outputs to store, as columns: the source row ids, the outputs, the fingerprints of
+    their inputs (one entry per row, no object per row).
 
-    ``new`` says no output was stored for this row when the batch started, so a store may
-    insert instead of upsert (it must still cope with a row that exists after all).
+    ``new`` says, for every row (a bool) or row by row, that no output was stored for the row
+    when its batch started, so a store may insert instead of upsert (it must still cope with
+    a row that exists after all).
+
+    >>> batch = OutputBatch([7, 8, 9], ["a", "b", "c"], [1, 2, 3], new=[True, False, True])
+    >>> part = batch.take([0, 2])
+    >>> list(part.sources), list(part.outputs), part.is_new(1), len(part)
+    ([7, 9], ['a', 'c'], True, 2)
     """
 
-    source: Any
-    output: Any
-    fingerprint: int
-    new: bool = False
+    sources: Sequence[Any]
+    outputs: Sequence[Any]
+    fingerprints: Sequence[int]
+    new: bool | Sequence[bool] = False
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def is_new(self, index: int) -> bool:
+        return self.new if isinstance(self.new, bool) else bool(self.new[index])
+
+    def take(self, indexes: Sequence[int], outputs: Sequence[Any] | None = None) -> OutputBatch:
+        """These rows only (their outputs replaced by ``outputs`` when given)."""
+        new = self.new if isinstance(self.new, bool) else [self.new[i] for i in indexes]
+        return OutputBatch(
+            [self.sources[i] for i in indexes],
+            [self.outputs[i] for i in indexes] if outputs is None else outputs,
+            [self.fingerprints[i] for i in indexes],
+            new,
+        )
 
 
 @dc.dataclass(frozen=True, slots=True)
@@ -304,10 +327,10 @@ class OutputStore(Protocol):
         """Create where ``identifier``'s outputs of ``output_type`` go (if the store needs it)."""
 
     def store_outputs(
-        self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
+        self, identifier: str, output_type: str, batch: OutputBatch, stored: list[Any], positions: Sequence[int]
     ) -> None:
-        """Upsert ``(index, record, normalized output)``; put an :class:`OutputRejected` at
-        ``stored[index]`` for a write the database refused."""
+        """Upsert ``batch`` (its outputs normalized to ``output_type``); for a row ``k`` the
+        database refused, put an :class:`OutputRejected` at ``stored[positions[k]]``."""
 
     def delete_outputs(self, identifier: str, ids: Sequence[Any]) -> None: ...
 

@@ -17,14 +17,45 @@ if TYPE_CHECKING:
     from reactive.reconcile import OnProcessed
 
 
-@dc.dataclass(slots=True)
+class Written:
+    """The outputs a refresh wrote, as three aligned lists: source ids, outputs as stored,
+    fingerprints of the inputs. Iterating gives ``(source id, output, fingerprint)``.
+
+    >>> written = Written()
+    >>> written.extend([1, 2], ["a", "b"], [10, 20])
+    >>> len(written), list(written)
+    (2, [(1, 'a', 10), (2, 'b', 20)])
+    """
+
+    __slots__ = ("fingerprints", "ids", "outputs")
+
+    def __init__(self) -> None:
+        self.ids: list[Any] = []
+        self.outputs: list[Any] = []
+        self.fingerprints: list[int] = []
+
+    def extend(self, ids: Sequence[Any], outputs: Sequence[Any], fingerprints: Sequence[int]) -> None:
+        if not len(ids) == len(outputs) == len(fingerprints):
+            raise ValueError("ids, outputs and fingerprints must be as long")
+        self.ids.extend(ids)
+        self.outputs.extend(outputs)
+        self.fingerprints.extend(fingerprints)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[tuple[Any, Any, int]]:
+        return zip(self.ids, self.outputs, self.fingerprints, strict=True)
+
+
+@dc.dataclass
 class Refresh:
     """What a component did with one batch."""
 
     computed: int = 0
     skipped: int = 0
-    #: ``(source id, output as stored, fingerprint of the input)`` of each output written.
-    written: list[tuple[Any, Any, int]] = dc.field(default_factory=list)
+    #: The outputs written (see :class:`Written`).
+    written: Written = dc.field(default_factory=Written)
     deleted: list[Any] = dc.field(default_factory=list)
     errors: list[ErrorRecord] = dc.field(default_factory=list)
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from reactive.backends.base import ErrorRecord, OutputRecord, OutputRejected, TableInfo, outputs_table
+from reactive.backends.base import ErrorRecord, OutputBatch, OutputRejected, TableInfo, outputs_table
 from reactive.components.base import Component, PlannedRefresh, Refresh
 from reactive.components.model import Failure, Model, ModelCalls
 from reactive.errors import ConfigurationError
@@ -32,6 +32,30 @@ FAILED_MEMORY = 100_000
 #: Inputs above this size are refused: models truncate long inputs anyway, and a huge
 #: payload should not stall the handler thread.
 DEFAULT_MAX_INPUT_BYTES = 4 * 1024 * 1024
+
+
+class _Inputs:
+    """The rows a batch sends to the model, as three aligned lists: ids, inputs, fingerprints
+    (no object per row: a window of 5,000 rows is three lists, not 5,000 tuples).
+
+    >>> inputs = _Inputs([1, 2, 3], ["a", "b", "c"], [10, 20, 30])
+    >>> part = inputs.take([2, 0])
+    >>> part.ids, part.values, part.fingerprints, len(part)
+    ([3, 1], ['c', 'a'], [30, 10], 2)
+    """
+
+    __slots__ = ("fingerprints", "ids", "values")
+
+    def __init__(self, ids: list[Any], values: list[Any], fingerprints: list[int]) -> None:
+        self.ids, self.values, self.fingerprints = ids, values, fingerprints
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, indexes: Iterable[int]) -> _Inputs:
+        indexes = list(indexes)
+        ids, values, fps = self.ids, self.values, self.fingerprints
+        return _Inputs([ids[k] for k in indexes], [values[k] for k in indexes], [fps[k] for k in indexes])
 
 
 def _input_bytes(value: Any, limit: int) -> int:
@@ -268,28 +292,35 @@ class Listener(Component):
         # The stored output of a row an earlier window still computes may be replaced before
         # this batch is written (a row changed and changed back): such rows are looked up
         # again, and computed if stale, when this batch is finished, after that window.
-        unsure = [c for c in candidates if id_key(c[0]) in in_flight]
-        sure = [c for c in candidates if id_key(c[0]) not in in_flight] if unsure else candidates
-        looked_up = [c[0] for c in sure if id_key(c[0]) not in absent]
+        sure, unsure = candidates, _Inputs([], [], [])
+        if in_flight and any(key in in_flight for key in map(id_key, candidates.ids)):
+            keys = list(map(id_key, candidates.ids))
+            unsure = candidates.take(k for k, key in enumerate(keys) if key in in_flight)
+            sure = candidates.take(k for k, key in enumerate(keys) if key not in in_flight)
+        looked_up = [i for i in sure.ids if id_key(i) not in absent] if absent else sure.ids
         stored = db.backend.outputs.output_fingerprints(self.identifier, looked_up) if looked_up else {}
         self._replay_ended(batch, looked_up, stored)
-        todo = [c for c in sure if stored.get(id_key(c[0])) != c[2]]
+        if stored:
+            fps = sure.fingerprints
+            todo = sure.take(k for k, i in enumerate(sure.ids) if stored.get(id_key(i)) != fps[k])
+        else:
+            todo = sure
         # A closed queue means the handler is draining it to stop: a hung call is given up.
         queue = db.cdc.queue
 
-        def submit(rows: list[tuple[Any, Any, int]]) -> Future[list[Any]]:
+        def submit(rows: _Inputs) -> Future[list[Any]]:
             executor = self.model.executor or compute
-            return executor.submit(self.model, [v for _, v, _ in rows], wait=wait, stopping=lambda: queue.closed)
+            return executor.submit(self.model, rows.values, wait=wait, stopping=lambda: queue.closed)
 
         work = submit(todo) if todo else None
 
         def finish() -> Refresh:
             if work is not None:
                 self._write(batch, db, refresh, remove, todo, work.result(), stored)
-            late = []
+            late = _Inputs([], [], [])
             if unsure:
-                now = db.backend.outputs.output_fingerprints(self.identifier, [c[0] for c in unsure])
-                late = [c for c in unsure if now.get(id_key(c[0])) != c[2]]
+                now = db.backend.outputs.output_fingerprints(self.identifier, unsure.ids)
+                late = unsure.take(k for k, i in enumerate(unsure.ids) if now.get(id_key(i)) != unsure.fingerprints[k])
                 if late:
                     self._write(batch, db, refresh, remove, late, submit(late).result(), now)
             refresh.skipped = len(candidates) - len(todo) - len(late)
@@ -309,13 +340,15 @@ class Listener(Component):
         self._settle_errors(batch, db, refresh)
         return refresh
 
-    def _candidates(self, batch: Batch, refresh: Refresh, remove: list[Any]) -> list[tuple[Any, Any, int]]:
-        """``(row id, input, fingerprint)`` of the rows to compute; the others go to ``remove``."""
+    def _candidates(self, batch: Batch, refresh: Refresh, remove: list[Any]) -> _Inputs:
+        """The rows to compute (id, input, fingerprint); the others go to ``remove``."""
         if isinstance(batch.rows, TableRows):
             candidates = self._column_candidates(batch.ids, batch.rows)
             if candidates is not None:
                 return candidates
-        candidates = []
+        ids: list[Any] = []
+        values: list[Any] = []
+        fingerprints: list[int] = []
         for row_id, row in zip(batch.ids, batch.rows, strict=True):
             if row is None or not self.matches(row):
                 remove.append(row_id)
@@ -329,14 +362,17 @@ class Listener(Component):
                 error = f"input of {size:,} bytes is larger than max_input_bytes={self.max_input_bytes:,}"
             else:
                 try:
-                    candidates.append((row_id, value, self.model.fingerprint(value)))
-                    continue
+                    fingerprints.append(self.model.fingerprint(value))
                 except (TypeError, ValueError) as exc:
                     error = f"cannot fingerprint key {self.key!r}: {exc}"
+                else:
+                    ids.append(row_id)
+                    values.append(value)
+                    continue
             self._fail(refresh, remove, row_id, error)
-        return candidates
+        return _Inputs(ids, values, fingerprints)
 
-    def _column_candidates(self, ids: Sequence[Any], rows: TableRows) -> list[tuple[Any, Any, int]] | None:
+    def _column_candidates(self, ids: Sequence[Any], rows: TableRows) -> _Inputs | None:
         """:meth:`_candidates` of rows read as one Arrow table, from the key's column: every row
         is a candidate, or None when some row is not (a filter, a missing value, an input too
         large or that cannot be fingerprinted): those rows then go one by one."""
@@ -355,7 +391,7 @@ class Listener(Component):
             digests = self.model.fingerprints(values)
         except (TypeError, ValueError):
             return None
-        return list(zip(ids, values, digests, strict=True))
+        return _Inputs(list(ids), values, list(digests))
 
     def _settle_errors(self, batch: Batch, db: Datalayer, refresh: Refresh) -> None:
         """Keep ``_reactive_errors`` to the current failures of this listener's rows.
@@ -393,7 +429,7 @@ class Listener(Component):
         db: Datalayer,
         refresh: Refresh,
         remove: list[Any],
-        todo: list[tuple[Any, Any, int]],
+        todo: _Inputs,
         results: list[Any],
         stored: Mapping[Hashable, int],
     ) -> None:
@@ -401,26 +437,28 @@ class Listener(Component):
         before); a failed row goes to ``remove``."""
         assert self.source is not None
         if Failure in set(map(type, results)):
-            for (row_id, _, _), result in zip(todo, results, strict=True):
+            ok = []
+            for k, result in enumerate(results):
                 if isinstance(result, Failure):
-                    self._fail(refresh, remove, row_id, result.error)
-            ok = [(c, r) for c, r in zip(todo, results, strict=True) if not isinstance(r, Failure)]
-            todo, results = [c for c, _ in ok], [r for _, r in ok]
-        pairs = zip(todo, results, strict=True)
-        if stored:
-            records = [OutputRecord(i, r, fp, id_key(i) not in stored) for (i, _, fp), r in pairs]
-        else:  # nothing was stored for any of these rows (new rows, a first backfill)
-            records = [OutputRecord(i, r, fp, True) for (i, _, fp), r in pairs]
-        refresh.computed += len(records)
-        if records:
-            kept = db.writer.write(self.identifier, self.source, records)
-            if OutputRejected in set(map(type, kept)):
-                for record, output in zip(records, kept, strict=True):
-                    if isinstance(output, OutputRejected):
-                        self._fail(refresh, remove, record.source, output.error)
-                    else:
-                        refresh.written.append((record.source, output, record.fingerprint))
-            else:
-                refresh.written.extend((r.source, out, r.fingerprint) for r, out in zip(records, kept, strict=True))
-            if batch.targets is not None:
-                self._remember_reconciled(record.source for record in records)
+                    self._fail(refresh, remove, todo.ids[k], result.error)
+                else:
+                    ok.append(k)
+            todo, results = todo.take(ok), [results[k] for k in ok]
+        refresh.computed += len(todo)
+        if not todo:
+            return
+        # ``new``: nothing was stored for any of these rows (new rows, a first backfill), or row by row.
+        new = [id_key(i) not in stored for i in todo.ids] if stored else True
+        kept = db.writer.write(self.identifier, self.source, OutputBatch(todo.ids, results, todo.fingerprints, new))
+        if OutputRejected in set(map(type, kept)):
+            ok = []
+            for k, output in enumerate(kept):
+                if isinstance(output, OutputRejected):
+                    self._fail(refresh, remove, todo.ids[k], output.error)
+                else:
+                    ok.append(k)
+            refresh.written.extend(todo.take(ok).ids, [kept[k] for k in ok], todo.take(ok).fingerprints)
+        else:
+            refresh.written.extend(todo.ids, kept, todo.fingerprints)
+        if batch.targets is not None:
+            self._remember_reconciled(todo.ids)

@@ -18,7 +18,7 @@ from reactive.backends.base import (
     OUTPUT_FIELD,
     SOURCE_FIELD,
     ErrorRecord,
-    OutputRecord,
+    OutputBatch,
     TableInfo,
     outputs_table,
 )
@@ -77,33 +77,33 @@ class IbisOutputs:
             self._declared[identifier] = source
 
     def store_outputs(
-        self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
+        self, identifier: str, output_type: str, batch: OutputBatch, stored: list[Any], positions: Sequence[int]
     ) -> None:
         name = outputs_table(identifier)
         with self.conn.lock:
             try:
-                self._upsert(name, output_type, kept)
+                self._upsert(name, output_type, batch)
             except Exception:
                 if identifier not in self._declared or not self._gone(name):
                     raise
                 source = self._declared[identifier]
                 self.create_outputs(identifier, source, output_type)
-                self._upsert(name, output_type, kept)
+                self._upsert(name, output_type, batch)
                 self.outputs_lost(source.name)
 
-    def _upsert(self, name: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]]) -> None:
+    def _upsert(self, name: str, output_type: str, batch: OutputBatch) -> None:
         conn = self.conn
         schema = conn.table(name).schema()
         data = pa.table(
             {
-                SOURCE_FIELD: pa.array([r.source for _, r, _ in kept], type=schema[SOURCE_FIELD].to_pyarrow()),
-                OUTPUT_FIELD: self._column([v for _, _, v in kept], output_type, schema[OUTPUT_FIELD].to_pyarrow()),
-                FINGERPRINT_FIELD: pa.array([r.fingerprint for _, r, _ in kept], type=pa.int64()),
+                SOURCE_FIELD: pa.array(batch.sources, type=schema[SOURCE_FIELD].to_pyarrow()),
+                OUTPUT_FIELD: self._column(batch.outputs, output_type, schema[OUTPUT_FIELD].to_pyarrow()),
+                FINGERPRINT_FIELD: pa.array(batch.fingerprints, type=pa.int64()),
             }
         )
         conn.upsert(name, SOURCE_FIELD, data)
 
-    def _column(self, values: list[Any], output_type: str, arrow_type: pa.DataType) -> pa.Array:
+    def _column(self, values: Sequence[Any], output_type: str, arrow_type: pa.DataType) -> pa.Array:
         """The outputs as an Arrow column of the table's type: a batch of vectors from one
         numpy block (they come as arrays, see ``takes_arrays``), anything else value by value."""
         dialect = self.conn.dialect

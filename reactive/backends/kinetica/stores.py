@@ -35,7 +35,7 @@ from reactive.backends.base import (
     OUTPUT_FIELD,
     SOURCE_FIELD,
     ErrorRecord,
-    OutputRecord,
+    OutputBatch,
     TableInfo,
     identify_rows,
     outputs_table,
@@ -179,12 +179,12 @@ class KineticaOutputs:
         )
 
     def store_outputs(
-        self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
+        self, identifier: str, output_type: str, batch: OutputBatch, stored: list[Any], positions: Sequence[int]
     ) -> None:
         column = OutputColumn(output_type)
         records = [
-            {SOURCE_FIELD: record.source, OUTPUT_FIELD: column.encode(value), FINGERPRINT_FIELD: record.fingerprint}
-            for _, record, value in kept
+            {SOURCE_FIELD: source, OUTPUT_FIELD: column.encode(value), FINGERPRINT_FIELD: fingerprint}
+            for source, value, fingerprint in zip(batch.sources, batch.outputs, batch.fingerprints, strict=True)
         ]
         name = outputs_table(identifier)
         self.catalog.client.insert_records(name, records, self.catalog.codec(name), update_on_existing_pk=True)

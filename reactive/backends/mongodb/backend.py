@@ -20,7 +20,7 @@ from reactive.backends.base import (
     DataBackend,
     ErrorRecord,
     ListenerHooks,
-    OutputRecord,
+    OutputBatch,
     OutputRejected,
     TableInfo,
     chunks,
@@ -139,12 +139,12 @@ class MongoOutputs:
             self._present.add(identifier)
 
     def store_outputs(
-        self, identifier: str, output_type: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]
+        self, identifier: str, output_type: str, batch: OutputBatch, stored: list[Any], positions: Sequence[int]
     ) -> None:
         # Without a stream, one round trip per write: the only sign of a drop, since the write
         # recreates it. With one, the stream reports the drop (before this write's changes).
         lost = identifier in self._present and not self.followed() and not self._exists(identifier)
-        self._store(identifier, kept, stored)
+        self._store(identifier, batch, stored, positions)
         self._present.add(identifier)
         if lost and identifier in self._sources:
             self.outputs_lost(self._sources[identifier])
@@ -157,19 +157,16 @@ class MongoOutputs:
                 self._present.discard(identifier)
                 self.outputs_lost(source)
 
-    def _store(self, identifier: str, kept: Sequence[tuple[int, OutputRecord, Any]], stored: list[Any]) -> None:
+    def _store(self, identifier: str, batch: OutputBatch, stored: list[Any], positions: Sequence[int]) -> None:
         documents = [
             (
-                index,
-                record.new,
-                {
-                    "_id": record.source,
-                    SOURCE_FIELD: record.source,
-                    OUTPUT_FIELD: value,
-                    FINGERPRINT_FIELD: record.fingerprint,
-                },
+                positions[k],
+                batch.is_new(k),
+                {"_id": source, SOURCE_FIELD: source, OUTPUT_FIELD: value, FINGERPRINT_FIELD: fingerprint},
             )
-            for index, record, value in kept
+            for k, (source, value, fingerprint) in enumerate(
+                zip(batch.sources, batch.outputs, batch.fingerprints, strict=True)
+            )
         ]
         # New outputs are inserted (cheaper than upserts on some servers); an insert that
         # meets an existing output after all is retried as a replacement.
