@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from reactive.events import ChangePacket, DBEvent, Row, id_key
+from reactive.rows import column_of
 
 if TYPE_CHECKING:
     from reactive.backends.base import OutputStore, SourceReader, TableInfo
@@ -35,6 +36,7 @@ def reconcile(
     on_processed: OnProcessed | None = None,
     memory_limit: int = MEMORY_LIMIT,
     absent_is_stale: bool = False,
+    on_nothing_stored: Callable[[], None] | None = None,
 ) -> Iterator[ChangePacket]:
     """Packets that bring ``identifier``'s outputs of ``table`` up to date.
 
@@ -44,7 +46,8 @@ def reconcile(
     than ``memory_limit`` outputs, the fingerprints of each page are looked up instead, and a
     second pass over the outputs asks the source which rows still exist. ``absent_is_stale``
     says that a row without an output always needs one (``is_current(row, None)`` is False
-    for every row): with no output stored at all (a first backfill), only ids are read.
+    for every row): with no output stored at all (a first backfill), only ids are read, and
+    ``on_nothing_stored()`` is called before the first packet.
 
     Every packet is an insert *without rows* targeting ``identifier`` only: the handler reads
     each row when it processes the packet, so a reconciliation never writes an output older
@@ -59,11 +62,13 @@ def reconcile(
 
     stored = _stored_fingerprints(outputs, identifier, page_size, memory_limit)
     if absent_is_stale and stored == {}:
+        if on_nothing_stored is not None:
+            on_nothing_stored()
         for page in source.scan(table, columns=[table.id_column], page_size=page_size):
-            yield packet([row[table.id_column] for row in page])
+            yield packet(column_of(page, table.id_column))
         return
     for page in source.scan(table, columns=columns, page_size=page_size):
-        ids = [row[table.id_column] for row in page]
+        ids = column_of(page, table.id_column)
         if stored is None:
             found = outputs.output_fingerprints(identifier, ids)
         else:

@@ -136,3 +136,23 @@ def test_duckdb_ids_of_every_type_reach_outputs_updates_and_deletes(duck: SQLCli
         assert db.cdc.wait_idle(timeout=30)
         assert list(outputs_by_source(db, "len__text").values()) == [6]
         assert db.errors("len__text") == []
+
+
+def test_a_first_backfill_looks_no_stored_output_up_and_a_resumed_one_does(duck: SQLClient) -> None:
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"t{i}") for i in range(1, 6)])
+    looked_up: list[list[Any]] = []
+    with reactive.connect(duck.uri) as db:
+        lookup = db.backend.outputs.output_fingerprints
+
+        def recorded(identifier: str, ids: Any) -> Any:
+            looked_up.append(list(ids))
+            return lookup(identifier, ids)
+
+        db.backend.outputs.output_fingerprints = recorded  # type: ignore[method-assign]
+        db.add(Listener(model(), "text", "docs"), progress=False)
+        assert looked_up == [] and len(db.outputs("len__text")) == 5
+        db.remove("len__text")
+        duck.execute("UPDATE docs SET text = 'changed' WHERE id = 3")
+        db.add(Listener(model(), "text", "docs"), progress=False)  # outputs exist: only row 3 is stale
+        assert looked_up == [[3]] and outputs_by_source(db, "len__text")[3] == 7.0

@@ -307,8 +307,9 @@ class SourceReader(Protocol):
     def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
         """The :func:`~reactive.events.id_key` of those ``ids`` that are rows of ``table``."""
 
-    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
-        """Every row, in pages ordered by id; each row includes the id column."""
+    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[Sequence[Row]]:
+        """Every row, in pages ordered by id; each row includes the id column (a page may be
+        :class:`~reactive.rows.TableRows`: take a column with :func:`~reactive.rows.column_of`)."""
 
 
 @runtime_checkable

@@ -142,6 +142,9 @@ class Listener(Component):
         self._reconciled: set[Hashable] | None = set()
         # Whether live inserts may be replays of work already written (see _known_absent).
         self._replaying = True
+        # Whether the last reconciliation found no output stored (a first backfill): its
+        # batches then look no stored fingerprint up (see _looked_up).
+        self._reconciled_from_nothing = False
         # Ids with recorded errors (see _settle_errors; None: too many to keep).
         self._failed: set[Hashable] | None = set()
 
@@ -245,6 +248,17 @@ class Listener(Component):
             return set()
         return {key for key in map(id_key, batch.ids) if key not in self._reconciled}
 
+    def _looked_up(self, batch: Batch, ids: list[Any], absent: set[Hashable]) -> list[Any]:
+        """The ids whose stored fingerprint is looked up (the others certainly have no output).
+
+        The batches of a reconciliation that found no output stored look nothing up: a row
+        whose output a live change wrote since then is computed once more, to the same output
+        (its current row is read), which costs less than a lookup for every row of a backfill.
+        """
+        if batch.targets is not None and self._reconciled_from_nothing:
+            return []
+        return [i for i in ids if id_key(i) not in absent] if absent else ids
+
     def _replay_ended(self, batch: Batch, looked_up: list[Any], stored: Mapping[Hashable, int]) -> None:
         """A batch of live inserts whose rows are all unknown ends the replay (see :meth:`_known_absent`)."""
         if self._replaying and batch.event is DBEvent.insert and batch.targets is None and looked_up and not stored:
@@ -261,6 +275,11 @@ class Listener(Component):
         self, db: Datalayer, *, page_size: int, on_processed: OnProcessed | None = None
     ) -> Iterator[ChangePacket]:
         assert self.source is not None, "prepare() first"
+        self._reconciled_from_nothing = False
+
+        def nothing_stored() -> None:
+            self._reconciled_from_nothing = True
+
         return reconcile(
             db.source_for(self.source.name),
             db.backend.outputs,
@@ -271,6 +290,7 @@ class Listener(Component):
             page_size=page_size,
             on_processed=on_processed,
             absent_is_stale=not self.filter,
+            on_nothing_stored=nothing_stored,
         )
 
     def plan_refresh(
@@ -297,7 +317,7 @@ class Listener(Component):
             keys = list(map(id_key, candidates.ids))
             unsure = candidates.take(k for k, key in enumerate(keys) if key in in_flight)
             sure = candidates.take(k for k, key in enumerate(keys) if key not in in_flight)
-        looked_up = [i for i in sure.ids if id_key(i) not in absent] if absent else sure.ids
+        looked_up = self._looked_up(batch, sure.ids, absent)
         stored = db.backend.outputs.output_fingerprints(self.identifier, looked_up) if looked_up else {}
         self._replay_ended(batch, looked_up, stored)
         if stored:

@@ -111,13 +111,17 @@ class IbisSections:
         else:
             if not keys:
                 return {}
-            condition = self.conn.dialect.ids_condition("key")
+            # One key (the lease's check before every window's write): a plain comparison.
+            one = len(keys) == 1
+            condition = sg.column("key", quoted=True).eq(sge.Placeholder()) if one else None
+            condition = condition or self.conn.dialect.ids_condition("key")
             locking = lock and self.conn.dialect.name == "postgres"
             sql = self._statement(
-                "some locked" if locking else "some",
+                ("one" if one else "some") + (" locked" if locking else ""),
                 lambda: _locked(sg.select(*columns).from_(table).where(condition), locking),
             )
-            rows = self.conn.fetch(sql, self.conn.dialect.bind_ids([section_key(checkpoint, k) for k in keys]))
+            bound = [section_key(checkpoint, k) for k in keys]
+            rows = self.conn.fetch(sql, bound[0] if one else self.conn.dialect.bind_ids(bound))
         return {
             row["section"]: Section(bytes(row["data"]), bool(row["is_text"]), float(row["written_at"])) for row in rows
         }

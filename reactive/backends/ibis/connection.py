@@ -16,6 +16,7 @@ import sqlglot.expressions as sge
 
 from reactive.backends.ibis.dialects import Dialect, TableSQL, dialect_for
 from reactive.errors import TableNotFoundError
+from reactive.rows import column_of
 
 #: Largest IN list sent in one statement.
 ID_CHUNK = 10_000
@@ -113,14 +114,20 @@ class IbisConnection:
         for start in range(0, len(ids), ID_CHUNK):
             yield from self.fetch(sql, self.dialect.bind_ids(ids[start : start + ID_CHUNK]))
 
-    def pages(self, statements: TableSQL, key: str, page_size: int) -> Iterator[list[dict[str, Any]]]:
-        """Keyset pagination: each page is one short statement, ordered by ``key``."""
-        page = self.fetch(statements.first_page, page_size)
-        while page:
+    def fetch_rows_by_ids(self, sql: str, ids: Sequence[Any]) -> Iterator[Sequence[dict[str, Any]]]:
+        """The rows of a ``by_ids`` statement, one part per bounded chunk of ids (see ``fetch_rows``)."""
+        for start in range(0, len(ids), ID_CHUNK):
+            yield self.fetch_rows(sql, self.dialect.bind_ids(ids[start : start + ID_CHUNK]))
+
+    def pages(self, statements: TableSQL, key: str, page_size: int) -> Iterator[Sequence[dict[str, Any]]]:
+        """Keyset pagination: each page is one short statement, ordered by ``key`` (rows as the
+        driver gives them: see ``fetch_rows``)."""
+        page = self.fetch_rows(statements.first_page, page_size)
+        while len(page):
             yield page
             if len(page) < page_size:
                 return
-            page = self.fetch(statements.next_page, page[-1][key], page_size)
+            page = self.fetch_rows(statements.next_page, column_of(page[-1:], key)[0], page_size)
 
     def upsert(self, table: str, key: str, rows: pa.Table) -> None:
         with self.lock:

@@ -86,7 +86,7 @@ class IbisSource:
         sql = self._statements(table).ids_by_ids
         return {id_key(row[table.id_column]) for row in self.conn.fetch_by_ids(sql, list(ids))}
 
-    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
+    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[Sequence[Row]]:
         with self.conn.lock:
             if not self.conn.table_exists(table.name):
                 return

@@ -27,6 +27,7 @@ from reactive.backends.ibis.dialects import encode_for, timestamp_column
 from reactive.errors import ConfigurationError
 from reactive.events import Row, id_key
 from reactive.fingerprints import plain_value
+from reactive.rows import column_of
 
 ERRORS_TABLE = "_reactive_errors"
 
@@ -140,12 +141,16 @@ class IbisOutputs:
                 return {}
             sql = self._statements(identifier, SOURCE_FIELD, FINGERPRINT_FIELD).by_ids
             try:
-                rows = list(self.conn.fetch_by_ids(sql, ids))
+                parts = list(self.conn.fetch_rows_by_ids(sql, ids))
             except Exception:
                 if not self._gone(name):
                     raise
                 return {}
-        return {id_key(row[SOURCE_FIELD]): row[FINGERPRINT_FIELD] for row in rows}
+        found: dict[Hashable, int] = {}
+        for rows in parts:
+            keys = map(id_key, column_of(rows, SOURCE_FIELD))
+            found.update(zip(keys, column_of(rows, FINGERPRINT_FIELD), strict=True))
+        return found
 
     def scan_output_fingerprints(self, identifier: str, *, page_size: int) -> Iterator[list[tuple[Any, int]]]:
         name = outputs_table(identifier)
@@ -155,7 +160,7 @@ class IbisOutputs:
             statements = self._statements(identifier, SOURCE_FIELD, FINGERPRINT_FIELD)
         try:
             for page in self.conn.pages(statements, SOURCE_FIELD, page_size):
-                yield [(row[SOURCE_FIELD], row[FINGERPRINT_FIELD]) for row in page]
+                yield list(zip(column_of(page, SOURCE_FIELD), column_of(page, FINGERPRINT_FIELD), strict=True))
         except Exception:
             if not self._gone(name):
                 raise
