@@ -11,6 +11,7 @@ row-by-row checks.
 from __future__ import annotations
 
 import random
+import threading
 import sqlite3
 from collections.abc import Iterator
 from typing import Any
@@ -156,3 +157,30 @@ def test_a_first_backfill_looks_no_stored_output_up_and_a_resumed_one_does(duck:
         duck.execute("UPDATE docs SET text = 'changed' WHERE id = 3")
         db.add(Listener(model(), "text", "docs"), progress=False)  # outputs exist: only row 3 is stale
         assert looked_up == [[3]] and outputs_by_source(db, "len__text")[3] == 7.0
+
+
+def test_duckdb_reads_of_a_poll_do_not_wait_for_the_shared_connection(duck: SQLClient) -> None:
+    """A poll's reads go through the polling thread's own DuckDB connection: a write holding
+    the shared connection (the handler's window transaction) does not hold them up."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, "bb")])
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(model(), "text", "docs"), progress=False)
+        table, found = db.table_info("docs"), []
+        warm, held = threading.Event(), threading.Event()
+
+        def poll() -> None:
+            db.backend.snapshots.rows_with_fingerprints(table, [1])  # its statements and connection
+            warm.set()
+            held.wait(timeout=30)
+            found.append(db.backend.snapshots.rows_with_fingerprints(table, [2, 1, 9]))
+
+        reader = threading.Thread(target=poll, name="test-reader")
+        reader.start()
+        assert warm.wait(timeout=30)
+        with db.backend.conn.lock:  # a write in progress on the shared connection
+            held.set()
+            reader.join(timeout=30)
+            assert not reader.is_alive()
+        rows, fingerprints = found[0]
+        assert sorted(rows.column("id")) == [1, 2] and len(fingerprints) == 2

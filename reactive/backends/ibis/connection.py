@@ -22,13 +22,23 @@ from reactive.rows import column_of
 ID_CHUNK = 10_000
 
 
+class _Reader:
+    """A thread's own DuckDB connection, as the dialect's statements take one (``.con``)."""
+
+    __slots__ = ("con",)
+
+    def __init__(self, con: Any) -> None:
+        self.con = con
+
+
 class IbisConnection:
     """An ibis connection shared by the source reader, the stores and the snapshots.
 
     One connection, one lock: every statement is short (reads are paged), so the handler,
     the poller and the user's thread take turns without starving. Table handles and the
     hot-path statements of each table are built once and cached; :meth:`forget` drops them
-    when a table changed under us.
+    when a table changed under us. On DuckDB the hot-path reads (:meth:`read_rows`) go
+    through a connection of each thread's own, so a poll reads while the handler writes.
     """
 
     def __init__(self, con: Any, *, uri: str) -> None:
@@ -38,6 +48,9 @@ class IbisConnection:
         self.lock = threading.RLock()
         self._handles: dict[str, ir.Table] = {}
         self._sql: dict[tuple[str, str, tuple[str, ...]], TableSQL] = {}
+        self._local = threading.local()
+        self._readers: list[Any] = []
+        self._closed = False
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -53,7 +66,41 @@ class IbisConnection:
 
     def close(self) -> None:
         with self.lock:
+            self._closed = True
+            for reader in self._readers:
+                reader.close()
+            self._readers.clear()
             self.con.disconnect()
+
+    def _reader(self) -> _Reader | None:
+        """This thread's own connection to the database (None where the engine has none)."""
+        if not self.dialect.concurrent_reads:
+            return None
+        reader: _Reader | None = getattr(self._local, "reader", None)
+        if reader is None:
+            with self.lock:
+                if self._closed:
+                    raise RuntimeError(f"the connection to {self.uri} is closed")
+                cursor = self.con.con.cursor()
+                self._readers.append(cursor)
+            reader = self._local.reader = _Reader(cursor)
+        return reader
+
+    def read_rows(self, sql: str, *params: Any) -> Sequence[dict[str, Any]]:
+        """:meth:`fetch_rows` for a read that need not see an open transaction of this shared
+        connection (it sees what is committed): on DuckDB through the calling thread's own
+        connection, without waiting for the shared one's lock."""
+        reader = self._reader()
+        if reader is None:
+            return self.fetch_rows(sql, *params)
+        return self.dialect.fetch_rows(reader, sql, params)
+
+    def read_grouped(self, sql: str, *params: Any, value: str, by: str) -> dict[Any, list[Any]]:
+        """:meth:`fetch_grouped` as :meth:`read_rows` reads."""
+        reader = self._reader()
+        if reader is None:
+            return self.fetch_grouped(sql, *params, value=value, by=by)
+        return self.dialect.fetch_grouped(reader, sql, params, value, by)
 
     def table(self, name: str) -> ir.Table:
         """An ibis handle on ``name``, cached: looking a table up costs a catalog query."""
@@ -79,6 +126,9 @@ class IbisConnection:
     def statements(self, table: str, id_column: str, columns: Sequence[str]) -> TableSQL:
         """The hot-path statements reading ``columns`` of ``table`` by ``id_column``, built once."""
         key = (table, id_column, tuple(columns))
+        built = self._sql.get(key)  # built: no lock (a poll reading must not wait for a write)
+        if built is not None:
+            return built
         with self.lock:
             built = self._sql.get(key)
             if built is None:
@@ -114,20 +164,20 @@ class IbisConnection:
         for start in range(0, len(ids), ID_CHUNK):
             yield from self.fetch(sql, self.dialect.bind_ids(ids[start : start + ID_CHUNK]))
 
-    def fetch_rows_by_ids(self, sql: str, ids: Sequence[Any]) -> Iterator[Sequence[dict[str, Any]]]:
-        """The rows of a ``by_ids`` statement, one part per bounded chunk of ids (see ``fetch_rows``)."""
+    def read_rows_by_ids(self, sql: str, ids: Sequence[Any]) -> Iterator[Sequence[dict[str, Any]]]:
+        """The rows of a ``by_ids`` statement, one part per bounded chunk of ids (see ``read_rows``)."""
         for start in range(0, len(ids), ID_CHUNK):
-            yield self.fetch_rows(sql, self.dialect.bind_ids(ids[start : start + ID_CHUNK]))
+            yield self.read_rows(sql, self.dialect.bind_ids(ids[start : start + ID_CHUNK]))
 
     def pages(self, statements: TableSQL, key: str, page_size: int) -> Iterator[Sequence[dict[str, Any]]]:
         """Keyset pagination: each page is one short statement, ordered by ``key`` (rows as the
         driver gives them: see ``fetch_rows``)."""
-        page = self.fetch_rows(statements.first_page, page_size)
+        page = self.read_rows(statements.first_page, page_size)
         while len(page):
             yield page
             if len(page) < page_size:
                 return
-            page = self.fetch_rows(statements.next_page, column_of(page[-1:], key)[0], page_size)
+            page = self.read_rows(statements.next_page, column_of(page[-1:], key)[0], page_size)
 
     def upsert(self, table: str, key: str, rows: pa.Table) -> None:
         with self.lock:

@@ -222,6 +222,9 @@ class SnapshotStore:
         spec = self.versions.get(table.name)
         version = None if spec is None else spec.column
         key = (table.name, table.id_column, columns, version)
+        built = self._sql.get(key)  # built: no lock (a poll reading must not wait for a write)
+        if built is not None:
+            return built
         with self.conn.lock:
             built = self._sql.get(key)
             if built is None:
@@ -478,7 +481,7 @@ class SnapshotStore:
         statements = self._statements(table)
         size = self.conn.dialect.diff_range_rows
         if size is None:
-            return self.conn.fetch_grouped(statements.diff, value="id", by="kind")
+            return self.conn.read_grouped(statements.diff, value="id", by="kind")
         changed: Changes = {}
         lower = None
         while True:
@@ -489,7 +492,7 @@ class SnapshotStore:
             upper = found[0][table.id_column] if found else None
             bounds = [b for b in (lower, upper) if b is not None]
             for sql in statements.ranged_diff[(lower is not None, upper is not None)]:
-                for kind, ids in self.conn.fetch_grouped(sql, *bounds, value="id", by="kind").items():
+                for kind, ids in self.conn.read_grouped(sql, *bounds, value="id", by="kind").items():
                     changed.setdefault(kind, []).extend(ids)
             if upper is None:
                 return changed
@@ -499,7 +502,7 @@ class SnapshotStore:
         """The current rows with these ids and their fingerprints, aligned, read in one statement
         (on DuckDB the rows stay one Arrow table: see :class:`~reactive.rows.TableRows`)."""
         sql = self._statements(table).by_ids_with_fingerprint
-        found = self.conn.fetch_rows(sql, self.conn.dialect.bind_ids(ids))
+        found = self.conn.read_rows(sql, self.conn.dialect.bind_ids(ids))
         if isinstance(found, TableRows):
             fingerprints = found.column(FINGERPRINT_ALIAS)
             found = TableRows(found.table.drop_columns([FINGERPRINT_ALIAS]))

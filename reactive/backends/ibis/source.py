@@ -77,7 +77,7 @@ class IbisSource:
             return None
         sql, ids = self._statements(table).by_ids, list(ids)
         parts = [
-            self.conn.fetch_rows(sql, self.conn.dialect.bind_ids(ids[start : start + ID_CHUNK]))
+            self.conn.read_rows(sql, self.conn.dialect.bind_ids(ids[start : start + ID_CHUNK]))
             for start in range(0, len(ids), ID_CHUNK)
         ]
         return TableRows.concat(parts) if parts else None  # type: ignore[arg-type]

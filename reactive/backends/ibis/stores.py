@@ -141,7 +141,7 @@ class IbisOutputs:
                 return {}
             sql = self._statements(identifier, SOURCE_FIELD, FINGERPRINT_FIELD).by_ids
             try:
-                parts = list(self.conn.fetch_rows_by_ids(sql, ids))
+                parts = list(self.conn.read_rows_by_ids(sql, ids))
             except Exception:
                 if not self._gone(name):
                     raise
