@@ -10,12 +10,14 @@ row-by-row checks.
 
 from __future__ import annotations
 
+import gc
 import random
-import threading
 import sqlite3
+import threading
 from collections.abc import Iterator
 from typing import Any
 
+import duckdb
 import pytest
 from conftest import SQLClient, outputs_by_source
 
@@ -184,3 +186,21 @@ def test_duckdb_reads_of_a_poll_do_not_wait_for_the_shared_connection(duck: SQLC
             assert not reader.is_alive()
         rows, fingerprints = found[0]
         assert sorted(rows.column("id")) == [1, 2] and len(fingerprints) == 2
+
+
+def test_a_threads_duckdb_reader_closes_when_the_thread_ends_and_all_close_with_the_datalayer(duck: SQLClient) -> None:
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES (1, 'a')")
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(model(), "text", "docs"), progress=False)
+        conn, table = db.backend.conn, db.table_info("docs")
+        before = len(conn._readers)
+        reader = threading.Thread(target=lambda: db.backend.source.read_table(table, [1]), name="test-reader")
+        reader.start()
+        reader.join(timeout=30)
+        gc.collect()
+        assert len(conn._readers) == before  # the thread's reader went with it
+        kept = list(conn._readers)
+        assert kept  # this thread's (the backfill's scan)
+    with pytest.raises(duckdb.ConnectionException):
+        kept[0].con.execute("SELECT 1")

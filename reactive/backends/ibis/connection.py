@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -23,12 +24,14 @@ ID_CHUNK = 10_000
 
 
 class _Reader:
-    """A thread's own DuckDB connection, as the dialect's statements take one (``.con``)."""
+    """A thread's own DuckDB connection, as the dialect's statements take one (``.con``); it
+    is closed when its thread ends (its thread-local reference goes) or the connection closes."""
 
-    __slots__ = ("con",)
+    __slots__ = ("__weakref__", "con")
 
     def __init__(self, con: Any) -> None:
         self.con = con
+        weakref.finalize(self, con.close)
 
 
 class IbisConnection:
@@ -49,7 +52,7 @@ class IbisConnection:
         self._handles: dict[str, ir.Table] = {}
         self._sql: dict[tuple[str, str, tuple[str, ...]], TableSQL] = {}
         self._local = threading.local()
-        self._readers: list[Any] = []
+        self._readers: weakref.WeakSet[_Reader] = weakref.WeakSet()
         self._closed = False
 
     @contextlib.contextmanager
@@ -67,9 +70,8 @@ class IbisConnection:
     def close(self) -> None:
         with self.lock:
             self._closed = True
-            for reader in self._readers:
-                reader.close()
-            self._readers.clear()
+            for reader in list(self._readers):
+                reader.con.close()
             self.con.disconnect()
 
     def _reader(self) -> _Reader | None:
@@ -81,9 +83,8 @@ class IbisConnection:
             with self.lock:
                 if self._closed:
                     raise RuntimeError(f"the connection to {self.uri} is closed")
-                cursor = self.con.con.cursor()
-                self._readers.append(cursor)
-            reader = self._local.reader = _Reader(cursor)
+                reader = self._local.reader = _Reader(self.con.con.cursor())
+                self._readers.add(reader)
         return reader
 
     def read_rows(self, sql: str, *params: Any) -> Sequence[dict[str, Any]]:
