@@ -58,6 +58,13 @@ class Snapshots(Protocol):
         """Forget the position of a table that is gone (a table created again starts afresh)."""
 
 
+#: Changed rows a poll reads per statement (at least ``page_size``), reported in packets of
+#: ``page_size``. Each statement costs the polling thread turns at the GIL against a busy
+#: handler: a 300k-row DuckDB burst took 2.14-2.36 s read 5,000 rows per statement, 1.74-2.03 s
+#: read 20,000.
+READ_ROWS = 20_000
+
+
 class IbisPollingListener(BaseDatabaseListener):
     """Finds changes by comparing each watched table with its snapshot of row fingerprints.
 
@@ -278,20 +285,28 @@ class IbisPollingListener(BaseDatabaseListener):
         if not any(diff.values()):
             return
         by_kind: dict[str, list[Any]] = {kind: list(diff.get(kind, ())) for kind in ("insert", "update", "delete")}
+        # Rows are read READ_ROWS ids per statement and reported in packets of page_size.
+        step = max(self.page_size, READ_ROWS)
         for kind in ("insert", "update"):
             ids = by_kind[kind]
-            for start in range(0, len(ids), self.page_size):
-                page = ids[start : start + self.page_size]
-                rows, fingerprints = self.snapshots.rows_with_fingerprints(table, page)
+            for start in range(0, len(ids), step):
+                chunk = ids[start : start + step]
+                rows, fingerprints = self.snapshots.rows_with_fingerprints(table, chunk)
                 found = column_of(rows, table.id_column)
-                if kind == "update" and len(found) < len(page):
+                if kind == "update" and len(found) < len(chunk):
                     # Updated, then deleted since the diff: a delete now (a poll that reads
                     # only recent versions would not see it until the next full diff).
                     present = set(map(id_key, found))
-                    by_kind["delete"].extend(i for i in page if id_key(i) not in present)
-                if found:
-                    # A row inserted and deleted since the diff is simply absent.
-                    self._report(table, DBEvent(kind), tuple(found), rows=rows, fingerprints=tuple(fingerprints))
+                    by_kind["delete"].extend(i for i in chunk if id_key(i) not in present)
+                # A row inserted and deleted since the diff is simply absent.
+                for at in range(0, len(found), self.page_size):
+                    self._report(
+                        table,
+                        DBEvent(kind),
+                        tuple(found[at : at + self.page_size]),
+                        rows=rows[at : at + self.page_size],
+                        fingerprints=tuple(fingerprints[at : at + self.page_size]),
+                    )
         deleted = by_kind["delete"]
         for start in range(0, len(deleted), self.page_size):
             self._report(table, DBEvent.delete, tuple(deleted[start : start + self.page_size]))
