@@ -1,4 +1,5 @@
-"""Run the DuckDB benchmarks: ``python -m benchmarks [--quick] [--only latency|throughput|poll]``.
+"""Run the DuckDB benchmarks: ``python -m benchmarks [--quick] [--only latency|throughput|poll] [--rows N]
+[--window-rows N]``.
 
 Prints Markdown tables (reactive next to a hand-written reference measured in the same run)
 and writes every figure as JSON. A full run takes a few minutes; ``--quick`` is a smoke run.
@@ -7,6 +8,7 @@ and writes every figure as JSON. A full run takes a few minutes; ``--quick`` is 
 from __future__ import annotations
 
 import argparse
+import dataclasses as dc
 import datetime as _dt
 import json
 import sys
@@ -159,10 +161,18 @@ def main(argv: list[str] | None = None) -> int:
         help="JSON file to write (default: results/duckdb.json for a full run, results/duckdb-partial.json "
         "with --quick or --only)",
     )
+    parser.add_argument("--rows", type=int, help="rows of the throughput runs (default 100,000)")
+    parser.add_argument(
+        "--window-rows", type=int, help="batch_rows and page_size of reactive's throughput runs (default: 5,000)"
+    )
     args = parser.parse_args(argv)
     selected = args.only or list(BENCHMARKS)
     sizes = sql_duckdb.Sizes.quick() if args.quick else sql_duckdb.Sizes()
-    partial = args.quick or args.only is not None
+    if args.rows is not None:
+        sizes = dc.replace(sizes, bulk_rows=args.rows, backfill_rows=args.rows)
+    if args.window_rows is not None:
+        sizes = dc.replace(sizes, window_rows=args.window_rows)
+    partial = args.quick or args.only is not None or args.rows is not None or args.window_rows is not None
     output = args.output or RESULTS / ("duckdb-partial.json" if partial else "duckdb.json")
 
     machine = machine_info()

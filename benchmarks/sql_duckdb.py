@@ -66,6 +66,8 @@ class Sizes:
     poll_table_rows: tuple[int, ...] = (10_000, 100_000, 1_000_000)
     poll_repeat: int = 5
     snapshot_repeat: int = 3
+    #: ``batch_rows`` and ``page_size`` of reactive's throughput runs (None: the defaults).
+    window_rows: int | None = None
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -120,8 +122,9 @@ def uri_of(path: Path) -> str:
     return f"duckdb:///{path}"
 
 
-def connect(path: Path) -> reactive.Datalayer:
-    return reactive.connect(uri_of(path), poll_interval=POLL_INTERVAL)
+def connect(path: Path, window_rows: int | None = None) -> reactive.Datalayer:
+    windows = {} if window_rows is None else {"batch_rows": window_rows, "page_size": window_rows}
+    return reactive.connect(uri_of(path), poll_interval=POLL_INTERVAL, **windows)
 
 
 def record_output_times(db: reactive.Datalayer) -> dict[Any, float]:
@@ -331,11 +334,11 @@ def bench_latency(sizes: Sizes) -> list[dict[str, Any]]:
 
 
 # -- throughput ----------------------------------------------------------------------------
-def bulk_reactive(workdir: Path, rows: int) -> dict[str, Any]:
+def bulk_reactive(workdir: Path, rows: int, window_rows: int | None = None) -> dict[str, Any]:
     path = workdir / "bulk-reactive.duckdb"
     client = create_docs(path, 0)
     try:
-        with connect(path) as db:
+        with connect(path, window_rows) as db:
             db.add(Listener(make_model(), "text", "docs"), progress=False)
             visible = record_output_times(db)
             db.cdc.start()
@@ -387,11 +390,11 @@ def bulk_reference(workdir: Path, rows: int) -> dict[str, Any]:
         client.close()
 
 
-def backfill_reactive(workdir: Path, rows: int) -> dict[str, Any]:
+def backfill_reactive(workdir: Path, rows: int, window_rows: int | None = None) -> dict[str, Any]:
     path = workdir / "backfill-reactive.duckdb"
     client = create_docs(path, rows)
     try:
-        with connect(path) as db:
+        with connect(path, window_rows) as db:
             seconds, _ = timed(lambda: db.add(Listener(make_model(), "text", "docs"), progress=False))
             db.cdc.stop()
         outputs = count_outputs(client, OUTPUTS)
@@ -424,11 +427,11 @@ def bench_throughput(sizes: Sizes) -> dict[str, Any]:
     """
     with scratch_dir() as workdir:
         bulk = {
-            "reactive": bulk_reactive(workdir, sizes.bulk_rows),
+            "reactive": bulk_reactive(workdir, sizes.bulk_rows, sizes.window_rows),
             "reference": bulk_reference(workdir, sizes.bulk_rows),
         }
         backfill = {
-            "reactive": backfill_reactive(workdir, sizes.backfill_rows),
+            "reactive": backfill_reactive(workdir, sizes.backfill_rows, sizes.window_rows),
             "reference": backfill_reference(workdir, sizes.backfill_rows),
         }
     for result in (bulk, backfill):
