@@ -109,9 +109,10 @@ def test_window_batches_equal_coalesce_then_collate() -> None:
 
 
 #: DuckDB id types and two ids of each, as SQL literals (a statement reads its ids from an
-#: Arrow view: ids Arrow cannot type alone, past 64 bits, are typed by DuckDB). UUID ids are
-#: not here: DuckDB gives them as text and cannot compare text with UUID (README: Known limits).
+#: Arrow view: ids Arrow cannot type alone, past 64 bits, are typed by DuckDB; UUIDs come to
+#: Python as text, and the statements of a UUID column cast them back).
 ODD_IDS = {
+    "UUID": ("'12345678-1234-5678-1234-567812345678'", "'00000000-0000-0000-0000-000000000001'"),
     "UBIGINT": ("18446744073709551615", "1"),
     "HUGEINT": ("-170141183460469231731687303715884105", "2"),
     "BLOB": ("'\\xAA\\x00'::BLOB", "'b'::BLOB"),

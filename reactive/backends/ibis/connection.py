@@ -124,6 +124,13 @@ class IbisConnection:
             self._handles.pop(name, None)
             self._sql = {k: v for k, v in self._sql.items() if k[0] != name}
 
+    def column_type(self, table: str, column: str) -> dt.DataType | None:
+        """The type of ``table.column`` (None when the table or the column is not there)."""
+        try:
+            return self.table(table).schema().get(column)
+        except TableNotFoundError:
+            return None
+
     def statements(self, table: str, id_column: str, columns: Sequence[str]) -> TableSQL:
         """The hot-path statements reading ``columns`` of ``table`` by ``id_column``, built once."""
         key = (table, id_column, tuple(columns))
@@ -133,7 +140,9 @@ class IbisConnection:
         with self.lock:
             built = self._sql.get(key)
             if built is None:
-                built = self._sql[key] = TableSQL(self.dialect, table, id_column, columns)
+                built = self._sql[key] = TableSQL(
+                    self.dialect, table, id_column, columns, self.column_type(table, id_column)
+                )
             return built
 
     def fetch(self, sql: str, *params: Any) -> list[dict[str, Any]]:

@@ -138,9 +138,14 @@ class Dialect:
         """A 64-bit fingerprint of a row, computed by the engine."""
         return sge.Anonymous(this="hash", expressions=[_column(c, table) for c in columns])
 
-    def ids_condition(self, column: str, table: str | None = None) -> sge.Condition:
-        """``column`` is one of the ids bound by :meth:`bind_ids` (one list per statement)."""
-        return _column(column, table).isin(query=sg.select(_column("id")).from_(sg.table(IDS_VIEW, quoted=True)))
+    def ids_condition(self, column: str, table: str | None = None, id_type: dt.DataType | None = None) -> sge.Condition:
+        """``column`` (of ``id_type``, when known) is one of the ids bound by :meth:`bind_ids`
+        (one list per statement). DuckDB hands UUIDs to Python as text and will not compare
+        text with a UUID: the ids of a UUID column are cast back."""
+        bound: sge.Expression = _column("id")
+        if id_type is not None and id_type.is_uuid():
+            bound = sge.cast(bound, "UUID")
+        return _column(column, table).isin(query=sg.select(bound).from_(sg.table(IDS_VIEW, quoted=True)))
 
     def bind_ids(self, ids: Sequence[Any]) -> Any:
         """The parameter that gives a statement of :meth:`ids_condition` its ids."""
@@ -317,7 +322,7 @@ class PostgresDialect(Dialect):
         row = sge.Anonymous(this="ROW", expressions=[_column(c, table) for c in columns])
         return sge.Anonymous(this="hashtextextended", expressions=[sge.cast(row, "text"), sge.convert(0)])
 
-    def ids_condition(self, column: str, table: str | None = None) -> sge.Condition:
+    def ids_condition(self, column: str, table: str | None = None, id_type: dt.DataType | None = None) -> sge.Condition:
         return sge.EQ(this=_column(column, table), expression=sge.Any(this=sge.Paren(this=sge.Placeholder())))
 
     def bind_ids(self, ids: Sequence[Any]) -> Any:
@@ -460,7 +465,7 @@ class SQLiteDialect(Dialect):
             joined = sge.DPipe(this=sge.DPipe(this=joined, expression=sge.convert(",")), expression=part)
         return sge.Anonymous(this="reactive_fingerprint", expressions=[joined])
 
-    def ids_condition(self, column: str, table: str | None = None) -> sge.Condition:
+    def ids_condition(self, column: str, table: str | None = None, id_type: dt.DataType | None = None) -> sge.Condition:
         # The ids come as one JSON array; JSON has no bytes, so a BLOB id travels as
         # {"blob": hex} and becomes bytes again here (see bind_ids).
         value = sge.Case(
@@ -552,10 +557,12 @@ def _select(table: str, columns: Sequence[str]) -> sge.Select:
 class TableSQL:
     """The statements that read and delete rows of one table by id, built once."""
 
-    def __init__(self, dialect: Dialect, table: str, id_column: str, columns: Sequence[str]) -> None:
+    def __init__(
+        self, dialect: Dialect, table: str, id_column: str, columns: Sequence[str], id_type: dt.DataType | None = None
+    ) -> None:
         select = _select(table, columns)
         key = _column(id_column, table)
-        by_ids = dialect.ids_condition(id_column, table)
+        by_ids = dialect.ids_condition(id_column, table, id_type)
         ordered = select.order_by(key).limit(sge.Placeholder())
         self.by_ids = dialect.render(select.where(by_ids))
         self.ids_by_ids = dialect.render(_select(table, [id_column]).where(by_ids))
@@ -579,10 +586,11 @@ class SnapshotSQL:
         columns: Sequence[str],
         snapshot: str,
         version: str | None = None,
+        id_type: dt.DataType | None = None,
     ) -> None:
         fingerprint = sge.alias_(dialect.row_hash(columns, table), FINGERPRINT_ALIAS, quoted=True)
         self.by_ids_with_fingerprint = dialect.render(
-            _select(table, columns).select(fingerprint).where(dialect.ids_condition(id_column, table))
+            _select(table, columns).select(fingerprint).where(dialect.ids_condition(id_column, table, id_type))
         )
         names = {
             "snap": sg.table(snapshot, quoted=True),

@@ -229,7 +229,13 @@ class SnapshotStore:
             built = self._sql.get(key)
             if built is None:
                 built = self._sql[key] = SnapshotSQL(
-                    self.conn.dialect, table.name, table.id_column, columns, snapshot_table(table.name), version
+                    self.conn.dialect,
+                    table.name,
+                    table.id_column,
+                    columns,
+                    snapshot_table(table.name),
+                    version,
+                    self.conn.column_type(table.name, table.id_column),
                 )
             return built
 
