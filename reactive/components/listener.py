@@ -477,7 +477,8 @@ class Listener(Component):
                     self._fail(refresh, remove, todo.ids[k], output.error)
                 else:
                     ok.append(k)
-            refresh.written.extend(todo.take(ok).ids, [kept[k] for k in ok], todo.take(ok).fingerprints)
+            written = todo.take(ok)
+            refresh.written.extend(written.ids, [kept[k] for k in ok], written.fingerprints)
         else:
             refresh.written.extend(todo.ids, kept, todo.fingerprints)
         if batch.targets is not None:

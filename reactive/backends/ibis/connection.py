@@ -180,8 +180,8 @@ class IbisConnection:
             yield self.read_rows(sql, self.dialect.bind_ids(ids[start : start + ID_CHUNK]))
 
     def pages(self, statements: TableSQL, key: str, page_size: int) -> Iterator[Sequence[dict[str, Any]]]:
-        """Keyset pagination: each page is one short statement, ordered by ``key`` (rows as the
-        driver gives them: see ``fetch_rows``)."""
+        """Keyset pagination: each page is one short statement, ordered by ``key`` (read as
+        :meth:`read_rows` reads)."""
         page = self.read_rows(statements.first_page, page_size)
         while len(page):
             yield page

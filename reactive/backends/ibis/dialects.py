@@ -57,8 +57,8 @@ class BoundIds:
         self.ids = list(ids)
 
     def table(self, con: Any) -> pa.Table:
-        """The ids as an Arrow table; ids Arrow cannot type (UUIDs, integers past 64 bits)
-        are typed by DuckDB itself, through the list parameter."""
+        """The ids as an Arrow table; ids Arrow cannot type alone (integers past 64 bits) are
+        typed by DuckDB itself, through a list parameter."""
         try:
             return pa.table({"id": pa.array(self.ids)})
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
@@ -154,7 +154,8 @@ class Dialect:
     @contextmanager
     def _bound(self, con: Any, params: Sequence[Any]) -> Iterator[list[Any]]:
         """The statement's other parameters, its ids (if any) registered as :data:`IDS_VIEW`
-        while it runs (callers hold the connection's lock: one statement at a time)."""
+        while it runs (one statement at a time per connection: the shared one is used under its
+        lock, a thread's own reader by that thread only)."""
         bound = [p for p in params if isinstance(p, BoundIds)]
         if not bound:
             yield list(params)
