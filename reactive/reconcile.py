@@ -67,19 +67,27 @@ def reconcile(
         for page in source.scan(table, columns=[table.id_column], page_size=page_size):
             yield packet(column_of(page, table.id_column))
         return
+    scanned: set[Hashable] = set()
     for page in source.scan(table, columns=columns, page_size=page_size):
         ids = column_of(page, table.id_column)
         if stored is None:
             found = outputs.output_fingerprints(identifier, ids)
         else:
-            found = {key: stored.pop(key)[1] for key in map(id_key, ids) if key in stored}
+            keys = list(map(id_key, ids))
+            scanned.update(keys)
+            found = {key: stored.pop(key)[1] for key in keys if key in stored}
         stale = [i for i, row in zip(ids, page, strict=True) if not is_current(row, found.get(id_key(i)))]
         if stale:
             yield packet(stale)
     if stored is not None:
-        orphans = [source_id for source_id, _ in stored.values()]
-        for start in range(0, len(orphans), page_size):
-            yield packet(orphans[start : start + page_size])
+        # Outputs of rows the scan did not see: those stored before it, and those a live change
+        # wrote while it ran (a row inserted, then deleted or re-keyed before the scan reached it).
+        orphans = {key: source_id for key, (source_id, _) in stored.items()}
+        for page in outputs.scan_output_fingerprints(identifier, page_size=page_size):
+            orphans.update((key, i) for key, i in ((id_key(i), i) for i, _ in page) if key not in scanned)
+        gone = list(orphans.values())
+        for start in range(0, len(gone), page_size):
+            yield packet(gone[start : start + page_size])
         return
     for page in outputs.scan_output_fingerprints(identifier, page_size=page_size):
         present = source.existing_ids(table, [source_id for source_id, _ in page])

@@ -481,6 +481,10 @@ class BaseDatabaseListener(ReactiveThread):
         #: Notified whenever the listener's state changes (packets settled, a stop, ...).
         self._changed = threading.Condition(self._lock)
         self._in_flight = 0
+        #: Packets emitted and settled (committed or released) so far: the handler settles
+        #: them in the order they were queued.
+        self._emitted = 0
+        self._settled = 0
         self.counters = {"inserts": 0, "updates": 0, "deletes": 0}
         self.last_error: str | None = None
 
@@ -580,6 +584,7 @@ class BaseDatabaseListener(ReactiveThread):
         until the handler commits or releases it."""
         with self._changed:
             self._in_flight += 1
+            self._emitted += 1
         try:
             self.queue.put(packet, abandon=self.stopped_event)
         except BaseException:
@@ -598,7 +603,22 @@ class BaseDatabaseListener(ReactiveThread):
     def _settle(self, packets: int) -> None:
         with self._changed:
             self._in_flight -= packets
+            self._settled += packets
             self._changed.notify_all()
+
+    def wait_settled(self) -> bool:
+        """Wait until every packet emitted before this call is committed or released (False
+        when the listener stops first). A reconciliation that follows changes the listener
+        reported waits so: their outputs are written before it reads the stored ones, so an
+        output the packets wrote for a row gone since (inserted, then deleted or re-keyed) is
+        found and removed."""
+        with self._changed:
+            emitted = self._emitted
+            while self._settled < emitted:
+                if not self.should_keep_running():
+                    return False
+                self._changed.wait(0.5)
+            return True
 
     def on_stop(self) -> None:
         self.queue.wake_producers()

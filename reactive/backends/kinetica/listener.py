@@ -572,6 +572,10 @@ class KineticaMonitorListener(BaseDatabaseListener):
             tables, self._dirty = sorted(self._dirty), set()
             requested = self._reconcile_requested
         watched = [t for t in tables if t in self.tables]
+        if watched and not self.wait_settled():  # stopping: the tables stay marked
+            with self._changed:
+                self._dirty.update(tables)
+            return
         try:
             if watched:
                 self.reconciliations += 1
