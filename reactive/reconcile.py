@@ -42,7 +42,8 @@ def reconcile(
 
     The stored ``(source id, fingerprint)`` pairs are read once, then the source is scanned
     once: a row whose output is missing or stale (``is_current(row, stored_fingerprint)`` is
-    False) is queued, and so is every stored output no row claimed (its row is gone). With more
+    False) is queued, and so is every stored output no row claimed (its row is gone; the stored
+    ids are read again after the scan, for outputs live changes wrote meanwhile). With more
     than ``memory_limit`` outputs, the fingerprints of each page are looked up instead, and a
     second pass over the outputs asks the source which rows still exist. ``absent_is_stale``
     says that a row without an output always needs one (``is_current(row, None)`` is False
