@@ -85,7 +85,9 @@ def reconcile(
         # wrote while it ran (a row inserted, then deleted or re-keyed before the scan reached it).
         orphans = {key: source_id for key, (source_id, _) in stored.items()}
         for page in outputs.scan_output_fingerprints(identifier, page_size=page_size):
-            orphans.update((key, i) for key, i in ((id_key(i), i) for i, _ in page) if key not in scanned)
+            for source_id, _ in page:
+                if (key := id_key(source_id)) not in scanned:
+                    orphans[key] = source_id
         gone = list(orphans.values())
         for start in range(0, len(gone), page_size):
             yield packet(gone[start : start + page_size])

@@ -438,6 +438,19 @@ class Listener(Component):
         if len(self._failed) > FAILED_MEMORY:
             self._failed = None
 
+    def _set_apart(
+        self, refresh: Refresh, remove: list[Any], ids: list[Any], values: list[Any], failed: type
+    ) -> list[int]:
+        """The positions of ``values`` that are not a ``failed`` (a model's Failure, a store's
+        OutputRejected); each row whose value is one fails with its ``error``."""
+        ok = []
+        for k, value in enumerate(values):
+            if isinstance(value, failed):
+                self._fail(refresh, remove, ids[k], value.error)
+            else:
+                ok.append(k)
+        return ok
+
     def _fail(self, refresh: Refresh, remove: list[Any], row_id: Any, error: str) -> None:
         """``row_id`` failed: record why, and remove its output (it has no current one)."""
         refresh.errors.append(ErrorRecord(self.identifier, self.select, row_id, error))
@@ -457,12 +470,7 @@ class Listener(Component):
         before); a failed row goes to ``remove``."""
         assert self.source is not None
         if Failure in set(map(type, results)):
-            ok = []
-            for k, result in enumerate(results):
-                if isinstance(result, Failure):
-                    self._fail(refresh, remove, todo.ids[k], result.error)
-                else:
-                    ok.append(k)
+            ok = self._set_apart(refresh, remove, todo.ids, results, Failure)
             todo, results = todo.take(ok), [results[k] for k in ok]
         refresh.computed += len(todo)
         if not todo:
@@ -471,12 +479,7 @@ class Listener(Component):
         new = [id_key(i) not in stored for i in todo.ids] if stored else True
         kept = db.writer.write(self.identifier, self.source, OutputBatch(todo.ids, results, todo.fingerprints, new))
         if OutputRejected in set(map(type, kept)):
-            ok = []
-            for k, output in enumerate(kept):
-                if isinstance(output, OutputRejected):
-                    self._fail(refresh, remove, todo.ids[k], output.error)
-                else:
-                    ok.append(k)
+            ok = self._set_apart(refresh, remove, todo.ids, kept, OutputRejected)
             written = todo.take(ok)
             refresh.written.extend(written.ids, [kept[k] for k in ok], written.fingerprints)
         else:

@@ -113,8 +113,10 @@ class IbisSections:
                 return {}
             # One key (the lease's check before every window's write): a plain comparison.
             one = len(keys) == 1
-            condition = sg.column("key", quoted=True).eq(sge.Placeholder()) if one else None
-            condition = condition or self.conn.dialect.ids_condition("key")
+            if one:
+                condition = sg.column("key", quoted=True).eq(sge.Placeholder())
+            else:
+                condition = self.conn.dialect.ids_condition("key")
             locking = lock and self.conn.dialect.name == "postgres"
             sql = self._statement(
                 ("one" if one else "some") + (" locked" if locking else ""),

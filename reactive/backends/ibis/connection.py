@@ -169,11 +169,6 @@ class IbisConnection:
             for start in range(0, len(ids), ID_CHUNK):
                 self.dialect.execute(self.con, sql, [self.dialect.bind_ids(ids[start : start + ID_CHUNK])])
 
-    def fetch_by_ids(self, sql: str, ids: Sequence[Any]) -> Iterator[dict[str, Any]]:
-        """Rows of a ``by_ids`` statement for every id, in bounded chunks."""
-        for start in range(0, len(ids), ID_CHUNK):
-            yield from self.fetch(sql, self.dialect.bind_ids(ids[start : start + ID_CHUNK]))
-
     def read_rows_by_ids(self, sql: str, ids: Sequence[Any]) -> Iterator[Sequence[dict[str, Any]]]:
         """The rows of a ``by_ids`` statement, one part per bounded chunk of ids (see ``read_rows``)."""
         for start in range(0, len(ids), ID_CHUNK):

@@ -14,7 +14,7 @@ from reactive.backends.ibis.dialects import decode_for
 from reactive.errors import TableNotFoundError
 from reactive.events import Row, id_key
 from reactive.rowformat import RowFormat, as_json_text
-from reactive.rows import TableRows
+from reactive.rows import TableRows, column_of
 
 
 class IbisSource:
@@ -67,8 +67,8 @@ class IbisSource:
 
     def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
         sql = self._statements(table).by_ids
-        rows = self.decoded(table.name, list(self.conn.fetch_by_ids(sql, list(ids))))
-        return {id_key(row[table.id_column]): row for row in rows}
+        parts = self.conn.read_rows_by_ids(sql, list(ids))
+        return {id_key(row[table.id_column]): row for part in parts for row in self.decoded(table.name, part)}
 
     def read_table(self, table: TableInfo, ids: Sequence[Any]) -> TableRows | None:
         """The rows with these ids as one Arrow table (:class:`~reactive.backends.base.TableReader`),
@@ -84,7 +84,8 @@ class IbisSource:
 
     def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
         sql = self._statements(table).ids_by_ids
-        return {id_key(row[table.id_column]) for row in self.conn.fetch_by_ids(sql, list(ids))}
+        parts = self.conn.read_rows_by_ids(sql, list(ids))
+        return {id_key(i) for part in parts for i in column_of(part, table.id_column)}
 
     def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[Sequence[Row]]:
         with self.conn.lock:
