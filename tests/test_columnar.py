@@ -205,3 +205,17 @@ def test_a_threads_duckdb_reader_closes_when_the_thread_ends_and_all_close_with_
         assert kept  # this thread's (the backfill's scan)
     with pytest.raises(duckdb.ConnectionException):
         kept[0].con.execute("SELECT 1")
+
+
+@pytest.mark.parametrize("name", ["__reactive_ids", "__reactive_upsert"])
+def test_a_duckdb_table_named_like_reactives_own_views_is_followed(duck: SQLClient, name: str) -> None:
+    """Statements read their ids and upserts from registered views; a user's table of such a
+    name must not be hidden by them."""
+    duck.execute(f'CREATE TABLE "{name}" (id INTEGER PRIMARY KEY, text VARCHAR)')
+    duck.execute(f"INSERT INTO \"{name}\" VALUES (1, 'a'), (2, 'bb')")
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("len", predict=lambda ts: [len(t) for t in ts], output_type="int64"), "text", name))
+        db.cdc.start()
+        duck.execute(f"UPDATE \"{name}\" SET text = 'ccc' WHERE id = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "len__text") == {1: 3, 2: 2}

@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import logging
+import secrets
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -42,8 +43,13 @@ _T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
-#: The one-column view (``id``) a DuckDB statement reads its ids from (see ``Dialect.bind_ids``).
-IDS_VIEW = "__reactive_ids"
+#: Names of the views DuckDB statements read registered Arrow tables from: the ids of a
+#: statement (one column, ``id``: see ``Dialect.bind_ids``) and the rows of an upsert. A
+#: registered view hides a table of the same name, so the names carry a token of this process:
+#: no user's table can be shadowed.
+_VIEW_TOKEN = secrets.token_hex(6)
+IDS_VIEW = f"__reactive_ids_{_VIEW_TOKEN}"
+UPSERT_VIEW = f"__reactive_upsert_{_VIEW_TOKEN}"
 
 
 class BoundIds:
@@ -240,7 +246,7 @@ class Dialect:
 
     def upsert(self, con: Any, table: str, key: str, rows: pa.Table) -> None:
         """Insert ``rows``, replacing those whose ``key`` exists (needs a unique ``key``)."""
-        view = "__reactive_upsert"
+        view = UPSERT_VIEW
         con.con.register(view, rows)
         try:
             con.con.execute(self.replace_sql(table, tuple(rows.column_names), view))
