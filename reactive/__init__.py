@@ -19,6 +19,7 @@ from reactive.errors import (
     TableNotFoundError,
 )
 from reactive.events import ChangePacket, DBEvent
+from reactive.handler import WindowRows
 from reactive.monitor import TableMonitor
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = [
     "TableMonitor",
     "TableNotFoundError",
     "VersionColumn",
+    "WindowRows",
     "__version__",
     "connect",
     "feed",

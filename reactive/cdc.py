@@ -14,9 +14,9 @@ from reactive.checkpoints import Lease, LeaseKeeper
 from reactive.errors import BackendError, ConfigurationError, LeaseLostError
 from reactive.feed.publisher import FeedHub, FeedPublisher
 from reactive.feed.source import FeedSource
-from reactive.handler import CDCHandler, ComponentStats, HandlerTotals
+from reactive.handler import CDCHandler, ComponentStats, HandlerTotals, WindowRows
 from reactive.metrics import LagQueue, listener_lag
-from reactive.queue import CDCQueue
+from reactive.queue import QUEUE_ROWS, CDCQueue
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -66,8 +66,8 @@ class DatabaseChangeDataCapture:
         self,
         db: Datalayer,
         *,
-        queue_rows: int = 20_000,
-        batch_rows: int = 5_000,
+        queue_rows: int = QUEUE_ROWS,
+        batch_rows: int | WindowRows | None = None,
         pipeline: int = 2,
         listener_options: dict[str, Any] | None = None,
         lease: Lease | None = None,
@@ -86,7 +86,11 @@ class DatabaseChangeDataCapture:
         #: A CDCQueue that also knows when each unprocessed packet was queued (``info()``'s lag).
         self.queue: CDCQueue = LagQueue(max_rows=queue_rows)
         self._metrics: Any = None
-        self.batch_rows = batch_rows
+        try:
+            #: How many rows the handler takes at once (growing windows unless ``batch_rows`` is set).
+            self.window_rows = WindowRows.of(batch_rows)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
         self.pipeline = pipeline
         self.listener_options = listener_options or {}
         self.factory = DatabaseListenerFactory(db.backend.name)
@@ -247,7 +251,7 @@ class DatabaseChangeDataCapture:
                     self.db,
                     self.queue,
                     compute=self.db.compute,
-                    batch_rows=self.batch_rows,
+                    window_rows=self.window_rows,
                     pipeline=self.pipeline,
                     stats=self.stats,
                     totals=self.totals,
@@ -540,7 +544,12 @@ class DatabaseChangeDataCapture:
                 "put_rows": self.queue.put_rows,
                 "producer_blocked_seconds": round(self.queue.blocked_seconds, 3),
             },
-            "handler": {"running": handler is not None and handler.is_alive(), **dc.asdict(self.totals)},
+            "handler": {
+                "running": handler is not None and handler.is_alive(),
+                # The bound of the next window (it grows while windows are quick: WindowRows).
+                "window_rows": handler.bound if handler is not None else self.window_rows.floor,
+                **dc.asdict(self.totals),
+            },
             "source": listener.info() if listener is not None else self._last_source_info,
             "stopped_tables": dict(self.table_states),
             "listeners": {

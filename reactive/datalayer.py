@@ -20,9 +20,11 @@ from reactive.components.listener import Listener, _check_filter
 from reactive.compute import Compute, LocalCompute
 from reactive.errors import BackendError, ConfigurationError, LeaseLostError, SearchError
 from reactive.events import ChangePacket, Row, id_key
+from reactive.handler import WindowRows
 from reactive.metrics import LagQueue
 from reactive.outputs import OutputWriter
 from reactive.progress import progress_for
+from reactive.queue import QUEUE_ROWS
 
 log = logging.getLogger(__name__)
 _ABSENT = object()
@@ -57,8 +59,8 @@ class Datalayer:
         self,
         backend: DataBackend,
         *,
-        queue_rows: int = 20_000,
-        batch_rows: int = 5_000,
+        queue_rows: int = QUEUE_ROWS,
+        batch_rows: int | WindowRows | None = None,
         page_size: int = 5_000,
         poll_interval: float = 1.0,
         lease: bool = True,
@@ -526,8 +528,11 @@ def connect(uri: str | None = None, **options: Any) -> Datalayer:
 
     ``uri`` defaults to ``$REACTIVE_URI``, else a DuckDB file ``reactive.duckdb`` in the
     working directory. Options: ``poll_interval`` (seconds between polls of SQL tables),
-    ``queue_rows`` (bound of the change queue), ``batch_rows`` (largest batch handed to a
-    component), ``page_size`` (rows per backfill page), ``lease`` (default True: only the
+    ``queue_rows`` (bound of the change queue, default 100,000 rows), ``batch_rows`` (the
+    most rows the handler takes at once, and hands a component in one batch; default None:
+    windows start at 5,000 rows and grow to 50,000 while each takes under 0.25 s; a
+    :class:`~reactive.WindowRows` sets those bounds), ``page_size``
+    (rows per backfill page), ``lease`` (default True: only the
     process holding the database's lease runs listeners; others wait as standbys) and
     ``lease_ms`` (how long a lease lasts unrenewed, default 5,000), ``compute`` (where model
     work runs: a :class:`~reactive.compute.Compute`, default :class:`~reactive.compute.LocalCompute`)

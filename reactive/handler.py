@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses as dc
 import functools
 import logging
+import time
 import traceback
 from collections import deque
 from collections.abc import Collection, Hashable, Mapping, Sequence
@@ -65,6 +66,68 @@ class ComponentStats:
         setattr(self, batch.event.counter, getattr(self, batch.event.counter) + len(batch))
 
 
+@dc.dataclass(frozen=True, slots=True)
+class WindowRows:
+    """How many rows of changes the handler takes at once (a window), and how that grows.
+
+    Windows start at ``floor`` rows and grow toward ``cap`` while each is handled (read,
+    computed, written, committed) in under ``target`` seconds: a cheap model over a fast
+    database then pays for fewer statements, commits and lease checks per row, while a slow
+    model, or a slow write (large vectors), keeps windows at ``floor`` and so keeps a window's
+    write short beside the lease. ``floor == cap``: every window has the same bound.
+
+    >>> WindowRows.of(None) == WindowRows(), WindowRows.of(100)
+    (True, WindowRows(floor=100, cap=100, target=0.25))
+    """
+
+    floor: int = 5_000
+    cap: int = 50_000
+    target: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not (type(self.floor) is int and type(self.cap) is int and 1 <= self.floor <= self.cap):
+            raise ValueError(f"WindowRows needs ints with 1 <= floor <= cap, not {self.floor!r} and {self.cap!r}")
+        if not self.target > 0:
+            raise ValueError(f"WindowRows needs a target of more than 0 seconds, not {self.target!r}")
+
+    @classmethod
+    def of(cls, batch_rows: int | WindowRows | None) -> WindowRows:
+        """Growing windows for ``None`` (the default); windows of at most ``batch_rows`` rows
+        for an int; a :class:`WindowRows` as it is. Anything else is refused.
+
+        >>> WindowRows.of(0)
+        Traceback (most recent call last):
+        ...
+        ValueError: batch_rows must be a positive int, a WindowRows or None (growing windows), not 0
+        """
+        if batch_rows is None:
+            return cls()
+        if isinstance(batch_rows, WindowRows):
+            return batch_rows
+        if type(batch_rows) is not int or batch_rows < 1:
+            raise ValueError(
+                f"batch_rows must be a positive int, a WindowRows or None (growing windows), not {batch_rows!r}"
+            )
+        return cls(batch_rows, batch_rows)
+
+    def next(self, current: int, rows: int, seconds: float) -> int:
+        """The bound of the next window, after one of ``rows`` rows (its bound ``current``)
+        took ``seconds``: at most twice ``current``, toward the size the rate seen fits in
+        ``target`` seconds, within ``[floor, cap]``. A window under half its bound says little
+        about the rate (fixed costs dominate it): the bound stays.
+
+        >>> w = WindowRows()
+        >>> w.next(5_000, 5_000, 0.02), w.next(40_000, 40_000, 0.1), w.next(50_000, 50_000, 1.0)
+        (10000, 50000, 12500)
+        >>> w.next(5_000, 5_000, 17.0), w.next(20_000, 3, 0.001)
+        (5000, 20000)
+        """
+        if rows < current / 2:
+            return current
+        fitting = self.cap if seconds <= 0 else int(rows * self.target / seconds)
+        return max(self.floor, min(self.cap, 2 * current, fitting))
+
+
 @dc.dataclass(slots=True)
 class HandlerTotals:
     """What the handler processed since the datalayer was created."""
@@ -99,8 +162,12 @@ class _Window:
     """Packets taken off the queue together, and their refreshes once planned."""
 
     packets: Sequence[ChangePacket]
+    #: The bound it was taken under (its rows, at most, unless one packet was larger).
+    bound: int
     #: None until planned, and when planning failed (it is planned again at its turn).
     steps: list[_Step] | None = None
+    #: Seconds this thread spent on it so far (planning, waiting for its model work, writing).
+    seconds: float = 0.0
 
     @functools.cached_property
     def keys(self) -> dict[str, set[Hashable]]:
@@ -145,7 +212,7 @@ class CDCHandler(ReactiveThread):
         queue: CDCQueue,
         *,
         compute: Compute,
-        batch_rows: int = 5_000,
+        window_rows: WindowRows | None = None,
         pipeline: int = 2,
         stats: dict[str, ComponentStats] | None = None,
         totals: HandlerTotals | None = None,
@@ -157,7 +224,9 @@ class CDCHandler(ReactiveThread):
         self.db = db
         self.queue = queue
         self.compute = compute
-        self.batch_rows = batch_rows
+        self.window_rows = WindowRows() if window_rows is None else window_rows
+        #: The bound of the next window taken (see :class:`WindowRows`).
+        self.bound = self.window_rows.floor
         self.pipeline = pipeline
         self.stats = {} if stats is None else stats
         self.totals = HandlerTotals() if totals is None else totals
@@ -180,7 +249,7 @@ class CDCHandler(ReactiveThread):
             if ahead and not plan_first and (ahead[0].ready() or len(ahead) >= self.pipeline or queue.closed):
                 self._complete(ahead.popleft())
                 continue
-            packets = queue.get_batch(max_rows=self.batch_rows)  # also returns when model work ends
+            packets = queue.get_batch(max_rows=self.bound)  # also returns when model work ends
             if packets:
                 ahead.append(self._open(packets, ahead))
             elif queue.closed and not ahead and not queue.packets:
@@ -189,7 +258,8 @@ class CDCHandler(ReactiveThread):
     def _open(self, packets: Sequence[ChangePacket], ahead: Sequence[_Window]) -> _Window:
         """Take a window: plan it now (its model work starts) unless that fails; it is then
         planned again when its turn comes."""
-        window = _Window(packets)
+        started = time.perf_counter()
+        window = _Window(packets, self.bound)
         in_flight: dict[str, set[Hashable]] = {}
         for earlier in ahead:
             for table, keys in earlier.keys.items():
@@ -199,15 +269,21 @@ class CDCHandler(ReactiveThread):
         except Exception as exc:
             log.debug("planning a window of %d packets failed (%s); it is planned again at its turn", len(packets), exc)
             return window
+        finally:
+            window.seconds += time.perf_counter() - started
         for future in window.work:
             future.add_done_callback(lambda _: self.queue.wake_consumer())
         return window
 
     def _complete(self, window: _Window) -> None:
+        started = time.perf_counter()
         try:
             self._handle_with_retries(window)
         finally:
             self.queue.task_done(len(window.packets))
+            window.seconds += time.perf_counter() - started
+            rows = sum(len(packet) for packet in window.packets)
+            self.bound = self.window_rows.next(window.bound, rows, window.seconds)
 
     def _handle_with_retries(self, window: _Window) -> None:
         """Finish a window; while the database is unreachable, retry it with backoff.
@@ -263,7 +339,7 @@ class CDCHandler(ReactiveThread):
         """Coalesce, collate, read the rows packets do not carry, and plan every component's
         refresh (its model work starts); nothing is written."""
         steps = []
-        for batch in window_batches(packets, self.batch_rows):
+        for batch in window_batches(packets, self.bound):
             components = self.db.components_for(batch.table, batch.targets)
             if not components:
                 continue

@@ -9,6 +9,11 @@ from collections import deque
 from reactive.errors import QueueClosedError
 from reactive.events import ChangePacket
 
+#: The queue's default bound, in rows: two of the handler's largest windows (50,000 rows;
+#: see ``reactive.handler.WindowRows``), so that a window can fill while the one before it
+#: is written.
+QUEUE_ROWS = 100_000
+
 
 class CDCQueue:
     """A FIFO of :class:`~reactive.events.ChangePacket` bounded by the rows it holds.
@@ -24,7 +29,7 @@ class CDCQueue:
     ([2], 0)
     """
 
-    def __init__(self, max_rows: int = 20_000) -> None:
+    def __init__(self, max_rows: int = QUEUE_ROWS) -> None:
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
         self.max_rows = max_rows

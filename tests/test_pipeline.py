@@ -22,6 +22,8 @@ from reactive.components import Listener, Model
 from reactive.components.base import PlannedRefresh
 from reactive.compute import LocalCompute
 from reactive.events import Batch, ChangePacket, DBEvent
+from reactive.handler import CDCHandler, WindowRows
+from reactive.queue import CDCQueue
 from reactive.threads import reactive_threads
 from tests.conftest import SQLClient, outputs_by_source
 
@@ -280,3 +282,49 @@ def test_pipeline_depth_changes_no_result_and_the_compute_thread_stops(duck: SQL
 def test_a_pipeline_of_no_windows_is_refused() -> None:
     with pytest.raises(reactive.ConfigurationError, match="pipeline must be at least 1"):
         reactive.connect("duckdb://", pipeline=0)
+
+
+def _window_sizes(duck: SQLClient, window_rows: WindowRows, packets: int) -> list[int]:
+    """The batches a model gets when ``packets`` one-row changes wait before a handler with
+    these window bounds (and no pipelining: each window is finished before the next is taken)."""
+    docs(duck, packets)
+    sizes: list[int] = []
+    model = Model("tag", predict=lambda xs: sizes.append(len(xs)) or [f"<{x}>" for x in xs], batch_size=1_000)
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(model, "text", "docs"))
+        sizes.clear()  # the backfill's
+        queue, source = CDCQueue(), RecordingSource()
+        for position in range(packets):
+            queue.put(update(source, position, position, f"w{position}"))
+        handler = CDCHandler(db, queue, compute=db.compute, window_rows=window_rows, pipeline=1)
+        handler.start()
+        handler.stop()  # closes the queue: what waits is processed first
+        handler.join(timeout=60)
+        assert not handler.is_alive()
+        assert outputs_by_source(db, "tag__text") == {i: f"<w{i}>" for i in range(packets)}
+        assert source.committed == list(range(packets))
+    return sizes
+
+
+def test_windows_grow_twofold_up_to_their_cap_while_they_are_quick(duck: SQLClient) -> None:
+    # A target of an hour: every window is "quick", so each bound is twice the one before.
+    assert _window_sizes(duck, WindowRows(2, 8, target=3600.0), 30) == [2, 4, 8, 8, 8]
+
+
+def test_windows_stay_at_their_floor_while_they_are_slow(duck: SQLClient) -> None:
+    # A target of a nanosecond: no window is quick enough to grow.
+    assert _window_sizes(duck, WindowRows(3, 8, target=1e-9), 12) == [3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("bad", [0, -5, 2.5, "5000", True])
+def test_a_bad_batch_rows_is_refused_with_what_it_takes(bad: Any) -> None:
+    with pytest.raises(reactive.ConfigurationError, match="batch_rows must be a positive int, a WindowRows or None"):
+        reactive.connect("duckdb://", batch_rows=bad)
+
+
+@pytest.mark.parametrize(
+    ("floor", "cap", "target"), [(0, 10, 1.0), (10, 5, 1.0), (5, 10, 0.0), (5, 10, -1.0), (1.5, 10, 1.0)]
+)
+def test_bad_window_bounds_are_refused(floor: Any, cap: Any, target: float) -> None:
+    with pytest.raises(ValueError, match="WindowRows needs"):
+        WindowRows(floor, cap, target=target)
