@@ -19,9 +19,6 @@ from reactive.backends.ibis.dialects import Dialect, TableSQL, dialect_for
 from reactive.errors import TableNotFoundError
 from reactive.rows import column_of
 
-#: Largest IN list sent in one statement.
-ID_CHUNK = 10_000
-
 
 class _Reader:
     """A thread's own DuckDB connection, as the dialect's statements take one (``.con``); it
@@ -165,14 +162,16 @@ class IbisConnection:
 
     def delete_by_ids(self, sql: str, ids: Sequence[Any]) -> None:
         """Run a ``delete_by_ids`` statement for every id, in bounded chunks."""
+        chunk = self.dialect.ids_per_statement
         with self.lock:
-            for start in range(0, len(ids), ID_CHUNK):
-                self.dialect.execute(self.con, sql, [self.dialect.bind_ids(ids[start : start + ID_CHUNK])])
+            for start in range(0, len(ids), chunk):
+                self.dialect.execute(self.con, sql, [self.dialect.bind_ids(ids[start : start + chunk])])
 
     def read_rows_by_ids(self, sql: str, ids: Sequence[Any]) -> Iterator[Sequence[dict[str, Any]]]:
         """The rows of a ``by_ids`` statement, one part per bounded chunk of ids (see ``read_rows``)."""
-        for start in range(0, len(ids), ID_CHUNK):
-            yield self.read_rows(sql, self.dialect.bind_ids(ids[start : start + ID_CHUNK]))
+        chunk = self.dialect.ids_per_statement
+        for start in range(0, len(ids), chunk):
+            yield self.read_rows(sql, self.dialect.bind_ids(ids[start : start + chunk]))
 
     def pages(self, statements: TableSQL, key: str, page_size: int) -> Iterator[Sequence[dict[str, Any]]]:
         """Keyset pagination: each page is one short statement, ordered by ``key`` (read as

@@ -9,7 +9,7 @@ from typing import Any
 import ibis.expr.datatypes as dt
 
 from reactive.backends.base import OUTPUT_FIELD, TableInfo, identify_rows
-from reactive.backends.ibis.connection import ID_CHUNK, IbisConnection
+from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import decode_for
 from reactive.errors import TableNotFoundError
 from reactive.events import Row, id_key
@@ -75,10 +75,10 @@ class IbisSource:
         where the engine returns Arrow (DuckDB) and the table holds no outputs to decode."""
         if not self.conn.dialect.arrow_results or self.output_type(table.name) is not None:
             return None
-        sql, ids = self._statements(table).by_ids, list(ids)
+        sql, ids, chunk = self._statements(table).by_ids, list(ids), self.conn.dialect.ids_per_statement
         parts = [
-            self.conn.read_rows(sql, self.conn.dialect.bind_ids(ids[start : start + ID_CHUNK]))
-            for start in range(0, len(ids), ID_CHUNK)
+            self.conn.read_rows(sql, self.conn.dialect.bind_ids(ids[start : start + chunk]))
+            for start in range(0, len(ids), chunk)
         ]
         return TableRows.concat(parts) if parts else None  # type: ignore[arg-type]
 
