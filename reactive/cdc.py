@@ -87,10 +87,14 @@ class DatabaseChangeDataCapture:
         self.queue: CDCQueue = LagQueue(max_rows=queue_rows)
         self._metrics: Any = None
         try:
-            #: How many rows the handler takes at once (growing windows unless ``batch_rows`` is set).
-            self.window_rows = WindowRows.of(batch_rows)
+            window_rows = WindowRows.of(batch_rows)
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
+        if batch_rows is None and lease is not None:
+            # A window's write must end well inside the lease: with a short lease, windows stay smaller.
+            window_rows = dc.replace(window_rows, target=min(window_rows.target, lease.lease_ms / 6000))
+        #: How many rows the handler takes at once (growing windows unless ``batch_rows`` is set).
+        self.window_rows = window_rows
         self.pipeline = pipeline
         self.listener_options = listener_options or {}
         self.factory = DatabaseListenerFactory(db.backend.name)

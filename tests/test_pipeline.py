@@ -328,3 +328,13 @@ def test_a_bad_batch_rows_is_refused_with_what_it_takes(bad: Any) -> None:
 def test_bad_window_bounds_are_refused(floor: Any, cap: Any, target: float) -> None:
     with pytest.raises(ValueError, match="WindowRows needs"):
         WindowRows(floor, cap, target=target)
+
+
+def test_windows_grow_only_while_they_end_well_inside_the_lease() -> None:
+    with reactive.connect("duckdb://") as db:
+        assert db.cdc.window_rows == WindowRows(5_000, 50_000, target=0.25)
+        assert db.cdc.info()["handler"]["window_rows"] == 5_000
+    with reactive.connect("duckdb://", lease_ms=600) as db:  # a window may take a sixth of the lease
+        assert db.cdc.window_rows == WindowRows(5_000, 50_000, target=0.1)
+    with reactive.connect("duckdb://", batch_rows=300, lease_ms=600) as db:  # fixed windows stay fixed
+        assert db.cdc.window_rows == WindowRows(300, 300)
