@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rows", type=int, help="rows of the throughput runs (default 100,000)")
     parser.add_argument(
-        "--window-rows", type=int, help="batch_rows and page_size of reactive's throughput runs (default: 5,000)"
+        "--window-rows", type=int, help="fixed batch_rows and page_size of the throughput runs (default: growing)"
     )
     args = parser.parse_args(argv)
     selected = args.only or list(BENCHMARKS)
