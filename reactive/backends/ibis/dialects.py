@@ -695,20 +695,21 @@ def timestamp_column(dialect: Dialect, values: list[_dt.datetime]) -> pa.Array:
     return pa.array(values, type=pa.timestamp("us", tz="UTC"))
 
 
-def _stored_as_text(dialect: Dialect, logical: str) -> bool:
+def stored_as_text(dialect: Dialect, logical: str) -> bool:
+    """Whether ``dialect`` stores outputs of type ``logical`` as JSON text (see :func:`encode_for`)."""
     return logical == "json" or (logical.startswith("array<") and not dialect.native_arrays)
 
 
 def encode_for(dialect: Dialect, logical: str, value: Any) -> Any:
     """The value as the column stores it (JSON text where the engine has no native type)."""
-    if value is not None and _stored_as_text(dialect, logical):
+    if value is not None and stored_as_text(dialect, logical):
         return json.dumps(value)
     return value
 
 
 def decode_for(dialect: Dialect, logical: str, value: Any) -> Any:
     """The inverse of :func:`encode_for`."""
-    if isinstance(value, str) and _stored_as_text(dialect, logical):
+    if isinstance(value, str) and stored_as_text(dialect, logical):
         return json.loads(value)
     return value
 

@@ -23,7 +23,7 @@ from reactive.backends.base import (
     outputs_table,
 )
 from reactive.backends.ibis.connection import IbisConnection
-from reactive.backends.ibis.dialects import encode_for, timestamp_column
+from reactive.backends.ibis.dialects import encode_for, stored_as_text, timestamp_column
 from reactive.errors import ConfigurationError
 from reactive.events import Row, id_key
 from reactive.fingerprints import plain_value
@@ -113,6 +113,8 @@ class IbisOutputs:
             if dialect.native_arrays:
                 return pa.FixedSizeListArray.from_arrays(pa.array(block.ravel()), block.shape[1]).cast(arrow_type)
             values = block.tolist()
+        if not stored_as_text(dialect, output_type):
+            return pa.array(values, type=arrow_type)  # encode_for leaves every value as it is
         return pa.array([encode_for(dialect, output_type, v) for v in values], type=arrow_type)
 
     def _gone(self, name: str) -> bool:
