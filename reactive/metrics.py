@@ -199,6 +199,9 @@ class InfoCollector:
         )
         for key, name, text in _HANDLER_COUNTERS:
             yield counter(name, text, info["handler"][key])
+        yield gauge(
+            "handler_window_rows", "The bound of the handler's next window, in rows", info["handler"]["window_rows"]
+        )
 
         source = info.get("source") or {}
         changes = CounterMetricFamily(

@@ -343,6 +343,7 @@ def test_info_lag_and_prometheus_metrics_over_http(tmp_path: Path) -> None:
             assert 'reactive_listener_changes_total{event="insert",listener="len__text"} 3.0' in scraped
             assert 'reactive_listener_lag_rows{listener="len__text"} 0.0' in scraped
             assert "reactive_handler_rows_total 3.0" in scraped
+            assert "reactive_handler_window_rows 5000.0" in scraped  # windows of 3 rows do not grow it
         finally:
             model.release.set()
             server.close()
