@@ -110,22 +110,22 @@ class WindowRows:
             )
         return cls(batch_rows, batch_rows)
 
-    def next(self, current: int, rows: int, seconds: float) -> int:
-        """The bound of the next window, after one of ``rows`` rows (its bound ``current``)
-        took ``seconds``: at most twice ``current``, toward the size the rate seen fits in
-        ``target`` seconds, within ``[floor, cap]``. A window under half its bound says little
-        about the rate (fixed costs dominate it): the bound stays.
+    def next(self, bound: int, taken: int, rows: int, seconds: float) -> int:
+        """The bound of the next window (``bound`` now), after a window taken under the bound
+        ``taken`` held ``rows`` rows and took ``seconds``: at most twice ``taken``, toward the
+        size the rate seen fits in ``target`` seconds, within ``[floor, cap]``. A window under
+        half its bound says little about the rate (fixed costs dominate it): ``bound`` stays.
 
         >>> w = WindowRows()
-        >>> w.next(5_000, 5_000, 0.02), w.next(40_000, 40_000, 0.1), w.next(50_000, 50_000, 1.0)
+        >>> w.next(5_000, 5_000, 5_000, 0.02), w.next(40_000, 40_000, 40_000, 0.1), w.next(50_000, 50_000, 50_000, 1.0)
         (10000, 50000, 12500)
-        >>> w.next(5_000, 5_000, 17.0), w.next(20_000, 3, 0.001)
+        >>> w.next(5_000, 5_000, 5_000, 17.0), w.next(20_000, 10_000, 3, 0.001)
         (5000, 20000)
         """
-        if rows < current / 2:
-            return current
+        if rows < taken / 2:
+            return bound
         fitting = self.cap if seconds <= 0 else int(rows * self.target / seconds)
-        return max(self.floor, min(self.cap, 2 * current, fitting))
+        return max(self.floor, min(self.cap, 2 * taken, fitting))
 
 
 @dc.dataclass(slots=True)
@@ -283,7 +283,7 @@ class CDCHandler(ReactiveThread):
             self.queue.task_done(len(window.packets))
             window.seconds += time.perf_counter() - started
             rows = sum(len(packet) for packet in window.packets)
-            self.bound = self.window_rows.next(window.bound, rows, window.seconds)
+            self.bound = self.window_rows.next(self.bound, window.bound, rows, window.seconds)
 
     def _handle_with_retries(self, window: _Window) -> None:
         """Finish a window; while the database is unreachable, retry it with backoff.
