@@ -528,7 +528,7 @@ def connect(uri: str | None = None, **options: Any) -> Datalayer:
 
     ``uri`` defaults to ``$REACTIVE_URI``, else a DuckDB file ``reactive.duckdb`` in the
     working directory. Options: ``poll_interval`` (seconds between polls of SQL tables),
-    ``queue_rows`` (bound of the change queue, default 100,000 rows), ``batch_rows`` (the
+    ``queue_rows`` (bound of the change queue, default 50,000 rows), ``batch_rows`` (the
     most rows the handler takes at once, and hands a component in one batch; default None:
     windows start at 5,000 rows and grow to 50,000 while each takes under 0.25 s; a
     :class:`~reactive.WindowRows` sets those bounds), ``page_size``
