@@ -284,19 +284,22 @@ def test_a_pipeline_of_no_windows_is_refused() -> None:
         reactive.connect("duckdb://", pipeline=0)
 
 
-def _window_sizes(duck: SQLClient, window_rows: WindowRows, packets: int) -> list[int]:
+def _window_sizes(duck: SQLClient, window_rows: WindowRows, packets: int, *, feed: bool = False) -> list[int]:
     """The batches a model gets when ``packets`` one-row changes wait before a handler with
-    these window bounds (and no pipelining: each window is finished before the next is taken)."""
+    these window bounds (and no pipelining: each window is finished before the next is taken),
+    with a change feed published, or not."""
     docs(duck, packets)
     sizes: list[int] = []
     model = Model("tag", predict=lambda xs: sizes.append(len(xs)) or [f"<{x}>" for x in xs], batch_size=1_000)
     with reactive.connect(duck.uri) as db:
         db.add(Listener(model, "text", "docs"))
         sizes.clear()  # the backfill's
+        if feed:
+            db.cdc.publish()
         queue, source = CDCQueue(), RecordingSource()
         for position in range(packets):
             queue.put(update(source, position, position, f"w{position}"))
-        handler = CDCHandler(db, queue, compute=db.compute, window_rows=window_rows, pipeline=1)
+        handler = CDCHandler(db, queue, compute=db.compute, window_rows=window_rows, pipeline=1, feed=db.cdc.feed_hub)
         handler.start()
         handler.stop()  # closes the queue: what waits is processed first
         handler.join(timeout=60)
@@ -309,6 +312,11 @@ def _window_sizes(duck: SQLClient, window_rows: WindowRows, packets: int) -> lis
 def test_windows_grow_twofold_up_to_their_cap_while_they_are_quick(duck: SQLClient) -> None:
     # A target of an hour: every window is "quick", so each bound is twice the one before.
     assert _window_sizes(duck, WindowRows(2, 8, target=3600.0), 30) == [2, 4, 8, 8, 8]
+
+
+def test_windows_stay_at_their_floor_while_a_change_feed_holds_them(duck: SQLClient) -> None:
+    # The feed keeps up to 1,000 committed windows for its publisher: they do not grow.
+    assert _window_sizes(duck, WindowRows(2, 8, target=3600.0), 12, feed=True) == [2] * 6
 
 
 def test_windows_stay_at_their_floor_while_they_are_slow(duck: SQLClient) -> None:
