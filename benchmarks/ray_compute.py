@@ -8,9 +8,10 @@ microseconds per input, holding the GIL as a Python model does) on ``--rows`` sh
 - ``db.add`` on a DuckDB file (the backfill) with ``LocalCompute`` (in process);
 - the same with ``RayCompute(actors=1)`` and ``RayCompute(actors=2)``.
 
-Then the overhead of sending a batch to an actor: a trivial model (``len``) backfilled with
+Then the overhead of Ray per model batch: a trivial model (``len``) backfilled with
 ``RayCompute(actors=1)`` and with ``LocalCompute``, at batch sizes 1, 16 and 256; the
-difference per batch is what a batch costs to send and get back.
+difference divided by the model's batches is what Ray adds per batch (a call to an actor
+carries several batches: ``reactive.compute.CALLS_PER_ACTOR`` calls per actor and window).
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def main() -> None:
     print(table)
     print(
         markdown_table(
-            ["batch size", "LocalCompute", "RayCompute (1 actor)", "cost per batch sent"],
+            ["batch size", "LocalCompute", "RayCompute (1 actor)", "Ray's cost per model batch"],
             [
                 [b, f"{o['local_s']:.2f} s", f"{o['ray_s']:.2f} s", f"{o['per_batch_ms']:.2f} ms"]
                 for b, o in overhead.items()

@@ -283,3 +283,26 @@ def test_actor_options_reach_the_actors(duck: SQLClient) -> None:
     with reactive.connect(duck.uri, compute=compute) as db:
         db.add(Listener(Model("mark", predict=_marked), "text", "docs"))
         assert outputs_by_source(db, "mark__text") == {1: "a:set"}
+
+
+def batch_of(texts: list[str]) -> list[str]:
+    """Each input's output says which batch it was computed in (its size and first text)."""
+    return [f"{len(texts)}:{texts[0]}" for _ in texts]
+
+
+@pytest.mark.parametrize("actors", [1, 2])
+def test_calls_that_carry_several_batches_give_the_model_the_batches_it_gets_in_process(actors: int) -> None:
+    # A window of 203 texts of mixed lengths, batches of 4: RayCompute sends a few calls of
+    # several batches each (CALLS_PER_ACTOR per actor); the model must see the very batches
+    # (same texts, same length order) LocalCompute gives it.
+    texts = [("x" * random.Random(i).randint(1, 40)) + str(i) for i in range(203)]
+    model = Model("batches", predict=batch_of, batch_size=4)
+    local, remote = LocalCompute(), RayCompute(actors=actors)
+    try:
+        expected = local.submit(model, texts, wait=lambda s: True).result(timeout=60)
+        got = remote.submit(model, texts, wait=lambda s: True).result(timeout=120)
+    finally:
+        local.close()
+        remote.close()
+    assert got == expected
+    assert {int(o.split(":")[0]) for o in got} <= {1, 2, 3, 4}
