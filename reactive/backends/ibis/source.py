@@ -75,11 +75,7 @@ class IbisSource:
         where the engine returns Arrow (DuckDB) and the table holds no outputs to decode."""
         if not self.conn.dialect.arrow_results or self.output_type(table.name) is not None:
             return None
-        sql, ids, chunk = self._statements(table).by_ids, list(ids), self.conn.dialect.ids_per_statement
-        parts = [
-            self.conn.read_rows(sql, self.conn.dialect.bind_ids(ids[start : start + chunk]))
-            for start in range(0, len(ids), chunk)
-        ]
+        parts = list(self.conn.read_rows_by_ids(self._statements(table).by_ids, list(ids)))
         return TableRows.concat(parts) if parts else None  # type: ignore[arg-type]
 
     def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
