@@ -134,8 +134,11 @@ def _tag(values: list[str]) -> list[str]:
 
 
 def test_mongodb_server_crash_between_output_and_position(secantus: MongoServer) -> None:
-    """The server dies after acknowledging an output and before the position is saved: the
-    output must survive (journaled), and the first write after the restart must get one too."""
+    """The server dies after acknowledging an output and before the position is saved. Outputs
+    are not journaled, so the server may lose it, and the barrier mark of the ``wait_idle``
+    running then too: the restart is seen, every collection reconciled, the mark written again
+    (``wait_idle`` returns), the output is there at the end, and so is the first write after the
+    restart's."""
     uri = secantus.database_uri("app")
     with MongoClient(uri, journal=True) as client:
         client.app.docs.insert_one({"_id": 0, "text": "zero"})

@@ -26,7 +26,7 @@ from reactive.backends.base import (
     chunks,
     outputs_table,
 )
-from reactive.backends.mongodb.checkpoints import CHECKPOINTS_COLLECTION, DURABLE, MongoSections
+from reactive.backends.mongodb.checkpoints import CHECKPOINTS_COLLECTION, MongoSections, acknowledged
 from reactive.backends.mongodb.errors import Fault, classify, classify_code
 from reactive.backends.mongodb.listener import MongoChangeStreamListener
 from reactive.checkpoints import Positions
@@ -102,9 +102,12 @@ class MongoSource:
 class MongoOutputs:
     """The :class:`~reactive.backends.base.OutputStore`: one collection per listener, ``_id`` = source id.
 
-    Outputs are written with a journaled acknowledgement (``j=True``), like positions: an output
-    the server acknowledged survives the server's crash, so a position saved after it never
-    covers an output the server lost.
+    Outputs are written with the URI's write concern (acknowledged at least), not journaled: the
+    position that covers them is saved after them with ``j=True``, and a journaled write makes
+    every earlier write of the server durable too (its journal is one log, flushed in order), so
+    a position the server kept never covers an output it lost. Until then the outputs are as
+    durable as the server's periodic journal flush; a server that restarted before it is seen
+    by its new process id, and every collection is reconciled (see the listener).
 
     A write recreates a collection someone dropped, silently, and the other rows' outputs are
     gone with it: the store tells ``outputs_lost(source collection)``. While the change stream
@@ -120,7 +123,7 @@ class MongoOutputs:
         outputs_lost: Callable[[str], None] = lambda table: None,
         followed: Callable[[], bool] = lambda: False,
     ) -> None:
-        self.db = db.with_options(write_concern=DURABLE)
+        self.db = db.with_options(write_concern=acknowledged(db.write_concern))
         self.outputs_lost = outputs_lost
         #: Whether a change stream that reports drops of outputs collections is running.
         self.followed = followed

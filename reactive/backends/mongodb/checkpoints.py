@@ -6,8 +6,9 @@ multi-document transaction needed), and the lease's compare-and-set is one condi
 Section keys are stored hex-encoded (a field name cannot hold ``.`` or start with ``$``). A
 checkpoint document is limited to MongoDB's 16 MB.
 
-Every write asks for a journaled acknowledgement (``j=True``): a position the server
-acknowledged survives the server's crash.
+Every write asks for a journaled acknowledgement (``j=True``, with the URI's ``w``): a position
+the server acknowledged survives the server's crash, and so does every write this client made
+before it (the journal is one log, flushed in order), the outputs it covers among them.
 
 The store sees every lease record this process writes (a lease is a section too), so it can
 say whether this process holds a checkpoint's lease with a third of it still ahead
@@ -34,8 +35,30 @@ from reactive.checkpoints import ENGINE_CHECKPOINT, LEASE_SECTION, Holder, Secti
 from reactive.fingerprints import plain_value
 
 CHECKPOINTS_COLLECTION = "_reactive_checkpoints"
-#: Acknowledged once in the server's journal: survives a crash of the server.
-DURABLE = WriteConcern(j=True)
+
+
+def durable(concern: WriteConcern) -> WriteConcern:
+    """``concern`` (the URI's) acknowledged once in the server's journal: survives a crash of the
+    server. The URI's ``w`` and ``wtimeout`` are kept (``w=0`` is raised to an acknowledgement).
+
+    >>> durable(WriteConcern(w="majority", wtimeout=500)).document == {"w": "majority", "wtimeout": 500, "j": True}
+    True
+    >>> durable(WriteConcern(w=0)).document
+    {'j': True}
+    """
+    return WriteConcern(**{k: v for k, v in acknowledged(concern).document.items() if k != "fsync"}, j=True)
+
+
+def acknowledged(concern: WriteConcern) -> WriteConcern:
+    """``concern`` unless it asks for no acknowledgement (``w=0``): a write reactive does not hear
+    back from could land after the position that covers it.
+
+    >>> acknowledged(WriteConcern(w=0)).document
+    {}
+    >>> acknowledged(WriteConcern(w=2)).document
+    {'w': 2}
+    """
+    return concern if concern.acknowledged else WriteConcern()
 
 
 def _field(key: str) -> str:
@@ -58,7 +81,7 @@ class MongoSections:
     """The :class:`~reactive.checkpoints.SectionStore` of a MongoDB database."""
 
     def __init__(self, db: Database) -> None:
-        self.collection = db.get_collection(CHECKPOINTS_COLLECTION, write_concern=DURABLE)
+        self.collection = db.get_collection(CHECKPOINTS_COLLECTION, write_concern=durable(db.write_concern))
         self._migrated = False
         #: Per checkpoint, the lease record this process last wrote, and when it wrote it
         #: (None: it gave the lease up, or failed to take or renew it).

@@ -517,6 +517,19 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         with self._changed:
             self._changed.wait_for(lambda: self._in_flight == 0 or not self.should_keep_running())
         self.hooks.reconcile(sorted(self.tables), self.stopped_event)
+        self._write_mark()
+
+    def _write_mark(self) -> None:
+        """Write the last barrier mark again if the stream has not passed it: a server that
+        restarted may have lost it (it is not journaled), and a ``sync`` waiting for it would
+        wait out its timeout. Written after the reconciliation is queued, it passes after it."""
+        with self._changed:
+            mark, pending = self._marks_sent, self._marks_sent > self._marks_seen
+        if pending:
+            try:
+                self.database[MARKS_COLLECTION].update_one({"_id": self._mark_id}, {"$set": {"n": mark}}, upsert=True)
+            except PyMongoError as exc:
+                log.warning("could not write a barrier mark again: %s", exc)
 
     # -- what the handler and db.cdc call -------------------------------------------------
     def save_positions(self, positions: Sequence[Any]) -> None:
