@@ -68,19 +68,26 @@ class _Worker(ReactiveThread):
     def __init__(self, jobs: queue.SimpleQueue[_Job | None]) -> None:
         super().__init__("compute")
         self.jobs = jobs
+        #: The models computed on this thread: each keeps its ``predict`` thread until this one ends.
+        self.models: dict[int, Model] = {}
 
     def on_stop(self) -> None:
         self.jobs.put(None)
 
     def run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            future, model, inputs, wait, stopping = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(model.compute(inputs, wait=wait, stopping=stopping))
-            except BaseException as exc:  # handed to whoever waits on the future
-                future.set_exception(exc)
+        try:
+            while (job := self.jobs.get()) is not None:
+                future, model, inputs, wait, stopping = job
+                if not future.set_running_or_notify_cancel():
+                    continue
+                self.models[id(model)] = model
+                try:
+                    future.set_result(model.compute(inputs, wait=wait, stopping=stopping, keep_thread=True))
+                except BaseException as exc:  # handed to whoever waits on the future
+                    future.set_exception(exc)
+        finally:
+            for model in self.models.values():
+                model.end_thread()
 
 
 class LocalCompute:
@@ -89,7 +96,8 @@ class LocalCompute:
     One thread is enough: a model is never called twice at once (``Model`` guarantees it),
     and every call of ``predict`` already runs on its own thread so that a hung call can be
     given up. The thread starts at the first :meth:`submit` and ends at :meth:`close`, after
-    the jobs submitted before it.
+    the jobs submitted before it; so does each model's ``predict`` thread, kept from window to
+    window (``Model.compute(keep_thread=True)``).
     """
 
     def __init__(self) -> None:

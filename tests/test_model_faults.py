@@ -24,6 +24,7 @@ import reactive
 from reactive.cli import main
 from reactive.components import Failure, Listener, Model
 from reactive.components import model as model_module
+from reactive.compute import LocalCompute
 from reactive.threads import reactive_threads
 
 
@@ -118,6 +119,31 @@ def test_a_hanging_call_times_out_and_the_model_waits_for_it_to_return() -> None
     assert model.wait_calls(timeout=10)
     assert model.calls.stuck is None and model.calls.timeouts == 1
     assert model.compute(["y"], wait=lambda s: True) == ["Y"]
+
+
+def test_the_predict_thread_is_kept_from_window_to_window_and_ends_with_close() -> None:
+    """LocalCompute keeps each model's predict thread between windows (starting one per window
+    cost a third of a one-row window's path); it ends when the compute thread does."""
+    threads: list[int] = []
+
+    def record(values: list[str]) -> list[str]:
+        threads.append(threading.get_ident())
+        return [v.upper() for v in values]
+
+    first, second = Model("first", predict=record), Model("second", predict=record)
+    compute = LocalCompute()
+    try:
+        for model in (first, second, first, second):
+            assert compute.submit(model, ["a"], wait=lambda s: True).result(timeout=30) == ["A"]
+        assert threads[0] == threads[2] and threads[1] == threads[3] and threads[0] != threads[1]
+        names = sorted(t.name for t in reactive_threads())
+        assert names == ["reactive-compute", "reactive-model-first", "reactive-model-second"]
+        # A compute() of its own (keep_thread=False) on this thread leaves nothing behind.
+        assert first.compute(["b"], wait=lambda s: True) == ["B"]
+        assert threads[-1] not in (threads[0], threads[1])
+    finally:
+        compute.close(timeout=30)
+    assert not reactive_threads()
 
 
 def test_a_hanging_call_is_given_up_when_stopping(monkeypatch: pytest.MonkeyPatch) -> None:
