@@ -53,7 +53,10 @@ measured ones warm each system up and are not counted)
     * **throughput**: ``throughput_docs`` documents inserted with ``insert_many`` in batches
       of ``batch`` (built beforehand); time from the first insert to the last output
       visible. The insert phase, the lag after it, rows per output write and the CPU time of
-      every thread involved and of the server process (``/proc``) are reported too.
+      every thread involved and of the server process (``/proc``) are reported too. Once per
+      round the same batches are inserted with nothing following them (the **writer alone**):
+      the server's own ceiling, which bounds every system that reads the inserts back and
+      writes its outputs to the same server.
 
 Rounds
     ``rounds`` interleaved rounds: in each round every scenario runs once per system, the
@@ -606,10 +609,7 @@ def bench_throughput(
     With ``profile``, the listener and handler threads of ``reactive`` run under
     ``cProfile`` and their statistics are returned too.
     """
-    batches = [
-        [document(i) for i in range(start, min(start + sizes.batch, sizes.throughput_docs))]
-        for start in range(0, sizes.throughput_docs, sizes.batch)
-    ]
+    batches = throughput_batches(sizes)
     ids = range(sizes.throughput_docs)
     profiling = profiled_threads() if profile else contextlib.nullcontext({})
     with fresh_database(server, "throughput") as (uri, database), profiling as profiles:
@@ -650,6 +650,27 @@ def bench_throughput(
     return result
 
 
+def throughput_batches(sizes: Sizes) -> list[list[dict[str, Any]]]:
+    return [
+        [document(i) for i in range(start, min(start + sizes.batch, sizes.throughput_docs))]
+        for start in range(0, sizes.throughput_docs, sizes.batch)
+    ]
+
+
+def bench_writer_alone(server: Server, sizes: Sizes) -> dict[str, Any]:
+    """The throughput scenario's inserts with nothing following them: the server's ceiling,
+    which no system that reads the inserts back and writes outputs to the same server can pass."""
+    batches = throughput_batches(sizes)
+    with fresh_database(server, "ceiling") as (_, database):
+        for i in range(sizes.warmup_inserts):
+            database.docs.insert_one(document(-1 - i))
+        started = time.perf_counter()
+        for batch in batches:
+            database.docs.insert_many(batch)
+        seconds = time.perf_counter() - started
+    return {"docs_per_second": sizes.throughput_docs / seconds, "seconds": seconds}
+
+
 BENCHES: dict[str, Callable[[Server, Callable[[str, OutputClock], System], Sizes], dict[str, Any]]] = {
     "isolated": bench_isolated,
     "burst": bench_burst,
@@ -663,17 +684,33 @@ FIGURES = {
 }
 
 
-def run_rounds(server: Server, sizes: Sizes, progress: Callable[[str], None]) -> dict[str, dict[str, list[Any]]]:
-    """Every scenario, ``sizes.rounds`` times, the systems in a rotated order each round."""
+def run_rounds(
+    server: Server, sizes: Sizes, progress: Callable[[str], None]
+) -> tuple[dict[str, dict[str, list[Any]]], list[dict[str, Any]]]:
+    """Every scenario, ``sizes.rounds`` times, the systems in a rotated order each round; and
+    once per round, after the throughput runs, the writer alone (:func:`bench_writer_alone`)."""
     names = list(SYSTEMS)
     runs: dict[str, dict[str, list[Any]]] = {s: {n: [] for n in names} for s in SCENARIOS}
+    ceiling: list[dict[str, Any]] = []
     for round_ in range(sizes.rounds):
         order = names[round_ % len(names) :] + names[: round_ % len(names)]
         for scenario in SCENARIOS:
             for name in order:
                 progress(f"round {round_ + 1}/{sizes.rounds}: {scenario}, {name}")
                 runs[scenario][name].append(BENCHES[scenario](server, SYSTEMS[name], sizes))
-    return runs
+        progress(f"round {round_ + 1}/{sizes.rounds}: throughput, writer alone")
+        ceiling.append(bench_writer_alone(server, sizes))
+    return runs, ceiling
+
+
+def summarize_ceiling(ceiling: list[dict[str, Any]], throughput: dict[str, Any]) -> dict[str, Any]:
+    """The writer alone's median rate, and each system's throughput as a share of it."""
+    rate = statistics.median(r["docs_per_second"] for r in ceiling)
+    return {
+        "docs_per_second": rate,
+        "rounds": [r["docs_per_second"] for r in ceiling],
+        "share": {name: throughput[name]["docs_per_second"] / rate for name in SYSTEMS},
+    }
 
 
 def summarize(runs: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
@@ -989,6 +1026,16 @@ def render(report: dict[str, Any]) -> str:
             for f, r in section["ratios"].items()
         ]
         out += [markdown_table(["reactive / raw loop", "median of rounds", "of medians", "rounds"], ratio_rows), ""]
+        if scenario == "throughput" and "ceiling" in report:
+            c = report["ceiling"]
+            shares = ", ".join(f"{name} {share:.0%}" for name, share in c["share"].items())
+            out += [
+                f"The writer alone (the same `insert_many` batches, nothing following them): "
+                f"{c['docs_per_second']:,.0f} docs/s, the server's ceiling for every system here ({shares} of "
+                f"it); {THROUGHPUT_GOAL:g}x the raw loop would be "
+                f"{THROUGHPUT_GOAL * report['throughput'][REFERENCE]['docs_per_second']:,.0f} docs/s.",
+                "",
+            ]
     g = report["goals"]
     out += [
         "### Goals",
@@ -1109,7 +1156,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with mongo_server(args.uri, retry_writes=args.retry_writes) as server:
         report["server"] = server.description
-        report.update(summarize(run_rounds(server, sizes, progress)))
+        runs, ceiling = run_rounds(server, sizes, progress)
+        report.update(summarize(runs))
+        report["ceiling"] = summarize_ceiling(ceiling, report["throughput"])
         report["goals"] = goals(report)
         if args.profile:
             profile: dict[str, Any] = {"latency_breakdown": {}, "backlog": {}}
