@@ -549,3 +549,68 @@ def test_a_lone_change_is_read_then_written_with_no_getmore_waiting_meanwhile(
     getmores = [(started, ended) for name, _, started, ended in sent if name == "getMore"]
     assert getmores
     assert not [g for g in getmores if g[0] < write_ended and (g[1] is None or g[1] > write_started)]
+
+
+class WriteConcerns(monitoring.CommandListener):
+    """The write concern of every write command, by (command, collection)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.seen: dict[tuple[str, str], list[dict]] = {}
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.command_name in ("insert", "update", "delete"):
+            key = (event.command_name, event.command[event.command_name])
+            with self.lock:
+                self.seen.setdefault(key, []).append(dict(event.command.get("writeConcern", {})))
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    failed = succeeded
+
+
+@pytest.mark.parametrize(
+    ("options", "outputs", "positions"),
+    [
+        ("", {}, {"j": True}),
+        ("w=0", {}, {"j": True}),  # never unacknowledged: a lost write could land after its position
+        (
+            "w=majority&wtimeoutMS=5000",
+            {"w": "majority", "wtimeout": 5000},
+            {"w": "majority", "wtimeout": 5000, "j": True},
+        ),
+        ("journal=true", {"j": True}, {"j": True}),
+        ("journal=false", {"j": False}, {"j": True}),
+    ],
+)
+def test_outputs_use_the_uri_write_concern_and_positions_are_journaled(
+    mongo_uri: str, mongo, options: str, outputs: dict, positions: dict
+) -> None:
+    """Outputs and error records go with the URI's write concern (acknowledged at least); the
+    position saved after them with ``j=True`` and the URI's ``w``: one journaled write makes the
+    writes before it durable."""
+
+    def predict(texts: list[str]) -> list[str]:
+        if "bad" in texts:
+            raise ValueError("bad input")
+        return [t.upper() for t in texts]
+
+    concerns = WriteConcerns()
+    uri = f"{mongo_uri}&{options}" if options else mongo_uri
+    with reactive.connect(uri, event_listeners=[concerns]) as db:
+        db.add(Listener(Model("m", predict=predict, max_retries=0), "text", "docs"))
+        db.cdc.start()
+        mongo.docs.insert_one({"_id": 1, "text": "one"})
+        assert db.cdc.wait_idle(timeout=30)
+        mongo.docs.insert_one({"_id": 2, "text": "bad"})
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: "ONE"}
+        assert [e["source"] for e in db.errors("m__text")] == [2]
+        db.cdc.stop()
+    with concerns.lock:
+        seen = dict(concerns.seen)
+    for written in (("insert", "_outputs__m__text"), ("insert", "_reactive_errors")):
+        assert seen[written] and all(c == outputs for c in seen[written]), written
+    saves = seen[("update", "_reactive_checkpoints")]
+    assert saves and all(c == positions for c in saves)

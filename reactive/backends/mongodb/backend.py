@@ -231,7 +231,7 @@ class MongoErrors:
     """The :class:`~reactive.backends.base.ErrorStore`: ``_reactive_errors``."""
 
     def __init__(self, db: Database) -> None:
-        self.db = db
+        self.db = db.with_options(write_concern=acknowledged(db.write_concern))
 
     def record_errors(self, records: Sequence[ErrorRecord]) -> None:
         if records:

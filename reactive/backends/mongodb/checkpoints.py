@@ -45,8 +45,11 @@ def durable(concern: WriteConcern) -> WriteConcern:
     True
     >>> durable(WriteConcern(w=0)).document
     {'j': True}
+    >>> durable(WriteConcern(j=False)).document, durable(WriteConcern(fsync=True)).document
+    ({'j': True}, {'j': True})
     """
-    return WriteConcern(**{k: v for k, v in acknowledged(concern).document.items() if k != "fsync"}, j=True)
+    kept = {k: v for k, v in acknowledged(concern).document.items() if k not in ("fsync", "j")}
+    return WriteConcern(**kept, j=True)
 
 
 def acknowledged(concern: WriteConcern) -> WriteConcern:
