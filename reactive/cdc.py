@@ -12,6 +12,7 @@ from reactive.backends import load_backend
 from reactive.backends.base import BaseDatabaseListener, ListenerHooks, TableInfo
 from reactive.checkpoints import Lease, LeaseKeeper
 from reactive.errors import BackendError, ConfigurationError, LeaseLostError
+from reactive.feed.publisher import QUEUE_ROWS as FEED_QUEUE_ROWS
 from reactive.feed.publisher import FeedHub, FeedPublisher
 from reactive.feed.source import FeedSource
 from reactive.handler import CDCHandler, ComponentStats, HandlerTotals, WindowRows
@@ -271,7 +272,7 @@ class DatabaseChangeDataCapture:
         *,
         tables: Iterable[str] | None = None,
         service_id: str = "reactive",
-        queue_windows: int = 1_000,
+        queue_rows: int = FEED_QUEUE_ROWS,
         **node_options: Any,
     ) -> FeedPublisher:
         """Publish every watched table (under its name) and every listener's outputs (under
@@ -283,20 +284,27 @@ class DatabaseChangeDataCapture:
         what is published. May be called before :meth:`start`. The sequence numbers of each
         published table are kept in this database's checkpoints, so a restart numbers on.
         ``node_options`` go to the :class:`~reactive.feed.Node` (``heartbeat_interval``...).
+        ``queue_rows`` bounds the changes of committed windows the feed holds for its publisher
+        thread: past it the handler waits for the feed.
         """
         from reactive.feed import DataService, Node
 
         if isinstance(tables, str):
             raise ConfigurationError("tables is a list of names, not one str")
+        if "queue_windows" in node_options:
+            raise ConfigurationError(
+                "queue_windows is gone: the feed's buffer is bounded in changes, queue_rows "
+                f"(default {FEED_QUEUE_ROWS:,})"
+            )
+        if isinstance(queue_rows, bool) or not isinstance(queue_rows, int) or queue_rows < 1:
+            raise ConfigurationError(f"queue_rows must be a positive int, not {queue_rows!r}")
         wanted = None if tables is None else set(tables)
         node = Node(address, **node_options)
         node.start()
         try:
             service = DataService(service_id, node, checkpoints=self.db.backend.sections)
             service.start()
-            feed = FeedPublisher(
-                self.db, self.feed_hub, service, tables=wanted, queue_windows=queue_windows, owns_node=node
-            )
+            feed = FeedPublisher(self.db, self.feed_hub, service, tables=wanted, queue_rows=queue_rows, owns_node=node)
         except BaseException:
             node.stop()
             raise

@@ -282,13 +282,8 @@ class CDCHandler(ReactiveThread):
         finally:
             self.queue.task_done(len(window.packets))
             window.seconds += time.perf_counter() - started
-            if self.feed is not None and self.feed.active:
-                # A change feed holds up to 1,000 committed windows for its publisher: they stay
-                # at the floor, so that buffer holds no more rows than it did.
-                self.bound = self.window_rows.floor
-            else:
-                rows = sum(len(packet) for packet in window.packets)
-                self.bound = self.window_rows.next(self.bound, window.bound, rows, window.seconds)
+            rows = sum(len(packet) for packet in window.packets)
+            self.bound = self.window_rows.next(self.bound, window.bound, rows, window.seconds)
 
     def _handle_with_retries(self, window: _Window) -> None:
         """Finish a window; while the database is unreachable, retry it with backoff.

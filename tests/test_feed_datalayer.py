@@ -264,6 +264,31 @@ def test_a_slow_subscriber_never_stalls_the_handler(sqlite_file: tuple[str, sqli
             assert sub.view == expected
 
 
+def test_a_feed_that_holds_one_change_at_a_time_still_delivers_every_change(
+    sqlite_file: tuple[str, sqlite3.Connection],
+) -> None:
+    """``queue_rows=1``: every window waits for the publisher to take the one before (its
+    changes are over the bound alone); nothing is lost, nothing reordered."""
+    uri, client = sqlite_file
+    collected = Collector()
+    with reactive.connect(uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("len", predict=length), "text", "docs"))
+        feed = db.cdc.publish(queue_rows=1)
+        db.cdc.start()
+        with reactive.feed.subscribe(feed.address, "len__text", collected) as sub:
+            assert sub.wait_synced(WAIT)
+            for i in range(6, 106):
+                client.execute("INSERT INTO docs VALUES (?, ?)", (i, "t" * (i % 17)))
+                if i % 10 == 0:
+                    client.execute("DELETE FROM docs WHERE id = ?", (i - 5,))
+            assert db.cdc.wait_idle(WAIT)
+            expected = outputs_by_source(db, "len__text")
+            assert len(expected) == 105 - 10
+            assert wait_for(collected.arrived, lambda: collected.replayed() == expected)
+            info = db.cdc.info()["feeds"][0]
+            assert info["queued_rows"] == 0 and info["queued_windows"] == 0
+
+
 def test_mongodb_values_travel_with_their_types(mongo_uri: str, mongo) -> None:
     from bson import ObjectId
 
@@ -299,6 +324,11 @@ def test_feed_bad_input_gets_clear_errors(sqlite_file: tuple[str, sqlite3.Connec
             db.cdc.publish("http://127.0.0.1:80")
         with pytest.raises(ConfigurationError, match="list of names"):
             db.cdc.publish(tables="docs")
+        for bad in (0, -1, 2.5, "100", True):
+            with pytest.raises(ConfigurationError, match="queue_rows must be a positive int"):
+                db.cdc.publish(queue_rows=bad)
+        with pytest.raises(ConfigurationError, match=r"queue_windows is gone.*queue_rows"):
+            db.cdc.publish(queue_windows=1000)
         taken = socket.socket()
         taken.bind(("127.0.0.1", 0))
         taken.listen()

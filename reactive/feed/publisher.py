@@ -1,10 +1,10 @@
 """``db.cdc.publish(address)``: a datalayer's tables and outputs on the change feed.
 
-The handler hands each committed window's changes to a :class:`FeedHub` (a put on a bounded
-queue, after the window's transaction, outside every lock); a ``reactive-feed-publisher``
-thread turns them into deltas of a :class:`~reactive.feed.DataService`. A slow subscriber
-never slows this thread (ZMQ's PUB drops for it, and it resubscribes), so the handler waits
-only if this thread falls ``queue_windows`` windows behind.
+The handler hands each committed window's changes to a :class:`FeedHub` (a put on a buffer
+bounded in changes, after the window's transaction, outside every lock); a
+``reactive-feed-publisher`` thread turns them into deltas of a :class:`~reactive.feed.DataService`.
+A slow subscriber never slows this thread (ZMQ's PUB drops for it, and it resubscribes), so the
+handler waits only if this thread falls ``queue_rows`` changes behind.
 
 A table or listener is *loaded* the first time the feed needs it (at ``publish``, or when a
 change for a listener added later arrives): its current rows, or stored outputs, are read
@@ -15,11 +15,10 @@ order, with nothing applied twice.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses as dc
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -39,6 +38,73 @@ log = logging.getLogger(__name__)
 #: (a watched table's row) or ``"outputs"`` (a listener's output), event ``"upsert"`` or
 #: ``"delete"``.
 Committed = list[tuple[str, str, str, Any, Any]]
+
+#: Changes (rows and outputs) of committed windows a feed holds for its publisher before the
+#: handler waits for it: about two of the handler's largest windows.
+QUEUE_ROWS = 100_000
+
+
+class Backlog:
+    """Committed windows waiting for a publisher, bounded by the changes they hold: a put waits
+    while the windows held and the new one would be over ``max_rows`` (a window larger than that
+    goes in alone, once the others are out). After :meth:`close` a put drops its window and
+    :meth:`get` returns None.
+
+    >>> backlog = Backlog(3)
+    >>> backlog.put((1, ["a", "b"])), backlog.put((2, ["c"])), backlog.rows
+    (False, False, 3)
+    >>> backlog.get(), backlog.rows
+    ((1, ['a', 'b']), 1)
+    >>> backlog.close(); backlog.get(), backlog.put((3, ["d"]))
+    (None, False)
+    """
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self.rows = 0
+        self._windows: deque[tuple[int, Committed]] = deque()
+        self._changed = threading.Condition()
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, window: tuple[int, Committed]) -> bool:
+        """Hold ``window``; whether it had to wait for room."""
+        size = len(window[1])
+        with self._changed:
+            waited = False
+            while self.rows and self.rows + size > self.max_rows and not self._closed:
+                waited = True
+                self._changed.wait()
+            if not self._closed:
+                self._windows.append(window)
+                self.rows += size
+                self._changed.notify_all()
+            return waited
+
+    def get(self) -> tuple[int, Committed] | None:
+        """The oldest window held (waits for one); None once closed."""
+        with self._changed:
+            while not self._windows and not self._closed:
+                self._changed.wait()
+            if self._closed:
+                return None
+            window = self._windows.popleft()
+            self.rows -= len(window[1])
+            self._changed.notify_all()
+            return window
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._windows.clear()
+            self.rows = 0
+            self._changed.notify_all()
 
 
 class FeedHub:
@@ -113,7 +179,7 @@ class FeedPublisher(ReactiveThread):
         service: DataService,
         *,
         tables: set[str] | None = None,
-        queue_windows: int = 1_000,
+        queue_rows: int = QUEUE_ROWS,
         owns_node: Node | None = None,
     ) -> None:
         super().__init__("feed-publisher")
@@ -121,7 +187,7 @@ class FeedPublisher(ReactiveThread):
         self.hub = hub
         self.service = service
         self.tables = tables
-        self._queue: queue.Queue[tuple[int, Committed] | None] = queue.Queue(maxsize=queue_windows)
+        self._backlog = Backlog(queue_rows)
         self._loaded: dict[str, int] = {}
         self._owns_node = owns_node
         self.stats = FeedStats()
@@ -140,11 +206,12 @@ class FeedPublisher(ReactiveThread):
         """On the handler thread: queue a committed window (waits only if this feed is far behind)."""
         with self._idle:
             self._handed += 1
-        try:
-            self._queue.put_nowait((window, changes))
-        except queue.Full:
+        if self._backlog.put((window, changes)):
             self.stats.handler_waits += 1
-            self._queue.put((window, changes))
+        if self._backlog.closed:  # stopped: nothing more is published, nothing to wait for
+            with self._idle:
+                self._done = self._handed
+                self._idle.notify_all()
 
     def wait_published(self, timeout: float | None = None) -> bool:
         """Wait until every window handed off so far is published."""
@@ -152,15 +219,14 @@ class FeedPublisher(ReactiveThread):
             return self._idle.wait_for(lambda: self._done >= self._handed, timeout)
 
     def on_stop(self) -> None:
-        with contextlib.suppress(queue.Full):  # full: the loop sees the stop event after the next item
-            self._queue.put_nowait(None)
+        self._backlog.close()  # what it holds is not published; a handler waiting for room goes on
 
     def run(self) -> None:
         try:
             for name in self._known_names():
                 self._load(name)
             while self.should_keep_running():
-                item = self._queue.get()
+                item = self._backlog.get()
                 if item is None:
                     break
                 try:
@@ -173,6 +239,7 @@ class FeedPublisher(ReactiveThread):
                         self._done += 1
                         self._idle.notify_all()
         finally:
+            self._backlog.close()
             self.hub.detach(self)
             self.service.stop()
             if self._owns_node is not None:
@@ -260,7 +327,8 @@ class FeedPublisher(ReactiveThread):
     def info(self) -> dict[str, Any]:
         return {
             "address": self.address,
-            "queued_windows": self._queue.qsize(),
+            "queued_windows": len(self._backlog),
+            "queued_rows": self._backlog.rows,
             **dc.asdict(self.stats),
             "service": self.service.status,
         }
