@@ -19,8 +19,10 @@ Scenarios and parameters (full run; ``--quick`` in brackets)
         restarted ``faults`` = 15 [4] times, ``uniform(0.3, 1.2)`` s apart, down for
         ``uniform(0.1, 0.6)`` s (every fourth time 4 s, past the URI's 3 s server selection
         timeout); the writer writes with ``j=True``. Unlike the suite's test the server is not
-        flushed before a kill: reactive's output writes are journaled (``j=True``), so they
-        survive it.
+        flushed before a kill: reactive's output writes are not journaled (its positions are),
+        so a kill may take back outputs written since the server's last journal flush; the
+        listener sees the server's new process id and reconciles, and they are computed again
+        (extras in process).
     server restarts, writes lost (MongoDB): the same with the writer at ``j=false``: each kill
         takes back the server's last writes, which a change stream may already have shown;
         the listener sees the server's new process id and reconciles. Not in the suite
