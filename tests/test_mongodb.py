@@ -614,3 +614,15 @@ def test_outputs_use_the_uri_write_concern_and_positions_are_journaled(
         assert seen[written] and all(c == outputs for c in seen[written]), written
     saves = seen[("update", "_reactive_checkpoints")]
     assert saves and all(c == positions for c in saves)
+
+
+@pytest.mark.parametrize(("w", "says"), [("5", "Not enough data-bearing nodes"), ("nosuchtag", "nosuchtag")])
+def test_a_write_concern_the_server_cannot_meet_is_a_clear_error(mongo_uri: str, mongo, w: str, says: str) -> None:
+    """reactive writes with the URI's w: one the server cannot meet (more members than it has,
+    a tag set it lacks) is refused at the first write, ``db.add``, as a ConfigurationError."""
+    mongo.docs.insert_one({"_id": 1, "text": "one"})
+    refused = pytest.raises(reactive.ConfigurationError, match=f"cannot meet the URI's write concern.*{says}")
+    with reactive.connect(f"{mongo_uri}&w={w}") as db, refused:
+        db.add(Listener(Model("m", predict=lambda texts: texts), "text", "docs"))
+    assert "_outputs__m__text" not in mongo.list_collection_names()  # nothing computed or written
+    assert not reactive_threads()

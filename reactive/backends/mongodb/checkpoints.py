@@ -21,17 +21,20 @@ time the store is used: their values become sections of the checkpoint ``reactiv
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 from bson import Binary
 from pymongo import WriteConcern
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, OperationFailure
 
+from reactive.backends.mongodb.errors import Fault, classify
 from reactive.checkpoints import ENGINE_CHECKPOINT, LEASE_SECTION, Holder, Section
+from reactive.errors import ConfigurationError
 from reactive.fingerprints import plain_value
 
 CHECKPOINTS_COLLECTION = "_reactive_checkpoints"
@@ -80,6 +83,32 @@ def _stored(section: Section) -> dict[str, Any]:
     return {"data": Binary(section.data), "text": section.text, "written_at": section.written_at}
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _write(method: Callable[_P, _T]) -> Callable[_P, _T]:
+    """A write that the URI's write concern may make impossible (``w=3`` on a one-member replica
+    set, an unknown tag set): a :class:`~reactive.errors.ConfigurationError` saying so."""
+
+    @functools.wraps(method)
+    def write(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return method(*args, **kwargs)
+        except OperationFailure as exc:
+            if classify(exc) is not Fault.BAD_WRITE_CONCERN:
+                raise
+            details = exc.details or {}
+            concern = (details.get("errInfo") or {}).get("writeConcern") or {}
+            asked = {k: v for k, v in concern.items() if k in ("w", "wtimeout")}
+            raise ConfigurationError(
+                f"the server cannot meet the URI's write concern {asked or ''}: {details.get('errmsg', exc)} "
+                "(reactive writes with the URI's w; lower it, or name a tag set the replica set has)"
+            ) from None
+
+    return write
+
+
 class MongoSections:
     """The :class:`~reactive.checkpoints.SectionStore` of a MongoDB database."""
 
@@ -113,17 +142,20 @@ class MongoSections:
             for field, s in (doc.get("sections") or {}).items()
         }
 
+    @_write
     def write_sections(self, checkpoint: str, sections: Mapping[str, Section]) -> None:
         if sections:
             update = {"$set": {_field(k): _stored(s) for k, s in sections.items()}}
             self.collection.update_one({"_id": checkpoint}, update, upsert=True)
 
+    @_write
     def delete_sections(self, checkpoint: str, keys: Sequence[str] | None = None) -> None:
         if keys is None:
             self.collection.delete_one({"_id": checkpoint})
         elif keys:
             self.collection.update_one({"_id": checkpoint}, {"$unset": {_field(k): "" for k in keys}})
 
+    @_write
     def replace_section(self, checkpoint: str, key: str, expected: bytes | None, new: Section | None) -> bool:
         if expected is None and new is None:
             return key not in self.read_sections(checkpoint, [key])

@@ -7,6 +7,8 @@ True
 True
 >>> classify(ValueError("not a server error")) is Fault.OTHER
 True
+>>> classify(OperationFailure("Not enough data-bearing nodes", code=100)) is Fault.BAD_WRITE_CONCERN
+True
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class Fault(Enum):
     AUTH_FAILED = "authentication failed"
     #: An insert met an existing ``_id``.
     DUPLICATE_KEY = "duplicate key"
+    #: The URI's write concern names more members, or a tag set, than the server has.
+    BAD_WRITE_CONCERN = "write concern cannot be met"
     #: Anything else: a real error of this operation.
     OTHER = "other"
 
@@ -41,6 +45,8 @@ _CODES = {
     40573: Fault.NO_CHANGE_STREAMS,
     18: Fault.AUTH_FAILED,
     11000: Fault.DUPLICATE_KEY,
+    100: Fault.BAD_WRITE_CONCERN,  # UnsatisfiableWriteConcern
+    79: Fault.BAD_WRITE_CONCERN,  # UnknownReplWriteConcern
 }
 
 
