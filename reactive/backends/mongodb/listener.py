@@ -71,9 +71,10 @@ class MongoChangeStreamListener(BaseDatabaseListener):
     (journaled) only after the outputs it covers are written, and only while ``fence()``
     says this process may write (it holds the lease): by the handler at most every
     :data:`BUSY_SAVE_SECONDS` while changes keep coming, and by this thread as soon as the
-    stream has nothing new (and when it stops), so a window costs one journaled write, its
-    outputs, not two. A crash replays at most that much, and the stored fingerprints of
-    what comes again are looked up (nothing is computed twice). A restarted process resumes
+    stream has nothing new (and when it stops), so a window costs one write, its outputs (not
+    journaled: the journaled position save after them makes them durable too). A crash
+    replays at most that much, and the stored fingerprints of what comes again are looked up
+    (nothing is computed twice). A restarted process resumes
     from it with ``resume_after`` (or ``start_after`` past an invalidate). If the token has
     aged out of the oplog, every watched collection is reconciled and the stream restarts
     from now.
