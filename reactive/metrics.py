@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from reactive.errors import ConfigurationError
 from reactive.events import ChangePacket
-from reactive.queue import CDCQueue
+from reactive.queue import QUEUE_ROWS, CDCQueue
 
 if TYPE_CHECKING:
     from reactive.datalayer import Datalayer
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 PREFIX = "reactive"
 
 
-class LagQueue(CDCQueue):
+class LagQueue(CDCQueue[ChangePacket]):
     """The CDC queue, plus what each unprocessed packet is and when it was queued.
 
     The handler takes packets in order and finishes its windows in the order it took them
@@ -46,6 +46,7 @@ class LagQueue(CDCQueue):
 
     >>> q = LagQueue(max_rows=10)
     >>> q.put(ChangePacket("docs", "insert", (1, 2), targets=frozenset({"m__text"})))
+    False
     >>> [(len(p), round(age)) for p, age in q.pending()], q.rows_put_for("m__text")
     ([(2, 0)], 2)
     >>> taken = q.get_batch(max_rows=10); len(q.pending())   # in flight: still pending
@@ -54,7 +55,7 @@ class LagQueue(CDCQueue):
     []
     """
 
-    def __init__(self, max_rows: int = 20_000) -> None:
+    def __init__(self, max_rows: int = QUEUE_ROWS) -> None:
         super().__init__(max_rows=max_rows)
         self._lag_lock = threading.Lock()
         #: id(packet) -> when it was queued (monotonic), for packets in the queue.
@@ -64,11 +65,11 @@ class LagQueue(CDCQueue):
         #: Rows ever queued for packets limited to one component (backfills), by its identifier.
         self._rows_for: Counter[str] = Counter()
 
-    def put(self, packet: ChangePacket, *, abandon: threading.Event | None = None) -> None:
+    def put(self, packet: ChangePacket, *, abandon: threading.Event | None = None) -> bool:
         with self._lag_lock:
             self._queued_at[id(packet)] = time.monotonic()  # a producer that waits: its change waits
         try:
-            super().put(packet, abandon=abandon)
+            waited = super().put(packet, abandon=abandon)
         except BaseException:
             with self._lag_lock:
                 self._queued_at.pop(id(packet), None)
@@ -76,6 +77,7 @@ class LagQueue(CDCQueue):
         if packet.targets is not None and len(packet.targets) == 1:
             with self._lag_lock:
                 self._rows_for[next(iter(packet.targets))] += len(packet)
+        return waited
 
     def get_batch(self, *, max_rows: int, timeout: float | None = None) -> list[ChangePacket]:
         taken = super().get_batch(max_rows=max_rows, timeout=timeout)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from typing import Generic, Protocol, TypeVar
 
 from reactive.errors import QueueClosedError
-from reactive.events import ChangePacket
 
 #: The queue's default bound, in rows: one of the handler's largest windows (50,000 rows;
 #: see ``reactive.handler.WindowRows``), so that a window can fill while the one before it
@@ -16,16 +16,28 @@ from reactive.events import ChangePacket
 QUEUE_ROWS = 50_000
 
 
-class CDCQueue:
-    """A FIFO of :class:`~reactive.events.ChangePacket` bounded by the rows it holds.
+class Sized(Protocol):
+    def __len__(self) -> int: ...
+
+
+#: What the queue holds: change packets, or anything whose ``len`` is the rows it counts for
+#: (the change feed's committed windows).
+P = TypeVar("P", bound=Sized)
+
+
+class CDCQueue(Generic[P]):
+    """A FIFO of :class:`~reactive.events.ChangePacket` (or other sized items) bounded by the
+    rows it holds.
 
     A full queue blocks producers (backpressure): a change is never dropped and memory never
     grows past ``max_rows`` (plus one packet, so a packet larger than the bound still passes
     when the queue is empty). The consumer marks every packet it takes with :meth:`task_done`;
     :meth:`join` waits until everything put so far has been processed.
 
+    >>> from reactive.events import ChangePacket
     >>> q = CDCQueue(max_rows=10)
-    >>> q.put(ChangePacket("t", "insert", (1, 2)))
+    >>> q.put(ChangePacket("t", "insert", (1, 2)))  # True had it waited for room
+    False
     >>> [len(p) for p in q.get_batch(max_rows=100)], q.rows
     ([2], 0)
     """
@@ -34,7 +46,7 @@ class CDCQueue:
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")
         self.max_rows = max_rows
-        self._packets: deque[ChangePacket] = deque()
+        self._packets: deque[P] = deque()
         self._rows = 0
         self._unfinished = 0
         self._closed = False
@@ -65,8 +77,8 @@ class CDCQueue:
         """Whether every packet put so far has been processed."""
         return self._unfinished == 0
 
-    def put(self, packet: ChangePacket, *, abandon: threading.Event | None = None) -> None:
-        """Append ``packet``, waiting while the queue is full.
+    def put(self, packet: P, *, abandon: threading.Event | None = None) -> bool:
+        """Append ``packet``, waiting while the queue is full; whether it had to wait.
 
         Raises :class:`~reactive.errors.QueueClosedError` when the queue is closed, or when
         ``abandon`` is set while waiting (a producer that is being stopped).
@@ -90,8 +102,9 @@ class CDCQueue:
             self.put_packets += 1
             self.put_rows += len(packet)
             self._not_empty.notify()
+            return started is not None
 
-    def get_batch(self, *, max_rows: int, timeout: float | None = None) -> list[ChangePacket]:
+    def get_batch(self, *, max_rows: int, timeout: float | None = None) -> list[P]:
         """Wait for at least one packet, then take every waiting packet up to ``max_rows``.
 
         There is no fixed wait: one change on an idle queue is returned at once, and under
@@ -102,7 +115,7 @@ class CDCQueue:
             if not self._packets and not self._closed and not self._wake:
                 self._not_empty.wait(timeout)
             self._wake = False
-            taken: list[ChangePacket] = []
+            taken: list[P] = []
             rows = 0
             while self._packets and (not taken or rows + len(self._packets[0]) <= max_rows):
                 packet = self._packets.popleft()

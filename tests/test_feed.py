@@ -1324,35 +1324,3 @@ def test_a_table_name_is_not_a_prefix_of_another(stack: ExitStack, pub: DataServ
     assert sub.wait_delivered(last, WAIT)
     assert sub.view == {1: "t's", 3: "three"}
     assert all(c.table == "t" for c in changes.snapshot())
-
-
-def test_the_feed_backlog_is_bounded_in_changes_and_a_stop_releases_a_waiting_handler() -> None:
-    from reactive.feed.publisher import Backlog
-
-    backlog = Backlog(3)
-    assert backlog.put((1, ["a", "b"])) is False
-    waited: list[bool] = []
-    handler = threading.Thread(target=lambda: waited.append(backlog.put((2, ["c", "d"]))))
-    handler.start()
-    handler.join(0.2)
-    assert handler.is_alive()  # 2 + 2 changes would be over 3: it waits for the publisher
-    assert backlog.get() == (1, ["a", "b"])
-    handler.join(10)
-    assert waited == [True] and backlog.rows == 2
-    # A window larger than the bound goes in alone, once the others are out.
-    big = threading.Thread(target=lambda: waited.append(backlog.put((3, ["e"] * 10))))
-    big.start()
-    big.join(0.2)
-    assert big.is_alive()
-    assert backlog.get() == (2, ["c", "d"])
-    big.join(10)
-    assert waited == [True, True] and backlog.rows == 10 and len(backlog) == 1
-    # A stop releases a handler waiting for room (its window is dropped: nothing is published).
-    stuck = threading.Thread(target=lambda: waited.append(backlog.put((4, ["f"]))))
-    stuck.start()
-    stuck.join(0.2)
-    assert stuck.is_alive()
-    backlog.close()
-    stuck.join(10)
-    assert not stuck.is_alive() and waited[-1] is True
-    assert backlog.get() is None and backlog.rows == 0

@@ -289,6 +289,50 @@ def test_a_feed_that_holds_one_change_at_a_time_still_delivers_every_change(
             assert info["queued_rows"] == 0 and info["queued_windows"] == 0
 
 
+def test_the_handler_waits_only_while_the_feed_holds_queue_rows_changes_and_a_stop_releases_it() -> None:
+    """The feed's buffer counts changes: a window that would take it past ``queue_rows`` waits
+    for the publisher (``handler_waits``), one larger than the bound goes in alone, and a stop
+    releases a hand-off waiting for room (its window is not published)."""
+    with reactive.connect("duckdb://") as db:
+        feed = db.cdc.publish(queue_rows=3)
+        publishing, release = threading.Event(), threading.Event()
+        published: list[int] = []
+
+        def held(window: int, changes: list) -> None:  # the publisher thread, held up
+            publishing.set()
+            assert release.wait(WAIT)
+            published.append(window)
+
+        feed._publish = held  # type: ignore[method-assign]
+        feed.hand_off(1, [("table", "t", "upsert", 1, {})])
+        assert publishing.wait(WAIT)  # taken: the publisher is busy with it
+        feed.hand_off(2, [("table", "t", "upsert", i, {}) for i in range(2)])  # 2 of 3: no wait
+        waiting = threading.Thread(target=feed.hand_off, args=(3, [("table", "t", "upsert", 9, {})] * 5))
+        waiting.start()
+        waiting.join(0.2)
+        assert waiting.is_alive() and feed.info()["queued_rows"] == 2  # 2 + 5 > 3: it waits
+        release.set()
+        waiting.join(WAIT)
+        assert not waiting.is_alive() and feed.wait_published(WAIT)
+        assert published == [1, 2, 3] and feed.info()["handler_waits"] == 1
+        release.clear()
+        publishing.clear()
+        feed.hand_off(4, [("table", "t", "upsert", 1, {})])
+        assert publishing.wait(WAIT)
+        feed.hand_off(5, [("table", "t", "upsert", 1, {})] * 3)
+        stuck = threading.Thread(target=feed.hand_off, args=(6, [("table", "t", "upsert", 1, {})]))
+        stuck.start()
+        stuck.join(0.2)
+        assert stuck.is_alive()
+        feed.stop()  # the hand-off waiting for room goes on; windows 5 and 6 are not published
+        stuck.join(WAIT)
+        assert not stuck.is_alive()
+        release.set()
+        feed.join(WAIT)
+        assert published == [1, 2, 3, 4] and feed.wait_published(WAIT)
+        assert feed.info()["queued_windows"] == 0
+
+
 def test_mongodb_values_travel_with_their_types(mongo_uri: str, mongo) -> None:
     from bson import ObjectId
 

@@ -18,14 +18,15 @@ from __future__ import annotations
 import dataclasses as dc
 import logging
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from reactive.backends.base import OUTPUT_FIELD, OUTPUTS_PREFIX, SOURCE_FIELD
+from reactive.errors import QueueClosedError
 from reactive.feed.service import DataService
 from reactive.feed.wire import FeedEncodeError
+from reactive.queue import CDCQueue
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -44,67 +45,15 @@ Committed = list[tuple[str, str, str, Any, Any]]
 QUEUE_ROWS = 100_000
 
 
-class Backlog:
-    """Committed windows waiting for a publisher, bounded by the changes they hold: a put waits
-    while the windows held and the new one would be over ``max_rows`` (a window larger than that
-    goes in alone, once the others are out). After :meth:`close` a put drops its window and
-    :meth:`get` returns None.
+@dc.dataclass(frozen=True, slots=True)
+class _Window:
+    """A committed window waiting for the publisher; it counts as its changes in the queue's bound."""
 
-    >>> backlog = Backlog(3)
-    >>> backlog.put((1, ["a", "b"])), backlog.put((2, ["c"])), backlog.rows
-    (False, False, 3)
-    >>> backlog.get(), backlog.rows
-    ((1, ['a', 'b']), 1)
-    >>> backlog.close(); backlog.get(), backlog.put((3, ["d"]))
-    (None, False)
-    """
-
-    def __init__(self, max_rows: int) -> None:
-        self.max_rows = max_rows
-        self.rows = 0
-        self._windows: deque[tuple[int, Committed]] = deque()
-        self._changed = threading.Condition()
-        self._closed = False
+    number: int
+    changes: Committed
 
     def __len__(self) -> int:
-        return len(self._windows)
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def put(self, window: tuple[int, Committed]) -> bool:
-        """Hold ``window``; whether it had to wait for room."""
-        size = len(window[1])
-        with self._changed:
-            waited = False
-            while self.rows and self.rows + size > self.max_rows and not self._closed:
-                waited = True
-                self._changed.wait()
-            if not self._closed:
-                self._windows.append(window)
-                self.rows += size
-                self._changed.notify_all()
-            return waited
-
-    def get(self) -> tuple[int, Committed] | None:
-        """The oldest window held (waits for one); None once closed."""
-        with self._changed:
-            while not self._windows and not self._closed:
-                self._changed.wait()
-            if self._closed:
-                return None
-            window = self._windows.popleft()
-            self.rows -= len(window[1])
-            self._changed.notify_all()
-            return window
-
-    def close(self) -> None:
-        with self._changed:
-            self._closed = True
-            self._windows.clear()
-            self.rows = 0
-            self._changed.notify_all()
+        return len(self.changes)
 
 
 class FeedHub:
@@ -187,13 +136,12 @@ class FeedPublisher(ReactiveThread):
         self.hub = hub
         self.service = service
         self.tables = tables
-        self._backlog = Backlog(queue_rows)
+        #: Committed windows waiting to be published, bounded by their changes (a window
+        #: larger than the bound goes in alone, once the others are out).
+        self._queue: CDCQueue[_Window] = CDCQueue(max_rows=queue_rows)
         self._loaded: dict[str, int] = {}
         self._owns_node = owns_node
         self.stats = FeedStats()
-        self._idle = threading.Condition()
-        self._handed = 0
-        self._done = 0
 
     @property
     def address(self) -> str:
@@ -204,49 +152,44 @@ class FeedPublisher(ReactiveThread):
 
     def hand_off(self, window: int, changes: Committed) -> None:
         """On the handler thread: queue a committed window (waits only if this feed is far behind)."""
-        with self._idle:
-            self._handed += 1
-        if self._backlog.put((window, changes)):
-            self.stats.handler_waits += 1
-        if self._backlog.closed:  # stopped: nothing more is published, nothing to wait for
-            with self._idle:
-                self._done = self._handed
-                self._idle.notify_all()
+        try:
+            if self._queue.put(_Window(window, changes)):
+                self.stats.handler_waits += 1
+        except QueueClosedError:
+            pass  # stopped: nothing more is published (a handler waiting for room goes on)
 
     def wait_published(self, timeout: float | None = None) -> bool:
         """Wait until every window handed off so far is published."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._done >= self._handed, timeout)
+        return self._queue.join(timeout)
 
     def on_stop(self) -> None:
-        self._backlog.close()  # what it holds is not published; a handler waiting for room goes on
+        self._queue.close()
 
     def run(self) -> None:
         try:
             for name in self._known_names():
                 self._load(name)
             while self.should_keep_running():
-                item = self._backlog.get()
-                if item is None:
+                taken = self._queue.get_batch(max_rows=1)  # one window (waits for one, or a stop)
+                if not taken and self._queue.closed:
                     break
-                try:
-                    self._publish(*item)
-                except Exception as exc:
-                    self.stats.last_error = f"{type(exc).__name__}: {exc}"
-                    log.exception("the feed could not publish a window")
-                finally:
-                    with self._idle:
-                        self._done += 1
-                        self._idle.notify_all()
+                for item in taken:
+                    try:
+                        self._publish(item.number, item.changes)
+                    except Exception as exc:
+                        self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                        log.exception("the feed could not publish a window")
+                    finally:
+                        self._queue.task_done()
         finally:
-            self._backlog.close()
+            self._queue.close()
             self.hub.detach(self)
             self.service.stop()
             if self._owns_node is not None:
                 self._owns_node.stop()
-            with self._idle:
-                self._done = self._handed
-                self._idle.notify_all()
+            # What was not published never will be: nothing waits for it.
+            while left := self._queue.get_batch(max_rows=self._queue.max_rows, timeout=0):
+                self._queue.task_done(len(left))
 
     # -- what goes out -------------------------------------------------------------------------
     def _known_names(self) -> list[tuple[str, str]]:
@@ -327,8 +270,8 @@ class FeedPublisher(ReactiveThread):
     def info(self) -> dict[str, Any]:
         return {
             "address": self.address,
-            "queued_windows": len(self._backlog),
-            "queued_rows": self._backlog.rows,
+            "queued_windows": self._queue.packets,
+            "queued_rows": self._queue.rows,
             **dc.asdict(self.stats),
             "service": self.service.status,
         }
