@@ -201,10 +201,45 @@ def test_a_threads_duckdb_reader_closes_when_the_thread_ends_and_all_close_with_
         reader.join(timeout=30)
         gc.collect()
         assert len(conn._readers) == before  # the thread's reader went with it
+        db.backend.source.read_table(table, [1])
         kept = list(conn._readers)
-        assert kept  # this thread's (the backfill's scan)
+        assert kept  # this thread's
     with pytest.raises(duckdb.ConnectionException):
         kept[0].con.execute("SELECT 1")
+
+
+def test_a_duckdb_scan_streams_one_statement_through_a_connection_of_its_own(duck: SQLClient) -> None:
+    """A scan (a backfill, a reconciliation) reads the table in one statement, page by page,
+    through a connection of its own: the thread reads on meanwhile (a statement on the
+    connection that streams would end the stream), and the scan's connection closes when the
+    scan ends or is abandoned."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs SELECT range, 't' || range FROM range(2500)")
+    with reactive.connect(duck.uri) as db:
+        source, table, conn = db.backend.source, db.table_info("docs"), db.backend.conn
+        assert source.read_table(table, [7]) is not None  # this thread's reader exists
+        known = set(conn._readers)
+        pages = source.scan(table, columns=None, page_size=1000)
+        first = next(pages)
+        (scan,) = set(conn._readers) - known
+        read = source.read_table(table, [2499, 3])  # between two pages, on this thread
+        assert read is not None and sorted(read.column("text")) == ["t2499", "t3"]
+        rest = list(pages)
+        sizes = [len(page) for page in [first, *rest]]
+        assert max(sizes) <= 1000 and sum(sizes) == 2500
+        ids = [i for page in [first, *rest] for i in page.column("id")]
+        assert sorted(ids) == list(range(2500))
+        assert [row["text"] for row in first[:2]] == [f"t{first[0]['id']}", f"t{first[1]['id']}"]
+        with pytest.raises(duckdb.ConnectionException):
+            scan.con.execute("SELECT 1")  # closed at the end of the scan
+
+        known.add(scan)
+        abandoned = source.scan(table, columns=["text"], page_size=100)
+        assert len(next(abandoned)) == 100
+        (scan,) = set(conn._readers) - known
+        abandoned.close()
+        with pytest.raises(duckdb.ConnectionException):
+            scan.con.execute("SELECT 1")
 
 
 @pytest.mark.parametrize("name", ["__reactive_ids", "__reactive_upsert"])

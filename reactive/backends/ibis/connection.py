@@ -17,7 +17,7 @@ import sqlglot.expressions as sge
 
 from reactive.backends.ibis.dialects import Dialect, TableSQL, dialect_for
 from reactive.errors import TableNotFoundError
-from reactive.rows import column_of
+from reactive.rows import TableRows, column_of
 
 
 class _Reader:
@@ -174,14 +174,35 @@ class IbisConnection:
             yield self.read_rows(sql, self.dialect.bind_ids(ids[start : start + chunk]))
 
     def pages(self, statements: TableSQL, key: str, page_size: int) -> Iterator[Sequence[dict[str, Any]]]:
-        """Keyset pagination: each page is one short statement, ordered by ``key`` (read as
-        :meth:`read_rows` reads)."""
+        """Every row of ``statements``' table, ``page_size`` at a time (read as :meth:`read_rows`
+        reads). Keyset pagination, each page one short statement ordered by ``key``; where the
+        dialect streams scans (DuckDB), one statement in no particular order, through a
+        connection of the scan's own (see ``Dialect.streamed_scans``)."""
+        if self.dialect.streamed_scans:
+            yield from self._streamed(statements.scan, page_size)
+            return
         page = self.read_rows(statements.first_page, page_size)
         while len(page):
             yield page
             if len(page) < page_size:
                 return
             page = self.read_rows(statements.next_page, column_of(page[-1:], key)[0], page_size)
+
+    def _streamed(self, sql: str, page_size: int) -> Iterator[TableRows]:
+        """The rows of one statement, ``page_size`` at a time, through a connection of its own:
+        the thread's reader may read again while this scan is suspended (a statement on the
+        connection that streams would end the stream)."""
+        with self.lock:
+            if self._closed:
+                raise RuntimeError(f"the connection to {self.uri} is closed")
+            reader = _Reader(self.con.con.cursor())
+            self._readers.add(reader)
+        try:
+            for batch in reader.con.execute(sql).to_arrow_reader(page_size):
+                if batch.num_rows:
+                    yield TableRows(pa.Table.from_batches([batch]))
+        finally:
+            reader.con.close()
 
     def upsert(self, table: str, key: str, rows: pa.Table) -> None:
         with self.lock:

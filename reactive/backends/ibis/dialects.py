@@ -91,6 +91,13 @@ class Dialect:
     #: Whether each thread may read through its own connection to the same database (DuckDB's
     #: ``cursor()``), beside the shared one: see ``IbisConnection.read_rows``.
     concurrent_reads: ClassVar[bool] = True
+    #: Whether a scan reads the whole table in one statement, streamed in pages through a
+    #: connection of its own (``IbisConnection.pages``), rather than one statement per page
+    #: (keyset pagination). DuckDB: a reader holds no lock a writer waits for (MVCC), and with
+    #: no index to walk each keyset page costs a pass over the table (a 500k-row scan in pages
+    #: of 5,000: 0.52 s against 0.01 s streamed). SQLite (its default journal mode blocks
+    #: writers while a statement reads) and PostgreSQL (pages walk the key's index) keep pages.
+    streamed_scans: ClassVar[bool] = True
     timestamp_type: ClassVar[dt.DataType] = dt.Timestamp(timezone="UTC")
     #: Column type of a row fingerprint in a snapshot (DuckDB's hash is unsigned).
     fingerprint_type: ClassVar[dt.DataType] = dt.uint64
@@ -300,6 +307,7 @@ class PostgresDialect(Dialect):
     ids_per_statement = 10_000  # one bound list of ids
     arrow_results = False
     concurrent_reads = False
+    streamed_scans = False
     fingerprint_type = dt.int64
     max_name_bytes = 63
 
@@ -448,6 +456,7 @@ class SQLiteDialect(Dialect):
 
     arrow_results = False
     concurrent_reads = False
+    streamed_scans = False
     name = "sqlite"
     ids_per_statement = 10_000  # one bound list of ids
     diff_range_rows = 5_000
@@ -577,6 +586,7 @@ class TableSQL:
         key = _column(id_column, table)
         by_ids = dialect.ids_condition(id_column, table, id_type)
         ordered = select.order_by(key).limit(sge.Placeholder())
+        self.scan = dialect.render(select)
         self.by_ids = dialect.render(select.where(by_ids))
         self.ids_by_ids = dialect.render(_select(table, [id_column]).where(by_ids))
         self.first_page = dialect.render(ordered)
