@@ -43,13 +43,23 @@ def fingerprints(values: Iterable[Any]) -> list[int]:
     >>> fingerprints(["a", 1, {"b": None}]) == [fingerprint("a"), fingerprint(1), fingerprint({"b": None})]
     True
     """
-    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
-    return [
-        from_bytes(blake2b(b"\x00" + v.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little", signed=True)
-        if type(v) is str
-        else fingerprint(v)
-        for v in values
-    ]
+    # A copy of a hash that has seen the NUL prefix, fed the text: the digest fingerprint_text
+    # gives, at about half the cost (blake2b's constructor parses keywords; the copy does not).
+    copy = _AFTER_NUL.copy
+    digests: list[bytes] = []
+    add = digests.append
+    for v in values:
+        if type(v) is str:
+            h = copy()
+            h.update(v.encode("utf-8", "surrogatepass"))
+            add(h.digest())
+        else:
+            add(fingerprint(v).to_bytes(8, "little", signed=True))
+    return np.frombuffer(b"".join(digests), "<i8").tolist()
+
+
+#: The hash state of a text's fingerprint after its NUL prefix (see :func:`fingerprint`).
+_AFTER_NUL = hashlib.blake2b(b"\x00", digest_size=8)
 
 
 def fingerprint(value: Any) -> int:
