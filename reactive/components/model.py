@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from reactive.errors import ConfigurationError
 from reactive.fingerprints import fingerprint, fingerprint_text, fingerprints
 from reactive.threads import ReactiveThread
@@ -355,8 +357,9 @@ class Model:
             self.end_thread()
         try:
             for start in range(0, len(inputs), self.batch_size):
-                indexed = [(i, inputs[i]) for i in order[start : start + self.batch_size]]
-                self._isolate(indexed, results, wait, stopping)
+                batch = order[start : start + self.batch_size]
+                values = inputs[start : start + len(batch)] if isinstance(order, range) else [inputs[i] for i in batch]
+                self._isolate(list(zip(batch, values, strict=True)), results, wait, stopping)
         except BaseException:
             self.end_thread()  # interrupted: its call may still run
             raise
@@ -525,10 +528,16 @@ def length_order(inputs: Sequence[Any]) -> Sequence[int]:
     [1, 2, 3, 0]
     >>> length_order([3, "ccc"])
     range(0, 2)
+    >>> length_order([b"ab", "c", "def"])
+    [2, 0, 1]
     """
-    if not all(isinstance(v, str | bytes) for v in inputs):
+    if not set(map(type, inputs)) <= _TEXT_TYPES and not all(isinstance(v, str | bytes) for v in inputs):
         return range(len(inputs))
-    return sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
+    lengths = np.fromiter(map(len, inputs), dtype=np.int64, count=len(inputs))
+    return np.argsort(-lengths, kind="stable").tolist()  # a stable sort: ties keep their order
+
+
+_TEXT_TYPES = frozenset({str, bytes})
 
 
 def _pause(seconds: float, wait: Callable[[float], bool], stopping: Callable[[], bool]) -> bool:
