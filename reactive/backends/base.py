@@ -308,8 +308,9 @@ class SourceReader(Protocol):
         """The :func:`~reactive.events.id_key` of those ``ids`` that are rows of ``table``."""
 
     def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[Sequence[Row]]:
-        """Every row, in pages ordered by id; each row includes the id column (a page may be
-        :class:`~reactive.rows.TableRows`: take a column with :func:`~reactive.rows.column_of`)."""
+        """Every row, in pages of at most ``page_size``, in no promised order (DuckDB streams
+        one statement; other engines page by id); each row includes the id column (a page may
+        be :class:`~reactive.rows.TableRows`: take a column with :func:`~reactive.rows.column_of`)."""
 
 
 @runtime_checkable
@@ -339,7 +340,8 @@ class OutputStore(Protocol):
         """Input fingerprints of the stored outputs for these source ids."""
 
     def scan_output_fingerprints(self, identifier: str, *, page_size: int) -> Iterator[list[tuple[Any, int]]]:
-        """Every stored ``(source id, input fingerprint)``, in pages ordered by source id."""
+        """Every stored ``(source id, input fingerprint)``, in pages of at most ``page_size``,
+        in no promised order."""
 
     def read_outputs(self, identifier: str) -> list[dict[str, Any]]: ...
 
