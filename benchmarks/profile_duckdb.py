@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
+import inspect
 import io
 import pstats
 import threading
@@ -28,7 +29,7 @@ from typing import Any
 
 import reactive
 from reactive.backends.ibis.listener import IbisPollingListener
-from reactive.components import Listener
+from reactive.components import Listener, Model
 from reactive.handler import CDCHandler
 
 from . import sql_duckdb as bench
@@ -40,11 +41,15 @@ STAGES = (
     ("snapshots", "diff"),
     ("snapshots", "rows_with_fingerprints"),
     ("source", "read_rows"),
+    ("source", "read_table"),
+    ("outputs", "store_outputs"),
     ("outputs", "output_fingerprints"),
     ("writer", "write"),
     ("snapshots", "advance"),
     ("outputs", "delete_outputs"),
     ("source", "count"),
+    ("source", "scan"),
+    ("outputs", "scan_output_fingerprints"),
 )
 
 
@@ -65,18 +70,32 @@ class StageClock:
         self._lock = threading.Lock()
 
     def wrap(self, owner: Any, name: str, label: str | None = None) -> None:
-        """Time ``owner.name`` on this instance only."""
+        """Time ``owner.name`` on this instance only; a generator's time is its pages' (each
+        ``next`` counts as a call)."""
         original = getattr(owner, name)
+        stage = label or name
 
         @functools.wraps(original)
         def timed_call(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             try:
-                return original(*args, **kwargs)
+                result = original(*args, **kwargs)
             finally:
-                self.add(label or name, time.perf_counter() - started)
+                self.add(stage, time.perf_counter() - started)
+            return self._timed_pages(stage, result) if inspect.isgenerator(result) else result
 
         setattr(owner, name, timed_call)
+
+    def _timed_pages(self, stage: str, pages: Iterator[Any]) -> Iterator[Any]:
+        while True:
+            started = time.perf_counter()
+            try:
+                page = next(pages)
+            except StopIteration:
+                self.add(stage, time.perf_counter() - started)
+                return
+            self.add(stage, time.perf_counter() - started)
+            yield page
 
     def add(self, stage: str, seconds: float) -> None:
         with self._lock:
@@ -148,7 +167,7 @@ def run_bulk(rows: int, clock: StageClock) -> float:
         path = workdir / "bulk.duckdb"
         client = bench.create_docs(path, 0)
         with bench.connect(path) as db:
-            db.add(Listener(bench.make_model(), "text", "docs"), progress=False)
+            db.add(Listener(timed_model(clock), "text", "docs"), progress=False)
             clock.instrument(db)
             db.cdc.start()
             db.cdc.wait_idle(timeout=bench.CATCH_UP_TIMEOUT)
@@ -161,6 +180,13 @@ def run_bulk(rows: int, clock: StageClock) -> float:
     return wall
 
 
+def timed_model(clock: StageClock) -> Model:
+    """The benchmark's model, its input fingerprints timed (planning computes them)."""
+    model = bench.make_model()
+    clock.wrap(model, "fingerprints", "model.fingerprints (input fingerprints)")
+    return model
+
+
 def run_backfill(rows: int, clock: StageClock) -> float:
     with scratch_dir() as workdir:
         path = workdir / "backfill.duckdb"
@@ -168,7 +194,7 @@ def run_backfill(rows: int, clock: StageClock) -> float:
         with bench.connect(path) as db:
             clock.instrument(db)
             started = time.perf_counter()
-            db.add(Listener(bench.make_model(), "text", "docs"), progress=False)
+            db.add(Listener(timed_model(clock), "text", "docs"), progress=False)
             wall = time.perf_counter() - started
             db.cdc.stop()
         client.close()
