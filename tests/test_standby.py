@@ -219,3 +219,26 @@ def test_a_lease_that_lapses_during_a_backfill_before_start_is_taken_back(
         assert paused.is_set()
         assert outputs_by_source(db, "tag__text") == {i: f"<doc {i}>" for i in range(1, 30)}
         assert db.cdc.active  # this process holds the lease again
+
+
+def test_a_sqlite_transaction_holds_the_write_lock_from_its_start(sqlite_file: tuple[str, sqlite3.Connection]) -> None:
+    """A window checks the lease inside its transaction: on SQLite that check holds only if the
+    transaction takes the write lock at its BEGIN, so no standby takes the lease in between (the
+    BEGIN used to be committed at once), and a snapshot's CREATE TABLE goes back with a failed fill."""
+    uri, _ = sqlite_file
+    path = uri.removeprefix("sqlite:///")
+    with reactive.connect(uri) as db:
+        conn = db.backend.conn
+        with conn.transaction():
+            other = sqlite3.connect(path, timeout=0)
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                other.execute("BEGIN IMMEDIATE")
+            other.close()
+        with pytest.raises(RuntimeError), conn.transaction():
+            conn.execute('CREATE TABLE "made_then_undone" (x INTEGER)')
+            raise RuntimeError("the fill failed")
+        assert "made_then_undone" not in conn.con.list_tables()
+    other = sqlite3.connect(path, timeout=0)
+    other.execute("BEGIN IMMEDIATE")  # free again
+    other.rollback()
+    other.close()

@@ -513,6 +513,14 @@ class SQLiteDialect(Dialect):
     # Take the write lock at once: the lease's check inside the transaction then holds.
     begin_sql = "BEGIN IMMEDIATE"
 
+    def begin(self, con: Any) -> None:
+        # Not through execute(), which commits a statement run outside a transaction: it
+        # committed the BEGIN itself, so the write lock was let go at once and a transaction's
+        # DDL (a snapshot's CREATE TABLE) was committed on its own.
+        if self.depth == 0:
+            con.con.execute(self.begin_sql)
+        self.depth += 1
+
     def is_transient(self, exc: BaseException) -> bool:
         # Another connection holds the write lock for longer than the busy timeout.
         return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
