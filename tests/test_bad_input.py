@@ -34,6 +34,21 @@ def test_table_without_primary_key_says_what_to_pass(sql: SQLClient, recorder: R
         assert outputs_by_source(db, "m__body") == {1: "<hi>"}
 
 
+def test_an_id_column_that_is_not_unique_is_refused_at_add_and_leaves_no_snapshot(
+    sql: SQLClient, recorder: Recorder
+) -> None:
+    sql.execute("CREATE TABLE notes (note_id INTEGER, body VARCHAR(100))")
+    sql.executemany("INSERT INTO notes VALUES (?, ?)", [(1, "a"), (2, "b"), (2, "c")])
+    with reactive.connect(sql.uri) as db:
+        listener = Listener(Model("m", predict=recorder), "body", "notes", id_column="note_id")
+        with pytest.raises(reactive.ConfigurationError, match=r"'note_id' of table 'notes' is not unique \(id 2 "):
+            db.add(listener)
+        assert not any(name.startswith("_reactive_snapshot") for name in db.backend.conn.con.list_tables())
+        sql.execute("DELETE FROM notes WHERE body = 'c'")
+        db.add(listener)  # the table made good: added, its snapshot made whole
+        assert outputs_by_source(db, "m__body") == {1: "<a>", 2: "<b>"}
+
+
 def test_row_without_the_key_is_recorded_and_the_rest_proceed(sql: SQLClient, recorder: Recorder) -> None:
     sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(100))")
     sql.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, None), (3, "c")])

@@ -470,11 +470,33 @@ class SnapshotStore:
             top = None if statements.top is None else _plain(conn.fetch(statements.top)[0]["top"])
             started = time.time()
             id_type = conn.table(table.name).schema()[table.id_column]
-            conn.create_keyed_table(name, {ROW_ID: id_type, ROW_FINGERPRINT: conn.dialect.fingerprint_type}, ROW_ID)
-            conn.execute(statements.fill)
+            columns = {ROW_ID: id_type, ROW_FINGERPRINT: conn.dialect.fingerprint_type}
+            try:
+                conn.create_keyed_table(name, columns, ROW_ID, fill=statements.fill)
+            except Exception:
+                repeated = self._repeated_id(table)
+                if repeated is None:
+                    raise
+                raise ConfigurationError(
+                    f"the id column {table.id_column!r} of table {table.name!r} is not unique (id {repeated!r}"
+                    " is in more than one row): name a column whose values identify one row"
+                    f" (Listener(..., id_column=...))",
+                    table=table.name,
+                ) from None
             if spec is not None:
                 self.save_mark(table.name, VersionMark(spec.column, top, started))
             return True
+
+    def _repeated_id(self, table: TableInfo) -> Any:
+        """An id that more than one row of ``table`` has, or None (also when it cannot tell)."""
+        try:
+            with self.conn.lock:
+                t = self.conn.table(table.name)
+                found = t.group_by(table.id_column).aggregate(n=t.count()).filter(lambda g: g.n > 1).limit(1)
+                rows = found.to_pyarrow().to_pylist()
+        except Exception:
+            return None
+        return rows[0][table.id_column] if rows else None
 
     def diff(self, table: TableInfo) -> Changes:
         """The ids of every row that differs from the snapshot, by kind (``"insert"``,
