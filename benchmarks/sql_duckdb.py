@@ -68,6 +68,9 @@ class Sizes:
     snapshot_repeat: int = 3
     #: ``batch_rows`` and ``page_size`` of reactive's throughput runs (None: the defaults).
     window_rows: int | None = None
+    #: Interleaved rounds of the throughput runs (each: bulk and its reference, then backfill
+    #: and its reference); the report keeps the round of the median ratio, and every round.
+    throughput_rounds: int = 1
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -424,21 +427,45 @@ def bench_throughput(sizes: Sizes) -> dict[str, Any]:
 
     *Backfill*: ``db.add`` on a table already holding ``backfill_rows`` rows (snapshot, scan,
     compute, write), against reading every row, computing, and one Arrow insert.
+
+    With ``throughput_rounds`` > 1 the rounds interleave, and ``bulk`` and ``backfill`` are the
+    rounds of the median ratio (reference seconds over reactive seconds); ``rounds`` has them all.
     """
-    with scratch_dir() as workdir:
-        bulk = {
-            "reactive": bulk_reactive(workdir, sizes.bulk_rows, sizes.window_rows),
-            "reference": bulk_reference(workdir, sizes.bulk_rows),
-        }
-        backfill = {
-            "reactive": backfill_reactive(workdir, sizes.backfill_rows, sizes.window_rows),
-            "reference": backfill_reference(workdir, sizes.backfill_rows),
-        }
-    for result in (bulk, backfill):
-        for side in result.values():
-            if side["outputs"] != side["rows"]:
-                raise RuntimeError(f"throughput run wrote {side['outputs']} outputs for {side['rows']} rows")
-    return {"bulk": bulk, "backfill": backfill}
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for _ in range(sizes.throughput_rounds):
+        with scratch_dir() as workdir:
+            bulk = {
+                "reactive": bulk_reactive(workdir, sizes.bulk_rows, sizes.window_rows),
+                "reference": bulk_reference(workdir, sizes.bulk_rows),
+            }
+            backfill = {
+                "reactive": backfill_reactive(workdir, sizes.backfill_rows, sizes.window_rows),
+                "reference": backfill_reference(workdir, sizes.backfill_rows),
+            }
+        for result in (bulk, backfill):
+            for side in result.values():
+                if side["outputs"] != side["rows"]:
+                    raise RuntimeError(f"throughput run wrote {side['outputs']} outputs for {side['rows']} rows")
+        rounds.append({"bulk": bulk, "backfill": backfill})
+    report: dict[str, Any] = {key: median_round([r[key] for r in rounds]) for key in ("bulk", "backfill")}
+    if len(rounds) > 1:
+        report["rounds"] = rounds
+    return report
+
+
+def throughput_ratio(result: dict[str, Any]) -> float:
+    """How fast reactive ran beside the reference: reference seconds over reactive seconds."""
+    return float(result["reference"]["seconds"] / result["reactive"]["seconds"])
+
+
+def median_round(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The result of the median ratio (the lower middle one of an even count).
+
+    >>> median_round([{"reactive": {"seconds": s}, "reference": {"seconds": 1.0}} for s in (2.0, 4.0, 3.0)])
+    {'reactive': {'seconds': 3.0}, 'reference': {'seconds': 1.0}}
+    """
+    ranked = sorted(results, key=throughput_ratio)
+    return ranked[(len(ranked) - 1) // 2]
 
 
 # -- poll cost -----------------------------------------------------------------------------
