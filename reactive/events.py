@@ -116,6 +116,18 @@ class SourceChange:
 _SCALAR_IDS = frozenset({int, str, bytes, float})
 
 
+def id_keys(values: Sequence[Any]) -> list[Hashable]:
+    """:func:`id_key` of each value; ids that are all plain scalars (the common case) are their
+    own keys, without a call per id.
+
+    >>> id_keys([1, 2]), id_keys([1, [2]])
+    ([1, 2], [1, ('__seq__', (2,))])
+    """
+    if set(map(type, values)) <= _SCALAR_IDS:
+        return list(values)
+    return list(map(id_key, values))
+
+
 def id_key(value: Any) -> Hashable:
     """A hashable key for a row id of any shape (MongoDB ids may be documents or lists).
 

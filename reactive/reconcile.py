@@ -10,15 +10,19 @@ through :meth:`reactive.cdc.DatabaseChangeDataCapture.reconcile`, which queues w
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
-from reactive.events import ChangePacket, DBEvent, Row, id_key
+from reactive.events import ChangePacket, DBEvent, Row, id_key, id_keys
 from reactive.rows import column_of
 
 if TYPE_CHECKING:
     from reactive.backends.base import OutputStore, SourceReader, TableInfo
 
 OnProcessed = Callable[[ChangePacket, BaseException | None], None]
+#: ``current(page, stored)``: for each row of a page, whether the input fingerprint stored with
+#: its output (None: no output) is right for it.
+IsCurrent = Callable[[Sequence[Row], Sequence[int | None]], list[bool]]
 #: Stored outputs held in memory while a reconciliation compares (about 150 bytes each);
 #: beyond this many, it looks fingerprints up page by page.
 MEMORY_LIMIT = 1_000_000
@@ -31,7 +35,7 @@ def reconcile(
     *,
     identifier: str,
     columns: Sequence[str],
-    is_current: Callable[[Row, int | None], bool],
+    current: IsCurrent,
     page_size: int,
     on_processed: OnProcessed | None = None,
     memory_limit: int = MEMORY_LIMIT,
@@ -41,13 +45,13 @@ def reconcile(
     """Packets that bring ``identifier``'s outputs of ``table`` up to date.
 
     The stored ``(source id, fingerprint)`` pairs are read once, then the source is scanned
-    once: a row whose output is missing or stale (``is_current(row, stored_fingerprint)`` is
-    False) is queued, and so is every stored output no row claimed (its row is gone; the stored
-    ids are read again after the scan, for outputs live changes wrote meanwhile). With more
+    once: a row whose output is missing or stale (``current`` says so, a page at a time) is
+    queued, and so is every stored output no row claimed (its row is gone; the stored ids are
+    read again after the scan, for outputs live changes wrote meanwhile). With more
     than ``memory_limit`` outputs, the fingerprints of each page are looked up instead, and a
     second pass over the outputs asks the source which rows still exist. ``absent_is_stale``
-    says that a row without an output always needs one (``is_current(row, None)`` is False
-    for every row): with no output stored at all (a first backfill), only ids are read, and
+    says that a row without an output always needs one (``current`` is False for every row
+    with none stored): with no output stored at all (a first backfill), only ids are read, and
     ``on_nothing_stored()`` is called before the first packet.
 
     Every packet is an insert *without rows* targeting ``identifier`` only: the handler reads
@@ -71,13 +75,15 @@ def reconcile(
     scanned: set[Hashable] = set()
     for page in source.scan(table, columns=columns, page_size=page_size):
         ids = column_of(page, table.id_column)
+        keys = id_keys(ids)
         if stored is None:
             found = outputs.output_fingerprints(identifier, ids)
+            prints = [found.get(key) for key in keys]
         else:
-            keys = list(map(id_key, ids))
             scanned.update(keys)
-            found = {key: stored.pop(key)[1] for key in keys if key in stored}
-        stale = [i for i, row in zip(ids, page, strict=True) if not is_current(row, found.get(id_key(i)))]
+            pop = stored.pop
+            prints = [None if (entry := pop(key, None)) is None else entry[1] for key in keys]
+        stale = [i for i, ok in zip(ids, current(page, prints), strict=True) if not ok]
         if stale:
             yield packet(stale)
     if stored is not None:
@@ -85,9 +91,9 @@ def reconcile(
         # wrote while it ran (a row inserted, then deleted or re-keyed before the scan reached it).
         orphans = {key: source_id for key, (source_id, _) in stored.items()}
         for page in outputs.scan_output_fingerprints(identifier, page_size=page_size):
-            for source_id, _ in page:
-                if (key := id_key(source_id)) not in scanned:
-                    orphans[key] = source_id
+            source_ids = list(map(itemgetter(0), page))
+            keys = id_keys(source_ids)
+            orphans.update((key, i) for i, key in zip(source_ids, keys, strict=True) if key not in scanned)
         gone = list(orphans.values())
         for start in range(0, len(gone), page_size):
             yield packet(gone[start : start + page_size])
@@ -105,7 +111,7 @@ def _stored_fingerprints(
     """Every stored ``id key -> (source id, fingerprint)``, or None past ``limit`` outputs."""
     stored: dict[Hashable, tuple[Any, int]] = {}
     for page in outputs.scan_output_fingerprints(identifier, page_size=page_size):
-        stored.update((id_key(source_id), (source_id, fingerprint)) for source_id, fingerprint in page)
+        stored.update(zip(id_keys(list(map(itemgetter(0), page))), page, strict=True))
         if len(stored) > limit:
             return None
     return stored

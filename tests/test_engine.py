@@ -210,7 +210,7 @@ def test_a_reconciliation_finds_outputs_written_during_its_scan_for_rows_it_did_
                 db.table_info("docs"),
                 identifier="len__text",
                 columns=["text"],
-                is_current=listener.is_current,
+                current=listener.current,
                 page_size=2,
             )
         )

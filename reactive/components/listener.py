@@ -229,6 +229,20 @@ class Listener(Component):
         value = self._input(row)
         return value is not _MISSING and stored == self.model.fingerprint(value)
 
+    def current(self, rows: Sequence[Row], stored: Sequence[int | None]) -> list[bool]:
+        """:meth:`is_current` of each row; rows read as one Arrow table are fingerprinted from
+        the key's column in one call, where every row has a value and no filter applies."""
+        if isinstance(rows, TableRows) and not self.filter and self.key in rows.columns:
+            column = rows.table.column(self.key)
+            if not column.null_count:
+                try:
+                    digests = self.model.fingerprints(column.to_pylist())
+                except (TypeError, ValueError):
+                    pass
+                else:
+                    return [s == d for s, d in zip(stored, digests, strict=True)]
+        return [self.is_current(row, s) for row, s in zip(rows, stored, strict=True)]
+
     def _known_absent(self, batch: Batch) -> set[Hashable]:
         """Ids of a live insert batch that certainly have no output yet.
 
@@ -286,7 +300,7 @@ class Listener(Component):
             self.source,
             identifier=self.identifier,
             columns=[self.key, *self.filter],
-            is_current=self.is_current,
+            current=self.current,
             page_size=page_size,
             on_processed=on_processed,
             absent_is_stale=not self.filter,

@@ -334,7 +334,9 @@ class VectorIndex(Component):
             db.table_info(self.table),
             identifier=self.identifier,
             columns=[FINGERPRINT_FIELD],
-            is_current=lambda row, stored: stored is not None and stored == row.get(FINGERPRINT_FIELD),
+            current=lambda rows, stored: [
+                s is not None and s == row.get(FINGERPRINT_FIELD) for row, s in zip(rows, stored, strict=True)
+            ],
             page_size=page_size,
             on_processed=on_processed,
         )
