@@ -1,10 +1,11 @@
 """Where reactive's time goes on DuckDB: wall time per backend call, by thread; optionally cProfile.
 
-``python -m benchmarks.profile_duckdb [--scenario bulk|backfill|poll] [--rows N] [--cprofile]``
+``python -m benchmarks.profile_duckdb [--scenario bulk|backfill|restart|poll] [--rows N] [--cprofile]``
 
 *bulk*: change capture running, one INSERT of ``rows`` rows, until idle. *backfill*:
-``db.add`` on a table of ``rows`` rows. *poll*: one poll of a ``rows``-row table with 1% of
-its rows updated, five times. The stage table is the wall time inside each backend method,
+``db.add`` on a table of ``rows`` rows. *restart*: ``db.add`` again in a new datalayer with
+every output current (a restart's reconciliation: nothing to compute). *poll*: one poll of a
+``rows``-row table with 1% of its rows updated, five times. The stage table is the wall time inside each backend method,
 per thread: it includes waiting for the backend's lock (one connection, one lock), so the
 threads' columns can add up to more than the run. ``ibis compile`` is the part of those
 calls spent turning ibis expressions into SQL. With ``--cprofile`` the handler's and the
@@ -201,6 +202,25 @@ def run_backfill(rows: int, clock: StageClock) -> float:
     return wall
 
 
+def run_restart(rows: int, clock: StageClock) -> float:
+    """``db.add`` again in a new datalayer, every output current: a restart's reconciliation."""
+    with scratch_dir() as workdir:
+        path = workdir / "restart.duckdb"
+        client = bench.create_docs(path, rows)
+        with bench.connect(path) as db:
+            db.add(Listener(bench.make_model(), "text", "docs"), progress=False)
+        with bench.connect(path) as db:
+            clock.instrument(db)
+            started = time.perf_counter()
+            db.add(Listener(timed_model(clock), "text", "docs"), progress=False)
+            wall = time.perf_counter() - started
+            if db.cdc.info()["listeners"]["len__text"]["computed"]:
+                raise RuntimeError("a restart with every output current computed rows")
+            db.cdc.stop()
+        client.close()
+    return wall
+
+
 def run_poll(rows: int, clock: StageClock, profile: cProfile.Profile | None) -> float:
     with scratch_dir() as workdir:
         path = workdir / "poll.duckdb"
@@ -226,7 +246,7 @@ def run_poll(rows: int, clock: StageClock, profile: cProfile.Profile | None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_duckdb", description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", choices=("bulk", "backfill", "poll"), default="bulk")
+    parser.add_argument("--scenario", choices=("bulk", "backfill", "restart", "poll"), default="bulk")
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--cprofile", action="store_true", help="also print cProfile's top functions per thread")
     args = parser.parse_args(argv)
@@ -236,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.scenario == "poll":
         wall = run_poll(args.rows, clock, main_profile)
     else:
-        run = run_bulk if args.scenario == "bulk" else run_backfill
+        run = {"bulk": run_bulk, "backfill": run_backfill, "restart": run_restart}[args.scenario]
         if args.cprofile:
             with profiles.installed():
                 wall = run(args.rows, clock)
