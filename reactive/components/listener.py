@@ -232,16 +232,25 @@ class Listener(Component):
     def current(self, rows: Sequence[Row], stored: Sequence[int | None]) -> list[bool]:
         """:meth:`is_current` of each row; rows read as one Arrow table are fingerprinted from
         the key's column in one call, where every row has a value and no filter applies."""
-        if isinstance(rows, TableRows) and not self.filter and self.key in rows.columns:
-            column = rows.table.column(self.key)
-            if not column.null_count:
-                try:
-                    digests = self.model.fingerprints(column.to_pylist())
-                except (TypeError, ValueError):
-                    pass
-                else:
-                    return [s == d for s, d in zip(stored, digests, strict=True)]
+        column = self._key_column(rows) if isinstance(rows, TableRows) else None
+        digests = None if column is None else self._fingerprinted(column.to_pylist())
+        if digests is not None:
+            return [s == d for s, d in zip(stored, digests, strict=True)]
         return [self.is_current(row, s) for row, s in zip(rows, stored, strict=True)]
+
+    def _key_column(self, rows: TableRows) -> pa.ChunkedArray | None:
+        """The key's column, where every row of ``rows`` has a value and no filter applies."""
+        if self.filter or self.key not in rows.columns:
+            return None
+        column = rows.table.column(self.key)
+        return None if column.null_count else column
+
+    def _fingerprinted(self, values: list[Any]) -> list[int] | None:
+        """The model's fingerprints of ``values`` in one call; None if one cannot be taken."""
+        try:
+            return self.model.fingerprints(values)
+        except (TypeError, ValueError):
+            return None
 
     def _known_absent(self, batch: Batch) -> set[Hashable]:
         """Ids of a live insert batch that certainly have no output yet.
@@ -410,10 +419,8 @@ class Listener(Component):
         """:meth:`_candidates` of rows read as one Arrow table, from the key's column: every row
         is a candidate, or None when some row is not (a filter, a missing value, an input too
         large or that cannot be fingerprinted): those rows then go one by one."""
-        if self.filter or self.key not in rows.columns:
-            return None
-        column = rows.table.column(self.key)
-        if column.null_count:
+        column = self._key_column(rows)
+        if column is None:
             return None
         limit, kind = self.max_input_bytes, column.type
         if limit is not None and not any(plain(kind) for plain in _NEVER_TEXT):
@@ -421,11 +428,8 @@ class Listener(Component):
             if not sized or (len(column) and pc.max(pc.binary_length(column)).as_py() > limit):
                 return None
         values = column.to_pylist()
-        try:
-            digests = self.model.fingerprints(values)
-        except (TypeError, ValueError):
-            return None
-        return _Inputs(list(ids), values, list(digests))
+        digests = self._fingerprinted(values)
+        return None if digests is None else _Inputs(list(ids), values, digests)
 
     def _settle_errors(self, batch: Batch, db: Datalayer, refresh: Refresh) -> None:
         """Keep ``_reactive_errors`` to the current failures of this listener's rows.
