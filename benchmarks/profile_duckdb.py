@@ -2,13 +2,13 @@
 
 ``python -m benchmarks.profile_duckdb [--scenario bulk|backfill|restart|poll] [--rows N] [--cprofile]``
 
-*bulk*: change capture running, one INSERT of ``rows`` rows, until idle. *backfill*:
-``db.add`` on a table of ``rows`` rows. *restart*: ``db.add`` again in a new datalayer with
-every output current (a restart's reconciliation: nothing to compute). *poll*: one poll of a
-``rows``-row table with 1% of its rows updated, five times. The stage table is the wall time inside each backend method,
-per thread: it includes waiting for the backend's lock (one connection, one lock), so the
-threads' columns can add up to more than the run. ``ibis compile`` is the part of those
-calls spent turning ibis expressions into SQL. With ``--cprofile`` the handler's and the
+*bulk*: change capture running, one INSERT of ``rows`` rows, until idle. *backfill*: ``db.add``
+on a table of ``rows`` rows. *restart*: ``db.add`` again in a new datalayer with every output
+current (a restart's reconciliation: nothing to compute). *poll*: one poll of a ``rows``-row
+table with 1% of its rows updated, five times. The stage table is the wall time inside each
+backend method, per thread: it includes waiting for the backend's lock (one connection, one
+lock), so the threads' columns can add up to more than the run. ``ibis compile`` is the part of
+those calls spent turning ibis expressions into SQL. With ``--cprofile`` the handler's and the
 listener's (or, for *poll*, the main thread's) functions are printed by cumulative time;
 cProfile slows Python-heavy code, so use it for shares, not for speeds.
 """
@@ -188,16 +188,24 @@ def timed_model(clock: StageClock) -> Model:
     return model
 
 
+def timed_add(path: Any, clock: StageClock) -> tuple[float, dict[str, Any]]:
+    """``db.add`` of the benchmark's listener on ``path``, instrumented: its wall time, and the
+    listener's counters."""
+    with bench.connect(path) as db:
+        clock.instrument(db)
+        started = time.perf_counter()
+        db.add(Listener(timed_model(clock), "text", "docs"), progress=False)
+        wall = time.perf_counter() - started
+        counters = db.cdc.info()["listeners"]["len__text"]
+        db.cdc.stop()
+    return wall, counters
+
+
 def run_backfill(rows: int, clock: StageClock) -> float:
     with scratch_dir() as workdir:
         path = workdir / "backfill.duckdb"
         client = bench.create_docs(path, rows)
-        with bench.connect(path) as db:
-            clock.instrument(db)
-            started = time.perf_counter()
-            db.add(Listener(timed_model(clock), "text", "docs"), progress=False)
-            wall = time.perf_counter() - started
-            db.cdc.stop()
+        wall, _ = timed_add(path, clock)
         client.close()
     return wall
 
@@ -209,14 +217,9 @@ def run_restart(rows: int, clock: StageClock) -> float:
         client = bench.create_docs(path, rows)
         with bench.connect(path) as db:
             db.add(Listener(bench.make_model(), "text", "docs"), progress=False)
-        with bench.connect(path) as db:
-            clock.instrument(db)
-            started = time.perf_counter()
-            db.add(Listener(timed_model(clock), "text", "docs"), progress=False)
-            wall = time.perf_counter() - started
-            if db.cdc.info()["listeners"]["len__text"]["computed"]:
-                raise RuntimeError("a restart with every output current computed rows")
-            db.cdc.stop()
+        wall, counters = timed_add(path, clock)
+        if counters["computed"]:
+            raise RuntimeError("a restart with every output current computed rows")
         client.close()
     return wall
 
