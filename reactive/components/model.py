@@ -351,21 +351,26 @@ class Model:
         ``predict`` ran on for the next ``compute`` from this thread (starting and joining one
         costs about 0.1 ms, a third of a one-row window's path); :meth:`end_thread` ends it.
         """
-        results: list[Any] = [None] * len(inputs)
-        order = length_order(inputs) if self.sort_by_length else range(len(inputs))
+        order = _length_order(inputs) if self.sort_by_length else None
+        # Batches are ranges of ``values`` (the inputs longest first, or as they came), and each
+        # batch's outputs land in the same range of ``found``: slices, not a tuple per input.
+        values = list(inputs) if order is None else [inputs[i] for i in order.tolist()]
+        found: list[Any] = [None] * len(values)
         if not keep_thread:
             self.end_thread()
         try:
-            for start in range(0, len(inputs), self.batch_size):
-                batch = order[start : start + self.batch_size]
-                values = inputs[start : start + len(batch)] if isinstance(order, range) else [inputs[i] for i in batch]
-                self._isolate(list(zip(batch, values, strict=True)), results, wait, stopping)
+            for start in range(0, len(values), self.batch_size):
+                self._isolate(values, start, min(start + self.batch_size, len(values)), found, wait, stopping)
         except BaseException:
             self.end_thread()  # interrupted: its call may still run
             raise
         if not keep_thread:
             self.end_thread()
-        return results
+        if order is None:
+            return found
+        position = np.empty(len(order), dtype=np.intp)
+        position[order] = np.arange(len(order))  # where each input's output is in ``found``
+        return [found[i] for i in position.tolist()]
 
     def end_thread(self) -> None:
         """End the thread ``predict`` runs on for this thread's compute(): at once when it is
@@ -397,18 +402,22 @@ class Model:
 
     def _isolate(
         self,
-        indexed: list[tuple[int, Any]],
+        values: list[Any],
+        lo: int,
+        hi: int,
         results: list[Any],
         wait: Callable[[float], bool],
         stopping: Callable[[], bool],
     ) -> None:
-        values = [v for _, v in indexed]
+        """Outputs of ``values[lo:hi]`` (one call of ``predict``) into ``results[lo:hi]``: a
+        batch that raises is split in halves until the inputs that fail are alone."""
+        batch = values[lo:hi]
         attempt = transient_attempt = 0
         while True:
             try:
-                outputs = self._call(values, stopping)
+                outputs = self._call(batch, stopping)
             except _BatchFailed as exc:
-                self._fail_all(indexed, results, str(exc))
+                results[lo:hi] = [Failure(str(exc))] * (hi - lo)
                 return
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
@@ -420,27 +429,22 @@ class Model:
                             self.calls.transient_retries += 1
                         log.info("model %s: transient error (%s); trying the batch again", self.identifier, error)
                         continue
-                    self._fail_all(indexed, results, f"{error} (transient; gave up after {transient_attempt} retries)")
+                    failure = Failure(f"{error} (transient; gave up after {transient_attempt} retries)")
+                    results[lo:hi] = [failure] * (hi - lo)
                     return
-                if len(indexed) > 1:
-                    middle = len(indexed) // 2
-                    self._isolate(indexed[:middle], results, wait, stopping)
-                    self._isolate(indexed[middle:], results, wait, stopping)
+                if hi - lo > 1:
+                    middle = lo + (hi - lo) // 2
+                    self._isolate(values, lo, middle, results, wait, stopping)
+                    self._isolate(values, middle, hi, results, wait, stopping)
                     return
                 if attempt < self.max_retries and wait(self.retry_backoff * 2**attempt):
                     attempt += 1
                     continue
-                results[indexed[0][0]] = Failure(error)
+                results[lo] = Failure(error)
                 log.debug("model %s failed on one input", self.identifier, exc_info=True)
                 return
-            for (i, _), output in zip(indexed, outputs, strict=True):
-                results[i] = output
+            results[lo:hi] = outputs
             return
-
-    @staticmethod
-    def _fail_all(indexed: list[tuple[int, Any]], results: list[Any], error: str) -> None:
-        for i, _ in indexed:
-            results[i] = Failure(error)
 
     def _call(self, values: list[Any], stopping: Callable[[], bool]) -> list[Any]:
         """One call of ``predict`` on its own thread; what it returned, checked."""
@@ -531,10 +535,16 @@ def length_order(inputs: Sequence[Any]) -> Sequence[int]:
     >>> length_order([b"ab", "c", "def"])
     [2, 0, 1]
     """
+    order = _length_order(inputs)
+    return range(len(inputs)) if order is None else order.tolist()
+
+
+def _length_order(inputs: Sequence[Any]) -> np.ndarray | None:
+    """:func:`length_order` as an array, or None where the inputs keep their order."""
     if not set(map(type, inputs)) <= _TEXT_TYPES and not all(isinstance(v, str | bytes) for v in inputs):
-        return range(len(inputs))
+        return None
     lengths = np.fromiter(map(len, inputs), dtype=np.int64, count=len(inputs))
-    return np.argsort(-lengths, kind="stable").tolist()  # a stable sort: ties keep their order
+    return np.argsort(-lengths, kind="stable")  # a stable sort: ties keep their order
 
 
 _TEXT_TYPES = frozenset({str, bytes})
