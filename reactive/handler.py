@@ -24,7 +24,7 @@ from reactive.backends.base import (
     outputs_table,
 )
 from reactive.errors import ComputeUnavailableError, LeaseLostError
-from reactive.events import Batch, ChangePacket, ChangeSource, DBEvent, id_key, window_batches
+from reactive.events import Batch, ChangePacket, ChangeSource, DBEvent, id_key, id_keys, window_batches
 from reactive.rows import TableRows
 from reactive.threads import ReactiveThread
 
@@ -174,7 +174,7 @@ class _Window:
         """The id keys each table's packets change: in flight until the window is finished."""
         keys: dict[str, set[Hashable]] = {}
         for packet in self.packets:
-            keys.setdefault(packet.table, set()).update(map(id_key, packet.ids))
+            keys.setdefault(packet.table, set()).update(id_keys(packet.ids))
         return keys
 
     @property

@@ -14,7 +14,7 @@ from reactive.backends.base import ErrorRecord, OutputBatch, OutputRejected, Tab
 from reactive.components.base import Component, PlannedRefresh, Refresh
 from reactive.components.model import Failure, Model, ModelCalls
 from reactive.errors import ConfigurationError
-from reactive.events import Batch, ChangePacket, DBEvent, Row, id_key
+from reactive.events import Batch, ChangePacket, DBEvent, Row, id_key, id_keys
 from reactive.reconcile import OnProcessed, reconcile
 from reactive.rows import TableRows
 
@@ -269,7 +269,7 @@ class Listener(Component):
         live_insert = batch.event is DBEvent.insert and batch.targets is None
         if not live_insert or self._replaying or self._reconciled is None:
             return set()
-        return {key for key in map(id_key, batch.ids) if key not in self._reconciled}
+        return set(id_keys(batch.ids)).difference(self._reconciled)
 
     def _looked_up(self, batch: Batch, ids: list[Any], absent: set[Hashable]) -> list[Any]:
         """The ids whose stored fingerprint is looked up (the others certainly have no output).
@@ -287,9 +287,9 @@ class Listener(Component):
         if self._replaying and batch.event is DBEvent.insert and batch.targets is None and looked_up and not stored:
             self._replaying = False
 
-    def _remember_reconciled(self, ids: Iterable[Any]) -> None:
+    def _remember_reconciled(self, ids: Sequence[Any]) -> None:
         if self._reconciled is not None:
-            self._reconciled.update(map(id_key, ids))
+            self._reconciled.update(id_keys(ids))
             if len(self._reconciled) > RECONCILED_MEMORY:
                 # Past this many, remembering costs more than looking every insert up.
                 self._reconciled = None
@@ -336,16 +336,16 @@ class Listener(Component):
         # this batch is written (a row changed and changed back): such rows are looked up
         # again, and computed if stale, when this batch is finished, after that window.
         sure, unsure = candidates, _Inputs([], [], [])
-        if in_flight and any(key in in_flight for key in map(id_key, candidates.ids)):
-            keys = list(map(id_key, candidates.ids))
+        keys = id_keys(candidates.ids) if in_flight else []
+        if any(map(in_flight.__contains__, keys)):
             unsure = candidates.take(k for k, key in enumerate(keys) if key in in_flight)
             sure = candidates.take(k for k, key in enumerate(keys) if key not in in_flight)
         looked_up = self._looked_up(batch, sure.ids, absent)
         stored = db.backend.outputs.output_fingerprints(self.identifier, looked_up) if looked_up else {}
         self._replay_ended(batch, looked_up, stored)
         if stored:
-            fps = sure.fingerprints
-            todo = sure.take(k for k, i in enumerate(sure.ids) if stored.get(id_key(i)) != fps[k])
+            now = map(stored.get, id_keys(sure.ids))
+            todo = sure.take(k for k, (fp, was) in enumerate(zip(sure.fingerprints, now, strict=True)) if fp != was)
         else:
             todo = sure
         # A closed queue means the handler is draining it to stop: a hung call is given up.
@@ -494,7 +494,7 @@ class Listener(Component):
         if not todo:
             return
         # ``new``: nothing was stored for any of these rows (new rows, a first backfill), or row by row.
-        new = [id_key(i) not in stored for i in todo.ids] if stored else True
+        new = [key not in stored for key in id_keys(todo.ids)] if stored else True
         kept = db.writer.write(self.identifier, self.source, OutputBatch(todo.ids, results, todo.fingerprints, new))
         if OutputRejected in set(map(type, kept)):
             ok = self._set_apart(refresh, remove, todo.ids, kept, OutputRejected)
