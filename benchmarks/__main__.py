@@ -72,7 +72,7 @@ def throughput_markdown(results: dict[str, Any]) -> str:
         "backfill": "backfill (`db.add` on a filled table)",
     }
     for key, label in labels.items():
-        ours, ref = results[key]["reactive"], results[key]["reference"]
+        ours, ref, snap = (results[key][side] for side in ("reactive", "reference", "snapshot"))
         rows.append(
             [
                 label,
@@ -80,9 +80,22 @@ def throughput_markdown(results: dict[str, Any]) -> str:
                 f"{rate(ours['rows'], ours['seconds'])} ({ours['seconds']:.2f} s)",
                 f"{rate(ref['rows'], ref['seconds'])} ({ref['seconds']:.2f} s)",
                 slower(ours["seconds"], ref["seconds"]),
+                f"{rate(snap['rows'], snap['seconds'])} ({snap['seconds']:.2f} s)",
+                slower(ours["seconds"], snap["seconds"]),
             ]
         )
-    table = markdown_table(["scenario", "rows", "reactive", "reference", "reactive slower by"], rows)
+    table = markdown_table(
+        [
+            "scenario",
+            "rows",
+            "reactive",
+            "reference",
+            "reactive slower by",
+            "reference keeping a snapshot",
+            "reactive slower by",
+        ],
+        rows,
+    )
     rounds = results.get("rounds", [])
     if rounds:
         ratios = {key: ", ".join(f"{sql_duckdb.throughput_ratio(r[key]):.2f}x" for r in rounds) for key in labels}
@@ -94,7 +107,9 @@ def throughput_markdown(results: dict[str, Any]) -> str:
         "### Throughput\n\n"
         "Bulk: one INSERT of all rows, then time until the last output is committed. Reference: the same "
         "hand-written loop (one fetch, one model call, one Arrow insert). Backfill reference: read all, compute, "
-        "one Arrow insert.\n\n" + table
+        "one Arrow insert. Reference keeping a snapshot: the same by hand, but it also sees updates and deletes "
+        "(a full outer join of row hashes with a keyed snapshot, outputs and snapshot upserted in one "
+        "transaction; `benchmarks.sql_duckdb.SnapshotLoop`).\n\n" + table
     )
 
 

@@ -12,8 +12,10 @@ the same interval.
 The reference is what a developer would write by hand (:class:`ReferenceLoop`): every
 ``POLL_INTERVAL`` seconds, ``SELECT id, text FROM docs WHERE id > <last id seen>``, run the
 model, insert the outputs with one Arrow insert. It is insert-only: it never sees an update
-or a delete, which ``reactive`` does. The poll benchmark also has a full-diff reference that
-does see them (``EXCEPT`` against a full copy of the table).
+or a delete, which ``reactive`` does. The throughput runs also have a second reference that
+does see them, :class:`SnapshotLoop` (a keyed snapshot of row hashes, diffed and moved in the
+same transaction as the outputs); the poll benchmark has a full-diff reference (``EXCEPT``
+against a full copy of the table).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import reactive
 from reactive.backends.base import OutputBatch
@@ -179,9 +182,16 @@ class ReferenceLoop(threading.Thread):
         self._stop_event = threading.Event()
         self._progress = threading.Condition()
 
+    #: The table its outputs go to.
+    OUTPUTS = REFERENCE_OUTPUTS
+
     @staticmethod
     def create_outputs(con: duckdb.DuckDBPyConnection) -> None:
         con.execute(f"CREATE TABLE {REFERENCE_OUTPUTS} (source BIGINT PRIMARY KEY, output DOUBLE)")
+
+    @staticmethod
+    def backfill(con: duckdb.DuckDBPyConnection) -> int:
+        return reference_backfill(con)
 
     def poll_once(self) -> int:
         rows = self.con.execute("SELECT id, text FROM docs WHERE id > ? ORDER BY id", [self.last_seen]).fetchall()
@@ -228,6 +238,83 @@ def reference_backfill(con: duckdb.DuckDBPyConnection) -> int:
     batch = pa.table({"source": pa.array([r[0] for r in rows], pa.int64()), "output": pa.array(outputs)})
     con.from_arrow(batch).insert_into(REFERENCE_OUTPUTS)
     return len(rows)
+
+
+# -- the reference that keeps a snapshot ---------------------------------------------------
+SNAPSHOT_OUTPUTS = "snap_out"
+SNAPSHOT_TABLE = "snap_rows"
+_ROW_HASH = "hash(d.id, d.text, d.lang, d.score, d.views)"
+#: One full outer join of the table's row hashes with the snapshot: every row inserted,
+#: updated or deleted since, with its text and hash (``gone``: deleted).
+_SNAPSHOT_DIFF = f"""
+SELECT coalesce(d.id, s.id) AS id, d.text, {_ROW_HASH} AS fp, d.id IS NULL AS gone
+FROM docs d FULL OUTER JOIN {SNAPSHOT_TABLE} s ON d.id = s.id
+WHERE s.id IS NULL OR d.id IS NULL OR s.fp <> {_ROW_HASH}
+"""
+
+
+class SnapshotLoop(ReferenceLoop):
+    """The floor of change capture by diffing, written by hand: the reference loop, but it sees
+    updates and deletes, as reactive does on a table without a version column.
+
+    Each poll is one full outer join of the table's row hashes (DuckDB's ``hash``) with a
+    snapshot keyed by id (:data:`_SNAPSHOT_DIFF`), read as Arrow; the changed rows are computed,
+    then in one transaction their outputs are upserted (``INSERT OR REPLACE``), the snapshot
+    moved the same way, and deleted rows' outputs and snapshot rows removed. No input
+    fingerprints, no window bound, no position beyond the snapshot, no lease, no per-row error
+    isolation: what any capture by diff into keyed tables must do at least.
+    """
+
+    OUTPUTS = SNAPSHOT_OUTPUTS
+
+    @staticmethod
+    def create_outputs(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute(f"CREATE TABLE {SNAPSHOT_OUTPUTS} (source BIGINT PRIMARY KEY, output DOUBLE)")
+        con.execute(f"CREATE TABLE {SNAPSHOT_TABLE} (id BIGINT PRIMARY KEY, fp UBIGINT)")
+
+    @staticmethod
+    def backfill(con: duckdb.DuckDBPyConnection) -> int:
+        return snapshot_backfill(con)
+
+    def poll_once(self) -> int:
+        changed = self.con.execute(_SNAPSHOT_DIFF).fetch_arrow_table()
+        self.polls += 1
+        if not changed.num_rows:
+            return 0
+        gone = changed["gone"]
+        rows, deleted = changed.filter(pc.invert(gone)), changed.filter(gone)
+        outputs = trivial_predict(rows["text"].to_pylist())
+        con = self.con
+        con.execute("BEGIN")
+        con.register("snap_outputs_view", pa.table({"source": rows["id"], "output": pa.array(outputs, pa.float64())}))
+        con.execute(f"INSERT OR REPLACE INTO {SNAPSHOT_OUTPUTS} SELECT * FROM snap_outputs_view")
+        con.register("snap_rows_view", rows.select(["id", "fp"]))
+        con.execute(f"INSERT OR REPLACE INTO {SNAPSHOT_TABLE} SELECT * FROM snap_rows_view")
+        if deleted.num_rows:
+            con.register("snap_deleted_view", deleted.select(["id"]))
+            con.execute(f"DELETE FROM {SNAPSHOT_OUTPUTS} WHERE source IN (SELECT id FROM snap_deleted_view)")
+            con.execute(f"DELETE FROM {SNAPSHOT_TABLE} WHERE id IN (SELECT id FROM snap_deleted_view)")
+        con.execute("COMMIT")
+        now = time.perf_counter()
+        ids = rows["id"].to_pylist()
+        with self._progress:
+            for i in ids:
+                self.written[i] = now
+            self._progress.notify_all()
+        return changed.num_rows
+
+
+def snapshot_backfill(con: duckdb.DuckDBPyConnection) -> int:
+    """:class:`SnapshotLoop`'s backfill: the snapshot taken, every row read and computed, the
+    outputs inserted, all in one transaction."""
+    con.execute("BEGIN")
+    con.execute(f"INSERT INTO {SNAPSHOT_TABLE} SELECT d.id, {_ROW_HASH} FROM docs d")
+    rows = con.execute("SELECT id, text FROM docs").fetch_arrow_table()
+    outputs = trivial_predict(rows["text"].to_pylist())
+    con.register("snap_outputs_view", pa.table({"source": rows["id"], "output": pa.array(outputs, pa.float64())}))
+    con.execute(f"INSERT INTO {SNAPSHOT_OUTPUTS} SELECT * FROM snap_outputs_view")
+    con.execute("COMMIT")
+    return rows.num_rows
 
 
 # -- latency -------------------------------------------------------------------------------
@@ -368,12 +455,14 @@ def bulk_reactive(workdir: Path, rows: int, window_rows: int | None = None) -> d
         client.close()
 
 
-def bulk_reference(workdir: Path, rows: int) -> dict[str, Any]:
-    path = workdir / "bulk-reference.duckdb"
+def bulk_reference(workdir: Path, rows: int, kind: type[ReferenceLoop] | None = None) -> dict[str, Any]:
+    """The bulk run of a hand-written loop: :class:`ReferenceLoop`, or ``kind``."""
+    kind = ReferenceLoop if kind is None else kind
+    path = workdir / f"bulk-{kind.__name__}.duckdb"
     client = create_docs(path, 0)
     try:
-        ReferenceLoop.create_outputs(client)
-        loop = ReferenceLoop(client.cursor(), last_seen=-1)
+        kind.create_outputs(client)
+        loop = kind(client.cursor(), last_seen=-1)
         loop.start()
         try:
             insert_docs(client, 0, rows)
@@ -386,7 +475,7 @@ def bulk_reference(workdir: Path, rows: int) -> dict[str, Any]:
             "rows": rows,
             "seconds": seconds,
             "rows_per_second": rows / seconds,
-            "outputs": count_outputs(client, REFERENCE_OUTPUTS),
+            "outputs": count_outputs(client, kind.OUTPUTS),
             "caught_up": caught_up,
         }
     finally:
@@ -406,13 +495,15 @@ def backfill_reactive(workdir: Path, rows: int, window_rows: int | None = None) 
         client.close()
 
 
-def backfill_reference(workdir: Path, rows: int) -> dict[str, Any]:
-    path = workdir / "backfill-reference.duckdb"
+def backfill_reference(workdir: Path, rows: int, kind: type[ReferenceLoop] | None = None) -> dict[str, Any]:
+    """The backfill of a hand-written loop: :class:`ReferenceLoop`'s, or ``kind``'s."""
+    kind = ReferenceLoop if kind is None else kind
+    path = workdir / f"backfill-{kind.__name__}.duckdb"
     client = create_docs(path, rows)
     try:
-        ReferenceLoop.create_outputs(client)
-        seconds, _ = timed(lambda: reference_backfill(client))
-        outputs = count_outputs(client, REFERENCE_OUTPUTS)
+        kind.create_outputs(client)
+        seconds, _ = timed(lambda: kind.backfill(client))
+        outputs = count_outputs(client, kind.OUTPUTS)
         return {"rows": rows, "seconds": seconds, "rows_per_second": rows / seconds, "outputs": outputs}
     finally:
         client.close()
@@ -428,6 +519,9 @@ def bench_throughput(sizes: Sizes) -> dict[str, Any]:
     *Backfill*: ``db.add`` on a table already holding ``backfill_rows`` rows (snapshot, scan,
     compute, write), against reading every row, computing, and one Arrow insert.
 
+    Both also run :class:`SnapshotLoop` (``snapshot``): the same by hand with a keyed snapshot
+    of row hashes, as any capture that sees updates and deletes by diffing must keep.
+
     With ``throughput_rounds`` > 1 the rounds interleave, and ``bulk`` and ``backfill`` are the
     rounds of the median ratio (reference seconds over reactive seconds); ``rounds`` has them all.
     """
@@ -437,10 +531,12 @@ def bench_throughput(sizes: Sizes) -> dict[str, Any]:
             bulk = {
                 "reactive": bulk_reactive(workdir, sizes.bulk_rows, sizes.window_rows),
                 "reference": bulk_reference(workdir, sizes.bulk_rows),
+                "snapshot": bulk_reference(workdir, sizes.bulk_rows, SnapshotLoop),
             }
             backfill = {
                 "reactive": backfill_reactive(workdir, sizes.backfill_rows, sizes.window_rows),
                 "reference": backfill_reference(workdir, sizes.backfill_rows),
+                "snapshot": backfill_reference(workdir, sizes.backfill_rows, SnapshotLoop),
             }
         for result in (bulk, backfill):
             for side in result.values():
