@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses as dc
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
+from itertools import chain
 from typing import Any, Protocol
 
 from reactive.rows import TableRows
@@ -241,7 +242,7 @@ def window_batches(packets: Sequence[ChangePacket], max_rows: int) -> list[Batch
             groups.setdefault((packet.table, packet.event, packet.targets), []).append(packet)
     batches = []
     for (table, event, targets), members in groups.items():
-        ids = members[0].ids if len(members) == 1 else tuple(i for p in members for i in p.ids)
+        ids = members[0].ids if len(members) == 1 else tuple(chain.from_iterable(p.ids for p in members))
         rows = _joined_rows(members, event)
         for start in range(0, len(ids), max_rows):
             end = start + max_rows
@@ -268,7 +269,7 @@ def _unique_in_tables(packets: Sequence[ChangePacket]) -> bool:
     for packet in packets:
         by_table.setdefault(packet.table, []).append(packet)
     return all(
-        unique_ids(members[0].ids if len(members) == 1 else [i for p in members for i in p.ids])
+        unique_ids(members[0].ids if len(members) == 1 else list(chain.from_iterable(p.ids for p in members)))
         for members in by_table.values()
     )
 

@@ -280,7 +280,7 @@ class Listener(Component):
         """
         if batch.targets is not None and self._reconciled_from_nothing:
             return []
-        return [i for i in ids if id_key(i) not in absent] if absent else ids
+        return [i for i, key in zip(ids, id_keys(ids), strict=True) if key not in absent] if absent else ids
 
     def _replay_ended(self, batch: Batch, looked_up: list[Any], stored: Mapping[Hashable, int]) -> None:
         """A batch of live inserts whose rows are all unknown ends the replay (see :meth:`_known_absent`)."""
