@@ -172,6 +172,9 @@ class ReferenceLoop(threading.Thread):
     the time its output was committed.
     """
 
+    #: The table its outputs go to.
+    OUTPUTS = REFERENCE_OUTPUTS
+
     def __init__(self, con: duckdb.DuckDBPyConnection, *, last_seen: int, interval: float = POLL_INTERVAL) -> None:
         super().__init__(name="bench-reference-loop", daemon=True)
         self.con = con
@@ -181,9 +184,6 @@ class ReferenceLoop(threading.Thread):
         self.polls = 0
         self._stop_event = threading.Event()
         self._progress = threading.Condition()
-
-    #: The table its outputs go to.
-    OUTPUTS = REFERENCE_OUTPUTS
 
     @staticmethod
     def create_outputs(con: duckdb.DuckDBPyConnection) -> None:
@@ -283,17 +283,14 @@ class SnapshotLoop(ReferenceLoop):
             return 0
         gone = changed["gone"]
         rows, deleted = changed.filter(pc.invert(gone)), changed.filter(gone)
-        outputs = trivial_predict(rows["text"].to_pylist())
         con = self.con
         con.execute("BEGIN")
-        con.register("snap_outputs_view", pa.table({"source": rows["id"], "output": pa.array(outputs, pa.float64())}))
-        con.execute(f"INSERT OR REPLACE INTO {SNAPSHOT_OUTPUTS} SELECT * FROM snap_outputs_view")
-        con.register("snap_rows_view", rows.select(["id", "fp"]))
-        con.execute(f"INSERT OR REPLACE INTO {SNAPSHOT_TABLE} SELECT * FROM snap_rows_view")
+        _write_outputs(con, rows, "INSERT OR REPLACE")
+        _from_view(con, rows.select(["id", "fp"]), f"INSERT OR REPLACE INTO {SNAPSHOT_TABLE} SELECT * FROM {{}}")
         if deleted.num_rows:
-            con.register("snap_deleted_view", deleted.select(["id"]))
-            con.execute(f"DELETE FROM {SNAPSHOT_OUTPUTS} WHERE source IN (SELECT id FROM snap_deleted_view)")
-            con.execute(f"DELETE FROM {SNAPSHOT_TABLE} WHERE id IN (SELECT id FROM snap_deleted_view)")
+            gone_ids = deleted.select(["id"])
+            _from_view(con, gone_ids, f"DELETE FROM {SNAPSHOT_OUTPUTS} WHERE source IN (SELECT id FROM {{}})")
+            _from_view(con, gone_ids, f"DELETE FROM {SNAPSHOT_TABLE} WHERE id IN (SELECT id FROM {{}})")
         con.execute("COMMIT")
         now = time.perf_counter()
         ids = rows["id"].to_pylist()
@@ -310,11 +307,25 @@ def snapshot_backfill(con: duckdb.DuckDBPyConnection) -> int:
     con.execute("BEGIN")
     con.execute(f"INSERT INTO {SNAPSHOT_TABLE} SELECT d.id, {_ROW_HASH} FROM docs d")
     rows = con.execute("SELECT id, text FROM docs").fetch_arrow_table()
-    outputs = trivial_predict(rows["text"].to_pylist())
-    con.register("snap_outputs_view", pa.table({"source": rows["id"], "output": pa.array(outputs, pa.float64())}))
-    con.execute(f"INSERT INTO {SNAPSHOT_OUTPUTS} SELECT * FROM snap_outputs_view")
+    _write_outputs(con, rows, "INSERT")
     con.execute("COMMIT")
     return rows.num_rows
+
+
+def _write_outputs(con: duckdb.DuckDBPyConnection, rows: pa.Table, verb: str) -> None:
+    """Compute the model on ``rows`` (``id``, ``text``) and write the outputs with ``verb``."""
+    outputs = pa.array(trivial_predict(rows["text"].to_pylist()), pa.float64())
+    data = pa.table({"source": rows["id"], "output": outputs})
+    _from_view(con, data, f"{verb} INTO {SNAPSHOT_OUTPUTS} SELECT * FROM {{}}")
+
+
+def _from_view(con: duckdb.DuckDBPyConnection, data: pa.Table, sql: str) -> None:
+    """Run ``sql`` with ``data`` registered as the view its ``{}`` names, then unregister it."""
+    con.register("snap_view", data)
+    try:
+        con.execute(sql.format("snap_view"))
+    finally:
+        con.unregister("snap_view")
 
 
 # -- latency -------------------------------------------------------------------------------
@@ -455,9 +466,8 @@ def bulk_reactive(workdir: Path, rows: int, window_rows: int | None = None) -> d
         client.close()
 
 
-def bulk_reference(workdir: Path, rows: int, kind: type[ReferenceLoop] | None = None) -> dict[str, Any]:
+def bulk_reference(workdir: Path, rows: int, kind: type[ReferenceLoop] = ReferenceLoop) -> dict[str, Any]:
     """The bulk run of a hand-written loop: :class:`ReferenceLoop`, or ``kind``."""
-    kind = ReferenceLoop if kind is None else kind
     path = workdir / f"bulk-{kind.__name__}.duckdb"
     client = create_docs(path, 0)
     try:
@@ -495,9 +505,8 @@ def backfill_reactive(workdir: Path, rows: int, window_rows: int | None = None) 
         client.close()
 
 
-def backfill_reference(workdir: Path, rows: int, kind: type[ReferenceLoop] | None = None) -> dict[str, Any]:
+def backfill_reference(workdir: Path, rows: int, kind: type[ReferenceLoop] = ReferenceLoop) -> dict[str, Any]:
     """The backfill of a hand-written loop: :class:`ReferenceLoop`'s, or ``kind``'s."""
-    kind = ReferenceLoop if kind is None else kind
     path = workdir / f"backfill-{kind.__name__}.duckdb"
     client = create_docs(path, rows)
     try:
