@@ -19,7 +19,7 @@ from typing import Any
 
 import duckdb
 import pytest
-from conftest import SQLClient, outputs_by_source
+from conftest import Recorder, SQLClient, outputs_by_source
 
 import reactive
 from reactive.components import Listener, Model
@@ -302,3 +302,31 @@ def test_a_duckdb_table_named_like_reactives_own_views_is_followed(duck: SQLClie
         duck.execute(f"UPDATE \"{name}\" SET text = 'ccc' WHERE id = 1")
         assert db.cdc.wait_idle(timeout=30)
         assert outputs_by_source(db, "len__text") == {1: 3, 2: 2}
+
+
+def test_a_duckdb_poll_streams_changed_rows_with_its_diff_while_windows_are_written(
+    duck: SQLClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On DuckDB a poll's changed rows come with its diff, one statement streamed batch by batch
+    (no read by id after it). With a queue of 10 rows and batches of 5, the stream waits on a
+    full queue while the handler writes and commits windows, snapshot included: every insert,
+    update and delete still lands, each changed row computed once."""
+    from reactive.backends.ibis import listener as polling
+
+    monkeypatch.setattr(polling, "READ_ROWS", 1)  # batches of page_size rows
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs SELECT range, 't' || range FROM range(200)")
+    seen = Recorder(len)
+    with reactive.connect(duck.uri, poll_interval=0.05, queue_rows=10, batch_rows=5, page_size=5) as db:
+        db.add(Listener(Model("len", predict=seen, output_type="int64"), "text", "docs"), progress=False)
+        monkeypatch.setattr(db.backend.snapshots, "rows_with_fingerprints", lambda *a: pytest.fail(f"read by id {a}"))
+        seen.inputs.clear()
+        duck.execute("INSERT INTO docs SELECT range, 'new ' || range FROM range(200, 300)")
+        duck.execute("UPDATE docs SET text = 'changed ' || id WHERE id < 60")
+        duck.execute("DELETE FROM docs WHERE id >= 150 AND id < 200")
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=60)
+        rows = dict(duck.execute("SELECT id, text FROM docs"))
+        assert outputs_by_source(db, "len__text") == {i: len(t) for i, t in rows.items()}
+        assert sorted(seen.inputs) == sorted(t for i, t in rows.items() if i < 60 or i >= 200)
+        assert db.cdc.info()["queue"]["producer_blocked_seconds"] > 0  # the stream waited on the queue

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,8 +19,8 @@ from conftest import Recorder, SQLClient, outputs_by_source
 import reactive
 from reactive.backends.base import TableInfo, VersionColumn
 from reactive.backends.ibis import snapshots as snapshots_module
-from reactive.backends.ibis.listener import IbisPollingListener
-from reactive.backends.ibis.snapshots import MARK_PREFIX, VersionMark, snapshot_table
+from reactive.backends.ibis.listener import ChangedRows, IbisPollingListener
+from reactive.backends.ibis.snapshots import MARK_PREFIX, VersionMark, read_changes, snapshot_table
 from reactive.components import Listener, Model
 from reactive.events import DBEvent
 from reactive.queue import CDCQueue
@@ -323,10 +324,10 @@ class FakeSnapshots:
         self.changes, self.rows = changes, rows
         self.saved: list[tuple[str, Any]] = []
 
-    def poll(self, table: TableInfo) -> tuple[dict[str, list[Any]], Any]:
-        return self.changes, "mark"
+    def poll(self, table: TableInfo, rows_per_read: int) -> tuple[Iterator[ChangedRows], Any]:
+        return read_changes(self.changes, self.rows_with_fingerprints, "id", rows_per_read), "mark"
 
-    def rows_with_fingerprints(self, table: TableInfo, ids: Any) -> tuple[list[dict[str, Any]], list[int]]:
+    def rows_with_fingerprints(self, ids: Any) -> tuple[list[dict[str, Any]], list[int]]:
         found = [i for i in ids if i in self.rows]
         return [{"id": i, "text": self.rows[i]} for i in found], [7] * len(found)
 

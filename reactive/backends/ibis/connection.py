@@ -179,7 +179,7 @@ class IbisConnection:
         dialect streams scans (DuckDB), one statement in no particular order, through a
         connection of the scan's own (see ``Dialect.streamed_scans``)."""
         if self.dialect.streamed_scans:
-            yield from self._streamed(statements.scan, page_size)
+            yield from self.streamed(statements.scan, page_size)
             return
         page = self.read_rows(statements.first_page, page_size)
         while len(page):
@@ -188,7 +188,7 @@ class IbisConnection:
                 return
             page = self.read_rows(statements.next_page, column_of(page[-1:], key)[0], page_size)
 
-    def _streamed(self, sql: str, page_size: int) -> Iterator[TableRows]:
+    def streamed(self, sql: str, page_size: int) -> Iterator[TableRows]:
         """The rows of one statement, ``page_size`` at a time, through a connection of its own:
         the thread's reader may read again while this scan is suspended (a statement on the
         connection that streams would end the stream)."""

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses as dc
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from reactive.backends.base import MAX_BACKOFF, BaseDatabaseListener, TableInfo
 from reactive.errors import QueueClosedError
-from reactive.events import ChangePacket, DBEvent, Row, id_key
-from reactive.rows import column_of
+from reactive.events import ChangePacket, DBEvent, Row
 
 log = logging.getLogger(__name__)
+
+
+@dc.dataclass(frozen=True, slots=True)
+class ChangedRows:
+    """Rows a poll found changed, all of one ``kind`` (``"insert"``, ``"update"``, ``"delete"``):
+    their ids, and for inserts and updates the rows as read and their fingerprints (aligned)."""
+
+    kind: str
+    ids: Sequence[Any]
+    rows: Sequence[Row] | None = None
+    fingerprints: Sequence[int] | None = None
 
 
 class Snapshots(Protocol):
@@ -26,9 +37,11 @@ class Snapshots(Protocol):
         """The ids of every row that differs from the snapshot, by kind: ``{"insert": [...],
         "update": [...], "delete": [...]}``."""
 
-    def poll(self, table: TableInfo) -> tuple[dict[str, list[Any]], Any]:
-        """What changed since the position (:meth:`diff`, or only the rows past a version column's
-        last version), and a mark to :meth:`save_mark` once those changes are processed (or None)."""
+    def poll(self, table: TableInfo, rows_per_read: int) -> tuple[Iterable[ChangedRows], Any]:
+        """What changed since the position (every row that differs from the snapshot, or only
+        the rows past a version column's last version), read as it is iterated, at most about
+        ``rows_per_read`` rows per statement; and a mark to :meth:`save_mark` once those changes
+        are processed (or None)."""
 
     def save_mark(self, table: str, mark: Any) -> None:
         """Save a mark :meth:`poll` returned: every change it covers is processed."""
@@ -38,9 +51,6 @@ class Snapshots(Protocol):
 
     def version_info(self, table: str) -> dict[str, Any] | None:
         """How ``table`` is polled through a version column (None: it has none)."""
-
-    def rows_with_fingerprints(self, table: TableInfo, ids: Sequence[Any]) -> tuple[Sequence[Row], list[int]]:
-        """The current rows with these ids and their fingerprints, aligned."""
 
     def advance(self, table: str, ids: Sequence[Any], fingerprints: Sequence[int], deletes: Sequence[Any]) -> None:
         """Record processed rows' fingerprints (``ids`` and ``fingerprints`` aligned; where an
@@ -58,10 +68,10 @@ class Snapshots(Protocol):
         """Forget the position of a table that is gone (a table created again starts afresh)."""
 
 
-#: Changed rows a poll reads per statement (at least ``page_size``), reported in packets of
-#: ``page_size``. Each statement costs the polling thread turns at the GIL against a busy
-#: handler: a 300k-row DuckDB burst took 2.14-2.36 s read 5,000 rows per statement, 1.74-2.03 s
-#: read 20,000.
+#: Changed rows a poll reads per statement or streamed batch (at least ``page_size``), reported
+#: in packets of ``page_size``. Each statement costs the polling thread turns at the GIL against
+#: a busy handler: a 300k-row DuckDB burst took 2.14-2.36 s read 5,000 rows per statement,
+#: 1.74-2.03 s read 20,000.
 READ_ROWS = 20_000
 
 
@@ -275,41 +285,25 @@ class IbisPollingListener(BaseDatabaseListener):
             log.warning("polling table %r failed (%s); the other tables go on, it is retried", table.name, error)
 
     def _poll(self, table: TableInfo) -> None:
-        diff, mark = self.snapshots.poll(table)
-        self._report_diff(table, diff)
+        changed, mark = self.snapshots.poll(table, max(self.page_size, READ_ROWS))
+        for part in changed:
+            self._report_changed(table, part)
         if mark is not None:
             with self._lock:
                 self._marks[table.name] = mark
 
-    def _report_diff(self, table: TableInfo, diff: dict[str, list[Any]]) -> None:
-        if not any(diff.values()):
-            return
-        by_kind: dict[str, list[Any]] = {kind: list(diff.get(kind, ())) for kind in ("insert", "update", "delete")}
-        # Rows are read READ_ROWS ids per statement and reported in packets of page_size.
-        step = max(self.page_size, READ_ROWS)
-        for kind in ("insert", "update"):
-            ids = by_kind[kind]
-            for start in range(0, len(ids), step):
-                chunk = ids[start : start + step]
-                rows, fingerprints = self.snapshots.rows_with_fingerprints(table, chunk)
-                found = column_of(rows, table.id_column)
-                if kind == "update" and len(found) < len(chunk):
-                    # Updated, then deleted since the diff: a delete now (a poll that reads
-                    # only recent versions would not see it until the next full diff).
-                    present = set(map(id_key, found))
-                    by_kind["delete"].extend(i for i in chunk if id_key(i) not in present)
-                # A row inserted and deleted since the diff is simply absent.
-                for at in range(0, len(found), self.page_size):
-                    self._report(
-                        table,
-                        DBEvent(kind),
-                        tuple(found[at : at + self.page_size]),
-                        rows=rows[at : at + self.page_size],
-                        fingerprints=tuple(fingerprints[at : at + self.page_size]),
-                    )
-        deleted = by_kind["delete"]
-        for start in range(0, len(deleted), self.page_size):
-            self._report(table, DBEvent.delete, tuple(deleted[start : start + self.page_size]))
+    def _report_changed(self, table: TableInfo, part: ChangedRows) -> None:
+        """Report ``part`` in packets of ``page_size`` rows."""
+        event, size = DBEvent(part.kind), self.page_size
+        rows, fingerprints = part.rows, part.fingerprints
+        for at in range(0, len(part.ids), size):
+            self._report(
+                table,
+                event,
+                tuple(part.ids[at : at + size]),
+                rows=None if rows is None else rows[at : at + size],
+                fingerprints=None if fingerprints is None else tuple(fingerprints[at : at + size]),
+            )
 
     def _report(
         self,

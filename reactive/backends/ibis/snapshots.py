@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import dataclasses as dc
 import datetime as _dt
+import functools
 import logging
 import math
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from reactive.backends.base import CheckpointStore, TableInfo, VersionColumn, bounded_name
 from reactive.backends.ibis.connection import IbisConnection
-from reactive.backends.ibis.dialects import FINGERPRINT_ALIAS, SnapshotSQL
+from reactive.backends.ibis.dialects import FINGERPRINT_ALIAS, ID_ALIAS, KIND_ALIAS, SnapshotSQL
+from reactive.backends.ibis.listener import ChangedRows
 from reactive.checkpoints import CorruptCheckpointError
 from reactive.errors import ConfigurationError
 from reactive.events import Row, id_key, unique_ids
-from reactive.rows import TableRows
+from reactive.rows import TableRows, column_of
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,45 @@ NULL_VERSIONS_WARNING = 10_000
 #: ``(row id, "insert" | "update" | "delete")`` of the rows a poll found changed.
 #: Changed row ids by kind: ``{"insert": [...], "update": [...], "delete": [...]}``.
 Changes = dict[str, list[Any]]
+
+
+def read_changes(
+    changes: Changes,
+    read: Callable[[list[Any]], tuple[Sequence[Row], Sequence[int]]],
+    id_column: str,
+    rows_per_read: int,
+) -> Iterator[ChangedRows]:
+    """The rows of the ids a diff found changed, read ``rows_per_read`` ids at a time by
+    ``read`` (ids -> the rows still there and their fingerprints); the deleted ids last.
+
+    A row updated, then deleted before it is read is a delete (a poll that reads only recent
+    versions would not see it until the next full diff); one inserted and deleted since is
+    simply absent.
+
+    >>> table = {1: "a", 3: "c"}
+    >>> def read(ids):
+    ...     found = [i for i in ids if i in table]
+    ...     return [{"id": i, "text": table[i]} for i in found], [len(table[i]) for i in found]
+    >>> for part in read_changes({"insert": [1, 2], "update": [3, 4], "delete": [5]}, read, "id", 10):
+    ...     print(part.kind, list(part.ids), part.rows and [r["text"] for r in part.rows])
+    insert [1] ['a']
+    update [3] ['c']
+    delete [5, 4] None
+    """
+    deleted = list(changes.get("delete", ()))
+    for kind in ("insert", "update"):
+        ids = changes.get(kind, [])
+        for start in range(0, len(ids), rows_per_read):
+            chunk = ids[start : start + rows_per_read]
+            rows, fingerprints = read(chunk)
+            found = column_of(rows, id_column)
+            if kind == "update" and len(found) < len(chunk):
+                present = set(map(id_key, found))
+                deleted.extend(i for i in chunk if id_key(i) not in present)
+            if found:
+                yield ChangedRows(kind, found, rows, fingerprints)
+    if deleted:
+        yield ChangedRows("delete", deleted)
 
 
 @dc.dataclass(frozen=True, slots=True)
@@ -189,8 +231,8 @@ class SnapshotStore:
     """``_reactive_snapshot__<table>``: ``(row_id, fingerprint)`` of every row as last processed.
 
     This is what :class:`~reactive.backends.ibis.listener.IbisPollingListener` depends on
-    (its ``Snapshots``): a poll is :meth:`diff`, the changed rows are read with
-    :meth:`rows_with_fingerprints`, and the handler's commit calls :meth:`advance`.
+    (its ``Snapshots``): a poll is :meth:`poll` (the changed rows, read with the diff on DuckDB,
+    else by id after it), and the handler's commit calls :meth:`advance`.
     ``decoded`` turns stored JSON text back into values (the source reader's).
     """
 
@@ -336,11 +378,13 @@ class SnapshotStore:
             stats = self._stats.setdefault(table, {})
             stats[what] = stats.get(what, 0) + 1
 
-    def poll(self, table: TableInfo) -> tuple[Changes, VersionMark | None]:
-        """What changed in ``table`` since its position, and the mark to save once those
-        changes are processed (None: nothing to save).
+    def poll(self, table: TableInfo, rows_per_read: int = 20_000) -> tuple[Iterator[ChangedRows], VersionMark | None]:
+        """What changed in ``table`` since its position, read as it is iterated (at most about
+        ``rows_per_read`` rows per statement), and the mark to save once those changes are
+        processed (None: nothing to save).
 
-        Without a version column, :meth:`diff`. With one, a full diff when one is due
+        Without a version column, every row that differs from the snapshot (:meth:`changed`).
+        With one, a full diff when one is due
         (``full_diff_every`` seconds after the last, when requested, or when nothing is
         known of the table), else only the rows from the last version seen on (see
         :class:`~reactive.backends.base.VersionColumn`). A full diff's mark holds the
@@ -349,7 +393,7 @@ class SnapshotStore:
         """
         spec = self.versions.get(table.name)
         if spec is None:
-            return self.diff(table), None
+            return self.changed(table, rows_per_read), None
         with self._state_lock:
             known = table.name in self._integer
             requested = self._full_requested.get(table.name, 0)
@@ -366,7 +410,7 @@ class SnapshotStore:
         )
         if due:
             top = _plain(self.conn.fetch(statements.top)[0]["top"])
-            changes = self.diff(table)
+            changed = self.changed(table, rows_per_read)
             if requested:
                 with self._state_lock:
                     left = self._full_requested.get(table.name, 0) - requested
@@ -375,7 +419,7 @@ class SnapshotStore:
                     else:
                         self._full_requested.pop(table.name, None)
             self._count(table.name, "full_diffs")
-            return changes, VersionMark(spec.column, top, now)
+            return changed, VersionMark(spec.column, top, now)
         with self._state_lock:
             integer = self._integer.get(table.name, False)
         overlap = spec.overlap if spec.overlap is not None else (0 if integer else TIMESTAMP_OVERLAP)
@@ -401,7 +445,7 @@ class SnapshotStore:
             )
         self._count(table.name, "version_polls")
         moved = VersionMark(spec.column, version, mark.full_diff_at)
-        return changes, (None if moved == mark else moved)
+        return self._read(table, changes, rows_per_read), (None if moved == mark else moved)
 
     def _warn_once(self, table: str, what: str, message: str) -> None:
         with self._state_lock:
@@ -525,6 +569,33 @@ class SnapshotStore:
             if upper is None:
                 return changed
             lower = upper
+
+    def changed(self, table: TableInfo, rows_per_read: int) -> Iterator[ChangedRows]:
+        """Every row that differs from the snapshot, read as it is iterated: streamed with the
+        diff itself where the dialect streams (DuckDB: one statement, ``rows_per_read`` rows per
+        batch), else :meth:`diff`'s ids, then their rows ``rows_per_read`` at a time."""
+        statements = self._statements(table)
+        if statements.diff_rows is None or self.conn.dialect.diff_range_rows is not None:
+            yield from self._read(table, self.diff(table), rows_per_read)
+            return
+        for part in self.conn.streamed(statements.diff_rows, rows_per_read):
+            found = part.table
+            kinds = found.column(KIND_ALIAS)
+            present = pc.unique(kinds).to_pylist()
+            for kind in ("insert", "update", "delete"):
+                if kind not in present:
+                    continue
+                mine = found if len(present) == 1 else found.filter(pc.equal(kinds, kind))
+                if kind == "delete":
+                    yield ChangedRows(kind, mine.column(ID_ALIAS).to_pylist())
+                    continue
+                rows = TableRows(mine.select(list(statements.columns)))
+                fingerprints = mine.column(FINGERPRINT_ALIAS).to_pylist()
+                yield ChangedRows(kind, rows.column(table.id_column), self.decoded(table.name, rows), fingerprints)
+
+    def _read(self, table: TableInfo, changes: Changes, rows_per_read: int) -> Iterator[ChangedRows]:
+        read = functools.partial(self.rows_with_fingerprints, table)
+        return read_changes(changes, read, table.id_column, rows_per_read)
 
     def rows_with_fingerprints(self, table: TableInfo, ids: Sequence[Any]) -> tuple[Sequence[Row], list[int]]:
         """The current rows with these ids and their fingerprints, aligned, read in one statement
