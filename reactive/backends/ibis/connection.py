@@ -45,6 +45,7 @@ class IbisConnection:
         self.con = con
         self.uri = uri
         self.dialect: Dialect = dialect_for(con)
+        self.dialect.load_modules()
         self.lock = threading.RLock()
         self._handles: dict[str, ir.Table] = {}
         self._sql: dict[tuple[str, str, tuple[str, ...]], TableSQL] = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import secrets
@@ -111,6 +112,12 @@ class Dialect:
     #: view). A statement costs DuckDB about 3 ms beside its rows: a growing window's ids (up to
     #: 50,000) are read in one.
     ids_per_statement: ClassVar[int] = 50_000
+
+    def load_modules(self) -> None:
+        """Import now what the driver imports on first use: DuckDB imports ``pyarrow.dataset``
+        (0.1 s, more on a busy process) the first time an Arrow table is registered, which would
+        be the first window's output write, or a backfill's."""
+        importlib.import_module("pyarrow.dataset")
 
     def check_name(self, name: str, *, table: str) -> None:
         """Refuse a user's name the engine cannot hold: it would have kept a shorter one."""
@@ -305,6 +312,10 @@ class PostgresDialect(Dialect):
 
     name = "postgres"
     ids_per_statement = 10_000  # one bound list of ids
+
+    def load_modules(self) -> None:
+        """Nothing: psycopg binds parameters itself."""
+
     arrow_results = False
     concurrent_reads = False
     streamed_scans = False
@@ -464,6 +475,9 @@ class SQLiteDialect(Dialect):
     # Python's sqlite3 cannot bind timestamps; ISO-8601 text sorts the same way.
     timestamp_type = dt.string
     fingerprint_type = dt.int64
+
+    def load_modules(self) -> None:
+        """Nothing: sqlite3 binds parameters itself."""
 
     def primary_key(self, con: Any, table: str) -> list[str]:
         query = (
