@@ -166,8 +166,9 @@ def poll_markdown(results: list[dict[str, Any]]) -> str:
     )
     return (
         "### Poll cost (one poll of a 5-column table; median)\n\n"
-        "Reactive poll = full outer join of row fingerprints against the snapshot, then reading the changed "
-        "rows (`IbisPollingListener._poll`); its diff query alone is `snapshots.diff`. The watermark reference "
+        "Reactive poll = full outer join of row fingerprints against the snapshot that streams the changed "
+        "rows themselves, queued in packets (`IbisPollingListener._poll`); that statement alone, read to the end, "
+        "is `snapshots.changed`. The watermark reference "
         "sees inserts only; the full-diff reference keeps a full copy of the table. All four are timed "
         "round-robin on the same table.\n\n" + table
     )

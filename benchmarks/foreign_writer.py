@@ -61,10 +61,12 @@ def writer(kind: str, target: str, n: int, start: int) -> list[float]:
 
 def one_poll(db: Any) -> float:
     """Seconds of one idle poll (the diff of the watched table), measured in-process."""
+    from reactive.backends.ibis.listener import READ_ROWS
+
     info = db.table_info("docs")
     snapshots = db.backend.snapshots
     started = time.perf_counter()
-    snapshots.diff(info)
+    list(snapshots.changed(info, READ_ROWS))
     return time.perf_counter() - started
 
 

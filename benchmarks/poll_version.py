@@ -12,12 +12,12 @@ polling is timed round-robin on that same state (``benchmarks.common.interleaved
 of ``--repeat`` calls after one warm-up):
 
 - ``full_diff_poll``: ``IbisPollingListener._poll`` without a version column, exactly what
-  the listener thread runs per table: the snapshot diff of the whole table, then reading the
-  changed rows with their fingerprints and queueing them;
+  the listener thread runs per table: the snapshot diff of the whole table with the changed rows
+  and their fingerprints (on DuckDB in the same statement; elsewhere read by id after it), queued;
 - ``version_poll``: the same with ``version_columns={"docs": "updated_at"}`` (default overlap of
   1 s): only the rows from the last version seen on are read and compared;
 - ``full_diff_query`` and ``version_query``: the diff statement(s) alone
-  (``snapshots.diff``, ``snapshots.poll``);
+  (``snapshots.changed``, ``snapshots.poll``), their rows read to the end;
 - ``except_reference``: a hand-written full diff that sees every change, like reactive's:
   ``SELECT * FROM docs EXCEPT SELECT * FROM ref_copy`` plus an anti-join for deletes, against
   a full copy of the table.
@@ -46,7 +46,7 @@ import duckdb
 
 from reactive.backends.base import TableInfo, VersionColumn
 from reactive.backends.ibis.backend import IbisBackend
-from reactive.backends.ibis.listener import IbisPollingListener
+from reactive.backends.ibis.listener import READ_ROWS, IbisPollingListener
 from reactive.backends.ibis.snapshots import SnapshotStore
 from reactive.queue import CDCQueue
 
@@ -201,11 +201,11 @@ class Probe:
         return self._drain(self.version)
 
     def full_diff_query(self) -> int:
-        return sum(map(len, self.backend.snapshots.diff(self.table).values()))
+        return sum(len(part.ids) for part in self.backend.snapshots.changed(self.table, READ_ROWS))
 
     def version_query(self) -> int:
-        changes, _ = self.versioned.poll(self.table)
-        return len(changes)
+        changes, _ = self.versioned.poll(self.table, READ_ROWS)
+        return sum(len(part.ids) for part in changes)
 
     def except_reference(self) -> int:
         changed = self.client.execute(EXCEPT_CHANGED)

@@ -39,6 +39,7 @@ from .common import markdown_table, scratch_dir
 #: (role of the backend, method) timed as one stage each; the writer is the datalayer's.
 STAGES = (
     ("snapshots", "ensure"),
+    ("snapshots", "changed"),
     ("snapshots", "diff"),
     ("snapshots", "rows_with_fingerprints"),
     ("source", "read_rows"),

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import reactive
 from reactive.backends.base import OutputBatch
 from reactive.backends.ibis.backend import IbisBackend
-from reactive.backends.ibis.listener import IbisPollingListener
+from reactive.backends.ibis.listener import READ_ROWS, IbisPollingListener
 from reactive.components import Listener, Model
 from reactive.queue import CDCQueue
 
@@ -582,10 +582,10 @@ class PollProbe:
     """Times one poll of ``docs`` by reactive and by the two references, without threads.
 
     ``reactive_poll`` is :meth:`IbisPollingListener._poll`, exactly what the listener thread
-    runs per table and cycle: the diff query, then reading changed rows with their
-    fingerprints (pages of 1,000) and queueing them. The queue is drained and the packets
-    released after each call, so the snapshot never moves and every repetition sees the same
-    changes. ``reactive_diff`` is the diff query alone (``backend.snapshots.diff``).
+    runs per table and cycle: the diff query with the changed rows and their fingerprints,
+    streamed, and queueing them in packets. The queue is drained and the packets released
+    after each call, so the snapshot never moves and every repetition sees the same changes.
+    ``reactive_diff`` is that statement alone, read to the end (``backend.snapshots.changed``).
     """
 
     def __init__(self, path: Path, client: duckdb.DuckDBPyConnection) -> None:
@@ -620,7 +620,7 @@ class PollProbe:
         self.listener.release([p.position for p in packets])
 
     def reactive_diff(self) -> int:
-        return sum(map(len, self.backend.snapshots.diff(self.table).values()))
+        return sum(len(part.ids) for part in self.backend.snapshots.changed(self.table, READ_ROWS))
 
     def watermark_query(self) -> int:
         query = "SELECT id, text, lang, score, views FROM docs WHERE id > ? ORDER BY id"
@@ -680,7 +680,7 @@ def bench_poll(sizes: Sizes) -> list[dict[str, Any]]:
     """Cost of one poll at each table size: idle, with 1% of rows inserted, with 1% updated.
 
     Reactive: the listener's poll (full outer join of in-database row fingerprints against
-    the snapshot table, then reading the changed rows). References on the same table: the
+    the snapshot table that streams the changed rows). References on the same table: the
     insert-only watermark query (``id > max seen``; sees no update or delete) and a full diff
     that sees everything (``EXCEPT`` against a full copy of the table, plus an anti-join for
     deletes). Medians of ``poll_repeat`` calls after one warm-up. Snapshot creation is the
