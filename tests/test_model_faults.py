@@ -121,6 +121,52 @@ def test_a_hanging_call_times_out_and_the_model_waits_for_it_to_return() -> None
     assert model.compute(["y"], wait=lambda s: True) == ["Y"]
 
 
+def test_a_windows_batches_run_in_one_hand_off_each_with_its_own_deadline_and_call_info() -> None:
+    """The batches of one compute() are handed to the predict thread at once: a cheap model
+    pays no round trip between two threads per batch. Each batch's call still has its own
+    timeout (five calls of 0.1 s under a timeout of 0.3 s all return) and shows as the running
+    call with its own inputs."""
+    seen: list[tuple[int, int | None, str]] = []
+    model: Model
+
+    def slow(texts: list[str]) -> list[str]:
+        running = model.calls.running
+        seen.append((len(texts), running and running.inputs, threading.current_thread().name))
+        time.sleep(0.1)  # the model's own time
+        return [t.upper() for t in texts]
+
+    model = Model("up", predict=slow, batch_size=2, timeout=0.3, sort_by_length=False)
+    assert model.compute(list("abcdefghi"), wait=lambda s: True) == list("ABCDEFGHI")
+    assert seen == [(2, 2, "reactive-model-up")] * 4 + [(1, 1, "reactive-model-up")]
+    assert model.calls.timeouts == 0 and model.calls.running is None
+
+
+def test_a_batch_that_hangs_in_a_hand_off_fails_alone_and_the_batches_after_it_are_not_called() -> None:
+    """A call that times out in the middle of a window: the batches before it keep their outputs,
+    it fails with the timeout, the ones after it fail at once while it hangs (the model is never
+    called twice at once) and are never called by the thread that hangs, even once it returns."""
+    called: list[str] = []
+    hang = Hang()
+
+    def predict(texts: list[str]) -> list[str]:
+        called.extend(texts)
+        return hang(texts)
+
+    model = Model("up", predict=predict, batch_size=1, timeout=0.2, sort_by_length=False)
+    try:
+        results = model.compute(["a", "b", "hang", "c", "d"], wait=lambda s: True)
+        assert results[:2] == ["A", "B"]
+        assert results[2] == Failure("model 'up' did not answer within 0.2 s")
+        assert all("a call given up earlier is still running" in r.error for r in results[3:])
+        stuck = model.calls.stuck
+        assert stuck is not None and stuck.inputs == 1
+    finally:
+        hang.release.set()
+    assert model.wait_calls(timeout=10)
+    assert called == ["a", "b", "hang"]
+    assert model.compute(["c", "d"], wait=lambda s: True) == ["C", "D"]
+
+
 def test_the_predict_thread_is_kept_from_window_to_window_and_ends_with_close() -> None:
     """LocalCompute keeps each model's predict thread between windows (starting one per window
     cost a third of a one-row window's path); it ends when the compute thread does."""

@@ -83,24 +83,54 @@ class _BatchFailed(Exception):
 
 
 class _Call:
-    """One call of ``predict``, run on a caller thread; ``done`` once it returned or raised."""
+    """Calls of ``predict`` on ranges of ``values`` (``bounds``), one after the other on a caller
+    thread: a window's batches are handed over once, not one round trip between two threads per
+    batch (about 0.1 ms each, more than a cheap model's whole batch). ``done`` once every range
+    returned, one raised, or the calls were cancelled (given up).
 
-    def __init__(self, model: Model, values: list[Any], thread: str) -> None:
+    ``batch`` is the range being called, ``started`` since when (``time.monotonic``) and
+    ``info`` its :class:`CallInfo`: deadlines and ``Model.calls`` follow the range, not the
+    whole hand-off. They move under the model's lock, with ``outputs``.
+    """
+
+    def __init__(self, model: Model, values: list[Any], bounds: Sequence[tuple[int, int]], thread: str) -> None:
         self.model = model
         self.values = values
-        self.outputs: Any = None
+        self.bounds = bounds
+        #: What each range's call returned, in order: the ranges past the last one did not return.
+        self.outputs: list[Any] = []
+        #: What the call of the range after the last output raised, if one did.
         self.error: BaseException | None = None
+        self.cancelled = False
         self.done = threading.Event()
+        self.thread = thread
+        self.batch = 0
         self.started = time.monotonic()
-        self.info = CallInfo(thread, _dt.datetime.now(_dt.UTC), len(values))
+        self.info = CallInfo(thread, _dt.datetime.now(_dt.UTC), bounds[0][1] - bounds[0][0])
 
     def run(self) -> None:
+        model = self.model
         try:
-            self.outputs = self.model.predict(self.values)
-        except BaseException as exc:  # handed to the waiting handler, which decides
-            self.error = exc
+            for index, (lo, hi) in enumerate(self.bounds):
+                with model._lock:
+                    if self.cancelled:
+                        return
+                    if index:
+                        self.batch, self.started = index, time.monotonic()
+                        self.info = CallInfo(self.thread, _dt.datetime.now(_dt.UTC), hi - lo)
+                        model.calls.running = self.info
+                try:
+                    outputs = model.predict(self.values[lo:hi])
+                except BaseException as exc:  # handed to the waiting handler, which decides
+                    self.error = exc
+                    return
+                with model._lock:
+                    if self.cancelled:
+                        return  # given up: discarded
+                    self.outputs.append(outputs)
+                    self.started = time.monotonic()  # progress: no deadline passes between two ranges
         finally:
-            self.model._returned(self)
+            model._returned(self)
             self.done.set()
 
 
@@ -358,9 +388,24 @@ class Model:
         found: list[Any] = [None] * len(values)
         if not keep_thread:
             self.end_thread()
+        size = self.batch_size
+        bounds = [(start, min(start + size, len(values))) for start in range(0, len(values), size)]
         try:
-            for start in range(0, len(values), self.batch_size):
-                self._isolate(values, start, min(start + self.batch_size, len(values)), found, wait, stopping)
+            k = 0
+            while k < len(bounds):
+                # Every batch left in one hand-off; one that fails is isolated alone, then the
+                # batches after it go on in another.
+                returned, error = self._call_many(values, bounds[k:], stopping)
+                for outputs in returned:
+                    lo, hi = bounds[k]
+                    try:
+                        found[lo:hi] = self._checked(outputs, hi - lo)
+                    except _BatchFailed as exc:
+                        found[lo:hi] = [Failure(str(exc))] * (hi - lo)
+                    k += 1
+                if error is not None:
+                    self._isolate(values, *bounds[k], found, wait, stopping, first=error)
+                    k += 1
         except BaseException:
             self.end_thread()  # interrupted: its call may still run
             raise
@@ -387,8 +432,10 @@ class Model:
             return
         caller.stop()
         with self._lock:
-            running = self._in_flight is not None  # compute() was interrupted (Ctrl-C) mid-call
-        if not running:
+            running = self._in_flight  # compute() was interrupted (Ctrl-C) mid-call
+            if running is not None:
+                running.cancelled = True  # the batches after the one running are not called
+        if running is None:
             caller.join()
 
     def wait_calls(self, timeout: float | None = None) -> bool:
@@ -408,13 +455,18 @@ class Model:
         results: list[Any],
         wait: Callable[[float], bool],
         stopping: Callable[[], bool],
+        first: BaseException | None = None,
     ) -> None:
         """Outputs of ``values[lo:hi]`` (one call of ``predict``) into ``results[lo:hi]``: a
-        batch that raises is split in halves until the inputs that fail are alone."""
+        batch that raises is split in halves until the inputs that fail are alone. ``first``:
+        what its call already raised (it is handled as if that call were made here)."""
         batch = values[lo:hi]
         attempt = transient_attempt = 0
         while True:
             try:
+                if first is not None:
+                    error, first = first, None
+                    raise error
                 outputs = self._call(batch, stopping)
             except _BatchFailed as exc:
                 results[lo:hi] = [Failure(str(exc))] * (hi - lo)
@@ -448,44 +500,64 @@ class Model:
 
     def _call(self, values: list[Any], stopping: Callable[[], bool]) -> list[Any]:
         """One call of ``predict`` on its own thread; what it returned, checked."""
+        returned, error = self._call_many(values, [(0, len(values))], stopping)
+        if error is not None:
+            raise error
+        return self._checked(returned[0], len(values))
+
+    def _call_many(
+        self, values: list[Any], bounds: Sequence[tuple[int, int]], stopping: Callable[[], bool]
+    ) -> tuple[list[Any], BaseException | None]:
+        """Call ``predict`` on each range of ``values`` in ``bounds`` in turn, on this thread's
+        caller thread, in one hand-off: what the calls that returned gave, in order, and what
+        stopped them at the next range, if anything (its exception, or a :class:`_BatchFailed`:
+        the call was given up, or could not be made)."""
         with self._lock:
             if self._in_flight is not None:
                 stuck = self.calls.stuck
                 since = f" since {stuck.since:%H:%M:%S} UTC" if stuck else ""
-                raise _BatchFailed(
+                return [], _BatchFailed(
                     f"model {self.identifier!r} is not called: a call given up earlier is still running{since}"
                 )
             caller = getattr(self._local, "caller", None)
             if caller is None:
                 caller = self._local.caller = _Caller(self)
                 caller.start()
-            call = self._in_flight = _Call(self, values, caller.name)
+            call = self._in_flight = _Call(self, values, bounds, caller.name)
             self.calls.running = call.info
         caller.calls.put(call)
         abandoned = self._await(call, stopping)
         with self._lock:
             self.calls.running = None
             if abandoned is not None and self._in_flight is call:
+                call.cancelled = True
                 self.calls.stuck = dc.replace(call.info, abandoned=abandoned)
                 # The caller runs on until predict returns, then ends; the next call gets another.
                 self._local.caller = None
                 caller.stop()
-                raise _BatchFailed(abandoned)
-        if call.error is not None:
-            raise call.error
-        return self._checked(call.outputs, values)
+                return list(call.outputs), _BatchFailed(abandoned)
+        if call.error is None and len(call.outputs) < len(bounds):
+            return call.outputs, _BatchFailed(f"model {self.identifier!r}: its calls were cancelled")
+        return call.outputs, call.error
 
     def _await(self, call: _Call, stopping: Callable[[], bool]) -> str | None:
-        """Wait for ``call``; why it was given up, or None once it returned."""
-        deadline = None if self.timeout is None else call.started + self.timeout
+        """Wait for ``call``'s ranges; why the one running was given up, or None once all returned
+        (or one raised). Each range has its own deadlines: the timeout, and the grace of a stop."""
+        batch = call.batch
         stop_deadline: float | None = None
         warned = False
         while True:
+            started = call.started
+            if call.batch != batch:  # the next range's call: deadlines of its own
+                batch, stop_deadline, warned = call.batch, None, False
+            deadline = None if self.timeout is None else started + self.timeout
             now = time.monotonic()
             slice_ = STOP_CHECK if deadline is None else max(0.0, min(STOP_CHECK, deadline - now))
             if call.done.wait(slice_):
                 return None
             now = time.monotonic()
+            if call.started != started:
+                continue  # a range returned meanwhile: its deadline does not hold
             if deadline is not None and now >= deadline:
                 with self._lock:
                     self.calls.timeouts += 1
@@ -511,16 +583,16 @@ class Model:
                     self.calls.stuck = None
             self._returned_calls.notify_all()
 
-    def _checked(self, outputs: Any, values: list[Any]) -> list[Any]:
-        """``outputs`` as a list matched to ``values``; a count mismatch fails the batch."""
+    def _checked(self, outputs: Any, count: int) -> list[Any]:
+        """``outputs`` as a list of ``count`` outputs (one per input); a count mismatch fails the batch."""
         try:
             outputs = list(outputs)
         except TypeError:
             raise _BatchFailed(
                 f"model {self.identifier!r} returned {type(outputs).__name__}, not a list of outputs"
             ) from None
-        if len(outputs) != len(values):
-            raise _BatchFailed(f"model {self.identifier!r} returned {len(outputs)} outputs for {len(values)} inputs")
+        if len(outputs) != count:
+            raise _BatchFailed(f"model {self.identifier!r} returned {len(outputs)} outputs for {count} inputs")
         return outputs
 
 
