@@ -624,7 +624,10 @@ KIND_ALIAS, ID_ALIAS = "__reactive_kind", "__reactive_id"
 
 
 class SnapshotSQL:
-    """The statements of the polling listener for one table and its snapshot, built once."""
+    """The statements of the polling listener for one table and its snapshot, each built at its
+    first use and kept: a statement parsed from a template costs sqlglot about 14 ms, and a
+    dialect uses only some of them (the diff in id ranges is SQLite's, the diff that streams its
+    rows DuckDB's, the version statements need a version column)."""
 
     def __init__(
         self,
@@ -636,55 +639,81 @@ class SnapshotSQL:
         version: str | None = None,
         id_type: dt.DataType | None = None,
     ) -> None:
-        fingerprint = sge.alias_(dialect.row_hash(columns, table), FINGERPRINT_ALIAS, quoted=True)
+        self.dialect = dialect
+        self.table = table
+        self.id_column = id_column
         self.columns = tuple(columns)
-        self.by_ids_with_fingerprint = dialect.render(
-            _select(table, columns).select(fingerprint).where(dialect.ids_condition(id_column, table, id_type))
-        )
-        #: Where the dialect streams (DuckDB): the diff with the changed rows themselves, in one
-        #: statement (:data:`KIND_ALIAS`, :data:`ID_ALIAS`, the columns, :data:`FINGERPRINT_ALIAS`).
-        #: Reading a burst's rows by id afterwards joins every chunk of ids with the whole table:
-        #: 300k inserted rows cost 0.26 s that way, 0.05 s streamed from the diff (1M: 0.97 s, 0.14 s).
-        self.diff_rows: str | None = None
-        if dialect.streamed_scans:
-            inner = _select(table, columns).select(fingerprint)
-            current, known = _column(id_column, "c"), _column("row_id", "s")
-            kind = sge.Case(
-                ifs=[
-                    sge.If(this=known.is_(sge.null()), true=sge.convert("insert")),
-                    sge.If(this=current.is_(sge.null()), true=sge.convert("delete")),
-                ],
-                default=sge.convert("update"),
-            )
-            changed = sg.or_(
-                known.is_(sge.null()),
-                current.is_(sge.null()),
-                sge.NEQ(this=_column(FINGERPRINT_ALIAS, "c"), expression=_column("fingerprint", "s")),
-            )
-            diff_rows = (
-                sg.select(
-                    sge.alias_(kind, KIND_ALIAS, quoted=True),
-                    sge.alias_(sge.Coalesce(this=current, expressions=[known]), ID_ALIAS, quoted=True),
-                    sge.Column(this=sge.Star(), table=sg.to_identifier("c", quoted=True)),
-                )
-                .from_(inner.subquery("c", copy=False))
-                .join(
-                    sg.table(snapshot, quoted=True, alias="s"),
-                    on=sge.EQ(this=current, expression=known),
-                    join_type="FULL OUTER",
-                )
-                .where(changed)
-            )
-            self.diff_rows = dialect.render(diff_rows)
-        names = {
-            "snap": sg.table(snapshot, quoted=True),
-            "t": sg.table(table, quoted=True),
-            "id": _column(id_column, table),
-            "fp": dialect.row_hash(columns, table),
+        self.snapshot = snapshot
+        self.version = version
+        self.id_type = id_type
+
+    @property
+    def _names(self) -> dict[str, sge.Expression]:
+        return {
+            "snap": sg.table(self.snapshot, quoted=True),
+            "t": sg.table(self.table, quoted=True),
+            "id": _column(self.id_column, self.table),
+            "fp": self.dialect.row_hash(self.columns, self.table),
         }
-        self.fill = dialect.render(
-            _template("INSERT INTO :snap (row_id, fingerprint) SELECT :id, :fp FROM :t", **names)
+
+    def _fingerprint(self) -> sge.Expression:
+        return sge.alias_(self.dialect.row_hash(self.columns, self.table), FINGERPRINT_ALIAS, quoted=True)
+
+    @functools.cached_property
+    def by_ids_with_fingerprint(self) -> str:
+        """The rows with the bound ids, and their fingerprints (:data:`FINGERPRINT_ALIAS`)."""
+        dialect, table = self.dialect, self.table
+        condition = dialect.ids_condition(self.id_column, table, self.id_type)
+        return dialect.render(_select(table, self.columns).select(self._fingerprint()).where(condition))
+
+    @functools.cached_property
+    def diff_rows(self) -> str | None:
+        """Where the dialect streams (DuckDB): the diff with the changed rows themselves, in one
+        statement (:data:`KIND_ALIAS`, :data:`ID_ALIAS`, the columns, :data:`FINGERPRINT_ALIAS`).
+        Reading a burst's rows by id afterwards joins every chunk of ids with the whole table:
+        300k inserted rows cost 0.26 s that way, 0.05 s streamed from the diff (1M: 0.97 s, 0.14 s)."""
+        dialect = self.dialect
+        if not dialect.streamed_scans:
+            return None
+        inner = _select(self.table, self.columns).select(self._fingerprint())
+        current, known = _column(self.id_column, "c"), _column("row_id", "s")
+        kind = sge.Case(
+            ifs=[
+                sge.If(this=known.is_(sge.null()), true=sge.convert("insert")),
+                sge.If(this=current.is_(sge.null()), true=sge.convert("delete")),
+            ],
+            default=sge.convert("update"),
         )
+        changed = sg.or_(
+            known.is_(sge.null()),
+            current.is_(sge.null()),
+            sge.NEQ(this=_column(FINGERPRINT_ALIAS, "c"), expression=_column("fingerprint", "s")),
+        )
+        diff_rows = (
+            sg.select(
+                sge.alias_(kind, KIND_ALIAS, quoted=True),
+                sge.alias_(sge.Coalesce(this=current, expressions=[known]), ID_ALIAS, quoted=True),
+                sge.Column(this=sge.Star(), table=sg.to_identifier("c", quoted=True)),
+            )
+            .from_(inner.subquery("c", copy=False))
+            .join(
+                sg.table(self.snapshot, quoted=True, alias="s"),
+                on=sge.EQ(this=current, expression=known),
+                join_type="FULL OUTER",
+            )
+            .where(changed)
+        )
+        return dialect.render(diff_rows)
+
+    @functools.cached_property
+    def fill(self) -> str:
+        """Every row's fingerprint into the new snapshot."""
+        template = "INSERT INTO :snap (row_id, fingerprint) SELECT :id, :fp FROM :t"
+        return self.dialect.render(_template(template, **self._names))
+
+    @functools.cached_property
+    def diff(self) -> str:
+        """The ids of the rows that differ from the snapshot, and how (``id``, ``kind``)."""
         diff = _template(
             """
             SELECT COALESCE(c.cur_id, s.row_id) AS id,
@@ -694,14 +723,17 @@ class SnapshotSQL:
             FULL OUTER JOIN :snap AS s ON c.cur_id = s.row_id
             WHERE s.row_id IS NULL OR c.cur_id IS NULL OR c.cur_fp <> s.fingerprint
             """,
-            **names,
+            **self._names,
         )
-        self.diff = dialect.render(diff)
-        # The same diff over the ids in (lower, upper] (a bound None: open), as two statements
-        # that each walk an index: rows of the table in the range against the snapshot (inserts,
-        # updates), and snapshot rows in the range without a row (deletes). Keyed by which
-        # bounds there are, so that no "? IS NULL OR" keeps SQLite from using the index.
-        self.ranged_diff: dict[tuple[bool, bool], tuple[str, str]] = {}
+        return self.dialect.render(diff)
+
+    @functools.cached_property
+    def ranged_diff(self) -> dict[tuple[bool, bool], tuple[str, str]]:
+        """The same diff over the ids in (lower, upper] (a bound None: open), as two statements
+        that each walk an index: rows of the table in the range against the snapshot (inserts,
+        updates), and snapshot rows in the range without a row (deletes). Keyed by which bounds
+        there are, so that no "? IS NULL OR" keeps SQLite from using the index."""
+        names, ranged = self._names, {}
         for lower in (False, True):
             for upper in (False, True):
                 bounds = (["{0} > :lo"] if lower else []) + (["{0} <= :hi"] if upper else [])
@@ -727,36 +759,63 @@ class SnapshotSQL:
                     lo=sge.Placeholder(),
                     hi=sge.Placeholder(),
                 )
-                self.ranged_diff[(lower, upper)] = (dialect.render(changed), dialect.render(gone))
-        key = names["id"]
-        bound = _select(table, [id_column]).order_by(key).limit(1).offset(sge.Placeholder())
-        self.first_bound = dialect.render(bound)
-        self.next_bound = dialect.render(bound.where(key > sge.Placeholder()))
-        #: With a version column: its highest value, and the rows from a version on (those
-        #: whose version is NULL too) against the snapshot. ``kind`` is NULL for a row that
-        #: has not changed; ``top`` is the highest version among the rows read. Both walk an
-        #: index on the version column where there is one (PostgreSQL, SQLite).
-        #: ``since_all`` is the same over every row (no version was known: the table had none).
-        self.top: str | None = None
-        self.since: str | None = None
-        self.since_all: str | None = None
-        if version is not None:
-            names["v"] = _column(version, table)
-            self.top = dialect.render(_template("SELECT MAX(:v) AS top FROM :t", **names))
-            for attribute, condition in (("since", ":v >= :lo OR :v IS NULL"), ("since_all", "TRUE")):
-                since = _template(
-                    f"""
-                    SELECT c.cur_id AS id,
-                           CASE WHEN s.row_id IS NULL THEN 'insert' WHEN c.cur_fp <> s.fingerprint THEN 'update' END
-                           AS kind,
-                           c.cur_v AS version, MAX(c.cur_v) OVER () AS top
-                    FROM (SELECT :id AS cur_id, :fp AS cur_fp, :v AS cur_v FROM :t WHERE {condition}) AS c
-                    LEFT JOIN :snap AS s ON c.cur_id = s.row_id
-                    """,
-                    **names,
-                    lo=sge.Placeholder(),
-                )
-                setattr(self, attribute, dialect.render(since))
+                ranged[(lower, upper)] = (self.dialect.render(changed), self.dialect.render(gone))
+        return ranged
+
+    @functools.cached_property
+    def _bound(self) -> sge.Select:
+        key = _column(self.id_column, self.table)
+        return _select(self.table, [self.id_column]).order_by(key).limit(1).offset(sge.Placeholder())
+
+    @functools.cached_property
+    def first_bound(self) -> str:
+        """The id ``?`` rows past the first (the upper bound of the first range)."""
+        return self.dialect.render(self._bound)
+
+    @functools.cached_property
+    def next_bound(self) -> str:
+        """The id ``?`` rows past the one after ``?`` (the upper bound of the next range)."""
+        key = _column(self.id_column, self.table)
+        return self.dialect.render(self._bound.where(key > sge.Placeholder()))
+
+    @functools.cached_property
+    def top(self) -> str | None:
+        """With a version column: its highest value (``top``). None without one."""
+        if self.version is None:
+            return None
+        names = {**self._names, "v": _column(self.version, self.table)}
+        return self.dialect.render(_template("SELECT MAX(:v) AS top FROM :t", **names))
+
+    @functools.cached_property
+    def since(self) -> str | None:
+        """With a version column: the rows from a version on (those whose version is NULL too)
+        against the snapshot. ``kind`` is NULL for a row that has not changed; ``top`` is the
+        highest version among the rows read. It walks an index on the version column where there
+        is one (PostgreSQL, SQLite)."""
+        return self._since(":v >= :lo OR :v IS NULL")
+
+    @functools.cached_property
+    def since_all(self) -> str | None:
+        """:attr:`since` over every row (no version was known: the table had none)."""
+        return self._since("TRUE")
+
+    def _since(self, condition: str) -> str | None:
+        if self.version is None:
+            return None
+        since = _template(
+            f"""
+            SELECT c.cur_id AS id,
+                   CASE WHEN s.row_id IS NULL THEN 'insert' WHEN c.cur_fp <> s.fingerprint THEN 'update' END
+                   AS kind,
+                   c.cur_v AS version, MAX(c.cur_v) OVER () AS top
+            FROM (SELECT :id AS cur_id, :fp AS cur_fp, :v AS cur_v FROM :t WHERE {condition}) AS c
+            LEFT JOIN :snap AS s ON c.cur_id = s.row_id
+            """,
+            **self._names,
+            v=_column(self.version, self.table),
+            lo=sge.Placeholder(),
+        )
+        return self.dialect.render(since)
 
 
 def timestamp_column(dialect: Dialect, values: list[_dt.datetime]) -> pa.Array:
