@@ -330,3 +330,19 @@ def test_a_duckdb_poll_streams_changed_rows_with_its_diff_while_windows_are_writ
         assert outputs_by_source(db, "len__text") == {i: len(t) for i, t in rows.items()}
         assert sorted(seen.inputs) == sorted(t for i, t in rows.items() if i < 60 or i >= 200)
         assert db.cdc.info()["queue"]["producer_blocked_seconds"] > 0  # the stream waited on the queue
+
+
+def test_a_duckdb_poll_streams_rows_of_a_table_whose_columns_are_named_like_the_diffs_own(duck: SQLClient) -> None:
+    """The streamed diff names its subquery ``c`` and the snapshot ``s`` and joins on ``row_id``
+    and ``fingerprint``: a table with columns (and an id) of those names is followed as any other."""
+    duck.execute('CREATE TABLE "s" ("row_id" INTEGER PRIMARY KEY, "c" VARCHAR, "fingerprint" BIGINT, "kind" VARCHAR)')
+    duck.execute("INSERT INTO \"s\" VALUES (1, 'alpha', 7, 'x'), (2, 'be', 8, 'y')")
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("len", predict=lambda ts: [len(t) for t in ts], output_type="int64"), "c", "s"))
+        db.cdc.start()
+        duck.execute("INSERT INTO \"s\" VALUES (3, 'gamma', 9, 'z')")
+        duck.execute('UPDATE "s" SET "c" = \'alphabet\', "fingerprint" = 0 WHERE "row_id" = 1')
+        duck.execute('DELETE FROM "s" WHERE "row_id" = 2')
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "len__c") == {1: 8, 3: 5}
+        assert db.errors("len__c") == []
