@@ -14,6 +14,7 @@ import gc
 import random
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -346,3 +347,41 @@ def test_a_duckdb_poll_streams_rows_of_a_table_whose_columns_are_named_like_the_
         assert db.cdc.wait_idle(timeout=30)
         assert outputs_by_source(db, "len__c") == {1: 8, 3: 5}
         assert db.errors("len__c") == []
+
+
+def test_stopping_while_a_duckdb_poll_streams_into_a_full_queue_returns_and_closes_the_stream(
+    duck: SQLClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``db.cdc.stop()`` while the poll's stream waits on a full queue: the poller gives up its
+    packets (the rows come again at the next start), the stream's connection is closed, and no
+    thread is left (the suite checks that after every test)."""
+    from reactive.backends.ibis import listener as polling
+
+    monkeypatch.setattr(polling, "READ_ROWS", 1)
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(texts: list[str]) -> list[int]:
+        entered.set()
+        release.wait(timeout=30)
+        return [len(t) for t in texts]
+
+    with reactive.connect(duck.uri, poll_interval=0.05, queue_rows=10, batch_rows=5, page_size=5) as db:
+        db.add(Listener(Model("len", predict=slow, output_type="int64"), "text", "docs"), progress=False)
+        readers = set(db.backend.conn._readers)
+        duck.execute("INSERT INTO docs SELECT range, 't' || range FROM range(500)")
+        db.cdc.start()
+        assert entered.wait(timeout=30)  # the handler computes; the stream fills the queue behind it
+        opened = [weakref.ref(reader) for reader in set(db.backend.conn._readers) - readers]
+        release.set()
+        db.cdc.stop()
+        gc.collect()
+        # The stream's connection and the stopped threads' own: closed, or gone with their thread.
+        for reader in filter(None, (ref() for ref in opened)):
+            with pytest.raises(duckdb.ConnectionException):
+                reader.con.execute("SELECT 1")
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("len", predict=lambda ts: [len(t) for t in ts], output_type="int64"), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=60)
+        assert outputs_by_source(db, "len__text") == {i: len(f"t{i}") for i in range(500)}
