@@ -80,8 +80,8 @@ class IbisPollingListener(BaseDatabaseListener):
 
     A poll is one full outer join inside the database between the table's current
     ``(id, fingerprint)`` pairs and the snapshot (``_reactive_snapshot__<table>``). Rows
-    that differ are read in pages and queued with their fingerprints as the packet's
-    position. The handler hands positions back to :meth:`commit` once processed, and only
+    that differ (streamed with the diff on DuckDB, read by id after it elsewhere) are queued
+    in packets of ``page_size`` with their fingerprints as the packet's position. The handler hands positions back to :meth:`commit` once processed, and only
     then is the snapshot moved. The next poll starts after every packet of the previous
     one is committed, so a change is never queued twice by the same listener.
 
