@@ -33,10 +33,6 @@ class Snapshots(Protocol):
     def ensure(self, table: TableInfo) -> bool:
         """Take a snapshot of ``table`` unless one exists; True if it was taken now."""
 
-    def diff(self, table: TableInfo) -> dict[str, list[Any]]:
-        """The ids of every row that differs from the snapshot, by kind: ``{"insert": [...],
-        "update": [...], "delete": [...]}``."""
-
     def poll(self, table: TableInfo, rows_per_read: int) -> tuple[Iterable[ChangedRows], Any]:
         """What changed since the position (every row that differs from the snapshot, or only
         the rows past a version column's last version), read as it is iterated, at most about
@@ -81,8 +77,9 @@ class IbisPollingListener(BaseDatabaseListener):
     A poll is one full outer join inside the database between the table's current
     ``(id, fingerprint)`` pairs and the snapshot (``_reactive_snapshot__<table>``). Rows
     that differ (streamed with the diff on DuckDB, read by id after it elsewhere) are queued
-    in packets of ``page_size`` with their fingerprints as the packet's position. The handler hands positions back to :meth:`commit` once processed, and only
-    then is the snapshot moved. The next poll starts after every packet of the previous
+    in packets of ``page_size`` with their fingerprints as the packet's position. The
+    handler hands positions back to :meth:`commit` once processed, and only then is the
+    snapshot moved. The next poll starts after every packet of the previous
     one is committed, so a change is never queued twice by the same listener.
 
     Each table fails alone: a table whose poll fails is retried at the next poll while the
