@@ -118,6 +118,33 @@ def test_a_delete_is_found_by_the_next_full_diff(sql: SQLClient) -> None:
         assert info["full_diffs"] == 1 and not info["full_diff_requested"]
 
 
+def test_a_requested_full_diff_that_fails_while_its_rows_are_read_is_made_again(
+    duck: SQLClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll's changed rows are read as the poller goes through them: a full diff asked for
+    counts as done only once all were read, so one that fails midway runs at the next poll."""
+    make_docs(duck, "integer", [(1, "alpha", 1), (2, "beta", 2)])
+    with connect(duck, HOUR) as db:
+        db.add(Listener(Model("tag", predict=Recorder()), "text", "docs"))
+        snapshots, table = db.backend.snapshots, db.table_info("docs")
+        snapshots.request_full_diff("docs")
+
+        def failing(*args: Any) -> Iterator[Any]:
+            raise RuntimeError("the connection dropped mid-read")
+            yield
+
+        monkeypatch.setattr(snapshots, "changed", failing)
+        changed, _ = snapshots.poll(table, 100)
+        with pytest.raises(RuntimeError, match="mid-read"):
+            list(changed)
+        assert snapshots.version_info("docs")["full_diff_requested"]
+        monkeypatch.undo()
+        changed, _ = snapshots.poll(table, 100)
+        assert list(changed) == []
+        info = snapshots.version_info("docs")
+        assert info["full_diffs"] == 1 and not info["full_diff_requested"]
+
+
 def test_an_update_that_did_not_move_the_version_is_found_by_the_full_diff(sql: SQLClient) -> None:
     make_docs(sql, "integer", [(1, "alpha", 1), (2, "beta", 2)])
     with connect(sql, HOUR) as db:

@@ -410,16 +410,7 @@ class SnapshotStore:
         )
         if due:
             top = _plain(self.conn.fetch(statements.top)[0]["top"])
-            changed = self.changed(table, rows_per_read)
-            if requested:
-                with self._state_lock:
-                    left = self._full_requested.get(table.name, 0) - requested
-                    if left > 0:
-                        self._full_requested[table.name] = left
-                    else:
-                        self._full_requested.pop(table.name, None)
-            self._count(table.name, "full_diffs")
-            return changed, VersionMark(spec.column, top, now)
+            return self._full_diff(table, rows_per_read, requested), VersionMark(spec.column, top, now)
         with self._state_lock:
             integer = self._integer.get(table.name, False)
         overlap = spec.overlap if spec.overlap is not None else (0 if integer else TIMESTAMP_OVERLAP)
@@ -446,6 +437,19 @@ class SnapshotStore:
         self._count(table.name, "version_polls")
         moved = VersionMark(spec.column, version, mark.full_diff_at)
         return self._read(table, changes, rows_per_read), (None if moved == mark else moved)
+
+    def _full_diff(self, table: TableInfo, rows_per_read: int, requested: int) -> Iterator[ChangedRows]:
+        """:meth:`changed`, then the ``requested`` full diffs it answers are done: only once
+        every change was read (a diff that fails is made again at the next poll)."""
+        yield from self.changed(table, rows_per_read)
+        if requested:
+            with self._state_lock:
+                left = self._full_requested.get(table.name, 0) - requested
+                if left > 0:
+                    self._full_requested[table.name] = left
+                else:
+                    self._full_requested.pop(table.name, None)
+        self._count(table.name, "full_diffs")
 
     def _warn_once(self, table: str, what: str, message: str) -> None:
         with self._state_lock:
