@@ -312,15 +312,14 @@ class PostgresDialect(Dialect):
 
     name = "postgres"
     ids_per_statement = 10_000  # one bound list of ids
-
-    def load_modules(self) -> None:
-        """Nothing: psycopg binds parameters itself."""
-
     arrow_results = False
     concurrent_reads = False
     streamed_scans = False
     fingerprint_type = dt.int64
     max_name_bytes = 63
+
+    def load_modules(self) -> None:
+        """Nothing: psycopg binds parameters itself."""
 
     def render(self, statement: sge.Expression) -> str:
         # psycopg reads every "%" of a statement run with parameters as the start of a
