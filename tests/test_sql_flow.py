@@ -356,3 +356,27 @@ def test_a_sqlite_poll_in_id_ranges_sees_every_change_at_the_edges(tmp_path, mon
         assert db.cdc.wait_idle(timeout=30)
         assert key(40) not in outputs_by_source(db, "tag__text") and len(db.outputs("tag__text")) == 18
     client.close()
+
+
+def test_float32_vectors_read_back_as_written_on_every_sql_backend(sql: SQLClient) -> None:
+    """Vectors are native arrays on DuckDB and PostgreSQL and JSON text on SQLite (written from
+    the whole block at once): every backend gives back the same floats, tiny, huge and -0.0."""
+    import numpy as np
+
+    make_docs(sql, [(i, f"t{i}", "en") for i in range(1, 4)])
+    rng = np.random.default_rng(7)
+    vectors = {
+        f"t{i}": (rng.standard_normal(16) * 10.0 ** rng.integers(-30, 30, 16)).astype(np.float32) for i in range(1, 5)
+    }
+    vectors["t1"][:3] = [-0.0, 3.4e38, 1e-38]
+    model = Model("vec", predict=lambda texts: [vectors[t] for t in texts], output_type="array<float32>")
+    with connect(sql) as db:
+        db.add(Listener(model, "text", "docs"), progress=False)
+        db.cdc.start()
+        sql.execute("INSERT INTO docs VALUES (4, 't4', 'en')")
+        assert db.cdc.wait_idle(timeout=30)
+        stored = outputs_by_source(db, "vec__text")
+    assert stored == {i: vectors[f"t{i}"].tolist() for i in range(1, 5)}
+    if sql.kind == "sqlite":
+        [(text,)] = sql.execute('SELECT "_output" FROM "_outputs__vec__text" WHERE "_source" = 1')
+        assert text.startswith("[-0.0,3.3999999521443642e+38,")
