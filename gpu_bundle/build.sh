@@ -16,7 +16,7 @@ plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform m
 # The project's pins (pyproject.toml), at the versions its .venv holds.
 "$PY312" -m pip download -q --no-deps "${plat[@]}" -d "$work/wheels" \
     duckdb==1.5.6 ibis-framework==12.0.0 sqlglot==28.10.1 atpublic==9.0.0 parsy==2.2 pyarrow-hotfix==0.7 \
-    tzdata==2026.6 pymongo==4.20.1 dnspython==2.9.2 pyzmq==27.3.0 fastavro==1.13.1
+    tzdata==2026.6 pymongo==4.20.1 dnspython==2.9.2 pyzmq==27.3.0 fastavro==1.13.1 orjson==3.13.0
 "$PY312" -m pip download -q --no-deps "${plat[@]}" -d "$work/fallback-wheels" \
     toolz==1.2.0 typing_extensions==4.16.0 python-dateutil==4.0.0 six==1.17.0 requests==2.34.2 urllib3==2.8.0 \
     idna==3.20 certifi==2026.10.19.post1 charset-normalizer==3.5.3 packaging==26.4
