@@ -131,7 +131,7 @@ class IbisOutputs:
             block = np.stack(values)
             if dialect.native_arrays:
                 return pa.FixedSizeListArray.from_arrays(pa.array(block.ravel()), block.shape[1]).cast(arrow_type)
-            if block.dtype.kind == "f" and stored_as_text(dialect, output_type):
+            if block.ndim == 2 and block.dtype.kind == "f" and stored_as_text(dialect, output_type):
                 return pa.array(json_vectors(block), type=arrow_type)
             values = block.tolist()
         if not stored_as_text(dialect, output_type):
