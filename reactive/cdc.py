@@ -93,7 +93,7 @@ class DatabaseChangeDataCapture:
             raise ConfigurationError(str(exc)) from None
         if batch_rows is None and lease is not None:
             # A window's write must end well inside the lease: with a short lease, windows stay smaller.
-            window_rows = dc.replace(window_rows, target=min(window_rows.target, lease.lease_ms / 6000))
+            window_rows = window_rows.within(lease.lease_ms / 6000)
         #: How many rows the handler takes at once (growing windows unless ``batch_rows`` is set).
         self.window_rows = window_rows
         self.pipeline = pipeline

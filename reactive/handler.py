@@ -74,21 +74,40 @@ class WindowRows:
     computed, written, committed) in under ``target`` seconds: a cheap model over a fast
     database then pays for fewer statements, commits and lease checks per row, while a slow
     model, or a slow write (large vectors), keeps windows at ``floor`` and so keeps a window's
-    write short beside the lease. ``floor == cap``: every window has the same bound.
+    write short beside the lease. A window's time is a part per row and a part per window
+    (statements, commits, hand-offs between threads: :class:`WindowCost`, learnt by trying a
+    window twice as large once). Where the part per window is more than a quarter of
+    ``target`` (DuckDB beside busy Python threads of the process: each of its statements waits
+    for the GIL between tasks), windows may take up to four times it, so that it stays a
+    quarter of their time: at most ``longest`` seconds (four times ``target`` unless set), or
+    twice the part per window where that alone is over half of ``longest`` (no window size
+    could then keep to it; smaller windows would only take more of them).
+    ``floor == cap``: every window has the same bound.
 
     >>> WindowRows.of(None) == WindowRows(), WindowRows.of(100)
-    (True, WindowRows(floor=100, cap=100, target=0.25))
+    (True, WindowRows(floor=100, cap=100, target=0.25, longest=None))
+    >>> WindowRows().limit, WindowRows(target=2.0).limit, WindowRows(longest=0.5).limit
+    (1.0, 8.0, 0.5)
     """
 
     floor: int = 5_000
     cap: int = 50_000
     target: float = 0.25
+    longest: float | None = None
 
     def __post_init__(self) -> None:
         if not (type(self.floor) is int and type(self.cap) is int and 1 <= self.floor <= self.cap):
             raise ValueError(f"WindowRows needs ints with 1 <= floor <= cap, not {self.floor!r} and {self.cap!r}")
         if not self.target > 0:
             raise ValueError(f"WindowRows needs a target of more than 0 seconds, not {self.target!r}")
+        if self.longest is not None and not self.longest >= self.target:
+            raise ValueError(f"WindowRows needs longest >= target, not {self.longest!r} < {self.target!r}")
+
+    @property
+    def limit(self) -> float:
+        """The longest a window may take where its part per window is large: ``longest``, or
+        four times ``target``."""
+        return 4 * self.target if self.longest is None else self.longest
 
     @classmethod
     def of(cls, batch_rows: int | WindowRows | None) -> WindowRows:
@@ -110,22 +129,78 @@ class WindowRows:
             )
         return cls(batch_rows, batch_rows)
 
-    def next(self, bound: int, taken: int, rows: int, seconds: float) -> int:
+    def within(self, seconds: float) -> WindowRows:
+        """The same windows, none taking more than ``seconds`` (``target`` and ``longest``)."""
+        return dc.replace(self, target=min(self.target, seconds), longest=min(self.limit, seconds))
+
+    def next(self, bound: int, taken: int, rows: int, seconds: float, fixed: float | None = 0.0) -> int:
         """The bound of the next window (``bound`` now), after a window taken under the bound
-        ``taken`` held ``rows`` rows and took ``seconds``: at most twice ``taken``, toward the
-        size the rate seen fits in ``target`` seconds, within ``[floor, cap]``. A window under
-        half its bound says little about the rate (fixed costs dominate it): ``bound`` stays.
+        ``taken`` held ``rows`` rows and took ``seconds``, of which ``fixed`` are the part any
+        window costs (:class:`WindowCost`): at most twice ``taken``, toward the size whose time
+        fits the target, within ``[floor, cap]``. A window under half its bound says little
+        about the rate (fixed costs dominate it): ``bound`` stays.
 
         >>> w = WindowRows()
         >>> w.next(5_000, 5_000, 5_000, 0.02), w.next(40_000, 40_000, 40_000, 0.1), w.next(50_000, 50_000, 50_000, 1.0)
         (10000, 50000, 12500)
         >>> w.next(5_000, 5_000, 5_000, 17.0), w.next(20_000, 10_000, 3, 0.001)
         (5000, 20000)
+
+        A window of 5,000 rows in 0.18 s, 0.15 s of which any window costs: growing pays, and
+        windows may take four times 0.15 s. Without that part the target fits 6,944 rows, which
+        windows of whole packets may never reach. With the part per window not known yet
+        (``fixed=None``), a window twice as large is tried once, to learn it, however long the
+        window took. A part per window of 2 s: windows may take 4 s.
+
+        >>> w.next(5_000, 5_000, 5_000, 0.18, fixed=0.15), w.next(5_000, 5_000, 5_000, 0.18)
+        (10000, 6944)
+        >>> w.next(5_000, 5_000, 5_000, 0.18, fixed=None), w.next(5_000, 5_000, 5_000, 3.0, fixed=None)
+        (10000, 10000)
+        >>> w.next(5_000, 5_000, 5_000, 2.2, fixed=2.0), w.next(5_000, 5_000, 5_000, 2.2, fixed=0.0)
+        (10000, 5000)
         """
         if rows < taken / 2:
             return bound
-        fitting = self.cap if seconds <= 0 else int(rows * self.target / seconds)
+        if fixed is None:
+            return max(self.floor, min(self.cap, 2 * taken, 2 * rows))
+        fixed = min(max(fixed, 0.0), seconds)
+        allowed = min(max(self.target, 4 * fixed), max(self.limit, 2 * fixed))
+        per_rows = seconds - fixed  # the part of the window's time its rows took
+        fitting = self.cap if per_rows <= 0 else int(rows * max(allowed - fixed, 0.0) / per_rows)
         return max(self.floor, min(self.cap, 2 * taken, fitting))
+
+
+@dc.dataclass(slots=True)
+class WindowCost:
+    """What any window costs whatever its rows (statements, commits, hand-offs between threads),
+    estimated from the last two full windows of different sizes: a window's time taken as a
+    part per window plus a part per row.
+
+    >>> cost = WindowCost()
+    >>> cost.observe(5_000, 0.18), cost.observe(5_000, 0.18)  # one size says nothing yet
+    (None, None)
+    >>> round(cost.observe(10_000, 0.21), 3)  # 5,000 more rows cost 0.03 s: 0.15 s is per window
+    0.15
+    >>> cost.observe(20_000, 0.1)  # a larger window took less: all of it is per window
+    0.1
+    """
+
+    #: The last window observed: its rows and seconds.
+    rows: int = 0
+    seconds: float = 0.0
+    #: Seconds of a window's time that any window costs (None until two sizes were seen).
+    fixed: float | None = None
+
+    def observe(self, rows: int, seconds: float) -> float | None:
+        """Take a full window's rows and seconds in; the estimate of the part per window."""
+        if self.rows and max(rows, self.rows) >= 1.25 * min(rows, self.rows):
+            per_row = (seconds - self.seconds) / (rows - self.rows)
+            if per_row <= 0:
+                self.fixed = min(seconds, self.seconds)
+            else:
+                self.fixed = min(seconds, max(0.0, seconds - per_row * rows))
+        self.rows, self.seconds = rows, seconds
+        return self.fixed
 
 
 @dc.dataclass(slots=True)
@@ -227,6 +302,8 @@ class CDCHandler(ReactiveThread):
         self.window_rows = WindowRows() if window_rows is None else window_rows
         #: The bound of the next window taken (see :class:`WindowRows`).
         self.bound = self.window_rows.floor
+        #: What any window costs whatever its rows, as seen so far (see :class:`WindowCost`).
+        self.window_cost = WindowCost()
         self.pipeline = pipeline
         self.stats = {} if stats is None else stats
         self.totals = HandlerTotals() if totals is None else totals
@@ -283,7 +360,9 @@ class CDCHandler(ReactiveThread):
             self.queue.task_done(len(window.packets))
             window.seconds += time.perf_counter() - started
             rows = sum(len(packet) for packet in window.packets)
-            self.bound = self.window_rows.next(self.bound, window.bound, rows, window.seconds)
+            cost = self.window_cost
+            fixed = cost.observe(rows, window.seconds) if rows >= window.bound / 2 else cost.fixed
+            self.bound = self.window_rows.next(self.bound, window.bound, rows, window.seconds, fixed)
 
     def _handle_with_retries(self, window: _Window) -> None:
         """Finish a window; while the database is unreachable, retry it with backoff.

@@ -284,13 +284,32 @@ def test_a_pipeline_of_no_windows_is_refused() -> None:
         reactive.connect("duckdb://", pipeline=0)
 
 
-def _window_sizes(duck: SQLClient, window_rows: WindowRows, packets: int, *, feed: bool = False) -> list[int]:
-    """The batches a model gets when ``packets`` one-row changes wait before a handler with
-    these window bounds (and no pipelining: each window is finished before the next is taken),
-    with a change feed published, or not."""
-    docs(duck, packets)
+def _window_sizes(
+    duck: SQLClient,
+    window_rows: WindowRows,
+    packets: int,
+    *,
+    feed: bool = False,
+    packet_rows: int = 1,
+    call_seconds: float = 0.0,
+    row_seconds: float = 0.0,
+) -> list[int]:
+    """The batches a model gets when ``packets`` changes of ``packet_rows`` rows each wait
+    before a handler with these window bounds (and no pipelining: each window is finished
+    before the next is taken), with a change feed published, or not. Each call of the model
+    takes at least ``call_seconds`` (a cost per window: a window is one call) and
+    ``row_seconds`` per row."""
+    rows = packets * packet_rows
+    docs(duck, rows)
     sizes: list[int] = []
-    model = Model("tag", predict=lambda xs: sizes.append(len(xs)) or [f"<{x}>" for x in xs], batch_size=1_000)
+    pause = threading.Event()  # never set: a wait on it is the model's cost per call
+
+    def predict(texts: list[str]) -> list[str]:
+        sizes.append(len(texts))
+        pause.wait(call_seconds + row_seconds * len(texts))
+        return [f"<{x}>" for x in texts]
+
+    model = Model("tag", predict=predict, batch_size=1_000)
     with reactive.connect(duck.uri) as db:
         db.add(Listener(model, "text", "docs"))
         sizes.clear()  # the backfill's
@@ -298,13 +317,15 @@ def _window_sizes(duck: SQLClient, window_rows: WindowRows, packets: int, *, fee
             db.cdc.publish()
         queue, source = CDCQueue(), RecordingSource()
         for position in range(packets):
-            queue.put(update(source, position, position, f"w{position}"))
+            ids = range(position * packet_rows, (position + 1) * packet_rows)
+            rows_of = tuple({"id": i, "text": f"w{i}"} for i in ids)
+            queue.put(ChangePacket("docs", DBEvent.update, tuple(ids), rows_of, source=source, position=position))
         handler = CDCHandler(db, queue, compute=db.compute, window_rows=window_rows, pipeline=1, feed=db.cdc.feed_hub)
         handler.start()
         handler.stop()  # closes the queue: what waits is processed first
         handler.join(timeout=60)
         assert not handler.is_alive()
-        assert outputs_by_source(db, "tag__text") == {i: f"<w{i}>" for i in range(packets)}
+        assert outputs_by_source(db, "tag__text") == {i: f"<w{i}>" for i in range(rows)}
         assert source.committed == list(range(packets))
     return sizes
 
@@ -320,8 +341,27 @@ def test_windows_grow_with_a_change_feed_published_too(duck: SQLClient) -> None:
 
 
 def test_windows_stay_at_their_floor_while_they_are_slow(duck: SQLClient) -> None:
-    # A target of a nanosecond: no window is quick enough to grow.
-    assert _window_sizes(duck, WindowRows(3, 8, target=1e-9), 12) == [3, 3, 3, 3]
+    # A target of a nanosecond: no window is quick enough to grow. One window twice the floor
+    # is tried, to tell a cost per window from a cost per row: per row here (20 ms a row).
+    assert _window_sizes(duck, WindowRows(3, 8, target=1e-9), 12, row_seconds=0.02) == [3, 6, 3]
+
+
+def test_windows_grow_where_their_time_is_mostly_a_cost_per_window(duck: SQLClient) -> None:
+    # Each window costs at least 0.2 s whatever its rows (each model call does), its rows next
+    # to nothing; packets of 4 rows, target 0.3 s. A window of 4 rows in about 0.2 s: the rate
+    # seen fits 6 rows in the target, which whole packets never reach (one packet is 4 rows,
+    # two are 8). A window of twice the rows is tried once; it takes about as long, so the
+    # cost is per window, and windows may take up to four times that cost: they grow.
+    sizes = _window_sizes(duck, WindowRows(4, 64, target=0.3), 40, packet_rows=4, call_seconds=0.2)
+    assert 8 in sizes and max(sizes) >= 32, sizes
+    assert sum(sizes) == 160
+
+
+def test_windows_of_a_cost_per_row_stay_near_their_target(duck: SQLClient) -> None:
+    # The same packets, and each row of a window costs 0.05 s: a window of 4 rows takes 0.2 s,
+    # one of 8 rows 0.4 s (tried once): the cost is per row, and windows stay at one packet.
+    sizes = _window_sizes(duck, WindowRows(4, 64, target=0.3), 6, packet_rows=4, row_seconds=0.05)
+    assert sorted(sizes) == [4, 4, 4, 4, 8]  # the first window may be slower (one-time costs)
 
 
 @pytest.mark.parametrize("bad", [0, -5, 2.5, "5000", True])
@@ -340,9 +380,10 @@ def test_bad_window_bounds_are_refused(floor: Any, cap: Any, target: float) -> N
 
 def test_windows_grow_only_while_they_end_well_inside_the_lease() -> None:
     with reactive.connect("duckdb://") as db:
-        assert db.cdc.window_rows == WindowRows(5_000, 50_000, target=0.25)
+        # The default lease (5 s): a window may take a sixth of it where its cost is per window.
+        assert db.cdc.window_rows == WindowRows(5_000, 50_000, target=0.25, longest=5_000 / 6_000)
         assert db.cdc.info()["handler"]["window_rows"] == 5_000
     with reactive.connect("duckdb://", lease_ms=600) as db:  # a window may take a sixth of the lease
-        assert db.cdc.window_rows == WindowRows(5_000, 50_000, target=0.1)
+        assert db.cdc.window_rows == WindowRows(5_000, 50_000, target=0.1, longest=0.1)
     with reactive.connect("duckdb://", batch_rows=300, lease_ms=600) as db:  # fixed windows stay fixed
         assert db.cdc.window_rows == WindowRows(300, 300)
