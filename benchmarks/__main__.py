@@ -1,5 +1,5 @@
 """Run the DuckDB benchmarks: ``python -m benchmarks [--quick] [--only latency|throughput|poll] [--rows N]
-[--window-rows N] [--rounds N]``.
+[--window-rows N] [--rounds N] [--busy-threads N]``.
 
 Prints Markdown tables (reactive next to a hand-written reference measured in the same run)
 and writes every figure as JSON. A full run takes a few minutes; ``--quick`` is a smoke run.
@@ -103,6 +103,9 @@ def throughput_markdown(results: dict[str, Any]) -> str:
             f"\n\nThe round of the median ratio of {len(rounds)} interleaved rounds; reactive's speed as a share "
             f"of the reference's in each round: bulk {ratios['bulk']}; backfill {ratios['backfill']}."
         )
+    busy = results.get("busy_threads", 0)
+    if busy:
+        table += f"\n\nWith {busy} thread(s) of the process running Python throughout, for every run alike."
     return (
         "### Throughput\n\n"
         "Bulk: one INSERT of all rows, then time until the last output is committed. Reference: the same "
@@ -191,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rounds", type=int, help="interleaved rounds of the throughput runs, reported at the median (default 1)"
     )
+    parser.add_argument(
+        "--busy-threads",
+        type=int,
+        help="threads running Python in the process through the throughput runs (default 0)",
+    )
     args = parser.parse_args(argv)
     selected = args.only or list(BENCHMARKS)
     sizes = sql_duckdb.Sizes.quick() if args.quick else sql_duckdb.Sizes()
@@ -202,7 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.rounds < 1:
             parser.error("--rounds must be at least 1")
         sizes = dc.replace(sizes, throughput_rounds=args.rounds)
+    if args.busy_threads is not None:
+        if args.busy_threads < 0:
+            parser.error("--busy-threads must be 0 or more")
+        sizes = dc.replace(sizes, busy_threads=args.busy_threads)
     partial = args.quick or args.only is not None or args.rows is not None or args.window_rows is not None
+    partial = partial or bool(sizes.busy_threads)
     output = args.output or RESULTS / ("duckdb-partial.json" if partial else "duckdb.json")
 
     machine = machine_info()

@@ -9,6 +9,7 @@ import platform
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -84,6 +85,27 @@ def interleaved(
         name: {"seconds": statistics.median(timings[name]), "timings": timings[name], "result": results[name]}
         for name in calls
     }
+
+
+@contextlib.contextmanager
+def busy_python(threads: int) -> Iterator[None]:
+    """``threads`` threads of this process running Python the whole time (an application's own
+    work beside reactive's: request handlers, parsing, a model's Python), stopped afterwards."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            sum(range(100))
+
+    running = [threading.Thread(target=spin, name=f"busy-python-{i}", daemon=True) for i in range(threads)]
+    for thread in running:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in running:
+            thread.join()
 
 
 @contextlib.contextmanager
