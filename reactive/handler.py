@@ -66,6 +66,11 @@ class ComponentStats:
         setattr(self, batch.event.counter, getattr(self, batch.event.counter) + len(batch))
 
 
+def _seconds(value: object) -> bool:
+    """Whether ``value`` is a number of seconds (an int or a float, not a bool)."""
+    return type(value) in (int, float)
+
+
 @dc.dataclass(frozen=True, slots=True)
 class WindowRows:
     """How many rows of changes the handler takes at once (a window), and how that grows.
@@ -98,10 +103,10 @@ class WindowRows:
     def __post_init__(self) -> None:
         if not (type(self.floor) is int and type(self.cap) is int and 1 <= self.floor <= self.cap):
             raise ValueError(f"WindowRows needs ints with 1 <= floor <= cap, not {self.floor!r} and {self.cap!r}")
-        if not self.target > 0:
+        if not (_seconds(self.target) and self.target > 0):
             raise ValueError(f"WindowRows needs a target of more than 0 seconds, not {self.target!r}")
-        if self.longest is not None and not self.longest >= self.target:
-            raise ValueError(f"WindowRows needs longest >= target, not {self.longest!r} < {self.target!r}")
+        if self.longest is not None and not (_seconds(self.longest) and self.longest >= self.target):
+            raise ValueError(f"WindowRows needs longest of at least target ({self.target!r} s), not {self.longest!r}")
 
     @property
     def limit(self) -> float:

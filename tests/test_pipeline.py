@@ -371,11 +371,24 @@ def test_a_bad_batch_rows_is_refused_with_what_it_takes(bad: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("floor", "cap", "target"), [(0, 10, 1.0), (10, 5, 1.0), (5, 10, 0.0), (5, 10, -1.0), (1.5, 10, 1.0)]
+    ("floor", "cap", "target", "longest"),
+    [
+        (0, 10, 1.0, None),
+        (10, 5, 1.0, None),
+        (5, 10, 0.0, None),
+        (5, 10, -1.0, None),
+        (1.5, 10, 1.0, None),
+        (5, 10, "0.25", None),
+        (5, 10, True, None),
+        (5, 10, float("nan"), None),
+        (5, 10, 1.0, 0.5),
+        (5, 10, 1.0, "2"),
+        (5, 10, 1.0, float("nan")),
+    ],
 )
-def test_bad_window_bounds_are_refused(floor: Any, cap: Any, target: float) -> None:
+def test_bad_window_bounds_are_refused(floor: Any, cap: Any, target: Any, longest: Any) -> None:
     with pytest.raises(ValueError, match="WindowRows needs"):
-        WindowRows(floor, cap, target=target)
+        WindowRows(floor, cap, target=target, longest=longest)
 
 
 def test_windows_grow_only_while_they_end_well_inside_the_lease() -> None:
