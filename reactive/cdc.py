@@ -560,6 +560,8 @@ class DatabaseChangeDataCapture:
                 "running": handler is not None and handler.is_alive(),
                 # The bound of the next window (it grows while windows are quick: WindowRows).
                 "window_rows": handler.bound if handler is not None else self.window_rows.floor,
+                # What any window costs whatever its rows, once learnt (None before): see WindowCost.
+                "window_fixed_seconds": handler.window_cost.fixed if handler is not None else None,
                 **dc.asdict(self.totals),
             },
             "source": listener.info() if listener is not None else self._last_source_info,

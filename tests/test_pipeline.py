@@ -293,6 +293,7 @@ def _window_sizes(
     packet_rows: int = 1,
     call_seconds: float = 0.0,
     row_seconds: float = 0.0,
+    learnt: list[float | None] | None = None,
 ) -> list[int]:
     """The batches a model gets when ``packets`` changes of ``packet_rows`` rows each wait
     before a handler with these window bounds (and no pipelining: each window is finished
@@ -325,6 +326,8 @@ def _window_sizes(
         handler.stop()  # closes the queue: what waits is processed first
         handler.join(timeout=60)
         assert not handler.is_alive()
+        if learnt is not None:  # what the handler learnt a window costs whatever its rows
+            learnt.append(handler.window_cost.fixed)
         assert outputs_by_source(db, "tag__text") == {i: f"<w{i}>" for i in range(rows)}
         assert source.committed == list(range(packets))
     return sizes
@@ -352,8 +355,10 @@ def test_windows_grow_where_their_time_is_mostly_a_cost_per_window(duck: SQLClie
     # seen fits 6 rows in the target, which whole packets never reach (one packet is 4 rows,
     # two are 8). A window of twice the rows is tried once; it takes about as long, so the
     # cost is per window, and windows may take up to four times that cost: they grow.
-    sizes = _window_sizes(duck, WindowRows(4, 64, target=0.3), 40, packet_rows=4, call_seconds=0.2)
+    learnt: list[float | None] = []
+    sizes = _window_sizes(duck, WindowRows(4, 64, target=0.3), 40, packet_rows=4, call_seconds=0.2, learnt=learnt)
     assert 8 in sizes and max(sizes) >= 32, sizes
+    assert learnt[0] is not None and learnt[0] >= 0.1  # about the 0.2 s each window's call takes
     assert sum(sizes) == 160
 
 
@@ -396,6 +401,7 @@ def test_windows_grow_only_while_they_end_well_inside_the_lease() -> None:
         # The default lease (5 s): a window may take a sixth of it where its cost is per window.
         assert db.cdc.window_rows == WindowRows(5_000, 50_000, target=0.25, longest=5_000 / 6_000)
         assert db.cdc.info()["handler"]["window_rows"] == 5_000
+        assert db.cdc.info()["handler"]["window_fixed_seconds"] is None  # nothing learnt yet
     with reactive.connect("duckdb://", lease_ms=600) as db:  # a window may take a sixth of the lease
         assert db.cdc.window_rows == WindowRows(5_000, 50_000, target=0.1, longest=0.1)
     with reactive.connect("duckdb://", batch_rows=300, lease_ms=600) as db:  # fixed windows stay fixed
