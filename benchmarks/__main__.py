@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import sql_duckdb
-from .common import load_average, machine_info, machine_markdown, markdown_table, ms, rate, slower
+from .common import busy_python, load_average, machine_info, machine_markdown, markdown_table, ms, rate, slower
 
 RESULTS = Path(__file__).parent / "results"
 BENCHMARKS = ("latency", "throughput", "poll")
@@ -103,9 +103,6 @@ def throughput_markdown(results: dict[str, Any]) -> str:
             f"\n\nThe round of the median ratio of {len(rounds)} interleaved rounds; reactive's speed as a share "
             f"of the reference's in each round: bulk {ratios['bulk']}; backfill {ratios['backfill']}."
         )
-    busy = results.get("busy_threads", 0)
-    if busy:
-        table += f"\n\nWith {busy} thread(s) of the process running Python throughout, for every run alike."
     return (
         "### Throughput\n\n"
         "Bulk: one INSERT of all rows, then time until the last output is committed. Reference: the same "
@@ -197,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--busy-threads",
         type=int,
-        help="threads running Python in the process through the throughput runs (default 0)",
+        help="threads running Python in the process through every benchmark run, reactive's and the references' "
+        "(default 0)",
     )
     args = parser.parse_args(argv)
     selected = args.only or list(BENCHMARKS)
@@ -236,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         bench, render = runners[name]
         print(f"\n<!-- running {name} ... -->", file=sys.stderr, flush=True)
-        report[name] = bench(sizes)
-        print("\n" + render(report[name]), flush=True)
+        with busy_python(sizes.busy_threads):
+            report[name] = bench(sizes)
+        busy = f"\n\nWith {sizes.busy_threads} thread(s) of the process running Python throughout, for every run alike."
+        print("\n" + render(report[name]) + (busy if sizes.busy_threads else ""), flush=True)
     report["total_seconds"] = time.perf_counter() - started
     report["load_average_at_end"] = load_average()
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ from reactive.backends.ibis.listener import READ_ROWS, IbisPollingListener
 from reactive.components import Listener, Model
 from reactive.queue import CDCQueue
 
-from .common import busy_python, interleaved, scratch_dir, summarize_seconds, timed
+from .common import interleaved, scratch_dir, summarize_seconds, timed
 
 POLL_INTERVAL = 0.05
 IDENTIFIER = "len__text"
@@ -74,8 +74,9 @@ class Sizes:
     #: Interleaved rounds of the throughput runs (each: bulk and its reference, then backfill
     #: and its reference); the report keeps the round of the median ratio, and every round.
     throughput_rounds: int = 1
-    #: Threads of the process running Python through every throughput run, reactive's and the
-    #: references' alike (see ``common.busy_python``).
+    #: Threads of the process running Python through every benchmark, reactive's runs and the
+    #: references' alike (``common.busy_python``): DuckDB's Python client takes the GIL back
+    #: between the tasks of every statement, so they slow each one.
     busy_threads: int = 0
 
     @classmethod
@@ -534,15 +535,12 @@ def bench_throughput(sizes: Sizes) -> dict[str, Any]:
     Both also run :class:`SnapshotLoop` (``snapshot``): the same by hand with a keyed snapshot
     of row hashes, as any capture that sees updates and deletes by diffing must keep.
 
-    With ``busy_threads`` > 0, that many threads of the process run Python throughout (DuckDB's
-    Python client takes the GIL between the tasks of every statement, so they slow each one).
-
     With ``throughput_rounds`` > 1 the rounds interleave, and ``bulk`` and ``backfill`` are the
     rounds of the median ratio (reference seconds over reactive seconds); ``rounds`` has them all.
     """
     rounds: list[dict[str, dict[str, Any]]] = []
     for _ in range(sizes.throughput_rounds):
-        with scratch_dir() as workdir, busy_python(sizes.busy_threads):
+        with scratch_dir() as workdir:
             bulk = {
                 "reactive": bulk_reactive(workdir, sizes.bulk_rows, sizes.window_rows),
                 "reference": bulk_reference(workdir, sizes.bulk_rows),
@@ -559,7 +557,6 @@ def bench_throughput(sizes: Sizes) -> dict[str, Any]:
                     raise RuntimeError(f"throughput run wrote {side['outputs']} outputs for {side['rows']} rows")
         rounds.append({"bulk": bulk, "backfill": backfill})
     report: dict[str, Any] = {key: median_round([r[key] for r in rounds]) for key in ("bulk", "backfill")}
-    report["busy_threads"] = sizes.busy_threads
     if len(rounds) > 1:
         report["rounds"] = rounds
     return report
