@@ -10,19 +10,24 @@ row-by-row checks.
 
 from __future__ import annotations
 
+import decimal
 import gc
 import random
 import sqlite3
 import threading
+import types
 import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import duckdb
+import numpy as np
+import pyarrow as pa
 import pytest
 from conftest import Recorder, SQLClient, outputs_by_source
 
 import reactive
+from reactive.backends.ibis.dialects import Dialect
 from reactive.components import Listener, Model
 from reactive.events import ChangePacket, DBEvent, coalesce, collate, window_batches
 from reactive.handler import CDCHandler
@@ -173,8 +178,19 @@ ODD_IDS = {
 }
 
 
+@pytest.fixture(params=["values", "arrow"])
+def upsert_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """DuckDB upserts of a few rows bind them as values; with "arrow", every upsert registers
+    its rows as an Arrow table, as larger ones do."""
+    if request.param == "arrow":
+        monkeypatch.setattr(Dialect, "values_rows", 0)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("id_type", list(ODD_IDS))
-def test_duckdb_ids_of_every_type_reach_outputs_updates_and_deletes(duck: SQLClient, id_type: str) -> None:
+def test_duckdb_ids_of_every_type_reach_outputs_updates_and_deletes(
+    duck: SQLClient, id_type: str, upsert_path: str
+) -> None:
     first, second = ODD_IDS[id_type]
     duck.execute(f"CREATE TABLE docs (id {id_type} PRIMARY KEY, text VARCHAR)")
     duck.execute(f"INSERT INTO docs VALUES ({first}, 'alpha')")
@@ -189,6 +205,38 @@ def test_duckdb_ids_of_every_type_reach_outputs_updates_and_deletes(duck: SQLCli
         assert db.cdc.wait_idle(timeout=30)
         assert list(outputs_by_source(db, "len__text").values()) == [6]
         assert db.errors("len__text") == []
+
+
+@pytest.mark.parametrize("rows", [1, 32, 33])
+def test_a_duckdb_upsert_from_values_stores_what_one_from_arrow_does(rows: int) -> None:
+    # Up to Dialect.values_rows rows are bound as values, more are registered as Arrow: both
+    # store the same odd values, and replace rows whose key exists.
+    schema = "(id UBIGINT PRIMARY KEY, u UUID, t VARCHAR, ts TIMESTAMPTZ, d DECIMAL(10,2), v FLOAT[3], n DOUBLE)"
+    rng = np.random.default_rng(3)
+    data = pa.table(
+        {
+            "id": pa.array([2**64 - 1 - i for i in range(rows)], pa.uint64()),
+            "u": pa.array([f"00000000-0000-0000-0000-{i:012d}" for i in range(rows)]),
+            "t": pa.array(['é ✓ "q" \x00' if i % 2 else None for i in range(rows)]),
+            "ts": pa.array([1_700_000_000_123_456 + i for i in range(rows)], pa.timestamp("us", tz="UTC")),
+            "d": pa.array([None if i == 0 else decimal.Decimal("-0.01") * i for i in range(rows)]),
+            "v": pa.FixedSizeListArray.from_arrays(pa.array(rng.standard_normal(3 * rows).astype(np.float32)), 3),
+            "n": pa.array([float("inf") if i == 1 else 1e-300 * i for i in range(rows)]),
+        }
+    )
+    stored = []
+    for values_rows in (Dialect.values_rows, 0):  # values (up to the limit), then Arrow
+        con = types.SimpleNamespace(con=duckdb.connect())
+        con.con.execute(f"CREATE TABLE t {schema}")
+        con.con.execute("INSERT INTO t (id, t) VALUES (18446744073709551615, 'old')")  # replaced
+        dialect = Dialect()
+        dialect.values_rows = values_rows
+        dialect.upsert(con, "t", "id", data)
+        stored.append(con.con.execute("SELECT * FROM t ORDER BY id").to_arrow_table().to_pylist())
+        con.con.close()
+    assert stored[0] == stored[1]
+    assert len(stored[0]) == rows
+    assert stored[0][-1]["t"] is None  # the key 2**64-1 replaced: its text is the new row's, None
 
 
 def test_a_first_backfill_looks_no_stored_output_up_and_a_resumed_one_does(duck: SQLClient) -> None:
