@@ -239,6 +239,20 @@ def test_a_duckdb_upsert_from_values_stores_what_one_from_arrow_does(rows: int) 
     assert stored[0][-1]["t"] is None  # the key 2**64-1 replaced: its text is the new row's, None
 
 
+def test_a_duckdb_fetch_of_plain_columns_gives_what_a_fetch_through_arrow_does() -> None:
+    # The checkpoints' reads (the lease's, before every window) take DuckDB's own rows.
+    con = types.SimpleNamespace(con=duckdb.connect())
+    con.con.execute("CREATE TABLE s (k VARCHAR, data BLOB, is_text BOOLEAN, written DOUBLE, n BIGINT)")
+    con.con.execute(
+        "INSERT INTO s VALUES ('lease ✓', '\\xFF\\x00'::BLOB, false, 1.5e9, -1), (NULL, NULL, NULL, NULL, NULL)"
+    )
+    dialect = Dialect()
+    sql = "SELECT * FROM s WHERE k = ? OR k IS NULL ORDER BY k"
+    assert dialect.fetch_plain(con, sql, ["lease ✓"]) == dialect.fetch(con, sql, ["lease ✓"])
+    assert dialect.fetch_plain(con, sql, ["lease ✓"])[0]["data"] == b"\xff\x00"
+    con.con.close()
+
+
 def test_a_first_backfill_looks_no_stored_output_up_and_a_resumed_one_does(duck: SQLClient) -> None:
     duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
     duck.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"t{i}") for i in range(1, 6)])

@@ -107,7 +107,7 @@ class IbisSections:
                     sg.select(*columns).from_(table).where(sg.column("checkpoint", quoted=True).eq(sge.Placeholder()))
                 ),
             )
-            rows = self.conn.fetch(sql, checkpoint)
+            rows = self.conn.fetch_plain(sql, checkpoint)
         else:
             if not keys:
                 return {}
@@ -123,7 +123,7 @@ class IbisSections:
                 lambda: _locked(sg.select(*columns).from_(table).where(condition), locking),
             )
             bound = [section_key(checkpoint, k) for k in keys]
-            rows = self.conn.fetch(sql, bound[0] if one else self.conn.dialect.bind_ids(bound))
+            rows = self.conn.fetch_plain(sql, bound[0] if one else self.conn.dialect.bind_ids(bound))
         return {
             row["section"]: Section(bytes(row["data"]), bool(row["is_text"]), float(row["written_at"])) for row in rows
         }

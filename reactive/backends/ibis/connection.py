@@ -147,6 +147,11 @@ class IbisConnection:
         with self.lock:
             return self.dialect.fetch(self.con, sql, params)
 
+    def fetch_plain(self, sql: str, *params: Any) -> list[dict[str, Any]]:
+        """:meth:`fetch` of text, bytes, numbers and booleans only (see ``Dialect.fetch_plain``)."""
+        with self.lock:
+            return self.dialect.fetch_plain(self.con, sql, params)
+
     def fetch_rows(self, sql: str, *params: Any) -> Sequence[dict[str, Any]]:
         """Rows as the driver gives them, possibly one Arrow table (see ``Dialect.fetch_rows``)."""
         with self.lock:

@@ -240,6 +240,18 @@ class Dialect:
     def fetch(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return self._arrow(con, sql, params).to_pylist()
 
+    def fetch_plain(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """:meth:`fetch` for statements whose columns are text, bytes, numbers or booleans
+        (reactive's own tables): DuckDB's own rows rather than Arrow's, whose conversion is set up
+        in Python (the lease's row before each window: 0.27 ms against 0.46 ms, 17 ms against
+        27 ms beside a thread running Python). Other types may come back otherwise typed."""
+        if not self.arrow_results:
+            return self.fetch(con, sql, params)
+        with self._bound(con, params) as rest:
+            cursor = con.con.execute(sql, rest)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
     def fetch_rows(self, con: Any, sql: str, params: Sequence[Any] = ()) -> Sequence[Row]:
         """The rows of ``sql`` in the driver's own shape: DuckDB's Arrow table, kept as one
         (:class:`~reactive.rows.TableRows`); engines whose driver gives rows give dicts."""
