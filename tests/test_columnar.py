@@ -29,6 +29,7 @@ from conftest import Recorder, SQLClient, outputs_by_source
 import reactive
 from reactive.backends.ibis.dialects import Dialect
 from reactive.components import Listener, Model
+from reactive.components import listener as listener_module
 from reactive.events import ChangePacket, DBEvent, coalesce, collate, window_batches
 from reactive.handler import CDCHandler
 from reactive.rows import TableRows
@@ -72,6 +73,13 @@ def lite(tmp_path) -> Iterator[SQLClient]:
     client.close()
 
 
+@pytest.fixture(autouse=True)
+def column_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batches of these tests are small, which a listener checks one row at a time
+    (``FEW_ROWS``): here it checks them from the key's Arrow column, as it does larger ones."""
+    monkeypatch.setattr(listener_module, "FEW_ROWS", 0)
+
+
 def test_duckdb_arrow_rows_give_the_row_by_row_results(duck: SQLClient, lite: SQLClient) -> None:
     outputs, errors = run(duck)
     assert (outputs, errors) == run(lite)
@@ -79,6 +87,23 @@ def test_duckdb_arrow_rows_give_the_row_by_row_results(duck: SQLClient, lite: SQ
     assert set(errors) == {2, 3, 4, 5}
     assert "no value for key" in errors[2] and "larger than max_input_bytes" in errors[3]
     assert "boom is not a word" in errors[4] and "float64" in errors[5]
+
+
+def test_a_few_duckdb_rows_are_checked_one_by_one_with_the_same_results(
+    duck: SQLClient, lite: SQLClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(listener_module, "FEW_ROWS", 32)
+    from_column: list[int] = []
+    column_candidates = Listener._column_candidates
+
+    def spy(self: Listener, ids: Any, rows: TableRows) -> Any:
+        from_column.append(len(ids))
+        return column_candidates(self, ids, rows)
+
+    monkeypatch.setattr(Listener, "_column_candidates", spy)
+    outputs, errors = run(duck)
+    assert (outputs, errors) == run(lite)
+    assert from_column == []  # every batch of this scenario has at most 4 rows
 
 
 def test_a_listeners_check_of_a_page_as_one_table_equals_its_row_by_row_check() -> None:
