@@ -155,39 +155,55 @@ class WindowRows:
         windows may take four times 0.15 s. Without that part the target fits 6,944 rows, which
         windows of whole packets may never reach. With the part per window not known yet
         (``fixed=None``), a window twice as large is tried once, to learn it, however long the
-        window took. A part per window of 2 s: windows may take 4 s.
+        window took (unless windows are at ``cap``: then as with no part per window). A part
+        per window of 2 s: windows may take 4 s.
 
         >>> w.next(5_000, 5_000, 5_000, 0.18, fixed=0.15), w.next(5_000, 5_000, 5_000, 0.18)
         (10000, 6944)
         >>> w.next(5_000, 5_000, 5_000, 0.18, fixed=None), w.next(5_000, 5_000, 5_000, 3.0, fixed=None)
         (10000, 10000)
+        >>> w.next(50_000, 50_000, 50_000, 1.0, fixed=None)
+        12500
         >>> w.next(5_000, 5_000, 5_000, 2.2, fixed=2.0), w.next(5_000, 5_000, 5_000, 2.2, fixed=0.0)
         (10000, 5000)
         """
         if rows < taken / 2:
             return bound
-        if fixed is None:
+        if fixed is None and min(self.cap, 2 * taken) > rows:
             return max(self.floor, min(self.cap, 2 * taken, 2 * rows))
-        fixed = min(max(fixed, 0.0), seconds)
+        fixed = min(max(fixed or 0.0, 0.0), seconds)
         allowed = min(max(self.target, 4 * fixed), max(self.limit, 2 * fixed))
         per_rows = seconds - fixed  # the part of the window's time its rows took
         fitting = self.cap if per_rows <= 0 else int(rows * max(allowed - fixed, 0.0) / per_rows)
         return max(self.floor, min(self.cap, 2 * taken, fitting))
 
 
+#: Full windows of one size in a row after which :class:`WindowCost` asks for its estimate to be
+#: tried again: what a window costs changes (a thread of the application starts running Python,
+#: or stops), and windows of one size teach nothing.
+STALE_WINDOWS = 8
+
+
 @dc.dataclass(slots=True)
 class WindowCost:
     """What any window costs whatever its rows (statements, commits, hand-offs between threads),
-    estimated from the last two full windows of different sizes: a window's time taken as a
-    part per window plus a part per row.
+    estimated from pairs of consecutive full windows of different sizes: a window's time taken
+    as a part per window plus a part per row. One pair is noisy (beside busy threads one window
+    may take twice the next of the same size), so each new pair moves the estimate halfway; and
+    after :data:`STALE_WINDOWS` windows of one size, :meth:`observe` answers None once, which
+    makes the next window twice as large (a new pair).
 
     >>> cost = WindowCost()
     >>> cost.observe(5_000, 0.18), cost.observe(5_000, 0.18)  # one size says nothing yet
     (None, None)
     >>> round(cost.observe(10_000, 0.21), 3)  # 5,000 more rows cost 0.03 s: 0.15 s is per window
     0.15
-    >>> cost.observe(20_000, 0.1)  # a larger window took less: all of it is per window
-    0.1
+    >>> round(cost.observe(20_000, 0.1), 3)  # a larger window took less: 0.1 s per window, halfway
+    0.125
+    >>> [cost.observe(20_000, 0.1) for _ in range(STALE_WINDOWS)][-2:]  # then tried again, once
+    [0.125, None]
+    >>> cost.observe(20_000, 0.1), cost.fixed
+    (0.125, 0.125)
     """
 
     #: The last window observed: its rows and seconds.
@@ -195,16 +211,24 @@ class WindowCost:
     seconds: float = 0.0
     #: Seconds of a window's time that any window costs (None until two sizes were seen).
     fixed: float | None = None
+    #: Full windows of the last one's size since the last pair of different sizes.
+    same: int = 0
 
     def observe(self, rows: int, seconds: float) -> float | None:
-        """Take a full window's rows and seconds in; the estimate of the part per window."""
+        """Take a full window's rows and seconds in; the estimate of the part per window, or
+        None to have it tried again."""
         if self.rows and max(rows, self.rows) >= 1.25 * min(rows, self.rows):
             per_row = (seconds - self.seconds) / (rows - self.rows)
-            if per_row <= 0:
-                self.fixed = min(seconds, self.seconds)
-            else:
-                self.fixed = min(seconds, max(0.0, seconds - per_row * rows))
+            # A larger window that took less: all of its time is per window.
+            seen = min(seconds, self.seconds) if per_row <= 0 else min(seconds, max(0.0, seconds - per_row * rows))
+            self.fixed = seen if self.fixed is None else (self.fixed + seen) / 2
+            self.same = 0
+        else:
+            self.same += 1
         self.rows, self.seconds = rows, seconds
+        if self.same >= STALE_WINDOWS:
+            self.same = 0
+            return None
         return self.fixed
 
 
