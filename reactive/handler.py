@@ -81,7 +81,8 @@ class WindowRows:
     model, or a slow write (large vectors), keeps windows at ``floor`` and so keeps a window's
     write short beside the lease. A window's time is a part per row and a part per window
     (statements, commits, hand-offs between threads: :class:`WindowCost`, learnt by trying a
-    window twice as large once). Where the part per window is more than a quarter of
+    window twice as large at the start and after every :data:`STALE_WINDOWS` windows of one
+    size). Where the part per window is more than a quarter of
     ``target`` (DuckDB beside busy Python threads of the process: each of its statements waits
     for the GIL between tasks), windows may take up to four times it, so that it stays a
     quarter of their time: at most ``longest`` seconds (four times ``target`` unless set), or
@@ -134,6 +135,12 @@ class WindowRows:
             )
         return cls(batch_rows, batch_rows)
 
+    @staticmethod
+    def full(taken: int, rows: int) -> bool:
+        """Whether a window taken under the bound ``taken`` that held ``rows`` rows says anything
+        about the rate: one under half its bound does not (fixed costs dominate it)."""
+        return rows >= taken / 2
+
     def within(self, seconds: float) -> WindowRows:
         """The same windows, none taking more than ``seconds`` (``target`` and ``longest``)."""
         return dc.replace(self, target=min(self.target, seconds), longest=min(self.limit, seconds))
@@ -167,7 +174,7 @@ class WindowRows:
         >>> w.next(5_000, 5_000, 5_000, 2.2, fixed=2.0), w.next(5_000, 5_000, 5_000, 2.2, fixed=0.0)
         (10000, 5000)
         """
-        if rows < taken / 2:
+        if not self.full(taken, rows):
             return bound
         if fixed is None and min(self.cap, 2 * taken) > rows:
             return max(self.floor, min(self.cap, 2 * taken, 2 * rows))
@@ -390,7 +397,7 @@ class CDCHandler(ReactiveThread):
             window.seconds += time.perf_counter() - started
             rows = sum(len(packet) for packet in window.packets)
             cost = self.window_cost
-            fixed = cost.observe(rows, window.seconds) if rows >= window.bound / 2 else cost.fixed
+            fixed = cost.observe(rows, window.seconds) if self.window_rows.full(window.bound, rows) else cost.fixed
             self.bound = self.window_rows.next(self.bound, window.bound, rows, window.seconds, fixed)
 
     def _handle_with_retries(self, window: _Window) -> None:
