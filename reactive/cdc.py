@@ -515,8 +515,9 @@ class DatabaseChangeDataCapture:
         """Wait until every change seen so far is processed and its outputs are written.
 
         With the listener running, "seen" includes every change committed in the database
-        before the call. Returns False if ``timeout`` passes first (or the listener is
-        failing).
+        before the call, and changes the handler gave up on meanwhile (released: the listener
+        delivers them again) are waited for once more. Returns False if ``timeout`` passes
+        first (or the listener is failing).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -525,14 +526,18 @@ class DatabaseChangeDataCapture:
 
         if not self._activated.wait(remaining()):
             return False  # a standby: another process runs the listeners
-        listener = self._listener
-        if self._running and listener is not None and not listener.sync(remaining()):
-            return False
-        for source in list(self._followed.values()):
-            if not source.sync(remaining()):
+        while True:
+            listener = self._listener
+            releases = None if listener is None else listener.releases
+            if self._running and listener is not None and not listener.sync(remaining()):
                 return False
-        if not self.queue.join(remaining()):
-            return False
+            for source in list(self._followed.values()):
+                if not source.sync(remaining()):
+                    return False
+            if not self.queue.join(remaining()):
+                return False
+            if listener is None or listener.releases == releases or not self._running:
+                break
         return all(feed.wait_published(remaining()) for feed in self.feeds)
 
     def info(self) -> dict[str, Any]:

@@ -312,9 +312,11 @@ class CDCHandler(ReactiveThread):
     lands over a newer one. ``pipeline=1`` finishes each window before taking the next.
 
     The handler never dies: a component that raises has its batch recorded in the errors
-    table, and processing goes on. :meth:`stop` closes the queue; everything already queued
-    is processed before the thread exits. ``stats`` and ``totals`` are the counters it adds
-    to (``db.cdc`` hands the same ones to every handler it starts, so they outlive a stop).
+    table, and processing goes on; a failure of the handler's own releases the windows in
+    flight (their sources deliver them again) and it goes on after a pause. :meth:`stop`
+    closes the queue; everything already queued is processed before the thread exits.
+    ``stats`` and ``totals`` are the counters it adds to (``db.cdc`` hands the same ones to
+    every handler it starts, so they outlive a stop).
     """
 
     def __init__(
@@ -347,32 +349,65 @@ class CDCHandler(ReactiveThread):
         self.feed = feed
         #: The current window's committed changes, while a feed is attached.
         self._committed: Committed | None = None
+        #: Failures of the handler's own in a row (see :meth:`_recover`).
+        self._failures = 0
 
     def stop(self) -> None:
         # Not the stop event: retry backoffs keep their length while the queue drains.
         self.queue.close()
 
     def run(self) -> None:
-        ahead: deque[_Window] = deque()  # taken, planned, not finished yet: oldest first
-        queue = self.queue
+        ahead: deque[_Window] = deque()  # taken, not finished yet: oldest first
         while True:
-            # Plan what waits while there is room (so the model always has work queued); else
-            # finish the oldest window once its work is done, the pipeline is full, or on a stop.
-            plan_first = queue.packets > 0 and len(ahead) < self.pipeline
-            if ahead and not plan_first and (ahead[0].ready() or len(ahead) >= self.pipeline or queue.closed):
-                self._complete(ahead.popleft())
-                continue
-            packets = queue.get_batch(max_rows=self.bound)  # also returns when model work ends
-            if packets:
-                ahead.append(self._open(packets, ahead))
-            elif queue.closed and not ahead and not queue.packets:
-                return
+            try:
+                if self._turn(ahead):
+                    return
+            except Exception as exc:
+                self._recover(ahead, exc)
 
-    def _open(self, packets: Sequence[ChangePacket], ahead: Sequence[_Window]) -> _Window:
-        """Take a window: plan it now (its model work starts) unless that fails; it is then
-        planned again when its turn comes."""
+    def _turn(self, ahead: deque[_Window]) -> bool:
+        """Take a window or finish the oldest one; True once the queue is closed and drained."""
+        queue = self.queue
+        # Plan what waits while there is room (so the model always has work queued); else
+        # finish the oldest window once its work is done, the pipeline is full, or on a stop.
+        plan_first = queue.packets > 0 and len(ahead) < self.pipeline
+        if ahead and not plan_first and (ahead[0].ready() or len(ahead) >= self.pipeline or queue.closed):
+            self._complete(ahead)
+            return False
+        packets = queue.get_batch(max_rows=self.bound)  # also returns when model work ends
+        if packets:
+            window = _Window(packets, self.bound)
+            ahead.append(window)  # first: whatever happens next, run() knows these packets are taken
+            self._open(window, list(ahead)[:-1])
+            return False
+        return queue.closed and not ahead and not queue.packets
+
+    def _recover(self, ahead: deque[_Window], error: Exception) -> None:
+        """After a failure of the handler's own (none of a component's, a database's or a
+        source's: those are handled where they happen), release every window taken and not
+        finished: their sources deliver those changes again. The thread goes on, after a pause
+        that doubles with each failure in a row (a window finished ends the row)."""
+        self.totals.internal_errors += 1
+        self._failures += 1
+        windows = list(ahead)
+        ahead.clear()
+        log.exception(
+            "the change handler failed (%s); releasing %d windows in flight: their changes are delivered again",
+            error,
+            len(windows),
+        )
+        for window in windows:
+            self._release(window.packets, error)
+            self.queue.task_done(len(window.packets))
+        self.bound = self.window_rows.floor
+        if not self.queue.closed:  # closed: what is left is drained (released) without pauses
+            self.wait(min(0.5 * 2 ** (self._failures - 1), MAX_BACKOFF))
+
+    def _open(self, window: _Window, ahead: Sequence[_Window]) -> None:
+        """Plan a window taken after ``ahead`` now (its model work starts) unless that fails;
+        it is then planned again when its turn comes."""
         started = time.perf_counter()
-        window = _Window(packets, self.bound)
+        packets = window.packets
         in_flight: dict[str, set[Hashable]] = {}
         for earlier in ahead:
             for table, keys in earlier.keys.items():
@@ -381,24 +416,25 @@ class CDCHandler(ReactiveThread):
             window.steps = self._plan(packets, in_flight)
         except Exception as exc:
             log.debug("planning a window of %d packets failed (%s); it is planned again at its turn", len(packets), exc)
-            return window
+            return
         finally:
             window.seconds += time.perf_counter() - started
         for future in window.work:
             future.add_done_callback(lambda _: self.queue.wake_consumer())
-        return window
 
-    def _complete(self, window: _Window) -> None:
+    def _complete(self, ahead: deque[_Window]) -> None:
+        """Finish the oldest window of ``ahead`` (written, or released), then take it off."""
+        window = ahead[0]
         started = time.perf_counter()
-        try:
-            self._handle_with_retries(window)
-        finally:
-            self.queue.task_done(len(window.packets))
-            window.seconds += time.perf_counter() - started
-            rows = sum(len(packet) for packet in window.packets)
-            cost = self.window_cost
-            fixed = cost.observe(rows, window.seconds) if self.window_rows.full(window.bound, rows) else cost.fixed
-            self.bound = self.window_rows.next(self.bound, window.bound, rows, window.seconds, fixed)
+        self._handle_with_retries(window)  # raises only on a failure of the handler's own: see run()
+        ahead.popleft()
+        self.queue.task_done(len(window.packets))
+        self._failures = 0
+        window.seconds += time.perf_counter() - started
+        rows = sum(len(packet) for packet in window.packets)
+        cost = self.window_cost
+        fixed = cost.observe(rows, window.seconds) if self.window_rows.full(window.bound, rows) else cost.fixed
+        self.bound = self.window_rows.next(self.bound, window.bound, rows, window.seconds, fixed)
 
     def _handle_with_retries(self, window: _Window) -> None:
         """Finish a window; while the database is unreachable, retry it with backoff.

@@ -7,11 +7,13 @@ A missing PostgreSQL is a failure, not a skip.
 
 from __future__ import annotations
 
+import dataclasses as dc
 import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import duckdb
@@ -19,6 +21,9 @@ import psycopg
 import pytest
 
 import reactive
+from reactive.components import Model
+from reactive.compute import LocalCompute
+from reactive.handler import WindowRows
 from reactive.threads import reactive_threads
 
 pytest_plugins = ["kinetica_fixtures"]
@@ -123,6 +128,40 @@ def no_thread_left_behind() -> Iterator[None]:
 
 def outputs_by_source(db: reactive.Datalayer, identifier: str) -> dict[Any, Any]:
     return {row["_source"]: row["_output"] for row in db.outputs(identifier)}
+
+
+class Watching(LocalCompute):
+    """Local model work that records what is submitted, and when, to whoever waits for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.submitted: list[list[Any]] = []
+        self.changed = threading.Condition()
+
+    def submit(self, model: Model, inputs: Sequence[Any], **options: Any) -> Future[list[Any]]:
+        with self.changed:
+            self.submitted.append(list(inputs))
+            self.changed.notify_all()
+        return super().submit(model, inputs, **options)
+
+    def wait_for(self, predicate: Callable[[list[list[Any]]], bool], timeout: float) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: predicate(self.submitted), timeout)
+
+
+@dc.dataclass(frozen=True)
+class BrokenOnce(WindowRows):
+    """Window bounds whose rule raises once, after ``armed`` is set: a bug in the handler's own
+    bookkeeping (none of a component's, a database's or a source's), after a window is written."""
+
+    armed: threading.Event = dc.field(default_factory=threading.Event, compare=False)
+    broken: threading.Event = dc.field(default_factory=threading.Event, compare=False)
+
+    def next(self, bound: int, taken: int, rows: int, seconds: float, fixed: float | None = 0.0) -> int:
+        if self.armed.is_set() and not self.broken.is_set():
+            self.broken.set()
+            raise RuntimeError("a bug in the window bookkeeping")
+        return super().next(bound, taken, rows, seconds, fixed)
 
 
 # -- MongoDB -------------------------------------------------------------------------------

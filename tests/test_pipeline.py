@@ -25,7 +25,7 @@ from reactive.events import Batch, ChangePacket, DBEvent
 from reactive.handler import STALE_WINDOWS, CDCHandler, WindowRows
 from reactive.queue import CDCQueue
 from reactive.threads import reactive_threads
-from tests.conftest import SQLClient, outputs_by_source
+from tests.conftest import BrokenOnce, SQLClient, Watching, outputs_by_source
 
 
 class RecordingSource:
@@ -54,25 +54,6 @@ class RecordingSource:
 def update(source: RecordingSource, position: int, row_id: int, text: str) -> ChangePacket:
     row = {"id": row_id, "text": text}
     return ChangePacket("docs", DBEvent.update, (row_id,), (row,), source=source, position=position)
-
-
-class Watching(LocalCompute):
-    """Local model work that records what is submitted, and when, to whoever waits for it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.submitted: list[list[Any]] = []
-        self.changed = threading.Condition()
-
-    def submit(self, model: Model, inputs: Sequence[Any], **options: Any) -> Future[list[Any]]:
-        with self.changed:
-            self.submitted.append(list(inputs))
-            self.changed.notify_all()
-        return super().submit(model, inputs, **options)
-
-    def wait_for(self, predicate: Callable[[list[list[Any]]], bool], timeout: float) -> bool:
-        with self.changed:
-            return self.changed.wait_for(lambda: predicate(self.submitted), timeout)
 
 
 class OutOfOrder(LocalCompute):
@@ -260,6 +241,64 @@ def test_a_window_that_fails_in_the_middle_of_a_pipeline_is_retried_before_the_n
         assert source.saved == [[0], [0], [1]]
         assert compute.submitted.count(["ONE"]) == 2
         assert source.committed == [0, 1] and not source.released
+
+
+def test_a_failure_of_the_handlers_own_releases_the_windows_in_flight_and_it_goes_on(duck: SQLClient) -> None:
+    # Windows of two packets, two in flight: window [0, 1] is written, then the handler's own
+    # rule raises while [2, 3] is planned. [2, 3] is released (its source delivers it again);
+    # the handler goes on with [4, 5] and stops normally.
+    docs(duck, 6)
+    window_rows = BrokenOnce(2, 2)
+    window_rows.armed.set()
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(Model("tag", predict=lambda xs: [f"<{x}>" for x in xs]), "text", "docs"))
+        queue, source = CDCQueue(), RecordingSource()
+        for position in range(6):
+            queue.put(update(source, position, position, f"w{position}"))
+        handler = CDCHandler(db, queue, compute=db.compute, window_rows=window_rows, pipeline=2)
+        handler.start()
+        handler.stop()  # closes the queue: what waits is processed (or released) first
+        handler.join(timeout=60)
+        assert not handler.is_alive() and window_rows.broken.is_set()
+        assert handler.totals.internal_errors == 1
+        assert source.committed == [0, 1, 4, 5] and source.released == [2, 3]
+        assert queue.join(timeout=0)  # every packet taken is settled
+        assert outputs_by_source(db, "tag__text") == {0: "<w0>", 1: "<w1>", 2: "<v0>", 3: "<v0>", 4: "<w4>", 5: "<w5>"}
+
+
+def test_wait_idle_waits_for_what_the_handler_released_and_the_listener_delivers_again(duck: SQLClient) -> None:
+    # The same failure with a real listener: the window of a row of `notes`, in flight behind
+    # that of a row of `docs` (both from one poll: a poller polls again once what it queued is
+    # settled), is released; the listener reads that row again, and one wait_idle covers it.
+    docs(duck, 0)
+    duck.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text VARCHAR)")
+    computing, go = threading.Event(), threading.Event()
+
+    def predict(texts: list[str]) -> list[str]:
+        if "A" in texts:
+            computing.set()
+            assert go.wait(60)
+        return [f"<{t}>" for t in texts]
+
+    window_rows, compute = BrokenOnce(1, 1), Watching()
+    with reactive.connect(duck.uri, compute=compute, batch_rows=window_rows, poll_interval=0.05) as db:
+        model = Model("tag", predict=predict)
+        db.add(Listener(model, "text", "docs"))
+        db.add(Listener(model, "text", "notes", identifier="notes_tag"))
+        duck.execute("INSERT INTO docs VALUES (1, 'A')")
+        duck.execute("INSERT INTO notes VALUES (2, 'B')")
+        window_rows.armed.set()
+        db.cdc.start()  # its first poll queues a packet of each table
+        assert computing.wait(30)
+        assert compute.wait_for(lambda submitted: ["B"] in submitted, timeout=30)
+        go.set()
+        assert db.cdc.wait_idle(timeout=60)
+        assert outputs_by_source(db, "tag__text") == {1: "<A>"}
+        assert outputs_by_source(db, "notes_tag") == {2: "<B>"}
+        assert window_rows.broken.is_set() and db.cdc.listener.releases == 1
+        assert compute.submitted.count(["B"]) == 2  # computed again once delivered again
+        info = db.cdc.info()["handler"]
+        assert info["internal_errors"] == 1 and info["running"]
 
 
 @pytest.mark.parametrize("pipeline", [1, 3])
