@@ -405,9 +405,14 @@ def test_windows_of_a_cost_per_row_stay_near_their_target(duck: SQLClient) -> No
     # The same packets, and each row of a window costs 0.05 s: a window of 4 rows takes 0.2 s,
     # one of 8 rows 0.4 s (tried once): the cost is per row, and windows stay at one packet.
     # After STALE_WINDOWS windows of one size, one of 8 rows is tried again.
+    # Undisturbed: ten windows of 4 rows and two of 8 (the probe, and the one after
+    # STALE_WINDOWS; the first window may be slower: one-time costs). A pause of the process
+    # (a busy CI machine) in a window of 4 rows reads as a cost per window: twice it, halved
+    # with each later pair, so windows may reach 16 rows once before they shrink back. A cost
+    # per window takes them to 32-64 (above).
     sizes = _window_sizes(duck, WindowRows(4, 64, target=0.3), 14, packet_rows=4, row_seconds=0.05)
-    assert sorted(sizes) == [4] * 10 + [8] * 2, sizes  # the first window may be slower (one-time costs)
-    assert sizes[-1] == 8 and STALE_WINDOWS == 8
+    assert max(sizes) <= 16 and 8 in sizes and sizes.count(4) >= 5, sizes
+    assert sum(sizes) == 56 and STALE_WINDOWS == 8
 
 
 @pytest.mark.parametrize("bad", [0, -5, 2.5, "5000", True])
