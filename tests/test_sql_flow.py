@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
+import subprocess
+import sys
+
 import pytest
 from conftest import Recorder, SQLClient, outputs_by_source
 
@@ -380,3 +384,41 @@ def test_float32_vectors_read_back_as_written_on_every_sql_backend(sql: SQLClien
     if sql.kind == "sqlite":
         [(text,)] = sql.execute('SELECT "_output" FROM "_outputs__vec__text" WHERE "_source" = 1')
         assert text.startswith("[-0.0,3.3999999521443642e+38,")
+
+
+def test_an_idle_sqlite_database_is_not_diffed_and_every_writer_is_seen(tmp_path, recorder: Recorder) -> None:
+    # SQLite counts commits by other connections (PRAGMA data_version): while it stands still,
+    # a poll does not diff the table; reactive's own writes (outputs, snapshot, lease) leave it.
+    path = tmp_path / "app.sqlite"
+    sql = SQLClient("sqlite", f"sqlite:///{path}", sqlite3.connect(str(path), check_same_thread=False))
+    make_docs(sql, [(1, "alpha", "en"), (2, "beta", "en"), (3, "gamma", "en")])
+    try:
+        with connect(sql) as db:
+            db.add(Listener(model=Model("tag", predict=recorder), key="text", select="docs"))
+            db.cdc.start()
+            assert db.cdc.wait_idle(timeout=30)
+            poller = db.cdc.listener
+            diffs, skipped = poller.polls, poller.polls_skipped
+            for _ in range(3):
+                assert db.cdc.wait_idle(timeout=30)  # each waits for a poll that starts after it
+            assert poller.polls == diffs and poller.polls_skipped >= skipped + 3
+            assert db.cdc.info()["source"]["polls_skipped"] == poller.polls_skipped
+
+            # A writer in another process, then another connection of this one.
+            update = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute(sys.argv[2]); c.commit()"
+            command = "UPDATE docs SET text = 'BETA' WHERE id = 2"
+            subprocess.run([sys.executable, "-c", update, str(path), command], check=True, timeout=60)
+            assert db.cdc.wait_idle(timeout=30)
+            sql.execute("DELETE FROM docs WHERE id = 3")
+            assert db.cdc.wait_idle(timeout=30)
+            assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 2: "<BETA>"}
+            assert poller.polls >= diffs + 2
+
+            # A full diff asked for runs though nobody wrote (and finds nothing).
+            diffs = poller.polls
+            poller.request_full_diff("docs")
+            assert db.cdc.wait_idle(timeout=30)
+            assert poller.polls == diffs + 1
+            assert sorted(recorder.inputs) == ["BETA", "alpha", "beta", "gamma"]
+    finally:
+        sql.close()

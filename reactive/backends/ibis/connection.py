@@ -147,6 +147,11 @@ class IbisConnection:
         with self.lock:
             return self.dialect.fetch(self.con, sql, params)
 
+    def data_version(self) -> int | None:
+        """See ``Dialect.data_version``: equal values mean nobody else committed in between."""
+        with self.lock:
+            return self.dialect.data_version(self.con)
+
     def fetch_plain(self, sql: str, *params: Any) -> list[dict[str, Any]]:
         """:meth:`fetch` of text, bytes, numbers and booleans only (see ``Dialect.fetch_plain``)."""
         with self.lock:

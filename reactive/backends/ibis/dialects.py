@@ -252,6 +252,12 @@ class Dialect:
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
+    def data_version(self, con: Any) -> int | None:
+        """A number that stays the same while no other connection commits to the database, and
+        changes when one does (this connection's own commits leave it); None where the engine
+        has no such number."""
+        return None
+
     def fetch_rows(self, con: Any, sql: str, params: Sequence[Any] = ()) -> Sequence[Row]:
         """The rows of ``sql`` in the driver's own shape: DuckDB's Arrow table, kept as one
         (:class:`~reactive.rows.TableRows`); engines whose driver gives rows give dicts."""
@@ -511,6 +517,10 @@ class SQLiteDialect(Dialect):
 
     def load_modules(self) -> None:
         """Nothing: sqlite3 binds parameters itself."""
+
+    def data_version(self, con: Any) -> int | None:
+        """``PRAGMA data_version``: SQLite's count of commits by other connections, any process."""
+        return int(con.con.execute("PRAGMA data_version").fetchone()[0])
 
     def primary_key(self, con: Any, table: str) -> list[str]:
         query = (

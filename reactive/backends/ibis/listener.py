@@ -42,6 +42,10 @@ class Snapshots(Protocol):
     def save_mark(self, table: str, mark: Any) -> None:
         """Save a mark :meth:`poll` returned: every change it covers is processed."""
 
+    def data_version(self) -> int | None:
+        """A number that changes whenever another connection commits to the database (and only
+        then); None where the database has none: then every poll diffs."""
+
     def request_full_diff(self, table: str) -> None:
         """Make the next poll of ``table`` a full :meth:`diff`."""
 
@@ -95,6 +99,12 @@ class IbisPollingListener(BaseDatabaseListener):
     is saved (``save_mark``) after every packet of that poll is committed, and not at all
     when one was released, so the next poll reads from the older version again; a version
     saved late (a crash in between) only makes a poll read rows it then finds unchanged.
+
+    Where the database counts other connections' commits (SQLite's ``PRAGMA data_version``;
+    :meth:`Snapshots.data_version`), a table is not diffed while that count is where it was
+    before its last diff whose packets were all committed: nobody wrote since, so an idle
+    database costs one pragma per poll whatever its size. A released packet, a requested full
+    diff or a failure makes the next poll diff again.
     """
 
     def __init__(
@@ -122,6 +132,13 @@ class IbisPollingListener(BaseDatabaseListener):
         self._marks: dict[str, Any] = {}
         #: Tables some of whose packets were released since the last poll: their marks stay.
         self._released: set[str] = set()
+        #: The data version (see Snapshots.data_version) read before this poll's diff of each table.
+        self._diffed: dict[str, int] = {}
+        #: Per table, the data version before its last diff whose packets were all committed:
+        #: while the database's is the same, nothing changed, and the table is not diffed.
+        self._quiet: dict[str, int] = {}
+        #: Polls of a table skipped because nobody committed since its last diff.
+        self.polls_skipped = 0
 
     def watch(self, table: TableInfo) -> None:
         if self.snapshots.ensure(table):
@@ -132,6 +149,7 @@ class IbisPollingListener(BaseDatabaseListener):
         super().unwatch(table)
         with self._lock:
             self.failing_tables.pop(table, None)
+            self._quiet.pop(table, None)
 
     def _arm_after_barrier(self, sink: Any) -> None:
         """Arm ``sink`` when a poll that starts after now has finished (its baseline), and
@@ -157,6 +175,8 @@ class IbisPollingListener(BaseDatabaseListener):
         """
         for name in [table] if table is not None else list(self.tables):
             self.snapshots.request_full_diff(name)
+            with self._lock:
+                self._quiet.pop(name, None)
         self._wake.set()
 
     def reconcile_soon(self, table: str) -> None:
@@ -184,6 +204,9 @@ class IbisPollingListener(BaseDatabaseListener):
             except Exception as exc:
                 for table in self.tables:
                     self.snapshots.forget(table)
+                with self._lock:
+                    self._diffed.clear()
+                    self._quiet.clear()
                 self.consecutive_failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("polling failed (%s); retrying", self.last_error)
@@ -218,6 +241,12 @@ class IbisPollingListener(BaseDatabaseListener):
         with self._lock:
             marks, self._marks = self._marks, {}
             released, self._released = self._released, set()
+            diffed, self._diffed = self._diffed, {}
+            for table, version in diffed.items():
+                if drained and table not in released:
+                    self._quiet[table] = version
+                else:
+                    self._quiet.pop(table, None)
         if not drained:
             return
         watched = self.tables
@@ -248,9 +277,15 @@ class IbisPollingListener(BaseDatabaseListener):
             )
 
     def _poll_all(self) -> None:
+        version = self.snapshots.data_version()  # before any diff: a commit after it is seen next time
         for table in self.tables.values():
             if not self.should_keep_running():
                 return
+            with self._lock:
+                quiet = version is not None and self._quiet.get(table.name) == version
+            if quiet:
+                self.polls_skipped += 1
+                continue
             started = time.perf_counter()
             try:
                 self._poll(table)
@@ -265,9 +300,13 @@ class IbisPollingListener(BaseDatabaseListener):
             self.polls += 1
             with self._lock:
                 self.failing_tables.pop(table.name, None)
+                if version is not None:
+                    self._diffed[table.name] = version
 
     def _table_failed(self, table: TableInfo, exc: Exception) -> None:
         """One table's poll failed: stop it if it cannot heal (dropped, altered), else retry it next poll."""
+        with self._lock:
+            self._quiet.pop(table.name, None)
         why = self.snapshots.lost(table)
         if why is not None:
             # Its snapshot no longer fits: a listener added again starts from a fresh one.
@@ -332,7 +371,10 @@ class IbisPollingListener(BaseDatabaseListener):
         """The snapshot stays where it is, so the next poll finds the rows again; a version
         column's mark stays too (the next poll reads from the older version)."""
         with self._lock:
-            self._released.update(table for table, _, _ in positions)
+            tables = {table for table, _, _ in positions}
+            self._released.update(tables)
+            for table in tables:
+                self._quiet.pop(table, None)
 
     def sync(self, timeout: float | None) -> bool:
         """Wait for a full poll that started after this call, with its packets queued.
@@ -366,6 +408,7 @@ class IbisPollingListener(BaseDatabaseListener):
             **super().info(),
             "poll_interval": self.poll_interval,
             "polls": self.polls,
+            "polls_skipped": self.polls_skipped,
             "last_poll_seconds": self.last_poll_seconds,
             "consecutive_failures": self.consecutive_failures,
             "failing_tables": failing,

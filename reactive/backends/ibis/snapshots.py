@@ -314,6 +314,10 @@ class SnapshotStore:
         with self._state_lock:
             self._integer[table.name] = dtype.is_integer()
 
+    def data_version(self) -> int | None:
+        """The database's count of other connections' commits (see ``Dialect.data_version``)."""
+        return self.conn.data_version()
+
     def request_full_diff(self, table: str) -> None:
         """Make the next poll of ``table`` a full diff (it has a version column; else every poll is one)."""
         with self._state_lock:
