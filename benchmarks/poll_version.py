@@ -367,8 +367,10 @@ def main() -> None:
     print(summary(results))
     if not args.quick:
         note = "shared 2-core machine: figures are noisy; compare figures of one backend within this run"
+        # A run of some backends only does not overwrite the figures of all three.
+        name = "poll_version" if not args.only else "poll_version_" + "_".join(sorted(set(args.only)))
         write_results(
-            "poll_version",
+            name,
             {
                 "machine": machine,
                 "load_average_at_end": machine_info()["load_average"],
