@@ -422,3 +422,47 @@ def test_an_idle_sqlite_database_is_not_diffed_and_every_writer_is_seen(tmp_path
             assert sorted(recorder.inputs) == ["BETA", "alpha", "beta", "gamma"]
     finally:
         sql.close()
+
+
+def _snapshot_rows(sql: SQLClient) -> tuple[int, int]:
+    """Rows and distinct ids of the snapshot of ``docs``."""
+    ((rows, ids),) = sql.execute('SELECT count(*), count(DISTINCT row_id) FROM "_reactive_snapshot__docs"')
+    return rows, ids
+
+
+@pytest.mark.parametrize(("id_type", "keyed"), [("INTEGER", False), ("VARCHAR", True)])
+def test_a_duckdb_snapshot_has_a_key_only_where_ids_are_text(duck: SQLClient, id_type: str, keyed: bool) -> None:
+    # Without a key a window moves the snapshot by a delete of its ids and an insert: every
+    # row stays there once, through updates in window after window, deletes and inserts.
+    duck.execute(f"CREATE TABLE docs (id {id_type} PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"v{i}") for i in range(1, 101)])
+    with connect(duck) as db:
+        db.add(Listener(Model("tag", predict=lambda xs: [f"<{x}>" for x in xs]), "text", "docs"))
+        assert db.backend.conn.keyed("_reactive_snapshot__docs") is keyed
+        db.cdc.start()
+        for _ in range(3):
+            duck.execute("UPDATE docs SET text = text || '!' WHERE id IN (2, 3, 50)")
+            assert db.cdc.wait_idle(timeout=30)
+        duck.execute("DELETE FROM docs WHERE id IN (3, 4)")
+        duck.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"v{i}") for i in range(101, 141)])
+        assert db.cdc.wait_idle(timeout=30)
+        expected = {r[0]: f"<{r[1]}>" for r in duck.execute("SELECT id, text FROM docs")}
+        assert outputs_by_source(db, "tag__text") == expected
+        assert expected["2" if keyed else 2] == "<v2!!!>" and 3 not in expected and "3" not in expected
+        assert _snapshot_rows(duck) == (138, 138)
+
+
+def test_a_duckdb_snapshot_made_with_its_key_before_keeps_it(duck: SQLClient) -> None:
+    # A snapshot an earlier version made (integer ids, keyed): moved by upserts as before.
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, "b"), (3, "c")])
+    duck.execute('CREATE TABLE "_reactive_snapshot__docs" (row_id INTEGER PRIMARY KEY, fingerprint UBIGINT)')
+    with connect(duck) as db:
+        db.add(Listener(Model("tag", predict=lambda xs: [f"<{x}>" for x in xs]), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)  # its first poll: every row is new to the empty snapshot
+        duck.execute("UPDATE docs SET text = 'B' WHERE id = 2")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "tag__text") == {1: "<a>", 2: "<B>", 3: "<c>"}
+        assert db.backend.conn.keyed("_reactive_snapshot__docs")
+        assert _snapshot_rows(duck) == (3, 3)

@@ -219,21 +219,34 @@ class IbisConnection:
         with self.lock:
             self.dialect.upsert(self.con, table, key, rows)
 
+    def replace_by_key(self, table: str, key: str, rows: pa.Table) -> None:
+        """``Dialect.replace_by_key``: :meth:`upsert` for a table created without its key."""
+        with self.lock:
+            self.dialect.replace_by_key(self.con, table, key, rows)
+
+    def keyed(self, table: str) -> bool:
+        """Whether ``table`` has a primary key."""
+        with self.lock:
+            return bool(self.dialect.primary_key(self.con, table))
+
     def create_keyed_table(
-        self, name: str, columns: Mapping[str, dt.DataType], key: str, *, fill: str | None = None
+        self, name: str, columns: Mapping[str, dt.DataType], key: str, *, fill: str | None = None, keyed: bool = True
     ) -> None:
         """CREATE TABLE IF NOT EXISTS with a primary key on ``key`` (ibis cannot declare one).
 
         With ``fill`` (a statement that inserts the first rows), the table must not exist yet;
         it is created and filled in one transaction, so a table half made is never left (a
-        duplicate key fails both).
+        duplicate key fails both). ``keyed=False``: no primary key is declared, and with
+        ``fill`` a duplicate ``key`` fails both all the same (checked after the fill).
         """
         mapper = self.con.compiler.type_mapper
         defs = [
             sge.ColumnDef(
                 this=sg.to_identifier(column, quoted=True),
                 kind=mapper.from_ibis(dtype),
-                constraints=[sge.ColumnConstraint(kind=sge.PrimaryKeyColumnConstraint())] if column == key else None,
+                constraints=[sge.ColumnConstraint(kind=sge.PrimaryKeyColumnConstraint())]
+                if column == key and keyed
+                else None,
             )
             for column, dtype in columns.items()
         ]
@@ -249,6 +262,16 @@ class IbisConnection:
         with self.transaction():
             self.execute(self.dialect.render(create))
             self.execute(fill)
+            if not keyed:
+                repeated = (
+                    sg.select(sg.column(key, quoted=True))
+                    .from_(sg.table(name, quoted=True))
+                    .group_by(sg.column(key, quoted=True))
+                    .having(sge.GT(this=sge.Count(this=sge.Star()), expression=sge.convert(1)))
+                    .limit(1)
+                )
+                if self.fetch(self.dialect.render(repeated)):
+                    raise ValueError(f"{key} is not unique in {name}")
 
     def drop_table(self, name: str) -> None:
         with self.lock:
