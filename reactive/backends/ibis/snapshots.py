@@ -528,6 +528,7 @@ class SnapshotStore:
             self.check(table)
         with conn.lock:
             if conn.table_exists(name):
+                self._keys[name] = conn.keyed(name)  # here, not in the first window (a catalog query)
                 return False
             statements = self._statements(table)
             top = None if statements.top is None else _plain(conn.fetch(statements.top)[0]["top"])
@@ -547,6 +548,7 @@ class SnapshotStore:
                     f" (Listener(..., id_column=...))",
                     table=table.name,
                 ) from None
+            self._keys[name] = keyed
             if spec is not None:
                 self.save_mark(table.name, VersionMark(spec.column, top, started))
             return True
