@@ -113,6 +113,10 @@ class Dialect:
     #: 50,000) are read in one.
     ids_per_statement: ClassVar[int] = 50_000
 
+    #: Whether some snapshots go without a key (see :meth:`keyed_snapshot`). SQLite and
+    #: PostgreSQL read a poll's changed rows by id, and SQLite's diff in ranges walks the key.
+    unkeyed_snapshots: ClassVar[bool] = True
+
     def keyed_snapshot(self, id_type: dt.DataType) -> bool:
         """Whether the snapshot of a table whose ids are of ``id_type`` gets a primary key.
 
@@ -122,7 +126,7 @@ class Dialect:
         a move is a delete of its ids, which DuckDB narrows to the row groups whose id range
         holds them, and an insert (one-row move on 1M rows: 1.5-2.4 ms against 2.0-2.7 ms
         keyed). Ids in no order (text, UUIDs) leave it no row group to skip (23 ms): keyed."""
-        return not id_type.is_integer()
+        return not (self.unkeyed_snapshots and id_type.is_integer())
 
     def load_modules(self) -> None:
         """Import now what the driver imports on first use: DuckDB imports ``pyarrow.dataset``
@@ -396,10 +400,7 @@ class PostgresDialect(Dialect):
     streamed_scans = False
     fingerprint_type = dt.int64
     max_name_bytes = 63
-
-    def keyed_snapshot(self, id_type: dt.DataType) -> bool:
-        """Always: a poll here reads changed rows by id, and SQLite's ranges walk the key."""
-        return True
+    unkeyed_snapshots = False
 
     def load_modules(self) -> None:
         """Nothing: psycopg binds parameters itself."""
@@ -557,10 +558,7 @@ class SQLiteDialect(Dialect):
     # Python's sqlite3 cannot bind timestamps; ISO-8601 text sorts the same way.
     timestamp_type = dt.string
     fingerprint_type = dt.int64
-
-    def keyed_snapshot(self, id_type: dt.DataType) -> bool:
-        """Always: a poll here reads changed rows by id, and SQLite's ranges walk the key."""
-        return True
+    unkeyed_snapshots = False
 
     def load_modules(self) -> None:
         """Nothing: sqlite3 binds parameters itself."""

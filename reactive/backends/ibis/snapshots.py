@@ -528,7 +528,8 @@ class SnapshotStore:
             self.check(table)
         with conn.lock:
             if conn.table_exists(name):
-                self._keys[name] = conn.keyed(name)  # here, not in the first window (a catalog query)
+                # Here, not in the first window (a catalog query); only where some have no key.
+                self._keys[name] = conn.keyed(name) if conn.dialect.unkeyed_snapshots else True
                 return False
             statements = self._statements(table)
             top = None if statements.top is None else _plain(conn.fetch(statements.top)[0]["top"])
