@@ -185,6 +185,15 @@ class WindowRows:
         return max(self.floor, min(self.cap, 2 * taken, fitting))
 
 
+def _backoff(attempt: int) -> float:
+    """Seconds to wait before try ``attempt`` + 1 after ``attempt`` failures in a row.
+
+    >>> [_backoff(n) for n in (1, 2, 3, 10)]
+    [0.5, 1.0, 2.0, 5.0]
+    """
+    return min(0.5 * 2 ** (attempt - 1), MAX_BACKOFF)
+
+
 #: Full windows of one size in a row after which :class:`WindowCost` asks for its estimate to be
 #: tried again: what a window costs changes (a thread of the application starts running Python,
 #: or stops), and windows of one size teach nothing.
@@ -401,7 +410,7 @@ class CDCHandler(ReactiveThread):
             self.queue.task_done(len(window.packets))
         self.bound = self.window_rows.floor
         if not self.queue.closed:  # closed: what is left is drained (released) without pauses
-            self.wait(min(0.5 * 2 ** (self._failures - 1), MAX_BACKOFF))
+            self.wait(_backoff(self._failures))
 
     def _open(self, window: _Window, ahead: Sequence[_Window]) -> None:
         """Plan a window taken after ``ahead`` now (its model work starts) unless that fails;
@@ -461,7 +470,7 @@ class CDCHandler(ReactiveThread):
                     log.error("%s while stopping; releasing %d packets", exc, len(packets))
                     self._release(packets, exc)
                     return
-                delay = min(0.5 * 2 ** (attempt - 1), MAX_BACKOFF)
+                delay = _backoff(attempt)
                 log.warning("%s; retrying %d packets in %.1f s", exc, len(packets), delay)
                 self.wait(delay)
                 if isinstance(exc, LeaseLostError):
