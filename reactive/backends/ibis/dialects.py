@@ -82,6 +82,21 @@ def _column(name: str, table: str | None = None) -> sge.Column:
     return sg.column(name, table=table, quoted=True)
 
 
+def _row_values(rows: pa.Table) -> list[Any]:
+    """Every value of ``rows``, row after row: the parameters of a statement of bound rows."""
+    return [v for row in zip(*(c.to_pylist() for c in rows.columns), strict=True) for v in row]
+
+
+@contextmanager
+def _registered(con: Any, rows: pa.Table) -> Iterator[str]:
+    """``rows`` registered on DuckDB's connection as :data:`UPSERT_VIEW` while the block runs."""
+    con.con.register(UPSERT_VIEW, rows)
+    try:
+        yield UPSERT_VIEW
+    finally:
+        con.con.unregister(UPSERT_VIEW)
+
+
 class Dialect:
     """DuckDB: information_schema, ``hash()``, native arrays, Arrow in and out."""
 
@@ -306,40 +321,31 @@ class Dialect:
         """Insert ``rows``, replacing those whose ``key`` exists (needs a unique ``key``)."""
         columns = tuple(rows.column_names)
         if rows.num_rows <= self.values_rows:
-            values = [v for row in zip(*(c.to_pylist() for c in rows.columns), strict=True) for v in row]
-            con.con.execute(self.replace_values_sql(table, columns, rows.num_rows), values)
+            con.con.execute(self.replace_values_sql(table, columns, rows.num_rows), _row_values(rows))
             return
-        view = UPSERT_VIEW
-        con.con.register(view, rows)
-        try:
+        with _registered(con, rows) as view:
             con.con.execute(self.replace_sql(table, columns, view))
-        finally:
-            con.con.unregister(view)
 
     def replace_by_key(self, con: Any, table: str, key: str, rows: pa.Table) -> None:
         """:meth:`upsert` for a table without a key (see :meth:`keyed_snapshot`): the rows whose
         ``key`` is among ``rows``' are deleted, then ``rows`` inserted (``key`` unique in ``rows``)."""
         columns = tuple(rows.column_names)
         if rows.num_rows <= self.values_rows:
-            con.con.execute(self.delete_values_sql(table, key, rows.num_rows), rows.column(key).to_pylist())
-            values = [v for row in zip(*(c.to_pylist() for c in rows.columns), strict=True) for v in row]
-            con.con.execute(self.replace_values_sql(table, columns, rows.num_rows, replace=False), values)
+            con.con.execute(self.delete_keys_sql(table, key, rows.num_rows), rows.column(key).to_pylist())
+            con.con.execute(self.replace_values_sql(table, columns, rows.num_rows, replace=False), _row_values(rows))
             return
-        view = UPSERT_VIEW
-        con.con.register(view, rows)
-        try:
-            keys = sg.select(_column(key)).from_(sg.table(view, quoted=True))
-            con.con.execute(self.render(sge.delete(sg.table(table, quoted=True), where=_column(key).isin(query=keys))))
-            body = sg.select(*(_column(c) for c in columns)).from_(sg.table(view, quoted=True))
-            names = [sg.to_identifier(c, quoted=True) for c in columns]
-            con.con.execute(self.render(sge.insert(body, sg.table(table, quoted=True), columns=names)))
-        finally:
-            con.con.unregister(view)
+        with _registered(con, rows) as view:
+            con.con.execute(self.delete_keys_sql(table, key, view))
+            con.con.execute(self.replace_sql(table, columns, view, replace=False))
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - dialects live as long as the process
-    def delete_values_sql(self, table: str, key: str, count: int) -> str:
-        """Delete the rows whose ``key`` is one of ``count`` bound values."""
-        where = _column(key).isin(*(sge.Placeholder() for _ in range(count)))
+    def delete_keys_sql(self, table: str, key: str, source: int | str) -> str:
+        """Delete the rows whose ``key`` is one of ``source`` bound values (a count), or one of
+        the ``key`` column of the view named ``source``."""
+        if isinstance(source, int):
+            where = _column(key).isin(*(sge.Placeholder() for _ in range(source)))
+        else:
+            where = _column(key).isin(query=sg.select(_column(key)).from_(sg.table(source, quoted=True)))
         return self.render(sge.delete(sg.table(table, quoted=True), where=where))
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - dialects live as long as the process
@@ -355,14 +361,15 @@ class Dialect:
         return self.render(statement)
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - dialects live as long as the process
-    def replace_sql(self, table: str, columns: tuple[str, ...], source: str) -> str:
+    def replace_sql(self, table: str, columns: tuple[str, ...], source: str, *, replace: bool = True) -> str:
         """DuckDB's upsert from a view: ``INSERT OR REPLACE`` (every column of a row whose key
         exists is replaced). It does what ``ON CONFLICT (key) DO UPDATE SET`` every column does,
-        in 0.7x the time (5,000-row batches into a keyed table)."""
+        in 0.7x the time (5,000-row batches into a keyed table). ``replace=False``: a plain insert."""
         body = sg.select(*(_column(c) for c in columns)).from_(sg.table(source, quoted=True))
         names = [sg.to_identifier(c, quoted=True) for c in columns]
         statement = sge.insert(body, sg.table(table, quoted=True), columns=names)
-        statement.set("alternative", "REPLACE")
+        if replace:
+            statement.set("alternative", "REPLACE")
         return self.render(statement)
 
     @functools.lru_cache(maxsize=256)  # noqa: B019 - dialects live as long as the process
