@@ -371,10 +371,7 @@ class IbisPollingListener(BaseDatabaseListener):
         """The snapshot stays where it is, so the next poll finds the rows again; a version
         column's mark stays too (the next poll reads from the older version)."""
         with self._lock:
-            tables = {table for table, _, _ in positions}
-            self._released.update(tables)
-            for table in tables:
-                self._quiet.pop(table, None)
+            self._released.update(table for table, _, _ in positions)
 
     def sync(self, timeout: float | None) -> bool:
         """Wait for a full poll that started after this call, with its packets queued.

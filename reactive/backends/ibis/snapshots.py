@@ -503,8 +503,8 @@ class SnapshotStore:
     def _keyed(self, name: str) -> bool:
         """Whether the snapshot table ``name`` has its primary key (looked up once)."""
         keyed = self._keys.get(name)
-        if keyed is None:
-            keyed = self._keys[name] = self.conn.keyed(name)
+        if keyed is None:  # where every snapshot has its key, no need to ask
+            keyed = self._keys[name] = self.conn.keyed(name) if self.conn.dialect.unkeyed_snapshots else True
         return keyed
 
     def drop(self, table: str) -> None:
@@ -528,8 +528,7 @@ class SnapshotStore:
             self.check(table)
         with conn.lock:
             if conn.table_exists(name):
-                # Here, not in the first window (a catalog query); only where some have no key.
-                self._keys[name] = conn.keyed(name) if conn.dialect.unkeyed_snapshots else True
+                self._keyed(name)  # here, not in the first window (a catalog query)
                 return False
             statements = self._statements(table)
             top = None if statements.top is None else _plain(conn.fetch(statements.top)[0]["top"])
