@@ -149,6 +149,22 @@ class Watching(LocalCompute):
             return self.changed.wait_for(lambda: predicate(self.submitted), timeout)
 
 
+class HeldTags:
+    """A model's ``predict`` that tags each text (``<text>``), and holds every call given
+    ``held`` until :attr:`go` is set, with :attr:`computing` set meanwhile: a window whose
+    model work is under way while the test changes what comes next."""
+
+    def __init__(self, held: str) -> None:
+        self.held = held
+        self.computing, self.go = threading.Event(), threading.Event()
+
+    def __call__(self, texts: list[str]) -> list[str]:
+        if self.held in texts:
+            self.computing.set()
+            assert self.go.wait(60)
+        return [f"<{t}>" for t in texts]
+
+
 @dc.dataclass(frozen=True)
 class BrokenOnce(WindowRows):
     """Window bounds whose rule raises once, after ``armed`` is set: a bug in the handler's own

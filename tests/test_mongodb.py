@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from conftest import BrokenOnce, Recorder, Watching, outputs_by_source
+from conftest import BrokenOnce, HeldTags, Recorder, Watching, outputs_by_source
 from pymongo import InsertOne, monitoring
 
 import reactive
@@ -41,13 +41,7 @@ def test_wait_idle_waits_for_changes_the_handler_released_and_the_stream_deliver
     # A failure of the handler's own (after B's window is planned behind A's, A's is written)
     # releases B's window; the stream reads B again from the last saved position. One
     # wait_idle returns only once B's output is written, though the queue was empty meanwhile.
-    computing, go = threading.Event(), threading.Event()
-
-    def predict(texts: list[str]) -> list[str]:
-        if "A" in texts:
-            computing.set()
-            assert go.wait(60)
-        return [f"<{t}>" for t in texts]
+    predict = HeldTags("A")
 
     window_rows, compute = BrokenOnce(1, 1), Watching()
     with reactive.connect(mongo_uri, compute=compute, batch_rows=window_rows) as db:
@@ -55,10 +49,10 @@ def test_wait_idle_waits_for_changes_the_handler_released_and_the_stream_deliver
         db.cdc.start()
         window_rows.armed.set()
         mongo.docs.insert_one({"_id": 1, "text": "A"})
-        assert computing.wait(30)
+        assert predict.computing.wait(30)
         mongo.docs.insert_one({"_id": 2, "text": "B"})
         assert compute.wait_for(lambda submitted: ["B"] in submitted, timeout=30)  # planned while A computes
-        go.set()
+        predict.go.set()
         assert db.cdc.wait_idle(timeout=60)
         assert outputs_by_source(db, "tag__text") == {1: "<A>", 2: "<B>"}
         assert window_rows.broken.is_set() and db.cdc.listener.releases == 1

@@ -25,7 +25,7 @@ from reactive.events import Batch, ChangePacket, DBEvent
 from reactive.handler import STALE_WINDOWS, CDCHandler, WindowRows
 from reactive.queue import CDCQueue
 from reactive.threads import reactive_threads
-from tests.conftest import BrokenOnce, SQLClient, Watching, outputs_by_source
+from tests.conftest import BrokenOnce, HeldTags, SQLClient, Watching, outputs_by_source
 
 
 class RecordingSource:
@@ -142,13 +142,7 @@ def test_a_row_changed_back_while_its_older_version_computes_gets_the_newest_out
     # it, yet it must be computed again, or the output of 'b' lands last and stays.
     docs(duck, 0)
     duck.execute("INSERT INTO docs VALUES (1, 'a')")
-    computing_b, release = threading.Event(), threading.Event()
-
-    def predict(texts: list[str]) -> list[str]:
-        if "b" in texts:
-            computing_b.set()
-            assert release.wait(60)
-        return [f"<{t}>" for t in texts]
+    predict = HeldTags("b")
 
     source = RecordingSource()
     with reactive.connect(duck.uri) as db:
@@ -156,10 +150,10 @@ def test_a_row_changed_back_while_its_older_version_computes_gets_the_newest_out
         assert outputs_by_source(db, "tag__text") == {1: "<a>"}
         db.cdc.ensure_handler()
         db.cdc.queue.put(update(source, 0, 1, "b"))
-        assert computing_b.wait(30)
+        assert predict.computing.wait(30)
         db.cdc.queue.put(update(source, 1, 1, "a"))
         planned = listener.wait_planned(DBEvent.update, ("a",), timeout=30)
-        release.set()
+        predict.go.set()
         assert planned, "the newer version was not planned while the older one computed"
         assert db.cdc.wait_idle(timeout=30)
         assert outputs_by_source(db, "tag__text") == {1: "<a>"}
@@ -171,13 +165,7 @@ def test_a_deleted_row_inserted_again_while_the_delete_is_in_flight_keeps_its_ou
     # output of the insert's value must not be taken as current (the delete removes it next).
     docs(duck, 0)
     duck.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'x')")
-    computing, release = threading.Event(), threading.Event()
-
-    def predict(texts: list[str]) -> list[str]:
-        if "y" in texts:
-            computing.set()
-            assert release.wait(60)
-        return [f"<{t}>" for t in texts]
+    predict = HeldTags("y")
 
     source = RecordingSource()
     with reactive.connect(duck.uri) as db:
@@ -186,12 +174,12 @@ def test_a_deleted_row_inserted_again_while_the_delete_is_in_flight_keeps_its_ou
         # One window: row 2 computes (and blocks), row 1 is deleted.
         db.cdc.queue.put(update(source, 0, 2, "y"))
         db.cdc.queue.put(ChangePacket("docs", DBEvent.delete, (1,), source=source, position=1))
-        assert computing.wait(30)
+        assert predict.computing.wait(30)
         db.cdc.queue.put(
             ChangePacket("docs", DBEvent.insert, (1,), ({"id": 1, "text": "a"},), source=source, position=2)
         )
         planned = listener.wait_planned(DBEvent.insert, ("a",), timeout=30)
-        release.set()
+        predict.go.set()
         assert planned, "the insert was not planned while the delete was in flight"
         assert db.cdc.wait_idle(timeout=30)
         assert outputs_by_source(db, "tag__text") == {1: "<a>", 2: "<y>"}
@@ -207,13 +195,7 @@ def test_a_window_that_fails_in_the_middle_of_a_pipeline_is_retried_before_the_n
     with psycopg.connect(pg_database, autocommit=True) as client:
         client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
         client.execute("INSERT INTO docs VALUES (1, 'one'), (2, 'two')")
-        computing, release = threading.Event(), threading.Event()
-
-        def predict(texts: list[str]) -> list[str]:
-            if "ONE" in texts and not release.is_set():
-                computing.set()
-                assert release.wait(60)
-            return [f"<{t}>" for t in texts]
+        predict = HeldTags("ONE")  # after go, "ONE" computes at once
 
         def drop_the_connection_once(positions: Sequence[int]) -> None:
             if not source.saved:
@@ -229,10 +211,10 @@ def test_a_window_that_fails_in_the_middle_of_a_pipeline_is_retried_before_the_n
             db.add(Listener(Model("tag", predict=predict), "text", "docs"))
             db.cdc.ensure_handler()
             db.cdc.queue.put(update(source, 0, 1, "ONE"))
-            assert computing.wait(30)
+            assert predict.computing.wait(30)
             db.cdc.queue.put(update(source, 1, 2, "TWO"))
             assert compute.wait_for(lambda submitted: ["TWO"] in submitted, timeout=30)
-            release.set()
+            predict.go.set()
             assert db.cdc.wait_idle(timeout=60)
             assert outputs_by_source(db, "tag__text") == {1: "<ONE>", 2: "<TWO>"}
             assert db.cdc.info()["handler"]["internal_errors"] == 0
@@ -273,13 +255,7 @@ def test_wait_idle_waits_for_what_the_handler_released_and_the_listener_delivers
     # skips a table nobody wrote to since its last diff), and one wait_idle covers it.
     docs(sql, 0)
     sql.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text VARCHAR)")
-    computing, go = threading.Event(), threading.Event()
-
-    def predict(texts: list[str]) -> list[str]:
-        if "A" in texts:
-            computing.set()
-            assert go.wait(60)
-        return [f"<{t}>" for t in texts]
+    predict = HeldTags("A")
 
     window_rows, compute = BrokenOnce(1, 1), Watching()
     with reactive.connect(sql.uri, compute=compute, batch_rows=window_rows, poll_interval=0.05) as db:
@@ -290,9 +266,9 @@ def test_wait_idle_waits_for_what_the_handler_released_and_the_listener_delivers
         sql.execute("INSERT INTO notes VALUES (2, 'B')")
         window_rows.armed.set()
         db.cdc.start()  # its first poll queues a packet of each table
-        assert computing.wait(30)
+        assert predict.computing.wait(30)
         assert compute.wait_for(lambda submitted: ["B"] in submitted, timeout=30)
-        go.set()
+        predict.go.set()
         assert db.cdc.wait_idle(timeout=60)
         assert outputs_by_source(db, "tag__text") == {1: "<A>"}
         assert outputs_by_source(db, "notes_tag") == {2: "<B>"}
