@@ -8,12 +8,16 @@ run). After a warm-up, interleaved rounds of:
 - ``backfill``: ``db.add`` of a Listener with ``Model(batch_size=1024)`` on a DuckDB file
   holding the texts (read, compute, write; wall time until ``db.add`` returns);
 - ``backfill_unsorted``: the same with ``sort_by_length=False``;
+- ``live``: the texts inserted into an empty followed table in one statement (another DuckDB
+  connection), from the insert to ``db.cdc.wait_idle()`` (``poll_interval=0.05``);
 - ``insert``: a bare bulk insert of the encoded vectors (numpy -> Arrow, one ``INSERT``) into
   an empty DuckDB table declared exactly like reactive's outputs table (its DDL is read back
   from the warm-up's file): what writing the outputs costs at least;
 - ``upsert_batches``: the same vectors written as reactive's DuckDB dialect writes them, one
   ``INSERT ... ON CONFLICT DO UPDATE`` from a registered Arrow table per batch of 1024.
 
+For the three reactive phases, the seconds spent inside the model's ``predict`` calls are
+summed (``predict_seconds``): near the phase's wall time, the model is the critical path.
 GPU utilisation is sampled every ``--sample-interval`` seconds in a background thread (NVML
 through ``torch.cuda.utilization``, else ``nvidia-smi -lms``) and summarised per phase.
 Results go to ``--out`` (``$OUT/gpu.json`` when ``OUT`` is set) and a Markdown table is printed.
@@ -57,7 +61,8 @@ from .embedding import texts
 
 RESULTS = Path(__file__).parent / "results"
 DIM = 384
-PHASES = ("encode", "backfill", "backfill_unsorted", "insert", "upsert_batches")
+PHASES = ("encode", "backfill", "backfill_unsorted", "live", "insert", "upsert_batches")
+REACTIVE_PHASES = ("backfill", "backfill_unsorted", "live")
 
 
 class GpuSampler:
@@ -375,6 +380,8 @@ def main() -> None:
     figures: dict[str, list[float]] = {k: [] for k in PHASES}
     gpu: dict[str, list[Any]] = {k: [] for k in PHASES}
     lease_warnings: dict[str, list[int]] = {k: [] for k in PHASES}
+    predict_seconds: dict[str, list[float]] = {k: [] for k in REACTIVE_PHASES}
+    engine: dict[str, list[Any]] = {k: [] for k in REACTIVE_PHASES}
     state: dict[str, Any] = {"device": None, "sampler": "none", "ddl": None}
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     warnings = LeaseWarnings()
@@ -393,13 +400,23 @@ def main() -> None:
             return f"{rate[k] / rate['encode']:.2f}x" if "encode" in rate else "n/a"
 
         md = markdown_table(
-            ["figure", "rows/s", "vs `encode`", "seconds", "GPU util mean %", "GPU util p50 %", "GPU busy share"],
+            [
+                "figure",
+                "rows/s",
+                "vs `encode`",
+                "seconds",
+                "in `predict` s",
+                "GPU util mean %",
+                "GPU util p50 %",
+                "GPU busy share",
+            ],
             [
                 [
                     k,
                     f"{rate[k]:,.0f}",
                     versus(k),
                     f"{best[k]:.2f}",
+                    f"{statistics.median(predict_seconds[k]):.2f}" if predict_seconds.get(k) else "",
                     util(k, "mean"),
                     util(k, "p50"),
                     util(k, "busy_share", 2),
@@ -433,6 +450,8 @@ def main() -> None:
             "rows_per_second": rate,
             "gpu_utilisation": gpu,
             "lease_warnings": lease_warnings,
+            "predict_seconds": predict_seconds,
+            "engine_info": engine,
             "wall_s": time.perf_counter() - clock,
             "markdown": md,
         }
@@ -443,7 +462,9 @@ def main() -> None:
     watchdog = Watchdog(phase_s=args.phase_timeout_s, deadline_s=args.deadline_s, on_fire=report)
 
     def run() -> None:
+        import duckdb
         import numpy as np
+        import pyarrow as pa
 
         import reactive
         from reactive.backends.base import outputs_table
@@ -468,6 +489,19 @@ def main() -> None:
             def encode(batch: list[str]) -> Any:
                 return model.encode(batch, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
 
+        in_predict = {"seconds": 0.0}
+
+        def timed(batch: list[str]) -> Any:
+            started = time.perf_counter()
+            try:
+                return encode(batch)
+            finally:
+                in_predict["seconds"] += time.perf_counter() - started
+
+        def engine_info(db: Any) -> dict[str, Any]:
+            info = db.cdc.info()
+            return {"queue": info["queue"], "handler": info["handler"], "listeners": info["listeners"]}
+
         sampler = GpuSampler(args.sample_interval, use_torch=device == "cuda")
         state.update(device=device, sampler=sampler.source)
         print(f"device {device}; GPU utilisation from {sampler.source}; reactive.connect options {options}")
@@ -476,10 +510,12 @@ def main() -> None:
 
         @contextlib.contextmanager
         def measured(name: str) -> Iterator[None]:
-            before = warnings.count
+            before, predicted = warnings.count, in_predict["seconds"]
             with watchdog.watch(name), phase(figures, gpu, sampler, name):
                 yield
             lease_warnings[name].append(warnings.count - before)
+            if name in predict_seconds:
+                predict_seconds[name].append(round(in_predict["seconds"] - predicted, 3))
 
         with tempfile.TemporaryDirectory(prefix="reactive-gpu-") as tmp:
             # Warm-up: CUDA kernels for several lengths, then one small backfill (reactive's and
@@ -516,12 +552,29 @@ def main() -> None:
                     path = Path(tmp) / f"{name}{r}.duckdb"
                     write_docs(path, data)
                     with reactive.connect(f"duckdb:///{path}", **options) as db:
-                        embed = Model("minilm", predict=encode, batch_size=batch_size, sort_by_length=sort)
+                        embed = Model("minilm", predict=timed, batch_size=batch_size, sort_by_length=sort)
                         listener = Listener(embed, "text", "docs")
                         with measured(name):
                             db.add(listener, progress=False)
+                        engine[name].append(engine_info(db))
                     assert count_rows(path, table) == rows
                     path.unlink()
+
+                path = Path(tmp) / f"live{r}.duckdb"
+                client = duckdb.connect(str(path))
+                client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+                with reactive.connect(f"duckdb:///{path}", poll_interval=0.05, **options) as db:
+                    embed = Model("minilm", predict=timed, batch_size=batch_size)
+                    db.add(Listener(embed, "text", "docs"), progress=False)
+                    db.cdc.start()
+                    client.register("source", pa.table({"id": list(range(rows)), "text": data}))
+                    with measured("live"):
+                        client.execute("INSERT INTO docs SELECT * FROM source")  # one statement: one commit
+                        assert db.cdc.wait_idle(timeout=args.phase_timeout_s)
+                    engine["live"].append(engine_info(db))
+                assert client.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0] == rows
+                client.close()
+                path.unlink()
 
                 for name, batch in (("insert", None), ("upsert_batches", batch_size)):
                     path = Path(tmp) / f"{name}{r}.duckdb"
@@ -535,7 +588,11 @@ def main() -> None:
                 last_round = time.perf_counter() - round_started
                 line = {k: round(v[-1], 3) for k, v in figures.items()}
                 util = {k: v[-1].get("mean") for k, v in gpu.items()}
-                print(f"round {r + 1} ({last_round:.0f} s): seconds {json.dumps(line)}; GPU % {json.dumps(util)}")
+                inside = {k: v[-1] for k, v in predict_seconds.items() if v}
+                print(
+                    f"round {r + 1} ({last_round:.0f} s): seconds {json.dumps(line)}; in predict {json.dumps(inside)}; "
+                    f"GPU % {json.dumps(util)}"
+                )
 
         sampler.close()
 
