@@ -430,15 +430,25 @@ def _snapshot_rows(sql: SQLClient) -> tuple[int, int]:
     return rows, ids
 
 
+def _output_rows(sql: SQLClient, table: str = "_outputs__tag__text") -> tuple[int, int]:
+    """Rows and distinct sources of an outputs table."""
+    ((rows, ids),) = sql.execute(f'SELECT count(*), count(DISTINCT "_source") FROM "{table}"')
+    return rows, ids
+
+
 @pytest.mark.parametrize(("id_type", "keyed"), [("INTEGER", False), ("VARCHAR", True)])
-def test_a_duckdb_snapshot_has_a_key_only_where_ids_are_text(duck: SQLClient, id_type: str, keyed: bool) -> None:
-    # Without a key a window moves the snapshot by a delete of its ids and an insert: every
-    # row stays there once, through updates in window after window, deletes and inserts.
+def test_duckdb_snapshots_and_outputs_have_a_key_only_where_ids_are_text(
+    duck: SQLClient, id_type: str, keyed: bool
+) -> None:
+    # Without a key a window moves the snapshot, and writes its outputs, by a delete of its ids
+    # and an insert: every row stays there once, through updates in window after window,
+    # deletes and inserts.
     duck.execute(f"CREATE TABLE docs (id {id_type} PRIMARY KEY, text VARCHAR)")
     duck.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"v{i}") for i in range(1, 101)])
     with connect(duck) as db:
         db.add(Listener(Model("tag", predict=lambda xs: [f"<{x}>" for x in xs]), "text", "docs"))
         assert db.backend.conn.keyed("_reactive_snapshot__docs") is keyed
+        assert db.backend.conn.keyed("_outputs__tag__text") is keyed
         db.cdc.start()
         for _ in range(3):
             duck.execute("UPDATE docs SET text = text || '!' WHERE id IN (2, 3, 50)")
@@ -450,13 +460,24 @@ def test_a_duckdb_snapshot_has_a_key_only_where_ids_are_text(duck: SQLClient, id
         assert outputs_by_source(db, "tag__text") == expected
         assert expected["2" if keyed else 2] == "<v2!!!>" and 3 not in expected and "3" not in expected
         assert _snapshot_rows(duck) == (138, 138)
+        assert _output_rows(duck) == (138, 138)
+        # A listener chained on the outputs finds their rows by _source, key or not.
+        db.add(Listener(Model("size", predict=lambda xs: [len(x) for x in xs]), "_output", "_outputs__tag__text"))
+        duck.execute("UPDATE docs SET text = 'longer text' WHERE id = 2")
+        assert db.cdc.wait_idle(timeout=30)
+        sizes = outputs_by_source(db, "size___output")
+        assert len(sizes) == 138 and sizes["2" if keyed else 2] == len("<longer text>")
+        assert _output_rows(duck, "_outputs__size___output") == (138, 138)
 
 
-def test_a_duckdb_snapshot_made_with_its_key_before_keeps_it(duck: SQLClient) -> None:
-    # A snapshot an earlier version made (integer ids, keyed): moved by upserts as before.
+def test_a_duckdb_snapshot_and_outputs_made_with_their_key_before_keep_it(duck: SQLClient) -> None:
+    # Tables an earlier version made (integer ids, keyed): written by upserts as before.
     duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
     duck.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, "b"), (3, "c")])
     duck.execute('CREATE TABLE "_reactive_snapshot__docs" (row_id INTEGER PRIMARY KEY, fingerprint UBIGINT)')
+    duck.execute(
+        'CREATE TABLE "_outputs__tag__text" ("_source" INTEGER PRIMARY KEY, "_output" VARCHAR, "_fingerprint" BIGINT)'
+    )
     with connect(duck) as db:
         db.add(Listener(Model("tag", predict=lambda xs: [f"<{x}>" for x in xs]), "text", "docs"))
         db.cdc.start()
@@ -465,4 +486,6 @@ def test_a_duckdb_snapshot_made_with_its_key_before_keeps_it(duck: SQLClient) ->
         assert db.cdc.wait_idle(timeout=30)
         assert outputs_by_source(db, "tag__text") == {1: "<a>", 2: "<B>", 3: "<c>"}
         assert db.backend.conn.keyed("_reactive_snapshot__docs")
+        assert db.backend.conn.keyed("_outputs__tag__text")
         assert _snapshot_rows(duck) == (3, 3)
+        assert _output_rows(duck) == (3, 3)

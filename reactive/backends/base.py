@@ -112,11 +112,15 @@ def identify_rows(
 ) -> TableInfo:
     """The one place that decides which column identifies a table's rows.
 
-    ``id_column`` when given (it must be a column), else a one-column primary key; a table
-    without one gets :class:`~reactive.errors.MissingIdColumnError` saying what to pass.
+    ``id_column`` when given (it must be a column), else a one-column primary key, else for
+    reactive's own outputs tables (a chained listener's source) ``_source`` (on DuckDB they
+    have no key: see ``Dialect.keyed_by``); a table without one gets
+    :class:`~reactive.errors.MissingIdColumnError` saying what to pass.
 
     >>> identify_rows("docs", ("id", "text"), ("id",))
     TableInfo(name='docs', id_column='id', columns=('id', 'text'))
+    >>> identify_rows("_outputs__embed__text", ("_source", "_output", "_fingerprint"), ()).id_column
+    '_source'
     >>> identify_rows("notes", ("note_id", "body"), ())
     Traceback (most recent call last):
     ...
@@ -131,6 +135,8 @@ def identify_rows(
         return TableInfo(table, id_column, columns)
     if len(primary_key) == 1:
         return TableInfo(table, primary_key[0], columns)
+    if not primary_key and table.startswith(OUTPUTS_PREFIX) and SOURCE_FIELD in columns:
+        return TableInfo(table, SOURCE_FIELD, columns)
     what = "has no primary key" if not primary_key else f"has a composite primary key ({', '.join(primary_key)})"
     raise MissingIdColumnError(
         f"table {table!r} {what}: pass the column that identifies a row, "

@@ -68,7 +68,7 @@ class IbisSections:
                 return True
             if not create:
                 return False
-            self.conn.create_keyed_table(CHECKPOINTS_TABLE, _COLUMNS, key="key")
+            self.conn.create_table(CHECKPOINTS_TABLE, _COLUMNS, key="key")
             self._ready = True
             return True
 
@@ -76,7 +76,7 @@ class IbisSections:
         """A 0.1 table (``name``, ``value`` JSON text): its values become sections of ``reactive``."""
         old = self.conn.table(CHECKPOINTS_TABLE).select("name", "value").to_pyarrow().to_pylist()
         self.conn.drop_table(CHECKPOINTS_TABLE)
-        self.conn.create_keyed_table(CHECKPOINTS_TABLE, _COLUMNS, key="key")
+        self.conn.create_table(CHECKPOINTS_TABLE, _COLUMNS, key="key")
         if old:
             self._upsert({row["name"]: Section.of(row["value"]) for row in old}, ENGINE_CHECKPOINT)
 

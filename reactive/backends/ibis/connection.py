@@ -49,6 +49,8 @@ class IbisConnection:
         self.lock = threading.RLock()
         self._handles: dict[str, ir.Table] = {}
         self._sql: dict[tuple[str, str, tuple[str, ...]], TableSQL] = {}
+        #: Per table, whether it has its primary key (see :meth:`keyed`).
+        self._keyed: dict[str, bool] = {}
         self._local = threading.local()
         self._readers: weakref.WeakSet[_Reader] = weakref.WeakSet()
         self._closed = False
@@ -120,6 +122,7 @@ class IbisConnection:
         """Drop the cached handle and statements of ``name`` (it was altered, dropped or failed)."""
         with self.lock:
             self._handles.pop(name, None)
+            self._keyed.pop(name, None)
             self._sql = {k: v for k, v in self._sql.items() if k[0] != name}
 
     def column_type(self, table: str, column: str) -> dt.DataType | None:
@@ -216,28 +219,40 @@ class IbisConnection:
             reader.con.close()
 
     def upsert(self, table: str, key: str, rows: pa.Table) -> None:
+        """Insert ``rows``, replacing those whose ``key`` exists: ``Dialect.upsert`` where the
+        table has its primary key, ``Dialect.replace_by_key`` where it was made without one
+        (``Dialect.keyed_by``; a table made with its key before keeps it)."""
         with self.lock:
-            self.dialect.upsert(self.con, table, key, rows)
-
-    def replace_by_key(self, table: str, key: str, rows: pa.Table) -> None:
-        """``Dialect.replace_by_key``: :meth:`upsert` for a table created without its key."""
-        with self.lock:
-            self.dialect.replace_by_key(self.con, table, key, rows)
+            if self.keyed(table):
+                self.dialect.upsert(self.con, table, key, rows)
+            else:
+                self.dialect.replace_by_key(self.con, table, key, rows)
 
     def keyed(self, table: str) -> bool:
-        """Whether ``table`` has a primary key."""
-        with self.lock:
-            return bool(self.dialect.primary_key(self.con, table))
+        """Whether ``table`` has a primary key: looked up once (a catalog query), and only
+        where the engine has tables without one (``Dialect.unkeyed_tables``)."""
+        keyed = self._keyed.get(table)
+        if keyed is None:
+            with self.lock:
+                keyed = bool(self.dialect.primary_key(self.con, table)) if self.dialect.unkeyed_tables else True
+                self._keyed[table] = keyed
+        return keyed
 
-    def create_keyed_table(
-        self, name: str, columns: Mapping[str, dt.DataType], key: str, *, fill: str | None = None, keyed: bool = True
+    def create_table(
+        self,
+        name: str,
+        columns: Mapping[str, dt.DataType],
+        *,
+        key: str,
+        keyed: bool = True,
+        fill: str | None = None,
     ) -> None:
-        """CREATE TABLE IF NOT EXISTS with a primary key on ``key`` (ibis cannot declare one).
+        """CREATE TABLE IF NOT EXISTS whose rows ``key`` identifies: its primary key (ibis
+        cannot declare one), unless ``keyed=False`` (see ``Dialect.keyed_by``).
 
         With ``fill`` (a statement that inserts the first rows), the table must not exist yet;
         it is created and filled in one transaction, so a table half made is never left (a
-        duplicate key fails both). ``keyed=False``: no primary key is declared, and with
-        ``fill`` a duplicate ``key`` fails both all the same (checked after the fill).
+        duplicate ``key`` fails both; without a primary key, checked after the fill).
         """
         mapper = self.con.compiler.type_mapper
         defs = [
@@ -254,7 +269,9 @@ class IbisConnection:
             kind="TABLE", exists=fill is None, this=sge.Schema(this=sg.table(name, quoted=True), expressions=defs)
         )
         if fill is None:
-            self.execute(self.dialect.render(create))
+            with self.lock:
+                self.execute(self.dialect.render(create))
+                self._keyed.pop(name, None)  # it may have been there, keyed or not: looked up
             return
         # The key is declared up front: DuckDB builds one added later (ALTER TABLE ... ADD
         # PRIMARY KEY) in a third of the time, but a write-ahead log holding that ALTER cannot be
@@ -272,6 +289,7 @@ class IbisConnection:
                 )
                 if self.fetch(self.dialect.render(repeated)):
                     raise ValueError(f"{key} is not unique in {name}")
+            self._keyed[name] = keyed
 
     def drop_table(self, name: str) -> None:
         with self.lock:

@@ -128,20 +128,26 @@ class Dialect:
     #: 50,000) are read in one.
     ids_per_statement: ClassVar[int] = 50_000
 
-    #: Whether some snapshots go without a key (see :meth:`keyed_snapshot`). SQLite and
-    #: PostgreSQL read a poll's changed rows by id, and SQLite's diff in ranges walks the key.
-    unkeyed_snapshots: ClassVar[bool] = True
+    #: Whether some of reactive's tables (snapshots, outputs) go without a key (see
+    #: :meth:`keyed_by`). SQLite and PostgreSQL read a poll's changed rows by id, and SQLite's
+    #: diff in ranges walks the key.
+    unkeyed_tables: ClassVar[bool] = True
 
-    def keyed_snapshot(self, id_type: dt.DataType) -> bool:
-        """Whether the snapshot of a table whose ids are of ``id_type`` gets a primary key.
+    def keyed_by(self, id_type: dt.DataType) -> bool:
+        """Whether a table reactive keys by source ids of ``id_type`` (a snapshot, an outputs
+        table) gets a primary key; without one, its upserts are :meth:`replace_by_key`.
 
-        DuckDB keeps one as an ART index, which every window's move of the snapshot must
-        update (a 300k-row bulk insert: two thirds of what the run may take for half the
-        hand-written loop's speed). Integer ids are mostly inserted in order, so without a key
-        a move is a delete of its ids, which DuckDB narrows to the row groups whose id range
-        holds them, and an insert (one-row move on 1M rows: 1.5-2.4 ms against 2.0-2.7 ms
-        keyed). Ids in no order (text, UUIDs) leave it no row group to skip (23 ms): keyed."""
-        return not (self.unkeyed_snapshots and id_type.is_integer())
+        DuckDB keeps a key as an ART index, which every write must update, and which makes
+        each checkpoint cost in proportion to the whole table: 100,000 vectors of 384 floats
+        keyed, a one-row upsert took 5-8 ms and every seventh or eighth one a checkpoint of
+        1.5 s (DuckDB checkpoints once 16 MB of log are written); unkeyed, a delete and an
+        insert took 1.2-1.4 ms with no such pause, and a backfill wrote 1.2x as fast. A
+        snapshot's 300k-row bulk insert spent two thirds of the run on its key. Integer ids
+        are mostly inserted in order, so without a key a delete of some ids is narrowed to the
+        row groups whose id range holds them (one-row move on a 1M-row snapshot: 1.5-2.4 ms
+        against 2.0-2.7 ms keyed). Ids in no order (text, UUIDs) leave it no row group to skip
+        (23 ms): keyed."""
+        return not (self.unkeyed_tables and id_type.is_integer())
 
     def load_modules(self) -> None:
         """Import now what the driver imports on first use: DuckDB imports ``pyarrow.dataset``
@@ -327,7 +333,7 @@ class Dialect:
             con.con.execute(self.replace_sql(table, columns, view))
 
     def replace_by_key(self, con: Any, table: str, key: str, rows: pa.Table) -> None:
-        """:meth:`upsert` for a table without a key (see :meth:`keyed_snapshot`): the rows whose
+        """:meth:`upsert` for a table without a key (see :meth:`keyed_by`): the rows whose
         ``key`` is among ``rows``' are deleted, then ``rows`` inserted (``key`` unique in ``rows``)."""
         columns = tuple(rows.column_names)
         if rows.num_rows <= self.values_rows:
@@ -407,7 +413,7 @@ class PostgresDialect(Dialect):
     streamed_scans = False
     fingerprint_type = dt.int64
     max_name_bytes = 63
-    unkeyed_snapshots = False
+    unkeyed_tables = False
 
     def load_modules(self) -> None:
         """Nothing: psycopg binds parameters itself."""
@@ -565,7 +571,7 @@ class SQLiteDialect(Dialect):
     # Python's sqlite3 cannot bind timestamps; ISO-8601 text sorts the same way.
     timestamp_type = dt.string
     fingerprint_type = dt.int64
-    unkeyed_snapshots = False
+    unkeyed_tables = False
 
     def load_modules(self) -> None:
         """Nothing: sqlite3 binds parameters itself."""

@@ -258,8 +258,6 @@ class SnapshotStore:
         self._full_requested: dict[str, int] = {}
         self._stats: dict[str, dict[str, int]] = {}
         self._warned: set[tuple[str, str]] = set()
-        #: Per snapshot table, whether it has its primary key (see Dialect.keyed_snapshot).
-        self._keys: dict[str, bool] = {}
 
     def _statements(self, table: TableInfo) -> SnapshotSQL:
         columns = table.columns or tuple(self.conn.table(table.name).columns)
@@ -495,23 +493,14 @@ class SnapshotStore:
             self.conn.forget(table)
             self.conn.forget(snapshot_table(table))
             self._sql = {k: v for k, v in self._sql.items() if k[0] != table}
-            self._keys.pop(snapshot_table(table), None)
         with self._state_lock:
             self._marks.pop(table, None)  # read again from its checkpoint
             self._integer.pop(table, None)
-
-    def _keyed(self, name: str) -> bool:
-        """Whether the snapshot table ``name`` has its primary key (looked up once)."""
-        keyed = self._keys.get(name)
-        if keyed is None:  # where every snapshot has its key, no need to ask
-            keyed = self._keys[name] = self.conn.keyed(name) if self.conn.dialect.unkeyed_snapshots else True
-        return keyed
 
     def drop(self, table: str) -> None:
         self.conn.drop_table(snapshot_table(table))
         with self._state_lock:
             self._marks.pop(table, None)
-        self._keys.pop(snapshot_table(table), None)
         if self.positions is not None:
             self.positions.delete_checkpoint(MARK_PREFIX + table)
 
@@ -528,16 +517,15 @@ class SnapshotStore:
             self.check(table)
         with conn.lock:
             if conn.table_exists(name):
-                self._keyed(name)  # here, not in the first window (a catalog query)
+                conn.keyed(name)  # looked up here, not in the first window (a catalog query)
                 return False
             statements = self._statements(table)
             top = None if statements.top is None else _plain(conn.fetch(statements.top)[0]["top"])
             started = time.time()
             id_type = conn.table(table.name).schema()[table.id_column]
             columns = {ROW_ID: id_type, ROW_FINGERPRINT: conn.dialect.fingerprint_type}
-            keyed = conn.dialect.keyed_snapshot(id_type)
             try:
-                conn.create_keyed_table(name, columns, ROW_ID, fill=statements.fill, keyed=keyed)
+                conn.create_table(name, columns, key=ROW_ID, keyed=conn.dialect.keyed_by(id_type), fill=statements.fill)
             except Exception:
                 repeated = self._repeated_id(table)
                 if repeated is None:
@@ -548,7 +536,6 @@ class SnapshotStore:
                     f" (Listener(..., id_column=...))",
                     table=table.name,
                 ) from None
-            self._keys[name] = keyed
             if spec is not None:
                 self.save_mark(table.name, VersionMark(spec.column, top, started))
             return True
@@ -651,7 +638,4 @@ class SnapshotStore:
                         ROW_FINGERPRINT: pa.array(fingerprints, type=schema[ROW_FINGERPRINT].to_pyarrow()),
                     }
                 )
-                if self._keyed(name):
-                    conn.upsert(name, ROW_ID, data)
-                else:  # see Dialect.keyed_snapshot; a snapshot made before keeps its key
-                    conn.replace_by_key(name, ROW_ID, data)
+                conn.upsert(name, ROW_ID, data)

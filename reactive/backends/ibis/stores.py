@@ -52,7 +52,8 @@ def json_vectors(block: np.ndarray) -> list[str]:
 
 
 class IbisOutputs:
-    """The :class:`~reactive.backends.base.OutputStore`: one keyed table per listener.
+    """The :class:`~reactive.backends.base.OutputStore`: one table per listener, keyed by
+    ``_source`` (its primary key, except on DuckDB for integer ids: ``Dialect.keyed_by``).
 
     It takes a batch of vectors as numpy arrays (``takes_arrays``) and writes them as one
     Arrow column, without a Python list per vector.
@@ -85,15 +86,18 @@ class IbisOutputs:
         with conn.lock:
             exists = conn.table_exists(source.name)
             id_type = conn.table(source.name).schema()[source.id_column] if exists else dt.int64
-            conn.create_keyed_table(
-                outputs_table(identifier),
+            name = outputs_table(identifier)
+            conn.create_table(
+                name,
                 {
                     SOURCE_FIELD: id_type,
                     OUTPUT_FIELD: conn.dialect.storage_type(output_type),
                     FINGERPRINT_FIELD: dt.int64,
                 },
                 key=SOURCE_FIELD,
+                keyed=conn.dialect.keyed_by(id_type),  # one made with its key before keeps it
             )
+            conn.keyed(name)  # looked up here, not in the first window (a catalog query)
             self._declared[identifier] = source
 
     def store_outputs(
