@@ -370,7 +370,16 @@ def main() -> None:
     parser.add_argument("--phase-timeout-s", type=float, default=180.0, help="watchdog: one phase at most")
     parser.add_argument("--deadline-s", type=float, default=420.0, help="watchdog: the whole run at most")
     parser.add_argument("--fake-model", action="store_true", help="random vectors instead of the model (no torch)")
+    parser.add_argument(
+        "--duckdb-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a DuckDB setting for reactive's connection and the live phase's writer: checkpoint_threshold=256MB",
+    )
+    parser.add_argument("--skip", action="append", default=[], choices=PHASES[1:], help="a phase not to run")
     args = parser.parse_args()
+    duckdb_options = dict(option.split("=", 1) for option in args.duckdb_option)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     clock = time.perf_counter()
     rows, batch_size = args.rows, args.batch_size
@@ -444,6 +453,7 @@ def main() -> None:
             "rows": rows,
             "batch_size": batch_size,
             "lease_ms": args.lease_ms,
+            "duckdb_options": duckdb_options,
             "outputs_ddl": state["ddl"],
             "sampler": {"source": state["sampler"], "interval_s": args.sample_interval},
             "seconds": figures,
@@ -471,6 +481,7 @@ def main() -> None:
         from reactive.components import Listener, Model
 
         options: dict[str, Any] = {"lease": False} if args.lease_ms <= 0 else {"lease_ms": args.lease_ms}
+        options.update(duckdb_options)  # every option reactive does not take goes to ibis.duckdb.connect
 
         if args.fake_model:
             device = "none"
@@ -549,6 +560,8 @@ def main() -> None:
                 assert vectors.shape == (rows, DIM)
 
                 for name, sort in (("backfill", True), ("backfill_unsorted", False)):
+                    if name in args.skip:
+                        continue
                     path = Path(tmp) / f"{name}{r}.duckdb"
                     write_docs(path, data)
                     with reactive.connect(f"duckdb:///{path}", **options) as db:
@@ -561,22 +574,25 @@ def main() -> None:
                     path.unlink()
 
                 path = Path(tmp) / f"live{r}.duckdb"
-                client = duckdb.connect(str(path))
+                client = duckdb.connect(str(path), config=duckdb_options)  # one process, one configuration
                 client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
                 with reactive.connect(f"duckdb:///{path}", poll_interval=0.05, **options) as db:
                     embed = Model("minilm", predict=timed, batch_size=batch_size)
                     db.add(Listener(embed, "text", "docs"), progress=False)
                     db.cdc.start()
                     client.register("source", pa.table({"id": list(range(rows)), "text": data}))
-                    with measured("live"):
-                        client.execute("INSERT INTO docs SELECT * FROM source")  # one statement: one commit
-                        assert db.cdc.wait_idle(timeout=args.phase_timeout_s)
-                    engine["live"].append(engine_info(db))
-                assert client.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0] == rows
+                    if "live" not in args.skip:
+                        with measured("live"):
+                            client.execute("INSERT INTO docs SELECT * FROM source")  # one statement: one commit
+                            assert db.cdc.wait_idle(timeout=args.phase_timeout_s)
+                        engine["live"].append(engine_info(db))
+                        assert client.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0] == rows
                 client.close()
                 path.unlink()
 
                 for name, batch in (("insert", None), ("upsert_batches", batch_size)):
+                    if name in args.skip:
+                        continue
                     path = Path(tmp) / f"{name}{r}.duckdb"
                     started = time.perf_counter()
                     with watchdog.watch(name):

@@ -4,6 +4,7 @@
 # python3 -m benchmarks.gpu_embedding --rows 100000 (later arguments win) -> $OUT/gpu.json, gpu.log.
 # Test hooks: PYTHON (default python3), BUNDLE_TMP (default /tmp/reactive-gpu-bundle),
 # BUNDLE_NO_DEPS=1 (unpack, but leave the carried deps off PYTHONPATH: a Python that is not 3.12).
+# LOG: the log's name under $OUT (default gpu.log).
 set -euo pipefail
 started=$(date +%s)
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -99,5 +100,5 @@ PY
 
 echo "== benchmark ($(( $(date +%s) - started )) s)"
 set -o pipefail
-"$PY" -m benchmarks.gpu_embedding --rows 100000 --model "$work/minilm" --out "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/gpu.log"
+"$PY" -m benchmarks.gpu_embedding --rows 100000 --model "$work/minilm" --out "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/${LOG:-gpu.log}"
 echo "== done in $(( $(date +%s) - started )) s"
