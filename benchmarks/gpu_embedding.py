@@ -13,8 +13,9 @@ run). After a warm-up, interleaved rounds of:
 - ``insert``: a bare bulk insert of the encoded vectors (numpy -> Arrow, one ``INSERT``) into
   an empty DuckDB table declared exactly like reactive's outputs table (its DDL is read back
   from the warm-up's file): what writing the outputs costs at least;
-- ``upsert_batches``: the same vectors written as reactive's DuckDB dialect writes them, one
-  ``INSERT ... ON CONFLICT DO UPDATE`` from a registered Arrow table per batch of 1024.
+- ``upsert_batches``: the same vectors written as reactive's DuckDB dialect writes them, per
+  batch of 1024 from a registered Arrow table (``INSERT OR REPLACE`` where the table has a key;
+  reactive's outputs of integer ids have none: a delete of the batch's ids and an insert).
 
 For the three reactive phases, the seconds spent inside the model's ``predict`` calls are
 summed (``predict_seconds``): near the phase's wall time, the model is the critical path.
@@ -238,16 +239,20 @@ def vectors_table(vectors: Any, ids: list[int], schema: Any) -> Any:
 
 
 def bare_write(path: Path, ddl: str, table: str, vectors: Any, *, batch: int | None) -> float:
-    """Seconds to write ``vectors`` into a fresh ``ddl`` table: one INSERT, or upserts of ``batch``."""
+    """Seconds to write ``vectors`` into a fresh ``ddl`` table: one INSERT, or of ``batch`` rows
+    at a time as reactive writes outputs (``INSERT OR REPLACE`` into a keyed table; into one
+    without a key, a delete of the batch's ids and an insert, in one transaction)."""
     import duckdb
 
     with duckdb.connect(str(path)) as client:
         client.execute(ddl)
         schema = client.execute(f'SELECT * FROM "{table}" LIMIT 0').to_arrow_table().schema
         key = schema.field(0).name
-        others = [f.name for f in schema][1:]
-        updates = ", ".join(f'"{c}" = excluded."{c}"' for c in others)
-        upsert = f'INSERT INTO "{table}" SELECT * FROM __rows ON CONFLICT ("{key}") DO UPDATE SET {updates}'
+        if "PRIMARY KEY" in ddl.upper():
+            upsert = [f'INSERT OR REPLACE INTO "{table}" SELECT * FROM __rows']
+        else:
+            delete = f'DELETE FROM "{table}" WHERE "{key}" IN (SELECT "{key}" FROM __rows)'
+            upsert = ["BEGIN", delete, f'INSERT INTO "{table}" SELECT * FROM __rows', "COMMIT"]
         n = len(vectors)
         started = time.perf_counter()
         if batch is None:
@@ -258,7 +263,8 @@ def bare_write(path: Path, ddl: str, table: str, vectors: Any, *, batch: int | N
             for start in range(0, n, batch):
                 part = vectors[start : start + batch]
                 client.register("__rows", vectors_table(part, list(range(start, start + len(part))), schema))
-                client.execute(upsert)
+                for statement in upsert:
+                    client.execute(statement)
                 client.unregister("__rows")
         seconds = time.perf_counter() - started
         assert client.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0] == n
@@ -602,8 +608,8 @@ def main() -> None:
                     path.unlink()
 
                 last_round = time.perf_counter() - round_started
-                line = {k: round(v[-1], 3) for k, v in figures.items()}
-                util = {k: v[-1].get("mean") for k, v in gpu.items()}
+                line = {k: round(v[-1], 3) for k, v in figures.items() if v}
+                util = {k: v[-1].get("mean") for k, v in gpu.items() if v}
                 inside = {k: v[-1] for k, v in predict_seconds.items() if v}
                 print(
                     f"round {r + 1} ({last_round:.0f} s): seconds {json.dumps(line)}; in predict {json.dumps(inside)}; "
