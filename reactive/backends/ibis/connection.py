@@ -270,8 +270,12 @@ class IbisConnection:
         )
         if fill is None:
             with self.lock:
+                existed = self.table_exists(name)
                 self.execute(self.dialect.render(create))
-                self._keyed.pop(name, None)  # it may have been there, keyed or not: looked up
+                if existed:  # keyed or not, as it was made: looked up when needed
+                    self._keyed.pop(name, None)
+                else:
+                    self._keyed[name] = keyed
             return
         # The key is declared up front: DuckDB builds one added later (ALTER TABLE ... ADD
         # PRIMARY KEY) in a third of the time, but a write-ahead log holding that ALTER cannot be

@@ -168,26 +168,23 @@ class Dialect:
 
     # -- catalog --------------------------------------------------------------------------
     def primary_key(self, con: Any, table: str) -> list[str]:
-        kcu = con.table("key_column_usage", database="information_schema")
-        tc = con.table("table_constraints", database="information_schema")
-        expr = (
-            kcu.join(
-                tc,
-                [
-                    kcu.constraint_name == tc.constraint_name,
-                    kcu.table_name == tc.table_name,
-                    kcu.table_schema == tc.table_schema,
-                ],
+        """The columns of ``table``'s primary key, in key order (none: ``[]``). DuckDB's own
+        catalog function: 0.5 ms, where ibis's ``information_schema`` join took 15 ms (200 ms
+        the first time)."""
+        query = (
+            sg.select("constraint_column_names")
+            .from_(sg.func("duckdb_constraints"))
+            .where(
+                sg.and_(
+                    sg.column("constraint_type").eq(sge.convert("PRIMARY KEY")),
+                    sg.column("table_name").eq(sge.convert(table)),
+                    sg.column("schema_name").eq(sg.func("current_schema")),
+                    sg.column("database_name").eq(sg.func("current_database")),
+                )
             )
-            .filter(
-                tc.constraint_type == "PRIMARY KEY",
-                kcu.table_name == table,
-                kcu.table_schema == con.current_database,
-            )
-            .select(kcu.column_name, kcu.ordinal_position)
-            .order_by("ordinal_position")
         )
-        return [r["column_name"] for r in expr.to_pyarrow().to_pylist()]
+        rows = self.fetch(con, self.render(query))
+        return list(rows[0]["constraint_column_names"]) if rows else []
 
     def storage_type(self, logical: str) -> dt.DataType:
         """The column type for a logical output type (JSON values are stored as text)."""
@@ -414,6 +411,29 @@ class PostgresDialect(Dialect):
     fingerprint_type = dt.int64
     max_name_bytes = 63
     unkeyed_tables = False
+
+    def primary_key(self, con: Any, table: str) -> list[str]:
+        """The columns of ``table``'s primary key, in key order, from ``information_schema``."""
+        kcu = con.table("key_column_usage", database="information_schema")
+        tc = con.table("table_constraints", database="information_schema")
+        expr = (
+            kcu.join(
+                tc,
+                [
+                    kcu.constraint_name == tc.constraint_name,
+                    kcu.table_name == tc.table_name,
+                    kcu.table_schema == tc.table_schema,
+                ],
+            )
+            .filter(
+                tc.constraint_type == "PRIMARY KEY",
+                kcu.table_name == table,
+                kcu.table_schema == con.current_database,
+            )
+            .select(kcu.column_name, kcu.ordinal_position)
+            .order_by("ordinal_position")
+        )
+        return [r["column_name"] for r in expr.to_pyarrow().to_pylist()]
 
     def load_modules(self) -> None:
         """Nothing: psycopg binds parameters itself."""
