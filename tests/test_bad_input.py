@@ -34,6 +34,20 @@ def test_table_without_primary_key_says_what_to_pass(sql: SQLClient, recorder: R
         assert outputs_by_source(db, "m__body") == {1: "<hi>"}
 
 
+def test_a_composite_primary_key_is_named_and_an_odd_named_table_keeps_its_key(
+    sql: SQLClient, recorder: Recorder
+) -> None:
+    # The primary key is read from each engine's catalog, in key order, whatever the names.
+    sql.execute('CREATE TABLE "it\'s ""odd""" (b INTEGER, a VARCHAR(10), body VARCHAR(100), PRIMARY KEY (a, b))')
+    sql.execute('CREATE TABLE "odd ""too""" (doc_id INTEGER PRIMARY KEY, body VARCHAR(100))')
+    sql.execute('INSERT INTO "odd ""too""" VALUES (7, \'hi\')')
+    with reactive.connect(sql.uri) as db:
+        with pytest.raises(reactive.MissingIdColumnError, match=r"has a composite primary key \(a, b\): pass "):
+            db.add(Listener(Model("m", predict=recorder), "body", 'it\'s "odd"'))
+        db.add(Listener(Model("m", predict=recorder), "body", 'odd "too"'))
+        assert outputs_by_source(db, "m__body") == {7: "<hi>"}
+
+
 def test_an_id_column_that_is_not_unique_is_refused_at_add_and_leaves_no_snapshot(
     sql: SQLClient, recorder: Recorder
 ) -> None:
