@@ -409,8 +409,8 @@ class CDCHandler(ReactiveThread):
             self._release(window.packets, error)
             self.queue.task_done(len(window.packets))
         self.bound = self.window_rows.floor
-        if not self.queue.closed:  # closed: what is left is drained (released) without pauses
-            self.wait(_backoff(self._failures))
+        # Closed (a stop), now or during the pause: what is left is drained without pauses.
+        self.queue.wait_closed(_backoff(self._failures))
 
     def _open(self, window: _Window, ahead: Sequence[_Window]) -> None:
         """Plan a window taken after ``ahead`` now (its model work starts) unless that fails;

@@ -145,6 +145,18 @@ class CDCQueue(Generic[P]):
                 self._all_done.wait(remaining)
             return True
 
+    def wait_closed(self, timeout: float) -> bool:
+        """Wait until the queue is closed, at most ``timeout`` seconds; whether it is (a pause
+        of the consumer's that a stop cuts short)."""
+        deadline = time.monotonic() + timeout
+        with self._not_empty:
+            while not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._not_empty.wait(remaining)
+            return True
+
     def wake_consumer(self) -> None:
         """Make the consumer's waiting :meth:`get_batch` return, empty-handed if nothing is queued
         (the handler waits for packets and for its model work at once; this says work finished)."""

@@ -91,6 +91,19 @@ def test_a_packet_larger_than_the_bound_passes_an_empty_queue() -> None:
     assert [len(p) for p in queue.get_batch(max_rows=100)] == [4]
 
 
+def test_wait_closed_returns_when_the_queue_closes_and_not_for_a_put() -> None:
+    queue = CDCQueue(max_rows=10)
+    assert not queue.wait_closed(0)
+    waited: list[bool] = []
+    waiter = threading.Thread(target=lambda: waited.append(queue.wait_closed(3600)), name="test-waiter")
+    waiter.start()
+    queue.put(packet(INS, 1))  # wakes a waiting consumer: wait_closed waits on
+    queue.close()
+    waiter.join(timeout=60)
+    assert not waiter.is_alive() and waited == [True]
+    assert queue.wait_closed(0)
+
+
 def test_a_blocked_producer_is_released_by_close_or_abandon() -> None:
     queue = CDCQueue(max_rows=1)
     queue.put(packet(INS, 1))

@@ -248,6 +248,29 @@ def test_a_failure_of_the_handlers_own_releases_the_windows_in_flight_and_it_goe
         assert outputs_by_source(db, "tag__text") == {0: "<w0>", 1: "<w1>", 2: "<v0>", 3: "<v0>", 4: "<w4>", 5: "<w5>"}
 
 
+def test_a_stop_cuts_the_pause_after_a_failure_of_the_handlers_own_short(
+    duck: SQLClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pause after the handler's own failure is an hour here: a stop during it (the queue
+    # closed) must end it, and what waits is drained as on any stop.
+    monkeypatch.setattr(reactive.handler, "_backoff", lambda failures: 3600.0)
+    docs(duck, 6)
+    window_rows = BrokenOnce(2, 2)
+    window_rows.armed.set()
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(Model("tag", predict=lambda xs: [f"<{x}>" for x in xs]), "text", "docs"))
+        queue, source = CDCQueue(), RecordingSource()
+        for position in range(6):
+            queue.put(update(source, position, position, f"w{position}"))
+        handler = CDCHandler(db, queue, compute=db.compute, window_rows=window_rows, pipeline=2)
+        handler.start()
+        assert window_rows.broken.wait(60)  # it failed: the pause begins (or is about to)
+        handler.stop()
+        handler.join(timeout=60)
+        assert not handler.is_alive() and handler.totals.internal_errors == 1
+        assert source.committed == [0, 1, 4, 5] and source.released == [2, 3]
+
+
 def test_wait_idle_waits_for_what_the_handler_released_and_the_listener_delivers_again(sql: SQLClient) -> None:
     # The same failure with a real listener: the window of a row of `notes`, in flight behind
     # that of a row of `docs` (both from one poll: a poller polls again once what it queued is
