@@ -141,7 +141,7 @@ class Dialect:
         each checkpoint cost in proportion to the whole table: 100,000 vectors of 384 floats
         keyed, a one-row upsert took 5-8 ms and every seventh or eighth one a checkpoint of
         1.5 s (DuckDB checkpoints once 16 MB of log are written); unkeyed, a delete and an
-        insert took 1.2-1.4 ms with no such pause, and a backfill wrote 1.2x as fast. A
+        insert took 1.2-1.4 ms with no such pause, and a backfill wrote 1.3-1.4x as fast. A
         snapshot's 300k-row bulk insert spent two thirds of the run on its key. Integer ids
         are mostly inserted in order, so without a key a delete of some ids is narrowed to the
         row groups whose id range holds them (one-row move on a 1M-row snapshot: 1.5-2.4 ms
