@@ -225,20 +225,27 @@ def test_a_window_that_fails_in_the_middle_of_a_pipeline_is_retried_before_the_n
         assert source.committed == [0, 1] and not source.released
 
 
+def _handler_that_breaks_once(db: reactive.Datalayer) -> tuple[CDCHandler, BrokenOnce, CDCQueue, RecordingSource]:
+    """A started handler, two windows of two packets in flight, whose own window rule raises
+    after the first window: six updates of ``docs`` queued."""
+    window_rows = BrokenOnce(2, 2)
+    window_rows.armed.set()
+    db.add(Listener(Model("tag", predict=lambda xs: [f"<{x}>" for x in xs]), "text", "docs"))
+    queue, source = CDCQueue(), RecordingSource()
+    for position in range(6):
+        queue.put(update(source, position, position, f"w{position}"))
+    handler = CDCHandler(db, queue, compute=db.compute, window_rows=window_rows, pipeline=2)
+    handler.start()
+    return handler, window_rows, queue, source
+
+
 def test_a_failure_of_the_handlers_own_releases_the_windows_in_flight_and_it_goes_on(duck: SQLClient) -> None:
     # Windows of two packets, two in flight: window [0, 1] is written, then the handler's own
     # rule raises while [2, 3] is planned. [2, 3] is released (its source delivers it again);
     # the handler goes on with [4, 5] and stops normally.
     docs(duck, 6)
-    window_rows = BrokenOnce(2, 2)
-    window_rows.armed.set()
     with reactive.connect(duck.uri) as db:
-        db.add(Listener(Model("tag", predict=lambda xs: [f"<{x}>" for x in xs]), "text", "docs"))
-        queue, source = CDCQueue(), RecordingSource()
-        for position in range(6):
-            queue.put(update(source, position, position, f"w{position}"))
-        handler = CDCHandler(db, queue, compute=db.compute, window_rows=window_rows, pipeline=2)
-        handler.start()
+        handler, window_rows, queue, source = _handler_that_breaks_once(db)
         handler.stop()  # closes the queue: what waits is processed (or released) first
         handler.join(timeout=60)
         assert not handler.is_alive() and window_rows.broken.is_set()
@@ -255,15 +262,8 @@ def test_a_stop_cuts_the_pause_after_a_failure_of_the_handlers_own_short(
     # closed) must end it, and what waits is drained as on any stop.
     monkeypatch.setattr(reactive.handler, "_backoff", lambda failures: 3600.0)
     docs(duck, 6)
-    window_rows = BrokenOnce(2, 2)
-    window_rows.armed.set()
     with reactive.connect(duck.uri) as db:
-        db.add(Listener(Model("tag", predict=lambda xs: [f"<{x}>" for x in xs]), "text", "docs"))
-        queue, source = CDCQueue(), RecordingSource()
-        for position in range(6):
-            queue.put(update(source, position, position, f"w{position}"))
-        handler = CDCHandler(db, queue, compute=db.compute, window_rows=window_rows, pipeline=2)
-        handler.start()
+        handler, window_rows, _, source = _handler_that_breaks_once(db)
         assert window_rows.broken.wait(60)  # it failed: the pause begins (or is about to)
         handler.stop()
         handler.join(timeout=60)
