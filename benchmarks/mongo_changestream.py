@@ -44,7 +44,8 @@ When an output is "visible"
 
 Scenarios (each on a fresh database and a freshly started system; a few inserts before the
 measured ones warm each system up and are not counted)
-    * **isolated inserts**: one writer client (the main thread) inserts single documents
+    * **isolated inserts**: one writer client (the main thread; with ``--writer-process``, a
+      process of its own, as an application's writes usually are) inserts single documents
       ``interval`` apart (start to start), timestamping right before ``insert_one``; latency
       = output visible - insert started, so it includes the insert itself (its
       acknowledgement time is reported too).
@@ -163,6 +164,9 @@ class Sizes:
     batch: int = 1_000
     rounds: int = 5
     stream_repeat: int = 3
+    #: The single inserts (isolated, burst) come from a process of their own, not this one's
+    #: main thread (see :func:`paced_inserts_elsewhere`).
+    writer_process: bool = False
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -549,6 +553,39 @@ def paced_inserts(docs: Collection, ids: Sequence[int], interval: float) -> tupl
     return started, acks
 
 
+#: The writer of :func:`paced_inserts_elsewhere`: a process of its own, which inserts the ids it
+#: is given ``interval`` apart and prints when each insert started (``time.perf_counter``:
+#: CLOCK_MONOTONIC on Linux, one clock for every process of the machine) and its ack time.
+_WRITER = """
+import json, sys
+from pymongo import MongoClient
+from benchmarks.mongo_changestream import paced_inserts
+uri, ids, interval = sys.argv[1], json.loads(sys.argv[2]), float(sys.argv[3])
+with MongoClient(uri) as client:
+    docs = client.get_default_database().docs
+    client.admin.command("ping")
+    started, acks = paced_inserts(docs, ids, interval)
+print(json.dumps({"started": list(started.items()), "acks": acks}))
+"""
+
+
+def paced_inserts_elsewhere(uri: str, ids: Sequence[int], interval: float) -> tuple[dict[int, float], list[float]]:
+    """:func:`paced_inserts` made by a process of its own (an application writing through its own
+    interpreter, not competing with the consumer's threads for theirs)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-c", _WRITER, uri, json.dumps(list(ids)), str(interval)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
+    reply = json.loads(done.stdout)
+    return {int(i): t for i, t in reply["started"]}, reply["acks"]
+
+
 def warm_up(system: System, database: Any, clock: OutputClock, sizes: Sizes) -> None:
     warmup = range(-sizes.warmup_inserts, 0)
     paced_inserts(database.docs, warmup, sizes.interval)
@@ -575,7 +612,10 @@ def bench_inserts(
         try:
             warm_up(system, database, clock, sizes)
             ids = range(count)
-            started, acks = paced_inserts(database.docs, ids, interval)
+            if sizes.writer_process:
+                started, acks = paced_inserts_elsewhere(uri, ids, interval)
+            else:
+                started, acks = paced_inserts(database.docs, ids, interval)
             clock.wait_for(ids, TIMEOUT)
         finally:
             system.close()
@@ -972,7 +1012,8 @@ def render(report: dict[str, Any]) -> str:
         f"server: {report['server']}",
         "",
         f"Every figure is the median over {rounds} interleaved round(s); ratios are the median of the "
-        f"per-round ratios to the {REFERENCE!r}.",
+        f"per-round ratios to the {REFERENCE!r}. The single inserts (isolated, burst) come from "
+        + ("a process of their own." if sizes.get("writer_process") else "the main thread of the systems' process."),
         "",
     ]
     titles = {
@@ -1116,6 +1157,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default: 5, 1 with --quick)")
     parser.add_argument("--profile", action="store_true", help="also profile reactive's path (see the docstring)")
+    parser.add_argument(
+        "--writer-process",
+        action="store_true",
+        help="make the single inserts (isolated, burst) from a process of their own, not the main thread",
+    )
     parser.add_argument("--uri", help="a MongoDB server (replica set) to use instead of starting SecantusDB")
     parser.add_argument(
         "--retry-writes", action="store_true", help="keep retryable writes on (see Server; off by default)"
@@ -1129,6 +1175,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = Sizes.quick() if args.quick else Sizes()
     if args.rounds:
         sizes = dc.replace(sizes, rounds=args.rounds)
+    if args.writer_process:
+        sizes = dc.replace(sizes, writer_process=True)
     output = args.output or RESULTS / ("mongodb-partial.json" if args.quick else "mongodb.json")
     machine = {
         **machine_info(),
