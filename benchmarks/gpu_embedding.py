@@ -19,6 +19,13 @@ run). After a warm-up, interleaved rounds of:
 
 For the three reactive phases, the seconds spent inside the model's ``predict`` calls are
 summed (``predict_seconds``): near the phase's wall time, the model is the critical path.
+And how much padding the model's batches carry (``padding``): the tokens of a batch padded to
+its longest text, summed over every batch a phase's calls made, over the texts' own tokens
+(``encode``: its batches of ``--batch-size`` in its own order, the whole list sorted by length;
+reactive: the batches ``predict`` was called with, sorted by length within each window). The
+model's token counts, taken once before the rounds (``--fake-model``: words + 2).
+``--window-floor N`` makes reactive's windows start at ``N`` rows (``WindowRows(floor=N)``,
+passed as ``batch_rows``; default: reactive's own growing windows, from 5,000 rows).
 GPU utilisation is sampled every ``--sample-interval`` seconds in a background thread (NVML
 through ``torch.cuda.utilization``, else ``nvidia-smi -lms``) and summarised per phase.
 Results go to ``--out`` (``$OUT/gpu.json`` when ``OUT`` is set) and a Markdown table is printed.
@@ -383,6 +390,9 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="a DuckDB setting for reactive's connection and the live phase's writer: checkpoint_threshold=256MB",
     )
+    parser.add_argument(
+        "--window-floor", type=int, default=None, help="reactive.connect(batch_rows=WindowRows(floor=N))"
+    )
     parser.add_argument("--skip", action="append", default=[], choices=PHASES[1:], help="a phase not to run")
     args = parser.parse_args()
     duckdb_options = dict(option.split("=", 1) for option in args.duckdb_option)
@@ -396,6 +406,7 @@ def main() -> None:
     gpu: dict[str, list[Any]] = {k: [] for k in PHASES}
     lease_warnings: dict[str, list[int]] = {k: [] for k in PHASES}
     predict_seconds: dict[str, list[float]] = {k: [] for k in REACTIVE_PHASES}
+    padding: dict[str, list[float]] = {k: [] for k in ("encode", *REACTIVE_PHASES)}
     engine: dict[str, list[Any]] = {k: [] for k in REACTIVE_PHASES}
     state: dict[str, Any] = {"device": None, "sampler": "none", "ddl": None}
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -421,6 +432,7 @@ def main() -> None:
                 "vs `encode`",
                 "seconds",
                 "in `predict` s",
+                "padded / own tokens",
                 "GPU util mean %",
                 "GPU util p50 %",
                 "GPU busy share",
@@ -432,6 +444,7 @@ def main() -> None:
                     versus(k),
                     f"{best[k]:.2f}",
                     f"{statistics.median(predict_seconds[k]):.2f}" if predict_seconds.get(k) else "",
+                    f"{statistics.median(padding[k]):.3f}" if padding.get(k) else "",
                     util(k, "mean"),
                     util(k, "p50"),
                     util(k, "busy_share", 2),
@@ -467,6 +480,8 @@ def main() -> None:
             "gpu_utilisation": gpu,
             "lease_warnings": lease_warnings,
             "predict_seconds": predict_seconds,
+            "padding": padding,
+            "window_floor": args.window_floor,
             "engine_info": engine,
             "wall_s": time.perf_counter() - clock,
             "markdown": md,
@@ -485,8 +500,11 @@ def main() -> None:
         import reactive
         from reactive.backends.base import outputs_table
         from reactive.components import Listener, Model
+        from reactive.handler import WindowRows
 
         options: dict[str, Any] = {"lease": False} if args.lease_ms <= 0 else {"lease_ms": args.lease_ms}
+        if args.window_floor:
+            options["batch_rows"] = WindowRows(floor=args.window_floor, cap=max(args.window_floor, WindowRows().cap))
         options.update(duckdb_options)  # every option reactive does not take goes to ibis.duckdb.connect
 
         if args.fake_model:
@@ -495,6 +513,9 @@ def main() -> None:
 
             def encode(batch: list[str]) -> Any:
                 return rng.standard_normal((len(batch), DIM), dtype=np.float32)
+
+            def token_counts(batch: list[str]) -> list[int]:
+                return [len(t.split()) + 2 for t in batch]
 
         else:
             import torch
@@ -506,7 +527,10 @@ def main() -> None:
             def encode(batch: list[str]) -> Any:
                 return model.encode(batch, batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True)
 
-        in_predict = {"seconds": 0.0}
+            def token_counts(batch: list[str]) -> list[int]:
+                return [len(ids) for ids in model.tokenizer(batch, truncation=True)["input_ids"]]
+
+        in_predict = {"seconds": 0.0, "padded": 0}
 
         def timed(batch: list[str]) -> Any:
             started = time.perf_counter()
@@ -514,6 +538,7 @@ def main() -> None:
                 return encode(batch)
             finally:
                 in_predict["seconds"] += time.perf_counter() - started
+                in_predict["padded"] += len(batch) * max(tokens[t] for t in batch)
 
         def engine_info(db: Any) -> dict[str, Any]:
             info = db.cdc.info()
@@ -523,16 +548,24 @@ def main() -> None:
         state.update(device=device, sampler=sampler.source)
         print(f"device {device}; GPU utilisation from {sampler.source}; reactive.connect options {options}")
         data = texts(rows)
+        tokens = dict(zip(data, token_counts(data), strict=True))
+        own_tokens = sum(tokens[t] for t in data)
+        in_order = sorted(data, key=len, reverse=True)  # encode's order: longest first
+        batches = (in_order[i : i + batch_size] for i in range(0, rows, batch_size))
+        encode_padded = sum(len(b) * max(tokens[t] for t in b) for b in batches)
         table = outputs_table("minilm__text")  # the listener's identifier: model "minilm" on column "text"
 
         @contextlib.contextmanager
         def measured(name: str) -> Iterator[None]:
-            before, predicted = warnings.count, in_predict["seconds"]
+            before, predicted, padded = warnings.count, in_predict["seconds"], in_predict["padded"]
             with watchdog.watch(name), phase(figures, gpu, sampler, name):
                 yield
             lease_warnings[name].append(warnings.count - before)
             if name in predict_seconds:
                 predict_seconds[name].append(round(in_predict["seconds"] - predicted, 3))
+                padding[name].append(round((in_predict["padded"] - padded) / own_tokens, 4))
+            elif name == "encode":
+                padding[name].append(round(encode_padded / own_tokens, 4))
 
         with tempfile.TemporaryDirectory(prefix="reactive-gpu-") as tmp:
             # Warm-up: CUDA kernels for several lengths, then one small backfill (reactive's and
