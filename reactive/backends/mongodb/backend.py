@@ -28,7 +28,7 @@ from reactive.backends.base import (
 )
 from reactive.backends.mongodb.checkpoints import CHECKPOINTS_COLLECTION, MongoSections, acknowledged
 from reactive.backends.mongodb.errors import Fault, classify, classify_code
-from reactive.backends.mongodb.listener import MongoChangeStreamListener
+from reactive.backends.mongodb.listener import MongoChangeStreamListener, stop_timeout
 from reactive.checkpoints import Positions
 from reactive.errors import BackendError, ConfigurationError, QueueClosedError
 from reactive.events import Row, id_key
@@ -376,7 +376,8 @@ class MongoBackend(DataBackend):
             self._queue.wake_producers()
         for refill in refills:
             refill.join()
-        self.client.close()
+        with pymongo.timeout(stop_timeout(self.client)):  # it ends the client's sessions on the server
+            self.client.close()
 
     def is_transient(self, exc: BaseException) -> bool:
         return classify(exc) is Fault.TRANSIENT

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import threading
@@ -9,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import pymongo
 from bson import ObjectId
 from pymongo.errors import OperationFailure, PyMongoError
 
@@ -19,6 +21,7 @@ from reactive.errors import ChangeStreamUnsupportedError, QueueClosedError
 from reactive.events import ChangePacket, DBEvent
 
 if TYPE_CHECKING:
+    from pymongo import MongoClient
     from pymongo.change_stream import DatabaseChangeStream
     from pymongo.database import Database
 
@@ -41,6 +44,32 @@ BUSY_SAVE_SECONDS = 1.0
 HOLD_BELOW = 16
 #: The longest such wait (a slow model does not stop the stream being read for long).
 HOLD_SECONDS = 0.05
+#: The longest a stop waits for the server (the last position, the barrier mark, the client's
+#: sessions), and a reconnection attempt while the server is unreachable (so that a stop then
+#: is not held by it). Otherwise each would wait out the client's server selection timeout.
+STOP_TIMEOUT = 2.0
+
+
+def stop_timeout(client: MongoClient) -> float:
+    """How long what a stop still asks of the server may take: :data:`STOP_TIMEOUT`, or next to
+    nothing when the client's last sight of the deployment was a failure (no server to write
+    to, one it could not reach; no round trip: a server that is down takes nothing, and the
+    position saved before stands).
+
+    >>> from pymongo import MongoClient
+    >>> client = MongoClient("mongodb://127.0.0.1:1/app", connect=False, serverSelectionTimeoutMS=100)
+    >>> stop_timeout(client)  # never tried: not known to be down
+    2.0
+    >>> client.app.docs.find_one()
+    Traceback (most recent call last):
+    ...
+    pymongo.errors.ServerSelectionTimeoutError: ...
+    >>> stop_timeout(client)
+    0.05
+    """
+    seen = client.topology_description
+    down = not seen.has_writable_server() and any(s.error is not None for s in seen.server_descriptions().values())
+    return 0.05 if down else STOP_TIMEOUT
 
 
 class _Position(dict[str, Any]):
@@ -316,15 +345,23 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                 unsaved = self._processed if self._processed_count > self._saved_count else None
                 covers = self._processed_count
                 self._changed.notify_all()
-            if unsaved is not None:
-                try:
-                    self._save_fenced(unsaved, covers)
-                except PyMongoError as exc:
-                    log.warning("could not save the stream position of %s: %s", self.uri, exc)
+            self._clean_up(unsaved, covers)
+
+    def _clean_up(self, unsaved: dict[str, Any] | None, covers: int) -> None:
+        """At the thread's end: save the last processed position if it is not saved, and remove
+        the barrier mark, each waiting at most :func:`stop_timeout` for the server."""
+        client = self.database.client
+        if unsaved is not None:
             try:
+                with pymongo.timeout(stop_timeout(client)):
+                    self._save_fenced(unsaved, covers)
+            except PyMongoError as exc:
+                log.warning("could not save the stream position of %s: %s", self.uri, exc)
+        try:
+            with pymongo.timeout(stop_timeout(client)):
                 self.database[MARKS_COLLECTION].delete_one({"_id": self._mark_id})
-            except PyMongoError:
-                log.debug("could not remove this listener's barrier mark", exc_info=True)
+        except PyMongoError:
+            log.debug("could not remove this listener's barrier mark", exc_info=True)
 
     def _disconnected(self, exc: BaseException) -> None:
         if self.disconnected_since is None:
@@ -354,7 +391,9 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             if self._rewind:
                 self._rewind, self._seen = False, None
         if reopen:
-            self._reopen(self._seen or self._processed or self._position())
+            unreachable = self.disconnected_since is not None
+            with pymongo.timeout(STOP_TIMEOUT) if unreachable else contextlib.nullcontext():
+                self._reopen(self._seen or self._processed or self._position())
         assert self._stream is not None
         if not _buffered(self._stream):
             self._hold()
