@@ -346,8 +346,11 @@ class LeaseKeeper:
                     self.lease.acquire()
                 self.last_error = None
             except Exception as exc:  # a database that is down: the lease expires by itself
+                again = self.last_error is not None  # said once per failure in a row (in info() meanwhile)
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("could not renew or take the lease of %r: %s", self.lease.checkpoint, self.last_error)
+                (log.debug if again else log.warning)(
+                    "could not renew or take the lease of %r: %s", self.lease.checkpoint, self.last_error
+                )
             held = self.lease.held is not None
             with self._changed:
                 self._changed.notify_all()

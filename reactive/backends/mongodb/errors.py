@@ -14,8 +14,15 @@ True
 from __future__ import annotations
 
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure
+
+if TYPE_CHECKING:
+    from pymongo import MongoClient
+
+#: How long a call waits for a server the client last saw fail (:func:`known_down`).
+DOWN_TIMEOUT = 0.05
 
 
 class Fault(Enum):
@@ -68,3 +75,22 @@ def classify_code(code: int | None) -> Fault:
     True
     """
     return _CODES.get(code or 0, Fault.OTHER)
+
+
+def known_down(client: MongoClient) -> bool:
+    """Whether the client's last sight of the deployment was a failure: no server to write to,
+    and one it could not reach (no round trip). A client that never tried is not known down.
+
+    >>> from pymongo import MongoClient
+    >>> client = MongoClient("mongodb://127.0.0.1:1/app", connect=False, serverSelectionTimeoutMS=100)
+    >>> known_down(client)
+    False
+    >>> client.app.docs.find_one()
+    Traceback (most recent call last):
+    ...
+    pymongo.errors.ServerSelectionTimeoutError: ...
+    >>> known_down(client)
+    True
+    """
+    seen = client.topology_description
+    return not seen.has_writable_server() and any(s.error is not None for s in seen.server_descriptions().values())

@@ -15,7 +15,7 @@ from bson import ObjectId
 from pymongo.errors import OperationFailure, PyMongoError
 
 from reactive.backends.base import MAX_BACKOFF, BaseDatabaseListener, CheckpointStore, TableInfo
-from reactive.backends.mongodb.errors import Fault, classify
+from reactive.backends.mongodb.errors import DOWN_TIMEOUT, Fault, classify, known_down
 from reactive.checkpoints import CorruptCheckpointError
 from reactive.errors import ChangeStreamUnsupportedError, QueueClosedError
 from reactive.events import ChangePacket, DBEvent
@@ -52,24 +52,15 @@ STOP_TIMEOUT = 2.0
 
 def stop_timeout(client: MongoClient) -> float:
     """How long what a stop still asks of the server may take: :data:`STOP_TIMEOUT`, or next to
-    nothing when the client's last sight of the deployment was a failure (no server to write
-    to, one it could not reach; no round trip: a server that is down takes nothing, and the
-    position saved before stands).
+    nothing (:data:`~reactive.backends.mongodb.errors.DOWN_TIMEOUT`) when the client last saw
+    the server fail (:func:`~reactive.backends.mongodb.errors.known_down`): a server that is
+    down takes nothing, and the position saved before stands.
 
     >>> from pymongo import MongoClient
-    >>> client = MongoClient("mongodb://127.0.0.1:1/app", connect=False, serverSelectionTimeoutMS=100)
-    >>> stop_timeout(client)  # never tried: not known to be down
+    >>> stop_timeout(MongoClient("mongodb://127.0.0.1:1/app", connect=False))
     2.0
-    >>> client.app.docs.find_one()
-    Traceback (most recent call last):
-    ...
-    pymongo.errors.ServerSelectionTimeoutError: ...
-    >>> stop_timeout(client)
-    0.05
     """
-    seen = client.topology_description
-    down = not seen.has_writable_server() and any(s.error is not None for s in seen.server_descriptions().values())
-    return 0.05 if down else STOP_TIMEOUT
+    return DOWN_TIMEOUT if known_down(client) else STOP_TIMEOUT
 
 
 class _Position(dict[str, Any]):
