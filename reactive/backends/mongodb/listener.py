@@ -45,8 +45,8 @@ HOLD_BELOW = 16
 #: The longest such wait (a slow model does not stop the stream being read for long).
 HOLD_SECONDS = 0.05
 #: The longest a stop waits for the server (the last position, the barrier mark, the client's
-#: sessions), and a reconnection attempt while the server is unreachable (so that a stop then
-#: is not held by it). Otherwise each would wait out the client's server selection timeout.
+#: sessions), and a reconnection attempt while the client last saw the server fail (so that a
+#: stop then is not held by it). Otherwise each would wait out the server selection timeout.
 STOP_TIMEOUT = 2.0
 
 
@@ -382,8 +382,10 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             if self._rewind:
                 self._rewind, self._seen = False, None
         if reopen:
-            unreachable = self.disconnected_since is not None
-            with pymongo.timeout(STOP_TIMEOUT) if unreachable else contextlib.nullcontext():
+            # While the client last saw the server fail, an attempt waits at most STOP_TIMEOUT
+            # (a stop then waits no longer for it); once it answers again, as long as it takes.
+            down = known_down(self.database.client)
+            with pymongo.timeout(STOP_TIMEOUT) if down else contextlib.nullcontext():
                 self._reopen(self._seen or self._processed or self._position())
         assert self._stream is not None
         if not _buffered(self._stream):
