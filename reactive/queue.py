@@ -148,14 +148,8 @@ class CDCQueue(Generic[P]):
     def wait_closed(self, timeout: float) -> bool:
         """Wait until the queue is closed, at most ``timeout`` seconds; whether it is (a pause
         of the consumer's that a stop cuts short)."""
-        deadline = time.monotonic() + timeout
         with self._not_empty:
-            while not self._closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._not_empty.wait(remaining)
-            return True
+            return self._not_empty.wait_for(lambda: self._closed, timeout)
 
     def wake_consumer(self) -> None:
         """Make the consumer's waiting :meth:`get_batch` return, empty-handed if nothing is queued
