@@ -116,7 +116,7 @@ class IbisConnection:
 
     def table_exists(self, name: str) -> bool:
         with self.lock:
-            return name in self._handles or name in self.con.list_tables()
+            return name in self._handles or self.dialect.table_exists(self.con, name)
 
     def forget(self, name: str) -> None:
         """Drop the cached handle and statements of ``name`` (it was altered, dropped or failed)."""
