@@ -22,7 +22,7 @@ from reactive.events import ChangePacket, DBEvent
 from reactive.handler import WindowRows
 from reactive.monitor import TableMonitor
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "BackendError",

@@ -232,16 +232,41 @@ class Listener(Component):
         if not self.matches(row):
             return stored is None
         value = self._input(row)
-        return value is not _MISSING and stored == self.model.fingerprint(value)
+        return (
+            value is not _MISSING
+            and stored is not None
+            and not self._stale(value, self.model.fingerprint(value), stored)
+        )
 
     def current(self, rows: Sequence[Row], stored: Sequence[int | None]) -> list[bool]:
         """:meth:`is_current` of each row; rows read as one Arrow table are fingerprinted from
         the key's column in one call, where every row has a value and no filter applies."""
         column = self._key_column(rows) if isinstance(rows, TableRows) else None
-        digests = None if column is None else self._fingerprinted(column.to_pylist())
-        if digests is not None:
-            return [s == d for s, d in zip(stored, digests, strict=True)]
-        return [self.is_current(row, s) for row, s in zip(rows, stored, strict=True)]
+        digests = None if column is None else self._column_fingerprints(column)
+        if digests is None:
+            return [self.is_current(row, s) for row, s in zip(rows, stored, strict=True)]
+        current = [s == d for s, d in zip(stored, digests, strict=True)]
+        # Outputs stored before 0.2 (another fingerprint) whose input has not changed are current.
+        for k in [k for k, ok in enumerate(current) if not ok and stored[k] is not None]:
+            current[k] = not self._stale(column[k].as_py(), digests[k], stored[k])
+        return current
+
+    def _stale(self, value: Any, digest: int, stored: int | None) -> bool:
+        """Whether an output stored with input fingerprint ``stored`` (None: no output) must be
+        computed again for ``value``, whose fingerprint is ``digest``: the one place that decides.
+        An output written before reactive 0.2 holds the fingerprint of that time
+        (:meth:`Model.legacy_fingerprint`): it is current while its input has not changed."""
+        if stored is None or digest == stored:
+            return stored is None
+        try:
+            return self.model.legacy_fingerprint(value) != stored
+        except (TypeError, ValueError):
+            return True
+
+    def _column_fingerprints(self, column: pa.ChunkedArray) -> list[int] | None:
+        """The model's fingerprints of a column's values: from its buffers for text, else in one call."""
+        digests = self.model.column_fingerprints(column)
+        return self._fingerprinted(column.to_pylist()) if digests is None else digests
 
     def _key_column(self, rows: TableRows) -> pa.ChunkedArray | None:
         """The key's column, where every row of ``rows`` has a value and no filter applies."""
@@ -350,7 +375,11 @@ class Listener(Component):
         self._replay_ended(batch, looked_up, stored)
         if stored:
             now = map(stored.get, id_keys(sure.ids))
-            todo = sure.take(k for k, (fp, was) in enumerate(zip(sure.fingerprints, now, strict=True)) if fp != was)
+            todo = sure.take(
+                k
+                for k, (value, fp, was) in enumerate(zip(sure.values, sure.fingerprints, now, strict=True))
+                if fp != was and self._stale(value, fp, was)
+            )
         else:
             todo = sure
         # A closed queue means the handler is draining it to stop: a hung call is given up.
@@ -368,7 +397,11 @@ class Listener(Component):
             late = _Inputs([], [], [])
             if unsure:
                 now = db.backend.outputs.output_fingerprints(self.identifier, unsure.ids)
-                late = unsure.take(k for k, i in enumerate(unsure.ids) if now.get(id_key(i)) != unsure.fingerprints[k])
+                late = unsure.take(
+                    k
+                    for k, i in enumerate(unsure.ids)
+                    if self._stale(unsure.values[k], unsure.fingerprints[k], now.get(id_key(i)))
+                )
                 if late:
                     self._write(batch, db, refresh, remove, late, submit(late).result(), now)
             refresh.skipped = len(candidates) - len(todo) - len(late)
@@ -396,7 +429,6 @@ class Listener(Component):
                 return candidates
         ids: list[Any] = []
         values: list[Any] = []
-        fingerprints: list[int] = []
         for row_id, row in zip(batch.ids, batch.rows, strict=True):
             if row is None or not self.matches(row):
                 remove.append(row_id)
@@ -409,16 +441,24 @@ class Listener(Component):
             ):
                 error = f"input of {size:,} bytes is larger than max_input_bytes={self.max_input_bytes:,}"
             else:
-                try:
-                    fingerprints.append(self.model.fingerprint(value))
-                except (TypeError, ValueError) as exc:
-                    error = f"cannot fingerprint key {self.key!r}: {exc}"
-                else:
-                    ids.append(row_id)
-                    values.append(value)
-                    continue
+                ids.append(row_id)
+                values.append(value)
+                continue
             self._fail(refresh, remove, row_id, error)
-        return _Inputs(ids, values, fingerprints)
+        digests = self._fingerprinted(values)
+        if digests is not None:
+            return _Inputs(ids, values, digests)
+        # Some value cannot be fingerprinted: found one by one, and only those rows fail.
+        ok: list[int] = []
+        fingerprints: list[int] = []
+        for k, value in enumerate(values):
+            try:
+                fingerprints.append(self.model.fingerprint(value))
+            except (TypeError, ValueError) as exc:
+                self._fail(refresh, remove, ids[k], f"cannot fingerprint key {self.key!r}: {exc}")
+            else:
+                ok.append(k)
+        return _Inputs([ids[k] for k in ok], [values[k] for k in ok], fingerprints)
 
     def _column_candidates(self, ids: Sequence[Any], rows: TableRows) -> _Inputs | None:
         """:meth:`_candidates` of rows read as one Arrow table, from the key's column: every row
@@ -433,7 +473,9 @@ class Listener(Component):
             if not sized or (len(column) and pc.max(pc.binary_length(column)).as_py() > limit):
                 return None
         values = column.to_pylist()
-        digests = self._fingerprinted(values)
+        digests = self.model.column_fingerprints(column)
+        if digests is None:
+            digests = self._fingerprinted(values)
         return None if digests is None else _Inputs(list(ids), values, digests)
 
     def _settle_errors(self, batch: Batch, db: Datalayer, refresh: Refresh) -> None:

@@ -22,9 +22,16 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 from reactive.errors import ConfigurationError
-from reactive.fingerprints import fingerprint, fingerprint_text, fingerprints
+from reactive.fingerprints import (
+    column_fingerprints,
+    fingerprint_text,
+    fingerprints,
+    legacy_fingerprint,
+    versioned,
+)
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -341,16 +348,13 @@ class Model:
         It depends on the input and on :attr:`version`: a new version makes every stored
         output stale.
 
+        >>> from reactive.fingerprints import fingerprint
         >>> Model("m", predict=list).fingerprint("x") == fingerprint("x")
         True
         >>> Model("m", predict=list, version="2").fingerprint("x") == fingerprint("x")
         False
         """
-        digest = fingerprint(value)
-        if self.version is None:
-            return digest
-        # No unversioned fingerprint's text starts with \x01 (see fingerprints.fingerprint).
-        return fingerprint_text(f"\x01{self.version}\x01{digest}")
+        return self.fingerprints([value])[0]
 
     def fingerprints(self, values: Sequence[Any]) -> list[int]:
         """:meth:`fingerprint` of each value, in one call.
@@ -359,10 +363,31 @@ class Model:
         >>> m.fingerprints(["x", 1]) == [m.fingerprint("x"), m.fingerprint(1)]
         True
         """
-        digests = fingerprints(values)
+        return self._versioned(fingerprints(values))
+
+    def column_fingerprints(self, column: pa.Array | pa.ChunkedArray) -> list[int] | None:
+        """:meth:`fingerprints` of an Arrow text column, from its buffers; None for a column of
+        another type or with nulls.
+
+        >>> m = Model("m", predict=list, version="2")
+        >>> m.column_fingerprints(pa.array(["x", "y"])) == m.fingerprints(["x", "y"])
+        True
+        """
+        digests = column_fingerprints(column)
+        return None if digests is None else self._versioned(digests)
+
+    def _versioned(self, digests: list[int]) -> list[int]:
+        return digests if self.version is None else versioned(digests, self.version)
+
+    def legacy_fingerprint(self, value: Any) -> int:
+        """The fingerprint outputs were stored with before reactive 0.2 (see
+        :func:`reactive.fingerprints.legacy_fingerprint`): such an output of an input that has
+        not changed since is current."""
+        digest = legacy_fingerprint(value)
         if self.version is None:
-            return digests
-        return [fingerprint_text(f"\x01{self.version}\x01{digest}") for digest in digests]
+            return digest
+        # No unversioned fingerprint's text starts with \x01.
+        return fingerprint_text(f"\x01{self.version}\x01{digest}")
 
     # -- computing ------------------------------------------------------------------------
     def compute(
