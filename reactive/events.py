@@ -276,9 +276,9 @@ def _unique_in_tables(packets: Sequence[ChangePacket]) -> bool:
 
 def _joined_rows(packets: Sequence[ChangePacket], event: DBEvent) -> Sequence[Row | None]:
     """The rows of ``packets`` (all of one event) in order; None where a packet has none."""
-    if event is DBEvent.delete:
-        return (None,) * sum(len(p) for p in packets)
     parts = [p.rows for p in packets]
+    if event is DBEvent.delete or all(part is None for part in parts):  # a delete, or ids to read (a backfill)
+        return (None,) * sum(len(p) for p in packets)
     if all(isinstance(part, TableRows) for part in parts):
         try:
             return TableRows.concat(parts)  # type: ignore[arg-type]

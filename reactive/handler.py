@@ -610,7 +610,7 @@ class CDCHandler(ReactiveThread):
         if batch.event is DBEvent.delete or isinstance(batch.rows, TableRows) or None not in batch.rows:
             return [batch]
         source, table = self.db.source_for(batch.table), self.db.table_info(batch.table)
-        if isinstance(source, TableReader) and all(row is None for row in batch.rows):  # a backfill's: one table
+        if isinstance(source, TableReader) and batch.rows.count(None) == len(batch.rows):  # a backfill's: one table
             rows = source.read_table(table, batch.ids)
             if rows is not None:
                 return self._split_gone(batch, rows, table.id_column)
