@@ -108,43 +108,95 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x
 
 
+#: Words (8 bytes of text each) hashed per numpy pass: the temporary arrays of a pass take
+#: about 48 bytes a word (12 MB), whatever the size of a window's texts.
+WORDS_PER_PASS = 1 << 18
+
+
 def hash_texts(data: np.ndarray, starts: np.ndarray, lengths: np.ndarray, seed: int = _SEED_TEXT) -> np.ndarray:
     """A 64-bit digest (``uint64``) of each byte string ``data[starts[i] : starts[i] + lengths[i]]``.
 
     Each string is cut into little-endian 8-byte words (the last one padded with zeros);
     word ``j`` plus ``(j + 1)`` times a constant goes through SplitMix64's finaliser, and the
     string's digest is the finaliser of the sum of its words', its length and ``seed``. Every
-    step is one numpy operation over all the words of all the strings: a batch costs a few
-    operations per 8 bytes, not a Python call per string. Two strings of one length that differ
-    in one word always get different digests (the finaliser is a bijection); otherwise two
-    strings share one by chance, about once in 2**64 pairs. Not a cryptographic hash: it tells
-    whether an input changed, it does not defend against inputs made to collide.
+    step is one numpy operation over the words of many strings (up to :data:`WORDS_PER_PASS`
+    at a time; a longer string in slices, its sum being theirs): a batch costs a few operations
+    per 8 bytes, not a Python call per string, and no copy of the data. Two strings of one length
+    that differ in one word always get different digests (the finaliser is a bijection);
+    otherwise two strings share one by chance, about once in 2**64 pairs. Not a cryptographic
+    hash: it tells whether an input changed, it does not defend against inputs made to collide.
 
     >>> data = np.frombuffer(b"hello, worldhello, world!", np.uint8)
     >>> h = hash_texts(data, np.array([0, 12]), np.array([12, 13]))
     >>> h.dtype, bool(h[0] == hash_texts(data[:12], np.array([0]), np.array([12]))[0]), bool(h[0] == h[1])
     (dtype('uint64'), True, False)
     """
+    data = np.ascontiguousarray(data, np.uint8)
     starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+    read = _WordReader(data)
+    words = (lengths + 7) >> 3
+    ends = np.cumsum(words)
+    sums = np.zeros(len(lengths), _U64)
+    lo = 0
+    while lo < len(lengths):
+        # Strings lo .. hi-1: as many whole strings as fit in a pass, at least one.
+        hi = max(lo + 1, int(np.searchsorted(ends, ends[lo] - words[lo] + WORDS_PER_PASS, side="right")))
+        if hi - lo == 1 and words[lo] > WORDS_PER_PASS:  # one long string, in slices of whole words
+            offsets = np.arange(0, int(words[lo]), WORDS_PER_PASS, dtype=np.int64)
+            pieces = np.minimum(lengths[lo] - 8 * offsets, 8 * WORDS_PER_PASS)
+            for offset, piece in zip(offsets.tolist(), pieces.tolist(), strict=True):
+                part = _word_sums(read, starts[lo : lo + 1] + 8 * offset, np.array([piece]), offset)
+                sums[lo : lo + 1] += part
+        else:
+            sums[lo:hi] = _word_sums(read, starts[lo:hi], lengths[lo:hi], 0)
+        lo = hi
+    sums += lengths.astype(_U64) * _LENGTH + _U64(seed)
+    return _mix(sums)
+
+
+class _WordReader:
+    """The little-endian 8-byte word at any byte offset of ``data``, read in place (an unaligned
+    view); the last 7 offsets, where 8 bytes would run past the end, from a zero-padded copy of
+    the data's tail."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.safe = len(data) - 7  # offsets below this have 8 bytes of data
+        self.view = np.lib.stride_tricks.as_strided(
+            np.frombuffer(data, "<u8", count=len(data) // 8), shape=(max(self.safe, 0),), strides=(1,), writeable=False
+        )
+        self.base = max(len(data) - 8, 0)
+        tail = np.zeros(16, np.uint8)
+        tail[: len(data) - self.base] = data[self.base :]
+        self.tail = np.lib.stride_tricks.as_strided(tail.view("<u8"), shape=(9,), strides=(1,), writeable=False)
+
+    def __call__(self, offsets: np.ndarray, last: int) -> np.ndarray:
+        """The words at ``offsets``, the largest of which is ``last``."""
+        if last < self.safe:
+            return self.view[offsets]
+        late = offsets >= self.safe
+        out = np.empty(len(offsets), _U64)
+        out[~late] = self.view[offsets[~late]]
+        out[late] = self.tail[offsets[late] - self.base]
+        return out
+
+
+def _word_sums(read: _WordReader, starts: np.ndarray, lengths: np.ndarray, offset: int) -> np.ndarray:
+    """For each string, the wrapping sum of its words' finalised values; its words are numbered
+    from ``offset`` (a slice of a longer string)."""
     words = (lengths + 7) >> 3
     first = np.cumsum(words) - words  # each string's first word
-    k = np.arange(int(words.sum()), dtype=np.int64)
-    j = k - np.repeat(first, words)  # each word's place in its string
-    # Each word's 8 bytes, read where it starts: an unaligned view of the data (padded with
-    # zeros to whole words), one uint64 per byte offset.
-    size = (len(data) + 15) // 8 * 8
-    padded = np.zeros(size, np.uint8)
-    padded[: len(data)] = data
-    unaligned = np.lib.stride_tricks.as_strided(padded.view("<u8"), shape=(size - 7,), strides=(1,), writeable=False)
-    w = unaligned[np.repeat(starts - 8 * first, words) + 8 * k]
+    k8 = np.arange(0, 8 * int(words.sum()), 8, dtype=np.int64)  # 8 times each word's number
+    w = read(np.repeat(starts - 8 * first, words) + k8, int((starts + 8 * words - 8)[words > 0].max(initial=-1)))
     # The last word of a string that does not fill it: only the string's own bytes.
     partial = np.flatnonzero(lengths & 7)
     w[first[partial] + words[partial] - 1] &= (_U64(1) << (8 * (lengths[partial] & 7)).astype(_U64)) - _U64(1)
-    w += (j.astype(_U64) + _U64(1)) * _POSITION
+    # Each word's place in its string (from ``offset``), plus one, times the constant.
+    place = (k8 >> 3).view(_U64) + _U64(offset + 1)
+    place -= np.repeat(first.view(_U64), words)
+    place *= _POSITION
+    w += place
     sums = np.concatenate([np.zeros(1, _U64), np.cumsum(_mix(w), dtype=_U64)])  # wraps mod 2**64
-    digest = sums[first + words] - sums[first]
-    digest += lengths.astype(_U64) * _LENGTH + _U64(seed)
-    return _mix(digest)
+    return sums[first + words] - sums[first]
 
 
 #: Batches up to this many values, of texts up to this many bytes, are hashed in plain Python:
@@ -177,6 +229,18 @@ def _hash_encoded(texts: Sequence[bytes], seed: int) -> np.ndarray:
     return hash_texts(np.frombuffer(b"".join(texts), np.uint8), np.cumsum(lengths) - lengths, lengths, seed)
 
 
+def _hash_strs(texts: Sequence[str]) -> np.ndarray:
+    """:func:`hash_texts` of the UTF-8 bytes of ``str`` values (lone surrogates as themselves)."""
+    if len(texts) > FEW_VALUES:
+        try:
+            column = pa.array(texts, pa.large_string())  # their bytes in one buffer, without a call per value
+        except UnicodeEncodeError:  # a lone surrogate (text from JSON, say): encoded below
+            pass
+        else:
+            return _hash_column(column)
+    return _hash_encoded([v.encode("utf-8", "surrogatepass") for v in texts], _SEED_TEXT)
+
+
 def fingerprints(values: Sequence[Any]) -> list[int]:
     """The fingerprint of each value (a signed 64-bit int, fits an SQL BIGINT), in one pass:
     :func:`hash_texts` of a ``str``'s UTF-8 bytes, and of the JSON text (sorted keys) of any
@@ -190,13 +254,12 @@ def fingerprints(values: Sequence[Any]) -> list[int]:
     >>> len(set(fingerprints(["1", 1, "", None, "hello", "hello!"])))
     6
     """
+    if set(map(type, values)) == {str}:
+        return _hash_strs(values).view(np.int64).tolist()
     texts = [k for k, v in enumerate(values) if type(v) is str]
-    if len(texts) == len(values):
-        digests = _hash_encoded([v.encode("utf-8", "surrogatepass") for v in values], _SEED_TEXT)
-        return digests.view(np.int64).tolist()
     out = np.empty(len(values), np.uint64)
     if texts:
-        out[texts] = _hash_encoded([values[k].encode("utf-8", "surrogatepass") for k in texts], _SEED_TEXT)
+        out[texts] = _hash_strs([values[k] for k in texts])
     others = sorted(set(range(len(values))).difference(texts))
     encoded = [json_text(values[k]).encode("utf-8", "surrogatepass") for k in others]
     out[others] = _hash_encoded(encoded, _SEED_JSON)
@@ -223,6 +286,11 @@ def column_fingerprints(column: pa.Array | pa.ChunkedArray) -> list[int] | None:
     """
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)) or column.null_count:
         return None
+    return _hash_column(column).view(np.int64).tolist()
+
+
+def _hash_column(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """:func:`hash_texts` of a text column without nulls, read from its buffers."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     parts = [np.empty(0, np.uint64)]
     for chunk in chunks:
@@ -233,7 +301,7 @@ def column_fingerprints(column: pa.Array | pa.ChunkedArray) -> list[int] | None:
         offsets = np.frombuffer(offsets_buffer, kind)[chunk.offset : chunk.offset + len(chunk) + 1].astype(np.int64)
         data = np.frombuffer(data_buffer, np.uint8) if data_buffer is not None else np.empty(0, np.uint8)
         parts.append(hash_texts(data, offsets[:-1], np.diff(offsets), _SEED_TEXT))
-    return np.concatenate(parts).view(np.int64).tolist()
+    return np.concatenate(parts)
 
 
 def versioned(digests: Sequence[int], version: str) -> list[int]:

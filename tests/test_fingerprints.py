@@ -5,6 +5,7 @@ outputs written before."""
 from __future__ import annotations
 
 import random
+import tracemalloc
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +13,7 @@ import pytest
 from conftest import Recorder, SQLClient, outputs_by_source
 
 import reactive
+from reactive import fingerprints as fingerprints_module
 from reactive.backends.base import outputs_table
 from reactive.components import Listener, Model
 from reactive.fingerprints import (
@@ -100,6 +102,8 @@ def test_a_one_word_change_always_changes_the_fingerprint() -> None:
 def test_lone_surrogates_are_fingerprinted_as_before() -> None:
     """Python text that is not valid UTF-8 (a lone surrogate from a JSON source) is hashed."""
     assert fingerprint("a\udc80") != fingerprint("a")
+    batch = ["a\udc80", *(f"text {i}" for i in range(20))]  # more than a few: one Arrow buffer, unless it cannot
+    assert fingerprints(batch) == [plain_hash(t.encode("utf-8", "surrogatepass"), _SEED_TEXT) for t in batch]
     assert legacy_fingerprint("a\udc80") != legacy_fingerprint("a")
 
 
@@ -146,3 +150,29 @@ def test_outputs_stored_before_0_2_are_current_until_their_input_changes(sql: SQ
     stored = dict((row[1], row[0]) for row in sql.execute(f'SELECT "_fingerprint", "_source" FROM "{table}"'))
     assert stored[2] == model.fingerprint("changed")
     assert stored[3] == model.legacy_fingerprint(texts[3])  # kept until its input changes
+
+
+@pytest.mark.parametrize("words_per_pass", [1, 2, 3, 64])
+def test_texts_are_hashed_the_same_in_passes_of_any_size(monkeypatch: pytest.MonkeyPatch, words_per_pass: int) -> None:
+    """Strings are hashed a pass of whole strings at a time, a long one in slices of words."""
+    rng = random.Random(words_per_pass)
+    texts = [*random_texts(rng, 200), "x" * 100, "y" * 17, ""]
+    expected = [plain_hash(t.encode(), _SEED_TEXT) for t in texts]
+    monkeypatch.setattr(fingerprints_module, "WORDS_PER_PASS", words_per_pass)
+    assert fingerprints(texts) == expected
+    assert column_fingerprints(pa.array(texts)) == expected
+
+
+def test_hashing_large_texts_takes_bounded_memory() -> None:
+    """No copy of the texts' bytes and passes of a bounded number of words: a 32 MB text (and
+    a window of 4,000 texts of 8 KB) is hashed with a few MB of temporary arrays."""
+    big = pa.array(["a" * (32 << 20)])
+    many = pa.array(["b" * 8192] * 4000)
+    for column in (big, many):
+        tracemalloc.start()
+        try:
+            column_fingerprints(column)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 16 << 20, peak
