@@ -247,8 +247,10 @@ class Listener(Component):
             return [self.is_current(row, s) for row, s in zip(rows, stored, strict=True)]
         current = [s == d for s, d in zip(stored, digests, strict=True)]
         # Outputs stored before 0.2 (another fingerprint) whose input has not changed are current.
-        for k in [k for k, ok in enumerate(current) if not ok and stored[k] is not None]:
-            current[k] = not self._stale(column[k].as_py(), digests[k], stored[k])
+        differ = [k for k, ok in enumerate(current) if not ok and stored[k] is not None]
+        values = column.take(differ).to_pylist() if differ else []
+        for k, value in zip(differ, values, strict=True):
+            current[k] = not self._stale(value, digests[k], stored[k])
         return current
 
     def _stale(self, value: Any, digest: int, stored: int | None) -> bool:
