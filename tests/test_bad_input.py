@@ -63,6 +63,18 @@ def test_an_id_column_that_is_not_unique_is_refused_at_add_and_leaves_no_snapsho
         assert outputs_by_source(db, "m__body") == {1: "<a>", 2: "<b>"}
 
 
+def test_an_id_column_beside_another_primary_key_is_still_checked_for_repeats(
+    sql: SQLClient, recorder: Recorder
+) -> None:
+    """Only a table whose primary key is the id column itself skips the check for repeated ids."""
+    sql.execute("CREATE TABLE notes (k INTEGER PRIMARY KEY, note_id INTEGER, body VARCHAR(100))")
+    sql.executemany("INSERT INTO notes VALUES (?, ?, ?)", [(1, 1, "a"), (2, 2, "b"), (3, 2, "c")])
+    with reactive.connect(sql.uri) as db:
+        listener = Listener(Model("m", predict=recorder), "body", "notes", id_column="note_id")
+        with pytest.raises(reactive.ConfigurationError, match=r"'note_id' of table 'notes' is not unique \(id 2 "):
+            db.add(listener)
+
+
 def test_row_without_the_key_is_recorded_and_the_rest_proceed(sql: SQLClient, recorder: Recorder) -> None:
     sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(100))")
     sql.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, None), (3, "c")])

@@ -246,13 +246,16 @@ class IbisConnection:
         key: str,
         keyed: bool = True,
         fill: str | None = None,
+        unique: bool = False,
     ) -> None:
         """CREATE TABLE IF NOT EXISTS whose rows ``key`` identifies: its primary key (ibis
         cannot declare one), unless ``keyed=False`` (see ``Dialect.keyed_by``).
 
         With ``fill`` (a statement that inserts the first rows), the table must not exist yet;
         it is created and filled in one transaction, so a table half made is never left (a
-        duplicate ``key`` fails both; without a primary key, checked after the fill).
+        duplicate ``key`` fails both; without a primary key, checked after the fill, unless
+        ``unique`` says the fill's keys cannot repeat: a grouping of every key, twice the fill's
+        own time on DuckDB).
         """
         mapper = self.con.compiler.type_mapper
         defs = [
@@ -283,7 +286,7 @@ class IbisConnection:
         with self.transaction():
             self.execute(self.dialect.render(create))
             self.execute(fill)
-            if not keyed:
+            if not keyed and not unique:
                 repeated = (
                     sg.select(sg.column(key, quoted=True))
                     .from_(sg.table(name, quoted=True))

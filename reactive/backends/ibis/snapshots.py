@@ -524,8 +524,11 @@ class SnapshotStore:
             started = time.time()
             id_type = conn.table(table.name).schema()[table.id_column]
             columns = {ROW_ID: id_type, ROW_FINGERPRINT: conn.dialect.fingerprint_type}
+            keyed = conn.dialect.keyed_by(id_type)
+            # A table whose primary key is its id column has no id twice: nothing to check.
+            unique = not keyed and conn.dialect.primary_key(conn.con, table.name) == [table.id_column]
             try:
-                conn.create_table(name, columns, key=ROW_ID, keyed=conn.dialect.keyed_by(id_type), fill=statements.fill)
+                conn.create_table(name, columns, key=ROW_ID, keyed=keyed, fill=statements.fill, unique=unique)
             except Exception:
                 repeated = self._repeated_id(table)
                 if repeated is None:
