@@ -176,3 +176,18 @@ def test_hashing_large_texts_takes_bounded_memory() -> None:
         finally:
             tracemalloc.stop()
         assert peak < 16 << 20, peak
+
+
+def test_a_row_whose_input_cannot_be_fingerprinted_fails_alone() -> None:
+    """A window's inputs are fingerprinted in one call; where one value cannot be (a document
+    key JSON has no text for), that row alone is recorded as failed and the others go on."""
+    from reactive.components.base import Refresh
+    from reactive.events import Batch, DBEvent
+
+    listener = Listener(Model("m", predict=list), "text", "docs")
+    rows = [{"id": 1, "text": "a"}, {"id": 2, "text": {1j: "x"}}, {"id": 3, "text": {"b": [1, None]}}]
+    refresh, remove = Refresh(), []
+    inputs = listener._candidates(Batch("docs", DBEvent.insert, (1, 2, 3), rows), refresh, remove)
+    assert inputs.ids == [1, 3] and inputs.fingerprints == fingerprints(["a", {"b": [1, None]}])
+    assert remove == [2]
+    assert [(e.source, e.error.split(":")[0]) for e in refresh.errors] == [(2, "cannot fingerprint key 'text'")]
