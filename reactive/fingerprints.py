@@ -57,8 +57,6 @@ def fingerprint_text(text: str) -> int:
 
 #: The hash state of a text before its first byte (see :func:`fingerprint_text`).
 _EMPTY = hashlib.blake2b(digest_size=8)
-#: The hash state of a text's fingerprint after its NUL prefix (see :func:`fingerprint`).
-_AFTER_NUL = hashlib.blake2b(b"\x00", digest_size=8)
 
 
 def legacy_fingerprint(value: Any) -> int:
@@ -92,9 +90,10 @@ def json_text(value: Any) -> str:
 #: The seeds of a ``str`` input and of a JSON text (an input that is not a ``str``): ``"1"`` and
 #: ``1`` differ; and of a model version (see :func:`versioned`).
 _SEED_TEXT, _SEED_JSON, _SEED_VERSION = 0x243F6A8885A308D3, 0x13198A2E03707344, 0xA4093822299F31D0
+#: A word's place and a text's length are multiplied by these; SplitMix64's finaliser by those.
+POSITION, LENGTH, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 _U64 = np.uint64
-_POSITION, _LENGTH = _U64(0x9E3779B97F4A7C15), _U64(0xC2B2AE3D27D4EB4F)
-_MIX1, _MIX2 = _U64(0xBF58476D1CE4E5B9), _U64(0x94D049BB133111EB)
+_POSITION, _LENGTH, _MIX1, _MIX2 = (_U64(c) for c in (POSITION, LENGTH, MIX1, MIX2))
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -210,15 +209,16 @@ def _hash_short(data: bytes, seed: int) -> int:
     total = 0
     for place in range(0, len(data), 8):
         word = int.from_bytes(data[place : place + 8], "little")
-        total += _mix_int((word + (place // 8 + 1) * 0x9E3779B97F4A7C15) & _MASK)
-    return _mix_int((total + len(data) * 0xC2B2AE3D27D4EB4F + seed) & _MASK)
+        total += _mix_int((word + (place // 8 + 1) * POSITION) & _MASK)
+    return _mix_int((total + len(data) * LENGTH + seed) & _MASK)
 
 
 def _mix_int(x: int) -> int:
+    """:func:`_mix` of one value, in plain Python."""
     x ^= x >> 30
-    x = (x * 0xBF58476D1CE4E5B9) & _MASK
+    x = (x * MIX1) & _MASK
     x ^= x >> 27
-    x = (x * 0x94D049BB133111EB) & _MASK
+    x = (x * MIX2) & _MASK
     return x ^ (x >> 31)
 
 
@@ -257,10 +257,10 @@ def fingerprints(values: Sequence[Any]) -> list[int]:
     if set(map(type, values)) == {str}:
         return _hash_strs(values).view(np.int64).tolist()
     texts = [k for k, v in enumerate(values) if type(v) is str]
+    others = [k for k, v in enumerate(values) if type(v) is not str]
     out = np.empty(len(values), np.uint64)
     if texts:
         out[texts] = _hash_strs([values[k] for k in texts])
-    others = sorted(set(range(len(values))).difference(texts))
     encoded = [json_text(values[k]).encode("utf-8", "surrogatepass") for k in others]
     out[others] = _hash_encoded(encoded, _SEED_JSON)
     return out.view(np.int64).tolist()
@@ -310,6 +310,5 @@ def versioned(digests: Sequence[int], version: str) -> list[int]:
     >>> versioned([fingerprint("x")], "2") == versioned([fingerprint("x")], "3")
     False
     """
-    text = np.frombuffer(version.encode("utf-8", "surrogatepass"), np.uint8)
-    seed = hash_texts(text, [0], [len(text)], _SEED_VERSION)[0]
+    seed = _hash_encoded([version.encode("utf-8", "surrogatepass")], _SEED_VERSION)[0]
     return _mix(np.asarray(digests, np.int64).view(np.uint64) ^ seed).view(np.int64).tolist()

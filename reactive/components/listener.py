@@ -265,10 +265,13 @@ class Listener(Component):
         except (TypeError, ValueError):
             return True
 
-    def _column_fingerprints(self, column: pa.ChunkedArray) -> list[int] | None:
-        """The model's fingerprints of a column's values: from its buffers for text, else in one call."""
+    def _column_fingerprints(self, column: pa.ChunkedArray, values: list[Any] | None = None) -> list[int] | None:
+        """The model's fingerprints of a column's values (``values``, when already taken): from its
+        buffers for text, else in one call; None if one cannot be taken."""
         digests = self.model.column_fingerprints(column)
-        return self._fingerprinted(column.to_pylist()) if digests is None else digests
+        if digests is None:
+            digests = self._fingerprinted(column.to_pylist() if values is None else values)
+        return digests
 
     def _key_column(self, rows: TableRows) -> pa.ChunkedArray | None:
         """The key's column, where every row of ``rows`` has a value and no filter applies."""
@@ -475,9 +478,7 @@ class Listener(Component):
             if not sized or (len(column) and pc.max(pc.binary_length(column)).as_py() > limit):
                 return None
         values = column.to_pylist()
-        digests = self.model.column_fingerprints(column)
-        if digests is None:
-            digests = self._fingerprinted(values)
+        digests = self._column_fingerprints(column, values)
         return None if digests is None else _Inputs(list(ids), values, digests)
 
     def _settle_errors(self, batch: Batch, db: Datalayer, refresh: Refresh) -> None:
