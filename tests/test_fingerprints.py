@@ -61,6 +61,9 @@ def test_the_vectorised_hash_is_its_definition() -> None:
     expected = [plain_hash(t.encode(), _SEED_TEXT) for t in texts]
     assert fingerprints(texts) == expected
     assert [fingerprint(t) for t in texts[:50]] == expected[:50]
+    # Batches whose bytes end inside their last word, or hold under 8 bytes in all.
+    for batch in (["", "a"] * 5, [""] * 9, ["ab"] * 4 + [""] * 5, ["abcdefgh", "i"] * 5, ["é"] * 9):
+        assert fingerprints(batch) == [plain_hash(t.encode(), _SEED_TEXT) for t in batch]
     values = [{"b": [1.5, None], "a": 1}, 7, None, True, [1, "x"]]
     assert fingerprints(values) == [plain_hash(json_text(v).encode(), _SEED_JSON) for v in values]
 
