@@ -674,3 +674,6 @@ def test_text_inputs_are_batched_longest_first_and_outputs_keep_their_rows() -> 
         inputs, wait=lambda s: True
     )
     assert unsorted[0] == ["a", "dddd", "bb"]
+    one: list[list[str]] = []  # inputs that fit in one batch are not sorted: nothing to gain
+    Model("o", predict=lambda t: one.append(t) or t, batch_size=7).compute(inputs, wait=lambda s: True)
+    assert one == [inputs]

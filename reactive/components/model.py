@@ -270,7 +270,8 @@ class Model:
         self.timeout = timeout
         self.version = None if version is None else str(version)
         #: Cut text inputs into batches longest first, as ``SentenceTransformer.encode`` does
-        #: over its whole list: a batch of similar lengths pads less.
+        #: over its whole list: a batch of similar lengths pads less (inputs that fit in one
+        #: batch keep their order).
         self.sort_by_length = sort_by_length
         #: Where this model's work runs, when not on the datalayer's ``compute`` (e.g. a
         #: :class:`~reactive.compute.RayCompute` for the one model that needs GPUs).
@@ -406,7 +407,8 @@ class Model:
         ``predict`` ran on for the next ``compute`` from this thread (starting and joining one
         costs about 0.1 ms, a third of a one-row window's path); :meth:`end_thread` ends it.
         """
-        order = _length_order(inputs) if self.sort_by_length else None
+        # Inputs that fit in one batch are called together whatever their order: not sorted.
+        order = _length_order(inputs) if self.sort_by_length and len(inputs) > self.batch_size else None
         # Batches are ranges of ``values`` (the inputs longest first, or as they came), and each
         # batch's outputs land in the same range of ``found``: slices, not a tuple per input.
         values = list(inputs) if order is None else [inputs[i] for i in order.tolist()]
