@@ -8,7 +8,9 @@ current (a restart's reconciliation: nothing to compute). *poll*: one poll of a 
 table with 1% of its rows updated, five times. The stage table is the wall time inside each
 backend method, per thread: it includes waiting for the backend's lock (one connection, one
 lock), so the threads' columns can add up to more than the run. ``ibis compile`` is the part of
-those calls spent turning ibis expressions into SQL. With ``--cprofile`` the handler's and the
+those calls spent turning ibis expressions into SQL. ``garbage collection`` rows are Python's
+collections during the run (bulk, backfill, restart), under the thread whose allocation
+started each; every thread waits for one. With ``--cprofile`` the handler's and the
 listener's (or, for *poll*, the main thread's) functions are printed by cumulative time;
 cProfile slows Python-heavy code, so use it for shares, not for speeds.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
+import gc
 import inspect
 import io
 import pstats
@@ -70,6 +73,28 @@ class StageClock:
     def __init__(self) -> None:
         self.totals: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])
         self._lock = threading.Lock()
+        #: Python's garbage collections while :meth:`collections` was on: (thread, generation, seconds).
+        self.gc_pauses: list[tuple[str, int, float]] = []
+
+    @contextmanager
+    def collections(self) -> Iterator[None]:
+        """Time Python's garbage collections meanwhile (every thread waits for one): a stage of
+        the thread whose allocation triggered it. Kept apart from ``totals`` until the end: a
+        collection may start inside :meth:`add`, under its lock."""
+        started: list[float] = []
+
+        def callback(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                started.append(time.perf_counter())
+            elif started:
+                seconds = time.perf_counter() - started.pop()
+                self.gc_pauses.append((threading.current_thread().name, info["generation"], seconds))
+
+        gc.callbacks.append(callback)
+        try:
+            yield
+        finally:
+            gc.callbacks.remove(callback)
 
     def wrap(self, owner: Any, name: str, label: str | None = None) -> None:
         """Time ``owner.name`` on this instance only; a generator's time is its pages' (each
@@ -109,6 +134,11 @@ class StageClock:
         wrap_stages(self, db.backend, db.writer)
 
     def markdown(self, wall: float) -> str:
+        for thread, generation, seconds in self.gc_pauses:
+            total = self.totals[(thread, f"(garbage collection, generation {generation})")]
+            total[0] += 1
+            total[1] += seconds
+        self.gc_pauses.clear()
         rows = [
             [thread, stage, int(calls), f"{seconds * 1000:,.0f} ms", f"{seconds / wall:.0%}"]
             for (thread, stage), (calls, seconds) in sorted(self.totals.items(), key=lambda kv: -kv[1][1])
@@ -173,10 +203,11 @@ def run_bulk(rows: int, clock: StageClock) -> float:
             clock.instrument(db)
             db.cdc.start()
             db.cdc.wait_idle(timeout=bench.CATCH_UP_TIMEOUT)
-            started = time.perf_counter()
-            bench.insert_docs(client, 0, rows)
-            db.cdc.wait_idle(timeout=bench.CATCH_UP_TIMEOUT)
-            wall = time.perf_counter() - started
+            with clock.collections():
+                started = time.perf_counter()
+                bench.insert_docs(client, 0, rows)
+                db.cdc.wait_idle(timeout=bench.CATCH_UP_TIMEOUT)
+                wall = time.perf_counter() - started
             db.cdc.stop()
         client.close()
     return wall
@@ -194,9 +225,10 @@ def timed_add(path: Any, clock: StageClock) -> tuple[float, dict[str, Any]]:
     listener's counters."""
     with bench.connect(path) as db:
         clock.instrument(db)
-        started = time.perf_counter()
-        db.add(Listener(timed_model(clock), "text", "docs"), progress=False)
-        wall = time.perf_counter() - started
+        with clock.collections():
+            started = time.perf_counter()
+            db.add(Listener(timed_model(clock), "text", "docs"), progress=False)
+            wall = time.perf_counter() - started
         counters = db.cdc.info()["listeners"]["len__text"]
         db.cdc.stop()
     return wall, counters
