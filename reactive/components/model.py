@@ -47,6 +47,11 @@ STOP_GRACE = 10.0
 STOP_CHECK = 0.1
 #: A call running this long is logged (once), so a hang without a timeout is visible.
 LONG_CALL = 60.0
+#: A model whose last call took less than this per input is not sorted by length: sorting and
+#: putting outputs back in order costs about 0.15 us an input, which only a model this cheap
+#: notices (a trivial one: 40 ns an input; MiniLM on a CPU: about 3 ms), and whatever padding
+#: it saves cannot cost such a model more.
+SORT_WORTH_SECONDS = 5e-6
 
 Transient = type[BaseException] | tuple[type[BaseException], ...] | Callable[[BaseException], bool]
 
@@ -117,6 +122,7 @@ class _Call:
 
     def run(self) -> None:
         model = self.model
+        spent, count = 0.0, 0  # seconds inside predict, and the inputs it got
         try:
             for index, (lo, hi) in enumerate(self.bounds):
                 with model._lock:
@@ -126,17 +132,21 @@ class _Call:
                         self.batch, self.started = index, time.monotonic()
                         self.info = CallInfo(self.thread, _dt.datetime.now(_dt.UTC), hi - lo)
                         model.calls.running = self.info
+                began = time.monotonic()
                 try:
                     outputs = model.predict(self.values[lo:hi])
                 except BaseException as exc:  # handed to the waiting handler, which decides
                     self.error = exc
                     return
+                spent, count = spent + time.monotonic() - began, count + hi - lo
                 with model._lock:
                     if self.cancelled:
                         return  # given up: discarded
                     self.outputs.append(outputs)
                     self.started = time.monotonic()  # progress: no deadline passes between two ranges
         finally:
+            if count:
+                model._seconds_per_input = spent / count
             model._returned(self)
             self.done.set()
 
@@ -270,8 +280,9 @@ class Model:
         self.timeout = timeout
         self.version = None if version is None else str(version)
         #: Cut text inputs into batches longest first, as ``SentenceTransformer.encode`` does
-        #: over its whole list: a batch of similar lengths pads less (inputs that fit in one
-        #: batch keep their order).
+        #: over its whole list: a batch of similar lengths pads less. Inputs that fit in one
+        #: batch keep their order, and so do those of a model too cheap to gain from it
+        #: (:data:`SORT_WORTH_SECONDS`).
         self.sort_by_length = sort_by_length
         #: Where this model's work runs, when not on the datalayer's ``compute`` (e.g. a
         #: :class:`~reactive.compute.RayCompute` for the one model that needs GPUs).
@@ -285,6 +296,8 @@ class Model:
         self._lock = threading.Lock()
         self._returned_calls = threading.Condition(self._lock)
         self._in_flight: _Call | None = None
+        #: Seconds per input of the last call that returned outputs (None before one).
+        self._seconds_per_input: float | None = None
         self._loading = threading.Lock()
         #: The caller thread of the compute() running on this thread, or kept by the last one
         #: (``keep_thread``; see _Caller).
@@ -293,7 +306,16 @@ class Model:
     def __getstate__(self) -> dict[str, Any]:
         """The declaration only: a model sent to another process (a Ray actor) builds its own
         calls, locks and, with ``load``, its own ``predict`` there."""
-        runtime = ("calls", "_lock", "_returned_calls", "_in_flight", "_loading", "executor", "_local")
+        runtime = (
+            "calls",
+            "_lock",
+            "_returned_calls",
+            "_in_flight",
+            "_seconds_per_input",
+            "_loading",
+            "executor",
+            "_local",
+        )
         state = {k: v for k, v in self.__dict__.items() if k not in runtime}
         if self.load is not None:
             state["_predict"] = None
@@ -407,8 +429,7 @@ class Model:
         ``predict`` ran on for the next ``compute`` from this thread (starting and joining one
         costs about 0.1 ms, a third of a one-row window's path); :meth:`end_thread` ends it.
         """
-        # Inputs that fit in one batch are called together whatever their order: not sorted.
-        order = _length_order(inputs) if self.sort_by_length and len(inputs) > self.batch_size else None
+        order = _length_order(inputs) if self._sorts(len(inputs)) else None
         # Batches are ranges of ``values`` (the inputs longest first, or as they came), and each
         # batch's outputs land in the same range of ``found``: slices, not a tuple per input.
         values = list(inputs) if order is None else [inputs[i] for i in order.tolist()]
@@ -443,6 +464,14 @@ class Model:
         position = np.empty(len(order), dtype=np.intp)
         position[order] = np.arange(len(order))  # where each input's output is in ``found``
         return [found[i] for i in position.tolist()]
+
+    def _sorts(self, count: int) -> bool:
+        """Whether :meth:`compute` sorts ``count`` inputs by length: ``sort_by_length``, more
+        than one batch (inputs of one batch are called together whatever their order), and a
+        model not so cheap that less padding cannot pay for sorting (:data:`SORT_WORTH_SECONDS`;
+        until a call was timed, it is sorted)."""
+        cost = self._seconds_per_input
+        return self.sort_by_length and count > self.batch_size and (cost is None or cost >= SORT_WORTH_SECONDS)
 
     def end_thread(self) -> None:
         """End the thread ``predict`` runs on for this thread's compute(): at once when it is
