@@ -682,14 +682,16 @@ def test_text_inputs_are_batched_longest_first_and_outputs_keep_their_rows() -> 
 def test_a_model_too_cheap_to_gain_from_sorting_keeps_the_order_of_its_inputs() -> None:
     """Sorting costs about 0.15 us an input: a model whose calls take less than
     SORT_WORTH_SECONDS an input is sorted only until its first call is timed."""
-    inputs = ["x" * n for n in (1, 3, 2, 4) * 50]  # 200 texts of 1-4 characters
+    # 20,000 texts of 1-4 characters: a pause of the process inside the call (a garbage
+    # collection, another process) is spread over enough inputs to stay under the bar.
+    inputs = ["x" * n for n in (1, 3, 2, 4) * 5_000]
     cheap_batches: list[list[str]] = []
-    cheap = Model("cheap", predict=lambda t: cheap_batches.append(t) or t, batch_size=50)
+    cheap = Model("cheap", predict=lambda t: cheap_batches.append(t) or t, batch_size=500)
     assert cheap.compute(inputs, wait=lambda s: True) == inputs
-    assert cheap_batches[0] == ["xxxx"] * 50  # not timed yet: sorted
+    assert cheap_batches[0] == ["xxxx"] * 500  # not timed yet: sorted
     cheap_batches.clear()
     assert cheap.compute(inputs, wait=lambda s: True) == inputs  # about 20 ns an input
-    assert cheap_batches == [inputs[k : k + 50] for k in range(0, 200, 50)]
+    assert cheap_batches == [inputs[k : k + 500] for k in range(0, 20_000, 500)]
 
     slow_batches: list[list[str]] = []
 
