@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses as dc
 import functools
 import logging
+import queue as queues
 import time
 import traceback
 from collections import deque
-from collections.abc import Collection, Hashable, Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_for_any
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -258,6 +260,11 @@ class HandlerTotals:
     internal_errors: int = 0
 
 
+def _unread(batch: Batch) -> bool:
+    """Whether the handler reads rows of ``batch`` (a packet carried none for some of them)."""
+    return batch.event is not DBEvent.delete and not isinstance(batch.rows, TableRows) and None in batch.rows
+
+
 def _deleted(batch: Batch, ids: Sequence[Any]) -> Batch:
     """A delete of ``ids`` (rows of ``batch`` found gone when it was read)."""
     return dc.replace(batch, event=DBEvent.delete, ids=tuple(ids), rows=(None,) * len(ids))
@@ -286,6 +293,9 @@ class _Window:
     bound: int
     #: None until planned, and when planning failed (it is planned again at its turn).
     steps: list[_Step] | None = None
+    #: Its batches, each with the read of its rows started ahead on the reader thread (None
+    #: where it needs no read), until it is planned: see :meth:`CDCHandler._read_ahead`.
+    reads: list[tuple[Batch, Future[list[Batch]] | None]] | None = None
     #: Seconds this thread spent on it so far (planning, waiting for its model work, writing).
     seconds: float = 0.0
 
@@ -308,6 +318,32 @@ class _Window:
         return all(future.done() for future in self.work)
 
 
+class _Reader(ReactiveThread):
+    """Reads the rows of the handler's next window while the handler writes the one before
+    (``reactive-cdc-reader``): one job after the other, until stopped."""
+
+    def __init__(self) -> None:
+        super().__init__("cdc-reader")
+        self._jobs: queues.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queues.SimpleQueue()
+
+    def submit(self, job: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._jobs.put((future, job))
+        return future
+
+    def on_stop(self) -> None:
+        self._jobs.put(None)
+
+    def run(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            future, job = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(job())
+                except BaseException as exc:  # handed to the handler, which waits on the future
+                    future.set_exception(exc)
+
+
 class CDCHandler(ReactiveThread):
     """Turns every waiting packet into collated batches and routes them to components.
 
@@ -319,6 +355,16 @@ class CDCHandler(ReactiveThread):
     an earlier one is in flight does not trust the stored outputs of the rows that window
     changes (they are computed again), so an output from an older version of a row never
     lands over a newer one. ``pipeline=1`` finishes each window before taking the next.
+
+    **Reading ahead.** Where the rows of a window taken while another is in flight must be
+    read (a backfill's packets carry ids only), they are read on a thread of their own
+    (``reactive-cdc-reader``). If the earlier window's model work ends before that read, the
+    handler writes that window meanwhile and plans the new one after it is committed: with a
+    model quicker than the database the handler is the bottleneck, and the database's read
+    and write then overlap (DuckDB runs most of both without the GIL). Otherwise the new window
+    is planned as soon as its rows are read, while the model still computes the earlier one,
+    as without reading ahead. Its rows may be read before the earlier window commits, as when
+    it is planned first; planned after that commit, it finds the outputs that window stored.
 
     The handler never dies: a component that raises has its batch recorded in the errors
     table, and processing goes on; a failure of the handler's own releases the windows in
@@ -360,6 +406,8 @@ class CDCHandler(ReactiveThread):
         self._committed: Committed | None = None
         #: Failures of the handler's own in a row (see :meth:`_recover`).
         self._failures = 0
+        #: The thread that reads ahead (:meth:`_read_ahead`), started when first needed.
+        self._reader: _Reader | None = None
 
     def stop(self) -> None:
         # Not the stop event: retry backoffs keep their length while the queue drains.
@@ -367,12 +415,17 @@ class CDCHandler(ReactiveThread):
 
     def run(self) -> None:
         ahead: deque[_Window] = deque()  # taken, not finished yet: oldest first
-        while True:
-            try:
-                if self._turn(ahead):
-                    return
-            except Exception as exc:
-                self._recover(ahead, exc)
+        try:
+            while True:
+                try:
+                    if self._turn(ahead):
+                        return
+                except Exception as exc:
+                    self._recover(ahead, exc)
+        finally:
+            if self._reader is not None:
+                self._reader.stop()
+                self._reader.join()
 
     def _turn(self, ahead: deque[_Window]) -> bool:
         """Take a window or finish the oldest one; True once the queue is closed and drained."""
@@ -387,9 +440,35 @@ class CDCHandler(ReactiveThread):
         if packets:
             window = _Window(packets, self.bound)
             ahead.append(window)  # first: whatever happens next, run() knows these packets are taken
+            if len(ahead) > 1 and self._read_ahead(window, ahead[0]):
+                self._complete(ahead)  # the oldest, while the new window's rows are read
             self._open(window, list(ahead)[:-1])
             return False
         return queue.closed and not ahead and not queue.packets
+
+    def _read_ahead(self, window: _Window, oldest: _Window) -> bool:
+        """Start reading the rows of ``window``'s batches on the reader thread; True if the
+        model work of ``oldest`` (the window finished next) ended first, so that it is
+        written while they are read. False (at once where nothing is to be read): ``window``
+        is planned first, as the model may still be computing."""
+        reads: list[tuple[Batch, Future[list[Batch]] | None]] = []
+        for batch in window_batches(window.packets, window.bound):
+            needed = _unread(batch) and self.db.components_for(batch.table, batch.targets)
+            reads.append((batch, self._read(batch) if needed else None))
+        window.reads = reads
+        pending_reads = {future for _, future in reads if future is not None}
+        pending_work = {future for future in oldest.work if not future.done()}
+        while pending_reads and pending_work:
+            done, _ = wait_for_any(pending_reads | pending_work, return_when=FIRST_COMPLETED)
+            pending_reads -= done
+            pending_work -= done
+        return bool(reads) and any(future is not None for _, future in reads) and not pending_work
+
+    def _read(self, batch: Batch) -> Future[list[Batch]]:
+        if self._reader is None:
+            self._reader = _Reader()
+            self._reader.start()
+        return self._reader.submit(functools.partial(self._resolve_rows, batch))
 
     def _recover(self, ahead: deque[_Window], error: Exception) -> None:
         """After a failure of the handler's own (none of a component's, a database's or a
@@ -421,8 +500,9 @@ class CDCHandler(ReactiveThread):
         for earlier in ahead:
             for table, keys in earlier.keys.items():
                 in_flight.setdefault(table, set()).update(keys)
+        reads, window.reads = window.reads, None
         try:
-            window.steps = self._plan(packets, in_flight)
+            window.steps = self._plan(packets, in_flight, window.bound, reads)
         except Exception as exc:
             log.debug("planning a window of %d packets failed (%s); it is planned again at its turn", len(packets), exc)
             return
@@ -458,7 +538,7 @@ class CDCHandler(ReactiveThread):
         attempt = 0
         while True:
             try:
-                self._finish(packets, self._plan(packets, {}) if steps is None else steps)
+                self._finish(packets, self._plan(packets, {}, window.bound) if steps is None else steps)
                 return
             except (BackendUnavailableError, LeaseLostError) as exc:
                 # Unreachable, or this process may not write right now (its lease is not renewed:
@@ -495,16 +575,24 @@ class CDCHandler(ReactiveThread):
             log.warning("could not take the lease of %s back: %s", self.db.backend.uri, exc)
 
     # -- one window of packets ------------------------------------------------------------
-    def _plan(self, packets: Sequence[ChangePacket], in_flight: Mapping[str, set[Hashable]]) -> list[_Step]:
-        """Coalesce, collate, read the rows packets do not carry, and plan every component's
-        refresh (its model work starts); nothing is written."""
+    def _plan(
+        self,
+        packets: Sequence[ChangePacket],
+        in_flight: Mapping[str, set[Hashable]],
+        bound: int,
+        reads: Sequence[tuple[Batch, Future[list[Batch]] | None]] | None = None,
+    ) -> list[_Step]:
+        """Coalesce, collate (in batches of at most ``bound`` rows), read the rows packets do
+        not carry (or take ``reads``: the batches with their reads started ahead), and plan
+        every component's refresh (its model work starts); nothing is written."""
         steps = []
-        for batch in window_batches(packets, self.bound):
+        batches = ((batch, None) for batch in window_batches(packets, bound)) if reads is None else reads
+        for batch, read in batches:
             components = self.db.components_for(batch.table, batch.targets)
             if not components:
                 continue
             try:
-                resolved = self._resolve_rows(batch)
+                resolved = self._resolve_rows(batch) if read is None else read.result()
             except Exception as exc:
                 if self.db.backend.is_transient(exc):
                     raise BackendUnavailableError(f"database unreachable ({exc})") from exc
@@ -607,7 +695,7 @@ class CDCHandler(ReactiveThread):
         reconciliation that found an orphaned output, or a change whose row vanished before
         it was processed, removes the output and is counted as a delete.
         """
-        if batch.event is DBEvent.delete or isinstance(batch.rows, TableRows) or None not in batch.rows:
+        if not _unread(batch):
             return [batch]
         source, table = self.db.source_for(batch.table), self.db.table_info(batch.table)
         if isinstance(source, TableReader) and batch.rows.count(None) == len(batch.rows):  # a backfill's: one table

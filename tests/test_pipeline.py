@@ -225,6 +225,129 @@ def test_a_window_that_fails_in_the_middle_of_a_pipeline_is_retried_before_the_n
         assert source.committed == [0, 1] and not source.released
 
 
+def unread(source: RecordingSource, position: int, *ids: int) -> ChangePacket:
+    """An update of ``ids`` that carries no rows (as a poll's or a backfill's): the handler reads them."""
+    return ChangePacket("docs", DBEvent.update, ids, source=source, position=position)
+
+
+class ReadsBy:
+    """Records which thread reads rows of ``docs`` (the reads themselves are the database's);
+    a read on the reader thread first waits for ``hold`` where one is given."""
+
+    def __init__(self, db: reactive.Datalayer, hold: threading.Event | None = None) -> None:
+        self.threads: list[str] = []
+        self.hold = hold
+        self.reader = reader = db.source_for("docs")
+        self.original = reader.read_table
+
+        def read_table(table: Any, ids: Any) -> Any:
+            name = threading.current_thread().name
+            self.threads.append(name)
+            if self.hold is not None and name == "reactive-cdc-reader":
+                assert self.hold.wait(30)
+            return self.original(table, ids)
+
+        reader.read_table = read_table  # type: ignore[method-assign]
+
+    def undo(self) -> None:
+        del self.reader.read_table
+
+
+def test_rows_a_window_must_read_are_read_ahead_on_a_thread_that_stops_with_the_handler(duck: SQLClient) -> None:
+    # Six windows of ten ids each, no rows carried, all queued before the handler starts: from
+    # the second on, each window is taken while another is in flight, and its rows are read
+    # on the reader thread. Outputs and positions are what they are without reading ahead.
+    docs(duck, 60)
+    duck.execute("UPDATE docs SET text = 'w' || id")
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(Model("tag", predict=lambda xs: [f"<{x}>" for x in xs]), "text", "docs"))
+        duck.execute("UPDATE docs SET text = 'n' || id WHERE id % 7 = 0")
+        duck.execute("DELETE FROM docs WHERE id = 33")
+        reads = ReadsBy(db)
+        queue, source = CDCQueue(), RecordingSource()
+        for position in range(6):
+            queue.put(unread(source, position, *range(position * 10, position * 10 + 10)))
+        handler = CDCHandler(db, queue, compute=db.compute, window_rows=WindowRows(10, 10), pipeline=2)
+        handler.start()
+        handler.stop()  # closes the queue: what waits is processed first
+        handler.join(timeout=60)
+        reads.undo()
+        assert not handler.is_alive()
+        assert reads.threads[0] == handler.name and reads.threads[1:] == ["reactive-cdc-reader"] * 5
+        assert "reactive-cdc-reader" not in [t.name for t in reactive_threads()]
+        expected = {i: f"<{'n' if i % 7 == 0 else 'w'}{i}>" for i in range(60) if i != 33}
+        assert outputs_by_source(db, "tag__text") == expected
+    assert source.committed == list(range(6)) and not source.released
+
+
+def test_a_window_read_ahead_is_planned_while_the_one_before_computes(duck: SQLClient) -> None:
+    # As test_a_row_changed_back_while_its_older_version_computes_gets_the_newest_output, with
+    # packets that carry no rows: the second window's rows are read ahead while the model is
+    # held on the first, and it is planned as soon as they are read, not after the first is written.
+    docs(duck, 0)
+    duck.execute("INSERT INTO docs VALUES (1, 'a')")
+    predict = HeldTags("b")
+    source = RecordingSource()
+    with reactive.connect(duck.uri, batch_rows=1) as db:
+        listener = db.add(Planning(Model("tag", predict=predict), "text", "docs"))
+        reads = ReadsBy(db)
+        db.cdc.ensure_handler()
+        duck.execute("UPDATE docs SET text = 'b' WHERE id = 1")
+        db.cdc.queue.put(unread(source, 0, 1))
+        assert predict.computing.wait(30)
+        duck.execute("UPDATE docs SET text = 'a' WHERE id = 1")
+        db.cdc.queue.put(unread(source, 1, 1))
+        planned = listener.wait_planned(DBEvent.update, ("a",), timeout=30)
+        predict.go.set()
+        assert planned, "the window read ahead was not planned while the one before computed"
+        assert db.cdc.wait_idle(timeout=30)
+        reads.undo()
+        assert outputs_by_source(db, "tag__text") == {1: "<a>"}
+        assert "reactive-cdc-reader" in reads.threads
+    assert source.committed == [0, 1]
+
+
+def test_a_window_whose_model_work_ends_first_is_written_while_the_next_is_read(duck: SQLClient) -> None:
+    # The second window's read waits (on the reader thread) until the first window's model work
+    # is done: the handler then writes the first window before it plans the second, whose rows
+    # may be read before or after that commit. Row 3 is in both windows and changes between.
+    docs(duck, 6)
+    done = threading.Event()
+
+    def predict(texts: list[str]) -> list[str]:
+        if "x" in texts:
+            done.set()
+        return [f"<{t}>" for t in texts]
+
+    source = RecordingSource()
+    planned_after: list[list[list[int]]] = []
+    with reactive.connect(duck.uri) as db:
+        listener = db.add(Planning(Model("tag", predict=predict), "text", "docs"))
+        original = listener.plan_refresh
+
+        def plan_refresh(batch: Batch, db: reactive.Datalayer, **options: Any) -> PlannedRefresh:
+            planned_after.append([list(saved) for saved in source.saved])
+            return original(batch, db, **options)
+
+        listener.plan_refresh = plan_refresh  # type: ignore[method-assign]
+        reads = ReadsBy(db, hold=done)
+        duck.execute("UPDATE docs SET text = 'x' WHERE id = 3")
+        queue = CDCQueue()
+        queue.put(unread(source, 0, 0, 1, 2, 3))
+        queue.put(unread(source, 1, 3, 4, 5))
+        handler = CDCHandler(db, queue, compute=db.compute, window_rows=WindowRows(4, 4), pipeline=2)
+        handler.start()
+        handler.stop()
+        handler.join(timeout=60)
+        reads.undo()
+        assert not handler.is_alive()
+        assert reads.threads == [handler.name, "reactive-cdc-reader"]
+        # The second window was planned once the first one's positions were saved.
+        assert planned_after == [[], [[0]]]
+        assert outputs_by_source(db, "tag__text") == {0: "<v0>", 1: "<v0>", 2: "<v0>", 3: "<x>", 4: "<v0>", 5: "<v0>"}
+    assert source.committed == [0, 1] and not source.released
+
+
 def _handler_that_breaks_once(db: reactive.Datalayer) -> tuple[CDCHandler, BrokenOnce, CDCQueue, RecordingSource]:
     """A started handler, two windows of two packets in flight, whose own window rule raises
     after the first window: six updates of ``docs`` queued."""
