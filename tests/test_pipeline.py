@@ -348,6 +348,42 @@ def test_a_window_whose_model_work_ends_first_is_written_while_the_next_is_read(
     assert source.committed == [0, 1] and not source.released
 
 
+def test_a_read_ahead_that_fails_is_read_again_when_its_window_comes(duck: SQLClient) -> None:
+    # The reader thread's read of the second window raises: planning that window fails, and it
+    # is planned again (its rows read again) when its turn comes, after the first is written.
+    docs(duck, 8)
+    source = RecordingSource()
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(Model("tag", predict=lambda xs: [f"<{x}>" for x in xs]), "text", "docs"))
+        duck.execute("UPDATE docs SET text = 'w' || id")
+        reader = db.source_for("docs")
+        original = reader.read_table
+        failed: list[str] = []
+
+        def read_table(table: Any, ids: Any) -> Any:
+            name = threading.current_thread().name
+            if name == "reactive-cdc-reader" and not failed:
+                failed.append(name)
+                raise RuntimeError("the read ahead failed")
+            return original(table, ids)
+
+        reader.read_table = read_table  # type: ignore[method-assign]
+        queue = CDCQueue()
+        queue.put(unread(source, 0, 0, 1, 2, 3))
+        queue.put(unread(source, 1, 4, 5, 6, 7))
+        handler = CDCHandler(db, queue, compute=db.compute, window_rows=WindowRows(4, 4), pipeline=2)
+        handler.start()
+        handler.stop()
+        handler.join(timeout=60)
+        del reader.read_table
+        assert not handler.is_alive() and failed == ["reactive-cdc-reader"]
+        assert handler.totals.internal_errors == 0
+        assert outputs_by_source(db, "tag__text") == {i: f"<w{i}>" for i in range(8)}
+        stats = handler.stats["tag__text"]
+        assert stats.errors == 0 and stats.computed == 8
+    assert source.committed == [0, 1] and not source.released
+
+
 def _handler_that_breaks_once(db: reactive.Datalayer) -> tuple[CDCHandler, BrokenOnce, CDCQueue, RecordingSource]:
     """A started handler, two windows of two packets in flight, whose own window rule raises
     after the first window: six updates of ``docs`` queued."""
