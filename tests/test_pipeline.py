@@ -308,21 +308,23 @@ def test_a_window_read_ahead_is_planned_while_the_one_before_computes(duck: SQLC
 
 
 def test_a_window_whose_model_work_ends_first_is_written_while_the_next_is_read(duck: SQLClient) -> None:
-    # The second window's read waits (on the reader thread) until the first window's model work
-    # is done: the handler then writes the first window before it plans the second, whose rows
-    # may be read before or after that commit. Row 3 is in both windows and changes between.
+    # The second window's read is held (on the reader thread) until the first window saves its
+    # positions: the handler must write the first window while that read is under way, and plan
+    # the second after it. Row 3 is in both windows and changes while the first is written.
     docs(duck, 6)
-    done = threading.Event()
-
-    def predict(texts: list[str]) -> list[str]:
-        if "x" in texts:
-            done.set()
-        return [f"<{t}>" for t in texts]
-
+    duck.execute("UPDATE docs SET text = 'x' WHERE id = 3")
+    saving = threading.Event()
     source = RecordingSource()
+
+    def before_save(positions: Sequence[int]) -> None:
+        if positions == [0]:
+            duck.execute("UPDATE docs SET text = 'y' WHERE id = 3")
+            saving.set()
+
+    source.before_save = before_save
     planned_after: list[list[list[int]]] = []
     with reactive.connect(duck.uri) as db:
-        listener = db.add(Planning(Model("tag", predict=predict), "text", "docs"))
+        listener = db.add(Listener(Model("tag", predict=lambda xs: [f"<{x}>" for x in xs]), "text", "docs"))
         original = listener.plan_refresh
 
         def plan_refresh(batch: Batch, db: reactive.Datalayer, **options: Any) -> PlannedRefresh:
@@ -330,8 +332,7 @@ def test_a_window_whose_model_work_ends_first_is_written_while_the_next_is_read(
             return original(batch, db, **options)
 
         listener.plan_refresh = plan_refresh  # type: ignore[method-assign]
-        reads = ReadsBy(db, hold=done)
-        duck.execute("UPDATE docs SET text = 'x' WHERE id = 3")
+        reads = ReadsBy(db, hold=saving)
         queue = CDCQueue()
         queue.put(unread(source, 0, 0, 1, 2, 3))
         queue.put(unread(source, 1, 3, 4, 5))
@@ -342,9 +343,8 @@ def test_a_window_whose_model_work_ends_first_is_written_while_the_next_is_read(
         reads.undo()
         assert not handler.is_alive()
         assert reads.threads == [handler.name, "reactive-cdc-reader"]
-        # The second window was planned once the first one's positions were saved.
-        assert planned_after == [[], [[0]]]
-        assert outputs_by_source(db, "tag__text") == {0: "<v0>", 1: "<v0>", 2: "<v0>", 3: "<x>", 4: "<v0>", 5: "<v0>"}
+        assert planned_after == [[], [[0]]]  # the second window: planned once the first was saved
+        assert outputs_by_source(db, "tag__text") == {0: "<v0>", 1: "<v0>", 2: "<v0>", 3: "<y>", 4: "<v0>", 5: "<v0>"}
     assert source.committed == [0, 1] and not source.released
 
 
