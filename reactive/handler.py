@@ -457,12 +457,14 @@ class CDCHandler(ReactiveThread):
             reads.append((batch, self._read(batch) if needed else None))
         window.reads = reads
         pending_reads = {future for _, future in reads if future is not None}
+        if not pending_reads:
+            return False
         pending_work = {future for future in oldest.work if not future.done()}
         while pending_reads and pending_work:
             done, _ = wait_for_any(pending_reads | pending_work, return_when=FIRST_COMPLETED)
             pending_reads -= done
             pending_work -= done
-        return bool(reads) and any(future is not None for _, future in reads) and not pending_work
+        return not pending_work
 
     def _read(self, batch: Batch) -> Future[list[Batch]]:
         if self._reader is None:
