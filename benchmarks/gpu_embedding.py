@@ -26,6 +26,10 @@ reactive: the batches ``predict`` was called with, sorted by length within each 
 model's token counts, taken once before the rounds (``--fake-model``: words + 2).
 ``--window-floor N`` makes reactive's windows start at ``N`` rows (``WindowRows(floor=N)``,
 passed as ``batch_rows``; default: reactive's own growing windows, from 5,000 rows).
+``--model-batches N`` and ``--model-seconds S`` set how many of the model's batches a window
+holds once the model is timed, and within how many seconds of its time (``WindowRows``;
+defaults 16 and 2 s: windows of 16,384 rows for batches of 1,024 on a GPU; ``--model-batches
+0``: windows as before that rule, from 5,000 rows).
 GPU utilisation is sampled every ``--sample-interval`` seconds in a background thread (NVML
 through ``torch.cuda.utilization``, else ``nvidia-smi -lms``) and summarised per phase.
 Results go to ``--out`` (``$OUT/gpu.json`` when ``OUT`` is set) and a Markdown table is printed.
@@ -393,6 +397,10 @@ def main() -> None:
     parser.add_argument(
         "--window-floor", type=int, default=None, help="reactive.connect(batch_rows=WindowRows(floor=N))"
     )
+    parser.add_argument(
+        "--model-batches", type=int, default=None, help="WindowRows(model_batches=N): 0 for windows from 5,000 rows"
+    )
+    parser.add_argument("--model-seconds", type=float, default=None, help="WindowRows(model_seconds=S)")
     parser.add_argument("--skip", action="append", default=[], choices=PHASES[1:], help="a phase not to run")
     args = parser.parse_args()
     duckdb_options = dict(option.split("=", 1) for option in args.duckdb_option)
@@ -482,6 +490,8 @@ def main() -> None:
             "predict_seconds": predict_seconds,
             "padding": padding,
             "window_floor": args.window_floor,
+            "model_batches": args.model_batches,
+            "model_seconds": args.model_seconds,
             "engine_info": engine,
             "wall_s": time.perf_counter() - clock,
             "markdown": md,
@@ -503,8 +513,15 @@ def main() -> None:
         from reactive.handler import WindowRows
 
         options: dict[str, Any] = {"lease": False} if args.lease_ms <= 0 else {"lease_ms": args.lease_ms}
+        windows: dict[str, Any] = {}
         if args.window_floor:
-            options["batch_rows"] = WindowRows(floor=args.window_floor, cap=max(args.window_floor, WindowRows().cap))
+            windows.update(floor=args.window_floor, cap=max(args.window_floor, WindowRows().cap))
+        if args.model_batches is not None:
+            windows["model_batches"] = args.model_batches
+        if args.model_seconds is not None:
+            windows["model_seconds"] = args.model_seconds
+        if windows:
+            options["batch_rows"] = WindowRows(**windows)
         options.update(duckdb_options)  # every option reactive does not take goes to ibis.duckdb.connect
 
         if args.fake_model:

@@ -9,7 +9,7 @@ import queue as queues
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_for_any
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,7 @@ from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
     from reactive.components.base import Component, PlannedRefresh
+    from reactive.components.model import Batching
     from reactive.compute import Compute
     from reactive.datalayer import Datalayer
     from reactive.feed.publisher import Committed, FeedHub
@@ -92,8 +93,15 @@ class WindowRows:
     could then keep to it; smaller windows would only take more of them).
     ``floor == cap``: every window has the same bound.
 
+    A model that sorts its inputs by length (``Model.sort_by_length``) sorts each window's, not
+    the whole backlog's, so a window of few batches pads more than ``encode`` over its whole
+    list (all-MiniLM-L6-v2 in batches of 1,024: 7.4% more tokens in windows of 5,000 rows, 1.5%
+    in windows of 16,384) and ends in a part batch. Such a model's windows hold at least
+    ``model_batches`` of its batches, as long as it computes them within ``model_seconds``
+    (:meth:`holding`).
+
     >>> WindowRows.of(None) == WindowRows(), WindowRows.of(100)
-    (True, WindowRows(floor=100, cap=100, target=0.25, longest=None))
+    (True, WindowRows(floor=100, cap=100, target=0.25, longest=None, model_batches=16, model_seconds=2.0))
     >>> WindowRows().limit, WindowRows(target=2.0).limit, WindowRows(longest=0.5).limit
     (1.0, 8.0, 0.5)
     """
@@ -102,6 +110,8 @@ class WindowRows:
     cap: int = 50_000
     target: float = 0.25
     longest: float | None = None
+    model_batches: int = 16
+    model_seconds: float = 2.0
 
     def __post_init__(self) -> None:
         if not (type(self.floor) is int and type(self.cap) is int and 1 <= self.floor <= self.cap):
@@ -110,6 +120,10 @@ class WindowRows:
             raise ValueError(f"WindowRows needs a target of more than 0 seconds, not {self.target!r}")
         if self.longest is not None and not (_seconds(self.longest) and self.longest >= self.target):
             raise ValueError(f"WindowRows needs longest of at least target ({self.target!r} s), not {self.longest!r}")
+        if not (type(self.model_batches) is int and self.model_batches >= 0):
+            raise ValueError(f"WindowRows needs model_batches of at least 0 (an int), not {self.model_batches!r}")
+        if not (_seconds(self.model_seconds) and self.model_seconds >= 0):
+            raise ValueError(f"WindowRows needs model_seconds of at least 0 seconds, not {self.model_seconds!r}")
 
     @property
     def limit(self) -> float:
@@ -142,6 +156,29 @@ class WindowRows:
         """Whether a window taken under the bound ``taken`` that held ``rows`` rows says anything
         about the rate: one under half its bound does not (fixed costs dominate it)."""
         return rows >= taken / 2
+
+    def holding(self, models: Iterable[Batching]) -> WindowRows:
+        """These windows, with ``floor`` raised (up to ``cap``) so that a window holds
+        ``model_batches`` whole batches of each of ``models`` (those that sort inputs by length)
+        that it computes within ``model_seconds``.
+
+        >>> from reactive.components.model import Batching
+        >>> w = WindowRows()
+        >>> w.holding([Batching(1024, 0.0001)]).floor  # 16 batches of a GPU embedding model
+        16384
+        >>> w.holding([Batching(1024, 0.0003)]).floor  # whole batches it computes in 2 s
+        6144
+        >>> w.holding([Batching(64, 0.003)]).floor, w.holding([Batching(1024, 0.003)]).floor  # as they were
+        (5000, 5000)
+        >>> w.holding([Batching(8192, 1e-5)]).floor, WindowRows.of(500).holding([Batching(1024, 1e-5)]).floor
+        (50000, 500)
+        """
+        floor = self.floor
+        for model in models:
+            affordable = self.model_seconds / model.seconds_per_input if model.seconds_per_input > 0 else float("inf")
+            batches = min(self.model_batches, int(affordable // model.size))
+            floor = max(floor, batches * model.size)
+        return self if floor == self.floor else dc.replace(self, floor=min(floor, self.cap))
 
     def within(self, seconds: float) -> WindowRows:
         """The same windows, none taking more than ``seconds`` (``target`` and ``longest``)."""
@@ -525,7 +562,8 @@ class CDCHandler(ReactiveThread):
         rows = sum(len(packet) for packet in window.packets)
         cost = self.window_cost
         fixed = cost.observe(rows, window.seconds) if self.window_rows.full(window.bound, rows) else cost.fixed
-        self.bound = self.window_rows.next(self.bound, window.bound, rows, window.seconds, fixed)
+        windows = self.window_rows.holding(b for c in self.db.components() if (b := c.batching()) is not None)
+        self.bound = windows.next(self.bound, window.bound, rows, window.seconds, fixed)
 
     def _handle_with_retries(self, window: _Window) -> None:
         """Finish a window; while the database is unreachable, retry it with backoff.

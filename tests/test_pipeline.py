@@ -492,24 +492,30 @@ def _window_sizes(
     call_seconds: float = 0.0,
     row_seconds: float = 0.0,
     learnt: list[float | None] | None = None,
+    batch_size: int = 1_000,
+    sort_by_length: bool = True,
 ) -> list[int]:
-    """The batches a model gets when ``packets`` changes of ``packet_rows`` rows each wait
-    before a handler with these window bounds (and no pipelining: each window is finished
-    before the next is taken), with a change feed published, or not. Each call of the model
-    takes at least ``call_seconds`` (a cost per window: a window is one call) and
-    ``row_seconds`` per row."""
+    """The windows' rows when ``packets`` changes of ``packet_rows`` rows each wait before a
+    handler with these window bounds (and no pipelining: each window is finished before the
+    next is taken), with a change feed published, or not. Each call of the model takes at
+    least ``call_seconds`` (a cost per window where a window is one call: ``batch_size``
+    larger than any window) and ``row_seconds`` per row."""
     rows = packets * packet_rows
     docs(duck, rows)
     sizes: list[int] = []
     pause = threading.Event()  # never set: a wait on it is the model's cost per call
 
     def predict(texts: list[str]) -> list[str]:
-        sizes.append(len(texts))
         pause.wait(call_seconds + row_seconds * len(texts))
         return [f"<{x}>" for x in texts]
 
-    model = Model("tag", predict=predict, batch_size=1_000)
-    with reactive.connect(duck.uri) as db:
+    class Windows(LocalCompute):  # each window's model work is one submit
+        def submit(self, model: Model, inputs: Sequence[Any], **options: Any) -> Future[list[Any]]:
+            sizes.append(len(inputs))
+            return super().submit(model, inputs, **options)
+
+    model = Model("tag", predict=predict, batch_size=batch_size, sort_by_length=sort_by_length)
+    with reactive.connect(duck.uri, compute=Windows()) as db:
         db.add(Listener(model, "text", "docs"))
         sizes.clear()  # the backfill's
         if feed:
@@ -533,12 +539,13 @@ def _window_sizes(
 
 def test_windows_grow_twofold_up_to_their_cap_while_they_are_quick(duck: SQLClient) -> None:
     # A target of an hour: every window is "quick", so each bound is twice the one before.
-    assert _window_sizes(duck, WindowRows(2, 8, target=3600.0), 30) == [2, 4, 8, 8, 8]
+    # (The model's batches, larger than any window, are not what windows are sized by here.)
+    assert _window_sizes(duck, WindowRows(2, 8, target=3600.0, model_batches=0), 30) == [2, 4, 8, 8, 8]
 
 
 def test_windows_grow_with_a_change_feed_published_too(duck: SQLClient) -> None:
     # The feed's buffer is bounded in changes, not windows: larger windows hold no more.
-    assert _window_sizes(duck, WindowRows(2, 8, target=3600.0), 30, feed=True) == [2, 4, 8, 8, 8]
+    assert _window_sizes(duck, WindowRows(2, 8, target=3600.0, model_batches=0), 30, feed=True) == [2, 4, 8, 8, 8]
 
 
 def test_windows_stay_at_their_floor_while_they_are_slow(duck: SQLClient) -> None:
@@ -572,6 +579,37 @@ def test_windows_of_a_cost_per_row_stay_near_their_target(duck: SQLClient) -> No
     sizes = _window_sizes(duck, WindowRows(4, 64, target=0.3), 14, packet_rows=4, row_seconds=0.05)
     assert max(sizes) <= 16 and 8 in sizes and sizes.count(4) >= 5, sizes
     assert sum(sizes) == 56 and STALE_WINDOWS == 8
+
+
+@pytest.mark.parametrize(
+    ("window_rows", "sort_by_length", "grown"),
+    [
+        (WindowRows(3, 64, target=1e-9, model_batches=4), True, True),
+        (WindowRows(3, 64, target=1e-9, model_batches=0), True, False),
+        (WindowRows(3, 64, target=1e-9, model_batches=4), False, False),
+        (WindowRows(3, 64, target=1e-9, model_batches=4, model_seconds=0.01), True, False),
+    ],
+    ids=["sorted", "no-model-batches", "not-sorted", "model-too-slow"],
+)
+def test_windows_of_a_model_sorting_by_length_hold_whole_batches_of_it(
+    duck: SQLClient, window_rows: WindowRows, sort_by_length: bool, grown: bool
+) -> None:
+    # A slow model (10 ms a row) keeps windows at their floor of 3 rows, or 6 while a larger
+    # window is tried. One that sorts its inputs by length (batches of 2) sorts each window's:
+    # once its speed is known (after the first window), windows hold 4 of its batches, as it
+    # computes them well within model_seconds (2 s). Not where it does not sort, where
+    # model_batches is 0, or where 4 batches would take it over model_seconds.
+    sizes = _window_sizes(duck, window_rows, 40, row_seconds=0.01, batch_size=2, sort_by_length=sort_by_length)
+    assert sum(sizes) == 40 and sizes[0] == 3, sizes
+    # Windows may grow for speed once in a while (a pause of the process reads as a cost per
+    # window), then shrink back: only a raised floor keeps every window but the last at 8 or more.
+    assert (min(sizes[1:-1]) >= 8) is grown, sizes
+
+
+@pytest.mark.parametrize(("batches", "seconds"), [(-1, 2.0), (1.5, 2.0), (True, 2.0), (4, -1.0), (4, "2"), (4, None)])
+def test_bad_model_batches_of_windows_are_refused(batches: Any, seconds: Any) -> None:
+    with pytest.raises(ValueError, match="WindowRows needs model_"):
+        WindowRows(model_batches=batches, model_seconds=seconds)
 
 
 @pytest.mark.parametrize("bad", [0, -5, 2.5, "5000", True])

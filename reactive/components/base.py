@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from reactive.backends.base import ErrorRecord, TableInfo
-    from reactive.components.model import ModelCalls
+    from reactive.components.model import Batching, ModelCalls
     from reactive.compute import Compute
     from reactive.datalayer import Datalayer
     from reactive.events import Batch, ChangePacket
@@ -133,6 +133,11 @@ class Component(ABC):
     @property
     def model_calls(self) -> ModelCalls | None:
         """A live view of the component's model calls (``db.cdc.info()`` shows it), if it has a model."""
+        return None
+
+    def batching(self) -> Batching | None:
+        """How the component's model cuts a window into calls, if it has one that sorts its
+        inputs by length (the handler's windows hold enough of its batches)."""
         return None
 
     def describe(self) -> dict[str, Any]:

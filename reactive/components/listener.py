@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from reactive.backends.base import ErrorRecord, OutputBatch, OutputRejected, TableInfo, outputs_table
 from reactive.components.base import Component, PlannedRefresh, Refresh
-from reactive.components.model import Failure, Model, ModelCalls
+from reactive.components.model import Batching, Failure, Model, ModelCalls
 from reactive.errors import ConfigurationError
 from reactive.events import Batch, ChangePacket, DBEvent, Row, id_key, id_keys
 from reactive.reconcile import OnProcessed, reconcile
@@ -176,6 +176,9 @@ class Listener(Component):
     @property
     def model_calls(self) -> ModelCalls:
         return self.model.calls
+
+    def batching(self) -> Batching | None:
+        return self.model.batching
 
     def same_declaration(self, other: Listener) -> bool:
         """Whether ``other`` declares the same outputs (model name, key, table, filter, id column)."""

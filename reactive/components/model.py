@@ -90,6 +90,16 @@ class ModelCalls:
     transient_retries: int = 0
 
 
+@dc.dataclass(frozen=True, slots=True)
+class Batching:
+    """How a model that sorts its inputs by length cuts a window into calls (``size`` inputs
+    each), and how long its last call took per input: what the handler sizes its windows by
+    (:meth:`reactive.WindowRows.holding`)."""
+
+    size: int
+    seconds_per_input: float
+
+
 class _BatchFailed(Exception):
     """A failure that belongs to the whole batch: it is neither split nor retried."""
 
@@ -472,6 +482,25 @@ class Model:
         until a call was timed, it is sorted)."""
         cost = self._seconds_per_input
         return self.sort_by_length and count > self.batch_size and (cost is None or cost >= SORT_WORTH_SECONDS)
+
+    @property
+    def batching(self) -> Batching | None:
+        """How this model cuts a window into calls, once a call was timed; None where it does
+        not sort its inputs by length (``sort_by_length`` off, or a model too cheap to gain
+        from it: :data:`SORT_WORTH_SECONDS`), or before its first call.
+
+        >>> m = Model("m", predict=lambda texts: [t.upper() for t in texts], batch_size=2)
+        >>> m.batching is None
+        True
+        >>> _ = m.compute(["a", "bb", "ccc"], wait=lambda s: True)
+        >>> m._seconds_per_input = 0.001  # as timed on a model that takes 1 ms an input
+        >>> m.batching
+        Batching(size=2, seconds_per_input=0.001)
+        """
+        cost = self._seconds_per_input
+        if not self.sort_by_length or cost is None or cost < SORT_WORTH_SECONDS:
+            return None
+        return Batching(self.batch_size, cost)
 
     def end_thread(self) -> None:
         """End the thread ``predict`` runs on for this thread's compute(): at once when it is
