@@ -25,6 +25,7 @@ from reactive.metrics import LagQueue
 from reactive.outputs import OutputWriter
 from reactive.progress import progress_for
 from reactive.queue import QUEUE_ROWS
+from reactive.rows import warm_arrow
 
 log = logging.getLogger(__name__)
 _ABSENT = object()
@@ -551,4 +552,5 @@ def connect(uri: str | None = None, **options: Any) -> Datalayer:
     names = ("queue_rows", "batch_rows", "page_size", "poll_interval", "lease", "lease_ms", "compute", "pipeline")
     datalayer_options = {name: options.pop(name) for name in names if name in options}
     backend = backend_for_uri(uri).from_uri(uri, **options)
+    warm_arrow()
     return Datalayer(backend, **datalayer_options)
