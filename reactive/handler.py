@@ -172,12 +172,15 @@ class WindowRows:
         (5000, 5000)
         >>> w.holding([Batching(8192, 1e-5)]).floor, WindowRows.of(500).holding([Batching(1024, 1e-5)]).floor
         (50000, 500)
+        >>> WindowRows(model_seconds=float("inf")).holding([Batching(1024, 0.003)]).floor  # no time limit
+        16384
         """
         floor = self.floor
         for model in models:
-            affordable = self.model_seconds / model.seconds_per_input if model.seconds_per_input > 0 else float("inf")
-            batches = min(self.model_batches, int(affordable // model.size))
-            floor = max(floor, batches * model.size)
+            rows = self.model_batches * model.size
+            if model.seconds_per_input * rows > self.model_seconds:  # only the whole batches it computes in time
+                rows = int(self.model_seconds / model.seconds_per_input) // model.size * model.size
+            floor = max(floor, rows)
         return self if floor == self.floor else dc.replace(self, floor=min(floor, self.cap))
 
     def within(self, seconds: float) -> WindowRows:

@@ -606,7 +606,9 @@ def test_windows_of_a_model_sorting_by_length_hold_whole_batches_of_it(
     assert (min(sizes[1:-1]) >= 8) is grown, sizes
 
 
-@pytest.mark.parametrize(("batches", "seconds"), [(-1, 2.0), (1.5, 2.0), (True, 2.0), (4, -1.0), (4, "2"), (4, None)])
+@pytest.mark.parametrize(
+    ("batches", "seconds"), [(-1, 2.0), (1.5, 2.0), (True, 2.0), (4, -1.0), (4, "2"), (4, None), (4, float("nan"))]
+)
 def test_bad_model_batches_of_windows_are_refused(batches: Any, seconds: Any) -> None:
     with pytest.raises(ValueError, match="WindowRows needs model_"):
         WindowRows(model_batches=batches, model_seconds=seconds)
