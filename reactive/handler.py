@@ -97,8 +97,8 @@ class WindowRows:
     the whole backlog's, so a window of few batches pads more than ``encode`` over its whole
     list (all-MiniLM-L6-v2 in batches of 1,024: 7.4% more tokens in windows of 5,000 rows, 1.5%
     in windows of 16,384) and ends in a part batch. Such a model's windows hold at least
-    ``model_batches`` of its batches, as long as it computes them within ``model_seconds``
-    (:meth:`holding`).
+    ``model_batches`` of its batches, or as many whole batches as it computes in
+    ``model_seconds`` where that is fewer (:meth:`holding`).
 
     >>> WindowRows.of(None) == WindowRows(), WindowRows.of(100)
     (True, WindowRows(floor=100, cap=100, target=0.25, longest=None, model_batches=16, model_seconds=2.0))
@@ -159,8 +159,8 @@ class WindowRows:
 
     def holding(self, models: Iterable[Batching]) -> WindowRows:
         """These windows, with ``floor`` raised (up to ``cap``) so that a window holds
-        ``model_batches`` whole batches of each of ``models`` (those that sort inputs by length)
-        that it computes within ``model_seconds``.
+        ``model_batches`` whole batches of each of ``models`` (those that sort inputs by length),
+        or as many as that model computes in ``model_seconds`` where that is fewer.
 
         >>> from reactive.components.model import Batching
         >>> w = WindowRows()
