@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 
@@ -694,25 +692,3 @@ def test_a_write_concern_the_server_cannot_meet_is_a_clear_error(mongo_uri: str,
         db.add(Listener(Model("m", predict=lambda texts: texts), "text", "docs"))
     assert "_outputs__m__text" not in mongo.list_collection_names()  # nothing computed or written
     assert not reactive_threads()
-
-
-_FIRST_WINDOW = """
-import sys, reactive
-from reactive.fingerprints import fingerprints
-db = reactive.connect(sys.argv[1])
-before = set(sys.modules)
-fingerprints([f"document {i}" for i in range(100)])  # what the handler does with a window's inputs
-print(sorted(set(sys.modules) - before))
-db.close()
-"""
-
-
-def test_connect_leaves_nothing_to_import_to_the_first_window(mongo_uri: str) -> None:
-    # pyarrow imports pandas at its first conversion of a Python list (about 0.4 s); connecting
-    # to MongoDB imports nothing else that does, so the first window of more than a few rows
-    # paid it: a burst's first outputs came 0.3-0.7 s late. connect() pays it now.
-    run = subprocess.run(
-        [sys.executable, "-c", _FIRST_WINDOW, mongo_uri], capture_output=True, text=True, timeout=120, check=False
-    )
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "[]", run.stdout[:400]
