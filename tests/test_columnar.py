@@ -298,6 +298,36 @@ def test_a_first_backfill_looks_no_stored_output_up_and_a_resumed_one_does(duck:
         assert looked_up == [[3]] and outputs_by_source(db, "len__text")[3] == 7.0
 
 
+def test_live_inserts_look_up_only_the_rows_a_reconciliation_computed(duck: SQLClient) -> None:
+    """A live insert of a row the backfill already computed is looked up (its output may be
+    current); the other inserted rows certainly have none, and a batch of only those (a bulk
+    insert) looks nothing up."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"t{i}") for i in range(1, 4)])
+    looked_up: list[list[Any]] = []
+
+    def inserted(*ids: int) -> ChangePacket:
+        return ChangePacket("docs", DBEvent.insert, ids, tuple({"id": i, "text": f"t{i}"} for i in ids))
+
+    with reactive.connect(duck.uri, batch_rows=100) as db:
+        lookup = db.backend.outputs.output_fingerprints
+
+        def recorded(identifier: str, ids: Any) -> Any:
+            looked_up.append(sorted(ids))
+            return lookup(identifier, ids)
+
+        db.backend.outputs.output_fingerprints = recorded  # type: ignore[method-assign]
+        db.add(Listener(model(), "text", "docs"), progress=False)  # computes rows 1-3
+        db.cdc.ensure_handler()
+        # After a start every live insert is looked up until a batch finds none stored (a replay).
+        for packet in (inserted(20), inserted(2, 10, 11), inserted(12, 13, 14), inserted(15, 3)):
+            db.cdc.queue.put(packet)
+            assert db.cdc.wait_idle(timeout=30)
+        assert looked_up == [[20], [2], [3]]
+        computed = (1, 2, 3, 10, 11, 12, 13, 14, 15, 20)
+        assert outputs_by_source(db, "len__text") == {i: float(len(f"t{i}")) for i in computed}
+
+
 def test_duckdb_reads_of_a_poll_do_not_wait_for_the_shared_connection(duck: SQLClient) -> None:
     """A poll's reads go through the polling thread's own DuckDB connection: a write holding
     the shared connection (the handler's window transaction) does not hold them up."""

@@ -307,7 +307,8 @@ class Listener(Component):
         live_insert = batch.event is DBEvent.insert and batch.targets is None
         if not live_insert or self._replaying or self._reconciled is None:
             return set()
-        return set(id_keys(batch.ids)).difference(self._reconciled)
+        keys = set(id_keys(batch.ids))
+        return keys.difference(self._reconciled) if self._reconciled else keys
 
     def _looked_up(self, batch: Batch, ids: list[Any], absent: set[Hashable]) -> list[Any]:
         """The ids whose stored fingerprint is looked up (the others certainly have no output).
@@ -318,7 +319,11 @@ class Listener(Component):
         """
         if batch.targets is not None and self._reconciled_from_nothing:
             return []
-        return [i for i, key in zip(ids, id_keys(ids), strict=True) if key not in absent] if absent else ids
+        if not absent:
+            return ids
+        if len(absent) == len(batch.ids):  # every row of the batch (a bulk insert): nothing to look up
+            return []
+        return [i for i, key in zip(ids, id_keys(ids), strict=True) if key not in absent]
 
     def _replay_ended(self, batch: Batch, looked_up: list[Any], stored: Mapping[Hashable, int]) -> None:
         """A batch of live inserts whose rows are all unknown ends the replay (see :meth:`_known_absent`)."""
@@ -368,7 +373,9 @@ class Listener(Component):
         if batch.event is DBEvent.delete:
             return PlannedRefresh((), lambda: self._finish_delete(batch, db, refresh))
         remove: list[Any] = []
-        absent = self._known_absent(batch).difference(in_flight)
+        absent = self._known_absent(batch)
+        if in_flight and not absent.isdisjoint(in_flight):
+            absent.difference_update(in_flight)
         candidates = self._candidates(batch, refresh, remove)
         # The stored output of a row an earlier window still computes may be replaced before
         # this batch is written (a row changed and changed back): such rows are looked up
