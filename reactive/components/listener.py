@@ -374,14 +374,17 @@ class Listener(Component):
             return PlannedRefresh((), lambda: self._finish_delete(batch, db, refresh))
         remove: list[Any] = []
         absent = self._known_absent(batch)
-        if in_flight and not absent.isdisjoint(in_flight):
+        # Every row of the batch known absent, none of them in flight (a bulk insert): no row
+        # of it is in flight, without a look at each.
+        clear = len(absent) == len(batch.ids) and absent.isdisjoint(in_flight)
+        if in_flight and not clear:
             absent.difference_update(in_flight)
         candidates = self._candidates(batch, refresh, remove)
         # The stored output of a row an earlier window still computes may be replaced before
         # this batch is written (a row changed and changed back): such rows are looked up
         # again, and computed if stale, when this batch is finished, after that window.
         sure, unsure = candidates, _Inputs([], [], [])
-        keys = id_keys(candidates.ids) if in_flight else []
+        keys = id_keys(candidates.ids) if in_flight and not clear else []
         if any(map(in_flight.__contains__, keys)):
             unsure = candidates.take(k for k, key in enumerate(keys) if key in in_flight)
             sure = candidates.take(k for k, key in enumerate(keys) if key not in in_flight)
