@@ -8,6 +8,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -163,7 +164,19 @@ def machine_info() -> dict[str, Any]:
         "pyarrow": _version("pyarrow"),
         "sqlglot": _version("sqlglot"),
         "load_average": load_average(),
+        "commit": git_commit(),
     }
+
+
+def git_commit() -> str | None:
+    """The commit of the measured working tree (read-only ``git rev-parse``), if known."""
+    try:
+        found = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return found.stdout.strip() or None
 
 
 def load_average() -> list[float] | None:

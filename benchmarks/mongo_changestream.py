@@ -965,17 +965,6 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
-    """The commit of the measured working tree (read-only ``git rev-parse``), if known."""
-    try:
-        found = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return found.stdout.strip() or None
-
-
 def _ratio(ours: float, reference: float) -> float:
     return round(ours / reference, 3) if reference > 0 else float("nan")
 
@@ -1182,7 +1171,6 @@ def main(argv: list[str] | None = None) -> int:
         **machine_info(),
         "pymongo": _version("pymongo"),
         "secantusdb": _version("SecantusDB"),
-        "commit": _git_commit(),
     }
     begun = time.perf_counter()
     report: dict[str, Any] = {
