@@ -12,6 +12,7 @@ import ibis
 
 from reactive.backends.base import DataBackend, ListenerHooks, TableInfo, VersionColumn
 from reactive.backends.base import version_columns as _version_columns
+from reactive.backends.ibis import SCHEMES
 from reactive.backends.ibis.checkpoints import IbisSections
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import prepare_sqlite
@@ -63,7 +64,7 @@ class IbisBackend(DataBackend):
     """
 
     name = "ibis"
-    schemes = ("duckdb", "sqlite", "postgres", "postgresql")
+    schemes = SCHEMES
     listener_class = IbisPollingListener
 
     def __init__(self, con: Any, *, uri: str, version_columns: Mapping[str, str | VersionColumn] | None = None) -> None:

@@ -6,6 +6,7 @@ import json
 from typing import Any, Self
 
 from reactive.backends.base import DataBackend, ListenerHooks, TableInfo
+from reactive.backends.kinetica import SCHEMES
 from reactive.backends.kinetica.checkpoints import KineticaSections
 from reactive.backends.kinetica.client import KineticaAuthError, KineticaClient, KineticaURI, is_transient
 from reactive.backends.kinetica.listener import KineticaMonitorListener
@@ -34,7 +35,7 @@ class KineticaBackend(DataBackend):
     """
 
     name = "kinetica"
-    schemes = ("kinetica", "kinetica+http", "kinetica+https")
+    schemes = SCHEMES
     listener_class = KineticaMonitorListener
     monitors_need_ids = False
 

@@ -26,6 +26,7 @@ from reactive.backends.base import (
     chunks,
     outputs_table,
 )
+from reactive.backends.mongodb import SCHEMES
 from reactive.backends.mongodb.checkpoints import CHECKPOINTS_COLLECTION, MongoSections, acknowledged
 from reactive.backends.mongodb.errors import Fault, classify, classify_code
 from reactive.backends.mongodb.listener import MongoChangeStreamListener, stop_timeout
@@ -282,7 +283,7 @@ class MongoBackend(DataBackend):
     """
 
     name = "mongodb"
-    schemes = ("mongodb", "mongodb+srv")
+    schemes = SCHEMES
     listener_class = MongoChangeStreamListener
 
     def __init__(self, client: MongoClient, database: str, *, uri: str) -> None:
