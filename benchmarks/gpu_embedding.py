@@ -68,7 +68,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .common import machine_info, machine_markdown, markdown_table
+from .common import git_commit, machine_info, machine_markdown, markdown_table
 from .embedding import texts
 
 RESULTS = Path(__file__).parent / "results"
@@ -299,18 +299,8 @@ def gpu_description() -> dict[str, Any]:
             import importlib.metadata
 
             info[name] = importlib.metadata.version(name)
-    commit = os.environ.get("REACTIVE_COMMIT")
-    if not commit:
-        with contextlib.suppress(Exception):
-            commit = subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                cwd=Path(__file__).parent,
-                capture_output=True,
-                text=True,
-                timeout=5,
-                check=True,
-            ).stdout.strip()
-    info["reactive_commit"] = commit or None
+    # The device machine gets the tree without its git history: the commit comes with it.
+    info["reactive_commit"] = os.environ.get("REACTIVE_COMMIT") or git_commit()
     return info
 
 
