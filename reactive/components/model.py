@@ -480,8 +480,12 @@ class Model:
         than one batch (inputs of one batch are called together whatever their order), and a
         model not so cheap that less padding cannot pay for sorting (:data:`SORT_WORTH_SECONDS`;
         until a call was timed, it is sorted)."""
-        cost = self._seconds_per_input
-        return self.sort_by_length and count > self.batch_size and (cost is None or cost >= SORT_WORTH_SECONDS)
+        return count > self.batch_size and self._sorting_pays(self._seconds_per_input)
+
+    def _sorting_pays(self, cost: float | None) -> bool:
+        """Whether this model sorts inputs by length at ``cost`` seconds an input (None: not
+        timed yet): ``sort_by_length``, and not so cheap that less padding cannot pay for it."""
+        return self.sort_by_length and (cost is None or cost >= SORT_WORTH_SECONDS)
 
     @property
     def batching(self) -> Batching | None:
@@ -498,9 +502,7 @@ class Model:
         Batching(size=2, seconds_per_input=0.001)
         """
         cost = self._seconds_per_input
-        if not self.sort_by_length or cost is None or cost < SORT_WORTH_SECONDS:
-            return None
-        return Batching(self.batch_size, cost)
+        return None if cost is None or not self._sorting_pays(cost) else Batching(self.batch_size, cost)
 
     def end_thread(self) -> None:
         """End the thread ``predict`` runs on for this thread's compute(): at once when it is
