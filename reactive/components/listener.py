@@ -319,11 +319,7 @@ class Listener(Component):
         """
         if batch.targets is not None and self._reconciled_from_nothing:
             return []
-        if not absent:
-            return ids
-        if len(absent) == len(batch.ids):  # every row of the batch (a bulk insert): nothing to look up
-            return []
-        return [i for i, key in zip(ids, id_keys(ids), strict=True) if key not in absent]
+        return [i for i, key in zip(ids, id_keys(ids), strict=True) if key not in absent] if absent else ids
 
     def _replay_ended(self, batch: Batch, looked_up: list[Any], stored: Mapping[Hashable, int]) -> None:
         """A batch of live inserts whose rows are all unknown ends the replay (see :meth:`_known_absent`)."""
@@ -374,8 +370,8 @@ class Listener(Component):
             return PlannedRefresh((), lambda: self._finish_delete(batch, db, refresh))
         remove: list[Any] = []
         absent = self._known_absent(batch)
-        # Every row of the batch known absent, none of them in flight (a bulk insert): no row
-        # of it is in flight, without a look at each.
+        # Every row of the batch known absent and none of them in flight (a bulk insert): no
+        # row of it is in flight or has an output to look up, without a look at each.
         clear = len(absent) == len(batch.ids) and absent.isdisjoint(in_flight)
         if in_flight and not clear:
             absent.difference_update(in_flight)
@@ -388,7 +384,7 @@ class Listener(Component):
         if any(map(in_flight.__contains__, keys)):
             unsure = candidates.take(k for k, key in enumerate(keys) if key in in_flight)
             sure = candidates.take(k for k, key in enumerate(keys) if key not in in_flight)
-        looked_up = self._looked_up(batch, sure.ids, absent)
+        looked_up = [] if clear else self._looked_up(batch, sure.ids, absent)
         stored = db.backend.outputs.output_fingerprints(self.identifier, looked_up) if looked_up else {}
         self._replay_ended(batch, looked_up, stored)
         if stored:
