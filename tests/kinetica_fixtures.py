@@ -22,3 +22,9 @@ def kinetica_server() -> Iterator[KineticaTestServer]:
 def kinetica_url(kinetica_server: KineticaTestServer) -> str:
     """The server's REST URL, e.g. http://127.0.0.1:40123."""
     return kinetica_server.url
+
+
+@pytest.fixture
+def kinetica_uri(kinetica_server: KineticaTestServer) -> str:
+    """A ``kinetica://`` URI of :func:`kinetica_server` (its REST port and its monitors' port)."""
+    return f"kinetica://{kinetica_server.host}:{kinetica_server.http_port}?monitor_port={kinetica_server.zmq_port}"

@@ -41,11 +41,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mo
         uri = f"duckdb:///{tmp_path / 'app.duckdb'}"
     elif kind == "postgres":
         uri = request.getfixturevalue("pg_database")
-    elif kind == "mongodb":
-        uri = request.getfixturevalue("mongo_uri")
     else:
-        server = request.getfixturevalue("kinetica_server")
-        uri = f"kinetica://127.0.0.1:{server.url.rsplit(':', 1)[1]}?monitor_port={server.zmq_port}"
+        uri = request.getfixturevalue({"mongodb": "mongo_uri", "kinetica": "kinetica_uri"}[kind])
     with reactive.connect(uri) as db:
         yield db
 

@@ -188,6 +188,9 @@ def test_a_backend_whose_driver_is_missing_is_refused_with_why(tmp_path, monkeyp
     )
 
 
+#: The fixture giving the URI of the suite's server of each kind.
+_SERVER_URIS = {"mongodb": "mongo_uri", "kinetica": "kinetica_uri"}
+
 _CONNECTED = """
 import sys, reactive
 db = reactive.connect(sys.argv[1])
@@ -203,14 +206,12 @@ def test_connecting_loads_only_the_backend_of_the_uri(kind: str, tmp_path, reque
     # Each backend's package declares its SCHEMES without importing its driver: connecting to
     # DuckDB loaded pymongo and the Kinetica client (0.16 s, 16,000 objects), connecting to
     # MongoDB loaded ibis and DuckDB (0.19 s, 39,000 objects that every full collection walks).
-    if kind == "duckdb":
-        uri, expected = f"duckdb:///{tmp_path}/a.duckdb", "duckdb ibis reactive.backends.ibis.backend sqlglot"
-    elif kind == "mongodb":
-        uri, expected = request.getfixturevalue("mongo_uri"), "pymongo reactive.backends.mongodb.backend"
-    else:
-        server = request.getfixturevalue("kinetica_server")
-        uri = f"kinetica://127.0.0.1:{server.url.rsplit(':', 1)[1]}?monitor_port={server.zmq_port}"
-        expected = "reactive.backends.kinetica.backend"
+    uri = f"duckdb:///{tmp_path}/a.duckdb" if kind == "duckdb" else request.getfixturevalue(_SERVER_URIS[kind])
+    expected = {
+        "duckdb": "duckdb ibis reactive.backends.ibis.backend sqlglot",
+        "mongodb": "pymongo reactive.backends.mongodb.backend",
+        "kinetica": "reactive.backends.kinetica.backend",
+    }[kind]
     command = [sys.executable, "-c", _CONNECTED, uri]
     run = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr
@@ -304,11 +305,7 @@ def test_connect_leaves_nothing_to_import_to_the_first_window(kind: str, request
     # pyarrow imports pandas at its first conversion of a Python list (about 0.4 s); connecting
     # to MongoDB or Kinetica imports nothing else that does, so the first window of more than a
     # few rows paid it (on MongoDB a burst's first outputs came 0.3-0.7 s late). connect() pays it.
-    if kind == "mongodb":
-        uri = request.getfixturevalue("mongo_uri")
-    else:
-        server = request.getfixturevalue("kinetica_server")
-        uri = f"kinetica://127.0.0.1:{server.url.rsplit(':', 1)[1]}?monitor_port={server.zmq_port}"
+    uri = request.getfixturevalue(_SERVER_URIS[kind])
     run = subprocess.run(
         [sys.executable, "-c", _FIRST_WINDOW, uri], capture_output=True, text=True, timeout=120, check=False
     )
