@@ -5,8 +5,9 @@ database gives back when it is read. Chained listeners see the same value whethe
 from a live write or from a read, so their input fingerprints agree. One exception, for
 speed: a batch of float vectors (an embedding model's) is checked as one 2-D array, and a
 store that takes arrays (``takes_arrays = True``: the SQL stores, which write the batch as
-one Arrow column) gets each vector as a 1-D numpy array; lists are made only for what needs
-them (a chained listener's inputs).
+one Arrow column) gets the batch's outputs as that 2-D array (a row per output) and the
+writer's callers each vector as a 1-D numpy array (a row of it); lists are made only for what
+needs them (a chained listener's inputs).
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def vector_block(outputs: Sequence[Any], output_type: str) -> np.ndarray | None:
         if type(value) is not np.ndarray or value.ndim != 1 or value.shape != shape or value.dtype.kind != "f":
             return None
     with np.errstate(over="ignore", invalid="ignore"):
-        block = np.stack(outputs).astype(_NUMPY_TYPES[inner], copy=False)
+        # One copy; np.stack would add a view per vector first (7 against 4.5 ms for 15,360 x 384).
+        block = np.concatenate(outputs).reshape(len(outputs), -1).astype(_NUMPY_TYPES[inner], copy=False)
     # Not finite (NaN, or a float64 too large for float32): each is refused alone, with why.
     return block if np.isfinite(block).all() else None
 
@@ -408,8 +410,12 @@ class OutputWriter:
             self.types.set(identifier, source, logical, self.store)
         positions: Sequence[int] = range(len(batch))
         block = vector_block(outputs, logical)
-        if block is not None:
-            stored: list[Any] = list(block) if getattr(self.store, "takes_arrays", False) else block.tolist()
+        if block is not None and getattr(self.store, "takes_arrays", False):
+            # The store writes the block as it is; the rows are views of it, not copies.
+            stored: list[Any] = list(block)
+            kept = dc.replace(batch, outputs=block)
+        elif block is not None:
+            stored = block.tolist()
             kept = dc.replace(batch, outputs=stored)
         elif plain_scalars(outputs, logical):
             stored, kept = list(outputs), batch

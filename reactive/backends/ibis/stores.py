@@ -55,8 +55,8 @@ class IbisOutputs:
     """The :class:`~reactive.backends.base.OutputStore`: one table per listener, keyed by
     ``_source`` (its primary key, except on DuckDB for integer ids: ``Dialect.keyed_by``).
 
-    It takes a batch of vectors as numpy arrays (``takes_arrays``) and writes them as one
-    Arrow column, without a Python list per vector.
+    It takes a batch of vectors as one 2-D numpy array (``takes_arrays``: a row per output)
+    and writes it as one Arrow column, without a Python list per vector.
 
     ``decoded(table, rows)`` turns stored JSON text back into values (the source reader's).
     An outputs table dropped by someone else reads as empty and is created again at the next
@@ -129,10 +129,14 @@ class IbisOutputs:
 
     def _column(self, values: Sequence[Any], output_type: str, arrow_type: pa.DataType) -> pa.Array:
         """The outputs as an Arrow column of the table's type: a batch of vectors from one
-        numpy block (they come as arrays, see ``takes_arrays``), anything else value by value."""
+        numpy block (they come as one, see ``takes_arrays``), anything else value by value."""
         dialect = self.conn.dialect
-        if values and all(type(v) is np.ndarray for v in values):
+        block: np.ndarray | None = None
+        if isinstance(values, np.ndarray) and values.ndim == 2:
+            block = values
+        elif len(values) and all(type(v) is np.ndarray for v in values):
             block = np.stack(values)
+        if block is not None:
             if dialect.native_arrays:
                 return pa.FixedSizeListArray.from_arrays(pa.array(block.ravel()), block.shape[1]).cast(arrow_type)
             if block.ndim == 2 and block.dtype.kind == "f" and stored_as_text(dialect, output_type):
