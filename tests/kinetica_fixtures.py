@@ -27,4 +27,4 @@ def kinetica_url(kinetica_server: KineticaTestServer) -> str:
 @pytest.fixture
 def kinetica_uri(kinetica_server: KineticaTestServer) -> str:
     """A ``kinetica://`` URI of :func:`kinetica_server` (its REST port and its monitors' port)."""
-    return f"kinetica://{kinetica_server.host}:{kinetica_server.http_port}?monitor_port={kinetica_server.zmq_port}"
+    return kinetica_server.uri()

@@ -1039,6 +1039,12 @@ class KineticaTestServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
 
+    def uri(self, *, monitor_port: int | None = None, userinfo: str = "") -> str:
+        """A ``kinetica://`` URI of this server for ``reactive.connect`` (its REST port and
+        its monitors' port, or ``monitor_port``; ``userinfo`` as ``"user:password@"``)."""
+        port = self.zmq_port if monitor_port is None else monitor_port
+        return f"kinetica://{userinfo}{self.host}:{self.http_port}?monitor_port={port}"
+
     @property
     def running(self) -> bool:
         return self._http is not None

@@ -64,15 +64,10 @@ def create_table(db: GPUdb, name: str, rows: list[list[Any]], *, primary_key: bo
     return table
 
 
-def uri_of(server: KineticaTestServer, *, monitor_port: int | None = None, userinfo: str = "") -> str:
-    port = server.zmq_port if monitor_port is None else monitor_port
-    return f"kinetica://{userinfo}127.0.0.1:{server.http_port}?monitor_port={port}"
-
-
 def connect(server: KineticaTestServer, **options: Any) -> reactive.Datalayer:
     options.setdefault("inactivity_timeout", 30.0)
     options.setdefault("connect_timeout", 5.0)
-    return reactive.connect(uri_of(server), **options)
+    return reactive.connect(server.uri(), **options)
 
 
 def tag(recorder: Recorder) -> Model:
@@ -365,10 +360,10 @@ def test_a_refused_connection_is_a_clear_error_without_the_password() -> None:
 def test_a_wrong_password_is_a_clear_error_without_the_password(recorder: Recorder) -> None:
     with KineticaTestServer(username="alice", password="s3cret") as server:
         with pytest.raises(BackendError, match="credentials refused") as raised:
-            reactive.connect(uri_of(server, userinfo="alice:wrong-pass@"))
+            reactive.connect(server.uri(userinfo="alice:wrong-pass@"))
         assert "wrong-pass" not in rendered(raised.value) and "alice:***@" in str(raised.value)
 
-        with reactive.connect(uri_of(server, userinfo="alice:s3cret@"), connect_timeout=5) as db:
+        with reactive.connect(server.uri(userinfo="alice:s3cret@"), connect_timeout=5) as db:
             assert "s3cret" not in repr(db) and "s3cret" not in db.backend.uri
             credentials = {"disable_failover": True, "username": "alice", "password": "s3cret"}
             foreign = GPUdb(host=server.url, options=GPUdb.Options(credentials))
@@ -493,7 +488,7 @@ def test_a_wrong_monitor_port_fails_start_within_connect_timeout(
     kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
 ) -> None:
     create_table(foreign, "docs", [[1, "alpha", "en"]])
-    with reactive.connect(uri_of(kinetica_server, monitor_port=1), connect_timeout=0.5) as db:
+    with reactive.connect(kinetica_server.uri(monitor_port=1), connect_timeout=0.5) as db:
         db.add(Listener(tag(recorder), "text", "docs"))
         started = time.monotonic()
         with pytest.raises(BackendError, match=r"from tcp://127\.0\.0\.1:1 within 0\.5 s") as raised:

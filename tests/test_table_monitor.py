@@ -128,7 +128,7 @@ class KineticaSource(Source):
 
     def __init__(self, server: KineticaTestServer) -> None:
         self.name, self.server = "kinetica", server
-        self.uri = f"kinetica://{server.host}:{server.http_port}?monitor_port={server.zmq_port}"
+        self.uri = server.uri()
         self.gpudb = GPUdb(host=server.url, options=GPUdb.Options({"disable_failover": True}))
         self.tables: dict[str, GPUdbTable] = {}
 
