@@ -128,20 +128,15 @@ class IbisOutputs:
         conn.upsert(name, SOURCE_FIELD, data)
 
     def _column(self, values: Sequence[Any], output_type: str, arrow_type: pa.DataType) -> pa.Array:
-        """The outputs as an Arrow column of the table's type: a batch of vectors from one
-        numpy block (they come as one, see ``takes_arrays``), anything else value by value."""
+        """The outputs as an Arrow column of the table's type: a batch of vectors from its one
+        2-D float block (the writer's, see ``takes_arrays``), anything else value by value."""
         dialect = self.conn.dialect
-        block: np.ndarray | None = None
-        if isinstance(values, np.ndarray) and values.ndim == 2:
-            block = values
-        elif len(values) and all(type(v) is np.ndarray for v in values):
-            block = np.stack(values)
-        if block is not None:
+        if isinstance(values, np.ndarray):
             if dialect.native_arrays:
-                return pa.FixedSizeListArray.from_arrays(pa.array(block.ravel()), block.shape[1]).cast(arrow_type)
-            if block.ndim == 2 and block.dtype.kind == "f" and stored_as_text(dialect, output_type):
-                return pa.array(json_vectors(block), type=arrow_type)
-            values = block.tolist()
+                return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), values.shape[1]).cast(arrow_type)
+            if stored_as_text(dialect, output_type):
+                return pa.array(json_vectors(values), type=arrow_type)
+            values = values.tolist()
         if not stored_as_text(dialect, output_type):
             return pa.array(values, type=arrow_type)  # encode_for leaves every value as it is
         return pa.array([encode_for(dialect, output_type, v) for v in values], type=arrow_type)
