@@ -216,6 +216,11 @@ def mongo_uri(mongo_base: str) -> Iterator[str]:
         client.drop_database(database)
 
 
+def server_uri(request: pytest.FixtureRequest, kind: str) -> str:
+    """The URI of a fresh database on the suite's server of ``kind`` (``mongodb``, ``kinetica``)."""
+    return request.getfixturevalue({"mongodb": "mongo_uri", "kinetica": "kinetica_uri"}[kind])
+
+
 @pytest.fixture
 def mongo(mongo_uri: str):
     """A plain pymongo client on the test database (the foreign client)."""

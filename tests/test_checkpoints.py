@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import outputs_by_source
+from conftest import outputs_by_source, server_uri
 
 import reactive
 from reactive.checkpoints import (
@@ -42,7 +42,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mo
     elif kind == "postgres":
         uri = request.getfixturevalue("pg_database")
     else:
-        uri = request.getfixturevalue({"mongodb": "mongo_uri", "kinetica": "kinetica_uri"}[kind])
+        uri = server_uri(request, kind)
     with reactive.connect(uri) as db:
         yield db
 

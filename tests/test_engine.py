@@ -7,7 +7,7 @@ import sys
 import threading
 
 import pytest
-from conftest import Recorder, SQLClient, outputs_by_source
+from conftest import Recorder, SQLClient, outputs_by_source, server_uri
 
 import reactive
 from reactive.backends import backend_names, load_backend, register_backend, unregister_backend
@@ -188,9 +188,6 @@ def test_a_backend_whose_driver_is_missing_is_refused_with_why(tmp_path, monkeyp
     )
 
 
-#: The fixture giving the URI of the suite's server of each kind.
-_SERVER_URIS = {"mongodb": "mongo_uri", "kinetica": "kinetica_uri"}
-
 _CONNECTED = """
 import sys, reactive
 db = reactive.connect(sys.argv[1])
@@ -206,7 +203,7 @@ def test_connecting_loads_only_the_backend_of_the_uri(kind: str, tmp_path, reque
     # Each backend's package declares its SCHEMES without importing its driver: connecting to
     # DuckDB loaded pymongo and the Kinetica client (0.16 s, 16,000 objects), connecting to
     # MongoDB loaded ibis and DuckDB (0.19 s, 39,000 objects that every full collection walks).
-    uri = f"duckdb:///{tmp_path}/a.duckdb" if kind == "duckdb" else request.getfixturevalue(_SERVER_URIS[kind])
+    uri = f"duckdb:///{tmp_path}/a.duckdb" if kind == "duckdb" else server_uri(request, kind)
     expected = {
         "duckdb": "duckdb ibis reactive.backends.ibis.backend sqlglot",
         "mongodb": "pymongo reactive.backends.mongodb.backend",
@@ -305,7 +302,7 @@ def test_connect_leaves_nothing_to_import_to_the_first_window(kind: str, request
     # pyarrow imports pandas at its first conversion of a Python list (about 0.4 s); connecting
     # to MongoDB or Kinetica imports nothing else that does, so the first window of more than a
     # few rows paid it (on MongoDB a burst's first outputs came 0.3-0.7 s late). connect() pays it.
-    uri = request.getfixturevalue(_SERVER_URIS[kind])
+    uri = server_uri(request, kind)
     run = subprocess.run(
         [sys.executable, "-c", _FIRST_WINDOW, uri], capture_output=True, text=True, timeout=120, check=False
     )
