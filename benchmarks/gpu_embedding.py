@@ -73,7 +73,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .common import git_commit, machine_info, machine_markdown, markdown_table
+from .common import git_commit, machine_info, machine_markdown, markdown_table, timed
 from .embedding import texts
 
 RESULTS = Path(__file__).parent / "results"
@@ -205,14 +205,8 @@ def busy_loops(seconds: float) -> int:
 
     torch.set_num_threads(1)  # one core, as a GPU model's dispatch uses
     sample = 2_000
-    best = min(_timed(spin, sample) for _ in range(5))
+    best = min(timed(functools.partial(spin, sample))[0] for _ in range(5))
     return round(sample * seconds / best)
-
-
-def _timed(work: Callable[[int], None], n: int) -> float:
-    started = time.perf_counter()
-    work(n)
-    return time.perf_counter() - started
 
 
 def load_model(path: str, device: str) -> Any:
@@ -583,7 +577,7 @@ def main() -> None:
 
         in_predict = {"seconds": 0.0, "padded": 0}
 
-        def timed(batch: list[str]) -> Any:
+        def timed_predict(batch: list[str]) -> Any:
             started = time.perf_counter()
             try:
                 return encode(batch)
@@ -655,7 +649,7 @@ def main() -> None:
                     path = Path(tmp) / f"{name}{r}.duckdb"
                     write_docs(path, data)
                     with reactive.connect(f"duckdb:///{path}", **options) as db:
-                        embed = Model("minilm", predict=timed, batch_size=batch_size, sort_by_length=sort)
+                        embed = Model("minilm", predict=timed_predict, batch_size=batch_size, sort_by_length=sort)
                         listener = Listener(embed, "text", "docs")
                         with measured(name):
                             db.add(listener, progress=False)
@@ -667,7 +661,7 @@ def main() -> None:
                 client = duckdb.connect(str(path), config=duckdb_options)  # one process, one configuration
                 client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
                 with reactive.connect(f"duckdb:///{path}", poll_interval=0.05, **options) as db:
-                    embed = Model("minilm", predict=timed, batch_size=batch_size)
+                    embed = Model("minilm", predict=timed_predict, batch_size=batch_size)
                     db.add(Listener(embed, "text", "docs"), progress=False)
                     db.cdc.start()
                     client.register("source", pa.table({"id": list(range(rows)), "text": data}))
