@@ -153,7 +153,7 @@ def _vector_output(value: Any, output_type: str) -> list[Any]:
         raise ValueError(f"output of type {type(value).__name__} does not fit {output_type}")
     if inner not in _NUMPY_TYPES:
         return [normalize_output(v, inner) for v in value]
-    source = _numbers(value, output_type)
+    source = _numbers(value, output_type, lambda i: f" at position {i}")
     if source.ndim != 1:
         raise ValueError(f"output of shape {source.shape} does not fit {output_type}")
     if source.dtype.kind not in "biuf":
@@ -217,7 +217,8 @@ def _scalar_output(value: Any, output_type: str) -> Any:
     if output_type in _NUMPY_TYPES:
         if type(value) not in (bool, int, float):
             raise ValueError(f"output of type {type(value).__name__} does not fit {output_type}")
-        return _exactly(_numbers([value], output_type), output_type, output_type, lambda i: "").tolist()[0]
+        nowhere: Callable[[int], str] = lambda i: ""  # noqa: E731 - one value: no position to name
+        return _exactly(_numbers([value], output_type, nowhere), output_type, output_type, nowhere).tolist()[0]
     expected = _PYTHON_TYPES.get(output_type)
     if expected is not None and type(value) is not expected:
         raise ValueError(f"output of type {type(value).__name__} does not fit {output_type}")
@@ -231,10 +232,12 @@ def _fits_plainly(value: bool | int | float | str | bytes) -> bool:
     return type(value) is not float or math.isfinite(value)
 
 
-def _numbers(values: Any, output_type: str) -> np.ndarray:
+def _numbers(values: Any, output_type: str, at: Callable[[int], str]) -> np.ndarray:
     """``values`` as a numpy array; what numpy keeps as objects (huge ints, decimals) as floats.
 
-    A None is refused here: numpy would read it as NaN, a value the output never had.
+    A None is refused here: numpy would read it as NaN, a value the output never had; so is a
+    whole number no float holds exactly (the float would change it: ``-2**63 - 1`` became
+    ``-2**63``, which int64 holds).
     """
     try:
         array = np.asarray(values)
@@ -245,10 +248,25 @@ def _numbers(values: Any, output_type: str) -> np.ndarray:
     gap = next((i for i, v in enumerate(values) if v is None), None)
     if gap is not None:
         raise ValueError(f"output has None at position {gap}, which {output_type} cannot hold")
+    inexact = next((i for i, v in enumerate(values) if type(v) is int and not _float_holds(v)), None)
+    if inexact is not None:
+        raise ValueError(f"output has {values[inexact]!r}{at(inexact)}, which {output_type} cannot hold")
     try:
         return array.astype(np.float64)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"output does not fit {output_type}") from None
+
+
+def _float_holds(number: int) -> bool:
+    """Whether a float holds ``number`` exactly (Python compares the two exactly).
+
+    >>> _float_holds(2**63), _float_holds(-(2**63) - 1), _float_holds(10**400)
+    (True, False, False)
+    """
+    try:
+        return float(number) == number
+    except OverflowError:
+        return False
 
 
 def _exactly(source: np.ndarray, inner: str, output_type: str, at: Callable[[int], str]) -> np.ndarray:

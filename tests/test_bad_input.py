@@ -272,6 +272,31 @@ def test_json_outputs_hold_arrays_as_lists_and_refuse_nan(sql: SQLClient) -> Non
         assert error["source"] == 2 and error["error"].startswith("output contains NaN or infinity, which JSON")
 
 
+@pytest.mark.parametrize("rows", [3, 100], ids=["few rows", "many rows"])
+@pytest.mark.parametrize(
+    ("output_type", "bad"),
+    [("float64", float("nan")), ("float64", float("inf")), ("int64", 2**63), ("int64", -(2**63) - 1)],
+    ids=["nan", "infinity", "int64 max + 1", "int64 min - 1"],
+)
+def test_a_scalar_that_does_not_fit_its_type_is_refused_alone(
+    sql: SQLClient, rows: int, output_type: str, bad: float | int
+) -> None:
+    """A window of a few outputs is checked value by value, a larger one with numpy: both
+    store every output that fits and refuse only the one that does not, with why."""
+    make_table(sql, "docs", [(i, "bad" if i == 2 else f"t{i}") for i in range(1, rows + 1)])
+
+    def predict(texts: list[str]) -> list[float | int]:
+        return [bad if t == "bad" else (1.5 if output_type == "float64" else 7) for t in texts]
+
+    with reactive.connect(sql.uri) as db:
+        db.add(Listener(Model("s", predict=predict, output_type=output_type), "text", "docs"))
+        stored = outputs_by_source(db, "s__text")
+        assert sorted(stored) == [i for i in range(1, rows + 1) if i != 2]
+        assert set(stored.values()) == {1.5 if output_type == "float64" else 7}
+        [error] = db.errors("s__text")
+        assert error["source"] == 2 and output_type in error["error"]
+
+
 # -- long names (PostgreSQL keeps 63 bytes) ---------------------------------------------------------
 def test_long_table_and_listener_names_stay_distinct(sql: SQLClient, recorder: Recorder) -> None:
     """A 50-character table is watched (its snapshot's name would pass 63 bytes), and two
