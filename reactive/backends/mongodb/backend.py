@@ -9,6 +9,7 @@ from typing import Any, Self
 
 import pymongo
 from pymongo import InsertOne, MongoClient, ReplaceOne
+from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import BulkWriteError, InvalidURI, OperationFailure, PyMongoError
 from pymongo.errors import ConfigurationError as PyMongoConfigurationError
@@ -132,6 +133,15 @@ class MongoOutputs:
         self._sources: dict[str, str] = {}
         #: Listeners whose outputs collection exists, unless someone dropped it since.
         self._present: set[str] = set()
+        #: Each listener's outputs collection object, made once (pymongo builds one for every
+        #: ``db[name]``: 0.06 ms of each one-change window's write, measured in place).
+        self._collections: dict[str, Collection] = {}
+
+    def _collection(self, identifier: str) -> Collection:
+        collection = self._collections.get(identifier)
+        if collection is None:
+            collection = self._collections[identifier] = self.db[outputs_table(identifier)]
+        return collection
 
     def _exists(self, identifier: str) -> bool:
         return bool(self.db.list_collection_names(filter={"name": outputs_table(identifier)}))
@@ -186,7 +196,7 @@ class MongoOutputs:
             return []
         operations = [InsertOne(d) if new else ReplaceOne({"_id": d["_id"]}, d, upsert=True) for _, new, d in documents]
         try:
-            self.db[outputs_table(identifier)].bulk_write(operations, ordered=False)
+            self._collection(identifier).bulk_write(operations, ordered=False)
         except BulkWriteError as exc:
             retry = []
             # Unordered: every other write went through; only these failed.
@@ -201,25 +211,25 @@ class MongoOutputs:
 
     def delete_outputs(self, identifier: str, ids: Sequence[Any]) -> None:
         for chunk in chunks(list(ids), _CHUNK):
-            self.db[outputs_table(identifier)].delete_many({"_id": {"$in": list(chunk)}})
+            self._collection(identifier).delete_many({"_id": {"$in": list(chunk)}})
 
     def output_fingerprints(self, identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
         found: dict[Hashable, int] = {}
         for chunk in chunks(list(ids), _CHUNK):
             query = {"_id": {"$in": list(chunk)}}
-            for doc in self.db[outputs_table(identifier)].find(query, {FINGERPRINT_FIELD: 1}):
+            for doc in self._collection(identifier).find(query, {FINGERPRINT_FIELD: 1}):
                 found[id_key(doc["_id"])] = doc.get(FINGERPRINT_FIELD)
         return found
 
     def scan_output_fingerprints(self, identifier: str, *, page_size: int) -> Iterator[list[tuple[Any, int]]]:
         projection = {"_id": 1, FINGERPRINT_FIELD: 1}
-        cursor = self.db[outputs_table(identifier)].find({}, projection).sort("_id", 1).batch_size(page_size)
+        cursor = self._collection(identifier).find({}, projection).sort("_id", 1).batch_size(page_size)
         for page in _pages(cursor, page_size):
             yield [(doc["_id"], doc.get(FINGERPRINT_FIELD)) for doc in page]
 
     def read_outputs(self, identifier: str) -> list[dict[str, Any]]:
         projection = {"_id": 0, SOURCE_FIELD: 1, OUTPUT_FIELD: 1}
-        return list(self.db[outputs_table(identifier)].find({}, projection).sort("_id", 1))
+        return list(self._collection(identifier).find({}, projection).sort("_id", 1))
 
     def drop_outputs(self, identifier: str) -> None:
         # Forgotten first: the stream reports this drop too, and it is not a loss.
