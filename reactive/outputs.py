@@ -293,7 +293,14 @@ def _exactly(source: np.ndarray, inner: str, output_type: str, at: Callable[[int
         return source
     with np.errstate(over="ignore", invalid="ignore"):
         array = source.astype(target)
-    changed = ~np.isfinite(array) if target.kind == "f" and source.dtype.kind == "f" else array != source
+        if target.kind == "f" and source.dtype.kind == "f":
+            changed = ~np.isfinite(array)
+        elif target.kind == "f":
+            # Back to the integers: numpy compares an integer with a float as two float64s, so
+            # 2**53 + 1 would equal the 2**53 float64 rounds it to.
+            changed = array.astype(source.dtype) != source
+        else:
+            changed = array != source
     if np.any(changed):
         position = _first(changed)
         raise ValueError(f"output has {source[position].item()!r}{at(position)}, which {output_type} cannot hold")

@@ -275,8 +275,14 @@ def test_json_outputs_hold_arrays_as_lists_and_refuse_nan(sql: SQLClient) -> Non
 @pytest.mark.parametrize("rows", [3, 100], ids=["few rows", "many rows"])
 @pytest.mark.parametrize(
     ("output_type", "bad"),
-    [("float64", float("nan")), ("float64", float("inf")), ("int64", 2**63), ("int64", -(2**63) - 1)],
-    ids=["nan", "infinity", "int64 max + 1", "int64 min - 1"],
+    [
+        ("float64", float("nan")),
+        ("float64", float("inf")),
+        ("float64", 2**53 + 1),
+        ("int64", 2**63),
+        ("int64", -(2**63) - 1),
+    ],
+    ids=["nan", "infinity", "an int float64 would round", "int64 max + 1", "int64 min - 1"],
 )
 def test_a_scalar_that_does_not_fit_its_type_is_refused_alone(
     sql: SQLClient, rows: int, output_type: str, bad: float | int
