@@ -188,6 +188,27 @@ def test_bad_documents_are_recorded_and_the_rest_proceed(mongo_uri: str, mongo) 
         assert "larger than max_input_bytes" in errors["4"]
 
 
+def test_an_output_bson_cannot_hold_is_refused_alone(mongo_uri: str, mongo) -> None:
+    """pymongo refuses a whole bulk write when one document cannot be encoded: only the
+    outputs BSON cannot hold are refused, with why; the window's others are stored."""
+    outputs = {
+        "fine": {"m": 1},
+        "huge int": {"m": 2**70},
+        "nul in a key": {"a\x00b": 1},
+        "list": [1, 2],
+        "nested huge int": {"a": {"b": [2**64]}},
+    }
+    mongo.docs.insert_many([{"_id": i, "text": text} for i, text in enumerate(outputs)])
+    with reactive.connect(mongo_uri) as db:
+        model = Model("j", predict=lambda texts: [outputs[t] for t in texts], output_type="json")
+        db.add(Listener(model, "text", "docs"))
+        assert outputs_by_source(db, "j__text") == {0: {"m": 1}, 3: [1, 2]}
+        errors = {e["source"]: e["error"] for e in db.errors("j__text")}
+        assert set(errors) == {1, 2, 4}
+        assert all(error.startswith("MongoDB cannot store this output: ") for error in errors.values())
+        assert "8-byte ints" in errors[1] and "NUL" in errors[2]
+
+
 def test_ten_thousand_documents_in_bulk(mongo_uri: str, mongo) -> None:
     with reactive.connect(mongo_uri) as db:
         mongo.create_collection("docs")

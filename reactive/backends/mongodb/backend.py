@@ -7,7 +7,10 @@ import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, Self
 
+import bson
 import pymongo
+from bson.codec_options import CodecOptions
+from bson.errors import InvalidDocument
 from pymongo import InsertOne, MongoClient, ReplaceOne
 from pymongo.collection import Collection
 from pymongo.database import Database
@@ -195,8 +198,23 @@ class MongoOutputs:
         if not documents:
             return []
         operations = [InsertOne(d) if new else ReplaceOne({"_id": d["_id"]}, d, upsert=True) for _, new, d in documents]
+        collection = self._collection(identifier)
         try:
-            self._collection(identifier).bulk_write(operations, ordered=False)
+            collection.bulk_write(operations, ordered=False)
+        except (InvalidDocument, OverflowError, ValueError):
+            # pymongo refuses the whole bulk when it cannot encode one document (an int past
+            # 8 bytes, a key with a NUL byte): only those outputs are refused, the others are
+            # written again (earlier batches may have gone through: every write is idempotent).
+            kept = []
+            for index, new, document in documents:
+                why = _unencodable(document, collection.codec_options)
+                if why is None:
+                    kept.append((index, new, document))
+                else:
+                    stored[index] = OutputRejected(f"MongoDB cannot store this output: {why}")
+            if len(kept) == len(documents):
+                raise  # not a document's fault
+            return self._write(identifier, kept, stored)
         except BulkWriteError as exc:
             retry = []
             # Unordered: every other write went through; only these failed.
@@ -236,6 +254,15 @@ class MongoOutputs:
         self._sources.pop(identifier, None)
         self._present.discard(identifier)
         self.db.drop_collection(outputs_table(identifier))
+
+
+def _unencodable(document: dict[str, Any], codec_options: CodecOptions) -> str | None:
+    """Why BSON cannot hold ``document`` under ``codec_options``, or None if it can."""
+    try:
+        bson.encode(document, codec_options=codec_options)
+    except (InvalidDocument, OverflowError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 class MongoErrors:
