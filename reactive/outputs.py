@@ -17,6 +17,7 @@ import dataclasses as dc
 import functools
 import json
 import math
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -190,6 +191,9 @@ def vector_block(outputs: Sequence[Any], output_type: str) -> np.ndarray | None:
     return block if np.isfinite(block).all() else None
 
 
+#: A lone surrogate: what ``bytes.decode(errors="surrogateescape")`` leaves of a byte that is not
+#: UTF-8. A Python text may hold one; no database's text can.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 #: Up to this many values, :func:`plain_scalars` checks them one by one instead of with numpy.
 _FEW = 64
 
@@ -206,10 +210,10 @@ def plain_scalars(values: Sequence[Any], output_type: str) -> bool:
     kind = _PYTHON_TYPES.get(output_type)
     if kind is None or not values or set(map(type, values)) != {kind}:
         return False
-    if len(values) <= _FEW:
-        # A window of a few changes: numpy's call costs more than the values (on a busy
-        # machine a one-float check took 0.09 ms through numpy, cold, on every change).
-        return kind not in (int, float) or all(map(_fits_plainly, values))
+    if kind is str or len(values) <= _FEW:
+        # Texts one by one; a window of a few numbers too: numpy's call costs more than the
+        # values (on a busy machine a one-float check took 0.09 ms through numpy, cold).
+        return all(map(_fits_plainly, values))
     if kind is float:
         return bool(np.isfinite(np.fromiter(values, float, len(values))).all())
     if kind is int:
@@ -222,6 +226,11 @@ def _scalar_output(value: Any, output_type: str) -> Any:
         value = value.item()
     if type(value) is _PYTHON_TYPES.get(output_type) and _fits_plainly(value):
         return value  # the common case, without numpy's cost per value
+    if type(value) is str and (surrogate := _SURROGATE.search(value)) is not None:
+        raise ValueError(
+            f"output has {surrogate.group()!r} at character {surrogate.start()}, a lone surrogate: "
+            f"not Unicode text, which no database stores"
+        )
     if output_type in _NUMPY_TYPES:
         if type(value) not in (bool, int, float):
             raise ValueError(f"output of type {type(value).__name__} does not fit {output_type}")
@@ -234,9 +243,12 @@ def _scalar_output(value: Any, output_type: str) -> Any:
 
 
 def _fits_plainly(value: bool | int | float | str | bytes) -> bool:
-    """Whether a value of the output type's own Python type fits it (int64's range, a finite float)."""
+    """Whether a value of the output type's own Python type fits it (int64's range, a finite
+    float, a text without a lone surrogate: Python holds one, UTF-8 cannot)."""
     if type(value) is int:
         return -(2**63) <= value < 2**63
+    if type(value) is str:
+        return value.isascii() or _SURROGATE.search(value) is None
     return type(value) is not float or math.isfinite(value)
 
 
@@ -455,9 +467,20 @@ class OutputWriter:
         else:
             stored, positions = self._normalized(identifier, logical, outputs)
             kept = batch.take(positions, [stored[i] for i in positions])
+        refused = self._refused(logical, kept.outputs) if len(kept) else {}
+        if refused:  # what this store's database cannot hold, though the type can
+            for k, why in refused.items():
+                stored[positions[k]] = OutputRejected(why)
+            rest = [k for k in range(len(kept)) if k not in refused]
+            kept, positions = kept.take(rest), [positions[k] for k in rest]
         if len(kept):
             self._write(functools.partial(self.store.store_outputs, identifier, logical, kept, stored, positions))
         return stored
+
+    def _refused(self, output_type: str, outputs: Sequence[Any]) -> dict[int, str]:
+        """What the store says its database cannot hold (``refused_outputs``, where it has one)."""
+        refused = getattr(self.store, "refused_outputs", None)
+        return {} if refused is None else refused(output_type, outputs)
 
     @staticmethod
     def _normalized(identifier: str, logical: str, outputs: Sequence[Any]) -> tuple[list[Any], list[int]]:

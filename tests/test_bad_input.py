@@ -303,6 +303,34 @@ def test_a_scalar_that_does_not_fit_its_type_is_refused_alone(
         assert error["source"] == 2 and output_type in error["error"]
 
 
+@pytest.mark.parametrize("output_type", ["string", "array<string>"])
+def test_a_text_the_database_cannot_hold_is_refused_alone(sql: SQLClient, output_type: str) -> None:
+    """A lone surrogate (what decoding bytes with errors="surrogateescape" leaves) is no
+    database's text, and PostgreSQL's text cannot hold NUL: those outputs are refused with
+    why, the window's others are stored (either used to fail the whole window, every time
+    it came again). JSON writes both as escapes, so a JSON output keeps them."""
+    texts = {"fine": "ok", "nul": "a\x00b", "surrogate": "x\udc80y", "emoji": "\U0001f600"}
+    make_table(sql, "docs", [(i, name) for i, name in enumerate(texts, start=1)])
+
+    def predict(names: list[str]) -> list[object]:
+        return [texts[n] if output_type == "string" else [texts[n], None] for n in names]
+
+    with reactive.connect(sql.uri) as db:
+        db.add(Listener(Model("s", predict=predict, output_type=output_type), "text", "docs"))
+        db.add(Listener(Model("j", predict=lambda names: [{"t": texts[n]} for n in names]), "text", "docs"))
+        stored = outputs_by_source(db, "s__text")
+        errors = {e["source"]: e["error"] for e in db.errors("s__text")}
+        nul_stored = sql.kind != "postgres"
+        assert sorted(stored) == ([1, 2, 4] if nul_stored else [1, 4])
+        assert stored[4] == (texts["emoji"] if output_type == "string" else [texts["emoji"], None])
+        assert sorted(errors) == ([3] if nul_stored else [2, 3])
+        assert "a lone surrogate" in errors[3]
+        if not nul_stored:
+            assert "NUL character" in errors[2]
+        assert outputs_by_source(db, "j__text") == {i: {"t": t} for i, t in enumerate(texts.values(), start=1)}
+        assert db.errors("j__text") == []
+
+
 # -- long names (PostgreSQL keeps 63 bytes) ---------------------------------------------------------
 def test_long_table_and_listener_names_stay_distinct(sql: SQLClient, recorder: Recorder) -> None:
     """A 50-character table is watched (its snapshot's name would pass 63 bytes), and two

@@ -329,7 +329,12 @@ class TableReader(Protocol):
 
 
 class OutputStore(Protocol):
-    """Where a listener's outputs live: ``_source``, ``_output``, ``_fingerprint`` per row."""
+    """Where a listener's outputs live: ``_source``, ``_output``, ``_fingerprint`` per row.
+
+    A store whose database cannot hold some values of a type (PostgreSQL's text and the NUL
+    character) may also have ``refused_outputs(output_type, outputs) -> {position: why}``: the
+    writer asks it before writing, and records those rows as failed.
+    """
 
     def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
         """Create where ``identifier``'s outputs of ``output_type`` go (if the store needs it)."""

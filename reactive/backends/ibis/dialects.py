@@ -149,6 +149,9 @@ class Dialect:
     #: :meth:`keyed_by`). SQLite and PostgreSQL read a poll's changed rows by id, and SQLite's
     #: diff in ranges walks the key.
     unkeyed_tables: ClassVar[bool] = True
+    #: Whether its text columns hold the NUL character (PostgreSQL's do not: "text fields
+    #: cannot contain NUL (0x00) bytes"); an output that has one is refused alone there.
+    text_holds_nul: ClassVar[bool] = True
 
     def keyed_by(self, id_type: dt.DataType) -> bool:
         """Whether a table reactive keys by source ids of ``id_type`` (a snapshot, an outputs
@@ -443,6 +446,7 @@ class PostgresDialect(Dialect):
     fingerprint_type = dt.int64
     max_name_bytes = 63
     unkeyed_tables = False
+    text_holds_nul = False
 
     def table_exists(self, con: Any, name: str) -> bool:
         return name in con.list_tables()

@@ -51,6 +51,21 @@ def json_vectors(block: np.ndarray) -> list[str]:
     return [orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY).decode() for row in wide]
 
 
+def nul_texts(output_type: str, outputs: Sequence[Any]) -> set[int]:
+    """The positions of the outputs that hold the NUL character: texts, or texts in a vector.
+
+    >>> sorted(nul_texts("string", ["a", "b\\x00"])), sorted(nul_texts("array<string>", [["a", None], ["\\x00"]]))
+    ([1], [1])
+    >>> nul_texts("json", ['{"a": "\\u0000"}'])  # JSON text writes it as an escape
+    set()
+    """
+    if output_type == "string":
+        return {k for k, text in enumerate(outputs) if "\x00" in text}
+    if output_type == "array<string>":
+        return {k for k, texts in enumerate(outputs) if any(t is not None and "\x00" in t for t in texts)}
+    return set()
+
+
 class IbisOutputs:
     """The :class:`~reactive.backends.base.OutputStore`: one table per listener, keyed by
     ``_source`` (its primary key, except on DuckDB for integer ids: ``Dialect.keyed_by``).
@@ -78,6 +93,15 @@ class IbisOutputs:
         self._declared: dict[str, TableInfo] = {}
 
     takes_arrays = True
+
+    def refused_outputs(self, output_type: str, outputs: Sequence[Any]) -> dict[int, str]:
+        """The outputs (normalized to ``output_type``) this database cannot store, by position,
+        with why: the writer asks before it writes (a window's writes may be deferred to its
+        transaction, too late to record a row as failed)."""
+        if self.conn.dialect.text_holds_nul:
+            return {}
+        why = f"output has the NUL character (\\x00), which {self.conn.dialect.name} text cannot hold"
+        return dict.fromkeys(nul_texts(output_type, outputs), why)
 
     def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
         if source.name == outputs_table(identifier):
