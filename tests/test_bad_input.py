@@ -331,6 +331,25 @@ def test_a_text_the_database_cannot_hold_is_refused_alone(sql: SQLClient, output
         assert db.errors("j__text") == []
 
 
+def test_an_error_message_quoting_odd_text_is_recorded_with_escapes(sql: SQLClient) -> None:
+    """A model's error that quotes its input as it is (NUL, a lone surrogate) used to make
+    recording the window's errors fail: the rows were neither computed nor recorded."""
+    make_table(sql, "docs", [(1, "ok"), (2, "nul"), (3, "surrogate")])
+    quoted = {"nul": "a\x00b", "surrogate": "x\udc80y"}
+
+    def predict(names: list[str]) -> list[float]:
+        for name in names:
+            if name in quoted:
+                raise ValueError(f"cannot read {quoted[name]}")
+        return [1.0] * len(names)
+
+    with reactive.connect(sql.uri) as db:
+        db.add(Listener(Model("m", predict=predict, max_retries=0), "text", "docs"))
+        assert outputs_by_source(db, "m__text") == {1: 1.0}
+        errors = {e["source"]: e["error"] for e in db.errors("m__text")}
+        assert errors == {2: "ValueError: cannot read a\\x00b", 3: "ValueError: cannot read x\\udc80y"}
+
+
 # -- long names (PostgreSQL keeps 63 bytes) ---------------------------------------------------------
 def test_long_table_and_listener_names_stay_distinct(sql: SQLClient, recorder: Recorder) -> None:
     """A 50-character table is watched (its snapshot's name would pass 63 bytes), and two

@@ -287,13 +287,37 @@ class OutputRejected:
 
 @dc.dataclass(frozen=True, slots=True)
 class ErrorRecord:
-    """A row a listener could not process."""
+    """A row a listener could not process. ``error`` is kept as every database can store it
+    (:func:`storable_text`): a message quoting an odd input must not lose the record."""
 
     listener: str
     table: str
     source: Any
     error: str
     at: _dt.datetime = dc.field(default_factory=lambda: _dt.datetime.now(_dt.UTC))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "error", storable_text(self.error))
+
+
+def storable_text(text: str) -> str:
+    """``text`` with what some database's text cannot hold written as an escape: a lone
+    surrogate (no database's: it is not UTF-8) and the NUL character (PostgreSQL's).
+
+    >>> storable_text("bad \\udc80 input \\x00!"), storable_text("fine, é")
+    ('bad \\\\udc80 input \\\\x00!', 'fine, é')
+    """
+    if "\x00" not in text and (text.isascii() or _encodes(text)):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # -- the roles a backend provides ---------------------------------------------------------
