@@ -350,6 +350,40 @@ def test_an_error_message_quoting_odd_text_is_recorded_with_escapes(sql: SQLClie
         assert errors == {2: "ValueError: cannot read a\\x00b", 3: "ValueError: cannot read x\\udc80y"}
 
 
+def test_a_sqlite_text_that_is_not_utf8_is_read_with_its_odd_bytes_as_surrogates(tmp_path) -> None:
+    """SQLite keeps whatever bytes a client writes as TEXT. One such row made every
+    statement over its table fail ("user-defined function raised exception": the row
+    fingerprint could not take the text), so db.add failed for it and for the next table
+    added. The row is now read as Python reads an odd file name (surrogateescape)."""
+    path = tmp_path / "app.sqlite"
+    client = sqlite3.connect(str(path))
+    client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+    client.execute("CREATE TABLE other (id INTEGER PRIMARY KEY, text TEXT)")
+    client.execute("INSERT INTO docs VALUES (1, 'fine'), (2, CAST(X'61FF62' AS TEXT))")
+    client.execute("INSERT INTO other VALUES (1, 'also fine')")
+    client.commit()
+    seen: list[str] = []
+
+    def predict(texts: list[str]) -> list[int]:
+        seen.extend(texts)
+        return [len(t) for t in texts]
+
+    with reactive.connect(f"sqlite:///{path}", poll_interval=0.05) as db:
+        db.add(Listener(Model("m", predict=predict), "text", "docs"))
+        db.add(Listener(Model("n", predict=predict), "text", "other"))
+        assert outputs_by_source(db, "m__text") == {1: 4, 2: 3}
+        assert outputs_by_source(db, "n__text") == {1: 9}
+        assert "a\udcffb" in seen
+        db.cdc.start()
+        client.execute("INSERT INTO docs VALUES (3, CAST(X'FE' AS TEXT))")
+        client.execute("UPDATE docs SET text = 'now fine' WHERE id = 2")
+        client.commit()
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: 4, 2: 8, 3: 1}
+        assert db.errors("m__text") == [] and db.cdc.info()["source"]["failing_tables"] == {}
+    client.close()
+
+
 # -- long names (PostgreSQL keeps 63 bytes) ---------------------------------------------------------
 def test_long_table_and_listener_names_stay_distinct(sql: SQLClient, recorder: Recorder) -> None:
     """A 50-character table is watched (its snapshot's name would pass 63 bytes), and two

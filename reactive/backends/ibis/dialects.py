@@ -36,7 +36,7 @@ import sqlglot.expressions as sge
 
 from reactive.errors import ConfigurationError
 from reactive.events import id_key
-from reactive.fingerprints import fingerprint_text
+from reactive.fingerprints import fingerprint_bytes
 from reactive.rows import TableRows
 
 Row = dict[str, Any]
@@ -662,7 +662,10 @@ class SQLiteDialect(Dialect):
         joined = sge.DPipe(this=parts[0], expression=sge.convert("")) if len(parts) == 1 else parts[0]
         for part in parts[1:]:
             joined = sge.DPipe(this=sge.DPipe(this=joined, expression=sge.convert(",")), expression=part)
-        return sge.Anonymous(this="reactive_fingerprint", expressions=[joined])
+        # As bytes: SQLite keeps whatever bytes a client wrote as TEXT, and a text argument that
+        # is not UTF-8 fails the function (and the whole statement) before it runs.
+        as_bytes = sge.Cast(this=joined, to=sge.DataType.build("BLOB"))
+        return sge.Anonymous(this="reactive_fingerprint", expressions=[as_bytes])
 
     def ids_condition(self, column: str, table: str | None = None, id_type: dt.DataType | None = None) -> sge.Condition:
         # The ids come as one JSON array; JSON has no bytes, so a BLOB id travels as
@@ -750,9 +753,17 @@ class SQLiteDialect(Dialect):
 
 
 def prepare_sqlite(raw: sqlite3.Connection) -> None:
-    """Register the functions SQLite lacks: a row fingerprint, and hex text to a BLOB id."""
-    raw.create_function("reactive_fingerprint", 1, fingerprint_text, deterministic=True)
+    """Register the functions SQLite lacks (a row fingerprint of the row's bytes, hex text to
+    a BLOB id), and read a TEXT that is not UTF-8 (SQLite keeps what a client wrote) with its
+    odd bytes as lone surrogates, as Python reads file names: the row is read, its model gets
+    it, and nothing else in the table stops."""
+    raw.create_function("reactive_fingerprint", 1, fingerprint_bytes, deterministic=True)
     raw.create_function("reactive_blob", 1, bytes.fromhex, deterministic=True)
+    raw.text_factory = _sqlite_text
+
+
+def _sqlite_text(data: bytes) -> str:
+    return data.decode("utf-8", "surrogateescape")
 
 
 def _select(table: str, columns: Sequence[str]) -> sge.Select:
