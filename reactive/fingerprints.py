@@ -41,6 +41,33 @@ def plain_value(value: Any) -> Any:
     return {"__" + type(value).__name__ + "__": str(value)}
 
 
+def from_plain(value: dict[str, Any]) -> Any:
+    """The inverse of :func:`plain_value` for what a row id can be (a ``json.loads`` object
+    hook): bytes, a date, time or datetime, a UUID or a decimal; any other object as it is.
+
+    >>> import json
+    >>> ids = [b"\\x00", _dt.date(2026, 1, 2), _dt.datetime(2026, 1, 2, 3, 4, tzinfo=_dt.UTC), _dt.time(5, 6),
+    ...        uuid.UUID(int=7), decimal.Decimal("1.50")]
+    >>> [json.loads(json.dumps(i, default=plain_value), object_hook=from_plain) for i in ids] == ids
+    True
+    """
+    if len(value) != 1:
+        return value
+    [(tag, text)] = value.items()
+    if tag == "__bytes__":
+        return bytes.fromhex(text)
+    if tag == "__dt__":
+        if "T" in text:
+            return _dt.datetime.fromisoformat(text)
+        return _dt.time.fromisoformat(text) if ":" in text else _dt.date.fromisoformat(text)
+    if tag == "__str__":  # a UUID's text never reads as a decimal, nor a decimal's as a UUID
+        try:
+            return uuid.UUID(text)
+        except ValueError:
+            return decimal.Decimal(text)
+    return value
+
+
 def fingerprint_text(text: str) -> int:
     """A signed 64-bit digest of ``text`` (fits an SQL BIGINT): its UTF-8 bytes' 8-byte blake2b.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import sqlite3
+from uuid import UUID
 
 import numpy as np
 import pytest
@@ -230,6 +231,33 @@ def test_blob_ids_work_end_to_end(sql: SQLClient, recorder: Recorder) -> None:
         sql.execute("DELETE FROM docs WHERE id = ?", (b"\x00\x01",))
         assert db.cdc.wait_idle(timeout=30)
         assert outputs_by_source(db, "m__text") == {b"\x02": "<c>", b"\xff": "<b>"}
+
+
+def test_uuid_ids_work_end_to_end(sql: SQLClient, recorder: Recorder) -> None:
+    """PostgreSQL's driver returns uuid.UUID ids, which Arrow would not take as the outputs'
+    and the snapshot's id column (every window failed, and db.outputs() too); DuckDB hands
+    them over as text."""
+    u = [f"00000000-0000-0000-0000-00000000000{i}" for i in range(4)]
+    sql.execute("CREATE TABLE docs (id UUID PRIMARY KEY, text VARCHAR(100))")
+    sql.executemany("INSERT INTO docs VALUES (?, ?)", [(u[0], "a"), (u[1], None)])
+
+    def by_text(rows: dict) -> dict:
+        return {str(k): v for k, v in rows.items()}
+
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        assert by_text(outputs_by_source(db, "m__text")) == {u[0]: "<a>"}
+        [error] = db.errors("m__text")
+        assert str(error["source"]) == u[1] and "no value for key 'text'" in error["error"]
+        db.cdc.start()
+        sql.execute("INSERT INTO docs VALUES (?, ?)", (u[2], "c"))
+        sql.execute("UPDATE docs SET text = 'b' WHERE id = ?", (u[1],))
+        sql.execute("DELETE FROM docs WHERE id = ?", (u[0],))
+        assert db.cdc.wait_idle(timeout=30)
+        assert by_text(outputs_by_source(db, "m__text")) == {u[2]: "<c>", u[1]: "<b>"}
+        assert db.errors("m__text") == [] and db.cdc.info()["source"]["failing_tables"] == {}
+        # The ids as the driver hands the rows over: PostgreSQL's are uuid.UUID, the others' text.
+        assert {type(i) for i in outputs_by_source(db, "m__text")} == {UUID if sql.kind == "postgres" else str}
 
 
 # -- outputs are never changed to fit their type -------------------------------------------------

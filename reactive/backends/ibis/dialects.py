@@ -23,6 +23,7 @@ import json
 import logging
 import secrets
 import sqlite3
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
@@ -152,6 +153,8 @@ class Dialect:
     #: Whether its text columns hold the NUL character (PostgreSQL's do not: "text fields
     #: cannot contain NUL (0x00) bytes"); an output that has one is refused alone there.
     text_holds_nul: ClassVar[bool] = True
+    #: Whether the driver returns a UUID column's values as ``uuid.UUID`` (psycopg), not text.
+    uuid_objects: ClassVar[bool] = False
 
     def keyed_by(self, id_type: dt.DataType) -> bool:
         """Whether a table reactive keys by source ids of ``id_type`` (a snapshot, an outputs
@@ -447,6 +450,7 @@ class PostgresDialect(Dialect):
     max_name_bytes = 63
     unkeyed_tables = False
     text_holds_nul = False
+    uuid_objects = True
 
     def table_exists(self, con: Any, name: str) -> bool:
         return name in con.list_tables()
@@ -603,6 +607,7 @@ _POSTGRES_TYPES = {
     pa.large_string(): "text",
     pa.binary(): "bytea",
     pa.large_binary(): "bytea",
+    pa.uuid(): "uuid",
 }
 
 
@@ -1002,6 +1007,19 @@ def timestamp_column(dialect: Dialect, values: list[_dt.datetime]) -> pa.Array:
 def stored_as_text(dialect: Dialect, logical: str) -> bool:
     """Whether ``dialect`` stores outputs of type ``logical`` as JSON text (see :func:`encode_for`)."""
     return logical == "json" or (logical.startswith("array<") and not dialect.native_arrays)
+
+
+def id_array(ids: Sequence[Any], id_type: dt.DataType) -> pa.Array:
+    """Ids as an Arrow column for a table whose id column has ``id_type``. UUIDs as the
+    PostgreSQL driver returns them (``uuid.UUID``) go as Arrow's UUID type, which binary COPY
+    sends as ``uuid``; elsewhere (DuckDB hands them over as text) as the type's own column.
+
+    >>> id_array([uuid.UUID(int=1)], dt.uuid).type, id_array(["00000000-0000-0000-0000-000000000001"], dt.uuid).type
+    (UuidType(extension<arrow.uuid>), DataType(string))
+    """
+    if id_type.is_uuid() and any(isinstance(i, uuid.UUID) for i in ids):
+        return pa.array([i if isinstance(i, uuid.UUID) else uuid.UUID(str(i)) for i in ids], type=pa.uuid())
+    return pa.array(ids, type=id_type.to_pyarrow())
 
 
 def encode_for(dialect: Dialect, logical: str, value: Any) -> Any:

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from reactive.backends.base import CheckpointStore, TableInfo, VersionColumn, bounded_name
 from reactive.backends.ibis.connection import IbisConnection
-from reactive.backends.ibis.dialects import FINGERPRINT_ALIAS, ID_ALIAS, KIND_ALIAS, SnapshotSQL
+from reactive.backends.ibis.dialects import FINGERPRINT_ALIAS, ID_ALIAS, KIND_ALIAS, SnapshotSQL, id_array
 from reactive.backends.ibis.listener import ChangedRows
 from reactive.checkpoints import CorruptCheckpointError
 from reactive.errors import ConfigurationError
@@ -637,7 +637,7 @@ class SnapshotStore:
                     ids, fingerprints = [i for i, _ in latest.values()], [fp for _, fp in latest.values()]
                 data = pa.table(
                     {
-                        ROW_ID: pa.array(ids, type=schema[ROW_ID].to_pyarrow()),
+                        ROW_ID: id_array(ids, schema[ROW_ID]),
                         ROW_FINGERPRINT: pa.array(fingerprints, type=schema[ROW_FINGERPRINT].to_pyarrow()),
                     }
                 )

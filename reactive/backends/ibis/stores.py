@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
@@ -24,10 +25,10 @@ from reactive.backends.base import (
     outputs_table,
 )
 from reactive.backends.ibis.connection import IbisConnection
-from reactive.backends.ibis.dialects import encode_for, stored_as_text, timestamp_column
+from reactive.backends.ibis.dialects import encode_for, id_array, stored_as_text, timestamp_column
 from reactive.errors import ConfigurationError
 from reactive.events import Row, id_key
-from reactive.fingerprints import plain_value
+from reactive.fingerprints import from_plain, plain_value
 from reactive.rows import column_of
 
 ERRORS_TABLE = "_reactive_errors"
@@ -144,7 +145,7 @@ class IbisOutputs:
         schema = conn.table(name).schema()
         data = pa.table(
             {
-                SOURCE_FIELD: pa.array(batch.sources, type=schema[SOURCE_FIELD].to_pyarrow()),
+                SOURCE_FIELD: id_array(batch.sources, schema[SOURCE_FIELD]),
                 OUTPUT_FIELD: self._column(batch.outputs, output_type, schema[OUTPUT_FIELD].to_pyarrow()),
                 FINGERPRINT_FIELD: pa.array(batch.fingerprints, type=pa.int64()),
             }
@@ -222,7 +223,15 @@ class IbisOutputs:
                 return []
             try:
                 o = self.conn.table(name)
-                rows = o.select(SOURCE_FIELD, OUTPUT_FIELD).order_by(SOURCE_FIELD).to_pyarrow().to_pylist()
+                source = o[SOURCE_FIELD]
+                # ibis's Arrow conversion of a UUID column fails on PostgreSQL and SQLite: read as
+                # text, then as the driver hands the rows' ids over (PostgreSQL's: uuid.UUID).
+                uuids = source.type().is_uuid()
+                column = source.cast("string").name(SOURCE_FIELD) if uuids else source
+                rows = o.select(column, OUTPUT_FIELD).order_by(SOURCE_FIELD).to_pyarrow().to_pylist()
+                if uuids and self.conn.dialect.uuid_objects:
+                    for row in rows:
+                        row[SOURCE_FIELD] = uuid.UUID(row[SOURCE_FIELD])
             except Exception:
                 if not self._gone(name):
                     raise
@@ -289,12 +298,5 @@ class IbisErrors:
                 t = t.filter(t.listener == listener)
             rows = t.order_by("at").to_pyarrow().to_pylist()
         for row in rows:
-            row["source"] = json.loads(row["source"], object_hook=_decode_bytes)
+            row["source"] = json.loads(row["source"], object_hook=from_plain)
         return rows
-
-
-def _decode_bytes(value: dict[str, Any]) -> Any:
-    """A BLOB row id comes back as the bytes it was (it is stored as ``plain_value``'s JSON)."""
-    if value.keys() == {"__bytes__"}:
-        return bytes.fromhex(value["__bytes__"])
-    return value
