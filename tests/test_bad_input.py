@@ -110,6 +110,38 @@ def test_wrong_output_count_is_a_clear_error_per_batch(sql: SQLClient) -> None:
         assert db.cdc.info()["listeners"]["short__text"]["errors"] == 5
 
 
+class _Frame:
+    """What a data frame looks like to the check: it iterates over its column names."""
+
+    columns = ("score",)
+
+    def __iter__(self):
+        return iter(self.columns)
+
+
+@pytest.mark.parametrize(
+    ("returned", "name"),
+    [
+        (lambda texts: "x" * len(texts), "str"),
+        (lambda texts: b"x" * len(texts), "bytes"),
+        (lambda texts: {t: 1 for t in texts}, "dict"),
+        (lambda texts: set(range(len(texts))), "set"),
+        (lambda texts: _Frame(), "_Frame"),
+    ],
+    ids=["text", "bytes", "a mapping", "a set", "a data frame"],
+)
+def test_a_model_returning_something_that_only_iterates_is_refused(duck: SQLClient, returned, name: str) -> None:
+    """Each of these iterates, and with the right count (one input: one character, one key,
+    one column name) would have been stored as the outputs."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES (1, 'a')")
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(Model("m", predict=returned, max_retries=0), "text", "docs"))
+        assert db.outputs("m__text") == []
+        [error] = db.errors("m__text")
+        assert error["error"] == f"model 'm' returned {name}, not a list of outputs"
+
+
 def test_output_of_the_wrong_type_is_recorded(duck: SQLClient) -> None:
     duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
     duck.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "vec"), (2, "oops")])

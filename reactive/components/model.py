@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -671,8 +671,15 @@ class Model:
             self._returned_calls.notify_all()
 
     def _checked(self, outputs: Any, count: int) -> list[Any]:
-        """``outputs`` as a list of ``count`` outputs (one per input); a count mismatch fails the batch."""
+        """``outputs`` as a list of ``count`` outputs (one per input); a count mismatch fails the batch.
+
+        Text, bytes, a mapping, a set and a data frame are refused though they iterate: their
+        characters, keys, members in no promised order or column names are not one output per
+        input, whatever their number (a one-column frame for one input would pass the count).
+        """
         try:
+            if isinstance(outputs, str | bytes | bytearray | Mapping | Set) or hasattr(outputs, "columns"):
+                raise TypeError
             outputs = list(outputs)
         except TypeError:
             raise _BatchFailed(
