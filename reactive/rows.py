@@ -8,6 +8,7 @@ and gets the same dicts a row-by-row read gives (built once, on first use).
 
 from __future__ import annotations
 
+import dataclasses as dc
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, overload
 
@@ -25,6 +26,38 @@ def warm_arrow() -> None:
     >>> warm_arrow()
     """
     pa.array([""], pa.large_string())
+
+
+@dc.dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A value Arrow holds that Python cannot (DuckDB's date ``'infinity'`` is past any
+    ``datetime.date``), in place of the value: why it cannot be read."""
+
+    error: str
+
+
+def python_values(column: pa.Array | pa.ChunkedArray) -> list[Any]:
+    """``column`` as Python values; one Python cannot hold becomes an :class:`Unreadable`
+    instead of failing the column (and with it every row read beside it).
+
+    >>> python_values(pa.array([1, None])), python_values(pa.array([0, 2**31 - 1], pa.date32()))[1]
+    ([1, None], Unreadable(error='OverflowError: days=2147483647; must have magnitude <= 999999999'))
+    """
+    try:
+        return column.to_pylist()
+    except _NOT_PYTHON:
+        return [_value(column, i) for i in range(len(column))]
+
+
+def _value(column: pa.Array | pa.ChunkedArray, index: int) -> Any:
+    try:
+        return column[index].as_py()
+    except _NOT_PYTHON as exc:
+        return Unreadable(f"{type(exc).__name__}: {exc}")
+
+
+#: What converting an Arrow value Python cannot hold raises.
+_NOT_PYTHON = (OverflowError, ValueError, pa.ArrowException)
 
 
 class TableRows(Sequence[Row]):
@@ -67,11 +100,16 @@ class TableRows(Sequence[Row]):
         """Column ``name`` as Python values, in row order (KeyError if the rows lack it)."""
         if name not in self.table.column_names:
             raise KeyError(name)
-        return self.table.column(name).to_pylist()
+        return python_values(self.table.column(name))
 
     def _rows(self) -> list[dict[str, Any]]:
         if self._dicts is None:
-            self._dicts = self.table.to_pylist()
+            try:
+                self._dicts = self.table.to_pylist()
+            except _NOT_PYTHON:  # column by column, an odd value as an Unreadable
+                table = self.table
+                columns = [python_values(table.column(k)) for k in range(table.num_columns)]
+                self._dicts = [dict(zip(table.column_names, row, strict=True)) for row in zip(*columns, strict=True)]
         return self._dicts
 
     def __len__(self) -> int:

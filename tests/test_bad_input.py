@@ -142,6 +142,28 @@ def test_a_model_returning_something_that_only_iterates_is_refused(duck: SQLClie
         assert error["error"] == f"model 'm' returned {name}, not a list of outputs"
 
 
+@pytest.mark.parametrize("rows", [3, 40], ids=["few rows", "a column of rows"])
+def test_a_value_python_cannot_hold_fails_its_row_alone(duck: SQLClient, rows: int) -> None:
+    """DuckDB's date 'infinity' is past any datetime.date: converting the batch's rows to
+    Python failed them all (and a large window's column, the whole window)."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, day DATE)")
+    duck.execute(f"INSERT INTO docs SELECT i, DATE '2026-01-01' + CAST(i AS INTEGER) FROM range({rows}) t(i)")
+    duck.execute("UPDATE docs SET day = 'infinity' WHERE id = 1")
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("m", predict=lambda days: [d.day for d in days], max_retries=0), "day", "docs"))
+        assert sorted(outputs_by_source(db, "m__day")) == [i for i in range(rows) if i != 1]
+        [error] = db.errors("m__day")
+        assert error["source"] == 1
+        assert error["error"].startswith("the value of 'day' cannot be read in Python: OverflowError")
+        db.cdc.start()
+        duck.execute(f"INSERT INTO docs VALUES ({rows}, 'infinity'), ({rows + 1}, DATE '2026-02-03')")
+        duck.execute("UPDATE docs SET day = DATE '2026-03-04' WHERE id = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        outputs = outputs_by_source(db, "m__day")
+        assert outputs[1] == 4 and outputs[rows + 1] == 3 and rows not in outputs
+        assert [e["source"] for e in db.errors("m__day")] == [rows]
+
+
 def test_output_of_the_wrong_type_is_recorded(duck: SQLClient) -> None:
     duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
     duck.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "vec"), (2, "oops")])

@@ -16,7 +16,7 @@ from reactive.components.model import Batching, Failure, Model, ModelCalls
 from reactive.errors import ConfigurationError
 from reactive.events import Batch, ChangePacket, DBEvent, Row, id_key, id_keys
 from reactive.reconcile import OnProcessed, reconcile
-from reactive.rows import TableRows
+from reactive.rows import TableRows, Unreadable
 
 if TYPE_CHECKING:
     from reactive.compute import Compute
@@ -450,6 +450,8 @@ class Listener(Component):
             value = self._input(row)
             if value is _MISSING:
                 error = f"row has no value for key {self.key!r}"
+            elif isinstance(value, Unreadable):
+                error = f"the value of {self.key!r} cannot be read in Python: {value.error}"
             elif self.max_input_bytes is not None and (size := _input_bytes(value, self.max_input_bytes)) > (
                 self.max_input_bytes
             ):
@@ -486,7 +488,10 @@ class Listener(Component):
             sized = any(text(kind) for text in _TEXT)
             if not sized or (len(column) and pc.max(pc.binary_length(column)).as_py() > limit):
                 return None
-        values = column.to_pylist()
+        try:
+            values = column.to_pylist()
+        except (OverflowError, ValueError, pa.ArrowException):
+            return None  # a value Python cannot hold: the rows one by one, that one failing alone
         digests = self._column_fingerprints(column, values)
         return None if digests is None else _Inputs(list(ids), values, digests)
 
