@@ -134,8 +134,8 @@ def id_key(value: Any) -> Hashable:
 
     >>> id_key({"b": 1, "a": [2, 3]}) == id_key({"a": [2, 3], "b": 1})
     False
-    >>> id_key(7)
-    7
+    >>> id_key(7), id_key(bytearray(b"x"))
+    (7, ('__bytearray__', "bytearray(b'x')"))
     """
     if type(value) in _SCALAR_IDS:
         return value
@@ -144,6 +144,10 @@ def id_key(value: Any) -> Hashable:
         return ("__doc__", tuple((k, id_key(v)) for k, v in value.items()))
     if isinstance(value, list | tuple):
         return ("__seq__", tuple(id_key(v) for v in value))
+    try:
+        hash(value)
+    except TypeError:  # BSON's Decimal128, Regex and Code are ids no dict can key
+        return ("__" + type(value).__name__ + "__", repr(value))
     return value
 
 

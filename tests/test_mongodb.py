@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
 
 import pytest
+from bson import Code, Decimal128, ObjectId, Regex
 from conftest import BrokenOnce, HeldTags, Recorder, Watching, outputs_by_source
 from pymongo import InsertOne, monitoring
 
@@ -207,6 +209,25 @@ def test_an_output_bson_cannot_hold_is_refused_alone(mongo_uri: str, mongo) -> N
         assert set(errors) == {1, 2, 4}
         assert all(error.startswith("MongoDB cannot store this output: ") for error in errors.values())
         assert "8-byte ints" in errors[1] and "NUL" in errors[2]
+
+
+def test_ids_of_every_bson_type_work_even_those_python_cannot_hash(mongo_uri: str, mongo) -> None:
+    """A Decimal128, Regex or Code _id cannot key a dict: coalescing such a change raised in
+    the handler, and its window came back and failed again forever, with every change in it."""
+    odd = [Decimal128("3.5"), Regex("^a", "i"), Code("x = 1"), ObjectId(), datetime.datetime(2026, 1, 2)]
+    mongo.docs.insert_many([{"_id": i, "text": f"doc {n}"} for n, i in enumerate(odd)])
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+        assert len(db.outputs("len__text")) == len(odd)
+        db.cdc.start()
+        mongo.docs.insert_one({"_id": Decimal128("4.5"), "text": "later"})
+        mongo.docs.update_one({"_id": Regex("^a", "i")}, {"$set": {"text": "changed!"}})
+        mongo.docs.delete_one({"_id": Code("x = 1")})
+        assert db.cdc.wait_idle(timeout=30)
+        outputs = {repr(row["_source"]): row["_output"] for row in db.outputs("len__text")}
+        assert outputs[repr(Decimal128("4.5"))] == 5 and outputs[repr(Regex("^a", 2))] == 8  # flags read back as int
+        assert repr(Code("x = 1")) not in outputs and len(outputs) == len(odd)
+        assert db.errors("len__text") == []
 
 
 def test_ten_thousand_documents_in_bulk(mongo_uri: str, mongo) -> None:
