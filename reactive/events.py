@@ -115,6 +115,8 @@ class SourceChange:
 
 
 _SCALAR_IDS = frozenset({int, str, bytes, float})
+#: The key of a NaN id (a float key column allows one).
+_NAN_ID = ("__nan__",)
 
 
 def id_keys(values: Sequence[Any]) -> list[Hashable]:
@@ -124,7 +126,8 @@ def id_keys(values: Sequence[Any]) -> list[Hashable]:
     >>> id_keys([1, 2]), id_keys([1, [2]])
     ([1, 2], [1, ('__seq__', (2,))])
     """
-    if set(map(type, values)) <= _SCALAR_IDS:
+    types = set(map(type, values))
+    if types <= _SCALAR_IDS and not (float in types and any(v != v for v in values)):
         return list(values)
     return list(map(id_key, values))
 
@@ -134,11 +137,12 @@ def id_key(value: Any) -> Hashable:
 
     >>> id_key({"b": 1, "a": [2, 3]}) == id_key({"a": [2, 3], "b": 1})
     False
-    >>> id_key(7), id_key(bytearray(b"x"))
-    (7, ('__bytearray__', "bytearray(b'x')"))
+    >>> id_key(7), id_key(bytearray(b"x")), id_key(float("nan")) == id_key(float("nan"))
+    (7, ('__bytearray__', "bytearray(b'x')"), True)
     """
     if type(value) in _SCALAR_IDS:
-        return value
+        # NaN equals nothing, itself included: two reads of one NaN id would be two rows.
+        return _NAN_ID if value != value else value
     # Field order is significant for MongoDB document ids, so dicts keep their order.
     if isinstance(value, Mapping):
         return ("__doc__", tuple((k, id_key(v)) for k, v in value.items()))
