@@ -176,11 +176,15 @@ def vector_block(outputs: Sequence[Any], output_type: str) -> np.ndarray | None:
            [2. , 3. ]], dtype=float32)
     >>> vector_block([np.array([0.5, np.nan])], "array<float32>") is None
     True
+    >>> vector_block([np.zeros(0)], "array<float32>") is None  # no block of no columns: Arrow has none
+    True
     """
     inner = output_type[6:-1] if output_type.startswith("array<") else None
     if inner not in _FLOATS or not outputs:
         return None
     shape = getattr(outputs[0], "shape", None)
+    if shape == (0,):
+        return None
     for value in outputs:
         if type(value) is not np.ndarray or value.ndim != 1 or value.shape != shape or value.dtype.kind != "f":
             return None

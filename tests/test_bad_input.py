@@ -352,6 +352,21 @@ def test_a_fractional_vector_is_refused_by_an_integer_type_never_truncated(sql: 
         }
 
 
+def test_empty_vectors_are_stored_as_empty(sql: SQLClient) -> None:
+    """A window of empty float vectors became a block of no columns, which Arrow cannot make
+    into a fixed-size list: the whole window failed, every time it came again."""
+    make_table(sql, "docs", [(1, "a"), (2, "b")])
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        empty = Model("e", predict=lambda xs: [np.zeros(0, np.float32) for _ in xs], output_type="array<float32>")
+        db.add(Listener(empty, "text", "docs"))
+        assert outputs_by_source(db, "e__text") == {1: [], 2: []}
+        db.cdc.start()
+        sql.execute("INSERT INTO docs VALUES (3, 'c')")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "e__text") == {1: [], 2: [], 3: []}
+        assert db.errors("e__text") == []
+
+
 def test_whole_and_fractional_vectors_of_the_first_batch_are_floats(sql: SQLClient) -> None:
     make_table(sql, "docs", [(1, "whole"), (2, "frac")])
     with reactive.connect(sql.uri) as db:
