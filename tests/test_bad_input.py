@@ -98,6 +98,15 @@ def test_key_column_that_does_not_exist_fails_at_add(duck: SQLClient, recorder: 
         db.add(Listener(Model("m", predict=recorder), "body", "docs"))
 
 
+def test_a_filter_on_a_column_the_table_lacks_fails_at_add(sql: SQLClient, recorder: Recorder) -> None:
+    """It matched no row, silently: a misspelt filter field looked like an empty table."""
+    make_table(sql, "docs", [(1, "a")])
+    with reactive.connect(sql.uri) as db:
+        with pytest.raises(reactive.ConfigurationError, match="has no column 'lnag' to filter on"):
+            db.add(Listener(Model("m", predict=recorder), "text", "docs", filter={"lnag": "en"}))
+        assert db.show() == []
+
+
 def test_wrong_output_count_is_a_clear_error_per_batch(sql: SQLClient) -> None:
     sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(100))")
     sql.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"t{i}") for i in range(1, 6)])

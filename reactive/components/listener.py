@@ -210,9 +210,13 @@ class Listener(Component):
 
     def prepare(self, db: Datalayer) -> TableInfo:
         source = db.table_info(self.select, id_column=self.id_column)
-        if source.columns and self.key not in source.columns:
+        # Tables with columns (SQL, Kinetica): a key or a filter field they lack would match no
+        # row, silently. MongoDB collections have none: a field any document lacks is normal.
+        missing = [field for field in (self.key, *self.filter) if source.columns and field not in source.columns]
+        if missing:
+            what = f"column {missing[0]!r}" if missing[0] == self.key else f"column {missing[0]!r} to filter on"
             raise ConfigurationError(
-                f"listener {self.identifier!r}: table {self.select!r} has no column {self.key!r} "
+                f"listener {self.identifier!r}: table {self.select!r} has no {what} "
                 f"(columns: {', '.join(source.columns)})",
                 table=self.select,
                 listener=self.identifier,
