@@ -7,13 +7,14 @@ import datetime as _dt
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from reactive import __version__
 from reactive.errors import ReactiveError
-from reactive.uri import file_path, scheme_of
+from reactive.uri import file_path, redact, scheme_of
 
 #: What ``reactive errors --retry`` can and cannot do, said after it cleared errors.
 RETRY_NOTE = (
@@ -30,11 +31,32 @@ RETRY_NOTE_SQL = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with any URI in its error messages redacted: a URI given where none was
+    expected (``reactive status postgresql://user:secret@host/db`` before URIs were taken
+    there) came back whole in "unrecognized arguments"."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(_URI_IN_TEXT.sub(lambda m: redact(m.group()), message))
+
+
+#: A URI inside a message (``scheme://`` up to the next space).
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+#: What ``--uri`` and the positional URI say in help.
+_URI_HELP = "the database (default: $REACTIVE_URI, else duckdb:///reactive.duckdb)"
+
+
+def _add_uri(command: argparse.ArgumentParser) -> None:
+    """The database of a command, as ``--uri URI`` or as its one positional argument."""
+    command.add_argument("--uri", help=_URI_HELP)
+    command.add_argument("uri_given", nargs="?", metavar="URI", help=f"{_URI_HELP}; or as --uri")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``reactive`` and its subcommands."""
     from reactive.demo import DEFAULT_URI, MODELS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="reactive",
         description="Keep model outputs fresh: react to every insert, update and delete in your database.",
     )
@@ -76,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
             "process, db.retry_errors() retries at once)."
         ),
     )
-    errors.add_argument("--uri", help="the database (default: $REACTIVE_URI, else duckdb:///reactive.duckdb)")
+    _add_uri(errors)
     errors.add_argument("--listener", metavar="ID", help="only the errors of this listener")
     errors.add_argument("--retry", action="store_true", help="clear the listed errors so they are retried")
     errors.add_argument("--json", action="store_true", help="print the errors as a JSON list")
@@ -91,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
             "DuckDB file that process holds is read from a copy."
         ),
     )
-    status.add_argument("--uri", help="the database (default: $REACTIVE_URI, else duckdb:///reactive.duckdb)")
+    _add_uri(status)
     status.add_argument("--json", action="store_true", help="print the status as a JSON object")
     return parser
 
@@ -206,6 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    given = getattr(args, "uri_given", None)
+    if given is not None:
+        if args.uri is not None and args.uri != given:
+            parser.error("give the database once: as URI or as --uri")
+        args.uri = given
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from reactive.demo import DemoError, run
 

@@ -153,6 +153,30 @@ def test_status_of_what_cannot_be_opened(tmp_path: Path, capsys: pytest.CaptureF
     assert "supported schemes" in capsys.readouterr().err
 
 
+def test_the_database_may_be_given_as_the_argument_and_a_stray_password_never_shows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``reactive status URI`` is what a new user types; it used to be refused with argparse's
+    "unrecognized arguments: <the URI, password and all>"."""
+    path = tmp_path / "empty.sqlite"
+    path.touch()
+    assert main(["status", f"sqlite:///{path}"]) == 0
+    assert "no listeners recorded" in capsys.readouterr().out
+    assert main(["errors", f"sqlite:///{path}"]) == 0
+    with pytest.raises(SystemExit):
+        main(["status", "--uri", f"sqlite:///{path}", "postgresql://bob:hunter2@db/x"])
+    err = capsys.readouterr().err
+    assert "give the database once" in err and "hunter2" not in err
+    with pytest.raises(SystemExit):
+        main(["status", "postgresql://bob:hunter2@db/x", "extra"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: extra" in err and "hunter2" not in err
+    with pytest.raises(SystemExit):
+        main(["demo", "postgresql://bob:hunter2@db/x"])
+    err = capsys.readouterr().err
+    assert "postgresql://bob:***@db/x" in err and "hunter2" not in err
+
+
 def test_a_database_without_listeners(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "empty.sqlite"
     path.touch()
