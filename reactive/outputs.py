@@ -427,9 +427,14 @@ class OutputWriter:
         """Fix the outputs' type when the model declares it (``db.add``); refuse a change.
 
         Outputs of a known type are created again if they are gone (dropped by someone else
-        while the process was down): the backfill then fills them.
+        while the process was down): the backfill then fills them. A store that cannot name
+        the outputs of ``identifier`` says so here (``check_identifier``), before anything
+        is written.
         """
         self.fence()
+        check = getattr(self.store, "check_identifier", None)
+        if check is not None:
+            check(identifier)
         existing = self.types.get(identifier)
         if existing is not None and output_type is not None and existing != output_type:
             raise ConfigurationError(

@@ -107,6 +107,23 @@ def test_a_filter_on_a_column_the_table_lacks_fails_at_add(sql: SQLClient, recor
         assert db.show() == []
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Model("a\x00b", predict=list),
+        lambda: Listener(Model("m", predict=list), "text", "docs", identifier="x\x00y"),
+        lambda: Listener(Model("m", predict=list), "te\x00xt", "docs"),
+        lambda: Listener(Model("m", predict=list), "text", "do\x00cs"),
+    ],
+    ids=["model", "identifier", "key", "select"],
+)
+def test_a_name_with_nul_is_refused_when_declared(make) -> None:
+    """DuckDB's C code stops a table name at NUL: outputs went to another table and read back
+    as none."""
+    with pytest.raises(reactive.ConfigurationError, match="NUL"):
+        make()
+
+
 def test_wrong_output_count_is_a_clear_error_per_batch(sql: SQLClient) -> None:
     sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(100))")
     sql.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"t{i}") for i in range(1, 6)])

@@ -230,6 +230,14 @@ def test_ids_of_every_bson_type_work_even_those_python_cannot_hash(mongo_uri: st
         assert db.errors("len__text") == []
 
 
+def test_a_listener_mongodb_cannot_name_outputs_for_is_a_clear_error_at_add(mongo_uri: str, mongo) -> None:
+    mongo.docs.insert_one({"_id": 1, "text": "a"})
+    with reactive.connect(mongo_uri) as db:
+        with pytest.raises(reactive.ConfigurationError, match=r"cannot name its outputs collection: .*'\$'"):
+            db.add(Listener(Model("a$b", predict=list), "text", "docs"))
+        assert db.show() == []
+
+
 def test_ten_thousand_documents_in_bulk(mongo_uri: str, mongo) -> None:
     with reactive.connect(mongo_uri) as db:
         mongo.create_collection("docs")

@@ -357,7 +357,9 @@ class OutputStore(Protocol):
 
     A store whose database cannot hold some values of a type (PostgreSQL's text and the NUL
     character) may also have ``refused_outputs(output_type, outputs) -> {position: why}``: the
-    writer asks it before writing, and records those rows as failed.
+    writer asks it before writing, and records those rows as failed. One that cannot name
+    some identifiers' outputs (MongoDB: no ``$``) may have ``check_identifier(identifier)``,
+    which raises ``ConfigurationError`` at ``db.add``.
     """
 
     def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:

@@ -140,6 +140,11 @@ class Listener(Component):
         self.select = select
         self.filter = _check_filter(filter)
         self.identifier = identifier or f"{model.identifier}__{key}"
+        for what, name in (("identifier", self.identifier), ("key", key), ("select", select)):
+            if not isinstance(name, str) or not name or "\x00" in name:
+                # The identifier names the outputs' table: DuckDB's C code stops a name at NUL
+                # (the outputs went to another table, and read back as none).
+                raise ConfigurationError(f"listener {what} must be a non-empty name without NUL, not {name!r}")
         self.id_column = id_column
         self.max_input_bytes = max_input_bytes
         self.source: TableInfo | None = None

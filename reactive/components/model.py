@@ -266,6 +266,9 @@ class Model:
     ) -> None:
         if not identifier or not isinstance(identifier, str):
             raise ConfigurationError("a Model needs a non-empty string identifier")
+        if "\x00" in identifier:
+            # It names the outputs' table; an engine's C code stops a name at NUL.
+            raise ConfigurationError(f"Model {identifier!r}: an identifier cannot hold the NUL character")
         if (predict is None) == (load is None):
             raise ConfigurationError(f"Model {identifier!r}: give predict (a function) or load (what builds it), one")
         if not callable(predict if load is None else load):

@@ -14,7 +14,7 @@ from bson.errors import InvalidDocument
 from pymongo import InsertOne, MongoClient, ReplaceOne
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import BulkWriteError, InvalidURI, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, InvalidName, InvalidURI, OperationFailure, PyMongoError
 from pymongo.errors import ConfigurationError as PyMongoConfigurationError
 
 from reactive.backends.base import (
@@ -143,8 +143,17 @@ class MongoOutputs:
     def _collection(self, identifier: str) -> Collection:
         collection = self._collections.get(identifier)
         if collection is None:
-            collection = self._collections[identifier] = self.db[outputs_table(identifier)]
+            try:
+                collection = self._collections[identifier] = self.db[outputs_table(identifier)]
+            except InvalidName as exc:  # '$' in the identifier, say: the first use is db.add's
+                raise ConfigurationError(
+                    f"listener {identifier!r}: MongoDB cannot name its outputs collection: {exc}", listener=identifier
+                ) from None
         return collection
+
+    def check_identifier(self, identifier: str) -> None:
+        """ConfigurationError if MongoDB cannot name ``identifier``'s outputs collection."""
+        self._collection(identifier)
 
     def _exists(self, identifier: str) -> bool:
         return bool(self.db.list_collection_names(filter={"name": outputs_table(identifier)}))
