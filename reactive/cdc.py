@@ -428,6 +428,7 @@ class DatabaseChangeDataCapture:
         over, follows every table and runs the backfills it deferred when the holder stops or
         dies (noticed at once on the same host, otherwise when its lease expires).
         """
+        self.db.check_open()
         with self._lock:
             if self._running:
                 return

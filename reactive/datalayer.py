@@ -96,6 +96,8 @@ class Datalayer:
             lease=Lease(backend.sections, ENGINE_CHECKPOINT, lease_ms=lease_ms) if lease else None,
         )
 
+        #: Set by :meth:`close`: every later call says so instead of failing in the driver.
+        self._closed = False
         _OPEN.add(self)
 
     def __repr__(self) -> str:
@@ -161,6 +163,7 @@ class Datalayer:
         Ctrl-C (or ``SystemExit``) during the backfill stops ``db.cdc`` before it goes on, so
         no thread of ``reactive`` is left inside the database when the interpreter exits.
         """
+        self.check_open()
         if not isinstance(component, Component):
             raise ConfigurationError(f"db.add takes a component (e.g. a Listener), not {type(component).__name__}")
         # Declarations are serialized by _declare_lock; _lock only guards the registry, so
@@ -302,6 +305,7 @@ class Datalayer:
 
     def remove(self, identifier: str, *, drop_outputs: bool = False) -> None:
         """Stop routing changes to ``identifier``; with ``drop_outputs`` delete its outputs."""
+        self.check_open()
         with self._declare_lock:
             with self._lock:
                 component = self._components.pop(identifier, None)
@@ -325,6 +329,7 @@ class Datalayer:
 
     def outputs(self, identifier: str) -> list[dict[str, Any]]:
         """The stored outputs of listener ``identifier``: dicts with ``_source`` and ``_output``."""
+        self.check_open()
         with self._lock:
             known = identifier in self._components
         if not known and not self.backend.source.table_exists(outputs_table(identifier)):
@@ -333,6 +338,7 @@ class Datalayer:
 
     def errors(self, identifier: str | None = None) -> list[dict[str, Any]]:
         """Rows that could not be processed: listener, table, source id, error, time."""
+        self.check_open()
         return self.backend.errors.read_errors(identifier)
 
     def retry_errors(self, identifier: str | None = None) -> int:
@@ -347,6 +353,7 @@ class Datalayer:
 
         Raises :class:`~reactive.errors.ConfigurationError` for an identifier not added.
         """
+        self.check_open()
         if not self.cdc.acquire():
             raise LeaseLostError(f"another process holds the lease of {self.backend.uri}: retry the errors there")
         with self._lock:
@@ -382,6 +389,7 @@ class Datalayer:
         until ``k`` match (or every row was considered), so a filter does not cost recall. A
         bad query raises :class:`~reactive.errors.SearchError` (a ``ValueError``).
         """
+        self.check_open()
         from reactive.components.vector_index import VectorIndex
 
         with self._lock:
@@ -416,17 +424,32 @@ class Datalayer:
         with self._lock:
             return list(self._components.values())
 
+    def check_open(self) -> None:
+        """ConfigurationError once :meth:`close` was called (the driver's own error said only
+        that a connection was closed)."""
+        if self._closed:
+            raise ConfigurationError(
+                f"the datalayer of {self.backend.uri!r} is closed; reactive.connect() makes a new one"
+            )
+
     def close(self) -> None:
         """Stop change data capture and its feeds, save what components hold (indexes), and close
-        the connection."""
-        self.cdc.stop()
-        self.cdc.close_feeds()
-        for component in self.components():
-            try:
-                component.close(self)
-            except Exception:
-                log.exception("could not close %s", component.identifier)
-        self.backend.close()
+        the connection. Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.cdc.stop()
+            self.cdc.close_feeds()
+            for component in self.components():
+                try:
+                    component.close(self)
+                except Exception:
+                    log.exception("could not close %s", component.identifier)
+            self.backend.close()
+        except BaseException:
+            self._closed = False  # not closed after all: closing again tries again
+            raise
 
     def __enter__(self) -> Self:
         return self

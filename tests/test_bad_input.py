@@ -124,6 +124,28 @@ def test_a_name_with_nul_is_refused_when_declared(make) -> None:
         make()
 
 
+def test_a_closed_datalayer_says_so(duck: SQLClient, recorder: Recorder) -> None:
+    """Used after close(), it failed in the driver ("Connection Error: Connection already
+    closed!") or, for remove(), did nothing without a word."""
+    make_table(duck, "docs", [(1, "a")])
+    db = reactive.connect(duck.uri)
+    db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+    db.close()
+    db.close()  # again: nothing to do
+    calls = [
+        lambda: db.add(Listener(Model("n", predict=recorder), "text", "docs")),
+        lambda: db.remove("m__text"),
+        lambda: db.outputs("m__text"),
+        lambda: db.errors("m__text"),
+        lambda: db.retry_errors(),
+        lambda: db.search("idx", [1.0]),
+        lambda: db.cdc.start(),
+    ]
+    for call in calls:
+        with pytest.raises(reactive.ConfigurationError, match=r"is closed; reactive.connect\(\) makes a new one"):
+            call()
+
+
 def test_wrong_output_count_is_a_clear_error_per_batch(sql: SQLClient) -> None:
     sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(100))")
     sql.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"t{i}") for i in range(1, 6)])
