@@ -146,6 +146,36 @@ def test_a_closed_datalayer_says_so(duck: SQLClient, recorder: Recorder) -> None
             call()
 
 
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda: Model("m", predict=list, batch_size=1.5), "batch_size must be a whole number"),
+        (lambda: Model("m", predict=list, batch_size=True), "batch_size must be a whole number"),
+        (lambda: Model("m", predict=list, max_retries=-1), "max_retries must be a whole number of at least 0"),
+        (lambda: Model("m", predict=list, transient_retries=0.5), "transient_retries must be a whole number"),
+        (lambda: Model("m", predict=list, retry_backoff=-1), "retry_backoff must be a number of seconds"),
+        (lambda: Model("m", predict=list, output_type=5), "output_type must be a type name"),
+        (lambda: Listener(Model("m", predict=list), "text", "docs", max_input_bytes=0), "max_input_bytes must be"),
+        (lambda: Listener(Model("m", predict=list), "text", "docs", max_input_bytes="10"), "max_input_bytes must be"),
+    ],
+    ids=["batch 1.5", "batch True", "retries -1", "transient 0.5", "backoff -1", "type 5", "bytes 0", "bytes str"],
+)
+def test_settings_out_of_range_are_refused_when_declared(make, says: str) -> None:
+    """Each used to be accepted, and failed later on every row (a float batch size, a text
+    byte limit) or behaved oddly (a negative backoff or retry count)."""
+    with pytest.raises(reactive.ConfigurationError, match=says):
+        make()
+
+
+def test_an_output_type_that_is_not_a_type_fails_at_add(duck: SQLClient) -> None:
+    make_table(duck, "docs", [(1, "a")])
+    with (
+        reactive.connect(duck.uri) as db,
+        pytest.raises(reactive.ConfigurationError, match="output type 'bogus' is not a type"),
+    ):
+        db.add(Listener(Model("m", predict=list, output_type="array<bogus>"), "text", "docs"))
+
+
 def test_wrong_output_count_is_a_clear_error_per_batch(sql: SQLClient) -> None:
     sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(100))")
     sql.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"t{i}") for i in range(1, 6)])

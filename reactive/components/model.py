@@ -179,6 +179,11 @@ class _Caller(ReactiveThread):
             call.run()
 
 
+def _whole(value: Any, *, least: int) -> bool:
+    """Whether ``value`` is an int (not a bool) of at least ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
 def _transient_predicate(transient: Transient) -> Callable[[BaseException], bool]:
     if isinstance(transient, type) and issubclass(transient, BaseException):
         transient = (transient,)
@@ -273,8 +278,19 @@ class Model:
             raise ConfigurationError(f"Model {identifier!r}: give predict (a function) or load (what builds it), one")
         if not callable(predict if load is None else load):
             raise ConfigurationError(f"Model {identifier!r}: {'predict' if load is None else 'load'} must be callable")
-        if batch_size < 1:
-            raise ConfigurationError(f"Model {identifier!r}: batch_size must be at least 1")
+        if not _whole(batch_size, least=1):
+            raise ConfigurationError(f"Model {identifier!r}: batch_size must be a whole number of at least 1")
+        for name, count in (("max_retries", max_retries), ("transient_retries", transient_retries)):
+            if not _whole(count, least=0):
+                raise ConfigurationError(f"Model {identifier!r}: {name} must be a whole number of at least 0")
+        if (
+            isinstance(retry_backoff, bool)
+            or not isinstance(retry_backoff, int | float)
+            or not 0 <= retry_backoff < 1e9
+        ):
+            raise ConfigurationError(f"Model {identifier!r}: retry_backoff must be a number of seconds, at least 0")
+        if output_type is not None and (not isinstance(output_type, str) or not output_type.strip()):
+            raise ConfigurationError(f"Model {identifier!r}: output_type must be a type name such as 'array<float32>'")
         if timeout is not None and not timeout > 0:
             raise ConfigurationError(f"Model {identifier!r}: timeout must be a positive number of seconds or None")
         if version is not None and (isinstance(version, bool) or not isinstance(version, str | int)):

@@ -68,7 +68,12 @@ def _ibis_type(logical: str) -> dt.DataType:
     if logical.startswith("array<") and logical.endswith(">"):
         return dt.Array(_ibis_type(logical[6:-1]))
     scalar = getattr(dt, logical, None) if logical.isidentifier() else None
-    return scalar if isinstance(scalar, dt.DataType) else ibis.dtype(logical)
+    if isinstance(scalar, dt.DataType):
+        return scalar
+    try:
+        return ibis.dtype(logical)
+    except Exception as exc:  # ibis's parser raises its own ParseError (and others for odd input)
+        raise ConfigurationError(f"output type {logical!r} is not a type ({type(exc).__name__}: {exc})") from None
 
 
 class BoundIds:
