@@ -68,6 +68,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from reactive.errors import ConfigurationError, ReactiveError
+from reactive.events import is_utf8
 from reactive.fingerprints import plain_value
 
 if TYPE_CHECKING:
@@ -465,8 +466,15 @@ class Table:
             items = [(keyOrContainer, data)]
             truncate = True
         else:
-            pairs = keyOrContainer.items() if isinstance(keyOrContainer, Mapping) else keyOrContainer
-            items = [(key, value) for key, value in pairs]
+            container = keyOrContainer
+            if data is not None or isinstance(container, bytes | bytearray) or not isinstance(container, Iterable):
+                # Write(5, "x"), Write(b"k", "x"): not a container of (key, data) pairs either.
+                raise ConfigurationError(f"a section id must be a non-empty str, not {container!r}")
+            pairs = container.items() if isinstance(container, Mapping) else container
+            try:
+                items = [(key, value) for key, value in pairs]
+            except (TypeError, ValueError):
+                raise ConfigurationError("Write takes a key and data, a mapping, or (key, data) pairs") from None
             truncate = False
         sections = self._prepare(items, truncate=truncate)
         if self.asynchronous:
@@ -543,6 +551,8 @@ class Table:
         for key, value in items:
             if not isinstance(key, str) or not key or key == LEASE_SECTION:
                 raise ConfigurationError(f"a section id must be a non-empty str (not {LEASE_SECTION!r}), not {key!r}")
+            if not is_utf8(key):
+                raise ConfigurationError(f"a section id must be Unicode text (no lone surrogate), not {key!r}")
             if len(key.encode("utf-8", "surrogatepass")) > self.maxSectionIdSizeBytes:
                 raise CheckpointLimitError(
                     f"section id of {len(key.encode('utf-8', 'surrogatepass'))} bytes is over "

@@ -114,6 +114,22 @@ class SourceChange:
         return cls(packet.table, packet.event, len(packet), packet.ids, packet.rows)
 
 
+def is_utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8: a Python text may hold a lone surrogate (what
+    ``bytes.decode(errors="surrogateescape")`` leaves), which no database's text can.
+
+    >>> is_utf8("é😀"), is_utf8("a\\udc80")
+    (True, False)
+    """
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 _SCALAR_IDS = frozenset({int, str, bytes, float})
 #: The key of a NaN id (a float key column allows one).
 _NAN_ID = ("__nan__",)

@@ -93,6 +93,27 @@ def test_limits_are_clear_errors_and_nothing_is_written(store: Any, write: Any, 
     assert t.Read(["before", "ok", "k", "k0"]) == {"before": "kept"}
 
 
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (lambda t: t.Write(5, "v"), "a section id must be a non-empty str, not 5"),
+        (lambda t: t.Write(b"k", "v"), "a section id must be a non-empty str, not b'k'"),
+        (lambda t: t.Write("k\udc80", "v"), "a section id must be Unicode text"),
+        (lambda t: t.Write([("ok", "v"), ("\ud800", "v")]), "a section id must be Unicode text"),
+        (lambda t: t.Write([1, 2]), "Write takes a key and data, a mapping, or"),
+    ],
+    ids=["an int id", "a bytes id", "a lone surrogate", "one in a container", "not pairs"],
+)
+def test_ids_that_are_not_text_are_clear_errors_and_nothing_is_written(store: Any, write: Any, message: str) -> None:
+    """They used to raise TypeError ('int' object is not iterable), or UnicodeEncodeError
+    from the store after the checks."""
+    t = table(store)
+    t.Write("before", "kept")
+    with pytest.raises(reactive.ConfigurationError, match=message):
+        write(t)
+    assert t.Read(["before", "ok"]) == {"before": "kept"}
+
+
 def test_sections_not_written_for_retention_ms_expire(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     t = table(store, limits=(1_000, 8, 64, 32))
     t.Write("old", "o")

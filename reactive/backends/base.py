@@ -27,7 +27,7 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, runtime_checkable
 
 from reactive.errors import ConfigurationError, MissingIdColumnError
-from reactive.events import ChangePacket, Row, SourceChange
+from reactive.events import ChangePacket, Row, SourceChange, is_utf8
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -307,17 +307,9 @@ def storable_text(text: str) -> str:
     >>> storable_text("bad \\udc80 input \\x00!"), storable_text("fine, é")
     ('bad \\\\udc80 input \\\\x00!', 'fine, é')
     """
-    if "\x00" not in text and (text.isascii() or _encodes(text)):
+    if "\x00" not in text and is_utf8(text):
         return text
     return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
-
-
-def _encodes(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 # -- the roles a backend provides ---------------------------------------------------------
