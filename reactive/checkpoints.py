@@ -553,10 +553,10 @@ class Table:
                 raise ConfigurationError(f"a section id must be a non-empty str (not {LEASE_SECTION!r}), not {key!r}")
             if not is_utf8(key):
                 raise ConfigurationError(f"a section id must be Unicode text (no lone surrogate), not {key!r}")
-            if len(key.encode("utf-8", "surrogatepass")) > self.maxSectionIdSizeBytes:
+            size = len(key.encode("utf-8"))
+            if size > self.maxSectionIdSizeBytes:
                 raise CheckpointLimitError(
-                    f"section id of {len(key.encode('utf-8', 'surrogatepass'))} bytes is over "
-                    f"max_section_id_size_bytes={self.maxSectionIdSizeBytes}"
+                    f"section id of {size} bytes is over max_section_id_size_bytes={self.maxSectionIdSizeBytes}"
                 )
             new[key] = Section.of(value, now)
         existing = self._live(self.store.read_sections(self.ckptName, None))

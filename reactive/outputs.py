@@ -26,6 +26,7 @@ import numpy as np
 
 from reactive.backends.base import OUTPUTS_PREFIX, OutputBatch, OutputRejected, TableInfo, outputs_table
 from reactive.errors import ConfigurationError
+from reactive.events import is_utf8
 from reactive.fingerprints import plain_value
 
 if TYPE_CHECKING:
@@ -195,8 +196,7 @@ def vector_block(outputs: Sequence[Any], output_type: str) -> np.ndarray | None:
     return block if np.isfinite(block).all() else None
 
 
-#: A lone surrogate: what ``bytes.decode(errors="surrogateescape")`` leaves of a byte that is not
-#: UTF-8. A Python text may hold one; no database's text can.
+#: A lone surrogate (see :func:`~reactive.events.is_utf8`): found to say where it is.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 #: Up to this many values, :func:`plain_scalars` checks them one by one instead of with numpy.
 _FEW = 64
@@ -252,7 +252,7 @@ def _fits_plainly(value: bool | int | float | str | bytes) -> bool:
     if type(value) is int:
         return -(2**63) <= value < 2**63
     if type(value) is str:
-        return value.isascii() or _SURROGATE.search(value) is None
+        return is_utf8(value)
     return type(value) is not float or math.isfinite(value)
 
 

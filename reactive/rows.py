@@ -36,6 +36,10 @@ class Unreadable:
     error: str
 
 
+#: What converting an Arrow value Python cannot hold raises.
+NOT_PYTHON = (OverflowError, ValueError, pa.ArrowException)
+
+
 def python_values(column: pa.Array | pa.ChunkedArray) -> list[Any]:
     """``column`` as Python values; one Python cannot hold becomes an :class:`Unreadable`
     instead of failing the column (and with it every row read beside it).
@@ -45,19 +49,15 @@ def python_values(column: pa.Array | pa.ChunkedArray) -> list[Any]:
     """
     try:
         return column.to_pylist()
-    except _NOT_PYTHON:
+    except NOT_PYTHON:
         return [_value(column, i) for i in range(len(column))]
 
 
 def _value(column: pa.Array | pa.ChunkedArray, index: int) -> Any:
     try:
         return column[index].as_py()
-    except _NOT_PYTHON as exc:
+    except NOT_PYTHON as exc:
         return Unreadable(f"{type(exc).__name__}: {exc}")
-
-
-#: What converting an Arrow value Python cannot hold raises.
-_NOT_PYTHON = (OverflowError, ValueError, pa.ArrowException)
 
 
 class TableRows(Sequence[Row]):
@@ -106,7 +106,7 @@ class TableRows(Sequence[Row]):
         if self._dicts is None:
             try:
                 self._dicts = self.table.to_pylist()
-            except _NOT_PYTHON:  # column by column, an odd value as an Unreadable
+            except NOT_PYTHON:  # column by column, an odd value as an Unreadable
                 table = self.table
                 columns = [python_values(table.column(k)) for k in range(table.num_columns)]
                 self._dicts = [dict(zip(table.column_names, row, strict=True)) for row in zip(*columns, strict=True)]

@@ -16,7 +16,7 @@ from reactive.components.model import Batching, Failure, Model, ModelCalls
 from reactive.errors import ConfigurationError
 from reactive.events import Batch, ChangePacket, DBEvent, Row, id_key, id_keys
 from reactive.reconcile import OnProcessed, reconcile
-from reactive.rows import TableRows, Unreadable
+from reactive.rows import NOT_PYTHON, TableRows, Unreadable
 
 if TYPE_CHECKING:
     from reactive.compute import Compute
@@ -505,7 +505,7 @@ class Listener(Component):
                 return None
         try:
             values = column.to_pylist()
-        except (OverflowError, ValueError, pa.ArrowException):
+        except NOT_PYTHON:
             return None  # a value Python cannot hold: the rows one by one, that one failing alone
         digests = self._column_fingerprints(column, values)
         return None if digests is None else _Inputs(list(ids), values, digests)
