@@ -25,13 +25,14 @@ from reactive.backends.base import (
     TableReader,
     outputs_table,
 )
+from reactive.components.base import PlannedRefresh
 from reactive.errors import ComputeUnavailableError, LeaseLostError
 from reactive.events import Batch, ChangePacket, ChangeSource, DBEvent, id_key, id_keys, window_batches
 from reactive.rows import TableRows
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
-    from reactive.components.base import Component, PlannedRefresh
+    from reactive.components.base import Component
     from reactive.components.model import Batching
     from reactive.compute import Compute
     from reactive.datalayer import Datalayer
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 #: Longest wait between retries of a window while the database is unreachable.
 #: Retries of a window after stop() was called, before it is released.
 STOPPING_RETRIES = 3
+#: Rows that failed alone remembered at most (see ``CDCHandler._narrow``): past it, forgotten.
+FAILING_MEMORY = 10_000
 
 
 class BackendUnavailableError(Exception):
@@ -300,6 +303,31 @@ class HandlerTotals:
     internal_errors: int = 0
 
 
+def _halves(packets: Sequence[ChangePacket]) -> tuple[list[ChangePacket], list[ChangePacket]] | None:
+    """``packets`` in two, in their order: its packets, or a lone packet's rows; None for one row.
+
+    >>> p = ChangePacket("t", DBEvent.insert, (1, 2, 3), ({"x": 1}, {"x": 2}, {"x": 3}))
+    >>> [[q.ids for q in half] for half in _halves([p])]
+    [[(1,)], [(2, 3)]]
+    >>> [[q.ids for q in half] for half in _halves([p, p, p])]
+    [[(1, 2, 3)], [(1, 2, 3), (1, 2, 3)]]
+    >>> _halves([ChangePacket("t", DBEvent.delete, (1,))]) is None
+    True
+    """
+    if len(packets) > 1:
+        middle = len(packets) // 2
+        return list(packets[:middle]), list(packets[middle:])
+    (packet,) = packets
+    if len(packet) < 2:
+        return None
+    middle = len(packet) // 2
+    rows = packet.rows
+    return (
+        [dc.replace(packet, ids=packet.ids[:middle], rows=None if rows is None else rows[:middle])],
+        [dc.replace(packet, ids=packet.ids[middle:], rows=None if rows is None else rows[middle:])],
+    )
+
+
 def _unread(batch: Batch) -> bool:
     """Whether the handler reads rows of ``batch`` (a packet carried none for some of them)."""
     return batch.event is not DBEvent.delete and not isinstance(batch.rows, TableRows) and None in batch.rows
@@ -356,6 +384,18 @@ class _Window:
     def ready(self) -> bool:
         """Whether its model work is done (or it has none): finishing it will not wait."""
         return all(future.done() for future in self.work)
+
+
+@dc.dataclass(eq=False)
+class _Narrowed:
+    """What narrowing a window down found (see :meth:`CDCHandler._narrow`): each part is
+    numbered in the order it was written or failed."""
+
+    parts: int = 0
+    #: Each row that failed alone: its part's number, its packet, why.
+    failed: list[tuple[int, ChangePacket, Exception]] = dc.field(default_factory=list)
+    #: (table, id key) of each row written: the number of the last part that wrote it.
+    written: dict[tuple[str, Hashable], int] = dc.field(default_factory=dict)
 
 
 class _Reader(ReactiveThread):
@@ -446,6 +486,9 @@ class CDCHandler(ReactiveThread):
         self._committed: Committed | None = None
         #: Failures of the handler's own in a row (see :meth:`_recover`).
         self._failures = 0
+        #: (table, id key) of each row that failed alone and was not set apart: how many
+        #: windows were finished when it first failed (see :meth:`_narrow`).
+        self._failing: dict[tuple[str, Hashable], int] = {}
         #: The thread that reads ahead (:meth:`_read_ahead`), started when first needed.
         self._reader: _Reader | None = None
 
@@ -557,9 +600,16 @@ class CDCHandler(ReactiveThread):
         """Finish the oldest window of ``ahead`` (written, or released), then take it off."""
         window = ahead[0]
         started = time.perf_counter()
-        self._handle_with_retries(window)  # raises only on a failure of the handler's own: see run()
+        written = self._handle_with_retries(window)  # raises only on a failure of the handler's own: see run()
         ahead.popleft()
         self.queue.task_done(len(window.packets))
+        if not written:
+            # As after any failure of the handler's own: a pause before what comes next, that
+            # doubles while windows keep failing (a stop ends it), so that a window delivered
+            # again at once does not fail back to back.
+            self._failures += 1
+            self.queue.wait_closed(_backoff(self._failures))
+            return
         self._failures = 0
         window.seconds += time.perf_counter() - started
         rows = sum(len(packet) for packet in window.packets)
@@ -568,21 +618,26 @@ class CDCHandler(ReactiveThread):
         windows = self.window_rows.holding(b for c in self.db.components() if (b := c.batching()) is not None)
         self.bound = windows.next(self.bound, window.bound, rows, window.seconds, fixed)
 
-    def _handle_with_retries(self, window: _Window) -> None:
-        """Finish a window; while the database is unreachable, retry it with backoff.
+    def _handle_with_retries(self, window: _Window) -> bool:
+        """Finish a window; while the database is unreachable, retry it with backoff. False if
+        it was released.
 
         Writes are idempotent, so a window retried after a partial write ends the same; a
-        retry plans the window again (its model work is done again). A window that still
-        fails (or fails for another reason) is released: its sources deliver those changes
-        again.
+        retry plans the window again (its model work is done again). A window that fails for
+        another reason is narrowed down to the rows that fail alone (:meth:`_narrow`); if
+        none of it can be written, it is released: its sources deliver those changes again.
         """
         packets = window.packets
         steps = window.steps
         attempt = 0
+        failure: Exception | None = None  # once the window failed: narrowed down, see _narrow
         while True:
             try:
-                self._finish(packets, self._plan(packets, {}, window.bound) if steps is None else steps)
-                return
+                if failure is not None:
+                    self._narrow(packets, window.bound, failure)
+                else:
+                    self._finish(packets, self._plan(packets, {}, window.bound) if steps is None else steps)
+                return True
             except (BackendUnavailableError, LeaseLostError) as exc:
                 # Unreachable, or this process may not write right now (its lease is not renewed:
                 # the database is slow or down, or another process takes over, and then db.cdc
@@ -592,17 +647,88 @@ class CDCHandler(ReactiveThread):
                 if self.queue.closed and attempt > STOPPING_RETRIES:
                     log.error("%s while stopping; releasing %d packets", exc, len(packets))
                     self._release(packets, exc)
-                    return
+                    return False
                 delay = _backoff(attempt)
                 log.warning("%s; retrying %d packets in %.1f s", exc, len(packets), delay)
                 self.wait(delay)
                 if isinstance(exc, LeaseLostError):
                     self._retake_lease()
             except Exception as exc:
-                self.totals.internal_errors += 1
+                if failure is None:
+                    self.totals.internal_errors += 1
+                    if any(map(len, packets)):
+                        log.warning("the change handler failed on %d packets (%s)", len(packets), exc)
+                        failure = exc
+                        continue
                 log.exception("the change handler failed on %d packets; they will be delivered again", len(packets))
                 self._release(packets, exc)
+                return False
+
+    def _narrow(self, packets: Sequence[ChangePacket], bound: int, failure: Exception) -> None:
+        """Write a window that failed as a whole (with ``failure``) part by part, halving each
+        part that fails (its packets, then a packet's rows), in the order of the window; then
+        set apart each row that failed alone, and save and commit the window's positions.
+
+        A row is set apart (the error recorded for each of its components, its output
+        removed, as after a model's failure: ``db.retry_errors()`` computes it again) only
+        where the database is seen to take other writes: some other part of the window was
+        written, or some window was finished since each failing row first failed (a row that
+        fails alone in its window is delivered again, and set apart then). Otherwise the last
+        error is raised and the window is released: a database that refuses everything must
+        not turn changes into errors. Positions are saved only at the end: a crash meanwhile
+        delivers the window again, and its writes are idempotent.
+        """
+        found = _Narrowed()
+        halves = _halves(packets)
+        if halves is None:
+            found.parts = 1
+            found.failed.append((1, packets[0], failure))
+        else:
+            for half in halves:
+                self._bisect(half, bound, found)
+        keys = [(part.table, id_key(part.ids[0])) for _, part, _ in found.failed]
+        since = self._failing
+        if not found.written and not all(since.get(key, self.totals.windows) < self.totals.windows for key in keys):
+            if len(since) > FAILING_MEMORY:
+                since.clear()
+            for key in keys:
+                since.setdefault(key, self.totals.windows)
+            raise found.failed[-1][2]
+        for key in keys:
+            since.pop(key, None)
+        steps = []
+        for order, part, exc in found.failed:
+            if found.written.get((part.table, id_key(part.ids[0])), -1) > order:
+                continue  # a later change of that row was written: this failure is past
+            error = f"the change handler failed on this row alone: {type(exc).__name__}: {exc}"
+            log.error("%s (%r, id %r)", error, part.table, part.ids[0])
+            for batch in window_batches([part], bound):
+                plans: list[tuple[Component, PlannedRefresh | Exception]] = [
+                    (c, PlannedRefresh((), functools.partial(c.set_apart, batch, self.db, error)))
+                    for c in self.db.components_for(batch.table, batch.targets)
+                ]
+                steps.append(_Step(batch, plans))
+        self._finish(packets, steps)
+
+    def _bisect(self, packets: Sequence[ChangePacket], bound: int, found: _Narrowed) -> None:
+        """Write ``packets``' outputs (no positions) or, if that fails, each half of them in
+        turn, down to the row; ``found`` gets what was written and the rows that failed alone."""
+        try:
+            self._finish(packets, self._plan(packets, {}, bound), positions=False)
+        except (BackendUnavailableError, LeaseLostError):
+            raise  # not the rows' fault: the window is tried again (see _handle_with_retries)
+        except Exception as exc:
+            halves = _halves(packets)
+            if halves is None:
+                found.parts += 1
+                found.failed.append((found.parts, packets[0], exc))
                 return
+            for half in halves:
+                self._bisect(half, bound, found)
+            return
+        found.parts += 1
+        for packet in packets:
+            found.written.update(((packet.table, key), found.parts) for key in id_keys(packet.ids))
 
     def _retake_lease(self) -> None:
         """Before db.cdc starts (a backfill of ``db.add``), nothing else takes a lapsed lease
@@ -660,27 +786,28 @@ class CDCHandler(ReactiveThread):
                 raise BackendUnavailableError(f"database unreachable ({exc})") from exc
             return exc  # the rows' failure, recorded when the window is finished
 
-    def _finish(self, packets: Sequence[ChangePacket], steps: list[_Step]) -> None:
+    def _finish(self, packets: Sequence[ChangePacket], steps: list[_Step], *, positions: bool = True) -> None:
         """Finish a planned window; with a feed attached, hand what it committed to the feed after.
+        Without ``positions``, only its outputs are written (a part of a window: see :meth:`_narrow`).
 
         The feed's window lock is held meanwhile (uncontended but while a feed reads a table
         whole), so that what a feed reads is a state between two windows.
         """
         feed = self.feed
         if feed is None:
-            self._write(packets, steps)
+            self._write(packets, steps, positions=positions)
             return
         with feed.window():
             self._committed = [] if feed.active else None
             try:
-                self._write(packets, steps)
+                self._write(packets, steps, positions=positions)
                 window = feed.count_window()
             finally:
                 committed, self._committed = self._committed, None
         if committed:
             feed.committed(window, committed)
 
-    def _write(self, packets: Sequence[ChangePacket], steps: list[_Step]) -> None:
+    def _write(self, packets: Sequence[ChangePacket], steps: list[_Step], *, positions: bool = True) -> None:
         """Wait for each refresh's model work and write it, refresh chained listeners, then
         commit positions.
 
@@ -710,13 +837,16 @@ class CDCHandler(ReactiveThread):
                 self.db.cdc.fence(atomic=backend.transactional)
                 for write in writes:
                     write()
-                self._save_positions(packets, strict=backend.transactional)
+                if positions:
+                    self._save_positions(packets, strict=backend.transactional)
         except Exception as exc:
             if backend.is_transient(exc):
                 raise BackendUnavailableError(f"database unreachable ({exc})") from exc
             raise
-        for source, positions in self._by_source(packets):
-            source.commit(positions)  # once, now that the window is written for good
+        if not positions:
+            return
+        for source, done in self._by_source(packets):
+            source.commit(done)  # once, now that the window is written for good
         self.totals.packets += len(packets)
         self.totals.windows += 1
         self.totals.rows += sum(len(p) for p in packets)

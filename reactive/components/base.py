@@ -8,8 +8,10 @@ from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from reactive.backends.base import ErrorRecord
+
 if TYPE_CHECKING:
-    from reactive.backends.base import ErrorRecord, TableInfo
+    from reactive.backends.base import TableInfo
     from reactive.components.model import Batching, ModelCalls
     from reactive.compute import Compute
     from reactive.datalayer import Datalayer
@@ -123,6 +125,14 @@ class Component(ABC):
 
         Built by :func:`reactive.reconcile.reconcile`; ``on_processed`` is set on each.
         """
+
+    def set_apart(self, batch: Batch, db: Datalayer, error: str) -> Refresh:
+        """The rows of ``batch`` failed alone in the handler (see ``CDCHandler``): each fails
+        with ``error``, recorded in the errors table like a model's failure, so that the changes
+        after it go on. Returns what was done (the handler records ``errors``)."""
+        refresh = Refresh()
+        refresh.errors.extend(ErrorRecord(self.identifier, batch.table, i, error) for i in batch.ids)
+        return refresh
 
     def close(self, db: Datalayer) -> None:  # noqa: B027 - most components hold nothing
         """Release what the component holds in this process (``db.close()`` calls it)."""

@@ -444,6 +444,18 @@ class Listener(Component):
 
         return PlannedRefresh(() if work is None else (work,), finish)
 
+    def set_apart(self, batch: Batch, db: Datalayer, error: str) -> Refresh:
+        """Each row of ``batch`` fails with ``error`` and, as after a model's failure, has no
+        current output."""
+        refresh = Refresh()
+        remove: list[Any] = []
+        for row_id in batch.ids:
+            self._fail(refresh, remove, row_id, error)
+        db.writer.delete(self.identifier, remove)
+        refresh.deleted.extend(remove)
+        self._settle_errors(batch, db, refresh)
+        return refresh
+
     def _finish_delete(self, batch: Batch, db: Datalayer, refresh: Refresh) -> Refresh:
         db.writer.delete(self.identifier, batch.ids)
         refresh.deleted.extend(batch.ids)

@@ -1,0 +1,214 @@
+"""A row the handler cannot write fails alone: the rest of its window is written, and the changes
+after it go on.
+
+The faults here are the database's own refusals of one row (a CHECK constraint or a trigger the
+application put on an outputs table), not a model's errors (``test_model_faults``): the write of a
+whole window fails, and the handler narrows it down. A database that refuses every row is not a
+row's fault: nothing becomes an error, and the window is delivered again until it is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import reactive
+from reactive.components import Listener, Model
+from reactive.events import ChangePacket, DBEvent
+from reactive.handler import CDCHandler, WindowRows
+from reactive.queue import CDCQueue
+from tests.conftest import outputs_by_source
+from tests.test_pipeline import RecordingSource
+
+
+def tag(texts: list[str]) -> list[str]:
+    return [f"<{t}>" for t in texts]
+
+
+class Failures(logging.Handler):
+    """Sets ``seen`` when the handler logs that it releases a window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "they will be delivered again" in record.getMessage():
+            self.seen.set()
+
+
+@pytest.fixture
+def failures() -> Iterator[Failures]:
+    handler = Failures()
+    logger = logging.getLogger("reactive.handler")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_a_row_postgres_refuses_fails_alone_and_the_rest_of_its_window_is_written(pg_database: str) -> None:
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        client.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        client.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+        with reactive.connect(pg_database, poll_interval=0.05) as db:
+            db.add(Listener(Model("tag", predict=tag), "text", "docs"))
+            db.add(Listener(Model("note", predict=tag), "text", "notes"))
+            # The application's own rule on an outputs table, which reactive knows nothing of.
+            client.execute("""ALTER TABLE "_outputs__tag__text" ADD CONSTRAINT no_bad CHECK ("_output" <> '<bad>')""")
+            db.cdc.start()
+            with client.transaction():  # one poll sees them all: one window
+                client.execute("UPDATE docs SET text = 'bad' WHERE id = 2")
+                client.execute("INSERT INTO docs VALUES (4, 'd'), (5, 'e')")
+                client.execute("INSERT INTO notes VALUES (1, 'n')")
+            assert db.cdc.wait_idle(60)
+            # Row 2's old output is gone: it has no current one (as after a model's failure).
+            assert outputs_by_source(db, "tag__text") == {1: "<a>", 3: "<c>", 4: "<d>", 5: "<e>"}
+            assert outputs_by_source(db, "note__text") == {1: "<n>"}
+            (error,) = db.errors("tag__text")
+            assert error["source"] == 2 and error["table"] == "docs"
+            assert "failed on this row alone" in error["error"] and "no_bad" in error["error"]
+            assert db.errors("note__text") == []
+            assert db.cdc.info()["listeners"]["tag__text"]["errors"] == 1
+            # Later changes go on.
+            client.execute("UPDATE docs SET text = 'A' WHERE id = 1")
+            assert db.cdc.wait_idle(60)
+            assert outputs_by_source(db, "tag__text")[1] == "<A>"
+            # Nothing is lost: once the rule allows it, the row is computed again.
+            client.execute('ALTER TABLE "_outputs__tag__text" DROP CONSTRAINT no_bad')
+            assert db.retry_errors("tag__text") == 1
+            assert outputs_by_source(db, "tag__text")[2] == "<bad>"
+            assert db.errors() == []
+
+
+def test_a_row_a_sqlite_trigger_refuses_fails_alone(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    with sqlite3.connect(path) as client:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        client.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"t{i}") for i in range(40)])
+    with reactive.connect(f"sqlite:///{path}", poll_interval=0.05) as db:
+        db.add(Listener(Model("tag", predict=tag), "text", "docs"))
+        with sqlite3.connect(path) as client:
+            client.execute(
+                "CREATE TRIGGER no_bad BEFORE UPDATE ON _outputs__tag__text WHEN NEW._output LIKE '%bad%' "
+                "BEGIN SELECT RAISE(ABORT, 'bad outputs are not allowed'); END"
+            )
+            client.execute(
+                "CREATE TRIGGER no_bad_insert BEFORE INSERT ON _outputs__tag__text WHEN NEW._output LIKE '%bad%' "
+                "BEGIN SELECT RAISE(ABORT, 'bad outputs are not allowed'); END"
+            )
+        db.cdc.start()
+        with sqlite3.connect(path) as client:  # one transaction: one window of 40 rows
+            client.execute("UPDATE docs SET text = CASE WHEN id IN (7, 30) THEN 'bad' || id ELSE 'u' || id END")
+        assert db.cdc.wait_idle(60)
+        outputs = outputs_by_source(db, "tag__text")
+        assert outputs == {i: f"<u{i}>" for i in range(40) if i not in (7, 30)}
+        errors = sorted((e["source"], e["error"]) for e in db.errors("tag__text"))
+        assert [source for source, _ in errors] == [7, 30]
+        assert all("bad outputs are not allowed" in message for _, message in errors)
+
+
+def test_a_database_that_refuses_every_row_turns_nothing_into_errors(pg_database: str, failures: Failures) -> None:
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        client.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'b'), (3, 'c')")
+        with reactive.connect(pg_database, poll_interval=0.05) as db:
+            db.add(Listener(Model("tag", predict=tag), "text", "docs"))
+            # Refuses every output from now on (the rows written so far stay).
+            client.execute(
+                """ALTER TABLE "_outputs__tag__text" ADD CONSTRAINT none_now CHECK ("_output" IS NULL) NOT VALID"""
+            )
+            db.cdc.start()
+            client.execute("UPDATE docs SET text = upper(text)")
+            assert failures.seen.wait(60)
+            assert db.errors() == []  # not the rows' fault
+            assert outputs_by_source(db, "tag__text") == {1: "<a>", 2: "<b>", 3: "<c>"}
+            client.execute('ALTER TABLE "_outputs__tag__text" DROP CONSTRAINT none_now')
+            assert db.cdc.wait_idle(60)  # delivered again, and written this time
+            assert outputs_by_source(db, "tag__text") == {1: "<A>", 2: "<B>", 3: "<C>"}
+            assert db.errors() == []
+            assert db.cdc.info()["handler"]["internal_errors"] >= 1
+
+
+def update(source: RecordingSource, position: int, *rows: tuple[int, str]) -> ChangePacket:
+    ids = tuple(i for i, _ in rows)
+    return ChangePacket(
+        "docs", DBEvent.update, ids, tuple({"id": i, "text": t} for i, t in rows), source=source, position=position
+    )
+
+
+def test_narrowing_saves_positions_once_after_the_window_and_a_later_version_wins(pg_database: str) -> None:
+    # One window of three packets: row 2 is refused in the first, written in its later version
+    # in the third; row 5 is refused in a packet of four rows. Only row 5 fails, and the
+    # positions are saved once, in order, with the window.
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        client.execute("INSERT INTO docs VALUES (0, 'seed')")
+        with reactive.connect(pg_database, lease=False) as db:
+            db.add(Listener(Model("tag", predict=tag), "text", "docs"))
+            client.execute("""ALTER TABLE "_outputs__tag__text" ADD CONSTRAINT no_bad CHECK ("_output" <> '<bad>')""")
+            source, queue = RecordingSource(), CDCQueue()
+            queue.put(update(source, 0, (1, "a"), (2, "bad")))
+            queue.put(update(source, 1, (3, "c"), (4, "d"), (5, "bad"), (6, "f")))
+            queue.put(update(source, 2, (2, "b")))
+            handler = CDCHandler(db, queue, compute=db.compute, window_rows=WindowRows(100, 100))
+            handler.start()
+            handler.stop()
+            handler.join(timeout=60)
+            assert not handler.is_alive()
+            outputs = {0: "<seed>", 1: "<a>", 2: "<b>", 3: "<c>", 4: "<d>", 6: "<f>"}
+            assert outputs_by_source(db, "tag__text") == outputs
+            assert [(e["source"], "no_bad" in e["error"]) for e in db.errors()] == [(5, True)]
+            assert source.saved == [[0, 1, 2]] and source.committed == [0, 1, 2] and not source.released
+            assert handler.totals.internal_errors == 1 and handler.stats["tag__text"].errors == 1
+
+
+def test_a_row_refused_alone_in_its_window_is_set_apart_once_another_window_is_written(pg_database: str) -> None:
+    # Alone, a refused row cannot be told from a database that refuses everything: it is
+    # delivered again; once another window was written meanwhile, it is set apart.
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        client.execute("INSERT INTO docs VALUES (0, 'seed')")
+        with reactive.connect(pg_database, lease=False) as db:
+            db.add(Listener(Model("tag", predict=tag), "text", "docs"))
+            client.execute("""ALTER TABLE "_outputs__tag__text" ADD CONSTRAINT no_bad CHECK ("_output" <> '<bad>')""")
+            source, queue = RecordingSource(), CDCQueue()
+            queue.put(update(source, 0, (1, "bad")))
+            queue.put(update(source, 1, (2, "b")))
+            queue.put(update(source, 0, (1, "bad")))  # what the source delivers again
+            handler = CDCHandler(db, queue, compute=db.compute, window_rows=WindowRows(1, 1), pipeline=1)
+            handler.start()
+            handler.stop()
+            handler.join(timeout=60)
+            assert not handler.is_alive()
+            assert source.released == [0] and source.saved == [[1], [0]] and source.committed == [1, 0]
+            assert outputs_by_source(db, "tag__text") == {0: "<seed>", 2: "<b>"}
+            assert [e["source"] for e in db.errors()] == [1]
+
+
+def test_a_document_mongodb_refuses_fails_alone(mongo_uri: str, mongo) -> None:
+    # The application's unique index on the outputs: the second document with the same output
+    # is refused (E11000), the others of the stream are written. MongoDB names the documents of
+    # a bulk write it refused, so the store refuses those itself (the handler narrows nothing).
+    mongo.docs.insert_one({"_id": "seed", "text": "seed"})
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("tag", predict=tag), "text", "docs"))
+        mongo["_outputs__tag__text"].create_index("_output", unique=True)
+        db.cdc.start()
+        mongo.docs.insert_many([{"_id": i, "text": "same" if i in (3, 6) else f"t{i}"} for i in range(10)])
+        assert db.cdc.wait_idle(60)
+        outputs = outputs_by_source(db, "tag__text")
+        assert outputs == {"seed": "<seed>", **{i: "<same>" if i == 3 else f"<t{i}>" for i in range(10) if i != 6}}
+        (error,) = db.errors("tag__text")
+        assert error["source"] == 6 and "duplicate key" in error["error"].lower()
+        mongo.docs.update_one({"_id": 1}, {"$set": {"text": "later"}})
+        assert db.cdc.wait_idle(60)
+        assert outputs_by_source(db, "tag__text")[1] == "<later>"
