@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -142,11 +143,14 @@ def _json_default(value: Any) -> Any:
 
 def _json_output(value: Any) -> Any:
     try:
-        text = json.dumps(value, default=_json_default, allow_nan=False)
+        return json.loads(json.dumps(value, default=_json_default, allow_nan=False))
+    except RecursionError:
+        raise ValueError(
+            f"output is nested too deeply to be written as JSON (Python's limit: {sys.getrecursionlimit()} levels)"
+        ) from None
     except ValueError:
         # json.dumps would write NaN, which is not JSON: the stored text could not be read back.
         raise ValueError("output contains NaN or infinity, which JSON cannot hold") from None
-    return json.loads(text)
 
 
 def _vector_output(value: Any, output_type: str) -> list[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import sqlite3
+from typing import Any
 from uuid import UUID
 
 import numpy as np
@@ -463,6 +464,28 @@ def test_json_outputs_hold_arrays_as_lists_and_refuse_nan(sql: SQLClient) -> Non
         assert error["source"] == 2 and error["error"].startswith("output contains NaN or infinity, which JSON")
 
 
+def nested(texts: list[str]) -> list[Any]:
+    """Each text in three lists, "deep" in 100,001 (deeper than ``json.dumps`` can write)."""
+    outputs: list[Any] = []
+    for text in texts:
+        value: Any = [text]
+        for _ in range(100_000 if text == "deep" else 2):
+            value = [value]
+        outputs.append(value)
+    return outputs
+
+
+def test_a_json_output_nested_deeper_than_json_can_be_written_is_refused_alone(sql: SQLClient) -> None:
+    # json.dumps raises RecursionError: it used to fail every row of the batch.
+    make_table(sql, "docs", [(1, "a"), (2, "deep"), (3, "c")])
+
+    with reactive.connect(sql.uri) as db:
+        db.add(Listener(Model("j", predict=nested, output_type="json"), "text", "docs"))
+        assert outputs_by_source(db, "j__text") == {1: [[["a"]]], 3: [[["c"]]]}
+        [error] = db.errors("j__text")
+        assert error["source"] == 2 and error["error"].startswith("output is nested too deeply to be written as JSON")
+
+
 @pytest.mark.parametrize("rows", [3, 100], ids=["few rows", "many rows"])
 @pytest.mark.parametrize(
     ("output_type", "bad"),
@@ -697,3 +720,13 @@ def test_a_document_whose_fields_are_reordered_is_not_computed_again(mongo_uri: 
         assert db.cdc.wait_idle(timeout=30)
         assert recorder.inputs == [{"a": 1, "b": 2}]
         assert db.cdc.info()["listeners"]["m__meta"]["skipped"] == 1
+
+
+def test_a_json_output_nested_too_deeply_is_refused_alone_on_mongodb(mongo_uri: str, mongo) -> None:
+    mongo.docs.insert_many([{"_id": 1, "text": "a"}, {"_id": 2, "text": "deep"}, {"_id": 3, "text": "c"}])
+
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("j", predict=nested, output_type="json"), "text", "docs"))
+        assert outputs_by_source(db, "j__text") == {1: [[["a"]]], 3: [[["c"]]]}
+        [error] = db.errors("j__text")
+        assert error["source"] == 2 and error["error"].startswith("output is nested too deeply to be written as JSON")
