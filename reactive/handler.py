@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses as dc
 import functools
 import logging
+import math
 import queue as queues
 import time
 import traceback
@@ -44,8 +45,8 @@ log = logging.getLogger(__name__)
 #: Longest wait between retries of a window while the database is unreachable.
 #: Retries of a window after stop() was called, before it is released.
 STOPPING_RETRIES = 3
-#: Rows that failed alone remembered at most (see ``CDCHandler._narrow``): past it, forgotten.
-FAILING_MEMORY = 10_000
+#: Failed parts past the log2 of a window's rows after which narrowing it, with nothing written, stops.
+NARROWING_SLACK = 4
 
 
 class BackendUnavailableError(Exception):
@@ -391,7 +392,11 @@ class _Narrowed:
     """What narrowing a window down found (see :meth:`CDCHandler._narrow`): each part is
     numbered in the order it was written or failed."""
 
+    #: Parts that may fail before any is written; past it the window is given up: a database
+    #: that refuses everything would otherwise be asked about every row.
+    limit: int
     parts: int = 0
+    failures: int = 0
     #: Each row that failed alone: its part's number, its packet, why.
     failed: list[tuple[int, ChangePacket, Exception]] = dc.field(default_factory=list)
     #: (table, id key) of each row written: the number of the last part that wrote it.
@@ -486,9 +491,10 @@ class CDCHandler(ReactiveThread):
         self._committed: Committed | None = None
         #: Failures of the handler's own in a row (see :meth:`_recover`).
         self._failures = 0
-        #: (table, id key) of each row that failed alone and was not set apart: how many
-        #: windows were finished when it first failed (see :meth:`_narrow`).
-        self._failing: dict[tuple[str, Hashable], int] = {}
+        #: Windows whose outputs were written (not only set apart), and how many were when a
+        #: window last failed: a window written since says the database takes writes (see :meth:`_narrow`).
+        self._written = 0
+        self._written_at_failure = 0
         #: The thread that reads ahead (:meth:`_read_ahead`), started when first needed.
         self._reader: _Reader | None = None
 
@@ -631,12 +637,14 @@ class CDCHandler(ReactiveThread):
         steps = window.steps
         attempt = 0
         failure: Exception | None = None  # once the window failed: narrowed down, see _narrow
+        writes = False
         while True:
             try:
                 if failure is not None:
-                    self._narrow(packets, window.bound, failure)
+                    self._narrow(packets, window.bound, failure, writes=writes)
                 else:
                     self._finish(packets, self._plan(packets, {}, window.bound) if steps is None else steps)
+                    self._written += 1
                 return True
             except (BackendUnavailableError, LeaseLostError) as exc:
                 # Unreachable, or this process may not write right now (its lease is not renewed:
@@ -659,12 +667,15 @@ class CDCHandler(ReactiveThread):
                     if any(map(len, packets)):
                         log.warning("the change handler failed on %d packets (%s)", len(packets), exc)
                         failure = exc
+                        # Whether a window was written since the last one failed.
+                        writes = self._written > self._written_at_failure
+                        self._written_at_failure = self._written
                         continue
                 log.exception("the change handler failed on %d packets; they will be delivered again", len(packets))
                 self._release(packets, exc)
                 return False
 
-    def _narrow(self, packets: Sequence[ChangePacket], bound: int, failure: Exception) -> None:
+    def _narrow(self, packets: Sequence[ChangePacket], bound: int, failure: Exception, *, writes: bool) -> None:
         """Write a window that failed as a whole (with ``failure``) part by part, halving each
         part that fails (its packets, then a packet's rows), in the order of the window; then
         set apart each row that failed alone, and save and commit the window's positions.
@@ -672,13 +683,19 @@ class CDCHandler(ReactiveThread):
         A row is set apart (the error recorded for each of its components, its output
         removed, as after a model's failure: ``db.retry_errors()`` computes it again) only
         where the database is seen to take other writes: some other part of the window was
-        written, or some window was finished since each failing row first failed (a row that
-        fails alone in its window is delivered again, and set apart then). Otherwise the last
-        error is raised and the window is released: a database that refuses everything must
-        not turn changes into errors. Positions are saved only at the end: a crash meanwhile
-        delivers the window again, and its writes are idempotent.
+        written or, where one row of the window failed and nothing else was written (a window
+        of one row), some window was written since a window last failed (``writes``): so when
+        a database starts refusing everything, the first lone row to fail may be set apart,
+        none after it until a window is written again. Otherwise the last error is raised and
+        the window is released: a database that refuses everything must not turn changes
+        into errors; for the same reason narrowing stops once more parts
+        failed, with none written, than one bad row explains (:data:`NARROWING_SLACK` past the
+        log2 of the window's rows). Each part's model work is done again: a window with one
+        bad row of n costs about 2 log2(n) more writes and twice its model work. Positions are
+        saved only at the end: a crash meanwhile delivers the window again, and its writes are
+        idempotent.
         """
-        found = _Narrowed()
+        found = _Narrowed(limit=math.ceil(math.log2(max(sum(map(len, packets)), 1))) + NARROWING_SLACK)
         halves = _halves(packets)
         if halves is None:
             found.parts = 1
@@ -686,16 +703,10 @@ class CDCHandler(ReactiveThread):
         else:
             for half in halves:
                 self._bisect(half, bound, found)
-        keys = [(part.table, id_key(part.ids[0])) for _, part, _ in found.failed]
-        since = self._failing
-        if not found.written and not all(since.get(key, self.totals.windows) < self.totals.windows for key in keys):
-            if len(since) > FAILING_MEMORY:
-                since.clear()
-            for key in keys:
-                since.setdefault(key, self.totals.windows)
+        if not found.written and not (writes and len(found.failed) == 1):
             raise found.failed[-1][2]
-        for key in keys:
-            since.pop(key, None)
+        if found.written:
+            self._written += 1
         steps = []
         for order, part, exc in found.failed:
             if found.written.get((part.table, id_key(part.ids[0])), -1) > order:
@@ -718,6 +729,9 @@ class CDCHandler(ReactiveThread):
         except (BackendUnavailableError, LeaseLostError):
             raise  # not the rows' fault: the window is tried again (see _handle_with_retries)
         except Exception as exc:
+            found.failures += 1
+            if not found.written and found.failures > found.limit:
+                raise  # nothing written yet, and more failures than one bad row explains
             halves = _halves(packets)
             if halves is None:
                 found.parts += 1
