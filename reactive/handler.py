@@ -452,8 +452,10 @@ class CDCHandler(ReactiveThread):
     it is planned first; planned after that commit, it finds the outputs that window stored.
 
     The handler never dies: a component that raises has its batch recorded in the errors
-    table, and processing goes on; a failure of the handler's own releases the windows in
-    flight (their sources deliver them again) and it goes on after a pause. :meth:`stop`
+    table, and processing goes on; a window whose writing fails otherwise is narrowed down to
+    the rows that fail alone, which are set apart as errors (:meth:`_narrow`); a failure of the
+    handler's own it cannot narrow releases the windows in flight (their sources deliver them
+    again) and it goes on after a pause. :meth:`stop`
     closes the queue; everything already queued is processed before the thread exits.
     ``stats`` and ``totals`` are the counters it adds to (``db.cdc`` hands the same ones to
     every handler it starts, so they outlive a stop).
