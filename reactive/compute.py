@@ -24,6 +24,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -366,7 +367,9 @@ class RayCompute:
             future.add_done_callback(settled)
 
     def close(self, timeout: float | None = None) -> None:
-        """Kill this executor's actors; shut Ray down if this executor started it."""
+        """Kill this executor's actors and return once Ray has (waiting up to ``timeout``,
+        default :data:`KILL_SECONDS`: ``ray.kill`` only asks); shut Ray down if this executor
+        started it."""
         with self._lock:
             pools, self._pools = self._pools, {}
             started, self._started_ray = self._started_ray, False
@@ -376,11 +379,30 @@ class RayCompute:
         import ray
 
         if ray.is_initialized():
-            for _, actors in pools.values():
-                for actor in actors:
-                    ray.kill(actor)
+            actors = [actor for _, pool in pools.values() for actor in pool]
+            for actor in actors:
+                ray.kill(actor)
+            deadline = time.monotonic() + (KILL_SECONDS if timeout is None else timeout)
+            for actor in actors:
+                _wait_killed(ray, actor, deadline)
             if started:
                 ray.shutdown()
+
+
+#: How long :meth:`RayCompute.close` waits for Ray to kill its actors, by default.
+KILL_SECONDS = 30.0
+
+
+def _wait_killed(ray: Any, actor: Any, deadline: float) -> None:
+    """Return once ``actor`` no longer answers (Ray has killed it), or at ``deadline``."""
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            ray.get(actor.ready.remote(), timeout=left)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            break
+    log.warning("Ray did not kill actor %s within the deadline", actor)
 
 
 def _compute_error(error: BaseException, model: Model) -> BaseException:
