@@ -302,6 +302,11 @@ class HandlerTotals:
     rows: int = 0
     windows: int = 0
     internal_errors: int = 0
+    #: Windows whose outputs were written (not only set apart as errors), and how many were
+    #: when a window last failed: one written since says the database takes writes (see
+    #: ``CDCHandler._narrow``). Kept here so that it outlives a handler (a stop, a backfill).
+    windows_written: int = 0
+    windows_written_at_failure: int = 0
 
 
 def _halves(packets: Sequence[ChangePacket]) -> tuple[list[ChangePacket], list[ChangePacket]] | None:
@@ -493,10 +498,6 @@ class CDCHandler(ReactiveThread):
         self._committed: Committed | None = None
         #: Failures of the handler's own in a row (see :meth:`_recover`).
         self._failures = 0
-        #: Windows whose outputs were written (not only set apart), and how many were when a
-        #: window last failed: a window written since says the database takes writes (see :meth:`_narrow`).
-        self._written = 0
-        self._written_at_failure = 0
         #: The thread that reads ahead (:meth:`_read_ahead`), started when first needed.
         self._reader: _Reader | None = None
 
@@ -646,7 +647,7 @@ class CDCHandler(ReactiveThread):
                     self._narrow(packets, window.bound, failure, writes=writes)
                 else:
                     self._finish(packets, self._plan(packets, {}, window.bound) if steps is None else steps)
-                    self._written += 1
+                    self.totals.windows_written += 1
                 return True
             except (BackendUnavailableError, LeaseLostError) as exc:
                 # Unreachable, or this process may not write right now (its lease is not renewed:
@@ -670,8 +671,9 @@ class CDCHandler(ReactiveThread):
                         log.warning("the change handler failed on %d packets (%s)", len(packets), exc)
                         failure = exc
                         # Whether a window was written since the last one failed.
-                        writes = self._written > self._written_at_failure
-                        self._written_at_failure = self._written
+                        totals = self.totals
+                        writes = totals.windows_written > totals.windows_written_at_failure
+                        totals.windows_written_at_failure = totals.windows_written
                         continue
                 log.exception("the change handler failed on %d packets; they will be delivered again", len(packets))
                 self._release(packets, exc)
@@ -708,7 +710,7 @@ class CDCHandler(ReactiveThread):
         if not found.written and not (writes and len(found.failed) == 1):
             raise found.failed[-1][2]
         if found.written:
-            self._written += 1
+            self.totals.windows_written += 1
         steps = []
         for order, part, exc in found.failed:
             if found.written.get((part.table, id_key(part.ids[0])), -1) > order:

@@ -82,6 +82,12 @@ def test_a_row_postgres_refuses_fails_alone_and_the_rest_of_its_window_is_writte
             client.execute("UPDATE docs SET text = 'A' WHERE id = 1")
             assert db.cdc.wait_idle(60)
             assert outputs_by_source(db, "tag__text")[1] == "<A>"
+            # Retried while the rule still refuses it (change capture stopped: a handler of its
+            # own), the row is set apart again, its error kept.
+            db.cdc.stop()
+            assert db.retry_errors("tag__text") == 1
+            assert [e["source"] for e in db.errors("tag__text")] == [2]
+            db.cdc.start()
             # Nothing is lost: once the rule allows it, the row is computed again.
             client.execute('ALTER TABLE "_outputs__tag__text" DROP CONSTRAINT no_bad')
             assert db.retry_errors("tag__text") == 1
