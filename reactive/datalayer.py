@@ -12,7 +12,15 @@ from types import TracebackType
 from typing import Any, Self
 
 from reactive.backends import backend_for_uri
-from reactive.backends.base import OUTPUTS_PREFIX, SOURCE_FIELD, DataBackend, SourceReader, TableInfo, outputs_table
+from reactive.backends.base import (
+    OUTPUTS_PREFIX,
+    SOURCE_FIELD,
+    DataBackend,
+    ErrorRecord,
+    SourceReader,
+    TableInfo,
+    outputs_table,
+)
 from reactive.cdc import DatabaseChangeDataCapture
 from reactive.checkpoints import DEFAULT_LEASE_MS, ENGINE_CHECKPOINT, Lease
 from reactive.components.base import Component
@@ -363,13 +371,35 @@ class Datalayer:
             components = [c for c in self._components.values() if identifier in (None, c.identifier)]
         retried = 0
         for component in components:
-            sources = [error["source"] for error in self.backend.errors.read_errors(component.identifier)]
+            errors = self.backend.errors.read_errors(component.identifier)
+            sources = [error["source"] for error in errors]
             if not sources:
                 continue
             self.backend.errors.clear_errors(component.identifier, sources)
             retried += len({id_key(source) for source in sources})
-            self._backfill(component, self.table_info(component.table), progress=False)
+            try:
+                self._backfill(component, self.table_info(component.table), progress=False)
+            except BaseException:
+                self._restore_errors(component.identifier, errors)
+                raise
         return retried
+
+    def _restore_errors(self, identifier: str, errors: list[dict[str, Any]]) -> None:
+        """A retry that did not finish: record again the errors it cleared of the rows that
+        still have neither an output nor a new error, so that they stay listed."""
+        try:
+            sources = [error["source"] for error in errors]
+            settled = set(self.backend.outputs.output_fingerprints(identifier, sources))
+            settled.update(id_key(error["source"]) for error in self.backend.errors.read_errors(identifier))
+            kept = [
+                ErrorRecord(identifier, error["table"], error["source"], error["error"])
+                for error in errors
+                if id_key(error["source"]) not in settled
+            ]
+            if kept:
+                self.backend.errors.record_errors(kept)
+        except Exception as exc:  # the database is down: the rows are found without an output later
+            log.warning("could not record again the errors of %s that a retry cleared: %s", identifier, exc)
 
     def search(
         self,
