@@ -14,6 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -25,6 +26,11 @@ from reactive.handler import CDCHandler, WindowRows
 from reactive.queue import CDCQueue
 from tests.conftest import outputs_by_source
 from tests.test_pipeline import RecordingSource
+
+
+def refuse_bad(client: psycopg.Connection) -> None:
+    """The application's own rule on the outputs of ``tag__text``, which reactive knows nothing of."""
+    client.execute("""ALTER TABLE "_outputs__tag__text" ADD CONSTRAINT no_bad CHECK ("_output" <> '<bad>')""")
 
 
 def tag(texts: list[str]) -> list[str]:
@@ -62,8 +68,7 @@ def test_a_row_postgres_refuses_fails_alone_and_the_rest_of_its_window_is_writte
         with reactive.connect(pg_database, poll_interval=0.05) as db:
             db.add(Listener(Model("tag", predict=tag), "text", "docs"))
             db.add(Listener(Model("note", predict=tag), "text", "notes"))
-            # The application's own rule on an outputs table, which reactive knows nothing of.
-            client.execute("""ALTER TABLE "_outputs__tag__text" ADD CONSTRAINT no_bad CHECK ("_output" <> '<bad>')""")
+            refuse_bad(client)
             db.cdc.start()
             with client.transaction():  # one poll sees them all: one window
                 client.execute("UPDATE docs SET text = 'bad' WHERE id = 2")
@@ -157,6 +162,16 @@ def test_a_database_that_refuses_every_row_turns_nothing_into_errors(pg_database
             assert db.cdc.info()["handler"]["internal_errors"] >= 1
 
 
+def handled(db: reactive.Datalayer, queue: CDCQueue, **options: Any) -> CDCHandler:
+    """A handler that processed everything ``queue`` holds, and stopped."""
+    handler = CDCHandler(db, queue, compute=db.compute, **options)
+    handler.start()
+    handler.stop()
+    handler.join(timeout=60)
+    assert not handler.is_alive()
+    return handler
+
+
 def update(source: RecordingSource, position: int, *rows: tuple[int, str]) -> ChangePacket:
     ids = tuple(i for i, _ in rows)
     return ChangePacket(
@@ -173,16 +188,12 @@ def test_narrowing_saves_positions_once_after_the_window_and_a_later_version_win
         client.execute("INSERT INTO docs VALUES (0, 'seed')")
         with reactive.connect(pg_database, lease=False) as db:
             db.add(Listener(Model("tag", predict=tag), "text", "docs"))
-            client.execute("""ALTER TABLE "_outputs__tag__text" ADD CONSTRAINT no_bad CHECK ("_output" <> '<bad>')""")
+            refuse_bad(client)
             source, queue = RecordingSource(), CDCQueue()
             queue.put(update(source, 0, (1, "a"), (2, "bad")))
             queue.put(update(source, 1, (3, "c"), (4, "d"), (5, "bad"), (6, "f")))
             queue.put(update(source, 2, (2, "b")))
-            handler = CDCHandler(db, queue, compute=db.compute, window_rows=WindowRows(100, 100))
-            handler.start()
-            handler.stop()
-            handler.join(timeout=60)
-            assert not handler.is_alive()
+            handler = handled(db, queue, window_rows=WindowRows(100, 100))
             outputs = {0: "<seed>", 1: "<a>", 2: "<b>", 3: "<c>", 4: "<d>", 6: "<f>"}
             assert outputs_by_source(db, "tag__text") == outputs
             assert [(e["source"], "no_bad" in e["error"]) for e in db.errors()] == [(5, True)]
@@ -198,18 +209,14 @@ def test_a_row_refused_alone_in_its_window_is_set_apart_once_another_window_is_w
         client.execute("INSERT INTO docs VALUES (0, 'seed')")
         with reactive.connect(pg_database, lease=False) as db:
             db.add(Listener(Model("tag", predict=tag), "text", "docs"))
-            client.execute("""ALTER TABLE "_outputs__tag__text" ADD CONSTRAINT no_bad CHECK ("_output" <> '<bad>')""")
+            refuse_bad(client)
             source, queue = RecordingSource(), CDCQueue()
             queue.put(update(source, 0, (1, "bad")))
             queue.put(update(source, 1, (2, "b")))
             queue.put(update(source, 0, (1, "bad")))  # what the source delivers again
             # Another lone row refused, with no window written since row 1 failed: released.
             queue.put(update(source, 2, (3, "bad")))
-            handler = CDCHandler(db, queue, compute=db.compute, window_rows=WindowRows(1, 1), pipeline=1)
-            handler.start()
-            handler.stop()
-            handler.join(timeout=60)
-            assert not handler.is_alive()
+            handled(db, queue, window_rows=WindowRows(1, 1), pipeline=1)
             assert source.released == [0, 2] and source.saved == [[1], [0]] and source.committed == [1, 0]
             assert outputs_by_source(db, "tag__text") == {0: "<seed>", 2: "<b>"}
             assert [e["source"] for e in db.errors()] == [1]
@@ -241,7 +248,7 @@ def test_a_retry_the_database_refuses_keeps_the_errors_it_cleared(pg_database: s
         client.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'b'), (3, 'c')")
         with reactive.connect(pg_database, poll_interval=0.05) as db:
             db.add(Listener(Model("tag", predict=tag), "text", "docs"))
-            client.execute("""ALTER TABLE "_outputs__tag__text" ADD CONSTRAINT no_bad CHECK ("_output" <> '<bad>')""")
+            refuse_bad(client)
             db.cdc.start()
             with client.transaction():
                 client.execute("UPDATE docs SET text = 'bad' WHERE id = 2")
