@@ -392,6 +392,30 @@ class _Window:
         return all(future.done() for future in self.work)
 
 
+class _Known:
+    """The outputs a window's model work computed, per component, by input fingerprint (see
+    :class:`~reactive.components.base.PlannedRefresh`): what planning its rows again (a retry,
+    narrowing) takes instead of computing them again. A row changed meanwhile has another
+    fingerprint, so it is computed."""
+
+    def __init__(self) -> None:
+        #: id of the component: the component (kept, so that its id stays its own), its outputs.
+        self._outputs: dict[int, tuple[Component, dict[int, Any]]] = {}
+
+    def add(self, steps: Sequence[_Step] | None) -> None:
+        """Keep what the model work of ``steps`` computed (work still running is not waited for)."""
+        for step in steps or ():
+            for component, plan in step.plans:
+                if isinstance(plan, PlannedRefresh) and plan.computed is not None:
+                    outputs = plan.computed()
+                    if outputs:
+                        self._outputs.setdefault(id(component), (component, {}))[1].update(outputs)
+
+    def of(self, component: Component) -> Mapping[int, Any] | None:
+        entry = self._outputs.get(id(component))
+        return entry[1] if entry is not None and entry[0] is component else None
+
+
 @dc.dataclass(eq=False)
 class _Narrowed:
     """What narrowing a window down found (see :meth:`CDCHandler._narrow`): each part is
@@ -632,27 +656,33 @@ class CDCHandler(ReactiveThread):
         it was released.
 
         Writes are idempotent, so a window retried after a partial write ends the same; a
-        retry plans the window again (its model work is done again). A window that fails for
-        another reason is narrowed down to the rows that fail alone (:meth:`_narrow`); if
-        none of it can be written, it is released: its sources deliver those changes again.
+        retry plans the window again (its rows read again), taking the outputs its model work
+        already computed (:class:`_Known`) for the rows that did not change meanwhile. A window
+        that fails for another reason is narrowed down to the rows that fail alone
+        (:meth:`_narrow`); if none of it can be written, it is released: its sources deliver
+        those changes again.
         """
         packets = window.packets
         steps = window.steps
+        known = _Known()
         attempt = 0
         failure: Exception | None = None  # once the window failed: narrowed down, see _narrow
         writes = False
         while True:
             try:
                 if failure is not None:
-                    self._narrow(packets, window.bound, failure, writes=writes)
+                    self._narrow(packets, window.bound, failure, writes=writes, known=known)
                 else:
-                    self._finish(packets, self._plan(packets, {}, window.bound) if steps is None else steps)
+                    if steps is None:
+                        steps = self._plan(packets, {}, window.bound, known=known)
+                    self._finish(packets, steps)
                     self.totals.windows_written += 1
                 return True
             except (BackendUnavailableError, LeaseLostError) as exc:
                 # Unreachable, or this process may not write right now (its lease is not renewed:
                 # the database is slow or down, or another process takes over, and then db.cdc
                 # stops this handler): nothing was committed, so the same window is tried again.
+                known.add(steps)
                 steps = None
                 attempt += 1
                 if self.queue.closed and attempt > STOPPING_RETRIES:
@@ -667,6 +697,7 @@ class CDCHandler(ReactiveThread):
             except Exception as exc:
                 if failure is None:
                     self.totals.internal_errors += 1
+                    known.add(steps)
                     if any(map(len, packets)):
                         log.warning("the change handler failed on %d packets (%s)", len(packets), exc)
                         failure = exc
@@ -679,7 +710,9 @@ class CDCHandler(ReactiveThread):
                 self._release(packets, exc)
                 return False
 
-    def _narrow(self, packets: Sequence[ChangePacket], bound: int, failure: Exception, *, writes: bool) -> None:
+    def _narrow(
+        self, packets: Sequence[ChangePacket], bound: int, failure: Exception, *, writes: bool, known: _Known
+    ) -> None:
         """Write a window that failed as a whole (with ``failure``) part by part, halving each
         part that fails (its packets, then a packet's rows), in the order of the window; then
         set apart each row that failed alone, and save and commit the window's positions.
@@ -694,8 +727,9 @@ class CDCHandler(ReactiveThread):
         the window is released: a database that refuses everything must not turn changes
         into errors; for the same reason narrowing stops once more parts
         failed, with none written, than one bad row explains (:data:`NARROWING_SLACK` past the
-        log2 of the window's rows). Each part's model work is done again: a window with one
-        bad row of n costs about 2 log2(n) more writes and twice its model work. Positions are
+        log2 of the window's rows). Each part is planned again (its rows read again), its
+        outputs taken from what the window's model work computed (``known``): a window with one
+        bad row of n costs about 2 log2(n) more writes, and no more model work. Positions are
         saved only at the end: a crash meanwhile delivers the window again, and its writes are
         idempotent.
         """
@@ -706,7 +740,7 @@ class CDCHandler(ReactiveThread):
             found.failed.append((1, packets[0], failure))
         else:
             for half in halves:
-                self._bisect(half, bound, found)
+                self._bisect(half, bound, found, known)
         if not found.written and not (writes and len(found.failed) == 1):
             raise found.failed[-1][2]
         if found.written:
@@ -725,11 +759,11 @@ class CDCHandler(ReactiveThread):
                 steps.append(_Step(batch, plans))
         self._finish(packets, steps)
 
-    def _bisect(self, packets: Sequence[ChangePacket], bound: int, found: _Narrowed) -> None:
+    def _bisect(self, packets: Sequence[ChangePacket], bound: int, found: _Narrowed, known: _Known) -> None:
         """Write ``packets``' outputs (no positions) or, if that fails, each half of them in
         turn, down to the row; ``found`` gets what was written and the rows that failed alone."""
         try:
-            self._finish(packets, self._plan(packets, {}, bound), positions=False)
+            self._finish(packets, self._plan(packets, {}, bound, known=known), positions=False)
         except (BackendUnavailableError, LeaseLostError):
             raise  # not the rows' fault: the window is tried again (see _handle_with_retries)
         except Exception as exc:
@@ -742,7 +776,7 @@ class CDCHandler(ReactiveThread):
                 found.failed.append((found.parts, packets[0], exc))
                 return
             for half in halves:
-                self._bisect(half, bound, found)
+                self._bisect(half, bound, found, known)
             return
         found.parts += 1
         for packet in packets:
@@ -768,10 +802,13 @@ class CDCHandler(ReactiveThread):
         in_flight: Mapping[str, set[Hashable]],
         bound: int,
         reads: Sequence[tuple[Batch, Future[list[Batch]] | None]] | None = None,
+        *,
+        known: _Known | None = None,
     ) -> list[_Step]:
         """Coalesce, collate (in batches of at most ``bound`` rows), read the rows packets do
         not carry (or take ``reads``: the batches with their reads started ahead), and plan
-        every component's refresh (its model work starts); nothing is written."""
+        every component's refresh (its model work starts, for what ``known`` lacks); nothing
+        is written."""
         steps = []
         batches = ((batch, None) for batch in window_batches(packets, bound)) if reads is None else reads
         for batch, read in batches:
@@ -786,17 +823,26 @@ class CDCHandler(ReactiveThread):
                 raise
             busy = in_flight.get(batch.table, frozenset())
             for part in resolved:
-                steps.append(_Step(part, [(c, self._plan_one(c, part, busy)) for c in components]))
+                plans = [(c, self._plan_one(c, part, busy, None if known is None else known.of(c))) for c in components]
+                steps.append(_Step(part, plans))
         return steps
 
     def _plan_one(
-        self, component: Component, batch: Batch, in_flight: Collection[Hashable]
+        self,
+        component: Component,
+        batch: Batch,
+        in_flight: Collection[Hashable],
+        known: Mapping[int, Any] | None = None,
     ) -> PlannedRefresh | Exception:
         stats = self.stats.setdefault(component.identifier, ComponentStats())
         stats.count(batch)
         stats.model_calls = component.model_calls  # a live view: info() shows the calls as they run
+        # ``known`` only where there is some: a component that gives no ``computed`` never takes it.
+        options: dict[str, Any] = {"in_flight": in_flight}
+        if known is not None:
+            options["known"] = known
         try:
-            return component.plan_refresh(batch, self.db, compute=self.compute, wait=self.wait, in_flight=in_flight)
+            return component.plan_refresh(batch, self.db, compute=self.compute, wait=self.wait, **options)
         except LeaseLostError:
             raise
         except Exception as exc:

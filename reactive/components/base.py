@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses as dc
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -67,11 +67,16 @@ class PlannedRefresh:
     """A batch's refresh under way: its model work, and what finishes it once that is done.
 
     ``work`` are the futures of the model calls (empty when nothing is computed);
-    ``finish()`` waits for them, writes the outputs and returns what was done.
+    ``finish()`` waits for them, writes the outputs and returns what was done. ``computed()``,
+    where given, returns the outputs its model work produced so far, by input fingerprint:
+    when the window fails to be written, the handler plans its rows again with those as
+    ``known`` (see :meth:`Component.plan_refresh`), so that a retry or narrowing does not
+    compute them again.
     """
 
     work: Sequence[Future[Any]]
     finish: Callable[[], Refresh]
+    computed: Callable[[], Mapping[int, Any]] | None = None
 
 
 class Component(ABC):
@@ -115,6 +120,12 @@ class Component(ABC):
         unfinished window changes) cannot be trusted: they may be rewritten before this batch
         is. ``wait(seconds)`` sleeps for a retry backoff and returns False when the engine is
         stopping.
+
+        A window that failed to be written is planned again (a retry while the database is
+        unreachable; narrowing, see :class:`~reactive.handler.CDCHandler`): a component whose
+        earlier :class:`PlannedRefresh` gave ``computed`` then gets ``known=`` what it returned
+        (outputs by input fingerprint), and takes an input's output from it instead of
+        computing it again. Components that give no ``computed`` never get ``known``.
         """
 
     @abstractmethod

@@ -58,6 +58,46 @@ class _Inputs:
         return _Inputs([ids[k] for k in indexes], [values[k] for k in indexes], [fps[k] for k in indexes])
 
 
+def _with_known(
+    known: Mapping[int, Any], rows: _Inputs, call: Callable[[list[Any]], Future[list[Any]]]
+) -> Future[list[Any]]:
+    """The outputs of ``rows``: those ``known`` holds by fingerprint, the others from ``call``
+    (the model, on the inputs it lacks), in the order of ``rows``.
+
+    >>> def call(values):
+    ...     future = Future()
+    ...     future.set_result([v.upper() for v in values])
+    ...     return future
+    >>> _with_known({20: "<b>"}, _Inputs([1, 2, 3], ["a", "b", "c"], [10, 20, 30]), call).result()
+    ['A', '<b>', 'C']
+    >>> _with_known({10: "x"}, _Inputs([1], ["a"], [10]), lambda values: 1 / 0).result()
+    ['x']
+    """
+    found = [known.get(fp, _MISSING) for fp in rows.fingerprints]
+    missing = [k for k, output in enumerate(found) if output is _MISSING]
+    if len(missing) == len(found):
+        return call(rows.values)
+    outer: Future[list[Any]] = Future()
+    outer.set_running_or_notify_cancel()
+    if not missing:
+        outer.set_result(found)
+        return outer
+    values = rows.values
+
+    def merge(inner: Future[list[Any]]) -> None:
+        try:
+            outputs = inner.result()
+        except BaseException as exc:  # handed to whoever waits, as the model's own future would
+            outer.set_exception(exc)
+            return
+        for k, output in zip(missing, outputs, strict=True):
+            found[k] = output
+        outer.set_result(found)
+
+    call([values[k] for k in missing]).add_done_callback(merge)
+    return outer
+
+
 def _input_bytes(value: Any, limit: int) -> int:
     """The size of a text or bytes input (others are not measured)."""
     if isinstance(value, bytes | bytearray):
@@ -378,6 +418,7 @@ class Listener(Component):
         compute: Compute,
         wait: Callable[[float], bool],
         in_flight: Collection[Hashable] = frozenset(),
+        known: Mapping[int, Any] | None = None,
     ) -> PlannedRefresh:
         assert self.source is not None, "prepare() first"
         refresh = Refresh()
@@ -414,11 +455,26 @@ class Listener(Component):
         # A closed queue means the handler is draining it to stop: a hung call is given up.
         queue = db.cdc.queue
 
-        def submit(rows: _Inputs) -> Future[list[Any]]:
+        def call(values: list[Any]) -> Future[list[Any]]:
             executor = self.model.executor or compute
-            return executor.submit(self.model, rows.values, wait=wait, stopping=lambda: queue.closed)
+            return executor.submit(self.model, values, wait=wait, stopping=lambda: queue.closed)
+
+        def submit(rows: _Inputs) -> Future[list[Any]]:
+            return call(rows.values) if not known else _with_known(known, rows, call)
 
         work = submit(todo) if todo else None
+        late_results: list[tuple[list[int], list[Any]]] = []  # computed at the finish: see computed()
+
+        def computed() -> dict[int, Any]:
+            pairs = list(late_results)
+            if work is not None and work.done() and not work.cancelled() and work.exception() is None:
+                pairs.append((todo.fingerprints, work.result()))
+            return {
+                fp: output
+                for fps, outputs in pairs
+                for fp, output in zip(fps, outputs, strict=True)
+                if type(output) is not Failure  # computed again: the failure may be the call's, not the row's
+            }
 
         def finish() -> Refresh:
             if work is not None:
@@ -432,7 +488,9 @@ class Listener(Component):
                     if self._stale(unsure.values[k], unsure.fingerprints[k], now.get(id_key(i)))
                 )
                 if late:
-                    self._write(batch, db, refresh, remove, late, submit(late).result(), now)
+                    results = submit(late).result()
+                    late_results.append((late.fingerprints, results))
+                    self._write(batch, db, refresh, remove, late, results, now)
             refresh.skipped = len(candidates) - len(todo) - len(late)
             kept = [i for i in remove if id_key(i) not in absent]
             if kept:
@@ -442,7 +500,7 @@ class Listener(Component):
             self._settle_errors(batch, db, refresh)
             return refresh
 
-        return PlannedRefresh(() if work is None else (work,), finish)
+        return PlannedRefresh(() if work is None else (work,), finish, computed)
 
     def set_apart(self, batch: Batch, db: Datalayer, error: str) -> Refresh:
         """Each row of ``batch`` fails with ``error`` and, as after a model's failure, has no
