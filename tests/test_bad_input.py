@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import sqlite3
 from typing import Any
@@ -75,6 +76,33 @@ def test_an_id_column_beside_another_primary_key_is_still_checked_for_repeats(
         listener = Listener(Model("m", predict=recorder), "body", "notes", id_column="note_id")
         with pytest.raises(reactive.ConfigurationError, match=r"'note_id' of table 'notes' is not unique \(id 2 "):
             db.add(listener)
+
+
+def test_rows_whose_id_is_null_are_left_out_until_their_id_is_set(
+    sql: SQLClient, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An id column that is not a primary key may hold NULL, and no output or error can name such
+    # a row: it is left out, and db.add says how many. (DuckDB's diff saw one inserted at every
+    # poll, its model called 20 times a second; SQLite's scan could end at a page of them.)
+    sql.execute("CREATE TABLE notes (note_id INTEGER, body VARCHAR(100))")
+    sql.executemany("INSERT INTO notes VALUES (?, ?)", [(1, "a"), (None, "nobody"), (None, "nobody either")])
+    with caplog.at_level(logging.WARNING, logger="reactive"), reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("m", predict=recorder), "body", "notes", id_column="note_id"))
+        assert "2 rows of table 'notes' have no id ('note_id' is NULL): they are not followed" in caplog.text
+        assert outputs_by_source(db, "m__body") == {1: "<a>"}
+        db.cdc.start()
+        sql.execute("INSERT INTO notes VALUES (NULL, 'later'), (3, 'c')")
+        assert db.cdc.wait_idle(timeout=30)
+        sql.execute("INSERT INTO notes VALUES (4, 'd')")  # polls after the NULL row's
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__body") == {1: "<a>", 3: "<c>", 4: "<d>"}
+        assert sorted(recorder.inputs) == ["a", "c", "d"] and db.errors() == []
+        # Once its id is set, a row is followed; a row whose id becomes NULL loses its output.
+        sql.execute("UPDATE notes SET note_id = 2 WHERE body = 'nobody'")
+        sql.execute("UPDATE notes SET note_id = NULL WHERE note_id = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__body") == {2: "<nobody>", 3: "<c>", 4: "<d>"}
+        assert sorted(recorder.inputs) == ["a", "c", "d", "nobody"] and db.errors() == []
 
 
 def test_row_without_the_key_is_recorded_and_the_rest_proceed(sql: SQLClient, recorder: Recorder) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses as dc
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -323,6 +324,32 @@ def test_a_table_without_primary_key_needs_id_column(kinetica_server: KineticaTe
         docs.update_records(["id = 1"], [{"text": "first"}])
         assert db.cdc.wait_idle(timeout=WAIT)
         assert outputs_by_source(db, "up__text") == {1: "FIRST", 2: "BETA"}
+
+
+def test_rows_whose_id_is_null_are_left_out_until_their_id_is_set(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As on every backend (test_bad_input): no output or error can name a row without an id.
+    # (Such a row failed its whole window here, recording errors against every row of it.)
+    nullable = GPUdbRecordType(
+        [GPUdbRecordColumn("id", "int", is_nullable=True), GPUdbRecordColumn("text", "string")], label="docs"
+    )
+    docs = GPUdbTable(nullable, "docs", db=foreign)
+    docs.insert_records([[1, "a"], [None, "nobody"]])
+    with caplog.at_level(logging.WARNING, logger="reactive"), connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs", id_column="id"))
+        assert "some rows of table 'docs' have no id ('id' is NULL): they are not followed" in caplog.text
+        db.cdc.start()
+        docs.insert_records([[None, "later"], [3, "c"]])  # one frame: the row with an id goes on
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<a>", 3: "<c>"}
+        assert sorted(recorder.inputs) == ["a", "c"] and db.errors() == []
+        # Once its id is set, a row is followed; a row whose id becomes NULL loses its output.
+        docs.update_records(["text = 'nobody'"], [{"id": "2"}])
+        docs.update_records(["id = 1"], [{"id": None}])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {2: "<nobody>", 3: "<c>"}
+        assert db.errors() == []
 
 
 def test_a_missing_table_fails_at_add(kinetica_server: KineticaTestServer, recorder: Recorder) -> None:

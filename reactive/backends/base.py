@@ -107,6 +107,19 @@ class TableInfo:
     columns: tuple[str, ...] = ()
 
 
+def warn_null_ids(table: TableInfo, count: int | None = None) -> None:
+    """Say that rows of ``table`` have a NULL id (``count`` of them, where known): no output or
+    error can name such a row, so no backend follows it until its id is set. The one message
+    for every backend."""
+    rows = "some rows" if count is None else f"{count} rows"
+    log.warning(
+        "%s of table %r have no id (%r is NULL): they are not followed (no output, no error) until their id is set",
+        rows,
+        table.name,
+        table.id_column,
+    )
+
+
 def identify_rows(
     table: str, columns: Sequence[str], primary_key: Sequence[str], id_column: str | None = None
 ) -> TableInfo:

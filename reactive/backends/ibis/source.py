@@ -8,7 +8,7 @@ from typing import Any
 
 import ibis.expr.datatypes as dt
 
-from reactive.backends.base import OUTPUT_FIELD, TableInfo, identify_rows
+from reactive.backends.base import OUTPUT_FIELD, TableInfo, identify_rows, warn_null_ids
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import decode_for
 from reactive.errors import TableNotFoundError
@@ -56,7 +56,17 @@ class IbisSource:
         info = identify_rows(table, columns, key, id_column)
         if self.check is not None:
             self.check(info)
+        if id_column is not None:  # a column of the user's choice, which may hold NULL
+            self._warn_null_ids(info)
         return info
+
+    def _warn_null_ids(self, table: TableInfo) -> None:
+        """Say how many rows of ``table`` have a NULL id: they are not followed (see ``TableSQL``)."""
+        with self.conn.lock:
+            t = self.conn.table(table.name)
+            nulls = int(t.filter(t[table.id_column].isnull()).count().execute())
+        if nulls:
+            warn_null_ids(table, nulls)
 
     def count(self, table: TableInfo) -> int:
         with self.conn.lock:

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from reactive.backends.base import MAX_BACKOFF, BaseDatabaseListener, CheckpointStore, TableInfo
+from reactive.backends.base import MAX_BACKOFF, BaseDatabaseListener, CheckpointStore, TableInfo, warn_null_ids
 from reactive.backends.kinetica.client import (
     KineticaClient,
     KineticaError,
@@ -181,6 +181,8 @@ class KineticaMonitorListener(BaseDatabaseListener):
         self._head_changes = client.head_changes
         self._last_reconcile_all = time.monotonic()
         self.decode_errors = 0
+        #: Tables an insert of a row without an id was said of (once each: they may be many).
+        self._null_ids_seen: set[str] = set()
         self.unknown_frames = 0
         self.reconciliations = 0
         self.recoveries = 0
@@ -529,6 +531,11 @@ class KineticaMonitorListener(BaseDatabaseListener):
             self.decode_errors += failed
             self.last_error = f"{failed} insert frames of {route.table!r} did not decode"
             self._mark_dirty([route.table])
+        if any(row[table.id_column] is None for row in rows):  # not followed, as on every backend
+            if table.name not in self._null_ids_seen:
+                self._null_ids_seen.add(table.name)
+                warn_null_ids(table)
+            rows = [row for row in rows if row[table.id_column] is not None]
         if rows:
             ids = tuple(row[table.id_column] for row in rows)
             self.emit(ChangePacket(route.table, DBEvent.insert, ids, tuple(rows), position=route.table, source=self))

@@ -39,14 +39,21 @@ from reactive.backends.base import (
     TableInfo,
     identify_rows,
     outputs_table,
+    warn_null_ids,
 )
-from reactive.backends.kinetica.client import equals_expression, in_expression
+from reactive.backends.kinetica.client import equals_expression, in_expression, quote_identifier
 from reactive.backends.kinetica.tables import ID_CHUNK, TableCatalog, epoch_ms, id_type
 from reactive.errors import ConfigurationError
 from reactive.events import Row, id_key
 from reactive.fingerprints import plain_value
 
 ERRORS_TABLE = "_reactive_errors"
+
+
+def _has_no_id(id_column: str) -> str:
+    """The expression of rows whose id is NULL."""
+    return f"{quote_identifier(id_column)} is null"
+
 
 _SCALAR_COLUMNS = {
     "string": "string",
@@ -119,7 +126,12 @@ class KineticaSource:
     def describe(self, table: str, *, id_column: str | None = None) -> TableInfo:
         self.catalog.forget(table)
         description = self.catalog.describe(table)
-        return identify_rows(table, description.columns, description.primary_key, id_column)
+        info = identify_rows(table, description.columns, description.primary_key, id_column)
+        if id_column is not None and id_column not in description.primary_key:  # it may hold NULL
+            nulls = self.catalog.pages(table, id_column, 1, expression=_has_no_id(id_column))
+            if next(nulls, None):
+                warn_null_ids(info)
+        return info
 
     def count(self, table: TableInfo) -> int:
         self.catalog.forget(table.name)
@@ -135,7 +147,9 @@ class KineticaSource:
     def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
         if not self.catalog.exists(table.name):
             return
-        for page in self.catalog.pages(table.name, table.id_column, page_size):
+        # A row whose id is NULL is left out, as on every backend (see ``warn_null_ids``).
+        expression = f"{quote_identifier(table.id_column)} is not null"
+        for page in self.catalog.pages(table.name, table.id_column, page_size, expression=expression):
             yield self.decoded(table.name, page)
 
     def decoded(self, table: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
