@@ -82,8 +82,8 @@ def test_rows_whose_id_is_null_are_left_out_until_their_id_is_set(
     sql: SQLClient, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
     # An id column that is not a primary key may hold NULL, and no output or error can name such
-    # a row: it is left out, and db.add says how many. (DuckDB's diff saw one inserted at every
-    # poll, its model called 20 times a second; SQLite's scan could end at a page of them.)
+    # a row: it is left out, and db.add says how many. (Two of them failed db.add on every
+    # engine; on DuckDB one was seen inserted at every poll, its model called 20 times a second.)
     sql.execute("CREATE TABLE notes (note_id INTEGER, body VARCHAR(100))")
     sql.executemany("INSERT INTO notes VALUES (?, ?)", [(1, "a"), (None, "nobody"), (None, "nobody either")])
     with caplog.at_level(logging.WARNING, logger="reactive"), reactive.connect(sql.uri, poll_interval=0.05) as db:
