@@ -27,6 +27,30 @@ def test_select_of_a_missing_table_fails_at_add(sql: SQLClient, recorder: Record
         assert db.show() == []
 
 
+def test_a_postgres_table_of_another_schema_is_followed_through_the_search_path(pg_database: str) -> None:
+    # A table name is taken whole: 'app.docs' is not schema app's table docs, and the error says
+    # how to follow that one (reactive's own tables then go to that schema too).
+    import psycopg
+
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute("CREATE SCHEMA app")
+        client.execute("CREATE TABLE app.docs (id INTEGER PRIMARY KEY, text TEXT)")
+        client.execute("INSERT INTO app.docs VALUES (1, 'a')")
+        hint = r"select 'docs' and put the schema first in the search path"
+        with reactive.connect(pg_database) as db, pytest.raises(reactive.TableNotFoundError, match=hint):
+            db.add(Listener(Model("m", predict=Recorder()), "text", "app.docs"))
+        with reactive.connect(f"{pg_database}?options=-csearch_path%3Dapp", poll_interval=0.05) as db:
+            db.add(Listener(Model("m", predict=Recorder()), "text", "docs"))
+            db.cdc.start()
+            client.execute("INSERT INTO app.docs VALUES (2, 'b')")
+            assert db.cdc.wait_idle(timeout=30)
+            assert outputs_by_source(db, "m__text") == {1: "<a>", 2: "<b>"}
+        [(schema,)] = client.execute(
+            "SELECT table_schema FROM information_schema.tables WHERE table_name = '_outputs__m__text'"
+        ).fetchall()
+        assert schema == "app"
+
+
 def test_table_without_primary_key_says_what_to_pass(sql: SQLClient, recorder: Recorder) -> None:
     sql.execute("CREATE TABLE notes (note_id INTEGER, body VARCHAR(100))")
     sql.execute("INSERT INTO notes VALUES (1, 'hi')")

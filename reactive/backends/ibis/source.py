@@ -50,7 +50,9 @@ class IbisSource:
         with conn.lock:
             conn.forget(table)
             if not conn.table_exists(table):
-                raise TableNotFoundError(f"table {table!r} does not exist in {conn.uri}", table=table)
+                raise TableNotFoundError(
+                    f"table {table!r} does not exist in {conn.uri}{_schema_hint(table, conn.dialect.name)}", table=table
+                )
             columns = self.columns(table)
             key = conn.dialect.primary_key(conn.con, table) if id_column is None else []
         info = identify_rows(table, columns, key, id_column)
@@ -120,6 +122,27 @@ class IbisSource:
         for row in decoded:
             row[OUTPUT_FIELD] = decode_for(self.conn.dialect, logical, row[OUTPUT_FIELD])
         return decoded
+
+
+def _schema_hint(table: str, dialect: str) -> str:
+    """What to do instead where ``table`` looks schema-qualified (names are taken whole on SQL).
+
+    >>> print(_schema_hint("app.docs", "postgres"))
+     (a table name is taken whole, dots included: for table 'docs' of schema 'app', select 'docs' and put
+    the schema first in the search path, e.g. '?options=-csearch_path%3Dapp' in the URI)
+    >>> _schema_hint("docs", "postgres")
+    ''
+    """
+    schema, dot, name = table.partition(".")
+    if not dot:
+        return ""
+    whole = " (a table name is taken whole, dots included:"
+    if dialect == "postgres":
+        return (
+            f"{whole} for table {name!r} of schema {schema!r}, select {name!r} and put the schema first in the"
+            f" search path, e.g. '?options=-csearch_path%3D{schema}' in the URI)"
+        )
+    return f"{whole} tables of another schema or attached database are not watched)"
 
 
 def _avro_of(dtype: dt.DataType) -> tuple[Any, Any]:
