@@ -11,7 +11,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_for_any
 from typing import TYPE_CHECKING, Any
 
@@ -403,10 +403,13 @@ class _Known:
         self._outputs: dict[int, tuple[Component, dict[int, Any]]] = {}
 
     def add(self, steps: Sequence[_Step] | None) -> None:
-        """Keep what the model work of ``steps`` computed (work still running is not waited for)."""
+        """Keep what the model work of ``steps`` computed, once it is done (a write that failed
+        may leave later batches' work running: planned again, their rows would only queue
+        behind it on the model)."""
         for step in steps or ():
             for component, plan in step.plans:
                 if isinstance(plan, PlannedRefresh) and plan.computed is not None:
+                    wait_for_any(plan.work, return_when=ALL_COMPLETED)
                     outputs = plan.computed()
                     if outputs:
                         self._outputs.setdefault(id(component), (component, {}))[1].update(outputs)
