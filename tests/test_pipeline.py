@@ -186,6 +186,14 @@ def test_a_deleted_row_inserted_again_while_the_delete_is_in_flight_keeps_its_ou
     assert source.committed == [0, 1, 2]
 
 
+def drop_other_connections(client: psycopg.Connection) -> None:
+    """The server drops every connection to the database but ``client``'s (reactive's)."""
+    client.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+
+
 def test_a_window_that_fails_in_the_middle_of_a_pipeline_is_retried_before_the_next_is_written(
     pg_database: str,
 ) -> None:
@@ -199,10 +207,7 @@ def test_a_window_that_fails_in_the_middle_of_a_pipeline_is_retried_before_the_n
 
         def drop_the_connection_once(positions: Sequence[int]) -> None:
             if not source.saved:
-                client.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                )
+                drop_other_connections(client)
 
         compute = Watching()
         source = RecordingSource()
@@ -241,10 +246,7 @@ def test_a_retried_window_takes_the_outputs_computed_and_computes_what_changed_m
         def change_and_drop_the_connection_once(positions: Sequence[int]) -> None:
             if not source.saved:
                 client.execute("UPDATE docs SET text = 'TWO' WHERE id = 2")
-                client.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                )
+                drop_other_connections(client)
 
         compute = Watching()
         source = RecordingSource()
