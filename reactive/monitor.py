@@ -287,9 +287,15 @@ class TableMonitor:
             """The table as it is now; TableNotFoundError when it does not exist."""
             try:
                 return self.db.table_info(self.table_name)
-            except MissingIdColumnError:
+            except MissingIdColumnError as exc:
                 if self.db.backend.monitors_need_ids:
-                    raise
+                    # The error names Listener(id_column=...), which a monitor has no way to pass.
+                    raise MissingIdColumnError(
+                        f"table {self.table_name!r} has no one-column primary key, by which a table monitor"
+                        " follows its rows here: give it one, or add a Listener on it with id_column= first"
+                        f" (the monitor then uses that column); {exc}",
+                        table=self.table_name,
+                    ) from None
                 return TableInfo(self.table_name, "", ())
 
         @property

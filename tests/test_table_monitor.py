@@ -808,6 +808,30 @@ def test_what_is_not_a_datalayer_or_not_options_is_refused(duck: SQLClient) -> N
         assert not db.cdc.running and not reactive_threads()
 
 
+def test_a_sql_table_without_primary_key_says_how_a_monitor_can_follow_it(duck: SQLClient) -> None:
+    # A monitor has no id_column to pass: the error says what does, and that works (a row
+    # without an id is not reported: no backend follows one).
+    duck.execute("create table notes (note_id integer, title varchar)")
+    events = Events()
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        with pytest.raises(reactive.MissingIdColumnError, match=r"add a Listener on it with id_column= first"):
+            TableMonitor.Client(db, "notes", events.callbacks(Type.INSERT_DECODED))
+        db.add(
+            Listener(
+                Model("shout", predict=lambda titles: [t.upper() for t in titles]),
+                "title",
+                "notes",
+                id_column="note_id",
+            )
+        )
+        client = TableMonitor.Client(db, "notes", events.callbacks(Type.INSERT_DECODED))
+        client.start_monitor()
+        duck.execute("insert into notes values (null, 'no id'), (1, 'one')")
+        assert events.next() == ("INSERT_DECODED", {"note_id": 1, "title": "one"})
+        assert db.cdc.wait_idle(WAIT) and events.pending() == []
+        client.stop_monitor()
+
+
 @only("kinetica")
 def test_kinetica_a_very_long_inactivity_timeout_keeps_the_listener_working(
     source: KineticaSource, db: reactive.Datalayer
