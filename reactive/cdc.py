@@ -415,11 +415,15 @@ class DatabaseChangeDataCapture:
         if not needed:
             listener.unwatch(table.name)
 
-    def unlisten(self, table: str) -> None:
+    def unlisten(self, table: str, *, forget: bool = False) -> None:
+        """Stop following ``table``; with ``forget``, drop what following it kept (see
+        :meth:`BaseDatabaseListener.forget`)."""
         with self._lock:
             self._watched.pop(table, None)
             if self._listener is not None:
                 self._listener.unwatch(table)
+                if forget:
+                    self._listener.forget(table)
 
     def start(self) -> None:
         """Start following every watched table. Calling it twice does nothing.

@@ -185,6 +185,7 @@ class Datalayer:
                         return existing
                 self._check_chain(component)
             source = component.prepare(self)
+            self._check_id_column(component, source)
             active = self.cdc.acquire()
             if active:
                 self._follow(component, source)
@@ -204,6 +205,25 @@ class Datalayer:
             return component
         self._backfill(component, source, progress)
         return component
+
+    def _check_id_column(self, component: Component, source: TableInfo) -> None:
+        """A table is followed by one id column: refuse ``component`` if the other components on
+        its table identify rows by another (the table's snapshot is keyed by one; following it
+        by two made every poll see the table altered, and its listeners stopped)."""
+        with self._lock:
+            others = [
+                c.identifier
+                for c in self._components.values()
+                if c.table == source.name and c.identifier != component.identifier
+            ]
+            followed = self._tables.get(source.name)
+        if others and followed is not None and followed.id_column != source.id_column:
+            raise ConfigurationError(
+                f"table {source.name!r} is followed by its id column {followed.id_column!r} (for"
+                f" {', '.join(others)}): a component on it cannot identify rows by {source.id_column!r};"
+                f" pass id_column={followed.id_column!r}",
+                table=source.name,
+            )
 
     def _follow(self, component: Component, source: TableInfo) -> None:
         """Create what ``component`` writes to and follow its table (this process holds the lease)."""
@@ -312,7 +332,9 @@ class Datalayer:
                 self._abandoned.discard(component.identifier)
 
     def remove(self, identifier: str, *, drop_outputs: bool = False) -> None:
-        """Stop routing changes to ``identifier``; with ``drop_outputs`` delete its outputs."""
+        """Stop routing changes to ``identifier``; with ``drop_outputs`` delete its outputs, and
+        when no other component reads its table, what following the table kept (a SQL table's
+        snapshot): a listener added again then starts afresh, by whatever id column."""
         self.check_open()
         with self._declare_lock:
             with self._lock:
@@ -326,7 +348,7 @@ class Datalayer:
                 if unused:
                     self._tables.pop(component.table, None)
             if unused:
-                self.cdc.unlisten(component.table)
+                self.cdc.unlisten(component.table, forget=drop_outputs)
         if drop_outputs:
             component.drop(self)
 

@@ -102,6 +102,37 @@ def test_an_id_column_beside_another_primary_key_is_still_checked_for_repeats(
             db.add(listener)
 
 
+def test_a_table_is_followed_by_one_id_column_and_dropping_outputs_lets_it_change(
+    sql: SQLClient, recorder: Recorder
+) -> None:
+    # Two listeners identifying a table's rows by two columns made every poll see the table
+    # altered: both stopped, and wait_idle still said idle. Now the second is refused. A
+    # listener removed with its outputs takes the table's snapshot with it (when nothing else
+    # reads the table), so it can come back with an id column of another type.
+    sql.execute("CREATE TABLE notes (a INTEGER, b VARCHAR(10), body VARCHAR(100))")
+    sql.executemany("INSERT INTO notes VALUES (?, ?, ?)", [(1, "x", "one"), (2, "y", "two")])
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("m", predict=recorder), "body", "notes", id_column="a"))
+        with pytest.raises(reactive.ConfigurationError, match=r"followed by its id column 'a' \(for m__body\)"):
+            db.add(Listener(Model("n", predict=recorder), "body", "notes", id_column="b"))
+        db.add(Listener(Model("n", predict=recorder), "body", "notes", id_column="a"))  # the same column: fine
+        db.cdc.start()
+        sql.execute("INSERT INTO notes VALUES (3, 'z', 'three')")
+        assert db.cdc.wait_idle(timeout=30)
+        assert (
+            outputs_by_source(db, "m__body")
+            == outputs_by_source(db, "n__body")
+            == {1: "<one>", 2: "<two>", 3: "<three>"}
+        )
+        db.remove("n__body")
+        db.remove("m__body", drop_outputs=True)
+        db.add(Listener(Model("m", predict=recorder), "body", "notes", id_column="b"))
+        sql.execute("UPDATE notes SET body = 'ONE' WHERE a = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__body") == {"x": "<ONE>", "y": "<two>", "z": "<three>"}
+        assert db.errors() == [] and db.cdc.info()["stopped_tables"] == {}
+
+
 def test_rows_whose_id_is_null_are_left_out_until_their_id_is_set(
     sql: SQLClient, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:

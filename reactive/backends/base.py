@@ -548,6 +548,11 @@ class BaseDatabaseListener(ReactiveThread):
         with self._lock:
             self._tables.pop(table, None)
 
+    def forget(self, table: str) -> None:
+        """Drop what following ``table`` kept (a polling backend's snapshot), once nothing
+        watches it: it is then followed afresh, by whatever id column, when watched again.
+        Backends that keep nothing per table do nothing."""
+
     # -- table monitors -------------------------------------------------------------------
     def subscribe(self, table: TableInfo, sink: MonitorSink) -> None:
         """Deliver ``table``'s changes to ``sink`` from now on (the table is watched too).

@@ -151,6 +151,13 @@ class IbisPollingListener(BaseDatabaseListener):
             self.failing_tables.pop(table, None)
             self._quiet.pop(table, None)
 
+    def forget(self, table: str) -> None:
+        with self._lock:
+            watched = table in self._tables or table in self._monitors
+        if not watched:  # a table monitor on it still polls it against its snapshot
+            self.snapshots.forget(table)  # its statements, built for the id column it had
+            self.snapshots.drop(table)
+
     def _arm_after_barrier(self, sink: Any) -> None:
         """Arm ``sink`` when a poll that starts after now has finished (its baseline), and
         return then: that poll's differences (an old snapshot's, say) are not the monitor's."""
