@@ -133,6 +133,30 @@ def test_a_table_is_followed_by_one_id_column_and_dropping_outputs_lets_it_chang
         assert db.errors() == [] and db.cdc.info()["stopped_tables"] == {}
 
 
+def test_an_id_column_of_another_type_at_a_restart_is_explained_and_followed_afresh(
+    sql: SQLClient, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The outputs name rows by the old ids: db.add says so (it failed the backfill with the
+    # engine's type error), and once they are dropped the table's snapshot is made again.
+    sql.execute("CREATE TABLE notes (a INTEGER, b VARCHAR(10), body VARCHAR(100))")
+    sql.executemany("INSERT INTO notes VALUES (?, ?, ?)", [(1, "x", "one"), (2, "y", "two")])
+    with reactive.connect(sql.uri) as db:
+        db.add(Listener(Model("m", predict=recorder), "body", "notes", id_column="a"))
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        listener = Listener(Model("m", predict=recorder), "body", "notes", id_column="b")
+        with pytest.raises(reactive.ConfigurationError, match=r"'_outputs__m__body'\) are keyed by ids of type !?int"):
+            db.add(listener)
+        sql.execute("DROP TABLE _outputs__m__body")
+        with caplog.at_level(logging.WARNING, logger="reactive"):
+            db.add(listener)
+        assert "the snapshot of 'notes' holds ids of type" in caplog.text and "it is made again" in caplog.text
+        db.cdc.start()
+        sql.execute("UPDATE notes SET body = 'ONE' WHERE a = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__body") == {"x": "<ONE>", "y": "<two>"}
+        assert db.errors() == [] and db.cdc.info()["stopped_tables"] == {}
+
+
 def test_rows_whose_id_is_null_are_left_out_until_their_id_is_set(
     sql: SQLClient, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:

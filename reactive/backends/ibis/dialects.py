@@ -1038,6 +1038,23 @@ class SnapshotSQL:
         return self.dialect.render(since)
 
 
+def id_kind(dtype: dt.DataType) -> str:
+    """What kind of value an id column holds, as far as comparing two of them goes: ids stored
+    by reactive (outputs, snapshots) compare with the source's when the kinds are the same
+    (widths and nullability do not matter).
+
+    >>> id_kind(dt.int32), id_kind(dt.Int64(nullable=False)), id_kind(dt.string), id_kind(dt.uuid)
+    ('integer', 'integer', 'text', 'UUID')
+    """
+    if dtype.is_integer():
+        return "integer"
+    if dtype.is_floating() or dtype.is_decimal():
+        return "number"
+    if dtype.is_string():
+        return "text"
+    return type(dtype).__name__
+
+
 def timestamp_column(dialect: Dialect, values: list[_dt.datetime]) -> pa.Array:
     """Timestamps as the dialect stores them."""
     if dialect.timestamp_type.is_string():

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from reactive.backends.base import CheckpointStore, TableInfo, VersionColumn, bounded_name
 from reactive.backends.ibis.connection import IbisConnection
-from reactive.backends.ibis.dialects import FINGERPRINT_ALIAS, ID_ALIAS, KIND_ALIAS, SnapshotSQL, id_array
+from reactive.backends.ibis.dialects import FINGERPRINT_ALIAS, ID_ALIAS, KIND_ALIAS, SnapshotSQL, id_array, id_kind
 from reactive.backends.ibis.listener import ChangedRows
 from reactive.checkpoints import CorruptCheckpointError
 from reactive.errors import ConfigurationError
@@ -517,8 +517,21 @@ class SnapshotStore:
             self.check(table)
         with conn.lock:
             if conn.table_exists(name):
-                conn.keyed(name)  # looked up here, not in the first window (a catalog query)
-                return False
+                was, now = conn.table(name).schema()[ROW_ID], conn.table(table.name).schema()[table.id_column]
+                if id_kind(was) == id_kind(now):
+                    conn.keyed(name)  # looked up here, not in the first window (a catalog query)
+                    return False
+                # Keyed by an id column of another kind (the listener's id_column changed between
+                # runs): what it holds names no row now. Made again; the backfill reconciles.
+                log.warning(
+                    "the snapshot of %r holds ids of type %s and its id column %r is %s: it is made again",
+                    table.name,
+                    was,
+                    table.id_column,
+                    now,
+                )
+                self.forget(table.name)
+                self.drop(table.name)
             statements = self._statements(table)
             top = None if statements.top is None else _plain(conn.fetch(statements.top)[0]["top"])
             started = time.time()

@@ -25,7 +25,7 @@ from reactive.backends.base import (
     outputs_table,
 )
 from reactive.backends.ibis.connection import IbisConnection
-from reactive.backends.ibis.dialects import encode_for, id_array, stored_as_text, timestamp_column
+from reactive.backends.ibis.dialects import encode_for, id_array, id_kind, stored_as_text, timestamp_column
 from reactive.errors import ConfigurationError
 from reactive.events import Row, id_key
 from reactive.fingerprints import from_plain, plain_value
@@ -123,6 +123,17 @@ class IbisOutputs:
                 keyed=conn.dialect.keyed_by(id_type),  # one made with its key before keeps it
             )
             conn.keyed(name)  # looked up here, not in the first window (a catalog query)
+            stored = conn.table(name).schema()[SOURCE_FIELD]
+            if id_kind(stored) != id_kind(id_type):
+                conn.forget(name)  # read again at the next try: the application may drop it meanwhile
+                raise ConfigurationError(
+                    f"the outputs of {identifier!r} ({name!r}) are keyed by ids of type {stored}, and"
+                    f" {source.name!r} is now identified by {source.id_column!r} of type {id_type}: its id"
+                    f" column changed; drop that table (its outputs name rows by the old ids) and add the"
+                    f" listener again, or db.remove({identifier!r}, drop_outputs=True) in the process that runs it",
+                    listener=identifier,
+                    table=source.name,
+                )
             self._declared[identifier] = source
 
     def store_outputs(
