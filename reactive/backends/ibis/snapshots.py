@@ -517,8 +517,8 @@ class SnapshotStore:
             self.check(table)
         with conn.lock:
             if conn.table_exists(name):
-                was, now = conn.table(name).schema()[ROW_ID], conn.table(table.name).schema()[table.id_column]
-                if id_kind(was) == id_kind(now):
+                was, now = conn.table(name).schema()[ROW_ID], conn.table(table.name).schema().get(table.id_column)
+                if now is None or id_kind(was) == id_kind(now):  # gone: the first poll says so
                     conn.keyed(name)  # looked up here, not in the first window (a catalog query)
                     return False
                 # Keyed by an id column of another kind (the listener's id_column changed between
