@@ -63,9 +63,12 @@ class IbisSource:
         return info
 
     def _warn_null_ids(self, table: TableInfo) -> None:
-        """Say how many rows of ``table`` have a NULL id: they are not followed (see ``TableSQL``)."""
+        """Say how many rows of ``table`` have a NULL id: they are not followed (see ``TableSQL``).
+        A column that cannot hold NULL (a primary key, NOT NULL) is not counted."""
         with self.conn.lock:
             t = self.conn.table(table.name)
+            if not t.schema()[table.id_column].nullable:
+                return
             nulls = int(t.filter(t[table.id_column].isnull()).count().execute())
         if nulls:
             warn_null_ids(table, nulls)

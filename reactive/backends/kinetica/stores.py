@@ -50,9 +50,9 @@ from reactive.fingerprints import plain_value
 ERRORS_TABLE = "_reactive_errors"
 
 
-def _has_no_id(id_column: str) -> str:
-    """The expression of rows whose id is NULL."""
-    return f"{quote_identifier(id_column)} is null"
+def _id_is(id_column: str, null: str) -> str:
+    """The expression of rows whose id is ``null`` (``"null"`` or ``"not null"``)."""
+    return f"{quote_identifier(id_column)} is {null}"
 
 
 _SCALAR_COLUMNS = {
@@ -128,7 +128,7 @@ class KineticaSource:
         description = self.catalog.describe(table)
         info = identify_rows(table, description.columns, description.primary_key, id_column)
         if id_column is not None and id_column not in description.primary_key:  # it may hold NULL
-            nulls = self.catalog.pages(table, id_column, 1, expression=_has_no_id(id_column))
+            nulls = self.catalog.pages(table, id_column, 1, expression=_id_is(id_column, "null"))
             if next(nulls, None):
                 warn_null_ids(info)
         return info
@@ -148,7 +148,7 @@ class KineticaSource:
         if not self.catalog.exists(table.name):
             return
         # A row whose id is NULL is left out, as on every backend (see ``warn_null_ids``).
-        expression = f"{quote_identifier(table.id_column)} is not null"
+        expression = _id_is(table.id_column, "not null")
         for page in self.catalog.pages(table.name, table.id_column, page_size, expression=expression):
             yield self.decoded(table.name, page)
 
