@@ -678,7 +678,7 @@ class CDCHandler(ReactiveThread):
                 else:
                     if steps is None:
                         steps = self._plan(packets, {}, window.bound, known=known)
-                    self._finish(packets, steps)
+                    self._finish(packets, steps, known=known)
                     self.totals.windows_written += 1
                 return True
             except (BackendUnavailableError, LeaseLostError) as exc:
@@ -766,7 +766,7 @@ class CDCHandler(ReactiveThread):
         """Write ``packets``' outputs (no positions) or, if that fails, each half of them in
         turn, down to the row; ``found`` gets what was written and the rows that failed alone."""
         try:
-            self._finish(packets, self._plan(packets, {}, bound, known=known), positions=False)
+            self._finish(packets, self._plan(packets, {}, bound, known=known), positions=False, known=known)
         except (BackendUnavailableError, LeaseLostError):
             raise  # not the rows' fault: the window is tried again (see _handle_with_retries)
         except Exception as exc:
@@ -853,30 +853,49 @@ class CDCHandler(ReactiveThread):
                 raise BackendUnavailableError(f"database unreachable ({exc})") from exc
             return exc  # the rows' failure, recorded when the window is finished
 
-    def _finish(self, packets: Sequence[ChangePacket], steps: list[_Step], *, positions: bool = True) -> None:
+    def _finish(
+        self,
+        packets: Sequence[ChangePacket],
+        steps: list[_Step],
+        *,
+        positions: bool = True,
+        known: _Known | None = None,
+    ) -> None:
         """Finish a planned window; with a feed attached, hand what it committed to the feed after.
         Without ``positions``, only its outputs are written (a part of a window: see :meth:`_narrow`).
+        ``known``: what chained listeners take, and get what they computed if the window fails.
 
         The feed's window lock is held meanwhile (uncontended but while a feed reads a table
         whole), so that what a feed reads is a state between two windows.
         """
         feed = self.feed
         if feed is None:
-            self._write(packets, steps, positions=positions)
+            self._write(packets, steps, positions=positions, known=known)
             return
         with feed.window():
             self._committed = [] if feed.active else None
             try:
-                self._write(packets, steps, positions=positions)
+                self._write(packets, steps, positions=positions, known=known)
                 window = feed.count_window()
             finally:
                 committed, self._committed = self._committed, None
         if committed:
             feed.committed(window, committed)
 
-    def _write(self, packets: Sequence[ChangePacket], steps: list[_Step], *, positions: bool = True) -> None:
+    def _write(
+        self,
+        packets: Sequence[ChangePacket],
+        steps: list[_Step],
+        *,
+        positions: bool = True,
+        known: _Known | None = None,
+    ) -> None:
         """Wait for each refresh's model work and write it, refresh chained listeners, then
         commit positions.
+
+        Chained listeners are planned here, as the outputs they read are written: they take
+        what ``known`` holds for them, and where the window fails, ``known`` gets what they
+        computed (a window written again computes their work once, as the others').
 
         Where the database has transactions (``backend.transactional``), the window's output
         writes are collected, then written with its positions in one transaction that first
@@ -885,30 +904,39 @@ class CDCHandler(ReactiveThread):
         """
         backend = self.db.backend
         committed = self._committed
-        with self.db.writer.deferring(backend.transactional) as writes:
-            chained: deque[Batch] = deque()
-            for step in steps:
-                part = step.batch
-                if committed is not None:
-                    event = "delete" if part.event is DBEvent.delete else "upsert"
-                    rows = zip(part.ids, part.rows, strict=True)
-                    committed.extend(("table", part.table, event, i, r) for i, r in rows)
-                for component, plan in step.plans:
-                    chained.extend(self._refreshed(component, part, plan))
-            while chained:  # listeners on the outputs just computed: planned and finished at once
-                batch = chained.popleft()
-                for component in self.db.components_for(batch.table, batch.targets):
-                    chained.extend(self._refreshed(component, batch, self._plan_one(component, batch, ())))
+        chained_steps: list[_Step] = []
         try:
-            with backend.transaction():
-                self.db.cdc.fence(atomic=backend.transactional)
-                for write in writes:
-                    write()
-                if positions:
-                    self._save_positions(packets, strict=backend.transactional)
-        except Exception as exc:
-            if backend.is_transient(exc):
-                raise BackendUnavailableError(f"database unreachable ({exc})") from exc
+            with self.db.writer.deferring(backend.transactional) as writes:
+                chained: deque[Batch] = deque()
+                for step in steps:
+                    part = step.batch
+                    if committed is not None:
+                        event = "delete" if part.event is DBEvent.delete else "upsert"
+                        rows = zip(part.ids, part.rows, strict=True)
+                        committed.extend(("table", part.table, event, i, r) for i, r in rows)
+                    for component, plan in step.plans:
+                        chained.extend(self._refreshed(component, part, plan))
+                while chained:  # listeners on the outputs just computed: planned and finished at once
+                    batch = chained.popleft()
+                    chained_steps.append(_Step(batch, plans := []))
+                    for component in self.db.components_for(batch.table, batch.targets):
+                        taken = None if known is None else known.of(component)
+                        plans.append((component, plan := self._plan_one(component, batch, (), taken)))
+                        chained.extend(self._refreshed(component, batch, plan))
+            try:
+                with backend.transaction():
+                    self.db.cdc.fence(atomic=backend.transactional)
+                    for write in writes:
+                        write()
+                    if positions:
+                        self._save_positions(packets, strict=backend.transactional)
+            except Exception as exc:
+                if backend.is_transient(exc):
+                    raise BackendUnavailableError(f"database unreachable ({exc})") from exc
+                raise
+        except Exception:
+            if known is not None:
+                known.add(chained_steps)
             raise
         if not positions:
             return

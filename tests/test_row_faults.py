@@ -214,6 +214,34 @@ def test_narrowing_saves_positions_once_after_the_window_and_a_later_version_win
             assert handler.totals.internal_errors == 1 and handler.stats["tag__text"].errors == 1
 
 
+def test_narrowing_computes_nothing_again_for_a_chained_listener(pg_database: str) -> None:
+    # A listener on the outputs of another: its work is planned as those outputs are written,
+    # so each part of a narrowed window planned it again. It takes what it computed, as the
+    # first listener does: each of its inputs is computed once.
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        client.execute("INSERT INTO docs VALUES (0, 'seed')")
+        with reactive.connect(pg_database, lease=False) as db:
+            first, chained = Counted(), Counted()
+            db.add(Listener(Model("tag", predict=first), "text", "docs"))
+            db.add(Listener(Model("again", predict=chained), "_output", "_outputs__tag__text"))
+            refuse_bad(client)
+            first.inputs.clear()
+            chained.inputs.clear()
+            source, queue = RecordingSource(), CDCQueue()
+            rows = [(i, "bad" if i == 5 else f"t{i}") for i in range(1, 9)]
+            queue.put(update(source, 0, *rows))
+            handled(db, queue, window_rows=WindowRows(100, 100))
+            assert first.inputs == [t for _, t in rows]
+            # The first try computed the chained work of the whole window (row 5's too, before
+            # its output was refused); the parts took it.
+            assert sorted(chained.inputs) == sorted(f"<{t}>" for _, t in rows)
+            again = {0: "<<seed>>", **{i: f"<<t{i}>>" for i in range(1, 9) if i != 5}}
+            assert outputs_by_source(db, "again___output") == again
+            assert [e["source"] for e in db.errors()] == [5]
+            assert source.committed == [0]
+
+
 def test_a_row_refused_alone_in_its_window_is_set_apart_once_another_window_is_written(pg_database: str) -> None:
     # Alone, a refused row cannot be told from a database that refuses everything: it is
     # delivered again; once another window was written since a window last failed, it is set apart.
