@@ -380,7 +380,8 @@ class OutputTypes:
         """Create ``identifier``'s outputs in ``store`` with this type, and remember it."""
         with self._lock:
             store.create_outputs(identifier, source, output_type)
-            self.checkpoints.save_checkpoint(self._checkpoint(identifier), {"type": output_type, "source": source.name})
+            saved = {"type": output_type, "source": source.name, "id_column": source.id_column}
+            self.checkpoints.save_checkpoint(self._checkpoint(identifier), saved)
             self._remember(identifier, output_type)
 
     def forget(self, identifier: str) -> None:

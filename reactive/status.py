@@ -220,6 +220,7 @@ def _status(backend: DataBackend, uri: str, read_from: dict[str, Any] | None) ->
             value = _json(section)
             declared[key[len(OUTPUTS_SECTION) :]] = {
                 "source": value.get("source"),
+                "id_column": value.get("id_column"),  # absent where an older version wrote it
                 "output_type": value.get("type"),
                 "declared_at": _iso(section.written_at),
             }
@@ -234,21 +235,21 @@ def _status(backend: DataBackend, uri: str, read_from: dict[str, Any] | None) ->
     listeners = []
     names = sorted({*declared, *errors, *undeclared})
     position_of, stream = _position_reader(backend, sections)
-    counts: dict[str, int | None] = {}
+    counts: dict[tuple[str, str | None], int | None] = {}
 
-    def count(table: str | None) -> int | None:
+    def count(table: str | None, id_column: str | None = None) -> int | None:
         if table is None:
             return None
-        if table not in counts:
-            counts[table] = _count(backend, table, tables)
-        return counts[table]
+        if (table, id_column) not in counts:
+            counts[table, id_column] = _count(backend, table, tables, id_column)
+        return counts[table, id_column]
 
     for identifier in names:
         recorded = declared.get(identifier, {})
         failed = errors.get(identifier, {})
         source = recorded.get("source") or failed.get("table")
         table = undeclared.get(identifier) or outputs_table(identifier)
-        rows, outputs = count(source), count(table)
+        rows, outputs = count(source, recorded.get("id_column")), count(table)
         position = position_of(source) if source is not None else None
         if identifier in declared:
             kind = "listener"
@@ -379,14 +380,15 @@ def _version_mark(value: dict[str, Any]) -> dict[str, Any]:
     return {"version_column": mark.column, "version": version, "full_diff_at": _iso(mark.full_diff_at)}
 
 
-def _count(backend: DataBackend, table: str, tables: set[str] | None) -> int | None:
-    """Rows of ``table`` (None when it does not exist)."""
+def _count(backend: DataBackend, table: str, tables: set[str] | None, id_column: str | None = None) -> int | None:
+    """Rows of ``table`` (None when it does not exist); with ``id_column``, those whose id is set
+    (the rows a listener follows)."""
     try:
         if tables is not None and table not in tables:
             return None
         if tables is None and not backend.source.table_exists(table):
             return None
-        return int(backend.source.count(TableInfo(table, "_id")))
+        return int(backend.source.count(TableInfo(table, id_column or "_id")))
     except ReactiveError:
         return None
 

@@ -15,6 +15,7 @@ from conftest import Recorder, SQLClient, outputs_by_source
 import reactive
 from reactive import TableMonitor
 from reactive.components import Listener, Model
+from reactive.status import database_status
 from reactive.threads import reactive_threads
 
 Type = TableMonitor.Callback.Type
@@ -169,6 +170,9 @@ def test_rows_whose_id_is_null_are_left_out_until_their_id_is_set(
         db.add(Listener(Model("m", predict=recorder), "body", "notes", id_column="note_id"))
         assert "2 rows of table 'notes' have no id ('note_id' is NULL): they are not followed" in caplog.text
         assert outputs_by_source(db, "m__body") == {1: "<a>"}
+        # `reactive status` counts the rows followed: nothing is behind (it said a lag of 2).
+        (listed,) = database_status(sql.uri)["listeners"]
+        assert (listed["rows"], listed["outputs"], listed["lag"]) == (1, 1, 0)
         db.cdc.start()
         sql.execute("INSERT INTO notes VALUES (NULL, 'later'), (3, 'c')")
         assert db.cdc.wait_idle(timeout=30)

@@ -35,6 +35,7 @@ import reactive
 from reactive.backends.kinetica.listener import MONITORS_CHECKPOINT
 from reactive.components import Listener, Model
 from reactive.errors import BackendError, MissingIdColumnError, TableNotFoundError
+from reactive.status import database_status
 from reactive.threads import reactive_threads
 
 WAIT = 10.0  # seconds: the upper bound for any one wait; normally well under a second
@@ -339,6 +340,8 @@ def test_rows_whose_id_is_null_are_left_out_until_their_id_is_set(
     with caplog.at_level(logging.WARNING, logger="reactive"), connect(kinetica_server) as db:
         db.add(Listener(tag(recorder), "text", "docs", id_column="id"))
         assert "some rows of table 'docs' have no id ('id' is NULL): they are not followed" in caplog.text
+        (listed,) = database_status(kinetica_server.uri())["listeners"]  # the rows followed: none behind
+        assert (listed["rows"], listed["outputs"], listed["lag"]) == (1, 1, 0)
         db.cdc.start()
         docs.insert_records([[None, "later"], [3, "c"]])  # one frame: the row with an id goes on
         assert db.cdc.wait_idle(timeout=WAIT)

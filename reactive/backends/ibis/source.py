@@ -74,8 +74,12 @@ class IbisSource:
             warn_null_ids(table, nulls)
 
     def count(self, table: TableInfo) -> int:
+        """The rows of ``table`` that are followed: those whose id is not NULL (see ``TableSQL``)."""
         with self.conn.lock:
-            return int(self.conn.table(table.name).count().execute())
+            t = self.conn.table(table.name)
+            column = t.schema().get(table.id_column)
+            rows = t[table.id_column].count() if column is not None and column.nullable else t.count()
+            return int(rows.execute())
 
     def _statements(self, table: TableInfo) -> Any:
         return self.conn.statements(table.name, table.id_column, table.columns or self.columns(table.name))

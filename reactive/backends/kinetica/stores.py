@@ -134,8 +134,12 @@ class KineticaSource:
         return info
 
     def count(self, table: TableInfo) -> int:
+        """The rows of ``table`` that are followed: those whose id is not NULL (see ``scan``)."""
         self.catalog.forget(table.name)
-        return self.catalog.describe(table.name).size
+        description = self.catalog.describe(table.name)
+        if "nullable" not in description.properties.get(table.id_column, ()):
+            return description.size
+        return self.catalog.count(table.name, expression=_id_is(table.id_column, "not null"))
 
     def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
         rows = self.decoded(table.name, list(self.catalog.records_by_ids(table.name, table.id_column, list(ids))))

@@ -114,6 +114,10 @@ class TableCatalog:
                 return
             offset += len(page.records)
 
+    def count(self, table: str, *, expression: str) -> int:
+        """How many records of ``table`` match ``expression`` (the server's filtered total)."""
+        return self.client.get_records(table, self.codec(table), expression=expression, limit=1).total_number_of_records
+
     def records_by_ids(self, table: str, column: str, ids: Sequence[Any]) -> Iterator[dict[str, Any]]:
         """The records whose ``column`` is one of ``ids`` (one request per chunk of ids)."""
         for start in range(0, len(ids), ID_CHUNK):
