@@ -675,6 +675,51 @@ def test_an_error_message_quoting_odd_text_is_recorded_with_escapes(sql: SQLClie
         assert errors == {2: "ValueError: cannot read a\\x00b", 3: "ValueError: cannot read x\\udc80y"}
 
 
+def test_sqlite_ids_of_another_type_than_the_column_are_left_out_and_counted(
+    tmp_path, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SQLite column without a declared type (or of any type but INTEGER PRIMARY KEY) keeps
+    ids of every type; ibis types it from its first row. Ids of another type failed db.add
+    ("datatype mismatch" on the snapshot's key); one inserted later failed its window, and its
+    setting apart, again and again (wait_idle never True). Such rows are left out, as rows
+    without an id are, and db.add says how many."""
+    path = tmp_path / "app.sqlite"
+    client = sqlite3.connect(str(path), isolation_level=None)
+    client.execute("CREATE TABLE docs (id PRIMARY KEY, text)")
+    client.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), ("two", "b"), (3.5, "c"), (b"4", "d"), (5, "e")])
+    with caplog.at_level(logging.WARNING, logger="reactive"), reactive.connect(f"sqlite:///{path}") as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "docs"), progress=False)
+        assert "3 rows of table 'docs' have an id that is not int64" in caplog.text
+        assert outputs_by_source(db, "m__text") == {1: "<a>", 5: "<e>"}
+        (listed,) = database_status(f"sqlite:///{path}")["listeners"]
+        assert (listed["rows"], listed["lag"]) == (2, 0)
+        db.cdc.start()
+        client.execute("INSERT INTO docs VALUES ('six', 'f')")
+        client.execute("INSERT INTO docs VALUES (7, 'g')")
+        client.execute("UPDATE docs SET text = 'A' WHERE id = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: "<A>", 5: "<e>", 7: "<g>"}
+        # Once stored as the column's type, a row is followed.
+        client.execute("UPDATE docs SET id = 2 WHERE id = 'two'")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: "<A>", 2: "<b>", 5: "<e>", 7: "<g>"}
+        assert sorted(recorder.inputs) == ["A", "a", "b", "e", "g"]
+        assert db.errors() == [] and db.cdc.info()["handler"]["internal_errors"] == 0
+    client.close()
+
+
+def test_an_empty_sqlite_table_without_column_types_is_a_clear_error(tmp_path, recorder: Recorder) -> None:
+    # ibis types such columns from the first row; with none it raised its own IbisError.
+    path = tmp_path / "app.sqlite"
+    with sqlite3.connect(str(path)) as client:
+        client.execute("CREATE TABLE docs (id PRIMARY KEY, text)")
+    with reactive.connect(f"sqlite:///{path}") as db:
+        with pytest.raises(reactive.ConfigurationError, match="without a declared type and no rows") as failed:
+            db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        assert "declare each column's type" in str(failed.value) and failed.value.table == "docs"
+        assert db.show() == []
+
+
 def test_a_sqlite_text_that_is_not_utf8_is_read_with_its_odd_bytes_as_surrogates(tmp_path) -> None:
     """SQLite keeps whatever bytes a client writes as TEXT. One such row made every
     statement over its table fail ("user-defined function raised exception": the row

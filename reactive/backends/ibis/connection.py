@@ -16,7 +16,7 @@ import sqlglot as sg
 import sqlglot.expressions as sge
 
 from reactive.backends.ibis.dialects import Dialect, TableSQL, dialect_for
-from reactive.errors import TableNotFoundError
+from reactive.errors import ConfigurationError, TableNotFoundError
 from reactive.rows import TableRows, column_of
 
 
@@ -112,6 +112,15 @@ class IbisConnection:
                     handle = self._handles[name] = self.con.table(name)
                 except ibis_exc.TableNotFound:
                     raise TableNotFoundError(f"table {name!r} does not exist in {self.uri}", table=name) from None
+                except ibis_exc.IbisError as exc:
+                    if "infer types" not in str(exc):
+                        raise
+                    # SQLite: columns declared without a type, typed by ibis from the first row.
+                    raise ConfigurationError(
+                        f"table {name!r} has columns without a declared type and no rows to tell their types"
+                        f" from ({exc}): declare each column's type (id INTEGER PRIMARY KEY, text TEXT)",
+                        table=name,
+                    ) from None
             return handle
 
     def table_exists(self, name: str) -> bool:

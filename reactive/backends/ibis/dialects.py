@@ -238,6 +238,19 @@ class Dialect:
         """A 64-bit fingerprint of a row, computed by the engine."""
         return sge.Anonymous(this="hash", expressions=[_column(c, table) for c in columns])
 
+    def followed(self, key: sge.Column, id_type: dt.DataType | None) -> sge.Expression | None:
+        """The rows reactive follows: those whose id (``key``, a column of ``id_type``) is set
+        (None where every row's is: a primary key, a NOT NULL column, whose check would cost
+        DuckDB a fifth of a diff). No output or error can name a row without an id
+        (``warn_null_ids``).
+
+        >>> print(Dialect().render(Dialect().followed(_column("id"), dt.int64)))
+        NOT "id" IS NULL
+        >>> Dialect().followed(_column("id"), dt.Int64(nullable=False)) is None
+        True
+        """
+        return None if id_type is not None and not id_type.nullable else sge.Not(this=key.is_(sge.null()))
+
     def ids_condition(self, column: str, table: str | None = None, id_type: dt.DataType | None = None) -> sge.Condition:
         """``column`` (of ``id_type``, when known) is one of the ids bound by :meth:`bind_ids`
         (one list per statement). DuckDB hands UUIDs to Python as text and will not compare
@@ -677,6 +690,40 @@ class SQLiteDialect(Dialect):
         as_bytes = sge.Cast(this=joined, to=sge.DataType.build("BLOB"))
         return sge.Anonymous(this="reactive_fingerprint", expressions=[as_bytes])
 
+    def followed(self, key: sge.Column, id_type: dt.DataType | None) -> sge.Expression | None:
+        """Rows whose id is stored as the column's type says: SQLite keeps any value in any
+        column but an ``INTEGER PRIMARY KEY`` (``id PRIMARY KEY`` holding 1 and 'two'), and an
+        id of another type cannot be stored in the snapshot or the outputs, keyed by that type.
+        ``typeof`` is never 'null' for such a type: NULL ids are left out too.
+
+        >>> d = SQLiteDialect()
+        >>> for id_type in (dt.int64, dt.float64, dt.date):
+        ...     print(d.render(d.followed(_column("id"), id_type)))
+        TYPEOF("id") IN ('integer')
+        TYPEOF("id") IN ('integer', 'real')
+        NOT "id" IS NULL
+        """
+        stored = self.stored_types(id_type)
+        if not stored:
+            return super().followed(key, id_type)
+        return sge.Anonymous(this="TYPEOF", expressions=[key]).isin(*map(sge.convert, stored))
+
+    @staticmethod
+    def stored_types(id_type: dt.DataType | None) -> tuple[str, ...]:
+        """What ``typeof`` says of the values a column of ``id_type`` reads back as that type (none
+        where it is not known: dates and timestamps are text, numbers or nothing)."""
+        if id_type is None:
+            return ()
+        if id_type.is_integer() or id_type.is_boolean():
+            return ("integer",)
+        if id_type.is_floating() or id_type.is_decimal():
+            return ("integer", "real")
+        if id_type.is_string():
+            return ("text",)
+        if id_type.is_binary():
+            return ("blob",)
+        return ()
+
     def ids_condition(self, column: str, table: str | None = None, id_type: dt.DataType | None = None) -> sge.Condition:
         # The ids come as one JSON array; JSON has no bytes, so a BLOB id travels as
         # {"blob": hex} and becomes bytes again here (see bind_ids).
@@ -799,23 +846,17 @@ def _select(table: str, columns: Sequence[str]) -> sge.Select:
     return sg.select(*names).from_(sg.table(table, quoted=True))
 
 
-def _has_id(key: sge.Column, id_type: dt.DataType | None) -> sge.Expression | None:
-    """``key IS NOT NULL`` where the id column may hold NULL (None where it may not: a primary
-    key, a NOT NULL column, whose check would cost DuckDB a fifth of a diff). Rows without an
-    id are not followed: no output or error can name one (``warn_null_ids``)."""
-    return None if id_type is not None and not id_type.nullable else sge.Not(this=key.is_(sge.null()))
-
-
 class TableSQL:
     """The statements that read and delete rows of one table by id, built once. A scan leaves
-    out rows whose id is NULL (an id column that is not a primary key may hold it: see
-    :func:`_has_id`)."""
+    out rows reactive does not follow (whose id is NULL, or on SQLite of another type than the
+    column's: see :meth:`Dialect.followed`)."""
 
     def __init__(
         self, dialect: Dialect, table: str, id_column: str, columns: Sequence[str], id_type: dt.DataType | None = None
     ) -> None:
         key = _column(id_column, table)
-        select = _select(table, columns).where(_has_id(key, id_type))
+        followed = dialect.followed(key, id_type)
+        select = _select(table, columns).where(followed)
         by_ids = dialect.ids_condition(id_column, table, id_type)
         ordered = select.order_by(key).limit(sge.Placeholder())
         self.scan = dialect.render(select)
@@ -824,6 +865,22 @@ class TableSQL:
         self.first_page = dialect.render(ordered)
         self.next_page = dialect.render(ordered.where(key > sge.Placeholder()))
         self.delete_by_ids = dialect.render(sge.delete(sg.table(table, quoted=True), where=by_ids))
+        #: How many rows are followed (``rows``).
+        self.count = dialect.render(
+            sg.select(sge.alias_(sge.Count(this=sge.Star()), "rows", quoted=True))
+            .from_(sg.table(table, quoted=True))
+            .where(followed)
+        )
+        #: The rows not followed: how many have a NULL id (``nulls``), how many in all
+        #: (``unfollowed``); None where every row is followed.
+        self.unfollowed: str | None = None
+        if followed is not None:
+            nulls = sge.Case(ifs=[sge.If(this=key.is_(sge.null()), true=sge.convert(1))], default=sge.convert(0))
+            counts = sg.select(
+                sge.alias_(sge.Sum(this=nulls), "nulls", quoted=True),
+                sge.alias_(sge.Count(this=sge.Star()), "unfollowed", quoted=True),
+            )
+            self.unfollowed = dialect.render(counts.from_(sg.table(table, quoted=True)).where(sge.Not(this=followed)))
 
 
 #: The column a row's fingerprint comes back in from :attr:`SnapshotSQL.by_ids_with_fingerprint`.
@@ -839,8 +896,10 @@ class SnapshotSQL:
     dialect uses only some of them (the diff in id ranges is SQLite's, the diff that streams its
     rows DuckDB's, the version statements need a version column).
 
-    Rows whose id is NULL are left out of each (:func:`_has_id`): such a row has no id to match
-    its snapshot row by (a diff would see it inserted at every poll).
+    Rows reactive does not follow are left out of each (:meth:`Dialect.followed`): a row whose id
+    is NULL has no id to match its snapshot row by (a diff would see it inserted at every poll),
+    and on SQLite one whose id is of another type than the column's could not be stored in the
+    snapshot or the outputs (keyed by the column's type).
     """
 
     def __init__(
@@ -873,7 +932,7 @@ class SnapshotSQL:
 
     @property
     def _has_id(self) -> sge.Expression | None:
-        return _has_id(_column(self.id_column, self.table), self.id_type)
+        return self.dialect.followed(_column(self.id_column, self.table), self.id_type)
 
     def _fingerprint(self) -> sge.Expression:
         return sge.alias_(self.dialect.row_hash(self.columns, self.table), FINGERPRINT_ALIAS, quoted=True)
@@ -956,7 +1015,7 @@ class SnapshotSQL:
         for lower in (False, True):
             for upper in (False, True):
                 bounds = (["{0} > :lo"] if lower else []) + (["{0} <= :hi"] if upper else [])
-                table_range = " AND ".join(bounds).format(":id") or ":has_id"
+                table_range = " AND ".join([*bounds, ":has_id"]).format(":id")
                 snap_range = " AND ".join(bounds).format("s.row_id") or "TRUE"
                 changed = _template(
                     f"""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
@@ -15,6 +16,8 @@ from reactive.errors import TableNotFoundError
 from reactive.events import Row, id_key
 from reactive.rowformat import RowFormat, as_json_text
 from reactive.rows import TableRows, column_of
+
+log = logging.getLogger(__name__)
 
 
 class IbisSource:
@@ -58,28 +61,40 @@ class IbisSource:
         info = identify_rows(table, columns, key, id_column)
         if self.check is not None:
             self.check(info)
-        if id_column is not None:  # a column of the user's choice, which may hold NULL
-            self._warn_null_ids(info)
+        self._warn_unfollowed(info)
         return info
 
-    def _warn_null_ids(self, table: TableInfo) -> None:
-        """Say how many rows of ``table`` have a NULL id: they are not followed (see ``TableSQL``).
-        A column that cannot hold NULL (a primary key, NOT NULL) is not counted."""
-        with self.conn.lock:
-            t = self.conn.table(table.name)
-            if not t.schema()[table.id_column].nullable:
-                return
-            nulls = int(t.filter(t[table.id_column].isnull()).count().execute())
+    def _warn_unfollowed(self, table: TableInfo) -> None:
+        """Say how many rows of ``table`` are not followed (see ``Dialect.followed``): those whose
+        id is NULL, and on SQLite those whose id is of another type than the column's. Nothing is
+        counted where every row is followed (a primary key or NOT NULL column elsewhere)."""
+        sql = self.conn.statements(table.name, table.id_column, [table.id_column]).unfollowed
+        if sql is None:
+            return
+        (counts,) = self.conn.fetch_plain(sql)
+        nulls, unfollowed = int(counts["nulls"] or 0), int(counts["unfollowed"] or 0)
         if nulls:
             warn_null_ids(table, nulls)
+        if unfollowed > nulls:
+            id_type = self.conn.column_type(table.name, table.id_column)
+            log.warning(
+                "%d rows of table %r have an id that is not %s (SQLite keeps a value of any type in column %r):"
+                " they are not followed (no output, no error) until their id is stored as one: store every id"
+                " of the table as one type",
+                unfollowed - nulls,
+                table.name,
+                id_type,
+                table.id_column,
+            )
 
     def count(self, table: TableInfo) -> int:
         """The rows of ``table`` that are followed: those whose id is not NULL (see ``TableSQL``)."""
-        with self.conn.lock:
-            t = self.conn.table(table.name)
-            column = t.schema().get(table.id_column)
-            rows = t[table.id_column].count() if column is not None and column.nullable else t.count()
-            return int(rows.execute())
+        conn = self.conn
+        with conn.lock:
+            if conn.column_type(table.name, table.id_column) is None:  # no such column: every row
+                return int(conn.table(table.name).count().execute())
+            (counted,) = conn.fetch_plain(conn.statements(table.name, table.id_column, [table.id_column]).count)
+            return int(counted["rows"])
 
     def _statements(self, table: TableInfo) -> Any:
         return self.conn.statements(table.name, table.id_column, table.columns or self.columns(table.name))
