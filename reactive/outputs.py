@@ -465,7 +465,11 @@ class OutputWriter:
         if logical is None:
             logical = infer_outputs_type(outputs)
             if logical is None:
-                return [OutputRejected("the model returned None") for _ in outputs]
+                why = (
+                    f"the model returned None, and the type of the outputs of {identifier!r} is not known yet"
+                    " (the first output that is not None fixes it): declare Model(output_type=...) to store None"
+                )
+                return [OutputRejected(why) for _ in outputs]
             self.types.set(identifier, source, logical, self.store)
         positions: Sequence[int] = range(len(batch))
         block = vector_block(outputs, logical)

@@ -354,6 +354,30 @@ def test_a_value_python_cannot_hold_fails_its_row_alone(duck: SQLClient, rows: i
         assert [e["source"] for e in db.errors("m__day")] == [rows]
 
 
+def test_none_outputs_are_stored_once_the_type_is_known_and_say_why_before(duck: SQLClient) -> None:
+    # None is a stored output (a null) once the outputs' type is known; before any output fixes
+    # it, there is nothing to store it as: the rows are recorded with why, and stored by a retry.
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'bb')")
+
+    def label(texts: list[str]) -> list[int | None]:
+        return [None if len(t) < 3 else len(t) for t in texts]
+
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("m", predict=label), "text", "docs"))
+        assert db.outputs("m__text") == []
+        errors = db.errors("m__text")
+        assert sorted(e["source"] for e in errors) == [1, 2]
+        assert all("declare Model(output_type=...) to store None" in e["error"] for e in errors)
+        db.cdc.start()
+        duck.execute("INSERT INTO docs VALUES (3, 'ccc')")
+        assert db.cdc.wait_idle(timeout=30)
+        assert db.retry_errors("m__text") == 2
+        assert outputs_by_source(db, "m__text") == {1: None, 2: None, 3: 3} and db.errors() == []
+        db.add(Listener(Model("n", predict=lambda texts: [None] * len(texts), output_type="int64"), "text", "docs"))
+        assert outputs_by_source(db, "n__text") == {1: None, 2: None, 3: None} and db.errors() == []
+
+
 def test_output_of_the_wrong_type_is_recorded(duck: SQLClient) -> None:
     duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
     duck.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "vec"), (2, "oops")])
