@@ -524,6 +524,10 @@ class DatabaseChangeDataCapture:
         delivers them again) are waited for once more. Returns False if ``timeout`` passes
         first (or the listener is failing).
         """
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout
+        ):
+            raise TypeError(f"wait_idle takes a timeout in seconds (a number, or None to wait on), not {timeout!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def remaining() -> float | None:

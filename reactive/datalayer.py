@@ -43,6 +43,26 @@ DEFAULT_URI = "duckdb:///reactive.duckdb"
 Progress = Callable[[int, int], None]
 
 
+def _identifier(named: Any, method: str) -> Any:
+    """A component's identifier from what a ``Datalayer`` method was given: the identifier
+    itself, the component (what ``db.add`` returns) or None (all, where the method allows it).
+
+    >>> _identifier("m__text", "remove"), _identifier(None, "errors")
+    ('m__text', None)
+    >>> _identifier(3, "remove")
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: db.remove takes a component's identifier (a str) or the component, not int
+    """
+    if named is None or isinstance(named, str):
+        return named
+    if isinstance(named, Component):
+        return named.identifier
+    raise ConfigurationError(
+        f"db.{method} takes a component's identifier (a str) or the component, not {type(named).__name__}"
+    )
+
+
 class Datalayer:
     """A database and the components that react to its changes.
 
@@ -331,11 +351,13 @@ class Datalayer:
             with self._lock:
                 self._abandoned.discard(component.identifier)
 
-    def remove(self, identifier: str, *, drop_outputs: bool = False) -> None:
-        """Stop routing changes to ``identifier``; with ``drop_outputs`` delete its outputs, and
-        when no other component reads its table, what following the table kept (a SQL table's
-        snapshot): a listener added again then starts afresh, by whatever id column."""
+    def remove(self, identifier: str | Component, *, drop_outputs: bool = False) -> None:
+        """Stop routing changes to ``identifier`` (or the component ``db.add`` returned); with
+        ``drop_outputs`` delete its outputs, and when no other component reads its table, what
+        following the table kept (a SQL table's snapshot): a listener added again then starts
+        afresh, by whatever id column."""
         self.check_open()
+        identifier = _identifier(identifier, "remove")
         with self._declare_lock:
             with self._lock:
                 component = self._components.pop(identifier, None)
@@ -357,21 +379,24 @@ class Datalayer:
         with self._lock:
             return [c.describe() for c in self._components.values()]
 
-    def outputs(self, identifier: str) -> list[dict[str, Any]]:
-        """The stored outputs of listener ``identifier``: dicts with ``_source`` and ``_output``."""
+    def outputs(self, identifier: str | Component) -> list[dict[str, Any]]:
+        """The stored outputs of listener ``identifier`` (or the listener): dicts with ``_source``
+        and ``_output``."""
         self.check_open()
+        identifier = _identifier(identifier, "outputs")
         with self._lock:
             known = identifier in self._components
         if not known and not self.backend.source.table_exists(outputs_table(identifier)):
             raise ConfigurationError(f"no listener {identifier!r}; added: {', '.join(self._components) or 'none'}")
         return self.backend.outputs.read_outputs(identifier)
 
-    def errors(self, identifier: str | None = None) -> list[dict[str, Any]]:
-        """Rows that could not be processed: listener, table, source id, error, time."""
+    def errors(self, identifier: str | Component | None = None) -> list[dict[str, Any]]:
+        """Rows that could not be processed: listener, table, source id, error, time (of one
+        component, by identifier or the component, or of all)."""
         self.check_open()
-        return self.backend.errors.read_errors(identifier)
+        return self.backend.errors.read_errors(_identifier(identifier, "errors"))
 
-    def retry_errors(self, identifier: str | None = None) -> int:
+    def retry_errors(self, identifier: str | Component | None = None) -> int:
         """Compute again the rows that failed, and return how many failed rows were retried.
 
         For listener ``identifier`` (default: every component added here), the recorded
@@ -384,6 +409,7 @@ class Datalayer:
         Raises :class:`~reactive.errors.ConfigurationError` for an identifier not added.
         """
         self.check_open()
+        identifier = _identifier(identifier, "retry_errors")
         if not self.cdc.acquire():
             raise LeaseLostError(f"another process holds the lease of {self.backend.uri}: retry the errors there")
         with self._lock:

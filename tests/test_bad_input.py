@@ -236,6 +236,29 @@ def test_a_name_with_nul_is_refused_when_declared(make) -> None:
         make()
 
 
+def test_a_component_is_named_by_its_identifier_or_itself_and_a_timeout_is_a_number(
+    duck: SQLClient, recorder: Recorder
+) -> None:
+    # db.remove(listener) said "no component Listener('m__text', ...); added: m__text".
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES (1, 'a')")
+    with reactive.connect(duck.uri) as db:
+        listener = db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        assert db.outputs(listener) == db.outputs("m__text") == [{"_source": 1, "_output": "<a>"}]
+        assert db.errors(listener) == [] and db.retry_errors(listener) == 0
+        with pytest.raises(reactive.ConfigurationError, match=r"db.remove takes a component's identifier \(a str\)"):
+            db.remove(3)  # type: ignore[arg-type]
+        db.remove(listener, drop_outputs=True)
+        assert db.show() == []
+        with pytest.raises(reactive.ConfigurationError, match="no listener 'm__text'"):
+            db.outputs(listener)
+        # A timeout that is not a number failed inside with "unsupported operand type(s)".
+        for timeout in ("10", float("nan"), True):
+            with pytest.raises(TypeError, match="wait_idle takes a timeout in seconds"):
+                db.cdc.wait_idle(timeout=timeout)  # type: ignore[arg-type]
+        assert db.cdc.wait_idle(timeout=0)
+
+
 def test_a_closed_datalayer_says_so(duck: SQLClient, recorder: Recorder) -> None:
     """Used after close(), it failed in the driver ("Connection Error: Connection already
     closed!") or, for remove(), did nothing without a word."""
