@@ -24,7 +24,7 @@ from reactive.backends.base import (
 from reactive.cdc import DatabaseChangeDataCapture
 from reactive.checkpoints import DEFAULT_LEASE_MS, ENGINE_CHECKPOINT, Lease
 from reactive.components.base import Component
-from reactive.components.listener import Listener, _check_filter
+from reactive.components.listener import Listener, _check_filter, field_value
 from reactive.compute import Compute, LocalCompute
 from reactive.errors import BackendError, ConfigurationError, LeaseLostError, SearchError
 from reactive.events import ChangePacket, Row, id_key
@@ -36,7 +36,6 @@ from reactive.queue import QUEUE_ROWS
 from reactive.rows import warm_arrow
 
 log = logging.getLogger(__name__)
-_ABSENT = object()
 
 DEFAULT_URI = "duckdb:///reactive.duckdb"
 
@@ -487,7 +486,7 @@ class Datalayer:
             return {
                 key
                 for key in map(id_key, candidates)
-                if key in found and all(found[key].get(f, _ABSENT) == v for f, v in conditions.items())
+                if key in found and all(field_value(found[key], f) == v for f, v in conditions.items())
             }
 
         hits = component.search(query, k, keep=keep if need_rows else None)

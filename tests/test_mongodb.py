@@ -115,6 +115,35 @@ def test_filter_moves_documents_in_and_out(mongo_uri: str, mongo, recorder: Reco
         assert outputs_by_source(db, "tag__text") == {"b": "<two>"}
 
 
+def test_a_key_and_a_filter_can_be_paths_into_nested_documents(mongo_uri: str, mongo, recorder: Recorder) -> None:
+    # "meta.title" matched nothing: every document was recorded as having no value for it, and a
+    # filter on "meta.lang" beside the key "meta" failed db.add (a projection "path collision").
+    mongo.docs.insert_many(
+        [
+            {"_id": 1, "meta": {"title": "one", "lang": "en"}},
+            {"_id": 2, "meta": {"title": "two", "lang": "de"}},
+            {"_id": 3, "meta": "flat"},
+        ]
+    )
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("tag", predict=recorder), "meta.title", "docs"))
+        db.add(
+            Listener(
+                Model("whole", predict=lambda ms: [sorted(m) for m in ms]), "meta", "docs", filter={"meta.lang": "en"}
+            )
+        )
+        assert outputs_by_source(db, "tag__meta.title") == {1: "<one>", 2: "<two>"}
+        assert outputs_by_source(db, "whole__meta") == {1: ["lang", "title"]}
+        assert [(e["source"], e["error"]) for e in db.errors()] == [(3, "row has no value for key 'meta.title'")]
+        db.cdc.start()
+        mongo.docs.update_one({"_id": 2}, {"$set": {"meta.lang": "en", "meta.title": "TWO"}})
+        mongo.docs.update_one({"_id": 3}, {"$set": {"meta": {"title": "three"}}})
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "tag__meta.title") == {1: "<one>", 2: "<TWO>", 3: "<three>"}
+        assert outputs_by_source(db, "whole__meta") == {1: ["lang", "title"], 2: ["lang", "title"]}
+        assert db.errors() == []
+
+
 def test_drop_and_rename_stop_that_listener_and_others_go_on(mongo_uri: str, mongo, recorder: Recorder) -> None:
     for name in ("docs", "notes", "keep"):
         mongo[name].insert_one({"_id": 1, "text": name})

@@ -118,6 +118,33 @@ _TEXT = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.ty
 _NEVER_TEXT = (pa.types.is_integer, pa.types.is_floating, pa.types.is_boolean, pa.types.is_temporal)
 
 
+def field_value(row: Row, field: str) -> Any:
+    """The value of ``field`` in ``row`` (``_MISSING`` where it has none). A field the row lacks
+    whose name has dots is a path into nested documents and lists, as MongoDB reads one
+    (``meta.title``, ``tags.0``); SQL and Kinetica keys name columns (checked at ``db.add``).
+
+    >>> doc = {"meta": {"title": "a"}, "tags": ["x", "y"], "a.b": 1}
+    >>> field_value(doc, "meta.title"), field_value(doc, "tags.1"), field_value(doc, "a.b")
+    ('a', 'y', 1)
+    >>> field_value(doc, "meta.author") is _MISSING, field_value(doc, "tags.x") is _MISSING
+    (True, True)
+    """
+    value = row.get(field, _MISSING)
+    if value is not _MISSING or "." not in field:
+        return value
+    value = row
+    for part in field.split("."):
+        if isinstance(value, Mapping):
+            value = value.get(part, _MISSING)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+        if value is _MISSING:
+            return _MISSING
+    return value
+
+
 def _check_filter(filter: Mapping[str, Any] | None) -> dict[str, Any]:
     if filter is None:
         return {}
@@ -279,10 +306,10 @@ class Listener(Component):
         return source
 
     def matches(self, row: Row) -> bool:
-        return not self.filter or all(row.get(field, _MISSING) == value for field, value in self.filter.items())
+        return not self.filter or all(field_value(row, field) == value for field, value in self.filter.items())
 
     def _input(self, row: Row) -> Any:
-        value = row.get(self.key, _MISSING)
+        value = field_value(row, self.key)
         return _MISSING if value is None else value
 
     def is_current(self, row: Row, stored: int | None) -> bool:

@@ -51,6 +51,17 @@ ERRORS_COLLECTION = "_reactive_errors"
 _CHUNK = 500
 
 
+def _projection(fields: Sequence[str]) -> dict[str, int]:
+    """A projection of ``fields`` (paths such as ``meta.title`` included) that MongoDB accepts:
+    a path under another one asked for is left out (both are a "path collision").
+
+    >>> _projection(["meta", "meta.title", "text", "text"])
+    {'meta': 1, 'text': 1}
+    """
+    paths = dict.fromkeys(fields)
+    return {p: 1 for p in paths if not any(p.startswith(other + ".") for other in paths)}
+
+
 def _pages(cursor: Any, page_size: int) -> Iterator[list[Any]]:
     """A cursor's documents in lists of ``page_size``."""
     page: list[Any] = []
@@ -99,7 +110,7 @@ class MongoSource:
         return found
 
     def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
-        projection = {c: 1 for c in columns} if columns else None
+        projection = _projection(columns) if columns else None
         cursor = self.db[table.name].find({}, projection).sort("_id", pymongo.ASCENDING).batch_size(page_size)
         yield from _pages(cursor, page_size)
 
