@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import signal
 import socket
 import sqlite3
@@ -237,6 +238,27 @@ def test_publish_before_start_loads_existing_outputs_and_follows_a_listener_adde
                 assert collected.replayed() == {1: 1, 2: 2, 3: 3}
         info = db.cdc.info()["feeds"][0]
         assert info["address"] == feed.address and info["last_error"] is None
+
+
+def test_a_subscription_to_a_table_not_published_yet_says_so_and_follows_it_once_it_is(
+    duck, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A misspelt table was followed in silence; a listener's outputs added later are followed.
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES (1, 'a')")
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        feed = db.cdc.publish()
+        db.cdc.start()
+        early = Collector()
+        with caplog.at_level(logging.WARNING, logger="reactive.feed"):
+            sub = reactive.feed.subscribe(feed.address, "upper__text", early)
+        with sub:
+            assert "publishes no table 'upper__text' yet (it publishes: none)" in caplog.text
+            db.add(Listener(Model("upper", predict=lambda xs: [x.upper() for x in xs]), "text", "docs"))
+            duck.execute("INSERT INTO docs VALUES (2, 'b')")
+            assert db.cdc.wait_idle(WAIT)
+            assert sub.wait_delivered(feed.service.last_seqnum("upper__text"), WAIT)
+            assert sub.view == {1: "A", 2: "B"}
 
 
 def test_a_slow_subscriber_never_stalls_the_handler(sqlite_file: tuple[str, sqlite3.Connection]) -> None:

@@ -192,7 +192,9 @@ def subscribe(
     ``service`` names the publishing service when the node has several that publish
     ``table``. ``node_options`` go to the subscriber's private :class:`Node` (``rpc_timeout``,
     ``receive_filter``...). Raises :class:`RpcTimeoutError` when nothing answers at
-    ``address`` and :class:`RpcError` when no service there publishes ``table``.
+    ``address`` and :class:`RpcError` when no service there publishes ``table`` (with one service
+    there, a table it does not publish yet is followed, with a warning: a listener added later
+    publishes its outputs then).
     """
     check_address(address)
     check_name("table", table)
@@ -216,7 +218,17 @@ def _publisher_of(address: str, table: str, service: str | None, services: dict[
     if len(publishing) == 1:
         return publishing[0]
     if not publishing and len(services) == 1:
-        return next(iter(services))  # the table is not published yet: its first delta will come
+        # The table is not published yet (a listener added later): its first delta will come.
+        (only, info) = next(iter(services.items()))
+        tables = ", ".join(sorted(info.get("published_tables") or [])) or "none"
+        log.warning(
+            "%s at %s publishes no table %r yet (it publishes: %s): following it until it does",
+            only,
+            address,
+            table,
+            tables,
+        )
+        return only
     if not publishing:
         names = ", ".join(sorted(services)) or "none"
         raise RpcError(f"no service at {address} publishes {table!r} (services: {names})")
