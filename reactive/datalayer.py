@@ -476,6 +476,14 @@ class Datalayer:
             raise SearchError(f"no index {index!r}; indexes: {', '.join(indexes) or 'none'}")
         listener = self._components.get(component.listener)
         conditions = _check_filter(filter)
+        if conditions and isinstance(listener, Listener):
+            # As at db.add: a field the table has no column for would match no row, silently.
+            columns = self.table_info(listener.select).columns
+            missing = [field for field in conditions if columns and field not in columns]
+            if missing:
+                raise SearchError(
+                    f"table {listener.select!r} has no column {missing[0]!r} to filter on (columns: {', '.join(columns)})"
+                )
         need_rows = rows or bool(conditions)
         found: dict[Hashable, Row] = {}
 

@@ -137,6 +137,9 @@ def test_a_filter_keeps_k_matching_rows_even_when_the_nearest_do_not_match(duck:
         assert db.search("near", letters("a"), k=3, filter={"lang": "fr"}) == []
         with pytest.raises(ConfigurationError, match="only equality"):
             db.search("near", letters("a"), filter={"lang": {"$ne": "de"}})
+        # A misspelt field matched nothing, silently.
+        with pytest.raises(SearchError, match="table 'docs' has no column 'lnag' to filter on"):
+            db.search("near", letters("a"), filter={"lnag": "en"})
 
 
 def test_text_queries_are_embedded_by_the_query_model(duck: SQLClient, tmp_path: Path) -> None:
