@@ -245,6 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DemoError, ReactiveError) as exc:
         print(f"reactive {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C: whatever was open is closed on the way out (the demo's datalayer, a copy read
+        # for status); a traceback would only bury that. 130, as a shell reports SIGINT.
+        print(f"reactive {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader went away (`reactive demo | head`): exit quietly, as the docs of `signal` advise.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

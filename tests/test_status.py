@@ -13,6 +13,7 @@ import logging
 import os
 import pty
 import re
+import signal
 import socket
 import struct
 import subprocess
@@ -401,3 +402,27 @@ def test_the_position_of_a_table_with_a_version_column(tmp_path: Path) -> None:
     assert entry["last_write"] == position["saved_at"] is not None
     assert "docs: snapshot of 2 rows (_reactive_snapshot__docs), rev up to 7 (last full diff " in format_status(status)
     client.close()
+
+
+def test_ctrl_c_ends_a_command_with_a_line_and_status_130() -> None:
+    # A server that takes the connection and never answers: `reactive status` waits in the
+    # driver, and Ctrl-C there printed a KeyboardInterrupt traceback.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        uri = f"postgresql://app:secret@127.0.0.1:{port}/db?connect_timeout=60"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "reactive", "status", uri], stderr=subprocess.PIPE, text=True, env=env
+        )
+        try:
+            connection, _ = server.accept()  # it connected: now it waits for an answer
+            with connection:
+                process.send_signal(signal.SIGINT)
+                _, stderr = process.communicate(timeout=60)
+        finally:
+            process.kill()
+    assert process.returncode == 130
+    assert stderr.strip().endswith("reactive status: interrupted") and "Traceback" not in stderr
+    assert "secret" not in stderr
