@@ -482,7 +482,8 @@ class Datalayer:
             missing = [field for field in conditions if columns and field not in columns]
             if missing:
                 raise SearchError(
-                    f"table {listener.select!r} has no column {missing[0]!r} to filter on (columns: {', '.join(columns)})"
+                    f"table {listener.select!r} has no column {missing[0]!r} to filter on"
+                    f" (columns: {', '.join(columns)})"
                 )
         need_rows = rows or bool(conditions)
         found: dict[Hashable, Row] = {}

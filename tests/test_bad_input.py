@@ -736,7 +736,7 @@ def test_sqlite_ids_of_another_type_than_the_column_are_left_out_and_counted(
     client.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), ("two", "b"), (3.5, "c"), (b"4", "d"), (5, "e")])
     with caplog.at_level(logging.WARNING, logger="reactive"), reactive.connect(f"sqlite:///{path}") as db:
         db.add(Listener(Model("m", predict=recorder), "text", "docs"), progress=False)
-        assert "3 rows of table 'docs' have an id that is not int64" in caplog.text
+        assert "3 rows of table 'docs' have an id ('id') that is not int64 (SQLite keeps" in caplog.text
         assert outputs_by_source(db, "m__text") == {1: "<a>", 5: "<e>"}
         (listed,) = database_status(f"sqlite:///{path}")["listeners"]
         assert (listed["rows"], listed["lag"]) == (2, 0)

@@ -12,7 +12,7 @@ import ibis.expr.datatypes as dt
 from reactive.backends.base import OUTPUT_FIELD, TableInfo, identify_rows, warn_null_ids
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import decode_for
-from reactive.errors import TableNotFoundError
+from reactive.errors import ConfigurationError, TableNotFoundError
 from reactive.events import Row, id_key
 from reactive.rowformat import RowFormat, as_json_text
 from reactive.rows import TableRows, column_of
@@ -59,6 +59,16 @@ class IbisSource:
             columns = self.columns(table)
             key = conn.dialect.primary_key(conn.con, table) if id_column is None else []
         info = identify_rows(table, columns, key, id_column)
+        id_type = conn.column_type(table, info.id_column)
+        if id_type is not None and id_type.is_unknown():
+            # Outputs and the snapshot are keyed by a column of the id's type, which reactive
+            # names through ibis (DuckDB's UHUGEINT failed the backfill: "Expected bytes").
+            raise ConfigurationError(
+                f"the id column {info.id_column!r} of table {table!r} is of a type reactive cannot store ids of"
+                f" ({getattr(id_type, 'raw_type', id_type)}); name a column of another type with"
+                " Listener(..., id_column=...), or change its type (DuckDB: HUGEINT for UHUGEINT)",
+                table=table,
+            )
         if self.check is not None:
             self.check(info)
         self._warn_unfollowed(info)
@@ -76,15 +86,13 @@ class IbisSource:
         if nulls:
             warn_null_ids(table, nulls)
         if unfollowed > nulls:
-            id_type = self.conn.column_type(table.name, table.id_column)
+            why = self.conn.dialect.unfollowed_ids(self.conn.column_type(table.name, table.id_column))
             log.warning(
-                "%d rows of table %r have an id that is not %s (SQLite keeps a value of any type in column %r):"
-                " they are not followed (no output, no error) until their id is stored as one: store every id"
-                " of the table as one type",
+                "%d rows of table %r have an id (%r) %s: they are not followed (no output, no error)",
                 unfollowed - nulls,
                 table.name,
-                id_type,
                 table.id_column,
+                why,
             )
 
     def count(self, table: TableInfo) -> int:
