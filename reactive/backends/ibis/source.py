@@ -60,13 +60,16 @@ class IbisSource:
             key = conn.dialect.primary_key(conn.con, table) if id_column is None else []
         info = identify_rows(table, columns, key, id_column)
         id_type = conn.column_type(table, info.id_column)
-        if id_type is not None and id_type.is_unknown():
-            # Outputs and the snapshot are keyed by a column of the id's type, which reactive
-            # names through ibis (DuckDB's UHUGEINT failed the backfill: "Expected bytes").
+        with conn.lock:
+            unsupported = conn.dialect.unsupported_id_type(conn.con, table, info.id_column)
+        if unsupported is None and id_type is not None and id_type.is_unknown():
+            unsupported = str(getattr(id_type, "raw_type", id_type))  # DuckDB's UHUGEINT: UINT128
+        if unsupported is not None:
+            # Outputs and the snapshot are keyed by a column of the id's type, named through ibis.
             raise ConfigurationError(
                 f"the id column {info.id_column!r} of table {table!r} is of a type reactive cannot store ids of"
-                f" ({getattr(id_type, 'raw_type', id_type)}); name a column of another type with"
-                " Listener(..., id_column=...), or change its type (DuckDB: HUGEINT for UHUGEINT)",
+                f" ({unsupported}); name a column of another type with Listener(..., id_column=...), or change"
+                " its type (text, a number, a UUID, a date or time; DuckDB: HUGEINT for UHUGEINT)",
                 table=table,
             )
         if self.check is not None:
