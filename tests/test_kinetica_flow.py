@@ -355,6 +355,21 @@ def test_rows_whose_id_is_null_are_left_out_until_their_id_is_set(
         assert db.errors() == []
 
 
+def test_a_bytes_id_column_is_refused_at_add(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    # Rows are read by id through expressions, which have no bytes literal: the backfill failed.
+    key = GPUdbRecordType(
+        [GPUdbRecordColumn("id", "bytes", [GPUdbColumnProperty.PRIMARY_KEY]), GPUdbRecordColumn("text", "string")],
+        label="blobs",
+    )
+    GPUdbTable(key, "blobs", db=foreign).insert_records([[b"\x00\xff", "a"]])
+    with connect(kinetica_server) as db:
+        with pytest.raises(reactive.ConfigurationError, match="'id' of table 'blobs' is of type bytes"):
+            db.add(Listener(tag(recorder), "text", "blobs"))
+        assert db.show() == [] and recorder.calls == 0
+
+
 def test_a_missing_table_fails_at_add(kinetica_server: KineticaTestServer, recorder: Recorder) -> None:
     with connect(kinetica_server) as db:
         with pytest.raises(TableNotFoundError, match="'nope' does not exist"):

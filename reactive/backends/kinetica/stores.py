@@ -127,6 +127,14 @@ class KineticaSource:
         self.catalog.forget(table)
         description = self.catalog.describe(table)
         info = identify_rows(table, description.columns, description.primary_key, id_column)
+        if id_type(description, info.id_column) == "bytes":
+            # Rows are read, updated and deleted by id through expressions, which have no bytes
+            # literal: the backfill failed ("no Kinetica literal for a bytes").
+            raise ConfigurationError(
+                f"the id column {info.id_column!r} of table {table!r} is of type bytes, which Kinetica's"
+                " expressions cannot name; name a column of another type with Listener(..., id_column=...)",
+                table=table,
+            )
         if id_column is not None and id_column not in description.primary_key:  # it may hold NULL
             nulls = self.catalog.pages(table, id_column, 1, expression=_id_is(id_column, "null"))
             if next(nulls, None):
