@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses as dc
+import datetime as _dt
+import decimal
 import functools
 import json
 import math
 import re
 import sys
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +37,22 @@ if TYPE_CHECKING:
     from reactive.backends.base import CheckpointStore, OutputStore
 
 _SCALARS = {bool: "boolean", int: "int64", float: "float64", str: "string", bytes: "binary"}
+#: Values that are never tensors (:func:`from_tensor` leaves them as they are, at once).
+_PLAIN = (np.ndarray, np.generic, list, tuple, str, bytes, bytearray, int, float, bool, dict)
+#: What a JSON output may hold beside JSON's own values and arrays, written as fingerprints
+#: write them (``plain_value``).
+_JSON_STAND_INS = (
+    _dt.datetime,
+    _dt.date,
+    _dt.time,
+    bytes,
+    bytearray,
+    memoryview,
+    decimal.Decimal,
+    uuid.UUID,
+    set,
+    frozenset,
+)
 _PYTHON_TYPES = {name: kind for kind, name in _SCALARS.items()}
 #: Output types whose values are numbers (or booleans), each checked to be stored unchanged.
 _NUMPY_TYPES = {
@@ -46,6 +65,27 @@ _INTS = ("int32", "int64")
 _FLOATS = ("float32", "float64")
 
 
+def from_tensor(value: Any) -> Any:
+    """A tensor as a numpy array (torch's moved off its graph and device first; any other
+    object with ``__array__``, as jax's and pyarrow's arrays have); anything else as it is.
+    A model may return tensors: their items were stored as the text of their repr.
+
+    >>> import pyarrow as pa
+    >>> from_tensor(pa.array([1.5, 2.5])), from_tensor([1, 2]), from_tensor("x")
+    (array([1.5, 2.5]), [1, 2], 'x')
+    """
+    if value is None or isinstance(value, _PLAIN):
+        return value
+    if callable(getattr(value, "detach", None)) and callable(getattr(value, "cpu", None)):
+        value = value.detach().cpu()  # torch: a CUDA tensor has no __array__ of its own
+    if hasattr(value, "__array__"):
+        try:
+            return np.asarray(value)
+        except (TypeError, ValueError, RuntimeError):
+            return value  # refused where it is stored, by its type's name
+    return value
+
+
 def infer_output_type(value: Any) -> str:
     """An ibis type string for ``value``.
 
@@ -54,6 +94,7 @@ def infer_output_type(value: Any) -> str:
     >>> infer_output_type({"label": "spam"}), infer_output_type("x"), infer_output_type(np.eye(2))
     ('json', 'string', 'json')
     """
+    value = from_tensor(value)
     if isinstance(value, np.ndarray):
         if value.ndim == 1 and value.dtype.kind in "fiub":
             kind = {"f": "float", "i": "int", "u": "int", "b": "bool"}[value.dtype.kind]
@@ -127,6 +168,7 @@ def normalize_output(value: Any, output_type: str) -> Any:
     """
     if value is None:
         return None
+    value = from_tensor(value)
     if output_type == "json":
         return _json_output(value)
     if output_type.startswith("array<"):
@@ -135,10 +177,19 @@ def normalize_output(value: Any, output_type: str) -> Any:
 
 
 def _json_default(value: Any) -> Any:
-    """A JSON stand-in: arrays of any shape as nested lists, other values as fingerprints encode them."""
+    """A JSON stand-in: arrays and tensors of any shape as nested lists, dates, bytes, decimals,
+    UUIDs and sets as fingerprints encode them; an object of another type is refused (its
+    repr was stored: ``{"__Tensor__": "tensor([1., 1.])"}``)."""
+    value = from_tensor(value)
     if isinstance(value, np.ndarray):
         return value.tolist()
-    return plain_value(value)
+    if isinstance(value, _JSON_STAND_INS):
+        return plain_value(value)
+    raise _NotJSON(f"output holds a {type(value).__module__}.{type(value).__name__}, which reactive cannot store")
+
+
+class _NotJSON(TypeError):
+    """An output holds an object JSON outputs cannot hold (see :func:`_json_default`)."""
 
 
 def _json_output(value: Any) -> Any:
@@ -148,6 +199,8 @@ def _json_output(value: Any) -> Any:
         raise ValueError(
             f"output is nested too deeply to be written as JSON (Python's limit: {sys.getrecursionlimit()} levels)"
         ) from None
+    except _NotJSON as exc:
+        raise ValueError(f"{exc}: return numbers, text, lists, dicts or numpy arrays") from None
     except ValueError:
         # json.dumps would write NaN, which is not JSON: the stored text could not be read back.
         raise ValueError("output contains NaN or infinity, which JSON cannot hold") from None

@@ -11,6 +11,7 @@ from uuid import UUID
 
 import numpy as np
 import psycopg
+import pyarrow as pa
 import pytest
 from conftest import Recorder, SQLClient, outputs_by_source
 
@@ -401,6 +402,43 @@ def test_none_outputs_are_stored_once_the_type_is_known_and_say_why_before(duck:
         assert outputs_by_source(db, "m__text") == {1: None, 2: None, 3: 3} and db.errors() == []
         db.add(Listener(Model("n", predict=lambda texts: [None] * len(texts), output_type="int64"), "text", "docs"))
         assert outputs_by_source(db, "n__text") == {1: None, 2: None, 3: None} and db.errors() == []
+
+
+def test_tensors_are_stored_as_their_numbers_and_other_objects_refused(duck: SQLClient) -> None:
+    # A model returning torch tensors (a batch, one per row, a scalar each, one with a graph)
+    # had each stored as the text of its repr: {"__Tensor__": "tensor([1., 1., 1.])"}.
+    import torch
+
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'bb')")
+
+    class Label:
+        pass
+
+    models = {
+        "batch": lambda xs: torch.ones((len(xs), 3)) * torch.tensor([len(x) for x in xs]).unsqueeze(1),
+        "rows": lambda xs: [torch.full((2,), float(len(x))) for x in xs],
+        "scalars": lambda xs: [torch.tensor(len(x)) for x in xs],
+        "graph": lambda xs: torch.ones((len(xs), 2), requires_grad=True) * 2,
+        "nested": lambda xs: [{"v": torch.ones(2), "n": len(x)} for x in xs],
+        "arrow": lambda xs: pa.array([len(x) for x in xs]),
+        "object": lambda xs: [{"label": Label()} for _ in xs],
+    }
+    with reactive.connect(duck.uri) as db:
+        for name, predict in models.items():
+            db.add(Listener(Model(name, predict=predict), "text", "docs"), progress=False)
+        assert outputs_by_source(db, "batch__text") == {1: [1.0] * 3, 2: [2.0] * 3}
+        assert outputs_by_source(db, "rows__text") == {1: [1.0, 1.0], 2: [2.0, 2.0]}
+        assert outputs_by_source(db, "scalars__text") == {1: 1, 2: 2}
+        assert outputs_by_source(db, "graph__text") == {1: [2.0, 2.0], 2: [2.0, 2.0]}
+        assert outputs_by_source(db, "nested__text") == {1: {"v": [1.0, 1.0], "n": 1}, 2: {"v": [1.0, 1.0], "n": 2}}
+        assert outputs_by_source(db, "arrow__text") == {1: 1, 2: 2}
+        assert db.outputs("object__text") == []
+        errors = db.errors("object__text")
+        assert len(errors) == 2 and all(
+            "holds a " in e["error"] and ".Label, which reactive cannot store" in e["error"] for e in errors
+        )
+        assert [e for e in db.errors() if e["listener"] != "object__text"] == []
 
 
 def test_output_of_the_wrong_type_is_recorded(duck: SQLClient) -> None:

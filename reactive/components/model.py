@@ -32,6 +32,7 @@ from reactive.fingerprints import (
     legacy_fingerprint,
     versioned,
 )
+from reactive.outputs import from_tensor
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -699,7 +700,9 @@ class Model:
         try:
             if isinstance(outputs, str | bytes | bytearray | Mapping | Set) or hasattr(outputs, "columns"):
                 raise TypeError
-            outputs = list(outputs)
+            # A tensor of a batch's outputs as one numpy array: its rows are then numpy rows
+            # (a batch of vectors stays one block), not a tensor each.
+            outputs = list(from_tensor(outputs))
         except TypeError:
             raise _BatchFailed(
                 f"model {self.identifier!r} returned {type(outputs).__name__}, not a list of outputs"
