@@ -284,6 +284,10 @@ def test_a_closed_datalayer_says_so(duck: SQLClient, recorder: Recorder) -> None
             call()
 
 
+async def _async_predict(texts: list[str]) -> list[int]:
+    return [len(t) for t in texts]
+
+
 @pytest.mark.parametrize(
     ("make", "says"),
     [
@@ -295,8 +299,20 @@ def test_a_closed_datalayer_says_so(duck: SQLClient, recorder: Recorder) -> None
         (lambda: Model("m", predict=list, output_type=5), "output_type must be a type name"),
         (lambda: Listener(Model("m", predict=list), "text", "docs", max_input_bytes=0), "max_input_bytes must be"),
         (lambda: Listener(Model("m", predict=list), "text", "docs", max_input_bytes="10"), "max_input_bytes must be"),
+        # Called on a thread, it returned a coroutine never awaited, and every row failed.
+        (lambda: Model("m", predict=_async_predict), "predict is a coroutine function"),
     ],
-    ids=["batch 1.5", "batch True", "retries -1", "transient 0.5", "backoff -1", "type 5", "bytes 0", "bytes str"],
+    ids=[
+        "batch 1.5",
+        "batch True",
+        "retries -1",
+        "transient 0.5",
+        "backoff -1",
+        "type 5",
+        "bytes 0",
+        "bytes str",
+        "async",
+    ],
 )
 def test_settings_out_of_range_are_refused_when_declared(make, says: str) -> None:
     """Each used to be accepted, and failed later on every row (a float batch size, a text
@@ -439,6 +455,20 @@ def test_tensors_are_stored_as_their_numbers_and_other_objects_refused(duck: SQL
             "holds a " in e["error"] and ".Label, which reactive cannot store" in e["error"] for e in errors
         )
         assert [e for e in db.errors() if e["listener"] != "object__text"] == []
+
+
+def test_a_predict_that_returns_a_coroutine_says_it_is_async(duck: SQLClient) -> None:
+    # An object whose __call__ is async is not seen as a coroutine function when declared.
+    class Remote:
+        async def __call__(self, texts: list[str]) -> list[int]:
+            return [len(t) for t in texts]
+
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES (1, 'a')")
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(Model("remote", predict=Remote(), max_retries=0), "text", "docs"), progress=False)
+        (error,) = db.errors("remote__text")
+        assert "returned a coroutine, not a list of outputs: predict is async" in error["error"]
 
 
 def test_output_of_the_wrong_type_is_recorded(duck: SQLClient) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses as dc
 import datetime as _dt
+import inspect
 import logging
 import queue
 import threading
@@ -279,6 +280,12 @@ class Model:
             raise ConfigurationError(f"Model {identifier!r}: give predict (a function) or load (what builds it), one")
         if not callable(predict if load is None else load):
             raise ConfigurationError(f"Model {identifier!r}: {'predict' if load is None else 'load'} must be callable")
+        if inspect.iscoroutinefunction(predict):
+            # Called on a thread of its own, it returned a coroutine never awaited: every row failed.
+            raise ConfigurationError(
+                f"Model {identifier!r}: predict is a coroutine function (async def); reactive calls predict on a"
+                " thread of its own: pass a plain function, e.g. predict=lambda xs: asyncio.run(embed(xs))"
+            )
         if not _whole(batch_size, least=1):
             raise ConfigurationError(f"Model {identifier!r}: batch_size must be a whole number of at least 1")
         for name, count in (("max_retries", max_retries), ("transient_retries", transient_retries)):
@@ -704,6 +711,12 @@ class Model:
             # (a batch of vectors stays one block), not a tensor each.
             outputs = list(from_tensor(outputs))
         except TypeError:
+            if inspect.iscoroutine(outputs):
+                outputs.close()  # never awaited: said here, not by a RuntimeWarning at exit
+                raise _BatchFailed(
+                    f"model {self.identifier!r} returned a coroutine, not a list of outputs: predict is async;"
+                    " pass a plain function (e.g. one that calls asyncio.run)"
+                ) from None
             raise _BatchFailed(
                 f"model {self.identifier!r} returned {type(outputs).__name__}, not a list of outputs"
             ) from None
