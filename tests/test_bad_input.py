@@ -31,6 +31,21 @@ def test_select_of_a_missing_table_fails_at_add(sql: SQLClient, recorder: Record
         assert db.show() == []
 
 
+def test_a_name_that_differs_only_in_case_is_named_in_the_error(pg_database: str, recorder: Recorder) -> None:
+    # PostgreSQL folds unquoted names: CREATE TABLE Docs (..., Text ...) makes docs and text, and
+    # select="Docs" said only that the table does not exist.
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute("CREATE TABLE Docs (id INTEGER PRIMARY KEY, Text TEXT)")
+    with reactive.connect(pg_database) as db:
+        with pytest.raises(reactive.TableNotFoundError, match="did you mean 'docs'"):
+            db.add(Listener(Model("m", predict=recorder), "text", "Docs"))
+        with pytest.raises(
+            reactive.ConfigurationError, match=r"no column 'Text' \(columns: id, text\); did you mean 'text'"
+        ):
+            db.add(Listener(Model("m", predict=recorder), "Text", "docs"))
+        assert db.show() == []
+
+
 def test_a_postgres_table_of_another_schema_is_followed_through_the_search_path(pg_database: str) -> None:
     # A table name is taken whole: 'app.docs' is not schema app's table docs, and the error says
     # how to follow that one (reactive's own tables then go to that schema too).

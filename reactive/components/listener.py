@@ -293,9 +293,11 @@ class Listener(Component):
         missing = [field for field in (self.key, *self.filter) if source.columns and field not in source.columns]
         if missing:
             what = f"column {missing[0]!r}" if missing[0] == self.key else f"column {missing[0]!r} to filter on"
+            same = [c for c in source.columns if c.lower() == missing[0].lower()]
+            meant = f"; did you mean {same[0]!r}? names are taken as written, case included" if same else ""
             raise ConfigurationError(
                 f"listener {self.identifier!r}: table {self.select!r} has no {what} "
-                f"(columns: {', '.join(source.columns)})",
+                f"(columns: {', '.join(source.columns)}){meant}",
                 table=self.select,
                 listener=self.identifier,
             )

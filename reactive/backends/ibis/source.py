@@ -53,9 +53,8 @@ class IbisSource:
         with conn.lock:
             conn.forget(table)
             if not conn.table_exists(table):
-                raise TableNotFoundError(
-                    f"table {table!r} does not exist in {conn.uri}{_schema_hint(table, conn.dialect.name)}", table=table
-                )
+                hint = _schema_hint(table, conn.dialect.name) or _case_hint(table, conn.con.list_tables())
+                raise TableNotFoundError(f"table {table!r} does not exist in {conn.uri}{hint}", table=table)
             columns = self.columns(table)
             key = conn.dialect.primary_key(conn.con, table) if id_column is None else []
         info = identify_rows(table, columns, key, id_column)
@@ -155,6 +154,19 @@ class IbisSource:
         for row in decoded:
             row[OUTPUT_FIELD] = decode_for(self.conn.dialect, logical, row[OUTPUT_FIELD])
         return decoded
+
+
+def _case_hint(name: str, names: Sequence[str]) -> str:
+    """Which of ``names`` ``name`` may mean where only case differs (names are taken whole: a
+    table made by ``CREATE TABLE Docs`` is ``docs`` on PostgreSQL, which folds unquoted names).
+
+    >>> print(_case_hint("Docs", ["docs", "notes"]))
+     (names are taken as they are written, case included: did you mean 'docs'?)
+    >>> _case_hint("nope", ["docs"])
+    ''
+    """
+    found = [n for n in names if n.lower() == name.lower() and n != name]
+    return f" (names are taken as they are written, case included: did you mean {found[0]!r}?)" if found else ""
 
 
 def _schema_hint(table: str, dialect: str) -> str:
