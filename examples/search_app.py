@@ -72,7 +72,8 @@ def make_handler(db: reactive.Datalayer, index: VectorIndex) -> type[BaseHTTPReq
             query = params.get("q", "").strip()
             if not query:
                 raise ValueError("give a query: /search?q=<text>")
-            k = int(params.get("k", "3"))
+            given = params.get("k", "3")
+            k = int(given) if given.strip().isdigit() else given  # anything else: db.search says why
             if params.get("fresh") in ("1", "true", "yes") and not db.cdc.wait_idle(timeout=30):
                 raise ReactiveError("the index did not catch up within 30 s")
             hits = db.search(index.identifier, query, k=k, rows=True)

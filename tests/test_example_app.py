@@ -58,6 +58,8 @@ def test_the_search_app_answers_follow_another_process_edits(tmp_path: Path) -> 
         assert 1 not in [hit["id"] for hit in body["results"]] and len(body["results"]) == 4
 
         assert get(base, "/search?q=x&k=0")[0] == 400  # a bad query is the client's error
+        status, body = get(base, "/search?q=x&k=abc")
+        assert status == 400 and "k must be a whole number of at least 1, not 'abc'" in body["error"]
         assert get(base, "/search")[0] == 400
         assert get(base, "/nowhere")[0] == 404
     finally:
