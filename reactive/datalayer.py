@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import threading
 import weakref
@@ -40,6 +41,37 @@ log = logging.getLogger(__name__)
 DEFAULT_URI = "duckdb:///reactive.duckdb"
 
 Progress = Callable[[int, int], None]
+
+
+#: The shortest lease: it is renewed every third of it, and a write needs a third still ahead.
+MIN_LEASE_MS = 100
+
+
+def _check_settings(**settings: Any) -> None:
+    """Refuse a datalayer setting out of range, by name, before anything starts (a string
+    ``poll_interval`` or ``pipeline`` failed inside a thread; ``lease_ms=10`` lapsed all the time).
+
+    >>> _check_settings(queue_rows=10, page_size=5, poll_interval=0.05, lease=True, lease_ms=5000, pipeline=2)
+    >>> _check_settings(poll_interval="1")
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: poll_interval must be a number of seconds above 0, not '1'
+    """
+    for name, value in settings.items():
+        number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+        if name in ("queue_rows", "page_size", "pipeline"):
+            if not (number and isinstance(value, int) and value >= 1):
+                raise ConfigurationError(f"{name} must be a whole number of at least 1, not {value!r}")
+        elif name == "poll_interval":
+            if not (number and value > 0):
+                raise ConfigurationError(f"poll_interval must be a number of seconds above 0, not {value!r}")
+        elif name == "lease_ms":
+            if not (number and value >= MIN_LEASE_MS):
+                raise ConfigurationError(
+                    f"lease_ms must be a number of milliseconds of at least {MIN_LEASE_MS}, not {value!r}"
+                )
+        elif name == "lease" and not isinstance(value, bool):
+            raise ConfigurationError(f"lease must be True or False, not {value!r}")
 
 
 def _identifier(named: Any, method: str) -> Any:
@@ -96,6 +128,14 @@ class Datalayer:
         compute: Compute | None = None,
         pipeline: int = 2,
     ) -> None:
+        _check_settings(
+            queue_rows=queue_rows,
+            page_size=page_size,
+            poll_interval=poll_interval,
+            lease=lease,
+            lease_ms=lease_ms,
+            pipeline=pipeline,
+        )
         self.backend = backend
         #: Where model work runs (``LocalCompute``, a thread of this process, by default).
         self.compute: Compute = LocalCompute() if compute is None else compute

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import queue
+import re
 import sqlite3
 from typing import Any
 from uuid import UUID
@@ -297,6 +298,27 @@ def test_a_closed_datalayer_says_so(duck: SQLClient, recorder: Recorder) -> None
     for call in calls:
         with pytest.raises(reactive.ConfigurationError, match=r"is closed; reactive.connect\(\) makes a new one"):
             call()
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"poll_interval": "1"}, "poll_interval must be a number of seconds above 0, not '1'"),
+        ({"poll_interval": 0}, "poll_interval must be a number of seconds above 0"),
+        ({"poll_interval": float("nan")}, "poll_interval must be a number of seconds above 0"),
+        ({"queue_rows": 1.5}, "queue_rows must be a whole number of at least 1"),
+        ({"page_size": 0}, "page_size must be a whole number of at least 1"),
+        ({"pipeline": "2"}, "pipeline must be a whole number of at least 1"),
+        ({"lease_ms": 10}, "lease_ms must be a number of milliseconds of at least 100"),
+        ({"lease": "yes"}, "lease must be True or False"),
+    ],
+    ids=["poll str", "poll 0", "poll nan", "queue 1.5", "page 0", "pipeline str", "lease_ms 10", "lease str"],
+)
+def test_datalayer_settings_out_of_range_are_refused_at_connect(options: dict, says: str) -> None:
+    # Each was accepted: a string poll_interval or pipeline then failed inside a thread,
+    # poll_interval=0 polled back to back, lease_ms=10 lapsed between any two writes.
+    with pytest.raises(reactive.ConfigurationError, match=re.escape(says)):
+        reactive.connect("duckdb://", **options)
 
 
 async def _async_predict(texts: list[str]) -> list[int]:

@@ -511,7 +511,7 @@ def test_pipeline_depth_changes_no_result_and_the_compute_thread_stops(duck: SQL
 
 
 def test_a_pipeline_of_no_windows_is_refused() -> None:
-    with pytest.raises(reactive.ConfigurationError, match="pipeline must be at least 1"):
+    with pytest.raises(reactive.ConfigurationError, match="pipeline must be a whole number of at least 1"):
         reactive.connect("duckdb://", pipeline=0)
 
 
