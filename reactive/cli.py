@@ -141,9 +141,11 @@ def run_errors(uri: str | None, listener: str | None, *, retry: bool, as_json: b
     if not retry:  # read-only, as `reactive status` reads: works while another process holds a DuckDB file
         with opened(uri) as (backend, _):
             errors = backend.errors.read_errors(listener)
+            _check_listener(backend, uri, listener, errors)
     else:
         with _writable(uri, connect) as db:
             errors = db.errors(listener)
+            _check_listener(db.backend, uri, listener, errors)
             for name in sorted({error["listener"] for error in errors}):
                 db.backend.errors.clear_errors(name, [e["source"] for e in errors if e["listener"] == name])
             requeued = _requeue(db.backend, errors)
@@ -155,6 +157,19 @@ def run_errors(uri: str | None, listener: str | None, *, retry: bool, as_json: b
         note = RETRY_NOTE_SQL if requeued else RETRY_NOTE
         print(f"cleared {len(errors)} errors. {note}", file=sys.stderr if as_json else out)
     return 0
+
+
+def _check_listener(backend: Any, uri: str, listener: str | None, errors: list[dict[str, Any]]) -> None:
+    """A ``--listener`` without errors must be one the database knows: a misspelt name said
+    "no errors recorded"."""
+    from reactive.status import StatusError, declared_listeners
+
+    if listener is None or errors:
+        return
+    known = declared_listeners(backend)
+    if listener not in known:
+        listed = ", ".join(sorted(known)) or "none"
+        raise StatusError(f"no listener {listener!r} in {redact(uri)} (listeners: {listed})")
 
 
 def _requeue(backend: Any, errors: list[dict[str, Any]]) -> bool:

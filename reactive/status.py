@@ -380,6 +380,12 @@ def _version_mark(value: dict[str, Any]) -> dict[str, Any]:
     return {"version_column": mark.column, "version": version, "full_diff_at": _iso(mark.full_diff_at)}
 
 
+def declared_listeners(backend: DataBackend) -> set[str]:
+    """The listeners some process declared in this database (each has an outputs checkpoint)."""
+    sections = backend.sections.read_sections(ENGINE_CHECKPOINT, None)
+    return {key[len(OUTPUTS_SECTION) :] for key in sections if key.startswith(OUTPUTS_SECTION)}
+
+
 def _count(backend: DataBackend, table: str, tables: set[str] | None, id_column: str | None = None) -> int | None:
     """Rows of ``table`` (None when it does not exist); with ``id_column``, those whose id is set
     (the rows a listener follows)."""

@@ -226,6 +226,12 @@ def test_errors_listed_and_retried_from_a_second_process(tmp_path: Path) -> None
         assert db.cdc.wait_idle(timeout=30)  # its poll started after the retry: the rows are computed
         assert outputs_by_source(db, "len__text") == {1: 2, 2: 3, 3: 7}
         assert db.errors() == []
+        # A listener without errors lists none; a name the database does not know is an error
+        # (it said "no errors recorded").
+        assert command("errors", "--uri", uri, "--listener", "len__text").stdout.strip() == "no errors recorded"
+        misspelt = command("errors", "--uri", uri, "--listener", "len_text")
+        assert misspelt.returncode == 1
+        assert "no listener 'len_text' in sqlite:///" in misspelt.stderr and "(listeners: len__text)" in misspelt.stderr
     client.close()
 
 
