@@ -254,15 +254,24 @@ def test_duckdb_hugeint_ids_past_38_digits_are_left_out_and_the_rest_followed(
         assert db.errors() == [] and db.cdc.info()["source"]["failing_tables"] == {}
 
 
-def test_an_id_column_of_a_type_reactive_cannot_store_is_refused_at_add(duck: SQLClient) -> None:
-    # DuckDB's UHUGEINT, which ibis cannot name: the backfill failed ("Expected bytes, got a
-    # 'decimal.Decimal' object") after the snapshot was made.
-    duck.execute("CREATE TABLE docs (id UHUGEINT PRIMARY KEY, text VARCHAR)")
-    duck.execute("INSERT INTO docs VALUES (1, 'a')")
+#: DuckDB id types reactive cannot key outputs by, and what each did before it was refused.
+UNSUPPORTED_DUCKDB_IDS = {
+    "UHUGEINT": "ibis cannot name it: the backfill failed after the snapshot was made",
+    "TIMETZ": "ibis names it time: reads by id failed (TIME WITH TIME ZONE against TIME)",
+    "TIMESTAMP_NS": "Python holds microseconds: ids a nanosecond apart were one, outputs deleted",
+    "INTERVAL": "no index key of that type: DuckDB's own error at db.add",
+    "VARCHAR[]": "the same",
+    "STRUCT(a INTEGER)": "the same",
+}
+
+
+@pytest.mark.parametrize("id_type", list(UNSUPPORTED_DUCKDB_IDS))
+def test_an_id_column_of_a_type_reactive_cannot_store_is_refused_at_add(duck: SQLClient, id_type: str) -> None:
+    duck.execute(f"CREATE TABLE docs (id {id_type}, text VARCHAR)")  # id_column: no key needed
     with reactive.connect(duck.uri) as db:
-        with pytest.raises(reactive.ConfigurationError, match="is of a type reactive cannot store ids of") as refused:
-            db.add(Listener(Model("len", predict=lambda ts: [len(t) for t in ts]), "text", "docs"))
-        assert "UINT128" in str(refused.value) and db.show() == []
+        with pytest.raises(reactive.ConfigurationError, match="is of a type reactive cannot store ids of"):
+            db.add(Listener(Model("len", predict=lambda ts: [len(t) for t in ts]), "text", "docs", id_column="id"))
+        assert db.show() == []
     assert duck.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name LIKE '_reactive_snapshot%'") == [(0,)]
 
 

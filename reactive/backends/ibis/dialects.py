@@ -285,11 +285,27 @@ class Dialect:
             return "that is infinite ('infinity' or '-infinity': Python's dates cannot hold it)"
         return "of more than 38 digits (ids are read through Arrow's decimal128)"
 
+    #: DuckDB id types ibis names as another type (``information_schema.columns.data_type``):
+    #: TIMETZ as ``time`` (reads by id failed: "Cannot compare values of type TIME WITH TIME
+    #: ZONE and TIME"); TIMESTAMP_NS as a timestamp Python holds to the microsecond (two ids a
+    #: nanosecond apart were one: outputs deleted); and types DuckDB cannot key a table by
+    #: (INTERVAL, lists, arrays, structs, maps, unions: "Invalid type for index key"). Types
+    #: ibis cannot name are refused too.
+    UNSUPPORTED_ID_TYPES: ClassVar[frozenset[str]] = frozenset({"TIME WITH TIME ZONE", "TIMESTAMP_NS", "INTERVAL"})
+
     def unsupported_id_type(self, con: Any, table: str, column: str) -> str | None:
         """The database's name for the type of ``table.column`` where reactive cannot key outputs
         and snapshots by it (None where it can). ibis's type decides elsewhere: this catches
-        what it cannot name."""
-        return None
+        what it names as another type."""
+        rows = self.fetch(
+            con,
+            "SELECT data_type FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = ? AND column_name = ?",
+            [table, column],
+        )
+        found = rows[0]["data_type"] if rows else ""
+        nested = found.endswith("]") or found.startswith(("STRUCT", "MAP", "UNION"))
+        return found if found in self.UNSUPPORTED_ID_TYPES or nested else None
 
     def ids_condition(self, column: str, table: str | None = None, id_type: dt.DataType | None = None) -> sge.Condition:
         """``column`` (of ``id_type``, when known) is one of the ids bound by :meth:`bind_ids`
@@ -795,6 +811,10 @@ class SQLiteDialect(Dialect):
 
     def unfollowed_ids(self, id_type: dt.DataType | None) -> str:
         return f"that is not {id_type} (SQLite keeps a value of any type in any column)"
+
+    def unsupported_id_type(self, con: Any, table: str, column: str) -> str | None:
+        """None: SQLite's values are integers, reals, text or blobs, each an id reactive keeps."""
+        return None
 
     @staticmethod
     def stored_types(id_type: dt.DataType | None) -> tuple[str, ...]:
