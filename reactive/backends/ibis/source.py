@@ -78,8 +78,9 @@ class IbisSource:
 
     def _warn_unfollowed(self, table: TableInfo) -> None:
         """Say how many rows of ``table`` are not followed (see ``Dialect.followed``): those whose
-        id is NULL, and on SQLite those whose id is of another type than the column's. Nothing is
-        counted where every row is followed (a primary key or NOT NULL column elsewhere)."""
+        id is NULL, and those whose id no path can hold (on SQLite of another type than the
+        column's, an infinite date, a HUGEINT past 38 digits). Nothing is counted where every row
+        is followed (a primary key or NOT NULL column of another type)."""
         sql = self.conn.statements(table.name, table.id_column, [table.id_column]).unfollowed
         if sql is None:
             return
@@ -98,7 +99,7 @@ class IbisSource:
             )
 
     def count(self, table: TableInfo) -> int:
-        """The rows of ``table`` that are followed: those whose id is not NULL (see ``TableSQL``)."""
+        """The rows of ``table`` that are followed (see ``Dialect.followed``)."""
         conn = self.conn
         with conn.lock:
             if conn.column_type(table.name, table.id_column) is None:  # no such column: every row
