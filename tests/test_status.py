@@ -419,8 +419,14 @@ def test_ctrl_c_ends_a_command_with_a_line_and_status_130() -> None:
         port = server.getsockname()[1]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         uri = f"postgresql://app:secret@127.0.0.1:{port}/db?connect_timeout=60"
+        # As from a terminal: a process started in the background of a shell without job
+        # control (a CI runner's) inherits SIGINT ignored, and Python then keeps it ignored.
+        interruptible = (
+            "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler);"
+            " runpy.run_module('reactive', run_name='__main__')"
+        )
         process = subprocess.Popen(
-            [sys.executable, "-m", "reactive", "status", uri], stderr=subprocess.PIPE, text=True, env=env
+            [sys.executable, "-c", interruptible, "status", uri], stderr=subprocess.PIPE, text=True, env=env
         )
         try:
             connection, _ = server.accept()  # it connected: now it waits for an answer
