@@ -144,6 +144,19 @@ def test_a_key_and_a_filter_can_be_paths_into_nested_documents(mongo_uri: str, m
         assert db.errors() == []
 
 
+def test_a_view_is_refused_at_add_and_its_collection_named(mongo_uri: str, mongo, recorder: Recorder) -> None:
+    # A view's backfill worked (find reads views), but the stream names the collection a write
+    # goes to, never the view: no change reached the listener, and wait_idle said True.
+    mongo.docs.insert_one({"_id": 1, "text": "a", "keep": True})
+    mongo.command("create", "kept", viewOn="docs", pipeline=[{"$match": {"keep": True}}])
+    with reactive.connect(mongo_uri) as db:
+        with pytest.raises(reactive.ConfigurationError, match=r"'kept' is a view on 'docs'.*select 'docs'"):
+            db.add(Listener(Model("tag", predict=recorder), "text", "kept"))
+        assert db.show() == [] and recorder.calls == 0
+        db.add(Listener(Model("tag", predict=recorder), "text", "docs", filter={"keep": True}))
+        assert outputs_by_source(db, "tag__text") == {1: "<a>"}
+
+
 def test_drop_and_rename_stop_that_listener_and_others_go_on(mongo_uri: str, mongo, recorder: Recorder) -> None:
     for name in ("docs", "notes", "keep"):
         mongo[name].insert_one({"_id": 1, "text": name})

@@ -90,6 +90,17 @@ class MongoSource:
         so listeners are declared before data arrives (one that does not exist is empty)."""
         if id_column not in (None, "_id"):
             raise ConfigurationError(f"MongoDB documents are identified by _id, not {id_column!r}", table=table)
+        found = next(iter(self.db.list_collections(filter={"name": table})), None)
+        if found is not None and found.get("type") == "view":
+            # Its backfill read the view; the change stream names the collection a write goes
+            # to, never the view, so no change reached the listener (wait_idle said True).
+            options = found.get("options", {})
+            raise ConfigurationError(
+                f"{table!r} is a view on {options.get('viewOn')!r}: MongoDB reports the changes of a view's"
+                f" collection, not of the view; select {options.get('viewOn')!r} (with filter= for an equality"
+                " the view matches on)",
+                table=table,
+            )
         return TableInfo(table, "_id", ())
 
     def count(self, table: TableInfo) -> int:
