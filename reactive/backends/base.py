@@ -22,7 +22,7 @@ import hashlib
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, runtime_checkable
 
@@ -105,6 +105,16 @@ class TableInfo:
     name: str
     id_column: str
     columns: tuple[str, ...] = ()
+
+
+def same_but_case(name: str, names: Iterable[str]) -> str | None:
+    """The one of ``names`` that differs from ``name`` only in case, if any: what a misspelt
+    table or column name likely meant (PostgreSQL folds unquoted names to lower case).
+
+    >>> same_but_case("Docs", ["notes", "docs"]), same_but_case("docs", ["docs"])
+    ('docs', None)
+    """
+    return next((n for n in names if n.lower() == name.lower() and n != name), None)
 
 
 def warn_null_ids(table: TableInfo, count: int | None = None) -> None:

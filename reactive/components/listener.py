@@ -10,7 +10,14 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from reactive.backends.base import ErrorRecord, OutputBatch, OutputRejected, TableInfo, outputs_table
+from reactive.backends.base import (
+    ErrorRecord,
+    OutputBatch,
+    OutputRejected,
+    TableInfo,
+    outputs_table,
+    same_but_case,
+)
 from reactive.components.base import Component, PlannedRefresh, Refresh
 from reactive.components.model import Batching, Failure, Model, ModelCalls
 from reactive.errors import ConfigurationError
@@ -293,8 +300,8 @@ class Listener(Component):
         missing = [field for field in (self.key, *self.filter) if source.columns and field not in source.columns]
         if missing:
             what = f"column {missing[0]!r}" if missing[0] == self.key else f"column {missing[0]!r} to filter on"
-            same = [c for c in source.columns if c.lower() == missing[0].lower()]
-            meant = f"; did you mean {same[0]!r}? names are taken as written, case included" if same else ""
+            same = same_but_case(missing[0], source.columns)
+            meant = f"; did you mean {same!r}? names are taken as written, case included" if same else ""
             raise ConfigurationError(
                 f"listener {self.identifier!r}: table {self.select!r} has no {what} "
                 f"(columns: {', '.join(source.columns)}){meant}",

@@ -283,7 +283,9 @@ class Dialect:
         """Why a row with an id is not followed (see :meth:`followed`), for the log."""
         if id_type is not None and (id_type.is_date() or id_type.is_timestamp()):
             return "that is infinite ('infinity' or '-infinity': Python's dates cannot hold it)"
-        return "of more than 38 digits (ids are read through Arrow's decimal128)"
+        if self.arrow_results and _wide_integer(id_type):
+            return "of more than 38 digits (ids are read through Arrow's decimal128)"
+        return f"that reactive cannot follow as {id_type}"
 
     #: DuckDB id types ibis names as another type (``information_schema.columns.data_type``):
     #: TIMETZ as ``time`` (reads by id failed: "Cannot compare values of type TIME WITH TIME

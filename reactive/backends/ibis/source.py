@@ -9,7 +9,7 @@ from typing import Any
 
 import ibis.expr.datatypes as dt
 
-from reactive.backends.base import OUTPUT_FIELD, TableInfo, identify_rows, warn_null_ids
+from reactive.backends.base import OUTPUT_FIELD, TableInfo, identify_rows, same_but_case, warn_null_ids
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import decode_for
 from reactive.errors import ConfigurationError, TableNotFoundError
@@ -166,8 +166,8 @@ def _case_hint(name: str, names: Sequence[str]) -> str:
     >>> _case_hint("nope", ["docs"])
     ''
     """
-    found = [n for n in names if n.lower() == name.lower() and n != name]
-    return f" (names are taken as they are written, case included: did you mean {found[0]!r}?)" if found else ""
+    found = same_but_case(name, names)
+    return f" (names are taken as they are written, case included: did you mean {found!r}?)" if found else ""
 
 
 def _schema_hint(table: str, dialect: str) -> str:
