@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 THREAD_PREFIX = "reactive-"
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ReactiveThread(threading.Thread):
@@ -51,3 +55,34 @@ class ReactiveThread(threading.Thread):
 def reactive_threads() -> list[threading.Thread]:
     """Every live thread that ``reactive`` started."""
     return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+
+
+def on_own_thread(role: str, fn: Callable[[], T]) -> T:
+    """``fn()`` run on a thread of its own (``reactive-<role>``) that ends with it: what returns
+    or raises. What a framework keeps per thread goes with the thread: torch on the CPU keeps an
+    OpenMP team per thread that ran it, and while more OpenMP threads live than there are cores,
+    libgomp makes every team's workers sleep between operations (see ``LocalCompute``).
+
+    >>> on_own_thread("doc", lambda: threading.current_thread().name)
+    'reactive-doc'
+    >>> on_own_thread("doc", lambda: 1 / 0)
+    Traceback (most recent call last):
+    ...
+    ZeroDivisionError: division by zero
+    """
+    outcome: list[Any] = []
+
+    class _Once(ReactiveThread):
+        def run(self) -> None:
+            try:
+                outcome.append((True, fn()))
+            except BaseException as exc:  # handed to the caller
+                outcome.append((False, exc))
+
+    thread = _Once(role)
+    thread.start()
+    thread.join()
+    [(returned, value)] = outcome
+    if not returned:
+        raise value
+    return value

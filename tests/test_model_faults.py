@@ -177,7 +177,7 @@ def test_the_predict_thread_is_kept_from_window_to_window_and_ends_with_close() 
         return [v.upper() for v in values]
 
     first, second = Model("first", predict=record), Model("second", predict=record)
-    compute = LocalCompute()
+    compute = LocalCompute(idle_release=3600)  # kept however slowly the submits come
     try:
         for model in (first, second, first, second):
             assert compute.submit(model, ["a"], wait=lambda s: True).result(timeout=30) == ["A"]
@@ -190,6 +190,38 @@ def test_the_predict_thread_is_kept_from_window_to_window_and_ends_with_close() 
     finally:
         compute.close(timeout=30)
     assert not reactive_threads()
+
+
+def test_the_predict_thread_ends_when_no_work_came_for_idle_release_seconds() -> None:
+    """What a thread keeps (torch's OpenMP team) slows the application's own model calls on
+    other threads while it lives: an idle compute thread ends its models' predict threads, and
+    the next window starts one again."""
+    threads: list[threading.Thread] = []
+
+    def record(values: list[str]) -> list[str]:
+        threads.append(threading.current_thread())
+        return [v.upper() for v in values]
+
+    model = Model("first", predict=record)
+    compute = LocalCompute(idle_release=0.05)
+    try:
+        assert compute.submit(model, ["a"], wait=lambda s: True).result(timeout=30) == ["A"]
+        threads[0].join(timeout=30)
+        assert not threads[0].is_alive()
+        assert [t.name for t in reactive_threads()] == ["reactive-compute"]
+        assert compute.submit(model, ["b"], wait=lambda s: True).result(timeout=30) == ["B"]
+        assert threads[1] is not threads[0] and threads[1].name == "reactive-model-first"
+    finally:
+        compute.close(timeout=30)
+    assert not reactive_threads()
+
+
+@pytest.mark.parametrize("idle_release", [0, -1, float("nan"), float("inf"), True, "1"])
+def test_idle_release_must_be_finite_seconds(idle_release: object) -> None:
+    with pytest.raises(
+        reactive.ConfigurationError, match="idle_release must be a finite number of seconds more than 0"
+    ):
+        LocalCompute(idle_release=idle_release)  # type: ignore[arg-type]
 
 
 def test_a_hanging_call_is_given_up_when_stopping(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,33 @@ def test_text_queries_are_embedded_by_the_query_model(duck: SQLClient, tmp_path:
         db.add(Listener(embed_model(), "text", "docs"))
         db.add(VectorIndex("near", listener="embed__text", query_model=embed_model(), directory=tmp_path))
         assert nearest(db, "hh", k=1) == [2]
+
+
+def test_a_text_query_is_embedded_on_a_thread_that_ends_with_it(duck: SQLClient, tmp_path: Path) -> None:
+    """A thread that ran torch on the CPU keeps an OpenMP team while it lives, and beside it
+    every model thread's team sleeps between operations (libgomp, more threads than cores):
+    the application's thread, calling db.search, must not be left holding one."""
+    make_docs(duck, [(1, "aaa", "en"), (2, "hhh", "en")])
+    threads: list[threading.Thread] = []
+
+    def embed(texts: list[str]) -> list[list[float]]:
+        threads.append(threading.current_thread())
+        if texts == ["boom"]:
+            raise RuntimeError("the query model failed")
+        return [letters(t) for t in texts] * (2 if texts == ["twice"] else 1)
+
+    with connect(duck) as db:
+        db.add(Listener(embed_model(), "text", "docs"))
+        query_model = Model("q", predict=embed, output_type="array<float32>")
+        db.add(VectorIndex("near", listener="embed__text", query_model=query_model, directory=tmp_path))
+        assert nearest(db, "hh", k=1) == [2]
+        [thread] = threads
+        assert thread.name == "reactive-query-near" and thread is not threading.current_thread()
+        assert not thread.is_alive()
+        with pytest.raises(RuntimeError, match="the query model failed"):
+            db.search("near", "boom")
+        with pytest.raises(SearchError, match="query_model 'q' returned 2 outputs for one query"):
+            db.search("near", "twice")
 
 
 def test_bad_queries_and_declarations_get_clear_errors_and_write_nothing(duck: SQLClient, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from reactive.errors import ConfigurationError, SearchError
 from reactive.events import Batch, ChangePacket, DBEvent, id_key
 from reactive.feed.wire import from_wire, to_wire
 from reactive.reconcile import OnProcessed, reconcile
+from reactive.threads import on_own_thread
 from reactive.uri import file_path
 
 if TYPE_CHECKING:
@@ -424,7 +425,14 @@ class VectorIndex(Component):
                     f"index {self.identifier!r} has no query_model to embed text; "
                     "search with a vector, or declare VectorIndex(..., query_model=...)"
                 )
-            [query] = self.query_model.predict([query])
+            # On a thread that ends with the call: a long-lived caller (the application's main
+            # thread) would keep torch's OpenMP team, which slows reactive's model thread.
+            predict, text = self.query_model.predict, query
+            outputs = on_own_thread(f"query-{self.identifier}", lambda: predict([text]))
+            if not hasattr(outputs, "__len__") or len(outputs) != 1:
+                returned = f"{len(outputs)} outputs" if hasattr(outputs, "__len__") else type(outputs).__name__
+                raise SearchError(f"query_model {self.query_model.identifier!r} returned {returned} for one query")
+            query = outputs[0]
         try:
             vector = np.asarray(query, dtype=np.float32)
         except (TypeError, ValueError):
