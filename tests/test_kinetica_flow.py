@@ -355,6 +355,37 @@ def test_rows_whose_id_is_null_are_left_out_until_their_id_is_set(
         assert db.errors() == []
 
 
+def test_rows_whose_float_id_is_nan_or_infinite_are_left_out(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No expression literal names NaN or an infinity, and NaN equals no id: such a row failed
+    # every window it came in, recorded an error against the window's good rows, and its own
+    # error records piled up (a NaN source never replaces the record before it).
+    key = GPUdbRecordType(
+        [GPUdbRecordColumn("id", "double", [GPUdbColumnProperty.PRIMARY_KEY]), GPUdbRecordColumn("text", "string")],
+        label="docs",
+    )
+    docs = GPUdbTable(key, "docs", db=foreign)
+    docs.insert_records([[1.5, "a"], [float("nan"), "b"], [float("inf"), "c"]])
+    with caplog.at_level(logging.WARNING, logger="reactive"), connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        assert "some rows of table 'docs' have an id ('id') that is NaN or infinite" in caplog.text
+        (listed,) = database_status(kinetica_server.uri())["listeners"]  # the rows followed: none behind
+        assert (listed["rows"], listed["outputs"], listed["lag"]) == (1, 1, 0)
+        db.cdc.start()
+        docs.insert_records([[float("-inf"), "e"], [3.5, "f"]])  # one frame: the finite id goes on
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1.5: "<a>", 3.5: "<f>"}
+        assert sorted(recorder.inputs) == ["a", "f"] and db.errors() == []
+        # A row whose id becomes finite is followed; one whose id becomes infinite loses its output.
+        docs.update_records(["text = 'b'"], [{"id": "2.5"}])
+        docs.delete_records(["text = 'c'"])  # the row whose id is infinity: gone unseen
+        docs.update_records(["id = 1.5"], [{"id": "1e400"}])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {2.5: "<b>", 3.5: "<f>"}
+        assert db.errors() == []
+
+
 def test_a_bytes_id_column_is_refused_at_add(
     kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
 ) -> None:

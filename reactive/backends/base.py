@@ -130,6 +130,20 @@ def warn_null_ids(table: TableInfo, count: int | None = None) -> None:
     )
 
 
+def warn_unfollowed_ids(table: TableInfo, why: str, count: int | None = None) -> None:
+    """Say that rows of ``table`` have an id no path can hold (``why``: "that is NaN or
+    infinite", ``count`` of them where known), so no backend follows them. The one message for
+    every backend (NULL ids: :func:`warn_null_ids`)."""
+    rows = "some rows" if count is None else f"{count} rows"
+    log.warning(
+        "%s of table %r have an id (%r) %s: they are not followed (no output, no error)",
+        rows,
+        table.name,
+        table.id_column,
+        why,
+    )
+
+
 def identify_rows(
     table: str, columns: Sequence[str], primary_key: Sequence[str], id_column: str | None = None
 ) -> TableInfo:

@@ -9,7 +9,14 @@ from typing import Any
 
 import ibis.expr.datatypes as dt
 
-from reactive.backends.base import OUTPUT_FIELD, TableInfo, identify_rows, same_but_case, warn_null_ids
+from reactive.backends.base import (
+    OUTPUT_FIELD,
+    TableInfo,
+    identify_rows,
+    same_but_case,
+    warn_null_ids,
+    warn_unfollowed_ids,
+)
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import decode_for
 from reactive.errors import ConfigurationError, TableNotFoundError
@@ -90,13 +97,7 @@ class IbisSource:
             warn_null_ids(table, nulls)
         if unfollowed > nulls:
             why = self.conn.dialect.unfollowed_ids(self.conn.column_type(table.name, table.id_column))
-            log.warning(
-                "%d rows of table %r have an id (%r) %s: they are not followed (no output, no error)",
-                unfollowed - nulls,
-                table.name,
-                table.id_column,
-                why,
-            )
+            warn_unfollowed_ids(table, why, unfollowed - nulls)
 
     def count(self, table: TableInfo) -> int:
         """The rows of ``table`` that are followed (see ``Dialect.followed``)."""

@@ -52,7 +52,14 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from reactive.backends.base import MAX_BACKOFF, BaseDatabaseListener, CheckpointStore, TableInfo, warn_null_ids
+from reactive.backends.base import (
+    MAX_BACKOFF,
+    BaseDatabaseListener,
+    CheckpointStore,
+    TableInfo,
+    warn_null_ids,
+    warn_unfollowed_ids,
+)
 from reactive.backends.kinetica.client import (
     KineticaClient,
     KineticaError,
@@ -60,6 +67,7 @@ from reactive.backends.kinetica.client import (
     RecordCodec,
     is_transient,
 )
+from reactive.backends.kinetica.stores import NON_FINITE_IDS, followed_id
 from reactive.backends.kinetica.tables import TableCatalog
 from reactive.checkpoints import CorruptCheckpointError, process_alive
 from reactive.errors import BackendError, QueueClosedError
@@ -182,7 +190,7 @@ class KineticaMonitorListener(BaseDatabaseListener):
         self._last_reconcile_all = time.monotonic()
         self.decode_errors = 0
         #: Tables an insert of a row without an id was said of (once each: they may be many).
-        self._null_ids_seen: set[str] = set()
+        self._unfollowed_seen: set[tuple[str, str]] = set()
         self.unknown_frames = 0
         self.reconciliations = 0
         self.recoveries = 0
@@ -531,11 +539,15 @@ class KineticaMonitorListener(BaseDatabaseListener):
             self.decode_errors += failed
             self.last_error = f"{failed} insert frames of {route.table!r} did not decode"
             self._mark_dirty([route.table])
-        if any(row[table.id_column] is None for row in rows):  # not followed, as on every backend
-            if table.name not in self._null_ids_seen:
-                self._null_ids_seen.add(table.name)
-                warn_null_ids(table)
-            rows = [row for row in rows if row[table.id_column] is not None]
+        if not all(followed_id(row[table.id_column]) for row in rows):  # as the scan leaves them out
+            for odd in {"null" if row[table.id_column] is None else "non-finite" for row in rows}:
+                if (table.name, odd) not in self._unfollowed_seen:  # said once per table
+                    self._unfollowed_seen.add((table.name, odd))
+                    if odd == "null":
+                        warn_null_ids(table)
+                    else:
+                        warn_unfollowed_ids(table, NON_FINITE_IDS)
+            rows = [row for row in rows if followed_id(row[table.id_column])]
         if rows:
             ids = tuple(row[table.id_column] for row in rows)
             self.emit(ChangePacket(route.table, DBEvent.insert, ids, tuple(rows), position=route.table, source=self))

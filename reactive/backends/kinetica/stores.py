@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
+import sys
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
@@ -40,6 +42,7 @@ from reactive.backends.base import (
     identify_rows,
     outputs_table,
     warn_null_ids,
+    warn_unfollowed_ids,
 )
 from reactive.backends.kinetica.client import equals_expression, in_expression, quote_identifier
 from reactive.backends.kinetica.tables import ID_CHUNK, TableCatalog, epoch_ms, id_type
@@ -53,6 +56,41 @@ ERRORS_TABLE = "_reactive_errors"
 def _id_is(id_column: str, null: str) -> str:
     """The expression of rows whose id is ``null`` (``"null"`` or ``"not null"``)."""
     return f"{quote_identifier(id_column)} is {null}"
+
+
+#: Why a row with a float id may not be followed (see :func:`followed_id`).
+NON_FINITE_IDS = "that is NaN or infinite (no Kinetica literal names it, and NaN equals nothing)"
+
+
+def _finite(id_column: str) -> str:
+    """The expression of rows whose float id is finite: NaN compares false with everything."""
+    column, largest = quote_identifier(id_column), repr(sys.float_info.max)
+    return f"{column} >= -{largest} and {column} <= {largest}"
+
+
+def followed(id_column: str, avro_type: str) -> str:
+    """The expression of the rows reactive follows (scans, counts): those whose id is set, and
+    for a float id finite (rows are read, updated and deleted by id through expressions, which
+    have no NaN or infinity literal, and a NaN id equals no id, itself included).
+
+    >>> print(followed("id", "long"))
+    "id" is not null
+    >>> print(followed("id", "double"))
+    "id" is not null and "id" >= -1.7976931348623157e+308 and "id" <= 1.7976931348623157e+308
+    """
+    if avro_type in ("float", "double"):
+        return f"{_id_is(id_column, 'not null')} and {_finite(id_column)}"
+    return _id_is(id_column, "not null")
+
+
+def followed_id(value: Any) -> bool:
+    """Whether a row with this id is followed: the same rule as :func:`followed`, for rows the
+    change listener decodes itself (insert monitors).
+
+    >>> followed_id(1), followed_id(None), followed_id(float("nan")), followed_id(float("-inf"))
+    (True, False, False, False)
+    """
+    return value is not None and (not isinstance(value, float) or math.isfinite(value))
 
 
 _SCALAR_COLUMNS = {
@@ -139,15 +177,24 @@ class KineticaSource:
             nulls = self.catalog.pages(table, id_column, 1, expression=_id_is(id_column, "null"))
             if next(nulls, None):
                 warn_null_ids(info)
+        if followed(info.id_column, id_type(description, info.id_column)) != _id_is(info.id_column, "not null"):
+            column = info.id_column
+            odd = f"{_id_is(column, 'not null')} and not ({_finite(column)})"
+            if next(self.catalog.pages(table, column, 1, expression=odd), None):
+                warn_unfollowed_ids(info, NON_FINITE_IDS)
         return info
 
     def count(self, table: TableInfo) -> int:
-        """The rows of ``table`` that are followed: those whose id is not NULL (see ``scan``)."""
+        """The rows of ``table`` that are followed (see :func:`followed`)."""
         self.catalog.forget(table.name)
         description = self.catalog.describe(table.name)
-        if "nullable" not in description.properties.get(table.id_column, ()):
+        if table.id_column not in description.columns:  # no listener's id: every row
             return description.size
-        return self.catalog.count(table.name, expression=_id_is(table.id_column, "not null"))
+        expression = followed(table.id_column, id_type(description, table.id_column))
+        nullable = "nullable" in description.properties.get(table.id_column, ())
+        if not nullable and expression == _id_is(table.id_column, "not null"):
+            return description.size
+        return self.catalog.count(table.name, expression=expression)
 
     def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
         rows = self.decoded(table.name, list(self.catalog.records_by_ids(table.name, table.id_column, list(ids))))
@@ -159,8 +206,8 @@ class KineticaSource:
     def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
         if not self.catalog.exists(table.name):
             return
-        # A row whose id is NULL is left out, as on every backend (see ``warn_null_ids``).
-        expression = _id_is(table.id_column, "not null")
+        # A row whose id is NULL, NaN or infinite is left out (see ``followed``).
+        expression = followed(table.id_column, id_type(self.catalog.describe(table.name), table.id_column))
         for page in self.catalog.pages(table.name, table.id_column, page_size, expression=expression):
             yield self.decoded(table.name, page)
 
