@@ -545,3 +545,28 @@ def test_stopping_while_a_duckdb_poll_streams_into_a_full_queue_returns_and_clos
         db.cdc.start()
         assert db.cdc.wait_idle(timeout=60)
         assert outputs_by_source(db, "len__text") == {i: len(f"t{i}") for i in range(500)}
+
+
+def test_a_duckdb_map_reaches_the_model_as_a_dict(duck: SQLClient) -> None:
+    # Arrow reads a MAP as a list of key-value pairs, which is what models got; every other
+    # backend hands them a document or a JSON object as a dict (and DuckDB's own client does).
+    duck.execute(
+        "CREATE TABLE docs (id INTEGER PRIMARY KEY, m MAP(VARCHAR, INTEGER), s STRUCT(n MAP(VARCHAR, INTEGER)))"
+    )
+    duck.execute("INSERT INTO docs VALUES (1, MAP {'x': 1, 'y': 2}, {'n': MAP {'k': 3}})")
+    seen: dict[str, list[Any]] = {"m": [], "s": []}
+
+    def model(field: str) -> Model:
+        return Model(f"keys_{field}", predict=lambda values: [seen[field].append(v) or repr(v) for v in values])
+
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        for field in seen:
+            db.add(Listener(model(field), field, "docs"), progress=False)
+        db.cdc.start()
+        duck.execute("INSERT INTO docs VALUES (3, MAP {'z': 4}, {'n': MAP {}})")
+        duck.execute("UPDATE docs SET m = MAP {'x': 1, 'y': 5} WHERE id = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        assert seen["m"] == [{"x": 1, "y": 2}, {"z": 4}, {"x": 1, "y": 5}]
+        assert seen["s"] == [{"n": {"k": 3}}, {"n": {}}]
+        assert outputs_by_source(db, "keys_m__m") == {1: "{'x': 1, 'y': 5}", 3: "{'z': 4}"}
+        assert db.errors() == []

@@ -23,7 +23,7 @@ from reactive.components.model import Batching, Failure, Model, ModelCalls
 from reactive.errors import ConfigurationError
 from reactive.events import Batch, ChangePacket, DBEvent, Row, id_key, id_keys
 from reactive.reconcile import OnProcessed, reconcile
-from reactive.rows import NOT_PYTHON, TableRows, Unreadable
+from reactive.rows import NOT_PYTHON, TableRows, Unreadable, pylist
 
 if TYPE_CHECKING:
     from reactive.compute import Compute
@@ -342,7 +342,7 @@ class Listener(Component):
         current = [s == d for s, d in zip(stored, digests, strict=True)]
         # Outputs stored before 0.2 (another fingerprint) whose input has not changed are current.
         differ = [k for k, ok in enumerate(current) if not ok and stored[k] is not None]
-        values = column.take(differ).to_pylist() if differ else []
+        values = pylist(column.take(differ)) if differ else []
         for k, value in zip(differ, values, strict=True):
             current[k] = not self._stale(value, digests[k], stored[k])
         return current
@@ -364,7 +364,7 @@ class Listener(Component):
         buffers for text, else in one call; None if one cannot be taken."""
         digests = self.model.column_fingerprints(column)
         if digests is None:
-            digests = self._fingerprinted(column.to_pylist() if values is None else values)
+            digests = self._fingerprinted(pylist(column) if values is None else values)
         return digests
 
     def _key_column(self, rows: TableRows) -> pa.ChunkedArray | None:
@@ -610,7 +610,7 @@ class Listener(Component):
             if not sized or (len(column) and pc.max(pc.binary_length(column)).as_py() > limit):
                 return None
         try:
-            values = column.to_pylist()
+            values = pylist(column)
         except NOT_PYTHON:
             return None  # a value Python cannot hold: the rows one by one, that one failing alone
         digests = self._column_fingerprints(column, values)
