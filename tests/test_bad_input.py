@@ -7,6 +7,7 @@ import logging
 import queue
 import re
 import sqlite3
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -718,6 +719,29 @@ def test_a_nan_id_is_one_row(sql: SQLClient, recorder: Recorder) -> None:
         sql.execute("UPDATE docs SET text = 'c' WHERE text = 'b'")
         assert db.cdc.wait_idle(timeout=30)
         assert {str(k): v for k, v in outputs_by_source(db, "m__text").items()} == {"1.5": "<a>", "nan": "<c>"}
+
+
+@pytest.mark.parametrize("sql", ["postgres"], indirect=True)
+def test_a_numeric_id_past_decimal_38_9_is_left_out(
+    sql: SQLClient, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NUMERIC of no declared precision is read (by ibis, so by reactive) as decimal(38, 9):
+    a row whose id held more failed its window again and again, holding its table back
+    (wait_idle never returned), and recorded an error it could never clear."""
+    sql.execute("CREATE TABLE docs (id NUMERIC PRIMARY KEY, text VARCHAR(100))")
+    odd = f"({10**40}, 'big'), (0.1234567891234, 'fine'), ('NaN', 'n')"  # past 29 + 9 digits, NaN
+    sql.execute(f"INSERT INTO docs VALUES (1, 'a'), {odd}, (1.5, 'b')")
+    with caplog.at_level(logging.WARNING, logger="reactive"), reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        assert "3 rows of table 'docs' have an id ('id') past what ids are held as, decimal(38, 9)" in caplog.text
+        assert outputs_by_source(db, "m__text") == {1: "<a>", Decimal("1.5"): "<b>"}
+        db.cdc.start()
+        sql.execute(f"INSERT INTO docs VALUES (2, 'bb'), ({10**41 + 1}, 'bigger')")
+        sql.execute("UPDATE docs SET id = 3 WHERE text = 'n'")  # followed from now on
+        sql.execute(f"UPDATE docs SET id = {10**40 + 1} WHERE id = 1")  # no longer: its output goes
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {Decimal("1.5"): "<b>", 2: "<bb>", 3: "<n>"}
+        assert db.errors() == []
 
 
 # -- outputs are never changed to fit their type -------------------------------------------------

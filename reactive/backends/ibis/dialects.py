@@ -129,6 +129,16 @@ def _not_null(key: sge.Column, id_type: dt.DataType | None) -> sge.Expression | 
     return None if id_type is not None and not id_type.nullable else sge.Not(this=key.is_(sge.null()))
 
 
+def _unbounded_decimal(id_type: dt.DataType | None) -> bool:
+    """Whether ``id_type`` is a NUMERIC of no declared precision (PostgreSQL's ``numeric``),
+    whose ids reactive holds as ibis does, as Arrow's decimal128(38, 9)."""
+    return id_type is not None and id_type.is_decimal() and id_type.precision is None
+
+
+#: The largest value of Arrow's decimal128(38, 9): 29 digits before the point, 9 after.
+_ARROW_DECIMAL_38_9_MAX = "99999999999999999999999999999.999999999"
+
+
 def _wide_integer(id_type: dt.DataType | None) -> bool:
     """Whether ``id_type`` may be DuckDB's HUGEINT, which ibis reads as decimal(38, 0) (a
     DECIMAL(38, 0) column reads the same, and holds nothing wider: its check is always true)."""
@@ -272,11 +282,24 @@ class Dialect:
         "id" BETWEEN -99999999999999999999999999999999999999 AND 99999999999999999999999999999999999999
         >>> print(Dialect().render(Dialect().followed(_column("id"), dt.date)))
         ISFINITE("id")
-        """
+
+        Nor, for a NUMERIC id of no declared precision (PostgreSQL), one past what ibis reads it
+        as, Arrow's decimal128(38, 9): more than 29 digits before the point or 9 after it, NaN
+        or an infinity (such a row failed its window again and again, holding its table back).
+
+        >>> print(Dialect().render(Dialect().followed(_column("id"), dt.Decimal(None, None))))
+        ("id" BETWEEN -99999999999999999999999999999.999999999 AND 99999999999999999999999999999.999999999 AND "id" = ROUND("id", 9))
+        """  # noqa: E501
         if id_type is not None and (id_type.is_date() or id_type.is_timestamp()):
             return sge.Anonymous(this="ISFINITE", expressions=[key])  # NULL for NULL: left out too
         if self.arrow_results and _wide_integer(id_type):
             return sge.Between(this=key, low=sge.convert(-_ARROW_DECIMAL_MAX), high=sge.convert(_ARROW_DECIMAL_MAX))
+        if _unbounded_decimal(id_type):
+            largest = sge.Literal.number(_ARROW_DECIMAL_38_9_MAX)
+            within = sge.Between(this=key, low=sge.Neg(this=largest), high=largest)
+            exact = sge.EQ(this=key, expression=sge.Round(this=key, decimals=sge.convert(9)))
+            # In parentheses: the statements put it beside other conditions, and under NOT.
+            return sge.paren(sge.and_(within, exact))
         return _not_null(key, id_type)
 
     def unfollowed_ids(self, id_type: dt.DataType | None) -> str:
@@ -285,6 +308,11 @@ class Dialect:
             return "that is infinite ('infinity' or '-infinity': Python's dates cannot hold it)"
         if self.arrow_results and _wide_integer(id_type):
             return "of more than 38 digits (ids are read through Arrow's decimal128)"
+        if _unbounded_decimal(id_type):
+            return (
+                "past what ids are held as, decimal(38, 9): more than 29 digits before the point or 9 after it,"
+                " NaN or infinite (declare the column's precision, e.g. NUMERIC(38, 0), to follow every row)"
+            )
         return f"that reactive cannot follow as {id_type}"
 
     #: DuckDB id types ibis names as another type (``information_schema.columns.data_type``):
@@ -990,7 +1018,7 @@ class TableSQL:
                 sge.alias_(sge.Sum(this=nulls), "nulls", quoted=True),
                 sge.alias_(sge.Count(this=sge.Star()), "unfollowed", quoted=True),
             )
-            self.unfollowed = dialect.render(counts.from_(sg.table(table, quoted=True)).where(sge.Not(this=followed)))
+            self.unfollowed = dialect.render(counts.from_(sg.table(table, quoted=True)).where(sge.not_(followed)))
 
 
 #: The column a row's fingerprint comes back in from :attr:`SnapshotSQL.by_ids_with_fingerprint`.
