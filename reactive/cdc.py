@@ -404,6 +404,15 @@ class DatabaseChangeDataCapture:
             raise BackendError("change data capture stopped while a table monitor was starting")
         listener.subscribe(table, sink)
 
+    def monitored_by(self, table: str) -> str | None:
+        """The id column ``table``'s table monitors follow it by (None where none runs, or where
+        the backend's monitors need no id: MongoDB, Kinetica)."""
+        listener = self._listener
+        if listener is None or not listener.monitored(table):
+            return None
+        info = listener.tables.get(table)
+        return info.id_column if info is not None and info.id_column else None
+
     def unmonitor(self, table: TableInfo, sink: MonitorSink) -> None:
         """Stop delivering to ``sink``; a table no component or monitor needs is let go."""
         listener = self._listener

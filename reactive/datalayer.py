@@ -265,10 +265,18 @@ class Datalayer:
         self._backfill(component, source, progress)
         return component
 
+    def followed_by(self, table: str) -> str | None:
+        """The id column the components on ``table`` identify its rows by, or None (none yet)."""
+        with self._lock:
+            on_it = any(c.table == table for c in self._components.values())
+            followed = self._tables.get(table)
+        return followed.id_column if on_it and followed is not None else None
+
     def _check_id_column(self, component: Component, source: TableInfo) -> None:
         """A table is followed by one id column: refuse ``component`` if the other components on
-        its table identify rows by another (the table's snapshot is keyed by one; following it
-        by two made every poll see the table altered, and its listeners stopped)."""
+        its table, or its table monitors, identify rows by another (the table's snapshot is
+        keyed by one; following it by two made every poll see the table altered, and its
+        listeners stopped)."""
         with self._lock:
             others = [
                 c.identifier
@@ -276,11 +284,13 @@ class Datalayer:
                 if c.table == source.name and c.identifier != component.identifier
             ]
             followed = self._tables.get(source.name)
-        if others and followed is not None and followed.id_column != source.id_column:
+        by = followed.id_column if others and followed is not None else None
+        if by is None and (monitored := self.cdc.monitored_by(source.name)) is not None:
+            by, others = monitored, ["its table monitors"]
+        if by is not None and by != source.id_column:
             raise ConfigurationError(
-                f"table {source.name!r} is followed by its id column {followed.id_column!r} (for"
-                f" {', '.join(others)}): a component on it cannot identify rows by {source.id_column!r};"
-                f" pass id_column={followed.id_column!r}",
+                f"table {source.name!r} is followed by its id column {by!r} (for {', '.join(others)}):"
+                f" a component on it cannot identify rows by {source.id_column!r}; pass id_column={by!r}",
                 table=source.name,
             )
 

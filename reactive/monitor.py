@@ -256,6 +256,12 @@ class TableMonitor:
         Raises :class:`~reactive.errors.ConfigurationError` for a bad callback list (empty,
         not ``Callback`` objects, two callbacks of one type, none of the four event types)
         and :class:`~reactive.errors.TableNotFoundError` when the table does not exist.
+
+        Beyond the seed: ``id_column`` names the column that identifies the table's rows where
+        it has no one-column primary key (SQL backends follow rows by id: a row whose id is
+        NULL is not reported, and DELETED's ids are that column's). A table is followed by one
+        id column: a monitor naming another than the one its table is already followed by (a
+        Listener's ``id_column``, another monitor's) is refused, with the column to pass.
         """
 
         def __init__(
@@ -264,6 +270,8 @@ class TableMonitor:
             table_name: str,
             callback_list: Sequence[TableMonitor.Callback],
             options: TableMonitor.Options | None = None,
+            *,
+            id_column: str | None = None,
         ) -> None:
             from reactive.datalayer import Datalayer
 
@@ -273,8 +281,11 @@ class TableMonitor:
                 raise ConfigurationError("table_name must be a non-empty string")
             if options is not None and not isinstance(options, TableMonitor.Options):
                 raise ConfigurationError("options must be a TableMonitor.Options")
+            if id_column is not None and (not isinstance(id_column, str) or not id_column):
+                raise ConfigurationError(f"id_column must be a column name, not {id_column!r}")
             self.db = db
             self.table_name = table_name
+            self.id_column = id_column
             self.options = options or TableMonitor.Options.default()
             self._callbacks = _check_callbacks(callback_list, db)
             _check_monitor_port(self.options, db)
@@ -285,15 +296,22 @@ class TableMonitor:
 
         def _describe(self) -> TableInfo:
             """The table as it is now; TableNotFoundError when it does not exist."""
+            followed = self.db.cdc.monitored_by(self.table_name) or self.db.followed_by(self.table_name)
+            if self.id_column is not None and followed is not None and followed != self.id_column:
+                raise ConfigurationError(
+                    f"table {self.table_name!r} is followed by its id column {followed!r}: a table monitor on it"
+                    f" cannot identify rows by {self.id_column!r}; pass id_column={followed!r}",
+                    table=self.table_name,
+                )
             try:
-                return self.db.table_info(self.table_name)
+                return self.db.table_info(self.table_name, id_column=self.id_column or followed)
             except MissingIdColumnError as exc:
                 if self.db.backend.monitors_need_ids:
-                    # The error names Listener(id_column=...), which a monitor has no way to pass.
+                    # The error names Listener(id_column=...): say what a monitor passes.
                     raise MissingIdColumnError(
                         f"table {self.table_name!r} has no one-column primary key, by which a table monitor"
-                        " follows its rows here: give it one, or add a Listener on it with id_column= first"
-                        f" (the monitor then uses that column); {exc}",
+                        " follows its rows here: give it one, or pass TableMonitor.Client(..., id_column=...)"
+                        f"; {exc}",
                         table=self.table_name,
                     ) from None
                 return TableInfo(self.table_name, "", ())

@@ -808,27 +808,34 @@ def test_what_is_not_a_datalayer_or_not_options_is_refused(duck: SQLClient) -> N
         assert not db.cdc.running and not reactive_threads()
 
 
-def test_a_sql_table_without_primary_key_says_how_a_monitor_can_follow_it(duck: SQLClient) -> None:
-    # A monitor has no id_column to pass: the error says what does, and that works (a row
-    # without an id is not reported: no backend follows one).
-    duck.execute("create table notes (note_id integer, title varchar)")
+def test_a_sql_table_without_primary_key_is_monitored_by_the_id_column_given(duck: SQLClient) -> None:
+    # A row without an id is not reported (no backend follows one). A table is followed by one
+    # id column: a listener or monitor naming another is refused, with the one to pass.
+    duck.execute("create table notes (note_id integer, alt integer, title varchar)")
     events = Events()
     with reactive.connect(duck.uri, poll_interval=0.05) as db:
-        with pytest.raises(reactive.MissingIdColumnError, match=r"add a Listener on it with id_column= first"):
+        with pytest.raises(reactive.MissingIdColumnError, match=r"pass TableMonitor\.Client\(\.\.\., id_column="):
             TableMonitor.Client(db, "notes", events.callbacks(Type.INSERT_DECODED))
-        db.add(
-            Listener(
-                Model("shout", predict=lambda titles: [t.upper() for t in titles]),
-                "title",
-                "notes",
-                id_column="note_id",
-            )
-        )
-        client = TableMonitor.Client(db, "notes", events.callbacks(Type.INSERT_DECODED))
+        for bad in ("", 3):
+            with pytest.raises(ConfigurationError, match="id_column must be a column name"):
+                TableMonitor.Client(db, "notes", events.callbacks(Type.INSERT_DECODED), id_column=bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="id_column 'nope' is not a column of 'notes'"):
+            TableMonitor.Client(db, "notes", events.callbacks(Type.INSERT_DECODED), id_column="nope")
+        deleted = events.callback(Type.DELETED, Callback.ChangedRowsOptions())
+        client = TableMonitor.Client(db, "notes", [events.callback(Type.INSERT_DECODED), deleted], id_column="note_id")
         client.start_monitor()
-        duck.execute("insert into notes values (null, 'no id'), (1, 'one')")
-        assert events.next() == ("INSERT_DECODED", {"note_id": 1, "title": "one"})
+        duck.execute("insert into notes values (null, 7, 'no id'), (1, 8, 'one')")
+        assert events.next() == ("INSERT_DECODED", {"note_id": 1, "alt": 8, "title": "one"})
+        shout = Model("shout", predict=lambda titles: [t.upper() for t in titles])
+        with pytest.raises(ConfigurationError, match=r"followed by its id column 'note_id' \(for its table monitors\)"):
+            db.add(Listener(shout, "title", "notes", id_column="alt"))
+        db.add(Listener(shout, "title", "notes", id_column="note_id"))
+        with pytest.raises(ConfigurationError, match=r"followed by its id column 'note_id'.*pass id_column='note_id'"):
+            TableMonitor.Client(db, "notes", events.callbacks(Type.INSERT_DECODED), id_column="alt")
+        duck.execute("delete from notes where note_id = 1")
+        assert events.next() == ("DELETED", [1])
         assert db.cdc.wait_idle(WAIT) and events.pending() == []
+        assert outputs_by_source(db, "shout__title") == {}
         client.stop_monitor()
 
 

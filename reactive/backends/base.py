@@ -629,6 +629,11 @@ class BaseDatabaseListener(ReactiveThread):
         with self._lock:
             return [sink for sink in self._monitors.get(table, ()) if id(sink) not in self._arming]
 
+    def monitored(self, table: str) -> bool:
+        """Whether a sink is subscribed to ``table``, armed or not."""
+        with self._lock:
+            return bool(self._monitors.get(table))
+
     def all_monitors(self) -> list[MonitorSink]:
         with self._lock:
             return [sink for sinks in self._monitors.values() for sink in sinks]
