@@ -540,7 +540,8 @@ class KineticaMonitorListener(BaseDatabaseListener):
             self.last_error = f"{failed} insert frames of {route.table!r} did not decode"
             self._mark_dirty([route.table])
         if not all(followed_id(row[table.id_column]) for row in rows):  # as the scan leaves them out
-            for odd in {"null" if row[table.id_column] is None else "non-finite" for row in rows}:
+            unfollowed = (row[table.id_column] for row in rows if not followed_id(row[table.id_column]))
+            for odd in {"null" if value is None else "non-finite" for value in unfollowed}:
                 if (table.name, odd) not in self._unfollowed_seen:  # said once per table
                     self._unfollowed_seen.add((table.name, odd))
                     if odd == "null":
