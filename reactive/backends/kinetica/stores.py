@@ -60,6 +60,8 @@ def _id_is(id_column: str, null: str) -> str:
 
 #: Why a row with a float id may not be followed (see :func:`followed_id`).
 NON_FINITE_IDS = "that is NaN or infinite (no Kinetica literal names it, and NaN equals nothing)"
+#: The id types whose values may be NaN or infinite.
+_FLOAT_IDS = ("float", "double")
 
 
 def _finite(id_column: str) -> str:
@@ -78,7 +80,7 @@ def followed(id_column: str, avro_type: str) -> str:
     >>> print(followed("id", "double"))
     "id" is not null and "id" >= -1.7976931348623157e+308 and "id" <= 1.7976931348623157e+308
     """
-    if avro_type in ("float", "double"):
+    if avro_type in _FLOAT_IDS:
         return f"{_id_is(id_column, 'not null')} and {_finite(id_column)}"
     return _id_is(id_column, "not null")
 
@@ -177,7 +179,7 @@ class KineticaSource:
             nulls = self.catalog.pages(table, id_column, 1, expression=_id_is(id_column, "null"))
             if next(nulls, None):
                 warn_null_ids(info)
-        if followed(info.id_column, id_type(description, info.id_column)) != _id_is(info.id_column, "not null"):
+        if id_type(description, info.id_column) in _FLOAT_IDS:
             column = info.id_column
             odd = f"{_id_is(column, 'not null')} and not ({_finite(column)})"
             if next(self.catalog.pages(table, column, 1, expression=odd), None):
@@ -190,11 +192,10 @@ class KineticaSource:
         description = self.catalog.describe(table.name)
         if table.id_column not in description.columns:  # no listener's id: every row
             return description.size
-        expression = followed(table.id_column, id_type(description, table.id_column))
-        nullable = "nullable" in description.properties.get(table.id_column, ())
-        if not nullable and expression == _id_is(table.id_column, "not null"):
+        kind = id_type(description, table.id_column)
+        if "nullable" not in description.properties.get(table.id_column, ()) and kind not in _FLOAT_IDS:
             return description.size
-        return self.catalog.count(table.name, expression=expression)
+        return self.catalog.count(table.name, expression=followed(table.id_column, kind))
 
     def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
         rows = self.decoded(table.name, list(self.catalog.records_by_ids(table.name, table.id_column, list(ids))))
