@@ -244,7 +244,7 @@ class Datalayer:
                         return existing
                 self._check_chain(component)
             source = component.prepare(self)
-            self._check_id_column(component, source)
+            self.check_id_column(source.name, source.id_column, "a component", besides=component.identifier)
             active = self.cdc.acquire()
             if active:
                 self._follow(component, source)
@@ -265,33 +265,29 @@ class Datalayer:
         self._backfill(component, source, progress)
         return component
 
-    def followed_by(self, table: str) -> str | None:
-        """The id column the components on ``table`` identify its rows by, or None (none yet)."""
+    def followed_by(self, table: str, *, besides: str | None = None) -> tuple[str, str] | None:
+        """The id column ``table`` is followed by and for what (its components but ``besides``,
+        or its table monitors), or None where nothing follows it yet."""
         with self._lock:
-            on_it = any(c.table == table for c in self._components.values())
+            others = [c.identifier for c in self._components.values() if c.table == table and c.identifier != besides]
             followed = self._tables.get(table)
-        return followed.id_column if on_it and followed is not None else None
+        if others and followed is not None:
+            return followed.id_column, ", ".join(others)
+        monitored = self.cdc.monitored_by(table)
+        return None if monitored is None else (monitored, "its table monitors")
 
-    def _check_id_column(self, component: Component, source: TableInfo) -> None:
-        """A table is followed by one id column: refuse ``component`` if the other components on
-        its table, or its table monitors, identify rows by another (the table's snapshot is
-        keyed by one; following it by two made every poll see the table altered, and its
-        listeners stopped)."""
-        with self._lock:
-            others = [
-                c.identifier
-                for c in self._components.values()
-                if c.table == source.name and c.identifier != component.identifier
-            ]
-            followed = self._tables.get(source.name)
-        by = followed.id_column if others and followed is not None else None
-        if by is None and (monitored := self.cdc.monitored_by(source.name)) is not None:
-            by, others = monitored, ["its table monitors"]
-        if by is not None and by != source.id_column:
+    def check_id_column(self, table: str, id_column: str, what: str, *, besides: str | None = None) -> None:
+        """A table is followed by one id column: refuse ``what`` (a component, a table monitor)
+        that identifies ``table``'s rows by ``id_column`` where the table is followed by another
+        (its snapshot is keyed by one; following it by two made every poll see the table
+        altered, and its listeners stopped)."""
+        found = self.followed_by(table, besides=besides)
+        if found is not None and found[0] != id_column:
+            by, whom = found
             raise ConfigurationError(
-                f"table {source.name!r} is followed by its id column {by!r} (for {', '.join(others)}):"
-                f" a component on it cannot identify rows by {source.id_column!r}; pass id_column={by!r}",
-                table=source.name,
+                f"table {table!r} is followed by its id column {by!r} (for {whom}): {what} on it cannot"
+                f" identify rows by {id_column!r}; pass id_column={by!r}",
+                table=table,
             )
 
     def _follow(self, component: Component, source: TableInfo) -> None:

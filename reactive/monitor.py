@@ -296,15 +296,12 @@ class TableMonitor:
 
         def _describe(self) -> TableInfo:
             """The table as it is now; TableNotFoundError when it does not exist."""
-            followed = self.db.cdc.monitored_by(self.table_name) or self.db.followed_by(self.table_name)
-            if self.id_column is not None and followed is not None and followed != self.id_column:
-                raise ConfigurationError(
-                    f"table {self.table_name!r} is followed by its id column {followed!r}: a table monitor on it"
-                    f" cannot identify rows by {self.id_column!r}; pass id_column={followed!r}",
-                    table=self.table_name,
-                )
+            if self.id_column is not None:
+                self.db.check_id_column(self.table_name, self.id_column, "a table monitor")
+            found = self.db.followed_by(self.table_name)  # the column the others use, where none is named
+            id_column = self.id_column if self.id_column is not None or found is None else found[0]
             try:
-                return self.db.table_info(self.table_name, id_column=self.id_column or followed)
+                return self.db.table_info(self.table_name, id_column=id_column)
             except MissingIdColumnError as exc:
                 if self.db.backend.monitors_need_ids:
                     # The error names Listener(id_column=...): say what a monitor passes.
