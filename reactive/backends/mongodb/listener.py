@@ -458,6 +458,12 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         collection = change.get("ns", {}).get("coll")
         event = _EVENTS.get(operation)
         if collection == MARKS_COLLECTION:
+            with self._changed:
+                if self._rewind:
+                    # The handler released a window: the stream goes back to before its changes
+                    # and reads this mark again after them. Passed now, it let wait_idle return
+                    # before the released changes were queued again.
+                    return
             self._seen = {"token": token, "start_after": False}
             document = change.get("fullDocument") or {}
             if change.get("documentKey", {}).get("_id") == self._mark_id and "n" in document:
