@@ -162,6 +162,10 @@ def test_a_text_query_is_embedded_on_a_thread_that_ends_with_it(duck: SQLClient,
         threads.append(threading.current_thread())
         if texts == ["boom"]:
             raise RuntimeError("the query model failed")
+        if texts == ["as a dict"]:
+            return {0: letters("hh")}  # one key, but not a list of outputs
+        if texts == ["nothing"]:
+            return None
         return [letters(t) for t in texts] * (2 if texts == ["twice"] else 1)
 
     with connect(duck) as db:
@@ -174,8 +178,13 @@ def test_a_text_query_is_embedded_on_a_thread_that_ends_with_it(duck: SQLClient,
         assert not thread.is_alive()
         with pytest.raises(RuntimeError, match="the query model failed"):
             db.search("near", "boom")
-        with pytest.raises(SearchError, match="query_model 'q' returned 2 outputs for one query"):
+        # The one check of what a model returned (Model.checked_outputs), as for a listener's batch.
+        with pytest.raises(SearchError, match="index 'near' cannot embed the query: model 'q' returned 2 outputs"):
             db.search("near", "twice")
+        with pytest.raises(SearchError, match="model 'q' returned dict, not a list of outputs"):
+            db.search("near", "as a dict")
+        with pytest.raises(SearchError, match="model 'q' returned NoneType, not a list of outputs"):
+            db.search("near", "nothing")
 
 
 def test_bad_queries_and_declarations_get_clear_errors_and_write_nothing(duck: SQLClient, tmp_path: Path) -> None:

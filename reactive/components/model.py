@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from reactive.errors import ConfigurationError
+from reactive.errors import ConfigurationError, ModelOutputError
 from reactive.fingerprints import (
     column_fingerprints,
     fingerprint_text,
@@ -484,8 +484,8 @@ class Model:
                 for outputs in returned:
                     lo, hi = bounds[k]
                     try:
-                        found[lo:hi] = self._checked(outputs, hi - lo)
-                    except _BatchFailed as exc:
+                        found[lo:hi] = self.checked_outputs(outputs, hi - lo)
+                    except (_BatchFailed, ModelOutputError) as exc:
                         found[lo:hi] = [Failure(str(exc))] * (hi - lo)
                     k += 1
                 if error is not None:
@@ -582,7 +582,7 @@ class Model:
                     error, first = first, None
                     raise error
                 outputs = self._call(batch, stopping)
-            except _BatchFailed as exc:
+            except (_BatchFailed, ModelOutputError) as exc:
                 results[lo:hi] = [Failure(str(exc))] * (hi - lo)
                 return
             except Exception as exc:
@@ -617,7 +617,7 @@ class Model:
         returned, error = self._call_many(values, [(0, len(values))], stopping)
         if error is not None:
             raise error
-        return self._checked(returned[0], len(values))
+        return self.checked_outputs(returned[0], len(values))
 
     def _call_many(
         self, values: list[Any], bounds: Sequence[tuple[int, int]], stopping: Callable[[], bool]
@@ -697,8 +697,9 @@ class Model:
                     self.calls.stuck = None
             self._returned_calls.notify_all()
 
-    def _checked(self, outputs: Any, count: int) -> list[Any]:
-        """``outputs`` as a list of ``count`` outputs (one per input); a count mismatch fails the batch.
+    def checked_outputs(self, outputs: Any, count: int) -> list[Any]:
+        """What ``predict`` returned for ``count`` inputs, as a list of one output per input, or a
+        :class:`ModelOutputError` saying why it is not (a count mismatch fails the whole batch).
 
         Text, bytes, a mapping, a set and a data frame are refused though they iterate: their
         characters, keys, members in no promised order or column names are not one output per
@@ -713,15 +714,15 @@ class Model:
         except TypeError:
             if inspect.iscoroutine(outputs):
                 outputs.close()  # never awaited: said here, not by a RuntimeWarning at exit
-                raise _BatchFailed(
+                raise ModelOutputError(
                     f"model {self.identifier!r} returned a coroutine, not a list of outputs: predict is async;"
                     " pass a plain function (e.g. one that calls asyncio.run)"
                 ) from None
-            raise _BatchFailed(
+            raise ModelOutputError(
                 f"model {self.identifier!r} returned {type(outputs).__name__}, not a list of outputs"
             ) from None
         if len(outputs) != count:
-            raise _BatchFailed(f"model {self.identifier!r} returned {len(outputs)} outputs for {count} inputs")
+            raise ModelOutputError(f"model {self.identifier!r} returned {len(outputs)} outputs for {count} inputs")
         return outputs
 
 

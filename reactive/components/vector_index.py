@@ -28,7 +28,7 @@ import numpy as np
 from reactive.backends.base import FINGERPRINT_FIELD, OUTPUT_FIELD, ErrorRecord, TableInfo, outputs_table
 from reactive.components.base import Component, PlannedRefresh, Refresh
 from reactive.components.model import Model
-from reactive.errors import ConfigurationError, SearchError
+from reactive.errors import ConfigurationError, ModelOutputError, SearchError
 from reactive.events import Batch, ChangePacket, DBEvent, id_key
 from reactive.feed.wire import from_wire, to_wire
 from reactive.reconcile import OnProcessed, reconcile
@@ -429,10 +429,10 @@ class VectorIndex(Component):
             # thread) would keep torch's OpenMP team, which slows reactive's model thread.
             predict, text = self.query_model.predict, query
             outputs = on_own_thread(f"query-{self.identifier}", lambda: predict([text]))
-            if not hasattr(outputs, "__len__") or len(outputs) != 1:
-                returned = f"{len(outputs)} outputs" if hasattr(outputs, "__len__") else type(outputs).__name__
-                raise SearchError(f"query_model {self.query_model.identifier!r} returned {returned} for one query")
-            query = outputs[0]
+            try:
+                [query] = self.query_model.checked_outputs(outputs, 1)
+            except ModelOutputError as exc:
+                raise SearchError(f"index {self.identifier!r} cannot embed the query: {exc}") from None
         try:
             vector = np.asarray(query, dtype=np.float32)
         except (TypeError, ValueError):
