@@ -78,11 +78,15 @@ def from_tensor(value: Any) -> Any:
         return value
     if callable(getattr(value, "detach", None)) and callable(getattr(value, "cpu", None)):
         value = value.detach().cpu()  # torch: a CUDA tensor has no __array__ of its own
+        if str(getattr(value, "dtype", "")) == "torch.bfloat16" and callable(getattr(value, "float", None)):
+            value = value.float()  # numpy has no bfloat16 (torch refuses); float32 holds each exactly
     if hasattr(value, "__array__"):
         try:
-            return np.asarray(value)
+            array = np.asarray(value)
         except (TypeError, ValueError, RuntimeError):
             return value  # refused where it is stored, by its type's name
+        # jax's bfloat16 arrives as ml_dtypes' own dtype, which no store knows: as float32.
+        return array.astype(np.float32) if array.dtype.name == "bfloat16" else array
     return value
 
 

@@ -475,6 +475,9 @@ def test_tensors_are_stored_as_their_numbers_and_other_objects_refused(duck: SQL
         "scalars": lambda xs: [torch.tensor(len(x)) for x in xs],
         "graph": lambda xs: torch.ones((len(xs), 2), requires_grad=True) * 2,
         "nested": lambda xs: [{"v": torch.ones(2), "n": len(x)} for x in xs],
+        # A model run in half precision (common on a GPU): numpy has no bfloat16.
+        "bf16": lambda xs: torch.tensor([[len(x), 0.5] for x in xs], dtype=torch.bfloat16),
+        "half": lambda xs: [torch.tensor([len(x), 0.5], dtype=torch.float16) for x in xs],
         "arrow": lambda xs: pa.array([len(x) for x in xs]),
         "object": lambda xs: [{"label": Label()} for _ in xs],
     }
@@ -487,6 +490,8 @@ def test_tensors_are_stored_as_their_numbers_and_other_objects_refused(duck: SQL
         assert outputs_by_source(db, "graph__text") == {1: [2.0, 2.0], 2: [2.0, 2.0]}
         assert outputs_by_source(db, "nested__text") == {1: {"v": [1.0, 1.0], "n": 1}, 2: {"v": [1.0, 1.0], "n": 2}}
         assert outputs_by_source(db, "arrow__text") == {1: 1, 2: 2}
+        assert outputs_by_source(db, "bf16__text") == {1: [1.0, 0.5], 2: [2.0, 0.5]}
+        assert outputs_by_source(db, "half__text") == {1: [1.0, 0.5], 2: [2.0, 0.5]}
         assert db.outputs("object__text") == []
         errors = db.errors("object__text")
         assert len(errors) == 2 and all(
