@@ -570,3 +570,36 @@ def test_a_duckdb_map_reaches_the_model_as_a_dict(duck: SQLClient) -> None:
         assert seen["s"] == [{"n": {"k": 3}}, {"n": {}}]
         assert outputs_by_source(db, "keys_m__m") == {1: "{'x': 1, 'y': 5}", 3: "{'z': 4}"}
         assert db.errors() == []
+
+
+def test_duckdb_values_arrow_cannot_carry_reach_the_model_as_their_text(duck: SQLClient) -> None:
+    # Through Arrow a model got BIT and BIGNUM values as DuckDB's internal bytes (b'\x04\xf5'
+    # for '0101'), a UHUGEINT of 2**127 or more as a negative number (Decimal('-1') for the
+    # largest) and a TIME WITH TIME ZONE without its offset. Each is read as its text now, in a
+    # backfill and in a poll, and a change of the offset alone is a change.
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, b BIT, v BIGNUM, u UHUGEINT, tz TIMETZ, n INTEGER)")
+    largest = 2**128 - 1
+    duck.execute(f"INSERT INTO docs VALUES (1, '0101'::BIT, 12345678901234567890, {largest}, '12:00:00+02', 7)")
+    seen: dict[str, list[Any]] = {"b": [], "v": [], "u": [], "tz": [], "n": []}
+
+    def model(field: str) -> Model:
+        return Model(f"m_{field}", predict=lambda values: [seen[field].append(v) or repr(v) for v in values])
+
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        for field in seen:
+            db.add(Listener(model(field), field, "docs"), progress=False)
+        assert {field: values[0] for field, values in seen.items()} == {
+            "b": "0101",
+            "v": "12345678901234567890",
+            "u": str(largest),
+            "tz": "12:00:00+02",
+            "n": 7,  # other columns as they were
+        }
+        db.cdc.start()
+        duck.execute(f"INSERT INTO docs VALUES (2, '1'::BIT, -5, {2**127}, '08:30:00-05', 8)")
+        duck.execute("UPDATE docs SET tz = '12:00:00+03' WHERE id = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        assert seen["u"][1:] == [str(2**127)] and seen["b"][1:] == ["1"] and seen["v"][1:] == ["-5"]
+        assert sorted(seen["tz"][1:]) == ["08:30:00-05", "12:00:00+03"]
+        assert outputs_by_source(db, "m_tz__tz") == {1: "'12:00:00+03'", 2: "'08:30:00-05'"}
+        assert db.errors() == []

@@ -151,7 +151,12 @@ class IbisConnection:
             built = self._sql.get(key)
             if built is None:
                 built = self._sql[key] = TableSQL(
-                    self.dialect, table, id_column, columns, self.column_type(table, id_column)
+                    self.dialect,
+                    table,
+                    id_column,
+                    columns,
+                    self.column_type(table, id_column),
+                    self.dialect.read_casts(self.con, table),
                 )
             return built
 

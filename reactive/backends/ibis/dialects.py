@@ -24,7 +24,7 @@ import logging
 import secrets
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
 
@@ -145,6 +145,11 @@ def _wide_integer(id_type: dt.DataType | None) -> bool:
     return id_type is not None and id_type.is_decimal() and id_type.precision == 38 and id_type.scale == 0
 
 
+#: DuckDB types whose values Arrow cannot carry as they are: read as their text (see
+#: :meth:`Dialect.read_casts`). ``VARINT`` is ``BIGNUM`` since DuckDB 1.4.
+_AS_TEXT = frozenset({"BIT", "BIGNUM", "VARINT", "UHUGEINT", "TIME WITH TIME ZONE"})
+
+
 class Dialect:
     """DuckDB: information_schema, ``hash()``, native arrays, Arrow in and out."""
 
@@ -249,6 +254,20 @@ class Dialect:
         )
         rows = self.fetch(con, self.render(query))
         return list(rows[0]["constraint_column_names"]) if rows else []
+
+    def read_casts(self, con: Any, table: str) -> dict[str, str]:
+        """The columns of ``table`` read as another type than their own, and as which: on DuckDB
+        those whose values Arrow cannot carry as they are, read as their text. Arrow handed a
+        model ``BIT`` and ``BIGNUM`` (``VARINT``) values as DuckDB's internal bytes, a
+        ``UHUGEINT`` of 2**127 or more wrapped to a negative number (Arrow's decimal128 holds
+        128 signed bits) and a ``TIME WITH TIME ZONE`` without its offset. Inside a struct, list
+        or map they stay as Arrow gives them."""
+        rows = con.con.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
+            "AND table_schema = current_schema() AND table_catalog IN (current_database(), 'temp')",
+            [table],
+        ).fetchall()
+        return {column: "VARCHAR" for column, kind in rows if kind in _AS_TEXT}
 
     def storage_type(self, logical: str) -> dt.DataType:
         """The column type for a logical output type (JSON values are stored as text).
@@ -560,6 +579,10 @@ class PostgresDialect(Dialect):
     text_holds_nul = False
     uuid_objects = True
 
+    def read_casts(self, con: Any, table: str) -> dict[str, str]:
+        """None: the driver hands every column's values over as Python objects of their own."""
+        return {}
+
     def table_exists(self, con: Any, name: str) -> bool:
         return name in con.list_tables()
 
@@ -793,6 +816,10 @@ class SQLiteDialect(Dialect):
         """``PRAGMA data_version``: SQLite's count of commits by other connections, any process."""
         return int(con.con.execute("PRAGMA data_version").fetchone()[0])
 
+    def read_casts(self, con: Any, table: str) -> dict[str, str]:
+        """None: the driver hands every column's values over as Python objects of their own."""
+        return {}
+
     def table_exists(self, con: Any, name: str) -> bool:
         return name in con.list_tables()
 
@@ -978,10 +1005,19 @@ def _surrogate_text(data: bytes) -> str:
     return data.decode("utf-8", "surrogateescape")
 
 
-def _select(table: str, columns: Sequence[str]) -> sge.Select:
-    """``SELECT "t"."c" AS "c", ... FROM "t"``: qualified, so a missing column is an error everywhere."""
-    names = (sge.alias_(_column(c, table), c, quoted=True) for c in columns)
-    return sg.select(*names).from_(sg.table(table, quoted=True))
+def _select(table: str, columns: Sequence[str], casts: Mapping[str, str] | None = None) -> sge.Select:
+    """``SELECT "t"."c" AS "c", ... FROM "t"``: qualified, so a missing column is an error
+    everywhere; a column in ``casts`` is read as that type (:meth:`Dialect.read_casts`).
+
+    >>> _select("t", ["id", "b"], {"b": "VARCHAR"}).sql("duckdb")
+    'SELECT "t"."id" AS "id", CAST("t"."b" AS TEXT) AS "b" FROM "t"'
+    """
+    casts = casts or {}
+
+    def read(c: str) -> sge.Expression:
+        return sge.cast(_column(c, table), casts[c]) if c in casts else _column(c, table)
+
+    return sg.select(*(sge.alias_(read(c), c, quoted=True) for c in columns)).from_(sg.table(table, quoted=True))
 
 
 class TableSQL:
@@ -990,15 +1026,22 @@ class TableSQL:
     column's: see :meth:`Dialect.followed`)."""
 
     def __init__(
-        self, dialect: Dialect, table: str, id_column: str, columns: Sequence[str], id_type: dt.DataType | None = None
+        self,
+        dialect: Dialect,
+        table: str,
+        id_column: str,
+        columns: Sequence[str],
+        id_type: dt.DataType | None = None,
+        casts: Mapping[str, str] | None = None,
     ) -> None:
         key = _column(id_column, table)
         followed = dialect.followed(key, id_type)
-        select = _select(table, columns).where(followed)
+        casts = {c: kind for c, kind in (casts or {}).items() if c != id_column}  # ids are read as they are
+        select = _select(table, columns, casts).where(followed)
         by_ids = dialect.ids_condition(id_column, table, id_type)
         ordered = select.order_by(key).limit(sge.Placeholder())
         self.scan = dialect.render(select)
-        self.by_ids = dialect.render(_select(table, columns).where(by_ids))
+        self.by_ids = dialect.render(_select(table, columns, casts).where(by_ids))
         self.ids_by_ids = dialect.render(_select(table, [id_column]).where(by_ids))
         self.first_page = dialect.render(ordered)
         self.next_page = dialect.render(ordered.where(key > sge.Placeholder()))
@@ -1049,6 +1092,7 @@ class SnapshotSQL:
         snapshot: str,
         version: str | None = None,
         id_type: dt.DataType | None = None,
+        casts: Mapping[str, str] | None = None,
     ) -> None:
         self.dialect = dialect
         self.table = table
@@ -1057,6 +1101,8 @@ class SnapshotSQL:
         self.snapshot = snapshot
         self.version = version
         self.id_type = id_type
+        #: Columns read as another type (:meth:`Dialect.read_casts`); never the id.
+        self.casts = {c: kind for c, kind in (casts or {}).items() if c != id_column}
 
     @property
     def _names(self) -> dict[str, sge.Expression]:
@@ -1080,7 +1126,7 @@ class SnapshotSQL:
         """The rows with the bound ids, and their fingerprints (:data:`FINGERPRINT_ALIAS`)."""
         dialect, table = self.dialect, self.table
         condition = dialect.ids_condition(self.id_column, table, self.id_type)
-        return dialect.render(_select(table, self.columns).select(self._fingerprint()).where(condition))
+        return dialect.render(_select(table, self.columns, self.casts).select(self._fingerprint()).where(condition))
 
     @functools.cached_property
     def diff_rows(self) -> str | None:
@@ -1091,7 +1137,7 @@ class SnapshotSQL:
         dialect = self.dialect
         if not dialect.streamed_scans:
             return None
-        inner = _select(self.table, self.columns).select(self._fingerprint()).where(self._has_id)
+        inner = _select(self.table, self.columns, self.casts).select(self._fingerprint()).where(self._has_id)
         current, known = _column(self.id_column, "c"), _column("row_id", "s")
         kind = sge.Case(
             ifs=[

@@ -278,6 +278,7 @@ class SnapshotStore:
                     snapshot_table(table.name),
                     version,
                     self.conn.column_type(table.name, table.id_column),
+                    self.conn.dialect.read_casts(self.conn.con, table.name),
                 )
             return built
 
