@@ -222,6 +222,21 @@ def test_the_overlap_reads_rows_committed_late_with_an_older_version(sql: SQLCli
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_an_overlap_past_the_earliest_version_reads_from_there(sql: SQLClient, kind: str) -> None:
+    # Subtracting it from the highest version seen overflowed (timedelta: "date value out of
+    # range"; an integer past 64 bits on SQLite): every poll of the table failed.
+    overlap = 2**64 if kind == "integer" else _dt.timedelta(days=999_999_999)
+    make_docs(sql, kind, [(1, "alpha", 100)])
+    with connect(sql, VersionColumn("version", overlap=overlap, full_diff_every=3600)) as db:
+        db.add(Listener(Model("tag", predict=Recorder()), "text", "docs"))
+        db.cdc.start()
+        write(sql, kind, [(2, "late", 1), (1, "ALPHA", 100)])
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "tag__text") == {1: "<ALPHA>", 2: "<late>"}
+        assert db.cdc.info()["source"]["failing_tables"] == {}
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_restart_goes_on_from_the_saved_version(sql: SQLClient, kind: str) -> None:
     make_docs(sql, kind, [(1, "alpha", 1), (2, "beta", 2)])
     with connect(sql, HOUR) as db:
@@ -343,6 +358,14 @@ def test_bad_settings_are_refused() -> None:
         VersionColumn("version", full_diff_every=-1)
     with pytest.raises(reactive.ConfigurationError, match="overlap"):
         VersionColumn("version", overlap="1s")  # type: ignore[arg-type]
+    # An infinite overlap failed every poll (OverflowError); NaN seconds between full diffs
+    # compared false with every elapsed time: deletes were never found.
+    for overlap in (float("inf"), float("nan")):
+        with pytest.raises(reactive.ConfigurationError, match="overlap must be a number >= 0"):
+            VersionColumn("version", overlap=overlap)
+    for every in (float("nan"), float("inf"), -1):
+        with pytest.raises(reactive.ConfigurationError, match="full_diff_every must be seconds >= 0, or None"):
+            VersionColumn("version", full_diff_every=every)
 
 
 # -- the listener's bookkeeping, without a database ----------------------------------------

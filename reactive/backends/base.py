@@ -20,6 +20,7 @@ import dataclasses as dc
 import datetime as _dt
 import hashlib
 import logging
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
@@ -238,15 +239,24 @@ class VersionColumn:
         if not (
             overlap is None
             or (isinstance(overlap, _dt.timedelta) and overlap >= _dt.timedelta(0))
-            or (isinstance(overlap, int | float) and not isinstance(overlap, bool) and overlap >= 0)
+            or (
+                isinstance(overlap, int | float)
+                and not isinstance(overlap, bool)
+                and math.isfinite(overlap)
+                and overlap >= 0
+            )
         ):
             raise ConfigurationError(
                 f"version column {self.column!r}: overlap must be a number >= 0 or a timedelta, not {overlap!r}"
             )
         every = self.full_diff_every
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int | float) or every < 0):
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int | float) or not math.isfinite(every) or every < 0
+        ):
+            # NaN compared false with every elapsed time: no full diff, no delete, ever.
             raise ConfigurationError(
-                f"version column {self.column!r}: full_diff_every must be seconds >= 0 or None, not {every!r}"
+                f"version column {self.column!r}: full_diff_every must be seconds >= 0, or None for no full diff "
+                f"on a timer, not {every!r}"
             )
 
 

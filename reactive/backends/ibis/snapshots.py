@@ -167,6 +167,17 @@ def _decode_version(value: Any) -> Any:
     raise CorruptCheckpointError(f"a saved version is not what reactive wrote: {value!r}")
 
 
+_INT64_MIN = -(2**63)
+
+
+def _earlier(time: _dt.datetime, seconds: float) -> _dt.datetime:
+    """``time`` less ``seconds``, or the earliest time there is where that is before it."""
+    try:
+        return time - _dt.timedelta(seconds=seconds)
+    except OverflowError:
+        return _dt.datetime.min.replace(tzinfo=time.tzinfo)
+
+
 def lower_bound(version: Any, overlap: float | int | _dt.timedelta, *, integer: bool) -> Any:
     """The lowest version a poll reads: ``version`` minus ``overlap``, in the version's own terms.
 
@@ -183,14 +194,21 @@ def lower_bound(version: Any, overlap: float | int | _dt.timedelta, *, integer: 
     '2024-05-01T11:59:58Z'
     >>> lower_bound("not a time", 2, integer=False)
     'not a time'
+
+    An overlap reaching past the earliest time (or a 64-bit integer) reads from there:
+
+    >>> lower_bound(_dt.datetime(2024, 5, 1), _dt.timedelta(days=10**9 - 1), integer=False)
+    datetime.datetime(1, 1, 1, 0, 0)
+    >>> lower_bound(5, 2**64, integer=True)
+    -9223372036854775808
     """
     seconds = overlap.total_seconds() if isinstance(overlap, _dt.timedelta) else float(overlap)
     if version is None or seconds <= 0:
         return version
     if isinstance(version, _dt.datetime):
-        return version - _dt.timedelta(seconds=seconds)
+        return _earlier(version, seconds)
     if isinstance(version, int) and not isinstance(version, bool):
-        return version - math.ceil(seconds) if integer else version - seconds
+        return max(version - math.ceil(seconds), _INT64_MIN) if integer else version - seconds
     if isinstance(version, float):
         return version - seconds
     if isinstance(version, str):
@@ -199,7 +217,7 @@ def lower_bound(version: Any, overlap: float | int | _dt.timedelta, *, integer: 
         except ValueError:
             return version  # not a time we can read: no overlap (the full diff still catches late rows)
         sep = version[10] if len(version) > 10 and version[10] in "T " else "T"
-        text = (parsed - _dt.timedelta(seconds=seconds)).isoformat(sep=sep)
+        text = _earlier(parsed, seconds).isoformat(sep=sep)
         if version.endswith("Z") and text.endswith("+00:00"):
             text = text[: -len("+00:00")] + "Z"
         return text
