@@ -199,6 +199,19 @@ def test_bad_queries_and_declarations_get_clear_errors_and_write_nothing(duck: S
             db.add(VectorIndex("bad", listener="nope", directory=indexes))
         with pytest.raises(ConfigurationError, match="metric must be one of"):
             VectorIndex("bad", listener="embed__text", metric="hamming")
+        # usearch refused connectivity=1 only at the first vector, and a save_every of text
+        # failed the time check at every window: each recorded an error for every row.
+        for setting, value, message in (
+            ("save_every", "10", "save_every must be a number of seconds of at least 0"),
+            ("save_every", float("nan"), "save_every must be a number of seconds of at least 0"),
+            ("save_every", -1, "save_every must be a number of seconds of at least 0"),
+            ("connectivity", 1, "connectivity must be a whole number of at least 2"),
+            ("connectivity", 16.0, "connectivity must be a whole number of at least 2"),
+            ("expansion_search", 0, "expansion_search must be a whole number of at least 1"),
+            ("expansion_search", True, "expansion_search must be a whole number of at least 1"),
+        ):
+            with pytest.raises(ConfigurationError, match=message):
+                VectorIndex("bad", listener="embed__text", **{setting: value})
         for name in ("../escape", ".hidden", "back\\slash", "nul\x00", "x" * 201, ""):
             with pytest.raises(ConfigurationError, match="plain name"):
                 VectorIndex(name, listener="embed__text")

@@ -147,9 +147,11 @@ class VectorIndex(Component):
     (squared Euclidean). ``query_model`` embeds text queries (``db.search(name, "text")``);
     without it a query is a vector. ``directory`` is where the index file goes (by default
     next to a DuckDB or SQLite file, else ``./reactive-indexes/<hash of the URI>``); it is
-    saved at most every ``save_every`` seconds while it changes, and at ``db.close()``.
-    ``connectivity`` and ``expansion_search`` are the HNSW graph's degree and search breadth
-    (usearch's defaults: 16 and 64; a larger ``expansion_search`` raises recall, costs speed).
+    saved at most every ``save_every`` seconds while it changes (0: after every window;
+    ``math.inf``: only then), and at ``db.close()``. ``connectivity`` (at least 2) and
+    ``expansion_search`` (at least 1) are the HNSW graph's degree and search breadth (usearch's
+    defaults: 16 and 64; a larger ``expansion_search`` raises recall, costs speed). Settings out
+    of range are a ``ConfigurationError`` here, not at the first vector.
     """
 
     def __init__(
@@ -176,6 +178,14 @@ class VectorIndex(Component):
             raise ConfigurationError(f"metric must be one of {', '.join(METRICS)}, not {metric!r}")
         if query_model is not None and not isinstance(query_model, Model):
             raise ConfigurationError(f"query_model must be a reactive Model, not {type(query_model).__name__}")
+        # Checked here: usearch refuses a bad graph setting only at the first vector, and the
+        # save's time check at every window, each failing every row of it.
+        if isinstance(save_every, bool) or not isinstance(save_every, int | float) or not save_every >= 0:
+            # (NaN too; infinity saves only at db.close())
+            raise ConfigurationError(f"save_every must be a number of seconds of at least 0, not {save_every!r}")
+        for name, value, least in (("connectivity", connectivity, 2), ("expansion_search", expansion_search, 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise ConfigurationError(f"{name} must be a whole number of at least {least} or None, not {value!r}")
         self.identifier = identifier
         self.listener = listener
         self.metric = metric
