@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import queue
 import threading
 import time
@@ -31,6 +30,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Protocol
 
+from reactive import checks
 from reactive.errors import ComputeUnavailableError, ConfigurationError
 from reactive.threads import ReactiveThread
 
@@ -134,15 +134,7 @@ class LocalCompute:
     """
 
     def __init__(self, idle_release: float = IDLE_RELEASE) -> None:
-        if (
-            isinstance(idle_release, bool)
-            or not isinstance(idle_release, int | float)
-            or not 0 < idle_release < math.inf
-        ):
-            raise ConfigurationError(
-                f"idle_release must be a finite number of seconds more than 0, not {idle_release!r}"
-            )
-        self.idle_release = float(idle_release)
+        self.idle_release = float(checks.seconds("idle_release", idle_release))
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._worker: _Worker | None = None

@@ -12,6 +12,7 @@ from collections.abc import Callable, Hashable, Mapping
 from types import TracebackType
 from typing import Any, Self
 
+from reactive import checks
 from reactive.backends import backend_for_uri
 from reactive.backends.base import (
     OUTPUTS_PREFIX,
@@ -60,11 +61,9 @@ def _check_settings(**settings: Any) -> None:
     for name, value in settings.items():
         number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
         if name in ("queue_rows", "page_size", "pipeline"):
-            if not (number and isinstance(value, int) and value >= 1):
-                raise ConfigurationError(f"{name} must be a whole number of at least 1, not {value!r}")
+            checks.whole(name, value, least=1)
         elif name == "poll_interval":
-            if not (number and value > 0):
-                raise ConfigurationError(f"poll_interval must be a number of seconds above 0, not {value!r}")
+            checks.seconds(name, value)
         elif name == "lease_ms":
             if not (number and value >= MIN_LEASE_MS):
                 raise ConfigurationError(

@@ -947,12 +947,35 @@ def test_bad_addresses_are_refused_with_the_address_in_the_message(address: Any)
 
 
 def test_bad_node_options_and_a_taken_address_are_refused(pub_node: Node) -> None:
-    with pytest.raises(ConfigurationError, match="heartbeat_interval must be a positive number"):
+    with pytest.raises(ConfigurationError, match="heartbeat_interval must be a number of seconds above 0"):
         Node(heartbeat_interval=0)
-    with pytest.raises(ConfigurationError, match="rpc_timeout must be a positive number"):
+    with pytest.raises(ConfigurationError, match="rpc_timeout must be a number of seconds above 0"):
         Node(rpc_timeout=-1)
-    with pytest.raises(ConfigurationError, match="max_message_bytes must be an int of at least 1024"):
+    with pytest.raises(ConfigurationError, match="max_message_bytes must be a whole number of at least 1024"):
         Node(max_message_bytes=100)
+    # Each of these was taken and failed (or spun) inside a feed thread: an infinite rpc_timeout
+    # or check_interval overflowed ZMQ's poll in milliseconds, a NaN compared false with every
+    # time, text failed the first comparison, a bool passed as a number.
+    for option, value in (
+        ("rpc_timeout", math.inf),
+        ("check_interval", math.inf),
+        ("check_interval", "0.05"),
+        ("heartbeat_interval", True),
+        ("quiet_after", math.nan),
+    ):
+        with pytest.raises(ConfigurationError, match=f"{option} must be a (finite )?number of seconds above 0"):
+            Node(**{option: value})
+    for value in (-1, 2.5, "5", math.inf):
+        with pytest.raises(ConfigurationError, match="hwm must be a whole number of at least 0"):
+            Node(hwm=value)
+    for options, message in (
+        ({"gap_timeout": math.nan}, "gap_timeout must be a number of seconds above 0"),
+        ({"gap_timeout": "1"}, "gap_timeout must be a number of seconds above 0"),
+        ({"max_delta_rows": "10"}, "max_delta_rows must be a whole number of at least 0"),
+        ({"max_delta_rows": -1}, "max_delta_rows must be a whole number of at least 0"),
+    ):
+        with pytest.raises(ConfigurationError, match=message):
+            DataService("svc", **options)
     taken = Node(pub_node.address)
     with pytest.raises(ConfigurationError, match=f"the feed cannot listen at {pub_node.address}"):
         taken.start()

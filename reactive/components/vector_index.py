@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from reactive import checks
 from reactive.backends.base import FINGERPRINT_FIELD, OUTPUT_FIELD, ErrorRecord, TableInfo, outputs_table
 from reactive.components.base import Component, PlannedRefresh, Refresh
 from reactive.components.model import Model
@@ -180,12 +181,10 @@ class VectorIndex(Component):
             raise ConfigurationError(f"query_model must be a reactive Model, not {type(query_model).__name__}")
         # Checked here: usearch refuses a bad graph setting only at the first vector, and the
         # save's time check at every window, each failing every row of it.
-        if isinstance(save_every, bool) or not isinstance(save_every, int | float) or not save_every >= 0:
-            # (NaN too; infinity saves only at db.close())
-            raise ConfigurationError(f"save_every must be a number of seconds of at least 0, not {save_every!r}")
+        checks.seconds("save_every", save_every, zero=True, infinite=True)  # infinity: only at db.close()
         for name, value, least in (("connectivity", connectivity, 2), ("expansion_search", expansion_search, 1)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-                raise ConfigurationError(f"{name} must be a whole number of at least {least} or None, not {value!r}")
+            if value is not None:
+                checks.whole(name, value, least=least)
         self.identifier = identifier
         self.listener = listener
         self.metric = metric

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 import zmq
 
+from reactive import checks
 from reactive.errors import ConfigurationError, ReactiveError
 from reactive.events import id_key
 from reactive.feed import wire
@@ -221,11 +222,16 @@ class Node:
             check_address(data_address)
         for peer in peers:
             check_address(peer)
-        for name, value in (("heartbeat_interval", heartbeat_interval), ("rpc_timeout", rpc_timeout)):
-            if not isinstance(value, int | float) or value <= 0:
-                raise ConfigurationError(f"{name} must be a positive number of seconds, not {value!r}")
-        if not isinstance(max_message_bytes, int) or max_message_bytes < 1024:
-            raise ConfigurationError(f"max_message_bytes must be an int of at least 1024, not {max_message_bytes!r}")
+        for name, value in (
+            ("heartbeat_interval", heartbeat_interval),
+            ("rpc_timeout", rpc_timeout),
+            ("check_interval", check_interval),
+        ):
+            checks.seconds(name, value)
+        if quiet_after is not None:
+            checks.seconds("quiet_after", quiet_after, infinite=True)
+        checks.whole("max_message_bytes", max_message_bytes, least=1024)
+        checks.whole("hwm", hwm, least=0)  # ZMQ: 0 is no limit
         self.node_id = node_id or f"node-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.heartbeat_interval = float(heartbeat_interval)
         self.quiet_after = float(quiet_after) if quiet_after is not None else 4 * self.heartbeat_interval + 1.0

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from reactive import checks
 from reactive.errors import ConfigurationError
 from reactive.events import id_key
 from reactive.feed import wire
@@ -222,6 +223,8 @@ class DataService:
         max_delta_rows: int = 10_000,
     ) -> None:
         self.service_id = check_name("service", service_id)
+        checks.seconds("gap_timeout", gap_timeout)
+        checks.whole("max_delta_rows", max_delta_rows, least=0)
         #: A publication changing more rows than this goes to subscribers as a snapshot.
         self.max_delta_rows = max_delta_rows
         self._node = node
