@@ -46,3 +46,18 @@ def whole(name: str, value: Any, *, least: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ConfigurationError(f"{name} must be a whole number of at least {least}, not {value!r}")
     return value
+
+
+def number(name: str, value: Any, *, least: float = 0) -> float:
+    """``value`` if it is a finite number (not a bool) of at least ``least``.
+
+    >>> number("num_gpus", 0.5)
+    0.5
+    >>> number("num_cpus", float("nan"))
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: num_cpus must be a finite number of at least 0, not nan
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < least:
+        raise ConfigurationError(f"{name} must be a finite number of at least {least:g}, not {value!r}")
+    return value

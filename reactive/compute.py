@@ -234,12 +234,12 @@ class RayCompute:
         init_options: dict[str, Any] | None = None,
         actor_options: dict[str, Any] | None = None,
     ) -> None:
-        if isinstance(actors, bool) or not isinstance(actors, int) or actors < 1:
-            raise ConfigurationError(f"RayCompute needs at least one actor, not {actors!r}")
-        if num_cpus < 0 or num_gpus < 0:
-            raise ConfigurationError("num_cpus and num_gpus cannot be negative")
-        if max_in_flight is not None and max_in_flight < 1:
-            raise ConfigurationError("max_in_flight must be at least 1")
+        checks.whole("actors", actors, least=1)
+        checks.number("num_cpus", num_cpus)
+        checks.number("num_gpus", num_gpus)
+        if max_in_flight is not None:
+            checks.whole("max_in_flight", max_in_flight, least=1)
+        checks.seconds("placement_timeout", placement_timeout)
         self.address = address
         self.actors = actors
         self.num_cpus = num_cpus

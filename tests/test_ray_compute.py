@@ -308,3 +308,22 @@ def test_calls_that_carry_several_batches_give_the_model_the_batches_it_gets_in_
         remote.close()
     assert got == expected
     assert {int(o.split(":")[0]) for o in got} <= {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # NaN CPUs, 2.5 batches in flight and a NaN or text placement timeout were taken
+        # before; text CPUs failed with a TypeError. One wording now (reactive.checks).
+        ({"actors": 0}, "actors must be a whole number of at least 1"),
+        ({"actors": True}, "actors must be a whole number of at least 1"),
+        ({"num_cpus": float("nan")}, "num_cpus must be a finite number of at least 0"),
+        ({"num_gpus": "1"}, "num_gpus must be a finite number of at least 0"),
+        ({"max_in_flight": 2.5}, "max_in_flight must be a whole number of at least 1"),
+        ({"placement_timeout": float("nan")}, "placement_timeout must be a number of seconds above 0"),
+        ({"placement_timeout": "60"}, "placement_timeout must be a number of seconds above 0"),
+    ],
+)
+def test_bad_settings_are_refused_when_made(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(reactive.ConfigurationError, match=message):
+        RayCompute(**options)
