@@ -8,6 +8,7 @@ import queue
 import re
 import sqlite3
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -541,6 +542,21 @@ def test_invalid_uri_is_clear_and_redacted(uri: str, message: str) -> None:
     assert message in str(excinfo.value)
     assert "hunter2" not in str(excinfo.value)
     assert isinstance(excinfo.value, ValueError | reactive.BackendError)
+
+
+def test_a_file_uri_with_a_query_is_refused_and_opens_no_file(tmp_path: Path) -> None:
+    # The query was dropped, and a file named up to the '?' opened (created): 'q?x=1.duckdb'
+    # made a database file 'q', and the table was then "not found" in it.
+    for scheme in ("duckdb", "sqlite"):
+        with pytest.raises(reactive.ConfigurationError, match=f"a {scheme} URI takes no query"):
+            reactive.connect(f"{scheme}:///{tmp_path}/q?x=1.db")
+    assert list(tmp_path.iterdir()) == []
+    # The path is percent-decoded (as every URI's is): a table not found says which file that was.
+    with (
+        reactive.connect(f"duckdb:///{tmp_path}/p%41.duckdb") as db,
+        pytest.raises(reactive.TableNotFoundError, match=r"the file opened is .*pA\.duckdb"),
+    ):
+        db.add(Listener(Model("m", predict=list), "text", "docs"))
 
 
 def test_filter_with_operators_is_refused() -> None:

@@ -92,6 +92,17 @@ class IbisBackend(DataBackend):
         versions = _version_columns(options.pop("version_columns", None))
         parts = split(uri)
         scheme = parts.scheme.lower()
+        if scheme in ("duckdb", "sqlite") and "?" in uri.partition("://")[2]:
+            # file_path() reads up to the '?': the rest was dropped, and a file named up to it
+            # was opened (created) instead ('a?b.duckdb' opened 'a').
+            settings = (
+                "; DuckDB settings go to reactive.connect as keyword arguments (e.g. checkpoint_threshold='256MB')"
+                if scheme == "duckdb"
+                else ""
+            )
+            raise ConfigurationError(
+                f"a {scheme} URI takes no query: {redact(uri)!r} (a '?' in a file name is written %3F){settings}"
+            )
         try:
             if scheme == "duckdb":
                 con = ibis.duckdb.connect(file_path(uri), **options)

@@ -23,6 +23,7 @@ from reactive.errors import ConfigurationError, TableNotFoundError
 from reactive.events import Row, id_key
 from reactive.rowformat import RowFormat, as_json_text
 from reactive.rows import TableRows, column_of
+from reactive.uri import file_path
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class IbisSource:
             conn.forget(table)
             if not conn.table_exists(table):
                 hint = _schema_hint(table, conn.dialect.name) or _case_hint(table, conn.con.list_tables())
+                hint += _file_hint(conn.uri)
                 raise TableNotFoundError(f"table {table!r} does not exist in {conn.uri}{hint}", table=table)
             columns = self.columns(table)
             key = conn.dialect.primary_key(conn.con, table) if id_column is None else []
@@ -169,6 +171,20 @@ def _case_hint(name: str, names: Sequence[str]) -> str:
     """
     found = same_but_case(name, names)
     return f" (names are taken as they are written, case included: did you mean {found!r}?)" if found else ""
+
+
+def _file_hint(uri: str) -> str:
+    """The file a DuckDB or SQLite URI opened, where percent-decoding made it another name than
+    the URI shows (``p%41.duckdb`` is ``pA.duckdb``).
+
+    >>> print(_file_hint("duckdb:////tmp/p%41.duckdb"))
+     (the file opened is '/tmp/pA.duckdb': the URI's path is percent-decoded; write '%' as %25)
+    >>> _file_hint("duckdb:////tmp/app.duckdb"), _file_hint("postgresql://h/db%41")
+    ('', '')
+    """
+    if uri.partition("://")[0].lower() not in ("duckdb", "sqlite") or "%" not in uri:
+        return ""
+    return f" (the file opened is {file_path(uri)!r}: the URI's path is percent-decoded; write '%' as %25)"
 
 
 def _schema_hint(table: str, dialect: str) -> str:
