@@ -195,7 +195,7 @@ def test_actors_that_cannot_be_placed_fail_clearly_instead_of_hanging(duck: SQLC
         [error] = db.errors("tag__text")
         assert "asks for 1 actors x 1 CPU / 1 GPU for model 'tag'; the Ray cluster has 0 GPU" in error["error"]
         assert db.outputs("tag__text") == []
-    with pytest.raises(reactive.ConfigurationError, match="at least one actor"):
+    with pytest.raises(reactive.ConfigurationError, match="actors must be a whole number of at least 1"):
         RayCompute(actors=0)
 
 
