@@ -57,6 +57,7 @@ import collections
 import dataclasses as dc
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -83,6 +84,28 @@ LEASE_SECTION = "__lease__"
 DEFAULT_FILE = "reactive-checkpoints.sqlite"
 #: Seconds a lease lasts without renewal (it is renewed every third of it).
 DEFAULT_LEASE_MS = 5_000
+
+#: The shortest lease: it is renewed every third of it, and a write needs a third still ahead.
+MIN_LEASE_MS = 100
+
+
+def check_lease_ms(lease_ms: object) -> float:
+    """``lease_ms`` if it is a finite number of milliseconds of at least :data:`MIN_LEASE_MS`
+    (the one check of it: ``reactive.connect`` and :class:`Table` both take one).
+
+    >>> check_lease_ms(float("nan"))
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: lease_ms must be a number of milliseconds of at least 100, not nan
+    """
+    number = not isinstance(lease_ms, bool) and isinstance(lease_ms, int | float) and math.isfinite(lease_ms)
+    if not (number and lease_ms >= MIN_LEASE_MS):
+        raise ConfigurationError(
+            f"lease_ms must be a number of milliseconds of at least {MIN_LEASE_MS}, not {lease_ms!r}"
+        )
+    return lease_ms  # type: ignore[return-value]
+
+
 _EXIT_FLUSH_SECONDS = 5.0
 
 
@@ -184,7 +207,7 @@ class Lease:
     def __init__(self, store: SectionStore, checkpoint: str, *, lease_ms: int = DEFAULT_LEASE_MS) -> None:
         self.store = store
         self.checkpoint = checkpoint
-        self.lease_ms = lease_ms
+        self.lease_ms = check_lease_ms(lease_ms)
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
         self._held: Holder | None = None
         self._raw: bytes | None = None
@@ -416,7 +439,9 @@ class Table:
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigurationError(f"{what} must be a positive int, not {value!r}")
-        if retention_ms is not None and (not isinstance(retention_ms, int) or retention_ms < 1):
+        if retention_ms is not None and (
+            not isinstance(retention_ms, int) or isinstance(retention_ms, bool) or retention_ms < 1
+        ):
             raise ConfigurationError(f"retention_ms must be a positive int (ms) or None, not {retention_ms!r}")
         self.ckptName = name
         self.flags = flags

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
 import os
 import threading
 import weakref
@@ -24,7 +23,7 @@ from reactive.backends.base import (
     outputs_table,
 )
 from reactive.cdc import DatabaseChangeDataCapture
-from reactive.checkpoints import DEFAULT_LEASE_MS, ENGINE_CHECKPOINT, Lease
+from reactive.checkpoints import DEFAULT_LEASE_MS, ENGINE_CHECKPOINT, Lease, check_lease_ms
 from reactive.components.base import Component
 from reactive.components.listener import Listener, _check_filter, field_value
 from reactive.compute import Compute, LocalCompute
@@ -44,10 +43,6 @@ DEFAULT_URI = "duckdb:///reactive.duckdb"
 Progress = Callable[[int, int], None]
 
 
-#: The shortest lease: it is renewed every third of it, and a write needs a third still ahead.
-MIN_LEASE_MS = 100
-
-
 def _check_settings(**settings: Any) -> None:
     """Refuse a datalayer setting out of range, by name, before anything starts (a string
     ``poll_interval`` or ``pipeline`` failed inside a thread; ``lease_ms=10`` lapsed all the time).
@@ -59,16 +54,12 @@ def _check_settings(**settings: Any) -> None:
     reactive.errors.ConfigurationError: poll_interval must be a number of seconds above 0, not '1'
     """
     for name, value in settings.items():
-        number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
         if name in ("queue_rows", "page_size", "pipeline"):
             checks.whole(name, value, least=1)
         elif name == "poll_interval":
             checks.seconds(name, value)
         elif name == "lease_ms":
-            if not (number and value >= MIN_LEASE_MS):
-                raise ConfigurationError(
-                    f"lease_ms must be a number of milliseconds of at least {MIN_LEASE_MS}, not {value!r}"
-                )
+            check_lease_ms(value)
         elif name == "lease" and not isinstance(value, bool):
             raise ConfigurationError(f"lease must be True or False, not {value!r}")
 

@@ -180,6 +180,13 @@ def test_flags_and_arguments_are_checked() -> None:
         Table("t", Table.WR_ALL_REPLICAS, -5, 1, 1, 1, store="duckdb://")
     with pytest.raises(ValueError, match="store must be"):
         Table("t", Table.WR_ALL_REPLICAS, *LIMITS, store=42)  # type: ignore[arg-type]
+    # A Table's lease went unchecked (reactive.connect's was checked): NaN, infinity, text, 10 ms
+    # and True were taken. A bool retention passed as 1 ms. One check now (check_lease_ms).
+    for lease_ms in (float("nan"), float("inf"), "5000", 10, True):
+        with pytest.raises(ValueError, match="lease_ms must be a number of milliseconds of at least 100"):
+            Table("t", Table.WR_ALL_REPLICAS, *LIMITS, store="duckdb://", lease_ms=lease_ms)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="retention_ms"):
+        Table("t", Table.WR_ALL_REPLICAS, True, 1, 1, 1, store="duckdb://")
     assert (Table.WR_ALL_REPLICAS, Table.WR_ACTIVE_REPLICA, Table.WR_ACTIVE_REPLICA_WEAK) == (1, 2, 4)
     assert Table.CHECKPOINT_COLLOCATED == 8
 
