@@ -515,6 +515,24 @@ def test_a_predict_that_returns_a_coroutine_says_it_is_async(duck: SQLClient) ->
         assert "returned a coroutine, not a list of outputs: predict is async" in error["error"]
 
 
+def test_a_declared_type_the_database_refuses_says_why_and_json_is_json_in_any_case(duck: SQLClient) -> None:
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, "bb")])
+    with reactive.connect(duck.uri) as db:
+        # 'JSON' was parsed by ibis as its own JSON type, to which no store writes a dict:
+        # the whole backfill failed ("Expected bytes, got a 'dict' object").
+        db.add(
+            Listener(Model("doc", predict=lambda xs: [{"n": len(x)} for x in xs], output_type="JSON"), "text", "docs")
+        )
+        assert outputs_by_source(db, "doc__text") == {1: {"n": 1}, 2: {"n": 2}}
+        # A value DuckDB cannot convert to the declared column: its own error is the one
+        # reported. The look at the catalog after it ran in the aborted transaction and
+        # replaced it with "TransactionContext Error: Current transaction is aborted".
+        model = Model("ids", predict=lambda xs: ["not a uuid" for _ in xs], output_type="uuid")
+        with pytest.raises(reactive.BackendError, match="Could not convert string 'not a uuid'"):
+            db.add(Listener(model, "text", "docs"))
+
+
 def test_output_of_the_wrong_type_is_recorded(duck: SQLClient) -> None:
     duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
     duck.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "vec"), (2, "oops")])

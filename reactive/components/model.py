@@ -308,7 +308,9 @@ class Model:
         self.load = load
         self._predict = predict
         self.batch_size = batch_size
-        self.output_type = output_type
+        # JSON outputs are reactive's own kind (stored as text everywhere), whatever the case it
+        # is written in: 'JSON' was parsed by ibis as its JSON type, which no store writes a dict to.
+        self.output_type = "json" if output_type is not None and output_type.strip().lower() == "json" else output_type
         self.max_retries = max_retries
         self.retry_backoff = retry_backoff
         self.transient = transient

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
@@ -30,6 +31,8 @@ from reactive.errors import ConfigurationError
 from reactive.events import Row, id_key
 from reactive.fingerprints import from_plain, plain_value
 from reactive.rows import column_of
+
+log = logging.getLogger(__name__)
 
 ERRORS_TABLE = "_reactive_errors"
 
@@ -144,8 +147,8 @@ class IbisOutputs:
             try:
                 self._upsert(name, output_type, batch)
             except Exception:
-                if identifier not in self._declared or not self._gone(name):
-                    raise
+                if identifier not in self._declared or not self._dropped(name):
+                    raise  # the write's own error, with its cause (a value the column cannot take...)
                 source = self._declared[identifier]
                 self.create_outputs(identifier, source, output_type)
                 self._upsert(name, output_type, batch)
@@ -181,6 +184,16 @@ class IbisOutputs:
         """After a statement on ``name`` failed: whether the table was dropped (by someone else)."""
         self.conn.forget(name)
         return not self.conn.table_exists(name)
+
+    def _dropped(self, name: str) -> bool:
+        """:meth:`_gone`, or False where the failed statement left its transaction aborted
+        (DuckDB: "Current transaction is aborted"), so that the statement's own error is the one
+        reported, not the look at the catalog that came after it."""
+        try:
+            return self._gone(name)
+        except Exception:
+            log.debug("could not look whether %r was dropped after a failed write", name, exc_info=True)
+            return False
 
     def _statements(self, identifier: str, *columns: str) -> Any:
         return self.conn.statements(outputs_table(identifier), SOURCE_FIELD, columns or (SOURCE_FIELD,))
