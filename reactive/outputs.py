@@ -304,7 +304,55 @@ def _scalar_output(value: Any, output_type: str) -> Any:
     expected = _PYTHON_TYPES.get(output_type)
     if expected is not None and type(value) is not expected:
         raise ValueError(f"output of type {type(value).__name__} does not fit {output_type}")
+    return value if expected is not None else _other_output(value, output_type)
+
+
+def _other_output(value: Any, output_type: str) -> Any:
+    """``value`` for a declared type reactive has no Python type for, refused where that type
+    cannot hold it as it is: what Arrow (through which every SQL store writes) refuses to
+    convert, or for a UUID (text in Arrow) what is not one; a ``uuid.UUID`` as its text. It
+    used to reach the database, which refused the whole window: every row of it, every time.
+
+    >>> _other_output(decimal.Decimal("1.5"), "decimal(10, 2)")
+    Decimal('1.5')
+    >>> _other_output(uuid.UUID(int=5), "uuid")
+    '00000000-0000-0000-0000-000000000005'
+    >>> _other_output(1.5, "decimal(10, 2)")
+    Traceback (most recent call last):
+    ...
+    ValueError: output of type float does not fit decimal(10, 2) (int or Decimal object expected, got float)
+    >>> _other_output("x", "uuid")
+    Traceback (most recent call last):
+    ...
+    ValueError: output 'x' is not a UUID, which uuid holds
+    """
+    if output_type == "uuid":
+        try:
+            return str(value if isinstance(value, uuid.UUID) else uuid.UUID(value))
+        except (TypeError, ValueError, AttributeError):
+            raise ValueError(f"output {value!r} is not a UUID, which uuid holds") from None
+    arrow_type = _arrow_type(output_type)
+    if arrow_type is None:
+        return value
+    import pyarrow as pa
+
+    try:
+        pa.array([value], type=arrow_type)
+    except (TypeError, ValueError, pa.ArrowException) as exc:
+        raise ValueError(f"output of type {type(value).__name__} does not fit {output_type} ({exc})") from None
     return value
+
+
+@functools.lru_cache(maxsize=64)
+def _arrow_type(output_type: str) -> Any:
+    """The Arrow type of an output type string, or None where ibis knows no such type (the
+    declaration is refused elsewhere, where the store is made)."""
+    import ibis
+
+    try:
+        return ibis.dtype(output_type).to_pyarrow()
+    except Exception:
+        return None
 
 
 def _fits_plainly(value: bool | int | float | str | bytes) -> bool:
