@@ -572,6 +572,22 @@ def test_a_duckdb_map_reaches_the_model_as_a_dict(duck: SQLClient) -> None:
         assert db.errors() == []
 
 
+def test_a_map_output_is_written_and_read_back_as_a_dict_on_duckdb(duck: SQLClient) -> None:
+    # A window of up to 32 rows is written as bound Python values, where a map is a list of
+    # pairs that DuckDB cannot cast to MAP ("Unimplemented type for cast"): every such window
+    # failed, every time it came again. Maps now go through Arrow, and come back as dicts.
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'bb')")
+    counts = Model("counts", predict=lambda xs: [{x: len(x)} for x in xs], output_type="map<string, int64>")
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        db.add(Listener(counts, "text", "docs"), progress=False)
+        db.cdc.start()
+        duck.execute("UPDATE docs SET text = 'ccc' WHERE id = 1")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "counts__text") == {1: {"ccc": 3}, 2: {"bb": 2}}
+        assert db.errors() == []
+
+
 def test_duckdb_values_arrow_cannot_carry_reach_the_model_as_their_text(duck: SQLClient) -> None:
     # Through Arrow a model got BIT and BIGNUM values as DuckDB's internal bytes (b'\x04\xf5'
     # for '0101'), a UHUGEINT of 2**127 or more as a negative number (Decimal('-1') for the

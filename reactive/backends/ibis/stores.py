@@ -30,7 +30,7 @@ from reactive.backends.ibis.dialects import encode_for, id_array, id_kind, store
 from reactive.errors import ConfigurationError
 from reactive.events import Row, id_key
 from reactive.fingerprints import from_plain, plain_value
-from reactive.rows import column_of
+from reactive.rows import column_of, pylist
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,10 @@ class IbisOutputs:
                 # text, then as the driver hands the rows' ids over (PostgreSQL's: uuid.UUID).
                 uuids = source.type().is_uuid()
                 column = source.cast("string").name(SOURCE_FIELD) if uuids else source
-                rows = o.select(column, OUTPUT_FIELD).order_by(SOURCE_FIELD).to_pyarrow().to_pylist()
+                table = o.select(column, OUTPUT_FIELD).order_by(SOURCE_FIELD).to_pyarrow()
+                # Maps as dicts, as the model returned them (Arrow's own list is of key-value pairs).
+                columns = [pylist(table.column(n)) for n in table.column_names]
+                rows = [dict(zip(table.column_names, values, strict=True)) for values in zip(*columns, strict=True)]
                 if uuids and self.conn.dialect.uuid_objects:
                     for row in rows:
                         row[SOURCE_FIELD] = uuid.UUID(row[SOURCE_FIELD])
