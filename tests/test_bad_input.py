@@ -539,6 +539,27 @@ def test_json_is_json_in_any_case_and_other_declared_types_refuse_values_per_row
             assert error["source"] == 2 and ("does not fit" in error["error"] or "is not a UUID" in error["error"])
 
 
+@pytest.mark.parametrize("sql", ["sqlite", "postgres"], indirect=True)  # DuckDB stores them all
+@pytest.mark.parametrize(
+    "output_type", ["uint8", "uint64", "uuid", "struct<a: int64>", "map<string, int64>", "array<array<float32>>"]
+)
+def test_an_output_type_postgres_or_sqlite_cannot_store_is_refused_at_add(sql: SQLClient, output_type: str) -> None:
+    # Each failed there: the DDL (no unsigned types, no structs on PostgreSQL), the binary copy
+    # of a uuid, or every window's write (maps; unsigned 8- and 64-bit on SQLite), once for
+    # every time the window came again.
+    if output_type == "array<array<float32>>" and sql.kind == "sqlite":
+        output_type = "array<date>"  # SQLite keeps arrays as JSON text: nested numbers fit, dates do not
+    sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(10))")
+    sql.execute("INSERT INTO docs VALUES (1, 'a')")
+    with reactive.connect(sql.uri) as db:
+        model = Model("m", predict=lambda xs: [None for _ in xs], output_type=output_type)
+        with pytest.raises(reactive.ConfigurationError, match=f"output type '.*' cannot be stored on {sql.kind}"):
+            db.add(Listener(model, "text", "docs"))
+        assert db.show() == []
+        db.add(Listener(Model("m", predict=lambda xs: [{"n": 1} for _ in xs], output_type="json"), "text", "docs"))
+        assert outputs_by_source(db, "m__text") == {1: {"n": 1}}
+
+
 def test_a_row_duckdb_refuses_is_recorded_with_the_database_s_own_error(duck: SQLClient) -> None:
     # After a failed output write, reactive looked at the catalog (was the table dropped?) in
     # the transaction DuckDB had aborted: the row was recorded with "TransactionContext Error:

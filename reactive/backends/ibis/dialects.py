@@ -76,6 +76,39 @@ def _ibis_type(logical: str) -> dt.DataType:
         raise ConfigurationError(f"output type {logical!r} is not a type ({type(exc).__name__}: {exc})") from None
 
 
+def _storable(dtype: dt.DataType, *, scalar: Callable[[dt.DataType], bool], nested: bool) -> bool:
+    """Whether ``dtype`` is a scalar ``scalar`` accepts, or an array of such (of arrays too where
+    ``nested``): what a PostgreSQL or SQLite outputs table was seen to store and read back."""
+    if dtype.is_array():
+        inner = dtype.value_type
+        if inner.is_array():
+            return nested and _storable(inner, scalar=scalar, nested=nested)
+        return (
+            inner.is_boolean()
+            or inner.is_string()
+            or _signed_or_float(inner)
+            or (
+                not nested
+                and scalar(inner)
+                and not inner.is_decimal()
+                and not inner.is_interval()
+                and not inner.is_time()
+            )
+        )
+    return scalar(dtype)
+
+
+def _signed_or_float(dtype: dt.DataType) -> bool:
+    return dtype.is_floating() or (dtype.is_integer() and not dtype.is_unsigned_integer())
+
+
+def _refuse_output_type(logical: str, dialect: str, takes: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"output type {logical!r} cannot be stored on {dialect}: declare one of {takes}, or 'json' (any JSON"
+        " value, stored as text)"
+    )
+
+
 class BoundIds:
     """The ids of one DuckDB statement, read by it from :data:`IDS_VIEW`: binding 5,000 ids as
     one list parameter costs DuckDB about 5 ms (a conversion per value); an Arrow column
@@ -143,6 +176,17 @@ def _wide_integer(id_type: dt.DataType | None) -> bool:
     """Whether ``id_type`` may be DuckDB's HUGEINT, which ibis reads as decimal(38, 0) (a
     DECIMAL(38, 0) column reads the same, and holds nothing wider: its check is always true)."""
     return id_type is not None and id_type.is_decimal() and id_type.precision == 38 and id_type.scale == 0
+
+
+#: What :meth:`PostgresDialect.storage_type` and :meth:`SQLiteDialect.storage_type` take, said.
+_PG_TAKES = (
+    "boolean, int8-int64, float16-float64, string, binary, date, time, timestamp, decimal, interval,"
+    " or an array of booleans, signed integers, floats, text, binary, dates or timestamps"
+)
+_SQLITE_TAKES = (
+    "boolean, int8-int64, float16-float64, string, binary, date, timestamp, or an array (of arrays)"
+    " of booleans, signed integers, floats or text"
+)
 
 
 #: DuckDB types whose values Arrow cannot carry as they are: read as their text (see
@@ -589,6 +633,35 @@ class PostgresDialect(Dialect):
         """None: the driver hands every column's values over as Python objects of their own."""
         return {}
 
+    def storage_type(self, logical: str) -> dt.DataType:
+        """:meth:`Dialect.storage_type`, refusing what a PostgreSQL outputs table was not seen to
+        hold (unsigned integers: no such type; ``uuid``: its binary copy fails; structs, maps,
+        arrays of arrays), where it failed every window of the listener or its ``db.add``.
+
+        >>> PostgresDialect().storage_type("uint8")
+        Traceback (most recent call last):
+        ...
+        reactive.errors.ConfigurationError: output type 'uint8' cannot be stored on postgres: declare one of ...
+        """
+        dtype = super().storage_type(logical)
+
+        def scalar(t: dt.DataType) -> bool:
+            return (
+                t.is_boolean()
+                or t.is_string()
+                or t.is_binary()
+                or _signed_or_float(t)
+                or t.is_date()
+                or t.is_timestamp()
+                or t.is_time()
+                or t.is_decimal()
+                or t.is_interval()
+            )
+
+        if not _storable(dtype, scalar=scalar, nested=False):
+            raise _refuse_output_type(logical, self.name, _PG_TAKES)
+        return dtype
+
     def table_exists(self, con: Any, name: str) -> bool:
         return name in con.list_tables()
 
@@ -839,7 +912,27 @@ class SQLiteDialect(Dialect):
         return [row["name"] for row in self.fetch(con, self.render(query))]
 
     def storage_type(self, logical: str) -> dt.DataType:
+        """Arrays as JSON text; refusing what a SQLite outputs table was not seen to hold (8- and
+        64-bit unsigned integers, times, decimals, intervals, UUIDs, structs, maps, arrays of
+        anything but numbers, booleans and text), where it failed every window or its ``db.add``.
+
+        >>> SQLiteDialect().storage_type("array<float32>"), SQLiteDialect().storage_type("json")
+        (String(length=None, nullable=True), String(length=None, nullable=True))
+        """
         dtype = super().storage_type(logical)
+
+        def scalar(t: dt.DataType) -> bool:
+            return (
+                t.is_boolean()
+                or t.is_string()
+                or t.is_binary()
+                or _signed_or_float(t)
+                or t.is_date()
+                or t.is_timestamp()
+            )
+
+        if not _storable(dtype, scalar=scalar, nested=True):
+            raise _refuse_output_type(logical, self.name, _SQLITE_TAKES)
         return dt.string if dtype.is_array() else dtype
 
     def row_hash(self, columns: Sequence[str], table: str | None = None) -> sge.Expression:
