@@ -147,7 +147,7 @@ class IbisOutputs:
             try:
                 self._upsert(name, output_type, batch)
             except Exception:
-                if identifier not in self._declared or not self._dropped(name):
+                if identifier not in self._declared or not self._gone(name):
                     raise  # the write's own error, with its cause (a value the column cannot take...)
                 source = self._declared[identifier]
                 self.create_outputs(identifier, source, output_type)
@@ -181,18 +181,15 @@ class IbisOutputs:
         return pa.array([encode_for(dialect, output_type, v) for v in values], type=arrow_type)
 
     def _gone(self, name: str) -> bool:
-        """After a statement on ``name`` failed: whether the table was dropped (by someone else)."""
+        """After a statement on ``name`` failed: whether the table was dropped (by someone else).
+        False where the failed statement left its transaction aborted (DuckDB: "Current
+        transaction is aborted"), so that the statement's own error is the one reported, not
+        the look at the catalog that came after it."""
         self.conn.forget(name)
-        return not self.conn.table_exists(name)
-
-    def _dropped(self, name: str) -> bool:
-        """:meth:`_gone`, or False where the failed statement left its transaction aborted
-        (DuckDB: "Current transaction is aborted"), so that the statement's own error is the one
-        reported, not the look at the catalog that came after it."""
         try:
-            return self._gone(name)
+            return not self.conn.table_exists(name)
         except Exception:
-            log.debug("could not look whether %r was dropped after a failed write", name, exc_info=True)
+            log.debug("could not look whether %r was dropped after a failed statement", name, exc_info=True)
             return False
 
     def _statements(self, identifier: str, *columns: str) -> Any:
