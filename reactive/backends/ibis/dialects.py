@@ -76,30 +76,47 @@ def _ibis_type(logical: str) -> dt.DataType:
         raise ConfigurationError(f"output type {logical!r} is not a type ({type(exc).__name__}: {exc})") from None
 
 
-def _storable(dtype: dt.DataType, *, scalar: Callable[[dt.DataType], bool], nested: bool) -> bool:
-    """Whether ``dtype`` is a scalar ``scalar`` accepts, or an array of such (of arrays too where
-    ``nested``): what a PostgreSQL or SQLite outputs table was seen to store and read back."""
-    if dtype.is_array():
-        inner = dtype.value_type
-        if inner.is_array():
-            return nested and _storable(inner, scalar=scalar, nested=nested)
-        return (
-            inner.is_boolean()
-            or inner.is_string()
-            or _signed_or_float(inner)
-            or (
-                not nested
-                and scalar(inner)
-                and not inner.is_decimal()
-                and not inner.is_interval()
-                and not inner.is_time()
-            )
-        )
-    return scalar(dtype)
+def _storable(
+    dtype: dt.DataType,
+    *,
+    scalar: Callable[[dt.DataType], bool],
+    element: Callable[[dt.DataType], bool],
+    nested: bool,
+) -> bool:
+    """Whether ``dtype`` is a scalar ``scalar`` accepts, or an array of what ``element`` accepts
+    (of arrays of it too where ``nested``): what a PostgreSQL or SQLite outputs table was seen
+    to store and read back (see their ``storage_type``)."""
+    if not dtype.is_array():
+        return scalar(dtype)
+    inner = dtype.value_type
+    if inner.is_array():
+        return nested and _storable(inner, scalar=scalar, element=element, nested=nested)
+    return element(inner)
+
+
+def _plain(dtype: dt.DataType) -> bool:
+    """A boolean, signed integer, float, text, binary, date or timestamp: stored by every backend."""
+    return (
+        dtype.is_boolean()
+        or dtype.is_string()
+        or dtype.is_binary()
+        or _signed_or_float(dtype)
+        or dtype.is_date()
+        or dtype.is_timestamp()
+    )
 
 
 def _signed_or_float(dtype: dt.DataType) -> bool:
     return dtype.is_floating() or (dtype.is_integer() and not dtype.is_unsigned_integer())
+
+
+def _pg_scalar(dtype: dt.DataType) -> bool:
+    return _plain(dtype) or dtype.is_time() or dtype.is_decimal() or dtype.is_interval()
+
+
+def _sqlite_element(dtype: dt.DataType) -> bool:
+    """What a SQLite array (JSON text) holds: no bytes or dates, which JSON has no form for."""
+    return dtype.is_boolean() or dtype.is_string() or _signed_or_float(dtype)
 
 
 def _refuse_output_type(logical: str, dialect: str, takes: str) -> ConfigurationError:
@@ -644,21 +661,7 @@ class PostgresDialect(Dialect):
         reactive.errors.ConfigurationError: output type 'uint8' cannot be stored on postgres: declare one of ...
         """
         dtype = super().storage_type(logical)
-
-        def scalar(t: dt.DataType) -> bool:
-            return (
-                t.is_boolean()
-                or t.is_string()
-                or t.is_binary()
-                or _signed_or_float(t)
-                or t.is_date()
-                or t.is_timestamp()
-                or t.is_time()
-                or t.is_decimal()
-                or t.is_interval()
-            )
-
-        if not _storable(dtype, scalar=scalar, nested=False):
+        if not _storable(dtype, scalar=_pg_scalar, element=_plain, nested=False):
             raise _refuse_output_type(logical, self.name, _PG_TAKES)
         return dtype
 
@@ -920,18 +923,7 @@ class SQLiteDialect(Dialect):
         (String(length=None, nullable=True), String(length=None, nullable=True))
         """
         dtype = super().storage_type(logical)
-
-        def scalar(t: dt.DataType) -> bool:
-            return (
-                t.is_boolean()
-                or t.is_string()
-                or t.is_binary()
-                or _signed_or_float(t)
-                or t.is_date()
-                or t.is_timestamp()
-            )
-
-        if not _storable(dtype, scalar=scalar, nested=True):
+        if not _storable(dtype, scalar=_plain, element=_sqlite_element, nested=True):
             raise _refuse_output_type(logical, self.name, _SQLITE_TAKES)
         return dt.string if dtype.is_array() else dtype
 
