@@ -34,6 +34,8 @@ from reactive.events import is_utf8
 from reactive.fingerprints import plain_value
 
 if TYPE_CHECKING:
+    import ibis.expr.datatypes as dt
+
     from reactive.backends.base import CheckpointStore, OutputStore
 
 _SCALARS = {bool: "boolean", int: "int64", float: "float64", str: "string", bytes: "binary"}
@@ -343,14 +345,44 @@ def _other_output(value: Any, output_type: str) -> Any:
     return value
 
 
+@functools.cache
+def ibis_type(output_type: str) -> dt.DataType:
+    """The ibis type of an output type string (:func:`infer_output_type`'s, or a model's
+    declared ``output_type``; ``json`` is reactive's own and has none): scalars and arrays of
+    them built directly, anything else parsed. The first parse of a type by ibis builds its
+    parser, 60-140 ms on the first window of every process. ibis is imported here, not with
+    the module: a MongoDB or Kinetica datalayer never loads it for its outputs.
+
+    >>> import ibis
+    >>> ibis_type("array<array<int64>>") == ibis.dtype("array<array<int64>>")
+    True
+    >>> ibis_type("decimal(10, 2)") == ibis.dtype("decimal(10, 2)")
+    True
+    >>> ibis_type("vector")
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: output type 'vector' is not a type (...)
+    """
+    import ibis
+    import ibis.expr.datatypes as dt
+
+    if output_type.startswith("array<") and output_type.endswith(">"):
+        return dt.Array(ibis_type(output_type[6:-1]))
+    scalar = getattr(dt, output_type, None) if output_type.isidentifier() else None
+    if isinstance(scalar, dt.DataType):
+        return scalar
+    try:
+        return ibis.dtype(output_type)
+    except Exception as exc:  # ibis's parser raises its own ParseError (and others for odd input)
+        raise ConfigurationError(f"output type {output_type!r} is not a type ({type(exc).__name__}: {exc})") from None
+
+
 @functools.lru_cache(maxsize=64)
 def _arrow_type(output_type: str) -> Any:
-    """The Arrow type of an output type string, or None where ibis knows no such type (the
-    declaration is refused elsewhere, where the store is made)."""
-    import ibis
-
+    """The Arrow type of an output type string, or None where it is none (the declaration is
+    refused elsewhere, where the store is made)."""
     try:
-        return ibis.dtype(output_type).to_pyarrow()
+        return ibis_type(output_type).to_pyarrow()
     except Exception:
         return None
 

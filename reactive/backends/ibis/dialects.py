@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
 
-import ibis
 import ibis.expr.datatypes as dt
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,6 +37,7 @@ import sqlglot.expressions as sge
 from reactive.errors import ConfigurationError
 from reactive.events import id_key
 from reactive.fingerprints import fingerprint_bytes
+from reactive.outputs import ibis_type
 from reactive.rows import TableRows, holds_map
 
 Row = dict[str, Any]
@@ -52,28 +52,6 @@ log = logging.getLogger(__name__)
 _VIEW_TOKEN = secrets.token_hex(6)
 IDS_VIEW = f"__reactive_ids_{_VIEW_TOKEN}"
 UPSERT_VIEW = f"__reactive_upsert_{_VIEW_TOKEN}"
-
-
-@functools.cache
-def _ibis_type(logical: str) -> dt.DataType:
-    """The ibis type of an output type string (:func:`reactive.outputs.infer_output_type`'s):
-    scalars and arrays of them built directly, anything else parsed. The first parse of a
-    type by ibis builds its parser, 60-140 ms on the first window of every process.
-
-    >>> _ibis_type("array<array<int64>>") == ibis.dtype("array<array<int64>>")
-    True
-    >>> _ibis_type("decimal(10, 2)") == ibis.dtype("decimal(10, 2)")
-    True
-    """
-    if logical.startswith("array<") and logical.endswith(">"):
-        return dt.Array(_ibis_type(logical[6:-1]))
-    scalar = getattr(dt, logical, None) if logical.isidentifier() else None
-    if isinstance(scalar, dt.DataType):
-        return scalar
-    try:
-        return ibis.dtype(logical)
-    except Exception as exc:  # ibis's parser raises its own ParseError (and others for odd input)
-        raise ConfigurationError(f"output type {logical!r} is not a type ({type(exc).__name__}: {exc})") from None
 
 
 def _storable(
@@ -336,7 +314,7 @@ class Dialect:
         >>> Dialect().storage_type("array<float32>"), Dialect().storage_type("json")
         (Array(value_type=Float32(nullable=True), length=None, nullable=True), String(length=None, nullable=True))
         """
-        return dt.string if logical == "json" else _ibis_type(logical)
+        return dt.string if logical == "json" else ibis_type(logical)
 
     # -- statement pieces -----------------------------------------------------------------
     def row_hash(self, columns: Sequence[str], table: str | None = None) -> sge.Expression:
