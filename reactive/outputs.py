@@ -342,7 +342,42 @@ def _other_output(value: Any, output_type: str) -> Any:
         pa.array([value], type=arrow_type)
     except (TypeError, ValueError, pa.ArrowException) as exc:
         raise ValueError(f"output of type {type(value).__name__} does not fit {output_type} ({exc})") from None
+    if (path := _undeclared_key(value, arrow_type)) is not None:
+        # Arrow drops a key its struct lacks without a word: the value would be stored without it.
+        raise ValueError(f"output has the key {path}, which {output_type} does not declare (it would be lost)")
     return value
+
+
+def _undeclared_key(value: Any, arrow_type: Any) -> str | None:
+    """Where ``value`` holds a key no struct of ``arrow_type`` declares (a path such as
+    ``'b'[0].'d'``), or None.
+
+    >>> import pyarrow as pa
+    >>> print(_undeclared_key({"a": [{"c": 1, "d": 2}]}, pa.struct([("a", pa.list_(pa.struct([("c", pa.int8())])))])))
+    'a'[0].'d'
+    >>> _undeclared_key({"a": 1}, pa.struct([("a", pa.int8()), ("b", pa.int8())])) is None
+    True
+    """
+    import pyarrow as pa
+
+    if value is None:
+        return None
+    if pa.types.is_struct(arrow_type) and isinstance(value, Mapping):
+        fields = {arrow_type.field(i).name: arrow_type.field(i).type for i in range(arrow_type.num_fields)}
+        for key, item in value.items():
+            if key not in fields:
+                return repr(key)
+            if (inner := _undeclared_key(item, fields[key])) is not None:
+                return f"{key!r}{'' if inner.startswith('[') else '.'}{inner}"
+        return None
+    if pa.types.is_map(arrow_type):
+        items = value.values() if isinstance(value, Mapping) else (item for _, item in value)
+        return next((p for item in items if (p := _undeclared_key(item, arrow_type.item_type)) is not None), None)
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
+        for i, item in enumerate(value):
+            if (inner := _undeclared_key(item, arrow_type.value_type)) is not None:
+                return f"[{i}]{'' if inner.startswith('[') else '.'}{inner}"
+    return None
 
 
 @functools.cache

@@ -560,6 +560,29 @@ def test_an_output_type_postgres_or_sqlite_cannot_store_is_refused_at_add(sql: S
         assert outputs_by_source(db, "m__text") == {1: {"n": 1}}
 
 
+def test_a_struct_output_with_a_key_its_type_does_not_declare_is_refused_not_cut(duck: SQLClient) -> None:
+    # Arrow, through which the outputs are written, drops a key its struct lacks without a
+    # word: the row was stored without it ({"n": 2} for {"n": 2, "extra": 1}).
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, "bb"), (3, "ccc")])
+    given = {
+        "a": {"n": 1, "tags": [{"t": "x"}]},
+        "bb": {"n": 2, "extra": 1, "tags": []},
+        "ccc": {"n": 3, "tags": [{"t": "y"}, {"t": "z", "w": 0}]},
+    }
+    with reactive.connect(duck.uri) as db:
+        model = Model(
+            "s",
+            predict=lambda xs: [given[x] for x in xs],
+            output_type="struct<n: int64, tags: array<struct<t: string>>>",
+        )
+        db.add(Listener(model, "text", "docs"))
+        assert outputs_by_source(db, "s__text") == {1: {"n": 1, "tags": [{"t": "x"}]}}
+        errors = {e["source"]: e["error"] for e in db.errors("s__text")}
+        assert "output has the key 'extra', which struct<" in errors[2] and "(it would be lost)" in errors[2]
+        assert "output has the key 'tags'[1].'w'" in errors[3]
+
+
 def test_a_row_duckdb_refuses_is_recorded_with_the_database_s_own_error(duck: SQLClient) -> None:
     # After a failed output write, reactive looked at the catalog (was the table dropped?) in
     # the transaction DuckDB had aborted: the row was recorded with "TransactionContext Error:
