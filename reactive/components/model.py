@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from reactive import checks
 from reactive.errors import ConfigurationError, ModelOutputError
 from reactive.fingerprints import (
     column_fingerprints,
@@ -181,9 +182,8 @@ class _Caller(ReactiveThread):
             call.run()
 
 
-def _whole(value: Any, *, least: int) -> bool:
-    """Whether ``value`` is an int (not a bool) of at least ``least``."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+#: The longest ``retry_backoff``: a thread cannot wait longer at once on every build.
+_LONGEST_WAIT = 1e9
 
 
 def _transient_predicate(transient: Transient) -> Callable[[BaseException], bool]:
@@ -286,21 +286,20 @@ class Model:
                 f"Model {identifier!r}: predict is a coroutine function (async def); reactive calls predict on a"
                 " thread of its own: pass a plain function, e.g. predict=lambda xs: asyncio.run(embed(xs))"
             )
-        if not _whole(batch_size, least=1):
-            raise ConfigurationError(f"Model {identifier!r}: batch_size must be a whole number of at least 1")
-        for name, count in (("max_retries", max_retries), ("transient_retries", transient_retries)):
-            if not _whole(count, least=0):
-                raise ConfigurationError(f"Model {identifier!r}: {name} must be a whole number of at least 0")
-        if (
-            isinstance(retry_backoff, bool)
-            or not isinstance(retry_backoff, int | float)
-            or not 0 <= retry_backoff < 1e9
-        ):
-            raise ConfigurationError(f"Model {identifier!r}: retry_backoff must be a number of seconds, at least 0")
+        checks.whole(f"Model {identifier!r}: batch_size", batch_size, least=1)
+        checks.whole(f"Model {identifier!r}: max_retries", max_retries, least=0)
+        checks.whole(f"Model {identifier!r}: transient_retries", transient_retries, least=0)
+        checks.seconds(f"Model {identifier!r}: retry_backoff", retry_backoff, zero=True)
+        if retry_backoff >= _LONGEST_WAIT:  # what a thread's wait takes (threading.TIMEOUT_MAX on some builds)
+            raise ConfigurationError(
+                f"Model {identifier!r}: retry_backoff must be under 1e9 seconds, not {retry_backoff!r}"
+            )
         if output_type is not None and (not isinstance(output_type, str) or not output_type.strip()):
             raise ConfigurationError(f"Model {identifier!r}: output_type must be a type name such as 'array<float32>'")
-        if timeout is not None and not timeout > 0:
-            raise ConfigurationError(f"Model {identifier!r}: timeout must be a positive number of seconds or None")
+        if timeout is not None:
+            # Infinity is no timeout, as None is. A text or a bool was taken (True: one second)
+            # or failed with a TypeError comparing it.
+            checks.seconds(f"Model {identifier!r}: timeout", timeout, infinite=True)
         if version is not None and (isinstance(version, bool) or not isinstance(version, str | int)):
             raise ConfigurationError(f"Model {identifier!r}: version must be a string or an int")
         self.identifier = identifier
