@@ -141,6 +141,11 @@ class IbisConnection:
         except TableNotFoundError:
             return None
 
+    def id_type(self, table: str, column: str) -> dt.DataType | None:
+        """The type of ``table``'s id column as statements take it (``Dialect.id_type``); the
+        caller holds :attr:`lock`."""
+        return self.dialect.id_type(self.con, table, column, self.column_type(table, column))
+
     def statements(self, table: str, id_column: str, columns: Sequence[str]) -> TableSQL:
         """The hot-path statements reading ``columns`` of ``table`` by ``id_column``, built once."""
         key = (table, id_column, tuple(columns))
@@ -155,7 +160,7 @@ class IbisConnection:
                     table,
                     id_column,
                     columns,
-                    self.column_type(table, id_column),
+                    self.id_type(table, id_column),
                     self.dialect.read_casts(self.con, table),
                 )
             return built

@@ -294,6 +294,11 @@ class Dialect:
         rows = self.fetch(con, self.render(query))
         return list(rows[0]["constraint_column_names"]) if rows else []
 
+    def id_type(self, con: Any, table: str, column: str, described: dt.DataType | None) -> dt.DataType | None:
+        """The type of ``table``'s id column as the statements take it (:meth:`followed`), from
+        ``described``, ibis's: ibis's own here. SQLite says more (:meth:`SQLiteDialect.id_type`)."""
+        return described
+
     def read_casts(self, con: Any, table: str) -> dict[str, str]:
         """The columns of ``table`` read as another type than their own, and as which: on DuckDB
         those whose values Arrow cannot carry as they are, read as their text. Arrow handed a
@@ -892,6 +897,30 @@ class SQLiteDialect(Dialect):
         )
         return [row["name"] for row in self.fetch(con, self.render(query))]
 
+    def id_type(self, con: Any, table: str, column: str, described: dt.DataType | None) -> dt.DataType | None:
+        """An integer id that is the table's rowid (an ``INTEGER PRIMARY KEY``) as not nullable,
+        any other as nullable: only a rowid holds nothing but integers, never NULL, so only its
+        rows need no ``TYPEOF`` filter (:meth:`followed`): ``db.add`` then counts a 1M-row
+        table in 6 ms instead of 53, and need not count unfollowed rows (50 ms); in a full
+        diff the filter is lost in the fingerprint's cost (2.7 s either way). ibis's
+        nullability is not relied on: SQLite keeps text in an ``INTEGER NOT NULL`` column.
+
+        SQLite's rule: the one primary-key column, declared ``INTEGER`` exactly, of a table
+        with rowids, and not ``INTEGER PRIMARY KEY DESC`` in the column's own definition; all
+        but the rowid alias have an index of origin ``pk`` in ``PRAGMA index_list``, a
+        ``WITHOUT ROWID`` table included.
+        """
+        if described is None or not described.is_integer():
+            return described
+        key = self.fetch(con, "SELECT name, type FROM pragma_table_info(?) WHERE pk > 0", [table])
+        alias = (
+            len(key) == 1
+            and key[0]["name"] == column
+            and str(key[0]["type"]).upper() == "INTEGER"
+            and not self.fetch(con, "SELECT 1 FROM pragma_index_list(?) WHERE origin = 'pk'", [table])
+        )
+        return described.copy(nullable=not alias)
+
     def storage_type(self, logical: str) -> dt.DataType:
         """Arrays as JSON text; refusing what a SQLite outputs table was not seen to hold (8- and
         64-bit unsigned integers, times, decimals, intervals, UUIDs, structs, maps, arrays of
@@ -921,7 +950,8 @@ class SQLiteDialect(Dialect):
         """Rows whose id is stored as the column's type says: SQLite keeps any value in any
         column but an ``INTEGER PRIMARY KEY`` (``id PRIMARY KEY`` holding 1 and 'two'), and an
         id of another type cannot be stored in the snapshot or the outputs, keyed by that type.
-        ``typeof`` is never 'null' for such a type: NULL ids are left out too.
+        ``typeof`` is never 'null' for such a type: NULL ids are left out too. A rowid (an
+        integer id :meth:`id_type` says is not nullable) holds nothing else: every row.
 
         >>> d = SQLiteDialect()
         >>> for id_type in (dt.int64, dt.float64, dt.date):
@@ -929,7 +959,11 @@ class SQLiteDialect(Dialect):
         TYPEOF("id") IN ('integer')
         TYPEOF("id") IN ('integer', 'real')
         NOT "id" IS NULL
+        >>> d.followed(_column("id"), dt.Int64(nullable=False)) is None
+        True
         """
+        if id_type is not None and id_type.is_integer() and not id_type.nullable:
+            return None
         stored = self.stored_types(id_type)
         if not stored:  # dates and times are text here: no infinity to leave out
             return _not_null(key, id_type)

@@ -295,7 +295,7 @@ class SnapshotStore:
                     columns,
                     snapshot_table(table.name),
                     version,
-                    self.conn.column_type(table.name, table.id_column),
+                    self.conn.id_type(table.name, table.id_column),
                     self.conn.dialect.read_casts(self.conn.con, table.name),
                 )
             return built
