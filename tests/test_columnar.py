@@ -619,3 +619,42 @@ def test_duckdb_values_arrow_cannot_carry_reach_the_model_as_their_text(duck: SQ
         assert sorted(seen["tz"][1:]) == ["08:30:00-05", "12:00:00+03"]
         assert outputs_by_source(db, "m_tz__tz") == {1: "'12:00:00+03'", 2: "'08:30:00-05'"}
         assert db.errors() == []
+
+
+def test_duckdb_values_arrow_cannot_carry_inside_structs_lists_and_maps_reach_the_model_as_text(
+    duck: SQLClient,
+) -> None:
+    # The same values inside a struct, list, array, map or union reached models as Arrow gave
+    # them: DuckDB's internal bytes, and the largest UHUGEINT as Decimal('-1') (silently wrong).
+    # Quoted field names and enum labels that spell those types are left alone.
+    duck.execute("CREATE TYPE mood AS ENUM ('BIT', 'ok')")
+    duck.execute(
+        'CREATE TABLE docs (id INTEGER PRIMARY KEY, s STRUCT(b BIT, "BIT" INTEGER, m mood, l UHUGEINT[]),'
+        " a BIT[2], mp MAP(VARCHAR, TIMETZ), u UNION(n INTEGER, v BIGNUM))"
+    )
+    largest = 2**128 - 1
+    duck.execute(
+        f"INSERT INTO docs VALUES (1, {{'b': '0101'::BIT, 'BIT': 3, 'm': 'BIT', 'l': [{largest}::UHUGEINT]}},"
+        " ['01'::BIT, '1'::BIT], MAP {'k': '12:00:00+02'::TIMETZ},"
+        " 12345678901234567890::BIGNUM::UNION(n INTEGER, v BIGNUM))"
+    )
+    seen: dict[str, list[Any]] = {"s": [], "a": [], "mp": [], "u": []}
+
+    def model(field: str) -> Model:
+        return Model(f"m_{field}", predict=lambda values: [seen[field].append(v) or 1 for v in values])
+
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        for field in seen:
+            db.add(Listener(model(field), field, "docs"), progress=False)
+        first = {field: values[0] for field, values in seen.items()}
+        assert first == {
+            "s": {"b": "0101", "BIT": 3, "m": "BIT", "l": [str(largest)]},
+            "a": ["01", "1"],
+            "mp": {"k": "12:00:00+02"},
+            "u": "12345678901234567890",
+        }
+        db.cdc.start()
+        duck.execute("UPDATE docs SET mp = MAP {'k': '12:00:00+03'::TIMETZ} WHERE id = 1")  # the offset alone
+        assert db.cdc.wait_idle(timeout=30)
+        assert seen["mp"][1:] == [{"k": "12:00:00+03"}]
+        assert db.errors() == []

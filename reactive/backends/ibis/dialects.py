@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import json
 import logging
+import re
 import secrets
 import sqlite3
 import uuid
@@ -184,9 +185,27 @@ _SQLITE_TAKES = (
 )
 
 
-#: DuckDB types whose values Arrow cannot carry as they are: read as their text (see
-#: :meth:`Dialect.read_casts`). ``VARINT`` is ``BIGNUM`` since DuckDB 1.4.
-_AS_TEXT = frozenset({"BIT", "BIGNUM", "VARINT", "UHUGEINT", "TIME WITH TIME ZONE"})
+#: DuckDB types whose values Arrow cannot carry as they are, read as their text (see
+#: :meth:`Dialect.read_casts`), wherever they stand in a column's type as
+#: ``information_schema.columns`` writes it; quoted names and literals (a struct's field
+#: ``"BIT"``, an enum's ``'BIT'``) are skipped. DuckDB writes types in capitals and quotes a
+#: field name in capitals. ``VARINT`` is ``BIGNUM`` since DuckDB 1.4.
+_AS_TEXT = re.compile(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")|\b(?:BIT|BIGNUM|VARINT|UHUGEINT|TIME WITH TIME ZONE)\b""")
+
+
+def _read_as_text(kind: str) -> str | None:
+    """DuckDB type ``kind`` with each type Arrow cannot carry made ``VARCHAR``, or None where
+    it holds none.
+
+    >>> _read_as_text("UHUGEINT"), _read_as_text("INTEGER")
+    ('VARCHAR', None)
+    >>> _read_as_text('STRUCT(a BIT, "BIT" INTEGER, l TIME WITH TIME ZONE[], m MAP(VARCHAR, BIGNUM))')
+    'STRUCT(a VARCHAR, "BIT" INTEGER, l VARCHAR[], m MAP(VARCHAR, VARCHAR))'
+    >>> _read_as_text("STRUCT(e ENUM('BIT', 'ok'))"), _read_as_text("TIMESTAMP WITH TIME ZONE")
+    (None, None)
+    """
+    text = _AS_TEXT.sub(lambda m: m.group(1) or "VARCHAR", kind)
+    return None if text == kind else text
 
 
 class Dialect:
@@ -304,14 +323,14 @@ class Dialect:
         those whose values Arrow cannot carry as they are, read as their text. Arrow handed a
         model ``BIT`` and ``BIGNUM`` (``VARINT``) values as DuckDB's internal bytes, a
         ``UHUGEINT`` of 2**127 or more wrapped to a negative number (Arrow's decimal128 holds
-        128 signed bits) and a ``TIME WITH TIME ZONE`` without its offset. Inside a struct, list
-        or map they stay as Arrow gives them."""
+        128 signed bits) and a ``TIME WITH TIME ZONE`` without its offset, alone or inside a
+        struct, list, array, map or union (read as the same type with those parts as text)."""
         rows = con.con.execute(
             "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
             "AND table_schema = current_schema() AND table_catalog IN (current_database(), 'temp')",
             [table],
         ).fetchall()
-        return {column: "VARCHAR" for column, kind in rows if kind in _AS_TEXT}
+        return {column: text for column, kind in rows if (text := _read_as_text(kind)) is not None}
 
     def storage_type(self, logical: str) -> dt.DataType:
         """The column type for a logical output type (JSON values are stored as text).
@@ -1118,7 +1137,8 @@ def _select(table: str, columns: Sequence[str], casts: Mapping[str, str] | None 
     casts = casts or {}
 
     def read(c: str) -> sge.Expression:
-        return sge.cast(_column(c, table), casts[c]) if c in casts else _column(c, table)
+        # udt: a type sqlglot cannot parse is written as it is given (DuckDB's own spelling).
+        return sge.cast(_column(c, table), sge.DataType.build(casts[c], udt=True)) if c in casts else _column(c, table)
 
     return sg.select(*(sge.alias_(read(c), c, quoted=True) for c in columns)).from_(sg.table(table, quoted=True))
 
