@@ -412,6 +412,45 @@ def ibis_type(output_type: str) -> dt.DataType:
         raise ConfigurationError(f"output type {output_type!r} is not a type ({type(exc).__name__}: {exc})") from None
 
 
+def refuse_output_type(output_type: str, backend: str, takes: str) -> ConfigurationError:
+    """The error of a declared output type ``backend``'s outputs cannot hold, raised at ``db.add``
+    (before anything is created), naming what it takes.
+
+    >>> print(refuse_output_type("date", "mongodb", "timestamp"))
+    output type 'date' cannot be stored on mongodb: declare one of timestamp, or 'json' (any JSON value)
+    """
+    return ConfigurationError(
+        f"output type {output_type!r} cannot be stored on {backend}: declare one of {takes}, or 'json' (any JSON value)"
+    )
+
+
+def holds_leaves(output_type: str, plain: frozenset[str], leaf: Callable[[dt.DataType], bool]) -> bool:
+    """Whether every value ``output_type`` declares is a ``leaf``, inside arrays, structs and maps
+    with text keys (a store writing documents or JSON holds no other keys). A type in ``plain``,
+    alone or in arrays, is taken without parsing it (ibis is not loaded for it).
+
+    >>> text, none = (lambda t: t.is_string()), frozenset()
+    >>> holds_leaves("array<string>", frozenset({"string"}), text), holds_leaves("map<string, string>", none, text)
+    (True, True)
+    >>> holds_leaves("map<int64, string>", none, text), holds_leaves("struct<a: date>", none, text)
+    (False, False)
+    """
+    inner = output_type
+    while inner.startswith("array<") and inner.endswith(">"):
+        inner = inner[6:-1]
+    return inner in plain or _leaves(ibis_type(output_type), leaf)
+
+
+def _leaves(dtype: dt.DataType, leaf: Callable[[dt.DataType], bool]) -> bool:
+    if dtype.is_array():
+        return _leaves(dtype.value_type, leaf)
+    if dtype.is_struct():
+        return all(_leaves(field, leaf) for field in dtype.types)
+    if dtype.is_map():
+        return dtype.key_type.is_string() and _leaves(dtype.value_type, leaf)
+    return leaf(dtype)
+
+
 @functools.lru_cache(maxsize=64)
 def _arrow_type(output_type: str) -> Any:
     """The Arrow type of an output type string, or None where it is none (the declaration is

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -285,6 +286,30 @@ def test_a_refused_monitor_recreation_after_a_server_restart_is_retried(
         assert len(kinetica_server.monitors()) == 4
         assert source_info(db)["recoveries"] == 1
     assert kinetica_server.monitors() == {}
+
+
+def test_a_declared_output_type_kinetica_cannot_hold_is_refused_at_add(
+    kinetica_server: KineticaTestServer, foreign: GPUdb
+) -> None:
+    """Outputs of these types were written as JSON text, which has no form for them: every row
+    failed with "TypeError: Object of type Decimal is not JSON serializable" (a map's int keys
+    would have come back as text). Refused at db.add now, nothing registered or created."""
+    create_table(foreign, "docs", [[1, "alpha", "en"]])
+    kinds = ["decimal(10, 2)", "timestamp", "date", "time", "interval", "array<binary>", "map<int64, string>"]
+    with connect(kinetica_server) as db:
+        for n, kind in enumerate(kinds):
+            model = Model(f"bad{n}", predict=lambda xs: [None for _ in xs], output_type=kind)
+            with pytest.raises(
+                reactive.ConfigurationError, match=f"output type '{re.escape(kind)}' cannot be stored on kinetica"
+            ):
+                db.add(Listener(model, "text", "docs"))
+        assert db.show() == []
+        assert not [name for name in kinetica_server.tables if "_outputs__bad" in name]
+        value = {"u": "00000000-0000-0000-0000-000000000007", "n": [2**63]}
+        model = Model("ok", predict=lambda xs: [value for _ in xs], output_type="struct<u: uuid, n: array<uint64>>")
+        db.add(Listener(model, "text", "docs"))
+        assert outputs_by_source(db, "ok__text") == {1: value}
+        assert db.errors() == []
 
 
 # -- 7. vectors ----------------------------------------------------------------------------------

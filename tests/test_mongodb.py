@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import re
 import threading
 import time
+import uuid
 
 import pytest
 from bson import Code, Decimal128, ObjectId, Regex
@@ -251,6 +253,33 @@ def test_an_output_bson_cannot_hold_is_refused_alone(mongo_uri: str, mongo) -> N
         assert set(errors) == {1, 2, 4}
         assert all(error.startswith("MongoDB cannot store this output: ") for error in errors.values())
         assert "8-byte ints" in errors[1] and "NUL" in errors[2]
+
+
+def test_a_declared_output_type_bson_cannot_hold_is_refused_at_add_and_the_others_work(mongo_uri: str, mongo) -> None:
+    """decimal, date, time, interval and uint64 outputs failed every row ("cannot encode
+    object", "8-byte ints"); they are refused at db.add now, as on PostgreSQL and SQLite, with
+    nothing registered. Types BSON holds go on working (a UUID as its text, maps with text keys)."""
+    mongo.docs.insert_many([{"_id": 1, "text": "a"}])
+    with reactive.connect(mongo_uri) as db:
+        for n, kind in enumerate(["decimal(10, 2)", "date", "time", "interval", "uint64", "map<int64, string>"]):
+            model = Model(f"bad{n}", predict=lambda xs: [None for _ in xs], output_type=kind)
+            with pytest.raises(
+                reactive.ConfigurationError, match=f"output type '{re.escape(kind)}' cannot be stored on mongodb"
+            ):
+                db.add(Listener(model, "text", "docs"))
+        assert db.show() == []
+        good = {
+            "uuid": (uuid.UUID(int=7), "00000000-0000-0000-0000-000000000007"),
+            "struct<a: int64, t: array<timestamp>>": ({"a": 1, "t": [datetime.datetime(2024, 1, 2)]},) * 2,
+            "map<string, array<float32>>": ({"k": [0.5]},) * 2,
+            "uint32": (2**32 - 1,) * 2,
+        }
+        for n, (kind, (value, stored)) in enumerate(good.items()):
+            db.add(
+                Listener(Model(f"ok{n}", predict=lambda xs, v=value: [v for _ in xs], output_type=kind), "text", "docs")
+            )
+            assert outputs_by_source(db, f"ok{n}__text") == {1: stored}
+        assert db.errors() == []
 
 
 def test_ids_of_every_bson_type_work_even_those_python_cannot_hash(mongo_uri: str, mongo) -> None:

@@ -38,7 +38,7 @@ import sqlglot.expressions as sge
 from reactive.errors import ConfigurationError
 from reactive.events import id_key
 from reactive.fingerprints import fingerprint_bytes
-from reactive.outputs import ibis_type
+from reactive.outputs import ibis_type, refuse_output_type
 from reactive.rows import TableRows, holds_map
 
 Row = dict[str, Any]
@@ -96,13 +96,6 @@ def _pg_scalar(dtype: dt.DataType) -> bool:
 def _sqlite_element(dtype: dt.DataType) -> bool:
     """What a SQLite array (JSON text) holds: no bytes or dates, which JSON has no form for."""
     return dtype.is_boolean() or dtype.is_string() or _signed_or_float(dtype)
-
-
-def _refuse_output_type(logical: str, dialect: str, takes: str) -> ConfigurationError:
-    return ConfigurationError(
-        f"output type {logical!r} cannot be stored on {dialect}: declare one of {takes}, or 'json' (any JSON"
-        " value, stored as text)"
-    )
 
 
 class BoundIds:
@@ -664,7 +657,7 @@ class PostgresDialect(Dialect):
         """
         dtype = super().storage_type(logical)
         if not _storable(dtype, scalar=_pg_scalar, element=_plain, nested=False):
-            raise _refuse_output_type(logical, self.name, _PG_TAKES)
+            raise refuse_output_type(logical, self.name, _PG_TAKES)
         return dtype
 
     def table_exists(self, con: Any, name: str) -> bool:
@@ -950,7 +943,7 @@ class SQLiteDialect(Dialect):
         """
         dtype = super().storage_type(logical)
         if not _storable(dtype, scalar=_plain, element=_sqlite_element, nested=True):
-            raise _refuse_output_type(logical, self.name, _SQLITE_TAKES)
+            raise refuse_output_type(logical, self.name, _SQLITE_TAKES)
         return dt.string if dtype.is_array() else dtype
 
     def row_hash(self, columns: Sequence[str], table: str | None = None) -> sge.Expression:

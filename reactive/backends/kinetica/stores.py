@@ -49,6 +49,7 @@ from reactive.backends.kinetica.tables import ID_CHUNK, TableCatalog, epoch_ms, 
 from reactive.errors import ConfigurationError
 from reactive.events import Row, id_key
 from reactive.fingerprints import plain_value
+from reactive.outputs import holds_leaves, refuse_output_type
 
 ERRORS_TABLE = "_reactive_errors"
 
@@ -107,6 +108,40 @@ _SCALAR_COLUMNS = {
     "boolean": "int",
 }
 _PACKED = {"float32": "<f4", "float64": "<f8", "int64": "<i8", "int32": "<i4", "int16": "<i2", "int8": "<i1"}
+
+
+#: Output types stored as JSON text that are not parsed to be checked (see ``_kinetica_holds``).
+_JSON_PLAIN = frozenset({"uuid", "uint8", "uint16", "uint32", "uint64", "float16", "boolean", "string"})
+_KINETICA_TAKES = (
+    "boolean, int8-int64, float32, float64, string, binary, or arrays of numbers; as JSON text uuid, unsigned"
+    " integers, float16, and arrays, structs and maps with text keys of numbers, booleans, text or UUIDs"
+)
+
+
+def _kinetica_holds(output_type: str) -> bool:
+    """Whether :class:`OutputColumn` stores and reads back ``output_type``'s values: a column of
+    its own, packed numbers, or JSON text of numbers, booleans and text (no bytes, decimals,
+    dates, times or intervals, which JSON has no form for; no map keys but text, which JSON
+    would turn into text).
+
+    >>> _kinetica_holds("array<float32>"), _kinetica_holds("struct<a: array<uuid>>"), _kinetica_holds("date")
+    (True, True, False)
+    """
+    inner = output_type[6:-1] if output_type.startswith("array<") else None
+    if output_type in _SCALAR_COLUMNS or output_type == "json" or inner in _PACKED:
+        return True
+    return holds_leaves(output_type, _JSON_PLAIN, _json_leaf)
+
+
+def _json_leaf(dtype: Any) -> bool:
+    return (
+        dtype.is_boolean()
+        or dtype.is_string()
+        or dtype.is_integer()
+        or dtype.is_floating()
+        or dtype.is_uuid()
+        or dtype.is_json()
+    )
 
 
 class OutputColumn:
@@ -237,6 +272,8 @@ class KineticaOutputs:
         self.decoded = decoded
 
     def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
+        if not _kinetica_holds(output_type):  # every output failed (TypeError: not JSON serializable)
+            raise refuse_output_type(output_type, "kinetica", _KINETICA_TAKES)
         name = outputs_table(identifier)
         if source.name == name:
             raise ConfigurationError(f"listener {identifier!r} cannot read its own outputs", listener=identifier)

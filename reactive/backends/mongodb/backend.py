@@ -37,7 +37,7 @@ from reactive.backends.mongodb.listener import MongoChangeStreamListener, stop_t
 from reactive.checkpoints import Positions
 from reactive.errors import BackendError, ConfigurationError, QueueClosedError
 from reactive.events import Row, id_key
-from reactive.outputs import OutputTypes
+from reactive.outputs import OutputTypes, holds_leaves, refuse_output_type
 from reactive.queue import CDCQueue
 from reactive.rowformat import RowFormat, mongo_format
 from reactive.threads import ReactiveThread
@@ -126,6 +126,33 @@ class MongoSource:
         yield from _pages(cursor, page_size)
 
 
+#: Output types whose values pymongo encodes as they come from ``normalize_output`` (a UUID as
+#: its text), alone or in arrays; others are parsed (:func:`_bson_leaf`).
+_BSON_PLAIN = frozenset(
+    {"json", "boolean", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32"}
+    | {"float16", "float32", "float64", "string", "binary", "timestamp", "uuid"}
+)
+_BSON_TAKES = (
+    "boolean, int8-int64, uint8-uint32, float16-float64, string, binary, timestamp (BSON keeps milliseconds), uuid"
+    " (as its text), or arrays, structs and maps with text keys of these"
+)
+
+
+def _bson_leaf(dtype: Any) -> bool:
+    """A value BSON holds: no decimal (Python's Decimal is not Decimal128), date, time or interval
+    (BSON has none), no 64-bit unsigned integer (BSON's are signed)."""
+    return (
+        dtype.is_boolean()
+        or dtype.is_string()
+        or dtype.is_binary()
+        or dtype.is_timestamp()
+        or dtype.is_uuid()
+        or dtype.is_json()
+        or dtype.is_floating()
+        or (dtype.is_integer() and not dtype.is_uint64())
+    )
+
+
 class MongoOutputs:
     """The :class:`~reactive.backends.base.OutputStore`: one collection per listener, ``_id`` = source id.
 
@@ -181,7 +208,10 @@ class MongoOutputs:
         return bool(self.db.list_collection_names(filter={"name": outputs_table(identifier)}))
 
     def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
-        """Nothing to create (the collection appears with its first output): remember the source."""
+        """Nothing to create (the collection appears with its first output): remember the source,
+        refusing a declared type BSON cannot hold (its every output failed)."""
+        if not holds_leaves(output_type, _BSON_PLAIN, _bson_leaf):
+            raise refuse_output_type(output_type, "mongodb", _BSON_TAKES)
         self._sources[identifier] = source.name
         if self._exists(identifier):
             self._present.add(identifier)
