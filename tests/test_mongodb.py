@@ -7,6 +7,7 @@ import re
 import threading
 import time
 import uuid
+from decimal import Decimal
 
 import pytest
 from bson import Code, Decimal128, ObjectId, Regex
@@ -256,12 +257,14 @@ def test_an_output_bson_cannot_hold_is_refused_alone(mongo_uri: str, mongo) -> N
 
 
 def test_a_declared_output_type_bson_cannot_hold_is_refused_at_add_and_the_others_work(mongo_uri: str, mongo) -> None:
-    """decimal, date, time, interval and uint64 outputs failed every row ("cannot encode
-    object", "8-byte ints"); they are refused at db.add now, as on PostgreSQL and SQLite, with
-    nothing registered. Types BSON holds go on working (a UUID as its text, maps with text keys)."""
-    mongo.docs.insert_many([{"_id": 1, "text": "a"}])
+    """date, time, interval and uint64 outputs failed every row ("cannot encode object", "8-byte
+    ints"); they are refused at db.add now, as on PostgreSQL and SQLite, with nothing
+    registered. Decimals, which failed too, are stored as BSON's Decimal128; one of more
+    digits than it holds is refused for its row. Types BSON holds go on working (a UUID as
+    its text, maps with text keys)."""
+    mongo.docs.insert_many([{"_id": 1, "text": "a"}, {"_id": 2, "text": "bb"}])
     with reactive.connect(mongo_uri) as db:
-        for n, kind in enumerate(["decimal(10, 2)", "date", "time", "interval", "uint64", "map<int64, string>"]):
+        for n, kind in enumerate(["decimal(38, 2)", "date", "time", "interval", "uint64", "map<int64, string>"]):
             model = Model(f"bad{n}", predict=lambda xs: [None for _ in xs], output_type=kind)
             with pytest.raises(
                 reactive.ConfigurationError, match=f"output type '{re.escape(kind)}' cannot be stored on mongodb"
@@ -273,13 +276,19 @@ def test_a_declared_output_type_bson_cannot_hold_is_refused_at_add_and_the_other
             "struct<a: int64, t: array<timestamp>>": ({"a": 1, "t": [datetime.datetime(2024, 1, 2)]},) * 2,
             "map<string, array<float32>>": ({"k": [0.5]},) * 2,
             "uint32": (2**32 - 1,) * 2,
+            "struct<price: decimal(10, 2)>": ({"price": Decimal("12.50")}, {"price": Decimal128("12.50")}),
         }
         for n, (kind, (value, stored)) in enumerate(good.items()):
             db.add(
                 Listener(Model(f"ok{n}", predict=lambda xs, v=value: [v for _ in xs], output_type=kind), "text", "docs")
             )
-            assert outputs_by_source(db, f"ok{n}__text") == {1: stored}
+            assert outputs_by_source(db, f"ok{n}__text") == {1: stored, 2: stored}
         assert db.errors() == []
+        wide = {"a": Decimal("-0.5"), "bb": Decimal("1" * 29 + "." + "1" * 9)}  # 38 digits: Arrow's, not BSON's
+        db.add(Listener(Model("dec", predict=lambda xs: [wide[x] for x in xs], output_type="decimal"), "text", "docs"))
+        assert outputs_by_source(db, "dec__text") == {1: Decimal128("-0.5")}
+        [error] = db.errors("dec__text")
+        assert error["source"] == 2 and "which MongoDB's Decimal128 cannot hold (34 digits)" in error["error"]
 
 
 def test_ids_of_every_bson_type_work_even_those_python_cannot_hash(mongo_uri: str, mongo) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from decimal import Decimal
 from typing import Any, Self
 
 import bson
 import pymongo
 from bson.codec_options import CodecOptions
+from bson.decimal128 import Decimal128
 from bson.errors import InvalidDocument
 from pymongo import InsertOne, MongoClient, ReplaceOne
 from pymongo.collection import Collection
@@ -134,15 +136,20 @@ _BSON_PLAIN = frozenset(
 )
 _BSON_TAKES = (
     "boolean, int8-int64, uint8-uint32, float16-float64, string, binary, timestamp (BSON keeps milliseconds), uuid"
-    " (as its text), or arrays, structs and maps with text keys of these"
+    " (as its text), decimal with up to 34 digits (as Decimal128), or arrays, structs and maps with text keys of"
+    " these"
 )
+#: The digits of BSON's Decimal128.
+DECIMAL128_DIGITS = 34
 
 
 def _bson_leaf(dtype: Any) -> bool:
-    """A value BSON holds: no decimal (Python's Decimal is not Decimal128), date, time or interval
-    (BSON has none), no 64-bit unsigned integer (BSON's are signed)."""
+    """A value BSON holds: a decimal of up to 34 digits (as Decimal128; one of no declared
+    precision is checked value by value), no date, time or
+    interval (BSON has none), no 64-bit unsigned integer (BSON's are signed)."""
     return (
-        dtype.is_boolean()
+        (dtype.is_decimal() and (dtype.precision or 0) <= DECIMAL128_DIGITS)
+        or dtype.is_boolean()
         or dtype.is_string()
         or dtype.is_binary()
         or dtype.is_timestamp()
@@ -207,6 +214,16 @@ class MongoOutputs:
     def _exists(self, identifier: str) -> bool:
         return bool(self.db.list_collection_names(filter={"name": outputs_table(identifier)}))
 
+    def refused_outputs(self, output_type: str, outputs: Sequence[Any]) -> dict[int, str]:
+        """The decimal outputs Decimal128 cannot hold (see ``OutputWriter.write``), by position."""
+        if "decimal" not in output_type:
+            return {}
+        refused = {}
+        for k, value in enumerate(outputs):
+            if (found := _beyond_decimal128(value)) is not None:
+                refused[k] = f"output has {found}, which MongoDB's Decimal128 cannot hold (34 digits)"
+        return refused
+
     def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
         """Nothing to create (the collection appears with its first output): remember the source,
         refusing a declared type BSON cannot hold (its every output failed)."""
@@ -222,7 +239,7 @@ class MongoOutputs:
         # Without a stream, one round trip per write: the only sign of a drop, since the write
         # recreates it. With one, the stream reports the drop (before this write's changes).
         lost = identifier in self._present and not self.followed() and not self._exists(identifier)
-        self._store(identifier, batch, stored, positions)
+        self._store(identifier, output_type, batch, stored, positions)
         self._present.add(identifier)
         if lost and identifier in self._sources:
             self.outputs_lost(self._sources[identifier])
@@ -235,7 +252,12 @@ class MongoOutputs:
                 self._present.discard(identifier)
                 self.outputs_lost(source)
 
-    def _store(self, identifier: str, batch: OutputBatch, stored: list[Any], positions: Sequence[int]) -> None:
+    def _store(
+        self, identifier: str, output_type: str, batch: OutputBatch, stored: list[Any], positions: Sequence[int]
+    ) -> None:
+        outputs: Sequence[Any] = batch.outputs
+        if "decimal" in output_type:  # pymongo encodes no Decimal: BSON's is Decimal128
+            outputs = [_as_decimal128(value) for value in outputs]
         documents = [
             (
                 positions[k],
@@ -243,7 +265,7 @@ class MongoOutputs:
                 {"_id": source, SOURCE_FIELD: source, OUTPUT_FIELD: value, FINGERPRINT_FIELD: fingerprint},
             )
             for k, (source, value, fingerprint) in enumerate(
-                zip(batch.sources, batch.outputs, batch.fingerprints, strict=True)
+                zip(batch.sources, outputs, batch.fingerprints, strict=True)
             )
         ]
         # New outputs are inserted (cheaper than upserts on some servers); an insert that
@@ -315,6 +337,39 @@ class MongoOutputs:
         self._sources.pop(identifier, None)
         self._present.discard(identifier)
         self.db.drop_collection(outputs_table(identifier))
+
+
+def _as_decimal128(value: Any) -> Any:
+    """``value`` with each ``Decimal`` in it as a ``Decimal128`` (one that does not fit is refused
+    before: :meth:`MongoOutputs.refused_outputs`).
+
+    >>> _as_decimal128({"p": [Decimal("1.25")]})
+    {'p': [Decimal128('1.25')]}
+    """
+    if isinstance(value, Decimal):
+        return Decimal128(value)
+    if isinstance(value, dict):
+        return {k: _as_decimal128(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_decimal128(v) for v in value]
+    return value
+
+
+def _beyond_decimal128(value: Any) -> Decimal | None:
+    """The first ``Decimal`` in ``value`` that Decimal128 cannot hold exactly (more than 34
+    digits, or an exponent past its range), or None.
+
+    >>> _beyond_decimal128([Decimal("1.5"), {"a": Decimal("1" * 35)}])
+    Decimal('11111111111111111111111111111111111')
+    """
+    if isinstance(value, Decimal):
+        try:
+            Decimal128(value)
+        except ArithmeticError:  # decimal.Inexact
+            return value
+        return None
+    parts = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((found for part in parts if (found := _beyond_decimal128(part)) is not None), None)
 
 
 def _unencodable(document: dict[str, Any], codec_options: CodecOptions) -> str | None:
