@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses as dc
+import datetime as dt
 import io
 import json
 import logging
@@ -293,9 +294,10 @@ def test_a_declared_output_type_kinetica_cannot_hold_is_refused_at_add(
 ) -> None:
     """Outputs of these types were written as JSON text, which has no form for them: every row
     failed with "TypeError: Object of type Decimal is not JSON serializable" (a map's int keys
-    would have come back as text). Refused at db.add now, nothing registered or created."""
-    create_table(foreign, "docs", [[1, "alpha", "en"]])
-    kinds = ["decimal(10, 2)", "timestamp", "date", "time", "interval", "array<binary>", "map<int64, string>"]
+    would have come back as text). Refused at db.add now, nothing registered or created.
+    Timestamps and dates, which failed the same way, are Kinetica's own column types now."""
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
+    kinds = ["decimal(10, 2)", "time", "interval", "array<timestamp>", "array<binary>", "map<int64, string>"]
     with connect(kinetica_server) as db:
         for n, kind in enumerate(kinds):
             model = Model(f"bad{n}", predict=lambda xs: [None for _ in xs], output_type=kind)
@@ -309,6 +311,26 @@ def test_a_declared_output_type_kinetica_cannot_hold_is_refused_at_add(
         model = Model("ok", predict=lambda xs: [value for _ in xs], output_type="struct<u: uuid, n: array<uint64>>")
         db.add(Listener(model, "text", "docs"))
         assert outputs_by_source(db, "ok__text") == {1: value}
+        # A naive time is UTC; an aware one is converted; what is finer than a millisecond is dropped.
+        moments = {
+            "alpha": dt.datetime(2024, 5, 1, 12, 0, 0, 250999),
+            "beta": dt.datetime(2024, 5, 1, 14, 0, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+        }
+        db.add(
+            Listener(Model("at", predict=lambda xs: [moments[x] for x in xs], output_type="timestamp"), "text", "docs")
+        )
+        day = Model("day", predict=lambda xs: [moments[x].date() for x in xs], output_type="date")
+        db.add(Listener(day, "text", "docs"))
+        db.cdc.start()
+        docs.insert_records([[2, "beta", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "at__text") == {
+            1: dt.datetime(2024, 5, 1, 12, 0, 0, 250000),
+            2: dt.datetime(2024, 5, 1, 12, 0),
+        }
+        assert outputs_by_source(db, "day__text") == {1: dt.date(2024, 5, 1), 2: dt.date(2024, 5, 1)}
+        stored = {r["_source"]: r["_output"] for r in kinetica_server.tables["ki_home._outputs__at__text"]}
+        assert stored == {1: 1714564800250, 2: 1714564800000}
         assert db.errors() == []
 
 

@@ -110,10 +110,36 @@ _SCALAR_COLUMNS = {
 _PACKED = {"float32": "<f4", "float64": "<f8", "int64": "<i8", "int32": "<i4", "int16": "<i2", "int8": "<i1"}
 
 
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+_MILLISECOND = _dt.timedelta(milliseconds=1)
+
+
+def _epoch_milliseconds(moment: _dt.datetime) -> int:
+    """Milliseconds since the epoch, a naive time taken as UTC, finer parts dropped (floor)."""
+    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=_dt.UTC)
+    return (aware - _EPOCH) // _MILLISECOND
+
+
+def _from_epoch_milliseconds(ms: int) -> _dt.datetime:
+    return (_EPOCH + ms * _MILLISECOND).replace(tzinfo=None)
+
+
+def _iso_date(day: _dt.date) -> str:
+    return (day.date() if isinstance(day, _dt.datetime) else day).isoformat()
+
+
+#: Output types with a Kinetica column type of their own: Avro type, encode, decode (the
+#: type's name is also the column's property).
+_TEMPORAL_COLUMNS: dict[str, tuple[str, Callable[[Any], Any], Callable[[Any], Any]]] = {
+    "timestamp": ("long", _epoch_milliseconds, _from_epoch_milliseconds),
+    "date": ("string", _iso_date, _dt.date.fromisoformat),
+}
+
 #: Output types stored as JSON text that are not parsed to be checked (see ``_kinetica_holds``).
 _JSON_PLAIN = frozenset({"uuid", "uint8", "uint16", "uint32", "uint64", "float16", "boolean", "string"})
 _KINETICA_TAKES = (
-    "boolean, int8-int64, float32, float64, string, binary, or arrays of numbers; as JSON text uuid, unsigned"
+    "boolean, int8-int64, float32, float64, string, binary, timestamp (to the millisecond), date, or arrays of"
+    " numbers; as JSON text uuid, unsigned"
     " integers, float16, and arrays, structs and maps with text keys of numbers, booleans, text or UUIDs"
 )
 
@@ -124,11 +150,11 @@ def _kinetica_holds(output_type: str) -> bool:
     dates, times or intervals, which JSON has no form for; no map keys but text, which JSON
     would turn into text).
 
-    >>> _kinetica_holds("array<float32>"), _kinetica_holds("struct<a: array<uuid>>"), _kinetica_holds("date")
+    >>> _kinetica_holds("array<float32>"), _kinetica_holds("struct<a: array<uuid>>"), _kinetica_holds("time")
     (True, True, False)
     """
     inner = output_type[6:-1] if output_type.startswith("array<") else None
-    if output_type in _SCALAR_COLUMNS or output_type == "json" or inner in _PACKED:
+    if output_type in _SCALAR_COLUMNS or output_type in _TEMPORAL_COLUMNS or output_type == "json" or inner in _PACKED:
         return True
     return holds_leaves(output_type, _JSON_PLAIN, _json_leaf)
 
@@ -152,6 +178,16 @@ class OutputColumn:
     ('bytes', [0.5, 1.0])
     >>> OutputColumn("json").encode({"label": "spam"})
     '{"label": "spam"}'
+
+    A ``timestamp`` is Kinetica's own: a ``long`` of milliseconds since the epoch (a naive
+    time is UTC, as in the SQL stores; read back naive, in UTC; what is finer than a
+    millisecond is dropped, as MongoDB drops it), a ``date`` a ``string`` with its property:
+
+    >>> stamp = OutputColumn("timestamp")
+    >>> stamp.encode(_dt.datetime(2024, 5, 1, 12, 0, 0, 250999)), stamp.decode(1714564800250), stamp.properties
+    (1714564800250, datetime.datetime(2024, 5, 1, 12, 0, 0, 250000), ['timestamp'])
+    >>> OutputColumn("date").encode(_dt.date(2024, 5, 1)), OutputColumn("date").decode("2024-05-01")
+    ('2024-05-01', datetime.date(2024, 5, 1))
     """
 
     def __init__(self, output_type: str) -> None:
@@ -160,7 +196,11 @@ class OutputColumn:
         self._encode: Callable[[Any], Any] = lambda value: value
         self._decode: Callable[[Any], Any] = lambda value: value
         inner = output_type[6:-1] if output_type.startswith("array<") else None
-        if output_type in _SCALAR_COLUMNS:
+        if output_type in _TEMPORAL_COLUMNS:
+            self.avro_type, encode, decode = _TEMPORAL_COLUMNS[output_type]
+            self.properties.append(output_type)
+            self._encode, self._decode = encode, decode
+        elif output_type in _SCALAR_COLUMNS:
             self.avro_type = _SCALAR_COLUMNS[output_type]
             if output_type in ("int16", "int8", "boolean"):
                 self.properties.append(output_type)
