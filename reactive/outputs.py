@@ -327,6 +327,10 @@ def _other_output(value: Any, output_type: str) -> Any:
     Traceback (most recent call last):
     ...
     ValueError: output 'x' is not a UUID, which uuid holds
+    >>> _other_output(_dt.datetime(2024, 5, 1, 3, 4), "date")
+    Traceback (most recent call last):
+    ...
+    ValueError: output of type datetime does not fit date (its time of day would be lost): return a date
     """
     if output_type == "uuid":
         try:
@@ -338,6 +342,15 @@ def _other_output(value: Any, output_type: str) -> Any:
         return value
     import pyarrow as pa
 
+    if (expected := _temporal(arrow_type)) is not None and (
+        not isinstance(value, expected) or (expected is _dt.date and isinstance(value, _dt.datetime))
+    ):
+        # Arrow takes a number as a count of the type's units since the epoch (5 as 5 us past
+        # 1970), and a datetime as a date by dropping its time: a value changed to fit.
+        lost = " (its time of day would be lost)" if isinstance(value, _dt.datetime) else ""
+        raise ValueError(
+            f"output of type {type(value).__name__} does not fit {output_type}{lost}: return a {expected.__name__}"
+        )
     try:
         pa.array([value], type=arrow_type)
     except (TypeError, ValueError, pa.ArrowException) as exc:
@@ -346,6 +359,21 @@ def _other_output(value: Any, output_type: str) -> Any:
         # Arrow drops a key its struct lacks without a word: the value would be stored without it.
         raise ValueError(f"output has the key {path}, which {output_type} does not declare (it would be lost)")
     return value
+
+
+def _temporal(arrow_type: Any) -> type | None:
+    """The Python type a value of a temporal Arrow type must be, or None for other types."""
+    import pyarrow as pa
+
+    if pa.types.is_timestamp(arrow_type):
+        return _dt.datetime
+    if pa.types.is_date(arrow_type):
+        return _dt.date
+    if pa.types.is_time(arrow_type):
+        return _dt.time
+    if pa.types.is_duration(arrow_type) or pa.types.is_interval(arrow_type):
+        return _dt.timedelta
+    return None
 
 
 def _undeclared_key(value: Any, arrow_type: Any) -> str | None:

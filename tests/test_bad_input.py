@@ -539,8 +539,22 @@ def test_json_is_json_in_any_case_and_other_declared_types_refuse_values_per_row
         assert outputs_by_source(db, "doc__text") == {1: {"n": 1}, 2: {"n": 2}}
         # Types reactive has no Python type for reached the database unchecked, which refused
         # the whole window every time (db.add: "backfill ... failed for some rows").
-        good = {"uuid": UUID(int=5), "decimal(10, 2)": Decimal("2.25"), "timestamp": dt.datetime(2024, 5, 1)}
-        bad = {"uuid": "not a uuid", "decimal(10, 2)": 2.25, "timestamp": "2024-05-01"}
+        good = {
+            "uuid": UUID(int=5),
+            "decimal(10, 2)": Decimal("2.25"),
+            "timestamp": dt.datetime(2024, 5, 1),
+            "timestamp('UTC')": dt.datetime(2024, 5, 1, tzinfo=dt.UTC),
+            "date": dt.date(2024, 5, 1),
+        }
+        # A number was taken as a count of units since 1970 (1714521600 as that many us), a
+        # datetime as a date by dropping its time: values changed to fit.
+        bad = {
+            "uuid": "not a uuid",
+            "decimal(10, 2)": 2.25,
+            "timestamp": "2024-05-01",
+            "timestamp('UTC')": 1714521600,
+            "date": dt.datetime(2024, 5, 1, 12, 30),
+        }
         for n, kind in enumerate(good):
             model = Model(
                 f"t{n}", predict=lambda xs, k=kind: [good[k] if x == "a" else bad[k] for x in xs], output_type=kind
