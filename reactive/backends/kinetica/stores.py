@@ -45,7 +45,7 @@ from reactive.backends.base import (
     warn_unfollowed_ids,
 )
 from reactive.backends.kinetica.client import equals_expression, in_expression, quote_identifier
-from reactive.backends.kinetica.tables import ID_CHUNK, TableCatalog, epoch_ms, id_type
+from reactive.backends.kinetica.tables import ID_CHUNK, TableCatalog, epoch_ms, from_epoch_ms, id_type
 from reactive.errors import ConfigurationError
 from reactive.events import Row, id_key
 from reactive.fingerprints import plain_value
@@ -110,18 +110,9 @@ _SCALAR_COLUMNS = {
 _PACKED = {"float32": "<f4", "float64": "<f8", "int64": "<i8", "int32": "<i4", "int16": "<i2", "int8": "<i1"}
 
 
-_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
-_MILLISECOND = _dt.timedelta(milliseconds=1)
-
-
-def _epoch_milliseconds(moment: _dt.datetime) -> int:
-    """Milliseconds since the epoch, a naive time taken as UTC, finer parts dropped (floor)."""
-    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=_dt.UTC)
-    return (aware - _EPOCH) // _MILLISECOND
-
-
-def _from_epoch_milliseconds(ms: int) -> _dt.datetime:
-    return (_EPOCH + ms * _MILLISECOND).replace(tzinfo=None)
+def _naive_from_epoch_ms(ms: int) -> _dt.datetime:
+    """Read back naive, in UTC, as the SQL stores give a ``timestamp``."""
+    return from_epoch_ms(ms).replace(tzinfo=None)
 
 
 def _iso_date(day: _dt.date) -> str:
@@ -131,7 +122,7 @@ def _iso_date(day: _dt.date) -> str:
 #: Output types with a Kinetica column type of their own: Avro type, encode, decode (the
 #: type's name is also the column's property).
 _TEMPORAL_COLUMNS: dict[str, tuple[str, Callable[[Any], Any], Callable[[Any], Any]]] = {
-    "timestamp": ("long", _epoch_milliseconds, _from_epoch_milliseconds),
+    "timestamp": ("long", epoch_ms, _naive_from_epoch_ms),
     "date": ("string", _iso_date, _dt.date.fromisoformat),
 }
 
@@ -139,8 +130,8 @@ _TEMPORAL_COLUMNS: dict[str, tuple[str, Callable[[Any], Any], Callable[[Any], An
 _JSON_PLAIN = frozenset({"uuid", "uint8", "uint16", "uint32", "uint64", "float16", "boolean", "string"})
 _KINETICA_TAKES = (
     "boolean, int8-int64, float32, float64, string, binary, timestamp (to the millisecond), date, or arrays of"
-    " numbers; as JSON text uuid, unsigned"
-    " integers, float16, and arrays, structs and maps with text keys of numbers, booleans, text or UUIDs"
+    " numbers; as JSON text uuid, unsigned integers, float16, and arrays, structs and maps with text keys of"
+    " numbers, booleans, text or UUIDs"
 )
 
 
@@ -417,5 +408,5 @@ class KineticaErrors:
         rows = list(self.catalog.all_records(ERRORS_TABLE, expression=expression, sort_by="at"))
         for row in rows:
             row["source"] = json.loads(row["source"])
-            row["at"] = _dt.datetime.fromtimestamp(row["at"] / 1000, _dt.UTC)
+            row["at"] = from_epoch_ms(row["at"])
         return rows

@@ -24,9 +24,29 @@ from reactive.errors import TableNotFoundError
 ID_CHUNK = 1_000
 
 
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+_MILLISECOND = _dt.timedelta(milliseconds=1)
+
+
 def epoch_ms(moment: _dt.datetime) -> int:
-    """Milliseconds since the epoch: how Kinetica's ``timestamp`` columns hold a time."""
-    return int(moment.timestamp() * 1000)
+    """Milliseconds since the epoch: how Kinetica's ``timestamp`` columns hold a time. A naive
+    time is UTC (as the SQL stores take it); what is finer than a millisecond is dropped
+    (floor), in exact arithmetic.
+
+    >>> epoch_ms(_dt.datetime(2024, 5, 1, 12, 0, 0, 250999)), epoch_ms(_dt.datetime(1969, 12, 31, 23, 59, 59, 999500))
+    (1714564800250, -1)
+    """
+    aware = moment if moment.tzinfo is not None else moment.replace(tzinfo=_dt.UTC)
+    return (aware - _EPOCH) // _MILLISECOND
+
+
+def from_epoch_ms(ms: int) -> _dt.datetime:
+    """The time (aware, UTC) ``ms`` milliseconds after the epoch: :func:`epoch_ms` undone.
+
+    >>> from_epoch_ms(1714564800250)
+    datetime.datetime(2024, 5, 1, 12, 0, 0, 250000, tzinfo=datetime.timezone.utc)
+    """
+    return _EPOCH + ms * _MILLISECOND
 
 
 def id_type(description: TableDescription, column: str) -> str:
