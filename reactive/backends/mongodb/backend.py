@@ -145,8 +145,8 @@ DECIMAL128_DIGITS = 34
 
 def _bson_leaf(dtype: Any) -> bool:
     """A value BSON holds: a decimal of up to 34 digits (as Decimal128; one of no declared
-    precision is checked value by value), no date, time or
-    interval (BSON has none), no 64-bit unsigned integer (BSON's are signed)."""
+    precision is checked value by value), no date, time or interval (BSON has none), no 64-bit
+    unsigned integer (BSON's are signed)."""
     return (
         (dtype.is_decimal() and (dtype.precision or 0) <= DECIMAL128_DIGITS)
         or dtype.is_boolean()
@@ -220,8 +220,12 @@ class MongoOutputs:
             return {}
         refused = {}
         for k, value in enumerate(outputs):
-            if (found := _beyond_decimal128(value)) is not None:
-                refused[k] = f"output has {found}, which MongoDB's Decimal128 cannot hold (34 digits)"
+            try:
+                _as_decimal128(value)
+            except _BeyondDecimal128 as exc:
+                refused[k] = (
+                    f"output has {exc.value}, which MongoDB's Decimal128 cannot hold ({DECIMAL128_DIGITS} digits)"
+                )
         return refused
 
     def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
@@ -339,37 +343,36 @@ class MongoOutputs:
         self.db.drop_collection(outputs_table(identifier))
 
 
+class _BeyondDecimal128(ArithmeticError):
+    """A ``Decimal`` that Decimal128 cannot hold exactly (more than 34 digits, or an exponent
+    past its range)."""
+
+    def __init__(self, value: Decimal) -> None:
+        super().__init__(value)
+        self.value = value
+
+
 def _as_decimal128(value: Any) -> Any:
-    """``value`` with each ``Decimal`` in it as a ``Decimal128`` (one that does not fit is refused
-    before: :meth:`MongoOutputs.refused_outputs`).
+    """``value`` with each ``Decimal`` in it as a ``Decimal128``; :class:`_BeyondDecimal128` for
+    one that does not fit (:meth:`MongoOutputs.refused_outputs` refuses those before).
 
     >>> _as_decimal128({"p": [Decimal("1.25")]})
     {'p': [Decimal128('1.25')]}
+    >>> _as_decimal128([Decimal("1.5"), {"a": Decimal("1" * 35)}])
+    Traceback (most recent call last):
+    ...
+    reactive.backends.mongodb.backend._BeyondDecimal128: 11111111111111111111111111111111111
     """
     if isinstance(value, Decimal):
-        return Decimal128(value)
+        try:
+            return Decimal128(value)
+        except ArithmeticError:  # decimal.Inexact
+            raise _BeyondDecimal128(value) from None
     if isinstance(value, dict):
         return {k: _as_decimal128(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_as_decimal128(v) for v in value]
     return value
-
-
-def _beyond_decimal128(value: Any) -> Decimal | None:
-    """The first ``Decimal`` in ``value`` that Decimal128 cannot hold exactly (more than 34
-    digits, or an exponent past its range), or None.
-
-    >>> _beyond_decimal128([Decimal("1.5"), {"a": Decimal("1" * 35)}])
-    Decimal('11111111111111111111111111111111111')
-    """
-    if isinstance(value, Decimal):
-        try:
-            Decimal128(value)
-        except ArithmeticError:  # decimal.Inexact
-            return value
-        return None
-    parts = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    return next((found for part in parts if (found := _beyond_decimal128(part)) is not None), None)
 
 
 def _unencodable(document: dict[str, Any], codec_options: CodecOptions) -> str | None:
