@@ -368,6 +368,7 @@ def writer_main(args: argparse.Namespace) -> int:
     """The writer as its own process: a ready line, writes until SIGTERM, then its counts as a JSON line."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # where a writer that does not stop is stuck
     options: dict[str, Any] = {"journal": False} if args.no_journal else {}
     if args.backend == "postgres":
         options["application_name"] = WRITER_APPLICATION  # spared by terminate_postgres_connections
@@ -386,6 +387,7 @@ class WriterProcess:
     """A running writer process; :meth:`stop` ends it and returns its counts."""
 
     process: subprocess.Popen[str]
+    err: Path
 
     @classmethod
     def start(cls, backend: str, uri: str, workdir: Path, *, seed: int, ids: int, rate: float,
@@ -404,14 +406,20 @@ class WriterProcess:
         if not line:
             process.wait(10)
             raise RuntimeError(f"the writer exited with {process.returncode}: {tail(workdir / 'writer.err')}")
-        return cls(process)
+        return cls(process, workdir / "writer.err")
 
     def stop(self) -> int:
         """End the writer; how many of its operations failed."""
         self.process.terminate()
-        out, _ = self.process.communicate(timeout=60)
+        try:
+            out, _ = self.process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGUSR2)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.communicate(timeout=2)
+            raise RuntimeError(f"the writer did not stop within 60 s; its stacks:\n{tail(self.err, 60)}") from None
         if self.process.returncode != 0:
-            raise RuntimeError(f"the writer exited with {self.process.returncode}")
+            raise RuntimeError(f"the writer exited with {self.process.returncode}: {tail(self.err)}")
         return json.loads(out.strip().splitlines()[-1]).get("errors", 0)
 
     def kill(self) -> None:
