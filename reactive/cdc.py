@@ -159,30 +159,48 @@ class DatabaseChangeDataCapture:
         with self._lock:
             if self._keeper is None or not self._keeper.alive:
                 self._keeper = LeaseKeeper(
-                    self.lease, auto_activate=self._running, on_change=self._lease_changed, name="database"
+                    self.lease, auto_activate=self._running, on_look=self._lease_looked, name="database"
                 )
                 self._keeper.start()
             self._keeper.auto_activate = self._running
             return self._keeper
 
-    def _lease_changed(self, held: bool) -> None:
-        """On the lease thread: took the lease over, or lost it. The work runs on its own thread
-        so that the lease keeps being renewed meanwhile; transitions run one at a time, each on
-        the lease as it is when it runs (a loss quickly followed by a takeover may arrive in
-        either order)."""
-        threading.Thread(target=self._transition, name="reactive-lease-change", daemon=True).start()
+    def _lease_looked(self, held: bool) -> None:
+        """On the lease thread, after each look at the lease: where this process's state
+        disagrees with it (running the listeners without the lease, or holding it and running
+        nothing), start a transition; one at a time, on its own thread so that the lease keeps
+        being renewed meanwhile (a stand-down may wait on a handler retrying a window), and the
+        next look tries again.
+
+        The states are compared at every look, not reported once on a change: a report can be
+        overtaken by events. A takeover that waited behind a 10 s stand-down once ran when the
+        lease had just lapsed and did nothing; the keeper took the lease back in one look and
+        saw no change to report; the process held the lease and ran nothing until it stopped.
+        """
+        if not self._running or held == self._activated.is_set():
+            return
+        if not self._transitions.acquire(blocking=False):
+            return  # one is running: the next look sees what it left
+        try:
+            threading.Thread(target=self._transition, name="reactive-lease-change", daemon=True).start()
+        except BaseException:
+            self._transitions.release()
+            raise
 
     def _transition(self) -> None:
-        with self._transitions:
+        """Take over or stand down, on the lease as it is now (the look that started this may
+        be stale: a loss quickly followed by a takeover goes on as it was, its writes fenced
+        meanwhile). Runs with ``_transitions`` held, and releases it."""
+        try:
             if self.lease is None or not self._running:
                 return
-            # Lost and taken back before this ran: this process goes on as it was (its writes
-            # were fenced meanwhile; its listener still follows every change); and vice versa.
             active = self._activated.is_set()
             if self.lease.held is not None and not active:
                 self._take_over()
             elif self.lease.held is None and active:
                 self._stand_down()
+        finally:
+            self._transitions.release()
 
     def _take_over(self) -> None:
         """This process now holds the lease: follow every table, then backfill what was deferred."""

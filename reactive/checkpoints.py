@@ -307,23 +307,23 @@ class Lease:
 class LeaseKeeper:
     """A named daemon thread that renews a held lease and, when asked, takes a free one.
 
-    ``on_change(held)`` is called on that thread whenever this process gains or loses the lease.
-    A standby notices a holder that died at once when it ran on this host (its pid is gone),
-    otherwise when the lease expires.
+    ``on_look(held)`` is called on that thread after each look at the lease, with whether this
+    process holds it: the caller compares it with its own state (a change reported once could
+    be overtaken before it is acted on). A standby notices a holder that died at once when it
+    ran on this host (its pid is gone), otherwise when the lease expires.
     """
 
     def __init__(
-        self, lease: Lease, *, auto_activate: bool, on_change: Callable[[bool], None] | None = None, name: str = ""
+        self, lease: Lease, *, auto_activate: bool, on_look: Callable[[bool], None] | None = None, name: str = ""
     ) -> None:
         self.lease = lease
         self.auto_activate = auto_activate
-        self.on_change = on_change
+        self.on_look = on_look
         self._wake = threading.Event()
         self._stopped = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"reactive-lease-{name or lease.checkpoint}", daemon=True
         )
-        self._was_held = False
         self._changed = threading.Condition()
         self.last_error: str | None = None
 
@@ -378,13 +378,11 @@ class LeaseKeeper:
             held = self.lease.held is not None
             with self._changed:
                 self._changed.notify_all()
-            if held != self._was_held:
-                self._was_held = held
-                if self.on_change is not None:
-                    try:
-                        self.on_change(held)
-                    except Exception:
-                        log.exception("a lease change callback failed")
+            if self.on_look is not None:
+                try:
+                    self.on_look(held)
+                except Exception:
+                    log.exception("a lease callback failed")
 
 
 Container = Mapping[str, bytes | str] | Iterable[tuple[str, bytes | str]]

@@ -92,23 +92,51 @@ def test_a_process_that_lost_its_lease_writes_nothing(sqlite_file: tuple[str, sq
 def test_a_lease_lost_and_taken_back_before_the_change_runs_keeps_the_listeners(
     sqlite_file: tuple[str, sqlite3.Connection],
 ) -> None:
-    # The keeper reports a loss, then a takeover, each handled on its own thread: the loss
-    # may run when the lease is held again. Found by the PostgreSQL-terminations torture run:
-    # a second set of listener threads was started, and wait_idle never returned.
+    # A look that saw the lease lost starts a transition on its own thread: it may run when
+    # the lease is held again. Found by the PostgreSQL-terminations torture run: a second set
+    # of listener threads was started, and wait_idle never returned.
     uri, client = sqlite_file
     recorder = Recorder()
     with reactive.connect(uri, poll_interval=0.05) as db:
         db.add(listener(recorder))
         db.cdc.start()
         following = db.cdc.listener
-        db.cdc._lease_changed(False)  # the lease is held: nothing to stand down from
-        db.cdc._lease_changed(True)  # already running: nothing to take over
+        db.cdc._lease_looked(False)  # the lease is held: nothing to stand down from
+        db.cdc._lease_looked(True)  # already running: nothing to take over
         client.execute("INSERT INTO docs VALUES (6, 'doc 6')")
         assert db.cdc.wait_idle(timeout=WAIT)
         assert db.cdc.listener is following and following.is_alive()
         assert recorder.inputs.count("doc 6") == 1
         names = [t.name for t in threading.enumerate()]
         assert names.count(following.name) == 1
+
+
+def test_a_process_that_stood_down_and_holds_the_lease_again_runs_the_listeners(
+    sqlite_file: tuple[str, sqlite3.Connection],
+) -> None:
+    # Found by the MongoDB restarts torture run under load: a stand-down took 10 s (its handler
+    # retried a window against the server that was down), the lease lapsed meanwhile, the
+    # takeover that waited behind the stand-down saw it lapsed and did nothing, and the keeper
+    # took the lease back in one look (no loss reported): the process held the lease and ran
+    # nothing until it was stopped. Here the stand-down runs while the lease stays held.
+    uri, client = sqlite_file
+    recorder = Recorder()
+    with reactive.connect(uri, poll_interval=0.05, lease_ms=600) as db:
+        db.add(listener(recorder))
+        db.cdc.start()
+        keeper = db.cdc._keeper
+        assert keeper is not None
+        for _ in range(2):  # the keeper has looked at the lease held (before: reported it once)
+            with keeper._changed:
+                keeper.wake()
+                assert keeper._changed.wait(WAIT)
+        with db.cdc._transitions:
+            db.cdc._stand_down()
+        assert db.cdc.lease is not None and db.cdc.lease.held is not None
+        client.execute("INSERT INTO docs VALUES (6, 'doc 6')")
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert db.cdc.active and db.cdc.listener is not None and db.cdc.listener.is_alive()
+        assert outputs_by_source(db, "tag__text")[6] == "<doc 6>"
 
 
 def test_a_standby_cannot_run_a_table_monitor(sqlite_file: tuple[str, sqlite3.Connection]) -> None:
