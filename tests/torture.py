@@ -364,10 +364,19 @@ def write(
     return counts
 
 
+def _set_on_sigterm(stop: threading.Event) -> None:
+    signal.sigwait({signal.SIGTERM})
+    stop.set()
+
+
 def writer_main(args: argparse.Namespace) -> int:
     """The writer as its own process: a ready line, writes until SIGTERM, then its counts as a JSON line."""
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # SIGTERM is taken by a thread of its own, not by a handler: a handler runs on the main
+    # thread between two bytecodes, possibly inside stop.wait() with the Event's lock held,
+    # which stop.set() would then wait for forever. Blocked before any thread starts.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_set_on_sigterm, args=(stop,), name="torture-sigterm", daemon=True).start()
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # where a writer that does not stop is stuck
     options: dict[str, Any] = {"journal": False} if args.no_journal else {}
     if args.backend == "postgres":
