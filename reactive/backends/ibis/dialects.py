@@ -914,8 +914,8 @@ class SQLiteDialect(Dialect):
         any other as nullable: only a rowid holds nothing but integers, never NULL, so only its
         rows need no ``TYPEOF`` filter (:meth:`followed`): ``db.add`` then counts a 1M-row
         table in 6 ms instead of 53, and need not count unfollowed rows (50 ms); a full
-        diff (1.6 s) is 1-2% faster. ibis's
-        nullability is not relied on: SQLite keeps text in an ``INTEGER NOT NULL`` column.
+        diff (1.6 s) is 1-2% faster. ibis's nullability is not relied on: SQLite keeps text in
+        an ``INTEGER NOT NULL`` column.
 
         SQLite's rule: the one primary-key column, declared ``INTEGER`` exactly, of a table
         with rowids, and not ``INTEGER PRIMARY KEY DESC`` in the column's own definition; all
