@@ -201,7 +201,9 @@ class Lease:
     """A lease on one checkpoint, held by at most one process at a time (compare-and-set).
 
     The epoch grows each time the lease changes hands: it fences writes (a writer checks that
-    the lease still has the epoch it took).
+    the lease still has the epoch it took). A lease that lapsed here (not renewed in time: the
+    store was down or slow) and that no other process took meanwhile (the stored record is
+    still ours, with our epoch) is taken back with its epoch: it never changed hands.
     """
 
     def __init__(self, store: SectionStore, checkpoint: str, *, lease_ms: int = DEFAULT_LEASE_MS) -> None:
@@ -211,6 +213,8 @@ class Lease:
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
         self._held: Holder | None = None
         self._raw: bytes | None = None
+        #: Our record once it expired here, until the lease is held again, lost or released.
+        self._lapsed: Holder | None = None
         self._lock = threading.RLock()
 
     @property
@@ -218,7 +222,7 @@ class Lease:
         """Our holder record while we hold the lease (and it has not expired), else None."""
         with self._lock:
             if self._held is not None and self._held.expires < time.time():
-                self._held = self._raw = None
+                self._lapsed, self._held, self._raw = self._held, None, None
             return self._held
 
     def valid(self, margin: float) -> bool:
@@ -236,20 +240,41 @@ class Lease:
         holder = Holder(self.owner, socket.gethostname(), os.getpid(), epoch, time.time() + self.lease_ms / 1000)
         return holder, Section(holder.encode(), False, time.time())
 
-    def acquire(self) -> bool:
-        """Take the lease if it is free, expired, or left by a process of this host that is gone."""
+    @property
+    def lapsed(self) -> bool:
+        """Whether our lease expired here and was not yet found taken by another process."""
+        with self._lock:
+            return self.held is None and self._lapsed is not None
+
+    def acquire(self, *, only_ours: bool = False) -> bool:
+        """Take the lease if it is free, expired, or left by a process of this host that is gone.
+
+        Our own lease that lapsed is taken back with its epoch where nobody took it meanwhile;
+        otherwise the epoch grows. ``only_ours``: take back nothing but our lapsed lease.
+        """
         if self.held is not None:
             return self.renew()
+        with self._lock:
+            lapsed = self._lapsed
         found = self.store.read_sections(self.checkpoint, [LEASE_SECTION]).get(LEASE_SECTION)
         current = None if found is None else Holder.decode(found.data)
-        if current is not None and current.owner != self.owner and not current.gone(time.time()):
+        mine = None if lapsed is None else (self.owner, lapsed.epoch)
+        ours = current is not None and mine == (current.owner, current.epoch)
+        if not ours:
+            with self._lock:
+                if self._lapsed is lapsed:
+                    self._lapsed = None  # taken or released since: it changed hands
+        if (only_ours and not ours) or (
+            current is not None and current.owner != self.owner and not current.gone(time.time())
+        ):
             return False
-        holder, section = self._record((current.epoch if current else 0) + 1)
+        epoch = lapsed.epoch if ours and lapsed is not None else (current.epoch if current else 0) + 1
+        holder, section = self._record(epoch)
         expected = None if found is None else found.data
         if not self.store.replace_section(self.checkpoint, LEASE_SECTION, expected, section):
             return False
         with self._lock:
-            self._held, self._raw = holder, section.data
+            self._held, self._raw, self._lapsed = holder, section.data, None
         return True
 
     # The store is never called with self._lock held: a writer holding the database's lock (a
@@ -277,14 +302,18 @@ class Lease:
                 and self.store.replace_section(self.checkpoint, LEASE_SECTION, found.data, section)
             )
         with self._lock:
-            if self._raw is raw:  # not released meanwhile
-                self._held, self._raw = (holder, section.data) if replaced else (None, None)
+            # Not released meanwhile. It may have lapsed here during the call (a slow store): a
+            # renewal written holds it again, as no other process could take it in between.
+            if self._raw is raw or (self._raw is None and self._lapsed is held):
+                self._held, self._raw, self._lapsed = (holder, section.data, None) if replaced else (None, None, None)
         return bool(replaced)
 
     def release(self) -> None:
-        """Give the lease up (a standby takes over at once)."""
+        """Give the lease up (a standby takes over at once), a lapsed one too while its record
+        is still ours (a record is its holder's encoding)."""
         with self._lock:
-            raw, self._held, self._raw = self._raw, None, None
+            lapsed = None if self._lapsed is None else self._lapsed.encode()
+            raw, self._held, self._raw, self._lapsed = self._raw or lapsed, None, None, None
         if raw is not None:
             self.store.replace_section(self.checkpoint, LEASE_SECTION, raw, None)
 
@@ -309,8 +338,10 @@ class LeaseKeeper:
 
     ``on_look(held)`` is called on that thread after each look at the lease, with whether this
     process holds it: the caller compares it with its own state (a change reported once could
-    be overtaken before it is acted on). A standby notices a holder that died at once when it
-    ran on this host (its pid is gone), otherwise when the lease expires.
+    be overtaken before it is acted on). A look that could not reach the store reports only a
+    lease still held: one that lapsed meanwhile is not lost until the store says so (the next
+    look takes it back if no other process took it). A standby notices a holder that died at
+    once when it ran on this host (its pid is gone), otherwise when the lease expires.
     """
 
     def __init__(
@@ -357,7 +388,7 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            if self.lease.held is None and not self.auto_activate:
+            if self.lease.held is None and not self.auto_activate and not self.lease.lapsed:
                 return  # nothing to renew, nothing to take: the thread ends (started again when needed)
             self._wake.wait(self._interval())
             self._wake.clear()
@@ -366,7 +397,11 @@ class LeaseKeeper:
             try:
                 if self.lease.held is not None:
                     self.lease.renew()
-                elif self.auto_activate:
+                elif self.lease.lapsed or not self.auto_activate:
+                    # Ours if nobody took it meanwhile; else lost, reported before any new tenure
+                    # (taken again at the next look): what ran under the old one must stand down.
+                    self.lease.acquire(only_ours=True)
+                else:
                     self.lease.acquire()
                 self.last_error = None
             except Exception as exc:  # a database that is down: the lease expires by itself
@@ -378,6 +413,11 @@ class LeaseKeeper:
             held = self.lease.held is not None
             with self._changed:
                 self._changed.notify_all()
+            if not held and self.last_error is not None:
+                # The store did not answer: whether another process took the lease is unknown.
+                # Nothing is reported: writes are fenced meanwhile, and the next look that reaches
+                # the store takes the lease back (if still ours) or reports it lost.
+                continue
             if self.on_look is not None:
                 try:
                     self.on_look(held)

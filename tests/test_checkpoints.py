@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,10 @@ from conftest import outputs_by_source, server_uri
 import reactive
 from reactive.checkpoints import (
     ENGINE_CHECKPOINT,
+    MIN_LEASE_MS,
     CheckpointLimitError,
+    Lease,
+    LeaseKeeper,
     NotActiveError,
     Section,
     Table,
@@ -169,6 +174,130 @@ def test_an_expired_lease_is_taken_over(store: Any) -> None:
     standby.SetAutoActivate(True)
     assert standby.WaitActive(10)
     standby.Deactivate()
+
+
+def lapse(lease: Lease) -> None:
+    """Let ``lease`` lapse: nothing renews it (as while its store was down or slow)."""
+    assert lease.held is not None and within(30, lambda: lease.held is None)
+
+
+def within(seconds: float, condition: Callable[[], bool]) -> bool:
+    """Whether ``condition`` holds within ``seconds`` (for a lease's expiry: time, not work)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        threading.Event().wait(0.02)
+    return True
+
+
+def test_a_lapsed_lease_nobody_took_is_taken_back_with_its_epoch(store: Any) -> None:
+    # A lease that lapsed here while nobody else took it never changed hands: taking it back
+    # with a new epoch made the process stand down and reconcile every table.
+    holder = Lease(section_store(store), "lapse", lease_ms=MIN_LEASE_MS)
+    assert holder.acquire() and holder.held is not None
+    epoch = holder.held.epoch
+    lapse(holder)
+    assert holder.held is None and holder.lapsed
+    assert holder.acquire(only_ours=True)
+    assert holder.held is not None and holder.held.epoch == epoch and not holder.lapsed
+    current = holder.current()
+    assert current is not None and current.epoch == epoch
+    lapse(holder)
+    assert holder.acquire()  # the same without only_ours
+    assert holder.held is not None and holder.held.epoch == epoch
+    lapse(holder)
+    assert holder.lapsed
+    holder.release()  # a lapsed lease whose record is ours is given up too: a standby takes it at once
+    assert not holder.lapsed and holder.current() is None
+
+
+def test_a_lapsed_lease_another_process_took_is_not_taken_back(store: Any) -> None:
+    sections = section_store(store)
+    holder = Lease(sections, "taken", lease_ms=MIN_LEASE_MS)
+    other = Lease(sections, "taken", lease_ms=60_000)
+    assert holder.acquire() and holder.held is not None
+    epoch = holder.held.epoch
+    assert within(30, other.acquire)  # once the stored record expired
+    assert holder.held is None and holder.lapsed  # not known here until the store is read
+    assert not holder.acquire(only_ours=True) and not holder.lapsed
+    assert not holder.acquire()
+    assert other.held is not None and other.held.epoch == epoch + 1
+    other.release()
+
+
+class Unreachable:
+    """A real store that fails every call while ``down`` is set: its database went away."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.down = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.store, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if self.down.is_set():
+                raise ConnectionError("the database is down")
+            return method(*args, **kwargs)
+
+        return call
+
+
+def test_a_lease_that_lapses_while_its_store_is_down_is_not_reported_lost(tmp_path: Path) -> None:
+    # What lapsed while the store could not be read may still be ours: reporting it lost made a
+    # single process stand down and reconcile every table after each outage longer than its lease.
+    store = Unreachable(section_store(f"sqlite:///{tmp_path / 'checkpoints.sqlite'}"))
+    lease = Lease(store, "down", lease_ms=300)
+    looks: queue.SimpleQueue[bool] = queue.SimpleQueue()
+    keeper = LeaseKeeper(lease, auto_activate=True, on_look=looks.put)
+    assert lease.acquire() and lease.held is not None
+    epoch = lease.held.epoch
+    store.down.set()
+    keeper.start()
+    try:
+        assert within(30, lambda: lease.lapsed)
+        for _ in range(2):  # the keeper has looked, and failed, since the lease lapsed
+            with keeper._changed:
+                keeper.wake()
+                assert keeper._changed.wait(30)
+        assert keeper.last_error == "ConnectionError: the database is down"
+        store.down.clear()
+        assert keeper.wait_held(30)
+    finally:
+        keeper.stop()
+    reports = []
+    while not looks.empty():
+        reports.append(looks.get())
+    assert reports and False not in reports, reports
+    assert lease.held is not None and lease.held.epoch == epoch
+
+
+def test_a_lease_taken_and_given_up_while_its_holder_was_cut_off_is_reported_lost(tmp_path: Path) -> None:
+    # Free again when its holder can reach the store, but it changed hands meanwhile: what ran
+    # under the old tenure must stand down before a new one starts, not go on as if held throughout.
+    sections = section_store(f"sqlite:///{tmp_path / 'checkpoints.sqlite'}")
+    store = Unreachable(sections)
+    lease, other = Lease(store, "cut", lease_ms=300), Lease(sections, "cut", lease_ms=300)
+    looks: queue.SimpleQueue[bool] = queue.SimpleQueue()
+    keeper = LeaseKeeper(lease, auto_activate=True, on_look=looks.put)
+    assert lease.acquire()
+    store.down.set()
+    keeper.start()
+    try:
+        assert within(30, other.acquire)  # the other process took it once it expired...
+        other.release()  # ...and gave it up
+        assert lease.lapsed
+        while not looks.empty():
+            looks.get()
+        store.down.clear()
+        assert keeper.wait_held(30)
+    finally:
+        keeper.stop()
+    reports = []
+    while not looks.empty():
+        reports.append(looks.get())
+    assert reports[:2] == [False, True], reports  # lost, then a new tenure
 
 
 def test_flags_and_arguments_are_checked() -> None:

@@ -139,6 +139,36 @@ def test_a_process_that_stood_down_and_holds_the_lease_again_runs_the_listeners(
         assert outputs_by_source(db, "tag__text")[6] == "<doc 6>"
 
 
+def test_a_holder_whose_lease_lapsed_while_its_database_was_locked_keeps_its_listeners(
+    sqlite_file: tuple[str, sqlite3.Connection],
+) -> None:
+    # A renewal that waited on the database past the lease's end was written, but dropped here:
+    # the process stood down, took the lease back with a new epoch and reconciled every table
+    # (a 1M-row table costs seconds) after each stall longer than its lease, with nobody else there.
+    uri, client = sqlite_file
+    recorder = Recorder()
+    with reactive.connect(uri, poll_interval=0.05, lease_ms=600) as db:
+        db.add(listener(recorder))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT) and db.cdc.lease is not None
+        following, held = db.cdc.listener, db.cdc.lease.held
+        assert held is not None
+        client.execute("BEGIN EXCLUSIVE")  # every statement of reactive waits, the renewals too
+        try:
+            deadline = time.monotonic() + WAIT
+            while db.cdc.lease.held is not None and time.monotonic() < deadline:
+                threading.Event().wait(0.05)  # the lease's time running out, not processing
+            assert db.cdc.lease.held is None
+            client.execute("INSERT INTO docs VALUES (6, 'doc 6')")
+        finally:
+            client.execute("COMMIT")
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text")[6] == "<doc 6>"
+        assert db.cdc.listener is following and following is not None and following.is_alive()  # no stand-down
+        again = db.cdc.lease.held
+        assert again is not None and again.epoch == held.epoch  # the same tenure: nobody else held it
+
+
 def test_a_standby_cannot_run_a_table_monitor(sqlite_file: tuple[str, sqlite3.Connection]) -> None:
     uri, _ = sqlite_file
     with reactive.connect(uri) as holder, reactive.connect(uri) as standby:
