@@ -42,8 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Longest wait between retries of a window while the database is unreachable.
-#: Retries of a window after stop() was called, before it is released.
+#: Retries of a window after stop() was called, before it is released (none without the lease).
 STOPPING_RETRIES = 3
 #: Failed parts past the log2 of a window's rows after which narrowing it, with nothing written, stops.
 NARROWING_SLACK = 4
@@ -688,7 +687,8 @@ class CDCHandler(ReactiveThread):
                 known.add(steps)
                 steps = None
                 attempt += 1
-                if self.queue.closed and attempt > STOPPING_RETRIES:
+                # Stopping without the lease (lost: db.cdc stands down), nothing can be written.
+                if self.queue.closed and (attempt > STOPPING_RETRIES or isinstance(exc, LeaseLostError)):
                     log.error("%s while stopping; releasing %d packets", exc, len(packets))
                     self._release(packets, exc)
                     return False

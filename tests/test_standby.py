@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sqlite3
@@ -12,11 +13,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import Recorder, outputs_by_source
 
 import reactive
+from reactive.checkpoints import ENGINE_CHECKPOINT, Lease, section_store
 from reactive.components import Listener, Model
 from reactive.errors import LeaseLostError
 
@@ -167,6 +170,44 @@ def test_a_holder_whose_lease_lapsed_while_its_database_was_locked_keeps_its_lis
         assert db.cdc.listener is following and following is not None and following.is_alive()  # no stand-down
         again = db.cdc.lease.held
         assert again is not None and again.epoch == held.epoch  # the same tenure: nobody else held it
+
+
+def test_a_process_that_stands_down_releases_its_window_in_flight_at_once(
+    sqlite_file: tuple[str, sqlite3.Connection], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its writes are fenced: retrying the window before letting it go only made the stand-down
+    # last three retries longer (3.5 s of backoff), however the lease was lost.
+    uri, client = sqlite_file
+    found: dict[str, Any] = {}
+    computing = threading.Event()
+
+    def slow(texts: list[str]) -> list[str]:
+        if "doc 6" in texts:
+            computing.set()
+            assert found["handler"].queue.wait_closed(WAIT)  # returns once the stand-down began
+        return [f"<{t}>" for t in texts]
+
+    with reactive.connect(uri, poll_interval=0.05, lease_ms=600) as db:
+        db.add(Listener(Model("tag", predict=slow), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT) and db.cdc._keeper is not None
+        found["handler"] = db.cdc._handler
+        db.cdc._keeper.stop()  # a paused process: nothing renews its lease
+        client.execute("INSERT INTO docs VALUES (6, 'doc 6')")
+        assert computing.wait(WAIT)
+        other = Lease(section_store(uri), ENGINE_CHECKPOINT, lease_ms=60_000)
+        deadline = time.monotonic() + WAIT
+        while not other.acquire() and time.monotonic() < deadline:
+            threading.Event().wait(0.05)  # the lease's time running out, not processing
+        assert other.held is not None  # another process took the lease once it expired
+        caplog.set_level(logging.WARNING, logger="reactive.handler")
+        with db.cdc._transitions:
+            db.cdc._stand_down()
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("while stopping; releasing 1 packets" in m for m in messages), messages
+        assert not any("retrying" in m for m in messages), messages
+        assert 6 not in outputs_by_source(db, "tag__text")  # fenced: nothing written
+        other.release()
 
 
 def test_a_standby_cannot_run_a_table_monitor(sqlite_file: tuple[str, sqlite3.Connection]) -> None:
