@@ -210,6 +210,39 @@ def test_a_process_that_stands_down_releases_its_window_in_flight_at_once(
         other.release()
 
 
+def test_a_wait_for_a_poll_ends_when_the_listener_is_stopped_under_it(
+    sqlite_file: tuple[str, sqlite3.Connection],
+) -> None:
+    # Found with a stand-down under wait_idle (a lapsed lease, 200,000 rows, a loaded machine):
+    # the wait, woken by the stopping listener's last notification, saw its thread still alive
+    # and slept out its whole timeout (300 s). A wait now ends once its listener is stopping.
+    uri, client = sqlite_file
+    with reactive.connect(uri, poll_interval=3600) as db:  # a poll only when asked
+        db.add(listener(Recorder()))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        following = db.cdc.listener
+        assert following is not None
+        client.execute("INSERT INTO docs VALUES (6, 'doc 6')")  # a poll will read the table...
+        client.execute("BEGIN EXCLUSIVE")  # ...and wait on the database
+        try:
+            started = following._polls_started
+            following._wake.set()
+            deadline = time.monotonic() + WAIT
+            while following._polls_started == started and time.monotonic() < deadline:
+                threading.Event().wait(0.01)  # the poll to begin, not work to finish
+            following.stop()
+            outcome: list[bool] = []
+            waiter = threading.Thread(target=lambda: outcome.append(following.sync(None)))
+            waiter.start()
+            waiter.join(WAIT)
+            assert not waiter.is_alive() and outcome == [False]
+            assert following.is_alive()  # it did not wait for the listener's thread to end
+        finally:
+            client.execute("COMMIT")
+        following.join(WAIT)
+
+
 def test_a_standby_cannot_run_a_table_monitor(sqlite_file: tuple[str, sqlite3.Connection]) -> None:
     uri, _ = sqlite_file
     with reactive.connect(uri) as holder, reactive.connect(uri) as standby:

@@ -682,6 +682,13 @@ class BaseDatabaseListener(ReactiveThread):
             raise
         self.counters[packet.event.counter] += len(packet)
 
+    def ending(self) -> bool:
+        """Stopped or being stopped: nothing more will be reported, so a wait for a barrier or
+        a poll gives up. Not ``is_alive()`` alone: woken by the thread's last notification, a
+        waiter still sees it alive and waits on for nothing (the whole of ``wait_idle``'s
+        timeout, when a stand-down stopped the listener under it)."""
+        return not self.should_keep_running() or not self.is_alive()
+
     def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
         """Wait until ``predicate()`` holds; it is checked whenever the listener's state changes.
 

@@ -392,7 +392,7 @@ class IbisPollingListener(BaseDatabaseListener):
         self._wake.set()
         with self._changed:
             while self._polls_done < target:
-                if not self.is_alive():
+                if self.ending():
                     return False
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:

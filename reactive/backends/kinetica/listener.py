@@ -732,7 +732,7 @@ class KineticaMonitorListener(BaseDatabaseListener):
             pause = min(pause * 2, 2.0)
 
     def _passed(self, mark: int) -> bool:
-        return self._marks_seen >= mark or not self.is_alive()
+        return self._marks_seen >= mark or self.ending()
 
     def _delete_marks(self, upto: int | None = None) -> None:
         """Delete this listener's marks up to ``upto`` (all it sent by default)."""
@@ -748,14 +748,12 @@ class KineticaMonitorListener(BaseDatabaseListener):
     def sync(self, timeout: float | None) -> bool:
         """Wait until every change published before this call is queued (and counts reconciled)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if not self.is_alive() or not self._barrier(timeout):
+        if self.ending() or not self._barrier(timeout):
             return False
         with self._changed:
             needed = self._requested_at_mark
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            reconciled = self._changed.wait_for(
-                lambda: self._reconcile_done >= needed or not self.is_alive(), remaining
-            )
+            reconciled = self._changed.wait_for(lambda: self._reconcile_done >= needed or self.ending(), remaining)
         self._delete_marks(upto=self._marks_seen)
         return reconciled and self._reconcile_done >= needed and not self.failing
 

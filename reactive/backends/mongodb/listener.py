@@ -261,7 +261,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                 log.warning("the saved position on %s is no longer in the oplog", self.uri)
         if new and self.is_alive():
             with self._changed:
-                self._changed.wait_for(lambda: self._opened_generation >= generation or not self.is_alive(), timeout=30)
+                self._changed.wait_for(lambda: self._opened_generation >= generation or self.ending(), timeout=30)
 
     def unwatch(self, table: str) -> None:
         with self._changed:
@@ -625,7 +625,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             log.warning("could not write a barrier mark: %s", exc)
             return False
         with self._changed:
-            return self._changed.wait_for(lambda: self._marks_seen >= mark or not self.is_alive(), timeout) and (
+            return self._changed.wait_for(lambda: self._marks_seen >= mark or self.ending(), timeout) and (
                 self._marks_seen >= mark
             )
 
