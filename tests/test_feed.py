@@ -361,6 +361,25 @@ def test_receive_data_gets_the_snapshot_then_each_delta_in_order(stack: ExitStac
     ]
 
 
+def test_a_wait_for_deliveries_ends_when_the_service_stops(stack: ExitStack, pub: DataService) -> None:
+    # A datalayer following a feed waits here in wait_idle; stopped under it (a stand-down), the
+    # wait saw no subscription left, was never woken, and slept out its whole timeout.
+    pub.publish("t", {1: "a"})
+    node = Node(None, peers=[pub.node.address], **FAST)
+    stack.callback(node.stop)
+    recording = Recording("recording", node)
+    recording.start()
+    stack.callback(recording.stop)
+    recording.subscribe("pub", "t")
+    assert recording.wait_synced(WAIT)
+    outcome: list[bool] = []
+    waiter = threading.Thread(target=lambda: outcome.append(recording.wait_delivered(99, None)))
+    waiter.start()  # a number nothing will reach
+    recording.stop()
+    waiter.join(WAIT)
+    assert not waiter.is_alive() and outcome == [False]
+
+
 # -- 3. loss and reordering ------------------------------------------------------------------------------
 class Lossy:
     """A receive filter: drops the deltas whose numbers it is given, and holds back deltas to

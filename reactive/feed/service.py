@@ -270,8 +270,9 @@ class DataService:
             node.unregister_service(self)
             if self._own_node:
                 node.stop()
-        with self._lock:
+        with self._changed:
             self._subscriptions.clear()  # they ended: a start() and subscribe() begin anew
+            self._changed.notify_all()  # and what waited for them waits no more
         self._save_all()
 
     def wait(self) -> None:
@@ -660,8 +661,11 @@ class DataService:
         return self._wait_for(reached, timeout)
 
     def _wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """``predicate()`` once it holds, ``timeout`` passed or the service stopped (its
+        subscriptions ended: a ``wait_idle`` on a stopping datalayer waited out its timeout)."""
         with self._changed:
-            return self._changed.wait_for(predicate, timeout)
+            self._changed.wait_for(lambda: predicate() or not self._running, timeout)
+            return predicate()
 
     def _require_node(self) -> Node:
         if self._node is None or not self._running:
