@@ -226,6 +226,14 @@ def test_a_lapsed_lease_another_process_took_is_not_taken_back(store: Any) -> No
     other.release()
 
 
+def taken(looks: queue.SimpleQueue[bool]) -> list[bool]:
+    """What the keeper reported so far, in order (the queue is emptied)."""
+    reports = []
+    while not looks.empty():
+        reports.append(looks.get())
+    return reports
+
+
 class Unreachable:
     """A real store that fails every call while ``down`` is set: its database went away."""
 
@@ -266,9 +274,7 @@ def test_a_lease_that_lapses_while_its_store_is_down_is_not_reported_lost(tmp_pa
         assert keeper.wait_held(30)
     finally:
         keeper.stop()
-    reports = []
-    while not looks.empty():
-        reports.append(looks.get())
+    reports = taken(looks)
     assert reports and False not in reports, reports
     assert lease.held is not None and lease.held.epoch == epoch
 
@@ -288,15 +294,12 @@ def test_a_lease_taken_and_given_up_while_its_holder_was_cut_off_is_reported_los
         assert within(30, other.acquire)  # the other process took it once it expired...
         other.release()  # ...and gave it up
         assert lease.lapsed
-        while not looks.empty():
-            looks.get()
+        taken(looks)  # what was reported before the store answered again
         store.down.clear()
         assert keeper.wait_held(30)
     finally:
         keeper.stop()
-    reports = []
-    while not looks.empty():
-        reports.append(looks.get())
+    reports = taken(looks)
     assert reports[:2] == [False, True], reports  # lost, then a new tenure
 
 

@@ -342,8 +342,8 @@ class Recording(DataService):
         self.calls.append((publisher, table, data, is_snapshot))
 
 
-def test_receive_data_gets_the_snapshot_then_each_delta_in_order(stack: ExitStack, pub: DataService) -> None:
-    pub.publish("t", {1: "a", 2: "b"})
+def subscribed_recording(stack: ExitStack, pub: DataService) -> Recording:
+    """A :class:`Recording` on a node of its own, subscribed to ``pub``'s table ``t`` and synced."""
     node = Node(None, peers=[pub.node.address], **FAST)
     stack.callback(node.stop)
     recording = Recording("recording", node)
@@ -351,6 +351,12 @@ def test_receive_data_gets_the_snapshot_then_each_delta_in_order(stack: ExitStac
     stack.callback(recording.stop)
     recording.subscribe("pub", "t")
     assert recording.wait_synced(WAIT)
+    return recording
+
+
+def test_receive_data_gets_the_snapshot_then_each_delta_in_order(stack: ExitStack, pub: DataService) -> None:
+    pub.publish("t", {1: "a", 2: "b"})
+    recording = subscribed_recording(stack, pub)
     pub.publish("t", {1: "a", 2: "B", 3: "c"})
     pub.publish("t", [("delete", 1, None)], use_snapshot=False)
     assert recording.wait_delivered(3, WAIT)
@@ -365,13 +371,7 @@ def test_a_wait_for_deliveries_ends_when_the_service_stops(stack: ExitStack, pub
     # A datalayer following a feed waits here in wait_idle; stopped under it (a stand-down), the
     # wait saw no subscription left, was never woken, and slept out its whole timeout.
     pub.publish("t", {1: "a"})
-    node = Node(None, peers=[pub.node.address], **FAST)
-    stack.callback(node.stop)
-    recording = Recording("recording", node)
-    recording.start()
-    stack.callback(recording.stop)
-    recording.subscribe("pub", "t")
-    assert recording.wait_synced(WAIT)
+    recording = subscribed_recording(stack, pub)
     outcome: list[bool] = []
     waiter = threading.Thread(target=lambda: outcome.append(recording.wait_delivered(99, None)))
     waiter.start()  # a number nothing will reach

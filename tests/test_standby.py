@@ -147,7 +147,7 @@ def test_a_holder_whose_lease_lapsed_while_its_database_was_locked_keeps_its_lis
 ) -> None:
     # A renewal that waited on the database past the lease's end was written, but dropped here:
     # the process stood down, took the lease back with a new epoch and reconciled every table
-    # (a 1M-row table costs seconds) after each stall longer than its lease, with nobody else there.
+    # (4-8 s for 200,000 rows) after each stall longer than its lease, with nobody else there.
     uri, client = sqlite_file
     recorder = Recorder()
     with reactive.connect(uri, poll_interval=0.05, lease_ms=600) as db:
