@@ -635,12 +635,21 @@ class DatabaseChangeDataCapture:
     def _lease_info(self) -> dict[str, Any] | None:
         if self.lease is None:
             return None
+        # lapsed: this process's lease ran out here (its database slow or down) and is taken back
+        # when the database answers, unless another process took it meanwhile.
+        lapsed = self.lease.lapsed
         try:
             holder = self.lease.current()
         except Exception as exc:
-            return {"this_process": self.active, "holder": None, "error": f"{type(exc).__name__}: {exc}"}
+            return {
+                "this_process": self.active,
+                "lapsed": lapsed,
+                "holder": None,
+                "error": f"{type(exc).__name__}: {exc}",
+            }
         return {
             "this_process": self.active,
+            "lapsed": lapsed,
             "holder": None if holder is None else dc.asdict(holder),
             "lease_ms": self.lease.lease_ms,
             "last_error": None if self._keeper is None else self._keeper.last_error,

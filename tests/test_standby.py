@@ -161,7 +161,7 @@ def test_a_holder_whose_lease_lapsed_while_its_database_was_locked_keeps_its_lis
             deadline = time.monotonic() + WAIT
             while db.cdc.lease.held is not None and time.monotonic() < deadline:
                 threading.Event().wait(0.05)  # the lease's time running out, not processing
-            assert db.cdc.lease.held is None
+            assert db.cdc.lease.held is None and db.cdc.lease.lapsed
             client.execute("INSERT INTO docs VALUES (6, 'doc 6')")
         finally:
             client.execute("COMMIT")
@@ -170,6 +170,8 @@ def test_a_holder_whose_lease_lapsed_while_its_database_was_locked_keeps_its_lis
         assert db.cdc.listener is following and following is not None and following.is_alive()  # no stand-down
         again = db.cdc.lease.held
         assert again is not None and again.epoch == held.epoch  # the same tenure: nobody else held it
+        lease = db.cdc.info()["lease"]
+        assert lease["this_process"] and not lease["lapsed"]
 
 
 def test_a_process_that_stands_down_releases_its_window_in_flight_at_once(
