@@ -11,6 +11,7 @@ import dataclasses as dc
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -124,6 +125,25 @@ def no_thread_left_behind() -> Iterator[None]:
     yield
     alive = [t.name for t in reactive_threads()]
     assert not alive, f"threads left running: {alive}"
+
+
+def within(seconds: float, condition: Callable[[], bool]) -> bool:
+    """Whether ``condition`` holds within ``seconds``: for what time brings (a lease's expiry, a
+    thread reaching a state), never for processing (wait on an event or ``wait_idle``)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        threading.Event().wait(0.02)
+    return True
+
+
+def looked(keeper: Any, times: int, timeout: float = 30.0) -> None:
+    """Wait until a ``LeaseKeeper`` has looked at its lease ``times`` more times."""
+    for _ in range(times):
+        with keeper._changed:
+            keeper.wake()
+            assert keeper._changed.wait(timeout)
 
 
 def outputs_by_source(db: reactive.Datalayer, identifier: str) -> dict[Any, Any]:

@@ -10,12 +10,12 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import outputs_by_source, server_uri
+from conftest import looked, outputs_by_source, server_uri, within
 
 import reactive
 from reactive.checkpoints import (
@@ -181,16 +181,6 @@ def lapse(lease: Lease) -> None:
     assert lease.held is not None and within(30, lambda: lease.held is None)
 
 
-def within(seconds: float, condition: Callable[[], bool]) -> bool:
-    """Whether ``condition`` holds within ``seconds`` (for a lease's expiry: time, not work)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        threading.Event().wait(0.02)
-    return True
-
-
 def test_a_lapsed_lease_nobody_took_is_taken_back_with_its_epoch(store: Any) -> None:
     # A lease that lapsed here while nobody else took it never changed hands: taking it back
     # with a new epoch made the process stand down and reconcile every table.
@@ -265,10 +255,7 @@ def test_a_lease_that_lapses_while_its_store_is_down_is_not_reported_lost(tmp_pa
     keeper.start()
     try:
         assert within(30, lambda: lease.lapsed)
-        for _ in range(2):  # the keeper has looked, and failed, since the lease lapsed
-            with keeper._changed:
-                keeper.wake()
-                assert keeper._changed.wait(30)
+        looked(keeper, 2)  # it has looked, and failed, since the lease lapsed
         assert keeper.last_error == "ConnectionError: the database is down"
         store.down.clear()
         assert keeper.wait_held(30)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Recorder, outputs_by_source
+from conftest import Recorder, looked, outputs_by_source, within
 
 import reactive
 from reactive.checkpoints import ENGINE_CHECKPOINT, Lease, section_store
@@ -129,10 +129,7 @@ def test_a_process_that_stood_down_and_holds_the_lease_again_runs_the_listeners(
         db.cdc.start()
         keeper = db.cdc._keeper
         assert keeper is not None
-        for _ in range(2):  # the keeper has looked at the lease held (before: reported it once)
-            with keeper._changed:
-                keeper.wake()
-                assert keeper._changed.wait(WAIT)
+        looked(keeper, 2)  # it has seen the lease held (before: reported it once)
         with db.cdc._transitions:
             db.cdc._stand_down()
         assert db.cdc.lease is not None and db.cdc.lease.held is not None
@@ -158,10 +155,8 @@ def test_a_holder_whose_lease_lapsed_while_its_database_was_locked_keeps_its_lis
         assert held is not None
         client.execute("BEGIN EXCLUSIVE")  # every statement of reactive waits, the renewals too
         try:
-            deadline = time.monotonic() + WAIT
-            while db.cdc.lease.held is not None and time.monotonic() < deadline:
-                threading.Event().wait(0.05)  # the lease's time running out, not processing
-            assert db.cdc.lease.held is None and db.cdc.lease.lapsed
+            lease = db.cdc.lease
+            assert within(WAIT, lambda: lease.held is None) and lease.lapsed  # its time ran out
             client.execute("INSERT INTO docs VALUES (6, 'doc 6')")
         finally:
             client.execute("COMMIT")
@@ -170,8 +165,8 @@ def test_a_holder_whose_lease_lapsed_while_its_database_was_locked_keeps_its_lis
         assert db.cdc.listener is following and following is not None and following.is_alive()  # no stand-down
         again = db.cdc.lease.held
         assert again is not None and again.epoch == held.epoch  # the same tenure: nobody else held it
-        lease = db.cdc.info()["lease"]
-        assert lease["this_process"] and not lease["lapsed"]
+        info = db.cdc.info()["lease"]
+        assert info["this_process"] and not info["lapsed"]
 
 
 def test_a_process_that_stands_down_releases_its_window_in_flight_at_once(
@@ -198,10 +193,7 @@ def test_a_process_that_stands_down_releases_its_window_in_flight_at_once(
         client.execute("INSERT INTO docs VALUES (6, 'doc 6')")
         assert computing.wait(WAIT)
         other = Lease(section_store(uri), ENGINE_CHECKPOINT, lease_ms=60_000)
-        deadline = time.monotonic() + WAIT
-        while not other.acquire() and time.monotonic() < deadline:
-            threading.Event().wait(0.05)  # the lease's time running out, not processing
-        assert other.held is not None  # another process took the lease once it expired
+        assert within(WAIT, other.acquire)  # another process took the lease once it expired
         caplog.set_level(logging.WARNING, logger="reactive.handler")
         with db.cdc._transitions:
             db.cdc._stand_down()
@@ -230,9 +222,7 @@ def test_a_wait_for_a_poll_ends_when_the_listener_is_stopped_under_it(
         try:
             started = following._polls_started
             following._wake.set()
-            deadline = time.monotonic() + WAIT
-            while following._polls_started == started and time.monotonic() < deadline:
-                threading.Event().wait(0.01)  # the poll to begin, not work to finish
+            assert within(WAIT, lambda: following._polls_started > started)  # the poll began
             following.stop()
             outcome: list[bool] = []
             waiter = threading.Thread(target=lambda: outcome.append(following.sync(None)))
