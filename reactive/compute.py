@@ -400,9 +400,9 @@ class RayCompute:
             future.add_done_callback(settled)
 
     def close(self, timeout: float | None = None) -> None:
-        """Kill this executor's actors and return once Ray has (waiting up to ``timeout``,
-        default :data:`KILL_SECONDS`: ``ray.kill`` only asks); shut Ray down if this executor
-        started it."""
+        """Shut Ray down if this executor started it (its actors end with it); otherwise kill
+        this executor's actors and return once Ray has (waiting up to ``timeout``, default
+        :data:`KILL_SECONDS`: ``ray.kill`` only asks), leaving the application's Ray running."""
         with self._lock:
             pools, self._pools = self._pools, {}
             started, self._started_ray = self._started_ray, False
@@ -411,15 +411,20 @@ class RayCompute:
             return
         import ray
 
-        if ray.is_initialized():
-            actors = [actor for _, pool in pools.values() for actor in pool]
-            for actor in actors:
-                ray.kill(actor)
-            deadline = time.monotonic() + (KILL_SECONDS if timeout is None else timeout)
-            for actor in actors:
-                _wait_killed(ray, actor, deadline)
-            if started:
-                ray.shutdown()
+        if not ray.is_initialized():
+            return
+        if started:
+            # Ray started here ends with every actor in it. Killing them one by one first
+            # is not needed, and Ray 2.60's raylet sometimes died at a ray.kill: close then
+            # waited out KILL_SECONDS for actors that no longer answered kills.
+            ray.shutdown()
+            return
+        actors = [actor for _, pool in pools.values() for actor in pool]
+        for actor in actors:
+            ray.kill(actor)
+        deadline = time.monotonic() + (KILL_SECONDS if timeout is None else timeout)
+        for actor in actors:
+            _wait_killed(ray, actor, deadline)
 
 
 #: How long :meth:`RayCompute.close` waits for Ray to kill its actors, by default.
