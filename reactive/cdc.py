@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from reactive.backends import load_backend
 from reactive.backends.base import BaseDatabaseListener, ListenerHooks, TableInfo
 from reactive.checkpoints import Lease, LeaseKeeper
-from reactive.errors import BackendError, ConfigurationError, LeaseLostError
+from reactive.errors import BackendError, ConfigurationError, LeaseLostError, TableNotFoundError
 from reactive.feed.publisher import QUEUE_ROWS as FEED_QUEUE_ROWS
 from reactive.feed.publisher import FeedHub, FeedPublisher
 from reactive.feed.source import FeedSource
@@ -105,6 +105,9 @@ class DatabaseChangeDataCapture:
         self._handler: CDCHandler | None = None
         self._listener: BaseDatabaseListener | None = None
         self._watched: dict[str, TableInfo] = {}
+        #: Table monitors started in this process (``monitor``): paused by a stand-down (the
+        #: listener they were subscribed to stops) and subscribed again at the takeover.
+        self._monitors: list[tuple[TableInfo, MonitorSink]] = []
         #: Between the handler and the change feeds (``publish``).
         self.feed_hub = FeedHub()
         self._feeds: list[FeedPublisher] = []
@@ -210,16 +213,37 @@ class DatabaseChangeDataCapture:
             self._activated.set()
         except Exception:
             log.exception("taking over %s failed; another process may take over", self.db.backend.uri)
-            self._stop_threads(30.0)
+            self._stop_threads(30.0, pause_monitors=True)
             if self.lease is not None:
                 self.lease.release()
+            return
+        self._resume_monitors()
+
+    def _resume_monitors(self) -> None:
+        """Subscribe the monitors a stand-down paused to the listener that runs now; one that
+        cannot follow its table again (dropped meanwhile) is told and ends, the others go on."""
+        listener = self._listener
+        with self._lock:
+            paused = list(self._monitors)
+        for table, sink in paused:
+            try:
+                if listener is None:
+                    raise BackendError("change data capture stopped during the takeover")
+                listener.subscribe(table, sink)
+            except Exception as exc:
+                log.error("the table monitor on %r could not follow it again after the takeover: %s", table.name, exc)
+                self._forget_monitor(sink)
+                if isinstance(exc, TableNotFoundError):
+                    sink.table_dropped(str(exc))
+                else:
+                    sink.closed()
 
     def _stand_down(self) -> None:
         """The lease is lost (it expired, another process took it): stop writing at once."""
         log.error("this process lost the lease of %s: it stops and waits as a standby", self.db.backend.uri)
         self._activated.clear()
         self.db.deactivate_components()
-        self._stop_threads(30.0)
+        self._stop_threads(30.0, pause_monitors=True)
 
     @property
     def listener(self) -> BaseDatabaseListener | None:
@@ -420,7 +444,17 @@ class DatabaseChangeDataCapture:
             )
         if listener is None:
             raise BackendError("change data capture stopped while a table monitor was starting")
-        listener.subscribe(table, sink)
+        with self._lock:
+            self._monitors.append((table, sink))
+        try:
+            listener.subscribe(table, sink)
+        except BaseException:
+            self._forget_monitor(sink)
+            raise
+
+    def _forget_monitor(self, sink: MonitorSink) -> None:
+        with self._lock:
+            self._monitors = [(table, kept) for table, kept in self._monitors if kept is not sink]
 
     def monitored_by(self, table: str) -> str | None:
         """The id column ``table``'s table monitors follow it by (None where none runs, or where
@@ -433,6 +467,7 @@ class DatabaseChangeDataCapture:
 
     def unmonitor(self, table: TableInfo, sink: MonitorSink) -> None:
         """Stop delivering to ``sink``; a table no component or monitor needs is let go."""
+        self._forget_monitor(sink)
         listener = self._listener
         if listener is None:
             return
@@ -516,11 +551,16 @@ class DatabaseChangeDataCapture:
             except Exception as exc:  # the database is gone: the lease expires by itself
                 log.warning("could not give the lease of %s up: %s", self.db.backend.uri, exc)
 
-    def _stop_threads(self, timeout: float | None) -> None:
+    def _stop_threads(self, timeout: float | None, *, pause_monitors: bool = False) -> None:
+        """Stop the listener and the handler. The table monitors end (told the listener
+        closed), or with ``pause_monitors`` (a stand-down) wait to be subscribed again."""
         with self._lock:
             listener, self._listener = self._listener, None
             handler, self._handler = self._handler, None
             followed = list(self._followed.values())
+            monitors = [sink for _, sink in self._monitors]
+            if not pause_monitors:
+                self._monitors = []
         for source in followed:
             source.stop()
         if listener is not None:
@@ -528,7 +568,12 @@ class DatabaseChangeDataCapture:
                 listener.stop()
                 listener.join(timeout)
             self._last_source_info = listener.info()
-            for sink in listener.all_monitors():
+            monitors += [sink for sink in listener.all_monitors() if all(sink is not m for m in monitors)]
+        if pause_monitors:
+            if monitors:
+                log.warning("%d table monitors pause until this process holds the lease again", len(monitors))
+        else:
+            for sink in monitors:
                 sink.closed()
         if handler is not None:
             self._stop_handler(handler, timeout)

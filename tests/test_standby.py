@@ -235,6 +235,25 @@ def test_a_wait_for_a_poll_ends_when_the_listener_is_stopped_under_it(
         following.join(WAIT)
 
 
+def test_a_table_monitor_paused_by_a_stand_down_ends_when_its_process_stops(
+    sqlite_file: tuple[str, sqlite3.Connection],
+) -> None:
+    # A stand-down pauses a monitor (tests/test_table_monitor.py); a stop ends it.
+    uri, _ = sqlite_file
+    with reactive.connect(uri, poll_interval=0.05) as db:
+        callback = reactive.TableMonitor.Callback(reactive.TableMonitor.Callback.Type.INSERT_DECODED, print)
+        monitor = reactive.TableMonitor.Client(db, "docs", [callback])
+        monitor.start_monitor()
+        [thread] = monitor.task_list
+        with db.cdc._transitions:
+            db.cdc._stand_down()
+            assert thread.is_alive()
+            db.cdc.stop()
+        thread.join(WAIT)
+        assert not thread.is_alive() and monitor.task_list == []
+        monitor.stop_monitor()  # after it ended: nothing happens, nothing raised
+
+
 def test_a_standby_cannot_run_a_table_monitor(sqlite_file: tuple[str, sqlite3.Connection]) -> None:
     uri, _ = sqlite_file
     with reactive.connect(uri) as holder, reactive.connect(uri) as standby:
