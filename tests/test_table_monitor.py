@@ -676,6 +676,46 @@ def test_a_monitor_pauses_at_a_stand_down_and_goes_on_at_the_takeover(source: So
     assert not thread.is_alive() and events.pending() == []
 
 
+@pytest.mark.parametrize("source", [*SQL, "kinetica"], indirect=True)
+def test_a_table_dropped_while_its_monitor_paused_is_reported_at_the_takeover(
+    source: Source, db: reactive.Datalayer
+) -> None:
+    # Before, it waited on a table that was gone (the poll that found it gone told only the
+    # monitors already following it). MongoDB follows a missing collection until it is created.
+    events = Events()
+    client = TableMonitor.Client(
+        db, "docs", events.callbacks(Type.INSERT_DECODED, Type.TABLE_DROPPED), quick_drop_detection()
+    )
+    client.start_monitor()
+    thread = monitor_thread(client)
+    with db.cdc._transitions:
+        db.cdc._stand_down()
+        source.drop()
+    what, message = events.next()
+    assert what == "TABLE_DROPPED" and "docs" in message
+    thread.join(WAIT)
+    assert not thread.is_alive() and client.task_list == [] and events.pending() == []
+    if isinstance(source, KineticaSource):
+        assert source.monitored_events() == []
+
+
+@only("mongodb")
+def test_a_mongodb_collection_dropped_while_its_monitor_paused_is_followed_when_created_again(
+    source: Source, db: reactive.Datalayer
+) -> None:
+    events = Events()
+    client = TableMonitor.Client(db, "docs", events.callbacks(Type.INSERT_DECODED, Type.TABLE_DROPPED))
+    client.start_monitor()
+    with db.cdc._transitions:
+        db.cdc._stand_down()
+        source.drop()
+    assert within(WAIT, lambda: (following := db.cdc.listener) is not None and following.monitors("docs"))
+    source.insert(5, "in the new collection")
+    assert events.next() == ("INSERT_DECODED", source.row(5, "in the new collection"))
+    client.stop_monitor()
+    assert events.pending() == []
+
+
 def test_closing_the_datalayer_ends_a_running_monitor(source: Source, db: reactive.Datalayer) -> None:
     client = TableMonitor.Client(db, "docs", Events().callbacks(Type.INSERT_DECODED, Type.UPDATED))
     client.start_monitor()

@@ -655,7 +655,11 @@ class BaseDatabaseListener(ReactiveThread):
         """A watched table was dropped or renamed (``why``): stop following it and say so once."""
         log.warning("%s %r was %s: its listeners stop; their outputs are kept", self.table_noun, table, why)
         self.unwatch(table)
-        for sink in self.monitors(table):
+        with self._lock:
+            # Armed or not: a monitor subscribed while the table went (one subscribed again at a
+            # takeover after it was dropped) would otherwise wait on a table that is gone.
+            subscribed = list(self._monitors.get(table, ()))
+        for sink in subscribed:
             sink.table_dropped(why)
         self.hooks.table_gone(table, why)
 

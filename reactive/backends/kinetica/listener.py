@@ -70,7 +70,7 @@ from reactive.backends.kinetica.client import (
 from reactive.backends.kinetica.stores import NON_FINITE_IDS, followed_id
 from reactive.backends.kinetica.tables import TableCatalog
 from reactive.checkpoints import CorruptCheckpointError, process_alive
-from reactive.errors import BackendError, QueueClosedError
+from reactive.errors import BackendError, QueueClosedError, TableNotFoundError
 from reactive.events import ChangePacket, DBEvent, SourceChange
 from reactive.threads import ReactiveThread
 
@@ -328,8 +328,9 @@ class KineticaMonitorListener(BaseDatabaseListener):
         """A table monitor of its own for each event ``sink`` asks for, as the official client does."""
         if not self.is_alive():
             raise BackendError("the Kinetica listener is not running: start db.cdc first")
+        self.catalog.forget(table.name)  # asked afresh: it may have been dropped since it was described
         if not self.catalog.exists(table.name):
-            raise BackendError(f"table {table.name!r} does not exist", table=table.name)
+            raise TableNotFoundError(f"table {table.name!r} does not exist", table=table.name)
         with self._lock:
             self._monitors.setdefault(table.name, []).append(sink)
         try:
