@@ -57,7 +57,6 @@ import collections
 import dataclasses as dc
 import json
 import logging
-import math
 import os
 import socket
 import threading
@@ -68,6 +67,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from reactive import checks
 from reactive.errors import ConfigurationError, ReactiveError
 from reactive.events import is_utf8
 from reactive.fingerprints import plain_value
@@ -91,19 +91,8 @@ MIN_LEASE_MS = 100
 
 def check_lease_ms(lease_ms: object) -> float:
     """``lease_ms`` if it is a finite number of milliseconds of at least :data:`MIN_LEASE_MS`
-    (the one check of it: ``reactive.connect`` and :class:`Table` both take one).
-
-    >>> check_lease_ms(float("nan"))
-    Traceback (most recent call last):
-    ...
-    reactive.errors.ConfigurationError: lease_ms must be a number of milliseconds of at least 100, not nan
-    """
-    number = not isinstance(lease_ms, bool) and isinstance(lease_ms, int | float) and math.isfinite(lease_ms)
-    if not (number and lease_ms >= MIN_LEASE_MS):
-        raise ConfigurationError(
-            f"lease_ms must be a number of milliseconds of at least {MIN_LEASE_MS}, not {lease_ms!r}"
-        )
-    return lease_ms  # type: ignore[return-value]
+    (the one check of it: ``reactive.connect`` and :class:`Table` both take one)."""
+    return checks.milliseconds("lease_ms", lease_ms, least=MIN_LEASE_MS)
 
 
 _EXIT_FLUSH_SECONDS = 5.0
@@ -475,12 +464,9 @@ class Table:
             ("max_section_size_bytes", max_section_size_bytes),
             ("max_section_id_size_bytes", max_section_id_size_bytes),
         ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigurationError(f"{what} must be a positive int, not {value!r}")
-        if retention_ms is not None and (
-            not isinstance(retention_ms, int) or isinstance(retention_ms, bool) or retention_ms < 1
-        ):
-            raise ConfigurationError(f"retention_ms must be a positive int (ms) or None, not {retention_ms!r}")
+            checks.whole(what, value, least=1)
+        if retention_ms is not None:
+            checks.whole("retention_ms", retention_ms, least=1)
         self.ckptName = name
         self.flags = flags
         self.retentionMs = retention_ms

@@ -48,6 +48,19 @@ def whole(name: str, value: Any, *, least: int) -> int:
     return value
 
 
+def milliseconds(name: str, value: Any, *, least: float) -> float:
+    """``value`` if it is a finite number of milliseconds (not a bool) of at least ``least``.
+
+    >>> milliseconds("lease_ms", float("nan"), least=100)
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: lease_ms must be a number of milliseconds of at least 100, not nan
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < least:
+        raise ConfigurationError(f"{name} must be a number of milliseconds of at least {least:g}, not {value!r}")
+    return value
+
+
 def number(name: str, value: Any, *, least: float = 0) -> float:
     """``value`` if it is a finite number (not a bool) of at least ``least``.
 
