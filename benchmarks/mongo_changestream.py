@@ -48,7 +48,9 @@ measured ones warm each system up and are not counted)
       process of its own, as an application's writes usually are) inserts single documents
       ``interval`` apart (start to start), timestamping right before ``insert_one``; latency
       = output visible - insert started, so it includes the insert itself (its
-      acknowledgement time is reported too).
+      acknowledgement time is reported too), and the CPU time and voluntary context switches
+      (waits: on a queue, a lock, a socket, the GIL) of the consumer's threads per insert
+      (``/proc``; reactive: its listener, handler, compute and model threads).
     * **burst**: ``burst_inserts`` single ``insert_one`` calls back to back; the latency of
       each, and the burst's rate (documents / (last output - first insert started)).
     * **throughput**: ``throughput_docs`` documents inserted with ``insert_many`` in batches
@@ -350,7 +352,12 @@ class ReactiveSystem:
     def threads(self) -> dict[str, threading.Thread]:
         listener = self.db.cdc.listener
         handler = self.db.cdc.ensure_handler()  # the running handler (started by cdc.start)
-        return {"listener": listener, "handler": handler} if listener is not None else {"handler": handler}
+        found = {"listener": listener, "handler": handler} if listener is not None else {"handler": handler}
+        # Model work: the compute thread and the model's predict thread (while they run).
+        for thread in threading.enumerate():
+            if thread.name.startswith(("reactive-compute", "reactive-model")):
+                found[thread.name.removeprefix("reactive-")] = thread
+        return found
 
     def close(self) -> None:
         assert self.db.cdc.wait_idle(TIMEOUT), "reactive did not become idle"
@@ -510,25 +517,46 @@ def _cpu_seconds(stat_path: str) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _voluntary_switches(stat_path: str) -> int | None:
+    """A thread's voluntary context switches (it waited: on a lock, a queue, a socket, the
+    GIL) from the ``status`` file beside ``stat_path`` (None when unavailable)."""
+    try:
+        with open(stat_path.removesuffix("stat") + "status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("voluntary_ctxt_switches:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 class CpuMeter:
-    """CPU seconds used by some threads of this process, the whole process and the server."""
+    """CPU seconds used by some threads of this process, the whole process and the server, and
+    the threads' voluntary context switches (a process's ``status`` counts its main thread's
+    only, so none is reported for processes)."""
 
     def __init__(self, threads: dict[str, threading.Thread], server_pid: int | None) -> None:
         self.paths = {name: f"/proc/self/task/{t.native_id}/stat" for name, t in threads.items()}
+        self.threads = set(self.paths)
         if server_pid is not None:
             self.paths["server process"] = f"/proc/{server_pid}/stat"
         self.paths["client process"] = "/proc/self/stat"
         self.started = time.perf_counter()
         self.before = {name: _cpu_seconds(path) for name, path in self.paths.items()}
+        self.switches = {name: _voluntary_switches(self.paths[name]) for name in self.threads}
 
     def used(self) -> dict[str, dict[str, float]]:
-        """Per name: CPU seconds since the meter started, and that as a share of the wall time."""
+        """Per name: CPU seconds since the meter started, that as a share of the wall time, and
+        for threads the voluntary context switches since."""
         wall = time.perf_counter() - self.started
-        result = {}
+        result: dict[str, dict[str, float]] = {}
         for name, path in self.paths.items():
             now, before = _cpu_seconds(path), self.before[name]
             if now is not None and before is not None:
-                result[name] = {"cpu_seconds": round(now - before, 2), "cpu_share": round((now - before) / wall, 2)}
+                result[name] = {"cpu_seconds": round(now - before, 3), "cpu_share": round((now - before) / wall, 2)}
+                switched, before_switches = _voluntary_switches(path), self.switches.get(name)
+                if name in self.threads and switched is not None and before_switches is not None:
+                    result[name]["voluntary_switches"] = switched - before_switches
         return result
 
 
@@ -612,11 +640,13 @@ def bench_inserts(
         try:
             warm_up(system, database, clock, sizes)
             ids = range(count)
+            meter = CpuMeter(system.threads(), None)
             if sizes.writer_process:
                 started, acks = paced_inserts_elsewhere(uri, ids, interval)
             else:
                 started, acks = paced_inserts(database.docs, ids, interval)
             clock.wait_for(ids, TIMEOUT)
+            cpu = meter.used()
         finally:
             system.close()
     times = {i: t for i in ids if (t := clock.time(i)) is not None}
@@ -627,6 +657,15 @@ def bench_inserts(
         "missing": len(ids) - len(latencies),
         "insert_ack": summarize_seconds(acks),
         "docs_per_second": len(times) / (last - first),
+        # The consumer's threads, per insert: CPU (ms) and voluntary context switches.
+        "per_insert": {
+            name: {
+                "cpu_ms": round(1000 * used["cpu_seconds"] / count, 3),
+                **({"switches": round(used["voluntary_switches"] / count, 2)} if "voluntary_switches" in used else {}),
+            }
+            for name, used in cpu.items()
+            if name != "client process" or not sizes.writer_process  # with a writer thread, it is counted there
+        },
     }
     if stages is not None:
         result["segments"] = stages.segments(ids, started, clock)
@@ -1026,7 +1065,12 @@ def render(report: dict[str, Any]) -> str:
                     ", ".join(f"{k} {v['cpu_share']:.0%}" for k, v in detail["cpu"].items()),
                 ]
             else:
-                extra = [f"{detail['insert_ack']['p50_ms']:.2f} ms"]
+                threads = {k: v for k, v in detail["per_insert"].items() if "switches" in v}
+                extra = [
+                    f"{detail['insert_ack']['p50_ms']:.2f} ms",
+                    f"{sum(v['cpu_ms'] for v in threads.values()):.2f} ms / "
+                    f"{sum(v['switches'] for v in threads.values()):.1f}",
+                ]
             rows.append(
                 [
                     name,
@@ -1041,7 +1085,7 @@ def render(report: dict[str, Any]) -> str:
             *(
                 ["insert phase", "lag after", "rows/write", "CPU (median round)"]
                 if scenario == "throughput"
-                else ["insert ack p50 (median round)"]
+                else ["insert ack p50 (median round)", "consumer threads per insert: CPU / voluntary switches"]
             ),
             "",
         ]
