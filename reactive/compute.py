@@ -252,7 +252,8 @@ class RayCompute:
         self._lock = threading.Lock()
         #: Held while a model's actors start (see _pool).
         self._starting = threading.Lock()
-        self._started_ray = False
+        #: The thread that started Ray and keeps it (see _RayOwner), while this executor owns it.
+        self._owner: _RayOwner | None = None
         #: Per model identifier: the model object the actors were built from, and the actors.
         self._pools: dict[str, tuple[Model, list[Any]]] = {}
         self._next = 0
@@ -270,8 +271,10 @@ class RayCompute:
             raise ConfigurationError("RayCompute needs Ray: pip install 'reactive-ml[ray]'") from None
         if not ray.is_initialized():
             options = {"include_dashboard": False, "log_to_driver": False, **self.init_options}
-            ray.init(address=self.address, **options)
-            self._started_ray = True
+            owner = _RayOwner(self.address, options)
+            owner.start_ray()
+            with self._lock:
+                self._owner = owner
         return ray
 
     def _pool(self, model: Model) -> list[Any]:
@@ -279,8 +282,8 @@ class RayCompute:
 
         Actors start under their own lock, not the one ``_pump`` takes: other models' batches
         keep flowing while these wait to be placed (up to ``placement_timeout``)."""
-        ray = self._ray()
         with self._starting:
+            ray = self._ray()
             with self._lock:
                 pool = self._pools.get(model.identifier)
             if pool is not None and pool[0] is model:
@@ -405,19 +408,17 @@ class RayCompute:
         :data:`KILL_SECONDS`: ``ray.kill`` only asks), leaving the application's Ray running."""
         with self._lock:
             pools, self._pools = self._pools, {}
-            started, self._started_ray = self._started_ray, False
+            owner, self._owner = self._owner, None
             self._pending.clear()
-        if not pools and not started:
+        if owner is not None:
+            owner.stop()
+            owner.join(timeout)
+            return
+        if not pools:
             return
         import ray
 
         if not ray.is_initialized():
-            return
-        if started:
-            # Ray started here ends with every actor in it. Killing them one by one first
-            # is not needed, and Ray 2.60's raylet sometimes died at a ray.kill: close then
-            # waited out KILL_SECONDS for actors that no longer answered kills.
-            ray.shutdown()
             return
         actors = [actor for _, pool in pools.values() for actor in pool]
         for actor in actors:
@@ -425,6 +426,46 @@ class RayCompute:
         deadline = time.monotonic() + (KILL_SECONDS if timeout is None else timeout)
         for actor in actors:
             _wait_killed(ray, actor, deadline)
+
+
+class _RayOwner(ReactiveThread):
+    """Starts a local Ray instance (``ray.init``) and keeps it until stopped, then shuts it down.
+
+    Ray starts its own processes (GCS, raylet) with ``PR_SET_PDEATHSIG``: they are killed when
+    the *thread* that started them ends, not the process. Started on the handler's thread, they
+    died with it: a close after the handler's stop found no raylet and waited 30 s for its
+    actors, and a handler replaced after a failure would have met a dead cluster. This thread
+    lives as long as the instance.
+    """
+
+    def __init__(self, address: str | None, options: dict[str, Any]) -> None:
+        super().__init__("ray")
+        self.address = address
+        self.options = options
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start_ray(self) -> None:
+        """Start the thread and return once Ray is up; ``ray.init``'s error, raised here."""
+        self.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def run(self) -> None:
+        import ray
+
+        try:
+            ray.init(address=self.address, **self.options)
+        except BaseException as exc:  # handed to start_ray's caller
+            self._error = exc
+            return
+        finally:
+            self._ready.set()
+        try:
+            self.stopped_event.wait()
+        finally:
+            ray.shutdown()
 
 
 #: How long :meth:`RayCompute.close` waits for Ray to kill its actors, by default.
