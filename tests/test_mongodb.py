@@ -341,6 +341,31 @@ def test_wait_idle_is_a_barrier_for_writes_made_before_it(mongo_uri: str, mongo)
             assert outputs_by_source(db, "len__text")[i] == i
 
 
+def test_a_barrier_mark_written_again_passes_even_where_the_server_kept_it(mongo_uri: str, mongo) -> None:
+    # Found under load by test_mongodb_server_back_without_its_last_writes: wait_idle wrote its
+    # mark to the restarted server, the listener then saw the restart and opened its stream
+    # again from now, past the mark, and wrote the mark again for the wait: with the same
+    # number, an update that changed nothing, so no change event, and wait_idle ran out.
+    from reactive.backends.mongodb.listener import MARKS_COLLECTION
+
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+        listener = db.cdc.listener  # not started: this test reads its stream itself
+        assert listener is not None and not listener.is_alive()
+        listener._marks_sent = 1  # a wait_idle's mark, written...
+        listener.database[MARKS_COLLECTION].update_one({"_id": listener._mark_id}, {"$set": {"n": 1}}, upsert=True)
+        listener._reopen(None)  # ...before the stream was opened again from now
+        listener._write_mark()  # what the recovery from a restart does for the waits
+        marks = []
+        for _ in range(25):  # 200 ms each: the stream's maxAwaitTimeMS
+            change = listener._stream.try_next()
+            if change is not None and change["ns"]["coll"] == MARKS_COLLECTION:
+                marks.append(change["fullDocument"]["n"])
+                break
+        listener._close_stream()
+        assert marks == [1]
+
+
 @pytest.mark.parametrize(
     ("uri", "message"),
     [

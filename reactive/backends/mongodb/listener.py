@@ -566,9 +566,18 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             mark, pending = self._marks_sent, self._marks_sent > self._marks_seen
         if pending:
             try:
-                self.database[MARKS_COLLECTION].update_one({"_id": self._mark_id}, {"$set": {"n": mark}}, upsert=True)
+                self._put_mark(mark)
             except PyMongoError as exc:
                 log.warning("could not write a barrier mark again: %s", exc)
+
+    def _put_mark(self, mark: int) -> None:
+        """Write barrier mark ``mark``. Each write changes the document (its count of writes
+        goes up): a write that leaves a document as it was makes no change event, so the same
+        number written again (a server that kept the mark, a stream reopened past it when the
+        restart was seen) would never pass, and ``wait_idle`` waited out its timeout."""
+        self.database[MARKS_COLLECTION].update_one(
+            {"_id": self._mark_id}, {"$set": {"n": mark}, "$inc": {"writes": 1}}, upsert=True
+        )
 
     # -- what the handler and db.cdc call -------------------------------------------------
     def save_positions(self, positions: Sequence[Any]) -> None:
@@ -620,7 +629,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             if arming is not None and id(arming) in self._arming:
                 self._arming[id(arming)] = mark
         try:
-            self.database[MARKS_COLLECTION].update_one({"_id": self._mark_id}, {"$set": {"n": mark}}, upsert=True)
+            self._put_mark(mark)
         except PyMongoError as exc:
             log.warning("could not write a barrier mark: %s", exc)
             return False
