@@ -341,6 +341,33 @@ def test_wait_idle_is_a_barrier_for_writes_made_before_it(mongo_uri: str, mongo)
             assert outputs_by_source(db, "len__text")[i] == i
 
 
+def test_a_barrier_mark_whose_restart_check_fails_is_read_again(mongo_uri: str, mongo) -> None:
+    # At a mark the listener asks the server whether it restarted (hello). When that failed
+    # (a connection dropped then), the stream was opened again after the mark, which had not
+    # been counted: wait_idle waited out its timeout.
+    from pymongo.errors import AutoReconnect
+
+    mongo.create_collection("docs")
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        listener = db.cdc.listener
+        asked = listener._primary_process
+        failed = []
+
+        def fails_once(*, ask: bool) -> str | None:
+            if ask and not failed:
+                failed.append(1)
+                raise AutoReconnect("connection closed (injected once, at a barrier mark)")
+            return asked(ask=ask)
+
+        listener._primary_process = fails_once
+        mongo.docs.insert_one({"_id": 1, "text": "one"})
+        assert db.cdc.wait_idle(timeout=20)
+        assert failed and outputs_by_source(db, "len__text") == {1: 3}
+
+
 def test_a_barrier_mark_written_again_passes_even_where_the_server_kept_it(mongo_uri: str, mongo) -> None:
     # Found under load by test_mongodb_server_back_without_its_last_writes: wait_idle wrote its
     # mark to the restarted server, the listener then saw the restart and opened its stream

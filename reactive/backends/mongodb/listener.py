@@ -464,15 +464,19 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                     # and reads this mark again after them. Passed now, it let wait_idle return
                     # before the released changes were queued again.
                     return
-            self._seen = {"token": token, "start_after": False}
             document = change.get("fullDocument") or {}
             if change.get("documentKey", {}).get("_id") == self._mark_id and "n" in document:
-                # A barrier passes only once a server restart, if any, is reconciled.
+                epoch = self._epoch
+                # A barrier passes only once a server restart, if any, is reconciled. If asking
+                # fails, the position stays before the mark: it is read again on reconnecting.
                 self._check_server_restart(ask=True)
                 with self._changed:
                     self._marks_seen = max(self._marks_seen, document["n"])
                     self._changed.notify_all()
                 self._arm(lambda target: target is not None and target <= self._marks_seen)
+                if self._epoch != epoch:
+                    return  # the restart was recovered from: the stream now follows from then
+            self._seen = {"token": token, "start_after": False}
             return
         if event is not None and collection in self._tables:
             row = change.get("fullDocument") if event is not DBEvent.delete else None
