@@ -160,6 +160,10 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         self._unknown_history = False
         #: The primary's process id last seen: a change means a restart (or a new primary).
         self._server_process: str | None = None
+        #: Why a recovery from lost history is under way: set until its reconciliation is
+        #: queued and the barrier mark written again, so one a transient error cut short runs
+        #: again at the next step.
+        self._recovering: str | None = None
         self.server_restarts = 0
         self.positions_saved = 0
 
@@ -377,6 +381,9 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                 log.debug("closing a broken change stream failed", exc_info=True)
 
     def _step(self) -> None:
+        if self._recovering is not None:
+            self._recover_history(self._recovering)
+            return
         with self._changed:
             reopen = self._stream is None or self._opened_generation != self._generation or self._rewind
             if self._rewind:
@@ -535,15 +542,20 @@ class MongoChangeStreamListener(BaseDatabaseListener):
     def _recover_history(self, why: str | None = None) -> None:
         """The position is not to be trusted (aged out of the oplog, unreadable, or from before
         a server restart): follow from now, and reconcile every collection."""
-        self.history_lost += 1
+        again = self._recovering is not None
+        if not again:
+            self.history_lost += 1
         if why is not None:
             self.last_error = why
         elif not self._unknown_history:
             self.last_error = "resume token aged out of the oplog (ChangeStreamHistoryLost); reconciled"
         self._unknown_history = False
+        why = why or f"the saved position on {self.uri} is no longer in the oplog"
+        self._recovering = why
         log.warning(
-            "%s; reconciling outputs with the source, then following changes from now",
-            why or f"the saved position on {self.uri} is no longer in the oplog",
+            "%s; reconciling outputs with the source, then following changes from now%s",
+            why,
+            " (again: the last attempt failed)" if again else "",
         )
         with self._changed:
             self._seen = self._processed = None
@@ -561,6 +573,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             self._changed.wait_for(lambda: self._in_flight == 0 or not self.should_keep_running())
         self.hooks.reconcile(sorted(self.tables), self.stopped_event)
         self._write_mark()
+        self._recovering = None
 
     def _write_mark(self) -> None:
         """Write the last barrier mark again if the stream has not passed it: a server that
