@@ -48,6 +48,11 @@ def whole(name: str, value: Any, *, least: int) -> int:
     return value
 
 
+def _finite_at_least(value: Any, least: float) -> bool:
+    """Whether ``value`` is a finite int or float (never a bool) of at least ``least``."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value) and value >= least
+
+
 def milliseconds(name: str, value: Any, *, least: float) -> float:
     """``value`` if it is a finite number of milliseconds (not a bool) of at least ``least``.
 
@@ -56,7 +61,7 @@ def milliseconds(name: str, value: Any, *, least: float) -> float:
     ...
     reactive.errors.ConfigurationError: lease_ms must be a number of milliseconds of at least 100, not nan
     """
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < least:
+    if not _finite_at_least(value, least):
         raise ConfigurationError(f"{name} must be a number of milliseconds of at least {least:g}, not {value!r}")
     return value
 
@@ -71,6 +76,6 @@ def number(name: str, value: Any, *, least: float = 0) -> float:
     ...
     reactive.errors.ConfigurationError: num_cpus must be a finite number of at least 0, not nan
     """
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < least:
+    if not _finite_at_least(value, least):
         raise ConfigurationError(f"{name} must be a finite number of at least {least:g}, not {value!r}")
     return value
