@@ -558,6 +558,7 @@ class DatabaseChangeDataCapture:
             listener, self._listener = self._listener, None
             handler, self._handler = self._handler, None
             followed = list(self._followed.values())
+            # Every monitor is subscribed through monitor(): the list is the listener's too.
             monitors = [sink for _, sink in self._monitors]
             if not pause_monitors:
                 self._monitors = []
@@ -568,7 +569,6 @@ class DatabaseChangeDataCapture:
                 listener.stop()
                 listener.join(timeout)
             self._last_source_info = listener.info()
-            monitors += [sink for sink in listener.all_monitors() if all(sink is not m for m in monitors)]
         if pause_monitors:
             if monitors:
                 log.warning("%d table monitors pause until this process holds the lease again", len(monitors))

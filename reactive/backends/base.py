@@ -644,10 +644,6 @@ class BaseDatabaseListener(ReactiveThread):
         with self._lock:
             return bool(self._monitors.get(table))
 
-    def all_monitors(self) -> list[MonitorSink]:
-        with self._lock:
-            return [sink for sinks in self._monitors.values() for sink in sinks]
-
     #: What the database calls a table, in log lines.
     table_noun: ClassVar[str] = "table"
 
