@@ -193,12 +193,23 @@ class Lease:
     the lease still has the epoch it took). A lease that lapsed here (not renewed in time: the
     store was down or slow) and that no other process took meanwhile (the stored record is
     still ours, with our epoch) is taken back with its epoch: it never changed hands.
+
+    ``clock`` gives the time in seconds since the epoch (``time.time``); expiries are compared
+    with it, so the processes sharing a lease need clocks that agree within a fraction of it.
     """
 
-    def __init__(self, store: SectionStore, checkpoint: str, *, lease_ms: int = DEFAULT_LEASE_MS) -> None:
+    def __init__(
+        self,
+        store: SectionStore,
+        checkpoint: str,
+        *,
+        lease_ms: int = DEFAULT_LEASE_MS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = store
         self.checkpoint = checkpoint
         self.lease_ms = check_lease_ms(lease_ms)
+        self.clock = clock
         self.owner = f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
         self._held: Holder | None = None
         self._raw: bytes | None = None
@@ -210,7 +221,7 @@ class Lease:
     def held(self) -> Holder | None:
         """Our holder record while we hold the lease (and it has not expired), else None."""
         with self._lock:
-            if self._held is not None and self._held.expires < time.time():
+            if self._held is not None and self._held.expires < self.clock():
                 self._lapsed, self._held, self._raw = self._held, None, None
             return self._held
 
@@ -218,7 +229,7 @@ class Lease:
         """Whether we hold the lease for at least ``margin`` more seconds (the fence before a
         write: a process paused past its lease's expiry fails it, without asking the store)."""
         held = self.held
-        return held is not None and held.expires - time.time() > margin
+        return held is not None and held.expires - self.clock() > margin
 
     def current(self) -> Holder | None:
         """Who holds it according to the store (None: nobody, or unreadable)."""
@@ -226,8 +237,9 @@ class Lease:
         return None if found is None else Holder.decode(found.data)
 
     def _record(self, epoch: int) -> tuple[Holder, Section]:
-        holder = Holder(self.owner, socket.gethostname(), os.getpid(), epoch, time.time() + self.lease_ms / 1000)
-        return holder, Section(holder.encode(), False, time.time())
+        now = self.clock()
+        holder = Holder(self.owner, socket.gethostname(), os.getpid(), epoch, now + self.lease_ms / 1000)
+        return holder, Section(holder.encode(), False, now)
 
     @property
     def lapsed(self) -> bool:
@@ -254,7 +266,7 @@ class Lease:
                 if self._lapsed is lapsed:
                     self._lapsed = None  # taken or released since: it changed hands
         if (only_ours and not ours) or (
-            current is not None and current.owner != self.owner and not current.gone(time.time())
+            current is not None and current.owner != self.owner and not current.gone(self.clock())
         ):
             return False
         epoch = lapsed.epoch if ours and lapsed is not None else (current.epoch if current else 0) + 1
