@@ -368,6 +368,39 @@ def test_a_barrier_mark_whose_restart_check_fails_is_read_again(mongo_uri: str, 
         assert failed and outputs_by_source(db, "len__text") == {1: 3}
 
 
+def test_a_barrier_mark_the_recovery_could_not_write_again_is_written_later(mongo_uri: str, mongo) -> None:
+    # After a restart the recovery writes the last barrier mark again (the server may have lost
+    # it); a failure of that write was only logged, and the wait_idle behind it ran out.
+    from pymongo.errors import AutoReconnect
+
+    mongo.create_collection("docs")
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        listener = db.cdc.listener
+        asked, put = listener._primary_process, listener._put_mark
+        restarted, writes = threading.Event(), []
+
+        def primary(*, ask: bool) -> str | None:
+            return "a restarted server" if restarted.is_set() else asked(ask=ask)
+
+        def put_mark(mark: int) -> None:
+            writes.append(mark)
+            if len(writes) == 1:  # acknowledged, then lost with the restart
+                restarted.set()
+            elif len(writes) == 2:  # the recovery's write again
+                raise AutoReconnect("connection closed (injected once, writing the mark again)")
+            else:
+                put(mark)
+
+        listener._primary_process, listener._put_mark = primary, put_mark
+        mongo.docs.insert_one({"_id": 1, "text": "one"})
+        assert db.cdc.wait_idle(timeout=20)
+        assert listener.server_restarts == 1 and writes[:3] == [writes[0]] * 3
+        assert outputs_by_source(db, "len__text") == {1: 3}
+
+
 def test_a_barrier_mark_written_again_passes_even_where_the_server_kept_it(mongo_uri: str, mongo) -> None:
     # Found under load by test_mongodb_server_back_without_its_last_writes: wait_idle wrote its
     # mark to the restarted server, the listener then saw the restart and opened its stream
@@ -587,6 +620,44 @@ def test_aged_out_resume_token_falls_back_to_reconciliation(own_server, caplog) 
         docs.insert_one({"_id": 99, "text": "later"})
         assert db.cdc.wait_idle(timeout=30)
         assert outputs_by_source(db, "tag__text")[99] == "<later>"
+
+
+def test_history_lost_while_running_is_recovered_even_where_the_reconciliation_fails_once(own_server) -> None:
+    # A stream that found its history gone while running recovered from inside the thread's
+    # error handling: a transient error in that recovery (its reconciliation) ended the thread.
+    import dataclasses
+
+    from pymongo import MongoClient
+    from pymongo.errors import AutoReconnect
+
+    server = own_server("--oplog-max-entries", "5", "--enable-test-commands")
+    uri = server.database_uri("app")
+    with MongoClient(uri) as client, reactive.connect(uri) as db:
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+        db.cdc.start()
+        client.app.docs.insert_one({"_id": 1, "text": "one"})
+        assert db.cdc.wait_idle(timeout=30)
+        listener = db.cdc.listener
+        reconcile, failed = listener.hooks.reconcile, []
+
+        def fails_once(tables: list[str], abandon: threading.Event) -> None:
+            if not failed:
+                failed.append(tables)
+                raise AutoReconnect("connection closed (injected once, in the reconciliation)")
+            reconcile(tables, abandon)
+
+        listener.hooks = dataclasses.replace(listener.hooks, reconcile=fails_once)
+        client.app.other.insert_many([{"_id": i} for i in range(20)])  # more than the oplog keeps
+        client.app["_outputs__len__text"].delete_one({"_id": 1})  # lost: only a reconciliation restores it
+        client.admin.command({"secantusAdmin.pruneOplog": 1})
+        listener.redeliver([])  # opened again from its last processed change, no longer in the oplog
+        assert within(60, lambda: bool(failed))
+        assert db.cdc.wait_idle(timeout=60)
+        assert listener.is_alive() and listener.history_lost == 1
+        assert outputs_by_source(db, "len__text") == {1: 3}
+        client.app.docs.insert_one({"_id": 2, "text": "two"})
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "len__text") == {1: 3, 2: 3}
 
 
 def test_chained_listeners(mongo_uri: str, mongo) -> None:

@@ -161,9 +161,11 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         #: The primary's process id last seen: a change means a restart (or a new primary).
         self._server_process: str | None = None
         #: Why a recovery from lost history is under way: set until its reconciliation is
-        #: queued and the barrier mark written again, so one a transient error cut short runs
-        #: again at the next step.
+        #: queued, so one a transient error cut short runs again at the next step.
         self._recovering: str | None = None
+        self._recovery_attempts = 0
+        #: The recovery's barrier mark is still to be written again (see _write_mark).
+        self._mark_owed = False
         self.server_restarts = 0
         self.positions_saved = 0
 
@@ -317,7 +319,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                 except (PyMongoError, ChangeStreamUnsupportedError) as exc:
                     fault = classify(exc)
                     if fault is Fault.HISTORY_LOST:
-                        self._recover_history()
+                        self._history_lost()  # recovered by the next step, where its errors are handled
                         continue
                     if fault is Fault.EVENT_TOO_LARGE and not self._strip_large_documents:
                         log.warning("a change event exceeded 16 MB; large documents are now read separately")
@@ -382,8 +384,10 @@ class MongoChangeStreamListener(BaseDatabaseListener):
 
     def _step(self) -> None:
         if self._recovering is not None:
-            self._recover_history(self._recovering)
+            self._recover()
             return
+        if self._mark_owed:
+            self._write_mark()
         with self._changed:
             reopen = self._stream is None or self._opened_generation != self._generation or self._rewind
             if self._rewind:
@@ -542,20 +546,29 @@ class MongoChangeStreamListener(BaseDatabaseListener):
     def _recover_history(self, why: str | None = None) -> None:
         """The position is not to be trusted (aged out of the oplog, unreadable, or from before
         a server restart): follow from now, and reconcile every collection."""
-        again = self._recovering is not None
-        if not again:
-            self.history_lost += 1
+        self._history_lost(why)
+        self._recover()
+
+    def _history_lost(self, why: str | None = None) -> None:
+        """Note that the position is not to be trusted, and why: :meth:`_recover` runs until done."""
+        self.history_lost += 1
         if why is not None:
             self.last_error = why
         elif not self._unknown_history:
             self.last_error = "resume token aged out of the oplog (ChangeStreamHistoryLost); reconciled"
         self._unknown_history = False
-        why = why or f"the saved position on {self.uri} is no longer in the oplog"
-        self._recovering = why
+        self._recovering = why or f"the saved position on {self.uri} is no longer in the oplog"
+        self._recovery_attempts = 0
+
+    def _recover(self) -> None:
+        """Follow from now and reconcile every collection; an error cuts it short, and the next
+        step runs it again."""
+        assert self._recovering is not None
+        self._recovery_attempts += 1
         log.warning(
             "%s; reconciling outputs with the source, then following changes from now%s",
-            why,
-            " (again: the last attempt failed)" if again else "",
+            self._recovering,
+            " (again: the last attempt failed)" if self._recovery_attempts > 1 else "",
         )
         with self._changed:
             self._seen = self._processed = None
@@ -572,20 +585,25 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         with self._changed:
             self._changed.wait_for(lambda: self._in_flight == 0 or not self.should_keep_running())
         self.hooks.reconcile(sorted(self.tables), self.stopped_event)
+        self._recovering, self._mark_owed = None, True
         self._write_mark()
-        self._recovering = None
 
     def _write_mark(self) -> None:
         """Write the last barrier mark again if the stream has not passed it: a server that
         restarted may have lost it (it is not journaled), and a ``sync`` waiting for it would
-        wait out its timeout. Written after the reconciliation is queued, it passes after it."""
+        wait out its timeout. Written after the reconciliation is queued, it passes after it.
+        A transient error leaves it owed: the next step writes it (the error backs off as any
+        other). One that retrying cannot mend gives it up, as ``sync`` does its own."""
         with self._changed:
             mark, pending = self._marks_sent, self._marks_sent > self._marks_seen
         if pending:
             try:
                 self._put_mark(mark)
             except PyMongoError as exc:
+                if classify(exc) is Fault.TRANSIENT:
+                    raise
                 log.warning("could not write a barrier mark again: %s", exc)
+        self._mark_owed = False
 
     def _put_mark(self, mark: int) -> None:
         """Write barrier mark ``mark``. Each write changes the document (its count of writes
