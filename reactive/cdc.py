@@ -437,14 +437,14 @@ class DatabaseChangeDataCapture:
         the table for the sink (see :meth:`BaseDatabaseListener.subscribe`).
         """
         self.start()
-        listener = self._listener
         if not self.active:
             raise LeaseLostError(
                 f"another process holds the lease of {self.db.backend.uri}: table monitors run in that process"
             )
-        if listener is None:
-            raise BackendError("change data capture stopped while a table monitor was starting")
-        with self._lock:
+        with self._lock:  # with the listener read: a stop that takes it from now on closes the sink
+            listener = self._listener
+            if listener is None:
+                raise BackendError("change data capture stopped while a table monitor was starting")
             self._monitors.append((table, sink))
         try:
             listener.subscribe(table, sink)
