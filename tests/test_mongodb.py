@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import re
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from bson import Code, Decimal128, ObjectId, Regex
@@ -341,18 +344,24 @@ def test_wait_idle_is_a_barrier_for_writes_made_before_it(mongo_uri: str, mongo)
             assert outputs_by_source(db, "len__text")[i] == i
 
 
+@contextlib.contextmanager
+def following_docs(mongo_uri: str, mongo) -> Iterator[tuple[reactive.Datalayer, Any]]:
+    """A datalayer whose listener follows ``docs`` (outputs: each text's length), idle."""
+    mongo.create_collection("docs")
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        yield db, db.cdc.listener
+
+
 def test_a_barrier_mark_whose_restart_check_fails_is_read_again(mongo_uri: str, mongo) -> None:
     # At a mark the listener asks the server whether it restarted (hello). When that failed
     # (a connection dropped then), the stream was opened again after the mark, which had not
     # been counted: wait_idle waited out its timeout.
     from pymongo.errors import AutoReconnect
 
-    mongo.create_collection("docs")
-    with reactive.connect(mongo_uri) as db:
-        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
-        db.cdc.start()
-        assert db.cdc.wait_idle(timeout=30)
-        listener = db.cdc.listener
+    with following_docs(mongo_uri, mongo) as (db, listener):
         asked = listener._primary_process
         failed = []
 
@@ -373,12 +382,7 @@ def test_a_barrier_mark_the_recovery_could_not_write_again_is_written_later(mong
     # it); a failure of that write was only logged, and the wait_idle behind it ran out.
     from pymongo.errors import AutoReconnect
 
-    mongo.create_collection("docs")
-    with reactive.connect(mongo_uri) as db:
-        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
-        db.cdc.start()
-        assert db.cdc.wait_idle(timeout=30)
-        listener = db.cdc.listener
+    with following_docs(mongo_uri, mongo) as (db, listener):
         asked, put = listener._primary_process, listener._put_mark
         restarted, writes = threading.Event(), []
 
