@@ -536,16 +536,32 @@ def test_a_stop_does_not_wait_for_a_server_that_is_down(own_server) -> None:
     assert not db.cdc.running
 
 
+def reconciliation_fails_once(listener: Any) -> list[list[str]]:
+    """Make ``listener``'s next reconciliation fail (a dropped connection); the list of the
+    tables it was asked for is filled once it did."""
+    import dataclasses
+
+    from pymongo.errors import AutoReconnect
+
+    reconcile, failed = listener.hooks.reconcile, []
+
+    def fails_once(tables: list[str], abandon: threading.Event) -> None:
+        if not failed:
+            failed.append(tables)
+            raise AutoReconnect("connection closed (injected once, in the reconciliation)")
+        reconcile(tables, abandon)
+
+    listener.hooks = dataclasses.replace(listener.hooks, reconcile=fails_once)
+    return failed
+
+
 def test_a_reconciliation_after_a_restart_that_fails_is_run_again(own_server) -> None:
     # A restart seen by the listener starts a reconciliation (the server may have lost writes it
     # acknowledged); a transient error in it (the server still waking up) sent the listener
     # back to the stream, and with the restart already noted, nothing ran it again: a lost
     # output stayed lost. Here an output disappears without an event, and the reconciliation
     # after the restart fails once.
-    import dataclasses
-
     from pymongo import MongoClient
-    from pymongo.errors import AutoReconnect
 
     server = own_server()
     uri = server.database_uri("app")
@@ -556,15 +572,7 @@ def test_a_reconciliation_after_a_restart_that_fails_is_run_again(own_server) ->
         db.cdc.start()
         listener = db.cdc.listener
         assert listener.connected.wait(30)
-        reconcile, failed = listener.hooks.reconcile, []
-
-        def fails_once(tables: list[str], abandon: threading.Event) -> None:
-            if not failed:
-                failed.append(tables)
-                raise AutoReconnect("connection closed (injected once, in the reconciliation)")
-            reconcile(tables, abandon)
-
-        listener.hooks = dataclasses.replace(listener.hooks, reconcile=fails_once)
+        failed = reconciliation_fails_once(listener)
         with MongoClient(uri, journal=True) as client:
             client.app["_outputs__len__text"].delete_one({"_id": 1})  # as a crash may lose it
         server.kill()
@@ -629,10 +637,7 @@ def test_aged_out_resume_token_falls_back_to_reconciliation(own_server, caplog) 
 def test_history_lost_while_running_is_recovered_even_where_the_reconciliation_fails_once(own_server) -> None:
     # A stream that found its history gone while running recovered from inside the thread's
     # error handling: a transient error in that recovery (its reconciliation) ended the thread.
-    import dataclasses
-
     from pymongo import MongoClient
-    from pymongo.errors import AutoReconnect
 
     server = own_server("--oplog-max-entries", "5", "--enable-test-commands")
     uri = server.database_uri("app")
@@ -642,15 +647,7 @@ def test_history_lost_while_running_is_recovered_even_where_the_reconciliation_f
         client.app.docs.insert_one({"_id": 1, "text": "one"})
         assert db.cdc.wait_idle(timeout=30)
         listener = db.cdc.listener
-        reconcile, failed = listener.hooks.reconcile, []
-
-        def fails_once(tables: list[str], abandon: threading.Event) -> None:
-            if not failed:
-                failed.append(tables)
-                raise AutoReconnect("connection closed (injected once, in the reconciliation)")
-            reconcile(tables, abandon)
-
-        listener.hooks = dataclasses.replace(listener.hooks, reconcile=fails_once)
+        failed = reconciliation_fails_once(listener)
         client.app.other.insert_many([{"_id": i} for i in range(20)])  # more than the oplog keeps
         client.app["_outputs__len__text"].delete_one({"_id": 1})  # lost: only a reconciliation restores it
         client.admin.command({"secantusAdmin.pruneOplog": 1})
