@@ -226,17 +226,22 @@ class DatabaseChangeDataCapture:
         with self._lock:
             paused = list(self._monitors)
         for table, sink in paused:
+            if listener is None:
+                self._end_monitor(table, sink, BackendError("change data capture stopped during the takeover"))
+                continue
             try:
-                if listener is None:
-                    raise BackendError("change data capture stopped during the takeover")
                 listener.subscribe(table, sink)
             except Exception as exc:
-                log.error("the table monitor on %r could not follow it again after the takeover: %s", table.name, exc)
-                self._forget_monitor(sink)
-                if isinstance(exc, TableNotFoundError):
-                    sink.table_dropped(str(exc))
-                else:
-                    sink.closed()
+                self._end_monitor(table, sink, exc)
+
+    def _end_monitor(self, table: TableInfo, sink: MonitorSink, why: Exception) -> None:
+        """A paused monitor cannot follow its table again: told (dropped, or closed) and forgotten."""
+        log.error("the table monitor on %r could not follow it again after the takeover: %s", table.name, why)
+        self._forget_monitor(sink)
+        if isinstance(why, TableNotFoundError):
+            sink.table_dropped(str(why))
+        else:
+            sink.closed()
 
     def _stand_down(self) -> None:
         """The lease is lost (it expired, another process took it): stop writing at once."""
