@@ -23,6 +23,7 @@ import re
 import sys
 import threading
 import uuid
+import zoneinfo
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +113,8 @@ def infer_output_type(value: Any) -> str:
     for kind, name in _SCALARS.items():
         if type(value) is kind:
             return name
+    if (temporal := _temporal_type(value)) is not None:
+        return temporal
     # A None among the items is a bad item (refused by normalize_output), not another type.
     items = [v for v in value if v is not None] if isinstance(value, list | tuple) else []
     if items:
@@ -124,6 +127,37 @@ def infer_output_type(value: Any) -> str:
         if all(isinstance(v, str) for v in items):
             return "array<string>"
     return "json"
+
+
+def _temporal_type(value: Any) -> str | None:
+    """The type a date, time or datetime is stored as when no type is declared: a datetime
+    with a zone as ``timestamp('UTC')`` (the same instant), without one as ``timestamp``; a
+    time with a zone has no such type (None: JSON).
+
+    >>> utc = _dt.timezone.utc
+    >>> [_temporal_type(v) for v in (_dt.datetime(2024, 1, 2), _dt.datetime(2024, 1, 2, tzinfo=utc))]
+    ['timestamp', "timestamp('UTC')"]
+    >>> [_temporal_type(v) for v in (_dt.date(2024, 1, 2), _dt.time(3, 4), _dt.time(3, 4, tzinfo=utc), "x")]
+    ['date', 'time', None, None]
+    """
+    if isinstance(value, _dt.datetime):
+        return "timestamp" if value.utcoffset() is None else "timestamp('UTC')"
+    if isinstance(value, _dt.date):
+        return "date"
+    if isinstance(value, _dt.time) and value.utcoffset() is None:
+        return "time"
+    return None
+
+
+_UTC = zoneinfo.ZoneInfo("UTC")
+#: What an inferred type falls back to where a store refuses it (SQLite has no time, BSON no
+#: date, Kinetica's timestamps no zone: it takes an aware datetime as its instant): in order.
+_INFERRED_ELSE = {
+    "timestamp('UTC')": ("timestamp", "json"),
+    "timestamp": ("json",),
+    "date": ("json",),
+    "time": ("json",),
+}
 
 
 def infer_outputs_type(values: Sequence[Any]) -> str | None:
@@ -331,6 +365,8 @@ def _other_output(value: Any, output_type: str) -> Any:
     Traceback (most recent call last):
     ...
     ValueError: output of type datetime does not fit date (its time of day would be lost): return a date
+    >>> _other_output(_dt.datetime(2024, 5, 1, 5, tzinfo=_dt.timezone(_dt.timedelta(hours=2))), "timestamp('UTC')")
+    datetime.datetime(2024, 5, 1, 3, 0, tzinfo=zoneinfo.ZoneInfo(key='UTC'))
     """
     if output_type == "uuid":
         try:
@@ -358,6 +394,9 @@ def _other_output(value: Any, output_type: str) -> Any:
     if (path := _undeclared_key(value, arrow_type)) is not None:
         # Arrow drops a key its struct lacks without a word: the value would be stored without it.
         raise ValueError(f"output has the key {path}, which {output_type} does not declare (it would be lost)")
+    if expected is _dt.datetime and arrow_type.tz == "UTC" and value.utcoffset() is not None:
+        # The same instant in UTC, as the database gives it back (chained listeners see one value).
+        return value.astimezone(_UTC)
     return value
 
 
@@ -709,7 +748,7 @@ class OutputWriter:
                     " (the first output that is not None fixes it): declare Model(output_type=...) to store None"
                 )
                 return [OutputRejected(why) for _ in outputs]
-            self.types.set(identifier, source, logical, self.store)
+            logical = self._fix_inferred(identifier, source, logical)
         positions: Sequence[int] = range(len(batch))
         block = vector_block(outputs, logical)
         if block is not None and getattr(self.store, "takes_arrays", False):
@@ -733,6 +772,19 @@ class OutputWriter:
         if len(kept):
             self._write(functools.partial(self.store.store_outputs, identifier, logical, kept, stored, positions))
         return stored
+
+    def _fix_inferred(self, identifier: str, source: TableInfo, inferred: str) -> str:
+        """Fix ``identifier``'s outputs as ``inferred``, or where the store refuses a date or
+        time type (as it refuses one declared) as the next it may hold; return the type fixed."""
+        kinds = (inferred, *_INFERRED_ELSE.get(inferred, ()))
+        for kind in kinds[:-1]:
+            try:
+                self.types.set(identifier, source, kind, self.store)
+                return kind
+            except ConfigurationError:
+                continue
+        self.types.set(identifier, source, kinds[-1], self.store)
+        return kinds[-1]
 
     def _refused(self, output_type: str, outputs: Sequence[Any]) -> dict[int, str]:
         """What the store says its database cannot hold (``refused_outputs``, where it has one)."""

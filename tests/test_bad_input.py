@@ -931,6 +931,39 @@ def test_json_outputs_hold_arrays_as_lists_and_refuse_nan(sql: SQLClient) -> Non
         assert error["source"] == 2 and error["error"].startswith("output contains NaN or infinity, which JSON")
 
 
+#: A model's date and time outputs, keyed by the text of the row that gets them.
+MOMENTS = {
+    "naive": dt.datetime(2024, 1, 2, 3, 4, 5, 123456),
+    "aware": dt.datetime(2024, 1, 2, 3, 4, 5, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+    "day": dt.date(2024, 1, 2),
+    "clock": dt.time(3, 4, 5, 123456),
+}
+
+
+def test_dates_and_times_without_a_declared_type_are_stored_as_dates_and_times(sql: SQLClient) -> None:
+    """They were stored as reactive's tagged JSON and came back as it ({'__dt__': '2024-01-02T03:04:05'})
+    from db.outputs and to any other client. SQLite has no time type: a time stays JSON there."""
+    make_table(sql, "docs", [(1, "naive"), (2, "day")])
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        for kind, moment in MOMENTS.items():
+            db.add(Listener(Model(kind, predict=lambda xs, m=moment: [m for _ in xs]), "text", "docs"))
+        db.cdc.start()
+        sql.execute("INSERT INTO docs VALUES (3, 'c')")
+        assert db.cdc.wait_idle(timeout=30)
+        clock = {"__dt__": "03:04:05.123456"} if sql.kind == "sqlite" else MOMENTS["clock"]
+        for kind, moment in {**MOMENTS, "clock": clock}.items():
+            assert outputs_by_source(db, f"{kind}__text") == dict.fromkeys([1, 2, 3], moment), kind
+        assert outputs_by_source(db, "aware__text")[1].utcoffset() == dt.timedelta(0)  # the same instant, in UTC
+        types = {kind: db.backend.output_types.get(f"{kind}__text") for kind in MOMENTS}
+        assert types == {
+            "naive": "timestamp",
+            "aware": "timestamp('UTC')",
+            "day": "date",
+            "clock": "json" if sql.kind == "sqlite" else "time",
+        }
+        assert db.errors() == []
+
+
 def nested(texts: list[str]) -> list[Any]:
     """Each text in three lists, "deep" in 100,001 (deeper than ``json.dumps`` can write)."""
     outputs: list[Any] = []

@@ -289,6 +289,38 @@ def test_a_refused_monitor_recreation_after_a_server_restart_is_retried(
     assert kinetica_server.monitors() == {}
 
 
+def test_dates_and_datetimes_without_a_declared_type_are_kinetica_columns_and_times_stay_json(
+    kinetica_server: KineticaTestServer, foreign: GPUdb
+) -> None:
+    """They were stored as reactive's tagged JSON text ({'__dt__': ...}); a datetime is a
+    timestamp column now (to the millisecond, an aware one as its instant), a date a date
+    column. Kinetica's outputs hold no time: a time stays JSON, as before, not refused."""
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
+    moments = {
+        "naive": dt.datetime(2024, 1, 2, 3, 4, 5, 123456),
+        "aware": dt.datetime(2024, 1, 2, 5, 4, 5, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2))),
+        "day": dt.date(2024, 1, 2),
+        "clock": dt.time(3, 4, 5),
+    }
+    with connect(kinetica_server) as db:
+        for kind, moment in moments.items():
+            db.add(Listener(Model(kind, predict=lambda xs, m=moment: [m for _ in xs]), "text", "docs"))
+        db.cdc.start()
+        docs.insert_records([[2, "beta", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        stored = {kind: outputs_by_source(db, f"{kind}__text") for kind in moments}
+        kept = dt.datetime(2024, 1, 2, 3, 4, 5, 123000)
+        assert stored == {
+            "naive": {1: kept, 2: kept},
+            "aware": {1: kept, 2: kept},
+            "day": {1: dt.date(2024, 1, 2), 2: dt.date(2024, 1, 2)},
+            "clock": {1: {"__dt__": "03:04:05"}, 2: {"__dt__": "03:04:05"}},
+        }
+        types = {kind: db.backend.output_types.get(f"{kind}__text") for kind in moments}
+        assert types == {"naive": "timestamp", "aware": "timestamp", "day": "date", "clock": "json"}
+        assert db.errors() == []
+
+
 def test_a_declared_output_type_kinetica_cannot_hold_is_refused_at_add(
     kinetica_server: KineticaTestServer, foreign: GPUdb
 ) -> None:

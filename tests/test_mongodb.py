@@ -294,6 +294,36 @@ def test_a_declared_output_type_bson_cannot_hold_is_refused_at_add_and_the_other
         assert error["source"] == 2 and "which MongoDB's Decimal128 cannot hold (34 digits)" in error["error"]
 
 
+def test_datetimes_without_a_declared_type_are_bson_dates_and_dates_and_times_stay_json(mongo_uri: str, mongo) -> None:
+    """A datetime output was stored as reactive's tagged JSON ({'__dt__': ...}); it is a BSON
+    date now (kept to the millisecond, as every MongoDB client keeps it; an aware one as its
+    instant in UTC). BSON has no date or time: those stay JSON, as before, not refused."""
+    mongo.docs.insert_many([{"_id": 1, "text": "a"}])
+    moments = {
+        "naive": datetime.datetime(2024, 1, 2, 3, 4, 5, 123456),
+        "aware": datetime.datetime(2024, 1, 2, 5, 4, 5, 123456, tzinfo=datetime.timezone(datetime.timedelta(hours=2))),
+        "day": datetime.date(2024, 1, 2),
+        "clock": datetime.time(3, 4, 5),
+    }
+    with reactive.connect(mongo_uri) as db:
+        for kind, moment in moments.items():
+            db.add(Listener(Model(kind, predict=lambda xs, m=moment: [m for _ in xs]), "text", "docs"))
+        db.cdc.start()
+        mongo.docs.insert_one({"_id": 2, "text": "b"})
+        assert db.cdc.wait_idle(timeout=30)
+        stored = {kind: outputs_by_source(db, f"{kind}__text") for kind in moments}
+        kept = datetime.datetime(2024, 1, 2, 3, 4, 5, 123000)
+        assert stored == {
+            "naive": {1: kept, 2: kept},
+            "aware": {1: kept, 2: kept},
+            "day": {1: {"__dt__": "2024-01-02"}, 2: {"__dt__": "2024-01-02"}},
+            "clock": {1: {"__dt__": "03:04:05"}, 2: {"__dt__": "03:04:05"}},
+        }
+        types = {kind: db.backend.output_types.get(f"{kind}__text") for kind in moments}
+        assert types == {"naive": "timestamp", "aware": "timestamp('UTC')", "day": "json", "clock": "json"}
+        assert db.errors() == []
+
+
 def test_ids_of_every_bson_type_work_even_those_python_cannot_hash(mongo_uri: str, mongo) -> None:
     """A Decimal128, Regex or Code _id cannot key a dict: coalescing such a change raised in
     the handler, and its window came back and failed again forever, with every change in it."""
