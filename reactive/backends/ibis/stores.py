@@ -176,6 +176,10 @@ class IbisOutputs:
             if stored_as_text(dialect, output_type):
                 return pa.array(json_vectors(values), type=arrow_type)
             values = values.tolist()
+        if pa.types.is_duration(arrow_type):
+            # As a timedelta holds them, in microseconds: ibis names PostgreSQL's interval one of
+            # seconds, and Arrow dropped what was finer without a word (5.5 s stored as 5 s).
+            return pa.array(values, type=pa.duration("us"))
         if not stored_as_text(dialect, output_type):
             return pa.array(values, type=arrow_type)  # encode_for leaves every value as it is
         return pa.array([encode_for(dialect, output_type, v) for v in values], type=arrow_type)
@@ -249,10 +253,17 @@ class IbisOutputs:
                 # text, then as the driver hands the rows' ids over (PostgreSQL's: uuid.UUID).
                 uuids = source.type().is_uuid()
                 column = source.cast("string").name(SOURCE_FIELD) if uuids else source
-                table = o.select(column, OUTPUT_FIELD).order_by(SOURCE_FIELD).to_pyarrow()
-                # Maps as dicts, as the model returned them (Arrow's own list is of key-value pairs).
-                columns = [pylist(table.column(n)) for n in table.column_names]
-                rows = [dict(zip(table.column_names, values, strict=True)) for values in zip(*columns, strict=True)]
+                expr = o.select(column, OUTPUT_FIELD).order_by(SOURCE_FIELD)
+                if o[OUTPUT_FIELD].type().is_interval():
+                    # ibis reads an interval through Arrow as a duration of the unit it names
+                    # (PostgreSQL's: seconds, what is finer dropped; DuckDB's fails the cast):
+                    # the driver gives timedeltas as they are stored.
+                    rows = self.conn.fetch_plain(self.conn.con.compile(expr))
+                else:
+                    table = expr.to_pyarrow()
+                    # Maps as dicts, as the model returned them (Arrow's own list is of key-value pairs).
+                    columns = [pylist(table.column(n)) for n in table.column_names]
+                    rows = [dict(zip(table.column_names, values, strict=True)) for values in zip(*columns, strict=True)]
                 if uuids and self.conn.dialect.uuid_objects:
                     for row in rows:
                         row[SOURCE_FIELD] = uuid.UUID(row[SOURCE_FIELD])
