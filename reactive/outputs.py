@@ -102,6 +102,10 @@ def infer_output_type(value: Any) -> str:
     ('json', 'string', 'json')
     """
     value = from_tensor(value)
+    if isinstance(value, np.datetime64 | np.timedelta64):
+        # Not by .item(): a nanosecond one is an int (1704164645123456789 was stored as int64).
+        timedelta = isinstance(value, np.timedelta64)
+        return "interval" if timedelta else "date" if np.datetime_data(value.dtype)[0] == "D" else "timestamp"
     if isinstance(value, np.ndarray):
         if value.ndim == 1 and value.dtype.kind in "fiub":
             kind = {"f": "float", "i": "int", "u": "int", "b": "bool"}[value.dtype.kind]
@@ -130,15 +134,17 @@ def infer_output_type(value: Any) -> str:
 
 
 def _temporal_type(value: Any) -> str | None:
-    """The type a date, time or datetime is stored as when no type is declared: a datetime
-    with a zone as ``timestamp('UTC')`` (the same instant), without one as ``timestamp``; a
-    time with a zone has no such type (None: JSON).
+    """The type a date, time, datetime or timedelta is stored as when no type is declared: a
+    datetime with a zone as ``timestamp('UTC')`` (the same instant), without one as
+    ``timestamp``; a time with a zone has no such type (None: JSON).
 
     >>> utc = _dt.timezone.utc
     >>> [_temporal_type(v) for v in (_dt.datetime(2024, 1, 2), _dt.datetime(2024, 1, 2, tzinfo=utc))]
     ['timestamp', "timestamp('UTC')"]
     >>> [_temporal_type(v) for v in (_dt.date(2024, 1, 2), _dt.time(3, 4), _dt.time(3, 4, tzinfo=utc), "x")]
     ['date', 'time', None, None]
+    >>> _temporal_type(_dt.timedelta(seconds=1.5))
+    'interval'
     """
     if isinstance(value, _dt.datetime):
         return "timestamp" if value.utcoffset() is None else "timestamp('UTC')"
@@ -146,17 +152,43 @@ def _temporal_type(value: Any) -> str | None:
         return "date"
     if isinstance(value, _dt.time) and value.utcoffset() is None:
         return "time"
+    if isinstance(value, _dt.timedelta):
+        return "interval"
     return None
+
+
+def _numpy_moment(value: np.datetime64 | np.timedelta64) -> Any:
+    """A numpy datetime or duration as Python's: a ``date`` for a day, a ``datetime`` or a
+    ``timedelta`` (None for NaT); ValueError where it is finer than the microsecond they hold.
+
+    >>> _numpy_moment(np.datetime64("2024-01-02")), _numpy_moment(np.datetime64("2024-01-02T03:04:05.5", "ns"))
+    (datetime.date(2024, 1, 2), datetime.datetime(2024, 1, 2, 3, 4, 5, 500000))
+    >>> _numpy_moment(np.datetime64("2024-01-02T03:04:05.000000001"))
+    Traceback (most recent call last):
+    ...
+    ValueError: output 2024-01-02T03:04:05.000000001 is finer than a microsecond (Python's datetime holds no finer)
+    """
+    if np.isnat(value):
+        return None
+    kind = "timedelta64" if isinstance(value, np.timedelta64) else "datetime64"
+    if kind == "datetime64" and np.datetime_data(value.dtype)[0] == "D":
+        return value.item()
+    micro = value.astype(f"{kind}[us]")
+    if micro != value:
+        raise ValueError(f"output {value} is finer than a microsecond (Python's datetime holds no finer)")
+    return micro.item()
 
 
 _UTC = zoneinfo.ZoneInfo("UTC")
 #: What an inferred type falls back to where a store refuses it (SQLite has no time, BSON no
-#: date, Kinetica's timestamps no zone: it takes an aware datetime as its instant): in order.
+#: date, Kinetica's timestamps no zone: it takes an aware datetime as its instant), in order.
+#: JSON holds no interval: a timedelta output is refused for its row there, as before.
 _INFERRED_ELSE = {
     "timestamp('UTC')": ("timestamp", "json"),
     "timestamp": ("json",),
     "date": ("json",),
     "time": ("json",),
+    "interval": ("json",),
 }
 
 
@@ -223,8 +255,16 @@ def _json_default(value: Any) -> Any:
     value = from_tensor(value)
     if isinstance(value, np.ndarray):
         return value.tolist()
-    if isinstance(value, _JSON_STAND_INS):
-        return plain_value(value)
+    if isinstance(value, np.datetime64 | np.timedelta64):
+        try:
+            value = _numpy_moment(value)
+        except ValueError as exc:
+            raise _NotJSON(str(exc)) from None
+    elif isinstance(value, np.generic):
+        # A numpy number (a classifier's np.float32 score in a dict) was refused as no number.
+        return value.item()
+    if value is None or isinstance(value, _JSON_STAND_INS):
+        return None if value is None else plain_value(value)  # None: numpy's NaT
     raise _NotJSON(f"output holds a {type(value).__module__}.{type(value).__name__}, which reactive cannot store")
 
 
@@ -323,7 +363,11 @@ def plain_scalars(values: Sequence[Any], output_type: str) -> bool:
 
 
 def _scalar_output(value: Any, output_type: str) -> Any:
-    if isinstance(value, np.generic):
+    if isinstance(value, np.datetime64 | np.timedelta64):
+        value = _numpy_moment(value)
+        if value is None:  # NaT: no value, as a model's None
+            return None
+    elif isinstance(value, np.generic):
         value = value.item()
     if type(value) is _PYTHON_TYPES.get(output_type) and _fits_plainly(value):
         return value  # the common case, without numpy's cost per value

@@ -964,6 +964,59 @@ def test_dates_and_times_without_a_declared_type_are_stored_as_dates_and_times(s
         assert db.errors() == []
 
 
+def test_intervals_are_stored_to_the_microsecond_declared_or_not(sql: SQLClient) -> None:
+    """A declared interval lost what was finer than a second on PostgreSQL (ibis names its
+    interval one of seconds, and Arrow dropped the rest: 5.5 s stored as 5 s), and on DuckDB
+    db.outputs failed (Arrow cannot cast DuckDB's interval to a duration). Undeclared, a
+    timedelta was refused as JSON; it is an interval now where the database has one (SQLite
+    has none: refused for its row there, as before)."""
+    make_table(sql, "docs", [(1, "a")])
+    span = dt.timedelta(days=1, seconds=5, microseconds=500007)
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        if sql.kind != "sqlite":  # SQLite's refusal of a declared interval: test_an_output_type_...
+            declared = Model("declared", predict=lambda xs: [span for _ in xs], output_type="interval")
+            db.add(Listener(declared, "text", "docs"))
+        db.add(Listener(Model("inferred", predict=lambda xs: [span for _ in xs]), "text", "docs"))
+        db.cdc.start()
+        sql.execute("INSERT INTO docs VALUES (2, 'b')")
+        assert db.cdc.wait_idle(timeout=30)
+        if sql.kind == "sqlite":
+            assert outputs_by_source(db, "inferred__text") == {}
+            assert {e["source"] for e in db.errors("inferred__text")} == {1, 2}
+            assert "datetime.timedelta, which reactive cannot store" in db.errors("inferred__text")[0]["error"]
+            return
+        for identifier in ("declared__text", "inferred__text"):
+            assert outputs_by_source(db, identifier) == {1: span, 2: span}
+        assert db.backend.output_types.get("inferred__text") == "interval"
+        assert db.errors() == []
+
+
+def test_numpy_values_are_stored_as_the_values_they_hold(duck: SQLClient) -> None:
+    """A numpy number inside a JSON output (a classifier's np.float32 score) refused the row
+    ("output holds a numpy.float32, which reactive cannot store: return numbers..."), and a
+    numpy datetime of nanoseconds was stored as an int64 count of them (1704164645123456789).
+    Now: the number, the datetime (one finer than a microsecond refused for its row: Python's
+    datetime cannot hold it), NaT as None."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, "fine"), (3, "nat")])
+    scored = {"label": "spam", "score": np.float32(0.5), "n": np.int64(3), "flags": [np.bool_(True)]}
+    moments = {
+        "a": np.datetime64("2024-01-02T03:04:05.123456000", "ns"),
+        "fine": np.datetime64("2024-01-02T03:04:05.123456789", "ns"),
+        "nat": np.datetime64("NaT", "ns"),
+    }
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(Model("label", predict=lambda xs: [scored for _ in xs]), "text", "docs"))
+        db.add(Listener(Model("at", predict=lambda xs: [moments[x] for x in xs]), "text", "docs"))
+        plain = {"label": "spam", "score": 0.5, "n": 3, "flags": [True]}
+        assert outputs_by_source(db, "label__text") == dict.fromkeys([1, 2, 3], plain)
+        assert db.backend.output_types.get("at__text") == "timestamp"
+        assert outputs_by_source(db, "at__text") == {1: dt.datetime(2024, 1, 2, 3, 4, 5, 123456), 3: None}
+        [error] = db.errors("at__text")
+        assert error["source"] == 2 and "finer than a microsecond" in error["error"]
+        assert db.errors("label__text") == []
+
+
 def nested(texts: list[str]) -> list[Any]:
     """Each text in three lists, "deep" in 100,001 (deeper than ``json.dumps`` can write)."""
     outputs: list[Any] = []
