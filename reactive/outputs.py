@@ -243,15 +243,59 @@ def normalize_output(value: Any, output_type: str) -> Any:
     value = from_tensor(value)
     if output_type == "json":
         return _json_output(value)
+    if "struct<" in output_type:
+        value = _all_fields(value)
     if output_type.startswith("array<"):
         return _vector_output(value, output_type)
     return _scalar_output(value, output_type)
 
 
+def _fields(value: Any) -> dict[str, Any] | None:
+    """A dataclass's or a pydantic model's fields as a dict (pydantic's as Python values: dates
+    stay dates); None for any other value."""
+    if isinstance(value, type):
+        return None
+    if dc.is_dataclass(value):
+        return {field.name: getattr(value, field.name) for field in dc.fields(value)}
+    if callable(getattr(value, "model_dump", None)):
+        return value.model_dump()
+    return None
+
+
+def _all_fields(value: Any) -> Any:
+    """``value`` with every dataclass and pydantic model in it, at any depth, as a dict of its
+    fields (what a struct type takes).
+
+    >>> @dc.dataclass
+    ... class Line:
+    ...     sku: str
+    >>> _all_fields({"lines": [Line("a")], "n": 1})
+    {'lines': [{'sku': 'a'}], 'n': 1}
+    """
+    if (fields := _fields(value)) is not None:
+        value = fields
+    if isinstance(value, Mapping):
+        return {key: _all_fields(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_all_fields(item) for item in value]
+    return value
+
+
 def _json_default(value: Any) -> Any:
     """A JSON stand-in: arrays and tensors of any shape as nested lists, dates, bytes, decimals,
-    UUIDs and sets as fingerprints encode them; an object of another type is refused (its
-    repr was stored: ``{"__Tensor__": "tensor([1., 1.])"}``)."""
+    UUIDs and sets as fingerprints encode them, a dataclass or a pydantic model (what an
+    extraction model returns) as the dict of its fields; an object of another type is refused
+    (its repr was stored: ``{"__Tensor__": "tensor([1., 1.])"}``).
+
+    >>> @dc.dataclass
+    ... class Invoice:
+    ...     total: float
+    ...     lines: list[str]
+    >>> normalize_output(Invoice(12.5, ["a"]), "json")
+    {'total': 12.5, 'lines': ['a']}
+    """
+    if (fields := _fields(value)) is not None:
+        return fields
     value = from_tensor(value)
     if isinstance(value, np.ndarray):
         return value.tolist()

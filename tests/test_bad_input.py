@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses as dc
 import datetime as dt
 import logging
 import queue
@@ -15,6 +16,7 @@ from uuid import UUID
 import numpy as np
 import psycopg
 import pyarrow as pa
+import pydantic
 import pytest
 from conftest import Recorder, SQLClient, outputs_by_source
 
@@ -1015,6 +1017,62 @@ def test_numpy_values_are_stored_as_the_values_they_hold(duck: SQLClient) -> Non
         [error] = db.errors("at__text")
         assert error["source"] == 2 and "finer than a microsecond" in error["error"]
         assert db.errors("label__text") == []
+
+
+@dc.dataclass
+class Invoice:
+    """What an extraction model returns: fields, one of them a date, one nested."""
+
+    total: Decimal
+    due: dt.date
+    lines: list[str]
+    vendor: Vendor
+
+
+class Vendor(pydantic.BaseModel):
+    name: str
+    score: float
+
+
+def test_dataclass_and_pydantic_outputs_are_stored_as_the_dicts_of_their_fields(sql: SQLClient) -> None:
+    """An extraction model's output, a dataclass or a pydantic model, was refused for its row
+    ("output holds a test_bad_input.Invoice, which reactive cannot store"): it is the dict of
+    its fields now, nested ones too, in JSON as any dict (a date as JSON keeps it)."""
+    make_table(sql, "docs", [(1, "acme")])
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+
+        def extract(texts: list[str]) -> list[Invoice]:
+            return [Invoice(Decimal("12.50"), dt.date(2024, 1, 2), [t], Vendor(name=t, score=0.5)) for t in texts]
+
+        db.add(Listener(Model("invoice", predict=extract), "text", "docs"))
+        db.add(Listener(Model("vendor", predict=lambda xs: [Vendor(name=x, score=1.5) for x in xs]), "text", "docs"))
+        db.cdc.start()
+        sql.execute("INSERT INTO docs VALUES (2, 'initech')")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "invoice__text") == {
+            i: {
+                "total": {"__str__": "12.50"},
+                "due": {"__dt__": "2024-01-02"},
+                "lines": [name],
+                "vendor": {"name": name, "score": 0.5},
+            }
+            for i, name in ((1, "acme"), (2, "initech"))
+        }
+        assert outputs_by_source(db, "vendor__text") == {
+            1: {"name": "acme", "score": 1.5},
+            2: {"name": "initech", "score": 1.5},
+        }
+        if sql.kind == "duckdb":  # a struct of the database's own types (PostgreSQL and SQLite have none)
+            vendor = "struct<name: string, score: float64>"
+            kind = f"struct<total: decimal(10, 2), due: date, lines: array<string>, vendor: {vendor}>"
+            db.add(Listener(Model("typed", predict=extract, output_type=kind), "text", "docs"))
+            assert outputs_by_source(db, "typed__text")[1] == {
+                "total": Decimal("12.50"),
+                "due": dt.date(2024, 1, 2),
+                "lines": ["acme"],
+                "vendor": {"name": "acme", "score": 0.5},
+            }
+        assert db.errors() == []
 
 
 def nested(texts: list[str]) -> list[Any]:
