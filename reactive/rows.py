@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses as dc
+import datetime as _dt
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, overload
 
@@ -59,15 +60,29 @@ def holds_map(kind: pa.DataType) -> bool:
     return False
 
 
+def as_timedelta(interval: pa.MonthDayNano) -> _dt.timedelta:
+    """An Arrow interval (DuckDB's ``INTERVAL``) as the ``timedelta`` DuckDB's own Python rows
+    give, a month as 30 days (PostgreSQL's driver gives one too; pyarrow gives ``MonthDayNano``).
+
+    >>> as_timedelta(pa.MonthDayNano([1, 2, 3_500_000_000]))
+    datetime.timedelta(days=32, seconds=3, microseconds=500000)
+    """
+    months, days, nanoseconds = interval
+    return _dt.timedelta(days=30 * months + days, microseconds=nanoseconds // 1000)
+
+
 def pylist(column: pa.Array | pa.ChunkedArray) -> list[Any]:
     """``column.to_pylist()``, with maps as dicts, as every other backend hands a model a
-    document or a JSON object (Arrow's default is a list of key-value pairs). Only a column
-    that holds maps pays for it (200,000 two-key maps: 1.3x the pairs at the top level, 6x nested).
+    document or a JSON object (Arrow's default is a list of key-value pairs), and intervals as
+    timedeltas (:func:`as_timedelta`). Only a column that holds maps pays for it (200,000
+    two-key maps: 1.3x the pairs at the top level, 6x nested).
 
     >>> pylist(pa.array([[("x", 1)], None], pa.map_(pa.string(), pa.int64())))
     [{'x': 1}, None]
     """
     kind = column.type
+    if pa.types.is_interval(kind):
+        return [None if v is None else as_timedelta(v) for v in column.to_pylist()]
     if not holds_map(kind):
         return column.to_pylist()
     if pa.types.is_map(kind) and not holds_map(kind.key_type) and not holds_map(kind.item_type):
@@ -140,7 +155,7 @@ class TableRows(Sequence[Row]):
     def _rows(self) -> list[dict[str, Any]]:
         if self._dicts is None:
             table = self.table
-            if not any(holds_map(field.type) for field in table.schema):
+            if not any(holds_map(field.type) or pa.types.is_interval(field.type) for field in table.schema):
                 with contextlib.suppress(NOT_PYTHON):
                     self._dicts = table.to_pylist()
             if self._dicts is None:  # column by column: maps as dicts, an odd value as an Unreadable

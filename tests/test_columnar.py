@@ -10,6 +10,7 @@ row-by-row checks.
 
 from __future__ import annotations
 
+import datetime as dt
 import decimal
 import gc
 import logging
@@ -25,9 +26,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import Recorder, SQLClient, outputs_by_source
+from conftest import Recorder, SQLClient, outputs_by_source, within
 
 import reactive
+from reactive import TableMonitor
 from reactive.backends.ibis.dialects import Dialect
 from reactive.components import Listener, Model
 from reactive.components import listener as listener_module
@@ -570,6 +572,29 @@ def test_a_duckdb_map_reaches_the_model_as_a_dict(duck: SQLClient) -> None:
         assert seen["s"] == [{"n": {"k": 3}}, {"n": {}}]
         assert outputs_by_source(db, "keys_m__m") == {1: "{'x': 1, 'y': 5}", 3: "{'z': 4}"}
         assert db.errors() == []
+
+
+def test_a_duckdb_interval_reaches_the_model_and_table_monitors_as_a_timedelta(duck: SQLClient) -> None:
+    """Arrow reads an INTERVAL as pyarrow's MonthDayNano, which is what models and monitors got;
+    PostgreSQL's driver and DuckDB's own client give a timedelta (a month as 30 days)."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, span INTERVAL)")
+    duck.execute("INSERT INTO docs VALUES (1, INTERVAL '1 day 2 hours 3.5 seconds'), (2, NULL)")
+    seen: list[Any] = []
+    monitored: list[Any] = []
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        model = Model("secs", predict=lambda spans: [seen.append(s) or s.total_seconds() for s in spans])
+        db.add(Listener(model, "span", "docs"), progress=False)
+        db.cdc.start()
+        inserted = TableMonitor.Callback(TableMonitor.Callback.Type.INSERT_DECODED, lambda row: monitored.append(row))
+        with TableMonitor.Client(db, "docs", [inserted]):
+            duck.execute("INSERT INTO docs VALUES (3, INTERVAL '1 month 1 microsecond')")
+            assert db.cdc.wait_idle(timeout=30)
+            assert within(10, lambda: len(monitored) == 1)
+        month = dt.timedelta(days=30, microseconds=1)
+        assert seen == [dt.timedelta(days=1, seconds=7203, microseconds=500000), month]
+        assert monitored == [{"id": 3, "span": month}]
+        assert outputs_by_source(db, "secs__span") == {1: 93603.5, 3: month.total_seconds()}
+        assert [e["source"] for e in db.errors()] == [2]  # NULL: no value for the key, as any NULL
 
 
 def test_a_map_output_is_written_and_read_back_as_a_dict_on_duckdb(duck: SQLClient) -> None:
