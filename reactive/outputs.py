@@ -413,6 +413,11 @@ def _scalar_output(value: Any, output_type: str) -> Any:
             return None
     elif isinstance(value, np.generic):
         value = value.item()
+    elif isinstance(value, _dt.datetime | _dt.timedelta) and (
+        getattr(value, "nanosecond", 0) or getattr(value, "nanoseconds", 0)
+    ):
+        # pandas' Timestamp and Timedelta: Arrow dropped the nanoseconds without a word.
+        raise ValueError(f"output {value} is finer than a microsecond (Python's datetime holds no finer)")
     if type(value) is _PYTHON_TYPES.get(output_type) and _fits_plainly(value):
         return value  # the common case, without numpy's cost per value
     if type(value) is str and (surrogate := _SURROGATE.search(value)) is not None:

@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID
 
 import numpy as np
+import pandas as pd
 import psycopg
 import pyarrow as pa
 import pydantic
@@ -1000,22 +1001,27 @@ def test_numpy_values_are_stored_as_the_values_they_hold(duck: SQLClient) -> Non
     Now: the number, the datetime (one finer than a microsecond refused for its row: Python's
     datetime cannot hold it), NaT as None."""
     duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
-    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, "fine"), (3, "nat")])
+    duck.executemany(
+        "INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, "fine"), (3, "nat"), (4, "pandas"), (5, "pandas fine")]
+    )
     scored = {"label": "spam", "score": np.float32(0.5), "n": np.int64(3), "flags": [np.bool_(True)]}
     moments = {
         "a": np.datetime64("2024-01-02T03:04:05.123456000", "ns"),
         "fine": np.datetime64("2024-01-02T03:04:05.123456789", "ns"),
         "nat": np.datetime64("NaT", "ns"),
+        "pandas": pd.Timestamp("2024-01-02T03:04:05.123456"),
+        "pandas fine": pd.Timestamp("2024-01-02T03:04:05.123456789"),  # was stored without its 789 ns
     }
     with reactive.connect(duck.uri) as db:
         db.add(Listener(Model("label", predict=lambda xs: [scored for _ in xs]), "text", "docs"))
         db.add(Listener(Model("at", predict=lambda xs: [moments[x] for x in xs]), "text", "docs"))
         plain = {"label": "spam", "score": 0.5, "n": 3, "flags": [True]}
-        assert outputs_by_source(db, "label__text") == dict.fromkeys([1, 2, 3], plain)
+        assert outputs_by_source(db, "label__text") == dict.fromkeys([1, 2, 3, 4, 5], plain)
         assert db.backend.output_types.get("at__text") == "timestamp"
-        assert outputs_by_source(db, "at__text") == {1: dt.datetime(2024, 1, 2, 3, 4, 5, 123456), 3: None}
-        [error] = db.errors("at__text")
-        assert error["source"] == 2 and "finer than a microsecond" in error["error"]
+        moment = dt.datetime(2024, 1, 2, 3, 4, 5, 123456)
+        assert outputs_by_source(db, "at__text") == {1: moment, 3: None, 4: moment}
+        errors = {e["source"]: e["error"] for e in db.errors("at__text")}
+        assert set(errors) == {2, 5} and all("finer than a microsecond" in e for e in errors.values())
         assert db.errors("label__text") == []
 
 
