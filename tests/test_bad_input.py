@@ -568,6 +568,22 @@ def test_json_is_json_in_any_case_and_other_declared_types_refuse_values_per_row
             assert error["source"] == 2 and ("does not fit" in error["error"] or "is not a UUID" in error["error"])
 
 
+@pytest.mark.parametrize("sql", ["duckdb", "postgres"], indirect=True)  # SQLite refuses decimals at add
+def test_a_decimal_of_no_declared_precision_holds_38_digits_9_after_the_point(sql: SQLClient) -> None:
+    """DuckDB made such a column DECIMAL(18, 3) while outputs were checked against Arrow's
+    decimal(38, 9): 1.2345 and a 21-digit value failed their window's write, db.add raised
+    ("backfill ... failed for some rows"), and each row was set apart with Arrow's error
+    ("Rescaling Decimal value would cause data loss"), never stored."""
+    make_table(sql, "docs", [(1, "a"), (2, "wide"), (3, "fine")])
+    values = {"a": Decimal("1.2345"), "wide": Decimal("12345678901234567890.5"), "fine": Decimal("0.0000000001")}
+    with reactive.connect(sql.uri) as db:
+        model = Model("price", predict=lambda xs: [values[x] for x in xs], output_type="decimal")
+        db.add(Listener(model, "text", "docs"))
+        assert outputs_by_source(db, "price__text") == {1: values["a"], 2: values["wide"]}
+        [error] = db.errors("price__text")
+        assert error["source"] == 3 and "does not fit decimal" in error["error"]
+
+
 @pytest.mark.parametrize("sql", ["sqlite", "postgres"], indirect=True)  # DuckDB stores them all
 @pytest.mark.parametrize(
     "output_type", ["uint8", "uint64", "uuid", "struct<a: int64>", "map<string, int64>", "array<array<float32>>"]

@@ -201,6 +201,20 @@ def _read_as_text(kind: str) -> str | None:
     return None if text == kind else text
 
 
+def _sized_decimals(dtype: dt.DataType) -> dt.DataType:
+    """``dtype`` with every decimal of no declared precision, at any depth, as ``decimal(38, 9)``."""
+    if dtype.is_decimal() and dtype.precision is None:
+        return dt.Decimal(38, 9, nullable=dtype.nullable)
+    if dtype.is_array():
+        return dt.Array(_sized_decimals(dtype.value_type), nullable=dtype.nullable)
+    if dtype.is_struct():
+        return dt.Struct({name: _sized_decimals(kind) for name, kind in dtype.items()}, nullable=dtype.nullable)
+    if dtype.is_map():
+        key, value = _sized_decimals(dtype.key_type), _sized_decimals(dtype.value_type)
+        return dt.Map(key, value, nullable=dtype.nullable)
+    return dtype
+
+
 class Dialect:
     """DuckDB: information_schema, ``hash()``, native arrays, Arrow in and out."""
 
@@ -326,12 +340,17 @@ class Dialect:
         return {column: text for column, kind in rows if (text := _read_as_text(kind)) is not None}
 
     def storage_type(self, logical: str) -> dt.DataType:
-        """The column type for a logical output type (JSON values are stored as text).
+        """The column type for a logical output type (JSON values are stored as text); a
+        decimal of no declared precision as the one its outputs are checked against and written
+        as, Arrow's ``decimal128(38, 9)`` (DuckDB made its own default, ``DECIMAL(18, 3)``: a value
+        of more failed its window's write, and its row was set apart with Arrow's error).
 
         >>> Dialect().storage_type("array<float32>"), Dialect().storage_type("json")
         (Array(value_type=Float32(nullable=True), length=None, nullable=True), String(length=None, nullable=True))
+        >>> print(Dialect().storage_type("struct<price: decimal, history: array<decimal>>"))
+        struct<price: decimal(38, 9), history: array<decimal(38, 9)>>
         """
-        return dt.string if logical == "json" else ibis_type(logical)
+        return dt.string if logical == "json" else _sized_decimals(ibis_type(logical))
 
     # -- statement pieces -----------------------------------------------------------------
     def row_hash(self, columns: Sequence[str], table: str | None = None) -> sge.Expression:
