@@ -16,6 +16,7 @@ import contextlib
 import dataclasses as dc
 import datetime as _dt
 import decimal
+import enum
 import functools
 import json
 import math
@@ -101,7 +102,7 @@ def infer_output_type(value: Any) -> str:
     >>> infer_output_type({"label": "spam"}), infer_output_type("x"), infer_output_type(np.eye(2))
     ('json', 'string', 'json')
     """
-    value = from_tensor(value)
+    value = _member_value(from_tensor(value))
     if isinstance(value, np.datetime64 | np.timedelta64):
         # Not by .item(): a nanosecond one is an int (1704164645123456789 was stored as int64).
         timedelta = isinstance(value, np.timedelta64)
@@ -240,7 +241,7 @@ def normalize_output(value: Any, output_type: str) -> Any:
     """
     if value is None:
         return None
-    value = from_tensor(value)
+    value = _member_value(from_tensor(value))
     if output_type == "json":
         return _json_output(value)
     if "struct<" in output_type:
@@ -248,6 +249,18 @@ def normalize_output(value: Any, output_type: str) -> Any:
     if output_type.startswith("array<"):
         return _vector_output(value, output_type)
     return _scalar_output(value, output_type)
+
+
+def _member_value(value: Any) -> Any:
+    """An enum member as its value (a classifier's ``Label.SPAM`` as ``"spam"``; a ``StrEnum``'s
+    was stored as JSON text, a plain ``Enum``'s refused), anything else as it is.
+
+    >>> class Label(enum.Enum):
+    ...     SPAM = "spam"
+    >>> _member_value(Label.SPAM), infer_output_type(Label.SPAM), normalize_output(Label.SPAM, "string")
+    ('spam', 'string', 'spam')
+    """
+    return value.value if isinstance(value, enum.Enum) else value
 
 
 def _fields(value: Any) -> dict[str, Any] | None:
@@ -296,6 +309,8 @@ def _json_default(value: Any) -> Any:
     """
     if (fields := _fields(value)) is not None:
         return fields
+    if isinstance(value, enum.Enum):
+        return value.value
     value = from_tensor(value)
     if isinstance(value, np.ndarray):
         return value.tolist()

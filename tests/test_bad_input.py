@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses as dc
 import datetime as dt
+import enum
 import logging
 import queue
 import re
@@ -1039,6 +1040,42 @@ def test_numpy_values_are_stored_as_the_values_they_hold(duck: SQLClient) -> Non
         errors = {e["source"]: e["error"] for e in db.errors("at__text")}
         assert set(errors) == {2, 5} and all("finer than a microsecond" in e for e in errors.values())
         assert db.errors("label__text") == []
+
+
+class Label(enum.Enum):
+    SPAM = "spam"
+
+
+class Mood(enum.StrEnum):
+    GLAD = "glad"
+
+
+class Stars(enum.IntEnum):
+    FIVE = 5
+
+
+def test_enum_members_are_stored_as_their_values(duck: SQLClient) -> None:
+    """A classifier's Label.SPAM was refused for its row ("output holds a test_bad_input.Label,
+    which reactive cannot store"), a StrEnum's or IntEnum's was JSON text, and one declared as
+    string refused ("output of type Mood does not fit string"): each is its value now, in a
+    column of the value's type, inside JSON too."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, "b")])
+    members: dict[str, Any] = {"label": Label.SPAM, "mood": Mood.GLAD, "stars": Stars.FIVE}
+    with reactive.connect(duck.uri) as db:
+        for name, member in members.items():
+            db.add(Listener(Model(name, predict=lambda xs, m=member: [m for _ in xs]), "text", "docs"))
+        declared = Model("typed", predict=lambda xs: [Mood.GLAD for _ in xs], output_type="string")
+        db.add(Listener(declared, "text", "docs"))
+        db.add(Listener(Model("doc", predict=lambda xs: [{"label": Label.SPAM} for _ in xs]), "text", "docs"))
+        for name, member in members.items():
+            assert outputs_by_source(db, f"{name}__text") == {1: member.value, 2: member.value}
+            assert all(type(row["_output"]) is type(member.value) for row in db.outputs(f"{name}__text"))
+        types = {name: db.backend.output_types.get(f"{name}__text") for name in [*members, "typed", "doc"]}
+        assert types == {"label": "string", "mood": "string", "stars": "int64", "typed": "string", "doc": "json"}
+        assert outputs_by_source(db, "typed__text") == {1: "glad", 2: "glad"}
+        assert outputs_by_source(db, "doc__text") == {1: {"label": "spam"}, 2: {"label": "spam"}}
+        assert db.errors() == []
 
 
 @dc.dataclass
