@@ -253,14 +253,20 @@ def normalize_output(value: Any, output_type: str) -> Any:
 
 def _member_value(value: Any) -> Any:
     """An enum member as its value (a classifier's ``Label.SPAM`` as ``"spam"``; a ``StrEnum``'s
-    was stored as JSON text, a plain ``Enum``'s refused), anything else as it is.
+    was stored as JSON text, a plain ``Enum``'s refused), a ``bytearray`` or ``memoryview`` as
+    ``bytes`` (they were JSON's tagged hex, or refused where ``binary`` was declared), anything
+    else as it is.
 
     >>> class Label(enum.Enum):
     ...     SPAM = "spam"
     >>> _member_value(Label.SPAM), infer_output_type(Label.SPAM), normalize_output(Label.SPAM, "string")
     ('spam', 'string', 'spam')
+    >>> infer_output_type(bytearray(b"ab")), normalize_output(memoryview(b"ab"), "binary")
+    ('binary', b'ab')
     """
-    return value.value if isinstance(value, enum.Enum) else value
+    if isinstance(value, enum.Enum):
+        return value.value
+    return bytes(value) if isinstance(value, bytearray | memoryview) else value
 
 
 def _fields(value: Any) -> dict[str, Any] | None:

@@ -1054,14 +1054,16 @@ class Stars(enum.IntEnum):
     FIVE = 5
 
 
-def test_enum_members_are_stored_as_their_values(duck: SQLClient) -> None:
+def test_enum_members_and_byte_buffers_are_stored_as_their_values(duck: SQLClient) -> None:
     """A classifier's Label.SPAM was refused for its row ("output holds a test_bad_input.Label,
     which reactive cannot store"), a StrEnum's or IntEnum's was JSON text, and one declared as
     string refused ("output of type Mood does not fit string"): each is its value now, in a
-    column of the value's type, inside JSON too."""
+    column of the value's type, inside JSON too. A bytearray was JSON's tagged hex
+    ({'__bytes__': '6162'}): it is binary."""
     duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
     duck.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, "b")])
     members: dict[str, Any] = {"label": Label.SPAM, "mood": Mood.GLAD, "stars": Stars.FIVE}
+    db_bytes = Model("raw", predict=lambda xs: [bytearray(x.encode()) for x in xs])
     with reactive.connect(duck.uri) as db:
         for name, member in members.items():
             db.add(Listener(Model(name, predict=lambda xs, m=member: [m for _ in xs]), "text", "docs"))
@@ -1075,6 +1077,9 @@ def test_enum_members_are_stored_as_their_values(duck: SQLClient) -> None:
         assert types == {"label": "string", "mood": "string", "stars": "int64", "typed": "string", "doc": "json"}
         assert outputs_by_source(db, "typed__text") == {1: "glad", 2: "glad"}
         assert outputs_by_source(db, "doc__text") == {1: {"label": "spam"}, 2: {"label": "spam"}}
+        db.add(Listener(db_bytes, "text", "docs"))
+        assert outputs_by_source(db, "raw__text") == {1: b"a", 2: b"b"}
+        assert db.backend.output_types.get("raw__text") == "binary"
         assert db.errors() == []
 
 
