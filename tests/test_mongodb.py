@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
+import enum
 import re
 import threading
 import time
@@ -12,6 +14,7 @@ from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
+import numpy as np
 import pytest
 from bson import Code, Decimal128, ObjectId, Regex
 from conftest import BrokenOnce, HeldTags, Recorder, Watching, outputs_by_source, within
@@ -321,6 +324,42 @@ def test_datetimes_without_a_declared_type_are_bson_dates_and_dates_and_times_st
         }
         types = {kind: db.backend.output_types.get(f"{kind}__text") for kind in moments}
         assert types == {"naive": "timestamp", "aware": "timestamp('UTC')", "day": "json", "clock": "json"}
+        assert db.errors() == []
+
+
+class Verdict(enum.Enum):
+    SPAM = "spam"
+
+
+@dataclasses.dataclass
+class Extracted:
+    verdict: Verdict
+    score: Any
+    tags: list[str]
+
+
+def test_enums_numpy_numbers_and_dataclasses_are_stored_as_bson_values(mongo_uri: str, mongo) -> None:
+    """What a classifier or an extraction model returns: an enum member was refused for its
+    row, a document holding a numpy number too (BSON cannot encode np.float32), a dataclass as
+    well. Each is stored as the values it holds."""
+    mongo.docs.insert_many([{"_id": 1, "text": "a"}])
+    outputs = {
+        "verdict": Verdict.SPAM,
+        "scored": {"label": "spam", "score": np.float32(0.5), "n": np.int64(2)},
+        "extracted": Extracted(Verdict.SPAM, np.float64(0.25), ["x"]),
+    }
+    with reactive.connect(mongo_uri) as db:
+        for name, value in outputs.items():
+            db.add(Listener(Model(name, predict=lambda xs, v=value: [v for _ in xs]), "text", "docs"))
+        db.cdc.start()
+        mongo.docs.insert_one({"_id": 2, "text": "b"})
+        assert db.cdc.wait_idle(timeout=30)
+        stored = {name: outputs_by_source(db, f"{name}__text") for name in outputs}
+        assert stored == {
+            "verdict": {1: "spam", 2: "spam"},
+            "scored": {i: {"label": "spam", "score": 0.5, "n": 2} for i in (1, 2)},
+            "extracted": {i: {"verdict": "spam", "score": 0.25, "tags": ["x"]} for i in (1, 2)},
+        }
         assert db.errors() == []
 
 
