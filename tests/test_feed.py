@@ -1138,6 +1138,8 @@ ROUND_TRIPS = [
     (dt.datetime(2026, 1, 2, 3, 4, 5, 6), None),
     (dt.date(2026, 11, 26), None),
     (dt.time(10, 30, 1, 5), None),
+    (dt.timedelta(days=-1, seconds=7203, microseconds=500001), None),
+    (dt.timedelta(days=999_999_999), None),
     (decimal.Decimal("12.50"), None),
     (decimal.Decimal("-1E+3"), None),
     (decimal.Decimal("0.1000000000000000000000000001"), None),
@@ -1185,6 +1187,7 @@ def test_wire_round_trips_tagged_values(value: Any, expected: Any) -> None:
 def test_wire_encodings_are_the_documented_ones() -> None:
     assert wire.dumps(float("nan")) == '{"$float":"nan"}'
     assert wire.dumps(decimal.Decimal("1.10")) == '{"$decimal":"1.10"}'
+    assert wire.dumps(dt.timedelta(days=1, seconds=3.5)) == '{"$timedelta":86403500000}'
     assert wire.dumps(ObjectId("65f0a1b2c3d4e5f607182930")) == '{"$oid":"65f0a1b2c3d4e5f607182930"}'
     assert wire.dumps({"$x": 1}) == '{"$dict":[["$x",1]]}'
     assert wire.dumps({1: 2}) == '{"$dict":[[1,2]]}'
@@ -1206,6 +1209,8 @@ def test_wire_encodings_are_the_documented_ones() -> None:
         '{"$vector": "AAAA", "dtype": "f2"}',
         '{"$date": "tomorrow"}',
         '{"$decimal": "twelve"}',
+        '{"$timedelta": "1 day"}',
+        '{"$timedelta": 1.5}',
     ],
 )
 def test_wire_refuses_malformed_text(text: str | bytes) -> None:

@@ -240,6 +240,39 @@ def test_publish_before_start_loads_existing_outputs_and_follows_a_listener_adde
         assert info["address"] == feed.address and info["last_error"] is None
 
 
+def test_dates_and_intervals_travel_the_feed_as_datetimes_and_timedeltas(duck) -> None:
+    """An interval (a DuckDB INTERVAL, or a model's timedelta output) had no form on the wire:
+    each such change was refused at publish (FeedEncodeError), counted and logged, and never
+    reached a subscriber."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR, span INTERVAL)")
+    duck.execute("INSERT INTO docs VALUES (1, 'a', INTERVAL '1 day 3.5 seconds')")
+    when = dt.datetime(2024, 1, 2, 3, 4, 5, 123456)
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        db.add(
+            Listener(Model("took", predict=lambda xs: [dt.timedelta(seconds=len(x) + 0.5) for x in xs]), "text", "docs")
+        )
+        db.add(Listener(Model("at", predict=lambda xs: [when for _ in xs]), "text", "docs"))
+        feed = db.cdc.publish()
+        db.cdc.start()
+        docs, took, at = Collector(), Collector(), Collector()
+        with (
+            reactive.feed.subscribe(feed.address, "docs", docs) as s1,
+            reactive.feed.subscribe(feed.address, "took__text", took) as s2,
+            reactive.feed.subscribe(feed.address, "at__text", at) as s3,
+        ):
+            assert all(s.wait_synced(WAIT) for s in (s1, s2, s3))
+            duck.execute("INSERT INTO docs VALUES (2, 'bb', INTERVAL '1 month')")
+            assert db.cdc.wait_idle(WAIT)
+            for sub, name in ((s1, "docs"), (s2, "took__text"), (s3, "at__text")):
+                assert sub.wait_delivered(feed.service.last_seqnum(name), WAIT)
+            spans = {i: row["span"] for i, row in docs.replayed().items()}
+            assert spans == {1: dt.timedelta(days=1, seconds=3.5), 2: dt.timedelta(days=30)}
+            assert took.replayed() == {1: dt.timedelta(seconds=1.5), 2: dt.timedelta(seconds=2.5)}
+            assert at.replayed() == {1: when, 2: when}
+        info = db.cdc.info()["feeds"][0]
+        assert info["last_error"] is None
+
+
 def test_a_subscription_to_a_table_not_published_yet_says_so_and_follows_it_once_it_is(
     duck, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -16,6 +16,7 @@ or a list of 8+ floats        (``"f8"`` for float64 and Python floats: exact); a
                               of floats
 datetime, date, time          ``{"$datetime": "2026-11-26T10:00:00+00:00"}``, ``{"$date": ...}``,
                               ``{"$time": ...}`` (ISO 8601)
+timedelta                     ``{"$timedelta": 93603500000}`` (whole microseconds, exact)
 decimal.Decimal               ``{"$decimal": "12.50"}`` (exact)
 bytes                         ``{"$bytes": "<base64>"}``
 uuid.UUID                     ``{"$uuid": "..."}``
@@ -125,6 +126,8 @@ def _tagged(value: Any) -> Any:
         return {"$date": value.isoformat()}
     if isinstance(value, _dt.time):
         return {"$time": value.isoformat()}
+    if isinstance(value, _dt.timedelta):
+        return {"$timedelta": value // _dt.timedelta(microseconds=1)}
     if isinstance(value, decimal.Decimal):
         return {"$decimal": str(value)}
     if isinstance(value, bytes | bytearray | memoryview):
@@ -186,6 +189,8 @@ def _untag(value: dict[str, Any]) -> Any:
                 return _dt.date.fromisoformat(data)
             case "$time":
                 return _dt.time.fromisoformat(data)
+            case "$timedelta":
+                return _dt.timedelta(microseconds=data) if type(data) is int else _bad(value)
             case "$decimal":
                 return decimal.Decimal(data)
             case "$bytes":
