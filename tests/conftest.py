@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -22,7 +22,7 @@ import psycopg
 import pytest
 
 import reactive
-from reactive.components import Model
+from reactive.components import Listener, Model
 from reactive.compute import LocalCompute
 from reactive.handler import WindowRows
 from reactive.threads import reactive_threads
@@ -148,6 +148,22 @@ def looked(keeper: Any, times: int, timeout: float = 30.0) -> None:
 
 def outputs_by_source(db: reactive.Datalayer, identifier: str) -> dict[Any, Any]:
     return {row["_source"]: row["_output"] for row in db.outputs(identifier)}
+
+
+def add_constant_listeners(db: reactive.Datalayer, outputs: dict[str, Any]) -> None:
+    """A listener on ``docs.text`` for each name, whose model returns that name's value for every row."""
+    for name, value in outputs.items():
+        db.add(Listener(Model(name, predict=lambda texts, v=value: [v for _ in texts]), "text", "docs"))
+
+
+def outputs_of(db: reactive.Datalayer, names: Iterable[str]) -> dict[str, dict[Any, Any]]:
+    """:func:`outputs_by_source` of each name's listener on ``docs.text``."""
+    return {name: outputs_by_source(db, f"{name}__text") for name in names}
+
+
+def types_of(db: reactive.Datalayer, names: Iterable[str]) -> dict[str, str | None]:
+    """The output type fixed for each name's listener on ``docs.text``."""
+    return {name: db.backend.output_types.get(f"{name}__text") for name in names}
 
 
 class Watching(LocalCompute):

@@ -20,7 +20,7 @@ import psycopg
 import pyarrow as pa
 import pydantic
 import pytest
-from conftest import Recorder, SQLClient, outputs_by_source
+from conftest import Recorder, SQLClient, add_constant_listeners, outputs_by_source, types_of
 
 import reactive
 from reactive import TableMonitor
@@ -965,8 +965,7 @@ def test_dates_and_times_without_a_declared_type_are_stored_as_dates_and_times(s
     from db.outputs and to any other client. SQLite has no time type: a time stays JSON there."""
     make_table(sql, "docs", [(1, "naive"), (2, "day")])
     with reactive.connect(sql.uri, poll_interval=0.05) as db:
-        for kind, moment in MOMENTS.items():
-            db.add(Listener(Model(kind, predict=lambda xs, m=moment: [m for _ in xs]), "text", "docs"))
+        add_constant_listeners(db, MOMENTS)
         db.cdc.start()
         sql.execute("INSERT INTO docs VALUES (3, 'c')")
         assert db.cdc.wait_idle(timeout=30)
@@ -974,8 +973,7 @@ def test_dates_and_times_without_a_declared_type_are_stored_as_dates_and_times(s
         for kind, moment in {**MOMENTS, "clock": clock}.items():
             assert outputs_by_source(db, f"{kind}__text") == dict.fromkeys([1, 2, 3], moment), kind
         assert outputs_by_source(db, "aware__text")[1].utcoffset() == dt.timedelta(0)  # the same instant, in UTC
-        types = {kind: db.backend.output_types.get(f"{kind}__text") for kind in MOMENTS}
-        assert types == {
+        assert types_of(db, MOMENTS) == {
             "naive": "timestamp",
             "aware": "timestamp('UTC')",
             "day": "date",
@@ -1065,16 +1063,20 @@ def test_enum_members_and_byte_buffers_are_stored_as_their_values(duck: SQLClien
     members: dict[str, Any] = {"label": Label.SPAM, "mood": Mood.GLAD, "stars": Stars.FIVE}
     db_bytes = Model("raw", predict=lambda xs: [bytearray(x.encode()) for x in xs])
     with reactive.connect(duck.uri) as db:
-        for name, member in members.items():
-            db.add(Listener(Model(name, predict=lambda xs, m=member: [m for _ in xs]), "text", "docs"))
+        add_constant_listeners(db, members)
         declared = Model("typed", predict=lambda xs: [Mood.GLAD for _ in xs], output_type="string")
         db.add(Listener(declared, "text", "docs"))
         db.add(Listener(Model("doc", predict=lambda xs: [{"label": Label.SPAM} for _ in xs]), "text", "docs"))
         for name, member in members.items():
             assert outputs_by_source(db, f"{name}__text") == {1: member.value, 2: member.value}
             assert all(type(row["_output"]) is type(member.value) for row in db.outputs(f"{name}__text"))
-        types = {name: db.backend.output_types.get(f"{name}__text") for name in [*members, "typed", "doc"]}
-        assert types == {"label": "string", "mood": "string", "stars": "int64", "typed": "string", "doc": "json"}
+        assert types_of(db, [*members, "typed", "doc"]) == {
+            "label": "string",
+            "mood": "string",
+            "stars": "int64",
+            "typed": "string",
+            "doc": "json",
+        }
         assert outputs_by_source(db, "typed__text") == {1: "glad", 2: "glad"}
         assert outputs_by_source(db, "doc__text") == {1: {"label": "spam"}, 2: {"label": "spam"}}
         db.add(Listener(db_bytes, "text", "docs"))

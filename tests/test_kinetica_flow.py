@@ -29,7 +29,7 @@ from typing import Any
 import fastavro
 import numpy as np
 import pytest
-from conftest import Recorder, outputs_by_source
+from conftest import Recorder, add_constant_listeners, outputs_by_source, outputs_of, types_of
 from gpudb import GPUdb, GPUdbColumnProperty, GPUdbRecordColumn, GPUdbRecordType, GPUdbTable
 from kinetica_server import KineticaTestServer
 
@@ -303,12 +303,11 @@ def test_dates_and_datetimes_without_a_declared_type_are_kinetica_columns_and_ti
         "clock": dt.time(3, 4, 5),
     }
     with connect(kinetica_server) as db:
-        for kind, moment in moments.items():
-            db.add(Listener(Model(kind, predict=lambda xs, m=moment: [m for _ in xs]), "text", "docs"))
+        add_constant_listeners(db, moments)
         db.cdc.start()
         docs.insert_records([[2, "beta", "en"]])
         assert db.cdc.wait_idle(timeout=WAIT)
-        stored = {kind: outputs_by_source(db, f"{kind}__text") for kind in moments}
+        stored = outputs_of(db, moments)
         kept = dt.datetime(2024, 1, 2, 3, 4, 5, 123000)
         assert stored == {
             "naive": {1: kept, 2: kept},
@@ -316,8 +315,7 @@ def test_dates_and_datetimes_without_a_declared_type_are_kinetica_columns_and_ti
             "day": {1: dt.date(2024, 1, 2), 2: dt.date(2024, 1, 2)},
             "clock": {1: {"__dt__": "03:04:05"}, 2: {"__dt__": "03:04:05"}},
         }
-        types = {kind: db.backend.output_types.get(f"{kind}__text") for kind in moments}
-        assert types == {"naive": "timestamp", "aware": "timestamp", "day": "date", "clock": "json"}
+        assert types_of(db, moments) == {"naive": "timestamp", "aware": "timestamp", "day": "date", "clock": "json"}
         assert db.errors() == []
 
 

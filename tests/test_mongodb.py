@@ -17,7 +17,17 @@ from typing import Any
 import numpy as np
 import pytest
 from bson import Code, Decimal128, ObjectId, Regex
-from conftest import BrokenOnce, HeldTags, Recorder, Watching, outputs_by_source, within
+from conftest import (
+    BrokenOnce,
+    HeldTags,
+    Recorder,
+    Watching,
+    add_constant_listeners,
+    outputs_by_source,
+    outputs_of,
+    types_of,
+    within,
+)
 from pymongo import InsertOne, monitoring
 
 import reactive
@@ -309,12 +319,11 @@ def test_datetimes_without_a_declared_type_are_bson_dates_and_dates_and_times_st
         "clock": datetime.time(3, 4, 5),
     }
     with reactive.connect(mongo_uri) as db:
-        for kind, moment in moments.items():
-            db.add(Listener(Model(kind, predict=lambda xs, m=moment: [m for _ in xs]), "text", "docs"))
+        add_constant_listeners(db, moments)
         db.cdc.start()
         mongo.docs.insert_one({"_id": 2, "text": "b"})
         assert db.cdc.wait_idle(timeout=30)
-        stored = {kind: outputs_by_source(db, f"{kind}__text") for kind in moments}
+        stored = outputs_of(db, moments)
         kept = datetime.datetime(2024, 1, 2, 3, 4, 5, 123000)
         assert stored == {
             "naive": {1: kept, 2: kept},
@@ -322,8 +331,12 @@ def test_datetimes_without_a_declared_type_are_bson_dates_and_dates_and_times_st
             "day": {1: {"__dt__": "2024-01-02"}, 2: {"__dt__": "2024-01-02"}},
             "clock": {1: {"__dt__": "03:04:05"}, 2: {"__dt__": "03:04:05"}},
         }
-        types = {kind: db.backend.output_types.get(f"{kind}__text") for kind in moments}
-        assert types == {"naive": "timestamp", "aware": "timestamp('UTC')", "day": "json", "clock": "json"}
+        assert types_of(db, moments) == {
+            "naive": "timestamp",
+            "aware": "timestamp('UTC')",
+            "day": "json",
+            "clock": "json",
+        }
         assert db.errors() == []
 
 
@@ -349,13 +362,11 @@ def test_enums_numpy_numbers_and_dataclasses_are_stored_as_bson_values(mongo_uri
         "extracted": Extracted(Verdict.SPAM, np.float64(0.25), ["x"]),
     }
     with reactive.connect(mongo_uri) as db:
-        for name, value in outputs.items():
-            db.add(Listener(Model(name, predict=lambda xs, v=value: [v for _ in xs]), "text", "docs"))
+        add_constant_listeners(db, outputs)
         db.cdc.start()
         mongo.docs.insert_one({"_id": 2, "text": "b"})
         assert db.cdc.wait_idle(timeout=30)
-        stored = {name: outputs_by_source(db, f"{name}__text") for name in outputs}
-        assert stored == {
+        assert outputs_of(db, outputs) == {
             "verdict": {1: "spam", 2: "spam"},
             "scored": {i: {"label": "spam", "score": 0.5, "n": 2} for i in (1, 2)},
             "extracted": {i: {"verdict": "spam", "score": 0.25, "tags": ["x"]} for i in (1, 2)},
