@@ -103,10 +103,11 @@ def infer_output_type(value: Any) -> str:
     ('json', 'string', 'json')
     """
     value = _member_value(from_tensor(value))
-    if isinstance(value, np.datetime64 | np.timedelta64):
-        # Not by .item(): a nanosecond one is an int (1704164645123456789 was stored as int64).
-        timedelta = isinstance(value, np.timedelta64)
-        return "interval" if timedelta else "date" if np.datetime_data(value.dtype)[0] == "D" else "timestamp"
+    # numpy's times not by .item(): a nanosecond one is an int (1704164645123456789 was stored as int64).
+    if isinstance(value, np.timedelta64):
+        return "interval"
+    if isinstance(value, np.datetime64):
+        return "date" if np.datetime_data(value.dtype)[0] == "D" else "timestamp"
     if isinstance(value, np.ndarray):
         if value.ndim == 1 and value.dtype.kind in "fiub":
             kind = {"f": "float", "i": "int", "u": "int", "b": "bool"}[value.dtype.kind]
@@ -328,8 +329,10 @@ def _json_default(value: Any) -> Any:
     elif isinstance(value, np.generic):
         # A numpy number (a classifier's np.float32 score in a dict) was refused as no number.
         return value.item()
-    if value is None or isinstance(value, _JSON_STAND_INS):
-        return None if value is None else plain_value(value)  # None: numpy's NaT
+    if value is None:  # numpy's NaT
+        return None
+    if isinstance(value, _JSON_STAND_INS):
+        return plain_value(value)
     raise _NotJSON(f"output holds a {type(value).__module__}.{type(value).__name__}, which reactive cannot store")
 
 
