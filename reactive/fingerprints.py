@@ -11,6 +11,7 @@ SQLite as a function).
 
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import decimal
 import hashlib
@@ -66,6 +67,51 @@ def from_plain(value: dict[str, Any]) -> Any:
         except ValueError:
             return decimal.Decimal(text)
     return value
+
+
+def json_value(value: Any) -> Any:
+    """What JSON stored for a reader holds for a value JSON has no type for, in the forms JSON
+    encoders write (pydantic's JSON mode, FastAPI's): ISO 8601 text for a datetime, date or
+    time, an ISO 8601 duration for a timedelta, the text of a decimal or a UUID, base64 for
+    bytes, a set as a sorted list, a numpy array or number as its values; anything else as its
+    text (an ObjectId's hex, an address). Unlike :func:`plain_value` (the form of fingerprints
+    and row ids) the type is not kept: a reader of the JSON gets what any JSON would give it.
+
+    >>> values = [_dt.date(2024, 1, 2), _dt.timedelta(days=1, seconds=5, microseconds=500000),
+    ...           decimal.Decimal("12.50"), b"\\x00\\xff", {2, 1}]
+    >>> json.dumps(values, default=json_value)
+    '["2024-01-02", "P1DT5.5S", "12.50", "AP8=", [1, 2]]'
+    """
+    if isinstance(value, _dt.datetime | _dt.date | _dt.time):
+        return value.isoformat()
+    if isinstance(value, _dt.timedelta):
+        return iso_duration(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=repr)
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    return str(value)
+
+
+def iso_duration(span: _dt.timedelta) -> str:
+    """``span`` as an ISO 8601 duration, as pydantic writes one below a year (past it, in days:
+    a year has no fixed length); pydantic's ``TypeAdapter(timedelta)`` parses it back exactly.
+
+    >>> iso_duration(_dt.timedelta(days=1, seconds=5, microseconds=7)), iso_duration(_dt.timedelta(0))
+    ('P1DT5.000007S', 'PT0S')
+    >>> iso_duration(-_dt.timedelta(hours=1)), iso_duration(_dt.timedelta(days=2, minutes=3))
+    ('-PT1H', 'P2DT3M')
+    """
+    sign = "-" if span < _dt.timedelta(0) else ""
+    span = abs(span)
+    hours, rest = divmod(span.seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    second = f"{seconds}.{span.microseconds:06d}".rstrip("0") if span.microseconds else str(seconds)
+    clock = "".join(f"{n}{unit}" for n, unit in ((hours, "H"), (minutes, "M")) if n)
+    clock += f"{second}S" if seconds or span.microseconds or not (clock or span.days) else ""
+    return f"{sign}P{f'{span.days}D' if span.days else ''}{'T' + clock if clock else ''}"
 
 
 def fingerprint_text(text: str) -> int:

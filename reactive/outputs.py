@@ -33,7 +33,7 @@ import numpy as np
 from reactive.backends.base import OUTPUTS_PREFIX, OutputBatch, OutputRejected, TableInfo, outputs_table
 from reactive.errors import ConfigurationError
 from reactive.events import is_utf8
-from reactive.fingerprints import plain_value
+from reactive.fingerprints import json_value
 
 if TYPE_CHECKING:
     import ibis.expr.datatypes as dt
@@ -43,12 +43,13 @@ if TYPE_CHECKING:
 _SCALARS = {bool: "boolean", int: "int64", float: "float64", str: "string", bytes: "binary"}
 #: Values that are never tensors (:func:`from_tensor` leaves them as they are, at once).
 _PLAIN = (np.ndarray, np.generic, list, tuple, str, bytes, bytearray, int, float, bool, dict)
-#: What a JSON output may hold beside JSON's own values and arrays, written as fingerprints
-#: write them (``plain_value``).
+#: What a JSON output may hold beside JSON's own values and arrays, written in the forms JSON
+#: encoders write them (``json_value``: ISO 8601 text, base64...).
 _JSON_STAND_INS = (
     _dt.datetime,
     _dt.date,
     _dt.time,
+    _dt.timedelta,
     bytes,
     bytearray,
     memoryview,
@@ -302,17 +303,18 @@ def _all_fields(value: Any) -> Any:
 
 
 def _json_default(value: Any) -> Any:
-    """A JSON stand-in: arrays and tensors of any shape as nested lists, dates, bytes, decimals,
-    UUIDs and sets as fingerprints encode them, a dataclass or a pydantic model (what an
-    extraction model returns) as the dict of its fields; an object of another type is refused
-    (its repr was stored: ``{"__Tensor__": "tensor([1., 1.])"}``).
+    """A JSON stand-in: arrays and tensors of any shape as nested lists; dates, times, durations,
+    bytes, decimals, UUIDs and sets in JSON encoders' forms (:func:`~reactive.fingerprints.json_value`:
+    ISO 8601, base64, text); a dataclass or a pydantic model (what an extraction model returns) as
+    the dict of its fields; an object of another type is refused (its repr was stored:
+    ``{"__Tensor__": "tensor([1., 1.])"}``).
 
     >>> @dc.dataclass
     ... class Invoice:
-    ...     total: float
-    ...     lines: list[str]
-    >>> normalize_output(Invoice(12.5, ["a"]), "json")
-    {'total': 12.5, 'lines': ['a']}
+    ...     total: decimal.Decimal
+    ...     due: _dt.date
+    >>> normalize_output(Invoice(decimal.Decimal("12.50"), _dt.date(2024, 1, 2)), "json")
+    {'total': '12.50', 'due': '2024-01-02'}
     """
     if (fields := _fields(value)) is not None:
         return fields
@@ -332,7 +334,7 @@ def _json_default(value: Any) -> Any:
     if value is None:  # numpy's NaT
         return None
     if isinstance(value, _JSON_STAND_INS):
-        return plain_value(value)
+        return json_value(value)
     raise _NotJSON(f"output holds a {type(value).__module__}.{type(value).__name__}, which reactive cannot store")
 
 

@@ -8,7 +8,7 @@ so :class:`~reactive.monitor.TableMonitor` writes them in a schema derived from 
   ``int`` (8 to 32-bit integers), ``long``, ``float``, ``double``, ``string``, ``bytes``,
   ``{"type": "long", "logicalType": "timestamp-micros"}``, ``{"type": "int", "logicalType":
   "date"}``, or an ``array`` of one of these; any other type (decimal, uuid, JSON, maps,
-  structs, nested arrays) is ``string``, holding JSON text (:func:`~reactive.fingerprints.plain_value`
+  structs, nested arrays) is ``string``, holding JSON text (:func:`~reactive.fingerprints.json_value`
   for what JSON cannot hold).
 - **MongoDB collections**, whose documents have no fixed shape: two string fields, ``_id`` and
   ``document``, each holding MongoDB relaxed Extended JSON (``bson.json_util``), which keeps
@@ -26,7 +26,7 @@ from typing import Any
 
 import fastavro
 
-from reactive.fingerprints import plain_value
+from reactive.fingerprints import json_value
 
 #: The record schema of MongoDB rows.
 MONGO_SCHEMA = {
@@ -142,7 +142,7 @@ def _avro_name(name: str) -> str:
 
 
 def as_json_text(value: Any) -> str:
-    return json.dumps(value, default=plain_value, sort_keys=True)
+    return json.dumps(value, default=json_value, sort_keys=True)
 
 
 def mongo_format() -> RowFormat:

@@ -962,14 +962,15 @@ MOMENTS = {
 
 def test_dates_and_times_without_a_declared_type_are_stored_as_dates_and_times(sql: SQLClient) -> None:
     """They were stored as reactive's tagged JSON and came back as it ({'__dt__': '2024-01-02T03:04:05'})
-    from db.outputs and to any other client. SQLite has no time type: a time stays JSON there."""
+    from db.outputs and to any other client. SQLite has no time type: a time is JSON's ISO 8601
+    text there (it was the tagged object)."""
     make_table(sql, "docs", [(1, "naive"), (2, "day")])
     with reactive.connect(sql.uri, poll_interval=0.05) as db:
         add_constant_listeners(db, MOMENTS)
         db.cdc.start()
         sql.execute("INSERT INTO docs VALUES (3, 'c')")
         assert db.cdc.wait_idle(timeout=30)
-        clock = {"__dt__": "03:04:05.123456"} if sql.kind == "sqlite" else MOMENTS["clock"]
+        clock = "03:04:05.123456" if sql.kind == "sqlite" else MOMENTS["clock"]
         for kind, moment in {**MOMENTS, "clock": clock}.items():
             assert outputs_by_source(db, f"{kind}__text") == dict.fromkeys([1, 2, 3], moment), kind
         assert outputs_by_source(db, "aware__text")[1].utcoffset() == dt.timedelta(0)  # the same instant, in UTC
@@ -986,8 +987,8 @@ def test_intervals_are_stored_to_the_microsecond_declared_or_not(sql: SQLClient)
     """A declared interval lost what was finer than a second on PostgreSQL (ibis names its
     interval one of seconds, and Arrow dropped the rest: 5.5 s stored as 5 s), and on DuckDB
     db.outputs failed (Arrow cannot cast DuckDB's interval to a duration). Undeclared, a
-    timedelta was refused as JSON; it is an interval now where the database has one (SQLite
-    has none: refused for its row there, as before)."""
+    timedelta was refused as JSON; it is an interval now where the database has one, and
+    JSON's ISO 8601 duration where not (SQLite: it was refused for its row there)."""
     make_table(sql, "docs", [(1, "a")])
     span = dt.timedelta(days=1, seconds=5, microseconds=500007)
     with reactive.connect(sql.uri, poll_interval=0.05) as db:
@@ -999,9 +1000,9 @@ def test_intervals_are_stored_to_the_microsecond_declared_or_not(sql: SQLClient)
         sql.execute("INSERT INTO docs VALUES (2, 'b')")
         assert db.cdc.wait_idle(timeout=30)
         if sql.kind == "sqlite":
-            assert outputs_by_source(db, "inferred__text") == {}
-            assert {e["source"] for e in db.errors("inferred__text")} == {1, 2}
-            assert "datetime.timedelta, which reactive cannot store" in db.errors("inferred__text")[0]["error"]
+            assert outputs_by_source(db, "inferred__text") == {1: "P1DT5.500007S", 2: "P1DT5.500007S"}
+            assert db.backend.output_types.get("inferred__text") == "json"
+            assert db.errors() == []
             return
         for identifier in ("declared__text", "inferred__text"):
             assert outputs_by_source(db, identifier) == {1: span, 2: span}
@@ -1103,7 +1104,9 @@ class Vendor(pydantic.BaseModel):
 def test_dataclass_and_pydantic_outputs_are_stored_as_the_dicts_of_their_fields(sql: SQLClient) -> None:
     """An extraction model's output, a dataclass or a pydantic model, was refused for its row
     ("output holds a test_bad_input.Invoice, which reactive cannot store"): it is the dict of
-    its fields now, nested ones too, in JSON as any dict (a date as JSON keeps it)."""
+    its fields now, nested ones too, in JSON as any dict. Its date and decimal are JSON's text
+    for them, as pydantic's JSON mode writes them; they were reactive's tagged objects
+    ({'__dt__': '2024-01-02'}), which db.outputs and any other client got back."""
     make_table(sql, "docs", [(1, "acme")])
     with reactive.connect(sql.uri, poll_interval=0.05) as db:
 
@@ -1117,8 +1120,8 @@ def test_dataclass_and_pydantic_outputs_are_stored_as_the_dicts_of_their_fields(
         assert db.cdc.wait_idle(timeout=30)
         assert outputs_by_source(db, "invoice__text") == {
             i: {
-                "total": {"__str__": "12.50"},
-                "due": {"__dt__": "2024-01-02"},
+                "total": "12.50",
+                "due": "2024-01-02",
                 "lines": [name],
                 "vendor": {"name": name, "score": 0.5},
             }
@@ -1138,6 +1141,36 @@ def test_dataclass_and_pydantic_outputs_are_stored_as_the_dicts_of_their_fields(
                 "lines": ["acme"],
                 "vendor": {"name": "acme", "score": 0.5},
             }
+        assert db.errors() == []
+
+
+def test_json_outputs_hold_what_json_lacks_in_json_encoders_forms(sql: SQLClient) -> None:
+    """Inside a JSON output a datetime, bytes, a decimal, a UUID were reactive's tagged objects
+    ({'__dt__': ...}, {'__bytes__': hex}, {'__str__': ...}), which db.outputs and every other
+    client got back, and a timedelta refused the row. Now the forms pydantic's JSON mode
+    writes: ISO 8601 text and durations, base64, the text of a decimal or a UUID."""
+    make_table(sql, "docs", [(1, "a")])
+    aware = dt.datetime(2024, 1, 2, 3, 4, 5, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    value = {
+        "at": aware,
+        "took": dt.timedelta(minutes=1, seconds=2, microseconds=500000),
+        "raw": b"\x00\xff",
+        "price": Decimal("-0.10"),
+        "key": UUID(int=7),
+        "tags": {"b", "a"},
+    }
+    with reactive.connect(sql.uri) as db:
+        db.add(Listener(Model("doc", predict=lambda xs: [value for _ in xs]), "text", "docs"))
+        [stored] = outputs_by_source(db, "doc__text").values()
+        assert stored == {
+            "at": "2024-01-02T03:04:05.123456+02:00",
+            "took": "PT1M2.5S",
+            "raw": "AP8=",
+            "price": "-0.10",
+            "key": "00000000-0000-0000-0000-000000000007",
+            "tags": ["a", "b"],
+        }
+        assert pydantic.TypeAdapter(dt.timedelta).validate_python(stored["took"]) == value["took"]
         assert db.errors() == []
 
 

@@ -294,13 +294,15 @@ def test_dates_and_datetimes_without_a_declared_type_are_kinetica_columns_and_ti
 ) -> None:
     """They were stored as reactive's tagged JSON text ({'__dt__': ...}); a datetime is a
     timestamp column now (to the millisecond, an aware one as its instant), a date a date
-    column. Kinetica's outputs hold no time: a time stays JSON, as before, not refused."""
+    column. Kinetica's outputs hold no time or interval: a time stays JSON, its ISO 8601 text
+    (it was the tagged object), a timedelta JSON's ISO 8601 duration (it was refused)."""
     docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
     moments = {
         "naive": dt.datetime(2024, 1, 2, 3, 4, 5, 123456),
         "aware": dt.datetime(2024, 1, 2, 5, 4, 5, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2))),
         "day": dt.date(2024, 1, 2),
         "clock": dt.time(3, 4, 5),
+        "span": dt.timedelta(days=1, seconds=5, microseconds=500000),
     }
     with connect(kinetica_server) as db:
         add_constant_listeners(db, moments)
@@ -313,9 +315,16 @@ def test_dates_and_datetimes_without_a_declared_type_are_kinetica_columns_and_ti
             "naive": {1: kept, 2: kept},
             "aware": {1: kept, 2: kept},
             "day": {1: dt.date(2024, 1, 2), 2: dt.date(2024, 1, 2)},
-            "clock": {1: {"__dt__": "03:04:05"}, 2: {"__dt__": "03:04:05"}},
+            "clock": {1: "03:04:05", 2: "03:04:05"},
+            "span": {1: "P1DT5.5S", 2: "P1DT5.5S"},
         }
-        assert types_of(db, moments) == {"naive": "timestamp", "aware": "timestamp", "day": "date", "clock": "json"}
+        assert types_of(db, moments) == {
+            "naive": "timestamp",
+            "aware": "timestamp",
+            "day": "date",
+            "clock": "json",
+            "span": "json",
+        }
         assert db.errors() == []
 
 

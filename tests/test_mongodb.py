@@ -310,13 +310,15 @@ def test_a_declared_output_type_bson_cannot_hold_is_refused_at_add_and_the_other
 def test_datetimes_without_a_declared_type_are_bson_dates_and_dates_and_times_stay_json(mongo_uri: str, mongo) -> None:
     """A datetime output was stored as reactive's tagged JSON ({'__dt__': ...}); it is a BSON
     date now (kept to the millisecond, as every MongoDB client keeps it; an aware one as its
-    instant in UTC). BSON has no date or time: those stay JSON, as before, not refused."""
+    instant in UTC). BSON has no date, time or interval: those are JSON's ISO 8601 text (a date
+    and a time were the tagged objects, a timedelta was refused)."""
     mongo.docs.insert_many([{"_id": 1, "text": "a"}])
     moments = {
         "naive": datetime.datetime(2024, 1, 2, 3, 4, 5, 123456),
         "aware": datetime.datetime(2024, 1, 2, 5, 4, 5, 123456, tzinfo=datetime.timezone(datetime.timedelta(hours=2))),
         "day": datetime.date(2024, 1, 2),
         "clock": datetime.time(3, 4, 5),
+        "span": datetime.timedelta(days=1, seconds=5, microseconds=500000),
     }
     with reactive.connect(mongo_uri) as db:
         add_constant_listeners(db, moments)
@@ -328,14 +330,16 @@ def test_datetimes_without_a_declared_type_are_bson_dates_and_dates_and_times_st
         assert stored == {
             "naive": {1: kept, 2: kept},
             "aware": {1: kept, 2: kept},
-            "day": {1: {"__dt__": "2024-01-02"}, 2: {"__dt__": "2024-01-02"}},
-            "clock": {1: {"__dt__": "03:04:05"}, 2: {"__dt__": "03:04:05"}},
+            "day": {1: "2024-01-02", 2: "2024-01-02"},
+            "clock": {1: "03:04:05", 2: "03:04:05"},
+            "span": {1: "P1DT5.5S", 2: "P1DT5.5S"},
         }
         assert types_of(db, moments) == {
             "naive": "timestamp",
             "aware": "timestamp('UTC')",
             "day": "json",
             "clock": "json",
+            "span": "json",
         }
         assert db.errors() == []
 

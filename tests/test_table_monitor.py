@@ -369,7 +369,7 @@ def wide_columns(kind: str) -> list[tuple[str, str, Any, Any]]:
         ("bl", "bytea", b"\xaa\x00", b"\xaa\x00"),
         ("ts", "timestamp", stamp, stamp.replace(tzinfo=dt.UTC)),  # timestamp-micros is UTC
         ("day", "date", day, day),
-        ("amount", "numeric(10,2)", Decimal("12.34"), '{"__str__": "12.34"}'),  # others: JSON text (plain_value)
+        ("amount", "numeric(10,2)", Decimal("12.34"), '"12.34"'),  # others: JSON text (json_value)
     ]
     if kind != "sqlite":
         return columns
