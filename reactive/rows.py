@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses as dc
 import datetime as _dt
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, overload
 
 import pyarrow as pa
@@ -51,12 +51,28 @@ def holds_map(kind: pa.DataType) -> bool:
     >>> holds_map(pa.list_(pa.int64()))
     False
     """
-    if pa.types.is_map(kind):
+    return _holds(kind, pa.types.is_map)
+
+
+def holds_interval(kind: pa.DataType) -> bool:
+    """Whether values of ``kind`` hold an interval anywhere (a DuckDB ``INTERVAL``, alone or
+    nested).
+
+    >>> holds_interval(pa.list_(pa.struct({"took": pa.month_day_nano_interval()}))), holds_interval(pa.int64())
+    (True, False)
+    """
+    return _holds(kind, pa.types.is_interval)
+
+
+def _holds(kind: pa.DataType, test: Callable[[pa.DataType], bool]) -> bool:
+    if test(kind):
         return True
+    if pa.types.is_map(kind):
+        return _holds(kind.key_type, test) or _holds(kind.item_type, test)
     if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
-        return holds_map(kind.value_type)
+        return _holds(kind.value_type, test)
     if pa.types.is_struct(kind):
-        return any(holds_map(kind.field(i).type) for i in range(kind.num_fields))
+        return any(_holds(kind.field(i).type, test) for i in range(kind.num_fields))
     return False
 
 
@@ -74,20 +90,35 @@ def as_timedelta(interval: pa.MonthDayNano) -> _dt.timedelta:
 def pylist(column: pa.Array | pa.ChunkedArray) -> list[Any]:
     """``column.to_pylist()``, with maps as dicts, as every other backend hands a model a
     document or a JSON object (Arrow's default is a list of key-value pairs), and intervals as
-    timedeltas (:func:`as_timedelta`). Only a column that holds maps pays for it (200,000
-    two-key maps: 1.3x the pairs at the top level, 6x nested).
+    timedeltas (:func:`as_timedelta`), at any depth. Only a column that holds maps or intervals
+    pays for it (200,000 two-key maps: 1.3x the pairs at the top level, 6x nested).
 
     >>> pylist(pa.array([[("x", 1)], None], pa.map_(pa.string(), pa.int64())))
     [{'x': 1}, None]
+    >>> pylist(pa.array([[pa.MonthDayNano([0, 1, 0])]], pa.list_(pa.month_day_nano_interval())))
+    [[datetime.timedelta(days=1)]]
     """
     kind = column.type
     if pa.types.is_interval(kind):
         return [None if v is None else as_timedelta(v) for v in column.to_pylist()]
+    if holds_interval(kind):
+        return [_timedeltas(v) for v in column.to_pylist(maps_as_pydicts="lossy")]
     if not holds_map(kind):
         return column.to_pylist()
     if pa.types.is_map(kind) and not holds_map(kind.key_type) and not holds_map(kind.item_type):
         return [None if pairs is None else dict(pairs) for pairs in column.to_pylist()]
     return column.to_pylist(maps_as_pydicts="lossy")  # a key twice: the last value (DuckDB has none)
+
+
+def _timedeltas(value: Any) -> Any:
+    """``value`` with every ``MonthDayNano`` in it, at any depth, as a timedelta."""
+    if isinstance(value, pa.MonthDayNano):
+        return as_timedelta(value)
+    if isinstance(value, list):
+        return [_timedeltas(item) for item in value]
+    if isinstance(value, dict):
+        return {_timedeltas(key): _timedeltas(item) for key, item in value.items()}
+    return value
 
 
 def python_values(column: pa.Array | pa.ChunkedArray) -> list[Any]:
@@ -155,7 +186,7 @@ class TableRows(Sequence[Row]):
     def _rows(self) -> list[dict[str, Any]]:
         if self._dicts is None:
             table = self.table
-            if not any(holds_map(field.type) or pa.types.is_interval(field.type) for field in table.schema):
+            if not any(holds_map(field.type) or holds_interval(field.type) for field in table.schema):
                 with contextlib.suppress(NOT_PYTHON):
                     self._dicts = table.to_pylist()
             if self._dicts is None:  # column by column: maps as dicts, an odd value as an Unreadable

@@ -597,6 +597,21 @@ def test_a_duckdb_interval_reaches_the_model_and_table_monitors_as_a_timedelta(d
         assert [e["source"] for e in db.errors()] == [2]  # NULL: no value for the key, as any NULL
 
 
+def test_duckdb_intervals_inside_lists_and_structs_reach_the_model_as_timedeltas(duck: SQLClient) -> None:
+    """Only a top-level INTERVAL was a timedelta: inside a list or a struct models got
+    pyarrow's MonthDayNano, which has no total_seconds() (every row refused: AttributeError)."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, laps INTERVAL[], stage STRUCT(took INTERVAL, n INT))")
+    duck.execute("INSERT INTO docs VALUES (1, [INTERVAL 1 SECOND, NULL], {'took': INTERVAL '1 month', 'n': 2})")
+    with reactive.connect(duck.uri) as db:
+        laps = Model("laps", predict=lambda xs: [[t.total_seconds() for t in x if t] for x in xs])
+        db.add(Listener(laps, "laps", "docs"), progress=False)
+        took = Model("took", predict=lambda xs: [x["took"].total_seconds() * x["n"] for x in xs])
+        db.add(Listener(took, "stage", "docs"), progress=False)
+        assert outputs_by_source(db, "laps__laps") == {1: [1.0]}
+        assert outputs_by_source(db, "took__stage") == {1: 2 * 30 * 86400.0}
+        assert db.errors() == []
+
+
 def test_a_map_output_is_written_and_read_back_as_a_dict_on_duckdb(duck: SQLClient) -> None:
     # A window of up to 32 rows is written as bound Python values, where a map is a list of
     # pairs that DuckDB cannot cast to MAP ("Unimplemented type for cast"): every such window
