@@ -244,6 +244,40 @@ def test_a_filter_on_a_column_the_table_lacks_fails_at_add(sql: SQLClient, recor
         assert db.show() == []
 
 
+def test_a_filter_value_no_row_value_can_equal_is_said_once(sql: SQLClient, caplog: pytest.LogCaptureFixture) -> None:
+    """Python's == says False across types, without a word: a filter on a DATE column written
+    as text, or on a DECIMAL written as a float (0.1 is not 0.10), matched no row and said
+    nothing, an empty table to the user. SQLite keeps dates as text: there a date object is
+    the mismatch."""
+    sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(10), day DATE, price DECIMAL(10, 2))")
+    for i in (1, 2, 3):
+        sql.execute(f"INSERT INTO docs VALUES ({i}, 'a', '2024-01-02', 0.10)")
+    day, text = dt.date(2024, 1, 2), "2024-01-02"
+    right, wrong = (text, day) if sql.kind == "sqlite" else (day, text)
+    with reactive.connect(sql.uri) as db, caplog.at_level(logging.WARNING, "reactive.components.listener"):
+        db.add(Listener(Model("wrong", predict=lambda xs: xs), "text", "docs", filter={"day": wrong}))
+        db.add(Listener(Model("right", predict=lambda xs: xs), "text", "docs", filter={"day": right}))
+        db.add(Listener(Model("price", predict=lambda xs: xs), "text", "docs", filter={"price": 0.1}))
+        told = [r.getMessage() for r in caplog.records]
+        assert outputs_by_source(db, "wrong__text") == {}
+        assert outputs_by_source(db, "right__text") == dict.fromkeys([1, 2, 3], "a")
+        if sql.kind == "sqlite":  # NUMERIC affinity: 0.10 is stored as the float 0.1
+            assert told == [
+                f"listener 'wrong__text': filter {{'day': {day!r}}} matches no row whose 'day' holds a str: "
+                "a str never equals a datetime.date: filter on a str, as the rows hold (such as '2024-01-02')"
+            ]
+            assert outputs_by_source(db, "price__text") == dict.fromkeys([1, 2, 3], "a")
+            return
+        assert told == [
+            "listener 'wrong__text': filter {'day': '2024-01-02'} matches no row whose 'day' holds a "
+            "datetime.date: a datetime.date never equals a str: filter on datetime.date(2024, 1, 2)",
+            "listener 'price__text': filter {'price': 0.1} matches no row whose 'price' holds a decimal.Decimal: "
+            "a float is not the decimal it was written as (0.1 is 0.10000000000000000555...): "
+            "filter on Decimal('0.1')",
+        ]
+        assert outputs_by_source(db, "price__text") == {}
+
+
 @pytest.mark.parametrize(
     "make",
     [

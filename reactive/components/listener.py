@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as _dt
+import decimal
 import logging
+import uuid
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -166,6 +170,69 @@ def _check_filter(filter: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(filter)
 
 
+def filter_mismatch(have: Any, wanted: Any) -> str | None:
+    """Why a row's value ``have`` can never equal a filter's ``wanted`` (Python's ``==``, which
+    the filter uses, says False across types without a word), or None when it may.
+
+    >>> import datetime, decimal
+    >>> filter_mismatch(datetime.date(2024, 1, 2), "2024-01-02")
+    'a datetime.date never equals a str: filter on datetime.date(2024, 1, 2)'
+    >>> filter_mismatch(decimal.Decimal("0.10"), 0.1)
+    "a float is not the decimal it was written as (0.1 is 0.1000000000000000055...): filter on Decimal('0.1')"
+    >>> filter_mismatch(1, 1.0), filter_mismatch(1, True), filter_mismatch("en", "fr")
+    (None, None, None)
+    """
+    kind, wanted_kind = _kind(have), _kind(wanted)
+    if kind is None or wanted_kind is None:
+        return None
+    if kind != wanted_kind:
+        return f"a {_type_name(have)} never equals a {_type_name(wanted)}: filter on {_like(have, wanted)}"
+    if kind == "datetime" and (have.tzinfo is None) != (wanted.tzinfo is None):
+        zone = "a zone" if have.tzinfo is not None else "no zone"
+        return f"a datetime with {zone} never equals one without: filter on {have!r}"
+    if isinstance(have, decimal.Decimal) and isinstance(wanted, float) and have == decimal.Decimal(repr(wanted)):
+        exact = f"{decimal.Decimal(wanted):.20}"
+        return (
+            f"a float is not the decimal it was written as ({wanted!r} is {exact}...): "
+            f"filter on Decimal({repr(wanted)!r})"
+        )
+    return None
+
+
+#: The kinds of value that never compare equal across (Python's ``==``); bool is a number.
+_KINDS: tuple[tuple[type | tuple[type, ...], str], ...] = (
+    ((bool, int, float, decimal.Decimal, np.number, np.bool_), "number"),
+    (str, "text"),
+    ((bytes, bytearray, memoryview), "bytes"),
+    (_dt.datetime, "datetime"),
+    (_dt.date, "date"),
+    (_dt.time, "time"),
+    (_dt.timedelta, "timedelta"),
+    (uuid.UUID, "uuid"),
+    ((list, tuple), "list"),
+    (Mapping, "dict"),
+)
+
+
+def _kind(value: Any) -> str | None:
+    return next((kind for types, kind in _KINDS if isinstance(value, types)), None)
+
+
+def _type_name(value: Any) -> str:
+    kind = type(value)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
+def _like(have: Any, wanted: Any) -> str:
+    """``wanted`` written as a value of ``have``'s type, where one reads as the other."""
+    if isinstance(have, _dt.date) and isinstance(wanted, str):
+        try:
+            return repr(type(have).fromisoformat(wanted))
+        except ValueError:
+            pass
+    return f"a {_type_name(have)}, as the rows hold (such as {have!r})"
+
+
 class Listener(Component):
     """Computes ``model`` on field ``key`` of every row of table ``select``, and keeps it fresh.
 
@@ -237,6 +304,8 @@ class Listener(Component):
         self._reconciled_from_nothing = False
         # Ids with recorded errors (see _settle_errors; None: too many to keep).
         self._failed: set[Hashable] | None = set()
+        # Whether a row's value was found that never equals the filter's (said once).
+        self._filter_told = False
 
     def __repr__(self) -> str:
         return f"Listener({self.identifier!r}, select={self.select!r}, key={self.key!r})"
@@ -315,7 +384,31 @@ class Listener(Component):
         return source
 
     def matches(self, row: Row) -> bool:
-        return not self.filter or all(field_value(row, field) == value for field, value in self.filter.items())
+        if not self.filter:
+            return True
+        for field, wanted in self.filter.items():
+            have = field_value(row, field)
+            if have != wanted:
+                # Values of one type may differ; only a datetime's zone makes them never equal.
+                if not self._filter_told and (type(have) is not type(wanted) or type(have) is _dt.datetime):
+                    self._tell_mismatch(field, have, wanted)
+                return False
+        return True
+
+    def _tell_mismatch(self, field: str, have: Any, wanted: Any) -> None:
+        """Say, once, that a row's ``field`` holds a value of a type the filter's never equals:
+        such a filter matches no row of that type, silently otherwise."""
+        why = filter_mismatch(have, wanted)
+        if why is not None:
+            self._filter_told = True
+            log.warning(
+                "listener %r: filter %r matches no row whose %r holds a %s: %s",
+                self.identifier,
+                self.filter,
+                field,
+                _type_name(have),
+                why,
+            )
 
     def _input(self, row: Row) -> Any:
         value = field_value(row, self.key)
