@@ -25,7 +25,7 @@ from reactive.backends.base import (
 from reactive.cdc import DatabaseChangeDataCapture
 from reactive.checkpoints import DEFAULT_LEASE_MS, ENGINE_CHECKPOINT, Lease, check_lease_ms
 from reactive.components.base import Component
-from reactive.components.listener import Listener, _check_filter, field_value
+from reactive.components.listener import Listener, _check_filter, field_value, unmatchable
 from reactive.compute import Compute, LocalCompute
 from reactive.errors import BackendError, ConfigurationError, LeaseLostError, SearchError
 from reactive.events import ChangePacket, Row, id_key
@@ -535,6 +535,11 @@ class Datalayer:
             }
 
         hits = component.search(query, k, keep=keep if need_rows else None)
+        if conditions and not hits and found:
+            # Nothing matched: say so where no row of a type the rows hold could have.
+            why = next((w for row in found.values() if (w := unmatchable(row, conditions))), None)
+            if why is not None:
+                log.warning("search in %r: filter %r matches no row whose %s", index, conditions, why)
         results = [{SOURCE_FIELD: hit.source, "_distance": hit.distance} for hit in hits]
         if rows:
             for result, hit in zip(results, hits, strict=True):

@@ -143,6 +143,25 @@ def test_a_filter_keeps_k_matching_rows_even_when_the_nearest_do_not_match(duck:
             db.search("near", letters("a"), filter={"lnag": "en"})
 
 
+def test_a_search_filter_no_row_value_can_equal_is_said(duck: SQLClient, tmp_path: Path, caplog) -> None:
+    """Python's == says False across types: {"n": "3"} on an INTEGER column read every row
+    (a filter that matches nothing costs a full scan) and returned [] without a word."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR, n INTEGER)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?, ?)", [(i, "a" * i, 3) for i in range(1, 6)])
+    with connect(duck) as db, caplog.at_level(logging.WARNING, logger="reactive"):
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", directory=tmp_path))
+        assert db.search("near", letters("a"), k=2, filter={"n": 4}) == []
+        assert caplog.records == []  # an int that no row holds: nothing to say
+        assert db.search("near", letters("a"), k=2, filter={"n": "3"}) == []
+        [record] = caplog.records
+        assert record.getMessage() == (
+            "search in 'near': filter {'n': '3'} matches no row whose 'n' holds an int: an int never "
+            "equals a str: filter on 3"
+        )
+        assert [hit["_source"] for hit in db.search("near", letters("a"), k=2, filter={"n": 3})] == [1, 2]
+
+
 def test_text_queries_are_embedded_by_the_query_model(duck: SQLClient, tmp_path: Path) -> None:
     make_docs(duck, [(1, "aaa", "en"), (2, "hhh", "en")])
     with connect(duck) as db:

@@ -182,11 +182,13 @@ def filter_mismatch(have: Any, wanted: Any) -> str | None:
     >>> filter_mismatch(1, 1.0), filter_mismatch(1, True), filter_mismatch("en", "fr")
     (None, None, None)
     """
+    if type(have) is type(wanted) and type(have) is not _dt.datetime:
+        return None
     kind, wanted_kind = _kind(have), _kind(wanted)
     if kind is None or wanted_kind is None:
         return None
     if kind != wanted_kind:
-        return f"a {_type_name(have)} never equals a {_type_name(wanted)}: filter on {_like(have, wanted)}"
+        return f"{_a_type(have)} never equals {_a_type(wanted)}: filter on {_like(have, wanted)}"
     if kind == "datetime" and (have.tzinfo is None) != (wanted.tzinfo is None):
         zone = "a zone" if have.tzinfo is not None else "no zone"
         return f"a datetime with {zone} never equals one without: filter on {have!r}"
@@ -196,6 +198,21 @@ def filter_mismatch(have: Any, wanted: Any) -> str | None:
             f"a float is not the decimal it was written as ({wanted!r} is {exact}...): "
             f"filter on Decimal({repr(wanted)!r})"
         )
+    return None
+
+
+def unmatchable(row: Row, conditions: Mapping[str, Any]) -> str | None:
+    """Why ``row`` fails ``conditions`` in a way every row holding values of its types would
+    (see :func:`filter_mismatch`), naming the field; None when it matches or may not.
+
+    >>> unmatchable({"n": 3, "lang": "en"}, {"n": "3"})
+    "'n' holds an int: an int never equals a str: filter on 3"
+    """
+    for field, wanted in conditions.items():
+        have = field_value(row, field)
+        if have != wanted:
+            why = filter_mismatch(have, wanted)
+            return None if why is None else f"{field!r} holds {_a_type(have)}: {why}"
     return None
 
 
@@ -218,19 +235,31 @@ def _kind(value: Any) -> str | None:
     return next((kind for types, kind in _KINDS if isinstance(value, types)), None)
 
 
-def _type_name(value: Any) -> str:
+def _a_type(value: Any) -> str:
+    """``value``'s type with its article: ``an int``, ``a datetime.date``."""
     kind = type(value)
-    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    return f"{'an' if name[0] in 'aeio' else 'a'} {name}"
 
 
 def _like(have: Any, wanted: Any) -> str:
-    """``wanted`` written as a value of ``have``'s type, where one reads as the other."""
-    if isinstance(have, _dt.date) and isinstance(wanted, str):
-        try:
-            return repr(type(have).fromisoformat(wanted))
-        except ValueError:
-            pass
-    return f"a {_type_name(have)}, as the rows hold (such as {have!r})"
+    """``wanted`` written as a value of ``have``'s type, where one reads as the other.
+
+    >>> _like(3, "3"), _like(3, "three"), _like(uuid.UUID(int=1), "00000000-0000-0000-0000-000000000001")
+    ('3', 'an int, as the rows hold (such as 3)', "UUID('00000000-0000-0000-0000-000000000001')")
+    """
+    kind = type(have)
+    if isinstance(wanted, str) and not isinstance(have, bool):
+        if isinstance(have, _dt.date | _dt.time):
+            convert: Callable[[str], Any] | None = kind.fromisoformat
+        else:
+            convert = kind if isinstance(have, int | float | decimal.Decimal | uuid.UUID) else None
+        if convert is not None:
+            try:
+                return repr(convert(wanted))
+            except (ValueError, ArithmeticError):
+                pass
+    return f"{_a_type(have)}, as the rows hold (such as {have!r})"
 
 
 class Listener(Component):
@@ -391,24 +420,17 @@ class Listener(Component):
             if have != wanted:
                 # Values of one type may differ; only a datetime's zone makes them never equal.
                 if not self._filter_told and (type(have) is not type(wanted) or type(have) is _dt.datetime):
-                    self._tell_mismatch(field, have, wanted)
+                    self._tell_unmatchable(row)
                 return False
         return True
 
-    def _tell_mismatch(self, field: str, have: Any, wanted: Any) -> None:
-        """Say, once, that a row's ``field`` holds a value of a type the filter's never equals:
-        such a filter matches no row of that type, silently otherwise."""
-        why = filter_mismatch(have, wanted)
+    def _tell_unmatchable(self, row: Row) -> None:
+        """Say, once, that ``row`` holds a value of a type the filter's never equals: such a
+        filter matches no row of that type, silently otherwise."""
+        why = unmatchable(row, self.filter)
         if why is not None:
             self._filter_told = True
-            log.warning(
-                "listener %r: filter %r matches no row whose %r holds a %s: %s",
-                self.identifier,
-                self.filter,
-                field,
-                _type_name(have),
-                why,
-            )
+            log.warning("listener %r: filter %r matches no row whose %s", self.identifier, self.filter, why)
 
     def _input(self, row: Row) -> Any:
         value = field_value(row, self.key)
