@@ -176,6 +176,24 @@ def test_a_view_is_refused_at_add_and_its_collection_named(mongo_uri: str, mongo
         assert outputs_by_source(db, "tag__text") == {1: "<a>"}
 
 
+def test_a_filter_on_an_object_id_written_as_its_hex_is_said_once(mongo_uri: str, mongo, caplog) -> None:
+    """An ObjectId never equals its hex (Python's ==, as MongoDB's own match): a filter written
+    with the text an application prints matched no document, without a word."""
+    author = ObjectId("64b7f0c2a1b2c3d4e5f60718")
+    mongo.docs.insert_many([{"_id": i, "text": "a", "author": author} for i in (1, 2)])
+    with reactive.connect(mongo_uri) as db, caplog.at_level("WARNING", "reactive.components.listener"):
+        hexed = Listener(Model("hex", predict=lambda xs: xs), "text", "docs", filter={"author": str(author)})
+        db.add(hexed)
+        db.add(Listener(Model("oid", predict=lambda xs: xs), "text", "docs", filter={"author": author}))
+        assert outputs_by_source(db, "hex__text") == {}
+        assert outputs_by_source(db, "oid__text") == {1: "a", 2: "a"}
+        assert [r.getMessage() for r in caplog.records] == [
+            "listener 'hex__text': filter {'author': '64b7f0c2a1b2c3d4e5f60718'} matches no row whose 'author' "
+            "holds a bson.objectid.ObjectId: a bson.objectid.ObjectId never equals a str: "
+            "filter on ObjectId('64b7f0c2a1b2c3d4e5f60718')"
+        ]
+
+
 def test_drop_and_rename_stop_that_listener_and_others_go_on(mongo_uri: str, mongo, recorder: Recorder) -> None:
     for name in ("docs", "notes", "keep"):
         mongo[name].insert_one({"_id": 1, "text": name})

@@ -232,7 +232,16 @@ _KINDS: tuple[tuple[type | tuple[type, ...], str], ...] = (
 
 
 def _kind(value: Any) -> str | None:
-    return next((kind for types, kind in _KINDS if isinstance(value, types)), None)
+    """The kind of ``value`` (see ``_KINDS``); a BSON type's own (an ``ObjectId`` never equals
+    its hex), None for others."""
+    kind = next((kind for types, kind in _KINDS if isinstance(value, types)), None)
+    if kind is None and _is_bson(value):
+        return type(value).__name__
+    return kind
+
+
+def _is_bson(value: Any) -> bool:
+    return type(value).__module__.startswith("bson.")
 
 
 def _a_type(value: Any) -> str:
@@ -247,17 +256,21 @@ def _like(have: Any, wanted: Any) -> str:
 
     >>> _like(3, "3"), _like(3, "three"), _like(uuid.UUID(int=1), "00000000-0000-0000-0000-000000000001")
     ('3', 'an int, as the rows hold (such as 3)', "UUID('00000000-0000-0000-0000-000000000001')")
+    >>> from bson import ObjectId
+    >>> _like(ObjectId("64b7f0c2a1b2c3d4e5f60718"), "64b7f0c2a1b2c3d4e5f60718")
+    "ObjectId('64b7f0c2a1b2c3d4e5f60718')"
     """
     kind = type(have)
     if isinstance(wanted, str) and not isinstance(have, bool):
         if isinstance(have, _dt.date | _dt.time):
             convert: Callable[[str], Any] | None = kind.fromisoformat
         else:
-            convert = kind if isinstance(have, int | float | decimal.Decimal | uuid.UUID) else None
+            readable = isinstance(have, int | float | decimal.Decimal | uuid.UUID) or _is_bson(have)
+            convert = kind if readable else None
         if convert is not None:
             try:
                 return repr(convert(wanted))
-            except (ValueError, ArithmeticError):
+            except Exception:  # a hint only (bson's InvalidId is no ValueError): the generic one
                 pass
     return f"{_a_type(have)}, as the rows hold (such as {have!r})"
 
