@@ -275,6 +275,35 @@ def _like(have: Any, wanted: Any) -> str:
     return f"{_a_type(have)}, as the rows hold (such as {have!r})"
 
 
+def arrow_equal(column: pa.ChunkedArray | pa.Array, wanted: Any) -> np.ndarray | None:
+    """Per value of ``column``, whether Python's ``==`` says it equals ``wanted`` (as a filter
+    compares the value :func:`~reactive.rows.pylist` gives), computed by Arrow: for text with
+    a ``str``, integers with an ``int``, booleans with a ``bool``, ``float64`` with a ``float``,
+    and any column's nulls with ``None``, where the two agree on every value. None for other
+    pairs (an ``int`` against floats differs past 2**53; dates, decimals...): compare in Python.
+
+    >>> arrow_equal(pa.array(["en", None, "fr"]), "en").tolist(), arrow_equal(pa.array([1, 2]), 2**70).tolist()
+    ([True, False, False], [False, False])
+    >>> arrow_equal(pa.array([1, None]), None).tolist(), arrow_equal(pa.array([1.0]), 1)
+    ([False, True], None)
+    """
+    kind = column.type
+    if wanted is None:
+        return pc.is_null(column).to_numpy(zero_copy_only=False)
+    if type(wanted) is str and (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        scalar = pa.scalar(wanted, kind)
+    elif type(wanted) is int and pa.types.is_integer(kind):
+        try:
+            scalar = pa.scalar(wanted, kind)
+        except (OverflowError, pa.ArrowInvalid):  # past the column's type: no value equals it
+            return np.zeros(len(column), dtype=bool)
+    elif (type(wanted) is bool and pa.types.is_boolean(kind)) or (type(wanted) is float and pa.types.is_float64(kind)):
+        scalar = pa.scalar(wanted, kind)
+    else:
+        return None
+    return pc.equal(column, scalar).fill_null(False).to_numpy(zero_copy_only=False)
+
+
 class Listener(Component):
     """Computes ``model`` on field ``key`` of every row of table ``select``, and keeps it fresh.
 
@@ -462,18 +491,40 @@ class Listener(Component):
 
     def current(self, rows: Sequence[Row], stored: Sequence[int | None]) -> list[bool]:
         """:meth:`is_current` of each row; rows read as one Arrow table are fingerprinted from
-        the key's column in one call, where every row has a value and no filter applies."""
-        column = self._key_column(rows) if isinstance(rows, TableRows) else None
+        the key's column in one call, where every row the filter keeps (:meth:`_kept`) has a
+        value."""
+        kept = self._kept(rows) if isinstance(rows, TableRows) else None
+        column = None if kept is None else self._key_column(kept[1])
         digests = None if column is None else self._column_fingerprints(column)
-        if digests is None:
+        if kept is None or column is None or digests is None:
             return [self.is_current(row, s) for row, s in zip(rows, stored, strict=True)]
-        current = [s == d for s, d in zip(stored, digests, strict=True)]
+        positions = kept[0]
+        # A row the filter leaves out is current when it has no output.
+        current = [s is None for s in stored]
+        for k, position in enumerate(positions):
+            current[position] = stored[position] == digests[k]
         # Outputs stored before 0.2 (another fingerprint) whose input has not changed are current.
-        differ = [k for k, ok in enumerate(current) if not ok and stored[k] is not None]
+        differ = [k for k, position in enumerate(positions) if not current[position] and stored[position] is not None]
         values = pylist(column.take(differ)) if differ else []
         for k, value in zip(differ, values, strict=True):
-            current[k] = not self._stale(value, digests[k], stored[k])
+            current[positions[k]] = not self._stale(value, digests[k], stored[positions[k]])
         return current
+
+    def _kept(self, rows: TableRows) -> tuple[Sequence[int], TableRows] | None:
+        """The positions of the rows the filter keeps, and those rows, found by Arrow
+        (:func:`arrow_equal`); None where a condition must be compared in Python."""
+        if not self.filter:
+            return range(len(rows)), rows
+        mask = np.ones(len(rows), dtype=bool)
+        for field, wanted in self.filter.items():
+            equal = arrow_equal(rows.table.column(field), wanted) if field in rows.columns else None
+            if equal is None:
+                return None
+            mask &= equal
+        if mask.all():
+            return range(len(rows)), rows
+        positions = np.flatnonzero(mask)
+        return positions.tolist(), TableRows(rows.table.take(positions))
 
     def _stale(self, value: Any, digest: int, stored: int | None) -> bool:
         """Whether an output stored with input fingerprint ``stored`` (None: no output) must be
@@ -496,8 +547,9 @@ class Listener(Component):
         return digests
 
     def _key_column(self, rows: TableRows) -> pa.ChunkedArray | None:
-        """The key's column, where every row of ``rows`` has a value and no filter applies."""
-        if self.filter or self.key not in rows.columns:
+        """The key's column, where every row of ``rows`` has a value (``rows`` are those the
+        filter keeps: see :meth:`_kept`)."""
+        if self.key not in rows.columns:
             return None
         column = rows.table.column(self.key)
         return None if column.null_count else column
@@ -687,7 +739,7 @@ class Listener(Component):
     def _candidates(self, batch: Batch, refresh: Refresh, remove: list[Any]) -> _Inputs:
         """The rows to compute (id, input, fingerprint); the others go to ``remove``."""
         if isinstance(batch.rows, TableRows) and len(batch.rows) > FEW_ROWS:
-            candidates = self._column_candidates(batch.ids, batch.rows)
+            candidates = self._column_candidates(batch.ids, batch.rows, remove)
             if candidates is not None:
                 return candidates
         ids: list[Any] = []
@@ -725,10 +777,16 @@ class Listener(Component):
                 ok.append(k)
         return _Inputs([ids[k] for k in ok], [values[k] for k in ok], fingerprints)
 
-    def _column_candidates(self, ids: Sequence[Any], rows: TableRows) -> _Inputs | None:
-        """:meth:`_candidates` of rows read as one Arrow table, from the key's column: every row
-        is a candidate, or None when some row is not (a filter, a missing value, an input too
-        large or that cannot be fingerprinted): those rows then go one by one."""
+    def _column_candidates(self, ids: Sequence[Any], rows: TableRows, remove: list[Any]) -> _Inputs | None:
+        """:meth:`_candidates` of rows read as one Arrow table, from the key's column: the rows
+        the filter leaves out (found by Arrow: :meth:`_kept`) go to ``remove``, every other row
+        is a candidate; or None, ``remove`` untouched, when some row is not (a filter Arrow
+        cannot compare, a missing value, an input too large or that cannot be fingerprinted):
+        those rows then go one by one."""
+        kept = self._kept(rows)
+        if kept is None:
+            return None
+        positions, rows = kept
         column = self._key_column(rows)
         if column is None:
             return None
@@ -742,7 +800,14 @@ class Listener(Component):
         except NOT_PYTHON:
             return None  # a value Python cannot hold: the rows one by one, that one failing alone
         digests = self._column_fingerprints(column, values)
-        return None if digests is None else _Inputs(list(ids), values, digests)
+        if digests is None:
+            return None
+        if len(positions) < len(ids):
+            left_out = np.ones(len(ids), dtype=bool)
+            left_out[positions] = False
+            remove.extend(ids[k] for k in np.flatnonzero(left_out).tolist())
+            ids = [ids[k] for k in positions]
+        return _Inputs(list(ids), values, digests)
 
     def _settle_errors(self, batch: Batch, db: Datalayer, refresh: Refresh) -> None:
         """Keep ``_reactive_errors`` to the current failures of this listener's rows.
