@@ -182,8 +182,9 @@ def test_a_filter_compared_by_arrow_keeps_and_leaves_out_the_rows_python_does() 
             rows = random_rows(rng, rng.randint(0, 12))
             table = arrow_rows(rows)
             stored = [rng.choice([None, 7, model_.fingerprint(row["text"] or "a")]) for row in rows]
-            expected = [listener.is_current(row, s) for row, s in zip(rows, stored, strict=True)]
-            assert listener.current(table, stored) == expected, conditions
+            for prints in (stored, [None] * len(rows)):  # the second: nothing stored, a first backfill
+                expected = [listener.is_current(row, p) for row, p in zip(rows, prints, strict=True)]
+                assert listener.current(table, prints) == expected, conditions
             ids = [row["id"] for row in rows]
             remove: list[Any] = []
             found = listener._column_candidates(ids, table, remove)

@@ -494,6 +494,12 @@ class Listener(Component):
         the key's column in one call, where every row the filter keeps (:meth:`_kept`) has a
         value."""
         kept = self._kept(rows) if isinstance(rows, TableRows) else None
+        if kept is not None and not any(s is not None for s in stored):
+            # Nothing stored (a first backfill): a row is current exactly when the filter leaves it out.
+            current = [True] * len(stored)
+            for position in kept[0]:
+                current[position] = False
+            return current
         column = None if kept is None else self._key_column(kept[1])
         digests = None if column is None else self._column_fingerprints(column)
         if kept is None or column is None or digests is None:
