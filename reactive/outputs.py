@@ -368,7 +368,7 @@ def _vector_output(value: Any, output_type: str) -> list[Any]:
     if source.dtype.kind not in "biuf":
         held = ", ".join(sorted({type(v).__name__ for v in value}))
         raise ValueError(f"output holds {held} values, which {output_type} cannot hold")
-    return _exactly(source, inner, output_type, lambda i: f" at position {i}").tolist()
+    return _exactly(source, inner, output_type, lambda i: f" at position {i}", value).tolist()
 
 
 def vector_block(outputs: Sequence[Any], output_type: str) -> np.ndarray | None:
@@ -455,7 +455,7 @@ def _scalar_output(value: Any, output_type: str) -> Any:
         if type(value) not in (bool, int, float):
             raise ValueError(f"output of type {type(value).__name__} does not fit {output_type}")
         nowhere: Callable[[int], str] = lambda i: ""  # noqa: E731 - one value: no position to name
-        return _exactly(_numbers([value], output_type, nowhere), output_type, output_type, nowhere).tolist()[0]
+        return _exactly(_numbers([value], output_type, nowhere), output_type, output_type, nowhere, [value]).tolist()[0]
     expected = _PYTHON_TYPES.get(output_type)
     if expected is not None and type(value) is not expected:
         raise ValueError(f"output of type {type(value).__name__} does not fit {output_type}")
@@ -694,11 +694,20 @@ def _float_holds(number: int) -> bool:
         return False
 
 
-def _exactly(source: np.ndarray, inner: str, output_type: str, at: Callable[[int], str]) -> np.ndarray:
+def _exactly(
+    source: np.ndarray, inner: str, output_type: str, at: Callable[[int], str], given: Sequence[Any] = ()
+) -> np.ndarray:
     """``source`` as numbers of type ``inner``, every value unchanged; else ValueError naming the first.
 
     Floats may round to a narrower float type (that is what the type asks for); NaN and
-    infinity are refused (JSON, and so SQLite's storage, cannot hold them).
+    infinity are refused (JSON, and so SQLite's storage, cannot hold them). A value is named as
+    the model gave it (``given``) where numpy made a Python int a float (2**70 was named
+    ``1.1805916207174113e+21``).
+
+    >>> normalize_output(2**70, "int64")
+    Traceback (most recent call last):
+    ...
+    ValueError: output has 1180591620717411303424, which int64 cannot hold
     """
     target = _NUMPY_TYPES[inner]
     if (source.dtype.kind == "b") != (target.kind == "b"):
@@ -720,7 +729,8 @@ def _exactly(source: np.ndarray, inner: str, output_type: str, at: Callable[[int
             changed = array != source
     if np.any(changed):
         position = _first(changed)
-        raise ValueError(f"output has {source[position].item()!r}{at(position)}, which {output_type} cannot hold")
+        shown = given[position] if position < len(given) and type(given[position]) is int else source[position].item()
+        raise ValueError(f"output has {shown!r}{at(position)}, which {output_type} cannot hold")
     return array
 
 
