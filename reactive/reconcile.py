@@ -9,7 +9,7 @@ through :meth:`reactive.cdc.DatabaseChangeDataCapture.reconcile`, which queues w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ def reconcile(
     memory_limit: int = MEMORY_LIMIT,
     absent_is_stale: bool = False,
     on_nothing_stored: Callable[[], None] | None = None,
+    where: Mapping[str, Any] | None = None,
 ) -> Iterator[ChangePacket]:
     """Packets that bring ``identifier``'s outputs of ``table`` up to date.
 
@@ -59,6 +60,12 @@ def reconcile(
     than a live change processed before it, and an output whose row is gone by then is
     deleted, while one whose row came back (a delete, then an insert during the scan) is
     computed rather than deleted.
+
+    ``where`` (the listener's filter) lets the source leave out rows that cannot match it
+    (``SourceReader.scan``): their stored outputs are then among those no row claimed, and their
+    packets have the handler read each row and remove its output. Only while the stored
+    outputs are held in memory: past ``memory_limit`` an output is kept when its row exists,
+    so every row must be scanned to find those that left the filter.
     """
     targets = frozenset({identifier})
 
@@ -73,7 +80,8 @@ def reconcile(
             yield packet(column_of(page, table.id_column))
         return
     scanned: set[Hashable] = set()
-    for page in source.scan(table, columns=columns, page_size=page_size):
+    narrowed = where if stored is not None else None
+    for page in source.scan(table, columns=columns, page_size=page_size, where=narrowed):
         ids = column_of(page, table.id_column)
         keys = id_keys(ids)
         if stored is None:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from conftest import Recorder, SQLClient, outputs_by_source
 
 import reactive
 from reactive.components import Listener, Model
+from reactive.reconcile import reconcile
 from reactive.threads import reactive_threads
 
 
@@ -67,6 +70,59 @@ def test_filter_moves_rows_in_and_out(sql: SQLClient, recorder: Recorder) -> Non
         sql.execute("UPDATE docs SET lang = 'fr' WHERE id = 1")
         assert db.cdc.wait_idle(timeout=30)
         assert outputs_by_source(db, "tag__text") == {2: "<two>"}
+
+
+@pytest.mark.parametrize("limit", [None, 1], ids=["outputs-in-memory", "outputs-past-memory"])
+def test_a_filter_narrows_a_reconciliations_scan_and_rows_that_left_it_lose_their_outputs(
+    sql: SQLClient, monkeypatch: pytest.MonkeyPatch, limit: int | None
+) -> None:
+    """A filtered listener's reconciliation read every row to compare each with the filter in
+    Python: a tenant's 20 rows of 1,000 cost the whole table at each db.add. Its scan's SQL now
+    leaves out rows that cannot match (text, whole numbers, NULL; a quote in the text). Rows
+    that left or entered the filter while no process ran are found at the restart, as before;
+    past the outputs held in memory (limit) every row is scanned, as an output is then kept
+    when its row exists."""
+    from reactive.backends.ibis.source import IbisSource
+    from reactive.components import listener as listener_module
+
+    if limit is not None:
+        monkeypatch.setattr(listener_module, "reconcile", functools.partial(reconcile, memory_limit=limit))
+    scanned: list[int] = []
+    scan = IbisSource.scan
+
+    def counted(self: IbisSource, *args: Any, **options: Any) -> Any:
+        for page in scan(self, *args, **options):
+            scanned.append(len(page))
+            yield page
+
+    monkeypatch.setattr(IbisSource, "scan", counted)
+    sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(20), tenant INTEGER, lang VARCHAR(5))")
+    langs = ["en", "fr", "o'k", None]
+    sql.executemany("INSERT INTO docs VALUES (?, ?, ?, ?)", [(i, f"t{i}", i % 50, langs[i % 4]) for i in range(1000)])
+    filters = {"tenant": {"tenant": 7}, "quoted": {"lang": "o'k", "tenant": 2}, "nulls": {"lang": None, "tenant": 3}}
+
+    def add_all(db: reactive.Datalayer) -> dict[str, dict[int, int]]:
+        for name, conditions in filters.items():
+            db.add(Listener(Model(name, predict=lambda xs: [len(x) for x in xs]), "text", "docs", filter=conditions))
+        return {name: outputs_by_source(db, f"{name}__text") for name in filters}
+
+    with connect(sql) as db:
+        first = add_all(db)
+    assert set(first["tenant"]) == {i for i in range(1000) if i % 50 == 7}
+    assert set(first["quoted"]) == {i for i in range(1000) if i % 50 == 2 and i % 4 == 2}
+    assert set(first["nulls"]) == {i for i in range(1000) if i % 50 == 3 and i % 4 == 3}
+    assert sum(scanned) == 20 + 10 + 10  # nothing stored yet: held in memory either way
+    sql.execute("UPDATE docs SET tenant = 8 WHERE id = 7")  # leaves the filter while nothing runs
+    sql.execute("UPDATE docs SET tenant = 7 WHERE id = 8")  # enters it
+    sql.execute("UPDATE docs SET lang = 'en' WHERE id = 2")
+    scanned.clear()
+    with connect(sql) as db:
+        again = add_all(db)
+    assert again["tenant"] == {i: len(f"t{i}") for i in [*first["tenant"], 8] if i != 7}
+    assert set(again["quoted"]) == set(first["quoted"]) - {2}
+    assert again["nulls"] == first["nulls"]
+    # The rows matching now (the outputs of 7 and 2 found as no row's); past memory, every row.
+    assert sum(scanned) == (3 * 1000 if limit else 20 + 9 + 10)
 
 
 def test_a_row_inserted_and_deleted_between_polls_computes_nothing(duck: SQLClient, recorder: Recorder) -> None:

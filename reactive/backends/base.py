@@ -376,10 +376,19 @@ class SourceReader(Protocol):
     def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
         """The :func:`~reactive.events.id_key` of those ``ids`` that are rows of ``table``."""
 
-    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[Sequence[Row]]:
+    def scan(
+        self,
+        table: TableInfo,
+        *,
+        columns: Sequence[str] | None,
+        page_size: int,
+        where: Mapping[str, Any] | None = None,
+    ) -> Iterator[Sequence[Row]]:
         """Every row, in pages of at most ``page_size``, in no promised order (DuckDB streams
         one statement; other engines page by id); each row includes the id column (a page may
-        be :class:`~reactive.rows.TableRows`: take a column with :func:`~reactive.rows.column_of`)."""
+        be :class:`~reactive.rows.TableRows`: take a column with :func:`~reactive.rows.column_of`).
+        ``where`` (field -> value) are equalities the caller compares each row with afterwards:
+        a source may leave out rows that cannot satisfy them, never one that can, or ignore it."""
 
 
 @runtime_checkable

@@ -630,6 +630,7 @@ class Listener(Component):
             on_processed=on_processed,
             absent_is_stale=not self.filter,
             on_nothing_stored=nothing_stored,
+            where=self.filter,
         )
 
     def plan_refresh(

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from reactive.backends.base import OUTPUT_FIELD, SOURCE_FIELD, TableInfo
@@ -167,7 +167,15 @@ class FeedSource:
         subscription = self._subscription
         return set() if subscription is None else {id_key(row_id) for row_id, _ in subscription.values(ids)}
 
-    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
+    def scan(
+        self,
+        table: TableInfo,
+        *,
+        columns: Sequence[str] | None,
+        page_size: int,
+        where: Mapping[str, Any] | None = None,
+    ) -> Iterator[list[Row]]:
+        # ``where`` is left to the caller: the view is in memory.
         rows = [feed_row(row_id, value) for row_id, value in self._view().items()]
         for start in range(0, len(rows), page_size):
             yield rows[start : start + page_size]

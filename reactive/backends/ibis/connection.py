@@ -146,9 +146,12 @@ class IbisConnection:
         caller holds :attr:`lock`."""
         return self.dialect.id_type(self.con, table, column, self.column_type(table, column))
 
-    def statements(self, table: str, id_column: str, columns: Sequence[str]) -> TableSQL:
-        """The hot-path statements reading ``columns`` of ``table`` by ``id_column``, built once."""
-        key = (table, id_column, tuple(columns))
+    def statements(
+        self, table: str, id_column: str, columns: Sequence[str], *, where: Sequence[tuple[str, Any]] = ()
+    ) -> TableSQL:
+        """The hot-path statements reading ``columns`` of ``table`` by ``id_column``, built once;
+        a scan's rows narrowed by ``where`` (see ``TableSQL``)."""
+        key = (table, id_column, tuple(columns), tuple(where))
         built = self._sql.get(key)  # built: no lock (a poll reading must not wait for a write)
         if built is not None:
             return built
@@ -162,6 +165,7 @@ class IbisConnection:
                     columns,
                     self.id_type(table, id_column),
                     self.dialect.read_casts(self.con, table),
+                    where,
                 )
             return built
 

@@ -1158,7 +1158,13 @@ def _select(table: str, columns: Sequence[str], casts: Mapping[str, str] | None 
 class TableSQL:
     """The statements that read and delete rows of one table by id, built once. A scan leaves
     out rows reactive does not follow (whose id is NULL, or on SQLite of another type than the
-    column's: see :meth:`Dialect.followed`)."""
+    column's: see :meth:`Dialect.followed`), and those that fail ``where``'s equalities (text
+    compared as text, a number, ``None`` as ``IS NULL``: see ``IbisSource._narrowing``).
+
+    >>> print(TableSQL(PostgresDialect(), "t", "id", ["id", "x"], where=[("lang", "it's"), ("n", 2), ("m", None)]).scan)
+    SELECT "t"."id" AS "id", "t"."x" AS "x" FROM "t"
+    WHERE ((NOT "t"."id" IS NULL AND CAST("t"."lang" AS TEXT) = 'it''s') AND "t"."n" = 2) AND "t"."m" IS NULL
+    """
 
     def __init__(
         self,
@@ -1168,11 +1174,19 @@ class TableSQL:
         columns: Sequence[str],
         id_type: dt.DataType | None = None,
         casts: Mapping[str, str] | None = None,
+        where: Sequence[tuple[str, Any]] = (),
     ) -> None:
         key = _column(id_column, table)
         followed = dialect.followed(key, id_type)
         casts = {c: kind for c, kind in (casts or {}).items() if c != id_column}  # ids are read as they are
         select = _select(table, columns, casts).where(followed)
+        for column, value in where:
+            if value is None:
+                select = select.where(_column(column, table).is_(sge.null()))
+            elif isinstance(value, str):
+                select = select.where(sge.cast(_column(column, table), sge.DataType.build("text")).eq(value))
+            else:
+                select = select.where(_column(column, table).eq(value))
         by_ids = dialect.ids_condition(id_column, table, id_type)
         ordered = select.order_by(key).limit(sge.Placeholder())
         self.scan = dialect.render(select)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import ibis.expr.datatypes as dt
@@ -20,7 +20,7 @@ from reactive.backends.base import (
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.backends.ibis.dialects import decode_for
 from reactive.errors import ConfigurationError, TableNotFoundError
-from reactive.events import Row, id_key
+from reactive.events import Row, id_key, is_utf8
 from reactive.rowformat import RowFormat, as_json_text
 from reactive.rows import TableRows, column_of
 from reactive.uri import file_path
@@ -131,16 +131,43 @@ class IbisSource:
         parts = self.conn.read_rows_by_ids(sql, list(ids))
         return {id_key(i) for part in parts for i in column_of(part, table.id_column)}
 
-    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[Sequence[Row]]:
+    def scan(
+        self,
+        table: TableInfo,
+        *,
+        columns: Sequence[str] | None,
+        page_size: int,
+        where: Mapping[str, Any] | None = None,
+    ) -> Iterator[Sequence[Row]]:
         with self.conn.lock:
             if not self.conn.table_exists(table.name):
                 return
             present = self.columns(table.name)
             wanted = dict.fromkeys([table.id_column, *(columns or present)])
             # A column the table lacks is left out: the rows then lack that field.
-            statements = self.conn.statements(table.name, table.id_column, [c for c in wanted if c in present])
+            statements = self.conn.statements(
+                table.name,
+                table.id_column,
+                [c for c in wanted if c in present],
+                where=self._narrowing(table.name, where or {}, present),
+            )
         for page in self.conn.pages(statements, table.id_column, page_size):
             yield self.decoded(table.name, page)
+
+    def _narrowing(self, table: str, where: Mapping[str, Any], present: Sequence[str]) -> tuple[tuple[str, Any], ...]:
+        """The equalities of ``where`` a scan's SQL tests without ever leaving out a row whose
+        value Python's ``==`` finds equal: text against a text column, compared as text (an
+        enum's or a padded ``char``'s too: SQL may keep more, never fewer), a whole number of
+        int64's range against an integer column, ``None`` as ``IS NULL``. Others are left to
+        the caller, and so is every column read through a cast."""
+        if not where:
+            return ()
+        casts = self.conn.dialect.read_casts(self.conn.con, table)
+        return tuple(
+            (column, value)
+            for column, value in where.items()
+            if column in present and column not in casts and _testable(self.conn.column_type(table, column), value)
+        )
 
     def row_format(self, table: TableInfo) -> RowFormat:
         """The Avro record ``INSERT_RAW`` monitor callbacks get for a row (see :mod:`reactive.rowformat`)."""
@@ -158,6 +185,26 @@ class IbisSource:
         for row in decoded:
             row[OUTPUT_FIELD] = decode_for(self.conn.dialect, logical, row[OUTPUT_FIELD])
         return decoded
+
+
+def _testable(kind: dt.DataType | None, value: Any) -> bool:
+    """Whether a scan's SQL may test a column of ``kind`` for equality with ``value`` (see
+    ``IbisSource._narrowing``).
+
+    >>> _testable(dt.string, "en"), _testable(dt.int16, 2**40), _testable(dt.date, None)
+    (True, True, True)
+    >>> _testable(dt.int64, True), _testable(dt.float64, 1), _testable(dt.string, "a\\x00"), _testable(dt.int64, 2**63)
+    (False, False, False, False)
+    """
+    if value is None:
+        return True
+    if kind is None:
+        return False
+    if type(value) is str:
+        return kind.is_string() and "\x00" not in value and is_utf8(value)
+    if type(value) is int:
+        return kind.is_integer() and -(2**63) <= value < 2**63
+    return False
 
 
 def _case_hint(name: str, names: Sequence[str]) -> str:

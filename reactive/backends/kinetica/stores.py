@@ -27,7 +27,7 @@ import datetime as _dt
 import json
 import math
 import sys
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -270,7 +270,15 @@ class KineticaSource:
     def existing_ids(self, table: TableInfo, ids: Sequence[Any]) -> set[Hashable]:
         return {id_key(r[table.id_column]) for r in self.catalog.records_by_ids(table.name, table.id_column, list(ids))}
 
-    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
+    def scan(
+        self,
+        table: TableInfo,
+        *,
+        columns: Sequence[str] | None,
+        page_size: int,
+        where: Mapping[str, Any] | None = None,
+    ) -> Iterator[list[Row]]:
+        # ``where`` is left to the caller (every row is read, as before).
         if not self.catalog.exists(table.name):
             return
         # A row whose id is NULL, NaN or infinite is left out (see ``followed``).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Self
 
@@ -122,7 +122,16 @@ class MongoSource:
             found.update(id_key(doc["_id"]) for doc in cursor)
         return found
 
-    def scan(self, table: TableInfo, *, columns: Sequence[str] | None, page_size: int) -> Iterator[list[Row]]:
+    def scan(
+        self,
+        table: TableInfo,
+        *,
+        columns: Sequence[str] | None,
+        page_size: int,
+        where: Mapping[str, Any] | None = None,
+    ) -> Iterator[list[Row]]:
+        # ``where`` is not passed on: MongoDB's equality differs from Python's both ways (1
+        # matches 1.0 but not true; an array matches any element).
         projection = _projection(columns) if columns else None
         cursor = self.db[table.name].find({}, projection).sort("_id", pymongo.ASCENDING).batch_size(page_size)
         yield from _pages(cursor, page_size)
