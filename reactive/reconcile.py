@@ -80,8 +80,9 @@ def reconcile(
             yield packet(column_of(page, table.id_column))
         return
     scanned: set[Hashable] = set()
-    narrowed = where if stored is not None else None
-    for page in source.scan(table, columns=columns, page_size=page_size, where=narrowed):
+    # Passed only when there is something to narrow: a source written before ``where`` still serves.
+    narrowed = {"where": where} if where and stored is not None else {}
+    for page in source.scan(table, columns=columns, page_size=page_size, **narrowed):
         ids = column_of(page, table.id_column)
         keys = id_keys(ids)
         if stored is None:
