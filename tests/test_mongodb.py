@@ -176,6 +176,49 @@ def test_a_view_is_refused_at_add_and_its_collection_named(mongo_uri: str, mongo
         assert outputs_by_source(db, "tag__text") == {1: "<a>"}
 
 
+def test_a_filter_narrows_a_reconciliations_query_and_documents_that_left_it_lose_their_outputs(
+    mongo_uri: str, mongo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filtered listener's reconciliation read every document to compare each with the filter
+    in Python; its query now asks for the text, ObjectId and null equalities MongoDB tests as
+    Python does or more loosely (a number, a boolean or a dotted name is left to Python).
+    Documents that left the filter while no process ran lose their outputs at the restart."""
+    from reactive.backends.mongodb.backend import MongoSource
+
+    scanned: list[int] = []
+    scan = MongoSource.scan
+
+    def counted(self: MongoSource, *args: Any, **options: Any) -> Any:
+        for page in scan(self, *args, **options):
+            scanned.append(len(page))
+            yield page
+
+    monkeypatch.setattr(MongoSource, "scan", counted)
+    owner = ObjectId("64b7f0c2a1b2c3d4e5f60718")
+    mongo.docs.insert_many(
+        [{"_id": i, "text": f"t{i}", "tenant": f"c{i % 50}", "owner": owner if i % 2 else None} for i in range(1000)]
+    )
+    filters = {"tenant": {"tenant": "c7", "owner": owner}, "loose": {"tenant": "c8", "n": 1}}
+
+    def add_all(db: reactive.Datalayer) -> dict[str, dict[int, int]]:
+        for name, conditions in filters.items():
+            db.add(Listener(Model(name, predict=lambda xs: [len(x) for x in xs]), "text", "docs", filter=conditions))
+        return {name: outputs_by_source(db, f"{name}__text") for name in filters}
+
+    with reactive.connect(mongo_uri) as db:
+        first = add_all(db)
+    assert set(first["tenant"]) == {i for i in range(1000) if i % 50 == 7}
+    assert first["loose"] == {}  # no document has n
+    assert sum(scanned) == 20 + 20  # the first filter entirely, the second by its tenant
+    mongo.docs.update_one({"_id": 7}, {"$set": {"tenant": "c9"}})  # leaves the filter
+    mongo.docs.update_one({"_id": 9}, {"$set": {"tenant": "c7"}})  # enters it
+    scanned.clear()
+    with reactive.connect(mongo_uri) as db:
+        again = add_all(db)
+    assert again["tenant"] == {i: len(f"t{i}") for i in [*first["tenant"], 9] if i != 7}
+    assert sum(scanned) == 20 + 20
+
+
 def test_a_filter_on_an_object_id_written_as_its_hex_is_said_once(mongo_uri: str, mongo, caplog) -> None:
     """An ObjectId never equals its hex (Python's ==, as MongoDB's own match): a filter written
     with the text an application prints matched no document, without a word."""

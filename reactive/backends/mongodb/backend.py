@@ -64,6 +64,24 @@ def _projection(fields: Sequence[str]) -> dict[str, int]:
     return {p: 1 for p in paths if not any(p.startswith(other + ".") for other in paths)}
 
 
+def _narrowing(where: Mapping[str, Any]) -> dict[str, Any]:
+    """The equalities of ``where`` (a listener's filter) a query may test without leaving out a
+    document whose value Python's ``==`` finds equal: text and ObjectIds of fields without a
+    dot, ``None`` (MongoDB's null also matches a missing field, and an array any element: more
+    documents, never fewer). Not numbers or booleans (``{"n": 1}`` does not match ``true``,
+    which Python's ``1 == True`` does), not dotted names (a path to MongoDB, but to reactive
+    first a field with the dots in its own name).
+
+    >>> _narrowing({"lang": "en", "n": 1, "flag": True, "meta.lang": "en", "owner": None})
+    {'lang': 'en', 'owner': None}
+    """
+    return {
+        field: value
+        for field, value in where.items()
+        if "." not in field and (value is None or type(value) is str or type(value) is bson.ObjectId)
+    }
+
+
 def _pages(cursor: Any, page_size: int) -> Iterator[list[Any]]:
     """A cursor's documents in lists of ``page_size``."""
     page: list[Any] = []
@@ -130,10 +148,9 @@ class MongoSource:
         page_size: int,
         where: Mapping[str, Any] | None = None,
     ) -> Iterator[list[Row]]:
-        # ``where`` is not passed on: MongoDB's equality differs from Python's both ways (1
-        # matches 1.0 but not true; an array matches any element).
         projection = _projection(columns) if columns else None
-        cursor = self.db[table.name].find({}, projection).sort("_id", pymongo.ASCENDING).batch_size(page_size)
+        found = self.db[table.name].find(_narrowing(where or {}), projection)
+        cursor = found.sort("_id", pymongo.ASCENDING).batch_size(page_size)
         yield from _pages(cursor, page_size)
 
 
