@@ -215,6 +215,45 @@ def test_a_restart_without_changes_computes_nothing(
         assert db.cdc.info()["listeners"].get("tag__text", {}).get("computed", 0) == 0
 
 
+def test_a_filter_narrows_a_reconciliations_scan_and_rows_that_left_it_lose_their_outputs(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A filtered listener's reconciliation read every row to compare each with the filter in
+    Python; its scan's expression now asks for the text, whole-number and null equalities the
+    server tests as Python does or more loosely. Rows that left the filter while no process ran
+    lose their outputs at the restart."""
+    from reactive.backends.kinetica.stores import KineticaSource
+
+    scanned: list[int] = []
+    scan = KineticaSource.scan
+
+    def counted(self: KineticaSource, *args: Any, **options: Any) -> Any:
+        for page in scan(self, *args, **options):
+            scanned.append(len(page))
+            yield page
+
+    monkeypatch.setattr(KineticaSource, "scan", counted)
+    docs = create_table(foreign, "docs", [[i, f"t{i}", f"l{i % 20}"] for i in range(200)])
+    filters = {"lang": {"lang": "l7"}, "row": {"id": 9, "lang": "l9"}}
+
+    def add_all(db: reactive.Datalayer) -> dict[str, dict[int, int]]:
+        for name, conditions in filters.items():
+            db.add(Listener(Model(name, predict=lambda xs: [len(x) for x in xs]), "text", "docs", filter=conditions))
+        return {name: outputs_by_source(db, f"{name}__text") for name in filters}
+
+    with connect(kinetica_server) as db:
+        first = add_all(db)
+    assert set(first["lang"]) == {i for i in range(200) if i % 20 == 7} and set(first["row"]) == {9}
+    assert sum(scanned) == 10 + 1
+    docs.update_records(["id = 7"], [{"lang": "l8"}])  # leaves the filter
+    scanned.clear()
+    with connect(kinetica_server) as db:
+        again = add_all(db)
+    assert again["lang"] == {i: len(f"t{i}") for i in first["lang"] if i != 7}
+    assert again["row"] == first["row"]
+    assert sum(scanned) == 9 + 1
+
+
 def test_changes_made_while_stopped_are_caught_at_start_and_computed_once(
     kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
 ) -> None:
