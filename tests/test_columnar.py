@@ -143,6 +143,7 @@ FILTERS: list[dict[str, Any]] = [
     {"x": 0.5},
     {"lang": None},
     {"lang": "en", "flag": False},
+    {"lang": "\udc80"},  # a lone surrogate: Arrow's text cannot hold it
     {"x": 1},
     {"n": 2.0},
 ]
@@ -198,6 +199,19 @@ def test_a_filter_compared_by_arrow_keeps_and_leaves_out_the_rows_python_does() 
             assert found.ids == [row["id"] for row in matching]
             assert found.values == [row["text"] for row in matching]
             assert remove == [row["id"] for row in rows if not listener.matches(row)]
+
+
+def test_a_filter_holding_a_lone_surrogate_matches_no_duckdb_row_and_fails_nothing(duck: SQLClient) -> None:
+    """Arrow cannot make text of a lone surrogate: comparing the column with one raised
+    UnicodeEncodeError and the backfill did not finish. No row's text holds one."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR, lang VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?, ?)", [(i, "t", "en") for i in range(50)])
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(model(), "text", "docs", filter={"lang": "\udc80"}), progress=False)
+        db.add(Listener(Model("all", predict=lambda xs: xs), "text", "docs", filter={"lang": "en"}), progress=False)
+        assert outputs_by_source(db, "len__text") == {}
+        assert len(outputs_by_source(db, "all__text")) == 50
+        assert db.errors() == []
 
 
 def test_a_filtered_listener_gives_on_duckdb_what_it_gives_row_by_row(duck: SQLClient, lite: SQLClient) -> None:

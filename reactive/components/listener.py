@@ -25,7 +25,7 @@ from reactive.backends.base import (
 from reactive.components.base import Component, PlannedRefresh, Refresh
 from reactive.components.model import Batching, Failure, Model, ModelCalls
 from reactive.errors import ConfigurationError
-from reactive.events import Batch, ChangePacket, DBEvent, Row, id_key, id_keys
+from reactive.events import Batch, ChangePacket, DBEvent, Row, id_key, id_keys, is_utf8
 from reactive.reconcile import OnProcessed, reconcile
 from reactive.rows import NOT_PYTHON, TableRows, Unreadable, pylist
 
@@ -286,11 +286,15 @@ def arrow_equal(column: pa.ChunkedArray | pa.Array, wanted: Any) -> np.ndarray |
     ([True, False, False], [False, False])
     >>> arrow_equal(pa.array([1, None]), None).tolist(), arrow_equal(pa.array([1.0]), 1)
     ([False, True], None)
+    >>> arrow_equal(pa.array(["a"]), "\\udc80").tolist()  # a lone surrogate: no UTF-8 text holds it
+    [False]
     """
     kind = column.type
     if wanted is None:
         return pc.is_null(column).to_numpy(zero_copy_only=False)
     if type(wanted) is str and (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        if not is_utf8(wanted):  # a lone surrogate: Arrow's text cannot hold it, and no row's equals it
+            return np.zeros(len(column), dtype=bool)
         scalar = pa.scalar(wanted, kind)
     elif type(wanted) is int and pa.types.is_integer(kind):
         try:
