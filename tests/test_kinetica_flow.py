@@ -215,6 +215,17 @@ def test_a_restart_without_changes_computes_nothing(
         assert db.cdc.info()["listeners"].get("tag__text", {}).get("computed", 0) == 0
 
 
+def test_a_filter_holding_a_lone_surrogate_matches_no_row_and_fails_nothing(
+    kinetica_server: KineticaTestServer, foreign: GPUdb
+) -> None:
+    """No JSON request can carry a lone surrogate: put in the scan's expression, it would fail
+    db.add. It is left to Python, where no row's text equals it."""
+    create_table(foreign, "docs", [[i, "t", "en"] for i in range(3)])
+    with connect(kinetica_server) as db:
+        db.add(Listener(Model("odd", predict=lambda xs: xs), "text", "docs", filter={"lang": "\udc80"}))
+        assert outputs_by_source(db, "odd__text") == {} and db.errors() == []
+
+
 def test_a_filter_narrows_a_reconciliations_scan_and_rows_that_left_it_lose_their_outputs(
     kinetica_server: KineticaTestServer, foreign: GPUdb, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -219,6 +219,15 @@ def test_a_filter_narrows_a_reconciliations_query_and_documents_that_left_it_los
     assert sum(scanned) == 20 + 20
 
 
+def test_a_filter_holding_a_lone_surrogate_matches_no_document_and_fails_nothing(mongo_uri: str, mongo) -> None:
+    """BSON cannot encode a lone surrogate: put in the reconciliation's query, it failed db.add
+    (UnicodeEncodeError). It is left to Python, where no document's text equals it."""
+    mongo.docs.insert_many([{"_id": i, "text": "t", "lang": "en"} for i in range(3)])
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("odd", predict=lambda xs: xs), "text", "docs", filter={"lang": "\udc80"}))
+        assert outputs_by_source(db, "odd__text") == {} and db.errors() == []
+
+
 def test_a_filter_on_an_object_id_written_as_its_hex_is_said_once(mongo_uri: str, mongo, caplog) -> None:
     """An ObjectId never equals its hex (Python's ==, as MongoDB's own match): a filter written
     with the text an application prints matched no document, without a word."""

@@ -47,7 +47,7 @@ from reactive.backends.base import (
 from reactive.backends.kinetica.client import equals_expression, in_expression, quote_identifier
 from reactive.backends.kinetica.tables import ID_CHUNK, TableCatalog, epoch_ms, from_epoch_ms, id_type
 from reactive.errors import ConfigurationError
-from reactive.events import Row, id_key
+from reactive.events import Row, id_key, is_utf8
 from reactive.fingerprints import plain_value
 from reactive.outputs import holds_leaves, refuse_output_type
 
@@ -98,7 +98,7 @@ def _testable(avro_type: str, value: Any) -> bool:
     if value is None:
         return True
     if type(value) is str:
-        return avro_type == "string" and "\x00" not in value
+        return avro_type == "string" and "\x00" not in value and is_utf8(value)
     return type(value) is int and avro_type in ("int", "long") and -(2**63) <= value < 2**63
 
 

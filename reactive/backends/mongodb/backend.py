@@ -38,7 +38,7 @@ from reactive.backends.mongodb.errors import Fault, classify, classify_code
 from reactive.backends.mongodb.listener import MongoChangeStreamListener, stop_timeout
 from reactive.checkpoints import Positions
 from reactive.errors import BackendError, ConfigurationError, QueueClosedError
-from reactive.events import Row, id_key
+from reactive.events import Row, id_key, is_utf8
 from reactive.outputs import OutputTypes, holds_leaves, refuse_output_type
 from reactive.queue import CDCQueue
 from reactive.rowformat import RowFormat, mongo_format
@@ -72,13 +72,14 @@ def _narrowing(where: Mapping[str, Any]) -> dict[str, Any]:
     which Python's ``1 == True`` does), not dotted names (a path to MongoDB, but to reactive
     first a field with the dots in its own name).
 
-    >>> _narrowing({"lang": "en", "n": 1, "flag": True, "meta.lang": "en", "owner": None})
+    >>> _narrowing({"lang": "en", "n": 1, "flag": True, "meta.lang": "en", "owner": None, "odd": "\\udc80"})
     {'lang': 'en', 'owner': None}
     """
     return {
         field: value
         for field, value in where.items()
-        if "." not in field and (value is None or type(value) is str or type(value) is bson.ObjectId)
+        if "." not in field
+        and (value is None or (type(value) is str and is_utf8(value)) or type(value) is bson.ObjectId)
     }
 
 
