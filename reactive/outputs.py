@@ -761,7 +761,7 @@ class OutputTypes:
         with self._lock:
             if identifier not in self._types:
                 saved = self.checkpoints.load_checkpoint(self._checkpoint(identifier))
-                if saved:
+                if saved and saved.get("type") is not None:  # None: declared, no output yet (see declare)
                     self._remember(identifier, saved["type"])
             return self._types.get(identifier)
 
@@ -790,6 +790,15 @@ class OutputTypes:
             saved = {"type": output_type, "source": source.name, "id_column": source.id_column}
             self.checkpoints.save_checkpoint(self._checkpoint(identifier), saved)
             self._remember(identifier, output_type)
+
+    def declare(self, identifier: str, source: TableInfo) -> None:
+        """Record that ``identifier`` computes outputs of ``source`` before their type is fixed
+        (by its first outputs): ``reactive status``, which finds listeners by these records,
+        listed none that had written nothing yet (an empty table, a filter matching no row)."""
+        with self._lock:
+            if self.checkpoints.load_checkpoint(self._checkpoint(identifier)) is None:
+                saved = {"type": None, "source": source.name, "id_column": source.id_column}
+                self.checkpoints.save_checkpoint(self._checkpoint(identifier), saved)
 
     def forget(self, identifier: str) -> None:
         with self._lock:
@@ -858,6 +867,8 @@ class OutputWriter:
             self.store.create_outputs(identifier, source, existing)
         elif output_type is not None:
             self.types.set(identifier, source, output_type, self.store)
+        else:
+            self.types.declare(identifier, source)
 
     def write(self, identifier: str, source: TableInfo, batch: OutputBatch) -> list[Any]:
         """Store a batch of outputs (idempotent); return each output as stored, or why not.

@@ -250,6 +250,8 @@ def _status(backend: DataBackend, uri: str, read_from: dict[str, Any] | None) ->
         source = recorded.get("source") or failed.get("table")
         table = undeclared.get(identifier) or outputs_table(identifier)
         rows, outputs = count(source, recorded.get("id_column")), count(table)
+        if outputs is None and identifier in declared and recorded.get("output_type") is None:
+            outputs = 0  # declared at db.add, nothing written yet: its outputs table comes with the first
         position = position_of(source) if source is not None else None
         if identifier in declared:
             kind = "listener"

@@ -121,6 +121,31 @@ def test_status_from_a_second_process_while_a_listener_runs(sql: SQLClient) -> N
     assert after["listeners"][0]["running_in"] is None and after["listeners"][0]["outputs"] == 4
 
 
+def test_status_lists_a_listener_that_has_written_nothing_yet(sql: SQLClient) -> None:
+    """Listeners are found by the record written when their outputs are created, so one whose
+    filter matched no row yet (or of an empty table) was not listed: "no listeners recorded in
+    this database". It is recorded at db.add now; its type is fixed by its first outputs."""
+    make_docs(sql)
+    later = Listener(Model("later", predict=lambda xs: [len(x) for x in xs]), "text", "docs", filter={"text": "dddd"})
+    with reactive.connect(sql.uri) as db:
+        db.add(later)
+    [entry] = database_status(sql.uri)["listeners"]
+    assert (entry["identifier"], entry["kind"], entry["source"], entry["output_type"]) == (
+        "later__text",
+        "listener",
+        "docs",
+        None,
+    )
+    assert (entry["rows"], entry["outputs"], entry["lag"]) == (4, 0, 4)
+    assert re.search(r"^later__text +docs +4 +0 +0 +4 +- ", format_status(database_status(sql.uri)), re.M)
+    sql.execute("INSERT INTO docs VALUES (5, 'dddd')")
+    with reactive.connect(sql.uri) as db:
+        db.add(later)
+        assert outputs_by_source(db, "later__text") == {5: 4}
+    [entry] = database_status(sql.uri)["listeners"]
+    assert (entry["output_type"], entry["rows"], entry["outputs"], entry["lag"]) == ("int64", 5, 1, 4)
+
+
 def test_status_of_mongodb_from_a_second_process(mongo_uri: str, mongo) -> None:
     mongo.docs.insert_many([{"_id": 1, "text": "a"}, {"_id": 2, "text": "bad"}])
     with reactive.connect(mongo_uri) as db:
