@@ -70,17 +70,46 @@ def _narrowing(where: Mapping[str, Any]) -> dict[str, Any]:
     dot, ``None`` (MongoDB's null also matches a missing field, and an array any element: more
     documents, never fewer). Not numbers or booleans (``{"n": 1}`` does not match ``true``,
     which Python's ``1 == True`` does), not dotted names (a path to MongoDB, but to reactive
-    first a field with the dots in its own name).
+    first a field with the dots in its own name), not text BSON cannot hold (a lone surrogate).
+
+    Each value is asked for in the forms it is mistaken for too (:func:`_mistaken_for`): the
+    documents that hold the value as another type still reach the listener, which says that
+    such a filter matches none of them (``filter on ObjectId('...')``).
 
     >>> _narrowing({"lang": "en", "n": 1, "flag": True, "meta.lang": "en", "owner": None, "odd": "\\udc80"})
-    {'lang': 'en', 'owner': None}
+    {'lang': {'$in': ['en']}, 'owner': None}
     """
-    return {
-        field: value
-        for field, value in where.items()
-        if "." not in field
-        and (value is None or (type(value) is str and is_utf8(value)) or type(value) is bson.ObjectId)
-    }
+    narrowing: dict[str, Any] = {}
+    for field, value in where.items():
+        if "." in field:
+            continue
+        if value is None:
+            narrowing[field] = None
+        elif (type(value) is str and is_utf8(value)) or type(value) is bson.ObjectId:
+            narrowing[field] = {"$in": [value, *_mistaken_for(value)]}
+    return narrowing
+
+
+def _mistaken_for(value: str | bson.ObjectId) -> list[Any]:
+    """The values of other types an application may mean by ``value``: an ObjectId for its hex
+    and the hex for an ObjectId, a number for its text.
+
+    >>> _mistaken_for("64b7f0c2a1b2c3d4e5f60718"), _mistaken_for("3"), _mistaken_for("0.5"), _mistaken_for("en")
+    ([ObjectId('64b7f0c2a1b2c3d4e5f60718')], [3], [0.5], [])
+    >>> _mistaken_for("9" * 30)  # past BSON's ints
+    []
+    """
+    if isinstance(value, bson.ObjectId):
+        return [str(value)]
+    if bson.ObjectId.is_valid(value):
+        return [bson.ObjectId(value)]
+    for number in (int, float):
+        try:
+            parsed = number(value)
+        except (ValueError, OverflowError):
+            continue
+        return [parsed] if number is float or -(2**63) <= parsed < 2**63 else []  # BSON's ints: 8 bytes
+    return []
 
 
 def _pages(cursor: Any, page_size: int) -> Iterator[list[Any]]:
