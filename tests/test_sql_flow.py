@@ -125,6 +125,20 @@ def test_a_filter_narrows_a_reconciliations_scan_and_rows_that_left_it_lose_thei
     assert sum(scanned) == (3 * 1000 if limit else 20 + 9 + 10)
 
 
+def test_a_chained_listener_filtering_a_json_output_by_text_finds_its_rows(sql: SQLClient) -> None:
+    """An outputs table's _output is read decoded: a JSON output holding the text "spam" is
+    stored as '"spam"'. Narrowing the chained listener's scan by the stored text (SQLite keeps
+    JSON outputs as TEXT) would have left that row out; _output is compared in Python only."""
+    make_docs(sql, [(1, "a", "en"), (2, "b", "en")])
+    labels = {"a": {"label": "ham", "score": 0.5}, "b": "spam"}  # the first batch's dict fixes json
+    with connect(sql) as db:
+        db.add(Listener(Model("tag", predict=lambda xs: [labels[x] for x in xs]), "text", "docs"))
+        assert db.backend.output_types.get("tag__text") == "json"
+        flag = Model("flag", predict=lambda xs: ["!" for _ in xs])
+        db.add(Listener(flag, "_output", "_outputs__tag__text", filter={"_output": "spam"}))
+        assert outputs_by_source(db, "flag___output") == {2: "!"}
+
+
 def test_a_row_inserted_and_deleted_between_polls_computes_nothing(duck: SQLClient, recorder: Recorder) -> None:
     make_docs(duck, [])
     # An hour between polls: only wait_idle triggers one, after both writes.

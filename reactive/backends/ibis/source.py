@@ -159,14 +159,17 @@ class IbisSource:
         value Python's ``==`` finds equal: text against a text column, compared as text (an
         enum's or a padded ``char``'s too: SQL may keep more, never fewer), a whole number of
         int64's range against an integer column, ``None`` as ``IS NULL``. Others are left to
-        the caller, and so is every column read through a cast."""
+        the caller, and so is every column read through a cast, and an outputs table's
+        ``_output`` (read decoded: a JSON output's text ``"spam"`` is the value ``spam``)."""
         if not where:
             return ()
-        casts = self.conn.dialect.read_casts(self.conn.con, table)
+        skipped = set(self.conn.dialect.read_casts(self.conn.con, table))
+        if self.output_type(table) is not None:
+            skipped.add(OUTPUT_FIELD)
         return tuple(
             (column, value)
             for column, value in where.items()
-            if column in present and column not in casts and _testable(self.conn.column_type(table, column), value)
+            if column in present and column not in skipped and _testable(self.conn.column_type(table, column), value)
         )
 
     def row_format(self, table: TableInfo) -> RowFormat:
