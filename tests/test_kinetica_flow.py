@@ -226,6 +226,20 @@ def test_a_filter_holding_a_lone_surrogate_matches_no_row_and_fails_nothing(
         assert outputs_by_source(db, "odd__text") == {} and db.errors() == []
 
 
+def test_a_chained_listener_filtering_a_json_output_by_text_finds_its_rows(
+    kinetica_server: KineticaTestServer, foreign: GPUdb
+) -> None:
+    """An outputs table's _output is read decoded: a JSON output holding the text "spam" is
+    stored as '"spam"'; narrowing the chained listener's scan by it would have left the row out."""
+    create_table(foreign, "docs", [[1, "a", "en"], [2, "b", "en"]])
+    labels = {"a": {"label": "ham"}, "b": "spam"}  # the first batch's dict fixes json
+    with connect(kinetica_server) as db:
+        db.add(Listener(Model("tag", predict=lambda xs: [labels[x] for x in xs]), "text", "docs"))
+        flag = Model("flag", predict=lambda xs: ["!" for _ in xs])
+        db.add(Listener(flag, "_output", "_outputs__tag__text", filter={"_output": "spam"}))
+        assert outputs_by_source(db, "flag___output") == {2: "!"}
+
+
 def test_a_filter_narrows_a_reconciliations_scan_and_rows_that_left_it_lose_their_outputs(
     kinetica_server: KineticaTestServer, foreign: GPUdb, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -299,8 +299,12 @@ class KineticaSource:
         description = self.catalog.describe(table.name)
         # A row whose id is NULL, NaN or infinite is left out (see ``followed``).
         expression = followed(table.id_column, id_type(description, table.id_column))
+        # An outputs table's _output is read decoded (a JSON output's text "spam" is spam): not narrowed.
+        columns = set(description.columns)
+        if self.output_type(table.name) is not None:
+            columns.discard(OUTPUT_FIELD)
         for column, value in (where or {}).items():
-            if column in description.columns and _testable(id_type(description, column), value):
+            if column in columns and _testable(id_type(description, column), value):
                 expression += f" and {equals_expression(column, value)}"
         for page in self.catalog.pages(table.name, table.id_column, page_size, expression=expression):
             yield self.decoded(table.name, page)
