@@ -180,8 +180,8 @@ def test_a_filter_narrows_a_reconciliations_query_and_documents_that_left_it_los
     mongo_uri: str, mongo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A filtered listener's reconciliation read every document to compare each with the filter
-    in Python; its query now asks for the text, ObjectId and null equalities MongoDB tests as
-    Python does or more loosely (a number, a boolean or a dotted name is left to Python).
+    in Python; its query now asks for the equalities MongoDB can test as Python does or more
+    loosely (a dotted name is left to Python).
     Documents that left the filter while no process ran lose their outputs at the restart."""
     from reactive.backends.mongodb.backend import MongoSource
 
@@ -198,7 +198,7 @@ def test_a_filter_narrows_a_reconciliations_query_and_documents_that_left_it_los
     mongo.docs.insert_many(
         [{"_id": i, "text": f"t{i}", "tenant": f"c{i % 50}", "owner": owner if i % 2 else None} for i in range(1000)]
     )
-    filters = {"tenant": {"tenant": "c7", "owner": owner}, "loose": {"tenant": "c8", "n": 1}}
+    filters = {"tenant": {"tenant": "c7", "owner": owner}, "dotted": {"tenant": "c8", "meta.n": 1}}
 
     def add_all(db: reactive.Datalayer) -> dict[str, dict[int, int]]:
         for name, conditions in filters.items():
@@ -208,7 +208,7 @@ def test_a_filter_narrows_a_reconciliations_query_and_documents_that_left_it_los
     with reactive.connect(mongo_uri) as db:
         first = add_all(db)
     assert set(first["tenant"]) == {i for i in range(1000) if i % 50 == 7}
-    assert first["loose"] == {}  # no document has n
+    assert first["dotted"] == {}  # no document has meta.n
     assert sum(scanned) == 20 + 20  # the first filter entirely, the second by its tenant
     mongo.docs.update_one({"_id": 7}, {"$set": {"tenant": "c9"}})  # leaves the filter
     mongo.docs.update_one({"_id": 9}, {"$set": {"tenant": "c7"}})  # enters it
@@ -217,6 +217,36 @@ def test_a_filter_narrows_a_reconciliations_query_and_documents_that_left_it_los
         again = add_all(db)
     assert again["tenant"] == {i: len(f"t{i}") for i in [*first["tenant"], 9] if i != 7}
     assert sum(scanned) == 20 + 20
+
+
+def test_a_numeric_filter_narrows_the_query_to_what_pythons_equality_keeps(
+    mongo_uri: str, mongo, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """Python's 1 == 1.0 == True: the query asks for 1 (MongoDB matches 1.0 and a long too) and
+    True (which MongoDB never equates with a number), and for "1", so a document holding the
+    text reaches the listener, which says the filter cannot match it. Other numbers are not read."""
+    from reactive.backends.mongodb.backend import MongoSource
+
+    scanned: list[int] = []
+    scan = MongoSource.scan
+
+    def counted(self: MongoSource, *args: Any, **options: Any) -> Any:
+        for page in scan(self, *args, **options):
+            scanned.append(len(page))
+            yield page
+
+    monkeypatch.setattr(MongoSource, "scan", counted)
+    values = [1, True, 1.0, "1", 2, False, 0, None]
+    mongo.docs.insert_many([{"_id": i, "text": "t", "n": v} for i, v in enumerate(values)])
+    mongo.docs.insert_many([{"_id": 100 + i, "text": "t", "n": 7} for i in range(50)])
+    with reactive.connect(mongo_uri) as db, caplog.at_level("WARNING", "reactive.components.listener"):
+        db.add(Listener(Model("one", predict=lambda xs: xs), "text", "docs", filter={"n": 1}))
+        db.add(Listener(Model("no", predict=lambda xs: xs), "text", "docs", filter={"n": False}))
+        assert set(outputs_by_source(db, "one__text")) == {0, 1, 2}  # 1, True, 1.0
+        assert set(outputs_by_source(db, "no__text")) == {5, 6}  # False, 0
+        assert sum(scanned) == 4 + 2
+        [told] = [r.getMessage() for r in caplog.records]
+        assert told.startswith("listener 'one__text': filter {'n': 1} matches no row whose 'n' holds a str")
 
 
 def test_a_filter_holding_a_lone_surrogate_matches_no_document_and_fails_nothing(mongo_uri: str, mongo) -> None:

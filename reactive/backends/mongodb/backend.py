@@ -66,18 +66,18 @@ def _projection(fields: Sequence[str]) -> dict[str, int]:
 
 def _narrowing(where: Mapping[str, Any]) -> dict[str, Any]:
     """The equalities of ``where`` (a listener's filter) a query may test without leaving out a
-    document whose value Python's ``==`` finds equal: text and ObjectIds of fields without a
-    dot, ``None`` (MongoDB's null also matches a missing field, and an array any element: more
-    documents, never fewer). Not numbers or booleans (``{"n": 1}`` does not match ``true``,
-    which Python's ``1 == True`` does), not dotted names (a path to MongoDB, but to reactive
-    first a field with the dots in its own name), not text BSON cannot hold (a lone surrogate).
+    document whose value Python's ``==`` finds equal, on fields without a dot (a dotted name is a
+    path to MongoDB, but to reactive first a field with the dots in its own name): ``None``
+    (MongoDB's null also matches a missing field: more documents, never fewer), and text,
+    ObjectIds, numbers and booleans as ``$in`` the values Python's ``==`` equates with them that
+    MongoDB's equality does not (``True`` for ``1``: MongoDB compares numbers across their types,
+    never with booleans) and the forms they are mistaken for (:func:`_mistaken_for`), so the
+    documents holding such a form still reach the listener, which says that the filter matches
+    none of them (``filter on ObjectId('...')``). Not text BSON cannot hold (a lone surrogate),
+    nor a whole number past its 8 bytes.
 
-    Each value is asked for in the forms it is mistaken for too (:func:`_mistaken_for`): the
-    documents that hold the value as another type still reach the listener, which says that
-    such a filter matches none of them (``filter on ObjectId('...')``).
-
-    >>> _narrowing({"lang": "en", "n": 1, "flag": True, "meta.lang": "en", "owner": None, "odd": "\\udc80"})
-    {'lang': {'$in': ['en']}, 'owner': None}
+    >>> _narrowing({"lang": "en", "n": 1, "flag": False, "meta.lang": "en", "owner": None, "odd": "\\udc80"})
+    {'lang': {'$in': ['en']}, 'n': {'$in': [1, True, '1']}, 'flag': {'$in': [False, 0]}, 'owner': None}
     """
     narrowing: dict[str, Any] = {}
     for field, value in where.items():
@@ -87,6 +87,9 @@ def _narrowing(where: Mapping[str, Any]) -> dict[str, Any]:
             narrowing[field] = None
         elif (type(value) is str and is_utf8(value)) or type(value) is bson.ObjectId:
             narrowing[field] = {"$in": [value, *_mistaken_for(value)]}
+        elif type(value) in (bool, int, float) and -(2**63) <= value < 2**63:
+            equated = [int(value)] if type(value) is bool else [value == 1] if value in (0, 1) else []
+            narrowing[field] = {"$in": [value, *equated, *([str(value)] if type(value) is int else [])]}
     return narrowing
 
 
