@@ -96,10 +96,17 @@ def test_a_filter_narrows_a_reconciliations_scan_and_rows_that_left_it_lose_thei
             yield page
 
     monkeypatch.setattr(IbisSource, "scan", counted)
-    sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(20), tenant INTEGER, lang VARCHAR(5))")
+    sql.execute(
+        "CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(20), tenant INTEGER, lang VARCHAR(5), odd BOOLEAN)"
+    )
     langs = ["en", "fr", "o'k", None]
-    sql.executemany("INSERT INTO docs VALUES (?, ?, ?, ?)", [(i, f"t{i}", i % 50, langs[i % 4]) for i in range(1000)])
-    filters = {"tenant": {"tenant": 7}, "quoted": {"lang": "o'k", "tenant": 2}, "nulls": {"lang": None, "tenant": 3}}
+    rows = [(i, f"t{i}", i % 50, langs[i % 4], i % 2 == 1) for i in range(1000)]
+    sql.executemany("INSERT INTO docs VALUES (?, ?, ?, ?, ?)", rows)
+    filters = {
+        "tenant": {"tenant": 7, "odd": True},
+        "quoted": {"lang": "o'k", "tenant": 2},
+        "nulls": {"lang": None, "tenant": 3},
+    }
 
     def add_all(db: reactive.Datalayer) -> dict[str, dict[int, int]]:
         for name, conditions in filters.items():
@@ -113,7 +120,7 @@ def test_a_filter_narrows_a_reconciliations_scan_and_rows_that_left_it_lose_thei
     assert set(first["nulls"]) == {i for i in range(1000) if i % 50 == 3 and i % 4 == 3}
     assert sum(scanned) == 20 + 10 + 10  # nothing stored yet: held in memory either way
     sql.execute("UPDATE docs SET tenant = 8 WHERE id = 7")  # leaves the filter while nothing runs
-    sql.execute("UPDATE docs SET tenant = 7 WHERE id = 8")  # enters it
+    sql.execute("UPDATE docs SET tenant = 7, odd = TRUE WHERE id = 8")  # enters it
     sql.execute("UPDATE docs SET lang = 'en' WHERE id = 2")
     scanned.clear()
     with connect(sql) as db:

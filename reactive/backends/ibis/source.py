@@ -158,7 +158,9 @@ class IbisSource:
         """The equalities of ``where`` a scan's SQL tests without ever leaving out a row whose
         value Python's ``==`` finds equal: text against a text column, compared as text (an
         enum's or a padded ``char``'s too: SQL may keep more, never fewer), a whole number of
-        int64's range against an integer column, ``None`` as ``IS NULL``. Others are left to
+        int64's range against an integer column, a boolean against a boolean column (SQLite's
+        1 and 0, which Python's ``==`` equates with ``True`` and ``False``, as SQL does), ``None``
+        as ``IS NULL``. Others are left to
         the caller, and so is every column read through a cast, and an outputs table's
         ``_output`` (read decoded: a JSON output's text ``"spam"`` is the value ``spam``)."""
         if not where:
@@ -194,8 +196,8 @@ def _testable(kind: dt.DataType | None, value: Any) -> bool:
     """Whether a scan's SQL may test a column of ``kind`` for equality with ``value`` (see
     ``IbisSource._narrowing``).
 
-    >>> _testable(dt.string, "en"), _testable(dt.int16, 2**40), _testable(dt.date, None)
-    (True, True, True)
+    >>> _testable(dt.string, "en"), _testable(dt.int16, 2**40), _testable(dt.date, None), _testable(dt.boolean, False)
+    (True, True, True, True)
     >>> _testable(dt.int64, True), _testable(dt.float64, 1), _testable(dt.string, "a\\x00"), _testable(dt.int64, 2**63)
     (False, False, False, False)
     """
@@ -207,7 +209,7 @@ def _testable(kind: dt.DataType | None, value: Any) -> bool:
         return kind.is_string() and "\x00" not in value and is_utf8(value)
     if type(value) is int:
         return kind.is_integer() and -(2**63) <= value < 2**63
-    return False
+    return type(value) is bool and kind.is_boolean()
 
 
 def _case_hint(name: str, names: Sequence[str]) -> str:
