@@ -161,6 +161,28 @@ def outputs_of(db: reactive.Datalayer, names: Iterable[str]) -> dict[str, dict[A
     return {name: outputs_by_source(db, f"{name}__text") for name in names}
 
 
+def add_filtered_lengths(db: reactive.Datalayer, filters: dict[str, dict[str, Any]]) -> dict[str, dict[Any, Any]]:
+    """Add a ``len(text)`` listener on ``docs.text`` per name, with that name's filter (each
+    backfills); each one's outputs by source."""
+    for name, conditions in filters.items():
+        db.add(Listener(Model(name, predict=lambda xs: [len(x) for x in xs]), "text", "docs", filter=conditions))
+    return outputs_of(db, filters)
+
+
+def scanned_pages(monkeypatch: pytest.MonkeyPatch, source: type) -> list[int]:
+    """The sizes of the pages ``source``'s ``scan`` yields from now on (a reconciliation's reads)."""
+    sizes: list[int] = []
+    scan = source.scan
+
+    def counted(self: Any, *args: Any, **options: Any) -> Iterator[Any]:
+        for page in scan(self, *args, **options):
+            sizes.append(len(page))
+            yield page
+
+    monkeypatch.setattr(source, "scan", counted)
+    return sizes
+
+
 def types_of(db: reactive.Datalayer, names: Iterable[str]) -> dict[str, str | None]:
     """The output type fixed for each name's listener on ``docs.text``."""
     return {name: db.backend.output_types.get(f"{name}__text") for name in names}

@@ -29,7 +29,15 @@ from typing import Any
 import fastavro
 import numpy as np
 import pytest
-from conftest import Recorder, add_constant_listeners, outputs_by_source, outputs_of, types_of
+from conftest import (
+    Recorder,
+    add_constant_listeners,
+    add_filtered_lengths,
+    outputs_by_source,
+    outputs_of,
+    scanned_pages,
+    types_of,
+)
 from gpudb import GPUdb, GPUdbColumnProperty, GPUdbRecordColumn, GPUdbRecordType, GPUdbTable
 from kinetica_server import KineticaTestServer
 
@@ -249,31 +257,18 @@ def test_a_filter_narrows_a_reconciliations_scan_and_rows_that_left_it_lose_thei
     lose their outputs at the restart."""
     from reactive.backends.kinetica.stores import KineticaSource
 
-    scanned: list[int] = []
-    scan = KineticaSource.scan
-
-    def counted(self: KineticaSource, *args: Any, **options: Any) -> Any:
-        for page in scan(self, *args, **options):
-            scanned.append(len(page))
-            yield page
-
-    monkeypatch.setattr(KineticaSource, "scan", counted)
+    scanned = scanned_pages(monkeypatch, KineticaSource)
     docs = create_table(foreign, "docs", [[i, f"t{i}", f"l{i % 20}"] for i in range(200)])
     filters = {"lang": {"lang": "l7"}, "row": {"id": 9, "lang": "l9"}}
 
-    def add_all(db: reactive.Datalayer) -> dict[str, dict[int, int]]:
-        for name, conditions in filters.items():
-            db.add(Listener(Model(name, predict=lambda xs: [len(x) for x in xs]), "text", "docs", filter=conditions))
-        return {name: outputs_by_source(db, f"{name}__text") for name in filters}
-
     with connect(kinetica_server) as db:
-        first = add_all(db)
+        first = add_filtered_lengths(db, filters)
     assert set(first["lang"]) == {i for i in range(200) if i % 20 == 7} and set(first["row"]) == {9}
     assert sum(scanned) == 10 + 1
     docs.update_records(["id = 7"], [{"lang": "l8"}])  # leaves the filter
     scanned.clear()
     with connect(kinetica_server) as db:
-        again = add_all(db)
+        again = add_filtered_lengths(db, filters)
     assert again["lang"] == {i: len(f"t{i}") for i in first["lang"] if i != 7}
     assert again["row"] == first["row"]
     assert sum(scanned) == 9 + 1

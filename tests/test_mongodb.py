@@ -23,8 +23,10 @@ from conftest import (
     Recorder,
     Watching,
     add_constant_listeners,
+    add_filtered_lengths,
     outputs_by_source,
     outputs_of,
+    scanned_pages,
     types_of,
     within,
 )
@@ -185,28 +187,15 @@ def test_a_filter_narrows_a_reconciliations_query_and_documents_that_left_it_los
     Documents that left the filter while no process ran lose their outputs at the restart."""
     from reactive.backends.mongodb.backend import MongoSource
 
-    scanned: list[int] = []
-    scan = MongoSource.scan
-
-    def counted(self: MongoSource, *args: Any, **options: Any) -> Any:
-        for page in scan(self, *args, **options):
-            scanned.append(len(page))
-            yield page
-
-    monkeypatch.setattr(MongoSource, "scan", counted)
+    scanned = scanned_pages(monkeypatch, MongoSource)
     owner = ObjectId("64b7f0c2a1b2c3d4e5f60718")
     mongo.docs.insert_many(
         [{"_id": i, "text": f"t{i}", "tenant": f"c{i % 50}", "owner": owner if i % 2 else None} for i in range(1000)]
     )
     filters = {"tenant": {"tenant": "c7", "owner": owner}, "dotted": {"tenant": "c8", "meta.n": 1}}
 
-    def add_all(db: reactive.Datalayer) -> dict[str, dict[int, int]]:
-        for name, conditions in filters.items():
-            db.add(Listener(Model(name, predict=lambda xs: [len(x) for x in xs]), "text", "docs", filter=conditions))
-        return {name: outputs_by_source(db, f"{name}__text") for name in filters}
-
     with reactive.connect(mongo_uri) as db:
-        first = add_all(db)
+        first = add_filtered_lengths(db, filters)
     assert set(first["tenant"]) == {i for i in range(1000) if i % 50 == 7}
     assert first["dotted"] == {}  # no document has meta.n
     assert sum(scanned) == 20 + 20  # the first filter entirely, the second by its tenant
@@ -214,7 +203,7 @@ def test_a_filter_narrows_a_reconciliations_query_and_documents_that_left_it_los
     mongo.docs.update_one({"_id": 9}, {"$set": {"tenant": "c7"}})  # enters it
     scanned.clear()
     with reactive.connect(mongo_uri) as db:
-        again = add_all(db)
+        again = add_filtered_lengths(db, filters)
     assert again["tenant"] == {i: len(f"t{i}") for i in [*first["tenant"], 9] if i != 7}
     assert sum(scanned) == 20 + 20
 
@@ -227,15 +216,7 @@ def test_a_numeric_filter_narrows_the_query_to_what_pythons_equality_keeps(
     text reaches the listener, which says the filter cannot match it. Other numbers are not read."""
     from reactive.backends.mongodb.backend import MongoSource
 
-    scanned: list[int] = []
-    scan = MongoSource.scan
-
-    def counted(self: MongoSource, *args: Any, **options: Any) -> Any:
-        for page in scan(self, *args, **options):
-            scanned.append(len(page))
-            yield page
-
-    monkeypatch.setattr(MongoSource, "scan", counted)
+    scanned = scanned_pages(monkeypatch, MongoSource)
     values = [1, True, 1.0, "1", 2, False, 0, None]
     mongo.docs.insert_many([{"_id": i, "text": "t", "n": v} for i, v in enumerate(values)])
     mongo.docs.insert_many([{"_id": 100 + i, "text": "t", "n": 7} for i in range(50)])

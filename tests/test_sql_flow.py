@@ -6,10 +6,9 @@ import functools
 import sqlite3
 import subprocess
 import sys
-from typing import Any
 
 import pytest
-from conftest import Recorder, SQLClient, outputs_by_source
+from conftest import Recorder, SQLClient, add_filtered_lengths, outputs_by_source, scanned_pages
 
 import reactive
 from reactive.components import Listener, Model
@@ -87,15 +86,7 @@ def test_a_filter_narrows_a_reconciliations_scan_and_rows_that_left_it_lose_thei
 
     if limit is not None:
         monkeypatch.setattr(listener_module, "reconcile", functools.partial(reconcile, memory_limit=limit))
-    scanned: list[int] = []
-    scan = IbisSource.scan
-
-    def counted(self: IbisSource, *args: Any, **options: Any) -> Any:
-        for page in scan(self, *args, **options):
-            scanned.append(len(page))
-            yield page
-
-    monkeypatch.setattr(IbisSource, "scan", counted)
+    scanned = scanned_pages(monkeypatch, IbisSource)
     sql.execute(
         "CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(20), tenant INTEGER, lang VARCHAR(5), odd BOOLEAN)"
     )
@@ -108,13 +99,8 @@ def test_a_filter_narrows_a_reconciliations_scan_and_rows_that_left_it_lose_thei
         "nulls": {"lang": None, "tenant": 3},
     }
 
-    def add_all(db: reactive.Datalayer) -> dict[str, dict[int, int]]:
-        for name, conditions in filters.items():
-            db.add(Listener(Model(name, predict=lambda xs: [len(x) for x in xs]), "text", "docs", filter=conditions))
-        return {name: outputs_by_source(db, f"{name}__text") for name in filters}
-
     with connect(sql) as db:
-        first = add_all(db)
+        first = add_filtered_lengths(db, filters)
     assert set(first["tenant"]) == {i for i in range(1000) if i % 50 == 7}
     assert set(first["quoted"]) == {i for i in range(1000) if i % 50 == 2 and i % 4 == 2}
     assert set(first["nulls"]) == {i for i in range(1000) if i % 50 == 3 and i % 4 == 3}
@@ -124,7 +110,7 @@ def test_a_filter_narrows_a_reconciliations_scan_and_rows_that_left_it_lose_thei
     sql.execute("UPDATE docs SET lang = 'en' WHERE id = 2")
     scanned.clear()
     with connect(sql) as db:
-        again = add_all(db)
+        again = add_filtered_lengths(db, filters)
     assert again["tenant"] == {i: len(f"t{i}") for i in [*first["tenant"], 8] if i != 7}
     assert set(again["quoted"]) == set(first["quoted"]) - {2}
     assert again["nulls"] == first["nulls"]
