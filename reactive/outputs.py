@@ -185,7 +185,7 @@ def _numpy_moment(value: np.datetime64 | np.timedelta64) -> Any:
 _UTC = zoneinfo.ZoneInfo("UTC")
 #: What an inferred type falls back to where a store refuses it (SQLite has no time, BSON no
 #: date, Kinetica's timestamps no zone: it takes an aware datetime as its instant), in order.
-#: JSON holds no interval: a timedelta output is refused for its row there, as before.
+#: JSON holds an interval as its ISO 8601 duration (``json_value``).
 _INFERRED_ELSE = {
     "timestamp('UTC')": ("timestamp", "json"),
     "timestamp": ("json",),
@@ -787,8 +787,7 @@ class OutputTypes:
         """Create ``identifier``'s outputs in ``store`` with this type, and remember it."""
         with self._lock:
             store.create_outputs(identifier, source, output_type)
-            saved = {"type": output_type, "source": source.name, "id_column": source.id_column}
-            self.checkpoints.save_checkpoint(self._checkpoint(identifier), saved)
+            self._record(identifier, source, output_type)
             self._remember(identifier, output_type)
 
     def declare(self, identifier: str, source: TableInfo) -> None:
@@ -797,8 +796,12 @@ class OutputTypes:
         listed none that had written nothing yet (an empty table, a filter matching no row)."""
         with self._lock:
             if self.checkpoints.load_checkpoint(self._checkpoint(identifier)) is None:
-                saved = {"type": None, "source": source.name, "id_column": source.id_column}
-                self.checkpoints.save_checkpoint(self._checkpoint(identifier), saved)
+                self._record(identifier, source, None)
+
+    def _record(self, identifier: str, source: TableInfo, output_type: str | None) -> None:
+        """Save what ``reactive status`` reads of a listener: its outputs' type, its source."""
+        saved = {"type": output_type, "source": source.name, "id_column": source.id_column}
+        self.checkpoints.save_checkpoint(self._checkpoint(identifier), saved)
 
     def forget(self, identifier: str) -> None:
         with self._lock:

@@ -99,8 +99,6 @@ def pylist(column: pa.Array | pa.ChunkedArray) -> list[Any]:
     [[datetime.timedelta(days=1)]]
     """
     kind = column.type
-    if pa.types.is_interval(kind):
-        return [None if v is None else as_timedelta(v) for v in column.to_pylist()]
     if holds_interval(kind):
         return [_timedeltas(v) for v in column.to_pylist(maps_as_pydicts="lossy")]
     if not holds_map(kind):
