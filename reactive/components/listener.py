@@ -182,7 +182,7 @@ def filter_mismatch(have: Any, wanted: Any) -> str | None:
     >>> filter_mismatch(1, 1.0), filter_mismatch(1, True), filter_mismatch("en", "fr")
     (None, None, None)
     """
-    if type(have) is type(wanted) and type(have) is not _dt.datetime:
+    if not _may_never_equal(have, wanted):
         return None
     kind, wanted_kind = _kind(have), _kind(wanted)
     if kind is None or wanted_kind is None:
@@ -199,6 +199,13 @@ def filter_mismatch(have: Any, wanted: Any) -> str | None:
             f"filter on Decimal({repr(wanted)!r})"
         )
     return None
+
+
+def _may_never_equal(have: Any, wanted: Any) -> bool:
+    """Whether unequal ``have`` and ``wanted`` may be so for their types: values of one type
+    differ by value, except datetimes, whose zone alone makes them never equal. Cheap: a
+    filter asks it of every row it leaves out (see :func:`filter_mismatch`)."""
+    return type(have) is not type(wanted) or type(have) is _dt.datetime
 
 
 def unmatchable(row: Row, conditions: Mapping[str, Any]) -> str | None:
@@ -464,8 +471,7 @@ class Listener(Component):
         for field, wanted in self.filter.items():
             have = field_value(row, field)
             if have != wanted:
-                # Values of one type may differ; only a datetime's zone makes them never equal.
-                if not self._filter_told and (type(have) is not type(wanted) or type(have) is _dt.datetime):
+                if not self._filter_told and _may_never_equal(have, wanted):
                     self._tell_unmatchable(row)
                 return False
         return True
@@ -500,15 +506,12 @@ class Listener(Component):
         kept = self._kept(rows) if isinstance(rows, TableRows) else None
         if kept is not None and not any(s is not None for s in stored):
             # Nothing stored (a first backfill): a row is current exactly when the filter leaves it out.
-            current = [True] * len(stored)
-            for position in kept[0]:
-                current[position] = False
-            return current
+            return (~kept[0]).tolist()
         column = None if kept is None else self._key_column(kept[1])
         digests = None if column is None else self._column_fingerprints(column)
         if kept is None or column is None or digests is None:
             return [self.is_current(row, s) for row, s in zip(rows, stored, strict=True)]
-        positions = kept[0]
+        positions = np.flatnonzero(kept[0]).tolist()
         # A row the filter leaves out is current when it has no output.
         current = [s is None for s in stored]
         for k, position in enumerate(positions):
@@ -520,21 +523,16 @@ class Listener(Component):
             current[positions[k]] = not self._stale(value, digests[k], stored[positions[k]])
         return current
 
-    def _kept(self, rows: TableRows) -> tuple[Sequence[int], TableRows] | None:
-        """The positions of the rows the filter keeps, and those rows, found by Arrow
+    def _kept(self, rows: TableRows) -> tuple[np.ndarray, TableRows] | None:
+        """Which rows the filter keeps (a mask) and those rows, found by Arrow
         (:func:`arrow_equal`); None where a condition must be compared in Python."""
-        if not self.filter:
-            return range(len(rows)), rows
         mask = np.ones(len(rows), dtype=bool)
         for field, wanted in self.filter.items():
             equal = arrow_equal(rows.table.column(field), wanted) if field in rows.columns else None
             if equal is None:
                 return None
             mask &= equal
-        if mask.all():
-            return range(len(rows)), rows
-        positions = np.flatnonzero(mask)
-        return positions.tolist(), TableRows(rows.table.take(positions))
+        return mask, rows if mask.all() else TableRows(rows.table.filter(pa.array(mask)))
 
     def _stale(self, value: Any, digest: int, stored: int | None) -> bool:
         """Whether an output stored with input fingerprint ``stored`` (None: no output) must be
@@ -797,7 +795,7 @@ class Listener(Component):
         kept = self._kept(rows)
         if kept is None:
             return None
-        positions, rows = kept
+        mask, rows = kept
         column = self._key_column(rows)
         if column is None:
             return None
@@ -813,11 +811,9 @@ class Listener(Component):
         digests = self._column_fingerprints(column, values)
         if digests is None:
             return None
-        if len(positions) < len(ids):
-            left_out = np.ones(len(ids), dtype=bool)
-            left_out[positions] = False
-            remove.extend(ids[k] for k in np.flatnonzero(left_out).tolist())
-            ids = [ids[k] for k in positions]
+        if len(rows) < len(ids):
+            remove.extend(ids[k] for k in np.flatnonzero(~mask).tolist())
+            ids = [ids[k] for k in np.flatnonzero(mask).tolist()]
         return _Inputs(list(ids), values, digests)
 
     def _settle_errors(self, batch: Batch, db: Datalayer, refresh: Refresh) -> None:
