@@ -25,6 +25,7 @@ import sys
 import threading
 import uuid
 import zoneinfo
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -200,21 +201,44 @@ def infer_outputs_type(values: Sequence[Any]) -> str | None:
 
     Each output's own type, except that numbers of one batch share the widest: whole numbers
     next to fractional ones are floats, so a model whose first vector happens to be whole
-    does not fix an integer type that truncates the next ones. Otherwise the first decides.
+    does not fix an integer type that truncates the next ones. Where the outputs are of
+    different kinds, the kind most of them have decides (numbers counted together; the first
+    among equals), so that one odd output (a model's ``"N/A"`` among its scores) is refused
+    for its row rather than fixing a type every other row is refused by. An empty list fits
+    any vector type and decides only when every output is one.
 
     >>> infer_outputs_type([[1, 2], [0.5, 1.5]]), infer_outputs_type([3, None, 4]), infer_outputs_type([None])
     ('array<float64>', 'int64', None)
+    >>> infer_outputs_type(["N/A", 0.5, 1]), infer_outputs_type([1, "a", 2.5]), infer_outputs_type(["a", 1])
+    ('float64', 'float64', 'string')
+    >>> infer_outputs_type([[], [0.5, 1.5]]), infer_outputs_type([[]])
+    ('array<float64>', 'json')
     """
-    kinds = [infer_output_type(v) for v in values if v is not None]
+    present = [v for v in values if v is not None]
+    voters = [v for v in present if not (isinstance(v, list | tuple) and not v)] or present
+    kinds = [infer_output_type(v) for v in voters]
     if not kinds:
         return None
+    families = Counter(_number_family(kind) for kind in kinds)  # counts in order of first sight
+    family = max(families, key=families.__getitem__)  # the first among equals
+    if family not in ("{}", "array<{}>"):
+        return family
+    numbers = {number for number in (*_INTS, *_FLOATS) if family.format(number) in kinds}
+    if numbers <= set(_INTS):
+        return family.format(max(numbers, key=_INTS.index))
+    return family.format("float32" if numbers == {"float32"} else "float64")
+
+
+def _number_family(kind: str) -> str:
+    """``"{}"`` for a number type, ``"array<{}>"`` for a vector of numbers, else ``kind``.
+
+    >>> _number_family("int64"), _number_family("array<float32>"), _number_family("string")
+    ('{}', 'array<{}>', 'string')
+    """
     for form in ("{}", "array<{}>"):
-        numbers = {number for number in (*_INTS, *_FLOATS) if form.format(number) in kinds}
-        if numbers and len(numbers) == len(set(kinds)):
-            if numbers <= set(_INTS):
-                return form.format(max(numbers, key=_INTS.index))
-            return form.format("float32" if numbers == {"float32"} else "float64")
-    return kinds[0]
+        if any(kind == form.format(number) for number in (*_INTS, *_FLOATS)):
+            return form
+    return kind
 
 
 def normalize_output(value: Any, output_type: str) -> Any:
@@ -513,6 +537,8 @@ def _other_output(value: Any, output_type: str) -> Any:
     if (path := _undeclared_key(value, arrow_type)) is not None:
         # Arrow drops a key its struct lacks without a word: the value would be stored without it.
         raise ValueError(f"output has the key {path}, which {output_type} does not declare (it would be lost)")
+    if (why := _finer_than_declared(value, arrow_type, output_type)) is not None:
+        raise ValueError(why)
     if expected is _dt.datetime and arrow_type.tz == "UTC" and value.utcoffset() is not None:
         # The same instant in UTC, as the database gives it back (chained listeners see one value).
         return value.astimezone(_UTC)
@@ -534,6 +560,34 @@ def _temporal(arrow_type: Any) -> type | None:
     return None
 
 
+def _nodes(value: Any, arrow_type: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+    """Each value inside ``value`` with its Arrow type and where it is (keys as their repr,
+    positions as ``[i]``), ``value`` itself first; a struct's keys it does not declare are not
+    entered (see :func:`_undeclared_key`)."""
+    import pyarrow as pa
+
+    yield path, value, arrow_type
+    if value is None:
+        return
+    if pa.types.is_struct(arrow_type) and isinstance(value, Mapping):
+        fields = {arrow_type.field(i).name: arrow_type.field(i).type for i in range(arrow_type.num_fields)}
+        for key, item in value.items():
+            if key in fields:
+                yield from _nodes(item, fields[key], (*path, repr(key)))
+    elif pa.types.is_map(arrow_type):
+        pairs = value.items() if isinstance(value, Mapping) else value
+        for key, item in pairs:
+            yield from _nodes(item, arrow_type.item_type, (*path, repr(key)))
+    elif pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
+        for i, item in enumerate(value):
+            yield from _nodes(item, arrow_type.value_type, (*path, f"[{i}]"))
+
+
+def _where(path: Sequence[str]) -> str:
+    """A path of :func:`_nodes` as text: ``'a'[0].'d'``."""
+    return "".join(part if i == 0 or part.startswith("[") else f".{part}" for i, part in enumerate(path))
+
+
 def _undeclared_key(value: Any, arrow_type: Any) -> str | None:
     """Where ``value`` holds a key no struct of ``arrow_type`` declares (a path such as
     ``'b'[0].'d'``), or None.
@@ -546,23 +600,33 @@ def _undeclared_key(value: Any, arrow_type: Any) -> str | None:
     """
     import pyarrow as pa
 
-    if value is None:
-        return None
-    if pa.types.is_struct(arrow_type) and isinstance(value, Mapping):
-        fields = {arrow_type.field(i).name: arrow_type.field(i).type for i in range(arrow_type.num_fields)}
-        for key, item in value.items():
-            if key not in fields:
-                return repr(key)
-            if (inner := _undeclared_key(item, fields[key])) is not None:
-                return f"{key!r}{'' if inner.startswith('[') else '.'}{inner}"
-        return None
-    if pa.types.is_map(arrow_type):
-        items = value.values() if isinstance(value, Mapping) else (item for _, item in value)
-        return next((p for item in items if (p := _undeclared_key(item, arrow_type.item_type)) is not None), None)
-    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
-        for i, item in enumerate(value):
-            if (inner := _undeclared_key(item, arrow_type.value_type)) is not None:
-                return f"[{i}]{'' if inner.startswith('[') else '.'}{inner}"
+    for path, item, item_type in _nodes(value, arrow_type):
+        if pa.types.is_struct(item_type) and isinstance(item, Mapping):
+            declared = {item_type.field(i).name for i in range(item_type.num_fields)}
+            if (key := next((k for k in item if k not in declared), None)) is not None:
+                return _where((*path, repr(key)))
+    return None
+
+
+#: Microseconds in one unit of Arrow's coarser time units.
+_UNIT_MICROSECONDS = {"s": 1_000_000, "ms": 1_000}
+
+
+def _finer_than_declared(value: Any, arrow_type: Any, output_type: str) -> str | None:
+    """Why a time in ``value`` does not fit a declared precision coarser than the
+    microsecond (``timestamp(3)``: Arrow cut 03:04:05.123456 to 03:04:05.123 without a word), or None.
+
+    >>> import pyarrow as pa
+    >>> print(_finer_than_declared(_dt.datetime(2024, 1, 2, 3, 4, 5, 123456), pa.timestamp("ms"), "timestamp(3)"))
+    output 2024-01-02 03:04:05.123456 is finer than timestamp(3) holds (it would be cut): round it first
+    >>> _finer_than_declared(_dt.datetime(2024, 1, 2, 3, 4, 5, 123000), pa.timestamp("ms"), "timestamp(3)") is None
+    True
+    """
+    for path, item, item_type in _nodes(value, arrow_type):
+        unit = getattr(item_type, "unit", None) if isinstance(item, _dt.datetime | _dt.time) else None
+        if unit in _UNIT_MICROSECONDS and item.microsecond % _UNIT_MICROSECONDS[unit]:
+            where = f" at {_where(path)}," if path else ""
+            return f"output {item}{where} is finer than {output_type} holds (it would be cut): round it first"
     return None
 
 

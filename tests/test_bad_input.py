@@ -663,6 +663,38 @@ def test_a_struct_output_with_a_key_its_type_does_not_declare_is_refused_not_cut
         assert "output has the key 'tags'[1].'w'" in errors[3]
 
 
+def test_a_time_finer_than_its_declared_precision_is_refused_not_cut(sql: SQLClient) -> None:
+    """``output_type="timestamp(3)"`` holds milliseconds: Arrow (DuckDB) and PostgreSQL's
+    copy cut 03:04:05.123456 to 03:04:05.123 without a word, a value changed to fit."""
+    sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    sql.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "ms"), (2, "us")])
+    given = {"ms": dt.datetime(2024, 1, 2, 3, 4, 5, 123000), "us": dt.datetime(2024, 1, 2, 3, 4, 5, 123456)}
+    with reactive.connect(sql.uri) as db:
+        db.add(
+            Listener(Model("t", predict=lambda xs: [given[x] for x in xs], output_type="timestamp(3)"), "text", "docs")
+        )
+        assert outputs_by_source(db, "t__text") == {1: given["ms"]}
+        [error] = db.errors("t__text")
+        assert error["source"] == 2
+        assert error["error"].startswith("output 2024-01-02 03:04:05.123456 is finer than timestamp(3) holds (it would")
+
+
+def test_a_time_inside_a_struct_finer_than_declared_is_refused_with_where(duck: SQLClient) -> None:
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "s"), (2, "us")])
+    given = {
+        "s": {"at": [dt.datetime(2024, 1, 2, 3, 4, 5)]},
+        "us": {"at": [dt.datetime(2024, 1, 2, 3, 4, 5), dt.datetime(2024, 1, 2, 3, 4, 5, 1)]},
+    }
+    with reactive.connect(duck.uri) as db:
+        model = Model("t", predict=lambda xs: [given[x] for x in xs], output_type="struct<at: array<timestamp(0)>>")
+        db.add(Listener(model, "text", "docs"))
+        assert outputs_by_source(db, "t__text") == {1: given["s"]}
+        [error] = db.errors("t__text")
+        assert error["source"] == 2
+        assert error["error"].startswith("output 2024-01-02 03:04:05.000001 at 'at'[1], is finer than struct<")
+
+
 def test_a_row_duckdb_refuses_is_recorded_with_the_database_s_own_error(duck: SQLClient) -> None:
     # After a failed output write, reactive looked at the catalog (was the table dropped?) in
     # the transaction DuckDB had aborted: the row was recorded with "TransactionContext Error:
@@ -973,6 +1005,34 @@ def test_whole_and_fractional_vectors_of_the_first_batch_are_floats(sql: SQLClie
         db.add(Listener(Model("v", predict=lambda keys: [VECTORS[k] for k in keys]), "text", "docs"))
         assert outputs_by_source(db, "v__text") == {1: [1.0, 2.0, 3.0], 2: [0.9, 1.5, 2.7]}
         assert db.backend.output_types.get("v__text") == "array<float64>"
+
+
+def test_one_odd_output_of_the_first_batch_does_not_fix_the_type(sql: SQLClient) -> None:
+    """The first output decided the type: a scorer whose first row got ``"N/A"`` fixed
+    ``string``, and every score after it was refused, for good. Now the kind most of the first
+    batch's outputs have decides (numbers together, at their widest), and the odd one is refused."""
+    scores = {"na": "N/A", "half": 0.5, "one": 1}
+    make_table(sql, "docs", [(1, "na"), (2, "half"), (3, "one")])
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("s", predict=lambda keys: [scores[k] for k in keys]), "text", "docs"))
+        assert db.backend.output_types.get("s__text") == "float64"
+        assert outputs_by_source(db, "s__text") == {2: 0.5, 3: 1.0}
+        fixed = "(outputs of 's__text' are float64, fixed by the first outputs or Model(output_type=...))"
+        assert {e["source"]: e["error"] for e in db.errors("s__text")} == {
+            1: f"output of type str does not fit float64 {fixed}"
+        }
+
+
+def test_an_empty_vector_of_the_first_batch_does_not_fix_the_type(sql: SQLClient) -> None:
+    """An empty list, of no item type, was JSON: first in a batch of vectors, it made every
+    listener's outputs JSON text. It fits any vector type and is stored as an empty one."""
+    make_table(sql, "docs", [(1, "none"), (2, "frac")])
+    vectors = {"none": [], "frac": [0.9, 1.5, 2.7]}
+    with reactive.connect(sql.uri) as db:
+        db.add(Listener(Model("v", predict=lambda keys: [vectors[k] for k in keys]), "text", "docs"))
+        assert db.backend.output_types.get("v__text") == "array<float64>"
+        assert outputs_by_source(db, "v__text") == {1: [], 2: [0.9, 1.5, 2.7]}
+        assert db.errors("v__text") == []
 
 
 def test_json_outputs_hold_arrays_as_lists_and_refuse_nan(sql: SQLClient) -> None:
