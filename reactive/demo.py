@@ -13,6 +13,7 @@ import dataclasses as dc
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -308,6 +309,10 @@ class Demo:
         self.say(
             f"  model: {embedder.texts} texts embedded in {embedder.calls} calls, {embedder.seconds * 1000:.0f} ms"
         )
+        self.say()
+        # The file stays: what a new user looks at next, from any shell (the path may hold spaces).
+        self.say(f"What the database holds now: reactive status --uri {shlex.quote(uri)}")
+        self.say(f"Rows that failed, and why:   reactive errors --uri {shlex.quote(uri)}")
         return 0 if ok else 1
 
     def _texts(self, client: duckdb.DuckDBPyConnection) -> dict[int, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 
@@ -51,6 +52,16 @@ def test_demo_with_the_hash_model(tmp_path, capsys: pytest.CaptureFixture[str]) 
     assert (inserts, updates, deletes, errors) == (len(demo.DOCS) + len(demo.INSERTS), len(demo.UPDATES), 1, 0)
     assert computed == len(demo.DOCS) + len(demo.INSERTS) + len(demo.UPDATES)
     assert re.search(r"^Timing: .*total \d+\.\d\d s$", out, re.M)
+
+    # The commands it prints for what comes next run as printed (status: the listener, all current).
+    status = re.search(r"^What the database holds now: (reactive status .+)$", out, re.M)
+    errors = re.search(r"^Rows that failed, and why: +(reactive errors .+)$", out, re.M)
+    assert status and errors, out
+    assert main(shlex.split(status.group(1))[1:]) == 0
+    listed = re.search(r"^embed__text\s+docs\s+(\d+)\s+(\d+)\s+0\s+0\s", capsys.readouterr().out, re.M)
+    assert listed and listed.group(1) == listed.group(2)
+    assert main(shlex.split(errors.group(1))[1:]) == 0
+    assert "no errors recorded" in capsys.readouterr().out
 
 
 def test_demo_refuses_an_existing_database_it_did_not_create(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
