@@ -34,7 +34,7 @@ from reactive.backends.base import (
 )
 from reactive.backends.mongodb import SCHEMES
 from reactive.backends.mongodb.checkpoints import CHECKPOINTS_COLLECTION, MongoSections, acknowledged
-from reactive.backends.mongodb.errors import Fault, classify, classify_code
+from reactive.backends.mongodb.errors import Fault, classify, classify_code, server_message
 from reactive.backends.mongodb.listener import MongoChangeStreamListener, stop_timeout
 from reactive.checkpoints import Positions
 from reactive.errors import BackendError, ConfigurationError, QueueClosedError
@@ -539,7 +539,7 @@ class MongoBackend(DataBackend):
         except OperationFailure as exc:
             client.close()
             what = "authentication failed" if classify(exc) is Fault.AUTH_FAILED else "the server refused access"
-            raise BackendError(f"{what} for {redact(uri)!r}: {redact(str(exc.details or exc))}") from None
+            raise BackendError(f"{what} for {redact(uri)!r}: {redact(server_message(exc))}") from None
         except PyMongoError as exc:
             client.close()
             raise BackendError(f"could not connect to {redact(uri)!r}: {redact(str(exc))}") from None

@@ -77,6 +77,24 @@ def classify_code(code: int | None) -> Fault:
     return _CODES.get(code or 0, Fault.OTHER)
 
 
+def server_message(exc: BaseException) -> str:
+    """What the server said, without the reply's bookkeeping (``$clusterTime`` and its
+    signature, ``operationTime``) that pymongo's text of an error carries; any other
+    error's text.
+
+    >>> details = {"ok": 0.0, "errmsg": "authentication failed", "code": 18, "codeName": "AuthenticationFailed",
+    ...            "$clusterTime": {"signature": {"hash": b"\\x00"}}}
+    >>> server_message(OperationFailure("authentication failed", code=18, details=details))
+    'authentication failed (AuthenticationFailed, code 18)'
+    >>> server_message(OperationFailure("not authorized on app to execute command")), server_message(KeyError("x"))
+    ('not authorized on app to execute command', "'x'")
+    """
+    details = (exc.details if isinstance(exc, OperationFailure) else None) or {}
+    message = str(details.get("errmsg") or exc)
+    name = details.get("codeName")
+    return f"{message} ({name}, code {details.get('code')})" if name else message
+
+
 def known_down(client: MongoClient) -> bool:
     """Whether the client's last sight of the deployment was a failure: no server to write to,
     and one it could not reach (no round trip). A client that never tried is not known down.

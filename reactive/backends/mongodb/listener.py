@@ -15,7 +15,7 @@ from bson import ObjectId
 from pymongo.errors import OperationFailure, PyMongoError
 
 from reactive.backends.base import MAX_BACKOFF, BaseDatabaseListener, CheckpointStore, TableInfo
-from reactive.backends.mongodb.errors import DOWN_TIMEOUT, Fault, classify, known_down
+from reactive.backends.mongodb.errors import DOWN_TIMEOUT, Fault, classify, known_down, server_message
 from reactive.checkpoints import CorruptCheckpointError
 from reactive.errors import ChangeStreamUnsupportedError, QueueClosedError
 from reactive.events import ChangePacket, DBEvent
@@ -233,9 +233,8 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             return self.database.watch(self._pipeline(), **options)
         except OperationFailure as exc:
             if classify(exc) is Fault.NO_CHANGE_STREAMS:
-                reason = exc.details.get("errmsg") if exc.details else str(exc)
                 raise ChangeStreamUnsupportedError(
-                    f"{self.uri} cannot produce change streams ({reason}). Run MongoDB as a replica "
+                    f"{self.uri} cannot produce change streams ({server_message(exc)}). Run MongoDB as a replica "
                     f"set (mongod --replSet, even with one member) or a sharded cluster."
                 ) from None
             raise
@@ -370,7 +369,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         self._close_stream()
 
     def _failed(self, exc: BaseException) -> None:
-        self.last_error = f"{type(exc).__name__}: {exc}"
+        self.last_error = f"{type(exc).__name__}: {server_message(exc)}"
         log.error("change stream on %s failed: %s", self.uri, self.last_error)
         self._close_stream()
 
