@@ -802,6 +802,22 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def recorded_filter(where: Mapping[str, Any]) -> dict[str, Any]:
+    """The conditions of a listener's filter a record in JSON keeps as they are (text, whole
+    numbers, booleans, finite floats, None), for ``reactive status`` to count rows by: a
+    count by fewer conditions counts more rows, never fewer.
+
+    >>> import datetime
+    >>> recorded_filter({"lang": "en", "n": 2, "day": datetime.date(2024, 1, 2), "x": float("nan"), "gone": None})
+    {'lang': 'en', 'n': 2, 'gone': None}
+    """
+    return {
+        field: value
+        for field, value in where.items()
+        if value is None or type(value) in (str, int, bool) or (type(value) is float and math.isfinite(value))
+    }
+
+
 class OutputTypes:
     """The type of each listener's stored outputs, kept in the checkpoint store.
 
@@ -812,6 +828,9 @@ class OutputTypes:
     def __init__(self, checkpoints: CheckpointStore) -> None:
         self.checkpoints = checkpoints
         self._types: dict[str, str] = {}
+        #: Per listener, the conditions of its filter ``reactive status`` counts rows by
+        #: (:func:`recorded_filter`), once its ``prepare`` said them.
+        self._filters: dict[str, dict[str, Any]] = {}
         #: Outputs table -> identifier, for every identifier whose type is known.
         self._identifiers: dict[str, str] = {}
         self._lock = threading.RLock()
@@ -847,30 +866,50 @@ class OutputTypes:
         self._types[identifier] = output_type
         self._identifiers[outputs_table(identifier)] = identifier
 
-    def set(self, identifier: str, source: TableInfo, output_type: str, store: OutputStore) -> None:
-        """Create ``identifier``'s outputs in ``store`` with this type, and remember it."""
+    def set(
+        self,
+        identifier: str,
+        source: TableInfo,
+        output_type: str,
+        store: OutputStore,
+        where: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Create ``identifier``'s outputs in ``store`` with this type, and remember it (and
+        ``where``, its listener's filter, where given: see :meth:`declare`)."""
         with self._lock:
+            if where is not None:
+                self._filters[identifier] = recorded_filter(where)
             store.create_outputs(identifier, source, output_type)
             self._record(identifier, source, output_type)
             self._remember(identifier, output_type)
 
-    def declare(self, identifier: str, source: TableInfo) -> None:
-        """Record that ``identifier`` computes outputs of ``source`` before their type is fixed
-        (by its first outputs): ``reactive status``, which finds listeners by these records,
-        listed none that had written nothing yet (an empty table, a filter matching no row)."""
+    def declare(self, identifier: str, source: TableInfo, where: Mapping[str, Any] | None = None) -> None:
+        """Record that ``identifier`` computes outputs of ``source`` (its filter ``where``)
+        before their type is fixed (by its first outputs), or its filter where it changed:
+        ``reactive status``, which finds listeners by these records, listed none that had
+        written nothing yet (an empty table, a filter matching no row), and counted the rows a
+        filter leaves out in their lag."""
         with self._lock:
-            if self.checkpoints.load_checkpoint(self._checkpoint(identifier)) is None:
+            self._filters[identifier] = recorded_filter(where or {})
+            saved = self.checkpoints.load_checkpoint(self._checkpoint(identifier))
+            if saved is None:
                 self._record(identifier, source, None)
+            elif (saved.get("filter") or {}) != self._filters[identifier]:
+                self._record(identifier, source, saved.get("type"))
 
     def _record(self, identifier: str, source: TableInfo, output_type: str | None) -> None:
-        """Save what ``reactive status`` reads of a listener: its outputs' type, its source."""
-        saved = {"type": output_type, "source": source.name, "id_column": source.id_column}
+        """Save what ``reactive status`` reads of a listener: its outputs' type, its source, the
+        conditions of its filter it can count by."""
+        saved: dict[str, Any] = {"type": output_type, "source": source.name, "id_column": source.id_column}
+        if self._filters.get(identifier):
+            saved["filter"] = self._filters[identifier]
         self.checkpoints.save_checkpoint(self._checkpoint(identifier), saved)
 
     def forget(self, identifier: str) -> None:
         with self._lock:
             self.checkpoints.delete_checkpoint(self._checkpoint(identifier))
             self._types.pop(identifier, None)
+            self._filters.pop(identifier, None)
             self._identifiers.pop(outputs_table(identifier), None)
 
 
@@ -911,8 +950,11 @@ class OutputWriter:
             self.fence()
             write()
 
-    def prepare(self, identifier: str, source: TableInfo, output_type: str | None) -> None:
+    def prepare(
+        self, identifier: str, source: TableInfo, output_type: str | None, where: Mapping[str, Any] | None = None
+    ) -> None:
         """Fix the outputs' type when the model declares it (``db.add``); refuse a change.
+        ``where``: the listener's filter, recorded for ``reactive status``.
 
         Outputs of a known type are created again if they are gone (dropped by someone else
         while the process was down): the backfill then fills them. A store that cannot name
@@ -930,12 +972,12 @@ class OutputWriter:
                 f"remove the listener with drop_outputs=True to change the type",
                 listener=identifier,
             )
+        if existing is None and output_type is not None:
+            self.types.set(identifier, source, output_type, self.store, where)
+            return
+        self.types.declare(identifier, source, where)
         if existing is not None:
             self.store.create_outputs(identifier, source, existing)
-        elif output_type is not None:
-            self.types.set(identifier, source, output_type, self.store)
-        else:
-            self.types.declare(identifier, source)
 
     def write(self, identifier: str, source: TableInfo, batch: OutputBatch) -> list[Any]:
         """Store a batch of outputs (idempotent); return each output as stored, or why not.

@@ -12,11 +12,14 @@ models and no listener declared:
   tables ``_reactive_snapshot__<table>`` (counted).
 
 **Lag** is estimated cheaply: the rows of the source minus the outputs stored, never below 0.
-A row that failed (see ``errors``) and a row a listener's filter leaves out have no output, so
-they count in it; a row changed since its output was computed does not (finding those needs
-the whole comparison a backfill makes). ``last_write`` is when the listener's position was last
-saved, where reactive records a time for it (MongoDB's resume token; a SQL table with a
-version column); None otherwise.
+For a listener with a filter, the rows counted are those the database finds its conditions
+hold for, on the conditions it compares as Python does (text, whole numbers, booleans and
+None; on MongoDB numbers too: see ``SourceReader.count``); a condition on another value (a
+date, a decimal) is not counted by, and the rows it leaves out count in the lag. A row that
+failed (see ``errors``) has no output, so it counts in it; a row changed since its output was
+computed does not (finding those needs the whole comparison a backfill makes).
+``last_write`` is when the listener's position was last saved, where reactive records a time
+for it (MongoDB's resume token; a SQL table with a version column); None otherwise.
 
 **DuckDB** opens a file in one process at a time. The status opens it read-only; when another
 process holds it (a running listener), it reads a copy of the file taken for the purpose
@@ -222,6 +225,7 @@ def _status(backend: DataBackend, uri: str, read_from: dict[str, Any] | None) ->
                 "source": value.get("source"),
                 "id_column": value.get("id_column"),  # absent where an older version wrote it
                 "output_type": value.get("type"),
+                "filter": value.get("filter") or {},  # its conditions a count can test (see recorded_filter)
                 "declared_at": _iso(section.written_at),
             }
     errors = _error_counts(backend)
@@ -235,21 +239,22 @@ def _status(backend: DataBackend, uri: str, read_from: dict[str, Any] | None) ->
     listeners = []
     names = sorted({*declared, *errors, *undeclared})
     position_of, stream = _position_reader(backend, sections)
-    counts: dict[tuple[str, str | None], int | None] = {}
+    counts: dict[tuple[str, str | None, str], int | None] = {}
 
-    def count(table: str | None, id_column: str | None = None) -> int | None:
+    def count(table: str | None, id_column: str | None = None, where: dict[str, Any] | None = None) -> int | None:
         if table is None:
             return None
-        if (table, id_column) not in counts:
-            counts[table, id_column] = _count(backend, table, tables, id_column)
-        return counts[table, id_column]
+        key = (table, id_column, json.dumps(where or {}, sort_keys=True))
+        if key not in counts:
+            counts[key] = _count(backend, table, tables, id_column, where)
+        return counts[key]
 
     for identifier in names:
         recorded = declared.get(identifier, {})
         failed = errors.get(identifier, {})
         source = recorded.get("source") or failed.get("table")
         table = undeclared.get(identifier) or outputs_table(identifier)
-        rows, outputs = count(source, recorded.get("id_column")), count(table)
+        rows, outputs = count(source, recorded.get("id_column"), recorded.get("filter")), count(table)
         if outputs is None and identifier in declared and recorded.get("output_type") is None:
             outputs = 0  # declared at db.add, nothing written yet: its outputs table comes with the first
         position = position_of(source) if source is not None else None
@@ -265,6 +270,7 @@ def _status(backend: DataBackend, uri: str, read_from: dict[str, Any] | None) ->
                 "kind": kind,
                 "source": source,
                 "output_type": recorded.get("output_type"),
+                "filter": recorded.get("filter") or None,
                 "outputs_table": table,
                 "rows": rows,
                 "outputs": outputs,
@@ -388,15 +394,22 @@ def declared_listeners(backend: DataBackend) -> set[str]:
     return {key[len(OUTPUTS_SECTION) :] for key in sections if key.startswith(OUTPUTS_SECTION)}
 
 
-def _count(backend: DataBackend, table: str, tables: set[str] | None, id_column: str | None = None) -> int | None:
+def _count(
+    backend: DataBackend,
+    table: str,
+    tables: set[str] | None,
+    id_column: str | None = None,
+    where: dict[str, Any] | None = None,
+) -> int | None:
     """Rows of ``table`` (None when it does not exist); with ``id_column``, those whose id is set
-    (the rows a listener follows)."""
+    (the rows a listener follows); with ``where``, at least those its filter keeps (see
+    ``SourceReader.count``)."""
     try:
         if tables is not None and table not in tables:
             return None
         if tables is None and not backend.source.table_exists(table):
             return None
-        return int(backend.source.count(TableInfo(table, id_column or "_id")))
+        return int(backend.source.count(TableInfo(table, id_column or "_id"), where=where or None))
     except ReactiveError:
         return None
 
@@ -541,7 +554,9 @@ def format_status(status: dict[str, Any]) -> str:
     for entry in others:
         lines.append(f"note: {entry['identifier']} is a {entry['kind']}")
     lines.append("")
-    lines.append("lag: rows of the source minus outputs stored (failed and filtered-out rows count in it)")
+    lines.append(
+        "lag: rows of the source (those a listener's filter keeps) minus outputs stored; failed rows count in it"
+    )
     return "\n".join(lines)
 
 

@@ -501,6 +501,22 @@ def test_rows_whose_id_is_null_are_left_out_until_their_id_is_set(
         assert db.errors() == []
 
 
+def test_the_status_of_a_filtered_listener_counts_the_rows_its_filter_keeps(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    columns = [
+        GPUdbRecordColumn("id", "int", [GPUdbColumnProperty.PRIMARY_KEY]),
+        GPUdbRecordColumn("text", "string"),
+        GPUdbRecordColumn("lang", "string", is_nullable=True),
+    ]
+    docs = GPUdbTable(GPUdbRecordType(columns, label="docs"), "docs", db=foreign)
+    docs.insert_records([[1, "a", "en"], [2, "b", "de"], [3, "c", None], [4, "d", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs", filter={"lang": "en"}))
+        (listed,) = database_status(kinetica_server.uri())["listeners"]  # the rows the filter keeps: none behind
+        assert (listed["rows"], listed["outputs"], listed["lag"], listed["filter"]) == (2, 2, 0, {"lang": "en"})
+
+
 def test_rows_whose_float_id_is_nan_or_infinite_are_left_out(
     kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:

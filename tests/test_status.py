@@ -136,14 +136,42 @@ def test_status_lists_a_listener_that_has_written_nothing_yet(sql: SQLClient) ->
         "docs",
         None,
     )
-    assert (entry["rows"], entry["outputs"], entry["lag"]) == (4, 0, 4)
-    assert re.search(r"^later__text +docs +4 +0 +0 +4 +- ", format_status(database_status(sql.uri)), re.M)
+    assert (entry["rows"], entry["outputs"], entry["lag"], entry["filter"]) == (0, 0, 0, {"text": "dddd"})
+    assert re.search(r"^later__text +docs +0 +0 +0 +0 +- ", format_status(database_status(sql.uri)), re.M)
     sql.execute("INSERT INTO docs VALUES (5, 'dddd')")
     with reactive.connect(sql.uri) as db:
         db.add(later)
         assert outputs_by_source(db, "later__text") == {5: 4}
     [entry] = database_status(sql.uri)["listeners"]
-    assert (entry["output_type"], entry["rows"], entry["outputs"], entry["lag"]) == ("int64", 5, 1, 4)
+    assert (entry["output_type"], entry["rows"], entry["outputs"], entry["lag"]) == ("int64", 1, 1, 0)
+
+
+def test_the_lag_of_a_filtered_listener_counts_the_rows_its_filter_keeps(sql: SQLClient) -> None:
+    """The rows a filter leaves out counted in the lag: a listener of one tenant's rows of a
+    large table was shown forever behind by all the others'. The status counts by the filter's
+    conditions the database compares as Python does (text, whole numbers, None); one on another
+    value (a float) is not counted by, and the rows it leaves out count, as the legend says."""
+    sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR, tenant INTEGER, lang VARCHAR, score REAL)")
+    rows = [(i, f"doc {i}", i % 3, "en" if i % 2 else None, 0.5 if i < 6 else 0.25) for i in range(12)]
+    sql.executemany("INSERT INTO docs VALUES (?, ?, ?, ?, ?)", rows)
+
+    def filtered(name: str, **where: object) -> Listener:
+        return Listener(Model(name, predict=lambda xs: [len(x) for x in xs]), "text", "docs", filter=where)
+
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        for listener in (filtered("t", tenant=1), filtered("u", lang=None), filtered("s", lang="en", score=0.5)):
+            db.add(listener)
+        db.cdc.start()
+        sql.execute("INSERT INTO docs VALUES (12, 'doc 12', 1, 'en', 0.5)")
+        assert db.cdc.wait_idle(timeout=30)
+        assert [len(db.outputs(f"{name}__text")) for name in "tus"] == [5, 6, 4]
+        listed = {entry["identifier"]: entry for entry in status_of(sql.uri)["listeners"]}
+    counted = {name: (e["rows"], e["outputs"], e["lag"], e["filter"]) for name, e in listed.items()}
+    assert counted == {
+        "t__text": (5, 5, 0, {"tenant": 1}),
+        "u__text": (6, 6, 0, {"lang": None}),
+        "s__text": (7, 4, 3, {"lang": "en", "score": 0.5}),  # not counted by the float: 3 rows of 0.25 count
+    }
 
 
 def test_status_of_mongodb_from_a_second_process(mongo_uri: str, mongo) -> None:
@@ -163,6 +191,34 @@ def test_status_of_mongodb_from_a_second_process(mongo_uri: str, mongo) -> None:
     text = format_status(status)
     assert re.search(r"^position +change stream resume token saved \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC$", text, re.M)
     assert re.search(r"^len__text +docs +3 +2 +1 +1 +\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC +\S+/\d+$", text, re.M), text
+
+
+def test_a_listener_added_again_with_another_filter_is_counted_by_the_new_one(duck: SQLClient) -> None:
+    make_docs(duck)
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs", filter={"text": "a"}))
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs", filter={"text": "bb"}))
+        assert outputs_by_source(db, "len__text") == {2: 2}
+    [entry] = database_status(duck.uri)["listeners"]
+    assert (entry["rows"], entry["outputs"], entry["lag"], entry["filter"]) == (1, 1, 0, {"text": "bb"})
+    with reactive.connect(duck.uri) as db:  # no filter now: every row (its NULL text fails)
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+    [entry] = database_status(duck.uri)["listeners"]
+    assert (entry["rows"], entry["outputs"], entry["errors"], entry["lag"], entry["filter"]) == (4, 3, 1, 1, None)
+
+
+def test_the_lag_of_a_filtered_listener_on_mongodb(mongo_uri: str, mongo) -> None:
+    mongo.docs.insert_many([{"_id": i, "text": f"doc {i}", "tenant": i % 3} for i in range(9)])
+    tenant = Listener(Model("t", predict=lambda xs: [len(x) for x in xs]), "text", "docs", filter={"tenant": 1})
+    with reactive.connect(mongo_uri) as db:
+        db.add(tenant)
+        db.cdc.start()
+        mongo.docs.insert_one({"_id": 9, "text": "doc 9", "tenant": 2})
+        mongo.docs.insert_one({"_id": 10, "text": "doc 10", "tenant": 1})
+        assert db.cdc.wait_idle(timeout=30)
+        [entry] = status_of(mongo_uri)["listeners"]
+    assert (entry["rows"], entry["outputs"], entry["lag"], entry["filter"]) == (4, 4, 0, {"tenant": 1})
 
 
 def test_status_of_what_cannot_be_opened(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -368,7 +368,9 @@ class SourceReader(Protocol):
 
     def table_exists(self, table: str) -> bool: ...
 
-    def count(self, table: TableInfo) -> int: ...
+    def count(self, table: TableInfo, *, where: Mapping[str, Any] | None = None) -> int:
+        """The rows of ``table`` reactive follows; with ``where``, at least those that satisfy it
+        (narrowed as :meth:`scan` narrows: never fewer, possibly more)."""
 
     def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
         """The current rows with these ids, keyed by :func:`~reactive.events.id_key`."""

@@ -442,7 +442,7 @@ class Listener(Component):
     def activate(self, db: Datalayer) -> None:
         """Fix the outputs' type when the model declares one (creates the outputs table)."""
         assert self.source is not None, "prepare() first"
-        db.writer.prepare(self.identifier, self.source, self.model.output_type)
+        db.writer.prepare(self.identifier, self.source, self.model.output_type, self.filter)
 
     def prepare(self, db: Datalayer) -> TableInfo:
         source = db.table_info(self.select, id_column=self.id_column)

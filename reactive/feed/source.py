@@ -153,8 +153,8 @@ class FeedSource:
     def table_exists(self, table: str) -> bool:
         return True
 
-    def count(self, table: TableInfo) -> int:
-        return len(self._view())
+    def count(self, table: TableInfo, *, where: Mapping[str, Any] | None = None) -> int:
+        return len(self._view())  # where: narrowing is optional (a count of at least those rows)
 
     def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
         subscription = self._subscription

@@ -1179,14 +1179,17 @@ class TableSQL:
         key = _column(id_column, table)
         followed = dialect.followed(key, id_type)
         casts = {c: kind for c, kind in (casts or {}).items() if c != id_column}  # ids are read as they are
-        select = _select(table, columns, casts).where(followed)
+        conditions = [] if followed is None else [followed]
         for column, value in where:
             if value is None:
-                select = select.where(_column(column, table).is_(sge.null()))
+                conditions.append(_column(column, table).is_(sge.null()))
             elif isinstance(value, str):
-                select = select.where(sge.cast(_column(column, table), sge.DataType.build("text")).eq(value))
+                conditions.append(sge.cast(_column(column, table), sge.DataType.build("text")).eq(value))
             else:
-                select = select.where(_column(column, table).eq(value))
+                conditions.append(_column(column, table).eq(value))
+        select = _select(table, columns, casts)
+        for condition in conditions:
+            select = select.where(condition)
         by_ids = dialect.ids_condition(id_column, table, id_type)
         ordered = select.order_by(key).limit(sge.Placeholder())
         self.scan = dialect.render(select)
@@ -1195,12 +1198,13 @@ class TableSQL:
         self.first_page = dialect.render(ordered)
         self.next_page = dialect.render(ordered.where(key > sge.Placeholder()))
         self.delete_by_ids = dialect.render(sge.delete(sg.table(table, quoted=True), where=by_ids))
-        #: How many rows are followed (``rows``).
-        self.count = dialect.render(
-            sg.select(sge.alias_(sge.Count(this=sge.Star()), "rows", quoted=True))
-            .from_(sg.table(table, quoted=True))
-            .where(followed)
+        #: How many rows are followed and pass ``where`` (``rows``).
+        counted = sg.select(sge.alias_(sge.Count(this=sge.Star()), "rows", quoted=True)).from_(
+            sg.table(table, quoted=True)
         )
+        for condition in conditions:
+            counted = counted.where(condition)
+        self.count = dialect.render(counted)
         #: The rows not followed: how many have a NULL id (``nulls``), how many in all
         #: (``unfollowed``); None where every row is followed.
         self.unfollowed: str | None = None

@@ -101,13 +101,16 @@ class IbisSource:
             why = self.conn.dialect.unfollowed_ids(self.conn.column_type(table.name, table.id_column))
             warn_unfollowed_ids(table, why, unfollowed - nulls)
 
-    def count(self, table: TableInfo) -> int:
-        """The rows of ``table`` that are followed (see ``Dialect.followed``)."""
+    def count(self, table: TableInfo, *, where: Mapping[str, Any] | None = None) -> int:
+        """The rows of ``table`` that are followed (see ``Dialect.followed``); with ``where``,
+        those its SQL may test narrowed as :meth:`scan` narrows them."""
         conn = self.conn
         with conn.lock:
             if conn.column_type(table.name, table.id_column) is None:  # no such column: every row
                 return int(conn.table(table.name).count().execute())
-            (counted,) = conn.fetch_plain(conn.statements(table.name, table.id_column, [table.id_column]).count)
+            narrowing = self._narrowing(table.name, where or {}, self.columns(table.name))
+            statements = conn.statements(table.name, table.id_column, [table.id_column], where=narrowing)
+            (counted,) = conn.fetch_plain(statements.count)
             return int(counted["rows"])
 
     def _statements(self, table: TableInfo) -> Any:

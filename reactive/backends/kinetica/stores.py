@@ -268,16 +268,19 @@ class KineticaSource:
                 warn_unfollowed_ids(info, NON_FINITE_IDS)
         return info
 
-    def count(self, table: TableInfo) -> int:
-        """The rows of ``table`` that are followed (see :func:`followed`)."""
+    def count(self, table: TableInfo, *, where: Mapping[str, Any] | None = None) -> int:
+        """The rows of ``table`` that are followed (see :func:`followed`); with ``where``, those
+        its expression may test narrowed as :meth:`scan` narrows them."""
         self.catalog.forget(table.name)
         description = self.catalog.describe(table.name)
         if table.id_column not in description.columns:  # no listener's id: every row
             return description.size
         kind = id_type(description, table.id_column)
-        if "nullable" not in description.properties.get(table.id_column, ()) and kind not in _FLOAT_IDS:
+        narrowing = self._narrowing(table.name, description, where or {})
+        every_id_followed = "nullable" not in description.properties.get(table.id_column, ()) and kind not in _FLOAT_IDS
+        if every_id_followed and not narrowing:
             return description.size
-        return self.catalog.count(table.name, expression=followed(table.id_column, kind))
+        return self.catalog.count(table.name, expression=followed(table.id_column, kind) + narrowing)
 
     def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
         rows = self.decoded(table.name, list(self.catalog.records_by_ids(table.name, table.id_column, list(ids))))
@@ -299,15 +302,22 @@ class KineticaSource:
         description = self.catalog.describe(table.name)
         # A row whose id is NULL, NaN or infinite is left out (see ``followed``).
         expression = followed(table.id_column, id_type(description, table.id_column))
-        # An outputs table's _output is read decoded (a JSON output's text "spam" is spam): not narrowed.
-        columns = set(description.columns)
-        if self.output_type(table.name) is not None:
-            columns.discard(OUTPUT_FIELD)
-        for column, value in (where or {}).items():
-            if column in columns and _testable(id_type(description, column), value):
-                expression += f" and {equals_expression(column, value)}"
+        expression += self._narrowing(table.name, description, where or {})
         for page in self.catalog.pages(table.name, table.id_column, page_size, expression=expression):
             yield self.decoded(table.name, page)
+
+    def _narrowing(self, table: str, description: Any, where: Mapping[str, Any]) -> str:
+        """The equalities of ``where`` an expression may test (``" and ..."`` each; see
+        :func:`_testable`). An outputs table's ``_output`` is read decoded (a JSON output's text
+        ``"spam"`` is the value ``spam``): not narrowed."""
+        columns = set(description.columns)
+        if self.output_type(table) is not None:
+            columns.discard(OUTPUT_FIELD)
+        return "".join(
+            f" and {equals_expression(column, value)}"
+            for column, value in where.items()
+            if column in columns and _testable(id_type(description, column), value)
+        )
 
     def decoded(self, table: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Rows as components see them: stored outputs come back as the values they were."""

@@ -156,8 +156,11 @@ class MongoSource:
             )
         return TableInfo(table, "_id", ())
 
-    def count(self, table: TableInfo) -> int:
-        return self.db[table.name].estimated_document_count()
+    def count(self, table: TableInfo, *, where: Mapping[str, Any] | None = None) -> int:
+        narrowing = _narrowing(where or {})
+        if not narrowing:
+            return self.db[table.name].estimated_document_count()
+        return self.db[table.name].count_documents(narrowing)
 
     def read_rows(self, table: TableInfo, ids: Sequence[Any]) -> dict[Hashable, Row]:
         rows: dict[Hashable, Row] = {}
