@@ -185,6 +185,19 @@ class Holder:
         """Expired, or a process of this host that no longer exists."""
         return self.expires < now or (self.host == socket.gethostname() and not process_alive(self.pid))
 
+    @property
+    def released(self) -> bool:
+        """The record a holder leaves when it gives the lease up: nobody's, with its epoch.
+
+        >>> Holder("", "", 0, 3, 0.0).released, Holder("h/1/ab", "h", 1, 3, 9e9).released
+        (True, False)
+        """
+        return not self.owner
+
+    def given_up(self) -> Holder:
+        """This holder's record once it gave the lease up: the epoch stays, for the next to grow."""
+        return Holder("", "", 0, self.epoch, 0.0)
+
 
 class Lease:
     """A lease on one checkpoint, held by at most one process at a time (compare-and-set).
@@ -232,9 +245,10 @@ class Lease:
         return held is not None and held.expires - self.clock() > margin
 
     def current(self) -> Holder | None:
-        """Who holds it according to the store (None: nobody, or unreadable)."""
+        """Who holds it according to the store (None: nobody, given up, or unreadable)."""
         found = self.store.read_sections(self.checkpoint, [LEASE_SECTION]).get(LEASE_SECTION)
-        return None if found is None else Holder.decode(found.data)
+        holder = None if found is None else Holder.decode(found.data)
+        return None if holder is None or holder.released else holder
 
     def _record(self, epoch: int) -> tuple[Holder, Section]:
         now = self.clock()
@@ -311,12 +325,16 @@ class Lease:
 
     def release(self) -> None:
         """Give the lease up (a standby takes over at once), a lapsed one too while its record
-        is still ours (a record is its holder's encoding)."""
+        is still ours (a record is its holder's encoding). What stays is a record of nobody
+        with the epoch (:meth:`Holder.given_up`): the next holder's epoch grows from it (the
+        section was removed, and every holder after a release had epoch 1)."""
         with self._lock:
+            mine = self._held or self._lapsed
             lapsed = None if self._lapsed is None else self._lapsed.encode()
             raw, self._held, self._raw, self._lapsed = self._raw or lapsed, None, None, None
-        if raw is not None:
-            self.store.replace_section(self.checkpoint, LEASE_SECTION, raw, None)
+        if raw is not None and mine is not None:
+            left = Section(mine.given_up().encode(), False, self.clock())
+            self.store.replace_section(self.checkpoint, LEASE_SECTION, raw, left)
 
     def check(self, *, lock: bool = False) -> bool:
         """Whether we still hold the lease according to the store (the fence before a write);

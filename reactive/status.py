@@ -304,6 +304,8 @@ def lease_status(section: Section | None, *, now: float | None = None) -> dict[s
 
     >>> lease_status(None)["state"]
     'free'
+    >>> lease_status(Section(b'{"epoch": 2, "expires": 0.0, "host": "", "owner": "", "pid": 0}', False, 0.0))["state"]
+    'free'
     >>> held = Section(b'{"epoch": 2, "expires": 4e9, "host": "elsewhere", "owner": "o", "pid": 7}', False, 0.0)
     >>> {k: lease_status(held)[k] for k in ("state", "host", "pid", "epoch")}
     {'state': 'held', 'host': 'elsewhere', 'pid': 7, 'epoch': 2}
@@ -316,6 +318,8 @@ def lease_status(section: Section | None, *, now: float | None = None) -> dict[s
         host, pid, expires = record["host"], record["pid"], float(record["expires"])
     except (ValueError, KeyError, TypeError):
         return {"state": "unreadable", "renewed_at": _iso(section.written_at)}
+    if not record.get("owner"):  # given up at a stop (the epoch stays for the next holder)
+        return {"state": "free", "epoch": record.get("epoch"), "released_at": _iso(section.written_at)}
     local = host == socket.gethostname()
     alive = process_alive(pid) if local else None
     state = "expired" if expires < now else "gone" if local and not alive else "held"

@@ -20,6 +20,7 @@ from conftest import looked, outputs_by_source, server_uri
 import reactive
 from reactive.checkpoints import (
     ENGINE_CHECKPOINT,
+    LEASE_SECTION,
     MIN_LEASE_MS,
     CheckpointLimitError,
     Lease,
@@ -30,6 +31,7 @@ from reactive.checkpoints import (
     section_store,
 )
 from reactive.components import Listener, Model
+from reactive.status import lease_status
 
 LIMITS = (None, 8, 64, 32)  # retention_ms, max_sections, max_section_size_bytes, max_section_id_size_bytes
 
@@ -229,6 +231,23 @@ def test_a_lapsed_lease_another_process_took_is_not_taken_back(store: Any) -> No
     assert not holder.acquire()
     assert other.held is not None and other.held.epoch == epoch + 1
     other.release()
+
+
+def test_the_epoch_grows_across_a_lease_given_up(store: Any) -> None:
+    """A release removed the lease's record, so the next holder's epoch was 1 again: after a
+    clean hand-over, a fencing token and ``reactive status`` said the lease never changed hands."""
+    sections, clock = section_store(store), Clock()
+    first = Lease(sections, "handed", lease_ms=60_000, clock=clock)
+    second = Lease(sections, "handed", lease_ms=60_000, clock=clock)
+    assert first.acquire() and first.held is not None and first.held.epoch == 1
+    first.release()
+    assert first.current() is None  # nobody holds it
+    found = sections.read_sections("handed", [LEASE_SECTION])[LEASE_SECTION]
+    assert lease_status(found)["state"] == "free" and lease_status(found)["epoch"] == 1
+    assert second.acquire() and second.held is not None and second.held.epoch == 2  # at once: not after 60 s
+    second.release()
+    assert first.acquire() and first.held is not None and first.held.epoch == 3
+    first.release()
 
 
 def taken(looks: queue.SimpleQueue[bool]) -> list[bool]:
