@@ -890,6 +890,22 @@ def _postgres_type(arrow_type: pa.DataType) -> str | None:
     return _POSTGRES_TYPES.get(arrow_type)
 
 
+def sqlite_moment(value: Any) -> Any:
+    """A date or datetime as the text sqlite3's default adapters wrote (ISO 8601, a space
+    before the time), anything else as it is. Those adapters are deprecated since Python 3.12
+    (a warning at every write of one) and are to go; registering our own would change how
+    every sqlite3 connection of the application writes them.
+
+    >>> sqlite_moment(_dt.date(2024, 1, 2)), sqlite_moment(_dt.datetime(2024, 1, 2, 3, 4, 5, 6)), sqlite_moment(7)
+    ('2024-01-02', '2024-01-02 03:04:05.000006', 7)
+    """
+    if isinstance(value, _dt.datetime):
+        return value.isoformat(" ")
+    if isinstance(value, _dt.date):
+        return value.isoformat()
+    return value
+
+
 class SQLiteDialect(Dialect):
     """SQLite: pragma_table_info, a Python hash function, JSON text for arrays and id lists."""
 
@@ -1101,6 +1117,8 @@ class SQLiteDialect(Dialect):
     def upsert(self, con: Any, table: str, key: str, rows: pa.Table) -> None:
         raw = con.con
         values = [tuple(r.values()) for r in rows.to_pylist()]
+        if any(pa.types.is_date(f.type) or pa.types.is_timestamp(f.type) for f in rows.schema):
+            values = [tuple(map(sqlite_moment, row)) for row in values]
         try:
             raw.executemany(self.upsert_sql(table, key, tuple(rows.column_names)), values)
         except BaseException:
