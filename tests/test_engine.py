@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
+import re
 import subprocess
 import sys
 import threading
@@ -125,6 +129,29 @@ def test_a_blocked_producer_is_released_by_close_or_abandon() -> None:
     producer.join(5)
     assert not producer.is_alive() and len(errors) == 1
     assert queue.rows == 1
+
+
+#: What ``threading.Thread`` keeps on itself in the Pythons reactive supports, beyond this one's:
+#: 3.13's ``_handle`` (a thread handle), 3.14's ``_context`` (the thread's contextvars).
+THREAD_OWN_NAMES = {"_handle", "_context", "_tstate_lock", "_is_stopped", "_started", "_os_thread_handle"}
+
+
+def test_no_thread_of_reactive_shadows_what_threading_keeps_on_the_thread() -> None:
+    """The MongoDB listener's method ``_handle`` was shadowed on Python 3.13 by the handle
+    ``Thread.__init__`` now keeps as ``self._handle``: the first change ended the listener
+    (``'_thread._ThreadHandle' object is not callable``), and every wait after it timed out."""
+    own = THREAD_OWN_NAMES | {n for n in (*vars(threading.Thread()), *dir(threading.Thread)) if n.startswith("_")}
+    own -= {"__init__", "__dict__", "__doc__", "__module__", "__repr__", "__weakref__"}
+    clashes: list[str] = []
+    for found in pkgutil.walk_packages(reactive.__path__, "reactive."):
+        module = importlib.import_module(found.name)
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if not issubclass(cls, threading.Thread) or cls.__module__ != module.__name__:
+                continue
+            source = inspect.getsource(cls)
+            names = {*vars(cls), *re.findall(r"self\.(\w+)\s*(?::[^=\n]*)?=[^=]", source)}
+            clashes += [f"{cls.__qualname__}.{name}" for name in sorted(names & own)]
+    assert clashes == []
 
 
 def test_unknown_backend_names_the_supported_ones() -> None:

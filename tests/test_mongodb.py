@@ -60,6 +60,33 @@ def test_inserts_updates_replaces_deletes_by_a_plain_client(mongo_uri: str, mong
     assert not reactive_threads()
 
 
+def test_a_defect_on_one_change_is_said_and_retried_not_the_end_of_the_listener(
+    mongo_uri: str, mongo, recorder: Recorder, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception that is not the server's (on Python 3.13 every change raised a TypeError)
+    ended the listener's thread: nothing was followed any more, and a table monitor's start
+    waited for its barrier for ever. Now it is logged with its traceback and the stream reopens
+    before that change: nothing is skipped."""
+    take = mongo_listener.MongoChangeStreamListener._take_change
+    failures = iter([TypeError("a defect")])
+
+    def flaky(self: Any, change: dict[str, Any]) -> None:
+        if change.get("ns", {}).get("coll") == "docs" and (failure := next(failures, None)) is not None:
+            raise failure
+        take(self, change)
+
+    monkeypatch.setattr(mongo_listener.MongoChangeStreamListener, "_take_change", flaky)
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        db.cdc.start()
+        with caplog.at_level("ERROR", logger="reactive"):
+            mongo.docs.insert_one({"_id": 1, "text": "first"})
+            assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: "<first>"}
+        assert "unexpected error; reopening it" in caplog.text and "TypeError: a defect" in caplog.text
+        assert db.cdc.listener is not None and db.cdc.listener.is_alive()
+
+
 def test_wait_idle_waits_for_changes_the_handler_released_and_the_stream_delivers_again(mongo_uri: str, mongo) -> None:
     # A failure of the handler's own (after B's window is planned behind A's, A's is written)
     # releases B's window; the stream reads B again from the last saved position. One

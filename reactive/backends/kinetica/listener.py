@@ -168,7 +168,7 @@ class KineticaMonitorListener(BaseDatabaseListener):
         self._owner = f"{socket.gethostname()}/{os.getpid()}/{self._token}"
         self._routes: dict[str, Route] = {}
         self._commands = _Commands()
-        self._context: zmq.Context[Any] | None = None
+        self._zmq: zmq.Context[Any] | None = None
         self._sub: zmq.Socket[Any] | None = None
         self._socket_events: zmq.Socket[Any] | None = None
         self._address: str | None = None
@@ -358,7 +358,7 @@ class KineticaMonitorListener(BaseDatabaseListener):
         try:
             self._clear_leftovers()
             self.catalog.create(MARKS_TABLE, [("id", "string", False), ("n", "long", False)], {"id": ["primary_key"]})
-            self._context = zmq.Context()
+            self._zmq = zmq.Context()
             self._open_socket(self.client.monitor_address())
             self._add_routes(self._create_routes(MARKS_TABLE, ("insert",), None))
             for table in self.tables:
@@ -381,8 +381,8 @@ class KineticaMonitorListener(BaseDatabaseListener):
         self._mark_dirty(list(self.tables))
 
     def _open_socket(self, address: str) -> None:
-        assert self._context is not None
-        sub = self._context.socket(zmq.SUB)
+        assert self._zmq is not None
+        sub = self._zmq.socket(zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, 0)  # never drop: under backpressure frames wait in memory
         sub.setsockopt(zmq.LINGER, 0)
         self._socket_events = sub.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
@@ -441,9 +441,9 @@ class KineticaMonitorListener(BaseDatabaseListener):
             topics = list(self._routes)
             self._routes.clear()
         self._close_socket()
-        if self._context is not None:
-            self._context.term()
-        self._context = None
+        if self._zmq is not None:
+            self._zmq.term()
+        self._zmq = None
         self._clear_server_side(topics)
         self._delete_marks()
         self._record_monitors()

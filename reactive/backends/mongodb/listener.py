@@ -329,6 +329,13 @@ class MongoChangeStreamListener(BaseDatabaseListener):
                         self._disconnected(exc)
                     else:
                         self._failed(exc)
+                except Exception as exc:  # a defect of ours, not the server's: said, then retried
+                    # It ended the thread: nothing was followed any more, and a wait for a
+                    # barrier (a table monitor's start) never returned. The stream reopens
+                    # before the change it failed on: nothing is skipped.
+                    log.exception("change stream on %s: unexpected error; reopening it in %s s", self.uri, backoff)
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self._close_stream()
                 else:
                     continue
                 self.wait(backoff)
@@ -367,6 +374,11 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             log.warning("lost the connection to %s (%s); reconnecting with backoff", self.uri, exc)
         self.last_error = f"disconnected since {self.disconnected_since.isoformat()}: {exc}"
         self._close_stream()
+
+    def ending(self) -> bool:
+        """As the base's, and once :meth:`run` is over: its last notification comes while the
+        thread is still alive, and a barrier's waiter it wakes must not wait on for nothing."""
+        return self._finished or super().ending()
 
     def _failed(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {server_message(exc)}"
@@ -416,7 +428,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             self._seen = {"token": self._stream.resume_token, "start_after": False}
             self._save_idle_position()
             return
-        self._handle(change)
+        self._take_change(change)
 
     def _hold(self) -> None:
         """Before asking the server for more: while a few packets are in flight, wait (at most
@@ -462,7 +474,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         else:
             log.debug("not saving the stream position of %s: this process does not hold the lease", self.uri)
 
-    def _handle(self, change: dict[str, Any]) -> None:
+    def _take_change(self, change: dict[str, Any]) -> None:
         operation = change["operationType"]
         token = change["_id"]
         collection = change.get("ns", {}).get("coll")
