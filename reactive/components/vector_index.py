@@ -56,9 +56,22 @@ _VECTOR_TYPES = ("array<float16>", "array<float32>", "array<float64>")
 def _usearch() -> Any:
     try:
         from usearch.index import Index
-    except ImportError:  # pragma: no cover - the search extra is installed with the tests
-        raise ConfigurationError("VectorIndex needs usearch: pip install 'reactive-ml[search]'") from None
+    except ImportError:
+        raise ConfigurationError(SEARCH_MISSING) from None
     return Index
+
+
+#: Why a :class:`VectorIndex` cannot be made where usearch is not installed.
+SEARCH_MISSING = "VectorIndex needs usearch: pip install 'reactive-ml[search]'"
+
+
+def search_missing() -> str | None:
+    """Why :class:`VectorIndex` cannot work in this install (the ``search`` extra missing), or None."""
+    try:
+        _usearch()
+    except ConfigurationError as exc:
+        return str(exc)
+    return None
 
 
 class _Entries:
