@@ -216,6 +216,18 @@ def test_a_backend_whose_driver_is_missing_is_refused_with_why(tmp_path, monkeyp
     )
 
 
+def test_postgresql_without_its_extra_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A core install has no psycopg: ibis's message said to install ``ibis-framework[postgres]``,
+    not reactive's extra (whose ``psycopg[binary]`` writes twice as fast)."""
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import fails
+    with pytest.raises(ConfigurationError) as refused:
+        reactive.connect("postgresql://app:s3cret@127.0.0.1:5432/test")
+    assert str(refused.value) == (
+        "PostgreSQL needs the 'postgres' extra, whose driver (psycopg) is not installed: "
+        "pip install 'reactive-ml[postgres]'"
+    )
+
+
 _CONNECTED = """
 import sys, reactive
 db = reactive.connect(sys.argv[1])

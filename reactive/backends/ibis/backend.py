@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sqlite3
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -111,6 +112,7 @@ class IbisBackend(DataBackend):
                 prepare_sqlite(raw)
                 con = ibis.sqlite.from_connection(raw)
             elif scheme in ("postgres", "postgresql"):
+                _needs_driver("psycopg", "postgres", "PostgreSQL")
                 con = ibis.postgres.connect(**{**_postgres_parameters(uri, parts), **options})
             else:
                 raise ConfigurationError(
@@ -184,3 +186,16 @@ def _secrets(parts: SplitResult) -> list[str]:
     """The secrets a URI holds, as a driver could quote them in an error."""
     found = [unquote(parts.password)] if parts.password else []
     return found + [value for key, value in parse_qsl(parts.query) if key.lower() in _SECRET_PARAMETERS and value]
+
+
+def _needs_driver(module: str, extra: str, engine: str) -> None:
+    """Refuse at once, with the install that brings it, an engine whose driver is missing: ibis
+    said to install ``ibis-framework[postgres]``, which is not reactive's extra (it brings
+    psycopg's pure-Python build, half as fast as ``psycopg[binary]``)."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigurationError(
+            f"{engine} needs the {extra!r} extra, whose driver ({module}) is not installed: "
+            f"pip install 'reactive-ml[{extra}]'"
+        ) from None
