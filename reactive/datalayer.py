@@ -346,7 +346,8 @@ class Datalayer:
     def _backfill(self, component: Component, source: TableInfo, progress: bool | Progress) -> None:
         """Reconcile ``component`` and wait until the handler processed what that queued."""
         reader = self.source_for(source.name)
-        total = reader.count(source) if source.columns or reader.table_exists(source.name) else 0
+        exists = source.columns or reader.table_exists(source.name)
+        total = reader.count(source, where=dict(component.filter) or None) if exists else 0
         tracker = _Backfill(component.identifier, total, progress)
         queue = self.cdc.queue
         queued_before = queue.rows_put_for(component.identifier) if isinstance(queue, LagQueue) else None

@@ -413,6 +413,19 @@ def test_a_resumed_backfill_measures_progress_against_the_rows_it_queued(
     assert any(re.search(r"backfill m__text: 100%.*\| 3/3 \[", line) for line in final), terminal.getvalue()
 
 
+def test_a_filtered_backfill_measures_progress_against_the_rows_its_filter_keeps(duck: SQLClient) -> None:
+    """The total started as every row of the table: a filter keeping 20 of 200 rows showed a bar
+    stuck at 10% until the comparison ended."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR, tenant INTEGER)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?, ?)", [(i, f"t{i}", i % 10) for i in range(200)])
+    seen: list[tuple[int, int]] = []
+    with reactive.connect(duck.uri) as db:
+        listener = Listener(Model("m", predict=lambda xs: [len(x) for x in xs]), "text", "docs", filter={"tenant": 3})
+        db.add(listener, progress=lambda done, total: seen.append((done, total)))
+        assert len(db.outputs("m__text")) == 20
+    assert seen and {total for _, total in seen} == {20} and seen[-1][0] == 20
+
+
 # -- lag in info(), and the metrics over HTTP ----------------------------------------------------------------
 class Held:
     """A model that holds its first call until released."""

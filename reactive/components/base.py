@@ -6,6 +6,7 @@ import dataclasses as dc
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from reactive.backends.base import ErrorRecord
@@ -88,6 +89,9 @@ class Component(ABC):
     """
 
     identifier: str
+    #: Equalities every row the component follows satisfies (a ``Listener``'s ``filter``): a
+    #: backfill's progress starts from the rows the database counts by them.
+    filter: Mapping[str, Any] = MappingProxyType({})
 
     @property
     @abstractmethod
