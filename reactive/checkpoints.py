@@ -73,6 +73,7 @@ from reactive.events import is_utf8
 from reactive.fingerprints import plain_value
 
 if TYPE_CHECKING:
+    from reactive.backends.base import DataBackend
     from reactive.datalayer import Datalayer
 
 log = logging.getLogger(__name__)
@@ -503,7 +504,7 @@ class Table:
         self.maxSections = max_sections
         self.maxSectionSizeBytes = max_section_size_bytes
         self.maxSectionIdSizeBytes = max_section_id_size_bytes
-        self.store = section_store(store)
+        self.store, self._opened = _opened_store(store)
         self.lease = Lease(self.store, name, lease_ms=lease_ms)
         self.autoActivate = False
         self._lock = threading.RLock()
@@ -597,6 +598,24 @@ class Table:
         """
         keeper = self._keep()
         return keeper.wait_held(timeout)
+
+    def close(self) -> None:
+        """Make what is written behind durable (a few seconds at most), give the lease up (a
+        standby takes over at once), and close the connection the table opened itself (from a
+        URI or the embedded file; a datalayer's stays open). Not in the seed. A table left
+        unclosed kept that connection until it was collected (a MongoDB client's monitor
+        threads, a DuckDB file): ``with Table(...) as jobs:`` closes it."""
+        self.Deactivate()
+        with self._lock:
+            opened, self._opened = self._opened, None
+        if opened is not None:
+            opened.close()
+
+    def __enter__(self) -> Table:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def Deactivate(self) -> None:
         """Give the lease up and stop taking it (not in the seed): a standby takes over at once."""
@@ -757,10 +776,16 @@ def _overlay(new: Section, old: Section | None) -> Section:
 
 def section_store(store: Datalayer | str | SectionStore | None) -> SectionStore:
     """The :class:`SectionStore` of a datalayer, of a database URI, or of the embedded SQLite file."""
+    return _opened_store(store)[0]
+
+
+def _opened_store(store: Datalayer | str | SectionStore | None) -> tuple[SectionStore, DataBackend | None]:
+    """:func:`section_store`, and the backend it connected for it (a URI, the embedded file),
+    which its user closes; None where the store was given."""
     from reactive.datalayer import Datalayer
 
     if isinstance(store, Datalayer):
-        return store.backend.sections
+        return store.backend.sections, None
     if store is None:
         path = os.environ.get("REACTIVE_CHECKPOINTS") or DEFAULT_FILE
         store = f"sqlite:///{Path(path).absolute()}"
@@ -768,9 +793,9 @@ def section_store(store: Datalayer | str | SectionStore | None) -> SectionStore:
         from reactive.backends import backend_for_uri
 
         backend = backend_for_uri(store).from_uri(store)
-        return backend.sections
+        return backend.sections, backend
     if all(hasattr(store, m) for m in ("read_sections", "write_sections", "delete_sections", "replace_section")):
-        return store
+        return store, None
     raise ConfigurationError(f"store must be a datalayer, a database URI or None, not {type(store).__name__}")
 
 

@@ -326,6 +326,31 @@ def test_a_lease_taken_and_given_up_while_its_holder_was_cut_off_is_reported_los
     assert reports[:2] == [False, True], reports  # lost, then a new tenure
 
 
+_OPENS = """
+import sys, duckdb
+duckdb.connect(sys.argv[1]).close()
+"""
+
+
+def test_a_table_closes_the_connection_it_opened_and_not_a_datalayer_s(tmp_path: Path) -> None:
+    """A Table given a URI opened a connection nothing could close: a DuckDB file stayed locked
+    to other processes (a MongoDB client kept its monitor threads) until it was collected."""
+    path = tmp_path / "jobs.duckdb"
+
+    def others_can_open() -> bool:
+        return subprocess.run([sys.executable, "-c", _OPENS, str(path)], capture_output=True).returncode == 0
+
+    with Table("jobs", Table.WR_ACTIVE_REPLICA, *LIMITS, store=f"duckdb:///{path}") as jobs:
+        jobs.Write("cursor", "42")
+        assert not others_can_open()  # DuckDB: one process at a time
+    assert others_can_open()
+    assert not jobs.GetActiveStatus()  # its lease given up: a standby takes over at once
+    with reactive.connect(f"duckdb:///{path}") as db:
+        assert Table("jobs", Table.WR_ALL_REPLICAS, *LIMITS, store=db).Read("cursor") == {"cursor": "42"}
+        Table("other", Table.WR_ALL_REPLICAS, *LIMITS, store=db).close()
+        assert Table("jobs", Table.WR_ALL_REPLICAS, *LIMITS, store=db).Read("cursor") == {"cursor": "42"}  # open
+
+
 def test_flags_and_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="flags"):
         Table("t", Table.WR_ALL_REPLICAS | Table.WR_ACTIVE_REPLICA, *LIMITS, store="duckdb://")
