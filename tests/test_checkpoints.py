@@ -442,9 +442,8 @@ def test_the_engine_keeps_its_positions_in_the_checkpoint_table(mongo_uri: str, 
         db.cdc.start()
         assert db.cdc.wait_idle(timeout=30)
         name = db.cdc.listener.checkpoint_name
-    sections = Table(ENGINE_CHECKPOINT, Table.WR_ALL_REPLICAS, None, 1000, 1 << 20, 1024, store=mongo_uri).Read(
-        [name, "outputs/up__text"]
-    )
+    with Table(ENGINE_CHECKPOINT, Table.WR_ALL_REPLICAS, None, 1000, 1 << 20, 1024, store=mongo_uri) as table:
+        sections = table.Read([name, "outputs/up__text"])
     assert set(sections) == {name, "outputs/up__text"} and '"token"' in sections[name]
 
 
@@ -458,9 +457,8 @@ def test_an_unreadable_stream_position_is_said_and_everything_reconciled(mongo_u
         name = db.cdc.listener.checkpoint_name
     mongo.docs.update_one({"_id": 1}, {"$set": {"text": "changed while stopped"}})
     mongo.docs.delete_one({"_id": 2})
-    section_store(reactive.connect(mongo_uri)).write_sections(
-        ENGINE_CHECKPOINT, {name: Section(b"{not json", True, time.time())}
-    )
+    with reactive.connect(mongo_uri) as db:
+        section_store(db).write_sections(ENGINE_CHECKPOINT, {name: Section(b"{not json", True, time.time())})
     with reactive.connect(mongo_uri) as db:
         db.add(Listener(model, "text", "docs"))
         db.cdc.start()

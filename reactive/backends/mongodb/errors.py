@@ -109,6 +109,7 @@ def known_down(client: MongoClient) -> bool:
     pymongo.errors.ServerSelectionTimeoutError: ...
     >>> known_down(client)
     True
+    >>> client.close()
     """
     seen = client.topology_description
     return not seen.has_writable_server() and any(s.error is not None for s in seen.server_descriptions().values())
