@@ -505,6 +505,7 @@ class Table:
         self.maxSectionSizeBytes = max_section_size_bytes
         self.maxSectionIdSizeBytes = max_section_id_size_bytes
         self.store, self._opened = _opened_store(store)
+        self._closed = False
         self.lease = Lease(self.store, name, lease_ms=lease_ms)
         self.autoActivate = False
         self._lock = threading.RLock()
@@ -526,6 +527,7 @@ class Table:
     # -- reads and writes ---------------------------------------------------------------------
     def Read(self, keys: Iterable[str] | str) -> dict[str, bytes | str]:
         """The sections of ``keys`` that exist (missing, deleted or expired ones are absent)."""
+        self._check_open()
         wanted = [keys] if isinstance(keys, str) else list(keys)
         sections = self.store.read_sections(self.ckptName, wanted)
         pending = self._pending_view(wanted)
@@ -540,6 +542,7 @@ class Table:
     ) -> None:
         """Write sections: ``Write("key", data)`` replaces (truncates); ``Write([(k, d), ...])``
         and ``Write({k: d})`` write over the start of existing sections (do not truncate)."""
+        self._check_open()
         if isinstance(keyOrContainer, str):
             if data is None:
                 raise ConfigurationError("Write(key, data) needs data")
@@ -564,6 +567,7 @@ class Table:
 
     def Delete(self, key: str) -> None:
         """Delete one section (deleting a missing one is not an error)."""
+        self._check_open()
         self.Synchronize(None)
         self.store.delete_sections(self.ckptName, [key])
 
@@ -576,6 +580,7 @@ class Table:
     def Activate(self) -> bool:
         """Make this process the active replica (take the lease); False if another live
         process holds it. While active, the lease is renewed on a daemon thread."""
+        self._check_open()
         taken = self.lease.acquire()
         self._keep()
         return taken
@@ -586,6 +591,7 @@ class Table:
 
     def SetAutoActivate(self, val: bool = True) -> None:
         """With True, this process takes the lease on its own when the holder dies or leaves."""
+        self._check_open()
         self.autoActivate = bool(val)
         keeper = self._keep()
         keeper.auto_activate = self.autoActivate
@@ -607,9 +613,13 @@ class Table:
         threads, a DuckDB file): ``with Table(...) as jobs:`` closes it."""
         self.Deactivate()
         with self._lock:
-            opened, self._opened = self._opened, None
+            opened, self._opened, self._closed = self._opened, None, True
         if opened is not None:
             opened.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigurationError(f"checkpoint table {self.ckptName!r} is closed; make a new Table to use it again")
 
     def __enter__(self) -> Table:
         return self

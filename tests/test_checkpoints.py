@@ -345,6 +345,9 @@ def test_a_table_closes_the_connection_it_opened_and_not_a_datalayer_s(tmp_path:
         assert not others_can_open()  # DuckDB: one process at a time
     assert others_can_open()
     assert not jobs.GetActiveStatus()  # its lease given up: a standby takes over at once
+    jobs.close()  # again: nothing to do
+    with pytest.raises(reactive.ConfigurationError, match="checkpoint table 'jobs' is closed"):
+        jobs.Read("cursor")  # DuckDB's "Connection already closed!" before
     with reactive.connect(f"duckdb:///{path}") as db:
         assert Table("jobs", Table.WR_ALL_REPLICAS, *LIMITS, store=db).Read("cursor") == {"cursor": "42"}
         Table("other", Table.WR_ALL_REPLICAS, *LIMITS, store=db).close()
