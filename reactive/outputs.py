@@ -103,6 +103,8 @@ def infer_output_type(value: Any) -> str:
     ('array<float32>', 'array<float64>')
     >>> infer_output_type({"label": "spam"}), infer_output_type("x"), infer_output_type(np.eye(2))
     ('json', 'string', 'json')
+    >>> infer_output_type([True, 2])  # not numbers: True would be stored as 1
+    'json'
     """
     value = _member_value(from_tensor(value))
     # numpy's times not by .item(): a nanosecond one is an int (1704164645123456789 was stored as int64).
@@ -130,7 +132,7 @@ def infer_output_type(value: Any) -> str:
             return "array<boolean>"
         if all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in items):
             return "array<int64>"
-        if all(isinstance(v, int | float | np.integer | np.floating) for v in items):
+        if all(isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool) for v in items):
             return "array<float64>"
         if all(isinstance(v, str) for v in items):
             return "array<string>"
@@ -386,6 +388,11 @@ def _vector_output(value: Any, output_type: str) -> list[Any]:
         raise ValueError(f"output of type {type(value).__name__} does not fit {output_type}")
     if inner not in _NUMPY_TYPES:
         return [normalize_output(v, inner) for v in value]
+    if inner != "boolean" and isinstance(value, list | tuple):
+        # numpy takes True among numbers as 1: a value changed to fit (a bool alone is refused).
+        flag = next((i for i, v in enumerate(value) if isinstance(v, bool | np.bool_)), None)
+        if flag is not None:
+            raise ValueError(f"output has {value[flag]!r} at position {flag}, a bool, which {output_type} cannot hold")
     source = _numbers(value, output_type, lambda i: f" at position {i}")
     if source.ndim != 1:
         raise ValueError(f"output of shape {source.shape} does not fit {output_type}")

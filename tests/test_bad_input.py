@@ -984,6 +984,26 @@ def test_a_fractional_vector_is_refused_by_an_integer_type_never_truncated(sql: 
         }
 
 
+def test_a_bool_among_a_vector_s_numbers_is_refused_not_stored_as_one(sql: SQLClient) -> None:
+    """numpy takes ``True`` among numbers as 1: ``[True, 2.5]`` was stored as ``[1.0, 2.5]``
+    where a bool alone (and an array of bools) was refused. As a first output, such a list is
+    not numbers (JSON keeps it as it is)."""
+    make_table(sql, "docs", [(1, "frac"), (2, "flag")])
+    given = {"frac": [0.5, 2.5], "flag": [True, 2.5], "mixed": [True, 2]}
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("v", predict=lambda keys: [given[k] for k in keys]), "text", "docs"))
+        assert outputs_by_source(db, "v__text") == {1: [0.5, 2.5]}
+        [error] = db.errors("v__text")
+        assert error["source"] == 2 and error["error"].startswith(
+            "output has True at position 0, a bool, which array<float64> cannot hold"
+        )
+    make_table(sql, "more", [(1, "mixed")])
+    with reactive.connect(sql.uri) as db:
+        db.add(Listener(Model("w", predict=lambda keys: [given[k] for k in keys]), "text", "more"))
+        assert db.backend.output_types.get("w__text") == "json"
+        assert outputs_by_source(db, "w__text") == {1: [True, 2]}
+
+
 def test_empty_vectors_are_stored_as_empty(sql: SQLClient) -> None:
     """A window of empty float vectors became a block of no columns, which Arrow cannot make
     into a fixed-size list: the whole window failed, every time it came again."""
