@@ -155,6 +155,30 @@ def test_no_thread_of_reactive_shadows_what_threading_keeps_on_the_thread() -> N
     assert clashes == []
 
 
+def test_a_wait_on_a_change_listener_whose_loop_raised_ends(duck: SQLClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listener's loop that raised ended its thread without a word to its waiters: a barrier
+    (a table monitor's start, wait_idle's poll) waited for ever. The base's run() now says the
+    end to every waiter, however the loop ended."""
+    from reactive.backends.ibis.listener import IbisPollingListener
+
+    def broken(self: IbisPollingListener) -> None:
+        self._wake.wait(30)  # until a wait began (sync sets it)
+        raise RuntimeError("a defect in the loop")
+
+    monkeypatch.setattr(IbisPollingListener, "_follow", broken)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)  # the defect is the point
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(Model("m", predict=lambda xs: xs), "text", "docs"))
+        db.cdc.start()
+        listener = db.cdc.listener
+        answers: list[bool] = []
+        waiter = threading.Thread(target=lambda: answers.append(listener.sync(None)))
+        waiter.start()
+        waiter.join(30)
+        assert answers == [False] and not waiter.is_alive()
+
+
 def test_unknown_backend_names_the_supported_ones() -> None:
     with pytest.raises(ValueError, match="unknown backend 'kafka'; supported backends: ibis, kinetica, mongodb"):
         DatabaseListenerFactory("kafka")

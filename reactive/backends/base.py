@@ -569,6 +569,8 @@ class BaseDatabaseListener(ReactiveThread):
         self._lock = threading.RLock()
         #: Notified whenever the listener's state changes (packets settled, a stop, ...).
         self._changed = threading.Condition(self._lock)
+        #: The thread's loop returned or raised (see :meth:`run`).
+        self._over = False
         self._in_flight = 0
         #: Packets emitted and settled (committed or released) so far: the handler settles
         #: them in the order they were queued.
@@ -693,12 +695,27 @@ class BaseDatabaseListener(ReactiveThread):
             raise
         self.counters[packet.event.counter] += len(packet)
 
+    def run(self) -> None:
+        """The thread: :meth:`_follow`, then its end is said to every waiter, however it ended
+        (a loop that raised ended the thread while waiters saw it running: a table monitor's
+        start waited for its barrier for ever)."""
+        try:
+            self._follow()
+        finally:
+            with self._changed:
+                self._over = True
+                self._changed.notify_all()
+
+    def _follow(self) -> None:
+        """The listener's loop, until it is stopped (each backend's own)."""
+        raise NotImplementedError
+
     def ending(self) -> bool:
-        """Stopped or being stopped: nothing more will be reported, so a wait for a barrier or
-        a poll gives up. Not ``is_alive()`` alone: woken by the thread's last notification, a
-        waiter still sees it alive and waits on for nothing (the whole of ``wait_idle``'s
-        timeout, when a stand-down stopped the listener under it)."""
-        return not self.should_keep_running() or not self.is_alive()
+        """Stopped or being stopped, or the loop is over: nothing more will be reported, so a
+        wait for a barrier or a poll gives up. Not ``is_alive()`` alone: woken by the thread's
+        last notification, a waiter still sees it alive and waits on for nothing (the whole of
+        ``wait_idle``'s timeout, when a stand-down stopped the listener under it)."""
+        return not self.should_keep_running() or self._over or not self.is_alive()
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
         """Wait until ``predicate()`` holds; it is checked whenever the listener's state changes.

@@ -197,7 +197,7 @@ class IbisPollingListener(BaseDatabaseListener):
             self._to_reconcile.add(table)
         self._wake.set()
 
-    def run(self) -> None:
+    def _follow(self) -> None:
         while self.should_keep_running():
             started = time.monotonic()
             with self._changed:

@@ -405,7 +405,7 @@ class KineticaMonitorListener(BaseDatabaseListener):
         if self._maintenance is not None:
             self._maintenance.stop()
 
-    def run(self) -> None:
+    def _follow(self) -> None:
         poller = zmq.Poller()
         try:
             self._poll_loop(poller)

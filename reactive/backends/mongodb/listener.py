@@ -306,7 +306,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         super().start()
 
     # -- the thread -----------------------------------------------------------------------
-    def run(self) -> None:
+    def _follow(self) -> None:
         backoff = 0.5
         try:
             while self.should_keep_running():
@@ -374,11 +374,6 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             log.warning("lost the connection to %s (%s); reconnecting with backoff", self.uri, exc)
         self.last_error = f"disconnected since {self.disconnected_since.isoformat()}: {exc}"
         self._close_stream()
-
-    def ending(self) -> bool:
-        """As the base's, and once :meth:`run` is over: its last notification comes while the
-        thread is still alive, and a barrier's waiter it wakes must not wait on for nothing."""
-        return self._finished or super().ending()
 
     def _failed(self, exc: BaseException) -> None:
         self.last_error = f"{type(exc).__name__}: {server_message(exc)}"
