@@ -57,12 +57,8 @@ def _usearch() -> Any:
     try:
         from usearch.index import Index
     except ImportError:
-        raise ConfigurationError(SEARCH_MISSING) from None
+        raise ConfigurationError("VectorIndex needs usearch: pip install 'reactive-ml[search]'") from None
     return Index
-
-
-#: Why a :class:`VectorIndex` cannot be made where usearch is not installed.
-SEARCH_MISSING = "VectorIndex needs usearch: pip install 'reactive-ml[search]'"
 
 
 def search_missing() -> str | None:
