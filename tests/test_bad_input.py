@@ -485,6 +485,36 @@ def test_a_value_python_cannot_hold_fails_its_row_alone(duck: SQLClient, rows: i
         assert [e["source"] for e in db.errors("m__day")] == [rows]
 
 
+@pytest.mark.parametrize("sql", ["duckdb", "postgres"], indirect=True)  # SQLite has no infinite dates
+def test_a_time_python_cannot_hold_in_any_column_fails_no_other_row(sql: SQLClient) -> None:
+    """PostgreSQL: psycopg raised DataError for the whole read of a row holding 'infinity' (or a
+    date before year 1) in any date or timestamp column, so one such row stopped every change
+    of its table, the key's or not, until someone fixed the value. Now as on DuckDB: a value
+    Python cannot hold fails only a row whose key it is."""
+    sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(20), seen DATE, stamp TIMESTAMP)")
+    sql.execute(
+        "INSERT INTO docs VALUES (1, 'one', '2026-01-01', '2026-01-01 00:00:00'),"
+        " (2, 'two', 'infinity', '2026-01-01 00:00:00'), (3, 'three', '2026-01-01', '-infinity')"
+    )
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("len", predict=lambda texts: [len(t) for t in texts]), "text", "docs"))
+        db.add(Listener(Model("year", predict=lambda days: [d.year for d in days], max_retries=0), "seen", "docs"))
+        assert outputs_by_source(db, "len__text") == {1: 3, 2: 3, 3: 5}
+        assert outputs_by_source(db, "year__seen") == {1: 2026, 3: 2026}
+        [error] = db.errors("year__seen")
+        assert error["source"] == 2 and error["error"].startswith("the value of 'seen' cannot be read in Python")
+        db.cdc.start()
+        sql.execute("UPDATE docs SET seen = 'infinity' WHERE id = 1")
+        sql.execute("DELETE FROM docs WHERE id = 3")
+        sql.execute("UPDATE docs SET text = 'deux' WHERE id = 2")
+        sql.execute("INSERT INTO docs VALUES (4, 'four', '2027-01-01', 'infinity')")
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "len__text") == {1: 3, 2: 4, 4: 4}
+        assert outputs_by_source(db, "year__seen") == {4: 2027}
+        assert sorted(e["source"] for e in db.errors("year__seen")) == [1, 2]
+        assert db.cdc.info()["source"]["failing_tables"] == {}
+
+
 def test_none_outputs_are_stored_once_the_type_is_known_and_say_why_before(duck: SQLClient) -> None:
     # None is a stored output (a null) once the outputs' type is known; before any output fixes
     # it, there is nothing to store it as: the rows are recorded with why, and stored by a retry.

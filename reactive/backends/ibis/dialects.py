@@ -25,6 +25,7 @@ import re
 import secrets
 import sqlite3
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
@@ -39,7 +40,7 @@ from reactive.errors import ConfigurationError
 from reactive.events import id_key
 from reactive.fingerprints import fingerprint_bytes
 from reactive.outputs import ibis_type, refuse_output_type
-from reactive.rows import TableRows, holds_map
+from reactive.rows import TableRows, Unreadable, holds_map
 
 Row = dict[str, Any]
 _T = TypeVar("_T")
@@ -642,6 +643,52 @@ class Dialect:
         return self.render(statement)
 
 
+#: The PostgreSQL connections whose time loaders :func:`_lenient_times` wrapped.
+_LENIENT: weakref.WeakSet[Any] = weakref.WeakSet()
+
+#: The types whose values psycopg refuses when Python's cannot hold them: ``'infinity'``,
+#: ``'-infinity'`` and dates before year 1 (``'0044-03-15 BC'``).
+_TIME_TYPES = ("date", "timestamp", "timestamptz")
+
+
+def _lenient_times(raw: Any) -> None:
+    """Make the connection ``raw`` read a date or timestamp Python cannot hold as an
+    :class:`~reactive.rows.Unreadable` in its place, as DuckDB's rows hold it, rather than
+    fail the whole read: one row holding ``'infinity'`` in any column stopped every change of
+    its table (each read of changed rows raised ``DataError``). Only a key that cannot be read
+    fails, and only its row (the listener records it). Done once per connection (a reconnect
+    makes a new one); reactive's own connection only, never psycopg's global adapters."""
+    if raw in _LENIENT:
+        return
+    from psycopg.adapt import Loader
+    from psycopg.errors import DataError
+    from psycopg.pq import Format
+
+    for name in _TIME_TYPES:
+        oid = raw.adapters.types[name].oid
+        for fmt in (Format.TEXT, Format.BINARY):
+            inner = raw.adapters.get_loader(oid, fmt)
+            if inner is None:
+                continue
+
+            class Lenient(Loader):
+                format = fmt
+                _inner_class = inner
+
+                def __init__(self, oid: int, context: Any = None) -> None:
+                    super().__init__(oid, context)
+                    self._inner = self._inner_class(oid, context)
+
+                def load(self, data: Any) -> Any:
+                    try:
+                        return self._inner.load(data)
+                    except DataError as exc:
+                        return Unreadable(f"DataError: {exc}")
+
+            raw.adapters.register_loader(oid, Lenient)
+    _LENIENT.add(raw)
+
+
 class PostgresDialect(Dialect):
     """PostgreSQL: ``hashtextextended`` of the row's text form, ``= ANY(array)``, executemany.
 
@@ -788,6 +835,7 @@ class PostgresDialect(Dialect):
 
     def fetch(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         def run() -> list[Row]:
+            _lenient_times(con.con)
             with con.con.cursor() as cur:
                 cur.execute(sql, list(params))
                 names = [d.name for d in cur.description]
@@ -804,6 +852,7 @@ class PostgresDialect(Dialect):
 
     def fetch_grouped(self, con: Any, sql: str, params: Sequence[Any], value: str, by: str) -> dict[Any, list[Any]]:
         def run() -> dict[Any, list[Any]]:
+            _lenient_times(con.con)
             with con.con.cursor() as cur:
                 cur.execute(sql, list(params))
                 return _grouped(cur, value, by)
