@@ -295,6 +295,25 @@ def test_every_callback_type_on_a_foreign_clients_writes(source: Source, db: rea
     assert not client.task_list and events.pending() == []
 
 
+def test_a_monitor_on_a_listeners_outputs_reports_each_change_as_it_is_written(
+    source: Source, db: reactive.Datalayer
+) -> None:
+    """SQLite skipped a table's poll while ``PRAGMA data_version`` (other connections' commits)
+    stood still, and reactive writes its outputs through its own connection: each output change
+    was reported only after some other client's next commit, one step late."""
+    source.insert(0, "zero")
+    add_shouting_listener(db, "docs")  # its outputs table made by the first outputs
+    events = Events()
+    client = TableMonitor.Client(db, "_outputs__shout__title", events.callbacks(Type.INSERT_DECODED, Type.DELETED))
+    client.start_monitor()
+    source.insert(1, "one")
+    what, row = events.next()
+    assert what == "INSERT_DECODED" and (row["_source"], row["_output"]) == (1, "ONE")
+    source.delete(1)
+    assert events.next() == ("DELETED", 1)
+    client.stop_monitor()
+
+
 @only(*SQL, "mongodb")
 def test_changed_rows_options_give_the_updated_rows_and_the_deleted_ids(source: Source, db: reactive.Datalayer) -> None:
     events = Events()

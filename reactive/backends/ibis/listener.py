@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from reactive.backends.base import MAX_BACKOFF, BaseDatabaseListener, TableInfo
+from reactive.backends.base import MAX_BACKOFF, OUTPUTS_PREFIX, BaseDatabaseListener, TableInfo
 from reactive.errors import QueueClosedError
 from reactive.events import ChangePacket, DBEvent, Row
 
@@ -104,7 +104,9 @@ class IbisPollingListener(BaseDatabaseListener):
     :meth:`Snapshots.data_version`), a table is not diffed while that count is where it was
     before its last diff whose packets were all committed: nobody wrote since, so an idle
     database costs one pragma per poll whatever its size. A released packet, a requested full
-    diff or a failure makes the next poll diff again.
+    diff or a failure makes the next poll diff again. A listener's outputs table (followed by a
+    table monitor) is diffed at every poll: reactive writes it through the connection whose
+    commits the count leaves out.
     """
 
     def __init__(
@@ -307,7 +309,9 @@ class IbisPollingListener(BaseDatabaseListener):
             self.polls += 1
             with self._lock:
                 self.failing_tables.pop(table.name, None)
-                if version is not None:
+                if version is not None and not table.name.startswith(OUTPUTS_PREFIX):
+                    # An outputs table (a table monitor's) is written by this connection,
+                    # whose own commits the count leaves out: it is diffed at every poll.
                     self._diffed[table.name] = version
 
     def _table_failed(self, table: TableInfo, exc: Exception) -> None:
