@@ -1032,8 +1032,21 @@ class SQLiteDialect(Dialect):
 
     def row_hash(self, columns: Sequence[str], table: str | None = None) -> sge.Expression:
         # quote() renders each value as an SQL literal: NULL, numbers, 'text' and X'blob'
-        # never collide, so the joined text identifies the row.
-        parts: list[sge.Expression] = [sge.Anonymous(this="quote", expressions=[_column(c, table)]) for c in columns]
+        # never collide, so the joined text identifies the row. It ends a text at its first NUL,
+        # so a text holding one is T<hex> instead (a change after the NUL went unseen); every
+        # other value keeps the fingerprint it had (about 12% more time for three columns).
+        def part(name: str) -> sge.Expression:
+            value = _column(name, table)
+            nul_at = sge.Anonymous(this="instr", expressions=[sge.cast(value, "BLOB"), _NUL])
+            holds_nul = sge.and_(
+                sge.GT(this=nul_at, expression=sge.convert(0)),
+                sge.Anonymous(this="typeof", expressions=[value]).eq(sge.convert("text")),
+            )
+            spelled = sge.DPipe(this=sge.convert("T"), expression=sge.Anonymous(this="hex", expressions=[value]))
+            quoted = sge.Anonymous(this="quote", expressions=[value])
+            return sge.Case(ifs=[sge.If(this=holds_nul, true=spelled)], default=quoted)
+
+        parts: list[sge.Expression] = [part(c) for c in columns]
         joined = sge.DPipe(this=parts[0], expression=sge.convert("")) if len(parts) == 1 else parts[0]
         for part in parts[1:]:
             joined = sge.DPipe(this=sge.DPipe(this=joined, expression=sge.convert(",")), expression=part)
@@ -1090,18 +1103,23 @@ class SQLiteDialect(Dialect):
 
     def ids_condition(self, column: str, table: str | None = None, id_type: dt.DataType | None = None) -> sge.Condition:
         # The ids come as one JSON array; JSON has no bytes, so a BLOB id travels as
-        # {"blob": hex} and becomes bytes again here (see bind_ids).
+        # {"blob": hex} and becomes bytes again here (see bind_ids). So does a text id holding
+        # NUL, as {"text": hex}: SQLite's JSON functions end a text at its first NUL.
+        def field(name: str) -> sge.Expression:
+            return sge.Anonymous(this="json_extract", expressions=[sg.column("value"), sge.convert(f"$.{name}")])
+
+        def from_hex(name: str) -> sge.Expression:
+            return sge.Anonymous(this="reactive_blob", expressions=[field(name)])
+
         value = sge.Case(
             ifs=[
                 sge.If(
-                    this=sg.column("type").eq(sge.convert("object")),
-                    true=sge.Anonymous(
-                        this="reactive_blob",
-                        expressions=[
-                            sge.Anonymous(this="json_extract", expressions=[sg.column("value"), sge.convert("$.blob")])
-                        ],
+                    this=sge.and_(
+                        sg.column("type").eq(sge.convert("object")), sge.Not(this=field("text").is_(sge.null()))
                     ),
-                )
+                    true=sge.cast(from_hex("text"), "TEXT"),
+                ),
+                sge.If(this=sg.column("type").eq(sge.convert("object")), true=from_hex("blob")),
             ],
             default=sg.column("value"),
         )
@@ -1109,7 +1127,12 @@ class SQLiteDialect(Dialect):
         return _column(column, table).isin(query=each)
 
     def bind_ids(self, ids: Sequence[Any]) -> Any:
-        return json.dumps([{"blob": bytes(i).hex()} if isinstance(i, bytes | bytearray) else i for i in ids])
+        """The ids as one JSON array (see :meth:`ids_condition`).
+
+        >>> SQLiteDialect().bind_ids([1, "a", b"\\x01", "a\\x00b"])
+        '[1, "a", {"blob": "01"}, {"text": "610062"}]'
+        """
+        return json.dumps([_id_json(i) for i in ids])
 
     # Take the write lock at once: the lease's check inside the transaction then holds.
     begin_sql = "BEGIN IMMEDIATE"
@@ -1176,6 +1199,19 @@ class SQLiteDialect(Dialect):
             raise
         if not self.depth:
             raw.commit()
+
+
+#: The one byte a SQLite text cannot show past in its text functions.
+_NUL = sge.HexString(this="00")
+
+
+def _id_json(row_id: Any) -> Any:
+    """A SQLite id as :meth:`SQLiteDialect.bind_ids` sends it in JSON."""
+    if isinstance(row_id, bytes | bytearray):
+        return {"blob": bytes(row_id).hex()}
+    if isinstance(row_id, str) and "\x00" in row_id:
+        return {"text": row_id.encode("utf-8", "surrogateescape").hex()}
+    return row_id
 
 
 def prepare_sqlite(raw: sqlite3.Connection) -> None:
