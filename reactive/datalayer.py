@@ -359,6 +359,18 @@ class Datalayer:
             tracker.wait_for(packets)
         except BaseException as exc:
             tracker.close(done=False)
+            if isinstance(exc.__cause__, LeaseLostError) and not self.cdc.acquire():
+                # Paused past its lease (a stopped process, a long GC) while another took
+                # over: a standby now, whose backfill waits until this process takes over.
+                with self._lock:
+                    self._deferred.add(component.identifier)
+                log.warning(
+                    "another process took the lease of %s during the backfill of %s: this process is a standby; "
+                    "the backfill goes on when it takes over",
+                    self.backend.uri,
+                    component.identifier,
+                )
+                return
             interrupt = _interrupt_in(exc)
             if interrupt is None:
                 log.error("backfill of %s did not finish; adding it again resumes it", component.identifier)

@@ -665,6 +665,9 @@ class CDCHandler(ReactiveThread):
         those changes again.
         """
         packets = window.packets
+        if not self._retake_lease():  # a standby now: its model work would be thrown away
+            self._release(packets, LeaseLostError(f"another process holds the lease of {self.db.backend.uri}"))
+            return False
         steps = window.steps
         known = _Known()
         attempt = 0
@@ -692,11 +695,13 @@ class CDCHandler(ReactiveThread):
                     log.error("%s while stopping; releasing %d packets", exc, len(packets))
                     self._release(packets, exc)
                     return False
+                if isinstance(exc, LeaseLostError) and not self._retake_lease():
+                    log.warning("%s: another process holds it; releasing %d packets", exc, len(packets))
+                    self._release(packets, exc)
+                    return False
                 delay = _backoff(attempt)
                 log.warning("%s; retrying %d packets in %.1f s", exc, len(packets), delay)
                 self.wait(delay)
-                if isinstance(exc, LeaseLostError):
-                    self._retake_lease()
             except Exception as exc:
                 if failure is None:
                     self.totals.internal_errors += 1
@@ -785,18 +790,24 @@ class CDCHandler(ReactiveThread):
         for packet in packets:
             found.written.update(((packet.table, key), found.parts) for key in id_keys(packet.ids))
 
-    def _retake_lease(self) -> None:
+    def _retake_lease(self) -> bool:
         """Before db.cdc starts (a backfill of ``db.add``), nothing else takes a lapsed lease
         back (once started, the lease keeper does, and a takeover restarts this handler): take
-        it if it is free, so the window can be written. Held by another process: it is not."""
+        it if it is free, so the window can be written. False where another process holds it
+        (it took over while this one was paused): this process is a standby now, and the
+        window is not retried here (``db.add`` then returns, its backfill deferred, as a
+        standby's does) instead of being retried for ever."""
         cdc = self.db.cdc
         if cdc.running or cdc.lease is None or cdc.lease.held is not None:
-            return
+            return True
         try:
             if cdc.acquire():
                 log.warning("took the lease of %s back after it lapsed", self.db.backend.uri)
+                return True
         except Exception as exc:  # the database is down: tried again at the next retry
             log.warning("could not take the lease of %s back: %s", self.db.backend.uri, exc)
+            return True
+        return False
 
     # -- one window of packets ------------------------------------------------------------
     def _plan(

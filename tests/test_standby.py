@@ -364,6 +364,47 @@ def test_a_lease_that_lapses_during_a_backfill_before_start_is_taken_back(
         assert db.cdc.active  # this process holds the lease again
 
 
+def test_a_backfill_whose_lease_another_process_took_returns_as_a_standby(
+    sqlite_file: tuple[str, sqlite3.Connection], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found by SIGSTOP-ing a holder during its db.add for longer than its lease: a standby took
+    # over, and the paused process's db.add retried its window every 5 s for ever (nothing but
+    # db.cdc.start(), which db.add had not returned to, makes a process a standby).
+    uri, client = sqlite_file
+    client.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"doc {i}") for i in range(6, 30)])
+    other = Lease(section_store(uri), ENGINE_CHECKPOINT, lease_ms=60_000)
+    taken = threading.Event()
+
+    with reactive.connect(uri, lease_ms=600) as db:
+
+        def paused_once(texts: list[str]) -> list[str]:
+            if not taken.is_set():
+                keeper = db.cdc._keeper
+                assert keeper is not None
+                keeper.stop()  # a paused process: nothing renews its lease
+                assert within(WAIT, other.acquire)  # another process took it once it expired
+                taken.set()
+            return [f"<{t}>" for t in texts]
+
+        added: dict[str, Any] = {}
+        adding = threading.Thread(
+            target=lambda: added.update(component=db.add(Listener(Model("tag", predict=paused_once), "text", "docs"))),
+            name="test-add",
+            daemon=True,
+        )
+        with caplog.at_level(logging.WARNING, logger="reactive"):
+            adding.start()
+            adding.join(WAIT)
+        assert not adding.is_alive(), "db.add did not return after another process took the lease"
+        assert taken.is_set() and "component" in added
+        assert "this process is a standby; the backfill goes on when it takes over" in caplog.text
+        assert outputs_by_source(db, "tag__text") == {} and not db.cdc.active  # fenced: nothing written
+        other.release()
+        db.cdc.start()  # a standby's start: it takes the lease, then does the deferred backfill
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {i: f"<doc {i}>" for i in range(1, 30)}
+
+
 def test_a_sqlite_transaction_holds_the_write_lock_from_its_start(sqlite_file: tuple[str, sqlite3.Connection]) -> None:
     """A window checks the lease inside its transaction: on SQLite that check holds only if the
     transaction takes the write lock at its BEGIN, so no standby takes the lease in between (the
