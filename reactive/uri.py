@@ -75,10 +75,35 @@ def split(uri: str) -> SplitResult:
     return parts
 
 
+_RAW_PASSWORD = "a password with '/', '@', '?' or '#' must be percent-encoded"
+
+
+def check_credentials(uri: str) -> str:
+    """``uri``, or a :class:`~reactive.errors.ConfigurationError` where its password holds a raw
+    ``/``: a parser then ends the host part at it and takes a piece of the password for a host
+    (pymongo looked ``ev`` up, and its error showed it, for the password ``s3cret@ev/il``).
+
+    >>> check_credentials("mongodb://bob:s3cret@db/app")
+    'mongodb://bob:s3cret@db/app'
+    >>> check_credentials("mongodb://bob:s3cret@ev/il@db/app")
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: invalid URI 'mongodb://bob:***@db/app': a password with '/', ... percent-encoded
+    """
+    head = uri.partition("://")[2].split("?", 1)[0].split("#", 1)[0]
+    if "/" in head.rpartition("@")[0]:
+        from reactive.errors import ConfigurationError
+
+        raise ConfigurationError(
+            f"invalid URI {redact(uri)!r}: a password with '/', '@', '?' or '#' must be percent-encoded"
+        )
+    return uri
+
+
 def _parse_error(uri: str, exc: ValueError) -> str:
     """What the parser said, unless it quotes a piece of the credentials (a raw ``/`` in a
     password ends the host part early, and the rest is read as a port)."""
     credentials = uri.partition("://")[2].rpartition("@")[0]
     if credentials and any(quoted and quoted in credentials for quoted in re.findall(r"'([^']*)'", str(exc))):
-        return "a password with '/', '@', '?' or '#' must be percent-encoded"
+        return _RAW_PASSWORD
     return str(exc)

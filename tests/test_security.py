@@ -126,6 +126,18 @@ def test_a_failed_connection_never_shows_the_password(uri: str, caplog: pytest.L
     assert all(SECRET not in record.getMessage() for record in caplog.records)
 
 
+@pytest.mark.parametrize("password", [f"{SECRET}@ev1l/x", f"{SECRET}/ev1l@x"])
+def test_a_mongodb_password_with_a_raw_slash_is_refused_and_never_shown(password: str) -> None:
+    # pymongo ends the host part at the first "/": it took "ev1l", a piece of the password
+    # after a raw "@", for a host, looked it up, and its error showed it.
+    uri = f"mongodb://bob:{password}@127.0.0.1:1/app?serverSelectionTimeoutMS=300"
+    with pytest.raises(reactive.ConfigurationError, match="must be percent-encoded") as failure:
+        reactive.connect(uri)
+    shown = "".join(traceback.format_exception(failure.value))
+    assert_hidden(shown)
+    assert "ev1l" not in shown
+
+
 def test_nothing_read_is_unpickled_or_evaluated() -> None:
     """Rows, documents, frames and checkpoints are decoded as JSON, Avro or BSON only: the
     package never imports a deserializer that runs code, nor calls eval or exec."""

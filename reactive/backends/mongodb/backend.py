@@ -43,7 +43,7 @@ from reactive.outputs import OutputTypes, holds_leaves, refuse_output_type
 from reactive.queue import CDCQueue
 from reactive.rowformat import RowFormat, mongo_format
 from reactive.threads import ReactiveThread
-from reactive.uri import redact
+from reactive.uri import check_credentials, redact
 
 log = logging.getLogger(__name__)
 
@@ -524,6 +524,7 @@ class MongoBackend(DataBackend):
     def from_uri(cls, uri: str, **options: Any) -> Self:
         if "serverselectiontimeoutms" not in uri.lower():
             options.setdefault("serverSelectionTimeoutMS", 5_000)
+        check_credentials(uri)
         try:
             client: MongoClient = MongoClient(uri, **options)
         except (InvalidURI, PyMongoConfigurationError, ValueError) as exc:
