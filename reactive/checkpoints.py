@@ -528,7 +528,9 @@ class Table:
     def Read(self, keys: Iterable[str] | str) -> dict[str, bytes | str]:
         """The sections of ``keys`` that exist (missing, deleted or expired ones are absent)."""
         self._check_open()
-        wanted = [keys] if isinstance(keys, str) else list(keys)
+        if not isinstance(keys, str) and not isinstance(keys, Iterable):
+            raise ConfigurationError(f"Read takes a section id or an iterable of them, not {keys!r}")
+        wanted = [_section_id(keys)] if isinstance(keys, str) else [_section_id(key) for key in keys]
         sections = self.store.read_sections(self.ckptName, wanted)
         pending = self._pending_view(wanted)
         sections.update(pending)
@@ -555,7 +557,8 @@ class Table:
                 raise ConfigurationError(f"a section id must be a non-empty str, not {container!r}")
             pairs = container.items() if isinstance(container, Mapping) else container
             try:
-                items = [(key, value) for key, value in pairs]
+                # A text of two characters would unpack as a pair: Write(["ab"]) wrote "b" to "a".
+                items = [(key, value) for key, value in (_pair(pair) for pair in pairs)]
             except (TypeError, ValueError):
                 raise ConfigurationError("Write takes a key and data, a mapping, or (key, data) pairs") from None
             truncate = False
@@ -568,6 +571,7 @@ class Table:
     def Delete(self, key: str) -> None:
         """Delete one section (deleting a missing one is not an error)."""
         self._check_open()
+        key = _section_id(key)  # never the lease's: deleting it took the active replica's lease away
         self.Synchronize(None)
         self.store.delete_sections(self.ckptName, [key])
 
@@ -657,11 +661,7 @@ class Table:
         now = time.time()
         new: dict[str, Section] = {}
         for key, value in items:
-            if not isinstance(key, str) or not key or key == LEASE_SECTION:
-                raise ConfigurationError(f"a section id must be a non-empty str (not {LEASE_SECTION!r}), not {key!r}")
-            if not is_utf8(key):
-                raise ConfigurationError(f"a section id must be Unicode text (no lone surrogate), not {key!r}")
-            size = len(key.encode("utf-8"))
+            size = len(_section_id(key).encode("utf-8"))
             if size > self.maxSectionIdSizeBytes:
                 raise CheckpointLimitError(
                     f"section id of {size} bytes is over max_section_id_size_bytes={self.maxSectionIdSizeBytes}"
@@ -782,6 +782,31 @@ def _overlay(new: Section, old: Section | None) -> Section:
         tail = str(old.value)[len(value) :]
         return Section.of(str(value) + tail, new.written_at)
     return Section(new.data + old.data[len(new.data) :], False, new.written_at)
+
+
+def _section_id(key: Any) -> str:
+    """``key`` if it can name a section of a :class:`Table`, else a ``ConfigurationError``: a
+    non-empty text without lone surrogates, not the lease's own section.
+
+    >>> _section_id("offsets")
+    'offsets'
+    >>> _section_id("__lease__")
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: a section id must be a non-empty str (not '__lease__'), not '__lease__'
+    """
+    if not isinstance(key, str) or not key or key == LEASE_SECTION:
+        raise ConfigurationError(f"a section id must be a non-empty str (not {LEASE_SECTION!r}), not {key!r}")
+    if not is_utf8(key):
+        raise ConfigurationError(f"a section id must be Unicode text (no lone surrogate), not {key!r}")
+    return key
+
+
+def _pair(pair: Any) -> tuple[Any, Any]:
+    """A ``(key, data)`` pair of :meth:`Table.Write`; TypeError for anything else."""
+    if isinstance(pair, str | bytes | bytearray) or len(pair) != 2:
+        raise TypeError(f"not a (key, data) pair: {pair!r}")
+    return pair[0], pair[1]
 
 
 def section_store(store: Datalayer | str | SectionStore | None) -> SectionStore:

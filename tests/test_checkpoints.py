@@ -108,17 +108,35 @@ def test_limits_are_clear_errors_and_nothing_is_written(store: Any, write: Any, 
         (lambda t: t.Write("k\udc80", "v"), "a section id must be Unicode text"),
         (lambda t: t.Write([("ok", "v"), ("\ud800", "v")]), "a section id must be Unicode text"),
         (lambda t: t.Write([1, 2]), "Write takes a key and data, a mapping, or"),
+        (lambda t: t.Write(["ab"]), "Write takes a key and data, a mapping, or"),  # was ("a", "b")
+        (lambda t: t.Delete("__lease__"), "not '__lease__'"),  # took the active replica's lease away
+        (lambda t: t.Read(["ok", "__lease__"]), "not '__lease__'"),  # gave the lease's record
+        (lambda t: t.Delete(5), "a section id must be a non-empty str"),
+        (lambda t: t.Read(5), "Read takes a section id or an iterable of them"),
     ],
-    ids=["an int id", "a bytes id", "a lone surrogate", "one in a container", "not pairs"],
+    ids=[
+        "an int id",
+        "a bytes id",
+        "a lone surrogate",
+        "one in a container",
+        "not pairs",
+        "a text for a pair",
+        "delete the lease",
+        "read the lease",
+        "delete an int",
+        "read an int",
+    ],
 )
 def test_ids_that_are_not_text_are_clear_errors_and_nothing_is_written(store: Any, write: Any, message: str) -> None:
     """They used to raise TypeError ('int' object is not iterable), or UnicodeEncodeError
     from the store after the checks."""
-    t = table(store)
-    t.Write("before", "kept")
-    with pytest.raises(reactive.ConfigurationError, match=message):
-        write(t)
-    assert t.Read(["before", "ok"]) == {"before": "kept"}
+    with table(store) as t:
+        t.Write("before", "kept")
+        assert t.Activate()
+        with pytest.raises(reactive.ConfigurationError, match=message):
+            write(t)
+        assert t.Read(["before", "ok", "a"]) == {"before": "kept"}
+        assert t.GetActiveStatus() and t.lease.check()
 
 
 def test_sections_not_written_for_retention_ms_expire(store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
