@@ -245,14 +245,35 @@ def database_path(uri: str) -> Path:
 def fresh_database(uri: str) -> Path:
     """Prepare the demo's database file: the default one is recreated, another must not exist."""
     path = database_path(uri)
+    if not path.parent.is_dir():
+        raise DemoError(f"no directory {str(path.parent)!r} for the demo's database {str(path)!r}")
     files = [path, path.with_name(path.name + ".wal")]
     if path.resolve() == database_path(DEFAULT_URI).resolve():
+        _not_in_use(path)
         for file in files:
             file.unlink(missing_ok=True)
         shutil.rmtree(path.with_name(path.name + ".reactive-indexes"), ignore_errors=True)
     elif any(file.exists() for file in files):
         raise DemoError(f"{path} exists; the demo creates its database from scratch: remove it or pick another --uri")
     return path
+
+
+def _not_in_use(path: Path) -> None:
+    """A :class:`DemoError` where another process holds the DuckDB file ``path``: the demo
+    recreates its default file, and deleted one in use (that process then wrote to a file
+    nobody could open again)."""
+    if not path.exists():
+        return
+    try:
+        duckdb.connect(str(path)).close()
+    except duckdb.IOException as exc:
+        if "lock" not in str(exc).lower():
+            raise
+        holder = re.search(r"\(PID (\d+)\)", str(exc))
+        by = f"process {holder[1]}" if holder else "another process"
+        raise DemoError(
+            f"{path} is in use by {by}; the demo recreates it: stop that process, or pick another --uri"
+        ) from None
 
 
 class Demo:

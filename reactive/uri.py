@@ -57,9 +57,25 @@ def file_path(uri: str) -> str:
 
     >>> file_path("duckdb:///app.duckdb"), file_path("sqlite:////tmp/app.db"), file_path("duckdb://")
     ('app.duckdb', '/tmp/app.db', ':memory:')
+
+    A query is refused (:class:`~reactive.errors.ConfigurationError`), wherever the URI is
+    used (``reactive.connect``, ``reactive status``, the demo): reading up to the ``?`` dropped
+    the rest, and opened (created) a file named up to it (``a?b.duckdb`` opened ``a``).
     """
     rest = uri.split("://", 1)[1] if "://" in uri else uri
-    path = (rest[1:] if rest.startswith("/") else rest).split("?", 1)[0]
+    if "?" in rest:
+        from reactive.errors import ConfigurationError
+
+        scheme = scheme_of(uri)
+        settings = (
+            "; DuckDB settings go to reactive.connect as keyword arguments (e.g. checkpoint_threshold='256MB')"
+            if scheme == "duckdb"
+            else ""
+        )
+        raise ConfigurationError(
+            f"a {scheme or 'file'} URI takes no query: {redact(uri)!r} (a '?' in a file name is written %3F){settings}"
+        )
+    path = rest[1:] if rest.startswith("/") else rest
     return ":memory:" if path in ("", ":memory:") else unquote(path)
 
 

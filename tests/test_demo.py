@@ -79,6 +79,45 @@ def test_demo_needs_a_duckdb_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert "DuckDB file" in capsys.readouterr().err
 
 
+def test_demo_refuses_a_uri_it_would_misread_and_writes_nothing(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A query was dropped (a file "qq" made for duckdb:///qq?threads=4), and a file in a
+    # missing directory ended in DuckDB's traceback.
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--uri", "duckdb:///qq?threads=4", "--model", "hash"]) == 1
+    assert "takes no query" in capsys.readouterr().err
+    assert main(["demo", "--uri", "duckdb:///nodir/x.duckdb", "--model", "hash"]) == 1
+    assert "no directory 'nodir'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_leaves_its_default_file_alone_while_another_process_holds_it(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It deleted the file under the process using it, which then wrote to a file nobody
+    # could open again.
+    monkeypatch.chdir(tmp_path)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys; c = duckdb.connect(sys.argv[1]); print('open', flush=True); sys.stdin.read()",
+            demo.DEFAULT_URI.rpartition("/")[2],
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+        assert main(["demo", "--model", "hash"]) == 1
+        assert f"in use by process {holder.pid}" in capsys.readouterr().err
+        assert (tmp_path / demo.DEFAULT_URI.rpartition("/")[2]).exists()
+    finally:
+        holder.communicate("")
+
+
 def test_missing_model_package_says_how_to_install_it(
     tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -93,22 +93,12 @@ class IbisBackend(DataBackend):
         versions = _version_columns(options.pop("version_columns", None))
         parts = split(uri)
         scheme = parts.scheme.lower()
-        if scheme in ("duckdb", "sqlite") and "?" in uri.partition("://")[2]:
-            # file_path() reads up to the '?': the rest was dropped, and a file named up to it
-            # was opened (created) instead ('a?b.duckdb' opened 'a').
-            settings = (
-                "; DuckDB settings go to reactive.connect as keyword arguments (e.g. checkpoint_threshold='256MB')"
-                if scheme == "duckdb"
-                else ""
-            )
-            raise ConfigurationError(
-                f"a {scheme} URI takes no query: {redact(uri)!r} (a '?' in a file name is written %3F){settings}"
-            )
+        path = file_path(uri) if scheme in ("duckdb", "sqlite") else ""  # refuses a query, before any file opens
         try:
             if scheme == "duckdb":
-                con = ibis.duckdb.connect(file_path(uri), **options)
+                con = ibis.duckdb.connect(path, **options)
             elif scheme == "sqlite":
-                raw = sqlite3.connect(file_path(uri), check_same_thread=False, timeout=30)
+                raw = sqlite3.connect(path, check_same_thread=False, timeout=30)
                 prepare_sqlite(raw)
                 con = ibis.sqlite.from_connection(raw)
             elif scheme in ("postgres", "postgresql"):
