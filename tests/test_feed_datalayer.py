@@ -215,6 +215,36 @@ def test_a_listener_in_another_process_takes_a_published_table_as_its_source(
         worker.close()
 
 
+@pytest.mark.parametrize("kind", ["duckdb", "sqlite", "postgres"])
+def test_a_followed_table_keyed_by_text_ids_gets_its_outputs(
+    duck, tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    # The outputs of a followed table were made keyed by int64 (the source is no table of the
+    # follower's database): every text id failed its write, nothing was stored, no error was
+    # recorded, and wait_idle said True.
+    duck.execute("CREATE TABLE docs (id VARCHAR PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES ('a', 'x'), ('b', 'yy')")
+    follower = {
+        "duckdb": f"duckdb:///{tmp_path / 'b.duckdb'}",
+        "sqlite": f"sqlite:///{tmp_path / 'b.sqlite'}",
+    }.get(kind) or request.getfixturevalue("pg_database")
+    with reactive.connect(duck.uri, poll_interval=0.05) as a, reactive.connect(follower) as b:
+        a.add(Listener(Model("len", predict=length), "text", "docs"))
+        feed = a.cdc.publish()
+        a.cdc.start()
+        b.cdc.follow(feed.address, "len__text", as_table="lengths")
+        b.add(Listener(Model("double", predict=lambda xs: [2 * x for x in xs]), "_output", "lengths"))
+        b.cdc.start()
+        assert b.cdc.wait_idle(WAIT)
+        assert outputs_by_source(b, "double___output") == {"a": 2, "b": 4}
+        duck.execute("INSERT INTO docs VALUES ('c', 'zzz')")
+        duck.execute("UPDATE docs SET text = 'xxxx' WHERE id = 'a'")
+        duck.execute("DELETE FROM docs WHERE id = 'b'")
+        assert a.cdc.wait_idle(WAIT) and b.cdc.wait_idle(WAIT)
+        assert outputs_by_source(b, "double___output") == {"a": 8, "c": 6}
+        assert b.errors() == [] and b.cdc.info()["handler"]["internal_errors"] == 0
+
+
 def test_publish_before_start_loads_existing_outputs_and_follows_a_listener_added_later(duck) -> None:
     duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
     duck.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'bb')")

@@ -16,6 +16,7 @@ error on every engine.
 from __future__ import annotations
 
 import datetime as _dt
+import decimal
 import functools
 import hashlib
 import importlib
@@ -1552,6 +1553,42 @@ def id_kind(dtype: dt.DataType) -> str:
     if dtype.is_string():
         return "text"
     return type(dtype).__name__
+
+
+def ids_type(ids: Sequence[Any]) -> dt.DataType:
+    """The column type that holds ``ids`` (of a source that is not a table of this database:
+    one followed from a change feed), taken from their Python type, that of the first id that
+    is not None; a :class:`ConfigurationError` for a type no id column is made of.
+
+    >>> [str(ids_type(ids)) for ids in ([1, 2], ["a"], [b"x"], [_dt.date(2026, 1, 1)], [uuid.UUID(int=1)])]
+    ['int64', 'string', 'binary', 'date', 'uuid']
+    >>> ids_type([(1, "a")])
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: ids of type tuple cannot key outputs (as the first id, (1, 'a')): ...
+    """
+    first = next((i for i in ids if i is not None), None)
+    kinds: list[tuple[type | tuple[type, ...], dt.DataType]] = [
+        (bool, dt.boolean),
+        (int, dt.int64),
+        (str, dt.string),
+        (bytes | bytearray, dt.binary),
+        (float, dt.float64),
+        (decimal.Decimal, dt.Decimal(38, 9)),
+        (_dt.datetime, dt.timestamp),  # before date: a datetime is a date
+        (_dt.date, dt.date),
+        (uuid.UUID, dt.uuid),
+    ]
+    for kind, dtype in kinds:
+        if isinstance(first, kind):
+            if isinstance(first, _dt.datetime) and first.tzinfo is not None:
+                return dt.Timestamp(timezone="UTC")
+            return dtype
+    raise ConfigurationError(
+        f"ids of type {type(first).__name__} cannot key outputs (as the first id, {first!r}): "
+        "a table followed from a feed is keyed by ids that are whole numbers, text, bytes, numbers, dates, times"
+        " or UUIDs"
+    )
 
 
 def timestamp_column(dialect: Dialect, values: list[_dt.datetime]) -> pa.Array:

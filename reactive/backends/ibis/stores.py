@@ -26,7 +26,14 @@ from reactive.backends.base import (
     outputs_table,
 )
 from reactive.backends.ibis.connection import IbisConnection
-from reactive.backends.ibis.dialects import encode_for, id_array, id_kind, stored_as_text, timestamp_column
+from reactive.backends.ibis.dialects import (
+    encode_for,
+    id_array,
+    id_kind,
+    ids_type,
+    stored_as_text,
+    timestamp_column,
+)
 from reactive.errors import ConfigurationError
 from reactive.events import Row, id_key
 from reactive.fingerprints import from_plain, plain_value
@@ -95,6 +102,8 @@ class IbisOutputs:
         self.outputs_lost = outputs_lost
         #: What each listener's outputs table is created from (``create_outputs`` comes first).
         self._declared: dict[str, TableInfo] = {}
+        #: The outputs tables to make at their first write, with their type (see create_outputs).
+        self._unmade: dict[str, str] = {}
 
     takes_arrays = True
 
@@ -112,8 +121,23 @@ class IbisOutputs:
             raise ConfigurationError(f"listener {identifier!r} cannot read its own outputs", listener=identifier)
         conn = self.conn
         with conn.lock:
-            exists = conn.table_exists(source.name)
-            id_type = conn.table(source.name).schema()[source.id_column] if exists else dt.int64
+            name = outputs_table(identifier)
+            if conn.table_exists(source.name):
+                id_type = conn.table(source.name).schema()[source.id_column]
+            elif conn.table_exists(name):
+                id_type = conn.table(name).schema()[SOURCE_FIELD]
+            else:
+                # A source elsewhere (a table followed from a change feed): the type of its ids
+                # is known from the ids themselves, so the table is made at the first write.
+                # It was made keyed by int64 here, and every text id then failed its write.
+                self._declared[identifier] = source
+                self._unmade[identifier] = output_type
+                return
+            self._create(identifier, source, output_type, id_type)
+
+    def _create(self, identifier: str, source: TableInfo, output_type: str, id_type: dt.DataType) -> None:
+        conn = self.conn
+        with conn.lock:
             name = outputs_table(identifier)
             conn.create_table(
                 name,
@@ -138,12 +162,21 @@ class IbisOutputs:
                     table=source.name,
                 )
             self._declared[identifier] = source
+            self._unmade.pop(identifier, None)
+
+    def _make_for(self, identifier: str, sources: Sequence[Any]) -> None:
+        """Make the outputs table :meth:`create_outputs` left to the first write, keyed by
+        the type of the ids it writes (:func:`ids_type`)."""
+        output_type = self._unmade.get(identifier)
+        if output_type is not None:
+            self._create(identifier, self._declared[identifier], output_type, ids_type(sources))
 
     def store_outputs(
         self, identifier: str, output_type: str, batch: OutputBatch, stored: list[Any], positions: Sequence[int]
     ) -> None:
         name = outputs_table(identifier)
         with self.conn.lock:
+            self._make_for(identifier, batch.sources)
             try:
                 self._upsert(name, output_type, batch)
             except Exception:
@@ -151,6 +184,7 @@ class IbisOutputs:
                     raise  # the write's own error, with its cause (a value the column cannot take...)
                 source = self._declared[identifier]
                 self.create_outputs(identifier, source, output_type)
+                self._make_for(identifier, batch.sources)
                 self._upsert(name, output_type, batch)
                 self.outputs_lost(source.name)
 
@@ -276,6 +310,7 @@ class IbisOutputs:
     def drop_outputs(self, identifier: str) -> None:
         self.conn.drop_table(outputs_table(identifier))
         self._declared.pop(identifier, None)
+        self._unmade.pop(identifier, None)
 
 
 class IbisErrors:
