@@ -1451,6 +1451,26 @@ def test_sqlite_ids_of_another_type_than_the_column_are_left_out_and_counted(
     client.close()
 
 
+def test_a_table_of_the_application_named_as_a_listeners_outputs_is_refused_and_kept(sql: SQLClient) -> None:
+    def lengths(texts: list[str]) -> list[int]:
+        return [len(t) for t in texts]
+
+    # It was read and written as outputs: each statement failed with the driver's error
+    # ("no such column: _outputs__m__text._source") after a log line that adding the listener
+    # again resumes its backfill, which could not help.
+    sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(10))")
+    sql.execute("INSERT INTO docs VALUES (1, 'x')")
+    sql.execute("CREATE TABLE _outputs__m__text (id INTEGER PRIMARY KEY, note VARCHAR(10) NOT NULL)")
+    sql.execute("INSERT INTO _outputs__m__text VALUES (1, 'precious')")
+    with reactive.connect(sql.uri) as db:
+        with pytest.raises(reactive.ConfigurationError, match=r"exists with other columns \(id, note\)"):
+            db.add(Listener(Model("m", predict=lengths), "text", "docs"))
+        assert db.show() == []
+        db.add(Listener(Model("m", predict=lengths), "text", "docs", identifier="m2"))
+        assert outputs_by_source(db, "m2") == {1: 1}
+    assert sql.execute("SELECT * FROM _outputs__m__text") == [(1, "precious")]
+
+
 def test_sqlite_text_holding_nul_is_followed_as_id_and_as_value(tmp_path, recorder: Recorder) -> None:
     """SQLite keeps a NUL inside a text, and its text functions stop at the first one: a row
     whose id held one was never computed (its id, sent as JSON to the read by id, came back cut

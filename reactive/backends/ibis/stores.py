@@ -116,6 +116,24 @@ class IbisOutputs:
         why = f"output has the NUL character (\\x00), which {self.conn.dialect.name} text cannot hold"
         return dict.fromkeys(nul_texts(output_type, outputs), why)
 
+    def check_identifier(self, identifier: str) -> None:
+        """A ConfigurationError where a table of another shape holds the name of
+        ``identifier``'s outputs (an application's own ``_outputs__m__text``): it was read and
+        written as outputs, and each statement failed with the driver's error (``no such
+        column: _source``), after a log line that adding the listener again resumes it."""
+        name = outputs_table(identifier)
+        with self.conn.lock:
+            if not self.conn.table_exists(name):
+                return
+            columns = tuple(self.conn.table(name).schema().names)
+        if not {SOURCE_FIELD, OUTPUT_FIELD, FINGERPRINT_FIELD} <= set(columns):
+            raise ConfigurationError(
+                f"listener {identifier!r} keeps its outputs in table {name!r}, which exists with other columns"
+                f" ({', '.join(columns)}): it is not reactive's; rename it, or give the listener another"
+                " identifier (Listener(..., identifier=...))",
+                listener=identifier,
+            )
+
     def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
         if source.name == outputs_table(identifier):
             raise ConfigurationError(f"listener {identifier!r} cannot read its own outputs", listener=identifier)
