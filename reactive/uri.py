@@ -8,6 +8,9 @@ from __future__ import annotations
 import re
 from urllib.parse import SplitResult, unquote, urlsplit
 
+#: Schemes whose URI names a file: no host, no credentials.
+_FILE_SCHEMES = ("duckdb", "sqlite")
+
 _SECRET_QUERY_VALUE = re.compile(r"(?i)([?&][^=&#]*(?:pass|pwd|secret|token)[^=&#]*=)[^&#]*")
 
 
@@ -28,11 +31,18 @@ def redact(uri: str) -> str:
     'postgres://bob@db/app?password=***&sslmode=require'
     >>> redact("postgres://bob@127.0.0.1:1/x?password=hun/ter@2")
     'postgres://bob@127.0.0.1:1/x?password=***'
+
+    A file URI has no credentials: its path is shown as it is.
+
+    >>> redact("sqlite:///a:b@c.sqlite")
+    'sqlite:///a:b@c.sqlite'
     """
     # Query secrets first: a raw "@" in one must not be taken for the end of the credentials.
     scheme, sep, rest = _SECRET_QUERY_VALUE.sub(r"\1***", uri).partition("://")
     if not sep:
         scheme, rest = "", scheme
+    if scheme.lower() in _FILE_SCHEMES:
+        return f"{scheme}{sep}{rest}"
     userinfo, at, hosts = rest.rpartition("@")
     if at and ":" in userinfo:
         rest = f"{userinfo.partition(':')[0]}:***@{hosts}"
