@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +250,10 @@ def test_bad_queries_and_declarations_get_clear_errors_and_write_nothing(duck: S
             db.search("near", "aaa")
         with pytest.raises(SearchError, match="NaN"):
             db.search("near", [np.nan] * 8)
+        with warnings.catch_warnings():  # numpy warned of an overflow, then it was called NaN or infinity
+            warnings.simplefilter("error")
+            with pytest.raises(SearchError, match=r"a number past what float32 holds \(about 3.4e38\): 1e\+39"):
+                db.search("near", [1e39] + [0.0] * 7)
         with pytest.raises(SearchError, match="one vector"):
             db.search("near", [letters("a"), letters("b")])
         assert isinstance(SearchError("x"), ValueError)

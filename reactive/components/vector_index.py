@@ -136,6 +136,30 @@ class SearchHit:
     distance: float
 
 
+def _as_float32(value: Any) -> np.ndarray:
+    """``value`` as float32s (the index's type), numbers past its range made infinite without
+    numpy's overflow warning: :func:`_not_finite` says which."""
+    with np.errstate(over="ignore"):
+        return np.asarray(value, dtype=np.float32)
+
+
+def _not_finite(value: Any, vector: np.ndarray) -> str | None:
+    """Why ``vector`` (``value`` as float32s) is not all finite, or None when it is.
+
+    >>> _not_finite([1.0, float("nan")], _as_float32([1.0, float("nan")]))
+    'NaN or infinity'
+    >>> _not_finite([1e39], _as_float32([1e39]))
+    'a number past what float32 holds (about 3.4e38): 1e+39'
+    """
+    if np.all(np.isfinite(vector)):
+        return None
+    wide = np.asarray(value, dtype=np.float64)
+    past = wide[np.isfinite(wide) & ~np.isfinite(vector)]
+    if len(past):
+        return f"a number past what float32 holds (about 3.4e38): {past[0]:g}"
+    return "NaN or infinity"
+
+
 class VectorIndex(Component):
     """Nearest-neighbour search over the vectors a listener keeps fresh.
 
@@ -421,13 +445,13 @@ class VectorIndex(Component):
         if value is None:
             return None, "the output is missing"
         try:
-            vector = np.asarray(value, dtype=np.float32)
+            vector = _as_float32(value)
         except (TypeError, ValueError):
             return None, f"the output is not a vector of numbers ({type(value).__name__})"
         if vector.ndim != 1 or len(vector) == 0:
             return None, f"the output has shape {vector.shape}, not a vector"
-        if not np.all(np.isfinite(vector)):
-            return None, "the vector holds NaN or infinity"
+        if (why := _not_finite(value, vector)) is not None:
+            return None, f"the vector holds {why}"
         if self._ndim is None:
             self._ndim = len(vector)
         if len(vector) != self._ndim:
@@ -452,13 +476,13 @@ class VectorIndex(Component):
             except ModelOutputError as exc:
                 raise SearchError(f"index {self.identifier!r} cannot embed the query: {exc}") from None
         try:
-            vector = np.asarray(query, dtype=np.float32)
+            vector = _as_float32(query)
         except (TypeError, ValueError):
             raise SearchError(f"a query must be a vector of numbers, not {type(query).__name__}") from None
         if vector.ndim != 1 or len(vector) == 0:
             raise SearchError(f"a query must be one vector, not an array of shape {vector.shape}")
-        if not np.all(np.isfinite(vector)):
-            raise SearchError("the query holds NaN or infinity")
+        if (why := _not_finite(query, vector)) is not None:
+            raise SearchError(f"the query holds {why}")
         if self._ndim is not None and len(vector) != self._ndim:
             raise SearchError(
                 f"the query has {len(vector)} numbers; index {self.identifier!r} holds vectors of {self._ndim}"
