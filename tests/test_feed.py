@@ -965,6 +965,44 @@ def test_bad_addresses_are_refused_with_the_address_in_the_message(address: Any)
     assert reactive_threads() == []
 
 
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("tcp://user:s3cret@127.0.0.1:5999", "'tcp://user:***@127.0.0.1:5999': ZMQ takes no user or password"),
+        (" tcp://127.0.0.1:5999", "spaces around it or control characters in it"),
+        ("tcp://127.0.0.1:5999\n", "spaces around it or control characters in it"),
+        ("tcp://127.0.0.1:5999/x", "ZMQ takes no path, query or fragment"),
+        ("tcp://127.0.0.1:5999?k=v", "ZMQ takes no path, query or fragment"),
+    ],
+)
+def test_addresses_zmq_would_refuse_are_refused_up_front_without_the_password(address: str, why: str) -> None:
+    # ZMQ refused each of these inside subscribe(), with the password in its message.
+    for start in (
+        lambda: reactive.feed.node.check_address(address),
+        lambda: subscribe(address, "t", Changes(), rpc_timeout=0.5),
+        lambda: Node(address),
+        lambda: Node(peers=[address]),
+    ):
+        with pytest.raises(ConfigurationError, match=re.escape(why)) as refused:
+            start()
+        assert "s3cret" not in str(refused.value)
+    assert reactive_threads() == []
+
+
+def test_a_node_that_fails_to_start_leaves_no_thread_and_no_socket_behind() -> None:
+    too_long = "ipc:///tmp/" + "x" * 200  # a feed address, but longer than a Unix socket's path can be
+    before = open_fds()
+    for start in (
+        Node(None, peers=[too_long]).start,
+        Node(too_long).start,
+        lambda: subscribe(too_long, "t", Changes()),
+    ):
+        with pytest.raises(ConfigurationError, match=r"the feed cannot (connect to|listen at) ipc:///tmp/x+: File"):
+            start()
+        assert reactive_threads() == []
+    assert open_fds() == before
+
+
 def test_bad_node_options_and_a_taken_address_are_refused(pub_node: Node) -> None:
     with pytest.raises(ConfigurationError, match="heartbeat_interval must be a number of seconds above 0"):
         Node(heartbeat_interval=0)

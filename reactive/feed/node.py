@@ -33,6 +33,7 @@ from reactive.events import id_key
 from reactive.feed import wire
 from reactive.feed.service import EVENTS, Change, endpoint_actions
 from reactive.threads import ReactiveThread
+from reactive.uri import redact
 
 if TYPE_CHECKING:
     from reactive.feed.service import DataService, Delta
@@ -68,25 +69,41 @@ def topic(publisher: str, table: str) -> bytes:
 def check_address(address: str) -> str:
     """A ZMQ endpoint to bind or connect: ``tcp://host:port`` or ``ipc://path``.
 
+    ZMQ takes nothing else (no user or password, path, query, or space around), so nothing
+    else is let through to fail later, inside a feed thread; a password is shown as ``***``.
+
     >>> check_address("tcp://127.0.0.1:0")
     'tcp://127.0.0.1:0'
     >>> check_address("http://x")
     Traceback (most recent call last):
     ...
     reactive.errors.ConfigurationError: a feed address is tcp://host:port or ipc://path, not 'http://x'
+    >>> check_address("tcp://me:s3cret@host:5560")
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: a feed address ... not 'tcp://me:***@host:5560': ZMQ takes no user or password
     """
+    problem = None
     if isinstance(address, str):
         parts = urlsplit(address)
-        if parts.scheme == "ipc" and address[6:]:
+        if address != address.strip() or not address.isprintable():
+            problem = "spaces around it or control characters in it"
+        elif parts.scheme == "ipc" and address[6:]:
             return address
-        if parts.scheme == "tcp":
+        elif parts.scheme == "tcp":
             try:
                 port = parts.port
             except ValueError:
                 port = None
-            if parts.hostname and port is not None:
+            if "@" in parts.netloc:
+                problem = "ZMQ takes no user or password"
+            elif parts.path or parts.query or parts.fragment or address.endswith(("?", "#")):
+                problem = "ZMQ takes no path, query or fragment"
+            elif parts.hostname and port is not None:
                 return address
-    raise ConfigurationError(f"a feed address is tcp://host:port or ipc://path, not {address!r}")
+    shown = redact(address) if isinstance(address, str) else address
+    why = f": {problem}" if problem else ""
+    raise ConfigurationError(f"a feed address is tcp://host:port or ipc://path, not {shown!r}{why}")
 
 
 def _data_endpoint(address: str) -> str:
@@ -125,7 +142,12 @@ class _Peer:
         self._socket = context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
-        self._socket.connect(address)
+        try:
+            self._socket.connect(address)
+        except zmq.ZMQError as exc:  # its message holds the address as given
+            self._socket.close(0)
+            why = zmq.strerror(exc.errno)
+            raise ConfigurationError(f"the feed cannot connect to {redact(address)}: {why}") from None
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self.services: dict[str, Any] = {}
@@ -266,7 +288,15 @@ class Node:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Bind the sockets and start the threads. Calling it twice does nothing."""
+        """Bind the sockets and start the threads. Calling it twice does nothing; a start that
+        fails leaves no thread or socket behind."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         with self._lock:
             if self._started:
                 return
@@ -308,7 +338,8 @@ class Node:
             socket.bind(address)
         except zmq.ZMQError as exc:
             socket.close(0)
-            raise ConfigurationError(f"the feed cannot listen at {address}: {exc}") from None
+            why = zmq.strerror(exc.errno)
+            raise ConfigurationError(f"the feed cannot listen at {redact(address)}: {why}") from None
         return socket
 
     def stop(self) -> None:
