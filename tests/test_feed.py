@@ -911,6 +911,38 @@ def test_stop_leaves_no_thread_and_no_socket_behind() -> None:
     assert set(threading.enumerate()) == baseline_threads
 
 
+def test_close_from_on_change_stops_the_subscription_and_leaves_nothing_behind(
+    stack: ExitStack, pub: DataService, pub_node: Node
+) -> None:
+    pub.publish("t", {1: "a"})
+    publishers = set(reactive_threads())
+    before = open_fds()
+    outcome: list[str] = []
+    closed = threading.Event()
+
+    def stop_at_the_first_update(change: Change) -> None:
+        if change.event == "update":
+            try:
+                sub.close()
+                outcome.append("closed")
+            except BaseException as exc:  # what close() raised on its own thread
+                outcome.append(repr(exc))
+            closed.set()
+
+    sub = subscribe(pub_node.address, "t", stop_at_the_first_update, **FAST)
+    stack.callback(sub.close)
+    assert sub.wait_synced(WAIT)
+    subscriber_threads = set(reactive_threads()) - publishers
+    pub.publish("t", {1: "b"})
+    assert closed.wait(WAIT)
+    assert outcome == ["closed"]
+    for thread in subscriber_threads:  # the receiver ends once its callback returned
+        thread.join(WAIT)
+    assert set(reactive_threads()) == publishers
+    assert open_fds() == before
+    assert pub.publish("t", {1: "c"}) == 3  # the publisher goes on
+
+
 def test_stop_while_fetching_from_a_dead_publisher_leaves_nothing_behind(stack: ExitStack) -> None:
     proc = publisher(stack, rows={"t": [[1, "a"]]})
     before = open_fds()

@@ -114,6 +114,8 @@ class Subscription(DataService):
             changes = data
             self._apply(changes)
         for change in changes:
+            if not self._running:
+                return  # closed, perhaps by on_change itself: nothing more is delivered
             try:
                 self.on_change(change)
             except Exception:
@@ -165,7 +167,8 @@ class Subscription(DataService):
             return None if sub is None else sub.seqnum
 
     def close(self) -> None:
-        """Stop delivering; the private node's threads and sockets are gone when this returns."""
+        """Stop delivering; the private node's threads and sockets are gone when this returns
+        (called from ``on_change``, its receiving thread ends as soon as ``on_change`` returns)."""
         node = self.node
         self.stop()
         if self._closes_node and node is not None:

@@ -351,7 +351,12 @@ class Node:
             threads = [t for t in (self._server, self._receiver, self._fetcher) if t is not None]
         for thread in threads:
             thread.stop()
+        # Stopped from one of its own threads (a subscriber's on_change, on the receiver): that
+        # one ends when its callback returns; its socket goes with the context (destroy, below).
+        current = threading.current_thread()
         for thread in threads:
+            if thread is current:
+                continue
             thread.join(10)
             if thread.is_alive():
                 log.error("thread %s did not stop", thread.name)
@@ -365,7 +370,7 @@ class Node:
                 self._pub = None
         if self._context is not None:
             if any(thread.is_alive() for thread in threads):
-                self._context.destroy(0)  # a thread that did not stop would make term() hang
+                self._context.destroy(0)  # a thread that did not stop (or this one) would make term() hang
             else:
                 self._context.term()
             self._context = None
@@ -788,8 +793,12 @@ class _Receiver(ReactiveThread):
         try:
             while self.should_keep_running():
                 self._run_commands()
+                if not self.should_keep_running():
+                    return  # a callback stopped the node: its socket is closed
                 if poller.poll(interval_ms):
                     for _ in range(1000):  # then the timers get a turn
+                        if not self.should_keep_running():
+                            return
                         try:
                             frames = self.socket.recv_multipart(_NOBLOCK)
                         except zmq.Again:
@@ -813,7 +822,7 @@ class _Receiver(ReactiveThread):
                 log.exception("a feed message could not be handled")
 
     def _run_commands(self) -> None:
-        while True:
+        while self.should_keep_running():
             try:
                 kind, address, arg = self.commands.get_nowait()
             except queue.Empty:
