@@ -435,6 +435,32 @@ def test_dropped_deltas_are_repaired_by_resubscription_without_duplicate_or_miss
     assert status["seqnum"] == 14 and status["pending"] == 0 and status["last_error"] is None
 
 
+def test_a_resubscription_delivers_only_what_changed_even_with_nan_values(
+    stack: ExitStack, pub: DataService, pub_node: Node
+) -> None:
+    # Compared with !=, each NaN row was delivered again as "update" at every resubscription,
+    # and a Decimal sNaN raised, losing the changes the snapshot brought.
+    nan = float("nan")
+    rows = {1: nan, 2: {"x": nan}, 3: decimal.Decimal("sNaN"), 4: [nan] * 8, 5: decimal.Decimal("NaN"), 6: "old"}
+    pub.publish("t", rows)
+    lossy = Lossy(drop={2})
+    sub, changes = follow(stack, pub_node.address, receive_filter=lossy, gap_timeout=0.1)
+    assert sub.wait_synced(WAIT)
+    assert pub.publish("t", {**rows, 6: "new"}) == 2  # lost: the subscriber resubscribes
+    assert pub.publish("t", {**rows, 6: "new", 7: "seven"}) == 3
+    assert sub.wait_delivered(3, WAIT)
+    assert changes.wait_for(lambda: len(changes.items) >= len(rows) + 2)
+    assert lossy.dropped == [2] and sub.status["subscriptions"]["pub:t"]["resubscriptions"] == 1
+    after = [(c.event, c.id, c.value) for c in changes.snapshot()[len(rows) :]]
+    assert after == [("update", 6, "new"), ("insert", 7, "seven")]
+    assert sub.errors == 0
+    sub.check_resub_all(quiet_after=0)  # and again, with nothing changed: nothing is delivered
+    assert wait_until(sub, lambda: sub.status["subscriptions"]["pub:t"]["resubscriptions"] == 2)
+    assert pub.publish("t", {**rows, 6: "new", 7: "seven", 8: "eight"}) == 4
+    assert sub.wait_delivered(4, WAIT)
+    assert [(c.event, c.id) for c in changes.snapshot()[len(rows) + 2 :]] == [("insert", 8)]
+
+
 def test_reordered_deltas_repaired_within_gap_timeout_do_not_resubscribe(
     stack: ExitStack, pub: DataService, pub_node: Node
 ) -> None:

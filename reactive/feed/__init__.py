@@ -49,7 +49,7 @@ from reactive.errors import ConfigurationError
 from reactive.events import id_key
 from reactive.feed.node import Node, NodeStats, RpcError, RpcTimeoutError, check_address
 from reactive.feed.service import Change, DataService, DataServiceEndPoints, DataServiceInfo, check_name
-from reactive.feed.wire import FeedDecodeError, FeedEncodeError
+from reactive.feed.wire import FeedDecodeError, FeedEncodeError, same_on_the_wire
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Subscription(DataService):
                 before = old.get(key)
                 if before is None:
                     changes.append(Change("insert", row_id, value, seqnum, self.table, self.publisher))
-                elif before[1] != value:
+                elif not same_on_the_wire(before[1], value):
                     changes.append(Change("update", row_id, value, seqnum, self.table, self.publisher))
             changes.extend(
                 Change("delete", row_id, None, seqnum, self.table, self.publisher)
