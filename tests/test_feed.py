@@ -1180,6 +1180,35 @@ def test_values_that_cannot_be_encoded_are_refused_and_nothing_is_published(
     assert [(c.event, c.id, c.seqnum) for c in changes.snapshot()] == [("snapshot", 1, 1), ("insert", 2, 2)]
 
 
+def test_what_json_or_python_cannot_carry_is_refused_at_publish_and_registers_nothing(
+    pub: DataService, pub_node: Node
+) -> None:
+    deep: list[Any] = []
+    for _ in range(10_000):
+        deep = [deep]
+    for value, message in (
+        (10**5000, "Exceeds the limit"),
+        ({"n": [10**5000]}, "Exceeds the limit"),
+        (deep, "nested too deeply"),
+    ):
+        with pytest.raises(FeedEncodeError, match=message):
+            pub.publish("t", {1: value})
+        with pytest.raises(FeedEncodeError, match=message):
+            pub.publish("t", [("insert", 1, value)], use_snapshot=False)
+    with pytest.raises(FeedEncodeError, match="Exceeds the limit"):
+        pub.publish("t", {10**5000: "a huge id"})
+    with pytest.raises(ConfigurationError, match="without NUL or lone surrogates"):
+        pub.publish("t\ud800", {1: "a"})
+    for data in (5, None, "rows", {1: "a"}):
+        with pytest.raises(
+            ConfigurationError, match=r"use_snapshot=False\): data is an iterable of \(event, id, value\), not"
+        ):
+            pub.publish("t", data, use_snapshot=False)
+    assert pub.published_tables() == []
+    with pytest.raises(ConfigurationError, match=r"node must be a reactive\.feed\.Node .*, not str"):
+        DataService("x", node="tcp://127.0.0.1:5560")  # type: ignore[arg-type]
+
+
 def test_a_table_with_document_ids_can_be_followed(stack: ExitStack, pub: DataService, pub_node: Node) -> None:
     pub.publish("t", [("insert", {"a": 1}, "x"), ("insert", 2, "y")], use_snapshot=False)
     sub, changes = follow(stack, pub_node.address)

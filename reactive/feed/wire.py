@@ -25,8 +25,10 @@ set, frozenset                ``{"$set": [...]}``
 numpy scalars                 the plain number
 ============================  ====================================================================
 
-Anything else is refused when it is published (:class:`FeedEncodeError`): nothing is pickled,
-nothing is guessed. The messages themselves are described in :mod:`reactive.feed`.
+Anything else is refused when it is published (:class:`FeedEncodeError`), as are an int of
+more than 4300 digits (what Python converts to text) and a value nested deeper than Python's
+recursion limit: nothing is pickled, nothing is guessed, and what is published can be read.
+The messages themselves are described in :mod:`reactive.feed`.
 
 >>> import datetime, decimal
 >>> text = dumps({"when": datetime.date(2026, 11, 26), "price": decimal.Decimal("1.10"), "n": float("nan")})
@@ -150,13 +152,24 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def dumps(value: Any) -> str:
-    """``value`` as wire JSON text (compact)."""
-    if type(value) is int:  # row ids: what json writes for an int
-        return int.__repr__(value)
-    data = to_wire(value)
-    if type(data) is dict and "$vector" in data:  # only _vector makes one: base64 needs no escaping
-        return f'{{"$vector":"{data["$vector"]}","dtype":"{data["dtype"]}"}}'
-    return _ENCODER.encode(data)
+    """``value`` as wire JSON text (compact); raises :class:`FeedEncodeError`.
+
+    >>> dumps(10**5000)
+    Traceback (most recent call last):
+    ...
+    reactive.feed.wire.FeedEncodeError: a value cannot be published: Exceeds the limit (4300 digits) ...
+    """
+    try:
+        if type(value) is int:  # row ids: what json writes for an int
+            return int.__repr__(value)
+        data = to_wire(value)
+        if type(data) is dict and "$vector" in data:  # only _vector makes one: base64 needs no escaping
+            return f'{{"$vector":"{data["$vector"]}","dtype":"{data["dtype"]}"}}'
+        return _ENCODER.encode(data)
+    except ValueError as exc:  # an int of too many digits (for json's parser too)
+        raise FeedEncodeError(f"a value cannot be published: {exc}") from None
+    except RecursionError:
+        raise FeedEncodeError("a value nested too deeply cannot be published") from None
 
 
 def same_on_the_wire(a: Any, b: Any) -> bool:
@@ -232,7 +245,7 @@ def loads(text: str | bytes) -> Any:
     """The Python value of wire JSON text; raises :class:`FeedDecodeError` if malformed."""
     try:
         data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise FeedDecodeError(f"not JSON: {exc}") from None
     return from_wire(data)
 
@@ -241,5 +254,5 @@ def parse(text: str | bytes) -> Any:
     """Wire JSON text as JSON data, tags left in place (:func:`from_wire` turns them into values)."""
     try:
         return json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise FeedDecodeError(f"not JSON: {exc}") from None
