@@ -1209,6 +1209,23 @@ def test_what_json_or_python_cannot_carry_is_refused_at_publish_and_registers_no
         DataService("x", node="tcp://127.0.0.1:5560")  # type: ignore[arg-type]
 
 
+def test_sets_in_sets_and_as_dict_keys_arrive_as_frozensets(stack: ExitStack, pub: DataService, pub_node: Node) -> None:
+    # Published, but no subscriber could decode them (a set is unhashable): each retried forever.
+    rows = {
+        1: {frozenset({1, 2}), frozenset()},
+        2: {frozenset({"a"}): "x", (frozenset({1}), 2): "y"},
+        3: {(1, (2, frozenset({3})))},
+    }
+    pub.publish("t", rows)
+    sub, changes = follow(stack, pub_node.address)
+    assert sub.wait_synced(WAIT)
+    assert sub.view == rows and sub.status["subscriptions"]["pub:t"]["last_error"] is None
+    assert pub.publish("t", {**rows, 4: {frozenset({4})}}) == 2  # and in a delta
+    assert sub.wait_delivered(2, WAIT)
+    assert changes.snapshot()[-1].value == {frozenset({4})}
+    assert wire.loads(wire.dumps({frozenset({1}): {frozenset({2})}})) == {frozenset({1}): {frozenset({2})}}
+
+
 def test_a_table_with_document_ids_can_be_followed(stack: ExitStack, pub: DataService, pub_node: Node) -> None:
     pub.publish("t", [("insert", {"a": 1}, "x"), ("insert", 2, "y")], use_snapshot=False)
     sub, changes = follow(stack, pub_node.address)

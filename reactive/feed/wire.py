@@ -21,7 +21,8 @@ decimal.Decimal               ``{"$decimal": "12.50"}`` (exact)
 bytes                         ``{"$bytes": "<base64>"}``
 uuid.UUID                     ``{"$uuid": "..."}``
 bson ObjectId                 ``{"$oid": "<24 hex digits>"}`` (MongoDB Extended JSON's form)
-set, frozenset                ``{"$set": [...]}``
+set, frozenset                ``{"$set": [...]}``; arrives as a set, or as a frozenset where it must be
+                              hashable (in a set, or as a dict key; a list there arrives as a tuple)
 numpy scalars                 the plain number
 ============================  ====================================================================
 
@@ -234,7 +235,12 @@ def _untag(value: dict[str, Any]) -> Any:
 
 
 def _hashable(value: Any) -> Any:
-    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+    """A set's element or a dict's key as it was sent: hashable (a tuple, a frozenset)."""
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, set):
+        return frozenset(value)
+    return value
 
 
 def _bad(value: Any) -> Any:
