@@ -415,6 +415,35 @@ def test_mongodb_values_travel_with_their_types(mongo_uri: str, mongo) -> None:
             assert outputs.replayed() == {oid: 11}
 
 
+def test_a_name_the_feed_cannot_carry_is_refused_alone_and_the_rest_is_published(
+    sqlite_file: tuple[str, sqlite3.Connection], caplog: pytest.LogCaptureFixture
+) -> None:
+    # It killed the publisher thread at its first load: nothing at all was published.
+    uri, client = sqlite_file
+    long = "t" * 300  # over the feed's 256 characters
+    client.execute(f'CREATE TABLE "{long}" (id INTEGER PRIMARY KEY, text TEXT)')
+    client.execute(f"INSERT INTO \"{long}\" VALUES (1, 'a')")
+    with reactive.connect(uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("len", predict=length), "text", "docs"))
+        db.add(Listener(Model("len2", predict=length), "text", long))
+        feed = db.cdc.publish()
+        db.cdc.start()
+        client.execute("INSERT INTO docs VALUES (6, 'sixsix')")
+        client.execute(f"INSERT INTO \"{long}\" VALUES (2, 'bb')")
+        assert db.cdc.wait_idle(WAIT)
+        assert feed.is_alive()
+        (info,) = db.cdc.info()["feeds"]
+        assert info["refused"] == [long] and "at most 256 characters" in info["last_error"]
+        assert feed.service.published_tables() == ["docs", "len2__text", "len__text"]
+        refusals = [r for r in caplog.records if "the feed does not publish" in r.getMessage()]
+        assert len(refusals) == 1 and refusals[0].levelno == logging.ERROR
+        collected, other = Collector(), Collector()
+        with reactive.feed.subscribe(feed.address, "len__text", collected) as sub:
+            assert sub.wait_synced(WAIT) and collected.replayed() == {i: i for i in range(1, 7)}
+        with reactive.feed.subscribe(feed.address, "len2__text", other) as sub:
+            assert sub.wait_synced(WAIT) and other.replayed() == {1: 1, 2: 2}
+
+
 def test_feed_bad_input_gets_clear_errors(sqlite_file: tuple[str, sqlite3.Connection]) -> None:
     uri, _ = sqlite_file
     with reactive.connect(uri) as db:
