@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,50 @@ def test_a_listener_in_another_process_takes_a_published_table_as_its_source(
             assert doubled.inputs[calls:] == [2]  # only the row that changed was computed again
     finally:
         worker.close()
+
+
+def free_address() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_a_follow_started_before_its_publisher_is_up_follows_it_once_it_answers(
+    sqlite_file: tuple[str, sqlite3.Connection], tmp_path: Path
+) -> None:
+    # It logged "could not follow" and never tried again, and wait_idle said True meanwhile.
+    uri, _ = sqlite_file
+    address = free_address()
+    with reactive.connect(f"duckdb:///{tmp_path}/b.duckdb") as b:
+        b.cdc.follow(address, "len__text", as_table="lengths", rpc_timeout=0.5)
+        b.add(Listener(Model("double", predict=lambda xs: [2 * x for x in xs]), "_output", "lengths"))
+        b.cdc.start()
+        assert not b.cdc.wait_idle(0.5)  # nothing answers there: not idle
+        followed = b.cdc.info()["followed"]["lengths"]
+        assert followed["following"] is False
+        assert "reactive-feed-follow" in [t.name for t in threading.enumerate()]
+        worker = Worker(uri, address)
+        try:
+            assert b.cdc.wait_idle(WAIT)
+            assert outputs_by_source(b, "double___output") == {i: 2 * i for i in range(1, 6)}
+            followed = b.cdc.info()["followed"]["lengths"]
+            assert followed["following"] is True and followed["last_error"] is None
+        finally:
+            worker.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("reactive-")]
+
+
+def test_close_stops_a_follow_waiting_for_its_publisher_at_once(tmp_path: Path) -> None:
+    db = reactive.connect(f"duckdb:///{tmp_path}/b.duckdb")
+    source = db.cdc.follow(free_address(), "t", as_table="elsewhere", rpc_timeout=WAIT)  # each try waits 30 s
+    db.cdc.start()
+    follower = next(t for t in threading.enumerate() if t.name == "reactive-feed-follow")
+    assert not source.sync(0.2)
+    began = time.monotonic()
+    db.close()
+    assert time.monotonic() - began < 5
+    assert not follower.is_alive()
+    assert not [t for t in threading.enumerate() if t.name.startswith("reactive-")]
 
 
 def test_publish_before_start_loads_existing_outputs_and_follows_a_listener_added_later(duck) -> None:

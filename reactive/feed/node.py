@@ -47,6 +47,8 @@ _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 #: A hook on the receiving side of a node, for tests of loss and reordering: it gets the
 #: frames of each data message and returns the messages to process now (none: dropped).
 ReceiveFilter = Callable[[list[bytes]], Sequence[list[bytes]]]
+#: How long an RPC waits at a time for its answer before it looks whether the node is stopping.
+_POLL_SLICE = 0.05
 
 
 class RpcError(ReactiveError):
@@ -149,6 +151,8 @@ class _Peer:
             why = zmq.strerror(exc.errno)
             raise ConfigurationError(f"the feed cannot connect to {redact(address)}: {why}") from None
         self._lock = threading.Lock()
+        #: Set by the node's stop: a request waiting for an answer gives up at once.
+        self._closing = threading.Event()
         self._ids = itertools.count(1)
         self.services: dict[str, Any] = {}
         self.data_address: str | None = None
@@ -159,14 +163,14 @@ class _Peer:
         """Send one request and wait for its answer; returns the decoded result."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            if self._socket.closed:
+            if self._socket.closed or self._closing.is_set():
                 raise RpcError("the node is stopped")
             request_id = str(next(self._ids)).encode()
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise RpcTimeoutError(f"no connection to the node at {self.address} within {timeout} s")
-                if self._socket.poll(int(remaining * 1000) + 1, zmq.POLLOUT):
+                if self._poll(remaining, zmq.POLLOUT):
                     try:
                         self._socket.send_multipart([request_id, body], zmq.NOBLOCK)
                         break
@@ -174,7 +178,7 @@ class _Peer:
                         continue
             while True:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._socket.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                if remaining <= 0 or not self._poll(remaining, zmq.POLLIN):
                     raise RpcTimeoutError(f"no answer from the node at {self.address} within {timeout} s")
                 frames = self._socket.recv_multipart()
                 if len(frames) == 2 and frames[0] == request_id:
@@ -183,7 +187,24 @@ class _Peer:
                     return _answer(frames[1])
                 # an answer to an earlier request that timed out: dropped
 
+    def _poll(self, seconds: float, event: int) -> bool:
+        """Wait up to ``seconds`` for ``event``, in short polls: a node that stops does not wait for an answer."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self._closing.is_set():
+                raise RpcError("the node is stopped")
+            remaining = deadline - time.monotonic()
+            if self._socket.poll(int(min(remaining, _POLL_SLICE) * 1000) + 1, event):
+                return True
+            if remaining <= _POLL_SLICE:
+                return False
+
+    def interrupt(self) -> None:
+        """End the request in progress (from another thread): the node is stopping."""
+        self._closing.set()
+
     def close(self) -> None:
+        self._closing.set()
         with self._lock:
             self._socket.close(0)
 
@@ -349,6 +370,9 @@ class Node:
                 return
             self._started = False
             threads = [t for t in (self._server, self._receiver, self._fetcher) if t is not None]
+        with self._peers_lock:
+            for peer in self._peers.values():
+                peer.interrupt()  # a thread waiting for an answer stops now
         for thread in threads:
             thread.stop()
         # Stopped from one of its own threads (a subscriber's on_change, on the receiver): that
