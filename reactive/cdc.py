@@ -374,7 +374,8 @@ class DatabaseChangeDataCapture:
         """Follow ``table`` published at ``address`` (another process's :meth:`publish`) as
         the table ``as_table`` (default: the same name) of this datalayer: listeners select it
         like any table. Rows carry their id as ``_source``; a published output ``v`` is the
-        row ``{"_source": id, "_output": v}``. Starts with :meth:`start` (at once if running).
+        row ``{"_source": id, "_output": v}``. Starts with :meth:`start` (at once if running); a
+        publisher not up yet is tried again in the background until it answers.
         """
         from reactive.feed.service import check_name
 
@@ -537,7 +538,7 @@ class DatabaseChangeDataCapture:
                 try:
                     source.start()
                 except Exception as exc:
-                    log.error("could not follow %s: %s (retried at the next start)", source, exc)
+                    log.error("could not follow %s: %s", source, exc)
             log.info("change data capture started on %s", self.db.backend.uri)
 
     def stop(self, timeout: float | None = 30.0) -> None:
@@ -617,7 +618,7 @@ class DatabaseChangeDataCapture:
             releases = None if listener is None else listener.releases
             if self._running and listener is not None and not listener.sync(remaining()):
                 return False
-            for source in list(self._followed.values()):
+            for source in list(self._followed.values()) if self._running else []:
                 if not source.sync(remaining()):
                     return False
             if not self.queue.join(remaining()):

@@ -435,6 +435,32 @@ def test_dropped_deltas_are_repaired_by_resubscription_without_duplicate_or_miss
     assert status["seqnum"] == 14 and status["pending"] == 0 and status["last_error"] is None
 
 
+def test_a_resubscription_delivers_only_what_changed_even_with_nan_values(
+    stack: ExitStack, pub: DataService, pub_node: Node
+) -> None:
+    # Compared with !=, each NaN row was delivered again as "update" at every resubscription,
+    # and a Decimal sNaN raised, losing the changes the snapshot brought.
+    nan = float("nan")
+    rows = {1: nan, 2: {"x": nan}, 3: decimal.Decimal("sNaN"), 4: [nan] * 8, 5: decimal.Decimal("NaN"), 6: "old"}
+    pub.publish("t", rows)
+    lossy = Lossy(drop={2})
+    sub, changes = follow(stack, pub_node.address, receive_filter=lossy, gap_timeout=0.1)
+    assert sub.wait_synced(WAIT)
+    assert pub.publish("t", {**rows, 6: "new"}) == 2  # lost: the subscriber resubscribes
+    assert pub.publish("t", {**rows, 6: "new", 7: "seven"}) == 3
+    assert sub.wait_delivered(3, WAIT)
+    assert changes.wait_for(lambda: len(changes.items) >= len(rows) + 2)
+    assert lossy.dropped == [2] and sub.status["subscriptions"]["pub:t"]["resubscriptions"] == 1
+    after = [(c.event, c.id, c.value) for c in changes.snapshot()[len(rows) :]]
+    assert after == [("update", 6, "new"), ("insert", 7, "seven")]
+    assert sub.errors == 0
+    sub.check_resub_all(quiet_after=0)  # and again, with nothing changed: nothing is delivered
+    assert wait_until(sub, lambda: sub.status["subscriptions"]["pub:t"]["resubscriptions"] == 2)
+    assert pub.publish("t", {**rows, 6: "new", 7: "seven", 8: "eight"}) == 4
+    assert sub.wait_delivered(4, WAIT)
+    assert [(c.event, c.id) for c in changes.snapshot()[len(rows) + 2 :]] == [("insert", 8)]
+
+
 def test_reordered_deltas_repaired_within_gap_timeout_do_not_resubscribe(
     stack: ExitStack, pub: DataService, pub_node: Node
 ) -> None:
@@ -911,6 +937,38 @@ def test_stop_leaves_no_thread_and_no_socket_behind() -> None:
     assert set(threading.enumerate()) == baseline_threads
 
 
+def test_close_from_on_change_stops_the_subscription_and_leaves_nothing_behind(
+    stack: ExitStack, pub: DataService, pub_node: Node
+) -> None:
+    pub.publish("t", {1: "a"})
+    publishers = set(reactive_threads())
+    before = open_fds()
+    outcome: list[str] = []
+    closed = threading.Event()
+
+    def stop_at_the_first_update(change: Change) -> None:
+        if change.event == "update":
+            try:
+                sub.close()
+                outcome.append("closed")
+            except BaseException as exc:  # what close() raised on its own thread
+                outcome.append(repr(exc))
+            closed.set()
+
+    sub = subscribe(pub_node.address, "t", stop_at_the_first_update, **FAST)
+    stack.callback(sub.close)
+    assert sub.wait_synced(WAIT)
+    subscriber_threads = set(reactive_threads()) - publishers
+    pub.publish("t", {1: "b"})
+    assert closed.wait(WAIT)
+    assert outcome == ["closed"]
+    for thread in subscriber_threads:  # the receiver ends once its callback returned
+        thread.join(WAIT)
+    assert set(reactive_threads()) == publishers
+    assert open_fds() == before
+    assert pub.publish("t", {1: "c"}) == 3  # the publisher goes on
+
+
 def test_stop_while_fetching_from_a_dead_publisher_leaves_nothing_behind(stack: ExitStack) -> None:
     proc = publisher(stack, rows={"t": [[1, "a"]]})
     before = open_fds()
@@ -963,6 +1021,44 @@ def test_bad_addresses_are_refused_with_the_address_in_the_message(address: Any)
         with pytest.raises(ConfigurationError, match="a feed address"):
             subscribe(address, "t", Changes())
     assert reactive_threads() == []
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("tcp://user:s3cret@127.0.0.1:5999", "'tcp://user:***@127.0.0.1:5999': ZMQ takes no user or password"),
+        (" tcp://127.0.0.1:5999", "spaces around it or control characters in it"),
+        ("tcp://127.0.0.1:5999\n", "spaces around it or control characters in it"),
+        ("tcp://127.0.0.1:5999/x", "ZMQ takes no path, query or fragment"),
+        ("tcp://127.0.0.1:5999?k=v", "ZMQ takes no path, query or fragment"),
+    ],
+)
+def test_addresses_zmq_would_refuse_are_refused_up_front_without_the_password(address: str, why: str) -> None:
+    # ZMQ refused each of these inside subscribe(), with the password in its message.
+    for start in (
+        lambda: reactive.feed.node.check_address(address),
+        lambda: subscribe(address, "t", Changes(), rpc_timeout=0.5),
+        lambda: Node(address),
+        lambda: Node(peers=[address]),
+    ):
+        with pytest.raises(ConfigurationError, match=re.escape(why)) as refused:
+            start()
+        assert "s3cret" not in str(refused.value)
+    assert reactive_threads() == []
+
+
+def test_a_node_that_fails_to_start_leaves_no_thread_and_no_socket_behind() -> None:
+    too_long = "ipc:///tmp/" + "x" * 200  # a feed address, but longer than a Unix socket's path can be
+    before = open_fds()
+    for start in (
+        Node(None, peers=[too_long]).start,
+        Node(too_long).start,
+        lambda: subscribe(too_long, "t", Changes()),
+    ):
+        with pytest.raises(ConfigurationError, match=r"the feed cannot (connect to|listen at) ipc:///tmp/x+: File"):
+            start()
+        assert reactive_threads() == []
+    assert open_fds() == before
 
 
 def test_bad_node_options_and_a_taken_address_are_refused(pub_node: Node) -> None:
@@ -1082,6 +1178,52 @@ def test_values_that_cannot_be_encoded_are_refused_and_nothing_is_published(
     assert pub.publish("t", {1: "a", 2: "b"}) == 2
     assert sub.wait_delivered(2, WAIT)
     assert [(c.event, c.id, c.seqnum) for c in changes.snapshot()] == [("snapshot", 1, 1), ("insert", 2, 2)]
+
+
+def test_what_json_or_python_cannot_carry_is_refused_at_publish_and_registers_nothing(
+    pub: DataService, pub_node: Node
+) -> None:
+    deep: list[Any] = []
+    for _ in range(10_000):
+        deep = [deep]
+    for value, message in (
+        (10**5000, "Exceeds the limit"),
+        ({"n": [10**5000]}, "Exceeds the limit"),
+        (deep, "nested too deeply"),
+    ):
+        with pytest.raises(FeedEncodeError, match=message):
+            pub.publish("t", {1: value})
+        with pytest.raises(FeedEncodeError, match=message):
+            pub.publish("t", [("insert", 1, value)], use_snapshot=False)
+    with pytest.raises(FeedEncodeError, match="Exceeds the limit"):
+        pub.publish("t", {10**5000: "a huge id"})
+    with pytest.raises(ConfigurationError, match="without NUL or lone surrogates"):
+        pub.publish("t\ud800", {1: "a"})
+    for data in (5, None, "rows", {1: "a"}):
+        with pytest.raises(
+            ConfigurationError, match=r"use_snapshot=False\): data is an iterable of \(event, id, value\), not"
+        ):
+            pub.publish("t", data, use_snapshot=False)
+    assert pub.published_tables() == []
+    with pytest.raises(ConfigurationError, match=r"node must be a reactive\.feed\.Node .*, not str"):
+        DataService("x", node="tcp://127.0.0.1:5560")  # type: ignore[arg-type]
+
+
+def test_sets_in_sets_and_as_dict_keys_arrive_as_frozensets(stack: ExitStack, pub: DataService, pub_node: Node) -> None:
+    # Published, but no subscriber could decode them (a set is unhashable): each retried forever.
+    rows = {
+        1: {frozenset({1, 2}), frozenset()},
+        2: {frozenset({"a"}): "x", (frozenset({1}), 2): "y"},
+        3: {(1, (2, frozenset({3})))},
+    }
+    pub.publish("t", rows)
+    sub, changes = follow(stack, pub_node.address)
+    assert sub.wait_synced(WAIT)
+    assert sub.view == rows and sub.status["subscriptions"]["pub:t"]["last_error"] is None
+    assert pub.publish("t", {**rows, 4: {frozenset({4})}}) == 2  # and in a delta
+    assert sub.wait_delivered(2, WAIT)
+    assert changes.snapshot()[-1].value == {frozenset({4})}
+    assert wire.loads(wire.dumps({frozenset({1}): {frozenset({2})}})) == {frozenset({1}): {frozenset({2})}}
 
 
 def test_a_table_with_document_ids_can_be_followed(stack: ExitStack, pub: DataService, pub_node: Node) -> None:

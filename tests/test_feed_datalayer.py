@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -245,6 +246,50 @@ def test_a_followed_table_keyed_by_text_ids_gets_its_outputs(
         assert b.errors() == [] and b.cdc.info()["handler"]["internal_errors"] == 0
 
 
+def free_address() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_a_follow_started_before_its_publisher_is_up_follows_it_once_it_answers(
+    sqlite_file: tuple[str, sqlite3.Connection], tmp_path: Path
+) -> None:
+    # It logged "could not follow" and never tried again, and wait_idle said True meanwhile.
+    uri, _ = sqlite_file
+    address = free_address()
+    with reactive.connect(f"duckdb:///{tmp_path}/b.duckdb") as b:
+        b.cdc.follow(address, "len__text", as_table="lengths", rpc_timeout=0.5)
+        b.add(Listener(Model("double", predict=lambda xs: [2 * x for x in xs]), "_output", "lengths"))
+        b.cdc.start()
+        assert not b.cdc.wait_idle(0.5)  # nothing answers there: not idle
+        followed = b.cdc.info()["followed"]["lengths"]
+        assert followed["following"] is False
+        assert "reactive-feed-follow" in [t.name for t in threading.enumerate()]
+        worker = Worker(uri, address)
+        try:
+            assert b.cdc.wait_idle(WAIT)
+            assert outputs_by_source(b, "double___output") == {i: 2 * i for i in range(1, 6)}
+            followed = b.cdc.info()["followed"]["lengths"]
+            assert followed["following"] is True and followed["last_error"] is None
+        finally:
+            worker.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("reactive-")]
+
+
+def test_close_stops_a_follow_waiting_for_its_publisher_at_once(tmp_path: Path) -> None:
+    db = reactive.connect(f"duckdb:///{tmp_path}/b.duckdb")
+    source = db.cdc.follow(free_address(), "t", as_table="elsewhere", rpc_timeout=WAIT)  # each try waits 30 s
+    db.cdc.start()
+    follower = next(t for t in threading.enumerate() if t.name == "reactive-feed-follow")
+    assert not source.sync(0.2)
+    began = time.monotonic()
+    db.close()
+    assert time.monotonic() - began < 5
+    assert not follower.is_alive()
+    assert not [t for t in threading.enumerate() if t.name.startswith("reactive-")]
+
+
 def test_publish_before_start_loads_existing_outputs_and_follows_a_listener_added_later(duck) -> None:
     duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
     duck.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'bb')")
@@ -443,6 +488,35 @@ def test_mongodb_values_travel_with_their_types(mongo_uri: str, mongo) -> None:
             assert row["at"].replace(tzinfo=dt.UTC) == when and row["tags"] == ["a", "b"]
             assert row["text"] == "hello world"
             assert outputs.replayed() == {oid: 11}
+
+
+def test_a_name_the_feed_cannot_carry_is_refused_alone_and_the_rest_is_published(
+    sqlite_file: tuple[str, sqlite3.Connection], caplog: pytest.LogCaptureFixture
+) -> None:
+    # It killed the publisher thread at its first load: nothing at all was published.
+    uri, client = sqlite_file
+    long = "t" * 300  # over the feed's 256 characters
+    client.execute(f'CREATE TABLE "{long}" (id INTEGER PRIMARY KEY, text TEXT)')
+    client.execute(f"INSERT INTO \"{long}\" VALUES (1, 'a')")
+    with reactive.connect(uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("len", predict=length), "text", "docs"))
+        db.add(Listener(Model("len2", predict=length), "text", long))
+        feed = db.cdc.publish()
+        db.cdc.start()
+        client.execute("INSERT INTO docs VALUES (6, 'sixsix')")
+        client.execute(f"INSERT INTO \"{long}\" VALUES (2, 'bb')")
+        assert db.cdc.wait_idle(WAIT)
+        assert feed.is_alive()
+        (info,) = db.cdc.info()["feeds"]
+        assert info["refused"] == [long] and "at most 256 characters" in info["last_error"]
+        assert feed.service.published_tables() == ["docs", "len2__text", "len__text"]
+        refusals = [r for r in caplog.records if "the feed does not publish" in r.getMessage()]
+        assert len(refusals) == 1 and refusals[0].levelno == logging.ERROR
+        collected, other = Collector(), Collector()
+        with reactive.feed.subscribe(feed.address, "len__text", collected) as sub:
+            assert sub.wait_synced(WAIT) and collected.replayed() == {i: i for i in range(1, 7)}
+        with reactive.feed.subscribe(feed.address, "len2__text", other) as sub:
+            assert sub.wait_synced(WAIT) and other.replayed() == {1: 1, 2: 2}
 
 
 def test_feed_bad_input_gets_clear_errors(sqlite_file: tuple[str, sqlite3.Connection]) -> None:

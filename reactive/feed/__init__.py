@@ -49,7 +49,7 @@ from reactive.errors import ConfigurationError
 from reactive.events import id_key
 from reactive.feed.node import Node, NodeStats, RpcError, RpcTimeoutError, check_address
 from reactive.feed.service import Change, DataService, DataServiceEndPoints, DataServiceInfo, check_name
-from reactive.feed.wire import FeedDecodeError, FeedEncodeError
+from reactive.feed.wire import FeedDecodeError, FeedEncodeError, same_on_the_wire
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,8 @@ class Subscription(DataService):
             changes = data
             self._apply(changes)
         for change in changes:
+            if not self._running:
+                return  # closed, perhaps by on_change itself: nothing more is delivered
             try:
                 self.on_change(change)
             except Exception:
@@ -142,7 +144,7 @@ class Subscription(DataService):
                 before = old.get(key)
                 if before is None:
                     changes.append(Change("insert", row_id, value, seqnum, self.table, self.publisher))
-                elif before[1] != value:
+                elif not same_on_the_wire(before[1], value):
                     changes.append(Change("update", row_id, value, seqnum, self.table, self.publisher))
             changes.extend(
                 Change("delete", row_id, None, seqnum, self.table, self.publisher)
@@ -165,7 +167,8 @@ class Subscription(DataService):
             return None if sub is None else sub.seqnum
 
     def close(self) -> None:
-        """Stop delivering; the private node's threads and sockets are gone when this returns."""
+        """Stop delivering; the private node's threads and sockets are gone when this returns
+        (called from ``on_change``, its receiving thread ends as soon as ``on_change`` returns)."""
         node = self.node
         self.stop()
         if self._closes_node and node is not None:

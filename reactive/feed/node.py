@@ -33,6 +33,7 @@ from reactive.events import id_key
 from reactive.feed import wire
 from reactive.feed.service import EVENTS, Change, endpoint_actions
 from reactive.threads import ReactiveThread
+from reactive.uri import redact
 
 if TYPE_CHECKING:
     from reactive.feed.service import DataService, Delta
@@ -46,6 +47,8 @@ _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 #: A hook on the receiving side of a node, for tests of loss and reordering: it gets the
 #: frames of each data message and returns the messages to process now (none: dropped).
 ReceiveFilter = Callable[[list[bytes]], Sequence[list[bytes]]]
+#: How long an RPC waits at a time for its answer before it looks whether the node is stopping.
+_POLL_SLICE = 0.05
 
 
 class RpcError(ReactiveError):
@@ -68,25 +71,41 @@ def topic(publisher: str, table: str) -> bytes:
 def check_address(address: str) -> str:
     """A ZMQ endpoint to bind or connect: ``tcp://host:port`` or ``ipc://path``.
 
+    ZMQ takes nothing else (no user or password, path, query, or space around), so nothing
+    else is let through to fail later, inside a feed thread; a password is shown as ``***``.
+
     >>> check_address("tcp://127.0.0.1:0")
     'tcp://127.0.0.1:0'
     >>> check_address("http://x")
     Traceback (most recent call last):
     ...
     reactive.errors.ConfigurationError: a feed address is tcp://host:port or ipc://path, not 'http://x'
+    >>> check_address("tcp://me:s3cret@host:5560")
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: a feed address ... not 'tcp://me:***@host:5560': ZMQ takes no user or password
     """
+    problem = None
     if isinstance(address, str):
         parts = urlsplit(address)
-        if parts.scheme == "ipc" and address[6:]:
+        if address != address.strip() or not address.isprintable():
+            problem = "spaces around it or control characters in it"
+        elif parts.scheme == "ipc" and address[6:]:
             return address
-        if parts.scheme == "tcp":
+        elif parts.scheme == "tcp":
             try:
                 port = parts.port
             except ValueError:
                 port = None
-            if parts.hostname and port is not None:
+            if "@" in parts.netloc:
+                problem = "ZMQ takes no user or password"
+            elif parts.path or parts.query or parts.fragment or address.endswith(("?", "#")):
+                problem = "ZMQ takes no path, query or fragment"
+            elif parts.hostname and port is not None:
                 return address
-    raise ConfigurationError(f"a feed address is tcp://host:port or ipc://path, not {address!r}")
+    shown = redact(address) if isinstance(address, str) else address
+    why = f": {problem}" if problem else ""
+    raise ConfigurationError(f"a feed address is tcp://host:port or ipc://path, not {shown!r}{why}")
 
 
 def _data_endpoint(address: str) -> str:
@@ -125,8 +144,15 @@ class _Peer:
         self._socket = context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.IMMEDIATE, 1)
-        self._socket.connect(address)
+        try:
+            self._socket.connect(address)
+        except zmq.ZMQError as exc:  # its message holds the address as given
+            self._socket.close(0)
+            why = zmq.strerror(exc.errno)
+            raise ConfigurationError(f"the feed cannot connect to {redact(address)}: {why}") from None
         self._lock = threading.Lock()
+        #: Set by the node's stop: a request waiting for an answer gives up at once.
+        self._closing = threading.Event()
         self._ids = itertools.count(1)
         self.services: dict[str, Any] = {}
         self.data_address: str | None = None
@@ -137,14 +163,14 @@ class _Peer:
         """Send one request and wait for its answer; returns the decoded result."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            if self._socket.closed:
+            if self._socket.closed or self._closing.is_set():
                 raise RpcError("the node is stopped")
             request_id = str(next(self._ids)).encode()
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise RpcTimeoutError(f"no connection to the node at {self.address} within {timeout} s")
-                if self._socket.poll(int(remaining * 1000) + 1, zmq.POLLOUT):
+                if self._poll(remaining, zmq.POLLOUT):
                     try:
                         self._socket.send_multipart([request_id, body], zmq.NOBLOCK)
                         break
@@ -152,7 +178,7 @@ class _Peer:
                         continue
             while True:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._socket.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                if remaining <= 0 or not self._poll(remaining, zmq.POLLIN):
                     raise RpcTimeoutError(f"no answer from the node at {self.address} within {timeout} s")
                 frames = self._socket.recv_multipart()
                 if len(frames) == 2 and frames[0] == request_id:
@@ -161,7 +187,24 @@ class _Peer:
                     return _answer(frames[1])
                 # an answer to an earlier request that timed out: dropped
 
+    def _poll(self, seconds: float, event: int) -> bool:
+        """Wait up to ``seconds`` for ``event``, in short polls: a node that stops does not wait for an answer."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self._closing.is_set():
+                raise RpcError("the node is stopped")
+            remaining = deadline - time.monotonic()
+            if self._socket.poll(int(min(remaining, _POLL_SLICE) * 1000) + 1, event):
+                return True
+            if remaining <= _POLL_SLICE:
+                return False
+
+    def interrupt(self) -> None:
+        """End the request in progress (from another thread): the node is stopping."""
+        self._closing.set()
+
     def close(self) -> None:
+        self._closing.set()
         with self._lock:
             self._socket.close(0)
 
@@ -266,7 +309,15 @@ class Node:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Bind the sockets and start the threads. Calling it twice does nothing."""
+        """Bind the sockets and start the threads. Calling it twice does nothing; a start that
+        fails leaves no thread or socket behind."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         with self._lock:
             if self._started:
                 return
@@ -308,7 +359,8 @@ class Node:
             socket.bind(address)
         except zmq.ZMQError as exc:
             socket.close(0)
-            raise ConfigurationError(f"the feed cannot listen at {address}: {exc}") from None
+            why = zmq.strerror(exc.errno)
+            raise ConfigurationError(f"the feed cannot listen at {redact(address)}: {why}") from None
         return socket
 
     def stop(self) -> None:
@@ -318,9 +370,17 @@ class Node:
                 return
             self._started = False
             threads = [t for t in (self._server, self._receiver, self._fetcher) if t is not None]
+        with self._peers_lock:
+            for peer in self._peers.values():
+                peer.interrupt()  # a thread waiting for an answer stops now
         for thread in threads:
             thread.stop()
+        # Stopped from one of its own threads (a subscriber's on_change, on the receiver): that
+        # one ends when its callback returns; its socket goes with the context (destroy, below).
+        current = threading.current_thread()
         for thread in threads:
+            if thread is current:
+                continue
             thread.join(10)
             if thread.is_alive():
                 log.error("thread %s did not stop", thread.name)
@@ -334,7 +394,7 @@ class Node:
                 self._pub = None
         if self._context is not None:
             if any(thread.is_alive() for thread in threads):
-                self._context.destroy(0)  # a thread that did not stop would make term() hang
+                self._context.destroy(0)  # a thread that did not stop (or this one) would make term() hang
             else:
                 self._context.term()
             self._context = None
@@ -757,8 +817,12 @@ class _Receiver(ReactiveThread):
         try:
             while self.should_keep_running():
                 self._run_commands()
+                if not self.should_keep_running():
+                    return  # a callback stopped the node: its socket is closed
                 if poller.poll(interval_ms):
                     for _ in range(1000):  # then the timers get a turn
+                        if not self.should_keep_running():
+                            return
                         try:
                             frames = self.socket.recv_multipart(_NOBLOCK)
                         except zmq.Again:
@@ -782,7 +846,7 @@ class _Receiver(ReactiveThread):
                 log.exception("a feed message could not be handled")
 
     def _run_commands(self) -> None:
-        while True:
+        while self.should_keep_running():
             try:
                 kind, address, arg = self.commands.get_nowait()
             except queue.Empty:

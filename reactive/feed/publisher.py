@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from reactive.backends.base import OUTPUT_FIELD, OUTPUTS_PREFIX, SOURCE_FIELD
-from reactive.errors import QueueClosedError
-from reactive.feed.service import DataService
+from reactive.errors import ConfigurationError, QueueClosedError
+from reactive.feed.service import DataService, check_name
 from reactive.feed.wire import FeedEncodeError
 from reactive.queue import CDCQueue
 from reactive.threads import ReactiveThread
@@ -112,6 +112,8 @@ class FeedStats:
     loads: int = 0
     unencodable: int = 0
     handler_waits: int = 0
+    #: Tables and listeners whose name the feed cannot carry (too long...): not published.
+    refused: list[str] = dc.field(default_factory=list)
     last_error: str | None = None
 
 
@@ -167,8 +169,8 @@ class FeedPublisher(ReactiveThread):
 
     def run(self) -> None:
         try:
-            for name in self._known_names():
-                self._load(name)
+            for kind, name in self._known_names():
+                self._follow(kind, name)
             while self.should_keep_running():
                 taken = self._queue.get_batch(max_rows=1)  # one window (waits for one, or a stop)
                 if not taken and self._queue.closed:
@@ -211,12 +213,32 @@ class FeedPublisher(ReactiveThread):
             if self._wanted(name):
                 grouped.setdefault((kind, name), []).append((event, row_id, value))
         for (kind, name), delta in grouped.items():
+            self._follow(kind, name, window, delta)
+
+    def _follow(self, kind: str, name: str, window: int = 0, delta: list[tuple[str, Any, Any]] | None = None) -> None:
+        """Load ``name`` when it is new, then publish ``delta``, its changes in ``window``. A table
+        that cannot be published fails alone: the others go on."""
+        if name in self.stats.refused:
+            return
+        try:
+            check_name("table", name)
+        except ConfigurationError as exc:
+            self.stats.refused.append(name)
+            self.stats.last_error = str(exc)
+            log.error("the feed does not publish %s: %s", name[:80] + ("..." if len(name) > 80 else ""), exc)
+            return
+        try:
             if name not in self._loaded:
                 self._load((kind, name))
+            if not delta:
+                return
             if window <= self._loaded[name]:
                 self.stats.skipped_windows += 1
-                continue  # the load already saw this window
+                return  # the load already saw this window
             self._send(name, delta)
+        except Exception as exc:
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("the feed could not publish %s", name)
 
     def _send(self, name: str, delta: list[tuple[str, Any, Any]]) -> None:
         try:

@@ -48,14 +48,23 @@ def check_name(what: str, name: Any) -> str:
     >>> check_name("table", "a\\x00b")
     Traceback (most recent call last):
     ...
-    reactive.errors.ConfigurationError: a feed table name must be a non-empty str ... without NUL, not 'a\\x00b'
+    reactive.errors.ConfigurationError: a feed table name must be a non-empty str ... or lone surrogates, not 'a\\x00b'
     """
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH or "\x00" in name:
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LENGTH or "\x00" in name or not _utf8(name):
         raise ConfigurationError(
-            f"a feed {what} name must be a non-empty str of at most {MAX_NAME_LENGTH} characters without NUL, "
-            f"not {name!r}"
+            f"a feed {what} name must be a non-empty str of at most {MAX_NAME_LENGTH} characters without NUL "
+            f"or lone surrogates, not {name!r}"
         )
     return name
+
+
+def _utf8(name: str) -> bool:
+    """Whether ``name`` can be sent (topics and messages are UTF-8): no lone surrogate."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dc.dataclass(frozen=True, slots=True)
@@ -222,7 +231,14 @@ class DataService:
         gap_timeout: float = 0.5,
         max_delta_rows: int = 10_000,
     ) -> None:
+        from reactive.feed.node import Node
+
         self.service_id = check_name("service", service_id)
+        if node is not None and not isinstance(node, Node):
+            raise ConfigurationError(
+                f"node must be a reactive.feed.Node (or None: a private one), not {type(node).__name__}; "
+                "for an address, use Node(address)"
+            )
         checks.seconds("gap_timeout", gap_timeout)
         checks.whole("max_delta_rows", max_delta_rows, least=0)
         #: A publication changing more rows than this goes to subscribers as a snapshot.
@@ -356,6 +372,11 @@ class DataService:
                     )
                 changes = _snapshot_delta(rows, data)
             else:
+                if isinstance(data, str | bytes | Mapping) or not isinstance(data, Iterable):
+                    raise ConfigurationError(
+                        f"publish({table!r}, data, use_snapshot=False): data is an iterable of (event, id, value), "
+                        f"not {type(data).__name__}"
+                    )
                 changes = _normalize(rows, data, table)
             state = self._table_state(table)  # only now: a refused publication leaves no table behind
             if not changes:

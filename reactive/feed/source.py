@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,8 @@ from reactive.backends.base import OUTPUT_FIELD, SOURCE_FIELD, TableInfo
 from reactive.events import ChangePacket, DBEvent, Row, id_key
 from reactive.feed import Change, Node, Subscription, _publisher_of
 from reactive.feed.node import check_address
+from reactive.feed.service import MAX_RETRY_BACKOFF
+from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
     from reactive.queue import CDCQueue
@@ -75,6 +78,9 @@ class FeedSource:
         self._reconcile = reconcile
         self._node_options = dict(node_options or {})
         self._subscription: _FeedSubscription | None = None
+        self._follower: _Follower | None = None
+        #: Set while the subscription is open (the publisher answered).
+        self._subscribed = threading.Event()
         self._lock = threading.Lock()
         self.packets = 0
 
@@ -87,32 +93,51 @@ class FeedSource:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        """Subscribe (the first snapshot reconciles the listeners of this table)."""
+        """Subscribe, on a ``reactive-feed-follow`` thread that tries again (backing off) until
+        the publisher answers, as a subscription does when its publisher dies. The first
+        snapshot reconciles the listeners of this table."""
         with self._lock:
-            if self._subscription is not None:
+            if self._subscription is not None or self._follower is not None:
                 return
             node = Node(None, peers=[self.address], **self._node_options)
             node.start()
-            try:
-                publisher = _publisher_of(self.address, self.table, self.service, node.refresh_peer(self.address))
-                subscription = _FeedSubscription(self, node, publisher, self.table)
-                subscription.open()
-            except BaseException:
-                node.stop()
-                raise
-            self._subscription = subscription
+            self._follower = _Follower(self, node)
+            self._follower.start()
 
     def stop(self) -> None:
+        """Stop following (at once, also while the publisher is being waited for)."""
         with self._lock:
+            follower, self._follower = self._follower, None
             subscription, self._subscription = self._subscription, None
+            self._subscribed.clear()
+        if follower is not None:
+            follower.stop()
+            follower.join(10)
         if subscription is not None:
             subscription.close()
 
+    def _opened(self, follower: _Follower, subscription: _FeedSubscription) -> None:
+        """The follower's subscription is open: it is this source's, unless the source stopped meanwhile."""
+        with self._lock:
+            if self._follower is follower and follower.should_keep_running():
+                self._follower = None
+                self._subscription = subscription
+                self._subscribed.set()
+                return
+        subscription.close()
+
     def sync(self, timeout: float | None) -> bool:
-        """Wait until every change published before the call is on the queue (or handled)."""
+        """Wait until every change published before the call is on the queue (or handled); False
+        when ``timeout`` passes first, the publisher not followed yet included."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            started = self._follower is not None or self._subscription is not None
+        if not started or not self._subscribed.wait(timeout):
+            return False
         subscription = self._subscription
         if subscription is None:
-            return True
+            return False
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             answer = subscription.rpc(subscription.publisher, "get_seqnum", {"table": self.table}, timeout=timeout)
         except Exception as exc:
@@ -181,13 +206,54 @@ class FeedSource:
             yield rows[start : start + page_size]
 
     def info(self) -> dict[str, Any]:
-        subscription = self._subscription
+        subscription, follower = self._subscription, self._follower
         return {
             "address": self.address,
             "table": self.table,
+            "following": subscription is not None,
             "packets": self.packets,
             "subscription": None if subscription is None else subscription.status,
+            # While the publisher does not answer: the attempts so far and why the last one failed.
+            "attempts": 0 if follower is None else follower.failures,
+            "last_error": None if follower is None else follower.last_error,
         }
+
+
+class _Follower(ReactiveThread):
+    """Opens the subscription of a :class:`FeedSource`, trying again until the publisher answers."""
+
+    def __init__(self, source: FeedSource, node: Node) -> None:
+        super().__init__("feed-follow")
+        self.source = source
+        self.node = node
+        self.failures = 0
+        self.last_error: str | None = None
+
+    def on_stop(self) -> None:
+        self.node.stop()  # an RPC waiting for the publisher ends at once
+
+    def run(self) -> None:
+        source = self.source
+        while self.should_keep_running():
+            subscription = None
+            try:
+                services = self.node.refresh_peer(source.address)
+                publisher = _publisher_of(source.address, source.table, source.service, services)
+                subscription = _FeedSubscription(source, self.node, publisher, source.table)
+                subscription.open()
+            except Exception as exc:
+                if subscription is not None:
+                    subscription.stop()  # leaves the node, which the next attempt uses
+                if not self.should_keep_running():
+                    return
+                self.failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                delay = min(0.1 * 2**self.failures, MAX_RETRY_BACKOFF)
+                log.warning("%s: could not follow it (%s); trying again in %.1f s", source, exc, delay)
+                self.wait(delay)
+                continue
+            source._opened(self, subscription)
+            return
 
 
 class _FeedSubscription(Subscription):

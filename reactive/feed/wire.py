@@ -21,12 +21,15 @@ decimal.Decimal               ``{"$decimal": "12.50"}`` (exact)
 bytes                         ``{"$bytes": "<base64>"}``
 uuid.UUID                     ``{"$uuid": "..."}``
 bson ObjectId                 ``{"$oid": "<24 hex digits>"}`` (MongoDB Extended JSON's form)
-set, frozenset                ``{"$set": [...]}``
+set, frozenset                ``{"$set": [...]}``; arrives as a set, or as a frozenset where it must be
+                              hashable (in a set, or as a dict key; a list there arrives as a tuple)
 numpy scalars                 the plain number
 ============================  ====================================================================
 
-Anything else is refused when it is published (:class:`FeedEncodeError`): nothing is pickled,
-nothing is guessed. The messages themselves are described in :mod:`reactive.feed`.
+Anything else is refused when it is published (:class:`FeedEncodeError`), as are an int of
+more than 4300 digits (what Python converts to text) and a value nested deeper than Python's
+recursion limit: nothing is pickled, nothing is guessed, and what is published can be read.
+The messages themselves are described in :mod:`reactive.feed`.
 
 >>> import datetime, decimal
 >>> text = dumps({"when": datetime.date(2026, 11, 26), "price": decimal.Decimal("1.10"), "n": float("nan")})
@@ -150,13 +153,34 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
 def dumps(value: Any) -> str:
-    """``value`` as wire JSON text (compact)."""
-    if type(value) is int:  # row ids: what json writes for an int
-        return int.__repr__(value)
-    data = to_wire(value)
-    if type(data) is dict and "$vector" in data:  # only _vector makes one: base64 needs no escaping
-        return f'{{"$vector":"{data["$vector"]}","dtype":"{data["dtype"]}"}}'
-    return _ENCODER.encode(data)
+    """``value`` as wire JSON text (compact); raises :class:`FeedEncodeError`.
+
+    >>> dumps(10**5000)
+    Traceback (most recent call last):
+    ...
+    reactive.feed.wire.FeedEncodeError: a value cannot be published: Exceeds the limit (4300 digits) ...
+    """
+    try:
+        if type(value) is int:  # row ids: what json writes for an int
+            return int.__repr__(value)
+        data = to_wire(value)
+        if type(data) is dict and "$vector" in data:  # only _vector makes one: base64 needs no escaping
+            return f'{{"$vector":"{data["$vector"]}","dtype":"{data["dtype"]}"}}'
+        return _ENCODER.encode(data)
+    except ValueError as exc:  # an int of too many digits (for json's parser too)
+        raise FeedEncodeError(f"a value cannot be published: {exc}") from None
+    except RecursionError:
+        raise FeedEncodeError("a value nested too deeply cannot be published") from None
+
+
+def same_on_the_wire(a: Any, b: Any) -> bool:
+    """Whether two values are one value to the feed: their wire text is the same (as a publisher
+    compares a row with what it published). NaN is NaN; a ``Decimal('sNaN')`` does not raise.
+
+    >>> same_on_the_wire(float("nan"), float("nan")), same_on_the_wire({"x": 1}, {"x": 1.0})
+    (True, False)
+    """
+    return a is b or dumps(a) == dumps(b)
 
 
 def from_wire(value: Any) -> Any:
@@ -211,7 +235,12 @@ def _untag(value: dict[str, Any]) -> Any:
 
 
 def _hashable(value: Any) -> Any:
-    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
+    """A set's element or a dict's key as it was sent: hashable (a tuple, a frozenset)."""
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, set):
+        return frozenset(value)
+    return value
 
 
 def _bad(value: Any) -> Any:
@@ -222,7 +251,7 @@ def loads(text: str | bytes) -> Any:
     """The Python value of wire JSON text; raises :class:`FeedDecodeError` if malformed."""
     try:
         data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise FeedDecodeError(f"not JSON: {exc}") from None
     return from_wire(data)
 
@@ -231,5 +260,5 @@ def parse(text: str | bytes) -> Any:
     """Wire JSON text as JSON data, tags left in place (:func:`from_wire` turns them into values)."""
     try:
         return json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise FeedDecodeError(f"not JSON: {exc}") from None
