@@ -519,6 +519,34 @@ def test_a_name_the_feed_cannot_carry_is_refused_alone_and_the_rest_is_published
             assert sub.wait_synced(WAIT) and other.replayed() == {1: 1, 2: 2}
 
 
+def test_changes_the_handler_released_are_reconciled_again_until_it_works() -> None:
+    # A released packet of a followed table was reconciled once, on a thread of its own: when
+    # that failed too (the database locked a moment), the changes waited for the next start.
+    from reactive.feed.source import FeedSource
+    from reactive.queue import CDCQueue
+
+    calls: list[list[str]] = []
+    done = threading.Event()
+
+    def reconcile(names: list[str]) -> None:
+        calls.append(names)
+        if len(calls) == 1:
+            raise RuntimeError("database is locked")
+        done.set()
+
+    source = FeedSource("lengths", free_address(), "len__text", CDCQueue(), reconcile)
+    source.start()  # its publisher is not up: the source is started, and tries again
+    try:
+        source.release([])
+        assert done.wait(WAIT)
+        assert calls == [["lengths"], ["lengths"]]
+    finally:
+        source.stop()
+    assert not [t for t in threading.enumerate() if t.name in ("reactive-feed-release", "reactive-feed-follow")]
+    source.release([])  # after stop: nothing owed (the next start reconciles), no thread
+    assert len(calls) == 2 and "reactive-feed-release" not in {t.name for t in threading.enumerate()}
+
+
 def test_feed_bad_input_gets_clear_errors(sqlite_file: tuple[str, sqlite3.Connection]) -> None:
     uri, _ = sqlite_file
     with reactive.connect(uri) as db:

@@ -24,6 +24,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from reactive.backends.base import OUTPUT_FIELD, SOURCE_FIELD, TableInfo
+from reactive.errors import QueueClosedError
 from reactive.events import ChangePacket, DBEvent, Row, id_key
 from reactive.feed import Change, Node, Subscription, _publisher_of
 from reactive.feed.node import check_address
@@ -79,6 +80,7 @@ class FeedSource:
         self._node_options = dict(node_options or {})
         self._subscription: _FeedSubscription | None = None
         self._follower: _Follower | None = None
+        self._releaser: _Releaser | None = None
         #: Set while the subscription is open (the publisher answered).
         self._subscribed = threading.Event()
         self._lock = threading.Lock()
@@ -109,10 +111,12 @@ class FeedSource:
         with self._lock:
             follower, self._follower = self._follower, None
             subscription, self._subscription = self._subscription, None
+            releaser, self._releaser = self._releaser, None
             self._subscribed.clear()
-        if follower is not None:
-            follower.stop()
-            follower.join(10)
+        for thread in (follower, releaser):
+            if thread is not None:
+                thread.stop()
+                thread.join(10)
         if subscription is not None:
             subscription.close()
 
@@ -162,10 +166,18 @@ class FeedSource:
         """Nothing to settle."""
 
     def release(self, positions: Sequence[Any]) -> None:
-        """The handler gave up on some changes: bring the listeners up to date with the view."""
-        threading.Thread(
-            target=self._reconcile, args=([self.table_name],), name="reactive-feed-release", daemon=True
-        ).start()
+        """The handler gave up on some changes: bring the listeners up to date with the view, on
+        the ``reactive-feed-release`` thread, which tries again (backing off) until that works.
+        A thread that tried once let a failed reconciliation (the database locked a moment) lose
+        those changes until the next start. After :meth:`stop` nothing is owed: each start's first
+        snapshot reconciles the listeners."""
+        with self._lock:
+            if self._subscription is None and self._follower is None:
+                return
+            if self._releaser is None:
+                self._releaser = _Releaser(self)
+                self._releaser.start()
+            self._releaser.wanted.set()
 
     # -- SourceReader, over the subscription's view ---------------------------------------------
     def _view(self) -> dict[Any, Any]:
@@ -254,6 +266,42 @@ class _Follower(ReactiveThread):
                 continue
             source._opened(self, subscription)
             return
+
+
+class _Releaser(ReactiveThread):
+    """Reconciles the listeners of a :class:`FeedSource` whenever the handler released some of
+    its changes (``wanted``), until a reconciliation is queued; rounds wanted again soon after the
+    last (the same changes failing again) back off, up to :data:`MAX_RETRY_BACKOFF`."""
+
+    #: A round wanted within this many seconds of the last one's start backs off.
+    SOON = 5.0
+
+    def __init__(self, source: FeedSource) -> None:
+        super().__init__("feed-release")
+        self.source = source
+        self.wanted = threading.Event()
+        self.failures = 0
+
+    def on_stop(self) -> None:
+        self.wanted.set()
+
+    def run(self) -> None:
+        delay, last = 0.0, -self.SOON
+        while self.should_keep_running():
+            self.wanted.wait()
+            delay = min(max(0.1, 2 * delay), MAX_RETRY_BACKOFF) if time.monotonic() - last < self.SOON else 0.0
+            if not self.wait(delay):
+                return
+            self.wanted.clear()
+            last = time.monotonic()
+            try:
+                self.source._reconcile([self.source.table_name])
+            except QueueClosedError:
+                return  # db.cdc stops: its next start reconciles
+            except Exception as exc:
+                self.failures += 1
+                log.warning("%s: reconciling its listeners failed (%s); trying again", self.source, exc)
+                self.wanted.set()
 
 
 class _FeedSubscription(Subscription):
