@@ -857,3 +857,75 @@ def test_a_table_dropped_and_created_again_is_followed_again(
         docs.insert_records([[3, "gamma", "en"]])
         assert db.cdc.wait_idle(timeout=WAIT)
         assert outputs_by_source(db, "tag__text") == {2: "<beta>", 3: "<gamma>"}
+
+
+# -- 11. tables other clients alter --------------------------------------------------------------
+def add_note_column(db: GPUdb, table: str) -> None:
+    altered = db.alter_table(table, "add_column", "note", {"column_type": "string", "column_properties": "nullable"})
+    assert altered.is_ok(), altered.get_error_msg()
+
+
+def test_a_column_added_by_another_client_is_followed_and_holds_no_other_table_back(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    """Reads are decoded with the type the server says they have: until this release a
+    reconciliation of the altered table failed for ever ("1 bytes left over (table altered?)")
+    and, reconciled in one pass with it, so did every other table's."""
+    create_table(foreign, "docs", [[1, "alpha", "en"], [2, "beta", "en"]])
+    create_table(foreign, "notes", [[1, "note", "en"], [2, "other", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "notes"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        add_note_column(foreign, "docs")
+        docs, notes = GPUdbTable(None, "docs", db=foreign), GPUdbTable(None, "notes", db=foreign)
+        docs.update_records(["id = 1"], [{"text": "ALPHA"}])
+        docs.delete_records(["id = 2"])
+        notes.update_records(["id = 1"], [{"text": "a longer note"}])
+        notes.delete_records(["id = 2"])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<ALPHA>"}
+        assert outputs_by_source(db, "len__text") == {1: 13}
+        docs.insert_records([[3, "gamma", "en", "a note"]])  # an insert frame of the new type
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<ALPHA>", 3: "<gamma>"}
+        source = source_info(db)
+        assert source["pending_reconciliation"] == [] and source["running"]
+
+
+def test_a_table_whose_reconciliation_keeps_failing_fails_alone(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    create_table(foreign, "docs", [[1, "alpha", "en"]])
+    notes = create_table(foreign, "notes", [[1, "note", "en"], [2, "other", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "notes"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        listener = db.cdc.listener
+        assert listener is not None
+        reconcile, broken = listener.hooks.reconcile, threading.Event()
+
+        def failing_on_docs(tables: list[str], abandon: threading.Event) -> None:
+            if "docs" in tables:
+                broken.set()
+                raise BackendError("docs cannot be read", table="docs")
+            reconcile(tables, abandon)
+
+        listener.hooks = dc.replace(listener.hooks, reconcile=failing_on_docs)
+        foreign_docs = GPUdbTable(None, "docs", db=foreign)
+        foreign_docs.update_records(["id = 1"], [{"text": "ALPHA"}])
+        assert broken.wait(WAIT)
+        notes.update_records(["id = 1"], [{"text": "a longer note"}])
+        notes.delete_records(["id = 2"])
+        assert listener.wait_for(lambda: outputs_by_source(db, "len__text") == {1: 13}, timeout=WAIT)
+        assert not db.cdc.wait_idle(timeout=1.0)  # docs is still behind, and said to be
+        source = source_info(db)
+        assert source["pending_reconciliation"] == ["docs"] and "docs cannot be read" in source["last_error"]
+
+        listener.hooks = dc.replace(listener.hooks, reconcile=reconcile)  # docs can be read again
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<ALPHA>"}
+        assert source_info(db)["pending_reconciliation"] == []

@@ -719,11 +719,12 @@ class InsertCounts(NamedTuple):
 
 
 class RecordPage(NamedTuple):
-    """One page of ``/get/records``."""
+    """One page of ``/get/records``; ``type_schema`` is the type its records were decoded with."""
 
     records: list[dict[str, Any]]
     total_number_of_records: int
     has_more_records: bool
+    type_schema: str = ""
 
 
 # -- the client ------------------------------------------------------------------------------
@@ -884,25 +885,31 @@ class KineticaClient:
         sort_by: str | None = None,
         sort_order: Literal["ascending", "descending"] = "ascending",
     ) -> RecordPage:
-        """One page of table ``name``'s records (of type ``schema``) that match ``expression``.
+        """One page of table ``name``'s records that match ``expression``.
 
+        The records are decoded with the type the response says they have (its
+        ``type_schema``): another client may have altered the table since ``schema`` (what the
+        caller believes its type is, used only where a response names none) was read.
         ``limit`` defaults to as many as the server returns at once; page on with ``offset``
-        while ``has_more_records``. Returns ``(records, total_number_of_records, has_more_records)``.
+        while ``has_more_records``. Returns ``(records, total_number_of_records,
+        has_more_records, type_schema)``.
         """
-        codec = _codec(schema)
+        expected = _codec(schema)
         options = {"expression": expression} if expression else {}
         if sort_by is not None:
             options |= {"sort_by": sort_by, "sort_order": sort_order}
         request = {"table_name": name, "offset": offset, "limit": limit, "encoding": self.encoding, "options": options}
 
         def read(response: dict[str, Any]) -> RecordPage:
+            type_schema = _string(response["type_schema"])
+            codec = RecordCodec.for_schema(type_schema) if type_schema else expected
             if self.encoding == "json":
                 records = [codec.from_json(text) for text in response["records_json"]]
             else:
                 binary = response["records_binary"]
                 records = codec.decode_all(binary) or [codec.decode(data) for data in binary]
             total = _integer(response["total_number_of_records"])
-            return RecordPage(records, total, _boolean(response["has_more_records"]))
+            return RecordPage(records, total, _boolean(response["has_more_records"]), codec.type_schema)
 
         return self._call("/get/records", request, read, table=name)
 

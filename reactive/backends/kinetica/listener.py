@@ -176,6 +176,9 @@ class KineticaMonitorListener(BaseDatabaseListener):
         self._maintenance_wake = threading.Event()
         self._last_activity: dict[str, float] = {}
         self._dirty: set[str] = set()
+        #: Tables whose last reconciliation failed: when to try again, and the pause before it.
+        self._retry_at: dict[str, tuple[float, float]] = {}
+        self._failures: dict[str, str] = {}
         self._reconcile_requested = 0
         self._reconcile_done = 0
         self._marks_sent = 0
@@ -320,6 +323,9 @@ class KineticaMonitorListener(BaseDatabaseListener):
 
     def unwatch(self, table: str) -> None:
         super().unwatch(table)
+        with self._changed:
+            self._retry_at.pop(table, None)
+            self._failures.pop(table, None)
         self._drop_routes(self._routes_of(table, None))
         if self.is_alive():
             self._record_monitors()
@@ -588,27 +594,60 @@ class KineticaMonitorListener(BaseDatabaseListener):
         self._maintenance_wake.set()
 
     def reconcile_dirty(self) -> None:
-        """Reconcile every table marked by a count, a failed frame or a recovery (one pass each)."""
+        """Reconcile every table marked by a count, a failed frame or a recovery (one pass each).
+
+        Each table is reconciled alone: one whose pass fails (a table altered, a read the server
+        refuses) stays marked and is tried again after a pause of its own (0.5 s, doubling up to
+        ``MAX_BACKOFF``), and the other tables go on meanwhile. :attr:`failing` says which fail.
+        """
+        now = time.monotonic()
         with self._changed:
-            tables, self._dirty = sorted(self._dirty), set()
+            due = sorted(t for t in self._dirty if self._retry_at.get(t, (0.0, 0.0))[0] <= now)
+            self._dirty.difference_update(due)
             requested = self._reconcile_requested
-        watched = [t for t in tables if t in self.tables]
+        watched = [t for t in due if t in self.tables]
         if watched and not self.wait_settled():  # stopping: the tables stay marked
             with self._changed:
-                self._dirty.update(tables)
+                self._dirty.update(due)
             return
-        try:
-            if watched:
-                self.reconciliations += 1
-                self.hooks.reconcile(watched, self.stopped_event)
-        except BaseException:
-            with self._changed:
-                self._dirty.update(tables)
-            raise
+        if watched:
+            self.reconciliations += 1
+        for number, table in enumerate(watched):
+            try:
+                self.hooks.reconcile([table], self.stopped_event)
+            except QueueClosedError:
+                with self._changed:
+                    self._dirty.update(watched[number:])
+                raise
+            except Exception as exc:
+                self._reconcile_failed(table, exc)
+            else:
+                with self._changed:
+                    self._retry_at.pop(table, None)
+                    self._failures.pop(table, None)
         with self._changed:
-            self._reconcile_done = max(self._reconcile_done, requested)
-            self.failing = None  # now, before sync() wakes: it would take the failure just overcome for a current one
+            if not self._dirty:
+                self._reconcile_done = max(self._reconcile_done, requested)
+            # now, before sync() wakes: it would take a failure just overcome for a current one
+            self.failing = self.failing_tables()
             self._changed.notify_all()
+
+    def _reconcile_failed(self, table: str, exc: Exception) -> None:
+        """``table``'s pass failed: it stays marked, and waits its own pause before the next."""
+        with self._changed:
+            pause = min(self._retry_at.get(table, (0.0, MAX_BACKOFF / 20))[1] * 2, MAX_BACKOFF)
+            self._retry_at[table] = (time.monotonic() + pause, pause)
+            self._failures[table] = f"{type(exc).__name__}: {exc}"
+            self._dirty.add(table)
+            self.last_error = self._failures[table]
+        level = logging.WARNING if is_transient(exc) else logging.ERROR
+        log.log(level, "reconciling Kinetica table %r failed (%s); retrying in %.1f s", table, exc, pause)
+
+    def failing_tables(self) -> str | None:
+        """Why the tables whose last reconciliation failed failed, or None when none did."""
+        with self._lock:
+            failures = dict(self._failures)
+        return "; ".join(f"{table!r}: {why}" for table, why in sorted(failures.items())) or None
 
     def check_inactivity(self) -> None:
         """A table quiet for longer than its inactivity timeout: is it still there?"""
@@ -655,6 +694,8 @@ class KineticaMonitorListener(BaseDatabaseListener):
             waits = [self._last_activity.get(t, now) + self._timeout_of(t) - now for t in tables]
         if self.reconcile_interval:
             waits.append(self._last_reconcile_all + self.reconcile_interval - now)
+        with self._changed:
+            waits.extend(self._retry_at[t][0] - now for t in self._dirty if t in self._retry_at)
         return min(max(0.05, min(waits or [self.inactivity_timeout])), threading.TIMEOUT_MAX)
 
     def recover_if_needed(self) -> None:
@@ -814,5 +855,5 @@ class _Maintenance(ReactiveThread):
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 listener._maintenance_wake.set()
             else:
-                listener.failing = None
+                listener.failing = listener.failing_tables()
                 backoff = 0.5
