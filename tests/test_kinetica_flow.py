@@ -929,3 +929,37 @@ def test_a_table_whose_reconciliation_keeps_failing_fails_alone(
         assert db.cdc.wait_idle(timeout=WAIT)
         assert outputs_by_source(db, "tag__text") == {1: "<ALPHA>"}
         assert source_info(db)["pending_reconciliation"] == []
+
+
+def test_a_vector_column_reaches_the_model_in_one_form_with_json_encoding(
+    kinetica_server: KineticaTestServer, foreign: GPUdb
+) -> None:
+    """A server writes a vector(N) column of a JSON ``/get/records`` answer as a list of floats;
+    a monitor frame carries its bytes. Until this release the model got a list from a read
+    (backfill, reconciliation) and bytes from an insert, so each inserted row was computed again
+    at the next reconciliation, and its output changed form."""
+    vectors = GPUdbRecordType(
+        [
+            GPUdbRecordColumn("id", "long", [GPUdbColumnProperty.PRIMARY_KEY]),
+            GPUdbRecordColumn("vec", "bytes", ["vector(2)"]),
+            GPUdbRecordColumn("note", "string", is_nullable=True),
+        ],
+        label="vectors",
+    )
+    table = GPUdbTable(vectors, "vectors", db=foreign)
+    table.insert_records([[1, np.array([1, 2], "<f4").tobytes(), "n"]])
+    seen: list[Any] = []
+
+    def floats(values: list[Any]) -> list[list[float]]:
+        seen.extend(values)
+        return [np.frombuffer(value, "<f4").tolist() for value in values]
+
+    with connect(kinetica_server, encoding="json") as db:
+        db.add(Listener(Model("floats", predict=floats), "vec", "vectors"))
+        db.cdc.start()
+        table.insert_records([[2, np.array([3, 4], "<f4").tobytes(), "n"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        table.update_records(["id = 1"], [{"note": "another column"}])  # a count: a reconciliation reads every row
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "floats__vec") == {1: [1.0, 2.0], 2: [3.0, 4.0]}
+    assert [type(value) for value in seen] == [bytes, bytes]  # each row once, as binary encoding gives it

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import re
+import struct
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -433,12 +434,22 @@ class RecordCodec:
         return json.dumps(record)
 
     def from_json(self, text: str) -> dict[str, Any]:
-        """The record in ``text`` (JSON mode)."""
+        """The record in ``text`` (JSON mode), in the form binary mode gives it: a ``bytes``
+        column as bytes, a vector column (which a server writes as a list of floats) packed
+        as Kinetica stores it, little-endian float32.
+
+        >>> codec = RecordCodec(record_type_schema("t", [("id", "long", False), ("vec", "bytes", True)]))
+        >>> codec.from_json('{"id": 1, "vec": [1.0, 2.0]}')
+        {'id': 1, 'vec': b'\\x00\\x00\\x80?\\x00\\x00\\x00@'}
+        """
         try:
             record = json.loads(text)
             for column in self._bytes_columns:
-                if isinstance(record.get(column), str):
-                    record[column] = record[column].encode("latin-1")
+                value = record.get(column)
+                if isinstance(value, str):
+                    record[column] = value.encode("latin-1")
+                elif isinstance(value, list):
+                    record[column] = struct.pack(f"<{len(value)}f", *value)
         except Exception as exc:
             raise KineticaProtocolError(
                 f"a JSON record of type {self.name!r} does not decode: {_describe(exc)}"
