@@ -963,3 +963,40 @@ def test_a_vector_column_reaches_the_model_in_one_form_with_json_encoding(
         assert db.cdc.wait_idle(timeout=WAIT)
         assert outputs_by_source(db, "floats__vec") == {1: [1.0, 2.0], 2: [3.0, 4.0]}
     assert [type(value) for value in seen] == [bytes, bytes]  # each row once, as binary encoding gives it
+
+
+def test_outputs_keyed_by_another_id_type_or_not_reactives_are_refused_at_add(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    """As on SQL: until this release ``db.add`` took such a table, no output was ever written,
+    an error row per row piled up at every reconciliation, and ``wait_idle`` said True."""
+    create_table(foreign, "docs", [[1, "alpha", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>"}
+    foreign.clear_table("docs")
+    text_ids = GPUdbRecordType(
+        [
+            GPUdbRecordColumn("id", "string", [GPUdbColumnProperty.PRIMARY_KEY, GPUdbColumnProperty.CHAR16]),
+            GPUdbRecordColumn("text", "string"),
+        ],
+        label="docs",
+    )
+    GPUdbTable(text_ids, "docs", db=foreign).insert_records([["a", "alpha"]])
+    with connect(kinetica_server) as db:
+        with pytest.raises(
+            reactive.ConfigurationError,
+            match=r"'_outputs__tag__text'\) are keyed by ids of type int, and 'docs' is now",
+        ):
+            db.add(Listener(tag(recorder), "text", "docs"))
+        assert db.components() == []  # nothing registered
+
+    foreign.clear_table("_outputs__tag__text")
+    stranger = GPUdbRecordType([GPUdbRecordColumn("_source", "string", [GPUdbColumnProperty.PRIMARY_KEY])], label="x")
+    GPUdbTable(stranger, "_outputs__tag__text", db=foreign)
+    with connect(kinetica_server) as db:
+        with pytest.raises(reactive.ConfigurationError, match=r"'_outputs__tag__text'\) exists but lacks reactive's"):
+            db.add(Listener(tag(recorder), "text", "docs"))
+        foreign.clear_table("_outputs__tag__text")
+        db.add(Listener(tag(recorder), "text", "docs"))
+        assert outputs_by_source(db, "tag__text") == {"a": "<alpha>"}
