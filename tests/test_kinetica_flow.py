@@ -1000,3 +1000,20 @@ def test_outputs_keyed_by_another_id_type_or_not_reactives_are_refused_at_add(
         foreign.clear_table("_outputs__tag__text")
         db.add(Listener(tag(recorder), "text", "docs"))
         assert outputs_by_source(db, "tag__text") == {"a": "<alpha>"}
+
+
+def test_a_missing_table_names_the_one_that_differs_only_in_case(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    """As for columns, and for tables on SQL; until this release only "does not exist"."""
+    create_table(foreign, "MixedCase", [[1, "alpha", "en"]])
+    create_table(foreign, "app.Notes", [[1, "note", "en"]])
+    with connect(kinetica_server) as db:
+        with pytest.raises(TableNotFoundError, match=r"'mixedcase' does not exist .*did you mean 'MixedCase'\?"):
+            db.add(Listener(tag(recorder), "text", "mixedcase"))
+        with pytest.raises(TableNotFoundError, match=r"did you mean 'app\.Notes'\?"):
+            db.add(Listener(tag(recorder), "text", "app.notes"))
+        with pytest.raises(TableNotFoundError, match=r"does not exist in \S+$"):
+            db.add(Listener(tag(recorder), "text", "nothing_like_it"))
+        db.add(Listener(tag(recorder), "text", "MixedCase"))
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>"}

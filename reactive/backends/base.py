@@ -133,6 +133,20 @@ def same_but_case(name: str, names: Iterable[str]) -> str | None:
     return next((n for n in names if n.lower() == name.lower() and n != name), None)
 
 
+def case_hint(name: str, names: Iterable[str]) -> str:
+    """Which of ``names`` ``name`` may mean where only case differs, as the end of a "table not
+    found" message (names are taken whole: a table made by ``CREATE TABLE Docs`` is ``docs`` on
+    PostgreSQL, which folds unquoted names).
+
+    >>> print(case_hint("Docs", ["docs", "notes"]))
+     (names are taken as they are written, case included: did you mean 'docs'?)
+    >>> case_hint("nope", ["docs"])
+    ''
+    """
+    found = same_but_case(name, names)
+    return f" (names are taken as they are written, case included: did you mean {found!r}?)" if found else ""
+
+
 def warn_null_ids(table: TableInfo, count: int | None = None) -> None:
     """Say that rows of ``table`` have a NULL id (``count`` of them, where known): no output or
     error can name such a row, so no backend follows it until its id is set. The one message

@@ -824,6 +824,12 @@ class KineticaClient:
         request = {"table_name": name, "options": {"get_sizes": "true"}}
         return self._call("/show/table", request, functools.partial(_table_description, name), table=name)
 
+    def table_names(self) -> list[str]:
+        """The names of every table the server shows (``/show/table`` of the empty name),
+        schema-qualified as the server writes them."""
+        request = {"table_name": "", "options": {}}
+        return self._call("/show/table", request, lambda r: [_string(name) for name in r["table_names"]])
+
     def create_type(self, type_schema: str, label: str, properties: Mapping[str, Sequence[str]]) -> str:
         """Register a record type (see :func:`record_type_schema`); returns its ``type_id``.
 

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from reactive.backends.base import case_hint
 from reactive.backends.kinetica.client import (
     KineticaClient,
     KineticaError,
@@ -20,7 +21,7 @@ from reactive.backends.kinetica.client import (
     quote_literal,
     record_type_schema,
 )
-from reactive.errors import TableNotFoundError
+from reactive.errors import BackendError, TableNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +88,29 @@ class TableCatalog:
         if cached is not None:
             return cached
         if not self.client.has_table(table):
-            raise TableNotFoundError(f"table {table!r} does not exist in {self.client.uri.redacted}", table=table)
+            raise self._not_found(table)
         try:
             description = self.client.show_table(table)
         except KineticaError as exc:
             if not self.client.has_table(table):
-                raise TableNotFoundError(f"table {table!r} does not exist in {self.client.uri.redacted}") from exc
+                raise self._not_found(table) from exc
             raise
         with self._lock:
             self._descriptions[table] = description
         return description
+
+    def _not_found(self, table: str) -> TableNotFoundError:
+        """The error of a missing ``table``, saying which table it may mean where only case
+        differs (Kinetica's names are case-sensitive; an unqualified name is matched against
+        every schema's tables)."""
+        try:
+            names = self.client.table_names()
+        except BackendError:
+            names = []  # the hint is a courtesy: the error stands without it
+        if "." not in table:
+            names = [name.rpartition(".")[2] for name in names] + names
+        hint = case_hint(table, names)
+        return TableNotFoundError(f"table {table!r} does not exist in {self.client.uri.redacted}{hint}", table=table)
 
     def codec(self, table: str) -> RecordCodec:
         return RecordCodec.for_schema(self.describe(table).type_schema)
