@@ -1017,3 +1017,49 @@ def test_a_missing_table_names_the_one_that_differs_only_in_case(
             db.add(Listener(tag(recorder), "text", "nothing_like_it"))
         db.add(Listener(tag(recorder), "text", "MixedCase"))
         assert outputs_by_source(db, "tag__text") == {1: "<alpha>"}
+
+
+def test_the_marks_table_dropped_by_someone_is_created_again(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    """Until this release ``_reactive_marks`` was created once per process: after a drop every
+    ``wait_idle`` returned False at once, for ever."""
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
+    with following(kinetica_server, recorder) as db:
+        foreign.clear_table("_reactive_marks")  # an administrator cleaning up
+        docs.insert_records([[2, "beta", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 2: "<beta>"}
+        assert watched_on_server(kinetica_server) == {"ki_home._reactive_marks", "ki_home.docs"}
+        assert len(kinetica_server.monitors()) == 4  # the marks' monitor once, not twice
+        docs.insert_records([[3, "gamma", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 2: "<beta>", 3: "<gamma>"}
+    assert kinetica_server.monitors() == {}
+
+
+def test_a_server_that_lost_every_table_gets_its_monitors_again(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    """A server restarted empty: until this release the recovery failed every 5 s for ever,
+    creating a monitor on ``_reactive_marks``, which was gone."""
+    create_table(foreign, "docs", [[1, "alpha", "en"]])
+    create_table(foreign, "notes", [[1, "note", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "notes"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        kinetica_server.stop()
+        for table in kinetica_server.tables:
+            kinetica_server.drop_table(table)
+        kinetica_server.start()
+        create_table(foreign, "docs", [[7, "seven", "en"]])  # notes is not made again
+        listener = db.cdc.listener
+        assert listener is not None
+        assert listener.wait_for(lambda: listener.recoveries == 1, timeout=WAIT)
+        info = db.cdc.info()
+        assert info["stopped_tables"] == {"notes": "dropped"} and info["source"]["tables"] == ["docs"]
+        assert watched_on_server(kinetica_server) == {"ki_home._reactive_marks", "ki_home.docs"}
+        assert len(kinetica_server.monitors()) == 4 and info["source"]["running"]
+        assert "_reactive_marks" not in (listener.failing or "")

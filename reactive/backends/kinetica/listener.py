@@ -66,6 +66,7 @@ from reactive.backends.kinetica.client import (
     KineticaProtocolError,
     RecordCodec,
     is_transient,
+    record_type_schema,
 )
 from reactive.backends.kinetica.stores import NON_FINITE_IDS, followed_id
 from reactive.backends.kinetica.tables import TableCatalog
@@ -80,6 +81,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MARKS_TABLE = "_reactive_marks"
+MARKS_COLUMNS = (("id", "string", False), ("n", "long", False))
 MONITORS_CHECKPOINT = "kinetica/monitors"
 _EVENTS = {"insert": DBEvent.insert, "update": DBEvent.update, "delete": DBEvent.delete}
 _POLL_MS = 250
@@ -184,6 +186,7 @@ class KineticaMonitorListener(BaseDatabaseListener):
         self._marks_sent = 0
         self._marks_seen = 0
         self._marks_deleted = 0
+        self._marks_lock = threading.Lock()
         #: Why the maintenance thread's last round failed (reconciliations wait), or None.
         self.failing: str | None = None
         self._requested_at_mark = 0
@@ -363,7 +366,7 @@ class KineticaMonitorListener(BaseDatabaseListener):
         """
         try:
             self._clear_leftovers()
-            self.catalog.create(MARKS_TABLE, [("id", "string", False), ("n", "long", False)], {"id": ["primary_key"]})
+            self._create_marks_table()
             self._zmq = zmq.Context()
             self._open_socket(self.client.monitor_address())
             self._add_routes(self._create_routes(MARKS_TABLE, ("insert",), None))
@@ -715,9 +718,16 @@ class KineticaMonitorListener(BaseDatabaseListener):
         with self._lock:
             old = list(self._routes.values())
         fresh: list[Route] = []
+        gone: set[str] = set()
         try:
+            self._create_marks_table()  # a server that lost its tables lost this one too
             for route in old:
-                fresh.extend(self._create_routes(route.table, (route.event,), route.sink))
+                try:
+                    fresh.extend(self._create_routes(route.table, (route.event,), route.sink))
+                except KineticaError:
+                    if self.client.has_table(route.table):
+                        raise
+                    gone.add(route.table)  # reported below; the other tables go on
             address = self.client.monitor_address()
         except BaseException:
             self._clear_server_side([r.topic for r in fresh])
@@ -745,6 +755,9 @@ class KineticaMonitorListener(BaseDatabaseListener):
         self._record_monitors()
         self._last_reconcile_all = time.monotonic()
         self.recoveries += 1
+        for table in sorted(gone):
+            self.catalog.forget(table)
+            self._report_gone(table, "dropped")
 
     # -- the barrier ----------------------------------------------------------------------
     def _barrier(self, timeout: float | None) -> bool:
@@ -755,13 +768,20 @@ class KineticaMonitorListener(BaseDatabaseListener):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.1
-        codec = self.catalog.codec(MARKS_TABLE)
+        codec = RecordCodec.for_schema(record_type_schema(MARKS_TABLE, MARKS_COLUMNS))
+        restored = False
         while True:
             with self._changed:
                 self._marks_sent += 1
                 mark = self._marks_sent
             try:
                 self.client.insert_records(MARKS_TABLE, [{"id": f"{self._token}/{mark}", "n": mark}], codec)
+            except KineticaError as exc:
+                if not restored and self._restore_marks():
+                    restored = True
+                    continue
+                log.warning("could not write a barrier mark: %s", exc)
+                return False
             except BackendError as exc:
                 log.warning("could not write a barrier mark: %s", exc)
                 return False
@@ -772,6 +792,25 @@ class KineticaMonitorListener(BaseDatabaseListener):
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             pause = min(pause * 2, 2.0)
+
+    def _create_marks_table(self) -> None:
+        self.catalog.forget(MARKS_TABLE)  # asked afresh: someone may have dropped it
+        self.catalog.create(MARKS_TABLE, MARKS_COLUMNS, {"id": ["primary_key"]})
+
+    def _restore_marks(self) -> bool:
+        """Create ``_reactive_marks`` and its insert monitor again if someone dropped the table
+        (its monitor went with it); whether it was missing. The table used to be created once
+        per process, so every barrier after a drop failed at once, for ever."""
+        with self._marks_lock:
+            if self.client.has_table(MARKS_TABLE):
+                return False
+            log.warning("%s was dropped; creating it (and its table monitor) again", MARKS_TABLE)
+            self._create_marks_table()
+            old = self._routes_of(MARKS_TABLE, None)
+            self._add_routes(self._create_routes(MARKS_TABLE, ("insert",), None))
+            self._drop_routes(old)
+            self._record_monitors()
+            return True
 
     def _passed(self, mark: int) -> bool:
         return self._marks_seen >= mark or self.ending()
