@@ -1063,3 +1063,36 @@ def test_a_server_that_lost_every_table_gets_its_monitors_again(
         assert watched_on_server(kinetica_server) == {"ki_home._reactive_marks", "ki_home.docs"}
         assert len(kinetica_server.monitors()) == 4 and info["source"]["running"]
         assert "_reactive_marks" not in (listener.failing or "")
+
+
+def test_a_column_dropped_and_added_again_is_never_read_from_the_wrong_place(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    """``text`` dropped and added again: the columns are (id, note, text), and an insert frame
+    of the new type decodes "successfully" with the old one, ``note`` read as ``text``. Until
+    this release the model got the wrong column; a frame carries no type id, so the type's id
+    is checked with the server."""
+    notes = GPUdbRecordType(
+        [
+            GPUdbRecordColumn("id", "int", [GPUdbColumnProperty.PRIMARY_KEY]),
+            GPUdbRecordColumn("text", "string", is_nullable=True),
+            GPUdbRecordColumn("note", "string", is_nullable=True),
+        ],
+        label="docs",
+    )
+    GPUdbTable(notes, "docs", db=foreign).insert_records([[1, "alpha", "n1"]])
+    with following(kinetica_server, recorder) as db:
+        assert foreign.alter_table("docs", "delete_column", "text", {}).is_ok()
+        add = foreign.alter_table(
+            "docs", "add_column", "text", {"column_type": "string", "column_properties": "nullable"}
+        )
+        assert add.is_ok()
+        docs = GPUdbTable(None, "docs", db=foreign)
+        docs.update_records(["id = 1"], [{"text": "one"}])
+        docs.insert_records([{"id": 2, "note": "n2", "text": "two"}])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<one>", 2: "<two>"}
+        docs.insert_records([{"id": 3, "note": "n3", "text": "three"}])  # decoded with the new type
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<one>", 2: "<two>", 3: "<three>"}
+        assert sorted(recorder.inputs) == ["alpha", "one", "three", "two"]  # never a note

@@ -85,6 +85,7 @@ MARKS_COLUMNS = (("id", "string", False), ("n", "long", False))
 MONITORS_CHECKPOINT = "kinetica/monitors"
 _EVENTS = {"insert": DBEvent.insert, "update": DBEvent.update, "delete": DBEvent.delete}
 _POLL_MS = 250
+_MARKS_CODEC = RecordCodec.for_schema(record_type_schema(MARKS_TABLE, MARKS_COLUMNS))
 
 
 def monitor_id() -> str:
@@ -187,6 +188,8 @@ class KineticaMonitorListener(BaseDatabaseListener):
         self._marks_seen = 0
         self._marks_deleted = 0
         self._marks_lock = threading.Lock()
+        #: Tables whose type changed: frames are not decoded until the mark numbered here is seen.
+        self._fences: dict[str, int] = {}
         #: Why the maintenance thread's last round failed (reconciliations wait), or None.
         self.failing: str | None = None
         self._requested_at_mark = 0
@@ -540,9 +543,39 @@ class KineticaMonitorListener(BaseDatabaseListener):
             log.warning("an insert frame of %r did not decode (%s); the table will be reconciled", table, error)
         return rows, failed
 
+    def _type_unchanged(self, table: str) -> bool:
+        """Whether ``table``'s type is still the one its insert frames are decoded with.
+
+        A frame carries no type id, and a column dropped and added again (another order) still
+        decodes with the old type, into the wrong columns; so the type id is asked of the
+        server (``/show/table``) after the frames arrived: unchanged, they were published in
+        it. Changed, the frames received until a mark sent now comes back may be of either
+        type: they are not decoded, and their table is reconciled once the mark is in.
+        """
+        if table in self._fences:
+            return False
+        try:
+            current = self.client.show_table(table).type_id
+        except BackendError as exc:  # dropped, or unreachable: decoded as before, reloaded if they fail
+            log.debug("could not check the type of %r: %s", table, exc)
+            return True
+        if current == self.catalog.describe(table).type_id:
+            return True
+        log.info("the type of %r changed; its frames are not decoded until it is reconciled", table)
+        self.catalog.forget(table)
+        try:
+            self._fences[table] = self._send_mark()
+        except BackendError as exc:  # the next mark anyone sends is the fence
+            log.debug("could not send a fence mark: %s", exc)
+            self._fences[table] = self._marks_sent + 1
+        return False
+
     def _on_inserts(self, route: Route, frames: list[bytes]) -> None:
         table = self.tables.get(route.table)
         if table is None:
+            return
+        if not self._type_unchanged(route.table):
+            self._mark_dirty([route.table])  # read after these frames arrived: their rows are in it
             return
         rows, failed = self._decode(route.table, frames)
         if failed:
@@ -571,12 +604,18 @@ class KineticaMonitorListener(BaseDatabaseListener):
                 mark = codec.decode(frame)
             except KineticaProtocolError:
                 continue
-            if str(mark.get("id", "")).startswith(prefix):
-                with self._changed:
-                    if mark["n"] > self._marks_seen:
-                        self._marks_seen = mark["n"]
-                        self._requested_at_mark = self._reconcile_requested
-                    self._changed.notify_all()
+            if not str(mark.get("id", "")).startswith(prefix) or mark["n"] <= self._marks_seen:
+                continue
+            # Frames after a fence mark are of its table's new type; those before it, which were
+            # not decoded, are reconciled, and a barrier passed with this mark waits for that.
+            released = [table for table, fence in self._fences.items() if fence <= mark["n"]]
+            for table in released:
+                del self._fences[table]
+            self._mark_dirty(released)
+            with self._changed:
+                self._marks_seen = mark["n"]
+                self._requested_at_mark = self._reconcile_requested
+                self._changed.notify_all()
 
     def _to_sink(self, route: Route, frames: list[bytes]) -> None:
         assert route.sink is not None
@@ -768,14 +807,10 @@ class KineticaMonitorListener(BaseDatabaseListener):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.1
-        codec = RecordCodec.for_schema(record_type_schema(MARKS_TABLE, MARKS_COLUMNS))
         restored = False
         while True:
-            with self._changed:
-                self._marks_sent += 1
-                mark = self._marks_sent
             try:
-                self.client.insert_records(MARKS_TABLE, [{"id": f"{self._token}/{mark}", "n": mark}], codec)
+                mark = self._send_mark()
             except KineticaError as exc:
                 if not restored and self._restore_marks():
                     restored = True
@@ -792,6 +827,14 @@ class KineticaMonitorListener(BaseDatabaseListener):
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             pause = min(pause * 2, 2.0)
+
+    def _send_mark(self) -> int:
+        """Insert the next barrier mark; its number."""
+        with self._changed:
+            self._marks_sent += 1
+            mark = self._marks_sent
+        self.client.insert_records(MARKS_TABLE, [{"id": f"{self._token}/{mark}", "n": mark}], _MARKS_CODEC)
+        return mark
 
     def _create_marks_table(self) -> None:
         self.catalog.forget(MARKS_TABLE)  # asked afresh: someone may have dropped it
