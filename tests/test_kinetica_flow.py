@@ -857,3 +857,242 @@ def test_a_table_dropped_and_created_again_is_followed_again(
         docs.insert_records([[3, "gamma", "en"]])
         assert db.cdc.wait_idle(timeout=WAIT)
         assert outputs_by_source(db, "tag__text") == {2: "<beta>", 3: "<gamma>"}
+
+
+# -- 11. tables other clients alter --------------------------------------------------------------
+def add_note_column(db: GPUdb, table: str) -> None:
+    altered = db.alter_table(table, "add_column", "note", {"column_type": "string", "column_properties": "nullable"})
+    assert altered.is_ok(), altered.get_error_msg()
+
+
+def test_a_column_added_by_another_client_is_followed_and_holds_no_other_table_back(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    """Reads are decoded with the type the server says they have: until this release a
+    reconciliation of the altered table failed for ever ("1 bytes left over (table altered?)")
+    and, reconciled in one pass with it, so did every other table's."""
+    create_table(foreign, "docs", [[1, "alpha", "en"], [2, "beta", "en"]])
+    create_table(foreign, "notes", [[1, "note", "en"], [2, "other", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "notes"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        add_note_column(foreign, "docs")
+        docs, notes = GPUdbTable(None, "docs", db=foreign), GPUdbTable(None, "notes", db=foreign)
+        docs.update_records(["id = 1"], [{"text": "ALPHA"}])
+        docs.delete_records(["id = 2"])
+        notes.update_records(["id = 1"], [{"text": "a longer note"}])
+        notes.delete_records(["id = 2"])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<ALPHA>"}
+        assert outputs_by_source(db, "len__text") == {1: 13}
+        docs.insert_records([[3, "gamma", "en", "a note"]])  # an insert frame of the new type
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<ALPHA>", 3: "<gamma>"}
+        source = source_info(db)
+        assert source["pending_reconciliation"] == [] and source["running"]
+
+
+def test_a_table_whose_reconciliation_keeps_failing_fails_alone(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    create_table(foreign, "docs", [[1, "alpha", "en"]])
+    notes = create_table(foreign, "notes", [[1, "note", "en"], [2, "other", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "notes"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        listener = db.cdc.listener
+        assert listener is not None
+        reconcile, broken = listener.hooks.reconcile, threading.Event()
+
+        def failing_on_docs(tables: list[str], abandon: threading.Event) -> None:
+            if "docs" in tables:
+                broken.set()
+                raise BackendError("docs cannot be read", table="docs")
+            reconcile(tables, abandon)
+
+        listener.hooks = dc.replace(listener.hooks, reconcile=failing_on_docs)
+        foreign_docs = GPUdbTable(None, "docs", db=foreign)
+        foreign_docs.update_records(["id = 1"], [{"text": "ALPHA"}])
+        assert broken.wait(WAIT)
+        notes.update_records(["id = 1"], [{"text": "a longer note"}])
+        notes.delete_records(["id = 2"])
+        assert listener.wait_for(lambda: outputs_by_source(db, "len__text") == {1: 13}, timeout=WAIT)
+        assert not db.cdc.wait_idle(timeout=1.0)  # docs is still behind, and said to be
+        source = source_info(db)
+        assert source["pending_reconciliation"] == ["docs"] and "docs cannot be read" in source["last_error"]
+
+        listener.hooks = dc.replace(listener.hooks, reconcile=reconcile)  # docs can be read again
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<ALPHA>"}
+        assert source_info(db)["pending_reconciliation"] == []
+
+
+def test_a_vector_column_reaches_the_model_in_one_form_with_json_encoding(
+    kinetica_server: KineticaTestServer, foreign: GPUdb
+) -> None:
+    """A server writes a vector(N) column of a JSON ``/get/records`` answer as a list of floats;
+    a monitor frame carries its bytes. Until this release the model got a list from a read
+    (backfill, reconciliation) and bytes from an insert, so each inserted row was computed again
+    at the next reconciliation, and its output changed form."""
+    vectors = GPUdbRecordType(
+        [
+            GPUdbRecordColumn("id", "long", [GPUdbColumnProperty.PRIMARY_KEY]),
+            GPUdbRecordColumn("vec", "bytes", ["vector(2)"]),
+            GPUdbRecordColumn("note", "string", is_nullable=True),
+        ],
+        label="vectors",
+    )
+    table = GPUdbTable(vectors, "vectors", db=foreign)
+    table.insert_records([[1, np.array([1, 2], "<f4").tobytes(), "n"]])
+    seen: list[Any] = []
+
+    def floats(values: list[Any]) -> list[list[float]]:
+        seen.extend(values)
+        return [np.frombuffer(value, "<f4").tolist() for value in values]
+
+    with connect(kinetica_server, encoding="json") as db:
+        db.add(Listener(Model("floats", predict=floats), "vec", "vectors"))
+        db.cdc.start()
+        table.insert_records([[2, np.array([3, 4], "<f4").tobytes(), "n"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        table.update_records(["id = 1"], [{"note": "another column"}])  # a count: a reconciliation reads every row
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "floats__vec") == {1: [1.0, 2.0], 2: [3.0, 4.0]}
+    assert [type(value) for value in seen] == [bytes, bytes]  # each row once, as binary encoding gives it
+
+
+def test_outputs_keyed_by_another_id_type_or_not_reactives_are_refused_at_add(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    """As on SQL: until this release ``db.add`` took such a table, no output was ever written,
+    an error row per row piled up at every reconciliation, and ``wait_idle`` said True."""
+    create_table(foreign, "docs", [[1, "alpha", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>"}
+    foreign.clear_table("docs")
+    text_ids = GPUdbRecordType(
+        [
+            GPUdbRecordColumn("id", "string", [GPUdbColumnProperty.PRIMARY_KEY, GPUdbColumnProperty.CHAR16]),
+            GPUdbRecordColumn("text", "string"),
+        ],
+        label="docs",
+    )
+    GPUdbTable(text_ids, "docs", db=foreign).insert_records([["a", "alpha"]])
+    with connect(kinetica_server) as db:
+        with pytest.raises(
+            reactive.ConfigurationError,
+            match=r"'_outputs__tag__text'\) are keyed by ids of type int, and 'docs' is now",
+        ):
+            db.add(Listener(tag(recorder), "text", "docs"))
+        assert db.components() == []  # nothing registered
+
+    foreign.clear_table("_outputs__tag__text")
+    stranger = GPUdbRecordType([GPUdbRecordColumn("_source", "string", [GPUdbColumnProperty.PRIMARY_KEY])], label="x")
+    GPUdbTable(stranger, "_outputs__tag__text", db=foreign)
+    with connect(kinetica_server) as db:
+        with pytest.raises(reactive.ConfigurationError, match=r"'_outputs__tag__text'\) exists but lacks reactive's"):
+            db.add(Listener(tag(recorder), "text", "docs"))
+        foreign.clear_table("_outputs__tag__text")
+        db.add(Listener(tag(recorder), "text", "docs"))
+        assert outputs_by_source(db, "tag__text") == {"a": "<alpha>"}
+
+
+def test_a_missing_table_names_the_one_that_differs_only_in_case(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    """As for columns, and for tables on SQL; until this release only "does not exist"."""
+    create_table(foreign, "MixedCase", [[1, "alpha", "en"]])
+    create_table(foreign, "app.Notes", [[1, "note", "en"]])
+    with connect(kinetica_server) as db:
+        with pytest.raises(TableNotFoundError, match=r"'mixedcase' does not exist .*did you mean 'MixedCase'\?"):
+            db.add(Listener(tag(recorder), "text", "mixedcase"))
+        with pytest.raises(TableNotFoundError, match=r"did you mean 'app\.Notes'\?"):
+            db.add(Listener(tag(recorder), "text", "app.notes"))
+        with pytest.raises(TableNotFoundError, match=r"does not exist in \S+$"):
+            db.add(Listener(tag(recorder), "text", "nothing_like_it"))
+        db.add(Listener(tag(recorder), "text", "MixedCase"))
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>"}
+
+
+def test_the_marks_table_dropped_by_someone_is_created_again(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    """Until this release ``_reactive_marks`` was created once per process: after a drop every
+    ``wait_idle`` returned False at once, for ever."""
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
+    with following(kinetica_server, recorder) as db:
+        foreign.clear_table("_reactive_marks")  # an administrator cleaning up
+        docs.insert_records([[2, "beta", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 2: "<beta>"}
+        assert watched_on_server(kinetica_server) == {"ki_home._reactive_marks", "ki_home.docs"}
+        assert len(kinetica_server.monitors()) == 4  # the marks' monitor once, not twice
+        docs.insert_records([[3, "gamma", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 2: "<beta>", 3: "<gamma>"}
+    assert kinetica_server.monitors() == {}
+
+
+def test_a_server_that_lost_every_table_gets_its_monitors_again(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    """A server restarted empty: until this release the recovery failed every 5 s for ever,
+    creating a monitor on ``_reactive_marks``, which was gone."""
+    create_table(foreign, "docs", [[1, "alpha", "en"]])
+    create_table(foreign, "notes", [[1, "note", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "notes"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        kinetica_server.stop()
+        for table in kinetica_server.tables:
+            kinetica_server.drop_table(table)
+        kinetica_server.start()
+        create_table(foreign, "docs", [[7, "seven", "en"]])  # notes is not made again
+        listener = db.cdc.listener
+        assert listener is not None
+        assert listener.wait_for(lambda: listener.recoveries == 1, timeout=WAIT)
+        info = db.cdc.info()
+        assert info["stopped_tables"] == {"notes": "dropped"} and info["source"]["tables"] == ["docs"]
+        assert watched_on_server(kinetica_server) == {"ki_home._reactive_marks", "ki_home.docs"}
+        assert len(kinetica_server.monitors()) == 4 and info["source"]["running"]
+        assert "_reactive_marks" not in (listener.failing or "")
+
+
+def test_a_column_dropped_and_added_again_is_never_read_from_the_wrong_place(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
+) -> None:
+    """``text`` dropped and added again: the columns are (id, note, text), and an insert frame
+    of the new type decodes "successfully" with the old one, ``note`` read as ``text``. Until
+    this release the model got the wrong column; a frame carries no type id, so the type's id
+    is checked with the server."""
+    notes = GPUdbRecordType(
+        [
+            GPUdbRecordColumn("id", "int", [GPUdbColumnProperty.PRIMARY_KEY]),
+            GPUdbRecordColumn("text", "string", is_nullable=True),
+            GPUdbRecordColumn("note", "string", is_nullable=True),
+        ],
+        label="docs",
+    )
+    GPUdbTable(notes, "docs", db=foreign).insert_records([[1, "alpha", "n1"]])
+    with following(kinetica_server, recorder) as db:
+        assert foreign.alter_table("docs", "delete_column", "text", {}).is_ok()
+        add = foreign.alter_table(
+            "docs", "add_column", "text", {"column_type": "string", "column_properties": "nullable"}
+        )
+        assert add.is_ok()
+        docs = GPUdbTable(None, "docs", db=foreign)
+        docs.update_records(["id = 1"], [{"text": "one"}])
+        docs.insert_records([{"id": 2, "note": "n2", "text": "two"}])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<one>", 2: "<two>"}
+        docs.insert_records([{"id": 3, "note": "n3", "text": "three"}])  # decoded with the new type
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<one>", 2: "<two>", 3: "<three>"}
+        assert sorted(recorder.inputs) == ["alpha", "one", "three", "two"]  # never a note

@@ -72,6 +72,21 @@ def outputs_table(identifier: str) -> str:
     return bounded_name(OUTPUTS_PREFIX, identifier)
 
 
+def outputs_keyed_otherwise(identifier: str, source: TableInfo, stored: Any, id_type: Any) -> ConfigurationError:
+    """The error of an outputs table keyed by ids of type ``stored`` where ``source``'s id column
+    is now of type ``id_type``: its outputs name rows by the old ids, and no write fits it.
+    The one message for every backend."""
+    name = outputs_table(identifier)
+    return ConfigurationError(
+        f"the outputs of {identifier!r} ({name!r}) are keyed by ids of type {stored}, and"
+        f" {source.name!r} is now identified by {source.id_column!r} of type {id_type}: its id"
+        f" column changed; drop that table (its outputs name rows by the old ids) and add the"
+        f" listener again, or db.remove({identifier!r}, drop_outputs=True) in the process that runs it",
+        listener=identifier,
+        table=source.name,
+    )
+
+
 #: Longest name ``reactive`` gives a table or collection, in UTF-8 bytes: PostgreSQL's limit
 #: (it silently truncates longer names, so two of them could become one table), the
 #: shortest of the engines, so a database keeps its names on every engine.
@@ -116,6 +131,20 @@ def same_but_case(name: str, names: Iterable[str]) -> str | None:
     ('docs', None)
     """
     return next((n for n in names if n.lower() == name.lower() and n != name), None)
+
+
+def case_hint(name: str, names: Iterable[str]) -> str:
+    """Which of ``names`` ``name`` may mean where only case differs, as the end of a "table not
+    found" message (names are taken whole: a table made by ``CREATE TABLE Docs`` is ``docs`` on
+    PostgreSQL, which folds unquoted names).
+
+    >>> print(case_hint("Docs", ["docs", "notes"]))
+     (names are taken as they are written, case included: did you mean 'docs'?)
+    >>> case_hint("nope", ["docs"])
+    ''
+    """
+    found = same_but_case(name, names)
+    return f" (names are taken as they are written, case included: did you mean {found!r}?)" if found else ""
 
 
 def warn_null_ids(table: TableInfo, count: int | None = None) -> None:

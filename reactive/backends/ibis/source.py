@@ -12,8 +12,8 @@ import ibis.expr.datatypes as dt
 from reactive.backends.base import (
     OUTPUT_FIELD,
     TableInfo,
+    case_hint,
     identify_rows,
-    same_but_case,
     warn_null_ids,
     warn_unfollowed_ids,
 )
@@ -61,7 +61,7 @@ class IbisSource:
         with conn.lock:
             conn.forget(table)
             if not conn.table_exists(table):
-                hint = _schema_hint(table, conn.dialect.name) or _case_hint(table, conn.con.list_tables())
+                hint = _schema_hint(table, conn.dialect.name) or case_hint(table, conn.con.list_tables())
                 hint += _file_hint(conn.uri)
                 raise TableNotFoundError(f"table {table!r} does not exist in {conn.uri}{hint}", table=table)
             columns = self.columns(table)
@@ -213,19 +213,6 @@ def _testable(kind: dt.DataType | None, value: Any) -> bool:
     if type(value) is int:
         return kind.is_integer() and -(2**63) <= value < 2**63
     return type(value) is bool and kind.is_boolean()
-
-
-def _case_hint(name: str, names: Sequence[str]) -> str:
-    """Which of ``names`` ``name`` may mean where only case differs (names are taken whole: a
-    table made by ``CREATE TABLE Docs`` is ``docs`` on PostgreSQL, which folds unquoted names).
-
-    >>> print(_case_hint("Docs", ["docs", "notes"]))
-     (names are taken as they are written, case included: did you mean 'docs'?)
-    >>> _case_hint("nope", ["docs"])
-    ''
-    """
-    found = same_but_case(name, names)
-    return f" (names are taken as they are written, case included: did you mean {found!r}?)" if found else ""
 
 
 def _file_hint(uri: str) -> str:

@@ -23,6 +23,7 @@ from reactive.backends.base import (
     ErrorRecord,
     OutputBatch,
     TableInfo,
+    outputs_keyed_otherwise,
     outputs_table,
 )
 from reactive.backends.ibis.connection import IbisConnection
@@ -171,14 +172,7 @@ class IbisOutputs:
             stored = conn.table(name).schema()[SOURCE_FIELD]
             if id_kind(stored) != id_kind(id_type):
                 conn.forget(name)  # read again at the next try: the application may drop it meanwhile
-                raise ConfigurationError(
-                    f"the outputs of {identifier!r} ({name!r}) are keyed by ids of type {stored}, and"
-                    f" {source.name!r} is now identified by {source.id_column!r} of type {id_type}: its id"
-                    f" column changed; drop that table (its outputs name rows by the old ids) and add the"
-                    f" listener again, or db.remove({identifier!r}, drop_outputs=True) in the process that runs it",
-                    listener=identifier,
-                    table=source.name,
-                )
+                raise outputs_keyed_otherwise(identifier, source, stored, id_type)
             self._declared[identifier] = source
             self._unmade.pop(identifier, None)
 

@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import re
+import struct
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -433,12 +434,22 @@ class RecordCodec:
         return json.dumps(record)
 
     def from_json(self, text: str) -> dict[str, Any]:
-        """The record in ``text`` (JSON mode)."""
+        """The record in ``text`` (JSON mode), in the form binary mode gives it: a ``bytes``
+        column as bytes, a vector column (which a server writes as a list of floats) packed
+        as Kinetica stores it, little-endian float32.
+
+        >>> codec = RecordCodec(record_type_schema("t", [("id", "long", False), ("vec", "bytes", True)]))
+        >>> codec.from_json('{"id": 1, "vec": [1.0, 2.0]}')
+        {'id': 1, 'vec': b'\\x00\\x00\\x80?\\x00\\x00\\x00@'}
+        """
         try:
             record = json.loads(text)
             for column in self._bytes_columns:
-                if isinstance(record.get(column), str):
-                    record[column] = record[column].encode("latin-1")
+                value = record.get(column)
+                if isinstance(value, str):
+                    record[column] = value.encode("latin-1")
+                elif isinstance(value, list):
+                    record[column] = struct.pack(f"<{len(value)}f", *value)
         except Exception as exc:
             raise KineticaProtocolError(
                 f"a JSON record of type {self.name!r} does not decode: {_describe(exc)}"
@@ -719,11 +730,12 @@ class InsertCounts(NamedTuple):
 
 
 class RecordPage(NamedTuple):
-    """One page of ``/get/records``."""
+    """One page of ``/get/records``; ``type_schema`` is the type its records were decoded with."""
 
     records: list[dict[str, Any]]
     total_number_of_records: int
     has_more_records: bool
+    type_schema: str = ""
 
 
 # -- the client ------------------------------------------------------------------------------
@@ -812,6 +824,12 @@ class KineticaClient:
         request = {"table_name": name, "options": {"get_sizes": "true"}}
         return self._call("/show/table", request, functools.partial(_table_description, name), table=name)
 
+    def table_names(self) -> list[str]:
+        """The names of every table the server shows (``/show/table`` of the empty name),
+        schema-qualified as the server writes them."""
+        request = {"table_name": "", "options": {}}
+        return self._call("/show/table", request, lambda r: [_string(name) for name in r["table_names"]])
+
     def create_type(self, type_schema: str, label: str, properties: Mapping[str, Sequence[str]]) -> str:
         """Register a record type (see :func:`record_type_schema`); returns its ``type_id``.
 
@@ -884,25 +902,31 @@ class KineticaClient:
         sort_by: str | None = None,
         sort_order: Literal["ascending", "descending"] = "ascending",
     ) -> RecordPage:
-        """One page of table ``name``'s records (of type ``schema``) that match ``expression``.
+        """One page of table ``name``'s records that match ``expression``.
 
+        The records are decoded with the type the response says they have (its
+        ``type_schema``): another client may have altered the table since ``schema`` (what the
+        caller believes its type is, used only where a response names none) was read.
         ``limit`` defaults to as many as the server returns at once; page on with ``offset``
-        while ``has_more_records``. Returns ``(records, total_number_of_records, has_more_records)``.
+        while ``has_more_records``. Returns ``(records, total_number_of_records,
+        has_more_records, type_schema)``.
         """
-        codec = _codec(schema)
+        expected = _codec(schema)
         options = {"expression": expression} if expression else {}
         if sort_by is not None:
             options |= {"sort_by": sort_by, "sort_order": sort_order}
         request = {"table_name": name, "offset": offset, "limit": limit, "encoding": self.encoding, "options": options}
 
         def read(response: dict[str, Any]) -> RecordPage:
+            type_schema = _string(response["type_schema"])
+            codec = RecordCodec.for_schema(type_schema) if type_schema else expected
             if self.encoding == "json":
                 records = [codec.from_json(text) for text in response["records_json"]]
             else:
                 binary = response["records_binary"]
                 records = codec.decode_all(binary) or [codec.decode(data) for data in binary]
             total = _integer(response["total_number_of_records"])
-            return RecordPage(records, total, _boolean(response["has_more_records"]))
+            return RecordPage(records, total, _boolean(response["has_more_records"]), codec.type_schema)
 
         return self._call("/get/records", request, read, table=name)
 

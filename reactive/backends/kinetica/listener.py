@@ -66,6 +66,7 @@ from reactive.backends.kinetica.client import (
     KineticaProtocolError,
     RecordCodec,
     is_transient,
+    record_type_schema,
 )
 from reactive.backends.kinetica.stores import NON_FINITE_IDS, followed_id
 from reactive.backends.kinetica.tables import TableCatalog
@@ -80,9 +81,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MARKS_TABLE = "_reactive_marks"
+MARKS_COLUMNS = (("id", "string", False), ("n", "long", False))
 MONITORS_CHECKPOINT = "kinetica/monitors"
 _EVENTS = {"insert": DBEvent.insert, "update": DBEvent.update, "delete": DBEvent.delete}
 _POLL_MS = 250
+_MARKS_CODEC = RecordCodec.for_schema(record_type_schema(MARKS_TABLE, MARKS_COLUMNS))
 
 
 def monitor_id() -> str:
@@ -176,11 +179,17 @@ class KineticaMonitorListener(BaseDatabaseListener):
         self._maintenance_wake = threading.Event()
         self._last_activity: dict[str, float] = {}
         self._dirty: set[str] = set()
+        #: Tables whose last reconciliation failed: when to try again, and the pause before it.
+        self._retry_at: dict[str, tuple[float, float]] = {}
+        self._failures: dict[str, str] = {}
         self._reconcile_requested = 0
         self._reconcile_done = 0
         self._marks_sent = 0
         self._marks_seen = 0
         self._marks_deleted = 0
+        self._marks_lock = threading.Lock()
+        #: Tables whose type changed: frames are not decoded until the mark numbered here is seen.
+        self._fences: dict[str, int] = {}
         #: Why the maintenance thread's last round failed (reconciliations wait), or None.
         self.failing: str | None = None
         self._requested_at_mark = 0
@@ -320,6 +329,9 @@ class KineticaMonitorListener(BaseDatabaseListener):
 
     def unwatch(self, table: str) -> None:
         super().unwatch(table)
+        with self._changed:
+            self._retry_at.pop(table, None)
+            self._failures.pop(table, None)
         self._drop_routes(self._routes_of(table, None))
         if self.is_alive():
             self._record_monitors()
@@ -357,7 +369,7 @@ class KineticaMonitorListener(BaseDatabaseListener):
         """
         try:
             self._clear_leftovers()
-            self.catalog.create(MARKS_TABLE, [("id", "string", False), ("n", "long", False)], {"id": ["primary_key"]})
+            self._create_marks_table()
             self._zmq = zmq.Context()
             self._open_socket(self.client.monitor_address())
             self._add_routes(self._create_routes(MARKS_TABLE, ("insert",), None))
@@ -531,9 +543,39 @@ class KineticaMonitorListener(BaseDatabaseListener):
             log.warning("an insert frame of %r did not decode (%s); the table will be reconciled", table, error)
         return rows, failed
 
+    def _type_unchanged(self, table: str) -> bool:
+        """Whether ``table``'s type is still the one its insert frames are decoded with.
+
+        A frame carries no type id, and a column dropped and added again (another order) still
+        decodes with the old type, into the wrong columns; so the type id is asked of the
+        server (``/show/table``) after the frames arrived: unchanged, they were published in
+        it. Changed, the frames received until a mark sent now comes back may be of either
+        type: they are not decoded, and their table is reconciled once the mark is in.
+        """
+        if table in self._fences:
+            return False
+        try:
+            current = self.client.show_table(table).type_id
+        except BackendError as exc:  # dropped, or unreachable: decoded as before, reloaded if they fail
+            log.debug("could not check the type of %r: %s", table, exc)
+            return True
+        if current == self.catalog.describe(table).type_id:
+            return True
+        log.info("the type of %r changed; its frames are not decoded until it is reconciled", table)
+        self.catalog.forget(table)
+        try:
+            self._fences[table] = self._send_mark()
+        except BackendError as exc:  # the next mark anyone sends is the fence
+            log.debug("could not send a fence mark: %s", exc)
+            self._fences[table] = self._marks_sent + 1
+        return False
+
     def _on_inserts(self, route: Route, frames: list[bytes]) -> None:
         table = self.tables.get(route.table)
         if table is None:
+            return
+        if not self._type_unchanged(route.table):
+            self._mark_dirty([route.table])  # read after these frames arrived: their rows are in it
             return
         rows, failed = self._decode(route.table, frames)
         if failed:
@@ -562,12 +604,18 @@ class KineticaMonitorListener(BaseDatabaseListener):
                 mark = codec.decode(frame)
             except KineticaProtocolError:
                 continue
-            if str(mark.get("id", "")).startswith(prefix):
-                with self._changed:
-                    if mark["n"] > self._marks_seen:
-                        self._marks_seen = mark["n"]
-                        self._requested_at_mark = self._reconcile_requested
-                    self._changed.notify_all()
+            if not str(mark.get("id", "")).startswith(prefix) or mark["n"] <= self._marks_seen:
+                continue
+            # Frames after a fence mark are of its table's new type; those before it, which were
+            # not decoded, are reconciled, and a barrier passed with this mark waits for that.
+            released = [table for table, fence in self._fences.items() if fence <= mark["n"]]
+            for table in released:
+                del self._fences[table]
+            self._mark_dirty(released)
+            with self._changed:
+                self._marks_seen = mark["n"]
+                self._requested_at_mark = self._reconcile_requested
+                self._changed.notify_all()
 
     def _to_sink(self, route: Route, frames: list[bytes]) -> None:
         assert route.sink is not None
@@ -588,27 +636,60 @@ class KineticaMonitorListener(BaseDatabaseListener):
         self._maintenance_wake.set()
 
     def reconcile_dirty(self) -> None:
-        """Reconcile every table marked by a count, a failed frame or a recovery (one pass each)."""
+        """Reconcile every table marked by a count, a failed frame or a recovery (one pass each).
+
+        Each table is reconciled alone: one whose pass fails (a table altered, a read the server
+        refuses) stays marked and is tried again after a pause of its own (0.5 s, doubling up to
+        ``MAX_BACKOFF``), and the other tables go on meanwhile. :attr:`failing` says which fail.
+        """
+        now = time.monotonic()
         with self._changed:
-            tables, self._dirty = sorted(self._dirty), set()
+            due = sorted(t for t in self._dirty if self._retry_at.get(t, (0.0, 0.0))[0] <= now)
+            self._dirty.difference_update(due)
             requested = self._reconcile_requested
-        watched = [t for t in tables if t in self.tables]
+        watched = [t for t in due if t in self.tables]
         if watched and not self.wait_settled():  # stopping: the tables stay marked
             with self._changed:
-                self._dirty.update(tables)
+                self._dirty.update(due)
             return
-        try:
-            if watched:
-                self.reconciliations += 1
-                self.hooks.reconcile(watched, self.stopped_event)
-        except BaseException:
-            with self._changed:
-                self._dirty.update(tables)
-            raise
+        if watched:
+            self.reconciliations += 1
+        for number, table in enumerate(watched):
+            try:
+                self.hooks.reconcile([table], self.stopped_event)
+            except QueueClosedError:
+                with self._changed:
+                    self._dirty.update(watched[number:])
+                raise
+            except Exception as exc:
+                self._reconcile_failed(table, exc)
+            else:
+                with self._changed:
+                    self._retry_at.pop(table, None)
+                    self._failures.pop(table, None)
         with self._changed:
-            self._reconcile_done = max(self._reconcile_done, requested)
-            self.failing = None  # now, before sync() wakes: it would take the failure just overcome for a current one
+            if not self._dirty:
+                self._reconcile_done = max(self._reconcile_done, requested)
+            # now, before sync() wakes: it would take a failure just overcome for a current one
+            self.failing = self.failing_tables()
             self._changed.notify_all()
+
+    def _reconcile_failed(self, table: str, exc: Exception) -> None:
+        """``table``'s pass failed: it stays marked, and waits its own pause before the next."""
+        with self._changed:
+            pause = min(self._retry_at.get(table, (0.0, MAX_BACKOFF / 20))[1] * 2, MAX_BACKOFF)
+            self._retry_at[table] = (time.monotonic() + pause, pause)
+            self._failures[table] = f"{type(exc).__name__}: {exc}"
+            self._dirty.add(table)
+            self.last_error = self._failures[table]
+        level = logging.WARNING if is_transient(exc) else logging.ERROR
+        log.log(level, "reconciling Kinetica table %r failed (%s); retrying in %.1f s", table, exc, pause)
+
+    def failing_tables(self) -> str | None:
+        """Why the tables whose last reconciliation failed failed, or None when none did."""
+        with self._lock:
+            failures = dict(self._failures)
+        return "; ".join(f"{table!r}: {why}" for table, why in sorted(failures.items())) or None
 
     def check_inactivity(self) -> None:
         """A table quiet for longer than its inactivity timeout: is it still there?"""
@@ -655,6 +736,8 @@ class KineticaMonitorListener(BaseDatabaseListener):
             waits = [self._last_activity.get(t, now) + self._timeout_of(t) - now for t in tables]
         if self.reconcile_interval:
             waits.append(self._last_reconcile_all + self.reconcile_interval - now)
+        with self._changed:
+            waits.extend(self._retry_at[t][0] - now for t in self._dirty if t in self._retry_at)
         return min(max(0.05, min(waits or [self.inactivity_timeout])), threading.TIMEOUT_MAX)
 
     def recover_if_needed(self) -> None:
@@ -674,9 +757,16 @@ class KineticaMonitorListener(BaseDatabaseListener):
         with self._lock:
             old = list(self._routes.values())
         fresh: list[Route] = []
+        gone: set[str] = set()
         try:
+            self._create_marks_table()  # a server that lost its tables lost this one too
             for route in old:
-                fresh.extend(self._create_routes(route.table, (route.event,), route.sink))
+                try:
+                    fresh.extend(self._create_routes(route.table, (route.event,), route.sink))
+                except KineticaError:
+                    if self.client.has_table(route.table):
+                        raise
+                    gone.add(route.table)  # reported below; the other tables go on
             address = self.client.monitor_address()
         except BaseException:
             self._clear_server_side([r.topic for r in fresh])
@@ -704,6 +794,9 @@ class KineticaMonitorListener(BaseDatabaseListener):
         self._record_monitors()
         self._last_reconcile_all = time.monotonic()
         self.recoveries += 1
+        for table in sorted(gone):
+            self.catalog.forget(table)
+            self._report_gone(table, "dropped")
 
     # -- the barrier ----------------------------------------------------------------------
     def _barrier(self, timeout: float | None) -> bool:
@@ -714,13 +807,16 @@ class KineticaMonitorListener(BaseDatabaseListener):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.1
-        codec = self.catalog.codec(MARKS_TABLE)
+        restored = False
         while True:
-            with self._changed:
-                self._marks_sent += 1
-                mark = self._marks_sent
             try:
-                self.client.insert_records(MARKS_TABLE, [{"id": f"{self._token}/{mark}", "n": mark}], codec)
+                mark = self._send_mark()
+            except KineticaError as exc:
+                if not restored and self._restore_marks():
+                    restored = True
+                    continue
+                log.warning("could not write a barrier mark: %s", exc)
+                return False
             except BackendError as exc:
                 log.warning("could not write a barrier mark: %s", exc)
                 return False
@@ -731,6 +827,33 @@ class KineticaMonitorListener(BaseDatabaseListener):
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             pause = min(pause * 2, 2.0)
+
+    def _send_mark(self) -> int:
+        """Insert the next barrier mark; its number."""
+        with self._changed:
+            self._marks_sent += 1
+            mark = self._marks_sent
+        self.client.insert_records(MARKS_TABLE, [{"id": f"{self._token}/{mark}", "n": mark}], _MARKS_CODEC)
+        return mark
+
+    def _create_marks_table(self) -> None:
+        self.catalog.forget(MARKS_TABLE)  # asked afresh: someone may have dropped it
+        self.catalog.create(MARKS_TABLE, MARKS_COLUMNS, {"id": ["primary_key"]})
+
+    def _restore_marks(self) -> bool:
+        """Create ``_reactive_marks`` and its insert monitor again if someone dropped the table
+        (its monitor went with it); whether it was missing. The table used to be created once
+        per process, so every barrier after a drop failed at once, for ever."""
+        with self._marks_lock:
+            if self.client.has_table(MARKS_TABLE):
+                return False
+            log.warning("%s was dropped; creating it (and its table monitor) again", MARKS_TABLE)
+            self._create_marks_table()
+            old = self._routes_of(MARKS_TABLE, None)
+            self._add_routes(self._create_routes(MARKS_TABLE, ("insert",), None))
+            self._drop_routes(old)
+            self._record_monitors()
+            return True
 
     def _passed(self, mark: int) -> bool:
         return self._marks_seen >= mark or self.ending()
@@ -814,5 +937,5 @@ class _Maintenance(ReactiveThread):
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 listener._maintenance_wake.set()
             else:
-                listener.failing = None
+                listener.failing = listener.failing_tables()
                 backoff = 0.5

@@ -40,6 +40,7 @@ from reactive.backends.base import (
     OutputBatch,
     TableInfo,
     identify_rows,
+    outputs_keyed_otherwise,
     outputs_table,
     warn_null_ids,
     warn_unfollowed_ids,
@@ -350,6 +351,9 @@ class KineticaOutputs:
         if source.name == name:
             raise ConfigurationError(f"listener {identifier!r} cannot read its own outputs", listener=identifier)
         source_type = id_type(self.catalog.describe(source.name), source.id_column)
+        self.catalog.forget(name)  # as it is now: the application may have dropped or made it since
+        if self.catalog.exists(name):
+            self._check_outputs_table(identifier, source, source_type)
         column = OutputColumn(output_type)
         self.catalog.create(
             name,
@@ -360,6 +364,23 @@ class KineticaOutputs:
             ],
             {SOURCE_FIELD: ["primary_key"], OUTPUT_FIELD: [*column.properties, "nullable"]},
         )
+
+    def _check_outputs_table(self, identifier: str, source: TableInfo, source_type: str) -> None:
+        """Refuse an existing outputs table no output of ``source`` can be written to: one
+        without reactive's columns, or keyed by ids of another type (the source was made again
+        with another id type). Every write to it failed, recorded as errors again and again."""
+        description = self.catalog.describe(outputs_table(identifier))
+        missing = [c for c in (SOURCE_FIELD, OUTPUT_FIELD, FINGERPRINT_FIELD) if c not in description.columns]
+        if missing:
+            raise ConfigurationError(
+                f"the outputs table of {identifier!r} ({outputs_table(identifier)!r}) exists but lacks reactive's"
+                f" columns {', '.join(map(repr, missing))}: it is not one reactive made; drop or rename it",
+                listener=identifier,
+                table=source.name,
+            )
+        stored = id_type(description, SOURCE_FIELD)
+        if stored != source_type:
+            raise outputs_keyed_otherwise(identifier, source, stored, source_type)
 
     def store_outputs(
         self, identifier: str, output_type: str, batch: OutputBatch, stored: list[Any], positions: Sequence[int]

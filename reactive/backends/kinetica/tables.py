@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from reactive.backends.base import case_hint
 from reactive.backends.kinetica.client import (
     KineticaClient,
     KineticaError,
     RecordCodec,
+    RecordPage,
     TableDescription,
     in_expression,
     quote_identifier,
     quote_literal,
     record_type_schema,
 )
-from reactive.errors import TableNotFoundError
+from reactive.errors import BackendError, TableNotFoundError
+
+log = logging.getLogger(__name__)
 
 #: Ids per ``in (...)`` expression.
 ID_CHUNK = 1_000
@@ -83,16 +88,29 @@ class TableCatalog:
         if cached is not None:
             return cached
         if not self.client.has_table(table):
-            raise TableNotFoundError(f"table {table!r} does not exist in {self.client.uri.redacted}", table=table)
+            raise self._not_found(table)
         try:
             description = self.client.show_table(table)
         except KineticaError as exc:
             if not self.client.has_table(table):
-                raise TableNotFoundError(f"table {table!r} does not exist in {self.client.uri.redacted}") from exc
+                raise self._not_found(table) from exc
             raise
         with self._lock:
             self._descriptions[table] = description
         return description
+
+    def _not_found(self, table: str) -> TableNotFoundError:
+        """The error of a missing ``table``, saying which table it may mean where only case
+        differs (Kinetica's names are case-sensitive; an unqualified name is matched against
+        every schema's tables)."""
+        try:
+            names = self.client.table_names()
+        except BackendError:
+            names = []  # the hint is a courtesy: the error stands without it
+        if "." not in table:
+            names = [name.rpartition(".")[2] for name in names] + names
+        hint = case_hint(table, names)
+        return TableNotFoundError(f"table {table!r} does not exist in {self.client.uri.redacted}{hint}", table=table)
 
     def codec(self, table: str) -> RecordCodec:
         return RecordCodec.for_schema(self.describe(table).type_schema)
@@ -123,12 +141,24 @@ class TableCatalog:
         self.client.clear_table(table)
         self.forget(table)
 
+    def read(self, table: str, **options: Any) -> RecordPage:
+        """One ``/get/records`` page of ``table`` (``options`` as the client takes them).
+
+        The page is decoded with the type the server says it has; where that is not the type
+        described here (another client altered the table), the description is read again
+        next time it is needed, so columns and codecs follow the table.
+        """
+        page = self.client.get_records(table, self.codec(table), **options)
+        if page.type_schema != self.describe(table).type_schema:
+            log.info("the type of table %r changed; its description is read again", table)
+            self.forget(table)
+        return page
+
     def all_records(self, table: str, *, expression: str = "", sort_by: str | None = None) -> Iterator[dict[str, Any]]:
         """Every record matching ``expression``, however many pages the server answers in."""
-        codec = self.codec(table)
         offset = 0
         while True:
-            page = self.client.get_records(table, codec, expression=expression, offset=offset, sort_by=sort_by)
+            page = self.read(table, expression=expression, offset=offset, sort_by=sort_by)
             yield from page.records
             if not page.has_more_records or not page.records:
                 return
@@ -136,7 +166,7 @@ class TableCatalog:
 
     def count(self, table: str, *, expression: str) -> int:
         """How many records of ``table`` match ``expression`` (the server's filtered total)."""
-        return self.client.get_records(table, self.codec(table), expression=expression, limit=1).total_number_of_records
+        return self.read(table, expression=expression, limit=1).total_number_of_records
 
     def records_by_ids(self, table: str, column: str, ids: Sequence[Any]) -> Iterator[dict[str, Any]]:
         """The records whose ``column`` is one of ``ids`` (one request per chunk of ids)."""
@@ -149,15 +179,12 @@ class TableCatalog:
         Keyset pages stay right while other clients insert and delete (an offset would skip
         or repeat rows); the key must be unique, as a primary key is.
         """
-        codec = self.codec(table)
         last: Any = None
         while True:
             conditions = [f"({expression})"] if expression else []
             if last is not None:
                 conditions.append(f"{quote_identifier(key)} > {quote_literal(last)}")
-            page = self.client.get_records(
-                table, codec, expression=" and ".join(conditions), limit=page_size, sort_by=key
-            ).records
+            page = self.read(table, expression=" and ".join(conditions), limit=page_size, sort_by=key).records
             if page:
                 yield page
             if len(page) < page_size:
