@@ -408,10 +408,19 @@ class Datalayer:
         identifier = _identifier(identifier, "remove")
         with self._declare_lock:
             with self._lock:
-                component = self._components.pop(identifier, None)
+                component = self._components.get(identifier)
                 if component is None:
                     added = ", ".join(self._components) or "none"
                     raise ConfigurationError(f"no component {identifier!r}; added: {added}")
+                readers = [c.identifier for c in self._components.values() if c.table == outputs_table(identifier)]
+                if drop_outputs and readers:
+                    # Its outputs table dropped under them, they kept outputs of rows gone, said nothing,
+                    # and a new process could not declare them (the table they select is missing).
+                    raise ConfigurationError(
+                        f"{', '.join(map(repr, readers))} reads the outputs of {identifier!r}: remove it first, "
+                        f"or remove {identifier!r} without drop_outputs"
+                    )
+                del self._components[identifier]
                 self._unfinished.discard(identifier)
                 self._deferred.discard(identifier)
                 unused = not any(c.table == component.table for c in self._components.values())

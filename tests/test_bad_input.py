@@ -1471,6 +1471,23 @@ def test_a_table_of_the_application_named_as_a_listeners_outputs_is_refused_and_
     assert sql.execute("SELECT * FROM _outputs__m__text") == [(1, "precious")]
 
 
+def test_dropping_the_outputs_a_chained_listener_reads_is_refused(duck: SQLClient) -> None:
+    # The outputs table was dropped under the chained listener: it kept outputs of rows gone,
+    # nothing said so, and a new process could not declare it (the table it selects was missing).
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'bb')")
+    with reactive.connect(duck.uri) as db:
+        db.add(Listener(Model("words", predict=lambda texts: [len(t) for t in texts]), "text", "docs"))
+        db.add(Listener(Model("twice", predict=lambda ns: [2 * n for n in ns]), "_output", "_outputs__words__text"))
+        with pytest.raises(reactive.ConfigurationError, match="'twice___output' reads the outputs of 'words__text'"):
+            db.remove("words__text", drop_outputs=True)
+        assert [c["identifier"] for c in db.show()] == ["words__text", "twice___output"]
+        assert outputs_by_source(db, "words__text") == {1: 1, 2: 2}
+        db.remove("twice___output", drop_outputs=True)
+        db.remove("words__text", drop_outputs=True)
+        assert db.show() == []
+
+
 def test_sqlite_text_holding_nul_is_followed_as_id_and_as_value(tmp_path, recorder: Recorder) -> None:
     """SQLite keeps a NUL inside a text, and its text functions stop at the first one: a row
     whose id held one was never computed (its id, sent as JSON to the read by id, came back cut
