@@ -671,6 +671,10 @@ class _Backfill:
             if error is not None:
                 self.failures.append(error)
             self._done.notify_all()
+            if self._closed:
+                # Ended (Ctrl-C): the handler passes over the rest of its packets, computing
+                # nothing for this component; reported, they took the progress to its total.
+                return
         self.reporter.update(rows)
 
     def queued(self, rows: int) -> None:
@@ -679,9 +683,10 @@ class _Backfill:
         self.reporter.set_total(rows)
 
     def close(self, *, done: bool) -> None:
-        """End the progress report (once)."""
-        if not self._closed:
-            self._closed = True
+        """End the progress report (once); nothing is reported after it."""
+        with self._done:
+            closed, self._closed = self._closed, True
+        if not closed:
             self.reporter.close(done=done)
 
     def wait_for(self, queued: int) -> None:

@@ -502,13 +502,16 @@ def test_ctrl_c_during_a_backfill_stops_cleanly_and_adding_again_resumes(duck: S
     exec(INTERRUPTING_MODEL, namespace)
     seen: list[str] = []
     model = Model("up", predict=lambda texts: seen.extend(texts) or namespace["interrupting"](texts), batch_size=100)
+    reported: list[int] = []
     with connect(duck, page_size=500, batch_rows=500) as db:
         listener = Listener(model, "text", "docs")
         with pytest.raises(KeyboardInterrupt):
-            db.add(listener, progress=False)
+            db.add(listener, progress=lambda done, total: reported.append(done))
         assert model.wait_calls(timeout=10)
         assert not reactive_threads()  # db.cdc stopped before the interrupt went on
         assert 0 < len(db.outputs("up__text")) < 20000
+        # The packets passed over while db.cdc stopped took the progress to 20,000, all "done".
+        assert max(reported) <= len(db.outputs("up__text"))
         assert db.add(Listener(model, "text", "docs"), progress=False) is listener  # resumes
         assert len(db.outputs("up__text")) == 20000
         assert len(seen) == len(set(seen)) == 20000  # the rest of the interrupted backfill was skipped
