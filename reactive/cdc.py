@@ -334,6 +334,7 @@ class DatabaseChangeDataCapture:
         ``queue_rows`` bounds the changes of committed windows the feed holds for its publisher
         thread: past it the handler waits for the feed.
         """
+        self.db.check_open()
         from reactive.feed import DataService, Node
 
         if isinstance(tables, str):
@@ -377,6 +378,7 @@ class DatabaseChangeDataCapture:
         row ``{"_source": id, "_output": v}``. Starts with :meth:`start` (at once if running); a
         publisher not up yet is tried again in the background until it answers.
         """
+        self.db.check_open()
         from reactive.feed.service import check_name
 
         name = check_name("table", as_table or table)
@@ -427,6 +429,7 @@ class DatabaseChangeDataCapture:
         ``db.add`` calls this for the table a component reads. Changes of a table nobody
         reads are queued and dropped by the handler (later: table monitors).
         """
+        self.db.check_open()
         if isinstance(table, str):
             table = self.db.table_info(table, id_column=id_column)
         with self._lock:
@@ -606,6 +609,7 @@ class DatabaseChangeDataCapture:
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout
         ):
             raise TypeError(f"wait_idle takes a timeout in seconds (a number, or None to wait on), not {timeout!r}")
+        self.db.check_open()  # it said True: nothing runs, nor will
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def remaining() -> float | None:

@@ -334,10 +334,18 @@ def test_a_closed_datalayer_says_so(duck: SQLClient, recorder: Recorder) -> None
         lambda: db.retry_errors(),
         lambda: db.search("idx", [1.0]),
         lambda: db.cdc.start(),
+        # These said nothing: listen did nothing for a table described before and failed in the
+        # driver for another, wait_idle said True, publish and follow started threads.
+        lambda: db.cdc.listen("docs"),
+        lambda: db.cdc.listen("other"),
+        lambda: db.cdc.wait_idle(1),
+        lambda: db.cdc.publish(),
+        lambda: db.cdc.follow("tcp://127.0.0.1:1", "docs"),
     ]
     for call in calls:
         with pytest.raises(reactive.ConfigurationError, match=r"is closed; reactive.connect\(\) makes a new one"):
             call()
+    assert not reactive_threads()
 
 
 @pytest.mark.parametrize(
