@@ -137,6 +137,9 @@ class Datalayer:
         self._tables: dict[str, TableInfo] = {}
         self._lock = threading.RLock()
         self._declare_lock = threading.Lock()
+        #: Held while the handler writes a window (see :meth:`writing`) and while a component is
+        #: taken out of the registry: a window never writes for a component removed before.
+        self._writing = threading.RLock()
         #: Components whose backfill has not finished (adding them again resumes it).
         self._unfinished: set[str] = set()
         #: Components whose interrupted backfill the handler skips while db.cdc stops.
@@ -170,6 +173,19 @@ class Datalayer:
                 if c.table == table
                 and (targets is None or (c.identifier in targets and c.identifier not in self._abandoned))
             ]
+
+    def writing(self) -> threading.RLock:
+        """The lock the handler holds while it writes a window's outputs, checking with
+        :meth:`registered` that each component it writes for is still added. :meth:`remove`
+        takes a component out under it: a window planned before the removal, still computing
+        then, wrote afterwards (and a dropped outputs table came back, with the old outputs a
+        listener added again then took for current)."""
+        return self._writing
+
+    def registered(self, component: Component) -> bool:
+        """Whether ``component`` is the one added under its identifier now."""
+        with self._lock:
+            return self._components.get(component.identifier) is component
 
     def _internal_outputs(self, table: str) -> Listener | None:
         """The registered listener writing ``table``, if it is an outputs table."""
@@ -407,7 +423,7 @@ class Datalayer:
         self.check_open()
         identifier = _identifier(identifier, "remove")
         with self._declare_lock:
-            with self._lock:
+            with self._writing, self._lock:  # a window being written finishes first (see writing())
                 component = self._components.get(identifier)
                 if component is None:
                     added = ", ".join(self._components) or "none"

@@ -913,6 +913,17 @@ class CDCHandler(ReactiveThread):
         checks the lease: outputs and positions move together, and only while this process
         holds the lease.
         """
+        with self.db.writing():  # a component removed meanwhile is written for no more
+            self._write_registered(packets, steps, positions=positions, known=known)
+
+    def _write_registered(
+        self,
+        packets: Sequence[ChangePacket],
+        steps: list[_Step],
+        *,
+        positions: bool = True,
+        known: _Known | None = None,
+    ) -> None:
         backend = self.db.backend
         committed = self._committed
         chained_steps: list[_Step] = []
@@ -926,7 +937,8 @@ class CDCHandler(ReactiveThread):
                         rows = zip(part.ids, part.rows, strict=True)
                         committed.extend(("table", part.table, event, i, r) for i, r in rows)
                     for component, plan in step.plans:
-                        chained.extend(self._refreshed(component, part, plan))
+                        if self.db.registered(component):  # else removed since it was planned
+                            chained.extend(self._refreshed(component, part, plan))
                 while chained:  # listeners on the outputs just computed: planned and finished at once
                     batch = chained.popleft()
                     chained_steps.append(_Step(batch, plans := []))

@@ -431,6 +431,41 @@ def _handler_that_breaks_once(db: reactive.Datalayer) -> tuple[CDCHandler, Broke
     return handler, window_rows, queue, source
 
 
+@pytest.mark.parametrize("drop_outputs", [True, False])
+def test_a_window_in_flight_never_writes_for_a_listener_removed_meanwhile(duck: SQLClient, drop_outputs: bool) -> None:
+    # Its model computed the window while db.remove(..., drop_outputs=True) ran: the window was
+    # written afterwards, the dropped outputs table came back with the old outputs, and the
+    # listener added again took them for current (computing nothing).
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    computing, release = threading.Event(), threading.Event()
+
+    def gated(texts: list[str]) -> list[int]:
+        computing.set()
+        assert release.wait(30)
+        return [len(t) for t in texts]
+
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("len", predict=gated), "text", "docs"))
+        db.cdc.start()
+        duck.execute("INSERT INTO docs SELECT i, 'abc' FROM range(100) t(i)")
+        assert computing.wait(30)
+        removing = threading.Thread(target=db.remove, args=("len__text",), kwargs={"drop_outputs": drop_outputs})
+        removing.start()
+        removing.join(0.5)  # done by now, unless it waits for the window being written (either is right)
+        release.set()
+        removing.join(30)
+        assert not removing.is_alive() and db.cdc.wait_idle(30)
+        if drop_outputs:  # it stays dropped (without: made by the window if written before the removal)
+            tables = "SELECT count(*) FROM information_schema.tables WHERE table_name = '_outputs__len__text'"
+            assert duck.execute(tables) == [(0,)]
+        db.add(Listener(Model("len", predict=lambda texts: [10 * len(t) for t in texts]), "text", "docs"))
+        outputs = outputs_by_source(db, "len__text")
+        if drop_outputs:
+            assert outputs == {i: 30 for i in range(100)}  # afresh: every row by the new model
+        else:  # kept where written (a new predict of the same version keeps outputs), the rest computed
+            assert set(outputs) == set(range(100)) and set(outputs.values()) <= {3, 30}
+
+
 def test_a_failure_of_the_handlers_own_releases_the_windows_in_flight_and_it_goes_on(duck: SQLClient) -> None:
     # Windows of two packets, two in flight: window [0, 1] is written, then the handler's own
     # rule raises while [2, 3] is planned. [2, 3] is released (its source delivers it again);
