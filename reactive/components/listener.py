@@ -510,7 +510,7 @@ class Listener(Component):
         column = None if kept is None else self._key_column(kept[1])
         digests = None if column is None else self._column_fingerprints(column)
         if kept is None or column is None or digests is None:
-            return [self.is_current(row, s) for row, s in zip(rows, stored, strict=True)]
+            return self._current_rows(rows, stored)
         positions = np.flatnonzero(kept[0]).tolist()
         # A row the filter leaves out is current when it has no output.
         current = [s is None for s in stored]
@@ -521,6 +521,27 @@ class Listener(Component):
         values = pylist(column.take(differ)) if differ else []
         for k, value in zip(differ, values, strict=True):
             current[positions[k]] = not self._stale(value, digests[k], stored[positions[k]])
+        return current
+
+    def _current_rows(self, rows: Sequence[Row], stored: Sequence[int | None]) -> list[bool]:
+        """:meth:`is_current` of each row, the inputs that need it fingerprinted in one call: one
+        call per row cost 6 us against 0.2 us a value in a batch (rows read as dicts: MongoDB,
+        Kinetica, PostgreSQL and SQLite); a reconciliation of 1M Kinetica rows took 5x longer."""
+        current = [False] * len(rows)
+        needed: list[tuple[int, Any]] = []  # (position, input) of rows the filter keeps, with an output
+        for k, (row, s) in enumerate(zip(rows, stored, strict=True)):
+            if not self.matches(row):
+                current[k] = s is None
+            elif s is not None and (value := self._input(row)) is not _MISSING:
+                needed.append((k, value))
+        if not needed:
+            return current
+        try:
+            digests = self.model.fingerprints([value for _, value in needed])
+        except (TypeError, ValueError):  # a value that cannot be fingerprinted: raised for its row, as before
+            return [self.is_current(row, s) for row, s in zip(rows, stored, strict=True)]
+        for (k, value), digest in zip(needed, digests, strict=True):
+            current[k] = not self._stale(value, digest, stored[k])
         return current
 
     def _kept(self, rows: TableRows) -> tuple[np.ndarray, TableRows] | None:
