@@ -914,53 +914,43 @@ class CDCHandler(ReactiveThread):
         holds the lease.
         """
         with self.db.writing():  # a component removed meanwhile is written for no more
-            self._write_registered(packets, steps, positions=positions, known=known)
-
-    def _write_registered(
-        self,
-        packets: Sequence[ChangePacket],
-        steps: list[_Step],
-        *,
-        positions: bool = True,
-        known: _Known | None = None,
-    ) -> None:
-        backend = self.db.backend
-        committed = self._committed
-        chained_steps: list[_Step] = []
-        try:
-            with self.db.writer.deferring(backend.transactional) as writes:
-                chained: deque[Batch] = deque()
-                for step in steps:
-                    part = step.batch
-                    if committed is not None:
-                        event = "delete" if part.event is DBEvent.delete else "upsert"
-                        rows = zip(part.ids, part.rows, strict=True)
-                        committed.extend(("table", part.table, event, i, r) for i, r in rows)
-                    for component, plan in step.plans:
-                        if self.db.registered(component):  # else removed since it was planned
-                            chained.extend(self._refreshed(component, part, plan))
-                while chained:  # listeners on the outputs just computed: planned and finished at once
-                    batch = chained.popleft()
-                    chained_steps.append(_Step(batch, plans := []))
-                    for component in self.db.components_for(batch.table, batch.targets):
-                        taken = None if known is None else known.of(component)
-                        plans.append((component, plan := self._plan_one(component, batch, (), taken)))
-                        chained.extend(self._refreshed(component, batch, plan))
+            backend = self.db.backend
+            committed = self._committed
+            chained_steps: list[_Step] = []
             try:
-                with backend.transaction():
-                    self.db.cdc.fence(atomic=backend.transactional)
-                    for write in writes:
-                        write()
-                    if positions:
-                        self._save_positions(packets, strict=backend.transactional)
-            except Exception as exc:
-                if backend.is_transient(exc):
-                    raise BackendUnavailableError(f"database unreachable ({exc})") from exc
+                with self.db.writer.deferring(backend.transactional) as writes:
+                    chained: deque[Batch] = deque()
+                    for step in steps:
+                        part = step.batch
+                        if committed is not None:
+                            event = "delete" if part.event is DBEvent.delete else "upsert"
+                            rows = zip(part.ids, part.rows, strict=True)
+                            committed.extend(("table", part.table, event, i, r) for i, r in rows)
+                        for component, plan in step.plans:
+                            if self.db.registered(component):  # else removed since it was planned
+                                chained.extend(self._refreshed(component, part, plan))
+                    while chained:  # listeners on the outputs just computed: planned and finished at once
+                        batch = chained.popleft()
+                        chained_steps.append(_Step(batch, plans := []))
+                        for component in self.db.components_for(batch.table, batch.targets):
+                            taken = None if known is None else known.of(component)
+                            plans.append((component, plan := self._plan_one(component, batch, (), taken)))
+                            chained.extend(self._refreshed(component, batch, plan))
+                try:
+                    with backend.transaction():
+                        self.db.cdc.fence(atomic=backend.transactional)
+                        for write in writes:
+                            write()
+                        if positions:
+                            self._save_positions(packets, strict=backend.transactional)
+                except Exception as exc:
+                    if backend.is_transient(exc):
+                        raise BackendUnavailableError(f"database unreachable ({exc})") from exc
+                    raise
+            except Exception:
+                if known is not None:
+                    known.add(chained_steps)
                 raise
-        except Exception:
-            if known is not None:
-                known.add(chained_steps)
-            raise
         if not positions:
             return
         for source, done in self._by_source(packets):
