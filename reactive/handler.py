@@ -913,6 +913,10 @@ class CDCHandler(ReactiveThread):
         checks the lease: outputs and positions move together, and only while this process
         holds the lease.
         """
+        # The model's work is awaited before the writing lock, which db.remove takes: a removal
+        # waits for a window's writes, not for a slow or hung model (a late call, see
+        # Listener.plan_refresh, and chained listeners compute under it).
+        wait_for_any([f for step in steps for _, p in step.plans if isinstance(p, PlannedRefresh) for f in p.work])
         with self.db.writing():  # a component removed meanwhile is written for no more
             backend = self.db.backend
             committed = self._committed

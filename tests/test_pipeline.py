@@ -466,6 +466,35 @@ def test_a_window_in_flight_never_writes_for_a_listener_removed_meanwhile(duck: 
             assert set(outputs) == set(range(100)) and set(outputs.values()) <= {3, 30}
 
 
+def test_a_removal_does_not_wait_for_a_model_still_computing_a_window(duck: SQLClient) -> None:
+    # The window's model work was awaited under the datalayer's writing lock: db.remove waited
+    # for a slow model, and for ever for a model hung without a timeout.
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    computing, release = threading.Event(), threading.Event()
+
+    def gated(texts: list[str]) -> list[int]:
+        computing.set()
+        assert release.wait(60)
+        return [len(t) for t in texts]
+
+    # pipeline=1: the window is finished (its work awaited) as soon as it is planned.
+    with reactive.connect(duck.uri, poll_interval=0.05, pipeline=1) as db:
+        db.add(Listener(Model("len", predict=gated), "text", "docs"))
+        db.cdc.start()
+        duck.execute("INSERT INTO docs SELECT i, 'abc' FROM range(100) t(i)")
+        assert computing.wait(30)
+        removing = threading.Thread(target=db.remove, args=("len__text",), kwargs={"drop_outputs": True})
+        try:
+            removing.start()
+            removing.join(30)
+            assert not removing.is_alive()  # returned while the model computes
+        finally:
+            release.set()
+        assert db.cdc.wait_idle(30)
+        tables = "SELECT count(*) FROM information_schema.tables WHERE table_name = '_outputs__len__text'"
+        assert duck.execute(tables) == [(0,)]  # and the window wrote nothing for it
+
+
 def test_a_failure_of_the_handlers_own_releases_the_windows_in_flight_and_it_goes_on(duck: SQLClient) -> None:
     # Windows of two packets, two in flight: window [0, 1] is written, then the handler's own
     # rule raises while [2, 3] is planned. [2, 3] is released (its source delivers it again);
