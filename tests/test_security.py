@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+import uuid
 from typing import Any
 
 import psycopg
@@ -154,3 +155,29 @@ def test_nothing_read_is_unpickled_or_evaluated() -> None:
             elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("eval", "exec"):
                 found.append(f"{path.name}:{node.lineno}: {node.func.id}()")
     assert found == []
+
+
+def test_a_role_that_may_only_read_the_table_finds_its_primary_key(pg_database: str, recorder: Recorder) -> None:
+    # Least privilege: reactive's role may read the application's table and create its own
+    # tables in the schema. The primary key was looked up in information_schema, which shows a
+    # constraint only to a role with more than SELECT on its table: db.add said "table 'docs'
+    # has no primary key".
+    role = f"reactive_reader_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_database, autocommit=True) as owner:
+        owner.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        owner.execute("INSERT INTO docs VALUES (1, 'a')")
+        owner.execute(f'CREATE ROLE "{role}" LOGIN')
+        try:
+            owner.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+            owner.execute(f'GRANT SELECT ON docs TO "{role}"')
+            base, database = pg_database.rsplit("/", 1)
+            as_reader = base.replace("//postgres@", f"//{role}@") + f"/{database}"
+            with reactive.connect(as_reader, poll_interval=0.05) as db:
+                db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+                db.cdc.start()
+                owner.execute("INSERT INTO docs VALUES (2, 'b')")
+                assert db.cdc.wait_idle(timeout=30)
+                assert outputs_by_source(db, "m__text") == {1: "<a>", 2: "<b>"}
+        finally:
+            owner.execute(f'DROP OWNED BY "{role}"')
+            owner.execute(f'DROP ROLE "{role}"')

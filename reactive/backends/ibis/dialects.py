@@ -731,27 +731,18 @@ class PostgresDialect(Dialect):
         return name in con.list_tables()
 
     def primary_key(self, con: Any, table: str) -> list[str]:
-        """The columns of ``table``'s primary key, in key order, from ``information_schema``."""
-        kcu = con.table("key_column_usage", database="information_schema")
-        tc = con.table("table_constraints", database="information_schema")
-        expr = (
-            kcu.join(
-                tc,
-                [
-                    kcu.constraint_name == tc.constraint_name,
-                    kcu.table_name == tc.table_name,
-                    kcu.table_schema == tc.table_schema,
-                ],
-            )
-            .filter(
-                tc.constraint_type == "PRIMARY KEY",
-                kcu.table_name == table,
-                kcu.table_schema == con.current_database,
-            )
-            .select(kcu.column_name, kcu.ordinal_position)
-            .order_by("ordinal_position")
+        """The columns of ``table``'s primary key, in key order, from ``pg_catalog``:
+        ``information_schema`` shows a constraint only to a role with more than ``SELECT`` on
+        its table, so a role that may only read the table was told it had no primary key."""
+        sql = (
+            "SELECT a.attname AS column_name FROM pg_catalog.pg_index i"
+            " JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+            " WHERE i.indisprimary AND i.indrelid = (SELECT c.oid FROM pg_catalog.pg_class c"
+            " JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE c.relname = %s AND n.nspname = current_schema())"
+            " ORDER BY array_position(i.indkey::int2[], a.attnum)"
         )
-        return [r["column_name"] for r in expr.to_pyarrow().to_pylist()]
+        return [r["column_name"] for r in self.fetch(con, sql, [table])]
 
     #: The column types (``information_schema.columns.data_type``) whose ids reactive keys
     #: outputs and snapshots by: tested end to end (``test_bad_input``). Others failed or lost
