@@ -728,7 +728,11 @@ class PostgresDialect(Dialect):
         return dtype
 
     def table_exists(self, con: Any, name: str) -> bool:
-        return name in con.list_tables()
+        """A table, view or materialized view (``information_schema``, which ibis lists, leaves
+        the last out: ``select=`` one was said not to exist)."""
+        return name in con.list_tables() or bool(self.fetch(con, self._MATVIEW, [name]))
+
+    _MATVIEW = "SELECT 1 FROM pg_catalog.pg_matviews WHERE schemaname = current_schema() AND matviewname = %s"
 
     def primary_key(self, con: Any, table: str) -> list[str]:
         """The columns of ``table``'s primary key, in key order, from ``pg_catalog``:
@@ -779,11 +783,25 @@ class PostgresDialect(Dialect):
             "SELECT data_type, udt_name FROM information_schema.columns"
             " WHERE table_schema = current_schema() AND table_name = %s AND column_name = %s",
             [table, column],
-        )
+        ) or self.fetch(con, self._MATVIEW_COLUMN, [table, column])
         if not rows or rows[0]["data_type"] in self.ID_TYPES:
             return None
         data_type, udt = rows[0]["data_type"], rows[0]["udt_name"]
         return {"ARRAY": f"{udt.lstrip('_')}[]", "USER-DEFINED": udt}.get(data_type, data_type)
+
+    #: A materialized view's column as ``information_schema.columns`` would give it (which
+    #: leaves materialized views out): its type, a domain's base type, named as ``data_type``
+    #: names them; an array ``ARRAY`` and an enum ``USER-DEFINED``, with ``udt_name``.
+    _MATVIEW_COLUMN = (
+        "SELECT CASE WHEN t.typcategory = 'A' THEN 'ARRAY' WHEN t.typtype = 'e' THEN 'USER-DEFINED'"
+        " ELSE format_type(t.oid, NULL) END AS data_type, t.typname AS udt_name"
+        " FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_matviews m ON m.matviewname = %s"
+        " AND m.schemaname = current_schema()"
+        " JOIN pg_catalog.pg_type t ON t.oid = (SELECT COALESCE(NULLIF(d.typbasetype, 0), d.oid)"
+        " FROM pg_catalog.pg_type d WHERE d.oid = a.atttypid)"
+        " WHERE a.attrelid = format('%%I.%%I', m.schemaname, m.matviewname)::regclass"
+        " AND a.attname = %s AND NOT a.attisdropped"
+    )
 
     def load_modules(self) -> None:
         """Nothing: psycopg binds parameters itself."""
