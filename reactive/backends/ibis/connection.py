@@ -109,7 +109,7 @@ class IbisConnection:
             handle = self._handles.get(name)
             if handle is None:
                 try:
-                    handle = self._handles[name] = self.con.table(name)
+                    handle = self._handles[name] = self.dialect.handle(self.con, name)
                 except ibis_exc.TableNotFound:
                     raise TableNotFoundError(f"table {name!r} does not exist in {self.uri}", table=name) from None
                 except ibis_exc.IbisError as exc:

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar, TypeVar
 
+import ibis
 import ibis.expr.datatypes as dt
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -302,6 +303,10 @@ class Dialect:
             [name],
         ).fetchall()
         return bool(rows)
+
+    def handle(self, con: Any, table: str) -> Any:
+        """ibis's handle on ``table`` (its columns and their types)."""
+        return con.table(table)
 
     def primary_key(self, con: Any, table: str) -> list[str]:
         """The columns of ``table``'s primary key, in key order (none: ``[]``). DuckDB's own
@@ -993,6 +998,26 @@ class SQLiteDialect(Dialect):
 
     def table_exists(self, con: Any, name: str) -> bool:
         return name in con.list_tables()
+
+    def handle(self, con: Any, table: str) -> Any:
+        """ibis's handle on ``table``, with its generated columns: ibis reads ``pragma_table_info``,
+        which leaves them out, so ``key=`` one said the table had no such column. Their types
+        are parsed as ibis parses the others'."""
+        import ibis.expr.operations as ops
+
+        handle = con.table(table)
+        rows = con.con.execute('SELECT name, type, "notnull", hidden FROM pragma_table_xinfo(?)', [table]).fetchall()
+        if not any(hidden in (2, 3) for *_, hidden in rows):
+            return handle
+        parse = getattr(con, "_parse_type", None) or con.compiler.type_mapper.from_string
+        known = handle.schema()
+        columns = {
+            name: known[name] if name in known else parse(declared, nullable=not notnull)
+            for name, declared, notnull, hidden in rows
+            if hidden in (0, 2, 3)  # 1: a virtual table's hidden column
+        }
+        op = handle.op()
+        return ops.DatabaseTable(op.name, ibis.schema(columns), op.source, namespace=op.namespace).to_expr()
 
     def primary_key(self, con: Any, table: str) -> list[str]:
         query = (
