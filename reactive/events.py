@@ -155,10 +155,15 @@ def id_key(value: Any) -> Hashable:
     False
     >>> id_key(7), id_key(bytearray(b"x")), id_key(float("nan")) == id_key(float("nan"))
     (7, ('__bytearray__', "bytearray(b'x')"), True)
+    >>> id_key(True) == id_key(1)
+    False
     """
     if type(value) in _SCALAR_IDS:
         # NaN equals nothing, itself included: two reads of one NaN id would be two rows.
         return _NAN_ID if value != value else value
+    if type(value) is bool:
+        # True == 1 in Python, not in MongoDB, where {_id: true} and {_id: 1} are two documents.
+        return ("__bool__", bool(value))
     # Field order is significant for MongoDB document ids, so dicts keep their order.
     if isinstance(value, Mapping):
         return ("__doc__", tuple((k, id_key(v)) for k, v in value.items()))

@@ -505,6 +505,23 @@ def test_ids_of_every_bson_type_work_even_those_python_cannot_hash(mongo_uri: st
         assert db.errors("len__text") == []
 
 
+def test_boolean_ids_are_not_the_numbers_python_takes_them_for(mongo_uri: str, mongo) -> None:
+    # True == 1 and False == 0 in Python, not in MongoDB: the document {_id: true} was taken
+    # for {_id: 1}, found current, and never had an output (no error either).
+    mongo.docs.insert_many([{"_id": i, "text": t} for i, t in [(1, "one"), (True, "true"), (0, "zero"), (False, "no")]])
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+        expected = {(int, 1): 3, (bool, True): 4, (int, 0): 4, (bool, False): 2}
+        assert {(type(r["_source"]), r["_source"]): r["_output"] for r in db.outputs("len__text")} == expected
+        db.cdc.start()
+        mongo.docs.update_one({"_id": True}, {"$set": {"text": "true!"}})
+        mongo.docs.delete_one({"_id": 0})
+        mongo.docs.insert_one({"_id": 2, "text": "two"})
+        assert db.cdc.wait_idle(timeout=30)
+        expected = {(int, 1): 3, (bool, True): 5, (bool, False): 2, (int, 2): 3}
+        assert {(type(r["_source"]), r["_source"]): r["_output"] for r in db.outputs("len__text")} == expected
+
+
 def test_a_listener_mongodb_cannot_name_outputs_for_is_a_clear_error_at_add(mongo_uri: str, mongo) -> None:
     mongo.docs.insert_one({"_id": 1, "text": "a"})
     with reactive.connect(mongo_uri) as db:
