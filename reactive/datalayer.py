@@ -457,17 +457,25 @@ class Datalayer:
         and ``_output``."""
         self.check_open()
         identifier = _identifier(identifier, "outputs")
+        self._check_listener(identifier)
+        return self.backend.outputs.read_outputs(identifier)
+
+    def _check_listener(self, identifier: str) -> None:
+        """Raise unless ``identifier`` is a component added here or has outputs stored."""
         with self._lock:
             known = identifier in self._components
         if not known and not self.backend.source.table_exists(outputs_table(identifier)):
             raise ConfigurationError(f"no listener {identifier!r}; added: {', '.join(self._components) or 'none'}")
-        return self.backend.outputs.read_outputs(identifier)
 
     def errors(self, identifier: str | Component | None = None) -> list[dict[str, Any]]:
         """Rows that could not be processed: listener, table, source id, error, time (of one
         component, by identifier or the component, or of all)."""
         self.check_open()
-        return self.backend.errors.read_errors(_identifier(identifier, "errors"))
+        identifier = _identifier(identifier, "errors")
+        errors = self.backend.errors.read_errors(identifier)
+        if identifier is not None and not errors:
+            self._check_listener(identifier)  # a misspelt name is not "no errors"
+        return errors
 
     def retry_errors(self, identifier: str | Component | None = None) -> int:
         """Compute again the rows that failed, and return how many failed rows were retried.

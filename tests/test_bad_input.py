@@ -311,6 +311,9 @@ def test_a_component_is_named_by_its_identifier_or_itself_and_a_timeout_is_a_num
         assert db.show() == []
         with pytest.raises(reactive.ConfigurationError, match="no listener 'm__text'"):
             db.outputs(listener)
+        # A misspelt name read as "no errors" (db.outputs said what was wrong).
+        with pytest.raises(reactive.ConfigurationError, match="no listener 'm_text'; added: none"):
+            db.errors("m_text")
         # A timeout that is not a number failed inside with "unsupported operand type(s)".
         for timeout in ("10", float("nan"), True):
             with pytest.raises(TypeError, match="wait_idle takes a timeout in seconds"):
