@@ -376,7 +376,11 @@ class DatabaseChangeDataCapture:
         the table ``as_table`` (default: the same name) of this datalayer: listeners select it
         like any table. Rows carry their id as ``_source``; a published output ``v`` is the
         row ``{"_source": id, "_output": v}``. Starts with :meth:`start` (at once if running); a
-        publisher not up yet is tried again in the background until it answers.
+        publisher not up yet is tried again in the background until it answers. What trying
+        again cannot mend (several services at ``address`` publish ``table`` and ``service`` is
+        not given, no service there is named ``service``, what answers is not a reactive feed)
+        ends the follow until the next start: logged as an error, in ``info()["followed"][name]
+        ["failed"]`` and ``info()["stopped_tables"]``, and :meth:`wait_idle` returns False at once.
         """
         self.db.check_open()
         from reactive.feed.service import check_name
@@ -661,7 +665,7 @@ class DatabaseChangeDataCapture:
                 **dc.asdict(self.totals),
             },
             "source": listener.info() if listener is not None else self._last_source_info,
-            "stopped_tables": dict(self.table_states),
+            "stopped_tables": {**self.table_states, **self._unfollowable()},
             "listeners": {
                 name: {
                     **dc.asdict(stats.get(name) or ComponentStats()),
@@ -673,6 +677,12 @@ class DatabaseChangeDataCapture:
             "feeds": [feed.info() for feed in self.feeds],
             "followed": {name: source.info() for name, source in self._followed.items()},
         }
+
+    def _unfollowable(self) -> dict[str, str]:
+        """Followed tables whose follow failed for good (a configuration error), and why."""
+        with self._lock:
+            followed = list(self._followed.items())
+        return {name: f"not followed: {source.failure}" for name, source in followed if source.failure}
 
     def metrics(self) -> Any:
         """A ``prometheus_client.CollectorRegistry`` holding these counters as Prometheus metrics,
