@@ -29,9 +29,9 @@ import zmq
 
 from reactive import checks
 from reactive.errors import ConfigurationError, ReactiveError
-from reactive.events import id_key
 from reactive.feed import wire
 from reactive.feed.service import EVENTS, Change, endpoint_actions
+from reactive.feed.wire import DocumentId
 from reactive.threads import ReactiveThread
 from reactive.uri import redact
 
@@ -794,20 +794,6 @@ def _parse_data(body: bytes) -> tuple[str, str, str, int, list[Change] | None]:
         event, row_id, value = item
         changes.append(Change(event, _key(wire.from_wire(row_id)), wire.from_wire(value), seqnum, table, publisher))
     return publisher, table, epoch, seqnum, changes
-
-
-class DocumentId(dict):
-    """A row id that is a document (a MongoDB ``_id`` may be one): a dict that can key a view.
-
-    >>> row_id = DocumentId({"a": 1, "tags": [2, 3]})
-    >>> {row_id: "x"}[DocumentId({"tags": [2, 3], "a": 1})]
-    'x'
-    >>> row_id == {"a": 1, "tags": [2, 3]}
-    True
-    """
-
-    def __hash__(self) -> int:  # type: ignore[override]
-        return hash(frozenset((k, id_key(v)) for k, v in self.items()))
 
 
 def _key(value: Any) -> Any:
