@@ -797,10 +797,16 @@ def _parse_data(body: bytes) -> tuple[str, str, str, int, list[Change] | None]:
 
 
 def _key(value: Any) -> Any:
-    """A received row id in a form that can key a snapshot: lists become tuples, documents
-    :class:`DocumentId` (still dicts)."""
+    """A received row id in a form that can key a snapshot: lists become tuples, sets frozensets,
+    documents :class:`DocumentId` (still dicts).
+
+    >>> _key([1, {2}, {"a": [3]}])
+    (1, frozenset({2}), {'a': [3]})
+    """
     if isinstance(value, list):
         return tuple(_key(v) for v in value)
+    if isinstance(value, set):
+        return frozenset(value)
     if isinstance(value, dict):
         return DocumentId(value)
     return value
