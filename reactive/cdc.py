@@ -386,7 +386,6 @@ class DatabaseChangeDataCapture:
         from reactive.feed.service import check_name
 
         name = check_name("table", as_table or table)
-        check_name("table", table)
         with self._lock:
             if name in self._followed:
                 raise ConfigurationError(f"{name!r} is already followed from {self._followed[name].address}")

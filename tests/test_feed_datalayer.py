@@ -654,6 +654,17 @@ def test_feed_bad_input_gets_clear_errors(sqlite_file: tuple[str, sqlite3.Connec
             db.cdc.follow("tcp://127.0.0.1:1", "docs")
         with pytest.raises(ConfigurationError, match="NUL"):
             db.cdc.follow("tcp://127.0.0.1:1", "a\x00b", as_table="elsewhere")
+        # Refused at follow(), not only logged by the start (and by each start after it).
+        with pytest.raises(TypeError, match="rpc_timout"):
+            db.cdc.follow("tcp://127.0.0.1:1", "t", as_table="elsewhere", rpc_timout=1.0)
+        with pytest.raises(ConfigurationError, match="rpc_timeout must be a number of seconds above 0"):
+            db.cdc.follow("tcp://127.0.0.1:1", "t", as_table="elsewhere", rpc_timeout=-1)
+        for service in (5, ""):
+            with pytest.raises(ConfigurationError, match="a feed service name must be a non-empty str"):
+                db.cdc.follow("tcp://127.0.0.1:1", "t", as_table="elsewhere", service=service)
+            with pytest.raises(ConfigurationError, match="a feed service name must be a non-empty str"):
+                reactive.feed.subscribe("tcp://127.0.0.1:1", "t", print, service=service)
+        assert db.cdc.followed("elsewhere") is None and db.cdc.info()["followed"] == {}
         # Nothing listens there: a clear error within the timeout, and nothing left running.
         with pytest.raises(RpcTimeoutError, match=r"no node answered|no connection|no answer"):
             reactive.feed.subscribe("tcp://127.0.0.1:1", "docs", print, rpc_timeout=0.5)

@@ -213,6 +213,8 @@ def subscribe(
     """
     check_address(address)
     check_name("table", table)
+    if service is not None:
+        check_name("service", service)
     node = Node(None, peers=[address], **node_options)
     node.start()
     try:

@@ -28,7 +28,7 @@ from reactive.errors import QueueClosedError, ReactiveError
 from reactive.events import ChangePacket, DBEvent, Row, id_key
 from reactive.feed import Change, Node, Subscription, _publisher_of, resumable
 from reactive.feed.node import check_address
-from reactive.feed.service import MAX_RETRY_BACKOFF
+from reactive.feed.service import MAX_RETRY_BACKOFF, check_name
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -73,11 +73,14 @@ class FeedSource:
     ) -> None:
         self.table_name = name
         self.address = check_address(address)
-        self.table = table
-        self.service = service
+        self.table = check_name("table", table)
+        self.service = None if service is None else check_name("service", service)
         self._queue = queue
         self._reconcile = reconcile
         self._node_options = dict(node_options or {})
+        # Each start makes its node; one made now refuses bad options (a TypeError, a
+        # ConfigurationError) at follow(), not in a log line at every start.
+        Node(None, peers=[self.address], **self._node_options)
         self._subscription: _FeedSubscription | None = None
         self._follower: _Follower | None = None
         self._releaser: _Releaser | None = None
