@@ -658,6 +658,33 @@ def test_a_publisher_restarted_on_the_same_address_is_followed_into_its_new_epoc
     assert replay(changes.snapshot()) == sub.view == second.state("t")[1]
 
 
+def test_a_publisher_restarted_before_it_publishes_the_table_again_deletes_nothing(stack: ExitStack) -> None:
+    # It answered an empty table, and every subscriber deleted every row (a follow: every output),
+    # to insert them all again once the restarted publisher had read its tables.
+    node = Node(**FAST)
+    node.start()
+    address = node.address
+    pub = DataService("pub", node)
+    pub.start()
+    pub.publish("t", {1: "a", 2: "b"})
+    sub, changes = follow(stack, address, quiet_after=0.3)
+    assert sub.wait_synced(WAIT)
+    pub.stop()
+    node.stop()
+    restarted = Node(address, **FAST)
+    restarted.start()
+    stack.callback(restarted.stop)
+    pub = DataService("pub", restarted)
+    pub.start()  # on the node, its tables not read yet
+    status = lambda: sub.status["subscriptions"]["pub:t"]  # noqa: E731
+    assert wait_until(sub, lambda: "pub does not publish 't' (yet)" in (status()["last_error"] or ""))
+    assert sub.view == {1: "a", 2: "b"} and [c.event for c in changes.snapshot()] == ["snapshot", "snapshot"]
+    pub.publish("t", {1: "a", 2: "B"})  # read: what changed meanwhile arrives, and only that
+    assert wait_until(sub, lambda: status()["epoch"] == pub.epoch and status()["last_error"] is None)
+    assert sub.view == {1: "a", 2: "B"}
+    assert [(c.event, c.id) for c in changes.snapshot()[2:]] == [("update", 2)]
+
+
 def test_with_a_checkpoint_store_sequence_numbers_continue_across_restarts_and_sigkill(
     stack: ExitStack, tmp_path: Path
 ) -> None:
@@ -1537,8 +1564,17 @@ def test_get_snapshot_and_get_last_published_data_with_seqnum(stack: ExitStack, 
     assert caller.rpc("pub", "get_last_published_data_with_seqnum", {"table": "t"}) == {
         "epoch": pub.epoch,
         "seqnum": 2,
+        "published": True,
         "data": [[1, "A"], [[2, "x"], {"b": [1, 2]}], [3, None]],
     }
+    # A table not published (yet) says so: an empty one would be taken for the table.
+    assert caller.rpc("pub", "get_last_published_data_with_seqnum", {"table": "u"}) == {
+        "epoch": pub.epoch,
+        "seqnum": 0,
+        "published": False,
+        "data": [],
+    }
+    assert caller.rpc("pub", "get_snapshot", {"table": "u"}) == []
 
 
 def test_check_resub_all_on_a_quiet_subscription(stack: ExitStack, pub: DataService, pub_node: Node) -> None:

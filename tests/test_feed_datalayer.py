@@ -372,6 +372,47 @@ def test_a_follow_of_an_address_where_no_reactive_feed_answers_ends_and_says_so(
         context.term()
 
 
+def test_a_follow_keeps_its_outputs_while_a_restarted_publisher_has_not_published_its_table(
+    tmp_path: Path,
+) -> None:
+    # The restarted publisher answered an empty table: every output was deleted, then computed again.
+    node = reactive.feed.Node()
+    node.start()
+    address = node.address
+    pub = reactive.feed.DataService("pub", node)
+    pub.start()
+    pub.publish("t", {1: "a", 2: "bb"})
+    computed: list[str] = []
+
+    def measure(texts: list[str]) -> list[int]:
+        computed.extend(texts)
+        return length(texts)
+
+    try:
+        with reactive.connect(f"duckdb:///{tmp_path}/b.duckdb") as b:
+            source = b.cdc.follow(address, "t", as_table="texts", heartbeat_interval=0.05, quiet_after=0.3)
+            b.add(Listener(Model("len", predict=measure), "_output", "texts"))
+            b.cdc.start()
+            assert b.cdc.wait_idle(WAIT) and outputs_by_source(b, "len___output") == {1: 1, 2: 2}
+            pub.stop()
+            node.stop()
+            node = reactive.feed.Node(address)
+            node.start()
+            pub = reactive.feed.DataService("pub", node)
+            pub.start()  # its tables not read yet
+            subscription = source._subscription
+            assert subscription is not None
+            status = lambda: subscription.status["subscriptions"]["pub:t"]  # noqa: E731
+            assert subscription._wait_for(lambda: "does not publish 't' (yet)" in (status()["last_error"] or ""), WAIT)
+            assert b.cdc.wait_idle(WAIT) and outputs_by_source(b, "len___output") == {1: 1, 2: 2}
+            pub.publish("t", {1: "a", 2: "bb", 3: "ccc"})
+            assert subscription._wait_for(lambda: status()["epoch"] == pub.epoch, WAIT)
+            assert b.cdc.wait_idle(WAIT) and outputs_by_source(b, "len___output") == {1: 1, 2: 2, 3: 3}
+            assert computed == ["a", "bb", "ccc"]  # nothing computed twice
+    finally:
+        node.stop()
+
+
 def test_publish_before_start_loads_existing_outputs_and_follows_a_listener_added_later(duck) -> None:
     duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
     duck.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'bb')")

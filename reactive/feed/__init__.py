@@ -29,12 +29,15 @@ encoding of :mod:`reactive.feed.wire`; ``v`` is 1.
   ``services`` (``{"node_id", "data_address", "services": {id: DataServiceInfo}}``) and
   ``probe`` (``{"service", "table"}``: publish a heartbeat of that table now). Every service
   answers ``get_last_published_data_with_seqnum`` (``{"table"}`` -> ``{"epoch", "seqnum",
-  "data": [[id, value], ...]}``), ``get_snapshot`` and ``ping``.
+  "published", "data": [[id, value], ...]}``; ``published`` false: the service does not publish
+  the table, or not yet, as after a restart until it has read its tables), ``get_snapshot`` and
+  ``ping``.
 - To follow a table: subscribe the SUB socket, call ``probe`` until a message of the topic
   arrives (ZMQ drops what is published before a subscription reaches the publisher), fetch
   the snapshot, then apply each delta whose ``seqnum`` is one more than the last applied;
   keep later ones aside; on a gap that stays open, a heartbeat ahead of you, or a new
-  ``epoch``, fetch the snapshot again.
+  ``epoch``, fetch the snapshot again. A snapshot that is not ``published`` is not the table:
+  keep your view and fetch it again later (its first heartbeat says it is published).
 """
 
 from __future__ import annotations

@@ -929,8 +929,9 @@ class _Fetcher(ReactiveThread):
         if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
             raise RpcError(f"{publisher} gave a malformed snapshot of {table}")
         epoch, seqnum = answer.get("epoch"), answer.get("seqnum")
+        published = answer.get("published") is not False  # a publisher before this key: published
         data = {_key(row_id): value for row_id, value in answer["data"]}
-        self._post(lambda: service._snapshot_arrived(publisher, table, epoch, seqnum, data))
+        self._post(lambda: service._snapshot_arrived(publisher, table, epoch, seqnum, data, published))
 
     def _post(self, call: Callable[[], None]) -> None:
         receiver = self.node._receiver

@@ -354,6 +354,11 @@ class _FeedSubscription(Subscription):
         self._apply(data)
         self.source._deliver(data, first_snapshot=False)
 
+    def _takes_unpublished(self, first: bool) -> bool:
+        # Not even as the first: it reconciles the listeners, deleting every output (after a
+        # restart of this process while the publisher's restart reads its tables).
+        return False
+
     def values(self, ids: Sequence[Any]) -> list[tuple[Any, Any]]:
         with self._view_lock:
             found = (self._view.get(id_key(i)) for i in ids)
