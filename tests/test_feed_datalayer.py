@@ -404,11 +404,46 @@ def test_a_follow_keeps_its_outputs_while_a_restarted_publisher_has_not_publishe
             assert subscription is not None
             status = lambda: subscription.status["subscriptions"]["pub:t"]  # noqa: E731
             assert subscription._wait_for(lambda: "does not publish 't' (yet)" in (status()["last_error"] or ""), WAIT)
-            assert b.cdc.wait_idle(WAIT) and outputs_by_source(b, "len___output") == {1: 1, 2: 2}
+            assert b.cdc.queue.join(WAIT) and outputs_by_source(b, "len___output") == {1: 1, 2: 2}
+            assert not b.cdc.wait_idle(0.5)  # what the restarted publisher has is not known yet
             pub.publish("t", {1: "a", 2: "bb", 3: "ccc"})
             assert subscription._wait_for(lambda: status()["epoch"] == pub.epoch, WAIT)
             assert b.cdc.wait_idle(WAIT) and outputs_by_source(b, "len___output") == {1: 1, 2: 2, 3: 3}
             assert computed == ["a", "bb", "ccc"]  # nothing computed twice
+    finally:
+        node.stop()
+
+
+def test_wait_idle_waits_for_a_restarted_publishers_new_epoch(tmp_path: Path) -> None:
+    # A publisher without checkpoints numbers from 0 again after a restart: wait_idle compared its
+    # numbers with those delivered of the epoch before, and said True before the change arrived.
+    node = reactive.feed.Node()
+    node.start()
+    address = node.address
+    pub = reactive.feed.DataService("pub", node)
+    pub.start()
+    pub.publish("t", {1: "a", 2: "bb"})
+    pub.publish("t", {1: "a", 2: "bb", 3: "ccc"})
+    try:
+        with reactive.connect(f"duckdb:///{tmp_path}/b.duckdb") as b:
+            # Never quiet: the restart is noticed only when the test says so.
+            source = b.cdc.follow(address, "t", as_table="texts", quiet_after=float("inf"))
+            b.add(Listener(Model("len", predict=length), "_output", "texts"))
+            b.cdc.start()
+            assert b.cdc.wait_idle(WAIT) and outputs_by_source(b, "len___output") == {1: 1, 2: 2, 3: 3}
+            pub.stop()
+            node.stop()
+            node = reactive.feed.Node(address)
+            node.start()
+            pub = reactive.feed.DataService("pub", node)
+            pub.start()
+            assert pub.publish("t", {1: "a", 2: "bb", 3: "ccc", 4: "dddd"}) == 1  # below the 2 delivered
+            assert not b.cdc.wait_idle(0.5)  # the new epoch's change has not arrived
+            subscription = source._subscription
+            assert subscription is not None
+            subscription.check_resub_all(quiet_after=0)
+            assert b.cdc.wait_idle(WAIT)
+            assert outputs_by_source(b, "len___output") == {1: 1, 2: 2, 3: 3, 4: 4}
     finally:
         node.stop()
 

@@ -687,8 +687,11 @@ class DataService:
             lambda: all(s.delivered is not None and not s.pending for s in self._subscriptions.values()), timeout
         )
 
-    def wait_delivered(self, seqnum: int, timeout: float | None = None, *, publisher=None, table=None) -> bool:
-        """Wait until the subscription (the only one, or ``publisher``/``table``) reached ``seqnum``."""
+    def wait_delivered(
+        self, seqnum: int, timeout: float | None = None, *, publisher=None, table=None, epoch: str | None = None
+    ) -> bool:
+        """Wait until the subscription (the only one, or ``publisher``/``table``) reached ``seqnum``
+        (of the publisher's ``epoch``, when given: numbers of two epochs do not compare)."""
 
         def reached() -> bool:
             subs = [
@@ -696,7 +699,9 @@ class DataService:
                 for s in self._subscriptions.values()
                 if (publisher is None or s.publisher == publisher) and (table is None or s.table == table)
             ]
-            return bool(subs) and all(s.delivered is not None and s.delivered >= seqnum for s in subs)
+            return bool(subs) and all(
+                s.delivered is not None and s.delivered >= seqnum and (epoch is None or s.epoch == epoch) for s in subs
+            )
 
         return self._wait_for(reached, timeout)
 

@@ -165,7 +165,9 @@ class FeedSource:
         except Exception as exc:
             log.warning("%s: the publisher did not answer: %s", self.name, exc)
             return False
-        return subscription.wait_delivered(int(answer["seqnum"]), timeout)
+        # Of the publisher's epoch: a publisher restarted without its checkpoints numbers from 0
+        # again, below what the subscription delivered before it noticed the restart.
+        return subscription.wait_delivered(int(answer["seqnum"]), timeout, epoch=answer.get("epoch"))
 
     # -- what the subscription delivers (on its node's receiving thread) -----------------------
     def _deliver(self, changes: list[Change], first_snapshot: bool) -> None:
