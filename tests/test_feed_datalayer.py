@@ -362,6 +362,7 @@ def test_a_follow_of_an_address_where_no_reactive_feed_answers_ends_and_says_so(
             router.send_multipart([peer, request_id, answer])
             follower.join(WAIT)
             assert not follower.is_alive()
+            assert not [t for t in threading.enumerate() if t.name.startswith("reactive-feed-")]  # its node too
             assert b.cdc.wait_idle() is False
             failed = b.cdc.info()["followed"]["elsewhere"]["failed"]
             assert failed.startswith("FeedConfigurationError: ") and address in failed
