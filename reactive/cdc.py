@@ -376,13 +376,16 @@ class DatabaseChangeDataCapture:
         the table ``as_table`` (default: the same name) of this datalayer: listeners select it
         like any table. Rows carry their id as ``_source``; a published output ``v`` is the
         row ``{"_source": id, "_output": v}``. Starts with :meth:`start` (at once if running); a
-        publisher not up yet is tried again in the background until it answers.
+        publisher not up yet is tried again in the background until it answers. What trying
+        again cannot mend (several services at ``address`` publish ``table`` and ``service`` is
+        not given, no service there is named ``service``, what answers is not a reactive feed)
+        ends the follow until the next start: logged as an error, in ``info()["followed"][name]
+        ["failed"]`` and ``info()["stopped_tables"]``, and :meth:`wait_idle` returns False at once.
         """
         self.db.check_open()
         from reactive.feed.service import check_name
 
         name = check_name("table", as_table or table)
-        check_name("table", table)
         with self._lock:
             if name in self._followed:
                 raise ConfigurationError(f"{name!r} is already followed from {self._followed[name].address}")
@@ -661,7 +664,7 @@ class DatabaseChangeDataCapture:
                 **dc.asdict(self.totals),
             },
             "source": listener.info() if listener is not None else self._last_source_info,
-            "stopped_tables": dict(self.table_states),
+            "stopped_tables": {**self.table_states, **self._unfollowable()},
             "listeners": {
                 name: {
                     **dc.asdict(stats.get(name) or ComponentStats()),
@@ -673,6 +676,12 @@ class DatabaseChangeDataCapture:
             "feeds": [feed.info() for feed in self.feeds],
             "followed": {name: source.info() for name, source in self._followed.items()},
         }
+
+    def _unfollowable(self) -> dict[str, str]:
+        """Followed tables whose follow failed for good (a configuration error), and why."""
+        with self._lock:
+            followed = list(self._followed.items())
+        return {name: f"not followed: {source.failure}" for name, source in followed if source.failure}
 
     def metrics(self) -> Any:
         """A ``prometheus_client.CollectorRegistry`` holding these counters as Prometheus metrics,

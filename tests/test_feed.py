@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -658,6 +658,33 @@ def test_a_publisher_restarted_on_the_same_address_is_followed_into_its_new_epoc
     assert replay(changes.snapshot()) == sub.view == second.state("t")[1]
 
 
+def test_a_publisher_restarted_before_it_publishes_the_table_again_deletes_nothing(stack: ExitStack) -> None:
+    # It answered an empty table, and every subscriber deleted every row (a follow: every output),
+    # to insert them all again once the restarted publisher had read its tables.
+    node = Node(**FAST)
+    node.start()
+    address = node.address
+    pub = DataService("pub", node)
+    pub.start()
+    pub.publish("t", {1: "a", 2: "b"})
+    sub, changes = follow(stack, address, quiet_after=0.3)
+    assert sub.wait_synced(WAIT)
+    pub.stop()
+    node.stop()
+    restarted = Node(address, **FAST)
+    restarted.start()
+    stack.callback(restarted.stop)
+    pub = DataService("pub", restarted)
+    pub.start()  # on the node, its tables not read yet
+    status = lambda: sub.status["subscriptions"]["pub:t"]  # noqa: E731
+    assert wait_until(sub, lambda: "pub does not publish 't' (yet)" in (status()["last_error"] or ""))
+    assert sub.view == {1: "a", 2: "b"} and [c.event for c in changes.snapshot()] == ["snapshot", "snapshot"]
+    pub.publish("t", {1: "a", 2: "B"})  # read: what changed meanwhile arrives, and only that
+    assert wait_until(sub, lambda: status()["epoch"] == pub.epoch and status()["last_error"] is None)
+    assert sub.view == {1: "a", 2: "B"}
+    assert [(c.event, c.id) for c in changes.snapshot()[2:]] == [("update", 2)]
+
+
 def test_with_a_checkpoint_store_sequence_numbers_continue_across_restarts_and_sigkill(
     stack: ExitStack, tmp_path: Path
 ) -> None:
@@ -1226,6 +1253,51 @@ def test_sets_in_sets_and_as_dict_keys_arrive_as_frozensets(stack: ExitStack, pu
     assert wire.loads(wire.dumps({frozenset({1}): {frozenset({2})}})) == {frozenset({1}): {frozenset({2})}}
 
 
+class FrozenMapping(Mapping):
+    """A hashable mapping, as ``frozendict`` and ``immutabledict`` are."""
+
+    def __init__(self, **items: Any) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+
+def test_hashable_mappings_in_sets_and_as_dict_keys_arrive_hashable(
+    stack: ExitStack, pub: DataService, pub_node: Node
+) -> None:
+    # Published as JSON objects, they arrived as dicts, which no set holds and no dict is keyed by:
+    # the snapshot failed for ever (the whole table), a delta was dropped as malformed.
+    rows = {
+        1: {FrozenMapping(a=1), FrozenMapping(b=(2, frozenset({3})))},
+        2: {FrozenMapping(k="v"): "x", (FrozenMapping(n=1), 2): "y"},
+        3: frozenset({DocumentId({"a": 1})}),
+    }
+    assert wire.dumps({FrozenMapping(a=1)}) == '{"$set":[{"a":1}]}'  # a JSON object, as any mapping
+    pub.publish("t", rows)
+    sub, changes = follow(stack, pub_node.address)
+    assert sub.wait_synced(WAIT) and sub.status["subscriptions"]["pub:t"]["last_error"] is None
+    view = sub.view
+    # Each arrives as a DocumentId (a dict that hashes) of hashable values, equal to what was sent.
+    assert view[1] == {DocumentId({"a": 1}), DocumentId({"b": (2, frozenset({3}))})}
+    assert sorted(map(dict, view[1]), key=str) == sorted(map(dict, rows[1]), key=str)
+    assert view[2] == {DocumentId({"k": "v"}): "x", (DocumentId({"n": 1}), 2): "y"}
+    assert list(view[2]) == list(rows[2]) and view[3] == {DocumentId({"a": 1})}
+    assert pub.publish("t", {**rows, 4: {FrozenMapping(d=4)}}) == 2  # and in a delta
+    assert sub.wait_delivered(2, WAIT)
+    assert changes.snapshot()[-1].value == {DocumentId({"d": 4})}
+    assert sub.node.stats.malformed == 0 and sub.status["subscriptions"]["pub:t"]["resubscriptions"] == 0
+
+
 def test_a_table_with_document_ids_can_be_followed(stack: ExitStack, pub: DataService, pub_node: Node) -> None:
     pub.publish("t", [("insert", {"a": 1}, "x"), ("insert", 2, "y")], use_snapshot=False)
     sub, changes = follow(stack, pub_node.address)
@@ -1238,6 +1310,17 @@ def test_a_table_with_document_ids_can_be_followed(stack: ExitStack, pub: DataSe
     seqnum = pub.publish("t", [("update", {"a": 1}, "x2"), ("delete", 2, None)], use_snapshot=False)
     assert sub.wait_delivered(seqnum, WAIT)
     assert sub.view == {DocumentId({"a": 1}): "x2"}
+
+
+def test_a_table_with_set_ids_can_be_followed(stack: ExitStack, pub: DataService, pub_node: Node) -> None:
+    # A frozenset id arrived as a set, which cannot key the snapshot: it failed for ever.
+    pub.publish("t", {frozenset({1, 2}): "a", (1, frozenset({"x"})): "b", 3: "c"})
+    sub, _ = follow(stack, pub_node.address)
+    assert sub.wait_synced(WAIT) and sub.status["subscriptions"]["pub:t"]["last_error"] is None
+    assert sub.view == {frozenset({1, 2}): "a", (1, frozenset({"x"})): "b", 3: "c"}
+    seqnum = pub.publish("t", [("update", frozenset({2, 1}), "a2"), ("insert", {4}, "d")], use_snapshot=False)
+    assert sub.wait_delivered(seqnum, WAIT)
+    assert sub.view == {frozenset({1, 2}): "a2", (1, frozenset({"x"})): "b", 3: "c", frozenset({4}): "d"}
 
 
 def test_on_change_errors_are_counted_and_delivery_goes_on(stack: ExitStack, pub: DataService, pub_node: Node) -> None:
@@ -1481,8 +1564,17 @@ def test_get_snapshot_and_get_last_published_data_with_seqnum(stack: ExitStack, 
     assert caller.rpc("pub", "get_last_published_data_with_seqnum", {"table": "t"}) == {
         "epoch": pub.epoch,
         "seqnum": 2,
+        "published": True,
         "data": [[1, "A"], [[2, "x"], {"b": [1, 2]}], [3, None]],
     }
+    # A table not published (yet) says so: an empty one would be taken for the table.
+    assert caller.rpc("pub", "get_last_published_data_with_seqnum", {"table": "u"}) == {
+        "epoch": pub.epoch,
+        "seqnum": 0,
+        "published": False,
+        "data": [],
+    }
+    assert caller.rpc("pub", "get_snapshot", {"table": "u"}) == []
 
 
 def test_check_resub_all_on_a_quiet_subscription(stack: ExitStack, pub: DataService, pub_node: Node) -> None:

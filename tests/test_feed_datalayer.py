@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 import signal
 import socket
 import sqlite3
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from conftest import Recorder, outputs_by_source
 
 import reactive
@@ -288,6 +290,163 @@ def test_close_stops_a_follow_waiting_for_its_publisher_at_once(tmp_path: Path) 
     assert time.monotonic() - began < 5
     assert not follower.is_alive()
     assert not [t for t in threading.enumerate() if t.name.startswith("reactive-")]
+
+
+def follow_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "reactive-feed-follow"]
+
+
+def test_a_follow_that_trying_again_cannot_mend_ends_says_why_and_is_never_idle(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It tried again every 5 s for ever, said so only in a warning each time, and wait_idle()
+    # without a timeout never returned.
+    node = reactive.feed.Node()
+    node.start()
+    try:
+        for service_id in ("a", "b"):
+            service = reactive.feed.DataService(service_id, node)
+            service.start()
+            service.publish("t", {1: service_id})
+        with reactive.connect(f"duckdb:///{tmp_path}/b.duckdb") as b, caplog.at_level(logging.ERROR):
+            b.cdc.follow(node.address, "t", as_table="either")  # two services publish 't'
+            b.cdc.follow(node.address, "t", as_table="ghostly", service="ghost")
+            b.cdc.follow(node.address, "t", as_table="bs", service="b")
+            b.cdc.start()
+            for follower in follow_threads():
+                follower.join(WAIT)
+                assert not follower.is_alive()
+            assert b.cdc.wait_idle() is False  # at once: nothing will ever arrive for two of them
+            info = b.cdc.info()
+            either, ghostly = info["followed"]["either"], info["followed"]["ghostly"]
+            assert either["following"] is False and either["attempts"] == 1
+            assert re.fullmatch(
+                r"FeedConfigurationError: several services at .* publish 't' \(a, b\): pass service=", either["failed"]
+            )
+            assert re.fullmatch(
+                r"FeedConfigurationError: no service 'ghost' at .* \(services: a, b\)", ghostly["failed"]
+            )
+            assert info["stopped_tables"] == {
+                "either": f"not followed: {either['failed']}",
+                "ghostly": f"not followed: {ghostly['failed']}",
+            }
+            errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+            assert len(errors) == 2 and all("trying again will not help" in e for e in errors)
+            # The one well given is followed.
+            assert info["followed"]["bs"]["following"] is True and info["followed"]["bs"]["failed"] is None
+            assert b.cdc.followed("bs").sync(WAIT)  # type: ignore[union-attr]
+    finally:
+        node.stop()
+    assert not [t for t in threading.enumerate() if t.name.startswith("reactive-")]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"HTTP/1.1 400 Bad Request\r\n\r\n", b'{"v": 2, "ok": true, "result": {"services": {}}}', b'{"v": 1, "ok": true}'],
+    ids=["not JSON", "another wire version", "no list of services"],
+)
+def test_a_follow_of_an_address_where_no_reactive_feed_answers_ends_and_says_so(tmp_path: Path, answer: bytes) -> None:
+    # Another program (or version) answering at the address was tried again for ever.
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind("tcp://127.0.0.1:*")
+    address = router.getsockopt_string(zmq.LAST_ENDPOINT)
+    try:
+        with reactive.connect(f"duckdb:///{tmp_path}/b.duckdb") as b:
+            b.cdc.follow(address, "t", as_table="elsewhere")
+            b.cdc.start()
+            [follower] = follow_threads()
+            assert router.poll(int(WAIT * 1000)), "the follower asked nothing"
+            peer, request_id, _ = router.recv_multipart()
+            router.send_multipart([peer, request_id, answer])
+            follower.join(WAIT)
+            assert not follower.is_alive()
+            assert not [t for t in threading.enumerate() if t.name.startswith("reactive-feed-")]  # its node too
+            assert b.cdc.wait_idle() is False
+            failed = b.cdc.info()["followed"]["elsewhere"]["failed"]
+            assert failed.startswith("FeedConfigurationError: ") and address in failed
+            assert "not a reactive feed of wire version 1" in failed or "malformed list of services" in failed
+        assert not [t for t in threading.enumerate() if t.name.startswith("reactive-")]
+    finally:
+        router.close(0)
+        context.term()
+
+
+def test_a_follow_keeps_its_outputs_while_a_restarted_publisher_has_not_published_its_table(
+    tmp_path: Path,
+) -> None:
+    # The restarted publisher answered an empty table: every output was deleted, then computed again.
+    node = reactive.feed.Node()
+    node.start()
+    address = node.address
+    pub = reactive.feed.DataService("pub", node)
+    pub.start()
+    pub.publish("t", {1: "a", 2: "bb"})
+    computed: list[str] = []
+
+    def measure(texts: list[str]) -> list[int]:
+        computed.extend(texts)
+        return length(texts)
+
+    try:
+        with reactive.connect(f"duckdb:///{tmp_path}/b.duckdb") as b:
+            source = b.cdc.follow(address, "t", as_table="texts", heartbeat_interval=0.05, quiet_after=0.3)
+            b.add(Listener(Model("len", predict=measure), "_output", "texts"))
+            b.cdc.start()
+            assert b.cdc.wait_idle(WAIT) and outputs_by_source(b, "len___output") == {1: 1, 2: 2}
+            pub.stop()
+            node.stop()
+            node = reactive.feed.Node(address)
+            node.start()
+            pub = reactive.feed.DataService("pub", node)
+            pub.start()  # its tables not read yet
+            subscription = source._subscription
+            assert subscription is not None
+            status = lambda: subscription.status["subscriptions"]["pub:t"]  # noqa: E731
+            assert subscription._wait_for(lambda: "does not publish 't' (yet)" in (status()["last_error"] or ""), WAIT)
+            assert b.cdc.queue.join(WAIT) and outputs_by_source(b, "len___output") == {1: 1, 2: 2}
+            assert not b.cdc.wait_idle(0.5)  # what the restarted publisher has is not known yet
+            pub.publish("t", {1: "a", 2: "bb", 3: "ccc"})
+            assert subscription._wait_for(lambda: status()["epoch"] == pub.epoch, WAIT)
+            assert b.cdc.wait_idle(WAIT) and outputs_by_source(b, "len___output") == {1: 1, 2: 2, 3: 3}
+            assert computed == ["a", "bb", "ccc"]  # nothing computed twice
+    finally:
+        node.stop()
+
+
+def test_wait_idle_waits_for_a_restarted_publishers_new_epoch(tmp_path: Path) -> None:
+    # A publisher without checkpoints numbers from 0 again after a restart: wait_idle compared its
+    # numbers with those delivered of the epoch before, and said True before the change arrived.
+    node = reactive.feed.Node()
+    node.start()
+    address = node.address
+    pub = reactive.feed.DataService("pub", node)
+    pub.start()
+    pub.publish("t", {1: "a", 2: "bb"})
+    pub.publish("t", {1: "a", 2: "bb", 3: "ccc"})
+    try:
+        with reactive.connect(f"duckdb:///{tmp_path}/b.duckdb") as b:
+            # Never quiet: the restart is noticed only when the test says so.
+            source = b.cdc.follow(address, "t", as_table="texts", quiet_after=float("inf"))
+            b.add(Listener(Model("len", predict=length), "_output", "texts"))
+            b.cdc.start()
+            assert b.cdc.wait_idle(WAIT) and outputs_by_source(b, "len___output") == {1: 1, 2: 2, 3: 3}
+            pub.stop()
+            node.stop()
+            node = reactive.feed.Node(address)
+            node.start()
+            pub = reactive.feed.DataService("pub", node)
+            pub.start()
+            assert pub.publish("t", {1: "a", 2: "bb", 3: "ccc", 4: "dddd"}) == 1  # below the 2 delivered
+            assert not b.cdc.wait_idle(0.5)  # the new epoch's change has not arrived
+            subscription = source._subscription
+            assert subscription is not None
+            subscription.check_resub_all(quiet_after=0)
+            assert b.cdc.wait_idle(WAIT)
+            assert outputs_by_source(b, "len___output") == {1: 1, 2: 2, 3: 3, 4: 4}
+    finally:
+        node.stop()
 
 
 def test_publish_before_start_loads_existing_outputs_and_follows_a_listener_added_later(duck) -> None:
@@ -572,6 +731,17 @@ def test_feed_bad_input_gets_clear_errors(sqlite_file: tuple[str, sqlite3.Connec
             db.cdc.follow("tcp://127.0.0.1:1", "docs")
         with pytest.raises(ConfigurationError, match="NUL"):
             db.cdc.follow("tcp://127.0.0.1:1", "a\x00b", as_table="elsewhere")
+        # Refused at follow(), not only logged by the start (and by each start after it).
+        with pytest.raises(TypeError, match="rpc_timout"):
+            db.cdc.follow("tcp://127.0.0.1:1", "t", as_table="elsewhere", rpc_timout=1.0)
+        with pytest.raises(ConfigurationError, match="rpc_timeout must be a number of seconds above 0"):
+            db.cdc.follow("tcp://127.0.0.1:1", "t", as_table="elsewhere", rpc_timeout=-1)
+        for service in (5, ""):
+            with pytest.raises(ConfigurationError, match="a feed service name must be a non-empty str"):
+                db.cdc.follow("tcp://127.0.0.1:1", "t", as_table="elsewhere", service=service)
+            with pytest.raises(ConfigurationError, match="a feed service name must be a non-empty str"):
+                reactive.feed.subscribe("tcp://127.0.0.1:1", "t", print, service=service)
+        assert db.cdc.followed("elsewhere") is None and db.cdc.info()["followed"] == {}
         # Nothing listens there: a clear error within the timeout, and nothing left running.
         with pytest.raises(RpcTimeoutError, match=r"no node answered|no connection|no answer"):
             reactive.feed.subscribe("tcp://127.0.0.1:1", "docs", print, rpc_timeout=0.5)

@@ -29,12 +29,15 @@ encoding of :mod:`reactive.feed.wire`; ``v`` is 1.
   ``services`` (``{"node_id", "data_address", "services": {id: DataServiceInfo}}``) and
   ``probe`` (``{"service", "table"}``: publish a heartbeat of that table now). Every service
   answers ``get_last_published_data_with_seqnum`` (``{"table"}`` -> ``{"epoch", "seqnum",
-  "data": [[id, value], ...]}``), ``get_snapshot`` and ``ping``.
+  "published", "data": [[id, value], ...]}``; ``published`` false: the service does not publish
+  the table, or not yet, as after a restart until it has read its tables), ``get_snapshot`` and
+  ``ping``.
 - To follow a table: subscribe the SUB socket, call ``probe`` until a message of the topic
   arrives (ZMQ drops what is published before a subscription reaches the publisher), fetch
   the snapshot, then apply each delta whose ``seqnum`` is one more than the last applied;
   keep later ones aside; on a gap that stays open, a heartbeat ahead of you, or a new
-  ``epoch``, fetch the snapshot again.
+  ``epoch``, fetch the snapshot again. A snapshot that is not ``published`` is not the table:
+  keep your view and fetch it again later (its first heartbeat says it is published).
 """
 
 from __future__ import annotations
@@ -47,7 +50,15 @@ from typing import Any
 
 from reactive.errors import ConfigurationError
 from reactive.events import id_key
-from reactive.feed.node import Node, NodeStats, RpcError, RpcTimeoutError, check_address
+from reactive.feed.node import (
+    FeedConfigurationError,
+    Node,
+    NodeStats,
+    RpcError,
+    RpcTimeoutError,
+    check_address,
+    resumable,
+)
 from reactive.feed.service import Change, DataService, DataServiceEndPoints, DataServiceInfo, check_name
 from reactive.feed.wire import FeedDecodeError, FeedEncodeError, same_on_the_wire
 
@@ -58,6 +69,7 @@ __all__ = [
     "DataService",
     "DataServiceEndPoints",
     "DataServiceInfo",
+    "FeedConfigurationError",
     "FeedDecodeError",
     "FeedEncodeError",
     "Node",
@@ -65,6 +77,7 @@ __all__ = [
     "RpcError",
     "RpcTimeoutError",
     "Subscription",
+    "resumable",
     "subscribe",
 ]
 
@@ -197,10 +210,14 @@ def subscribe(
     ``receive_filter``...). Raises :class:`RpcTimeoutError` when nothing answers at
     ``address`` and :class:`RpcError` when no service there publishes ``table`` (with one service
     there, a table it does not publish yet is followed, with a warning: a listener added later
-    publishes its outputs then).
+    publishes its outputs then); :class:`FeedConfigurationError` (an ``RpcError`` and a
+    ``ConfigurationError``) when several services publish it and ``service`` is not given, when
+    no service there is named ``service``, or when what answers is not a reactive feed.
     """
     check_address(address)
     check_name("table", table)
+    if service is not None:
+        check_name("service", service)
     node = Node(None, peers=[address], **node_options)
     node.start()
     try:
@@ -213,9 +230,15 @@ def subscribe(
 
 
 def _publisher_of(address: str, table: str, service: str | None, services: dict[str, Any]) -> str:
+    """The service at ``address`` to follow ``table`` of. Raises :class:`RpcError` while none can
+    be chosen yet (the node runs no service yet, or none publishes the table), and
+    :class:`FeedConfigurationError` when what was given cannot be followed (see :func:`resumable`)."""
     if service is not None:
         if service not in services:
-            raise RpcError(f"no service {service!r} at {address} (services: {', '.join(sorted(services)) or 'none'})")
+            names = ", ".join(sorted(services))
+            if not names:  # a node starting: its services are not on it yet
+                raise RpcError(f"no service {service!r} at {address} (services: none)")
+            raise FeedConfigurationError(f"no service {service!r} at {address} (services: {names})")
         return service
     publishing = [sid for sid, info in services.items() if table in (info.get("published_tables") or [])]
     if len(publishing) == 1:
@@ -235,4 +258,6 @@ def _publisher_of(address: str, table: str, service: str | None, services: dict[
     if not publishing:
         names = ", ".join(sorted(services)) or "none"
         raise RpcError(f"no service at {address} publishes {table!r} (services: {names})")
-    raise RpcError(f"several services at {address} publish {table!r} ({', '.join(sorted(publishing))}): pass service=")
+    raise FeedConfigurationError(
+        f"several services at {address} publish {table!r} ({', '.join(sorted(publishing))}): pass service="
+    )

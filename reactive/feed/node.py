@@ -29,9 +29,9 @@ import zmq
 
 from reactive import checks
 from reactive.errors import ConfigurationError, ReactiveError
-from reactive.events import id_key
 from reactive.feed import wire
 from reactive.feed.service import EVENTS, Change, endpoint_actions
+from reactive.feed.wire import DocumentId
 from reactive.threads import ReactiveThread
 from reactive.uri import redact
 
@@ -57,6 +57,24 @@ class RpcError(ReactiveError):
 
 class RpcTimeoutError(RpcError, TimeoutError):
     """No answer came in time: the node is not running, unreachable, or too busy."""
+
+
+class FeedConfigurationError(RpcError, ConfigurationError):
+    """What was asked for cannot be followed as it is given, however often it is tried: another
+    program (or another version of the wire) answers at the address, several services there
+    publish the table, or the node runs no service of the name given."""
+
+
+def resumable(exc: BaseException) -> bool:
+    """Whether following a publisher may work if tried again after ``exc`` (what pymongo's
+    ``_resumable`` is to a change stream): the node did not answer (down, restarting,
+    unreachable) or does not run the service or publish the table yet. A configuration error
+    is not, nor is an error that is not the feed's own (a bug).
+
+    >>> resumable(RpcTimeoutError("no answer")), resumable(FeedConfigurationError("pass service="))
+    (True, False)
+    """
+    return isinstance(exc, RpcError) and not isinstance(exc, ConfigurationError)
 
 
 def topic(publisher: str, table: str) -> bytes:
@@ -184,7 +202,7 @@ class _Peer:
                 if len(frames) == 2 and frames[0] == request_id:
                     if len(frames[1]) > max_bytes:
                         raise RpcError(f"the answer of {self.address} is {len(frames[1])} bytes, over {max_bytes}")
-                    return _answer(frames[1])
+                    return _answer(frames[1], self.address)
                 # an answer to an earlier request that timed out: dropped
 
     def _poll(self, seconds: float, event: int) -> bool:
@@ -209,10 +227,16 @@ class _Peer:
             self._socket.close(0)
 
 
-def _answer(body: bytes) -> Any:
-    reply = wire.parse(body)
+def _answer(body: bytes, address: str | None = None) -> Any:
+    try:
+        reply = wire.parse(body)
+    except wire.FeedDecodeError:
+        reply = None
     if not isinstance(reply, dict) or reply.get("v") != wire.WIRE_VERSION:
-        raise RpcError(f"not a reactive feed answer: {body[:80]!r}")
+        where = f"the node at {address}" if address else "the node"
+        raise FeedConfigurationError(
+            f"{where} is not a reactive feed of wire version {wire.WIRE_VERSION}: it answered {body[:80]!r}"
+        )
     if reply.get("ok") is True:
         return wire.from_wire(reply.get("result"))
     raise RpcError(str(reply.get("message") or "the RPC failed"))
@@ -671,7 +695,7 @@ class Node:
         timeout = self.rpc_timeout if timeout is None else timeout
         answer = peer.request(body.encode(), timeout, self.max_message_bytes)
         if not isinstance(answer, dict) or not isinstance(answer.get("services"), dict):
-            raise RpcError(f"the node at {peer.address} gave a malformed list of services")
+            raise FeedConfigurationError(f"the node at {peer.address} gave a malformed list of services")
         peer.services = answer["services"]
         peer.node_id = answer.get("node_id")
         if answer.get("data_address"):
@@ -772,25 +796,17 @@ def _parse_data(body: bytes) -> tuple[str, str, str, int, list[Change] | None]:
     return publisher, table, epoch, seqnum, changes
 
 
-class DocumentId(dict):
-    """A row id that is a document (a MongoDB ``_id`` may be one): a dict that can key a view.
-
-    >>> row_id = DocumentId({"a": 1, "tags": [2, 3]})
-    >>> {row_id: "x"}[DocumentId({"tags": [2, 3], "a": 1})]
-    'x'
-    >>> row_id == {"a": 1, "tags": [2, 3]}
-    True
-    """
-
-    def __hash__(self) -> int:  # type: ignore[override]
-        return hash(frozenset((k, id_key(v)) for k, v in self.items()))
-
-
 def _key(value: Any) -> Any:
-    """A received row id in a form that can key a snapshot: lists become tuples, documents
-    :class:`DocumentId` (still dicts)."""
+    """A received row id in a form that can key a snapshot: lists become tuples, sets frozensets,
+    documents :class:`DocumentId` (still dicts).
+
+    >>> _key([1, {2}, {"a": [3]}])
+    (1, frozenset({2}), {'a': [3]})
+    """
     if isinstance(value, list):
         return tuple(_key(v) for v in value)
+    if isinstance(value, set):
+        return frozenset(value)
     if isinstance(value, dict):
         return DocumentId(value)
     return value
@@ -913,8 +929,9 @@ class _Fetcher(ReactiveThread):
         if not isinstance(answer, dict) or not isinstance(answer.get("data"), list):
             raise RpcError(f"{publisher} gave a malformed snapshot of {table}")
         epoch, seqnum = answer.get("epoch"), answer.get("seqnum")
+        published = answer.get("published") is not False  # a publisher before this key: published
         data = {_key(row_id): value for row_id, value in answer["data"]}
-        self._post(lambda: service._snapshot_arrived(publisher, table, epoch, seqnum, data))
+        self._post(lambda: service._snapshot_arrived(publisher, table, epoch, seqnum, data, published))
 
     def _post(self, call: Callable[[], None]) -> None:
         receiver = self.node._receiver

@@ -134,12 +134,17 @@ class DataServiceEndPoints:
 
     def get_snapshot(self, context: Any, table: str) -> Any:
         """The table's current data: ``[[id, value], ...]``."""
-        return wire.RawJSON(self.service._snapshot_text(table)[2])
+        return wire.RawJSON(self.service._snapshot_text(table)[2] or "[]")
 
     def get_last_published_data_with_seqnum(self, context: Any, table: str) -> Any:
-        """``{"epoch", "seqnum", "data": [[id, value], ...]}``, consistent with each other."""
+        """``{"epoch", "seqnum", "published", "data": [[id, value], ...]}``, consistent with each
+        other; ``published`` is false (and ``data`` empty) for a table this service does not
+        publish (yet: a publisher that restarted publishes its tables again once it read them)."""
         epoch, seqnum, text = self.service._snapshot_text(table)
-        return wire.RawJSON(f'{{"epoch":{json.dumps(epoch)},"seqnum":{seqnum},"data":{text}}}')
+        published = "false" if text is None else "true"
+        return wire.RawJSON(
+            f'{{"epoch":{json.dumps(epoch)},"seqnum":{seqnum},"published":{published},"data":{text or "[]"}}}'
+        )
 
     def get_seqnum(self, context: Any, table: str) -> Any:
         """``{"epoch", "seqnum"}``: the table's last sequence number (a subscriber waits for it)."""
@@ -455,13 +460,14 @@ class DataService:
                 return self._load_seqnum(table), {}
             return state.seqnum, {r.id: r.value for r in state.rows.values()}
 
-    def _snapshot_text(self, table: str) -> tuple[str, int, str]:
-        """``(epoch, seqnum, "[[id, value], ...]")``, encoded once per row when published."""
+    def _snapshot_text(self, table: str) -> tuple[str, int, str | None]:
+        """``(epoch, seqnum, "[[id, value], ...]")``, encoded once per row when published; the
+        text is None for a table not published (yet)."""
         check_name("table", table)
         with self._lock:
             state = self._published.get(table)
             if state is None:  # asking does not make a table published
-                return self.epoch, self._load_seqnum(table), "[]"
+                return self.epoch, self._load_seqnum(table), None
             text = "[" + ",".join(f"[{r.id_text},{r.value_text}]" for r in state.rows.values()) + "]"
             return self.epoch, state.seqnum, text
 
@@ -628,12 +634,18 @@ class DataService:
         log.info("%s resubscribes to %s:%s (%s)", self.service_id, publisher, table, why)
         self._require_node().fetch_snapshot(self, publisher, table)
 
-    def _snapshot_arrived(self, publisher: str, table: str, epoch: str, seqnum: int, data: dict[Any, Any]) -> None:
+    def _snapshot_arrived(
+        self, publisher: str, table: str, epoch: str, seqnum: int, data: dict[Any, Any], published: bool = True
+    ) -> None:
         with self._lock:
             sub = self._subscriptions.get((publisher, table))
             if sub is None:
                 return
             first = sub.seqnum is None
+            if not published and not self._takes_unpublished(first):
+                why = f"{publisher} does not publish {table!r} (yet): the view is kept, and asked for again"
+                self._snapshot_failed(publisher, table, why)
+                return
             sub.resubscribing = False
             sub.failures = 0
             if not first:
@@ -647,6 +659,13 @@ class DataService:
             sub.epoch = epoch
             sub.last_error = None
         self.receive_data_sequenced(publisher, table, data, seqnum, is_snapshot=True)
+
+    def _takes_unpublished(self, first: bool) -> bool:
+        """Whether the snapshot of a table the publisher does not publish (an empty one) is taken.
+        Only as the first: the table is followed until it is published (a listener added later).
+        After it, that answer is a publisher that restarted and has not read its tables yet, or
+        one that stopped publishing the table: taking it would delete every row of the view."""
+        return first
 
     def _snapshot_failed(self, publisher: str, table: str, error: str) -> None:
         with self._lock:
@@ -668,8 +687,11 @@ class DataService:
             lambda: all(s.delivered is not None and not s.pending for s in self._subscriptions.values()), timeout
         )
 
-    def wait_delivered(self, seqnum: int, timeout: float | None = None, *, publisher=None, table=None) -> bool:
-        """Wait until the subscription (the only one, or ``publisher``/``table``) reached ``seqnum``."""
+    def wait_delivered(
+        self, seqnum: int, timeout: float | None = None, *, publisher=None, table=None, epoch: str | None = None
+    ) -> bool:
+        """Wait until the subscription (the only one, or ``publisher``/``table``) reached ``seqnum``
+        (of the publisher's ``epoch``, when given: numbers of two epochs do not compare)."""
 
         def reached() -> bool:
             subs = [
@@ -677,7 +699,9 @@ class DataService:
                 for s in self._subscriptions.values()
                 if (publisher is None or s.publisher == publisher) and (table is None or s.table == table)
             ]
-            return bool(subs) and all(s.delivered is not None and s.delivered >= seqnum for s in subs)
+            return bool(subs) and all(
+                s.delivered is not None and s.delivered >= seqnum and (epoch is None or s.epoch == epoch) for s in subs
+            )
 
         return self._wait_for(reached, timeout)
 

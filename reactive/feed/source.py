@@ -24,11 +24,11 @@ from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from reactive.backends.base import OUTPUT_FIELD, SOURCE_FIELD, TableInfo
-from reactive.errors import QueueClosedError
+from reactive.errors import QueueClosedError, ReactiveError
 from reactive.events import ChangePacket, DBEvent, Row, id_key
-from reactive.feed import Change, Node, Subscription, _publisher_of
+from reactive.feed import Change, Node, Subscription, _publisher_of, resumable
 from reactive.feed.node import check_address
-from reactive.feed.service import MAX_RETRY_BACKOFF
+from reactive.feed.service import MAX_RETRY_BACKOFF, check_name
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -73,18 +73,25 @@ class FeedSource:
     ) -> None:
         self.table_name = name
         self.address = check_address(address)
-        self.table = table
-        self.service = service
+        self.table = check_name("table", table)
+        self.service = None if service is None else check_name("service", service)
         self._queue = queue
         self._reconcile = reconcile
         self._node_options = dict(node_options or {})
+        # Each start makes its node; one made now refuses bad options (a TypeError, a
+        # ConfigurationError) at follow(), not in a log line at every start.
+        Node(None, peers=[self.address], **self._node_options)
         self._subscription: _FeedSubscription | None = None
         self._follower: _Follower | None = None
         self._releaser: _Releaser | None = None
-        #: Set while the subscription is open (the publisher answered).
-        self._subscribed = threading.Event()
+        #: Set once there is nothing more to wait for: the subscription is open (the publisher
+        #: answered), the follow failed for good (:attr:`failure`), or the source stopped.
+        self._settled = threading.Event()
         self._lock = threading.Lock()
         self.packets = 0
+        #: Why this table cannot be followed (a configuration error, see
+        #: :func:`~reactive.feed.resumable`): tried no more until the next start. None otherwise.
+        self.failure: str | None = None
 
     @property
     def name(self) -> str:
@@ -96,13 +103,16 @@ class FeedSource:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Subscribe, on a ``reactive-feed-follow`` thread that tries again (backing off) until
-        the publisher answers, as a subscription does when its publisher dies. The first
-        snapshot reconciles the listeners of this table."""
+        the publisher answers, as a subscription does when its publisher dies; an error that
+        trying again cannot mend (an address where several services publish the table...) ends
+        it, in :attr:`failure`. The first snapshot reconciles the listeners of this table."""
         with self._lock:
             if self._subscription is not None or self._follower is not None:
                 return
             node = Node(None, peers=[self.address], **self._node_options)
             node.start()
+            self.failure = None
+            self._settled.clear()
             self._follower = _Follower(self, node)
             self._follower.start()
 
@@ -112,7 +122,7 @@ class FeedSource:
             follower, self._follower = self._follower, None
             subscription, self._subscription = self._subscription, None
             releaser, self._releaser = self._releaser, None
-            self._subscribed.clear()
+            self._settled.set()  # a sync waiting for the publisher waits no more
         for thread in (follower, releaser):
             if thread is not None:
                 thread.stop()
@@ -126,17 +136,25 @@ class FeedSource:
             if self._follower is follower and follower.should_keep_running():
                 self._follower = None
                 self._subscription = subscription
-                self._subscribed.set()
+                self._settled.set()
                 return
         subscription.close()
 
+    def _failed(self, follower: _Follower, error: str) -> None:
+        """The follower met an error trying again cannot mend: this table is not followed."""
+        with self._lock:
+            if self._follower is follower and follower.should_keep_running():
+                self.failure = error
+                self._settled.set()
+
     def sync(self, timeout: float | None) -> bool:
         """Wait until every change published before the call is on the queue (or handled); False
-        when ``timeout`` passes first, the publisher not followed yet included."""
+        when ``timeout`` passes first, the publisher not followed yet included, and at once when
+        the follow failed for good (:attr:`failure`): nothing will arrive."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             started = self._follower is not None or self._subscription is not None
-        if not started or not self._subscribed.wait(timeout):
+        if not started or not self._settled.wait(timeout):
             return False
         subscription = self._subscription
         if subscription is None:
@@ -147,7 +165,9 @@ class FeedSource:
         except Exception as exc:
             log.warning("%s: the publisher did not answer: %s", self.name, exc)
             return False
-        return subscription.wait_delivered(int(answer["seqnum"]), timeout)
+        # Of the publisher's epoch: a publisher restarted without its checkpoints numbers from 0
+        # again, below what the subscription delivered before it noticed the restart.
+        return subscription.wait_delivered(int(answer["seqnum"]), timeout, epoch=answer.get("epoch"))
 
     # -- what the subscription delivers (on its node's receiving thread) -----------------------
     def _deliver(self, changes: list[Change], first_snapshot: bool) -> None:
@@ -228,11 +248,14 @@ class FeedSource:
             # While the publisher does not answer: the attempts so far and why the last one failed.
             "attempts": 0 if follower is None else follower.failures,
             "last_error": None if follower is None else follower.last_error,
+            # Set when trying again cannot help: the follow ended (until the next start).
+            "failed": self.failure,
         }
 
 
 class _Follower(ReactiveThread):
-    """Opens the subscription of a :class:`FeedSource`, trying again until the publisher answers."""
+    """Opens the subscription of a :class:`FeedSource`, trying again until the publisher answers;
+    an error :func:`~reactive.feed.resumable` says trying again cannot mend ends it."""
 
     def __init__(self, source: FeedSource, node: Node) -> None:
         super().__init__("feed-follow")
@@ -260,12 +283,24 @@ class _Follower(ReactiveThread):
                     return
                 self.failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
+                if not resumable(exc):
+                    self._give_up(exc)
+                    return
                 delay = min(0.1 * 2**self.failures, MAX_RETRY_BACKOFF)
                 log.warning("%s: could not follow it (%s); trying again in %.1f s", source, exc, delay)
                 self.wait(delay)
                 continue
             source._opened(self, subscription)
             return
+
+    def _give_up(self, exc: Exception) -> None:
+        source = self.source
+        # An error that is not the feed's own is a bug: its traceback is what says where.
+        traceback = not isinstance(exc, ReactiveError)
+        log.error("%s: cannot follow it, and trying again will not help: %s", source, exc, exc_info=traceback)
+        self.node.stop()
+        assert self.last_error is not None
+        source._failed(self, self.last_error)
 
 
 class _Releaser(ReactiveThread):
@@ -320,6 +355,11 @@ class _FeedSubscription(Subscription):
             return
         self._apply(data)
         self.source._deliver(data, first_snapshot=False)
+
+    def _takes_unpublished(self, first: bool) -> bool:
+        # Not even as the first: it reconciles the listeners, deleting every output (after a
+        # restart of this process while the publisher's restart reads its tables).
+        return False
 
     def values(self, ids: Sequence[Any]) -> list[tuple[Any, Any]]:
         with self._view_lock:

@@ -22,7 +22,8 @@ bytes                         ``{"$bytes": "<base64>"}``
 uuid.UUID                     ``{"$uuid": "..."}``
 bson ObjectId                 ``{"$oid": "<24 hex digits>"}`` (MongoDB Extended JSON's form)
 set, frozenset                ``{"$set": [...]}``; arrives as a set, or as a frozenset where it must be
-                              hashable (in a set, or as a dict key; a list there arrives as a tuple)
+                              hashable (in a set, or as a dict key; a list there arrives as a tuple,
+                              a mapping, frozendict-like, as a :class:`DocumentId`)
 numpy scalars                 the plain number
 ============================  ====================================================================
 
@@ -55,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from reactive.errors import ReactiveError
+from reactive.events import id_key
 
 #: Version of the message format; a message of another version is dropped and logged.
 WIRE_VERSION = 1
@@ -70,6 +72,21 @@ class FeedEncodeError(ReactiveError, TypeError):
 
 class FeedDecodeError(ReactiveError, ValueError):
     """A message is not what the feed's wire format says (malformed, wrong version)."""
+
+
+class DocumentId(dict):
+    """A dict that can be hashed: a row id that is a document (a MongoDB ``_id`` may be one), or
+    a mapping where a value must be hashable (in a set, or as a dict key), as it arrives.
+
+    >>> row_id = DocumentId({"a": 1, "tags": [2, 3]})
+    >>> {row_id: "x"}[DocumentId({"tags": [2, 3], "a": 1})]
+    'x'
+    >>> row_id == {"a": 1, "tags": [2, 3]}
+    True
+    """
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset((k, id_key(v)) for k, v in self.items()))
 
 
 class RawJSON(str):
@@ -235,11 +252,18 @@ def _untag(value: dict[str, Any]) -> Any:
 
 
 def _hashable(value: Any) -> Any:
-    """A set's element or a dict's key as it was sent: hashable (a tuple, a frozenset)."""
+    """A set's element or a dict's key as it was sent: hashable (a tuple, a frozenset, a
+    :class:`DocumentId` of hashable values, as a frozendict's are).
+
+    >>> loads('{"$set": [{"a": [1, 2]}]}')
+    {{'a': (1, 2)}}
+    """
     if isinstance(value, list):
         return tuple(_hashable(v) for v in value)
     if isinstance(value, set):
         return frozenset(value)
+    if isinstance(value, dict):
+        return DocumentId({k: _hashable(v) for k, v in value.items()})
     return value
 
 
