@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import zmq
-from conftest import Recorder, outputs_by_source
+from conftest import Recorder, outputs_by_source, within
 
 import reactive
 import reactive.feed
@@ -472,6 +472,36 @@ def test_publish_before_start_loads_existing_outputs_and_follows_a_listener_adde
                 assert collected.replayed() == {1: 1, 2: 2, 3: 3}
         info = db.cdc.info()["feeds"][0]
         assert info["address"] == feed.address and info["last_error"] is None
+
+
+def test_a_table_the_feed_could_not_read_is_read_again_before_it_is_published(pg_database: str) -> None:
+    # The first read failed (the table was locked past lock_timeout): the feed took the table as
+    # read and published its changes alone, so a subscriber's snapshot held only the rows
+    # changed since, and one that resynced deleted all the others.
+    import psycopg
+
+    with psycopg.connect(pg_database, autocommit=True) as client, psycopg.connect(pg_database) as locker:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        client.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'bb'), (3, 'ccc')")
+        with reactive.connect(pg_database, poll_interval=0.05, options="-c lock_timeout=100") as db:
+            db.add(Listener(Model("len", predict=length), "text", "docs"))
+            db.cdc.start()
+            locker.execute("LOCK TABLE docs IN ACCESS EXCLUSIVE MODE")
+            feed = db.cdc.publish(tables=["docs"])
+            assert within(30, lambda: feed.stats.last_error is not None)  # its read failed
+            locker.rollback()
+            client.execute("INSERT INTO docs VALUES (4, 'dddd')")
+            assert db.cdc.wait_idle(WAIT)
+            collected = Collector()
+            with reactive.feed.subscribe(feed.address, "docs", collected) as sub:
+                assert sub.wait_synced(WAIT)
+                assert sub.wait_delivered(feed.service.last_seqnum("docs"), WAIT)
+                assert {i: row["text"] for i, row in collected.replayed().items()} == {
+                    1: "a",
+                    2: "bb",
+                    3: "ccc",
+                    4: "dddd",
+                }
 
 
 def test_dates_and_intervals_travel_the_feed_as_datetimes_and_timedeltas(duck) -> None:

@@ -142,6 +142,10 @@ class FeedPublisher(ReactiveThread):
         #: larger than the bound goes in alone, once the others are out).
         self._queue: CDCQueue[_Window] = CDCQueue(max_rows=queue_rows)
         self._loaded: dict[str, int] = {}
+        #: Names whose read failed (kind by name): read again before the next window, and
+        #: after a pause while none comes. Until then they are not published.
+        self._unloaded: dict[str, str] = {}
+        self._load_failures = 0
         self._owns_node = owns_node
         self.stats = FeedStats()
 
@@ -172,9 +176,12 @@ class FeedPublisher(ReactiveThread):
             for kind, name in self._known_names():
                 self._follow(kind, name)
             while self.should_keep_running():
-                taken = self._queue.get_batch(max_rows=1)  # one window (waits for one, or a stop)
+                # One window (waits for one, or a stop; or, while a read failed, for its next try).
+                taken = self._queue.get_batch(max_rows=1, timeout=self._retry_in())
                 if not taken and self._queue.closed:
                     break
+                for name, kind in list(self._unloaded.items()):
+                    self._follow(kind, name)
                 for item in taken:
                     try:
                         self._publish(item.number, item.changes)
@@ -228,8 +235,8 @@ class FeedPublisher(ReactiveThread):
             log.error("the feed does not publish %s: %s", name[:80] + ("..." if len(name) > 80 else ""), exc)
             return
         try:
-            if name not in self._loaded:
-                self._load((kind, name))
+            if name not in self._loaded and not self._load((kind, name)):
+                return  # read again later: that read includes this delta
             if not delta:
                 return
             if window <= self._loaded[name]:
@@ -255,8 +262,11 @@ class FeedPublisher(ReactiveThread):
                     self.stats.last_error = str(exc)
                     log.error("the feed cannot publish %r of %s: %s", change[1], name, exc)
 
-    def _load(self, item: tuple[str, str]) -> None:
-        """Publish ``name``'s current content (read between two windows) as its new state."""
+    def _load(self, item: tuple[str, str]) -> bool:
+        """Publish ``name``'s current content (read between two windows) as its new state; False
+        if it could not be read (it is read again later: see :meth:`_retry_in`). Until this
+        read, the table is not published: had the feed followed its changes alone, a
+        subscriber's next snapshot would have deleted every row they did not touch."""
         kind, name = item
         read = self._reader(kind, name)
         with self.hub.between_windows() as windows:
@@ -264,16 +274,27 @@ class FeedPublisher(ReactiveThread):
                 data = read()
             except Exception as exc:
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("the feed could not read %s; it follows its changes from now on", name)
-                data = None
+                self._load_failures += 1
+                if name not in self._unloaded:
+                    log.exception("the feed could not read %s; it is read again before it is published", name)
+                self._unloaded[name] = kind
+                return False
             self._loaded[name] = windows
+        self._unloaded.pop(name, None)
+        if not self._unloaded:
+            self._load_failures = 0
         self.stats.loads += 1
-        if data is not None:
-            try:
-                self.service.publish(name, data, use_snapshot=True)
-            except FeedEncodeError as exc:
-                self.stats.last_error = str(exc)
-                self._send(name, [("upsert", k, v) for k, v in data.items()])
+        try:
+            self.service.publish(name, data, use_snapshot=True)
+        except FeedEncodeError as exc:
+            self.stats.last_error = str(exc)
+            self._send(name, [("upsert", k, v) for k, v in data.items()])
+        return True
+
+    def _retry_in(self) -> float | None:
+        """Seconds until names whose read failed are read again without a window (None: no such
+        name): doubling from 0.1 s with each failure in a row, up to 5 s."""
+        return min(0.1 * 2 ** min(self._load_failures, 6), 5.0) if self._unloaded else None
 
     def _reader(self, kind: str, name: str) -> Callable[[], dict[Any, Any]]:
         db = self.db
