@@ -183,6 +183,7 @@ def test_a_key_and_a_filter_can_be_paths_into_nested_documents(mongo_uri: str, m
         assert outputs_by_source(db, "tag__meta.title") == {1: "<one>", 2: "<two>"}
         assert outputs_by_source(db, "whole__meta") == {1: ["lang", "title"]}
         assert [(e["source"], e["error"]) for e in db.errors()] == [(3, "row has no value for key 'meta.title'")]
+        assert db.errors()[0]["at"].tzinfo is datetime.UTC  # pymongo read BSON's UTC time without a zone
         db.cdc.start()
         mongo.docs.update_one({"_id": 2}, {"$set": {"meta.lang": "en", "meta.title": "TWO"}})
         mongo.docs.update_one({"_id": 3}, {"$set": {"meta": {"title": "three"}}})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import sqlite3
 import subprocess
@@ -203,6 +204,9 @@ def test_failing_rows_are_recorded_and_the_rest_proceed(sql: SQLClient) -> None:
         errors = db.errors("up__text")
         assert sorted(e["source"] for e in errors) == [3, 7]
         assert all("cannot handle bad input" in e["error"] for e in errors)
+        # An aware time in UTC on every backend (SQLite gave its ISO text).
+        now = datetime.datetime.now(datetime.UTC)
+        assert all(e["at"].tzinfo is datetime.UTC and abs(now - e["at"]).total_seconds() < 600 for e in errors)
 
         db.cdc.start()
         sql.execute("INSERT INTO docs VALUES (11, 'fine', 'en')")

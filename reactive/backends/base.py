@@ -376,6 +376,19 @@ class ErrorRecord:
         object.__setattr__(self, "error", storable_text(self.error))
 
 
+def error_time(stored: _dt.datetime | str) -> _dt.datetime:
+    """An error record's ``at`` as every store gives it back: an aware time in UTC. SQLite keeps
+    it as ISO 8601 text, MongoDB as BSON's UTC time, which pymongo reads without a zone.
+
+    >>> error_time("2026-11-29T18:26:43.712247+00:00")
+    datetime.datetime(2026, 11, 29, 18, 26, 43, 712247, tzinfo=datetime.timezone.utc)
+    >>> error_time(_dt.datetime(2026, 11, 29, 18, 26))
+    datetime.datetime(2026, 11, 29, 18, 26, tzinfo=datetime.timezone.utc)
+    """
+    at = _dt.datetime.fromisoformat(stored) if isinstance(stored, str) else stored
+    return at.replace(tzinfo=_dt.UTC) if at.tzinfo is None else at.astimezone(_dt.UTC)
+
+
 def storable_text(text: str) -> str:
     """``text`` with what some database's text cannot hold written as an escape: a lone
     surrogate (no database's: it is not UTF-8) and the NUL character (PostgreSQL's).

@@ -23,6 +23,7 @@ from reactive.backends.base import (
     ErrorRecord,
     OutputBatch,
     TableInfo,
+    error_time,
     outputs_keyed_otherwise,
     outputs_table,
 )
@@ -381,4 +382,5 @@ class IbisErrors:
             rows = t.order_by("at").to_pyarrow().to_pylist()
         for row in rows:
             row["source"] = json.loads(row["source"], object_hook=from_plain)
+            row["at"] = error_time(row["at"])
         return rows

@@ -30,6 +30,7 @@ from reactive.backends.base import (
     OutputRejected,
     TableInfo,
     chunks,
+    error_time,
     outputs_table,
 )
 from reactive.backends.mongodb import SCHEMES
@@ -468,7 +469,10 @@ class MongoErrors:
 
     def read_errors(self, listener: str | None = None) -> list[dict[str, Any]]:
         query = {} if listener is None else {"listener": listener}
-        return list(self.db[ERRORS_COLLECTION].find(query, {"_id": 0}).sort("at", 1))
+        rows = list(self.db[ERRORS_COLLECTION].find(query, {"_id": 0}).sort("at", 1))
+        for row in rows:
+            row["at"] = error_time(row["at"])
+        return rows
 
 
 class OutputsRefill(ReactiveThread):
