@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, NoReturn, TextIO
 
@@ -173,15 +174,18 @@ def _check_listener(backend: Any, uri: str, listener: str | None, errors: list[d
 
 
 def _requeue(backend: Any, errors: list[dict[str, Any]]) -> bool:
-    """On SQL, take the failed rows out of their table's snapshot (the poller's position), so
-    that a running process sees them as changed at its next poll and computes them. A row
-    taken out that was current is only compared again (its listeners find their outputs
-    current). False where the backend has no such position."""
+    """On SQL, while a process may be running the listeners, take the failed rows out of their
+    table's snapshot (the poller's position), so that it sees them as changed at its next poll
+    and computes them. A row taken out that was current is only compared again (its listeners
+    find their outputs current). False where the backend has no such position, or where no
+    process runs the listeners: the next start's reconciliation computes the rows (a failed row
+    has no output), and taken out of the snapshot they were computed twice at that start, by
+    the reconciliation and again by the first poll."""
     from reactive.backends.base import bounded_name
     from reactive.backends.ibis.snapshots import ROW_FINGERPRINT, ROW_ID, SNAPSHOT_PREFIX
 
     conn = getattr(backend, "conn", None)
-    if backend.name != "ibis" or conn is None:
+    if backend.name != "ibis" or conn is None or not _listeners_may_run(backend):
         return False
     by_table: dict[str, list[Any]] = {}
     for error in errors:
@@ -191,6 +195,20 @@ def _requeue(backend: Any, errors: list[dict[str, Any]]) -> bool:
         if conn.table_exists(snapshot):
             conn.delete_by_ids(conn.statements(snapshot, ROW_ID, (ROW_ID, ROW_FINGERPRINT)).delete_by_ids, ids)
     return True
+
+
+def _listeners_may_run(backend: Any) -> bool:
+    """Whether a process may be running the listeners of ``backend``'s database: its lease is
+    held, or unreadable, or was never taken (processes started with ``lease=False`` record none).
+    Read after the errors are cleared: a process that takes the lease later reconciles at its
+    start, after the clearing."""
+    from reactive.checkpoints import ENGINE_CHECKPOINT, LEASE_SECTION, Holder
+
+    found = backend.sections.read_sections(ENGINE_CHECKPOINT, [LEASE_SECTION]).get(LEASE_SECTION)
+    if found is None:
+        return True
+    holder = Holder.decode(found.data)
+    return holder is None or not (holder.released or holder.gone(time.time()))
 
 
 def _writable(uri: str, connect: Any) -> Any:
