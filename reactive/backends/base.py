@@ -27,6 +27,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Seq
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, runtime_checkable
 
+from reactive import checks
 from reactive.errors import ConfigurationError, MissingIdColumnError
 from reactive.events import ChangePacket, Row, SourceChange, is_utf8
 from reactive.threads import ReactiveThread
@@ -264,6 +265,8 @@ class VersionColumn:
     def __post_init__(self) -> None:
         if not isinstance(self.column, str) or not self.column:
             raise ConfigurationError(f"a version column is a column name, not {self.column!r}")
+        for field in ("overlap", "full_diff_every"):  # numpy's numbers as Python's
+            object.__setattr__(self, field, checks.plain(getattr(self, field)))
         overlap = self.overlap
         if not (
             overlap is None
