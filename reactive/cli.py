@@ -7,7 +7,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from typing import Any, NoReturn, TextIO
 
 from reactive import __version__
 from reactive.errors import ReactiveError
-from reactive.uri import file_path, redact, scheme_of
+from reactive.uri import file_path, redact, redact_text, scheme_of
 
 #: What ``reactive errors --retry`` can and cannot do, said after it cleared errors.
 RETRY_NOTE = (
@@ -38,11 +37,9 @@ class _Parser(argparse.ArgumentParser):
     there) came back whole in "unrecognized arguments"."""
 
     def error(self, message: str) -> NoReturn:
-        super().error(_URI_IN_TEXT.sub(lambda m: redact(m.group()), message))
+        super().error(redact_text(message))
 
 
-#: A URI inside a message (``scheme://`` up to the next space).
-_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
 #: What ``--uri`` and the positional URI say in help.
 _URI_HELP = "the database (default: $REACTIVE_URI, else duckdb:///reactive.duckdb)"
 
@@ -150,10 +147,12 @@ def run_errors(uri: str | None, listener: str | None, *, retry: bool, as_json: b
             for name in sorted({error["listener"] for error in errors}):
                 db.backend.errors.clear_errors(name, [e["source"] for e in errors if e["listener"] == name])
             requeued = _requeue(db.backend, errors)
+    # Errors are recorded with URIs redacted (ErrorRecord); these may have been recorded before.
+    shown = [{**error, "error": redact_text(str(error["error"]))} for error in errors]
     if as_json:
-        print(json.dumps(errors, default=_json_value, indent=2), file=out)
+        print(json.dumps(shown, default=_json_value, indent=2), file=out)
     else:
-        _print_errors(errors, out)
+        _print_errors(shown, out)
     if retry and errors:
         note = RETRY_NOTE_SQL if requeued else RETRY_NOTE
         print(f"cleared {len(errors)} errors. {note}", file=sys.stderr if as_json else out)

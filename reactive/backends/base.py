@@ -31,6 +31,7 @@ from reactive import checks
 from reactive.errors import ConfigurationError, MissingIdColumnError
 from reactive.events import ChangePacket, Row, SourceChange, is_utf8
 from reactive.threads import ReactiveThread
+from reactive.uri import redact_text
 
 if TYPE_CHECKING:
     from reactive.checkpoints import SectionStore
@@ -367,7 +368,9 @@ class OutputRejected:
 @dc.dataclass(frozen=True, slots=True)
 class ErrorRecord:
     """A row a listener could not process. ``error`` is kept as every database can store it
-    (:func:`storable_text`): a message quoting an odd input must not lose the record."""
+    (:func:`storable_text`): a message quoting an odd input must not lose the record; and with
+    the password of any URI it quotes as ``***`` (a model's error naming the service it calls
+    with credentials), as every message of reactive shows one."""
 
     listener: str
     table: str
@@ -376,7 +379,7 @@ class ErrorRecord:
     at: _dt.datetime = dc.field(default_factory=lambda: _dt.datetime.now(_dt.UTC))
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "error", storable_text(self.error))
+        object.__setattr__(self, "error", storable_text(redact_text(self.error)))
 
 
 def storable_text(text: str) -> str:
