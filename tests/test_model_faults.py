@@ -806,3 +806,19 @@ def test_rows_retried_by_the_errors_command_with_no_process_running_reach_the_mo
     run()
     assert model.calls == {"bad": 1}
     assert "its next start (db.add)" in out  # the note says what happens with no process running
+
+
+def test_an_error_says_when_as_a_datetime_on_every_sql_backend(
+    sql: SQLClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite keeps the time as text: db.errors() gave it as a string there (a datetime
+    elsewhere), and `reactive errors` printed it as ISO text beside the others' plain times."""
+    make_docs(sql, [(1, "bad")])
+    with connect(sql) as db:
+        db.add(Listener(Model("up", predict=Flaky(), max_retries=0), "text", "docs"), progress=False)
+        [error] = db.errors()
+    assert isinstance(error["at"], _dt.datetime) and error["at"].utcoffset() == _dt.timedelta(0)
+    if sql.kind == "duckdb":
+        sql.close()  # DuckDB opens a file in one process at a time: the command is another client
+    assert main(["errors", "--uri", sql.uri]) == 0
+    assert f"  {error['at']:%Y-%m-%d %H:%M:%S}  ValueError" in capsys.readouterr().out

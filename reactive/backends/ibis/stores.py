@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import json
 import logging
 import uuid
@@ -381,4 +383,7 @@ class IbisErrors:
             rows = t.order_by("at").to_pyarrow().to_pylist()
         for row in rows:
             row["source"] = json.loads(row["source"], object_hook=from_plain)
+            if isinstance(row["at"], str):  # SQLite keeps the time as ISO 8601 text: a datetime, as elsewhere
+                with contextlib.suppress(ValueError):
+                    row["at"] = _dt.datetime.fromisoformat(row["at"])
         return rows
