@@ -8,6 +8,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from reactive import checks
 from reactive.backends import load_backend
 from reactive.backends.base import BaseDatabaseListener, ListenerHooks, TableInfo
 from reactive.checkpoints import Lease, LeaseKeeper
@@ -344,8 +345,7 @@ class DatabaseChangeDataCapture:
                 "queue_windows is gone: the feed's buffer is bounded in changes, queue_rows "
                 f"(default {FEED_QUEUE_ROWS:,})"
             )
-        if isinstance(queue_rows, bool) or not isinstance(queue_rows, int) or queue_rows < 1:
-            raise ConfigurationError(f"queue_rows must be a positive int, not {queue_rows!r}")
+        queue_rows = checks.whole("queue_rows", queue_rows, least=1)
         wanted = None if tables is None else set(tables)
         node = Node(address, **node_options)
         node.start()
@@ -608,6 +608,7 @@ class DatabaseChangeDataCapture:
         delivers them again) are waited for once more. Returns False if ``timeout`` passes
         first (or the listener is failing).
         """
+        timeout = checks.plain(timeout)  # numpy's numbers as Python's
         if timeout is not None and (
             isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout != timeout
         ):

@@ -490,14 +490,11 @@ class Table:
                 f"flags {flags!r}: one of WR_ALL_REPLICAS, WR_ACTIVE_REPLICA, WR_ACTIVE_REPLICA_WEAK, "
                 "optionally | CHECKPOINT_COLLOCATED"
             )
-        for what, value in (
-            ("max_sections", max_sections),
-            ("max_section_size_bytes", max_section_size_bytes),
-            ("max_section_id_size_bytes", max_section_id_size_bytes),
-        ):
-            checks.whole(what, value, least=1)
+        max_sections = checks.whole("max_sections", max_sections, least=1)
+        max_section_size_bytes = checks.whole("max_section_size_bytes", max_section_size_bytes, least=1)
+        max_section_id_size_bytes = checks.whole("max_section_id_size_bytes", max_section_id_size_bytes, least=1)
         if retention_ms is not None:
-            checks.whole("retention_ms", retention_ms, least=1)
+            retention_ms = checks.whole("retention_ms", retention_ms, least=1)
         self.ckptName = name
         self.flags = flags
         self.retentionMs = retention_ms

@@ -12,14 +12,39 @@ reactive.errors.ConfigurationError: gap_timeout must be a number of seconds abov
 Traceback (most recent call last):
 ...
 reactive.errors.ConfigurationError: hwm must be a whole number of at least 1, not True
+
+Numbers of numpy's types (or any other ``numbers.Integral`` and ``numbers.Real``) are taken,
+and given back as Python's ``int`` and ``float``: a setting computed with numpy
+(``batch_size=np.int64(64)``, ``k`` of a search) was refused. Every check returns the value
+to keep.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 from reactive.errors import ConfigurationError
+
+
+def plain(value: Any) -> Any:
+    """``value`` as Python's ``int`` or ``float`` where it is another type's whole or real number
+    (numpy's ``int64``, ``float32``); anything else as it is, for a check to refuse (the checks
+    here, and those that keep their own wording: ``WindowRows``). A bool
+    stays a bool (refused: ``True`` is no count), and so does numpy's, which is no ``Integral``.
+
+    >>> import numpy as np
+    >>> plain(np.int64(5)), plain(np.float32(0.5)), plain(True), plain("5")
+    (5, 0.5, True, '5')
+    """
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 def seconds(name: str, value: Any, *, zero: bool = False, infinite: bool = False) -> float:
@@ -33,7 +58,8 @@ def seconds(name: str, value: Any, *, zero: bool = False, infinite: bool = False
     ...
     reactive.errors.ConfigurationError: rpc_timeout must be a finite number of seconds above 0, not inf
     """
-    number = not isinstance(value, bool) and isinstance(value, int | float) and not math.isnan(value)
+    value = plain(value)
+    number = isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value)
     if number and (infinite or math.isfinite(value)) and (value > 0 or (zero and value == 0)):
         return value
     finite = "finite " if number and value == math.inf and not infinite else ""
@@ -41,15 +67,26 @@ def seconds(name: str, value: Any, *, zero: bool = False, infinite: bool = False
     raise ConfigurationError(f"{name} must be a {finite}number of seconds {bound}, not {value!r}")
 
 
-def whole(name: str, value: Any, *, least: int) -> int:
-    """``value`` if it is a whole number (an ``int``, not a bool) of at least ``least``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ConfigurationError(f"{name} must be a whole number of at least {least}, not {value!r}")
-    return value
+def whole(name: str, value: Any, *, least: int, error: type[Exception] = ConfigurationError) -> int:
+    """``value`` as an ``int`` if it is a whole number (an ``Integral``, not a bool) of at least
+    ``least``; else ``error`` (a ``ConfigurationError`` unless another is asked for).
+
+    >>> import numpy as np
+    >>> whole("k", np.int64(5), least=1)
+    5
+    >>> whole("batch_size", 64.0, least=1)
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: batch_size must be a whole number of at least 1, not 64.0
+    """
+    number = plain(value)
+    if isinstance(number, bool) or not isinstance(number, int) or number < least:
+        raise error(f"{name} must be a whole number of at least {least}, not {value!r}")
+    return number
 
 
 def _finite_at_least(value: Any, least: float) -> bool:
-    """Whether ``value`` is a finite int or float (never a bool) of at least ``least``."""
+    """Whether ``value`` (see :func:`plain`) is a finite int or float (never a bool) of at least ``least``."""
     return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value) and value >= least
 
 
@@ -61,9 +98,10 @@ def milliseconds(name: str, value: Any, *, least: float) -> float:
     ...
     reactive.errors.ConfigurationError: lease_ms must be a number of milliseconds of at least 100, not nan
     """
-    if not _finite_at_least(value, least):
+    number = plain(value)
+    if not _finite_at_least(number, least):
         raise ConfigurationError(f"{name} must be a number of milliseconds of at least {least:g}, not {value!r}")
-    return value
+    return number
 
 
 def number(name: str, value: Any, *, least: float = 0) -> float:
@@ -76,6 +114,7 @@ def number(name: str, value: Any, *, least: float = 0) -> float:
     ...
     reactive.errors.ConfigurationError: num_cpus must be a finite number of at least 0, not nan
     """
-    if not _finite_at_least(value, least):
+    number = plain(value)
+    if not _finite_at_least(number, least):
         raise ConfigurationError(f"{name} must be a finite number of at least {least:g}, not {value!r}")
-    return value
+    return number

@@ -7,14 +7,14 @@ import datetime as _dt
 import json
 import logging
 import os
-import re
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, NoReturn, TextIO
 
 from reactive import __version__
 from reactive.errors import ReactiveError
-from reactive.uri import file_path, redact, scheme_of
+from reactive.uri import file_path, redact, redact_text, scheme_of
 
 #: What ``reactive errors --retry`` can and cannot do, said after it cleared errors.
 RETRY_NOTE = (
@@ -37,11 +37,9 @@ class _Parser(argparse.ArgumentParser):
     there) came back whole in "unrecognized arguments"."""
 
     def error(self, message: str) -> NoReturn:
-        super().error(_URI_IN_TEXT.sub(lambda m: redact(m.group()), message))
+        super().error(redact_text(message))
 
 
-#: A URI inside a message (``scheme://`` up to the next space).
-_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
 #: What ``--uri`` and the positional URI say in help.
 _URI_HELP = "the database (default: $REACTIVE_URI, else duckdb:///reactive.duckdb)"
 
@@ -149,10 +147,12 @@ def run_errors(uri: str | None, listener: str | None, *, retry: bool, as_json: b
             for name in sorted({error["listener"] for error in errors}):
                 db.backend.errors.clear_errors(name, [e["source"] for e in errors if e["listener"] == name])
             requeued = _requeue(db.backend, errors)
+    # Errors are recorded with URIs redacted (ErrorRecord); these may have been recorded before.
+    shown = [{**error, "error": redact_text(str(error["error"]))} for error in errors]
     if as_json:
-        print(json.dumps(errors, default=_json_value, indent=2), file=out)
+        print(json.dumps(shown, default=_json_value, indent=2), file=out)
     else:
-        _print_errors(errors, out)
+        _print_errors(shown, out)
     if retry and errors:
         note = RETRY_NOTE_SQL if requeued else RETRY_NOTE
         print(f"cleared {len(errors)} errors. {note}", file=sys.stderr if as_json else out)
@@ -173,15 +173,18 @@ def _check_listener(backend: Any, uri: str, listener: str | None, errors: list[d
 
 
 def _requeue(backend: Any, errors: list[dict[str, Any]]) -> bool:
-    """On SQL, take the failed rows out of their table's snapshot (the poller's position), so
-    that a running process sees them as changed at its next poll and computes them. A row
-    taken out that was current is only compared again (its listeners find their outputs
-    current). False where the backend has no such position."""
+    """On SQL, while a process may be running the listeners, take the failed rows out of their
+    table's snapshot (the poller's position), so that it sees them as changed at its next poll
+    and computes them. A row taken out that was current is only compared again (its listeners
+    find their outputs current). False where the backend has no such position, or where no
+    process runs the listeners: the next start's reconciliation computes the rows (a failed row
+    has no output), and taken out of the snapshot they were computed twice at that start, by
+    the reconciliation and again by the first poll."""
     from reactive.backends.base import bounded_name
     from reactive.backends.ibis.snapshots import ROW_FINGERPRINT, ROW_ID, SNAPSHOT_PREFIX
 
     conn = getattr(backend, "conn", None)
-    if backend.name != "ibis" or conn is None:
+    if backend.name != "ibis" or conn is None or not _listeners_may_run(backend):
         return False
     by_table: dict[str, list[Any]] = {}
     for error in errors:
@@ -191,6 +194,20 @@ def _requeue(backend: Any, errors: list[dict[str, Any]]) -> bool:
         if conn.table_exists(snapshot):
             conn.delete_by_ids(conn.statements(snapshot, ROW_ID, (ROW_ID, ROW_FINGERPRINT)).delete_by_ids, ids)
     return True
+
+
+def _listeners_may_run(backend: Any) -> bool:
+    """Whether a process may be running the listeners of ``backend``'s database: its lease is
+    held, or unreadable, or was never taken (processes started with ``lease=False`` record none).
+    Read after the errors are cleared: a process that takes the lease later reconciles at its
+    start, after the clearing."""
+    from reactive.checkpoints import ENGINE_CHECKPOINT, LEASE_SECTION, Holder
+
+    found = backend.sections.read_sections(ENGINE_CHECKPOINT, [LEASE_SECTION]).get(LEASE_SECTION)
+    if found is None:
+        return True
+    holder = Holder.decode(found.data)
+    return holder is None or not (holder.released or holder.gone(time.time()))
 
 
 def _writable(uri: str, connect: Any) -> Any:

@@ -234,12 +234,12 @@ class RayCompute:
         init_options: dict[str, Any] | None = None,
         actor_options: dict[str, Any] | None = None,
     ) -> None:
-        checks.whole("actors", actors, least=1)
-        checks.number("num_cpus", num_cpus)
-        checks.number("num_gpus", num_gpus)
+        actors = checks.whole("actors", actors, least=1)
+        num_cpus = checks.number("num_cpus", num_cpus)
+        num_gpus = checks.number("num_gpus", num_gpus)
         if max_in_flight is not None:
-            checks.whole("max_in_flight", max_in_flight, least=1)
-        checks.seconds("placement_timeout", placement_timeout)
+            max_in_flight = checks.whole("max_in_flight", max_in_flight, least=1)
+        placement_timeout = checks.seconds("placement_timeout", placement_timeout)
         self.address = address
         self.actors = actors
         self.num_cpus = num_cpus

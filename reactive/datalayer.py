@@ -43,25 +43,29 @@ DEFAULT_URI = "duckdb:///reactive.duckdb"
 Progress = Callable[[int, int], None]
 
 
-def _check_settings(**settings: Any) -> None:
-    """Refuse a datalayer setting out of range, by name, before anything starts (a string
-    ``poll_interval`` or ``pipeline`` failed inside a thread; ``lease_ms=10`` lapsed all the time).
+def _check_settings(**settings: Any) -> dict[str, Any]:
+    """The datalayer's settings as kept (numpy's numbers as Python's); a setting out of range is
+    refused, by name, before anything starts (a string ``poll_interval`` or ``pipeline`` failed
+    inside a thread; ``lease_ms=10`` lapsed all the time).
 
     >>> _check_settings(queue_rows=10, page_size=5, poll_interval=0.05, lease=True, lease_ms=5000, pipeline=2)
+    {'queue_rows': 10, 'page_size': 5, 'poll_interval': 0.05, 'lease': True, 'lease_ms': 5000, 'pipeline': 2}
     >>> _check_settings(poll_interval="1")
     Traceback (most recent call last):
     ...
     reactive.errors.ConfigurationError: poll_interval must be a number of seconds above 0, not '1'
     """
+    kept = dict(settings)
     for name, value in settings.items():
         if name in ("queue_rows", "page_size", "pipeline"):
-            checks.whole(name, value, least=1)
+            kept[name] = checks.whole(name, value, least=1)
         elif name == "poll_interval":
-            checks.seconds(name, value)
+            kept[name] = checks.seconds(name, value)
         elif name == "lease_ms":
-            check_lease_ms(value)
+            kept[name] = check_lease_ms(value)
         elif name == "lease" and not isinstance(value, bool):
             raise ConfigurationError(f"lease must be True or False, not {value!r}")
+    return kept
 
 
 def _identifier(named: Any, method: str) -> Any:
@@ -118,7 +122,7 @@ class Datalayer:
         compute: Compute | None = None,
         pipeline: int = 2,
     ) -> None:
-        _check_settings(
+        settings = _check_settings(
             queue_rows=queue_rows,
             page_size=page_size,
             poll_interval=poll_interval,
@@ -126,6 +130,8 @@ class Datalayer:
             lease_ms=lease_ms,
             pipeline=pipeline,
         )
+        queue_rows, page_size, poll_interval = settings["queue_rows"], settings["page_size"], settings["poll_interval"]
+        lease_ms, pipeline = settings["lease_ms"], settings["pipeline"]
         self.backend = backend
         #: Where model work runs (``LocalCompute``, a thread of this process, by default).
         self.compute: Compute = LocalCompute() if compute is None else compute

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from reactive import checks
 from reactive.backends.base import (
     FINGERPRINT_FIELD,
     MAX_BACKOFF,
@@ -117,6 +118,8 @@ class WindowRows:
     model_seconds: float = 2.0
 
     def __post_init__(self) -> None:
+        for field in ("floor", "cap", "target", "longest", "model_batches", "model_seconds"):
+            object.__setattr__(self, field, checks.plain(getattr(self, field)))  # numpy's numbers as Python's
         if not (type(self.floor) is int and type(self.cap) is int and 1 <= self.floor <= self.cap):
             raise ValueError(f"WindowRows needs ints with 1 <= floor <= cap, not {self.floor!r} and {self.cap!r}")
         if not (_seconds(self.target) and self.target > 0):
@@ -148,11 +151,12 @@ class WindowRows:
             return cls()
         if isinstance(batch_rows, WindowRows):
             return batch_rows
-        if type(batch_rows) is not int or batch_rows < 1:
+        rows = checks.plain(batch_rows)
+        if type(rows) is not int or rows < 1:
             raise ValueError(
                 f"batch_rows must be a positive int, a WindowRows or None (growing windows), not {batch_rows!r}"
             )
-        return cls(batch_rows, batch_rows)
+        return cls(rows, rows)
 
     @staticmethod
     def full(taken: int, rows: int) -> bool:

@@ -49,6 +49,20 @@ def redact(uri: str) -> str:
     return f"{scheme}{sep}{rest}"
 
 
+#: A URI inside a text (``scheme://`` up to the next space).
+_URI_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URI in it redacted (:func:`redact`): a message that quotes one, such
+    as a model's error naming the service it calls, or argparse's naming an argument.
+
+    >>> redact_text("ConnectionError: https://bob:hunter2@api.example.com/v1 did not answer")
+    'ConnectionError: https://bob:***@api.example.com/v1 did not answer'
+    """
+    return _URI_IN_TEXT.sub(lambda found: redact(found.group()), text)
+
+
 def scheme_of(uri: str) -> str:
     """Return the lower-cased scheme of ``uri``, or ``""`` when it has none.
 

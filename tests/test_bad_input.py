@@ -372,6 +372,79 @@ def test_datalayer_settings_out_of_range_are_refused_at_connect(options: dict, s
         reactive.connect("duckdb://", **options)
 
 
+def _kept(value: Any) -> tuple[type, Any]:
+    return type(value), value
+
+
+def test_settings_computed_with_numpy_are_taken_as_python_numbers(tmp_path: Path) -> None:
+    """A whole number of numpy's (``np.int64``, what ``len`` of an array times something gives)
+    was refused for every whole-number setting (``batch_size must be a whole number of at least
+    1, not np.int64(64)``); it is taken, and kept as an ``int``, for every kind of setting."""
+    from reactive.backends.base import VersionColumn
+    from reactive.compute import RayCompute
+    from reactive.feed.node import Node
+    from reactive.handler import WindowRows
+
+    model = Model(
+        "m",
+        predict=list,
+        batch_size=np.int64(64),
+        max_retries=np.int32(1),
+        transient_retries=np.uint8(3),
+        retry_backoff=np.float32(0.5),
+        timeout=np.int64(5),
+    )
+    assert [_kept(getattr(model, name)) for name in ("batch_size", "max_retries", "transient_retries")] == [
+        (int, 64),
+        (int, 1),
+        (int, 3),
+    ]
+    assert (_kept(model.retry_backoff), _kept(model.timeout)) == ((float, 0.5), (int, 5))
+    assert _kept(Listener(model, "text", "docs", max_input_bytes=np.int64(1024)).max_input_bytes) == (int, 1024)
+    settings = {"queue_rows": np.int64(100), "page_size": np.int32(10), "pipeline": np.int64(1)}
+    with reactive.connect(
+        f"duckdb:///{tmp_path / 'np.duckdb'}",
+        poll_interval=np.int64(1),
+        lease_ms=np.int64(5000),
+        batch_rows=np.int64(100),
+        **settings,
+    ) as db:
+        assert _kept(db.page_size) == (int, 10) and _kept(db.cdc.pipeline) == (int, 1)
+        assert _kept(db.cdc.queue.max_rows) == (int, 100) and _kept(db.cdc.window_rows.floor) == (int, 100)
+        assert _kept(db.cdc.lease.lease_ms) == (int, 5000)
+        assert db.cdc.wait_idle(np.int64(5))
+    assert _kept(WindowRows(np.int64(10), np.int64(20)).cap) == (int, 20)
+    version = VersionColumn("rev", overlap=np.int64(5), full_diff_every=np.int64(0))
+    assert (_kept(version.overlap), _kept(version.full_diff_every)) == ((int, 5), (int, 0))
+    ray = RayCompute(actors=np.int64(2), num_gpus=np.float32(0.5), max_in_flight=np.int64(3))
+    assert (_kept(ray.actors), _kept(ray.num_gpus), _kept(ray.max_in_flight)) == ((int, 2), (float, 0.5), (int, 3))
+    node = Node(max_message_bytes=np.int64(4096), hwm=np.int64(0))
+    assert _kept(node.max_message_bytes) == (int, 4096)
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda: Model("m", predict=list, batch_size=np.float64(64.0)), "batch_size must be a whole number"),
+        (lambda: Model("m", predict=list, batch_size=np.bool_(True)), "batch_size must be a whole number"),
+        (
+            lambda: Model("m", predict=list, max_retries=np.int64(-1)),
+            "max_retries must be a whole number of at least 0",
+        ),
+        (lambda: Model("m", predict=list, timeout=np.float64("nan")), "timeout must be a number of seconds above 0"),
+        (
+            lambda: reactive.connect("duckdb://", page_size=np.int64(0)),
+            "page_size must be a whole number of at least 1",
+        ),
+        (lambda: Listener(Model("m", predict=list), "t", "d", max_input_bytes=np.float32(1)), "max_input_bytes"),
+    ],
+    ids=["batch float", "batch bool", "retries -1", "timeout NaN", "page 0", "bytes float"],
+)
+def test_numpy_numbers_out_of_range_are_still_refused(make, says: str) -> None:
+    with pytest.raises(reactive.ConfigurationError, match=says):
+        make()
+
+
 async def _async_predict(texts: list[str]) -> list[int]:
     return [len(t) for t in texts]
 

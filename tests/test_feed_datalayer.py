@@ -745,7 +745,7 @@ def test_feed_bad_input_gets_clear_errors(sqlite_file: tuple[str, sqlite3.Connec
         with pytest.raises(ConfigurationError, match="list of names"):
             db.cdc.publish(tables="docs")
         for bad in (0, -1, 2.5, "100", True):
-            with pytest.raises(ConfigurationError, match="queue_rows must be a positive int"):
+            with pytest.raises(ConfigurationError, match="queue_rows must be a whole number of at least 1"):
                 db.cdc.publish(queue_rows=bad)
         with pytest.raises(ConfigurationError, match=r"queue_windows is gone.*queue_rows"):
             db.cdc.publish(queue_windows=1000)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import psycopg
 import pytest
 from conftest import Recorder, SQLClient, outputs_by_source
 
@@ -741,3 +742,83 @@ def test_a_model_too_cheap_to_gain_from_sorting_keeps_the_order_of_its_inputs() 
         assert model.compute(["a", "ccc", "bb", "dddd"], wait=lambda s: True) == ["a", "ccc", "bb", "dddd"]
         assert slow_batches == [["dddd", "ccc"], ["bb", "a"]]
     assert model_module.SORT_WORTH_SECONDS < 0.001
+
+
+class CallsPerInput:
+    """Counts the calls that held each input; fails on inputs that contain ``"bad"``."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, texts: list[str]) -> list[str]:
+        with self.lock:
+            for text in texts:
+                self.calls[text] = self.calls.get(text, 0) + 1
+        if any("bad" in t for t in texts):
+            raise ValueError("cannot handle bad input")
+        return [t.upper() for t in texts]
+
+
+def seeded_database(kind: str, request: pytest.FixtureRequest, tmp_path: Path, rows: list[tuple[int, str]]) -> str:
+    """A database of ``kind`` whose table (collection) ``docs`` holds ``rows``, written by its own
+    client (closed: DuckDB opens a file in one process at a time); its URI."""
+    if kind == "mongodb":
+        request.getfixturevalue("mongo").docs.insert_many([{"_id": i, "text": t} for i, t in rows])
+        return request.getfixturevalue("mongo_uri")
+    if kind == "duckdb":
+        client = SQLClient(kind, f"duckdb:///{tmp_path / 'app.duckdb'}", duckdb.connect(str(tmp_path / "app.duckdb")))
+    elif kind == "sqlite":
+        client = SQLClient(kind, f"sqlite:///{tmp_path / 'app.sqlite'}", sqlite3.connect(tmp_path / "app.sqlite"))
+    else:
+        uri = request.getfixturevalue("pg_database")
+        client = SQLClient(kind, uri, psycopg.connect(uri, autocommit=True))
+    make_docs(client, rows)
+    client.close()
+    return client.uri
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "sqlite", "postgres", "mongodb"])
+def test_rows_retried_by_the_errors_command_with_no_process_running_reach_the_model_once(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`reactive errors --retry` while nothing runs the listener: the next start computes each
+    cleared row once. On SQL the rows were also taken out of the poller's snapshot, so the start's
+    reconciliation (no output) and its first poll (not in the snapshot) both delivered them, and a
+    model that still failed was called twice per row."""
+    uri = seeded_database(kind, request, tmp_path, [(1, "ok"), (2, "bad")])
+    model = CallsPerInput()
+
+    def run() -> None:
+        with reactive.connect(uri, poll_interval=0.05) as db:
+            db.add(Listener(Model("up", predict=model, max_retries=0, batch_size=1), "text", "docs"), progress=False)
+            db.cdc.start()
+            assert db.cdc.wait_idle(timeout=30)
+            assert outputs_by_source(db, "up__text") == {1: "OK"}
+            assert [e["source"] for e in db.errors("up__text")] == [2]
+
+    run()
+    assert model.calls == {"ok": 1, "bad": 1}
+    assert main(["errors", "--uri", uri, "--retry"]) == 0
+    out = capsys.readouterr().out
+    assert "cleared 1 errors." in out
+    model.calls.clear()
+    run()
+    assert model.calls == {"bad": 1}
+    assert "its next start (db.add)" in out  # the note says what happens with no process running
+
+
+def test_an_error_says_when_as_a_datetime_on_every_sql_backend(
+    sql: SQLClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SQLite keeps the time as text: db.errors() gave it as a string there (a datetime
+    elsewhere), and `reactive errors` printed it as ISO text beside the others' plain times."""
+    make_docs(sql, [(1, "bad")])
+    with connect(sql) as db:
+        db.add(Listener(Model("up", predict=Flaky(), max_retries=0), "text", "docs"), progress=False)
+        [error] = db.errors()
+    assert isinstance(error["at"], _dt.datetime) and error["at"].utcoffset() == _dt.timedelta(0)
+    if sql.kind == "duckdb":
+        sql.close()  # DuckDB opens a file in one process at a time: the command is another client
+    assert main(["errors", "--uri", sql.uri]) == 0
+    assert f"  {error['at']:%Y-%m-%d %H:%M:%S}  ValueError" in capsys.readouterr().out

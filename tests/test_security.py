@@ -181,3 +181,37 @@ def test_a_role_that_may_only_read_the_table_finds_its_primary_key(pg_database: 
         finally:
             owner.execute(f'DROP OWNED BY "{role}"')
             owner.execute(f'DROP ROLE "{role}"')
+
+
+def test_a_model_error_quoting_a_uri_with_a_password_is_recorded_and_listed_without_it(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model that calls a service with credentials in its URL fails with a message naming
+    it: the password went into ``_reactive_errors`` and out of ``db.errors()`` and
+    ``reactive errors`` as it was."""
+    import sqlite3
+
+    from reactive.cli import main
+
+    path = tmp_path / "app.sqlite"
+    client = sqlite3.connect(path, isolation_level=None)
+    client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+    client.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, "b")])
+    uri = f"sqlite:///{path}"
+
+    def remote(texts: list[str]) -> list[str]:
+        raise ConnectionError("https://bob:hunter2@api.example.com/v1 did not answer")
+
+    with reactive.connect(uri) as db:
+        db.add(Listener(Model("remote", predict=remote, max_retries=0), "text", "docs"), progress=False)
+        errors = db.errors()
+        assert [e["error"] for e in errors] == [
+            "ConnectionError: https://bob:***@api.example.com/v1 did not answer"
+        ] * 2
+    # A record written before this release keeps its text in the table; the command hides it.
+    client.execute("UPDATE _reactive_errors SET error = 'see postgresql://bob:hunter2@db/app' WHERE source = '2'")
+    assert main(["errors", "--uri", uri]) == 0
+    assert main(["errors", "--uri", uri, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and "postgresql://bob:***@db/app" in out and "bob:***@api.example.com" in out
+    client.close()

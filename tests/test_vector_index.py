@@ -207,6 +207,28 @@ def test_a_text_query_is_embedded_on_a_thread_that_ends_with_it(duck: SQLClient,
             db.search("near", "nothing")
 
 
+def test_k_and_index_settings_computed_with_numpy_are_taken(duck: SQLClient, tmp_path: Path) -> None:
+    """``k=np.int64(2)`` (a k computed with numpy) was refused: ``k must be a whole number of at
+    least 1, not np.int64(2)``; and so were the index's whole-number settings."""
+    make_docs(duck, [(1, "aaa", "en"), (2, "aab", "en"), (3, "hhh", "de")])
+    with connect(duck) as db:
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", metric="l2sq", directory=tmp_path))
+        assert nearest(db, letters("aaa"), k=np.int64(2)) == [1, 2]
+        assert nearest(db, letters("aaa"), k=np.uint8(1), filter={"lang": "en"}) == [1]
+        for bad in (np.float64(2.0), np.int64(0), np.bool_(True), True, "2"):
+            with pytest.raises(SearchError, match="k must be a whole number of at least 1"):
+                db.search("near", letters("aaa"), k=bad)
+    index = VectorIndex(
+        "other",
+        listener="embed__text",
+        connectivity=np.int64(16),
+        expansion_search=np.uint16(32),
+        save_every=np.int64(0),
+    )
+    assert (type(index.connectivity), type(index.expansion_search), type(index.save_every)) == (int, int, int)
+
+
 def test_bad_queries_and_declarations_get_clear_errors_and_write_nothing(duck: SQLClient, tmp_path: Path) -> None:
     make_docs(duck, [(1, "aaa", "en")])
     indexes = tmp_path / "indexes"

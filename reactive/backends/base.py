@@ -27,9 +27,11 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Seq
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self, runtime_checkable
 
+from reactive import checks
 from reactive.errors import ConfigurationError, MissingIdColumnError
 from reactive.events import ChangePacket, Row, SourceChange, is_utf8
 from reactive.threads import ReactiveThread
+from reactive.uri import redact_text
 
 if TYPE_CHECKING:
     from reactive.checkpoints import SectionStore
@@ -264,6 +266,8 @@ class VersionColumn:
     def __post_init__(self) -> None:
         if not isinstance(self.column, str) or not self.column:
             raise ConfigurationError(f"a version column is a column name, not {self.column!r}")
+        for field in ("overlap", "full_diff_every"):  # numpy's numbers as Python's
+            object.__setattr__(self, field, checks.plain(getattr(self, field)))
         overlap = self.overlap
         if not (
             overlap is None
@@ -364,7 +368,9 @@ class OutputRejected:
 @dc.dataclass(frozen=True, slots=True)
 class ErrorRecord:
     """A row a listener could not process. ``error`` is kept as every database can store it
-    (:func:`storable_text`): a message quoting an odd input must not lose the record."""
+    (:func:`storable_text`): a message quoting an odd input must not lose the record; and with
+    the password of any URI it quotes as ``***`` (a model's error naming the service it calls
+    with credentials), as every message of reactive shows one."""
 
     listener: str
     table: str
@@ -373,7 +379,7 @@ class ErrorRecord:
     at: _dt.datetime = dc.field(default_factory=lambda: _dt.datetime.now(_dt.UTC))
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "error", storable_text(self.error))
+        object.__setattr__(self, "error", storable_text(redact_text(self.error)))
 
 
 def error_time(stored: _dt.datetime | str) -> _dt.datetime:

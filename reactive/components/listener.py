@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from reactive import checks
 from reactive.backends.base import (
     ErrorRecord,
     OutputBatch,
@@ -369,12 +370,8 @@ class Listener(Component):
                 # (the outputs went to another table, and read back as none).
                 raise ConfigurationError(f"listener {what} must be a non-empty name without NUL, not {name!r}")
         self.id_column = id_column
-        if max_input_bytes is not None and (
-            isinstance(max_input_bytes, bool) or not isinstance(max_input_bytes, int) or max_input_bytes < 1
-        ):
-            raise ConfigurationError(
-                f"max_input_bytes must be a whole number of bytes (at least 1) or None, not {max_input_bytes!r}"
-            )
+        if max_input_bytes is not None:
+            max_input_bytes = checks.whole("max_input_bytes", max_input_bytes, least=1)
         self.max_input_bytes = max_input_bytes
         self.source: TableInfo | None = None
         # Ids whose output a reconciliation wrote in this process (None: too many to keep).

@@ -286,10 +286,10 @@ class Model:
                 f"Model {identifier!r}: predict is a coroutine function (async def); reactive calls predict on a"
                 " thread of its own: pass a plain function, e.g. predict=lambda xs: asyncio.run(embed(xs))"
             )
-        checks.whole(f"Model {identifier!r}: batch_size", batch_size, least=1)
-        checks.whole(f"Model {identifier!r}: max_retries", max_retries, least=0)
-        checks.whole(f"Model {identifier!r}: transient_retries", transient_retries, least=0)
-        checks.seconds(f"Model {identifier!r}: retry_backoff", retry_backoff, zero=True)
+        batch_size = checks.whole(f"Model {identifier!r}: batch_size", batch_size, least=1)
+        max_retries = checks.whole(f"Model {identifier!r}: max_retries", max_retries, least=0)
+        transient_retries = checks.whole(f"Model {identifier!r}: transient_retries", transient_retries, least=0)
+        retry_backoff = checks.seconds(f"Model {identifier!r}: retry_backoff", retry_backoff, zero=True)
         if retry_backoff >= _LONGEST_WAIT:  # what a thread's wait takes (threading.TIMEOUT_MAX on some builds)
             raise ConfigurationError(
                 f"Model {identifier!r}: retry_backoff must be under 1e9 seconds, not {retry_backoff!r}"
@@ -299,7 +299,7 @@ class Model:
         if timeout is not None:
             # Infinity is no timeout, as None is. A text or a bool was taken (True: one second)
             # or failed with a TypeError comparing it.
-            checks.seconds(f"Model {identifier!r}: timeout", timeout, infinite=True)
+            timeout = checks.seconds(f"Model {identifier!r}: timeout", timeout, infinite=True)
         if version is not None and (isinstance(version, bool) or not isinstance(version, str | int)):
             raise ConfigurationError(f"Model {identifier!r}: version must be a string or an int")
         self.identifier = identifier

@@ -214,10 +214,11 @@ class VectorIndex(Component):
             raise ConfigurationError(f"query_model must be a reactive Model, not {type(query_model).__name__}")
         # Checked here: usearch refuses a bad graph setting only at the first vector, and the
         # save's time check at every window, each failing every row of it.
-        checks.seconds("save_every", save_every, zero=True, infinite=True)  # infinity: only at db.close()
-        for name, value, least in (("connectivity", connectivity, 2), ("expansion_search", expansion_search, 1)):
-            if value is not None:
-                checks.whole(name, value, least=least)
+        save_every = checks.seconds("save_every", save_every, zero=True, infinite=True)  # infinity: at db.close()
+        if connectivity is not None:
+            connectivity = checks.whole("connectivity", connectivity, least=2)
+        if expansion_search is not None:
+            expansion_search = checks.whole("expansion_search", expansion_search, least=1)
         self.identifier = identifier
         self.listener = listener
         self.metric = metric
@@ -495,8 +496,7 @@ class VectorIndex(Component):
         """The ``k`` nearest rows, nearest first. ``keep(source ids)`` (a filter) gives the id
         keys to keep among candidates: the graph is asked for more until ``k`` are kept or
         every row was a candidate."""
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise SearchError(f"k must be a whole number of at least 1, not {k!r}")
+        k = checks.whole("k", k, least=1, error=SearchError)
         vector = self.query_vector(query)
         want = k if keep is None else k * OVERFETCH
         while True:

@@ -289,16 +289,13 @@ class Node:
             check_address(data_address)
         for peer in peers:
             check_address(peer)
-        for name, value in (
-            ("heartbeat_interval", heartbeat_interval),
-            ("rpc_timeout", rpc_timeout),
-            ("check_interval", check_interval),
-        ):
-            checks.seconds(name, value)
+        heartbeat_interval = checks.seconds("heartbeat_interval", heartbeat_interval)
+        rpc_timeout = checks.seconds("rpc_timeout", rpc_timeout)
+        check_interval = checks.seconds("check_interval", check_interval)
         if quiet_after is not None:
-            checks.seconds("quiet_after", quiet_after, infinite=True)
-        checks.whole("max_message_bytes", max_message_bytes, least=1024)
-        checks.whole("hwm", hwm, least=0)  # ZMQ: 0 is no limit
+            quiet_after = checks.seconds("quiet_after", quiet_after, infinite=True)
+        max_message_bytes = checks.whole("max_message_bytes", max_message_bytes, least=1024)
+        hwm = checks.whole("hwm", hwm, least=0)  # ZMQ: 0 is no limit
         self.node_id = node_id or f"node-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.heartbeat_interval = float(heartbeat_interval)
         self.quiet_after = float(quiet_after) if quiet_after is not None else 4 * self.heartbeat_interval + 1.0

@@ -244,8 +244,8 @@ class DataService:
                 f"node must be a reactive.feed.Node (or None: a private one), not {type(node).__name__}; "
                 "for an address, use Node(address)"
             )
-        checks.seconds("gap_timeout", gap_timeout)
-        checks.whole("max_delta_rows", max_delta_rows, least=0)
+        gap_timeout = checks.seconds("gap_timeout", gap_timeout)
+        max_delta_rows = checks.whole("max_delta_rows", max_delta_rows, least=0)
         #: A publication changing more rows than this goes to subscribers as a snapshot.
         self.max_delta_rows = max_delta_rows
         self._node = node
