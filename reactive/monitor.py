@@ -533,11 +533,13 @@ class _Monitor(ReactiveThread):
         callback = self.callbacks.get(kind)
         if callback is None:
             return
-        function, start, end = callback.event_callback, 0, len(arguments)
+        function, start, end, ended = callback.event_callback, 0, len(arguments), self._ended
         while start < end:
             index = start
             try:
                 for index in range(start, end):  # index tells which call raised
+                    if ended.is_set():  # stopped by a callback: none is called after
+                        return
                     function(arguments[index])
                 return
             except Exception as exc:
@@ -585,7 +587,7 @@ class _Monitor(ReactiveThread):
 
     def _call(self, kind: TableMonitor.Callback.Type, argument: Any) -> None:
         callback = self.callbacks.get(kind)
-        if callback is None:
+        if callback is None or self._ended.is_set():  # stopped by a callback: none is called after
             return
         try:
             callback.event_callback(argument)
@@ -613,11 +615,14 @@ class _Monitor(ReactiveThread):
                     self.client.db.cdc.unmonitor(self.client.table, self)
                 except ReactiveError as exc:
                     log.warning("stopping the monitor on %s: %s", self.table, exc)
-            if self.is_alive() and threading.current_thread() is not self:
-                self._ended.set()
+            if self.is_alive():
+                self._ended.set()  # no callback is called after this
                 _drain(self._queue)
                 self._queue.put((_Notice.STOP, "stopped"))
-                self.join()
+                # From a callback (its own thread), it ends once the callback returns: it went
+                # on for ever, past db.close(), and no callback was called again.
+                if threading.current_thread() is not self:
+                    self.join()
 
 
 def _drain(items: queue.Queue[Any]) -> None:

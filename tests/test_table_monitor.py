@@ -667,6 +667,26 @@ def test_stop_monitor_ends_the_thread_and_is_idempotent(source: Source, db: reac
     assert not reactive_threads()
 
 
+def test_stop_monitor_from_a_callback_ends_the_thread_and_no_callback_follows(
+    source: Source, db: reactive.Datalayer
+) -> None:
+    # Called on the monitor's own thread, stop_monitor could not join it and left it waiting
+    # for changes for ever, past db.close().
+    seen: list[Any] = []
+
+    def first_only(row: dict[str, Any]) -> None:
+        seen.append(row)
+        client.stop_monitor()
+
+    client = TableMonitor.Client(db, "docs", [TableMonitor.Callback(Type.INSERT_DECODED, first_only)])
+    client.start_monitor()
+    thread = monitor_thread(client)
+    source.insert(1, "one")
+    source.insert(2, "two")
+    thread.join(30)
+    assert not thread.is_alive() and seen == [source.row(1, "one")] and client.task_list == []
+
+
 def took_over(db: reactive.Datalayer) -> bool:
     """Whether the takeover that follows a stand-down has run to its end, monitors subscribed
     again (a transition holds ``_transitions`` until then)."""
