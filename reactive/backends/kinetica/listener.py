@@ -763,8 +763,8 @@ class KineticaMonitorListener(BaseDatabaseListener):
             for route in old:
                 try:
                     fresh.extend(self._create_routes(route.table, (route.event,), route.sink))
-                except KineticaError:
-                    if self.client.has_table(route.table):
+                except KineticaError as exc:
+                    if not self.catalog.missing(exc, route.table):
                         raise
                     gone.add(route.table)  # reported below; the other tables go on
             address = self.client.monitor_address()
