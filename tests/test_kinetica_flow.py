@@ -1065,6 +1065,74 @@ def test_a_server_that_lost_every_table_gets_its_monitors_again(
         assert "_reactive_marks" not in (listener.failing or "")
 
 
+def failing_on(word: str) -> Model:
+    """``<text>`` for each text; a batch holding ``word`` fails (its rows are recorded as errors)."""
+
+    def predict(texts: list[str]) -> list[str]:
+        if word in texts:
+            raise ValueError(f"{word} text")
+        return [f"<{t}>" for t in texts]
+
+    return Model("tag", predict=predict)
+
+
+def test_a_server_that_lost_every_table_gets_reactives_own_tables_again(
+    kinetica_server: KineticaTestServer, foreign: GPUdb
+) -> None:
+    """A server restarted empty: until this release this process still took its outputs,
+    ``_reactive_errors`` and ``_reactive_checkpoints`` for existing, and every write to them
+    failed (the table's reconciliation retried for ever) until it connected again."""
+    create_table(foreign, "docs", [[1, "alpha", "en"], [2, "bad", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(failing_on("bad"), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert [e["source"] for e in db.errors("tag__text")] == [2]
+        kinetica_server.stop()
+        for table in kinetica_server.tables:
+            kinetica_server.drop_table(table)
+        kinetica_server.start()
+        create_table(foreign, "docs", [[7, "seven", "en"], [8, "bad", "en"]])
+        listener = db.cdc.listener
+        assert listener is not None
+        assert listener.wait_for(lambda: listener.recoveries == 1, timeout=WAIT)
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {7: "<seven>"}
+        assert [e["source"] for e in db.errors("tag__text")] == [8]
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs], output_type="int64"), "text", "docs"))
+        assert outputs_by_source(db, "len__text") == {7: 5, 8: 3}
+        info = db.cdc.info()["source"]
+        assert info["running"] and not info["pending_reconciliation"] and listener.failing is None
+    with connect(kinetica_server) as db:  # saved in _reactive_checkpoints made again (tag's went with the server)
+        assert types_of(db, ["len"]) == {"len": "int64"}
+
+
+def test_reactives_own_tables_dropped_by_someone_are_created_again(
+    kinetica_server: KineticaTestServer, foreign: GPUdb
+) -> None:
+    """An administrator drops reactive's outputs, ``_reactive_errors`` and
+    ``_reactive_checkpoints`` under a running process: each is created again at its next write,
+    and the outputs of every row are computed again, as on SQL. Until this release every write
+    to them failed until the process connected again (an output's failure recorded as an error,
+    which failed too)."""
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"], [2, "bad", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(failing_on("bad"), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        for table in ("_outputs__tag__text", "_reactive_errors", "_reactive_checkpoints"):
+            foreign.clear_table(table)
+        docs.insert_records([[3, "gamma", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 3: "<gamma>"}
+        assert [e["source"] for e in db.errors("tag__text")] == [2]  # computed again, and failed again
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs], output_type="int64"), "text", "docs"))
+        assert outputs_by_source(db, "len__text") == {1: 5, 2: 3, 3: 5}
+        assert db.cdc.info()["source"]["running"]
+    with connect(kinetica_server) as db:
+        assert types_of(db, ["len"]) == {"len": "int64"}
+
+
 def test_a_column_dropped_and_added_again_is_never_read_from_the_wrong_place(
     kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder
 ) -> None:

@@ -889,6 +889,17 @@ class KineticaMonitorListener(BaseDatabaseListener):
         """The handler gave up on these inserts: reconcile their tables."""
         self._mark_dirty(sorted(set(positions)))
 
+    def reconcile_soon(self, table: str) -> None:
+        """Reconcile ``table``'s components on the maintenance thread (their outputs were lost).
+
+        Called from the handler thread, after the :meth:`sync` of a ``wait_idle`` under way may
+        have passed: counted as a release, so that it syncs again, and waits for the outputs
+        computed again.
+        """
+        self._mark_dirty([table])
+        with self._changed:
+            self.releases += 1
+
     def info(self) -> dict[str, Any]:
         with self._lock:
             monitors = len(self._routes)
