@@ -33,6 +33,7 @@ from conftest import (
     Recorder,
     add_constant_listeners,
     add_filtered_lengths,
+    looked,
     outputs_by_source,
     outputs_of,
     scanned_pages,
@@ -1131,6 +1132,28 @@ def test_reactives_own_tables_dropped_by_someone_are_created_again(
         assert db.cdc.info()["source"]["running"]
     with connect(kinetica_server) as db:
         assert types_of(db, ["len"]) == {"len": "int64"}
+
+
+def test_the_lease_holder_writes_its_record_again_when_the_server_lost_it(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``_reactive_checkpoints`` went with the server's tables (here dropped by someone), and
+    the lease's record with it: the holder's next renewal writes it again. Until this release it
+    took the lease for lost, stopped its listeners, and took the lease again at once."""
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
+    with connect(kinetica_server, lease_ms=1500) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        listener, keeper = db.cdc.listener, db.cdc._keeper
+        assert listener is not None and keeper is not None
+        foreign.clear_table("_reactive_checkpoints")
+        looked(keeper, 3)  # a renewal after the drop, and more
+        assert not [r.getMessage() for r in caplog.records if "lost the lease" in r.getMessage()]
+        assert db.cdc.listener is listener and db.cdc.info()["lease"]["this_process"]
+        docs.insert_records([[2, "beta", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 2: "<beta>"}
 
 
 def test_a_column_dropped_and_added_again_is_never_read_from_the_wrong_place(
