@@ -300,7 +300,10 @@ class Lease:
 
         A renewal whose acknowledgement was lost (the server restarted, the connection broke)
         may still have been written: if the stored record is ours, with our epoch, it is taken
-        as the one to replace.
+        as the one to replace. A record that is gone (a server that lost its tables) is written
+        again, where no other process wrote one first: a process that takes the lease writes its
+        record, so none took it meanwhile (taken for lost, the lease was taken again at once, after
+        the holder had stopped its listeners).
         """
         with self._lock:
             held, raw = self._held, self._raw
@@ -312,10 +315,8 @@ class Lease:
             found = self.store.read_sections(self.checkpoint, [LEASE_SECTION]).get(LEASE_SECTION)
             current = None if found is None else Holder.decode(found.data)
             ours = current is not None and (current.owner, current.epoch) == (self.owner, held.epoch)
-            replaced = (
-                found is not None
-                and ours
-                and self.store.replace_section(self.checkpoint, LEASE_SECTION, found.data, section)
+            replaced = (found is None or ours) and self.store.replace_section(
+                self.checkpoint, LEASE_SECTION, None if found is None else found.data, section
             )
         with self._lock:
             # Not released meanwhile. It may have lapsed here during the call (a slow store): a

@@ -135,17 +135,19 @@ class Datalayer:
         self.backend = backend
         #: Where model work runs (``LocalCompute``, a thread of this process, by default).
         self.compute: Compute = LocalCompute() if compute is None else compute
+        #: Held while the handler writes a window (see :meth:`writing`) and while a component is
+        #: taken out of the registry: a window never writes for a component removed before.
+        self._writing = threading.RLock()
         #: Where listeners' outputs go: their type fixed once, each output normalized, every
         #: write fenced by the lease (a process that lost it writes nothing).
-        self.writer = OutputWriter(backend.outputs, backend.output_types, fence=lambda: self.cdc.fence())
+        self.writer = OutputWriter(
+            backend.outputs, backend.output_types, fence=lambda: self.cdc.fence(), window_lock=self._writing
+        )
         self.page_size = page_size
         self._components: dict[str, Component] = {}
         self._tables: dict[str, TableInfo] = {}
         self._lock = threading.RLock()
         self._declare_lock = threading.Lock()
-        #: Held while the handler writes a window (see :meth:`writing`) and while a component is
-        #: taken out of the registry: a window never writes for a component removed before.
-        self._writing = threading.RLock()
         #: Components whose backfill has not finished (adding them again resumes it).
         self._unfinished: set[str] = set()
         #: Components whose interrupted backfill the handler skips while db.cdc stops.
@@ -185,7 +187,8 @@ class Datalayer:
         :meth:`registered` that each component it writes for is still added. :meth:`remove`
         takes a component out under it: a window planned before the removal, still computing
         then, wrote afterwards (and a dropped outputs table came back, with the old outputs a
-        listener added again then took for current)."""
+        listener added again then took for current). A reconciliation starts recording the
+        outputs written while it runs under it (:meth:`OutputWriter.recording`)."""
         return self._writing
 
     def registered(self, component: Component) -> bool:

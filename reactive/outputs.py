@@ -26,14 +26,14 @@ import threading
 import uuid
 import zoneinfo
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from reactive.backends.base import OUTPUTS_PREFIX, OutputBatch, OutputRejected, TableInfo, outputs_table
 from reactive.errors import ConfigurationError
-from reactive.events import is_utf8
+from reactive.events import id_keys, is_utf8
 from reactive.fingerprints import json_value
 
 if TYPE_CHECKING:
@@ -920,19 +920,72 @@ class OutputTypes:
             self._identifiers.pop(outputs_table(identifier), None)
 
 
+class WrittenIds:
+    """The source ids of one listener's outputs written while a reconciliation runs (see
+    :meth:`OutputWriter.recording`), by id key. Past ``limit`` ids it keeps none and says so
+    (``overflowed``): the reconciliation then reads the stored ids again instead."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.ids: dict[Hashable, Any] = {}
+        self.overflowed = False
+
+    def add(self, sources: Sequence[Any]) -> None:
+        if self.overflowed:
+            return
+        self.ids.update(zip(id_keys(sources), sources, strict=True))
+        if len(self.ids) > self.limit:
+            self.ids, self.overflowed = {}, True
+
+
 class OutputWriter:
     """Writes listeners' outputs to a store: the type is fixed once, every output normalized.
 
     This is the one place that decides what an output becomes before any backend stores it,
     and every write of an output goes through it: ``fence()`` is called right before each one
     and raises when this process may no longer write (it lost the lease of ``db.cdc``).
+
+    ``window_lock`` is the lock a window's writes are made under, until they are committed (the
+    datalayer's :meth:`~reactive.datalayer.Datalayer.writing`); :meth:`write` takes it too.
     """
 
-    def __init__(self, store: OutputStore, types: OutputTypes, *, fence: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        store: OutputStore,
+        types: OutputTypes,
+        *,
+        fence: Callable[[], None] | None = None,
+        window_lock: threading.RLock | None = None,
+    ) -> None:
         self.store = store
         self.types = types
         self.fence = fence or (lambda: None)
         self._local = threading.local()
+        self._window_lock = window_lock or threading.RLock()
+        #: Per listener, the :meth:`recording` blocks open now.
+        self._recordings: dict[str, list[WrittenIds]] = {}
+        self._recordings_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def recording(self, identifier: str, limit: int) -> Iterator[WrittenIds]:
+        """The source ids of ``identifier``'s outputs written from now until the block ends
+        (at most ``limit``), for a reconciliation: the outputs live changes write while it scans.
+
+        It starts between two windows (under ``window_lock``), so every output is either
+        written and committed before it (a read made inside the block finds it) or recorded.
+        Read what it holds once the block has ended.
+        """
+        written = WrittenIds(limit)
+        with self._window_lock, self._recordings_lock:
+            self._recordings.setdefault(identifier, []).append(written)
+        try:
+            yield written
+        finally:
+            with self._recordings_lock:
+                open_now = self._recordings[identifier]
+                open_now.remove(written)
+                if not open_now:
+                    del self._recordings[identifier]
 
     @contextlib.contextmanager
     def deferring(self, enabled: bool = True) -> Iterator[list[Callable[[], None]]]:
@@ -1026,7 +1079,11 @@ class OutputWriter:
             rest = [k for k in range(len(kept)) if k not in refused]
             kept, positions = kept.take(rest), [positions[k] for k in rest]
         if len(kept):
-            self._write(functools.partial(self.store.store_outputs, identifier, logical, kept, stored, positions))
+            with self._window_lock:  # see recording
+                with self._recordings_lock:
+                    for written in self._recordings.get(identifier, ()):
+                        written.add(kept.sources)
+                self._write(functools.partial(self.store.store_outputs, identifier, logical, kept, stored, positions))
         return stored
 
     def _fix_inferred(self, identifier: str, source: TableInfo, inferred: str) -> str:

@@ -9,6 +9,7 @@ through :meth:`reactive.cdc.DatabaseChangeDataCapture.reconcile`, which queues w
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
@@ -18,11 +19,15 @@ from reactive.rows import column_of
 
 if TYPE_CHECKING:
     from reactive.backends.base import OutputStore, SourceReader, TableInfo
+    from reactive.outputs import WrittenIds
 
 OnProcessed = Callable[[ChangePacket, BaseException | None], None]
 #: ``current(page, stored)``: for each row of a page, whether the input fingerprint stored with
 #: its output (None: no output) is right for it.
 IsCurrent = Callable[[Sequence[Row], Sequence[int | None]], list[bool]]
+#: ``record_writes(limit)``: a block recording the ids of the outputs written while it is open
+#: (``OutputWriter.recording`` of one listener).
+RecordWrites = Callable[[int], contextlib.AbstractContextManager["WrittenIds"]]
 #: Stored outputs held in memory while a reconciliation compares (about 150 bytes each);
 #: beyond this many, it looks fingerprints up page by page.
 MEMORY_LIMIT = 1_000_000
@@ -42,13 +47,16 @@ def reconcile(
     absent_is_stale: bool = False,
     on_nothing_stored: Callable[[], None] | None = None,
     where: Mapping[str, Any] | None = None,
+    record_writes: RecordWrites | None = None,
 ) -> Iterator[ChangePacket]:
     """Packets that bring ``identifier``'s outputs of ``table`` up to date.
 
     The stored ``(source id, fingerprint)`` pairs are read once, then the source is scanned
     once: a row whose output is missing or stale (``current`` says so, a page at a time) is
-    queued, and so is every stored output no row claimed (its row is gone; the stored ids are
-    read again after the scan, for outputs live changes wrote meanwhile). With more
+    queued, and so is every stored output no row claimed (its row is gone), with the outputs
+    live changes wrote meanwhile for rows the scan did not see (a row inserted, then deleted or
+    re-keyed before the scan reached it): ``record_writes`` records their ids while the pass
+    runs; without it (or past ``memory_limit`` of them) the stored ids are read again. With more
     than ``memory_limit`` outputs, the fingerprints of each page are looked up instead, and a
     second pass over the outputs asks the source which rows still exist. ``absent_is_stale``
     says that a row without an output always needs one (``current`` is False for every row
@@ -72,37 +80,45 @@ def reconcile(
     def packet(ids: Sequence[Any]) -> ChangePacket:
         return ChangePacket(table.name, DBEvent.insert, tuple(ids), targets=targets, on_processed=on_processed)
 
-    stored = _stored_fingerprints(outputs, identifier, page_size, memory_limit)
-    if absent_is_stale and stored == {}:
-        if on_nothing_stored is not None:
-            on_nothing_stored()
-        for page in source.scan(table, columns=[table.id_column], page_size=page_size):
-            yield packet(column_of(page, table.id_column))
-        return
-    scanned: set[Hashable] = set()
-    # Passed only when there is something to narrow: a source written before ``where`` still serves.
-    narrowed = {"where": where} if where and stored is not None else {}
-    for page in source.scan(table, columns=columns, page_size=page_size, **narrowed):
-        ids = column_of(page, table.id_column)
-        keys = id_keys(ids)
-        if stored is None:
-            found = outputs.output_fingerprints(identifier, ids)
-            prints = [found.get(key) for key in keys]
-        else:
-            scanned.update(keys)
-            pop = stored.pop
-            prints = [None if (entry := pop(key, None)) is None else entry[1] for key in keys]
-        stale = [i for i, ok in zip(ids, current(page, prints), strict=True) if not ok]
-        if stale:
-            yield packet(stale)
+    with contextlib.ExitStack() as recording:
+        # Opened before the stored outputs are read: an output written after that read is recorded.
+        written = None if record_writes is None else recording.enter_context(record_writes(memory_limit))
+        stored = _stored_fingerprints(outputs, identifier, page_size, memory_limit)
+        if stored is None or (absent_is_stale and stored == {}):
+            recording.close()  # no orphans are looked for among what was stored: nor among what is written
+        if absent_is_stale and stored == {}:
+            if on_nothing_stored is not None:
+                on_nothing_stored()
+            for page in source.scan(table, columns=[table.id_column], page_size=page_size):
+                yield packet(column_of(page, table.id_column))
+            return
+        scanned: set[Hashable] = set()
+        # Passed only when there is something to narrow: a source written before ``where`` still serves.
+        narrowed = {"where": where} if where and stored is not None else {}
+        for page in source.scan(table, columns=columns, page_size=page_size, **narrowed):
+            ids = column_of(page, table.id_column)
+            keys = id_keys(ids)
+            if stored is None:
+                found = outputs.output_fingerprints(identifier, ids)
+                prints = [found.get(key) for key in keys]
+            else:
+                scanned.update(keys)
+                pop = stored.pop
+                prints = [None if (entry := pop(key, None)) is None else entry[1] for key in keys]
+            stale = [i for i, ok in zip(ids, current(page, prints), strict=True) if not ok]
+            if stale:
+                yield packet(stale)
     if stored is not None:
         # Outputs of rows the scan did not see: those stored before it, and those a live change
         # wrote while it ran (a row inserted, then deleted or re-keyed before the scan reached it).
         orphans = {key: source_id for key, (source_id, _) in stored.items()}
-        for page in outputs.scan_output_fingerprints(identifier, page_size=page_size):
-            source_ids = list(map(itemgetter(0), page))
-            keys = id_keys(source_ids)
-            orphans.update((key, i) for i, key in zip(source_ids, keys, strict=True) if key not in scanned)
+        if written is not None and not written.overflowed:
+            orphans.update((key, i) for key, i in written.ids.items() if key not in scanned)
+        else:
+            for page in outputs.scan_output_fingerprints(identifier, page_size=page_size):
+                source_ids = list(map(itemgetter(0), page))
+                keys = id_keys(source_ids)
+                orphans.update((key, i) for i, key in zip(source_ids, keys, strict=True) if key not in scanned)
         gone = list(orphans.values())
         for start in range(0, len(gone), page_size):
             yield packet(gone[start : start + page_size])

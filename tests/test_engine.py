@@ -350,6 +350,54 @@ def test_a_reconciliation_finds_outputs_written_during_its_scan_for_rows_it_did_
         assert [p.ids for p in packets] == [(99,)]  # the rows seen are current; 99 may be gone
 
 
+def test_a_reconciliation_reads_the_stored_outputs_once_and_finds_those_written_during_its_scan(
+    duck: SQLClient,
+) -> None:
+    """A listener's pass records the ids of the outputs written while it runs (through
+    ``db.writer``, as the handler writes) instead of reading every stored output a second time
+    after its scan, as it did since b780936: the output of a row it did not see is still queued
+    as possibly gone, and one of a row it saw is not."""
+    import functools
+
+    from reactive.backends.base import OutputBatch
+    from reactive.reconcile import reconcile
+
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(i, f"t{i}") for i in range(1, 4)])
+    with reactive.connect(duck.uri) as db:
+        listener = Listener(Model("len", predict=lambda ts: [len(t) for t in ts], output_type="int64"), "text", "docs")
+        db.add(listener, progress=False)
+        source, outputs, docs = db.source_for("docs"), db.backend.outputs, db.table_info("docs")
+        reads = []
+
+        class LiveWriteDuringScan:  # the source, with live changes' outputs written mid-scan
+            def scan(self, table, *, columns, page_size):
+                for page in source.scan(table, columns=columns, page_size=page_size):
+                    with db.writing():  # as the handler writes a window
+                        db.writer.write("len__text", docs, OutputBatch([99, 1], [2, 2], [0, 0]))
+                    yield page
+
+        class CountedReads:  # the store, counting its full reads
+            def scan_output_fingerprints(self, identifier, *, page_size):
+                reads.append(identifier)
+                return outputs.scan_output_fingerprints(identifier, page_size=page_size)
+
+        packets = list(
+            reconcile(
+                LiveWriteDuringScan(),  # type: ignore[arg-type]
+                CountedReads(),  # type: ignore[arg-type]
+                docs,
+                identifier="len__text",
+                columns=["text"],
+                current=listener.current,
+                page_size=2,
+                record_writes=functools.partial(db.writer.recording, "len__text"),
+            )
+        )
+        assert [p.ids for p in packets] == [(99,)]  # 1 was seen by the scan; 99 may be gone
+        assert reads == ["len__text"]
+
+
 _FIRST_WINDOW = """
 import sys, reactive
 from reactive.fingerprints import fingerprints

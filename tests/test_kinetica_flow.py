@@ -33,6 +33,7 @@ from conftest import (
     Recorder,
     add_constant_listeners,
     add_filtered_lengths,
+    looked,
     outputs_by_source,
     outputs_of,
     scanned_pages,
@@ -1063,6 +1064,96 @@ def test_a_server_that_lost_every_table_gets_its_monitors_again(
         assert watched_on_server(kinetica_server) == {"ki_home._reactive_marks", "ki_home.docs"}
         assert len(kinetica_server.monitors()) == 4 and info["source"]["running"]
         assert "_reactive_marks" not in (listener.failing or "")
+
+
+def failing_on(word: str) -> Model:
+    """``<text>`` for each text; a batch holding ``word`` fails (its rows are recorded as errors)."""
+
+    def predict(texts: list[str]) -> list[str]:
+        if word in texts:
+            raise ValueError(f"{word} text")
+        return [f"<{t}>" for t in texts]
+
+    return Model("tag", predict=predict)
+
+
+def test_a_server_that_lost_every_table_gets_reactives_own_tables_again(
+    kinetica_server: KineticaTestServer, foreign: GPUdb
+) -> None:
+    """A server restarted empty: until this release this process still took its outputs,
+    ``_reactive_errors`` and ``_reactive_checkpoints`` for existing, and every write to them
+    failed (the table's reconciliation retried for ever) until it connected again."""
+    create_table(foreign, "docs", [[1, "alpha", "en"], [2, "bad", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(failing_on("bad"), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert [e["source"] for e in db.errors("tag__text")] == [2]
+        kinetica_server.stop()
+        for table in kinetica_server.tables:
+            kinetica_server.drop_table(table)
+        kinetica_server.start()
+        create_table(foreign, "docs", [[7, "seven", "en"], [8, "bad", "en"]])
+        listener = db.cdc.listener
+        assert listener is not None
+        assert listener.wait_for(lambda: listener.recoveries == 1, timeout=WAIT)
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {7: "<seven>"}
+        assert [e["source"] for e in db.errors("tag__text")] == [8]
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs], output_type="int64"), "text", "docs"))
+        assert outputs_by_source(db, "len__text") == {7: 5, 8: 3}
+        info = db.cdc.info()["source"]
+        assert info["running"] and not info["pending_reconciliation"] and listener.failing is None
+    with connect(kinetica_server) as db:  # saved in _reactive_checkpoints made again (tag's went with the server)
+        assert types_of(db, ["len"]) == {"len": "int64"}
+
+
+def test_reactives_own_tables_dropped_by_someone_are_created_again(
+    kinetica_server: KineticaTestServer, foreign: GPUdb
+) -> None:
+    """An administrator drops reactive's outputs, ``_reactive_errors`` and
+    ``_reactive_checkpoints`` under a running process: each is created again at its next write,
+    and the outputs of every row are computed again, as on SQL. Until this release every write
+    to them failed until the process connected again (an output's failure recorded as an error,
+    which failed too)."""
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"], [2, "bad", "en"]])
+    with connect(kinetica_server) as db:
+        db.add(Listener(failing_on("bad"), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        for table in ("_outputs__tag__text", "_reactive_errors", "_reactive_checkpoints"):
+            foreign.clear_table(table)
+        docs.insert_records([[3, "gamma", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 3: "<gamma>"}
+        assert [e["source"] for e in db.errors("tag__text")] == [2]  # computed again, and failed again
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs], output_type="int64"), "text", "docs"))
+        assert outputs_by_source(db, "len__text") == {1: 5, 2: 3, 3: 5}
+        assert db.cdc.info()["source"]["running"]
+    with connect(kinetica_server) as db:
+        assert types_of(db, ["len"]) == {"len": "int64"}
+
+
+def test_the_lease_holder_writes_its_record_again_when_the_server_lost_it(
+    kinetica_server: KineticaTestServer, foreign: GPUdb, recorder: Recorder, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``_reactive_checkpoints`` went with the server's tables (here dropped by someone), and
+    the lease's record with it: the holder's next renewal writes it again. Until this release it
+    took the lease for lost, stopped its listeners, and took the lease again at once."""
+    docs = create_table(foreign, "docs", [[1, "alpha", "en"]])
+    with connect(kinetica_server, lease_ms=1500) as db:
+        db.add(Listener(tag(recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=WAIT)
+        listener, keeper = db.cdc.listener, db.cdc._keeper
+        assert listener is not None and keeper is not None
+        foreign.clear_table("_reactive_checkpoints")
+        looked(keeper, 3)  # a renewal after the drop, and more
+        assert not [r.getMessage() for r in caplog.records if "lost the lease" in r.getMessage()]
+        assert db.cdc.listener is listener and db.cdc.info()["lease"]["this_process"]
+        docs.insert_records([[2, "beta", "en"]])
+        assert db.cdc.wait_idle(timeout=WAIT)
+        assert outputs_by_source(db, "tag__text") == {1: "<alpha>", 2: "<beta>"}
 
 
 def test_a_column_dropped_and_added_again_is_never_read_from_the_wrong_place(

@@ -624,7 +624,8 @@ class BaseDatabaseListener(ReactiveThread):
         #: them in the order they were queued.
         self._emitted = 0
         self._settled = 0
-        #: Calls of :meth:`release` so far: ``wait_idle`` waits again when it moved meanwhile.
+        #: Calls of :meth:`release` (and outputs found lost, which a listener reconciles) so far:
+        #: ``wait_idle`` waits again when it moved meanwhile.
         self.releases = 0
         self.counters = {"inserts": 0, "updates": 0, "deletes": 0}
         self.last_error: str | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import decimal
+import functools
 import logging
 import uuid
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sequence
@@ -651,6 +652,7 @@ class Listener(Component):
             absent_is_stale=not self.filter,
             on_nothing_stored=nothing_stored,
             where=self.filter,
+            record_writes=functools.partial(db.writer.recording, self.identifier),
         )
 
     def plan_refresh(

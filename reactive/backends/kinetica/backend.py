@@ -46,9 +46,10 @@ class KineticaBackend(DataBackend):
         self.checkpoints = Positions(self.sections)
         self.output_types = OutputTypes(self.checkpoints)
         self.source = KineticaSource(self.catalog, output_type=self.output_types.of_table)
-        self.outputs = KineticaOutputs(self.catalog, decoded=self.source.decoded)
+        self.outputs = KineticaOutputs(self.catalog, decoded=self.source.decoded, outputs_lost=self._outputs_lost)
         self.errors = KineticaErrors(self.catalog)
         self.listener_options = listener_options or {}
+        self._listener: KineticaMonitorListener | None = None
 
     @classmethod
     def from_uri(
@@ -86,9 +87,16 @@ class KineticaBackend(DataBackend):
 
     def create_listener(self, queue: CDCQueue, hooks: ListenerHooks, **options: Any) -> KineticaMonitorListener:
         options.pop("poll_interval", None)  # monitors push; nothing polls
-        return KineticaMonitorListener(
+        self._listener = KineticaMonitorListener(
             self.client, self.catalog, self.checkpoints, queue, hooks=hooks, **self.listener_options, **options
         )
+        return self._listener
+
+    def _outputs_lost(self, table: str) -> None:
+        """Outputs of ``table``'s listeners were dropped: the listener reconciles it (the backfill
+        of ``db.add`` does when nothing follows changes yet)."""
+        if self._listener is not None:
+            self._listener.reconcile_soon(table)
 
     def row_format(self, table: TableInfo) -> RowFormat:
         """The table's own type: INSERT_RAW gets the records exactly as the server publishes them."""

@@ -11,20 +11,24 @@ conditional ``/delete/records`` (``"key" = ... and "data" = ...``) followed by a
 fails when the key exists, so at most one of two racing processes wins.
 
 A table in the format of reactive 0.1 (``name``, ``value``, ``updated_at``) is migrated the first
-time it is used.
+time it is used. A table dropped by someone else (or lost with the server's tables) reads as
+empty and is created again at the next write.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import threading
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from reactive.backends.kinetica.client import KineticaError, equals_expression
 from reactive.backends.kinetica.tables import TableCatalog
 from reactive.checkpoints import ENGINE_CHECKPOINT, Section
+
+T = TypeVar("T")
 
 CHECKPOINTS_TABLE = "_reactive_checkpoints"
 _COLUMNS = [
@@ -57,25 +61,27 @@ class KineticaSections:
 
     def __init__(self, catalog: TableCatalog) -> None:
         self.catalog = catalog
-        self._ready = False
         self._lock = threading.Lock()
 
     def _ensure(self, *, create: bool) -> bool:
-        if self._ready:
-            return True
+        """Whether the table exists (created where ``create``), in the current format. Once
+        described, the catalog answers without asking the server, until a request finds the
+        table gone (:meth:`TableCatalog.missing`)."""
         with self._lock:
-            if self._ready:
-                return True
             if self.catalog.exists(CHECKPOINTS_TABLE):
                 if "name" in self.catalog.describe(CHECKPOINTS_TABLE).columns:
                     self._migrate()
-                self._ready = True
                 return True
             if not create:
                 return False
             self.catalog.create(CHECKPOINTS_TABLE, _COLUMNS, {"key": ["primary_key"]})
-            self._ready = True
             return True
+
+    def _write(self, write: Callable[[], T]) -> T:
+        """``write()`` to the table, made first where it does not exist, and again where
+        someone dropped it since."""
+        self._ensure(create=True)
+        return self.catalog.recreating(CHECKPOINTS_TABLE, functools.partial(self._ensure, create=True), write)
 
     def _migrate(self) -> None:
         old = list(self.catalog.all_records(CHECKPOINTS_TABLE))
@@ -93,46 +99,48 @@ class KineticaSections:
     def read_sections(
         self, checkpoint: str, keys: Sequence[str] | None = None, *, lock: bool = False
     ) -> dict[str, Section]:
+        sections: dict[str, Section] = {}
         if not self._ensure(create=False):
-            return {}
-        if keys is None:
-            records = self.catalog.all_records(
-                CHECKPOINTS_TABLE, expression=equals_expression("checkpoint", checkpoint)
-            )
-        else:
-            records = self.catalog.records_by_ids(CHECKPOINTS_TABLE, "key", [_key(checkpoint, k) for k in keys])
-        return {
-            r["section"]: Section(base64.b64decode(r["data"]), bool(r["is_text"]), float(r["written_at"]))
-            for r in records
-        }
+            return sections
+        with self.catalog.unless_missing(CHECKPOINTS_TABLE):
+            if keys is None:
+                records = self.catalog.all_records(
+                    CHECKPOINTS_TABLE, expression=equals_expression("checkpoint", checkpoint)
+                )
+            else:
+                records = self.catalog.records_by_ids(CHECKPOINTS_TABLE, "key", [_key(checkpoint, k) for k in keys])
+            sections = {
+                r["section"]: Section(base64.b64decode(r["data"]), bool(r["is_text"]), float(r["written_at"]))
+                for r in records
+            }
+        return sections
 
     def write_sections(self, checkpoint: str, sections: Mapping[str, Section]) -> None:
         if sections:
-            self._ensure(create=True)
-            self._insert(checkpoint, sections, upsert=True)
+            self._write(functools.partial(self._insert, checkpoint, sections, upsert=True))
 
     def delete_sections(self, checkpoint: str, keys: Sequence[str] | None = None) -> None:
         if not self._ensure(create=False):
             return
-        if keys is None:
-            self.catalog.client.delete_records(CHECKPOINTS_TABLE, [equals_expression("checkpoint", checkpoint)])
-        elif keys:
-            self.catalog.delete_by_ids(CHECKPOINTS_TABLE, "key", [_key(checkpoint, k) for k in keys])
+        with self.catalog.unless_missing(CHECKPOINTS_TABLE):
+            if keys is None:
+                self.catalog.client.delete_records(CHECKPOINTS_TABLE, [equals_expression("checkpoint", checkpoint)])
+            elif keys:
+                self.catalog.delete_by_ids(CHECKPOINTS_TABLE, "key", [_key(checkpoint, k) for k in keys])
 
     def replace_section(self, checkpoint: str, key: str, expected: bytes | None, new: Section | None) -> bool:
-        self._ensure(create=True)
         if expected is not None:
             matches = (
                 f"{equals_expression('key', _key(checkpoint, key))} and "
                 f"{equals_expression('data', base64.b64encode(expected).decode('ascii'))}"
             )
-            if self.catalog.client.delete_records(CHECKPOINTS_TABLE, [matches]) != 1:
-                return False
+            if self._write(functools.partial(self.catalog.client.delete_records, CHECKPOINTS_TABLE, [matches])) != 1:
+                return False  # not the expected section (a table made again holds none)
         elif new is None:
             return key not in self.read_sections(checkpoint, [key])
         if new is None:
             return True
         try:
-            return self._insert(checkpoint, {key: new}, upsert=False) == 1
+            return self._write(functools.partial(self._insert, checkpoint, {key: new}, upsert=False)) == 1
         except KineticaError:
             return False  # the key exists: another process got there first

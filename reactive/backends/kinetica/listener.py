@@ -763,8 +763,8 @@ class KineticaMonitorListener(BaseDatabaseListener):
             for route in old:
                 try:
                     fresh.extend(self._create_routes(route.table, (route.event,), route.sink))
-                except KineticaError:
-                    if self.client.has_table(route.table):
+                except KineticaError as exc:
+                    if not self.catalog.missing(exc, route.table):
                         raise
                     gone.add(route.table)  # reported below; the other tables go on
             address = self.client.monitor_address()
@@ -888,6 +888,17 @@ class KineticaMonitorListener(BaseDatabaseListener):
     def redeliver(self, positions: Sequence[Any]) -> None:
         """The handler gave up on these inserts: reconcile their tables."""
         self._mark_dirty(sorted(set(positions)))
+
+    def reconcile_soon(self, table: str) -> None:
+        """Reconcile ``table``'s components on the maintenance thread (their outputs were lost).
+
+        Called from the handler thread, after the :meth:`sync` of a ``wait_idle`` under way may
+        have passed: counted as a release, so that it syncs again, and waits for the outputs
+        computed again.
+        """
+        self._mark_dirty([table])
+        with self._changed:
+            self.releases += 1
 
     def info(self) -> dict[str, Any]:
         with self._lock:

@@ -24,6 +24,7 @@ same values on every backend.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 import sys
@@ -350,11 +351,25 @@ class KineticaOutputs:
     the handler records that batch's rows in ``_reactive_errors``, and they stay without an
     output until the next reconciliation of their table (an update or delete count, a restart,
     ``reconcile_interval``) computes them again. An unreachable server is retried instead.
+
+    An outputs table dropped by someone else (or lost with the server's tables) reads as empty
+    and is created again at the next write; ``outputs_lost(source table)`` is then told, so the
+    outputs of every other row are computed again.
     """
 
-    def __init__(self, catalog: TableCatalog, *, decoded: Callable[[str, list[Row]], list[Row]]) -> None:
+    def __init__(
+        self,
+        catalog: TableCatalog,
+        *,
+        decoded: Callable[[str, list[Row]], list[Row]],
+        outputs_lost: Callable[[str], None] = lambda table: None,
+    ) -> None:
         self.catalog = catalog
         self.decoded = decoded
+        self.outputs_lost = outputs_lost
+        #: Each listener's outputs table as :meth:`create_outputs` made it: (source, columns,
+        #: properties), to make it again without its source (a server that lost its tables).
+        self._made: dict[str, tuple[str, list[tuple[str, str, bool]], dict[str, list[str]]]] = {}
 
     def create_outputs(self, identifier: str, source: TableInfo, output_type: str) -> None:
         if not _kinetica_holds(output_type):  # every output failed (TypeError: not JSON serializable)
@@ -367,15 +382,14 @@ class KineticaOutputs:
         if self.catalog.exists(name):
             self._check_outputs_table(identifier, source, source_type)
         column = OutputColumn(output_type)
-        self.catalog.create(
-            name,
-            [
-                (SOURCE_FIELD, source_type, False),
-                (OUTPUT_FIELD, column.avro_type, True),
-                (FINGERPRINT_FIELD, "long", False),
-            ],
-            {SOURCE_FIELD: ["primary_key"], OUTPUT_FIELD: [*column.properties, "nullable"]},
-        )
+        columns = [
+            (SOURCE_FIELD, source_type, False),
+            (OUTPUT_FIELD, column.avro_type, True),
+            (FINGERPRINT_FIELD, "long", False),
+        ]
+        properties = {SOURCE_FIELD: ["primary_key"], OUTPUT_FIELD: [*column.properties, "nullable"]}
+        self.catalog.create(name, columns, properties)
+        self._made[identifier] = (source.name, columns, properties)
 
     def _check_outputs_table(self, identifier: str, source: TableInfo, source_type: str) -> None:
         """Refuse an existing outputs table no output of ``source`` can be written to: one
@@ -403,36 +417,54 @@ class KineticaOutputs:
             for source, value, fingerprint in zip(batch.sources, batch.outputs, batch.fingerprints, strict=True)
         ]
         name = outputs_table(identifier)
-        self.catalog.client.insert_records(name, records, self.catalog.codec(name), update_on_existing_pk=True)
+
+        def upsert() -> None:
+            codec = self.catalog.codec(name)
+            self.catalog.client.insert_records(name, records, codec, update_on_existing_pk=True)
+
+        self.catalog.recreating(name, functools.partial(self._create_again, identifier), upsert)
+
+    def _create_again(self, identifier: str) -> None:
+        """Make ``identifier``'s outputs table again as :meth:`create_outputs` made it: the
+        outputs of the rows not being written now were lost with it."""
+        source, columns, properties = self._made[identifier]
+        self.catalog.create(outputs_table(identifier), columns, properties)
+        self.outputs_lost(source)
 
     def delete_outputs(self, identifier: str, ids: Sequence[Any]) -> None:
         name = outputs_table(identifier)
         if ids and self.catalog.exists(name):
-            self.catalog.delete_by_ids(name, SOURCE_FIELD, list(ids))
+            with self.catalog.unless_missing(name):
+                self.catalog.delete_by_ids(name, SOURCE_FIELD, list(ids))
 
     def output_fingerprints(self, identifier: str, ids: Sequence[Any]) -> dict[Hashable, int]:
         name = outputs_table(identifier)
-        if not ids or not self.catalog.exists(name):
-            return {}
-        records = self.catalog.records_by_ids(name, SOURCE_FIELD, list(ids))
-        return {id_key(r[SOURCE_FIELD]): r[FINGERPRINT_FIELD] for r in records}
+        found: dict[Hashable, int] = {}
+        if ids and self.catalog.exists(name):
+            with self.catalog.unless_missing(name):
+                records = self.catalog.records_by_ids(name, SOURCE_FIELD, list(ids))
+                found = {id_key(r[SOURCE_FIELD]): r[FINGERPRINT_FIELD] for r in records}
+        return found
 
     def scan_output_fingerprints(self, identifier: str, *, page_size: int) -> Iterator[list[tuple[Any, int]]]:
         name = outputs_table(identifier)
         if not self.catalog.exists(name):
             return
-        for page in self.catalog.pages(name, SOURCE_FIELD, page_size):
-            yield [(r[SOURCE_FIELD], r[FINGERPRINT_FIELD]) for r in page]
+        with self.catalog.unless_missing(name):
+            for page in self.catalog.pages(name, SOURCE_FIELD, page_size):
+                yield [(r[SOURCE_FIELD], r[FINGERPRINT_FIELD]) for r in page]
 
     def read_outputs(self, identifier: str) -> list[dict[str, Any]]:
         name = outputs_table(identifier)
-        if not self.catalog.exists(name):
-            return []
-        rows = [row for page in self.catalog.pages(name, SOURCE_FIELD, 10_000) for row in page]
+        rows: list[dict[str, Any]] = []
+        if self.catalog.exists(name):
+            with self.catalog.unless_missing(name):
+                rows = [row for page in self.catalog.pages(name, SOURCE_FIELD, 10_000) for row in page]
         return [{SOURCE_FIELD: r[SOURCE_FIELD], OUTPUT_FIELD: r[OUTPUT_FIELD]} for r in self.decoded(name, rows)]
 
     def drop_outputs(self, identifier: str) -> None:
         self.catalog.drop(outputs_table(identifier))
+        self._made.pop(identifier, None)
 
 
 class KineticaErrors:
@@ -461,25 +493,33 @@ class KineticaErrors:
             }
             for r in records
         ]
-        self.catalog.client.insert_records(ERRORS_TABLE, rows, self.catalog.codec(ERRORS_TABLE))
+        self.catalog.recreating(
+            ERRORS_TABLE,
+            self._table,
+            lambda: self.catalog.client.insert_records(ERRORS_TABLE, rows, self.catalog.codec(ERRORS_TABLE)),
+        )
 
     def clear_errors(self, listener: str, sources: Sequence[Any] | None = None) -> None:
         if not self.catalog.exists(ERRORS_TABLE):
             return
         condition = equals_expression("listener", listener)
         if sources is None:
-            self.catalog.client.delete_records(ERRORS_TABLE, [condition])
-            return
-        texts = [json.dumps(s, default=plain_value) for s in sources]
-        for start in range(0, len(texts), ID_CHUNK):
-            chunk = in_expression("source", texts[start : start + ID_CHUNK])
-            self.catalog.client.delete_records(ERRORS_TABLE, [f"{condition} and {chunk}"])
+            conditions = [condition]
+        else:
+            texts = [json.dumps(s, default=plain_value) for s in sources]
+            chunks = (in_expression("source", texts[i : i + ID_CHUNK]) for i in range(0, len(texts), ID_CHUNK))
+            conditions = [f"{condition} and {chunk}" for chunk in chunks]
+        with self.catalog.unless_missing(ERRORS_TABLE):
+            for expression in conditions:
+                self.catalog.client.delete_records(ERRORS_TABLE, [expression])
 
     def read_errors(self, listener: str | None = None) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
         if not self.catalog.exists(ERRORS_TABLE):
-            return []
+            return rows
         expression = "" if listener is None else equals_expression("listener", listener)
-        rows = list(self.catalog.all_records(ERRORS_TABLE, expression=expression, sort_by="at"))
+        with self.catalog.unless_missing(ERRORS_TABLE):
+            rows = list(self.catalog.all_records(ERRORS_TABLE, expression=expression, sort_by="at"))
         for row in rows:
             row["source"] = json.loads(row["source"])
             row["at"] = from_epoch_ms(row["at"])

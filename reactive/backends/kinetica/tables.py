@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
 
 from reactive.backends.base import case_hint
 from reactive.backends.kinetica.client import (
@@ -24,6 +25,8 @@ from reactive.backends.kinetica.client import (
 from reactive.errors import BackendError, TableNotFoundError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Ids per ``in (...)`` expression.
 ID_CHUNK = 1_000
@@ -92,7 +95,7 @@ class TableCatalog:
         try:
             description = self.client.show_table(table)
         except KineticaError as exc:
-            if not self.client.has_table(table):
+            if self.missing(exc, table):
                 raise self._not_found(table) from exc
             raise
         with self._lock:
@@ -111,6 +114,47 @@ class TableCatalog:
             names = [name.rpartition(".")[2] for name in names] + names
         hint = case_hint(table, names)
         return TableNotFoundError(f"table {table!r} does not exist in {self.client.uri.redacted}{hint}", table=table)
+
+    def missing(self, exc: BaseException, table: str) -> bool:
+        """Whether ``exc``, raised by a request on ``table``, means that the table does not exist
+        (another client dropped it, or the server lost its tables); its description is then
+        forgotten. The one place that decides it: the server's ERROR message is not a contract,
+        so ``/has/table`` is asked.
+        """
+        if isinstance(exc, TableNotFoundError) and exc.table == table:
+            gone = True
+        elif isinstance(exc, KineticaError):
+            gone = not self.client.has_table(table)
+        else:
+            return False
+        if gone:
+            self.forget(table)
+        return gone
+
+    def recreating(self, table: str, create: Callable[[], object], write: Callable[[], T]) -> T:
+        """``write()`` to ``table``, one of reactive's own; where it fails because the table is
+        gone (see :meth:`missing`), ``create()`` it again and write once more. A table this
+        process made was taken for existing until it connected again, and every write failed.
+        """
+        try:
+            return write()
+        except (KineticaError, TableNotFoundError) as exc:
+            if not self.missing(exc, table):
+                raise
+        log.warning("table %r no longer exists (dropped, or the server lost its tables); creating it again", table)
+        create()
+        return write()
+
+    @contextlib.contextmanager
+    def unless_missing(self, table: str) -> Iterator[None]:
+        """Run the block, which reads or deletes in ``table``, one of reactive's own; where it
+        fails because the table is gone (see :meth:`missing`), end it quietly: a table gone holds
+        nothing. The caller's result is then what it held before the block."""
+        try:
+            yield
+        except (KineticaError, TableNotFoundError) as exc:
+            if not self.missing(exc, table):
+                raise
 
     def codec(self, table: str) -> RecordCodec:
         return RecordCodec.for_schema(self.describe(table).type_schema)
