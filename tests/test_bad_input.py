@@ -372,6 +372,26 @@ def test_datalayer_settings_out_of_range_are_refused_at_connect(options: dict, s
         reactive.connect("duckdb://", **options)
 
 
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"inactivity_timeout": "60"}, "inactivity_timeout must be a number of seconds above 0, not '60'"),
+        ({"inactivity_timeout": -1}, "inactivity_timeout must be a number of seconds above 0, not -1"),
+        ({"inactivity_timeout": float("nan")}, "inactivity_timeout must be a number of seconds above 0"),
+        ({"reconcile_interval": "5"}, "reconcile_interval must be a number of seconds above 0, not '5'"),
+        ({"connect_timeout": "10"}, "connect_timeout must be a number of seconds above 0, not '10'"),
+        ({"connect_timeout": float("inf")}, "connect_timeout must be a finite number of seconds above 0"),
+    ],
+    ids=["inactivity str", "inactivity -1", "inactivity nan", "reconcile str", "connect str", "connect inf"],
+)
+def test_kinetica_settings_out_of_range_are_refused_at_connect(options: dict, says: str) -> None:
+    # Accepted: a text or NaN ended the listener's maintenance thread without a word (a dropped
+    # table never noticed, periodic reconciliations never run), a text connect_timeout failed
+    # db.cdc.start() with a TypeError. Refused before anything connects (nothing listens there).
+    with pytest.raises(reactive.ConfigurationError, match=re.escape(says)):
+        reactive.connect("kinetica://127.0.0.1:1", **options)
+
+
 def _kept(value: Any) -> tuple[type, Any]:
     return type(value), value
 

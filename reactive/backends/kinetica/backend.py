@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Self
 
+from reactive import checks
 from reactive.backends.base import DataBackend, ListenerHooks, TableInfo
 from reactive.backends.kinetica import SCHEMES
 from reactive.backends.kinetica.checkpoints import KineticaSections
@@ -61,6 +62,13 @@ class KineticaBackend(DataBackend):
         reconcile_interval: float | None = None,
         connect_timeout: float = 10.0,
     ) -> Self:
+        # Checked before anything connects: a bad one failed inside the listener's maintenance
+        # thread (a text), ended it without a word (a dropped table never noticed, periodic
+        # reconciliations never run), or failed db.cdc.start() with a TypeError.
+        inactivity_timeout = checks.seconds("inactivity_timeout", inactivity_timeout, infinite=True)
+        if reconcile_interval is not None:
+            reconcile_interval = checks.seconds("reconcile_interval", reconcile_interval, infinite=True)
+        connect_timeout = checks.seconds("connect_timeout", connect_timeout)
         parsed = KineticaURI.parse(uri)
         client = KineticaClient(parsed, encoding=encoding)  # type: ignore[arg-type]
         try:
