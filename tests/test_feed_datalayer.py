@@ -373,15 +373,21 @@ def test_a_follow_of_an_address_where_no_reactive_feed_answers_ends_and_says_so(
         context.term()
 
 
+def _publisher(address: str | None = None) -> tuple[reactive.feed.Node, reactive.feed.DataService]:
+    """A started node (at ``address``, or any free port) running a started service ``pub``."""
+    node = reactive.feed.Node() if address is None else reactive.feed.Node(address)
+    node.start()
+    pub = reactive.feed.DataService("pub", node)
+    pub.start()
+    return node, pub
+
+
 def test_a_follow_keeps_its_outputs_while_a_restarted_publisher_has_not_published_its_table(
     tmp_path: Path,
 ) -> None:
     # The restarted publisher answered an empty table: every output was deleted, then computed again.
-    node = reactive.feed.Node()
-    node.start()
+    node, pub = _publisher()
     address = node.address
-    pub = reactive.feed.DataService("pub", node)
-    pub.start()
     pub.publish("t", {1: "a", 2: "bb"})
     computed: list[str] = []
 
@@ -397,10 +403,7 @@ def test_a_follow_keeps_its_outputs_while_a_restarted_publisher_has_not_publishe
             assert b.cdc.wait_idle(WAIT) and outputs_by_source(b, "len___output") == {1: 1, 2: 2}
             pub.stop()
             node.stop()
-            node = reactive.feed.Node(address)
-            node.start()
-            pub = reactive.feed.DataService("pub", node)
-            pub.start()  # its tables not read yet
+            node, pub = _publisher(address)  # its tables not read yet
             subscription = source._subscription
             assert subscription is not None
             status = lambda: subscription.status["subscriptions"]["pub:t"]  # noqa: E731
@@ -418,11 +421,8 @@ def test_a_follow_keeps_its_outputs_while_a_restarted_publisher_has_not_publishe
 def test_wait_idle_waits_for_a_restarted_publishers_new_epoch(tmp_path: Path) -> None:
     # A publisher without checkpoints numbers from 0 again after a restart: wait_idle compared its
     # numbers with those delivered of the epoch before, and said True before the change arrived.
-    node = reactive.feed.Node()
-    node.start()
+    node, pub = _publisher()
     address = node.address
-    pub = reactive.feed.DataService("pub", node)
-    pub.start()
     pub.publish("t", {1: "a", 2: "bb"})
     pub.publish("t", {1: "a", 2: "bb", 3: "ccc"})
     try:
@@ -434,10 +434,7 @@ def test_wait_idle_waits_for_a_restarted_publishers_new_epoch(tmp_path: Path) ->
             assert b.cdc.wait_idle(WAIT) and outputs_by_source(b, "len___output") == {1: 1, 2: 2, 3: 3}
             pub.stop()
             node.stop()
-            node = reactive.feed.Node(address)
-            node.start()
-            pub = reactive.feed.DataService("pub", node)
-            pub.start()
+            node, pub = _publisher(address)
             assert pub.publish("t", {1: "a", 2: "bb", 3: "ccc", 4: "dddd"}) == 1  # below the 2 delivered
             assert not b.cdc.wait_idle(0.5)  # the new epoch's change has not arrived
             subscription = source._subscription
