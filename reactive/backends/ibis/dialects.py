@@ -649,6 +649,36 @@ class Dialect:
         return self.render(statement)
 
 
+#: The PostgreSQL connections whose lock waits :func:`_bound_lock_waits` bounded.
+_BOUNDED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+#: How long a statement of reactive waits for a lock another client holds, where neither the
+#: role, the database nor the URI's options set ``lock_timeout``: well within the lease's
+#: renewal (every third of ``lease_ms``, 5 s by default), which waits for the same connection.
+LOCK_WAIT = "1s"
+
+
+def _bound_lock_waits(raw: Any) -> None:
+    """Give the connection ``raw`` a ``lock_timeout`` where the server would let it wait for
+    ever. One connection serves the polls, the outputs and the lease: a poll waiting on another
+    client's ``ACCESS EXCLUSIVE`` lock on its table (``ALTER TABLE``, ``VACUUM FULL``, ``LOCK
+    TABLE``) held it, so the lease lapsed, ``db.cdc.info()`` hung and ``db.cdc.stop()`` did not
+    return until the lock was released. Now the poll fails (``LockNotAvailable``, transient) and
+    is retried after a pause. A ``lock_timeout`` the operator set is kept. Done once per
+    connection (a reconnect makes a new one), outside a transaction, whose rollback would undo it."""
+    if raw in _BOUNDED:
+        return
+    from psycopg import pq
+
+    if raw.info.transaction_status != pq.TransactionStatus.IDLE:
+        return
+    with raw.cursor() as cur:
+        cur.execute("SELECT current_setting('lock_timeout')")
+        if cur.fetchone()[0] == "0":
+            cur.execute("SELECT set_config('lock_timeout', %s, false)", [LOCK_WAIT])
+    _BOUNDED.add(raw)
+
+
 #: The PostgreSQL connections whose time loaders :func:`_lenient_times` wrapped.
 _LENIENT: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -830,6 +860,7 @@ class PostgresDialect(Dialect):
 
     def _reconnecting(self, con: Any, run: Callable[[], _T]) -> _T:
         try:
+            _bound_lock_waits(con.con)
             return run()
         except Exception as exc:
             if self.depth or not self.is_transient(exc) or not (con.con.closed or con.con.broken):
