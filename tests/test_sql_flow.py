@@ -426,6 +426,39 @@ def test_a_foreign_lock_on_a_postgres_table_holds_neither_stop_nor_info(pg_datab
         logging.getLogger("reactive").removeHandler(seen)
 
 
+def test_a_sqlite_file_replaced_under_the_process_is_said_not_followed(tmp_path, recorder: Recorder) -> None:
+    # A restore moves the file away and puts another in its place. The process went on with the
+    # file it had open: polls found nothing new and wait_idle said True, while the rows of the
+    # file now at the path were never computed. Now each poll fails saying so, until the file
+    # the process opened is back.
+    path = tmp_path / "app.sqlite"
+    client = sqlite3.connect(path, isolation_level=None)
+    client.execute("PRAGMA journal_mode=WAL")
+    client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+    client.execute("INSERT INTO docs VALUES (1, 'one')")
+    client.close()
+    seen = _Seen("was replaced under this process")
+    logging.getLogger("reactive").addHandler(seen)
+    try:
+        with reactive.connect(f"sqlite:///{path}", poll_interval=0.05) as db:
+            db.add(Listener(Model("tag", predict=recorder), "text", "docs"))
+            db.cdc.start()
+            assert db.cdc.wait_idle(timeout=30)
+            path.rename(tmp_path / "moved.sqlite")
+            restored = sqlite3.connect(path, isolation_level=None)
+            restored.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+            restored.execute("INSERT INTO docs VALUES (2, 'two')")
+            restored.close()
+            assert seen.event.wait(timeout=30), "the replaced file went unnoticed"
+            assert "was replaced under this process" in db.cdc.info()["source"]["last_error"]
+            path.unlink()
+            (tmp_path / "moved.sqlite").rename(path)
+            assert db.cdc.wait_idle(timeout=30)
+            assert outputs_by_source(db, "tag__text") == {1: "<one>"}
+    finally:
+        logging.getLogger("reactive").removeHandler(seen)
+
+
 def test_a_window_whose_transaction_is_lost_is_retried_and_settled_once(pg_database: str, recorder: Recorder) -> None:
     # The connection dies while a window's positions are saved, inside its transaction: the
     # window is rolled back and retried. Its packets are settled once, when it commits (they
