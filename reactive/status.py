@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import logging
 import os
 import re
 import shutil
@@ -47,6 +48,8 @@ from reactive.backends.ibis.snapshots import SNAPSHOT_PREFIX
 from reactive.checkpoints import ENGINE_CHECKPOINT, LEASE_SECTION, Section, process_alive
 from reactive.errors import ReactiveError
 from reactive.uri import file_path, redact, scheme_of
+
+log = logging.getLogger(__name__)
 
 #: A DuckDB file held by another process is copied to be read, up to this size.
 COPY_LIMIT_BYTES = 2 * 1024**3
@@ -415,6 +418,13 @@ def _count(
             return None
         return int(backend.source.count(TableInfo(table, id_column or "_id"), where=where or None))
     except ReactiveError:
+        return None
+    except Exception as exc:
+        if not backend.is_transient(exc):
+            raise
+        # The database cannot count it now: another client's lock held past lock_timeout, a
+        # statement_timeout. The rest of the status is still worth printing.
+        log.warning("could not count the rows of %r: %s: %s", table, type(exc).__name__, redact(str(exc)))
         return None
 
 

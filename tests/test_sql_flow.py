@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime
 import functools
+import logging
 import sqlite3
 import subprocess
 import sys
+import threading
 
 import pytest
 from conftest import Recorder, SQLClient, add_filtered_lengths, outputs_by_source, scanned_pages
@@ -378,6 +380,83 @@ def test_a_dropped_postgres_connection_is_reopened_and_nothing_is_lost(pg_databa
             client.execute("UPDATE docs SET text = 'BEFORE' WHERE id = 1")
             assert db.cdc.wait_idle(timeout=60)
             assert outputs_by_source(db, "tag__text") == {1: "<BEFORE>", 2: "<after>"}
+
+
+class _Seen(logging.Handler):
+    """Sets ``event`` at the first log record whose message holds ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+        self.event = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+def test_a_foreign_lock_on_a_postgres_table_holds_neither_stop_nor_info(pg_database: str, recorder: Recorder) -> None:
+    # Another client holds ACCESS EXCLUSIVE on the watched table (ALTER TABLE, VACUUM FULL,
+    # LOCK TABLE). The poll waited for it without end on the connection the lease and info()
+    # use too: info() hung, stop() did not return, the lease lapsed. Now reactive's session has
+    # a lock_timeout where the server set none: the poll fails, is retried, and nothing waits.
+    import psycopg
+
+    seen = _Seen("LockNotAvailable")
+    logging.getLogger("reactive").addHandler(seen)
+    try:
+        with psycopg.connect(pg_database, autocommit=True) as client:
+            client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+            client.execute("INSERT INTO docs VALUES (1, 'one')")
+            with reactive.connect(pg_database, poll_interval=0.05) as db:
+                db.add(Listener(Model("tag", predict=recorder), "text", "docs"))
+                db.cdc.start()
+                assert db.cdc.wait_idle(timeout=30)
+                client.execute("INSERT INTO docs VALUES (2, 'two')")
+                with psycopg.connect(pg_database) as holder:
+                    holder.execute("LOCK TABLE docs IN ACCESS EXCLUSIVE MODE")
+                    assert seen.event.wait(timeout=30), "the poll waited on the lock"
+                    assert "lock timeout" in db.cdc.info()["source"]["last_error"]
+                    db.cdc.stop()
+                    holder.rollback()
+                db.cdc.start()
+                assert db.cdc.wait_idle(timeout=30)
+                assert outputs_by_source(db, "tag__text") == {1: "<one>", 2: "<two>"}
+    finally:
+        logging.getLogger("reactive").removeHandler(seen)
+
+
+def test_a_sqlite_file_replaced_under_the_process_is_said_not_followed(tmp_path, recorder: Recorder) -> None:
+    # A restore moves the file away and puts another in its place. The process went on with the
+    # file it had open: polls found nothing new and wait_idle said True, while the rows of the
+    # file now at the path were never computed. Now each poll fails saying so, until the file
+    # the process opened is back.
+    path = tmp_path / "app.sqlite"
+    client = sqlite3.connect(path, isolation_level=None)
+    client.execute("PRAGMA journal_mode=WAL")
+    client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+    client.execute("INSERT INTO docs VALUES (1, 'one')")
+    client.close()
+    seen = _Seen("was replaced under this process")
+    logging.getLogger("reactive").addHandler(seen)
+    try:
+        with reactive.connect(f"sqlite:///{path}", poll_interval=0.05) as db:
+            db.add(Listener(Model("tag", predict=recorder), "text", "docs"))
+            db.cdc.start()
+            assert db.cdc.wait_idle(timeout=30)
+            path.rename(tmp_path / "moved.sqlite")
+            restored = sqlite3.connect(path, isolation_level=None)
+            restored.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+            restored.execute("INSERT INTO docs VALUES (2, 'two')")
+            restored.close()
+            assert seen.event.wait(timeout=30), "the replaced file went unnoticed"
+            assert "was replaced under this process" in db.cdc.info()["source"]["last_error"]
+            path.unlink()
+            (tmp_path / "moved.sqlite").rename(path)
+            assert db.cdc.wait_idle(timeout=30)
+            assert outputs_by_source(db, "tag__text") == {1: "<one>"}
+    finally:
+        logging.getLogger("reactive").removeHandler(seen)
 
 
 def test_a_window_whose_transaction_is_lost_is_retried_and_settled_once(pg_database: str, recorder: Recorder) -> None:

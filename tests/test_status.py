@@ -146,6 +146,26 @@ def test_status_lists_a_listener_that_has_written_nothing_yet(sql: SQLClient) ->
     assert (entry["output_type"], entry["rows"], entry["outputs"], entry["lag"]) == ("int64", 1, 1, 0)
 
 
+def test_status_of_a_postgres_table_another_client_has_locked(
+    pg_database: str, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A table another client holds ACCESS EXCLUSIVE (ALTER TABLE, VACUUM FULL) cannot be
+    counted before the session's lock_timeout: `reactive status` printed psycopg's traceback
+    (`LockNotAvailable`). Its rows and lag are `?` now, and a warning says why."""
+    import psycopg
+
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        client.execute("INSERT INTO docs VALUES (1, 'one')")
+    with reactive.connect(pg_database) as db:
+        db.add(Listener(Model("tag", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+    with psycopg.connect(pg_database) as holder:
+        holder.execute("LOCK TABLE docs IN ACCESS EXCLUSIVE MODE")
+        assert main(["status", f"{pg_database}?options=-c%20lock_timeout%3D100"]) == 0
+    assert re.search(r"^tag__text +docs +\? +1 +0 +\? ", capsys.readouterr().out, re.M)
+    assert "could not count the rows of 'docs': LockNotAvailable" in caplog.text
+
+
 def test_the_lag_of_a_filtered_listener_counts_the_rows_its_filter_keeps(sql: SQLClient) -> None:
     """The rows a filter leaves out counted in the lag: a listener of one tenant's rows of a
     large table was shown forever behind by all the others'. The status counts by the filter's

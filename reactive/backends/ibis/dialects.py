@@ -22,6 +22,7 @@ import hashlib
 import importlib
 import json
 import logging
+import os
 import re
 import secrets
 import sqlite3
@@ -38,7 +39,7 @@ import pyarrow.compute as pc
 import sqlglot as sg
 import sqlglot.expressions as sge
 
-from reactive.errors import ConfigurationError
+from reactive.errors import BackendError, ConfigurationError
 from reactive.events import id_key
 from reactive.fingerprints import fingerprint_bytes
 from reactive.outputs import ibis_type, refuse_output_type
@@ -649,6 +650,36 @@ class Dialect:
         return self.render(statement)
 
 
+#: The PostgreSQL connections whose lock waits :func:`_bound_lock_waits` bounded.
+_BOUNDED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+#: How long a statement of reactive waits for a lock another client holds, where neither the
+#: role, the database nor the URI's options set ``lock_timeout``: well within the lease's
+#: renewal (every third of ``lease_ms``, 5 s by default), which waits for the same connection.
+LOCK_WAIT = "1s"
+
+
+def _bound_lock_waits(raw: Any) -> None:
+    """Give the connection ``raw`` a ``lock_timeout`` where the server would let it wait for
+    ever. One connection serves the polls, the outputs and the lease: a poll waiting on another
+    client's ``ACCESS EXCLUSIVE`` lock on its table (``ALTER TABLE``, ``VACUUM FULL``, ``LOCK
+    TABLE``) held it, so the lease lapsed, ``db.cdc.info()`` hung and ``db.cdc.stop()`` did not
+    return until the lock was released. Now the poll fails (``LockNotAvailable``, transient) and
+    is retried after a pause. A ``lock_timeout`` the operator set is kept. Done once per
+    connection (a reconnect makes a new one), outside a transaction, whose rollback would undo it."""
+    if raw in _BOUNDED:
+        return
+    from psycopg import pq
+
+    if raw.info.transaction_status != pq.TransactionStatus.IDLE:
+        return
+    with raw.cursor() as cur:
+        cur.execute("SELECT current_setting('lock_timeout')")
+        if cur.fetchone()[0] == "0":
+            cur.execute("SELECT set_config('lock_timeout', %s, false)", [LOCK_WAIT])
+    _BOUNDED.add(raw)
+
+
 #: The PostgreSQL connections whose time loaders :func:`_lenient_times` wrapped.
 _LENIENT: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -830,6 +861,7 @@ class PostgresDialect(Dialect):
 
     def _reconnecting(self, con: Any, run: Callable[[], _T]) -> _T:
         try:
+            _bound_lock_waits(con.con)
             return run()
         except Exception as exc:
             if self.depth or not self.is_transient(exc) or not (con.con.closed or con.con.broken):
@@ -988,9 +1020,41 @@ class SQLiteDialect(Dialect):
     def load_modules(self) -> None:
         """Nothing: sqlite3 binds parameters itself."""
 
+    #: The main database file as first polled: its path and the (device, inode) it named.
+    opened_file: tuple[str, tuple[int, int]] | None = None
+
     def data_version(self, con: Any) -> int | None:
-        """``PRAGMA data_version``: SQLite's count of commits by other connections, any process."""
+        """``PRAGMA data_version``: SQLite's count of commits by other connections, any process.
+
+        Each poll first checks that the file's path still names the file this connection has
+        open. A file replaced under the process (a restore: moved away, another put in place)
+        or deleted was still read and written through the open handle: polls found nothing new,
+        ``wait_idle`` said True, and the outputs went to a file nobody would open again. Now each
+        poll fails saying so (``info()["source"]["last_error"]``) until the file is back or the
+        process is restarted on the file now there."""
+        self._check_opened_file(con)
         return int(con.con.execute("PRAGMA data_version").fetchone()[0])
+
+    def _check_opened_file(self, con: Any) -> None:
+        if self.opened_file is None:
+            path = next((row[2] for row in con.con.execute("PRAGMA database_list") if row[1] == "main"), "")
+            if path:  # "" for a database in memory
+                found = os.stat(path)
+                self.opened_file = (path, (found.st_dev, found.st_ino))
+            return
+        path, identity = self.opened_file
+        try:
+            found = os.stat(path)
+        except FileNotFoundError:
+            raise BackendError(
+                f"the database file {path!r} was deleted under this process: it still reads and writes the file"
+                " it opened, which nobody else sees; put the file back, or restart the process"
+            ) from None
+        if (found.st_dev, found.st_ino) != identity:
+            raise BackendError(
+                f"the database file {path!r} was replaced under this process (a restore?): it still reads and"
+                " writes the file it opened; restart the process to follow the file now there"
+            )
 
     def read_casts(self, con: Any, table: str) -> dict[str, str]:
         """None: the driver hands every column's values over as Python objects of their own."""
