@@ -75,6 +75,14 @@ def test_a_postgres_table_of_another_schema_is_followed_through_the_search_path(
             "SELECT table_schema FROM information_schema.tables WHERE table_name = '_outputs__m__text'"
         ).fetchall()
         assert schema == "app"
+        # A search path whose first schema lacks the table: "does not exist", although a plain
+        # SELECT finds it in the next schema; the error now names where it is.
+        hint = r"a table 'docs' is in schema 'app': reactive follows the tables of the first schema"
+        with (
+            reactive.connect(f"{pg_database}?options=-csearch_path%3Dpublic,app") as db,
+            pytest.raises(reactive.TableNotFoundError, match=hint),
+        ):
+            db.add(Listener(Model("m", predict=Recorder()), "text", "docs"))
 
 
 def test_table_without_primary_key_says_what_to_pass(sql: SQLClient, recorder: Recorder) -> None:

@@ -294,6 +294,11 @@ class Dialect:
             )
 
     # -- catalog --------------------------------------------------------------------------
+    def other_schemas(self, con: Any, table: str) -> list[str]:
+        """The schemas other than the current one that hold a table (or view) named ``table``,
+        for a "not found" message: none where the engine has no search path."""
+        return []
+
     def table_exists(self, con: Any, name: str) -> bool:
         """Whether a table or view ``name`` is in the current schema (or a temporary one):
         what ``name in con.list_tables()`` says, in one statement (ibis's ``list_tables`` on
@@ -769,6 +774,18 @@ class PostgresDialect(Dialect):
         return name in con.list_tables() or bool(self.fetch(con, self._MATVIEW, [name]))
 
     _MATVIEW = "SELECT 1 FROM pg_catalog.pg_matviews WHERE schemaname = current_schema() AND matviewname = %s"
+
+    def other_schemas(self, con: Any, table: str) -> list[str]:
+        """:meth:`Dialect.other_schemas`: a table of another schema of the search path is read by
+        a plain ``SELECT``, but reactive follows the first schema's (it said only "does not exist")."""
+        rows = self.fetch(
+            con,
+            "SELECT n.nspname AS schema FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
+            " ON n.oid = c.relnamespace WHERE c.relname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"
+            " AND n.nspname <> current_schema() AND n.nspname NOT LIKE 'pg\\_%%' ORDER BY 1",
+            [table],
+        )
+        return [row["schema"] for row in rows]
 
     def primary_key(self, con: Any, table: str) -> list[str]:
         """The columns of ``table``'s primary key, in key order, from ``pg_catalog``:

@@ -61,7 +61,11 @@ class IbisSource:
         with conn.lock:
             conn.forget(table)
             if not conn.table_exists(table):
-                hint = _schema_hint(table, conn.dialect.name) or case_hint(table, conn.con.list_tables())
+                hint = (
+                    _schema_hint(table, conn.dialect.name)
+                    or _search_path_hint(table, conn.dialect.other_schemas(conn.con, table))
+                    or case_hint(table, conn.con.list_tables())
+                )
                 hint += _file_hint(conn.uri)
                 raise TableNotFoundError(f"table {table!r} does not exist in {conn.uri}{hint}", table=table)
             columns = self.columns(table)
@@ -227,6 +231,22 @@ def _file_hint(uri: str) -> str:
     if uri.partition("://")[0].lower() not in ("duckdb", "sqlite") or "%" not in uri:
         return ""
     return f" (the file opened is {file_path(uri)!r}: the URI's path is percent-decoded; write '%' as %25)"
+
+
+def _search_path_hint(table: str, schemas: list[str]) -> str:
+    """Where a table of that name is, when it is in schemas other than the current one.
+
+    >>> print(_search_path_hint("docs", ["public"]))
+     (a table 'docs' is in schema 'public': reactive follows the tables of the first schema of the
+    search path; put 'public' first, e.g. '?options=-csearch_path%3Dpublic' in the URI)
+    """
+    if not schemas:
+        return ""
+    where = ", ".join(map(repr, schemas))
+    return (
+        f" (a table {table!r} is in schema {where}: reactive follows the tables of the first schema of the"
+        f" search path; put {schemas[0]!r} first, e.g. '?options=-csearch_path%3D{schemas[0]}' in the URI)"
+    )
 
 
 def _schema_hint(table: str, dialect: str) -> str:
