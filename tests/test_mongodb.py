@@ -206,6 +206,15 @@ def test_a_view_is_refused_at_add_and_its_collection_named(mongo_uri: str, mongo
         assert outputs_by_source(db, "tag__text") == {1: "<a>"}
 
 
+def test_a_listener_on_its_own_outputs_is_refused_at_add(mongo_uri: str, mongo, recorder: Recorder) -> None:
+    # It was taken: once a document was there, each output it wrote was a change that computed
+    # it again, for ever (db.add's backfill never returned, nor did a stop).
+    with reactive.connect(mongo_uri) as db:
+        with pytest.raises(reactive.ConfigurationError, match="'self___output' would read its own outputs"):
+            db.add(Listener(Model("self", predict=recorder), "_output", "_outputs__self___output"))
+        assert db.show() == [] and recorder.calls == 0
+
+
 def test_a_filter_narrows_a_reconciliations_query_and_documents_that_left_it_lose_their_outputs(
     mongo_uri: str, mongo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
