@@ -206,6 +206,36 @@ def test_a_view_is_refused_at_add_and_its_collection_named(mongo_uri: str, mongo
         assert outputs_by_source(db, "tag__text") == {1: "<a>"}
 
 
+@pytest.mark.parametrize(
+    ("collection", "says"),
+    [
+        ("system.views", "change streams do not report system collections"),
+        ("metrics", "time-series collection"),
+        ("_reactive_checkpoints", "reactive's own"),
+        ("_reactive_marks", "reactive's own"),
+        ("a$b", "MongoDB cannot name it"),
+    ],
+)
+def test_a_collection_no_change_stream_reports_is_refused_at_add(
+    mongo_uri: str, mongo, recorder: Recorder, collection: str, says: str
+) -> None:
+    # Each was taken: the backfill was all a listener got (mongod streams no system or
+    # time-series collection; the stream takes the marks for barriers), a listener on the
+    # checkpoints computed every save of a position, and 'a$b' failed db.add with pymongo's
+    # InvalidName after registering the listener.
+    mongo.create_collection("metrics", timeseries={"timeField": "at"})
+    mongo.metrics.insert_one({"at": datetime.datetime(2024, 1, 2), "text": "a"})
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("tag", predict=recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        with pytest.raises(
+            reactive.ConfigurationError, match=rf"collection '{re.escape(collection)}' cannot be followed: .*{says}"
+        ):
+            db.add(Listener(Model("m", predict=recorder), "text", collection))
+        assert [c["identifier"] for c in db.show()] == ["tag__text"] and recorder.calls == 0
+
+
 def test_a_listener_on_its_own_outputs_is_refused_at_add(mongo_uri: str, mongo, recorder: Recorder) -> None:
     # It was taken: once a document was there, each output it wrote was a change that computed
     # it again, for ever (db.add's backfill never returned, nor did a stop).
