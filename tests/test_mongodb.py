@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import logging
 import re
 import threading
 import time
@@ -234,6 +235,17 @@ def test_a_collection_no_change_stream_reports_is_refused_at_add(
         ):
             db.add(Listener(Model("m", predict=recorder), "text", collection))
         assert [c["identifier"] for c in db.show()] == ["tag__text"] and recorder.calls == 0
+
+
+def test_a_missing_collection_named_like_one_but_for_case_is_said(mongo_uri: str, mongo, caplog) -> None:
+    # Taken as an empty collection (MongoDB makes one at its first insert), without a word:
+    # a listener on 'Docs' where the documents are in 'docs' computed nothing, for ever.
+    mongo.docs.insert_one({"_id": 1, "text": "a"})
+    with reactive.connect(mongo_uri) as db, caplog.at_level(logging.WARNING):
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "Docs"))
+        assert db.outputs("len__text") == []
+    assert "collection 'Docs' does not exist: it is followed as an empty one" in caplog.text
+    assert "did you mean 'docs'?" in caplog.text
 
 
 def test_a_listener_on_its_own_outputs_is_refused_at_add(mongo_uri: str, mongo, recorder: Recorder) -> None:

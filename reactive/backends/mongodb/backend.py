@@ -29,6 +29,7 @@ from reactive.backends.base import (
     OutputBatch,
     OutputRejected,
     TableInfo,
+    case_hint,
     chunks,
     error_time,
     outputs_table,
@@ -179,6 +180,9 @@ class MongoSource:
         unfollowed = _unfollowed(self.db, table, found)
         if unfollowed is not None:
             raise ConfigurationError(f"collection {table!r} cannot be followed: {unfollowed}", table=table)
+        if found is None and (hint := case_hint(table, self.db.list_collection_names())):
+            # Taken as an empty collection, as any missing one: a misspelt name was never said.
+            log.warning("collection %r does not exist: it is followed as an empty one%s", table, hint)
         if found is not None and found.get("type") == "view":
             # Its backfill read the view; the change stream names the collection a write goes
             # to, never the view, so no change reached the listener (wait_idle said True).
