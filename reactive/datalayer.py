@@ -362,6 +362,12 @@ class Datalayer:
     def _check_chain(self, component: Component) -> None:
         seen = {component.identifier}
         table = component.table
+        if isinstance(component, Listener) and component.outputs_table == table:
+            # Not registered yet, so the walk below misses it: each output it wrote was a change
+            # that computed it again, for ever, and db.cdc.stop() waited for the handler in vain.
+            raise ConfigurationError(
+                f"listener {component.identifier!r} would read its own outputs", listener=component.identifier
+            )
         while (upstream := self._internal_outputs(table)) is not None:
             if upstream.identifier in seen:
                 raise ConfigurationError(f"listener {component.identifier!r} would read its own outputs")

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import logging
 import re
 import threading
 import time
@@ -204,6 +205,56 @@ def test_a_view_is_refused_at_add_and_its_collection_named(mongo_uri: str, mongo
         assert db.show() == [] and recorder.calls == 0
         db.add(Listener(Model("tag", predict=recorder), "text", "docs", filter={"keep": True}))
         assert outputs_by_source(db, "tag__text") == {1: "<a>"}
+
+
+@pytest.mark.parametrize(
+    ("collection", "says"),
+    [
+        ("system.views", "change streams do not report system collections"),
+        ("metrics", "time-series collection"),
+        ("_reactive_checkpoints", "reactive's own"),
+        ("_reactive_marks", "reactive's own"),
+        ("a$b", "MongoDB cannot name it"),
+    ],
+)
+def test_a_collection_no_change_stream_reports_is_refused_at_add(
+    mongo_uri: str, mongo, recorder: Recorder, collection: str, says: str
+) -> None:
+    # Each was taken: the backfill was all a listener got (mongod streams no system or
+    # time-series collection; the stream takes the marks for barriers), a listener on the
+    # checkpoints computed every save of a position, and 'a$b' failed db.add with pymongo's
+    # InvalidName after registering the listener.
+    mongo.create_collection("metrics", timeseries={"timeField": "at"})
+    mongo.metrics.insert_one({"at": datetime.datetime(2024, 1, 2), "text": "a"})
+    with reactive.connect(mongo_uri) as db:
+        db.add(Listener(Model("tag", predict=recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        with pytest.raises(
+            reactive.ConfigurationError, match=rf"collection '{re.escape(collection)}' cannot be followed: .*{says}"
+        ):
+            db.add(Listener(Model("m", predict=recorder), "text", collection))
+        assert [c["identifier"] for c in db.show()] == ["tag__text"] and recorder.calls == 0
+
+
+def test_a_missing_collection_named_like_one_but_for_case_is_said(mongo_uri: str, mongo, caplog) -> None:
+    # Taken as an empty collection (MongoDB makes one at its first insert), without a word:
+    # a listener on 'Docs' where the documents are in 'docs' computed nothing, for ever.
+    mongo.docs.insert_one({"_id": 1, "text": "a"})
+    with reactive.connect(mongo_uri) as db, caplog.at_level(logging.WARNING):
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "Docs"))
+        assert db.outputs("len__text") == []
+    assert "collection 'Docs' does not exist: it is followed as an empty one" in caplog.text
+    assert "did you mean 'docs'?" in caplog.text
+
+
+def test_a_listener_on_its_own_outputs_is_refused_at_add(mongo_uri: str, mongo, recorder: Recorder) -> None:
+    # It was taken: once a document was there, each output it wrote was a change that computed
+    # it again, for ever (db.add's backfill never returned, nor did a stop).
+    with reactive.connect(mongo_uri) as db:
+        with pytest.raises(reactive.ConfigurationError, match="'self___output' would read its own outputs"):
+            db.add(Listener(Model("self", predict=recorder), "_output", "_outputs__self___output"))
+        assert db.show() == [] and recorder.calls == 0
 
 
 def test_a_filter_narrows_a_reconciliations_query_and_documents_that_left_it_lose_their_outputs(

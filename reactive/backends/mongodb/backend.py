@@ -29,6 +29,7 @@ from reactive.backends.base import (
     OutputBatch,
     OutputRejected,
     TableInfo,
+    case_hint,
     chunks,
     error_time,
     outputs_table,
@@ -36,7 +37,7 @@ from reactive.backends.base import (
 from reactive.backends.mongodb import SCHEMES
 from reactive.backends.mongodb.checkpoints import CHECKPOINTS_COLLECTION, MongoSections, acknowledged
 from reactive.backends.mongodb.errors import Fault, classify, classify_code, server_message
-from reactive.backends.mongodb.listener import MongoChangeStreamListener, stop_timeout
+from reactive.backends.mongodb.listener import MARKS_COLLECTION, MongoChangeStreamListener, stop_timeout
 from reactive.checkpoints import Positions
 from reactive.errors import BackendError, ConfigurationError, QueueClosedError
 from reactive.events import Row, id_key, is_utf8
@@ -116,6 +117,37 @@ def _mistaken_for(value: str | bson.ObjectId) -> list[Any]:
     return []
 
 
+#: reactive's own collections: a listener on one computed its own writes (a change at every
+#: save of a position), or never saw a change (the stream takes the marks for barriers).
+OWN_COLLECTIONS = (CHECKPOINTS_COLLECTION, ERRORS_COLLECTION, MARKS_COLLECTION)
+
+
+def _unfollowed(db: Database, table: str, found: Mapping[str, Any] | None) -> str | None:
+    """Why a listener can never follow collection ``table`` (``found``: its ``listCollections``
+    entry, None if it does not exist), or None. Each was taken: its backfill was all it got, or
+    pymongo's error came at each read.
+
+    >>> app = MongoClient(connect=False).app
+    >>> _unfollowed(app, "system.views", None), _unfollowed(app, "docs", None)
+    ("MongoDB's change streams do not report system collections", None)
+    >>> _unfollowed(app, "a$b", None)
+    "MongoDB cannot name it: collection names must not contain '$': 'a$b'"
+    >>> _unfollowed(app, "metrics", {"name": "metrics", "type": "timeseries", "options": {"timeseries": {}}})
+    "it is a time-series collection, whose changes MongoDB's change streams do not report"
+    """
+    try:
+        db[table]
+    except InvalidName as exc:
+        return f"MongoDB cannot name it: {exc}"
+    if table.startswith("system."):
+        return "MongoDB's change streams do not report system collections"
+    if table in OWN_COLLECTIONS:
+        return "it is reactive's own (a listener on it computes reactive's writes, or sees none of them)"
+    if found is not None and (found.get("type") == "timeseries" or "timeseries" in found.get("options", {})):
+        return "it is a time-series collection, whose changes MongoDB's change streams do not report"
+    return None
+
+
 def _pages(cursor: Any, page_size: int) -> Iterator[list[Any]]:
     """A cursor's documents in lists of ``page_size``."""
     page: list[Any] = []
@@ -145,6 +177,12 @@ class MongoSource:
         if id_column not in (None, "_id"):
             raise ConfigurationError(f"MongoDB documents are identified by _id, not {id_column!r}", table=table)
         found = next(iter(self.db.list_collections(filter={"name": table})), None)
+        unfollowed = _unfollowed(self.db, table, found)
+        if unfollowed is not None:
+            raise ConfigurationError(f"collection {table!r} cannot be followed: {unfollowed}", table=table)
+        if found is None and (hint := case_hint(table, self.db.list_collection_names())):
+            # Taken as an empty collection, as any missing one: a misspelt name was never said.
+            log.warning("collection %r does not exist: it is followed as an empty one%s", table, hint)
         if found is not None and found.get("type") == "view":
             # Its backfill read the view; the change stream names the collection a write goes
             # to, never the view, so no change reached the listener (wait_idle said True).
