@@ -21,6 +21,7 @@ from reactive.backends.base import (
     SourceReader,
     TableInfo,
     outputs_table,
+    own_table,
 )
 from reactive.cdc import DatabaseChangeDataCapture
 from reactive.checkpoints import DEFAULT_LEASE_MS, ENGINE_CHECKPOINT, Lease, check_lease_ms
@@ -206,7 +207,14 @@ class Datalayer:
             )
 
     def table_info(self, table: str, *, id_column: str | None = None) -> TableInfo:
-        """Describe ``table`` (cached once a component uses it)."""
+        """Describe ``table`` (cached once a component uses it). Refuses reactive's own tables
+        (:func:`~reactive.backends.base.own_table`), on every backend."""
+        if own_table(table):
+            raise ConfigurationError(
+                f"{table!r} cannot be followed: it is reactive's own (a listener on it computes reactive's"
+                " writes, or sees none of them)",
+                table=table,
+            )
         with self._lock:
             info = self._tables.get(table)
             if info is not None and (id_column is None or id_column == info.id_column):

@@ -85,6 +85,28 @@ def test_a_postgres_table_of_another_schema_is_followed_through_the_search_path(
             db.add(Listener(Model("m", predict=Recorder()), "text", "docs"))
 
 
+def test_reactives_own_tables_cannot_be_followed(sql: SQLClient, recorder: Recorder) -> None:
+    # Each was taken: a listener on the checkpoints computed every save of a position (it never
+    # settled), one on the errors could feed itself a failing row's record.
+    sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+    sql.execute("INSERT INTO docs VALUES (1, 'a')")
+    with reactive.connect(sql.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("m", predict=recorder), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        for table, id_column in [
+            ("_reactive_checkpoints", "section"),
+            ("_reactive_errors", "source"),
+            ("_reactive_snapshot__docs", "row_id"),
+        ]:
+            own = rf"'{table}' cannot be followed: it is reactive's own"
+            with pytest.raises(reactive.ConfigurationError, match=own):
+                db.add(Listener(Model("own", predict=recorder), "text", table, id_column=id_column))
+            with pytest.raises(reactive.ConfigurationError, match=rf"'{table}' cannot be followed"):
+                TableMonitor.Client(db, table, [TableMonitor.Callback(Type.UPDATED, print)])
+        assert [c["identifier"] for c in db.show()] == ["m__text"]
+
+
 def test_table_without_primary_key_says_what_to_pass(sql: SQLClient, recorder: Recorder) -> None:
     sql.execute("CREATE TABLE notes (note_id INTEGER, body VARCHAR(100))")
     sql.execute("INSERT INTO notes VALUES (1, 'hi')")

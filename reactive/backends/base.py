@@ -135,6 +135,23 @@ def same_but_case(name: str, names: Iterable[str]) -> str | None:
     return next((n for n in names if n.lower() == name.lower() and n != name), None)
 
 
+#: reactive's own tables (collections) on every backend, outputs apart (listeners may read
+#: those): checkpoints and positions, recorded errors, barrier marks, SQL snapshots.
+OWN_TABLES = frozenset({"_reactive_checkpoints", "_reactive_errors", "_reactive_marks"})
+OWN_TABLE_PREFIXES = ("_reactive_snapshot__",)
+
+
+def own_table(name: str) -> bool:
+    """Whether ``name`` is one of reactive's own tables, which no listener or monitor may follow:
+    it computed reactive's own writes (a change at every save of a position, a failed row
+    recording an error that is a change), or saw none of them (the marks are barriers).
+
+    >>> own_table("_reactive_checkpoints"), own_table("_reactive_snapshot__docs"), own_table("docs")
+    (True, True, False)
+    """
+    return name in OWN_TABLES or name.startswith(OWN_TABLE_PREFIXES)
+
+
 def case_hint(name: str, names: Iterable[str]) -> str:
     """Which of ``names`` ``name`` may mean where only case differs, as the end of a "table not
     found" message (names are taken whole: a table made by ``CREATE TABLE Docs`` is ``docs`` on

@@ -37,7 +37,7 @@ from reactive.backends.base import (
 from reactive.backends.mongodb import SCHEMES
 from reactive.backends.mongodb.checkpoints import CHECKPOINTS_COLLECTION, MongoSections, acknowledged
 from reactive.backends.mongodb.errors import Fault, classify, classify_code, server_message
-from reactive.backends.mongodb.listener import MARKS_COLLECTION, MongoChangeStreamListener, stop_timeout
+from reactive.backends.mongodb.listener import MongoChangeStreamListener, stop_timeout
 from reactive.checkpoints import Positions
 from reactive.errors import BackendError, ConfigurationError, QueueClosedError
 from reactive.events import Row, id_key, is_utf8
@@ -117,11 +117,6 @@ def _mistaken_for(value: str | bson.ObjectId) -> list[Any]:
     return []
 
 
-#: reactive's own collections: a listener on one computed its own writes (a change at every
-#: save of a position), or never saw a change (the stream takes the marks for barriers).
-OWN_COLLECTIONS = (CHECKPOINTS_COLLECTION, ERRORS_COLLECTION, MARKS_COLLECTION)
-
-
 def _unfollowed(db: Database, table: str, found: Mapping[str, Any] | None) -> str | None:
     """Why a listener can never follow collection ``table`` (``found``: its ``listCollections``
     entry, None if it does not exist), or None. Each was taken: its backfill was all it got, or
@@ -141,8 +136,6 @@ def _unfollowed(db: Database, table: str, found: Mapping[str, Any] | None) -> st
         return f"MongoDB cannot name it: {exc}"
     if table.startswith("system."):
         return "MongoDB's change streams do not report system collections"
-    if table in OWN_COLLECTIONS:
-        return "it is reactive's own (a listener on it computes reactive's writes, or sees none of them)"
     if found is not None and (found.get("type") == "timeseries" or "timeseries" in found.get("options", {})):
         return "it is a time-series collection, whose changes MongoDB's change streams do not report"
     return None
