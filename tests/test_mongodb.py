@@ -762,8 +762,7 @@ def test_a_stop_does_not_wait_for_a_server_that_is_down(own_server) -> None:
     after a restart everything goes on."""
     from pymongo import MongoClient
 
-    from reactive.backends.mongodb.errors import known_down
-    from reactive.backends.mongodb.listener import STOP_TIMEOUT, stop_timeout
+    from reactive.backends.mongodb.errors import STOP_TIMEOUT, known_down, stop_timeout
 
     server = own_server()
     uri = server.database_uri("app")
@@ -792,9 +791,38 @@ def test_a_stop_does_not_wait_for_a_server_that_is_down(own_server) -> None:
         assert outputs_by_source(db, "len__text") == {1: 3, 2: 3}
         server.kill()
         assert listener.disconnected.wait(60)
+        with server_selection_waits() as waits:
+            db.close()  # every thread stops (the fixture checks), the server still down
+        # Nothing the stop asked of the server (the stream's cursor, the last position, the
+        # lease given up, the sessions) waited out the client's 3 s server selection.
+        assert waits and max(waits) <= STOP_TIMEOUT * 1000
     finally:
-        db.close()  # every thread stops (the fixture checks), the server still down
+        db.close()
     assert not db.cdc.running
+
+
+@contextlib.contextmanager
+def server_selection_waits() -> Iterator[list[int]]:
+    """How long (ms) each of reactive's threads and the main thread, within the block, was ready
+    to wait for pymongo to find a server (pymongo's server selection log, at DEBUG)."""
+    waits: list[int] = []
+
+    class Waits(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            ours = record.threadName == "MainThread" or record.threadName.startswith("reactive")
+            found = re.search(r'"remainingTimeMS": (\d+)', record.getMessage())
+            if ours and found:
+                waits.append(int(found[1]))
+
+    logger, handler = logging.getLogger("pymongo.serverSelection"), Waits()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield waits
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def reconciliation_fails_once(listener: Any) -> list[list[str]]:

@@ -36,8 +36,8 @@ from reactive.backends.base import (
 )
 from reactive.backends.mongodb import SCHEMES
 from reactive.backends.mongodb.checkpoints import CHECKPOINTS_COLLECTION, MongoSections, acknowledged
-from reactive.backends.mongodb.errors import Fault, classify, classify_code, server_message
-from reactive.backends.mongodb.listener import MongoChangeStreamListener, stop_timeout
+from reactive.backends.mongodb.errors import Fault, classify, classify_code, server_message, stop_timeout
+from reactive.backends.mongodb.listener import MongoChangeStreamListener
 from reactive.checkpoints import Positions
 from reactive.errors import BackendError, ConfigurationError, QueueClosedError
 from reactive.events import Row, id_key, is_utf8

@@ -32,7 +32,7 @@ from pymongo import WriteConcern
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, OperationFailure
 
-from reactive.backends.mongodb.errors import Fault, classify
+from reactive.backends.mongodb.errors import Fault, classify, while_down
 from reactive.checkpoints import ENGINE_CHECKPOINT, LEASE_SECTION, Holder, Section
 from reactive.errors import ConfigurationError
 from reactive.fingerprints import plain_value
@@ -109,6 +109,22 @@ def _write(method: Callable[_P, _T]) -> Callable[_P, _T]:
     return write
 
 
+def _bounded(method: Callable[_P, _T]) -> Callable[_P, _T]:
+    """A call that waits at most :data:`~reactive.backends.mongodb.errors.STOP_TIMEOUT` while the
+    client last saw the server fail (:func:`~reactive.backends.mongodb.errors.while_down`): the
+    lease's renewal, and its release at a stop, are not held by a server that is down for the
+    whole server selection timeout."""
+
+    @functools.wraps(method)
+    def bounded(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        store = args[0]
+        assert isinstance(store, MongoSections)
+        with while_down(store.collection.database.client):
+            return method(*args, **kwargs)
+
+    return bounded
+
+
 class MongoSections:
     """The :class:`~reactive.checkpoints.SectionStore` of a MongoDB database."""
 
@@ -129,6 +145,7 @@ class MongoSections:
             self.collection.delete_many({"_id": {"$in": [doc["_id"] for doc in old]}})
         self._migrated = True
 
+    @_bounded
     def read_sections(
         self, checkpoint: str, keys: Sequence[str] | None = None, *, lock: bool = False
     ) -> dict[str, Section]:
@@ -142,12 +159,14 @@ class MongoSections:
             for field, s in (doc.get("sections") or {}).items()
         }
 
+    @_bounded
     @_write
     def write_sections(self, checkpoint: str, sections: Mapping[str, Section]) -> None:
         if sections:
             update = {"$set": {_field(k): _stored(s) for k, s in sections.items()}}
             self.collection.update_one({"_id": checkpoint}, update, upsert=True)
 
+    @_bounded
     @_write
     def delete_sections(self, checkpoint: str, keys: Sequence[str] | None = None) -> None:
         if keys is None:
@@ -155,6 +174,7 @@ class MongoSections:
         elif keys:
             self.collection.update_one({"_id": checkpoint}, {"$unset": {_field(k): "" for k in keys}})
 
+    @_bounded
     @_write
     def replace_section(self, checkpoint: str, key: str, expected: bytes | None, new: Section | None) -> bool:
         if expected is None and new is None:

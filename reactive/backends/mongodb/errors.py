@@ -13,9 +13,11 @@ True
 
 from __future__ import annotations
 
+import contextlib
 from enum import Enum
 from typing import TYPE_CHECKING
 
+import pymongo
 from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure
 
 if TYPE_CHECKING:
@@ -23,6 +25,11 @@ if TYPE_CHECKING:
 
 #: How long a call waits for a server the client last saw fail (:func:`known_down`).
 DOWN_TIMEOUT = 0.05
+#: The longest a stop waits for the server (the last position, the barrier mark, the client's
+#: sessions), and any other call while the client last saw the server fail (a reconnection, a
+#: lease renewal, a checkpoint write): a stop then is not held by it. Otherwise each would wait
+#: out the server selection timeout (reactive's 5 s, pymongo's 30 s).
+STOP_TIMEOUT = 2.0
 
 
 class Fault(Enum):
@@ -113,3 +120,25 @@ def known_down(client: MongoClient) -> bool:
     """
     seen = client.topology_description
     return not seen.has_writable_server() and any(s.error is not None for s in seen.server_descriptions().values())
+
+
+def stop_timeout(client: MongoClient) -> float:
+    """How long what a stop still asks of the server may take: :data:`STOP_TIMEOUT`, or next to
+    nothing (:data:`DOWN_TIMEOUT`) when the client last saw the server fail (:func:`known_down`):
+    a server that is down takes nothing, and the position saved before stands.
+
+    >>> from pymongo import MongoClient
+    >>> stop_timeout(MongoClient("mongodb://127.0.0.1:1/app", connect=False))
+    2.0
+    """
+    return DOWN_TIMEOUT if known_down(client) else STOP_TIMEOUT
+
+
+def while_down(client: MongoClient) -> contextlib.AbstractContextManager[object]:
+    """The time limit of a call: :data:`STOP_TIMEOUT` while the client last saw the server fail
+    (:func:`known_down`), none of ours otherwise (the client's own, as long as it takes). A call
+    that waits for a server known to be down holds whatever waits on it (a stop, the lease's
+    thread), and each failed attempt asks the client to look at the server again, so a server
+    that is back is found by the next one.
+    """
+    return pymongo.timeout(STOP_TIMEOUT) if known_down(client) else contextlib.nullcontext()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import logging
 import threading
@@ -15,13 +14,18 @@ from bson import ObjectId
 from pymongo.errors import OperationFailure, PyMongoError
 
 from reactive.backends.base import MAX_BACKOFF, BaseDatabaseListener, CheckpointStore, TableInfo
-from reactive.backends.mongodb.errors import DOWN_TIMEOUT, Fault, classify, known_down, server_message
+from reactive.backends.mongodb.errors import (
+    Fault,
+    classify,
+    server_message,
+    stop_timeout,
+    while_down,
+)
 from reactive.checkpoints import CorruptCheckpointError
 from reactive.errors import ChangeStreamUnsupportedError, QueueClosedError
 from reactive.events import ChangePacket, DBEvent
 
 if TYPE_CHECKING:
-    from pymongo import MongoClient
     from pymongo.change_stream import DatabaseChangeStream
     from pymongo.database import Database
 
@@ -44,23 +48,6 @@ BUSY_SAVE_SECONDS = 1.0
 HOLD_BELOW = 16
 #: The longest such wait (a slow model does not stop the stream being read for long).
 HOLD_SECONDS = 0.05
-#: The longest a stop waits for the server (the last position, the barrier mark, the client's
-#: sessions), and a reconnection attempt while the client last saw the server fail (so that a
-#: stop then is not held by it). Otherwise each would wait out the server selection timeout.
-STOP_TIMEOUT = 2.0
-
-
-def stop_timeout(client: MongoClient) -> float:
-    """How long what a stop still asks of the server may take: :data:`STOP_TIMEOUT`, or next to
-    nothing (:data:`~reactive.backends.mongodb.errors.DOWN_TIMEOUT`) when the client last saw
-    the server fail (:func:`~reactive.backends.mongodb.errors.known_down`): a server that is
-    down takes nothing, and the position saved before stands.
-
-    >>> from pymongo import MongoClient
-    >>> stop_timeout(MongoClient("mongodb://127.0.0.1:1/app", connect=False))
-    2.0
-    """
-    return DOWN_TIMEOUT if known_down(client) else STOP_TIMEOUT
 
 
 class _Position(dict[str, Any]):
@@ -384,7 +371,11 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         stream, self._stream = self._stream, None
         if stream is not None:
             try:
-                stream.close()
+                # Closing kills the server's cursor: not waited for when the server is down
+                # (it lost the cursor, or times it out), else the next attempt, or a stop,
+                # would wait out the server selection timeout first.
+                with pymongo.timeout(stop_timeout(self.database.client)):
+                    stream.close()
             except PyMongoError:
                 log.debug("closing a broken change stream failed", exc_info=True)
 
@@ -399,10 +390,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
             if self._rewind:
                 self._rewind, self._seen = False, None
         if reopen:
-            # While the client last saw the server fail, an attempt waits at most STOP_TIMEOUT
-            # (a stop then waits no longer for it); once it answers again, as long as it takes.
-            down = known_down(self.database.client)
-            with pymongo.timeout(STOP_TIMEOUT) if down else contextlib.nullcontext():
+            with while_down(self.database.client):  # a stop then waits no longer for it
                 self._reopen(self._seen or self._processed or self._position())
         assert self._stream is not None
         if not _buffered(self._stream):
