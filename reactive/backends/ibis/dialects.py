@@ -750,8 +750,60 @@ class PostgresDialect(Dialect):
     uuid_objects = True
 
     def read_casts(self, con: Any, table: str) -> dict[str, str]:
-        """None: the driver hands every column's values over as Python objects of their own."""
-        return {}
+        """The columns whose type is an array of a domain, read as an array of its base type: the
+        server describes a domain's values as its base type's, which the driver reads, but an
+        array of a domain as a type of its own, which psycopg handed over as the array's text
+        (``'{1,2}'``). Every other column's values come as Python objects of their own."""
+        return {column: kind for column, (kind, array) in self._domains(con, table).items() if array}
+
+    def handle(self, con: Any, table: str) -> Any:
+        """ibis's handle on ``table``, each column of a domain (``CREATE DOMAIN order_id AS bigint``)
+        typed as the domain's base type: ibis names a domain's type by the domain's name, a type
+        it does not know, and a domain-typed primary key was refused ("cannot store ids of
+        (order_id)"); a domain is read, compared and stored as its base type."""
+        handle = con.table(table)
+        schema = handle.schema()
+        if not any(_unknown_within(kind) for kind in schema.types):
+            return handle
+        domains = self._domains(con, table)
+        mapper = con.compiler.type_mapper
+        resolved = {
+            name: mapper.from_string(domains[name][0], nullable=kind.nullable) if name in domains else kind
+            for name, kind in schema.items()
+        }
+        return handle.op().copy(schema=ibis.schema(resolved)).to_expr()
+
+    def _domains(self, con: Any, table: str) -> dict[str, tuple[str, bool]]:
+        """The columns of ``table`` whose type is a domain or an array of one (at any depth: a
+        domain over a domain), each with its base type as ``format_type`` names it, and whether
+        it is an array."""
+        rows = self.fetch(con, self._DOMAIN_COLUMNS, [table])
+        return {row["column_name"]: (row["data_type"], row["is_array"]) for row in rows if row["data_type"]}
+
+    #: The columns of a table (as the search path finds it) whose type is a domain, or an array
+    #: of one, resolved to the base type (``pg_type.typbasetype``) one domain at a time; a typmod
+    #: (``varchar(20)``) is the innermost domain's that has one. A domain cannot be declared with a
+    #: typmod of its own, so none is lost on the way.
+    _DOMAIN_COLUMNS = (
+        "WITH RECURSIVE rel AS (SELECT to_regclass(quote_ident(%s)) AS oid),"
+        " resolved(attnum, typid, typmod, depth) AS ("
+        " SELECT a.attnum, a.atttypid, a.atttypmod, 0 FROM pg_catalog.pg_attribute a JOIN rel ON a.attrelid = rel.oid"
+        " WHERE a.attnum > 0 AND NOT a.attisdropped"
+        " UNION ALL"
+        " SELECT r.attnum, CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE b.typarray END,"
+        " CASE WHEN t.typtype = 'd' AND t.typtypmod <> -1 THEN t.typtypmod"
+        " WHEN t.typtype <> 'd' AND e.typtypmod <> -1 THEN e.typtypmod ELSE r.typmod END, r.depth + 1"
+        " FROM resolved r JOIN pg_catalog.pg_type t ON t.oid = r.typid"
+        " LEFT JOIN pg_catalog.pg_type e ON t.typcategory = 'A' AND e.oid = t.typelem"
+        " LEFT JOIN pg_catalog.pg_type b ON b.oid = e.typbasetype"
+        " WHERE t.typtype = 'd' OR e.typtype = 'd')"
+        " SELECT a.attname AS column_name, t.typcategory = 'A' AS is_array,"
+        " CASE WHEN t.typtype = 'e' THEN 'enum' ELSE format_type(r.typid, r.typmod) END AS data_type"
+        " FROM (SELECT DISTINCT ON (attnum) * FROM resolved ORDER BY attnum, depth DESC) r"
+        " JOIN rel ON TRUE JOIN pg_catalog.pg_attribute a ON a.attrelid = rel.oid AND a.attnum = r.attnum"
+        " LEFT JOIN pg_catalog.pg_type t ON t.oid = r.typid"
+        " WHERE r.depth > 0"
+    )
 
     def storage_type(self, logical: str) -> dt.DataType:
         """:meth:`Dialect.storage_type`, refusing what a PostgreSQL outputs table was not seen to
@@ -964,6 +1016,11 @@ class PostgresDialect(Dialect):
                 cur.execute(statements[3])
 
         self._reconnecting(con, run)
+
+
+def _unknown_within(dtype: dt.DataType) -> bool:
+    """Whether ibis could not name ``dtype``, or a type inside it (an array's elements)."""
+    return dtype.is_unknown() or (dtype.is_array() and _unknown_within(dtype.value_type))
 
 
 def _grouped(cursor: Any, value: str, by: str) -> dict[Any, list[Any]]:
