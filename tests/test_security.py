@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Recorder, SQLClient, outputs_by_source
+from conftest import Recorder, SQLClient, outputs_by_source, within
 
 import reactive
 from reactive.components import Listener, Model
@@ -345,3 +345,87 @@ def test_a_schema_the_role_may_not_use_is_named_in_the_not_found_error(
         owner.execute("REVOKE USAGE ON SCHEMA public FROM PUBLIC")
         with pytest.raises(reactive.TableNotFoundError, match='no USAGE privilege: GRANT USAGE ON SCHEMA "public"'):
             db.add(lengths())
+
+
+def test_a_privilege_revoked_while_running_keeps_the_window_until_it_is_granted_again(
+    pg_database: str, pg_role: tuple[str, str]
+) -> None:
+    # The window's rows were set apart as failed (their outputs never written, their changes
+    # passed): after the grant row 3 still had no output, and wait_idle said True.
+    role, uri = pg_role
+    with as_owner(pg_database) as owner, reactive.connect(uri, poll_interval=0.05) as db:
+        owner.execute(f'GRANT SELECT ON docs TO "{role}"; GRANT CREATE ON SCHEMA public TO "{role}"')
+        db.add(lengths())
+        db.cdc.start()
+        owner.execute(f'REVOKE INSERT, UPDATE ON "_outputs__m__text" FROM "{role}"')
+        owner.execute("INSERT INTO docs VALUES (3, 'ccc')")
+        assert within(30, lambda: [e["source"] for e in db.errors()] == [3])
+        [error] = db.errors()
+        assert "PermissionDeniedError" in error["error"] and "GRANT SELECT, INSERT, UPDATE, DELETE" in error["error"]
+        assert not db.cdc.wait_idle(timeout=0.5)
+        info = db.cdc.info()
+        assert info["handler"]["running"] and "PermissionDeniedError" in info["listeners"]["m__text"]["last_error"]
+        owner.execute(f'GRANT INSERT, UPDATE ON "_outputs__m__text" TO "{role}"')
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: 1, 2: 2, 3: 3} and db.errors() == []
+
+
+def test_select_on_the_table_revoked_while_running_is_not_taken_for_a_drop(
+    pg_database: str, pg_role: tuple[str, str]
+) -> None:
+    # information_schema hid the table: "table 'docs' was dropped: its listeners stop", its
+    # snapshot dropped, and nothing was followed after the grant.
+    role, uri = pg_role
+    with as_owner(pg_database) as owner, reactive.connect(uri, poll_interval=0.05) as db:
+        owner.execute(f'GRANT SELECT ON docs TO "{role}"; GRANT CREATE ON SCHEMA public TO "{role}"')
+        db.add(lengths())
+        db.cdc.start()
+        owner.execute(f'REVOKE SELECT ON docs FROM "{role}"')
+        owner.execute("INSERT INTO docs VALUES (3, 'ccc')")
+        assert within(30, lambda: "docs" in db.cdc.info()["source"]["failing_tables"])
+        assert f'GRANT SELECT ON "docs" TO "{role}"' in db.cdc.info()["source"]["failing_tables"]["docs"]
+        assert db.cdc.info()["stopped_tables"] == {} and not db.cdc.wait_idle(timeout=0.5)
+        owner.execute(f'GRANT SELECT ON docs TO "{role}"')
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: 1, 2: 2, 3: 3}
+
+
+def test_a_session_that_turns_read_only_while_running_waits_and_resumes_once_writable(
+    pg_database: str, pg_role: tuple[str, str]
+) -> None:
+    # As after a failover onto a standby: reactive reconnects to a session that may not write.
+    role, uri = pg_role
+    with as_owner(pg_database) as owner, reactive.connect(uri, poll_interval=0.05) as db:
+        owner.execute(f'GRANT SELECT ON docs TO "{role}"; GRANT CREATE ON SCHEMA public TO "{role}"')
+        db.add(lengths())
+        db.cdc.start()
+        owner.execute(f'ALTER ROLE "{role}" SET default_transaction_read_only = on')
+        owner.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role])
+        owner.execute("INSERT INTO docs VALUES (3, 'ccc')")
+        assert within(30, lambda: "read-only" in (db.cdc.info()["listeners"]["m__text"]["last_error"] or ""))
+        assert not db.cdc.wait_idle(timeout=0.5) and db.cdc.info()["handler"]["running"]
+        owner.execute(f'ALTER ROLE "{role}" RESET default_transaction_read_only')
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: 1, 2: 2, 3: 3} and db.errors() == []
+
+
+def test_a_backfill_the_database_refuses_fails_db_add_with_what_to_grant(
+    pg_database: str, pg_role: tuple[str, str]
+) -> None:
+    # The backfill's rows were set apart one by one with psycopg's error, each recorded as failed.
+    role, uri = pg_role
+    with as_owner(pg_database) as owner:
+        owner.execute(f'GRANT SELECT ON docs TO "{role}"; GRANT CREATE ON SCHEMA public TO "{role}"')
+        with reactive.connect(pg_database) as first:
+            first.add(lengths())
+        owner.execute('DELETE FROM "_outputs__m__text"')
+        owner.execute(
+            f'GRANT SELECT, INSERT, UPDATE, DELETE ON "_reactive_checkpoints", "_reactive_snapshot__docs" TO "{role}"'
+        )
+        owner.execute(f'GRANT SELECT ON "_outputs__m__text" TO "{role}"')
+        with reactive.connect(uri, poll_interval=0.05) as db:
+            with pytest.raises(reactive.PermissionDeniedError, match='"_outputs__m__text"') as refused:
+                db.add(lengths())
+            assert "adding it again resumes the backfill" in str(refused.value)
+            owner.execute(f'GRANT INSERT, UPDATE, DELETE ON "_outputs__m__text" TO "{role}"')
+            follows_after_the_grant(db, owner)
