@@ -15,6 +15,7 @@ from reactive.errors import (
     ConfigurationError,
     MissingIdColumnError,
     ModelOutputError,
+    PermissionDeniedError,
     ReactiveError,
     TableNotFoundError,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "LocalCompute",
     "MissingIdColumnError",
     "ModelOutputError",
+    "PermissionDeniedError",
     "ReactiveError",
     "TableMonitor",
     "TableNotFoundError",

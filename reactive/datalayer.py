@@ -28,7 +28,7 @@ from reactive.checkpoints import DEFAULT_LEASE_MS, ENGINE_CHECKPOINT, Lease, che
 from reactive.components.base import Component
 from reactive.components.listener import Listener, _check_filter, field_value, unmatchable
 from reactive.compute import Compute, LocalCompute
-from reactive.errors import BackendError, ConfigurationError, LeaseLostError, SearchError
+from reactive.errors import BackendError, ConfigurationError, LeaseLostError, PermissionDeniedError, SearchError
 from reactive.events import ChangePacket, Row, id_key
 from reactive.handler import WindowRows
 from reactive.metrics import LagQueue
@@ -741,6 +741,9 @@ class _Backfill:
         with self._done:
             self._done.wait_for(lambda: self.packets >= queued)
         self.close(done=not self.failures)
+        refused = next((f for f in self.failures if isinstance(f, PermissionDeniedError)), None)
+        if refused is not None:  # what to grant, as it is: no row failed
+            raise PermissionDeniedError(f"{refused}; adding it again resumes the backfill", listener=self.identifier)
         if self.failures:
             raise BackendError(
                 f"backfill of {self.identifier!r} failed for some rows: {self.failures[0]}; adding it again resumes it",

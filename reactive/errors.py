@@ -36,6 +36,14 @@ class BackendError(ReactiveError):
     """The database refused or failed an operation (connection, capability, query)."""
 
 
+class PermissionDeniedError(BackendError):
+    """The database refuses reactive's session a statement: a privilege its role lacks (on a
+    watched table, on reactive's own tables, on the schema it creates them in), or a read-only
+    session (a hot standby, ``default_transaction_read_only``). The message says what to grant
+    or change. Not the rows' fault: a window it stops is kept and tried again, none of its rows
+    set apart, until the grant comes."""
+
+
 class ChangeStreamUnsupportedError(BackendError):
     """The server cannot produce changes (for example a MongoDB standalone server)."""
 

@@ -28,7 +28,7 @@ from reactive.backends.base import (
     outputs_table,
 )
 from reactive.components.base import PlannedRefresh
-from reactive.errors import ComputeUnavailableError, LeaseLostError
+from reactive.errors import ComputeUnavailableError, LeaseLostError, PermissionDeniedError
 from reactive.events import Batch, ChangePacket, ChangeSource, DBEvent, id_key, id_keys, window_batches
 from reactive.rows import TableRows
 from reactive.threads import ReactiveThread
@@ -706,6 +706,27 @@ class CDCHandler(ReactiveThread):
                 delay = _backoff(attempt)
                 log.warning("%s; retrying %d packets in %.1f s", exc, len(packets), delay)
                 self.wait(delay)
+            except PermissionDeniedError as exc:
+                # The database refuses reactive (a privilege revoked, a read-only session): not the
+                # rows' fault, so none is set apart (narrowing set each apart: its output removed
+                # and its change passed, so a grant brought nothing back). The window waits for
+                # the grant, tried again with backoff as while the database is unreachable, its
+                # rows listed by db.errors() with what to grant; a window someone waits on (the
+                # backfill of db.add or db.retry_errors) is released instead: the caller raises it.
+                known.add(steps)
+                steps = None
+                attempt += 1
+                self._record_refusal(packets, exc, first=attempt == 1)
+                waited_on = any(packet.on_processed is not None for packet in packets)
+                if waited_on or (self.queue.closed and attempt > STOPPING_RETRIES):
+                    log.error("%s; releasing %d packets", exc, len(packets))
+                    self._release(packets, exc)
+                    return False
+                delay = _backoff(attempt)
+                (log.warning if attempt == 1 else log.debug)(
+                    "%s; retrying %d packets in %.1f s, and after until it is granted", exc, len(packets), delay
+                )
+                self.wait(delay)
             except Exception as exc:
                 if failure is None:
                     self.totals.internal_errors += 1
@@ -776,7 +797,7 @@ class CDCHandler(ReactiveThread):
         turn, down to the row; ``found`` gets what was written and the rows that failed alone."""
         try:
             self._finish(packets, self._plan(packets, {}, bound, known=known), positions=False, known=known)
-        except (BackendUnavailableError, LeaseLostError):
+        except (BackendUnavailableError, LeaseLostError, PermissionDeniedError):
             raise  # not the rows' fault: the window is tried again (see _handle_with_retries)
         except Exception as exc:
             found.failures += 1
@@ -861,8 +882,8 @@ class CDCHandler(ReactiveThread):
             options["known"] = known
         try:
             return component.plan_refresh(batch, self.db, compute=self.compute, wait=self.wait, **options)
-        except LeaseLostError:
-            raise
+        except (LeaseLostError, PermissionDeniedError):
+            raise  # not the rows' fault: the window waits (see _handle_with_retries)
         except Exception as exc:
             if self.db.backend.is_transient(exc):
                 raise BackendUnavailableError(f"database unreachable ({exc})") from exc
@@ -1025,7 +1046,7 @@ class CDCHandler(ReactiveThread):
             if isinstance(plan, Exception):
                 raise plan
             refresh = plan.finish()
-        except LeaseLostError:
+        except (LeaseLostError, PermissionDeniedError):
             raise  # not the rows' fault: the window waits (see _handle_with_retries)
         except ComputeUnavailableError as exc:
             raise BackendUnavailableError(str(exc)) from exc  # the same retries as a database gone
@@ -1097,6 +1118,34 @@ class CDCHandler(ReactiveThread):
                     raise
                 self.totals.internal_errors += 1
                 log.exception("could not save the position of %s", source.name)
+
+    def _record_refusal(self, packets: Sequence[ChangePacket], refusal: PermissionDeniedError, *, first: bool) -> None:
+        """Record ``refusal`` for each row of ``packets`` and each component on its table, in place
+        of the row's earlier record (one record a row, however often its window is tried):
+        ``db.errors()`` and ``info()`` show what waits for a grant. Each component settles the
+        records as its own once its rows are written (``Component.recorded``); as it settles them
+        when it plans the window's writes, before they are tried, they are recorded again after
+        each try that fails. Where the errors table cannot be written either (a read-only
+        database), the log says so (at the ``first`` try)."""
+        error = f"{type(refusal).__name__}: {refusal}"
+        waiting: dict[str, tuple[Component, dict[Hashable, Any]]] = {}
+        for packet in packets:
+            for component in self.db.components_for(packet.table, packet.targets):
+                ids = waiting.setdefault(component.identifier, (component, {}))[1]
+                ids.update(zip(id_keys(packet.ids), packet.ids, strict=True))
+        for identifier, (component, ids) in waiting.items():
+            self.stats.setdefault(identifier, ComponentStats()).last_error = error
+            sources = list(ids.values())
+            try:
+                self.db.backend.errors.clear_errors(identifier, sources)
+                records = [ErrorRecord(identifier, component.table, i, error) for i in sources]
+                self.db.backend.errors.record_errors(records)
+            except Exception as exc:
+                (log.warning if first else log.debug)(
+                    "could not record that %d rows of %s wait for a grant: %s", len(sources), identifier, exc
+                )
+                continue
+            component.recorded(sources)
 
     def _release(self, packets: Sequence[ChangePacket], error: BaseException) -> None:
         """Tell each source that its packets were not processed and must come again."""

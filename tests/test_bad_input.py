@@ -1041,6 +1041,57 @@ def test_uuid_ids_work_end_to_end(sql: SQLClient, recorder: Recorder) -> None:
         assert {type(i) for i in outputs_by_source(db, "m__text")} == {UUID if sql.kind == "postgres" else str}
 
 
+@pytest.mark.parametrize(("base", "ids"), [("bigint CHECK (VALUE > 0)", [1, 2, 3]), ("text", ["a-1", "b-2", "c-3"])])
+def test_postgres_domain_ids_and_inputs_work_end_to_end(pg_database: str, base: str, ids: list[Any]) -> None:
+    """A primary key of a domain type (``CREATE DOMAIN order_id AS bigint``) was refused at
+    ``db.add`` ("cannot store ids of (order_id)"): ibis names a domain's type by its own name.
+    Domains are resolved to their base type (``pg_type.typbasetype``), also for model inputs: a
+    domain over a domain, and an array of a domain, which the driver handed over as its text
+    (``'{1,2}'``)."""
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute(f"CREATE DOMAIN order_id AS {base}")
+        client.execute("CREATE DOMAIN label AS varchar(20) CHECK (VALUE <> '')")
+        client.execute("CREATE DOMAIN title AS label")
+        client.execute("CREATE DOMAIN qty AS integer CHECK (VALUE >= 0)")
+        client.execute("CREATE TABLE orders (id order_id PRIMARY KEY, note title, sizes qty[])")
+        client.execute("INSERT INTO orders VALUES (%s, 'ab', '{1,2}'), (%s, 'cde', '{3}')", ids[:2])
+        with reactive.connect(pg_database, poll_interval=0.05) as db:
+            db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "note", "orders"))
+            db.add(Listener(Model("sum", predict=lambda xs: [sum(x) for x in xs]), "sizes", "orders"))
+            assert outputs_by_source(db, "len__note") == {ids[0]: 2, ids[1]: 3}
+            assert outputs_by_source(db, "sum__sizes") == {ids[0]: 3, ids[1]: 3}
+            db.cdc.start()
+            client.execute("INSERT INTO orders VALUES (%s, 'fghi', '{4,5,6}')", [ids[2]])
+            client.execute("UPDATE orders SET note = 'j', sizes = '{7}' WHERE id = %s", [ids[0]])
+            client.execute("DELETE FROM orders WHERE id = %s", [ids[1]])
+            assert db.cdc.wait_idle(timeout=30)
+            assert outputs_by_source(db, "len__note") == {ids[0]: 1, ids[2]: 4}
+            assert outputs_by_source(db, "sum__sizes") == {ids[0]: 7, ids[2]: 15}
+            assert db.errors() == [] and db.cdc.info()["source"]["failing_tables"] == {}
+        with reactive.connect(pg_database, poll_interval=0.05) as db:  # a restart resumes: nothing stale
+            client.execute("UPDATE orders SET note = 'kl' WHERE id = %s", [ids[2]])
+            db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "note", "orders"))
+            assert outputs_by_source(db, "len__note") == {ids[0]: 1, ids[2]: 2}
+
+
+def test_postgres_domain_columns_reach_the_model_as_their_base_type(pg_database: str, recorder: Recorder) -> None:
+    """Domain-typed columns of a table keyed by a plain integer, as a key and as a filter: an
+    array of a domain reached the model as the array's text (``'{1,2}'``)."""
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute("CREATE DOMAIN qty AS integer CHECK (VALUE >= 0)")
+        client.execute("CREATE DOMAIN lang AS varchar(2)")
+        client.execute("CREATE TABLE docs (id integer PRIMARY KEY, sizes qty[], lang lang)")
+        client.execute("INSERT INTO docs VALUES (1, '{1,2}', 'en'), (2, '{3}', 'it')")
+        with reactive.connect(pg_database, poll_interval=0.05) as db:
+            db.add(Listener(Model("m", predict=recorder), "sizes", "docs", filter={"lang": "en"}))
+            db.cdc.start()
+            client.execute("INSERT INTO docs VALUES (3, '{4,5}', 'en'), (4, '{6}', 'it')")
+            client.execute("UPDATE docs SET lang = 'en' WHERE id = 2")
+            assert db.cdc.wait_idle(timeout=30)
+            assert outputs_by_source(db, "m__sizes") == {1: "<[1, 2]>", 2: "<[3]>", 3: "<[4, 5]>"}
+            assert sorted(recorder.inputs) == [[1, 2], [3], [4, 5]]
+
+
 #: PostgreSQL id types reactive cannot key outputs by, and what each did before it was refused.
 UNSUPPORTED_PG_IDS = {
     "mood": "an enum: compared with text, every poll of its table failed",

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import traceback
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from conftest import Recorder, SQLClient, outputs_by_source
+from conftest import Recorder, SQLClient, outputs_by_source, within
 
 import reactive
 from reactive.components import Listener, Model
@@ -215,3 +216,216 @@ def test_a_model_error_quoting_a_uri_with_a_password_is_recorded_and_listed_with
     out = capsys.readouterr().out
     assert "hunter2" not in out and "postgresql://bob:***@db/app" in out and "bob:***@api.example.com" in out
     client.close()
+
+
+# -- least privilege: what PostgreSQL refuses reactive's role is said, with what to grant --------------------------
+PASSWORD = "pw-never-shown"
+
+
+def as_owner(pg_database: str) -> psycopg.Connection:
+    """The database's owner (a superuser), writing whatever the database's defaults say."""
+    return psycopg.connect(pg_database, autocommit=True, options="-c default_transaction_read_only=off")
+
+
+@pytest.fixture
+def pg_role(pg_database: str) -> Iterator[tuple[str, str]]:
+    """A login role of no privilege (PostgreSQL 15: not even CREATE on schema public); its name and URI."""
+    role = f"reactive_role_{uuid.uuid4().hex[:8]}"
+    with as_owner(pg_database) as owner:
+        owner.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        owner.execute("INSERT INTO docs VALUES (1, 'a'), (2, 'bb')")
+        owner.execute(f"CREATE ROLE \"{role}\" LOGIN PASSWORD '{PASSWORD}'")
+    base, database = pg_database.rsplit("/", 1)
+    try:
+        yield role, base.replace("//postgres@", f"//{role}:{PASSWORD}@") + f"/{database}"
+    finally:
+        with as_owner(pg_database) as owner:
+            owner.execute(f'DROP OWNED BY "{role}"')
+            owner.execute(f'DROP ROLE "{role}"')
+
+
+def lengths() -> Listener:
+    return Listener(Model("m", predict=lambda texts: [len(t) for t in texts]), "text", "docs")
+
+
+def reactive_tables(pg_database: str) -> list[str]:
+    with as_owner(pg_database) as owner:
+        rows = owner.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1").fetchall()
+    return [name for (name,) in rows if name != "docs"]
+
+
+def refused_at_add(db: reactive.Datalayer, *expected: str) -> str:
+    """``db.add`` raises PermissionDeniedError saying each of ``expected``, the password nowhere."""
+    with pytest.raises(reactive.PermissionDeniedError) as refused:
+        db.add(lengths())
+    message = str(refused.value)
+    for part in expected:
+        assert part in message
+    assert PASSWORD not in "".join(traceback.format_exception(refused.value)) and db.show() == []
+    return message
+
+
+def follows_after_the_grant(db: reactive.Datalayer, owner: psycopg.Connection) -> None:
+    db.add(lengths())
+    db.cdc.start()
+    owner.execute("INSERT INTO docs VALUES (3, 'ccc')")
+    assert db.cdc.wait_idle(timeout=30)
+    assert outputs_by_source(db, "m__text") == {1: 1, 2: 2, 3: 3} and db.errors("m__text") == []
+
+
+def test_a_role_that_may_not_create_tables_in_the_schema_is_told_what_to_grant(
+    pg_database: str, pg_role: tuple[str, str]
+) -> None:
+    # psycopg's "InsufficientPrivilege: permission denied for schema public" came out of db.add.
+    role, uri = pg_role
+    with as_owner(pg_database) as owner, reactive.connect(uri, poll_interval=0.05) as db:
+        owner.execute(f'GRANT SELECT ON docs TO "{role}"')
+        refused_at_add(db, 'schema "public"', f'GRANT USAGE, CREATE ON SCHEMA "public" TO "{role}"')
+        assert reactive_tables(pg_database) == []  # nothing made, nothing in the way of a retry
+        owner.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+        follows_after_the_grant(db, owner)
+
+
+def test_reactive_tables_made_by_another_role_are_named_with_what_to_grant(
+    pg_database: str, pg_role: tuple[str, str]
+) -> None:
+    # Another role (a deploy's) ran reactive first: "permission denied for table _reactive_errors".
+    role, uri = pg_role
+    with as_owner(pg_database) as owner:
+        owner.execute(f'GRANT SELECT ON docs TO "{role}"; GRANT CREATE ON SCHEMA public TO "{role}"')
+        with reactive.connect(pg_database) as first:
+            first.add(lengths())
+            first.add(Listener(Model("fails", predict=lambda texts: 1 / 0), "text", "docs"))  # _reactive_errors
+        with reactive.connect(uri, poll_interval=0.05) as db:
+            message = refused_at_add(db, "GRANT SELECT, INSERT, UPDATE, DELETE ON", f'TO "{role}"')
+            assert "made by another role?" in message and "_outputs__*" in message
+            owner.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO "{role}"')
+            follows_after_the_grant(db, owner)
+
+
+def test_a_read_only_database_is_said_with_the_setting_and_a_retry_after_the_change_works(
+    pg_database: str, pg_role: tuple[str, str]
+) -> None:
+    # "ReadOnlySqlTransaction: cannot execute CREATE TABLE in a read-only transaction"; and the
+    # session stayed read-only after the setting was changed, so every retry failed again.
+    role, uri = pg_role
+    with as_owner(pg_database) as owner:
+        owner.execute(f'GRANT SELECT ON docs TO "{role}"; GRANT CREATE ON SCHEMA public TO "{role}"')
+        database = pg_database.rsplit("/", 1)[1]
+        owner.execute(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on')
+        with reactive.connect(uri, poll_interval=0.05) as db:
+            refused_at_add(
+                db,
+                "read-only",
+                "default_transaction_read_only is on",
+                f'ALTER ROLE "{role}" SET default_transaction_read_only = off',
+            )
+            assert reactive_tables(pg_database) == []
+            owner.execute(f'ALTER ROLE "{role}" SET default_transaction_read_only = off')
+            follows_after_the_grant(db, owner)
+
+
+def test_a_role_that_may_not_read_the_table_is_told_so_not_that_it_does_not_exist(
+    pg_database: str, pg_role: tuple[str, str]
+) -> None:
+    # information_schema hides a table from a role with no privilege on it: "table 'docs' does not exist".
+    role, uri = pg_role
+    with as_owner(pg_database) as owner, reactive.connect(uri, poll_interval=0.05) as db:
+        owner.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
+        refused_at_add(db, 'may not read table "docs"', f'GRANT SELECT ON "docs" TO "{role}"')
+        owner.execute(f'GRANT SELECT ON docs TO "{role}"')
+        follows_after_the_grant(db, owner)
+
+
+def test_a_schema_the_role_may_not_use_is_named_in_the_not_found_error(
+    pg_database: str, pg_role: tuple[str, str]
+) -> None:
+    _, uri = pg_role
+    with as_owner(pg_database) as owner, reactive.connect(uri, poll_interval=0.05) as db:
+        owner.execute("REVOKE USAGE ON SCHEMA public FROM PUBLIC")
+        with pytest.raises(reactive.TableNotFoundError, match='no USAGE privilege: GRANT USAGE ON SCHEMA "public"'):
+            db.add(lengths())
+
+
+def test_a_privilege_revoked_while_running_keeps_the_window_until_it_is_granted_again(
+    pg_database: str, pg_role: tuple[str, str]
+) -> None:
+    # The window's rows were set apart as failed (their outputs never written, their changes
+    # passed): after the grant row 3 still had no output, and wait_idle said True.
+    role, uri = pg_role
+    with as_owner(pg_database) as owner, reactive.connect(uri, poll_interval=0.05) as db:
+        owner.execute(f'GRANT SELECT ON docs TO "{role}"; GRANT CREATE ON SCHEMA public TO "{role}"')
+        db.add(lengths())
+        db.cdc.start()
+        owner.execute(f'REVOKE INSERT, UPDATE ON "_outputs__m__text" FROM "{role}"')
+        owner.execute("INSERT INTO docs VALUES (3, 'ccc')")
+        assert within(30, lambda: [e["source"] for e in db.errors()] == [3])
+        [error] = db.errors()
+        assert "PermissionDeniedError" in error["error"] and "GRANT SELECT, INSERT, UPDATE, DELETE" in error["error"]
+        assert not db.cdc.wait_idle(timeout=0.5)
+        info = db.cdc.info()
+        assert info["handler"]["running"] and "PermissionDeniedError" in info["listeners"]["m__text"]["last_error"]
+        owner.execute(f'GRANT INSERT, UPDATE ON "_outputs__m__text" TO "{role}"')
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: 1, 2: 2, 3: 3} and db.errors() == []
+
+
+def test_select_on_the_table_revoked_while_running_is_not_taken_for_a_drop(
+    pg_database: str, pg_role: tuple[str, str]
+) -> None:
+    # information_schema hid the table: "table 'docs' was dropped: its listeners stop", its
+    # snapshot dropped, and nothing was followed after the grant.
+    role, uri = pg_role
+    with as_owner(pg_database) as owner, reactive.connect(uri, poll_interval=0.05) as db:
+        owner.execute(f'GRANT SELECT ON docs TO "{role}"; GRANT CREATE ON SCHEMA public TO "{role}"')
+        db.add(lengths())
+        db.cdc.start()
+        owner.execute(f'REVOKE SELECT ON docs FROM "{role}"')
+        owner.execute("INSERT INTO docs VALUES (3, 'ccc')")
+        assert within(30, lambda: "docs" in db.cdc.info()["source"]["failing_tables"])
+        assert f'GRANT SELECT ON "docs" TO "{role}"' in db.cdc.info()["source"]["failing_tables"]["docs"]
+        assert db.cdc.info()["stopped_tables"] == {} and not db.cdc.wait_idle(timeout=0.5)
+        owner.execute(f'GRANT SELECT ON docs TO "{role}"')
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: 1, 2: 2, 3: 3}
+
+
+def test_a_session_that_turns_read_only_while_running_waits_and_resumes_once_writable(
+    pg_database: str, pg_role: tuple[str, str]
+) -> None:
+    # As after a failover onto a standby: reactive reconnects to a session that may not write.
+    role, uri = pg_role
+    with as_owner(pg_database) as owner, reactive.connect(uri, poll_interval=0.05) as db:
+        owner.execute(f'GRANT SELECT ON docs TO "{role}"; GRANT CREATE ON SCHEMA public TO "{role}"')
+        db.add(lengths())
+        db.cdc.start()
+        owner.execute(f'ALTER ROLE "{role}" SET default_transaction_read_only = on')
+        owner.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role])
+        owner.execute("INSERT INTO docs VALUES (3, 'ccc')")
+        assert within(30, lambda: "read-only" in (db.cdc.info()["listeners"]["m__text"]["last_error"] or ""))
+        assert not db.cdc.wait_idle(timeout=0.5) and db.cdc.info()["handler"]["running"]
+        owner.execute(f'ALTER ROLE "{role}" RESET default_transaction_read_only')
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "m__text") == {1: 1, 2: 2, 3: 3} and db.errors() == []
+
+
+def test_a_backfill_the_database_refuses_fails_db_add_with_what_to_grant(
+    pg_database: str, pg_role: tuple[str, str]
+) -> None:
+    # The backfill's rows were set apart one by one with psycopg's error, each recorded as failed.
+    role, uri = pg_role
+    with as_owner(pg_database) as owner:
+        owner.execute(f'GRANT SELECT ON docs TO "{role}"; GRANT CREATE ON SCHEMA public TO "{role}"')
+        with reactive.connect(pg_database) as first:
+            first.add(lengths())
+        owner.execute('DELETE FROM "_outputs__m__text"')
+        owner.execute(
+            f'GRANT SELECT, INSERT, UPDATE, DELETE ON "_reactive_checkpoints", "_reactive_snapshot__docs" TO "{role}"'
+        )
+        owner.execute(f'GRANT SELECT ON "_outputs__m__text" TO "{role}"')
+        with reactive.connect(uri, poll_interval=0.05) as db:
+            with pytest.raises(reactive.PermissionDeniedError, match='"_outputs__m__text"') as refused:
+                db.add(lengths())
+            assert "adding it again resumes the backfill" in str(refused.value)
+            owner.execute(f'GRANT INSERT, UPDATE, DELETE ON "_outputs__m__text" TO "{role}"')
+            follows_after_the_grant(db, owner)

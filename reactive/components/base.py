@@ -149,6 +149,11 @@ class Component(ABC):
         refresh.errors.extend(ErrorRecord(self.identifier, batch.table, i, error) for i in batch.ids)
         return refresh
 
+    def recorded(self, ids: Sequence[Any]) -> None:  # noqa: B027 - most components keep no errors
+        """The handler recorded errors for these rows of the component (a window the database
+        refused: see ``CDCHandler``): a component that settles its rows' errors once they succeed
+        settles these too."""
+
     def close(self, db: Datalayer) -> None:  # noqa: B027 - most components hold nothing
         """Release what the component holds in this process (``db.close()`` calls it)."""
 

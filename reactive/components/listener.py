@@ -836,6 +836,12 @@ class Listener(Component):
             ids = [ids[k] for k in np.flatnonzero(mask).tolist()]
         return _Inputs(list(ids), values, digests)
 
+    def recorded(self, ids: Sequence[Any]) -> None:
+        if self._failed is not None:
+            self._failed.update(map(id_key, ids))
+            if len(self._failed) > FAILED_MEMORY:
+                self._failed = None
+
     def _settle_errors(self, batch: Batch, db: Datalayer, refresh: Refresh) -> None:
         """Keep ``_reactive_errors`` to the current failures of this listener's rows.
 

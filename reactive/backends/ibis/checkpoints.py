@@ -74,7 +74,8 @@ class IbisSections:
 
     def _migrate(self) -> None:
         """A 0.1 table (``name``, ``value`` JSON text): its values become sections of ``reactive``."""
-        old = self.conn.table(CHECKPOINTS_TABLE).select("name", "value").to_pyarrow().to_pylist()
+        with self.conn.refusals():
+            old = self.conn.table(CHECKPOINTS_TABLE).select("name", "value").to_pyarrow().to_pylist()
         self.conn.drop_table(CHECKPOINTS_TABLE)
         self.conn.create_table(CHECKPOINTS_TABLE, _COLUMNS, key="key")
         if old:

@@ -67,6 +67,19 @@ class IbisConnection:
                 raise
             self.dialect.commit(self.con)
 
+    @contextlib.contextmanager
+    def refusals(self) -> Iterator[None]:
+        """A call through ibis (not through the dialect's statements, which do it themselves) that
+        the database refuses (``Dialect.refusal``: a privilege, a read-only session) raises the
+        :class:`~reactive.errors.PermissionDeniedError` saying what to grant, not the driver's error."""
+        try:
+            yield
+        except Exception as exc:
+            refused = self.dialect.refusal(self.con, exc)
+            if refused is None:
+                raise
+            raise refused from exc
+
     def close(self) -> None:
         with self.lock:
             self._closed = True
@@ -322,6 +335,6 @@ class IbisConnection:
             self._keyed[name] = keyed
 
     def drop_table(self, name: str) -> None:
-        with self.lock:
+        with self.lock, self.refusals():
             self.con.drop_table(name, force=True)
             self.forget(name)

@@ -39,7 +39,8 @@ import pyarrow.compute as pc
 import sqlglot as sg
 import sqlglot.expressions as sge
 
-from reactive.errors import BackendError, ConfigurationError
+from reactive.backends.base import OUTPUTS_PREFIX, own_table
+from reactive.errors import BackendError, ConfigurationError, PermissionDeniedError
 from reactive.events import id_key
 from reactive.fingerprints import fingerprint_bytes
 from reactive.outputs import ibis_type, refuse_output_type
@@ -299,6 +300,11 @@ class Dialect:
         for a "not found" message: none where the engine has no search path."""
         return []
 
+    def unusable_schemas(self, con: Any, table: str) -> list[str]:
+        """The schemas that hold a table (or view) named ``table`` and that the session may not
+        use (no ``USAGE``), for a "not found" message: none where the engine has no schemas."""
+        return []
+
     def table_exists(self, con: Any, name: str) -> bool:
         """Whether a table or view ``name`` is in the current schema (or a temporary one):
         what ``name in con.list_tables()`` says, in one statement (ibis's ``list_tables`` on
@@ -490,6 +496,14 @@ class Dialect:
     def is_transient(self, exc: BaseException) -> bool:
         """Whether ``exc`` means the database is unreachable for now, not that the data is bad."""
         return False
+
+    def refusal(self, con: Any, exc: BaseException) -> PermissionDeniedError | None:
+        """``exc`` as the :class:`~reactive.errors.PermissionDeniedError` it is where the database
+        refused the session a statement (a privilege it lacks, a read-only session), saying what
+        to grant; None for any other error. The one place that tells them apart: every statement
+        of the dialect's, and each ibis call on reactive's tables (``IbisConnection.refusals``),
+        raises it in place of the driver's error."""
+        return None
 
     #: Open transactions (``begin`` nests): statements commit on their own only outside one.
     depth: int = 0
@@ -750,8 +764,60 @@ class PostgresDialect(Dialect):
     uuid_objects = True
 
     def read_casts(self, con: Any, table: str) -> dict[str, str]:
-        """None: the driver hands every column's values over as Python objects of their own."""
-        return {}
+        """The columns whose type is an array of a domain, read as an array of its base type: the
+        server describes a domain's values as its base type's, which the driver reads, but an
+        array of a domain as a type of its own, which psycopg handed over as the array's text
+        (``'{1,2}'``). Every other column's values come as Python objects of their own."""
+        return {column: kind for column, (kind, array) in self._domains(con, table).items() if array}
+
+    def handle(self, con: Any, table: str) -> Any:
+        """ibis's handle on ``table``, each column of a domain (``CREATE DOMAIN order_id AS bigint``)
+        typed as the domain's base type: ibis names a domain's type by the domain's name, a type
+        it does not know, and a domain-typed primary key was refused ("cannot store ids of
+        (order_id)"); a domain is read, compared and stored as its base type."""
+        handle = con.table(table)
+        schema = handle.schema()
+        if not any(_unknown_within(kind) for kind in schema.types):
+            return handle
+        domains = self._domains(con, table)
+        mapper = con.compiler.type_mapper
+        resolved = {
+            name: mapper.from_string(domains[name][0], nullable=kind.nullable) if name in domains else kind
+            for name, kind in schema.items()
+        }
+        return handle.op().copy(schema=ibis.schema(resolved)).to_expr()
+
+    def _domains(self, con: Any, table: str) -> dict[str, tuple[str, bool]]:
+        """The columns of ``table`` whose type is a domain or an array of one (at any depth: a
+        domain over a domain), each with its base type as ``format_type`` names it, and whether
+        it is an array."""
+        rows = self.fetch(con, self._DOMAIN_COLUMNS, [table])
+        return {row["column_name"]: (row["data_type"], row["is_array"]) for row in rows if row["data_type"]}
+
+    #: The columns of a table (as the search path finds it) whose type is a domain, or an array
+    #: of one, resolved to the base type (``pg_type.typbasetype``) one domain at a time; a typmod
+    #: (``varchar(20)``) is the innermost domain's that has one. A domain cannot be declared with a
+    #: typmod of its own, so none is lost on the way.
+    _DOMAIN_COLUMNS = (
+        "WITH RECURSIVE rel AS (SELECT to_regclass(quote_ident(%s)) AS oid),"
+        " resolved(attnum, typid, typmod, depth) AS ("
+        " SELECT a.attnum, a.atttypid, a.atttypmod, 0 FROM pg_catalog.pg_attribute a JOIN rel ON a.attrelid = rel.oid"
+        " WHERE a.attnum > 0 AND NOT a.attisdropped"
+        " UNION ALL"
+        " SELECT r.attnum, CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE b.typarray END,"
+        " CASE WHEN t.typtype = 'd' AND t.typtypmod <> -1 THEN t.typtypmod"
+        " WHEN t.typtype <> 'd' AND e.typtypmod <> -1 THEN e.typtypmod ELSE r.typmod END, r.depth + 1"
+        " FROM resolved r JOIN pg_catalog.pg_type t ON t.oid = r.typid"
+        " LEFT JOIN pg_catalog.pg_type e ON t.typcategory = 'A' AND e.oid = t.typelem"
+        " LEFT JOIN pg_catalog.pg_type b ON b.oid = e.typbasetype"
+        " WHERE t.typtype = 'd' OR e.typtype = 'd')"
+        " SELECT a.attname AS column_name, t.typcategory = 'A' AS is_array,"
+        " CASE WHEN t.typtype = 'e' THEN 'enum' ELSE format_type(r.typid, r.typmod) END AS data_type"
+        " FROM (SELECT DISTINCT ON (attnum) * FROM resolved ORDER BY attnum, depth DESC) r"
+        " JOIN rel ON TRUE JOIN pg_catalog.pg_attribute a ON a.attrelid = rel.oid AND a.attnum = r.attnum"
+        " LEFT JOIN pg_catalog.pg_type t ON t.oid = r.typid"
+        " WHERE r.depth > 0"
+    )
 
     def storage_type(self, logical: str) -> dt.DataType:
         """:meth:`Dialect.storage_type`, refusing what a PostgreSQL outputs table was not seen to
@@ -769,11 +835,18 @@ class PostgresDialect(Dialect):
         return dtype
 
     def table_exists(self, con: Any, name: str) -> bool:
-        """A table, view or materialized view (``information_schema``, which ibis lists, leaves
-        the last out: ``select=`` one was said not to exist)."""
-        return name in con.list_tables() or bool(self.fetch(con, self._MATVIEW, [name]))
+        """A table, view, materialized view or foreign table of the current schema (or a temporary
+        one), from ``pg_catalog``: ``information_schema``, which ibis lists, leaves out materialized
+        views, and every table the role has no privilege on: a watched table the role may not read
+        was said not to exist at ``db.add``, and one whose ``SELECT`` was revoked while it was
+        followed was taken for dropped (its listeners stopped, its snapshot dropped, for good)."""
+        return bool(self.fetch(con, self._RELATION, [name]))
 
-    _MATVIEW = "SELECT 1 FROM pg_catalog.pg_matviews WHERE schemaname = current_schema() AND matviewname = %s"
+    _RELATION = (
+        "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE c.relname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"
+        " AND (n.nspname = current_schema() OR n.oid = pg_my_temp_schema()) LIMIT 1"
+    )
 
     def other_schemas(self, con: Any, table: str) -> list[str]:
         """:meth:`Dialect.other_schemas`: a table of another schema of the search path is read by
@@ -783,6 +856,18 @@ class PostgresDialect(Dialect):
             "SELECT n.nspname AS schema FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
             " ON n.oid = c.relnamespace WHERE c.relname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"
             " AND n.nspname <> current_schema() AND n.nspname NOT LIKE 'pg\\_%%' ORDER BY 1",
+            [table],
+        )
+        return [row["schema"] for row in rows]
+
+    def unusable_schemas(self, con: Any, table: str) -> list[str]:
+        """:meth:`Dialect.unusable_schemas`: a schema the role has no ``USAGE`` on is left out of
+        its search path, so its tables were said not to exist, with no word of the privilege."""
+        rows = self.fetch(
+            con,
+            "SELECT n.nspname AS schema FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
+            " ON n.oid = c.relnamespace WHERE c.relname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"
+            " AND NOT has_schema_privilege(n.oid, 'USAGE') AND n.nspname NOT LIKE 'pg\\_%%' ORDER BY 1",
             [table],
         )
         return [row["schema"] for row in rows]
@@ -876,11 +961,48 @@ class PostgresDialect(Dialect):
 
         return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
+    def refusal(self, con: Any, exc: BaseException) -> PermissionDeniedError | None:
+        """:meth:`Dialect.refusal`: SQLSTATE 42501 (``InsufficientPrivilege``) or 25006
+        (``ReadOnlySqlTransaction``), explained by :func:`postgres_refusal` with what the session
+        reports of itself (its role, database, and whether it is read-only or a hot standby)."""
+        import psycopg
+
+        if isinstance(exc, PermissionDeniedError) or not isinstance(exc, psycopg.Error) or exc.diag is None:
+            return None
+        state, message = exc.diag.sqlstate, exc.diag.message_primary
+        if state not in (INSUFFICIENT_PRIVILEGE, READ_ONLY_TRANSACTION) or message is None:
+            return None
+        info = con.con.info
+        explained = postgres_refusal(
+            state,
+            message,
+            role=info.parameter_status("session_authorization") or info.user,
+            database=info.dbname,
+            read_only=info.parameter_status("default_transaction_read_only"),
+            hot_standby=info.parameter_status("in_hot_standby"),
+        )
+        return None if explained is None else PermissionDeniedError(explained)
+
+    #: Whether the session was found read-only: it is replaced before the next statement outside
+    #: a transaction, as a setting changed since (``ALTER ROLE ... SET default_transaction_read_only
+    #: = off``) or a standby promoted holds for new sessions only: a retry after the change failed
+    #: again, for as long as the process kept its connection.
+    reopen: bool = False
+
     def _reconnecting(self, con: Any, run: Callable[[], _T]) -> _T:
+        """``run()`` (one unit of statements); a connection lost outside a transaction is
+        reopened and the unit run again; a refusal is raised as :meth:`refusal` words it."""
         try:
+            if self.reopen and not self.depth:
+                self.reopen = False
+                con.reconnect()
             _bound_lock_waits(con.con)
             return run()
         except Exception as exc:
+            refused = self.refusal(con, exc)
+            if refused is not None:
+                self.reopen = getattr(exc, "sqlstate", None) == READ_ONLY_TRANSACTION
+                raise refused from exc
             if self.depth or not self.is_transient(exc) or not (con.con.closed or con.con.broken):
                 raise  # inside a transaction the whole unit is retried, not one statement
             log.warning("the PostgreSQL connection was lost (%s); reconnecting", exc)
@@ -964,6 +1086,122 @@ class PostgresDialect(Dialect):
                 cur.execute(statements[3])
 
         self._reconnecting(con, run)
+
+
+#: The SQLSTATEs of PostgreSQL refusing a session a statement: a privilege its role lacks
+#: (also "must be owner of"), and a read-only transaction (``default_transaction_read_only``,
+#: a hot standby).
+INSUFFICIENT_PRIVILEGE, READ_ONLY_TRANSACTION = "42501", "25006"
+
+_DENIED = re.compile(r"permission denied for (schema|table|view|materialized view|relation) (.+)")
+_NOT_OWNER = re.compile(r"must be owner of (?:table|relation|view|materialized view) (.+)")
+_NO_TEMPORARY = re.compile(r'permission denied to create temporary tables in database "?(.+?)"?$')
+
+
+def quoted_name(name: str) -> str:
+    """``name`` as a quoted PostgreSQL identifier, for a statement a message gives to run.
+
+    >>> print(quoted_name('a"b'))
+    "a""b"
+    """
+    return sg.to_identifier(name, quoted=True).sql("postgres")
+
+
+def postgres_refusal(
+    state: str,
+    message: str,
+    *,
+    role: str,
+    database: str,
+    read_only: str | None = None,
+    hot_standby: str | None = None,
+) -> str | None:
+    """What PostgreSQL refusing reactive's session a statement (SQLSTATE ``state``, its primary
+    ``message``) means and what mends it: the privilege, its object and the ``GRANT`` (reactive
+    reads the tables it watches; it creates tables of its own in the same schema and reads and
+    writes them), or the read-only setting. None where ``state`` is no such refusal. Names only
+    the role and the database, never a URI (no credentials).
+
+    >>> print(postgres_refusal("42501", "permission denied for schema public", role="app", database="shop"))
+    role "app" may not create reactive's tables in schema "public" of database "shop" (permission denied for
+    schema public): reactive keeps its outputs, snapshots, checkpoints and errors in tables of its own beside the
+    tables it follows; GRANT USAGE, CREATE ON SCHEMA "public" TO "app"
+    >>> own = "permission denied for table _reactive_checkpoints"
+    >>> print(postgres_refusal("42501", own, role="app", database="shop"))
+    role "app" may not read and write reactive's table "_reactive_checkpoints" of database "shop" (permission
+    denied for table _reactive_checkpoints; made by another role?): GRANT SELECT, INSERT, UPDATE, DELETE ON
+    "_reactive_checkpoints" TO "app" (and so on each of reactive's tables that role made: _reactive_checkpoints,
+    _reactive_errors, _reactive_snapshot__*, _outputs__*)
+    >>> print(postgres_refusal("42501", "permission denied for table docs", role="app", database="shop"))
+    role "app" may not read table "docs" of database "shop" (permission denied for table docs): GRANT SELECT ON
+    "docs" TO "app"
+    >>> print(postgres_refusal("25006", "cannot execute CREATE TABLE in a read-only transaction", role="app",
+    ...                        database="shop", read_only="on", hot_standby="off"))
+    database "shop" is read-only for role "app" (cannot execute CREATE TABLE in a read-only transaction):
+    default_transaction_read_only is on (set for the database, the role or in the URI's options), and reactive writes
+    its outputs, snapshots and checkpoints there; turn it off for reactive's role: ALTER ROLE "app" SET
+    default_transaction_read_only = off (a role's setting overrides the database's), or in the URI:
+    ?options=-cdefault_transaction_read_only%3Doff
+    >>> postgres_refusal("23505", "duplicate key value violates unique constraint", role="app", database="shop")
+    """
+    grantee, db = quoted_name(role), quoted_name(database)
+    who = f"role {grantee}"
+    if state == READ_ONLY_TRANSACTION:
+        if hot_standby == "on" or "during recovery" in message:
+            return (
+                f"database {db} is a hot standby, read-only ({message}): reactive writes its outputs, snapshots and"
+                " checkpoints to the database it follows; connect it to the primary"
+            )
+        why = (
+            "default_transaction_read_only is on (set for the database, the role or in the URI's options)"
+            if read_only == "on"
+            else "the session's transactions are read-only (transaction_read_only)"
+        )
+        return (
+            f"database {db} is read-only for {who} ({message}): {why}, and reactive writes its outputs, snapshots"
+            f" and checkpoints there; turn it off for reactive's role: ALTER ROLE {grantee} SET"
+            " default_transaction_read_only = off (a role's setting overrides the database's), or in the URI:"
+            " ?options=-cdefault_transaction_read_only%3Doff"
+        )
+    if state != INSUFFICIENT_PRIVILEGE:
+        return None
+    where = f"of database {db} ({message}"
+    if denied := _DENIED.fullmatch(message):
+        kind, name = denied.groups()
+        target = quoted_name(name)
+        if kind == "schema":
+            return (
+                f"{who} may not create reactive's tables in schema {target} {where}): reactive keeps its outputs,"
+                " snapshots, checkpoints and errors in tables of its own beside the tables it follows;"
+                f" GRANT USAGE, CREATE ON SCHEMA {target} TO {grantee}"
+            )
+        if own_table(name) or name.startswith(OUTPUTS_PREFIX):
+            return (
+                f"{who} may not read and write reactive's table {target} {where}; made by another role?): GRANT"
+                f" SELECT, INSERT, UPDATE, DELETE ON {target} TO {grantee} (and so on each of reactive's tables that"
+                f" role made: _reactive_checkpoints, _reactive_errors, _reactive_snapshot__*, {OUTPUTS_PREFIX}*)"
+            )
+        return f"{who} may not read {kind} {target} {where}): GRANT SELECT ON {target} TO {grantee}"
+    if owner := _NOT_OWNER.fullmatch(message):
+        target = quoted_name(owner.group(1))
+        return (
+            f"{who} may not drop or alter table {target} {where}): only its owner may; run reactive as the role"
+            f" that owns it, or make it the owner: ALTER TABLE {target} OWNER TO {grantee}"
+        )
+    if _NO_TEMPORARY.fullmatch(message):
+        return (
+            f"{who} may not create temporary tables in database {db} ({message}): reactive stages the rows it"
+            f" writes in one; GRANT TEMPORARY ON DATABASE {db} TO {grantee}"
+        )
+    return (
+        f"{who} was refused a statement in database {db} ({message}): reactive reads the tables it follows, and"
+        " creates, reads and writes tables of its own in their schema; grant the role what it lacks"
+    )
+
+
+def _unknown_within(dtype: dt.DataType) -> bool:
+    """Whether ibis could not name ``dtype``, or a type inside it (an array's elements)."""
+    return dtype.is_unknown() or (dtype.is_array() and _unknown_within(dtype.value_type))
 
 
 def _grouped(cursor: Any, value: str, by: str) -> dict[Any, list[Any]]:

@@ -18,7 +18,7 @@ from reactive.backends.base import (
     warn_unfollowed_ids,
 )
 from reactive.backends.ibis.connection import IbisConnection
-from reactive.backends.ibis.dialects import decode_for
+from reactive.backends.ibis.dialects import decode_for, quoted_name
 from reactive.errors import ConfigurationError, TableNotFoundError
 from reactive.events import Row, id_key, is_utf8
 from reactive.rowformat import RowFormat, as_json_text
@@ -63,6 +63,7 @@ class IbisSource:
             if not conn.table_exists(table):
                 hint = (
                     _schema_hint(table, conn.dialect.name)
+                    or _usage_hint(table, conn.dialect.unusable_schemas(conn.con, table))
                     or _search_path_hint(table, conn.dialect.other_schemas(conn.con, table))
                     or case_hint(table, conn.con.list_tables())
                 )
@@ -111,7 +112,8 @@ class IbisSource:
         conn = self.conn
         with conn.lock:
             if conn.column_type(table.name, table.id_column) is None:  # no such column: every row
-                return int(conn.table(table.name).count().execute())
+                with conn.refusals():
+                    return int(conn.table(table.name).count().execute())
             narrowing = self._narrowing(table.name, where or {}, self.columns(table.name))
             statements = conn.statements(table.name, table.id_column, [table.id_column], where=narrowing)
             (counted,) = conn.fetch_plain(statements.count)
@@ -231,6 +233,22 @@ def _file_hint(uri: str) -> str:
     if uri.partition("://")[0].lower() not in ("duckdb", "sqlite") or "%" not in uri:
         return ""
     return f" (the file opened is {file_path(uri)!r}: the URI's path is percent-decoded; write '%' as %25)"
+
+
+def _usage_hint(table: str, schemas: list[str]) -> str:
+    """Where a table of that name is, when it is in schemas reactive's role may not use.
+
+    >>> print(_usage_hint("docs", ["public"]))
+     (a table 'docs' is in schema 'public', on which reactive's role has no USAGE privilege: GRANT USAGE ON
+    SCHEMA "public" TO it)
+    """
+    if not schemas:
+        return ""
+    where = ", ".join(map(repr, schemas))
+    return (
+        f" (a table {table!r} is in schema {where}, on which reactive's role has no USAGE privilege: GRANT USAGE ON"
+        f" SCHEMA {quoted_name(schemas[0])} TO it)"
+    )
 
 
 def _search_path_hint(table: str, schemas: list[str]) -> str:

@@ -290,7 +290,7 @@ class IbisOutputs:
 
     def read_outputs(self, identifier: str) -> list[dict[str, Any]]:
         name = outputs_table(identifier)
-        with self.conn.lock:
+        with self.conn.lock, self.conn.refusals():
             if not self.conn.table_exists(name):
                 return []
             try:
@@ -354,7 +354,7 @@ class IbisErrors:
                 "at": timestamp_column(dialect, [r.at for r in records]),
             }
         )
-        with self.conn.lock:
+        with self.conn.lock, self.conn.refusals():
             if not self.conn.table_exists(ERRORS_TABLE):
                 self.conn.con.create_table(ERRORS_TABLE, schema=schema)
             self.conn.con.insert(ERRORS_TABLE, ibis.memtable(data))
@@ -379,7 +379,8 @@ class IbisErrors:
             t = self.conn.table(ERRORS_TABLE)
             if listener is not None:
                 t = t.filter(t.listener == listener)
-            rows = t.order_by("at").to_pyarrow().to_pylist()
+            with self.conn.refusals():
+                rows = t.order_by("at").to_pyarrow().to_pylist()
         for row in rows:
             row["source"] = json.loads(row["source"], object_hook=from_plain)
             row["at"] = error_time(row["at"])
