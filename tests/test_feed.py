@@ -802,6 +802,23 @@ def test_a_subscription_to_a_publisher_that_died_reports_why(stack: ExitStack) -
     assert sub.view == {1: "a"}  # what it had stays
 
 
+def test_a_publisher_dead_for_hours_is_still_asked_with_backoff(stack: ExitStack) -> None:
+    # After 1024 failed fetches in a row (about 85 minutes at 5 s each) the backoff,
+    # 0.1 * 2**failures, overflowed a float: the next try was never put off again, and the
+    # dead publisher was asked at every check (50 ms), each failure logging an OverflowError.
+    proc = publisher(stack, rows={"t": [[1, "a"]]})
+    sub, _ = follow(stack, proc.address, quiet_after=0.2, rpc_timeout=0.3)
+    assert sub.wait_synced(WAIT)
+    proc.kill()
+    with sub._lock:
+        state = sub._subscriptions[("pub", "t")]
+        state.failures = 2000  # as after hours of failures in a row
+    began = time.monotonic()
+    assert wait_until(sub, lambda: state.failures > 2000)
+    assert began < state.retry_at <= time.monotonic() + reactive.feed.service.MAX_RETRY_BACKOFF
+    assert "RpcTimeoutError" in (state.last_error or "")
+
+
 # -- 7. malformed and oversized messages ------------------------------------------------------------
 class Injector:
     """A receive filter that processes the messages it is given just before the next delta."""

@@ -292,6 +292,22 @@ def test_close_stops_a_follow_waiting_for_its_publisher_at_once(tmp_path: Path) 
     assert not [t for t in threading.enumerate() if t.name.startswith("reactive-")]
 
 
+def test_a_follow_whose_publisher_is_down_for_hours_keeps_trying(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # After 1024 failed tries in a row (about 85 minutes at 5 s each) the backoff, 0.1 *
+    # 2**failures, overflowed a float: the follow's thread died of an OverflowError, and the
+    # publisher, once back, was never followed.
+    with reactive.connect(f"duckdb:///{tmp_path}/b.duckdb") as b, caplog.at_level(logging.WARNING):
+        source = b.cdc.follow(free_address(), "t", as_table="elsewhere", rpc_timeout=0.1)
+        b.cdc.start()
+        follower = source._follower
+        assert follower is not None
+        follower.failures = 2000  # as after hours of failures in a row
+        assert within(WAIT, lambda: "trying again in 5.0 s" in caplog.text)
+        assert follower.is_alive() and follower.failures > 2000
+
+
 def follow_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "reactive-feed-follow"]
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from reactive.backends.base import OUTPUT_FIELD, OUTPUTS_PREFIX, SOURCE_FIELD
 from reactive.errors import ConfigurationError, QueueClosedError
-from reactive.feed.service import MAX_RETRY_BACKOFF, DataService, check_name
+from reactive.feed.service import DataService, check_name, retry_backoff
 from reactive.feed.wire import FeedEncodeError
 from reactive.queue import CDCQueue
 from reactive.threads import ReactiveThread
@@ -293,9 +293,8 @@ class FeedPublisher(ReactiveThread):
 
     def _retry_in(self) -> float | None:
         """Seconds until names whose read failed are read again without a window (None: no such
-        name): doubling from 0.1 s with each failure in a row, up to :data:`MAX_RETRY_BACKOFF`, as the
-        feed's other retries."""
-        return min(0.1 * 2 ** min(self._load_failures, 6), MAX_RETRY_BACKOFF) if self._unloaded else None
+        name): the feed's :func:`~reactive.feed.service.retry_backoff` of the failures in a row."""
+        return retry_backoff(self._load_failures) if self._unloaded else None
 
     def _reader(self, kind: str, name: str) -> Callable[[], dict[Any, Any]]:
         db = self.db

@@ -35,9 +35,26 @@ EVENTS = ("insert", "update", "delete")
 #: Sequence numbers reserved in the checkpoint store at a time: a restart (even after a
 #: SIGKILL) numbers on from the end of the block, so numbers only grow.
 SEQNUM_BLOCK = 10_000
-#: Longest wait between two failed snapshot fetches of a subscription.
+#: Longest wait between two tries of the feed's retries (snapshot fetches, follows, reads).
 MAX_RETRY_BACKOFF = 5.0
 MAX_NAME_LENGTH = 256
+
+
+def retry_backoff(failures: int) -> float:
+    """Seconds to wait before trying again after ``failures`` failures in a row: 0.1 s doubled
+    with each, up to :data:`MAX_RETRY_BACKOFF` (a publisher that is down is not asked every
+    50 ms, nor left unasked for long once it is back). Every retry of the feed waits this long.
+
+    >>> [retry_backoff(n) for n in (0, 1, 2, 5, 6)]
+    [0.1, 0.2, 0.4, 3.2, 5.0]
+
+    Any count is a number of seconds (``0.1 * 2**1024`` overflows a float: a publisher down
+    for an hour and a half made a subscription retry at every check, and a follow's thread die):
+
+    >>> retry_backoff(10_000)
+    5.0
+    """
+    return min(0.1 * 2.0 ** min(max(failures, 0), 64), MAX_RETRY_BACKOFF)
 
 
 def check_name(what: str, name: Any) -> str:
@@ -676,7 +693,7 @@ class DataService:
                 # Tried again at the next check, backing off: a publisher that is down or a
                 # snapshot over max_message_bytes is not fetched every 50 ms.
                 sub.failures += 1
-                sub.retry_at = time.monotonic() + min(0.1 * 2**sub.failures, MAX_RETRY_BACKOFF)
+                sub.retry_at = time.monotonic() + retry_backoff(sub.failures)
             self._changed.notify_all()  # a waiter may be waiting for the status
         log.warning("%s could not fetch the snapshot of %s:%s: %s", self.service_id, publisher, table, error)
 

@@ -28,7 +28,7 @@ from reactive.errors import QueueClosedError, ReactiveError
 from reactive.events import ChangePacket, DBEvent, Row, id_key
 from reactive.feed import Change, Node, Subscription, _publisher_of, resumable
 from reactive.feed.node import check_address
-from reactive.feed.service import MAX_RETRY_BACKOFF, check_name
+from reactive.feed.service import check_name, retry_backoff
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -286,7 +286,7 @@ class _Follower(ReactiveThread):
                 if not resumable(exc):
                     self._give_up(exc)
                     return
-                delay = min(0.1 * 2**self.failures, MAX_RETRY_BACKOFF)
+                delay = retry_backoff(self.failures)
                 log.warning("%s: could not follow it (%s); trying again in %.1f s", source, exc, delay)
                 self.wait(delay)
                 continue
@@ -306,7 +306,8 @@ class _Follower(ReactiveThread):
 class _Releaser(ReactiveThread):
     """Reconciles the listeners of a :class:`FeedSource` whenever the handler released some of
     its changes (``wanted``), until a reconciliation is queued; rounds wanted again soon after the
-    last (the same changes failing again) back off, up to :data:`MAX_RETRY_BACKOFF`."""
+    last (the same changes failing again) back off as the feed's other retries
+    (:func:`~reactive.feed.service.retry_backoff`: from 0.1 s, doubling with each such round)."""
 
     #: A round wanted within this many seconds of the last one's start backs off.
     SOON = 5.0
@@ -321,11 +322,11 @@ class _Releaser(ReactiveThread):
         self.wanted.set()
 
     def run(self) -> None:
-        delay, last = 0.0, -self.SOON
+        soon, last = 0, -self.SOON  # rounds in a row wanted soon after the last
         while self.should_keep_running():
             self.wanted.wait()
-            delay = min(max(0.1, 2 * delay), MAX_RETRY_BACKOFF) if time.monotonic() - last < self.SOON else 0.0
-            if not self.wait(delay):
+            soon = soon + 1 if time.monotonic() - last < self.SOON else 0
+            if not self.wait(retry_backoff(soon - 1) if soon else 0.0):
                 return
             self.wanted.clear()
             last = time.monotonic()
