@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 import zmq
 from bson import ObjectId
+from conftest import within
 
 import reactive.feed
 from reactive.errors import ConfigurationError
@@ -68,9 +69,10 @@ class PublisherProcess:
         address: str = "tcp://127.0.0.1:0",
         checkpoints: str | None = None,
         rows: dict[str, list[list[Any]]] | None = None,
+        peer_timeout: float = 30.0,
     ) -> None:
         command = [sys.executable, str(TESTS / "feed_processes.py"), "--service", service, "--address", address]
-        command += ["--heartbeat", "0.05", "--rows", json.dumps(rows or {})]
+        command += ["--heartbeat", "0.05", "--rows", json.dumps(rows or {}), "--peer-timeout", str(peer_timeout)]
         if checkpoints:
             command += ["--checkpoints", checkpoints]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=TESTS)
@@ -298,6 +300,48 @@ def test_a_publisher_and_subscribers_in_separate_processes(stack: ExitStack) -> 
     parent.send(None)
     other.join(WAIT)
     assert other.exitcode == 0
+
+
+def test_subscribers_that_die_or_go_silent_leave_the_publishers_list(stack: ExitStack) -> None:
+    # A subscriber that never unsubscribed (SIGKILLed, its host gone) stayed in the publisher's
+    # subscriber_list for ever: the list grew with each one. Whatever sent the requests (this
+    # version's subscriber, an older one, a client of the wire alone) leaves it once the
+    # connection it asked on closes; a connection that answers no heartbeat is closed.
+    import feed_processes
+
+    proc = publisher(stack, rows={"t": [[1, "a"]]}, peer_timeout=1.0)
+    context = multiprocessing.get_context("spawn")
+    pipes = []  # kept open: a subscriber process ends when its pipe closes
+
+    def start(target: Callable[..., None], *args: str) -> tuple[Any, str]:
+        parent, child = context.Pipe()
+        pipes.append(parent)
+        process = context.Process(target=target, args=(*args, child), daemon=True)
+        process.start()
+        stack.callback(lambda: (process.kill(), process.join(WAIT)) if process.is_alive() else None)
+        child.close()
+        assert parent.poll(WAIT * 3), "the subscriber process did not start"
+        ready, service_id = parent.recv()
+        assert ready == "ready"
+        return process, service_id
+
+    killed, killed_id = start(feed_processes.subscriber_main, proc.address, "t")
+    bare, bare_id = start(feed_processes.wire_client_main, proc.address, "t", "bare-wire-client")
+    frozen, frozen_id = start(feed_processes.subscriber_main, proc.address, "t")
+    here, _ = follow(stack, proc.address)
+    assert here.wait_synced(WAIT)
+    everyone = [(killed_id, "t"), (bare_id, "t"), (frozen_id, "t"), (here.service_id, "t")]
+    assert proc.subscribers() == sorted(everyone)
+
+    killed.kill()  # SIGKILL: nothing unsubscribes
+    bare.kill()
+    assert within(WAIT, lambda: proc.subscribers() == sorted([(frozen_id, "t"), (here.service_id, "t")]))
+    os.kill(frozen.pid, signal.SIGSTOP)  # as a host gone: its connection stays open, and nothing answers on it
+    stack.callback(os.kill, frozen.pid, signal.SIGCONT)
+    assert within(WAIT, lambda: proc.subscribers() == [(here.service_id, "t")])
+    last = proc.publish("t", {1: "a", 2: "b"})  # the one alive is still served, and still listed
+    assert here.wait_delivered(last, WAIT) and here.view == {1: "a", 2: "b"}
+    assert proc.subscribers() == [(here.service_id, "t")]
 
 
 # -- 2. a late joiner ----------------------------------------------------------------------------------
@@ -1121,6 +1165,8 @@ def test_bad_node_options_and_a_taken_address_are_refused(pub_node: Node) -> Non
         ("check_interval", "0.05"),
         ("heartbeat_interval", True),
         ("quiet_after", math.nan),
+        ("peer_timeout", math.inf),
+        ("peer_timeout", 0),
     ):
         with pytest.raises(ConfigurationError, match=f"{option} must be a (finite )?number of seconds above 0"):
             Node(**{option: value})

@@ -31,7 +31,9 @@ encoding of :mod:`reactive.feed.wire`; ``v`` is 1.
   answers ``get_last_published_data_with_seqnum`` (``{"table"}`` -> ``{"epoch", "seqnum",
   "published", "data": [[id, value], ...]}``; ``published`` false: the service does not publish
   the table, or not yet, as after a restart until it has read its tables), ``get_snapshot`` and
-  ``ping``.
+  ``ping``. A snapshot request may say who asks, ``"caller": <service id>`` beside ``"service"``:
+  the publisher lists it (``subscriber_list``) while the connection it asked on is open, or until
+  ``__node__`` hears ``unsubscribed`` (``{"service", "table", "subscriber"}``).
 - To follow a table: subscribe the SUB socket, call ``probe`` until a message of the topic
   arrives (ZMQ drops what is published before a subscription reaches the publisher), fetch
   the snapshot, then apply each delta whose ``seqnum`` is one more than the last applied;

@@ -274,7 +274,8 @@ class DataService:
         self._lock = threading.RLock()
         self._published: dict[str, _Published] = {}
         self._subscriptions: dict[tuple[str, str], _Subscription] = {}
-        self._subscribers: dict[str, set[str]] = {}
+        #: table -> subscriber -> the connection its requests came on (None: this process's).
+        self._subscribers: dict[str, dict[str, int | None]] = {}
         self._endpoints: list[Any] = [DataServiceEndPoints(self)]
         self._changed = threading.Condition(self._lock)
         self._running = False
@@ -489,17 +490,27 @@ class DataService:
             return self.epoch, state.seqnum, text
 
     def subscriber_list(self) -> list[tuple[str, str]]:
-        """``(subscriber service, table)`` for every subscription to this service's tables."""
+        """``(subscriber service, table)`` for every subscription to this service's tables: those
+        that fetched a snapshot and have not unsubscribed, while the connection they asked on is
+        open (a subscriber killed, or whose host went away, is listed no more)."""
         with self._lock:
             return sorted((s, t) for t, subs in self._subscribers.items() for s in subs)
 
-    def _add_subscriber(self, subscriber: str, table: str) -> None:
+    def _add_subscriber(self, subscriber: str, table: str, connection: int | None = None) -> None:
         with self._lock:
-            self._subscribers.setdefault(table, set()).add(subscriber)
+            self._subscribers.setdefault(table, {})[subscriber] = connection
 
     def _remove_subscriber(self, subscriber: str, table: str) -> None:
         with self._lock:
-            self._subscribers.get(table, set()).discard(subscriber)
+            subscribers = self._subscribers.get(table, {})
+            subscribers.pop(subscriber, None)
+            if not subscribers:
+                self._subscribers.pop(table, None)
+
+    def _drop_subscribers(self, connection: int) -> None:
+        """The connection closed: those who asked on it are gone (or will ask again on another)."""
+        with self._lock:
+            self._subscribers = _without_connection(self._subscribers, connection)
 
     # -- subscribing --------------------------------------------------------------------------
     def subscribe(self, service: str, table: str) -> None:
@@ -733,6 +744,18 @@ class DataService:
         if self._node is None or not self._running:
             raise ConfigurationError(f"service {self.service_id!r} is not started: call start() first")
         return self._node
+
+
+def _without_connection(
+    subscribers: Mapping[str, Mapping[str, int | None]], connection: int
+) -> dict[str, dict[str, int | None]]:
+    """``subscribers`` (table -> subscriber -> connection) less those of ``connection``.
+
+    >>> _without_connection({"t": {"a": 7, "b": 8, "c": None}, "u": {"a": 7}}, 7)
+    {'t': {'b': 8, 'c': None}}
+    """
+    kept = {table: {s: c for s, c in subs.items() if c != connection} for table, subs in subscribers.items()}
+    return {table: subs for table, subs in kept.items() if subs}
 
 
 def _checkpoint_name(service_id: str) -> str:
