@@ -1178,6 +1178,9 @@ def test_bad_node_options_and_a_taken_address_are_refused(pub_node: Node) -> Non
         ({"gap_timeout": "1"}, "gap_timeout must be a number of seconds above 0"),
         ({"max_delta_rows": "10"}, "max_delta_rows must be a whole number of at least 0"),
         ({"max_delta_rows": -1}, "max_delta_rows must be a whole number of at least 0"),
+        ({"unpublished_timeout": 0}, "unpublished_timeout must be a number of seconds above 0"),
+        ({"unpublished_timeout": math.nan}, "unpublished_timeout must be a number of seconds above 0"),
+        ({"will_publish": True}, "will_publish must be callable, not bool"),
     ):
         with pytest.raises(ConfigurationError, match=message):
             DataService("svc", **options)
@@ -1249,6 +1252,43 @@ def test_subscribe_names_the_service_when_it_cannot_choose(stack: ExitStack, pub
     sub, _ = follow(stack, pub_node.address, service="other")
     assert sub.wait_synced(WAIT) and sub.view == {1: "other's"}
     assert len(reactive_threads()) == 5  # the failed ones stopped their nodes: these are pub_node and sub
+
+
+def test_a_table_never_published_ends_the_subscription_naming_those_that_are(stack: ExitStack) -> None:
+    # A misspelt table (on a node with one service) was "not published yet" for ever: the
+    # subscription took an empty snapshot (as it still does: a table published later is
+    # followed from it), then asked again every few seconds, each time with a warning, and
+    # never failed: a wait for its first change never ended.
+    proc = publisher(stack, rows={"docs": [[1, "a"]], "len__text": [[1, 1]]})
+    misspelt, changes = follow(stack, proc.address, table="len__txet", unpublished_timeout=0.5)
+    began = time.monotonic()
+    with pytest.raises(reactive.feed.TableNotPublishedError) as raised:
+        misspelt.wait_delivered(1, WAIT)
+    assert time.monotonic() - began < WAIT / 2
+    error = raised.value
+    assert re.fullmatch(
+        r"pub at tcp://127\.0\.0\.1:\d+ publishes no table 'len__txet' \(it publishes: docs, len__text; did you "
+        r"mean 'len__text'\?\), and did not for 0\.5 s: check the name \(a table published later must come "
+        r"within unpublished_timeout\)",
+        str(error),
+    )
+    assert isinstance(error, reactive.feed.FeedConfigurationError) and not reactive.feed.resumable(error)
+    assert (error.publisher, error.table, error.published) == ("pub", "len__txet", ["docs", "len__text"])
+    assert misspelt.error is error and misspelt.view == {} and changes.snapshot() == []
+    assert misspelt.status["subscriptions"]["pub:len__txet"]["last_error"].startswith("TableNotPublishedError: ")
+    with pytest.raises(reactive.feed.TableNotPublishedError):
+        misspelt.wait_synced(WAIT)
+
+    cased, _ = follow(stack, proc.address, table="Docs", unpublished_timeout=0.5)
+    with pytest.raises(reactive.feed.TableNotPublishedError, match=r"did you mean 'docs'\? \(names are taken as"):
+        cased.wait_delivered(1, WAIT)
+
+    # A table published within the time is followed.
+    later, later_changes = follow(stack, proc.address, table="later", unpublished_timeout=WAIT * 3)
+    assert later.wait_synced(WAIT) and later.view == {}
+    last = proc.publish("later", {1: "x", 2: "y"})
+    assert later.wait_delivered(last, WAIT) and later.view == {1: "x", 2: "y"} and later.error is None
+    assert replay(later_changes.snapshot()) == {1: "x", 2: "y"}
 
 
 def test_values_that_cannot_be_encoded_are_refused_and_nothing_is_published(
@@ -1653,12 +1693,15 @@ def test_get_snapshot_and_get_last_published_data_with_seqnum(stack: ExitStack, 
         "published": True,
         "data": [[1, "A"], [[2, "x"], {"b": [1, 2]}], [3, None]],
     }
-    # A table not published (yet) says so: an empty one would be taken for the table.
+    # A table not published (yet) says so: an empty one would be taken for the table. It says
+    # which are, and whether this one will be (a plain DataService cannot say).
     assert caller.rpc("pub", "get_last_published_data_with_seqnum", {"table": "u"}) == {
         "epoch": pub.epoch,
         "seqnum": 0,
         "published": False,
         "data": [],
+        "tables": ["t"],
+        "will_publish": None,
     }
     assert caller.rpc("pub", "get_snapshot", {"table": "u"}) == []
 

@@ -66,6 +66,18 @@ class FeedConfigurationError(RpcError, ConfigurationError):
     publish the table, or the node runs no service of the name given."""
 
 
+class TableNotPublishedError(FeedConfigurationError):
+    """A subscription's table is not published, and its publisher says it never will be (it
+    publishes only the tables it was given), or it was not for ``unpublished_timeout`` seconds
+    while the publisher could not say it will be: most likely a misspelt name. ``published``
+    holds the tables the publisher does publish (None where it did not say)."""
+
+    def __init__(self, message: str, *, publisher: str, table: str, published: Sequence[str] | None) -> None:
+        super().__init__(message, table=table)
+        self.publisher = publisher
+        self.published = None if published is None else list(published)
+
+
 def resumable(exc: BaseException) -> bool:
     """Whether following a publisher may work if tried again after ``exc`` (what pymongo's
     ``_resumable`` is to a change stream): the node did not answer (down, restarting,
@@ -573,6 +585,24 @@ class Node:
             receiver.command(("disconnect", before, None))
         receiver.command(("connect", peer.data_address, None))
 
+    def address_of(self, service: str) -> str | None:
+        """The address of the node running ``service``, as far as this node knows (it asks no one)."""
+        with self._lock:
+            if service in self._services:
+                return self.address
+        with self._peers_lock:
+            return next((p.address for p in self._peers.values() if service in p.services), None)
+
+    def published_tables_of(self, service: str) -> list[str] | None:
+        """The tables ``service`` publishes, as far as this node knows (it asks no one)."""
+        local = self.services().get(service)
+        if local is not None:
+            return local.published_tables()
+        with self._peers_lock:
+            info = next((p.services[service] for p in self._peers.values() if service in p.services), None)
+        tables = info.get("published_tables") if isinstance(info, dict) else None
+        return [str(t) for t in tables] if isinstance(tables, list) else None
+
     def _data_address_of(self, publisher: str) -> str:
         with self._lock:
             if publisher in self._services:
@@ -947,7 +977,16 @@ class _Fetcher(ReactiveThread):
         epoch, seqnum = answer.get("epoch"), answer.get("seqnum")
         published = answer.get("published") is not False  # a publisher before this key: published
         data = {_key(row_id): value for row_id, value in answer["data"]}
-        self._post(lambda: service._snapshot_arrived(publisher, table, epoch, seqnum, data, published))
+        # Of a table not published: what is (a publisher before this key: as its node listed),
+        # and whether it will be (before this key: it cannot say).
+        tables = answer.get("tables") if not published else None
+        if not published and not isinstance(tables, list):
+            tables = node.published_tables_of(publisher)
+        will = answer.get("will_publish")
+        will_publish = will if isinstance(will, bool) else None
+        self._post(
+            lambda: service._snapshot_arrived(publisher, table, epoch, seqnum, data, published, tables, will_publish)
+        )
 
     def _post(self, call: Callable[[], None]) -> None:
         receiver = self.node._receiver

@@ -104,6 +104,33 @@ class FeedHub:
                 self._publishers.remove(publisher)
 
 
+def wanted(tables: set[str] | None, name: str) -> bool:
+    """Whether a feed limited to ``tables`` (None: all) publishes ``name``."""
+    return tables is None or name in tables
+
+
+def published_names(db: Datalayer, tables: set[str] | None) -> list[tuple[str, str]]:
+    """``(kind, name)`` of what a feed of ``db`` publishes now (limited to ``tables``): each
+    watched table (kind ``"table"``) and each listener's outputs (``"outputs"``)."""
+    names: list[tuple[str, str]] = []
+    for component in db.components():
+        if wanted(tables, component.table) and not component.table.startswith(OUTPUTS_PREFIX):
+            names.append(("table", component.table))
+        if wanted(tables, component.identifier):
+            names.append(("outputs", component.identifier))
+    return list(dict.fromkeys(names))
+
+
+def will_publish(db: Datalayer, tables: set[str] | None, name: str) -> bool | None:
+    """Whether a feed of ``db`` limited to ``tables`` will publish ``name``, which it does not
+    (see :meth:`DataService.will_publish`): never one outside ``tables``; surely one the datalayer
+    watches or computes (being read, or read again after a failed read); perhaps any other (a
+    listener added later)."""
+    if not wanted(tables, name):
+        return False
+    return True if any(known == name for _, known in published_names(db, tables)) else None
+
+
 @dc.dataclass
 class FeedStats:
     windows: int = 0
@@ -202,16 +229,10 @@ class FeedPublisher(ReactiveThread):
 
     # -- what goes out -------------------------------------------------------------------------
     def _known_names(self) -> list[tuple[str, str]]:
-        names: list[tuple[str, str]] = []
-        for component in self.db.components():
-            if self._wanted(component.table) and not component.table.startswith(OUTPUTS_PREFIX):
-                names.append(("table", component.table))
-            if self._wanted(component.identifier):
-                names.append(("outputs", component.identifier))
-        return list(dict.fromkeys(names))
+        return published_names(self.db, self.tables)
 
     def _wanted(self, name: str) -> bool:
-        return self.tables is None or name in self.tables
+        return wanted(self.tables, name)
 
     def _publish(self, window: int, changes: Committed) -> None:
         self.stats.windows += 1

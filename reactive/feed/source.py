@@ -23,12 +23,13 @@ import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from reactive import checks
 from reactive.backends.base import OUTPUT_FIELD, SOURCE_FIELD, TableInfo
 from reactive.errors import QueueClosedError, ReactiveError
 from reactive.events import ChangePacket, DBEvent, Row, id_key
 from reactive.feed import Change, Node, Subscription, _publisher_of, resumable
 from reactive.feed.node import check_address
-from reactive.feed.service import check_name, retry_backoff
+from reactive.feed.service import UNPUBLISHED_TIMEOUT, check_name, retry_backoff
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class FeedSource:
         *,
         service: str | None = None,
         node_options: dict[str, Any] | None = None,
+        unpublished_timeout: float = UNPUBLISHED_TIMEOUT,
     ) -> None:
         self.table_name = name
         self.address = check_address(address)
@@ -78,6 +80,8 @@ class FeedSource:
         self._queue = queue
         self._reconcile = reconcile
         self._node_options = dict(node_options or {})
+        #: How long a table the publisher does not publish, and cannot say it will, is waited for.
+        self.unpublished_timeout = checks.seconds("unpublished_timeout", unpublished_timeout, infinite=True)
         # Each start makes its node; one made now refuses bad options (a TypeError, a
         # ConfigurationError) at follow(), not in a log line at every start.
         Node(None, peers=[self.address], **self._node_options)
@@ -146,6 +150,16 @@ class FeedSource:
             if self._follower is follower and follower.should_keep_running():
                 self.failure = error
                 self._settled.set()
+
+    def _subscription_failed(self, subscription: _FeedSubscription, error: Exception) -> None:
+        """The subscription ended for good (the table is not published): this table is not followed
+        (its rows are gone from the source's view) until the next start."""
+        with self._lock:
+            if self._subscription is not subscription:
+                return
+            self.failure = f"{type(error).__name__}: {error}"
+            self._subscription = None
+        subscription.close()
 
     def sync(self, timeout: float | None) -> bool:
         """Wait until every change published before the call is on the queue (or handled); False
@@ -274,7 +288,7 @@ class _Follower(ReactiveThread):
             try:
                 services = self.node.refresh_peer(source.address)
                 publisher = _publisher_of(source.address, source.table, source.service, services)
-                subscription = _FeedSubscription(source, self.node, publisher, source.table)
+                subscription = _FeedSubscription(source, self.node, publisher, source.table, source.unpublished_timeout)
                 subscription.open()
             except Exception as exc:
                 if subscription is not None:
@@ -343,8 +357,10 @@ class _Releaser(ReactiveThread):
 class _FeedSubscription(Subscription):
     """The subscription of a :class:`FeedSource`: whole deliveries, not one change at a time."""
 
-    def __init__(self, source: FeedSource, node: Node, publisher: str, table: str) -> None:
-        super().__init__(node, publisher, table, lambda change: None, own_node=True)
+    def __init__(self, source: FeedSource, node: Node, publisher: str, table: str, unpublished_timeout: float) -> None:
+        super().__init__(
+            node, publisher, table, lambda change: None, own_node=True, unpublished_timeout=unpublished_timeout
+        )
         self.source = source
         self._snapshots = 0
 
@@ -361,6 +377,9 @@ class _FeedSubscription(Subscription):
         # Not even as the first: it reconciles the listeners, deleting every output (after a
         # restart of this process while the publisher's restart reads its tables).
         return False
+
+    def _subscription_failed(self, publisher: str, table: str, error: Exception) -> None:
+        self.source._subscription_failed(self, error)
 
     def values(self, ids: Sequence[Any]) -> list[tuple[Any, Any]]:
         with self._view_lock:
