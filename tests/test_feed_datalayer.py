@@ -637,6 +637,9 @@ def test_a_follow_of_a_table_never_published_ends_and_says_why(tmp_path: Path) -
         with reactive.connect(f"duckdb:///{tmp_path}/b.duckdb", poll_interval=0.05) as b:
             source = b.cdc.follow(node.address, "doc", as_table="followed", unpublished_timeout=0.5)
             b.cdc.start()
+            began = time.monotonic()
+            assert b.cdc.wait_idle(WAIT) is False  # ends as the follow does, well before WAIT
+            assert time.monotonic() - began < WAIT / 3
             assert within(WAIT, lambda: source.failure is not None)
             assert re.fullmatch(
                 r"TableNotPublishedError: pub at \S+ publishes no table 'doc' \(it publishes: docs; did you mean "

@@ -27,7 +27,7 @@ from reactive import checks
 from reactive.backends.base import OUTPUT_FIELD, SOURCE_FIELD, TableInfo
 from reactive.errors import QueueClosedError, ReactiveError
 from reactive.events import ChangePacket, DBEvent, Row, id_key
-from reactive.feed import Change, Node, Subscription, _publisher_of, resumable
+from reactive.feed import Change, Node, Subscription, TableNotPublishedError, _publisher_of, resumable
 from reactive.feed.node import check_address
 from reactive.feed.service import UNPUBLISHED_TIMEOUT, check_name, retry_backoff
 from reactive.threads import ReactiveThread
@@ -181,7 +181,10 @@ class FeedSource:
             return False
         # Of the publisher's epoch: a publisher restarted without its checkpoints numbers from 0
         # again, below what the subscription delivered before it noticed the restart.
-        return subscription.wait_delivered(int(answer["seqnum"]), timeout, epoch=answer.get("epoch"))
+        try:
+            return subscription.wait_delivered(int(answer["seqnum"]), timeout, epoch=answer.get("epoch"))
+        except TableNotPublishedError:
+            return False  # the follow ended meanwhile (:attr:`failure` says why): nothing will arrive
 
     # -- what the subscription delivers (on its node's receiving thread) -----------------------
     def _deliver(self, changes: list[Change], first_snapshot: bool) -> None:
