@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses as dc
+import functools
 import logging
 import threading
 import time
@@ -14,7 +15,8 @@ from reactive.backends.base import BaseDatabaseListener, ListenerHooks, TableInf
 from reactive.checkpoints import Lease, LeaseKeeper
 from reactive.errors import BackendError, ConfigurationError, LeaseLostError, TableNotFoundError
 from reactive.feed.publisher import QUEUE_ROWS as FEED_QUEUE_ROWS
-from reactive.feed.publisher import FeedHub, FeedPublisher
+from reactive.feed.publisher import FeedHub, FeedPublisher, will_publish
+from reactive.feed.service import UNPUBLISHED_TIMEOUT
 from reactive.feed.source import FeedSource
 from reactive.handler import CDCHandler, ComponentStats, HandlerTotals, WindowRows
 from reactive.metrics import LagQueue, listener_lag
@@ -350,7 +352,12 @@ class DatabaseChangeDataCapture:
         node = Node(address, **node_options)
         node.start()
         try:
-            service = DataService(service_id, node, checkpoints=self.db.backend.sections)
+            service = DataService(
+                service_id,
+                node,
+                checkpoints=self.db.backend.sections,
+                will_publish=functools.partial(will_publish, self.db, wanted),
+            )
             service.start()
             feed = FeedPublisher(self.db, self.feed_hub, service, tables=wanted, queue_rows=queue_rows, owns_node=node)
         except BaseException:
@@ -370,6 +377,7 @@ class DatabaseChangeDataCapture:
         *,
         as_table: str | None = None,
         service: str | None = None,
+        unpublished_timeout: float = UNPUBLISHED_TIMEOUT,
         **node_options: Any,
     ) -> FeedSource:
         """Follow ``table`` published at ``address`` (another process's :meth:`publish`) as
@@ -381,6 +389,9 @@ class DatabaseChangeDataCapture:
         not given, no service there is named ``service``, what answers is not a reactive feed)
         ends the follow until the next start: logged as an error, in ``info()["followed"][name]
         ["failed"]`` and ``info()["stopped_tables"]``, and :meth:`wait_idle` returns False at once.
+        So does a table the publisher does not publish, after ``unpublished_timeout`` seconds
+        (60; ``math.inf``: for ever) while it cannot say it will (a listener added there later
+        publishes its outputs then), or at once where it says it never will (``tables=``).
         """
         self.db.check_open()
         from reactive.feed.service import check_name
@@ -402,6 +413,7 @@ class DatabaseChangeDataCapture:
             lambda names: self._reconcile_tables(names, threading.Event()),
             service=service,
             node_options=node_options,
+            unpublished_timeout=unpublished_timeout,
         )
         with self._lock:
             self._followed[name] = source

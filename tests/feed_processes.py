@@ -1,7 +1,7 @@
 """Feed processes for tests/test_feed.py: a publisher driven over stdin, a subscriber over a pipe.
 
 **The publisher**: ``python tests/feed_processes.py --service S [--address A] [--checkpoints
-URI] [--rows JSON]`` starts a :class:`~reactive.feed.Node` and a
+URI] [--rows JSON] [--peer-timeout S]`` starts a :class:`~reactive.feed.Node` and a
 :class:`~reactive.feed.DataService` (``--rows``: ``{table: [[id, value], ...]}`` published
 before the service goes on the node, so the first snapshot anyone gets already holds them),
 prints one JSON line ``{"address", "data_address", "pid", "epoch", "seqnums"}``, then answers
@@ -19,6 +19,10 @@ Ids that are lists are turned into tuples.
 **The subscriber** (:func:`subscriber_main`, run with multiprocessing's "spawn" context):
 follows a table, says ``("ready", service id)`` on its pipe, then for each sequence number it
 receives answers ``("view", rows, changes, status)`` once it has delivered that number.
+
+**A client of the wire alone** (:func:`wire_client_main`, likewise): what a subscriber of any
+version, or in another language, sends: it fetches a table's snapshot over a bare ZMQ DEALER as
+``caller``, says ``("ready", caller)``, and waits to be killed.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ def main() -> None:
     parser.add_argument("--address", default="tcp://127.0.0.1:0")
     parser.add_argument("--checkpoints", default=None)
     parser.add_argument("--heartbeat", type=float, default=0.1)
+    parser.add_argument("--peer-timeout", type=float, default=30.0)
     parser.add_argument("--rows", default="{}")
     args = parser.parse_args()
 
@@ -50,7 +55,7 @@ def main() -> None:
         from reactive.checkpoints import section_store
 
         store = section_store(args.checkpoints)
-    node = Node(args.address, heartbeat_interval=args.heartbeat, rpc_timeout=5.0)
+    node = Node(args.address, heartbeat_interval=args.heartbeat, rpc_timeout=5.0, peer_timeout=args.peer_timeout)
     service = DataService(args.service, node, checkpoints=store)
     seqnums = {
         table: service.publish(table, {_id(i): v for i, v in rows}) for table, rows in json.loads(args.rows).items()
@@ -115,6 +120,20 @@ def subscriber_main(address: str, table: str, conn: Any) -> None:
     finally:
         sub.close()
         conn.close()
+
+
+def wire_client_main(address: str, table: str, caller: str, conn: Any) -> None:
+    """A client of the documented wire alone: see the module's docstring."""
+    import zmq
+
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.connect(address)
+    body = {"v": 1, "service": "pub", "action": "get_last_published_data_with_seqnum", "kwargs": {"table": table}}
+    socket.send_multipart([b"1", json.dumps({**body, "caller": caller}).encode()])
+    request_id, answer = socket.recv_multipart()
+    assert request_id == b"1" and json.loads(answer)["ok"], answer
+    conn.send(("ready", caller))
+    conn.recv()  # until killed, or told to end
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 import zmq
 from bson import ObjectId
+from conftest import within
 
 import reactive.feed
 from reactive.errors import ConfigurationError
@@ -68,9 +69,10 @@ class PublisherProcess:
         address: str = "tcp://127.0.0.1:0",
         checkpoints: str | None = None,
         rows: dict[str, list[list[Any]]] | None = None,
+        peer_timeout: float = 30.0,
     ) -> None:
         command = [sys.executable, str(TESTS / "feed_processes.py"), "--service", service, "--address", address]
-        command += ["--heartbeat", "0.05", "--rows", json.dumps(rows or {})]
+        command += ["--heartbeat", "0.05", "--rows", json.dumps(rows or {}), "--peer-timeout", str(peer_timeout)]
         if checkpoints:
             command += ["--checkpoints", checkpoints]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=TESTS)
@@ -298,6 +300,48 @@ def test_a_publisher_and_subscribers_in_separate_processes(stack: ExitStack) -> 
     parent.send(None)
     other.join(WAIT)
     assert other.exitcode == 0
+
+
+def test_subscribers_that_die_or_go_silent_leave_the_publishers_list(stack: ExitStack) -> None:
+    # A subscriber that never unsubscribed (SIGKILLed, its host gone) stayed in the publisher's
+    # subscriber_list for ever: the list grew with each one. Whatever sent the requests (this
+    # version's subscriber, an older one, a client of the wire alone) leaves it once the
+    # connection it asked on closes; a connection that answers no heartbeat is closed.
+    import feed_processes
+
+    proc = publisher(stack, rows={"t": [[1, "a"]]}, peer_timeout=1.0)
+    context = multiprocessing.get_context("spawn")
+    pipes = []  # kept open: a subscriber process ends when its pipe closes
+
+    def start(target: Callable[..., None], *args: str) -> tuple[Any, str]:
+        parent, child = context.Pipe()
+        pipes.append(parent)
+        process = context.Process(target=target, args=(*args, child), daemon=True)
+        process.start()
+        stack.callback(lambda: (process.kill(), process.join(WAIT)) if process.is_alive() else None)
+        child.close()
+        assert parent.poll(WAIT * 3), "the subscriber process did not start"
+        ready, service_id = parent.recv()
+        assert ready == "ready"
+        return process, service_id
+
+    killed, killed_id = start(feed_processes.subscriber_main, proc.address, "t")
+    bare, bare_id = start(feed_processes.wire_client_main, proc.address, "t", "bare-wire-client")
+    frozen, frozen_id = start(feed_processes.subscriber_main, proc.address, "t")
+    here, _ = follow(stack, proc.address)
+    assert here.wait_synced(WAIT)
+    everyone = [(killed_id, "t"), (bare_id, "t"), (frozen_id, "t"), (here.service_id, "t")]
+    assert proc.subscribers() == sorted(everyone)
+
+    killed.kill()  # SIGKILL: nothing unsubscribes
+    bare.kill()
+    assert within(WAIT, lambda: proc.subscribers() == sorted([(frozen_id, "t"), (here.service_id, "t")]))
+    os.kill(frozen.pid, signal.SIGSTOP)  # as a host gone: its connection stays open, and nothing answers on it
+    stack.callback(os.kill, frozen.pid, signal.SIGCONT)
+    assert within(WAIT, lambda: proc.subscribers() == [(here.service_id, "t")])
+    last = proc.publish("t", {1: "a", 2: "b"})  # the one alive is still served, and still listed
+    assert here.wait_delivered(last, WAIT) and here.view == {1: "a", 2: "b"}
+    assert proc.subscribers() == [(here.service_id, "t")]
 
 
 # -- 2. a late joiner ----------------------------------------------------------------------------------
@@ -802,6 +846,23 @@ def test_a_subscription_to_a_publisher_that_died_reports_why(stack: ExitStack) -
     assert sub.view == {1: "a"}  # what it had stays
 
 
+def test_a_publisher_dead_for_hours_is_still_asked_with_backoff(stack: ExitStack) -> None:
+    # After 1024 failed fetches in a row (about 85 minutes at 5 s each) the backoff,
+    # 0.1 * 2**failures, overflowed a float: the next try was never put off again, and the
+    # dead publisher was asked at every check (50 ms), each failure logging an OverflowError.
+    proc = publisher(stack, rows={"t": [[1, "a"]]})
+    sub, _ = follow(stack, proc.address, quiet_after=0.2, rpc_timeout=0.3)
+    assert sub.wait_synced(WAIT)
+    proc.kill()
+    with sub._lock:
+        state = sub._subscriptions[("pub", "t")]
+        state.failures = 2000  # as after hours of failures in a row
+    began = time.monotonic()
+    assert wait_until(sub, lambda: state.failures > 2000)
+    assert began < state.retry_at <= time.monotonic() + reactive.feed.service.MAX_RETRY_BACKOFF
+    assert "RpcTimeoutError" in (state.last_error or "")
+
+
 # -- 7. malformed and oversized messages ------------------------------------------------------------
 class Injector:
     """A receive filter that processes the messages it is given just before the next delta."""
@@ -1104,6 +1165,8 @@ def test_bad_node_options_and_a_taken_address_are_refused(pub_node: Node) -> Non
         ("check_interval", "0.05"),
         ("heartbeat_interval", True),
         ("quiet_after", math.nan),
+        ("peer_timeout", math.inf),
+        ("peer_timeout", 0),
     ):
         with pytest.raises(ConfigurationError, match=f"{option} must be a (finite )?number of seconds above 0"):
             Node(**{option: value})
@@ -1115,6 +1178,9 @@ def test_bad_node_options_and_a_taken_address_are_refused(pub_node: Node) -> Non
         ({"gap_timeout": "1"}, "gap_timeout must be a number of seconds above 0"),
         ({"max_delta_rows": "10"}, "max_delta_rows must be a whole number of at least 0"),
         ({"max_delta_rows": -1}, "max_delta_rows must be a whole number of at least 0"),
+        ({"unpublished_timeout": 0}, "unpublished_timeout must be a number of seconds above 0"),
+        ({"unpublished_timeout": math.nan}, "unpublished_timeout must be a number of seconds above 0"),
+        ({"will_publish": True}, "will_publish must be callable, not bool"),
     ):
         with pytest.raises(ConfigurationError, match=message):
             DataService("svc", **options)
@@ -1188,6 +1254,43 @@ def test_subscribe_names_the_service_when_it_cannot_choose(stack: ExitStack, pub
     assert len(reactive_threads()) == 5  # the failed ones stopped their nodes: these are pub_node and sub
 
 
+def test_a_table_never_published_ends_the_subscription_naming_those_that_are(stack: ExitStack) -> None:
+    # A misspelt table (on a node with one service) was "not published yet" for ever: the
+    # subscription took an empty snapshot (as it still does: a table published later is
+    # followed from it), then asked again every few seconds, each time with a warning, and
+    # never failed: a wait for its first change never ended.
+    proc = publisher(stack, rows={"docs": [[1, "a"]], "len__text": [[1, 1]]})
+    misspelt, changes = follow(stack, proc.address, table="len__txet", unpublished_timeout=0.5)
+    began = time.monotonic()
+    with pytest.raises(reactive.feed.TableNotPublishedError) as raised:
+        misspelt.wait_delivered(1, WAIT)
+    assert time.monotonic() - began < WAIT / 2
+    error = raised.value
+    assert re.fullmatch(
+        r"pub at tcp://127\.0\.0\.1:\d+ publishes no table 'len__txet' \(it publishes: docs, len__text; did you "
+        r"mean 'len__text'\?\), and did not for 0\.5 s: check the name \(a table published later must come "
+        r"within unpublished_timeout\)",
+        str(error),
+    )
+    assert isinstance(error, reactive.feed.FeedConfigurationError) and not reactive.feed.resumable(error)
+    assert (error.publisher, error.table, error.published) == ("pub", "len__txet", ["docs", "len__text"])
+    assert misspelt.error is error and misspelt.view == {} and changes.snapshot() == []
+    assert misspelt.status["subscriptions"]["pub:len__txet"]["last_error"].startswith("TableNotPublishedError: ")
+    with pytest.raises(reactive.feed.TableNotPublishedError):
+        misspelt.wait_synced(WAIT)
+
+    cased, _ = follow(stack, proc.address, table="Docs", unpublished_timeout=0.5)
+    with pytest.raises(reactive.feed.TableNotPublishedError, match=r"did you mean 'docs'\? \(names are taken as"):
+        cased.wait_delivered(1, WAIT)
+
+    # A table published within the time is followed.
+    later, later_changes = follow(stack, proc.address, table="later", unpublished_timeout=WAIT * 3)
+    assert later.wait_synced(WAIT) and later.view == {}
+    last = proc.publish("later", {1: "x", 2: "y"})
+    assert later.wait_delivered(last, WAIT) and later.view == {1: "x", 2: "y"} and later.error is None
+    assert replay(later_changes.snapshot()) == {1: "x", 2: "y"}
+
+
 def test_values_that_cannot_be_encoded_are_refused_and_nothing_is_published(
     stack: ExitStack, pub: DataService, pub_node: Node
 ) -> None:
@@ -1234,6 +1337,29 @@ def test_what_json_or_python_cannot_carry_is_refused_at_publish_and_registers_no
     assert pub.published_tables() == []
     with pytest.raises(ConfigurationError, match=r"node must be a reactive\.feed\.Node .*, not str"):
         DataService("x", node="tcp://127.0.0.1:5560")  # type: ignore[arg-type]
+
+
+def test_a_set_equal_to_the_one_published_is_no_change(stack: ExitStack, pub: DataService, pub_node: Node) -> None:
+    # Equal sets iterate in different orders (the order of insertion where hashes collide, the
+    # process's hash seed for text), and a set's wire text followed that order: republishing an
+    # equal set was an "update" for every subscriber, and a resync saw one too.
+    first, again = {1, 9}, {9, 1}
+    assert first == again and list(first) != list(again)  # hash(1) and hash(9) collide in a small set
+    rows = {1: first, 2: frozenset(first), 3: {"tags": first, "nested": {frozenset(first)}}}
+    equal = {1: again, 2: frozenset(again), 3: {"tags": again, "nested": {frozenset(again)}}}
+    seqnum = pub.publish("t", rows)
+    sub, changes = follow(stack, pub_node.address)
+    assert sub.wait_synced(WAIT)
+    assert pub.publish("t", equal) == seqnum  # nothing changed: no delta, the number stays
+    assert pub.publish("t", [("update", 1, again), ("upsert", 2, frozenset(again))], use_snapshot=False) == seqnum
+    assert wire.dumps(first) == wire.dumps(again) and wire.same_on_the_wire(first, again)
+    assert sub.check_resub_all(quiet_after=0) == [("pub", "t")]
+    assert wait_until(sub, lambda: sub.status["subscriptions"]["pub:t"]["resubscriptions"] == 1)
+    last = pub.publish("t", {**equal, 4: {2}})  # a real change goes through, alone
+    assert sub.wait_delivered(last, WAIT)
+    events = [(c.event, c.id) for c in changes.snapshot()]
+    assert events == [("snapshot", 1), ("snapshot", 2), ("snapshot", 3), ("insert", 4)]
+    assert sub.view == {**rows, 4: {2}}
 
 
 def test_sets_in_sets_and_as_dict_keys_arrive_as_frozensets(stack: ExitStack, pub: DataService, pub_node: Node) -> None:
@@ -1567,12 +1693,15 @@ def test_get_snapshot_and_get_last_published_data_with_seqnum(stack: ExitStack, 
         "published": True,
         "data": [[1, "A"], [[2, "x"], {"b": [1, 2]}], [3, None]],
     }
-    # A table not published (yet) says so: an empty one would be taken for the table.
+    # A table not published (yet) says so: an empty one would be taken for the table. It says
+    # which are, and whether this one will be (a plain DataService cannot say).
     assert caller.rpc("pub", "get_last_published_data_with_seqnum", {"table": "u"}) == {
         "epoch": pub.epoch,
         "seqnum": 0,
         "published": False,
         "data": [],
+        "tables": ["t"],
+        "will_publish": None,
     }
     assert caller.rpc("pub", "get_snapshot", {"table": "u"}) == []
 

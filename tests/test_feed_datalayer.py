@@ -292,6 +292,22 @@ def test_close_stops_a_follow_waiting_for_its_publisher_at_once(tmp_path: Path) 
     assert not [t for t in threading.enumerate() if t.name.startswith("reactive-")]
 
 
+def test_a_follow_whose_publisher_is_down_for_hours_keeps_trying(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # After 1024 failed tries in a row (about 85 minutes at 5 s each) the backoff, 0.1 *
+    # 2**failures, overflowed a float: the follow's thread died of an OverflowError, and the
+    # publisher, once back, was never followed.
+    with reactive.connect(f"duckdb:///{tmp_path}/b.duckdb") as b, caplog.at_level(logging.WARNING):
+        source = b.cdc.follow(free_address(), "t", as_table="elsewhere", rpc_timeout=0.1)
+        b.cdc.start()
+        follower = source._follower
+        assert follower is not None
+        follower.failures = 2000  # as after hours of failures in a row
+        assert within(WAIT, lambda: "trying again in 5.0 s" in caplog.text)
+        assert follower.is_alive() and follower.failures > 2000
+
+
 def follow_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "reactive-feed-follow"]
 
@@ -486,19 +502,29 @@ def test_a_table_the_feed_could_not_read_is_read_again_before_it_is_published(pg
             locker.execute("LOCK TABLE docs IN ACCESS EXCLUSIVE MODE")
             feed = db.cdc.publish(tables=["docs"])
             assert within(30, lambda: feed.stats.last_error is not None)  # its read failed
-            locker.rollback()
-            client.execute("INSERT INTO docs VALUES (4, 'dddd')")
-            assert db.cdc.wait_idle(WAIT)
-            collected = Collector()
-            with reactive.feed.subscribe(feed.address, "docs", collected) as sub:
-                assert sub.wait_synced(WAIT)
-                assert sub.wait_delivered(feed.service.last_seqnum("docs"), WAIT)
-                assert {i: row["text"] for i, row in collected.replayed().items()} == {
-                    1: "a",
-                    2: "bb",
-                    3: "ccc",
-                    4: "dddd",
-                }
+            # The publisher says it will publish the table (it reads it again): a subscriber waits
+            # for it past its unpublished_timeout.
+            early = Collector()
+            waiting = reactive.feed.subscribe(feed.address, "docs", early, unpublished_timeout=0.3, quiet_after=0.2)
+            with waiting:
+                state = waiting._subscriptions[("reactive", "docs")]
+                assert within(WAIT, lambda: state.failures >= 3)  # three answers "not yet", 0.6 s apart at least
+                assert waiting.error is None and waiting.view == {}
+                locker.rollback()
+                client.execute("INSERT INTO docs VALUES (4, 'dddd')")
+                assert db.cdc.wait_idle(WAIT)
+                collected = Collector()
+                with reactive.feed.subscribe(feed.address, "docs", collected) as sub:
+                    assert sub.wait_synced(WAIT)
+                    assert sub.wait_delivered(feed.service.last_seqnum("docs"), WAIT)
+                    assert {i: row["text"] for i, row in collected.replayed().items()} == {
+                        1: "a",
+                        2: "bb",
+                        3: "ccc",
+                        4: "dddd",
+                    }
+                assert waiting.wait_delivered(feed.service.last_seqnum("docs"), WAIT)
+                assert early.replayed() == collected.replayed()
 
 
 def test_dates_and_intervals_travel_the_feed_as_datetimes_and_timedeltas(duck) -> None:
@@ -553,6 +579,82 @@ def test_a_subscription_to_a_table_not_published_yet_says_so_and_follows_it_once
             assert db.cdc.wait_idle(WAIT)
             assert sub.wait_delivered(feed.service.last_seqnum("upper__text"), WAIT)
             assert sub.view == {1: "A", 2: "B"}
+
+
+def test_a_table_outside_the_published_ones_fails_at_once(duck) -> None:
+    # publish(tables=...) will never publish another table, and a subscription to one (a
+    # misspelling) waited for it for ever, with an empty view that looked followed.
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES (1, 'a')")
+    with reactive.connect(duck.uri, poll_interval=0.05) as db:
+        db.add(Listener(Model("len", predict=length), "text", "docs"))
+        feed = db.cdc.publish(tables=["docs", "len__text"])
+        db.cdc.start()
+        assert db.cdc.wait_idle(WAIT)
+        began = time.monotonic()
+        with (
+            reactive.feed.subscribe(feed.address, "len__txet", Collector()) as sub,
+            pytest.raises(reactive.feed.TableNotPublishedError) as raised,
+        ):
+            sub.wait_synced(WAIT)
+        assert time.monotonic() - began < WAIT / 3  # at once: no unpublished_timeout to wait out
+        assert re.fullmatch(
+            r"reactive at tcp://\S+ publishes no table 'len__txet', and says it never will \(it publishes: docs, "
+            r"len__text; did you mean 'len__text'\?\)",
+            str(raised.value),
+        )
+
+
+def test_a_follow_of_a_table_published_later_gets_it(tmp_path: Path) -> None:
+    # Until its publisher published the table, each answer was "not published"; then its
+    # heartbeats kept the subscription from ever looking quiet, so its snapshot was never
+    # fetched again: nothing was followed, and wait_idle was False for ever.
+    node = reactive.feed.Node(heartbeat_interval=0.05)
+    node.start()
+    try:
+        pub = reactive.feed.DataService("pub", node)
+        pub.start()
+        with reactive.connect(f"duckdb:///{tmp_path}/b.duckdb", poll_interval=0.05) as b:
+            b.cdc.follow(node.address, "t", as_table="followed")
+            b.add(Listener(Model("len", predict=length), "text", "followed"))
+            b.cdc.start()
+            assert not b.cdc.wait_idle(0.5)  # not published yet: nothing to be idle with
+            pub.publish("t", {1: {"text": "a"}, 2: {"text": "bb"}})
+            assert b.cdc.wait_idle(WAIT)
+            assert outputs_by_source(b, "len__text") == {1: 1, 2: 2}
+            assert b.cdc.info()["followed"]["followed"]["failed"] is None
+    finally:
+        node.stop()
+
+
+def test_a_follow_of_a_table_never_published_ends_and_says_why(tmp_path: Path) -> None:
+    node = reactive.feed.Node(heartbeat_interval=0.05)
+    node.start()
+    try:
+        pub = reactive.feed.DataService("pub", node)
+        pub.start()
+        pub.publish("docs", {1: {"text": "a"}})
+        with reactive.connect(f"duckdb:///{tmp_path}/b.duckdb", poll_interval=0.05) as b:
+            source = b.cdc.follow(node.address, "doc", as_table="followed", unpublished_timeout=0.5)
+            b.cdc.start()
+            began = time.monotonic()
+            assert b.cdc.wait_idle(WAIT) is False  # ends as the follow does, well before WAIT
+            assert time.monotonic() - began < WAIT / 3
+            assert within(WAIT, lambda: source.failure is not None)
+            assert re.fullmatch(
+                r"TableNotPublishedError: pub at \S+ publishes no table 'doc' \(it publishes: docs; did you mean "
+                r"'docs'\?\), and did not for 0\.5 s: .*",
+                source.failure or "",
+            )
+            began = time.monotonic()
+            assert b.cdc.wait_idle() is False  # at once (without a timeout it waited for ever)
+            assert time.monotonic() - began < WAIT / 3
+            info = b.cdc.info()
+            assert info["followed"]["followed"]["failed"] == source.failure
+            assert info["stopped_tables"]["followed"] == f"not followed: {source.failure}"
+    finally:
+        node.stop()
+    assert not [t for t in threading.enumerate() if t.name.startswith("reactive-")]
 
 
 def test_a_slow_subscriber_never_stalls_the_handler(sqlite_file: tuple[str, sqlite3.Connection]) -> None:

@@ -30,14 +30,20 @@ encoding of :mod:`reactive.feed.wire`; ``v`` is 1.
   ``probe`` (``{"service", "table"}``: publish a heartbeat of that table now). Every service
   answers ``get_last_published_data_with_seqnum`` (``{"table"}`` -> ``{"epoch", "seqnum",
   "published", "data": [[id, value], ...]}``; ``published`` false: the service does not publish
-  the table, or not yet, as after a restart until it has read its tables), ``get_snapshot`` and
-  ``ping``.
+  the table, or not yet, as after a restart until it has read its tables; the answer then adds
+  ``"tables"``, those it publishes, and ``"will_publish"``: true, it is reading it; false, it never
+  will; null, it cannot say), ``get_snapshot`` and
+  ``ping``. A snapshot request may say who asks, ``"caller": <service id>`` beside ``"service"``:
+  the publisher lists it (``subscriber_list``) while the connection it asked on is open, or until
+  ``__node__`` hears ``unsubscribed`` (``{"service", "table", "subscriber"}``).
 - To follow a table: subscribe the SUB socket, call ``probe`` until a message of the topic
   arrives (ZMQ drops what is published before a subscription reaches the publisher), fetch
   the snapshot, then apply each delta whose ``seqnum`` is one more than the last applied;
   keep later ones aside; on a gap that stays open, a heartbeat ahead of you, or a new
   ``epoch``, fetch the snapshot again. A snapshot that is not ``published`` is not the table:
-  keep your view and fetch it again later (its first heartbeat says it is published).
+  keep your view and fetch it again later (its first heartbeat says it is published); give up
+  on one the publisher says it never will publish, or that it has not published, nor said it
+  will, for as long as you can wait (a misspelt name, most likely).
 """
 
 from __future__ import annotations
@@ -56,10 +62,19 @@ from reactive.feed.node import (
     NodeStats,
     RpcError,
     RpcTimeoutError,
+    TableNotPublishedError,
     check_address,
     resumable,
 )
-from reactive.feed.service import Change, DataService, DataServiceEndPoints, DataServiceInfo, check_name
+from reactive.feed.service import (
+    UNPUBLISHED_TIMEOUT,
+    Change,
+    DataService,
+    DataServiceEndPoints,
+    DataServiceInfo,
+    check_name,
+    published_list,
+)
 from reactive.feed.wire import FeedDecodeError, FeedEncodeError, same_on_the_wire
 
 log = logging.getLogger(__name__)
@@ -77,6 +92,7 @@ __all__ = [
     "RpcError",
     "RpcTimeoutError",
     "Subscription",
+    "TableNotPublishedError",
     "resumable",
     "subscribe",
 ]
@@ -90,6 +106,15 @@ class Subscription(DataService):
     to the publisher's state: rows that changed arrive as ``"update"`` (or ``"insert"``), rows
     that disappeared as ``"delete"``, rows unchanged not at all. ``on_change`` runs on the
     node's receiving thread; an exception it raises is logged and counted, and delivery goes on.
+
+    A table the publisher does not publish yet is followed from an empty snapshot (numbered
+    from the publisher's last number, so a publisher's first changes arrive as deltas): for as
+    long as the publisher says it will publish it (it is reading it), and at most
+    ``unpublished_timeout`` seconds (60; ``math.inf``: for ever) while it cannot say (a listener
+    added later publishes its outputs then). After that, or at once where the publisher says it
+    never will, the subscription ends: :attr:`error` holds a :class:`TableNotPublishedError`
+    naming the tables that are published, which :meth:`wait_synced` and :meth:`wait_delivered`
+    raise; it is logged as an error, and nothing more is delivered.
     """
 
     def __init__(
@@ -102,8 +127,14 @@ class Subscription(DataService):
         service_id: str | None = None,
         gap_timeout: float = 0.5,
         own_node: bool = False,
+        unpublished_timeout: float = UNPUBLISHED_TIMEOUT,
     ) -> None:
-        super().__init__(service_id or f"subscriber-{uuid.uuid4().hex[:12]}", node, gap_timeout=gap_timeout)
+        super().__init__(
+            service_id or f"subscriber-{uuid.uuid4().hex[:12]}",
+            node,
+            gap_timeout=gap_timeout,
+            unpublished_timeout=unpublished_timeout,
+        )
         if not callable(on_change):
             raise ConfigurationError(f"on_change must be callable, not {type(on_change).__name__}")
         self.publisher = check_name("service", publisher)
@@ -179,6 +210,32 @@ class Subscription(DataService):
             sub = self._subscriptions.get((self.publisher, self.table))
             return None if sub is None else sub.seqnum
 
+    @property
+    def error(self) -> Exception | None:
+        """Why the subscription ended for good (a :class:`TableNotPublishedError`); None while it goes on."""
+        with self._lock:
+            sub = self._subscriptions.get((self.publisher, self.table))
+            return None if sub is None else sub.failure
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """Wait until the snapshot arrived (and no gap is open); False on timeout. Raises
+        :attr:`error` once the subscription ended (a table not published)."""
+        synced = super().wait_synced(timeout)
+        self._raise_error()
+        return synced
+
+    def wait_delivered(self, seqnum: int, timeout: float | None = None, **which: Any) -> bool:
+        """Wait until sequence number ``seqnum`` is delivered (see :meth:`DataService.wait_delivered`);
+        raises :attr:`error` once the subscription ended."""
+        delivered = super().wait_delivered(seqnum, timeout, **which)
+        self._raise_error()
+        return delivered
+
+    def _raise_error(self) -> None:
+        error = self.error
+        if error is not None:
+            raise error
+
     def close(self) -> None:
         """Stop delivering; the private node's threads and sockets are gone when this returns
         (called from ``on_change``, its receiving thread ends as soon as ``on_change`` returns)."""
@@ -201,6 +258,7 @@ def subscribe(
     *,
     service: str | None = None,
     gap_timeout: float = 0.5,
+    unpublished_timeout: float = UNPUBLISHED_TIMEOUT,
     **node_options: Any,
 ) -> Subscription:
     """Follow ``table`` published by the node at ``address``; see :class:`Subscription`.
@@ -209,8 +267,9 @@ def subscribe(
     ``table``. ``node_options`` go to the subscriber's private :class:`Node` (``rpc_timeout``,
     ``receive_filter``...). Raises :class:`RpcTimeoutError` when nothing answers at
     ``address`` and :class:`RpcError` when no service there publishes ``table`` (with one service
-    there, a table it does not publish yet is followed, with a warning: a listener added later
-    publishes its outputs then); :class:`FeedConfigurationError` (an ``RpcError`` and a
+    there, a table it does not publish yet is waited for, with a warning naming those it does
+    publish: a listener added later publishes its outputs then; see :class:`Subscription` for
+    how long: ``unpublished_timeout``); :class:`FeedConfigurationError` (an ``RpcError`` and a
     ``ConfigurationError``) when several services publish it and ``service`` is not given, when
     no service there is named ``service``, or when what answers is not a reactive feed.
     """
@@ -223,7 +282,16 @@ def subscribe(
     try:
         services = node.refresh_peer(address)
         publisher = _publisher_of(address, table, service, services)
-        return Subscription(node, publisher, table, on_change, gap_timeout=gap_timeout, own_node=True).open()
+        subscription = Subscription(
+            node,
+            publisher,
+            table,
+            on_change,
+            gap_timeout=gap_timeout,
+            own_node=True,
+            unpublished_timeout=unpublished_timeout,
+        )
+        return subscription.open()
     except BaseException:
         node.stop()
         raise
@@ -244,16 +312,11 @@ def _publisher_of(address: str, table: str, service: str | None, services: dict[
     if len(publishing) == 1:
         return publishing[0]
     if not publishing and len(services) == 1:
-        # The table is not published yet (a listener added later): its first delta will come.
+        # Not published yet (a listener added later)? The subscription waits for it, for a while.
         (only, info) = next(iter(services.items()))
-        tables = ", ".join(sorted(info.get("published_tables") or [])) or "none"
-        log.warning(
-            "%s at %s publishes no table %r yet (it publishes: %s): following it until it does",
-            only,
-            address,
-            table,
-            tables,
-        )
+        tables = info.get("published_tables")
+        listed = published_list(table, [str(t) for t in tables] if isinstance(tables, list) else None)
+        log.warning("%s at %s publishes no table %r yet (%s): waiting for it", only, address, table, listed)
         return only
     if not publishing:
         names = ", ".join(sorted(services)) or "none"

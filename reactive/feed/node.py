@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from reactive import checks
 from reactive.errors import ConfigurationError, ReactiveError
@@ -63,6 +64,18 @@ class FeedConfigurationError(RpcError, ConfigurationError):
     """What was asked for cannot be followed as it is given, however often it is tried: another
     program (or another version of the wire) answers at the address, several services there
     publish the table, or the node runs no service of the name given."""
+
+
+class TableNotPublishedError(FeedConfigurationError):
+    """A subscription's table is not published, and its publisher says it never will be (it
+    publishes only the tables it was given), or it was not for ``unpublished_timeout`` seconds
+    while the publisher could not say it will be: most likely a misspelt name. ``published``
+    holds the tables the publisher does publish (None where it did not say)."""
+
+    def __init__(self, message: str, *, publisher: str, table: str, published: Sequence[str] | None) -> None:
+        super().__init__(message, table=table)
+        self.publisher = publisher
+        self.published = None if published is None else list(published)
 
 
 def resumable(exc: BaseException) -> bool:
@@ -265,7 +278,13 @@ class Node:
     heard from for this long resubscribes; ``rpc_timeout``: the default wait for an RPC;
     ``max_message_bytes``: larger messages are dropped (and logged); ``receive_filter``: a
     hook on incoming data (see :data:`ReceiveFilter`); ``hwm``: messages queued per peer
-    before ZMQ drops (a dropped delta is a gap, repaired by resubscription).
+    before ZMQ drops (a dropped delta is a gap, repaired by resubscription); ``peer_timeout``:
+    a connection to this node's RPC socket that answers none of its ZMTP heartbeats (sent every
+    third of it) for this long is closed, as if its process had died (its host went away).
+
+    A publisher lists each remote subscriber (:meth:`DataService.subscriber_list`) for as long as
+    the connection its requests came on is open: one killed, or whose host went away, leaves the
+    list when that connection closes, whatever version of the feed it runs.
     """
 
     def __init__(
@@ -282,6 +301,7 @@ class Node:
         receive_filter: ReceiveFilter | None = None,
         hwm: int = 100_000,
         check_interval: float = 0.05,
+        peer_timeout: float = 30.0,
     ) -> None:
         if address is not None:
             check_address(address)
@@ -292,6 +312,7 @@ class Node:
         heartbeat_interval = checks.seconds("heartbeat_interval", heartbeat_interval)
         rpc_timeout = checks.seconds("rpc_timeout", rpc_timeout)
         check_interval = checks.seconds("check_interval", check_interval)
+        peer_timeout = checks.seconds("peer_timeout", peer_timeout)
         if quiet_after is not None:
             quiet_after = checks.seconds("quiet_after", quiet_after, infinite=True)
         max_message_bytes = checks.whole("max_message_bytes", max_message_bytes, least=1024)
@@ -302,6 +323,7 @@ class Node:
         self.rpc_timeout = float(rpc_timeout)
         self.max_message_bytes = max_message_bytes
         self.check_interval = check_interval
+        self.peer_timeout = float(peer_timeout)
         self.stats = NodeStats()
         self._bind = address
         self._bind_data = data_address or (None if address is None else _data_endpoint(address))
@@ -346,7 +368,7 @@ class Node:
             try:
                 server = None
                 if self._bind is not None:
-                    router = self._bound(context, zmq.ROUTER, self._bind)
+                    router = self._bound(context, zmq.ROUTER, self._bind, _heartbeats(self.peer_timeout))
                     self.address = router.getsockopt_string(zmq.LAST_ENDPOINT)
                     assert self._bind_data is not None
                     self._pub = self._bound(context, zmq.PUB, self._bind_data)
@@ -373,9 +395,11 @@ class Node:
                 self._peer(peer)
 
     @staticmethod
-    def _bound(context: zmq.Context, kind: int, address: str) -> zmq.Socket:
+    def _bound(context: zmq.Context, kind: int, address: str, options: Mapping[int, int] | None = None) -> zmq.Socket:
         socket = context.socket(kind)
         socket.setsockopt(zmq.LINGER, 0)
+        for option, value in (options or {}).items():  # before the bind: each connection takes them
+            socket.setsockopt(option, value)
         try:
             socket.bind(address)
         except zmq.ZMQError as exc:
@@ -561,6 +585,24 @@ class Node:
             receiver.command(("disconnect", before, None))
         receiver.command(("connect", peer.data_address, None))
 
+    def address_of(self, service: str) -> str | None:
+        """The address of the node running ``service``, as far as this node knows (it asks no one)."""
+        with self._lock:
+            if service in self._services:
+                return self.address
+        with self._peers_lock:
+            return next((p.address for p in self._peers.values() if service in p.services), None)
+
+    def published_tables_of(self, service: str) -> list[str] | None:
+        """The tables ``service`` publishes, as far as this node knows (it asks no one)."""
+        local = self.services().get(service)
+        if local is not None:
+            return local.published_tables()
+        with self._peers_lock:
+            info = next((p.services[service] for p in self._peers.values() if service in p.services), None)
+        tables = info.get("published_tables") if isinstance(info, dict) else None
+        return [str(t) for t in tables] if isinstance(tables, list) else None
+
     def _data_address_of(self, publisher: str) -> str:
         with self._lock:
             if publisher in self._services:
@@ -601,8 +643,9 @@ class Node:
         except RpcTimeoutError as exc:
             raise RpcTimeoutError(f"{action!r} of service {where!r}: {exc}") from None
 
-    def handle_request(self, body: bytes) -> bytes:
-        """Answer one RPC request (on the server thread, or in the caller for a local service)."""
+    def handle_request(self, body: bytes, connection: int | None = None) -> bytes:
+        """Answer one RPC request (on the server thread, or in the caller for a local service);
+        ``connection`` is the one it came on (None: this process), which a subscriber is listed for."""
         try:
             request = wire.loads(body)
             if not isinstance(request, dict) or request.get("v") != wire.WIRE_VERSION:
@@ -623,7 +666,7 @@ class Node:
                 return _error(f"service {service_id!r} has no action {action!r} (actions: {', '.join(actions)})")
             caller = request.get("caller")
             if caller and action in ("get_snapshot", "get_last_published_data_with_seqnum"):
-                service._add_subscriber(str(caller), str(kwargs.get("table")))
+                service._add_subscriber(str(caller), str(kwargs.get("table")), connection)
             return _reply(method(None, **kwargs))
         except TypeError as exc:
             return _error(f"bad arguments: {exc}")
@@ -736,6 +779,12 @@ class Node:
         for service in services:
             if service is not None:
                 service._heard(publisher, table, epoch, seqnum, changes)
+
+    def _connection_closed(self, connection: int) -> None:
+        """A connection to the RPC socket closed (its process died, or stopped its node): the
+        subscribers whose requests came on it are listed no more."""
+        for service in self.services().values():
+            service._drop_subscribers(connection)
 
     def _dropped(self, why: str, what: str) -> None:
         setattr(self.stats, why, getattr(self.stats, why) + 1)
@@ -928,7 +977,16 @@ class _Fetcher(ReactiveThread):
         epoch, seqnum = answer.get("epoch"), answer.get("seqnum")
         published = answer.get("published") is not False  # a publisher before this key: published
         data = {_key(row_id): value for row_id, value in answer["data"]}
-        self._post(lambda: service._snapshot_arrived(publisher, table, epoch, seqnum, data, published))
+        # Of a table not published: what is (a publisher before this key: as its node listed),
+        # and whether it will be (before this key: it cannot say).
+        tables = answer.get("tables") if not published else None
+        if not published and not isinstance(tables, list):
+            tables = node.published_tables_of(publisher)
+        will = answer.get("will_publish")
+        will_publish = will if isinstance(will, bool) else None
+        self._post(
+            lambda: service._snapshot_arrived(publisher, table, epoch, seqnum, data, published, tables, will_publish)
+        )
 
     def _post(self, call: Callable[[], None]) -> None:
         receiver = self.node._receiver
@@ -937,7 +995,7 @@ class _Fetcher(ReactiveThread):
 
 
 class _Server(ReactiveThread):
-    """Answers RPCs on the node's ROUTER socket."""
+    """Answers RPCs on the node's ROUTER socket, and tells the node which connections closed."""
 
     def __init__(self, node: Node, socket: zmq.Socket) -> None:
         super().__init__("feed-server")
@@ -946,22 +1004,66 @@ class _Server(ReactiveThread):
 
     def run(self) -> None:
         interval_ms = int(self.node.check_interval * 1000)
+        monitor = None
         try:
+            monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            poller = zmq.Poller()
+            poller.register(self.socket, zmq.POLLIN)
+            poller.register(monitor, zmq.POLLIN)
             while self.should_keep_running():
-                if not self.socket.poll(interval_ms, zmq.POLLIN):
-                    continue
-                frames = self.socket.recv_multipart()
-                if len(frames) != 3:
-                    self.node._dropped("malformed", f"an RPC request of {len(frames) - 1} frames")
-                    continue
-                peer, request_id, body = frames
-                if len(body) > self.node.max_message_bytes:
-                    answer = _error(f"request of {len(body)} bytes is over max_message_bytes")
-                else:
-                    answer = self.node.handle_request(body)
-                try:
-                    self.socket.send_multipart([peer, request_id, answer], zmq.NOBLOCK)
-                except zmq.ZMQError as exc:
-                    log.debug("could not answer an RPC: %s", exc)
+                ready = dict(poller.poll(interval_ms))
+                # Closed connections first: a new connection may be given a closed one's descriptor.
+                self._closed_connections(monitor)
+                if self.socket in ready:
+                    self._answer(self.socket.recv_multipart(copy=False))
         finally:
+            if monitor is not None:
+                self.socket.disable_monitor()
+                monitor.close(0)
             self.socket.close(0)
+
+    def _answer(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) != 3:
+            self.node._dropped("malformed", f"an RPC request of {len(frames) - 1} frames")
+            return
+        peer, request_id, body = (frame.bytes for frame in frames)
+        if len(body) > self.node.max_message_bytes:
+            answer = _error(f"request of {len(body)} bytes is over max_message_bytes")
+        else:
+            answer = self.node.handle_request(body, _connection_of(frames[2]))
+        try:
+            self.socket.send_multipart([peer, request_id, answer], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.debug("could not answer an RPC: %s", exc)
+
+    def _closed_connections(self, monitor: zmq.Socket) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                self.node._connection_closed(int(event["value"]))
+
+
+def _heartbeats(peer_timeout: float) -> dict[int, int]:
+    """The ZMTP heartbeat options of the RPC socket: a ping every third of ``peer_timeout``, and a
+    connection closed when nothing answers for ``peer_timeout`` (the other end's host went away,
+    which closes no connection by itself).
+
+    >>> _heartbeats(30.0) == {zmq.HEARTBEAT_IVL: 10_000, zmq.HEARTBEAT_TIMEOUT: 30_000}
+    True
+    """
+    timeout_ms = min(max(3, round(peer_timeout * 1000)), 2**31 - 1)  # ZMQ's options are C ints
+    return {zmq.HEARTBEAT_IVL: timeout_ms // 3, zmq.HEARTBEAT_TIMEOUT: timeout_ms}
+
+
+def _connection_of(frame: zmq.Frame) -> int | None:
+    """The connection a request came on (its socket's descriptor, as the monitor names it when
+    it closes); None where ZMQ cannot say (its option ``ZMQ_SRCFD`` is deprecated, and may go):
+    a subscriber is then listed until it unsubscribes, as before."""
+    try:
+        connection = frame.get(zmq.SRCFD)
+    except zmq.ZMQError:
+        return None
+    return connection if isinstance(connection, int) and connection >= 0 else None

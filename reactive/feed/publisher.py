@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from reactive.backends.base import OUTPUT_FIELD, OUTPUTS_PREFIX, SOURCE_FIELD
 from reactive.errors import ConfigurationError, QueueClosedError
-from reactive.feed.service import MAX_RETRY_BACKOFF, DataService, check_name
+from reactive.feed.service import DataService, check_name, retry_backoff
 from reactive.feed.wire import FeedEncodeError
 from reactive.queue import CDCQueue
 from reactive.threads import ReactiveThread
@@ -102,6 +102,33 @@ class FeedHub:
         with self._lock:
             if publisher in self._publishers:
                 self._publishers.remove(publisher)
+
+
+def wanted(tables: set[str] | None, name: str) -> bool:
+    """Whether a feed limited to ``tables`` (None: all) publishes ``name``."""
+    return tables is None or name in tables
+
+
+def published_names(db: Datalayer, tables: set[str] | None) -> list[tuple[str, str]]:
+    """``(kind, name)`` of what a feed of ``db`` publishes now (limited to ``tables``): each
+    watched table (kind ``"table"``) and each listener's outputs (``"outputs"``)."""
+    names: list[tuple[str, str]] = []
+    for component in db.components():
+        if wanted(tables, component.table) and not component.table.startswith(OUTPUTS_PREFIX):
+            names.append(("table", component.table))
+        if wanted(tables, component.identifier):
+            names.append(("outputs", component.identifier))
+    return list(dict.fromkeys(names))
+
+
+def will_publish(db: Datalayer, tables: set[str] | None, name: str) -> bool | None:
+    """Whether a feed of ``db`` limited to ``tables`` will publish ``name``, which it does not
+    (see :meth:`DataService.will_publish`): never one outside ``tables``; surely one the datalayer
+    watches or computes (being read, or read again after a failed read); perhaps any other (a
+    listener added later)."""
+    if not wanted(tables, name):
+        return False
+    return True if any(known == name for _, known in published_names(db, tables)) else None
 
 
 @dc.dataclass
@@ -202,16 +229,10 @@ class FeedPublisher(ReactiveThread):
 
     # -- what goes out -------------------------------------------------------------------------
     def _known_names(self) -> list[tuple[str, str]]:
-        names: list[tuple[str, str]] = []
-        for component in self.db.components():
-            if self._wanted(component.table) and not component.table.startswith(OUTPUTS_PREFIX):
-                names.append(("table", component.table))
-            if self._wanted(component.identifier):
-                names.append(("outputs", component.identifier))
-        return list(dict.fromkeys(names))
+        return published_names(self.db, self.tables)
 
     def _wanted(self, name: str) -> bool:
-        return self.tables is None or name in self.tables
+        return wanted(self.tables, name)
 
     def _publish(self, window: int, changes: Committed) -> None:
         self.stats.windows += 1
@@ -293,9 +314,8 @@ class FeedPublisher(ReactiveThread):
 
     def _retry_in(self) -> float | None:
         """Seconds until names whose read failed are read again without a window (None: no such
-        name): doubling from 0.1 s with each failure in a row, up to :data:`MAX_RETRY_BACKOFF`, as the
-        feed's other retries."""
-        return min(0.1 * 2 ** min(self._load_failures, 6), MAX_RETRY_BACKOFF) if self._unloaded else None
+        name): the feed's :func:`~reactive.feed.service.retry_backoff` of the failures in a row."""
+        return retry_backoff(self._load_failures) if self._unloaded else None
 
     def _reader(self, kind: str, name: str) -> Callable[[], dict[Any, Any]]:
         db = self.db

@@ -12,15 +12,17 @@ epoch resubscribes rather than mixing two numberings.
 from __future__ import annotations
 
 import dataclasses as dc
+import difflib
 import json
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from reactive import checks
+from reactive.backends.base import same_but_case
 from reactive.errors import ConfigurationError
 from reactive.events import id_key
 from reactive.feed import wire
@@ -35,9 +37,30 @@ EVENTS = ("insert", "update", "delete")
 #: Sequence numbers reserved in the checkpoint store at a time: a restart (even after a
 #: SIGKILL) numbers on from the end of the block, so numbers only grow.
 SEQNUM_BLOCK = 10_000
-#: Longest wait between two failed snapshot fetches of a subscription.
+#: Longest wait between two tries of the feed's retries (snapshot fetches, follows, reads).
 MAX_RETRY_BACKOFF = 5.0
+#: How long a subscription waits for a table its publisher does not publish, and cannot say it
+#: will, before it fails (a misspelt name, most likely): a table published later (a listener
+#: added meanwhile) must come within it.
+UNPUBLISHED_TIMEOUT = 60.0
 MAX_NAME_LENGTH = 256
+
+
+def retry_backoff(failures: int) -> float:
+    """Seconds to wait before trying again after ``failures`` failures in a row: 0.1 s doubled
+    with each, up to :data:`MAX_RETRY_BACKOFF` (a publisher that is down is not asked every
+    50 ms, nor left unasked for long once it is back). Every retry of the feed waits this long.
+
+    >>> [retry_backoff(n) for n in (0, 1, 2, 5, 6)]
+    [0.1, 0.2, 0.4, 3.2, 5.0]
+
+    Any count is a number of seconds (``0.1 * 2**1024`` overflows a float: a publisher down
+    for an hour and a half made a subscription retry at every check, and a follow's thread die):
+
+    >>> retry_backoff(10_000)
+    5.0
+    """
+    return min(0.1 * 2.0 ** min(max(failures, 0), 64), MAX_RETRY_BACKOFF)
 
 
 def check_name(what: str, name: Any) -> str:
@@ -124,6 +147,18 @@ class _Subscription:
     duplicates: int = 0
     deltas: int = 0
     last_error: str | None = None
+    #: Whether the publisher's last answer said it does not publish the table: a delta or a
+    #: heartbeat of it then means it does now, and the snapshot is fetched at once.
+    unpublished: bool = False
+    #: Whether a snapshot or a delta of the table ever arrived: a table never published since
+    #: (a misspelt name) is waited for at most the service's ``unpublished_timeout``.
+    seen_published: bool = False
+    #: Since when the publisher has said it does not publish the table and cannot say it will.
+    unpublished_since: float | None = None
+    #: The tables the publisher said it publishes, in its last answer that it does not publish this one.
+    publisher_tables: list[str] | None = None
+    #: Why the subscription ended for good: nothing is fetched or delivered any more.
+    failure: Exception | None = None
 
 
 class DataServiceEndPoints:
@@ -139,11 +174,17 @@ class DataServiceEndPoints:
     def get_last_published_data_with_seqnum(self, context: Any, table: str) -> Any:
         """``{"epoch", "seqnum", "published", "data": [[id, value], ...]}``, consistent with each
         other; ``published`` is false (and ``data`` empty) for a table this service does not
-        publish (yet: a publisher that restarted publishes its tables again once it read them)."""
+        publish (yet: a publisher that restarted publishes its tables again once it read them),
+        and the answer then says which tables it publishes (``"tables"``) and whether it will
+        publish this one (``"will_publish"``: see :meth:`DataService.will_publish`)."""
         epoch, seqnum, text = self.service._snapshot_text(table)
-        published = "false" if text is None else "true"
+        if text is not None:
+            return wire.RawJSON(f'{{"epoch":{json.dumps(epoch)},"seqnum":{seqnum},"published":true,"data":{text}}}')
+        tables = json.dumps(self.service.published_tables())
+        will = json.dumps(self.service.will_publish(table))
         return wire.RawJSON(
-            f'{{"epoch":{json.dumps(epoch)},"seqnum":{seqnum},"published":{published},"data":{text or "[]"}}}'
+            f'{{"epoch":{json.dumps(epoch)},"seqnum":{seqnum},"published":false,"data":[],'
+            f'"tables":{tables},"will_publish":{will}}}'
         )
 
     def get_seqnum(self, context: Any, table: str) -> Any:
@@ -205,6 +246,10 @@ class DataService:
     private node on 127.0.0.1, any port, started and stopped with the service).
     ``checkpoints`` (a :class:`~reactive.checkpoints.SectionStore`, e.g.
     ``db.backend.sections``) keeps each published table's sequence numbers across restarts.
+    ``will_publish(table)`` says, for a table this service does not publish, whether it will
+    (see :meth:`will_publish`). ``unpublished_timeout``: how long a subscription of this service
+    waits for a table its publisher does not publish and cannot say it will (``math.inf``: for
+    ever) before it fails with a :class:`~reactive.feed.TableNotPublishedError`.
 
     Subclasses override :meth:`receive_data` (and :meth:`get_snapshot` to publish from their
     own store). A two-service example on one node:
@@ -235,6 +280,8 @@ class DataService:
         checkpoints: SectionStore | None = None,
         gap_timeout: float = 0.5,
         max_delta_rows: int = 10_000,
+        unpublished_timeout: float = UNPUBLISHED_TIMEOUT,
+        will_publish: Callable[[str], bool | None] | None = None,
     ) -> None:
         from reactive.feed.node import Node
 
@@ -246,18 +293,24 @@ class DataService:
             )
         gap_timeout = checks.seconds("gap_timeout", gap_timeout)
         max_delta_rows = checks.whole("max_delta_rows", max_delta_rows, least=0)
+        unpublished_timeout = checks.seconds("unpublished_timeout", unpublished_timeout, infinite=True)
+        if will_publish is not None and not callable(will_publish):
+            raise ConfigurationError(f"will_publish must be callable, not {type(will_publish).__name__}")
         #: A publication changing more rows than this goes to subscribers as a snapshot.
         self.max_delta_rows = max_delta_rows
         self._node = node
         self._own_node = node is None
         self._checkpoints = checkpoints
         self.gap_timeout = gap_timeout
+        self.unpublished_timeout = unpublished_timeout
+        self._will_publish = will_publish
         #: This start of the service: subscribers resubscribe when it changes.
         self.epoch = uuid.uuid4().hex
         self._lock = threading.RLock()
         self._published: dict[str, _Published] = {}
         self._subscriptions: dict[tuple[str, str], _Subscription] = {}
-        self._subscribers: dict[str, set[str]] = {}
+        #: table -> subscriber -> the connection its requests came on (None: this process's).
+        self._subscribers: dict[str, dict[str, int | None]] = {}
         self._endpoints: list[Any] = [DataServiceEndPoints(self)]
         self._changed = threading.Condition(self._lock)
         self._running = False
@@ -446,6 +499,14 @@ class DataService:
         with self._lock:
             return sorted(self._published)
 
+    def will_publish(self, table: str) -> bool | None:
+        """Of a table this service does not publish: True if it will (it is reading it), False if
+        it never will, None if it cannot say (one may be published later). A subscriber waits for
+        a table that will come, fails at once for one that never will, and waits at most its
+        ``unpublished_timeout`` for the others. The ``will_publish`` given at construction says;
+        without one, None (``db.cdc.publish``'s says from the datalayer's listeners and ``tables=``)."""
+        return None if self._will_publish is None else self._will_publish(table)
+
     def get_snapshot(self, table: str) -> dict[Any, Any]:
         """The current data of ``table``: ``{row id: value}``."""
         with self._lock:
@@ -472,17 +533,27 @@ class DataService:
             return self.epoch, state.seqnum, text
 
     def subscriber_list(self) -> list[tuple[str, str]]:
-        """``(subscriber service, table)`` for every subscription to this service's tables."""
+        """``(subscriber service, table)`` for every subscription to this service's tables: those
+        that fetched a snapshot and have not unsubscribed, while the connection they asked on is
+        open (a subscriber killed, or whose host went away, is listed no more)."""
         with self._lock:
             return sorted((s, t) for t, subs in self._subscribers.items() for s in subs)
 
-    def _add_subscriber(self, subscriber: str, table: str) -> None:
+    def _add_subscriber(self, subscriber: str, table: str, connection: int | None = None) -> None:
         with self._lock:
-            self._subscribers.setdefault(table, set()).add(subscriber)
+            self._subscribers.setdefault(table, {})[subscriber] = connection
 
     def _remove_subscriber(self, subscriber: str, table: str) -> None:
         with self._lock:
-            self._subscribers.get(table, set()).discard(subscriber)
+            subscribers = self._subscribers.get(table, {})
+            subscribers.pop(subscriber, None)
+            if not subscribers:
+                self._subscribers.pop(table, None)
+
+    def _drop_subscribers(self, connection: int) -> None:
+        """The connection closed: those who asked on it are gone (or will ask again on another)."""
+        with self._lock:
+            self._subscribers = _without_connection(self._subscribers, connection)
 
     # -- subscribing --------------------------------------------------------------------------
     def subscribe(self, service: str, table: str) -> None:
@@ -589,14 +660,27 @@ class DataService:
         quiet = node.quiet_after if quiet_after is None else quiet_after
         now = time.monotonic()
         due: list[tuple[str, str, str]] = []
+        expired: list[_Subscription] = []
         with self._lock:
             for sub in self._subscriptions.values():
+                if sub.failure is not None:
+                    continue
+                if (
+                    sub.unpublished_since is not None
+                    and unpublished_verdict(
+                        None, sub.seen_published, sub.unpublished_since, now, self.unpublished_timeout
+                    )[1]
+                ):
+                    expired.append(sub)
+                    continue
                 if sub.resubscribing or now < sub.retry_at:
                     continue
                 if sub.gap_since is not None and now - sub.gap_since > self.gap_timeout:
                     due.append((sub.publisher, sub.table, f"a gap after #{sub.seqnum} open for {self.gap_timeout} s"))
                 elif now - sub.last_heard > quiet:
                     due.append((sub.publisher, sub.table, f"nothing heard for {quiet} s"))
+        for sub in expired:
+            self._fail(sub, self._not_published(sub, never=False))
         for publisher, table, why in due:
             self._resubscribe(publisher, table, why)
         return [(publisher, table) for publisher, table, _ in due]
@@ -607,12 +691,19 @@ class DataService:
         now = time.monotonic()
         with self._lock:
             sub = self._subscriptions.get((publisher, table))
-            if sub is None:
+            if sub is None or sub.failure is not None:
                 return
             sub.last_heard = now
+            if data is not None:  # a delta: the table is published (a heartbeat may be a probe's)
+                sub.seen_published, sub.unpublished_since = True, None
             if sub.seqnum is None:  # no snapshot yet: keep deltas for after it
                 if data is not None:
                     sub.pending.setdefault(seqnum, (epoch, data, now))
+                if sub.unpublished and not sub.resubscribing:
+                    # Its publisher said it did not publish the table; a delta or a heartbeat of
+                    # it says it does now. (Those heard kept it from looking quiet: never fetched.)
+                    sub.unpublished = False
+                    self._resubscribe(publisher, table, "it is published now")
                 return
             if epoch != sub.epoch:
                 log.warning("%s:%s restarted (a new epoch): resubscribing", publisher, table)
@@ -635,56 +726,118 @@ class DataService:
         self._require_node().fetch_snapshot(self, publisher, table)
 
     def _snapshot_arrived(
-        self, publisher: str, table: str, epoch: str, seqnum: int, data: dict[Any, Any], published: bool = True
+        self,
+        publisher: str,
+        table: str,
+        epoch: str,
+        seqnum: int,
+        data: dict[Any, Any],
+        published: bool = True,
+        tables: list[str] | None = None,
+        will_publish: bool | None = None,
     ) -> None:
+        """The snapshot of a subscription arrived; or the publisher's answer that it does not
+        publish the table (``published`` false), with the ``tables`` it does publish and whether
+        it ``will_publish`` this one (see :func:`unpublished_verdict`)."""
         with self._lock:
             sub = self._subscriptions.get((publisher, table))
-            if sub is None:
+            if sub is None or sub.failure is not None:
                 return
             first = sub.seqnum is None
-            if not published and not self._takes_unpublished(first):
-                why = f"{publisher} does not publish {table!r} (yet): the view is kept, and asked for again"
-                self._snapshot_failed(publisher, table, why)
-                return
-            sub.resubscribing = False
-            sub.failures = 0
-            if not first:
-                sub.resubscriptions += 1
-            if not first and epoch == sub.epoch and seqnum < sub.seqnum:
-                # Deltas that arrived while it was fetched went past it: the view is newer.
-                self._changed.notify_all()
-                return
-            if sub.epoch != epoch:
-                sub.pending = {n: p for n, p in sub.pending.items() if p[0] == epoch}
-            sub.epoch = epoch
-            sub.last_error = None
+            error = None
+            if not published:
+                sub.unpublished, sub.publisher_tables = True, tables
+                sub.unpublished_since, give_up = unpublished_verdict(
+                    will_publish, sub.seen_published, sub.unpublished_since, time.monotonic(), self.unpublished_timeout
+                )
+                if give_up:
+                    error = self._not_published(sub, never=will_publish is False)
+                elif not self._takes_unpublished(first):
+                    kept = "" if first else "the view is kept, and "
+                    self._snapshot_failed(
+                        publisher, table, f"{publisher} does not publish {table!r} (yet): {kept}asked for again"
+                    )
+                    return
+            else:
+                sub.unpublished, sub.seen_published, sub.unpublished_since = False, True, None
+            if error is None:
+                sub.resubscribing = False
+                sub.failures = 0
+                if not first:
+                    sub.resubscriptions += 1
+                if not first and epoch == sub.epoch and seqnum < sub.seqnum:
+                    # Deltas that arrived while it was fetched went past it: the view is newer.
+                    self._changed.notify_all()
+                    return
+                if sub.epoch != epoch:
+                    sub.pending = {n: p for n, p in sub.pending.items() if p[0] == epoch}
+                sub.epoch = epoch
+                sub.last_error = None
+        if error is not None:
+            self._fail(sub, error)
+            return
         self.receive_data_sequenced(publisher, table, data, seqnum, is_snapshot=True)
 
     def _takes_unpublished(self, first: bool) -> bool:
         """Whether the snapshot of a table the publisher does not publish (an empty one) is taken.
-        Only as the first: the table is followed until it is published (a listener added later).
-        After it, that answer is a publisher that restarted and has not read its tables yet, or
-        one that stopped publishing the table: taking it would delete every row of the view."""
+        Only as the first: the table is followed until it is published (a listener added later),
+        or for ``unpublished_timeout``. After it, that answer is a publisher that restarted and
+        has not read its tables yet, or one that stopped publishing the table: taking it would
+        delete every row of the view."""
         return first
+
+    def _not_published(self, sub: _Subscription, *, never: bool) -> Exception:
+        """The error that ends a subscription to a table its publisher does not publish."""
+        from reactive.feed.node import TableNotPublishedError
+
+        where = None if self._node is None else self._node.address_of(sub.publisher)
+        at = f" at {where}" if where else ""
+        listed = published_list(sub.table, sub.publisher_tables)
+        if never:
+            message = f"{sub.publisher}{at} publishes no table {sub.table!r}, and says it never will ({listed})"
+        else:
+            message = (
+                f"{sub.publisher}{at} publishes no table {sub.table!r} ({listed}), and did not for "
+                f"{self.unpublished_timeout:g} s: check the name (a table published later must come within "
+                "unpublished_timeout)"
+            )
+        return TableNotPublishedError(message, publisher=sub.publisher, table=sub.table, published=sub.publisher_tables)
+
+    def _fail(self, sub: _Subscription, error: Exception) -> None:
+        """End ``sub`` for good: nothing more is fetched or delivered; waiters wait no more."""
+        with self._changed:
+            if sub.failure is not None:
+                return
+            sub.failure, sub.resubscribing = error, False
+            sub.last_error = f"{type(error).__name__}: {error}"
+            self._changed.notify_all()
+        log.error("%s: %s", self.service_id, error)
+        self._subscription_failed(sub.publisher, sub.table, error)
+
+    def _subscription_failed(self, publisher: str, table: str, error: Exception) -> None:
+        """Override: the subscription to ``publisher``'s ``table`` ended for good with ``error``."""
 
     def _snapshot_failed(self, publisher: str, table: str, error: str) -> None:
         with self._lock:
             sub = self._subscriptions.get((publisher, table))
-            if sub is not None:
+            if sub is not None and sub.failure is None:
                 sub.resubscribing = False
                 sub.last_error = error
                 # Tried again at the next check, backing off: a publisher that is down or a
                 # snapshot over max_message_bytes is not fetched every 50 ms.
                 sub.failures += 1
-                sub.retry_at = time.monotonic() + min(0.1 * 2**sub.failures, MAX_RETRY_BACKOFF)
+                sub.retry_at = time.monotonic() + retry_backoff(sub.failures)
             self._changed.notify_all()  # a waiter may be waiting for the status
         log.warning("%s could not fetch the snapshot of %s:%s: %s", self.service_id, publisher, table, error)
 
     # -- waiting (tests, benchmarks, applications) ----------------------------------------------
     def wait_synced(self, timeout: float | None = None) -> bool:
-        """Wait until every subscription has its snapshot and no gap; False on timeout."""
+        """Wait until every subscription has its snapshot and no gap; False on timeout, and at once
+        when one failed for good (its ``status``'s ``last_error`` says why)."""
         return self._wait_for(
-            lambda: all(s.delivered is not None and not s.pending for s in self._subscriptions.values()), timeout
+            lambda: all(s.delivered is not None and not s.pending for s in self._subscriptions.values()),
+            timeout,
+            lambda: any(s.failure is not None for s in self._subscriptions.values()),
         )
 
     def wait_delivered(
@@ -693,29 +846,98 @@ class DataService:
         """Wait until the subscription (the only one, or ``publisher``/``table``) reached ``seqnum``
         (of the publisher's ``epoch``, when given: numbers of two epochs do not compare)."""
 
-        def reached() -> bool:
-            subs = [
+        def chosen() -> list[_Subscription]:
+            return [
                 s
                 for s in self._subscriptions.values()
                 if (publisher is None or s.publisher == publisher) and (table is None or s.table == table)
             ]
+
+        def reached() -> bool:
+            subs = chosen()
             return bool(subs) and all(
                 s.delivered is not None and s.delivered >= seqnum and (epoch is None or s.epoch == epoch) for s in subs
             )
 
-        return self._wait_for(reached, timeout)
+        return self._wait_for(reached, timeout, lambda: any(s.failure is not None for s in chosen()))
 
-    def _wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
-        """``predicate()`` once it holds, ``timeout`` passed or the service stopped (its
-        subscriptions ended: a ``wait_idle`` on a stopping datalayer waited out its timeout)."""
+    def _wait_for(
+        self, predicate: Callable[[], bool], timeout: float | None, failed: Callable[[], bool] = lambda: False
+    ) -> bool:
+        """``predicate()`` once it holds, ``timeout`` passed, what it waits for ``failed`` for good,
+        or the service stopped (its subscriptions ended: a ``wait_idle`` on a stopping datalayer
+        waited out its timeout)."""
         with self._changed:
-            self._changed.wait_for(lambda: predicate() or not self._running, timeout)
+            self._changed.wait_for(lambda: predicate() or failed() or not self._running, timeout)
             return predicate()
 
     def _require_node(self) -> Node:
         if self._node is None or not self._running:
             raise ConfigurationError(f"service {self.service_id!r} is not started: call start() first")
         return self._node
+
+
+def unpublished_verdict(
+    will_publish: bool | None, seen_published: bool, since: float | None, now: float, timeout: float
+) -> tuple[float | None, bool]:
+    """What a subscription makes, at ``now``, of its publisher not publishing its table: ``(since,
+    give up)``, since when it has waited with a limit (None: it waits without one) and whether it
+    gives up. It waits without a limit for a table the publisher ``will_publish`` (reading it) or
+    that it ``seen_published`` before (a publisher restarted reads its tables first); it gives up
+    at once on one the publisher never will publish, and after ``timeout`` seconds on the others.
+
+    >>> unpublished_verdict(False, True, None, 10.0, 60.0)  # never: at once, even after a view
+    (None, True)
+    >>> unpublished_verdict(True, False, 5.0, 10.0, 60.0), unpublished_verdict(None, True, None, 10.0, 60.0)
+    ((None, False), (None, False))
+    >>> unpublished_verdict(None, False, None, 10.0, 60.0), unpublished_verdict(None, False, 5.0, 65.0, 60.0)
+    ((10.0, False), (5.0, True))
+    """
+    if will_publish is False:
+        return None, True
+    if will_publish or seen_published:
+        return None, False
+    since = now if since is None else since
+    return since, now - since >= timeout
+
+
+#: At most this many of a publisher's tables are named in a message.
+_TABLES_NAMED = 20
+
+
+def published_list(table: str, tables: Sequence[str] | None) -> str:
+    """What a publisher publishes, said to a subscriber of ``table`` (which it does not publish),
+    with the name most likely meant: the same but for case, or a close spelling.
+
+    >>> published_list("len__txet", ["docs", "len__text"])
+    "it publishes: docs, len__text; did you mean 'len__text'?"
+    >>> published_list("Docs", ["docs"])
+    "it publishes: docs; did you mean 'docs'? (names are taken as written, case included)"
+    >>> published_list("t", []), published_list("t", None)
+    ('it publishes: none', 'it did not say what it publishes')
+    """
+    if tables is None:
+        return "it did not say what it publishes"
+    names = sorted(tables)
+    more = f" and {len(names) - _TABLES_NAMED} more" if len(names) > _TABLES_NAMED else ""
+    listed = f"it publishes: {', '.join(names[:_TABLES_NAMED]) or 'none'}{more}"
+    same = same_but_case(table, names)
+    if same:
+        return f"{listed}; did you mean {same!r}? (names are taken as written, case included)"
+    close = difflib.get_close_matches(table, names, n=1, cutoff=0.8)
+    return f"{listed}; did you mean {close[0]!r}?" if close else listed
+
+
+def _without_connection(
+    subscribers: Mapping[str, Mapping[str, int | None]], connection: int
+) -> dict[str, dict[str, int | None]]:
+    """``subscribers`` (table -> subscriber -> connection) less those of ``connection``.
+
+    >>> _without_connection({"t": {"a": 7, "b": 8, "c": None}, "u": {"a": 7}}, 7)
+    {'t': {'b': 8, 'c': None}}
+    """
+    kept = {table: {s: c for s, c in subs.items() if c != connection} for table, subs in subscribers.items()}
+    return {table: subs for table, subs in kept.items() if subs}
 
 
 def _checkpoint_name(service_id: str) -> str:

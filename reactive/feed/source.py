@@ -23,12 +23,13 @@ import time
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from reactive import checks
 from reactive.backends.base import OUTPUT_FIELD, SOURCE_FIELD, TableInfo
 from reactive.errors import QueueClosedError, ReactiveError
 from reactive.events import ChangePacket, DBEvent, Row, id_key
-from reactive.feed import Change, Node, Subscription, _publisher_of, resumable
+from reactive.feed import Change, Node, Subscription, TableNotPublishedError, _publisher_of, resumable
 from reactive.feed.node import check_address
-from reactive.feed.service import MAX_RETRY_BACKOFF, check_name
+from reactive.feed.service import UNPUBLISHED_TIMEOUT, check_name, retry_backoff
 from reactive.threads import ReactiveThread
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class FeedSource:
         *,
         service: str | None = None,
         node_options: dict[str, Any] | None = None,
+        unpublished_timeout: float = UNPUBLISHED_TIMEOUT,
     ) -> None:
         self.table_name = name
         self.address = check_address(address)
@@ -78,6 +80,8 @@ class FeedSource:
         self._queue = queue
         self._reconcile = reconcile
         self._node_options = dict(node_options or {})
+        #: How long a table the publisher does not publish, and cannot say it will, is waited for.
+        self.unpublished_timeout = checks.seconds("unpublished_timeout", unpublished_timeout, infinite=True)
         # Each start makes its node; one made now refuses bad options (a TypeError, a
         # ConfigurationError) at follow(), not in a log line at every start.
         Node(None, peers=[self.address], **self._node_options)
@@ -147,6 +151,16 @@ class FeedSource:
                 self.failure = error
                 self._settled.set()
 
+    def _subscription_failed(self, subscription: _FeedSubscription, error: Exception) -> None:
+        """The subscription ended for good (the table is not published): this table is not followed
+        (its rows are gone from the source's view) until the next start."""
+        with self._lock:
+            if self._subscription is not subscription:
+                return
+            self.failure = f"{type(error).__name__}: {error}"
+            self._subscription = None
+        subscription.close()
+
     def sync(self, timeout: float | None) -> bool:
         """Wait until every change published before the call is on the queue (or handled); False
         when ``timeout`` passes first, the publisher not followed yet included, and at once when
@@ -167,7 +181,10 @@ class FeedSource:
             return False
         # Of the publisher's epoch: a publisher restarted without its checkpoints numbers from 0
         # again, below what the subscription delivered before it noticed the restart.
-        return subscription.wait_delivered(int(answer["seqnum"]), timeout, epoch=answer.get("epoch"))
+        try:
+            return subscription.wait_delivered(int(answer["seqnum"]), timeout, epoch=answer.get("epoch"))
+        except TableNotPublishedError:
+            return False  # the follow ended meanwhile (:attr:`failure` says why): nothing will arrive
 
     # -- what the subscription delivers (on its node's receiving thread) -----------------------
     def _deliver(self, changes: list[Change], first_snapshot: bool) -> None:
@@ -274,7 +291,7 @@ class _Follower(ReactiveThread):
             try:
                 services = self.node.refresh_peer(source.address)
                 publisher = _publisher_of(source.address, source.table, source.service, services)
-                subscription = _FeedSubscription(source, self.node, publisher, source.table)
+                subscription = _FeedSubscription(source, self.node, publisher, source.table, source.unpublished_timeout)
                 subscription.open()
             except Exception as exc:
                 if subscription is not None:
@@ -286,7 +303,7 @@ class _Follower(ReactiveThread):
                 if not resumable(exc):
                     self._give_up(exc)
                     return
-                delay = min(0.1 * 2**self.failures, MAX_RETRY_BACKOFF)
+                delay = retry_backoff(self.failures)
                 log.warning("%s: could not follow it (%s); trying again in %.1f s", source, exc, delay)
                 self.wait(delay)
                 continue
@@ -306,7 +323,8 @@ class _Follower(ReactiveThread):
 class _Releaser(ReactiveThread):
     """Reconciles the listeners of a :class:`FeedSource` whenever the handler released some of
     its changes (``wanted``), until a reconciliation is queued; rounds wanted again soon after the
-    last (the same changes failing again) back off, up to :data:`MAX_RETRY_BACKOFF`."""
+    last (the same changes failing again) back off as the feed's other retries
+    (:func:`~reactive.feed.service.retry_backoff`: from 0.1 s, doubling with each such round)."""
 
     #: A round wanted within this many seconds of the last one's start backs off.
     SOON = 5.0
@@ -321,11 +339,11 @@ class _Releaser(ReactiveThread):
         self.wanted.set()
 
     def run(self) -> None:
-        delay, last = 0.0, -self.SOON
+        soon, last = 0, -self.SOON  # rounds in a row wanted soon after the last
         while self.should_keep_running():
             self.wanted.wait()
-            delay = min(max(0.1, 2 * delay), MAX_RETRY_BACKOFF) if time.monotonic() - last < self.SOON else 0.0
-            if not self.wait(delay):
+            soon = soon + 1 if time.monotonic() - last < self.SOON else 0
+            if not self.wait(retry_backoff(soon - 1) if soon else 0.0):
                 return
             self.wanted.clear()
             last = time.monotonic()
@@ -342,8 +360,10 @@ class _Releaser(ReactiveThread):
 class _FeedSubscription(Subscription):
     """The subscription of a :class:`FeedSource`: whole deliveries, not one change at a time."""
 
-    def __init__(self, source: FeedSource, node: Node, publisher: str, table: str) -> None:
-        super().__init__(node, publisher, table, lambda change: None, own_node=True)
+    def __init__(self, source: FeedSource, node: Node, publisher: str, table: str, unpublished_timeout: float) -> None:
+        super().__init__(
+            node, publisher, table, lambda change: None, own_node=True, unpublished_timeout=unpublished_timeout
+        )
         self.source = source
         self._snapshots = 0
 
@@ -360,6 +380,9 @@ class _FeedSubscription(Subscription):
         # Not even as the first: it reconciles the listeners, deleting every output (after a
         # restart of this process while the publisher's restart reads its tables).
         return False
+
+    def _subscription_failed(self, publisher: str, table: str, error: Exception) -> None:
+        self.source._subscription_failed(self, error)
 
     def values(self, ids: Sequence[Any]) -> list[tuple[Any, Any]]:
         with self._view_lock:

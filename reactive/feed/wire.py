@@ -21,7 +21,8 @@ decimal.Decimal               ``{"$decimal": "12.50"}`` (exact)
 bytes                         ``{"$bytes": "<base64>"}``
 uuid.UUID                     ``{"$uuid": "..."}``
 bson ObjectId                 ``{"$oid": "<24 hex digits>"}`` (MongoDB Extended JSON's form)
-set, frozenset                ``{"$set": [...]}``; arrives as a set, or as a frozenset where it must be
+set, frozenset                ``{"$set": [...]}``, elements in the order of their text (equal sets
+                              are one text); arrives as a set, or as a frozenset where it must be
                               hashable (in a set, or as a dict key; a list there arrives as a tuple,
                               a mapping, frozendict-like, as a :class:`DocumentId`)
 numpy scalars                 the plain number
@@ -155,7 +156,7 @@ def _tagged(value: Any) -> Any:
     if isinstance(value, uuid.UUID):
         return {"$uuid": str(value)}
     if isinstance(value, set | frozenset):
-        return {"$set": [to_wire(v) for v in value]}
+        return {"$set": _canonical_order([to_wire(v) for v in value])}
     if type(value).__name__ == "ObjectId" and type(value).__module__.startswith("bson"):
         return {"$oid": str(value)}
     if isinstance(value, list | tuple):
@@ -167,6 +168,17 @@ def _tagged(value: Any) -> Any:
 
 #: ``json.dumps(..., separators=(",", ":"), allow_nan=False)`` without building an encoder per call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def _canonical_order(items: list[Any]) -> list[Any]:
+    """A set's elements (wire data) in the order of their text: equal sets iterate in different
+    orders (of insertion, where hashes collide; of the process's hash seed, for text), and the
+    feed takes a value whose text changed for a changed value (an update sent to every subscriber).
+
+    >>> dumps({1, 9}) == dumps({9, 1}), dumps({"b", "a", 10, 9})
+    (True, '{"$set":["a","b",10,9]}')
+    """
+    return sorted(items, key=_ENCODER.encode)
 
 
 def dumps(value: Any) -> str:
