@@ -33,6 +33,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: How long, all together, a stop waits for locks another client holds (SQLite's ``BEGIN
+#: EXCLUSIVE``): what the handler cannot write by then is released, its changes delivered again
+#: at the next start, and a lease that cannot be given up expires by itself.
+STOP_WAIT_SECONDS = 1.0
+#: How long ``info()`` waits for the database (the lease's record) before it says what it knows.
+INFO_WAIT_SECONDS = 1.0
+
 
 class DatabaseListenerFactory:
     """Builds the change listener of a backend, found by name in the backend registry.
@@ -216,9 +223,10 @@ class DatabaseChangeDataCapture:
             self._activated.set()
         except Exception:
             log.exception("taking over %s failed; another process may take over", self.db.backend.uri)
-            self._stop_threads(30.0, pause_monitors=True)
-            if self.lease is not None:
-                self.lease.release()
+            with self.db.backend.stopping(STOP_WAIT_SECONDS):
+                self._stop_threads(30.0, pause_monitors=True)
+                if self.lease is not None:
+                    self.lease.release()
             return
         self._resume_monitors()
 
@@ -251,7 +259,8 @@ class DatabaseChangeDataCapture:
         log.error("this process lost the lease of %s: it stops and waits as a standby", self.db.backend.uri)
         self._activated.clear()
         self.db.deactivate_components()
-        self._stop_threads(30.0, pause_monitors=True)
+        with self.db.backend.stopping(STOP_WAIT_SECONDS):
+            self._stop_threads(30.0, pause_monitors=True)
 
     @property
     def listener(self) -> BaseDatabaseListener | None:
@@ -561,19 +570,25 @@ class DatabaseChangeDataCapture:
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Stop the listener, process everything already queued, stop the handler; join both.
-        Then give the lease up: a standby takes over at once."""
+        Then give the lease up: a standby takes over at once.
+
+        Locks another client holds on the database are waited for :data:`STOP_WAIT_SECONDS` in
+        all: a window that cannot be written by then is released (its changes come again at the
+        next start; no position moves past an output not written), and a lease that cannot be
+        given up expires by itself."""
         with self._lock:
             self._running = False
             keeper, self._keeper = self._keeper, None
-        self._stop_threads(timeout)
-        if keeper is not None:
-            keeper.stop()
-        if self.lease is not None:
-            self._activated.set()  # nothing waits for the lease any more
-            try:
-                self.lease.release()
-            except Exception as exc:  # the database is gone: the lease expires by itself
-                log.warning("could not give the lease of %s up: %s", self.db.backend.uri, exc)
+        with self.db.backend.stopping(STOP_WAIT_SECONDS):
+            self._stop_threads(timeout)
+            if keeper is not None:
+                keeper.stop()
+            if self.lease is not None:
+                self._activated.set()  # nothing waits for the lease any more
+                try:
+                    self.lease.release()
+                except Exception as exc:  # the database is gone or locked: the lease expires by itself
+                    log.warning("could not give the lease of %s up: %s", self.db.backend.uri, exc)
 
     def _stop_threads(self, timeout: float | None, *, pause_monitors: bool = False) -> None:
         """Stop the listener and the handler. The table monitors end (told the listener
@@ -654,6 +669,10 @@ class DatabaseChangeDataCapture:
         changed twice counts twice), and ``seconds``, since the oldest of them was queued (None
         when none waits). Every component added is listed, counters at 0 until it processes rows.
         """
+        with self.db.backend.promptly(INFO_WAIT_SECONDS):
+            return self._info()
+
+    def _info(self) -> dict[str, Any]:
         handler = self._handler
         listener = self._listener
         lag = listener_lag(self.db, self.queue)
@@ -718,11 +737,16 @@ class DatabaseChangeDataCapture:
         try:
             holder = self.lease.current()
         except Exception as exc:
+            # Unread (the database is down, or locked by another client): this process's own
+            # record while it holds the lease, which its writes are fenced by.
+            held = self.lease.held
             return {
                 "this_process": self.active,
                 "lapsed": lapsed,
-                "holder": None,
+                "holder": None if held is None else dc.asdict(held),
                 "error": f"{type(exc).__name__}: {exc}",
+                "lease_ms": self.lease.lease_ms,
+                "last_error": None if self._keeper is None else self._keeper.last_error,
             }
         return {
             "this_process": self.active,

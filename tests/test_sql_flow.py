@@ -5,10 +5,13 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
+import os
 import sqlite3
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from conftest import Recorder, SQLClient, add_filtered_lengths, outputs_by_source, scanned_pages
@@ -424,6 +427,60 @@ def test_a_foreign_lock_on_a_postgres_table_holds_neither_stop_nor_info(pg_datab
                 assert outputs_by_source(db, "tag__text") == {1: "<one>", 2: "<two>"}
     finally:
         logging.getLogger("reactive").removeHandler(seen)
+
+
+def _answered(call: Callable[[], Any], guard: float = 20.0) -> Any:
+    """What ``call()`` returns, run on a thread of its own; fails if it has not returned within
+    ``guard`` seconds (a hang guard: the waits it guards against took 30 s each)."""
+    found: list[Any] = []
+    thread = threading.Thread(target=lambda: found.append(call()), name="test-call", daemon=True)
+    thread.start()
+    thread.join(guard)
+    assert not thread.is_alive(), f"{call} did not return within {guard} s"
+    assert found, f"{call} raised"
+    return found[0]
+
+
+def test_a_foreign_exclusive_lock_on_a_sqlite_file_holds_neither_stop_nor_info(tmp_path) -> None:
+    # Another client holds BEGIN EXCLUSIVE on the file. Each statement of reactive waited out
+    # the driver's busy timeout (30 s), one after another, on the connection that info() and
+    # stop() use too: info() took 60 s, stop() 60 s. Waits are now cut into slices: info()
+    # answers with what it knows, and a stop waits for the lock about a second in all, releases
+    # the window it cannot write, and leaves the lease to expire.
+    path = tmp_path / "app.sqlite"
+    client = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+    client.execute("INSERT INTO docs VALUES (1, 'one')")
+    computing, go = threading.Event(), threading.Event()
+
+    def tag(texts: list[str]) -> list[str]:
+        if "two" in texts:
+            computing.set()
+            go.wait(30)
+        return [f"<{t}>" for t in texts]
+
+    with reactive.connect(f"sqlite:///{path}", poll_interval=0.05) as db:
+        db.add(Listener(Model("tag", predict=tag), "text", "docs"))
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        client.execute("INSERT INTO docs VALUES (2, 'two')")
+        assert computing.wait(30)  # its window computes; its write will find the file locked
+        client.execute("BEGIN EXCLUSIVE")
+        try:
+            client.execute("INSERT INTO docs VALUES (3, 'three')")
+            lease = _answered(db.cdc.info)["lease"]
+            assert "database is locked" in lease["error"] and lease["holder"]["pid"] == os.getpid()
+            go.set()
+            _answered(db.cdc.stop)
+            written = {row[0] for row in client.execute('SELECT "_source" FROM "_outputs__tag__text"')}
+            positions = {row[0] for row in client.execute('SELECT "row_id" FROM "_reactive_snapshot__docs"')}
+        finally:
+            client.execute("COMMIT")
+        assert positions <= written  # no position past an output not written
+        db.cdc.start()
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "tag__text") == {1: "<one>", 2: "<two>", 3: "<three>"}
+    client.close()
 
 
 def test_a_sqlite_file_replaced_under_the_process_is_said_not_followed(tmp_path, recorder: Recorder) -> None:

@@ -598,6 +598,18 @@ class DataBackend(ABC):
         """The Avro record a row of ``table`` is written in for ``INSERT_RAW`` monitor callbacks."""
         raise ConfigurationError(f"the {self.name} backend offers no table monitors")
 
+    def stopping(self, seconds: float) -> AbstractContextManager[None]:
+        """A context inside which every wait for a lock another client holds ends within
+        ``seconds`` (then fails as the driver's timeout would): a stop does not wait out a
+        driver's own timeout. Default: nothing to cut (the driver's waits are short)."""
+        return contextlib.nullcontext()
+
+    def promptly(self, seconds: float) -> AbstractContextManager[None]:
+        """A context inside which this thread waits at most ``seconds`` for the database (its
+        connection, a lock another client holds): ``info()`` answers with what it knows.
+        Default: the driver's own timeouts."""
+        return contextlib.nullcontext()
+
 
 class BaseDatabaseListener(ReactiveThread):
     """A backend's change source: a thread that puts change packets on the shared queue.

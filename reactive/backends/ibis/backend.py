@@ -21,6 +21,7 @@ from reactive.backends.ibis.listener import IbisPollingListener
 from reactive.backends.ibis.snapshots import SnapshotStore
 from reactive.backends.ibis.source import IbisSource
 from reactive.backends.ibis.stores import IbisErrors, IbisOutputs
+from reactive.backends.ibis.waits import SLICE_SECONDS, ConnectionBusyError, SQLiteConnection, Waits
 from reactive.checkpoints import Positions
 from reactive.errors import BackendError, ConfigurationError, ReactiveError
 from reactive.outputs import OutputTypes
@@ -68,8 +69,15 @@ class IbisBackend(DataBackend):
     schemes = SCHEMES
     listener_class = IbisPollingListener
 
-    def __init__(self, con: Any, *, uri: str, version_columns: Mapping[str, str | VersionColumn] | None = None) -> None:
-        self.conn = IbisConnection(con, uri=redact(uri))
+    def __init__(
+        self,
+        con: Any,
+        *,
+        uri: str,
+        version_columns: Mapping[str, str | VersionColumn] | None = None,
+        waits: Waits | None = None,
+    ) -> None:
+        self.conn = IbisConnection(con, uri=redact(uri), waits=waits)
         self.sections = IbisSections(self.conn)
         self.checkpoints = Positions(self.sections)
         self.output_types = OutputTypes(self.checkpoints)
@@ -94,11 +102,13 @@ class IbisBackend(DataBackend):
         parts = split(uri)
         scheme = parts.scheme.lower()
         path = file_path(uri) if scheme in ("duckdb", "sqlite") else ""  # refuses a query, before any file opens
+        waits = None
         try:
             if scheme == "duckdb":
                 con = ibis.duckdb.connect(path, **options)
             elif scheme == "sqlite":
-                raw = sqlite3.connect(path, check_same_thread=False, timeout=30)
+                raw = sqlite3.connect(path, check_same_thread=False, timeout=SLICE_SECONDS, factory=SQLiteConnection)
+                waits = raw.waits
                 prepare_sqlite(raw)
                 con = ibis.sqlite.from_connection(raw)
             elif scheme in ("postgres", "postgresql"):
@@ -115,7 +125,7 @@ class IbisBackend(DataBackend):
             for secret in _secrets(parts):
                 message = message.replace(secret, "***")
             raise BackendError(f"could not connect to {redact(uri)!r}: {redact(message)}") from None
-        return cls(con, uri=uri, version_columns=versions)
+        return cls(con, uri=uri, version_columns=versions, waits=waits)
 
     @property
     def uri(self) -> str:
@@ -146,7 +156,13 @@ class IbisBackend(DataBackend):
         self.conn.close()
 
     def is_transient(self, exc: BaseException) -> bool:
-        return self.conn.dialect.is_transient(exc)
+        return isinstance(exc, ConnectionBusyError) or self.conn.dialect.is_transient(exc)
+
+    def stopping(self, seconds: float) -> AbstractContextManager[None]:
+        return self.conn.waits.cut(seconds)
+
+    def promptly(self, seconds: float) -> AbstractContextManager[None]:
+        return self.conn.waits.at_most(seconds)
 
 
 #: Query parameters of a PostgreSQL URI that hold secrets (libpq's names).

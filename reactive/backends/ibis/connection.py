@@ -16,6 +16,7 @@ import sqlglot as sg
 import sqlglot.expressions as sge
 
 from reactive.backends.ibis.dialects import Dialect, TableSQL, dialect_for
+from reactive.backends.ibis.waits import ConnectionLock, Waits
 from reactive.errors import ConfigurationError, TableNotFoundError
 from reactive.rows import TableRows, column_of
 
@@ -41,12 +42,15 @@ class IbisConnection:
     through a connection of each thread's own, so a poll reads while the handler writes.
     """
 
-    def __init__(self, con: Any, *, uri: str) -> None:
+    def __init__(self, con: Any, *, uri: str, waits: Waits | None = None) -> None:
         self.con = con
         self.uri = uri
         self.dialect: Dialect = dialect_for(con)
         self.dialect.load_modules()
-        self.lock = threading.RLock()
+        #: How long a statement waits for a lock (SQLite's waits, given by its connection, can be
+        #: cut short: see :mod:`reactive.backends.ibis.waits`), and for :attr:`lock`.
+        self.waits = waits or Waits()
+        self.lock = ConnectionLock(self.waits)
         self._handles: dict[str, ir.Table] = {}
         self._sql: dict[tuple[str, str, tuple[str, ...]], TableSQL] = {}
         #: Per table, whether it has its primary key (see :meth:`keyed`).

@@ -1509,8 +1509,10 @@ class SQLiteDialect(Dialect):
             con.con.commit()
 
     def rollback(self, con: Any) -> None:
-        if self.depth:
-            self.depth = 0
+        # Also where a COMMIT failed (the database busy past the wait): the transaction is
+        # still open, and left open it kept the write lock and failed every later BEGIN.
+        self.depth = 0
+        if con.con.in_transaction:
             con.con.rollback()
 
     def fetch(self, con: Any, sql: str, params: Sequence[Any] = ()) -> list[Row]:
