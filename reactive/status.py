@@ -60,6 +60,10 @@ OUTPUTS_SECTION = "outputs/"
 #: A SQL table's version mark (a table with a version column): section ``snapshot/<table>``.
 MARK_PREFIX = "snapshot/"
 
+#: How long, all together, a status waits for locks another client holds on a SQLite file
+#: (``BEGIN EXCLUSIVE``, a write being committed); a count it cannot read by then is ``?``.
+WAIT_SECONDS = 2.0
+
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in (?P<program>.*?) \(PID (?P<pid>\d+)\)")
 
 
@@ -71,8 +75,15 @@ def database_status(uri: str) -> dict[str, Any]:
     """The status of the database at ``uri``: its lease, and per listener its source table,
     rows, outputs, errors, lag and position (see the module docstring). Values are plain JSON
     (times as ISO 8601 strings in UTC); the URI is shown with its password redacted."""
-    with opened(uri) as (backend, read_from):
-        return _status(backend, redact(uri), read_from)
+    with opened(uri) as (backend, read_from), backend.promptly(WAIT_SECONDS):
+        try:
+            return _status(backend, redact(uri), read_from)
+        except ReactiveError:
+            raise
+        except Exception as exc:
+            if not backend.is_transient(exc):
+                raise
+            raise StatusError(f"could not read {redact(uri)}: {_why(exc)}") from None
 
 
 @contextlib.contextmanager
@@ -108,13 +119,34 @@ def _sqlite(uri: str, path: str) -> DataBackend:
 
     from reactive.backends.ibis import IbisBackend
     from reactive.backends.ibis.dialects import prepare_sqlite
+    from reactive.backends.ibis.waits import SLICE_SECONDS, SQLiteConnection
 
     try:
-        raw = sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True, check_same_thread=False)
+        raw = sqlite3.connect(
+            f"file:{quote(os.path.abspath(path))}?mode=ro",
+            uri=True,
+            check_same_thread=False,
+            timeout=SLICE_SECONDS,
+            factory=SQLiteConnection,
+        )
+        raw.waits.patience = WAIT_SECONDS
         prepare_sqlite(raw)
-        return IbisBackend(ibis.sqlite.from_connection(raw), uri=uri)
+        return IbisBackend(ibis.sqlite.from_connection(raw), uri=uri, waits=raw.waits)
     except sqlite3.Error as exc:
-        raise StatusError(f"could not open {redact(uri)!r}: {exc}") from None
+        raise StatusError(f"could not open {redact(uri)!r}: {_why(exc)}") from None
+
+
+def _why(exc: BaseException) -> str:
+    """What ``exc`` says, and for a SQLite file another client keeps locked, what to do."""
+    from reactive.backends.ibis.waits import busy
+
+    said = str(exc) if isinstance(exc, sqlite3.Error) else f"{type(exc).__name__}: {redact(str(exc))}"
+    if not busy(exc):
+        return said
+    return (
+        f"{said}: another client holds a lock on the file (BEGIN EXCLUSIVE, or a write being committed)"
+        f" for more than {WAIT_SECONDS:g} s; try again once it ends"
+    )
 
 
 @contextlib.contextmanager
@@ -215,9 +247,7 @@ def _status(backend: DataBackend, uri: str, read_from: dict[str, Any] | None) ->
     except ReactiveError:
         raise
     except Exception as exc:
-        raise StatusError(
-            f"could not read the checkpoints of {uri}: {type(exc).__name__}: {redact(str(exc))}"
-        ) from None
+        raise StatusError(f"could not read the checkpoints of {uri}: {_why(exc)}") from None
     lease = lease_status(sections.get(LEASE_SECTION))
     running_in = f"{lease['host']}/{lease['pid']}" if lease["state"] == "held" else None
     declared: dict[str, dict[str, Any]] = {}
@@ -422,9 +452,9 @@ def _count(
     except Exception as exc:
         if not backend.is_transient(exc):
             raise
-        # The database cannot count it now: another client's lock held past lock_timeout, a
-        # statement_timeout. The rest of the status is still worth printing.
-        log.warning("could not count the rows of %r: %s: %s", table, type(exc).__name__, redact(str(exc)))
+        # The database cannot count it now: another client's lock held past lock_timeout (or
+        # on SQLite past the status's wait), a statement_timeout. The rest is still worth printing.
+        log.warning("could not count the rows of %r: %s", table, _why(exc))
         return None
 
 

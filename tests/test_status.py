@@ -15,6 +15,7 @@ import pty
 import re
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -164,6 +165,31 @@ def test_status_of_a_postgres_table_another_client_has_locked(
         assert main(["status", f"{pg_database}?options=-c%20lock_timeout%3D100"]) == 0
     assert re.search(r"^tag__text +docs +\? +1 +0 +\? ", capsys.readouterr().out, re.M)
     assert "could not count the rows of 'docs': LockNotAvailable" in caplog.text
+
+
+def test_status_of_a_sqlite_file_another_client_holds_exclusive(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nothing of a SQLite file can be read while another client holds BEGIN EXCLUSIVE: the
+    status waited the driver's 5 s and said only `database is locked`. It waits 2 s in all, and
+    says what holds it and what to do."""
+    path = tmp_path / "app.sqlite"
+    client = sqlite3.connect(path, isolation_level=None)
+    client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+    with reactive.connect(f"sqlite:///{path}") as db:
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+    client.execute("BEGIN EXCLUSIVE")
+    try:
+        assert main(["status", f"sqlite:///{path}"]) == 1
+    finally:
+        client.execute("COMMIT")
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("reactive status: error: could not open 'sqlite:///")
+    assert line.endswith(
+        "database is locked: another client holds a lock on the file (BEGIN EXCLUSIVE, or a write being"
+        " committed) for more than 2 s; try again once it ends"
+    )
+    client.close()
 
 
 def test_the_lag_of_a_filtered_listener_counts_the_rows_its_filter_keeps(sql: SQLClient) -> None:
