@@ -35,6 +35,7 @@ from reactive.backends.base import OUTPUTS_PREFIX, OutputBatch, OutputRejected, 
 from reactive.errors import ConfigurationError
 from reactive.events import id_keys, is_utf8
 from reactive.fingerprints import json_value
+from reactive.uri import redact
 
 if TYPE_CHECKING:
     import ibis.expr.datatypes as dt
@@ -910,6 +911,8 @@ class OutputTypes:
         saved: dict[str, Any] = {"type": output_type, "source": source.name, "id_column": source.id_column}
         if self._filters.get(identifier):
             saved["filter"] = self._filters[identifier]
+        if source.feed:
+            saved["feed"] = redact(source.feed)
         self.checkpoints.save_checkpoint(self._checkpoint(identifier), saved)
 
     def forget(self, identifier: str) -> None:

@@ -259,6 +259,7 @@ def _status(backend: DataBackend, uri: str, read_from: dict[str, Any] | None) ->
                 "id_column": value.get("id_column"),  # absent where an older version wrote it
                 "output_type": value.get("type"),
                 "filter": value.get("filter") or {},  # its conditions a count can test (see recorded_filter)
+                "feed": value.get("feed"),  # the change feed its source is followed from, if one
                 "declared_at": _iso(section.written_at),
             }
     errors = _error_counts(backend)
@@ -273,6 +274,17 @@ def _status(backend: DataBackend, uri: str, read_from: dict[str, Any] | None) ->
     names = sorted({*declared, *errors, *undeclared})
     position_of, stream = _position_reader(backend, sections)
     counts: dict[tuple[str, str | None, str], int | None] = {}
+    present: dict[str, bool | None] = {}
+
+    def missing(table: str | None, feed: str | None) -> bool:
+        """Whether a listener's source is gone from the database (dropped or renamed). A table
+        followed from a change feed is not in it, nor a chained listener's upstream outputs
+        before their first write."""
+        if table is None or feed or table.startswith(OUTPUTS_PREFIX):
+            return False
+        if table not in present:
+            present[table] = _present(backend, table, tables)
+        return present[table] is False
 
     def count(table: str | None, id_column: str | None = None, where: dict[str, Any] | None = None) -> int | None:
         if table is None:
@@ -290,7 +302,12 @@ def _status(backend: DataBackend, uri: str, read_from: dict[str, Any] | None) ->
         rows, outputs = count(source, recorded.get("id_column"), recorded.get("filter")), count(table)
         if outputs is None and identifier in declared and recorded.get("output_type") is None:
             outputs = 0  # declared at db.add, nothing written yet: its outputs table comes with the first
-        position = position_of(source) if source is not None else None
+        # MongoDB follows a collection not created yet as an empty one: gone only once it had rows.
+        gone = missing(source, recorded.get("feed")) and (backend.name != "mongodb" or bool(outputs))
+        if recorded.get("feed"):
+            position: dict[str, Any] | None = {"kind": f"followed from the change feed at {recorded['feed']}"}
+        else:
+            position = position_of(source) if source is not None else None
         if identifier in declared:
             kind = "listener"
         elif identifier in undeclared:
@@ -302,6 +319,8 @@ def _status(backend: DataBackend, uri: str, read_from: dict[str, Any] | None) ->
                 "identifier": identifier,
                 "kind": kind,
                 "source": source,
+                # Gone from the database since it was followed: dropped or renamed.
+                "source_missing": gone,
                 "output_type": recorded.get("output_type"),
                 "filter": recorded.get("filter") or None,
                 "outputs_table": table,
@@ -442,9 +461,7 @@ def _count(
     (the rows a listener follows); with ``where``, at least those its filter keeps (see
     ``SourceReader.count``)."""
     try:
-        if tables is not None and table not in tables:
-            return None
-        if tables is None and not backend.source.table_exists(table):
+        if not _present(backend, table, tables):
             return None
         return int(backend.source.count(TableInfo(table, id_column or "_id"), where=where or None))
     except ReactiveError:
@@ -455,6 +472,21 @@ def _count(
         # The database cannot count it now: another client's lock held past lock_timeout (or
         # on SQLite past the status's wait), a statement_timeout. The rest is still worth printing.
         log.warning("could not count the rows of %r: %s", table, _why(exc))
+        return None
+
+
+def _present(backend: DataBackend, table: str, tables: set[str] | None) -> bool | None:
+    """Whether ``table`` is in the database: in ``tables`` (its listing, where there is one),
+    else as the source reader finds it (a PostgreSQL materialized view is not listed; its rows
+    were shown as ``?``). None where the database cannot say now (a lock, a timeout)."""
+    if tables is not None and table in tables:
+        return True
+    try:
+        return bool(backend.source.table_exists(table))
+    except Exception as exc:
+        if not backend.is_transient(exc):
+            raise
+        log.warning("could not tell whether %r exists: %s", table, _why(exc))
         return None
 
 
@@ -591,12 +623,16 @@ def format_status(status: dict[str, Any]) -> str:
     if stream is None:
         positions = {entry["source"]: entry["position"] for entry in listeners if entry["position"]}
         if positions:
+            gone = {entry["source"] for entry in listeners if entry.get("source_missing")}
             lines.append("")
             lines.append("positions")
-            lines.extend(f"  {table}: {_position_text(position)}" for table, position in positions.items())
+            lines.extend(
+                f"  {table}: {_position_text(position, missing=table in gone)}" for table, position in positions.items()
+            )
     others = [entry for entry in listeners if entry["kind"] != "listener"]
     for entry in others:
         lines.append(f"note: {entry['identifier']} is a {entry['kind']}")
+    lines.extend(_missing_notes(listeners, status["backend"]))
     lines.append("")
     lines.append(
         "lag: rows of the source (those a listener's filter keeps) minus outputs stored; failed rows count in it"
@@ -623,7 +659,26 @@ def _lease_line(lease: dict[str, Any]) -> str:
     return f"expired {-lease['expires_in_seconds']:.1f} s ago, last held by {who}: the next process takes over"
 
 
-def _position_text(position: dict[str, Any]) -> str:
+def _missing_notes(listeners: list[dict[str, Any]], backend: str) -> list[str]:
+    """One line per source table gone from the database: what became of it, and what to do."""
+    by_table: dict[str, list[str]] = {}
+    for entry in listeners:
+        if entry.get("source_missing"):
+            by_table.setdefault(entry["source"], []).append(entry["identifier"])
+    noun = "collection" if backend == "mongodb" else "table"
+    return [
+        f"note: {noun} {table!r} is missing (dropped or renamed after reactive followed it): the outputs of"
+        f" {', '.join(names)} are kept. To follow it again, create it or rename it back, then add its listeners"
+        f" again (db.remove then db.add, or a restart); to forget them: db.remove({names[0]!r}, drop_outputs=True)"
+        for table, names in by_table.items()
+    ]
+
+
+def _position_text(position: dict[str, Any], *, missing: bool = False) -> str:
+    if missing and position["kind"] == "snapshot":
+        rows = position["snapshot_rows"]
+        kept = "" if rows is None else f"; its snapshot of {_number(rows)} rows ({position['snapshot_table']}) is kept"
+        return f"table missing (dropped or renamed){kept}"
     if position["kind"] == "snapshot":
         rows = position["snapshot_rows"]
         text = (

@@ -25,6 +25,7 @@ import reactive.feed
 from reactive.components import Listener, Model
 from reactive.errors import ConfigurationError
 from reactive.feed import Change, RpcTimeoutError
+from reactive.status import database_status, format_status
 
 WAIT = 30.0
 WORKER = Path(__file__).with_name("feed_worker.py")
@@ -246,6 +247,28 @@ def test_a_followed_table_keyed_by_text_ids_gets_its_outputs(
         assert a.cdc.wait_idle(WAIT) and b.cdc.wait_idle(WAIT)
         assert outputs_by_source(b, "double___output") == {"a": 8, "c": 6}
         assert b.errors() == [] and b.cdc.info()["handler"]["internal_errors"] == 0
+
+
+def test_status_of_a_listener_on_a_followed_table_says_where_it_is_followed_from(duck, tmp_path: Path) -> None:
+    # A followed table is no table of the follower's database: once `reactive status` said a
+    # source missing from the database was dropped or renamed, it said so of these too.
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES (1, 'x')")
+    follower = f"sqlite:///{tmp_path / 'b.sqlite'}"
+    with reactive.connect(duck.uri, poll_interval=0.05) as a, reactive.connect(follower) as b:
+        a.add(Listener(Model("len", predict=length), "text", "docs"))
+        feed = a.cdc.publish()
+        a.cdc.start()
+        b.cdc.follow(feed.address, "len__text", as_table="lengths")
+        b.add(Listener(Model("double", predict=lambda xs: [2 * x for x in xs]), "_output", "lengths"))
+        b.cdc.start()
+        assert b.cdc.wait_idle(WAIT)
+        status = database_status(follower)
+    [entry] = status["listeners"]
+    assert (entry["source"], entry["source_missing"], entry["outputs"]) == ("lengths", False, 1)
+    assert entry["position"] == {"kind": f"followed from the change feed at {feed.address}"}
+    text = format_status(status)
+    assert f"  lengths: followed from the change feed at {feed.address}" in text and "missing" not in text
 
 
 def free_address() -> str:

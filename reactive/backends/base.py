@@ -123,6 +123,9 @@ class TableInfo:
     name: str
     id_column: str
     columns: tuple[str, ...] = ()
+    #: The change feed the table is followed from (``db.cdc.follow``), not the database: then
+    #: ``reactive status`` does not take its absence from the database for a drop.
+    feed: str | None = dc.field(default=None, compare=False)
 
 
 def same_but_case(name: str, names: Iterable[str]) -> str | None:

@@ -222,7 +222,7 @@ class FeedSource:
         return {} if subscription is None else subscription.view
 
     def describe(self, table: str, *, id_column: str | None = None) -> TableInfo:
-        return TableInfo(self.table_name, SOURCE_FIELD, ())
+        return TableInfo(self.table_name, SOURCE_FIELD, (), feed=self.address)
 
     def table_exists(self, table: str) -> bool:
         return True
