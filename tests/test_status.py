@@ -570,7 +570,10 @@ def test_info_lag_and_prometheus_metrics_over_http(tmp_path: Path) -> None:
         db.cdc.start()
         server = reactive.metrics.serve(db, 0)
         try:
+            # One transaction: autocommitted one by one, a poll between two found the first alone.
+            client.execute("BEGIN")
             client.executemany("INSERT INTO docs VALUES (?, ?)", [(1, "a"), (2, "bb"), (3, "ccc")])
+            client.execute("COMMIT")
             assert model.entered.wait(30)
             lag = db.cdc.info()["listeners"]["len__text"]["lag"]
             assert lag["rows"] == 3 and lag["seconds"] >= 0
