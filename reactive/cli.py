@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
 from reactive import __version__
@@ -132,16 +133,16 @@ def run_status(uri: str | None, *, as_json: bool, out: TextIO) -> int:
 def run_errors(uri: str | None, listener: str | None, *, retry: bool, as_json: bool, out: TextIO) -> int:
     """``reactive errors``: print the recorded errors; with ``retry``, clear them. The exit status."""
     from reactive.datalayer import DEFAULT_URI, connect
-    from reactive.status import opened
+    from reactive.status import database_file, opened
 
     uri = uri or os.environ.get("REACTIVE_URI") or DEFAULT_URI
-    _refuse_missing_file(uri)
+    database_file(uri)  # opening a file that is not there would create an empty database
     if not retry:  # read-only, as `reactive status` reads: works while another process holds a DuckDB file
-        with opened(uri) as (backend, _):
+        with opened(uri) as (backend, _), _failing("read the errors of", uri):
             errors = backend.errors.read_errors(listener)
             _check_listener(backend, uri, listener, errors)
     else:
-        with _writable(uri, connect) as db:
+        with _writable(uri, connect) as db, _failing("clear the errors of", uri, writing=True):
             errors = db.errors(listener)
             _check_listener(db.backend, uri, listener, errors)
             for name in sorted({error["listener"] for error in errors}):
@@ -210,10 +211,50 @@ def _listeners_may_run(backend: Any) -> bool:
     return holder is None or not (holder.released or holder.gone(time.time()))
 
 
-def _writable(uri: str, connect: Any) -> Any:
-    """``connect(uri)``; a DuckDB file another process holds says what to do instead."""
+@contextlib.contextmanager
+def _failing(what: str, uri: str, *, writing: bool = False) -> Iterator[None]:
+    """The database driver's own errors as one line saying what could not be done (a read-only
+    file or role printed the driver's traceback), the password redacted."""
+    from reactive.status import WAIT_SECONDS, StatusError, why
+
     try:
-        return connect(uri)
+        yield
+    except ReactiveError:
+        raise
+    except Exception as exc:
+        if not _driver_error(exc):
+            raise
+        hint = " (--retry deletes rows of _reactive_errors: it needs to write to the database)" if writing else ""
+        raise StatusError(f"could not {what} {redact(uri)}: {why(exc, waited=WAIT_SECONDS)}{hint}") from None
+
+
+#: Where each database driver keeps the base class of its errors.
+_DRIVER_ERRORS = (
+    ("sqlite3", "Error"),
+    ("duckdb", "Error"),
+    ("psycopg", "Error"),
+    ("pymongo.errors", "PyMongoError"),
+    ("ibis.common.exceptions", "IbisError"),
+)
+
+
+def _driver_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a database driver's own error (of a driver already imported)."""
+    for module, name in _DRIVER_ERRORS:
+        found = sys.modules.get(module)
+        if found is not None and isinstance(exc, getattr(found, name)):
+            return True
+    return False
+
+
+def _writable(uri: str, connect: Any) -> Any:
+    """``connect(uri)``; a DuckDB file another process holds says what to do instead. A SQLite
+    file another client keeps locked is waited for as long as ``reactive status`` waits (30 s
+    each statement, for a datalayer)."""
+    from reactive.status import WAIT_SECONDS
+
+    try:
+        return connect(uri, **({"timeout": WAIT_SECONDS} if scheme_of(uri) == "sqlite" else {}))
     except ReactiveError as exc:
         if scheme_of(uri) != "duckdb" or "lock" not in str(exc).lower():
             raise
@@ -221,14 +262,6 @@ def _writable(uri: str, connect: Any) -> Any:
             f"another process holds {file_path(uri)!r} (DuckDB opens a file in one process at a time): "
             f"retry in that process with db.retry_errors(), or stop it first ({exc})"
         ) from None
-
-
-def _refuse_missing_file(uri: str) -> None:
-    """Opening a DuckDB or SQLite file that does not exist would create an empty database."""
-    if scheme_of(uri) in ("duckdb", "sqlite"):
-        path = file_path(uri)
-        if path != ":memory:" and not os.path.exists(path):
-            raise ReactiveError(f"no database file at {path!r}")
 
 
 def _json_value(value: Any) -> Any:

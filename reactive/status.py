@@ -47,7 +47,7 @@ from reactive.backends.base import OUTPUTS_PREFIX, DataBackend, TableInfo, bound
 from reactive.backends.ibis.snapshots import SNAPSHOT_PREFIX
 from reactive.checkpoints import ENGINE_CHECKPOINT, LEASE_SECTION, Section, process_alive
 from reactive.errors import ReactiveError
-from reactive.uri import file_path, redact, scheme_of
+from reactive.uri import file_path, redact, redact_text, scheme_of
 
 log = logging.getLogger(__name__)
 
@@ -83,47 +83,67 @@ def database_status(uri: str) -> dict[str, Any]:
         except Exception as exc:
             if not backend.is_transient(exc):
                 raise
-            raise StatusError(f"could not read {redact(uri)}: {_why(exc)}") from None
+            raise StatusError(f"could not read {redact(uri)}: {why(exc)}") from None
 
 
 @contextlib.contextmanager
 def opened(uri: str) -> Iterator[tuple[DataBackend, dict[str, Any] | None]]:
     """The backend of ``uri`` opened for reading, and how it was read when not directly
     (a copy of a DuckDB file another process holds)."""
+    path = database_file(uri)
+    if path == ":memory:":
+        raise StatusError(f"{redact(uri)!r} is an in-memory database: it exists only inside its process")
     scheme = scheme_of(uri)
-    if scheme in ("duckdb", "sqlite"):
-        path = file_path(uri)
-        if path == ":memory:":
-            raise StatusError(f"{redact(uri)!r} is an in-memory database: it exists only inside its process")
-        if not os.path.exists(path):
-            raise StatusError(f"no database file at {path!r}")
-    if scheme == "duckdb":
-        with _duckdb(uri, file_path(uri)) as found:
+    if scheme == "duckdb" and path is not None:
+        with _duckdb(uri, path) as found:
             yield found
         return
-    if scheme == "sqlite":
-        backend = _sqlite(uri, file_path(uri))
-    else:
-        from reactive.backends import backend_for_uri
+    if scheme == "sqlite" and path is not None:
+        with _sqlite(uri, path) as backend:
+            yield backend, None
+        return
+    from reactive.backends import backend_for_uri
 
-        backend = backend_for_uri(uri).from_uri(uri)
+    backend = backend_for_uri(uri).from_uri(uri)
     try:
         yield backend, None
     finally:
         backend.close()
 
 
-def _sqlite(uri: str, path: str) -> DataBackend:
-    """A read-only SQLite connection (``mode=ro``): a status never writes."""
+def database_file(uri: str) -> str | None:
+    """The file a DuckDB or SQLite URI names (``:memory:`` for none), refused where there is no
+    file to read: opening a missing one would create it, and a directory said only "disk I/O
+    error" (SQLite). None for a database on a server."""
+    if scheme_of(uri) not in ("duckdb", "sqlite"):
+        return None
+    path = file_path(uri)
+    if path == ":memory:":
+        return path
+    if not os.path.exists(path):
+        raise StatusError(f"no database file at {path!r}")
+    if os.path.isdir(path):
+        raise StatusError(f"{path!r} is a directory, not a database file")
+    return path
+
+
+@contextlib.contextmanager
+def _sqlite(uri: str, path: str) -> Iterator[DataBackend]:
+    """A read-only SQLite connection (``mode=ro``): a status never writes. A file in WAL mode
+    that no connection has open (no ``-wal`` beside it) is opened ``immutable``: SQLite makes
+    the ``-wal`` and ``-shm`` files to read it otherwise, which a read-only connection cannot
+    remove, so a status left them behind. The file is then checked unchanged after the read
+    (a writer that opened it meanwhile may have moved pages under it)."""
     import ibis
 
     from reactive.backends.ibis import IbisBackend
     from reactive.backends.ibis.dialects import prepare_sqlite
     from reactive.backends.ibis.waits import SLICE_SECONDS, SQLiteConnection
 
+    before = _stamps(path, "-wal") if _unopened_wal(path) else None
     try:
         raw = sqlite3.connect(
-            f"file:{quote(os.path.abspath(path))}?mode=ro",
+            f"file:{quote(os.path.abspath(path))}?mode=ro{'&immutable=1' if before else ''}",
             uri=True,
             check_same_thread=False,
             timeout=SLICE_SECONDS,
@@ -131,22 +151,36 @@ def _sqlite(uri: str, path: str) -> DataBackend:
         )
         raw.waits.patience = WAIT_SECONDS
         prepare_sqlite(raw)
-        return IbisBackend(ibis.sqlite.from_connection(raw), uri=uri, waits=raw.waits)
+        backend = IbisBackend(ibis.sqlite.from_connection(raw), uri=uri, waits=raw.waits)
     except sqlite3.Error as exc:
-        raise StatusError(f"could not open {redact(uri)!r}: {_why(exc)}") from None
+        raise StatusError(f"could not open {redact(uri)!r}: {why(exc)}") from None
+    try:
+        yield backend
+    finally:
+        backend.close()
+    if before is not None and _stamps(path, "-wal")[0] != before[0]:
+        raise StatusError(f"{path!r} was written while it was read (a process opened it meanwhile): try again")
 
 
-def _why(exc: BaseException) -> str:
-    """What ``exc`` says, and for a SQLite file another client keeps locked, what to do."""
-    from reactive.backends.ibis.waits import busy
+def _unopened_wal(path: str) -> bool:
+    """Whether ``path`` is a SQLite file in WAL mode (its header's read and write versions are
+    2) that no connection has open: its ``-wal`` is there while one has (or after a crash)."""
+    try:
+        with open(path, "rb") as file:
+            header = file.read(20)
+    except OSError:
+        return False
+    return header[:16] == b"SQLite format 3\x00" and header[18:20] == b"\x02\x02" and not os.path.exists(path + "-wal")
 
-    said = str(exc) if isinstance(exc, sqlite3.Error) else f"{type(exc).__name__}: {redact(str(exc))}"
-    if not busy(exc):
-        return said
-    return (
-        f"{said}: another client holds a lock on the file (BEGIN EXCLUSIVE, or a write being committed)"
-        f" for more than {WAIT_SECONDS:g} s; try again once it ends"
-    )
+
+def why(exc: BaseException, *, waited: float = WAIT_SECONDS) -> str:
+    """What ``exc`` says (its password redacted), and for a SQLite file another client kept
+    locked past ``waited`` seconds, what to do."""
+    from reactive.backends.ibis.waits import held_elsewhere
+
+    said = str(exc) if isinstance(exc, sqlite3.Error) else f"{type(exc).__name__}: {redact_text(str(exc))}"
+    held = held_elsewhere(exc, waited)
+    return said if held is None else f"{said}: {held}"
 
 
 @contextlib.contextmanager
@@ -228,9 +262,10 @@ def _stable_copy(path: str, into: str, pid: int | None) -> tuple[str, float]:
     )
 
 
-def _stamps(path: str) -> list[tuple[int, int] | None]:
+def _stamps(path: str, log: str = ".wal") -> list[tuple[int, int] | None]:
+    """Size and modification time of a database file and of its log (DuckDB's ``.wal``)."""
     stamps: list[tuple[int, int] | None] = []
-    for name in (path, path + ".wal"):
+    for name in (path, path + log):
         try:
             found = os.stat(name)
         except FileNotFoundError:
@@ -247,7 +282,7 @@ def _status(backend: DataBackend, uri: str, read_from: dict[str, Any] | None) ->
     except ReactiveError:
         raise
     except Exception as exc:
-        raise StatusError(f"could not read the checkpoints of {uri}: {_why(exc)}") from None
+        raise StatusError(f"could not read the checkpoints of {uri}: {why(exc)}") from None
     lease = lease_status(sections.get(LEASE_SECTION))
     running_in = f"{lease['host']}/{lease['pid']}" if lease["state"] == "held" else None
     declared: dict[str, dict[str, Any]] = {}
@@ -471,7 +506,7 @@ def _count(
             raise
         # The database cannot count it now: another client's lock held past lock_timeout (or
         # on SQLite past the status's wait), a statement_timeout. The rest is still worth printing.
-        log.warning("could not count the rows of %r: %s", table, _why(exc))
+        log.warning("could not count the rows of %r: %s", table, why(exc))
         return None
 
 
@@ -486,7 +521,7 @@ def _present(backend: DataBackend, table: str, tables: set[str] | None) -> bool 
     except Exception as exc:
         if not backend.is_transient(exc):
             raise
-        log.warning("could not tell whether %r exists: %s", table, _why(exc))
+        log.warning("could not tell whether %r exists: %s", table, why(exc))
         return None
 
 

@@ -240,8 +240,8 @@ def test_status_of_a_sqlite_file_another_client_holds_exclusive(
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("reactive status: error: could not open 'sqlite:///")
     assert line.endswith(
-        "database is locked: another client holds a lock on the file (BEGIN EXCLUSIVE, or a write being"
-        " committed) for more than 2 s; try again once it ends"
+        "database is locked: another client holds a lock on the file (a write transaction, or BEGIN EXCLUSIVE)"
+        " for more than 2 s; try again once it ends"
     )
     client.close()
 
@@ -350,6 +350,92 @@ def test_status_of_what_cannot_be_opened(tmp_path: Path, capsys: pytest.CaptureF
     assert "in-memory" in capsys.readouterr().err
     assert main(["status", "--uri", "mysql://root:pw@db/app"]) == 1
     assert "supported schemes" in capsys.readouterr().err
+
+
+def test_status_and_errors_of_a_directory_say_so_and_create_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # SQLite said "disk I/O error" of a directory.
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for scheme in ("sqlite", "duckdb"):
+        for args in (["status"], ["errors"], ["errors", "--retry"]):
+            assert main([*args, f"{scheme}:///{folder}"]) == 1
+            [line] = capsys.readouterr().err.splitlines()
+            assert line == f"reactive {args[0]}: error: {str(folder)!r} is a directory, not a database file"
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_reading_a_sqlite_file_in_wal_mode_leaves_no_file_beside_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # SQLite makes a WAL-mode file's -wal and -shm to read it, and a read-only connection cannot
+    # remove them: `reactive status` and `reactive errors` left both behind.
+    path = tmp_path / "app.sqlite"
+    client = sqlite3.connect(path)
+    client.execute("PRAGMA journal_mode=WAL")
+    client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+    client.execute("INSERT INTO docs VALUES (1, 'a'), (2, NULL)")
+    client.commit()
+    client.close()
+    with reactive.connect(f"sqlite:///{path}") as db:
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+    assert [p.name for p in tmp_path.iterdir()] == ["app.sqlite"]
+    assert main(["status", f"sqlite:///{path}"]) == 0
+    assert re.search(r"^len__text +docs +2 +1 +1 +1 ", capsys.readouterr().out, re.M)
+    assert main(["errors", f"sqlite:///{path}"]) == 0
+    assert "1 errors" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["app.sqlite"]
+
+
+def test_errors_retry_where_it_cannot_write_says_why_in_one_line(
+    pg_database: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A role that may only read, and a SQLite file another client is writing: `reactive errors
+    --retry` printed the driver's traceback (after 30 s for the file); a line now says what it
+    could not do and why, the password (with @ : / % # in it) never shown."""
+    import psycopg
+
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        client.execute("INSERT INTO docs VALUES (1, 'a'), (2, NULL)")
+    with reactive.connect(pg_database) as db:
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+    role = f"reader_{os.getpid()}"
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute(f'CREATE ROLE "{role}" LOGIN')
+        client.execute(f'GRANT USAGE ON SCHEMA public TO "{role}"')
+        client.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA public TO "{role}"')
+    try:
+        reader = pg_database.replace("postgres@", f"{role}:p%40s%3As%2Fw%25o%23rd@", 1)
+        assert main(["errors", reader]) == 0
+        assert "1 errors" in capsys.readouterr().out
+        assert main(["errors", "--retry", reader]) == 1
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"reactive errors: error: could not clear the errors of postgresql://{role}:***@")
+        assert "InsufficientPrivilege: permission denied for table _reactive_errors" in line
+        assert "it needs to write to the database" in line and "p%40s" not in line and "p@s" not in line
+    finally:
+        with psycopg.connect(pg_database, autocommit=True) as client:
+            client.execute(f'DROP OWNED BY "{role}"')
+            client.execute(f'DROP ROLE "{role}"')
+
+    path = tmp_path / "app.sqlite"
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+    writer.execute("INSERT INTO docs VALUES (1, 'a'), (2, NULL)")
+    with reactive.connect(f"sqlite:///{path}") as db:
+        db.add(Listener(Model("len", predict=lambda xs: [len(x) for x in xs]), "text", "docs"))
+    writer.execute("BEGIN IMMEDIATE")  # another client's write transaction: readers go on, writers wait
+    try:
+        assert main(["errors", "--retry", f"sqlite:///{path}"]) == 1
+    finally:
+        writer.execute("ROLLBACK")
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("reactive errors: error: could not clear the errors of sqlite:///")
+    assert "database is locked: another client holds a lock on the file" in line
+    assert main(["errors", "--retry", f"sqlite:///{path}"]) == 0  # the lock gone: cleared
+    writer.close()
 
 
 def test_the_database_may_be_given_as_the_argument_and_a_stray_password_never_shows(

@@ -11,6 +11,7 @@ from urllib.parse import SplitResult, parse_qsl, unquote
 
 import ibis
 
+from reactive import checks
 from reactive.backends.base import DataBackend, ListenerHooks, TableInfo, VersionColumn
 from reactive.backends.base import version_columns as _version_columns
 from reactive.backends.ibis import SCHEMES
@@ -21,7 +22,14 @@ from reactive.backends.ibis.listener import IbisPollingListener
 from reactive.backends.ibis.snapshots import SnapshotStore
 from reactive.backends.ibis.source import IbisSource
 from reactive.backends.ibis.stores import IbisErrors, IbisOutputs
-from reactive.backends.ibis.waits import SLICE_SECONDS, ConnectionBusyError, SQLiteConnection, Waits
+from reactive.backends.ibis.waits import (
+    PATIENCE_SECONDS,
+    SLICE_SECONDS,
+    ConnectionBusyError,
+    SQLiteConnection,
+    Waits,
+    held_elsewhere,
+)
 from reactive.checkpoints import Positions
 from reactive.errors import BackendError, ConfigurationError, ReactiveError
 from reactive.outputs import OutputTypes
@@ -97,7 +105,9 @@ class IbisBackend(DataBackend):
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> Self:
         """Connect; ``version_columns`` is ours (see :class:`~reactive.backends.base.VersionColumn`),
-        every other option goes to ``ibis.<engine>.connect``."""
+        every other option goes to ``ibis.<engine>.connect``. SQLite takes ``timeout``, as
+        ``sqlite3.connect`` does: the seconds a statement waits for a lock another client holds
+        (default :data:`~reactive.backends.ibis.waits.PATIENCE_SECONDS`)."""
         versions = _version_columns(options.pop("version_columns", None))
         parts = split(uri)
         scheme = parts.scheme.lower()
@@ -107,8 +117,10 @@ class IbisBackend(DataBackend):
             if scheme == "duckdb":
                 con = ibis.duckdb.connect(path, **options)
             elif scheme == "sqlite":
+                patience = checks.seconds("timeout", options.pop("timeout", PATIENCE_SECONDS))
                 raw = sqlite3.connect(path, check_same_thread=False, timeout=SLICE_SECONDS, factory=SQLiteConnection)
                 waits = raw.waits
+                waits.patience = patience
                 prepare_sqlite(raw)
                 con = ibis.sqlite.from_connection(raw)
             elif scheme in ("postgres", "postgresql"):
@@ -124,6 +136,8 @@ class IbisBackend(DataBackend):
             message = str(exc)
             for secret in _secrets(parts):
                 message = message.replace(secret, "***")
+            held = held_elsewhere(exc, waits.patience if waits is not None else PATIENCE_SECONDS)
+            message = message if held is None else f"{message}: {held}"
             raise BackendError(f"could not connect to {redact(uri)!r}: {redact(message)}") from None
         return cls(con, uri=uri, version_columns=versions, waits=waits)
 

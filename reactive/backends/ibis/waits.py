@@ -135,6 +135,22 @@ def busy(exc: BaseException) -> bool:
     return code & 0xFF == sqlite3.SQLITE_BUSY if isinstance(code, int) else str(exc) == "database is locked"
 
 
+def held_elsewhere(exc: BaseException, waited: float) -> str | None:
+    """What to say of ``exc`` where it is :func:`busy` after waiting ``waited`` seconds; None otherwise.
+
+    >>> held_elsewhere(sqlite3.OperationalError("database is locked"), 2.0)[-41:]
+    'for more than 2 s; try again once it ends'
+    >>> held_elsewhere(sqlite3.OperationalError("no such table: docs"), 2.0) is None
+    True
+    """
+    if not busy(exc):
+        return None
+    return (
+        f"another client holds a lock on the file (a write transaction, or BEGIN EXCLUSIVE) for more than"
+        f" {waited:g} s; try again once it ends"
+    )
+
+
 class SQLiteConnection(sqlite3.Connection):
     """A ``sqlite3`` connection whose waits for another client's lock can be cut short.
 
