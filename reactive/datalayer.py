@@ -23,7 +23,7 @@ from reactive.backends.base import (
     outputs_table,
     own_table,
 )
-from reactive.cdc import DatabaseChangeDataCapture
+from reactive.cdc import STOP_WAIT_SECONDS, DatabaseChangeDataCapture
 from reactive.checkpoints import DEFAULT_LEASE_MS, ENGINE_CHECKPOINT, Lease, check_lease_ms
 from reactive.components.base import Component
 from reactive.components.listener import Listener, _check_filter, field_value, unmatchable
@@ -630,19 +630,22 @@ class Datalayer:
 
     def close(self) -> None:
         """Stop change data capture and its feeds, save what components hold (indexes), and close
-        the connection. Closing again does nothing."""
+        the connection. Closing again does nothing. Locks another client holds on the database
+        are waited for about a second in all (see :meth:`DatabaseChangeDataCapture.stop`): a
+        feed reading a table for a subscriber gives up too."""
         if self._closed:
             return
         self._closed = True
         try:
-            self.cdc.stop()
-            self.cdc.close_feeds()
-            for component in self.components():
-                try:
-                    component.close(self)
-                except Exception:
-                    log.exception("could not close %s", component.identifier)
-            self.backend.close()
+            with self.backend.stopping(STOP_WAIT_SECONDS):
+                self.cdc.stop()
+                self.cdc.close_feeds()
+                for component in self.components():
+                    try:
+                        component.close(self)
+                    except Exception:
+                        log.exception("could not close %s", component.identifier)
+                self.backend.close()
         except BaseException:
             self._closed = False  # not closed after all: closing again tries again
             raise

@@ -430,15 +430,24 @@ def test_a_foreign_lock_on_a_postgres_table_holds_neither_stop_nor_info(pg_datab
 
 
 def _answered(call: Callable[[], Any], guard: float = 20.0) -> Any:
-    """What ``call()`` returns, run on a thread of its own; fails if it has not returned within
-    ``guard`` seconds (a hang guard: the waits it guards against took 30 s each)."""
-    found: list[Any] = []
-    thread = threading.Thread(target=lambda: found.append(call()), name="test-call", daemon=True)
+    """What ``call()`` returns (or raises), run on a thread of its own; fails if it has not returned
+    within ``guard`` seconds (a hang guard: the waits it guards against took 30 s each)."""
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, name="test-call", daemon=True)
     thread.start()
     thread.join(guard)
     assert not thread.is_alive(), f"{call} did not return within {guard} s"
-    assert found, f"{call} raised"
-    return found[0]
+    returned, value = outcome[0]
+    if not returned:
+        raise value
+    return value
 
 
 def test_a_foreign_exclusive_lock_on_a_sqlite_file_holds_neither_stop_nor_info(tmp_path) -> None:
@@ -480,6 +489,30 @@ def test_a_foreign_exclusive_lock_on_a_sqlite_file_holds_neither_stop_nor_info(t
         db.cdc.start()
         assert db.cdc.wait_idle(timeout=30)
         assert outputs_by_source(db, "tag__text") == {1: "<one>", 2: "<two>", 3: "<three>"}
+        client.execute("BEGIN EXCLUSIVE")
+        try:
+            db.cdc.publish()  # its thread reads each table for subscribers, and waits for the lock
+            _answered(db.close)  # the stop, the feed, the connection
+        finally:
+            client.execute("COMMIT")
+    client.close()
+
+
+def test_sqlite_timeout_is_how_long_a_statement_waits_for_another_clients_lock(tmp_path) -> None:
+    # sqlite3.connect's own option: it was dropped without a word (every wait was 30 s).
+    path = tmp_path / "app.sqlite"
+    client = sqlite3.connect(path, isolation_level=None)
+    client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+    with pytest.raises(reactive.errors.ConfigurationError, match="timeout must be a number of seconds above 0"):
+        reactive.connect(f"sqlite:///{path}", timeout="5")
+    with reactive.connect(f"sqlite:///{path}", timeout=0.5) as db:
+        client.execute("BEGIN IMMEDIATE")  # another client's write transaction
+        try:
+            with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+                _answered(lambda: db.add(Listener(Model("tag", predict=Recorder()), "text", "docs")), guard=10)
+        finally:
+            client.execute("ROLLBACK")
+        db.add(Listener(Model("tag", predict=Recorder()), "text", "docs"))
     client.close()
 
 
