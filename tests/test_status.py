@@ -391,9 +391,9 @@ def test_reading_a_sqlite_file_in_wal_mode_leaves_no_file_beside_it(
 def test_errors_retry_where_it_cannot_write_says_why_in_one_line(
     pg_database: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A role that may only read, and a SQLite file another client is writing: `reactive errors
-    --retry` printed the driver's traceback (after 30 s for the file); a line now says what it
-    could not do and why, the password (with @ : / % # in it) never shown."""
+    """A role that may only read (what to grant), and a SQLite file another client is writing:
+    `reactive errors --retry` printed the driver's traceback (after 30 s for the file); a line now
+    says what it could not do and why, the password (with @ : / % # in it) never shown."""
     import psycopg
 
     with psycopg.connect(pg_database, autocommit=True) as client:
@@ -412,9 +412,8 @@ def test_errors_retry_where_it_cannot_write_says_why_in_one_line(
         assert "1 errors" in capsys.readouterr().out
         assert main(["errors", "--retry", reader]) == 1
         [line] = capsys.readouterr().err.splitlines()
-        assert line.startswith(f"reactive errors: error: could not clear the errors of postgresql://{role}:***@")
-        assert "InsufficientPrivilege: permission denied for table _reactive_errors" in line
-        assert "it needs to write to the database" in line and "p%40s" not in line and "p@s" not in line
+        assert line.startswith(f'reactive errors: error: role "{role}" may not read and write reactive\'s table')
+        assert "GRANT SELECT, INSERT, UPDATE, DELETE ON" in line and "p%40s" not in line and "p@s" not in line
     finally:
         with psycopg.connect(pg_database, autocommit=True) as client:
             client.execute(f'DROP OWNED BY "{role}"')
