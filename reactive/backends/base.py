@@ -125,7 +125,7 @@ class TableInfo:
     columns: tuple[str, ...] = ()
     #: The change feed the table is followed from (``db.cdc.follow``), not the database: then
     #: ``reactive status`` does not take its absence from the database for a drop.
-    feed: str | None = dc.field(default=None, compare=False)
+    feed: str | None = dc.field(default=None, compare=False, repr=False)
 
 
 def same_but_case(name: str, names: Iterable[str]) -> str | None:
