@@ -485,16 +485,22 @@ class DatabaseChangeDataCapture:
             return
         listener.unsubscribe(table.name, sink)
         with self._lock:
-            needed = table.name in self._watched or listener.monitors(table.name)
-        if not needed:
-            listener.unwatch(table.name)
+            if not self._needed(table.name, listener):
+                listener.unwatch(table.name)
+
+    def _needed(self, table: str, listener: BaseDatabaseListener) -> bool:
+        """Whether ``table`` must still be followed: a component reads it, or a table monitor is
+        subscribed to it, armed or still starting. Each of them unwatched a table the other
+        still needed: a ``db.remove`` of its last listener, or a monitor stopped while another
+        started, left the monitors on it alive and told of nothing, ever again."""
+        return table in self._watched or listener.monitored(table)
 
     def unlisten(self, table: str, *, forget: bool = False) -> None:
-        """Stop following ``table``; with ``forget``, drop what following it kept (see
-        :meth:`BaseDatabaseListener.forget`)."""
+        """Stop following ``table`` (unless a table monitor follows it); with ``forget``, drop
+        what following it kept (see :meth:`BaseDatabaseListener.forget`)."""
         with self._lock:
             self._watched.pop(table, None)
-            if self._listener is not None:
+            if self._listener is not None and not self._needed(table, self._listener):
                 self._listener.unwatch(table)
                 if forget:
                     self._listener.forget(table)

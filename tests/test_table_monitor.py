@@ -790,6 +790,57 @@ def test_a_monitor_started_again_reports_only_rows_changed_after(source: Source,
         client.stop_monitor()
 
 
+def test_removing_the_last_listener_on_a_table_leaves_its_monitors_following_it(
+    source: Source, db: reactive.Datalayer
+) -> None:
+    # db.remove let the table go: its monitors stayed alive and were told nothing, ever again.
+    events = Events()
+    add_shouting_listener(db, "docs")
+    with TableMonitor.Client(db, "docs", events.callbacks(Type.INSERT_DECODED)):
+        source.insert(1, "one")
+        assert events.next() == ("INSERT_DECODED", source.row(1, "one"))
+        db.remove("shout__title", drop_outputs=True)
+        source.insert(2, "two")
+        assert events.next() == ("INSERT_DECODED", source.row(2, "two"))
+    assert events.pending() == []
+
+
+@only(*SQL)
+def test_a_monitor_stopped_while_another_on_its_table_starts_leaves_that_one_following(
+    source: Source, db: reactive.Datalayer
+) -> None:
+    # The table was let go when the last *armed* monitor stopped: one still waiting for its
+    # baseline poll then followed nothing, for good.
+    source.create("notes")
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(titles: list[str]) -> list[str]:
+        entered.set()
+        assert release.wait(WAIT), "the test never released the model"
+        return titles
+
+    db.add(Listener(Model("hold", predict=hold), "title", "notes"))
+    first, second = Events(), Events()
+    stopping = TableMonitor.Client(db, "docs", first.callbacks(Type.INSERT_DECODED))
+    starting = TableMonitor.Client(db, "docs", second.callbacks(Type.INSERT_DECODED))
+    stopping.start_monitor()
+    source.insert(1, "held", table="notes")
+    assert entered.wait(WAIT)  # that poll ends once its window is written: a baseline waits until then
+    start = threading.Thread(target=starting.start_monitor)
+    start.start()
+    try:
+        listener = db.cdc.listener
+        assert listener is not None and within(WAIT, lambda: bool(listener._arming))
+        stopping.stop_monitor()
+    finally:
+        release.set()
+        start.join(WAIT)
+    source.insert(2, "two")
+    assert second.next() == ("INSERT_DECODED", source.row(2, "two"))
+    starting.stop_monitor()
+    assert first.pending() == [] and second.pending() == []
+
+
 @pytest.mark.parametrize("source", [*SQL, *PUSH], indirect=True)
 def test_a_monitor_in_a_new_process_reports_only_rows_changed_after(source: Source) -> None:
     for process in (1, 2):
