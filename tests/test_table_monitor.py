@@ -22,7 +22,7 @@ import duckdb
 import fastavro
 import psycopg
 import pytest
-from conftest import SQLClient, outputs_by_source, within
+from conftest import BrokenOnce, HeldTags, SQLClient, Watching, outputs_by_source, within
 from gpudb import GPUdb, GPUdbColumnProperty, GPUdbRecordColumn, GPUdbRecordType, GPUdbTable
 from kinetica_server import KineticaTestServer
 
@@ -544,6 +544,39 @@ def test_a_full_monitor_queue_holds_the_change_listener_and_drops_nothing(
             assert db.cdc.wait_idle(WAIT)
     finally:
         release.set()
+
+
+@pytest.mark.parametrize("source", [*SQL, "mongodb"], indirect=True)
+def test_a_change_delivered_again_after_a_released_window_is_told_once(source: Source) -> None:
+    # A failure of the handler's own (after B's window is planned behind A's, A's is written)
+    # releases B's window: the source delivers B again (the next poll; the stream read again
+    # from before it). The monitors were told of B again at every release: on SQLite five
+    # times each row while a trigger refused the outputs' writes.
+    predict, window_rows, compute = HeldTags("A"), BrokenOnce(1, 1), Watching()
+    events = Events()
+    options: dict[str, Any] = {"poll_interval": 0.05, "page_size": 1, "compute": compute, "batch_rows": window_rows}
+    with reactive.connect(source.uri, **options) as db:
+        db.add(Listener(Model("tag", predict=predict), "title", "docs"))
+        with TableMonitor.Client(db, "docs", events.callbacks(Type.INSERT_DECODED)):
+            window_rows.armed.set()
+            if isinstance(source, SQLSource):  # one poll finds both: B is planned while A computes
+                source.client.execute("insert into docs values (1, 'A'), (2, 'B')")
+            else:
+                source.insert(1, "A")
+                source.insert(2, "B")
+            assert predict.computing.wait(WAIT)
+            assert compute.wait_for(lambda submitted: ["B"] in submitted, timeout=WAIT)
+            predict.go.set()
+            assert db.cdc.wait_idle(WAIT)
+            assert window_rows.broken.is_set() and db.cdc.listener is not None and db.cdc.listener.releases == 1
+            assert outputs_by_source(db, "tag__title") == {1: "<A>", 2: "<B>"}
+            assert [events.next(), events.next()] == [
+                ("INSERT_DECODED", source.row(1, "A")),
+                ("INSERT_DECODED", source.row(2, "B")),
+            ]
+            source.insert(3, "C")  # told after the B it was not told again
+            assert events.next() == ("INSERT_DECODED", source.row(3, "C"))
+    assert events.pending() == []
 
 
 # -- dropped and altered tables -----------------------------------------------------------------

@@ -740,13 +740,21 @@ class BaseDatabaseListener(ReactiveThread):
 
     # -- packets --------------------------------------------------------------------------
     def report(self, packet: ChangePacket) -> None:
-        """A change as the source reported it: the table's monitors see it, then it is queued."""
+        """A change as the source reported it: the table's monitors see it (once: see
+        :meth:`_for_monitors`), then it is queued."""
         sinks = self.monitors(packet.table)
         if sinks:
-            change = SourceChange.of(packet)
-            for sink in sinks:
-                sink.deliver(change)
+            change = self._for_monitors(packet)
+            if change is not None:
+                for sink in sinks:
+                    sink.deliver(change)
         self.emit(packet)
+
+    def _for_monitors(self, packet: ChangePacket) -> SourceChange | None:
+        """What of ``packet`` the table's monitors are told (None: nothing). All of it, except
+        where a source delivers again the changes of packets the handler released
+        (:meth:`redeliver`): the monitors were told of them the first time."""
+        return SourceChange.of(packet)
 
     def emit(self, packet: ChangePacket) -> None:
         """Put ``packet`` on the queue, waiting while the queue is full; it is in flight
