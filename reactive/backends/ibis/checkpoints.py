@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import ibis.expr.datatypes as dt
@@ -156,6 +157,11 @@ class IbisSections:
         elif keys:
             sql = self.conn.statements(CHECKPOINTS_TABLE, "key", ("key",)).delete_by_ids
             self.conn.delete_by_ids(sql, [section_key(checkpoint, k) for k in keys])
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """Statements inside are atomic, and a read with ``lock`` holds its rows until the end:
+        a write behind checks the lease and writes in one (``checkpoints.Table``)."""
+        return self.conn.transaction()
 
     def replace_section(self, checkpoint: str, key: str, expected: bytes | None, new: Section | None) -> bool:
         self._ensure(create=True)
