@@ -259,7 +259,9 @@ class DatabaseChangeDataCapture:
     def _ensure_listener(self) -> BaseDatabaseListener:
         with self._lock:
             if self._listener is None:
-                hooks = ListenerHooks(reconcile=self._reconcile_tables, table_gone=self._table_gone)
+                hooks = ListenerHooks(
+                    reconcile=self._reconcile_tables, table_gone=self._table_gone, may_report=self._may_report
+                )
                 listener = self.factory.create(self.db.backend, self.queue, hooks, **self.listener_options)
                 for table in self._watched.values():
                     listener.watch(table)
@@ -289,6 +291,17 @@ class DatabaseChangeDataCapture:
 
     def _reconcile_tables(self, tables: list[str], abandon: threading.Event) -> None:
         self.reconcile([c for table in tables for c in self.db.components_for(table, None)], abandon=abandon)
+
+    def _may_report(self, abandon: threading.Event) -> bool:
+        """Whether the change listener may tell this process's table monitors of a change now:
+        it holds the lease. One that lapsed here is waited for (taken back, the monitors here
+        are told; found lost, those of the process that took over are). A holder paused past
+        its lease told its monitors, as it woke, of changes the new holder's had been told of."""
+        lease = self.lease
+        while lease is not None and lease.held is None:
+            if not lease.lapsed or abandon.wait(0.05):
+                return False
+        return True
 
     def _table_gone(self, table: str, state: str) -> None:
         with self._lock:

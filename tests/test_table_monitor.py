@@ -754,6 +754,37 @@ def test_a_monitor_pauses_at_a_stand_down_and_goes_on_at_the_takeover(source: So
     assert not thread.is_alive() and events.pending() == []
 
 
+@only("mongodb")
+def test_a_holder_paused_past_its_lease_tells_its_monitors_nothing_the_new_holder_s_are_told(
+    source: Source,
+) -> None:
+    # Monitors run in the process holding the lease. One paused past it (SIGSTOP; here its
+    # keeper stopped) went on reading its stream as it woke, and its monitors were told of the
+    # changes the process that took over told its own monitors of: each event twice.
+    before, after = Events(), Events()
+    paused = reactive.connect(source.uri, lease_ms=600)
+    try:
+        TableMonitor.Client(paused, "docs", before.callbacks(Type.INSERT_DECODED)).start_monitor()
+        source.insert(1, "while it held the lease")
+        assert before.next() == ("INSERT_DECODED", source.row(1, "while it held the lease"))
+        keeper, listener = paused.cdc._keeper, paused.cdc.listener
+        assert keeper is not None and listener is not None
+        keeper.stop()  # nothing renews its lease from now on
+        with reactive.connect(source.uri, lease_ms=600) as taker:
+            taker.cdc.start()
+            assert within(WAIT, lambda: taker.cdc.active)  # once the paused one's lease expired
+            with TableMonitor.Client(taker, "docs", after.callbacks(Type.INSERT_DECODED)):
+                source.insert(2, "after the takeover")
+                assert after.next() == ("INSERT_DECODED", source.row(2, "after the takeover"))
+                listener.sync(1.0)  # its stream reads past row 2 (or waits to be told the lease is lost)
+                with pytest.raises(AssertionError, match="no callback"):
+                    before.next(timeout=1.0)
+            paused.close()  # first: its keeper stopped, it would take the lease the taker gives up
+    finally:
+        paused.close()
+    assert before.pending() == [] and after.pending() == []
+
+
 @pytest.mark.parametrize("source", [*SQL, "kinetica"], indirect=True)
 def test_a_table_dropped_while_its_monitor_paused_is_reported_at_the_takeover(
     source: Source, db: reactive.Datalayer

@@ -530,10 +530,13 @@ class ListenerHooks:
     date with the source (after lost history, missed notifications, or a table replaced
     under the listener), giving up when ``abandon`` is set. ``table_gone(table, why)``
     reports a watched table that was dropped or renamed: its components stop.
+    ``may_report(abandon)`` says whether this process may tell its table monitors of a change
+    now (it holds the lease; it may wait while that is not known, giving up at ``abandon``).
     """
 
     reconcile: Callable[[list[str], threading.Event], None] = lambda tables, abandon: None
     table_gone: Callable[[str, str], None] = lambda table, why: None
+    may_report: Callable[[threading.Event], bool] = lambda abandon: True
 
 
 class DataBackend(ABC):
@@ -743,7 +746,7 @@ class BaseDatabaseListener(ReactiveThread):
         """A change as the source reported it: the table's monitors see it (once: see
         :meth:`_for_monitors`), then it is queued."""
         sinks = self.monitors(packet.table)
-        if sinks:
+        if sinks and self.hooks.may_report(self.stopped_event):
             change = self._for_monitors(packet)
             if change is not None:
                 for sink in sinks:

@@ -619,6 +619,8 @@ class KineticaMonitorListener(BaseDatabaseListener):
 
     def _to_sink(self, route: Route, frames: list[bytes]) -> None:
         assert route.sink is not None
+        if not self.hooks.may_report(self.stopped_event):
+            return
         event = _EVENTS[route.event]
         if event is DBEvent.insert:
             change = SourceChange(route.table, event, len(frames), frames=tuple(frames))
