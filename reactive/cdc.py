@@ -136,11 +136,31 @@ class DatabaseChangeDataCapture:
         if self.lease is None:
             return True
         with self._lock:
-            if self.lease.held is None and not self.lease.acquire():
+            if self.lease.held is None and not self._take_lease():
                 self._activated.clear()  # a standby: something waits for the lease
                 return False
             self._keep()
             return True
+
+    def _take_lease(self) -> bool:
+        """``lease.acquire()``; False where the database cannot say now (a transient error: on
+        PostgreSQL the lease's row locked by a holder paused inside its window's transaction),
+        and the lease keeper tries again. That error failed ``db.add`` and ``db.cdc.start()``,
+        which left the process half started: a second start did nothing, ``wait_idle`` said
+        True, and it never took the lease."""
+        assert self.lease is not None
+        try:
+            return self.lease.acquire()
+        except Exception as exc:
+            if not self.db.backend.is_transient(exc):
+                raise
+            log.warning(
+                "could not take the lease of %s now (%s: %s): this process waits as a standby",
+                self.db.backend.uri,
+                type(exc).__name__,
+                exc,
+            )
+            return False
 
     def fence(self, *, atomic: bool = False) -> None:
         """Raise :class:`~reactive.errors.LeaseLostError` unless this process may write now.
@@ -530,7 +550,13 @@ class DatabaseChangeDataCapture:
             if self._running:
                 return
             self._running = True
-        if self.acquire():
+        try:
+            active = self.acquire()
+        except BaseException:
+            with self._lock:
+                self._running = False  # nothing started: a start after this one tries again
+            raise
+        if active:
             try:
                 self._start_threads()
             except BaseException:
