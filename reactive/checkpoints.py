@@ -91,12 +91,16 @@ DEFAULT_LEASE_MS = 5_000
 
 #: The shortest lease: it is renewed every third of it, and a write needs a third still ahead.
 MIN_LEASE_MS = 100
+#: The longest: a holder on another host that dies is replaced after its lease at the latest. A
+#: lease of 1e30 ms was taken, and its keeper's first wait (a third of it) ended its thread with
+#: an OverflowError: nothing renewed it, and a standby's never took over.
+MAX_LEASE_MS = 86_400_000
 
 
 def check_lease_ms(lease_ms: object) -> float:
-    """``lease_ms`` if it is a finite number of milliseconds of at least :data:`MIN_LEASE_MS`
-    (the one check of it: ``reactive.connect`` and :class:`Table` both take one)."""
-    return checks.milliseconds("lease_ms", lease_ms, least=MIN_LEASE_MS)
+    """``lease_ms`` if it is a finite number of milliseconds from :data:`MIN_LEASE_MS` to
+    :data:`MAX_LEASE_MS` (the one check of it: ``reactive.connect`` and :class:`Table` both take one)."""
+    return checks.milliseconds("lease_ms", lease_ms, least=MIN_LEASE_MS, most=MAX_LEASE_MS, most_is="a day")
 
 
 _EXIT_FLUSH_SECONDS = 5.0

@@ -391,13 +391,25 @@ def test_a_closed_datalayer_says_so(duck: SQLClient, recorder: Recorder) -> None
         ({"page_size": 0}, "page_size must be a whole number of at least 1"),
         ({"pipeline": "2"}, "pipeline must be a whole number of at least 1"),
         ({"lease_ms": 10}, "lease_ms must be a number of milliseconds of at least 100"),
+        ({"lease_ms": 1e30}, "at least 100 and at most 86,400,000 (a day), not 1e+30"),
         ({"lease": "yes"}, "lease must be True or False"),
     ],
-    ids=["poll str", "poll 0", "poll nan", "queue 1.5", "page 0", "pipeline str", "lease_ms 10", "lease str"],
+    ids=[
+        "poll str",
+        "poll 0",
+        "poll nan",
+        "queue 1.5",
+        "page 0",
+        "pipeline str",
+        "lease_ms 10",
+        "lease_ms 1e30",
+        "lease str",
+    ],
 )
 def test_datalayer_settings_out_of_range_are_refused_at_connect(options: dict, says: str) -> None:
     # Each was accepted: a string poll_interval or pipeline then failed inside a thread,
-    # poll_interval=0 polled back to back, lease_ms=10 lapsed between any two writes.
+    # poll_interval=0 polled back to back, lease_ms=10 lapsed between any two writes, and
+    # lease_ms=1e30 ended the lease keeper's thread at its first wait (OverflowError).
     with pytest.raises(reactive.ConfigurationError, match=re.escape(says)):
         reactive.connect("duckdb://", **options)
 

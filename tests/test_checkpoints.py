@@ -424,7 +424,7 @@ def test_flags_and_arguments_are_checked() -> None:
         Table("t", Table.WR_ALL_REPLICAS, *LIMITS, store=42)  # type: ignore[arg-type]
     # A Table's lease went unchecked (reactive.connect's was checked): NaN, infinity, text, 10 ms
     # and True were taken. A bool retention passed as 1 ms. One check now (check_lease_ms).
-    for lease_ms in (float("nan"), float("inf"), "5000", 10, True):
+    for lease_ms in (float("nan"), float("inf"), "5000", 10, True, 1e30, 86_400_001):
         with pytest.raises(ValueError, match="lease_ms must be a number of milliseconds of at least 100"):
             Table("t", Table.WR_ALL_REPLICAS, *LIMITS, store="duckdb://", lease_ms=lease_ms)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="retention_ms"):
