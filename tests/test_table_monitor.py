@@ -579,6 +579,39 @@ def test_a_change_delivered_again_after_a_released_window_is_told_once(source: S
     assert events.pending() == []
 
 
+def test_closing_the_datalayer_while_a_slow_callback_holds_a_full_queue_returns_at_once(
+    source: Source, db: reactive.Datalayer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The change listener waited for room in the monitor's full queue: its stop, and db.close()
+    # with it, waited for the callback to take one more change (for ever behind a hung callback).
+    monkeypatch.setattr("reactive.monitor.QUEUE_SIZE", 1)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(row: dict[str, Any]) -> None:
+        entered.set()
+        assert release.wait(WAIT), "the test never released the callback"
+
+    client = TableMonitor.Client(db, "docs", [Callback(Type.INSERT_DECODED, hold)])
+    client.start_monitor()
+    thread = monitor_thread(client)
+    closing = threading.Thread(target=db.close)
+    try:
+        source.insert(1, "taken")
+        assert entered.wait(WAIT)
+        source.insert(2, "queued")
+        assert client._monitor is not None and within(WAIT, client._monitor._queue.full)
+        source.insert(3, "waits in the change listener")
+        assert not db.cdc.wait_idle(0.5)
+        closing.start()
+        closing.join(WAIT)
+        assert not closing.is_alive() and thread.is_alive()  # closed while the callback still holds
+    finally:
+        release.set()
+        closing.join(60)
+    thread.join(WAIT)
+    assert not thread.is_alive() and client.task_list == []
+
+
 # -- dropped and altered tables -----------------------------------------------------------------
 def test_table_dropped_fires_once_per_monitor_which_then_stops(source: Source, db: reactive.Datalayer) -> None:
     first, second = Events(), Events()

@@ -750,7 +750,7 @@ class BaseDatabaseListener(ReactiveThread):
             change = self._for_monitors(packet)
             if change is not None:
                 for sink in sinks:
-                    sink.deliver(change)
+                    sink.deliver(change, self.stopped_event)
         self.emit(packet)
 
     def _for_monitors(self, packet: ChangePacket) -> SourceChange | None:

@@ -626,7 +626,7 @@ class KineticaMonitorListener(BaseDatabaseListener):
             change = SourceChange(route.table, event, len(frames), frames=tuple(frames))
         else:
             change = SourceChange(route.table, event, self._count(route, frames))
-        route.sink.deliver(change)
+        route.sink.deliver(change, self.stopped_event)
 
     # -- reconciliation -------------------------------------------------------------------
     def _mark_dirty(self, tables: Sequence[str]) -> None:
