@@ -1617,6 +1617,28 @@ def test_a_table_of_the_application_named_as_a_listeners_outputs_is_refused_and_
     assert sql.execute("SELECT * FROM _outputs__m__text") == [(1, "precious")]
 
 
+def test_a_table_of_the_application_named_as_reactives_checkpoints_is_refused_and_kept(sql: SQLClient) -> None:
+    # Every checkpoint call failed with the driver's error ("table _reactive_checkpoints has no
+    # column named key"): db.cdc.start() (the lease), db.add, checkpoints.Table's Write; its
+    # Read said {}.
+    from reactive.checkpoints import Table
+
+    sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(10))")
+    sql.execute("CREATE TABLE _reactive_checkpoints (id INTEGER PRIMARY KEY, note VARCHAR(10) NOT NULL)")
+    sql.execute("INSERT INTO _reactive_checkpoints VALUES (1, 'precious')")
+    says = r"table '_reactive_checkpoints' exists with other columns \(id, note\): it is not reactive's"
+    with reactive.connect(sql.uri) as db:
+        with pytest.raises(reactive.ConfigurationError, match=says):
+            db.cdc.start()
+        assert not db.cdc.running  # a start after this one tries again
+        jobs = Table("jobs", Table.WR_ALL_REPLICAS, None, 8, 64, 32, store=db)
+        for call in (lambda: jobs.Write("cursor", "42"), lambda: jobs.Read(["cursor"])):
+            with pytest.raises(reactive.ConfigurationError, match=says):
+                call()
+    assert sql.execute("SELECT * FROM _reactive_checkpoints") == [(1, "precious")]
+    assert not reactive_threads()
+
+
 def test_dropping_the_outputs_a_chained_listener_reads_is_refused(duck: SQLClient) -> None:
     # The outputs table was dropped under the chained listener: it kept outputs of rows gone,
     # nothing said so, and a new process could not declare it (the table it selects was missing).

@@ -24,6 +24,7 @@ import sqlglot.expressions as sge
 
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.checkpoints import ENGINE_CHECKPOINT, Section
+from reactive.errors import ConfigurationError
 
 CHECKPOINTS_TABLE = "_reactive_checkpoints"
 _COLUMNS = {
@@ -62,9 +63,17 @@ class IbisSections:
             if self._ready:
                 return True
             if self.conn.table_exists(CHECKPOINTS_TABLE):
-                columns = set(self.conn.table(CHECKPOINTS_TABLE).columns)
-                if "name" in columns and "section" not in columns:
+                columns = tuple(self.conn.table(CHECKPOINTS_TABLE).columns)
+                if {"name", "value"} <= set(columns) and "section" not in columns:
                     self._migrate()
+                elif not set(_COLUMNS) <= set(columns):
+                    # An application's own table of that name: every checkpoint call (the lease
+                    # of db.cdc.start() too) failed with the driver's "no column named key".
+                    raise ConfigurationError(
+                        f"table {CHECKPOINTS_TABLE!r} exists with other columns ({', '.join(columns)}): it is not"
+                        " reactive's, which keeps its checkpoints (positions, the lease, checkpoints.Table) under"
+                        " that name; rename it"
+                    )
                 self._ready = True
                 return True
             if not create:
