@@ -870,6 +870,19 @@ def test_closing_the_datalayer_ends_a_running_monitor(source: Source, db: reacti
         assert source.server.monitors() == {}
 
 
+def test_a_monitor_made_or_started_after_its_datalayer_closed_is_refused_clearly(
+    source: Source, db: reactive.Datalayer
+) -> None:
+    # The driver's own error: sqlite3's "Cannot operate on a closed database", pymongo's
+    # "Cannot use MongoClient after close", DuckDB's "Connection already closed".
+    client = TableMonitor.Client(db, "docs", Events().callbacks(Type.INSERT_DECODED))
+    db.close()
+    for call in (client.start_monitor, lambda: TableMonitor.Client(db, "docs", list(client._callbacks.values()))):
+        with pytest.raises(ConfigurationError, match=r"the datalayer of .* is closed; reactive\.connect"):
+            call()
+    assert client.task_list == [] and not reactive_threads()
+
+
 @pytest.mark.parametrize("source", [*SQL, *PUSH], indirect=True)
 def test_a_monitor_started_again_reports_only_rows_changed_after(source: Source, db: reactive.Datalayer) -> None:
     events = Events()
