@@ -145,11 +145,31 @@ class DatabaseChangeDataCapture:
         if self.lease is None:
             return True
         with self._lock:
-            if self.lease.held is None and not self.lease.acquire():
+            if self.lease.held is None and not self._take_lease():
                 self._activated.clear()  # a standby: something waits for the lease
                 return False
             self._keep()
             return True
+
+    def _take_lease(self) -> bool:
+        """``lease.acquire()``; False where the database cannot say now (a transient error: on
+        PostgreSQL the lease's row locked by a holder paused inside its window's transaction),
+        and the lease keeper tries again. That error failed ``db.add`` and ``db.cdc.start()``,
+        which left the process half started: a second start did nothing, ``wait_idle`` said
+        True, and it never took the lease."""
+        assert self.lease is not None
+        try:
+            return self.lease.acquire()
+        except Exception as exc:
+            if not self.db.backend.is_transient(exc):
+                raise
+            log.warning(
+                "could not take the lease of %s now (%s: %s): this process waits as a standby",
+                self.db.backend.uri,
+                type(exc).__name__,
+                exc,
+            )
+            return False
 
     def fence(self, *, atomic: bool = False) -> None:
         """Raise :class:`~reactive.errors.LeaseLostError` unless this process may write now.
@@ -270,7 +290,9 @@ class DatabaseChangeDataCapture:
     def _ensure_listener(self) -> BaseDatabaseListener:
         with self._lock:
             if self._listener is None:
-                hooks = ListenerHooks(reconcile=self._reconcile_tables, table_gone=self._table_gone)
+                hooks = ListenerHooks(
+                    reconcile=self._reconcile_tables, table_gone=self._table_gone, may_report=self._may_report
+                )
                 listener = self.factory.create(self.db.backend, self.queue, hooks, **self.listener_options)
                 for table in self._watched.values():
                     listener.watch(table)
@@ -300,6 +322,17 @@ class DatabaseChangeDataCapture:
 
     def _reconcile_tables(self, tables: list[str], abandon: threading.Event) -> None:
         self.reconcile([c for table in tables for c in self.db.components_for(table, None)], abandon=abandon)
+
+    def _may_report(self, abandon: threading.Event) -> bool:
+        """Whether the change listener may tell this process's table monitors of a change now:
+        it holds the lease. One that lapsed here is waited for (taken back, the monitors here
+        are told; found lost, those of the process that took over are). A holder paused past
+        its lease told its monitors, as it woke, of changes the new holder's had been told of."""
+        lease = self.lease
+        while lease is not None and lease.held is None:
+            if not lease.lapsed or abandon.wait(0.05):
+                return False
+        return True
 
     def _table_gone(self, table: str, state: str) -> None:
         with self._lock:
@@ -506,16 +539,22 @@ class DatabaseChangeDataCapture:
             return
         listener.unsubscribe(table.name, sink)
         with self._lock:
-            needed = table.name in self._watched or listener.monitors(table.name)
-        if not needed:
-            listener.unwatch(table.name)
+            if not self._needed(table.name, listener):
+                listener.unwatch(table.name)
+
+    def _needed(self, table: str, listener: BaseDatabaseListener) -> bool:
+        """Whether ``table`` must still be followed: a component reads it, or a table monitor is
+        subscribed to it, armed or still starting. Each of them unwatched a table the other
+        still needed: a ``db.remove`` of its last listener, or a monitor stopped while another
+        started, left the monitors on it alive and told of nothing, ever again."""
+        return table in self._watched or listener.monitored(table)
 
     def unlisten(self, table: str, *, forget: bool = False) -> None:
-        """Stop following ``table``; with ``forget``, drop what following it kept (see
-        :meth:`BaseDatabaseListener.forget`)."""
+        """Stop following ``table`` (unless a table monitor follows it); with ``forget``, drop
+        what following it kept (see :meth:`BaseDatabaseListener.forget`)."""
         with self._lock:
             self._watched.pop(table, None)
-            if self._listener is not None:
+            if self._listener is not None and not self._needed(table, self._listener):
                 self._listener.unwatch(table)
                 if forget:
                     self._listener.forget(table)
@@ -532,7 +571,13 @@ class DatabaseChangeDataCapture:
             if self._running:
                 return
             self._running = True
-        if self.acquire():
+        try:
+            active = self.acquire()
+        except BaseException:
+            with self._lock:
+                self._running = False  # nothing started: a start after this one tries again
+            raise
+        if active:
             try:
                 self._start_threads()
             except BaseException:

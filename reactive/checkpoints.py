@@ -22,7 +22,9 @@ its lease in section ``__lease__`` of it.
 - ``WR_ALL_REPLICAS``: synchronous. ``Write`` returns once the write is durable in the
   database; any process may write, no lease needed.
 - ``WR_ACTIVE_REPLICA``: asynchronous. Writes are queued and written behind, in order, each
-  ``Write`` call atomically (all its sections or none); only the active replica writes.
+  ``Write`` call atomically (all its sections or none); only the active replica writes: each
+  write behind checks the lease (in its transaction where the store has them), and what a
+  process queued before it lost the lease is given up, never written over the new holder's.
 - ``WR_ACTIVE_REPLICA_WEAK``: asynchronous, without the atomicity promise: the sections of
   one call may be written one by one.
 - ``CHECKPOINT_COLLOCATED``: no active replica until :meth:`Table.Activate`. Without it, an
@@ -54,6 +56,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import dataclasses as dc
 import json
 import logging
@@ -88,12 +91,16 @@ DEFAULT_LEASE_MS = 5_000
 
 #: The shortest lease: it is renewed every third of it, and a write needs a third still ahead.
 MIN_LEASE_MS = 100
+#: The longest: a holder on another host that dies is replaced after its lease at the latest. A
+#: lease of 1e30 ms was taken, and its keeper's first wait (a third of it) ended its thread with
+#: an OverflowError: nothing renewed it, and a standby's never took over.
+MAX_LEASE_MS = 86_400_000
 
 
 def check_lease_ms(lease_ms: object) -> float:
-    """``lease_ms`` if it is a finite number of milliseconds of at least :data:`MIN_LEASE_MS`
-    (the one check of it: ``reactive.connect`` and :class:`Table` both take one)."""
-    return checks.milliseconds("lease_ms", lease_ms, least=MIN_LEASE_MS)
+    """``lease_ms`` if it is a finite number of milliseconds from :data:`MIN_LEASE_MS` to
+    :data:`MAX_LEASE_MS` (the one check of it: ``reactive.connect`` and :class:`Table` both take one)."""
+    return checks.milliseconds("lease_ms", lease_ms, least=MIN_LEASE_MS, most=MAX_LEASE_MS, most_is="a day")
 
 
 _EXIT_FLUSH_SECONDS = 5.0
@@ -159,6 +166,10 @@ class SectionStore(Protocol):
 
     def replace_section(self, checkpoint: str, key: str, expected: bytes | None, new: Section | None) -> bool:
         """Compare-and-set on one section's data."""
+
+    # Optional: ``transaction()``, a context whose statements are atomic and in which a read with
+    # ``lock`` holds its rows until the end (SQL databases): a write behind checks the lease
+    # inside one. A store without it checks right before the write (``Table._write_behind``).
 
 
 # -- the lease ------------------------------------------------------------------------------------
@@ -511,6 +522,12 @@ class Table:
         self._idle = threading.Condition(self._lock)
         self._writer: _Writer | None = None
         self._keeper: LeaseKeeper | None = None
+        #: Writes behind given up since the last :meth:`Synchronize`: another process became
+        #: the active replica before they were written.
+        self._given_up = 0
+        self._transaction: Callable[[], contextlib.AbstractContextManager[Any]] = (
+            getattr(self.store, "transaction", None) or contextlib.nullcontext
+        )
         if self.asynchronous and not flags & self.CHECKPOINT_COLLOCATED:
             self.Activate()
 
@@ -574,9 +591,13 @@ class Table:
         self.store.delete_sections(self.ckptName, [key])
 
     def Synchronize(self, timeout: float | None = None) -> bool:
-        """Wait until every asynchronous write is durable; False if ``timeout`` passed first."""
+        """Wait until every asynchronous write is durable; False if ``timeout`` passed first,
+        or if writes were given up since the last call: this process lost the active replica's
+        lease to another before they were written (logged)."""
         with self._idle:
-            return self._idle.wait_for(lambda: not self._pending, timeout)
+            done = self._idle.wait_for(lambda: not self._pending, timeout)
+            given_up, self._given_up = self._given_up, 0
+            return done and not given_up
 
     # -- the active replica -------------------------------------------------------------------
     def Activate(self) -> bool:
@@ -724,17 +745,47 @@ class Table:
             return True
 
     def _drain_one(self) -> bool:
-        """Write the oldest pending call; False when nothing is pending."""
+        """Write the oldest pending call; False when nothing is pending (or all of it was given
+        up: this process is no longer the active replica)."""
         with self._lock:
             if not self._pending:
                 self._idle.notify_all()
                 return False
             sections = self._pending[0]
-        self._apply(sections)
+        if not self._write_behind(sections):
+            with self._lock:
+                given_up, self._pending = len(self._pending), collections.deque()
+                self._given_up += given_up
+                self._idle.notify_all()
+            log.error(
+                "checkpoint %r: %d asynchronous writes given up: another process is the active replica now",
+                self.ckptName,
+                given_up,
+            )
+            return False
         with self._lock:
             self._pending.popleft()
             self._idle.notify_all()
         return True
+
+    def _write_behind(self, sections: dict[str, Section]) -> bool:
+        """Write ``sections`` as the active replica, the lease checked in the write's transaction
+        (where the store has them; right before it elsewhere); False once another process holds
+        the lease. A writer that went on after its process lost the lease (paused past it) wrote
+        its stale writes over the new active replica's."""
+        with self._transaction():
+            held = self.lease.valid(self.lease.lease_ms / 3000) and self.lease.check(lock=True)
+            if held:
+                self._apply(sections)
+                return True
+        if self.lease.held is None and not self.lease.lapsed:
+            return False
+        # Lapsed here (the store slow or down): the keeper takes it back, or finds it lost.
+        raise _LeaseUnsettled
+
+
+class _LeaseUnsettled(Exception):
+    """A write behind waits: this process's lease lapsed, and is not yet taken back or found lost."""
 
 
 class _Writer(threading.Thread):
@@ -755,6 +806,8 @@ class _Writer(threading.Thread):
             try:
                 while table._drain_one():
                     pass
+            except _LeaseUnsettled:
+                self.wake.wait(0.05)
             except Exception:
                 log.exception("an asynchronous write of checkpoint %r failed; retrying", table.ckptName)
                 self.wake.wait(0.5)  # the database is failing: back off before trying again

@@ -90,17 +90,23 @@ def _finite_at_least(value: Any, least: float) -> bool:
     return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value) and value >= least
 
 
-def milliseconds(name: str, value: Any, *, least: float) -> float:
-    """``value`` if it is a finite number of milliseconds (not a bool) of at least ``least``.
+def milliseconds(name: str, value: Any, *, least: float, most: float = math.inf, most_is: str = "") -> float:
+    """``value`` if it is a finite number of milliseconds (not a bool) of at least ``least``
+    and at most ``most`` (``most_is`` says what that is, in words).
 
     >>> milliseconds("lease_ms", float("nan"), least=100)
     Traceback (most recent call last):
     ...
     reactive.errors.ConfigurationError: lease_ms must be a number of milliseconds of at least 100, not nan
+    >>> milliseconds("lease_ms", 1e30, least=100, most=86_400_000, most_is="a day")
+    Traceback (most recent call last):
+    ...
+    reactive.errors.ConfigurationError: lease_ms must be ... at most 86,400,000 (a day), not 1e+30
     """
     number = plain(value)
-    if not _finite_at_least(number, least):
-        raise ConfigurationError(f"{name} must be a number of milliseconds of at least {least:g}, not {value!r}")
+    if not _finite_at_least(number, least) or number > most:
+        bound = "" if most == math.inf else f" and at most {most:,.0f}" + (f" ({most_is})" if most_is else "")
+        raise ConfigurationError(f"{name} must be a number of milliseconds of at least {least:g}{bound}, not {value!r}")
     return number
 
 

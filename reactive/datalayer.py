@@ -208,7 +208,9 @@ class Datalayer:
 
     def table_info(self, table: str, *, id_column: str | None = None) -> TableInfo:
         """Describe ``table`` (cached once a component uses it). Refuses reactive's own tables
-        (:func:`~reactive.backends.base.own_table`), on every backend."""
+        (:func:`~reactive.backends.base.own_table`), on every backend, and every table once the
+        datalayer is closed (a table monitor made or started then met the driver's error)."""
+        self.check_open()
         if own_table(table):
             raise ConfigurationError(
                 f"{table!r} cannot be followed: it is reactive's own (a listener on it computes reactive's"

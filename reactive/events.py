@@ -113,6 +113,16 @@ class SourceChange:
     def of(cls, packet: ChangePacket) -> SourceChange:
         return cls(packet.table, packet.event, len(packet), packet.ids, packet.rows)
 
+    def only(self, kept: Sequence[int]) -> SourceChange:
+        """The change of the rows at the indices ``kept`` alone (of a change with ids).
+
+        >>> SourceChange("docs", DBEvent.delete, 3, (1, 2, 3)).only([0, 2]).ids
+        (1, 3)
+        """
+        assert self.ids is not None
+        rows = None if self.rows is None else tuple(self.rows[i] for i in kept)
+        return SourceChange(self.table, self.event, len(kept), tuple(self.ids[i] for i in kept), rows)
+
 
 def is_utf8(text: str) -> bool:
     """Whether ``text`` encodes as UTF-8: a Python text may hold a lone surrogate (what

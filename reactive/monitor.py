@@ -49,6 +49,7 @@ How it differs from the official client, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -81,8 +82,9 @@ class MonitorSink(Protocol):
     #: Seconds without a message after which the listener checks the table (Kinetica).
     inactivity_timeout: float | None
 
-    def deliver(self, change: SourceChange) -> None:
-        """A change as the source reported it; may wait while the monitor's queue is full."""
+    def deliver(self, change: SourceChange, abandon: threading.Event | None = None) -> None:
+        """A change as the source reported it; may wait while the monitor's queue is full, until
+        ``abandon`` is set (the change listener stops)."""
 
     def table_dropped(self, why: str) -> None:
         """The table is gone; nothing more will be delivered."""
@@ -410,6 +412,8 @@ class _Notice(enum.Enum):
     DROPPED = "dropped"
     CLOSED = "closed"
     STOP = "stop"
+    #: Nothing: the thread looks at its last word once it has taken what is queued.
+    WAKE = "wake"
 
 
 class _Monitor(ReactiveThread):
@@ -433,37 +437,64 @@ class _Monitor(ReactiveThread):
         )
         self.inactivity_timeout: float | None = client.options.inactivity_timeout / 1000
         self.format = client._format
-        self._queue: queue.Queue[SourceChange | tuple[_Notice, str]] = queue.Queue(QUEUE_SIZE)
+        self._queue: queue.Queue[SourceChange | _Notice] = queue.Queue(QUEUE_SIZE)
+        #: Said once the changes queued before it are taken: why the monitor ends (the first
+        #: of dropped, closed or stopped).
+        self._last_word: tuple[_Notice, str] | None = None
         self._ended = threading.Event()
         self._finished = threading.RLock()
         self._unsubscribed = False
 
     # -- what the change listener calls (MonitorSink) ---------------------------------------
-    def deliver(self, change: SourceChange) -> None:
+    def deliver(self, change: SourceChange, abandon: threading.Event | None = None) -> None:
         if change.event in self.events:
-            self._put(change)
+            self._put(change, abandon)
 
     def table_dropped(self, why: str) -> None:
-        self._put((_Notice.DROPPED, why))
+        self._end_with(_Notice.DROPPED, why)
 
     def closed(self) -> None:
-        self._put((_Notice.CLOSED, "the change listener stopped"))
+        self._end_with(_Notice.CLOSED, "the change listener stopped")
 
-    def _put(self, item: SourceChange | tuple[_Notice, str]) -> None:
-        """Wait while the queue is full (backpressure), unless this monitor has ended."""
-        while not self._ended.is_set():
+    def _put(self, change: SourceChange, abandon: threading.Event | None) -> None:
+        """Wait while the queue is full (backpressure), unless this monitor has ended or the
+        change listener stops (``abandon``): behind a slow callback, a full queue held the
+        listener's stop, and ``db.close()`` with it, until the callback took one more change."""
+        while not self._ended.is_set() and not (abandon is not None and abandon.is_set()):
             try:
-                self._queue.put(item, timeout=0.1)
+                self._queue.put(change, timeout=0.1)
                 return
             except queue.Full:
                 continue
 
+    def _end_with(self, notice: _Notice, why: str) -> None:
+        """The monitor's last word, said after the changes queued before it; never waits for
+        room in the queue (``db.close()`` waited there for a slow callback, for ever for a hung one)."""
+        with self._finished:
+            if self._last_word is None:
+                self._last_word = (notice, why)
+        with contextlib.suppress(queue.Full):  # full: the thread finds it once it took what is queued
+            self._queue.put_nowait(_Notice.WAKE)
+
     # -- the thread --------------------------------------------------------------------------
+    def _next(self) -> SourceChange | tuple[_Notice, str]:
+        """The next change queued; once none is, the last word (waiting for either)."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                last_word = self._last_word
+                if last_word is not None:
+                    return last_word
+                item = self._queue.get()  # _end_with puts a WAKE after setting the last word
+            if isinstance(item, SourceChange):
+                return item
+
     def run(self) -> None:
         stopped_by_itself = False
         try:
             while True:
-                item = self._queue.get()
+                item = self._next()
                 if isinstance(item, SourceChange):
                     if self._dispatch(item):
                         continue
@@ -618,7 +649,7 @@ class _Monitor(ReactiveThread):
             if self.is_alive():
                 self._ended.set()  # no callback is called after this
                 _drain(self._queue)
-                self._queue.put((_Notice.STOP, "stopped"))
+                self._end_with(_Notice.STOP, "stopped")
                 # From a callback (its own thread), it ends once the callback returns: it went
                 # on for ever, past db.close(), and no callback was called again.
                 if threading.current_thread() is not self:

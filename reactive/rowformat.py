@@ -14,7 +14,9 @@ so :class:`~reactive.monitor.TableMonitor` writes them in a schema derived from 
   ``document``, each holding MongoDB relaxed Extended JSON (``bson.json_util``), which keeps
   every BSON type (ObjectId, dates, Decimal128, binary...).
 
-``client.type_schema`` gives the schema as JSON text, so any Avro reader decodes the bytes.
+``client.type_schema`` gives the schema as JSON text, so an Avro reader decodes the bytes. Field
+names are the columns' names as they are: one that is not an Avro name (``[A-Za-z_][A-Za-z0-9_]*``:
+a space, an accent, a leading digit) reads with fastavro, not with readers that check names.
 """
 
 from __future__ import annotations

@@ -391,13 +391,25 @@ def test_a_closed_datalayer_says_so(duck: SQLClient, recorder: Recorder) -> None
         ({"page_size": 0}, "page_size must be a whole number of at least 1"),
         ({"pipeline": "2"}, "pipeline must be a whole number of at least 1"),
         ({"lease_ms": 10}, "lease_ms must be a number of milliseconds of at least 100"),
+        ({"lease_ms": 1e30}, "at least 100 and at most 86,400,000 (a day), not 1e+30"),
         ({"lease": "yes"}, "lease must be True or False"),
     ],
-    ids=["poll str", "poll 0", "poll nan", "queue 1.5", "page 0", "pipeline str", "lease_ms 10", "lease str"],
+    ids=[
+        "poll str",
+        "poll 0",
+        "poll nan",
+        "queue 1.5",
+        "page 0",
+        "pipeline str",
+        "lease_ms 10",
+        "lease_ms 1e30",
+        "lease str",
+    ],
 )
 def test_datalayer_settings_out_of_range_are_refused_at_connect(options: dict, says: str) -> None:
     # Each was accepted: a string poll_interval or pipeline then failed inside a thread,
-    # poll_interval=0 polled back to back, lease_ms=10 lapsed between any two writes.
+    # poll_interval=0 polled back to back, lease_ms=10 lapsed between any two writes, and
+    # lease_ms=1e30 ended the lease keeper's thread at its first wait (OverflowError).
     with pytest.raises(reactive.ConfigurationError, match=re.escape(says)):
         reactive.connect("duckdb://", **options)
 
@@ -1654,6 +1666,28 @@ def test_a_table_of_the_application_named_as_a_listeners_outputs_is_refused_and_
         db.add(Listener(Model("m", predict=lengths), "text", "docs", identifier="m2"))
         assert outputs_by_source(db, "m2") == {1: 1}
     assert sql.execute("SELECT * FROM _outputs__m__text") == [(1, "precious")]
+
+
+def test_a_table_of_the_application_named_as_reactives_checkpoints_is_refused_and_kept(sql: SQLClient) -> None:
+    # Every checkpoint call failed with the driver's error ("table _reactive_checkpoints has no
+    # column named key"): db.cdc.start() (the lease), db.add, checkpoints.Table's Write; its
+    # Read said {}.
+    from reactive.checkpoints import Table
+
+    sql.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR(10))")
+    sql.execute("CREATE TABLE _reactive_checkpoints (id INTEGER PRIMARY KEY, note VARCHAR(10) NOT NULL)")
+    sql.execute("INSERT INTO _reactive_checkpoints VALUES (1, 'precious')")
+    says = r"table '_reactive_checkpoints' exists with other columns \(id, note\): it is not reactive's"
+    with reactive.connect(sql.uri) as db:
+        with pytest.raises(reactive.ConfigurationError, match=says):
+            db.cdc.start()
+        assert not db.cdc.running  # a start after this one tries again
+        jobs = Table("jobs", Table.WR_ALL_REPLICAS, None, 8, 64, 32, store=db)
+        for call in (lambda: jobs.Write("cursor", "42"), lambda: jobs.Read(["cursor"])):
+            with pytest.raises(reactive.ConfigurationError, match=says):
+                call()
+    assert sql.execute("SELECT * FROM _reactive_checkpoints") == [(1, "precious")]
+    assert not reactive_threads()
 
 
 def test_dropping_the_outputs_a_chained_listener_reads_is_refused(duck: SQLClient) -> None:

@@ -344,6 +344,47 @@ def test_a_lease_taken_and_given_up_while_its_holder_was_cut_off_is_reported_los
     assert reports[:2] == [False, True], reports  # lost, then a new tenure
 
 
+class Paused:
+    """A real store that the threads a table started itself (its lease keeper, its writer) wait
+    on while ``paused`` is set: their process stopped (SIGSTOP) right after the test's last call."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.paused = threading.Event()
+        self.caller = threading.current_thread()
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.store, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            while self.paused.is_set() and threading.current_thread() is not self.caller:
+                self.paused.wait(0.01)
+            return method(*args, **kwargs)
+
+        return call
+
+
+def test_a_replica_paused_past_its_lease_writes_nothing_behind_once_another_took_over(store: Any) -> None:
+    # Its writer went on with what was queued before the pause: the stale value replaced the
+    # new active replica's, and Synchronize said every write was durable.
+    paused = Paused(section_store(store))
+    old = table(paused, "jobs", flags=Table.WR_ACTIVE_REPLICA, lease_ms=300)
+    assert old.GetActiveStatus()
+    paused.paused.set()
+    old.Write("cursor", "stale")  # queued; the process stops before its writer writes it
+    new = table(store, "jobs", flags=Table.WR_ACTIVE_REPLICA | Table.CHECKPOINT_COLLOCATED, lease_ms=300)
+    new.SetAutoActivate(True)
+    assert new.WaitActive(10)  # once the old lease expired
+    new.Write("cursor", "new")
+    assert new.Synchronize(30)
+    paused.paused.clear()  # the old process goes on
+    assert not old.Synchronize(30)  # its write was given up, not written
+    assert not old.GetActiveStatus()
+    assert new.Read(["cursor"]) == {"cursor": "new"}
+    new.Deactivate()
+    old.Deactivate()
+
+
 _OPENS = """
 import sys, duckdb
 duckdb.connect(sys.argv[1]).close()
@@ -383,7 +424,7 @@ def test_flags_and_arguments_are_checked() -> None:
         Table("t", Table.WR_ALL_REPLICAS, *LIMITS, store=42)  # type: ignore[arg-type]
     # A Table's lease went unchecked (reactive.connect's was checked): NaN, infinity, text, 10 ms
     # and True were taken. A bool retention passed as 1 ms. One check now (check_lease_ms).
-    for lease_ms in (float("nan"), float("inf"), "5000", 10, True):
+    for lease_ms in (float("nan"), float("inf"), "5000", 10, True, 1e30, 86_400_001):
         with pytest.raises(ValueError, match="lease_ms must be a number of milliseconds of at least 100"):
             Table("t", Table.WR_ALL_REPLICAS, *LIMITS, store="duckdb://", lease_ms=lease_ms)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="retention_ms"):

@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from conftest import Recorder, looked, outputs_by_source, within
 
 import reactive
-from reactive.checkpoints import ENGINE_CHECKPOINT, Lease, section_store
+from reactive.backends.ibis.checkpoints import section_key
+from reactive.checkpoints import ENGINE_CHECKPOINT, LEASE_SECTION, Lease, section_store
 from reactive.components import Listener, Model
 from reactive.errors import LeaseLostError
 
@@ -252,6 +254,28 @@ def test_a_table_monitor_paused_by_a_stand_down_ends_when_its_process_stops(
         thread.join(WAIT)
         assert not thread.is_alive() and monitor.task_list == []
         monitor.stop_monitor()  # after it ended: nothing happens, nothing raised
+
+
+def test_a_standby_whose_lease_row_a_paused_holder_locks_waits_and_takes_over(pg_database: str) -> None:
+    # A holder paused inside its window's transaction (SIGSTOP) holds the lease's row locked:
+    # db.add and db.cdc.start() failed with psycopg's LockNotAvailable, and the start left the
+    # process half started: a second start did nothing, wait_idle said True, no lease was taken.
+    with psycopg.connect(pg_database, autocommit=True) as client:
+        client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
+        client.execute("INSERT INTO docs VALUES (1, 'doc 1')")
+    with reactive.connect(pg_database) as first:
+        first.cdc.start()  # its record of the lease stays, given up
+    with psycopg.connect(pg_database) as holder:
+        key = section_key(ENGINE_CHECKPOINT, LEASE_SECTION)
+        holder.execute("SELECT * FROM _reactive_checkpoints WHERE key = %s FOR UPDATE", [key])
+        recorder = Recorder()
+        with reactive.connect(pg_database, poll_interval=0.05) as db:
+            db.add(listener(recorder))  # a standby's: the backfill deferred
+            db.cdc.start()
+            assert db.cdc.running and not db.cdc.active and not db.cdc.wait_idle(timeout=0.5)
+            holder.rollback()  # the holder goes on, or dies: its lock is gone
+            assert db.cdc.wait_idle(timeout=WAIT)
+            assert outputs_by_source(db, "tag__text") == {1: "<doc 1>"}
 
 
 def test_a_standby_cannot_run_a_table_monitor(sqlite_file: tuple[str, sqlite3.Connection]) -> None:

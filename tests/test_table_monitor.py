@@ -22,7 +22,7 @@ import duckdb
 import fastavro
 import psycopg
 import pytest
-from conftest import SQLClient, outputs_by_source, within
+from conftest import BrokenOnce, HeldTags, SQLClient, Watching, outputs_by_source, within
 from gpudb import GPUdb, GPUdbColumnProperty, GPUdbRecordColumn, GPUdbRecordType, GPUdbTable
 from kinetica_server import KineticaTestServer
 
@@ -546,6 +546,72 @@ def test_a_full_monitor_queue_holds_the_change_listener_and_drops_nothing(
         release.set()
 
 
+@pytest.mark.parametrize("source", [*SQL, "mongodb"], indirect=True)
+def test_a_change_delivered_again_after_a_released_window_is_told_once(source: Source) -> None:
+    # A failure of the handler's own (after B's window is planned behind A's, A's is written)
+    # releases B's window: the source delivers B again (the next poll; the stream read again
+    # from before it). The monitors were told of B again at every release: on SQLite five
+    # times each row while a trigger refused the outputs' writes.
+    predict, window_rows, compute = HeldTags("A"), BrokenOnce(1, 1), Watching()
+    events = Events()
+    options: dict[str, Any] = {"poll_interval": 0.05, "page_size": 1, "compute": compute, "batch_rows": window_rows}
+    with reactive.connect(source.uri, **options) as db:
+        db.add(Listener(Model("tag", predict=predict), "title", "docs"))
+        with TableMonitor.Client(db, "docs", events.callbacks(Type.INSERT_DECODED)):
+            window_rows.armed.set()
+            if isinstance(source, SQLSource):  # one poll finds both: B is planned while A computes
+                source.client.execute("insert into docs values (1, 'A'), (2, 'B')")
+            else:
+                source.insert(1, "A")
+                source.insert(2, "B")
+            assert predict.computing.wait(WAIT)
+            assert compute.wait_for(lambda submitted: ["B"] in submitted, timeout=WAIT)
+            predict.go.set()
+            assert db.cdc.wait_idle(WAIT)
+            assert window_rows.broken.is_set() and db.cdc.listener is not None and db.cdc.listener.releases == 1
+            assert outputs_by_source(db, "tag__title") == {1: "<A>", 2: "<B>"}
+            assert [events.next(), events.next()] == [
+                ("INSERT_DECODED", source.row(1, "A")),
+                ("INSERT_DECODED", source.row(2, "B")),
+            ]
+            source.insert(3, "C")  # told after the B it was not told again
+            assert events.next() == ("INSERT_DECODED", source.row(3, "C"))
+    assert events.pending() == []
+
+
+def test_closing_the_datalayer_while_a_slow_callback_holds_a_full_queue_returns_at_once(
+    source: Source, db: reactive.Datalayer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The change listener waited for room in the monitor's full queue: its stop, and db.close()
+    # with it, waited for the callback to take one more change (for ever behind a hung callback).
+    monkeypatch.setattr("reactive.monitor.QUEUE_SIZE", 1)
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(row: dict[str, Any]) -> None:
+        entered.set()
+        assert release.wait(WAIT), "the test never released the callback"
+
+    client = TableMonitor.Client(db, "docs", [Callback(Type.INSERT_DECODED, hold)])
+    client.start_monitor()
+    thread = monitor_thread(client)
+    closing = threading.Thread(target=db.close)
+    try:
+        source.insert(1, "taken")
+        assert entered.wait(WAIT)
+        source.insert(2, "queued")
+        assert client._monitor is not None and within(WAIT, client._monitor._queue.full)
+        source.insert(3, "waits in the change listener")
+        assert not db.cdc.wait_idle(0.5)
+        closing.start()
+        closing.join(WAIT)
+        assert not closing.is_alive() and thread.is_alive()  # closed while the callback still holds
+    finally:
+        release.set()
+        closing.join(60)
+    thread.join(WAIT)
+    assert not thread.is_alive() and client.task_list == []
+
+
 # -- dropped and altered tables -----------------------------------------------------------------
 def test_table_dropped_fires_once_per_monitor_which_then_stops(source: Source, db: reactive.Datalayer) -> None:
     first, second = Events(), Events()
@@ -721,6 +787,37 @@ def test_a_monitor_pauses_at_a_stand_down_and_goes_on_at_the_takeover(source: So
     assert not thread.is_alive() and events.pending() == []
 
 
+@only("mongodb")
+def test_a_holder_paused_past_its_lease_tells_its_monitors_nothing_the_new_holder_s_are_told(
+    source: Source,
+) -> None:
+    # Monitors run in the process holding the lease. One paused past it (SIGSTOP; here its
+    # keeper stopped) went on reading its stream as it woke, and its monitors were told of the
+    # changes the process that took over told its own monitors of: each event twice.
+    before, after = Events(), Events()
+    paused = reactive.connect(source.uri, lease_ms=600)
+    try:
+        TableMonitor.Client(paused, "docs", before.callbacks(Type.INSERT_DECODED)).start_monitor()
+        source.insert(1, "while it held the lease")
+        assert before.next() == ("INSERT_DECODED", source.row(1, "while it held the lease"))
+        keeper, listener = paused.cdc._keeper, paused.cdc.listener
+        assert keeper is not None and listener is not None
+        keeper.stop()  # nothing renews its lease from now on
+        with reactive.connect(source.uri, lease_ms=600) as taker:
+            taker.cdc.start()
+            assert within(WAIT, lambda: taker.cdc.active)  # once the paused one's lease expired
+            with TableMonitor.Client(taker, "docs", after.callbacks(Type.INSERT_DECODED)):
+                source.insert(2, "after the takeover")
+                assert after.next() == ("INSERT_DECODED", source.row(2, "after the takeover"))
+                listener.sync(1.0)  # its stream reads past row 2 (or waits to be told the lease is lost)
+                with pytest.raises(AssertionError, match="no callback"):
+                    before.next(timeout=1.0)
+            paused.close()  # first: its keeper stopped, it would take the lease the taker gives up
+    finally:
+        paused.close()
+    assert before.pending() == [] and after.pending() == []
+
+
 @pytest.mark.parametrize("source", [*SQL, "kinetica"], indirect=True)
 def test_a_table_dropped_while_its_monitor_paused_is_reported_at_the_takeover(
     source: Source, db: reactive.Datalayer
@@ -773,6 +870,19 @@ def test_closing_the_datalayer_ends_a_running_monitor(source: Source, db: reacti
         assert source.server.monitors() == {}
 
 
+def test_a_monitor_made_or_started_after_its_datalayer_closed_is_refused_clearly(
+    source: Source, db: reactive.Datalayer
+) -> None:
+    # The driver's own error: sqlite3's "Cannot operate on a closed database", pymongo's
+    # "Cannot use MongoClient after close", DuckDB's "Connection already closed".
+    client = TableMonitor.Client(db, "docs", Events().callbacks(Type.INSERT_DECODED))
+    db.close()
+    for call in (client.start_monitor, lambda: TableMonitor.Client(db, "docs", list(client._callbacks.values()))):
+        with pytest.raises(ConfigurationError, match=r"the datalayer of .* is closed; reactive\.connect"):
+            call()
+    assert client.task_list == [] and not reactive_threads()
+
+
 @pytest.mark.parametrize("source", [*SQL, *PUSH], indirect=True)
 def test_a_monitor_started_again_reports_only_rows_changed_after(source: Source, db: reactive.Datalayer) -> None:
     events = Events()
@@ -788,6 +898,57 @@ def test_a_monitor_started_again_reports_only_rows_changed_after(source: Source,
         assert events.next() == ("INSERT_DECODED", source.row(3, "after the restart"))
     finally:
         client.stop_monitor()
+
+
+def test_removing_the_last_listener_on_a_table_leaves_its_monitors_following_it(
+    source: Source, db: reactive.Datalayer
+) -> None:
+    # db.remove let the table go: its monitors stayed alive and were told nothing, ever again.
+    events = Events()
+    add_shouting_listener(db, "docs")
+    with TableMonitor.Client(db, "docs", events.callbacks(Type.INSERT_DECODED)):
+        source.insert(1, "one")
+        assert events.next() == ("INSERT_DECODED", source.row(1, "one"))
+        db.remove("shout__title", drop_outputs=True)
+        source.insert(2, "two")
+        assert events.next() == ("INSERT_DECODED", source.row(2, "two"))
+    assert events.pending() == []
+
+
+@only(*SQL)
+def test_a_monitor_stopped_while_another_on_its_table_starts_leaves_that_one_following(
+    source: Source, db: reactive.Datalayer
+) -> None:
+    # The table was let go when the last *armed* monitor stopped: one still waiting for its
+    # baseline poll then followed nothing, for good.
+    source.create("notes")
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(titles: list[str]) -> list[str]:
+        entered.set()
+        assert release.wait(WAIT), "the test never released the model"
+        return titles
+
+    db.add(Listener(Model("hold", predict=hold), "title", "notes"))
+    first, second = Events(), Events()
+    stopping = TableMonitor.Client(db, "docs", first.callbacks(Type.INSERT_DECODED))
+    starting = TableMonitor.Client(db, "docs", second.callbacks(Type.INSERT_DECODED))
+    stopping.start_monitor()
+    source.insert(1, "held", table="notes")
+    assert entered.wait(WAIT)  # that poll ends once its window is written: a baseline waits until then
+    start = threading.Thread(target=starting.start_monitor)
+    start.start()
+    try:
+        listener = db.cdc.listener
+        assert listener is not None and within(WAIT, lambda: bool(listener._arming))
+        stopping.stop_monitor()
+    finally:
+        release.set()
+        start.join(WAIT)
+    source.insert(2, "two")
+    assert second.next() == ("INSERT_DECODED", source.row(2, "two"))
+    starting.stop_monitor()
+    assert first.pending() == [] and second.pending() == []
 
 
 @pytest.mark.parametrize("source", [*SQL, *PUSH], indirect=True)

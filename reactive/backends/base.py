@@ -533,10 +533,13 @@ class ListenerHooks:
     date with the source (after lost history, missed notifications, or a table replaced
     under the listener), giving up when ``abandon`` is set. ``table_gone(table, why)``
     reports a watched table that was dropped or renamed: its components stop.
+    ``may_report(abandon)`` says whether this process may tell its table monitors of a change
+    now (it holds the lease; it may wait while that is not known, giving up at ``abandon``).
     """
 
     reconcile: Callable[[list[str], threading.Event], None] = lambda tables, abandon: None
     table_gone: Callable[[str, str], None] = lambda table, why: None
+    may_report: Callable[[threading.Event], bool] = lambda abandon: True
 
 
 class DataBackend(ABC):
@@ -755,13 +758,21 @@ class BaseDatabaseListener(ReactiveThread):
 
     # -- packets --------------------------------------------------------------------------
     def report(self, packet: ChangePacket) -> None:
-        """A change as the source reported it: the table's monitors see it, then it is queued."""
+        """A change as the source reported it: the table's monitors see it (once: see
+        :meth:`_for_monitors`), then it is queued."""
         sinks = self.monitors(packet.table)
-        if sinks:
-            change = SourceChange.of(packet)
-            for sink in sinks:
-                sink.deliver(change)
+        if sinks and self.hooks.may_report(self.stopped_event):
+            change = self._for_monitors(packet)
+            if change is not None:
+                for sink in sinks:
+                    sink.deliver(change, self.stopped_event)
         self.emit(packet)
+
+    def _for_monitors(self, packet: ChangePacket) -> SourceChange | None:
+        """What of ``packet`` the table's monitors are told (None: nothing). All of it, except
+        where a source delivers again the changes of packets the handler released
+        (:meth:`redeliver`): the monitors were told of them the first time."""
+        return SourceChange.of(packet)
 
     def emit(self, packet: ChangePacket) -> None:
         """Put ``packet`` on the queue, waiting while the queue is full; it is in flight

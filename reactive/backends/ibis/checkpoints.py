@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import ibis.expr.datatypes as dt
@@ -23,6 +24,7 @@ import sqlglot.expressions as sge
 
 from reactive.backends.ibis.connection import IbisConnection
 from reactive.checkpoints import ENGINE_CHECKPOINT, Section
+from reactive.errors import ConfigurationError
 
 CHECKPOINTS_TABLE = "_reactive_checkpoints"
 _COLUMNS = {
@@ -61,9 +63,17 @@ class IbisSections:
             if self._ready:
                 return True
             if self.conn.table_exists(CHECKPOINTS_TABLE):
-                columns = set(self.conn.table(CHECKPOINTS_TABLE).columns)
-                if "name" in columns and "section" not in columns:
+                columns = tuple(self.conn.table(CHECKPOINTS_TABLE).columns)
+                if {"name", "value"} <= set(columns) and "section" not in columns:
                     self._migrate()
+                elif not set(_COLUMNS) <= set(columns):
+                    # An application's own table of that name: every checkpoint call (the lease
+                    # of db.cdc.start() too) failed with the driver's "no column named key".
+                    raise ConfigurationError(
+                        f"table {CHECKPOINTS_TABLE!r} exists with other columns ({', '.join(columns)}): it is not"
+                        " reactive's, which keeps its checkpoints (positions, the lease, checkpoints.Table) under"
+                        " that name; rename it"
+                    )
                 self._ready = True
                 return True
             if not create:
@@ -157,6 +167,11 @@ class IbisSections:
         elif keys:
             sql = self.conn.statements(CHECKPOINTS_TABLE, "key", ("key",)).delete_by_ids
             self.conn.delete_by_ids(sql, [section_key(checkpoint, k) for k in keys])
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """Statements inside are atomic, and a read with ``lock`` holds its rows until the end:
+        a write behind checks the lease and writes in one (``checkpoints.Table``)."""
+        return self.conn.transaction()
 
     def replace_section(self, checkpoint: str, key: str, expected: bytes | None, new: Section | None) -> bool:
         self._ensure(create=True)

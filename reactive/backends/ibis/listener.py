@@ -6,12 +6,12 @@ import dataclasses as dc
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any, Protocol
 
 from reactive.backends.base import MAX_BACKOFF, OUTPUTS_PREFIX, BaseDatabaseListener, TableInfo
 from reactive.errors import QueueClosedError
-from reactive.events import ChangePacket, DBEvent, Row
+from reactive.events import ChangePacket, DBEvent, Row, SourceChange, id_keys
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ class Snapshots(Protocol):
     def drop(self, table: str) -> None:
         """Forget the position of a table that is gone (a table created again starts afresh)."""
 
+
+#: A row no released packet told the monitors of (see ``IbisPollingListener._told``).
+_UNTOLD = object()
 
 #: Changed rows a poll reads per statement or streamed batch (at least ``page_size``), reported
 #: in packets of ``page_size``. Each statement costs the polling thread turns at the GIL against
@@ -141,6 +144,11 @@ class IbisPollingListener(BaseDatabaseListener):
         self._quiet: dict[str, int] = {}
         #: Polls of a table skipped because nobody committed since its last diff.
         self.polls_skipped = 0
+        #: Per table, the rows of released packets its table monitors were told of, by id key:
+        #: their fingerprint (None for a delete). The next poll finds them again, and the monitors
+        #: are not told twice (they were, at every release: five times a row while a database
+        #: refused the window's writes). What that poll does not find again is forgotten.
+        self._told: dict[str, dict[Hashable, int | None]] = {}
 
     def watch(self, table: TableInfo) -> None:
         if self.snapshots.ensure(table):
@@ -152,6 +160,7 @@ class IbisPollingListener(BaseDatabaseListener):
         with self._lock:
             self.failing_tables.pop(table, None)
             self._quiet.pop(table, None)
+            self._told.pop(table, None)
 
     def forget(self, table: str) -> None:
         with self._lock:
@@ -335,8 +344,9 @@ class IbisPollingListener(BaseDatabaseListener):
         changed, mark = self.snapshots.poll(table, max(self.page_size, READ_ROWS))
         for part in changed:
             self._report_changed(table, part)
-        if mark is not None:
-            with self._lock:
+        with self._lock:
+            self._told.pop(table.name, None)  # what this poll did not find again changed since
+            if mark is not None:
                 self._marks[table.name] = mark
 
     def _report_changed(self, table: TableInfo, part: ChangedRows) -> None:
@@ -383,6 +393,25 @@ class IbisPollingListener(BaseDatabaseListener):
         column's mark stays too (the next poll reads from the older version)."""
         with self._lock:
             self._released.update(table for table, _, _ in positions)
+            for table, ids, fingerprints in positions:
+                if self._monitors.get(table):
+                    told = self._told.setdefault(table, {})
+                    told.update(zip(id_keys(ids), fingerprints or [None] * len(ids), strict=True))
+
+    def _for_monitors(self, packet: ChangePacket) -> SourceChange | None:
+        """The rows of ``packet`` its table's monitors were not told of already (see ``_told``):
+        a row found again as it was when its packet was released is left out."""
+        change = super()._for_monitors(packet)
+        with self._lock:
+            told = self._told.get(packet.table)
+            if not told:
+                return change
+            _, ids, fingerprints = packet.position
+            pairs = zip(id_keys(ids), fingerprints or [None] * len(ids), strict=True)
+            kept = [at for at, (key, fingerprint) in enumerate(pairs) if told.pop(key, _UNTOLD) != fingerprint]
+        if len(kept) == len(ids):
+            return change
+        return change.only(kept) if kept and change is not None else None
 
     def sync(self, timeout: float | None) -> bool:
         """Wait for a full poll that started after this call, with its packets queued.

@@ -619,12 +619,14 @@ class KineticaMonitorListener(BaseDatabaseListener):
 
     def _to_sink(self, route: Route, frames: list[bytes]) -> None:
         assert route.sink is not None
+        if not self.hooks.may_report(self.stopped_event):
+            return
         event = _EVENTS[route.event]
         if event is DBEvent.insert:
             change = SourceChange(route.table, event, len(frames), frames=tuple(frames))
         else:
             change = SourceChange(route.table, event, self._count(route, frames))
-        route.sink.deliver(change)
+        route.sink.deliver(change, self.stopped_event)
 
     # -- reconciliation -------------------------------------------------------------------
     def _mark_dirty(self, tables: Sequence[str]) -> None:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import bson
 import pymongo
 from bson import ObjectId
 from pymongo.errors import OperationFailure, PyMongoError
@@ -23,7 +24,7 @@ from reactive.backends.mongodb.errors import (
 )
 from reactive.checkpoints import CorruptCheckpointError
 from reactive.errors import ChangeStreamUnsupportedError, QueueClosedError
-from reactive.events import ChangePacket, DBEvent
+from reactive.events import ChangePacket, DBEvent, SourceChange
 
 if TYPE_CHECKING:
     from pymongo.change_stream import DatabaseChangeStream
@@ -133,6 +134,10 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         self._generation = 0
         self._opened_generation = -1
         self._rewind = False
+        #: Resume tokens (encoded) of changes told to table monitors whose packets are not
+        #: committed yet: a stream read again from before them (a released window) tells the
+        #: monitors nothing twice (it told them again at every release).
+        self._told: set[bytes] = set()
         self._mark_id = ObjectId()
         self._marks_sent = 0
         self._marks_seen = 0
@@ -567,6 +572,7 @@ class MongoChangeStreamListener(BaseDatabaseListener):
         with self._changed:
             self._seen = self._processed = None
             self._epoch += 1
+            self._told.clear()  # read before: their packets are never read again
         # Open from now first, so nothing written during the reconciliation is missed.
         self._reopen(None)
         assert self._stream is not None
@@ -630,7 +636,18 @@ class MongoChangeStreamListener(BaseDatabaseListener):
     def commit(self, positions: Sequence[Any]) -> None:
         with self._changed:
             self._written.difference_update(map(id, positions))
+            if self._told:
+                self._told.difference_update(bson.encode(position["token"]) for position in positions)
         super().commit(positions)
+
+    def _for_monitors(self, packet: ChangePacket) -> SourceChange | None:
+        """Nothing for a change the monitors were told of already (the stream read it again)."""
+        told = bson.encode(packet.position["token"])
+        with self._changed:
+            if told in self._told:
+                return None
+            self._told.add(told)
+        return super()._for_monitors(packet)
 
     def release(self, positions: Sequence[Any]) -> None:
         with self._changed:
