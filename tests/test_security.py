@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
 import uuid
@@ -347,16 +348,23 @@ def test_a_schema_the_role_may_not_use_is_named_in_the_not_found_error(
             db.add(lengths())
 
 
+@contextlib.contextmanager
+def following_as(pg_database: str, role: str, uri: str) -> Iterator[tuple[psycopg.Connection, reactive.Datalayer]]:
+    """The owner's connection, and a datalayer of ``role`` (granted what it needs) following docs."""
+    with as_owner(pg_database) as owner, reactive.connect(uri, poll_interval=0.05) as db:
+        owner.execute(f'GRANT SELECT ON docs TO "{role}"; GRANT CREATE ON SCHEMA public TO "{role}"')
+        db.add(lengths())
+        db.cdc.start()
+        yield owner, db
+
+
 def test_a_privilege_revoked_while_running_keeps_the_window_until_it_is_granted_again(
     pg_database: str, pg_role: tuple[str, str]
 ) -> None:
     # The window's rows were set apart as failed (their outputs never written, their changes
     # passed): after the grant row 3 still had no output, and wait_idle said True.
     role, uri = pg_role
-    with as_owner(pg_database) as owner, reactive.connect(uri, poll_interval=0.05) as db:
-        owner.execute(f'GRANT SELECT ON docs TO "{role}"; GRANT CREATE ON SCHEMA public TO "{role}"')
-        db.add(lengths())
-        db.cdc.start()
+    with following_as(pg_database, role, uri) as (owner, db):
         owner.execute(f'REVOKE INSERT, UPDATE ON "_outputs__m__text" FROM "{role}"')
         owner.execute("INSERT INTO docs VALUES (3, 'ccc')")
         assert within(30, lambda: [e["source"] for e in db.errors()] == [3])
@@ -376,10 +384,7 @@ def test_select_on_the_table_revoked_while_running_is_not_taken_for_a_drop(
     # information_schema hid the table: "table 'docs' was dropped: its listeners stop", its
     # snapshot dropped, and nothing was followed after the grant.
     role, uri = pg_role
-    with as_owner(pg_database) as owner, reactive.connect(uri, poll_interval=0.05) as db:
-        owner.execute(f'GRANT SELECT ON docs TO "{role}"; GRANT CREATE ON SCHEMA public TO "{role}"')
-        db.add(lengths())
-        db.cdc.start()
+    with following_as(pg_database, role, uri) as (owner, db):
         owner.execute(f'REVOKE SELECT ON docs FROM "{role}"')
         owner.execute("INSERT INTO docs VALUES (3, 'ccc')")
         assert within(30, lambda: "docs" in db.cdc.info()["source"]["failing_tables"])
@@ -395,10 +400,7 @@ def test_a_session_that_turns_read_only_while_running_waits_and_resumes_once_wri
 ) -> None:
     # As after a failover onto a standby: reactive reconnects to a session that may not write.
     role, uri = pg_role
-    with as_owner(pg_database) as owner, reactive.connect(uri, poll_interval=0.05) as db:
-        owner.execute(f'GRANT SELECT ON docs TO "{role}"; GRANT CREATE ON SCHEMA public TO "{role}"')
-        db.add(lengths())
-        db.cdc.start()
+    with following_as(pg_database, role, uri) as (owner, db):
         owner.execute(f'ALTER ROLE "{role}" SET default_transaction_read_only = on')
         owner.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", [role])
         owner.execute("INSERT INTO docs VALUES (3, 'ccc')")
