@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -294,3 +297,61 @@ def test_a_vector_of_another_length_is_an_error_of_its_row_and_is_not_indexed(du
         assert sorted(nearest(db, letters("aaa"))) == [1, 2]
         [error] = db.errors("near")
         assert error["source"] == 3 and "a vector of 3 numbers, where the index holds vectors of 8" in error["error"]
+
+
+# Run in a process of its own: before the fix, DuckDB could also crash the process (a cursor
+# closed by another thread mid-statement is a segmentation fault).
+CLOSE_WHILE_SEARCHING = """
+import random, sys, threading, duckdb, reactive
+from reactive.components import Listener, Model, VectorIndex
+path = sys.argv[1]
+con = duckdb.connect(path)
+con.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, x INTEGER)")
+con.execute("INSERT INTO docs SELECT range, range FROM range(300)")
+con.close()
+embed = Model("embed", predict=lambda xs: [[float(x), 1.0] for x in xs], output_type="array<float32>")
+errors = set()
+for trial in range(40):
+    db = reactive.connect(f"duckdb:///{path}")
+    db.add(Listener(embed, "x", "docs"), progress=False)
+    db.add(VectorIndex("near", listener="embed__x", metric="l2sq"), progress=False)
+    searching, stop = threading.Barrier(3), threading.Event()
+
+    def search():
+        searching.wait()
+        while not stop.is_set():
+            try:
+                db.search("near", [random.random() * 300, 1.0], k=5, rows=True)
+            except Exception as exc:
+                errors.add(f"{type(exc).__name__}: {str(exc).split(';')[0]}")
+
+    threads = [threading.Thread(target=search, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    searching.wait()
+    stop.wait(random.random() * 0.05)
+    db.close()
+    stop.set()
+    for thread in threads:
+        thread.join(20)
+        if thread.is_alive():
+            sys.exit(f"a search did not return after db.close() (trial {trial})")
+print(sorted(errors))
+"""
+
+
+def test_closing_a_duckdb_datalayer_while_searches_read_rows_ends_them_with_a_clear_error(tmp_path: Path) -> None:
+    """db.close() closed each thread's DuckDB reader under a search reading rows through it
+    (``rows=True``, a filter): the search hung in DuckDB for ever, or the process crashed; a
+    search that did return raised DuckDB's ``Connection already closed!``."""
+    path = tmp_path / "app.duckdb"
+    run = subprocess.run(
+        [sys.executable, "-c", CLOSE_WHILE_SEARCHING, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    closed = f"ConfigurationError: the datalayer of 'duckdb:///{path}' is closed"
+    assert run.stdout.strip() in (f"[{closed!r}]", "[]"), run.stdout
