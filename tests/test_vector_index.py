@@ -18,7 +18,7 @@ import pytest
 import reactive
 from reactive.components import Listener, Model, VectorIndex
 from reactive.errors import ConfigurationError, SearchError
-from tests.conftest import SQLClient
+from tests.conftest import SQLClient, within
 
 LETTERS = "abcdefgh"
 
@@ -355,3 +355,25 @@ def test_closing_a_duckdb_datalayer_while_searches_read_rows_ends_them_with_a_cl
     assert run.returncode == 0, run.stderr[-3000:]
     closed = f"ConfigurationError: the datalayer of 'duckdb:///{path}' is closed"
     assert run.stdout.strip() in (f"[{closed!r}]", "[]"), run.stdout
+
+
+def test_a_search_the_datalayer_is_closed_under_says_so(sql: SQLClient, tmp_path: Path) -> None:
+    """A search under way when db.close() ran raised the driver's words (DuckDB's ``Connection
+    already closed!``, SQLite's ``Cannot operate on a closed database.``), not that the
+    datalayer was closed; on PostgreSQL it opened a new connection (taken for one the server
+    had dropped), which nothing closed."""
+    make_docs(sql, [(1, "aaa", "en"), (2, "bbb", "en")])
+    db = connect(sql)
+
+    def embed_then_close(texts: list[str]) -> list[list[float]]:
+        db.close()  # another thread of the application closes the datalayer meanwhile
+        return [letters(t) for t in texts]
+
+    query_model = Model("q", predict=embed_then_close, output_type="array<float32>")
+    db.add(Listener(embed_model(), "text", "docs"))
+    db.add(VectorIndex("near", listener="embed__text", query_model=query_model, directory=tmp_path))
+    with pytest.raises(ConfigurationError, match=r"the datalayer of .* is closed; reactive\.connect"):
+        db.search("near", "aaa", rows=True)
+    if sql.kind == "postgres":
+        others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        assert within(10, lambda: sql.execute(others) == [(0,)])  # the server ends a closed session soon after

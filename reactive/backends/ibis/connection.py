@@ -75,7 +75,7 @@ class IbisConnection:
 
     def close(self) -> None:
         with self.lock:
-            self._closed = True
+            self._closed = self.dialect.closed = True
             for reader in list(self._readers):
                 with reader.lock:  # once its statement (if one runs) is over
                     reader.con.close()
