@@ -377,3 +377,25 @@ def test_a_search_the_datalayer_is_closed_under_says_so(sql: SQLClient, tmp_path
     if sql.kind == "postgres":
         others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
         assert within(10, lambda: sql.execute(others) == [(0,)])  # the server ends a closed session soon after
+
+
+def test_the_index_keeps_only_its_current_failures_in_the_errors(duck: SQLClient, tmp_path: Path) -> None:
+    """db.errors("<index>") lists current failures, as a listener's do. The index never cleared
+    its records: a row indexed once its vector was mended, or deleted, kept its error, and
+    every restart recorded a row that still failed once more."""
+    make_docs(duck, [(1, "aaa", "en"), (2, "ccc", "en"), (3, "ccc", "en")])
+    model = Model("embed", predict=lambda texts: [letters(t)[: 3 if t == "ccc" else 8] for t in texts])
+    for restart in range(3):
+        with connect(duck) as db:
+            db.add(Listener(model, "text", "docs"))
+            db.add(VectorIndex("near", listener="embed__text", directory=tmp_path))
+            assert sorted(error["source"] for error in db.errors("near")) == [2, 3], restart
+    with connect(duck) as db:
+        db.add(Listener(model, "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", directory=tmp_path))
+        db.cdc.start()
+        duck.execute("UPDATE docs SET text = 'hhh' WHERE id = 2")  # mended: indexed, its error gone
+        duck.execute("DELETE FROM docs WHERE id = 3")  # gone: so is its error
+        assert db.cdc.wait_idle(timeout=30)
+        assert nearest(db, letters("hhh"), k=1) == [2]
+        assert db.errors("near") == []

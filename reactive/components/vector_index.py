@@ -27,7 +27,7 @@ import numpy as np
 
 from reactive import checks
 from reactive.backends.base import FINGERPRINT_FIELD, OUTPUT_FIELD, ErrorRecord, TableInfo, outputs_table
-from reactive.components.base import Component, PlannedRefresh, Refresh
+from reactive.components.base import Component, FailedRows, PlannedRefresh, Refresh
 from reactive.components.model import Model
 from reactive.errors import ConfigurationError, ModelOutputError, SearchError
 from reactive.events import Batch, ChangePacket, DBEvent, id_key
@@ -234,6 +234,7 @@ class VectorIndex(Component):
         self._path: Path | None = None
         self._dirty = False
         self._saved_at = 0.0
+        self._failed = FailedRows(identifier)
 
     def __repr__(self) -> str:
         return f"VectorIndex({self.identifier!r}, listener={self.listener!r}, metric={self.metric!r})"
@@ -275,6 +276,7 @@ class VectorIndex(Component):
         with self._lock:
             self._path = self._file(db)
             self._load()
+        self._failed.load(db)
         return db.table_info(self.table)
 
     def _file(self, db: Datalayer) -> Path:
@@ -395,7 +397,17 @@ class VectorIndex(Component):
         in_flight: Collection[Hashable] = frozenset(),
     ) -> PlannedRefresh:
         # Nothing to compute or look up: the vectors come with the batch (or are read for it).
-        return PlannedRefresh((), lambda: self._apply(batch))
+        def finish() -> Refresh:
+            refresh = self._apply(batch)
+            self._failed.settle(batch.ids, db, refresh)
+            return refresh
+
+        return PlannedRefresh((), finish)
+
+    def set_apart(self, batch: Batch, db: Datalayer, error: str) -> Refresh:
+        refresh = super().set_apart(batch, db, error)
+        self._failed.settle(batch.ids, db, refresh)
+        return refresh
 
     def _apply(self, batch: Batch) -> Refresh:
         refresh = Refresh()
