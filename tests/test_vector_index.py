@@ -399,3 +399,23 @@ def test_the_index_keeps_only_its_current_failures_in_the_errors(duck: SQLClient
         assert db.cdc.wait_idle(timeout=30)
         assert nearest(db, letters("hhh"), k=1) == [2]
         assert db.errors("near") == []
+
+
+def test_a_new_model_version_of_another_length_rebuilds_the_index(duck: SQLClient, tmp_path: Path) -> None:
+    """A listener given a new model version whose vectors have another length (a new embedding
+    model): the index refused every new vector (``a vector of 4 numbers, where the index holds
+    vectors of 8``), searched nothing, and a restart did not mend it (the saved index kept the old
+    length). Vectors of the same model version of another length are still errors of their row."""
+    make_docs(duck, [(1, "aaa", "en"), (2, "bbb", "en"), (3, "hhh", "en")])
+    short = Model("embed", predict=lambda texts: [letters(t)[:4] for t in texts], version="2")
+    with connect(duck) as db:
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", metric="l2sq", directory=tmp_path))
+        db.add(Listener(short, "text", "docs"))  # the new model replaces the old: every row computed again
+        assert nearest(db, letters("bbb")[:4], k=1) == [2]
+        assert len(nearest(db, letters("bbb")[:4])) == 3 and db.errors("near") == []
+    with connect(duck) as db:  # a restart with the model of the first version again
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", metric="l2sq", directory=tmp_path))
+        assert nearest(db, letters("hhh"), k=1) == [3]
+        assert len(nearest(db, letters("hhh"))) == 3 and db.errors("near") == []

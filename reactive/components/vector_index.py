@@ -231,6 +231,8 @@ class VectorIndex(Component):
         self._index: Any = None
         self._entries = _Entries()
         self._ndim: int | None = None
+        # The version of the listener's model whose vectors the index last took (see _upsert).
+        self._version: str | None = None
         self._path: Path | None = None
         self._dirty = False
         self._saved_at = 0.0
@@ -275,7 +277,7 @@ class VectorIndex(Component):
         _usearch()
         with self._lock:
             self._path = self._file(db)
-            self._load()
+            self._load(upstream.model.version)
         self._failed.load(db)
         return db.table_info(self.table)
 
@@ -300,9 +302,10 @@ class VectorIndex(Component):
             options["expansion_search"] = self.expansion_search
         return _usearch()(ndim=ndim, metric=self.metric, dtype="f32", **options)
 
-    def _load(self) -> None:
+    def _load(self, version: str | None) -> None:
         """Load the saved index, or start empty (the backfill then fills it) when it is missing,
-        another index's, or corrupt."""
+        another index's, or corrupt. A file that does not say which model version its vectors
+        came from (saved before reactive recorded it) is taken as of ``version``, the model's now."""
         self._index, self._entries, self._ndim, self._dirty = None, _Entries(), None, False
         assert self._path is not None
         meta_path = self._path.with_suffix(".json")
@@ -325,6 +328,7 @@ class VectorIndex(Component):
             self._dirty = True
             return
         self._index, self._entries, self._ndim = index, entries, int(meta["ndim"])
+        self._version = meta.get("model_version", version)
         self._saved_at = time.monotonic()
 
     def save(self) -> None:
@@ -344,6 +348,7 @@ class VectorIndex(Component):
                     "listener": self.listener,
                     "metric": self.metric,
                     "ndim": self._ndim,
+                    "model_version": self._version,
                     "digest": hashlib.sha256(data).hexdigest(),
                     "entries": self._entries.to_json(),
                 }
@@ -397,8 +402,11 @@ class VectorIndex(Component):
         in_flight: Collection[Hashable] = frozenset(),
     ) -> PlannedRefresh:
         # Nothing to compute or look up: the vectors come with the batch (or are read for it).
+        upstream = next((c for c in db.components() if c.identifier == self.listener), None)
+        version = getattr(getattr(upstream, "model", None), "version", self._version)
+
         def finish() -> Refresh:
-            refresh = self._apply(batch)
+            refresh = self._apply(batch, version)
             self._failed.settle(batch.ids, db, refresh)
             return refresh
 
@@ -409,7 +417,7 @@ class VectorIndex(Component):
         self._failed.settle(batch.ids, db, refresh)
         return refresh
 
-    def _apply(self, batch: Batch) -> Refresh:
+    def _apply(self, batch: Batch, version: str | None) -> Refresh:
         refresh = Refresh()
         with self._lock:
             if batch.event is DBEvent.delete:
@@ -418,19 +426,40 @@ class VectorIndex(Component):
                     self._index.remove(labels)
                 refresh.deleted.extend(batch.ids)
             else:
-                self._upsert(batch, refresh)
+                self._upsert(batch, refresh, version)
             self._dirty = True
             if time.monotonic() - self._saved_at >= self.save_every:
                 self.save()
         return refresh
 
-    def _upsert(self, batch: Batch, refresh: Refresh) -> None:
+    def _upsert(self, batch: Batch, refresh: Refresh, version: str | None) -> None:
+        """Index the batch's vectors. The index holds vectors of one length; vectors of another
+        length are errors of their rows, unless the listener's model ``version`` is not the one
+        the index took vectors from: a new model (another embedding), whose outputs replace every
+        row's, so the index starts again from them rather than refuse them all."""
+        checked = [(source, row, *self._vector(row)) for source, row in zip(batch.ids, batch.rows, strict=True)]
+        lengths = [len(vector) for _, _, vector, _ in checked if vector is not None]
+        if self._ndim is not None and version != self._version and any(n != self._ndim for n in lengths):
+            log.info(
+                "index %s: the model of %s is now version %r, of vectors of %d numbers (were %d): the index starts"
+                " again from its new outputs",
+                self.identifier,
+                self.listener,
+                version,
+                next(n for n in lengths if n != self._ndim),
+                self._ndim,
+            )
+            self._index, self._entries, self._ndim = None, _Entries(), None
+        if self._ndim is None and lengths:
+            self._ndim = lengths[0]
         labels: list[int] = []
         vectors: list[np.ndarray] = []
         replaced: list[int] = []
         added: list[tuple[int, Any, int]] = []
-        for source, row in zip(batch.ids, batch.rows, strict=True):
-            vector, error = self._vector(row)
+        for source, row, vector, error in checked:
+            if vector is not None and len(vector) != self._ndim:
+                error = f"a vector of {len(vector)} numbers, where the index holds vectors of {self._ndim}"
+                vector = None
             if vector is None:
                 refresh.errors.append(ErrorRecord(self.identifier, batch.table, source, error or "no vector"))
                 label = self._entries.pop(source)  # the vector it had is not current any more
@@ -446,6 +475,7 @@ class VectorIndex(Component):
         if replaced and self._index is not None:
             self._index.remove(replaced)
         if vectors:
+            self._version = version
             if self._index is None:
                 self._index = self._new_index(len(vectors[0]))
             self._index.add(np.asarray(labels, dtype=np.uint64), np.stack(vectors))
@@ -454,6 +484,7 @@ class VectorIndex(Component):
             refresh.computed = len(added)
 
     def _vector(self, row: Mapping[str, Any] | None) -> tuple[np.ndarray | None, str | None]:
+        """The row's output as a vector of float32s, or why it is none (its length is not checked here)."""
         value = None if row is None else row.get(OUTPUT_FIELD)
         if value is None:
             return None, "the output is missing"
@@ -465,10 +496,6 @@ class VectorIndex(Component):
             return None, f"the output has shape {vector.shape}, not a vector"
         if (why := _not_finite(value, vector)) is not None:
             return None, f"the vector holds {why}"
-        if self._ndim is None:
-            self._ndim = len(vector)
-        if len(vector) != self._ndim:
-            return None, f"a vector of {len(vector)} numbers, where the index holds vectors of {self._ndim}"
         return vector, None
 
     # -- search -------------------------------------------------------------------------------------
