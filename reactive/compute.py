@@ -260,6 +260,11 @@ class RayCompute:
         #: Batches waiting for a free slot: (actors, inputs, what to call when done).
         self._pending: deque[tuple[list[Any], list[Any], Callable[[Future[list[Any]]], None]]] = deque()
         self._in_flight = 0
+        #: What to call when each batch in flight is done (see _settle); close() calls them.
+        self._running: set[Callable[[Future[list[Any]]], None]] = set()
+        #: Set by close(), until a submit that is not a stop's: a handler that outlived its
+        #: stop's timeout gets errors then, and starts neither Ray nor actors again.
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"RayCompute(actors={self.actors}, num_cpus={self.num_cpus}, num_gpus={self.num_gpus})"
@@ -344,6 +349,14 @@ class RayCompute:
         if not inputs:
             outer.set_result([])
             return outer
+        stopping_now = stopping()
+        with self._lock:
+            if not stopping_now:
+                self._closed = False
+            closed = self._closed
+        if closed:
+            outer.set_exception(_closed_error(model))
+            return outer
         try:
             actors = self._pool(model)
         except Exception as exc:
@@ -360,9 +373,6 @@ class RayCompute:
         lock = threading.Lock()
 
         def settled(indices: list[int], future: Future[list[Any]]) -> None:
-            with self._lock:
-                self._in_flight -= 1
-            self._pump()
             error = future.exception()
             with lock:
                 if outer.done():
@@ -395,12 +405,24 @@ class RayCompute:
                 actor = actors[self._next % len(actors)]
                 self._next += 1
                 self._in_flight += 1
+                self._running.add(settled)
             try:
                 future = actor.compute.remote(batch).future()
             except Exception as exc:  # the cluster is gone: this batch fails, the window is retried
                 future = Future()
                 future.set_exception(exc)
-            future.add_done_callback(settled)
+            future.add_done_callback(functools.partial(self._settle, settled))
+
+    def _settle(self, settled: Callable[[Future[list[Any]]], None], future: Future[list[Any]]) -> None:
+        """A batch in flight is done: free its slot, send the next, hand its result on (unless
+        close() gave it up already)."""
+        with self._lock:
+            if settled not in self._running:
+                return
+            self._running.discard(settled)
+            self._in_flight -= 1
+        self._pump()
+        settled(future)
 
     def close(self, timeout: float | None = None) -> None:
         """Shut Ray down if this executor started it (its actors end with it); otherwise kill
@@ -409,7 +431,17 @@ class RayCompute:
         with self._lock:
             pools, self._pools = self._pools, {}
             owner, self._owner = self._owner, None
+            # Nothing computes them any more: whoever waits for them (a handler that outlived
+            # its stop's timeout) gets an error rather than waiting for ever.
+            dropped = [settled for _, _, settled in self._pending] + list(self._running)
             self._pending.clear()
+            self._running.clear()
+            self._in_flight = 0
+            self._closed = True
+        for settled in dropped:
+            failed: Future[list[Any]] = Future()
+            failed.set_exception(ComputeUnavailableError("RayCompute was closed before this batch was computed"))
+            settled(failed)
         if owner is not None:
             owner.stop()
             owner.join(timeout)
@@ -482,6 +514,12 @@ def _wait_killed(ray: Any, actor: Any, deadline: float) -> None:
         except ray.exceptions.GetTimeoutError:
             break
     log.warning("Ray did not kill actor %s within the deadline", actor)
+
+
+def _closed_error(model: Model) -> ComputeUnavailableError:
+    return ComputeUnavailableError(
+        f"RayCompute was closed: model {model.identifier!r} is not computed while change data capture stops"
+    )
 
 
 def _compute_error(error: BaseException, model: Model) -> BaseException:

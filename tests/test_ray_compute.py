@@ -26,7 +26,7 @@ import reactive
 from reactive.components import Listener, Model
 from reactive.compute import LocalCompute, RayCompute
 from reactive.events import ChangePacket, DBEvent
-from tests.conftest import SQLClient, outputs_by_source
+from tests.conftest import SQLClient, outputs_by_source, within
 from tests.test_pipeline import RecordingSource, update
 
 
@@ -118,6 +118,40 @@ def test_batches_finishing_in_random_order_leave_no_stale_output(duck: SQLClient
         assert outputs_by_source(db, "tag__text") == {i: f"<{text}>" for i, text in latest.items()}
     assert source.committed == list(range(120))  # positions never passed an unwritten window
     assert [p for saved in source.saved for p in saved] == list(range(120))
+
+
+def slow_tag_each(texts: list[str]) -> list[str]:
+    time.sleep(0.3)
+    return [f"<{t}>" for t in texts]
+
+
+def test_a_handler_that_outlives_its_stop_is_not_left_waiting_on_ray(duck: SQLClient) -> None:
+    """A stop whose timeout passed while windows computed closed the RayCompute under the
+    handler: the batches waiting for an actor were dropped without settling their futures, so
+    the handler waited for them for ever (a thread of reactive alive past db.close()), and a
+    window it tried again started new actors after the close. It now releases what it did not
+    write (delivered again at the next start) and ends."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    source = RecordingSource()
+    compute = RayCompute(actors=1, max_in_flight=1)
+
+    def packet(position: int, ids: range) -> ChangePacket:
+        rows = tuple({"id": i, "text": f"t{i}"} for i in ids)
+        return ChangePacket("docs", DBEvent.update, tuple(ids), rows, source=source, position=position)
+
+    with reactive.connect(duck.uri, compute=compute) as db:
+        db.add(Listener(Model("tag", predict=slow_tag_each, batch_size=2), "text", "docs"))
+        db.cdc.ensure_handler()
+        db.cdc.queue.put(packet(0, range(20)))
+        assert within(60, lambda: compute.actors_of("tag") != [])  # the first window computes
+        db.cdc.queue.put(packet(1, range(20, 40)))  # the second is planned, its batches wait for the actor
+        assert within(30, lambda: db.cdc.info()["listeners"]["tag__text"]["lag"]["rows"] == 40)
+        handler = db.cdc._handler
+        assert handler is not None
+        db.cdc.stop(timeout=0.5)
+        assert within(60, lambda: not handler.is_alive())
+        assert compute.actors_of("tag") == []  # none started again after the close
+    assert sorted(source.released) == [0, 1] and source.committed == []
 
 
 def _announce_then_compute(port: int, texts: list[str]) -> list[str]:
