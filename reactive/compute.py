@@ -307,7 +307,17 @@ class RayCompute:
                 )
             options = {"max_restarts": -1, "max_task_retries": -1, **self.actor_options}
             remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, **options)(_ModelActor)
-            actors = [remote.remote(model) for _ in range(self.actors)]
+            actors = []
+            try:
+                actors.extend(remote.remote(model) for _ in range(self.actors))
+            except TypeError as exc:  # Ray's report of what it could not serialize: 2 kB of it
+                for actor in actors:
+                    ray.kill(actor)
+                cause = exc.__cause__ or exc
+                raise ConfigurationError(
+                    f"model {model.identifier!r} cannot be sent to its Ray actors ({str(cause).splitlines()[0]}): "
+                    "build what cannot be pickled inside the actor, with Model(load=...)"
+                ) from exc
             try:
                 ray.get([actor.ready.remote() for actor in actors], timeout=self.placement_timeout)
             except ray.exceptions.GetTimeoutError:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -311,6 +312,26 @@ def test_a_model_error_on_ray_is_isolated_to_its_row_as_in_process(duck: SQLClie
         assert outputs_by_source(db, "tag__text") == {1: "<a>", 3: "<c>", 4: "<d>"}
         [error] = db.errors("tag__text")
         assert error["source"] == 2 and error["error"] == "ValueError: cannot tag 'bad'"
+
+
+def test_a_model_ray_cannot_send_to_its_actors_is_said_in_one_line(duck: SQLClient) -> None:
+    """Each row's error was Ray's report of its serializability check: 2 kB over 30 lines, with
+    terminal colour codes, in _reactive_errors and db.errors()."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES (1, 'a')")
+    lock = threading.Lock()
+
+    def tag_under_lock(texts: list[str]) -> list[str]:
+        with lock:  # a closure Ray cannot pickle, as one holding a driver's connection would be
+            return tag(texts)
+
+    with reactive.connect(duck.uri, compute=RayCompute(actors=1)) as db:
+        db.add(Listener(Model("locked", predict=tag_under_lock), "text", "docs"))
+        [error] = db.errors("locked__text")
+    assert error["error"] == (
+        "ConfigurationError: model 'locked' cannot be sent to its Ray actors (cannot pickle '_thread.lock'"
+        " object): build what cannot be pickled inside the actor, with Model(load=...)"
+    )
 
 
 def _marked(texts: list[str]) -> list[str]:
