@@ -216,7 +216,8 @@ class RayCompute:
     :class:`~reactive.errors.ComputeUnavailableError`, which the handler retries with backoff
     like an unreachable database; a model's own errors are isolated per row as in process.
     Actors that cannot be placed (too few CPUs or GPUs) fail the first batch with a
-    ``ConfigurationError`` after ``placement_timeout`` seconds instead of hanging.
+    ``ConfigurationError`` after ``placement_timeout`` seconds instead of hanging; a Ray
+    ``address`` that does not answer within it is retried like an unreachable cluster.
 
     Ray moves the inputs and outputs with its own serialization, between its own processes;
     ``reactive`` unpickles nothing read from the database.
@@ -269,26 +270,48 @@ class RayCompute:
     def __repr__(self) -> str:
         return f"RayCompute(actors={self.actors}, num_cpus={self.num_cpus}, num_gpus={self.num_gpus})"
 
-    def _ray(self) -> Any:
+    def _ray(self, stopping: Callable[[], bool]) -> Any:
+        """Ray, started (or connected to, at ``address``) when this process has no instance.
+
+        ``ray.init`` at an address nothing answers tries for about ten minutes before it raises,
+        and cannot be interrupted: it is waited for at most ``placement_timeout`` seconds (less
+        once ``stopping()``), then the window is retried, as while a database is unreachable;
+        the next try waits for the same ``ray.init``."""
         try:
             import ray
         except ImportError:  # pragma: no cover - the ray extra is installed with the tests
             raise ConfigurationError("RayCompute needs Ray: pip install 'reactive-ml[ray]'") from None
-        if not ray.is_initialized():
-            options = {"include_dashboard": False, "log_to_driver": False, **self.init_options}
-            owner = _RayOwner(self.address, options)
-            owner.start_ray()
+        with self._lock:
+            owner = self._owner
+            if owner is None:
+                if ray.is_initialized():
+                    return ray  # the application's instance
+                options = {"include_dashboard": False, "log_to_driver": False, **self.init_options}
+                owner = self._owner = _RayOwner(self.address, options)
+                owner.start()
+        deadline = time.monotonic() + self.placement_timeout
+        while not owner.ready.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if stopping() or time.monotonic() >= deadline:
+                raise ComputeUnavailableError(
+                    f"Ray at {self.address or 'a new local instance'} did not answer within "
+                    f"{self.placement_timeout:g} s (ray.init goes on)"
+                )
+        if owner.error is not None:
             with self._lock:
-                self._owner = owner
+                if self._owner is owner:
+                    self._owner = None  # the next try starts again
+            if isinstance(owner.error, ConnectionError):
+                raise ComputeUnavailableError(f"Ray at {self.address}: {owner.error}") from owner.error
+            raise owner.error
         return ray
 
-    def _pool(self, model: Model) -> list[Any]:
+    def _pool(self, model: Model, stopping: Callable[[], bool]) -> list[Any]:
         """The actors of ``model`` (started at its first batch, again if the model was replaced).
 
         Actors start under their own lock, not the one ``_pump`` takes: other models' batches
         keep flowing while these wait to be placed (up to ``placement_timeout``)."""
         with self._starting:
-            ray = self._ray()
+            ray = self._ray(stopping)
             with self._lock:
                 pool = self._pools.get(model.identifier)
             if pool is not None and pool[0] is model:
@@ -368,7 +391,7 @@ class RayCompute:
             outer.set_exception(_closed_error(model))
             return outer
         try:
-            actors = self._pool(model)
+            actors = self._pool(model, stopping)
         except Exception as exc:
             outer.set_exception(exc)
             return outer
@@ -454,7 +477,12 @@ class RayCompute:
             settled(failed)
         if owner is not None:
             owner.stop()
-            owner.join(timeout)
+            if owner.ready.is_set():
+                owner.join(timeout)
+            else:  # ray.init cannot be interrupted: the thread shuts Ray down once it returns
+                log.warning(
+                    "Ray at %s has not answered; thread %s ends when ray.init gives up", self.address, owner.name
+                )
             return
         if not pools:
             return
@@ -484,26 +512,20 @@ class _RayOwner(ReactiveThread):
         super().__init__("ray")
         self.address = address
         self.options = options
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-
-    def start_ray(self) -> None:
-        """Start the thread and return once Ray is up; ``ray.init``'s error, raised here."""
-        self.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
+        #: Set once ``ray.init`` returned or raised (then ``error`` holds what it raised).
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
 
     def run(self) -> None:
         import ray
 
         try:
             ray.init(address=self.address, **self.options)
-        except BaseException as exc:  # handed to start_ray's caller
-            self._error = exc
+        except BaseException as exc:  # handed to RayCompute._ray's caller
+            self.error = exc
             return
         finally:
-            self._ready.set()
+            self.ready.set()
         try:
             self.stopped_event.wait()
         finally:

@@ -264,6 +264,37 @@ def test_an_instance_ray_compute_starts_is_shut_down_at_close(tmp_path) -> None:
     assert done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
+def test_a_ray_address_that_does_not_answer_is_retried_and_does_not_hold_a_stop(tmp_path) -> None:
+    """ray.init at an address nothing answers tries for about ten minutes (20 tries of Ray's own
+    30 s timeout) before it raises: the handler waited in it, said nothing, and neither a stop
+    nor db.close() returned meanwhile. Now the wait is bounded by placement_timeout and the
+    window is retried (logged), as while a database is unreachable; a stop ends it at once."""
+    script = textwrap.dedent(
+        f"""
+        import logging, time, duckdb, reactive
+        from reactive.components import Listener, Model
+        from reactive.compute import RayCompute
+        logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
+        path = {str(tmp_path / "x.duckdb")!r}
+        client = duckdb.connect(path)
+        client.execute("create table docs (id int primary key, text varchar)")
+        compute = RayCompute(address="127.0.0.1:1", placement_timeout=1)
+        db = reactive.connect("duckdb:///" + path, compute=compute, poll_interval=0.05)
+        db.add(Listener(Model("tag", predict=lambda xs: [x.upper() for x in xs]), "text", "docs"))
+        db.cdc.start()
+        client.execute("insert into docs values (1, 'a')")
+        assert not db.cdc.wait_idle(timeout=5)
+        started = time.monotonic()
+        db.close()
+        print("closed in", round(time.monotonic() - started))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) < 10, done.stdout
+    assert "Ray at 127.0.0.1:1 did not answer within 1 s" in done.stderr and "retrying" in done.stderr
+
+
 def test_a_window_is_retried_when_ray_is_unreachable(duck: SQLClient) -> None:
     # Packets put directly: the handler's model work fails with ComputeUnavailableError while
     # the actors are gone for good (no restarts), and the window waits instead of being recorded.
