@@ -419,3 +419,24 @@ def test_a_new_model_version_of_another_length_rebuilds_the_index(duck: SQLClien
         db.add(VectorIndex("near", listener="embed__text", metric="l2sq", directory=tmp_path))
         assert nearest(db, letters("hhh"), k=1) == [3]
         assert len(nearest(db, letters("hhh"))) == 3 and db.errors("near") == []
+
+
+@pytest.mark.parametrize("metric", ["cos", "ip", "l2sq"])
+def test_distances_are_what_the_readme_says_each_metric_gives(duck: SQLClient, tmp_path: Path, metric: str) -> None:
+    """The README's _distance per metric, checked with numpy on vectors of every length."""
+    vectors = np.random.default_rng(7).normal(size=(30, 8)).astype(np.float32) * 3
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, n INTEGER)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(i, i) for i in range(30)])
+    model = Model("v", predict=lambda ns: [vectors[n] for n in ns], output_type="array<float32>")
+    query = np.random.default_rng(8).normal(size=8).astype(np.float32)
+    exact = {
+        "cos": 1 - vectors @ query / np.linalg.norm(vectors, axis=1) / np.linalg.norm(query),
+        "ip": 1 - vectors @ query,
+        "l2sq": ((vectors - query) ** 2).sum(axis=1),
+    }[metric]
+    with connect(duck) as db:
+        db.add(Listener(model, "n", "docs"))
+        db.add(VectorIndex("near", listener="v__n", metric=metric, directory=tmp_path))
+        hits = db.search("near", query, k=5)
+    assert [hit["_source"] for hit in hits] == np.argsort(exact)[:5].tolist()
+    assert [hit["_distance"] for hit in hits] == pytest.approx(np.sort(exact)[:5].tolist(), rel=1e-4, abs=1e-4)

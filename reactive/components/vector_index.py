@@ -177,8 +177,9 @@ class VectorIndex(Component):
     [1, 3]
     >>> db.close()
 
-    ``metric`` is ``"cos"`` (cosine distance), ``"ip"`` (inner product) or ``"l2sq"``
-    (squared Euclidean). ``query_model`` embeds text queries (``db.search(name, "text")``);
+    ``metric`` is ``"cos"`` (a hit's ``_distance`` is 1 - the cosine similarity), ``"ip"`` (1 -
+    the inner product, usearch's distance: negative for vectors longer than 1) or ``"l2sq"``
+    (the squared Euclidean distance). ``query_model`` embeds text queries (``db.search(name, "text")``);
     without it a query is a vector. ``directory`` is where the index file goes (by default
     next to a DuckDB or SQLite file, else ``./reactive-indexes/<hash of the URI>``); it is
     saved at most every ``save_every`` seconds while it changes (0: after every window;
