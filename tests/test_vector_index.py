@@ -440,3 +440,30 @@ def test_distances_are_what_the_readme_says_each_metric_gives(duck: SQLClient, t
         hits = db.search("near", query, k=5)
     assert [hit["_source"] for hit in hits] == np.argsort(exact)[:5].tolist()
     assert [hit["_distance"] for hit in hits] == pytest.approx(np.sort(exact)[:5].tolist(), rel=1e-4, abs=1e-4)
+
+
+def test_a_text_query_keeps_to_the_query_model_s_timeout(duck: SQLClient, tmp_path: Path) -> None:
+    """db.search called the query model's predict with no bound: a hung query model (a remote
+    embedding service) held the search, and the request thread of an app, for ever, although its
+    Model(timeout=) said how long a call may take."""
+    make_docs(duck, [(1, "aaa", "en"), (2, "hhh", "en")])
+    release = threading.Event()
+
+    def embed(texts: list[str]) -> list[list[float]]:
+        if texts == ["hang"]:
+            release.wait(60)
+        return [letters(t) for t in texts]
+
+    query_model = Model("q", predict=embed, output_type="array<float32>", timeout=0.5)
+    with connect(duck) as db:
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", query_model=query_model, directory=tmp_path))
+        try:
+            with pytest.raises(
+                SearchError, match=r"index 'near' cannot embed the query: model 'q' did not answer within 0\.5 s"
+            ):
+                db.search("near", "hang")
+        finally:
+            release.set()
+        assert nearest(db, "hh", k=1) == [2]
+    assert within(10, lambda: not [t for t in threading.enumerate() if t.name == "reactive-query-near"])

@@ -510,10 +510,18 @@ class VectorIndex(Component):
                 )
             # On a thread that ends with the call: a long-lived caller (the application's main
             # thread) would keep torch's OpenMP team, which slows reactive's model thread.
-            predict, text = self.query_model.predict, query
-            outputs = on_own_thread(f"query-{self.identifier}", lambda: predict([text]))
+            model, text = self.query_model, query
             try:
-                [query] = self.query_model.checked_outputs(outputs, 1)
+                # Bounded by the model's timeout, as its calls for a listener are.
+                outputs = on_own_thread(
+                    f"query-{self.identifier}", lambda: model.predict([text]), timeout=model.timeout
+                )
+                [query] = model.checked_outputs(outputs, 1)
+            except TimeoutError:
+                raise SearchError(
+                    f"index {self.identifier!r} cannot embed the query: model {model.identifier!r} did not answer "
+                    f"within {model.timeout:g} s"
+                ) from None
             except ModelOutputError as exc:
                 raise SearchError(f"index {self.identifier!r} cannot embed the query: {exc}") from None
         try:
