@@ -273,10 +273,10 @@ class RayCompute:
     def _ray(self, stopping: Callable[[], bool]) -> Any:
         """Ray, started (or connected to, at ``address``) when this process has no instance.
 
-        ``ray.init`` at an address nothing answers tries for about ten minutes before it raises,
-        and cannot be interrupted: it is waited for at most ``placement_timeout`` seconds (less
-        once ``stopping()``), then the window is retried, as while a database is unreachable;
-        the next try waits for the same ``ray.init``."""
+        ``ray.init`` at an address nothing answers tries for about fourteen minutes before it
+        raises, and cannot be interrupted: it is waited for at most ``placement_timeout`` seconds
+        (less once ``stopping()``), then the window is retried, as while a database is
+        unreachable; the next try waits for the same ``ray.init``."""
         try:
             import ray
         except ImportError:  # pragma: no cover - the ray extra is installed with the tests

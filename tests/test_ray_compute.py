@@ -265,9 +265,9 @@ def test_an_instance_ray_compute_starts_is_shut_down_at_close(tmp_path) -> None:
 
 
 def test_a_ray_address_that_does_not_answer_is_retried_and_does_not_hold_a_stop(tmp_path) -> None:
-    """ray.init at an address nothing answers tries for about ten minutes (20 tries of Ray's own
-    30 s timeout) before it raises: the handler waited in it, said nothing, and neither a stop
-    nor db.close() returned meanwhile. Now the wait is bounded by placement_timeout and the
+    """ray.init at an address nothing answers tries for about fourteen minutes (822 s here)
+    before it raises: the handler waited in it, said nothing, and neither a stop nor db.close()
+    returned meanwhile. Now the wait is bounded by placement_timeout and the
     window is retried (logged), as while a database is unreachable; a stop ends it at once."""
     script = textwrap.dedent(
         f"""
