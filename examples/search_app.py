@@ -2,9 +2,9 @@
 
     python examples/search_app.py --uri sqlite:///docs.sqlite --port 8000 [--model minilm]
 
-The app embeds the ``text`` of every row of table ``docs`` (created if missing, with a few
-rows), keeps a :class:`~reactive.components.VectorIndex` over the embeddings fresh, and
-serves:
+The app embeds the ``text`` of every row of table ``docs`` (created with a few rows if
+missing, in a SQLite file; another database must have it), keeps a
+:class:`~reactive.components.VectorIndex` over the embeddings fresh, and serves:
 
 - ``GET /search?q=<text>&k=3`` -> ``{"query": ..., "results": [{"id", "distance", "text"}]}``;
   with ``&fresh=1`` it first waits until every change committed before the request is
@@ -33,7 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 import reactive
 from reactive.components import Listener, Model, VectorIndex
 from reactive.demo import LOADERS
-from reactive.errors import ReactiveError
+from reactive.errors import ReactiveError, TableNotFoundError
 from reactive.uri import file_path
 
 SEED = [
@@ -73,7 +73,7 @@ def make_handler(db: reactive.Datalayer, index: VectorIndex) -> type[BaseHTTPReq
             if not query:
                 raise ValueError("give a query: /search?q=<text>")
             given = params.get("k", "3")
-            k = int(given) if given.strip().isdigit() else given  # anything else: db.search says why
+            k = int(given) if given.strip().isdecimal() else given  # anything else: db.search says why
             if params.get("fresh") in ("1", "true", "yes") and not db.cdc.wait_idle(timeout=30):
                 raise ReactiveError("the index did not catch up within 30 s")
             hits = db.search(index.identifier, query, k=k, rows=True)
@@ -110,7 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     embed = Model("embed", predict=embedder.predict, output_type="array<float32>")
     db = reactive.connect(args.uri, poll_interval=0.2)
     try:
-        db.add(Listener(embed, "text", "docs"), progress=False)
+        try:
+            db.add(Listener(embed, "text", "docs"), progress=False)
+        except TableNotFoundError as exc:
+            print(
+                f"search_app: {exc}; the app creates it in a SQLite file only: create it (id INTEGER PRIMARY KEY,"
+                " text VARCHAR) or use --uri sqlite:///docs.sqlite",
+                file=sys.stderr,
+            )
+            return 2
         index = db.add(VectorIndex("docs_search", listener="embed__text", query_model=embed), progress=False)
         assert isinstance(index, VectorIndex)
         db.cdc.start()

@@ -216,7 +216,8 @@ class RayCompute:
     :class:`~reactive.errors.ComputeUnavailableError`, which the handler retries with backoff
     like an unreachable database; a model's own errors are isolated per row as in process.
     Actors that cannot be placed (too few CPUs or GPUs) fail the first batch with a
-    ``ConfigurationError`` after ``placement_timeout`` seconds instead of hanging.
+    ``ConfigurationError`` after ``placement_timeout`` seconds instead of hanging; a Ray
+    ``address`` that does not answer within it is retried like an unreachable cluster.
 
     Ray moves the inputs and outputs with its own serialization, between its own processes;
     ``reactive`` unpickles nothing read from the database.
@@ -260,30 +261,57 @@ class RayCompute:
         #: Batches waiting for a free slot: (actors, inputs, what to call when done).
         self._pending: deque[tuple[list[Any], list[Any], Callable[[Future[list[Any]]], None]]] = deque()
         self._in_flight = 0
+        #: What to call when each batch in flight is done (see _settle); close() calls them.
+        self._running: set[Callable[[Future[list[Any]]], None]] = set()
+        #: Set by close(), until a submit that is not a stop's: a handler that outlived its
+        #: stop's timeout gets errors then, and starts neither Ray nor actors again.
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"RayCompute(actors={self.actors}, num_cpus={self.num_cpus}, num_gpus={self.num_gpus})"
 
-    def _ray(self) -> Any:
+    def _ray(self, stopping: Callable[[], bool]) -> Any:
+        """Ray, started (or connected to, at ``address``) when this process has no instance.
+
+        ``ray.init`` at an address nothing answers tries for about fourteen minutes before it
+        raises, and cannot be interrupted: it is waited for at most ``placement_timeout`` seconds
+        (less once ``stopping()``), then the window is retried, as while a database is
+        unreachable; the next try waits for the same ``ray.init``."""
         try:
             import ray
         except ImportError:  # pragma: no cover - the ray extra is installed with the tests
             raise ConfigurationError("RayCompute needs Ray: pip install 'reactive-ml[ray]'") from None
-        if not ray.is_initialized():
-            options = {"include_dashboard": False, "log_to_driver": False, **self.init_options}
-            owner = _RayOwner(self.address, options)
-            owner.start_ray()
+        with self._lock:
+            owner = self._owner
+            if owner is None:
+                if ray.is_initialized():
+                    return ray  # the application's instance
+                options = {"include_dashboard": False, "log_to_driver": False, **self.init_options}
+                owner = self._owner = _RayOwner(self.address, options)
+                owner.start()
+        deadline = time.monotonic() + self.placement_timeout
+        while not owner.ready.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if stopping() or time.monotonic() >= deadline:
+                raise ComputeUnavailableError(
+                    f"Ray at {self.address or 'a new local instance'} did not answer within "
+                    f"{self.placement_timeout:g} s (ray.init goes on)"
+                )
+        if owner.error is not None:
             with self._lock:
-                self._owner = owner
+                if self._owner is owner:
+                    self._owner = None  # the next try starts again
+            if isinstance(owner.error, ConnectionError):
+                raise ComputeUnavailableError(f"Ray at {self.address}: {owner.error}") from owner.error
+            raise owner.error
         return ray
 
-    def _pool(self, model: Model) -> list[Any]:
+    def _pool(self, model: Model, stopping: Callable[[], bool]) -> list[Any]:
         """The actors of ``model`` (started at its first batch, again if the model was replaced).
 
         Actors start under their own lock, not the one ``_pump`` takes: other models' batches
         keep flowing while these wait to be placed (up to ``placement_timeout``)."""
         with self._starting:
-            ray = self._ray()
+            ray = self._ray(stopping)
             with self._lock:
                 pool = self._pools.get(model.identifier)
             if pool is not None and pool[0] is model:
@@ -302,7 +330,17 @@ class RayCompute:
                 )
             options = {"max_restarts": -1, "max_task_retries": -1, **self.actor_options}
             remote = ray.remote(num_cpus=self.num_cpus, num_gpus=self.num_gpus, **options)(_ModelActor)
-            actors = [remote.remote(model) for _ in range(self.actors)]
+            actors = []
+            try:
+                actors.extend(remote.remote(model) for _ in range(self.actors))
+            except TypeError as exc:  # Ray's report of what it could not serialize: 2 kB of it
+                for actor in actors:
+                    ray.kill(actor)
+                cause = exc.__cause__ or exc
+                raise ConfigurationError(
+                    f"model {model.identifier!r} cannot be sent to its Ray actors ({str(cause).splitlines()[0]}): "
+                    "build what cannot be pickled inside the actor, with Model(load=...)"
+                ) from exc
             try:
                 ray.get([actor.ready.remote() for actor in actors], timeout=self.placement_timeout)
             except ray.exceptions.GetTimeoutError:
@@ -344,8 +382,16 @@ class RayCompute:
         if not inputs:
             outer.set_result([])
             return outer
+        stopping_now = stopping()
+        with self._lock:
+            if not stopping_now:
+                self._closed = False
+            closed = self._closed
+        if closed:
+            outer.set_exception(_closed_error(model))
+            return outer
         try:
-            actors = self._pool(model)
+            actors = self._pool(model, stopping)
         except Exception as exc:
             outer.set_exception(exc)
             return outer
@@ -360,9 +406,6 @@ class RayCompute:
         lock = threading.Lock()
 
         def settled(indices: list[int], future: Future[list[Any]]) -> None:
-            with self._lock:
-                self._in_flight -= 1
-            self._pump()
             error = future.exception()
             with lock:
                 if outer.done():
@@ -395,12 +438,24 @@ class RayCompute:
                 actor = actors[self._next % len(actors)]
                 self._next += 1
                 self._in_flight += 1
+                self._running.add(settled)
             try:
                 future = actor.compute.remote(batch).future()
             except Exception as exc:  # the cluster is gone: this batch fails, the window is retried
                 future = Future()
                 future.set_exception(exc)
-            future.add_done_callback(settled)
+            future.add_done_callback(functools.partial(self._settle, settled))
+
+    def _settle(self, settled: Callable[[Future[list[Any]]], None], future: Future[list[Any]]) -> None:
+        """A batch in flight is done: free its slot, send the next, hand its result on (unless
+        close() gave it up already)."""
+        with self._lock:
+            if settled not in self._running:
+                return
+            self._running.discard(settled)
+            self._in_flight -= 1
+        self._pump()
+        settled(future)
 
     def close(self, timeout: float | None = None) -> None:
         """Shut Ray down if this executor started it (its actors end with it); otherwise kill
@@ -409,10 +464,25 @@ class RayCompute:
         with self._lock:
             pools, self._pools = self._pools, {}
             owner, self._owner = self._owner, None
+            # Nothing computes them any more: whoever waits for them (a handler that outlived
+            # its stop's timeout) gets an error rather than waiting for ever.
+            dropped = [settled for _, _, settled in self._pending] + list(self._running)
             self._pending.clear()
+            self._running.clear()
+            self._in_flight = 0
+            self._closed = True
+        for settled in dropped:
+            failed: Future[list[Any]] = Future()
+            failed.set_exception(ComputeUnavailableError("RayCompute was closed before this batch was computed"))
+            settled(failed)
         if owner is not None:
             owner.stop()
-            owner.join(timeout)
+            if owner.ready.is_set():
+                owner.join(timeout)
+            else:  # ray.init cannot be interrupted: the thread shuts Ray down once it returns
+                log.warning(
+                    "Ray at %s has not answered; thread %s ends when ray.init gives up", self.address, owner.name
+                )
             return
         if not pools:
             return
@@ -442,26 +512,20 @@ class _RayOwner(ReactiveThread):
         super().__init__("ray")
         self.address = address
         self.options = options
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-
-    def start_ray(self) -> None:
-        """Start the thread and return once Ray is up; ``ray.init``'s error, raised here."""
-        self.start()
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
+        #: Set once ``ray.init`` returned or raised (then ``error`` holds what it raised).
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
 
     def run(self) -> None:
         import ray
 
         try:
             ray.init(address=self.address, **self.options)
-        except BaseException as exc:  # handed to start_ray's caller
-            self._error = exc
+        except BaseException as exc:  # handed to RayCompute._ray's caller
+            self.error = exc
             return
         finally:
-            self._ready.set()
+            self.ready.set()
         try:
             self.stopped_event.wait()
         finally:
@@ -482,6 +546,12 @@ def _wait_killed(ray: Any, actor: Any, deadline: float) -> None:
         except ray.exceptions.GetTimeoutError:
             break
     log.warning("Ray did not kill actor %s within the deadline", actor)
+
+
+def _closed_error(model: Model) -> ComputeUnavailableError:
+    return ComputeUnavailableError(
+        f"RayCompute was closed: model {model.identifier!r} is not computed while change data capture stops"
+    )
 
 
 def _compute_error(error: BaseException, model: Model) -> BaseException:

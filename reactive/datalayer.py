@@ -605,7 +605,11 @@ class Datalayer:
                 if key in found and all(field_value(found[key], f) == v for f, v in conditions.items())
             }
 
-        hits = component.search(query, k, keep=keep if need_rows else None)
+        try:
+            hits = component.search(query, k, keep=keep if need_rows else None)
+        except Exception:
+            self.check_open()  # closed under the search: say so, not the driver's words
+            raise
         if conditions and not hits and found:
             # Nothing matched: say so where no row of a type the rows hold could have.
             why = next((w for row in found.values() if (w := unmatchable(row, conditions))), None)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from reactive.errors import ConfigurationError
 from reactive.events import ChangePacket
 from reactive.queue import QUEUE_ROWS, CDCQueue
+from reactive.threads import THREAD_PREFIX
 
 if TYPE_CHECKING:
     from reactive.datalayer import Datalayer
@@ -294,4 +295,5 @@ def serve(db: Datalayer, port: int, *, addr: str = "127.0.0.1") -> MetricsServer
     prometheus_client = _prometheus()
     metrics = db.cdc.metrics()
     server, thread = prometheus_client.start_http_server(port, addr=addr, registry=metrics)
+    thread.name = f"{THREAD_PREFIX}metrics"  # a thread of reactive's, as every other (reactive_threads)
     return MetricsServer(server, thread, metrics)

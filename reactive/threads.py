@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -57,11 +58,13 @@ def reactive_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
 
 
-def on_own_thread(role: str, fn: Callable[[], T]) -> T:
+def on_own_thread(role: str, fn: Callable[[], T], *, timeout: float | None = None) -> T:
     """``fn()`` run on a thread of its own (``reactive-<role>``) that ends with it: what returns
     or raises. What a framework keeps per thread goes with the thread: torch on the CPU keeps an
     OpenMP team per thread that ran it, and while more OpenMP threads live than there are cores,
     libgomp makes every team's workers sleep between operations (see ``LocalCompute``).
+    ``TimeoutError`` when ``fn`` has not returned within ``timeout`` seconds (its thread, a
+    daemon, goes on until it does).
 
     >>> on_own_thread("doc", lambda: threading.current_thread().name)
     'reactive-doc'
@@ -69,6 +72,8 @@ def on_own_thread(role: str, fn: Callable[[], T]) -> T:
     Traceback (most recent call last):
     ...
     ZeroDivisionError: division by zero
+    >>> on_own_thread("doc", lambda: 2, timeout=math.inf)
+    2
     """
     outcome: list[Any] = []
 
@@ -81,7 +86,9 @@ def on_own_thread(role: str, fn: Callable[[], T]) -> T:
 
     thread = _Once(role)
     thread.start()
-    thread.join()
+    thread.join(None if timeout is None or math.isinf(timeout) else timeout)  # join(inf) overflows
+    if thread.is_alive():
+        raise TimeoutError(f"did not return within {timeout:g} s")
     [(returned, value)] = outcome
     if not returned:
         raise value

@@ -60,9 +60,30 @@ def test_the_search_app_answers_follow_another_process_edits(tmp_path: Path) -> 
         assert get(base, "/search?q=x&k=0")[0] == 400  # a bad query is the client's error
         status, body = get(base, "/search?q=x&k=abc")
         assert status == 400 and "k must be a whole number of at least 1, not 'abc'" in body["error"]
+        # A digit int() does not read (str.isdigit() took it): "invalid literal for int() ...".
+        status, body = get(base, "/search?q=x&k=%C2%B2")
+        assert status == 400 and "k must be a whole number of at least 1, not '²'" in body["error"]
         assert get(base, "/search")[0] == 400
         assert get(base, "/nowhere")[0] == 404
     finally:
         app.send_signal(signal.SIGTERM)
         assert app.wait(timeout=60) == 0
     assert (tmp_path / "docs.sqlite.reactive-indexes" / "docs_search.usearch").exists()  # saved at close
+
+
+def test_the_search_app_says_what_is_missing_on_a_database_without_docs(tmp_path: Path) -> None:
+    """It creates ``docs`` in a SQLite file only; elsewhere it printed a traceback ending in
+    TableNotFoundError."""
+    uri = f"duckdb:///{tmp_path / 'app.duckdb'}"
+    app = subprocess.run(
+        [sys.executable, str(APP), "--uri", uri, "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(APP.parents[1])},
+    )
+    assert app.returncode == 2 and "Traceback" not in app.stderr, app.stderr
+    assert app.stderr.strip() == (
+        f"search_app: table 'docs' does not exist in {uri}; the app creates it in a SQLite file only:"
+        " create it (id INTEGER PRIMARY KEY, text VARCHAR) or use --uri sqlite:///docs.sqlite"
+    )

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ import reactive
 from reactive.components import Listener, Model
 from reactive.compute import LocalCompute, RayCompute
 from reactive.events import ChangePacket, DBEvent
-from tests.conftest import SQLClient, outputs_by_source
+from tests.conftest import SQLClient, outputs_by_source, within
 from tests.test_pipeline import RecordingSource, update
 
 
@@ -118,6 +119,40 @@ def test_batches_finishing_in_random_order_leave_no_stale_output(duck: SQLClient
         assert outputs_by_source(db, "tag__text") == {i: f"<{text}>" for i, text in latest.items()}
     assert source.committed == list(range(120))  # positions never passed an unwritten window
     assert [p for saved in source.saved for p in saved] == list(range(120))
+
+
+def slow_tag_each(texts: list[str]) -> list[str]:
+    time.sleep(0.3)
+    return [f"<{t}>" for t in texts]
+
+
+def test_a_handler_that_outlives_its_stop_is_not_left_waiting_on_ray(duck: SQLClient) -> None:
+    """A stop whose timeout passed while windows computed closed the RayCompute under the
+    handler: the batches waiting for an actor were dropped without settling their futures, so
+    the handler waited for them for ever (a thread of reactive alive past db.close()), and a
+    window it tried again started new actors after the close. It now releases what it did not
+    write (delivered again at the next start) and ends."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    source = RecordingSource()
+    compute = RayCompute(actors=1, max_in_flight=1)
+
+    def packet(position: int, ids: range) -> ChangePacket:
+        rows = tuple({"id": i, "text": f"t{i}"} for i in ids)
+        return ChangePacket("docs", DBEvent.update, tuple(ids), rows, source=source, position=position)
+
+    with reactive.connect(duck.uri, compute=compute) as db:
+        db.add(Listener(Model("tag", predict=slow_tag_each, batch_size=2), "text", "docs"))
+        db.cdc.ensure_handler()
+        db.cdc.queue.put(packet(0, range(20)))
+        assert within(60, lambda: compute.actors_of("tag") != [])  # the first window computes
+        db.cdc.queue.put(packet(1, range(20, 40)))  # the second is planned, its batches wait for the actor
+        assert within(30, lambda: db.cdc.info()["listeners"]["tag__text"]["lag"]["rows"] == 40)
+        handler = db.cdc._handler
+        assert handler is not None
+        db.cdc.stop(timeout=0.5)
+        assert within(60, lambda: not handler.is_alive())
+        assert compute.actors_of("tag") == []  # none started again after the close
+    assert sorted(source.released) == [0, 1] and source.committed == []
 
 
 def _announce_then_compute(port: int, texts: list[str]) -> list[str]:
@@ -229,6 +264,37 @@ def test_an_instance_ray_compute_starts_is_shut_down_at_close(tmp_path) -> None:
     assert done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
+def test_a_ray_address_that_does_not_answer_is_retried_and_does_not_hold_a_stop(tmp_path) -> None:
+    """ray.init at an address nothing answers tries for about fourteen minutes (822 s here)
+    before it raises: the handler waited in it, said nothing, and neither a stop nor db.close()
+    returned meanwhile. Now the wait is bounded by placement_timeout and the
+    window is retried (logged), as while a database is unreachable; a stop ends it at once."""
+    script = textwrap.dedent(
+        f"""
+        import logging, time, duckdb, reactive
+        from reactive.components import Listener, Model
+        from reactive.compute import RayCompute
+        logging.basicConfig(level=logging.WARNING, format="%(name)s %(message)s")
+        path = {str(tmp_path / "x.duckdb")!r}
+        client = duckdb.connect(path)
+        client.execute("create table docs (id int primary key, text varchar)")
+        compute = RayCompute(address="127.0.0.1:1", placement_timeout=1)
+        db = reactive.connect("duckdb:///" + path, compute=compute, poll_interval=0.05)
+        db.add(Listener(Model("tag", predict=lambda xs: [x.upper() for x in xs]), "text", "docs"))
+        db.cdc.start()
+        client.execute("insert into docs values (1, 'a')")
+        assert not db.cdc.wait_idle(timeout=5)
+        started = time.monotonic()
+        db.close()
+        print("closed in", round(time.monotonic() - started))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert int(done.stdout.split()[-1]) < 10, done.stdout
+    assert "Ray at 127.0.0.1:1 did not answer within 1 s" in done.stderr and "retrying" in done.stderr
+
+
 def test_a_window_is_retried_when_ray_is_unreachable(duck: SQLClient) -> None:
     # Packets put directly: the handler's model work fails with ComputeUnavailableError while
     # the actors are gone for good (no restarts), and the window waits instead of being recorded.
@@ -277,6 +343,26 @@ def test_a_model_error_on_ray_is_isolated_to_its_row_as_in_process(duck: SQLClie
         assert outputs_by_source(db, "tag__text") == {1: "<a>", 3: "<c>", 4: "<d>"}
         [error] = db.errors("tag__text")
         assert error["source"] == 2 and error["error"] == "ValueError: cannot tag 'bad'"
+
+
+def test_a_model_ray_cannot_send_to_its_actors_is_said_in_one_line(duck: SQLClient) -> None:
+    """Each row's error was Ray's report of its serializability check: 2 kB over 30 lines, with
+    terminal colour codes, in _reactive_errors and db.errors()."""
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text VARCHAR)")
+    duck.execute("INSERT INTO docs VALUES (1, 'a')")
+    lock = threading.Lock()
+
+    def tag_under_lock(texts: list[str]) -> list[str]:
+        with lock:  # a closure Ray cannot pickle, as one holding a driver's connection would be
+            return tag(texts)
+
+    with reactive.connect(duck.uri, compute=RayCompute(actors=1)) as db:
+        db.add(Listener(Model("locked", predict=tag_under_lock), "text", "docs"))
+        [error] = db.errors("locked__text")
+    assert error["error"] == (
+        "ConfigurationError: model 'locked' cannot be sent to its Ray actors (cannot pickle '_thread.lock'"
+        " object): build what cannot be pickled inside the actor, with Model(load=...)"
+    )
 
 
 def _marked(texts: list[str]) -> list[str]:

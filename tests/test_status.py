@@ -36,6 +36,7 @@ from reactive.cli import main
 from reactive.components import Listener, Model
 from reactive.errors import ConfigurationError
 from reactive.status import database_status, format_status, lease_status
+from reactive.threads import reactive_threads
 
 ROOT = Path(__file__).parent.parent
 
@@ -654,6 +655,9 @@ def test_info_lag_and_prometheus_metrics_over_http(tmp_path: Path) -> None:
         assert db.cdc.info()["listeners"]["len__text"]["lag"] == {"rows": 0, "seconds": None}
         db.cdc.start()
         server = reactive.metrics.serve(db, 0)
+        # A thread of reactive's, named as every other (it was prometheus_client's "Thread-1
+        # (serve_forever)": the checks for threads left running did not see it).
+        assert server.thread.name == "reactive-metrics" and server.thread in reactive_threads()
         try:
             # One transaction: autocommitted one by one, a poll between two found the first alone.
             client.execute("BEGIN")
@@ -677,6 +681,7 @@ def test_info_lag_and_prometheus_metrics_over_http(tmp_path: Path) -> None:
         finally:
             model.release.set()
             server.close()
+        assert not server.thread.is_alive()
         assert db.cdc.metrics() is server.registry  # one registry per datalayer
     client.close()
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -15,7 +18,7 @@ import pytest
 import reactive
 from reactive.components import Listener, Model, VectorIndex
 from reactive.errors import ConfigurationError, SearchError
-from tests.conftest import SQLClient
+from tests.conftest import SQLClient, within
 
 LETTERS = "abcdefgh"
 
@@ -294,3 +297,173 @@ def test_a_vector_of_another_length_is_an_error_of_its_row_and_is_not_indexed(du
         assert sorted(nearest(db, letters("aaa"))) == [1, 2]
         [error] = db.errors("near")
         assert error["source"] == 3 and "a vector of 3 numbers, where the index holds vectors of 8" in error["error"]
+
+
+# Run in a process of its own: before the fix, DuckDB could also crash the process (a cursor
+# closed by another thread mid-statement is a segmentation fault).
+CLOSE_WHILE_SEARCHING = """
+import random, sys, threading, duckdb, reactive
+from reactive.components import Listener, Model, VectorIndex
+path = sys.argv[1]
+con = duckdb.connect(path)
+con.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, x INTEGER)")
+con.execute("INSERT INTO docs SELECT range, range FROM range(300)")
+con.close()
+embed = Model("embed", predict=lambda xs: [[float(x), 1.0] for x in xs], output_type="array<float32>")
+errors = set()
+for trial in range(40):
+    db = reactive.connect(f"duckdb:///{path}")
+    db.add(Listener(embed, "x", "docs"), progress=False)
+    db.add(VectorIndex("near", listener="embed__x", metric="l2sq"), progress=False)
+    searching, stop = threading.Barrier(3), threading.Event()
+
+    def search():
+        searching.wait()
+        while not stop.is_set():
+            try:
+                db.search("near", [random.random() * 300, 1.0], k=5, rows=True)
+            except Exception as exc:
+                errors.add(f"{type(exc).__name__}: {str(exc).split(';')[0]}")
+
+    threads = [threading.Thread(target=search, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    searching.wait()
+    stop.wait(random.random() * 0.05)
+    db.close()
+    stop.set()
+    for thread in threads:
+        thread.join(20)
+        if thread.is_alive():
+            sys.exit(f"a search did not return after db.close() (trial {trial})")
+print(sorted(errors))
+"""
+
+
+def test_closing_a_duckdb_datalayer_while_searches_read_rows_ends_them_with_a_clear_error(tmp_path: Path) -> None:
+    """db.close() closed each thread's DuckDB reader under a search reading rows through it
+    (``rows=True``, a filter): the search hung in DuckDB for ever, or the process crashed; a
+    search that did return raised DuckDB's ``Connection already closed!``."""
+    path = tmp_path / "app.duckdb"
+    run = subprocess.run(
+        [sys.executable, "-c", CLOSE_WHILE_SEARCHING, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    closed = f"ConfigurationError: the datalayer of 'duckdb:///{path}' is closed"
+    assert run.stdout.strip() in (f"[{closed!r}]", "[]"), run.stdout
+
+
+def test_a_search_the_datalayer_is_closed_under_says_so(sql: SQLClient, tmp_path: Path) -> None:
+    """A search under way when db.close() ran raised the driver's words (DuckDB's ``Connection
+    already closed!``, SQLite's ``Cannot operate on a closed database.``), not that the
+    datalayer was closed; on PostgreSQL it opened a new connection (taken for one the server
+    had dropped), which nothing closed."""
+    make_docs(sql, [(1, "aaa", "en"), (2, "bbb", "en")])
+    db = connect(sql)
+
+    def embed_then_close(texts: list[str]) -> list[list[float]]:
+        db.close()  # another thread of the application closes the datalayer meanwhile
+        return [letters(t) for t in texts]
+
+    query_model = Model("q", predict=embed_then_close, output_type="array<float32>")
+    db.add(Listener(embed_model(), "text", "docs"))
+    db.add(VectorIndex("near", listener="embed__text", query_model=query_model, directory=tmp_path))
+    with pytest.raises(ConfigurationError, match=r"the datalayer of .* is closed; reactive\.connect"):
+        db.search("near", "aaa", rows=True)
+    if sql.kind == "postgres":
+        others = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        assert within(10, lambda: sql.execute(others) == [(0,)])  # the server ends a closed session soon after
+
+
+def test_the_index_keeps_only_its_current_failures_in_the_errors(duck: SQLClient, tmp_path: Path) -> None:
+    """db.errors("<index>") lists current failures, as a listener's do. The index never cleared
+    its records: a row indexed once its vector was mended, or deleted, kept its error, and
+    every restart recorded a row that still failed once more."""
+    make_docs(duck, [(1, "aaa", "en"), (2, "ccc", "en"), (3, "ccc", "en")])
+    model = Model("embed", predict=lambda texts: [letters(t)[: 3 if t == "ccc" else 8] for t in texts])
+    for restart in range(3):
+        with connect(duck) as db:
+            db.add(Listener(model, "text", "docs"))
+            db.add(VectorIndex("near", listener="embed__text", directory=tmp_path))
+            assert sorted(error["source"] for error in db.errors("near")) == [2, 3], restart
+    with connect(duck) as db:
+        db.add(Listener(model, "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", directory=tmp_path))
+        db.cdc.start()
+        duck.execute("UPDATE docs SET text = 'hhh' WHERE id = 2")  # mended: indexed, its error gone
+        duck.execute("DELETE FROM docs WHERE id = 3")  # gone: so is its error
+        assert db.cdc.wait_idle(timeout=30)
+        assert nearest(db, letters("hhh"), k=1) == [2]
+        assert db.errors("near") == []
+
+
+def test_a_new_model_version_of_another_length_rebuilds_the_index(duck: SQLClient, tmp_path: Path) -> None:
+    """A listener given a new model version whose vectors have another length (a new embedding
+    model): the index refused every new vector (``a vector of 4 numbers, where the index holds
+    vectors of 8``), searched nothing, and a restart did not mend it (the saved index kept the old
+    length). Vectors of the same model version of another length are still errors of their row."""
+    make_docs(duck, [(1, "aaa", "en"), (2, "bbb", "en"), (3, "hhh", "en")])
+    short = Model("embed", predict=lambda texts: [letters(t)[:4] for t in texts], version="2")
+    with connect(duck) as db:
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", metric="l2sq", directory=tmp_path))
+        db.add(Listener(short, "text", "docs"))  # the new model replaces the old: every row computed again
+        assert nearest(db, letters("bbb")[:4], k=1) == [2]
+        assert len(nearest(db, letters("bbb")[:4])) == 3 and db.errors("near") == []
+    with connect(duck) as db:  # a restart with the model of the first version again
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", metric="l2sq", directory=tmp_path))
+        assert nearest(db, letters("hhh"), k=1) == [3]
+        assert len(nearest(db, letters("hhh"))) == 3 and db.errors("near") == []
+
+
+@pytest.mark.parametrize("metric", ["cos", "ip", "l2sq"])
+def test_distances_are_what_the_readme_says_each_metric_gives(duck: SQLClient, tmp_path: Path, metric: str) -> None:
+    """The README's _distance per metric, checked with numpy on vectors of every length."""
+    vectors = np.random.default_rng(7).normal(size=(30, 8)).astype(np.float32) * 3
+    duck.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, n INTEGER)")
+    duck.executemany("INSERT INTO docs VALUES (?, ?)", [(i, i) for i in range(30)])
+    model = Model("v", predict=lambda ns: [vectors[n] for n in ns], output_type="array<float32>")
+    query = np.random.default_rng(8).normal(size=8).astype(np.float32)
+    exact = {
+        "cos": 1 - vectors @ query / np.linalg.norm(vectors, axis=1) / np.linalg.norm(query),
+        "ip": 1 - vectors @ query,
+        "l2sq": ((vectors - query) ** 2).sum(axis=1),
+    }[metric]
+    with connect(duck) as db:
+        db.add(Listener(model, "n", "docs"))
+        db.add(VectorIndex("near", listener="v__n", metric=metric, directory=tmp_path))
+        hits = db.search("near", query, k=5)
+    assert [hit["_source"] for hit in hits] == np.argsort(exact)[:5].tolist()
+    assert [hit["_distance"] for hit in hits] == pytest.approx(np.sort(exact)[:5].tolist(), rel=1e-4, abs=1e-4)
+
+
+def test_a_text_query_keeps_to_the_query_model_s_timeout(duck: SQLClient, tmp_path: Path) -> None:
+    """db.search called the query model's predict with no bound: a hung query model (a remote
+    embedding service) held the search, and the request thread of an app, for ever, although its
+    Model(timeout=) said how long a call may take."""
+    make_docs(duck, [(1, "aaa", "en"), (2, "hhh", "en")])
+    release = threading.Event()
+
+    def embed(texts: list[str]) -> list[list[float]]:
+        if texts == ["hang"]:
+            release.wait(60)
+        return [letters(t) for t in texts]
+
+    query_model = Model("q", predict=embed, output_type="array<float32>", timeout=0.5)
+    with connect(duck) as db:
+        db.add(Listener(embed_model(), "text", "docs"))
+        db.add(VectorIndex("near", listener="embed__text", query_model=query_model, directory=tmp_path))
+        try:
+            with pytest.raises(
+                SearchError, match=r"index 'near' cannot embed the query: model 'q' did not answer within 0\.5 s"
+            ):
+                db.search("near", "hang")
+        finally:
+            release.set()
+        assert nearest(db, "hh", k=1) == [2]
+    assert within(10, lambda: not [t for t in threading.enumerate() if t.name == "reactive-query-near"])

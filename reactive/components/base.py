@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses as dc
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from reactive.backends.base import ErrorRecord
+from reactive.events import id_key
 
 if TYPE_CHECKING:
     from reactive.backends.base import TableInfo
@@ -18,6 +20,8 @@ if TYPE_CHECKING:
     from reactive.datalayer import Datalayer
     from reactive.events import Batch, ChangePacket
     from reactive.reconcile import OnProcessed
+
+log = logging.getLogger(__name__)
 
 
 class Written:
@@ -78,6 +82,53 @@ class PlannedRefresh:
     work: Sequence[Future[Any]]
     finish: Callable[[], Refresh]
     computed: Callable[[], Mapping[int, Any]] | None = None
+
+
+#: How many failed row ids a component remembers to clear their errors once they succeed.
+FAILED_MEMORY = 100_000
+
+
+class FailedRows:
+    """The rows of one component with recorded errors, so that ``_reactive_errors`` keeps only
+    its current failures: a row recorded as failed that now succeeds, or is gone, loses its
+    records; one that failed again keeps only the new record (the handler records it after
+    :meth:`settle`). Only the failures this process knows of are settled: those recorded when
+    the component was prepared (up to :data:`FAILED_MEMORY`) and those since."""
+
+    def __init__(self, identifier: str) -> None:
+        self.identifier = identifier
+        self._ids: set[Hashable] | None = set()  # None: too many to keep
+
+    def load(self, db: Datalayer) -> None:
+        """Take the failures recorded so far (``prepare`` calls it)."""
+        failed = {id_key(error["source"]) for error in db.backend.errors.read_errors(self.identifier)}
+        self._ids = failed if len(failed) <= FAILED_MEMORY else None
+
+    def settle(self, ids: Sequence[Any], db: Datalayer, refresh: Refresh) -> None:
+        """Clear the records of ``ids`` (a batch just processed), then remember ``refresh``'s errors."""
+        if self._ids is None:
+            return
+        settled = [row_id for row_id in ids if id_key(row_id) in self._ids] if self._ids else []
+        if settled:
+            try:
+                db.backend.errors.clear_errors(self.identifier, settled)
+            except Exception as exc:
+                if db.backend.is_transient(exc):
+                    raise
+                # Bookkeeping must not fail a batch whose outputs are written; tried again later.
+                log.warning("could not clear %d settled errors of %s: %s", len(settled), self.identifier, exc)
+                return
+            self._ids.difference_update(map(id_key, settled))
+        self.recorded(error.source for error in refresh.errors)
+
+    def recorded(self, ids: Iterable[Any]) -> None:
+        """Remember that errors of ``ids`` were recorded (by :meth:`settle`'s caller, or by the
+        handler for a window the database refused), to clear them once the rows succeed."""
+        if self._ids is None:
+            return
+        self._ids.update(map(id_key, ids))
+        if len(self._ids) > FAILED_MEMORY:
+            self._ids = None
 
 
 class Component(ABC):

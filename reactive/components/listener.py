@@ -24,7 +24,7 @@ from reactive.backends.base import (
     outputs_table,
     same_but_case,
 )
-from reactive.components.base import Component, PlannedRefresh, Refresh
+from reactive.components.base import Component, FailedRows, PlannedRefresh, Refresh
 from reactive.components.model import Batching, Failure, Model, ModelCalls
 from reactive.errors import ConfigurationError
 from reactive.events import Batch, ChangePacket, DBEvent, Row, id_key, id_keys, is_utf8
@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 _MISSING = object()
 #: How many reconciled ids a listener remembers before it looks every live insert up.
 RECONCILED_MEMORY = 200_000
-#: How many failed row ids a listener remembers to clear their errors once they succeed.
-FAILED_MEMORY = 100_000
 #: Inputs above this size are refused: models truncate long inputs anyway, and a huge
 #: payload should not stall the handler thread.
 DEFAULT_MAX_INPUT_BYTES = 4 * 1024 * 1024
@@ -382,8 +380,8 @@ class Listener(Component):
         # Whether the last reconciliation found no output stored (a first backfill): its
         # batches then look no stored fingerprint up (see _looked_up).
         self._reconciled_from_nothing = False
-        # Ids with recorded errors (see _settle_errors; None: too many to keep).
-        self._failed: set[Hashable] | None = set()
+        # Ids with recorded errors (see _settle_errors).
+        self._failed = FailedRows(self.identifier)
         # Whether a row's value was found that never equals the filter's (said once).
         self._filter_told = False
 
@@ -459,8 +457,7 @@ class Listener(Component):
             )
         self.source = source
         self._replaying = True
-        failed = {id_key(error["source"]) for error in db.backend.errors.read_errors(self.identifier)}
-        self._failed = failed if len(failed) <= FAILED_MEMORY else None
+        self._failed.load(db)
         return source
 
     def matches(self, row: Row) -> bool:
@@ -837,35 +834,11 @@ class Listener(Component):
         return _Inputs(list(ids), values, digests)
 
     def recorded(self, ids: Sequence[Any]) -> None:
-        if self._failed is not None:
-            self._failed.update(map(id_key, ids))
-            if len(self._failed) > FAILED_MEMORY:
-                self._failed = None
+        self._failed.recorded(ids)
 
     def _settle_errors(self, batch: Batch, db: Datalayer, refresh: Refresh) -> None:
-        """Keep ``_reactive_errors`` to the current failures of this listener's rows.
-
-        A row recorded as failed that now has an output, or is gone, loses its records; one
-        that failed again keeps only the new record (the handler records it after this).
-        Only the failures this listener knows of are settled: those recorded when it was
-        added (up to :data:`FAILED_MEMORY`) and those since.
-        """
-        if self._failed is None:
-            return
-        settled = [row_id for row_id in batch.ids if id_key(row_id) in self._failed] if self._failed else []
-        if settled:
-            try:
-                db.backend.errors.clear_errors(self.identifier, settled)
-            except Exception as exc:
-                if db.backend.is_transient(exc):
-                    raise
-                # Bookkeeping must not fail a batch whose outputs are written; tried again later.
-                log.warning("could not clear %d settled errors of %s: %s", len(settled), self.identifier, exc)
-                return
-            self._failed.difference_update(map(id_key, settled))
-        self._failed.update(id_key(error.source) for error in refresh.errors)
-        if len(self._failed) > FAILED_MEMORY:
-            self._failed = None
+        """Keep ``_reactive_errors`` to the current failures of this listener's rows (:class:`FailedRows`)."""
+        self._failed.settle(batch.ids, db, refresh)
 
     def _set_apart(
         self, refresh: Refresh, remove: list[Any], ids: list[Any], values: list[Any], failed: type

@@ -27,7 +27,7 @@ import numpy as np
 
 from reactive import checks
 from reactive.backends.base import FINGERPRINT_FIELD, OUTPUT_FIELD, ErrorRecord, TableInfo, outputs_table
-from reactive.components.base import Component, PlannedRefresh, Refresh
+from reactive.components.base import Component, FailedRows, PlannedRefresh, Refresh
 from reactive.components.model import Model
 from reactive.errors import ConfigurationError, ModelOutputError, SearchError
 from reactive.events import Batch, ChangePacket, DBEvent, id_key
@@ -177,8 +177,9 @@ class VectorIndex(Component):
     [1, 3]
     >>> db.close()
 
-    ``metric`` is ``"cos"`` (cosine distance), ``"ip"`` (inner product) or ``"l2sq"``
-    (squared Euclidean). ``query_model`` embeds text queries (``db.search(name, "text")``);
+    ``metric`` is ``"cos"`` (a hit's ``_distance`` is 1 - the cosine similarity), ``"ip"`` (1 -
+    the inner product, usearch's distance: negative for vectors longer than 1) or ``"l2sq"``
+    (the squared Euclidean distance). ``query_model`` embeds text queries (``db.search(name, "text")``);
     without it a query is a vector. ``directory`` is where the index file goes (by default
     next to a DuckDB or SQLite file, else ``./reactive-indexes/<hash of the URI>``); it is
     saved at most every ``save_every`` seconds while it changes (0: after every window;
@@ -231,9 +232,12 @@ class VectorIndex(Component):
         self._index: Any = None
         self._entries = _Entries()
         self._ndim: int | None = None
+        # The version of the listener's model whose vectors the index last took (see _upsert).
+        self._version: str | None = None
         self._path: Path | None = None
         self._dirty = False
         self._saved_at = 0.0
+        self._failed = FailedRows(identifier)
 
     def __repr__(self) -> str:
         return f"VectorIndex({self.identifier!r}, listener={self.listener!r}, metric={self.metric!r})"
@@ -274,7 +278,8 @@ class VectorIndex(Component):
         _usearch()
         with self._lock:
             self._path = self._file(db)
-            self._load()
+            self._load(upstream.model.version)
+        self._failed.load(db)
         return db.table_info(self.table)
 
     def _file(self, db: Datalayer) -> Path:
@@ -298,9 +303,10 @@ class VectorIndex(Component):
             options["expansion_search"] = self.expansion_search
         return _usearch()(ndim=ndim, metric=self.metric, dtype="f32", **options)
 
-    def _load(self) -> None:
+    def _load(self, version: str | None) -> None:
         """Load the saved index, or start empty (the backfill then fills it) when it is missing,
-        another index's, or corrupt."""
+        another index's, or corrupt. A file that does not say which model version its vectors
+        came from (saved before reactive recorded it) is taken as of ``version``, the model's now."""
         self._index, self._entries, self._ndim, self._dirty = None, _Entries(), None, False
         assert self._path is not None
         meta_path = self._path.with_suffix(".json")
@@ -323,6 +329,7 @@ class VectorIndex(Component):
             self._dirty = True
             return
         self._index, self._entries, self._ndim = index, entries, int(meta["ndim"])
+        self._version = meta.get("model_version", version)
         self._saved_at = time.monotonic()
 
     def save(self) -> None:
@@ -342,6 +349,7 @@ class VectorIndex(Component):
                     "listener": self.listener,
                     "metric": self.metric,
                     "ndim": self._ndim,
+                    "model_version": self._version,
                     "digest": hashlib.sha256(data).hexdigest(),
                     "entries": self._entries.to_json(),
                 }
@@ -395,9 +403,25 @@ class VectorIndex(Component):
         in_flight: Collection[Hashable] = frozenset(),
     ) -> PlannedRefresh:
         # Nothing to compute or look up: the vectors come with the batch (or are read for it).
-        return PlannedRefresh((), lambda: self._apply(batch))
+        upstream = next((c for c in db.components() if c.identifier == self.listener), None)
+        version = getattr(getattr(upstream, "model", None), "version", self._version)
 
-    def _apply(self, batch: Batch) -> Refresh:
+        def finish() -> Refresh:
+            refresh = self._apply(batch, version)
+            self._failed.settle(batch.ids, db, refresh)
+            return refresh
+
+        return PlannedRefresh((), finish)
+
+    def set_apart(self, batch: Batch, db: Datalayer, error: str) -> Refresh:
+        refresh = super().set_apart(batch, db, error)
+        self._failed.settle(batch.ids, db, refresh)
+        return refresh
+
+    def recorded(self, ids: Sequence[Any]) -> None:
+        self._failed.recorded(ids)
+
+    def _apply(self, batch: Batch, version: str | None) -> Refresh:
         refresh = Refresh()
         with self._lock:
             if batch.event is DBEvent.delete:
@@ -406,19 +430,40 @@ class VectorIndex(Component):
                     self._index.remove(labels)
                 refresh.deleted.extend(batch.ids)
             else:
-                self._upsert(batch, refresh)
+                self._upsert(batch, refresh, version)
             self._dirty = True
             if time.monotonic() - self._saved_at >= self.save_every:
                 self.save()
         return refresh
 
-    def _upsert(self, batch: Batch, refresh: Refresh) -> None:
+    def _upsert(self, batch: Batch, refresh: Refresh, version: str | None) -> None:
+        """Index the batch's vectors. The index holds vectors of one length; vectors of another
+        length are errors of their rows, unless the listener's model ``version`` is not the one
+        the index took vectors from: a new model (another embedding), whose outputs replace every
+        row's, so the index starts again from them rather than refuse them all."""
+        checked = [(source, row, *self._vector(row)) for source, row in zip(batch.ids, batch.rows, strict=True)]
+        lengths = [len(vector) for _, _, vector, _ in checked if vector is not None]
+        if self._ndim is not None and version != self._version and any(n != self._ndim for n in lengths):
+            log.info(
+                "index %s: the model of %s is now version %r, of vectors of %d numbers (were %d): the index starts"
+                " again from its new outputs",
+                self.identifier,
+                self.listener,
+                version,
+                next(n for n in lengths if n != self._ndim),
+                self._ndim,
+            )
+            self._index, self._entries, self._ndim = None, _Entries(), None
+        if self._ndim is None and lengths:
+            self._ndim = lengths[0]
         labels: list[int] = []
         vectors: list[np.ndarray] = []
         replaced: list[int] = []
         added: list[tuple[int, Any, int]] = []
-        for source, row in zip(batch.ids, batch.rows, strict=True):
-            vector, error = self._vector(row)
+        for source, row, vector, error in checked:
+            if vector is not None and len(vector) != self._ndim:
+                error = f"a vector of {len(vector)} numbers, where the index holds vectors of {self._ndim}"
+                vector = None
             if vector is None:
                 refresh.errors.append(ErrorRecord(self.identifier, batch.table, source, error or "no vector"))
                 label = self._entries.pop(source)  # the vector it had is not current any more
@@ -434,6 +479,7 @@ class VectorIndex(Component):
         if replaced and self._index is not None:
             self._index.remove(replaced)
         if vectors:
+            self._version = version
             if self._index is None:
                 self._index = self._new_index(len(vectors[0]))
             self._index.add(np.asarray(labels, dtype=np.uint64), np.stack(vectors))
@@ -442,6 +488,7 @@ class VectorIndex(Component):
             refresh.computed = len(added)
 
     def _vector(self, row: Mapping[str, Any] | None) -> tuple[np.ndarray | None, str | None]:
+        """The row's output as a vector of float32s, or why it is none (its length is not checked here)."""
         value = None if row is None else row.get(OUTPUT_FIELD)
         if value is None:
             return None, "the output is missing"
@@ -453,10 +500,6 @@ class VectorIndex(Component):
             return None, f"the output has shape {vector.shape}, not a vector"
         if (why := _not_finite(value, vector)) is not None:
             return None, f"the vector holds {why}"
-        if self._ndim is None:
-            self._ndim = len(vector)
-        if len(vector) != self._ndim:
-            return None, f"a vector of {len(vector)} numbers, where the index holds vectors of {self._ndim}"
         return vector, None
 
     # -- search -------------------------------------------------------------------------------------
@@ -470,10 +513,18 @@ class VectorIndex(Component):
                 )
             # On a thread that ends with the call: a long-lived caller (the application's main
             # thread) would keep torch's OpenMP team, which slows reactive's model thread.
-            predict, text = self.query_model.predict, query
-            outputs = on_own_thread(f"query-{self.identifier}", lambda: predict([text]))
+            model, text = self.query_model, query
             try:
-                [query] = self.query_model.checked_outputs(outputs, 1)
+                # Bounded by the model's timeout, as its calls for a listener are.
+                outputs = on_own_thread(
+                    f"query-{self.identifier}", lambda: model.predict([text]), timeout=model.timeout
+                )
+                [query] = model.checked_outputs(outputs, 1)
+            except TimeoutError:
+                raise SearchError(
+                    f"index {self.identifier!r} cannot embed the query: model {model.identifier!r} did not answer "
+                    f"within {model.timeout:g} s"
+                ) from None
             except ModelOutputError as exc:
                 raise SearchError(f"index {self.identifier!r} cannot embed the query: {exc}") from None
         try:

@@ -23,12 +23,18 @@ from reactive.rows import TableRows, column_of
 
 class _Reader:
     """A thread's own DuckDB connection, as the dialect's statements take one (``.con``); it
-    is closed when its thread ends (its thread-local reference goes) or the connection closes."""
+    is closed when its thread ends (its thread-local reference goes) or the connection closes.
 
-    __slots__ = ("__weakref__", "con")
+    ``lock`` is held while a statement runs on it, and by :meth:`IbisConnection.close` to close
+    it: DuckDB crashes the process, or hangs the reading thread for ever, when a connection is
+    closed under a statement another thread runs on it (a ``db.search`` during ``db.close()``).
+    """
+
+    __slots__ = ("__weakref__", "con", "lock")
 
     def __init__(self, con: Any) -> None:
         self.con = con
+        self.lock = threading.Lock()
         weakref.finalize(self, con.close)
 
 
@@ -86,10 +92,22 @@ class IbisConnection:
 
     def close(self) -> None:
         with self.lock:
-            self._closed = True
+            self._closed = self.dialect.closed = True
             for reader in list(self._readers):
-                reader.con.close()
+                with reader.lock:  # once its statement (if one runs) is over
+                    reader.con.close()
             self.con.disconnect()
+
+    def _closed_error(self) -> RuntimeError:
+        return RuntimeError(f"the connection to {self.uri} is closed")
+
+    @contextlib.contextmanager
+    def _using(self, reader: _Reader) -> Iterator[_Reader]:
+        """``reader``, for one statement: :meth:`close` does not close it meanwhile."""
+        with reader.lock:
+            if self._closed:
+                raise self._closed_error()
+            yield reader
 
     def _reader(self) -> _Reader | None:
         """This thread's own connection to the database (None where the engine has none)."""
@@ -99,7 +117,7 @@ class IbisConnection:
         if reader is None:
             with self.lock:
                 if self._closed:
-                    raise RuntimeError(f"the connection to {self.uri} is closed")
+                    raise self._closed_error()
                 reader = self._local.reader = _Reader(self.con.con.cursor())
                 self._readers.add(reader)
         return reader
@@ -111,14 +129,16 @@ class IbisConnection:
         reader = self._reader()
         if reader is None:
             return self.fetch_rows(sql, *params)
-        return self.dialect.fetch_rows(reader, sql, params)
+        with self._using(reader):
+            return self.dialect.fetch_rows(reader, sql, params)
 
     def read_grouped(self, sql: str, *params: Any, value: str, by: str) -> dict[Any, list[Any]]:
         """:meth:`fetch_grouped` as :meth:`read_rows` reads."""
         reader = self._reader()
         if reader is None:
             return self.fetch_grouped(sql, *params, value=value, by=by)
-        return self.dialect.fetch_grouped(reader, sql, params, value, by)
+        with self._using(reader):
+            return self.dialect.fetch_grouped(reader, sql, params, value, by)
 
     def table(self, name: str) -> ir.Table:
         """An ibis handle on ``name``, cached: looking a table up costs a catalog query."""
@@ -248,15 +268,22 @@ class IbisConnection:
         connection that streams would end the stream)."""
         with self.lock:
             if self._closed:
-                raise RuntimeError(f"the connection to {self.uri} is closed")
+                raise self._closed_error()
             reader = _Reader(self.con.con.cursor())
             self._readers.add(reader)
         try:
-            for batch in reader.con.execute(sql).to_arrow_reader(page_size):
+            with self._using(reader):
+                batches = iter(reader.con.execute(sql).to_arrow_reader(page_size))
+            while True:
+                with self._using(reader):  # each batch is read from DuckDB as it is asked for
+                    batch = next(batches, None)
+                if batch is None:
+                    return
                 if batch.num_rows:
                     yield TableRows(pa.Table.from_batches([batch]))
         finally:
-            reader.con.close()
+            with reader.lock:
+                reader.con.close()
 
     def upsert(self, table: str, key: str, rows: pa.Table) -> None:
         """Insert ``rows``, replacing those whose ``key`` exists: ``Dialect.upsert`` where the

@@ -507,6 +507,8 @@ class Dialect:
 
     #: Open transactions (``begin`` nests): statements commit on their own only outside one.
     depth: int = 0
+    #: Set when the connection is closed for good (``IbisConnection.close``): nothing reopens it.
+    closed: bool = False
 
     def begin(self, con: Any) -> None:
         """Open a transaction (or nest in the open one): every statement until :meth:`commit`
@@ -749,7 +751,8 @@ class PostgresDialect(Dialect):
     """PostgreSQL: ``hashtextextended`` of the row's text form, ``= ANY(array)``, executemany.
 
     A connection the server dropped (a restart, ``pg_terminate_backend``) is reopened once
-    per statement; the statements are idempotent, so running one again is safe.
+    per statement; the statements are idempotent, so running one again is safe. One closed by
+    ``db.close()`` is not (a search under way then opened a connection nothing closed).
     """
 
     name = "postgres"
@@ -1003,7 +1006,7 @@ class PostgresDialect(Dialect):
             if refused is not None:
                 self.reopen = getattr(exc, "sqlstate", None) == READ_ONLY_TRANSACTION
                 raise refused from exc
-            if self.depth or not self.is_transient(exc) or not (con.con.closed or con.con.broken):
+            if self.depth or self.closed or not self.is_transient(exc) or not (con.con.closed or con.con.broken):
                 raise  # inside a transaction the whole unit is retried, not one statement
             log.warning("the PostgreSQL connection was lost (%s); reconnecting", exc)
             con.reconnect()
