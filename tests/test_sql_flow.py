@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import Recorder, SQLClient, add_filtered_lengths, outputs_by_source, scanned_pages
+from conftest import Recorder, SQLClient, add_filtered_lengths, outputs_by_source, scanned_pages, within
 
 import reactive
 from reactive.components import Listener, Model
@@ -505,14 +505,20 @@ def test_sqlite_timeout_is_how_long_a_statement_waits_for_another_clients_lock(t
     client.execute("CREATE TABLE docs (id INTEGER PRIMARY KEY, text TEXT)")
     with pytest.raises(reactive.errors.ConfigurationError, match="timeout must be a number of seconds above 0"):
         reactive.connect(f"sqlite:///{path}", timeout="5")
+    client.execute("INSERT INTO docs VALUES (1, 'one')")
     with reactive.connect(f"sqlite:///{path}", timeout=0.5) as db:
         client.execute("BEGIN IMMEDIATE")  # another client's write transaction
         try:
-            with pytest.raises(sqlite3.OperationalError, match="database is locked"):
-                _answered(lambda: db.add(Listener(Model("tag", predict=Recorder()), "text", "docs")), guard=10)
+            # The lease cannot be taken while the lock is held: after 0.5 s, not 30, the process
+            # waits as a standby (the guard is 10 s).
+            _answered(lambda: db.add(Listener(Model("tag", predict=Recorder()), "text", "docs")), guard=10)
+            assert not db.cdc.active
         finally:
             client.execute("ROLLBACK")
-        db.add(Listener(Model("tag", predict=Recorder()), "text", "docs"))
+        db.cdc.start()
+        assert within(30, lambda: db.cdc.active)  # the lease taken once the lock ended
+        assert db.cdc.wait_idle(timeout=30)
+        assert outputs_by_source(db, "tag__text") == {1: "<one>"}
     client.close()
 
 
