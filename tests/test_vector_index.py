@@ -281,6 +281,9 @@ def test_bad_queries_and_declarations_get_clear_errors_and_write_nothing(duck: S
                 db.search("near", [1e39] + [0.0] * 7)
         with pytest.raises(SearchError, match="one vector"):
             db.search("near", [letters("a"), letters("b")])
+        # A zero query has no angle to any row: ranked every row at 1, zero vectors at 0.
+        with pytest.raises(SearchError, match="the query is all zeros: index 'near' ranks by the cosine"):
+            db.search("near", [0.0] * 8)
         assert isinstance(SearchError("x"), ValueError)
 
 

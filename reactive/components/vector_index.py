@@ -539,6 +539,12 @@ class VectorIndex(Component):
             raise SearchError(
                 f"the query has {len(vector)} numbers; index {self.identifier!r} holds vectors of {self._ndim}"
             )
+        if self.metric == "cos" and not vector.any():
+            # No direction to compare: usearch put every row at distance 1 and zero vectors at 0.
+            raise SearchError(
+                f"the query is all zeros: index {self.identifier!r} ranks by the cosine of the angle, which a"
+                " zero vector has none of (an embedding of empty or unknown text?)"
+            )
         return vector
 
     def search(
