@@ -8,7 +8,8 @@ missing, in a SQLite file; another database must have it), keeps a
 
 - ``GET /search?q=<text>&k=3`` -> ``{"query": ..., "results": [{"id", "distance", "text"}]}``;
   with ``&fresh=1`` it first waits until every change committed before the request is
-  indexed (``db.cdc.wait_idle()``): read-your-writes for the client that just edited;
+  indexed (``db.cdc.wait_idle()``): read-your-writes for the client that just edited; if
+  that takes longer than ``--fresh-timeout`` (30 s), it answers 503 with ``Retry-After``;
 - ``GET /health`` -> ``{"ok": true, "rows": <rows indexed>}``.
 
 Edit the table from anywhere (``sqlite3 docs.sqlite "insert into docs values (10, 'my cat
@@ -53,7 +54,11 @@ def ensure_table(uri: str) -> None:
         con.executemany("INSERT OR IGNORE INTO docs VALUES (?, ?)", SEED)
 
 
-def make_handler(db: reactive.Datalayer, index: VectorIndex) -> type[BaseHTTPRequestHandler]:
+class NotFresh(Exception):
+    """The index did not catch up in time: the server's state, not the client's request (503)."""
+
+
+def make_handler(db: reactive.Datalayer, index: VectorIndex, fresh_timeout: float) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             url = urlsplit(self.path)
@@ -65,6 +70,8 @@ def make_handler(db: reactive.Datalayer, index: VectorIndex) -> type[BaseHTTPReq
                     self.answer(200, self.search(params))
                 else:
                     self.answer(404, {"error": f"no route {url.path}; try /search?q=...&k=3"})
+            except NotFresh as exc:  # not the client's fault: try again soon
+                self.answer(503, {"error": str(exc)}, {"Retry-After": "1"})
             except (ValueError, ReactiveError) as exc:  # a bad query: the client's to fix
                 self.answer(400, {"error": str(exc)})
 
@@ -74,8 +81,8 @@ def make_handler(db: reactive.Datalayer, index: VectorIndex) -> type[BaseHTTPReq
                 raise ValueError("give a query: /search?q=<text>")
             given = params.get("k", "3")
             k = int(given) if given.strip().isdecimal() else given  # anything else: db.search says why
-            if params.get("fresh") in ("1", "true", "yes") and not db.cdc.wait_idle(timeout=30):
-                raise ReactiveError("the index did not catch up within 30 s")
+            if params.get("fresh") in ("1", "true", "yes") and not db.cdc.wait_idle(timeout=fresh_timeout):
+                raise NotFresh(f"the index did not catch up within {fresh_timeout:g} s; try again")
             hits = db.search(index.identifier, query, k=k, rows=True)
             results = [
                 {"id": hit["_source"], "distance": round(hit["_distance"], 4), "text": hit["row"]["text"]}
@@ -83,9 +90,11 @@ def make_handler(db: reactive.Datalayer, index: VectorIndex) -> type[BaseHTTPReq
             ]
             return {"query": query, "results": results}
 
-        def answer(self, status: int, body: dict[str, Any]) -> None:
+        def answer(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -103,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--model", choices=sorted(LOADERS), default="hash")
+    parser.add_argument(
+        "--fresh-timeout", type=float, default=30.0, help="seconds a &fresh=1 search waits for the index (then 503)"
+    )
     args = parser.parse_args(argv)
+    if not args.fresh_timeout > 0:
+        parser.error(f"--fresh-timeout must be a number of seconds above 0, not {args.fresh_timeout:g}")
 
     ensure_table(args.uri)
     embedder = LOADERS[args.model]()
@@ -122,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         index = db.add(VectorIndex("docs_search", listener="embed__text", query_model=embed), progress=False)
         assert isinstance(index, VectorIndex)
         db.cdc.start()
-        server = ThreadingHTTPServer((args.host, args.port), make_handler(db, index))
+        server = ThreadingHTTPServer((args.host, args.port), make_handler(db, index, args.fresh_timeout))
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         threading.Thread(target=server.serve_forever, name="http", daemon=True).start()

@@ -87,3 +87,40 @@ def test_the_search_app_says_what_is_missing_on_a_database_without_docs(tmp_path
         f"search_app: table 'docs' does not exist in {uri}; the app creates it in a SQLite file only:"
         " create it (id INTEGER PRIMARY KEY, text VARCHAR) or use --uri sqlite:///docs.sqlite"
     )
+
+
+def test_a_fresh_search_the_index_cannot_catch_up_with_is_503_and_retried_later(tmp_path: Path) -> None:
+    """Waiting for the index past its time was a 400 (the client's fault), though only the
+    server's state was wrong: here another client holds the SQLite file exclusive."""
+    database = tmp_path / "docs.sqlite"
+    app = subprocess.Popen(
+        [sys.executable, str(APP), "--uri", f"sqlite:///{database}", "--port", "0", "--fresh-timeout", "0.5"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(APP.parents[1])},
+    )
+    try:
+        assert app.stdout is not None
+        line = app.stdout.readline()
+        assert line.startswith("listening on http://"), line
+        base = line.split()[2]
+        locker = sqlite3.connect(database, isolation_level=None)
+        locker.execute("INSERT INTO docs VALUES (10, 'a parrot repeats every word it hears')")
+        locker.execute("BEGIN EXCLUSIVE")  # the app's polls cannot read the file meanwhile
+        try:
+            with urllib.request.urlopen(base + "/search?q=parrot&k=1&fresh=1", timeout=30) as response:
+                raise AssertionError(f"answered {response.status} while the index could not catch up")
+        except urllib.error.HTTPError as error:
+            assert error.code == 503 and error.headers["Retry-After"] == "1"
+            assert json.loads(error.read()) == {"error": "the index did not catch up within 0.5 s; try again"}
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        for _ in range(60):  # as a client told Retry-After would: the lock is gone, the index catches up
+            status, body = get(base, "/search?q=parrot+repeats+word&k=1&fresh=1")
+            if status != 503:
+                break
+        assert status == 200 and body["results"][0]["id"] == 10
+    finally:
+        app.send_signal(signal.SIGTERM)
+        assert app.wait(timeout=60) == 0
