@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +26,12 @@ def get(base: str, path: str) -> tuple[int, dict[str, Any]]:
         return error.code, json.loads(error.read())
 
 
-def test_the_search_app_answers_follow_another_process_edits(tmp_path: Path) -> None:
-    database = tmp_path / "docs.sqlite"
+@contextlib.contextmanager
+def serving(database: Path, *options: str) -> Iterator[str]:
+    """The app on a SQLite file, as its own process; its base URL. Stopped with SIGTERM after,
+    which must end it cleanly (it closes the datalayer, which saves the index)."""
     app = subprocess.Popen(
-        [sys.executable, str(APP), "--uri", f"sqlite:///{database}", "--port", "0"],
+        [sys.executable, str(APP), "--uri", f"sqlite:///{database}", "--port", "0", *options],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(APP.parents[1])},
@@ -36,7 +40,15 @@ def test_the_search_app_answers_follow_another_process_edits(tmp_path: Path) -> 
         assert app.stdout is not None
         line = app.stdout.readline()
         assert line.startswith("listening on http://"), line
-        base = line.split()[2]
+        yield line.split()[2]
+    finally:
+        app.send_signal(signal.SIGTERM)
+        assert app.wait(timeout=60) == 0
+
+
+def test_the_search_app_answers_follow_another_process_edits(tmp_path: Path) -> None:
+    database = tmp_path / "docs.sqlite"
+    with serving(database) as base:
         assert get(base, "/health") == (200, {"ok": True, "rows": 4})
         status, body = get(base, "/search?q=cat+sleeps+windowsill&k=1")
         assert status == 200 and body["results"][0]["id"] == 1
@@ -65,9 +77,6 @@ def test_the_search_app_answers_follow_another_process_edits(tmp_path: Path) -> 
         assert status == 400 and "k must be a whole number of at least 1, not '²'" in body["error"]
         assert get(base, "/search")[0] == 400
         assert get(base, "/nowhere")[0] == 404
-    finally:
-        app.send_signal(signal.SIGTERM)
-        assert app.wait(timeout=60) == 0
     assert (tmp_path / "docs.sqlite.reactive-indexes" / "docs_search.usearch").exists()  # saved at close
 
 
@@ -93,17 +102,7 @@ def test_a_fresh_search_the_index_cannot_catch_up_with_is_503_and_retried_later(
     """Waiting for the index past its time was a 400 (the client's fault), though only the
     server's state was wrong: here another client holds the SQLite file exclusive."""
     database = tmp_path / "docs.sqlite"
-    app = subprocess.Popen(
-        [sys.executable, str(APP), "--uri", f"sqlite:///{database}", "--port", "0", "--fresh-timeout", "0.5"],
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(APP.parents[1])},
-    )
-    try:
-        assert app.stdout is not None
-        line = app.stdout.readline()
-        assert line.startswith("listening on http://"), line
-        base = line.split()[2]
+    with serving(database, "--fresh-timeout", "0.5") as base:
         locker = sqlite3.connect(database, isolation_level=None)
         locker.execute("INSERT INTO docs VALUES (10, 'a parrot repeats every word it hears')")
         locker.execute("BEGIN EXCLUSIVE")  # the app's polls cannot read the file meanwhile
@@ -121,6 +120,3 @@ def test_a_fresh_search_the_index_cannot_catch_up_with_is_503_and_retried_later(
             if status != 503:
                 break
         assert status == 200 and body["results"][0]["id"] == 10
-    finally:
-        app.send_signal(signal.SIGTERM)
-        assert app.wait(timeout=60) == 0

@@ -747,6 +747,11 @@ def _lenient_times(raw: Any) -> None:
     _LENIENT.add(raw)
 
 
+#: The kinds of relation a listener may follow on PostgreSQL: tables (partitioned too), views,
+#: materialized views and foreign tables.
+_RELKINDS = "('r', 'p', 'v', 'm', 'f')"
+
+
 class PostgresDialect(Dialect):
     """PostgreSQL: ``hashtextextended`` of the row's text form, ``= ANY(array)``, executemany.
 
@@ -847,30 +852,28 @@ class PostgresDialect(Dialect):
 
     _RELATION = (
         "SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE c.relname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"
+        f" WHERE c.relname = %s AND c.relkind IN {_RELKINDS}"
         " AND (n.nspname = current_schema() OR n.oid = pg_my_temp_schema()) LIMIT 1"
     )
 
     def other_schemas(self, con: Any, table: str) -> list[str]:
         """:meth:`Dialect.other_schemas`: a table of another schema of the search path is read by
         a plain ``SELECT``, but reactive follows the first schema's (it said only "does not exist")."""
-        rows = self.fetch(
-            con,
-            "SELECT n.nspname AS schema FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
-            " ON n.oid = c.relnamespace WHERE c.relname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"
-            " AND n.nspname <> current_schema() AND n.nspname NOT LIKE 'pg\\_%%' ORDER BY 1",
-            [table],
-        )
-        return [row["schema"] for row in rows]
+        return self._schemas_holding(con, table, "n.nspname <> current_schema()")
 
     def unusable_schemas(self, con: Any, table: str) -> list[str]:
         """:meth:`Dialect.unusable_schemas`: a schema the role has no ``USAGE`` on is left out of
         its search path, so its tables were said not to exist, with no word of the privilege."""
+        return self._schemas_holding(con, table, "NOT has_schema_privilege(n.oid, 'USAGE')")
+
+    def _schemas_holding(self, con: Any, table: str, condition: str) -> list[str]:
+        """The schemas, the system's apart, that hold a relation named ``table`` (as
+        :attr:`_RELATION` counts them) and meet ``condition`` (SQL on ``n``, the namespace)."""
         rows = self.fetch(
             con,
             "SELECT n.nspname AS schema FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
-            " ON n.oid = c.relnamespace WHERE c.relname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')"
-            " AND NOT has_schema_privilege(n.oid, 'USAGE') AND n.nspname NOT LIKE 'pg\\_%%' ORDER BY 1",
+            f" ON n.oid = c.relnamespace WHERE c.relname = %s AND c.relkind IN {_RELKINDS}"
+            f" AND {condition} AND n.nspname NOT LIKE 'pg\\_%%' ORDER BY 1",
             [table],
         )
         return [row["schema"] for row in rows]
